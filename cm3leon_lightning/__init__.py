@@ -1,0 +1,1 @@
+"""cm3leon_lightning."""

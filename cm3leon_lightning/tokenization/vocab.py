@@ -1,0 +1,288 @@
+"""One id space for text and image tokens (DESIGN section 3; paper section 2.1 and figure 8).
+
+Layout::
+
+    [0, n_text)                  text tokenizer ids; special tokens at fixed low ids:
+                                 0 <pad>, 1 <eos>, 2 <break>, 3 <mask>, 4 <infill>, 5.. <mask:0>..<mask:K-1>
+    [n_text, n_text + n_codes)   image codes: code c -> id n_text + c
+    [n_text + n_codes, padded)   padding rows of the embedding, never produced or sampled
+
+A *document* is a list of segments, text or image. Serialized it is ``<eos>`` followed by the segments joined by
+``<break>``; an image segment is exactly ``grid_h * grid_w`` code ids.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+PAD, EOS, BREAK, MASK, INFILL = "<pad>", "<eos>", "<break>", "<mask>", "<infill>"
+BASE_SPECIAL_TOKENS: tuple[str, ...] = (PAD, EOS, BREAK, MASK, INFILL)
+PAD_ID, EOS_ID, BREAK_ID, MASK_ID, INFILL_ID = range(5)
+SENTINEL_OFFSET = len(BASE_SPECIAL_TOKENS)
+DEFAULT_NUM_SENTINELS = 8
+
+
+def sentinel_token(i: int) -> str:
+    """The string form of sentinel ``i``: ``<mask:i>``."""
+    return f"<mask:{i}>"
+
+
+def special_tokens(num_sentinels: int = DEFAULT_NUM_SENTINELS) -> list[str]:
+    """All special tokens in id order: the five base tokens, then ``<mask:0>``..``<mask:K-1>``."""
+    if num_sentinels < 1:
+        raise ValueError(f"num_sentinels must be >= 1, got {num_sentinels}")
+    return list(BASE_SPECIAL_TOKENS) + [sentinel_token(i) for i in range(num_sentinels)]
+
+
+SegmentKind = Literal["text", "image"]
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One modality run inside a document.
+
+    Attributes:
+        kind: ``"text"`` (``tokens`` are text tokenizer ids) or ``"image"`` (``tokens`` are VQ codes in
+            ``[0, n_codes)``, not vocabulary ids).
+        tokens: the segment's ids or codes, 1-D.
+    """
+
+    kind: SegmentKind
+    tokens: tuple[int, ...]
+
+    @staticmethod
+    def text(ids: Iterable[int]) -> Segment:
+        """A text segment from text-tokenizer ids."""
+        return Segment("text", tuple(int(i) for i in ids))
+
+    @staticmethod
+    def image(codes: Iterable[int]) -> Segment:
+        """An image segment from VQ codes (``0 <= code < n_codes``)."""
+        return Segment("image", tuple(int(c) for c in codes))
+
+
+Document = list[Segment]
+
+
+class MultimodalVocab:
+    """The unified vocabulary of text ids and image codes, and the document <-> ids conversion.
+
+    Args:
+        n_text: size of the text tokenizer's vocabulary, special tokens included (paper: 56320).
+        n_codes: number of image codes of the VQ tokenizer (paper: 8192).
+        grid_h: image token grid height (paper: 32).
+        grid_w: image token grid width (paper: 32).
+        num_sentinels: number of ``<mask:i>`` sentinels K reserved in the text tokenizer.
+        pad_to_multiple: the model's embedding size is ``n_text + n_codes`` rounded up to this.
+    """
+
+    def __init__(
+        self,
+        n_text: int,
+        n_codes: int = 8192,
+        grid_h: int = 32,
+        grid_w: int = 32,
+        num_sentinels: int = DEFAULT_NUM_SENTINELS,
+        pad_to_multiple: int = 128,
+    ) -> None:
+        if n_text <= SENTINEL_OFFSET + num_sentinels:
+            raise ValueError(f"n_text={n_text} must exceed the {SENTINEL_OFFSET + num_sentinels} special tokens")
+        for name, value in (("n_codes", n_codes), ("grid_h", grid_h), ("grid_w", grid_w)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if pad_to_multiple < 1:
+            raise ValueError(f"pad_to_multiple must be >= 1, got {pad_to_multiple}")
+        self.n_text = n_text
+        self.n_codes = n_codes
+        self.grid_h = grid_h
+        self.grid_w = grid_w
+        self.num_sentinels = num_sentinels
+        self.pad_to_multiple = pad_to_multiple
+
+    # ----------------------------------------------------------------------------------------------- sizes
+    @property
+    def size(self) -> int:
+        """Number of real ids: ``n_text + n_codes``."""
+        return self.n_text + self.n_codes
+
+    @property
+    def padded_size(self) -> int:
+        """The model's embedding/LM-head size: :attr:`size` rounded up to ``pad_to_multiple``."""
+        m = self.pad_to_multiple
+        return (self.size + m - 1) // m * m
+
+    @property
+    def image_tokens(self) -> int:
+        """Tokens per image segment: ``grid_h * grid_w``."""
+        return self.grid_h * self.grid_w
+
+    @property
+    def image_offset(self) -> int:
+        """Id of image code 0."""
+        return self.n_text
+
+    # ------------------------------------------------------------------------------------------ special ids
+    pad_id: int = PAD_ID
+    eos_id: int = EOS_ID
+    break_id: int = BREAK_ID
+    mask_id: int = MASK_ID
+    infill_id: int = INFILL_ID
+
+    def sentinel_id(self, i: int) -> int:
+        """Id of ``<mask:i>``."""
+        if not 0 <= i < self.num_sentinels:
+            raise ValueError(f"sentinel index {i} outside [0, {self.num_sentinels})")
+        return SENTINEL_OFFSET + i
+
+    @property
+    def sentinel_ids(self) -> list[int]:
+        """Ids of ``<mask:0>``..``<mask:K-1>``."""
+        return list(range(SENTINEL_OFFSET, SENTINEL_OFFSET + self.num_sentinels))
+
+    def is_sentinel(self, token_id: int) -> bool:
+        """Whether ``token_id`` is one of the ``<mask:i>`` sentinels."""
+        return SENTINEL_OFFSET <= token_id < SENTINEL_OFFSET + self.num_sentinels
+
+    @property
+    def num_special(self) -> int:
+        """Number of special ids at the bottom of the text range."""
+        return SENTINEL_OFFSET + self.num_sentinels
+
+    # -------------------------------------------------------------------------------------- image id ranges
+    def codes_to_ids(self, codes: np.ndarray | Sequence[int]) -> np.ndarray:
+        """Image codes ``(..., n)`` -> vocabulary ids, checking the code range."""
+        arr = np.asarray(codes, dtype=np.int64)
+        if arr.size and (arr.min() < 0 or arr.max() >= self.n_codes):
+            bad = int(arr[(arr < 0) | (arr >= self.n_codes)].flat[0])
+            raise ValueError(f"image code {bad} outside the allowed range [0, {self.n_codes})")
+        return arr + self.n_text
+
+    def ids_to_codes(self, ids: np.ndarray | Sequence[int]) -> np.ndarray:
+        """Vocabulary ids of an image segment -> codes, checking every id is an image id."""
+        arr = np.asarray(ids, dtype=np.int64)
+        if arr.size and (arr.min() < self.n_text or arr.max() >= self.size):
+            bad = int(arr[(arr < self.n_text) | (arr >= self.size)].flat[0])
+            raise ValueError(f"id {bad} is not an image id; image ids lie in [{self.n_text}, {self.size})")
+        return arr - self.n_text
+
+    def is_image_id(self, ids: np.ndarray) -> np.ndarray:
+        """Boolean mask of image ids (works on numpy arrays and torch tensors)."""
+        return (ids >= self.n_text) & (ids < self.size)
+
+    def is_text_id(self, ids: np.ndarray) -> np.ndarray:
+        """Boolean mask of text ids, special tokens included (numpy arrays and torch tensors)."""
+        return (ids >= 0) & (ids < self.n_text)
+
+    def validate_ids(self, ids: np.ndarray | Sequence[int], what: str = "ids") -> None:
+        """Raise ValueError naming the first id outside ``[0, n_text + n_codes)``."""
+        arr = np.asarray(ids)
+        if arr.size and (arr.min() < 0 or arr.max() >= self.size):
+            bad = int(arr[(arr < 0) | (arr >= self.size)].flat[0])
+            raise ValueError(f"{what}: id {bad} outside the allowed range [0, {self.size})")
+
+    # ------------------------------------------------------------------------------------------ documents
+    def _segment_ids(self, seg: Segment) -> list[int]:
+        if seg.kind == "text":
+            ids = list(seg.tokens)
+            if ids and (min(ids) < 0 or max(ids) >= self.n_text):
+                bad = next(i for i in ids if i < 0 or i >= self.n_text)
+                raise ValueError(f"text id {bad} outside the allowed range [0, {self.n_text})")
+            if any(i in (self.eos_id, self.break_id) for i in ids):
+                raise ValueError("a text segment may not contain <eos> or <break>; they delimit segments")
+            return ids
+        if seg.kind == "image":
+            if len(seg.tokens) != self.image_tokens:
+                raise ValueError(
+                    f"image segment has {len(seg.tokens)} codes; expected grid_h*grid_w = {self.image_tokens}"
+                )
+            return self.codes_to_ids(seg.tokens).tolist()
+        raise ValueError(f"segment kind must be 'text' or 'image', got {seg.kind!r}")
+
+    def document_to_ids(self, document: Sequence[Segment]) -> list[int]:
+        """Serialize a document: ``<eos> seg_0 <break> seg_1 ...``.
+
+        Raises:
+            ValueError: empty document, an id or code out of range, or an image segment of the wrong length.
+        """
+        if not document:
+            raise ValueError("a document needs at least one segment")
+        out = [self.eos_id]
+        for i, seg in enumerate(document):
+            if i:
+                out.append(self.break_id)
+            out.extend(self._segment_ids(seg))
+        return out
+
+    def ids_to_document(self, ids: Sequence[int] | np.ndarray) -> Document:
+        """Parse one serialized document (the inverse of :meth:`document_to_ids`).
+
+        A segment whose ids are all image ids is an image segment (its length is checked); any other non-empty
+        segment is text.
+        """
+        arr = [int(i) for i in np.asarray(ids).reshape(-1)]
+        self.validate_ids(arr, "document")
+        if not arr or arr[0] != self.eos_id:
+            raise ValueError("a serialized document must start with <eos>")
+        if self.eos_id in arr[1:]:
+            raise ValueError("a serialized document holds exactly one <eos>, at its start")
+        segments: Document = []
+        current: list[int] = []
+        for tok in arr[1:] + [self.break_id]:
+            if tok != self.break_id:
+                current.append(tok)
+                continue
+            is_image = bool(current) and all(self.n_text <= t < self.size for t in current)
+            if is_image:
+                segments.append(Segment.image(self.ids_to_codes(current).tolist()))
+                if len(current) != self.image_tokens:
+                    raise ValueError(
+                        f"image segment has {len(current)} codes; expected grid_h*grid_w = {self.image_tokens}"
+                    )
+            else:
+                if any(self.n_text <= t for t in current):
+                    raise ValueError("a segment mixes text ids and image ids; separate modalities with <break>")
+                segments.append(Segment.text(current))
+            current = []
+        return segments
+
+    def caption_image_document(self, text_ids: Sequence[int], codes: Sequence[int], image_first: bool = False) -> Document:
+        """The caption-image pair document (caption first by default, as in the paper's figure 8)."""
+        segs = [Segment.text(text_ids), Segment.image(codes)]
+        return segs[::-1] if image_first else segs
+
+    def example_to_ids(self, retrieved: Sequence[Sequence[Segment]], query: Sequence[Segment]) -> list[int]:
+        """A training example: retrieved documents first, the query document last, then a final ``<eos>``."""
+        out: list[int] = []
+        for doc in [*retrieved, query]:
+            out.extend(self.document_to_ids(doc))
+        out.append(self.eos_id)
+        return out
+
+    def text_to_image_prompt(self, text_ids: Sequence[int]) -> list[int]:
+        """The zero-shot text-to-image prompt ``<eos> caption <break>``."""
+        return self.document_to_ids([Segment.text(text_ids)]) + [self.break_id]
+
+    def to_dict(self) -> dict[str, int]:
+        """Primitive description, for manifests and hyper-parameters."""
+        return {
+            "n_text": self.n_text,
+            "n_codes": self.n_codes,
+            "grid_h": self.grid_h,
+            "grid_w": self.grid_w,
+            "num_sentinels": self.num_sentinels,
+            "pad_to_multiple": self.pad_to_multiple,
+        }
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, MultimodalVocab) and self.to_dict() == other.to_dict()
+
+    def __hash__(self) -> int:
+        return hash(tuple(self.to_dict().items()))
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v}" for k, v in self.to_dict().items())
+        return f"MultimodalVocab({args})"
