@@ -1,0 +1,315 @@
+"""The CM3Leon decoder-only transformer (paper section 2.3).
+
+Pre-LayerNorm GPT/OPT-style decoder with the paper's changes: no bias in any layer, no dropout, LayerNorms without
+learnable parameters, learned absolute position embeddings initialized N(0, 0.0002), every other weight truncated
+normal (mean 0, std 0.006, cut at +-3 std), output layers (each block's attention out-projection and MLP
+down-projection, and the LM head when untied) initialized to zero, and a final LayerNorm before the LM head.
+
+One :meth:`CM3Leon.forward` serves training (full causal sequence), prefill and single-token decode with the static
+:class:`~cm3leon_lightning.model.kv_cache.KVCache`. This module imports no Lightning.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from cm3leon_lightning.config import CM3LeonConfig
+from cm3leon_lightning.model.kv_cache import KVCache, padding_causal_mask, positions_from_valid
+
+
+def layer_norm(x: Tensor, eps: float) -> Tensor:
+    """LayerNorm over the last dimension without learnable parameters (paper section 2.3)."""
+    return F.layer_norm(x, (x.shape[-1],), eps=eps)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention through ``scaled_dot_product_attention``, no biases.
+
+    Args:
+        config: the architecture.
+    """
+
+    def __init__(self, config: CM3LeonConfig) -> None:
+        super().__init__()
+        self.n_head = config.n_head
+        self.head_dim = config.head_dim
+        self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=False)
+        self.out_proj = nn.Linear(config.d_model, config.d_model, bias=False)
+
+    def forward(
+        self, x: Tensor, mask: Tensor | None, kv_cache: KVCache | None, layer: int, input_pos: Tensor | None
+    ) -> Tensor:
+        """Attend ``x`` ``(B, T, C)``; ``mask`` ``(B, 1, T, S)`` bool or None for plain causal attention."""
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)  # 3 x (B, T, C)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer, input_pos, k, v)  # (B, H, S, D)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)  # (B, H, T, D)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.out_proj(y)
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward network, no biases: GELU, ReLU or SwiGLU.
+
+    Args:
+        config: the architecture.
+    """
+
+    def __init__(self, config: CM3LeonConfig) -> None:
+        super().__init__()
+        self.activation = config.activation
+        self.fc_in = nn.Linear(config.d_model, config.d_ff, bias=False)
+        self.fc_gate = nn.Linear(config.d_model, config.d_ff, bias=False) if config.activation == "swiglu" else None
+        self.fc_out = nn.Linear(config.d_ff, config.d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, T, C) -> (B, T, C)``."""
+        h = self.fc_in(x)  # (B, T, F)
+        if self.fc_gate is not None:
+            h = F.silu(self.fc_gate(x)) * h
+        elif self.activation == "relu":
+            h = F.relu(h)
+        else:
+            h = F.gelu(h)
+        return self.fc_out(h)
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: ``x + attn(ln(x))`` then ``x + mlp(ln(x))``.
+
+    Args:
+        config: the architecture.
+    """
+
+    def __init__(self, config: CM3LeonConfig) -> None:
+        super().__init__()
+        self.eps = config.layer_norm_eps
+        self.attn = CausalSelfAttention(config)
+        self.mlp = MLP(config)
+
+    def forward(
+        self, x: Tensor, mask: Tensor | None, kv_cache: KVCache | None, layer: int, input_pos: Tensor | None
+    ) -> Tensor:
+        """``(B, T, C) -> (B, T, C)``; see :meth:`CausalSelfAttention.forward` for the other arguments."""
+        x = x + self.attn(layer_norm(x, self.eps), mask, kv_cache, layer, input_pos)
+        return x + self.mlp(layer_norm(x, self.eps))
+
+
+class CM3Leon(nn.Module):
+    """Decoder-only CM3Leon transformer (paper section 2.3).
+
+    Args:
+        config: the architecture.
+        gradient_checkpointing: recompute each block in the backward pass (``torch.utils.checkpoint``,
+            ``use_reentrant=False``) to save activation memory; applies only in training mode without a KV cache.
+
+    Attributes:
+        wte: token embedding ``(vocab_size, d_model)``, shared with ``lm_head`` when ``config.tie_embeddings``.
+        wpe: learned absolute position embedding ``(max_seq_len, d_model)``.
+        blocks: the ``n_layer`` :class:`Block` s.
+        lm_head: ``d_model -> vocab_size`` projection, no bias.
+        kv_cache: the static cache set by :meth:`setup_kv_cache`, or None.
+    """
+
+    def __init__(self, config: CM3LeonConfig, gradient_checkpointing: bool = False) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.gradient_checkpointing = gradient_checkpointing
+        self.wte = nn.Embedding(config.vocab_size, config.d_model)
+        self.wpe = nn.Embedding(config.max_seq_len, config.d_model)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        self.kv_cache: KVCache | None = None
+        self.init_weights()
+
+    # ------------------------------------------------------------------------------------------ initialization
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """(Re)apply the paper's initialization (section 2.3) to every parameter.
+
+        Position embedding ~ N(0, ``pos_init_std``); every other weight ~ truncated normal(0, ``init_std``) cut at
+        +-3 std; each block's ``attn.out_proj`` and ``mlp.fc_out``, and an untied ``lm_head``, set to zero.
+        Works on the meta device too (then it only records shapes), so a module can build on meta and initialize
+        after materializing with ``to_empty``.
+        """
+        std = self.config.init_std
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.trunc_normal_(module.weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
+        nn.init.normal_(self.wpe.weight, mean=0.0, std=self.config.pos_init_std)
+        for block in self.blocks:
+            nn.init.zeros_(block.attn.out_proj.weight)
+            nn.init.zeros_(block.mlp.fc_out.weight)
+        if not self.config.tie_embeddings:
+            nn.init.zeros_(self.lm_head.weight)
+
+    def num_parameters(self) -> int:
+        """Unique trainable parameters (a tied embedding counted once), as :meth:`CM3LeonConfig.num_parameters`."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    # ------------------------------------------------------------------------------------------ KV cache
+    def setup_kv_cache(
+        self,
+        batch_size: int,
+        max_seq_len: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> KVCache:
+        """Allocate a static KV cache for ``batch_size`` rows and ``max_seq_len`` slots (default: the context).
+
+        ``device`` and ``dtype`` default to those of the token embedding. Replaces any existing cache.
+        """
+        max_seq_len = self.config.max_seq_len if max_seq_len is None else max_seq_len
+        if not 1 <= max_seq_len <= self.config.max_seq_len:
+            raise ValueError(f"setup_kv_cache max_seq_len must be in [1, {self.config.max_seq_len}], got {max_seq_len}")
+        if batch_size < 1:
+            raise ValueError(f"setup_kv_cache batch_size must be >= 1, got {batch_size}")
+        c = self.config
+        self.kv_cache = KVCache(
+            c.n_layer,
+            batch_size,
+            c.n_head,
+            max_seq_len,
+            c.head_dim,
+            device=self.wte.weight.device if device is None else device,
+            dtype=self.wte.weight.dtype if dtype is None else dtype,
+        )
+        return self.kv_cache
+
+    def reset_kv_cache(self) -> None:
+        """Zero the cache in place (keeps its buffers, so captured CUDA graphs stay valid)."""
+        if self.kv_cache is None:
+            raise RuntimeError("reset_kv_cache: no KV cache; call setup_kv_cache(batch_size, max_seq_len) first")
+        self.kv_cache.reset()
+
+    def clear_kv_cache(self) -> None:
+        """Drop the cache and free its memory."""
+        self.kv_cache = None
+
+    # ------------------------------------------------------------------------------------------ forward
+    def forward(
+        self,
+        idx: Tensor,
+        input_pos: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        last_only: bool = False,
+    ) -> Tensor:
+        """Logits of the next token at every position.
+
+        Three uses, one code path:
+
+        * **training / scoring** (``input_pos=None``): the full causal sequence, positions ``0..T-1``. The KV
+          cache, if any, is neither read nor written.
+        * **prefill** (``input_pos=torch.arange(T)``, after :meth:`setup_kv_cache`): same logits, and keys/values
+          are written to cache slots ``input_pos``.
+        * **decode** (``input_pos=torch.tensor([t])``, ``idx`` of shape ``(B, 1)``): one token per row at slot
+          ``t``. Only static shapes and tensor ops, no ``.item()`` and no data-dependent Python branch, so the step
+          can be wrapped in ``torch.compile`` or a CUDA graph (advance ``input_pos`` in place on the device).
+
+        Batched prompts of different lengths are **left-padded** to a common length and given an
+        ``attention_mask`` (1 = real token, 0 = padding). Each row's position ids count only its real tokens and
+        no query attends to padding, so every row gets exactly the logits of its own unpadded forward. The cache
+        remembers which slots are padding, so decode steps need no mask (every decoded token is real; pass a
+        ``(B, 1)`` mask to mark some rows' tokens as padding). Rows move in lockstep through the slots.
+        Right-padded training batches may pass ``attention_mask`` too (or none: later pads never affect earlier
+        logits).
+
+        Example (two prompts, lengths 3 and 2)::
+
+            idx = torch.tensor([[a, b, c], [PAD, d, e]])
+            mask = torch.tensor([[1, 1, 1], [0, 1, 1]])
+            model.setup_kv_cache(batch_size=2, max_seq_len=64)
+            logits = model(idx, input_pos=torch.arange(3), attention_mask=mask, last_only=True)  # prefill, (2, 1, V)
+            input_pos = torch.tensor([3])
+            for _ in range(n_new):
+                tok = logits[:, -1].argmax(-1, keepdim=True)  # (2, 1)
+                logits = model(tok, input_pos=input_pos)  # decode, (2, 1, V)
+                input_pos += 1  # in place: a CUDA graph sees the new value
+
+            # row 1's `d` has position 0 and never attends to the PAD slot: its logits equal model([[d, e]])'s.
+
+        Args:
+            idx: ``(B, T)`` long token ids.
+            input_pos: ``(T,)`` long cache slots of the tokens (use and update the KV cache), or None.
+            attention_mask: ``(B, T)`` bool/int, 1 for real tokens and 0 for padding; None means all real.
+            last_only: return logits of the last position only, ``(B, 1, V)`` (saves memory in prefill).
+
+        Returns:
+            ``(B, T, vocab_size)`` logits (``(B, 1, vocab_size)`` with ``last_only``), in the compute dtype.
+        """
+        if idx.ndim != 2:
+            raise ValueError(f"CM3Leon.forward idx must be (B, T), got shape {tuple(idx.shape)}")
+        B, T = idx.shape
+        if attention_mask is not None and attention_mask.shape != idx.shape:
+            raise ValueError(
+                f"CM3Leon.forward attention_mask shape {tuple(attention_mask.shape)} must equal idx shape {(B, T)}"
+            )
+        cache = None
+        if input_pos is None:
+            if T > self.config.max_seq_len:
+                raise ValueError(f"CM3Leon.forward sequence length {T} exceeds max_seq_len {self.config.max_seq_len}")
+            if attention_mask is None:
+                pos = torch.arange(T, device=idx.device)[None]  # (1, T)
+                mask = None  # plain causal: lets SDPA use its flash/efficient kernels
+            else:
+                valid, slots = attention_mask.bool(), torch.arange(T, device=idx.device)
+                pos = positions_from_valid(valid, slots)  # (B, T)
+                mask = padding_causal_mask(valid, slots)  # (B, 1, T, T)
+        else:
+            cache = self.kv_cache
+            if cache is None:
+                raise RuntimeError("CM3Leon.forward got input_pos but no KV cache; call setup_kv_cache() first")
+            if input_pos.shape != (T,):
+                raise ValueError(f"CM3Leon.forward input_pos must have shape ({T},), got {tuple(input_pos.shape)}")
+            if B != cache.batch_size or T > cache.max_seq_len:
+                raise ValueError(
+                    f"CM3Leon.forward idx shape {(B, T)} does not fit the KV cache "
+                    f"(batch_size {cache.batch_size}, max_seq_len {cache.max_seq_len})"
+                )
+            valid = torch.ones_like(idx, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+            cache.update_valid(input_pos, valid)
+            pos = cache.positions(input_pos)  # (B, T)
+            mask = cache.attention_mask(input_pos)  # (B, 1, T, S)
+
+        x = self.wte(idx) + self.wpe(pos)  # (B, T, C)
+        use_checkpoint = self.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled()
+        for layer, block in enumerate(self.blocks):
+            if use_checkpoint:
+                x = checkpoint(block, x, mask, None, layer, None, use_reentrant=False)
+            else:
+                x = block(x, mask, cache, layer, input_pos)
+        x = layer_norm(x, self.config.layer_norm_eps)  # (B, T, C)
+        if last_only:
+            x = x[:, -1:]  # (B, 1, C)
+        return self.lm_head(x)  # (B, T, V)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """nanoGPT-style AdamW groups: decay on parameters with ``ndim >= 2`` (matrices, embeddings), none on the rest.
+
+    Tied parameters appear once. Frozen parameters are left out.
+
+    Args:
+        model: any module.
+        weight_decay: decay of the first group (e.g. 0.1).
+
+    Returns:
+        ``[{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]``.
+    """
+    if weight_decay < 0:
+        raise ValueError(f"param_groups weight_decay must be >= 0, got {weight_decay}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
