@@ -1,0 +1,227 @@
+"""The text tokenizer: a byte-level BPE trained with HF ``tokenizers`` (paper section 2.1).
+
+The paper trains "a custom tokenizer over the Zhang et al. (2022) data with a vocabulary size of 56320"; here the
+vocabulary size is an argument with that default. The special tokens sit at the fixed low ids of
+:mod:`cm3leon_lightning.tokenization.vocab` (``<pad>`` 0, ``<eos>`` 1, ``<break>`` 2, ``<mask>`` 3, ``<infill>`` 4,
+``<mask:0>``.. from 5), so the tokenizer's ids are the ``[0, n_text)`` range of :class:`MultimodalVocab` unchanged.
+
+Plain text never encodes to a special id: a caption that literally contains ``"<eos>"`` is encoded byte by byte
+(``Tokenizer.encode_special_tokens = True``), and a loaded file whose BPE merges could build a special token's
+string is refused. Special tokens are inserted by :class:`MultimodalVocab` (documents, examples) and by the CM3
+objective, never by :meth:`TextTokenizer.encode`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from cm3leon_lightning.tokenization.vocab import (
+    DEFAULT_NUM_SENTINELS,
+    SENTINEL_OFFSET,
+    MultimodalVocab,
+    special_tokens,
+)
+
+TOKENIZER_FILE = "tokenizer.json"
+PAPER_VOCAB_SIZE = 56320
+_SENTINEL_RE = re.compile(r"<mask:(\d+)>")
+_BYTE_ALPHABET = 256
+
+
+def _resolve(path: str | Path) -> Path:
+    """``path`` itself when it names a file (or a ``.json``), else ``path / tokenizer.json``."""
+    p = Path(path)
+    if p.is_dir() or p.suffix != ".json":
+        return p / TOKENIZER_FILE
+    return p
+
+
+class TextTokenizer:
+    """Byte-level BPE text tokenizer with the CM3Leon special tokens at fixed low ids.
+
+    Build one with :meth:`train` or :meth:`load`; the constructor wraps an existing ``tokenizers.Tokenizer`` and
+    checks it (so every way in gives the same guarantees).
+
+    Args:
+        tokenizer: a ``tokenizers.Tokenizer`` whose first ids are ``special_tokens(num_sentinels)``.
+        source: the file it came from, used in error messages and as :attr:`path`.
+        raw: the exact bytes of that file, hashed for :attr:`sha256` (defaults to the serialized tokenizer).
+
+    Raises:
+        ValueError: a special token missing or at the wrong id, no ``<mask:i>`` sentinels, or BPE merges that
+            build a special token's string from plain text.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, source: str | Path | None = None, raw: bytes | None = None) -> None:
+        self._tok = tokenizer
+        self.path: Path | None = Path(source) if source is not None else None
+        where = str(source) if source is not None else "tokenizer"
+        self.num_sentinels = _count_sentinels(tokenizer, where)
+        _check_special_ids(tokenizer, self.num_sentinels, where)
+        _check_merges(tokenizer, self.num_sentinels, where)
+        # Literal "<eos>" etc. in input text goes through BPE like any other text (never a special id).
+        self._tok.encode_special_tokens = True
+        self._raw = raw if raw is not None else tokenizer.to_str().encode("utf-8")
+
+    # -------------------------------------------------------------------------------------------- building
+    @classmethod
+    def train(
+        cls,
+        texts: Iterable[str],
+        vocab_size: int = PAPER_VOCAB_SIZE,
+        num_sentinels: int = DEFAULT_NUM_SENTINELS,
+        min_frequency: int = 2,
+        show_progress: bool = False,
+    ) -> TextTokenizer:
+        """Train a byte-level BPE on an iterator of strings.
+
+        Args:
+            texts: training text (e.g. captions); any iterable, consumed once.
+            vocab_size: target vocabulary size including special tokens (paper: 56320). A small corpus may give
+                fewer tokens; :attr:`vocab_size` reports the real size.
+            num_sentinels: number K of ``<mask:i>`` sentinels for the CM3 objective.
+            min_frequency: a pair must occur at least this often to be merged.
+            show_progress: show the ``tokenizers`` progress bar.
+
+        Raises:
+            ValueError: ``vocab_size`` below 256 byte tokens + the special tokens, or ``min_frequency < 1``.
+        """
+        specials = special_tokens(num_sentinels)
+        minimum = _BYTE_ALPHABET + len(specials)
+        if vocab_size < minimum:
+            raise ValueError(
+                f"vocab_size={vocab_size} must be >= {minimum} (256 byte tokens + {len(specials)} special)"
+            )
+        if min_frequency < 1:
+            raise ValueError(f"min_frequency must be >= 1, got {min_frequency}")
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            special_tokens=specials,  # the trainer gives them ids 0.. in this order
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=show_progress,
+        )
+        tok.train_from_iterator(texts, trainer=trainer)
+        return cls(tok)
+
+    @classmethod
+    def load(cls, path: str | Path) -> TextTokenizer:
+        """Load ``tokenizer.json`` (``path`` is the file or the directory holding it).
+
+        Raises:
+            FileNotFoundError: no such file.
+            ValueError: the file is not a tokenizer, or its special tokens are not at the fixed ids.
+        """
+        file = _resolve(path)
+        if not file.is_file():
+            raise FileNotFoundError(f"text tokenizer file not found: {file}")
+        raw = file.read_bytes()
+        try:
+            tok = Tokenizer.from_str(raw.decode("utf-8"))
+        except Exception as err:  # tokenizers raises a bare Exception on malformed JSON
+            raise ValueError(f"{file}: not a valid tokenizers JSON file ({err})") from err
+        return cls(tok, source=file, raw=raw)
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``tokenizer.json`` (``path`` is the file, or a directory that is created if needed).
+
+        Returns:
+            The file written; its sha256 is :attr:`sha256`.
+        """
+        file = _resolve(path)
+        file.parent.mkdir(parents=True, exist_ok=True)
+        file.write_bytes(self._raw)
+        self.path = file
+        return file
+
+    # ------------------------------------------------------------------------------------------ properties
+    @property
+    def vocab_size(self) -> int:
+        """Number of text ids, special tokens included: ``n_text`` of :class:`MultimodalVocab`."""
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def num_special(self) -> int:
+        """Number of special ids at the bottom of the id range."""
+        return SENTINEL_OFFSET + self.num_sentinels
+
+    @property
+    def sha256(self) -> str:
+        """Hex sha256 of the ``tokenizer.json`` bytes (those :meth:`save` writes, or those :meth:`load` read)."""
+        return hashlib.sha256(self._raw).hexdigest()
+
+    @property
+    def backend(self) -> Tokenizer:
+        """The wrapped ``tokenizers.Tokenizer``."""
+        return self._tok
+
+    def make_vocab(self, n_codes: int = 8192, grid_h: int = 32, grid_w: int = 32) -> MultimodalVocab:
+        """The :class:`MultimodalVocab` with this tokenizer's ids as its text range."""
+        return MultimodalVocab(
+            n_text=self.vocab_size, n_codes=n_codes, grid_h=grid_h, grid_w=grid_w, num_sentinels=self.num_sentinels
+        )
+
+    # ------------------------------------------------------------------------------------ encode / decode
+    def encode(self, text: str) -> list[int]:
+        """Text -> ids. No special token is added, and none can come out of plain text."""
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Several texts -> ids, in parallel (same guarantees as :meth:`encode`)."""
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """Ids -> text, skipping special tokens by default.
+
+        Raises:
+            ValueError: an id outside ``[0, vocab_size)`` (e.g. an image id passed by mistake).
+        """
+        ids = [int(i) for i in ids]
+        n = self.vocab_size
+        bad = next((i for i in ids if not 0 <= i < n), None)
+        if bad is not None:
+            raise ValueError(f"text id {bad} outside the allowed range [0, {n})")
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def __repr__(self) -> str:
+        return f"TextTokenizer(vocab_size={self.vocab_size}, num_sentinels={self.num_sentinels}, path={self.path})"
+
+
+# ------------------------------------------------------------------------------------------------ checks
+def _count_sentinels(tok: Tokenizer, where: str) -> int:
+    """K: the number of ``<mask:i>`` special tokens."""
+    k = sum(1 for t in tok.get_added_tokens_decoder().values() if _SENTINEL_RE.fullmatch(t.content))
+    if k == 0:
+        raise ValueError(f"{where}: no <mask:i> sentinel tokens; expected <mask:0> at id {SENTINEL_OFFSET}")
+    return k
+
+
+def _check_special_ids(tok: Tokenizer, num_sentinels: int, where: str) -> None:
+    """Every special token at its fixed id, and marked special (so decode can skip it)."""
+    added = tok.get_added_tokens_decoder()
+    for expected_id, name in enumerate(special_tokens(num_sentinels)):
+        actual = tok.token_to_id(name)
+        if actual != expected_id:
+            got = "missing" if actual is None else f"at id {actual}"
+            raise ValueError(f"{where}: special token {name} is {got}; it must be at id {expected_id}")
+        if expected_id not in added or not added[expected_id].special:
+            raise ValueError(f"{where}: token {name} at id {expected_id} is not registered as a special token")
+
+
+def _check_merges(tok: Tokenizer, num_sentinels: int, where: str) -> None:
+    """Refuse BPE merges whose result is a special token's string: plain text could then encode to that id."""
+    model = json.loads(tok.to_str()).get("model", {})
+    specials = set(special_tokens(num_sentinels))
+    for merge in model.get("merges", []):
+        pair = merge.split(" ", 1) if isinstance(merge, str) else merge
+        if "".join(pair) in specials:
+            raise ValueError(f"{where}: BPE merge {pair} builds special token {''.join(pair)} from plain text")
