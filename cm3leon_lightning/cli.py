@@ -1,0 +1,64 @@
+"""The ``cm3leon`` command: LightningCLI's ``fit|validate|test|predict`` plus the package's own commands.
+
+Any LightningModule / LightningDataModule can be named by ``class_path`` in the YAML (``configs/``), so CM3Leon, the
+VQGAN tokenizer and CLIP all train through the same command::
+
+    cm3leon fit --config configs/experiments/tiny_synthetic.yaml
+    cm3leon fit --config configs/trainer/cpu.yaml --config configs/model/350m.yaml --config configs/data/shards.yaml
+
+The data module's vocabulary (from its shard manifest) flows into ``model.init_args.vocab`` through
+``link_arguments``, so the model's embedding size always matches the data.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from lightning.pytorch.cli import LightningCLI
+
+# Commands that are not Lightning subcommands: name -> "module:function" taking argv (imported lazily).
+EXTRA_COMMANDS: dict[str, str] = {}
+
+
+def data_vocab(datamodule: Any) -> dict[str, int] | None:
+    """The vocabulary description a data module exposes (``vocab``: MultimodalVocab or dict), or None."""
+    vocab = getattr(datamodule, "vocab", None)
+    if vocab is None:
+        return None
+    return vocab.to_dict() if hasattr(vocab, "to_dict") else dict(vocab)
+
+
+class CM3LeonCLI(LightningCLI):
+    """LightningCLI with subclass mode for model and data, and the data -> model vocabulary link."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("auto_configure_optimizers", False)
+        super().__init__(*args, **kwargs)
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        """Link the data module's vocabulary to the model (applied when both are instantiated)."""
+        parser.link_arguments("data", "model.init_args.vocab", compute_fn=data_vocab, apply_on="instantiate")
+
+
+def _extra_command(name: str) -> Callable[[Sequence[str]], int | None]:
+    module_name, func_name = EXTRA_COMMANDS[name].split(":")
+    return getattr(importlib.import_module(module_name), func_name)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``cm3leon`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in EXTRA_COMMANDS:
+        return int(_extra_command(argv[0])(argv[1:]) or 0)
+    CM3LeonCLI(args=argv)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,275 @@
+"""CM3LeonModule: the LightningModule that pretrains and fine-tunes a CM3Leon (paper sections 2.2-2.4 and 4).
+
+The module is thin on purpose. The network is :class:`~cm3leon_lightning.model.CM3Leon`; the data pipeline already
+applied CM3 masking (:func:`~cm3leon_lightning.objective.cm3_infill`), so the objective here is plain next-token
+cross-entropy over every non-pad target. A new task subclasses the module and overrides :meth:`build_sequence`
+(how a batch becomes inputs and targets) or :meth:`compute_loss` (how logits become a loss).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from cm3leon_lightning.config import CM3LeonConfig
+from cm3leon_lightning.model import CM3Leon, param_groups
+from cm3leon_lightning.tokenization.vocab import PAD_ID, MultimodalVocab
+
+
+def check_vocab_size(have: int, want: int, what: str) -> None:
+    """Raise ValueError when a model's vocabulary size differs from the data's."""
+    if have != want:
+        raise ValueError(f"vocabulary mismatch: {what} has vocab_size {have}, the data needs {want}")
+
+
+class WarmupDecay:
+    """Learning-rate multiplier: linear warm-up to 1, then linear or cosine decay to ``min_lr_ratio``.
+
+    A callable object rather than a closure, so a scheduler's state dict holds only primitives.
+
+    Args:
+        warmup_steps: steps of linear warm-up from 0 (paper table 3: 1500).
+        total_steps: steps at which the decay reaches ``min_lr_ratio``; beyond it the ratio stays there.
+        decay: ``"linear"``, ``"cosine"`` or ``"constant"`` (no decay after warm-up).
+        min_lr_ratio: final learning rate as a fraction of the peak.
+    """
+
+    def __init__(self, warmup_steps: int, total_steps: int, decay: str = "linear", min_lr_ratio: float = 0.1) -> None:
+        if decay not in ("linear", "cosine", "constant"):
+            raise ValueError(f"lr_decay must be 'linear', 'cosine' or 'constant', got {decay!r}")
+        self.warmup_steps = max(0, int(warmup_steps))
+        self.total_steps = max(self.warmup_steps + 1, int(total_steps))
+        self.decay = decay
+        self.min_lr_ratio = float(min_lr_ratio)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.decay == "constant":
+            return 1.0
+        progress = min(1.0, (step - self.warmup_steps) / (self.total_steps - self.warmup_steps))
+        shape = 1.0 - progress if self.decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+        return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * shape
+
+
+class CM3LeonModule(L.LightningModule):
+    """Pretraining / SFT LightningModule around :class:`CM3Leon`.
+
+    Args:
+        preset: architecture preset (``tiny``, ``350m``, ``760m``, ``7b``), used when ``config`` is not given.
+        config: a full architecture; overrides ``preset``.
+        vocab: the data's vocabulary (``MultimodalVocab.to_dict()``), normally linked from the data module's
+            manifest by the CLI, or taken from ``trainer.datamodule.vocab`` in :meth:`setup`. It sets the model's
+            vocabulary size (the padded size) and splits the logged loss into text and image targets. A checkpoint
+            whose vocabulary differs from the data's fails before training, printing both.
+        max_seq_len: context length; overrides the preset/config when given (the paper uses 4096).
+        lr: peak learning rate (paper table 3: 6e-4 for 350M, 5e-4 for 760M, 1.2e-4 for 7B).
+        betas: AdamW betas.
+        eps: AdamW epsilon.
+        weight_decay: applied to weights of two or more dimensions only.
+        warmup_steps: linear warm-up steps (paper table 3: 1500).
+        lr_decay: ``linear``, ``cosine`` or ``constant`` after warm-up.
+        min_lr_ratio: final learning rate as a fraction of ``lr``.
+        decay_steps: steps over which to decay; defaults to the trainer's estimated total steps.
+        activation_checkpointing: recompute each block in the backward pass to save memory.
+        compile: run the network through ``torch.compile``.
+    """
+
+    def __init__(
+        self,
+        preset: str = "tiny",
+        config: CM3LeonConfig | None = None,
+        vocab: dict[str, int] | None = None,
+        max_seq_len: int | None = None,
+        lr: float = 6e-4,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        weight_decay: float = 0.1,
+        warmup_steps: int = 1500,
+        lr_decay: str = "linear",
+        min_lr_ratio: float = 0.1,
+        decay_steps: int | None = None,
+        activation_checkpointing: bool = False,
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        if isinstance(config, dict):  # as restored from a checkpoint's hyper-parameters
+            config = CM3LeonConfig.from_dict(config)
+        overrides: dict[str, Any] = {}
+        if vocab is not None:
+            vocab = dict(vocab)
+            overrides["vocab_size"] = MultimodalVocab(**vocab).padded_size  # validates the description too
+        if max_seq_len is not None:
+            overrides["max_seq_len"] = max_seq_len
+        if config is None:
+            config = CM3LeonConfig.from_preset(preset, **overrides)
+        elif overrides:
+            config = CM3LeonConfig.from_dict({**config.to_dict(), **overrides})
+        WarmupDecay(warmup_steps, 1, lr_decay, min_lr_ratio)  # validates the schedule arguments early
+        self.config = config
+        # Primitives only, so checkpoints load with torch.load(weights_only=True); `config` is stored resolved.
+        self.save_hyperparameters(ignore=["config"])
+        self.hparams["config"] = config.to_dict()
+        self.hparams["vocab"] = vocab
+        self.model: CM3Leon | None = None
+        self._last_step_time: float | None = None
+
+    @property
+    def vocab(self) -> MultimodalVocab | None:
+        """The vocabulary the model was built for, when known."""
+        return None if self.hparams.vocab is None else MultimodalVocab(**self.hparams.vocab)
+
+    def setup(self, stage: str) -> None:
+        """Adopt the data module's vocabulary when none was given, and refuse a mismatching one."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        data_vocab = getattr(datamodule, "vocab", None)
+        if data_vocab is None:
+            return
+        data_desc = data_vocab.to_dict() if isinstance(data_vocab, MultimodalVocab) else dict(data_vocab)
+        if self.hparams.vocab is None:
+            if self.model is not None:
+                check_vocab_size(self.config.vocab_size, MultimodalVocab(**data_desc).padded_size, "the model")
+                return
+            self.config = CM3LeonConfig.from_dict(
+                {**self.config.to_dict(), "vocab_size": MultimodalVocab(**data_desc).padded_size}
+            )
+            self.hparams["config"] = self.config.to_dict()
+            self.hparams["vocab"] = data_desc
+        elif data_desc != self.hparams.vocab:
+            raise ValueError(
+                f"vocabulary mismatch: the model was built for {self.hparams.vocab}, the data has {data_desc}"
+            )
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Fail before training when the checkpoint's vocabulary or architecture differs from this module's."""
+        saved = checkpoint.get("hyper_parameters", {})
+        saved_vocab, saved_config = saved.get("vocab"), saved.get("config")
+        if saved_vocab is not None and self.hparams.vocab is not None and saved_vocab != self.hparams.vocab:
+            raise ValueError(
+                f"vocabulary mismatch: the checkpoint was trained with {saved_vocab}, the data has {self.hparams.vocab}"
+            )
+        if saved_config is not None and saved_config != self.config.to_dict():
+            diff = {
+                k: (v, self.config.to_dict().get(k))
+                for k, v in saved_config.items()
+                if self.config.to_dict().get(k) != v
+            }
+            raise ValueError(f"architecture mismatch between checkpoint and module (checkpoint, module): {diff}")
+
+    # --------------------------------------------------------------------------------------------- building
+    def configure_model(self) -> None:
+        """Build the network once (idempotent, so FSDP/meta-device strategies can call it)."""
+        if self.model is not None:
+            return
+        self.model = CM3Leon(self.config)
+        self.model.gradient_checkpointing = bool(self.hparams.activation_checkpointing)
+        if self.hparams.compile:
+            # Kept outside the module registry so state-dict keys stay those of the plain model.
+            self.__dict__["_compiled"] = torch.compile(self.model)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        """Logits ``(B, T, V)`` for token ids ``(B, T)`` (full causal sequence, no cache)."""
+        if self.model is None:
+            self.configure_model()
+        net = self.__dict__.get("_compiled", self.model)
+        return net(idx)
+
+    # ------------------------------------------------------------------------------------------------ hooks
+    def build_sequence(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Turn a batch into model inputs and next-token targets, both ``(B, T-1)``.
+
+        The default reads ``batch["input_ids"]`` (already CM3-masked by the data pipeline). Override for tasks that
+        assemble the sequence on the fly.
+        """
+        ids = batch["input_ids"]  # (B, T)
+        if ids.dim() != 2:
+            raise ValueError(f"batch['input_ids'] must have shape (B, T), got {tuple(ids.shape)}")
+        return ids[:, :-1], ids[:, 1:]
+
+    def compute_loss(self, logits: Tensor, targets: Tensor, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Next-token cross-entropy over all non-pad targets (the paper removed RA-CM3's query up-weighting).
+
+        Returns a dict with ``loss`` (the optimised value), ``tokens`` (number of scored targets), and, when
+        the vocabulary is known, ``loss_text`` and ``loss_image`` (mean loss over text and image targets).
+        """
+        per_token = F.cross_entropy(
+            logits.flatten(0, 1).float(), targets.flatten(), ignore_index=PAD_ID, reduction="none"
+        ).view_as(targets)  # (B, T-1)
+        valid = targets != PAD_ID
+        n_valid = valid.sum()
+        out = {"loss": per_token.sum() / n_valid.clamp(min=1), "tokens": n_valid}
+        vocab = self.hparams.vocab
+        if vocab is not None:
+            n_text = vocab["n_text"]
+            is_image = valid & (targets >= n_text)
+            is_text = valid & (targets < n_text)
+            out["loss_text"] = (per_token * is_text).sum() / is_text.sum().clamp(min=1)
+            out["loss_image"] = (per_token * is_image).sum() / is_image.sum().clamp(min=1)
+        return out
+
+    def _shared_step(self, batch: dict[str, Tensor], stage: str) -> dict[str, Tensor]:
+        inputs, targets = self.build_sequence(batch)
+        logits = self(inputs)  # (B, T-1, V)
+        losses = self.compute_loss(logits, targets, batch)
+        bs = inputs.shape[0]
+        on_step = stage == "train"
+        sync = stage != "train"
+        self.log(f"{stage}/loss", losses["loss"], prog_bar=True, batch_size=bs, on_step=on_step, sync_dist=sync)
+        self.log(f"{stage}/ppl", torch.exp(losses["loss"].detach().clamp(max=30)), batch_size=bs, sync_dist=sync)
+        for key in ("loss_text", "loss_image"):
+            if key in losses:
+                self.log(f"{stage}/{key}", losses[key], batch_size=bs, on_step=on_step, sync_dist=sync)
+        return losses
+
+    # ------------------------------------------------------------------------------------------------ steps
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        """One optimisation step's loss; also logs tokens per second (non-pad targets over wall time)."""
+        losses = self._shared_step(batch, "train")
+        now = time.perf_counter()
+        if self._last_step_time is not None:
+            rate = losses["tokens"].float() / max(now - self._last_step_time, 1e-9)
+            self.log("train/tokens_per_sec", rate, on_step=True, on_epoch=False, batch_size=1)
+        self._last_step_time = now
+        return losses["loss"]
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        """Validation loss, perplexity, and text/image losses (averaged over the epoch)."""
+        return self._shared_step(batch, "val")["loss"]
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        """Test loss, perplexity, and text/image losses."""
+        return self._shared_step(batch, "test")["loss"]
+
+    def on_train_epoch_start(self) -> None:
+        self._last_step_time = None
+
+    # ------------------------------------------------------------------------------------------- optimizers
+    def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW with decay on >=2-D weights only, and a per-step warm-up/decay schedule."""
+        if self.model is None:
+            self.configure_model()
+        hp = self.hparams
+        groups = param_groups(self.model, hp.weight_decay)
+        fused = self.device.type == "cuda"
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps, fused=fused)
+        total = hp.decay_steps
+        if total is None:
+            try:
+                estimated = float(self.trainer.estimated_stepping_batches)
+            except (RuntimeError, AttributeError):  # no trainer attached, or no length known
+                estimated = math.inf
+            total = int(estimated) if math.isfinite(estimated) and estimated > 0 else hp.warmup_steps + 1
+        schedule = WarmupDecay(hp.warmup_steps, total, hp.lr_decay, hp.min_lr_ratio)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def config_dict(self) -> dict[str, Any]:
+        """The resolved architecture as primitives."""
+        return asdict(self.config)

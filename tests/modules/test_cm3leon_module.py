@@ -1,0 +1,200 @@
+"""CM3LeonModule: loss, schedule, optimisation, checkpoints and resume on a tiny model (CPU, seconds)."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import pytest
+import torch
+from support.token_data import TokenDataModule
+
+from cm3leon_lightning.config import CM3LeonConfig
+from cm3leon_lightning.modules.cm3leon import CM3LeonModule, WarmupDecay
+from cm3leon_lightning.tokenization.vocab import MultimodalVocab
+
+
+def _trainer(tmp_path, **kwargs) -> L.Trainer:
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        num_sanity_val_steps=0,
+    )
+    defaults.update(kwargs)
+    return L.Trainer(**defaults)
+
+
+def test_warmup_decay_schedule_values() -> None:
+    s = WarmupDecay(warmup_steps=4, total_steps=14, decay="linear", min_lr_ratio=0.1)
+    assert [s(i) for i in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert s(4) == 1.0
+    assert s(9) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert s(14) == pytest.approx(0.1) and s(100) == pytest.approx(0.1)
+    c = WarmupDecay(warmup_steps=0, total_steps=10, decay="cosine", min_lr_ratio=0.0)
+    assert c(0) == 1.0 and c(5) == pytest.approx(0.5) and c(10) == pytest.approx(0.0)
+    assert WarmupDecay(2, 10, "constant")(7) == 1.0
+    with pytest.raises(ValueError, match="lr_decay"):
+        WarmupDecay(2, 10, "exponential")
+
+
+def test_compute_loss_ignores_pad_and_splits_text_and_image() -> None:
+    vocab = MultimodalVocab(n_text=64, n_codes=32, grid_h=2, grid_w=3)
+    module = CM3LeonModule(preset="tiny", vocab=vocab.to_dict())
+    V = module.config.vocab_size
+    torch.manual_seed(0)
+    logits = torch.randn(1, 4, V)
+    targets = torch.tensor([[10, 70, 0, 80]])  # text, image, pad, image
+    out = module.compute_loss(logits, targets, {})
+    ce = torch.nn.functional.cross_entropy(logits[0], targets[0], reduction="none")
+    assert out["tokens"].item() == 3
+    assert out["loss"].item() == pytest.approx(((ce[0] + ce[1] + ce[3]) / 3).item(), rel=1e-6)
+    assert out["loss_text"].item() == pytest.approx(ce[0].item(), rel=1e-6)
+    assert out["loss_image"].item() == pytest.approx(((ce[1] + ce[3]) / 2).item(), rel=1e-6)
+
+
+def test_vocab_sets_model_vocab_size_and_hparams_are_primitive() -> None:
+    vocab = MultimodalVocab(n_text=300, n_codes=100, grid_h=2, grid_w=2)
+    module = CM3LeonModule(preset="tiny", vocab=vocab.to_dict(), max_seq_len=64)
+    assert module.config.vocab_size == 512 == vocab.padded_size
+    assert module.config.max_seq_len == 64
+    allowed = (int, float, str, bool, type(None), list, tuple, dict)
+    assert all(isinstance(v, allowed) for v in module.hparams.values())
+    assert module.hparams["config"] == module.config.to_dict()
+
+
+def test_weight_decay_only_on_matrices() -> None:
+    module = CM3LeonModule(preset="tiny", warmup_steps=2)
+    module.configure_model()
+    opt = module.configure_optimizers()["optimizer"]
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    n_opt = sum(p.numel() for g in opt.param_groups for p in g["params"])
+    assert n_opt == sum(p.numel() for p in module.parameters())
+    assert opt.defaults["betas"] == (0.9, 0.95)
+
+
+def test_overfits_one_fixed_batch() -> None:
+    """The loss on one fixed batch falls by more than an order of magnitude."""
+    torch.manual_seed(0)
+    data = TokenDataModule(n_train=4, batch_size=4)
+    module = CM3LeonModule(preset="tiny", vocab=data.vocab.to_dict(), lr=1e-2, warmup_steps=10, lr_decay="constant")
+    module.configure_model()
+    opt = module.configure_optimizers()["optimizer"]
+    batch = {"input_ids": data.train_rows}
+    first = None
+    for _ in range(150):
+        inputs, targets = module.build_sequence(batch)
+        loss = module.compute_loss(module(inputs), targets, batch)["loss"]
+        first = loss.item() if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert first > 3.0
+    assert loss.item() < first / 10
+
+
+def test_fit_checkpoint_weights_only_and_resume(tmp_path) -> None:
+    L.seed_everything(0)
+    data = TokenDataModule(n_train=16, batch_size=4)
+    module = CM3LeonModule(preset="tiny", lr=3e-3, warmup_steps=2)
+    trainer = _trainer(tmp_path, max_steps=6, limit_val_batches=1)
+    trainer.fit(module, datamodule=data)
+    # setup() adopted the data's vocabulary because none was given.
+    assert module.hparams.vocab == data.vocab.to_dict()
+    assert module.config.vocab_size == data.vocab.padded_size
+    ckpt = tmp_path / "six.ckpt"
+    trainer.save_checkpoint(ckpt)
+
+    raw = torch.load(ckpt, weights_only=True, map_location="cpu")
+    assert raw["global_step"] == 6
+    assert raw["hyper_parameters"]["vocab"] == data.vocab.to_dict()
+
+    loaded = CM3LeonModule.load_from_checkpoint(ckpt, weights_only=True, map_location="cpu")
+    ids = data.val_rows[:2]
+    module.eval(), loaded.eval()
+    with torch.no_grad():
+        assert torch.equal(module(ids), loaded(ids))
+
+    # Resume: the global step continues and training goes on to max_steps.
+    resumed = CM3LeonModule(preset="tiny", lr=3e-3, warmup_steps=2)
+    trainer2 = _trainer(tmp_path, max_steps=10, limit_val_batches=1)
+    trainer2.fit(resumed, datamodule=TokenDataModule(n_train=16, batch_size=4), ckpt_path=ckpt)
+    assert trainer2.global_step == 10
+    sched = trainer2.lr_scheduler_configs[0].scheduler
+    assert sched.last_epoch == 10  # the schedule resumed too, not restarted
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path) -> None:
+    """Stop after 3 steps, resume to 6: the weights equal those of 6 uninterrupted steps (CPU, bitwise).
+
+    One batch per epoch, so the stop falls on an epoch boundary and a plain DataLoader resumes exactly; this checks
+    model, optimizer and schedule state (mid-epoch data resume is the streaming DataModule's test).
+    """
+
+    def run(max_steps: int, ckpt: str | None = None) -> tuple[CM3LeonModule, L.Trainer]:
+        L.seed_everything(1)
+        module = CM3LeonModule(preset="tiny", lr=3e-3, warmup_steps=2, decay_steps=6)
+        trainer = _trainer(tmp_path, max_steps=max_steps, limit_val_batches=0, deterministic=True)
+        trainer.fit(module, datamodule=TokenDataModule(n_train=4, batch_size=4), ckpt_path=ckpt)
+        return module, trainer
+
+    full, _ = run(6)
+    _, t3 = run(3)
+    t3.save_checkpoint(tmp_path / "three.ckpt")
+    resumed, t6 = run(6, str(tmp_path / "three.ckpt"))
+    assert t6.global_step == 6
+    for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_vocabulary_mismatch_is_refused(tmp_path) -> None:
+    data = TokenDataModule(n_train=8, batch_size=4)
+    other = MultimodalVocab(n_text=64, n_codes=32, grid_h=3, grid_w=3)
+    module = CM3LeonModule(preset="tiny", vocab=other.to_dict())
+    with pytest.raises(ValueError, match="vocabulary mismatch"):
+        _trainer(tmp_path, max_steps=1).fit(module, datamodule=data)
+
+    # A checkpoint trained on one vocabulary refuses data with another, before training, naming both.
+    good = CM3LeonModule(preset="tiny", vocab=data.vocab.to_dict())
+    trainer = _trainer(tmp_path, max_steps=1, limit_val_batches=0)
+    trainer.fit(good, datamodule=data)
+    trainer.save_checkpoint(tmp_path / "a.ckpt")
+    bigger = MultimodalVocab(n_text=64, n_codes=40, grid_h=2, grid_w=3)
+    mismatched = CM3LeonModule(preset="tiny", vocab=bigger.to_dict())
+    with pytest.raises(ValueError, match="vocabulary mismatch") as err:
+        mismatched.on_load_checkpoint(torch.load(tmp_path / "a.ckpt", weights_only=True))
+    assert "'n_codes': 32" in str(err.value) and "'n_codes': 40" in str(err.value)
+
+
+def test_activation_checkpointing_gives_same_gradients() -> None:
+    data = TokenDataModule(n_train=4, batch_size=4)
+    grads = []
+    for flag in (False, True):
+        torch.manual_seed(0)
+        module = CM3LeonModule(preset="tiny", vocab=data.vocab.to_dict(), activation_checkpointing=flag)
+        module.configure_model()
+        module.train()
+        batch = {"input_ids": data.train_rows}
+        inputs, targets = module.build_sequence(batch)
+        module.compute_loss(module(inputs), targets, batch)["loss"].backward()
+        grads.append([p.grad.clone() for p in module.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_config_argument_and_bad_values() -> None:
+    cfg = CM3LeonConfig.from_preset("tiny", n_layer=1)
+    module = CM3LeonModule(config=cfg)
+    module.configure_model()
+    assert len(module.model.blocks) == 1
+    assert CM3LeonModule(config=cfg.to_dict()).config == cfg  # as restored from hyper-parameters
+    with pytest.raises(ValueError, match="preset"):
+        CM3LeonModule(preset="13b")
+    with pytest.raises(ValueError, match="lr_decay"):
+        CM3LeonModule(lr_decay="step")
+    assert math.isfinite(CM3LeonModule().hparams.lr)
