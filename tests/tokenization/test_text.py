@@ -1,0 +1,197 @@
+"""Tests for the byte-level BPE TextTokenizer: fixed special ids, round trips, save/load, refusal of bad files."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from cm3leon_lightning.tokenization.text import TextTokenizer
+from cm3leon_lightning.tokenization.vocab import MultimodalVocab, special_tokens
+
+SUBJECTS = ["a red cube", "the blue sphere", "two green cones", "a small dog", "an old man", "three yellow stars"]
+VERBS = ["sits on", "is next to", "floats above", "hides behind", "looks at"]
+OBJECTS = ["a wooden table", "the snowy mountain", "a purple triangle", "the city street", "a calm lake"]
+
+
+def sentences(n: int, seed: int = 0) -> list[str]:
+    """``n`` generated captions."""
+    rng = random.Random(seed)
+    return [f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)}." for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def tok() -> TextTokenizer:
+    return TextTokenizer.train(sentences(300), vocab_size=400, num_sentinels=8, min_frequency=2)
+
+
+def test_special_tokens_at_fixed_ids(tok):
+    names = special_tokens(8)
+    assert names[:5] == ["<pad>", "<eos>", "<break>", "<mask>", "<infill>"]
+    for i, name in enumerate(names):
+        assert tok.backend.token_to_id(name) == i
+        assert tok.backend.id_to_token(i) == name
+    assert tok.num_sentinels == 8 and tok.num_special == 13
+
+
+def test_vocab_size_counts_everything_and_merges_were_learned(tok):
+    assert tok.vocab_size == tok.backend.get_vocab_size(with_added_tokens=True)
+    assert 13 + 256 < tok.vocab_size <= 400  # some merges on top of the byte alphabet
+    assert len(tok.encode("a red cube sits on a wooden table.")) < len("a red cube sits on a wooden table.")
+
+
+def test_num_sentinels_is_configurable():
+    small = TextTokenizer.train(sentences(50), vocab_size=300, num_sentinels=2)
+    assert small.num_sentinels == 2
+    assert [small.backend.id_to_token(i) for i in range(7)] == special_tokens(2)
+
+
+def test_encode_decode_round_trip(tok):
+    for text in sentences(50, seed=1) + ["", " leading space", "tabs\tand\nnewlines", "ünïcødé 猫 🦎"]:
+        ids = tok.encode(text)
+        assert all(tok.num_special <= i < tok.vocab_size for i in ids)
+        assert tok.decode(ids) == text
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text(max_size=60))
+def test_arbitrary_unicode_round_trips(tok, text):
+    assert tok.decode(tok.encode(text)) == text
+
+
+@settings(max_examples=100, deadline=None)
+@given(parts=st.lists(st.one_of(st.sampled_from(special_tokens(8)), st.text(max_size=8)), max_size=8))
+def test_plain_text_never_encodes_to_a_special_id(tok, parts):
+    text = "".join(parts)
+    ids = tok.encode(text)
+    assert all(i >= tok.num_special for i in ids)
+    assert tok.decode(ids) == text
+
+
+def test_literal_special_strings_are_plain_text(tok):
+    text = "a caption that says <eos> and <break> and <mask:0>"
+    ids = tok.encode(text)
+    assert min(ids) >= tok.num_special
+    assert 1 not in ids and 2 not in ids and 5 not in ids
+    assert tok.decode(ids) == text
+
+
+def test_encode_batch_matches_encode(tok):
+    texts = sentences(20, seed=2) + ["<eos>"]
+    assert tok.encode_batch(texts) == [tok.encode(t) for t in texts]
+
+
+def test_decode_skips_special_tokens_by_default(tok):
+    ids = [1] + tok.encode("a red cube") + [2, 5]
+    assert tok.decode(ids) == "a red cube"
+    assert tok.decode(ids, skip_special_tokens=False) == "<eos>a red cube<break><mask:0>"
+
+
+def test_decode_rejects_ids_outside_text_range(tok):
+    with pytest.raises(
+        ValueError, match=rf"text id {tok.vocab_size} outside the allowed range \[0, {tok.vocab_size}\)"
+    ):
+        tok.decode([tok.vocab_size])
+    with pytest.raises(ValueError, match="text id -1"):
+        tok.decode([-1])
+
+
+def test_save_load_gives_identical_ids_and_hash(tok, tmp_path):
+    file = tok.save(tmp_path / "tok")
+    assert file == tmp_path / "tok" / "tokenizer.json" and tok.path == file
+    assert tok.sha256 == hashlib.sha256(file.read_bytes()).hexdigest()
+    for source in (file, tmp_path / "tok"):
+        loaded = TextTokenizer.load(source)
+        assert loaded.path == file
+        assert loaded.sha256 == tok.sha256
+        assert loaded.vocab_size == tok.vocab_size and loaded.num_sentinels == tok.num_sentinels
+        for text in sentences(30, seed=3) + ["<eos> literal"]:
+            assert loaded.encode(text) == tok.encode(text)
+
+
+def test_save_to_explicit_json_path(tok, tmp_path):
+    file = tok.save(tmp_path / "custom.json")
+    assert file == tmp_path / "custom.json" and file.is_file()
+    assert TextTokenizer.load(file).encode("a small dog") == tok.encode("a small dog")
+
+
+def test_sha256_differs_between_tokenizers(tok):
+    other = TextTokenizer.train(sentences(300, seed=5) + ["zebra zebra zebra"] * 5, vocab_size=400)
+    assert other.sha256 != tok.sha256
+    assert len(tok.sha256) == 64
+
+
+def test_make_vocab(tok):
+    vocab = tok.make_vocab(n_codes=16, grid_h=2, grid_w=2)
+    assert vocab == MultimodalVocab(n_text=tok.vocab_size, n_codes=16, grid_h=2, grid_w=2, num_sentinels=8)
+    assert vocab.image_offset == tok.vocab_size
+
+
+def test_load_missing_file_names_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "nope" / "tokenizer.json")):
+        TextTokenizer.load(tmp_path / "nope")
+
+
+def test_load_rejects_non_tokenizer_json(tmp_path):
+    bad = tmp_path / "tokenizer.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="not a valid tokenizers JSON"):
+        TextTokenizer.load(bad)
+
+
+def _raw_tokenizer(specials: list[str]) -> Tokenizer:
+    t = Tokenizer(models.BPE())
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    t.train_from_iterator(sentences(50), trainer=trainer)
+    return t
+
+
+def test_load_rejects_special_tokens_at_wrong_ids(tmp_path):
+    specials = special_tokens(8)
+    specials[0], specials[1] = specials[1], specials[0]  # <eos> at 0, <pad> at 1
+    file = tmp_path / "swapped.json"
+    _raw_tokenizer(specials).save(str(file))
+    with pytest.raises(ValueError, match=rf"{file}: special token <pad> is at id 1; it must be at id 0"):
+        TextTokenizer.load(file)
+
+
+def test_load_rejects_missing_special_token(tmp_path):
+    file = tmp_path / "nobreak.json"
+    _raw_tokenizer([s for s in special_tokens(8) if s != "<break>"]).save(str(file))
+    with pytest.raises(ValueError, match=rf"{file}: special token <break> is missing; it must be at id 2"):
+        TextTokenizer.load(file)
+    file2 = tmp_path / "nosentinel.json"
+    _raw_tokenizer(special_tokens(8)[:5]).save(str(file2))
+    with pytest.raises(ValueError, match=rf"{file2}: no <mask:i> sentinel tokens"):
+        TextTokenizer.load(file2)
+
+
+def test_load_rejects_merges_that_build_a_special_token(tok, tmp_path):
+    data = json.loads(tok.backend.to_str())
+    vocab = data["model"]["vocab"]
+    for piece in ("<eos", ">"):
+        vocab.setdefault(piece, len(vocab) + len(data["added_tokens"]))
+    data["model"]["merges"].append(["<eos", ">"])
+    file = tmp_path / "tokenizer.json"
+    file.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"builds special token <eos> from plain text"):
+        TextTokenizer.load(file)
+
+
+def test_train_rejects_too_small_vocab():
+    with pytest.raises(ValueError, match=r"vocab_size=100 must be >= 269"):
+        TextTokenizer.train(sentences(10), vocab_size=100)
+    with pytest.raises(ValueError, match="min_frequency must be >= 1"):
+        TextTokenizer.train(sentences(10), vocab_size=300, min_frequency=0)
