@@ -1,1 +1,41 @@
-"""cm3leon_lightning."""
+"""cm3leon_lightning: PyTorch Lightning components for CM3Leon-style retrieval-augmented multimodal models.
+
+The public names (DESIGN section 5) are loaded lazily, so ``import cm3leon_lightning.model`` stays free of Lightning
+and of the heavy optional stacks (open_clip, faiss, webdataset)::
+
+    from cm3leon_lightning import CM3Leon, CM3LeonConfig, CM3LeonModule, MultimodalVocab
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0.dev0"
+
+# public name -> module that defines it
+_EXPORTS: dict[str, str] = {
+    "CM3LeonConfig": "cm3leon_lightning.config",
+    "CM3Leon": "cm3leon_lightning.model",
+    "CM3LeonModule": "cm3leon_lightning.modules.cm3leon",
+    "MultimodalVocab": "cm3leon_lightning.tokenization.vocab",
+    "Segment": "cm3leon_lightning.tokenization.vocab",
+    "TextTokenizer": "cm3leon_lightning.tokenization.text",
+    "cm3_infill": "cm3leon_lightning.objective.cm3",
+    "cm3_restore": "cm3leon_lightning.objective.cm3",
+    "CM3LeonCLI": "cm3leon_lightning.cli",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'cm3leon_lightning' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__
