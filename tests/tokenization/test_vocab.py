@@ -1,0 +1,111 @@
+"""Tests for MultimodalVocab: id ranges, padded size, document round trips and validation errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cm3leon_lightning.tokenization.vocab import MultimodalVocab, Segment, sentinel_token, special_tokens
+
+V = MultimodalVocab(n_text=64, n_codes=16, grid_h=2, grid_w=2, num_sentinels=4)
+
+
+def test_special_token_layout():
+    assert special_tokens(2) == ["<pad>", "<eos>", "<break>", "<mask>", "<infill>", "<mask:0>", "<mask:1>"]
+    assert sentinel_token(3) == "<mask:3>"
+    assert (V.pad_id, V.eos_id, V.break_id, V.mask_id, V.infill_id) == (0, 1, 2, 3, 4)
+    assert V.sentinel_ids == [5, 6, 7, 8] and V.sentinel_id(3) == 8 and V.num_special == 9
+    assert [V.is_sentinel(i) for i in (4, 5, 8, 9)] == [False, True, True, False]
+    with pytest.raises(ValueError, match=r"sentinel index 4 outside \[0, 4\)"):
+        V.sentinel_id(4)
+    with pytest.raises(ValueError, match="num_sentinels must be >= 1, got 0"):
+        special_tokens(0)
+
+
+def test_sizes_and_padding():
+    assert (V.size, V.padded_size, V.image_tokens, V.image_offset) == (80, 128, 4, 64)
+    paper = MultimodalVocab(n_text=56320)
+    assert paper.size == 56320 + 8192 and paper.padded_size == 64512 == 504 * 128
+    odd = MultimodalVocab(n_text=50000, n_codes=8192)
+    assert odd.padded_size == 58240 and odd.padded_size % 128 == 0 and odd.padded_size - odd.size < 128
+    assert MultimodalVocab(n_text=64, n_codes=16, pad_to_multiple=1).padded_size == 80
+
+
+def test_id_ranges():
+    assert V.codes_to_ids([0, 15]).tolist() == [64, 79]
+    assert V.ids_to_codes(np.array([64, 79])).tolist() == [0, 15]
+    ids = np.array([0, 8, 63, 64, 79])
+    assert V.is_text_id(ids).tolist() == [True, True, True, False, False]
+    assert V.is_image_id(ids).tolist() == [False, False, False, True, True]
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda: V.codes_to_ids([3, 16]), r"image code 16 outside the allowed range \[0, 16\)"),
+        (lambda: V.codes_to_ids([-1]), r"image code -1 outside the allowed range \[0, 16\)"),
+        (lambda: V.ids_to_codes([64, 63]), r"id 63 is not an image id; image ids lie in \[64, 80\)"),
+        (lambda: V.ids_to_codes([80]), r"id 80 is not an image id"),
+        (lambda: V.validate_ids([0, 80], "batch"), r"batch: id 80 outside the allowed range \[0, 80\)"),
+        (lambda: V.document_to_ids([Segment.text([10, 64])]), r"text id 64 outside the allowed range \[0, 64\)"),
+        (lambda: V.document_to_ids([Segment.image([1, 2, 3, 16])]), r"image code 16 outside .*\[0, 16\)"),
+        (
+            lambda: V.document_to_ids([Segment.image([1, 2, 3])]),
+            "image segment has 3 codes; expected grid_h\\*grid_w = 4",
+        ),
+        (lambda: V.document_to_ids([Segment.text([10, 1])]), "may not contain <eos> or <break>"),
+        (lambda: V.document_to_ids([]), "at least one segment"),
+        (lambda: V.document_to_ids([Segment("audio", (1,))]), "segment kind must be 'text' or 'image'"),
+        (lambda: V.ids_to_document([10, 11]), "must start with <eos>"),
+        (lambda: V.ids_to_document([1, 10, 1, 11]), "exactly one <eos>"),
+        (lambda: V.ids_to_document([1, 10, 64]), "mixes text ids and image ids"),
+        (lambda: V.ids_to_document([1, 10, 2, 64, 65]), "image segment has 2 codes; expected grid_h\\*grid_w = 4"),
+        (lambda: V.ids_to_document([1, 99]), r"id 99 outside the allowed range \[0, 80\)"),
+        (lambda: MultimodalVocab(n_text=9, num_sentinels=4), "n_text=9 must exceed the 9 special tokens"),
+        (lambda: MultimodalVocab(n_text=64, n_codes=0), "n_codes must be >= 1, got 0"),
+        (lambda: MultimodalVocab(n_text=64, grid_w=0), "grid_w must be >= 1, got 0"),
+        (lambda: MultimodalVocab(n_text=64, pad_to_multiple=0), "pad_to_multiple must be >= 1, got 0"),
+    ],
+)
+def test_validation_errors_name_value_and_range(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_caption_image_document_serialization():
+    doc = V.caption_image_document([10, 11, 12], [0, 1, 2, 3])
+    assert V.document_to_ids(doc) == [1, 10, 11, 12, 2, 64, 65, 66, 67]
+    flipped = V.caption_image_document([10], [0, 1, 2, 3], image_first=True)
+    assert V.document_to_ids(flipped) == [1, 64, 65, 66, 67, 2, 10]
+
+
+def test_example_and_prompt():
+    query = [Segment.text([10]), Segment.image([4, 5, 6, 7])]
+    retrieved = [[Segment.text([20, 21])], [Segment.image([0, 0, 0, 0])]]
+    assert V.example_to_ids(retrieved, query) == [1, 20, 21, 1, 64, 64, 64, 64, 1, 10, 2, 68, 69, 70, 71, 1]
+    assert V.example_to_ids([], query)[-1] == V.eos_id
+    assert V.text_to_image_prompt([10, 11]) == [1, 10, 11, 2]
+
+
+def test_to_dict_eq_hash_repr():
+    same = MultimodalVocab(**V.to_dict())
+    assert same == V and hash(same) == hash(V)
+    assert MultimodalVocab(n_text=65, n_codes=16, grid_h=2, grid_w=2, num_sentinels=4) != V
+    assert repr(V).startswith("MultimodalVocab(n_text=64, n_codes=16")
+
+
+segment = st.one_of(
+    st.lists(st.integers(V.num_special, V.n_text - 1), max_size=6).map(Segment.text),
+    st.lists(st.integers(0, V.n_codes - 1), min_size=4, max_size=4).map(Segment.image),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(doc=st.lists(segment, min_size=1, max_size=5))
+def test_document_round_trip(doc):
+    ids = V.document_to_ids(doc)
+    assert ids[0] == V.eos_id and ids.count(V.break_id) == len(doc) - 1
+    assert V.ids_to_document(ids) == doc
+    assert V.ids_to_document(np.asarray(ids)) == doc
