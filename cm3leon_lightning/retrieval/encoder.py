@@ -1,0 +1,333 @@
+"""CLIP document encoder for the dense retriever (paper section 2.1, "Retrieval Augmentation").
+
+The paper splits a multimodal document into its text and its image, encodes each with the frozen CLIP text and image
+encoders (ViT-B-32), L2-normalises both, and averages them into one document vector. :class:`ClipEncoder` does exactly
+that on top of open_clip; :data:`CLIP_CONFIGS` adds tiny open_clip architectures so tests and the demo run offline in
+seconds, with weights trained by :class:`cm3leon_lightning.modules.clip.ClipModule`.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import warnings
+from collections.abc import Sequence
+from copy import deepcopy
+from typing import Any
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+# Tiny architectures for tests and the demo. The text tower keeps open_clip's bundled BPE (vocab 49408), which loads
+# offline; only the widths, depths and context length shrink. Registered with open_clip by `register_clip_configs`.
+CLIP_CONFIGS: dict[str, dict[str, Any]] = {
+    "cm3leon-clip-tiny": {
+        "embed_dim": 64,
+        "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+        "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+    },
+    "cm3leon-clip-small": {
+        "embed_dim": 128,
+        "vision_cfg": {"image_size": 64, "layers": 4, "width": 128, "head_width": 32, "patch_size": 8},
+        "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 4},
+    },
+}
+
+_NETWORK_PROBE_HOST = ("huggingface.co", 443)
+
+
+class ClipWeightsUnavailableError(RuntimeError):
+    """The requested CLIP weights are neither a local file nor in the download cache, and cannot be downloaded."""
+
+
+def register_clip_configs() -> None:
+    """Make the names in :data:`CLIP_CONFIGS` known to ``open_clip.create_model`` and ``open_clip.get_tokenizer``.
+
+    open_clip's public ``add_model_config`` only reads JSON files; the registry it fills is the module dict
+    ``open_clip.factory._MODEL_CONFIGS`` (present in every open_clip release since 2.0), so we add ours there.
+    Idempotent.
+    """
+    registry = open_clip.factory._MODEL_CONFIGS
+    for name, cfg in CLIP_CONFIGS.items():
+        registry.setdefault(name, deepcopy(cfg))
+
+
+register_clip_configs()
+
+
+def _in_hf_cache(hf_hub: str, cache_dir: str | None) -> bool:
+    """Whether the open_clip ``hf_hub`` entry ``org/repo/[filename]`` is already in the Hugging Face cache."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if hf_hub.endswith("/"):  # "org/repo/" means open_clip's default file name
+        repo_id, filename = hf_hub[:-1], "open_clip_pytorch_model.bin"
+    else:
+        repo_id, filename = os.path.split(hf_hub)
+    stem = os.path.splitext(filename)[0]
+    for name in (f"{stem}.safetensors", filename):
+        hit = try_to_load_from_cache(repo_id, name, cache_dir=cache_dir)
+        if isinstance(hit, str) and os.path.isfile(hit):
+            return True
+    return False
+
+
+def _offline() -> bool:
+    """True when Hugging Face downloads are disabled or the hub host does not resolve/connect within 3 seconds."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        return True
+    try:
+        with socket.create_connection(_NETWORK_PROBE_HOST, timeout=3.0):
+            return False
+    except OSError:
+        return True
+
+
+def _weights_help(model_name: str) -> str:
+    return (
+        f"Pass a local checkpoint instead: ClipEncoder(model_name={model_name!r}, pretrained='/path/to/weights."
+        "safetensors') (or --pretrained on the command line); open_clip .bin/.pt/.safetensors state dicts and files "
+        "written by ClipModule.export_weights are accepted. To fetch the weights once, run "
+        f"open_clip.create_model({model_name!r}, pretrained=<tag>) on a machine with network and copy the "
+        "Hugging Face cache (~/.cache/huggingface) or the downloaded file here, or train a CLIP on your own data with "
+        "ClipModule (configs/clip/)."
+    )
+
+
+def create_clip(
+    model_name: str,
+    pretrained: str | None = None,
+    device: str | torch.device = "cpu",
+    precision: str = "fp32",
+    cache_dir: str | None = None,
+) -> torch.nn.Module:
+    """Build an open_clip CLIP model, failing fast with a clear message when pretrained weights cannot be had.
+
+    Args:
+        model_name: an open_clip architecture (``"ViT-B-32"``), one of :data:`CLIP_CONFIGS`, or ``"local-dir:/path"``.
+        pretrained: an open_clip pretrained tag (``"openai"``), a path to a local checkpoint file, or ``None`` for
+            random initialisation (only useful before training with ``ClipModule``).
+        device: torch device.
+        precision: open_clip precision (``"fp32"``, ``"fp16"``, ``"bf16"``, ``"pure_fp16"``, ``"pure_bf16"``).
+        cache_dir: download cache directory passed to open_clip.
+
+    Returns:
+        The open_clip model (``open_clip.CLIP`` or subclass), in train mode as open_clip returns it.
+
+    Raises:
+        ClipWeightsUnavailableError: ``pretrained`` is a tag whose weights are not cached and there is no network.
+        ValueError: unknown model name, or ``pretrained`` is neither a known tag nor an existing file.
+    """
+    register_clip_configs()
+    if not model_name.startswith(("local-dir:", "hf-hub:")) and open_clip.get_model_config(model_name) is None:
+        raise ValueError(
+            f"model_name={model_name!r} is not an open_clip architecture; known: {sorted(open_clip.list_models())}"
+        )
+    kwargs: dict[str, Any] = {}
+    if pretrained is not None and not os.path.isfile(pretrained):
+        tag_cfg = open_clip.get_pretrained_cfg(model_name, pretrained)
+        if not tag_cfg:
+            tags = open_clip.list_pretrained_tags_by_model(model_name)
+            raise ValueError(
+                f"pretrained={pretrained!r} is neither an existing file nor a pretrained tag of {model_name!r} "
+                f"(tags: {tags}). " + _weights_help(model_name)
+            )
+        if tag_cfg.get("quick_gelu", False):
+            kwargs["force_quick_gelu"] = True  # e.g. OpenAI's weights were trained with QuickGELU
+        hf_hub = tag_cfg.get("hf_hub", "")
+        cached = bool(hf_hub) and _in_hf_cache(hf_hub, cache_dir)
+        if not cached and _offline():
+            # Without this check open_clip retries the download for ~50 s before failing.
+            raise ClipWeightsUnavailableError(
+                f"CLIP weights {model_name!r}/{pretrained!r} are not in the local cache and the hub cannot be reached "
+                "(no network or HF_HUB_OFFLINE=1). " + _weights_help(model_name)
+            )
+    try:
+        model = open_clip.create_model(
+            model_name, pretrained=pretrained, device=device, precision=precision, cache_dir=cache_dir, **kwargs
+        )
+    except RuntimeError as e:
+        if "download" in str(e).lower():
+            raise ClipWeightsUnavailableError(f"{e}. " + _weights_help(model_name)) from e
+        raise
+    if pretrained is None and not model_name.startswith("local-dir:"):
+        warnings.warn(f"CLIP {model_name!r} is randomly initialised (pretrained=None)", stacklevel=2)
+    return model
+
+
+def preprocess_images(images: torch.Tensor, size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Resize (shortest side, bicubic, antialiased), center-crop and normalise a batch the way open_clip does.
+
+    Args:
+        images: ``(B, 3, H, W)`` uint8 in ``[0, 255]`` or floating point in ``[0, 1]``.
+        size: the model's input resolution.
+        mean: per-channel mean of the normalisation.
+        std: per-channel std of the normalisation.
+
+    Returns:
+        ``(B, 3, size, size)`` float32, normalised.
+    """
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must have shape (B, 3, H, W), got {tuple(images.shape)}")
+    x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+    h, w = x.shape[-2:]
+    if (h, w) != (size, size):
+        scale = size / min(h, w)
+        nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+        x = F.interpolate(x, size=(nh, nw), mode="bicubic", antialias=True, align_corners=False).clamp_(0, 1)
+        top, left = (nh - size) // 2, (nw - size) // 2
+        x = x[:, :, top : top + size, left : left + size]
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x - m) / s  # (B, 3, size, size)
+
+
+ImageLike = Image.Image | np.ndarray | torch.Tensor
+
+
+def _to_chw_float(img: ImageLike) -> torch.Tensor:
+    """One image (PIL, HWC uint8 array, or CHW tensor) -> (3, H, W) float in [0, 1]."""
+    if isinstance(img, Image.Image):
+        img = np.asarray(img.convert("RGB"))
+    if isinstance(img, np.ndarray):
+        if img.ndim == 2:
+            img = np.repeat(img[:, :, None], 3, axis=2)
+        if img.ndim != 3 or img.shape[2] not in (3, 4):
+            raise ValueError(f"image arrays must be (H, W), (H, W, 3) or (H, W, 4), got {img.shape}")
+        t = torch.from_numpy(np.ascontiguousarray(img[:, :, :3])).permute(2, 0, 1)
+    else:
+        t = img
+    if t.ndim != 3 or t.shape[0] != 3:
+        raise ValueError(f"image tensors must be (3, H, W), got {tuple(t.shape)}")
+    return t.float() / 255.0 if t.dtype == torch.uint8 else t.float()
+
+
+class ClipEncoder:
+    """Frozen CLIP text and image encoders that embed captions, images and documents (paper section 2.1).
+
+    Args:
+        model_name: open_clip architecture; the paper uses ``"ViT-B-32"``. ``"cm3leon-clip-tiny"`` and
+            ``"cm3leon-clip-small"`` are tiny offline architectures (see :data:`CLIP_CONFIGS`).
+        pretrained: open_clip pretrained tag (``"openai"``: the original CLIP weights), a local checkpoint path
+            (e.g. written by ``ClipModule.export_weights``), or ``None`` for random weights (tests only).
+        device: torch device for the encoders.
+        precision: open_clip precision string (``"fp32"``, ``"fp16"``, ``"bf16"``).
+        batch_size: inputs are embedded in chunks of this many.
+        cache_dir: open_clip download cache.
+
+    All ``embed_*`` methods return float32 numpy arrays of shape ``(N, dim)`` with unit L2 norm per row.
+    """
+
+    def __init__(
+        self,
+        model_name: str = "ViT-B-32",
+        pretrained: str | None = "openai",
+        device: str = "cpu",
+        precision: str = "fp32",
+        batch_size: int = 256,
+        cache_dir: str | None = None,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.model_name = model_name
+        self.pretrained = pretrained
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.model = create_clip(model_name, pretrained, self.device, precision, cache_dir).eval()
+        self.model.requires_grad_(False)
+        self.tokenizer = open_clip.get_tokenizer(model_name)
+        pp = self.model.visual.preprocess_cfg
+        size = pp["size"]
+        self.image_size = int(size if isinstance(size, int) else size[0])
+        self.mean, self.std = tuple(pp["mean"]), tuple(pp["std"])
+        self._dtype = next(self.model.visual.parameters()).dtype
+
+    @property
+    def dim(self) -> int:
+        """The embedding dimension."""
+        return int(self.model.text_projection.shape[1]) if self.model.text_projection is not None else 0
+
+    @torch.inference_mode()
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Embed captions with the frozen text encoder.
+
+        Args:
+            texts: N strings (tokenized and truncated to the model's context length by open_clip's tokenizer).
+
+        Returns:
+            ``(N, dim)`` float32, L2-normalised.
+        """
+        if isinstance(texts, str):
+            raise ValueError("texts must be a sequence of strings, got a single str")
+        out = [np.zeros((0, self.dim), np.float32)]
+        for i in range(0, len(texts), self.batch_size):
+            ids = self.tokenizer(list(texts[i : i + self.batch_size])).to(self.device)  # (b, L)
+            z = self.model.encode_text(ids, normalize=True)  # (b, D)
+            out.append(z.float().cpu().numpy())
+        return np.concatenate(out)
+
+    @torch.inference_mode()
+    def embed_images(self, images: torch.Tensor | Sequence[ImageLike]) -> np.ndarray:
+        """Embed images with the frozen image encoder.
+
+        Args:
+            images: a ``(N, 3, H, W)`` tensor (uint8 in [0, 255] or float in [0, 1]), or a sequence of PIL images,
+                ``(H, W, 3)`` uint8 arrays or ``(3, H, W)`` tensors of any sizes (resized and center-cropped).
+
+        Returns:
+            ``(N, dim)`` float32, L2-normalised.
+        """
+        out = [np.zeros((0, self.dim), np.float32)]
+        for i in range(0, len(images), self.batch_size):
+            chunk = images[i : i + self.batch_size]
+            if isinstance(chunk, torch.Tensor):
+                x = preprocess_images(chunk.to(self.device), self.image_size, self.mean, self.std)
+            else:  # different sizes: preprocess one by one
+                x = torch.cat(
+                    [
+                        preprocess_images(_to_chw_float(im)[None].to(self.device), self.image_size, self.mean, self.std)
+                        for im in chunk
+                    ]
+                )
+            z = self.model.encode_image(x.to(self._dtype), normalize=True)  # (b, D)
+            out.append(z.float().cpu().numpy())
+        return np.concatenate(out)
+
+    def embed_documents(
+        self, texts: Sequence[str | None], images: torch.Tensor | Sequence[ImageLike | None]
+    ) -> np.ndarray:
+        """Embed documents: ``normalize(normalize(text) + normalize(image))`` (paper section 2.1).
+
+        The paper averages the separately normalised text and image embeddings; averaging then renormalising is the
+        same direction as the normalised sum. A document missing one modality (``None`` or empty caption, ``None``
+        image) is embedded by the modality it has, so text-only and image-only documents live in the same space.
+
+        Args:
+            texts: N captions, ``None`` or ``""`` where a document has no text.
+            images: N images (see :meth:`embed_images`), ``None`` where a document has no image.
+
+        Returns:
+            ``(N, dim)`` float32, L2-normalised.
+
+        Raises:
+            ValueError: lengths differ, or a document has neither text nor image (its index is named).
+        """
+        n = len(texts)
+        if len(images) != n:
+            raise ValueError(f"texts and images must have the same length, got {n} and {len(images)}")
+        has_text = np.array([t is not None and t.strip() != "" for t in texts], dtype=bool)
+        has_image = (
+            np.ones(n, bool) if isinstance(images, torch.Tensor) else np.array([im is not None for im in images])
+        )
+        empty = np.flatnonzero(~has_text & ~has_image)
+        if empty.size:
+            raise ValueError(f"documents {empty[:10].tolist()} have neither text nor image")
+        z = np.zeros((n, self.dim), np.float32)
+        ti, ii = np.flatnonzero(has_text), np.flatnonzero(has_image)
+        if ti.size:
+            z[ti] += self.embed_texts([texts[i] for i in ti])
+        if ii.size:
+            z[ii] += self.embed_images(images if isinstance(images, torch.Tensor) else [images[i] for i in ii])
+        return z / np.linalg.norm(z, axis=1, keepdims=True)

@@ -1,0 +1,279 @@
+"""The memory bank: a faiss maximum-inner-product index over CLIP document embeddings (paper section 2.1).
+
+"The final retrieval is done with Maximum Inner Product Search (MIPS) over the memory bank using the dense retriever
+to obtain a list of candidate documents sorted by relevance score." With L2-normalised embeddings the inner product
+is the cosine similarity, the relevance score the selection rules of :mod:`cm3leon_lightning.retrieval.select` read.
+
+On disk a bank is a directory: ``index.faiss`` (the faiss index), ``keys.json`` (document key of each row id) and
+``meta.json`` (format_version, CLIP model name, dimension, count, normalisation, factory string), checked on load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import faiss
+import numpy as np
+
+FORMAT_VERSION = 1
+INDEX_FILE, KEYS_FILE, META_FILE = "index.faiss", "keys.json", "meta.json"
+
+
+class SearchResult(NamedTuple):
+    """Top-k hits per query, best first.
+
+    Attributes:
+        scores: ``(Q, k)`` float32 inner products (cosine when normalised); ``-inf`` where there is no hit.
+        ids: ``(Q, k)`` int64 row ids into the bank; ``-1`` where there is no hit.
+        keys: ``Q`` lists of document keys, shorter than ``k`` where the bank has fewer hits.
+    """
+
+    scores: np.ndarray
+    ids: np.ndarray
+    keys: list[list[str]]
+
+
+def _l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Row-wise L2 normalisation in float32 (zero rows stay zero)."""
+    x = np.asarray(x, dtype=np.float32)
+    n = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(n, 1e-12)
+
+
+class MemoryBank:
+    """A faiss inner-product index with row ids mapped to document keys.
+
+    Args:
+        dim: embedding dimension (512 for ViT-B-32).
+        model_name: the CLIP model that produced the embeddings; recorded and checked on load.
+        factory: faiss ``index_factory`` string. ``"Flat"`` (default) is exact search; for large banks use
+            ``"IVF{nlist},PQ{m}"`` (compressed, needs :meth:`train`) or ``"HNSW32"`` (graph, no training).
+        normalize: L2-normalise embeddings on add and queries on search, so inner product = cosine.
+        nprobe: IVF lists visited per query (recall/speed trade-off; ignored by other indexes).
+        ef_search: HNSW candidate list size per query (ignored by other indexes).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        model_name: str,
+        factory: str = "Flat",
+        normalize: bool = True,
+        nprobe: int = 32,
+        ef_search: int = 128,
+    ) -> None:
+        if dim < 1:
+            raise ValueError(f"dim must be >= 1, got {dim}")
+        if nprobe < 1 or ef_search < 1:
+            raise ValueError(f"nprobe and ef_search must be >= 1, got {nprobe} and {ef_search}")
+        try:
+            index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+        except RuntimeError as e:
+            raise ValueError(f"factory={factory!r} is not a valid faiss index_factory string: {e}") from e
+        self._init(index, dim, model_name, factory, normalize, [])
+        self.set_search_params(nprobe=nprobe, ef_search=ef_search)
+
+    def _init(
+        self, index: faiss.Index, dim: int, model_name: str, factory: str, normalize: bool, keys: list[str]
+    ) -> None:
+        self.index, self.dim, self.model_name = index, dim, model_name
+        self.factory, self.normalize, self.keys = factory, normalize, keys
+        self._key_set = set(keys)
+
+    def __len__(self) -> int:
+        return int(self.index.ntotal)
+
+    @property
+    def is_trained(self) -> bool:
+        """Whether the index is ready for :meth:`add` (Flat and HNSW always are; IVF/PQ need :meth:`train`)."""
+        return bool(self.index.is_trained)
+
+    def set_search_params(self, nprobe: int | None = None, ef_search: int | None = None) -> None:
+        """Set the approximate-search knobs (IVF ``nprobe``, HNSW ``efSearch``) where the index has them."""
+        ivf = faiss.try_extract_index_ivf(self.index)
+        if ivf is not None and nprobe is not None:
+            ivf.nprobe = nprobe
+        hnsw = getattr(faiss.downcast_index(self.index), "hnsw", None)
+        if hnsw is not None and ef_search is not None:
+            hnsw.efSearch = ef_search
+
+    def _check(self, x: np.ndarray, what: str) -> np.ndarray:
+        x = np.asarray(x)
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"{what} must have shape (N, {self.dim}), got {x.shape}")
+        x = _l2_normalize(x) if self.normalize else np.asarray(x, dtype=np.float32)
+        return np.ascontiguousarray(x)
+
+    def train(self, sample: np.ndarray) -> None:
+        """Train the coarse quantizer / product quantizer on a representative sample (no-op for Flat and HNSW).
+
+        Args:
+            sample: ``(S, dim)`` embeddings; IVF needs at least ``nlist`` rows (faiss advises 30-256 per list).
+        """
+        if self.is_trained:
+            return
+        x = self._check(sample, "sample")
+        ivf = faiss.try_extract_index_ivf(self.index)
+        if ivf is not None and len(x) < ivf.nlist:
+            raise ValueError(
+                f"training sample has {len(x)} rows, fewer than the {ivf.nlist} IVF lists of {self.factory}"
+            )
+        self.index.train(x)
+
+    def add(self, embeddings: np.ndarray, keys: Sequence[str], batch_size: int = 65536) -> None:
+        """Append embeddings with their document keys; row ids continue from ``len(self)``.
+
+        Args:
+            embeddings: ``(N, dim)`` array, may be a float16 ``np.memmap``: it is converted ``batch_size`` rows at a
+                time so memory stays bounded by the index itself.
+            keys: N unique document keys (non-empty, no newline).
+            batch_size: rows converted and added per faiss call.
+        """
+        if not self.is_trained:
+            raise ValueError(f"index {self.factory!r} must be trained before adding: call train(sample) first")
+        if len(embeddings) != len(keys):
+            raise ValueError(f"got {len(embeddings)} embeddings but {len(keys)} keys")
+        for k in keys:
+            if not isinstance(k, str) or not k or "\n" in k:
+                raise ValueError(f"document keys must be non-empty single-line strings, got {k!r}")
+            if k in self._key_set:
+                raise ValueError(f"duplicate document key {k!r}")
+            self._key_set.add(k)
+        for i in range(0, len(keys), batch_size):
+            self.index.add(self._check(embeddings[i : i + batch_size], "embeddings"))
+        self.keys.extend(keys)
+
+    @classmethod
+    def build(
+        cls,
+        batches: Iterable[tuple[np.ndarray, Sequence[str]]] | tuple[np.ndarray, Sequence[str]],
+        dim: int,
+        model_name: str,
+        factory: str = "Flat",
+        normalize: bool = True,
+        train_sample: np.ndarray | None = None,
+        nprobe: int = 32,
+        ef_search: int = 128,
+    ) -> MemoryBank:
+        """Build a bank from one ``(embeddings, keys)`` pair or an iterable of them (streamed, bounded memory).
+
+        Args:
+            batches: ``(embeddings, keys)`` or an iterable of such pairs, e.g. chunks of a float16 memmap.
+            dim: embedding dimension.
+            model_name: the CLIP model name recorded in the metadata.
+            factory: faiss factory string (see :class:`MemoryBank`).
+            normalize: L2-normalise on add and search.
+            train_sample: rows to train IVF/PQ on; if ``None`` the first batch is used (it must then be big enough).
+            nprobe: IVF ``nprobe``.
+            ef_search: HNSW ``efSearch``.
+
+        Returns:
+            The filled bank.
+        """
+        bank = cls(dim, model_name, factory, normalize, nprobe, ef_search)
+        if isinstance(batches, tuple) and len(batches) == 2 and isinstance(batches[0], np.ndarray):
+            batches = [batches]
+        if train_sample is not None:
+            bank.train(train_sample)
+        for emb, keys in batches:
+            if not bank.is_trained:
+                bank.train(emb)
+            bank.add(emb, keys)
+        return bank
+
+    def search(self, queries: np.ndarray, k: int, batch_size: int = 4096) -> SearchResult:
+        """Top-``k`` documents by inner product for each query, in batches.
+
+        Args:
+            queries: ``(Q, dim)`` query embeddings (normalised here when the bank normalises).
+            k: hits per query (>= 1).
+            batch_size: queries per faiss call.
+
+        Returns:
+            :class:`SearchResult` with scores, ids and keys, best first.
+        """
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        q = self._check(queries, "queries")
+        scores = np.full((len(q), k), -np.inf, np.float32)
+        ids = np.full((len(q), k), -1, np.int64)
+        for i in range(0, len(q), batch_size):
+            s, j = self.index.search(q[i : i + batch_size], k)  # (b, k), (b, k)
+            scores[i : i + len(s)], ids[i : i + len(s)] = s, j
+        scores[ids < 0] = -np.inf
+        keys = [[self.keys[j] for j in row if j >= 0] for row in ids]
+        return SearchResult(scores, ids, keys)
+
+    def metadata(self) -> dict[str, object]:
+        """The JSON metadata written next to the index."""
+        return {
+            "format_version": FORMAT_VERSION,
+            "model_name": self.model_name,
+            "dim": self.dim,
+            "count": len(self),
+            "normalize": self.normalize,
+            "factory": self.factory,
+            "metric": "inner_product",
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``index.faiss``, ``keys.json`` and ``meta.json`` into directory ``path`` (created if needed)."""
+        out = Path(path)
+        out.mkdir(parents=True, exist_ok=True)
+        faiss.write_index(self.index, str(out / INDEX_FILE))
+        (out / KEYS_FILE).write_text(json.dumps(self.keys), encoding="utf-8")
+        (out / META_FILE).write_text(json.dumps(self.metadata(), indent=2), encoding="utf-8")
+        return out
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike,
+        model_name: str | None = None,
+        dim: int | None = None,
+        nprobe: int = 32,
+        ef_search: int = 128,
+        mmap: bool = False,
+    ) -> MemoryBank:
+        """Load a bank saved by :meth:`save`, checking its metadata.
+
+        Args:
+            path: the bank directory.
+            model_name: if given, the CLIP model name the caller embeds queries with; must match the bank's.
+            dim: if given, the caller's embedding dimension; must match the bank's.
+            nprobe: IVF ``nprobe`` to search with.
+            ef_search: HNSW ``efSearch`` to search with.
+            mmap: memory-map the index file instead of reading it into RAM (faiss ``IO_FLAG_MMAP``).
+
+        Raises:
+            FileNotFoundError: a file of the bank is missing.
+            ValueError: the metadata is inconsistent or does not match ``model_name`` / ``dim`` (both values named).
+        """
+        src = Path(path)
+        for name in (INDEX_FILE, KEYS_FILE, META_FILE):
+            if not (src / name).is_file():
+                raise FileNotFoundError(f"memory bank {src} has no {name}")
+        meta = json.loads((src / META_FILE).read_text(encoding="utf-8"))
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{src / META_FILE}: format_version {meta.get('format_version')} != {FORMAT_VERSION}")
+        if model_name is not None and meta["model_name"] != model_name:
+            raise ValueError(
+                f"memory bank {src} was built with CLIP model {meta['model_name']!r} but queries use {model_name!r}"
+            )
+        if dim is not None and meta["dim"] != dim:
+            raise ValueError(f"memory bank {src} has dimension {meta['dim']} but queries have dimension {dim}")
+        index = faiss.read_index(str(src / INDEX_FILE), faiss.IO_FLAG_MMAP if mmap else 0)
+        keys = json.loads((src / KEYS_FILE).read_text(encoding="utf-8"))
+        if index.d != meta["dim"] or index.ntotal != meta["count"] or len(keys) != meta["count"]:
+            raise ValueError(
+                f"memory bank {src} is inconsistent: meta.json says dim={meta['dim']} count={meta['count']}, "
+                f"index has d={index.d} ntotal={index.ntotal}, keys.json has {len(keys)} keys"
+            )
+        bank = cls.__new__(cls)
+        bank._init(index, meta["dim"], meta["model_name"], meta["factory"], meta["normalize"], keys)
+        bank.set_search_params(nprobe=nprobe, ef_search=ef_search)
+        return bank

@@ -1,0 +1,137 @@
+"""MemoryBank: exact neighbours against numpy, approximate indexes, save/load with checked metadata."""
+
+import json
+
+import numpy as np
+import pytest
+
+from cm3leon_lightning.retrieval.index import MemoryBank
+
+
+def _data(n: int = 500, d: int = 16, seed: int = 0) -> tuple[np.ndarray, list[str]]:
+    x = np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
+    return x, [f"doc{i:04d}" for i in range(n)]
+
+
+def _brute_force(bank_x: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    bx = bank_x / np.linalg.norm(bank_x, axis=1, keepdims=True)
+    qx = q / np.linalg.norm(q, axis=1, keepdims=True)
+    s = qx @ bx.T
+    ids = np.argsort(-s, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(s, ids, 1), ids
+
+
+def test_flat_matches_brute_force_numpy():
+    x, keys = _data()
+    q = np.random.default_rng(1).standard_normal((37, 16)).astype(np.float32)
+    bank = MemoryBank.build((x, keys), dim=16, model_name="m")
+    res = bank.search(q, k=5, batch_size=8)  # several batches
+    want_s, want_i = _brute_force(x, q, 5)
+    np.testing.assert_array_equal(res.ids, want_i)
+    np.testing.assert_allclose(res.scores, want_s, atol=1e-5)
+    assert res.keys == [[keys[j] for j in row] for row in want_i]
+    assert len(bank) == 500
+
+
+def test_streamed_build_from_float16_memmap_matches_one_shot(tmp_path):
+    x, keys = _data(300)
+    mm = np.lib.format.open_memmap(tmp_path / "emb.npy", mode="w+", dtype=np.float16, shape=x.shape)
+    mm[:] = x
+    chunks = ((mm[i : i + 64], keys[i : i + 64]) for i in range(0, 300, 64))
+    streamed = MemoryBank.build(chunks, dim=16, model_name="m")
+    one_shot = MemoryBank.build((mm, keys), dim=16, model_name="m")
+    q = x[:10]
+    assert streamed.search(q, 4).keys == one_shot.search(q, 4).keys
+    assert streamed.keys == keys
+
+
+def test_unnormalized_bank_is_plain_inner_product():
+    x, keys = _data(50, 4)
+    q = np.random.default_rng(2).standard_normal((3, 4)).astype(np.float32)
+    bank = MemoryBank.build((x, keys), dim=4, model_name="m", normalize=False)
+    s = q @ x.T
+    res = bank.search(q, 3)
+    np.testing.assert_array_equal(res.ids, np.argsort(-s, axis=1)[:, :3])
+
+
+def test_more_k_than_documents_pads_with_no_hit():
+    x, keys = _data(3, 4)
+    res = MemoryBank.build((x, keys), dim=4, model_name="m").search(x[:1], k=5)
+    assert res.ids[0, 3:].tolist() == [-1, -1] and np.isneginf(res.scores[0, 3:]).all()
+    assert len(res.keys[0]) == 3 and res.keys[0][0] == "doc0000"
+
+
+@pytest.mark.parametrize("factory", ["IVF8,Flat", "HNSW16", "IVF4,PQ8x4"])
+def test_approximate_indexes_find_the_document_itself(factory):
+    x, keys = _data(400, 16)
+    bank = MemoryBank.build((x, keys), dim=16, model_name="m", factory=factory, nprobe=8)
+    res = bank.search(x[:50], k=1)
+    hit = np.mean(res.ids[:, 0] == np.arange(50))
+    assert hit >= (0.9 if "PQ" in factory else 1.0)
+
+
+def test_ivf_needs_training_and_enough_rows():
+    x, keys = _data(100, 16)
+    bank = MemoryBank(16, "m", factory="IVF8,Flat")
+    assert not bank.is_trained
+    with pytest.raises(ValueError, match="must be trained"):
+        bank.add(x, keys)
+    with pytest.raises(ValueError, match="fewer than the 8 IVF lists"):
+        bank.train(x[:5])
+    bank.train(x)
+    bank.add(x, keys)
+    assert len(bank) == 100
+
+
+def test_bad_inputs_are_clear_errors():
+    x, keys = _data(10, 4)
+    bank = MemoryBank(4, "m")
+    with pytest.raises(ValueError, match=r"shape \(N, 4\)"):
+        bank.add(x[:, :3], keys)
+    with pytest.raises(ValueError, match="10 embeddings but 9 keys"):
+        bank.add(x, keys[:9])
+    with pytest.raises(ValueError, match="duplicate document key 'doc0000'"):
+        bank.add(x[:2], ["doc0000", "doc0000"])
+    with pytest.raises(ValueError, match="factory='Nope'"):
+        MemoryBank(4, "m", factory="Nope")
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        MemoryBank.build((x, keys), 4, "m").search(x, 0)
+
+
+def test_save_load_round_trip(tmp_path):
+    x, keys = _data(200, 16)
+    bank = MemoryBank.build((x, keys), dim=16, model_name="cm3leon-clip-tiny", factory="IVF4,Flat", nprobe=4)
+    bank.save(tmp_path / "bank")
+    meta = json.loads((tmp_path / "bank" / "meta.json").read_text())
+    assert meta == {
+        "format_version": 1,
+        "model_name": "cm3leon-clip-tiny",
+        "dim": 16,
+        "count": 200,
+        "normalize": True,
+        "factory": "IVF4,Flat",
+        "metric": "inner_product",
+    }
+    for mmap in (False, True):
+        loaded = MemoryBank.load(tmp_path / "bank", model_name="cm3leon-clip-tiny", dim=16, nprobe=4, mmap=mmap)
+        a, b = bank.search(x[:20], 5), loaded.search(x[:20], 5)
+        np.testing.assert_array_equal(a.ids, b.ids)
+        np.testing.assert_array_equal(a.scores, b.scores)
+        assert a.keys == b.keys and loaded.keys == keys and loaded.factory == "IVF4,Flat"
+
+
+def test_load_checks_model_name_dimension_and_files(tmp_path):
+    x, keys = _data(20, 16)
+    MemoryBank.build((x, keys), dim=16, model_name="ViT-B-32").save(tmp_path / "bank")
+    with pytest.raises(ValueError, match="CLIP model 'ViT-B-32' but queries use 'cm3leon-clip-tiny'"):
+        MemoryBank.load(tmp_path / "bank", model_name="cm3leon-clip-tiny")
+    with pytest.raises(ValueError, match="dimension 16 but queries have dimension 512"):
+        MemoryBank.load(tmp_path / "bank", dim=512)
+    meta_path = tmp_path / "bank" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "count": 21}))
+    with pytest.raises(ValueError, match="inconsistent"):
+        MemoryBank.load(tmp_path / "bank")
+    (tmp_path / "bank" / "keys.json").unlink()
+    with pytest.raises(FileNotFoundError, match="keys.json"):
+        MemoryBank.load(tmp_path / "bank")

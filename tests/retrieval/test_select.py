@@ -1,0 +1,163 @@
+"""Selection rules of paper section 2.1 on hand-built candidate lists."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from cm3leon_lightning.retrieval.select import (
+    SelectionConfig,
+    drop_caption_tokens,
+    is_near_duplicate,
+    multimodal_first,
+    query_dropout,
+    query_rng,
+    select_neighbors,
+    within_relevance_cap,
+)
+
+KEYS = [f"doc{i}" for i in range(8)]
+
+
+def _orthogonal(n: int = 8, d: int = 8) -> np.ndarray:
+    return np.eye(n, d, dtype=np.float32)  # every document distinct
+
+
+def test_takes_k_per_modality_text_first_in_order():
+    out = select_neighbors("q", [1, 2, 3], [0.8, 0.7, 0.6], [4, 5, 6], [0.5, 0.4, 0.3], KEYS)
+    assert out == [
+        {"key": "doc1", "score": pytest.approx(0.8), "by": "text"},
+        {"key": "doc2", "score": pytest.approx(0.7), "by": "text"},
+        {"key": "doc4", "score": pytest.approx(0.5), "by": "image"},
+        {"key": "doc5", "score": pytest.approx(0.4), "by": "image"},
+    ]
+
+
+def test_query_itself_is_skipped():
+    out = select_neighbors("doc1", [1, 2, 3], [0.85, 0.7, 0.6], [1, 5, 6], [0.85, 0.4, 0.3], KEYS)
+    assert [n["key"] for n in out] == ["doc2", "doc3", "doc5", "doc6"]
+
+
+def test_relevance_cap_skips_scores_above_0_9_and_keeps_0_9():
+    assert within_relevance_cap(0.9) and not within_relevance_cap(0.9001)
+    out = select_neighbors("q", [1, 2, 3, 4], [0.99, 0.95, 0.9, 0.5], [], [], KEYS)
+    assert [(n["key"], n["score"]) for n in out] == [("doc3", pytest.approx(0.9)), ("doc4", pytest.approx(0.5))]
+    cfg = SelectionConfig(max_relevance=0.6)
+    out = select_neighbors("q", [1, 2, 3, 4], [0.99, 0.95, 0.9, 0.5], [], [], KEYS, config=cfg)
+    assert [n["key"] for n in out] == ["doc4"]
+
+
+def test_documents_chosen_by_text_are_not_chosen_again_by_image():
+    out = select_neighbors("q", [1, 2], [0.8, 0.7], [2, 1, 6, 7], [0.8, 0.7, 0.6, 0.5], KEYS)
+    assert [(n["key"], n["by"]) for n in out] == [
+        ("doc1", "text"),
+        ("doc2", "text"),
+        ("doc6", "image"),
+        ("doc7", "image"),
+    ]
+
+
+def test_near_duplicates_of_a_chosen_document_are_skipped():
+    emb = _orthogonal()
+    emb[2] = emb[1] + 0.05 * emb[3]  # doc2 ~ doc1 (cosine 0.9988)
+    emb[5] = emb[1] * 0.7 + emb[4] * 0.7  # doc5: cosine 0.707 with doc1: different enough
+    out = select_neighbors("q", [1, 2, 3], [0.8, 0.79, 0.6], [2, 5, 6], [0.7, 0.6, 0.5], KEYS, embeddings=emb)
+    assert [n["key"] for n in out] == ["doc1", "doc3", "doc5", "doc6"]
+    # A lower threshold also drops doc5; without embeddings only exact keys count.
+    out = select_neighbors(
+        "q", [1, 2, 3], [0.8, 0.79, 0.6], [2, 5, 6], [0.7, 0.6, 0.5], KEYS, embeddings=emb,
+        config=SelectionConfig(duplicate_threshold=0.5),
+    )  # fmt: skip
+    assert [n["key"] for n in out] == ["doc1", "doc3", "doc6"]
+    out = select_neighbors("q", [1, 2, 3], [0.8, 0.79, 0.6], [2, 5, 6], [0.7, 0.6, 0.5], KEYS)
+    assert [n["key"] for n in out] == ["doc1", "doc2", "doc5", "doc6"]
+
+
+def test_is_near_duplicate_threshold():
+    c = np.array([1.0, 0.0])
+    assert not is_near_duplicate(c, np.zeros((0, 2)), 0.95)
+    assert is_near_duplicate(c, np.array([[0.0, 1.0], [2.0, 0.1]]), 0.95)  # scale does not matter
+    assert not is_near_duplicate(c, np.array([[0.0, 1.0], [1.0, 1.0]]), 0.95)
+
+
+def test_multimodal_documents_are_preferred_then_single_modality_fills():
+    mm = np.array([True, False, True, False, True, True, False, True])
+    assert multimodal_first([1, 2, 3, 4], mm) == [2, 4, 1, 3]
+    out = select_neighbors("q", [1, 3, 2], [0.8, 0.7, 0.6], [6, 5, 7], [0.8, 0.7, 0.6], KEYS, multimodal=mm)
+    # text: only doc2 is multimodal, doc1 (best text-only) fills; image: doc5, doc7 beat the text-only doc6
+    assert [(n["key"], n["by"]) for n in out] == [
+        ("doc2", "text"),
+        ("doc1", "text"),
+        ("doc5", "image"),
+        ("doc7", "image"),
+    ]
+    out = select_neighbors(
+        "q", [1, 3, 2], [0.8, 0.7, 0.6], [6, 5, 7], [0.8, 0.7, 0.6], KEYS, multimodal=mm,
+        config=SelectionConfig(prefer_multimodal=False),
+    )  # fmt: skip
+    assert [n["key"] for n in out] == ["doc1", "doc3", "doc6", "doc5"]
+
+
+def test_missing_hits_and_short_lists():
+    out = select_neighbors("q", [3, -1, -1], [0.5, -np.inf, -np.inf], [-1], [-np.inf], KEYS)
+    assert out == [{"key": "doc3", "score": pytest.approx(0.5), "by": "text"}]
+    assert select_neighbors("q", [1], [0.5], [2], [0.4], KEYS, config=SelectionConfig(k_per_modality=0)) == []
+    with pytest.raises(ValueError, match="text ids and scores"):
+        select_neighbors("q", [1, 2], [0.5], [], [], KEYS)
+
+
+def test_config_validation_names_the_field():
+    with pytest.raises(ValueError, match="query_dropout"):
+        SelectionConfig(query_dropout=1.0)
+    with pytest.raises(ValueError, match="k_per_modality"):
+        SelectionConfig(k_per_modality=-1)
+    with pytest.raises(ValueError, match="max_relevance"):
+        SelectionConfig(max_relevance=2.0)
+
+
+def test_query_dropout_rate_over_many_draws():
+    rng = np.random.default_rng(0)
+    tokens = list(range(50))
+    kept = [query_dropout(tokens, 0.2, rng) for _ in range(2000)]
+    rate = 1 - sum(len(k) for k in kept) / (50 * 2000)
+    assert abs(rate - 0.2) < 0.01  # std of the estimate is 0.0013
+    assert all(k == sorted(k) for k in kept)  # order kept
+    assert query_dropout(tokens, 0.0, rng) == tokens
+    assert query_dropout([], 0.5, rng) == []
+    # never empty: with rate 0.99 single-token queries keep their token
+    assert all(query_dropout(["a"], 0.99, rng) == ["a"] for _ in range(100))
+    with pytest.raises(ValueError, match="rate"):
+        query_dropout(tokens, 1.0, rng)
+
+
+def test_query_dropout_is_deterministic_by_seed_and_key():
+    caption = "a small red square in the upper left corner of a white picture"
+    a = [drop_caption_tokens(caption, 0.2, query_rng(7, f"k{i}")) for i in range(50)]
+    b = [drop_caption_tokens(caption, 0.2, query_rng(7, f"k{i}")) for i in reversed(range(50))][::-1]
+    c = [drop_caption_tokens(caption, 0.2, query_rng(8, f"k{i}")) for i in range(50)]
+    assert a == b  # order of processing does not matter
+    assert a != c  # the seed does
+    assert len(set(a)) > 10
+    assert all(set(x.split()) <= set(caption.split()) for x in a)
+
+
+def test_query_rng_is_stable_across_processes():
+    # blake2b, not Python's salted hash(): another interpreter draws the same numbers.
+    code = "from cm3leon_lightning.retrieval.select import query_rng; print(query_rng(3, 'doc').integers(1 << 30))"
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert int(other) == int(query_rng(3, "doc").integers(1 << 30))
+
+
+def test_select_imports_no_faiss_torch_or_lightning():
+    # Load the file on its own (not through the package __init__) to see what select.py itself imports.
+    import cm3leon_lightning.retrieval.select as mod
+
+    code = (
+        "import importlib.util, sys; "
+        f"spec = importlib.util.spec_from_file_location('select_alone', {mod.__file__!r}); "
+        "m = sys.modules['select_alone'] = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
+        "print(sorted(m for m in ('faiss', 'torch', 'lightning', 'open_clip') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"
