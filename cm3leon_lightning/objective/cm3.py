@@ -34,13 +34,15 @@ def find_segments(ids: np.ndarray, vocab: MultimodalVocab) -> tuple[np.ndarray, 
     Returns:
         ``(starts, ends)``: ``(S,)`` int64 arrays; segment s is ``ids[starts[s]:ends[s]]``, in order.
     """
-    # kind: -1 special, 0 text, 1 image                                                  # (T,)
-    kind = np.where(ids < vocab.num_special, -1, (ids >= vocab.n_text).astype(np.int64))
-    maskable = kind >= 0
-    change = kind[1:] != kind[:-1]  # (T-1,)
-    starts = np.flatnonzero(maskable & np.concatenate(([True], change)))
-    ends = np.flatnonzero(maskable & np.concatenate((change, [True]))) + 1
-    return starts.astype(np.int64), ends.astype(np.int64)
+    # kind per token, padded with a special (-1) at both ends: -1 special, 0 text, 1 image       # (T+2,)
+    kind = np.full(len(ids) + 2, -1, dtype=np.int8)
+    inner = kind[1:-1]
+    inner[:] = ids >= vocab.n_text
+    inner[ids < vocab.num_special] = -1
+    bounds = np.flatnonzero(kind[1:] != kind[:-1])  # run j is ids[bounds[j]:bounds[j+1]]
+    run_starts, run_ends = bounds[:-1], bounds[1:]
+    maskable = inner[run_starts] >= 0
+    return run_starts[maskable].astype(np.int64), run_ends[maskable].astype(np.int64)
 
 
 def _as_ids(ids: np.ndarray | Sequence[int], vocab: MultimodalVocab, name: str) -> np.ndarray:
@@ -117,7 +119,8 @@ def cm3_infill(
     arr = _as_ids(ids, vocab, "ids")
     if arr.size == 0 or arr[-1] != vocab.eos_id:
         raise ValueError("ids must end with <eos> (a serialized training example, see MultimodalVocab.example_to_ids)")
-    reserved = (arr == vocab.infill_id) | ((arr >= SENTINEL_OFFSET) & (arr < vocab.num_special))
+    # <infill> (4) and the sentinels (5..) are one contiguous block of ids reserved for the objective.
+    reserved = (arr >= vocab.infill_id) & (arr < vocab.num_special)
     if reserved.any():
         bad = int(arr[reserved][0])
         raise ValueError(
@@ -133,12 +136,13 @@ def cm3_infill(
     if n == 0:
         return arr.copy()
 
-    chosen = np.sort(rng.choice(len(starts), size=n, replace=False))  # (n,) segment indices, in order
+    chosen = np.sort(np.argsort(rng.random(len(starts)))[:n])  # (n,) distinct segments, uniformly, in order
     seg_start, length = starts[chosen], ends[chosen] - starts[chosen]  # (n,)
-    whole = rng.random(n) < whole_segment_prob
-    a = rng.integers(0, length + 1)  # cut point in {0..L}
-    b = rng.integers(0, length)  # a second, distinct cut point: {0..L} without a
+    u_whole, u_a, u_b = rng.random((3, n))
+    a = (u_a * (length + 1)).astype(np.int64)  # a cut point, uniform in {0..L}
+    b = (u_b * length).astype(np.int64)  # a second one, uniform in {0..L} without a
     b = b + (b >= a)
+    whole = u_whole < whole_segment_prob
     lo = np.where(whole, 0, np.minimum(a, b))
     hi = np.where(whole, length, np.maximum(a, b))
     span_start, span_end = seg_start + lo, seg_start + hi  # (n,)
