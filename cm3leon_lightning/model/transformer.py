@@ -144,14 +144,14 @@ class CM3Leon(nn.Module):
         """
         std = self.config.init_std
         for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
+            if isinstance(module, (nn.Linear, nn.Embedding)) and module is not self.lm_head:
                 nn.init.trunc_normal_(module.weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
         nn.init.normal_(self.wpe.weight, mean=0.0, std=self.config.pos_init_std)
         for block in self.blocks:
             nn.init.zeros_(block.attn.out_proj.weight)
             nn.init.zeros_(block.mlp.fc_out.weight)
         if not self.config.tie_embeddings:
-            nn.init.zeros_(self.lm_head.weight)
+            nn.init.zeros_(self.lm_head.weight)  # tied: it is ``wte.weight``, initialized above
 
     def num_parameters(self) -> int:
         """Unique trainable parameters (a tied embedding counted once), as :meth:`CM3LeonConfig.num_parameters`."""

@@ -1,0 +1,227 @@
+"""CM3Leon: paper section 2.3 initialization, causality, KV-cache equivalence (also left-padded batches),
+gradient checkpointing, compile-friendliness of the decode step, and weight-decay groups."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from cm3leon_lightning.config import CM3LeonConfig
+from cm3leon_lightning.model import CM3Leon, param_groups
+
+V = 512
+
+
+def random_model(seed: int = 0, **overrides) -> CM3Leon:
+    """A tiny model with every weight random: the paper's init zeroes the output layers, so blocks would contribute
+    nothing and causality or cache bugs would go unseen."""
+    torch.manual_seed(seed)
+    model = CM3Leon(CM3LeonConfig.from_preset("tiny", **overrides)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.15)
+    return model
+
+
+def test_init_follows_paper_section_2_3():
+    cfg = CM3LeonConfig.from_preset("tiny", d_model=128, n_head=4, d_ff=512, vocab_size=1024, tie_embeddings=False)
+    torch.manual_seed(0)
+    model = CM3Leon(cfg)
+    # no biases, no LayerNorm parameters: every parameter is a Linear/Embedding weight matrix
+    assert all(name.endswith(".weight") and p.ndim == 2 for name, p in model.named_parameters())
+    assert not any(isinstance(m, nn.LayerNorm) for m in model.modules())
+    assert all(m.bias is None for m in model.modules() if isinstance(m, nn.Linear))
+    assert not any(isinstance(m, nn.Dropout) for m in model.modules())
+    zero = {f"blocks.{i}.{n}.weight" for i in range(cfg.n_layer) for n in ("attn.out_proj", "mlp.fc_out")}
+    zero.add("lm_head.weight")  # untied
+    # the std of N(0, s) truncated at +-3 s is s * sqrt(1 - 6 phi(3) / (2 Phi(3) - 1)) = 0.98658 s
+    trunc_std = cfg.init_std * math.sqrt(1 - 6 * math.exp(-4.5) / math.sqrt(2 * math.pi) / math.erf(3 / math.sqrt(2)))
+    for name, p in model.named_parameters():
+        if name in zero:
+            assert torch.count_nonzero(p) == 0, name
+        elif name == "wpe.weight":
+            assert abs(p.std().item() - cfg.pos_init_std) < 0.03 * cfg.pos_init_std
+            assert p.abs().max().item() > 3 * cfg.pos_init_std  # a plain normal, not truncated
+        else:
+            assert abs(p.std().item() - trunc_std) < 0.04 * trunc_std, name
+            assert abs(p.mean().item()) < 0.05 * cfg.init_std, name
+            bound = p.abs().max().item()
+            assert 2.5 * cfg.init_std < bound <= 3 * cfg.init_std, (name, bound)
+    names = {name for name, _ in model.named_parameters()}
+    assert zero | {"wpe.weight", "wte.weight"} <= names and len(names) == 3 + 4 * cfg.n_layer  # wte, wpe, lm_head
+
+
+def test_tied_head_is_the_embedding_and_init_weights_is_reproducible():
+    torch.manual_seed(1)
+    model = CM3Leon(CM3LeonConfig.from_preset("tiny"))
+    assert model.lm_head.weight is model.wte.weight
+    assert torch.count_nonzero(model.wte.weight) == model.wte.weight.numel()
+    torch.manual_seed(1)
+    model.init_weights()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    torch.manual_seed(1)
+    model.init_weights()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("activation", ["gelu", "relu", "swiglu"])
+def test_changing_token_t_never_changes_earlier_logits(activation):
+    model = random_model(activation=activation)
+    torch.manual_seed(2)
+    idx = torch.randint(0, V, (2, 24))
+    base = model(idx)
+    for t in (0, 7, 23):
+        changed = idx.clone()
+        changed[:, t] = (changed[:, t] + 1) % V
+        out = model(changed)
+        assert torch.equal(out[:, :t], base[:, :t])
+        assert not torch.allclose(out[:, t], base[:, t])
+    # the masked (padding-aware) path is causal too
+    mask = torch.ones_like(idx)
+    assert torch.allclose(model(idx, attention_mask=mask), base, atol=1e-5)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_prefill_then_decode_equals_full_forward(activation):
+    model = random_model(activation=activation)
+    torch.manual_seed(3)
+    idx = torch.randint(0, V, (3, 20))
+    full = model(idx)  # (3, 20, V)
+    model.setup_kv_cache(batch_size=3, max_seq_len=32)
+    with torch.no_grad():
+        prefill = model(idx[:, :8], input_pos=torch.arange(8))
+        steps = [model(idx[:, t : t + 1], input_pos=torch.tensor([t])) for t in range(8, 20)]
+    cached = torch.cat([prefill, *steps], dim=1)
+    assert cached.shape == full.shape
+    assert torch.allclose(cached, full, atol=1e-5)
+    # a chunked prefill (two chunks) after a reset gives the same logits; last_only returns the last row
+    model.reset_kv_cache()
+    with torch.no_grad():
+        a = model(idx[:, :5], input_pos=torch.arange(5))
+        b = model(idx[:, 5:12], input_pos=torch.arange(5, 12), last_only=True)
+    assert torch.allclose(a, full[:, :5], atol=1e-5)
+    assert b.shape == (3, 1, V) and torch.allclose(b, full[:, 11:12], atol=1e-5)
+
+
+def test_left_padded_batch_matches_each_row_unpadded():
+    """Prompts of lengths 5, 2 and 7 are left-padded to 7; greedy decoding 6 steps in one batch gives every row the
+    logits of its own unpadded full forward, prefill and decode alike."""
+    model = random_model(seed=4)
+    torch.manual_seed(5)
+    prompts = [torch.randint(1, V, (n,)) for n in (5, 2, 7)]
+    P, N = 7, 6
+    idx = torch.zeros(3, P, dtype=torch.long)  # 0 = <pad>
+    mask = torch.zeros(3, P, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        idx[b, P - len(p) :] = p
+        mask[b, P - len(p) :] = 1
+
+    # without a cache: the padding-aware full forward already equals the unpadded one per row
+    padded_full = model(idx, attention_mask=mask)
+    for b, p in enumerate(prompts):
+        assert torch.allclose(padded_full[b, P - len(p) :], model(p[None])[0], atol=1e-5)
+
+    model.setup_kv_cache(batch_size=3, max_seq_len=P + N)
+    input_pos = torch.arange(P)
+    with torch.no_grad():
+        logits = model(idx, input_pos=input_pos, attention_mask=mask)  # (3, P, V)
+        assert torch.isfinite(logits).all()  # padding queries attend to themselves: no NaN
+        rows = [[logits[b, P - len(p) :]] for b, p in enumerate(prompts)]
+        tokens = [[] for _ in prompts]
+        input_pos = torch.tensor([P])
+        for _ in range(N):
+            tok = logits[:, -1].argmax(-1, keepdim=True)  # (3, 1)
+            for b in range(3):
+                tokens[b].append(tok[b, 0])
+            logits = model(tok, input_pos=input_pos)  # (3, 1, V)
+            input_pos += 1
+            for b in range(3):
+                rows[b].append(logits[b])
+    for b, p in enumerate(prompts):
+        seq = torch.cat([p, torch.stack(tokens[b])])[None]  # (1, len + N)
+        expected = model(seq)[0]  # (len + N, V)
+        assert torch.allclose(torch.cat(rows[b]), expected, atol=1e-5), b
+
+
+def test_stale_cache_is_never_read_by_a_new_generation():
+    model = random_model(seed=6)
+    torch.manual_seed(7)
+    first, second = torch.randint(0, V, (2, 12)), torch.randint(0, V, (2, 6))
+    model.setup_kv_cache(batch_size=2, max_seq_len=16)
+    with torch.no_grad():
+        model(first, input_pos=torch.arange(12))  # fills slots 0..11; no reset before the next prompt
+        out = model(second, input_pos=torch.arange(6))
+    assert torch.allclose(out, model(second), atol=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_grads():
+    idx = torch.randint(0, V, (2, 16), generator=torch.Generator().manual_seed(8))
+    results = []
+    for flag in (False, True):
+        model = random_model(seed=9).train()
+        model.gradient_checkpointing = flag
+        logits = model(idx[:, :-1])
+        loss = nn.functional.cross_entropy(logits.reshape(-1, V), idx[:, 1:].reshape(-1))
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert torch.equal(loss_a, loss_b)
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        assert torch.allclose(grads_a[name], grads_b[name], atol=1e-6, rtol=0), name
+
+
+def test_decode_step_compiles_into_one_graph():
+    """fullgraph=True fails on any graph break (``.item()``, data-dependent Python branching, ...)."""
+    torch._dynamo.reset()
+    model = random_model(seed=10)
+    idx = torch.randint(0, V, (2, 6), generator=torch.Generator().manual_seed(11))
+    model.setup_kv_cache(batch_size=2, max_seq_len=8)
+    step = torch.compile(model, backend="eager", fullgraph=True, dynamic=False)
+    with torch.no_grad():
+        model(idx[:, :5], input_pos=torch.arange(5))
+        compiled = step(idx[:, 5:6], input_pos=torch.tensor([5]))
+    assert torch.allclose(compiled[:, 0], model(idx)[:, 5], atol=1e-5)
+
+
+def test_bad_calls_raise_clear_errors():
+    model = random_model()
+    idx = torch.zeros(2, 4, dtype=torch.long)
+    with pytest.raises(RuntimeError, match="got input_pos but no KV cache"):
+        model(idx, input_pos=torch.arange(4))
+    with pytest.raises(ValueError, match="sequence length 300 exceeds max_seq_len 256"):
+        model(torch.zeros(1, 300, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"idx must be \(B, T\)"):
+        model(torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="attention_mask shape"):
+        model(idx, attention_mask=torch.ones(2, 3))
+    with pytest.raises(ValueError, match=r"max_seq_len must be in \[1, 256\], got 512"):
+        model.setup_kv_cache(2, 512)
+    with pytest.raises(RuntimeError, match="no KV cache"):
+        model.reset_kv_cache()
+    model.setup_kv_cache(2, 8)
+    with pytest.raises(ValueError, match=r"does not fit the KV cache \(batch_size 2, max_seq_len 8\)"):
+        model(torch.zeros(3, 1, dtype=torch.long), input_pos=torch.tensor([0]))
+    with pytest.raises(ValueError, match=r"input_pos must have shape \(4,\)"):
+        model(idx, input_pos=torch.arange(3))
+    assert "kv_cache" not in "".join(model.state_dict())  # cache buffers are never checkpointed
+    model.clear_kv_cache()
+    assert model.kv_cache is None
+
+
+def test_param_groups_decay_matrices_only_and_count_tied_weights_once():
+    model = CM3Leon(CM3LeonConfig.from_preset("tiny"))
+    decay, no_decay = param_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert len(decay["params"]) == len(list(model.parameters())) == 2 + 4 * 2  # wte (tied), wpe, 4 per block
+    assert no_decay["params"] == []  # the paper's model has no biases or norm gains
+    other = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4))
+    decay, no_decay = param_groups(other, 0.1)
+    assert [tuple(p.shape) for p in decay["params"]] == [(4, 3)]
+    assert [tuple(p.shape) for p in no_decay["params"]] == [(4,), (4,), (4,)]
+    with pytest.raises(ValueError, match="weight_decay must be >= 0"):
+        param_groups(other, -1.0)
