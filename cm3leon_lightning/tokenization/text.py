@@ -192,6 +192,15 @@ class TextTokenizer:
             raise ValueError(f"text id {bad} outside the allowed range [0, {n})")
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
+    def __getstate__(self) -> dict[str, object]:
+        # tokenizers pickles through its JSON, which drops ``encode_special_tokens``: rebuild through __init__
+        # so data loader workers keep every guarantee.
+        return {"raw": self._raw, "path": self.path}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        raw = state["raw"]
+        self.__init__(Tokenizer.from_str(raw.decode("utf-8")), source=state["path"], raw=raw)
+
     def __repr__(self) -> str:
         return f"TextTokenizer(vocab_size={self.vocab_size}, num_sentinels={self.num_sentinels}, path={self.path})"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 import random
 
 import pytest
@@ -112,6 +113,14 @@ def test_save_load_gives_identical_ids_and_hash(tok, tmp_path):
         assert loaded.vocab_size == tok.vocab_size and loaded.num_sentinels == tok.num_sentinels
         for text in sentences(30, seed=3) + ["<eos> literal"]:
             assert loaded.encode(text) == tok.encode(text)
+
+
+def test_pickle_keeps_plain_text_guarantee(tok):
+    # Data loader workers receive the tokenizer pickled; tokenizers' own pickling drops encode_special_tokens.
+    clone = pickle.loads(pickle.dumps(tok))
+    assert clone.encode("<eos> a red cube") == tok.encode("<eos> a red cube")
+    assert min(clone.encode("<eos>")) >= clone.num_special
+    assert clone.sha256 == tok.sha256 and clone.num_sentinels == tok.num_sentinels
 
 
 def test_save_to_explicit_json_path(tok, tmp_path):
