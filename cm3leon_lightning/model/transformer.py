@@ -127,10 +127,8 @@ class CM3Leon(nn.Module):
         self.wpe = nn.Embedding(config.max_seq_len, config.d_model)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
-        if config.tie_embeddings:
-            self.lm_head.weight = self.wte.weight
         self.kv_cache: KVCache | None = None
-        self.init_weights()
+        self.init_weights()  # also ties lm_head to wte
 
     # ------------------------------------------------------------------------------------------ initialization
     @torch.no_grad()
@@ -139,9 +137,11 @@ class CM3Leon(nn.Module):
 
         Position embedding ~ N(0, ``pos_init_std``); every other weight ~ truncated normal(0, ``init_std``) cut at
         +-3 std; each block's ``attn.out_proj`` and ``mlp.fc_out``, and an untied ``lm_head``, set to zero.
-        Works on the meta device too (then it only records shapes), so a module can build on meta and initialize
-        after materializing with ``to_empty``.
+        Also (re)ties ``lm_head.weight`` to ``wte.weight`` when ``config.tie_embeddings``: ``Module.to_empty`` unties
+        them, so build on the meta device, ``to_empty(device=...)``, then call this.
         """
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
         std = self.config.init_std
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)) and module is not self.lm_head:

@@ -57,6 +57,11 @@ def test_tied_head_is_the_embedding_and_init_weights_is_reproducible():
     model = CM3Leon(CM3LeonConfig.from_preset("tiny"))
     assert model.lm_head.weight is model.wte.weight
     assert torch.count_nonzero(model.wte.weight) == model.wte.weight.numel()
+    with torch.device("meta"):
+        meta = CM3Leon(CM3LeonConfig.from_preset("tiny"))
+    meta.to_empty(device="cpu")  # unties the shared weight...
+    meta.init_weights()  # ...which init_weights restores
+    assert meta.lm_head.weight is meta.wte.weight
     torch.manual_seed(1)
     model.init_weights()
     before = {k: v.clone() for k, v in model.state_dict().items()}
