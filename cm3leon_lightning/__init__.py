@@ -17,6 +17,8 @@ __version__ = "0.1.0.dev0"
 _EXPORTS: dict[str, str] = {
     "CM3LeonConfig": "cm3leon_lightning.config",
     "CM3Leon": "cm3leon_lightning.model",
+    "KVCache": "cm3leon_lightning.model",
+    "param_groups": "cm3leon_lightning.model",
     "CM3LeonModule": "cm3leon_lightning.modules.cm3leon",
     "MultimodalVocab": "cm3leon_lightning.tokenization.vocab",
     "Segment": "cm3leon_lightning.tokenization.vocab",

@@ -17,7 +17,11 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningCLI
+
+# Dataclass attribute docstrings (CM3LeonConfig's) become --help text.
+set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 # Commands that are not Lightning subcommands: name -> "module:function" taking argv (imported lazily).
 EXTRA_COMMANDS: dict[str, str] = {}

@@ -87,3 +87,10 @@ def test_cm3leon_fit_runs_and_writes_a_checkpoint(tmp_path: Path) -> None:
         "pad_to_multiple": 128,
     }
     assert ckpt["state_dict"]["model.wte.weight"].shape[0] == 128
+
+
+def test_help_shows_docstrings(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["fit", "--model.help", "cm3leon_lightning.modules.CM3LeonModule"])
+    out = capsys.readouterr().out
+    assert "paper table 3: 1500" in out and "--model.config" in out
