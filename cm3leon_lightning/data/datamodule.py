@@ -1,0 +1,306 @@
+"""CM3LeonDataModule: streams prepared shards (DESIGN section 4) into CM3 training batches.
+
+A data source is a dataset directory (``manifest.json`` + shards), a ``manifest.json`` path, or shard paths/URLs
+(a list, or brace patterns such as ``s3://bucket/ds/shard-{000000..000099}.tar``) with their manifest given by
+``manifest`` or found as ``manifest.json`` beside the first shard. Remote URLs (fsspec) and ``pipe:`` commands are
+refused unless ``allow_remote=True``.
+
+The vocabulary comes from the manifest (:attr:`CM3LeonDataModule.vocab`), so the CLI links it to the model.
+Training batches are exact (each sample once per epoch, see :mod:`cm3leon_lightning.data.plan`) or resampled, and
+resume mid-epoch to the exact batch through :meth:`CM3LeonDataModule.state_dict`, which Lightning stores in every
+checkpoint. Validation and test loaders are finite, exact and deterministic (no shuffling, epoch 0 masks).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+from lightning.pytorch.trainer.states import TrainerFn
+from torch.utils.data import DataLoader
+
+from cm3leon_lightning.data.shards import MANIFEST_NAME, Manifest, ShardInfo
+from cm3leon_lightning.data.stages import PipelineConfig, document_length
+from cm3leon_lightning.data.stream import ResumableLoader, ShardStream
+from cm3leon_lightning.tokenization.vocab import MultimodalVocab
+
+
+def is_remote(url: str) -> bool:
+    """Whether ``url`` is a ``pipe:`` command or a non-``file://`` URL."""
+    return url.startswith("pipe:") or ("://" in url and not url.startswith("file://"))
+
+
+def expand_urls(spec: str | Sequence[str]) -> list[str]:
+    """Brace-expand one pattern or a list of them (``shard-{000000..000009}.tar``)."""
+    from braceexpand import braceexpand
+
+    patterns = [spec] if isinstance(spec, str) else list(spec)
+    return [u for p in patterns for u in braceexpand(p)]
+
+
+def resolve_source(
+    spec: str | Sequence[str], manifest: str | None = None, allow_remote: bool = False
+) -> tuple[Manifest, list[str], list[ShardInfo]]:
+    """A data source -> (its manifest, the shard URLs, their manifest entries), in the same order.
+
+    Raises:
+        ValueError: a remote URL without ``allow_remote``, a missing manifest, or a shard the manifest lacks.
+    """
+    if isinstance(spec, (str, os.PathLike)) and not is_remote(str(spec)):
+        path = Path(str(spec).removeprefix("file://"))
+        if path.is_dir() or path.suffix == ".json":
+            mpath = path / MANIFEST_NAME if path.is_dir() else path
+            if not mpath.exists():
+                raise ValueError(f"no {MANIFEST_NAME} in {path}; prepare the dataset or give the manifest path")
+            m = Manifest.load(mpath)
+            return m, [str(mpath.parent / s.name) for s in m.shards], list(m.shards)
+    urls = expand_urls(spec)
+    if not urls:
+        raise ValueError(f"data source {spec!r} names no shards")
+    remote = [u for u in urls + ([manifest] if manifest else []) if is_remote(u)]
+    if remote and not allow_remote:
+        raise ValueError(f"{remote[0]!r} is a remote URL or pipe; set allow_remote=True to stream from it")
+    if manifest is None:
+        if urls[0].startswith("pipe:"):
+            raise ValueError("pipe: shard URLs need the manifest's location: pass manifest=...")
+        manifest = urls[0].rsplit("/", 1)[0] + "/" + MANIFEST_NAME if "/" in urls[0] else MANIFEST_NAME
+    m = Manifest.load(manifest, allow_remote)
+    by_name = {s.name: s for s in m.shards}
+    infos = []
+    for u in urls:
+        name = u.split()[-1].rsplit("/", 1)[-1]
+        if name not in by_name:
+            raise ValueError(f"shard {u!r} is not listed in manifest {manifest} (it lists {sorted(by_name)[:5]}...)")
+        infos.append(by_name[name])
+    return m, urls, infos
+
+
+class CM3LeonDataModule(L.LightningDataModule):
+    """Streaming CM3Leon data: retrieval-augmented, CM3-masked, static-shape batches from prepared shards.
+
+    Args:
+        train_data: training source (directory, manifest path, or shard paths/URL patterns).
+        val_data: validation source.
+        test_data: test source.
+        manifest: the manifest of ``train_data`` when it is a list of shards whose directory lacks one.
+        seq_len: tokens per row (paper: 4096).
+        batch_size: rows per batch and rank.
+        pack: examples packed per row (each fitted to ``seq_len // pack`` tokens), for small-image settings.
+        num_workers: DataLoader workers per rank.
+        max_retrieved: at most this many retrieved documents per example (paper section 2.1: three).
+        no_retrieval_share: share of examples without retrieved documents.
+        image_first_prob: probability that an example's documents put the image first (default: caption first).
+        infill: apply CM3 masking (paper section 2.2).
+        infill_kwargs: keyword arguments of ``cm3_infill`` (``rate``, ``whole_segment_prob``).
+        mode: ``exact`` (each sample once per epoch across ranks) or ``resampled`` (shards drawn with replacement).
+        shuffle: shuffle training shards per epoch and samples within windows of ``shuffle_shards`` shards.
+        shuffle_shards: shards read into memory and shuffled together.
+        seed: base seed of every random choice (shard order, retrieved documents, masks).
+        verify_sha256: check each shard against the manifest's sha256 before reading it.
+        allow_remote: allow fsspec URLs and ``pipe:`` commands.
+        max_skip_share: stop when a rank skips more than this share of an epoch's samples (bad data).
+        pad_to_multiple: the model's vocabulary is padded to a multiple of this.
+        pin_memory: DataLoader ``pin_memory``.
+    """
+
+    def __init__(
+        self,
+        train_data: str | list[str] | None = None,
+        val_data: str | list[str] | None = None,
+        test_data: str | list[str] | None = None,
+        manifest: str | None = None,
+        seq_len: int = 4096,
+        batch_size: int = 8,
+        pack: int = 1,
+        num_workers: int = 2,
+        max_retrieved: int = 3,
+        no_retrieval_share: float = 0.1,
+        image_first_prob: float = 0.0,
+        infill: bool = True,
+        infill_kwargs: dict[str, Any] | None = None,
+        mode: Literal["exact", "resampled"] = "exact",
+        shuffle: bool = True,
+        shuffle_shards: int = 4,
+        seed: int = 0,
+        verify_sha256: bool = True,
+        allow_remote: bool = False,
+        max_skip_share: float = 0.01,
+        pad_to_multiple: int = 128,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__()
+        checks = {
+            "seq_len": seq_len >= 1,
+            "batch_size": batch_size >= 1,
+            "pack": pack >= 1,
+            "num_workers": num_workers >= 0,
+            "max_retrieved": max_retrieved >= 0,
+            "no_retrieval_share": 0.0 <= no_retrieval_share <= 1.0,
+            "image_first_prob": 0.0 <= image_first_prob <= 1.0,
+            "max_skip_share": 0.0 <= max_skip_share <= 1.0,
+        }
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"invalid {bad}: sizes must be >= 1 (num_workers, max_retrieved >= 0), shares in [0, 1]")
+        if mode not in ("exact", "resampled"):
+            raise ValueError(f"mode must be 'exact' or 'resampled', got {mode!r}")
+        self.save_hyperparameters()
+        self.sources: dict[str, tuple[Manifest, list[str], list[ShardInfo]]] = {}
+        for split, spec in (("train", train_data), ("val", val_data), ("test", test_data)):
+            if spec is not None:
+                self.sources[split] = resolve_source(spec, manifest if split == "train" else None, allow_remote)
+        if not self.sources:
+            raise ValueError("give at least one of train_data, val_data, test_data")
+        vocabs = {split: m.vocab(pad_to_multiple) for split, (m, _, _) in self.sources.items()}
+        first = next(iter(vocabs.values()))
+        if any(v != first for v in vocabs.values()):
+            raise ValueError(f"the splits were tokenized with different vocabularies: {vocabs}")
+        self.vocab: MultimodalVocab = first
+        self.cfg = PipelineConfig(
+            vocab=first,
+            seed=seed,
+            max_retrieved=max_retrieved,
+            no_retrieval_share=no_retrieval_share,
+            image_first_prob=image_first_prob,
+            infill=infill,
+            infill_kwargs=dict(infill_kwargs or {}),
+            slot_len=seq_len // pack,
+        )
+        need = document_length(0, first.image_tokens) + 1
+        if self.cfg.budget < need:
+            raise ValueError(
+                f"seq_len // pack = {seq_len // pack} leaves {self.cfg.budget} tokens after the masking reserve "
+                f"({self.cfg.mask_overhead}); one image document needs {need}"
+            )
+        self._train_loader: ResumableLoader | None = None
+        self._pending_state: dict[str, Any] | None = None
+
+    @property
+    def vocab_size(self) -> int:
+        """The model's embedding size for this data (``vocab.padded_size``)."""
+        return self.vocab.padded_size
+
+    @property
+    def manifest(self) -> Manifest:
+        """The training manifest (else the validation or test one)."""
+        return next(iter(self.sources.values()))[0]
+
+    def _rank(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def _stream(self, split: str, training: bool) -> ShardStream:
+        if split not in self.sources:
+            raise ValueError(f"no {split}_data was given to CM3LeonDataModule")
+        _, urls, infos = self.sources[split]
+        hp = self.hparams
+        rank, world = self._rank()
+        return ShardStream(
+            urls,
+            infos,
+            self.cfg,
+            batch_size=hp.batch_size,
+            seq_len=hp.seq_len,
+            pack=hp.pack,
+            mode=hp.mode if training else "exact",
+            shuffle=hp.shuffle and training,
+            shuffle_shards=hp.shuffle_shards,
+            rank=rank,
+            world_size=world,
+            num_workers=hp.num_workers,
+            verify_sha256=hp.verify_sha256,
+            allow_remote=hp.allow_remote,
+            with_meta=training,
+        )
+
+    def setup(self, stage: str) -> None:
+        """Check that the training shards can be split over ranks x workers (a clear error, never a hang)."""
+        if stage == "fit" and "train" in self.sources:
+            rank, world = self._rank()
+            slots = world * max(1, self.hparams.num_workers)
+            shards = len(self.sources["train"][2])
+            if shards < slots:
+                raise ValueError(
+                    f"train_data has {shards} shards for {world} ranks x {max(1, self.hparams.num_workers)} workers "
+                    f"= {slots} readers; re-prepare with smaller shards (at least {slots}) or lower num_workers"
+                )
+
+    def _processed(self) -> int | None:
+        trainer = self.trainer
+        if trainer is None or trainer.state.fn != TrainerFn.FITTING:
+            return None
+        return trainer.fit_loop.epoch_loop.batch_progress.current.processed
+
+    def train_dataloader(self) -> ResumableLoader:
+        """The resumable training loader (the same object across epochs, so it keeps its position)."""
+        if self._train_loader is None:
+            self._train_loader = ResumableLoader(
+                self._stream("train", True),
+                pin_memory=self.hparams.pin_memory,
+                max_skip_share=self.hparams.max_skip_share,
+                processed=self._processed,
+            )
+            if self._pending_state is not None:
+                self._train_loader.load_state_dict(self._pending_state)
+                self._pending_state = None
+        return self._train_loader
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        stream = self._stream(split, False)
+        return DataLoader(stream, batch_size=None, num_workers=stream.num_workers, pin_memory=self.hparams.pin_memory)
+
+    def val_dataloader(self) -> DataLoader:
+        """Finite, exact, deterministic validation batches."""
+        return self._eval_loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        """Finite, exact, deterministic test batches."""
+        return self._eval_loader("test")
+
+    @property
+    def data_counts(self) -> dict[str, int]:
+        """Counts for the consumed training batches: ``skipped_<reason>``, ``dropped_retrieved``, ``examples``..."""
+        if self._train_loader is None:
+            return dict((self._pending_state or {}).get("counts", {}))
+        return self._train_loader.data_counts()
+
+    @property
+    def skip_counts(self) -> dict[str, int]:
+        """Skipped training samples by reason (logged as ``data/skipped_<reason>``)."""
+        return {k.removeprefix("skipped_"): v for k, v in self.data_counts.items() if k.startswith("skipped_")}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training loader's position and counts (Lightning saves it in every checkpoint)."""
+        if self._train_loader is None:
+            return dict(self._pending_state or {})
+        return self._train_loader.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the training position (before or after the loader exists)."""
+        if not state_dict:
+            return
+        if self._train_loader is None:
+            self._pending_state = dict(state_dict)
+        else:
+            self._train_loader.load_state_dict(state_dict)
+
+
+class DataCountsLogger(L.Callback):
+    """Log the data module's counts each training step: ``data/skipped_<reason>``, ``data/dropped_retrieved``...
+
+    Args:
+        every_n_steps: log every this many optimisation steps.
+    """
+
+    def __init__(self, every_n_steps: int = 1) -> None:
+        self.every_n_steps = every_n_steps
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        counts = getattr(trainer.datamodule, "data_counts", None) if trainer.datamodule is not None else None
+        if not counts or trainer.global_step % self.every_n_steps:
+            return
+        for name, value in counts.items():
+            pl_module.log(f"data/{name}", float(value), on_step=True, on_epoch=False, batch_size=1)

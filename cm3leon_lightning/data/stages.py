@@ -1,0 +1,234 @@
+"""Pipeline stages from a shard sample to a training batch (module-level functions, so they pickle into workers).
+
+decode -> choose retrieved documents -> fit to context -> build the sequence -> CM3 masking -> batch
+
+Every random choice for a sample comes from a generator seeded by ``(seed, epoch, key, stage)``
+(:func:`sample_rng`), never from a stream's running state: a sample gets the same retrieved documents and the same
+masks whichever rank or worker reads it and whether or not the run was resumed.
+
+Context fitting runs on documents *before* masking, with room reserved for the masking overhead
+(:func:`cm3_infill` adds ``2n + 1`` tokens for n spans, n <= K sentinels), so masking never pushes an example past
+its length and no masked span is ever cut.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from cm3leon_lightning.data.shards import Neighbor, ShardSample, decode_sample
+from cm3leon_lightning.tokenization.vocab import MultimodalVocab
+
+CHOICE_STREAM, ORDER_STREAM, MASK_STREAM = 0, 1, 2
+
+
+@dataclass
+class PipelineConfig:
+    """Everything the per-sample stages need (small and picklable).
+
+    Attributes:
+        vocab: the data's vocabulary.
+        seed: base seed of every per-sample random choice.
+        max_retrieved: at most this many retrieved documents per example (paper section 2.1: three).
+        no_retrieval_share: share of examples built with no retrieved document (zero-shot prompts in distribution).
+        image_first_prob: probability that an example's documents put the image before the caption.
+        infill: apply CM3 masking (:func:`cm3_infill`).
+        infill_kwargs: extra keyword arguments of :func:`cm3_infill` (``rate``, ``whole_segment_prob``).
+        slot_len: tokens available to one example (``seq_len // pack``).
+    """
+
+    vocab: MultimodalVocab
+    seed: int = 0
+    max_retrieved: int = 3
+    no_retrieval_share: float = 0.1
+    image_first_prob: float = 0.0
+    infill: bool = True
+    infill_kwargs: dict[str, Any] = field(default_factory=dict)
+    slot_len: int = 4096
+
+    @property
+    def mask_overhead(self) -> int:
+        """Most tokens masking can add: ``2 K + 1``."""
+        return 2 * self.vocab.num_sentinels + 1 if self.infill else 0
+
+    @property
+    def budget(self) -> int:
+        """Tokens an unmasked example may use."""
+        return self.slot_len - self.mask_overhead
+
+
+@dataclass
+class Example:
+    """One example ready to batch.
+
+    Attributes:
+        key: the query document's key.
+        ids: ``(T,)`` int64 token ids (masked when infilling is on).
+        n_retrieved: retrieved documents kept.
+        dropped_retrieved: retrieved documents dropped to fit the context.
+        truncated_tokens: caption tokens cut from the query to fit the context.
+    """
+
+    key: str
+    ids: np.ndarray
+    n_retrieved: int
+    dropped_retrieved: int = 0
+    truncated_tokens: int = 0
+
+
+def key_seed(key: str) -> int:
+    """A stable 64-bit integer from a document key (blake2b), independent of Python's hash seed."""
+    return int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+def sample_rng(seed: int, epoch: int, key: str, stage: int) -> np.random.Generator:
+    """The generator of one sample's random choices at one stage, seeded by ``(seed, epoch, key, stage)``."""
+    return np.random.default_rng([seed, epoch, key_seed(key), stage])
+
+
+def decode(item: tuple[str, dict[str, bytes]], vocab: MultimodalVocab) -> ShardSample:
+    """Stage 1: tar members -> validated :class:`ShardSample` (raises ``ShardFormatError`` with a reason)."""
+    key, members = item
+    return decode_sample(key, members, vocab)
+
+
+def choose_retrieved(
+    neighbors: Sequence[Neighbor], rng: np.random.Generator, max_retrieved: int = 3, no_retrieval_share: float = 0.1
+) -> list[Neighbor]:
+    """Stage 2: pick up to ``max_retrieved`` stored neighbours at random, kept in retrieval order.
+
+    Paper section 2.1: "In training, we randomly select three retrieved samples for every caption-image pair".
+    With probability ``no_retrieval_share`` none is kept, so zero-shot prompts (no retrieval) stay in distribution.
+    """
+    if rng.random() < no_retrieval_share or not neighbors or max_retrieved <= 0:
+        return []
+    k = min(max_retrieved, len(neighbors))
+    return [neighbors[i] for i in np.sort(rng.choice(len(neighbors), size=k, replace=False))]
+
+
+def document_length(n_text: int, n_image: int) -> int:
+    """Serialized length of a document: ``<eos>``, its segments and one ``<break>`` between two segments."""
+    return 1 + n_text + n_image + (1 if n_text and n_image else 0)
+
+
+def fit_to_context(retrieved_lengths: Sequence[int], caption_len: int, image_len: int, budget: int) -> tuple[int, int]:
+    """Stage 3: how many retrieved documents (a prefix) and caption tokens fit in ``budget`` tokens.
+
+    Rules: drop retrieved documents first (the last, least relevant, first), then truncate the query's caption from
+    the end (dropping the caption segment when nothing is left); an image segment is never cut.
+
+    Args:
+        retrieved_lengths: serialized lengths of the retrieved documents, in sequence order.
+        caption_len: the query's caption tokens.
+        image_len: the query's image tokens.
+        budget: tokens available, the final ``<eos>`` included.
+
+    Returns:
+        ``(kept_retrieved, kept_caption_tokens)``.
+
+    Raises:
+        ValueError: when even the query image alone does not fit.
+    """
+    if document_length(0, image_len) + 1 > budget:
+        raise ValueError(f"seq_len too small: one image document needs {image_len + 2} tokens, budget is {budget}")
+    kept = len(retrieved_lengths)
+    total = sum(retrieved_lengths) + document_length(caption_len, image_len) + 1
+    while total > budget and kept > 0:
+        kept -= 1
+        total -= retrieved_lengths[kept]
+    caption = caption_len
+    if total > budget:
+        caption = max(0, caption_len - (total - budget))  # at 0 the <break> goes too, so it still fits
+    return kept, caption
+
+
+def document_ids(text: np.ndarray, image: np.ndarray, vocab: MultimodalVocab, image_first: bool = False) -> np.ndarray:
+    """Serialize one document like :meth:`MultimodalVocab.document_to_ids`, vectorised.
+
+    ``text`` holds text ids, ``image`` VQ codes; an empty array means the segment is absent.
+    """
+    pair = [np.asarray(text, dtype=np.int64), np.asarray(image, dtype=np.int64) + vocab.n_text]
+    segs = [s for s in (pair[::-1] if image_first else pair) if s.size]
+    parts = [np.array([vocab.eos_id], dtype=np.int64), segs[0]]
+    if len(segs) == 2:
+        parts += [np.array([vocab.break_id], dtype=np.int64), segs[1]]
+    return np.concatenate(parts).astype(np.int64)
+
+
+def build_example(sample: ShardSample, cfg: PipelineConfig, epoch: int) -> Example:
+    """Stages 2-5 for one sample: retrieved documents, context fit, serialization and CM3 masking.
+
+    The sequence is the one :meth:`MultimodalVocab.example_to_ids` builds: retrieved documents first, the query
+    last, then a final ``<eos>``.
+    """
+    vocab = cfg.vocab
+    retrieved = choose_retrieved(
+        sample.neighbors,
+        sample_rng(cfg.seed, epoch, sample.key, CHOICE_STREAM),
+        cfg.max_retrieved,
+        cfg.no_retrieval_share,
+    )
+    image_first = bool(sample_rng(cfg.seed, epoch, sample.key, ORDER_STREAM).random() < cfg.image_first_prob)
+    lengths = [document_length(nb.text.size, nb.image.size) for nb in retrieved]
+    kept, caption_len = fit_to_context(lengths, sample.text.size, sample.image.size, cfg.budget)
+    docs = [document_ids(nb.text, nb.image, vocab, image_first) for nb in retrieved[:kept]]
+    docs.append(document_ids(sample.text[:caption_len], sample.image, vocab, image_first))
+    docs.append(np.array([vocab.eos_id], dtype=np.int64))
+    ids = np.concatenate(docs)
+    if cfg.infill:
+        ids = cm3_mask(ids, cfg, sample_rng(cfg.seed, epoch, sample.key, MASK_STREAM))
+    return Example(
+        key=sample.key,
+        ids=ids,
+        n_retrieved=kept,
+        dropped_retrieved=len(retrieved) - kept,
+        truncated_tokens=int(sample.text.size - caption_len),
+    )
+
+
+def cm3_mask(ids: np.ndarray, cfg: PipelineConfig, rng: np.random.Generator) -> np.ndarray:
+    """Stage 5: CM3 infilling (:func:`cm3leon_lightning.objective.cm3.cm3_infill`, paper section 2.2)."""
+    from cm3leon_lightning.objective.cm3 import cm3_infill
+
+    out = cm3_infill(ids, cfg.vocab, rng, **cfg.infill_kwargs)
+    if out.size > cfg.slot_len:
+        raise RuntimeError(f"masking made {out.size} tokens out of {ids.size}; slot holds {cfg.slot_len}")
+    return out
+
+
+def collate(
+    examples: Sequence[Example], batch_size: int, seq_len: int, pack: int = 1, pad_id: int = 0
+) -> dict[str, Any]:
+    """Stage 6: a static-shape batch. Row i concatenates examples ``i*pack .. i*pack+pack-1``, then pads.
+
+    Rows without examples (the exact mode's remainder) are all padding, which the loss ignores.
+
+    Returns:
+        ``input_ids``: ``(batch_size, seq_len)`` LongTensor; ``keys``: per row, the keys of its examples;
+        ``n_retrieved``, ``dropped_retrieved``, ``truncated_tokens``: ``(batch_size,)`` LongTensor sums per row.
+    """
+    if len(examples) > batch_size * pack:
+        raise ValueError(f"{len(examples)} examples do not fit {batch_size} rows x {pack} per row")
+    ids = np.full((batch_size, seq_len), pad_id, dtype=np.int64)  # (B, T)
+    stats = np.zeros((3, batch_size), dtype=np.int64)
+    keys: list[list[str]] = [[] for _ in range(batch_size)]
+    for j, ex in enumerate(examples):
+        row = j // pack
+        pos = sum(ids_len for ids_len in (e.ids.size for e in examples[row * pack : j]))
+        if pos + ex.ids.size > seq_len:
+            raise ValueError(f"example {ex.key!r} ({ex.ids.size} tokens) overflows row {row} of {seq_len}")
+        ids[row, pos : pos + ex.ids.size] = ex.ids
+        keys[row].append(ex.key)
+        stats[:, row] += (ex.n_retrieved, ex.dropped_retrieved, ex.truncated_tokens)
+    return {
+        "input_ids": torch.from_numpy(ids),
+        "keys": keys,
+        "n_retrieved": torch.from_numpy(stats[0]),
+        "dropped_retrieved": torch.from_numpy(stats[1]),
+        "truncated_tokens": torch.from_numpy(stats[2]),
+    }

@@ -1,0 +1,334 @@
+"""The per-rank shard stream (an IterableDataset run by each DataLoader worker) and the resumable loader around it.
+
+:class:`ShardStream` turns the plan of :mod:`cm3leon_lightning.data.plan` into batches: it reads windows of shard
+pieces, permutes each window, runs the per-sample stages of :mod:`cm3leon_lightning.data.stages` and yields a fixed
+number of static-shape batches per worker. Each batch carries ``_meta``: its index in the rank's epoch, the logical
+worker, the worker's position after it (``(window, offset)``) and the counts gathered while building it (skipped
+samples by reason, dropped retrieved documents, truncated caption tokens).
+
+:class:`ResumableLoader` (main process) builds a fresh DataLoader each epoch from its saved position, strips
+``_meta`` from the batches and keeps it, so that :meth:`ResumableLoader.state_dict` can say, for the first ``n``
+batches of an epoch, where every worker stands and what was counted: a resumed run starts every worker exactly
+there, and its DataLoader's round-robin continues with the worker that owns batch ``n``.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import logging
+from collections import Counter, deque
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from cm3leon_lightning.data import plan as planning
+from cm3leon_lightning.data.shards import ShardFormatError, ShardInfo, iter_tar_samples, open_bytes
+from cm3leon_lightning.data.stages import Example, PipelineConfig, build_example, collate, decode
+
+log = logging.getLogger(__name__)
+HEADER = None  # slot 0 of every window: where the window's shard-level problems are counted
+
+
+def read_piece(
+    url: str, info: ShardInfo, piece: planning.Piece, verify_sha256: bool, allow_remote: bool
+) -> tuple[list[tuple[str, dict[str, bytes]]], Counter]:
+    """The raw samples ``[start, stop)`` of one shard, and the count of samples lost to shard-level problems."""
+    lost: Counter = Counter()
+    try:
+        data = open_bytes(url, allow_remote)
+    except OSError as e:
+        log.warning("skipping shard %s: cannot read it (%s)", url, e)
+        lost["skipped_corrupt_shard"] += piece.size
+        return [], lost
+    if verify_sha256 and info.sha256:
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != info.sha256:
+            log.warning("skipping shard %s: sha256 %s differs from the manifest's %s", url, digest, info.sha256)
+            lost["skipped_sha256_mismatch"] += piece.size
+            return [], lost
+    items: list[tuple[str, dict[str, bytes]]] = []
+    try:
+        for i, item in enumerate(iter_tar_samples(io.BytesIO(data), url)):
+            if i >= piece.stop:
+                break
+            if i >= piece.start:
+                items.append(item)
+    except ShardFormatError as e:
+        log.warning("%s; skipping the rest of the shard", e)
+    if len(items) < piece.size:  # truncated or garbled: the rest of the piece is lost
+        lost["skipped_corrupt_shard"] += piece.size - len(items)
+    return items, lost
+
+
+class ShardStream(IterableDataset):
+    """One rank's batches for one epoch, split over DataLoader workers (see :mod:`cm3leon_lightning.data.plan`).
+
+    Args:
+        urls: shard locations, aligned with ``infos``.
+        infos: the manifest entries of those shards (counts and sha256).
+        cfg: per-sample pipeline settings.
+        batch_size: rows per batch.
+        seq_len: tokens per row.
+        pack: examples per row.
+        mode: ``"exact"`` (every sample once per epoch) or ``"resampled"`` (shards drawn with replacement).
+        shuffle: permute shards per epoch and samples within each window.
+        shuffle_shards: pieces per window (the in-memory shuffle unit).
+        rank: this process's global rank.
+        world_size: number of ranks.
+        num_workers: DataLoader workers per rank (0: the main process reads).
+        verify_sha256: check each shard's sha256 against the manifest before using it.
+        allow_remote: allow fsspec URLs and ``pipe:`` commands.
+        with_meta: attach ``_meta`` to batches (the resumable loader needs it).
+    """
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        infos: Sequence[ShardInfo],
+        cfg: PipelineConfig,
+        batch_size: int,
+        seq_len: int,
+        pack: int = 1,
+        mode: str = "exact",
+        shuffle: bool = True,
+        shuffle_shards: int = 4,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+        verify_sha256: bool = True,
+        allow_remote: bool = False,
+        with_meta: bool = True,
+    ) -> None:
+        if mode not in ("exact", "resampled"):
+            raise ValueError(f"mode must be 'exact' or 'resampled', got {mode!r}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside [0, {world_size})")
+        if shuffle_shards < 1:
+            raise ValueError(f"shuffle_shards must be >= 1, got {shuffle_shards}")
+        self.urls, self.infos, self.cfg = list(urls), list(infos), cfg
+        self.batch_size, self.seq_len, self.pack, self.mode = batch_size, seq_len, pack, mode
+        self.shuffle, self.shuffle_shards = shuffle, shuffle_shards
+        self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
+        self.verify_sha256, self.allow_remote, self.with_meta = verify_sha256, allow_remote, with_meta
+        self.epoch = 0
+        self.start_batch = 0  # batches of this epoch already consumed
+        self.cursors: dict[int, tuple[int, int]] = {}  # logical worker -> (window, offset) after those batches
+
+    @property
+    def counts(self) -> list[int]:
+        """Samples per shard."""
+        return [s.count for s in self.infos]
+
+    @property
+    def num_workers_eff(self) -> int:
+        """Worker slots K (the main process counts as one)."""
+        return max(1, self.num_workers)
+
+    def plan(self, epoch: int | None = None) -> list[planning.WorkerPlan]:
+        """This rank's worker plans for ``epoch`` (default: the current one)."""
+        epoch = self.epoch if epoch is None else epoch
+        e = self.batch_size * self.pack
+        if self.mode == "exact":
+            full = planning.exact_plan(
+                self.counts, self.world_size, self.num_workers, e, self.cfg.seed, epoch, self.shuffle
+            )
+        else:
+            full = planning.resampled_plan(self.counts, self.world_size, self.num_workers, e)
+        return full[self.rank]
+
+    def __len__(self) -> int:
+        return sum(w.num_batches for w in self.plan())
+
+    @property
+    def num_samples(self) -> int:
+        """Samples this rank is planned to read in an epoch (resampled mode: batches times examples per batch)."""
+        if self.mode == "exact":
+            return sum(w.num_samples for w in self.plan())
+        return len(self) * self.batch_size * self.pack
+
+    def at(self, epoch: int, start_batch: int = 0, cursors: dict[int, tuple[int, int]] | None = None) -> ShardStream:
+        """A copy positioned at batch ``start_batch`` of ``epoch``."""
+        other = copy.copy(self)
+        other.epoch, other.start_batch, other.cursors = epoch, start_batch, dict(cursors or {})
+        return other
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        physical = info.id if info is not None else 0
+        # The DataLoader always starts its round-robin at worker 0; batch `start_batch` belongs to logical worker
+        # start_batch % K, so physical worker w plays logical worker (w + start_batch) % K.
+        yield from self.iter_worker((physical + self.start_batch) % self.num_workers_eff)
+
+    # ------------------------------------------------------------------------------------------ one worker
+    def _pieces(self, worker: int, wplan: planning.WorkerPlan) -> Iterator[planning.Piece]:
+        if self.mode == "exact":
+            return iter(wplan.pieces)
+        return planning.resampled_pieces(self.counts, self.cfg.seed, self.epoch, self.rank, worker)
+
+    def _slots(
+        self, worker: int, wplan: planning.WorkerPlan, cursor: tuple[int, int]
+    ) -> Iterator[tuple[tuple[int, int], Any]]:
+        """``((window, offset_after), slot)``: slot is a Counter (a window header) or a raw sample."""
+        for w, group in enumerate(planning.windows(self._pieces(worker, wplan), self.shuffle_shards)):
+            if w < cursor[0]:
+                continue
+            items: list[tuple[str, dict[str, bytes]]] = []
+            lost: Counter = Counter()
+            for piece in group:
+                got, bad = read_piece(
+                    self.urls[piece.shard], self.infos[piece.shard], piece, self.verify_sha256, self.allow_remote
+                )
+                items += got
+                lost += bad
+            perm = planning.window_permutation(
+                len(items), self.cfg.seed, self.epoch, self.rank, worker, w, self.shuffle
+            )
+            slots = [lost] + [items[i] for i in perm]
+            start = cursor[1] if w == cursor[0] else 0
+            for offset in range(start, len(slots)):
+                yield (w, offset + 1), slots[offset]
+
+    def iter_worker(self, worker: int) -> Iterator[dict[str, Any]]:
+        """The batches of logical worker ``worker`` from the stream's position (callable without processes)."""
+        k = self.num_workers_eff
+        wplan = self.plan()[worker]
+        done = len(range(worker, self.start_batch, k))  # this worker's batches already consumed
+        cursor = self.cursors.get(worker, (0, 0))
+        per_batch = self.batch_size * self.pack
+        slots = self._slots(worker, wplan, cursor)
+        for j in range(done, wplan.num_batches):
+            examples: list[Example] = []
+            counts: Counter = Counter()
+            while len(examples) < per_batch:
+                nxt = next(slots, None)
+                if nxt is None:
+                    break  # the worker's samples ran out: the rest of its batches are padding rows
+                cursor, slot = nxt
+                if isinstance(slot, Counter):
+                    counts += slot
+                    continue
+                try:
+                    examples.append(build_example(decode(slot, self.cfg.vocab), self.cfg, self.epoch))
+                except ShardFormatError as e:
+                    log.warning("skipping sample: %s", e)
+                    counts[f"skipped_{e.reason}"] += 1
+            counts["examples"] += len(examples)
+            counts["dropped_retrieved"] += sum(ex.dropped_retrieved for ex in examples)
+            counts["truncated_tokens"] += sum(ex.truncated_tokens for ex in examples)
+            batch = collate(examples, self.batch_size, self.seq_len, self.pack, self.cfg.vocab.pad_id)
+            if self.with_meta:
+                batch["_meta"] = {"index": worker + j * k, "worker": worker, "cursor": cursor, "counts": dict(counts)}
+            yield batch
+
+
+class ResumableLoader:
+    """An iterable of one rank's training batches whose position can be saved and restored mid-epoch.
+
+    Each ``iter()`` is one epoch: it builds a DataLoader over ``stream`` positioned at the saved state (fresh
+    workers, so they receive it), and moves to the next epoch once exhausted. ``len()`` is the epoch's batch count
+    from the manifest, so progress bars and schedulers know it.
+
+    Args:
+        stream: the rank's :class:`ShardStream`.
+        pin_memory: DataLoader ``pin_memory``.
+        max_skip_share: stop with an error when this rank skips more than this share of its epoch's samples.
+        processed: returns how many batches of the current epoch the trainer has consumed (``None``: count the
+            batches handed out). Lightning fetches one batch ahead, so handed-out is one too many in a checkpoint.
+    """
+
+    def __init__(
+        self,
+        stream: ShardStream,
+        pin_memory: bool = False,
+        max_skip_share: float = 0.01,
+        processed: Callable[[], int | None] | None = None,
+    ) -> None:
+        self.stream = stream
+        self.pin_memory = pin_memory
+        self.max_skip_share = max_skip_share
+        self.processed = processed
+        self.load_state_dict({"epoch": 0, "batch": 0})
+
+    def __len__(self) -> int:
+        return len(self.stream)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What must match for a saved position to mean the same batches."""
+        s = self.stream
+        return {
+            "world_size": s.world_size,
+            "num_workers": s.num_workers_eff,
+            "batch_size": s.batch_size,
+            "pack": s.pack,
+            "mode": s.mode,
+            "seed": s.cfg.seed,
+            "shards": hashlib.sha256("".join(i.sha256 or i.name for i in s.infos).encode()).hexdigest()[:16],
+        }
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        if self._done:  # the previous epoch ran out: start the next one
+            self.load_state_dict(self.state_dict(len(self)))
+        elif self._handed_out > self.start:  # an abandoned iteration: continue after the consumed batches
+            self.load_state_dict(self.state_dict())
+        stream = self.stream.at(self.epoch, self.start, self.cursors)
+        loader = DataLoader(stream, batch_size=None, num_workers=stream.num_workers, pin_memory=self.pin_memory)
+        limit = self.max_skip_share * max(1, stream.num_samples)
+        seen = Counter(self.epoch_counts)  # counts of the batches handed out, for the skip limit
+        for batch in loader:
+            meta = batch.pop("_meta")
+            self._pending.append(meta)
+            self._handed_out += 1
+            seen.update(meta["counts"])
+            skipped = {k: v for k, v in seen.items() if k.startswith("skipped_")}
+            if sum(skipped.values()) > limit:
+                raise RuntimeError(
+                    f"rank {stream.rank} skipped {sum(skipped.values())} of its {stream.num_samples} samples in "
+                    f"epoch {self.epoch} ({skipped}), more than max_skip_share={self.max_skip_share}; fix or "
+                    "re-prepare the shards, or raise max_skip_share"
+                )
+            yield batch
+        self._done = True
+
+    def _commit(self, processed: int | None) -> int:
+        """Fold the handed-out batches with index < n into the saved position; returns n."""
+        if processed is None and self.processed is not None:
+            processed = self.processed()
+        n = self._handed_out if processed is None else int(processed)
+        while self._pending and self._pending[0]["index"] < n:
+            m = self._pending.popleft()
+            self.counts.update(m["counts"])
+            self.epoch_counts.update(m["counts"])
+            self.cursors[m["worker"]] = tuple(m["cursor"])
+        return n
+
+    def data_counts(self, processed: int | None = None) -> dict[str, int]:
+        """Counts over all epochs for the consumed batches: ``skipped_<reason>``, ``dropped_retrieved``..."""
+        self._commit(processed)
+        return dict(self.counts)
+
+    def state_dict(self, processed: int | None = None) -> dict[str, Any]:
+        """The position after ``processed`` batches of the current epoch (default: ask ``processed()``)."""
+        n = self._commit(processed)
+        state = {"epoch": self.epoch, "batch": n, "counts": dict(self.counts), "fingerprint": self.fingerprint()}
+        if n >= len(self):  # epoch complete: the next one starts from scratch
+            return {**state, "epoch": self.epoch + 1, "batch": 0, "cursors": {}, "epoch_counts": {}}
+        cursors = {str(k): list(v) for k, v in self.cursors.items()}
+        return {**state, "cursors": cursors, "epoch_counts": dict(self.epoch_counts)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from :meth:`state_dict` (a mid-epoch position needs the same ranks, workers, batch and seed)."""
+        if state.get("batch", 0) and state.get("fingerprint") != self.fingerprint():
+            raise ValueError(
+                "cannot resume mid-epoch: the saved data position was made with "
+                f"{state.get('fingerprint')}, this run has {self.fingerprint()}"
+            )
+        self.epoch, self.start = int(state["epoch"]), int(state["batch"])
+        self.cursors = {int(k): (int(v[0]), int(v[1])) for k, v in state.get("cursors", {}).items()}
+        self.counts = Counter(state.get("counts", {}))
+        self.epoch_counts = Counter(state.get("epoch_counts", {}))
+        self._pending: deque[dict[str, Any]] = deque()
+        self._handed_out = self.start
+        self._done = False
