@@ -1,0 +1,47 @@
+"""Decoding (paper section 3.1): sampling rules, CFG / CD-K guidance, KV-cached decode loops, CLIP re-ranking.
+
+This package imports no Lightning.
+"""
+
+from cm3leon_lightning.generation.decoder import Decoder, SamplingSpec, decode_step, process_logits
+from cm3leon_lightning.generation.generate import (
+    ImageGeneration,
+    InfillResult,
+    edit_image,
+    generate_image,
+    generate_text,
+    infill,
+)
+from cm3leon_lightning.generation.rerank import RerankResult, clip_scores, rerank
+from cm3leon_lightning.generation.sampling import (
+    apply_temperature,
+    cdk_logits,
+    cfg_logits,
+    dual_cfg_logits,
+    sample,
+    top_k_filter,
+    top_p_filter,
+)
+
+__all__ = [
+    "Decoder",
+    "ImageGeneration",
+    "InfillResult",
+    "RerankResult",
+    "SamplingSpec",
+    "apply_temperature",
+    "cdk_logits",
+    "cfg_logits",
+    "clip_scores",
+    "decode_step",
+    "dual_cfg_logits",
+    "edit_image",
+    "generate_image",
+    "generate_text",
+    "infill",
+    "process_logits",
+    "rerank",
+    "sample",
+    "top_k_filter",
+    "top_p_filter",
+]

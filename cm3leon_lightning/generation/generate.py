@@ -1,0 +1,417 @@
+"""Text-to-image, image-to-text and infilling with the static KV cache (paper sections 3.1 and 4).
+
+Every function builds the prompts of DESIGN section 3, puts all rows (guidance streams x prompts x candidates) in
+one left-padded batch and decodes them together with :class:`~cm3leon_lightning.generation.decoder.Decoder`: one
+prefill, then one forward per token for the whole batch.
+
+* :func:`generate_image`: ``[retrieved docs] <eos> caption <break>`` -> exactly ``grid_h * grid_w`` image codes
+  (only the image-code range is ever sampled), with CFG (equation (2)) or CD-K (equation (3)).
+* :func:`edit_image`: separate text and image guidance (section 4.1), three streams.
+* :func:`generate_text`: ``<eos> [instruction] <mask:0> <break> image <infill> <mask:0>`` -> text until ``<eos>``,
+  ``<break>`` or a sentinel (captioning and VQA).
+* :func:`infill`: fill the ``<mask:i>`` spans of a document, text or image, in order.
+
+This module imports no Lightning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from cm3leon_lightning.generation.decoder import Decoder, SamplingSpec
+from cm3leon_lightning.generation.sampling import allowed_ids
+from cm3leon_lightning.model import CM3Leon
+from cm3leon_lightning.tokenization.vocab import Document, MultimodalVocab
+
+
+@dataclass
+class ImageGeneration:
+    """The result of :func:`generate_image` / :func:`edit_image`.
+
+    Attributes:
+        codes: ``(P, N, grid_h * grid_w)`` long image codes in ``[0, n_codes)``: P prompts, N candidates each.
+        images: ``(P, N, C, H, W)`` float images in ``[-1, 1]`` decoded by the VQGAN, or None without one.
+    """
+
+    codes: Tensor
+    images: Tensor | None = None
+
+
+def _device(model: CM3Leon) -> torch.device:
+    return model.wte.weight.device
+
+
+# ------------------------------------------------------------------------------------------------ prompts
+def image_prompt(vocab: MultimodalVocab, text_ids: Sequence[int], retrieved: Sequence[Document] = ()) -> list[int]:
+    """The text-to-image prompt: the retrieved documents, then ``<eos> caption <break>`` (DESIGN section 3)."""
+    out: list[int] = []
+    for doc in retrieved:
+        out.extend(vocab.document_to_ids(doc))
+    return out + vocab.text_to_image_prompt(text_ids)
+
+
+def unconditional_image_prompt(vocab: MultimodalVocab) -> list[int]:
+    """The unconditional CFG stream (paper equation (1)): ``<eos> <mask> <break>``, ``<mask>`` in place of the text.
+
+    Retrieved documents are left out too: they were retrieved for the text, so they are part of the condition.
+    """
+    return [vocab.eos_id, vocab.mask_id, vocab.break_id]
+
+
+def caption_prompt(vocab: MultimodalVocab, codes: Sequence[int], instruction: Sequence[int] = ()) -> list[int]:
+    """Image-to-text prompt ``<eos> [instruction] <mask:0> <break> image <infill> <mask:0>`` (DESIGN section 3).
+
+    The answer is the infilled span ``<mask:0>``; for plain captioning the instruction is empty.
+    """
+    vocab.validate_ids(list(instruction), "instruction")
+    text = [vocab.eos_id, *instruction, vocab.sentinel_id(0), vocab.break_id]
+    return text + vocab.codes_to_ids(codes).tolist() + [vocab.infill_id, vocab.sentinel_id(0)]
+
+
+def stop_ids(vocab: MultimodalVocab) -> list[int]:
+    """Tokens that end a generated text span: ``<eos>``, ``<break>`` and the sentinels."""
+    return [vocab.eos_id, vocab.break_id, *vocab.sentinel_ids]
+
+
+def cut_at_stop(rows: Tensor, stops: Sequence[int]) -> list[list[int]]:
+    """Each row of ``(R, n)`` ids up to (excluding) its first stop id."""
+    stop_set, out = set(stops), []
+    for row in rows.tolist():
+        end = next((i for i, t in enumerate(row) if t in stop_set), len(row))
+        out.append(row[:end])
+    return out
+
+
+def check_vocab(model: CM3Leon, vocab: MultimodalVocab) -> None:
+    """Raise ValueError when the model's vocabulary size is not the vocabulary's padded size."""
+    if model.config.vocab_size != vocab.padded_size:
+        raise ValueError(
+            f"vocabulary mismatch: the model has vocab_size {model.config.vocab_size}, but {vocab!r} "
+            f"needs padded_size {vocab.padded_size}"
+        )
+
+
+def image_codes(vocab: MultimodalVocab, image: Tensor | Sequence[int]) -> list[int]:
+    """One image's codes as a list, checked against the grid size and the code range."""
+    codes = [int(c) for c in torch.as_tensor(image).reshape(-1).tolist()]
+    if len(codes) != vocab.image_tokens:
+        raise ValueError(f"an image has {len(codes)} codes; expected grid_h*grid_w = {vocab.image_tokens}")
+    vocab.codes_to_ids(codes)  # raises on a code outside [0, n_codes)
+    return codes
+
+
+def _decode_codes(vqgan: nn.Module | None, codes: Tensor) -> Tensor | None:
+    if vqgan is None:
+        return None
+    device = next(vqgan.parameters()).device
+    flat = vqgan.decode(codes.flatten(0, 1).to(device))  # (P*N, C, H, W)
+    return flat.view(*codes.shape[:2], *flat.shape[1:])
+
+
+def _image_spec(vocab: MultimodalVocab, **kwargs: object) -> SamplingSpec:
+    return SamplingSpec(lo=vocab.n_text, hi=vocab.size, **kwargs)  # only image codes can be sampled
+
+
+def _run_image(
+    model: CM3Leon,
+    vocab: MultimodalVocab,
+    spec: SamplingSpec,
+    streams: list[list[list[int]]],
+    num_samples: int,
+    seed: int | None,
+    compile: bool | None,
+) -> Tensor:
+    """Decode exactly ``grid_h * grid_w`` codes for ``streams[s][p]`` prompts; returns ``(P, N, h*w)`` codes."""
+    rows = [prompt for stream in streams for prompt in stream for _ in range(num_samples)]  # stream-major
+    with torch.no_grad():
+        dec = Decoder(model, spec, rows, vocab.image_tokens, seed=seed, compile=compile)
+        out = dec.run(dec.prefill(), vocab.image_tokens)  # (P*N, h*w)
+    return (out - vocab.n_text).view(len(streams[0]), num_samples, vocab.image_tokens)
+
+
+# ------------------------------------------------------------------------------------------------ text -> image
+def generate_image(
+    model: CM3Leon,
+    vocab: MultimodalVocab,
+    prompts: Sequence[Sequence[int]],
+    *,
+    retrieved: Sequence[Sequence[Document]] | None = None,
+    num_samples: int = 1,
+    method: str = "top_p",
+    cfg: float = 3.0,
+    temperature: float = 1.0,
+    top_p: float = 0.9,
+    top_k: int | None = None,
+    cdk_k: int = 8,
+    cdk_alpha: float = 0.5,
+    seed: int | None = None,
+    vqgan: nn.Module | None = None,
+    compile: bool | None = None,
+) -> ImageGeneration:
+    """Generate ``num_samples`` images for each caption (paper section 3.1).
+
+    All guidance streams and candidates of all prompts run as one batch: ``2 * P * N`` rows with CFG. The
+    conditional stream sees ``[retrieved docs] <eos> caption <break>``, the unconditional one
+    ``<eos> <mask> <break>``. With ``cfg == 1`` (and not CD-K) the unconditional stream is skipped, since equation
+    (2) then equals conditional sampling.
+
+    Args:
+        model: the transformer (any dtype/device; its KV cache is (re)allocated).
+        vocab: the vocabulary the model was trained with.
+        prompts: P captions as text-tokenizer ids.
+        retrieved: optional, for each prompt, retrieved documents placed before it (retrieval-augmented
+            generation, paper section 2.1).
+        num_samples: candidates N per prompt (re-rank them with :func:`~cm3leon_lightning.generation.rerank`).
+        method: ``greedy``, ``temperature``, ``top_p`` (each with CFG) or ``cd_k`` (equation (3)).
+        cfg: CFG scale ``alpha_c`` (1 = no guidance).
+        temperature: softmax temperature (0 = greedy).
+        top_p: nucleus mass for ``top_p``.
+        top_k: optional top-k filter.
+        cdk_k: ``k`` of CD-K.
+        cdk_alpha: ``alpha`` of CD-K.
+        seed: seed of the sampling generator; the same seed gives the same samples.
+        vqgan: optional image tokenizer with ``decode(codes) -> images``; then ``images`` is filled.
+        compile: compile the decode step (None: on CUDA).
+
+    Returns:
+        :class:`ImageGeneration` with ``(P, N, grid_h * grid_w)`` codes.
+    """
+    check_vocab(model, vocab)
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if not prompts:
+        raise ValueError("generate_image needs at least one prompt")
+    if retrieved is not None and len(retrieved) != len(prompts):
+        raise ValueError(f"retrieved has {len(retrieved)} entries; expected one per prompt ({len(prompts)})")
+    docs = retrieved if retrieved is not None else [()] * len(prompts)
+    cond = [image_prompt(vocab, p, d) for p, d in zip(prompts, docs)]
+    guided = method == "cd_k" or cfg != 1.0
+    streams = [cond, [unconditional_image_prompt(vocab)] * len(prompts)] if guided else [cond]
+    spec = _image_spec(
+        vocab, method=method, streams=len(streams), cfg=cfg, temperature=temperature, top_p=top_p, top_k=top_k,
+        cdk_k=cdk_k, cdk_alpha=cdk_alpha,
+    )  # fmt: skip
+    codes = _run_image(model, vocab, spec, streams, num_samples, seed, compile)
+    return ImageGeneration(codes, _decode_codes(vqgan, codes))
+
+
+def edit_image(
+    model: CM3Leon,
+    vocab: MultimodalVocab,
+    source: Tensor | Sequence[Sequence[int]],
+    instructions: Sequence[Sequence[int]],
+    task_prefix: Sequence[int],
+    *,
+    text_cfg: float = 7.5,
+    image_cfg: float = 1.5,
+    num_samples: int = 1,
+    method: str = "top_p",
+    temperature: float = 1.0,
+    top_p: float = 0.9,
+    seed: int | None = None,
+    vqgan: nn.Module | None = None,
+    compile: bool | None = None,
+) -> ImageGeneration:
+    """Text-guided image editing with separate text and image guidance (paper section 4.1, table 5).
+
+    Prompt (the InstructPix2Pix template): ``<eos> prefix <break> source image <break> instruction <break>``. Three
+    streams: full; image only (the instruction replaced by ``<mask>``); none (image and instruction replaced by
+    ``<mask>``, the task prefix kept), combined by
+    :func:`~cm3leon_lightning.generation.sampling.dual_cfg_logits` (paper: image 1.5, text 7.5).
+
+    Args:
+        source: P source images' codes, ``(P, grid_h * grid_w)``.
+        instructions: P edit instructions (text ids).
+        task_prefix: text ids of the task prefix, e.g. "Edit first image following the instruction".
+        text_cfg: text guidance scale.
+        image_cfg: image guidance scale.
+        Other arguments as :func:`generate_image`.
+    """
+    check_vocab(model, vocab)
+    if len(source) != len(instructions):
+        raise ValueError(f"{len(source)} source images but {len(instructions)} instructions; give one per image")
+    head = [vocab.eos_id, *task_prefix, vocab.break_id]
+    vocab.validate_ids(head, "task_prefix")
+    full, image_only = [], []
+    for img, instr in zip(source, instructions):
+        vocab.validate_ids(list(instr), "instruction")
+        ids = vocab.codes_to_ids(image_codes(vocab, img)).tolist()
+        full.append(head + ids + [vocab.break_id, *instr, vocab.break_id])
+        image_only.append(head + ids + [vocab.break_id, vocab.mask_id, vocab.break_id])
+    none = [head + [vocab.mask_id, vocab.break_id, vocab.mask_id, vocab.break_id]] * len(full)
+    spec = _image_spec(
+        vocab, method=method, streams=3, cfg=text_cfg, image_cfg=image_cfg, temperature=temperature, top_p=top_p
+    )
+    codes = _run_image(model, vocab, spec, [full, image_only, none], num_samples, seed, compile)
+    return ImageGeneration(codes, _decode_codes(vqgan, codes))
+
+
+# ------------------------------------------------------------------------------------------------ image -> text
+def _text_spec(vocab: MultimodalVocab, method: str, temperature: float, top_p: float) -> SamplingSpec:
+    if method not in ("greedy", "top_p", "temperature"):
+        raise ValueError(f"text decoding method must be 'greedy', 'temperature' or 'top_p', got {method!r}")
+    return SamplingSpec(method=method, streams=1, temperature=temperature, top_p=top_p, lo=0, hi=vocab.size)
+
+
+def generate_text(
+    model: CM3Leon,
+    vocab: MultimodalVocab,
+    images: Tensor | Sequence[Sequence[int]],
+    instruction: Sequence[int] | Sequence[Sequence[int]] | None = None,
+    *,
+    max_new_tokens: int = 32,
+    method: str = "greedy",
+    temperature: float = 1.0,
+    top_p: float = 0.9,
+    seed: int | None = None,
+    check_every: int = 8,
+    compile: bool | None = None,
+) -> list[list[int]]:
+    """Caption images or answer questions about them (paper section 4.2), as the infilled span ``<mask:0>``.
+
+    Prompt per image: ``<eos> [instruction] <mask:0> <break> image <infill> <mask:0>``. Only text ids can be sampled
+    (never image codes, padding rows, ``<pad>``, ``<mask>`` or ``<infill>``). All images decode as one batch;
+    every ``check_every`` steps one host sync ends the loop once every row has emitted ``<eos>``, ``<break>`` or
+    a sentinel.
+
+    Args:
+        images: ``(B, grid_h * grid_w)`` codes, or B code lists.
+        instruction: None (captioning), one instruction (text ids) for all images, or one per image.
+        max_new_tokens: the most tokens per answer.
+        method: ``greedy``, ``temperature`` or ``top_p``.
+
+    Returns:
+        B answers as text-tokenizer ids, without the stop token (decode with ``TextTokenizer.decode``).
+    """
+    check_vocab(model, vocab)
+    if max_new_tokens < 1 or check_every < 1:
+        raise ValueError(f"max_new_tokens and check_every must be >= 1, got {max_new_tokens} and {check_every}")
+    codes = [image_codes(vocab, img) for img in images]
+    if instruction is None or len(instruction) == 0:
+        per_image: list[Sequence[int]] = [[]] * len(codes)
+    elif isinstance(instruction[0], int):
+        per_image = [instruction] * len(codes)  # type: ignore[list-item]
+    else:
+        per_image = list(instruction)  # type: ignore[arg-type]
+        if len(per_image) != len(codes):
+            raise ValueError(f"{len(per_image)} instructions for {len(codes)} images; give one, or one per image")
+    rows = [caption_prompt(vocab, c, i) for c, i in zip(codes, per_image)]
+    spec = _text_spec(vocab, method, temperature, top_p)
+    allowed = allowed_ids(vocab, model.config.vocab_size, "text", _device(model))[: vocab.size]
+    with torch.no_grad():
+        dec = Decoder(model, spec, rows, max_new_tokens, seed=seed, allowed=allowed, compile=compile)
+        out = dec.run(dec.prefill(), max_new_tokens, stop_ids(vocab), check_every)
+    return cut_at_stop(out, stop_ids(vocab))
+
+
+# ------------------------------------------------------------------------------------------------ infilling
+@dataclass
+class InfillResult:
+    """The result of :func:`infill`.
+
+    Attributes:
+        ids: the input with every ``<mask:i>`` replaced by its generated span.
+        spans: the generated span of each sentinel, in order (vocabulary ids).
+    """
+
+    ids: list[int]
+    spans: list[list[int]]
+
+
+def _plan_spans(vocab: MultimodalVocab, body: list[int], span_kinds: Sequence[str] | None) -> list[tuple[str, int]]:
+    """For each sentinel in order: its modality and, for images, the number of codes that complete the segment."""
+    where = [j for j, t in enumerate(body) if vocab.is_sentinel(t)]
+    if [body[j] for j in where] != vocab.sentinel_ids[: len(where)]:
+        raise ValueError("the sentinels must appear in order <mask:0>, <mask:1>, ... (as cm3_infill writes them)")
+    if not where:
+        raise ValueError("infill: the ids hold no <mask:i> sentinel")
+    if span_kinds is not None and len(span_kinds) != len(where):
+        raise ValueError(f"span_kinds has {len(span_kinds)} entries for {len(where)} sentinels")
+    plan = []
+    for i, j in enumerate(where):
+        lo, hi = j, j + 1
+        while lo > 0 and body[lo - 1] >= vocab.num_special:
+            lo -= 1
+        while hi < len(body) and body[hi] >= vocab.num_special:
+            hi += 1
+        n_image = sum(1 for t in body[lo:hi] if t >= vocab.n_text)
+        kind = "image" if n_image else (span_kinds[i] if span_kinds is not None else "text")
+        if kind not in ("text", "image"):
+            raise ValueError(f"span_kinds[{i}] must be 'text' or 'image', got {kind!r}")
+        if span_kinds is not None and span_kinds[i] != kind:
+            raise ValueError(f"span {i} sits next to image codes, so it is an image span, not {span_kinds[i]!r}")
+        missing = vocab.image_tokens - n_image
+        if kind == "image" and missing < 1:
+            raise ValueError(f"span {i}: its image segment already holds {n_image} codes; nothing left to infill")
+        plan.append((kind, missing if kind == "image" else 0))
+    return plan
+
+
+def infill(
+    model: CM3Leon,
+    vocab: MultimodalVocab,
+    ids: Sequence[int],
+    *,
+    span_kinds: Sequence[str] | None = None,
+    max_span_tokens: int = 32,
+    method: str = "greedy",
+    temperature: float = 1.0,
+    top_p: float = 0.9,
+    seed: int | None = None,
+    check_every: int = 8,
+    compile: bool | None = None,
+) -> InfillResult:
+    """Fill the masked spans of one document (CM3 infilling, paper section 2.2), text or image.
+
+    ``ids`` is a masked body as :func:`~cm3leon_lightning.objective.cm3_infill` writes it before ``<infill>``, e.g.
+    ``<eos> a <mask:0> <break> image-with-<mask:1>`` (a trailing ``<eos>`` is dropped, as in training). The model
+    reads ``ids <infill> <mask:0>`` and generates span 0, then ``<mask:1>`` is appended, and so on. An image span
+    gets exactly as many codes as its segment misses (image codes only); a text span ends at ``<eos>``, ``<break>``
+    or a sentinel, or after ``max_span_tokens``.
+
+    Args:
+        ids: the masked document.
+        span_kinds: ``"text"``/``"image"`` per sentinel; needed only for a whole masked image segment, whose
+            modality cannot be seen from its neighbours (default: text).
+        max_span_tokens: the most tokens of a text span.
+        Other arguments as :func:`generate_text`.
+    """
+    check_vocab(model, vocab)
+    body = [int(t) for t in ids]
+    vocab.validate_ids(body, "infill ids")
+    if body and body[-1] == vocab.eos_id:
+        body = body[:-1]
+    plan = _plan_spans(vocab, body, span_kinds)
+    spec = _text_spec(vocab, method, temperature, top_p)
+    device = _device(model)
+    allowed = {k: allowed_ids(vocab, model.config.vocab_size, k, device)[: vocab.size] for k in ("text", "image")}
+    budget = sum(n if k == "image" else max_span_tokens for k, n in plan) + len(plan) + 1
+    prompt = body + [vocab.infill_id, vocab.sentinel_id(0)]
+    stops = stop_ids(vocab)
+    spans: list[list[int]] = []
+    with torch.no_grad():
+        dec = Decoder(model, spec, [prompt], budget, seed=seed, allowed=allowed[plan[0][0]], compile=compile)
+        first, slot = dec.prefill(), len(prompt)  # slot: where the first new token will be fed
+        for i, (kind, n) in enumerate(plan):
+            dec.allowed = allowed[kind]
+            if i:  # feed the previous span's last token (never fed yet) and <mask:i>
+                forced = spans[-1][-1:] + [vocab.sentinel_id(i)]
+                slot -= len(spans[-1][-1:])
+                dec.input_pos.fill_(slot)
+                first = dec.feed_prompt(torch.tensor([forced], device=device))
+                slot += len(forced)
+            dec.input_pos.fill_(slot)
+            if kind == "image":
+                span = dec.run(first, n)[0].tolist()
+            else:
+                span = cut_at_stop(dec.run(first, max_span_tokens, stops, check_every), stops)[0]
+            spans.append(span)
+            slot += len(span)
+    filled: list[int] = []
+    for t in body:
+        filled.extend(spans[t - vocab.sentinel_id(0)] if vocab.is_sentinel(t) else [t])
+    return InfillResult(filled, spans)
