@@ -1,0 +1,191 @@
+"""The shard format: writer, manifest, reader validation, plain-webdataset compatibility."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+from conftest import IMAGE_TOKENIZER, TEXT_TOKENIZER, make_sample, write_dataset
+
+from cm3leon_lightning.data.shards import (
+    FORMAT_VERSION,
+    Manifest,
+    ShardFormatError,
+    ShardWriter,
+    decode_sample,
+    encode_sample,
+    file_sha256,
+    iter_tar_samples,
+    read_shard,
+    sanitize_key,
+)
+
+
+def test_write_and_read_back(tmp_path: Path) -> None:
+    m = write_dataset(tmp_path, 10, 4)
+    assert [(s.name, s.count) for s in m.shards] == [
+        ("shard-000000.tar", 4),
+        ("shard-000001.tar", 4),
+        ("shard-000002.tar", 2),
+    ]
+    saved = json.loads((tmp_path / "manifest.json").read_text())
+    assert saved["format_version"] == FORMAT_VERSION == 1
+    assert saved["created_by"].startswith("cm3leon_lightning ")
+    assert saved["text_tokenizer"] == TEXT_TOKENIZER and saved["image_tokenizer"] == IMAGE_TOKENIZER
+    assert saved["clip"] == {"model": "ViT-B-32", "dim": 512} and saved["retrieval"]["k"] == 4
+    for s in saved["shards"]:
+        assert s["sha256"] == file_sha256(tmp_path / s["name"])
+    loaded = Manifest.load(tmp_path / "manifest.json")
+    assert loaded.num_samples == 10 and loaded.vocab().image_tokens == 4
+    got = [s for sh in loaded.shards for s in read_shard(tmp_path / sh.name, loaded)]
+    for i, s in enumerate(got):
+        want = make_sample(i)
+        assert s.key == want.key and s.caption == want.caption
+        assert s.text.tolist() == want.text.tolist() and s.image.tolist() == want.image.tolist()
+        assert [(n.key, n.score, n.by) for n in s.neighbors] == [(n.key, n.score, n.by) for n in want.neighbors]
+        for a, b in zip(s.neighbors, want.neighbors):
+            assert a.text.tolist() == b.text.tolist() and a.image.tolist() == b.image.tolist()
+
+
+def test_plain_webdataset_and_numpy_read_shards(tmp_path: Path) -> None:
+    write_dataset(tmp_path, 6, 6)
+    rows = list(wds.WebDataset(str(tmp_path / "shard-000000.tar"), shardshuffle=False))
+    assert [r["__key__"] for r in rows] == [f"doc-{i:04d}" for i in range(6)]
+    r = rows[2]
+    assert set(r) >= {"caption.txt", "text.npy", "image.npy", "neighbors.json", "neighbors.npz"}
+    text = np.load(io.BytesIO(r["text.npy"]), allow_pickle=False)
+    image = np.load(io.BytesIO(r["image.npy"]), allow_pickle=False)
+    assert text.dtype == np.int32 and text.tolist() == make_sample(2).text.tolist()
+    assert image.dtype == np.int16 and image.tolist() == [2, 3, 4, 5]
+    with np.load(io.BytesIO(r["neighbors.npz"]), allow_pickle=False) as npz:
+        assert sorted(npz.files) == [f"{m}_{j}" for m in ("image", "text") for j in range(4)]
+        assert npz["image_1"].tolist() == make_sample(2).neighbors[1].image.tolist()
+    assert [n["by"] for n in json.loads(r["neighbors.json"])] == ["text", "image", "text", "image"]
+    assert r["caption.txt"].decode() == "caption 2"
+
+
+def test_writes_are_atomic_and_deterministic(tmp_path: Path) -> None:
+    w = ShardWriter(tmp_path / "a", TEXT_TOKENIZER, IMAGE_TOKENIZER, samples_per_shard=4)
+    for i in range(6):  # one complete shard, one in progress; the writer is "killed" (never closed)
+        w.write(make_sample(i))
+    names = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert names == [".shard-000001.tar.tmp", "shard-000000.tar"]  # no manifest: the dataset is not complete
+    with pytest.raises(RuntimeError), ShardWriter(tmp_path / "b", TEXT_TOKENIZER, IMAGE_TOKENIZER) as w2:
+        w2.write(make_sample(0))
+        raise RuntimeError("killed")
+    assert list((tmp_path / "b").iterdir()) == []
+    m1, m2 = write_dataset(tmp_path / "c", 5, 2), write_dataset(tmp_path / "d", 5, 2)
+    assert [s.sha256 for s in m1.shards] == [s.sha256 for s in m2.shards]  # byte-identical shards
+    with pytest.raises(ValueError, match="exists"):
+        write_dataset(tmp_path / "c", 1, 1)
+
+
+def test_keys_are_sanitised_and_unique(tmp_path: Path) -> None:
+    assert sanitize_key("a/b/../c.d.e") == "a_b____c_d_e"
+    assert sanitize_key("img 001.jpg") == "img_001_jpg"
+    with pytest.raises(ValueError, match="no usable"):
+        sanitize_key("../")
+    w = ShardWriter(tmp_path, TEXT_TOKENIZER, IMAGE_TOKENIZER)
+    s = make_sample(0)
+    s.key = "coco/train/1.jpg"
+    assert w.write(s) == "coco_train_1_jpg"
+    s2 = make_sample(1)
+    s2.key = "coco/train/1_jpg"
+    with pytest.raises(ValueError, match="duplicate key 'coco_train_1_jpg'"):
+        w.write(s2)
+    w.close()
+    assert [x.key for x in read_shard(tmp_path / "shard-000000.tar", Manifest.load(tmp_path / "manifest.json"))] == [
+        "coco_train_1_jpg"
+    ]
+
+
+def test_writer_refuses_samples_the_reader_would_skip(tmp_path: Path) -> None:
+    w = ShardWriter(tmp_path, TEXT_TOKENIZER, IMAGE_TOKENIZER)
+    bad = make_sample(0)
+    bad.image = np.zeros(5, dtype=np.int16)
+    with pytest.raises(ShardFormatError, match="5 image codes; expected grid_h\\*grid_w = 4"):
+        w.write(bad)
+    bad = make_sample(1)
+    bad.text = np.array([13, 64])
+    with pytest.raises(ShardFormatError, match=r"text id 64 outside the allowed range \[13, 64\)"):
+        w.write(bad)
+
+
+def npy(values: list) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.array(values, dtype=np.int16), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _members(i: int = 0) -> dict[str, bytes]:
+    return encode_sample(make_sample(i), Manifest(TEXT_TOKENIZER, IMAGE_TOKENIZER).vocab())
+
+
+@pytest.mark.parametrize(
+    ("mutate", "reason"),
+    [
+        (lambda m: m.update({"text.npy": b"garbage"}), "corrupt_member"),
+        (lambda m: m.update({"neighbors.json": b"{not json"}), "corrupt_member"),
+        (lambda m: m.pop("image.npy"), "missing_field"),
+        (lambda m: m.update({"text.npy": npy([20, 1, 30])}), "ids_out_of_range"),  # <eos> inside a caption
+        (lambda m: m.update({"image.npy": npy([0, 1, 2, 40])}), "ids_out_of_range"),
+        (lambda m: m.update({"image.npy": npy([0, 1, 2])}), "image_length"),
+        (lambda m: m.update({"image.npy": npy([[0, 1], [2, 3]])}), "corrupt_member"),
+        (lambda m: m.update({"neighbors.npz": b"PK garbage"}), "corrupt_member"),
+        (lambda m: m.update({"extra.pkl": b"\x80\x04K\x01."}), "forbidden_member"),
+        (lambda m: m.update({"pyd": b"\x80\x04K\x01."}), "forbidden_member"),
+    ],
+)
+def test_reader_rejects_bad_samples_with_a_reason(mutate, reason) -> None:
+    vocab = Manifest(TEXT_TOKENIZER, IMAGE_TOKENIZER).vocab()
+    members = _members(3)
+    mutate(members)
+    with pytest.raises(ShardFormatError) as err:
+        decode_sample("doc", members, vocab)
+    assert err.value.reason == reason
+
+
+def test_truncated_tar_yields_complete_samples_then_fails(tmp_path: Path) -> None:
+    write_dataset(tmp_path, 4, 4)
+    data = (tmp_path / "shard-000000.tar").read_bytes()
+    with tarfile.open(tmp_path / "shard-000000.tar") as tf:
+        cut = tf.getmembers()[7].offset_data + 10  # inside the second sample's image.npy
+    got = []
+    with pytest.raises(ShardFormatError) as err:
+        for key, _ in iter_tar_samples(io.BytesIO(data[:cut]), "half"):
+            got.append(key)
+    assert err.value.reason == "corrupt_shard" and "half" in str(err.value)
+    assert got == ["doc-0000"]  # the sample cut in the middle is not yielded
+    with pytest.raises(ShardFormatError):
+        list(iter_tar_samples(io.BytesIO(b"\x01" * 1024), "noise"))
+
+
+def test_manifest_validation(tmp_path: Path) -> None:
+    write_dataset(tmp_path, 2, 2)
+    d = json.loads((tmp_path / "manifest.json").read_text())
+    with pytest.raises(ValueError, match="format_version 2 is not supported"):
+        Manifest.from_dict({**d, "format_version": 2})
+    with pytest.raises(ValueError, match=r"image_tokenizer lacks \['grid_w'\]"):
+        Manifest.from_dict({**d, "image_tokenizer": {"n_codes": 32, "grid_h": 2}})
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(ValueError, match="cannot read manifest .*bad.json"):
+        Manifest.load(tmp_path / "bad.json")
+
+
+def test_tar_members_have_fixed_headers(tmp_path: Path) -> None:
+    write_dataset(tmp_path, 1, 1)
+    with tarfile.open(tmp_path / "shard-000000.tar") as tf:
+        infos = tf.getmembers()
+    assert [i.name for i in infos] == [
+        "doc-0000.caption.txt",
+        "doc-0000.text.npy",
+        "doc-0000.image.npy",
+        "doc-0000.neighbors.json",
+        "doc-0000.neighbors.npz",
+    ]
+    assert {(i.mtime, i.mode) for i in infos} == {(0, 0o644)}
