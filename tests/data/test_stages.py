@@ -1,0 +1,140 @@
+"""Pipeline stages: exact sequences, retrieved-document choice, context fitting, masking, batching."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_sample
+
+from cm3leon_lightning.data.shards import Neighbor, ShardSample
+from cm3leon_lightning.data.stages import (
+    CHOICE_STREAM,
+    Example,
+    PipelineConfig,
+    build_example,
+    choose_retrieved,
+    collate,
+    fit_to_context,
+    sample_rng,
+)
+from cm3leon_lightning.objective.cm3 import cm3_restore
+from cm3leon_lightning.tokenization.vocab import MultimodalVocab, Segment
+
+VOCAB = MultimodalVocab(n_text=64, n_codes=32, grid_h=2, grid_w=2)  # 13 special ids, image ids 64..95
+
+
+def hand_sample() -> ShardSample:
+    a = np.array
+    return ShardSample(
+        key="q",
+        caption="query",
+        text=a([20, 21]),
+        image=a([0, 1, 2, 3]),
+        neighbors=[
+            Neighbor("n0", 0.8, "text", a([30]), a([4, 5, 6, 7])),
+            Neighbor("n1", 0.7, "image", a([40, 41]), a([8, 9, 10, 11])),
+        ],
+    )
+
+
+def cfg(**kw) -> PipelineConfig:
+    base = dict(vocab=VOCAB, max_retrieved=3, no_retrieval_share=0.0, infill=False, slot_len=64)
+    return PipelineConfig(**{**base, **kw})
+
+
+def test_exact_ids_with_two_neighbours() -> None:
+    ex = build_example(hand_sample(), cfg(), epoch=0)
+    # <eos> 30 <break> img(4..7) <eos> 40 41 <break> img(8..11) <eos> 20 21 <break> img(0..3) <eos>
+    want = [1, 30, 2, 68, 69, 70, 71, 1, 40, 41, 2, 72, 73, 74, 75, 1, 20, 21, 2, 64, 65, 66, 67, 1]
+    assert ex.ids.tolist() == want
+    assert (ex.key, ex.n_retrieved, ex.dropped_retrieved, ex.truncated_tokens) == ("q", 2, 0, 0)
+    docs = [[Segment.text(t), Segment.image(i)] for t, i in (([30], [4, 5, 6, 7]), ([40, 41], [8, 9, 10, 11]))]
+    assert VOCAB.example_to_ids(docs, [Segment.text([20, 21]), Segment.image([0, 1, 2, 3])]) == want
+    flipped = build_example(hand_sample(), cfg(image_first_prob=1.0), epoch=0).ids.tolist()
+    assert flipped[:8] == [1, 68, 69, 70, 71, 2, 30, 1]  # image first when configured
+    assert flipped[-9:] == [1, 64, 65, 66, 67, 2, 20, 21, 1]
+
+
+@pytest.mark.parametrize(
+    ("slot", "want", "dropped", "truncated"),
+    [
+        (24, [1, 30, 2, 68, 69, 70, 71, 1, 40, 41, 2, 72, 73, 74, 75, 1, 20, 21, 2, 64, 65, 66, 67, 1], 0, 0),
+        (23, [1, 30, 2, 68, 69, 70, 71, 1, 20, 21, 2, 64, 65, 66, 67, 1], 1, 0),  # the last retrieved doc goes first
+        (15, [1, 20, 21, 2, 64, 65, 66, 67, 1], 2, 0),
+        (8, [1, 20, 2, 64, 65, 66, 67, 1], 2, 1),  # then the caption is cut from its end
+        (7, [1, 64, 65, 66, 67, 1], 2, 2),  # no caption left: the <break> goes too; the image is whole
+    ],
+)
+def test_fit_to_context_drops_retrieved_then_truncates_caption(slot, want, dropped, truncated) -> None:
+    ex = build_example(hand_sample(), cfg(slot_len=slot), epoch=0)
+    assert ex.ids.tolist() == want
+    assert (ex.dropped_retrieved, ex.truncated_tokens) == (dropped, truncated)
+    assert len(want) <= slot
+
+
+def test_fit_to_context_never_cuts_an_image() -> None:
+    assert fit_to_context([9, 8], 2, 4, 6) == (0, 0)
+    with pytest.raises(ValueError, match="one image document needs 6 tokens, budget is 5"):
+        fit_to_context([], 2, 4, 5)
+
+
+@pytest.mark.parametrize("share", [0.0, 0.3, 1.0])
+def test_share_without_retrieval_matches_setting(share: float) -> None:
+    neighbors = make_sample(0).neighbors
+    chosen = [choose_retrieved(neighbors, sample_rng(0, 0, f"doc-{i}", CHOICE_STREAM), 3, share) for i in range(2000)]
+    none = sum(not c for c in chosen) / len(chosen)
+    assert abs(none - share) < 0.03
+    kept = [c for c in chosen if c]
+    assert all(len(c) == 3 for c in kept)
+    # a random subset of the stored neighbours, kept in retrieval order, covering all of them over many samples
+    orders = {tuple(n.key for n in c) for c in kept}
+    assert all(list(o) == sorted(o) for o in orders)
+    assert share == 1.0 or len(orders) == 4
+
+
+def test_choices_depend_on_seed_epoch_and_key_only() -> None:
+    neighbors = make_sample(0).neighbors
+
+    def pick(seed: int, epoch: int, key: str) -> list[str]:
+        return [n.key for n in choose_retrieved(neighbors, sample_rng(seed, epoch, key, CHOICE_STREAM), 2, 0.0)]
+
+    assert pick(0, 0, "a") == pick(0, 0, "a")
+    keys = [f"k{i}" for i in range(20)]
+    assert [pick(0, 0, k) for k in keys] != [pick(0, 1, k) for k in keys]
+    assert [pick(0, 0, k) for k in keys] != [pick(1, 0, k) for k in keys]
+
+
+def test_masking_is_seeded_and_invertible() -> None:
+    masked_any = 0
+    for i in range(20):
+        sample = make_sample(i)
+        plain = build_example(sample, cfg(), epoch=3)
+        masked = build_example(sample, cfg(infill=True), epoch=3)
+        assert cm3_restore(masked.ids, VOCAB).tolist() == plain.ids.tolist()
+        assert masked.ids.tolist() == build_example(sample, cfg(infill=True), epoch=3).ids.tolist()
+        assert masked.ids.size <= 64
+        masked_any += masked.ids.size > plain.ids.size
+    assert masked_any >= 10
+
+
+def test_masking_reserve_keeps_examples_within_the_slot() -> None:
+    c = cfg(infill=True, slot_len=24 + 17)
+    assert c.budget == 24  # 2 K + 1 = 17 tokens reserved for sentinels and <infill>
+    assert build_example(hand_sample(), c, epoch=0).n_retrieved == 2
+    assert build_example(hand_sample(), cfg(infill=True, slot_len=23 + 17), epoch=0).n_retrieved == 1
+
+
+def test_collate_pads_and_packs_to_static_shapes() -> None:
+    def ex(key: str, n: int) -> Example:
+        return Example(key, np.arange(1, n + 1), n_retrieved=1, dropped_retrieved=n % 2, truncated_tokens=0)
+
+    b = collate([ex("a", 3), ex("b", 2), ex("c", 4)], batch_size=2, seq_len=8, pack=2, pad_id=0)
+    assert b["input_ids"].dtype == torch.long and b["input_ids"].shape == (2, 8)
+    assert b["input_ids"].tolist() == [[1, 2, 3, 1, 2, 0, 0, 0], [1, 2, 3, 4, 0, 0, 0, 0]]
+    assert b["keys"] == [["a", "b"], ["c"]]
+    assert b["n_retrieved"].tolist() == [2, 1] and b["dropped_retrieved"].tolist() == [1, 0]
+    empty = collate([], batch_size=3, seq_len=4)
+    assert empty["input_ids"].tolist() == [[0] * 4] * 3 and empty["keys"] == [[], [], []]
+    with pytest.raises(ValueError, match="overflows row 0 of 4"):
+        collate([ex("a", 3), ex("b", 2)], batch_size=1, seq_len=4, pack=2)
