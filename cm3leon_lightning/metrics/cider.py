@@ -1,0 +1,311 @@
+"""CIDEr-D for image captioning (paper section 4.2, table 2: "MS-COCO CIDEr"), as computed by pycocoevalcap.
+
+What is computed, exactly: pycocoevalcap's ``Cider`` scorer (the COCO caption evaluation code). Despite its class
+name it implements the CIDEr-D variant of Vedantam et al. (2015, section 5): no stemming, n-gram counts of the
+candidate clipped by the reference's, a Gaussian length penalty (sigma = 6), n = 1..4, scores x 10. The IDF is taken
+from the references of the evaluated set itself (not from a fixed corpus), so a score depends on the whole set and
+the metric keeps every caption until :meth:`CIDErD.compute`. This is the number the COCO server reports as CIDEr-D
+and papers report as "CIDEr".
+
+Captions are tokenized first, as the COCO evaluation does:
+
+- ``"ptb"``: Stanford CoreNLP's PTBTokenizer (``-preserveLines -lowerCase``, the jar pycocoevalcap ships), then
+  pycocoevalcap's punctuation tokens are dropped. Needs ``java`` on ``PATH``.
+- ``"simple"``: a pure-Python fallback, :func:`simple_ptb_tokenize`, that mimics the PTB rules captions meet
+  (lower-casing; punctuation split off and dropped; ``n't``/``'s``/``'re``... split off; brackets become ``-lrb-``
+  etc. as PTB writes them; periods kept in abbreviations such as ``mr.`` and ``u.s.``). It agrees with PTB on
+  ordinary captions (the tests check a fixed set) but not on every corner case, so scores may differ slightly.
+- ``"auto"``: PTB when Java is found, else the fallback with a warning.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+# pycocoevalcap's list: these tokens are removed after PTB tokenization (case-sensitive, as there).
+PTB_PUNCTUATIONS = frozenset(
+    ["''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-", "--", "...", ";"]
+)
+TOKENIZERS = ("auto", "ptb", "simple")
+
+
+def java_available() -> bool:
+    """Whether a ``java`` executable is on ``PATH`` (needed by the PTB tokenizer)."""
+    return shutil.which("java") is not None
+
+
+def resolve_tokenizer(tokenizer: str, warn: bool = True) -> str:
+    """Map ``auto`` to ``ptb`` or ``simple``; warn once when falling back; refuse unknown names and missing Java.
+
+    Raises:
+        ValueError: ``tokenizer`` not one of ``auto``, ``ptb``, ``simple``.
+        RuntimeError: ``ptb`` requested and no ``java`` on ``PATH``.
+    """
+    if tokenizer not in TOKENIZERS:
+        raise ValueError(f"tokenizer must be one of {TOKENIZERS}, got {tokenizer!r}")
+    if tokenizer == "simple":
+        return "simple"
+    if java_available():
+        return "ptb"
+    if tokenizer == "ptb":
+        raise RuntimeError("tokenizer='ptb' needs a `java` executable on PATH (Java 8+); or use tokenizer='simple'")
+    if warn:
+        warnings.warn(
+            "CIDEr: no `java` on PATH, so captions are tokenized with the pure-Python fallback "
+            "(cm3leon_lightning.metrics.cider.simple_ptb_tokenize), which approximates the PTB tokenizer; "
+            "install Java for scores comparable with published CIDEr figures",
+            stacklevel=2,
+        )
+    return "simple"
+
+
+def _ptb_jar() -> Path:
+    import pycocoevalcap.tokenizer.ptbtokenizer as ptb
+
+    return Path(ptb.__file__).resolve().parent / ptb.STANFORD_CORENLP_3_4_1_JAR
+
+
+def ptb_tokenize(captions: Sequence[str]) -> list[str]:
+    """Tokenize with Stanford's PTBTokenizer exactly as pycocoevalcap's ``PTBTokenizer`` does, one line per caption.
+
+    Unlike pycocoevalcap, the temporary input file goes to the system temp directory (site-packages may be
+    read-only). Empty captions stay empty.
+    """
+    if not captions:
+        return []
+    if not java_available():
+        raise RuntimeError("ptb_tokenize needs a `java` executable on PATH")
+    lines = [c.replace("\n", " ").replace("\r", " ") for c in captions]
+    # PTB drops blank lines' content but keeps the line; a lone space keeps it explicit for every version.
+    text = "\n".join(line if line.strip() else " " for line in lines)
+    fd, name = tempfile.mkstemp(suffix=".txt", prefix="cm3leon_ptb_")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(text.encode("utf-8"))
+        cmd = [
+            "java",
+            "-cp",
+            str(_ptb_jar()),
+            "edu.stanford.nlp.process.PTBTokenizer",
+            "-preserveLines",
+            "-lowerCase",
+            name,
+        ]
+        out = subprocess.run(cmd, capture_output=True, check=True).stdout.decode("utf-8")
+    finally:
+        os.remove(name)
+    result = out.split("\n")[: len(lines)]
+    if len(result) != len(lines):
+        raise RuntimeError(f"PTBTokenizer returned {len(result)} lines for {len(lines)} captions")
+    return [" ".join(w for w in line.rstrip().split(" ") if w and w not in PTB_PUNCTUATIONS) for line in result]
+
+
+# ------------------------------------------------------------------------------------------ fallback tokenizer
+_ABBREVIATIONS = frozenset(
+    "mr mrs ms dr st jr sr prof etc vs inc ltd co corp mt ft jan feb mar apr jun jul aug sep sept oct nov dec".split()
+)
+_BRACKETS = {"(": "-lrb-", ")": "-rrb-", "{": "-lcb-", "}": "-rcb-", "[": "-lsb-", "]": "-rsb-"}
+_SPECIAL_WORDS = {
+    "can't": "ca n't",
+    "won't": "wo n't",
+    "cannot": "can not",
+    "gonna": "gon na",
+    "gotta": "got ta",
+    "wanna": "wan na",
+    "gimme": "gim me",
+    "lemme": "lem me",
+}
+_CLITIC = re.compile(r"^(.+?)(n't|'s|'re|'ve|'ll|'d|'m)$")
+_INTERNAL_PERIOD = re.compile(r"^[a-z0-9]+(\.[a-z0-9]+)+$")
+
+
+def _split_word(tok: str) -> list[str]:
+    """One whitespace token -> PTB-like tokens (quotes and brackets already separated)."""
+    out_tail: list[str] = []
+    if set(tok) == {"."}:
+        return [tok]
+    # Trailing periods: "..." is its own token; one period stays in abbreviations and dotted words (u.s., e.g.).
+    m = re.match(r"^(.*?)(\.{2,})$", tok)
+    if m and m.group(1):
+        tok, out_tail = m.group(1), [m.group(2)]
+    elif tok.endswith(".") and len(tok) > 1:
+        stem = tok[:-1]
+        if not (stem in _ABBREVIATIONS or _INTERNAL_PERIOD.match(stem)):
+            tok, out_tail = stem, ["."]
+    if tok in _SPECIAL_WORDS:
+        return _SPECIAL_WORDS[tok].split() + out_tail
+    head: list[str] = []
+    while tok.startswith("'") and len(tok) > 1:  # opening single quote
+        head.append("'")
+        tok = tok[1:]
+    tail: list[str] = []
+    while tok.endswith("'") and len(tok) > 1:  # closing quote or plural possessive (dogs')
+        tail.insert(0, "'")
+        tok = tok[:-1]
+    m = _CLITIC.match(tok)
+    if m:
+        return head + [m.group(1), m.group(2)] + tail + out_tail
+    return head + [tok] + tail + out_tail
+
+
+def simple_ptb_tokenize(caption: str) -> str:
+    """Pure-Python stand-in for PTB tokenization + pycocoevalcap punctuation removal (see the module docstring).
+
+    Args:
+        caption: one caption.
+
+    Returns:
+        Space-joined lower-case tokens, punctuation tokens removed.
+    """
+    text = caption.replace("\n", " ").replace("\r", " ").lower()
+    text = text.replace('"', " '' ").replace("``", " `` ")
+    for bracket, word in _BRACKETS.items():
+        text = text.replace(bracket, f" {word} ")
+    text = re.sub(r"([?!]+)", r" \1 ", text)  # runs like "?!" stay one token, as in PTB
+    text = re.sub(r"(?<!\d),|,(?!\d)", " , ", text)  # keep 1,000
+    text = re.sub(r"(?<!\d):|:(?!\d)", " : ", text)  # keep 10:30
+    text = re.sub(r"([;%$#+=])", r" \1 ", text)
+    text = re.sub(r"--+", " -- ", text)
+    tokens: list[str] = []
+    for tok in text.split():
+        tokens.extend(_split_word(tok))
+    return " ".join(t for t in tokens if t not in PTB_PUNCTUATIONS)
+
+
+def tokenize_captions(captions: Sequence[str], tokenizer: str = "auto") -> list[str]:
+    """Tokenize captions with ``ptb``, ``simple`` or ``auto`` (see the module docstring)."""
+    if resolve_tokenizer(tokenizer) == "ptb":
+        return ptb_tokenize(captions)
+    return [simple_ptb_tokenize(c) for c in captions]
+
+
+def cider_d(
+    candidates: Sequence[str], references: Sequence[Sequence[str]], tokenizer: str = "auto"
+) -> tuple[float, list[float]]:
+    """CIDEr-D of candidate captions against their references (pycocoevalcap's ``Cider``, see the module docstring).
+
+    Args:
+        candidates: one generated caption per image.
+        references: for each image, one or more reference captions.
+        tokenizer: ``auto``, ``ptb`` or ``simple``.
+
+    Returns:
+        The corpus score (mean over images) and the per-image scores.
+
+    Raises:
+        ValueError: lengths differ, or an image has no reference.
+    """
+    from pycocoevalcap.cider.cider import Cider
+
+    if len(candidates) != len(references):
+        raise ValueError(f"got {len(candidates)} candidates but {len(references)} reference lists")
+    if not candidates:
+        raise ValueError("CIDEr needs at least one candidate caption")
+    empty = next((i for i, refs in enumerate(references) if len(refs) == 0), None)
+    if empty is not None:
+        raise ValueError(f"image {empty} has no reference caption")
+    flat = list(candidates) + [r for refs in references for r in refs]
+    tokens = tokenize_captions(flat, tokenizer)
+    res = {i: [tokens[i]] for i in range(len(candidates))}
+    gts: dict[int, list[str]] = {}
+    pos = len(candidates)
+    for i, refs in enumerate(references):
+        gts[i] = tokens[pos : pos + len(refs)]
+        pos += len(refs)
+    score, scores = Cider().compute_score(gts, res)
+    return float(score), [float(s) for s in scores]
+
+
+# -------------------------------------------------------------------------------------------------- metric
+def _encode(texts: Sequence[str]) -> tuple[Tensor, Tensor]:
+    """Strings -> one flat uint8 tensor of their UTF-8 bytes and a tensor of byte lengths (tensor metric states
+    gather across ranks in order, strings do not)."""
+    data = [t.encode("utf-8") for t in texts]
+    flat = torch.frombuffer(bytearray(b"".join(data)), dtype=torch.uint8) if any(data) else torch.empty(0)
+    return flat.to(torch.uint8), torch.tensor([len(d) for d in data], dtype=torch.long)
+
+
+def _decode(flat: Tensor, lengths: Tensor) -> list[str]:
+    raw = bytes(flat.to(torch.uint8).cpu().tolist())
+    out, pos = [], 0
+    for n in lengths.long().tolist():
+        out.append(raw[pos : pos + n].decode("utf-8"))
+        pos += n
+    return out
+
+
+class CIDErD(Metric):
+    """torchmetrics Metric for CIDEr-D (pycocoevalcap's ``Cider``; see the module docstring).
+
+    ``update(candidates, references)`` takes a list of captions and, per caption, a list of references. The IDF
+    depends on the whole set, so the captions are kept (as UTF-8 bytes, gathered across ranks under DDP) and scored
+    in :meth:`compute`.
+
+    Args:
+        tokenizer: ``auto`` (PTB when Java is present, else the fallback with a warning now), ``ptb`` or
+            ``simple``.
+        **kwargs: passed to ``torchmetrics.Metric``.
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, tokenizer: str = "auto", **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.tokenizer = resolve_tokenizer(tokenizer)  # warns at construction, not at the end of an epoch
+        for name in ("cand_bytes", "cand_lens", "ref_bytes", "ref_lens", "ref_counts"):
+            self.add_state(name, default=[], dist_reduce_fx="cat")
+
+    def update(self, candidates: Sequence[str], references: Sequence[Sequence[str]]) -> None:
+        """Add captions and their references (one list of references per caption)."""
+        if isinstance(candidates, str):
+            raise ValueError("candidates must be a list of captions, got one string")
+        if len(candidates) != len(references):
+            raise ValueError(f"got {len(candidates)} candidates but {len(references)} reference lists")
+        for i, refs in enumerate(references):
+            if isinstance(refs, str) or len(refs) == 0:
+                raise ValueError(f"references[{i}] must be a non-empty list of captions, got {refs!r}")
+        flat, lens = _encode(candidates)
+        self.cand_bytes.append(flat.to(self.device))
+        self.cand_lens.append(lens.to(self.device))
+        flat_refs = [r for refs in references for r in refs]
+        flat, lens = _encode(flat_refs)
+        self.ref_bytes.append(flat.to(self.device))
+        self.ref_lens.append(lens.to(self.device))
+        self.ref_counts.append(torch.tensor([len(r) for r in references], dtype=torch.long, device=self.device))
+
+    def _cat(self, name: str) -> Tensor:
+        state = getattr(self, name)
+        if isinstance(state, Tensor):
+            return state
+        return torch.cat([s.reshape(-1) for s in state]) if state else torch.empty(0)
+
+    def captions(self) -> tuple[list[str], list[list[str]]]:
+        """The stored (candidates, references), in update order (all ranks' after a sync)."""
+        cands = _decode(self._cat("cand_bytes"), self._cat("cand_lens"))
+        flat_refs = _decode(self._cat("ref_bytes"), self._cat("ref_lens"))
+        refs, pos = [], 0
+        for n in self._cat("ref_counts").long().tolist():
+            refs.append(flat_refs[pos : pos + n])
+            pos += n
+        return cands, refs
+
+    def compute(self) -> Tensor:
+        """The corpus CIDEr-D of every caption added so far (0-dim float tensor)."""
+        cands, refs = self.captions()
+        if not cands:
+            raise RuntimeError("CIDErD.compute() called before any update()")
+        score, _ = cider_d(cands, refs, self.tokenizer)
+        return torch.tensor(score, dtype=torch.float32)

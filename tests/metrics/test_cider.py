@@ -1,0 +1,133 @@
+"""CIDEr-D: equals pycocoevalcap's Cider with PTB tokens and with the fallback tokenizer; hand-computed value."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cm3leon_lightning.metrics.cider import (
+    CIDErD,
+    _decode,
+    _encode,
+    cider_d,
+    java_available,
+    ptb_tokenize,
+    resolve_tokenizer,
+    simple_ptb_tokenize,
+)
+
+needs_java = pytest.mark.skipif(not java_available(), reason="the PTB tokenizer needs java")
+
+CANDIDATES = [
+    "A man riding a wave on top of a surfboard.",
+    "Two dogs' toys (red) on the U.S. grass!",
+    "He doesn't like the \"big\" cat's t-shirt -- really?",
+    "A 3.5 inch pizza; cheese, tomatoes & basil...",
+    "a cat sitting on a chair .",
+    "Mr. Smith at 10:30 costs $5.00 etc.",
+]
+REFERENCES = [
+    ["A surfer rides a large wave.", "a man on a surfboard riding a wave", "Man surfing; big wave!"],
+    ["Red toys on the grass.", "two dog toys lying on green grass", "Toys (for dogs) in the U.S."],
+    ["A cat's t-shirt.", "He won't wear the cat's shirt, can't he?", "a big cat shirt"],
+    ["A pizza with cheese, tomatoes and basil.", "a small pizza", "Pizza: 3.5 inches, basil & cheese."],
+    ["A cat on a chair.", "a grey cat sits on a wooden chair", "the cat is sitting."],
+    ["Mr. Smith pays $5.00 at 10:30.", "a man paying five dollars", "it's 1,000 dollars, 50% off"],
+]
+EXTRA = [
+    "I'm here, we're there, they've gone, she'll stay, he'd go.",
+    "can't won't cannot gonna wanna gotta",
+    "A large {curly} [boxed] item",
+    "dog's bowl. Another sentence here.",
+    "50% off #1 deal",
+    "a 'quoted' word",
+    "e.g. this ends with U.S.",
+    "Dr. Who St. Louis x:y yes!! what?!",
+    "o'clock Let's go ME AND YOU one+one=two a ... b",
+    "Ünïcode café, naïve.",
+    "",
+]
+
+
+def _pycocoevalcap(cands: list[str], refs: list[list[str]], tokenized: bool = False) -> tuple[float, list[float]]:
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    res = {i: [{"caption": c}] for i, c in enumerate(cands)}
+    gts = {i: [{"caption": r} for r in rs] for i, rs in enumerate(refs)}
+    if tokenized:
+        res = {i: [v[0]["caption"]] for i, v in res.items()}
+        gts = {i: [d["caption"] for d in v] for i, v in gts.items()}
+    else:
+        tok = PTBTokenizer()
+        res, gts = tok.tokenize(res), tok.tokenize(gts)
+    score, scores = Cider().compute_score(gts, res)
+    return float(score), [float(s) for s in scores]
+
+
+def test_hand_computed_value() -> None:
+    # Two images; "a" occurs in both reference sets, so its IDF is log(2) - log(2) = 0: only "cat"/"dog" and the
+    # bigram count. 1- and 2-gram cosines are 1, 3- and 4-grams have no n-grams (0): mean 0.5, times 10 = 5.
+    score, scores = cider_d(["a cat", "a dog"], [["a cat"], ["a dog"]], tokenizer="simple")
+    assert scores == pytest.approx([5.0, 5.0], abs=1e-12) and score == pytest.approx(5.0, abs=1e-12)
+    score, _ = cider_d(["a dog", "a cat"], [["a cat"], ["a dog"]], tokenizer="simple")
+    assert score == 0.0
+
+
+@needs_java
+def test_simple_tokenizer_matches_ptb_on_fixed_captions() -> None:
+    captions = CANDIDATES + [r for rs in REFERENCES for r in rs] + EXTRA
+    assert [simple_ptb_tokenize(c) for c in captions] == ptb_tokenize(captions)
+
+
+@needs_java
+def test_ptb_equals_pycocoevalcap() -> None:
+    want = _pycocoevalcap(CANDIDATES, REFERENCES)
+    assert want[0] > 0.1
+    got = cider_d(CANDIDATES, REFERENCES, tokenizer="ptb")
+    assert got[0] == want[0] and got[1] == want[1]
+
+
+def test_simple_equals_pycocoevalcap_on_its_tokens() -> None:
+    toks = [simple_ptb_tokenize(c) for c in CANDIDATES]
+    ref_toks = [[simple_ptb_tokenize(r) for r in rs] for rs in REFERENCES]
+    want = _pycocoevalcap(toks, ref_toks, tokenized=True)
+    got = cider_d(CANDIDATES, REFERENCES, tokenizer="simple")
+    assert got[0] == want[0] and got[1] == want[1]
+    if java_available():  # and, as the tokens agree, with the PTB pipeline too
+        assert got == _pycocoevalcap(CANDIDATES, REFERENCES)
+
+
+def test_metric_accumulates_and_equals_function() -> None:
+    metric = CIDErD(tokenizer="simple")
+    metric.update(CANDIDATES[:2], REFERENCES[:2])
+    metric.update(CANDIDATES[2:], REFERENCES[2:])
+    assert metric.captions() == (CANDIDATES, REFERENCES)
+    assert metric.compute().item() == pytest.approx(cider_d(CANDIDATES, REFERENCES, "simple")[0], rel=1e-6)
+    metric.reset()
+    with pytest.raises(RuntimeError, match="before any update"):
+        metric.compute()
+
+
+def test_byte_encoding_roundtrip_survives_concatenation() -> None:
+    a, la = _encode(["héllo", "", "wörld ✓"])
+    b, lb = _encode(["x"])
+    assert _decode(torch.cat([a, b]), torch.cat([la, lb])) == ["héllo", "", "wörld ✓", "x"]
+
+
+def test_bad_input_is_refused() -> None:
+    with pytest.raises(ValueError, match="tokenizer must be one of"):
+        resolve_tokenizer("nltk")
+    with pytest.raises(ValueError, match="no reference"):
+        cider_d(["a"], [[]], "simple")
+    with pytest.raises(ValueError, match="2 candidates but 1"):
+        CIDErD(tokenizer="simple").update(["a", "b"], [["a"]])
+
+
+def test_fallback_warns_at_construction(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("cm3leon_lightning.metrics.cider.shutil.which", lambda name: None)
+    with pytest.warns(UserWarning, match="fallback"):
+        metric = CIDErD(tokenizer="auto")
+    assert metric.tokenizer == "simple"
+    with pytest.raises(RuntimeError, match="java"):
+        resolve_tokenizer("ptb")

@@ -1,0 +1,64 @@
+"""VQA accuracy: hand-computed cases for the simple and the official (leave-one-out) forms, and normalisation."""
+
+from __future__ import annotations
+
+import pytest
+
+from cm3leon_lightning.metrics.vqa import VQAAccuracy, normalize_answer, vqa_accuracy
+
+OTHER = ["blue", "green", "white", "black", "pink", "gray", "orange", "purple", "brown", "tan"]
+
+
+def answers(k: int, match: str = "2") -> list[str]:
+    """10 human answers of which ``k`` are ``match``."""
+    return [match] * k + OTHER[: 10 - k]
+
+
+@pytest.mark.parametrize(
+    "k, simple, official", [(0, 0.0, 0.0), (1, 1 / 3, 0.3), (2, 2 / 3, 0.6), (3, 1.0, 0.9), (4, 1.0, 1.0)]
+)
+def test_hand_computed_accuracies(k: int, simple: float, official: float) -> None:
+    # Official: leaving out one of the k matches leaves k-1, leaving out another answer leaves k; e.g. k=2:
+    # (2 * 1/3 + 8 * 2/3) / 10 = 0.6.
+    assert vqa_accuracy("2", answers(k), official=False) == pytest.approx(simple)
+    assert vqa_accuracy("2", answers(k), official=True) == pytest.approx(official)
+
+
+@pytest.mark.parametrize(
+    "raw, norm",
+    [
+        ("Two", "2"),
+        ("The Dog!", "dog"),
+        ("a red, white car.", "red white car"),
+        ("dont", "don't"),
+        ("  an   apple\t", "apple"),
+        ("yes.", "yes"),
+        ("3.5", "3.5"),
+        ("1,000", "1000"),
+        ("black-and-white", "black and white"),
+        ("none", "0"),
+    ],
+)
+def test_normalisation(raw: str, norm: str) -> None:
+    assert normalize_answer(raw) == norm
+
+
+def test_normalisation_makes_answers_match() -> None:
+    humans = ["two", "2", "Two dogs", "2", "3", "3", "3", "3", "3", "3"]  # "two", "2", "2" match after normalising
+    assert vqa_accuracy("The two.", humans, official=False) == pytest.approx(1.0)
+    assert vqa_accuracy("The two.", humans, official=True) == pytest.approx(0.9)
+    # The official script leaves human answers' case and number words alone: only "2", "2" match.
+    assert vqa_accuracy("The two.", humans, official=False, official_references=True) == pytest.approx(2 / 3)
+
+
+def test_metric_mean_and_errors() -> None:
+    metric = VQAAccuracy(official=False)
+    metric.update(["2", "blue"], [answers(1), answers(0)])  # 1/3 and, "blue" being in OTHER once, 1/3
+    metric.update(["nothing"], [answers(3)])  # 0
+    assert metric.compute().item() == pytest.approx((1 / 3 + 1 / 3 + 0) / 3)
+    with pytest.raises(ValueError, match="2 predictions but 1"):
+        metric.update(["a", "b"], [answers(1)])
+    with pytest.raises(ValueError, match="non-empty list"):
+        vqa_accuracy("a", [])
+    with pytest.raises(ValueError, match="at least 2"):
+        vqa_accuracy("a", ["a"], official=True)
