@@ -1,0 +1,223 @@
+"""CM3LeonDataModule: sources, exact splitting over ranks and workers, mid-epoch resume, bad data."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from cm3leon_lightning.data import CM3LeonDataModule
+from cm3leon_lightning.data.plan import exact_plan
+from cm3leon_lightning.data.shards import file_sha256, iter_tar_samples
+from cm3leon_lightning.data.stream import ShardStream
+from cm3leon_lightning.tokenization.vocab import MultimodalVocab
+
+ALL_KEYS = {f"doc-{i:04d}" for i in range(22)}
+
+
+def make_dm(root: Path | str | list[str], **kw) -> CM3LeonDataModule:
+    args = dict(
+        train_data=root if isinstance(root, list) else str(root),
+        seq_len=64,
+        batch_size=2,
+        num_workers=0,
+        max_skip_share=1.0,
+    )
+    return CM3LeonDataModule(**{**args, **kw})
+
+
+def keys_of(batches: list[dict]) -> list[str]:
+    return [k for b in batches for row in b["keys"] for k in row]
+
+
+def test_vocabulary_comes_from_the_manifest(tiny_dataset: Path) -> None:
+    dm = make_dm(tiny_dataset)
+    assert dm.vocab == MultimodalVocab(n_text=64, n_codes=32, grid_h=2, grid_w=2, num_sentinels=8)
+    assert dm.vocab_size == 128 and dm.manifest.num_samples == 22
+    with pytest.raises(ValueError, match="one image document needs 6"):
+        make_dm(tiny_dataset, seq_len=20)  # 20 - 17 reserved for masking < 6
+
+
+@pytest.mark.parametrize(
+    ("counts", "world", "workers", "per_batch"),
+    [([4, 4, 4, 4, 4, 2], 2, 2, 2), ([5, 3, 7, 1], 3, 1, 4), ([10] * 7, 4, 3, 3), ([1, 1], 2, 0, 5)],
+)
+def test_exact_plan_covers_every_sample_once_with_equal_batches(counts, world, workers, per_batch) -> None:
+    plan = exact_plan(counts, world, workers, per_batch, seed=1, epoch=2)
+    seen = [(p.shard, i) for rank in plan for w in rank for p in w.pieces for i in range(p.start, p.stop)]
+    assert sorted(seen) == [(s, i) for s, c in enumerate(counts) for i in range(c)]
+    batches = {sum(w.num_batches for w in rank) for rank in plan}
+    assert len(batches) == 1
+    assert all(w.num_samples <= w.num_batches * per_batch for rank in plan for w in rank)
+
+
+def test_exact_mode_two_ranks_two_workers_simulated(tiny_dataset: Path) -> None:
+    dm = make_dm(tiny_dataset)
+    _, urls, infos = dm.sources["train"]
+    keys, per_rank = [], []
+    for rank in range(2):
+        stream = ShardStream(urls, infos, dm.cfg, 2, 64, rank=rank, world_size=2, num_workers=2)
+        batches = [b for worker in range(2) for b in stream.iter_worker(worker)]
+        assert all(b["input_ids"].shape == (2, 64) for b in batches)
+        per_rank.append(len(batches))
+        keys += keys_of(batches)
+        assert len(batches) == len(stream) == 6  # 11 samples per rank -> 6 batches, the last one padded
+    assert per_rank[0] == per_rank[1]
+    assert len(keys) == len(set(keys)) and set(keys) == ALL_KEYS
+
+
+def test_real_workers_interleave_like_the_simulation(tiny_dataset: Path) -> None:
+    dm = make_dm(tiny_dataset, num_workers=2)
+    dm.setup("fit")
+    real = list(dm.train_dataloader())
+    _, urls, infos = dm.sources["train"]
+    stream = ShardStream(urls, infos, dm.cfg, 2, 64, num_workers=2)
+    w0, w1 = list(stream.iter_worker(0)), list(stream.iter_worker(1))
+    expected = [b for pair in zip(w0, w1) for b in pair] + w0[len(w1) :]
+    assert [b["keys"] for b in real] == [b["keys"] for b in expected]
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(real, expected))
+    assert set(keys_of(real)) == ALL_KEYS and len(real) == len(dm.train_dataloader()) == 11
+    assert dm.data_counts["examples"] == 22
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_mid_epoch_without_a_trainer(tiny_dataset: Path, workers: int) -> None:
+    full_dm = make_dm(tiny_dataset, num_workers=workers)
+    loader = full_dm.train_dataloader()
+    full = list(loader) + list(loader)  # two epochs
+    dm = make_dm(tiny_dataset, num_workers=workers)
+    it = iter(dm.train_dataloader())
+    head = [next(it) for _ in range(3)]
+    state = json.loads(json.dumps(dm.state_dict()))  # survives a round trip through primitives
+    del it
+    resumed = make_dm(tiny_dataset, num_workers=workers)
+    resumed.load_state_dict(state)
+    loader = resumed.train_dataloader()
+    tail = list(loader) + list(loader)
+    assert [b["keys"] for b in head + tail] == [b["keys"] for b in full]
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(head + tail, full))
+    assert resumed.data_counts == full_dm.data_counts and full_dm.data_counts["examples"] == 44
+    with pytest.raises(ValueError, match="cannot resume mid-epoch"):
+        make_dm(tiny_dataset, num_workers=workers, batch_size=1).train_dataloader().load_state_dict(state)
+
+
+def test_epochs_reshuffle_and_validation_is_deterministic(tiny_dataset: Path) -> None:
+    dm = make_dm(tiny_dataset, val_data=str(tiny_dataset))
+    loader = dm.train_dataloader()
+    e0, e1 = keys_of(list(loader)), keys_of(list(loader))
+    assert set(e0) == set(e1) == ALL_KEYS and e0 != e1
+    v1, v2 = list(dm.val_dataloader()), list(dm.val_dataloader())
+    assert keys_of(v1) == sorted(ALL_KEYS)
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(v1, v2))
+    v_workers = list(make_dm(tiny_dataset, val_data=str(tiny_dataset), num_workers=2).val_dataloader())
+    assert sorted(keys_of(v_workers)) == sorted(ALL_KEYS)
+
+
+def test_resampled_mode_and_packing(tiny_dataset: Path) -> None:
+    a, b = make_dm(tiny_dataset, mode="resampled"), make_dm(tiny_dataset, mode="resampled")
+    ka, kb = keys_of(list(a.train_dataloader())), keys_of(list(b.train_dataloader()))
+    assert ka == kb and len(ka) == 22 and set(ka) <= ALL_KEYS and len(a.train_dataloader()) == 11
+    packed = list(make_dm(tiny_dataset, pack=2).train_dataloader())
+    assert len(packed) == 6 and sorted(keys_of(packed)) == sorted(ALL_KEYS)
+    assert [len(row) for row in packed[0]["keys"]] == [2, 2]
+
+
+def test_sources_lists_braces_and_remote_guard(tiny_dataset: Path) -> None:
+    pattern = str(tiny_dataset / "shard-{000000..000001}.tar")
+    for spec in (pattern, [str(tiny_dataset / "shard-000000.tar"), str(tiny_dataset / "shard-000001.tar")]):
+        assert len(keys_of(list(make_dm(spec).train_dataloader()))) == 8
+    with pytest.raises(ValueError, match="allow_remote=True"):
+        make_dm("s3://bucket/ds/shard-{000000..000003}.tar")
+    with pytest.raises(ValueError, match="need the manifest"):
+        make_dm(f"pipe:cat {tiny_dataset}/shard-000000.tar", allow_remote=True)
+    piped = make_dm(
+        f"pipe:cat {tiny_dataset}/shard-000000.tar", manifest=str(tiny_dataset / "manifest.json"), allow_remote=True
+    )
+    assert sorted(keys_of(list(piped.train_dataloader()))) == [f"doc-{i:04d}" for i in range(4)]
+    with pytest.raises(ValueError, match="not listed in manifest"):
+        make_dm([str(tiny_dataset / "shard-000009.tar")])
+    with pytest.raises(ValueError, match="no manifest.json"):
+        make_dm(tiny_dataset.parent)  # a directory without a manifest
+
+
+def test_too_few_shards_is_a_clear_error_at_setup(tiny_dataset: Path) -> None:
+    with pytest.raises(ValueError, match="6 shards for 1 ranks x 8 workers = 8 readers"):
+        make_dm(tiny_dataset, num_workers=8).setup("fit")
+
+
+# --------------------------------------------------------------------------------------------------- bad data
+def rewrite_shard(root: Path, index: int, mutate: Callable[[list], None], update_manifest: bool = True) -> None:
+    """Rewrite shard ``index`` after ``mutate`` edits its ``[(key, members)]``; refresh its sha256 by default."""
+    path = root / f"shard-{index:06d}.tar"
+    items = list(iter_tar_samples(io.BytesIO(path.read_bytes())))
+    mutate(items)
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tf:
+        for key, members in items:
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    if update_manifest:
+        m = json.loads((root / "manifest.json").read_text())
+        m["shards"][index]["sha256"] = file_sha256(path)
+        (root / "manifest.json").write_text(json.dumps(m))
+
+
+def npy(values: list[int]) -> bytes:
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.save(buf, np.array(values, dtype=np.int32), allow_pickle=False)
+    return buf.getvalue()
+
+
+BAD_CASES = {
+    "corrupt_member": lambda items: items[1][1].update({"text.npy": b"\x93NUMPY garbage"}),
+    "missing_field": lambda items: items[1][1].pop("neighbors.npz"),
+    "ids_out_of_range": lambda items: items[1][1].update({"text.npy": npy([20, 99])}),
+    "image_length": lambda items: items[1][1].update({"image.npy": npy([1, 2, 3])}),
+    "forbidden_member": lambda items: items[1][1].update({"state.pth": b"\x80\x04N."}),
+}
+
+
+@pytest.mark.parametrize("reason", sorted(BAD_CASES))
+def test_bad_samples_are_skipped_and_counted(tiny_dataset: Path, reason: str) -> None:
+    rewrite_shard(tiny_dataset, 2, BAD_CASES[reason])
+    dm = make_dm(tiny_dataset)
+    keys = keys_of(list(dm.train_dataloader()))
+    assert dm.skip_counts == {reason: 1} and len(keys) == 21 and "doc-0009" not in keys
+
+
+def test_bad_shards_are_skipped_and_counted(tiny_dataset: Path) -> None:
+    rewrite_shard(tiny_dataset, 1, lambda items: items[0][1].update({"caption.txt": b"edited"}), update_manifest=False)
+    dm = make_dm(tiny_dataset)
+    assert len(keys_of(list(dm.train_dataloader()))) == 18
+    assert dm.skip_counts == {"sha256_mismatch": 4}
+    data = (tiny_dataset / "shard-000003.tar").read_bytes()
+    (tiny_dataset / "shard-000003.tar").write_bytes(data[: len(data) // 6])  # truncated: keeps < 1 sample
+    dm = make_dm(tiny_dataset, verify_sha256=False)
+    assert len(keys_of(list(dm.train_dataloader()))) == 18
+    assert dm.skip_counts == {"corrupt_shard": 4}
+
+
+def test_skip_counts_survive_resume_and_the_limit_stops_the_run(tiny_dataset: Path) -> None:
+    rewrite_shard(tiny_dataset, 0, BAD_CASES["image_length"])
+    full = make_dm(tiny_dataset)
+    list(full.train_dataloader())
+    dm = make_dm(tiny_dataset)
+    it = iter(dm.train_dataloader())
+    [next(it) for _ in range(6)]
+    resumed = make_dm(tiny_dataset)
+    resumed.load_state_dict(dm.state_dict())
+    list(resumed.train_dataloader())
+    assert resumed.data_counts == full.data_counts and resumed.skip_counts == {"image_length": 1}
+    after_epoch = make_dm(tiny_dataset)
+    after_epoch.load_state_dict(resumed.state_dict())
+    assert after_epoch.skip_counts == {"image_length": 1}
+    with pytest.raises(RuntimeError, match=r"skipped 1 of its 22 samples .*max_skip_share=0.01"):
+        list(make_dm(tiny_dataset, max_skip_share=0.01).train_dataloader())
