@@ -1,0 +1,106 @@
+"""Synthetic shapes: determinism, the held-out split, captions, and the attribute checker's accuracy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cm3leon_lightning.data.shapes import (
+    BACKGROUND,
+    COLOURS,
+    HELDOUT_PAIRS,
+    Scene,
+    ShapeSpec,
+    caption_attributes,
+    check_image,
+    detect,
+    generate_pairs,
+    is_heldout,
+    render,
+)
+
+
+def test_generation_is_deterministic_and_prefix_stable() -> None:
+    a = list(generate_pairs(20, "train", 32, seed=3))
+    b = list(generate_pairs(25, "train", 32, seed=3))[:20]
+    assert [p.key for p in a] == [p.key for p in b]
+    assert [p.caption for p in a] == [p.caption for p in b]
+    assert all(np.array_equal(x.image, y.image) for x, y in zip(a, b))
+    c = list(generate_pairs(20, "train", 32, seed=4))
+    assert [p.caption for p in a] != [p.caption for p in c]
+    assert len({p.key for p in a + c}) == 40
+
+
+def test_heldout_split_is_disjoint_in_colour_shape_pairs() -> None:
+    train = list(generate_pairs(400, "train", 32))
+    heldout = list(generate_pairs(200, "heldout", 32))
+    train_pairs = set().union(*(p.scene.pairs() for p in train))
+    assert not train_pairs & HELDOUT_PAIRS
+    assert all(is_heldout(p.scene) for p in heldout)
+    # The captions agree: no training caption names a held-out pair, every held-out caption names one.
+    assert not set().union(*(caption_attributes(p.caption) for p in train)) & HELDOUT_PAIRS
+    assert all(caption_attributes(p.caption) & HELDOUT_PAIRS for p in heldout)
+    # Both splits use every colour and every shape (held-out pairs are new combinations, not new words).
+    for split in (train, heldout):
+        used = set().union(*(p.scene.pairs() for p in split))
+        assert {c for c, _ in used} == set(COLOURS) and {s for _, s in used} == {"circle", "square", "triangle"}
+
+
+def test_captions_name_the_scene() -> None:
+    for p in generate_pairs(200, "train", 32, seed=5):
+        assert caption_attributes(p.caption) == p.scene.pairs()
+        for s in p.scene.shapes:
+            assert s.colour in p.caption and s.shape in p.caption
+        if p.scene.relation:
+            assert p.scene.relation in p.caption
+
+
+@pytest.mark.parametrize("image_size", [32, 64])
+def test_checker_is_right_on_at_least_99_percent_of_renders(image_size: int) -> None:
+    pairs = list(generate_pairs(600, "train", image_size, seed=7)) + list(
+        generate_pairs(300, "heldout", image_size, seed=7)
+    )
+    right = sum(check_image(p.image, p.scene)["all"] for p in pairs)
+    assert right >= 0.99 * len(pairs), f"{right}/{len(pairs)}"
+
+
+def test_checker_tolerates_mild_noise() -> None:
+    rng = np.random.default_rng(0)
+    pairs = list(generate_pairs(300, "train", 32, seed=8))
+    right = 0
+    for p in pairs:
+        noisy = np.clip(p.image.astype(float) + rng.normal(0, 10, p.image.shape), 0, 255).astype(np.uint8)
+        right += check_image(noisy, p.scene)["all"]
+    assert right >= 0.98 * len(pairs)
+
+
+def test_checker_rejects_wrong_attributes() -> None:
+    scene = Scene((ShapeSpec("red", "circle", "large", "left"),))
+    img = render(scene, 32)
+    assert check_image(img, scene)["all"]
+    for wrong, failing in [
+        (ShapeSpec("blue", "circle", "large", "left"), "colour"),
+        (ShapeSpec("red", "square", "large", "left"), "shape"),
+        (ShapeSpec("red", "circle", "small", "left"), "size"),
+        (ShapeSpec("red", "circle", "large", "right"), "position"),
+    ]:
+        verdict = check_image(img, Scene((wrong,)))
+        assert not verdict[failing] and not verdict["all"], failing
+    blank = np.zeros((32, 32, 3), np.uint8)
+    blank[:] = BACKGROUND
+    assert detect(blank) == [] and not check_image(blank, scene)["all"]
+    two = Scene((ShapeSpec("red", "circle", "small", "top"), ShapeSpec("blue", "square", "small", "bottom")), "above")
+    img2 = render(two, 32)
+    assert check_image(img2, two)["all"]
+    swapped = Scene(two.shapes, "below")
+    assert not check_image(img2, swapped)["position"]
+    assert not check_image(img2, scene)["count"]
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="split"):
+        list(generate_pairs(1, "test"))
+    with pytest.raises(ValueError, match="image_size"):
+        render(Scene((ShapeSpec("red", "circle", "large", "left"),)), 8)
+    with pytest.raises(ValueError, match=r"\(H, W, 3\)"):
+        detect(np.zeros((32, 32)))
