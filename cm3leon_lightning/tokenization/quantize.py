@@ -1,0 +1,220 @@
+"""Vector quantizers of the VQGAN image tokenizer (taming-transformers parameter layout).
+
+* :class:`VectorQuantizer`: nearest neighbour in a codebook with straight-through gradients, codebook and commitment
+  losses (van den Oord et al. 2017), optional l2-normalised codes (cosine distance, Yu et al. 2021 "ViT-VQGAN"),
+  optional EMA codebook updates, and restart of dead codes. Parameter: ``embedding.weight`` (taming's
+  ``VectorQuantizer2``).
+* :class:`GumbelQuantizer`: logits over the codebook from a 1x1 conv; Gumbel-softmax while training, plain argmax of
+  the logits in eval mode (no noise, so encoding is deterministic). Parameters: ``proj.*`` and ``embed.weight``
+  (taming's ``GumbelQuantize``).
+
+Both take latents ``(B, D, h, w)`` and return a :class:`QuantizerOutput` with codes ``(B, h, w)`` in row-major order.
+Only persistent buffers appear in the state dict, so the presets' keys equal the published checkpoints' keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class QuantizerOutput:
+    """What a quantizer returns.
+
+    Attributes:
+        z_q: quantized latents ``(B, D, h, w)``; gradients flow to the encoder (straight-through or Gumbel-softmax).
+        codes: code indices ``(B, h, w)``, long.
+        codebook_loss: moves codes towards encoder outputs (0 with EMA updates or Gumbel).
+        commitment_loss: beta-weighted pull of encoder outputs towards their codes (Gumbel: the KL to the uniform
+            prior, weighted by ``kl_weight``).
+    """
+
+    z_q: torch.Tensor
+    codes: torch.Tensor
+    codebook_loss: torch.Tensor
+    commitment_loss: torch.Tensor
+
+
+class VectorQuantizer(nn.Module):
+    """Nearest-neighbour vector quantizer with straight-through gradients.
+
+    Args:
+        n_embed: number of codes.
+        embed_dim: code dimension (channels of the latents).
+        beta: commitment loss weight.
+        l2_normalize: compare and return l2-normalised latents and codes (cosine similarity lookup).
+        ema_decay: if set, the codebook follows exponential moving averages of the assigned latents instead of
+            gradients (its weight then has ``requires_grad=False``); adds buffers ``ema_cluster_size`` and
+            ``ema_embed_sum`` to the state dict.
+        dead_code_after: in training, a code unused for this many consecutive forward passes is restarted at a random
+            latent of the current batch; 0 disables restarts. Not synchronised across processes.
+    """
+
+    def __init__(
+        self,
+        n_embed: int,
+        embed_dim: int,
+        beta: float = 0.25,
+        l2_normalize: bool = False,
+        ema_decay: float | None = None,
+        dead_code_after: int = 0,
+    ) -> None:
+        super().__init__()
+        if ema_decay is not None and not 0.0 < ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1) or None, got {ema_decay}")
+        if dead_code_after < 0:
+            raise ValueError(f"dead_code_after must be >= 0, got {dead_code_after}")
+        self.n_embed, self.embed_dim, self.beta = n_embed, embed_dim, beta
+        self.l2_normalize, self.ema_decay, self.dead_code_after = l2_normalize, ema_decay, dead_code_after
+        self.embedding = nn.Embedding(n_embed, embed_dim)
+        nn.init.uniform_(self.embedding.weight, -1.0 / n_embed, 1.0 / n_embed)  # as taming
+        if ema_decay is not None:
+            self.embedding.weight.requires_grad_(False)
+            self.register_buffer("ema_cluster_size", torch.ones(n_embed))
+            self.register_buffer("ema_embed_sum", self.embedding.weight.detach().clone())
+        # Consecutive training forwards without use, per code; not saved so the key layout stays taming's.
+        self.register_buffer("steps_unused", torch.zeros(n_embed, dtype=torch.long), persistent=False)
+        # Restarts chosen in one forward are written at the start of the next one: the codebook must stay unchanged
+        # until the backward pass has used it (and the optimizer has stepped).
+        self._pending_restart: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def codebook(self) -> torch.Tensor:
+        """The codebook as used for lookup, ``(n_embed, embed_dim)`` (l2-normalised if configured)."""
+        w = self.embedding.weight
+        return F.normalize(w, dim=1) if self.l2_normalize else w
+
+    def lookup(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes ``(B, h, w)`` -> latents ``(B, D, h, w)``."""
+        return F.embedding(codes, self.codebook()).permute(0, 3, 1, 2).contiguous()
+
+    def forward(self, z: torch.Tensor) -> QuantizerOutput:
+        """Quantize latents ``z`` of shape ``(B, D, h, w)``."""
+        B, D, h, w = z.shape
+        if self._pending_restart is not None:
+            self._apply_restart()
+        z = z.permute(0, 2, 3, 1)  # (B, h, w, D)
+        if self.l2_normalize:
+            z = F.normalize(z, dim=-1)
+        flat = z.reshape(-1, D)  # (N, D)
+        emb = self.codebook()  # (K, D)
+        # squared distance ||z||^2 + ||e||^2 - 2 z.e; argmin takes the first index on ties
+        dist = flat.pow(2).sum(1, keepdim=True) + emb.pow(2).sum(1) - 2.0 * flat @ emb.t()  # (N, K)
+        codes = dist.argmin(dim=1)  # (N,)
+        z_q = F.embedding(codes, emb).view(B, h, w, D)
+        if self.training and self.ema_decay is not None:
+            self._ema_update(flat.detach(), codes)
+            z_q = F.embedding(codes, self.codebook()).view(B, h, w, D)
+        if self.ema_decay is None:
+            codebook_loss = F.mse_loss(z_q, z.detach())
+        else:
+            codebook_loss = z.new_zeros(())
+        commitment_loss = self.beta * F.mse_loss(z, z_q.detach())
+        if self.training and self.dead_code_after > 0:
+            self._restart_dead_codes(flat.detach(), codes)
+        z_q = z + (z_q - z).detach()  # straight-through estimator
+        return QuantizerOutput(
+            z_q=z_q.permute(0, 3, 1, 2).contiguous(),
+            codes=codes.view(B, h, w),
+            codebook_loss=codebook_loss,
+            commitment_loss=commitment_loss,
+        )
+
+    @torch.no_grad()
+    def _ema_update(self, flat: torch.Tensor, codes: torch.Tensor) -> None:
+        one_hot = F.one_hot(codes, self.n_embed).type(flat.dtype)  # (N, K)
+        decay = self.ema_decay
+        self.ema_cluster_size.mul_(decay).add_(one_hot.sum(0), alpha=1 - decay)
+        self.ema_embed_sum.mul_(decay).add_(one_hot.t() @ flat, alpha=1 - decay)
+        # Laplace smoothing keeps rarely used codes from dividing by ~0
+        n = self.ema_cluster_size.sum()
+        size = (self.ema_cluster_size + 1e-5) / (n + self.n_embed * 1e-5) * n
+        self.embedding.weight.copy_(self.ema_embed_sum / size.unsqueeze(1))
+
+    @torch.no_grad()
+    def _restart_dead_codes(self, flat: torch.Tensor, codes: torch.Tensor) -> None:
+        used = torch.zeros(self.n_embed, dtype=torch.bool, device=codes.device)
+        used[codes] = True
+        self.steps_unused.add_(1).masked_fill_(used, 0)
+        dead = (self.steps_unused >= self.dead_code_after).nonzero().squeeze(1)
+        if dead.numel() == 0:
+            return
+        picks = flat[torch.randint(0, flat.shape[0], (dead.numel(),), device=flat.device)]
+        self._pending_restart = (dead, picks.clone())
+        self.steps_unused[dead] = 0
+
+    @torch.no_grad()
+    def _apply_restart(self) -> None:
+        dead, picks = self._pending_restart
+        self._pending_restart = None
+        self.embedding.weight[dead] = picks.to(self.embedding.weight.dtype)
+        if self.ema_decay is not None:
+            self.ema_cluster_size[dead] = 1.0
+            self.ema_embed_sum[dead] = picks.to(self.ema_embed_sum.dtype)
+
+
+class GumbelQuantizer(nn.Module):
+    """Gumbel-softmax quantizer (taming's ``GumbelQuantize``, used by ``vqgan_gumbel_f8``).
+
+    Args:
+        in_channels: channels of the incoming latents (taming: ``z_channels``, equal to ``embed_dim`` in every
+            published checkpoint).
+        embed_dim: code dimension.
+        n_embed: number of codes.
+        kl_weight: weight of the KL divergence of the code distribution to the uniform prior.
+        temperature: Gumbel-softmax temperature while training.
+        straight_through: hard one-hot samples with soft gradients while training.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        embed_dim: int,
+        n_embed: int,
+        kl_weight: float = 5e-4,
+        temperature: float = 1.0,
+        straight_through: bool = True,
+    ) -> None:
+        super().__init__()
+        self.n_embed, self.embed_dim = n_embed, embed_dim
+        self.kl_weight, self.temperature, self.straight_through = kl_weight, temperature, straight_through
+        self.proj = nn.Conv2d(in_channels, n_embed, 1)
+        self.embed = nn.Embedding(n_embed, embed_dim)
+
+    def lookup(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes ``(B, h, w)`` -> latents ``(B, D, h, w)``."""
+        return self.embed(codes).permute(0, 3, 1, 2).contiguous()
+
+    def forward(self, z: torch.Tensor) -> QuantizerOutput:
+        """Quantize latents ``z`` of shape ``(B, C, h, w)``; eval mode takes the argmax (no noise)."""
+        logits = self.proj(z)  # (B, K, h, w)
+        if self.training:
+            one_hot = F.gumbel_softmax(logits, tau=self.temperature, dim=1, hard=self.straight_through)
+            codes = one_hot.argmax(dim=1)
+            z_q = torch.einsum("bkhw,kd->bdhw", one_hot, self.embed.weight)
+        else:
+            codes = logits.argmax(dim=1)  # (B, h, w)
+            z_q = self.lookup(codes)
+        qy = F.softmax(logits, dim=1)
+        kl = self.kl_weight * torch.sum(qy * torch.log(qy * self.n_embed + 1e-10), dim=1).mean()
+        return QuantizerOutput(z_q=z_q, codes=codes, codebook_loss=logits.new_zeros(()), commitment_loss=kl)
+
+
+def code_statistics(codes: torch.Tensor, n_embed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codebook usage and perplexity of a set of codes.
+
+    Args:
+        codes: code indices, any shape.
+        n_embed: codebook size.
+
+    Returns:
+        ``(usage, perplexity)``: the fraction of codes used at least once, and ``exp`` of the entropy of the code
+        histogram (``n_embed`` for perfectly uniform use, 1 for a single code).
+    """
+    counts = torch.bincount(codes.flatten(), minlength=n_embed).float()
+    p = counts / counts.sum().clamp_min(1)
+    entropy = -(p * torch.log(p.clamp_min(1e-10))).sum()
+    return (counts > 0).float().mean(), entropy.exp()

@@ -1,0 +1,507 @@
+"""The VQGAN image tokenizer (Esser et al. 2021), with the taming-transformers parameter layout.
+
+An image of ``resolution x resolution`` becomes a grid of ``(resolution / f) ** 2`` codes, ``f = 2 ** (len(ch_mult) -
+1)``. CM3Leon (paper section 2.1) uses Make-A-Scene's tokenizer: 256x256 -> 32x32 codes from 8192; its weights are not
+public, so the presets follow the public checkpoints of the same family:
+
+============== ============================== ========== ======== ======== =========
+preset         checkpoint                     resolution grid     codes    quantizer
+============== ============================== ========== ======== ======== =========
+``f8_8192``    taming ``vqgan_gumbel_f8``     256        32x32    8192     gumbel
+``f16_16384``  taming ``vqgan_imagenet_f16_16384`` 256   16x16    16384    vq
+``chameleon``  Chameleon ``vqgan.ckpt``       512        32x32    8192     vq
+``tiny``       (demo / tests)                 32         8x8      64       vq
+``micro``      (unit tests)                   16         8x8      32       vq
+============== ============================== ========== ======== ======== =========
+
+Images go in as ``(B, C, H, W)``: uint8 in ``[0, 255]`` or float in ``[-1, 1]``. Images come out as float in
+``[-1, 1]`` (:func:`to_uint8` converts). Codes are ``(B, h * w)`` long, row-major over the grid.
+Loading and saving live in :mod:`cm3leon_lightning.tokenization.vqgan_io`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cm3leon_lightning.tokenization.quantize import GumbelQuantizer, QuantizerOutput, VectorQuantizer
+
+
+@dataclass
+class VQGANConfig:
+    """Architecture of a VQGAN (taming ``ddconfig`` + quantizer settings)."""
+
+    resolution: int = 256
+    """Image side length the network is built for (decides where attention sits); images must have this size."""
+    in_channels: int = 3
+    """Image channels in."""
+    out_ch: int = 3
+    """Image channels out."""
+    ch: int = 128
+    """Base channel count; multiplied by ``ch_mult`` per level. Channels must be multiples of 32 (GroupNorm)."""
+    ch_mult: tuple[int, ...] = (1, 1, 2, 4)
+    """Channel multiplier per resolution level; the downsampling factor is ``2 ** (len(ch_mult) - 1)``."""
+    num_res_blocks: int = 2
+    """Residual blocks per level in the encoder (the decoder has one more)."""
+    attn_resolutions: tuple[int, ...] = (32,)
+    """Feature-map side lengths at which attention blocks follow the residual blocks (the middle always has one)."""
+    z_channels: int = 256
+    """Channels of the encoder output / decoder input."""
+    embed_dim: int = 256
+    """Code dimension (``quant_conv`` maps ``z_channels`` to it)."""
+    n_embed: int = 8192
+    """Number of codes."""
+    dropout: float = 0.0
+    """Dropout inside residual blocks."""
+    quantizer: Literal["vq", "gumbel"] = "vq"
+    """``vq``: nearest neighbour (``quantize.embedding``); ``gumbel``: Gumbel-softmax (``quantize.proj/embed``)."""
+    beta: float = 0.25
+    """Commitment loss weight (vq)."""
+    l2_normalize: bool = False
+    """Cosine-similarity lookup with l2-normalised codes (vq)."""
+    ema_decay: float | None = None
+    """EMA codebook updates with this decay instead of gradients (vq); None = gradients."""
+    dead_code_after: int = 0
+    """Restart codes unused for this many training steps (vq); 0 = never."""
+    gumbel_kl_weight: float = 1e-8
+    """KL-to-uniform weight (gumbel; taming's gumbel_f8 used 1e-8)."""
+    gumbel_temperature: float = 1.0
+    """Gumbel-softmax temperature while training (gumbel)."""
+
+    def __post_init__(self) -> None:
+        self.ch_mult = tuple(int(m) for m in self.ch_mult)
+        self.attn_resolutions = tuple(int(r) for r in self.attn_resolutions)
+        if self.quantizer not in ("vq", "gumbel"):
+            raise ValueError(f"quantizer must be 'vq' or 'gumbel', got {self.quantizer!r}")
+        if not self.ch_mult or min(self.ch_mult) < 1:
+            raise ValueError(f"ch_mult must be a non-empty list of positive ints, got {list(self.ch_mult)}")
+        for name in ("ch", "z_channels"):
+            if getattr(self, name) % 32:
+                raise ValueError(
+                    f"{name} must be a multiple of 32 (GroupNorm with 32 groups), got {getattr(self, name)}"
+                )
+        for name in ("num_res_blocks", "embed_dim", "n_embed", "in_channels", "out_ch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.resolution % self.downsample_factor:
+            raise ValueError(
+                f"resolution {self.resolution} must be divisible by the downsampling factor {self.downsample_factor} "
+                f"(2 ** (len(ch_mult) - 1))"
+            )
+
+    @property
+    def downsample_factor(self) -> int:
+        """Image side / grid side: ``2 ** (len(ch_mult) - 1)``."""
+        return 2 ** (len(self.ch_mult) - 1)
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """``(grid_h, grid_w)`` of the code grid for a ``resolution x resolution`` image."""
+        side = self.resolution // self.downsample_factor
+        return side, side
+
+    @property
+    def num_tokens(self) -> int:
+        """Codes per image, ``grid_h * grid_w``."""
+        h, w = self.grid_size
+        return h * w
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly dict (tuples become lists)."""
+        d = dataclasses.asdict(self)
+        d["ch_mult"], d["attn_resolutions"] = list(self.ch_mult), list(self.attn_resolutions)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config") -> VQGANConfig:
+        """Build from a dict, naming ``source`` and the unknown fields on error."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"{source}: unknown VQGAN config fields {unknown}; allowed: {sorted(names)}")
+        return cls(**d)
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> VQGANConfig:
+        """A preset by name (see :data:`PRESETS`), with optional field overrides."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown VQGAN preset {name!r}; choose one of {sorted(PRESETS)}")
+        return dataclasses.replace(PRESETS[name], **overrides)
+
+
+PRESETS: dict[str, VQGANConfig] = {
+    # taming-transformers vqgan_gumbel_f8 (configs/model.yaml): the paper's shape, 256 -> 32x32 from 8192 codes.
+    "f8_8192": VQGANConfig(
+        resolution=256,
+        ch=128,
+        ch_mult=(1, 1, 2, 4),
+        num_res_blocks=2,
+        attn_resolutions=(32,),
+        z_channels=256,
+        embed_dim=256,
+        n_embed=8192,
+        quantizer="gumbel",
+    ),
+    # taming-transformers vqgan_imagenet_f16_16384.
+    "f16_16384": VQGANConfig(
+        resolution=256,
+        ch=128,
+        ch_mult=(1, 1, 2, 2, 4),
+        num_res_blocks=2,
+        attn_resolutions=(16,),
+        z_channels=256,
+        embed_dim=256,
+        n_embed=16384,
+    ),
+    # Chameleon's tokenizer (data/tokenizer/vqgan.yaml, as remembered; from_pretrained reads the yaml when given):
+    # 512 -> 32x32 from 8192 codes, no attention outside the middle blocks.
+    "chameleon": VQGANConfig(
+        resolution=512,
+        ch=128,
+        ch_mult=(1, 1, 2, 2, 4),
+        num_res_blocks=2,
+        attn_resolutions=(),
+        z_channels=256,
+        embed_dim=256,
+        n_embed=8192,
+    ),
+    "tiny": VQGANConfig(
+        resolution=32,
+        ch=32,
+        ch_mult=(1, 2, 2),
+        num_res_blocks=1,
+        attn_resolutions=(8,),
+        z_channels=32,
+        embed_dim=16,
+        n_embed=64,
+        dead_code_after=50,
+    ),
+    "micro": VQGANConfig(
+        resolution=16,
+        ch=32,
+        ch_mult=(1, 1),
+        num_res_blocks=1,
+        attn_resolutions=(),
+        z_channels=32,
+        embed_dim=8,
+        n_embed=32,
+        dead_code_after=20,
+    ),
+}
+
+
+def _norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+
+
+class ResnetBlock(nn.Module):
+    """GroupNorm-swish-conv twice with a residual; ``nin_shortcut`` (1x1 conv) when channels change."""
+
+    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.norm1 = _norm(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, 1, 1)
+        self.norm2 = _norm(out_channels)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1)
+        if in_channels != out_channels:
+            self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1, 1, 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C_in, H, W) -> (B, C_out, H, W)
+        """Residual block."""
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        if hasattr(self, "nin_shortcut"):
+            x = self.nin_shortcut(x)
+        return x + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over the H*W positions, 1x1 convs for q, k, v and the output."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.norm = _norm(channels)
+        self.q = nn.Conv2d(channels, channels, 1)
+        self.k = nn.Conv2d(channels, channels, 1)
+        self.v = nn.Conv2d(channels, channels, 1)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W)
+        """Residual attention."""
+        B, C, H, W = x.shape
+        h = self.norm(x)
+        q, k, v = (t.reshape(B, 1, C, H * W).transpose(2, 3) for t in (self.q(h), self.k(h), self.v(h)))  # (B,1,HW,C)
+        h = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(C)) v, as taming
+        return x + self.proj_out(h.transpose(2, 3).reshape(B, C, H, W))
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 conv after asymmetric zero padding (right and bottom), as taming."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, 2, 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, C, H/2, W/2)
+        """Halve the resolution."""
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour 2x upsampling then a 3x3 conv."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, C, 2H, 2W)
+        """Double the resolution."""
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def _middle(channels: int, dropout: float) -> nn.Module:
+    mid = nn.Module()
+    mid.block_1 = ResnetBlock(channels, channels, dropout)
+    mid.attn_1 = AttnBlock(channels)
+    mid.block_2 = ResnetBlock(channels, channels, dropout)
+    return mid
+
+
+class Encoder(nn.Module):
+    """Image ``(B, in_channels, R, R)`` -> latents ``(B, z_channels, R/f, R/f)``."""
+
+    def __init__(self, cfg: VQGANConfig) -> None:
+        super().__init__()
+        self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, 1, 1)
+        res, block_in = cfg.resolution, cfg.ch
+        self.down = nn.ModuleList()
+        for i, mult in enumerate(cfg.ch_mult):
+            level = nn.Module()
+            level.block, level.attn = nn.ModuleList(), nn.ModuleList()
+            for _ in range(cfg.num_res_blocks):
+                level.block.append(ResnetBlock(block_in, cfg.ch * mult, cfg.dropout))
+                block_in = cfg.ch * mult
+                if res in cfg.attn_resolutions:
+                    level.attn.append(AttnBlock(block_in))
+            if i != len(cfg.ch_mult) - 1:
+                level.downsample = Downsample(block_in)
+                res //= 2
+            self.down.append(level)
+        self.mid = _middle(block_in, cfg.dropout)
+        self.norm_out = _norm(block_in)
+        self.conv_out = nn.Conv2d(block_in, cfg.z_channels, 3, 1, 1)  # taming's double_z=False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Encode."""
+        h = self.conv_in(x)
+        for level in self.down:
+            for j, block in enumerate(level.block):
+                h = block(h)
+                if len(level.attn):
+                    h = level.attn[j](h)
+            if hasattr(level, "downsample"):
+                h = level.downsample(h)
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    """Latents ``(B, z_channels, R/f, R/f)`` -> image ``(B, out_ch, R, R)`` (unbounded; ~[-1, 1] once trained)."""
+
+    def __init__(self, cfg: VQGANConfig) -> None:
+        super().__init__()
+        n = len(cfg.ch_mult)
+        block_in = cfg.ch * cfg.ch_mult[-1]
+        res = cfg.resolution // cfg.downsample_factor
+        self.conv_in = nn.Conv2d(cfg.z_channels, block_in, 3, 1, 1)
+        self.mid = _middle(block_in, cfg.dropout)
+        up: list[nn.Module] = [nn.Module() for _ in range(n)]  # up[i] is level i, built from the lowest resolution
+        for i in reversed(range(n)):
+            level = up[i]
+            level.block, level.attn = nn.ModuleList(), nn.ModuleList()
+            for _ in range(cfg.num_res_blocks + 1):
+                level.block.append(ResnetBlock(block_in, cfg.ch * cfg.ch_mult[i], cfg.dropout))
+                block_in = cfg.ch * cfg.ch_mult[i]
+                if res in cfg.attn_resolutions:
+                    level.attn.append(AttnBlock(block_in))
+            if i != 0:
+                level.upsample = Upsample(block_in)
+                res *= 2
+        self.up = nn.ModuleList(up)
+        self.norm_out = _norm(block_in)
+        self.conv_out = nn.Conv2d(block_in, cfg.out_ch, 3, 1, 1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """Decode."""
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z))))
+        for level in reversed(self.up):
+            for j, block in enumerate(level.block):
+                h = block(h)
+                if len(level.attn):
+                    h = level.attn[j](h)
+            if hasattr(level, "upsample"):
+                h = level.upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Float images in ``[-1, 1]`` -> uint8 in ``[0, 255]`` (clamped, rounded)."""
+    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+class VQGAN(nn.Module):
+    """Encoder, quantizer and decoder with taming-transformers' parameter names.
+
+    Args:
+        config: the architecture (see :data:`PRESETS`).
+    """
+
+    def __init__(self, config: VQGANConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+        self.quant_conv = nn.Conv2d(config.z_channels, config.embed_dim, 1)
+        self.post_quant_conv = nn.Conv2d(config.embed_dim, config.z_channels, 1)
+        self.quantize: VectorQuantizer | GumbelQuantizer
+        if config.quantizer == "gumbel":
+            # taming builds GumbelQuantize(z_channels, ...) but feeds it quant_conv's embed_dim channels; the two are
+            # equal in every published checkpoint, and embed_dim is the size that actually arrives.
+            self.quantize = GumbelQuantizer(
+                config.embed_dim, config.embed_dim, config.n_embed, config.gumbel_kl_weight, config.gumbel_temperature
+            )
+        else:
+            self.quantize = VectorQuantizer(
+                config.n_embed,
+                config.embed_dim,
+                config.beta,
+                config.l2_normalize,
+                config.ema_decay,
+                config.dead_code_after,
+            )
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> VQGAN:
+        """A randomly initialised VQGAN of a preset."""
+        return cls(VQGANConfig.from_name(name, **overrides))
+
+    @property
+    def n_embed(self) -> int:
+        """Number of codes."""
+        return self.config.n_embed
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """Check ``images`` and bring them to float ``[-1, 1]`` on the model's device and dtype.
+
+        Args:
+            images: ``(B, C, H, W)``, uint8 in ``[0, 255]`` or floating point in ``[-1, 1]``; ``H = W = resolution``.
+
+        Raises:
+            ValueError: wrong rank, channel count, size, dtype or value range.
+        """
+        cfg = self.config
+        if not isinstance(images, torch.Tensor) or images.ndim != 4:
+            shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+            raise ValueError(f"images must be a (B, C, H, W) tensor, got {shape}")
+        if images.shape[1] != cfg.in_channels:
+            raise ValueError(f"images must have {cfg.in_channels} channels (B, C, H, W), got {images.shape[1]}")
+        if tuple(images.shape[2:]) != (cfg.resolution, cfg.resolution):
+            raise ValueError(
+                f"images must be {cfg.resolution}x{cfg.resolution} for this VQGAN, got "
+                f"{images.shape[2]}x{images.shape[3]} (resize and centre-crop first, e.g. with ImageDataModule)"
+            )
+        param = self.conv_dtype_device()
+        if images.dtype == torch.uint8:
+            return images.to(param[1]).to(param[0]) / 127.5 - 1.0
+        if not images.is_floating_point():
+            raise ValueError(f"images must be uint8 in [0, 255] or float in [-1, 1], got dtype {images.dtype}")
+        if images.device.type != "meta" and images.numel():
+            lo, hi = images.min().item(), images.max().item()
+            if lo < -1.001 or hi > 1.001:
+                raise ValueError(
+                    f"float images must lie in [-1, 1], got values in [{lo:.3f}, {hi:.3f}] (pass uint8 for 0..255)"
+                )
+        return images.to(device=param[1], dtype=param[0])
+
+    def conv_dtype_device(self) -> tuple[torch.dtype, torch.device]:
+        """The dtype and device of the encoder's first conv."""
+        w = self.encoder.conv_in.weight
+        return w.dtype, w.device
+
+    def encode_latent(self, images: torch.Tensor) -> torch.Tensor:
+        """Preprocessed images ``(B, C, R, R)`` in [-1, 1] -> pre-quantization latents ``(B, embed_dim, h, w)``."""
+        return self.quant_conv(self.encoder(images))
+
+    def decode_latent(self, z_q: torch.Tensor) -> torch.Tensor:
+        """Quantized latents ``(B, embed_dim, h, w)`` -> images ``(B, out_ch, R, R)``, unclamped."""
+        return self.decoder(self.post_quant_conv(z_q))
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, QuantizerOutput]:
+        """Training pass: images -> (reconstruction, unclamped float; quantizer output with losses and codes)."""
+        q = self.quantize(self.encode_latent(self.preprocess(images)))
+        return self.decode_latent(q.z_q), q
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images -> codes.
+
+        Args:
+            images: ``(B, C, R, R)``, uint8 in ``[0, 255]`` or float in ``[-1, 1]``.
+
+        Returns:
+            Codes ``(B, grid_h * grid_w)``, long, row-major. Deterministic in eval mode (call ``.eval()``; in training
+            mode a Gumbel quantizer samples).
+        """
+        q = self.quantize(self.encode_latent(self.preprocess(images)))
+        return q.codes.flatten(1)
+
+    @torch.no_grad()
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes -> images.
+
+        Args:
+            codes: ``(B, grid_h * grid_w)`` or ``(B, grid_h, grid_w)`` integer codes in ``[0, n_embed)``.
+
+        Returns:
+            Images ``(B, out_ch, R, R)``, float in ``[-1, 1]`` (clamped); :func:`to_uint8` converts.
+        """
+        gh, gw = self.config.grid_size
+        if not isinstance(codes, torch.Tensor) or codes.is_floating_point() or codes.is_complex():
+            raise ValueError(f"codes must be an integer tensor, got {getattr(codes, 'dtype', type(codes).__name__)}")
+        if codes.ndim == 2 and codes.shape[1] == gh * gw:
+            codes = codes.view(-1, gh, gw)
+        if codes.ndim != 3 or tuple(codes.shape[1:]) != (gh, gw):
+            raise ValueError(f"codes must have shape (B, {gh * gw}) or (B, {gh}, {gw}), got {tuple(codes.shape)}")
+        if codes.device.type != "meta" and codes.numel():
+            lo, hi = codes.min().item(), codes.max().item()
+            if lo < 0 or hi >= self.n_embed:
+                raise ValueError(f"codes must lie in [0, {self.n_embed}), got values in [{lo}, {hi}]")
+        z_q = self.quantize.lookup(codes.to(self.conv_dtype_device()[1]).long())
+        return self.decode_latent(z_q.to(self.conv_dtype_device()[0])).clamp(-1, 1)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        preset: str | VQGANConfig | None = None,
+        config_path: str | Path | None = None,
+        trust_pickle: bool = False,
+        map_location: str | torch.device = "cpu",
+    ) -> VQGAN:
+        """Load weights; see :func:`cm3leon_lightning.tokenization.vqgan_io.load_vqgan` for the formats."""
+        from cm3leon_lightning.tokenization.vqgan_io import load_vqgan
+
+        return load_vqgan(path, preset, config_path, trust_pickle, map_location)
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` into ``directory``; returns the directory."""
+        from cm3leon_lightning.tokenization.vqgan_io import save_vqgan
+
+        return save_vqgan(self, directory)

@@ -1,0 +1,240 @@
+"""Loading and saving VQGAN weights: taming-transformers checkpoints, Chameleon's tokenizer, and our own format.
+
+Formats :func:`load_vqgan` understands:
+
+* **ours** (:func:`save_vqgan`): a directory with ``config.json`` and ``model.safetensors``.
+* **taming-transformers**: a Lightning ``.ckpt`` whose ``state_dict`` holds ``encoder.*``, ``decoder.*``,
+  ``quant_conv.*``, ``post_quant_conv.*``, ``quantize.*`` and the training loss's ``loss.*`` (dropped). Its
+  architecture comes from ``preset=``, ``config_path=`` (taming's ``configs/model.yaml``), or is found next to the
+  checkpoint (``<name>.yaml``, ``vqgan.yaml``, ``../configs/model.yaml``); a taming log directory
+  (``checkpoints/last.ckpt`` + ``configs/model.yaml``) can be passed as is.
+* **Chameleon**: ``vqgan.ckpt`` with ``vqgan.yaml`` (same yaml schema as taming), or the directory holding both.
+
+Every file is read with ``torch.load(weights_only=True)``. Lightning 1.x checkpoints, taming's published ones
+included, also pickle Python objects (callback classes, hyper-parameters); such a file is refused unless the caller
+passes ``trust_pickle=True``, which unpickles it in full and so runs whatever code it names. Re-saving it once with
+:func:`save_vqgan` removes the need.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from cm3leon_lightning.tokenization.vqgan import VQGAN, VQGANConfig
+
+FORMAT_NAME = "cm3leon_lightning.vqgan"
+FORMAT_VERSION = 1
+CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+_EMA_KEYS = ("quantize.ema_cluster_size", "quantize.ema_embed_sum")
+
+
+def config_from_taming_yaml(path: str | Path) -> VQGANConfig:
+    """Read a taming-transformers / Chameleon model yaml (``model.params.{ddconfig, n_embed, embed_dim}``).
+
+    Raises:
+        ValueError: the yaml lacks those fields or asks for something this VQGAN does not build (``double_z``).
+    """
+    path = Path(path)
+    with path.open() as f:
+        doc = yaml.safe_load(f)
+    model = doc.get("model", doc) if isinstance(doc, dict) else None
+    params = model.get("params") if isinstance(model, dict) else None
+    if not isinstance(params, dict) or not isinstance(params.get("ddconfig"), dict):
+        raise ValueError(f"{path}: expected a taming model yaml with model.params.ddconfig, n_embed and embed_dim")
+    dd = params["ddconfig"]
+    if dd.get("double_z", False):
+        raise ValueError(f"{path}: ddconfig.double_z is true (a KL autoencoder), a VQGAN needs double_z: false")
+    try:
+        cfg = VQGANConfig(
+            resolution=int(dd["resolution"]),
+            in_channels=int(dd.get("in_channels", 3)),
+            out_ch=int(dd.get("out_ch", 3)),
+            ch=int(dd["ch"]),
+            ch_mult=tuple(dd["ch_mult"]),
+            num_res_blocks=int(dd["num_res_blocks"]),
+            attn_resolutions=tuple(dd.get("attn_resolutions") or ()),
+            z_channels=int(dd["z_channels"]),
+            embed_dim=int(params["embed_dim"]),
+            n_embed=int(params["n_embed"]),
+            dropout=float(dd.get("dropout", 0.0)),
+            quantizer="gumbel" if "Gumbel" in str(model.get("target", "")) else "vq",
+            gumbel_kl_weight=float(params.get("kl_weight", 1e-8)),
+        )
+    except KeyError as e:
+        raise ValueError(f"{path}: missing field {e.args[0]!r} in model.params / ddconfig") from e
+    return cfg
+
+
+def read_config(path: str | Path) -> VQGANConfig:
+    """A config from our ``config.json`` or a taming / Chameleon ``.yaml``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"VQGAN config file not found: {path}")
+    if path.suffix in (".yaml", ".yml"):
+        return config_from_taming_yaml(path)
+    with path.open() as f:
+        doc = json.load(f)
+    if doc.get("format") != FORMAT_NAME or doc.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{path}: not a {FORMAT_NAME} config (format {doc.get('format')!r}, version {doc.get('format_version')!r};"
+            f" expected {FORMAT_NAME!r} version {FORMAT_VERSION})"
+        )
+    return VQGANConfig.from_dict(doc["config"], source=str(path))
+
+
+def read_state_dict(
+    path: str | Path, trust_pickle: bool = False, map_location: str | torch.device = "cpu"
+) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint file, ``loss.*`` entries dropped.
+
+    Args:
+        path: ``.safetensors``, or a torch file (a Lightning checkpoint with ``state_dict``, or a plain state dict).
+        trust_pickle: allow full unpickling for files that ``torch.load(weights_only=True)`` refuses. Only for files
+            from a trusted source: unpickling can run arbitrary code.
+        map_location: where the tensors are loaded.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file needs unpickling and ``trust_pickle`` is False, or holds no state dict.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"VQGAN checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        return load_file(str(path), device=str(map_location))
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=not trust_pickle)
+    except pickle.UnpicklingError as e:
+        raise ValueError(
+            f"{path} holds pickled Python objects that torch.load(weights_only=True) refuses to run (Lightning 1.x "
+            f"checkpoints such as taming-transformers' store callback classes). If you trust the file, load it with "
+            f"trust_pickle=True (e.g. VQGAN.from_pretrained(path, ..., trust_pickle=True)) and re-save it with "
+            f"save_pretrained(). Details: {str(e).splitlines()[0]}"
+        ) from e
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{path}: expected a state dict of tensors, or a checkpoint with a 'state_dict' entry")
+    return {k: v for k, v in obj.items() if not k.startswith("loss.")}
+
+
+def _describe(keys: list[str], n: int = 5) -> str:
+    return f"{len(keys)} ({', '.join(keys[:n])}{', ...' if len(keys) > n else ''})"
+
+
+def load_state_dict_checked(model: VQGAN, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Strictly load ``state_dict`` into ``model``, with an error that lists the first missing / unexpected keys.
+
+    EMA buffers absent from the file (a checkpoint trained with gradients, loaded into an EMA config) are
+    initialised from the codebook.
+    """
+    expected = model.state_dict()
+    state_dict = dict(state_dict)
+    if model.config.ema_decay is not None and "quantize.embedding.weight" in state_dict:
+        state_dict.setdefault(_EMA_KEYS[0], torch.ones(model.config.n_embed))
+        state_dict.setdefault(_EMA_KEYS[1], state_dict["quantize.embedding.weight"].clone())
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"{source}: state dict does not match the VQGAN config (quantizer={model.config.quantizer}, "
+            f"ch_mult={list(model.config.ch_mult)}, n_embed={model.config.n_embed}): missing keys "
+            f"{_describe(missing)}; unexpected keys {_describe(unexpected)}"
+        )
+    wrong = [
+        f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}"
+        for k, v in state_dict.items()
+        if v.shape != expected[k].shape
+    ]
+    if wrong:
+        raise ValueError(f"{source}: tensor shapes (file vs config) differ: {_describe(wrong, 3)}")
+    model.load_state_dict(state_dict, strict=True)
+
+
+def _find_config_next_to(ckpt: Path) -> Path | None:
+    for candidate in (
+        ckpt.with_suffix(".yaml"),
+        ckpt.parent / "vqgan.yaml",
+        ckpt.parent / CONFIG_FILE,
+        ckpt.parent.parent / "configs" / "model.yaml",
+    ):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _resolve(path: Path) -> tuple[Path, Path | None]:
+    """A directory or weights file -> (weights file, config file found with it or None)."""
+    if not path.exists():
+        raise FileNotFoundError(f"VQGAN checkpoint not found: {path}")
+    if path.is_dir():
+        for weights, config in (
+            (WEIGHTS_FILE, CONFIG_FILE),  # ours
+            ("vqgan.ckpt", "vqgan.yaml"),  # Chameleon
+            ("checkpoints/last.ckpt", "configs/model.yaml"),  # taming log directory
+        ):
+            if (path / weights).is_file():
+                return path / weights, (path / config) if (path / config).is_file() else None
+        raise FileNotFoundError(f"{path}: no {WEIGHTS_FILE}, vqgan.ckpt or checkpoints/last.ckpt in this directory")
+    return path, _find_config_next_to(path)
+
+
+def load_vqgan(
+    path: str | Path,
+    preset: str | VQGANConfig | None = None,
+    config_path: str | Path | None = None,
+    trust_pickle: bool = False,
+    map_location: str | torch.device = "cpu",
+) -> VQGAN:
+    """Load a VQGAN (returned in eval mode on ``map_location``).
+
+    Args:
+        path: a directory (ours, Chameleon's, a taming log directory) or a weights file (``.ckpt``, ``.pt``,
+            ``.safetensors``).
+        preset: architecture as a preset name or a :class:`VQGANConfig`; overrides any config file found.
+        config_path: architecture from this file (our ``config.json`` or a taming / Chameleon ``.yaml``).
+        trust_pickle: allow unpickling Python objects (see :func:`read_state_dict`).
+        map_location: device of the returned model.
+
+    Raises:
+        FileNotFoundError: the path or config file does not exist.
+        ValueError: unknown architecture, refused pickle, or keys / shapes that do not match the architecture.
+    """
+    if preset is not None and config_path is not None:
+        raise ValueError("pass either preset or config_path, not both")
+    weights, found_config = _resolve(Path(path))
+    if isinstance(preset, VQGANConfig):
+        config = preset
+    elif preset is not None:
+        config = VQGANConfig.from_name(preset)
+    elif config_path is not None:
+        config = read_config(config_path)
+    elif found_config is not None:
+        config = read_config(found_config)
+    else:
+        raise ValueError(
+            f"cannot tell the architecture of {weights}: pass preset= (one of f8_8192, f16_16384, chameleon, ...) or "
+            f"config_path= (a taming/Chameleon .yaml or our config.json)"
+        )
+    state_dict = read_state_dict(weights, trust_pickle, "cpu")
+    model = VQGAN(config)
+    load_state_dict_checked(model, state_dict, str(weights))
+    return model.to(map_location).eval()
+
+
+def save_vqgan(model: VQGAN, directory: str | Path) -> Path:
+    """Write ``config.json`` and ``model.safetensors`` (no pickle) into ``directory``; returns the directory."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    doc: dict[str, Any] = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "config": model.config.to_dict()}
+    (directory / CONFIG_FILE).write_text(json.dumps(doc, indent=2) + "\n")
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+    return directory
