@@ -1,0 +1,92 @@
+"""FID helpers: ~0 for equal sets, larger for shifted sets, cached statistics give torchmetrics' own value."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from support.eval_setup import TinyFeatures, shape_samples
+from torchmetrics.image.fid import FrechetInceptionDistance
+
+from cm3leon_lightning.metrics.fid import (
+    fid_resize,
+    load_real_stats,
+    make_fid,
+    real_stats,
+    reference_cache_path,
+    save_real_stats,
+    to_uint8_images,
+)
+
+
+def images(n: int = 24, seed: int = 0) -> torch.Tensor:
+    return torch.stack([s.image for s in shape_samples(n, seed=seed)])  # (n, 3, 16, 16) uint8
+
+
+def test_equal_sets_give_zero_and_shifted_sets_more() -> None:
+    real = images(64)
+    metric = make_fid(TinyFeatures())
+    metric.update(real, real=True)
+    metric.update(real, real=False)
+    same = float(metric.compute())
+    assert abs(same) < 1e-6
+    metric.reset()  # keeps the real statistics
+    metric.update(255 - real, real=False)  # inverted colours
+    shifted = float(metric.compute())
+    metric.reset()
+    metric.update(images(64, seed=1), real=False)  # other shapes, same distribution
+    other = float(metric.compute())
+    assert shifted > 10 * other > 0
+
+
+def test_cached_statistics_give_torchmetrics_own_value(tmp_path: Path) -> None:
+    real, fake = images(), images(24, seed=3)
+    reference = FrechetInceptionDistance(feature=TinyFeatures())
+    reference.update(real, real=True)
+    reference.update(fake, real=False)
+    want = float(reference.compute())
+
+    first = make_fid(TinyFeatures())
+    first.update(real[:10], real=True)
+    first.update(real[10:], real=True)
+    path = save_real_stats(reference_cache_path(tmp_path, "refs", first), real_stats(first))
+    second = make_fid(TinyFeatures())
+    load_real_stats(path, second)
+    second.update(fake, real=False)
+    assert float(second.compute()) == pytest.approx(want, rel=1e-9)
+
+    other_rank = make_fid(TinyFeatures())
+    load_real_stats(path, other_rank, holds_totals=False)
+    assert int(other_rank.real_features_num_samples) == 0 and float(other_rank.real_features_sum.abs().sum()) == 0
+
+
+def test_cache_key_depends_on_references_and_extractor(tmp_path: Path) -> None:
+    a, b = make_fid(TinyFeatures(0)), make_fid(TinyFeatures(1))
+    assert reference_cache_path(tmp_path, "x", a) == reference_cache_path(tmp_path, "x", make_fid(TinyFeatures(0)))
+    assert reference_cache_path(tmp_path, "x", a) != reference_cache_path(tmp_path, "x", b)
+    assert reference_cache_path(tmp_path, "x", a) != reference_cache_path(tmp_path, "y", a)
+
+
+def test_resize_rule_is_shorter_side_then_centre_crop() -> None:
+    arr = np.zeros((20, 40, 3), np.uint8)
+    arr[:, :10] = (255, 0, 0)
+    arr[:, 10:30] = (0, 255, 0)
+    arr[:, 30:] = (0, 0, 255)
+    out = fid_resize(Image.fromarray(arr), 20)  # no scaling (shorter side is 20): the centre 20 columns
+    assert out.shape == (3, 20, 20) and out.dtype == torch.uint8
+    assert (out[1] == 255).all() and (out[0] == 0).all() and (out[2] == 0).all()
+    big = fid_resize(np.full((64, 32, 3), 7, np.uint8), 16)
+    assert big.shape == (3, 16, 16) and (big == 7).all()
+    assert to_uint8_images(torch.tensor([-1.0, 0.0, 1.0])).tolist() == [0, 128, 255]
+
+
+def test_bad_arguments_are_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="feature_weights_path"):
+        make_fid(feature_weights_path=tmp_path / "missing.pth")
+    with pytest.raises(ValueError, match="feature_dim"):
+        make_fid(feature_dim=100)
+    with pytest.raises(ValueError, match="image_size"):
+        fid_resize(np.zeros((4, 4, 3), np.uint8), 0)
