@@ -61,7 +61,8 @@ def top_p_filter(logits: Tensor, p: float) -> Tensor:
         raise ValueError(f"top_p must lie in (0, 1], got {p}")
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (..., V)
     probs = sorted_logits.softmax(dim=-1)
-    mass_above = probs.cumsum(dim=-1) - probs  # (..., V) probability ranked strictly above each token
+    mass_above = probs.cumsum(dim=-1).roll(1, dims=-1)  # (..., V) probability ranked strictly above each token
+    mass_above[..., 0] = 0.0
     remove_sorted = mass_above >= p
     remove = torch.zeros_like(remove_sorted).scatter(-1, order, remove_sorted)
     return logits.masked_fill(remove, NEG_INF)

@@ -1,0 +1,249 @@
+"""Decode loops: batched CFG equals separate forwards, KV-cached generation equals a no-cache reference token for
+token (prompts of different lengths), seeds, modality constraints, infilling, and a tiny trained model that maps
+captions to images and back."""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cm3leon_lightning.config import CM3LeonConfig
+from cm3leon_lightning.generation import edit_image, generate_image, generate_text, infill
+from cm3leon_lightning.generation.decoder import left_pad
+from cm3leon_lightning.generation.generate import caption_prompt, image_prompt, unconditional_image_prompt
+from cm3leon_lightning.model import CM3Leon
+from cm3leon_lightning.tokenization.vocab import MultimodalVocab, Segment
+
+VOCAB = MultimodalVocab(n_text=40, n_codes=24, grid_h=2, grid_w=3)  # text 0..39, images 40..63, padded 128
+PROMPTS = [[20, 21, 22, 23, 24], [30], [25, 26]]  # different lengths -> left padding
+
+
+def random_model(seed: int = 0, dtype: torch.dtype = torch.float64, **overrides) -> CM3Leon:
+    """Every weight random (the paper's init zeroes the output layers, which would hide cache bugs)."""
+    torch.manual_seed(seed)
+    cfg = CM3LeonConfig.from_preset("tiny", vocab_size=VOCAB.padded_size, max_seq_len=64, **overrides)
+    model = CM3Leon(cfg).eval().to(dtype)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    return model
+
+
+# ------------------------------------------------------------------------------------------ no-cache references
+def reference_image(model, vocab, prompt, cfg):
+    """No cache, conditional and unconditional streams as two separate forwards, greedy, host sync every token."""
+    cond, uncond, out = image_prompt(vocab, prompt), unconditional_image_prompt(vocab), []
+    lo, hi = vocab.n_text, vocab.size
+    for _ in range(vocab.image_tokens):
+        lc = model(torch.tensor([cond]))[0, -1, lo:hi]
+        lu = model(torch.tensor([uncond]))[0, -1, lo:hi]
+        tok = int((lu + cfg * (lc - lu)).argmax()) + lo
+        cond.append(tok)
+        uncond.append(tok)
+        out.append(tok - lo)
+    return out
+
+
+def reference_text(model, vocab, prompt, max_new):
+    seq, out = list(prompt), []
+    banned = {vocab.pad_id, vocab.mask_id, vocab.infill_id}
+    for _ in range(max_new):
+        logits = model(torch.tensor([seq]))[0, -1, : vocab.n_text].clone()
+        logits[list(banned)] = float("-inf")
+        tok = int(logits.argmax())
+        if tok in (vocab.eos_id, vocab.break_id, *vocab.sentinel_ids):
+            break
+        seq.append(tok)
+        out.append(tok)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ equivalences
+def test_batched_cfg_logits_equal_separate_forwards():
+    model = random_model(dtype=torch.float32)
+    cond = [image_prompt(VOCAB, p) for p in PROMPTS]
+    rows = cond + [unconditional_image_prompt(VOCAB)] * len(PROMPTS)
+    ids, mask = left_pad(rows, VOCAB.pad_id, torch.device("cpu"))
+    model.setup_kv_cache(len(rows), ids.shape[1])
+    with torch.no_grad():
+        batched = model(ids, input_pos=torch.arange(ids.shape[1]), attention_mask=mask, last_only=True)[:, -1]
+        for i, row in enumerate(rows):
+            alone = model(torch.tensor([row]))[0, -1]
+            torch.testing.assert_close(batched[i], alone, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cfg", [1.0, 3.0])
+def test_kv_cached_greedy_images_equal_the_no_cache_reference(cfg):
+    model = random_model()
+    got = generate_image(model, VOCAB, PROMPTS, num_samples=2, method="greedy", cfg=cfg, compile=False)
+    assert got.codes.shape == (3, 2, VOCAB.image_tokens) and got.images is None
+    with torch.no_grad():
+        for p, prompt in enumerate(PROMPTS):
+            want = reference_image(model, VOCAB, prompt, cfg)
+            assert got.codes[p, 0].tolist() == want and got.codes[p, 1].tolist() == want
+
+
+def test_kv_cached_greedy_text_equals_the_no_cache_reference():
+    model = random_model(seed=1)
+    images = [[0, 1, 2, 3, 4, 5], [23, 22, 21, 20, 19, 18]]
+    instructions = [[30, 31, 32], [33]]
+    got = generate_text(model, VOCAB, images, instructions, max_new_tokens=12, compile=False, check_every=3)
+    with torch.no_grad():
+        for img, instr, answer in zip(images, instructions, got):
+            assert answer == reference_text(model, VOCAB, caption_prompt(VOCAB, img, instr), 12)
+    assert any(len(a) > 0 for a in got)
+
+
+def test_same_seed_same_samples_and_seeds_matter():
+    model = random_model(seed=2, dtype=torch.float32)
+    kwargs = dict(num_samples=4, method="top_p", cfg=3.0, temperature=1.5, top_p=0.95, compile=False)
+    a = generate_image(model, VOCAB, PROMPTS, seed=7, **kwargs).codes
+    b = generate_image(model, VOCAB, PROMPTS, seed=7, **kwargs).codes
+    c = generate_image(model, VOCAB, PROMPTS, seed=8, **kwargs).codes
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert len({tuple(r) for r in a.flatten(0, 1).tolist()}) > 1  # candidates differ from each other
+
+
+@pytest.mark.parametrize("method", ["temperature", "top_p", "cd_k"])
+def test_image_segments_hold_only_image_codes_of_the_right_count(method):
+    model = random_model(seed=3, dtype=torch.float32)
+    with torch.no_grad():  # make text ids win the unconstrained argmax, so the constraint has work to do
+        model.wte.weight[: VOCAB.n_text] *= 4
+        model.wte.weight[VOCAB.size :] *= 4
+        ids, mask = left_pad([image_prompt(VOCAB, p) for p in PROMPTS], 0, torch.device("cpu"))
+        assert not VOCAB.is_image_id(model(ids, attention_mask=mask)[:, -1].argmax(-1)).any()
+    got = generate_image(model, VOCAB, PROMPTS, num_samples=3, method=method, temperature=2.0, seed=0, compile=False)
+    assert got.codes.shape == (3, 3, 6)
+    assert got.codes.min() >= 0 and got.codes.max() < VOCAB.n_codes
+    answers = generate_text(model, VOCAB, got.codes[:, 0], max_new_tokens=6, method="top_p", seed=0, compile=False)
+    banned = {VOCAB.pad_id, VOCAB.mask_id, VOCAB.infill_id}
+    assert all(0 <= t < VOCAB.n_text and t not in banned for a in answers for t in a)
+
+
+def test_retrieved_documents_change_the_prompt_and_editing_runs_three_streams():
+    model = random_model(seed=4)
+    doc = [Segment.text([27, 28]), Segment.image(range(6))]
+    assert image_prompt(VOCAB, [30], [doc]) == VOCAB.document_to_ids(doc) + [1, 30, 2]
+    plain = generate_image(model, VOCAB, [[30]], method="greedy", cfg=1.0, compile=False).codes
+    with_doc = generate_image(model, VOCAB, [[30]], retrieved=[[doc]], method="greedy", cfg=1.0, compile=False).codes
+    assert not torch.equal(plain, with_doc)
+    edited = edit_image(model, VOCAB, [list(range(6))], [[31, 32]], [20], text_cfg=1.0, image_cfg=1.0, method="greedy")
+    full = [1, 20, 2, *range(40, 46), 2, 31, 32, 2]
+    with torch.no_grad():  # both scales 1: the full stream alone, greedily, with no cache
+        seq, want = list(full), []
+        for _ in range(6):
+            want.append(int(model(torch.tensor([seq]))[0, -1, 40:64].argmax()))
+            seq.append(want[-1] + 40)
+    assert edited.codes[0, 0].tolist() == want
+
+
+def test_infill_completes_image_spans_exactly_and_matches_captioning():
+    model = random_model(seed=5)
+    # image segment with 3 visible codes: the span gets exactly 3 codes
+    body = [VOCAB.eos_id, 20, VOCAB.sentinel_id(0), 22, VOCAB.break_id, 40, 41, VOCAB.sentinel_id(1), 45]
+    res = infill(model, VOCAB, body, compile=False)
+    assert len(res.spans[1]) == 3 and all(VOCAB.is_image_id(t) for t in res.spans[1])
+    assert all(0 <= t < VOCAB.n_text for t in res.spans[0])
+    assert res.ids == [1, 20, *res.spans[0], 22, 2, 40, 41, *res.spans[1], 45]
+    # span 1 was decoded after "<mask:1>" following span 0: check it against a no-cache greedy reference
+    seq = body + [VOCAB.infill_id, VOCAB.sentinel_id(0), *res.spans[0], VOCAB.sentinel_id(1)]
+    with torch.no_grad():
+        for tok in res.spans[1]:
+            assert int(model(torch.tensor([seq]))[0, -1, 40:64].argmax()) + 40 == tok
+            seq.append(tok)
+    # the captioning prompt is an infilling prompt: both paths agree
+    image = [3, 1, 4, 1, 5, 9]
+    masked = [VOCAB.eos_id, VOCAB.sentinel_id(0), VOCAB.break_id, *VOCAB.codes_to_ids(image).tolist()]
+    caption = generate_text(model, VOCAB, [image], max_new_tokens=8, compile=False)[0]
+    assert infill(model, VOCAB, masked, max_span_tokens=8, compile=False).spans[0] == caption
+    # a whole masked image segment needs span_kinds
+    whole = [VOCAB.eos_id, 20, VOCAB.break_id, VOCAB.sentinel_id(0)]
+    assert len(infill(model, VOCAB, whole, span_kinds=["image"], compile=False).spans[0]) == 6
+
+
+def test_clear_errors():
+    model = random_model()
+    with pytest.raises(ValueError, match="max_seq_len"):
+        generate_image(model, VOCAB, [[20] * 60], compile=False)
+    with pytest.raises(ValueError, match="vocabulary mismatch"):
+        generate_image(model, MultimodalVocab(n_text=300, n_codes=24, grid_h=2, grid_w=3), [[20]])
+    with pytest.raises(ValueError, match="method"):
+        generate_image(model, VOCAB, [[20]], method="beam")
+    with pytest.raises(ValueError, match="outside the allowed range"):
+        generate_image(model, VOCAB, [[70]])
+    with pytest.raises(ValueError, match="grid_h"):
+        generate_text(model, VOCAB, [[1, 2, 3]])
+    with pytest.raises(ValueError, match="sentinel"):
+        infill(model, VOCAB, [1, 20, 21])
+    with pytest.raises(ValueError, match="retrieved"):
+        generate_image(model, VOCAB, [[20], [21]], retrieved=[[]])
+
+
+@pytest.mark.skipif(
+    os.environ.get("CM3LEON_TEST_COMPILE") != "1" and not torch.cuda.is_available(),
+    reason="torch.compile of the step takes about a minute on 2 CPU cores; set CM3LEON_TEST_COMPILE=1",
+)
+def test_compiled_step_equals_eager():
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # on CUDA: mode="reduce-overhead" (CUDA graphs)
+    model = random_model(seed=6, dtype=torch.float32).to(device)
+    kwargs = dict(num_samples=2, method="top_p", cfg=3.0, seed=3)
+    compiled = generate_image(model, VOCAB, PROMPTS, compile=True, **kwargs).codes
+    again = generate_image(model, VOCAB, PROMPTS, compile=True, **kwargs).codes  # replays the captured step
+    eager = generate_image(model, VOCAB, PROMPTS, compile=False, **kwargs).codes
+    assert torch.equal(compiled, eager) and torch.equal(again, eager)
+    text = dict(max_new_tokens=6, method="greedy")
+    assert generate_text(model, VOCAB, eager[:, 0], compile=True, **text) == generate_text(
+        model, VOCAB, eager[:, 0], compile=False, **text
+    )
+
+
+# ------------------------------------------------------------------------------------------ a trained tiny model
+TV = MultimodalVocab(n_text=32, n_codes=16, grid_h=2, grid_w=4)  # 13 special ids, text 13..31, images 32..47
+CAPTIONS = [[13, 14, 15], [16, 17], [18, 19, 20, 21], [22, 14]]
+IMAGES = [[0, 1, 2, 3, 4, 5, 6, 7], [8, 8, 9, 9, 10, 10, 11, 11], [15, 14, 13, 12, 3, 2, 1, 0], [5] * 4 + [7] * 4]
+
+
+def training_rows() -> list[list[int]]:
+    """Per pair: text-to-image ``<eos> caption <break> image <eos>``, the caption-infill form cm3_infill gives
+    when it masks the whole caption, and an unconditional ``<eos> <mask> <break> image <eos>`` for CFG."""
+    rows = []
+    for cap, img in zip(CAPTIONS, IMAGES):
+        ids = TV.codes_to_ids(img).tolist()
+        rows.append(TV.example_to_ids([], [Segment.text(cap), Segment.image(img)]))
+        rows.append([TV.eos_id, TV.sentinel_id(0), TV.break_id, *ids, TV.infill_id, TV.sentinel_id(0), *cap, TV.eos_id])
+        rows.append([TV.eos_id, TV.mask_id, TV.break_id, *ids, TV.eos_id])
+    return rows
+
+
+@pytest.fixture(scope="module")
+def trained() -> CM3Leon:
+    torch.manual_seed(0)
+    cfg = CM3LeonConfig.from_preset("tiny", vocab_size=TV.padded_size, max_seq_len=32, d_model=32, d_ff=128)
+    model = CM3Leon(cfg)
+    rows = training_rows()
+    width = max(len(r) for r in rows)
+    batch = torch.tensor([r + [TV.pad_id] * (width - len(r)) for r in rows])  # right-padded
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: one thread avoids oversubscription on a shared machine (~3 s)
+    try:
+        for _ in range(250):
+            logits = model(batch[:, :-1])
+            loss = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), ignore_index=TV.pad_id)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    return model.eval()
+
+
+@pytest.mark.parametrize("cfg", [1.0, 3.0])
+def test_trained_model_draws_each_caption_s_image_greedily(trained, cfg):
+    got = generate_image(trained, TV, CAPTIONS, num_samples=2, method="greedy", cfg=cfg, compile=False)
+    assert got.codes.tolist() == [[img, img] for img in IMAGES]
+
+
+def test_trained_model_captions_each_image_back(trained):
+    assert generate_text(trained, TV, IMAGES, max_new_tokens=8, compile=False) == CAPTIONS

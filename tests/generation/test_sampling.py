@@ -1,0 +1,177 @@
+"""Pure logit rules of paper section 3.1: temperature, top-k, top-p, CFG (eq. 2), CD-K (eq. 3), separate text/image
+guidance (section 4.1), modality constraints and device-side sampling."""
+
+import math
+
+import pytest
+import torch
+
+from cm3leon_lightning.generation.decoder import SamplingSpec, process_logits
+from cm3leon_lightning.generation.sampling import (
+    allowed_ids,
+    apply_temperature,
+    cdk_logits,
+    cfg_logits,
+    constrain,
+    dual_cfg_logits,
+    image_segment_allowed,
+    sample,
+    sample_noise,
+    top_k_filter,
+    top_p_filter,
+)
+from cm3leon_lightning.tokenization.vocab import MultimodalVocab
+
+NEG = float("-inf")
+
+
+def kept(logits: torch.Tensor) -> set[int]:
+    return set(torch.nonzero(torch.isfinite(logits)).flatten().tolist())
+
+
+def test_temperature_divides_and_rejects_non_positive():
+    x = torch.tensor([1.0, -2.0, 4.0])
+    assert torch.equal(apply_temperature(x, 2.0), torch.tensor([0.5, -1.0, 2.0]))
+    for bad in (0.0, -1.0):
+        with pytest.raises(ValueError, match="temperature"):
+            apply_temperature(x, bad)
+
+
+def test_top_k_keeps_the_k_largest():
+    x = torch.tensor([[0.1, 3.0, -1.0, 2.0, 0.5]])
+    assert kept(top_k_filter(x, 2)[0]) == {1, 3}
+    assert torch.equal(top_k_filter(x, 2)[0, [1, 3]], x[0, [1, 3]])  # kept logits unchanged
+    assert torch.equal(top_k_filter(x, 9), x)
+    with pytest.raises(ValueError, match="top_k"):
+        top_k_filter(x, 0)
+
+
+def test_top_p_hand_example():
+    probs = torch.tensor([0.05, 0.5, 0.15, 0.3], dtype=torch.float64)
+    logits = probs.log()
+    assert kept(top_p_filter(logits, 0.5)) == {1}  # 0.5 alone reaches 0.5
+    assert kept(top_p_filter(logits, 0.79)) == {1, 3}  # 0.5 + 0.3 = 0.8 >= 0.79
+    assert kept(top_p_filter(logits, 0.81)) == {1, 3, 2}
+    assert kept(top_p_filter(logits, 0.96)) == {0, 1, 2, 3}
+    assert kept(top_p_filter(logits, 0.01)) == {1}  # the most likely token always survives
+    assert torch.equal(top_p_filter(logits, 0.79)[[1, 3]], logits[[1, 3]])
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="top_p"):
+            top_p_filter(logits, bad)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_top_p_keeps_the_smallest_set_with_mass_at_least_p(seed):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(6, 50, generator=g, dtype=torch.float64) * 2
+    for p in (0.1, 0.5, 0.9, 0.99):
+        out = top_p_filter(logits, p)
+        probs = logits.softmax(-1)
+        for row in range(logits.shape[0]):
+            keep = torch.isfinite(out[row])
+            order = probs[row].argsort(descending=True)
+            n_min = int((probs[row][order].cumsum(0) < p).sum()) + 1  # smallest prefix reaching p
+            assert int(keep.sum()) == n_min
+            assert probs[row][keep].sum() >= p - 1e-12
+            dropped = probs[row][~keep]
+            assert dropped.numel() == 0 or probs[row][keep].min() >= dropped.max()  # the top-ranked ones
+
+
+def test_cfg_alpha_one_is_conditional_bit_for_bit_and_follows_eq_2():
+    g = torch.Generator().manual_seed(0)
+    cond, uncond = torch.randn(3, 40, generator=g), torch.randn(3, 40, generator=g)
+    assert torch.equal(cfg_logits(cond, uncond, 1.0), cond)
+    assert torch.equal(cfg_logits(cond, uncond, 0.0), uncond)
+    torch.testing.assert_close(cfg_logits(cond, uncond, 3.0), uncond + 3.0 * (cond - uncond))
+
+
+def test_dual_guidance_reduces_to_the_full_stream_and_to_cfg():
+    g = torch.Generator().manual_seed(1)
+    full, img, none = (torch.randn(2, 30, generator=g, dtype=torch.float64) for _ in range(3))
+    torch.testing.assert_close(dual_cfg_logits(full, img, none, 1.0, 1.0), full)
+    # image scale equal to text scale: plain CFG between full and none
+    torch.testing.assert_close(dual_cfg_logits(full, img, none, 2.5, 2.5), none + 2.5 * (full - none))
+    torch.testing.assert_close(
+        dual_cfg_logits(full, img, none, 7.5, 1.5), none + 1.5 * (img - none) + 7.5 * (full - img)
+    )
+
+
+def test_cdk_hand_computed_example():
+    p = torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05], dtype=torch.float64)  # conditional (p_EXP)
+    q = torch.tensor([0.4, 0.1, 0.3, 0.1, 0.1], dtype=torch.float64)  # unconditional (p_AMA)
+    # k = 2: the 2nd largest p is 0.2; alpha 0.6 -> threshold 0.12 -> V = {0, 1, 2}
+    out = cdk_logits(p.log() + 3.0, q.log() - 1.0, k=2, alpha=0.6)  # logits up to a constant
+    assert kept(out) == {0, 1, 2}
+    torch.testing.assert_close(out[:3], torch.tensor([math.log(0.5 / 0.4), math.log(2.0), math.log(0.5)]).double())
+    assert int(out.argmax()) == 1  # the contrastive choice differs from greedy on p (token 0)
+    # k = 1 is the original CD: threshold 0.6 * 0.5 = 0.3 keeps only token 0, i.e. greedy
+    assert kept(cdk_logits(p.log(), q.log(), k=1, alpha=0.6)) == {0}
+    # alpha 0 keeps everything; k larger than V is clipped
+    assert kept(cdk_logits(p.log(), q.log(), k=99, alpha=0.0)) == {0, 1, 2, 3, 4}
+    with pytest.raises(ValueError, match="k"):
+        cdk_logits(p.log(), q.log(), k=0, alpha=0.5)
+
+
+VOCAB = MultimodalVocab(n_text=40, n_codes=24, grid_h=2, grid_w=3)  # size 64, padded 128
+
+
+def test_modality_masks_are_exact_and_never_allow_padding_rows():
+    image = allowed_ids(VOCAB, 128, "image")
+    text = allowed_ids(VOCAB, 128, "text")
+    assert set(torch.nonzero(image).flatten().tolist()) == set(range(40, 64))
+    assert set(torch.nonzero(text).flatten().tolist()) == set(range(40)) - {VOCAB.pad_id, VOCAB.mask_id, 4}
+    assert not (image | text)[64:].any()
+    with pytest.raises(ValueError, match="modality"):
+        allowed_ids(VOCAB, 128, "audio")
+    with pytest.raises(ValueError, match="vocab_size"):
+        allowed_ids(VOCAB, 50, "text")
+
+
+def test_image_segment_ends_after_exactly_grid_h_times_grid_w_codes():
+    allowed = image_segment_allowed(VOCAB, 128, torch.tensor([0, 5, 6]))  # (3, 128)
+    assert set(torch.nonzero(allowed[0]).flatten().tolist()) == set(range(40, 64))
+    assert torch.equal(allowed[0], allowed[1])
+    enders = {VOCAB.eos_id, VOCAB.break_id, *VOCAB.sentinel_ids}
+    assert set(torch.nonzero(allowed[2]).flatten().tolist()) == enders
+    logits = torch.zeros(3, 128)
+    assert set(constrain(logits, allowed)[2].isfinite().nonzero().flatten().tolist()) == enders
+
+
+def test_sample_is_greedy_without_noise_reproducible_and_never_picks_removed_tokens():
+    logits = torch.tensor([[0.0, 2.0, NEG, 1.0], [NEG, NEG, 0.0, NEG]])
+    assert sample(logits, None).tolist() == [1, 2]
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    n1, n2 = sample_noise((4000, 4), g1, "cpu"), sample_noise((4000, 4), g2, "cpu")
+    assert torch.equal(n1, n2) and n1.min() > 0
+    draws = sample(logits[:1].expand(4000, 4), n1)
+    assert 2 not in draws.tolist()
+    freq = torch.bincount(draws, minlength=4).double() / 4000
+    torch.testing.assert_close(freq, logits[0].double().softmax(-1), atol=0.03, rtol=0)
+    assert sample(logits[1:].expand(50, 4), n1[:50]).eq(2).all()
+
+
+def test_process_logits_cfg_one_equals_the_conditional_stream_and_slices_the_range():
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(6, 128, generator=g)  # 2 streams x 3 rows
+    cond_only = SamplingSpec(method="greedy", streams=1, lo=40, hi=64)
+    guided = SamplingSpec(method="greedy", streams=2, cfg=1.0, lo=40, hi=64)
+    assert torch.equal(process_logits(logits, guided), process_logits(logits[:3], cond_only))
+    assert process_logits(logits, guided).shape == (3, 24)
+    spec = SamplingSpec(method="top_p", streams=2, cfg=3.0, temperature=0.7, top_p=0.5, lo=40, hi=64)
+    want = top_p_filter((logits[3:, 40:64] + 3.0 * (logits[:3, 40:64] - logits[3:, 40:64])) / 0.7, 0.5)
+    torch.testing.assert_close(process_logits(logits, spec), want)
+    cdk = SamplingSpec(method="cd_k", streams=2, cdk_k=3, cdk_alpha=0.5, temperature=0, lo=40, hi=64)
+    torch.testing.assert_close(process_logits(logits, cdk), cdk_logits(logits[:3, 40:64], logits[3:, 40:64], 3, 0.5))
+
+
+def test_sampling_spec_rejects_bad_settings():
+    for kwargs, match in (
+        ({"method": "beam"}, "method"),
+        ({"streams": 4}, "streams"),
+        ({"method": "cd_k", "streams": 3}, "cd_k"),
+        ({"temperature": -1.0}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"lo": 5, "hi": 5}, "range"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            SamplingSpec(**{"lo": 0, "hi": 10, **kwargs})
