@@ -228,11 +228,12 @@ class CM3LeonDataModule(L.LightningDataModule):
                     f"= {slots} readers; re-prepare with smaller shards (at least {slots}) or lower num_workers"
                 )
 
-    def _processed(self) -> int | None:
+    def _processed(self) -> tuple[int, int] | None:
+        """The trainer's epoch and training batches consumed in it (the loader has handed out one more)."""
         trainer = self.trainer
         if trainer is None or trainer.state.fn != TrainerFn.FITTING:
             return None
-        return trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
     def train_dataloader(self) -> ResumableLoader:
         """The resumable training loader (the same object across epochs, so it keeps its position)."""
@@ -252,9 +253,9 @@ class CM3LeonDataModule(L.LightningDataModule):
         stream = self._stream(split, False)
         return DataLoader(stream, batch_size=None, num_workers=stream.num_workers, pin_memory=self.hparams.pin_memory)
 
-    def val_dataloader(self) -> DataLoader:
-        """Finite, exact, deterministic validation batches."""
-        return self._eval_loader("val")
+    def val_dataloader(self) -> DataLoader | list:
+        """Finite, exact, deterministic validation batches (none without ``val_data``: validation is skipped)."""
+        return self._eval_loader("val") if "val" in self.sources else []
 
     def test_dataloader(self) -> DataLoader:
         """Finite, exact, deterministic test batches."""

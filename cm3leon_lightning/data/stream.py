@@ -235,8 +235,8 @@ class ResumableLoader:
         stream: the rank's :class:`ShardStream`.
         pin_memory: DataLoader ``pin_memory``.
         max_skip_share: stop with an error when this rank skips more than this share of its epoch's samples.
-        processed: returns how many batches of the current epoch the trainer has consumed (``None``: count the
-            batches handed out). Lightning fetches one batch ahead, so handed-out is one too many in a checkpoint.
+        processed: returns the trainer's ``(epoch, batches consumed in it)`` (``None``: count the batches handed
+            out). Lightning fetches one batch ahead, so handed-out is one too many in a checkpoint.
     """
 
     def __init__(
@@ -244,7 +244,7 @@ class ResumableLoader:
         stream: ShardStream,
         pin_memory: bool = False,
         max_skip_share: float = 0.01,
-        processed: Callable[[], int | None] | None = None,
+        processed: Callable[[], tuple[int, int] | None] | None = None,
     ) -> None:
         self.stream = stream
         self.pin_memory = pin_memory
@@ -269,7 +269,7 @@ class ResumableLoader:
         }
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        if self._done:  # the previous epoch ran out: start the next one
+        if self._done or self._handed_out >= len(self):  # the previous epoch ran out: start the next one
             self.load_state_dict(self.state_dict(len(self)))
         elif self._handed_out > self.start:  # an abandoned iteration: continue after the consumed batches
             self.load_state_dict(self.state_dict())
@@ -294,8 +294,9 @@ class ResumableLoader:
 
     def _commit(self, processed: int | None) -> int:
         """Fold the handed-out batches with index < n into the saved position; returns n."""
-        if processed is None and self.processed is not None:
-            processed = self.processed()
+        if processed is None and self.processed is not None and (got := self.processed()) is not None:
+            epoch, processed = got  # the trainer's epoch may be ahead: then this loader's epoch is complete
+            processed = len(self) if epoch > self.epoch else processed
         n = self._handed_out if processed is None else int(processed)
         while self._pending and self._pending[0]["index"] < n:
             m = self._pending.popleft()
