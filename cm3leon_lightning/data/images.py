@@ -1,0 +1,242 @@
+"""Images for training the VQGAN tokenizer: an image folder, jpg/png WebDataset shards, or generated blocks.
+
+Every image is resized so its shorter side is ``image_size`` (bicubic) and centre-cropped to a square, then given to
+the model as a uint8 tensor ``(3, image_size, image_size)``; batches are ``(B, 3, S, S)`` uint8 (the VQGAN maps them
+to ``[-1, 1]``). WebDataset stages are small module-level functions so worker processes can pickle them.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+_PALETTE = np.array(
+    [[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48], [145, 30, 180], [255, 255, 255],
+     [0, 0, 0]],
+    dtype=np.uint8,
+)  # fmt: skip
+
+
+def synthetic_images(n: int, size: int, seed: int = 0) -> np.ndarray:
+    """Seeded images of coloured rectangles on a plain background, for tests and the demo.
+
+    Args:
+        n: number of images.
+        size: side length in pixels (>= 4).
+        seed: random seed; the same arguments give the same images.
+
+    Returns:
+        uint8 array ``(n, size, size, 3)``.
+    """
+    if n < 0 or size < 4:
+        raise ValueError(f"synthetic_images needs n >= 0 and size >= 4, got n={n}, size={size}")
+    rng = np.random.default_rng(seed)
+    out = np.empty((n, size, size, 3), dtype=np.uint8)
+    for i in range(n):
+        out[i] = _PALETTE[rng.integers(len(_PALETTE))]
+        for _ in range(rng.integers(1, 4)):
+            h, w = rng.integers(size // 4, size // 2 + 1, size=2)
+            y, x = rng.integers(0, size - h + 1), rng.integers(0, size - w + 1)
+            out[i, y : y + h, x : x + w] = _PALETTE[rng.integers(len(_PALETTE))]
+    return out
+
+
+def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
+    """Resize so the shorter side is ``size`` (bicubic), then crop the centre ``size x size`` square (RGB)."""
+    image = image.convert("RGB")
+    w, h = image.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    if (nw, nh) != (w, h):
+        image = image.resize((nw, nh), Image.BICUBIC)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def to_tensor(image: Image.Image, size: int, hflip: bool = False) -> torch.Tensor:
+    """A PIL image -> uint8 tensor ``(3, size, size)`` after :func:`resize_center_crop` (and a flip if asked)."""
+    arr = np.array(resize_center_crop(image, size), dtype=np.uint8)  # (S, S, 3), writable copy
+    if hflip:
+        arr = arr[:, ::-1]
+    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """Image files under ``folder`` (recursive, sorted); ValueError if there are none."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder not found: {folder}")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not files:
+        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {folder}")
+    return files
+
+
+class ImageFolderDataset(Dataset):
+    """Map-style dataset over an image folder (or in-memory uint8 arrays), yielding ``(3, S, S)`` uint8 tensors.
+
+    Args:
+        source: a folder of images, or a uint8 array ``(N, H, W, 3)``.
+        image_size: output side length.
+        hflip: flip horizontally with probability 1/2 (seeded by index and epoch-independent ``seed``).
+        seed: seed for the flips.
+    """
+
+    def __init__(self, source: str | Path | np.ndarray, image_size: int, hflip: bool = False, seed: int = 0) -> None:
+        self.items = source if isinstance(source, np.ndarray) else list_images(source)
+        self.image_size, self.hflip, self.seed = image_size, hflip, seed
+
+    def __len__(self) -> int:
+        """Number of images."""
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        """The ``index``-th image as a uint8 tensor ``(3, S, S)``."""
+        item = self.items[index]
+        if isinstance(item, np.ndarray):
+            image = Image.fromarray(item)
+        else:
+            with Image.open(item) as f:
+                image = f.convert("RGB")
+        flip = self.hflip and bool(np.random.default_rng((self.seed, index)).integers(2))
+        return to_tensor(image, self.image_size, flip)
+
+
+def pick_image(sample: dict) -> Image.Image:
+    """WebDataset stage: the decoded ``jpg``/``jpeg``/``png`` member of a sample."""
+    for key in ("jpg", "jpeg", "png"):
+        if key in sample:
+            return sample[key]
+    raise ValueError(f"sample {sample.get('__key__')!r} from {sample.get('__url__')!r} has no jpg/jpeg/png member")
+
+
+def shard_urls(spec: str, allow_pipe: bool = False) -> str | list[str]:
+    """Shard URLs from a directory of ``.tar`` files or a (brace-expandable) URL pattern.
+
+    Raises:
+        ValueError: a ``pipe:`` URL without ``allow_pipe``, or a directory without ``.tar`` files.
+    """
+    if spec.startswith("pipe:") and not allow_pipe:
+        raise ValueError(f"refusing shard URL {spec!r}: 'pipe:' runs a shell command; pass allow_pipe=True to allow it")
+    path = Path(spec)
+    if path.is_dir():
+        tars = sorted(str(p) for p in path.glob("*.tar"))
+        if not tars:
+            raise ValueError(f"no .tar shards in {path}")
+        return tars
+    return spec
+
+
+def image_shards(urls: str | list[str], image_size: int, shuffle: int = 0, hflip: bool = False) -> IterableDataset:
+    """A WebDataset pipeline of ``(3, S, S)`` uint8 tensors from jpg/png shards, split over nodes and workers."""
+    stages = [wds.SimpleShardList(urls)]
+    if shuffle:
+        stages.append(wds.shuffle(100))  # shard order
+    stages += [wds.split_by_node, wds.split_by_worker, wds.tarfile_to_samples()]
+    if shuffle:
+        stages.append(wds.shuffle(shuffle))
+    to_sample = functools.partial(_random_flip_tensor, size=image_size, hflip=hflip)
+    stages += [wds.decode("pil"), wds.map(pick_image), wds.map(to_sample)]
+    return wds.DataPipeline(*stages)
+
+
+def _random_flip_tensor(image: Image.Image, size: int, hflip: bool) -> torch.Tensor:
+    return to_tensor(image, size, hflip and bool(torch.randint(2, ()).item()))
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Images for VQGAN training.
+
+    Args:
+        train: an image folder, a folder of ``.tar`` WebDataset shards, or a shard URL pattern
+            (``shards/train-{000000..000009}.tar``); None to use ``synthetic`` generated images.
+        val: the same for validation (optional; without it and with ``synthetic`` images, ``synthetic_val`` are made).
+        image_size: side of the square crops.
+        batch_size: images per batch.
+        num_workers: DataLoader workers.
+        hflip: random horizontal flips in training.
+        synthetic: number of generated training images (:func:`synthetic_images`) when ``train`` is None.
+        synthetic_val: number of generated validation images when ``val`` is None and ``synthetic`` > 0.
+        seed: seed of the generated images and flips.
+        shuffle_buffer: sample shuffle buffer for shards (training only).
+        allow_pipe: allow ``pipe:`` shard URLs (they run shell commands).
+    """
+
+    def __init__(
+        self,
+        train: str | None = None,
+        val: str | None = None,
+        image_size: int = 256,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        hflip: bool = False,
+        synthetic: int = 0,
+        synthetic_val: int = 0,
+        seed: int = 0,
+        shuffle_buffer: int = 1000,
+        allow_pipe: bool = False,
+    ) -> None:
+        super().__init__()
+        if train is None and synthetic <= 0:
+            raise ValueError("ImageDataModule needs train= (image folder or shards) or synthetic= (> 0 images)")
+        if image_size < 4 or batch_size < 1 or num_workers < 0:
+            raise ValueError(
+                f"need image_size >= 4, batch_size >= 1, num_workers >= 0; got {image_size}, {batch_size}, "
+                f"{num_workers}"
+            )
+        self.save_hyperparameters()
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+
+    def _dataset(self, spec: str, train: bool) -> Dataset:
+        hp = self.hparams
+        path = Path(spec)
+        if ".tar" in spec or (path.is_dir() and any(path.glob("*.tar"))):
+            urls = shard_urls(spec, hp.allow_pipe)
+            return image_shards(urls, hp.image_size, hp.shuffle_buffer if train else 0, hp.hflip and train)
+        return ImageFolderDataset(path, hp.image_size, hp.hflip and train, hp.seed)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build the datasets (idempotent)."""
+        hp = self.hparams
+        if self.train_set is None:
+            if hp.train is not None:
+                self.train_set = self._dataset(hp.train, train=True)
+            else:
+                self.train_set = ImageFolderDataset(synthetic_images(hp.synthetic, hp.image_size, hp.seed),
+                                                    hp.image_size, hp.hflip, hp.seed)  # fmt: skip
+        if self.val_set is None:
+            if hp.val is not None:
+                self.val_set = self._dataset(hp.val, train=False)
+            elif hp.train is None and hp.synthetic_val > 0:
+                arr = synthetic_images(hp.synthetic_val, hp.image_size, hp.seed + 1)
+                self.val_set = ImageFolderDataset(arr, hp.image_size)
+
+    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        hp = self.hparams
+        iterable = isinstance(dataset, IterableDataset)
+        return DataLoader(
+            dataset,
+            batch_size=hp.batch_size,
+            shuffle=shuffle and not iterable,
+            num_workers=hp.num_workers,
+            persistent_workers=hp.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training batches ``(B, 3, S, S)`` uint8."""
+        self.setup("fit")
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Validation batches, or an empty list when there is no validation data."""
+        self.setup("validate")
+        return [] if self.val_set is None else self._loader(self.val_set, shuffle=False)

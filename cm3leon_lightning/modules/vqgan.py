@@ -1,0 +1,261 @@
+"""VQGANModule: trains the image tokenizer (Esser et al. 2021; the paper's tokenizer, section 2.1, is of this family).
+
+Loss of the autoencoder step::
+
+    L = |x - x_rec|_1 + perceptual_weight * LPIPS(x, x_rec)          (nll)
+        + codebook_weight * (codebook + commitment)                   (quantizer)
+        + [step >= disc_start] * disc_weight * lambda * (-mean D(x_rec))   (lambda: adaptive weight, eq. 7)
+
+and, when the discriminator is on, a hinge-loss discriminator step with its own optimizer (manual optimization).
+Steps are counted in ``train_steps`` (one per batch; Lightning's ``global_step`` counts optimizer steps, two per batch
+once the discriminator runs, so ``trainer.max_steps`` counts those).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import lightning as L
+import torch
+
+from cm3leon_lightning.modules.vqgan_losses import LPIPS, NLayerDiscriminator, adaptive_weight, hinge_d_loss
+from cm3leon_lightning.tokenization.quantize import code_statistics
+from cm3leon_lightning.tokenization.vqgan import VQGAN, VQGANConfig
+
+_OVERRIDABLE = (
+    "resolution",
+    "ch",
+    "ch_mult",
+    "num_res_blocks",
+    "attn_resolutions",
+    "z_channels",
+    "embed_dim",
+    "n_embed",
+    "quantizer",
+    "beta",
+    "l2_normalize",
+    "ema_decay",
+    "dead_code_after",
+)
+
+
+def batch_images(batch: Any) -> torch.Tensor:
+    """The image tensor of a batch: the batch itself, ``batch["image"]`` or ``batch[0]``."""
+    if isinstance(batch, dict):
+        return batch["image"]
+    if isinstance(batch, (list, tuple)):
+        return batch[0]
+    return batch
+
+
+class VQGANModule(L.LightningModule):
+    """Trains a :class:`~cm3leon_lightning.tokenization.vqgan.VQGAN` on image batches ``(B, 3, S, S)``.
+
+    Args:
+        preset: architecture preset (``tiny``, ``micro``, ``f8_8192``, ``f16_16384``, ``chameleon``).
+        resolution: override of the preset's image size (None keeps the preset's value; same for the next fields).
+        ch: override of the base channel count.
+        ch_mult: override of the channel multipliers.
+        num_res_blocks: override of residual blocks per level.
+        attn_resolutions: override of the attention resolutions.
+        z_channels: override of the latent channels.
+        embed_dim: override of the code dimension.
+        n_embed: override of the number of codes.
+        quantizer: override of the quantizer, ``vq`` or ``gumbel``.
+        beta: override of the commitment weight.
+        l2_normalize: override of l2-normalised codes.
+        ema_decay: override of EMA codebook updates (a decay in (0, 1)).
+        dead_code_after: override of the dead-code restart patience (0 = off).
+        init_from: start from these weights (anything ``VQGAN.from_pretrained`` reads, with this architecture).
+        lr: Adam learning rate of the autoencoder.
+        betas: Adam betas (taming: 0.5, 0.9).
+        codebook_weight: weight of the quantizer losses.
+        perceptual_weight: LPIPS weight; > 0 needs ``lpips_weights``.
+        lpips_weights: local LPIPS weights file (see :class:`~cm3leon_lightning.modules.vqgan_losses.LPIPS`).
+        disc_weight: PatchGAN weight; 0 builds no discriminator.
+        disc_start: training step (batch) from which the discriminator is trained and used.
+        disc_lr: discriminator learning rate (None: ``lr``).
+        disc_ndf: discriminator base channels.
+        disc_layers: discriminator stride-2 layers.
+        gradient_clip_val: clip gradient norms of both optimizers (Trainer clipping does not apply to manual
+            optimization).
+        num_logged_images: originals / reconstructions in the image grid logged at the first validation batch.
+    """
+
+    def __init__(
+        self,
+        preset: str = "tiny",
+        resolution: int | None = None,
+        ch: int | None = None,
+        ch_mult: list[int] | None = None,
+        num_res_blocks: int | None = None,
+        attn_resolutions: list[int] | None = None,
+        z_channels: int | None = None,
+        embed_dim: int | None = None,
+        n_embed: int | None = None,
+        quantizer: str | None = None,
+        beta: float | None = None,
+        l2_normalize: bool | None = None,
+        ema_decay: float | None = None,
+        dead_code_after: int | None = None,
+        init_from: str | None = None,
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.5, 0.9),
+        codebook_weight: float = 1.0,
+        perceptual_weight: float = 0.0,
+        lpips_weights: str | None = None,
+        disc_weight: float = 0.0,
+        disc_start: int = 0,
+        disc_lr: float | None = None,
+        disc_ndf: int = 64,
+        disc_layers: int = 3,
+        gradient_clip_val: float | None = None,
+        num_logged_images: int = 8,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        if perceptual_weight > 0 and lpips_weights is None:
+            raise ValueError(
+                "perceptual_weight > 0 needs lpips_weights=<local file> (VGG16 + LPIPS lin layers; nothing is "
+                "downloaded). Set perceptual_weight: 0 to train without the perceptual loss."
+            )
+        if lpips_weights is not None and perceptual_weight <= 0:
+            warnings.warn("lpips_weights is set but perceptual_weight is 0: the perceptual loss is off", stacklevel=2)
+        if disc_weight < 0 or disc_start < 0 or codebook_weight < 0:
+            raise ValueError("disc_weight, disc_start and codebook_weight must be >= 0")
+        overrides = {k: getattr(self.hparams, k) for k in _OVERRIDABLE if getattr(self.hparams, k) is not None}
+        self.config = VQGANConfig.from_name(preset, **overrides)  # validates early, before the network is built
+        self.vqgan: VQGAN | None = None
+        self.discriminator: NLayerDiscriminator | None = None
+        self.lpips: LPIPS | None = None
+        self.register_buffer("train_steps", torch.zeros((), dtype=torch.long))
+        self._val_counts: torch.Tensor | None = None
+        self.last_image_grid: torch.Tensor | None = None
+
+    def configure_model(self) -> None:
+        """Build the VQGAN (from ``init_from`` if given), the discriminator and LPIPS; idempotent."""
+        if self.vqgan is not None:
+            return
+        hp = self.hparams
+        if hp.init_from is not None:
+            self.vqgan = VQGAN.from_pretrained(hp.init_from, preset=self.config).train()
+        else:
+            self.vqgan = VQGAN(self.config)
+        if hp.disc_weight > 0:
+            self.discriminator = NLayerDiscriminator(self.config.out_ch, hp.disc_ndf, hp.disc_layers)
+        if hp.perceptual_weight > 0:
+            self.lpips = LPIPS(hp.lpips_weights)
+
+    def configure_optimizers(self) -> Any:
+        """Adam for the autoencoder, and a second Adam for the discriminator when it exists."""
+        hp = self.hparams
+        params = [p for p in self.vqgan.parameters() if p.requires_grad]
+        opt_g = torch.optim.Adam(params, lr=hp.lr, betas=tuple(hp.betas))
+        if self.discriminator is None:
+            return opt_g
+        opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=hp.disc_lr or hp.lr, betas=tuple(hp.betas))
+        return [opt_g, opt_d]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Images -> codes ``(B, h * w)`` (see :meth:`VQGAN.encode`)."""
+        return self.vqgan.encode(images)
+
+    def _reconstruct(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        x = self.vqgan.preprocess(batch_images(batch))  # (B, C, S, S) in [-1, 1]
+        q = self.vqgan.quantize(self.vqgan.encode_latent(x))
+        return x, self.vqgan.decode_latent(q.z_q), q
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        """One autoencoder step, then one discriminator step once it is active."""
+        hp = self.hparams
+        opts = self.optimizers()
+        opt_g, opt_d = (opts[0], opts[1]) if isinstance(opts, (list, tuple)) else (opts, None)
+        x, x_rec, q = self._reconstruct(batch)
+        rec_loss = (x - x_rec).abs().mean()
+        nll = rec_loss
+        logs: dict[str, torch.Tensor] = {"train/rec_loss": rec_loss}
+        if self.lpips is not None:
+            p_loss = self.lpips(x, x_rec).mean()
+            nll = nll + hp.perceptual_weight * p_loss
+            logs["train/p_loss"] = p_loss
+        loss = nll + hp.codebook_weight * (q.codebook_loss + q.commitment_loss)
+        use_disc = self.discriminator is not None and int(self.train_steps) >= hp.disc_start
+        if use_disc:
+            g_loss = -self.discriminator(x_rec).mean()
+            d_weight = adaptive_weight(nll, g_loss, self.vqgan.decoder.conv_out.weight) * hp.disc_weight
+            loss = loss + d_weight * g_loss
+            logs.update({"train/g_loss": g_loss, "train/d_weight": d_weight})
+        opt_g.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        if hp.gradient_clip_val:
+            self.clip_gradients(opt_g, gradient_clip_val=hp.gradient_clip_val, gradient_clip_algorithm="norm")
+        opt_g.step()
+        if use_disc:
+            d_loss = hinge_d_loss(self.discriminator(x.detach()), self.discriminator(x_rec.detach()))
+            opt_d.zero_grad(set_to_none=True)
+            self.manual_backward(d_loss)
+            if hp.gradient_clip_val:
+                self.clip_gradients(opt_d, gradient_clip_val=hp.gradient_clip_val, gradient_clip_algorithm="norm")
+            opt_d.step()
+            logs["train/d_loss"] = d_loss
+        self.train_steps += 1
+        usage, perplexity = code_statistics(q.codes, self.config.n_embed)
+        logs.update(
+            {
+                "train/loss": loss.detach(),
+                "train/codebook_loss": q.codebook_loss.detach(),
+                "train/commit_loss": q.commitment_loss.detach(),
+                "train/usage": usage,
+                "train/perplexity": perplexity,
+            }
+        )
+        self.log_dict(logs, prog_bar=False, batch_size=x.shape[0])
+        self.log("rec_loss", rec_loss, prog_bar=True, logger=False, batch_size=x.shape[0])
+        return loss.detach()
+
+    def on_validation_epoch_start(self) -> None:
+        """Reset the code histogram of the epoch."""
+        self._val_counts = torch.zeros(self.config.n_embed, dtype=torch.long, device=self.device)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        """Reconstruction L1 and the code histogram; the image grid at the first batch."""
+        x, x_rec, q = self._reconstruct(batch)
+        rec_loss = (x - x_rec).abs().mean()
+        self.log("val/rec_loss", rec_loss, prog_bar=True, sync_dist=True, batch_size=x.shape[0])
+        if self._val_counts is not None:
+            self._val_counts += torch.bincount(q.codes.flatten(), minlength=self.config.n_embed)
+        if batch_idx == 0 and self.hparams.num_logged_images > 0:
+            self._log_image_grid(x, x_rec)
+        return rec_loss
+
+    def on_validation_epoch_end(self) -> None:
+        """Log codebook usage and perplexity over the whole validation set."""
+        counts = self._val_counts
+        if counts is None or counts.sum() == 0:
+            return
+        counts = self.all_gather(counts).reshape(-1, self.config.n_embed).sum(0)
+        codes = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)
+        usage, perplexity = code_statistics(codes, self.config.n_embed)
+        self.log_dict({"val/usage": usage, "val/perplexity": perplexity}, rank_zero_only=True)
+
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        """Codes ``(B, h * w)`` of a batch of images."""
+        return self.vqgan.encode(batch_images(batch))
+
+    @torch.no_grad()
+    def _log_image_grid(self, x: torch.Tensor, x_rec: torch.Tensor) -> None:
+        from torchvision.utils import make_grid
+
+        n = min(self.hparams.num_logged_images, x.shape[0])
+        pair = torch.cat([x[:n], x_rec[:n]]).float().clamp(-1, 1)  # originals (top row), reconstructions (bottom)
+        grid = make_grid((pair + 1) / 2, nrow=n, padding=1)  # (3, H', W') in [0, 1]
+        self.last_image_grid = grid.cpu()
+        for logger in self.loggers:
+            experiment = getattr(logger, "experiment", None)
+            if hasattr(experiment, "add_image"):  # TensorBoard
+                experiment.add_image("val/reconstructions", grid, self.global_step)
+            elif hasattr(logger, "log_image"):  # Weights & Biases
+                logger.log_image(key="val/reconstructions", images=[grid], step=self.global_step)
+            # other loggers (CSV) have no image support: the grid stays in ``last_image_grid``

@@ -1,0 +1,113 @@
+"""ImageDataModule: folders, WebDataset shards and generated images become square uint8 batches."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+from cm3leon_lightning.data.images import (
+    ImageDataModule,
+    ImageFolderDataset,
+    resize_center_crop,
+    shard_urls,
+    synthetic_images,
+)
+
+
+def _striped(width: int, height: int) -> np.ndarray:
+    """Each column's red channel is its x index, so crops are recognisable."""
+    arr = np.zeros((height, width, 3), dtype=np.uint8)
+    arr[:, :, 0] = np.arange(width, dtype=np.uint8)[None, :]
+    arr[:, :, 1] = np.arange(height, dtype=np.uint8)[:, None]
+    return arr
+
+
+def test_synthetic_images_are_seeded() -> None:
+    a = synthetic_images(5, 16, seed=1)
+    assert a.shape == (5, 16, 16, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, synthetic_images(5, 16, seed=1))
+    assert not np.array_equal(a, synthetic_images(5, 16, seed=2))
+    assert len({tuple(img.reshape(-1, 3)[0]) for img in synthetic_images(50, 16)}) > 3  # several colours
+    with pytest.raises(ValueError, match="size >= 4"):
+        synthetic_images(1, 2)
+
+
+def test_center_crop_is_exact_and_resize_keeps_aspect() -> None:
+    wide = Image.fromarray(_striped(20, 10))
+    out = np.asarray(resize_center_crop(wide, 10))
+    assert out.shape == (10, 10, 3)
+    assert out[0, :, 0].tolist() == list(range(5, 15))  # the middle 10 columns, no resampling
+    tall = Image.fromarray(_striped(10, 30))
+    assert np.asarray(resize_center_crop(tall, 10))[:, 0, 1].tolist() == list(range(10, 20))
+    big = Image.fromarray(_striped(64, 32)).convert("L")
+    assert np.asarray(resize_center_crop(big, 16)).shape == (16, 16, 3)  # resized 32x16, RGB
+
+
+def test_image_folder_dataset(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    Image.fromarray(_striped(12, 12)).save(tmp_path / "a.png")
+    Image.fromarray(_striped(24, 12)).save(tmp_path / "sub" / "b.png")
+    (tmp_path / "notes.txt").write_text("not an image")
+    ds = ImageFolderDataset(tmp_path, 12)
+    assert len(ds) == 2
+    first = ds[0]
+    assert first.dtype == torch.uint8 and first.shape == (3, 12, 12)
+    assert torch.equal(first, torch.from_numpy(_striped(12, 12)).permute(2, 0, 1))
+    assert ds[1][0, 0].tolist() == list(range(6, 18))
+
+
+def test_missing_and_empty_folders(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        ImageFolderDataset(tmp_path / "nowhere", 8)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no images"):
+        ImageFolderDataset(tmp_path / "empty", 8)
+
+
+def _write_shard(path: Path, images: np.ndarray) -> None:
+    with wds.TarWriter(str(path)) as sink:
+        for i, img in enumerate(images):
+            buf = io.BytesIO()
+            Image.fromarray(img).save(buf, format="PNG")
+            sink.write({"__key__": f"img{i:04d}", "png": buf.getvalue(), "txt": "caption"})
+
+
+def test_datamodule_reads_webdataset_shards(tmp_path: Path) -> None:
+    imgs = synthetic_images(10, 8, seed=4)
+    (tmp_path / "shards").mkdir()
+    _write_shard(tmp_path / "shards" / "train-000000.tar", imgs[:6])
+    _write_shard(tmp_path / "shards" / "train-000001.tar", imgs[6:])
+    dm = ImageDataModule(train=str(tmp_path / "shards"), val=str(tmp_path / "shards"), image_size=8, batch_size=4)
+    dm.setup("fit")
+    batches = list(dm.val_dataloader())
+    assert [b.shape[0] for b in batches] == [4, 4, 2]
+    got = torch.cat(batches)
+    assert got.dtype == torch.uint8 and got.shape == (10, 3, 8, 8)
+    assert torch.equal(got, torch.from_numpy(imgs).permute(0, 3, 1, 2))  # PNG is lossless; val keeps order
+    train = torch.cat(list(dm.train_dataloader()))
+    assert train.shape == (10, 3, 8, 8)
+    pattern = str(tmp_path / "shards" / "train-{000000..000001}.tar")
+    dm2 = ImageDataModule(train=pattern, image_size=8, batch_size=5)
+    assert sum(b.shape[0] for b in dm2.train_dataloader()) == 10
+
+
+def test_datamodule_synthetic_and_errors(tmp_path: Path) -> None:
+    dm = ImageDataModule(synthetic=10, synthetic_val=3, image_size=16, batch_size=4)
+    dm.setup("fit")
+    assert [b.shape for b in dm.train_dataloader()] == [(4, 3, 16, 16), (4, 3, 16, 16), (2, 3, 16, 16)]
+    assert sum(b.shape[0] for b in dm.val_dataloader()) == 3
+    assert ImageDataModule(synthetic=4, image_size=8).val_dataloader() == []
+    with pytest.raises(ValueError, match="train= .* or synthetic="):
+        ImageDataModule()
+    with pytest.raises(ValueError, match="allow_pipe=True"):
+        shard_urls("pipe:curl -s http://x/shard.tar")
+    assert shard_urls("pipe:cat a.tar", allow_pipe=True) == "pipe:cat a.tar"
+    (tmp_path / "d").mkdir()
+    with pytest.raises(ValueError, match="no .tar shards"):
+        shard_urls(str(tmp_path / "d"))

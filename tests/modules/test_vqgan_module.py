@@ -1,0 +1,164 @@
+"""VQGANModule: it trains a tiny tokenizer on generated images, runs the GAN / LPIPS path, and checkpoints safely."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger
+from safetensors.torch import save_file
+
+from cm3leon_lightning.data.images import ImageDataModule, synthetic_images
+from cm3leon_lightning.modules.vqgan import VQGANModule
+from cm3leon_lightning.modules.vqgan_losses import LPIPS, NLayerDiscriminator, adaptive_weight, hinge_d_loss
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Small convolutions on a shared 2-core machine run fastest on one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _trainer(tmp_path: Path, max_steps: int, **kwargs) -> L.Trainer:
+    return L.Trainer(
+        max_steps=max_steps,
+        accelerator="cpu",
+        logger=CSVLogger(tmp_path, name="logs"),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        **kwargs,
+    )
+
+
+def _held_out_error_and_usage(module: VQGANModule, images: torch.Tensor) -> tuple[float, int]:
+    vq = module.vqgan
+    was_training = vq.training
+    vq.eval()
+    codes = vq.encode(images)
+    err = (vq.preprocess(images) - vq.decode(codes)).abs().mean().item()
+    vq.train(was_training)
+    return err, codes.unique().numel()
+
+
+def test_tiny_vqgan_learns_generated_images(tmp_path: Path, one_thread: None) -> None:
+    torch.manual_seed(0)
+    held_out = torch.from_numpy(synthetic_images(64, 16, seed=123)).permute(0, 3, 1, 2).contiguous()
+    data = ImageDataModule(synthetic=512, synthetic_val=16, image_size=16, batch_size=8)
+    module = VQGANModule(preset="micro", lr=3e-3)
+    module.configure_model()
+    start_err, _ = _held_out_error_and_usage(module, held_out)
+    trainer = _trainer(
+        tmp_path,
+        200,
+        limit_val_batches=1,
+        val_check_interval=200,
+        check_val_every_n_epoch=None,
+        enable_checkpointing=False,
+    )
+    trainer.fit(module, data)
+    end_err, used = _held_out_error_and_usage(module, held_out)
+    assert int(module.train_steps) == 200
+    assert start_err > 0.7  # an untrained decoder outputs ~0 for images in [-1, 1]
+    assert end_err < 0.6 * start_err, (start_err, end_err)
+    assert used >= 16, used  # at least half of the 32 codes on held-out images
+    metrics = trainer.callback_metrics
+    assert {"train/rec_loss", "train/usage", "train/perplexity", "val/rec_loss", "val/usage"} <= set(metrics)
+    assert module.last_image_grid is not None and module.last_image_grid.shape == (3, 2 * 16 + 3, 8 * 16 + 9)
+
+
+def _random_lpips_weights(path: Path) -> Path:
+    torch.manual_seed(0)
+    tensors = {}
+    convs = [(3, 64), (64, 64), (64, 128), (128, 128), (128, 256), (256, 256), (256, 256)]
+    convs += [(256, 512), (512, 512), (512, 512), (512, 512), (512, 512), (512, 512)]
+    indices = [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28]
+    slices = [1, 1, 2, 2, 3, 3, 3, 4, 4, 4, 5, 5, 5]
+    for (cin, cout), i, s in zip(convs, indices, slices):
+        tensors[f"loss.perceptual_loss.net.slice{s}.{i}.weight"] = torch.randn(cout, cin, 3, 3) * (2 / (9 * cin)) ** 0.5
+        tensors[f"loss.perceptual_loss.net.slice{s}.{i}.bias"] = torch.zeros(cout)
+    for n, c in enumerate((64, 128, 256, 512, 512)):
+        tensors[f"loss.perceptual_loss.lin{n}.model.1.weight"] = torch.rand(1, c, 1, 1) / c
+    save_file(tensors, str(path))
+    return path
+
+
+def test_lpips_loads_local_weights_and_measures_distance(tmp_path: Path) -> None:
+    lp = LPIPS(_random_lpips_weights(tmp_path / "lpips.safetensors"))
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert torch.equal(lp(x, x), torch.zeros(2))
+    d = lp(x, x.flip(0))
+    assert d.shape == (2,) and (d > 0).all()
+    with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
+        LPIPS(tmp_path / "missing.pth")
+    save_file({"net.slice1.0.weight": torch.zeros(64, 3, 3, 3)}, str(tmp_path / "partial.safetensors"))
+    with pytest.raises(ValueError, match="missing"):
+        LPIPS(tmp_path / "partial.safetensors")
+
+
+def test_gan_and_perceptual_path_trains_both_optimizers(tmp_path: Path, one_thread: None) -> None:
+    torch.manual_seed(0)
+    weights = _random_lpips_weights(tmp_path / "lpips.safetensors")
+    module = VQGANModule(
+        preset="micro",
+        perceptual_weight=1.0,
+        lpips_weights=str(weights),
+        disc_weight=0.5,
+        disc_start=2,
+        disc_ndf=8,
+        disc_layers=1,
+    )
+    module.configure_model()
+    disc_before = {k: v.clone() for k, v in module.discriminator.state_dict().items()}
+    data = ImageDataModule(synthetic=16, image_size=16, batch_size=4)
+    trainer = _trainer(tmp_path, 6, limit_val_batches=0, enable_checkpointing=False)  # max_steps counts optimizer steps
+    trainer.fit(module, data)
+    # batches 0, 1: autoencoder only (2 optimizer steps); batches 2, 3: both (4 more)
+    assert int(module.train_steps) == 4 and trainer.global_step == 6
+    assert not torch.equal(disc_before["main.0.weight"], module.discriminator.state_dict()["main.0.weight"])
+    assert {"train/p_loss", "train/g_loss", "train/d_loss", "train/d_weight"} <= set(trainer.callback_metrics)
+
+
+def test_checkpoint_loads_weights_only_and_restores_codes(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    module = VQGANModule(preset="micro", n_embed=16)
+    data = ImageDataModule(synthetic=8, image_size=16, batch_size=4)
+    trainer = _trainer(tmp_path, 2, limit_val_batches=0)
+    trainer.fit(module, data)
+    ckpt = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(ckpt)
+    raw = torch.load(ckpt, weights_only=True)
+    assert raw["hyper_parameters"]["n_embed"] == 16 and "vqgan.quantize.embedding.weight" in raw["state_dict"]
+    restored = VQGANModule.load_from_checkpoint(ckpt, weights_only=True)
+    restored.configure_model()  # idempotent; Lightning already called it while loading
+    x = torch.from_numpy(synthetic_images(4, 16, seed=5)).permute(0, 3, 1, 2)
+    assert torch.equal(restored.vqgan.eval()(x)[1].codes, module.vqgan.eval()(x)[1].codes)
+    assert int(restored.train_steps) == 2
+
+
+def test_module_argument_errors() -> None:
+    with pytest.raises(ValueError, match="lpips_weights"):
+        VQGANModule(preset="micro", perceptual_weight=1.0)
+    with pytest.raises(ValueError, match="unknown VQGAN preset"):
+        VQGANModule(preset="nope")
+    with pytest.raises(ValueError, match="multiple of 32"):
+        VQGANModule(preset="micro", ch=40)
+    with pytest.warns(UserWarning, match="perceptual loss is off"):
+        VQGANModule(preset="micro", lpips_weights="x.pth")
+
+
+def test_hinge_loss_and_adaptive_weight_values() -> None:
+    real, fake = torch.tensor([2.0, 0.5]), torch.tensor([-2.0, 0.0])
+    assert hinge_d_loss(real, fake).item() == pytest.approx(0.5 * (0.25 + 0.5))
+    w = torch.tensor([1.0, 2.0], requires_grad=True)
+    weight = adaptive_weight((3 * w).sum(), (4 * w).sum(), w)  # |grad| ratio 3/4 (up to the 1e-4 guard)
+    assert weight.item() == pytest.approx(3 * 2**0.5 / (4 * 2**0.5 + 1e-4))
+    disc = NLayerDiscriminator(3, ndf=8, n_layers=3)
+    assert disc(torch.zeros(2, 3, 32, 32)).shape == (2, 1, 2, 2)
+    assert {"main.0.weight", "main.2.weight", "main.3.running_mean", "main.11.bias"} <= set(disc.state_dict())
