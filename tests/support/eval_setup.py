@@ -61,3 +61,36 @@ class TinyFeatures(nn.Module):
         x = images.float() / 255.0  # (N, 3, H, W)
         conv = torch.tanh(self.conv(x)).mean(dim=(2, 3))  # (N, 5)
         return torch.cat([x.mean(dim=(2, 3)), conv], dim=1)  # (N, 8)
+
+
+def val_loader(vocab, n: int = 4, seed: int = 0):
+    """A DataLoader of ``n`` caption-image examples in ``vocab`` (for ``trainer.validate``)."""
+    import numpy as np
+    from torch.utils.data import DataLoader
+
+    from cm3leon_lightning.tokenization.vocab import Segment
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(n):
+        caption = rng.integers(vocab.num_special, vocab.n_text, size=5).tolist()
+        codes = rng.integers(0, vocab.n_codes, size=vocab.image_tokens).tolist()
+        rows.append(vocab.example_to_ids([], [Segment.text(caption), Segment.image(codes)]))
+    ids = torch.tensor(rows, dtype=torch.long)
+    return DataLoader([{"input_ids": r} for r in ids], batch_size=2)
+
+
+def trainer(tmp_path, callbacks, logger=False):
+    """A quiet CPU trainer for ``validate`` runs."""
+    import lightning as L
+
+    return L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=logger,
+        callbacks=list(callbacks),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=str(tmp_path),
+    )

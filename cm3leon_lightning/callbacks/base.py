@@ -1,0 +1,245 @@
+"""Shared machinery of the evaluation callbacks: evaluation samples, generation resources, scheduling, ranks.
+
+An evaluation callback reads a fixed, ordered set of :class:`EvalSample` (from prepared shards that keep the source
+``jpg``, from a VQA-format JSON file, or given in memory), splits it across ranks (``samples[rank::world_size]``),
+generates with the module's network through a small overridable method, updates a torchmetrics metric on every rank
+and logs the synchronised value. Generation resources (text tokenizer, VQGAN, CLIP re-ranker) are given as paths
+(YAML) or objects (notebooks, tests) and loaded in ``setup``, so a missing file fails at the start of a run, not
+after the first epoch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from cm3leon_lightning.metrics.fid import fid_resize
+from cm3leon_lightning.tokenization.text import TextTokenizer
+from cm3leon_lightning.tokenization.vocab import MultimodalVocab
+
+
+@dataclass
+class EvalSample:
+    """One evaluation item.
+
+    Attributes:
+        key: stable id (the shard key).
+        references: the captions of the image (the first one is the text-to-image prompt).
+        image: the source image as uint8 ``(3, S, S)`` after :func:`~cm3leon_lightning.metrics.fid_resize`, or None.
+        codes: the image's codes ``(grid_h * grid_w,)``, or None (then encoded with the VQGAN when needed).
+        question: the question (VQA data).
+        answers: the human answers (VQA data).
+    """
+
+    key: str
+    references: list[str] = field(default_factory=list)
+    image: Tensor | None = None
+    codes: Tensor | None = None
+    question: str | None = None
+    answers: list[str] | None = None
+
+
+def manifest_path(source: str | os.PathLike[str]) -> Path:
+    """A shards directory or ``manifest.json`` path -> the manifest file (raises FileNotFoundError)."""
+    path = Path(source)
+    path = path / "manifest.json" if path.is_dir() else path
+    if not path.is_file():
+        raise FileNotFoundError(f"evaluation data: no manifest.json at {source} (give a prepared shards directory)")
+    return path
+
+
+def read_shard_samples(
+    source: str | os.PathLike[str], num_samples: int, image_size: int | None = None, group_by_image: bool = True
+) -> tuple[list[EvalSample], str]:
+    """The first ``num_samples`` images of a prepared dataset, in manifest order, with their captions and codes.
+
+    Args:
+        source: shards directory or ``manifest.json``.
+        num_samples: how many distinct images to read (fewer when the dataset is smaller).
+        image_size: decode each sample's ``jpg`` to this size (:func:`fid_resize`); None leaves ``image`` None.
+        group_by_image: samples with byte-identical ``jpg`` (e.g. COCO's five captions per image) become one item
+            with several references.
+
+    Returns:
+        The samples and a reference id (sha256 over the manifest's shard hashes and these arguments) that keys the
+        FID reference-statistics cache.
+
+    Raises:
+        ValueError: ``image_size`` given but a sample has no ``jpg``.
+    """
+    from cm3leon_lightning.data.shards import Manifest, read_shard
+
+    mpath = manifest_path(source)
+    manifest = Manifest.load(mpath)
+    out: list[EvalSample] = []
+    by_image: dict[str, EvalSample] = {}
+    done = False
+    for info in manifest.shards:
+        for s in read_shard(mpath.parent / info.name, manifest):
+            digest = hashlib.sha256(s.jpg).hexdigest() if s.jpg is not None else None
+            if group_by_image and digest is not None and digest in by_image:
+                by_image[digest].references.append(s.caption)
+                continue
+            if len(out) == num_samples:
+                done = True
+                break
+            if image_size is not None and s.jpg is None:
+                raise ValueError(f"{mpath.parent / info.name}: sample {s.key!r} has no jpg (prepare with keep_jpg)")
+            image = fid_resize(s.jpg, image_size) if image_size is not None else None
+            item = EvalSample(s.key, [s.caption], image, torch.as_tensor(s.image.astype("int64")))
+            out.append(item)
+            if digest is not None:
+                by_image[digest] = item
+        if done:
+            break
+    h = hashlib.sha256(f"{num_samples}|{image_size}|{group_by_image}".encode())
+    for info in manifest.shards:
+        h.update(info.sha256.encode())
+    return out, h.hexdigest()
+
+
+def samples_id(samples: Sequence[EvalSample]) -> str:
+    """sha256 over in-memory samples' keys, captions and image bytes (the FID cache key of given samples)."""
+    h = hashlib.sha256()
+    for s in samples:
+        h.update(s.key.encode())
+        h.update("\n".join(s.references).encode())
+        if s.image is not None:
+            h.update(s.image.contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def rank_share(items: Sequence[Any], trainer: L.Trainer) -> list[Any]:
+    """This rank's items: ``items[rank::world_size]`` (every rank evaluates; metrics sum or gather)."""
+    return list(items[trainer.global_rank :: trainer.world_size])
+
+
+def batches(items: Sequence[Any], size: int) -> list[list[Any]]:
+    """Consecutive chunks of at most ``size`` items."""
+    return [list(items[i : i + size]) for i in range(0, len(items), size)]
+
+
+def module_vocab(trainer: L.Trainer, pl_module: L.LightningModule) -> MultimodalVocab:
+    """The vocabulary of the module (``pl_module.vocab``), else of the data module (raises when unknown)."""
+    vocab = getattr(pl_module, "vocab", None)
+    if vocab is None:
+        vocab = getattr(getattr(trainer, "datamodule", None), "vocab", None)
+    if vocab is None:
+        raise ValueError("evaluation callback: neither the module nor the data module knows the vocabulary")
+    return vocab if isinstance(vocab, MultimodalVocab) else MultimodalVocab(**dict(vocab))
+
+
+def module_network(pl_module: L.LightningModule) -> nn.Module:
+    """The CM3Leon network inside the module (``pl_module.model``)."""
+    net = getattr(pl_module, "model", None)
+    if net is None:
+        raise ValueError(f"{type(pl_module).__name__} has no built `model` to generate with")
+    return net
+
+
+@contextmanager
+def fresh_kv_cache(net: nn.Module) -> Iterator[nn.Module]:
+    """Generate with a KV cache made for this call and dropped after it.
+
+    A cache left on the network would hold memory during training, and one allocated under ``inference_mode``
+    (inside validation) cannot be updated by a later call outside it.
+    """
+    net.kv_cache = None
+    try:
+        yield net
+    finally:
+        net.kv_cache = None
+
+
+class GenerationCallback(L.Callback):
+    """Base class: scheduling and the text tokenizer / VQGAN resources of the evaluation callbacks.
+
+    Args:
+        text_tokenizer: path of ``tokenizer.json`` (or its directory) or a ``TextTokenizer``. None: the path in the
+            data module's manifest (``text_tokenizer.path``), when there is one.
+        vqgan: VQGAN weights directory / file (``VQGAN.from_pretrained``) or a ``VQGAN`` module.
+        vqgan_preset: preset name for weights files that carry no config.
+        every_n_val_epochs: run at every n-th validation epoch end (never during the sanity check).
+        batch_size: prompts per generation batch.
+        seed: base seed; batch ``b`` samples with ``seed + b``.
+        compile: compile the decode step (None: on CUDA).
+    """
+
+    def __init__(
+        self,
+        text_tokenizer: str | TextTokenizer | None = None,
+        vqgan: str | nn.Module | None = None,
+        vqgan_preset: str | None = None,
+        every_n_val_epochs: int = 1,
+        batch_size: int = 8,
+        seed: int = 0,
+        compile: bool | None = None,
+    ) -> None:
+        if every_n_val_epochs < 1 or batch_size < 1:
+            raise ValueError(f"every_n_val_epochs and batch_size must be >= 1, got {every_n_val_epochs}, {batch_size}")
+        self.text_tokenizer = text_tokenizer
+        self.vqgan = vqgan
+        self.vqgan_preset = vqgan_preset
+        self.every_n_val_epochs = every_n_val_epochs
+        self.batch_size = batch_size
+        self.seed = seed
+        self.compile = compile
+        self._val_epochs = 0
+
+    # ------------------------------------------------------------------------------------------ resources
+    def load_text_tokenizer(self, trainer: L.Trainer | None) -> TextTokenizer:
+        """Resolve :attr:`text_tokenizer` (object, path, or the data manifest's path) once."""
+        if isinstance(self.text_tokenizer, TextTokenizer):
+            return self.text_tokenizer
+        path = self.text_tokenizer
+        if path is None:
+            manifest = getattr(getattr(trainer, "datamodule", None), "manifest", None)
+            path = getattr(manifest, "text_tokenizer", {}).get("path") if manifest is not None else None
+        if path is None:
+            raise ValueError(f"{type(self).__name__}: give text_tokenizer (a tokenizer.json path)")
+        self.text_tokenizer = TextTokenizer.load(path)
+        return self.text_tokenizer
+
+    def load_vqgan(self, device: torch.device | None = None) -> nn.Module:
+        """Resolve :attr:`vqgan` (module or path) once, in eval mode, on ``device``."""
+        if self.vqgan is None:
+            raise ValueError(f"{type(self).__name__}: give vqgan (a VQGAN weights path or module)")
+        if not isinstance(self.vqgan, nn.Module):
+            from cm3leon_lightning.tokenization.vqgan import VQGAN
+
+            self.vqgan = VQGAN.from_pretrained(self.vqgan, preset=self.vqgan_preset)
+        self.vqgan.eval().requires_grad_(False)
+        if device is not None:
+            self.vqgan.to(device)
+        return self.vqgan
+
+    def encode_images(self, images: Tensor, device: torch.device) -> Tensor:
+        """uint8 ``(B, 3, S, S)`` -> ``(B, h*w)`` codes with the VQGAN (resized to its resolution first)."""
+        vqgan = self.load_vqgan(device)
+        size = int(vqgan.config.resolution)
+        batch = torch.stack([fid_resize(img, size) for img in images]).to(device)
+        with torch.no_grad():
+            return vqgan.encode(batch).long().cpu()
+
+    # ------------------------------------------------------------------------------------------ scheduling
+    def should_run(self, trainer: L.Trainer) -> bool:
+        """Count validation epochs (not the sanity check) and run on every n-th."""
+        if trainer.sanity_checking:
+            return False
+        self._val_epochs += 1
+        return (self._val_epochs - 1) % self.every_n_val_epochs == 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"val_epochs": self._val_epochs}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._val_epochs = int(state_dict.get("val_epochs", 0))

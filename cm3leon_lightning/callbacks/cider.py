@@ -1,0 +1,138 @@
+"""CIDErCallback: caption fixed validation images with ``generate_text`` and log CIDEr-D (paper section 4.2).
+
+The score is pycocoevalcap's ``Cider`` (the CIDEr-D variant; see :mod:`cm3leon_lightning.metrics.cider`) over the
+captions of every rank, tokenized with PTB when Java is present, otherwise with the documented fallback tokenizer
+(the warning comes at construction). Captions come from the image codes stored in the shards (``image.npy``), so no
+VQGAN is needed; references are the samples' captions, grouped per identical source image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from cm3leon_lightning.callbacks.base import (
+    EvalSample,
+    GenerationCallback,
+    batches,
+    fresh_kv_cache,
+    module_network,
+    module_vocab,
+    rank_share,
+    read_shard_samples,
+)
+from cm3leon_lightning.metrics.cider import CIDErD
+
+
+class CIDErCallback(GenerationCallback):
+    """Generate captions for fixed validation images and log ``val/cider`` (CIDEr-D).
+
+    Args:
+        data: prepared shards (directory or manifest); None: the data module's ``val_data``.
+        samples: in-memory samples (``references`` and ``codes`` or ``image``), instead of ``data``.
+        num_samples: images captioned, the first ones in manifest order.
+        group_by_image: merge samples with identical ``jpg`` into one image with several references.
+        instruction: text placed before the answer span (empty for plain captioning).
+        max_new_tokens: the most tokens per caption.
+        method: ``greedy``, ``temperature`` or ``top_p``.
+        temperature: softmax temperature.
+        top_p: nucleus mass.
+        tokenizer: CIDEr tokenization: ``auto`` (PTB with Java, else fallback), ``ptb`` or ``simple``.
+        log_name: the logged key.
+        **kwargs: :class:`GenerationCallback` arguments (``text_tokenizer``, ``vqgan``, ``batch_size``, ``seed``...).
+    """
+
+    def __init__(
+        self,
+        data: str | None = None,
+        samples: Sequence[EvalSample] | None = None,
+        num_samples: int = 500,
+        group_by_image: bool = True,
+        instruction: str = "",
+        max_new_tokens: int = 32,
+        method: str = "greedy",
+        temperature: float = 1.0,
+        top_p: float = 0.9,
+        tokenizer: str = "auto",
+        log_name: str = "val/cider",
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        if num_samples < 1 or max_new_tokens < 1:
+            raise ValueError(f"num_samples and max_new_tokens must be >= 1, got {num_samples}, {max_new_tokens}")
+        self.data, self.samples = data, list(samples)[:num_samples] if samples is not None else None
+        self.num_samples, self.group_by_image, self.instruction = num_samples, group_by_image, instruction
+        self.decoding = dict(max_new_tokens=max_new_tokens, method=method, temperature=temperature, top_p=top_p)
+        self.log_name = log_name
+        self.metric = CIDErD(tokenizer=tokenizer)  # resolves the tokenizer (and warns) now
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Read the evaluation images (codes and captions) once."""
+        if self.samples is None:
+            source = self.data or getattr(getattr(trainer, "datamodule", None), "hparams", {}).get("val_data")
+            if source is None:
+                raise ValueError("CIDErCallback: give data (validation shards) or samples")
+            source = source[0] if isinstance(source, (list, tuple)) else source
+            self.samples, _ = read_shard_samples(source, self.num_samples, None, self.group_by_image)
+        if not self.samples:
+            raise ValueError("CIDErCallback: the evaluation set is empty")
+
+    def codes_of(self, chunk: Sequence[EvalSample], device: torch.device) -> Tensor:
+        """``(B, h*w)`` codes of the samples (the stored ones, else their images encoded with the VQGAN)."""
+        missing = [i for i, s in enumerate(chunk) if s.codes is None]
+        encoded = self.encode_images(torch.stack([chunk[i].image for i in missing]), device) if missing else None
+        codes = [torch.as_tensor(s.codes).long() for s in chunk if s.codes is not None]
+        out, k, j = [], 0, 0
+        for i in range(len(chunk)):
+            if missing and k < len(missing) and missing[k] == i:
+                out.append(encoded[k])
+                k += 1
+            else:
+                out.append(codes[j])
+                j += 1
+        return torch.stack(out)
+
+    def generate(
+        self, pl_module: L.LightningModule, codes: Tensor, instruction: str | Sequence[str], seed: int
+    ) -> list[str]:
+        """Image codes ``(B, h*w)`` and one instruction (or one per image) -> B texts. Override to change how
+        captions are made.
+
+        The default runs :func:`~cm3leon_lightning.generation.generate_text` with the module's network and decodes
+        the ids with the text tokenizer.
+        """
+        from cm3leon_lightning.generation import generate_text
+
+        tok = self.load_text_tokenizer(pl_module._trainer)
+        if isinstance(instruction, str):
+            prompt = tok.encode(instruction) if instruction else None
+        else:
+            prompt = tok.encode_batch(list(instruction))
+        with fresh_kv_cache(module_network(pl_module)) as net:
+            ids = generate_text(
+                net,
+                module_vocab(pl_module._trainer, pl_module),
+                codes,
+                prompt,
+                seed=seed,
+                compile=self.compile,
+                **self.decoding,
+            )
+        return [tok.decode(i).strip() for i in ids]
+
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> float:
+        """Caption this rank's images, update the metric, and return the CIDEr-D of all ranks' captions."""
+        self.metric.reset()
+        for chunk in batches(rank_share(list(enumerate(self.samples)), trainer), self.batch_size):
+            items = [s for _, s in chunk]
+            captions = self.generate(pl_module, self.codes_of(items, pl_module.device), self.instruction, self.seed)
+            self.metric.update(captions, [s.references for s in items])
+        return float(self.metric.compute())
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Every ``every_n_val_epochs`` validation epochs: compute and log :attr:`log_name` on every rank."""
+        if self.should_run(trainer):
+            pl_module.log(self.log_name, self.evaluate(trainer, pl_module), sync_dist=False)

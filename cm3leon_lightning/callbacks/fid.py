@@ -1,0 +1,217 @@
+"""FIDCallback: zero-shot text-to-image FID on a fixed, seeded set of validation captions (paper section 3.2).
+
+Protocol of table 1 (the defaults): for each caption, ``samples_per_prompt=8`` images are generated with
+classifier-free guidance and top-p sampling, a CLIP model keeps the best one (``clip_model``, ViT-B-32), and the
+kept images are compared with the captions' source images by FID with the 2048-d Inception pool features.
+
+Resize rule: real images are resized (shorter side to ``image_size``, PIL bicubic) and centre-cropped to
+``image_size`` x ``image_size`` (256 for MS-COCO); generated images already at that size (the VQGAN's 256) are
+used as they are; the Inception extractor then resizes both to 299 itself (torch-fidelity's TF1-compatible
+bilinear). See :mod:`cm3leon_lightning.metrics.fid`.
+
+The MS-COCO 30K figure is one command (see ``configs/eval/coco_fid30k.yaml``)::
+
+    cm3leon validate --config configs/eval/coco_fid30k.yaml --ckpt_path <model.ckpt> \\
+        --data.init_args.val_data <coco val2014 shards with jpg>
+
+Under DDP every rank generates its share of the captions (``rank::world_size``) and updates the metric; the
+metric's sums synchronise in ``compute`` on every rank (never in a rank-zero-only block). The real images'
+statistics are computed once and, with ``cache_dir``, kept on disk per reference set and feature extractor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from cm3leon_lightning.callbacks.base import (
+    EvalSample,
+    GenerationCallback,
+    batches,
+    fresh_kv_cache,
+    module_network,
+    module_vocab,
+    rank_share,
+    read_shard_samples,
+    samples_id,
+)
+from cm3leon_lightning.metrics.fid import (
+    fid_resize,
+    load_real_stats,
+    make_fid,
+    real_stats,
+    reference_cache_path,
+    save_real_stats,
+    to_uint8_images,
+)
+from cm3leon_lightning.tokenization.text import TextTokenizer
+
+
+class FIDCallback(GenerationCallback):
+    """Generate images for fixed validation captions and log ``val/fid`` against their source images.
+
+    Args:
+        data: prepared shards whose samples keep the source ``jpg`` (directory or manifest). None: the data
+            module's ``val_data``.
+        samples: in-memory samples (caption in ``references[0]``, uint8 ``image``), instead of ``data``.
+        num_samples: captions (and reference images) used, the first ones in manifest order.
+        image_size: side length both sets are brought to before the extractor (MS-COCO protocol: 256).
+        samples_per_prompt: candidates per caption; the best by CLIP score is kept (paper table 1: 8).
+        clip_model: open_clip model for re-ranking (paper: ViT-B-32); None keeps the first candidate.
+        clip_pretrained: open_clip pretrained tag or local checkpoint for ``clip_model``.
+        method: ``top_p``, ``temperature``, ``greedy`` (each with CFG) or ``cd_k``.
+        cfg: classifier-free guidance scale (paper equation (2)).
+        temperature: softmax temperature.
+        top_p: nucleus mass.
+        cdk_k: ``k`` of CD-K.
+        cdk_alpha: ``alpha`` of CD-K.
+        feature_extractor: an ``nn.Module`` mapping uint8 ``(N, 3, H, W)`` to ``(N, d)``, instead of Inception.
+        feature_weights_path: local Inception weights file (torch-fidelity's), when it cannot be downloaded.
+        feature_dim: Inception feature layer (2048 for FID).
+        cache_dir: directory for cached reference statistics (None: recompute each run).
+        log_name: the logged key.
+        **kwargs: :class:`GenerationCallback` arguments (``text_tokenizer``, ``vqgan``, ``batch_size``, ``seed``...).
+    """
+
+    def __init__(
+        self,
+        data: str | None = None,
+        samples: Sequence[EvalSample] | None = None,
+        num_samples: int = 1000,
+        image_size: int = 256,
+        samples_per_prompt: int = 8,
+        clip_model: str | None = "ViT-B-32",
+        clip_pretrained: str | None = "openai",
+        method: str = "top_p",
+        cfg: float = 3.0,
+        temperature: float = 1.0,
+        top_p: float = 0.9,
+        cdk_k: int = 8,
+        cdk_alpha: float = 0.5,
+        feature_extractor: nn.Module | None = None,
+        feature_weights_path: str | None = None,
+        feature_dim: int = 2048,
+        cache_dir: str | None = None,
+        log_name: str = "val/fid",
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        if num_samples < 2 or samples_per_prompt < 1 or image_size < 1:
+            raise ValueError(
+                f"num_samples must be >= 2 (FID needs two images), samples_per_prompt and image_size >= 1; "
+                f"got {num_samples}, {samples_per_prompt}, {image_size}"
+            )
+        self.data, self.samples = data, list(samples) if samples is not None else None
+        self.num_samples, self.image_size, self.samples_per_prompt = num_samples, image_size, samples_per_prompt
+        self.clip_model, self.clip_pretrained = clip_model, clip_pretrained
+        self.sampling = dict(method=method, cfg=cfg, temperature=temperature, top_p=top_p, cdk_k=cdk_k)
+        self.sampling["cdk_alpha"] = cdk_alpha
+        self.feature_extractor, self.feature_weights_path = feature_extractor, feature_weights_path
+        self.feature_dim, self.cache_dir, self.log_name = feature_dim, cache_dir, log_name
+        self.metric = None
+        self.clip = None
+        self._reference_id: str | None = None
+        self._real_ready = False
+
+    # ------------------------------------------------------------------------------------------ set-up
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Build the FID metric (Inception weights or the given extractor), CLIP, and read the evaluation set."""
+        if self.metric is None:
+            self.metric = make_fid(self.feature_extractor, self.feature_weights_path, self.feature_dim)
+        if self.samples is None:
+            source = self.data or getattr(getattr(trainer, "datamodule", None), "hparams", {}).get("val_data")
+            if source is None:
+                raise ValueError("FIDCallback: give data (validation shards with jpg) or samples")
+            source = source[0] if isinstance(source, (list, tuple)) else source
+            self.samples, self._reference_id = read_shard_samples(source, self.num_samples, self.image_size)
+        else:
+            self.samples = self.samples[: self.num_samples]
+            self.samples = [
+                EvalSample(s.key, s.references, fid_resize(s.image, self.image_size), s.codes) for s in self.samples
+            ]
+            self._reference_id = samples_id(self.samples)
+        if len(self.samples) < 2:
+            raise ValueError(f"FIDCallback: the evaluation set has {len(self.samples)} images; FID needs >= 2")
+        if self.samples_per_prompt > 1 and self.clip_model is not None and self.clip is None:
+            from cm3leon_lightning.retrieval.encoder import ClipEncoder
+
+            self.clip = ClipEncoder(self.clip_model, self.clip_pretrained, device=str(pl_module.device))
+
+    # ------------------------------------------------------------------------------------------ generation
+    def generate(self, pl_module: L.LightningModule, captions: list[str], seed: int) -> Tensor:
+        """Captions -> one uint8 image ``(N, 3, image_size, image_size)`` each. Override to change how images are made.
+
+        The default tokenizes the captions, runs :func:`~cm3leon_lightning.generation.generate_image` with the
+        module's network, decodes with the VQGAN and, with several candidates, keeps the best by CLIP score.
+        """
+        from cm3leon_lightning.generation import generate_image, rerank
+
+        trainer = pl_module._trainer
+        tok: TextTokenizer = self.load_text_tokenizer(trainer)
+        vqgan = self.load_vqgan(pl_module.device)
+        with fresh_kv_cache(module_network(pl_module)) as net:
+            out = generate_image(
+                net,
+                module_vocab(trainer, pl_module),
+                tok.encode_batch(captions),
+                num_samples=self.samples_per_prompt,
+                seed=seed,
+                vqgan=vqgan,
+                compile=self.compile,
+                **self.sampling,
+            )
+        images = out.images  # (P, N, 3, H, W) in [-1, 1]
+        if images.shape[1] > 1 and self.clip is not None:
+            images = rerank(self.clip, captions, images, keep=1).images
+        images = to_uint8_images(images[:, 0]).cpu()  # (P, 3, H, W)
+        return torch.stack([fid_resize(img, self.image_size) for img in images])
+
+    # ------------------------------------------------------------------------------------------ evaluation
+    def _prepare_real(self, trainer: L.Trainer, device: torch.device) -> None:
+        """Load cached reference statistics (rank zero holds the totals) or add this rank's real images."""
+        cache = None
+        if self.cache_dir is not None:
+            cache = reference_cache_path(self.cache_dir, self._reference_id, self.metric)
+        if cache is not None and cache.is_file():
+            load_real_stats(cache, self.metric, holds_totals=trainer.global_rank == 0)
+            self._real_ready = True
+            return
+        for chunk in batches(rank_share(self.samples, trainer), self.batch_size):
+            self.metric.update(torch.stack([s.image for s in chunk]).to(device), real=True)
+        self._real_ready = True
+        if cache is not None:
+            with self.metric.sync_context():  # all ranks take part; the synced sums are the whole reference set
+                if trainer.global_rank == 0:
+                    save_real_stats(cache, real_stats(self.metric))
+
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> float:
+        """Generate for this rank's captions, update the metric, and return the synchronised FID."""
+        device = pl_module.device
+        self.metric = self.metric.to(device)
+        if not self._real_ready:
+            self._prepare_real(trainer, device)
+        self.metric.reset()  # fake statistics only (reset_real_features=False)
+        mine = rank_share(list(enumerate(self.samples)), trainer)
+        for chunk in batches(mine, self.batch_size):
+            captions = [s.references[0] for _, s in chunk]
+            images = self.generate(pl_module, captions, self.seed + chunk[0][0])
+            self.metric.update(images.to(device), real=False)
+        return float(self.metric.compute())
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Every ``every_n_val_epochs`` validation epochs: compute and log :attr:`log_name` on every rank."""
+        if not self.should_run(trainer):
+            return
+        value = self.evaluate(trainer, pl_module)
+        pl_module.log(self.log_name, value, sync_dist=False)  # already synchronised by the metric
+
+
+def reference_cache_file(callback: FIDCallback) -> Path | None:
+    """Where ``callback`` caches its reference statistics (after ``setup``), or None without ``cache_dir``."""
+    if callback.cache_dir is None or callback.metric is None or callback._reference_id is None:
+        return None
+    return reference_cache_path(callback.cache_dir, callback._reference_id, callback.metric)

@@ -1,0 +1,192 @@
+"""SampleLoggerCallback: fixed prompts and seeds -> image grids with their prompts, and captions of fixed images.
+
+At every n-th validation epoch end, rank zero generates one image per prompt (each with its own seed, so a prompt's
+image changes only because the model did) and a caption per fixed image, renders each grid with the text above each
+picture (PIL's default font), and sends it to every active logger: W&B (``WandbLogger.log_image``), TensorBoard
+(``add_image``), otherwise PNG files in ``<logger.log_dir>/samples/`` (CSVLogger) or
+``<default_root_dir>/samples/`` without a logger.
+"""
+
+from __future__ import annotations
+
+import re
+import textwrap
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from torch import Tensor
+
+from cm3leon_lightning.callbacks.base import (
+    EvalSample,
+    fresh_kv_cache,
+    module_network,
+    module_vocab,
+    read_shard_samples,
+)
+from cm3leon_lightning.callbacks.cider import CIDErCallback
+from cm3leon_lightning.metrics.fid import to_uint8_images
+
+DEFAULT_PROMPTS = (
+    "a red square on a white background",
+    "a photo of a dog on the beach",
+    "a bowl of fruit on a wooden table",
+    "a city street at night",
+)
+
+
+def render_grid(images: Tensor, texts: Sequence[str], columns: int = 4, cell: int = 256) -> Image.Image:
+    """Lay out uint8 images ``(N, 3, H, W)`` in a grid, each scaled to ``cell`` px with its text above it.
+
+    Raises:
+        ValueError: a different number of images and texts, or no images.
+    """
+    if len(images) != len(texts) or len(images) == 0:
+        raise ValueError(f"render_grid needs as many texts as images (>= 1), got {len(images)} and {len(texts)}")
+    font = ImageFont.load_default()
+    line_h = 12
+    chars = max(8, cell // 6)
+    wrapped = [textwrap.wrap(t, chars)[:4] or [""] for t in texts]
+    head = line_h * max(len(w) for w in wrapped) + 4
+    columns = min(columns, len(images))
+    rows = -(-len(images) // columns)
+    grid = Image.new("RGB", (columns * cell, rows * (cell + head)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, (img, lines) in enumerate(zip(images, wrapped)):
+        x, y = (i % columns) * cell, (i // columns) * (cell + head)
+        for j, line in enumerate(lines):
+            draw.text((x + 2, y + 2 + j * line_h), line, fill="black", font=font)
+        pic = Image.fromarray(img.permute(1, 2, 0).cpu().numpy()).resize((cell, cell), Image.NEAREST)
+        grid.paste(pic, (x, y + head))
+    return grid
+
+
+def log_image(trainer: L.Trainer, tag: str, image: Image.Image, texts: Sequence[str]) -> list[Path]:
+    """Send ``image`` to every logger of ``trainer`` (see the module docstring); returns the PNG files written."""
+    from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+
+    step = trainer.global_step
+    written: list[Path] = []
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", tag)
+    png_dirs = []
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            logger.log_image(key=tag, images=[image], step=step, caption=[" | ".join(texts)])
+        elif isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_image(tag, np.asarray(image), global_step=step, dataformats="HWC")
+        elif getattr(logger, "log_dir", None):
+            png_dirs.append(Path(logger.log_dir) / "samples")
+    if not trainer.loggers:
+        png_dirs.append(Path(trainer.default_root_dir) / "samples")
+    for folder in png_dirs:
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{name}-step{step:07d}.png"
+        image.save(path)
+        written.append(path)
+    return written
+
+
+class SampleLoggerCallback(CIDErCallback):
+    """Log image grids for fixed prompts and seeds, and captions of fixed images, from rank zero.
+
+    Args:
+        prompts: captions to draw; each gets one image.
+        seeds: one seed per prompt (default ``seed + i``).
+        caption_data: prepared shards whose first ``num_caption_images`` images are captioned (None: the data
+            module's ``val_data`` when it has one, else no captioning).
+        caption_samples: in-memory images to caption (``codes`` or ``image``; ``image`` is shown when given).
+        num_caption_images: how many images to caption.
+        method: image decoding method (``top_p``, ``temperature``, ``greedy``, ``cd_k``).
+        cfg: classifier-free guidance scale.
+        temperature: softmax temperature.
+        top_p: nucleus mass.
+        columns: grid columns.
+        cell: pixels per grid cell.
+        tag: logger key prefix (``<tag>/text_to_image``, ``<tag>/image_to_text``).
+        **kwargs: :class:`GenerationCallback` arguments (``text_tokenizer``, ``vqgan``, ``every_n_val_epochs``...).
+    """
+
+    def __init__(
+        self,
+        prompts: Sequence[str] = DEFAULT_PROMPTS,
+        seeds: Sequence[int] | None = None,
+        caption_data: str | None = None,
+        caption_samples: Sequence[EvalSample] | None = None,
+        num_caption_images: int = 4,
+        method: str = "top_p",
+        cfg: float = 3.0,
+        temperature: float = 1.0,
+        top_p: float = 0.9,
+        columns: int = 4,
+        cell: int = 128,
+        tag: str = "samples",
+        **kwargs,
+    ) -> None:
+        super().__init__(caption_data, caption_samples, max(1, num_caption_images), tokenizer="simple", **kwargs)
+        if seeds is not None and len(seeds) != len(prompts):
+            raise ValueError(f"give one seed per prompt: {len(prompts)} prompts, {len(seeds)} seeds")
+        self.prompts = list(prompts)
+        self.seeds = list(seeds) if seeds is not None else [self.seed + i for i in range(len(prompts))]
+        self.num_caption_images = num_caption_images
+        self.image_sampling = dict(method=method, cfg=cfg, temperature=temperature, top_p=top_p)
+        self.columns, self.cell, self.tag = columns, cell, tag
+        self.written: list[Path] = []
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Read the images to caption (if any) once."""
+        if self.samples is None and self.num_caption_images > 0:
+            source = self.data or getattr(getattr(trainer, "datamodule", None), "hparams", {}).get("val_data")
+            if source is not None:
+                source = source[0] if isinstance(source, (list, tuple)) else source
+                self.samples, _ = read_shard_samples(source, self.num_caption_images, None, False)
+        self.samples = list(self.samples or [])[: self.num_caption_images]
+
+    def generate_images(self, pl_module: L.LightningModule, prompts: Sequence[str], seeds: Sequence[int]) -> Tensor:
+        """Prompts -> uint8 images ``(N, 3, H, W)``, one per prompt with its own seed. Override to change it."""
+        from cm3leon_lightning.generation import generate_image
+
+        tok = self.load_text_tokenizer(pl_module._trainer)
+        vqgan = self.load_vqgan(pl_module.device)
+        net, vocab = module_network(pl_module), module_vocab(pl_module._trainer, pl_module)
+        out = []
+        for prompt, seed in zip(prompts, seeds):
+            with fresh_kv_cache(net):
+                gen = generate_image(
+                    net,
+                    vocab,
+                    [tok.encode(prompt)],
+                    seed=seed,
+                    vqgan=vqgan,
+                    compile=self.compile,
+                    **self.image_sampling,
+                )
+            out.append(to_uint8_images(gen.images[0, 0]).cpu())
+        return torch.stack(out)
+
+    def log_samples(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[Path]:
+        """Generate, render and log both grids; returns the PNG files written (CSV / no logger)."""
+        written = []
+        if self.prompts:
+            images = self.generate_images(pl_module, self.prompts, self.seeds)
+            grid = render_grid(images, self.prompts, self.columns, self.cell)
+            written += log_image(trainer, f"{self.tag}/text_to_image", grid, self.prompts)
+        if self.samples:
+            codes = self.codes_of(self.samples, pl_module.device)
+            captions = self.generate(pl_module, codes, self.instruction, self.seed)
+            if all(s.image is not None for s in self.samples):
+                shown = torch.stack([s.image for s in self.samples])
+            else:
+                vqgan = self.load_vqgan(pl_module.device)
+                with torch.no_grad():
+                    shown = to_uint8_images(vqgan.decode(codes.to(pl_module.device))).cpu()
+            grid = render_grid(shown, captions, self.columns, self.cell)
+            written += log_image(trainer, f"{self.tag}/image_to_text", grid, captions)
+        return written
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Every ``every_n_val_epochs`` validation epochs, on rank zero only: log the grids."""
+        if self.should_run(trainer) and trainer.is_global_zero:
+            self.written += self.log_samples(trainer, pl_module)

@@ -1,0 +1,103 @@
+"""VQACallback: answer questions about images with ``generate_text`` and log VQA accuracy (paper section 4.2).
+
+Data in "VQA format": a JSON file holding a list of ``{"question": str, "image": path, "answers": [str, ...]}``
+(image paths relative to the file; ``"codes": [int, ...]`` may replace ``"image"``), or in-memory samples. The
+prompt follows the paper's SFT template (table 5): ``"Question: {question} Answer:"`` as the instruction before the
+answer span. Accuracy is :func:`~cm3leon_lightning.metrics.vqa.vqa_accuracy` (official normalisation and
+leave-one-out averaging by default), summed across ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from cm3leon_lightning.callbacks.base import EvalSample, batches, rank_share
+from cm3leon_lightning.callbacks.cider import CIDErCallback
+from cm3leon_lightning.metrics.fid import fid_resize
+from cm3leon_lightning.metrics.vqa import VQAAccuracy
+
+
+def read_vqa_file(path: str | os.PathLike[str], num_samples: int | None = None) -> list[EvalSample]:
+    """Read a VQA-format JSON file (see the module docstring).
+
+    Raises:
+        ValueError: the file is not a list, or an entry lacks ``question``, ``answers`` or an image / codes.
+    """
+    path = Path(path)
+    entries = json.loads(path.read_text())
+    if not isinstance(entries, list):
+        raise ValueError(f"{path}: a VQA file holds a JSON list of {{question, image, answers}} entries")
+    out = []
+    for i, e in enumerate(entries[:num_samples]):
+        if not isinstance(e, dict) or "question" not in e or not e.get("answers") or not ("image" in e or "codes" in e):
+            raise ValueError(f"{path}: entry {i} needs 'question', non-empty 'answers' and 'image' (or 'codes')")
+        codes = torch.as_tensor(e["codes"]).long() if "codes" in e else None
+        image = None
+        if codes is None:
+            image = fid_resize((path.parent / e["image"]).read_bytes(), 256)  # re-sized to the VQGAN's later
+        out.append(
+            EvalSample(str(e.get("key", i)), [], image, codes, str(e["question"]), [str(a) for a in e["answers"]])
+        )
+    return out
+
+
+class VQACallback(CIDErCallback):
+    """Answer fixed questions about images and log ``val/vqa_acc``.
+
+    Args:
+        data: a VQA-format JSON file (see the module docstring).
+        samples: in-memory samples with ``question``, ``answers`` and ``codes`` (or ``image``), instead of ``data``.
+        num_samples: questions used, the first ones.
+        prompt_template: the instruction; ``{question}`` is replaced by the question.
+        max_new_tokens: the most tokens per answer.
+        method: ``greedy``, ``temperature`` or ``top_p``.
+        official: official leave-one-out averaging (else ``min(matches / 3, 1)``).
+        log_name: the logged key.
+        **kwargs: :class:`GenerationCallback` arguments (``text_tokenizer``, ``vqgan``, ``batch_size``, ``seed``...).
+    """
+
+    def __init__(
+        self,
+        data: str | None = None,
+        samples: Sequence[EvalSample] | None = None,
+        num_samples: int = 1000,
+        prompt_template: str = "Question: {question} Answer:",
+        max_new_tokens: int = 8,
+        method: str = "greedy",
+        official: bool = True,
+        log_name: str = "val/vqa_acc",
+        **kwargs,
+    ) -> None:
+        super().__init__(
+            data, samples, num_samples, max_new_tokens=max_new_tokens, method=method, log_name=log_name,
+            tokenizer="simple", **kwargs,
+        )  # fmt: skip
+        if "{question}" not in prompt_template:
+            raise ValueError(f"prompt_template must contain '{{question}}', got {prompt_template!r}")
+        self.prompt_template = prompt_template
+        self.metric = VQAAccuracy(official=official)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Read the questions once."""
+        if self.samples is None:
+            if self.data is None:
+                raise ValueError("VQACallback: give data (a VQA-format JSON file) or samples")
+            self.samples = read_vqa_file(self.data, self.num_samples)
+        bad = next((s.key for s in self.samples if s.question is None or not s.answers), None)
+        if bad is not None:
+            raise ValueError(f"VQACallback: sample {bad!r} lacks a question or answers")
+
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> float:
+        """Answer this rank's questions, update the metric, and return the accuracy over all ranks."""
+        self.metric.reset()
+        for chunk in batches(rank_share(self.samples, trainer), self.batch_size):
+            prompts = [self.prompt_template.format(question=s.question) for s in chunk]
+            answers = self.generate(pl_module, self.codes_of(chunk, pl_module.device), prompts, self.seed)
+            self.metric.update(answers, [s.answers for s in chunk])
+        return float(self.metric.compute())
