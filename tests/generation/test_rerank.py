@@ -78,7 +78,7 @@ def test_rerank_with_a_tiny_clip_encoder():
     texts = ["a red square", "two blue circles"]
     got = rerank(clip, texts, images, keep=1)
     t = clip.embed_texts(texts)
-    i = clip.embed_images(((images.flatten(0, 1) + 1) / 2)).reshape(2, 3, -1)
+    i = clip.embed_images((images.flatten(0, 1) + 1) / 2).reshape(2, 3, -1)
     want = np.einsum("pnd,pd->pn", i, t)
     np.testing.assert_allclose(got.all_scores.numpy(), want, atol=1e-5)
     assert got.order[:, 0].tolist() == want.argmax(1).tolist()

@@ -1,0 +1,238 @@
+"""``cm3leon generate``: text-to-image (PNGs and a captioned grid) or image-to-text from a trained checkpoint.
+
+Examples::
+
+    cm3leon generate --ckpt last.ckpt --tokenizer tok/ --vqgan vqgan/ --prompt "a red circle" \\
+        --num-samples 8 --method top_p --cfg 3 --out samples/
+    cm3leon generate --ckpt last.ckpt --tokenizer tok/ --vqgan vqgan/ --image x.png \\
+        --instruction "Describe the given picture." --out answers/
+    cm3leon generate ... --prompt "a red circle" --retrieve bank/ --shards data/ --clip-pretrained openai
+
+Text-to-image writes ``sample-{i}.png`` (best CLIP score first when ``--rerank`` is given), ``grid.png`` with the
+prompt written above the candidates, and ``codes.npy``. Image-to-text writes ``answer.txt`` and prints it.
+Errors (missing files, a checkpoint whose vocabulary does not match the tokenizer or the VQGAN, a prompt longer
+than the context) are reported in one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cm3leon_lightning.config import CM3LeonConfig
+from cm3leon_lightning.generation.generate import generate_image, generate_text
+from cm3leon_lightning.model import CM3Leon
+from cm3leon_lightning.tokenization.vocab import Document, MultimodalVocab, Segment
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[CM3Leon, MultimodalVocab]:
+    """Load the network and vocabulary of a ``CM3LeonModule`` checkpoint (``weights_only=True``).
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: not a CM3LeonModule checkpoint (no ``config``/``vocab`` hyper-parameters or ``model.`` weights).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"--ckpt: checkpoint file not found: {p}")
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a usable checkpoint"
+        raise ValueError(f"--ckpt: {p} is not a readable torch checkpoint: {e}") from e
+    hp = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
+    if not hp.get("config") or not hp.get("vocab"):
+        raise ValueError(f"--ckpt: {p} lacks hyper_parameters 'config' and 'vocab'; was it written by CM3LeonModule?")
+    vocab = MultimodalVocab(**hp["vocab"])
+    model = CM3Leon(CM3LeonConfig.from_dict(hp["config"]))
+    state = {k.removeprefix("model."): v for k, v in ckpt.get("state_dict", {}).items() if k.startswith("model.")}
+    if not state:
+        raise ValueError(f"--ckpt: {p} holds no 'model.*' weights in its state_dict")
+    model.load_state_dict(state)
+    return model.to(device).eval(), vocab
+
+
+def check_tokenizers(vocab: MultimodalVocab, tokenizer: object | None, vqgan: torch.nn.Module | None) -> None:
+    """Raise ValueError naming both sides when the tokenizer or VQGAN does not match the checkpoint's vocabulary."""
+    if tokenizer is not None:
+        have = (tokenizer.vocab_size, tokenizer.num_sentinels)  # type: ignore[attr-defined]
+        if have != (vocab.n_text, vocab.num_sentinels):
+            raise ValueError(
+                f"vocabulary mismatch: the checkpoint has n_text={vocab.n_text}, num_sentinels={vocab.num_sentinels} "
+                f"but --tokenizer has vocab_size={have[0]}, num_sentinels={have[1]}"
+            )
+    if vqgan is not None:
+        grid = tuple(vqgan.config.grid_size)  # type: ignore[union-attr]
+        if (vqgan.n_embed, grid) != (vocab.n_codes, (vocab.grid_h, vocab.grid_w)):
+            raise ValueError(
+                f"vocabulary mismatch: the checkpoint has n_codes={vocab.n_codes}, grid {vocab.grid_h}x{vocab.grid_w} "
+                f"but --vqgan has n_embed={vqgan.n_embed}, grid {grid[0]}x{grid[1]}"
+            )
+
+
+def to_pil(image: torch.Tensor):  # noqa: ANN201 - PIL is imported lazily
+    """``(C, H, W)`` float image in ``[-1, 1]`` -> ``PIL.Image``."""
+    from PIL import Image
+
+    arr = ((image.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
+
+
+def save_grid(images: torch.Tensor, caption: str, path: Path, pad: int = 4):  # noqa: ANN201
+    """Write candidates ``(N, C, H, W)`` side by side under a strip holding ``caption``; returns the PIL image."""
+    from PIL import Image, ImageDraw
+
+    tiles = [to_pil(im).convert("RGB") for im in images]
+    w, h = tiles[0].size
+    strip = 14
+    grid = Image.new("RGB", (len(tiles) * (w + pad) + pad, h + 2 * pad + strip), "white")
+    ImageDraw.Draw(grid).text((pad, 1), caption, fill="black")
+    for i, tile in enumerate(tiles):
+        grid.paste(tile, (pad + i * (w + pad), strip + pad))
+    grid.save(path)
+    return grid
+
+
+def load_image(path: str | Path, vqgan: torch.nn.Module) -> torch.Tensor:
+    """Read an image file, centre-crop and resize to the VQGAN's resolution; ``(1, 3, R, R)`` uint8."""
+    from PIL import Image
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"--image: file not found: {p}")
+    img = Image.open(p).convert("RGB")
+    side = min(img.size)
+    left, top = (img.width - side) // 2, (img.height - side) // 2
+    r = vqgan.config.resolution  # type: ignore[union-attr]
+    img = img.crop((left, top, left + side, top + side)).resize((r, r), Image.BICUBIC)
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)[None]
+
+
+def retrieve_documents(bank_dir: str, shards_dir: str, prompt: str, k: int, clip: object) -> list[Document]:
+    """The ``k`` nearest documents of ``prompt`` (CLIP text embedding) in a memory bank, read from its shards."""
+    from cm3leon_lightning.data.shards import Manifest, read_shard
+    from cm3leon_lightning.retrieval.index import MemoryBank
+
+    bank = MemoryBank.load(bank_dir, model_name=getattr(clip, "model_name", None))
+    keys = bank.search(clip.embed_texts([prompt]), k).keys[0]  # type: ignore[attr-defined]
+    manifest = Manifest.load(Path(shards_dir) / "manifest.json")
+    found: dict[str, Document] = {}
+    for shard in manifest.shards:
+        for s in read_shard(Path(shards_dir) / shard.name, manifest):
+            if s.key in keys:
+                found[s.key] = [Segment.text(s.text.tolist()), Segment.image(s.image.tolist())]
+        if len(found) == len(keys):
+            break
+    missing = [key for key in keys if key not in found]
+    if missing:
+        raise ValueError(f"--retrieve: bank keys {missing[:5]} are not in the shards of {shards_dir}")
+    return [found[key] for key in keys]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``cm3leon generate`` argument parser."""
+    p = argparse.ArgumentParser(prog="cm3leon generate", description=__doc__.split("\n")[0])
+    p.add_argument("--ckpt", required=True, help="CM3LeonModule checkpoint (.ckpt)")
+    p.add_argument("--tokenizer", required=True, help="text tokenizer: tokenizer.json or its directory")
+    p.add_argument("--vqgan", help="VQGAN directory (VQGAN.from_pretrained); needed for PNGs and --image")
+    p.add_argument("--out", required=True, help="output directory")
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--prompt", help="caption to draw (text-to-image)")
+    mode.add_argument("--image", help="image file to describe or question (image-to-text)")
+    p.add_argument("--instruction", default="", help="instruction or question for --image")
+    p.add_argument("--num-samples", type=int, default=8, help="candidates per prompt")
+    p.add_argument("--method", default="top_p", choices=["greedy", "temperature", "top_p", "cd_k"])
+    p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 = none)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--cdk-k", type=int, default=8)
+    p.add_argument("--cdk-alpha", type=float, default=0.5)
+    p.add_argument("--max-new-tokens", type=int, default=32, help="longest answer for --image")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rerank", action="store_true", help="order candidates by CLIP score (needs --clip)")
+    p.add_argument("--clip", default="ViT-B-32", help="open_clip model for --rerank/--retrieve")
+    p.add_argument("--clip-pretrained", default="openai", help="open_clip weights tag or local path")
+    p.add_argument("--retrieve", metavar="BANK", help="memory bank directory: prepend retrieved documents")
+    p.add_argument("--shards", help="prepared shard directory holding the bank's documents (with --retrieve)")
+    p.add_argument("--k", type=int, default=2, help="documents to retrieve")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda when available)")
+    p.add_argument("--no-compile", action="store_true", help="eager decode step even on CUDA")
+    return p
+
+
+def run(args: argparse.Namespace) -> None:
+    """Execute a parsed ``cm3leon generate`` command (raises on bad input)."""
+    from cm3leon_lightning.tokenization.text import TextTokenizer
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    model, vocab = load_checkpoint(args.ckpt, device)
+    tokenizer = TextTokenizer.load(args.tokenizer)
+    vqgan = None
+    if args.vqgan:
+        from cm3leon_lightning.tokenization.vqgan import VQGAN
+
+        vqgan = VQGAN.from_pretrained(args.vqgan, map_location=device).eval()
+    check_tokenizers(vocab, tokenizer, vqgan)
+    compile = False if args.no_compile else None
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    clip = None
+    if args.rerank or args.retrieve:
+        from cm3leon_lightning.retrieval.encoder import ClipEncoder
+
+        clip = ClipEncoder(args.clip, pretrained=args.clip_pretrained, device=device)
+
+    if args.image:
+        if vqgan is None:
+            raise ValueError("--image needs --vqgan to turn the picture into codes")
+        codes = vqgan.encode(load_image(args.image, vqgan).to(device))  # (1, h*w)
+        instruction = tokenizer.encode(args.instruction) if args.instruction else None
+        answer_ids = generate_text(
+            model, vocab, codes, instruction, max_new_tokens=args.max_new_tokens,
+            method="greedy" if args.method in ("greedy", "cd_k") else args.method,
+            temperature=args.temperature, top_p=args.top_p, seed=args.seed, compile=compile,
+        )[0]  # fmt: skip
+        answer = tokenizer.decode(answer_ids)
+        (out / "answer.txt").write_text(answer + "\n", encoding="utf-8")
+        print(answer)
+        return
+
+    retrieved = None
+    if args.retrieve:
+        if not args.shards:
+            raise ValueError("--retrieve needs --shards, the prepared dataset that holds the bank's documents")
+        retrieved = [retrieve_documents(args.retrieve, args.shards, args.prompt, args.k, clip)]
+    result = generate_image(
+        model, vocab, [tokenizer.encode(args.prompt)], retrieved=retrieved, num_samples=args.num_samples,
+        method=args.method, cfg=args.cfg, temperature=args.temperature, top_p=args.top_p, cdk_k=args.cdk_k,
+        cdk_alpha=args.cdk_alpha, seed=args.seed, vqgan=vqgan, compile=compile,
+    )  # fmt: skip
+    codes, images = result.codes[0], None if result.images is None else result.images[0]  # (N, h*w), (N, C, H, W)
+    if args.rerank and images is not None:
+        from cm3leon_lightning.generation.rerank import rerank
+
+        best = rerank(clip, [args.prompt], images[None], codes[None], keep=len(codes))
+        codes, images = best.codes[0], best.images[0]
+    np.save(out / "codes.npy", codes.cpu().numpy().astype(np.int32))
+    if images is None:
+        print(f"wrote {out / 'codes.npy'} (no --vqgan: no PNGs)")
+        return
+    for i, im in enumerate(images):
+        to_pil(im).save(out / f"sample-{i}.png")
+    save_grid(images, args.prompt, out / "grid.png")
+    print(f"wrote {len(images)} samples and grid.png to {out}")
+
+
+def main(argv: Sequence[str]) -> int:
+    """Entry point of ``cm3leon generate``; returns the exit status (2 on bad input, with a one-line error)."""
+    args = build_parser().parse_args(list(argv))
+    try:
+        run(args)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"cm3leon generate: error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,81 @@
+"""``cm3leon generate``: the files it promises, and one-line errors for a bad checkpoint path, a vocabulary
+mismatch between checkpoint and tokenizer, and a prompt longer than the context."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cm3leon_lightning.cli import main as cm3leon_main
+from cm3leon_lightning.generation.cli import load_checkpoint, main
+from cm3leon_lightning.modules.cm3leon import CM3LeonModule
+from cm3leon_lightning.tokenization.text import TextTokenizer
+from cm3leon_lightning.tokenization.vqgan import VQGAN
+
+CORPUS = ["a red circle", "a blue square", "two green triangles", "a small red square"] * 20
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """A tokenizer, a micro VQGAN (16 px, 8x8 codes) and a CM3LeonModule checkpoint built for both."""
+    root = tmp_path_factory.mktemp("gen")
+    tok = TextTokenizer.train(CORPUS, vocab_size=300)
+    tok.save(root / "tok")
+    torch.manual_seed(0)
+    vqgan = VQGAN.from_name("micro").eval()
+    vqgan.save_pretrained(root / "vqgan")
+    vocab = tok.make_vocab(n_codes=vqgan.n_embed, grid_h=8, grid_w=8)
+    module = CM3LeonModule(preset="tiny", vocab=vocab.to_dict(), max_seq_len=128)
+    module.configure_model()
+    with torch.no_grad():  # random blocks, so samples differ
+        for p in module.model.parameters():
+            p.normal_(0.0, 0.2)
+    ckpt = root / "model.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, ckpt)
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(root / "x.png")
+    return root
+
+
+def base(root, out):
+    return ["--ckpt", str(root / "model.ckpt"), "--tokenizer", str(root / "tok"), "--vqgan", str(root / "vqgan"),
+            "--out", str(out), "--no-compile"]  # fmt: skip
+
+
+def test_text_to_image_writes_samples_grid_and_codes(assets, tmp_path):
+    argv = ["generate", *base(assets, tmp_path), "--prompt", "a red circle", "--num-samples", "3", "--cfg", "3"]
+    assert cm3leon_main(argv) == 0  # through the cm3leon console entry point
+    codes = np.load(tmp_path / "codes.npy")
+    assert codes.shape == (3, 64) and codes.min() >= 0 and codes.max() < 32
+    for i in range(3):
+        assert Image.open(tmp_path / f"sample-{i}.png").size == (16, 16)
+    grid = Image.open(tmp_path / "grid.png")
+    assert grid.width > 3 * 16 and grid.height > 16
+    model, vocab = load_checkpoint(assets / "model.ckpt")
+    assert vocab.image_tokens == 64 and model.config.max_seq_len == 128
+
+
+def test_image_to_text_writes_the_answer(assets, tmp_path, capsys):
+    argv = [*base(assets, tmp_path), "--image", str(assets / "x.png"), "--instruction", "Describe the given picture."]
+    assert main(argv + ["--max-new-tokens", "5"]) == 0
+    answer = (tmp_path / "answer.txt").read_text(encoding="utf-8")
+    assert answer.endswith("\n") and answer.strip() == capsys.readouterr().out.strip()
+
+
+def test_clear_errors(assets, tmp_path, capsys):
+    def error(argv):
+        assert main(argv) == 2
+        return capsys.readouterr().err
+
+    args = base(assets, tmp_path)
+    missing = [*args[:1], str(tmp_path / "nope.ckpt"), *args[2:], "--prompt", "a red circle"]
+    assert "checkpoint file not found" in error(missing) and "nope.ckpt" in error(missing)
+    other = TextTokenizer.train(CORPUS, vocab_size=280)
+    other.save(tmp_path / "other")
+    mismatch = [*args[:3], str(tmp_path / "other"), *args[4:], "--prompt", "a red circle"]
+    msg = error(mismatch)
+    assert "vocabulary mismatch" in msg and f"vocab_size={other.vocab_size}" in msg
+    long = " ".join(["two green triangles"] * 20)
+    assert "max_seq_len=128" in error([*args, "--prompt", long])
+    assert "not a readable torch checkpoint" in error(
+        [*args[:1], str(assets / "x.png"), *args[2:], "--prompt", "a red circle"]
+    )
