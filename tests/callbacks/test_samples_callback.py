@@ -1,0 +1,96 @@
+"""SampleLoggerCallback: grids reach W&B (offline), TensorBoard and CSV (PNG files) run directories."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+from PIL import Image
+from support.eval_setup import micro_vqgan, shape_samples, tiny_module, tiny_tokenizer, trainer, val_loader
+
+from cm3leon_lightning.callbacks import SampleLoggerCallback, render_grid
+
+PROMPTS = ["a red square", "a blue circle", "a green triangle"]
+
+
+@pytest.fixture(scope="module")
+def parts():
+    tok = tiny_tokenizer()
+    return tok, micro_vqgan(), tiny_module(tok)
+
+
+class Fast(SampleLoggerCallback):
+    """Default captioning, but image generation replaced by a solid colour per seed (keeps the test quick)."""
+
+    def generate_images(self, pl_module, prompts, seeds):
+        return torch.stack([torch.full((3, 16, 16), 40 * s, dtype=torch.uint8) for s in seeds])
+
+
+def make(parts, cls=Fast, **kwargs) -> SampleLoggerCallback:
+    tok, vqgan, _ = parts
+    args = dict(
+        prompts=PROMPTS, seeds=[1, 2, 3], caption_samples=shape_samples(2), num_caption_images=2, text_tokenizer=tok,
+        vqgan=vqgan, max_new_tokens=4, cell=32,
+    )  # fmt: skip
+    return cls(**{**args, **kwargs})
+
+
+def test_csv_logger_gets_png_files(parts, tmp_path: Path) -> None:
+    _, _, module = parts
+    cb = make(parts)
+    logger = CSVLogger(tmp_path, name="csv")
+    trainer(tmp_path, [cb], logger).validate(module, val_loader(module.vocab), verbose=False)
+    pngs = sorted((Path(logger.log_dir) / "samples").glob("*.png"))
+    assert [p.name for p in pngs] == ["samples_image_to_text-step0000000.png", "samples_text_to_image-step0000000.png"]
+    grid = Image.open(pngs[1])
+    assert grid.size[0] == 3 * 32 and grid.size[1] > 32  # three cells, text band above the pictures
+    assert grid.getpixel((5, grid.size[1] - 5)) == (40, 40, 40)  # seed 1's image in the first cell
+
+
+def test_tensorboard_logger_gets_images(parts, tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, _, module = parts
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    trainer(tmp_path, [make(parts)], logger).validate(module, val_loader(module.vocab), verbose=False)
+    logger.experiment.flush()
+    acc = EventAccumulator(logger.log_dir)
+    acc.Reload()
+    assert set(acc.Tags()["images"]) == {"samples/text_to_image", "samples/image_to_text"}
+
+
+def test_wandb_offline_run_gets_images(parts, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    _, _, module = parts
+    logger = WandbLogger(save_dir=str(tmp_path), project="cm3leon-tests", offline=True)
+    trainer(tmp_path, [make(parts)], logger).validate(module, val_loader(module.vocab), verbose=False)
+    import wandb
+
+    wandb.finish()
+    media = list((tmp_path / "wandb").glob("offline-run-*/files/media/images/samples/*.png"))
+    assert len(media) == 2, list((tmp_path / "wandb").rglob("*"))
+
+
+def test_default_generation_and_rank_zero_only(parts, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _, _, module = parts
+    cb = make(parts, cls=SampleLoggerCallback, prompts=PROMPTS[:1], seeds=[5])
+    trainer(tmp_path, [cb]).validate(module, val_loader(module.vocab), verbose=False)
+    assert len(cb.written) == 2 and all(p.parent == tmp_path / "samples" for p in cb.written)
+    assert Image.open(cb.written[0]).size[0] == 2 * 32  # two captioned images
+
+    class NotZero(Fast):
+        def on_validation_epoch_end(self, trainer, pl_module):
+            with monkeypatch.context() as m:  # what a non-zero rank sees
+                m.setattr(type(trainer.strategy), "is_global_zero", property(lambda self: False))
+                super().on_validation_epoch_end(trainer, pl_module)
+
+    other = make(parts, cls=NotZero)
+    trainer(tmp_path / "r1", [other]).validate(module, val_loader(module.vocab), verbose=False)
+    assert other.written == [] and not (tmp_path / "r1" / "samples").exists()
+
+
+def test_render_grid_checks_lengths() -> None:
+    with pytest.raises(ValueError, match="as many texts as images"):
+        render_grid(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), ["one"])
