@@ -78,7 +78,7 @@ def test_default_generation_and_rank_zero_only(parts, tmp_path: Path, monkeypatc
     cb = make(parts, cls=SampleLoggerCallback, prompts=PROMPTS[:1], seeds=[5])
     trainer(tmp_path, [cb]).validate(module, val_loader(module.vocab), verbose=False)
     assert len(cb.written) == 2 and all(p.parent == tmp_path / "samples" for p in cb.written)
-    assert Image.open(cb.written[0]).size[0] == 2 * 32  # two captioned images
+    assert Image.open(cb.written[1]).size[0] == 2 * 32  # two captioned images
 
     class NotZero(Fast):
         def on_validation_epoch_end(self, trainer, pl_module):
