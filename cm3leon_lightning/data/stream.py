@@ -29,7 +29,6 @@ from cm3leon_lightning.data.shards import ShardFormatError, ShardInfo, iter_tar_
 from cm3leon_lightning.data.stages import Example, PipelineConfig, build_example, collate, decode
 
 log = logging.getLogger(__name__)
-HEADER = None  # slot 0 of every window: where the window's shard-level problems are counted
 
 
 def read_piece(
