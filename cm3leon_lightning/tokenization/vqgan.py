@@ -4,15 +4,10 @@ An image of ``resolution x resolution`` becomes a grid of ``(resolution / f) ** 
 1)``. CM3Leon (paper section 2.1) uses Make-A-Scene's tokenizer: 256x256 -> 32x32 codes from 8192; its weights are not
 public, so the presets follow the public checkpoints of the same family:
 
-============== ============================== ========== ======== ======== =========
-preset         checkpoint                     resolution grid     codes    quantizer
-============== ============================== ========== ======== ======== =========
-``f8_8192``    taming ``vqgan_gumbel_f8``     256        32x32    8192     gumbel
-``f16_16384``  taming ``vqgan_imagenet_f16_16384`` 256   16x16    16384    vq
-``chameleon``  Chameleon ``vqgan.ckpt``       512        32x32    8192     vq
-``tiny``       (demo / tests)                 32         8x8      64       vq
-``micro``      (unit tests)                   16         8x8      32       vq
-============== ============================== ========== ======== ======== =========
+- ``f8_8192``: taming ``vqgan_gumbel_f8``, 256 -> 32x32 from 8192 codes, Gumbel quantizer (the paper's shape).
+- ``f16_16384``: taming ``vqgan_imagenet_f16_16384``, 256 -> 16x16 from 16384 codes.
+- ``chameleon``: Chameleon's ``vqgan.ckpt``, 512 -> 32x32 from 8192 codes.
+- ``tiny`` (demo): 32 -> 8x8 from 64 codes; ``micro`` (unit tests): 16 -> 8x8 from 32 codes.
 
 Images go in as ``(B, C, H, W)``: uint8 in ``[0, 255]`` or float in ``[-1, 1]``. Images come out as float in
 ``[-1, 1]`` (:func:`to_uint8` converts). Codes are ``(B, h * w)`` long, row-major over the grid.
@@ -138,62 +133,29 @@ class VQGANConfig:
 PRESETS: dict[str, VQGANConfig] = {
     # taming-transformers vqgan_gumbel_f8 (configs/model.yaml): the paper's shape, 256 -> 32x32 from 8192 codes.
     "f8_8192": VQGANConfig(
-        resolution=256,
-        ch=128,
-        ch_mult=(1, 1, 2, 4),
-        num_res_blocks=2,
-        attn_resolutions=(32,),
-        z_channels=256,
-        embed_dim=256,
-        n_embed=8192,
-        quantizer="gumbel",
+        resolution=256, ch=128, ch_mult=(1, 1, 2, 4), num_res_blocks=2, attn_resolutions=(32,), z_channels=256,
+        embed_dim=256, n_embed=8192, quantizer="gumbel"
     ),
     # taming-transformers vqgan_imagenet_f16_16384.
     "f16_16384": VQGANConfig(
-        resolution=256,
-        ch=128,
-        ch_mult=(1, 1, 2, 2, 4),
-        num_res_blocks=2,
-        attn_resolutions=(16,),
-        z_channels=256,
-        embed_dim=256,
-        n_embed=16384,
+        resolution=256, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,), z_channels=256,
+        embed_dim=256, n_embed=16384
     ),
     # Chameleon's tokenizer (data/tokenizer/vqgan.yaml, as remembered; from_pretrained reads the yaml when given):
     # 512 -> 32x32 from 8192 codes, no attention outside the middle blocks.
     "chameleon": VQGANConfig(
-        resolution=512,
-        ch=128,
-        ch_mult=(1, 1, 2, 2, 4),
-        num_res_blocks=2,
-        attn_resolutions=(),
-        z_channels=256,
-        embed_dim=256,
-        n_embed=8192,
+        resolution=512, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(), z_channels=256,
+        embed_dim=256, n_embed=8192
     ),
     "tiny": VQGANConfig(
-        resolution=32,
-        ch=32,
-        ch_mult=(1, 2, 2),
-        num_res_blocks=1,
-        attn_resolutions=(8,),
-        z_channels=32,
-        embed_dim=16,
-        n_embed=64,
-        dead_code_after=50,
+        resolution=32, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,), z_channels=32,
+        embed_dim=16, n_embed=64, dead_code_after=50
     ),
     "micro": VQGANConfig(
-        resolution=16,
-        ch=32,
-        ch_mult=(1, 1),
-        num_res_blocks=1,
-        attn_resolutions=(),
-        z_channels=32,
-        embed_dim=8,
-        n_embed=32,
-        dead_code_after=20,
+        resolution=16, ch=32, ch_mult=(1, 1), num_res_blocks=1, attn_resolutions=(), z_channels=32,
+        embed_dim=8, n_embed=32, dead_code_after=20
     ),
-}
+}  # fmt: skip
 
 
 def _norm(channels: int) -> nn.GroupNorm:
