@@ -64,6 +64,7 @@ def test_tiny_vqgan_learns_generated_images(tmp_path: Path, one_thread: None) ->
     )
     trainer.fit(module, data)
     end_err, used = _held_out_error_and_usage(module, held_out)
+    print(f"held-out L1 {start_err:.3f} -> {end_err:.3f}, codes used {used}/32")
     assert int(module.train_steps) == 200
     assert start_err > 0.7  # an untrained decoder outputs ~0 for images in [-1, 1]
     assert end_err < 0.6 * start_err, (start_err, end_err)
