@@ -46,7 +46,13 @@ class CM3LeonCLI(LightningCLI):
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: Any) -> None:
-        """Link the data module's vocabulary to the model (applied when both are instantiated)."""
+        """Link the data module's vocabulary to the model, and always log the data pipeline's counts.
+
+        ``--data_counts.every_n_steps`` sets how often ``data/skipped_<reason>`` and friends are logged.
+        """
+        from cm3leon_lightning.data.datamodule import DataCountsLogger
+
+        parser.add_lightning_class_args(DataCountsLogger, "data_counts")
         parser.link_arguments("data", "model.init_args.vocab", compute_fn=data_vocab, apply_on="instantiate")
 
 
