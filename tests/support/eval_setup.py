@@ -94,3 +94,54 @@ def trainer(tmp_path, callbacks, logger=False):
         enable_checkpointing=False,
         default_root_dir=str(tmp_path),
     )
+
+
+def write_eval_data(root, n_train: int = 16, n_val: int = 8, seed: int = 0) -> dict:
+    """Tiny shards of coloured shapes that keep their jpg, plus the tokenizer, VQGAN and a VQA file, under ``root``.
+
+    Returns paths: ``train``, ``val`` (shard directories), ``tokenizer`` (tokenizer.json), ``vqgan`` (directory),
+    ``vqa`` (VQA-format JSON).
+    """
+    import io
+    import json
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    from cm3leon_lightning.data.shards import ShardSample, ShardWriter
+
+    root = Path(root)
+    tok, vqgan = tiny_tokenizer(), micro_vqgan(seed)
+    tok_path, vqgan_dir = tok.save(root / "tokenizer"), vqgan.save_pretrained(root / "vqgan")
+    text_info = {"path": str(tok_path), "sha256": tok.sha256, "n_text": tok.vocab_size, "num_sentinels": 8}
+    image_info = {"checkpoint_sha256": "0" * 64, "n_codes": 32, "grid_h": 8, "grid_w": 8, "image_size": 16}
+    out = {"tokenizer": str(tok_path), "vqgan": str(vqgan_dir)}
+    for split, n, s in (("train", n_train, seed), ("val", n_val, seed + 1)):
+        images, captions = make_shape_pairs(n, image_size=16, seed=s)
+        with torch.no_grad():
+            codes = vqgan.encode(torch.from_numpy(images).permute(0, 3, 1, 2)).numpy()
+        samples = []
+        for i in range(n):
+            buf = io.BytesIO()
+            Image.fromarray(images[i]).save(buf, format="PNG")  # lossless, so FID references are exact
+            samples.append(
+                ShardSample(
+                    key=f"{split}-{i:04d}",
+                    caption=captions[i],
+                    text=np.asarray(tok.encode(captions[i]), np.int32),
+                    image=codes[i].astype(np.int16),
+                    jpg=buf.getvalue(),
+                )
+            )
+        ShardWriter(root / split, text_info, image_info, samples_per_shard=8).write_all(samples)
+        out[split] = str(root / split)
+        if split == "val":
+            entries = [
+                {"key": f"q{i}", "question": "what color is the shape?", "codes": codes[i].tolist(),
+                 "answers": [captions[i].split()[1]] * 10}
+                for i in range(n)
+            ]  # fmt: skip
+            (root / "vqa.json").write_text(json.dumps(entries))
+            out["vqa"] = str(root / "vqa.json")
+    return out
