@@ -26,6 +26,14 @@ _EXPORTS: dict[str, str] = {
     "cm3_infill": "cm3leon_lightning.objective.cm3",
     "cm3_restore": "cm3leon_lightning.objective.cm3",
     "CM3LeonCLI": "cm3leon_lightning.cli",
+    "VQGAN": "cm3leon_lightning.tokenization.vqgan",
+    "VQGANConfig": "cm3leon_lightning.tokenization.vqgan",
+    "VQGANModule": "cm3leon_lightning.modules.vqgan",
+    "ImageDataModule": "cm3leon_lightning.data.images",
+    "CM3LeonDataModule": "cm3leon_lightning.data.datamodule",
+    "DataCountsLogger": "cm3leon_lightning.data.datamodule",
+    "ShardWriter": "cm3leon_lightning.data.shards",
+    "Manifest": "cm3leon_lightning.data.shards",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
