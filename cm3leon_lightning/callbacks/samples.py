@@ -49,7 +49,7 @@ def render_grid(images: Tensor, texts: Sequence[str], columns: int = 4, cell: in
     font = ImageFont.load_default()
     line_h = 12
     chars = max(8, cell // 6)
-    wrapped = [textwrap.wrap(t, chars)[:4] or [""] for t in texts]
+    wrapped = [textwrap.wrap(t, chars)[:4] or ["(empty)"] for t in texts]
     head = line_h * max(len(w) for w in wrapped) + 4
     columns = min(columns, len(images))
     rows = -(-len(images) // columns)
@@ -141,7 +141,10 @@ class SampleLoggerCallback(CIDErCallback):
             source = self.data or getattr(getattr(trainer, "datamodule", None), "hparams", {}).get("val_data")
             if source is not None:
                 source = source[0] if isinstance(source, (list, tuple)) else source
-                self.samples, _ = read_shard_samples(source, self.num_caption_images, None, False)
+                try:  # show the source images when the shards keep them, else the VQGAN's decoding of the codes
+                    self.samples, _ = read_shard_samples(source, self.num_caption_images, self.cell, False)
+                except ValueError:
+                    self.samples, _ = read_shard_samples(source, self.num_caption_images, None, False)
         self.samples = list(self.samples or [])[: self.num_caption_images]
 
     def generate_images(self, pl_module: L.LightningModule, prompts: Sequence[str], seeds: Sequence[int]) -> Tensor:
