@@ -1,0 +1,232 @@
+"""Image-caption pairs for training a CLIP retriever (``ClipModule``) on your own data.
+
+Generic on purpose: the pairs come from in-memory images and captions, from a folder of images with caption sidecar
+files (``cat.jpg`` + ``cat.txt``), or from a tiny built-in generator of coloured shapes for offline tests and demos.
+A batch is ``{"image": uint8 (B, 3, S, S), "caption": list[str]}``; CLIP-specific tokenisation and normalisation
+happen in the module.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+SHAPE_COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 30),
+    "blue": (30, 60, 220),
+    "yellow": (230, 210, 20),
+}
+SHAPE_KINDS = ("square", "circle", "triangle")
+
+
+def make_shape_pairs(n: int, image_size: int = 32, seed: int = 0) -> tuple[np.ndarray, list[str]]:
+    """Generate ``n`` images of one coloured shape at a random place and size, captioned ``"a {color} {shape}"``.
+
+    There are ``len(SHAPE_COLORS) * len(SHAPE_KINDS)`` = 12 distinct captions (classes).
+
+    Args:
+        n: number of pairs.
+        image_size: square image side in pixels (>= 16).
+        seed: generator seed; the same seed gives the same pairs.
+
+    Returns:
+        ``(n, image_size, image_size, 3)`` uint8 images and ``n`` captions.
+    """
+    if image_size < 16:
+        raise ValueError(f"image_size must be >= 16, got {image_size}")
+    rng = np.random.default_rng(seed)
+    colors = list(SHAPE_COLORS)
+    yy, xx = np.mgrid[0:image_size, 0:image_size]
+    images = np.empty((n, image_size, image_size, 3), np.uint8)
+    captions = []
+    for i in range(n):
+        color, kind = colors[rng.integers(len(colors))], SHAPE_KINDS[rng.integers(len(SHAPE_KINDS))]
+        r = rng.uniform(0.2, 0.35) * image_size  # half-size of the shape
+        cy, cx = rng.uniform(r, image_size - r, size=2)
+        if kind == "square":
+            mask = (np.abs(yy - cy) <= r) & (np.abs(xx - cx) <= r)
+        elif kind == "circle":
+            mask = (yy - cy) ** 2 + (xx - cx) ** 2 <= r**2
+        else:  # upward triangle: below the apex, inside the two slanted edges
+            mask = (yy <= cy + r) & (np.abs(xx - cx) <= (yy - (cy - r)) / 2)
+        img = rng.integers(225, 256, size=(image_size, image_size, 3)).astype(np.uint8)  # light noisy background
+        img[mask] = SHAPE_COLORS[color]
+        images[i] = img
+        captions.append(f"a {color} {kind}")
+    return images, captions
+
+
+def read_image_folder(root: str | os.PathLike) -> tuple[list[Path], list[str]]:
+    """List ``root``'s images that have a UTF-8 caption sidecar ``<stem>.txt`` (images without one are skipped).
+
+    Returns:
+        Image paths (sorted) and their captions (stripped).
+
+    Raises:
+        FileNotFoundError: ``root`` is not a directory or holds no captioned image.
+    """
+    src = Path(root)
+    if not src.is_dir():
+        raise FileNotFoundError(f"data_dir {src} is not a directory")
+    paths, captions = [], []
+    for p in sorted(src.rglob("*")):
+        if p.suffix.lower() in IMAGE_SUFFIXES and p.with_suffix(".txt").is_file():
+            paths.append(p)
+            captions.append(p.with_suffix(".txt").read_text(encoding="utf-8").strip())
+    if not paths:
+        raise FileNotFoundError(f"data_dir {src} has no image with a caption sidecar (<name>.txt)")
+    return paths, captions
+
+
+def to_square_uint8(image: Any, size: int) -> torch.Tensor:
+    """An image (PIL, path, ``(H, W[, 3|4])`` array or ``(3, H, W)`` tensor) -> ``(3, size, size)`` uint8.
+
+    Resized on the shortest side (bicubic, antialiased) and center-cropped.
+    """
+    if isinstance(image, str | os.PathLike):
+        with Image.open(image) as im:
+            image = np.asarray(im.convert("RGB"))
+    elif isinstance(image, Image.Image):
+        image = np.asarray(image.convert("RGB"))
+    if isinstance(image, np.ndarray):
+        if image.ndim == 2:
+            image = np.repeat(image[:, :, None], 3, axis=2)
+        image = torch.from_numpy(np.array(image[:, :, :3])).permute(2, 0, 1)  # copy: PIL arrays are read-only
+    if image.ndim != 3 or image.shape[0] != 3:
+        raise ValueError(f"image must be (3, H, W) or (H, W, 3), got {tuple(image.shape)}")
+    h, w = image.shape[-2:]
+    if (h, w) == (size, size):
+        return image.to(torch.uint8)
+    x = image.float()[None] if image.dtype == torch.uint8 else image.float()[None] * 255.0
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    x = F.interpolate(x, size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)
+    top, left = (nh - size) // 2, (nw - size) // 2
+    return x[0, :, top : top + size, left : left + size].round().clamp(0, 255).to(torch.uint8)
+
+
+class ImageCaptionPairs(Dataset):
+    """A map-style dataset of ``{"image": uint8 (3, S, S), "caption": str}``.
+
+    Args:
+        images: N images: an ``(N, H, W, 3)`` uint8 array, an ``(N, 3, H, W)`` tensor, or a sequence of PIL images,
+            arrays or file paths (loaded lazily).
+        captions: N captions.
+        image_size: side ``S`` every image is resized and center-cropped to.
+    """
+
+    def __init__(self, images: Sequence[Any] | np.ndarray | torch.Tensor, captions: Sequence[str], image_size: int):
+        if len(images) != len(captions):
+            raise ValueError(f"got {len(images)} images but {len(captions)} captions")
+        if image_size < 1:
+            raise ValueError(f"image_size must be >= 1, got {image_size}")
+        self.images, self.captions, self.image_size = images, list(captions), image_size
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"image": to_square_uint8(self.images[i], self.image_size), "caption": self.captions[i]}
+
+
+def collate_pairs(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack images to ``(B, 3, S, S)`` uint8 and keep captions as a list."""
+    return {"image": torch.stack([x["image"] for x in items]), "caption": [x["caption"] for x in items]}
+
+
+class ImageCaptionDataModule(L.LightningDataModule):
+    """Image-caption pairs for CLIP training, split into train and validation.
+
+    Exactly one source: ``data_dir`` (images with ``.txt`` sidecars), ``images`` + ``captions`` (in memory, from
+    Python), or ``synthetic`` > 0 (that many generated coloured-shape pairs, see :func:`make_shape_pairs`).
+
+    Args:
+        data_dir: folder of images with caption sidecar files.
+        images: in-memory images (see :class:`ImageCaptionPairs`).
+        captions: in-memory captions.
+        synthetic: number of generated shape pairs.
+        image_size: side every image is resized to (the CLIP model resizes again if its input differs).
+        batch_size: pairs per batch. CLIP's contrastive loss wants large batches; the last partial one is dropped.
+        val_fraction: fraction of pairs held out for validation, in ``[0, 1)``.
+        num_workers: DataLoader workers.
+        seed: seed of the train/validation split and of the synthetic generator.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | None = None,
+        images: Sequence[Any] | None = None,
+        captions: Sequence[str] | None = None,
+        synthetic: int = 0,
+        image_size: int = 32,
+        batch_size: int = 64,
+        val_fraction: float = 0.1,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        sources = (data_dir is not None) + (images is not None or captions is not None) + (synthetic > 0)
+        if sources != 1:
+            raise ValueError("give exactly one of data_dir, images+captions, or synthetic > 0")
+        if (images is None) != (captions is None):
+            raise ValueError("images and captions must be given together")
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.data_dir, self.images, self.captions, self.synthetic = data_dir, images, captions, synthetic
+        self.image_size, self.batch_size, self.val_fraction = image_size, batch_size, val_fraction
+        self.num_workers, self.seed = num_workers, seed
+        self.train_set: ImageCaptionPairs | None = None
+        self.val_set: ImageCaptionPairs | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load or generate the pairs and split them (seeded)."""
+        if self.train_set is not None:
+            return
+        if self.data_dir is not None:
+            images, captions = read_image_folder(self.data_dir)
+        elif self.synthetic > 0:
+            images, captions = make_shape_pairs(self.synthetic, self.image_size, self.seed)
+        else:
+            images, captions = self.images, list(self.captions)
+        order = np.random.default_rng(self.seed).permutation(len(captions))
+        n_val = int(round(self.val_fraction * len(captions)))
+        splits = {"val": order[:n_val], "train": order[n_val:]}
+        subsets = {}
+        for name, idx in splits.items():
+            imgs = images[idx] if isinstance(images, np.ndarray | torch.Tensor) else [images[i] for i in idx]
+            subsets[name] = ImageCaptionPairs(imgs, [captions[i] for i in idx], self.image_size)
+        self.train_set, self.val_set = subsets["train"], subsets["val"]
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training batches (last partial batch dropped)."""
+        return DataLoader(
+            self.train_set,
+            batch_size=self.batch_size,
+            shuffle=True,
+            drop_last=len(self.train_set) > self.batch_size,
+            num_workers=self.num_workers,
+            collate_fn=collate_pairs,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        """Validation batches in a fixed order."""
+        return DataLoader(
+            self.val_set,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            collate_fn=collate_pairs,
+        )
