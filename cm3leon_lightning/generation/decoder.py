@@ -220,9 +220,11 @@ class Decoder:
                 f"prompt of {self.prompt_len} tokens plus {max_new_tokens} new tokens exceeds the model's context "
                 f"max_seq_len={model.config.max_seq_len}"
             )
+        # Round the cache up to a multiple of 64 slots, so prompts of similar lengths share one compiled step.
+        slots = min(model.config.max_seq_len, -(-need // 64) * 64)
         cache = model.kv_cache
-        if cache is None or cache.batch_size != len(rows) or cache.max_seq_len != need:
-            model.setup_kv_cache(len(rows), need)
+        if cache is None or cache.batch_size != len(rows) or cache.max_seq_len != slots:
+            model.setup_kv_cache(len(rows), slots)
         self.generator = torch.Generator(device=self.device)
         if seed is None:
             self.generator.seed()

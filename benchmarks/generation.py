@@ -1,0 +1,191 @@
+"""Benchmark text-to-image decoding: seconds per image and ms per token, eager and compiled, against a plain loop.
+
+For each preset (random weights; the timing does not depend on them) it measures, on one device:
+
+* ``1 img``: one image with classifier-free guidance (2 streams: conditional + ``<mask>``), top-p sampling;
+* ``8 img``: eight candidates of one prompt with CFG (16 streams), in one batch;
+
+with :func:`cm3leon_lightning.generation.generate_image` in eager mode and with the compiled decode step
+(``torch.compile(mode="reduce-overhead")``, i.e. CUDA graphs, on GPU), and a plain reference loop in the same run:
+no KV cache (the whole sequence re-run every token), the two CFG streams as two separate forwards, and sampling with
+``torch.multinomial`` followed by ``.item()`` (a host sync per token). The reference runs one image only and at most
+``--reference-tokens`` tokens (its cost grows quadratically, so its ms/token is a lower bound for longer images).
+VQGAN decoding and CLIP re-ranking are not included.
+
+Usage::
+
+    python benchmarks/generation.py                      # CUDA: tiny + 350m, 1024 tokens, bf16 (~3 min on an H100)
+    python benchmarks/generation.py --device cpu          # CPU: fewer tokens per image (said in the output)
+    python benchmarks/generation.py --presets 350m --image-tokens 256 --json out.json
+
+Prints a table and writes the numbers as JSON (``--json``, default ``generation_benchmark.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import time
+
+import torch
+
+from cm3leon_lightning.config import CM3LeonConfig
+from cm3leon_lightning.generation import generate_image
+from cm3leon_lightning.generation.generate import image_prompt, unconditional_image_prompt
+from cm3leon_lightning.model import CM3Leon
+from cm3leon_lightning.tokenization.vocab import MultimodalVocab
+
+PROMPT_LEN = 24  # text tokens of the caption
+
+
+def grid_for(tokens: int) -> tuple[int, int]:
+    """A grid with ``tokens`` cells: square when possible, else ``1 x tokens``."""
+    side = math.isqrt(tokens)
+    return (side, side) if side * side == tokens else (1, tokens)
+
+
+def build(preset: str, image_tokens: int, device: str, dtype: torch.dtype) -> tuple[CM3Leon, MultimodalVocab]:
+    """A randomly initialised model of ``preset`` and a vocabulary whose images have ``image_tokens`` codes."""
+    gh, gw = grid_for(image_tokens)
+    if preset == "tiny":
+        vocab = MultimodalVocab(n_text=256, n_codes=256, grid_h=gh, grid_w=gw)
+    else:
+        vocab = MultimodalVocab(n_text=56320, n_codes=8192, grid_h=gh, grid_w=gw)
+    base = CM3LeonConfig.from_preset(preset)
+    max_seq = max(base.max_seq_len, PROMPT_LEN + image_tokens + 8)
+    cfg = CM3LeonConfig.from_preset(preset, vocab_size=vocab.padded_size, max_seq_len=max_seq)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = CM3Leon(cfg)
+    return model.to(dtype).eval(), vocab
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: str, repeats: int) -> float:
+    """Best wall time of ``repeats`` calls, in seconds (after ``fn`` was called once to warm up)."""
+    best = math.inf
+    for _ in range(repeats):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+@torch.no_grad()
+def reference_loop(
+    model: CM3Leon, vocab: MultimodalVocab, prompt: list[int], steps: int, cfg: float, seed: int
+) -> list[int]:
+    """Plain decoding: no cache, conditional and unconditional as two forwards, multinomial + ``.item()`` per token."""
+    device = model.wte.weight.device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    cond = torch.tensor([image_prompt(vocab, prompt)], device=device)
+    uncond = torch.tensor([unconditional_image_prompt(vocab)], device=device)
+    out = []
+    for _ in range(steps):
+        lc = model(cond)[0, -1, vocab.n_text : vocab.size].float()
+        lu = model(uncond)[0, -1, vocab.n_text : vocab.size].float()
+        logits = lu + cfg * (lc - lu)
+        probs = logits.softmax(-1)
+        sorted_p, order = probs.sort(descending=True)
+        keep = (sorted_p.cumsum(0) - sorted_p) < 0.9
+        p = torch.zeros_like(probs).scatter(0, order, sorted_p * keep)
+        tok = int(torch.multinomial(p, 1, generator=gen).item()) + vocab.n_text  # host sync
+        out.append(tok)
+        nxt = torch.tensor([[tok]], device=device)
+        cond, uncond = torch.cat([cond, nxt], 1), torch.cat([uncond, nxt], 1)
+    return out
+
+
+def bench_preset(preset: str, args: argparse.Namespace, device: str, dtype: torch.dtype) -> list[dict]:
+    tokens = args.image_tokens
+    model, vocab = build(preset, tokens, device, dtype)
+    prompt = [vocab.num_special + (7 * i) % (vocab.n_text - vocab.num_special) for i in range(PROMPT_LEN)]
+    rows = []
+    modes = ["eager"] + (["compiled"] if args.compile_enabled else [])
+    for mode in modes:
+        for n in (1, args.candidates):
+            kw = dict(num_samples=n, method="top_p", cfg=3.0, seed=0, compile=mode == "compiled")
+            t0 = time.perf_counter()
+            generate_image(model, vocab, [prompt], **kw)  # warm-up (compilation, CUDA graph capture)
+            warm = time.perf_counter() - t0
+            sec = timed(lambda kw=kw: generate_image(model, vocab, [prompt], **kw), device, args.repeats)
+            rows.append(dict(preset=preset, mode=mode, images=n, streams=2 * n, tokens=tokens, seconds=sec,
+                             sec_per_image=sec / n, ms_per_token=1e3 * sec / tokens, warmup_seconds=warm))  # fmt: skip
+            print(fmt_row(rows[-1]), flush=True)
+    ref_tokens = min(tokens, args.reference_tokens)
+    if ref_tokens > 0:
+        reference_loop(model, vocab, prompt, min(ref_tokens, 4), 3.0, 0)  # warm-up
+        sec = timed(lambda: reference_loop(model, vocab, prompt, ref_tokens, 3.0, 0), device, 1)
+        rows.append(dict(preset=preset, mode="reference", images=1, streams=2, tokens=ref_tokens, seconds=sec,
+                         sec_per_image=sec * tokens / ref_tokens, ms_per_token=1e3 * sec / ref_tokens,
+                         warmup_seconds=0.0, extrapolated=ref_tokens < tokens))  # fmt: skip
+        print(fmt_row(rows[-1]), flush=True)
+    model.clear_kv_cache()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return rows
+
+
+HEADER = f"{'preset':<7} {'mode':<10} {'images':>6} {'streams':>7} {'tokens':>6} {'s total':>9} {'s/image':>9} " \
+         f"{'ms/token':>9} {'warm-up s':>9}"  # fmt: skip
+
+
+def fmt_row(r: dict) -> str:
+    note = " (s/image extrapolated linearly from fewer tokens: a lower bound)" if r.get("extrapolated") else ""
+    return (
+        f"{r['preset']:<7} {r['mode']:<10} {r['images']:>6} {r['streams']:>7} {r['tokens']:>6} {r['seconds']:>9.3f} "
+        f"{r['sec_per_image']:>9.3f} {r['ms_per_token']:>9.2f} {r['warmup_seconds']:>9.1f}{note}"
+    )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda when available)")
+    p.add_argument("--presets", default="tiny,350m", help="comma-separated presets")
+    p.add_argument("--image-tokens", type=int, default=None, help="codes per image (default: 1024 GPU, 16 CPU)")
+    p.add_argument("--candidates", type=int, default=8, help="candidates of the many-image case")
+    p.add_argument(
+        "--reference-tokens", type=int, default=None, help="tokens of the plain loop (default 256 GPU, 8 CPU)"
+    )
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats, best taken (default 3 GPU, 1 CPU)")
+    p.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="auto: on for CUDA only")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="auto: bf16 on CUDA")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--json", default="generation_benchmark.json", help="where to write the results")
+    args = p.parse_args()
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    gpu = device.startswith("cuda")
+    args.image_tokens = args.image_tokens or (1024 if gpu else 16)
+    args.reference_tokens = args.reference_tokens if args.reference_tokens is not None else (256 if gpu else 8)
+    args.repeats = args.repeats or (3 if gpu else 1)
+    args.compile_enabled = args.compile == "on" or (args.compile == "auto" and gpu)
+    dtype = {"auto": torch.bfloat16 if gpu else torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16}
+    dtype = dtype[args.dtype]
+    name = torch.cuda.get_device_name(device) if gpu else platform.processor() or platform.machine()
+    note = "" if args.image_tokens == 1024 else " (the paper's images have 1024; fewer here to fit the time)"
+    print(f"device {device} ({name}), torch {torch.__version__}, {torch.get_num_threads()} CPU threads, {dtype}, "
+          f"{args.image_tokens} image tokens per image{note}")  # fmt: skip
+    print(HEADER)
+    rows = []
+    for preset in args.presets.split(","):
+        rows += bench_preset(preset.strip(), args, device, dtype)
+    meta = dict(device=device, device_name=name, torch=torch.__version__, dtype=str(dtype),
+                image_tokens=args.image_tokens, candidates=args.candidates, repeats=args.repeats,
+                threads=torch.get_num_threads())  # fmt: skip
+    with open(args.json, "w", encoding="utf-8") as f:
+        json.dump({"meta": meta, "results": rows}, f, indent=2)
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
