@@ -223,7 +223,17 @@ class Decoder:
         # Round the cache up to a multiple of 64 slots, so prompts of similar lengths share one compiled step.
         slots = min(model.config.max_seq_len, -(-need // 64) * 64)
         cache = model.kv_cache
-        if cache is None or cache.batch_size != len(rows) or cache.max_seq_len != slots:
+        weight = model.wte.weight
+        stale = (
+            cache is None
+            or cache.batch_size != len(rows)
+            or cache.max_seq_len != slots
+            or cache.k.device != weight.device
+            or cache.k.dtype != weight.dtype
+            # A cache made under torch.inference_mode (e.g. inside trainer.validate) cannot be updated outside it.
+            or cache.k.is_inference() != torch.is_inference_mode_enabled()
+        )
+        if stale:
             model.setup_kv_cache(len(rows), slots)
         self.generator = torch.Generator(device=self.device)
         if seed is None:

@@ -247,3 +247,16 @@ def test_trained_model_draws_each_caption_s_image_greedily(trained, cfg):
 
 def test_trained_model_captions_each_image_back(trained):
     assert generate_text(trained, TV, IMAGES, max_new_tokens=8, compile=False) == CAPTIONS
+
+
+def test_cache_made_in_inference_mode_is_not_reused_outside_it() -> None:
+    """A cache allocated under torch.inference_mode (as inside trainer.validate) is replaced, not updated in place."""
+    vocab = MultimodalVocab(n_text=64, n_codes=32, grid_h=2, grid_w=2)
+    model = CM3Leon(CM3LeonConfig.from_preset("tiny", vocab_size=vocab.padded_size)).eval()
+    with torch.inference_mode():
+        first = generate_image(model, vocab, [[10, 11]], method="greedy", cfg=1.0, compile=False).codes
+    assert model.kv_cache.k.is_inference()
+    with torch.no_grad():
+        second = generate_image(model, vocab, [[10, 11]], method="greedy", cfg=1.0, compile=False).codes
+    assert not model.kv_cache.k.is_inference()
+    assert torch.equal(first, second)
