@@ -1,7 +1,8 @@
 """Image-caption pairs for training a CLIP retriever (``ClipModule``) on your own data.
 
 Generic on purpose: the pairs come from in-memory images and captions, from a folder of images with caption sidecar
-files (``cat.jpg`` + ``cat.txt``), or from a tiny built-in generator of coloured shapes for offline tests and demos.
+files (``cat.jpg`` + ``cat.txt``), or from a generator: a built-in one of single coloured shapes with 12 distinct
+captions (tests), or the demo's synthetic shapes dataset (:mod:`cm3leon_lightning.data.shapes`).
 A batch is ``{"image": uint8 (B, 3, S, S), "caption": list[str]}``; CLIP-specific tokenisation and normalisation
 happen in the module.
 """
@@ -149,13 +150,16 @@ class ImageCaptionDataModule(L.LightningDataModule):
     """Image-caption pairs for CLIP training, split into train and validation.
 
     Exactly one source: ``data_dir`` (images with ``.txt`` sidecars), ``images`` + ``captions`` (in memory, from
-    Python), or ``synthetic`` > 0 (that many generated coloured-shape pairs, see :func:`make_shape_pairs`).
+    Python), or ``synthetic`` > 0 generated pairs.
 
     Args:
         data_dir: folder of images with caption sidecar files.
         images: in-memory images (see :class:`ImageCaptionPairs`).
         captions: in-memory captions.
-        synthetic: number of generated shape pairs.
+        synthetic: number of generated pairs.
+        synthetic_source: ``"simple"``: one coloured shape, 12 distinct captions (:func:`make_shape_pairs`);
+            ``"shapes"``: the demo's dataset, one or two shapes with templated captions
+            (:func:`cm3leon_lightning.data.shapes.generate_pairs`, train split).
         image_size: side every image is resized to (the CLIP model resizes again if its input differs).
         batch_size: pairs per batch. CLIP's contrastive loss wants large batches; the last partial one is dropped.
         val_fraction: fraction of pairs held out for validation, in ``[0, 1)``.
@@ -169,6 +173,7 @@ class ImageCaptionDataModule(L.LightningDataModule):
         images: Sequence[Any] | None = None,
         captions: Sequence[str] | None = None,
         synthetic: int = 0,
+        synthetic_source: str = "simple",
         image_size: int = 32,
         batch_size: int = 64,
         val_fraction: float = 0.1,
@@ -179,6 +184,8 @@ class ImageCaptionDataModule(L.LightningDataModule):
         sources = (data_dir is not None) + (images is not None or captions is not None) + (synthetic > 0)
         if sources != 1:
             raise ValueError("give exactly one of data_dir, images+captions, or synthetic > 0")
+        if synthetic_source not in ("simple", "shapes"):
+            raise ValueError(f"synthetic_source must be 'simple' or 'shapes', got {synthetic_source!r}")
         if (images is None) != (captions is None):
             raise ValueError("images and captions must be given together")
         if not 0.0 <= val_fraction < 1.0:
@@ -186,6 +193,7 @@ class ImageCaptionDataModule(L.LightningDataModule):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.data_dir, self.images, self.captions, self.synthetic = data_dir, images, captions, synthetic
+        self.synthetic_source = synthetic_source
         self.image_size, self.batch_size, self.val_fraction = image_size, batch_size, val_fraction
         self.num_workers, self.seed = num_workers, seed
         self.train_set: ImageCaptionPairs | None = None
@@ -197,6 +205,11 @@ class ImageCaptionDataModule(L.LightningDataModule):
             return
         if self.data_dir is not None:
             images, captions = read_image_folder(self.data_dir)
+        elif self.synthetic > 0 and self.synthetic_source == "shapes":
+            from cm3leon_lightning.data.shapes import generate_pairs
+
+            pairs = list(generate_pairs(self.synthetic, "train", self.image_size, self.seed))
+            images, captions = np.stack([p.image for p in pairs]), [p.caption for p in pairs]
         elif self.synthetic > 0:
             images, captions = make_shape_pairs(self.synthetic, self.image_size, self.seed)
         else:

@@ -64,6 +64,7 @@ class ClipModule(L.LightningModule):
         min_lr_ratio: final learning rate as a fraction of ``lr``.
         local_loss: open_clip ``ClipLoss(local_loss=...)`` for multi-GPU (logits against gathered features only).
         gather_with_grad: open_clip ``ClipLoss(gather_with_grad=...)``.
+        export_path: if set, :meth:`export_weights` writes the model there (``.safetensors``) when ``fit`` ends.
     """
 
     def __init__(
@@ -80,12 +81,15 @@ class ClipModule(L.LightningModule):
         min_lr_ratio: float = 0.0,
         local_loss: bool = False,
         gather_with_grad: bool = False,
+        export_path: str | None = None,
     ) -> None:
         super().__init__()
         if lr <= 0 or weight_decay < 0 or warmup_steps < 0:
             raise ValueError(
                 f"need lr > 0, weight_decay >= 0, warmup_steps >= 0; got {lr}, {weight_decay}, {warmup_steps}"
             )
+        if export_path is not None and not export_path.endswith(".safetensors"):
+            raise ValueError(f"export_path must end in .safetensors, got {export_path!r}")
         self.save_hyperparameters()
         self.model: torch.nn.Module | None = None
         self.tokenizer = open_clip.get_tokenizer(model_name)
@@ -146,6 +150,11 @@ class ClipModule(L.LightningModule):
         """Clamp the learned temperature like CLIP, so logits stay bounded (scale <= 100)."""
         with torch.no_grad():
             self.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+
+    def on_fit_end(self) -> None:
+        """Export the weights for ``ClipEncoder`` when ``export_path`` is set (rank zero writes)."""
+        if self.hparams.export_path is not None and self.trainer.is_global_zero:
+            self.export_weights(self.hparams.export_path)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         """Contrastive loss and in-batch recall@1 both ways, counting equal captions as matches."""

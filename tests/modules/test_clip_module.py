@@ -1,5 +1,7 @@
 """ClipModule trains a tiny CLIP on generated shape pairs that retrieves matching pairs far above chance."""
 
+from pathlib import Path
+
 import lightning as L
 import numpy as np
 import pytest
@@ -101,3 +103,18 @@ def test_caption_match_recall_counts_equal_captions_as_hits():
 def test_bad_hyperparameters_are_refused():
     with pytest.raises(ValueError, match="lr > 0"):
         ClipModule(lr=0.0)
+
+
+@pytest.mark.parametrize("name", ["tiny_shapes.yaml", "vit_b32_finetune.yaml"])
+def test_clip_configs_parse_and_instantiate(name, tmp_path):
+    from cm3leon_lightning.cli import CM3LeonCLI
+    from cm3leon_lightning.data.pairs import ImageCaptionDataModule
+
+    config = Path(__file__).parents[2] / "configs" / "clip" / name
+    args = ["--config", str(config), "--trainer.default_root_dir", str(tmp_path), "--trainer.accelerator", "cpu"]
+    if "vit" in name:
+        args += ["--trainer.precision", "32-true", "--data.init_args.data_dir", str(tmp_path)]
+    cli = CM3LeonCLI(args=args, run=False)
+    assert isinstance(cli.model, ClipModule) and isinstance(cli.datamodule, ImageCaptionDataModule)
+    assert cli.model.hparams.export_path.endswith(".safetensors")
+    assert cli.model.model is None  # built later, in configure_model: parsing downloads nothing

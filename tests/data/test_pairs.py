@@ -1,0 +1,84 @@
+"""ImageCaptionDataModule: folder, in-memory and generated sources, the split, and batch layout."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cm3leon_lightning.data.pairs import (
+    ImageCaptionDataModule,
+    ImageCaptionPairs,
+    make_shape_pairs,
+    read_image_folder,
+    to_square_uint8,
+)
+
+
+def test_make_shape_pairs_is_seeded_with_12_captions():
+    a_img, a_cap = make_shape_pairs(300, 32, seed=3)
+    b_img, b_cap = make_shape_pairs(300, 32, seed=3)
+    np.testing.assert_array_equal(a_img, b_img)
+    assert a_cap == b_cap and len(set(a_cap)) == 12 and a_img.shape == (300, 32, 32, 3) and a_img.dtype == np.uint8
+    assert make_shape_pairs(5, 32, seed=4)[1] != a_cap[:5]
+    with pytest.raises(ValueError, match="image_size must be >= 16"):
+        make_shape_pairs(1, 8)
+
+
+def test_folder_source_reads_sidecar_captions_and_skips_uncaptioned(tmp_path):
+    (tmp_path / "sub").mkdir()
+    for name, size, mode in [("a.png", (40, 30), "RGB"), ("sub/b.jpg", (32, 32), "L"), ("c.png", (16, 16), "RGBA")]:
+        Image.new(mode, size).save(tmp_path / name)
+    (tmp_path / "a.txt").write_text("first caption\n", encoding="utf-8")
+    (tmp_path / "sub" / "b.txt").write_text("second", encoding="utf-8")
+    paths, caps = read_image_folder(tmp_path)
+    assert [p.name for p in paths] == ["a.png", "b.jpg"] and caps == ["first caption", "second"]
+    dm = ImageCaptionDataModule(data_dir=str(tmp_path), image_size=24, batch_size=2, val_fraction=0.0)
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].shape == (2, 3, 24, 24) and batch["image"].dtype == torch.uint8
+    assert sorted(batch["caption"]) == ["first caption", "second"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no image with a caption sidecar"):
+        read_image_folder(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="is not a directory"):
+        read_image_folder(tmp_path / "missing")
+
+
+def test_split_is_seeded_and_disjoint():
+    images, captions = make_shape_pairs(50, 32)
+    captions = [f"{c} {i}" for i, c in enumerate(captions)]  # unique, to check disjointness
+    dm = ImageCaptionDataModule(images=images, captions=captions, val_fraction=0.2, seed=1)
+    dm.setup()
+    assert len(dm.train_set) == 40 and len(dm.val_set) == 10
+    assert not set(dm.train_set.captions) & set(dm.val_set.captions)
+    again = ImageCaptionDataModule(images=images, captions=captions, val_fraction=0.2, seed=1)
+    again.setup()
+    assert again.val_set.captions == dm.val_set.captions
+
+
+def test_shapes_source_uses_the_demo_dataset():
+    dm = ImageCaptionDataModule(synthetic=20, synthetic_source="shapes", val_fraction=0.0)
+    dm.setup()
+    assert len(dm.train_set) == 20 and dm.train_set[0]["image"].shape == (3, 32, 32)
+
+
+def test_to_square_uint8_resizes_and_crops():
+    img = np.zeros((20, 40, 3), np.uint8)
+    img[:, 10:30] = 200  # the centre 20 columns are bright: after the center crop, all of it
+    out = to_square_uint8(img, 10)
+    assert out.shape == (3, 10, 10) and out.dtype == torch.uint8
+    assert (out[:, :, 2:-2] == 200).all() and out.min() >= 180  # only bicubic ringing at the crop edges
+    assert to_square_uint8(torch.zeros(3, 8, 8, dtype=torch.uint8), 8).shape == (3, 8, 8)
+
+
+def test_bad_arguments_are_clear():
+    with pytest.raises(ValueError, match="exactly one of"):
+        ImageCaptionDataModule()
+    with pytest.raises(ValueError, match="exactly one of"):
+        ImageCaptionDataModule(data_dir="x", synthetic=3)
+    with pytest.raises(ValueError, match="val_fraction"):
+        ImageCaptionDataModule(synthetic=3, val_fraction=1.0)
+    with pytest.raises(ValueError, match="synthetic_source"):
+        ImageCaptionDataModule(synthetic=3, synthetic_source="nope")
+    with pytest.raises(ValueError, match="2 images but 1 captions"):
+        ImageCaptionPairs([np.zeros((4, 4, 3), np.uint8)] * 2, ["a"], 4)
