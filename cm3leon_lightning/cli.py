@@ -24,7 +24,10 @@ from lightning.pytorch.cli import LightningCLI
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 # Commands that are not Lightning subcommands: name -> "module:function" taking argv (imported lazily).
-EXTRA_COMMANDS: dict[str, str] = {"generate": "cm3leon_lightning.generation.cli:main"}
+EXTRA_COMMANDS: dict[str, str] = {
+    "generate": "cm3leon_lightning.generation.cli:main",
+    "prepare": "cm3leon_lightning.data.prepare:main",
+}
 
 
 def data_vocab(datamodule: Any) -> dict[str, int] | None:

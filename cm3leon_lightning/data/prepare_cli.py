@@ -1,0 +1,134 @@
+"""The ``cm3leon prepare`` command line: sources from flags, settings from :class:`PrepareConfig`'s fields.
+
+Example (COCO captions, a VQGAN checkpoint and local CLIP weights)::
+
+    cm3leon prepare --source coco --input coco/train2017 --captions coco/annotations/captions_train2017.json \\
+        --out data/prepared --vqgan checkpoints/vqgan --clip-model ViT-B-32 --clip-weights clip/vit_b_32.safetensors \\
+        --train-tokenizer-vocab 56320 --val-fraction 0.01 --workers 4
+
+Every :class:`~cm3leon_lightning.data.prepare.PrepareConfig` field is a flag of the same name with dashes
+(``--samples-per-shard``, ``--k-per-modality``...; booleans also as ``--no-...``). Errors in the input settings print
+one line and exit with status 2; bad documents are counted, never fatal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import typing
+from collections.abc import Sequence
+from dataclasses import MISSING, fields
+
+from cm3leon_lightning.data.prepare import STAGES, PrepareConfig, prepare
+from cm3leon_lightning.data.prepare_stages import MissingPartsError
+from cm3leon_lightning.data.sources import PairSource, make_source
+
+_SOURCE_FLAGS = ("source", "input", "captions", "coco_mode", "num_pairs", "shapes_split", "shapes_image_size")
+_SOURCE_FLAGS += ("shapes_seed", "bank_source", "bank_input", "bank_captions", "out")
+
+
+def _field_docs() -> dict[str, str]:
+    """``name -> description`` from the ``Attributes:`` section of :class:`PrepareConfig`'s docstring."""
+    doc = (PrepareConfig.__doc__ or "").split("Attributes:", 1)[-1]
+    docs: dict[str, str] = {}
+    name = None
+    for line in doc.splitlines():
+        m = re.match(r"\s{8}(\w+): (.*)", line)
+        if m:
+            name, docs[m.group(1)] = m.group(1), m.group(2)
+        elif name and line.strip():
+            docs[name] += " " + line.strip()
+    return docs
+
+
+def _shard_range(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"(\d+):(\d+)", text.strip())
+    if not m or int(m.group(1)) >= int(m.group(2)):
+        raise argparse.ArgumentTypeError(f"--shard-range must be START:STOP with START < STOP, got {text!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def _stages(text: str) -> tuple[str, ...]:
+    names = tuple(s.strip() for s in text.split(",") if s.strip())
+    bad = [s for s in names if s not in STAGES]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"--stages takes a comma-separated subset of {','.join(STAGES)}, got {text!r}")
+    return names
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``cm3leon prepare``."""
+    p = argparse.ArgumentParser(
+        prog="cm3leon prepare",
+        description="Turn raw image-caption pairs into retrieval-augmented training shards (manifest + WebDataset).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("input and output")
+    g.add_argument("--source", required=True, choices=("shapes", "folder", "coco", "wds"), help="kind of input")
+    g.add_argument("--input", help="image folder (folder, coco) or WebDataset tar directory / brace pattern (wds)")
+    g.add_argument("--captions", help="COCO captions JSON (coco)")
+    g.add_argument("--coco-mode", default="first", choices=("first", "all"), help="coco: one document per image "
+                   "(the lowest annotation id's caption) or one per caption")  # fmt: skip
+    g.add_argument("--num-pairs", type=int, default=100, help="shapes: number of generated pairs")
+    g.add_argument("--shapes-split", default="train", choices=("train", "heldout"), help="shapes: split")
+    g.add_argument("--shapes-image-size", type=int, default=32, help="shapes: image side in pixels")
+    g.add_argument("--shapes-seed", type=int, default=0, help="shapes: generator seed")
+    g.add_argument("--bank-source", choices=("shapes", "folder", "coco", "wds"), help="a separate memory-bank "
+                   "dataset (default: the training split of --source)")  # fmt: skip
+    g.add_argument("--bank-input", help="the bank dataset's folder / tars")
+    g.add_argument("--bank-captions", help="the bank dataset's COCO captions JSON")
+    g.add_argument("--out", required=True, help="output directory (train/, val/, stats/, summary.json, work/)")
+    s = p.add_argument_group("settings (PrepareConfig)")
+    docs = _field_docs()
+    hints = typing.get_type_hints(PrepareConfig)
+    for f in fields(PrepareConfig):
+        flag, hint = "--" + f.name.replace("_", "-"), hints[f.name]
+        required = f.default is MISSING and f.default_factory is MISSING
+        kwargs = {"help": docs.get(f.name, ""), "dest": f.name}
+        if f.name == "shard_range":
+            kwargs.update(type=_shard_range, metavar="START:STOP", default=None)
+        elif f.name == "stages":
+            kwargs.update(type=_stages, default=STAGES, metavar="A,B,...")
+        elif hint is bool:
+            kwargs.update(action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            base = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
+            kwargs.update(type=base, required=required, default=None if required else f.default)
+        s.add_argument(flag, **kwargs)
+    return p
+
+
+def sources_from_args(args: argparse.Namespace) -> tuple[PairSource, PairSource | None]:
+    """The main source and the optional bank source named by the flags."""
+    main = make_source(
+        args.source, args.input, args.captions, args.num_pairs, args.coco_mode, args.shapes_split,
+        args.shapes_image_size, args.shapes_seed,
+    )  # fmt: skip
+    bank = None
+    if args.bank_source is not None:
+        bank = make_source(
+            args.bank_source, args.bank_input, args.bank_captions, args.num_pairs, args.coco_mode, "train",
+            args.shapes_image_size, args.shapes_seed + 1,
+        )  # fmt: skip
+    return main, bank
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` and run :func:`~cm3leon_lightning.data.prepare.prepare`; returns the exit status."""
+    from cm3leon_lightning.retrieval.encoder import ClipWeightsUnavailableError
+
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    settings = {k: v for k, v in vars(args).items() if k not in _SOURCE_FLAGS}
+    try:
+        config = PrepareConfig(**settings)
+        source, bank = sources_from_args(args)
+        prepare(source, args.out, config, bank_source=bank)
+    except (ValueError, FileNotFoundError, MissingPartsError, ClipWeightsUnavailableError) as e:
+        print(f"cm3leon prepare: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

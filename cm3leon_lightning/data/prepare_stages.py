@@ -1,0 +1,534 @@
+"""The stages of ``cm3leon prepare`` (see :mod:`cm3leon_lightning.data.prepare` for the pipeline and its layout).
+
+Each stage function works on a :class:`Run` (settings, output directory, sources) and is safe to run in a worker
+process: models and the memory bank are loaded once per process and cached. Every output is written under a
+temporary name and renamed into place when complete, with the sha256 of its files, so a rerun can tell finished
+outputs from ones a killed run left half written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from cm3leon_lightning.data.shards import MANIFEST_NAME, SHARD_PATTERN, Manifest, ShardInfo, file_sha256
+from cm3leon_lightning.data.sources import PairSource
+
+if TYPE_CHECKING:
+    from cm3leon_lightning.data.prepare import PrepareConfig
+
+DONE_FILE = "done.json"
+KILL_ENV = "CM3LEON_PREPARE_KILL_AFTER"  # test hook, "<stage>:<n>": hard-exit in the middle of the (n+1)-th part
+
+
+class MissingPartsError(RuntimeError):
+    """A stage needs outputs of parts that are not (yet) complete: run them, or gather them from other machines."""
+
+
+# ------------------------------------------------------------------------------------------------- helpers
+def is_val(key: str, fraction: float, seed: int) -> bool:
+    """Whether document ``key`` belongs to the held-out split (a hash of seed and key, so order-independent)."""
+    if fraction <= 0.0:
+        return False
+    digest = hashlib.blake2b(f"val\x00{seed}\x00{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2.0**64 < fraction
+
+
+def path_sha256(path: str | Path) -> str:
+    """sha256 of a file, or of a directory's files (recursive, by relative path and content)."""
+    p = Path(path)
+    if p.is_file():
+        return file_sha256(p)
+    if not p.is_dir():
+        raise FileNotFoundError(f"not found: {p}")
+    h = hashlib.sha256()
+    for f in sorted(q for q in p.rglob("*") if q.is_file()):
+        h.update(f"{f.relative_to(p).as_posix()}\x00{file_sha256(f)}\n".encode())
+    return h.hexdigest()
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically (temporary name, then rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def seal(directory: Path) -> None:
+    """Write ``done.json`` with the sha256 of every other file in ``directory`` (recursive)."""
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != DONE_FILE)
+    write_json(directory / DONE_FILE, {f.relative_to(directory).as_posix(): file_sha256(f) for f in files})
+
+
+def is_sealed(directory: Path) -> bool:
+    """Whether ``directory`` has a ``done.json`` whose sha256 all match (a complete, intact output)."""
+    try:
+        done = json.loads((directory / DONE_FILE).read_text(encoding="utf-8"))
+        return all(file_sha256(directory / name) == sha for name, sha in done.items())
+    except (OSError, ValueError):
+        return False
+
+
+_done_in_process: Counter = Counter()
+
+
+def kill_point(stage: str) -> bool:
+    """Test hook (env ``CM3LEON_PREPARE_KILL_AFTER=<stage>:<n>``): True for the part after ``n`` finished ones."""
+    spec = os.environ.get(KILL_ENV, "")
+    if not spec.startswith(f"{stage}:"):
+        return False
+    return _done_in_process[stage] >= int(spec.split(":", 1)[1])
+
+
+def hard_exit() -> None:
+    """Die like a killed process: no cleanup, no ``finally`` blocks (used by the test hook)."""
+    os._exit(137)
+
+
+@dataclass
+class Run:
+    """Everything a stage (in this process or a worker) needs; picklable."""
+
+    cfg: PrepareConfig
+    out: Path
+    sources: dict[str, PairSource]
+    sections: dict[str, dict[str, Any]] = field(default_factory=dict)
+    worker_id: int = 0
+
+    @property
+    def work(self) -> Path:
+        """The intermediate directory."""
+        return self.out / "work"
+
+    def n_parts(self, collection: str) -> int:
+        """Number of parts of ``collection``."""
+        return -(-len(self.sources[collection]) // self.cfg.samples_per_shard)
+
+    def part_range(self, collection: str, index: int) -> tuple[int, int]:
+        """Source documents ``[start, stop)`` of a part."""
+        s = self.cfg.samples_per_shard
+        return index * s, min((index + 1) * s, len(self.sources[collection]))
+
+    def part_dir(self, collection: str, index: int) -> Path:
+        """Where the encode stage writes a part."""
+        return self.work / "parts" / f"{collection}-{index:06d}"
+
+    def selected(self, collection: str) -> list[int]:
+        """The part indices of ``collection`` that this run processes (``shard_range`` applied)."""
+        n = self.n_parts(collection)
+        a, b = self.cfg.shard_range or (0, n)
+        return list(range(min(a, n), min(b, n)))
+
+    def device(self) -> str:
+        """The torch device of this process (workers spread over the visible GPUs)."""
+        import torch
+
+        dev = self.cfg.device
+        if dev == "auto":
+            dev = "cuda" if torch.cuda.is_available() else "cpu"
+        if dev == "cuda" and torch.cuda.device_count() > 1:
+            dev = f"cuda:{self.worker_id % torch.cuda.device_count()}"
+        return dev
+
+
+# ----------------------------------------------------------------------------------------- models (cached)
+_CACHE: dict[str, Any] = {}
+
+
+def load_models(run: Run) -> tuple[Any, Any, Any]:
+    """The text tokenizer, VQGAN (eval, on the device) and ClipEncoder of this run, loaded once per process."""
+    key = f"models:{run.out}"
+    if key not in _CACHE:
+        from cm3leon_lightning.retrieval.encoder import ClipEncoder
+        from cm3leon_lightning.tokenization.text import TextTokenizer
+        from cm3leon_lightning.tokenization.vqgan import VQGAN
+
+        cfg, dev = run.cfg, run.device()
+        tok = TextTokenizer.load(run.work / "tokenizer.json")
+        preset = cfg.vqgan_preset
+        vqgan = VQGAN.from_pretrained(cfg.vqgan, preset=preset, config_path=cfg.vqgan_config, map_location=dev)
+        clip = ClipEncoder(cfg.clip_model, cfg.clip_weights, device=dev, batch_size=cfg.batch_size)
+        _CACHE[key] = (tok, vqgan.eval(), clip)
+    return _CACHE[key]
+
+
+def manifest_sections(run: Run) -> dict[str, dict[str, Any]]:
+    """The manifest's tokenizer, image tokenizer, CLIP and retrieval sections (DESIGN section 4)."""
+    from cm3leon_lightning.tokenization.text import TextTokenizer
+
+    cfg = run.cfg
+    tok = TextTokenizer.load(run.work / "tokenizer.json")
+    _, vqgan, clip = load_models(run)
+    gh, gw = vqgan.config.grid_size
+    bank = "separate" if "bank" in run.sources else "train split"
+    return {
+        "text_tokenizer": {"path": "tokenizer.json", "sha256": tok.sha256, "n_text": tok.vocab_size,
+                           "num_sentinels": tok.num_sentinels},
+        "image_tokenizer": {"checkpoint_sha256": path_sha256(cfg.vqgan), "n_codes": vqgan.n_embed, "grid_h": gh,
+                            "grid_w": gw, "image_size": vqgan.config.resolution},
+        "clip": {"model": cfg.clip_model, "dim": clip.dim,
+                 "weights_sha256": path_sha256(cfg.clip_weights) if os.path.isfile(cfg.clip_weights)
+                 else f"open_clip:{cfg.clip_weights}"},
+        "retrieval": {"k_per_modality": cfg.k_per_modality, "max_relevance": cfg.max_relevance,
+                      "duplicate_threshold": cfg.duplicate_threshold, "query_dropout": cfg.query_dropout,
+                      "prefer_multimodal": cfg.prefer_multimodal, "search_k": cfg.search_k,
+                      "bank_factory": cfg.bank_factory, "bank": bank, "seed": cfg.seed},
+    }  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------ stage 1
+def stage_tokenizer(run: Run) -> dict[str, Any]:
+    """Copy the given tokenizer, or train one on the training split's cleaned captions (skipped when done)."""
+    from cm3leon_lightning.data.sources import BadInput, clean_caption
+    from cm3leon_lightning.tokenization.text import TextTokenizer
+
+    cfg, target = run.cfg, run.work / "tokenizer.json"
+    marker = run.work / "tokenizer.done.json"
+    if target.is_file() and marker.is_file():
+        if json.loads(marker.read_text())["sha256"] == file_sha256(target):
+            return {"skipped": True}
+    if cfg.tokenizer is not None:
+        tok = TextTokenizer.load(cfg.tokenizer)  # validates the special ids
+    else:
+
+        def texts() -> Any:
+            for pair in run.sources["main"]:
+                if is_val(pair.key, cfg.val_fraction, cfg.seed):
+                    continue
+                try:
+                    yield clean_caption(pair.caption, cfg.max_caption_chars)[0]
+                except BadInput:
+                    continue
+
+        tok = TextTokenizer.train(texts(), cfg.train_tokenizer_vocab, min_frequency=cfg.tokenizer_min_frequency)
+    tok.save(target)
+    write_json(marker, {"sha256": file_sha256(target)})
+    return {"skipped": False, "vocab_size": tok.vocab_size}
+
+
+# ------------------------------------------------------------------------------------------------ stage 2
+def encode_part(run: Run, collection: str, index: int, progress: Callable[[int], Any] | None = None) -> dict:
+    """Encode one part of a collection into ``work/parts/<collection>-<index>/`` (see the module docstring).
+
+    Returns:
+        The part's counts: ``read``, ``kept``, skip reasons and repair reasons.
+    """
+    import torch
+
+    from cm3leon_lightning.data.images import resize_center_crop
+    from cm3leon_lightning.data.sources import BadInput, clean_caption, load_image, source_jpeg
+    from cm3leon_lightning.retrieval.select import drop_caption_tokens, query_rng
+
+    cfg, final = run.cfg, run.part_dir(collection, index)
+    tok, vqgan, clip = load_models(run)
+    res = vqgan.config.resolution
+    start, stop = run.part_range(collection, index)
+    counts: Counter = Counter()
+    keys, captions, texts, vals, jpgs, codes, embs = [], [], [], [], [], [], []
+    batch: list[np.ndarray] = []
+    dropped: list[str] = []
+
+    def flush() -> None:
+        if not batch:
+            return
+        x = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).contiguous()  # (B, 3, R, R) uint8
+        codes.append(vqgan.encode(x.to(vqgan.conv_dtype_device()[1])).cpu().numpy().astype(np.int32))  # (B, T)
+        v = clip.embed_images(x)  # (B, D)
+        t = clip.embed_texts(captions[len(captions) - len(batch) :])  # (B, D)
+        q = clip.embed_texts(dropped)  # (B, D), text queries after query dropout
+        d = t + v
+        d /= np.linalg.norm(d, axis=1, keepdims=True)  # the document embedding (paper section 2.1)
+        embs.append(np.stack([d, q, v], axis=1).astype(np.float16))  # (B, 3, D)
+        if progress is not None:
+            progress(len(batch))
+        batch.clear()
+        dropped.clear()
+
+    for pair in run.sources[collection].iter_range(start, stop):
+        counts["read"] += 1
+        try:
+            caption, repairs = clean_caption(pair.caption, cfg.max_caption_chars)
+            image, image_repairs = load_image(pair.image, cfg.min_image_size)
+        except BadInput as e:
+            counts[e.reason] += 1
+            continue
+        ids = tok.encode(caption)
+        if len(ids) > cfg.max_caption_tokens:
+            ids = ids[: cfg.max_caption_tokens]
+            caption = tok.decode(ids)
+            repairs.append("repaired_caption_tokens")
+        counts.update(repairs + image_repairs + ["kept"])
+        val = collection == "main" and is_val(pair.key, cfg.val_fraction, cfg.seed)
+        keys.append(pair.key)
+        captions.append(caption)
+        texts.append(np.asarray(ids, np.int32))
+        vals.append(val)
+        jpgs.append(source_jpeg(pair.image, image) if val and cfg.keep_val_jpg else b"")
+        batch.append(np.asarray(resize_center_crop(image, res), np.uint8))  # (R, R, 3)
+        dropped.append(drop_caption_tokens(caption, cfg.query_dropout, query_rng(cfg.seed, pair.key)))
+        if len(batch) == cfg.batch_size:
+            flush()
+    flush()
+
+    tmp = final.with_name(f".{final.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    (tmp / "keys.json").write_text(json.dumps(keys), encoding="utf-8")
+    if kill_point("encode"):
+        hard_exit()
+    dim, n_tok = clip.dim, vqgan.config.num_tokens
+    np.save(tmp / "captions.npy", np.asarray(captions, dtype=str) if captions else np.zeros(0, "<U1"))
+    np.save(tmp / "text.npy", np.concatenate(texts) if texts else np.zeros(0, np.int32))
+    np.save(tmp / "text_offsets.npy", np.cumsum([0] + [len(t) for t in texts]).astype(np.int64))
+    np.save(tmp / "codes.npy", np.concatenate(codes) if codes else np.zeros((0, n_tok), np.int32))
+    np.save(tmp / "emb.npy", np.concatenate(embs) if embs else np.zeros((0, 3, dim), np.float16))
+    np.save(tmp / "val.npy", np.asarray(vals, bool))
+    (tmp / "jpg.bin").write_bytes(b"".join(jpgs))
+    np.save(tmp / "jpg_offsets.npy", np.cumsum([0] + [len(j) for j in jpgs]).astype(np.int64))
+    write_json(tmp / "stats.json", dict(sorted(counts.items())))
+    seal(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    _done_in_process["encode"] += 1
+    return dict(counts)
+
+
+def load_part(directory: Path) -> dict[str, Any]:
+    """The arrays of an encoded part (large ones memory-mapped)."""
+    part: dict[str, Any] = {"keys": json.loads((directory / "keys.json").read_text(encoding="utf-8"))}
+    for name in ("captions", "text", "text_offsets", "val", "jpg_offsets"):
+        part[name] = np.load(directory / f"{name}.npy", allow_pickle=False)
+    for name in ("codes", "emb"):
+        part[name] = np.load(directory / f"{name}.npy", mmap_mode="r", allow_pickle=False)
+    part["stats"] = json.loads((directory / "stats.json").read_text(encoding="utf-8"))
+    return part
+
+
+# ------------------------------------------------------------------------------------------------ stage 3
+def stage_bank(run: Run) -> dict[str, Any]:
+    """Drop duplicate keys (first in source order wins), gather the bank documents and build the faiss index.
+
+    The bank holds the training split of the main source, or every document of a separate bank source. Its
+    arrays (``emb.npy`` float16 document embeddings, ``codes.npy``, ``text.npy`` + ``text_offsets.npy``) are
+    written as memory maps, part by part; ``dups.json`` lists the duplicates the write stage skips.
+    """
+    from numpy.lib.format import open_memmap
+
+    from cm3leon_lightning.retrieval.index import MemoryBank
+
+    cfg, final = run.cfg, run.work / "bank"
+    if is_sealed(final):
+        return {**json.loads((final / "stats.json").read_text(encoding="utf-8")), "skipped": True}
+    collections = ["main"] + (["bank"] if "bank" in run.sources else [])
+    missing = [f"{c}-{i:06d}" for c in collections for i in range(run.n_parts(c)) if not is_sealed(run.part_dir(c, i))]
+    if missing:
+        raise MissingPartsError(
+            f"the bank stage needs every encoded part; missing or incomplete: {missing[:5]}"
+            f"{' ...' if len(missing) > 5 else ''} ({len(missing)} in all). Run the encode stage for them, or gather "
+            f"work/parts/ from the machines that ran them (--shard-range)."
+        )
+    bank_collection = collections[-1]
+    dups: dict[str, list[int]] = {}
+    rows: dict[int, np.ndarray] = {}  # part index -> local indices of bank rows
+    n_text = 0
+    for c in collections:
+        seen: set[str] = set()
+        for p in range(run.n_parts(c)):
+            d = run.part_dir(c, p)
+            keys = json.loads((d / "keys.json").read_text(encoding="utf-8"))
+            val, offsets = np.load(d / "val.npy"), np.load(d / "text_offsets.npy")
+            dup = [i for i, k in enumerate(keys) if k in seen or seen.add(k)]  # set.add returns None
+            if dup:
+                dups[d.name] = dup
+            if c == bank_collection:
+                keep = np.setdiff1d(np.flatnonzero(~val), dup).astype(np.int64)
+                rows[p] = keep
+                n_text += int((offsets[keep + 1] - offsets[keep]).sum())
+    n = sum(len(r) for r in rows.values())
+    if n == 0:
+        raise MissingPartsError("the memory bank is empty: no training document survived cleaning (see stats/)")
+    tmp = final.with_name(".bank.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    first = load_part(run.part_dir(bank_collection, next(iter(rows))))
+    dim, n_tok = first["emb"].shape[2], first["codes"].shape[1]
+    emb = open_memmap(tmp / "emb.npy", "w+", np.float16, (n, dim))
+    codes = open_memmap(tmp / "codes.npy", "w+", np.int32, (n, n_tok))
+    text = open_memmap(tmp / "text.npy", "w+", np.int32, (n_text,))
+    text_offsets = np.zeros(n + 1, np.int64)
+    keys_out: list[str] = []
+    r = 0
+    for p, idx in rows.items():
+        part = load_part(run.part_dir(bank_collection, p))
+        emb[r : r + len(idx)] = part["emb"][idx, 0]  # the document embeddings
+        codes[r : r + len(idx)] = part["codes"][idx]
+        off = part["text_offsets"]
+        for i in idx:
+            t = part["text"][off[i] : off[i + 1]]
+            text[text_offsets[r] : text_offsets[r] + len(t)] = t
+            text_offsets[r + 1] = text_offsets[r] + len(t)
+            keys_out.append(part["keys"][i])
+            r += 1
+    for arr in (emb, codes, text):
+        arr.flush()
+    del emb, codes, text
+    np.save(tmp / "text_offsets.npy", text_offsets)
+    emb = np.load(tmp / "emb.npy", mmap_mode="r")
+    step = max(1, n // cfg.bank_train_size)
+    chunk = 65536
+    bank = MemoryBank.build(
+        ((emb[i : i + chunk], keys_out[i : i + chunk]) for i in range(0, n, chunk)),
+        dim,
+        cfg.clip_model,
+        cfg.bank_factory,
+        train_sample=np.asarray(emb[::step][: cfg.bank_train_size], np.float32),
+    )
+    bank.save(tmp / "index")
+    write_json(tmp / "dups.json", dups)
+    stats = {"rows": n, "duplicates": sum(len(v) for v in dups.values()), "factory": cfg.bank_factory}
+    write_json(tmp / "stats.json", stats)
+    seal(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return {**stats, "skipped": False}
+
+
+# ------------------------------------------------------------------------------------------------ stage 4
+def load_bank(run: Run) -> dict[str, Any]:
+    """The memory bank and its token arrays (memory-mapped), loaded once per process."""
+    key = f"bank:{run.out}"
+    if key not in _CACHE:
+        from cm3leon_lightning.retrieval.index import MemoryBank
+
+        d = run.work / "bank"
+        index = MemoryBank.load(d / "index", model_name=run.cfg.clip_model)
+        bank = {name: np.load(d / f"{name}.npy", mmap_mode="r") for name in ("emb", "codes", "text")}
+        bank.update(
+            index=index,
+            text_offsets=np.load(d / "text_offsets.npy"),
+            row={k: i for i, k in enumerate(index.keys)},
+            dups=json.loads((d / "dups.json").read_text(encoding="utf-8")),
+        )
+        _CACHE[key] = bank
+    return _CACHE[key]
+
+
+def stats_path(run: Run, index: int) -> Path:
+    """The per-part stats JSON written by the write stage."""
+    return run.out / "stats" / f"part-{index:06d}.json"
+
+
+def part_written(run: Run, index: int) -> bool:
+    """Whether part ``index`` has its stats JSON and its shards with the recorded sha256."""
+    try:
+        stats = json.loads(stats_path(run, index).read_text(encoding="utf-8"))
+        return all(file_sha256(run.out / split / s["name"]) == s["sha256"] for split, s in stats["shards"].items())
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def write_part(run: Run, index: int, progress: Callable[[int], Any] | None = None) -> dict[str, Any]:
+    """Select neighbours for part ``index``'s documents and write its train / val shards and stats JSON.
+
+    Returns:
+        The part's stats (also written to ``stats/part-<index>.json``).
+    """
+    from cm3leon_lightning.data.shards import Neighbor, ShardSample, ShardWriter
+    from cm3leon_lightning.retrieval.select import select_neighbors
+
+    cfg, src = run.cfg, run.part_dir("main", index)
+    part, bank = load_part(src), load_bank(run)
+    dup = set(bank["dups"].get(src.name, []))
+    rows = [i for i in range(len(part["keys"])) if i not in dup]
+    emb = np.asarray(part["emb"][rows], np.float32)  # (n, 3, D): document, text query, image query
+    k = min(cfg.search_k, len(bank["index"]))
+    by_text, by_image = (bank["index"].search(emb[:, q], k) if rows else None for q in (1, 2))
+    jpg, jo, to, bo = (src / "jpg.bin").read_bytes(), part["jpg_offsets"], part["text_offsets"], bank["text_offsets"]
+    selection = cfg.selection()
+    counts: Counter = Counter(part["stats"])
+    counts["duplicate_key"] += len(dup)
+    n_neighbors: Counter = Counter()
+    writers: dict[str, Any] = {}
+    for j, i in enumerate(rows):
+        key = part["keys"][i]
+        chosen = select_neighbors(
+            key, by_text.ids[j], by_text.scores[j], by_image.ids[j], by_image.scores[j],
+            bank["index"].keys, None, bank["emb"], selection,
+        )  # fmt: skip
+        neighbors = []
+        for c in chosen:
+            r = bank["row"][c["key"]]
+            neighbors.append(Neighbor(c["key"], c["score"], c["by"], bank["text"][bo[r] : bo[r + 1]], bank["codes"][r]))
+            counts[f"neighbors_by_{c['by']}"] += 1
+        split = "val" if part["val"][i] else "train"
+        sample = ShardSample(
+            key, str(part["captions"][i]), part["text"][to[i] : to[i + 1]], part["codes"][i], neighbors,
+            (jpg[jo[i] : jo[i + 1]] or None) if split == "val" else None,
+        )  # fmt: skip
+        if split not in writers:
+            tmp = run.out / f".{split}-{index:06d}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            writers[split] = ShardWriter(tmp, **run.sections, samples_per_shard=1 << 62)
+        writers[split].write(sample)
+        counts[f"written_{split}"] += 1
+        n_neighbors[str(len(neighbors))] += 1
+        if j == 0 and kill_point("write"):
+            hard_exit()
+        if progress is not None:
+            progress(1)
+    shards = {}
+    for split, writer in sorted(writers.items()):
+        info = writer.close().shards[0]
+        name = SHARD_PATTERN.format(index)
+        (run.out / split).mkdir(parents=True, exist_ok=True)
+        os.replace(writer.out_dir / info.name, run.out / split / name)
+        shutil.rmtree(writer.out_dir)
+        shards[split] = {"name": name, "count": info.count, "sha256": info.sha256}
+    start, stop = run.part_range("main", index)
+    stats = {"part": index, "range": [start, stop], "counts": dict(sorted(counts.items())),
+             "neighbors_per_sample": dict(sorted(n_neighbors.items())), "shards": shards}  # fmt: skip
+    stats_path(run, index).parent.mkdir(parents=True, exist_ok=True)
+    write_json(stats_path(run, index), stats)
+    _done_in_process["write"] += 1
+    return stats
+
+
+# ------------------------------------------------------------------------------------------------ stage 5
+def stage_manifest(run: Run) -> dict[str, Any]:
+    """The merge step: each split's ``manifest.json`` from every part's stats, and ``summary.json``."""
+    missing = [i for i in range(run.n_parts("main")) if not part_written(run, i)]
+    if missing:
+        raise MissingPartsError(
+            f"the manifest stage needs every part written; missing or incomplete parts: {missing[:10]}"
+            f"{' ...' if len(missing) > 10 else ''}. Run the write stage for them, or gather train/, val/ and stats/ "
+            f"from the machines that ran them (--shard-range)."
+        )
+    stats = [json.loads(stats_path(run, i).read_text(encoding="utf-8")) for i in range(run.n_parts("main"))]
+    for leftover in run.out.glob(".*.tmp"):  # half-written shards of killed runs
+        shutil.rmtree(leftover, ignore_errors=True)
+    totals: Counter = Counter()
+    hist: Counter = Counter()
+    for s in stats:
+        totals.update(s["counts"])
+        hist.update(s["neighbors_per_sample"])
+    summary: dict[str, Any] = {"counts": dict(sorted(totals.items())), "splits": {}}
+    summary["neighbors_per_sample"] = dict(sorted(hist.items(), key=lambda kv: int(kv[0])))
+    for split in ("train", "val"):
+        shards = [ShardInfo(**s["shards"][split]) for s in stats if split in s["shards"]]
+        if not shards:
+            continue
+        manifest = Manifest(**run.sections, shards=shards)
+        shutil.copyfile(run.work / "tokenizer.json", run.out / split / "tokenizer.json")
+        manifest.save(run.out / split / MANIFEST_NAME)
+        summary["splits"][split] = {"shards": len(shards), "samples": manifest.num_samples}
+    write_json(run.out / "summary.json", summary)
+    return summary

@@ -1,0 +1,493 @@
+"""Readers of raw image-caption pairs for ``cm3leon prepare``, and the rules that clean them.
+
+Four sources, each a :class:`PairSource` with a fixed, deterministic document order and random access by range
+(``iter_range(start, stop)``), so the prepare pipeline can cut it into parts and process them in any order:
+
+- :class:`FolderSource`: an image folder with caption sidecar files (``cat.jpg`` + ``cat.txt``), recursive, sorted by
+  relative path; key = relative path without suffix (``sub/cat.jpg`` -> ``sub_cat``).
+- :class:`CocoSource`: a COCO-captions JSON (``captions_train2017.json``) plus its image folder, images sorted by id.
+  ``mode="first"`` (default): one document per image, with the caption of the lowest annotation id (key
+  ``coco-{image_id}``); ``mode="all"``: one document per caption (key ``coco-{image_id}-{annotation_id}``).
+- :class:`WebDatasetSource`: local WebDataset tars with ``jpg``/``jpeg``/``png``/``webp`` and ``txt`` members, in
+  shard order then member order; key = the sample's ``__key__``.
+- :class:`ShapesSource`: the synthetic shapes generator (:func:`cm3leon_lightning.data.shapes.generate_pairs`).
+
+A reader yields :class:`RawPair` records whose image is a path or bytes (opened only when needed) or a generated
+array, so nothing holds more than one image at a time. Bad input is never fatal: :func:`clean_caption` and
+:func:`load_image` apply the rules below and raise :class:`BadInput` with a counted ``reason``.
+
+Caption rules: bytes are decoded as UTF-8 (a BOM is dropped); undecodable bytes are replaced by U+FFFD and counted
+``repaired_caption_non_utf8``. Control characters become spaces and whitespace runs collapse to one space. Empty
+(or missing) after that: skipped, ``caption_empty`` / ``caption_missing``. Longer than ``max_chars``: cut at the last
+space before the limit (or at the limit) and counted ``repaired_caption_truncated``. (The prepare pipeline also cuts
+BPE encodings longer than ``max_caption_tokens``, storing the caption decoded from the kept ids:
+``repaired_caption_tokens``.)
+
+Image rules: missing file ``image_missing``; unreadable, truncated or decompression-bomb ``image_unreadable``;
+shorter side below ``min_size`` pixels ``image_too_small`` (all skipped). Any mode other than RGB is converted
+(transparent pixels composited on white) and counted ``repaired_image_mode``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from cm3leon_lightning.data.shards import ShardFormatError, iter_tar_samples, sanitize_key
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+WDS_IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")
+WDS_CAPTION_MEMBERS = ("txt", "caption", "caption.txt")
+SKIP_REASONS = (
+    "caption_missing",
+    "caption_empty",
+    "image_missing",
+    "image_unreadable",
+    "image_too_small",
+    "duplicate_key",
+)
+REPAIR_REASONS = (
+    "repaired_caption_non_utf8",
+    "repaired_caption_truncated",
+    "repaired_caption_tokens",
+    "repaired_image_mode",
+)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]+")
+_SPACES = re.compile(r"\s+")
+
+
+class BadInput(ValueError):
+    """A raw pair that cannot be used; ``reason`` is one of :data:`SKIP_REASONS`."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        if reason not in SKIP_REASONS:
+            raise ValueError(f"unknown skip reason {reason!r}; allowed: {SKIP_REASONS}")
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass
+class RawPair:
+    """One raw document from a source.
+
+    Attributes:
+        key: stable document id, already sanitised for WebDataset (``[A-Za-z0-9_-]``).
+        caption: the caption as found (``bytes`` when read from a file; ``None`` when there is none).
+        image: a path (opened lazily), encoded bytes, a uint8 ``(H, W, 3)`` array or a PIL image; ``None`` if absent.
+        meta: source-specific metadata (file name, COCO ids, shard name...).
+    """
+
+    key: str
+    caption: str | bytes | None
+    image: Path | bytes | np.ndarray | Image.Image | None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------------ cleaning
+def clean_caption(caption: str | bytes | None, max_chars: int = 1000) -> tuple[str, list[str]]:
+    """Apply the caption rules (module docstring).
+
+    Args:
+        caption: the raw caption.
+        max_chars: longer captions are truncated to at most this many characters (>= 1).
+
+    Returns:
+        The cleaned caption and the repair reasons that applied.
+
+    Raises:
+        BadInput: ``caption_missing`` or ``caption_empty``.
+    """
+    if max_chars < 1:
+        raise ValueError(f"max_chars must be >= 1, got {max_chars}")
+    if caption is None:
+        raise BadInput("caption_missing", "no caption")
+    repairs: list[str] = []
+    if isinstance(caption, bytes):
+        if len(caption) > 8 * max_chars + 8:  # never decode a megabyte for a caption cut to max_chars anyway
+            caption = caption[: 8 * max_chars + 8]
+        try:
+            caption = caption.decode("utf-8-sig")
+        except UnicodeDecodeError:
+            caption = caption.decode("utf-8", errors="replace")
+            if caption.endswith("\ufffd"):  # a multibyte character cut by the pre-truncation is not a repair
+                caption = caption.rstrip("\ufffd")
+            if "\ufffd" in caption:
+                repairs.append("repaired_caption_non_utf8")
+    text = _SPACES.sub(" ", _CONTROL.sub(" ", caption)).strip()
+    if not text:
+        raise BadInput("caption_empty", "caption is empty after removing whitespace and control characters")
+    if len(text) > max_chars:
+        cut = text[: max_chars + 1].rfind(" ")
+        text = (text[:cut] if cut > 0 else text[:max_chars]).rstrip()
+        repairs.append("repaired_caption_truncated")
+    return text, repairs
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grey: scale to 8 bits before converting
+        arr = np.asarray(image, dtype=np.float64)
+        hi = arr.max() if arr.size and arr.max() > 255 else 255.0
+        image = Image.fromarray((arr * (255.0 / hi)).round().astype(np.uint8), "L")
+    return image.convert("RGB")
+
+
+def load_image(image: Path | bytes | np.ndarray | Image.Image | None, min_size: int = 32) -> tuple[Image.Image, list]:
+    """Open and check one raw image per the image rules (module docstring).
+
+    Args:
+        image: a path, encoded bytes, a uint8 array ``(H, W)``/``(H, W, 3|4)`` or a PIL image.
+        min_size: images whose shorter side is below this many pixels are skipped.
+
+    Returns:
+        The fully loaded RGB PIL image and the repair reasons that applied.
+
+    Raises:
+        BadInput: ``image_missing``, ``image_unreadable`` or ``image_too_small``.
+    """
+    if image is None:
+        raise BadInput("image_missing", "no image")
+    if isinstance(image, Path) and not image.is_file():
+        raise BadInput("image_missing", f"image file not found: {image}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            if isinstance(image, np.ndarray):
+                img = Image.fromarray(np.ascontiguousarray(image))
+            elif isinstance(image, Image.Image):
+                img = image
+            else:
+                img = Image.open(image if isinstance(image, Path) else io.BytesIO(image))
+            img.load()  # decode now: truncated files fail here, not later
+    except (
+        OSError,
+        ValueError,
+        TypeError,
+        SyntaxError,
+        Image.DecompressionBombError,
+        Image.DecompressionBombWarning,
+    ) as e:
+        raise BadInput("image_unreadable", f"cannot decode image: {type(e).__name__}: {e}") from e
+    if min(img.size) < min_size:
+        raise BadInput(
+            "image_too_small", f"image is {img.size[0]}x{img.size[1]}; the shorter side must be >= {min_size}"
+        )
+    repairs = [] if img.mode == "RGB" else ["repaired_image_mode"]
+    try:
+        return _to_rgb(img), repairs
+    except (OSError, ValueError) as e:
+        raise BadInput("image_unreadable", f"cannot convert image mode {img.mode}: {e}") from e
+
+
+def source_jpeg(image: Path | bytes | np.ndarray | Image.Image, rgb: Image.Image, quality: int = 95) -> bytes:
+    """The bytes kept as a sample's ``jpg`` member: the source file itself when it is a JPEG, else ``rgb`` encoded as
+    JPEG at ``quality`` (deterministic for a given Pillow build)."""
+    raw = image.read_bytes() if isinstance(image, Path) else image if isinstance(image, bytes) else None
+    if raw is not None and raw[:3] == b"\xff\xd8\xff":
+        return raw
+    buf = io.BytesIO()
+    rgb.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+# ------------------------------------------------------------------------------------------------- sources
+class PairSource:
+    """Base class of the raw-pair readers: a fixed number of documents in a fixed order, readable by range."""
+
+    kind = "base"
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def iter_range(self, start: int, stop: int) -> Iterator[RawPair]:
+        """Documents ``start .. stop - 1`` of the source order."""
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        """Primitives that identify the source (kind, location, settings, count), stored with the prepared data."""
+        return {"kind": self.kind, "count": len(self)}
+
+    def __iter__(self) -> Iterator[RawPair]:
+        return self.iter_range(0, len(self))
+
+    def captions(self) -> Iterator[str | bytes | None]:
+        """Every caption in order (for training the text tokenizer); sources override it to skip image reads."""
+        for pair in self:
+            yield pair.caption
+
+    @staticmethod
+    def _check_range(start: int, stop: int, n: int) -> tuple[int, int]:
+        if not 0 <= start <= stop:
+            raise ValueError(f"range must satisfy 0 <= start <= stop, got start={start}, stop={stop}")
+        return start, min(stop, n)
+
+
+class FolderSource(PairSource):
+    """Images under ``root`` (recursive) with caption sidecars ``<stem>.txt`` next to them.
+
+    An image without a sidecar yields ``caption=None`` (counted as ``caption_missing``).
+    """
+
+    kind = "folder"
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"image folder not found: {self.root}")
+        self.files = sorted(
+            (p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()),
+            key=lambda p: p.relative_to(self.root).as_posix(),
+        )
+        if not self.files:
+            raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {self.root}")
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "root": str(self.root), "count": len(self)}
+
+    def _caption(self, path: Path) -> bytes | None:
+        side = path.with_suffix(".txt")
+        return side.read_bytes() if side.is_file() else None
+
+    def iter_range(self, start: int, stop: int) -> Iterator[RawPair]:
+        start, stop = self._check_range(start, stop, len(self))
+        for path in self.files[start:stop]:
+            rel = path.relative_to(self.root).with_suffix("").as_posix()
+            yield RawPair(sanitize_key(rel), self._caption(path), path, {"file": rel + path.suffix})
+
+    def captions(self) -> Iterator[bytes | None]:
+        return (self._caption(p) for p in self.files)
+
+
+class CocoSource(PairSource):
+    """COCO captions: ``captions_json`` (``images`` + ``annotations``) and the folder holding ``file_name`` images.
+
+    Args:
+        captions_json: path of e.g. ``annotations/captions_train2017.json``.
+        image_dir: folder of the images (e.g. ``train2017/``).
+        mode: ``first`` (one document per image, the lowest annotation id's caption) or ``all`` (one per caption).
+    """
+
+    kind = "coco"
+
+    def __init__(self, captions_json: str | Path, image_dir: str | Path, mode: str = "first") -> None:
+        if mode not in ("first", "all"):
+            raise ValueError(f"COCO mode must be 'first' or 'all', got {mode!r}")
+        self.captions_json, self.image_dir, self.mode = Path(captions_json), Path(image_dir), mode
+        if not self.image_dir.is_dir():
+            raise FileNotFoundError(f"COCO image folder not found: {self.image_dir}")
+        try:
+            data = json.loads(self.captions_json.read_text(encoding="utf-8"))
+            files = {int(im["id"]): str(im["file_name"]) for im in data["images"]}
+            anns = sorted((int(a["image_id"]), int(a["id"]), a.get("caption")) for a in data["annotations"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{self.captions_json}: not a COCO captions file (images[id, file_name], "
+                             f"annotations[id, image_id, caption]): {e}") from e  # fmt: skip
+        by_image: dict[int, list[tuple[int, Any]]] = {}
+        for image_id, ann_id, cap in anns:
+            by_image.setdefault(image_id, []).append((ann_id, cap))
+        # (key, file name, caption, image id, annotation id); images without any caption are kept (caption_missing).
+        self.docs: list[tuple[str, str, Any, int, int | None]] = []
+        for image_id in sorted(files):
+            caps = by_image.get(image_id, [])
+            if not caps:
+                self.docs.append((f"coco-{image_id}", files[image_id], None, image_id, None))
+            for ann_id, cap in caps if mode == "all" else caps[:1]:
+                key = f"coco-{image_id}-{ann_id}" if mode == "all" else f"coco-{image_id}"
+                self.docs.append((key, files[image_id], cap, image_id, ann_id))
+
+    def __len__(self) -> int:
+        return len(self.docs)
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "captions_json": str(self.captions_json), "image_dir": str(self.image_dir),
+                "mode": self.mode, "count": len(self)}  # fmt: skip
+
+    def iter_range(self, start: int, stop: int) -> Iterator[RawPair]:
+        start, stop = self._check_range(start, stop, len(self))
+        for key, file_name, cap, image_id, ann_id in self.docs[start:stop]:
+            meta = {"file": file_name, "image_id": image_id, "annotation_id": ann_id}
+            caption = cap if cap is None or isinstance(cap, str) else str(cap)
+            yield RawPair(sanitize_key(key), caption, self.image_dir / file_name, meta)
+
+    def captions(self) -> Iterator[str | None]:
+        return (d[2] for d in self.docs)
+
+
+def list_tars(spec: str | Path | Sequence[str | Path]) -> list[Path]:
+    """Local tar paths from a directory (its ``*.tar``, sorted), a brace pattern, or a list of paths."""
+    if isinstance(spec, (str, Path)):
+        path = Path(spec)
+        if path.is_dir():
+            tars = sorted(path.glob("*.tar"))
+            if not tars:
+                raise ValueError(f"no .tar shards in {path}")
+            return tars
+        from braceexpand import braceexpand
+
+        spec = list(braceexpand(str(spec)))
+    tars = [Path(s) for s in spec]
+    missing = [str(t) for t in tars if not t.is_file()]
+    if missing:
+        raise FileNotFoundError(f"WebDataset shard(s) not found: {missing[:3]}")
+    return tars
+
+
+class WebDatasetSource(PairSource):
+    """Local WebDataset tars with an image member (``jpg``/``jpeg``/``png``/``webp``) and a ``txt`` caption.
+
+    The number of samples per tar is counted once (a pass that reads the tars without decoding images) unless
+    ``counts`` gives it. A tar that is truncated or garbled contributes the samples before the damage and is listed
+    in :attr:`damaged`.
+
+    Args:
+        urls: a directory of ``.tar`` files, a brace pattern (``data/shard-{000..009}.tar``) or a list of paths.
+        counts: samples per tar, in order (from an earlier count).
+    """
+
+    kind = "wds"
+
+    def __init__(self, urls: str | Path | Sequence[str | Path], counts: Sequence[int] | None = None) -> None:
+        self.tars = list_tars(urls)
+        self.damaged: list[str] = []
+        if counts is not None and len(counts) != len(self.tars):
+            raise ValueError(f"counts has {len(counts)} entries for {len(self.tars)} tars")
+        self.counts = [int(c) for c in counts] if counts is not None else [self._count(t) for t in self.tars]
+        self.offsets = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
+
+    def _samples(self, tar: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+        with open(tar, "rb") as f:
+            try:
+                yield from iter_tar_samples(f, str(tar))
+            except ShardFormatError:
+                if str(tar) not in self.damaged:
+                    self.damaged.append(str(tar))
+
+    def _count(self, tar: Path) -> int:
+        n = 0
+        with open(tar, "rb") as f:
+            try:
+                for _ in iter_tar_samples(f, str(tar)):
+                    n += 1
+            except ShardFormatError:
+                self.damaged.append(str(tar))
+        return n
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "tars": [str(t) for t in self.tars], "counts": self.counts, "count": len(self)}
+
+    @staticmethod
+    def _pair(key: str, members: dict[str, bytes], tar: Path) -> RawPair:
+        image = next((members[m] for m in WDS_IMAGE_MEMBERS if m in members), None)
+        caption = next((members[m] for m in WDS_CAPTION_MEMBERS if m in members), None)
+        return RawPair(sanitize_key(key), caption, image, {"shard": tar.name, "key": key})
+
+    def iter_range(self, start: int, stop: int) -> Iterator[RawPair]:
+        start, stop = self._check_range(start, stop, len(self))
+        first = int(np.searchsorted(self.offsets, start, side="right")) - 1
+        for t in range(max(first, 0), len(self.tars)):
+            if self.offsets[t] >= stop:
+                break
+            for j, (key, members) in enumerate(self._samples(self.tars[t])):
+                i = int(self.offsets[t]) + j
+                if i >= stop or j >= self.counts[t]:
+                    break
+                if i >= start:
+                    yield self._pair(key, members, self.tars[t])
+
+
+class ShapesSource(PairSource):
+    """The synthetic shapes pairs (:func:`~cm3leon_lightning.data.shapes.generate_pairs`), generated on demand.
+
+    Pair ``i`` depends only on ``(seed, split, i)``, so any range is generated without the pairs before it.
+    """
+
+    kind = "shapes"
+
+    def __init__(self, n: int, split: str = "train", image_size: int = 32, seed: int = 0) -> None:
+        if n < 1:
+            raise ValueError(f"number of shapes pairs must be >= 1, got {n}")
+        self.n, self.split, self.image_size, self.seed = n, split, image_size, seed
+        next(iter(self._generate(0, 1)))  # validates split and image_size now
+
+    def _generate(self, start: int, stop: int) -> Iterator[Any]:
+        from cm3leon_lightning.data import shapes
+
+        split_id = {"train": 0, "heldout": 1}.get(self.split)
+        if split_id is None:
+            raise ValueError(f"shapes split must be 'train' or 'heldout', got {self.split!r}")
+        for i in range(start, stop):  # the per-index recipe of shapes.generate_pairs (tested equal)
+            rng = np.random.default_rng([self.seed, split_id, i])
+            scene = shapes.sample_scene(rng, self.split)
+            text = shapes.caption(scene, rng)
+            yield shapes.ShapesPair(
+                f"shapes-{self.split}-{self.seed}-{i:07d}", text, shapes.render(scene, self.image_size, rng), scene
+            )
+
+    def __len__(self) -> int:
+        return self.n
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "split": self.split, "image_size": self.image_size, "seed": self.seed,
+                "count": self.n}  # fmt: skip
+
+    def iter_range(self, start: int, stop: int) -> Iterator[RawPair]:
+        start, stop = self._check_range(start, stop, len(self))
+        for p in self._generate(start, stop):
+            yield RawPair(sanitize_key(p.key), p.caption, p.image, {"scene": repr(p.scene)})
+
+
+def make_source(
+    kind: str,
+    path: str | Path | None = None,
+    captions: str | Path | None = None,
+    num_pairs: int = 100,
+    coco_mode: str = "first",
+    shapes_split: str = "train",
+    image_size: int = 32,
+    seed: int = 0,
+) -> PairSource:
+    """Build a source by name (the ``--source`` values of ``cm3leon prepare``).
+
+    Args:
+        kind: ``folder``, ``coco``, ``wds`` or ``shapes``.
+        path: the image folder (folder, coco) or the tar directory / pattern (wds).
+        captions: the COCO captions JSON (coco only).
+        num_pairs: number of generated pairs (shapes).
+        coco_mode: ``first`` or ``all`` (see :class:`CocoSource`).
+        shapes_split: ``train`` or ``heldout`` (shapes).
+        image_size: generated image side (shapes).
+        seed: generator seed (shapes).
+    """
+    if kind == "shapes":
+        return ShapesSource(num_pairs, shapes_split, image_size, seed)
+    if kind not in ("folder", "coco", "wds"):
+        raise ValueError(f"source must be one of shapes, folder, coco, wds; got {kind!r}")
+    if path is None:
+        raise ValueError(f"source {kind!r} needs an input path (--input)")
+    if kind == "folder":
+        return FolderSource(path)
+    if kind == "coco":
+        if captions is None:
+            raise ValueError("source 'coco' needs the captions JSON (--captions annotations/captions_train2017.json)")
+        return CocoSource(captions, path, coco_mode)
+    return WebDatasetSource(path)
