@@ -82,15 +82,22 @@ _done_in_process: Counter = Counter()
 
 
 def kill_point(stage: str) -> bool:
-    """Test hook (env ``CM3LEON_PREPARE_KILL_AFTER=<stage>:<n>``): True for the part after ``n`` finished ones."""
-    spec = os.environ.get(KILL_ENV, "")
-    if not spec.startswith(f"{stage}:"):
-        return False
-    return _done_in_process[stage] >= int(spec.split(":", 1)[1])
+    """Test hook (env ``CM3LEON_PREPARE_KILL_AFTER=<stage>:<n>[:raise]``): True for the part after ``n`` finished
+    ones in this process, which then dies half way through (see :func:`hard_exit`)."""
+    spec = os.environ.get(KILL_ENV, "").split(":")
+    return len(spec) >= 2 and spec[0] == stage and _done_in_process[stage] >= int(spec[1])
+
+
+class SimulatedKill(BaseException):
+    """Raised by the test hook in ``raise`` mode: like a kill, nothing below catches it and nothing is cleaned up."""
 
 
 def hard_exit() -> None:
-    """Die like a killed process: no cleanup, no ``finally`` blocks (used by the test hook)."""
+    """Die like a killed process (``os._exit(137)``: no cleanup, no ``finally``), or raise :class:`SimulatedKill`
+    when the hook's spec ends in ``:raise`` (in-process tests)."""
+    if os.environ.get(KILL_ENV, "").endswith(":raise"):
+        _done_in_process.clear()
+        raise SimulatedKill(os.environ[KILL_ENV])
     os._exit(137)
 
 

@@ -1,0 +1,246 @@
+"""`cm3leon prepare` end to end on generated pairs: valid shards the DataModule trains on, exact neighbours, bad input
+counted, and a killed run (and a run split over machines) that finishes byte-identical to an uninterrupted one."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from cm3leon_lightning.cli import main as cm3leon_main
+from cm3leon_lightning.data.datamodule import CM3LeonDataModule
+from cm3leon_lightning.data.images import resize_center_crop
+from cm3leon_lightning.data.prepare import PrepareConfig, prepare
+from cm3leon_lightning.data.prepare_stages import KILL_ENV, MissingPartsError, SimulatedKill, path_sha256
+from cm3leon_lightning.data.shapes import generate_pairs
+from cm3leon_lightning.data.shards import Manifest, read_shard
+from cm3leon_lightning.data.sources import FolderSource, ShapesSource
+from cm3leon_lightning.modules.cm3leon import CM3LeonModule
+from cm3leon_lightning.retrieval.encoder import create_clip
+from cm3leon_lightning.tokenization.text import TextTokenizer
+from cm3leon_lightning.tokenization.vqgan import VQGAN
+
+N_PAIRS = 100
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """A random micro VQGAN (16 px -> 8x8 codes of 32) and tiny CLIP, saved the way users pass real ones."""
+    root = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    VQGAN.from_name("micro").save_pretrained(root / "vqgan")
+    with pytest.warns(UserWarning, match="randomly initialised"):
+        clip = create_clip("cm3leon-clip-tiny", None)
+    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(root / "clip.safetensors"))
+    return {"vqgan": str(root / "vqgan"), "clip_weights": str(root / "clip.safetensors")}
+
+
+def settings(models: dict[str, str], **overrides: object) -> dict[str, object]:
+    base = dict(
+        models, clip_model="cm3leon-clip-tiny", train_tokenizer_vocab=300, samples_per_shard=25, val_fraction=0.1,
+        search_k=8, batch_size=16, device="cpu", progress=False,
+    )  # fmt: skip
+    return {**base, **overrides}
+
+
+def cli_args(models: dict[str, str], out: Path) -> list[str]:
+    s = settings(models)
+    args = ["prepare", "--source", "shapes", "--num-pairs", str(N_PAIRS), "--out", str(out), "--no-progress"]
+    for k, v in s.items():
+        if k != "progress":
+            args += [f"--{k.replace('_', '-')}", str(v)]
+    return args
+
+
+@pytest.fixture(scope="module")
+def reference(models: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted run, through the command line."""
+    out = tmp_path_factory.mktemp("reference") / "out"
+    assert cm3leon_main(cli_args(models, out)) == 0
+    return out
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_prepared_shards_hold_exact_tokens_and_neighbours(reference: Path, models: dict[str, str]) -> None:
+    summary = json.loads((reference / "summary.json").read_text())
+    assert summary["counts"]["read"] == summary["counts"]["kept"] == N_PAIRS
+    train_m, val_m = (
+        Manifest.load(reference / "train" / "manifest.json"),
+        Manifest.load(reference / "val/manifest.json"),
+    )
+    assert train_m.num_samples + val_m.num_samples == N_PAIRS and val_m.num_samples == summary["counts"]["written_val"]
+    assert summary["splits"]["train"] == {"shards": 4, "samples": train_m.num_samples}
+    tok = TextTokenizer.load(reference / "train" / "tokenizer.json")
+    assert train_m.text_tokenizer == {"path": "tokenizer.json", "sha256": tok.sha256, "n_text": tok.vocab_size,
+                                      "num_sentinels": 8}  # fmt: skip
+    assert train_m.image_tokenizer == {"checkpoint_sha256": path_sha256(models["vqgan"]), "n_codes": 32,
+                                       "grid_h": 8, "grid_w": 8, "image_size": 16}  # fmt: skip
+    assert train_m.clip == {"model": "cm3leon-clip-tiny", "dim": 64,
+                            "weights_sha256": path_sha256(models["clip_weights"])}  # fmt: skip
+    train = {s.key: s for shard in train_m.shards for s in read_shard(reference / "train" / shard.name, train_m)}
+    val = {s.key: s for shard in val_m.shards for s in read_shard(reference / "val" / shard.name, val_m)}
+    assert len(train) == train_m.num_samples and len(val) == val_m.num_samples
+    # Captions, ids and codes are exactly what the tokenizer and the VQGAN give for the generated pairs.
+    vqgan = VQGAN.from_pretrained(models["vqgan"])
+    pairs = {p.key: p for p in generate_pairs(N_PAIRS)}
+    keys = sorted(pairs)[:16]
+    images = torch.from_numpy(
+        np.stack([np.asarray(resize_center_crop(Image.fromarray(pairs[k].image), 16)) for k in keys])
+    )
+    codes = vqgan.encode(images.permute(0, 3, 1, 2)).numpy()  # (16, 64)
+    for k, c in zip(keys, codes):
+        s = train.get(k) or val[k]
+        assert s.caption == pairs[k].caption and s.text.tolist() == tok.encode(pairs[k].caption)
+        assert s.image.tolist() == c.tolist()
+    # Neighbours come from the training split (the bank), never the query, within the relevance cap, <= 2 per search,
+    # and carry exactly that document's tokens.
+    for s in [*train.values(), *val.values()]:
+        assert s.key not in {n.key for n in s.neighbors} and len({n.key for n in s.neighbors}) == len(s.neighbors)
+        assert sum(n.by == "text" for n in s.neighbors) <= 2 and sum(n.by == "image" for n in s.neighbors) <= 2
+        for n in s.neighbors:
+            assert n.score <= 0.9 and np.array_equal(n.text, train[n.key].text)
+            assert np.array_equal(n.image, train[n.key].image)
+    assert sum(len(s.neighbors) for s in train.values()) == summary["counts"]["neighbors_by_text"] + summary["counts"][
+        "neighbors_by_image"
+    ] - sum(len(s.neighbors) for s in val.values())
+    # Held-out samples keep their source image (re-encoded as JPEG since the shapes source has only pixels).
+    assert all(s.jpg is not None and Image.open(io.BytesIO(s.jpg)).size == (32, 32) for s in val.values())
+    assert all(s.jpg is None for s in train.values())
+    stats = json.loads((reference / "stats" / "part-000000.json").read_text())
+    assert (
+        stats["range"] == [0, 25]
+        and stats["counts"]["read"] == 25
+        and stats["shards"]["train"]["name"] == ("shard-000000.tar")
+    )
+
+
+def test_datamodule_trains_on_prepared_shards(reference: Path) -> None:
+    dm = CM3LeonDataModule(
+        train_data=str(reference / "train"), val_data=str(reference / "val"), seq_len=160, batch_size=2, num_workers=0
+    )
+    model = CM3LeonModule(preset="tiny", vocab=dm.vocab.to_dict(), max_seq_len=160, warmup_steps=1)
+    trainer = L.Trainer(
+        max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False, limit_val_batches=1,
+        val_check_interval=2, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(model, dm)
+    assert trainer.global_step == 2 and torch.isfinite(trainer.callback_metrics["val/loss"])
+
+
+def test_killed_run_finishes_byte_identical(
+    reference: Path, models: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out, source = tmp_path / "out", ShapesSource(N_PAIRS)
+    # Killed half way through encoding part 2, then half way through writing part 1 (the hook raises where a kill
+    # would strike, and nothing cleans up behind it).
+    for kill, leftover in (("encode:2", out / "work/parts/.main-000002.tmp"), ("write:1", out / ".train-000001.tmp")):
+        monkeypatch.setenv(KILL_ENV, f"{kill}:raise")
+        with pytest.raises(SimulatedKill):
+            prepare(source, out, **settings(models))
+        assert leftover.is_dir() and not (out / "train" / "manifest.json").exists()
+    monkeypatch.delenv(KILL_ENV)
+    assert (out / "train" / "shard-000000.tar").is_file() and not (out / "train" / "shard-000001.tar").exists()
+    # Damage one finished intermediate part too: its sha256 no longer matches, so it is recomputed.
+    codes = out / "work" / "parts" / "main-000003" / "codes.npy"
+    codes.write_bytes(codes.read_bytes()[:-4] + b"\xff\xff\xff\xff")
+    summary = prepare(source, out, **settings(models))
+    assert (summary["encoded_parts"], summary["written_parts"]) == (1, 3)  # only the missing / damaged parts
+    assert tree(out) == tree(reference)
+    assert prepare(source, out, **settings(models))["written_parts"] == 0  # complete: nothing to redo
+    assert tree(out) == tree(reference)
+
+
+def test_shard_range_runs_merge_to_the_same_dataset(reference: Path, models: dict[str, str], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    source = ShapesSource(N_PAIRS)
+    prepare(source, out, **settings(models, stages=("tokenizer", "encode"), shard_range=(2, 4)))  # machine B
+    prepare(source, out, **settings(models, stages=("encode",), shard_range=(0, 2), workers=2))  # machine A, 2 procs
+    prepare(source, out, **settings(models, stages=("bank", "write"), shard_range=(0, 3)))
+    with pytest.raises(MissingPartsError, match=r"missing or incomplete parts: \[3\]"):
+        prepare(source, out, **settings(models, stages=("manifest",)))
+    prepare(source, out, **settings(models, stages=("write", "manifest"), shard_range=(3, 4)))
+    assert tree(out) == tree(reference)
+    with pytest.raises(ValueError, match="settings.k_per_modality"):
+        prepare(source, out, **settings(models, k_per_modality=1))
+
+
+def _jpeg(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def test_bad_inputs_are_counted_not_fatal(models: dict[str, str], tmp_path: Path) -> None:
+    src = tmp_path / "images"
+    (src / "dup").mkdir(parents=True)
+    for p in generate_pairs(12, seed=1):
+        (src / f"{p.key}.jpg").write_bytes(_jpeg(p.image))
+        (src / f"{p.key}.txt").write_text(p.caption)
+    good = _jpeg(next(generate_pairs(1, seed=2)).image)
+    bad = {
+        "truncated.jpg": (good[: len(good) // 2], b"cut short"),
+        "garbage.jpg": (b"\x00\x01 not an image", b"garbage"),
+        "tiny.png": (Image.new("RGB", (8, 8), (9, 9, 9)), b"a tiny image"),
+        "grey.png": (Image.new("L", (40, 40), 100), b"a grey square"),
+        "rgba.png": (Image.new("RGBA", (40, 40), (255, 0, 0, 128)), b"a translucent red square"),
+        "empty.jpg": (good, b""),
+        "blank.jpg": (good, b" \n\t "),
+        "nocaption.jpg": (good, None),
+        "latin1.jpg": (good, "caf\u00e9 scene".encode("latin-1")),
+        "long.jpg": (good, b"word " * 200_000),  # one megabyte
+        "dup/a.jpg": (good, b"first of two documents with key dup_a"),
+        "dup_a.jpg": (good, b"second of two documents with key dup_a"),
+    }
+    for name, (image, caption) in bad.items():
+        if isinstance(image, Image.Image):
+            image.save(src / name)
+        else:
+            (src / name).write_bytes(image)
+        if caption is not None:
+            (src / name).with_suffix(".txt").write_bytes(caption)
+    out = tmp_path / "out"
+    summary = prepare(
+        FolderSource(src), out, **settings(models, samples_per_shard=100, max_caption_tokens=64, val_fraction=0.0)
+    )
+    counts = summary["counts"]
+    assert counts["read"] == 24
+    expected = {"image_unreadable": 2, "image_too_small": 1, "caption_empty": 2, "caption_missing": 1,
+                "duplicate_key": 1, "repaired_image_mode": 2, "repaired_caption_non_utf8": 1,
+                "repaired_caption_truncated": 1, "repaired_caption_tokens": 1}  # fmt: skip
+    assert {k: counts.get(k, 0) for k in expected} == expected
+    assert counts["kept"] == 24 - 6 and counts["written_train"] == 18 - 1  # the duplicate key is dropped last
+    stats = json.loads((out / "stats" / "part-000000.json").read_text())
+    assert stats["counts"] == counts
+    m = Manifest.load(out / "train" / "manifest.json")
+    samples = {s.key: s for s in read_shard(out / "train" / m.shards[0].name, m)}
+    assert len(samples["long"].text) == 64 and samples["long"].caption.startswith("word word")
+    assert samples["latin1"].caption == "caf\ufffd scene" and samples["grey"].image.shape == (64,)
+    assert samples["dup_a"].caption == "first of two documents with key dup_a"  # first in source order wins
+    assert summary["splits"]["train"]["samples"] == len(samples)
+
+
+def test_config_errors() -> None:
+    with pytest.raises(ValueError, match="exactly one of tokenizer"):
+        PrepareConfig(vqgan="v", clip_weights="c")
+    with pytest.raises(ValueError, match="val_fraction=1.5"):
+        PrepareConfig(vqgan="v", clip_weights="c", train_tokenizer_vocab=300, val_fraction=1.5)
+    with pytest.raises(ValueError, match="unknown stage"):
+        PrepareConfig(vqgan="v", clip_weights="c", train_tokenizer_vocab=300, stages=("encode", "fly"))
+
+
+def test_cli_reports_bad_settings_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["prepare", "--source", "folder", "--input", str(tmp_path / "none"), "--out", str(tmp_path / "o"),
+            "--vqgan", "v", "--clip-weights", "c", "--train-tokenizer-vocab", "300"]  # fmt: skip
+    assert cm3leon_main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("cm3leon prepare: error: image folder not found")
