@@ -244,3 +244,15 @@ def test_cli_reports_bad_settings_in_one_line(tmp_path: Path, capsys: pytest.Cap
     assert cm3leon_main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("cm3leon prepare: error: image folder not found")
+
+
+def test_separate_bank_source(models: dict[str, str], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    bank = ShapesSource(30, seed=5)
+    summary = prepare(ShapesSource(20), out, bank_source=bank, **settings(models, samples_per_shard=10, val_fraction=0))
+    assert summary["bank"]["rows"] == 30 and summary["splits"]["train"]["samples"] == 20
+    m = Manifest.load(out / "train" / "manifest.json")
+    assert m.retrieval["bank"] == "separate"
+    samples = [s for shard in m.shards for s in read_shard(out / "train" / shard.name, m)]
+    neighbours = [n for s in samples for n in s.neighbors]
+    assert neighbours and all(n.key.startswith("shapes-train-5-") for n in neighbours)
