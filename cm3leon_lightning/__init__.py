@@ -33,6 +33,8 @@ _EXPORTS: dict[str, str] = {
     "CM3LeonDataModule": "cm3leon_lightning.data.datamodule",
     "DataCountsLogger": "cm3leon_lightning.data.datamodule",
     "ShardWriter": "cm3leon_lightning.data.shards",
+    "prepare": "cm3leon_lightning.data.prepare",
+    "PrepareConfig": "cm3leon_lightning.data.prepare",
     "generate_image": "cm3leon_lightning.generation.generate",
     "generate_text": "cm3leon_lightning.generation.generate",
     "infill": "cm3leon_lightning.generation.generate",
