@@ -245,11 +245,13 @@ class ClipEncoder:
         self.image_size = int(size if isinstance(size, int) else size[0])
         self.mean, self.std = tuple(pp["mean"]), tuple(pp["std"])
         self._dtype = next(self.model.visual.parameters()).dtype
+        with torch.inference_mode():  # works for every open_clip text tower (CLIP, CustomTextCLIP, CoCa)
+            self._dim = int(self.model.encode_text(self.tokenizer([""]).to(self.device)).shape[-1])
 
     @property
     def dim(self) -> int:
         """The embedding dimension."""
-        return int(self.model.text_projection.shape[1]) if self.model.text_projection is not None else 0
+        return self._dim
 
     @torch.inference_mode()
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
