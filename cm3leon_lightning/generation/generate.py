@@ -17,7 +17,7 @@ This module imports no Lightning.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor, nn
@@ -39,6 +39,57 @@ class ImageGeneration:
 
     codes: Tensor
     images: Tensor | None = None
+
+
+@dataclass
+class GenerationSettings:
+    """Text-to-image sampling settings of :func:`generate_image`, as primitives (``CM3LeonModule(generation=...)``).
+
+    Attributes:
+        num_samples: candidates N per prompt.
+        method: ``greedy``, ``temperature``, ``top_p`` (each with CFG) or ``cd_k`` (paper equation (3)).
+        cfg: classifier-free guidance scale ``alpha_c`` of paper equation (2) (1 = no guidance).
+        temperature: softmax temperature (0 = greedy).
+        top_p: nucleus mass for ``top_p``.
+        top_k: optional top-k filter.
+        cdk_k: ``k`` of CD-K.
+        cdk_alpha: ``alpha`` of CD-K.
+        seed: base seed; a prompt without its own seed decodes with ``seed + its global index``.
+        compile: compile the decode step (None: on CUDA).
+    """
+
+    num_samples: int = 1
+    method: str = "top_p"
+    cfg: float = 3.0
+    temperature: float = 1.0
+    top_p: float = 0.9
+    top_k: int | None = None
+    cdk_k: int = 8
+    cdk_alpha: float = 0.5
+    seed: int = 0
+    compile: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 1:
+            raise ValueError(f"generation.num_samples must be >= 1, got {self.num_samples}")
+        # Validates the sampling fields, naming the bad one.
+        SamplingSpec(
+            method=self.method, streams=2, cfg=self.cfg, temperature=self.temperature, top_p=self.top_p,
+            top_k=self.top_k, cdk_k=self.cdk_k, cdk_alpha=self.cdk_alpha, hi=1,
+        )  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object] | None) -> GenerationSettings:
+        """Settings from a (possibly partial) dict; unknown keys are an error naming the allowed ones."""
+        data = dict(data or {})
+        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"generation: unknown settings {unknown}; allowed: {sorted(cls.__dataclass_fields__)}")
+        return cls(**data)  # type: ignore[arg-type]
+
+    def image_kwargs(self) -> dict[str, object]:
+        """Keyword arguments of :func:`generate_image`, except ``seed`` (chosen per prompt)."""
+        return {k: v for k, v in asdict(self).items() if k != "seed"}
 
 
 def _device(model: CM3Leon) -> torch.device:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cm3leon_lightning.config import CM3LeonConfig
+from cm3leon_lightning.generation.generate import GenerationSettings, generate_image
 from cm3leon_lightning.model import CM3Leon, param_groups
 from cm3leon_lightning.tokenization.vocab import PAD_ID, MultimodalVocab
 
@@ -80,6 +81,9 @@ class CM3LeonModule(L.LightningModule):
         decay_steps: steps over which to decay; defaults to the trainer's estimated total steps.
         activation_checkpointing: recompute each block in the backward pass to save memory.
         compile: run the network through ``torch.compile``.
+        generation: text-to-image sampling settings of :meth:`predict_step` (``cm3leon predict``); defaults when
+            not given. Kept out of the checkpoint's hyper-parameters: LightningCLI applies those over the command
+            line when ``--ckpt_path`` is given, which would silence ``--model.init_args.generation.*``.
     """
 
     def __init__(
@@ -98,10 +102,13 @@ class CM3LeonModule(L.LightningModule):
         decay_steps: int | None = None,
         activation_checkpointing: bool = False,
         compile: bool = False,
+        generation: GenerationSettings | None = None,
     ) -> None:
         super().__init__()
         if isinstance(config, dict):  # as restored from a checkpoint's hyper-parameters
             config = CM3LeonConfig.from_dict(config)
+        if isinstance(generation, dict):
+            generation = GenerationSettings.from_dict(generation)
         overrides: dict[str, Any] = {}
         if vocab is not None:
             vocab = dict(vocab)
@@ -115,9 +122,10 @@ class CM3LeonModule(L.LightningModule):
         WarmupDecay(warmup_steps, 1, lr_decay, min_lr_ratio)  # validates the schedule arguments early
         self.config = config
         # Primitives only, so checkpoints load with torch.load(weights_only=True); `config` is stored resolved.
-        self.save_hyperparameters(ignore=["config"])
+        self.save_hyperparameters(ignore=["config", "generation"])
         self.hparams["config"] = config.to_dict()
         self.hparams["vocab"] = vocab
+        self.generation = generation if generation is not None else GenerationSettings()
         self.model: CM3Leon | None = None
         self._last_step_time: float | None = None
 
@@ -246,6 +254,40 @@ class CM3LeonModule(L.LightningModule):
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         """Test loss, perplexity, and text/image losses."""
         return self._shared_step(batch, "test")["loss"]
+
+    def predict_step(self, batch: dict[str, list], batch_idx: int) -> dict[str, Any]:
+        """Text-to-image for a batch of prompts (``cm3leon predict``), with the ``generation`` settings.
+
+        Each prompt decodes as its own batch of guidance streams x candidates, seeded by its ``seed`` (or the
+        settings' seed plus its global index), so its samples do not depend on the device or batch it landed in.
+
+        Args:
+            batch: lists ``index`` (global prompt index), ``prompt`` (text), ``ids`` (text-tokenizer ids) and
+                ``seed`` (int or None), as :class:`~cm3leon_lightning.generation.predict.PromptDataModule` yields.
+
+        Returns:
+            ``index``, ``prompt``, ``seed`` (lists) and ``codes``: ``(B, N, grid_h * grid_w)`` long image codes.
+        """
+        vocab = self.vocab
+        if vocab is None:
+            raise ValueError("predict needs the model's vocabulary: give model vocab or a data module with `vocab`")
+        if self.model is None:
+            self.configure_model()
+        settings = self.generation
+        seeds = [settings.seed + i if s is None else int(s) for i, s in zip(batch["index"], batch["seed"])]
+        codes = []
+        for index, prompt, ids, seed in zip(batch["index"], batch["prompt"], batch["ids"], seeds):
+            try:
+                out = generate_image(self.model, vocab, [ids], seed=seed, **settings.image_kwargs())
+            except ValueError as e:
+                raise ValueError(f"prompt {index} ({prompt[:60]!r}): {e}") from e
+            codes.append(out.codes[0])  # (N, h*w)
+        return {
+            "index": list(batch["index"]),
+            "prompt": list(batch["prompt"]),
+            "seed": seeds,
+            "codes": torch.stack(codes),
+        }
 
     def on_train_epoch_start(self) -> None:
         self._last_step_time = None

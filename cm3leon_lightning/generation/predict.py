@@ -1,0 +1,270 @@
+"""``cm3leon predict``: text-to-image over a file of prompts through Lightning's predict loop, on any number of devices.
+
+:class:`PromptDataModule` reads the prompts, :meth:`CM3LeonModule.predict_step
+<cm3leon_lightning.modules.cm3leon.CM3LeonModule.predict_step>` samples image codes with the module's ``generation``
+settings, and :class:`ImageWriter` decodes them with the VQGAN and writes PNGs. Lightning's distributed sampler
+splits the prompts across devices; every file is named by the prompt's global index, so ranks never collide. Run it
+with the fit config of the checkpoint (the same model section)::
+
+    cm3leon predict --config fit-config.yaml --ckpt_path last.ckpt --return_predictions false \\
+        --data cm3leon_lightning.generation.predict.PromptDataModule \\
+        --data.prompts prompts.txt --data.tokenizer tok/ --data.vocab_from last.ckpt \\
+        --trainer.callbacks+=cm3leon_lightning.generation.predict.ImageWriter \\
+        --trainer.callbacks.output_dir out/ --trainer.callbacks.vqgan vqgan/ \\
+        --model.init_args.generation.num_samples 4 --model.init_args.generation.cfg 3
+
+``prompts.txt`` holds one prompt per line (blank lines skipped); ``prompts.jsonl`` one ``{"prompt": ..., "seed":
+...}`` object per line (``seed`` optional). ``out/`` receives, for prompt ``i``, ``{i:06d}-{j}.png`` per candidate
+``j``, ``{i:06d}-grid.png`` (the candidates under the prompt), ``{i:06d}-codes.npy`` ``(N, grid_h * grid_w)``, and
+one line of ``predictions.jsonl`` (``index``, ``prompt``, ``seed``, ``files``, ``grid``, ``codes``), sorted by index.
+
+Unlike the rest of :mod:`cm3leon_lightning.generation` this module imports Lightning; the package ``__init__`` does
+not import it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+from torch.utils.data import DataLoader, Dataset
+
+from cm3leon_lightning.tokenization.vocab import MultimodalVocab
+
+PREDICTIONS_FILE = "predictions.jsonl"
+
+
+# ------------------------------------------------------------------------------------------------ reading
+def read_prompts(path: str | os.PathLike[str]) -> list[tuple[str, int | None]]:
+    """``(prompt, seed or None)`` pairs from a ``.txt`` (one prompt per line) or ``.jsonl`` file.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: an unknown suffix, a malformed line (file and line number named), or no prompt at all.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"prompts: file not found: {p}")
+    if p.suffix not in (".txt", ".jsonl"):
+        raise ValueError(f"prompts: {p} must end in .txt (one prompt per line) or .jsonl ({{'prompt', 'seed'}})")
+    out: list[tuple[str, int | None]] = []
+    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        if p.suffix == ".txt":
+            out.append((line.strip(), None))
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"prompts: {p} line {n} is not JSON: {e}") from e
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+            raise ValueError(f"prompts: {p} line {n} must be an object with a non-empty string 'prompt'")
+        extra = sorted(set(row) - {"prompt", "seed"})
+        if extra:
+            raise ValueError(f"prompts: {p} line {n} has unknown fields {extra}; allowed: 'prompt', 'seed'")
+        seed = row.get("seed")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
+            raise ValueError(f"prompts: {p} line {n}: 'seed' must be a non-negative integer, got {seed!r}")
+        out.append((row["prompt"], seed))
+    if not out:
+        raise ValueError(f"prompts: {p} holds no prompt")
+    return out
+
+
+def load_vocab(source: str | os.PathLike[str]) -> MultimodalVocab:
+    """The vocabulary of a checkpoint (``hyper_parameters["vocab"]``), a ``manifest.json`` or a prepared directory.
+
+    Raises:
+        FileNotFoundError: nothing at ``source``.
+        ValueError: the file holds no vocabulary.
+    """
+    from cm3leon_lightning.data.shards import MANIFEST_NAME, Manifest
+
+    p = Path(source)
+    if p.is_dir():
+        p = p / MANIFEST_NAME
+    if not p.is_file():
+        raise FileNotFoundError(f"vocab_from: no checkpoint, manifest.json or prepared directory at {source}")
+    if p.suffix == ".json":
+        return Manifest.load(p).vocab()
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a usable checkpoint"
+        raise ValueError(f"vocab_from: {p} is neither a manifest.json nor a readable torch checkpoint: {e}") from e
+    vocab = ckpt.get("hyper_parameters", {}).get("vocab") if isinstance(ckpt, dict) else None
+    if not vocab:
+        raise ValueError(
+            f"vocab_from: checkpoint {p} has no hyper_parameters['vocab']; was it written by CM3LeonModule?"
+        )
+    return MultimodalVocab(**vocab)
+
+
+class PromptDataset(Dataset):
+    """Map-style prompts (so Lightning's distributed sampler can split them): item ``i`` is prompt ``i``."""
+
+    def __init__(self, prompts: list[tuple[str, int | None]], ids: list[list[int]]) -> None:
+        self.prompts, self.ids = prompts, ids
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"index": i, "prompt": self.prompts[i][0], "ids": self.ids[i], "seed": self.prompts[i][1]}
+
+
+def collate_prompts(items: list[dict[str, Any]]) -> dict[str, list]:
+    """Items -> lists by field (prompts differ in length; ``generate_image`` takes id lists)."""
+    return {key: [item[key] for item in items] for key in ("index", "prompt", "ids", "seed")}
+
+
+class PromptDataModule(L.LightningDataModule):
+    """Prompts for ``cm3leon predict``, tokenized with the text tokenizer of the checkpoint.
+
+    Args:
+        prompts: ``.txt`` file (one prompt per line) or ``.jsonl`` file (``{"prompt": ..., "seed": ...}``).
+        tokenizer: the text tokenizer the model was trained with: ``tokenizer.json`` or its directory.
+        vocab_from: where the model's vocabulary is recorded: the checkpoint (``.ckpt``), or the prepared training
+            data (directory or ``manifest.json``). The CLI links it to the model; it must match the tokenizer.
+        batch_size: prompts per predict step (each prompt still decodes as its own batch of candidates).
+        num_workers: data loader workers.
+    """
+
+    def __init__(
+        self, prompts: str, tokenizer: str, vocab_from: str, batch_size: int = 4, num_workers: int = 0
+    ) -> None:
+        super().__init__()
+        from cm3leon_lightning.tokenization.text import TextTokenizer
+
+        if batch_size < 1 or num_workers < 0:
+            raise ValueError(f"batch_size must be >= 1 and num_workers >= 0, got {batch_size} and {num_workers}")
+        self.prompts_path, self.batch_size, self.num_workers = prompts, batch_size, num_workers
+        self.tokenizer = TextTokenizer.load(tokenizer)
+        self.vocab = load_vocab(vocab_from)
+        have = (self.tokenizer.vocab_size, self.tokenizer.num_sentinels)
+        if have != (self.vocab.n_text, self.vocab.num_sentinels):
+            raise ValueError(
+                f"vocabulary mismatch: {vocab_from} has n_text={self.vocab.n_text}, "
+                f"num_sentinels={self.vocab.num_sentinels} but tokenizer {tokenizer} has vocab_size={have[0]}, "
+                f"num_sentinels={have[1]}"
+            )
+        self.dataset: PromptDataset | None = None
+
+    def setup(self, stage: str) -> None:
+        """Read and tokenize the prompts (once)."""
+        if self.dataset is None:
+            prompts = read_prompts(self.prompts_path)
+            self.dataset = PromptDataset(prompts, self.tokenizer.encode_batch([p for p, _ in prompts]))
+
+    def predict_dataloader(self) -> DataLoader:
+        """Prompts in file order; Lightning adds the distributed sampler on several devices."""
+        if self.dataset is None:
+            self.setup("predict")
+        return DataLoader(
+            self.dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
+            collate_fn=collate_prompts,
+        )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------ writing
+class ImageWriter(BasePredictionWriter):
+    """Write each prompt's candidates as PNGs, a captioned grid, its codes, and a line of ``predictions.jsonl``.
+
+    Args:
+        output_dir: directory for the files (created).
+        vqgan: VQGAN directory or checkpoint (``VQGAN.from_pretrained``); None writes only the codes.
+        grid: also write ``{i:06d}-grid.png``, the candidates under the prompt.
+    """
+
+    def __init__(self, output_dir: str, vqgan: str | None = None, grid: bool = True) -> None:
+        super().__init__(write_interval="batch")
+        self.output_dir, self.vqgan_path, self.grid = Path(output_dir), vqgan, grid
+        self.vqgan: torch.nn.Module | None = None
+        self._part: Path | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Load the VQGAN on the module's device and check it against the module's vocabulary."""
+        if stage != "predict":
+            return
+        same = [cb for cb in trainer.callbacks if isinstance(cb, ImageWriter) and cb.output_dir == self.output_dir]
+        if len(same) > 1:
+            raise ValueError(
+                f"{len(same)} ImageWriter callbacks write to {self.output_dir}; give one (does --config name a saved "
+                "predict config that already holds one?)"
+            )
+        from cm3leon_lightning.generation.cli import check_tokenizers
+
+        if self.vqgan_path is not None and self.vqgan is None:
+            from cm3leon_lightning.tokenization.vqgan import VQGAN
+
+            self.vqgan = VQGAN.from_pretrained(self.vqgan_path).eval().requires_grad_(False)
+        vocab = getattr(pl_module, "vocab", None)
+        if self.vqgan is not None and vocab is not None:
+            check_tokenizers(vocab, None, self.vqgan)
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Create the output directory and this rank's part of ``predictions.jsonl`` (stale parts removed)."""
+        if trainer.is_global_zero:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            for stale in self.output_dir.glob("predictions.rank*.jsonl"):
+                stale.unlink()
+        trainer.strategy.barrier("image_writer_start")
+        if self.vqgan is not None:
+            self.vqgan.to(pl_module.device)
+        self._part = self.output_dir / f"predictions.rank{trainer.global_rank}.jsonl"
+        self._part.write_text("", encoding="utf-8")
+
+    def write_on_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        prediction: dict[str, Any],
+        batch_indices: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        """Decode and write the batch's candidates; append one JSON line per prompt to this rank's part file."""
+        from cm3leon_lightning.generation.cli import save_grid, to_pil
+
+        codes = prediction["codes"]  # (B, N, h*w)
+        images = None
+        if self.vqgan is not None:
+            with torch.no_grad():
+                flat = self.vqgan.decode(codes.flatten(0, 1).to(pl_module.device))  # (B*N, C, H, W)
+            images = flat.view(*codes.shape[:2], *flat.shape[1:]).float().cpu()  # (B, N, C, H, W)
+        lines = []
+        for b, (index, prompt, seed) in enumerate(zip(prediction["index"], prediction["prompt"], prediction["seed"])):
+            stem = f"{int(index):06d}"
+            np.save(self.output_dir / f"{stem}-codes.npy", codes[b].cpu().numpy().astype(np.int32))
+            row: dict[str, Any] = {"index": int(index), "prompt": prompt, "seed": seed, "files": [], "grid": None}
+            row["codes"] = f"{stem}-codes.npy"
+            if images is not None:
+                for j, image in enumerate(images[b]):
+                    to_pil(image).save(self.output_dir / f"{stem}-{j}.png")
+                    row["files"].append(f"{stem}-{j}.png")
+                if self.grid:
+                    save_grid(images[b], prompt, self.output_dir / f"{stem}-grid.png")
+                    row["grid"] = f"{stem}-grid.png"
+            lines.append(json.dumps(row, ensure_ascii=False) + "\n")
+        with open(self._part, "a", encoding="utf-8") as f:  # type: ignore[arg-type]
+            f.writelines(lines)
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """After every rank finished, rank zero merges the part files into ``predictions.jsonl`` (by index)."""
+        trainer.strategy.barrier("image_writer")
+        if trainer.is_global_zero:
+            rows: dict[int, str] = {}
+            for part in sorted(self.output_dir.glob("predictions.rank*.jsonl")):
+                for line in part.read_text(encoding="utf-8").splitlines():
+                    rows[json.loads(line)["index"]] = line
+                part.unlink()
+            text = "".join(rows[i] + "\n" for i in sorted(rows))
+            (self.output_dir / PREDICTIONS_FILE).write_text(text, encoding="utf-8")
+        trainer.strategy.barrier("image_writer_done")

@@ -1,0 +1,229 @@
+"""``cm3leon predict``: prompts files, the vocabulary link, Lightning's predict loop with ImageWriter in process, and
+the documented command in a subprocess on two CPU processes (DDP) with a checkpoint written by a short ``cm3leon fit``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from support.eval_setup import micro_vqgan, tiny_module, tiny_tokenizer, write_eval_data
+
+from cm3leon_lightning.cli import main as cm3leon_main
+from cm3leon_lightning.generation.cli import load_checkpoint
+from cm3leon_lightning.generation.generate import GenerationSettings, generate_image
+from cm3leon_lightning.generation.predict import ImageWriter, PromptDataModule, load_vocab, read_prompts
+from cm3leon_lightning.modules.cm3leon import CM3LeonModule
+
+ROOT = Path(__file__).resolve().parents[2]
+SETTINGS = {"num_samples": 2, "method": "top_p", "cfg": 2.0, "top_p": 0.8, "seed": 5}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny decode steps run far faster on one thread when the cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """Tokenizer, micro VQGAN (16 px, 8x8 codes), a random tiny CM3LeonModule checkpoint, and a prompts file."""
+    root = tmp_path_factory.mktemp("predict")
+    tok = tiny_tokenizer()
+    tok.save(root / "tok")
+    micro_vqgan().save_pretrained(root / "vqgan")
+    module = tiny_module(tok)
+    with torch.no_grad():  # random blocks, so samples differ between seeds
+        for p in module.model.parameters():
+            p.normal_(0.0, 0.2)
+    ckpt = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
+    torch.save({**ckpt, "pytorch-lightning_version": L.__version__}, root / "model.ckpt")
+    lines = [{"prompt": "a red square"}, {"prompt": "a blue circle", "seed": 123}, {"prompt": "a green triangle"}]
+    (root / "prompts.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return root
+
+
+def reference_codes(ckpt: Path, tok_dir: Path, prompts: list[str], seeds: list[int], settings: dict) -> np.ndarray:
+    """``generate_image`` called directly, one prompt at a time with its seed: ``(P, N, h*w)``."""
+    model, vocab = load_checkpoint(ckpt)
+    from cm3leon_lightning.tokenization.text import TextTokenizer
+
+    tok, s = TextTokenizer.load(tok_dir), GenerationSettings(**settings)
+    out = [
+        generate_image(model, vocab, [tok.encode(p)], seed=seed, **s.image_kwargs()).codes[0].numpy()
+        for p, seed in zip(prompts, seeds)
+    ]
+    return np.stack(out)
+
+
+# ------------------------------------------------------------------------------------------------ reading
+def test_read_prompts_txt_jsonl_and_errors(tmp_path):
+    txt = tmp_path / "p.txt"
+    txt.write_text("a red square\n\n  a blue circle  \n")
+    assert read_prompts(txt) == [("a red square", None), ("a blue circle", None)]
+    jl = tmp_path / "p.jsonl"
+    jl.write_text('{"prompt": "a", "seed": 3}\n\n{"prompt": "b"}\n')
+    assert read_prompts(jl) == [("a", 3), ("b", None)]
+
+    def error(text: str, name: str = "bad.jsonl") -> str:
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError) as e:
+            read_prompts(tmp_path / name)
+        return str(e.value)
+
+    assert "line 2 is not JSON" in error('{"prompt": "a"}\n{oops\n')
+    assert "line 1 has unknown fields ['caption']" in error('{"prompt": "a", "caption": "b"}\n')
+    assert "line 1: 'seed' must be a non-negative integer" in error('{"prompt": "a", "seed": "7"}\n')
+    assert "line 1 must be an object with a non-empty string 'prompt'" in error('{"prompt": ""}\n')
+    assert "holds no prompt" in error("\n\n", "empty.txt")
+    assert "must end in .txt" in error("a\n", "p.csv")
+    with pytest.raises(FileNotFoundError, match="nope.txt"):
+        read_prompts(tmp_path / "nope.txt")
+
+
+def test_vocab_from_checkpoint_or_manifest_and_tokenizer_mismatch(assets, tmp_path):
+    ckpt_vocab = load_vocab(assets / "model.ckpt")
+    assert ckpt_vocab.to_dict() == torch.load(assets / "model.ckpt", weights_only=True)["hyper_parameters"]["vocab"]
+    data = write_eval_data(tmp_path / "data", n_train=2, n_val=1)
+    assert load_vocab(data["train"]) == ckpt_vocab  # a prepared directory
+    assert load_vocab(Path(data["train"]) / "manifest.json") == ckpt_vocab
+    dm = PromptDataModule(str(assets / "prompts.jsonl"), str(assets / "tok"), data["train"])
+    assert dm.vocab == ckpt_vocab
+
+    from cm3leon_lightning.tokenization.text import TextTokenizer
+
+    TextTokenizer.train(["a red square", "a blue circle"] * 10, vocab_size=280).save(tmp_path / "other")
+    with pytest.raises(ValueError, match=r"vocabulary mismatch: .*model.ckpt has n_text=\d+.*vocab_size=\d+"):
+        PromptDataModule(str(assets / "prompts.jsonl"), str(tmp_path / "other"), str(assets / "model.ckpt"))
+    with pytest.raises(FileNotFoundError, match="vocab_from"):
+        load_vocab(tmp_path / "missing.ckpt")
+    (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="neither a manifest.json nor a readable torch checkpoint"):
+        load_vocab(tmp_path / "junk.ckpt")
+
+
+# ------------------------------------------------------------------------------------------------ predict loop
+def predict(assets: Path, out: Path | None, batch_size: int, vqgan: bool = True) -> list[dict]:
+    dm = PromptDataModule(str(assets / "prompts.jsonl"), str(assets / "tok"), str(assets / "model.ckpt"), batch_size)
+    module = CM3LeonModule(preset="tiny", vocab=dm.vocab.to_dict(), generation=GenerationSettings(**SETTINGS))
+    callbacks = [] if out is None else [ImageWriter(str(out), str(assets / "vqgan") if vqgan else None)]
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, logger=False, callbacks=callbacks, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=str(assets),
+    )  # fmt: skip
+    return trainer.predict(module, datamodule=dm, ckpt_path=str(assets / "model.ckpt"))
+
+
+def test_trainer_predict_writes_pngs_grids_codes_and_jsonl(assets, tmp_path):
+    out = tmp_path / "out"
+    batches = predict(assets, out, batch_size=2)
+    assert [b["codes"].shape for b in batches] == [(2, 2, 64), (1, 2, 64)]
+    assert [i for b in batches for i in b["index"]] == [0, 1, 2]
+    seeds = [5 + 0, 123, 5 + 2]  # settings seed + global index, unless the line gives one
+    assert [s for b in batches for s in b["seed"]] == seeds
+
+    prompts = ["a red square", "a blue circle", "a green triangle"]
+    want = reference_codes(assets / "model.ckpt", assets / "tok", prompts, seeds, SETTINGS)
+    np.testing.assert_array_equal(torch.cat([b["codes"] for b in batches]).numpy(), want)
+
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [(r["index"], r["prompt"], r["seed"]) for r in rows] == list(zip(range(3), prompts, seeds))
+    for i, r in enumerate(rows):
+        assert r["files"] == [f"{i:06d}-0.png", f"{i:06d}-1.png"] and r["grid"] == f"{i:06d}-grid.png"
+        np.testing.assert_array_equal(np.load(out / r["codes"]), want[i])
+        for f in r["files"]:
+            assert Image.open(out / f).size == (16, 16)
+        grid = Image.open(out / r["grid"])
+        assert grid.width == 2 * (16 + 4) + 4 and grid.height == 16 + 2 * 4 + 14  # two tiles under the prompt strip
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["predictions.jsonl"] + [f for r in rows for f in (*r["files"], r["grid"], r["codes"])]
+    )  # no part files left
+
+    # The same prompts one per batch, without a VQGAN: the same codes (a prompt's samples ignore its batch).
+    out1 = tmp_path / "codes-only"
+    single = predict(assets, out1, batch_size=1, vqgan=False)
+    np.testing.assert_array_equal(torch.cat([b["codes"] for b in single]).numpy(), want)
+    assert sorted(p.suffix for p in out1.iterdir()) == [".jsonl", ".npy", ".npy", ".npy"]
+
+
+def test_writer_refuses_a_mismatching_vqgan_and_a_second_writer(assets, tmp_path):
+    from cm3leon_lightning.tokenization.vqgan import VQGAN
+
+    VQGAN.from_name("tiny").save_pretrained(tmp_path / "other-vqgan")
+    dm = PromptDataModule(str(assets / "prompts.jsonl"), str(assets / "tok"), str(assets / "model.ckpt"))
+    module = CM3LeonModule(preset="tiny", vocab=dm.vocab.to_dict())
+    for callbacks, match in (
+        ([ImageWriter(str(tmp_path), str(tmp_path / "other-vqgan"))], "vocabulary mismatch: .* but --vqgan has"),
+        ([ImageWriter(str(tmp_path)), ImageWriter(str(tmp_path))], "2 ImageWriter callbacks write to"),
+    ):
+        trainer = L.Trainer(accelerator="cpu", logger=False, callbacks=callbacks, enable_progress_bar=False)
+        with pytest.raises(ValueError, match=match):
+            trainer.predict(module, datamodule=dm)
+
+
+def test_predict_step_names_a_prompt_longer_than_the_context(assets, tmp_path):
+    long = tmp_path / "long.txt"
+    long.write_text("a red square\n" + " ".join(["a green triangle"] * 80) + "\n")
+    dm = PromptDataModule(str(long), str(assets / "tok"), str(assets / "model.ckpt"), batch_size=2)
+    module = CM3LeonModule(preset="tiny", vocab=dm.vocab.to_dict())
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(ValueError, match=r"prompt 1 \('a green triangle a green.*max_seq_len=256"):
+        trainer.predict(module, datamodule=dm)
+
+
+# ------------------------------------------------------------------------------------------------ the CLI
+def test_cm3leon_predict_on_two_processes_after_cm3leon_fit(tmp_path):
+    """The documented command: the fit's saved config, its last.ckpt, two CPU processes (DDP, gloo)."""
+    data = write_eval_data(tmp_path / "data", n_train=8, n_val=2)
+    fit = {
+        "seed_everything": 0,
+        "data": {"class_path": "cm3leon_lightning.data.datamodule.CM3LeonDataModule", "init_args": {
+            "train_data": data["train"], "seq_len": 128, "batch_size": 4, "num_workers": 0, "max_retrieved": 0}},
+        "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 2, "logger": False, "enable_progress_bar": False,
+                    "enable_model_summary": False, "default_root_dir": str(tmp_path / "run"), "callbacks": [
+                        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                         "init_args": {"dirpath": str(tmp_path / "run" / "ckpt"), "save_last": True}}]},
+    }  # fmt: skip
+    (tmp_path / "fit.yaml").write_text(yaml.safe_dump(fit))
+    cm3leon_main(["fit", "--config", str(ROOT / "configs/model/tiny.yaml"), "--config", str(tmp_path / "fit.yaml")])
+    config, ckpt = tmp_path / "run" / "config.yaml", tmp_path / "run" / "ckpt" / "last.ckpt"
+    assert config.is_file() and ckpt.is_file()
+
+    prompts = ["a red square", "a blue circle", "a green triangle", "a yellow circle", "a red circle"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable, "-m", "cm3leon_lightning", "predict", "--config", str(config), "--ckpt_path", str(ckpt),
+        "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.default_root_dir", str(out),
+        "--return_predictions", "false",
+        "--data", "cm3leon_lightning.generation.predict.PromptDataModule", "--data.prompts", "prompts.txt",
+        "--data.tokenizer", data["tokenizer"], "--data.vocab_from", str(ckpt), "--data.batch_size", "2",
+        "--trainer.callbacks+=cm3leon_lightning.generation.predict.ImageWriter",
+        "--trainer.callbacks.output_dir", str(out), "--trainer.callbacks.vqgan", data["vqgan"],
+        "--model.init_args.generation.num_samples", "2", "--model.init_args.generation.seed", "7",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [(r["index"], r["prompt"], r["seed"]) for r in rows] == [(i, p, 7 + i) for i, p in enumerate(prompts)]
+    settings = {**GenerationSettings().__dict__, "num_samples": 2}
+    want = reference_codes(ckpt, Path(data["tokenizer"]), prompts, [7 + i for i in range(5)], settings)
+    for i, r in enumerate(rows):  # split over two ranks, yet equal to single-process decoding
+        np.testing.assert_array_equal(np.load(out / r["codes"]), want[i])
+        assert [Image.open(out / f).size for f in r["files"]] == [(16, 16)] * 2 and (out / r["grid"]).is_file()
+    assert not list(out.glob("predictions.rank*.jsonl"))
+    assert config.read_text().count("ImageWriter") == 0  # the fit config was not overwritten
