@@ -9,7 +9,8 @@ Examples::
     cm3leon generate ... --prompt "a red circle" --retrieve bank/ --shards data/ --clip-pretrained openai
 
 Text-to-image writes ``sample-{i}.png`` (best CLIP score first when ``--rerank`` is given), ``grid.png`` with the
-prompt written above the candidates, and ``codes.npy``. Image-to-text writes ``answer.txt`` and prints it.
+prompt written above the candidates, ``codes.npy``, and with ``--retrieve`` ``retrieved.json`` (the bank keys of the
+documents placed before the prompt, nearest first). Image-to-text writes ``answer.txt`` and prints it.
 Errors (missing files, a checkpoint whose vocabulary does not match the tokenizer or the VQGAN, a prompt longer
 than the context) are reported in one line and exit with status 2.
 """
@@ -17,6 +18,7 @@ than the context) are reported in one line and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -112,25 +114,64 @@ def load_image(path: str | Path, vqgan: torch.nn.Module) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)[None]
 
 
-def retrieve_documents(bank_dir: str, shards_dir: str, prompt: str, k: int, clip: object) -> list[Document]:
-    """The ``k`` nearest documents of ``prompt`` (CLIP text embedding) in a memory bank, read from its shards."""
-    from cm3leon_lightning.data.shards import Manifest, read_shard
+def retrieve_documents(
+    bank_dir: str,
+    shards_dir: str,
+    prompt: str,
+    k: int,
+    clip: object,
+    vocab: MultimodalVocab | None = None,
+    tokenizer_sha256: str | None = None,
+) -> tuple[list[str], list[Document]]:
+    """The ``k`` nearest documents of ``prompt`` (CLIP text embedding) in a memory bank, read from its shards.
+
+    Args:
+        bank_dir: the :class:`~cm3leon_lightning.retrieval.index.MemoryBank` directory.
+        shards_dir: the prepared dataset (``manifest.json`` and shards) holding the bank's documents.
+        prompt: the caption to retrieve for.
+        k: documents to retrieve (best first).
+        clip: the :class:`~cm3leon_lightning.retrieval.encoder.ClipEncoder` the bank was built with.
+        vocab: when given, the checkpoint's vocabulary; the shards must have been tokenized for it.
+        tokenizer_sha256: when given, the text tokenizer's sha256; the manifest must record the same one.
+
+    Returns:
+        The bank keys and their documents ``[caption text, image]``, nearest first (fewer than ``k`` when the bank
+        holds fewer).
+
+    Raises:
+        ValueError: ``k < 1``, a bank that does not match ``clip``, shards for another vocabulary or tokenizer, or
+            a bank key missing from the shards.
+    """
+    from cm3leon_lightning.data.shards import MANIFEST_NAME, Manifest, read_shard
     from cm3leon_lightning.retrieval.index import MemoryBank
 
-    bank = MemoryBank.load(bank_dir, model_name=getattr(clip, "model_name", None))
+    if k < 1:
+        raise ValueError(f"--k must be >= 1, got {k}")
+    manifest = Manifest.load(Path(shards_dir) / MANIFEST_NAME)
+    if vocab is not None and manifest.vocab(vocab.pad_to_multiple) != vocab:
+        raise ValueError(
+            f"--shards: {shards_dir} was tokenized for {manifest.vocab(vocab.pad_to_multiple).to_dict()}, "
+            f"but the checkpoint's vocabulary is {vocab.to_dict()}"
+        )
+    recorded = manifest.text_tokenizer.get("sha256")
+    if tokenizer_sha256 is not None and recorded and recorded != tokenizer_sha256:
+        raise ValueError(
+            f"--shards: {shards_dir} was tokenized with a text tokenizer of sha256 {recorded[:12]}..., but "
+            f"--tokenizer has sha256 {tokenizer_sha256[:12]}...; the retrieved ids would mean other words"
+        )
+    bank = MemoryBank.load(bank_dir, model_name=getattr(clip, "model_name", None), dim=getattr(clip, "dim", None))
     keys = bank.search(clip.embed_texts([prompt]), k).keys[0]  # type: ignore[attr-defined]
-    manifest = Manifest.load(Path(shards_dir) / "manifest.json")
-    found: dict[str, Document] = {}
+    wanted, found = set(keys), {}
     for shard in manifest.shards:
         for s in read_shard(Path(shards_dir) / shard.name, manifest):
-            if s.key in keys:
+            if s.key in wanted:
                 found[s.key] = [Segment.text(s.text.tolist()), Segment.image(s.image.tolist())]
-        if len(found) == len(keys):
+        if len(found) == len(wanted):
             break
     missing = [key for key in keys if key not in found]
     if missing:
         raise ValueError(f"--retrieve: bank keys {missing[:5]} are not in the shards of {shards_dir}")
-    return [found[key] for key in keys]
+    return list(keys), [found[key] for key in keys]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -168,6 +209,12 @@ def run(args: argparse.Namespace) -> None:
     """Execute a parsed ``cm3leon generate`` command (raises on bad input)."""
     from cm3leon_lightning.tokenization.text import TextTokenizer
 
+    if args.retrieve and not args.shards:
+        raise ValueError("--retrieve needs --shards, the prepared dataset that holds the bank's documents")
+    if args.rerank and not args.vqgan:
+        raise ValueError("--rerank scores decoded images with CLIP: it needs --vqgan")
+    if args.retrieve and args.image:
+        raise ValueError("--retrieve adds documents to a text-to-image prompt; it cannot be used with --image")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     model, vocab = load_checkpoint(args.ckpt, device)
     tokenizer = TextTokenizer.load(args.tokenizer)
@@ -182,9 +229,12 @@ def run(args: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)
     clip = None
     if args.rerank or args.retrieve:
-        from cm3leon_lightning.retrieval.encoder import ClipEncoder
+        from cm3leon_lightning.retrieval.encoder import ClipEncoder, ClipWeightsUnavailableError
 
-        clip = ClipEncoder(args.clip, pretrained=args.clip_pretrained, device=device)
+        try:
+            clip = ClipEncoder(args.clip, pretrained=args.clip_pretrained, device=device)
+        except ClipWeightsUnavailableError as e:
+            raise ValueError(f"--clip/--clip-pretrained: {e}") from e
 
     if args.image:
         if vqgan is None:
@@ -203,9 +253,9 @@ def run(args: argparse.Namespace) -> None:
 
     retrieved = None
     if args.retrieve:
-        if not args.shards:
-            raise ValueError("--retrieve needs --shards, the prepared dataset that holds the bank's documents")
-        retrieved = [retrieve_documents(args.retrieve, args.shards, args.prompt, args.k, clip)]
+        keys, docs = retrieve_documents(args.retrieve, args.shards, args.prompt, args.k, clip, vocab, tokenizer.sha256)
+        (out / "retrieved.json").write_text(json.dumps({"prompt": args.prompt, "keys": keys}, indent=1) + "\n")
+        retrieved = [docs]
     result = generate_image(
         model, vocab, [tokenizer.encode(args.prompt)], retrieved=retrieved, num_samples=args.num_samples,
         method=args.method, cfg=args.cfg, temperature=args.temperature, top_p=args.top_p, cdk_k=args.cdk_k,

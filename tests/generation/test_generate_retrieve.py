@@ -1,0 +1,136 @@
+"""``cm3leon generate --retrieve BANK --shards DATA``: the nearest documents of the prompt in a tiny CLIP memory bank
+are read from tiny shards and placed before the prompt, and shards or banks that do not match are clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from support.eval_setup import CAPTIONS, micro_vqgan, tiny_module, tiny_tokenizer
+
+from cm3leon_lightning.data.shards import ShardSample, ShardWriter
+from cm3leon_lightning.generation import cli
+from cm3leon_lightning.generation.generate import generate_image, image_prompt
+from cm3leon_lightning.retrieval.encoder import ClipEncoder, create_clip
+from cm3leon_lightning.retrieval.index import MemoryBank
+from cm3leon_lightning.tokenization.text import TextTokenizer
+from cm3leon_lightning.tokenization.vocab import Segment
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny decode steps run far faster on one thread when the cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """Tokenizer, micro VQGAN, a random tiny CM3Leon checkpoint, 12 shard documents with distinct captions, a random
+    tiny CLIP saved as safetensors, and a Flat memory bank of the captions' CLIP text embeddings."""
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("retrieve")
+    tok = tiny_tokenizer()
+    tok.save(root / "tok")
+    micro_vqgan().save_pretrained(root / "vqgan")
+    module = tiny_module(tok)
+    with torch.no_grad():
+        for p in module.model.parameters():
+            p.normal_(0.0, 0.2)
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, root / "model.ckpt")
+
+    rng = np.random.default_rng(0)
+    samples = [
+        ShardSample(f"doc-{i:02d}", c, np.asarray(tok.encode(c), np.int32), rng.integers(0, 32, 64).astype(np.int16))
+        for i, c in enumerate(CAPTIONS)
+    ]
+    text_info = {"path": "tok/tokenizer.json", "sha256": tok.sha256, "n_text": tok.vocab_size, "num_sentinels": 8}
+    image_info = {"checkpoint_sha256": "0" * 64, "n_codes": 32, "grid_h": 8, "grid_w": 8, "image_size": 16}
+    ShardWriter(root / "shards", text_info, image_info, samples_per_shard=5).write_all(samples)
+
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="randomly initialised"):
+        clip_model = create_clip("cm3leon-clip-tiny", None)
+    save_file({k: v.contiguous() for k, v in clip_model.state_dict().items()}, str(root / "clip.safetensors"))
+    clip = ClipEncoder("cm3leon-clip-tiny", pretrained=str(root / "clip.safetensors"))
+    emb = clip.embed_texts(CAPTIONS)  # (12, 64), unit rows
+    MemoryBank.build((emb, [s.key for s in samples]), clip.dim, clip.model_name).save(root / "bank")
+    return {"root": root, "samples": {s.key: s for s in samples}, "emb": emb, "clip": clip, "vocab": module.vocab}
+
+
+def argv(root, out, *extra):
+    return [
+        "--ckpt", str(root / "model.ckpt"), "--tokenizer", str(root / "tok"), "--out", str(out), "--no-compile",
+        "--prompt", "a blue circle", "--retrieve", str(root / "bank"), "--shards", str(root / "shards"),
+        "--clip", "cm3leon-clip-tiny", "--clip-pretrained", str(root / "clip.safetensors"), *extra,
+    ]  # fmt: skip
+
+
+def test_retrieved_documents_are_placed_before_the_prompt(assets, tmp_path, monkeypatch):
+    root, samples = assets["root"], assets["samples"]
+    # Brute-force cosine ranking, independent of faiss: the caption itself first, then the nearest other caption.
+    query = assets["clip"].embed_texts(["a blue circle"])[0]
+    order = np.argsort(-(assets["emb"] @ query), kind="stable")
+    want_keys = [f"doc-{order[0]:02d}", f"doc-{order[1]:02d}"]
+    assert samples[want_keys[0]].caption == "a blue circle"
+
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs["retrieved"])
+        return generate_image(*args, **kwargs)
+
+    monkeypatch.setattr(cli, "generate_image", spy)
+    extra = ["--k", "2", "--method", "greedy", "--cfg", "1", "--num-samples", "1"]
+    assert cli.main(argv(root, tmp_path, *extra)) == 0
+    assert json.loads((tmp_path / "retrieved.json").read_text()) == {"prompt": "a blue circle", "keys": want_keys}
+    docs = [[Segment.text(samples[k].text.tolist()), Segment.image(samples[k].image.tolist())] for k in want_keys]
+    assert calls == [[docs]]
+
+    # The model saw `<eos> caption <break> image` of both documents, then `<eos> a blue circle <break>`.
+    vocab, tok_ids = assets["vocab"], TextTokenizer.load(root / "tok").encode("a blue circle")
+    want = []
+    for k in want_keys:
+        want += [vocab.eos_id, *samples[k].text.tolist(), vocab.break_id, *(vocab.n_text + samples[k].image).tolist()]
+    assert image_prompt(vocab, tok_ids, docs) == want + [vocab.eos_id, *tok_ids, vocab.break_id]
+
+    # Greedy decoding of that prompt is what the CLI wrote, and differs from the prompt without retrieval.
+    model, _ = cli.load_checkpoint(root / "model.ckpt")
+    with_docs = generate_image(model, vocab, [tok_ids], retrieved=[docs], method="greedy", cfg=1.0).codes[0]
+    without = generate_image(model, vocab, [tok_ids], method="greedy", cfg=1.0).codes[0]
+    np.testing.assert_array_equal(np.load(tmp_path / "codes.npy"), with_docs.numpy())
+    assert not torch.equal(with_docs, without)
+
+
+def test_retrieval_errors_are_one_line(assets, tmp_path, capsys):
+    root = assets["root"]
+
+    def error(args):
+        assert cli.main(args) == 2
+        return capsys.readouterr().err
+
+    no_shards = [a for a in argv(root, tmp_path) if a not in ("--shards", str(root / "shards"))]
+    assert "--retrieve needs --shards" in error(no_shards)
+    assert "--k must be >= 1" in error(argv(root, tmp_path, "--k", "0"))
+
+    # Shards tokenized for another vocabulary (a 2x2 grid).
+    other = {"checkpoint_sha256": "0" * 64, "n_codes": 32, "grid_h": 2, "grid_w": 2, "image_size": 16}
+    sample = ShardSample("x", "a red square", np.asarray([20, 21], np.int32), np.zeros(4, np.int16))
+    text_info = {"path": "t", "sha256": "", "n_text": assets["vocab"].n_text, "num_sentinels": 8}
+    ShardWriter(tmp_path / "other", text_info, other).write_all([sample])
+    args = argv(root, tmp_path)
+    args[args.index("--shards") + 1] = str(tmp_path / "other")
+    msg = error(args)
+    assert "was tokenized for" in msg and "'grid_h': 2" in msg and "the checkpoint's vocabulary is" in msg
+
+    # A bank built with another CLIP.
+    emb = np.eye(3, 64, dtype=np.float32)
+    MemoryBank.build((emb, ["a", "b", "c"]), 64, "ViT-B-32").save(tmp_path / "bank-b32")
+    args = argv(root, tmp_path)
+    args[args.index("--retrieve") + 1] = str(tmp_path / "bank-b32")
+    assert "ViT-B-32" in error(args)
