@@ -1,10 +1,12 @@
 """Decoding (paper section 3.1): sampling rules, CFG / CD-K guidance, KV-cached decode loops, CLIP re-ranking.
 
-This package imports no Lightning.
+This package imports no Lightning, except :mod:`~cm3leon_lightning.generation.predict` (``cm3leon predict``'s data
+module and prediction writer), which this ``__init__`` does not import.
 """
 
 from cm3leon_lightning.generation.decoder import Decoder, SamplingSpec, decode_step, process_logits
 from cm3leon_lightning.generation.generate import (
+    GenerationSettings,
     ImageGeneration,
     InfillResult,
     edit_image,
@@ -25,6 +27,7 @@ from cm3leon_lightning.generation.sampling import (
 
 __all__ = [
     "Decoder",
+    "GenerationSettings",
     "ImageGeneration",
     "InfillResult",
     "RerankResult",

@@ -4,14 +4,20 @@
 <cm3leon_lightning.modules.cm3leon.CM3LeonModule.predict_step>` samples image codes with the module's ``generation``
 settings, and :class:`ImageWriter` decodes them with the VQGAN and writes PNGs. Lightning's distributed sampler
 splits the prompts across devices; every file is named by the prompt's global index, so ranks never collide. Run it
-with the fit config of the checkpoint (the same model section)::
+with the saved config of the fit that wrote the checkpoint (its model section)::
 
-    cm3leon predict --config fit-config.yaml --ckpt_path last.ckpt --return_predictions false \\
+    cm3leon predict --config run/config.yaml --ckpt_path run/ckpt/last.ckpt \\
+        --trainer.default_root_dir out/ --trainer.devices 2 --return_predictions false \\
         --data cm3leon_lightning.generation.predict.PromptDataModule \\
-        --data.prompts prompts.txt --data.tokenizer tok/ --data.vocab_from last.ckpt \\
+        --data.prompts prompts.txt --data.tokenizer tok/ --data.vocab_from run/ckpt/last.ckpt \\
         --trainer.callbacks+=cm3leon_lightning.generation.predict.ImageWriter \\
         --trainer.callbacks.output_dir out/ --trainer.callbacks.vqgan vqgan/ \\
         --model.init_args.generation.num_samples 4 --model.init_args.generation.cfg 3
+
+``--trainer.default_root_dir`` keeps the predict run's own ``config.yaml`` out of the fit's directory (without a
+logger LightningCLI writes it to the root dir, over the fit's config). ``--return_predictions false`` keeps the
+codes of a long prompts file out of memory. ``--data.vocab_from`` may also name the prepared training data.
+Each prompt's samples depend only on its seed, so 1 or 8 devices give the same images.
 
 ``prompts.txt`` holds one prompt per line (blank lines skipped); ``prompts.jsonl`` one ``{"prompt": ..., "seed":
 ...}`` object per line (``seed`` optional). ``out/`` receives, for prompt ``i``, ``{i:06d}-{j}.png`` per candidate
