@@ -249,7 +249,9 @@ class MultimodalVocab:
             current = []
         return segments
 
-    def caption_image_document(self, text_ids: Sequence[int], codes: Sequence[int], image_first: bool = False) -> Document:
+    def caption_image_document(
+        self, text_ids: Sequence[int], codes: Sequence[int], image_first: bool = False
+    ) -> Document:
         """The caption-image pair document (caption first by default, as in the paper's figure 8)."""
         segs = [Segment.text(text_ids), Segment.image(codes)]
         return segs[::-1] if image_first else segs
