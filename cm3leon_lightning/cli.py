@@ -66,10 +66,11 @@ def _extra_command(name: str) -> Callable[[Sequence[str]], int | None]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``cm3leon`` console script."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in EXTRA_COMMANDS:
-        return int(_extra_command(argv[0])(argv[1:]) or 0)
-    CM3LeonCLI(args=argv)
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in EXTRA_COMMANDS:
+        return int(_extra_command(args[0])(args[1:]) or 0)
+    # args=None lets LightningCLI read sys.argv itself (passing both makes it warn).
+    CM3LeonCLI(args=None if argv is None else args)
     return 0
 
 
