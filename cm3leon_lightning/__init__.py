@@ -40,6 +40,7 @@ _EXPORTS: dict[str, str] = {
     "infill": "cm3leon_lightning.generation.generate",
     "edit_image": "cm3leon_lightning.generation.generate",
     "rerank": "cm3leon_lightning.generation.rerank",
+    "GenerationSettings": "cm3leon_lightning.generation.generate",
     "FIDCallback": "cm3leon_lightning.callbacks.fid",
     "CIDErCallback": "cm3leon_lightning.callbacks.cider",
     "VQACallback": "cm3leon_lightning.callbacks.vqa",
