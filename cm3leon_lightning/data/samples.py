@@ -32,14 +32,22 @@ SKIP_REASONS = (
 )
 
 
-class ShardFormatError(ValueError):
-    """A shard, sample or member that breaks the format; ``reason`` is one of :data:`SKIP_REASONS`."""
+class SkipError(ValueError):
+    """Input that a pipeline skips and counts under ``reason``, which must be one of the class's ``REASONS``."""
+
+    REASONS: tuple[str, ...] = ()
 
     def __init__(self, reason: str, message: str) -> None:
-        if reason not in SKIP_REASONS:
-            raise ValueError(f"unknown skip reason {reason!r}; allowed: {SKIP_REASONS}")
+        if reason not in self.REASONS:
+            raise ValueError(f"unknown skip reason {reason!r}; allowed: {self.REASONS}")
         super().__init__(message)
         self.reason = reason
+
+
+class ShardFormatError(SkipError):
+    """A shard, sample or member that breaks the format; ``reason`` is one of :data:`SKIP_REASONS`."""
+
+    REASONS = SKIP_REASONS
 
 
 # ------------------------------------------------------------------------------------------------- samples

@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from cm3leon_lightning.data.samples import SkipError
 from cm3leon_lightning.data.shards import ShardFormatError, iter_tar_samples, sanitize_key
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -65,14 +66,10 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]+")
 _SPACES = re.compile(r"\s+")
 
 
-class BadInput(ValueError):
+class BadInput(SkipError):
     """A raw pair that cannot be used; ``reason`` is one of :data:`SKIP_REASONS`."""
 
-    def __init__(self, reason: str, message: str) -> None:
-        if reason not in SKIP_REASONS:
-            raise ValueError(f"unknown skip reason {reason!r}; allowed: {SKIP_REASONS}")
-        super().__init__(message)
-        self.reason = reason
+    REASONS = SKIP_REASONS
 
 
 @dataclass
