@@ -51,7 +51,9 @@ class MemoryBank:
         dim: embedding dimension (512 for ViT-B-32).
         model_name: the CLIP model that produced the embeddings; recorded and checked on load.
         factory: faiss ``index_factory`` string. ``"Flat"`` (default) is exact search; for large banks use
-            ``"IVF{nlist},PQ{m}"`` (compressed, needs :meth:`train`) or ``"HNSW32"`` (graph, no training).
+            ``"IVF{nlist},SQ8"`` (4x smaller, needs :meth:`train`), ``"HNSW32"`` (graph, no training, more memory
+            than Flat) or ``"IVF{nlist},PQ{m}"`` (smallest, lowest recall). On clustered 512-d vectors
+            (benchmarks/retrieval.py, 100k) recall@10 was 0.98 for IVF-SQ8, 0.996 for HNSW32 and 0.40 for IVF-PQ64.
         normalize: L2-normalise embeddings on add and queries on search, so inner product = cosine.
         nprobe: IVF lists visited per query (recall/speed trade-off; ignored by other indexes).
         ef_search: HNSW candidate list size per query (ignored by other indexes).
