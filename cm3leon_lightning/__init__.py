@@ -49,6 +49,9 @@ _EXPORTS: dict[str, str] = {
     "VQAAccuracy": "cm3leon_lightning.metrics.vqa",
     "ClipEncoder": "cm3leon_lightning.retrieval.encoder",
     "MemoryBank": "cm3leon_lightning.retrieval.index",
+    "ClipModule": "cm3leon_lightning.modules.clip",
+    "ImageCaptionDataModule": "cm3leon_lightning.data.pairs",
+    "select_neighbors": "cm3leon_lightning.retrieval.select",
     "Manifest": "cm3leon_lightning.data.shards",
 }
 
