@@ -27,6 +27,7 @@ set_parsing_settings(docstring_parse_attribute_docstrings=True)
 EXTRA_COMMANDS: dict[str, str] = {
     "generate": "cm3leon_lightning.generation.cli:main",
     "prepare": "cm3leon_lightning.data.prepare:main",
+    "demo": "cm3leon_lightning.demo:main",
 }
 
 
