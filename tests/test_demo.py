@@ -1,0 +1,88 @@
+"""``cm3leon demo`` at the miniature size: every output file and metric key exists, reruns are reused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from cm3leon_lightning.demo import STAGES, main, run
+
+GEN_SPLITS = ("seen", "heldout")
+GEN_METHODS = ("no_guidance", "cfg", "cd_k", "cfg_rerank", "chance")
+ATTRS = {"all", "colour", "shape", "size", "position", "count"}
+
+
+@pytest.fixture(scope="module")
+def mini_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("demo") / "run"
+    result = run(out, "mini", threads=1, verbose=False)
+    return out, result
+
+
+def test_every_output_file_is_written(mini_run: tuple[Path, dict]) -> None:
+    out, result = mini_run
+    for name in ("samples.png", "metrics.json", "report.md", "demo.json"):
+        assert (out / name).is_file(), name
+    assert Path(result["samples"]) == out / "samples.png"
+    for stage in STAGES:
+        assert (out / stage / "stage.json").is_file(), stage
+    assert (out / "vqgan" / "model" / "config.json").is_file()
+    assert (out / "clip" / "clip.safetensors").is_file()
+    assert (out / "prepare" / "train" / "manifest.json").is_file()
+    assert (out / "prepare" / "val" / "manifest.json").is_file()
+    assert (out / "train" / "cm3leon.ckpt").is_file()
+    grid = Image.open(out / "samples.png")
+    assert grid.width > 5 * 96 and grid.height > 96  # five image columns of 3x-upscaled 32px images, with text
+
+
+def test_every_metric_key_is_present(mini_run: tuple[Path, dict]) -> None:
+    out, _ = mini_run
+    m = json.loads((out / "metrics.json").read_text())
+    gen = m["evaluate"]["generation"]
+    for split in GEN_SPLITS:
+        assert gen[split]["prompts"] == 3 and gen[split]["samples_per_prompt"] == 2
+        for method in GEN_METHODS:
+            assert set(gen[split][method]) == ATTRS, (split, method)
+            assert all(0.0 <= v <= 1.0 for v in gen[split][method].values())
+    for split in ("validation", "heldout"):
+        cap = m["evaluate"]["captioning"][split]
+        assert cap["images"] == 4
+        assert {"colour_and_shape", "colour", "shape", "cider"} <= set(cap)
+        assert {"colour_and_shape", "colour", "shape", "cider"} <= set(cap["chance"])
+    loss = m["evaluate"]["retrieval_loss"]
+    for k in ("with_retrieval", "without_retrieval"):
+        assert set(loss[k]) == {"all", "text", "image"} and loss[k]["all"] > 0
+    fid = m["evaluate"]["fid"]
+    assert "CLIP image tower" in fid["feature_extractor"]
+    assert {"no_guidance", "cfg", "cd_k", "reference_renders", "reference_vqgan_reconstructions"} <= set(fid)
+    assert set(m["vqgan"]["reconstruction"]) == {"renders", "reconstructions", "l1", "n"}
+    assert m["vqgan"]["reconstruction"]["renders"]["all"] == 1.0  # the checker on clean renders
+    assert m["train"]["steps"] == 2
+    assert len(m["targets"]) == 6 and all(isinstance(t["met"], bool) for t in m["targets"])
+    assert set(m["seconds"]) == set(STAGES) - {"report"}
+
+
+def test_report_states_targets_and_chance(mini_run: tuple[Path, dict]) -> None:
+    out, _ = mini_run
+    text = (out / "report.md").read_text()
+    for needle in ("## Targets", "chance", "CIDEr-D", "with retrieval", "without retrieval", "FID", "samples.png"):
+        assert needle in text, needle
+
+
+def test_rerun_reuses_every_stage_and_fresh_refuses_foreign_dirs(
+    mini_run: tuple[Path, dict], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out, _ = mini_run
+    before = {s: (out / s / "stage.json").stat().st_mtime_ns for s in STAGES}
+    main(["--out", str(out), "--size", "mini", "--threads", "1"])
+    assert "running" not in capsys.readouterr().out
+    assert {s: (out / s / "stage.json").stat().st_mtime_ns for s in STAGES} == before
+    foreign = tmp_path / "not_a_demo"
+    foreign.mkdir()
+    (foreign / "precious.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="refusing to delete"):
+        run(foreign, "mini", fresh=True, verbose=False)
+    assert (foreign / "precious.txt").is_file()
