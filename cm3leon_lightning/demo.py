@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -72,7 +73,7 @@ class DemoSize:
     samples_per_shard: int = 1000
     val_fraction: float = 0.05
     eval_prompts: int = 40
-    samples_per_prompt: int = 4
+    samples_per_prompt: int = 8
     caption_images: int = 100
     loss_docs: int = 200
     grid_prompts: int = 8
@@ -97,19 +98,28 @@ class DemoVQGANModule(VQGANModule):
     learns the colours within a few hundred steps at batch 8. Only the reconstruction term changes; ``rec_loss="l2"``
     takes neither the discriminator nor LPIPS.
 
+    With ``rec_loss="l2"`` the learning rate can also follow a cosine decay to ``min_lr_ratio * lr`` over
+    ``trainer.max_steps`` (sharper reconstructions at the end of a short run).
+
     Args:
         rec_loss: ``"l2"`` (squared error) or ``"l1"`` (``VQGANModule``'s loss).
+        lr_decay: ``"constant"`` or ``"cosine"`` (``rec_loss="l2"`` only).
+        min_lr_ratio: final learning rate as a fraction of ``lr`` with the cosine decay.
         **kwargs: the arguments of :class:`VQGANModule`.
     """
 
-    def __init__(self, rec_loss: str = "l2", **kwargs: Any) -> None:
+    def __init__(
+        self, rec_loss: str = "l2", lr_decay: str = "constant", min_lr_ratio: float = 0.1, **kwargs: Any
+    ) -> None:
+        if lr_decay not in ("constant", "cosine"):
+            raise ValueError(f"lr_decay must be 'constant' or 'cosine', got {lr_decay!r}")
         if rec_loss not in ("l1", "l2"):
             raise ValueError(f"rec_loss must be 'l1' or 'l2', got {rec_loss!r}")
         if rec_loss == "l2" and (kwargs.get("disc_weight", 0) > 0 or kwargs.get("perceptual_weight", 0) > 0):
             raise ValueError("rec_loss='l2' takes neither the discriminator nor LPIPS: set disc_weight and "
                              "perceptual_weight to 0")  # fmt: skip
         super().__init__(**kwargs)
-        self.rec_loss = rec_loss
+        self.rec_loss, self.lr_decay, self.min_lr_ratio = rec_loss, lr_decay, min_lr_ratio
 
     def training_step(self, batch: Any, batch_idx: int) -> Any:
         """One autoencoder step with the chosen reconstruction loss."""
@@ -119,6 +129,11 @@ class DemoVQGANModule(VQGANModule):
         x, x_rec, q = self._reconstruct(batch)  # (B, C, S, S) each, in [-1, 1]
         rec_loss = (x - x_rec).pow(2).mean()
         loss = rec_loss + self.hparams.codebook_weight * (q.codebook_loss + q.commitment_loss)
+        if self.lr_decay == "cosine" and self.trainer.max_steps > 0:
+            progress = min(1.0, int(self.train_steps) / self.trainer.max_steps)
+            ratio = self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+            for group in opt.param_groups:
+                group["lr"] = self.hparams.lr * ratio
         opt.zero_grad(set_to_none=True)
         self.manual_backward(loss)
         if self.hparams.gradient_clip_val:
@@ -200,8 +215,9 @@ def run_stage(ctx: Context, name: str, announce_cached: bool = True) -> dict[str
     title = f"[{STAGES.index(name) + 1}/{len(STAGES)}] {name:<9}"
     key = stage_key(ctx, name)
     saved = load_cached(ctx, name)
-    if saved is not None and announce_cached:
-        ctx.log(f"{title} cached ({saved['seconds']:.1f}s when it ran)")
+    if saved is not None:
+        if announce_cached:
+            ctx.log(f"{title} cached ({saved['seconds']:.1f}s when it ran)")
     else:
         directory = ctx.stage_dir(name)
         if directory.exists():
@@ -348,6 +364,7 @@ def stage_train(ctx: Context, out: Path) -> dict[str, Any]:
         "steps": int(cli.trainer.global_step),
         "parameters": sum(p.numel() for p in cli.model.model.parameters()),
         "config": cli.model.config.to_dict(),
+        "max_retrieved": int(cli.datamodule.hparams.max_retrieved),
         "metrics": metrics,
     }
 

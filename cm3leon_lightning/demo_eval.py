@@ -77,7 +77,34 @@ METHODS: dict[str, dict[str, Any]] = {
     "no_guidance": {"method": "top_p", "cfg": 1.0, "top_p": 0.9},
     "cfg": {"method": "top_p", "cfg": 3.0, "top_p": 0.9},
     "cd_k": {"method": "cd_k", "cdk_k": 8, "cdk_alpha": 0.5},
+    "cfg_mask": {"method": "top_p", "cfg": 3.0, "top_p": 0.9},
 }
+"""Decoding settings; ``cfg`` and ``cd_k`` use the ``<mask:0>`` unconditional stream (:func:`generate_guided`),
+``cfg_mask`` is ``generate_image``'s own ``<mask>`` stream, for comparison."""
+
+
+@torch.no_grad()
+def generate_guided(model: nn.Module, vocab: Any, prompts: list[list[int]], vqgan: nn.Module, num_samples: int,
+                    seed: int, **sampling: Any) -> torch.Tensor:  # fmt: skip
+    """Text-to-image with the unconditional stream ``<eos> <mask:0> <break>``: ``(P, N, C, H, W)`` images.
+
+    Paper section 3.1: "We replace the text with the mask token from the CM3 objective to facilitate unconditional
+    sampling". The CM3 objective masks a whole caption as the sentinel ``<mask:0>`` (``<eos> <mask:0> <break> image
+    ...``), so this stream is in the training distribution; the plain ``<mask>`` token of ``generate_image``'s
+    unconditional stream never occurs in training data (no caption dropout), and guidance towards it hurts here
+    (the report shows both).
+    """
+    from cm3leon_lightning.generation import Decoder, SamplingSpec
+    from cm3leon_lightning.generation.generate import image_prompt
+
+    cond = [image_prompt(vocab, p) for p in prompts]
+    uncond = [[vocab.eos_id, vocab.sentinel_id(0), vocab.break_id]] * len(prompts)
+    spec = SamplingSpec(streams=2, lo=vocab.n_text, hi=vocab.size, **sampling)  # only image codes are sampled
+    rows = [p for stream in (cond, uncond) for p in stream for _ in range(num_samples)]  # stream-major
+    dec = Decoder(model, spec, rows, vocab.image_tokens, seed=seed, compile=False)
+    codes = dec.run(dec.prefill(), vocab.image_tokens) - vocab.n_text  # (P*N, h*w)
+    images = vqgan.decode(codes)  # (P*N, C, H, W)
+    return images.view(len(prompts), num_samples, *images.shape[1:])
 
 
 def generation_eval(model: nn.Module, vocab: Any, tok: Any, vqgan: nn.Module, clip: Any, prompts: dict[str, list],
@@ -102,13 +129,18 @@ def generation_eval(model: nn.Module, vocab: Any, tok: Any, vqgan: nn.Module, cl
         ids = tok.encode_batch(captions)
         metrics[split], images[split] = {}, {}
         for name, kwargs in METHODS.items():
-            gen = generate_image(model, vocab, ids, num_samples=samples, seed=seed, vqgan=vqgan, **kwargs)
-            P, N = gen.images.shape[:2]
-            flat = to_uint8(gen.images.flatten(0, 1))  # (P*N, H, W, 3)
+            if name in ("cfg", "cd_k"):
+                generated = generate_guided(model, vocab, ids, vqgan, samples, seed, **kwargs)
+            else:
+                generated = generate_image(
+                    model, vocab, ids, num_samples=samples, seed=seed, vqgan=vqgan, **kwargs
+                ).images
+            P, N = generated.shape[:2]
+            flat = to_uint8(generated.flatten(0, 1))  # (P*N, H, W, 3)
             metrics[split][name] = attribute_scores(flat, [s for s in scenes for _ in range(N)])
             images[split][name] = flat.reshape(P, N, *flat.shape[1:])
             if name == "cfg":
-                best = rerank(clip, captions, gen.images)
+                best = rerank(clip, captions, generated)
                 picked = to_uint8(best.images[:, 0])
                 metrics[split]["cfg_rerank"] = attribute_scores(picked, scenes)
                 images[split]["cfg_rerank"] = picked[:, None]
@@ -188,6 +220,7 @@ def retrieval_loss(model: nn.Module, vocab: Any, samples: list[Any], max_retriev
     """
     from cm3leon_lightning.tokenization.vocab import Segment
 
+    max_len = model.config.max_seq_len + 1  # inputs are ids[:-1]
     out: dict[str, Any] = {"documents": len(samples), "max_retrieved": max_retrieved}
     for name, k in (("with_retrieval", max_retrieved), ("without_retrieval", 0)):
         sums = {"all": 0.0, "text": 0.0, "image": 0.0}
@@ -199,6 +232,9 @@ def retrieval_loss(model: nn.Module, vocab: Any, samples: list[Any], max_retriev
                 docs = [_neighbor_doc(n) for n in s.neighbors[:k]]
                 docs = [d for d in docs if d]
                 ids = vocab.example_to_ids(docs, query)
+                while len(ids) > max_len and docs:  # as training's context fitting: drop the last neighbours
+                    docs = docs[:-1]
+                    ids = vocab.example_to_ids(docs, query)
                 rows.append(ids)
                 starts.append(len(ids) - len(vocab.document_to_ids(query)) - 1)  # the query's <eos>
             T = max(len(r) for r in rows)
@@ -322,7 +358,13 @@ def evaluate(ctx: Context, out: Path) -> dict[str, Any]:
 
     # Retrieval: the query documents' loss with and without their retrieved neighbours in the prompt.
     t0 = time.perf_counter()
-    loss = retrieval_loss(model, vocab, val[: size.loss_docs])
+    max_retrieved = res["train"].get("max_retrieved")
+    if max_retrieved is None:  # a train stage recorded before the field existed: read the experiment file
+        import yaml
+
+        exp = yaml.safe_load((ctx.configs / "experiments" / "demo_shapes.yaml").read_text())
+        max_retrieved = exp["data"]["init_args"].get("max_retrieved", 3)
+    loss = retrieval_loss(model, vocab, val[: size.loss_docs], int(max_retrieved))
     seconds["retrieval_loss"] = time.perf_counter() - t0
 
     # FID in the trained CLIP image tower's feature space: generated (seen prompts) vs validation renders.

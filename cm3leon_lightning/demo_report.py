@@ -19,7 +19,8 @@ if TYPE_CHECKING:
 GRID_COLUMNS = (("render", "real render"), ("no_guidance", "no guidance"), ("cfg", "CFG 3"), ("cd_k", "CD-K"),
                 ("cfg_rerank", "CFG + CLIP"))  # fmt: skip
 METHOD_NAMES = {"no_guidance": "no guidance (top-p 0.9)", "cfg": "CFG 3.0 + top-p 0.9", "cd_k": "CD-K (k 8, alpha 0.5)",
-                "cfg_rerank": "CFG + CLIP re-ranking (best of N)"}  # fmt: skip
+                "cfg_rerank": "CFG + CLIP re-ranking (best of N)",
+                "cfg_mask": "CFG 3.0 + top-p 0.9, `<mask>` stream (generate_image)"}  # fmt: skip
 SPLIT_NAMES = {"seen": "seen combinations", "heldout": "held-out combinations (zero-shot)",
                "validation": "validation images (seen combinations)"}  # fmt: skip
 
@@ -115,12 +116,14 @@ def render_markdown(metrics: dict[str, Any]) -> str:
         g = gen[split]
         lines += [
             f"{SPLIT_NAMES[split]}: {g['prompts']} prompts x {g['samples_per_prompt']} samples "
-            "(re-ranking keeps one per prompt). Chance: the checker on real renders of other prompts' scenes.",
+            "(re-ranking keeps one per prompt). Chance: the checker on real renders of other prompts' scenes. "
+            "CFG and CD-K use the `<eos> <mask:0> <break>` unconditional stream (the CM3 sentinel that masks a whole "
+            "caption in training); the `<mask>` row uses generate_image's stream, a token no training example holds.",
             "",
             "| method | all | colour | shape | size | position | count |",
             "|---|---|---|---|---|---|---|",
         ]
-        for m in ("no_guidance", "cfg", "cd_k", "cfg_rerank", "chance"):
+        for m in ("no_guidance", "cfg", "cd_k", "cfg_rerank", "cfg_mask", "chance"):
             row = g[m]
             name = METHOD_NAMES.get(m, "chance")
             attrs = ("all", "colour", "shape", "size", "position", "count")

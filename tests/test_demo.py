@@ -11,7 +11,7 @@ from PIL import Image
 from cm3leon_lightning.demo import STAGES, main, run
 
 GEN_SPLITS = ("seen", "heldout")
-GEN_METHODS = ("no_guidance", "cfg", "cd_k", "cfg_rerank", "chance")
+GEN_METHODS = ("no_guidance", "cfg", "cd_k", "cfg_rerank", "cfg_mask", "chance")
 ATTRS = {"all", "colour", "shape", "size", "position", "count"}
 
 
