@@ -98,8 +98,9 @@ def render_markdown(metrics: dict[str, Any]) -> str:
         f"Synthetic shapes, {r['size']['image_size']}px images, {r['data']['counts']['train']} training pairs; "
         f"VQGAN {r['vqgan']['grid'][0]}x{r['vqgan']['grid'][1]} codes from {r['vqgan']['n_codes']}; "
         f"text BPE {r['tokenizer']['vocab_size']} ids; CM3Leon {r['train']['parameters'] / 1e6:.2f}M parameters "
-        f"trained {r['train']['steps']} steps. Stage times: {', '.join(f'{k} {v:.0f}s' for k, v in r['seconds'].items())}"
-        " (with more than one core the clip stage runs alongside the vqgan stage).",
+        f"trained {r['train']['steps']} steps. Stage times: "
+        + ", ".join(f"{k} {v:.0f}s" for k, v in r["seconds"].items())
+        + " (with more than one core the clip stage runs alongside the vqgan stage).",
         "",
         "![samples](samples.png)",
         "",
