@@ -19,15 +19,6 @@ from cm3leon_lightning.tokenization.text import TextTokenizer
 from cm3leon_lightning.tokenization.vocab import Segment
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny decode steps run far faster on one thread when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     """Tokenizer, micro VQGAN, a random tiny CM3Leon checkpoint, 12 shard documents with distinct captions, a random

@@ -28,15 +28,6 @@ ROOT = Path(__file__).resolve().parents[2]
 SETTINGS = {"num_samples": 2, "method": "top_p", "cfg": 2.0, "top_p": 0.8, "seed": 5}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny decode steps run far faster on one thread when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     """Tokenizer, micro VQGAN (16 px, 8x8 codes), a random tiny CM3LeonModule checkpoint, and a prompts file."""

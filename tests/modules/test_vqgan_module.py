@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import lightning as L
@@ -14,15 +13,6 @@ from safetensors.torch import save_file
 from cm3leon_lightning.data.images import ImageDataModule, synthetic_images
 from cm3leon_lightning.modules.vqgan import VQGANModule
 from cm3leon_lightning.modules.vqgan_losses import LPIPS, NLayerDiscriminator, adaptive_weight, hinge_d_loss
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """Small convolutions on a shared 2-core machine run fastest on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _trainer(tmp_path: Path, max_steps: int, **kwargs) -> L.Trainer:
@@ -47,7 +37,7 @@ def _held_out_error_and_usage(module: VQGANModule, images: torch.Tensor) -> tupl
     return err, codes.unique().numel()
 
 
-def test_tiny_vqgan_learns_generated_images(tmp_path: Path, one_thread: None) -> None:
+def test_tiny_vqgan_learns_generated_images(tmp_path: Path) -> None:
     torch.manual_seed(0)
     held_out = torch.from_numpy(synthetic_images(64, 16, seed=123)).permute(0, 3, 1, 2).contiguous()
     data = ImageDataModule(synthetic=512, synthetic_val=16, image_size=16, batch_size=8)
@@ -103,7 +93,7 @@ def test_lpips_loads_local_weights_and_measures_distance(tmp_path: Path) -> None
         LPIPS(tmp_path / "partial.safetensors")
 
 
-def test_gan_and_perceptual_path_trains_both_optimizers(tmp_path: Path, one_thread: None) -> None:
+def test_gan_and_perceptual_path_trains_both_optimizers(tmp_path: Path) -> None:
     torch.manual_seed(0)
     weights = _random_lpips_weights(tmp_path / "lpips.safetensors")
     module = VQGANModule(
