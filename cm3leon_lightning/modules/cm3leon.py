@@ -163,12 +163,9 @@ class CM3LeonModule(L.LightningModule):
             raise ValueError(
                 f"vocabulary mismatch: the checkpoint was trained with {saved_vocab}, the data has {self.hparams.vocab}"
             )
-        if saved_config is not None and saved_config != self.config.to_dict():
-            diff = {
-                k: (v, self.config.to_dict().get(k))
-                for k, v in saved_config.items()
-                if self.config.to_dict().get(k) != v
-            }
+        ours = self.config.to_dict()
+        if saved_config is not None and saved_config != ours:
+            diff = {k: (v, ours.get(k)) for k, v in saved_config.items() if ours.get(k) != v}
             raise ValueError(f"architecture mismatch between checkpoint and module (checkpoint, module): {diff}")
 
     # --------------------------------------------------------------------------------------------- building

@@ -198,3 +198,12 @@ def test_config_argument_and_bad_values() -> None:
     with pytest.raises(ValueError, match="lr_decay"):
         CM3LeonModule(lr_decay="step")
     assert math.isfinite(CM3LeonModule().hparams.lr)
+
+
+def test_architecture_mismatch_is_refused_naming_the_field() -> None:
+    saved = CM3LeonModule(preset="tiny")
+    checkpoint = {"hyper_parameters": dict(saved.hparams)}
+    other = CM3LeonModule(preset="tiny", config=CM3LeonConfig.from_preset("tiny", n_layer=3))
+    with pytest.raises(ValueError, match=r"architecture mismatch.*'n_layer': \(2, 3\)"):
+        other.on_load_checkpoint(checkpoint)
+    CM3LeonModule(preset="tiny").on_load_checkpoint(checkpoint)  # the same architecture loads
