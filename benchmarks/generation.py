@@ -5,8 +5,9 @@ For each preset (random weights; the timing does not depend on them) it measures
 * ``1 img``: one image with classifier-free guidance (2 streams: conditional + ``<mask>``), top-p sampling;
 * ``8 img``: eight candidates of one prompt with CFG (16 streams), in one batch;
 
-with :func:`cm3leon_lightning.generation.generate_image` in eager mode and with the compiled decode step
-(``torch.compile(mode="reduce-overhead")``, i.e. CUDA graphs, on GPU), and a plain reference loop in the same run:
+with :func:`cm3leon_lightning.generation.generate_image` in each decode-step mode of ``--modes`` (eager; on GPU also
+``torch.compile(mode="reduce-overhead")``, the eager step in one captured CUDA graph, and the inductor-compiled step
+in one captured CUDA graph; see ``generation/graphs.py``), and a plain reference loop in the same run:
 no KV cache (the whole sequence re-run every token), the two CFG streams as two separate forwards, and sampling with
 ``torch.multinomial`` followed by ``.item()`` (a host sync per token). The reference runs one image only and at most
 ``--reference-tokens`` tokens (its cost grows quadratically, so its ms/token is a lower bound for longer images).
@@ -34,6 +35,7 @@ import torch
 from cm3leon_lightning.config import CM3LeonConfig
 from cm3leon_lightning.generation import generate_image
 from cm3leon_lightning.generation.generate import image_prompt, unconditional_image_prompt
+from cm3leon_lightning.generation.graphs import MODES
 from cm3leon_lightning.model import CM3Leon
 from cm3leon_lightning.tokenization.vocab import MultimodalVocab
 
@@ -109,16 +111,19 @@ def bench_preset(preset: str, args: argparse.Namespace, device: str, dtype: torc
     model, vocab = build(preset, tokens, device, dtype)
     prompt = [vocab.num_special + (7 * i) % (vocab.n_text - vocab.num_special) for i in range(PROMPT_LEN)]
     rows = []
-    modes = ["eager"] + (["compiled"] if args.compile_enabled else [])
-    for mode in modes:
+    eager_codes: dict[int, torch.Tensor] = {}
+    for mode in args.modes:
         for n in (1, args.candidates):
-            kw = dict(num_samples=n, method="top_p", cfg=3.0, seed=0, compile=mode == "compiled")
+            kw = dict(num_samples=n, method="top_p", cfg=3.0, seed=0, compile=mode)
             t0 = time.perf_counter()
-            generate_image(model, vocab, [prompt], **kw)  # warm-up (compilation, CUDA graph capture)
+            codes = generate_image(model, vocab, [prompt], **kw).codes  # warm-up (compilation, graph capture)
             warm = time.perf_counter() - t0
+            eager_codes.setdefault(n, codes)  # the first mode (eager by default) is the reference
+            same = float((codes == eager_codes[n]).float().mean())
             sec = timed(lambda kw=kw: generate_image(model, vocab, [prompt], **kw), device, args.repeats)
             rows.append(dict(preset=preset, mode=mode, images=n, streams=2 * n, tokens=tokens, seconds=sec,
-                             sec_per_image=sec / n, ms_per_token=1e3 * sec / tokens, warmup_seconds=warm))  # fmt: skip
+                             sec_per_image=sec / n, ms_per_token=1e3 * sec / tokens, warmup_seconds=warm,
+                             same_codes=same))  # fmt: skip
             print(fmt_row(rows[-1]), flush=True)
     ref_tokens = min(tokens, args.reference_tokens)
     if ref_tokens > 0:
@@ -126,7 +131,7 @@ def bench_preset(preset: str, args: argparse.Namespace, device: str, dtype: torc
         sec = timed(lambda: reference_loop(model, vocab, prompt, ref_tokens, 3.0, 0), device, 1)
         rows.append(dict(preset=preset, mode="reference", images=1, streams=2, tokens=ref_tokens, seconds=sec,
                          sec_per_image=sec * tokens / ref_tokens, ms_per_token=1e3 * sec / ref_tokens,
-                         warmup_seconds=0.0, extrapolated=ref_tokens < tokens))  # fmt: skip
+                         warmup_seconds=0.0, same_codes=float("nan"), extrapolated=ref_tokens < tokens))  # fmt: skip
         print(fmt_row(rows[-1]), flush=True)
     model.clear_kv_cache()
     if device.startswith("cuda"):
@@ -134,15 +139,16 @@ def bench_preset(preset: str, args: argparse.Namespace, device: str, dtype: torc
     return rows
 
 
-HEADER = f"{'preset':<7} {'mode':<10} {'images':>6} {'streams':>7} {'tokens':>6} {'s total':>9} {'s/image':>9} " \
-         f"{'ms/token':>9} {'warm-up s':>9}"  # fmt: skip
+HEADER = f"{'preset':<7} {'mode':<15} {'images':>6} {'streams':>7} {'tokens':>6} {'s total':>9} {'s/image':>9} " \
+         f"{'ms/token':>9} {'warm-up s':>9} {'= first':>7}"  # fmt: skip
 
 
 def fmt_row(r: dict) -> str:
     note = " (s/image extrapolated linearly from fewer tokens: a lower bound)" if r.get("extrapolated") else ""
     return (
-        f"{r['preset']:<7} {r['mode']:<10} {r['images']:>6} {r['streams']:>7} {r['tokens']:>6} {r['seconds']:>9.3f} "
-        f"{r['sec_per_image']:>9.3f} {r['ms_per_token']:>9.2f} {r['warmup_seconds']:>9.1f}{note}"
+        f"{r['preset']:<7} {r['mode']:<15} {r['images']:>6} {r['streams']:>7} {r['tokens']:>6} {r['seconds']:>9.3f} "
+        f"{r['sec_per_image']:>9.3f} {r['ms_per_token']:>9.2f} {r['warmup_seconds']:>9.1f} "
+        f"{r['same_codes']:>7.3f}{note}"
     )
 
 
@@ -156,7 +162,12 @@ def main() -> None:
         "--reference-tokens", type=int, default=None, help="tokens of the plain loop (default 256 GPU, 8 CPU)"
     )
     p.add_argument("--repeats", type=int, default=None, help="timed repeats, best taken (default 3 GPU, 1 CPU)")
-    p.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="auto: on for CUDA only")
+    p.add_argument(
+        "--modes",
+        default=None,
+        help=f"comma-separated decode-step modes of {MODES} (default: eager,reduce-overhead,graph,inductor-graph on "
+        "CUDA; eager on CPU, add inductor to compile there)",
+    )
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="auto: bf16 on CUDA")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", default="generation_benchmark.json", help="where to write the results")
@@ -168,7 +179,11 @@ def main() -> None:
     args.image_tokens = args.image_tokens or (1024 if gpu else 16)
     args.reference_tokens = args.reference_tokens if args.reference_tokens is not None else (256 if gpu else 8)
     args.repeats = args.repeats or (3 if gpu else 1)
-    args.compile_enabled = args.compile == "on" or (args.compile == "auto" and gpu)
+    default_modes = "eager,reduce-overhead,graph,inductor-graph" if gpu else "eager"
+    args.modes = [m.strip() for m in (args.modes or default_modes).split(",")]
+    for m in args.modes:
+        if m not in MODES:
+            p.error(f"--modes: unknown mode {m!r}; choose from {MODES}")
     dtype = {"auto": torch.bfloat16 if gpu else torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16}
     dtype = dtype[args.dtype]
     name = torch.cuda.get_device_name(device) if gpu else platform.processor() or platform.machine()

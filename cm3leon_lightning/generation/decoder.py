@@ -3,8 +3,8 @@
 All rows of a generation (guidance streams x prompts x candidates) go through the transformer together: the
 left-padded prompts are prefilled in one forward, then :func:`decode_step` runs one forward per token for every row,
 combines the guidance streams (:func:`process_logits`), samples with device-side noise and feeds the same token back
-to every stream of a candidate. The step has static shapes and no host sync, so :func:`compiled_decode_step` can
-wrap it in ``torch.compile`` (CUDA graphs on GPU). This module imports no Lightning.
+to every stream of a candidate. The step has static shapes and no host sync, so it can run compiled and/or replayed
+from a captured CUDA graph (:mod:`~cm3leon_lightning.generation.graphs`). This module imports no Lightning.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from cm3leon_lightning.generation.graphs import GraphedStep, compiled, graphed_step, resolve_mode
 from cm3leon_lightning.generation.sampling import (
     cdk_logits,
     cfg_logits,
@@ -154,16 +155,10 @@ def decode_step(
     return picked, picked.repeat(spec.streams)[:, None]
 
 
-_COMPILED: dict[str, Callable[..., Any]] = {}
-
-
 def compiled_decode_step(device: torch.device) -> Callable[..., tuple[Tensor, Tensor]]:
-    """:func:`decode_step` through ``torch.compile``: ``mode="reduce-overhead"`` (CUDA graphs) on CUDA, the default
-    mode elsewhere. Compiled once per mode and shared; dynamo specializes it per model, shape and spec."""
-    mode = "reduce-overhead" if device.type == "cuda" else "default"
-    if mode not in _COMPILED:
-        _COMPILED[mode] = torch.compile(decode_step, mode=mode, fullgraph=True, dynamic=False)
-    return _COMPILED[mode]
+    """:func:`decode_step` through ``torch.compile``: ``mode="reduce-overhead"`` (CUDA-graph trees) on CUDA, the
+    default mode elsewhere. Compiled once per mode and shared; dynamo specializes it per model, shape and spec."""
+    return compiled(decode_step, "reduce-overhead" if device.type == "cuda" else "inductor")
 
 
 # ------------------------------------------------------------------------------------------------ the runner
@@ -194,7 +189,9 @@ class Decoder:
         max_new_tokens: the most tokens this decoder will produce (sizes the cache).
         seed: seed of the device-side ``torch.Generator`` (None: nondeterministic).
         allowed: optional ``(hi - lo,)`` bool constraint.
-        compile: use :func:`compiled_decode_step`; None means "on CUDA".
+        compile: how the decode step runs (:func:`~cm3leon_lightning.generation.graphs.resolve_mode`): None means
+            compiled on CUDA and eager elsewhere; True compiled; False eager; or a mode name of
+            :data:`~cm3leon_lightning.generation.graphs.MODES`. Every mode gives the eager step's tokens.
     """
 
     def __init__(
@@ -205,11 +202,11 @@ class Decoder:
         max_new_tokens: int,
         seed: int | None = None,
         allowed: Tensor | None = None,
-        compile: bool | None = None,
+        compile: bool | str | None = None,
     ) -> None:
         if len(rows) % spec.streams:
             raise ValueError(f"{len(rows)} prompt rows do not split into {spec.streams} guidance streams")
-        self.model, self.spec, self.allowed = model, spec, allowed
+        self.model, self.spec = model, spec
         self.device = _device(model)
         self.rows = len(rows) // spec.streams
         self.ids, self.mask = left_pad(rows, 0, self.device)  # (S*R, L)
@@ -240,10 +237,26 @@ class Decoder:
             self.generator.seed()
         else:
             self.generator.manual_seed(seed)
-        use_compile = self.device.type == "cuda" if compile is None else compile
-        self.step_fn = compiled_decode_step(self.device) if use_compile else decode_step
-        self.cuda_graphs = use_compile and self.device.type == "cuda"
+        self.mode = resolve_mode(compile, self.device)
+        self.step_fn: Callable[..., Any] = (
+            decode_step if self.mode in ("eager", "graph") else compiled(decode_step, self.mode)
+        )
+        self.graph: GraphedStep | None = None
+        self.allowed = allowed  # selects the captured graph in the graph modes
         self.input_pos = torch.tensor([self.prompt_len], device=self.device)
+
+    @property
+    def allowed(self) -> Tensor | None:
+        """The ``(hi - lo,)`` bool constraint of the sampled ids (None: all allowed); settable between tokens."""
+        return self._allowed
+
+    @allowed.setter
+    def allowed(self, value: Tensor | None) -> None:
+        self._allowed = value
+        if self.mode in ("graph", "inductor-graph"):  # one captured graph per cache, mode, spec, rows, constraint
+            mask = None if value is None else value.cpu().numpy().tobytes()
+            key = (self.mode, self.spec, len(self.ids), mask)
+            self.graph = graphed_step(self.model.kv_cache, key, self.step_fn, self.spec, value)
 
     def _noise(self) -> Tensor | None:
         if self.spec.greedy:
@@ -271,10 +284,13 @@ class Decoder:
     def step(self, feed: Tensor) -> tuple[Tensor, Tensor]:
         """Feed ``(S * R, 1)`` at the current slot, advance it, and return the next token and feed."""
         noise = self._noise()
-        if self.cuda_graphs:
-            torch.compiler.cudagraph_mark_step_begin()
-        picked, nxt = self.step_fn(self.model, feed, self.input_pos, noise, self.spec, self.allowed)
-        self.input_pos += 1  # in place: a captured graph reads the new value
+        if self.graph is not None:
+            picked, nxt = self.graph(self.model, feed, self.input_pos, noise)
+        else:
+            if self.mode == "reduce-overhead":
+                torch.compiler.cudagraph_mark_step_begin()
+            picked, nxt = self.step_fn(self.model, feed, self.input_pos, noise, self.spec, self.allowed)
+        self.input_pos += 1
         return picked.clone(), nxt.clone()  # CUDA-graph outputs are overwritten by the next replay
 
     def run(

@@ -92,6 +92,10 @@ class KVCache(nn.Module):
         self.register_buffer(
             "valid", torch.zeros(batch_size, max_seq_len, device=device, dtype=torch.bool), persistent=False
         )
+        for buf in (self.k, self.v, self.valid):
+            # Fixed addresses: torch.compile(mode="reduce-overhead") then treats the in-place cache writes as static
+            # buffer updates instead of skipping CUDA graphs for "mutated inputs".
+            torch._dynamo.mark_static_address(buf, guard=False)
 
     @property
     def batch_size(self) -> int:

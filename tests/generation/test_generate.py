@@ -180,22 +180,30 @@ def test_clear_errors():
         generate_image(model, VOCAB, [[20], [21]], retrieved=[[]])
 
 
+CUDA = torch.cuda.is_available()
+COMPILED_MODES = ["reduce-overhead", "graph", "inductor-graph"] if CUDA else ["inductor"]
+
+
 @pytest.mark.skipif(
-    os.environ.get("CM3LEON_TEST_COMPILE") != "1" and not torch.cuda.is_available(),
+    os.environ.get("CM3LEON_TEST_COMPILE") != "1" and not CUDA,
     reason="torch.compile of the step takes about a minute on 2 CPU cores; set CM3LEON_TEST_COMPILE=1",
 )
-def test_compiled_step_equals_eager():
-    device = "cuda" if torch.cuda.is_available() else "cpu"  # on CUDA: mode="reduce-overhead" (CUDA graphs)
+@pytest.mark.parametrize("mode", COMPILED_MODES)
+def test_compiled_and_graphed_steps_equal_eager(mode):
+    device = "cuda" if CUDA else "cpu"
     model = random_model(seed=6, dtype=torch.float32).to(device)
     kwargs = dict(num_samples=2, method="top_p", cfg=3.0, seed=3)
-    compiled = generate_image(model, VOCAB, PROMPTS, compile=True, **kwargs).codes
-    again = generate_image(model, VOCAB, PROMPTS, compile=True, **kwargs).codes  # replays the captured step
+    first = generate_image(model, VOCAB, PROMPTS, compile=mode, **kwargs).codes
+    again = generate_image(model, VOCAB, PROMPTS, compile=mode, **kwargs).codes  # replays the captured step
     eager = generate_image(model, VOCAB, PROMPTS, compile=False, **kwargs).codes
-    assert torch.equal(compiled, eager) and torch.equal(again, eager)
+    assert torch.equal(first, eager) and torch.equal(again, eager)
     text = dict(max_new_tokens=6, method="greedy")
-    assert generate_text(model, VOCAB, eager[:, 0], compile=True, **text) == generate_text(
+    assert generate_text(model, VOCAB, eager[:, 0], compile=mode, **text) == generate_text(
         model, VOCAB, eager[:, 0], compile=False, **text
     )
+    # infilling switches the text/image constraint between spans: each constraint gets its own graph
+    body = [VOCAB.eos_id, 20, VOCAB.sentinel_id(0), 22, VOCAB.break_id, 40, 41, VOCAB.sentinel_id(1), 45]
+    assert infill(model, VOCAB, body, compile=mode).ids == infill(model, VOCAB, body, compile=False).ids
 
 
 # ------------------------------------------------------------------------------------------ a trained tiny model

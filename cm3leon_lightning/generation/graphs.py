@@ -1,0 +1,120 @@
+"""How the single-token decode step runs: eager, compiled, or replayed from a captured CUDA graph.
+
+A decode step at batch 2 is a few hundred small kernels; launching them one by one from Python costs more than
+running them. Two ways to remove that cost, both giving the eager step's tokens:
+
+* ``reduce-overhead``: ``torch.compile(decode_step, mode="reduce-overhead")``, i.e. inductor kernels replayed through
+  CUDA-graph trees, which manage the static inputs themselves;
+* ``graph`` / ``inductor-graph``: :class:`GraphedStep` captures the eager step (``graph``) or the inductor-compiled one
+  (``inductor-graph``) once, in one ``torch.cuda.CUDAGraph`` with static input buffers, and replays it every token.
+  Nothing is checked or copied per replay beyond the three small inputs, and the KV cache (the model's buffers) is
+  read and written in place.
+
+:func:`resolve_mode` turns the user-facing ``compile`` argument (``None``, a bool or a mode name) into one of
+:data:`MODES`. This module imports no Lightning.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Hashable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+MODES = ("eager", "inductor", "reduce-overhead", "graph", "inductor-graph")
+"""Decode-step modes: ``eager``; ``inductor`` (``torch.compile``, no CUDA graphs; the compiled mode on CPU);
+``reduce-overhead`` (``torch.compile`` with CUDA-graph trees); ``graph`` (the eager step in one captured CUDA graph);
+``inductor-graph`` (the compiled step in one captured CUDA graph)."""
+CUDA_ONLY = ("reduce-overhead", "graph", "inductor-graph")
+DEFAULT_CUDA_MODE = "inductor-graph"
+"""What ``compile=None`` or ``True`` picks on CUDA (the fastest in ``benchmarks/generation.py``; see
+docs/benchmarks.md)."""
+
+
+def resolve_mode(compile: bool | str | None, device: torch.device) -> str:
+    """The decode-step mode for a ``compile`` argument: ``None`` means compiled on CUDA and eager elsewhere,
+    ``True`` the device's compiled mode, ``False`` eager, a string one of :data:`MODES` by name."""
+    cuda = device.type == "cuda"
+    if compile is None:
+        return DEFAULT_CUDA_MODE if cuda else "eager"
+    if compile is True:
+        return DEFAULT_CUDA_MODE if cuda else "inductor"
+    if compile is False:
+        return "eager"
+    if compile not in MODES:
+        raise ValueError(f"compile must be None, a bool or one of {MODES}, got {compile!r}")
+    if compile in CUDA_ONLY and not cuda:
+        raise ValueError(f"compile={compile!r} needs a CUDA device; the model is on {device}")
+    return compile
+
+
+_COMPILED: dict[str, Callable[..., Any]] = {}
+
+
+def compiled(fn: Callable[..., Any], mode: str) -> Callable[..., Any]:
+    """``torch.compile(fn)`` for ``mode`` (``inductor``/``inductor-graph``: default mode; ``reduce-overhead``),
+    compiled once per function and mode and shared; dynamo specializes it per model, shape and spec."""
+    torch_mode = "reduce-overhead" if mode == "reduce-overhead" else "default"
+    key = f"{fn.__module__}.{fn.__qualname__}:{torch_mode}"
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(fn, mode=torch_mode, fullgraph=True, dynamic=False)
+    return _COMPILED[key]
+
+
+class GraphedStep:
+    """A decode step captured in one CUDA graph: copy the inputs into static buffers, replay, read static outputs.
+
+    The step is ``step_fn(model, feed, input_pos, noise, *args)`` returning a tuple of tensors. Capture happens on
+    the first call, with that call's inputs: two warm-up runs on a side stream (they compile, pick cuBLAS kernels,
+    and write the KV cache at the current slot, which the captured replay then overwrites with the same values),
+    then the capture, then one replay. Later calls must keep the shapes and the model's buffers (a new KV cache
+    needs a new :class:`GraphedStep`).
+
+    Args:
+        step_fn: the step to capture (eager or compiled).
+        args: the step's trailing arguments, fixed for the graph's lifetime (e.g. the sampling spec and
+            constraint).
+    """
+
+    def __init__(self, step_fn: Callable[..., tuple[Tensor, ...]], *args: Any) -> None:
+        self.step_fn, self.args = step_fn, args
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.static_in: tuple[Tensor | None, ...] = ()
+        self.static_out: tuple[Tensor, ...] = ()
+
+    def __call__(self, model: Any, feed: Tensor, input_pos: Tensor, noise: Tensor | None) -> tuple[Tensor, ...]:
+        """Run the step on ``feed``, ``input_pos`` and ``noise``; the outputs are overwritten by the next call."""
+        if self.graph is None:
+            self._capture(model, feed, input_pos, noise)
+        else:
+            for buf, value in zip(self.static_in, (feed, input_pos, noise)):
+                if buf is not None:
+                    buf.copy_(value)
+        self.graph.replay()
+        return self.static_out
+
+    def _capture(self, model: Any, feed: Tensor, input_pos: Tensor, noise: Tensor | None) -> None:
+        self.static_in = (feed.clone(), input_pos.clone(), None if noise is None else noise.clone())
+        stream = torch.cuda.Stream(device=feed.device)
+        stream.wait_stream(torch.cuda.current_stream(feed.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self.step_fn(model, *self.static_in, *self.args)
+        torch.cuda.current_stream(feed.device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.static_out = tuple(self.step_fn(model, *self.static_in, *self.args))
+
+
+_GRAPHS: weakref.WeakKeyDictionary[Any, dict[Hashable, GraphedStep]] = weakref.WeakKeyDictionary()
+
+
+def graphed_step(cache: Any, key: Hashable, step_fn: Callable[..., tuple[Tensor, ...]], *args: Any) -> GraphedStep:
+    """The :class:`GraphedStep` of ``step_fn`` for this KV cache and ``key`` (mode, spec, shapes, constraint),
+    created on first use; a graph lives as long as the cache whose buffers it reads and writes."""
+    graphs = _GRAPHS.setdefault(cache, {})
+    if key not in graphs:
+        graphs[key] = GraphedStep(step_fn, *args)
+    return graphs[key]
