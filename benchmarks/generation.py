@@ -25,12 +25,14 @@ Prints a table and writes the numbers as JSON (``--json``, default ``generation_
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import platform
 import time
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from cm3leon_lightning.config import CM3LeonConfig
 from cm3leon_lightning.generation import generate_image
@@ -168,6 +170,12 @@ def main() -> None:
         help=f"comma-separated decode-step modes of {MODES} (default: eager,reduce-overhead,graph,inductor-graph on "
         "CUDA; eager on CPU, add inductor to compile there)",
     )
+    p.add_argument(
+        "--sdpa",
+        choices=["default", "efficient", "math"],
+        default="default",
+        help="restrict scaled_dot_product_attention to one backend (plus math as fallback) for the whole run",
+    )
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="auto: bf16 on CUDA")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", default="generation_benchmark.json", help="where to write the results")
@@ -192,11 +200,13 @@ def main() -> None:
           f"{args.image_tokens} image tokens per image{note}")  # fmt: skip
     print(HEADER)
     rows = []
-    for preset in args.presets.split(","):
-        rows += bench_preset(preset.strip(), args, device, dtype)
+    backends = {"efficient": [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH], "math": [SDPBackend.MATH]}
+    with sdpa_kernel(backends[args.sdpa]) if args.sdpa != "default" else contextlib.nullcontext():
+        for preset in args.presets.split(","):
+            rows += bench_preset(preset.strip(), args, device, dtype)
     meta = dict(device=device, device_name=name, torch=torch.__version__, dtype=str(dtype),
                 image_tokens=args.image_tokens, candidates=args.candidates, repeats=args.repeats,
-                threads=torch.get_num_threads())  # fmt: skip
+                threads=torch.get_num_threads(), sdpa=args.sdpa)  # fmt: skip
     with open(args.json, "w", encoding="utf-8") as f:
         json.dump({"meta": meta, "results": rows}, f, indent=2)
     print(f"wrote {args.json}")

@@ -225,10 +225,10 @@ class Decoder:
             cache is None
             or cache.batch_size != len(rows)
             or cache.max_seq_len != slots
-            or cache.k.device != weight.device
-            or cache.k.dtype != weight.dtype
+            or cache.device != weight.device
+            or cache.dtype != weight.dtype
             # A cache made under torch.inference_mode (e.g. inside trainer.validate) cannot be updated outside it.
-            or cache.k.is_inference() != torch.is_inference_mode_enabled()
+            or cache.valid.is_inference() != torch.is_inference_mode_enabled()
         )
         if stale:
             model.setup_kv_cache(len(rows), slots)

@@ -58,9 +58,12 @@ def padding_causal_mask(valid: Tensor, input_pos: Tensor) -> Tensor:
 class KVCache(nn.Module):
     """Preallocated keys and values of every layer, plus the slot validity mask.
 
-    Buffers (not saved in ``state_dict``): ``k`` and ``v`` of shape ``(n_layer, B, n_head, S, head_dim)`` and
-    ``valid`` of shape ``(B, S)``. Stale contents never leak into a new generation that starts again at slot 0:
-    a query only reads slots at or before its own, which the new generation has written. :meth:`reset` is hygiene.
+    Buffers (not saved in ``state_dict``): per layer ``i``, ``k{i}`` and ``v{i}`` of shape ``(B, n_head, S, head_dim)``
+    (one buffer per layer, written with ``index_put_``: inductor then updates them in place; one shared 5-D buffer
+    written through per-layer views makes a compiled step copy the whole cache every layer), and ``valid`` of shape
+    ``(B, S)``. :attr:`k` and :attr:`v` stack the layers ``(n_layer, B, n_head, S, head_dim)`` for inspection.
+    Stale contents never leak into a new generation that starts again at slot 0: a query only reads slots at or
+    before its own, which the new generation has written. :meth:`reset` is hygiene.
 
     Args:
         n_layer: number of transformer blocks.
@@ -86,26 +89,52 @@ class KVCache(nn.Module):
         for name, value in (("n_layer", n_layer), ("batch_size", batch_size), ("max_seq_len", max_seq_len)):
             if value < 1:
                 raise ValueError(f"KVCache {name} must be >= 1, got {value}")
-        shape = (n_layer, batch_size, n_head, max_seq_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        shape = (batch_size, n_head, max_seq_len, head_dim)
+        self.n_layer = n_layer
+        for i in range(n_layer):
+            self.register_buffer(f"k{i}", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+            self.register_buffer(f"v{i}", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer(
             "valid", torch.zeros(batch_size, max_seq_len, device=device, dtype=torch.bool), persistent=False
         )
-        for buf in (self.k, self.v, self.valid):
+        for buf in self.buffers():
             # Fixed addresses: torch.compile(mode="reduce-overhead") then treats the in-place cache writes as static
             # buffer updates instead of skipping CUDA graphs for "mutated inputs".
             torch._dynamo.mark_static_address(buf, guard=False)
 
+    def layer(self, i: int) -> tuple[Tensor, Tensor]:
+        """Keys and values ``(B, n_head, S, head_dim)`` of layer ``i`` (the buffers themselves)."""
+        return getattr(self, f"k{i}"), getattr(self, f"v{i}")
+
+    @property
+    def k(self) -> Tensor:
+        """All keys stacked, ``(n_layer, B, n_head, S, head_dim)`` (a copy, for inspection)."""
+        return torch.stack([self.layer(i)[0] for i in range(self.n_layer)])
+
+    @property
+    def v(self) -> Tensor:
+        """All values stacked, ``(n_layer, B, n_head, S, head_dim)`` (a copy, for inspection)."""
+        return torch.stack([self.layer(i)[1] for i in range(self.n_layer)])
+
     @property
     def batch_size(self) -> int:
         """Rows B of the cache."""
-        return self.k.shape[1]
+        return self.valid.shape[0]
 
     @property
     def max_seq_len(self) -> int:
         """Slots S of the cache."""
-        return self.k.shape[3]
+        return self.valid.shape[1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """dtype of the keys and values."""
+        return self.k0.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Where the cache lives."""
+        return self.valid.device
 
     def update(self, layer: int, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write one layer's new keys/values at slots ``input_pos`` and return that layer's full cache.
@@ -119,9 +148,9 @@ class KVCache(nn.Module):
         Returns:
             Keys and values ``(B, n_head, S, head_dim)`` of the layer (views into the cache).
         """
-        k_all, v_all = self.k[layer], self.v[layer]  # (B, H, S, D)
-        k_all.index_copy_(2, input_pos, k.to(k_all.dtype))
-        v_all.index_copy_(2, input_pos, v.to(v_all.dtype))
+        k_all, v_all = self.layer(layer)  # (B, H, S, D)
+        k_all[:, :, input_pos] = k.to(k_all.dtype)  # index_put_ on the layer's own buffer
+        v_all[:, :, input_pos] = v.to(v_all.dtype)
         return k_all, v_all
 
     def update_valid(self, input_pos: Tensor, mask: Tensor) -> None:
@@ -138,6 +167,5 @@ class KVCache(nn.Module):
 
     def reset(self) -> None:
         """Zero keys, values and the validity mask in place (buffers keep their addresses for CUDA graphs)."""
-        self.k.zero_()
-        self.v.zero_()
-        self.valid.zero_()
+        for buf in self.buffers():
+            buf.zero_()

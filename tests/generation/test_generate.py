@@ -263,8 +263,8 @@ def test_cache_made_in_inference_mode_is_not_reused_outside_it() -> None:
     model = CM3Leon(CM3LeonConfig.from_preset("tiny", vocab_size=vocab.padded_size)).eval()
     with torch.inference_mode():
         first = generate_image(model, vocab, [[10, 11]], method="greedy", cfg=1.0, compile=False).codes
-    assert model.kv_cache.k.is_inference()
+    assert model.kv_cache.layer(0)[0].is_inference()
     with torch.no_grad():
         second = generate_image(model, vocab, [[10, 11]], method="greedy", cfg=1.0, compile=False).codes
-    assert not model.kv_cache.k.is_inference()
+    assert not model.kv_cache.layer(0)[0].is_inference()
     assert torch.equal(first, second)

@@ -27,7 +27,7 @@ def test_mask_is_causal_skips_padding_and_always_keeps_the_own_slot():
 
 def test_cache_writes_slots_in_place_and_resets():
     cache = KVCache(n_layer=2, batch_size=2, n_head=1, max_seq_len=4, head_dim=1)
-    k_ptr = cache.k.data_ptr()
+    k_ptr = cache.layer(1)[0].data_ptr()
     k_new = torch.tensor([1.0, 2.0]).view(2, 1, 1, 1)  # (B, H, T=1, D)
     k_all, v_all = cache.update(1, torch.tensor([2]), k_new, -k_new)
     assert k_all.shape == (2, 1, 4, 1)
@@ -38,7 +38,7 @@ def test_cache_writes_slots_in_place_and_resets():
     assert cache.valid.int().tolist() == [[0, 1, 1, 0], [0, 1, 1, 0]]
     assert cache.positions(torch.tensor([2])).tolist() == [[1], [1]]
     cache.reset()
-    assert cache.k.data_ptr() == k_ptr and not cache.k.any() and not cache.v.any() and not cache.valid.any()
+    assert cache.layer(1)[0].data_ptr() == k_ptr and not cache.k.any() and not cache.v.any() and not cache.valid.any()
     assert (cache.batch_size, cache.max_seq_len) == (2, 4)
     with pytest.raises(ValueError, match="KVCache batch_size must be >= 1, got 0"):
         KVCache(n_layer=1, batch_size=0, n_head=1, max_seq_len=4, head_dim=1)
