@@ -77,34 +77,11 @@ METHODS: dict[str, dict[str, Any]] = {
     "no_guidance": {"method": "top_p", "cfg": 1.0, "top_p": 0.9},
     "cfg": {"method": "top_p", "cfg": 3.0, "top_p": 0.9},
     "cd_k": {"method": "cd_k", "cdk_k": 8, "cdk_alpha": 0.5},
-    "cfg_mask": {"method": "top_p", "cfg": 3.0, "top_p": 0.9},
+    "cfg_mask": {"method": "top_p", "cfg": 3.0, "top_p": 0.9, "plain_mask": True},
 }
-"""Decoding settings; ``cfg`` and ``cd_k`` use the ``<mask:0>`` unconditional stream (:func:`generate_guided`),
-``cfg_mask`` is ``generate_image``'s own ``<mask>`` stream, for comparison."""
-
-
-@torch.no_grad()
-def generate_guided(model: nn.Module, vocab: Any, prompts: list[list[int]], vqgan: nn.Module, num_samples: int,
-                    seed: int, **sampling: Any) -> torch.Tensor:  # fmt: skip
-    """Text-to-image with the unconditional stream ``<eos> <mask:0> <break>``: ``(P, N, C, H, W)`` images.
-
-    Paper section 3.1: "We replace the text with the mask token from the CM3 objective to facilitate unconditional
-    sampling". The CM3 objective masks a whole caption as the sentinel ``<mask:0>`` (``<eos> <mask:0> <break> image
-    ...``), so this stream is in the training distribution; the plain ``<mask>`` token of ``generate_image``'s
-    unconditional stream never occurs in training data (no caption dropout), and guidance towards it hurts here
-    (the report shows both).
-    """
-    from cm3leon_lightning.generation import Decoder, SamplingSpec
-    from cm3leon_lightning.generation.generate import image_prompt
-
-    cond = [image_prompt(vocab, p) for p in prompts]
-    uncond = [[vocab.eos_id, vocab.sentinel_id(0), vocab.break_id]] * len(prompts)
-    spec = SamplingSpec(streams=2, lo=vocab.n_text, hi=vocab.size, **sampling)  # only image codes are sampled
-    rows = [p for stream in (cond, uncond) for p in stream for _ in range(num_samples)]  # stream-major
-    dec = Decoder(model, spec, rows, vocab.image_tokens, seed=seed, compile=False)
-    codes = dec.run(dec.prefill(), vocab.image_tokens) - vocab.n_text  # (P*N, h*w)
-    images = vqgan.decode(codes)  # (P*N, C, H, W)
-    return images.view(len(prompts), num_samples, *images.shape[1:])
+"""Decoding settings of :func:`~cm3leon_lightning.generation.generate_image`; ``cfg`` and ``cd_k`` use its
+unconditional stream ``<eos> <mask:0> <break>``; ``cfg_mask`` (``plain_mask``) the plain ``<mask>`` id in its place,
+a token no training example holds, for comparison."""
 
 
 def generation_eval(model: nn.Module, vocab: Any, tok: Any, vqgan: nn.Module, clip: Any, prompts: dict[str, list],
@@ -129,12 +106,12 @@ def generation_eval(model: nn.Module, vocab: Any, tok: Any, vqgan: nn.Module, cl
         ids = tok.encode_batch(captions)
         metrics[split], images[split] = {}, {}
         for name, kwargs in METHODS.items():
-            if name in ("cfg", "cd_k"):
-                generated = generate_guided(model, vocab, ids, vqgan, samples, seed, **kwargs)
-            else:
-                generated = generate_image(
-                    model, vocab, ids, num_samples=samples, seed=seed, vqgan=vqgan, **kwargs
-                ).images
+            kwargs = dict(kwargs)
+            if kwargs.pop("plain_mask", False):
+                kwargs["unconditional"] = [vocab.eos_id, vocab.mask_id, vocab.break_id]
+            generated = generate_image(
+                model, vocab, ids, num_samples=samples, seed=seed, vqgan=vqgan, compile=False, **kwargs
+            ).images
             P, N = generated.shape[:2]
             flat = to_uint8(generated.flatten(0, 1))  # (P*N, H, W, 3)
             metrics[split][name] = attribute_scores(flat, [s for s in scenes for _ in range(N)])

@@ -20,7 +20,7 @@ GRID_COLUMNS = (("render", "real render"), ("no_guidance", "no guidance"), ("cfg
                 ("cfg_rerank", "CFG + CLIP"))  # fmt: skip
 METHOD_NAMES = {"no_guidance": "no guidance (top-p 0.9)", "cfg": "CFG 3.0 + top-p 0.9", "cd_k": "CD-K (k 8, alpha 0.5)",
                 "cfg_rerank": "CFG + CLIP re-ranking (best of N)",
-                "cfg_mask": "CFG 3.0 + top-p 0.9, `<mask>` stream (generate_image)"}  # fmt: skip
+                "cfg_mask": "CFG 3.0 + top-p 0.9, plain `<mask>` stream"}  # fmt: skip
 SPLIT_NAMES = {"seen": "seen combinations", "heldout": "held-out combinations (zero-shot)",
                "validation": "validation images (seen combinations)"}  # fmt: skip
 
@@ -119,7 +119,7 @@ def render_markdown(metrics: dict[str, Any]) -> str:
             f"{SPLIT_NAMES[split]}: {g['prompts']} prompts x {g['samples_per_prompt']} samples "
             "(re-ranking keeps one per prompt). Chance: the checker on real renders of other prompts' scenes. "
             "CFG and CD-K use the `<eos> <mask:0> <break>` unconditional stream (the CM3 sentinel that masks a whole "
-            "caption in training); the `<mask>` row uses generate_image's stream, a token no training example holds.",
+            "caption in training); the `<mask>` row puts the plain `<mask>` id there, which no training example holds.",
             "",
             "| method | all | colour | shape | size | position | count |",
             "|---|---|---|---|---|---|---|",

@@ -67,7 +67,7 @@ class GenerationSettings:
     cdk_k: int = 8
     cdk_alpha: float = 0.5
     seed: int = 0
-    compile: bool | None = None
+    compile: bool | str | None = None
 
     def __post_init__(self) -> None:
         if self.num_samples < 1:
@@ -106,11 +106,15 @@ def image_prompt(vocab: MultimodalVocab, text_ids: Sequence[int], retrieved: Seq
 
 
 def unconditional_image_prompt(vocab: MultimodalVocab) -> list[int]:
-    """The unconditional CFG stream (paper equation (1)): ``<eos> <mask> <break>``, ``<mask>`` in place of the text.
+    """The unconditional CFG stream (paper equation (1)): ``<eos> <mask:0> <break>``, the caption masked.
 
-    Retrieved documents are left out too: they were retrieved for the text, so they are part of the condition.
+    Paper section 3.1 replaces the text "with the mask token from the CM3 objective". The CM3 objective masks a whole
+    caption as the first sentinel, so training holds exactly ``<eos> <mask:0> <break> image ...``; the plain
+    ``<mask>`` id occurs in no training example (measured in the demo: guidance towards ``<mask>`` gave no gain over
+    no guidance, ``<mask:0>`` did; docs/architecture.md). Retrieved documents are left out too: they were retrieved
+    for the text, so they are part of the condition.
     """
-    return [vocab.eos_id, vocab.mask_id, vocab.break_id]
+    return [vocab.eos_id, vocab.sentinel_id(0), vocab.break_id]
 
 
 def caption_prompt(vocab: MultimodalVocab, codes: Sequence[int], instruction: Sequence[int] = ()) -> list[int]:
@@ -174,7 +178,7 @@ def _run_image(
     streams: list[list[list[int]]],
     num_samples: int,
     seed: int | None,
-    compile: bool | None,
+    compile: bool | str | None,
 ) -> Tensor:
     """Decode exactly ``grid_h * grid_w`` codes for ``streams[s][p]`` prompts; returns ``(P, N, h*w)`` codes."""
     rows = [prompt for stream in streams for prompt in stream for _ in range(num_samples)]  # stream-major
@@ -201,14 +205,15 @@ def generate_image(
     cdk_alpha: float = 0.5,
     seed: int | None = None,
     vqgan: nn.Module | None = None,
-    compile: bool | None = None,
+    compile: bool | str | None = None,
+    unconditional: Sequence[int] | None = None,
 ) -> ImageGeneration:
     """Generate ``num_samples`` images for each caption (paper section 3.1).
 
     All guidance streams and candidates of all prompts run as one batch: ``2 * P * N`` rows with CFG. The
     conditional stream sees ``[retrieved docs] <eos> caption <break>``, the unconditional one
-    ``<eos> <mask> <break>``. With ``cfg == 1`` (and not CD-K) the unconditional stream is skipped, since equation
-    (2) then equals conditional sampling.
+    ``<eos> <mask:0> <break>`` (:func:`unconditional_image_prompt`). With ``cfg == 1`` (and not CD-K) the
+    unconditional stream is skipped, since equation (2) then equals conditional sampling.
 
     Args:
         model: the transformer (any dtype/device; its KV cache is (re)allocated).
@@ -226,7 +231,10 @@ def generate_image(
         cdk_alpha: ``alpha`` of CD-K.
         seed: seed of the sampling generator; the same seed gives the same samples.
         vqgan: optional image tokenizer with ``decode(codes) -> images``; then ``images`` is filled.
-        compile: compile the decode step (None: on CUDA).
+        compile: how the decode step runs: None (compiled on CUDA), a bool, or a mode of
+            :data:`~cm3leon_lightning.generation.graphs.MODES`.
+        unconditional: the unconditional stream's prompt ids (default :func:`unconditional_image_prompt`), e.g.
+            ``<eos> <mask> <break>`` for a model trained with caption dropout to ``<mask>``.
 
     Returns:
         :class:`ImageGeneration` with ``(P, N, grid_h * grid_w)`` codes.
@@ -241,7 +249,9 @@ def generate_image(
     docs = retrieved if retrieved is not None else [()] * len(prompts)
     cond = [image_prompt(vocab, p, d) for p, d in zip(prompts, docs)]
     guided = method == "cd_k" or cfg != 1.0
-    streams = [cond, [unconditional_image_prompt(vocab)] * len(prompts)] if guided else [cond]
+    uncond = list(unconditional) if unconditional is not None else unconditional_image_prompt(vocab)
+    vocab.validate_ids(uncond, "unconditional")
+    streams = [cond, [uncond] * len(prompts)] if guided else [cond]
     spec = _image_spec(
         vocab, method=method, streams=len(streams), cfg=cfg, temperature=temperature, top_p=top_p, top_k=top_k,
         cdk_k=cdk_k, cdk_alpha=cdk_alpha,
@@ -265,13 +275,13 @@ def edit_image(
     top_p: float = 0.9,
     seed: int | None = None,
     vqgan: nn.Module | None = None,
-    compile: bool | None = None,
+    compile: bool | str | None = None,
 ) -> ImageGeneration:
     """Text-guided image editing with separate text and image guidance (paper section 4.1, table 5).
 
     Prompt (the InstructPix2Pix template): ``<eos> prefix <break> source image <break> instruction <break>``. Three
-    streams: full; image only (the instruction replaced by ``<mask>``); none (image and instruction replaced by
-    ``<mask>``, the task prefix kept), combined by
+    streams: full; image only (the instruction masked as ``<mask:0>``); none (image and instruction masked as
+    ``<mask:0>`` and ``<mask:1>``, the task prefix kept; the sentinels CM3 masking gives whole segments), combined by
     :func:`~cm3leon_lightning.generation.sampling.dual_cfg_logits` (paper: image 1.5, text 7.5).
 
     Args:
@@ -292,8 +302,8 @@ def edit_image(
         vocab.validate_ids(list(instr), "instruction")
         ids = vocab.codes_to_ids(image_codes(vocab, img)).tolist()
         full.append(head + ids + [vocab.break_id, *instr, vocab.break_id])
-        image_only.append(head + ids + [vocab.break_id, vocab.mask_id, vocab.break_id])
-    none = [head + [vocab.mask_id, vocab.break_id, vocab.mask_id, vocab.break_id]] * len(full)
+        image_only.append(head + ids + [vocab.break_id, vocab.sentinel_id(0), vocab.break_id])
+    none = [head + [vocab.sentinel_id(0), vocab.break_id, vocab.sentinel_id(1), vocab.break_id]] * len(full)
     spec = _image_spec(
         vocab, method=method, streams=3, cfg=text_cfg, image_cfg=image_cfg, temperature=temperature, top_p=top_p
     )
@@ -320,7 +330,7 @@ def generate_text(
     top_p: float = 0.9,
     seed: int | None = None,
     check_every: int = 8,
-    compile: bool | None = None,
+    compile: bool | str | None = None,
 ) -> list[list[int]]:
     """Caption images or answer questions about them (paper section 4.2), as the infilled span ``<mask:0>``.
 
@@ -414,7 +424,7 @@ def infill(
     top_p: float = 0.9,
     seed: int | None = None,
     check_every: int = 8,
-    compile: bool | None = None,
+    compile: bool | str | None = None,
 ) -> InfillResult:
     """Fill the masked spans of one document (CM3 infilling, paper section 2.2), text or image.
 

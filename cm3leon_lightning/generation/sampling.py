@@ -73,8 +73,9 @@ def cfg_logits(cond: Tensor, uncond: Tensor, alpha: float) -> Tensor:
     """Classifier-free guidance, paper equation (2): ``uncond + alpha * (cond - uncond)``.
 
     ``cond`` are the logits of the stream that sees the condition (equation (1): ``T(t_y | t_x)``), ``uncond`` those of
-    the stream that sees ``<mask>`` in its place (``T(t_y | <mask>)``). Computed as ``torch.lerp(uncond, cond,
-    alpha)``, which returns ``cond`` bit for bit when ``alpha = 1`` (conditional sampling).
+    the stream that sees the mask token in its place (``T(t_y | <mask>)``; in this package the CM3 sentinel
+    ``<mask:0>``, see :func:`~cm3leon_lightning.generation.generate.unconditional_image_prompt`). Computed as
+    ``torch.lerp(uncond, cond, alpha)``, which returns ``cond`` bit for bit when ``alpha = 1`` (conditional sampling).
 
     Args:
         cond: ``(..., V)``.
@@ -88,7 +89,7 @@ def dual_cfg_logits(full: Tensor, image_only: Tensor, none: Tensor, text_scale: 
     """Separate text and image guidance for editing (paper section 4.1; InstructPix2Pix, Brooks et al. 2023).
 
     Three streams: ``full`` sees the source image and the text instruction, ``image_only`` sees the image with the
-    instruction replaced by ``<mask>``, ``none`` sees neither::
+    instruction masked (``<mask:0>``), ``none`` sees neither (``<mask:0>``, ``<mask:1>``)::
 
         none + image_scale * (image_only - none) + text_scale * (full - image_only)
 
@@ -101,7 +102,7 @@ def cdk_logits(cond: Tensor, uncond: Tensor, k: int, alpha: float) -> Tensor:
     """Contrastive decoding top-K (CD-K), paper section 3.1 and equation (3).
 
     The score of a token is ``log p_EXP - log p_AMA`` with ``p_EXP`` the conditional stream and ``p_AMA`` the
-    unconditional (``<mask>``) stream, restricted to the plausible set
+    unconditional (masked-caption) stream, restricted to the plausible set
     ``V = {t : p_EXP(t) >= alpha * kmax_k(p_EXP)}`` where ``kmax_k`` is the k-th largest conditional probability
     (``k = 1`` is the original CD of Li et al. 2022). Tokens outside ``V`` get ``-inf``.
 

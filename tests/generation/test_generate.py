@@ -31,9 +31,10 @@ def random_model(seed: int = 0, dtype: torch.dtype = torch.float64, **overrides)
 
 
 # ------------------------------------------------------------------------------------------ no-cache references
-def reference_image(model, vocab, prompt, cfg):
+def reference_image(model, vocab, prompt, cfg, uncond=None):
     """No cache, conditional and unconditional streams as two separate forwards, greedy, host sync every token."""
-    cond, uncond, out = image_prompt(vocab, prompt), unconditional_image_prompt(vocab), []
+    cond, out = image_prompt(vocab, prompt), []
+    uncond = list(uncond) if uncond is not None else unconditional_image_prompt(vocab)
     lo, hi = vocab.n_text, vocab.size
     for _ in range(vocab.image_tokens):
         lc = model(torch.tensor([cond]))[0, -1, lo:hi]
@@ -138,6 +139,34 @@ def test_retrieved_documents_change_the_prompt_and_editing_runs_three_streams():
     assert edited.codes[0, 0].tolist() == want
 
 
+def test_unconditional_streams_mask_the_condition_with_cm3_sentinels():
+    """The CFG stream is ``<eos> <mask:0> <break>`` (what CM3 masking of a whole caption trains); editing masks the
+    instruction as ``<mask:0>`` (image-only stream) and image + instruction as ``<mask:0>``, ``<mask:1>`` (none)."""
+    assert unconditional_image_prompt(VOCAB) == [VOCAB.eos_id, VOCAB.sentinel_id(0), VOCAB.break_id]
+    model = random_model(seed=2)
+    # a custom unconditional stream (e.g. a model trained with caption dropout to <mask>) is used as given
+    custom = [VOCAB.eos_id, VOCAB.mask_id, VOCAB.break_id]
+    got = generate_image(model, VOCAB, [[30]], method="greedy", cfg=3.0, unconditional=custom, compile=False)
+    assert got.codes[0, 0].tolist() == reference_image(model, VOCAB, [30], 3.0, uncond=custom)
+    with pytest.raises(ValueError, match="unconditional"):
+        generate_image(model, VOCAB, [[30]], unconditional=[VOCAB.eos_id, 500])
+    # editing: dual guidance over the three streams, each a separate no-cache forward
+    text_cfg, image_cfg = 2.0, 1.5
+    edited = edit_image(model, VOCAB, [list(range(6))], [[31, 32]], [20], text_cfg=text_cfg, image_cfg=image_cfg,
+                        method="greedy")  # fmt: skip
+    head, image = [1, 20, 2], list(range(40, 46))
+    s0, s1 = VOCAB.sentinel_id(0), VOCAB.sentinel_id(1)
+    streams = [head + image + [2, 31, 32, 2], head + image + [2, s0, 2], head + [s0, 2, s1, 2]]
+    want = []
+    with torch.no_grad():
+        for _ in range(6):
+            full, img_only, none = (model(torch.tensor([st]))[0, -1, 40:64] for st in streams)
+            tok = int((none + image_cfg * (img_only - none) + text_cfg * (full - img_only)).argmax())
+            want.append(tok)
+            streams = [st + [tok + 40] for st in streams]
+    assert edited.codes[0, 0].tolist() == want
+
+
 def test_infill_completes_image_spans_exactly_and_matches_captioning():
     model = random_model(seed=5)
     # image segment with 3 visible codes: the span gets exactly 3 codes
@@ -214,13 +243,14 @@ IMAGES = [[0, 1, 2, 3, 4, 5, 6, 7], [8, 8, 9, 9, 10, 10, 11, 11], [15, 14, 13, 1
 
 def training_rows() -> list[list[int]]:
     """Per pair: text-to-image ``<eos> caption <break> image <eos>``, the caption-infill form cm3_infill gives
-    when it masks the whole caption, and an unconditional ``<eos> <mask> <break> image <eos>`` for CFG."""
+    when it masks the whole caption (its ``<eos> <mask:0> <break> image`` prefix is CFG's unconditional stream),
+    and the image-infill form (the whole image masked)."""
     rows = []
     for cap, img in zip(CAPTIONS, IMAGES):
         ids = TV.codes_to_ids(img).tolist()
         rows.append(TV.example_to_ids([], [Segment.text(cap), Segment.image(img)]))
         rows.append([TV.eos_id, TV.sentinel_id(0), TV.break_id, *ids, TV.infill_id, TV.sentinel_id(0), *cap, TV.eos_id])
-        rows.append([TV.eos_id, TV.mask_id, TV.break_id, *ids, TV.eos_id])
+        rows.append([TV.eos_id, *cap, TV.break_id, TV.sentinel_id(0), TV.infill_id, TV.sentinel_id(0), *ids, TV.eos_id])
     return rows
 
 
