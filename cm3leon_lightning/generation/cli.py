@@ -28,6 +28,7 @@ import torch
 
 from cm3leon_lightning.config import CM3LeonConfig
 from cm3leon_lightning.generation.generate import generate_image, generate_text
+from cm3leon_lightning.generation.graphs import MODES, resolve_mode
 from cm3leon_lightning.model import CM3Leon
 from cm3leon_lightning.tokenization.vocab import Document, MultimodalVocab, Segment
 
@@ -201,7 +202,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", help="prepared shard directory holding the bank's documents (with --retrieve)")
     p.add_argument("--k", type=int, default=2, help="documents to retrieve")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda when available)")
-    p.add_argument("--no-compile", action="store_true", help="eager decode step even on CUDA")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument(
+        "--compile",
+        choices=("auto", *MODES),
+        default="auto",
+        help="how the decode step runs (auto: reduce-overhead on CUDA, eager on CPU; see generation/graphs.py)",
+    )
+    how.add_argument("--no-compile", action="store_true", help="same as --compile eager")
     return p
 
 
@@ -216,6 +224,8 @@ def run(args: argparse.Namespace) -> None:
     if args.retrieve and args.image:
         raise ValueError("--retrieve adds documents to a text-to-image prompt; it cannot be used with --image")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    compile = False if args.no_compile else (None if args.compile == "auto" else args.compile)
+    resolve_mode(compile, torch.device(device))  # a CUDA-only mode on CPU fails here, before any loading
     model, vocab = load_checkpoint(args.ckpt, device)
     tokenizer = TextTokenizer.load(args.tokenizer)
     vqgan = None
@@ -224,7 +234,6 @@ def run(args: argparse.Namespace) -> None:
 
         vqgan = VQGAN.from_pretrained(args.vqgan, map_location=device).eval()
     check_tokenizers(vocab, tokenizer, vqgan)
-    compile = False if args.no_compile else None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     clip = None

@@ -79,3 +79,7 @@ def test_clear_errors(assets, tmp_path, capsys):
     assert "not a readable torch checkpoint" in error(
         [*args[:1], str(assets / "x.png"), *args[2:], "--prompt", "a red circle"]
     )
+    if not torch.cuda.is_available():
+        eager = args.index("--no-compile")
+        msg = error([*args[:eager], *args[eager + 1 :], "--prompt", "red", "--compile", "graph", "--device", "cpu"])
+        assert "compile='graph' needs a CUDA device" in msg
