@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import shutil
 import sys
@@ -30,8 +29,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
-
-from cm3leon_lightning.modules.vqgan import VQGANModule
 
 MARKER = "stage.json"
 RUN_FILE = "demo.json"
@@ -87,62 +84,6 @@ SIZES: dict[str, DemoSize] = {
         samples_per_prompt=2, caption_images=4, loss_docs=4, grid_prompts=3,
     ),
 }  # fmt: skip
-
-
-# ------------------------------------------------------------------------------------------------ VQGAN loss
-class DemoVQGANModule(VQGANModule):
-    """:class:`VQGANModule` with a squared-error reconstruction loss option (``rec_loss="l2"``, the demo's choice).
-
-    On the demo's images (flat shapes on a plain background that covers ~90% of the pixels) the L1 loss of
-    ``VQGANModule`` sits at "background everywhere" (the per-pixel median) for hundreds of steps, while squared error
-    learns the colours within a few hundred steps at batch 8. Only the reconstruction term changes; ``rec_loss="l2"``
-    takes neither the discriminator nor LPIPS.
-
-    With ``rec_loss="l2"`` the learning rate can also follow a cosine decay to ``min_lr_ratio * lr`` over
-    ``trainer.max_steps`` (sharper reconstructions at the end of a short run).
-
-    Args:
-        rec_loss: ``"l2"`` (squared error) or ``"l1"`` (``VQGANModule``'s loss).
-        lr_decay: ``"constant"`` or ``"cosine"`` (``rec_loss="l2"`` only).
-        min_lr_ratio: final learning rate as a fraction of ``lr`` with the cosine decay.
-        **kwargs: the arguments of :class:`VQGANModule`.
-    """
-
-    def __init__(
-        self, rec_loss: str = "l2", lr_decay: str = "constant", min_lr_ratio: float = 0.1, **kwargs: Any
-    ) -> None:
-        if lr_decay not in ("constant", "cosine"):
-            raise ValueError(f"lr_decay must be 'constant' or 'cosine', got {lr_decay!r}")
-        if rec_loss not in ("l1", "l2"):
-            raise ValueError(f"rec_loss must be 'l1' or 'l2', got {rec_loss!r}")
-        if rec_loss == "l2" and (kwargs.get("disc_weight", 0) > 0 or kwargs.get("perceptual_weight", 0) > 0):
-            raise ValueError("rec_loss='l2' takes neither the discriminator nor LPIPS: set disc_weight and "
-                             "perceptual_weight to 0")  # fmt: skip
-        super().__init__(**kwargs)
-        self.rec_loss, self.lr_decay, self.min_lr_ratio = rec_loss, lr_decay, min_lr_ratio
-
-    def training_step(self, batch: Any, batch_idx: int) -> Any:
-        """One autoencoder step with the chosen reconstruction loss."""
-        if self.rec_loss == "l1":
-            return super().training_step(batch, batch_idx)
-        opt = self.optimizers()
-        x, x_rec, q = self._reconstruct(batch)  # (B, C, S, S) each, in [-1, 1]
-        rec_loss = (x - x_rec).pow(2).mean()
-        loss = rec_loss + self.hparams.codebook_weight * (q.codebook_loss + q.commitment_loss)
-        if self.lr_decay == "cosine" and self.trainer.max_steps > 0:
-            progress = min(1.0, int(self.train_steps) / self.trainer.max_steps)
-            ratio = self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-            for group in opt.param_groups:
-                group["lr"] = self.hparams.lr * ratio
-        opt.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
-        if self.hparams.gradient_clip_val:
-            self.clip_gradients(opt, gradient_clip_val=self.hparams.gradient_clip_val, gradient_clip_algorithm="norm")
-        opt.step()
-        self.train_steps += 1
-        self.log_dict({"train/rec_loss": rec_loss, "train/loss": loss.detach()}, batch_size=x.shape[0])
-        self.log("rec_loss", rec_loss, prog_bar=True, logger=False, batch_size=x.shape[0])
-        return loss.detach()
 
 
 # ------------------------------------------------------------------------------------------------ stage cache

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import lightning as L
@@ -153,3 +154,24 @@ def test_hinge_loss_and_adaptive_weight_values() -> None:
     disc = NLayerDiscriminator(3, ndf=8, n_layers=3)
     assert disc(torch.zeros(2, 3, 32, 32)).shape == (2, 1, 2, 2)
     assert {"main.0.weight", "main.2.weight", "main.3.running_mean", "main.11.bias"} <= set(disc.state_dict())
+
+
+def test_squared_error_and_cosine_decay(tmp_path: Path) -> None:
+    """``rec_loss="l2"`` logs the mean squared error; ``lr_decay="cosine"`` ends at ``min_lr_ratio * lr``."""
+    module = VQGANModule(preset="micro", lr=1e-3, rec_loss="l2", lr_decay="cosine", min_lr_ratio=0.25,
+                         num_logged_images=0)  # fmt: skip
+    module.configure_model()
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    y = torch.zeros_like(x)
+    assert module.reconstruction_loss(x, y).item() == pytest.approx(x.pow(2).mean().item())
+    data = ImageDataModule(synthetic=8, image_size=16, batch_size=4)
+    trainer = _trainer(tmp_path, max_steps=4, limit_val_batches=0)
+    trainer.fit(module, datamodule=data)
+    lrs = [g["lr"] for g in trainer.optimizers[0].param_groups]
+    # the 4th batch ran at progress 3/4: lr * (0.25 + 0.75 * (1 + cos(3 pi / 4)) / 2)
+    assert lrs[0] == pytest.approx(1e-3 * (0.25 + 0.75 * 0.5 * (1 + math.cos(3 * math.pi / 4))))
+    assert module.learning_rate() == pytest.approx(0.25e-3)  # after the last step: the floor
+    with pytest.raises(ValueError, match="rec_loss must be 'l1' or 'l2'"):
+        VQGANModule(preset="micro", rec_loss="huber")
+    with pytest.raises(ValueError, match="lr_decay must be"):
+        VQGANModule(preset="micro", lr_decay="step")
