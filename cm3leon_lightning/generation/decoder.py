@@ -291,6 +291,8 @@ class Decoder:
                 torch.compiler.cudagraph_mark_step_begin()
             picked, nxt = self.step_fn(self.model, feed, self.input_pos, noise, self.spec, self.allowed)
         self.input_pos += 1
+        if self.mode in ("eager", "inductor"):
+            return picked, nxt
         return picked.clone(), nxt.clone()  # CUDA-graph outputs are overwritten by the next replay
 
     def run(
