@@ -289,7 +289,7 @@ def prepare(
     if len(source) == 0:
         raise ValueError("the source has no documents")
     _check_plan(run, bank_source)
-    st._done_in_process.clear()
+    st.reset_part_counts()
     summary: dict[str, Any] = {"seconds": {}}
     stages = [s for s in STAGES if s in cfg.stages]
     for stage in stages:
