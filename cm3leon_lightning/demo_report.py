@@ -16,11 +16,24 @@ from PIL import Image, ImageDraw
 if TYPE_CHECKING:
     from cm3leon_lightning.demo import Context
 
-GRID_COLUMNS = (("render", "real render"), ("no_guidance", "no guidance"), ("cfg", "CFG 3"), ("cd_k", "CD-K"),
+
+def _method_names() -> dict[str, str]:
+    """Report names of the generation methods, from the settings :data:`~cm3leon_lightning.demo_eval.METHODS` uses."""
+    from cm3leon_lightning.demo_eval import METHODS
+
+    ng, cfg, cdk = METHODS["no_guidance"], METHODS["cfg"], METHODS["cd_k"]
+    return {
+        "no_guidance": f"no guidance (top-p {ng['top_p']})",
+        "cfg": f"CFG {cfg['cfg']} + top-p {cfg['top_p']}",
+        "cd_k": f"CD-K (k {cdk['cdk_k']}, alpha {cdk['cdk_alpha']})",
+        "cfg_rerank": "CFG + CLIP re-ranking (best of N)",
+        "cfg_mask": f"CFG {cfg['cfg']} + top-p {cfg['top_p']}, plain `<mask>` stream",
+    }
+
+
+METHOD_NAMES = _method_names()
+GRID_COLUMNS = (("render", "real render"), ("no_guidance", "no guidance"), ("cfg", "CFG"), ("cd_k", "CD-K"),
                 ("cfg_rerank", "CFG + CLIP"))  # fmt: skip
-METHOD_NAMES = {"no_guidance": "no guidance (top-p 0.9)", "cfg": "CFG 3.0 + top-p 0.9", "cd_k": "CD-K (k 8, alpha 0.5)",
-                "cfg_rerank": "CFG + CLIP re-ranking (best of N)",
-                "cfg_mask": "CFG 3.0 + top-p 0.9, plain `<mask>` stream"}  # fmt: skip
 SPLIT_NAMES = {"seen": "seen combinations", "heldout": "held-out combinations (zero-shot)",
                "validation": "validation images (seen combinations)"}  # fmt: skip
 

@@ -86,3 +86,17 @@ def test_rerun_reuses_every_stage_and_fresh_refuses_foreign_dirs(
     with pytest.raises(ValueError, match="refusing to delete"):
         run(foreign, "mini", fresh=True, verbose=False)
     assert (foreign / "precious.txt").is_file()
+
+
+def test_decoding_sweep_example_scores_every_setting(mini_run: tuple[Path, dict], capsys, monkeypatch) -> None:
+    """examples/demo_decoding_sweep.py runs on a finished run and prints one line per (CFG, top-p) setting."""
+    import runpy
+
+    out, _ = mini_run
+    script = Path(__file__).resolve().parents[1] / "examples" / "demo_decoding_sweep.py"
+    argv = [str(script), str(out), "--prompts", "2", "--samples", "1", "--cfg", "1.0", "2.0", "--top-p", "0.6"]
+    monkeypatch.setattr("sys.argv", argv)
+    runpy.run_path(str(script), run_name="__main__")
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("cfg ")]
+    assert [line.split()[1] for line in lines] == ["1.0", "2.0"]
+    assert all(line.split()[4] == "all" and 0.0 <= float(line.split()[5]) <= 1.0 for line in lines)
