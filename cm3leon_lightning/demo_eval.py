@@ -74,14 +74,15 @@ def reconstruction_accuracy(vqgan: nn.Module, folder: Path, rows: list[dict[str,
 
 # ------------------------------------------------------------------------------------------------ generation
 METHODS: dict[str, dict[str, Any]] = {
-    "no_guidance": {"method": "top_p", "cfg": 1.0, "top_p": 0.9},
-    "cfg": {"method": "top_p", "cfg": 3.0, "top_p": 0.9},
+    "no_guidance": {"method": "top_p", "cfg": 1.0, "top_p": 0.6},
+    "cfg": {"method": "top_p", "cfg": 1.5, "top_p": 0.6},
     "cd_k": {"method": "cd_k", "cdk_k": 8, "cdk_alpha": 0.5},
-    "cfg_mask": {"method": "top_p", "cfg": 3.0, "top_p": 0.9, "plain_mask": True},
+    "cfg_mask": {"method": "top_p", "cfg": 1.5, "top_p": 0.6, "plain_mask": True},
 }
 """Decoding settings of :func:`~cm3leon_lightning.generation.generate_image`; ``cfg`` and ``cd_k`` use its
 unconditional stream ``<eos> <mask:0> <break>``; ``cfg_mask`` (``plain_mask``) the plain ``<mask>`` id in its place,
-a token no training example holds, for comparison."""
+a token no training example holds, for comparison. CFG 1.5 and top-p 0.6 were chosen with
+``examples/demo_decoding_sweep.py`` on validation prompts drawn apart from the report's (docs/architecture.md)."""
 
 
 def generation_eval(model: nn.Module, vocab: Any, tok: Any, vqgan: nn.Module, clip: Any, prompts: dict[str, list],
