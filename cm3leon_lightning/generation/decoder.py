@@ -155,12 +155,6 @@ def decode_step(
     return picked, picked.repeat(spec.streams)[:, None]
 
 
-def compiled_decode_step(device: torch.device) -> Callable[..., tuple[Tensor, Tensor]]:
-    """:func:`decode_step` through ``torch.compile``: ``mode="reduce-overhead"`` (CUDA-graph trees) on CUDA, the
-    default mode elsewhere. Compiled once per mode and shared; dynamo specializes it per model, shape and spec."""
-    return compiled(decode_step, "reduce-overhead" if device.type == "cuda" else "inductor")
-
-
 # ------------------------------------------------------------------------------------------------ the runner
 def _device(model: CM3Leon) -> torch.device:
     return model.wte.weight.device
