@@ -146,7 +146,7 @@ class KVCache(nn.Module):
             v: ``(B, n_head, T, head_dim)`` new values.
 
         Returns:
-            Keys and values ``(B, n_head, S, head_dim)`` of the layer (views into the cache).
+            Keys and values ``(B, n_head, S, head_dim)`` of the layer (its buffers, updated in place).
         """
         k_all, v_all = self.layer(layer)  # (B, H, S, D)
         k_all[:, :, input_pos] = k.to(k_all.dtype)  # index_put_ on the layer's own buffer
