@@ -26,9 +26,11 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+from cm3leon_lightning.data.shapes import scene_to_dict
 
 MARKER = "stage.json"
 RUN_FILE = "demo.json"
@@ -122,6 +124,7 @@ class Context:
     hashes: dict[str, str] = field(default_factory=dict)
     verbose: bool = True
     progress: bool = True
+    fit_callbacks: list[Any] = field(default_factory=list)  # extra callbacks for this process's next fit
 
     def stage_dir(self, name: str) -> Path:
         """The directory of stage ``name``."""
@@ -216,13 +219,14 @@ def stage_tokenizer(ctx: Context, out: Path) -> dict[str, Any]:
     return {"path": str(path), "vocab_size": tok.vocab_size, "mean_caption_tokens": sum(lengths) / len(lengths)}
 
 
-def fit_with_cli(config: Path, overrides: Sequence[str]) -> Any:
-    """``cm3leon fit --config <config> <overrides>`` in this process; returns the finished LightningCLI."""
+def fit_with_cli(config: Path, overrides: Sequence[str], callbacks: Sequence[Any] = ()) -> Any:
+    """``cm3leon fit --config <config> <overrides>`` in this process (plus ``callbacks``); returns the LightningCLI."""
     from cm3leon_lightning.cli import CM3LeonCLI
 
     argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI warns when it is given args and sys.argv holds others
     try:
-        return CM3LeonCLI(args=["fit", "--config", str(config), *overrides])
+        defaults = {"callbacks": list(callbacks)} if callbacks else None
+        return CM3LeonCLI(args=["fit", "--config", str(config), *overrides], trainer_defaults=defaults)
     finally:
         sys.argv = argv
 
@@ -242,7 +246,7 @@ def stage_vqgan(ctx: Context, out: Path) -> dict[str, Any]:
 
     data = ctx.results["data"]
     args = _fit_overrides(ctx, out, ctx.size.vqgan_steps) + [f"--data.init_args.train={data['train']}"]
-    cli = fit_with_cli(ctx.configs / "demo" / "vqgan.yaml", args)
+    cli = fit_with_cli(ctx.configs / "demo" / "vqgan.yaml", args, ctx.fit_callbacks)
     vqgan = cli.model.vqgan.eval()
     model_dir = vqgan.save_pretrained(out / "model")
     heldout = read_jsonl(ctx.stage_dir("data") / "heldout.jsonl")
@@ -374,18 +378,6 @@ def stage_settings(ctx: Context, name: str) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def scene_to_dict(scene: Any) -> dict[str, Any]:
-    """A :class:`~cm3leon_lightning.data.shapes.Scene` as JSON-friendly primitives."""
-    return {"shapes": [asdict(s) for s in scene.shapes], "relation": scene.relation}
-
-
-def scene_from_dict(d: dict[str, Any]) -> Any:
-    """The inverse of :func:`scene_to_dict`."""
-    from cm3leon_lightning.data.shapes import Scene, ShapeSpec
-
-    return Scene(tuple(ShapeSpec(**s) for s in d["shapes"]), d["relation"])
-
-
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """Rows of a JSON-lines file."""
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -401,15 +393,20 @@ def run_pair_in_parallel(ctx: Context, here: str, there: str) -> None:
 
     import torch
 
+    from cm3leon_lightning.callbacks.threads import ThreadsWhenFree
+
     child = None
     if load_cached(ctx, there) is None:
         child = mp.get_context("spawn").Process(target=_background_stage, args=(ctx, there), name=f"demo-{there}")
         child.start()
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, threads - 1) if child is not None else threads)
+    if child is not None:  # take the child's core back when it ends (CLIP takes a tenth of the VQGAN's time)
+        ctx.fit_callbacks = [ThreadsWhenFree(child, threads)]
     try:
         run_stage(ctx, here)
     finally:
+        ctx.fit_callbacks = []
         torch.set_num_threads(threads)
         if child is not None:
             child.join()

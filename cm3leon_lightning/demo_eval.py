@@ -62,7 +62,7 @@ def chance_scores(renders: np.ndarray, scenes: list[Any]) -> dict[str, float]:
 @torch.no_grad()
 def reconstruction_accuracy(vqgan: nn.Module, folder: Path, rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The checker on real renders and on their VQGAN reconstructions (the ceiling of generated images)."""
-    from cm3leon_lightning.demo import scene_from_dict
+    from cm3leon_lightning.data.shapes import scene_from_dict
 
     images = load_images(folder, [r["key"] for r in rows])
     scenes = [scene_from_dict(r["scene"]) for r in rows]
@@ -96,7 +96,7 @@ def generation_eval(model: nn.Module, vocab: Any, tok: Any, vqgan: nn.Module, cl
         ``(metrics, images)``: metrics[split][method] = attribute accuracy (and ``chance`` per split); images[split]
         [method] = uint8 ``(P, N, H, W, 3)`` arrays for the sample grid.
     """
-    from cm3leon_lightning.demo import scene_from_dict
+    from cm3leon_lightning.data.shapes import scene_from_dict
     from cm3leon_lightning.generation import generate_image, rerank
 
     metrics: dict[str, Any] = {}
@@ -278,8 +278,8 @@ def evaluate(ctx: Context, out: Path) -> dict[str, Any]:
     import json
     import time
 
-    from cm3leon_lightning.data.shapes import generate_pairs
-    from cm3leon_lightning.demo import read_jsonl, scene_from_dict, scene_to_dict
+    from cm3leon_lightning.data.shapes import generate_pairs, scene_from_dict, scene_to_dict
+    from cm3leon_lightning.demo import read_jsonl
     from cm3leon_lightning.generation.cli import load_checkpoint
     from cm3leon_lightning.retrieval.encoder import ClipEncoder
     from cm3leon_lightning.tokenization.text import TextTokenizer

@@ -4,6 +4,7 @@ from cm3leon_lightning.callbacks.base import EvalSample, GenerationCallback, rea
 from cm3leon_lightning.callbacks.cider import CIDErCallback
 from cm3leon_lightning.callbacks.fid import FIDCallback
 from cm3leon_lightning.callbacks.samples import SampleLoggerCallback, render_grid
+from cm3leon_lightning.callbacks.threads import ThreadsWhenFree
 from cm3leon_lightning.callbacks.vqa import VQACallback, read_vqa_file
 
 __all__ = [
@@ -12,6 +13,7 @@ __all__ = [
     "FIDCallback",
     "GenerationCallback",
     "SampleLoggerCallback",
+    "ThreadsWhenFree",
     "VQACallback",
     "read_shard_samples",
     "read_vqa_file",

@@ -12,7 +12,7 @@ in well over 99% of cases (tested); on generated images its verdicts are what th
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -74,6 +74,16 @@ class Scene:
     def pairs(self) -> set[tuple[str, str]]:
         """The (colour, shape) pairs in the scene."""
         return {(s.colour, s.shape) for s in self.shapes}
+
+
+def scene_to_dict(scene: Scene) -> dict:
+    """A :class:`Scene` as JSON-friendly primitives (what the demo writes to ``<split>.jsonl``)."""
+    return {"shapes": [asdict(s) for s in scene.shapes], "relation": scene.relation}
+
+
+def scene_from_dict(d: dict) -> Scene:
+    """The inverse of :func:`scene_to_dict`."""
+    return Scene(tuple(ShapeSpec(**s) for s in d["shapes"]), d["relation"])
 
 
 def is_heldout(scene: Scene) -> bool:

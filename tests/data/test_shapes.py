@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -104,3 +106,11 @@ def test_bad_arguments() -> None:
         render(Scene((ShapeSpec("red", "circle", "large", "left"),)), 8)
     with pytest.raises(ValueError, match=r"\(H, W, 3\)"):
         detect(np.zeros((32, 32)))
+
+
+def test_scene_dict_round_trip():
+    from cm3leon_lightning.data.shapes import scene_from_dict, scene_to_dict
+
+    for pair in generate_pairs(20, "train", 32, seed=3):
+        d = scene_to_dict(pair.scene)
+        assert scene_from_dict(json.loads(json.dumps(d))) == pair.scene
