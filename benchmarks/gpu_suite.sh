@@ -21,4 +21,5 @@ run compiled_test 180 $PY -m pytest tests/generation/test_generate.py -q -p no:c
 run train_step 150 $PY benchmarks/train_step.py --presets tiny 350m --batch-size 4 --seq-len 4096 --steps 12 --json "$OUT/train_step.json"
 run model_forward 120 $PY benchmarks/model_forward.py --preset 350m --device cuda --dtype bfloat16 --seq 4096 --batch 2 --cuda-graph
 run vqgan 90 $PY benchmarks/vqgan.py --device cuda --batch-size 32 --dtype bfloat16
-run generation 300 $PY benchmarks/generation.py --presets tiny,350m --repeats 2 --json "$OUT/generation.json"
+run generation 360 $PY benchmarks/generation.py --presets tiny,350m --modes eager,graph,reduce-overhead --repeats 1 \
+  --reference-tokens 64 --json "$OUT/generation.json"
