@@ -99,12 +99,13 @@ def process_logits(logits: Tensor, spec: SamplingSpec, allowed: Tensor | None = 
     Rows are stream-major: rows ``[s * R, (s + 1) * R)`` are stream ``s`` (0 = conditional / full).
 
     Args:
-        logits: ``(S * R, V)`` next-token logits of every stream.
+        logits: ``(S * R, V)`` next-token logits of every stream, or ``(S * R, hi - lo)``: those of the sampled
+            range only (``model(..., logits_range=(lo, hi))``, what the decoder computes).
         spec: the sampling rule.
         allowed: optional ``(hi - lo,)`` bool mask of ids that may be sampled (applied after guidance, so two
             ``-inf`` logits never meet in a subtraction).
     """
-    x = logits[:, spec.lo : spec.hi]  # (S*R, W)
+    x = logits if logits.shape[-1] == spec.width else logits[:, spec.lo : spec.hi]  # (S*R, W)
     x = x.to(torch.promote_types(x.dtype, torch.float32))  # bf16/fp16 -> fp32, float64 stays
     x = x.view(spec.streams, -1, x.shape[-1])  # (S, R, W)
     if spec.method == "cd_k":
@@ -130,7 +131,8 @@ def process_logits(logits: Tensor, spec: SamplingSpec, allowed: Tensor | None = 
 
 
 def pick_tokens(logits: Tensor, spec: SamplingSpec, allowed: Tensor | None, noise: Tensor | None) -> Tensor:
-    """``(S * R, V)`` logits -> ``(R,)`` sampled vocabulary ids (see :func:`process_logits` and :func:`sample`)."""
+    """``(S * R, V)`` or ``(S * R, hi - lo)`` logits -> ``(R,)`` sampled vocabulary ids (see :func:`process_logits`
+    and :func:`sample`)."""
     return sample(process_logits(logits, spec, allowed), noise) + spec.lo
 
 
@@ -150,7 +152,7 @@ def decode_step(
     Returns:
         ``(R,)`` the new token of each output row, and ``(S * R, 1)`` the same token for every stream (next feed).
     """
-    logits = model(feed, input_pos=input_pos, last_only=True)[:, -1]  # (S*R, V)
+    logits = model(feed, input_pos=input_pos, last_only=True, logits_range=(spec.lo, spec.hi))[:, -1]  # (S*R, W)
     picked = pick_tokens(logits, spec, allowed, noise)  # (R,)
     return picked, picked.repeat(spec.streams)[:, None]
 
@@ -260,7 +262,9 @@ class Decoder:
     def prefill(self) -> tuple[Tensor, Tensor]:
         """Run the prompts; returns the first new token ``(R,)`` and the next feed ``(S * R, 1)``."""
         pos = torch.arange(self.prompt_len, device=self.device)
-        logits = self.model(self.ids, input_pos=pos, attention_mask=self.mask, last_only=True)[:, -1]
+        span = (self.spec.lo, self.spec.hi)
+        logits = self.model(self.ids, input_pos=pos, attention_mask=self.mask, last_only=True, logits_range=span)
+        logits = logits[:, -1]  # (S*R, W)
         picked = pick_tokens(logits, self.spec, self.allowed, self._noise())
         self.input_pos = torch.tensor([self.prompt_len], device=self.device)
         return picked, picked.repeat(self.spec.streams)[:, None]
@@ -270,7 +274,7 @@ class Decoder:
         the token after them; advances the slot by ``T``."""
         T = tokens.shape[1]
         pos = self.input_pos + torch.arange(T, device=self.device)
-        logits = self.model(tokens, input_pos=pos, last_only=True)[:, -1]
+        logits = self.model(tokens, input_pos=pos, last_only=True, logits_range=(self.spec.lo, self.spec.hi))[:, -1]
         picked = pick_tokens(logits, self.spec, self.allowed, self._noise())
         self.input_pos += T
         return picked, picked.repeat(self.spec.streams)[:, None]

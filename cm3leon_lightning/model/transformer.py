@@ -203,6 +203,7 @@ class CM3Leon(nn.Module):
         input_pos: Tensor | None = None,
         attention_mask: Tensor | None = None,
         last_only: bool = False,
+        logits_range: tuple[int, int] | None = None,
     ) -> Tensor:
         """Logits of the next token at every position.
 
@@ -243,13 +244,21 @@ class CM3Leon(nn.Module):
             input_pos: ``(T,)`` long cache slots of the tokens (use and update the KV cache), or None.
             attention_mask: ``(B, T)`` bool/int, 1 for real tokens and 0 for padding; None means all real.
             last_only: return logits of the last position only, ``(B, 1, V)`` (saves memory in prefill).
+            logits_range: ``(lo, hi)``: compute the logits of ids ``lo..hi-1`` only (the LM head reads just those
+                rows of its weight; image decoding needs only the image codes, 1/8 of the 350m vocabulary).
 
         Returns:
-            ``(B, T, vocab_size)`` logits (``(B, 1, vocab_size)`` with ``last_only``), in the compute dtype.
+            ``(B, T, vocab_size)`` logits (``(B, 1, vocab_size)`` with ``last_only``; last dimension ``hi - lo``
+            with ``logits_range``), in the compute dtype.
         """
         if idx.ndim != 2:
             raise ValueError(f"CM3Leon.forward idx must be (B, T), got shape {tuple(idx.shape)}")
         B, T = idx.shape
+        if logits_range is not None and not 0 <= logits_range[0] < logits_range[1] <= self.config.vocab_size:
+            raise ValueError(
+                f"CM3Leon.forward logits_range {tuple(logits_range)} must satisfy 0 <= lo < hi <= vocab_size "
+                f"{self.config.vocab_size}"
+            )
         if attention_mask is not None and attention_mask.shape != idx.shape:
             raise ValueError(
                 f"CM3Leon.forward attention_mask shape {tuple(attention_mask.shape)} must equal idx shape {(B, T)}"
@@ -291,6 +300,8 @@ class CM3Leon(nn.Module):
         x = layer_norm(x, self.config.layer_norm_eps)  # (B, T, C)
         if last_only:
             x = x[:, -1:]  # (B, 1, C)
+        if logits_range is not None:
+            return F.linear(x, self.lm_head.weight[logits_range[0] : logits_range[1]])  # (B, T, hi - lo)
         return self.lm_head(x)  # (B, T, V)
 
 

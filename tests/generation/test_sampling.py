@@ -162,6 +162,9 @@ def test_process_logits_cfg_one_equals_the_conditional_stream_and_slices_the_ran
     torch.testing.assert_close(process_logits(logits, spec), want)
     cdk = SamplingSpec(method="cd_k", streams=2, cdk_k=3, cdk_alpha=0.5, temperature=0, lo=40, hi=64)
     torch.testing.assert_close(process_logits(logits, cdk), cdk_logits(logits[:3, 40:64], logits[3:, 40:64], 3, 0.5))
+    # logits of the sampled range only (what the decoder computes with logits_range) give the same result
+    for s in (guided, spec, cdk):
+        assert torch.equal(process_logits(logits[:, 40:64], s), process_logits(logits, s))
 
 
 def test_sampling_spec_rejects_bad_settings():

@@ -112,6 +112,25 @@ def test_prefill_then_decode_equals_full_forward(activation):
     assert b.shape == (3, 1, V) and torch.allclose(b, full[:, 11:12], atol=1e-5)
 
 
+def test_logits_range_computes_only_those_ids():
+    """``logits_range=(lo, hi)`` returns exactly columns lo..hi-1 of the full logits, cached or not; a bad range
+    names the argument."""
+    model = random_model(seed=6)
+    torch.manual_seed(6)
+    idx = torch.randint(0, V, (2, 9))
+    with torch.no_grad():
+        full = model(idx)
+        part = model(idx, logits_range=(5, 17))
+        model.setup_kv_cache(batch_size=2, max_seq_len=16)
+        model(idx[:, :8], input_pos=torch.arange(8))
+        step = model(idx[:, 8:], input_pos=torch.tensor([8]), last_only=True, logits_range=(3, V))
+    assert part.shape == (2, 9, 12) and torch.equal(part, full[..., 5:17])
+    assert step.shape == (2, 1, V - 3) and torch.allclose(step, full[:, 8:, 3:], atol=1e-5)
+    for bad in ((4, 4), (-1, 3), (0, V + 1)):
+        with pytest.raises(ValueError, match="logits_range"):
+            model(idx, logits_range=bad)
+
+
 def test_left_padded_batch_matches_each_row_unpadded():
     """Prompts of lengths 5, 2 and 7 are left-padded to 7; greedy decoding 6 steps in one batch gives every row the
     logits of its own unpadded full forward, prefill and decode alike."""
