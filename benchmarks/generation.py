@@ -7,17 +7,24 @@ For each preset (random weights; the timing does not depend on them) it measures
 
 with :func:`cm3leon_lightning.generation.generate_image` in each decode-step mode of ``--modes`` (eager; on GPU also
 ``torch.compile(mode="reduce-overhead")``, the eager step in one captured CUDA graph, and the inductor-compiled step
-in one captured CUDA graph; see ``generation/graphs.py``), and a plain reference loop in the same run:
+in one captured CUDA graph; see ``generation/graphs.py``) and each attention implementation of ``--attention``
+(``sdpa``, ``flex``), and a plain reference loop in the same run:
 no KV cache (the whole sequence re-run every token), the two CFG streams as two separate forwards, and sampling with
 ``torch.multinomial`` followed by ``.item()`` (a host sync per token). The reference runs one image only and at most
 ``--reference-tokens`` tokens (its cost grows quadratically, so its ms/token is a lower bound for longer images).
-VQGAN decoding and CLIP re-ranking are not included.
+These rows exclude VQGAN decoding and CLIP re-ranking. With ``--rerank`` (default on GPU at 1024 tokens) a last row
+per preset times the issue's whole "8 candidates with CFG plus re-ranking": decoding in the first mode, an f8_8192
+VQGAN decoding the 8 images to 256x256 and a ViT-B-32 CLIP scoring them (random weights: the timing depends only on
+the architectures).
 
 Usage::
 
     python benchmarks/generation.py                      # CUDA: tiny + 350m, 1024 tokens, bf16 (~3 min on an H100)
     python benchmarks/generation.py --device cpu          # CPU: fewer tokens per image (said in the output)
     python benchmarks/generation.py --presets 350m --image-tokens 256 --json out.json
+    python benchmarks/generation.py --presets 350m --modes reduce-overhead --attention sdpa,flex
+
+``benchmarks/decode_profile.py`` shows where the time of one decode step goes, kernel by kernel.
 
 Prints a table and writes the numbers as JSON (``--json``, default ``generation_benchmark.json``).
 """
@@ -38,7 +45,7 @@ from cm3leon_lightning.config import CM3LeonConfig
 from cm3leon_lightning.generation import generate_image
 from cm3leon_lightning.generation.generate import image_prompt, unconditional_image_prompt
 from cm3leon_lightning.generation.graphs import MODES
-from cm3leon_lightning.model import CM3Leon
+from cm3leon_lightning.model import ATTENTION_IMPLS, CM3Leon
 from cm3leon_lightning.tokenization.vocab import MultimodalVocab
 
 PROMPT_LEN = 24  # text tokens of the caption
@@ -114,24 +121,32 @@ def bench_preset(preset: str, args: argparse.Namespace, device: str, dtype: torc
     prompt = [vocab.num_special + (7 * i) % (vocab.n_text - vocab.num_special) for i in range(PROMPT_LEN)]
     rows = []
     eager_codes: dict[int, torch.Tensor] = {}
-    for mode in args.modes:
-        for n in (1, args.candidates):
-            kw = dict(num_samples=n, method="top_p", cfg=3.0, seed=0, compile=mode)
-            t0 = time.perf_counter()
-            codes = generate_image(model, vocab, [prompt], **kw).codes  # warm-up (compilation, graph capture)
-            warm = time.perf_counter() - t0
-            eager_codes.setdefault(n, codes)  # the first mode (eager by default) is the reference
-            same = float((codes == eager_codes[n]).float().mean())
-            sec = timed(lambda kw=kw: generate_image(model, vocab, [prompt], **kw), device, args.repeats)
-            rows.append(dict(preset=preset, mode=mode, images=n, streams=2 * n, tokens=tokens, seconds=sec,
-                             sec_per_image=sec / n, ms_per_token=1e3 * sec / tokens, warmup_seconds=warm,
-                             same_codes=same))  # fmt: skip
-            print(fmt_row(rows[-1]), flush=True)
+    for attention in args.attention:
+        model.set_attention(attention)
+        for mode in args.modes:
+            for n in (1, args.candidates):
+                kw = dict(num_samples=n, method="top_p", cfg=3.0, seed=0, compile=mode)
+                t0 = time.perf_counter()
+                codes = generate_image(model, vocab, [prompt], **kw).codes  # warm-up (compilation, graph capture)
+                warm = time.perf_counter() - t0
+                eager_codes.setdefault(n, codes)  # the first mode (eager by default) is the reference
+                same = float((codes == eager_codes[n]).float().mean())
+                sec = timed(lambda kw=kw: generate_image(model, vocab, [prompt], **kw), device, args.repeats)
+                rows.append(dict(preset=preset, mode=mode, attention=attention, images=n, streams=2 * n,
+                                 tokens=tokens, seconds=sec, sec_per_image=sec / n, ms_per_token=1e3 * sec / tokens,
+                                 warmup_seconds=warm, same_codes=same))  # fmt: skip
+                print(fmt_row(rows[-1]), flush=True)
+    model.set_attention(args.attention[0])
+    row = bench_rerank(model, vocab, prompt, preset, args, device, dtype) if args.rerank else None
+    if row is not None:
+        rows.append(row)
+        print(fmt_row(row), flush=True)
     ref_tokens = min(tokens, args.reference_tokens)
     if ref_tokens > 0:
         reference_loop(model, vocab, prompt, min(ref_tokens, 4), 3.0, 0)  # warm-up
         sec = timed(lambda: reference_loop(model, vocab, prompt, ref_tokens, 3.0, 0), device, 1)
-        rows.append(dict(preset=preset, mode="reference", images=1, streams=2, tokens=ref_tokens, seconds=sec,
+        rows.append(dict(preset=preset, mode="reference", attention="sdpa", images=1, streams=2, tokens=ref_tokens,
+                         seconds=sec,
                          sec_per_image=sec * tokens / ref_tokens, ms_per_token=1e3 * sec / ref_tokens,
                          warmup_seconds=0.0, same_codes=float("nan"), extrapolated=ref_tokens < tokens))  # fmt: skip
         print(fmt_row(rows[-1]), flush=True)
@@ -141,15 +156,52 @@ def bench_preset(preset: str, args: argparse.Namespace, device: str, dtype: torc
     return rows
 
 
-HEADER = f"{'preset':<7} {'mode':<15} {'images':>6} {'streams':>7} {'tokens':>6} {'s total':>9} {'s/image':>9} " \
-         f"{'ms/token':>9} {'warm-up s':>9} {'= first':>7}"  # fmt: skip
+def bench_rerank(
+    model: CM3Leon, vocab: MultimodalVocab, prompt: list[int], preset: str, args, device: str, dtype: torch.dtype
+) -> dict | None:
+    """Time 8 candidates with CFG, decoded to pixels by an f8_8192 VQGAN and re-ranked by a ViT-B-32 CLIP
+    (None, said on stdout, when open_clip_torch is not installed)."""
+    import warnings
+
+    from cm3leon_lightning.generation.rerank import rerank
+    from cm3leon_lightning.tokenization.vqgan import VQGAN
+
+    try:
+        from cm3leon_lightning.retrieval.encoder import ClipEncoder
+    except ImportError as e:
+        print(f"no re-ranking row: {e} (install open_clip_torch)", flush=True)
+        return None
+
+    vqgan = VQGAN.from_name("f8_8192").to(device=device, dtype=dtype).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "randomly initialised": intended, only the architecture is timed
+        clip = ClipEncoder("ViT-B-32", pretrained=None, device=device)
+    mode, n = args.modes[0], args.candidates
+
+    def run() -> None:
+        with torch.no_grad():
+            out = generate_image(model, vocab, [prompt], num_samples=n, cfg=3.0, seed=0, compile=mode, vqgan=vqgan)
+            rerank(clip, ["a caption of eight words for the clip model"], out.images, out.codes, keep=1)
+
+    t0 = time.perf_counter()
+    run()
+    warm = time.perf_counter() - t0
+    sec = timed(run, device, args.repeats)
+    tokens = vocab.image_tokens
+    return dict(preset=preset, mode=f"{mode}+rerank", attention=args.attention[0], images=n, streams=2 * n,
+                tokens=tokens, seconds=sec, sec_per_image=sec / n, ms_per_token=1e3 * sec / tokens,
+                warmup_seconds=warm, same_codes=float("nan"))  # fmt: skip
+
+
+HEADER = f"{'preset':<7} {'mode':<22} {'attn':<5} {'images':>6} {'streams':>7} {'tokens':>6} {'s total':>9} " \
+         f"{'s/image':>9} {'ms/token':>9} {'warm-up s':>9} {'= first':>7}"  # fmt: skip
 
 
 def fmt_row(r: dict) -> str:
     note = " (s/image extrapolated linearly from fewer tokens: a lower bound)" if r.get("extrapolated") else ""
     return (
-        f"{r['preset']:<7} {r['mode']:<15} {r['images']:>6} {r['streams']:>7} {r['tokens']:>6} {r['seconds']:>9.3f} "
-        f"{r['sec_per_image']:>9.3f} {r['ms_per_token']:>9.2f} {r['warmup_seconds']:>9.1f} "
+        f"{r['preset']:<7} {r['mode']:<22} {r['attention']:<5} {r['images']:>6} {r['streams']:>7} {r['tokens']:>6} "
+        f"{r['seconds']:>9.3f} {r['sec_per_image']:>9.3f} {r['ms_per_token']:>9.2f} {r['warmup_seconds']:>9.1f} "
         f"{r['same_codes']:>7.3f}{note}"
     )
 
@@ -169,6 +221,17 @@ def main() -> None:
         default=None,
         help=f"comma-separated decode-step modes of {MODES} (default: eager,reduce-overhead,graph,inductor-graph on "
         "CUDA; eager on CPU, add inductor to compile there)",
+    )
+    p.add_argument(
+        "--attention",
+        default="sdpa",
+        help=f"comma-separated attention implementations over the KV cache, of {ATTENTION_IMPLS}",
+    )
+    p.add_argument(
+        "--rerank",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also time 8 candidates + VQGAN decoding + CLIP re-ranking (default: on GPU with 1024 image tokens)",
     )
     p.add_argument(
         "--sdpa",
@@ -192,6 +255,14 @@ def main() -> None:
     for m in args.modes:
         if m not in MODES:
             p.error(f"--modes: unknown mode {m!r}; choose from {MODES}")
+    args.attention = [a.strip() for a in args.attention.split(",")]
+    for a in args.attention:
+        if a not in ATTENTION_IMPLS:
+            p.error(f"--attention: unknown implementation {a!r}; choose from {ATTENTION_IMPLS}")
+    if args.rerank is None:
+        args.rerank = gpu and args.image_tokens == 1024
+    elif args.rerank and args.image_tokens != 1024:
+        p.error("--rerank decodes with the f8_8192 VQGAN: it needs --image-tokens 1024")
     dtype = {"auto": torch.bfloat16 if gpu else torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16}
     dtype = dtype[args.dtype]
     name = torch.cuda.get_device_name(device) if gpu else platform.processor() or platform.machine()
@@ -206,7 +277,7 @@ def main() -> None:
             rows += bench_preset(preset.strip(), args, device, dtype)
     meta = dict(device=device, device_name=name, torch=torch.__version__, dtype=str(dtype),
                 image_tokens=args.image_tokens, candidates=args.candidates, repeats=args.repeats,
-                threads=torch.get_num_threads(), sdpa=args.sdpa)  # fmt: skip
+                threads=torch.get_num_threads(), sdpa=args.sdpa, attention=args.attention)  # fmt: skip
     with open(args.json, "w", encoding="utf-8") as f:
         json.dump({"meta": meta, "results": rows}, f, indent=2)
     print(f"wrote {args.json}")

@@ -1,18 +1,32 @@
 #!/usr/bin/env bash
-# The decoding checks on one GPU (about 5-6 minutes at 350m): the graph/compiled decode modes against eager in the
-# tests, then benchmarks/generation.py over every mode with torch's perf hints (they name why CUDA graphs would be
-# skipped). Results go to $OUT (or ./gpu_results). Run from the repository root with a Python that has torch.
+# The decoding checks on one GPU, in one run of at most ~9 minutes at 350m: the CUDA decode modes (including
+# max-autotune and FlexAttention) against eager in the tests, the per-kernel profile of one decode step, then
+# benchmarks/generation.py over the fast modes and both attention implementations, with the full "8 candidates +
+# VQGAN + CLIP re-ranking" row when open_clip_torch is installed. Each part has its own time limit (override with
+# TESTS_LIMIT, PROFILE_LIMIT, BENCH_LIMIT, TUNE_LIMIT; 0 skips a part). Results go to $OUT (or ./gpu_results).
+# Run from the repository root with a Python that has torch; wheels in .gpu_wheels/ (benchmarks/fetch_gpu_wheels.sh)
+# are installed first when present.
 set -u
 OUT=${OUT:-gpu_results}
 mkdir -p "$OUT"
 PY=${PY:-python3}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+part() {  # part NAME SECONDS CMD...
+  local name=$1 limit=$2; shift 2
+  [ "$limit" = 0 ] && { echo "=== $name: skipped"; return; }
+  echo "=== $name (limit ${limit}s)"
+  local t0=$(date +%s)
+  timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log" | grep -v "Warning\|warnings.warn\|_warn_once\|^$" | tail -${TAIL:-60}
+  echo "=== $name: exit ${PIPESTATUS[0]} in $(( $(date +%s) - t0 ))s"
+}
 nvidia-smi -L
+[ -d .gpu_wheels ] && $PY -m pip install -q --no-deps --no-index --find-links .gpu_wheels open_clip_torch ftfy wcwidth regex 2>&1 | tail -2
 $PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
-echo "=== tests"
-timeout 200 $PY -m pytest tests/generation/test_generate.py tests/generation/test_graphs.py -q -p no:cacheprovider \
-  -k "compiled or graph or cache" 2>&1 | tail -15
-echo "=== generation benchmark"
-TORCH_LOGS=perf_hints timeout ${BENCH_LIMIT:-360} $PY benchmarks/generation.py --presets ${PRESETS:-350m} \
-  --modes ${MODES:-eager,graph,inductor-graph,reduce-overhead} --repeats 1 --reference-tokens 0 \
-  --json "$OUT/generation.json" 2>&1 | grep -v "Warning\|warnings.warn" | tee "$OUT/generation.log" | tail -60
+part tests "${TESTS_LIMIT:-150}" $PY -m pytest tests/generation/test_generate.py tests/generation/test_graphs.py -q \
+  -p no:cacheprovider -k "compiled or graph or cache or autotuned"
+TAIL=120 part profile "${PROFILE_LIMIT:-120}" $PY benchmarks/decode_profile.py --preset 350m \
+  --modes inductor,reduce-overhead --attention sdpa,flex --steps 32 --rows 30 --out "$OUT/profile"
+part generation "${BENCH_LIMIT:-180}" $PY benchmarks/generation.py --presets 350m --modes reduce-overhead,graph \
+  --attention sdpa,flex --repeats 2 --reference-tokens 0 --json "$OUT/generation.json"
+part max_autotune "${TUNE_LIMIT:-90}" $PY benchmarks/generation.py --presets 350m --modes max-autotune \
+  --repeats 2 --reference-tokens 0 --no-rerank --json "$OUT/generation_max_autotune.json"

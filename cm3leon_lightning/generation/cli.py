@@ -29,7 +29,7 @@ import torch
 from cm3leon_lightning.config import CM3LeonConfig
 from cm3leon_lightning.generation.generate import generate_image, generate_text
 from cm3leon_lightning.generation.graphs import MODES, resolve_mode
-from cm3leon_lightning.model import CM3Leon
+from cm3leon_lightning.model import ATTENTION_IMPLS, CM3Leon
 from cm3leon_lightning.tokenization.vocab import Document, MultimodalVocab, Segment
 
 
@@ -210,6 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="how the decode step runs (auto: reduce-overhead on CUDA, eager on CPU; see generation/graphs.py)",
     )
     how.add_argument("--no-compile", action="store_true", help="same as --compile eager")
+    p.add_argument(
+        "--attention",
+        choices=ATTENTION_IMPLS,
+        default="sdpa",
+        help="attention over the KV cache: sdpa, or flex (FlexAttention; meant for the compiled modes)",
+    )
     return p
 
 
@@ -227,6 +233,7 @@ def run(args: argparse.Namespace) -> None:
     compile = False if args.no_compile else (None if args.compile == "auto" else args.compile)
     resolve_mode(compile, torch.device(device))  # a CUDA-only mode on CPU fails here, before any loading
     model, vocab = load_checkpoint(args.ckpt, device)
+    model.set_attention(args.attention)
     tokenizer = TextTokenizer.load(args.tokenizer)
     vqgan = None
     if args.vqgan:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from cm3leon_lightning.generation.graphs import GraphedStep, compiled, graphed_step, resolve_mode
+from cm3leon_lightning.generation.graphs import TREE_MODES, GraphedStep, compiled, graphed_step, resolve_mode
 from cm3leon_lightning.generation.sampling import (
     cdk_logits,
     cfg_logits,
@@ -285,7 +285,7 @@ class Decoder:
         if self.graph is not None:
             picked, nxt = self.graph(self.model, feed, self.input_pos, noise)
         else:
-            if self.mode == "reduce-overhead":
+            if self.mode in TREE_MODES:
                 torch.compiler.cudagraph_mark_step_begin()
             picked, nxt = self.step_fn(self.model, feed, self.input_pos, noise, self.spec, self.allowed)
         self.input_pos += 1

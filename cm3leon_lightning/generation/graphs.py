@@ -23,11 +23,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-MODES = ("eager", "inductor", "reduce-overhead", "graph", "inductor-graph")
+MODES = ("eager", "inductor", "reduce-overhead", "max-autotune", "graph", "inductor-graph")
 """Decode-step modes: ``eager``; ``inductor`` (``torch.compile``, no CUDA graphs; the compiled mode on CPU);
-``reduce-overhead`` (``torch.compile`` with CUDA-graph trees); ``graph`` (the eager step in one captured CUDA graph);
-``inductor-graph`` (the compiled step in one captured CUDA graph)."""
-CUDA_ONLY = ("reduce-overhead", "graph", "inductor-graph")
+``reduce-overhead`` (``torch.compile`` with CUDA-graph trees); ``max-autotune`` (the same, with inductor benchmarking
+Triton matmul templates against cuBLAS, which lets it fuse pointwise work into the matmuls; minutes of warm-up);
+``graph`` (the eager step in one captured CUDA graph); ``inductor-graph`` (the compiled step in one captured CUDA
+graph)."""
+CUDA_ONLY = ("reduce-overhead", "max-autotune", "graph", "inductor-graph")
+TREE_MODES = ("reduce-overhead", "max-autotune")
+"""Modes replayed through torch.compile's CUDA-graph trees (a step must be marked, outputs copied before reuse)."""
 DEFAULT_CUDA_MODE = "reduce-overhead"
 """What ``compile=None`` or ``True`` picks on CUDA. ``reduce-overhead`` and ``inductor-graph`` measure the same
 (docs/benchmarks.md: 1.2 s per 1024-token image with CFG at 350m on one H200, against 1.6 s for ``graph`` and 8 s
@@ -57,9 +61,10 @@ _COMPILED: dict[str, Callable[..., Any]] = {}
 
 
 def compiled(fn: Callable[..., Any], mode: str) -> Callable[..., Any]:
-    """``torch.compile(fn)`` for ``mode`` (``inductor``/``inductor-graph``: default mode; ``reduce-overhead``),
-    compiled once per function and mode and shared; dynamo specializes it per model, shape and spec."""
-    torch_mode = "reduce-overhead" if mode == "reduce-overhead" else "default"
+    """``torch.compile(fn)`` for ``mode`` (``inductor``/``inductor-graph``: default mode; ``reduce-overhead``;
+    ``max-autotune``), compiled once per function and mode and shared; dynamo specializes it per model, shape and
+    spec."""
+    torch_mode = mode if mode in TREE_MODES else "default"
     key = f"{fn.__module__}.{fn.__qualname__}:{torch_mode}"
     if key not in _COMPILED:
         _COMPILED[key] = torch.compile(fn, mode=torch_mode, fullgraph=True, dynamic=False)

@@ -14,10 +14,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention.flex_attention import flex_attention
 from torch.utils.checkpoint import checkpoint
 
 from cm3leon_lightning.config import CM3LeonConfig
 from cm3leon_lightning.model.kv_cache import KVCache, padding_causal_mask, positions_from_valid
+
+ATTENTION_IMPLS = ("sdpa", "flex")
+"""How attention over the KV cache (prefill and decode, i.e. inference) is computed: ``sdpa``
+(``F.scaled_dot_product_attention`` with a boolean mask) or ``flex`` (FlexAttention with the mask as a ``score_mod``;
+compiled on CUDA, a single-token query runs its split-KV flash-decoding kernel). Forwards without a cache (training,
+scoring) always use SDPA."""
 
 
 def layer_norm(x: Tensor, eps: float) -> Tensor:
@@ -25,17 +32,48 @@ def layer_norm(x: Tensor, eps: float) -> Tensor:
     return F.layer_norm(x, (x.shape[-1],), eps=eps)
 
 
+def flex_cached_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, input_pos: Tensor) -> Tensor:
+    """Attention of queries at cache slots ``input_pos`` over the cache through FlexAttention.
+
+    The mask of :func:`~cm3leon_lightning.model.kv_cache.padding_causal_mask` is computed inside the kernel from the
+    slot validity (a ``score_mod``), so no ``(B, 1, T, S)`` mask is materialised.
+
+    Args:
+        q: ``(B, H, T, D)`` queries.
+        k: ``(B, H, S, D)`` cached keys.
+        v: ``(B, H, S, D)`` cached values.
+        valid: ``(B, S)`` bool, True where a slot holds a real token.
+        input_pos: ``(T,)`` long, the slots of the queries.
+
+    Returns:
+        ``(B, H, T, D)``, equal to ``scaled_dot_product_attention(q, k, v, attn_mask=padding_causal_mask(...))``.
+    """
+
+    def score_mod(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        slot = input_pos[q_idx]
+        keep = ((kv_idx <= slot) & valid[b, kv_idx]) | (kv_idx == slot)
+        return torch.where(keep, score, -float("inf"))
+
+    if q.device.type == "cpu":
+        q = q.contiguous()  # inductor's CPU flex template cannot read a query that is a view of the QKV matmul
+    return flex_attention(q, k, v, score_mod=score_mod)
+
+
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention through ``scaled_dot_product_attention``, no biases.
+    """Multi-head causal self-attention through ``scaled_dot_product_attention`` (or FlexAttention), no biases.
 
     Args:
         config: the architecture.
+
+    Attributes:
+        impl: one of :data:`ATTENTION_IMPLS`, used with a KV cache (set by :meth:`CM3Leon.set_attention`).
     """
 
     def __init__(self, config: CM3LeonConfig) -> None:
         super().__init__()
         self.n_head = config.n_head
         self.head_dim = config.head_dim
+        self.impl = "sdpa"
         self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=False)
         self.out_proj = nn.Linear(config.d_model, config.d_model, bias=False)
 
@@ -50,7 +88,10 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, input_pos, k, v)  # (B, H, S, D)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)  # (B, H, T, D)
+        if kv_cache is not None and self.impl == "flex":
+            y = flex_cached_attention(q, k, v, kv_cache.valid, input_pos)  # (B, H, T, D)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)  # (B, H, T, D)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.out_proj(y)
 
@@ -156,6 +197,19 @@ class CM3Leon(nn.Module):
     def num_parameters(self) -> int:
         """Unique trainable parameters (a tied embedding counted once), as :meth:`CM3LeonConfig.num_parameters`."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    @property
+    def attention(self) -> str:
+        """The implementation of attention over the KV cache in every block (:data:`ATTENTION_IMPLS`)."""
+        return self.blocks[0].attn.impl
+
+    def set_attention(self, impl: str) -> None:
+        """Compute attention over the KV cache (prefill and decode) with ``impl`` of :data:`ATTENTION_IMPLS`; both
+        give the same outputs up to float rounding. Forwards without a cache (training) always use SDPA."""
+        if impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got {impl!r}")
+        for block in self.blocks:
+            block.attn.impl = impl
 
     # ------------------------------------------------------------------------------------------ KV cache
     def setup_kv_cache(
@@ -288,7 +342,8 @@ class CM3Leon(nn.Module):
             valid = torch.ones_like(idx, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
             cache.update_valid(input_pos, valid)
             pos = cache.positions(input_pos)  # (B, T)
-            mask = cache.attention_mask(input_pos)  # (B, 1, T, S)
+            # (B, 1, T, S); FlexAttention computes it inside its kernel instead
+            mask = None if self.attention == "flex" else cache.attention_mask(input_pos)
 
         x = self.wte(idx) + self.wpe(pos)  # (B, T, C)
         use_checkpoint = self.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled()

@@ -12,7 +12,7 @@ from cm3leon_lightning.config import CM3LeonConfig
 from cm3leon_lightning.generation import edit_image, generate_image, generate_text, infill
 from cm3leon_lightning.generation.decoder import left_pad
 from cm3leon_lightning.generation.generate import caption_prompt, image_prompt, unconditional_image_prompt
-from cm3leon_lightning.model import CM3Leon
+from cm3leon_lightning.model import ATTENTION_IMPLS, CM3Leon
 from cm3leon_lightning.tokenization.vocab import MultimodalVocab, Segment
 
 VOCAB = MultimodalVocab(n_text=40, n_codes=24, grid_h=2, grid_w=3)  # text 0..39, images 40..63, padded 128
@@ -74,9 +74,11 @@ def test_batched_cfg_logits_equal_separate_forwards():
             torch.testing.assert_close(batched[i], alone, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("attention", ATTENTION_IMPLS)
 @pytest.mark.parametrize("cfg", [1.0, 3.0])
-def test_kv_cached_greedy_images_equal_the_no_cache_reference(cfg):
+def test_kv_cached_greedy_images_equal_the_no_cache_reference(cfg, attention):
     model = random_model()
+    model.set_attention(attention)  # the reference's full forwards use SDPA either way
     got = generate_image(model, VOCAB, PROMPTS, num_samples=2, method="greedy", cfg=cfg, compile=False)
     assert got.codes.shape == (3, 2, VOCAB.image_tokens) and got.images is None
     with torch.no_grad():
@@ -211,6 +213,24 @@ def test_clear_errors():
 
 CUDA = torch.cuda.is_available()
 COMPILED_MODES = ["reduce-overhead", "graph", "inductor-graph"] if CUDA else ["inductor"]
+
+
+TUNED_CASES = [("max-autotune", "sdpa"), ("reduce-overhead", "flex"), ("graph", "flex")]
+TUNED_CASES = TUNED_CASES if CUDA else [("inductor", "flex")]
+
+
+@pytest.mark.skipif(
+    os.environ.get("CM3LEON_TEST_COMPILE") != "1" and not CUDA,
+    reason="torch.compile of the step takes about a minute on 2 CPU cores; set CM3LEON_TEST_COMPILE=1",
+)
+@pytest.mark.parametrize("mode,attention", TUNED_CASES)
+def test_autotuned_and_flex_decoding_equal_eager_sdpa(mode, attention):
+    model = random_model(seed=7, dtype=torch.float32).to("cuda" if CUDA else "cpu")
+    kwargs = dict(num_samples=2, method="top_p", cfg=3.0, seed=4)
+    eager = generate_image(model, VOCAB, PROMPTS, compile=False, **kwargs).codes
+    model.set_attention(attention)
+    got = generate_image(model, VOCAB, PROMPTS, compile=mode, **kwargs).codes
+    assert torch.equal(got, eager)
 
 
 @pytest.mark.skipif(

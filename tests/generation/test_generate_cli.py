@@ -52,6 +52,11 @@ def test_text_to_image_writes_samples_grid_and_codes(assets, tmp_path):
     assert grid.width > 3 * 16 and grid.height > 16
     model, vocab = load_checkpoint(assets / "model.ckpt")
     assert vocab.image_tokens == 64 and model.config.max_seq_len == 128
+    # --attention flex decodes the same codes (greedy, so float rounding cannot flip a sample)
+    greedy = [*base(assets, tmp_path), "--prompt", "a red circle", "--num-samples", "2", "--method", "greedy"]
+    assert main([*greedy, "--out", str(tmp_path / "sdpa")]) == 0
+    assert main([*greedy, "--out", str(tmp_path / "flex"), "--attention", "flex"]) == 0
+    assert np.array_equal(np.load(tmp_path / "sdpa" / "codes.npy"), np.load(tmp_path / "flex" / "codes.npy"))
 
 
 def test_image_to_text_writes_the_answer(assets, tmp_path, capsys):

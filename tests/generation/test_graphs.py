@@ -6,7 +6,7 @@ import torch
 
 from cm3leon_lightning.config import CM3LeonConfig
 from cm3leon_lightning.generation import generate_image
-from cm3leon_lightning.generation.graphs import DEFAULT_CUDA_MODE, MODES, resolve_mode
+from cm3leon_lightning.generation.graphs import CUDA_ONLY, DEFAULT_CUDA_MODE, MODES, TREE_MODES, resolve_mode
 from cm3leon_lightning.model import CM3Leon
 from cm3leon_lightning.tokenization.vocab import MultimodalVocab
 
@@ -18,10 +18,10 @@ def test_resolve_mode_defaults_per_device():
     assert resolve_mode(True, CPU) == "inductor" and resolve_mode(True, CUDA) == DEFAULT_CUDA_MODE
     assert resolve_mode(False, CUDA) == "eager"
     assert all(resolve_mode(m, CUDA) == m for m in MODES)
-    assert DEFAULT_CUDA_MODE in MODES
+    assert DEFAULT_CUDA_MODE in MODES and set(TREE_MODES) <= set(CUDA_ONLY) <= set(MODES)
 
 
-@pytest.mark.parametrize("mode", ["reduce-overhead", "graph", "inductor-graph"])
+@pytest.mark.parametrize("mode", CUDA_ONLY)
 def test_cuda_modes_on_cpu_are_refused_by_name(mode):
     with pytest.raises(ValueError, match=f"compile={mode!r} needs a CUDA device"):
         resolve_mode(mode, CPU)

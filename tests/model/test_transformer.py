@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from cm3leon_lightning.config import CM3LeonConfig
-from cm3leon_lightning.model import CM3Leon, param_groups
+from cm3leon_lightning.model import ATTENTION_IMPLS, CM3Leon, param_groups
 
 V = 512
 
@@ -131,10 +131,13 @@ def test_logits_range_computes_only_those_ids():
             model(idx, logits_range=bad)
 
 
-def test_left_padded_batch_matches_each_row_unpadded():
+@pytest.mark.parametrize("attention", ATTENTION_IMPLS)
+def test_left_padded_batch_matches_each_row_unpadded(attention):
     """Prompts of lengths 5, 2 and 7 are left-padded to 7; greedy decoding 6 steps in one batch gives every row the
-    logits of its own unpadded full forward, prefill and decode alike."""
+    logits of its own unpadded full forward, prefill and decode alike, with either masked-attention implementation."""
     model = random_model(seed=4)
+    model.set_attention(attention)
+    assert model.attention == attention and all(b.attn.impl == attention for b in model.blocks)
     torch.manual_seed(5)
     prompts = [torch.randint(1, V, (n,)) for n in (5, 2, 7)]
     P, N = 7, 6
@@ -169,6 +172,11 @@ def test_left_padded_batch_matches_each_row_unpadded():
         seq = torch.cat([p, torch.stack(tokens[b])])[None]  # (1, len + N)
         expected = model(seq)[0]  # (len + N, V)
         assert torch.allclose(torch.cat(rows[b]), expected, atol=1e-5), b
+
+
+def test_set_attention_rejects_unknown_names():
+    with pytest.raises(ValueError, match="attention must be one of"):
+        random_model().set_attention("flash")
 
 
 def test_stale_cache_is_never_read_by_a_new_generation():
