@@ -23,6 +23,8 @@ Each prompt's samples depend only on its seed, so 1 or 8 devices give the same i
 ...}`` object per line (``seed`` optional). ``out/`` receives, for prompt ``i``, ``{i:06d}-{j}.png`` per candidate
 ``j``, ``{i:06d}-grid.png`` (the candidates under the prompt), ``{i:06d}-codes.npy`` ``(N, grid_h * grid_w)``, and
 one line of ``predictions.jsonl`` (``index``, ``prompt``, ``seed``, ``files``, ``grid``, ``codes``), sorted by index.
+``--trainer.callbacks.clip ViT-B-32`` re-ranks each prompt's candidates with CLIP and writes them best first (adding
+``clip_scores`` and ``order`` to the line); ``--trainer.callbacks.keep 1`` then writes only the best.
 
 Unlike the rest of :mod:`cm3leon_lightning.generation` this module imports Lightning; the package ``__init__`` does
 not import it.
@@ -182,16 +184,37 @@ class PromptDataModule(L.LightningDataModule):
 class ImageWriter(BasePredictionWriter):
     """Write each prompt's candidates as PNGs, a captioned grid, its codes, and a line of ``predictions.jsonl``.
 
+    With ``clip``, the candidates are re-ranked by CLIP score against their prompt (paper section 3.1) and written
+    best first: ``{i:06d}-0.png`` is the best, the codes file follows the same order, and the JSON line adds
+    ``clip_scores`` (best first) and ``order`` (each written candidate's index among the N sampled).
+
     Args:
         output_dir: directory for the files (created).
         vqgan: VQGAN directory or checkpoint (``VQGAN.from_pretrained``); None writes only the codes.
         grid: also write ``{i:06d}-grid.png``, the candidates under the prompt.
+        clip: open_clip model name of the re-ranking CLIP (e.g. ``ViT-B-32``); None: no re-ranking.
+        clip_pretrained: its weights: an open_clip tag (``openai``) or a local checkpoint path.
+        keep: write only the best ``keep`` candidates of each prompt (needs ``clip``); None: all.
     """
 
-    def __init__(self, output_dir: str, vqgan: str | None = None, grid: bool = True) -> None:
+    def __init__(
+        self,
+        output_dir: str,
+        vqgan: str | None = None,
+        grid: bool = True,
+        clip: str | None = None,
+        clip_pretrained: str | None = "openai",
+        keep: int | None = None,
+    ) -> None:
         super().__init__(write_interval="batch")
+        if clip is not None and vqgan is None:
+            raise ValueError("ImageWriter clip: re-ranking scores decoded images, so it needs vqgan")
+        if keep is not None and (clip is None or keep < 1):
+            raise ValueError(f"ImageWriter keep must be >= 1 and needs clip (re-ranking), got keep={keep}, clip={clip}")
         self.output_dir, self.vqgan_path, self.grid = Path(output_dir), vqgan, grid
+        self.clip_name, self.clip_pretrained, self.keep = clip, clip_pretrained, keep
         self.vqgan: torch.nn.Module | None = None
+        self.clip: Any = None
         self._part: Path | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -223,8 +246,21 @@ class ImageWriter(BasePredictionWriter):
         trainer.strategy.barrier("image_writer_start")
         if self.vqgan is not None:
             self.vqgan.to(pl_module.device)
+        if self.clip_name is not None and self.clip is None:
+            self.clip = self.load_scorer(pl_module.device)
         self._part = self.output_dir / f"predictions.rank{trainer.global_rank}.jsonl"
         self._part.write_text("", encoding="utf-8")
+
+    def load_scorer(self, device: torch.device) -> Any:
+        """The re-ranking scorer (``embed_texts``/``embed_images``, see :mod:`~cm3leon_lightning.generation.rerank`):
+        a frozen :class:`~cm3leon_lightning.retrieval.ClipEncoder` of ``clip``/``clip_pretrained``. Override to
+        score with something else."""
+        from cm3leon_lightning.retrieval.encoder import ClipEncoder, ClipWeightsUnavailableError
+
+        try:
+            return ClipEncoder(self.clip_name or "ViT-B-32", pretrained=self.clip_pretrained, device=str(device))
+        except ClipWeightsUnavailableError as e:
+            raise ValueError(f"ImageWriter clip/clip_pretrained: {e}") from e
 
     def write_on_batch_end(
         self,
@@ -245,12 +281,23 @@ class ImageWriter(BasePredictionWriter):
             with torch.no_grad():
                 flat = self.vqgan.decode(codes.flatten(0, 1).to(pl_module.device))  # (B*N, C, H, W)
             images = flat.view(*codes.shape[:2], *flat.shape[1:]).float().cpu()  # (B, N, C, H, W)
+        ranked = None
+        if self.clip is not None and images is not None:
+            from cm3leon_lightning.generation.rerank import rerank
+
+            ranked = rerank(
+                self.clip, list(prediction["prompt"]), images, codes.cpu(), keep=self.keep or codes.shape[1]
+            )
+            images, codes = ranked.images, ranked.codes  # best first, (B, keep, ...)
         lines = []
         for b, (index, prompt, seed) in enumerate(zip(prediction["index"], prediction["prompt"], prediction["seed"])):
             stem = f"{int(index):06d}"
             np.save(self.output_dir / f"{stem}-codes.npy", codes[b].cpu().numpy().astype(np.int32))
             row: dict[str, Any] = {"index": int(index), "prompt": prompt, "seed": seed, "files": [], "grid": None}
             row["codes"] = f"{stem}-codes.npy"
+            if ranked is not None:
+                row["clip_scores"] = [round(float(x), 6) for x in ranked.scores[b]]
+                row["order"] = [int(x) for x in ranked.order[b]]
             if images is not None:
                 for j, image in enumerate(images[b]):
                     to_pil(image).save(self.output_dir / f"{stem}-{j}.png")

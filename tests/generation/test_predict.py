@@ -106,10 +106,10 @@ def test_vocab_from_checkpoint_or_manifest_and_tokenizer_mismatch(assets, tmp_pa
 
 
 # ------------------------------------------------------------------------------------------------ predict loop
-def predict(assets: Path, out: Path | None, batch_size: int, vqgan: bool = True) -> list[dict]:
+def predict(assets: Path, out: Path | None, batch_size: int, vqgan: bool = True, **writer) -> list[dict]:
     dm = PromptDataModule(str(assets / "prompts.jsonl"), str(assets / "tok"), str(assets / "model.ckpt"), batch_size)
     module = CM3LeonModule(preset="tiny", vocab=dm.vocab.to_dict(), generation=GenerationSettings(**SETTINGS))
-    callbacks = [] if out is None else [ImageWriter(str(out), str(assets / "vqgan") if vqgan else None)]
+    callbacks = [] if out is None else [ImageWriter(str(out), str(assets / "vqgan") if vqgan else None, **writer)]
     trainer = L.Trainer(
         accelerator="cpu", devices=1, logger=False, callbacks=callbacks, enable_progress_bar=False,
         enable_model_summary=False, default_root_dir=str(assets),
@@ -147,6 +147,73 @@ def test_trainer_predict_writes_pngs_grids_codes_and_jsonl(assets, tmp_path):
     single = predict(assets, out1, batch_size=1, vqgan=False)
     np.testing.assert_array_equal(torch.cat([b["codes"] for b in single]).numpy(), want)
     assert sorted(p.suffix for p in out1.iterdir()) == [".jsonl", ".npy", ".npy", ".npy"]
+
+
+class BrightnessScorer:
+    """An exact scorer with the ClipEncoder interface: every text embeds to ``[1, 0]``, an image to its normalised
+    ``[mean, 1 - mean]`` brightness, so brighter candidates score higher."""
+
+    def embed_texts(self, texts):
+        return np.tile([1.0, 0.0], (len(texts), 1))
+
+    def embed_images(self, images: torch.Tensor):
+        m = images.mean(dim=(1, 2, 3)).double()
+        z = torch.stack([m, 1 - m], dim=1)
+        return (z / z.norm(dim=1, keepdim=True)).numpy()
+
+
+class BrightnessWriter(ImageWriter):
+    def load_scorer(self, device):
+        return BrightnessScorer()
+
+
+def test_writer_reranks_candidates_best_first_and_keeps_the_best(assets, tmp_path):
+    """With re-ranking the writer orders each prompt's candidates by score, best first (files, codes, scores and
+    order agree), and with keep=1 writes only the best."""
+    from cm3leon_lightning.generation.rerank import clip_scores
+    from cm3leon_lightning.tokenization.vqgan import VQGAN
+
+    prompts = ["a red square", "a blue circle", "a green triangle"]
+    want = reference_codes(assets / "model.ckpt", assets / "tok", prompts, [5, 123, 7], SETTINGS)  # (3, 2, 64)
+    with torch.no_grad():
+        images = VQGAN.from_pretrained(assets / "vqgan").eval().decode(torch.as_tensor(want).flatten(0, 1))
+    scores = clip_scores(BrightnessScorer(), prompts, images.view(3, 2, *images.shape[1:]))  # (3, 2)
+    assert 1 in scores.argmax(1).tolist()  # some prompt's best is its second candidate: the order must change
+
+    for name, keep in (("all", None), ("best", 1)):
+        out = tmp_path / name
+        dm = PromptDataModule(str(assets / "prompts.jsonl"), str(assets / "tok"), str(assets / "model.ckpt"), 2)
+        module = CM3LeonModule(preset="tiny", vocab=dm.vocab.to_dict(), generation=GenerationSettings(**SETTINGS))
+        writer = BrightnessWriter(str(out), str(assets / "vqgan"), clip="any", keep=keep)
+        trainer = L.Trainer(accelerator="cpu", logger=False, callbacks=[writer], enable_progress_bar=False,
+                            enable_model_summary=False, default_root_dir=str(tmp_path))  # fmt: skip
+        trainer.predict(module, datamodule=dm, ckpt_path=str(assets / "model.ckpt"))
+        rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+        for i, r in enumerate(rows):
+            order = torch.sort(scores[i], descending=True, stable=True).indices[: keep or 2].tolist()
+            assert r["order"] == order and len(r["files"]) == len(order)
+            np.testing.assert_allclose(r["clip_scores"], scores[i, order].numpy(), atol=1e-5)
+            np.testing.assert_array_equal(np.load(out / r["codes"]), want[i][order])
+            best = np.asarray(Image.open(out / r["files"][0]), dtype=np.float64)
+            assert abs(best.mean() / 255 - (images[2 * i + order[0]].mean().item() + 1) / 2) < 0.01
+    with pytest.raises(ValueError, match="re-ranking scores decoded images, so it needs vqgan"):
+        ImageWriter(str(tmp_path), None, clip="ViT-B-32")
+    with pytest.raises(ValueError, match="keep must be >= 1 and needs clip"):
+        ImageWriter(str(tmp_path), str(assets / "vqgan"), keep=1)
+
+
+def test_writer_loads_its_clip_from_a_local_checkpoint(assets, tmp_path):
+    """The default scorer is a frozen ClipEncoder built from ``clip`` and ``clip_pretrained`` (a local file here, as
+    on a machine without the hub); every line then carries its candidates' scores."""
+    from cm3leon_lightning.retrieval.encoder import ClipEncoder
+
+    torch.manual_seed(0)
+    torch.save(ClipEncoder("cm3leon-clip-tiny", pretrained=None).model.state_dict(), tmp_path / "clip.pt")
+    rows = predict(assets, tmp_path / "out", 3, clip="cm3leon-clip-tiny", clip_pretrained=str(tmp_path / "clip.pt"))
+    assert len(rows) == 1
+    lines = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    assert [len(r["clip_scores"]) for r in lines] == [2, 2, 2]
+    assert all(sorted(r["order"]) == [0, 1] for r in lines)
 
 
 def test_writer_refuses_a_mismatching_vqgan_and_a_second_writer(assets, tmp_path):
