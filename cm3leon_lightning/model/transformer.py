@@ -360,7 +360,18 @@ class CM3Leon(nn.Module):
         return self.lm_head(x)  # (B, T, V)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+"""Name parts that FSDP, activation-checkpoint wrappers and ``torch.compile`` insert into parameter names."""
+
+
+def clean_param_name(name: str) -> str:
+    """``name`` without the wrapper parts of :data:`WRAPPER_PREFIXES` (the name the unwrapped model gives)."""
+    for prefix in WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def param_groups(model: nn.Module, weight_decay: float, ndims: dict[str, int] | None = None) -> list[dict]:
     """nanoGPT-style AdamW groups: decay on parameters with ``ndim >= 2`` (matrices, embeddings), none on the rest.
 
     Tied parameters appear once. Frozen parameters are left out.
@@ -368,14 +379,26 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     Args:
         model: any module.
         weight_decay: decay of the first group (e.g. 0.1).
+        ndims: each parameter's ``ndim`` as the unwrapped model defines it, by name (``{n: p.ndim for n, p in
+            model.named_parameters()}`` recorded before sharding). Needed once FSDP has wrapped the model: its
+            parameters are then flat 1-D shards, which would otherwise all escape decay. Names are compared without
+            wrapper parts (:func:`clean_param_name`).
 
     Returns:
         ``[{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]``.
     """
     if weight_decay < 0:
         raise ValueError(f"param_groups weight_decay must be >= 0, got {weight_decay}")
-    params = [p for p in model.parameters() if p.requires_grad]
-    return [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if ndims is None:
+            ndim = p.ndim
+        else:
+            key = clean_param_name(name)
+            if key not in ndims:
+                raise ValueError(f"param_groups: parameter {key!r} is not in ndims (recorded for another model?)")
+            ndim = ndims[key]
+        (decay if ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

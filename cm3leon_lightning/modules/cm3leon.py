@@ -174,6 +174,8 @@ class CM3LeonModule(L.LightningModule):
         if self.model is not None:
             return
         self.model = CM3Leon(self.config)
+        # Shapes as built: FSDP later turns the parameters into flat 1-D shards (see configure_optimizers).
+        self._param_ndims = {name: p.ndim for name, p in self.model.named_parameters()}
         self.model.gradient_checkpointing = bool(self.hparams.activation_checkpointing)
         if self.hparams.compile:
             # Kept outside the module registry so state-dict keys stay those of the plain model.
@@ -291,11 +293,12 @@ class CM3LeonModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------- optimizers
     def configure_optimizers(self) -> dict[str, Any]:
-        """AdamW with decay on >=2-D weights only, and a per-step warm-up/decay schedule."""
+        """AdamW with decay on >=2-D weights only (judged by the shapes the model was built with, so sharded FSDP
+        parameters keep their decay), and a per-step warm-up/decay schedule."""
         if self.model is None:
             self.configure_model()
         hp = self.hparams
-        groups = param_groups(self.model, hp.weight_decay)
+        groups = param_groups(self.model, hp.weight_decay, getattr(self, "_param_ndims", None))
         fused = self.device.type == "cuda"
         optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps, fused=fused)
         total = hp.decay_steps

@@ -78,6 +78,29 @@ def test_weight_decay_only_on_matrices() -> None:
     assert opt.defaults["betas"] == (0.9, 0.95)
 
 
+def test_weight_decay_survives_fsdp_style_flat_parameters() -> None:
+    """What FSDP (use_orig_params) leaves for configure_optimizers: wrapped blocks (``_fsdp_wrapped_module`` in the
+    names) whose parameters are flat 1-D shards. Every weight still decays, judged by the shapes built."""
+    module = CM3LeonModule(preset="tiny", warmup_steps=2)
+    module.configure_model()
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self._fsdp_wrapped_module = inner
+
+    module.model.blocks = torch.nn.ModuleList(Wrapped(b) for b in module.model.blocks)
+    with torch.no_grad():
+        for p in module.model.parameters():
+            p.data = p.data.flatten()
+    assert all(p.ndim == 1 for p in module.parameters())
+    decay, no_decay = module.configure_optimizers()["optimizer"].param_groups
+    assert no_decay["params"] == [] and len(decay["params"]) == len(list(module.parameters())) == 10
+    with pytest.raises(ValueError, match="not in ndims"):
+        module._param_ndims.pop("wpe.weight")
+        module.configure_optimizers()
+
+
 def test_overfits_one_fixed_batch() -> None:
     """The loss on one fixed batch falls by more than an order of magnitude."""
     torch.manual_seed(0)
