@@ -17,6 +17,7 @@ run() {  # run NAME SECONDS CMD...
 nvidia-smi -L
 $PY -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__, torch.cuda.get_device_name())"
 run model_check 120 $PY benchmarks/gpu_model_check.py
+run fsdp_test 150 $PY -m pytest tests/modules/test_fsdp.py -q -p no:cacheprovider -x
 run compiled_test 180 $PY -m pytest tests/generation/test_generate.py -q -p no:cacheprovider -k "compiled or cache" -x
 run train_step 150 $PY benchmarks/train_step.py --presets tiny 350m --batch-size 4 --seq-len 4096 --steps 12 --json "$OUT/train_step.json"
 run model_forward 120 $PY benchmarks/model_forward.py --preset 350m --device cuda --dtype bfloat16 --seq 4096 --batch 2 --cuda-graph
