@@ -28,5 +28,5 @@ TAIL=120 part profile "${PROFILE_LIMIT:-120}" $PY benchmarks/decode_profile.py -
   --modes inductor,reduce-overhead --attention sdpa,flex --steps 32 --rows 30 --out "$OUT/profile"
 part generation "${BENCH_LIMIT:-180}" $PY benchmarks/generation.py --presets 350m --modes reduce-overhead,graph \
   --attention sdpa,flex --repeats 2 --reference-tokens 0 --json "$OUT/generation.json"
-part max_autotune "${TUNE_LIMIT:-90}" $PY benchmarks/generation.py --presets 350m --modes max-autotune \
+part max_autotune "${TUNE_LIMIT:-120}" $PY benchmarks/generation.py --presets 350m --modes max-autotune \
   --repeats 2 --reference-tokens 0 --no-rerank --json "$OUT/generation_max_autotune.json"

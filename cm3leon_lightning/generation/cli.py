@@ -22,6 +22,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -31,6 +32,9 @@ from cm3leon_lightning.generation.generate import generate_image, generate_text
 from cm3leon_lightning.generation.graphs import MODES, resolve_mode
 from cm3leon_lightning.model import ATTENTION_IMPLS, CM3Leon
 from cm3leon_lightning.tokenization.vocab import Document, MultimodalVocab, Segment
+
+if TYPE_CHECKING:  # PIL is imported lazily, where images are written
+    from PIL import Image
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[CM3Leon, MultimodalVocab]:
@@ -77,7 +81,7 @@ def check_tokenizers(vocab: MultimodalVocab, tokenizer: object | None, vqgan: to
             )
 
 
-def to_pil(image: torch.Tensor):  # noqa: ANN201 - PIL is imported lazily
+def to_pil(image: torch.Tensor) -> Image.Image:
     """``(C, H, W)`` float image in ``[-1, 1]`` -> ``PIL.Image``."""
     from PIL import Image
 
@@ -85,7 +89,7 @@ def to_pil(image: torch.Tensor):  # noqa: ANN201 - PIL is imported lazily
     return Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
 
 
-def save_grid(images: torch.Tensor, caption: str, path: Path, pad: int = 4):  # noqa: ANN201
+def save_grid(images: torch.Tensor, caption: str, path: Path, pad: int = 4) -> Image.Image:
     """Write candidates ``(N, C, H, W)`` side by side under a strip holding ``caption``; returns the PIL image."""
     from PIL import Image, ImageDraw
 
