@@ -1,0 +1,55 @@
+"""The decoding benchmarks run on a tiny model and report what they promise (their timings are not tested)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(script: str, *args: str, cwd: Path) -> str:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args], cwd=cwd, env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_generation_benchmark_rows_and_equal_codes_across_attention(tmp_path):
+    """Every (attention, images) row is written, and FlexAttention decodes the very codes SDPA does."""
+    args = ["--device", "cpu", "--presets", "tiny", "--image-tokens", "4", "--reference-tokens", "2"]
+    stdout = run("generation.py", *args, "--attention", "sdpa,flex", "--json", "g.json", cwd=tmp_path)
+    rows = json.loads((tmp_path / "g.json").read_text())["results"]
+    assert [(r["mode"], r["attention"], r["images"]) for r in rows] == [
+        ("eager", "sdpa", 1), ("eager", "sdpa", 8), ("eager", "flex", 1), ("eager", "flex", 8), ("reference", "sdpa", 1)
+    ]  # fmt: skip
+    assert all(r["same_codes"] == 1.0 for r in rows[:4])
+    assert all(r["seconds"] > 0 and r["tokens"] == (2 if r["mode"] == "reference" else 4) for r in rows)
+    assert "wrote g.json" in stdout
+
+
+def test_decode_profile_names_the_ops_of_a_step(tmp_path):
+    args = [
+        "--device",
+        "cpu",
+        "--preset",
+        "tiny",
+        "--image-tokens",
+        "16",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--rows",
+        "200",
+    ]
+    stdout = run("decode_profile.py", *args, "--modes", "eager", "--out", "prof", cwd=tmp_path)
+    table = (tmp_path / "prof" / "eager-sdpa.txt").read_text()
+    assert table.startswith("== eager / sdpa:") and "ms per step (2 streams, 2 layers)" in table
+    assert "aten::mm" in table and "aten::index_put_" in table  # the matmuls and the KV-cache writes
+    assert table.strip() in stdout
