@@ -5,7 +5,9 @@
 # VQGAN + CLIP re-ranking" row when open_clip_torch is installed. Each part has its own time limit (override with
 # TESTS_LIMIT, PROFILE_LIMIT, BENCH_LIMIT, TUNE_LIMIT; 0 skips a part). Results go to $OUT (or ./gpu_results).
 # Run from the repository root with a Python that has torch; wheels in .gpu_wheels/ (benchmarks/fetch_gpu_wheels.sh)
-# are installed first when present.
+# are installed first when present. The parts' limits add up to ~9.5 min; where one device command may run 10 min at
+# most, split it in two: `TUNE_LIMIT=0 bash benchmarks/gpu_decode.sh`, then
+# `TESTS_LIMIT=0 PROFILE_LIMIT=0 BENCH_LIMIT=0 TUNE_LIMIT=300 bash benchmarks/gpu_decode.sh`.
 set -u
 OUT=${OUT:-gpu_results}
 mkdir -p "$OUT"
@@ -24,7 +26,7 @@ nvidia-smi -L
 $PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
 part tests "${TESTS_LIMIT:-150}" $PY -m pytest tests/generation/test_generate.py tests/generation/test_graphs.py -q \
   -p no:cacheprovider -k "compiled or graph or cache or autotuned"
-TAIL=120 part profile "${PROFILE_LIMIT:-120}" $PY benchmarks/decode_profile.py --preset 350m \
+TAIL=120 part profile "${PROFILE_LIMIT:-150}" $PY benchmarks/decode_profile.py --preset 350m \
   --modes inductor,reduce-overhead --attention sdpa,flex --steps 32 --rows 30 --out "$OUT/profile"
 part generation "${BENCH_LIMIT:-180}" $PY benchmarks/generation.py --presets 350m --modes reduce-overhead,graph \
   --attention sdpa,flex --repeats 2 --reference-tokens 0 --json "$OUT/generation.json"
