@@ -200,8 +200,10 @@ class CM3Leon(nn.Module):
 
     @property
     def attention(self) -> str:
-        """The implementation of attention over the KV cache in every block (:data:`ATTENTION_IMPLS`)."""
-        return self.blocks[0].attn.impl
+        """The implementation of attention over the KV cache in every block (:data:`ATTENTION_IMPLS`), or
+        ``"mixed"`` when blocks were set one by one to different ones."""
+        impls = {block.attn.impl for block in self.blocks}
+        return impls.pop() if len(impls) == 1 else "mixed"
 
     def set_attention(self, impl: str) -> None:
         """Compute attention over the KV cache (prefill and decode) with ``impl`` of :data:`ATTENTION_IMPLS`; both

@@ -174,9 +174,20 @@ def test_left_padded_batch_matches_each_row_unpadded(attention):
         assert torch.allclose(torch.cat(rows[b]), expected, atol=1e-5), b
 
 
-def test_set_attention_rejects_unknown_names():
+def test_set_attention_rejects_unknown_names_and_mixed_blocks_stay_exact():
+    model = random_model(seed=8)
     with pytest.raises(ValueError, match="attention must be one of"):
-        random_model().set_attention("flash")
+        model.set_attention("flash")
+    model.blocks[0].attn.impl = "flex"  # one block by hand: SDPA blocks must still get their cache mask
+    assert model.attention == "mixed"
+    torch.manual_seed(8)
+    idx = torch.randint(0, V, (2, 6))
+    model.setup_kv_cache(batch_size=2, max_seq_len=8)
+    with torch.no_grad():
+        full = model(idx)
+        model(idx[:, :5], input_pos=torch.arange(5))
+        step = model(idx[:, 5:], input_pos=torch.tensor([5]))
+    assert torch.allclose(step, full[:, 5:], atol=1e-5)
 
 
 def test_stale_cache_is_never_read_by_a_new_generation():
