@@ -218,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--attention",
         choices=ATTENTION_IMPLS,
         default="sdpa",
-        help="attention over the KV cache: sdpa, or flex (FlexAttention; meant for the compiled modes)",
+        help="attention over the KV cache: sdpa, or flex (FlexAttention: fused on CUDA; on CPU only when compiled)",
     )
     return p
 

@@ -11,6 +11,9 @@ One :meth:`CM3Leon.forward` serves training (full causal sequence), prefill and 
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -56,7 +59,17 @@ def flex_cached_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, input_
 
     if q.device.type == "cpu":
         q = q.contiguous()  # inductor's CPU flex template cannot read a query that is a view of the QKV matmul
+    elif not torch.compiler.is_compiling():
+        # Outside torch.compile FlexAttention runs an unfused reference; on CUDA compile just the attention, so the
+        # eager and hand-captured (`graph`) decode modes get the fused kernel too.
+        return _compiled_flex_attention()(q, k, v, score_mod=score_mod)
     return flex_attention(q, k, v, score_mod=score_mod)
+
+
+@functools.cache
+def _compiled_flex_attention() -> Callable[..., Tensor]:
+    """``torch.compile(flex_attention)``, created once."""
+    return torch.compile(flex_attention, fullgraph=True)
 
 
 class CausalSelfAttention(nn.Module):
