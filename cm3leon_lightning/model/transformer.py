@@ -57,6 +57,8 @@ def flex_cached_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, input_
         keep = ((kv_idx <= slot) & valid[b, kv_idx]) | (kv_idx == slot)
         return torch.where(keep, score, -float("inf"))
 
+    if k.dtype != q.dtype:  # autocast: SDPA casts for itself, FlexAttention needs one dtype (a copy of the cache)
+        k, v = k.to(q.dtype), v.to(q.dtype)
     if q.device.type == "cpu":
         q = q.contiguous()  # inductor's CPU flex template cannot read a query that is a view of the QKV matmul
     elif not torch.compiler.is_compiling():

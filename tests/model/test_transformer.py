@@ -174,6 +174,32 @@ def test_left_padded_batch_matches_each_row_unpadded(attention):
         assert torch.allclose(torch.cat(rows[b]), expected, atol=1e-5), b
 
 
+def test_flex_attention_under_autocast_with_an_fp32_cache(monkeypatch):
+    """Under bf16 autocast the queries are bf16 while an fp32 model's cache is fp32: FlexAttention gets one dtype
+    (its compiled kernels require it; eager CPU would accept both) and matches SDPA."""
+    import cm3leon_lightning.model.transformer as transformer
+
+    real = transformer.flex_attention
+
+    def one_dtype(q, k, v, **kwargs):
+        assert q.dtype == k.dtype == v.dtype, (q.dtype, k.dtype, v.dtype)
+        return real(q, k, v, **kwargs)
+
+    monkeypatch.setattr(transformer, "flex_attention", one_dtype)
+    model = random_model(seed=9)
+    torch.manual_seed(9)
+    idx = torch.randint(0, V, (2, 6))
+    out = {}
+    for impl in ATTENTION_IMPLS:
+        model.set_attention(impl)
+        model.setup_kv_cache(batch_size=2, max_seq_len=8)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            model(idx[:, :5], input_pos=torch.arange(5))
+            out[impl] = model(idx[:, 5:], input_pos=torch.tensor([5])).float()
+    assert model.kv_cache.dtype == torch.float32
+    torch.testing.assert_close(out["flex"], out["sdpa"], atol=0.1, rtol=0.05)
+
+
 def test_set_attention_rejects_unknown_names_and_mixed_blocks_stay_exact():
     model = random_model(seed=8)
     with pytest.raises(ValueError, match="attention must be one of"):
