@@ -312,10 +312,13 @@ def edit_image(
 
 
 # ------------------------------------------------------------------------------------------------ image -> text
-def _text_spec(vocab: MultimodalVocab, method: str, temperature: float, top_p: float) -> SamplingSpec:
+def _text_spec(
+    vocab: MultimodalVocab, method: str, temperature: float, top_p: float, hi: int | None = None
+) -> SamplingSpec:
     if method not in ("greedy", "top_p", "temperature"):
         raise ValueError(f"text decoding method must be 'greedy', 'temperature' or 'top_p', got {method!r}")
-    return SamplingSpec(method=method, streams=1, temperature=temperature, top_p=top_p, lo=0, hi=vocab.size)
+    hi = vocab.size if hi is None else hi
+    return SamplingSpec(method=method, streams=1, temperature=temperature, top_p=top_p, lo=0, hi=hi)
 
 
 def generate_text(
@@ -361,8 +364,8 @@ def generate_text(
         if len(per_image) != len(codes):
             raise ValueError(f"{len(per_image)} instructions for {len(codes)} images; give one, or one per image")
     rows = [caption_prompt(vocab, c, i) for c, i in zip(codes, per_image)]
-    spec = _text_spec(vocab, method, temperature, top_p)
-    allowed = allowed_ids(vocab, model.config.vocab_size, "text", _device(model))[: vocab.size]
+    spec = _text_spec(vocab, method, temperature, top_p, hi=vocab.n_text)  # text ids only: the head's first rows
+    allowed = allowed_ids(vocab, model.config.vocab_size, "text", _device(model))[: vocab.n_text]
     with torch.no_grad():
         dec = Decoder(model, spec, rows, max_new_tokens, seed=seed, allowed=allowed, compile=compile)
         out = dec.run(dec.prefill(), max_new_tokens, stop_ids(vocab), check_every)
