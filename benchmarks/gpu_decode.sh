@@ -8,27 +8,15 @@
 # are installed first when present. The parts' limits add up to ~9.5 min; where one device command may run 10 min at
 # most, split it in two: `TUNE_LIMIT=0 bash benchmarks/gpu_decode.sh`, then
 # `TESTS_LIMIT=0 PROFILE_LIMIT=0 BENCH_LIMIT=0 TUNE_LIMIT=300 bash benchmarks/gpu_decode.sh`.
-set -u
-OUT=${OUT:-gpu_results}
-mkdir -p "$OUT"
-PY=${PY:-python3}
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-part() {  # part NAME SECONDS CMD...
-  local name=$1 limit=$2; shift 2
-  [ "$limit" = 0 ] && { echo "=== $name: skipped"; return; }
-  echo "=== $name (limit ${limit}s)"
-  local t0=$(date +%s)
-  timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log" | grep -v "Warning\|warnings.warn\|_warn_once\|^$" | tail -${TAIL:-60}
-  echo "=== $name: exit ${PIPESTATUS[0]} in $(( $(date +%s) - t0 ))s"
-}
+source "$(dirname "$0")/gpu_common.sh"
 nvidia-smi -L
 [ -d .gpu_wheels ] && $PY -m pip install -q --no-deps --no-index --find-links .gpu_wheels open_clip_torch ftfy wcwidth regex 2>&1 | tail -2
 $PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
-part tests "${TESTS_LIMIT:-150}" $PY -m pytest tests/generation/test_generate.py tests/generation/test_graphs.py -q \
+TAIL=60 part tests "${TESTS_LIMIT:-150}" $PY -m pytest tests/generation/test_generate.py tests/generation/test_graphs.py -q \
   -p no:cacheprovider -k "compiled or graph or cache or autotuned"
 TAIL=120 part profile "${PROFILE_LIMIT:-150}" $PY benchmarks/decode_profile.py --preset 350m \
   --modes inductor,reduce-overhead --attention sdpa,flex --steps 32 --rows 30 --out "$OUT/profile"
-part generation "${BENCH_LIMIT:-180}" $PY benchmarks/generation.py --presets 350m --modes reduce-overhead,graph \
+TAIL=60 part generation "${BENCH_LIMIT:-180}" $PY benchmarks/generation.py --presets 350m --modes reduce-overhead,graph \
   --attention sdpa,flex --repeats 2 --reference-tokens 0 --json "$OUT/generation.json"
 part max_autotune "${TUNE_LIMIT:-120}" $PY benchmarks/generation.py --presets 350m --modes max-autotune \
   --repeats 2 --reference-tokens 0 --no-rerank --json "$OUT/generation_max_autotune.json"
