@@ -259,13 +259,15 @@ class Decoder:
             return None
         return sample_noise((self.rows, self.spec.width), self.generator, self.device)
 
+    def _last_logits(self, ids: Tensor, pos: Tensor, mask: Tensor | None = None) -> Tensor:
+        """``(S * R, hi - lo)`` logits of the sampled range after the last of ``ids`` (written at slots ``pos``)."""
+        span = (self.spec.lo, self.spec.hi)
+        return self.model(ids, input_pos=pos, attention_mask=mask, last_only=True, logits_range=span)[:, -1]
+
     def prefill(self) -> tuple[Tensor, Tensor]:
         """Run the prompts; returns the first new token ``(R,)`` and the next feed ``(S * R, 1)``."""
         pos = torch.arange(self.prompt_len, device=self.device)
-        span = (self.spec.lo, self.spec.hi)
-        logits = self.model(self.ids, input_pos=pos, attention_mask=self.mask, last_only=True, logits_range=span)
-        logits = logits[:, -1]  # (S*R, W)
-        picked = pick_tokens(logits, self.spec, self.allowed, self._noise())
+        picked = pick_tokens(self._last_logits(self.ids, pos, self.mask), self.spec, self.allowed, self._noise())
         self.input_pos = torch.tensor([self.prompt_len], device=self.device)
         return picked, picked.repeat(self.spec.streams)[:, None]
 
@@ -274,8 +276,7 @@ class Decoder:
         the token after them; advances the slot by ``T``."""
         T = tokens.shape[1]
         pos = self.input_pos + torch.arange(T, device=self.device)
-        logits = self.model(tokens, input_pos=pos, last_only=True, logits_range=(self.spec.lo, self.spec.hi))[:, -1]
-        picked = pick_tokens(logits, self.spec, self.allowed, self._noise())
+        picked = pick_tokens(self._last_logits(tokens, pos), self.spec, self.allowed, self._noise())
         self.input_pos += T
         return picked, picked.repeat(self.spec.streams)[:, None]
 

@@ -312,12 +312,9 @@ def edit_image(
 
 
 # ------------------------------------------------------------------------------------------------ image -> text
-def _text_spec(
-    vocab: MultimodalVocab, method: str, temperature: float, top_p: float, hi: int | None = None
-) -> SamplingSpec:
+def _text_spec(method: str, temperature: float, top_p: float, hi: int) -> SamplingSpec:
     if method not in ("greedy", "top_p", "temperature"):
         raise ValueError(f"text decoding method must be 'greedy', 'temperature' or 'top_p', got {method!r}")
-    hi = vocab.size if hi is None else hi
     return SamplingSpec(method=method, streams=1, temperature=temperature, top_p=top_p, lo=0, hi=hi)
 
 
@@ -364,7 +361,7 @@ def generate_text(
         if len(per_image) != len(codes):
             raise ValueError(f"{len(per_image)} instructions for {len(codes)} images; give one, or one per image")
     rows = [caption_prompt(vocab, c, i) for c, i in zip(codes, per_image)]
-    spec = _text_spec(vocab, method, temperature, top_p, hi=vocab.n_text)  # text ids only: the head's first rows
+    spec = _text_spec(method, temperature, top_p, hi=vocab.n_text)  # text ids only: the head's first rows
     allowed = allowed_ids(vocab, model.config.vocab_size, "text", _device(model))[: vocab.n_text]
     with torch.no_grad():
         dec = Decoder(model, spec, rows, max_new_tokens, seed=seed, allowed=allowed, compile=compile)
@@ -450,7 +447,7 @@ def infill(
     if body and body[-1] == vocab.eos_id:
         body = body[:-1]
     plan = _plan_spans(vocab, body, span_kinds)
-    spec = _text_spec(vocab, method, temperature, top_p)
+    spec = _text_spec(method, temperature, top_p, hi=vocab.size)  # text and image spans
     device = _device(model)
     allowed = {k: allowed_ids(vocab, model.config.vocab_size, k, device)[: vocab.size] for k in ("text", "image")}
     budget = sum(n if k == "image" else max_span_tokens for k, n in plan) + len(plan) + 1
