@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.attention.flex_attention import flex_attention
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
 from cm3leon_lightning.config import CM3LeonConfig
@@ -25,9 +25,9 @@ from cm3leon_lightning.model.kv_cache import KVCache, padding_causal_mask, posit
 
 ATTENTION_IMPLS = ("sdpa", "flex")
 """How attention over the KV cache (prefill and decode, i.e. inference) is computed: ``sdpa``
-(``F.scaled_dot_product_attention`` with a boolean mask) or ``flex`` (FlexAttention with the mask as a ``score_mod``;
-compiled on CUDA, a single-token query runs its split-KV flash-decoding kernel). Forwards without a cache (training,
-scoring) always use SDPA."""
+(``F.scaled_dot_product_attention`` with a boolean mask, over every cache slot) or ``flex`` (FlexAttention with a block
+mask that visits only the filled cache blocks, :func:`cache_block_mask`; compiled on CUDA, a single-token query runs
+its split-KV flash-decoding kernel). Forwards without a cache (training, scoring) always use SDPA."""
 
 
 def layer_norm(x: Tensor, eps: float) -> Tensor:
@@ -35,11 +35,48 @@ def layer_norm(x: Tensor, eps: float) -> Tensor:
     return F.layer_norm(x, (x.shape[-1],), eps=eps)
 
 
+FLEX_BLOCK = 128
+"""Query and key block size of the FlexAttention block mask over the KV cache (FlexAttention's default)."""
+
+
+def cache_block_mask(valid: Tensor, input_pos: Tensor, block: int = FLEX_BLOCK) -> BlockMask:
+    """FlexAttention block mask of queries at cache slots ``input_pos`` over the ``S`` slots of ``valid``.
+
+    Each block of ``block`` queries visits only the key blocks up to the one holding its last query's slot, so a
+    decode step reads the filled part of the cache, not all of it (the KV cache is static: most of it is empty
+    until the end of an image). Inside those blocks the ``mask_mod`` applies
+    :func:`~cm3leon_lightning.model.kv_cache.padding_causal_mask`'s rule. Built from tensors only (no host sync),
+    so it can be made in every compiled or graph-captured step.
+
+    Args:
+        valid: ``(B, S)`` bool, True where a slot holds a real token.
+        input_pos: ``(T,)`` long, the slots of the queries.
+        block: query and key block size.
+
+    Returns:
+        A block mask for ``(B, H, T, D)`` queries over ``(B, H, S, D)`` keys (broadcast over batch and heads).
+    """
+    T, S = input_pos.shape[0], valid.shape[1]
+    n_q, n_kv = -(-T // block), -(-S // block)
+    last = F.pad(input_pos, (0, n_q * block - T)).view(n_q, block).amax(dim=1)  # (n_q,) the latest slot per block
+    kv_num_blocks = (last // block + 1).to(torch.int32).view(1, 1, n_q)  # key blocks each query block visits
+    kv_indices = torch.arange(n_kv, device=valid.device, dtype=torch.int32).expand(1, 1, n_q, n_kv)
+
+    def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        slot = input_pos[q_idx]
+        return ((kv_idx <= slot) & valid[b, kv_idx]) | (kv_idx == slot)
+
+    return BlockMask.from_kv_blocks(
+        kv_num_blocks, kv_indices, BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(T, S), compute_q_blocks=False
+    )
+
+
 def flex_cached_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, input_pos: Tensor) -> Tensor:
     """Attention of queries at cache slots ``input_pos`` over the cache through FlexAttention.
 
-    The mask of :func:`~cm3leon_lightning.model.kv_cache.padding_causal_mask` is computed inside the kernel from the
-    slot validity (a ``score_mod``), so no ``(B, 1, T, S)`` mask is materialised.
+    The mask of :func:`~cm3leon_lightning.model.kv_cache.padding_causal_mask` is computed inside the kernel
+    (:func:`cache_block_mask`), so no ``(B, 1, T, S)`` mask is materialised and key blocks after the queries' slots
+    are never read.
 
     Args:
         q: ``(B, H, T, D)`` queries.
@@ -51,12 +88,7 @@ def flex_cached_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, input_
     Returns:
         ``(B, H, T, D)``, equal to ``scaled_dot_product_attention(q, k, v, attn_mask=padding_causal_mask(...))``.
     """
-
-    def score_mod(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        slot = input_pos[q_idx]
-        keep = ((kv_idx <= slot) & valid[b, kv_idx]) | (kv_idx == slot)
-        return torch.where(keep, score, -float("inf"))
-
+    block_mask = cache_block_mask(valid, input_pos)
     if k.dtype != q.dtype:  # autocast: SDPA casts for itself, FlexAttention needs one dtype (a copy of the cache)
         k, v = k.to(q.dtype), v.to(q.dtype)
     if q.device.type == "cpu":
@@ -64,8 +96,8 @@ def flex_cached_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, input_
     elif not torch.compiler.is_compiling():
         # Outside torch.compile FlexAttention runs an unfused reference; on CUDA compile just the attention, so the
         # eager and hand-captured (`graph`) decode modes get the fused kernel too.
-        return _compiled_flex_attention()(q, k, v, score_mod=score_mod)
-    return flex_attention(q, k, v, score_mod=score_mod)
+        return _compiled_flex_attention()(q, k, v, block_mask=block_mask)
+    return flex_attention(q, k, v, block_mask=block_mask)
 
 
 @functools.cache
