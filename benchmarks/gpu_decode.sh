@@ -1,22 +1,32 @@
 #!/usr/bin/env bash
-# The decoding checks on one GPU, in one run of at most ~9 minutes at 350m: the CUDA decode modes (including
-# max-autotune and FlexAttention) against eager in the tests, the per-kernel profile of one decode step, then
-# benchmarks/generation.py over the fast modes and both attention implementations, with the full "8 candidates +
-# VQGAN + CLIP re-ranking" row when open_clip_torch is installed. Each part has its own time limit (override with
-# TESTS_LIMIT, PROFILE_LIMIT, BENCH_LIMIT, TUNE_LIMIT; 0 skips a part). Results go to $OUT (or ./gpu_results).
+# The decoding checks on one GPU at 350m, in two halves that each fit one 10-minute device command:
+#   HALF=1 (~7 min): the CUDA decode modes (max-autotune and FlexAttention included) against eager in the tests; the
+#          floor under a decode step (benchmarks/decode_floor.py: matmuls alone, + pointwise, + cache, + attention,
+#          against the real step); the per-kernel profile of one decode step;
+#   HALF=2 (~5 min): benchmarks/generation.py over the fast modes and both attention implementations, with the full
+#          "8 candidates + VQGAN + CLIP re-ranking" row when open_clip_torch is installed; then max-autotune.
+# HALF=all (the default) runs both. Each part has its own time limit (override with TESTS_LIMIT, FLOOR_LIMIT,
+# PROFILE_LIMIT, BENCH_LIMIT, TUNE_LIMIT; 0 skips a part). Results go to $OUT (or ./gpu_results).
 # Run from the repository root with a Python that has torch; wheels in .gpu_wheels/ (benchmarks/fetch_gpu_wheels.sh)
-# are installed first when present. The parts' limits add up to ~9.5 min; where one device command may run 10 min at
-# most, split it in two: `TUNE_LIMIT=0 bash benchmarks/gpu_decode.sh`, then
-# `TESTS_LIMIT=0 PROFILE_LIMIT=0 BENCH_LIMIT=0 TUNE_LIMIT=300 bash benchmarks/gpu_decode.sh`.
+# are installed first when present.
 source "$(dirname "$0")/gpu_common.sh"
+HALF=${HALF:-all}
+first() { [ "$HALF" = all ] || [ "$HALF" = 1 ]; }
+second() { [ "$HALF" = all ] || [ "$HALF" = 2 ]; }
 nvidia-smi -L
 [ -d .gpu_wheels ] && $PY -m pip install -q --no-deps --no-index --find-links .gpu_wheels open_clip_torch ftfy wcwidth regex 2>&1 | tail -2
 $PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
-TAIL=60 part tests "${TESTS_LIMIT:-150}" $PY -m pytest tests/generation/test_generate.py tests/generation/test_graphs.py -q \
-  -p no:cacheprovider -k "compiled or graph or cache or autotuned"
-TAIL=120 part profile "${PROFILE_LIMIT:-150}" $PY benchmarks/decode_profile.py --preset 350m \
-  --modes inductor,reduce-overhead --attention sdpa,flex --steps 32 --rows 30 --out "$OUT/profile"
-TAIL=60 part generation "${BENCH_LIMIT:-180}" $PY benchmarks/generation.py --presets 350m --modes reduce-overhead,graph \
-  --attention sdpa,flex --repeats 2 --reference-tokens 0 --json "$OUT/generation.json"
-part max_autotune "${TUNE_LIMIT:-120}" $PY benchmarks/generation.py --presets 350m --modes max-autotune \
-  --repeats 2 --reference-tokens 0 --no-rerank --json "$OUT/generation_max_autotune.json"
+if first; then
+  TAIL=60 part tests "${TESTS_LIMIT:-150}" $PY -m pytest tests/generation/test_generate.py tests/generation/test_graphs.py \
+    -q -p no:cacheprovider -k "compiled or graph or cache or autotuned"
+  TAIL=40 part floor "${FLOOR_LIMIT:-150}" $PY benchmarks/decode_floor.py --preset 350m --attention sdpa,flex \
+    --json "$OUT/decode_floor.json"
+  TAIL=120 part profile "${PROFILE_LIMIT:-120}" $PY benchmarks/decode_profile.py --preset 350m \
+    --modes inductor,reduce-overhead --attention sdpa,flex --steps 32 --rows 30 --out "$OUT/profile"
+fi
+if second; then
+  TAIL=60 part generation "${BENCH_LIMIT:-180}" $PY benchmarks/generation.py --presets 350m \
+    --modes reduce-overhead,graph --attention sdpa,flex --repeats 2 --reference-tokens 0 --json "$OUT/generation.json"
+  part max_autotune "${TUNE_LIMIT:-120}" $PY benchmarks/generation.py --presets 350m --modes max-autotune \
+    --repeats 2 --reference-tokens 0 --no-rerank --json "$OUT/generation_max_autotune.json"
+fi

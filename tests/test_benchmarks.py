@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -53,3 +55,37 @@ def test_decode_profile_names_the_ops_of_a_step(tmp_path):
     assert table.startswith("== eager / sdpa:") and "ms per step (2 streams, 2 layers)" in table
     assert "aten::mm" in table and "aten::index_put_" in table  # the matmuls and the KV-cache writes
     assert table.strip() in stdout
+
+
+def test_decode_floor_times_every_piece_and_the_real_step(tmp_path):
+    args = ["--device", "cpu", "--preset", "tiny", "--image-tokens", "16", "--steps", "2", "--candidates", "2"]
+    stdout = run("decode_floor.py", *args, "--json", "floor.json", cwd=tmp_path)
+    data = json.loads((tmp_path / "floor.json").read_text())
+    pieces = ["bound", "gemms", "+pointwise", "+cache", "+sdpa", "step eager / sdpa"]
+    assert [(r["piece"], r["rows"]) for r in data["results"]] == [(p, n) for n in (2, 4) for p in pieces]
+    assert all(r["ms_per_step"] > 0 for r in data["results"])
+    assert all(abs(r["sec_per_image"] - r["ms_per_step"] * 16 / 1e3) < 1e-12 for r in data["results"])
+    assert data["meta"]["slots"] == 64 and data["meta"]["dtype"] == "torch.float32"
+    assert "wrote floor.json" in stdout
+
+
+def test_decode_floor_attention_pieces_compute_the_same_attention():
+    """The +sdpa and +flex pieces are the same computation, so their timings compare like for like."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import decode_floor
+        from generation import build
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    model, vocab = build("tiny", 16, "cpu", torch.float32)
+    for block in model.blocks:  # the model zero-initialises its output layers: give attention a visible effect
+        torch.nn.init.normal_(block.attn.out_proj.weight, std=0.05)
+        torch.nn.init.normal_(block.mlp.fc_out.weight, std=0.05)
+    outs = {}
+    for stage in decode_floor.STAGES:
+        torch.manual_seed(0)
+        with torch.no_grad():
+            outs[stage] = decode_floor.piece(model, stage, rows=3, slots=64, lo=vocab.n_text, hi=vocab.size)()
+        assert outs[stage].shape == (3, 1, vocab.size - vocab.n_text)
+    torch.testing.assert_close(outs["+flex"], outs["+sdpa"])
+    assert not torch.allclose(outs["+sdpa"], outs["+cache"])  # attention over the written cache changes the result
