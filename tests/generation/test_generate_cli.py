@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from cm3leon_lightning.cli import main as cm3leon_main
-from cm3leon_lightning.generation.cli import load_checkpoint, main
+from cm3leon_lightning.generation.cli import load_checkpoint, main, resolve_dtype
 from cm3leon_lightning.modules.cm3leon import CM3LeonModule
 from cm3leon_lightning.tokenization.text import TextTokenizer
 from cm3leon_lightning.tokenization.vqgan import VQGAN
@@ -57,6 +57,23 @@ def test_text_to_image_writes_samples_grid_and_codes(assets, tmp_path):
     assert main([*greedy, "--out", str(tmp_path / "sdpa")]) == 0
     assert main([*greedy, "--out", str(tmp_path / "flex"), "--attention", "flex"]) == 0
     assert np.array_equal(np.load(tmp_path / "sdpa" / "codes.npy"), np.load(tmp_path / "flex" / "codes.npy"))
+
+
+def test_dtype_loads_the_transformer_in_that_precision(assets, tmp_path):
+    """--dtype bfloat16 decodes with bf16 weights and cache (on CPU too) and still writes only image codes; auto is
+    float32 on CPU."""
+    model, _ = load_checkpoint(assets / "model.ckpt", dtype=torch.bfloat16)
+    assert model.wte.weight.dtype == torch.bfloat16 and all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert resolve_dtype("auto", "cpu") == torch.float32 and resolve_dtype("float16", "cpu") == torch.float16
+    with pytest.raises(ValueError, match="--dtype"):
+        resolve_dtype("int8", "cpu")
+    argv = [*base(assets, tmp_path), "--prompt", "a red circle", "--num-samples", "2", "--dtype", "bfloat16"]
+    assert main(argv) == 0
+    codes = np.load(tmp_path / "codes.npy")
+    assert codes.shape == (2, 64) and codes.min() >= 0 and codes.max() < 32
+    assert Image.open(tmp_path / "sample-1.png").size == (16, 16)
+    argv = [*base(assets, tmp_path / "t"), "--image", str(assets / "x.png"), "--dtype", "bfloat16"]
+    assert main(argv + ["--max-new-tokens", "3"]) == 0 and (tmp_path / "t" / "answer.txt").is_file()
 
 
 def test_image_to_text_writes_the_answer(assets, tmp_path, capsys):
