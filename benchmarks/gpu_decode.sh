@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# The decoding checks on one GPU at 350m, in two halves that each fit one 10-minute device command:
-#   HALF=1 (~7 min): the CUDA decode modes (max-autotune and FlexAttention included) against eager in the tests; the
-#          floor under a decode step (benchmarks/decode_floor.py: matmuls alone, + pointwise, + cache, + attention,
-#          against the real step); the per-kernel profile of one decode step;
-#   HALF=2 (~5 min): benchmarks/generation.py over the fast modes and both attention implementations, with the full
-#          "8 candidates + VQGAN + CLIP re-ranking" row when open_clip_torch is installed; then max-autotune.
+# The decoding checks on one GPU at 350m, in two halves that each fit one 10-minute device command, the more
+# decisive first (a session's device time may not stretch to the second):
+#   HALF=1 (~7.5 min): the CUDA decode modes (max-autotune and FlexAttention included) against eager in the tests;
+#          the floor under a decode step (benchmarks/decode_floor.py: matmuls alone, + pointwise, + cache,
+#          + attention, against the real step and the bandwidth bound); benchmarks/generation.py over the fast modes
+#          and both attention implementations, with the full "8 candidates + VQGAN + CLIP re-ranking" row when
+#          open_clip_torch is installed;
+#   HALF=2 (~4.5 min): the per-kernel profile of one decode step; generation.py with max-autotune.
 # HALF=all (the default) runs both. Each part has its own time limit (override with TESTS_LIMIT, FLOOR_LIMIT,
-# PROFILE_LIMIT, BENCH_LIMIT, TUNE_LIMIT; 0 skips a part). Results go to $OUT (or ./gpu_results).
+# BENCH_LIMIT, PROFILE_LIMIT, TUNE_LIMIT; 0 skips a part). Results go to $OUT (or ./gpu_results).
 # Run from the repository root with a Python that has torch; wheels in .gpu_wheels/ (benchmarks/fetch_gpu_wheels.sh)
 # are installed first when present.
 source "$(dirname "$0")/gpu_common.sh"
@@ -18,15 +20,15 @@ nvidia-smi -L
 $PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
 if first; then
   TAIL=60 part tests "${TESTS_LIMIT:-150}" $PY -m pytest tests/generation/test_generate.py tests/generation/test_graphs.py \
-    -q -p no:cacheprovider -k "compiled or graph or cache or autotuned"
-  TAIL=40 part floor "${FLOOR_LIMIT:-150}" $PY benchmarks/decode_floor.py --preset 350m --attention sdpa,flex \
+    tests/model/test_flex_attention.py -q -p no:cacheprovider -k "compiled or graph or cache or autotuned or flex"
+  TAIL=40 part floor "${FLOOR_LIMIT:-120}" $PY benchmarks/decode_floor.py --preset 350m --attention sdpa,flex \
     --json "$OUT/decode_floor.json"
-  TAIL=120 part profile "${PROFILE_LIMIT:-120}" $PY benchmarks/decode_profile.py --preset 350m \
-    --modes inductor,reduce-overhead --attention sdpa,flex --steps 32 --rows 30 --out "$OUT/profile"
-fi
-if second; then
   TAIL=60 part generation "${BENCH_LIMIT:-180}" $PY benchmarks/generation.py --presets 350m \
     --modes reduce-overhead,graph --attention sdpa,flex --repeats 2 --reference-tokens 0 --json "$OUT/generation.json"
-  part max_autotune "${TUNE_LIMIT:-120}" $PY benchmarks/generation.py --presets 350m --modes max-autotune \
+fi
+if second; then
+  TAIL=120 part profile "${PROFILE_LIMIT:-120}" $PY benchmarks/decode_profile.py --preset 350m \
+    --modes inductor,reduce-overhead --attention sdpa,flex --steps 32 --rows 30 --out "$OUT/profile"
+  part max_autotune "${TUNE_LIMIT:-150}" $PY benchmarks/generation.py --presets 350m --modes max-autotune \
     --repeats 2 --reference-tokens 0 --no-rerank --json "$OUT/generation_max_autotune.json"
 fi
