@@ -41,7 +41,7 @@ from cm3leon_lightning.generation.generate import image_prompt, unconditional_im
 from cm3leon_lightning.generation.graphs import MODES
 from cm3leon_lightning.model import CM3Leon
 from cm3leon_lightning.model.kv_cache import padding_causal_mask
-from cm3leon_lightning.model.transformer import flex_cached_attention, layer_norm
+from cm3leon_lightning.model.transformer import cache_block_mask, flex_cached_attention, layer_norm
 
 STAGES = ("gemms", "+pointwise", "+cache", "+sdpa", "+flex")
 
@@ -89,6 +89,7 @@ def piece(model: CM3Leon, stage: str, rows: int, slots: int, lo: int, hi: int) -
 
     def step() -> torch.Tensor:
         x = x0  # (R, 1, C)
+        block_mask = cache_block_mask(valid, pos) if stage == "+flex" else None  # once per step, as the model does
         for block, cache_l in zip(model.blocks, kv):
             h = layer_norm(x, eps) if pointwise else x
             qkv = F.linear(h, block.attn.qkv.weight)  # (R, 1, 3C)
@@ -98,7 +99,7 @@ def piece(model: CM3Leon, stage: str, rows: int, slots: int, lo: int, hi: int) -
                 cache_l[1][:, :, pos] = v
             if attention:
                 if stage == "+flex":
-                    y = flex_cached_attention(q, cache_l[0], cache_l[1], valid, pos)
+                    y = flex_cached_attention(q, cache_l[0], cache_l[1], block_mask)
                 else:
                     y = F.scaled_dot_product_attention(q, cache_l[0], cache_l[1], attn_mask=mask)  # (R, H, 1, D)
                 y = y.transpose(1, 2).reshape(rows, 1, C)

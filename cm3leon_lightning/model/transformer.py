@@ -71,24 +71,21 @@ def cache_block_mask(valid: Tensor, input_pos: Tensor, block: int = FLEX_BLOCK) 
     )
 
 
-def flex_cached_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, input_pos: Tensor) -> Tensor:
-    """Attention of queries at cache slots ``input_pos`` over the cache through FlexAttention.
+def flex_cached_attention(q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask) -> Tensor:
+    """Attention of queries over the KV cache through FlexAttention, masked by :func:`cache_block_mask`.
 
-    The mask of :func:`~cm3leon_lightning.model.kv_cache.padding_causal_mask` is computed inside the kernel
-    (:func:`cache_block_mask`), so no ``(B, 1, T, S)`` mask is materialised and key blocks after the queries' slots
-    are never read.
+    The padding-causal mask is computed inside the kernel, so no ``(B, 1, T, S)`` mask is materialised, and key
+    blocks after the queries' slots are never read. Build ``block_mask`` once per forward and share it across layers.
 
     Args:
         q: ``(B, H, T, D)`` queries.
         k: ``(B, H, S, D)`` cached keys.
         v: ``(B, H, S, D)`` cached values.
-        valid: ``(B, S)`` bool, True where a slot holds a real token.
-        input_pos: ``(T,)`` long, the slots of the queries.
+        block_mask: ``cache_block_mask(valid, input_pos)`` of the cache's slot validity and the queries' slots.
 
     Returns:
         ``(B, H, T, D)``, equal to ``scaled_dot_product_attention(q, k, v, attn_mask=padding_causal_mask(...))``.
     """
-    block_mask = cache_block_mask(valid, input_pos)
     if k.dtype != q.dtype:  # autocast: SDPA casts for itself, FlexAttention needs one dtype (a copy of the cache)
         k, v = k.to(q.dtype), v.to(q.dtype)
     if q.device.type == "cpu":
@@ -125,9 +122,10 @@ class CausalSelfAttention(nn.Module):
         self.out_proj = nn.Linear(config.d_model, config.d_model, bias=False)
 
     def forward(
-        self, x: Tensor, mask: Tensor | None, kv_cache: KVCache | None, layer: int, input_pos: Tensor | None
+        self, x: Tensor, mask: Tensor | BlockMask | None, kv_cache: KVCache | None, layer: int, input_pos: Tensor | None
     ) -> Tensor:
-        """Attend ``x`` ``(B, T, C)``; ``mask`` ``(B, 1, T, S)`` bool or None for plain causal attention."""
+        """Attend ``x`` ``(B, T, C)``; ``mask``: ``(B, 1, T, S)`` bool (SDPA), a :func:`cache_block_mask`
+        (FlexAttention over the cache) or None for plain causal attention."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)  # 3 x (B, T, C)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
@@ -135,8 +133,8 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, input_pos, k, v)  # (B, H, S, D)
-        if kv_cache is not None and self.impl == "flex":
-            y = flex_cached_attention(q, k, v, kv_cache.valid, input_pos)  # (B, H, T, D)
+        if isinstance(mask, BlockMask):
+            y = flex_cached_attention(q, k, v, mask)  # (B, H, T, D)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)  # (B, H, T, D)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
@@ -183,7 +181,7 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(
-        self, x: Tensor, mask: Tensor | None, kv_cache: KVCache | None, layer: int, input_pos: Tensor | None
+        self, x: Tensor, mask: Tensor | BlockMask | None, kv_cache: KVCache | None, layer: int, input_pos: Tensor | None
     ) -> Tensor:
         """``(B, T, C) -> (B, T, C)``; see :meth:`CausalSelfAttention.forward` for the other arguments."""
         x = x + self.attn(layer_norm(x, self.eps), mask, kv_cache, layer, input_pos)
@@ -366,7 +364,7 @@ class CM3Leon(nn.Module):
             raise ValueError(
                 f"CM3Leon.forward attention_mask shape {tuple(attention_mask.shape)} must equal idx shape {(B, T)}"
             )
-        cache = None
+        cache, block_mask = None, None
         if input_pos is None:
             if T > self.config.max_seq_len:
                 raise ValueError(f"CM3Leon.forward sequence length {T} exceeds max_seq_len {self.config.max_seq_len}")
@@ -391,8 +389,11 @@ class CM3Leon(nn.Module):
             valid = torch.ones_like(idx, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
             cache.update_valid(input_pos, valid)
             pos = cache.positions(input_pos)  # (B, T)
-            # (B, 1, T, S); FlexAttention computes it inside its kernel instead
-            mask = None if self.attention == "flex" else cache.attention_mask(input_pos)
+            # Built once for all layers: SDPA's (B, 1, T, S) bool mask, FlexAttention's block mask (its kernel computes
+            # the mask itself and skips the empty end of the cache).
+            impls = {block.attn.impl for block in self.blocks}
+            mask = cache.attention_mask(input_pos) if "sdpa" in impls else None
+            block_mask = cache_block_mask(cache.valid, input_pos) if "flex" in impls else None
 
         x = self.wte(idx) + self.wpe(pos)  # (B, T, C)
         use_checkpoint = self.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled()
@@ -400,7 +401,8 @@ class CM3Leon(nn.Module):
             if use_checkpoint:
                 x = checkpoint(block, x, mask, None, layer, None, use_reentrant=False)
             else:
-                x = block(x, mask, cache, layer, input_pos)
+                flex = block_mask is not None and block.attn.impl == "flex"  # only with a cache
+                x = block(x, block_mask if flex else mask, cache, layer, input_pos)
         x = layer_norm(x, self.config.layer_norm_eps)  # (B, T, C)
         if last_only:
             x = x[:, -1:]  # (B, 1, C)

@@ -40,7 +40,7 @@ def test_flex_cached_attention_equals_sdpa_with_the_padding_causal_mask(slots):
     input_pos = torch.tensor(slots)
     q = torch.randn(B, H, len(slots), D, generator=torch.Generator().manual_seed(2))
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=padding_causal_mask(valid, input_pos))
-    torch.testing.assert_close(flex_cached_attention(q, k, v, valid, input_pos), expected)
+    torch.testing.assert_close(flex_cached_attention(q, k, v, cache_block_mask(valid, input_pos)), expected)
 
 
 @pytest.mark.skipif(
@@ -56,9 +56,43 @@ def test_compiled_flex_attention_never_reads_key_blocks_after_the_query():
     input_pos = torch.tensor([130], device=device)  # block 1: reads blocks 0 and 1 only
     q = torch.randn(B, H, 1, D, generator=torch.Generator().manual_seed(4)).to(device)
     attend = flex_cached_attention if CUDA else torch.compile(flex_cached_attention, fullgraph=True)
-    out = attend(q, k, v, valid, input_pos)
+    out = attend(q, k, v, cache_block_mask(valid, input_pos))
     head = slice(0, 2 * FLEX_BLOCK)
     mask = padding_causal_mask(valid[:, head], input_pos)
     expected = F.scaled_dot_product_attention(q, k[:, :, head], v[:, :, head], attn_mask=mask)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_a_forward_builds_each_mask_once_for_all_layers(monkeypatch):
+    """With every block on FlexAttention one block mask serves all layers and no SDPA mask is built; mixed blocks get
+    both, each the one its implementation reads."""
+    import cm3leon_lightning.model.transformer as transformer
+    from cm3leon_lightning.config import CM3LeonConfig
+    from cm3leon_lightning.model import CM3Leon
+    from cm3leon_lightning.model.kv_cache import KVCache
+
+    calls = {"block": 0, "bool": 0}
+    real_block, real_bool = transformer.cache_block_mask, KVCache.attention_mask
+
+    def count_block(*args, **kwargs):
+        calls["block"] += 1
+        return real_block(*args, **kwargs)
+
+    def count_bool(self, input_pos):
+        calls["bool"] += 1
+        return real_bool(self, input_pos)
+
+    monkeypatch.setattr(transformer, "cache_block_mask", count_block)
+    monkeypatch.setattr(KVCache, "attention_mask", count_bool)
+    torch.manual_seed(0)
+    model = CM3Leon(CM3LeonConfig.from_preset("tiny", n_layer=3)).eval()
+    idx = torch.randint(0, 512, (2, 5))
+    model.setup_kv_cache(batch_size=2, max_seq_len=8)
+    with torch.no_grad():
+        model.set_attention("flex")
+        model(idx, input_pos=torch.arange(5))
+        assert calls == {"block": 1, "bool": 0}
+        model.blocks[1].attn.impl = "sdpa"
+        model(idx[:, :1], input_pos=torch.tensor([5]))
+    assert calls == {"block": 2, "bool": 1}
