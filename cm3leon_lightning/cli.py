@@ -31,6 +31,15 @@ EXTRA_COMMANDS: dict[str, str] = {
 }
 
 
+DESCRIPTION = (
+    "cm3leon: pretrain, fine-tune, evaluate and serve CM3Leon-style models. The Lightning subcommands below train and "
+    "evaluate any module by class_path (cm3leon fit --config configs/...yaml). Also: 'cm3leon prepare' (raw "
+    "image-caption pairs -> tokenized, retrieval-augmented shards), 'cm3leon generate' (images or text from a "
+    "checkpoint) and 'cm3leon demo' (the whole recipe on synthetic shapes, on CPU); each takes --help."
+)
+"""The top-level ``cm3leon --help`` text: it names the commands that are not Lightning subcommands."""
+
+
 def data_vocab(datamodule: Any) -> dict[str, int] | None:
     """The vocabulary description a data module exposes (``vocab``: MultimodalVocab or dict), or None."""
     vocab = getattr(datamodule, "vocab", None)
@@ -47,6 +56,7 @@ class CM3LeonCLI(LightningCLI):
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("auto_configure_optimizers", False)
+        kwargs.setdefault("parser_kwargs", {"description": DESCRIPTION})
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: Any) -> None:

@@ -94,3 +94,17 @@ def test_help_shows_docstrings(capsys: pytest.CaptureFixture[str]) -> None:
         main(["fit", "--model.help", "cm3leon_lightning.modules.CM3LeonModule"])
     out = capsys.readouterr().out
     assert "paper table 3: 1500" in out and "--model.config" in out
+
+
+def test_top_level_help_names_every_command(capsys: pytest.CaptureFixture[str]) -> None:
+    """`cm3leon --help` lists the Lightning subcommands and names the package's own commands, which it dispatches
+    before LightningCLI parses anything."""
+    from cm3leon_lightning.cli import EXTRA_COMMANDS
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # unwrap
+    assert "{fit,validate,test,predict}" in out
+    for name in EXTRA_COMMANDS:
+        assert f"'cm3leon {name}'" in out, name
