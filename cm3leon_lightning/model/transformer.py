@@ -66,8 +66,10 @@ def cache_block_mask(valid: Tensor, input_pos: Tensor, block: int = FLEX_BLOCK) 
         slot = input_pos[q_idx]
         return ((kv_idx <= slot) & valid[b, kv_idx]) | (kv_idx == slot)
 
+    # The transposed (query-per-key-block) indices serve only a backward pass: decoding runs without autograd.
+    backward = torch.is_grad_enabled()
     return BlockMask.from_kv_blocks(
-        kv_num_blocks, kv_indices, BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(T, S), compute_q_blocks=False
+        kv_num_blocks, kv_indices, BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(T, S), compute_q_blocks=backward
     )
 
 
