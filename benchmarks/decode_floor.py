@@ -11,7 +11,8 @@ on the model's own weights and at the decoder's own cache size:
 * ``+sdpa`` / ``+flex``: plus attention over the cache, half filled (SDPA with a boolean mask reads every slot;
   FlexAttention's block mask only the filled blocks): the model's forward minus the embeddings, without fusion;
 * ``step <mode>``: the real decode step (:class:`~cm3leon_lightning.generation.decoder.Decoder`, embeddings, guidance
-  and top-p sampling included) in each of ``--modes``;
+  and top-p sampling included) in each of ``--modes`` (default ``graph`` on CUDA: the eager step in one CUDA graph,
+  like the pieces, so the difference to ``+sdpa`` is what the step adds; ``generation.py`` times the compiled modes);
 
 and ``bound``: the bytes one step must read (weights once, plus the filled cache) over the device's copy bandwidth,
 measured in the same run. Each piece at 2 rows (one image with CFG) and at ``2 x --candidates`` rows.
@@ -160,7 +161,12 @@ def main() -> None:
     p.add_argument("--preset", default="350m")
     p.add_argument("--image-tokens", type=int, default=None, help="codes per image (default: 1024 GPU, 64 CPU)")
     p.add_argument("--candidates", type=int, default=8, help="candidates of the many-image case (x2 rows with CFG)")
-    p.add_argument("--modes", default=None, help=f"real-step modes of {MODES} (default: reduce-overhead,graph on CUDA)")
+    p.add_argument(
+        "--modes",
+        default=None,
+        help=f"real-step modes of {MODES} (default: graph on CUDA, the eager step in one CUDA graph like the pieces; "
+        "eager on CPU; benchmarks/generation.py times the compiled modes)",
+    )
     p.add_argument("--attention", default="sdpa", help="attention of the real step: sdpa, flex or both")
     p.add_argument(
         "--stages",
@@ -176,7 +182,7 @@ def main() -> None:
     gpu = device.startswith("cuda")
     tokens = args.image_tokens or (1024 if gpu else 64)
     steps = args.steps or (200 if gpu else 5)
-    modes = [m.strip() for m in (args.modes or ("reduce-overhead,graph" if gpu else "eager")).split(",")]
+    modes = [m.strip() for m in (args.modes or ("graph" if gpu else "eager")).split(",")]
     stages = [s.strip() for s in (args.stages or ",".join(STAGES if gpu else STAGES[:-1])).split(",")]
     for s in stages:
         if s not in STAGES:
