@@ -11,8 +11,9 @@ on the model's own weights and at the decoder's own cache size:
 * ``+sdpa`` / ``+flex``: plus attention over the cache, half filled (SDPA with a boolean mask reads every slot;
   FlexAttention's block mask only the filled blocks): the model's forward minus the embeddings, without fusion;
 * ``step <mode>``: the real decode step (:class:`~cm3leon_lightning.generation.decoder.Decoder`, embeddings, guidance
-  and top-p sampling included) in each of ``--modes`` (default ``graph`` on CUDA: the eager step in one CUDA graph,
-  like the pieces, so the difference to ``+sdpa`` is what the step adds; ``generation.py`` times the compiled modes);
+  and top-p sampling included) in each of ``--modes`` (default on CUDA ``graph``, the eager step in one CUDA graph
+  like the pieces, so the difference to ``+sdpa`` is what the step adds, and ``fused-graph``, the fused Triton step
+  of :mod:`cm3leon_lightning.model.fused`; ``generation.py`` times the compiled modes);
 
 and ``bound``: the bytes one step must read (weights once, plus the filled cache) over the device's copy bandwidth,
 measured in the same run. Each piece at 2 rows (one image with CFG) and at ``2 x --candidates`` rows.
@@ -164,8 +165,8 @@ def main() -> None:
     p.add_argument(
         "--modes",
         default=None,
-        help=f"real-step modes of {MODES} (default: graph on CUDA, the eager step in one CUDA graph like the pieces; "
-        "eager on CPU; benchmarks/generation.py times the compiled modes)",
+        help=f"real-step modes of {MODES} (default on CUDA: graph, the eager step in one CUDA graph like the pieces, "
+        "and fused-graph, the fused Triton step; eager on CPU; benchmarks/generation.py times the compiled modes)",
     )
     p.add_argument("--attention", default="sdpa", help="attention of the real step: sdpa, flex or both")
     p.add_argument(
@@ -182,7 +183,7 @@ def main() -> None:
     gpu = device.startswith("cuda")
     tokens = args.image_tokens or (1024 if gpu else 64)
     steps = args.steps or (200 if gpu else 5)
-    modes = [m.strip() for m in (args.modes or ("graph" if gpu else "eager")).split(",")]
+    modes = [m.strip() for m in (args.modes or ("graph,fused-graph" if gpu else "eager")).split(",")]
     stages = [s.strip() for s in (args.stages or ",".join(STAGES if gpu else STAGES[:-1])).split(",")]
     for s in stages:
         if s not in STAGES:

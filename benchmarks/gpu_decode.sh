@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The decoding checks on one GPU at 350m, in two halves that each fit one 10-minute device command, the more
 # decisive first (a session's device time may not stretch to the second):
-#   HALF=1 (~7.5 min): the CUDA decode modes (max-autotune and FlexAttention included) against eager in the tests;
-#          the floor under a decode step (benchmarks/decode_floor.py: matmuls alone, + pointwise, + cache,
-#          + attention, against the real step and the bandwidth bound); benchmarks/generation.py over the fast modes
-#          and both attention implementations, with the full "8 candidates + VQGAN + CLIP re-ranking" row when
-#          open_clip_torch is installed;
+#   HALF=1 (~8 min): the CUDA decode modes (max-autotune, FlexAttention and the fused Triton step included)
+#          against eager in the tests; the floor under a decode step (benchmarks/decode_floor.py: matmuls alone,
+#          + pointwise, + cache, + attention, against the real step in the graph and fused-graph modes and the
+#          bandwidth bound); benchmarks/generation.py in reduce-overhead and fused-graph with both attention
+#          implementations, with the full "8 candidates + VQGAN + CLIP re-ranking" row when open_clip_torch is
+#          installed;
 #   HALF=2 (~4.5 min): the per-kernel profile of one decode step; generation.py with max-autotune.
 # HALF=all (the default) runs both. Each part has its own time limit (override with TESTS_LIMIT, FLOOR_LIMIT,
 # BENCH_LIMIT, PROFILE_LIMIT, TUNE_LIMIT; 0 skips a part). Results go to $OUT (or ./gpu_results).
@@ -20,11 +21,13 @@ nvidia-smi -L
 $PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
 if first; then
   TAIL=60 part tests "${TESTS_LIMIT:-150}" $PY -m pytest tests/generation/test_generate.py tests/generation/test_graphs.py \
-    tests/model/test_flex_attention.py -q -p no:cacheprovider -k "compiled or graph or cache or autotuned or flex"
+    tests/model/test_flex_attention.py tests/model/test_fused_decode.py -q -p no:cacheprovider \
+    -k "compiled or graph or cache or autotuned or flex or fused or decode_linear or bf16 or refused"
   TAIL=40 part floor "${FLOOR_LIMIT:-120}" $PY benchmarks/decode_floor.py --preset 350m --attention sdpa,flex \
     --json "$OUT/decode_floor.json"
-  TAIL=60 part generation "${BENCH_LIMIT:-180}" $PY benchmarks/generation.py --presets 350m \
-    --modes reduce-overhead,graph --attention sdpa,flex --repeats 2 --reference-tokens 0 --json "$OUT/generation.json"
+  TAIL=60 part generation "${BENCH_LIMIT:-200}" $PY benchmarks/generation.py --presets 350m \
+    --modes reduce-overhead,fused-graph --attention sdpa,flex --repeats 2 --reference-tokens 0 \
+    --json "$OUT/generation.json"
 fi
 if second; then
   TAIL=120 part profile "${PROFILE_LIMIT:-120}" $PY benchmarks/decode_profile.py --preset 350m \

@@ -9,6 +9,7 @@ from a captured CUDA graph (:mod:`~cm3leon_lightning.generation.graphs`). This m
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +17,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from cm3leon_lightning.generation.graphs import TREE_MODES, GraphedStep, compiled, graphed_step, resolve_mode
+from cm3leon_lightning.generation.graphs import (
+    FUSED_MODES,
+    GRAPH_MODES,
+    TREE_MODES,
+    GraphedStep,
+    compiled,
+    graphed_step,
+    resolve_mode,
+)
 from cm3leon_lightning.generation.sampling import (
     cdk_logits,
     cfg_logits,
@@ -137,7 +146,13 @@ def pick_tokens(logits: Tensor, spec: SamplingSpec, allowed: Tensor | None, nois
 
 
 def decode_step(
-    model: CM3Leon, feed: Tensor, input_pos: Tensor, noise: Tensor | None, spec: SamplingSpec, allowed: Tensor | None
+    model: CM3Leon,
+    feed: Tensor,
+    input_pos: Tensor,
+    noise: Tensor | None,
+    spec: SamplingSpec,
+    allowed: Tensor | None,
+    fused: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """One KV-cached decode step for every row: forward, guidance, filters, sampling. Compile-friendly.
 
@@ -148,11 +163,18 @@ def decode_step(
         noise: ``(R, hi - lo)`` exponential noise, or None when greedy.
         spec: the sampling rule.
         allowed: optional ``(hi - lo,)`` bool constraint.
+        fused: run the transformer through the Triton kernels of :mod:`cm3leon_lightning.model.fused`.
 
     Returns:
         ``(R,)`` the new token of each output row, and ``(S * R, 1)`` the same token for every stream (next feed).
     """
-    logits = model(feed, input_pos=input_pos, last_only=True, logits_range=(spec.lo, spec.hi))[:, -1]  # (S*R, W)
+    span = (spec.lo, spec.hi)
+    if fused:
+        from cm3leon_lightning.model.fused import fused_decode_forward
+
+        logits = fused_decode_forward(model, feed, input_pos, span)[:, -1]  # (S*R, W)
+    else:
+        logits = model(feed, input_pos=input_pos, last_only=True, logits_range=span)[:, -1]  # (S*R, W)
     picked = pick_tokens(logits, spec, allowed, noise)  # (R,)
     return picked, picked.repeat(spec.streams)[:, None]
 
@@ -234,9 +256,12 @@ class Decoder:
         else:
             self.generator.manual_seed(seed)
         self.mode = resolve_mode(compile, self.device)
-        self.step_fn: Callable[..., Any] = (
-            decode_step if self.mode in ("eager", "graph") else compiled(decode_step, self.mode)
-        )
+        if self.mode in FUSED_MODES:
+            self.step_fn: Callable[..., Any] = functools.partial(decode_step, fused=True)
+        elif self.mode in ("eager", "graph"):
+            self.step_fn = decode_step
+        else:
+            self.step_fn = compiled(decode_step, self.mode)
         self.graph: GraphedStep | None = None
         self.allowed = allowed  # selects the captured graph in the graph modes
         self.input_pos = torch.tensor([self.prompt_len], device=self.device)
@@ -249,7 +274,7 @@ class Decoder:
     @allowed.setter
     def allowed(self, value: Tensor | None) -> None:
         self._allowed = value
-        if self.mode in ("graph", "inductor-graph"):  # one captured graph per cache, mode, spec, rows, constraint
+        if self.mode in GRAPH_MODES:  # one captured graph per cache, mode, spec, rows, constraint
             mask = None if value is None else value.cpu().numpy().tobytes()
             key = (self.mode, self.spec, len(self.ids), mask)
             self.graph = graphed_step(self.model.kv_cache, key, self.step_fn, self.spec, value)
@@ -290,7 +315,7 @@ class Decoder:
                 torch.compiler.cudagraph_mark_step_begin()
             picked, nxt = self.step_fn(self.model, feed, self.input_pos, noise, self.spec, self.allowed)
         self.input_pos += 1
-        if self.mode in ("eager", "inductor"):
+        if self.mode not in GRAPH_MODES + TREE_MODES:
             return picked, nxt
         return picked.clone(), nxt.clone()  # CUDA-graph outputs are overwritten by the next replay
 

@@ -23,13 +23,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
-MODES = ("eager", "inductor", "reduce-overhead", "max-autotune", "graph", "inductor-graph")
+MODES = ("eager", "inductor", "reduce-overhead", "max-autotune", "graph", "inductor-graph", "fused", "fused-graph")
 """Decode-step modes: ``eager``; ``inductor`` (``torch.compile``, no CUDA graphs; the compiled mode on CPU);
 ``reduce-overhead`` (``torch.compile`` with CUDA-graph trees); ``max-autotune`` (the same, with inductor benchmarking
 Triton matmul templates against cuBLAS, which lets it fuse pointwise work into the matmuls; minutes of warm-up);
 ``graph`` (the eager step in one captured CUDA graph); ``inductor-graph`` (the compiled step in one captured CUDA
-graph)."""
-CUDA_ONLY = ("reduce-overhead", "max-autotune", "graph", "inductor-graph")
+graph); ``fused`` (the transformer through the four Triton kernels per block of
+:mod:`cm3leon_lightning.model.fused`, launched one by one; CUDA, or CPU under ``TRITON_INTERPRET=1``);
+``fused-graph`` (that step in one captured CUDA graph)."""
+CUDA_ONLY = ("reduce-overhead", "max-autotune", "graph", "inductor-graph", "fused-graph")
+FUSED_MODES = ("fused", "fused-graph")
+"""Modes whose step runs the transformer through :func:`~cm3leon_lightning.model.fused.fused_decode_forward`."""
+GRAPH_MODES = ("graph", "inductor-graph", "fused-graph")
+"""Modes whose step is captured by hand in one CUDA graph (:class:`GraphedStep`)."""
 TREE_MODES = ("reduce-overhead", "max-autotune")
 """Modes replayed through torch.compile's CUDA-graph trees (a step must be marked, outputs copied before reuse)."""
 DEFAULT_CUDA_MODE = "reduce-overhead"
@@ -54,6 +60,12 @@ def resolve_mode(compile: bool | str | None, device: torch.device) -> str:
         raise ValueError(f"compile must be None, a bool or one of {MODES}, got {compile!r}")
     if compile in CUDA_ONLY and not cuda:
         raise ValueError(f"compile={compile!r} needs a CUDA device; the model is on {device}")
+    if compile in FUSED_MODES:
+        from cm3leon_lightning.model.fused import fused_available
+
+        reason = fused_available(device)
+        if reason is not None:
+            raise ValueError(f"compile={compile!r}: {reason}")
     return compile
 
 

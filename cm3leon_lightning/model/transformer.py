@@ -105,6 +105,14 @@ def _compiled_flex_attention() -> Callable[..., Tensor]:
     return torch.compile(flex_attention, fullgraph=True)
 
 
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | BlockMask | None) -> Tensor:
+    """``(B, H, T, D)`` attention of ``q`` over ``k``/``v``: FlexAttention for a :func:`cache_block_mask`, else SDPA
+    with a ``(B, 1, T, S)`` bool mask, or plain causal attention (``T == S``) when ``mask`` is None."""
+    if isinstance(mask, BlockMask):
+        return flex_cached_attention(q, k, v, mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention through ``scaled_dot_product_attention`` (or FlexAttention), no biases.
 
@@ -135,10 +143,7 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, input_pos, k, v)  # (B, H, S, D)
-        if isinstance(mask, BlockMask):
-            y = flex_cached_attention(q, k, v, mask)  # (B, H, T, D)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)  # (B, H, T, D)
+        y = attend(q, k, v, mask)  # (B, H, T, D)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.out_proj(y)
 
@@ -299,6 +304,17 @@ class CM3Leon(nn.Module):
         """Drop the cache and free its memory."""
         self.kv_cache = None
 
+    def cache_masks(self, input_pos: Tensor) -> dict[str, Tensor | BlockMask]:
+        """The attention masks of queries at cache slots ``input_pos``, by implementation, for the implementations
+        the blocks use: ``sdpa``, the ``(B, 1, T, S)`` bool mask; ``flex``, the :func:`cache_block_mask` (its kernel
+        computes the mask itself and skips the empty end of the cache). Built once per forward for all layers."""
+        cache = self.kv_cache
+        if cache is None:
+            raise RuntimeError("cache_masks: no KV cache; call setup_kv_cache(batch_size, max_seq_len) first")
+        impls = {block.attn.impl for block in self.blocks}
+        builders = {"sdpa": cache.attention_mask, "flex": lambda pos: cache_block_mask(cache.valid, pos)}
+        return {impl: builders[impl](input_pos) for impl in sorted(impls)}
+
     # ------------------------------------------------------------------------------------------ forward
     def forward(
         self,
@@ -366,13 +382,13 @@ class CM3Leon(nn.Module):
             raise ValueError(
                 f"CM3Leon.forward attention_mask shape {tuple(attention_mask.shape)} must equal idx shape {(B, T)}"
             )
-        cache, block_mask = None, None
+        cache, mask, cache_masks = None, None, {}
         if input_pos is None:
             if T > self.config.max_seq_len:
                 raise ValueError(f"CM3Leon.forward sequence length {T} exceeds max_seq_len {self.config.max_seq_len}")
             if attention_mask is None:
-                pos = torch.arange(T, device=idx.device)[None]  # (1, T)
-                mask = None  # plain causal: lets SDPA use its flash/efficient kernels
+                pos = torch.arange(T, device=idx.device)[None]  # (1, T); mask None: plain causal, so SDPA can use
+                # its flash/efficient kernels
             else:
                 valid, slots = attention_mask.bool(), torch.arange(T, device=idx.device)
                 pos = positions_from_valid(valid, slots)  # (B, T)
@@ -391,11 +407,7 @@ class CM3Leon(nn.Module):
             valid = torch.ones_like(idx, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
             cache.update_valid(input_pos, valid)
             pos = cache.positions(input_pos)  # (B, T)
-            # Built once for all layers: SDPA's (B, 1, T, S) bool mask, FlexAttention's block mask (its kernel computes
-            # the mask itself and skips the empty end of the cache).
-            impls = {block.attn.impl for block in self.blocks}
-            mask = cache.attention_mask(input_pos) if "sdpa" in impls else None
-            block_mask = cache_block_mask(cache.valid, input_pos) if "flex" in impls else None
+            cache_masks = self.cache_masks(input_pos)  # by implementation, built once for all layers
 
         x = self.wte(idx) + self.wpe(pos)  # (B, T, C)
         use_checkpoint = self.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled()
@@ -403,8 +415,7 @@ class CM3Leon(nn.Module):
             if use_checkpoint:
                 x = checkpoint(block, x, mask, None, layer, None, use_reentrant=False)
             else:
-                flex = block_mask is not None and block.attn.impl == "flex"  # only with a cache
-                x = block(x, block_mask if flex else mask, cache, layer, input_pos)
+                x = block(x, cache_masks.get(block.attn.impl, mask), cache, layer, input_pos)
         x = layer_norm(x, self.config.layer_norm_eps)  # (B, T, C)
         if last_only:
             x = x[:, -1:]  # (B, 1, C)

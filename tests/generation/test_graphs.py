@@ -34,3 +34,11 @@ def test_cuda_modes_on_cpu_are_refused_by_name(mode):
 def test_unknown_mode_is_refused():
     with pytest.raises(ValueError, match="compile must be None, a bool or one of"):
         resolve_mode("fast", CPU)
+
+
+def test_fused_mode_on_cpu_needs_the_triton_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="compile='fused': .*CUDA \\(or on CPU with TRITON_INTERPRET=1\\)"):
+        resolve_mode("fused", CPU)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert resolve_mode("fused", CPU) == "fused"

@@ -1,0 +1,142 @@
+"""A fused single-token decode step: four Triton kernels and the attention per block instead of ~9 kernels.
+
+At decode time each row feeds one token, so every matmul is a matrix-vector product over a few rows and a step is
+a chain of small kernels whose count, not their arithmetic, sets the time (docs/benchmarks.md: ~10 kernels per
+layer x 24 layers at 350m, ~1.2 ms per token on an H200 against ~0.2 ms to read the weights once). Here a block is::
+
+    q        = decode_linear(x, W_qkv, norm, cache)     # LayerNorm + QKV; keys/values written into the cache slot
+    y        = attention(q, cache)                       # SDPA or FlexAttention, as the model is set
+    x        = decode_linear(y, W_out, residual=x)       # out-projection + residual
+    h        = decode_linear(x, W_in, norm, act)         # LayerNorm + up-projection + GELU/ReLU
+    x        = decode_linear(h, W_down, residual=x)      # down-projection + residual
+
+and the final LayerNorm is fused into the (sliced) LM head. :func:`fused_decode_forward` gives the logits of
+``model(idx, input_pos=input_pos, last_only=True, logits_range=...)`` for ``(B, 1)`` tokens (equal up to float
+rounding: the tests compare them on CPU through Triton's interpreter in float32). The decode modes ``fused`` and
+``fused-graph`` of :mod:`~cm3leon_lightning.generation.graphs` use it. Triton is imported only when a fused step runs.
+This module imports no Lightning.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from cm3leon_lightning.model.transformer import CM3Leon, attend
+
+ACTIVATIONS = {"gelu": 1, "relu": 2}
+"""MLP activations the fused step supports (the kernel's ``ACT`` codes); SwiGLU models decode unfused."""
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels on the CPU through its interpreter (``TRITON_INTERPRET=1``, for tests)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def fused_available(device: torch.device) -> str | None:
+    """None when the fused step can run on ``device``, else the reason it cannot."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "the fused decode step needs Triton (installed with torch's CUDA builds on Linux)"
+    if device.type != "cuda" and not interpreting():
+        return f"the fused decode step runs Triton kernels on CUDA (or on CPU with TRITON_INTERPRET=1); got {device}"
+    return None
+
+
+def decode_linear(
+    x: Tensor,
+    weight: Tensor,
+    *,
+    norm_eps: float | None = None,
+    act: int = 0,
+    residual: Tensor | None = None,
+    cache: tuple[Tensor, Tensor, Tensor] | None = None,
+) -> Tensor:
+    """``epilogue(prologue(x) @ weight^T)`` for the ``(R, K)`` rows of one decode step, in one kernel.
+
+    Args:
+        x: ``(R, K)`` activations (contiguous).
+        weight: ``(N, K)`` weight (a ``Linear``'s, or rows of one).
+        norm_eps: apply the parameter-free LayerNorm to ``x`` first, with this epsilon.
+        act: 0 none, 1 exact GELU, 2 ReLU.
+        residual: ``(R, N)`` added to the result.
+        cache: ``(k, v, input_pos)``: ``weight`` is a QKV projection (``N = 3C``); keys and values go to the cache
+            buffers ``(R, H, S, D)`` at slot ``input_pos[0]`` and only the queries ``(R, C)`` are returned.
+
+    Returns:
+        ``(R, N)`` (``(R, C)`` with ``cache``) in ``x``'s dtype.
+    """
+    from cm3leon_lightning.model import fused_kernels as fk
+
+    R, K = x.shape
+    N = weight.shape[0]
+    if weight.shape[1] != K or not x.is_contiguous() or weight.stride(1) != 1:
+        raise ValueError(f"decode_linear: x {tuple(x.shape)} must be contiguous and match weight {tuple(weight.shape)}")
+    if cache is None:
+        k_buf = v_buf = slot = x  # unused by the kernel
+        C = D = stride_b = stride_h = stride_s = 1
+        out = torch.empty(R, N, device=x.device, dtype=x.dtype)
+    else:
+        k_buf, v_buf, slot = cache
+        C, D = N // 3, k_buf.shape[-1]
+        stride_b, stride_h, stride_s = k_buf.stride(0), k_buf.stride(1), k_buf.stride(2)
+        out = torch.empty(R, C, device=x.device, dtype=x.dtype)
+    res = residual if residual is not None else x
+    if residual is not None and (residual.shape != (R, N) or not residual.is_contiguous()):
+        raise ValueError(f"decode_linear: residual {tuple(residual.shape)} must be a contiguous ({R}, {N})")
+    flags = dict(
+        R_PAD=max(16, triton_next_power_of_2(R)), NORM=norm_eps is not None, ACT=act, RESIDUAL=residual is not None,
+        CACHE=cache is not None, IEEE=weight.dtype == torch.float32,
+    )  # fmt: skip
+    args = (x, weight, out, res, k_buf, v_buf, slot, R, N, K, C, D, stride_b, stride_h, stride_s, norm_eps or 0.0)
+    if interpreting():  # one fixed tile size: the interpreter cannot time configurations
+        fk.decode_linear_kernel[(-(-N // 32),)](*args, BLOCK_N=32, BLOCK_K=64, **flags)
+    else:
+        fk.tuned_decode_linear_kernel[lambda meta: (-(-N // meta["BLOCK_N"]),)](*args, **flags)
+    return out
+
+
+def triton_next_power_of_2(n: int) -> int:
+    """The smallest power of two ``>= n``."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def fused_decode_forward(model: CM3Leon, idx: Tensor, input_pos: Tensor, logits_range: tuple[int, int]) -> Tensor:
+    """The decode-step logits of ``model(idx, input_pos=input_pos, last_only=True, logits_range=logits_range)``.
+
+    Args:
+        model: a GELU or ReLU model with a KV cache (:meth:`CM3Leon.setup_kv_cache`), in eval mode.
+        idx: ``(B, 1)`` one token per cache row.
+        input_pos: ``(1,)`` the cache slot of the tokens.
+        logits_range: ``(lo, hi)`` ids whose logits to compute.
+
+    Returns:
+        ``(B, 1, hi - lo)`` logits in the model's dtype; the cache is updated as the model's forward updates it.
+    """
+    c, cache = model.config, model.kv_cache
+    if cache is None:
+        raise RuntimeError("fused_decode_forward needs a KV cache; call setup_kv_cache() first")
+    if c.activation not in ACTIVATIONS:
+        raise ValueError(f"the fused decode step supports activations {tuple(ACTIVATIONS)}, not {c.activation!r}")
+    B, T = idx.shape
+    if T != 1 or input_pos.shape != (1,) or B != cache.batch_size:
+        raise ValueError(f"fused_decode_forward takes one token per cache row: idx (B={cache.batch_size}, 1)")
+    cache.update_valid(input_pos, torch.ones_like(idx, dtype=torch.bool))
+    pos = cache.positions(input_pos)  # (B, 1)
+    x = (model.wte(idx) + model.wpe(pos)).view(B, c.d_model)  # (B, C)
+    masks = model.cache_masks(input_pos)
+    eps, act = c.layer_norm_eps, ACTIVATIONS[c.activation]
+    for layer, block in enumerate(model.blocks):
+        k_all, v_all = cache.layer(layer)  # (B, H, S, D)
+        q = decode_linear(x, block.attn.qkv.weight, norm_eps=eps, cache=(k_all, v_all, input_pos))  # (B, C)
+        q = q.view(B, 1, c.n_head, c.head_dim).transpose(1, 2)  # (B, H, 1, D)
+        y = attend(q, k_all, v_all, masks[block.attn.impl])  # (B, H, 1, D)
+        y = y.transpose(1, 2).reshape(B, c.d_model).contiguous()  # (B, C)
+        x = decode_linear(y, block.attn.out_proj.weight, residual=x)
+        h = decode_linear(x, block.mlp.fc_in.weight, norm_eps=eps, act=act)  # (B, F)
+        x = decode_linear(h, block.mlp.fc_out.weight, residual=x)
+    lo, hi = logits_range
+    return decode_linear(x, model.lm_head.weight[lo:hi], norm_eps=eps).view(B, 1, hi - lo)

@@ -1,0 +1,116 @@
+"""Triton kernels of the fused single-token decode step (:mod:`cm3leon_lightning.model.fused`).
+
+One kernel, :func:`decode_linear_kernel`, computes ``out = epilogue(prologue(x) @ W^T)`` for the few rows of a decode
+step (one token per row: ``x`` is ``(R, K)`` with R the streams x candidates, at most a few dozen), specialised by
+compile-time flags:
+
+* ``NORM``: LayerNorm without parameters over each row of ``x`` first (paper section 2.3), computed in the kernel;
+* ``ACT``: 0 none, 1 exact GELU, 2 ReLU on the result;
+* ``RESIDUAL``: add ``res`` (the residual stream) to the result;
+* ``CACHE``: the columns ``[C, 3C)`` of a QKV projection are keys and values: write them into the KV cache slot
+  ``slot`` (layout ``(B, H, S, D)``) instead of ``out``, which receives only the queries ``[0, C)``.
+
+Each program owns ``BLOCK_N`` output columns for all rows and streams its ``BLOCK_N x K`` slice of ``W`` once; the rows
+are padded to ``R_PAD >= 16`` for ``tl.dot``. Importing this module needs Triton; with ``TRITON_INTERPRET=1`` set
+before the import the kernels run on CPU tensors (float32), which is how the tests check them without a GPU.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def decode_linear_kernel(
+    x_ptr,
+    w_ptr,
+    out_ptr,
+    res_ptr,
+    k_ptr,
+    v_ptr,
+    slot_ptr,
+    R,
+    N,
+    K,
+    C,
+    D,
+    stride_cb,
+    stride_ch,
+    stride_cs,
+    eps,
+    R_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    NORM: tl.constexpr,
+    ACT: tl.constexpr,
+    RESIDUAL: tl.constexpr,
+    CACHE: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    """``out[R, N] = epilogue(prologue(x[R, K]) @ w[N, K]^T)``; see the module docstring for the flags."""
+    pid = tl.program_id(0)
+    rows = tl.arange(0, R_PAD)
+    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < R
+    col_ok = cols < N
+    if NORM:  # row statistics of x in float32 (each program reads x once more; x is small and stays in L2)
+        s1 = tl.zeros((R_PAD,), dtype=tl.float32)
+        s2 = tl.zeros((R_PAD,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            xk = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=row_ok[:, None] & (ks[None, :] < K), other=0.0)
+            xk = xk.to(tl.float32)
+            s1 += tl.sum(xk, axis=1)
+            s2 += tl.sum(xk * xk, axis=1)
+        mean = s1 / K
+        rstd = tl.math.rsqrt(tl.maximum(s2 / K - mean * mean, 0.0) + eps)
+    acc = tl.zeros((R_PAD, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        xk = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + cols[:, None] * K + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        if NORM:
+            xk = (xk.to(tl.float32) - mean[:, None]) * rstd[:, None]
+        xk = xk.to(w.dtype)  # as eager: the normalised activations are rounded to the weights' dtype
+        if IEEE:  # float32 weights: full-precision products, as torch's float32 matmul (no TF32)
+            acc += tl.dot(xk, tl.trans(w), input_precision="ieee")
+        else:
+            acc += tl.dot(xk, tl.trans(w))
+    if ACT == 1:
+        acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
+    elif ACT == 2:
+        acc = tl.maximum(acc, 0.0)
+    if RESIDUAL:
+        res = tl.load(res_ptr + rows[:, None] * N + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        acc += res.to(tl.float32)
+    if CACHE:
+        slot = tl.load(slot_ptr)
+        is_k = (cols >= C) & (cols < 2 * C)
+        is_v = (cols >= 2 * C) & col_ok
+        kv_col = tl.where(is_v, cols - 2 * C, cols - C)
+        head, dim = kv_col // D, kv_col % D
+        where = rows[:, None] * stride_cb + head[None, :] * stride_ch + slot * stride_cs + dim[None, :]
+        tl.store(k_ptr + where, acc.to(k_ptr.dtype.element_ty), mask=row_ok[:, None] & is_k[None, :])
+        tl.store(v_ptr + where, acc.to(v_ptr.dtype.element_ty), mask=row_ok[:, None] & is_v[None, :])
+        out_cols, out_ok = C, cols < C
+    else:
+        out_cols, out_ok = N, col_ok
+    out = out_ptr + rows[:, None] * out_cols + cols[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & out_ok[None, :])
+
+
+CONFIGS = [
+    triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+    for n in (16, 32, 64)
+    for k in (64, 128, 256)
+    for w in (2, 4)
+    for s in (3,)
+]
+"""Tile sizes tried on a GPU (once per shape, before a CUDA graph captures the step)."""
+
+tuned_decode_linear_kernel = triton.autotune(
+    configs=CONFIGS, key=["N", "K", "R_PAD", "NORM", "ACT", "RESIDUAL", "CACHE"]
+)(decode_linear_kernel)
+""":func:`decode_linear_kernel` with its tile sizes chosen by timing :data:`CONFIGS` on the device."""

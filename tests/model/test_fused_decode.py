@@ -1,0 +1,137 @@
+"""The fused decode step (model/fused.py): every kernel flag against torch, and whole decode steps against the
+model's forward. On a GPU the kernels run natively; without one, in Triton's interpreter (float32), which must be
+switched on before Triton is first imported: test_fused_interpreter.py runs this file in a subprocess with
+TRITON_INTERPRET=1."""
+
+import copy
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+
+from cm3leon_lightning.config import CM3LeonConfig  # noqa: E402
+from cm3leon_lightning.generation import generate_image, generate_text  # noqa: E402
+from cm3leon_lightning.model import CM3Leon  # noqa: E402
+from cm3leon_lightning.model.fused import decode_linear, fused_decode_forward  # noqa: E402
+from cm3leon_lightning.tokenization.vocab import MultimodalVocab  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+pytestmark = pytest.mark.skipif(
+    not CUDA and os.environ.get("TRITON_INTERPRET") != "1",
+    reason="Triton kernels need a GPU or TRITON_INTERPRET=1 from the start (as test_fused_interpreter.py runs it)",
+)
+
+
+def rand(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+
+
+@pytest.mark.parametrize("norm,act,residual", [(False, 0, False), (True, 0, False), (True, 1, False), (False, 2, True),
+                                               (False, 0, True), (True, 2, True)])  # fmt: skip
+def test_decode_linear_flags_match_torch(norm, act, residual):
+    """3 rows, K=48 and N=40 (neither a multiple of the tile sizes): LayerNorm prologue, GELU/ReLU, residual."""
+    x, w, res = rand(3, 48, seed=1) * 2 + 0.5, rand(40, 48, seed=2) * 0.2, rand(3, 40, seed=3)
+    got = decode_linear(x, w, norm_eps=1e-5 if norm else None, act=act, residual=res if residual else None)
+    h = F.linear(F.layer_norm(x, (48,), eps=1e-5) if norm else x, w)
+    h = {0: h, 1: F.gelu(h), 2: F.relu(h)}[act]
+    torch.testing.assert_close(got, h + res if residual else h, atol=1e-5, rtol=1e-5)
+
+
+def test_decode_linear_writes_keys_and_values_into_the_cache_slot():
+    R, H, D, S, slot = 3, 4, 8, 10, 6
+    C = H * D
+    x, w = rand(R, C, seed=4), rand(3 * C, C, seed=5) * 0.2
+    k_cache, v_cache = torch.zeros(2, R, H, S, D, device=DEVICE)
+    q = decode_linear(x, w, norm_eps=1e-5, cache=(k_cache, v_cache, torch.tensor([slot], device=DEVICE)))
+    qkv = F.linear(F.layer_norm(x, (C,), eps=1e-5), w)  # (R, 3C)
+    torch.testing.assert_close(q, qkv[:, :C], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(k_cache[:, :, slot], qkv[:, C : 2 * C].view(R, H, D), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(v_cache[:, :, slot], qkv[:, 2 * C :].view(R, H, D), atol=1e-5, rtol=1e-5)
+    others = [s for s in range(S) if s != slot]
+    assert not k_cache[:, :, others].any() and not v_cache[:, :, others].any()
+
+
+def random_model(activation: str = "gelu", vocab_size: int = 512) -> CM3Leon:
+    """Every weight random: the paper's init zeroes the output layers, which would hide errors in blocks."""
+    torch.manual_seed(0)
+    config = CM3LeonConfig.from_preset("tiny", activation=activation, vocab_size=vocab_size, max_seq_len=64)
+    model = CM3Leon(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.15)
+    return model.to(DEVICE)
+
+
+@pytest.mark.parametrize("activation,attention", [("gelu", "sdpa"), ("gelu", "flex"), ("relu", "sdpa")])
+def test_fused_steps_equal_the_model_forward_for_left_padded_rows(activation, attention):
+    """Prompts of lengths 5, 2 and 7, left-padded and prefilled; then three decode steps, each run by the model's
+    forward and by the fused step from the same cache: equal logits over a slice of the head, equal caches."""
+    model = random_model(activation)
+    model.set_attention(attention)
+    prompts = [torch.randint(1, 512, (n,), generator=torch.Generator().manual_seed(n)) for n in (5, 2, 7)]
+    idx = torch.zeros(3, 7, dtype=torch.long)
+    mask = torch.zeros(3, 7, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        idx[b, 7 - len(p) :], mask[b, 7 - len(p) :] = p, 1
+    model.setup_kv_cache(batch_size=3, max_seq_len=16)
+    with torch.no_grad():
+        logits = model(idx.to(DEVICE), input_pos=torch.arange(7, device=DEVICE), attention_mask=mask.to(DEVICE))
+        tok = logits[:, -1:].argmax(-1)  # (3, 1)
+        for t in range(7, 10):
+            pos = torch.tensor([t], device=DEVICE)
+            reference = copy.deepcopy(model)  # the same cache, stepped by the plain forward
+            expected = reference(tok, input_pos=pos, last_only=True, logits_range=(100, 260))
+            got = fused_decode_forward(model, tok, pos, (100, 260))
+            assert got.shape == (3, 1, 160)
+            torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+            for i in range(model.config.n_layer):
+                for mine, theirs in zip(model.kv_cache.layer(i), reference.kv_cache.layer(i)):
+                    torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-5)
+            assert torch.equal(model.kv_cache.valid, reference.kv_cache.valid)
+            tok = got[:, -1].argmax(-1, keepdim=True) + 100
+
+
+@pytest.mark.skipif(not CUDA, reason="bfloat16 kernels: the interpreter computes in float32 only")
+def test_bf16_steps_stay_close_to_the_model_forward():
+    model = random_model().to(torch.bfloat16)
+    model.setup_kv_cache(batch_size=4, max_seq_len=16)
+    idx = torch.randint(1, 512, (4, 6), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    with torch.no_grad():
+        model(idx, input_pos=torch.arange(6, device=DEVICE))
+        tok, pos = idx[:, -1:], torch.tensor([6], device=DEVICE)
+        expected = copy.deepcopy(model)(tok, input_pos=pos, last_only=True, logits_range=(0, 512)).float()
+        got = fused_decode_forward(model, tok, pos, (0, 512)).float()
+    assert (got - expected).abs().max() <= 0.05 * expected.abs().max()
+    assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.75
+
+
+def test_fused_mode_decodes_the_eager_tokens():
+    """generate_image (CFG, two prompts of different lengths, two candidates) and generate_text, greedy: the
+    ``fused`` decode mode produces the eager mode's tokens."""
+    vocab = MultimodalVocab(n_text=40, n_codes=24, grid_h=2, grid_w=3)
+    model = random_model(vocab_size=vocab.padded_size)
+    prompts = [[20, 21, 22], [23]]
+    kwargs = dict(num_samples=2, method="greedy", cfg=3.0)
+    eager = generate_image(model, vocab, prompts, compile="eager", **kwargs).codes
+    fused = generate_image(model, vocab, prompts, compile="fused", **kwargs).codes
+    assert torch.equal(fused, eager)
+    text = dict(max_new_tokens=5, method="greedy")
+    assert generate_text(model, vocab, eager[:, 0], compile="fused", **text) == generate_text(
+        model, vocab, eager[:, 0], compile="eager", **text
+    )
+
+
+def test_swiglu_models_and_wrong_shapes_are_refused():
+    model = random_model("swiglu")
+    model.setup_kv_cache(batch_size=2, max_seq_len=8)
+    one = torch.ones(2, 1, dtype=torch.long, device=DEVICE)
+    with pytest.raises(ValueError, match="supports activations"):
+        fused_decode_forward(model, one, torch.tensor([0], device=DEVICE), (0, 10))
+    model = random_model()
+    model.setup_kv_cache(batch_size=2, max_seq_len=8)
+    with pytest.raises(ValueError, match="one token per cache row"):
+        fused_decode_forward(model, torch.ones(2, 2, dtype=torch.long, device=DEVICE), torch.arange(2), (0, 10))

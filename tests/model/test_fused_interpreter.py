@@ -1,0 +1,24 @@
+"""Runs test_fused_decode.py in a subprocess under Triton's interpreter, so the fused Triton kernels are checked on a
+machine without a GPU (the interpreter must be on before Triton is first imported, which this process has done)."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU test_fused_decode.py runs the kernels natively")
+def test_fused_decode_tests_pass_under_the_triton_interpreter():
+    here = Path(__file__).with_name("test_fused_decode.py")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "pytest", str(here), "-q", "-p", "no:cacheprovider"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=here.parents[2])
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+    summary = out.stdout.strip().splitlines()[-1]
+    assert re.search(r"\b12 passed, 1 skipped", summary), summary
