@@ -128,6 +128,9 @@ def fused_decode_forward(model: CM3Leon, idx: Tensor, input_pos: Tensor, logits_
     pos = cache.positions(input_pos)  # (B, 1)
     x = (model.wte(idx) + model.wpe(pos)).view(B, c.d_model)  # (B, C)
     masks = model.cache_masks(input_pos)
+    if "sdpa" in masks:  # one additive mask for every layer (SDPA turns a bool mask into this in each call)
+        keep = masks["sdpa"]  # (B, 1, 1, S)
+        masks["sdpa"] = torch.zeros(keep.shape, device=x.device, dtype=x.dtype).masked_fill_(~keep, float("-inf"))
     eps, act = c.layer_norm_eps, ACTIVATIONS[c.activation]
     for layer, block in enumerate(model.blocks):
         k_all, v_all = cache.layer(layer)  # (B, H, S, D)
