@@ -69,6 +69,8 @@ def decode_linear(
     Returns:
         ``(R, N)`` (``(R, C)`` with ``cache``) in ``x``'s dtype.
     """
+    import triton
+
     from cm3leon_lightning.model import fused_kernels as fk
 
     R, K = x.shape
@@ -82,13 +84,21 @@ def decode_linear(
     else:
         k_buf, v_buf, slot = cache
         C, D = N // 3, k_buf.shape[-1]
+        if (
+            N % 3
+            or k_buf.shape != v_buf.shape
+            or k_buf.shape[0] != R
+            or k_buf.stride(3) != 1
+            or v_buf.stride() != k_buf.stride()
+        ):
+            raise ValueError(f"decode_linear: cache buffers {tuple(k_buf.shape)} do not fit a QKV weight of {N} rows")
         stride_b, stride_h, stride_s = k_buf.stride(0), k_buf.stride(1), k_buf.stride(2)
         out = torch.empty(R, C, device=x.device, dtype=x.dtype)
     res = residual if residual is not None else x
     if residual is not None and (residual.shape != (R, N) or not residual.is_contiguous()):
         raise ValueError(f"decode_linear: residual {tuple(residual.shape)} must be a contiguous ({R}, {N})")
     flags = dict(
-        R_PAD=max(16, triton_next_power_of_2(R)), NORM=norm_eps is not None, ACT=act, RESIDUAL=residual is not None,
+        R_PAD=max(16, triton.next_power_of_2(R)), NORM=norm_eps is not None, ACT=act, RESIDUAL=residual is not None,
         CACHE=cache is not None, IEEE=weight.dtype == torch.float32,
     )  # fmt: skip
     args = (x, weight, out, res, k_buf, v_buf, slot, R, N, K, C, D, stride_b, stride_h, stride_s, norm_eps or 0.0)
@@ -97,11 +107,6 @@ def decode_linear(
     else:
         fk.tuned_decode_linear_kernel[lambda meta: (-(-N // meta["BLOCK_N"]),)](*args, **flags)
     return out
-
-
-def triton_next_power_of_2(n: int) -> int:
-    """The smallest power of two ``>= n``."""
-    return 1 << max(n - 1, 0).bit_length()
 
 
 def fused_decode_forward(model: CM3Leon, idx: Tensor, input_pos: Tensor, logits_range: tuple[int, int]) -> Tensor:
