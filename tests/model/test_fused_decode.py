@@ -53,6 +53,10 @@ def test_decode_linear_writes_keys_and_values_into_the_cache_slot():
     torch.testing.assert_close(v_cache[:, :, slot], qkv[:, 2 * C :].view(R, H, D), atol=1e-5, rtol=1e-5)
     others = [s for s in range(S) if s != slot]
     assert not k_cache[:, :, others].any() and not v_cache[:, :, others].any()
+    with pytest.raises(ValueError, match="do not fit a QKV weight"):
+        decode_linear(x, w[:-1], cache=(k_cache, v_cache, torch.tensor([slot], device=DEVICE)))  # 3C - 1 rows
+    with pytest.raises(ValueError, match="do not fit a QKV weight"):
+        decode_linear(x, w, cache=(k_cache[:2], v_cache[:2], torch.tensor([slot], device=DEVICE)))  # 2 of 3 rows
 
 
 def random_model(activation: str = "gelu", vocab_size: int = 512) -> CM3Leon:
