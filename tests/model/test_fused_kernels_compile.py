@@ -1,0 +1,53 @@
+"""The fused decode kernels compile to machine code for the GPUs the decode goal names (H100/H200: sm_90), ahead of
+time and without a GPU: every flag combination the fused step launches, in bfloat16 and float32, and every autotuning
+configuration. The interpreter (test_fused_decode.py) checks what the kernels compute; this checks that Triton's
+GPU compiler accepts them (types, dot precisions, shared memory), which the interpreter does not."""
+
+import pytest
+
+triton = pytest.importorskip("triton")
+
+from triton.backends.compiler import GPUTarget  # noqa: E402
+
+from cm3leon_lightning.model.fused_kernels import CONFIGS, decode_linear_kernel  # noqa: E402
+
+# What fused_decode_forward launches per block and for the head: QKV (LayerNorm + cache write), out-projection
+# (residual), up-projection (LayerNorm + GELU or ReLU), down-projection (residual), LM head (LayerNorm).
+LAUNCHES = [
+    dict(NORM=True, ACT=0, RESIDUAL=False, CACHE=True),
+    dict(NORM=False, ACT=0, RESIDUAL=True, CACHE=False),
+    dict(NORM=True, ACT=1, RESIDUAL=False, CACHE=False),
+    dict(NORM=True, ACT=2, RESIDUAL=False, CACHE=False),
+    dict(NORM=True, ACT=0, RESIDUAL=False, CACHE=False),
+]
+H100 = GPUTarget("cuda", 90, 32)
+INTS = ("R", "N", "K", "C", "D", "stride_cb", "stride_ch", "stride_cs")
+
+
+def compile_for(target, dtype: str, flags: dict, block_n: int = 32, block_k: int = 128, warps: int = 4, stages=3):
+    names = decode_linear_kernel.arg_names
+    signature = {}
+    for n in names:
+        if n.endswith("_ptr"):
+            signature[n] = "*i64" if n == "slot_ptr" else f"*{dtype}"
+        else:
+            signature[n] = "fp32" if n == "eps" else "i32" if n in INTS else "constexpr"
+    constants = dict(R_PAD=16, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=dtype == "fp32", **flags)
+    src = triton.compiler.ASTSource(
+        fn=decode_linear_kernel, signature=signature, constexprs={(names.index(n),): v for n, v in constants.items()}
+    )
+    return triton.compile(src, target=target, options={"num_warps": warps, "num_stages": stages})
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+@pytest.mark.parametrize("flags", LAUNCHES, ids=["qkv", "out", "up-gelu", "up-relu", "head"])
+def test_every_launch_compiles_for_sm90(dtype, flags):
+    kernel = compile_for(H100, dtype, flags)
+    assert kernel.asm["cubin"] and kernel.metadata.shared <= 228 * 1024
+
+
+def test_every_autotuning_configuration_compiles_for_sm90():
+    for config in CONFIGS:
+        tiles = (config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"])
+        kernel = compile_for(H100, "bf16", LAUNCHES[0], *tiles, config.num_warps, config.num_stages)
+        assert kernel.asm["cubin"], config
