@@ -1,7 +1,8 @@
 """The fused decode kernels compile to machine code for the GPUs the decode goal names (H100/H200: sm_90), ahead of
 time and without a GPU: every flag combination the fused step launches, in bfloat16 and float32, and every autotuning
 configuration. The interpreter (test_fused_decode.py) checks what the kernels compute; this checks that Triton's
-GPU compiler accepts them (types, dot precisions, shared memory), which the interpreter does not."""
+GPU compiler accepts them (types, dot precisions, shared memory) and streams the weights with pipelined 16-byte
+asynchronous copies, which the interpreter cannot tell."""
 
 import pytest
 
@@ -33,8 +34,13 @@ def compile_for(target, dtype: str, flags: dict, block_n: int = 32, block_k: int
         else:
             signature[n] = "fp32" if n == "eps" else "i32" if n in INTS else "constexpr"
     constants = dict(R_PAD=16, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=dtype == "fp32", **flags)
+    # What the JIT assumes at the model's shapes (every width and stride a multiple of 16, 16-byte aligned buffers)
+    aligned = [n for n in names if n.endswith("_ptr") or (n in INTS and n != "R")]
     src = triton.compiler.ASTSource(
-        fn=decode_linear_kernel, signature=signature, constexprs={(names.index(n),): v for n, v in constants.items()}
+        fn=decode_linear_kernel,
+        signature=signature,
+        constexprs={(names.index(n),): v for n, v in constants.items()},
+        attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned},
     )
     return triton.compile(src, target=target, options={"num_warps": warps, "num_stages": stages})
 
@@ -44,6 +50,9 @@ def compile_for(target, dtype: str, flags: dict, block_n: int = 32, block_k: int
 def test_every_launch_compiles_for_sm90(dtype, flags):
     kernel = compile_for(H100, dtype, flags)
     assert kernel.asm["cubin"] and kernel.metadata.shared <= 228 * 1024
+    # the weight tiles stream through asynchronous 16-byte copies, pipelined over the K loop (what makes the kernel
+    # bandwidth-bound rather than load-instruction-bound)
+    assert "cp.async.cg.shared.global" in kernel.asm["ptx"] and "cp.async.commit_group" in kernel.asm["ptx"]
 
 
 def test_every_autotuning_configuration_compiles_for_sm90():
