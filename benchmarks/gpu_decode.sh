@@ -31,7 +31,7 @@ if first; then
 fi
 if second; then
   TAIL=120 part profile "${PROFILE_LIMIT:-120}" $PY benchmarks/decode_profile.py --preset 350m \
-    --modes inductor,reduce-overhead --attention sdpa,flex --steps 32 --rows 30 --out "$OUT/profile"
+    --modes inductor,reduce-overhead,fused --attention sdpa,flex --steps 32 --rows 30 --out "$OUT/profile"
   part max_autotune "${TUNE_LIMIT:-150}" $PY benchmarks/generation.py --presets 350m --modes max-autotune \
     --repeats 2 --reference-tokens 0 --no-rerank --json "$OUT/generation_max_autotune.json"
 fi
