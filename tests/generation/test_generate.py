@@ -215,7 +215,8 @@ CUDA = torch.cuda.is_available()
 COMPILED_MODES = ["reduce-overhead", "graph", "inductor-graph"] if CUDA else ["inductor"]
 
 
-TUNED_CASES = [("max-autotune", "sdpa"), ("reduce-overhead", "flex"), ("graph", "flex")]
+TUNED_CASES = [("max-autotune", "sdpa"), ("reduce-overhead", "flex"), ("graph", "flex"), ("fused-graph", "sdpa"),
+               ("fused-graph", "flex")]  # fmt: skip
 TUNED_CASES = TUNED_CASES if CUDA else [("inductor", "flex")]
 
 
