@@ -36,12 +36,12 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from generation import PROMPT_LEN, build, sync  # benchmarks/generation.py, beside this script
+from generation import PROMPT_LEN, build, comma_list, sync  # benchmarks/generation.py, beside this script
 
 from cm3leon_lightning.generation.decoder import Decoder, SamplingSpec
 from cm3leon_lightning.generation.generate import image_prompt, unconditional_image_prompt
 from cm3leon_lightning.generation.graphs import MODES
-from cm3leon_lightning.model import CM3Leon
+from cm3leon_lightning.model import ATTENTION_IMPLS, CM3Leon
 from cm3leon_lightning.model.kv_cache import padding_causal_mask
 from cm3leon_lightning.model.transformer import cache_block_mask, flex_cached_attention, layer_norm
 
@@ -185,14 +185,9 @@ def main() -> None:
     if tokens < 4:
         p.error(f"--image-tokens must be >= 4 (warm-up and timed decode steps of one image), got {tokens}")
     steps = args.steps or (200 if gpu else 5)
-    modes = [m.strip() for m in (args.modes or ("graph,fused-graph" if gpu else "eager")).split(",")]
-    stages = [s.strip() for s in (args.stages or ",".join(STAGES if gpu else STAGES[:-1])).split(",")]
-    for s in stages:
-        if s not in STAGES:
-            p.error(f"--stages: unknown piece {s!r}; choose from {STAGES}")
-    for m in modes:
-        if m not in MODES:
-            p.error(f"--modes: unknown mode {m!r}; choose from {MODES}")
+    modes = comma_list(p, "--modes", args.modes or ("graph,fused-graph" if gpu else "eager"), MODES)
+    stages = comma_list(p, "--stages", args.stages or ",".join(STAGES if gpu else STAGES[:-1]), STAGES)
+    attentions = comma_list(p, "--attention", args.attention, ATTENTION_IMPLS)
     dtype = {"auto": torch.bfloat16 if gpu else torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16}
     model, vocab = build(args.preset, tokens, device, dtype[args.dtype])
     prompt_len = max(len(r) for r in prompt_rows(vocab, 1))
@@ -216,7 +211,7 @@ def main() -> None:
             for stage in stages:
                 step = piece(model, stage, rows, slots, vocab.n_text, vocab.size)
                 report(stage, rows, replay_ms(step, device, steps))
-            for attention in (a.strip() for a in args.attention.split(",")):
+            for attention in attentions:
                 for mode in modes:
                     # compiling / autotuning modes warm up longer; an image of few tokens bounds both counts
                     warmup = min(8 if mode in ("eager", "graph") else 16, (tokens - 2) // 2)

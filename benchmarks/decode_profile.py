@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-from generation import PROMPT_LEN, build, sync  # benchmarks/generation.py, beside this script
+from generation import PROMPT_LEN, build, comma_list, sync  # benchmarks/generation.py, beside this script
 from torch.profiler import ProfilerActivity, profile
 
 from cm3leon_lightning.generation.decoder import Decoder, SamplingSpec
@@ -77,7 +77,9 @@ def main() -> None:
     p.add_argument("--candidates", type=int, default=1, help="candidates (x2 streams with CFG)")
     p.add_argument("--modes", default=None, help=f"comma-separated modes of {MODES} (default: eager,inductor)")
     p.add_argument("--attention", default="sdpa", help=f"comma-separated of {ATTENTION_IMPLS}")
-    p.add_argument("--steps", type=int, default=32, help="decode steps timed, then as many profiled")
+    p.add_argument(
+        "--steps", type=int, default=None, help="decode steps timed, then as many profiled (default 32 GPU, 8 CPU)"
+    )
     p.add_argument("--warmup", type=int, default=4, help="steps run before timing (compilation)")
     p.add_argument("--rows", type=int, default=25, help="rows of each table")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="auto: bf16 on CUDA")
@@ -89,16 +91,11 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     tokens = args.image_tokens or (1024 if gpu else 64)
+    args.steps = args.steps or (32 if gpu else 8)
     if args.warmup + 2 * args.steps >= tokens:
         p.error(f"--warmup + 2 x --steps must stay below the image's {tokens} tokens (--image-tokens)")
-    modes = [m.strip() for m in (args.modes or "eager,inductor").split(",")]
-    attentions = [a.strip() for a in args.attention.split(",")]
-    for m in modes:
-        if m not in MODES:
-            p.error(f"--modes: unknown mode {m!r}; choose from {MODES}")
-    for a in attentions:
-        if a not in ATTENTION_IMPLS:
-            p.error(f"--attention: unknown implementation {a!r}; choose from {ATTENTION_IMPLS}")
+    modes = comma_list(p, "--modes", args.modes or "eager,inductor", MODES)
+    attentions = comma_list(p, "--attention", args.attention, ATTENTION_IMPLS)
     dtype = {"auto": torch.bfloat16 if gpu else torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16}
     model, vocab = build(args.preset, tokens, device, dtype[args.dtype])
     name = torch.cuda.get_device_name(device) if gpu else "cpu"

@@ -73,6 +73,15 @@ def build(preset: str, image_tokens: int, device: str, dtype: torch.dtype) -> tu
     return model.to(dtype).eval(), vocab
 
 
+def comma_list(p: argparse.ArgumentParser, flag: str, text: str, allowed: tuple[str, ...]) -> list[str]:
+    """The comma-separated values of ``flag``, each one of ``allowed`` (else an argparse error naming it)."""
+    values = [v.strip() for v in text.split(",")]
+    for v in values:
+        if v not in allowed:
+            p.error(f"{flag}: unknown value {v!r}; choose from {allowed}")
+    return values
+
+
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -251,14 +260,8 @@ def main() -> None:
     args.reference_tokens = args.reference_tokens if args.reference_tokens is not None else (256 if gpu else 8)
     args.repeats = args.repeats or (3 if gpu else 1)
     default_modes = "eager,reduce-overhead,graph,inductor-graph" if gpu else "eager"
-    args.modes = [m.strip() for m in (args.modes or default_modes).split(",")]
-    for m in args.modes:
-        if m not in MODES:
-            p.error(f"--modes: unknown mode {m!r}; choose from {MODES}")
-    args.attention = [a.strip() for a in args.attention.split(",")]
-    for a in args.attention:
-        if a not in ATTENTION_IMPLS:
-            p.error(f"--attention: unknown implementation {a!r}; choose from {ATTENTION_IMPLS}")
+    args.modes = comma_list(p, "--modes", args.modes or default_modes, MODES)
+    args.attention = comma_list(p, "--attention", args.attention, ATTENTION_IMPLS)
     if args.rerank is None:
         args.rerank = gpu and args.image_tokens == 1024
     elif args.rerank and args.image_tokens != 1024:

@@ -89,3 +89,11 @@ def test_decode_floor_attention_pieces_compute_the_same_attention():
         assert outs[stage].shape == (3, 1, vocab.size - vocab.n_text)
     torch.testing.assert_close(outs["+flex"], outs["+sdpa"])
     assert not torch.allclose(outs["+sdpa"], outs["+cache"])  # attention over the written cache changes the result
+
+
+def test_decode_scripts_name_a_bad_list_value(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for script, flag, good in (("decode_floor.py", "--attention", "sdpa"), ("decode_profile.py", "--modes", "eager")):
+        cmd = [sys.executable, str(ROOT / "benchmarks" / script), "--device", "cpu", flag, f"{good},warp"]
+        out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert out.returncode == 2 and f"{flag}: unknown value 'warp'" in out.stderr, out.stderr[-500:]
