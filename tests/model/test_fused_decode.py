@@ -13,7 +13,7 @@ import torch.nn.functional as F
 pytest.importorskip("triton")
 
 from cm3leon_lightning.config import CM3LeonConfig  # noqa: E402
-from cm3leon_lightning.generation import generate_image, generate_text  # noqa: E402
+from cm3leon_lightning.generation import generate_image, generate_text, infill  # noqa: E402
 from cm3leon_lightning.model import CM3Leon  # noqa: E402
 from cm3leon_lightning.model.fused import decode_linear, fused_decode_forward  # noqa: E402
 from cm3leon_lightning.tokenization.vocab import MultimodalVocab  # noqa: E402
@@ -114,8 +114,8 @@ def test_bf16_steps_stay_close_to_the_model_forward():
 
 
 def test_fused_mode_decodes_the_eager_tokens():
-    """generate_image (CFG, two prompts of different lengths, two candidates) and generate_text, greedy: the
-    ``fused`` decode mode produces the eager mode's tokens."""
+    """generate_image (CFG, two prompts of different lengths, two candidates), generate_text and infill, greedy:
+    the ``fused`` decode mode produces the eager mode's tokens."""
     vocab = MultimodalVocab(n_text=40, n_codes=24, grid_h=2, grid_w=3)
     model = random_model(vocab_size=vocab.padded_size)
     prompts = [[20, 21, 22], [23]]
@@ -127,6 +127,9 @@ def test_fused_mode_decodes_the_eager_tokens():
     assert generate_text(model, vocab, eager[:, 0], compile="fused", **text) == generate_text(
         model, vocab, eager[:, 0], compile="eager", **text
     )
+    # infilling: a text span, then (after forced tokens through the plain forward) an image span
+    body = [vocab.eos_id, 20, vocab.sentinel_id(0), 22, vocab.break_id, 40, 41, vocab.sentinel_id(1), 45]
+    assert infill(model, vocab, body, compile="fused").spans == infill(model, vocab, body, compile="eager").spans
 
 
 def test_swiglu_models_and_wrong_shapes_are_refused():
