@@ -24,7 +24,7 @@ if first; then
   TAIL=60 part tests "${TESTS_LIMIT:-150}" $PY -m pytest tests/generation/test_generate.py tests/generation/test_graphs.py \
     tests/model/test_flex_attention.py tests/model/test_fused_decode.py -q -p no:cacheprovider \
     -k "(compiled or graph or cache or autotuned or flex or fused or decode_linear or bf16 or refused) and not max"
-  TAIL=40 part floor "${FLOOR_LIMIT:-120}" $PY benchmarks/decode_floor.py --preset 350m --attention sdpa,flex \
+  TAIL=40 part floor "${FLOOR_LIMIT:-150}" $PY benchmarks/decode_floor.py --preset 350m --attention sdpa,flex \
     --json "$OUT/decode_floor.json"
   TAIL=60 part generation "${BENCH_LIMIT:-200}" $PY benchmarks/generation.py --presets 350m \
     --modes reduce-overhead,fused-graph --attention sdpa,flex --repeats 2 --reference-tokens 0 \
