@@ -312,8 +312,12 @@ class CM3Leon(nn.Module):
         if cache is None:
             raise RuntimeError("cache_masks: no KV cache; call setup_kv_cache(batch_size, max_seq_len) first")
         impls = {block.attn.impl for block in self.blocks}
-        builders = {"sdpa": cache.attention_mask, "flex": lambda pos: cache_block_mask(cache.valid, pos)}
-        return {impl: builders[impl](input_pos) for impl in sorted(impls)}
+        masks: dict[str, Tensor | BlockMask] = {}
+        if "sdpa" in impls:
+            masks["sdpa"] = cache.attention_mask(input_pos)  # (B, 1, T, S)
+        if "flex" in impls:
+            masks["flex"] = cache_block_mask(cache.valid, input_pos)
+        return masks
 
     # ------------------------------------------------------------------------------------------ forward
     def forward(
