@@ -1,11 +1,11 @@
-"""A fused single-token decode step: four Triton kernels and the attention per block instead of ~9 kernels.
+"""A fused single-token decode step: five Triton kernels per block instead of ~10.
 
 At decode time each row feeds one token, so every matmul is a matrix-vector product over a few rows and a step is
 a chain of small kernels whose count, not their arithmetic, sets the time (docs/benchmarks.md: ~10 kernels per
 layer x 24 layers at 350m, ~1.2 ms per token on an H200 against ~0.2 ms to read the weights once). Here a block is::
 
     q        = decode_linear(x, W_qkv, norm, cache)     # LayerNorm + QKV; keys/values written into the cache slot
-    y        = attention(q, cache)                       # SDPA or FlexAttention, as the model is set
+    y        = decode_attention(q, cache)                # over the filled slots only (FlexAttention if set)
     x        = decode_linear(y, W_out, residual=x)       # out-projection + residual
     h        = decode_linear(x, W_in, norm, act)         # LayerNorm + up-projection + GELU/ReLU
     x        = decode_linear(h, W_down, residual=x)      # down-projection + residual
@@ -24,7 +24,7 @@ import os
 import torch
 from torch import Tensor
 
-from cm3leon_lightning.model.transformer import CM3Leon, attend
+from cm3leon_lightning.model.transformer import CM3Leon, cache_block_mask, flex_cached_attention
 
 ACTIVATIONS = {"gelu": 1, "relu": 2}
 """MLP activations the fused step supports (the kernel's ``ACT`` codes); SwiGLU models decode unfused."""
@@ -109,6 +109,49 @@ def decode_linear(
     return out
 
 
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, input_pos: Tensor) -> Tensor:
+    """Attention of one query per row over the KV cache, in one kernel that reads only the slots written so far.
+
+    Same mask as :func:`~cm3leon_lightning.model.kv_cache.padding_causal_mask`: the query at slot ``input_pos[0]``
+    sees the valid slots at or before its own, and always its own.
+
+    Args:
+        q: ``(B, C)`` queries, heads side by side (what the QKV kernel returns).
+        k: ``(B, H, S, D)`` cached keys of the layer (``C = H * D``).
+        v: ``(B, H, S, D)`` cached values, same strides as ``k``.
+        valid: ``(B, S)`` bool, the cache's slot validity.
+        input_pos: ``(1,)`` the slot of the queries.
+
+    Returns:
+        ``(B, C)`` attention outputs, heads side by side (what the out-projection reads), in ``q``'s dtype.
+    """
+    import triton
+
+    from cm3leon_lightning.model import fused_kernels as fk
+
+    B, H, S, D = k.shape
+    if (
+        q.shape != (B, H * D)
+        or not q.is_contiguous()
+        or v.shape != k.shape
+        or v.stride() != k.stride()
+        or k.stride(3) != 1
+        or valid.shape != (B, S)
+        or valid.stride(1) != 1
+    ):
+        raise ValueError(
+            f"decode_attention: queries {tuple(q.shape)} and validity {tuple(valid.shape)} do not fit the cache "
+            f"{tuple(k.shape)} (keys/values must share strides, contiguous over head_dim)"
+        )
+    out = torch.empty_like(q)
+    fk.decode_attention_kernel[(B, H)](
+        q, k, v, valid, input_pos, out, H * D, k.stride(0), k.stride(1), k.stride(2), valid.stride(0), D**-0.5,
+        HEAD_D=D, D_PAD=max(16, triton.next_power_of_2(D)), BLOCK_S=fk.ATTENTION_BLOCK_S,
+        IEEE=k.dtype == torch.float32, num_warps=4, num_stages=3,
+    )  # fmt: skip
+    return out
+
+
 def fused_decode_forward(model: CM3Leon, idx: Tensor, input_pos: Tensor, logits_range: tuple[int, int]) -> Tensor:
     """The decode-step logits of ``model(idx, input_pos=input_pos, last_only=True, logits_range=logits_range)``.
 
@@ -132,18 +175,18 @@ def fused_decode_forward(model: CM3Leon, idx: Tensor, input_pos: Tensor, logits_
     cache.update_valid(input_pos, torch.ones_like(idx, dtype=torch.bool))
     pos = cache.positions(input_pos)  # (B, 1)
     x = (model.wte(idx) + model.wpe(pos)).view(B, c.d_model)  # (B, C)
-    masks = model.cache_masks(input_pos)
-    if "sdpa" in masks:  # one additive mask for every layer (SDPA turns a bool mask into this in each call)
-        keep = masks["sdpa"]  # (B, 1, 1, S)
-        masks["sdpa"] = torch.zeros(keep.shape, device=x.device, dtype=x.dtype).masked_fill_(~keep, float("-inf"))
+    flex = any(block.attn.impl == "flex" for block in model.blocks)
+    block_mask = cache_block_mask(cache.valid, input_pos) if flex else None  # built once for every flex layer
     eps, act = c.layer_norm_eps, ACTIVATIONS[c.activation]
     for layer, block in enumerate(model.blocks):
         k_all, v_all = cache.layer(layer)  # (B, H, S, D)
         q = decode_linear(x, block.attn.qkv.weight, norm_eps=eps, cache=(k_all, v_all, input_pos))  # (B, C)
-        q = q.view(B, 1, c.n_head, c.head_dim).transpose(1, 2)  # (B, H, 1, D)
-        y = attend(q, k_all, v_all, masks[block.attn.impl])  # (B, H, 1, D)
-        y = y.transpose(1, 2).reshape(B, c.d_model).contiguous()  # (B, C)
-        x = decode_linear(y, block.attn.out_proj.weight, residual=x)
+        if block.attn.impl == "flex":
+            q4 = q.view(B, 1, c.n_head, c.head_dim).transpose(1, 2)  # (B, H, 1, D)
+            y = flex_cached_attention(q4, k_all, v_all, block_mask).transpose(1, 2).reshape(B, c.d_model)  # (B, C)
+        else:
+            y = decode_attention(q, k_all, v_all, cache.valid, input_pos)  # (B, C)
+        x = decode_linear(y.contiguous(), block.attn.out_proj.weight, residual=x)
         h = decode_linear(x, block.mlp.fc_in.weight, norm_eps=eps, act=act)  # (B, F)
         x = decode_linear(h, block.mlp.fc_out.weight, residual=x)
     lo, hi = logits_range

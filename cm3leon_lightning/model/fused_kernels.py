@@ -11,7 +11,11 @@ compile-time flags:
   ``slot`` (layout ``(B, H, S, D)``) instead of ``out``, which receives only the queries ``[0, C)``.
 
 Each program owns ``BLOCK_N`` output columns for all rows and streams its ``BLOCK_N x K`` slice of ``W`` once; the rows
-are padded to ``R_PAD >= 16`` for ``tl.dot``. Importing this module needs Triton; with ``TRITON_INTERPRET=1`` set
+are padded to ``R_PAD >= 16`` for ``tl.dot``.
+
+:func:`decode_attention_kernel` is the step's attention: one query per row attends over the cache slots up to its own,
+skipping padding, and reads only the slots written so far (the loop ends at ``slot``, read on the device, so a CUDA
+graph replays it at every step). Importing this module needs Triton; with ``TRITON_INTERPRET=1`` set
 before the import the kernels run on CPU tensors (float32), which is how the tests check them without a GPU.
 """
 
@@ -100,6 +104,78 @@ def decode_linear_kernel(
     out = out_ptr + rows[:, None] * out_cols + cols[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & out_ok[None, :])
 
+
+@triton.jit
+def decode_attention_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    valid_ptr,
+    slot_ptr,
+    out_ptr,
+    C,
+    stride_cb,
+    stride_ch,
+    stride_cs,
+    stride_vb,
+    scale,
+    HEAD_D: tl.constexpr,
+    D_PAD: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    """``out[b, h*D:(h+1)*D] = softmax(q k^T * scale) v`` for one query per row (program ``(b, h)``).
+
+    ``q`` and ``out`` are ``(B, C)`` (heads side by side, as the QKV kernel writes the queries and the out-projection
+    reads them); keys and values are the cache buffers ``(B, H, S, D)``; the query at slot ``slot`` attends to the slots
+    ``<= slot`` whose ``valid[b, s]`` is set, and always to its own (``padding_causal_mask``). Online softmax over
+    ``BLOCK_S`` slots at a time in float32; slots after ``slot`` are never read. The query is row 0 of a 16-row tile
+    (the other rows are zeros, computed and dropped) so that both products are ``tl.dot``: Triton then pipelines the
+    key and value loads (asynchronous copies several tiles ahead), which it does not do for loads feeding reductions.
+    """
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    rows = tl.arange(0, 16)
+    dims = tl.arange(0, D_PAD)
+    d_ok = dims < HEAD_D
+    first = rows[:, None] == 0
+    q = tl.load(q_ptr + b * C + h * HEAD_D + rows[:, None] * 0 + dims[None, :], mask=first & d_ok[None, :], other=0.0)
+    q = q.to(k_ptr.dtype.element_ty)  # (16, D_PAD), row 0 the query
+    slot = tl.load(slot_ptr)
+    kv = k_ptr + b * stride_cb + h * stride_ch  # this row's and head's keys; values at the same offsets
+    vv = v_ptr + b * stride_cb + h * stride_ch
+    m = tl.full((16,), -1.0e30, tl.float32)  # running max (finite: a block of padding must not give exp(-inf + inf))
+    total = tl.zeros((16,), dtype=tl.float32)  # running sum of exp(score - m)
+    acc = tl.zeros((16, D_PAD), dtype=tl.float32)
+    for s0 in range(0, slot + 1, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        s_ok = s <= slot
+        keep = (s_ok & (tl.load(valid_ptr + b * stride_vb + s, mask=s_ok, other=0) != 0)) | (s == slot)
+        where = s[:, None] * stride_cs + dims[None, :]
+        tile_ok = s_ok[:, None] & d_ok[None, :]
+        k = tl.load(kv + where, mask=tile_ok, other=0.0)  # (BLOCK_S, D_PAD)
+        if IEEE:
+            scores = tl.dot(q, tl.trans(k), input_precision="ieee")  # (16, BLOCK_S)
+        else:
+            scores = tl.dot(q, tl.trans(k))
+        scores = tl.where(keep[None, :], scores * scale, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, axis=1))
+        p = tl.exp(scores - m_new[:, None])
+        rescale = tl.exp(m - m_new)
+        v = tl.load(vv + where, mask=tile_ok, other=0.0)
+        total = total * rescale + tl.sum(p, axis=1)
+        if IEEE:
+            acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v)
+        m = m_new
+    out = out_ptr + b * C + h * HEAD_D + rows[:, None] * 0 + dims[None, :]
+    tl.store(out, (acc / total[:, None]).to(out_ptr.dtype.element_ty), mask=first & d_ok[None, :])
+
+
+ATTENTION_BLOCK_S = 64
+"""Cache slots per iteration of :func:`decode_attention_kernel` (not autotuned: its work grows with the step, so
+the timing of the first step would choose for all of them)."""
 
 CONFIGS = [
     triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=4, num_stages=3) for n in (16, 32, 64) for k in (128, 256)

@@ -15,7 +15,8 @@ pytest.importorskip("triton")
 from cm3leon_lightning.config import CM3LeonConfig  # noqa: E402
 from cm3leon_lightning.generation import generate_image, generate_text, infill  # noqa: E402
 from cm3leon_lightning.model import CM3Leon  # noqa: E402
-from cm3leon_lightning.model.fused import decode_linear, fused_decode_forward  # noqa: E402
+from cm3leon_lightning.model.fused import decode_attention, decode_linear, fused_decode_forward  # noqa: E402
+from cm3leon_lightning.model.kv_cache import padding_causal_mask  # noqa: E402
 from cm3leon_lightning.tokenization.vocab import MultimodalVocab  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -57,6 +58,33 @@ def test_decode_linear_writes_keys_and_values_into_the_cache_slot():
         decode_linear(x, w[:-1], cache=(k_cache, v_cache, torch.tensor([slot], device=DEVICE)))  # 3C - 1 rows
     with pytest.raises(ValueError, match="do not fit a QKV weight"):
         decode_linear(x, w, cache=(k_cache[:2], v_cache[:2], torch.tensor([slot], device=DEVICE)))  # 2 of 3 rows
+
+
+@pytest.mark.parametrize("slot", [0, 63, 64, 100, 149])
+def test_decode_attention_equals_sdpa_and_reads_only_written_slots(slot):
+    """Three rows over 150 slots (head_dim 24, padded to 32 in the kernel): row 0 all valid, row 1 left-padded over
+    70 slots (whole 64-slot tiles of padding), row 2 with a hole. Slots after ``slot`` hold NaN, which the kernel must
+    never load; it equals SDPA with ``padding_causal_mask`` on the clean cache."""
+    B, H, S, D = 3, 4, 150, 24
+    k, v, q = rand(B, H, S, D, seed=6), rand(B, H, S, D, seed=7), rand(B, H * D, seed=8)
+    valid = torch.ones(B, S, dtype=torch.bool, device=DEVICE)
+    valid[1, :70] = False
+    valid[2, 5:9] = False
+    pos = torch.tensor([slot], device=DEVICE)
+    q4 = q.view(B, 1, H, D).transpose(1, 2)  # (B, H, 1, D)
+    expected = F.scaled_dot_product_attention(q4, k, v, attn_mask=padding_causal_mask(valid, pos))
+    k_dirty, v_dirty = k.clone(), v.clone()
+    k_dirty[:, :, slot + 1 :] = float("nan")
+    v_dirty[:, :, slot + 1 :] = float("nan")
+    got = decode_attention(q, k_dirty, v_dirty, valid, pos)
+    torch.testing.assert_close(got, expected.transpose(1, 2).reshape(B, H * D), atol=1e-5, rtol=1e-5)
+    if slot >= 70:  # row 1 sees slots 70..slot only: changing a padding slot changes nothing
+        k_dirty[1, :, 3] += 5.0
+        torch.testing.assert_close(decode_attention(q, k_dirty, v_dirty, valid, pos)[1], got[1])
+    with pytest.raises(ValueError, match="do not fit the cache"):
+        decode_attention(q[:, :-1], k, v, valid, pos)
+    with pytest.raises(ValueError, match="do not fit the cache"):
+        decode_attention(q, k, v[:2], valid, pos)
 
 
 def random_model(activation: str = "gelu", vocab_size: int = 512) -> CM3Leon:

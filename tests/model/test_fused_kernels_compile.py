@@ -10,7 +10,12 @@ triton = pytest.importorskip("triton")
 
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
-from cm3leon_lightning.model.fused_kernels import CONFIGS, decode_linear_kernel  # noqa: E402
+from cm3leon_lightning.model.fused_kernels import (  # noqa: E402
+    ATTENTION_BLOCK_S,
+    CONFIGS,
+    decode_attention_kernel,
+    decode_linear_kernel,
+)
 
 # What fused_decode_forward launches per block and for the head: QKV (LayerNorm + cache write), out-projection
 # (residual), up-projection (LayerNorm + GELU or ReLU), down-projection (residual), LM head (LayerNorm).
@@ -60,3 +65,34 @@ def test_every_autotuning_configuration_compiles_for_sm90():
         tiles = (config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"])
         kernel = compile_for(H100, "bf16", LAUNCHES[0], *tiles, config.num_warps, config.num_stages)
         assert kernel.asm["cubin"], config
+
+
+ATTENTION_INTS = ("C", "stride_cb", "stride_ch", "stride_cs", "stride_vb")
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+@pytest.mark.parametrize("head_dim", [64, 96, 128])  # 350m, 760m (padded to 128), 7b
+def test_decode_attention_compiles_for_sm90_with_pipelined_cache_loads(dtype, head_dim):
+    names = decode_attention_kernel.arg_names
+    pointers = {"slot_ptr": "*i64", "valid_ptr": "*i1"}
+    signature = {
+        n: pointers.get(n, f"*{dtype}") if n.endswith("_ptr") else "fp32" if n == "scale" else "i32"
+        for n in names
+        if n not in ("HEAD_D", "D_PAD", "BLOCK_S", "IEEE")
+    }
+    constants = dict(HEAD_D=head_dim, D_PAD=triton.next_power_of_2(head_dim), BLOCK_S=ATTENTION_BLOCK_S,
+                     IEEE=dtype == "fp32")  # fmt: skip
+    signature.update({n: "constexpr" for n in constants})
+    signature = {n: signature[n] for n in names}
+    aligned = [n for n in names if n.endswith("_ptr") or n in ATTENTION_INTS]
+    src = triton.compiler.ASTSource(
+        fn=decode_attention_kernel,
+        signature=signature,
+        constexprs={(names.index(n),): v for n, v in constants.items()},
+        attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned},
+    )
+    kernel = triton.compile(src, target=H100, options={"num_warps": 4, "num_stages": 3})
+    assert kernel.asm["cubin"] and kernel.metadata.shared <= 228 * 1024
+    # keys and values stream through asynchronous copies issued tiles ahead of the loop (the query is row 0 of a
+    # 16-row tl.dot so that Triton pipelines these loads; loads feeding reductions are not pipelined)
+    assert "cp.async.cg.shared.global" in kernel.asm["ptx"] and "cp.async.commit_group" in kernel.asm["ptx"]
