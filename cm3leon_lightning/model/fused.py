@@ -1,8 +1,9 @@
-"""A fused single-token decode step: five Triton kernels per block instead of ~10.
+"""A fused single-token decode step: five Triton kernels per block instead of ~10, one for the input.
 
 At decode time each row feeds one token, so every matmul is a matrix-vector product over a few rows and a step is
 a chain of small kernels whose count, not their arithmetic, sets the time (docs/benchmarks.md: ~10 kernels per
-layer x 24 layers at 350m, ~1.2 ms per token on an H200 against ~0.2 ms to read the weights once). Here a block is::
+layer x 24 layers at 350m, ~1.2 ms per token on an H200 against ~0.2 ms to read the weights once). Here the input
+is one kernel, ``x = decode_embed(idx, cache)`` (slot marked valid, token + position embedding), and a block is::
 
     q        = decode_linear(x, W_qkv, norm, cache)     # LayerNorm + QKV; keys/values written into the cache slot
     y        = decode_attention(q, cache)                # over the filled slots only (FlexAttention if set)
@@ -109,6 +110,41 @@ def decode_linear(
     return out
 
 
+def decode_embed(idx: Tensor, wte: Tensor, wpe: Tensor, valid: Tensor, input_pos: Tensor) -> Tensor:
+    """The input of a decode step in one kernel: what ``cache.update_valid``, ``cache.positions`` and
+    ``wte(idx) + wpe(pos)`` do in the model's forward (five to eight small kernels there).
+
+    Args:
+        idx: ``(B, 1)`` one token per row.
+        wte: ``(V, C)`` token embedding weight.
+        wpe: ``(P, C)`` position embedding weight.
+        valid: ``(B, S)`` bool, the cache's slot validity; slot ``input_pos[0]`` is set True in place.
+        input_pos: ``(1,)`` the slot of the tokens.
+
+    Returns:
+        ``(B, C)`` embeddings in ``wte``'s dtype.
+    """
+    from cm3leon_lightning.model import fused_kernels as fk
+
+    B, C = idx.shape[0], wte.shape[1]
+    if (
+        idx.shape != (B, 1)
+        or not idx.is_contiguous()
+        or not wte.is_contiguous()
+        or not wpe.is_contiguous()
+        or wpe.shape[1] != C
+        or valid.shape[0] != B
+        or valid.stride(1) != 1
+    ):
+        raise ValueError(
+            f"decode_embed: tokens {tuple(idx.shape)}, embeddings {tuple(wte.shape)} / {tuple(wpe.shape)} and "
+            f"validity {tuple(valid.shape)} do not fit (one token per row, contiguous weights of one width)"
+        )
+    x = torch.empty(B, C, device=wte.device, dtype=wte.dtype)
+    fk.decode_embed_kernel[(B,)](idx, wte, wpe, valid, input_pos, x, C, valid.stride(0), BLOCK_S=256, BLOCK_C=256)
+    return x
+
+
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, input_pos: Tensor) -> Tensor:
     """Attention of one query per row over the KV cache, in one kernel that reads only the slots written so far.
 
@@ -172,9 +208,7 @@ def fused_decode_forward(model: CM3Leon, idx: Tensor, input_pos: Tensor, logits_
     B, T = idx.shape
     if T != 1 or input_pos.shape != (1,) or B != cache.batch_size:
         raise ValueError(f"fused_decode_forward takes one token per cache row: idx (B={cache.batch_size}, 1)")
-    cache.update_valid(input_pos, torch.ones_like(idx, dtype=torch.bool))
-    pos = cache.positions(input_pos)  # (B, 1)
-    x = (model.wte(idx) + model.wpe(pos)).view(B, c.d_model)  # (B, C)
+    x = decode_embed(idx, model.wte.weight, model.wpe.weight, cache.valid, input_pos)  # (B, C); marks the slot valid
     flex = any(block.attn.impl == "flex" for block in model.blocks)
     block_mask = cache_block_mask(cache.valid, input_pos) if flex else None  # built once for every flex layer
     eps, act = c.layer_norm_eps, ACTIVATIONS[c.activation]

@@ -173,6 +173,38 @@ def decode_attention_kernel(
     tl.store(out, (acc / total[:, None]).to(out_ptr.dtype.element_ty), mask=first & d_ok[None, :])
 
 
+@triton.jit
+def decode_embed_kernel(
+    idx_ptr,
+    wte_ptr,
+    wpe_ptr,
+    valid_ptr,
+    slot_ptr,
+    x_ptr,
+    C,
+    stride_vb,
+    BLOCK_S: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """The input of a decode step for row ``b``: mark slot ``slot`` valid, count the valid slots before it (the
+    token's position, as ``positions_from_valid``), and write ``x[b] = wte[idx[b]] + wpe[position]``."""
+    b = tl.program_id(0)
+    slot = tl.load(slot_ptr)
+    row = valid_ptr + b * stride_vb
+    tl.store(row + slot, tl.full((), 1, tl.int1))
+    count = tl.zeros((), dtype=tl.int32)
+    for s0 in range(0, slot, BLOCK_S):  # slots before this one only: no program reads what another writes
+        s = s0 + tl.arange(0, BLOCK_S)
+        count += tl.sum(tl.load(row + s, mask=s < slot, other=0).to(tl.int32), axis=0)
+    token = tl.load(idx_ptr + b)
+    for c0 in range(0, C, BLOCK_C):
+        cs = c0 + tl.arange(0, BLOCK_C)
+        ok = cs < C
+        tok = tl.load(wte_ptr + token * C + cs, mask=ok, other=0.0).to(tl.float32)
+        pos = tl.load(wpe_ptr + count * C + cs, mask=ok, other=0.0).to(tl.float32)
+        tl.store(x_ptr + b * C + cs, (tok + pos).to(x_ptr.dtype.element_ty), mask=ok)
+
+
 ATTENTION_BLOCK_S = 64
 """Cache slots per iteration of :func:`decode_attention_kernel` (not autotuned: its work grows with the step, so
 the timing of the first step would choose for all of them)."""

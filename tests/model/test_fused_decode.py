@@ -15,8 +15,13 @@ pytest.importorskip("triton")
 from cm3leon_lightning.config import CM3LeonConfig  # noqa: E402
 from cm3leon_lightning.generation import generate_image, generate_text, infill  # noqa: E402
 from cm3leon_lightning.model import CM3Leon  # noqa: E402
-from cm3leon_lightning.model.fused import decode_attention, decode_linear, fused_decode_forward  # noqa: E402
-from cm3leon_lightning.model.kv_cache import padding_causal_mask  # noqa: E402
+from cm3leon_lightning.model.fused import (  # noqa: E402
+    decode_attention,
+    decode_embed,
+    decode_linear,
+    fused_decode_forward,
+)
+from cm3leon_lightning.model.kv_cache import padding_causal_mask, positions_from_valid  # noqa: E402
 from cm3leon_lightning.tokenization.vocab import MultimodalVocab  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -85,6 +90,30 @@ def test_decode_attention_equals_sdpa_and_reads_only_written_slots(slot):
         decode_attention(q[:, :-1], k, v, valid, pos)
     with pytest.raises(ValueError, match="do not fit the cache"):
         decode_attention(q, k, v[:2], valid, pos)
+
+
+@pytest.mark.parametrize("slot", [0, 5, 300])
+def test_decode_embed_marks_the_slot_and_adds_the_position_of_the_token(slot):
+    """Three rows over 320 slots (two counting tiles): row 1 left-padded, row 2 with holes. The slot becomes valid in
+    every row, nothing else changes, and each row gets its token's embedding plus that of its position."""
+    B, S, C = 3, 320, 40  # C not a multiple of the kernel's 256-wide tiles
+    valid = torch.ones(B, S, dtype=torch.bool, device=DEVICE)
+    valid[1, :260] = False
+    valid[2, 2:4] = valid[2, 290:295] = False
+    valid[:, slot:] = False  # as in a cache that has not reached this slot yet
+    before = valid.clone()
+    wte, wpe = rand(50, C, seed=9), rand(S, C, seed=10)
+    idx = torch.tensor([[3], [49], [0]], device=DEVICE)
+    pos = torch.tensor([slot], device=DEVICE)
+    x = decode_embed(idx, wte, wpe, valid, pos)
+    before[:, slot] = True
+    assert torch.equal(valid, before)
+    positions = positions_from_valid(valid, pos)  # (B, 1)
+    assert torch.equal(x, wte[idx[:, 0]] + wpe[positions[:, 0]])
+    with pytest.raises(ValueError, match="do not fit"):
+        decode_embed(idx[:2], wte, wpe, valid, pos)  # 2 tokens, 3 rows
+    with pytest.raises(ValueError, match="do not fit"):
+        decode_embed(idx, wte, wpe[:, :-1], valid, pos)
 
 
 def random_model(activation: str = "gelu", vocab_size: int = 512) -> CM3Leon:

@@ -14,6 +14,7 @@ from cm3leon_lightning.model.fused_kernels import (  # noqa: E402
     ATTENTION_BLOCK_S,
     CONFIGS,
     decode_attention_kernel,
+    decode_embed_kernel,
     decode_linear_kernel,
 )
 
@@ -96,3 +97,23 @@ def test_decode_attention_compiles_for_sm90_with_pipelined_cache_loads(dtype, he
     # keys and values stream through asynchronous copies issued tiles ahead of the loop (the query is row 0 of a
     # 16-row tl.dot so that Triton pipelines these loads; loads feeding reductions are not pipelined)
     assert "cp.async.cg.shared.global" in kernel.asm["ptx"] and "cp.async.commit_group" in kernel.asm["ptx"]
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_decode_embed_compiles_for_sm90(dtype):
+    names = decode_embed_kernel.arg_names
+    pointers = {"slot_ptr": "*i64", "valid_ptr": "*i1", "idx_ptr": "*i64"}
+    constants = dict(BLOCK_S=256, BLOCK_C=256)
+    signature = {
+        n: "constexpr" if n in constants else pointers.get(n, f"*{dtype}") if n.endswith("_ptr") else "i32"
+        for n in names
+    }
+    src = triton.compiler.ASTSource(
+        fn=decode_embed_kernel,
+        signature=signature,
+        constexprs={(names.index(n),): v for n, v in constants.items()},
+        attrs={(names.index(n),): [["tt.divisibility", 16]] for n in names if n.endswith("_ptr") or n == "C"},
+    )
+    kernel = triton.compile(src, target=H100, options={"num_warps": 4, "num_stages": 3})
+    assert kernel.asm["cubin"]
+    assert "st.global.b8" in kernel.asm["ptx"]  # the bool slot is stored as one byte, as torch.bool holds it
