@@ -163,19 +163,24 @@ def decode_step(
         noise: ``(R, hi - lo)`` exponential noise, or None when greedy.
         spec: the sampling rule.
         allowed: optional ``(hi - lo,)`` bool constraint.
-        fused: run the transformer through the Triton kernels of :mod:`cm3leon_lightning.model.fused`.
+        fused: run the transformer through the Triton kernels of :mod:`cm3leon_lightning.model.fused`, and the
+            sampling through :func:`~cm3leon_lightning.generation.sampling_kernel.fused_pick_tokens` where it applies.
 
     Returns:
         ``(R,)`` the new token of each output row, and ``(S * R, 1)`` the same token for every stream (next feed).
     """
     span = (spec.lo, spec.hi)
     if fused:
+        from cm3leon_lightning.generation.sampling_kernel import fused_pick_tokens
         from cm3leon_lightning.model.fused import fused_decode_forward
 
         logits = fused_decode_forward(model, feed, input_pos, span)[:, -1]  # (S*R, W)
+        picked = fused_pick_tokens(logits, spec, allowed, noise)  # (R,), or None for rules the kernel lacks
+        if picked is None:
+            picked = pick_tokens(logits, spec, allowed, noise)
     else:
         logits = model(feed, input_pos=input_pos, last_only=True, logits_range=span)[:, -1]  # (S*R, W)
-    picked = pick_tokens(logits, spec, allowed, noise)  # (R,)
+        picked = pick_tokens(logits, spec, allowed, noise)  # (R,)
     return picked, picked.repeat(spec.streams)[:, None]
 
 

@@ -29,7 +29,8 @@ MODES = ("eager", "inductor", "reduce-overhead", "max-autotune", "graph", "induc
 Triton matmul templates against cuBLAS, which lets it fuse pointwise work into the matmuls; minutes of warm-up);
 ``graph`` (the eager step in one captured CUDA graph); ``inductor-graph`` (the compiled step in one captured CUDA
 graph); ``fused`` (the transformer through the five Triton kernels per block of
-:mod:`cm3leon_lightning.model.fused`, launched one by one; CUDA, or CPU under ``TRITON_INTERPRET=1``);
+:mod:`cm3leon_lightning.model.fused` and the sampling kernel of
+:mod:`cm3leon_lightning.generation.sampling_kernel`, launched one by one; CUDA, or CPU under ``TRITON_INTERPRET=1``);
 ``fused-graph`` (that step in one captured CUDA graph)."""
 CUDA_ONLY = ("reduce-overhead", "max-autotune", "graph", "inductor-graph", "fused-graph")
 FUSED_MODES = ("fused", "fused-graph")

@@ -171,8 +171,8 @@ def test_bf16_steps_stay_close_to_the_model_forward():
 
 
 def test_fused_mode_decodes_the_eager_tokens():
-    """generate_image (CFG, two prompts of different lengths, two candidates), generate_text and infill, greedy:
-    the ``fused`` decode mode produces the eager mode's tokens."""
+    """generate_image (CFG, two prompts of different lengths, two candidates; greedy, top-p and CD-K), generate_text
+    and infill (greedy): the ``fused`` decode mode produces the eager mode's tokens."""
     vocab = MultimodalVocab(n_text=40, n_codes=24, grid_h=2, grid_w=3)
     model = random_model(vocab_size=vocab.padded_size)
     prompts = [[20, 21, 22], [23]]
@@ -180,6 +180,10 @@ def test_fused_mode_decodes_the_eager_tokens():
     eager = generate_image(model, vocab, prompts, compile="eager", **kwargs).codes
     fused = generate_image(model, vocab, prompts, compile="fused", **kwargs).codes
     assert torch.equal(fused, eager)
+    for method in ("top_p", "cd_k"):  # sampled through the sampling kernel, and through pick_tokens (CD-K)
+        sampled = dict(num_samples=2, method=method, cfg=3.0, top_p=0.8, seed=3)
+        expected = generate_image(model, vocab, prompts, compile="eager", **sampled).codes
+        assert torch.equal(generate_image(model, vocab, prompts, compile="fused", **sampled).codes, expected)
     text = dict(max_new_tokens=5, method="greedy")
     assert generate_text(model, vocab, eager[:, 0], compile="fused", **text) == generate_text(
         model, vocab, eager[:, 0], compile="eager", **text

@@ -117,3 +117,25 @@ def test_decode_embed_compiles_for_sm90(dtype):
     kernel = triton.compile(src, target=H100, options={"num_warps": 4, "num_stages": 3})
     assert kernel.asm["cubin"]
     assert "st.global.b8" in kernel.asm["ptx"]  # the bool slot is stored as one byte, as torch.bool holds it
+
+
+@pytest.mark.parametrize("sampled", [True, False], ids=["top_p-cfg-constrained", "greedy"])
+def test_sampling_kernel_compiles_for_sm90_at_the_image_code_width(sampled):
+    from cm3leon_lightning.generation.sampling_kernel import pick_kernel
+
+    names = pick_kernel.arg_names
+    constants = dict(W_PAD=8192, STREAMS=2 if sampled else 1, ALLOWED=sampled, GREEDY=not sampled, TOP_P=sampled)
+    pointers = {"logits_ptr": "*bf16", "allowed_ptr": "*i1", "noise_ptr": "*fp32", "out_ptr": "*i64"}
+    floats = ("cfg", "temperature", "top_p")
+    signature = {
+        n: "constexpr" if n in constants else pointers[n] if n in pointers else "fp32" if n in floats else "i32"
+        for n in names
+    }
+    src = triton.compiler.ASTSource(
+        fn=pick_kernel,
+        signature=signature,
+        constexprs={(names.index(n),): v for n, v in constants.items()},
+        attrs={(names.index(n),): [["tt.divisibility", 16]] for n in (*pointers, "W")},
+    )
+    kernel = triton.compile(src, target=H100, options={"num_warps": 16})  # what fused_pick_tokens launches at 8192
+    assert kernel.asm["cubin"] and kernel.metadata.shared <= 228 * 1024
