@@ -1,18 +1,18 @@
 #!/usr/bin/env bash
 # The decoding checks on one GPU at 350m, in two halves that each fit one 10-minute device command, the more
 # decisive first (a session's device time may not stretch to the second):
-#   HALF=1 (~8 min): the CUDA decode modes (FlexAttention and the fused Triton step included; not max-autotune)
-#          against eager in the tests; the floor under a decode step (benchmarks/decode_floor.py: matmuls alone,
-#          + pointwise, + cache, + attention, against the real step in the graph and fused-graph modes and the
-#          bandwidth bound); benchmarks/generation.py in reduce-overhead and fused-graph with both attention
-#          implementations, with the full "8 candidates + VQGAN + CLIP re-ranking" row when open_clip_torch is
-#          installed;
-#   HALF=2 (~6.5 min): the max-autotune test (minutes of compilation), the per-kernel profile of one decode step
-#          (inductor, reduce-overhead, fused); generation.py with max-autotune.
-# HALF=all (the default) runs both. Each part has its own time limit (override with TESTS_LIMIT, FLOOR_LIMIT,
-# BENCH_LIMIT, TUNE_TESTS_LIMIT, PROFILE_LIMIT, TUNE_LIMIT; 0 skips a part). Results go to $OUT (or ./gpu_results).
-# Run from the repository root with a Python that has torch; wheels in .gpu_wheels/ (benchmarks/fetch_gpu_wheels.sh)
-# are installed first when present.
+#   HALF=1 (~8 min): the CUDA decode modes (FlexAttention and the fused Triton step and sampling kernel included;
+#          not max-autotune) against eager in the tests; benchmarks/generation.py in reduce-overhead and fused-graph
+#          with both attention implementations, with the full "8 candidates + VQGAN + CLIP re-ranking" row when
+#          open_clip_torch is installed; fused-graph again without programmatic dependent launch (CM3LEON_PDL=0);
+#   HALF=2 (~9 min): the max-autotune test (minutes of compilation), the per-kernel profile of one decode step
+#          (inductor, reduce-overhead, fused); generation.py with max-autotune; the floor under a decode step
+#          (benchmarks/decode_floor.py: matmuls alone, + pointwise, + cache, + attention, against the real step in
+#          the graph and fused-graph modes and the bandwidth bound).
+# HALF=all (the default) runs both. Each part has its own time limit (override with TESTS_LIMIT, BENCH_LIMIT,
+# NOPDL_LIMIT, TUNE_TESTS_LIMIT, PROFILE_LIMIT, TUNE_LIMIT, FLOOR_LIMIT; 0 skips a part). Results go to $OUT (or
+# ./gpu_results). Run from the repository root with a Python that has torch; wheels in .gpu_wheels/
+# (benchmarks/fetch_gpu_wheels.sh) are installed first when present.
 source "$(dirname "$0")/gpu_common.sh"
 HALF=${HALF:-all}
 first() { [ "$HALF" = all ] || [ "$HALF" = 1 ]; }
@@ -22,13 +22,14 @@ nvidia-smi -L
 $PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
 if first; then
   TAIL=60 part tests "${TESTS_LIMIT:-150}" $PY -m pytest tests/generation/test_generate.py tests/generation/test_graphs.py \
-    tests/model/test_flex_attention.py tests/model/test_fused_decode.py -q -p no:cacheprovider \
-    -k "(compiled or graph or cache or autotuned or flex or fused or decode_linear or bf16 or refused) and not max"
-  TAIL=40 part floor "${FLOOR_LIMIT:-150}" $PY benchmarks/decode_floor.py --preset 350m --attention sdpa,flex \
-    --json "$OUT/decode_floor.json"
-  TAIL=60 part generation "${BENCH_LIMIT:-200}" $PY benchmarks/generation.py --presets 350m \
+    tests/model/test_flex_attention.py tests/model/test_fused_decode.py tests/generation/test_sampling_kernel.py \
+    tests/model/test_fused_launch.py -q -p no:cacheprovider \
+    -k "(compiled or graph or cache or autotuned or flex or fused or sampling_kernel or bf16 or refused) and not max"
+  TAIL=60 part generation "${BENCH_LIMIT:-220}" $PY benchmarks/generation.py --presets 350m \
     --modes reduce-overhead,fused-graph --attention sdpa,flex --repeats 2 --reference-tokens 0 \
     --json "$OUT/generation.json"
+  TAIL=20 part nopdl "${NOPDL_LIMIT:-90}" env CM3LEON_PDL=0 $PY benchmarks/generation.py --presets 350m \
+    --modes fused-graph --repeats 2 --reference-tokens 0 --no-rerank --json "$OUT/generation_nopdl.json"
 fi
 if second; then
   TAIL=20 part tune_tests "${TUNE_TESTS_LIMIT:-120}" $PY -m pytest tests/generation/test_generate.py -q \
@@ -37,4 +38,6 @@ if second; then
     --modes inductor,reduce-overhead,fused --attention sdpa,flex --steps 32 --rows 30 --out "$OUT/profile"
   part max_autotune "${TUNE_LIMIT:-150}" $PY benchmarks/generation.py --presets 350m --modes max-autotune \
     --repeats 2 --reference-tokens 0 --no-rerank --json "$OUT/generation_max_autotune.json"
+  TAIL=40 part floor "${FLOOR_LIMIT:-150}" $PY benchmarks/decode_floor.py --preset 350m --attention sdpa,flex \
+    --json "$OUT/decode_floor.json"
 fi

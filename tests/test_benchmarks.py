@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -97,3 +99,26 @@ def test_decode_scripts_name_a_bad_list_value(tmp_path):
         cmd = [sys.executable, str(ROOT / "benchmarks" / script), "--device", "cpu", flag, f"{good},warp"]
         out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
         assert out.returncode == 2 and f"{flag}: unknown value 'warp'" in out.stderr, out.stderr[-500:]
+
+
+def test_gpu_decode_script_selects_the_kernel_tests():
+    """The GPU script's test part names existing files and its -k expression keeps every test of the fused kernels
+    (a renamed file or test would otherwise drop out of the only run on a GPU without anyone noticing)."""
+
+    script = (ROOT / "benchmarks" / "gpu_decode.sh").read_text()
+    block = script[script.index("part tests") : script.index("part generation")]
+    files = re.findall(r"tests/\S+\.py", block)
+    expression = re.search(r'-k "([^"]+)"', block).group(1)
+    assert files and all((ROOT / f).is_file() for f in files), files
+    cmd = [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "-k", expression, *files]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout[-2000:]
+    selected = {line.split("::")[0] + "::" + line.split("::")[1].split("[")[0] for line in out.stdout.splitlines()
+                if "::" in line}  # fmt: skip
+    kernel_files = ("tests/model/test_fused_decode.py", "tests/generation/test_sampling_kernel.py",
+                    "tests/model/test_fused_launch.py")  # fmt: skip
+    for path in kernel_files:
+        module = ast.parse((ROOT / path).read_text())
+        tests = [f"{path}::{n.name}" for n in module.body if getattr(n, "name", "").startswith("test_")]
+        assert tests and set(tests) <= selected, sorted(set(tests) - selected)
+    assert not any("max" in t.split("::")[1] and "autotuned" in t for t in selected)  # max-autotune: second half

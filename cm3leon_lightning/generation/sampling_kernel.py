@@ -27,6 +27,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from cm3leon_lightning.model.fused import launch_options
+from cm3leon_lightning.model.fused_kernels import dependent_launch
+
 MAX_WIDTH = 16384
 """The widest row (``hi - lo`` ids) one program holds in registers: the image codes of every preset (8192)."""
 
@@ -48,9 +51,12 @@ def pick_kernel(
     GREEDY: tl.constexpr,
     TOP_P: tl.constexpr,
     W_PAD: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """Row ``r``'s token from ``(STREAMS * R, W)`` stream-major logits; see the module docstring."""
     r = tl.program_id(0)
+    if PDL:  # programmatic dependent launch, as the fused step's kernels
+        dependent_launch()
     cols = tl.arange(0, W_PAD)
     ok = cols < W
     x = tl.load(logits_ptr + r * W + cols, mask=ok, other=0.0).to(tl.float32)
@@ -117,5 +123,6 @@ def fused_pick_tokens(logits: Tensor, spec: object, allowed: Tensor | None, nois
         spec.lo, float(spec.cfg), float(spec.temperature) or 1.0, float(spec.top_p),
         STREAMS=spec.streams, ALLOWED=allowed is not None, GREEDY=spec.greedy,
         TOP_P=spec.method == "top_p" and spec.top_p < 1.0, W_PAD=w_pad, num_warps=min(16, max(1, w_pad // 512)),
+        **launch_options(logits.device),
     )  # fmt: skip
     return out

@@ -20,6 +20,7 @@ This module imports no Lightning.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -45,6 +46,31 @@ def fused_available(device: torch.device) -> str | None:
     if device.type != "cuda" and not interpreting():
         return f"the fused decode step runs Triton kernels on CUDA (or on CPU with TRITON_INTERPRET=1); got {device}"
     return None
+
+
+PDL_ENV = "CM3LEON_PDL"
+"""Environment variable: ``0`` launches the fused kernels without programmatic dependent launch (for comparison)."""
+
+
+@functools.cache
+def _pdl_capable(index: int) -> bool:
+    from triton.backends.nvidia.compiler import CUDAOptions
+    from triton.language.extra import cuda
+
+    has_api = hasattr(cuda, "gdc_wait") and "launch_pdl" in CUDAOptions.__dataclass_fields__
+    return has_api and torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def launch_options(device: torch.device) -> dict[str, bool]:
+    """Keyword arguments for launching a fused kernel on ``device``: ``PDL`` (the kernels' flag) and ``launch_pdl``
+    (Triton's), both True on CUDA GPUs of compute capability 9.0 or later (H100/H200) with a Triton that has grid
+    dependency control, unless ``CM3LEON_PDL=0``. Programmatic dependent launch lets each kernel of the step be
+    scheduled while the previous one finishes (each waits for it before touching memory); CUDA graphs keep it."""
+    if device.type != "cuda" or os.environ.get(PDL_ENV, "1") == "0":
+        return {}
+    if not _pdl_capable(device.index if device.index is not None else torch.cuda.current_device()):
+        return {}
+    return {"PDL": True, "launch_pdl": True}
 
 
 def decode_linear(
@@ -106,7 +132,8 @@ def decode_linear(
     if interpreting():  # one fixed tile size: the interpreter cannot time configurations
         fk.decode_linear_kernel[(-(-N // 32),)](*args, BLOCK_N=32, BLOCK_K=64, **flags)
     else:
-        fk.tuned_decode_linear_kernel[lambda meta: (-(-N // meta["BLOCK_N"]),)](*args, **flags)
+        grid = lambda meta: (-(-N // meta["BLOCK_N"]),)  # noqa: E731
+        fk.tuned_decode_linear_kernel[grid](*args, **flags, **launch_options(x.device))
     return out
 
 
@@ -141,7 +168,9 @@ def decode_embed(idx: Tensor, wte: Tensor, wpe: Tensor, valid: Tensor, input_pos
             f"validity {tuple(valid.shape)} do not fit (one token per row, contiguous weights of one width)"
         )
     x = torch.empty(B, C, device=wte.device, dtype=wte.dtype)
-    fk.decode_embed_kernel[(B,)](idx, wte, wpe, valid, input_pos, x, C, valid.stride(0), BLOCK_S=256, BLOCK_C=256)
+    fk.decode_embed_kernel[(B,)](
+        idx, wte, wpe, valid, input_pos, x, C, valid.stride(0), BLOCK_S=256, BLOCK_C=256, **launch_options(x.device)
+    )
     return x
 
 
@@ -183,7 +212,7 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, input_pos: 
     fk.decode_attention_kernel[(B, H)](
         q, k, v, valid, input_pos, out, H * D, k.stride(0), k.stride(1), k.stride(2), valid.stride(0), D**-0.5,
         HEAD_D=D, D_PAD=max(16, triton.next_power_of_2(D)), BLOCK_S=fk.ATTENTION_BLOCK_S,
-        IEEE=k.dtype == torch.float32, num_warps=4, num_stages=3,
+        IEEE=k.dtype == torch.float32, num_warps=4, num_stages=3, **launch_options(q.device),
     )  # fmt: skip
     return out
 

@@ -15,14 +15,28 @@ are padded to ``R_PAD >= 16`` for ``tl.dot``.
 
 :func:`decode_attention_kernel` is the step's attention: one query per row attends over the cache slots up to its own,
 skipping padding, and reads only the slots written so far (the loop ends at ``slot``, read on the device, so a CUDA
-graph replays it at every step). Importing this module needs Triton; with ``TRITON_INTERPRET=1`` set
-before the import the kernels run on CPU tensors (float32), which is how the tests check them without a GPU.
+graph replays it at every step).
+
+With ``PDL`` (a GPU of compute capability 9.0 or later), each kernel starts by :func:`dependent_launch`.
+
+Importing this module needs Triton; with ``TRITON_INTERPRET=1`` set before the import the kernels run on CPU tensors
+(float32), which is how the tests check them without a GPU.
 """
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def dependent_launch():
+    """Programmatic dependent launch (sm_90+, kernels launched with ``launch_pdl=True``): let the next kernel in the
+    stream be scheduled now, and wait until the previous one has finished and its writes are visible. Called first
+    thing by every kernel here (with ``PDL``), so a kernel's launch and set-up overlap the tail of the one before it,
+    and nothing is read or written before the wait."""
+    tl.extra.cuda.gdc_launch_dependents()
+    tl.extra.cuda.gdc_wait()
 
 
 @triton.jit
@@ -51,9 +65,12 @@ def decode_linear_kernel(
     RESIDUAL: tl.constexpr,
     CACHE: tl.constexpr,
     IEEE: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """``out[R, N] = epilogue(prologue(x[R, K]) @ w[N, K]^T)``; see the module docstring for the flags."""
     pid = tl.program_id(0)
+    if PDL:
+        dependent_launch()
     rows = tl.arange(0, R_PAD)
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < R
@@ -123,6 +140,7 @@ def decode_attention_kernel(
     D_PAD: tl.constexpr,
     BLOCK_S: tl.constexpr,
     IEEE: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """``out[b, h*D:(h+1)*D] = softmax(q k^T * scale) v`` for one query per row (program ``(b, h)``).
 
@@ -135,6 +153,8 @@ def decode_attention_kernel(
     """
     b = tl.program_id(0)
     h = tl.program_id(1)
+    if PDL:
+        dependent_launch()
     rows = tl.arange(0, 16)
     dims = tl.arange(0, D_PAD)
     d_ok = dims < HEAD_D
@@ -185,10 +205,13 @@ def decode_embed_kernel(
     stride_vb,
     BLOCK_S: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """The input of a decode step for row ``b``: mark slot ``slot`` valid, count the valid slots before it (the
     token's position, as ``positions_from_valid``), and write ``x[b] = wte[idx[b]] + wpe[position]``."""
     b = tl.program_id(0)
+    if PDL:
+        dependent_launch()
     slot = tl.load(slot_ptr)
     row = valid_ptr + b * stride_vb
     tl.store(row + slot, tl.full((), 1, tl.int1))

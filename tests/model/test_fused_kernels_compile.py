@@ -1,8 +1,10 @@
 """The fused decode kernels compile to machine code for the GPUs the decode goal names (H100/H200: sm_90), ahead of
-time and without a GPU: every flag combination the fused step launches, in bfloat16 and float32, and every autotuning
-configuration. The interpreter (test_fused_decode.py) checks what the kernels compute; this checks that Triton's
-GPU compiler accepts them (types, dot precisions, shared memory) and streams the weights with pipelined 16-byte
-asynchronous copies, which the interpreter cannot tell."""
+time and without a GPU: every flag combination of the linear kernel the fused step launches, in bfloat16 and float32,
+and every autotuning configuration; the attention kernel at the presets' head widths; the input and sampling kernels;
+each with programmatic dependent launch. The interpreter (test_fused_decode.py, test_sampling_kernel.py) checks what
+the kernels compute; this checks that Triton's GPU compiler accepts them (types, dot precisions, shared memory),
+streams weights and cache with pipelined asynchronous copies, and waits for the previous kernel before touching
+memory, which the interpreter cannot tell."""
 
 import pytest
 
@@ -10,6 +12,7 @@ triton = pytest.importorskip("triton")
 
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
+from cm3leon_lightning.generation.sampling_kernel import pick_kernel  # noqa: E402
 from cm3leon_lightning.model.fused_kernels import (  # noqa: E402
     ATTENTION_BLOCK_S,
     CONFIGS,
@@ -28,33 +31,62 @@ LAUNCHES = [
     dict(NORM=True, ACT=0, RESIDUAL=False, CACHE=False),
 ]
 H100 = GPUTarget("cuda", 90, 32)
-INTS = ("R", "N", "K", "C", "D", "stride_cb", "stride_ch", "stride_cs")
+INTS = ("R", "N", "K", "C", "D", "stride_cb", "stride_ch", "stride_cs", "stride_vb", "W", "lo")
+FLOATS = ("eps", "scale", "cfg", "temperature", "top_p")
+ALIGNED = ("N", "K", "C", "D", "stride_cb", "stride_ch", "stride_cs", "stride_vb", "W")
 
 
-def compile_for(target, dtype: str, flags: dict, block_n: int = 32, block_k: int = 128, warps: int = 4, stages=3):
-    names = decode_linear_kernel.arg_names
-    signature = {}
-    for n in names:
-        if n.endswith("_ptr"):
-            signature[n] = "*i64" if n == "slot_ptr" else f"*{dtype}"
-        else:
-            signature[n] = "fp32" if n == "eps" else "i32" if n in INTS else "constexpr"
-    constants = dict(R_PAD=16, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=dtype == "fp32", **flags)
-    # What the JIT assumes at the model's shapes (every width and stride a multiple of 16, 16-byte aligned buffers)
-    aligned = [n for n in names if n.endswith("_ptr") or (n in INTS and n != "R")]
+def compile_kernel(fn, constants: dict, pointers: dict, warps: int = 4, stages: int = 3):
+    """Compile ``fn`` for sm_90 as the JIT would at the model's shapes: ``constants`` are its constexprs,
+    ``pointers`` the element type of each pointer argument, every width and stride a multiple of 16 and every buffer
+    16-byte aligned."""
+    names = fn.arg_names
+    signature = {
+        n: "constexpr" if n in constants else pointers[n] if n in pointers else "fp32" if n in FLOATS else "i32"
+        for n in names
+    }
+    unknown = [n for n in names if n not in constants and n not in pointers and n not in INTS and n not in FLOATS]
+    assert not unknown, f"{fn.__name__}: say how to compile {unknown}"
     src = triton.compiler.ASTSource(
-        fn=decode_linear_kernel,
+        fn=fn,
         signature=signature,
         constexprs={(names.index(n),): v for n, v in constants.items()},
-        attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned},
+        attrs={(names.index(n),): [["tt.divisibility", 16]] for n in names if n in pointers or n in ALIGNED},
     )
-    return triton.compile(src, target=target, options={"num_warps": warps, "num_stages": stages})
+    return triton.compile(src, target=H100, options={"num_warps": warps, "num_stages": stages})
+
+
+def linear(dtype: str, flags: dict, block_n: int = 32, block_k: int = 128, warps: int = 4, stages: int = 3):
+    constants = {"R_PAD": 16, "BLOCK_N": block_n, "BLOCK_K": block_k, "IEEE": dtype == "fp32", "PDL": False, **flags}
+    pointers = {n: f"*{dtype}" for n in ("x_ptr", "w_ptr", "out_ptr", "res_ptr", "k_ptr", "v_ptr")}
+    return compile_kernel(decode_linear_kernel, constants, {**pointers, "slot_ptr": "*i64"}, warps, stages)
+
+
+def attention(dtype: str, head_dim: int = 64, pdl: bool = False):
+    constants = dict(HEAD_D=head_dim, D_PAD=triton.next_power_of_2(head_dim), BLOCK_S=ATTENTION_BLOCK_S,
+                     IEEE=dtype == "fp32", PDL=pdl)  # fmt: skip
+    pointers = {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "out_ptr": f"*{dtype}",
+                "valid_ptr": "*i1", "slot_ptr": "*i64"}  # fmt: skip
+    return compile_kernel(decode_attention_kernel, constants, pointers)
+
+
+def embed(dtype: str, pdl: bool = False):
+    pointers = {"idx_ptr": "*i64", "wte_ptr": f"*{dtype}", "wpe_ptr": f"*{dtype}", "valid_ptr": "*i1",
+                "slot_ptr": "*i64", "x_ptr": f"*{dtype}"}  # fmt: skip
+    return compile_kernel(decode_embed_kernel, dict(BLOCK_S=256, BLOCK_C=256, PDL=pdl), pointers)
+
+
+def pick(sampled: bool, pdl: bool = False):
+    constants = dict(W_PAD=8192, STREAMS=2 if sampled else 1, ALLOWED=sampled, GREEDY=not sampled, TOP_P=sampled,
+                     PDL=pdl)  # fmt: skip
+    pointers = {"logits_ptr": "*bf16", "allowed_ptr": "*i1", "noise_ptr": "*fp32", "out_ptr": "*i64"}
+    return compile_kernel(pick_kernel, constants, pointers, warps=16)  # what fused_pick_tokens launches at 8192
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
 @pytest.mark.parametrize("flags", LAUNCHES, ids=["qkv", "out", "up-gelu", "up-relu", "head"])
 def test_every_launch_compiles_for_sm90(dtype, flags):
-    kernel = compile_for(H100, dtype, flags)
+    kernel = linear(dtype, flags)
     assert kernel.asm["cubin"] and kernel.metadata.shared <= 228 * 1024
     # the weight tiles stream through asynchronous 16-byte copies, pipelined over the K loop (what makes the kernel
     # bandwidth-bound rather than load-instruction-bound)
@@ -64,35 +96,14 @@ def test_every_launch_compiles_for_sm90(dtype, flags):
 def test_every_autotuning_configuration_compiles_for_sm90():
     for config in CONFIGS:
         tiles = (config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"])
-        kernel = compile_for(H100, "bf16", LAUNCHES[0], *tiles, config.num_warps, config.num_stages)
+        kernel = linear("bf16", LAUNCHES[0], *tiles, config.num_warps, config.num_stages)
         assert kernel.asm["cubin"], config
-
-
-ATTENTION_INTS = ("C", "stride_cb", "stride_ch", "stride_cs", "stride_vb")
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
 @pytest.mark.parametrize("head_dim", [64, 96, 128])  # 350m, 760m (padded to 128), 7b
 def test_decode_attention_compiles_for_sm90_with_pipelined_cache_loads(dtype, head_dim):
-    names = decode_attention_kernel.arg_names
-    pointers = {"slot_ptr": "*i64", "valid_ptr": "*i1"}
-    signature = {
-        n: pointers.get(n, f"*{dtype}") if n.endswith("_ptr") else "fp32" if n == "scale" else "i32"
-        for n in names
-        if n not in ("HEAD_D", "D_PAD", "BLOCK_S", "IEEE")
-    }
-    constants = dict(HEAD_D=head_dim, D_PAD=triton.next_power_of_2(head_dim), BLOCK_S=ATTENTION_BLOCK_S,
-                     IEEE=dtype == "fp32")  # fmt: skip
-    signature.update({n: "constexpr" for n in constants})
-    signature = {n: signature[n] for n in names}
-    aligned = [n for n in names if n.endswith("_ptr") or n in ATTENTION_INTS]
-    src = triton.compiler.ASTSource(
-        fn=decode_attention_kernel,
-        signature=signature,
-        constexprs={(names.index(n),): v for n, v in constants.items()},
-        attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned},
-    )
-    kernel = triton.compile(src, target=H100, options={"num_warps": 4, "num_stages": 3})
+    kernel = attention(dtype, head_dim)
     assert kernel.asm["cubin"] and kernel.metadata.shared <= 228 * 1024
     # keys and values stream through asynchronous copies issued tiles ahead of the loop (the query is row 0 of a
     # 16-row tl.dot so that Triton pipelines these loads; loads feeding reductions are not pipelined)
@@ -101,41 +112,27 @@ def test_decode_attention_compiles_for_sm90_with_pipelined_cache_loads(dtype, he
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
 def test_decode_embed_compiles_for_sm90(dtype):
-    names = decode_embed_kernel.arg_names
-    pointers = {"slot_ptr": "*i64", "valid_ptr": "*i1", "idx_ptr": "*i64"}
-    constants = dict(BLOCK_S=256, BLOCK_C=256)
-    signature = {
-        n: "constexpr" if n in constants else pointers.get(n, f"*{dtype}") if n.endswith("_ptr") else "i32"
-        for n in names
-    }
-    src = triton.compiler.ASTSource(
-        fn=decode_embed_kernel,
-        signature=signature,
-        constexprs={(names.index(n),): v for n, v in constants.items()},
-        attrs={(names.index(n),): [["tt.divisibility", 16]] for n in names if n.endswith("_ptr") or n == "C"},
-    )
-    kernel = triton.compile(src, target=H100, options={"num_warps": 4, "num_stages": 3})
+    kernel = embed(dtype)
     assert kernel.asm["cubin"]
     assert "st.global.b8" in kernel.asm["ptx"]  # the bool slot is stored as one byte, as torch.bool holds it
 
 
 @pytest.mark.parametrize("sampled", [True, False], ids=["top_p-cfg-constrained", "greedy"])
 def test_sampling_kernel_compiles_for_sm90_at_the_image_code_width(sampled):
-    from cm3leon_lightning.generation.sampling_kernel import pick_kernel
-
-    names = pick_kernel.arg_names
-    constants = dict(W_PAD=8192, STREAMS=2 if sampled else 1, ALLOWED=sampled, GREEDY=not sampled, TOP_P=sampled)
-    pointers = {"logits_ptr": "*bf16", "allowed_ptr": "*i1", "noise_ptr": "*fp32", "out_ptr": "*i64"}
-    floats = ("cfg", "temperature", "top_p")
-    signature = {
-        n: "constexpr" if n in constants else pointers[n] if n in pointers else "fp32" if n in floats else "i32"
-        for n in names
-    }
-    src = triton.compiler.ASTSource(
-        fn=pick_kernel,
-        signature=signature,
-        constexprs={(names.index(n),): v for n, v in constants.items()},
-        attrs={(names.index(n),): [["tt.divisibility", 16]] for n in (*pointers, "W")},
-    )
-    kernel = triton.compile(src, target=H100, options={"num_warps": 16})  # what fused_pick_tokens launches at 8192
+    kernel = pick(sampled)
     assert kernel.asm["cubin"] and kernel.metadata.shared <= 228 * 1024
+
+
+def test_programmatic_dependent_launch_waits_before_any_memory_access():
+    """With PDL every kernel signals its dependents and waits for the previous grid before its first load or store
+    (what makes launching it early safe); without, no grid dependency control at all."""
+    kernels = {f"linear {i}": linear("bf16", {**flags, "PDL": True}) for i, flags in enumerate(LAUNCHES)}
+    kernels.update(attention=attention("bf16", pdl=True), embed=embed("bf16", pdl=True), pick=pick(True, pdl=True))
+    for name, kernel in kernels.items():
+        ptx = kernel.asm["ptx"]
+        head, body = ptx.split("griddepcontrol.wait", 1)
+        assert "griddepcontrol.launch_dependents" in head, name
+        assert not any(op in head for op in ("ld.global", "st.global", "cp.async")), name
+        assert "ld.global" in body or "cp.async" in body, name
+    for kernel in (linear("bf16", LAUNCHES[0]), attention("bf16"), embed("bf16"), pick(True)):
+        assert "griddepcontrol" not in kernel.asm["ptx"]
