@@ -48,6 +48,10 @@ def fused_available(device: torch.device) -> str | None:
     return None
 
 
+INTERPRETER_TILES = {"BLOCK_N": 64, "BLOCK_K": 32, "PREFETCH": True}
+"""The linear kernel's configuration under Triton's interpreter (tests): K = 48 then takes the prefetched first tile
+and one partial tile of the loop."""
+
 PDL_ENV = "CM3LEON_PDL"
 """Environment variable: ``0`` launches the fused kernels without programmatic dependent launch (for comparison)."""
 
@@ -130,10 +134,13 @@ def decode_linear(
     )  # fmt: skip
     args = (x, weight, out, res, k_buf, v_buf, slot, R, N, K, C, D, stride_b, stride_h, stride_s, norm_eps or 0.0)
     if interpreting():  # one fixed tile size: the interpreter cannot time configurations
-        fk.decode_linear_kernel[(-(-N // 32),)](*args, BLOCK_N=32, BLOCK_K=64, **flags)
+        tiles = INTERPRETER_TILES
+        fk.decode_linear_kernel[(-(-N // tiles["BLOCK_N"]),)](*args, **tiles, **flags)
     else:
         grid = lambda meta: (-(-N // meta["BLOCK_N"]),)  # noqa: E731
-        fk.tuned_decode_linear_kernel[grid](*args, **flags, **launch_options(x.device))
+        launch = launch_options(x.device)
+        kernel = fk.tuned_pdl_decode_linear_kernel if launch else fk.tuned_decode_linear_kernel
+        kernel[grid](*args, **flags, **launch)
     return out
 
 

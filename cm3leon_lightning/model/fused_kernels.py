@@ -17,7 +17,8 @@ are padded to ``R_PAD >= 16`` for ``tl.dot``.
 skipping padding, and reads only the slots written so far (the loop ends at ``slot``, read on the device, so a CUDA
 graph replays it at every step).
 
-With ``PDL`` (a GPU of compute capability 9.0 or later), each kernel starts by :func:`dependent_launch`.
+With ``PDL`` (a GPU of compute capability 9.0 or later), each kernel starts by :func:`dependent_launch`; the linear
+kernel may first load its first weight tile (``PREFETCH``), which does not depend on the previous kernel.
 
 Importing this module needs Triton; with ``TRITON_INTERPRET=1`` set before the import the kernels run on CPU tensors
 (float32), which is how the tests check them without a GPU.
@@ -37,6 +38,18 @@ def dependent_launch():
     and nothing is read or written before the wait."""
     tl.extra.cuda.gdc_launch_dependents()
     tl.extra.cuda.gdc_wait()
+
+
+@triton.jit
+def accumulate_tile(acc, x_ptr, w, rows, row_ok, ks, K, mean, rstd, NORM: tl.constexpr, IEEE: tl.constexpr):
+    """``acc + prologue(x[:, ks]) @ w^T`` for one ``(BLOCK_N, BLOCK_K)`` weight tile ``w`` at columns ``ks`` of x."""
+    xk = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=row_ok[:, None] & (ks[None, :] < K), other=0.0)
+    if NORM:
+        xk = (xk.to(tl.float32) - mean[:, None]) * rstd[:, None]
+    xk = xk.to(w.dtype)  # as eager: the normalised activations are rounded to the weights' dtype
+    if IEEE:  # float32 weights: full-precision products, as torch's float32 matmul (no TF32)
+        return acc + tl.dot(xk, tl.trans(w), input_precision="ieee")
+    return acc + tl.dot(xk, tl.trans(w))
 
 
 @triton.jit
@@ -66,15 +79,20 @@ def decode_linear_kernel(
     CACHE: tl.constexpr,
     IEEE: tl.constexpr,
     PDL: tl.constexpr = False,
+    PREFETCH: tl.constexpr = False,
 ):
     """``out[R, N] = epilogue(prologue(x[R, K]) @ w[N, K]^T)``; see the module docstring for the flags."""
     pid = tl.program_id(0)
-    if PDL:
-        dependent_launch()
     rows = tl.arange(0, R_PAD)
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < R
     col_ok = cols < N
+    if PREFETCH:  # the first weight tile, loaded before the wait: weights never depend on the previous kernel
+        first = tl.arange(0, BLOCK_K)
+        first_ok = col_ok[:, None] & (first[None, :] < K)
+        w_first = tl.load(w_ptr + cols[:, None] * K + first[None, :], mask=first_ok, other=0.0)
+    if PDL:
+        dependent_launch()
     if NORM:  # row statistics of x in float32 (each program reads x once more; x is small and stays in L2)
         s1 = tl.zeros((R_PAD,), dtype=tl.float32)
         s2 = tl.zeros((R_PAD,), dtype=tl.float32)
@@ -86,19 +104,16 @@ def decode_linear_kernel(
             s2 += tl.sum(xk * xk, axis=1)
         mean = s1 / K
         rstd = tl.math.rsqrt(tl.maximum(s2 / K - mean * mean, 0.0) + eps)
+    else:
+        mean = tl.zeros((R_PAD,), dtype=tl.float32)  # unused
+        rstd = mean
     acc = tl.zeros((R_PAD, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    if PREFETCH:
+        acc = accumulate_tile(acc, x_ptr, w_first, rows, row_ok, first, K, mean, rstd, NORM, IEEE)
+    for k0 in range(BLOCK_K if PREFETCH else 0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < K
-        xk = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_ptr + cols[:, None] * K + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-        if NORM:
-            xk = (xk.to(tl.float32) - mean[:, None]) * rstd[:, None]
-        xk = xk.to(w.dtype)  # as eager: the normalised activations are rounded to the weights' dtype
-        if IEEE:  # float32 weights: full-precision products, as torch's float32 matmul (no TF32)
-            acc += tl.dot(xk, tl.trans(w), input_precision="ieee")
-        else:
-            acc += tl.dot(xk, tl.trans(w))
+        w = tl.load(w_ptr + cols[:, None] * K + ks[None, :], mask=col_ok[:, None] & (ks[None, :] < K), other=0.0)
+        acc = accumulate_tile(acc, x_ptr, w, rows, row_ok, ks, K, mean, rstd, NORM, IEEE)
     if ACT == 1:
         acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
     elif ACT == 2:
@@ -239,7 +254,18 @@ CONFIGS = [
 costs a compilation (~0.4 s) and a timing per kernel shape, and the weight stream only needs enough columns per
 program to fill the machine (``BLOCK_N``) and long enough copies to hide latency (``BLOCK_K``)."""
 
-tuned_decode_linear_kernel = triton.autotune(
-    configs=CONFIGS, key=["N", "K", "R_PAD", "NORM", "ACT", "RESIDUAL", "CACHE"]
-)(decode_linear_kernel)
+PDL_CONFIGS = [
+    triton.Config({**c.kwargs, "PREFETCH": p}, num_warps=c.num_warps, num_stages=c.num_stages)
+    for c in CONFIGS
+    for p in (False, True)
+]
+"""With programmatic dependent launch, each tile size also with ``PREFETCH``: the first weight tile loaded before
+waiting for the previous kernel (it overlaps that kernel's tail, at the cost of registers held across the wait)."""
+
+KEY = ["N", "K", "R_PAD", "NORM", "ACT", "RESIDUAL", "CACHE"]
+
+tuned_decode_linear_kernel = triton.autotune(configs=CONFIGS, key=KEY)(decode_linear_kernel)
 """:func:`decode_linear_kernel` with its tile sizes chosen by timing :data:`CONFIGS` on the device."""
+
+tuned_pdl_decode_linear_kernel = triton.autotune(configs=PDL_CONFIGS, key=KEY)(decode_linear_kernel)
+""":func:`decode_linear_kernel` launched with PDL, its tiles and prefetching chosen among :data:`PDL_CONFIGS`."""

@@ -14,7 +14,7 @@ pytest.importorskip("triton")
 
 from cm3leon_lightning.config import CM3LeonConfig  # noqa: E402
 from cm3leon_lightning.generation import generate_image, generate_text, infill  # noqa: E402
-from cm3leon_lightning.model import CM3Leon  # noqa: E402
+from cm3leon_lightning.model import CM3Leon, fused  # noqa: E402
 from cm3leon_lightning.model.fused import (  # noqa: E402
     decode_attention,
     decode_embed,
@@ -38,8 +38,11 @@ def rand(*shape, seed=0):
 
 @pytest.mark.parametrize("norm,act,residual", [(False, 0, False), (True, 0, False), (True, 1, False), (False, 2, True),
                                                (False, 0, True), (True, 2, True)])  # fmt: skip
-def test_decode_linear_flags_match_torch(norm, act, residual):
-    """3 rows, K=48 and N=40 (neither a multiple of the tile sizes): LayerNorm prologue, GELU/ReLU, residual."""
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_decode_linear_flags_match_torch(norm, act, residual, prefetch, monkeypatch):
+    """3 rows, K=48 and N=40 (neither a multiple of the tile sizes): LayerNorm prologue, GELU/ReLU, residual; with
+    the first weight tile loaded ahead (then one partial tile in the loop) or all tiles in the loop."""
+    monkeypatch.setitem(fused.INTERPRETER_TILES, "PREFETCH", prefetch)  # on a GPU the autotuner picks
     x, w, res = rand(3, 48, seed=1) * 2 + 0.5, rand(40, 48, seed=2) * 0.2, rand(3, 40, seed=3)
     got = decode_linear(x, w, norm_eps=1e-5 if norm else None, act=act, residual=res if residual else None)
     h = F.linear(F.layer_norm(x, (48,), eps=1e-5) if norm else x, w)

@@ -16,6 +16,7 @@ from cm3leon_lightning.generation.sampling_kernel import pick_kernel  # noqa: E4
 from cm3leon_lightning.model.fused_kernels import (  # noqa: E402
     ATTENTION_BLOCK_S,
     CONFIGS,
+    PDL_CONFIGS,
     decode_attention_kernel,
     decode_embed_kernel,
     decode_linear_kernel,
@@ -57,7 +58,8 @@ def compile_kernel(fn, constants: dict, pointers: dict, warps: int = 4, stages: 
 
 
 def linear(dtype: str, flags: dict, block_n: int = 32, block_k: int = 128, warps: int = 4, stages: int = 3):
-    constants = {"R_PAD": 16, "BLOCK_N": block_n, "BLOCK_K": block_k, "IEEE": dtype == "fp32", "PDL": False, **flags}
+    constants = {"R_PAD": 16, "BLOCK_N": block_n, "BLOCK_K": block_k, "IEEE": dtype == "fp32", "PDL": False,
+                 "PREFETCH": False, **flags}  # fmt: skip
     pointers = {n: f"*{dtype}" for n in ("x_ptr", "w_ptr", "out_ptr", "res_ptr", "k_ptr", "v_ptr")}
     return compile_kernel(decode_linear_kernel, constants, {**pointers, "slot_ptr": "*i64"}, warps, stages)
 
@@ -94,10 +96,11 @@ def test_every_launch_compiles_for_sm90(dtype, flags):
 
 
 def test_every_autotuning_configuration_compiles_for_sm90():
-    for config in CONFIGS:
+    for config in CONFIGS + PDL_CONFIGS:
         tiles = (config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"])
-        kernel = linear("bf16", LAUNCHES[0], *tiles, config.num_warps, config.num_stages)
-        assert kernel.asm["cubin"], config
+        flags = {**LAUNCHES[0], "PDL": "PREFETCH" in config.kwargs, "PREFETCH": config.kwargs.get("PREFETCH", False)}
+        kernel = linear("bf16", flags, *tiles, config.num_warps, config.num_stages)
+        assert kernel.asm["cubin"] and "cp.async.commit_group" in kernel.asm["ptx"], config
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
@@ -136,3 +139,9 @@ def test_programmatic_dependent_launch_waits_before_any_memory_access():
         assert "ld.global" in body or "cp.async" in body, name
     for kernel in (linear("bf16", LAUNCHES[0]), attention("bf16"), embed("bf16"), pick(True)):
         assert "griddepcontrol" not in kernel.asm["ptx"]
+    # PREFETCH: the first weight tile is loaded before the wait (weights never depend on the previous kernel); still
+    # nothing is written, and the x, residual and cache accesses come after
+    for flags in LAUNCHES:
+        head, body = linear("bf16", {**flags, "PDL": True, "PREFETCH": True}).asm["ptx"].split("griddepcontrol.wait", 1)
+        assert "ld.global" in head and "st.global" not in head and "cp.async" not in head, flags
+        assert "st.global" in body and "cp.async" in body, flags
