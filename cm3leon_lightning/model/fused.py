@@ -216,9 +216,10 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, input_pos: 
             f"{tuple(k.shape)} (keys/values must share strides, contiguous over head_dim)"
         )
     out = torch.empty_like(q)
+    d_pad = max(16, triton.next_power_of_2(D))
     fk.decode_attention_kernel[(B, H)](
         q, k, v, valid, input_pos, out, H * D, k.stride(0), k.stride(1), k.stride(2), valid.stride(0), D**-0.5,
-        HEAD_D=D, D_PAD=max(16, triton.next_power_of_2(D)), BLOCK_S=fk.ATTENTION_BLOCK_S,
+        HEAD_D=D, D_PAD=d_pad, BLOCK_S=fk.attention_block_s(d_pad, k.element_size()),
         IEEE=k.dtype == torch.float32, num_warps=4, num_stages=3, **launch_options(q.device),
     )  # fmt: skip
     return out

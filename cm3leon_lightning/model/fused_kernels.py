@@ -243,9 +243,17 @@ def decode_embed_kernel(
         tl.store(x_ptr + b * C + cs, (tok + pos).to(x_ptr.dtype.element_ty), mask=ok)
 
 
-ATTENTION_BLOCK_S = 64
-"""Cache slots per iteration of :func:`decode_attention_kernel` (not autotuned: its work grows with the step, so
-the timing of the first step would choose for all of them)."""
+ATTENTION_TILE_BYTES = 32 * 1024
+"""Bytes of keys plus values that :func:`decode_attention_kernel` loads per iteration (3 iterations in flight)."""
+
+
+def attention_block_s(d_pad: int, element_size: int) -> int:
+    """Cache slots per iteration of :func:`decode_attention_kernel`: :data:`ATTENTION_TILE_BYTES` of keys and values
+    (between 32 and 128 slots). At one image with CFG only B x H = 32 programs run, so each must keep many bytes in
+    flight; larger tiles would take so much shared memory that 16 rows no longer fit on the GPU at once. Not
+    autotuned: the work grows with the step, so timing the first step would choose for all of them."""
+    return max(32, min(128, ATTENTION_TILE_BYTES // (2 * d_pad * element_size)))
+
 
 CONFIGS = [
     triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=4, num_stages=3) for n in (16, 32, 64) for k in (128, 256)

@@ -21,6 +21,7 @@ from cm3leon_lightning.model.fused import (  # noqa: E402
     decode_linear,
     fused_decode_forward,
 )
+from cm3leon_lightning.model.fused_kernels import attention_block_s  # noqa: E402
 from cm3leon_lightning.model.kv_cache import padding_causal_mask, positions_from_valid  # noqa: E402
 from cm3leon_lightning.tokenization.vocab import MultimodalVocab  # noqa: E402
 
@@ -68,15 +69,16 @@ def test_decode_linear_writes_keys_and_values_into_the_cache_slot():
         decode_linear(x, w, cache=(k_cache[:2], v_cache[:2], torch.tensor([slot], device=DEVICE)))  # 2 of 3 rows
 
 
-@pytest.mark.parametrize("slot", [0, 63, 64, 100, 149])
+@pytest.mark.parametrize("slot", [0, 63, 127, 128, 149])
 def test_decode_attention_equals_sdpa_and_reads_only_written_slots(slot):
-    """Three rows over 150 slots (head_dim 24, padded to 32 in the kernel): row 0 all valid, row 1 left-padded over
-    70 slots (whole 64-slot tiles of padding), row 2 with a hole. Slots after ``slot`` hold NaN, which the kernel must
-    never load; it equals SDPA with ``padding_causal_mask`` on the clean cache."""
+    """Three rows over 150 slots (head_dim 24, padded to 32 in the kernel, so 128-slot tiles): row 0 all valid, row 1
+    left-padded over 140 slots (a whole tile of padding before its tokens), row 2 with a hole. Slots after ``slot``
+    hold NaN, which the kernel must never load; it equals SDPA with ``padding_causal_mask`` on the clean cache."""
     B, H, S, D = 3, 4, 150, 24
+    assert attention_block_s(32, 4) == 128  # the tiles the docstring assumes
     k, v, q = rand(B, H, S, D, seed=6), rand(B, H, S, D, seed=7), rand(B, H * D, seed=8)
     valid = torch.ones(B, S, dtype=torch.bool, device=DEVICE)
-    valid[1, :70] = False
+    valid[1, :140] = False
     valid[2, 5:9] = False
     pos = torch.tensor([slot], device=DEVICE)
     q4 = q.view(B, 1, H, D).transpose(1, 2)  # (B, H, 1, D)
@@ -86,7 +88,7 @@ def test_decode_attention_equals_sdpa_and_reads_only_written_slots(slot):
     v_dirty[:, :, slot + 1 :] = float("nan")
     got = decode_attention(q, k_dirty, v_dirty, valid, pos)
     torch.testing.assert_close(got, expected.transpose(1, 2).reshape(B, H * D), atol=1e-5, rtol=1e-5)
-    if slot >= 70:  # row 1 sees slots 70..slot only: changing a padding slot changes nothing
+    if slot >= 140:  # row 1 sees slots 140..slot only: changing a padding slot changes nothing
         k_dirty[1, :, 3] += 5.0
         torch.testing.assert_close(decode_attention(q, k_dirty, v_dirty, valid, pos)[1], got[1])
     with pytest.raises(ValueError, match="do not fit the cache"):
