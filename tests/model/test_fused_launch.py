@@ -16,3 +16,19 @@ def test_pdl_only_on_capable_cuda_devices_and_off_with_the_environment(monkeypat
     assert fused.launch_options(torch.device("cuda", 1)) == {}
     monkeypatch.setenv(fused.PDL_ENV, "0")
     assert fused.launch_options(torch.device("cuda", 0)) == {}
+
+
+def test_linear_kernel_tuning_configurations():
+    """Prefetching the first weight tile is tried only with PDL (without it nothing overlaps) and only with 128-wide
+    tiles; every configuration is timed by the shortened benchmark."""
+    from cm3leon_lightning.model import fused_kernels as fk
+
+    assert all("PREFETCH" not in c.kwargs for c in fk.CONFIGS)
+    prefetching = [c for c in fk.PDL_CONFIGS if c.kwargs.get("PREFETCH")]
+    assert len(fk.PDL_CONFIGS) == len(fk.CONFIGS) + len(prefetching) == 9
+    assert {c.kwargs["BLOCK_K"] for c in prefetching} == {128}
+    for kernel, configs in (
+        (fk.tuned_decode_linear_kernel, fk.CONFIGS),
+        (fk.tuned_pdl_decode_linear_kernel, fk.PDL_CONFIGS),
+    ):
+        assert kernel.configs == configs and kernel.do_bench is fk.quick_bench
