@@ -22,6 +22,8 @@ Importing this module needs Triton (``TRITON_INTERPRET=1`` before the import run
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import triton
 import triton.language as tl
@@ -29,6 +31,9 @@ from torch import Tensor
 
 from cm3leon_lightning.model.fused import launch_options
 from cm3leon_lightning.model.fused_kernels import dependent_launch
+
+if TYPE_CHECKING:  # the decoder imports this module when a fused step first runs
+    from cm3leon_lightning.generation.decoder import SamplingSpec
 
 MAX_WIDTH = 16384
 """The widest row (``hi - lo`` ids) one program holds in registers: the image codes of every preset (8192)."""
@@ -88,7 +93,9 @@ def pick_kernel(
     tl.store(out_ptr + r, token.to(tl.int64) + lo)
 
 
-def fused_pick_tokens(logits: Tensor, spec: object, allowed: Tensor | None, noise: Tensor | None) -> Tensor | None:
+def fused_pick_tokens(
+    logits: Tensor, spec: SamplingSpec, allowed: Tensor | None, noise: Tensor | None
+) -> Tensor | None:
     """``pick_tokens(logits, spec, allowed, noise)`` in one kernel, or None where the kernel does not apply.
 
     Args:
