@@ -19,7 +19,7 @@ first() { [ "$HALF" = all ] || [ "$HALF" = 1 ]; }
 second() { [ "$HALF" = all ] || [ "$HALF" = 2 ]; }
 nvidia-smi -L
 [ -d .gpu_wheels ] && $PY -m pip install -q --no-deps --no-index --find-links .gpu_wheels open_clip_torch ftfy wcwidth regex 2>&1 | tail -2
-$PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
+$PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 if first; then
   TAIL=60 part tests "${TESTS_LIMIT:-180}" $PY -m pytest tests/generation/test_generate.py tests/generation/test_graphs.py \
     tests/model/test_flex_attention.py tests/model/test_fused_decode.py tests/generation/test_sampling_kernel.py \
