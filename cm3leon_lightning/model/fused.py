@@ -149,7 +149,7 @@ def decode_embed(idx: Tensor, wte: Tensor, wpe: Tensor, valid: Tensor, input_pos
     ``wte(idx) + wpe(pos)`` do in the model's forward (five to eight small kernels there).
 
     Args:
-        idx: ``(B, 1)`` one token per row.
+        idx: ``(B, 1)`` one token per row (any strides, e.g. the last column of the prompts).
         wte: ``(V, C)`` token embedding weight.
         wpe: ``(P, C)`` position embedding weight.
         valid: ``(B, S)`` bool, the cache's slot validity; slot ``input_pos[0]`` is set True in place.
@@ -163,7 +163,6 @@ def decode_embed(idx: Tensor, wte: Tensor, wpe: Tensor, valid: Tensor, input_pos
     B, C = idx.shape[0], wte.shape[1]
     if (
         idx.shape != (B, 1)
-        or not idx.is_contiguous()
         or not wte.is_contiguous()
         or not wpe.is_contiguous()
         or wpe.shape[1] != C
@@ -172,11 +171,12 @@ def decode_embed(idx: Tensor, wte: Tensor, wpe: Tensor, valid: Tensor, input_pos
     ):
         raise ValueError(
             f"decode_embed: tokens {tuple(idx.shape)}, embeddings {tuple(wte.shape)} / {tuple(wpe.shape)} and "
-            f"validity {tuple(valid.shape)} do not fit (one token per row, contiguous weights of one width)"
+            f"validity {tuple(valid.shape)} do not fit (one token per row, contiguous weights of one width, slots "
+            "contiguous)"
         )
     x = torch.empty(B, C, device=wte.device, dtype=wte.dtype)
     fk.decode_embed_kernel[(B,)](
-        idx, wte, wpe, valid, input_pos, x, C, valid.stride(0), BLOCK_S=256, BLOCK_C=256, **launch_options(x.device)
+        idx, wte, wpe, valid, input_pos, x, C, idx.stride(0), valid.stride(0), BLOCK_S=256, BLOCK_C=256, **launch_options(x.device)
     )
     return x
 

@@ -220,6 +220,7 @@ def decode_embed_kernel(
     slot_ptr,
     x_ptr,
     C,
+    stride_ib,
     stride_vb,
     BLOCK_S: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -237,7 +238,7 @@ def decode_embed_kernel(
     for s0 in range(0, slot, BLOCK_S):  # slots before this one only: no program reads what another writes
         s = s0 + tl.arange(0, BLOCK_S)
         count += tl.sum(tl.load(row + s, mask=s < slot, other=0).to(tl.int32), axis=0)
-    token = tl.load(idx_ptr + b)
+    token = tl.load(idx_ptr + b * stride_ib)
     for c0 in range(0, C, BLOCK_C):
         cs = c0 + tl.arange(0, BLOCK_C)
         ok = cs < C

@@ -115,6 +115,8 @@ def test_decode_embed_marks_the_slot_and_adds_the_position_of_the_token(slot):
     assert torch.equal(valid, before)
     positions = positions_from_valid(valid, pos)  # (B, 1)
     assert torch.equal(x, wte[idx[:, 0]] + wpe[positions[:, 0]])
+    column = torch.tensor([[7, 3], [8, 49], [9, 0]], device=DEVICE)[:, 1:]  # the last column of prompts: strided
+    assert torch.equal(decode_embed(column, wte, wpe, valid, pos), x)
     with pytest.raises(ValueError, match="do not fit"):
         decode_embed(idx[:2], wte, wpe, valid, pos)  # 2 tokens, 3 rows
     with pytest.raises(ValueError, match="do not fit"):
