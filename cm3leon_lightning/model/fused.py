@@ -176,8 +176,9 @@ def decode_embed(idx: Tensor, wte: Tensor, wpe: Tensor, valid: Tensor, input_pos
         )
     x = torch.empty(B, C, device=wte.device, dtype=wte.dtype)
     fk.decode_embed_kernel[(B,)](
-        idx, wte, wpe, valid, input_pos, x, C, idx.stride(0), valid.stride(0), BLOCK_S=256, BLOCK_C=256, **launch_options(x.device)
-    )
+        idx, wte, wpe, valid, input_pos, x, C, idx.stride(0), valid.stride(0),
+        BLOCK_S=256, BLOCK_C=256, **launch_options(x.device),
+    )  # fmt: skip
     return x
 
 
