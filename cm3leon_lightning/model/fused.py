@@ -6,7 +6,7 @@ layer x 24 layers at 350m, ~1.2 ms per token on an H200 against ~0.2 ms to read 
 is one kernel, ``x = decode_embed(idx, cache)`` (slot marked valid, token + position embedding), and a block is::
 
     q        = decode_linear(x, W_qkv, norm, cache)     # LayerNorm + QKV; keys/values written into the cache slot
-    y        = decode_attention(q, cache)                # over the filled slots only (FlexAttention if set)
+    y        = decode_attention(q, cache)                # over the filled slots only
     x        = decode_linear(y, W_out, residual=x)       # out-projection + residual
     h        = decode_linear(x, W_in, norm, act)         # LayerNorm + up-projection + GELU/ReLU
     x        = decode_linear(h, W_down, residual=x)      # down-projection + residual
@@ -26,7 +26,7 @@ import os
 import torch
 from torch import Tensor
 
-from cm3leon_lightning.model.transformer import CM3Leon, cache_block_mask, flex_cached_attention
+from cm3leon_lightning.model.transformer import CM3Leon
 
 ACTIVATIONS = {"gelu": 1, "relu": 2}
 """MLP activations the fused step supports (the kernel's ``ACT`` codes); SwiGLU models decode unfused."""
@@ -247,18 +247,12 @@ def fused_decode_forward(model: CM3Leon, idx: Tensor, input_pos: Tensor, logits_
     if T != 1 or input_pos.shape != (1,) or B != cache.batch_size:
         raise ValueError(f"fused_decode_forward takes one token per cache row: idx (B={cache.batch_size}, 1)")
     x = decode_embed(idx, model.wte.weight, model.wpe.weight, cache.valid, input_pos)  # (B, C); marks the slot valid
-    flex = any(block.attn.impl == "flex" for block in model.blocks)
-    block_mask = cache_block_mask(cache.valid, input_pos) if flex else None  # built once for every flex layer
     eps, act = c.layer_norm_eps, ACTIVATIONS[c.activation]
     for layer, block in enumerate(model.blocks):
         k_all, v_all = cache.layer(layer)  # (B, H, S, D)
         q = decode_linear(x, block.attn.qkv.weight, norm_eps=eps, cache=(k_all, v_all, input_pos))  # (B, C)
-        if block.attn.impl == "flex":
-            q4 = q.view(B, 1, c.n_head, c.head_dim).transpose(1, 2)  # (B, H, 1, D)
-            y = flex_cached_attention(q4, k_all, v_all, block_mask).transpose(1, 2).reshape(B, c.d_model)  # (B, C)
-        else:
-            y = decode_attention(q, k_all, v_all, cache.valid, input_pos)  # (B, C)
-        x = decode_linear(y.contiguous(), block.attn.out_proj.weight, residual=x)
+        y = decode_attention(q, k_all, v_all, cache.valid, input_pos)  # (B, C), whatever the block's attn.impl
+        x = decode_linear(y, block.attn.out_proj.weight, residual=x)
         h = decode_linear(x, block.mlp.fc_in.weight, norm_eps=eps, act=act)  # (B, F)
         x = decode_linear(h, block.mlp.fc_out.weight, residual=x)
     lo, hi = logits_range
