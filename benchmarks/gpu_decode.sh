@@ -4,13 +4,13 @@
 #   HALF=1 (~8 min): the CUDA decode modes (FlexAttention and the fused Triton step and sampling kernel included;
 #          not max-autotune) against eager in the tests; benchmarks/generation.py in reduce-overhead and fused-graph
 #          with both attention implementations, with the full "8 candidates + VQGAN + CLIP re-ranking" row when
-#          open_clip_torch is installed; fused-graph again without programmatic dependent launch (CM3LEON_PDL=0);
+#          open_clip_torch is installed; fused-graph again with programmatic dependent launch (CM3LEON_PDL=1);
 #   HALF=2 (~9 min): the max-autotune test (minutes of compilation), the per-kernel profile of one decode step
 #          (inductor, reduce-overhead, fused); generation.py with max-autotune; the floor under a decode step
 #          (benchmarks/decode_floor.py: matmuls alone, + pointwise, + cache, + attention, against the real step in
 #          the graph and fused-graph modes and the bandwidth bound).
 # HALF=all (the default) runs both. Each part has its own time limit (override with TESTS_LIMIT, BENCH_LIMIT,
-# NOPDL_LIMIT, TUNE_TESTS_LIMIT, PROFILE_LIMIT, TUNE_LIMIT, FLOOR_LIMIT; 0 skips a part). Results go to $OUT (or
+# PDL_LIMIT, TUNE_TESTS_LIMIT, PROFILE_LIMIT, TUNE_LIMIT, FLOOR_LIMIT; 0 skips a part). Results go to $OUT (or
 # ./gpu_results). Run from the repository root with a Python that has torch; wheels in .gpu_wheels/
 # (benchmarks/fetch_gpu_wheels.sh) are installed first when present.
 source "$(dirname "$0")/gpu_common.sh"
@@ -28,8 +28,8 @@ if first; then
   TAIL=60 part generation "${BENCH_LIMIT:-220}" $PY benchmarks/generation.py --presets 350m \
     --modes reduce-overhead,fused-graph --attention sdpa,flex --repeats 2 --reference-tokens 0 \
     --json "$OUT/generation.json"
-  TAIL=20 part nopdl "${NOPDL_LIMIT:-90}" env CM3LEON_PDL=0 $PY benchmarks/generation.py --presets 350m \
-    --modes fused-graph --repeats 2 --reference-tokens 0 --no-rerank --json "$OUT/generation_nopdl.json"
+  TAIL=20 part pdl "${PDL_LIMIT:-90}" env CM3LEON_PDL=1 $PY benchmarks/generation.py --presets 350m \
+    --modes fused-graph --repeats 2 --reference-tokens 0 --no-rerank --json "$OUT/generation_pdl.json"
 fi
 if second; then
   TAIL=20 part tune_tests "${TUNE_TESTS_LIMIT:-120}" $PY -m pytest tests/generation/test_generate.py -q \

@@ -53,7 +53,8 @@ INTERPRETER_TILES = {"BLOCK_N": 64, "BLOCK_K": 32, "PREFETCH": True}
 and one partial tile of the loop."""
 
 PDL_ENV = "CM3LEON_PDL"
-"""Environment variable: ``0`` launches the fused kernels without programmatic dependent launch (for comparison)."""
+"""Environment variable: ``1`` launches the fused kernels with programmatic dependent launch (sm_90+; off by default:
+the first GPU measurement found it slower, docs/benchmarks.md)."""
 
 
 @functools.cache
@@ -67,10 +68,11 @@ def _pdl_capable(index: int) -> bool:
 
 def launch_options(device: torch.device) -> dict[str, bool]:
     """Keyword arguments for launching a fused kernel on ``device``: ``PDL`` (the kernels' flag) and ``launch_pdl``
-    (Triton's), both True on CUDA GPUs of compute capability 9.0 or later (H100/H200) with a Triton that has grid
-    dependency control, unless ``CM3LEON_PDL=0``. Programmatic dependent launch lets each kernel of the step be
-    scheduled while the previous one finishes (each waits for it before touching memory); CUDA graphs keep it."""
-    if device.type != "cuda" or os.environ.get(PDL_ENV, "1") == "0":
+    (Triton's), both True when ``CM3LEON_PDL=1`` on CUDA GPUs of compute capability 9.0 or later (H100/H200) with a
+    Triton that has grid dependency control, else none. Programmatic dependent launch lets each kernel of the step
+    be scheduled while the previous one finishes (each waits for it before touching memory); CUDA graphs keep it.
+    Opt-in: its first version was slower on an H200, and the present one (wait, then signal) is not yet measured."""
+    if device.type != "cuda" or os.environ.get(PDL_ENV, "0") != "1":
         return {}
     if not _pdl_capable(device.index if device.index is not None else torch.cuda.current_device()):
         return {}

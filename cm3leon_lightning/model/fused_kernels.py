@@ -35,12 +35,14 @@ import triton.language as tl
 
 @triton.jit
 def dependent_launch():
-    """Programmatic dependent launch (sm_90+, kernels launched with ``launch_pdl=True``): let the next kernel in the
-    stream be scheduled now, and wait until the previous one has finished and its writes are visible. Called first
-    thing by every kernel here (with ``PDL``), so a kernel's launch and set-up overlap the tail of the one before it,
-    and nothing is read or written before the wait."""
-    tl.extra.cuda.gdc_launch_dependents()
+    """Programmatic dependent launch (sm_90+, kernels launched with ``launch_pdl=True``): wait until the previous
+    kernel in the stream has finished and its writes are visible, then let the next one be scheduled. Called first
+    thing by every kernel here (with ``PDL``): nothing is read or written before the wait, and the next kernel's
+    launch and set-up (its prefetched weight tile) overlap this one's work. Signalling before the wait (the first
+    version) let every later kernel of the step launch at once, each waiting on the one before: 0.24 ms per step
+    slower on an H200 than no PDL at all."""
     tl.extra.cuda.gdc_wait()
+    tl.extra.cuda.gdc_launch_dependents()
 
 
 @triton.jit

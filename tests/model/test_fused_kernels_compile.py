@@ -32,7 +32,7 @@ LAUNCHES = [
     dict(NORM=True, ACT=0, RESIDUAL=False, CACHE=False),
 ]
 H100 = GPUTarget("cuda", 90, 32)
-INTS = ("R", "N", "K", "C", "D", "stride_cb", "stride_ch", "stride_cs", "stride_vb", "W", "lo")
+INTS = ("R", "N", "K", "C", "D", "stride_cb", "stride_ch", "stride_cs", "stride_vb", "stride_ib", "W", "lo")
 FLOATS = ("eps", "scale", "cfg", "temperature", "top_p")
 ALIGNED = ("N", "K", "C", "D", "stride_cb", "stride_ch", "stride_cs", "stride_vb", "W")
 
@@ -129,14 +129,15 @@ def test_sampling_kernel_compiles_for_sm90_at_the_image_code_width(sampled):
 
 
 def test_programmatic_dependent_launch_waits_before_any_memory_access():
-    """With PDL every kernel signals its dependents and waits for the previous grid before its first load or store
-    (what makes launching it early safe); without, no grid dependency control at all."""
+    """With PDL every kernel waits for the previous grid before its first load or store (what makes launching it
+    early safe), and only then lets the next one launch (one kernel ahead, not the whole step); without, no grid
+    dependency control at all."""
     kernels = {f"linear {i}": linear("bf16", {**flags, "PDL": True}) for i, flags in enumerate(LAUNCHES)}
     kernels.update(attention=attention("bf16", pdl=True), embed=embed("bf16", pdl=True), pick=pick(True, pdl=True))
     for name, kernel in kernels.items():
         ptx = kernel.asm["ptx"]
         head, body = ptx.split("griddepcontrol.wait", 1)
-        assert "griddepcontrol.launch_dependents" in head, name
+        assert "griddepcontrol.launch_dependents" in body and "griddepcontrol" not in head, name
         assert not any(op in head for op in ("ld.global", "st.global", "cp.async")), name
         assert "ld.global" in body or "cp.async" in body, name
     for kernel in (linear("bf16", LAUNCHES[0]), attention("bf16"), embed("bf16"), pick(True)):
