@@ -52,6 +52,25 @@ INTERPRETER_TILES = {"BLOCK_N": 64, "BLOCK_K": 32, "PREFETCH": True}
 """The linear kernel's configuration under Triton's interpreter (tests): K = 48 then takes the prefetched first tile
 and one partial tile of the loop."""
 
+FIXED_TILES: dict[str, int | bool] | None = None
+"""When set (e.g. ``{"BLOCK_N": 16, "BLOCK_K": 128, "SPLIT_K": 4}``), the linear kernel runs with these tiles
+instead of autotuning (the GPU tests, which would otherwise tune every small shape; reproducing one configuration).
+Under the interpreter, :data:`INTERPRETER_TILES` apply unless this is set."""
+
+_COUNTERS: dict[torch.device, Tensor] = {}
+
+
+def split_counters(device: torch.device) -> Tensor:
+    """The split-K arrival counters on ``device`` (one int32 per column block, zero between launches: the last
+    split of each block resets its own). Shared by every fused linear launch on the device, which the stream
+    orders; two fused decodes running at once on different streams of one device would need their own."""
+    from cm3leon_lightning.model import fused_kernels as fk
+
+    if device not in _COUNTERS:
+        _COUNTERS[device] = torch.zeros(fk.SPLIT_MAX_BLOCKS, dtype=torch.int32, device=device)
+    return _COUNTERS[device]
+
+
 PDL_ENV = "CM3LEON_PDL"
 """Environment variable: ``1`` launches the fused kernels with programmatic dependent launch (sm_90+; off by default:
 the first GPU measurement found it slower, docs/benchmarks.md)."""
@@ -134,13 +153,23 @@ def decode_linear(
         R_PAD=max(16, triton.next_power_of_2(R)), NORM=norm_eps is not None, ACT=act, RESIDUAL=residual is not None,
         CACHE=cache is not None, IEEE=weight.dtype == torch.float32,
     )  # fmt: skip
-    args = (x, weight, out, res, k_buf, v_buf, slot, R, N, K, C, D, stride_b, stride_h, stride_s, norm_eps or 0.0)
-    if interpreting():  # one fixed tile size: the interpreter cannot time configurations
-        tiles = INTERPRETER_TILES
-        fk.decode_linear_kernel[(-(-N // tiles["BLOCK_N"]),)](*args, **tiles, **flags)
+    tiles = FIXED_TILES if FIXED_TILES is not None else INTERPRETER_TILES if interpreting() else None
+    if fk.split_allowed(N):  # float32 partial sums for the largest split tried, and the arrival counters
+        part = torch.empty(fk.MAX_SPLIT * triton.cdiv(N, 16) * 16 * flags["R_PAD"], device=x.device)
+        counters = split_counters(x.device)
+    elif tiles is not None and tiles.get("SPLIT_K", 1) > 1:
+        raise ValueError(
+            f"decode_linear: split-K tiles {tiles} for {N} output columns (at most {16 * fk.SPLIT_MAX_BLOCKS})"
+        )
     else:
-        grid = lambda meta: (-(-N // meta["BLOCK_N"]),)  # noqa: E731
-        launch = launch_options(x.device)
+        part = counters = x  # unused by the kernel
+    args = (x, weight, out, res, k_buf, v_buf, slot, part, counters, R, N, K, C, D, stride_b, stride_h, stride_s,
+            norm_eps or 0.0)  # fmt: skip
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), meta.get("SPLIT_K", 1))  # noqa: E731
+    launch = launch_options(x.device)
+    if tiles is not None:  # fixed tiles (the interpreter cannot time configurations)
+        fk.decode_linear_kernel[grid(tiles)](*args, **tiles, **flags, **launch)
+    else:
         kernel = fk.tuned_pdl_decode_linear_kernel if launch else fk.tuned_decode_linear_kernel
         kernel[grid](*args, **flags, **launch)
     return out

@@ -11,7 +11,10 @@ compile-time flags:
   ``slot`` (layout ``(B, H, S, D)``) instead of ``out``, which receives only the queries ``[0, C)``.
 
 Each program owns ``BLOCK_N`` output columns for all rows and streams its ``BLOCK_N x K`` slice of ``W`` once; the rows
-are padded to ``R_PAD >= 16`` for ``tl.dot``.
+are padded to ``R_PAD >= 16`` for ``tl.dot``. With ``SPLIT_K > 1`` the ``K`` axis is split over ``SPLIT_K`` programs per
+column block (more programs, more weight bytes in flight: at 350m a 1024-wide projection is only 64 blocks of 16
+columns for 132 SMs); each writes its float32 partial sums to a workspace, and the last to finish (counted with an
+atomic) adds them in split order, applies the epilogue and resets the counter for the next launch.
 
 :func:`decode_attention_kernel` is the step's attention: one query per row attends over the cache slots up to its own,
 skipping padding, and reads only the slots written so far (the loop ends at ``slot``, read on the device, so a CUDA
@@ -46,9 +49,10 @@ def dependent_launch():
 
 
 @triton.jit
-def accumulate_tile(acc, x_ptr, w, rows, row_ok, ks, K, mean, rstd, NORM: tl.constexpr, IEEE: tl.constexpr):
-    """``acc + prologue(x[:, ks]) @ w^T`` for one ``(BLOCK_N, BLOCK_K)`` weight tile ``w`` at columns ``ks`` of x."""
-    xk = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=row_ok[:, None] & (ks[None, :] < K), other=0.0)
+def accumulate_tile(acc, x_ptr, w, rows, row_ok, ks, k_hi, K, mean, rstd, NORM: tl.constexpr, IEEE: tl.constexpr):
+    """``acc + prologue(x[:, ks]) @ w^T`` for one ``(BLOCK_N, BLOCK_K)`` weight tile ``w`` at columns ``ks < k_hi``
+    of ``x`` (rows of ``K``)."""
+    xk = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=row_ok[:, None] & (ks[None, :] < k_hi), other=0.0)
     if NORM:
         xk = (xk.to(tl.float32) - mean[:, None]) * rstd[:, None]
     xk = xk.to(w.dtype)  # as eager: the normalised activations are rounded to the weights' dtype
@@ -58,67 +62,12 @@ def accumulate_tile(acc, x_ptr, w, rows, row_ok, ks, K, mean, rstd, NORM: tl.con
 
 
 @triton.jit
-def decode_linear_kernel(
-    x_ptr,
-    w_ptr,
-    out_ptr,
-    res_ptr,
-    k_ptr,
-    v_ptr,
-    slot_ptr,
-    R,
-    N,
-    K,
-    C,
-    D,
-    stride_cb,
-    stride_ch,
-    stride_cs,
-    eps,
-    R_PAD: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    NORM: tl.constexpr,
-    ACT: tl.constexpr,
-    RESIDUAL: tl.constexpr,
-    CACHE: tl.constexpr,
-    IEEE: tl.constexpr,
-    PDL: tl.constexpr = False,
-    PREFETCH: tl.constexpr = False,
-):
-    """``out[R, N] = epilogue(prologue(x[R, K]) @ w[N, K]^T)``; see the module docstring for the flags."""
-    pid = tl.program_id(0)
-    rows = tl.arange(0, R_PAD)
-    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < R
-    col_ok = cols < N
-    if PREFETCH:  # the first weight tile, loaded before the wait: weights never depend on the previous kernel
-        first = tl.arange(0, BLOCK_K)
-        first_ok = col_ok[:, None] & (first[None, :] < K)
-        w_first = tl.load(w_ptr + cols[:, None] * K + first[None, :], mask=first_ok, other=0.0)
-    if PDL:
-        dependent_launch()
-    if NORM:  # row statistics of x in float32 (each program reads x once more; x is small and stays in L2)
-        s1 = tl.zeros((R_PAD,), dtype=tl.float32)
-        s2 = tl.zeros((R_PAD,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            xk = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=row_ok[:, None] & (ks[None, :] < K), other=0.0)
-            xk = xk.to(tl.float32)
-            s1 += tl.sum(xk, axis=1)
-            s2 += tl.sum(xk * xk, axis=1)
-        mean = s1 / K
-        rstd = tl.math.rsqrt(tl.maximum(s2 / K - mean * mean, 0.0) + eps)
-    else:
-        mean = tl.zeros((R_PAD,), dtype=tl.float32)  # unused
-        rstd = mean
-    acc = tl.zeros((R_PAD, BLOCK_N), dtype=tl.float32)
-    if PREFETCH:
-        acc = accumulate_tile(acc, x_ptr, w_first, rows, row_ok, first, K, mean, rstd, NORM, IEEE)
-    for k0 in range(BLOCK_K if PREFETCH else 0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        w = tl.load(w_ptr + cols[:, None] * K + ks[None, :], mask=col_ok[:, None] & (ks[None, :] < K), other=0.0)
-        acc = accumulate_tile(acc, x_ptr, w, rows, row_ok, ks, K, mean, rstd, NORM, IEEE)
+def finish_linear(
+    acc, out_ptr, res_ptr, k_ptr, v_ptr, slot_ptr, rows, cols, row_ok, col_ok, N, C, D, stride_cb, stride_ch,
+    stride_cs, ACT: tl.constexpr, RESIDUAL: tl.constexpr, CACHE: tl.constexpr,
+):  # fmt: skip
+    """The epilogue of :func:`decode_linear_kernel` on the ``(R_PAD, BLOCK_N)`` float32 sums ``acc``: activation,
+    residual, and the stores (queries to ``out`` and keys/values to the cache slot with ``CACHE``)."""
     if ACT == 1:
         acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
     elif ACT == 2:
@@ -140,6 +89,98 @@ def decode_linear_kernel(
         out_cols, out_ok = N, col_ok
     out = out_ptr + rows[:, None] * out_cols + cols[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & out_ok[None, :])
+
+
+@triton.jit
+def decode_linear_kernel(
+    x_ptr,
+    w_ptr,
+    out_ptr,
+    res_ptr,
+    k_ptr,
+    v_ptr,
+    slot_ptr,
+    part_ptr,
+    count_ptr,
+    R,
+    N,
+    K,
+    C,
+    D,
+    stride_cb,
+    stride_ch,
+    stride_cs,
+    eps,
+    R_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    NORM: tl.constexpr,
+    ACT: tl.constexpr,
+    RESIDUAL: tl.constexpr,
+    CACHE: tl.constexpr,
+    IEEE: tl.constexpr,
+    PDL: tl.constexpr = False,
+    PREFETCH: tl.constexpr = False,
+    SPLIT_K: tl.constexpr = 1,
+):
+    """``out[R, N] = epilogue(prologue(x[R, K]) @ w[N, K]^T)``; see the module docstring for the flags.
+
+    Program ``(pid, split)`` computes columns ``[pid * BLOCK_N, (pid + 1) * BLOCK_N)`` over its share of ``K``
+    (all of it when ``SPLIT_K == 1``). With ``SPLIT_K > 1``, ``part_ptr`` is a float32 workspace of
+    ``SPLIT_K * cdiv(N, BLOCK_N) * R_PAD * BLOCK_N`` and ``count_ptr`` one int32 per column block, zero before the
+    launch (and left zero after it)."""
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = tl.arange(0, R_PAD)
+    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < R
+    col_ok = cols < N
+    k_per = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K  # whole tiles per split
+    k_lo = split * k_per
+    k_hi = tl.minimum(k_lo + k_per, K)
+    if PREFETCH:  # the first weight tile, loaded before the wait: weights never depend on the previous kernel
+        first = k_lo + tl.arange(0, BLOCK_K)
+        first_ok = col_ok[:, None] & (first[None, :] < k_hi)
+        w_first = tl.load(w_ptr + cols[:, None] * K + first[None, :], mask=first_ok, other=0.0)
+    if PDL:
+        dependent_launch()
+    if NORM:  # row statistics of x in float32 over all of K (each program reads x again; it is small, in L2)
+        s1 = tl.zeros((R_PAD,), dtype=tl.float32)
+        s2 = tl.zeros((R_PAD,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            xk = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=row_ok[:, None] & (ks[None, :] < K), other=0.0)
+            xk = xk.to(tl.float32)
+            s1 += tl.sum(xk, axis=1)
+            s2 += tl.sum(xk * xk, axis=1)
+        mean = s1 / K
+        rstd = tl.math.rsqrt(tl.maximum(s2 / K - mean * mean, 0.0) + eps)
+    else:
+        mean = tl.zeros((R_PAD,), dtype=tl.float32)  # unused
+        rstd = mean
+    acc = tl.zeros((R_PAD, BLOCK_N), dtype=tl.float32)
+    if PREFETCH:
+        acc = accumulate_tile(acc, x_ptr, w_first, rows, row_ok, first, k_hi, K, mean, rstd, NORM, IEEE)
+    for k0 in range(k_lo + BLOCK_K if PREFETCH else k_lo, k_hi, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        w = tl.load(w_ptr + cols[:, None] * K + ks[None, :], mask=col_ok[:, None] & (ks[None, :] < k_hi), other=0.0)
+        acc = accumulate_tile(acc, x_ptr, w, rows, row_ok, ks, k_hi, K, mean, rstd, NORM, IEEE)
+    if SPLIT_K == 1:
+        finish_linear(acc, out_ptr, res_ptr, k_ptr, v_ptr, slot_ptr, rows, cols, row_ok, col_ok, N, C, D,
+                      stride_cb, stride_ch, stride_cs, ACT, RESIDUAL, CACHE)  # fmt: skip
+    else:
+        blocks = tl.num_programs(0)
+        tile = rows[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]  # (R_PAD, BLOCK_N) offsets in one partial
+        tl.store(part_ptr + (split * blocks + pid) * R_PAD * BLOCK_N + tile, acc)
+        tl.debug_barrier()  # every thread's partial stored before the count is raised (release covers them)
+        arrived = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:  # the last split of this column block: sum the partials in split order
+            total = tl.zeros((R_PAD, BLOCK_N), dtype=tl.float32)
+            for j in tl.static_range(SPLIT_K):
+                total += tl.load(part_ptr + (j * blocks + pid) * R_PAD * BLOCK_N + tile, cache_modifier=".cg")
+            tl.store(count_ptr + pid, 0)  # ready for the next launch (a CUDA graph replays this one)
+            finish_linear(total, out_ptr, res_ptr, k_ptr, v_ptr, slot_ptr, rows, cols, row_ok, col_ok, N, C, D,
+                          stride_cb, stride_ch, stride_cs, ACT, RESIDUAL, CACHE)  # fmt: skip
 
 
 @triton.jit
@@ -261,12 +302,24 @@ def attention_block_s(d_pad: int, element_size: int) -> int:
     return max(32, min(128, ATTENTION_TILE_BYTES // (2 * d_pad * element_size)))
 
 
-CONFIGS = [
+UNSPLIT_CONFIGS = [
     triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=4, num_stages=3) for n in (16, 32, 64) for k in (128, 256)
 ]
-"""Tile sizes tried on a GPU, once per shape and flags, before a CUDA graph captures the step. Few on purpose: each
-costs a compilation (~0.4 s) and a timing per kernel shape, and the weight stream only needs enough columns per
-program to fill the machine (``BLOCK_N``) and long enough copies to hide latency (``BLOCK_K``)."""
+"""Tile sizes with the whole ``K`` per program: enough columns per program to fill the machine (``BLOCK_N``) and
+long enough copies to hide latency (``BLOCK_K``)."""
+
+SPLIT_CONFIGS = [
+    triton.Config({"BLOCK_N": n, "BLOCK_K": 128, "SPLIT_K": k}, num_warps=4, num_stages=3)
+    for k in (2, 4, 8)
+    for n in (16, 32)
+]
+"""Split-K tile sizes, for the narrow projections (``N`` = 1024 at 350m: 64 programs of 16 columns, each streaming
+a 32 KB slice of ``W`` with ~24 KB in flight, for 132 SMs; the first GPU profile found the linear kernel at about
+1 TB/s). Tried only where :func:`split_allowed`."""
+
+CONFIGS = UNSPLIT_CONFIGS + SPLIT_CONFIGS
+"""What the autotuner tries on a GPU, once per shape and flags, before a CUDA graph captures the step (each costs a
+compilation, ~0.4 s, cached on disk by Triton, and a 25 ms timing per shape)."""
 
 PDL_CONFIGS = CONFIGS + [
     triton.Config({**c.kwargs, "PREFETCH": True}, num_warps=c.num_warps, num_stages=c.num_stages)
@@ -276,6 +329,32 @@ PDL_CONFIGS = CONFIGS + [
 """With programmatic dependent launch, the tile sizes also with ``PREFETCH``: the first weight tile loaded before
 waiting for the previous kernel (it overlaps that kernel's tail, at the cost of registers held across the wait; with
 256-wide tiles that is up to 128 registers a thread, so only the 128-wide ones)."""
+
+MAX_SPLIT = max(c.kwargs.get("SPLIT_K", 1) for c in PDL_CONFIGS)
+"""The largest ``SPLIT_K`` tried (the workspace is sized for it)."""
+
+SPLIT_MAX_BLOCKS = 1024
+"""Split-K is tried only when ``N`` has at most this many 16-column blocks (``N <= 16384``): wider outputs (the LM
+head over the text vocabulary) have programs enough, and this bounds the workspace and the counters."""
+
+
+def split_allowed(n: int) -> bool:
+    """Whether split-K configurations are tried (and a workspace allocated) for an output of ``n`` columns."""
+    return triton.cdiv(n, 16) <= SPLIT_MAX_BLOCKS
+
+
+def prune_configs(configs: list[triton.Config], named_args: dict, **kwargs: object) -> list[triton.Config]:
+    """The autotuner's ``early_config_prune``: drop split-K configurations where :func:`split_allowed` is false or
+    a split would get no ``K`` at all (``K`` too short for ``SPLIT_K`` tiles)."""
+    n, k = named_args["N"], named_args["K"]
+
+    def useful(c: triton.Config) -> bool:
+        split, block_k = c.kwargs.get("SPLIT_K", 1), c.kwargs["BLOCK_K"]
+        per = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
+        return split == 1 or (split_allowed(n) and (split - 1) * per < k)
+
+    return [c for c in configs if useful(c)]
+
 
 KEY = ["N", "K", "R_PAD", "NORM", "ACT", "RESIDUAL", "CACHE"]
 
@@ -290,7 +369,8 @@ def autotuned(configs: list[triton.Config]) -> triton.runtime.Autotuner:
     """:func:`decode_linear_kernel` autotuned over ``configs`` per :data:`KEY`, timed by :func:`quick_bench` where this
     Triton's ``autotune`` takes a benchmark function."""
     options = {"do_bench": quick_bench} if "do_bench" in inspect.signature(triton.autotune).parameters else {}
-    return triton.autotune(configs=configs, key=KEY, **options)(decode_linear_kernel)
+    prune = {"early_config_prune": prune_configs}
+    return triton.autotune(configs=configs, key=KEY, prune_configs_by=prune, **options)(decode_linear_kernel)
 
 
 tuned_decode_linear_kernel = autotuned(CONFIGS)

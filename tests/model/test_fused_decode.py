@@ -33,22 +33,66 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+GPU_TILES = {"BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 2}
+"""The linear kernel's tiles in these tests on a GPU (split-K, so whole steps and CUDA graph replays exercise it):
+autotuning every small shape and flag combination here took minutes. Autotuning itself is tested by the fused-graph
+cases of tests/generation/test_generate.py and the unsplit case of test_decode_linear_flags_match_torch."""
+
+
+@pytest.fixture(autouse=True)
+def fixed_tiles_on_gpu(monkeypatch):
+    if CUDA:
+        monkeypatch.setattr(fused, "FIXED_TILES", GPU_TILES)
+
+
 def rand(*shape, seed=0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
 
 
 @pytest.mark.parametrize("norm,act,residual", [(False, 0, False), (True, 0, False), (True, 1, False), (False, 2, True),
                                                (False, 0, True), (True, 2, True)])  # fmt: skip
-@pytest.mark.parametrize("prefetch", [True, False])
-def test_decode_linear_flags_match_torch(norm, act, residual, prefetch, monkeypatch):
+@pytest.mark.parametrize("prefetch,split", [(True, 1), (False, 1), (True, 2), (False, 3)])
+def test_decode_linear_flags_match_torch(norm, act, residual, prefetch, split, monkeypatch):
     """3 rows, K=48 and N=40 (neither a multiple of the tile sizes): LayerNorm prologue, GELU/ReLU, residual; with
-    the first weight tile loaded ahead (then one partial tile in the loop) or all tiles in the loop."""
-    monkeypatch.setitem(fused.INTERPRETER_TILES, "PREFETCH", prefetch)  # on a GPU the autotuner picks
+    the first weight tile loaded ahead (then one partial tile in the loop) or all tiles in the loop; K whole, split
+    in two (32 + 16) or in three (32 + 16 + an empty split). Split-K leaves its counters at zero."""
+    tiles = {**fused.INTERPRETER_TILES, "PREFETCH": prefetch, "SPLIT_K": split}
+    monkeypatch.setattr(fused, "FIXED_TILES", tiles if not CUDA or split > 1 or prefetch else None)
     x, w, res = rand(3, 48, seed=1) * 2 + 0.5, rand(40, 48, seed=2) * 0.2, rand(3, 40, seed=3)
     got = decode_linear(x, w, norm_eps=1e-5 if norm else None, act=act, residual=res if residual else None)
     h = F.linear(F.layer_norm(x, (48,), eps=1e-5) if norm else x, w)
     h = {0: h, 1: F.gelu(h), 2: F.relu(h)}[act]
     torch.testing.assert_close(got, h + res if residual else h, atol=1e-5, rtol=1e-5)
+    assert not fused.split_counters(x.device).any()
+
+
+@pytest.mark.skipif(not CUDA, reason="the autotuning configurations, native on a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_tuning_configuration_matches_torch_when_replayed_in_a_cuda_graph(dtype, monkeypatch):
+    """The down-projection shape of 350m with 16 rows (64 programs of 16 columns, K = 4096), launched under each
+    configuration the autotuner may pick (bf16; one split configuration in float32), captured in a CUDA graph and
+    replayed five times with new inputs: every replay equals torch (split-K's hand-off between programs and its
+    counter reset are real here, not in the interpreter)."""
+    from cm3leon_lightning.model import fused_kernels as fk
+
+    R, N, K = 16, 1024, 4096
+    w = rand(N, K, seed=11).to(dtype) * 0.02
+    x, res = torch.zeros(R, K, device=DEVICE, dtype=dtype), torch.zeros(R, N, device=DEVICE, dtype=dtype)
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    configs = [c.kwargs for c in fk.PDL_CONFIGS] if dtype == torch.bfloat16 else [GPU_TILES]  # ~1 s compile each
+    for config in configs:
+        monkeypatch.setattr(fused, "FIXED_TILES", config)
+        decode_linear(x, w, residual=res)  # compile outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = decode_linear(x, w, residual=res)
+        for seed in range(5):
+            x.copy_(rand(R, K, seed=20 + seed))
+            res.copy_(rand(R, N, seed=30 + seed))
+            graph.replay()
+            expected = (F.linear(x.float(), w.float()) + res.float()).to(dtype)
+            torch.testing.assert_close(out, expected, **tol, msg=lambda m, c=config: f"{c}: {m}")
+        assert not fused.split_counters(x.device).any(), config
 
 
 def test_decode_linear_writes_keys_and_values_into_the_cache_slot():

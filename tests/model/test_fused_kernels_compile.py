@@ -6,6 +6,8 @@ the kernels compute; this checks that Triton's GPU compiler accepts them (types,
 streams weights and cache with pipelined asynchronous copies, and waits for the previous kernel before touching
 memory, which the interpreter cannot tell."""
 
+import re
+
 import pytest
 
 triton = pytest.importorskip("triton")
@@ -59,9 +61,10 @@ def compile_kernel(fn, constants: dict, pointers: dict, warps: int = 4, stages: 
 
 def linear(dtype: str, flags: dict, block_n: int = 32, block_k: int = 128, warps: int = 4, stages: int = 3):
     constants = {"R_PAD": 16, "BLOCK_N": block_n, "BLOCK_K": block_k, "IEEE": dtype == "fp32", "PDL": False,
-                 "PREFETCH": False, **flags}  # fmt: skip
+                 "PREFETCH": False, "SPLIT_K": 1, **flags}  # fmt: skip
     pointers = {n: f"*{dtype}" for n in ("x_ptr", "w_ptr", "out_ptr", "res_ptr", "k_ptr", "v_ptr")}
-    return compile_kernel(decode_linear_kernel, constants, {**pointers, "slot_ptr": "*i64"}, warps, stages)
+    pointers.update(slot_ptr="*i64", part_ptr="*fp32", count_ptr="*i32")
+    return compile_kernel(decode_linear_kernel, constants, pointers, warps, stages)
 
 
 def attention(dtype: str, head_dim: int = 64, pdl: bool = False):
@@ -99,9 +102,25 @@ def test_every_launch_compiles_for_sm90(dtype, flags):
 def test_every_autotuning_configuration_compiles_for_sm90():
     for config in CONFIGS + PDL_CONFIGS:
         tiles = (config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"])
-        flags = {**LAUNCHES[0], "PDL": "PREFETCH" in config.kwargs, "PREFETCH": config.kwargs.get("PREFETCH", False)}
+        flags = {**LAUNCHES[0], "PDL": "PREFETCH" in config.kwargs, "PREFETCH": config.kwargs.get("PREFETCH", False),
+                 "SPLIT_K": config.kwargs.get("SPLIT_K", 1)}  # fmt: skip
         kernel = linear("bf16", flags, *tiles, config.num_warps, config.num_stages)
         assert kernel.asm["cubin"] and "cp.async.commit_group" in kernel.asm["ptx"], config
+
+
+@pytest.mark.parametrize("flags", LAUNCHES, ids=["qkv", "out", "up-gelu", "up-relu", "head"])
+def test_split_k_publishes_partials_before_counting_and_reads_them_from_l2(flags):
+    """Split-K's hand-off between programs: every thread's partial sums are stored, then a CTA barrier, then one
+    acquire-release atomic on the block's counter (the release covers the whole CTA's stores through the barrier);
+    the last program reads the partials past L1 (``.cg``: another SM wrote them) and resets the counter. Without
+    split-K none of it is compiled in."""
+    ptx = linear("bf16", {**flags, "SPLIT_K": 4}, block_n=16).asm["ptx"]
+    atomic = re.search(r"atom\.(\S*)\.add\.\S*32", ptx)
+    assert atomic and "acq_rel" in atomic.group(1) and "gpu" in atomic.group(1), atomic
+    before, after = ptx[: atomic.start()], ptx[atomic.end() :]
+    assert "bar.sync" in before[before.rindex("st.global") :]  # barrier between the last partial store and the atomic
+    assert "ld.global.cg" in after
+    assert not re.search(r"atom\.", linear("bf16", flags, block_n=16).asm["ptx"])
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])

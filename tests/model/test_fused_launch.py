@@ -22,15 +22,48 @@ def test_pdl_only_when_asked_for_and_on_capable_cuda_devices(monkeypatch):
 
 def test_linear_kernel_tuning_configurations():
     """Prefetching the first weight tile is tried only with PDL (without it nothing overlaps) and only with 128-wide
-    tiles; every configuration is timed by the shortened benchmark."""
+    tiles; split-K with 2, 4 and 8 splits; every configuration is timed by the shortened benchmark and pruned by
+    shape."""
     from cm3leon_lightning.model import fused_kernels as fk
 
     assert all("PREFETCH" not in c.kwargs for c in fk.CONFIGS)
+    assert len(fk.CONFIGS) == 12 and {c.kwargs.get("SPLIT_K", 1) for c in fk.CONFIGS} == {1, 2, 4, 8}
     prefetching = [c for c in fk.PDL_CONFIGS if c.kwargs.get("PREFETCH")]
-    assert len(fk.PDL_CONFIGS) == len(fk.CONFIGS) + len(prefetching) == 9
+    assert len(fk.PDL_CONFIGS) == len(fk.CONFIGS) + len(prefetching) == 21
     assert {c.kwargs["BLOCK_K"] for c in prefetching} == {128}
+    assert fk.MAX_SPLIT == 8
     for kernel, configs in (
         (fk.tuned_decode_linear_kernel, fk.CONFIGS),
         (fk.tuned_pdl_decode_linear_kernel, fk.PDL_CONFIGS),
     ):
         assert kernel.configs == configs and kernel.do_bench is fk.quick_bench
+        assert kernel.early_config_prune is fk.prune_configs
+
+
+def splits(configs):
+    return sorted({c.kwargs.get("SPLIT_K", 1) for c in configs})
+
+
+def test_split_k_is_tried_only_where_every_split_gets_work_and_the_output_is_narrow():
+    from cm3leon_lightning.model import fused_kernels as fk
+
+    # 350m: out-projection and down-projection (N = 1024), QKV, up-projection, the image-code head
+    for n, k in ((1024, 1024), (1024, 4096), (3072, 1024), (4096, 1024), (8192, 1024)):
+        assert fk.prune_configs(fk.CONFIGS, {"N": n, "K": k}) == fk.CONFIGS
+    # K = 640 (five 128-wide tiles): 2 splits of 384 both work; 4 splits of 256 and 8 of 128 would leave some empty
+    assert splits(fk.prune_configs(fk.CONFIGS, {"N": 1024, "K": 640})) == [1, 2]
+    assert splits(fk.prune_configs(fk.CONFIGS, {"N": 1024, "K": 128})) == [1]  # one tile: nothing to split
+    # the LM head over the text vocabulary: programs enough without, and the counters cover 1024 blocks
+    assert fk.split_allowed(16384) and not fk.split_allowed(16385)
+    assert splits(fk.prune_configs(fk.CONFIGS, {"N": 56000, "K": 1024})) == [1]
+    assert len(fk.prune_configs(fk.CONFIGS, {"N": 56000, "K": 1024})) == len(fk.UNSPLIT_CONFIGS)
+
+
+def test_fixed_split_tiles_for_a_wide_output_are_refused(monkeypatch):
+    """Split-K tiles forced on an output wider than the counters cover: a clear error, not a silent overflow."""
+    from cm3leon_lightning.model import fused_kernels as fk
+
+    monkeypatch.setattr(fused, "FIXED_TILES", {"BLOCK_N": 16, "BLOCK_K": 128, "SPLIT_K": 2})
+    wide = 16 * fk.SPLIT_MAX_BLOCKS + 16
+    with pytest.raises(ValueError, match="split-K tiles .* for 16400 output columns"):
+        fused.decode_linear(torch.zeros(2, 32), torch.zeros(wide, 32))
