@@ -235,7 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--compile",
         choices=("auto", *MODES),
         default="auto",
-        help="how the decode step runs (auto: reduce-overhead on CUDA, eager on CPU; see generation/graphs.py)",
+        help="how the decode step runs (auto: fused-graph on CUDA, reduce-overhead for SwiGLU models, eager on CPU; "
+        "see generation/graphs.py)",
     )
     how.add_argument("--no-compile", action="store_true", help="same as --compile eager")
     p.add_argument(

@@ -260,7 +260,7 @@ class Decoder:
             self.generator.seed()
         else:
             self.generator.manual_seed(seed)
-        self.mode = resolve_mode(compile, self.device)
+        self.mode = resolve_mode(compile, self.device, model)
         if self.mode in FUSED_MODES:
             self.step_fn: Callable[..., Any] = functools.partial(decode_step, fused=True)
         elif self.mode in ("eager", "graph"):

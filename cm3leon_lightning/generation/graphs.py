@@ -39,22 +39,40 @@ GRAPH_MODES = ("graph", "inductor-graph", "fused-graph")
 """Modes whose step is captured by hand in one CUDA graph (:class:`GraphedStep`)."""
 TREE_MODES = ("reduce-overhead", "max-autotune")
 """Modes replayed through torch.compile's CUDA-graph trees (a step must be marked, outputs copied before reuse)."""
-DEFAULT_CUDA_MODE = "reduce-overhead"
-"""What ``compile=None`` or ``True`` picks on CUDA. ``reduce-overhead`` and ``inductor-graph`` measure the same
-(docs/benchmarks.md: 1.2 s per 1024-token image with CFG at 350m on one H200, against 1.6 s for ``graph`` and 8 s
-eager); CUDA-graph trees also re-check the parameters' addresses on every replay and re-record when they move (a
-model moved or reloaded with ``assign=True``), which a hand-captured graph cannot notice. ``graph`` needs no
-compilation (seconds of warm-up instead of ~20 s): the choice for a handful of images."""
+DEFAULT_CUDA_MODE = "fused-graph"
+"""What ``compile=None`` or ``True`` picks on CUDA for a model the fused step supports (GELU or ReLU MLP, Triton
+installed): the fastest step measured (docs/benchmarks.md, one H200, 350m bf16 with CFG: 1.01 s per 1024-token image
+and 1.18 s for eight, against 1.18 s / 1.48 s for ``reduce-overhead``, 1.6 s / 2.0 s for ``graph`` and 7.5 s eager;
+about 16 s of warm-up, compiling and timing the linear kernel's tile sizes, which Triton caches on disk). Other models
+get :data:`FALLBACK_CUDA_MODE`. Like ``graph`` it is one hand-captured CUDA graph per KV cache, which cannot notice
+parameters replaced by new tensors (``load_state_dict(..., assign=True)``) while the cache lives: set up a new cache
+(or pass ``compile="reduce-overhead"``, whose CUDA-graph trees re-check the addresses) after doing that."""
+
+FALLBACK_CUDA_MODE = "reduce-overhead"
+"""What ``compile=None`` or ``True`` picks on CUDA for a model the fused step does not support (SwiGLU) or without
+Triton: ``torch.compile`` with CUDA-graph trees (``inductor-graph`` measures the same; ``graph`` needs no
+compilation, seconds of warm-up instead of ~20 s: the choice for a handful of images)."""
 
 
-def resolve_mode(compile: bool | str | None, device: torch.device) -> str:
-    """The decode-step mode for a ``compile`` argument: ``None`` means compiled on CUDA and eager elsewhere,
-    ``True`` the device's compiled mode, ``False`` eager, a string one of :data:`MODES` by name."""
+def default_cuda_mode(model: Any = None) -> str:
+    """The CUDA mode ``compile=None`` / ``True`` picks for ``model``: :data:`DEFAULT_CUDA_MODE` where the fused step
+    supports it, else :data:`FALLBACK_CUDA_MODE` (also for ``model=None``, when only the device is known)."""
+    if model is None:
+        return FALLBACK_CUDA_MODE
+    from cm3leon_lightning.model.fused import fused_unsupported
+
+    return FALLBACK_CUDA_MODE if fused_unsupported(model, torch.device("cuda")) else DEFAULT_CUDA_MODE
+
+
+def resolve_mode(compile: bool | str | None, device: torch.device, model: Any = None) -> str:
+    """The decode-step mode for a ``compile`` argument: ``None`` means compiled on CUDA (:func:`default_cuda_mode`
+    of ``model``) and eager elsewhere, ``True`` the device's compiled mode, ``False`` eager, a string one of
+    :data:`MODES` by name (a fused mode is refused, with the reason, where ``model`` or ``device`` cannot run it)."""
     cuda = device.type == "cuda"
     if compile is None:
-        return DEFAULT_CUDA_MODE if cuda else "eager"
+        return default_cuda_mode(model) if cuda else "eager"
     if compile is True:
-        return DEFAULT_CUDA_MODE if cuda else "inductor"
+        return default_cuda_mode(model) if cuda else "inductor"
     if compile is False:
         return "eager"
     if compile not in MODES:
@@ -62,9 +80,9 @@ def resolve_mode(compile: bool | str | None, device: torch.device) -> str:
     if compile in CUDA_ONLY and not cuda:
         raise ValueError(f"compile={compile!r} needs a CUDA device; the model is on {device}")
     if compile in FUSED_MODES:
-        from cm3leon_lightning.model.fused import fused_available
+        from cm3leon_lightning.model.fused import fused_available, fused_unsupported
 
-        reason = fused_available(device)
+        reason = fused_available(device) if model is None else fused_unsupported(model, device)
         if reason is not None:
             raise ValueError(f"compile={compile!r}: {reason}")
     return compile

@@ -48,6 +48,15 @@ def fused_available(device: torch.device) -> str | None:
     return None
 
 
+def fused_unsupported(model: CM3Leon, device: torch.device) -> str | None:
+    """None when :func:`fused_decode_forward` can run ``model`` on ``device``, else the reason it cannot (no Triton,
+    a CPU without the interpreter, an activation other than GELU/ReLU)."""
+    reason = fused_available(device)
+    if reason is None and model.config.activation not in ACTIVATIONS:
+        reason = f"the fused decode step supports activations {tuple(ACTIVATIONS)}, not {model.config.activation!r}"
+    return reason
+
+
 INTERPRETER_TILES = {"BLOCK_N": 64, "BLOCK_K": 32, "PREFETCH": True}
 """The linear kernel's configuration under Triton's interpreter (tests): K = 48 then takes the prefetched first tile
 and one partial tile of the loop."""

@@ -6,19 +6,52 @@ import torch
 
 from cm3leon_lightning.config import CM3LeonConfig
 from cm3leon_lightning.generation import generate_image
-from cm3leon_lightning.generation.graphs import CUDA_ONLY, DEFAULT_CUDA_MODE, MODES, TREE_MODES, resolve_mode
-from cm3leon_lightning.model import CM3Leon
+from cm3leon_lightning.generation.graphs import (
+    CUDA_ONLY,
+    DEFAULT_CUDA_MODE,
+    FALLBACK_CUDA_MODE,
+    MODES,
+    TREE_MODES,
+    resolve_mode,
+)
+from cm3leon_lightning.model import CM3Leon, fused
 from cm3leon_lightning.tokenization.vocab import MultimodalVocab
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
 
+def tiny(activation: str = "gelu") -> CM3Leon:
+    return CM3Leon(CM3LeonConfig.from_preset("tiny", activation=activation, vocab_size=128, max_seq_len=32))
+
+
 def test_resolve_mode_defaults_per_device():
-    assert resolve_mode(None, CPU) == "eager" and resolve_mode(None, CUDA) == DEFAULT_CUDA_MODE
-    assert resolve_mode(True, CPU) == "inductor" and resolve_mode(True, CUDA) == DEFAULT_CUDA_MODE
+    assert resolve_mode(None, CPU) == "eager" and resolve_mode(None, CUDA) == FALLBACK_CUDA_MODE  # model unknown
+    assert resolve_mode(True, CPU) == "inductor" and resolve_mode(True, CUDA) == FALLBACK_CUDA_MODE
     assert resolve_mode(False, CUDA) == "eager"
     assert all(resolve_mode(m, CUDA) == m for m in MODES)
-    assert DEFAULT_CUDA_MODE in MODES and set(TREE_MODES) <= set(CUDA_ONLY) <= set(MODES)
+    assert {DEFAULT_CUDA_MODE, FALLBACK_CUDA_MODE} <= set(CUDA_ONLY)
+    assert set(TREE_MODES) <= set(CUDA_ONLY) <= set(MODES)
+
+
+@pytest.mark.parametrize("compile", [None, True])
+def test_the_cuda_default_is_the_fused_step_where_the_model_allows_it(compile, monkeypatch):
+    """GELU and ReLU models decode through the fused step (the fastest measured); SwiGLU models, or any model
+    without Triton, through torch.compile's CUDA graphs. On a CPU nothing changes."""
+    pytest.importorskip("triton")
+    assert DEFAULT_CUDA_MODE == "fused-graph" and FALLBACK_CUDA_MODE == "reduce-overhead"
+    assert resolve_mode(compile, CUDA, tiny("gelu")) == "fused-graph"
+    assert resolve_mode(compile, CUDA, tiny("relu")) == "fused-graph"
+    assert resolve_mode(compile, CUDA, tiny("swiglu")) == "reduce-overhead"
+    assert resolve_mode(compile, CPU, tiny("gelu")) == ("eager" if compile is None else "inductor")
+    monkeypatch.setattr(fused, "fused_available", lambda device: "the fused decode step needs Triton")
+    assert resolve_mode(compile, CUDA, tiny("gelu")) == "reduce-overhead"
+
+
+def test_a_fused_mode_for_a_model_it_cannot_run_is_refused_with_the_reason():
+    pytest.importorskip("triton")
+    with pytest.raises(ValueError, match="compile='fused-graph': the fused decode step supports activations"):
+        resolve_mode("fused-graph", CUDA, tiny("swiglu"))
+    assert resolve_mode("fused-graph", CUDA, tiny("relu")) == "fused-graph"
 
 
 @pytest.mark.parametrize("mode", CUDA_ONLY)
