@@ -93,6 +93,29 @@ def test_decode_floor_attention_pieces_compute_the_same_attention():
     assert not torch.allclose(outs["+sdpa"], outs["+cache"])  # attention over the written cache changes the result
 
 
+def test_fused_linear_benchmark_checks_and_times_every_launch_and_configuration(tmp_path):
+    """Under Triton's interpreter (tiny preset, float32): each launch of a fused step under the chosen
+    configurations (one whole-K, one split-K where the shape allows it), each checked against torch, beside cuBLAS
+    and the bandwidth bound."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1"}
+    args = ["--device", "cpu", "--preset", "tiny", "--rows", "3", "--head", "256", "--steps", "1", "--chain", "1",
+            "--configs", "0,6", "--json", "fl.json"]  # fmt: skip
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "fused_linear.py"), *args]
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = json.loads((tmp_path / "fl.json").read_text())["results"]
+    whole, split = "block_n=16/block_k=128", "block_n=16/block_k=128/split_k=2"
+    expected = []
+    for launch, n, k in (("qkv", 192, 64), ("out", 64, 64), ("up", 256, 64), ("down", 64, 256), ("head", 256, 64)):
+        configs = [whole, split] if k >= 256 else [whole]  # 64 columns of K: one 128-wide tile, nothing to split
+        expected += [
+            (launch, n, k, c) for c in configs + ["cublas (F.linear alone)", "bound (weights / copy bandwidth)"]
+        ]
+    assert [(r["launch"], r["n"], r["k"], r["config"]) for r in rows] == expected
+    assert all(r["correct"] for r in rows if "correct" in r) and sum("correct" in r for r in rows) == 6
+    assert all(r["us"] > 0 for r in rows)
+
+
 def test_decode_scripts_name_a_bad_list_value(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     for script, flag, good in (("decode_floor.py", "--attention", "sdpa"), ("decode_profile.py", "--modes", "eager")):

@@ -1,0 +1,158 @@
+"""The fused decode step's linear kernel, launch by launch: time per tile configuration, against cuBLAS and the
+weight-reading bound.
+
+The first GPU profile of the fused step (docs/benchmarks.md, session 6) found the linear kernel at 85% of the step's
+kernel time and about 1 TB/s. This script times each launch of a step at a preset's shapes (QKV with the cache
+write, out-projection, up-projection with the activation, down-projection, the image-code slice of the LM head), at
+2 rows (one image with CFG) and ``2 x --candidates`` rows, under every configuration the autotuner may pick
+(:data:`~cm3leon_lightning.model.fused_kernels.CONFIGS`, ``--pdl``: with programmatic dependent launch and its
+prefetching configurations), as a chain of ``--chain`` launches captured in one CUDA graph (so a row's time
+includes the gap between kernels, as in the real step). Beside them: the configuration the autotuner picks
+(``tuned``), ``F.linear`` alone (``cublas``, no LayerNorm, activation or cache write) and ``bound``, the weight bytes
+over the measured copy bandwidth.
+
+On a CPU (``--device cpu``) the kernels run under Triton's interpreter (set ``TRITON_INTERPRET=1`` before starting):
+the timings mean nothing there, but every launch and configuration is checked against torch, which this script does
+on a GPU too (a configuration that computes wrongly is reported, not timed).
+
+Usage::
+
+    python benchmarks/fused_linear.py --json fused_linear.json          # CUDA: 350m, bf16, rows 2 and 16
+    TRITON_INTERPRET=1 python benchmarks/fused_linear.py --device cpu --preset tiny --rows 3 --head 256 \\
+        --steps 1 --configs 0,6                                         # CPU: checks only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from decode_floor import copy_bandwidth, replay_ms  # benchmarks/decode_floor.py, beside this script
+from generation import sync  # benchmarks/generation.py
+
+from cm3leon_lightning.config import CM3LeonConfig
+from cm3leon_lightning.model import fused
+
+LAUNCHES = ("qkv", "out", "up", "down", "head")
+"""The linear launches of a fused step: per block QKV (LayerNorm + cache write), out-projection (+ residual),
+up-projection (LayerNorm + GELU), down-projection (+ residual); once, the LM head over the image codes (LayerNorm)."""
+
+
+def launch(
+    name: str, config: CM3LeonConfig, rows: int, head: int, device: str, dtype: torch.dtype, slots: int = 64
+) -> tuple[Callable[[], torch.Tensor], torch.Tensor, int, int]:
+    """``(run, expected, N, K)`` for one launch: ``run()`` calls :func:`fused.decode_linear` on fixed random inputs
+    and returns what it wrote as ``(rows, N)`` (for QKV: the queries, then the cache slot's keys and values);
+    ``expected`` is the same computed by torch in float32."""
+    C, H, D = config.d_model, config.n_head, config.head_dim
+    n, k = {"qkv": (3 * C, C), "out": (C, C), "up": (config.d_ff, C), "down": (C, config.d_ff), "head": (head, C)}[name]
+    g = torch.Generator().manual_seed(LAUNCHES.index(name))
+    w = (torch.randn(n, k, generator=g) * k**-0.5).to(device, dtype)
+    x = torch.randn(rows, k, generator=g).to(device, dtype)
+    res = torch.randn(rows, n, generator=g).to(device, dtype)
+    norm, act = name in ("qkv", "up", "head"), int(name == "up")
+    residual = res if name in ("out", "down") else None
+    eps = config.layer_norm_eps
+    kv = torch.zeros(2, rows, H, slots, D, device=device, dtype=dtype)
+    slot = torch.tensor([slots // 2], device=device)
+    cache = (kv[0], kv[1], slot) if name == "qkv" else None
+
+    def run() -> torch.Tensor:
+        out = fused.decode_linear(x, w, norm_eps=eps if norm else None, act=act, residual=residual, cache=cache)
+        if cache is None:
+            return out
+        return torch.cat([out, kv[0][:, :, slots // 2].reshape(rows, C), kv[1][:, :, slots // 2].reshape(rows, C)], 1)
+
+    h = F.layer_norm(x.float(), (k,), eps=eps).to(dtype).float() if norm else x.float()  # rounded as the kernel does
+    h = F.linear(h, w.float())
+    h = F.gelu(h) if act else h
+    expected = h + res.float() if residual is not None else h
+    return run, expected, n, k
+
+
+def label(tiles: dict) -> str:
+    """``block_n=16/block_k=128/split_k=4``."""
+    return "/".join(f"{k.lower()}={int(v)}" for k, v in tiles.items())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="350m", choices=("tiny", "350m", "760m", "7b"))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--rows", default=None, help="comma-separated row counts (default: 2 and 2 x --candidates)")
+    p.add_argument("--candidates", type=int, default=8)
+    p.add_argument("--head", type=int, default=8192, help="LM head rows (the image codes' slice)")
+    p.add_argument("--chain", type=int, default=24, help="launches per captured graph (one per layer)")
+    p.add_argument("--steps", type=int, default=50, help="graph replays timed per row")
+    p.add_argument("--configs", default=None, help="comma-separated indices of the configurations to try (default all)")
+    p.add_argument("--pdl", action="store_true", help="with programmatic dependent launch (CM3LEON_PDL=1)")
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    gpu = args.device.startswith("cuda")
+    if not gpu and os.environ.get("TRITON_INTERPRET") != "1":
+        p.error("--device cpu runs the kernels under Triton's interpreter: start it with TRITON_INTERPRET=1")
+    if args.pdl:
+        os.environ[fused.PDL_ENV] = "1"
+    from cm3leon_lightning.model import fused_kernels as fk
+
+    dtype = torch.bfloat16 if gpu else torch.float32  # the interpreter computes in float32 only
+    config = CM3LeonConfig.from_preset(args.preset)
+    rows_list = [int(r) for r in args.rows.split(",")] if args.rows else [2, 2 * args.candidates]
+    configs = fk.PDL_CONFIGS if args.pdl else fk.CONFIGS
+    if args.configs:
+        try:
+            configs = [configs[int(i)] for i in args.configs.split(",")]
+        except (ValueError, IndexError):
+            p.error(f"--configs: indices below {len(configs)} expected, got {args.configs!r}")
+    bandwidth = copy_bandwidth(args.device, 1 << (29 if gpu else 24))
+    print(f"{args.preset}, {dtype}, {args.device}, copy bandwidth {bandwidth / 1e9:.0f} GB/s, {args.chain} launches "
+          f"per graph{', PDL' if args.pdl else ''}")  # fmt: skip
+    print(f"{'launch':6} {'rows':>4} {'N x K':>11} {'configuration':44} {'us':>8} {'GB/s':>7}")
+    results = []
+
+    def report(name: str, rows: int, n: int, k: int, what: str, us: float, **extra: object) -> None:
+        gbps = n * k * dtype.itemsize / us / 1e3
+        print(f"{name:6} {rows:4d} {f'{n}x{k}':>11} {what:44} {us:8.2f} {gbps:7.0f}")
+        results.append(dict(launch=name, rows=rows, n=n, k=k, config=what, us=us, gbps=gbps, **extra))
+
+    def chained_us(fn: Callable[[], object]) -> float:
+        return 1e3 * replay_ms(lambda: [fn() for _ in range(args.chain)], args.device, args.steps) / args.chain
+
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    wrong = 0
+    with torch.no_grad():
+        for rows in rows_list:
+            for name in LAUNCHES:
+                run, expected, n, k = launch(name, config, rows, args.head, args.device, dtype)
+                for c in fk.prune_configs(configs, {"N": n, "K": k}):
+                    fused.FIXED_TILES = c.kwargs
+                    correct = torch.allclose(run().float(), expected, **tol)
+                    wrong += not correct
+                    what = label(c.kwargs) + ("" if correct else " WRONG")
+                    report(name, rows, n, k, what, chained_us(run), correct=correct)
+                fused.FIXED_TILES = None
+                if gpu:
+                    run()  # autotunes, outside the capture
+                    kernel = fk.tuned_pdl_decode_linear_kernel if args.pdl else fk.tuned_decode_linear_kernel
+                    report(name, rows, n, k, f"tuned: {label(kernel.best_config.kwargs)}", chained_us(run))
+                x = torch.randn(rows, k, device=args.device, dtype=dtype)
+                w = torch.randn(n, k, device=args.device, dtype=dtype)
+                report(name, rows, n, k, "cublas (F.linear alone)", chained_us(lambda x=x, w=w: F.linear(x, w)))
+                report(name, rows, n, k, "bound (weights / copy bandwidth)", 1e6 * n * k * dtype.itemsize / bandwidth)
+    sync(args.device)
+    if args.json:
+        meta = dict(preset=args.preset, device=args.device, dtype=str(dtype), chain=args.chain, pdl=args.pdl,
+                    copy_bandwidth=bandwidth, device_name=torch.cuda.get_device_name() if gpu else "cpu")  # fmt: skip
+        with open(args.json, "w") as f:
+            json.dump(dict(meta=meta, results=results), f, indent=1)
+        print(f"wrote {args.json}")
+    if wrong:
+        raise SystemExit(f"{wrong} configuration(s) computed wrong results (marked WRONG above)")
+
+
+if __name__ == "__main__":
+    main()
