@@ -124,24 +124,30 @@ def test_decode_scripts_name_a_bad_list_value(tmp_path):
         assert out.returncode == 2 and f"{flag}: unknown value 'warp'" in out.stderr, out.stderr[-500:]
 
 
-def test_gpu_decode_script_selects_the_kernel_tests():
-    """The GPU script's test part names existing files and its -k expression keeps every test of the fused kernels
-    (a renamed file or test would otherwise drop out of the only run on a GPU without anyone noticing)."""
-
-    script = (ROOT / "benchmarks" / "gpu_decode.sh").read_text()
-    block = script[script.index("part tests") : script.index("part generation")]
+def selected_tests(block: str) -> set[str]:
+    """The tests one part of the GPU script runs: its files, filtered by its -k expression if any."""
     files = re.findall(r"tests/\S+\.py", block)
-    expression = re.search(r'-k "([^"]+)"', block).group(1)
     assert files and all((ROOT / f).is_file() for f in files), files
-    cmd = [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "-k", expression, *files]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    k = re.search(r'-k "([^"]+)"', block)
+    cmd = [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *files]
+    out = subprocess.run(cmd + (["-k", k.group(1)] if k else []), cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout[-2000:]
-    selected = {line.split("::")[0] + "::" + line.split("::")[1].split("[")[0] for line in out.stdout.splitlines()
-                if "::" in line}  # fmt: skip
-    kernel_files = ("tests/model/test_fused_decode.py", "tests/generation/test_sampling_kernel.py",
-                    "tests/model/test_fused_launch.py")  # fmt: skip
-    for path in kernel_files:
+    return {line.split("::")[0] + "::" + line.split("::")[1].split("[")[0] for line in out.stdout.splitlines()
+            if "::" in line}  # fmt: skip
+
+
+def test_gpu_decode_script_selects_the_kernel_tests():
+    """The GPU script's kernel part runs every test of the fused kernels and its later test part the decode modes'
+    GPU tests, from existing files (a renamed file or test would otherwise drop out of the only run on a GPU
+    without anyone noticing); max-autotune waits for the second half."""
+    script = (ROOT / "benchmarks" / "gpu_decode.sh").read_text()
+    kernels = selected_tests(script[script.index("part kernels") : script.index("part generation")])
+    for path in ("tests/model/test_fused_decode.py", "tests/generation/test_sampling_kernel.py",
+                 "tests/model/test_fused_launch.py"):  # fmt: skip
         module = ast.parse((ROOT / path).read_text())
         tests = [f"{path}::{n.name}" for n in module.body if getattr(n, "name", "").startswith("test_")]
-        assert tests and set(tests) <= selected, sorted(set(tests) - selected)
-    assert not any("max" in t.split("::")[1] and "autotuned" in t for t in selected)  # max-autotune: second half
+        assert tests and set(tests) <= kernels, sorted(set(tests) - kernels)
+    start = script.index("part tests")
+    modes = selected_tests(script[start : script.index("fi\n", start)])
+    assert "tests/generation/test_generate.py::test_autotuned_and_flex_decoding_equal_eager_sdpa" in modes
+    assert not any("max" in t.split("::")[1] and "autotuned" in t for t in modes)  # max-autotune: second half
