@@ -158,9 +158,10 @@ def decode_linear(
     res = residual if residual is not None else x
     if residual is not None and (residual.shape != (R, N) or not residual.is_contiguous()):
         raise ValueError(f"decode_linear: residual {tuple(residual.shape)} must be a contiguous ({R}, {N})")
+    norm = norm_eps is not None
     flags = dict(
-        R_PAD=max(16, triton.next_power_of_2(R)), NORM=norm_eps is not None, ACT=act, RESIDUAL=residual is not None,
-        CACHE=cache is not None, IEEE=weight.dtype == torch.float32,
+        R_PAD=max(16, triton.next_power_of_2(R + norm)),  # with NORM a padding row computes the row sums of W
+        NORM=norm, ACT=act, RESIDUAL=residual is not None, CACHE=cache is not None, IEEE=weight.dtype == torch.float32,
     )  # fmt: skip
     tiles = FIXED_TILES if FIXED_TILES is not None else INTERPRETER_TILES if interpreting() else None
     if fk.split_allowed(N):  # float32 partial sums for the largest split tried, and the arrival counters

@@ -4,7 +4,9 @@ One kernel, :func:`decode_linear_kernel`, computes ``out = epilogue(prologue(x) 
 step (one token per row: ``x`` is ``(R, K)`` with R the streams x candidates, at most a few dozen), specialised by
 compile-time flags:
 
-* ``NORM``: LayerNorm without parameters over each row of ``x`` first (paper section 2.3), computed in the kernel;
+* ``NORM``: LayerNorm without parameters over each row of ``x`` first (paper section 2.3), computed in the kernel:
+  in one pass over ``x`` (raw ``x`` multiplied, its statistics gathered alongside, the result corrected after the
+  loop; ``R_PAD > R``, one padding row computes ``W``'s row sums), or, with split-K, statistics first;
 * ``ACT``: 0 none, 1 exact GELU, 2 ReLU on the result;
 * ``RESIDUAL``: add ``res`` (the residual stream) to the result;
 * ``CACHE``: the columns ``[C, 3C)`` of a QKV projection are keys and values: write them into the KV cache slot
@@ -49,16 +51,39 @@ def dependent_launch():
 
 
 @triton.jit
-def accumulate_tile(acc, x_ptr, w, rows, row_ok, ks, k_hi, K, mean, rstd, NORM: tl.constexpr, IEEE: tl.constexpr):
+def accumulate_tile(
+    acc, s1, s2, x_ptr, w, rows, R, ks, k_hi, K, mean, rstd, NORM: tl.constexpr, STATS: tl.constexpr,
+    IEEE: tl.constexpr,
+):  # fmt: skip
     """``acc + prologue(x[:, ks]) @ w^T`` for one ``(BLOCK_N, BLOCK_K)`` weight tile ``w`` at columns ``ks < k_hi``
-    of ``x`` (rows of ``K``)."""
-    xk = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=row_ok[:, None] & (ks[None, :] < k_hi), other=0.0)
-    if NORM:
+    of ``x`` (``R`` rows of ``K``), and the running row sums ``s1``, ``s2`` of ``x`` and ``x**2``.
+
+    ``NORM`` without ``STATS``: ``x`` is normalised with the given ``mean`` and ``rstd`` first. ``STATS`` (the
+    LayerNorm in one pass): raw ``x`` is multiplied, its row sums are accumulated, and row ``R`` (padding) is ones,
+    so that row ``R`` of the result accumulates the row sums of ``W``: :func:`normalise_after` then applies
+    ``LN(x) @ W^T = rstd * (x @ W^T - mean * rowsum(W))``."""
+    xk = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=(rows < R)[:, None] & (ks[None, :] < k_hi), other=0.0)
+    if STATS:
+        xf = xk.to(tl.float32)
+        s1 += tl.sum(xf, axis=1)
+        s2 += tl.sum(xf * xf, axis=1)
+        xk = tl.where((rows == R)[:, None] & (ks[None, :] < k_hi), 1.0, xf)
+    elif NORM:
         xk = (xk.to(tl.float32) - mean[:, None]) * rstd[:, None]
     xk = xk.to(w.dtype)  # as eager: the normalised activations are rounded to the weights' dtype
     if IEEE:  # float32 weights: full-precision products, as torch's float32 matmul (no TF32)
-        return acc + tl.dot(xk, tl.trans(w), input_precision="ieee")
-    return acc + tl.dot(xk, tl.trans(w))
+        return acc + tl.dot(xk, tl.trans(w), input_precision="ieee"), s1, s2
+    return acc + tl.dot(xk, tl.trans(w)), s1, s2
+
+
+@triton.jit
+def normalise_after(acc, s1, s2, rows, R, K, eps):
+    """The one-pass LayerNorm's correction (see :func:`accumulate_tile`): ``rstd * (acc - mean * rowsum(W))``, with
+    ``rowsum(W)`` read from row ``R`` of ``acc`` and the statistics from the row sums of ``x`` over all of ``K``."""
+    mean = s1 / K
+    rstd = tl.math.rsqrt(tl.maximum(s2 / K - mean * mean, 0.0) + eps)
+    w_sums = tl.sum(tl.where((rows == R)[:, None], acc, 0.0), axis=0)  # (BLOCK_N,)
+    return (acc - mean[:, None] * w_sums[None, :]) * rstd[:, None]
 
 
 @triton.jit
@@ -144,9 +169,10 @@ def decode_linear_kernel(
         w_first = tl.load(w_ptr + cols[:, None] * K + first[None, :], mask=first_ok, other=0.0)
     if PDL:
         dependent_launch()
-    if NORM:  # row statistics of x in float32 over all of K (each program reads x again; it is small, in L2)
-        s1 = tl.zeros((R_PAD,), dtype=tl.float32)
-        s2 = tl.zeros((R_PAD,), dtype=tl.float32)
+    s1 = tl.zeros((R_PAD,), dtype=tl.float32)
+    s2 = tl.zeros((R_PAD,), dtype=tl.float32)
+    STATS: tl.constexpr = NORM and SPLIT_K == 1  # the LayerNorm's statistics gathered in the main loop
+    if NORM and not STATS:  # a split sees part of K: row statistics of x over all of it first (x is small, in L2)
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             xk = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=row_ok[:, None] & (ks[None, :] < K), other=0.0)
@@ -160,11 +186,14 @@ def decode_linear_kernel(
         rstd = mean
     acc = tl.zeros((R_PAD, BLOCK_N), dtype=tl.float32)
     if PREFETCH:
-        acc = accumulate_tile(acc, x_ptr, w_first, rows, row_ok, first, k_hi, K, mean, rstd, NORM, IEEE)
+        acc, s1, s2 = accumulate_tile(acc, s1, s2, x_ptr, w_first, rows, R, first, k_hi, K, mean, rstd, NORM, STATS,
+                                      IEEE)  # fmt: skip
     for k0 in range(k_lo + BLOCK_K if PREFETCH else k_lo, k_hi, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         w = tl.load(w_ptr + cols[:, None] * K + ks[None, :], mask=col_ok[:, None] & (ks[None, :] < k_hi), other=0.0)
-        acc = accumulate_tile(acc, x_ptr, w, rows, row_ok, ks, k_hi, K, mean, rstd, NORM, IEEE)
+        acc, s1, s2 = accumulate_tile(acc, s1, s2, x_ptr, w, rows, R, ks, k_hi, K, mean, rstd, NORM, STATS, IEEE)
+    if STATS:
+        acc = normalise_after(acc, s1, s2, rows, R, K, eps)
     if SPLIT_K == 1:
         finish_linear(acc, out_ptr, res_ptr, k_ptr, v_ptr, slot_ptr, rows, cols, row_ok, col_ok, N, C, D,
                       stride_cb, stride_ch, stride_cs, ACT, RESIDUAL, CACHE)  # fmt: skip

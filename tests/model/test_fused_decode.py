@@ -66,6 +66,17 @@ def test_decode_linear_flags_match_torch(norm, act, residual, prefetch, split, m
     assert not fused.split_counters(x.device).any()
 
 
+@pytest.mark.parametrize("split", [1, 2])
+def test_layernorm_prologue_for_a_full_tile_of_rows_and_an_offset_residual_stream(split, monkeypatch):
+    """16 rows (the one-pass LayerNorm's row of ones then needs a 32-row tile) of a residual stream whose mean (20)
+    dwarfs its spread (1): ``rstd * (x @ W^T - mean * rowsum(W))`` must not lose the result to cancellation."""
+    monkeypatch.setattr(fused, "FIXED_TILES", {**fused.INTERPRETER_TILES, "SPLIT_K": split} if not CUDA else None)
+    x, w = rand(16, 48, seed=12) + 20.0, rand(40, 48, seed=13) * 0.2
+    got = decode_linear(x, w, norm_eps=1e-5, act=1)
+    expected = F.gelu(F.linear(F.layer_norm(x, (48,), eps=1e-5), w))
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.skipif(not CUDA, reason="the autotuning configurations, native on a GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_every_tuning_configuration_matches_torch_when_replayed_in_a_cuda_graph(dtype, monkeypatch):

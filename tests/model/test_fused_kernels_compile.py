@@ -109,6 +109,16 @@ def test_every_autotuning_configuration_compiles_for_sm90():
 
 
 @pytest.mark.parametrize("flags", LAUNCHES, ids=["qkv", "out", "up-gelu", "up-relu", "head"])
+def test_every_load_of_x_and_w_is_a_pipelined_copy_without_split_k(flags):
+    """The LayerNorm's statistics are gathered in the main loop (one pass), so the only plain global loads left
+    are the cache slot (QKV) and the residual (epilogue); with split-K the statistics loop comes first."""
+    plain = re.findall(r"ld\.global[.\w]*", linear("bf16", flags, block_n=16).asm["ptx"])
+    assert plain == ["ld.global.b64"] * flags["CACHE"] + ["ld.global.b32"] * flags["RESIDUAL"], plain
+    split = re.findall(r"ld\.global\.v4[.\w]*", linear("bf16", {**flags, "SPLIT_K": 2}, block_n=16).asm["ptx"])
+    assert bool(split) == flags["NORM"], split
+
+
+@pytest.mark.parametrize("flags", LAUNCHES, ids=["qkv", "out", "up-gelu", "up-relu", "head"])
 def test_split_k_publishes_partials_before_counting_and_reads_them_from_l2(flags):
     """Split-K's hand-off between programs: every thread's partial sums are stored, then a CTA barrier, then one
     acquire-release atomic on the block's counter (the release covers the whole CTA's stores through the barrier);
