@@ -69,14 +69,16 @@ Under the interpreter, :data:`INTERPRETER_TILES` apply unless this is set."""
 _COUNTERS: dict[torch.device, Tensor] = {}
 
 
-def split_counters(device: torch.device) -> Tensor:
-    """The split-K arrival counters on ``device`` (one int32 per column block, zero between launches: the last
-    split of each block resets its own). Shared by every fused linear launch on the device, which the stream
-    orders; two fused decodes running at once on different streams of one device would need their own."""
+def split_counters(device: torch.device, size: int = 0) -> Tensor:
+    """The arrival counters of the split kernels on ``device`` (at least ``size`` int32: one per column block of the
+    linear kernel's split-K, one per (row, head) of the attention's split over the cache; zero between launches, as
+    the last split of each resets its own). Shared by every fused launch on the device, which the stream orders; two
+    fused decodes running at once on different streams of one device would need their own. Grown, never shrunk;
+    the warm-up steps before a CUDA graph's capture allocate it."""
     from cm3leon_lightning.model import fused_kernels as fk
 
-    if device not in _COUNTERS:
-        _COUNTERS[device] = torch.zeros(fk.SPLIT_MAX_BLOCKS, dtype=torch.int32, device=device)
+    if device not in _COUNTERS or _COUNTERS[device].numel() < size:
+        _COUNTERS[device] = torch.zeros(max(size, fk.SPLIT_MAX_BLOCKS), dtype=torch.int32, device=device)
     return _COUNTERS[device]
 
 
@@ -223,7 +225,19 @@ def decode_embed(idx: Tensor, wte: Tensor, wpe: Tensor, valid: Tensor, input_pos
     return x
 
 
-def decode_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, input_pos: Tensor) -> Tensor:
+def attention_splits(pairs: int, device: torch.device) -> int:
+    """How many programs share one (row, head)'s cache in :func:`decode_attention`: enough for ``pairs`` (rows x
+    heads) to give every SM of the GPU two programs, at most 8 (one 128-slot tile each over a 1024-token image); 1 on
+    a CPU."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(8, 2 * sms // pairs))
+
+
+def decode_attention(
+    q: Tensor, k: Tensor, v: Tensor, valid: Tensor, input_pos: Tensor, splits: int | None = None
+) -> Tensor:
     """Attention of one query per row over the KV cache, in one kernel that reads only the slots written so far.
 
     Same mask as :func:`~cm3leon_lightning.model.kv_cache.padding_causal_mask`: the query at slot ``input_pos[0]``
@@ -235,6 +249,8 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, input_pos: 
         v: ``(B, H, S, D)`` cached values, same strides as ``k``.
         valid: ``(B, S)`` bool, the cache's slot validity.
         input_pos: ``(1,)`` the slot of the queries.
+        splits: programs per (row, head), each over a run of the filled slots, combined by the last to finish
+            (flash-decoding); default :func:`attention_splits` (one image with CFG at 350m: 32 pairs, 8 splits).
 
     Returns:
         ``(B, C)`` attention outputs, heads side by side (what the out-projection reads), in ``q``'s dtype.
@@ -257,12 +273,17 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, input_pos: 
             f"decode_attention: queries {tuple(q.shape)} and validity {tuple(valid.shape)} do not fit the cache "
             f"{tuple(k.shape)} (keys/values must share strides, contiguous over head_dim)"
         )
+    splits = attention_splits(B * H, q.device) if splits is None else splits
+    if splits < 1:
+        raise ValueError(f"decode_attention: splits must be at least 1, got {splits}")
     out = torch.empty_like(q)
     d_pad = max(16, triton.next_power_of_2(D))
-    fk.decode_attention_kernel[(B, H)](
-        q, k, v, valid, input_pos, out, H * D, k.stride(0), k.stride(1), k.stride(2), valid.stride(0), D**-0.5,
-        HEAD_D=D, D_PAD=d_pad, BLOCK_S=fk.attention_block_s(d_pad, k.element_size()),
-        IEEE=k.dtype == torch.float32, num_warps=4, num_stages=3, **launch_options(q.device),
+    part = torch.empty(B * H * splits * (d_pad + 2), device=q.device) if splits > 1 else out
+    counters = split_counters(q.device, B * H) if splits > 1 else out
+    fk.decode_attention_kernel[(B, H, splits)](
+        q, k, v, valid, input_pos, out, part, counters, H * D, k.stride(0), k.stride(1), k.stride(2), valid.stride(0),
+        D**-0.5, HEAD_D=D, D_PAD=d_pad, BLOCK_S=fk.attention_block_s(d_pad, k.element_size()),
+        IEEE=k.dtype == torch.float32, SPLITS=splits, num_warps=4, num_stages=3, **launch_options(q.device),
     )  # fmt: skip
     return out
 

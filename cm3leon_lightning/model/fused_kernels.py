@@ -220,6 +220,8 @@ def decode_attention_kernel(
     valid_ptr,
     slot_ptr,
     out_ptr,
+    part_ptr,
+    count_ptr,
     C,
     stride_cb,
     stride_ch,
@@ -231,8 +233,9 @@ def decode_attention_kernel(
     BLOCK_S: tl.constexpr,
     IEEE: tl.constexpr,
     PDL: tl.constexpr = False,
+    SPLITS: tl.constexpr = 1,
 ):
-    """``out[b, h*D:(h+1)*D] = softmax(q k^T * scale) v`` for one query per row (program ``(b, h)``).
+    """``out[b, h*D:(h+1)*D] = softmax(q k^T * scale) v`` for one query per row (programs ``(b, h, split)``).
 
     ``q`` and ``out`` are ``(B, C)`` (heads side by side, as the QKV kernel writes the queries and the out-projection
     reads them); keys and values are the cache buffers ``(B, H, S, D)``; the query at slot ``slot`` attends to the slots
@@ -240,9 +243,15 @@ def decode_attention_kernel(
     ``BLOCK_S`` slots at a time in float32; slots after ``slot`` are never read. The query is row 0 of a 16-row tile
     (the other rows are zeros, computed and dropped) so that both products are ``tl.dot``: Triton then pipelines the
     key and value loads (asynchronous copies several tiles ahead), which it does not do for loads feeding reductions.
+
+    With ``SPLITS > 1`` (flash-decoding) the filled slots are split into ``SPLITS`` runs of whole tiles, one per
+    program; each writes its running max, sum and unnormalised output (``D_PAD + 2`` floats at ``part_ptr``) and
+    raises the counter of its ``(b, h)`` in ``count_ptr`` (zero before the launch and after it); the last to arrive
+    combines the runs in split order and writes ``out``.
     """
     b = tl.program_id(0)
     h = tl.program_id(1)
+    split = tl.program_id(2)
     if PDL:
         dependent_launch()
     rows = tl.arange(0, 16)
@@ -252,14 +261,17 @@ def decode_attention_kernel(
     q = tl.load(q_ptr + b * C + h * HEAD_D + rows[:, None] * 0 + dims[None, :], mask=first & d_ok[None, :], other=0.0)
     q = q.to(k_ptr.dtype.element_ty)  # (16, D_PAD), row 0 the query
     slot = tl.load(slot_ptr)
+    per = tl.cdiv(tl.cdiv(slot + 1, BLOCK_S), SPLITS) * BLOCK_S  # whole tiles per split
+    s_lo = split * per
+    s_hi = tl.minimum(s_lo + per, slot + 1)
     kv = k_ptr + b * stride_cb + h * stride_ch  # this row's and head's keys; values at the same offsets
     vv = v_ptr + b * stride_cb + h * stride_ch
     m = tl.full((16,), -1.0e30, tl.float32)  # running max (finite: a block of padding must not give exp(-inf + inf))
     total = tl.zeros((16,), dtype=tl.float32)  # running sum of exp(score - m)
     acc = tl.zeros((16, D_PAD), dtype=tl.float32)
-    for s0 in range(0, slot + 1, BLOCK_S):
+    for s0 in range(s_lo, s_hi, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
-        s_ok = s <= slot
+        s_ok = s < s_hi
         keep = (s_ok & (tl.load(valid_ptr + b * stride_vb + s, mask=s_ok, other=0) != 0)) | (s == slot)
         where = s[:, None] * stride_cs + dims[None, :]
         tile_ok = s_ok[:, None] & d_ok[None, :]
@@ -280,7 +292,30 @@ def decode_attention_kernel(
             acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v)
         m = m_new
     out = out_ptr + b * C + h * HEAD_D + rows[:, None] * 0 + dims[None, :]
-    tl.store(out, (acc / total[:, None]).to(out_ptr.dtype.element_ty), mask=first & d_ok[None, :])
+    if SPLITS == 1:
+        tl.store(out, (acc / total[:, None]).to(out_ptr.dtype.element_ty), mask=first & d_ok[None, :])
+    else:
+        pair = b * tl.num_programs(1) + h
+        run = part_ptr + (pair * SPLITS + split) * (D_PAD + 2)  # [max, sum, output (D_PAD)] of this split's run
+        tl.store(run + rows * 0, m, mask=rows == 0)
+        tl.store(run + 1 + rows * 0, total, mask=rows == 0)
+        tl.store(run + 2 + rows[:, None] * 0 + dims[None, :], acc, mask=first)
+        tl.debug_barrier()  # every thread's stores before the count is raised (the release covers them)
+        arrived = tl.atomic_add(count_ptr + pair, 1, sem="acq_rel")
+        if arrived == SPLITS - 1:  # the last run of this (row, head): combine all runs in split order
+            runs = part_ptr + pair * SPLITS * (D_PAD + 2)
+            m_all = tl.full((), -1.0e30, tl.float32)
+            for j in tl.static_range(SPLITS):
+                m_all = tl.maximum(m_all, tl.load(runs + j * (D_PAD + 2), cache_modifier=".cg"))
+            num = tl.zeros((D_PAD,), dtype=tl.float32)
+            den = tl.zeros((), dtype=tl.float32)
+            for j in tl.static_range(SPLITS):
+                weight = tl.exp(tl.load(runs + j * (D_PAD + 2), cache_modifier=".cg") - m_all)  # 0 for empty runs
+                den += weight * tl.load(runs + j * (D_PAD + 2) + 1, cache_modifier=".cg")
+                num += weight * tl.load(runs + j * (D_PAD + 2) + 2 + dims, cache_modifier=".cg")
+            tl.store(count_ptr + pair, 0)  # ready for the next launch (a CUDA graph replays this one)
+            dest = out_ptr + b * C + h * HEAD_D + dims
+            tl.store(dest, (num / den).to(out_ptr.dtype.element_ty), mask=d_ok)
 
 
 @triton.jit

@@ -125,10 +125,13 @@ def test_decode_linear_writes_keys_and_values_into_the_cache_slot():
 
 
 @pytest.mark.parametrize("slot", [0, 63, 127, 128, 149])
-def test_decode_attention_equals_sdpa_and_reads_only_written_slots(slot):
+@pytest.mark.parametrize("splits", [None, 2, 3])
+def test_decode_attention_equals_sdpa_and_reads_only_written_slots(slot, splits):
     """Three rows over 150 slots (head_dim 24, padded to 32 in the kernel, so 128-slot tiles): row 0 all valid, row 1
     left-padded over 140 slots (a whole tile of padding before its tokens), row 2 with a hole. Slots after ``slot``
-    hold NaN, which the kernel must never load; it equals SDPA with ``padding_causal_mask`` on the clean cache."""
+    hold NaN, which the kernel must never load; it equals SDPA with ``padding_causal_mask`` on the clean cache. The
+    filled slots in one run (the CPU default; on a GPU the default splits 12 pairs 8 ways), or split over programs
+    combined by the last: 2 runs (one of padding only in row 1 at slot 149), 3 (empty runs)."""
     B, H, S, D = 3, 4, 150, 24
     assert attention_block_s(32, 4) == 128  # the tiles the docstring assumes
     k, v, q = rand(B, H, S, D, seed=6), rand(B, H, S, D, seed=7), rand(B, H * D, seed=8)
@@ -141,15 +144,18 @@ def test_decode_attention_equals_sdpa_and_reads_only_written_slots(slot):
     k_dirty, v_dirty = k.clone(), v.clone()
     k_dirty[:, :, slot + 1 :] = float("nan")
     v_dirty[:, :, slot + 1 :] = float("nan")
-    got = decode_attention(q, k_dirty, v_dirty, valid, pos)
+    got = decode_attention(q, k_dirty, v_dirty, valid, pos, splits=splits)
     torch.testing.assert_close(got, expected.transpose(1, 2).reshape(B, H * D), atol=1e-5, rtol=1e-5)
+    assert not fused.split_counters(q.device).any()
     if slot >= 140:  # row 1 sees slots 140..slot only: changing a padding slot changes nothing
         k_dirty[1, :, 3] += 5.0
-        torch.testing.assert_close(decode_attention(q, k_dirty, v_dirty, valid, pos)[1], got[1])
+        torch.testing.assert_close(decode_attention(q, k_dirty, v_dirty, valid, pos, splits=splits)[1], got[1])
     with pytest.raises(ValueError, match="do not fit the cache"):
         decode_attention(q[:, :-1], k, v, valid, pos)
     with pytest.raises(ValueError, match="do not fit the cache"):
         decode_attention(q, k, v[:2], valid, pos)
+    with pytest.raises(ValueError, match="splits must be at least 1"):
+        decode_attention(q, k, v, valid, pos, splits=0)
 
 
 @pytest.mark.parametrize("slot", [0, 5, 300])

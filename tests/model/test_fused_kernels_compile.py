@@ -67,12 +67,12 @@ def linear(dtype: str, flags: dict, block_n: int = 32, block_k: int = 128, warps
     return compile_kernel(decode_linear_kernel, constants, pointers, warps, stages)
 
 
-def attention(dtype: str, head_dim: int = 64, pdl: bool = False):
+def attention(dtype: str, head_dim: int = 64, pdl: bool = False, splits: int = 1):
     d_pad = triton.next_power_of_2(head_dim)
     block_s = attention_block_s(d_pad, 4 if dtype == "fp32" else 2)
-    constants = dict(HEAD_D=head_dim, D_PAD=d_pad, BLOCK_S=block_s, IEEE=dtype == "fp32", PDL=pdl)
+    constants = dict(HEAD_D=head_dim, D_PAD=d_pad, BLOCK_S=block_s, IEEE=dtype == "fp32", PDL=pdl, SPLITS=splits)
     pointers = {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "out_ptr": f"*{dtype}",
-                "valid_ptr": "*i1", "slot_ptr": "*i64"}  # fmt: skip
+                "valid_ptr": "*i1", "slot_ptr": "*i64", "part_ptr": "*fp32", "count_ptr": "*i32"}  # fmt: skip
     return compile_kernel(decode_attention_kernel, constants, pointers)
 
 
@@ -135,13 +135,23 @@ def test_split_k_publishes_partials_before_counting_and_reads_them_from_l2(flags
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
 @pytest.mark.parametrize("head_dim", [64, 96, 128])  # 350m, 760m (padded to 128), 7b
-def test_decode_attention_compiles_for_sm90_with_pipelined_cache_loads(dtype, head_dim):
-    kernel = attention(dtype, head_dim)
+@pytest.mark.parametrize("splits", [1, 8])
+def test_decode_attention_compiles_for_sm90_with_pipelined_cache_loads(dtype, head_dim, splits):
+    kernel = attention(dtype, head_dim, splits=splits)
     # at most ~100 KB of shared memory, so two programs share an SM and 16 rows x 16 heads run in one wave
     assert kernel.asm["cubin"] and kernel.metadata.shared <= 100 * 1024, kernel.metadata.shared
     # keys and values stream through asynchronous copies issued tiles ahead of the loop (the query is row 0 of a
     # 16-row tl.dot so that Triton pipelines these loads; loads feeding reductions are not pipelined)
-    assert "cp.async.cg.shared.global" in kernel.asm["ptx"] and "cp.async.commit_group" in kernel.asm["ptx"]
+    ptx = kernel.asm["ptx"]
+    assert "cp.async.cg.shared.global" in ptx and "cp.async.commit_group" in ptx
+    # split over the cache: the runs' hand-off as in the linear kernel's split-K (barrier, acquire-release atomic,
+    # the runs read past L1); one run: no atomics at all
+    atomic = re.search(r"atom\.(\S*)\.add\.\S*32", ptx)
+    assert bool(atomic) == (splits > 1)
+    if atomic:
+        assert "acq_rel" in atomic.group(1) and "gpu" in atomic.group(1)
+        assert "bar.sync" in ptx[ptx.rindex("st.global", 0, atomic.start()) : atomic.start()]
+        assert "ld.global.cg" in ptx[atomic.end() :]
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
