@@ -244,10 +244,11 @@ def decode_attention_kernel(
     (the other rows are zeros, computed and dropped) so that both products are ``tl.dot``: Triton then pipelines the
     key and value loads (asynchronous copies several tiles ahead), which it does not do for loads feeding reductions.
 
-    With ``SPLITS > 1`` (flash-decoding) the filled slots are split into ``SPLITS`` runs of whole tiles, one per
-    program; each writes its running max, sum and unnormalised output (``D_PAD + 2`` floats at ``part_ptr``) and
-    raises the counter of its ``(b, h)`` in ``count_ptr`` (zero before the launch and after it); the last to arrive
-    combines the runs in split order and writes ``out``.
+    With ``SPLITS > 1`` (flash-decoding) the filled slots are split into at most ``SPLITS`` runs of whole tiles, one
+    per program (``runs`` of them hold slots; early in the cache fewer, and one run writes ``out`` itself); each
+    writes its running max, sum and unnormalised output (``D_PAD + 2`` floats at ``part_ptr``) and raises the counter
+    of its ``(b, h)`` in ``count_ptr`` (zero before the launch and after it); the last to arrive combines the runs in
+    split order and writes ``out``.
     """
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -261,61 +262,70 @@ def decode_attention_kernel(
     q = tl.load(q_ptr + b * C + h * HEAD_D + rows[:, None] * 0 + dims[None, :], mask=first & d_ok[None, :], other=0.0)
     q = q.to(k_ptr.dtype.element_ty)  # (16, D_PAD), row 0 the query
     slot = tl.load(slot_ptr)
-    per = tl.cdiv(tl.cdiv(slot + 1, BLOCK_S), SPLITS) * BLOCK_S  # whole tiles per split
-    s_lo = split * per
-    s_hi = tl.minimum(s_lo + per, slot + 1)
-    kv = k_ptr + b * stride_cb + h * stride_ch  # this row's and head's keys; values at the same offsets
-    vv = v_ptr + b * stride_cb + h * stride_ch
-    m = tl.full((16,), -1.0e30, tl.float32)  # running max (finite: a block of padding must not give exp(-inf + inf))
-    total = tl.zeros((16,), dtype=tl.float32)  # running sum of exp(score - m)
-    acc = tl.zeros((16, D_PAD), dtype=tl.float32)
-    for s0 in range(s_lo, s_hi, BLOCK_S):
-        s = s0 + tl.arange(0, BLOCK_S)
-        s_ok = s < s_hi
-        keep = (s_ok & (tl.load(valid_ptr + b * stride_vb + s, mask=s_ok, other=0) != 0)) | (s == slot)
-        where = s[:, None] * stride_cs + dims[None, :]
-        tile_ok = s_ok[:, None] & d_ok[None, :]
-        k = tl.load(kv + where, mask=tile_ok, other=0.0)  # (BLOCK_S, D_PAD)
-        if IEEE:
-            scores = tl.dot(q, tl.trans(k), input_precision="ieee")  # (16, BLOCK_S)
-        else:
-            scores = tl.dot(q, tl.trans(k))
-        scores = tl.where(keep[None, :], scores * scale, float("-inf"))
-        m_new = tl.maximum(m, tl.max(scores, axis=1))
-        p = tl.exp(scores - m_new[:, None])
-        rescale = tl.exp(m - m_new)
-        v = tl.load(vv + where, mask=tile_ok, other=0.0)
-        total = total * rescale + tl.sum(p, axis=1)
-        if IEEE:
-            acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v)
-        m = m_new
-    out = out_ptr + b * C + h * HEAD_D + rows[:, None] * 0 + dims[None, :]
-    if SPLITS == 1:
-        tl.store(out, (acc / total[:, None]).to(out_ptr.dtype.element_ty), mask=first & d_ok[None, :])
+    tiles = tl.cdiv(slot + 1, BLOCK_S)
+    if SPLITS == 1:  # one run, known when compiling (no hand-off compiled in)
+        per = tiles
+        runs = 1
     else:
-        pair = b * tl.num_programs(1) + h
-        run = part_ptr + (pair * SPLITS + split) * (D_PAD + 2)  # [max, sum, output (D_PAD)] of this split's run
-        tl.store(run + rows * 0, m, mask=rows == 0)
-        tl.store(run + 1 + rows * 0, total, mask=rows == 0)
-        tl.store(run + 2 + rows[:, None] * 0 + dims[None, :], acc, mask=first)
-        tl.debug_barrier()  # every thread's stores before the count is raised (the release covers them)
-        arrived = tl.atomic_add(count_ptr + pair, 1, sem="acq_rel")
-        if arrived == SPLITS - 1:  # the last run of this (row, head): combine all runs in split order
-            runs = part_ptr + pair * SPLITS * (D_PAD + 2)
-            m_all = tl.full((), -1.0e30, tl.float32)
-            for j in tl.static_range(SPLITS):
-                m_all = tl.maximum(m_all, tl.load(runs + j * (D_PAD + 2), cache_modifier=".cg"))
-            num = tl.zeros((D_PAD,), dtype=tl.float32)
-            den = tl.zeros((), dtype=tl.float32)
-            for j in tl.static_range(SPLITS):
-                weight = tl.exp(tl.load(runs + j * (D_PAD + 2), cache_modifier=".cg") - m_all)  # 0 for empty runs
-                den += weight * tl.load(runs + j * (D_PAD + 2) + 1, cache_modifier=".cg")
-                num += weight * tl.load(runs + j * (D_PAD + 2) + 2 + dims, cache_modifier=".cg")
-            tl.store(count_ptr + pair, 0)  # ready for the next launch (a CUDA graph replays this one)
-            dest = out_ptr + b * C + h * HEAD_D + dims
-            tl.store(dest, (num / den).to(out_ptr.dtype.element_ty), mask=d_ok)
+        per = tl.cdiv(tiles, SPLITS)  # whole tiles per run
+        runs = tl.cdiv(tiles, per)  # runs holding slots: fewer than SPLITS early in the cache (the others idle)
+    if split < runs:
+        s_lo = split * per * BLOCK_S
+        s_hi = tl.minimum(s_lo + per * BLOCK_S, slot + 1)
+        kv = k_ptr + b * stride_cb + h * stride_ch  # this row's and head's keys; values at the same offsets
+        vv = v_ptr + b * stride_cb + h * stride_ch
+        m = tl.full((16,), -1.0e30, tl.float32)  # running max (finite: a tile of padding must not give inf - inf)
+        total = tl.zeros((16,), dtype=tl.float32)  # running sum of exp(score - m)
+        acc = tl.zeros((16, D_PAD), dtype=tl.float32)
+        for s0 in range(s_lo, s_hi, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            s_ok = s < s_hi
+            keep = (s_ok & (tl.load(valid_ptr + b * stride_vb + s, mask=s_ok, other=0) != 0)) | (s == slot)
+            where = s[:, None] * stride_cs + dims[None, :]
+            tile_ok = s_ok[:, None] & d_ok[None, :]
+            k = tl.load(kv + where, mask=tile_ok, other=0.0)  # (BLOCK_S, D_PAD)
+            if IEEE:
+                scores = tl.dot(q, tl.trans(k), input_precision="ieee")  # (16, BLOCK_S)
+            else:
+                scores = tl.dot(q, tl.trans(k))
+            scores = tl.where(keep[None, :], scores * scale, float("-inf"))
+            m_new = tl.maximum(m, tl.max(scores, axis=1))
+            p = tl.exp(scores - m_new[:, None])
+            rescale = tl.exp(m - m_new)
+            v = tl.load(vv + where, mask=tile_ok, other=0.0)
+            total = total * rescale + tl.sum(p, axis=1)
+            if IEEE:
+                acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            else:
+                acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v)
+            m = m_new
+        out = out_ptr + b * C + h * HEAD_D + rows[:, None] * 0 + dims[None, :]
+        if runs == 1:
+            tl.store(out, (acc / total[:, None]).to(out_ptr.dtype.element_ty), mask=first & d_ok[None, :])
+        else:
+            pair = b * tl.num_programs(1) + h
+            run = part_ptr + (pair * SPLITS + split) * (D_PAD + 2)  # [max, sum, output (D_PAD)] of this run
+            tl.store(run + rows * 0, m, mask=rows == 0)
+            tl.store(run + 1 + rows * 0, total, mask=rows == 0)
+            tl.store(run + 2 + rows[:, None] * 0 + dims[None, :], acc, mask=first)
+            tl.debug_barrier()  # every thread's stores before the count is raised (the release covers them)
+            arrived = tl.atomic_add(count_ptr + pair, 1, sem="acq_rel")
+            if arrived == runs - 1:  # the last run of this (row, head) to finish: combine them in split order
+                base = part_ptr + pair * SPLITS * (D_PAD + 2)
+                m_all = tl.full((), -1.0e30, tl.float32)
+                for j in tl.static_range(SPLITS):
+                    m_j = tl.load(base + j * (D_PAD + 2), mask=j < runs, other=-1.0e30, cache_modifier=".cg")
+                    m_all = tl.maximum(m_all, m_j)
+                num = tl.zeros((D_PAD,), dtype=tl.float32)
+                den = tl.zeros((), dtype=tl.float32)
+                for j in tl.static_range(SPLITS):
+                    run_j = base + j * (D_PAD + 2)
+                    m_j = tl.load(run_j, mask=j < runs, other=-1.0e30, cache_modifier=".cg")
+                    weight = tl.exp(m_j - m_all)  # 0 for a run of padding only
+                    den += weight * tl.load(run_j + 1, mask=j < runs, other=0.0, cache_modifier=".cg")
+                    num += weight * tl.load(run_j + 2 + dims, mask=j < runs, other=0.0, cache_modifier=".cg")
+                tl.store(count_ptr + pair, 0)  # ready for the next launch (a CUDA graph replays this one)
+                tl.store(out_ptr + b * C + h * HEAD_D + dims, (num / den).to(out_ptr.dtype.element_ty), mask=d_ok)
 
 
 @triton.jit
