@@ -24,6 +24,7 @@ import functools
 import os
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from cm3leon_lightning.model.transformer import CM3Leon
@@ -60,6 +61,12 @@ def fused_unsupported(model: CM3Leon, device: torch.device) -> str | None:
 INTERPRETER_TILES = {"BLOCK_N": 64, "BLOCK_K": 32, "PREFETCH": True}
 """The linear kernel's configuration under Triton's interpreter (tests): K = 48 then takes the prefetched first tile
 and one partial tile of the loop."""
+
+MAX_ROW_TILE = 64
+"""The most rows (padded to a power of two, one more with LayerNorm) the linear kernel takes in one tile: every tile
+configuration fits in shared memory up to here (~210 KB at most). With more rows (e.g. 8 prompts x 8 candidates with
+CFG) a step's projections are real matrix products, done by cuBLAS (:func:`_unfused_linear`); the other fused kernels
+take any number of rows."""
 
 FIXED_TILES: dict[str, int | bool] | None = None
 """When set (e.g. ``{"BLOCK_N": 16, "BLOCK_K": 128, "SPLIT_K": 4}``), the linear kernel runs with these tiles
@@ -161,6 +168,8 @@ def decode_linear(
     if residual is not None and (residual.shape != (R, N) or not residual.is_contiguous()):
         raise ValueError(f"decode_linear: residual {tuple(residual.shape)} must be a contiguous ({R}, {N})")
     norm = norm_eps is not None
+    if max(16, triton.next_power_of_2(R + norm)) > MAX_ROW_TILE:
+        return _unfused_linear(x, weight, norm_eps, act, residual, cache)
     flags = dict(
         R_PAD=max(16, triton.next_power_of_2(R + norm)),  # with NORM a padding row computes the row sums of W
         NORM=norm, ACT=act, RESIDUAL=residual is not None, CACHE=cache is not None, IEEE=weight.dtype == torch.float32,
@@ -185,6 +194,29 @@ def decode_linear(
         kernel = fk.tuned_pdl_decode_linear_kernel if launch else fk.tuned_decode_linear_kernel
         kernel[grid](*args, **flags, **launch)
     return out
+
+
+def _unfused_linear(
+    x: Tensor,
+    weight: Tensor,
+    norm_eps: float | None,
+    act: int,
+    residual: Tensor | None,
+    cache: tuple[Tensor, Tensor, Tensor] | None,
+) -> Tensor:
+    """What :func:`decode_linear` computes, in torch ops (cuBLAS), for more rows than :data:`MAX_ROW_TILE` holds."""
+    h = F.layer_norm(x, (x.shape[1],), eps=norm_eps) if norm_eps is not None else x
+    y = F.linear(h, weight)
+    y = F.gelu(y) if act == 1 else F.relu(y) if act == 2 else y
+    y = y + residual if residual is not None else y
+    if cache is None:
+        return y
+    k_buf, v_buf, slot = cache
+    R, H, _, D = k_buf.shape
+    C = weight.shape[0] // 3
+    k_buf.index_copy_(2, slot, y[:, C : 2 * C].reshape(R, H, 1, D))
+    v_buf.index_copy_(2, slot, y[:, 2 * C :].reshape(R, H, 1, D))
+    return y[:, :C].contiguous()
 
 
 def decode_embed(idx: Tensor, wte: Tensor, wpe: Tensor, valid: Tensor, input_pos: Tensor) -> Tensor:

@@ -77,6 +77,30 @@ def test_layernorm_prologue_for_a_full_tile_of_rows_and_an_offset_residual_strea
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize(
+    "norm,act,residual,cache", [(True, 0, False, True), (False, 0, True, False), (True, 1, False, False)]
+)
+def test_more_rows_than_a_tile_holds_give_the_kernels_results(norm, act, residual, cache):
+    """70 rows (a 128-row tile with LayerNorm, beyond MAX_ROW_TILE) go through cuBLAS: the same results, and the same
+    cache writes, as the kernel gives the first 5 rows."""
+    R, H, D, S, slot = 70, 2, 8, 10, 6
+    C = H * D
+    x, res = rand(R, C, seed=14) * 2 + 0.5, rand(R, 3 * C if cache else C, seed=15)
+    w = rand(3 * C if cache else C, C, seed=16) * 0.2
+    pos = torch.tensor([slot], device=DEVICE)
+    outs, caches = [], []
+    for rows in (R, 5):
+        kv = torch.zeros(2, rows, H, S, D, device=DEVICE)
+        kwargs = dict(norm_eps=1e-5 if norm else None, act=act, residual=res[:rows] if residual else None,
+                      cache=(kv[0], kv[1], pos) if cache else None)  # fmt: skip
+        outs.append(decode_linear(x[:rows], w, **kwargs))
+        caches.append(kv)
+    assert fused.MAX_ROW_TILE == 64 and outs[0].shape == (R, C)
+    torch.testing.assert_close(outs[0][:5], outs[1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(caches[0][:, :5], caches[1], atol=1e-5, rtol=1e-5)
+    assert caches[0][:, :, :, slot].abs().sum() > 0 if cache else not caches[0].any()
+
+
 @pytest.mark.skipif(not CUDA, reason="the autotuning configurations, native on a GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_every_tuning_configuration_matches_torch_when_replayed_in_a_cuda_graph(dtype, monkeypatch):

@@ -108,6 +108,17 @@ def test_every_autotuning_configuration_compiles_for_sm90():
         assert kernel.asm["cubin"] and "cp.async.commit_group" in kernel.asm["ptx"], config
 
 
+def test_the_largest_tiles_fit_in_shared_memory_at_the_largest_row_tile():
+    """Up to MAX_ROW_TILE rows every configuration fits an H100's 227 KB of shared memory per program (more rows
+    go to cuBLAS); the largest are the 256-wide K tiles, whose x tile grows with the rows."""
+    from cm3leon_lightning.model.fused import MAX_ROW_TILE
+
+    for config in [c for c in CONFIGS if c.kwargs["BLOCK_K"] == 256]:
+        flags = {**LAUNCHES[0], "R_PAD": MAX_ROW_TILE}
+        kernel = linear("bf16", flags, config.kwargs["BLOCK_N"], 256, config.num_warps, config.num_stages)
+        assert kernel.metadata.shared <= 227 * 1024, (config, kernel.metadata.shared)
+
+
 @pytest.mark.parametrize("flags", LAUNCHES, ids=["qkv", "out", "up-gelu", "up-relu", "head"])
 def test_every_load_of_x_and_w_is_a_pipelined_copy_without_split_k(flags):
     """The LayerNorm's statistics are gathered in the main loop (one pass), so the only plain global loads left
