@@ -73,19 +73,26 @@ FIXED_TILES: dict[str, int | bool] | None = None
 instead of autotuning (the GPU tests, which would otherwise tune every small shape; reproducing one configuration).
 Under the interpreter, :data:`INTERPRETER_TILES` apply unless this is set."""
 
+COUNTERS = 1 << 16
+"""Arrival counters per device (256 KB): the linear kernel's split-K uses one per column block (at most
+``SPLIT_MAX_BLOCKS``), the attention's split one per (row, head)."""
+
 _COUNTERS: dict[torch.device, Tensor] = {}
 
 
 def split_counters(device: torch.device, size: int = 0) -> Tensor:
-    """The arrival counters of the split kernels on ``device`` (at least ``size`` int32: one per column block of the
-    linear kernel's split-K, one per (row, head) of the attention's split over the cache; zero between launches, as
-    the last split of each resets its own). Shared by every fused launch on the device, which the stream orders; two
-    fused decodes running at once on different streams of one device would need their own. Grown, never shrunk;
-    the warm-up steps before a CUDA graph's capture allocate it."""
-    from cm3leon_lightning.model import fused_kernels as fk
+    """The arrival counters of the split kernels on ``device`` (:data:`COUNTERS` int32, zero between launches, as
+    the last split of each block or (row, head) resets its own). Allocated once and never replaced, since captured
+    CUDA graphs keep its address; shared by every fused launch on the device, which the stream orders (two fused
+    decodes running at once on different streams of one device would need their own).
 
-    if device not in _COUNTERS or _COUNTERS[device].numel() < size:
-        _COUNTERS[device] = torch.zeros(max(size, fk.SPLIT_MAX_BLOCKS), dtype=torch.int32, device=device)
+    Raises:
+        ValueError: ``size`` counters asked for, more than there are.
+    """
+    if size > COUNTERS:
+        raise ValueError(f"the fused kernels' split counters hold {COUNTERS}, {size} asked for (rows x heads)")
+    if device not in _COUNTERS:
+        _COUNTERS[device] = torch.zeros(COUNTERS, dtype=torch.int32, device=device)
     return _COUNTERS[device]
 
 

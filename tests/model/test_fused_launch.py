@@ -67,3 +67,13 @@ def test_fixed_split_tiles_for_a_wide_output_are_refused(monkeypatch):
     wide = 16 * fk.SPLIT_MAX_BLOCKS + 16
     with pytest.raises(ValueError, match="split-K tiles .* for 16400 output columns"):
         fused.decode_linear(torch.zeros(2, 32), torch.zeros(wide, 32))
+
+
+def test_split_counters_are_allocated_once_per_device_and_bounded():
+    """Captured CUDA graphs keep the counters' address: the buffer is never replaced; asking for more than it holds
+    is a clear error."""
+    cpu = torch.device("cpu")
+    first = fused.split_counters(cpu)
+    assert fused.split_counters(cpu, 5000) is first and first.numel() == fused.COUNTERS and not first.any()
+    with pytest.raises(ValueError, match="split counters hold 65536, 65537 asked for"):
+        fused.split_counters(cpu, fused.COUNTERS + 1)
