@@ -440,9 +440,14 @@ def quick_bench(kernel_call: Callable[[], object], quantiles: Sequence[float]) -
 
 
 def autotuned(configs: list[triton.Config]) -> triton.runtime.Autotuner:
-    """:func:`decode_linear_kernel` autotuned over ``configs`` per :data:`KEY`, timed by :func:`quick_bench` where this
-    Triton's ``autotune`` takes a benchmark function."""
-    options = {"do_bench": quick_bench} if "do_bench" in inspect.signature(triton.autotune).parameters else {}
+    """:func:`decode_linear_kernel` autotuned over ``configs`` per :data:`KEY`, pruned by :func:`prune_configs`,
+    timed by :func:`quick_bench`, and the timings kept in Triton's cache directory (``~/.triton/cache``; delete it to
+    tune again) so that a later process starts decoding without tuning, where this Triton's ``autotune`` takes a
+    benchmark function and caches results."""
+    parameters = inspect.signature(triton.autotune).parameters
+    options = {"do_bench": quick_bench} if "do_bench" in parameters else {}
+    if "cache_results" in parameters:
+        options["cache_results"] = True
     prune = {"early_config_prune": prune_configs}
     return triton.autotune(configs=configs, key=KEY, prune_configs_by=prune, **options)(decode_linear_kernel)
 

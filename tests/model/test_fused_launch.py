@@ -1,4 +1,7 @@
-"""How the fused kernels are launched: programmatic dependent launch only on sm_90+ CUDA devices, switchable off."""
+"""How the fused kernels are launched: programmatic dependent launch only when asked for, on sm_90+ CUDA devices;
+the linear kernel's tuning configurations, their pruning, and the split kernels' counters."""
+
+import inspect
 
 import pytest
 import torch
@@ -38,6 +41,8 @@ def test_linear_kernel_tuning_configurations():
     ):
         assert kernel.configs == configs and kernel.do_bench is fk.quick_bench
         assert kernel.early_config_prune is fk.prune_configs
+        if "cache_results" in inspect.signature(fk.triton.autotune).parameters:  # timings kept on disk
+            assert kernel.cache_results or fk.triton.knobs.runtime.interpret
 
 
 def splits(configs):
