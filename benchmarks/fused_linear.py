@@ -5,7 +5,7 @@ The first GPU profile of the fused step (docs/benchmarks.md, session 6) found th
 kernel time and about 1 TB/s. This script times each launch of a step at a preset's shapes (QKV with the cache
 write, out-projection, up-projection with the activation, down-projection, the image-code slice of the LM head), at
 2 rows (one image with CFG) and ``2 x --candidates`` rows, under every configuration the autotuner may pick
-(:data:`~cm3leon_lightning.model.fused_kernels.CONFIGS`, ``--pdl``: with programmatic dependent launch and its
+(:data:`~cm3leon_lightning.model.fused_linear_kernel.CONFIGS`, ``--pdl``: with programmatic dependent launch and its
 prefetching configurations), as a chain of ``--chain`` launches captured in one CUDA graph (so a row's time
 includes the gap between kernels, as in the real step). Beside them: the configuration the autotuner picks
 (``tuned``), ``F.linear`` alone (``cublas``, no LayerNorm, activation or cache write) and ``bound``, the weight bytes
@@ -100,7 +100,7 @@ def main() -> None:
         p.error("--device cpu runs the kernels under Triton's interpreter: start it with TRITON_INTERPRET=1")
     if args.pdl:
         os.environ[fused.PDL_ENV] = "1"
-    from cm3leon_lightning.model import fused_kernels as fk
+    from cm3leon_lightning.model import fused_linear_kernel as fk
 
     dtype = torch.bfloat16 if gpu else torch.float32  # the interpreter computes in float32 only
     config = CM3LeonConfig.from_preset(args.preset)

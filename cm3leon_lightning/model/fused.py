@@ -148,7 +148,7 @@ def decode_linear(
     """
     import triton
 
-    from cm3leon_lightning.model import fused_kernels as fk
+    from cm3leon_lightning.model import fused_linear_kernel as lk
 
     R, K = x.shape
     N = weight.shape[0]
@@ -182,12 +182,12 @@ def decode_linear(
         NORM=norm, ACT=act, RESIDUAL=residual is not None, CACHE=cache is not None, IEEE=weight.dtype == torch.float32,
     )  # fmt: skip
     tiles = FIXED_TILES if FIXED_TILES is not None else INTERPRETER_TILES if interpreting() else None
-    if fk.split_allowed(N):  # float32 partial sums for the largest split tried, and the arrival counters
-        part = torch.empty(fk.MAX_SPLIT * triton.cdiv(N, 16) * 16 * flags["R_PAD"], device=x.device)
+    if lk.split_allowed(N):  # float32 partial sums for the largest split tried, and the arrival counters
+        part = torch.empty(lk.MAX_SPLIT * triton.cdiv(N, 16) * 16 * flags["R_PAD"], device=x.device)
         counters = split_counters(x.device)
     elif tiles is not None and tiles.get("SPLIT_K", 1) > 1:
         raise ValueError(
-            f"decode_linear: split-K tiles {tiles} for {N} output columns (at most {16 * fk.SPLIT_MAX_BLOCKS})"
+            f"decode_linear: split-K tiles {tiles} for {N} output columns (at most {16 * lk.SPLIT_MAX_BLOCKS})"
         )
     else:
         part = counters = x  # unused by the kernel
@@ -196,9 +196,9 @@ def decode_linear(
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), meta.get("SPLIT_K", 1))  # noqa: E731
     launch = launch_options(x.device)
     if tiles is not None:  # fixed tiles (the interpreter cannot time configurations)
-        fk.decode_linear_kernel[grid(tiles)](*args, **tiles, **flags, **launch)
+        lk.decode_linear_kernel[grid(tiles)](*args, **tiles, **flags, **launch)
     else:
-        kernel = fk.tuned_pdl_decode_linear_kernel if launch else fk.tuned_decode_linear_kernel
+        kernel = lk.tuned_pdl_decode_linear_kernel if launch else lk.tuned_decode_linear_kernel
         kernel[grid](*args, **flags, **launch)
     return out
 

@@ -108,7 +108,7 @@ def test_every_tuning_configuration_matches_torch_when_replayed_in_a_cuda_graph(
     configuration the autotuner may pick (bf16; one split configuration in float32), captured in a CUDA graph and
     replayed five times with new inputs: every replay equals torch (split-K's hand-off between programs and its
     counter reset are real here, not in the interpreter)."""
-    from cm3leon_lightning.model import fused_kernels as fk
+    from cm3leon_lightning.model import fused_linear_kernel as fk
 
     R, N, K = 16, 1024, 4096
     w = rand(N, K, seed=11).to(dtype) * 0.02

@@ -16,13 +16,11 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 
 from cm3leon_lightning.generation.sampling_kernel import pick_kernel  # noqa: E402
 from cm3leon_lightning.model.fused_kernels import (  # noqa: E402
-    CONFIGS,
-    PDL_CONFIGS,
     attention_block_s,
     decode_attention_kernel,
     decode_embed_kernel,
-    decode_linear_kernel,
 )
+from cm3leon_lightning.model.fused_linear_kernel import CONFIGS, PDL_CONFIGS, decode_linear_kernel  # noqa: E402
 
 # What fused_decode_forward launches per block and for the head: QKV (LayerNorm + cache write), out-projection
 # (residual), up-projection (LayerNorm + GELU or ReLU), down-projection (residual), LM head (LayerNorm).

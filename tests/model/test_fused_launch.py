@@ -27,7 +27,7 @@ def test_linear_kernel_tuning_configurations():
     """Prefetching the first weight tile is tried only with PDL (without it nothing overlaps) and only with 128-wide
     tiles; split-K with 2, 4 and 8 splits; every configuration is timed by the shortened benchmark and pruned by
     shape."""
-    from cm3leon_lightning.model import fused_kernels as fk
+    from cm3leon_lightning.model import fused_linear_kernel as fk
 
     assert all("PREFETCH" not in c.kwargs for c in fk.CONFIGS)
     assert len(fk.CONFIGS) == 12 and {c.kwargs.get("SPLIT_K", 1) for c in fk.CONFIGS} == {1, 2, 4, 8}
@@ -50,7 +50,7 @@ def splits(configs):
 
 
 def test_split_k_is_tried_only_where_every_split_gets_work_and_the_output_is_narrow():
-    from cm3leon_lightning.model import fused_kernels as fk
+    from cm3leon_lightning.model import fused_linear_kernel as fk
 
     # 350m: out-projection and down-projection (N = 1024), QKV, up-projection, the image-code head
     for n, k in ((1024, 1024), (1024, 4096), (3072, 1024), (4096, 1024), (8192, 1024)):
@@ -66,7 +66,7 @@ def test_split_k_is_tried_only_where_every_split_gets_work_and_the_output_is_nar
 
 def test_fixed_split_tiles_for_a_wide_output_are_refused(monkeypatch):
     """Split-K tiles forced on an output wider than the counters cover: a clear error, not a silent overflow."""
-    from cm3leon_lightning.model import fused_kernels as fk
+    from cm3leon_lightning.model import fused_linear_kernel as fk
 
     monkeypatch.setattr(fused, "FIXED_TILES", {"BLOCK_N": 16, "BLOCK_K": 128, "SPLIT_K": 2})
     wide = 16 * fk.SPLIT_MAX_BLOCKS + 16
