@@ -7,7 +7,7 @@
 #          programmatic dependent launch (CM3LEON_PDL=1); benchmarks/fused_linear.py (each linear launch under
 #          every tile configuration, against cuBLAS and the bandwidth bound);
 #   HALF=2 (~10 min): the other CUDA decode modes' tests against eager, the max-autotune test (minutes of
-#          compilation), the per-kernel profile of one decode step (inductor, reduce-overhead, fused);
+#          compilation), the per-kernel profile of a decode step in the middle of an image (fused, reduce-overhead);
 #          generation.py with max-autotune; the floor under a decode step (benchmarks/decode_floor.py: matmuls
 #          alone, + pointwise, + cache, + attention, against the real step in the graph and fused-graph modes and
 #          the bandwidth bound).
@@ -40,7 +40,7 @@ if second; then
   TAIL=20 part tune_tests "${TUNE_TESTS_LIMIT:-120}" $PY -m pytest tests/generation/test_generate.py -q \
     -p no:cacheprovider -k "autotuned and max"
   TAIL=120 part profile "${PROFILE_LIMIT:-100}" $PY benchmarks/decode_profile.py --preset 350m \
-    --modes inductor,reduce-overhead,fused --attention sdpa,flex --steps 32 --rows 30 --out "$OUT/profile"
+    --modes fused,reduce-overhead --attention sdpa --warmup 480 --steps 32 --rows 30 --out "$OUT/profile"
   part max_autotune "${TUNE_LIMIT:-120}" $PY benchmarks/generation.py --presets 350m --modes max-autotune \
     --repeats 2 --reference-tokens 0 --no-rerank --json "$OUT/generation_max_autotune.json"
   TAIL=40 part floor "${FLOOR_LIMIT:-100}" $PY benchmarks/decode_floor.py --preset 350m --attention sdpa,flex \
