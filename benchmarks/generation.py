@@ -228,7 +228,7 @@ def main() -> None:
     p.add_argument(
         "--modes",
         default=None,
-        help=f"comma-separated decode-step modes of {MODES} (default: eager,reduce-overhead,graph,inductor-graph on "
+        help=f"comma-separated decode-step modes of {MODES} (default: eager,fused-graph,reduce-overhead,graph on "
         "CUDA; eager on CPU, add inductor to compile there)",
     )
     p.add_argument(
@@ -259,7 +259,7 @@ def main() -> None:
     args.image_tokens = args.image_tokens or (1024 if gpu else 16)
     args.reference_tokens = args.reference_tokens if args.reference_tokens is not None else (256 if gpu else 8)
     args.repeats = args.repeats or (3 if gpu else 1)
-    default_modes = "eager,reduce-overhead,graph,inductor-graph" if gpu else "eager"
+    default_modes = "eager,fused-graph,reduce-overhead,graph" if gpu else "eager"
     args.modes = comma_list(p, "--modes", args.modes or default_modes, MODES)
     args.attention = comma_list(p, "--attention", args.attention, ATTENTION_IMPLS)
     if args.rerank is None:
