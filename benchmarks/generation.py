@@ -6,8 +6,8 @@ For each preset (random weights; the timing does not depend on them) it measures
 * ``8 img``: eight candidates of one prompt with CFG (16 streams), in one batch;
 
 with :func:`cm3leon_lightning.generation.generate_image` in each decode-step mode of ``--modes`` (eager; on GPU also
-``torch.compile(mode="reduce-overhead")``, the eager step in one captured CUDA graph, and the inductor-compiled step
-in one captured CUDA graph; see ``generation/graphs.py``) and each attention implementation of ``--attention``
+the fused Triton step in one captured CUDA graph, ``torch.compile(mode="reduce-overhead")`` and the eager step in one
+captured CUDA graph; see ``generation/graphs.py``) and each attention implementation of ``--attention``
 (``sdpa``, ``flex``), and a plain reference loop in the same run:
 no KV cache (the whole sequence re-run every token), the two CFG streams as two separate forwards, and sampling with
 ``torch.multinomial`` followed by ``.item()`` (a host sync per token). The reference runs one image only and at most
