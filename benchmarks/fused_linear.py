@@ -131,7 +131,7 @@ def main() -> None:
         for rows in rows_list:
             for name in LAUNCHES:
                 run, written, expected, n, k = launch(name, config, rows, args.head, args.device, dtype)
-                for c in fk.prune_configs(configs, {"N": n, "K": k}):
+                for c in fk.prune_configs(configs, {"N": n, "K": k}, with_splits=True):
                     fused.FIXED_TILES = c.kwargs
                     correct = torch.allclose(written().float(), expected, **tol)
                     wrong += not correct

@@ -265,10 +265,13 @@ def decode_embed(idx: Tensor, wte: Tensor, wpe: Tensor, valid: Tensor, input_pos
 
 
 def attention_splits(pairs: int, device: torch.device) -> int:
-    """How many programs share one (row, head)'s cache in :func:`decode_attention`: enough for ``pairs`` (rows x
-    heads) to give every SM of the GPU two programs, at most 8 (one 128-slot tile each over a 1024-token image); 1 on
-    a CPU."""
-    if device.type != "cuda":
+    """How many programs share one (row, head)'s cache in :func:`decode_attention` by default: with
+    ``CM3LEON_FUSED_SPLITS=1`` (:data:`~cm3leon_lightning.model.fused_linear_kernel.SPLITS_ENV`), enough for ``pairs``
+    (rows x heads) to give every SM of the GPU two programs, at most 8 (one 128-slot tile each over a 1024-token
+    image); else, and on a CPU, 1."""
+    from cm3leon_lightning.model.fused_linear_kernel import splits_enabled
+
+    if device.type != "cuda" or not splits_enabled():
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     return max(1, min(8, 2 * sms // pairs))

@@ -29,6 +29,7 @@ Importing this module needs Triton; with ``TRITON_INTERPRET=1`` set before the i
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Callable, Sequence
 
 import triton
@@ -240,15 +241,31 @@ def split_allowed(n: int) -> bool:
     return triton.cdiv(n, 16) <= SPLIT_MAX_BLOCKS
 
 
-def prune_configs(configs: list[triton.Config], named_args: dict, **kwargs: object) -> list[triton.Config]:
-    """The autotuner's ``early_config_prune``: drop split-K configurations where :func:`split_allowed` is false or
-    a split would get no ``K`` at all (``K`` too short for ``SPLIT_K`` tiles)."""
+SPLITS_ENV = "CM3LEON_FUSED_SPLITS"
+"""Environment variable: ``1`` lets the autotuner choose split-K configurations and the attention split the cache over
+several programs by default. Off until a GPU run has checked the split kernels' hand-off between programs natively
+(the interpreter runs programs one after another) and timed them (``benchmarks/gpu_decode.sh``); explicit tiles
+(``fused.FIXED_TILES``) and ``decode_attention(..., splits=)`` use them regardless."""
+
+
+def splits_enabled() -> bool:
+    """Whether ``CM3LEON_FUSED_SPLITS=1``: split kernels among the defaults (:data:`SPLITS_ENV`)."""
+    return os.environ.get(SPLITS_ENV, "0") == "1"
+
+
+def prune_configs(
+    configs: list[triton.Config], named_args: dict, with_splits: bool | None = None, **kwargs: object
+) -> list[triton.Config]:
+    """The autotuner's ``early_config_prune``: drop split-K configurations unless ``with_splits`` (default
+    :func:`splits_enabled`), and where :func:`split_allowed` is false or a split would get no ``K`` at all (``K``
+    too short for ``SPLIT_K`` tiles)."""
     n, k = named_args["N"], named_args["K"]
+    with_splits = splits_enabled() if with_splits is None else with_splits
 
     def useful(c: triton.Config) -> bool:
         split, block_k = c.kwargs.get("SPLIT_K", 1), c.kwargs["BLOCK_K"]
         per = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
-        return split == 1 or (split_allowed(n) and (split - 1) * per < k)
+        return split == 1 or (with_splits and split_allowed(n) and (split - 1) * per < k)
 
     return [c for c in configs if useful(c)]
 

@@ -154,8 +154,8 @@ def test_decode_attention_equals_sdpa_and_reads_only_written_slots(slot, splits)
     """Three rows over 150 slots (head_dim 24, padded to 32 in the kernel, so 128-slot tiles): row 0 all valid, row 1
     left-padded over 140 slots (a whole tile of padding before its tokens), row 2 with a hole. Slots after ``slot``
     hold NaN, which the kernel must never load; it equals SDPA with ``padding_causal_mask`` on the clean cache. The
-    filled slots in one run (the CPU default; on a GPU the default splits 12 pairs 8 ways), or split over programs
-    combined by the last: 2 runs (one of padding only in row 1 at slot 149), 3 (empty runs)."""
+    filled slots in one run (the default; with CM3LEON_FUSED_SPLITS=1 on a GPU 12 pairs are split 8 ways), or split
+    over programs combined by the last: 2 runs (one of padding only in row 1 at slot 149), 3 (empty runs)."""
     B, H, S, D = 3, 4, 150, 24
     assert attention_block_s(32, 4) == 128  # the tiles the docstring assumes
     k, v, q = rand(B, H, S, D, seed=6), rand(B, H, S, D, seed=7), rand(B, H * D, seed=8)

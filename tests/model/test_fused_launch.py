@@ -49,8 +49,10 @@ def splits(configs):
     return sorted({c.kwargs.get("SPLIT_K", 1) for c in configs})
 
 
-def test_split_k_is_tried_only_where_every_split_gets_work_and_the_output_is_narrow():
+def test_split_k_is_tried_only_where_every_split_gets_work_and_the_output_is_narrow(monkeypatch):
     from cm3leon_lightning.model import fused_linear_kernel as fk
+
+    monkeypatch.setenv(fk.SPLITS_ENV, "1")
 
     # 350m: out-projection and down-projection (N = 1024), QKV, up-projection, the image-code head
     for n, k in ((1024, 1024), (1024, 4096), (3072, 1024), (4096, 1024), (8192, 1024)):
@@ -82,3 +84,22 @@ def test_split_counters_are_allocated_once_per_device_and_bounded():
     assert fused.split_counters(cpu, 5000) is first and first.numel() == fused.COUNTERS and not first.any()
     with pytest.raises(ValueError, match="split counters hold 65536, 65537 asked for"):
         fused.split_counters(cpu, fused.COUNTERS + 1)
+
+
+def test_split_kernels_are_defaults_only_when_asked_for(monkeypatch):
+    """Until a GPU run has checked the split kernels natively, the autotuner and the attention do without them unless
+    CM3LEON_FUSED_SPLITS=1; asking explicitly works regardless."""
+    from cm3leon_lightning.model import fused_linear_kernel as fk
+
+    monkeypatch.delenv(fk.SPLITS_ENV, raising=False)
+    assert fk.prune_configs(fk.CONFIGS, {"N": 1024, "K": 4096}) == fk.UNSPLIT_CONFIGS
+    assert fk.prune_configs(fk.CONFIGS, {"N": 1024, "K": 4096}, with_splits=True) == fk.CONFIGS
+    monkeypatch.setattr(
+        torch.cuda, "get_device_properties", lambda device: type("P", (), {"multi_processor_count": 132})
+    )
+    assert fused.attention_splits(32, torch.device("cuda", 0)) == 1
+    monkeypatch.setenv(fk.SPLITS_ENV, "1")
+    assert fk.prune_configs(fk.CONFIGS, {"N": 1024, "K": 4096}) == fk.CONFIGS
+    # one image with CFG at 350m: 2 rows x 16 heads -> 8 runs each; 8 candidates: 256 pairs fill the GPU alone
+    assert [fused.attention_splits(p, torch.device("cuda", 0)) for p in (32, 64, 256)] == [8, 4, 1]
+    assert fused.attention_splits(32, torch.device("cpu")) == 1
