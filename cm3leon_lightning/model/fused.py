@@ -183,7 +183,8 @@ def decode_linear(
     )  # fmt: skip
     tiles = FIXED_TILES if FIXED_TILES is not None else INTERPRETER_TILES if interpreting() else None
     if lk.split_allowed(N):  # float32 partial sums for the largest split tried, and the arrival counters
-        part = torch.empty(lk.MAX_SPLIT * triton.cdiv(N, 16) * 16 * flags["R_PAD"], device=x.device)
+        candidates = [tiles] if tiles is not None else [c.kwargs for c in lk.PDL_CONFIGS]
+        part = torch.empty(lk.workspace_size(N, flags["R_PAD"], candidates), device=x.device)
         counters = split_counters(x.device)
     elif tiles is not None and tiles.get("SPLIT_K", 1) > 1:
         raise ValueError(

@@ -228,8 +228,12 @@ PDL_CONFIGS = CONFIGS + [
 waiting for the previous kernel (it overlaps that kernel's tail, at the cost of registers held across the wait; with
 256-wide tiles that is up to 128 registers a thread, so only the 128-wide ones)."""
 
-MAX_SPLIT = max(c.kwargs.get("SPLIT_K", 1) for c in PDL_CONFIGS)
-"""The largest ``SPLIT_K`` tried (the workspace is sized for it)."""
+
+def workspace_size(n: int, r_pad: int, tiles: list[dict]) -> int:
+    """Float32 elements of split-K workspace the largest of ``tiles`` (configurations' keyword arguments) needs for
+    ``n`` output columns and ``r_pad`` rows: ``SPLIT_K`` partial ``(r_pad, BLOCK_N)`` tiles per column block."""
+    return max(t.get("SPLIT_K", 1) * triton.cdiv(n, t["BLOCK_N"]) * t["BLOCK_N"] * r_pad for t in tiles)
+
 
 SPLIT_MAX_BLOCKS = 1024
 """Split-K is tried only when ``N`` has at most this many 16-column blocks (``N <= 16384``): wider outputs (the LM

@@ -34,7 +34,11 @@ def test_linear_kernel_tuning_configurations():
     prefetching = [c for c in fk.PDL_CONFIGS if c.kwargs.get("PREFETCH")]
     assert len(fk.PDL_CONFIGS) == len(fk.CONFIGS) + len(prefetching) == 21
     assert {c.kwargs["BLOCK_K"] for c in prefetching} == {128}
-    assert fk.MAX_SPLIT == 8
+    # the split-K workspace covers the largest configuration, whatever the width: 8 splits of 32-column blocks of
+    # 40 columns need 8 x 64 x 16 floats, more than 8 splits of 16-column blocks (8 x 48 x 16)
+    assert fk.workspace_size(40, 16, [c.kwargs for c in fk.PDL_CONFIGS]) == 8 * 64 * 16
+    assert fk.workspace_size(1024, 32, [c.kwargs for c in fk.PDL_CONFIGS]) == 8 * 1024 * 32
+    assert fk.workspace_size(40, 16, [{"BLOCK_N": 64, "BLOCK_K": 32, "SPLIT_K": 3}]) == 3 * 64 * 16
     for kernel, configs in (
         (fk.tuned_decode_linear_kernel, fk.CONFIGS),
         (fk.tuned_pdl_decode_linear_kernel, fk.PDL_CONFIGS),
