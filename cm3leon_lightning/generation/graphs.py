@@ -56,8 +56,9 @@ compilation, seconds of warm-up instead of ~20 s: the choice for a handful of im
 
 def default_cuda_mode(model: Any = None) -> str:
     """The CUDA mode ``compile=None`` / ``True`` picks for ``model``: :data:`DEFAULT_CUDA_MODE` where the fused step
-    supports it, else :data:`FALLBACK_CUDA_MODE` (also for ``model=None``, when only the device is known)."""
-    if model is None:
+    supports it, else :data:`FALLBACK_CUDA_MODE` (also for ``model=None``, when only the device is known, and on ROCm,
+    where the fused kernels have never run; ``compile="fused-graph"`` asks for them there)."""
+    if model is None or torch.version.hip is not None:
         return FALLBACK_CUDA_MODE
     from cm3leon_lightning.model.fused import fused_unsupported
 

@@ -35,14 +35,18 @@ def test_resolve_mode_defaults_per_device():
 
 @pytest.mark.parametrize("compile", [None, True])
 def test_the_cuda_default_is_the_fused_step_where_the_model_allows_it(compile, monkeypatch):
-    """GELU and ReLU models decode through the fused step (the fastest measured); SwiGLU models, or any model
-    without Triton, through torch.compile's CUDA graphs. On a CPU nothing changes."""
+    """GELU and ReLU models decode through the fused step (the fastest measured); SwiGLU models, any model without
+    Triton, and ROCm GPUs through torch.compile's CUDA graphs. On a CPU nothing changes."""
     pytest.importorskip("triton")
     assert DEFAULT_CUDA_MODE == "fused-graph" and FALLBACK_CUDA_MODE == "reduce-overhead"
     assert resolve_mode(compile, CUDA, tiny("gelu")) == "fused-graph"
     assert resolve_mode(compile, CUDA, tiny("relu")) == "fused-graph"
     assert resolve_mode(compile, CUDA, tiny("swiglu")) == "reduce-overhead"
     assert resolve_mode(compile, CPU, tiny("gelu")) == ("eager" if compile is None else "inductor")
+    monkeypatch.setattr(torch.version, "hip", "6.4")  # ROCm: the fused kernels were only ever run on NVIDIA GPUs
+    assert resolve_mode(compile, CUDA, tiny("gelu")) == "reduce-overhead"
+    assert resolve_mode("fused-graph", CUDA, tiny("gelu")) == "fused-graph"  # asked for by name: allowed
+    monkeypatch.setattr(torch.version, "hip", None)
     monkeypatch.setattr(fused, "fused_available", lambda device: "the fused decode step needs Triton")
     assert resolve_mode(compile, CUDA, tiny("gelu")) == "reduce-overhead"
 
