@@ -54,15 +54,17 @@ Triton: ``torch.compile`` with CUDA-graph trees (``inductor-graph`` measures the
 compilation, seconds of warm-up instead of ~20 s: the choice for a handful of images)."""
 
 
-def default_cuda_mode(model: Any = None) -> str:
-    """The CUDA mode ``compile=None`` / ``True`` picks for ``model``: :data:`DEFAULT_CUDA_MODE` where the fused step
-    supports it, else :data:`FALLBACK_CUDA_MODE` (also for ``model=None``, when only the device is known, and on ROCm,
-    where the fused kernels have never run; ``compile="fused-graph"`` asks for them there)."""
-    if model is None or torch.version.hip is not None:
+def default_cuda_mode(model: Any = None, device: torch.device | None = None) -> str:
+    """The CUDA mode ``compile=None`` / ``True`` picks for ``model`` on ``device``: :data:`DEFAULT_CUDA_MODE` where the
+    fused step supports it, else :data:`FALLBACK_CUDA_MODE`: also for ``model=None`` (only the device known), on ROCm
+    and on NVIDIA GPUs older than Ampere (compute capability 8.0), where the fused kernels have never run (asking
+    for ``compile="fused-graph"`` by name still uses them)."""
+    device = torch.device("cuda") if device is None else device
+    if model is None or torch.version.hip is not None or torch.cuda.get_device_capability(device) < (8, 0):
         return FALLBACK_CUDA_MODE
     from cm3leon_lightning.model.fused import fused_unsupported
 
-    return FALLBACK_CUDA_MODE if fused_unsupported(model, torch.device("cuda")) else DEFAULT_CUDA_MODE
+    return FALLBACK_CUDA_MODE if fused_unsupported(model, device) else DEFAULT_CUDA_MODE
 
 
 def resolve_mode(compile: bool | str | None, device: torch.device, model: Any = None) -> str:
@@ -71,9 +73,9 @@ def resolve_mode(compile: bool | str | None, device: torch.device, model: Any = 
     :data:`MODES` by name (a fused mode is refused, with the reason, where ``model`` or ``device`` cannot run it)."""
     cuda = device.type == "cuda"
     if compile is None:
-        return default_cuda_mode(model) if cuda else "eager"
+        return default_cuda_mode(model, device) if cuda else "eager"
     if compile is True:
-        return default_cuda_mode(model) if cuda else "inductor"
+        return default_cuda_mode(model, device) if cuda else "inductor"
     if compile is False:
         return "eager"
     if compile not in MODES:

@@ -35,9 +35,12 @@ def test_resolve_mode_defaults_per_device():
 
 @pytest.mark.parametrize("compile", [None, True])
 def test_the_cuda_default_is_the_fused_step_where_the_model_allows_it(compile, monkeypatch):
-    """GELU and ReLU models decode through the fused step (the fastest measured); SwiGLU models, any model without
-    Triton, and ROCm GPUs through torch.compile's CUDA graphs. On a CPU nothing changes."""
+    """GELU and ReLU models decode through the fused step (the fastest measured) on Ampere or newer NVIDIA GPUs;
+    SwiGLU models, any model without Triton, ROCm and older GPUs through torch.compile's CUDA graphs. On a CPU
+    nothing changes."""
     pytest.importorskip("triton")
+    capability = {"cuda": (9, 0)}  # an H100 as far as the choice goes
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability["cuda"])
     assert DEFAULT_CUDA_MODE == "fused-graph" and FALLBACK_CUDA_MODE == "reduce-overhead"
     assert resolve_mode(compile, CUDA, tiny("gelu")) == "fused-graph"
     assert resolve_mode(compile, CUDA, tiny("relu")) == "fused-graph"
@@ -47,6 +50,10 @@ def test_the_cuda_default_is_the_fused_step_where_the_model_allows_it(compile, m
     assert resolve_mode(compile, CUDA, tiny("gelu")) == "reduce-overhead"
     assert resolve_mode("fused-graph", CUDA, tiny("gelu")) == "fused-graph"  # asked for by name: allowed
     monkeypatch.setattr(torch.version, "hip", None)
+    capability["cuda"] = (7, 5)  # a T4: no bfloat16 tensor cores, never run there
+    assert resolve_mode(compile, CUDA, tiny("gelu")) == "reduce-overhead"
+    capability["cuda"] = (8, 0)  # an A100: compiled for sm_80 in the tests
+    assert resolve_mode(compile, CUDA, tiny("gelu")) == "fused-graph"
     monkeypatch.setattr(fused, "fused_available", lambda device: "the fused decode step needs Triton")
     assert resolve_mode(compile, CUDA, tiny("gelu")) == "reduce-overhead"
 

@@ -37,7 +37,7 @@ FLOATS = ("eps", "scale", "cfg", "temperature", "top_p")
 ALIGNED = ("N", "K", "C", "D", "stride_cb", "stride_ch", "stride_cs", "stride_vb", "W")
 
 
-def compile_kernel(fn, constants: dict, pointers: dict, warps: int = 4, stages: int = 3):
+def compile_kernel(fn, constants: dict, pointers: dict, warps: int = 4, stages: int = 3, target=H100):
     """Compile ``fn`` for sm_90 as the JIT would at the model's shapes: ``constants`` are its constexprs,
     ``pointers`` the element type of each pointer argument, every width and stride a multiple of 16 and every buffer
     16-byte aligned."""
@@ -54,37 +54,41 @@ def compile_kernel(fn, constants: dict, pointers: dict, warps: int = 4, stages: 
         constexprs={(names.index(n),): v for n, v in constants.items()},
         attrs={(names.index(n),): [["tt.divisibility", 16]] for n in names if n in pointers or n in ALIGNED},
     )
-    return triton.compile(src, target=H100, options={"num_warps": warps, "num_stages": stages})
+    return triton.compile(src, target=target, options={"num_warps": warps, "num_stages": stages})
 
 
-def linear(dtype: str, flags: dict, block_n: int = 32, block_k: int = 128, warps: int = 4, stages: int = 3):
+def linear(
+    dtype: str, flags: dict, block_n: int = 32, block_k: int = 128, warps: int = 4, stages: int = 3, target=H100
+):
     constants = {"R_PAD": 16, "BLOCK_N": block_n, "BLOCK_K": block_k, "IEEE": dtype == "fp32", "PDL": False,
                  "PREFETCH": False, "SPLIT_K": 1, **flags}  # fmt: skip
     pointers = {n: f"*{dtype}" for n in ("x_ptr", "w_ptr", "out_ptr", "res_ptr", "k_ptr", "v_ptr")}
     pointers.update(slot_ptr="*i64", part_ptr="*fp32", count_ptr="*i32")
-    return compile_kernel(decode_linear_kernel, constants, pointers, warps, stages)
+    return compile_kernel(decode_linear_kernel, constants, pointers, warps, stages, target)
 
 
-def attention(dtype: str, head_dim: int = 64, pdl: bool = False, splits: int = 1):
+def attention(dtype: str, head_dim: int = 64, pdl: bool = False, splits: int = 1, target=H100):
     d_pad = triton.next_power_of_2(head_dim)
     block_s = attention_block_s(d_pad, 4 if dtype == "fp32" else 2)
     constants = dict(HEAD_D=head_dim, D_PAD=d_pad, BLOCK_S=block_s, IEEE=dtype == "fp32", PDL=pdl, SPLITS=splits)
     pointers = {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "out_ptr": f"*{dtype}",
                 "valid_ptr": "*i1", "slot_ptr": "*i64", "part_ptr": "*fp32", "count_ptr": "*i32"}  # fmt: skip
-    return compile_kernel(decode_attention_kernel, constants, pointers)
+    return compile_kernel(decode_attention_kernel, constants, pointers, target=target)
 
 
-def embed(dtype: str, pdl: bool = False):
+def embed(dtype: str, pdl: bool = False, target=H100):
     pointers = {"idx_ptr": "*i64", "wte_ptr": f"*{dtype}", "wpe_ptr": f"*{dtype}", "valid_ptr": "*i1",
                 "slot_ptr": "*i64", "x_ptr": f"*{dtype}"}  # fmt: skip
-    return compile_kernel(decode_embed_kernel, dict(BLOCK_S=256, BLOCK_C=256, PDL=pdl), pointers)
+    return compile_kernel(decode_embed_kernel, dict(BLOCK_S=256, BLOCK_C=256, PDL=pdl), pointers, target=target)
 
 
-def pick(sampled: bool, pdl: bool = False):
+def pick(sampled: bool, pdl: bool = False, target=H100):
     constants = dict(W_PAD=8192, STREAMS=2 if sampled else 1, ALLOWED=sampled, GREEDY=not sampled, TOP_P=sampled,
                      PDL=pdl)  # fmt: skip
     pointers = {"logits_ptr": "*bf16", "allowed_ptr": "*i1", "noise_ptr": "*fp32", "out_ptr": "*i64"}
-    return compile_kernel(pick_kernel, constants, pointers, warps=16)  # what fused_pick_tokens launches at 8192
+    return compile_kernel(
+        pick_kernel, constants, pointers, warps=16, target=target
+    )  # what fused_pick_tokens launches at 8192
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
@@ -104,6 +108,16 @@ def test_every_autotuning_configuration_compiles_for_sm90():
                  "SPLIT_K": config.kwargs.get("SPLIT_K", 1)}  # fmt: skip
         kernel = linear("bf16", flags, *tiles, config.num_warps, config.num_stages)
         assert kernel.asm["cubin"] and "cp.async.commit_group" in kernel.asm["ptx"], config
+
+
+def test_every_kernel_compiles_for_ampere():
+    """fused-graph is the default on NVIDIA GPUs of compute capability 8.0 and up: the A100's sm_80 (no wgmma, no
+    grid dependency control) compiles every kernel too, with pipelined asynchronous copies."""
+    a100 = GPUTarget("cuda", 80, 32)
+    for flags in LAUNCHES:
+        assert "cp.async.cg.shared.global" in linear("bf16", flags, target=a100).asm["ptx"], flags
+    assert "cp.async" in attention("bf16", target=a100).asm["ptx"]
+    assert embed("bf16", target=a100).asm["cubin"] and pick(True, target=a100).asm["cubin"]
 
 
 def test_the_largest_tiles_fit_in_shared_memory_at_the_largest_row_tile():
