@@ -74,6 +74,12 @@ def replay_ms(fn: Callable[[], object], device: str, steps: int) -> float:
     return 1e3 * (time.perf_counter() - t0) / steps
 
 
+def chained_us(call: Callable[[], object], device: str, chain: int, steps: int) -> float:
+    """Microseconds per call of ``call`` in a chain of ``chain`` calls, replayed ``steps`` times from one captured
+    graph (:func:`replay_ms`): a call's time with the gap to the next, as inside a decode step."""
+    return 1e3 * replay_ms(lambda: [call() for _ in range(chain)], device, steps) / chain
+
+
 def piece(model: CM3Leon, stage: str, rows: int, slots: int, lo: int, hi: int) -> Callable[[], torch.Tensor]:
     """One decode step's work up to ``stage`` of :data:`STAGES`, for ``rows`` rows over ``slots`` cache slots,
     on the model's weights (its own KV cache is not touched)."""

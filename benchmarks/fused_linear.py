@@ -25,13 +25,14 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from decode_floor import copy_bandwidth, replay_ms  # benchmarks/decode_floor.py, beside this script
+from decode_floor import chained_us, copy_bandwidth  # benchmarks/decode_floor.py, beside this script
 from generation import sync  # benchmarks/generation.py
 
 from cm3leon_lightning.config import CM3LeonConfig
@@ -122,9 +123,7 @@ def main() -> None:
         print(f"{name:6} {rows:4d} {f'{n}x{k}':>11} {what:44} {us:8.2f} {gbps:7.0f}")
         results.append(dict(launch=name, rows=rows, n=n, k=k, config=what, us=us, gbps=gbps, **extra))
 
-    def chained_us(fn: Callable[[], object]) -> float:
-        return 1e3 * replay_ms(lambda: [fn() for _ in range(args.chain)], args.device, args.steps) / args.chain
-
+    timed = functools.partial(chained_us, device=args.device, chain=args.chain, steps=args.steps)
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
     wrong = 0
     with torch.no_grad():
@@ -136,15 +135,29 @@ def main() -> None:
                     correct = torch.allclose(written().float(), expected, **tol)
                     wrong += not correct
                     what = label(c.kwargs) + ("" if correct else " WRONG")
-                    report(name, rows, n, k, what, chained_us(run), correct=correct)
+                    report(name, rows, n, k, what, timed(run), correct=correct)
                 fused.FIXED_TILES = None
                 if gpu:
                     run()  # autotunes, outside the capture
                     kernel = fk.tuned_pdl_decode_linear_kernel if args.pdl else fk.tuned_decode_linear_kernel
-                    report(name, rows, n, k, f"tuned: {label(kernel.best_config.kwargs)}", chained_us(run))
+                    report(
+                        name,
+                        rows,
+                        n,
+                        k,
+                        f"tuned: {label(kernel.best_config.kwargs)}",
+                        timed(run),
+                    )
                 x = torch.randn(rows, k, device=args.device, dtype=dtype)
                 w = torch.randn(n, k, device=args.device, dtype=dtype)
-                report(name, rows, n, k, "cublas (F.linear alone)", chained_us(lambda x=x, w=w: F.linear(x, w)))
+                report(
+                    name,
+                    rows,
+                    n,
+                    k,
+                    "cublas (F.linear alone)",
+                    timed(lambda x=x, w=w: F.linear(x, w)),
+                )
                 report(name, rows, n, k, "bound (weights / copy bandwidth)", 1e6 * n * k * dtype.itemsize / bandwidth)
     sync(args.device)
     if args.json:

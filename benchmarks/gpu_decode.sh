@@ -6,17 +6,18 @@
 #          candidates + VQGAN + CLIP re-ranking" row when open_clip_torch is installed; fused-graph again with the
 #          split kernels (CM3LEON_FUSED_SPLITS=1), and with programmatic dependent launch (CM3LEON_PDL=1);
 #          benchmarks/fused_linear.py (each linear launch under every tile configuration, against cuBLAS and the
-#          bandwidth bound);
+#          bandwidth bound) and benchmarks/fused_attention.py (the attention kernel over a filling cache, split or
+#          not);
 #   HALF=2 (~10 min): the other CUDA decode modes' tests against eager, the max-autotune test (minutes of
 #          compilation), the per-kernel profile of a decode step in the middle of an image (fused, reduce-overhead);
 #          generation.py with max-autotune; the floor under a decode step (benchmarks/decode_floor.py: matmuls
 #          alone, + pointwise, + cache, + attention, against the real step in the graph and fused-graph modes and
 #          the bandwidth bound).
 # HALF=all (the default) runs both. Each part has its own time limit (override with KERNELS_LIMIT, BENCH_LIMIT,
-# SPLITS_LIMIT, PDL_LIMIT, LINEAR_LIMIT, TESTS_LIMIT, TUNE_TESTS_LIMIT, PROFILE_LIMIT, TUNE_LIMIT, FLOOR_LIMIT;
-# 0 skips a part).
-# Results go to $OUT (or ./gpu_results; HALF=1 writes 7 files, a log per part and two JSON tables). Run from the repository root with a Python that has torch; wheels in
-# .gpu_wheels/ (benchmarks/fetch_gpu_wheels.sh) are installed first when present.
+# SPLITS_LIMIT, PDL_LIMIT, LINEAR_LIMIT, ATTENTION_LIMIT, TESTS_LIMIT, TUNE_TESTS_LIMIT, PROFILE_LIMIT, TUNE_LIMIT,
+# FLOOR_LIMIT; 0 skips a part). Results go to $OUT (or ./gpu_results; HALF=1 writes 8 files, a log per part and two
+# JSON tables, the most a device command brings back). Run from the repository root with a Python that has torch;
+# wheels in .gpu_wheels/ (benchmarks/fetch_gpu_wheels.sh) are installed first when present.
 source "$(dirname "$0")/gpu_common.sh"
 HALF=${HALF:-all}
 first() { [ "$HALF" = all ] || [ "$HALF" = 1 ]; }
@@ -25,18 +26,19 @@ nvidia-smi -L
 [ -d .gpu_wheels ] && $PY -m pip install -q --no-deps --no-index --find-links .gpu_wheels open_clip_torch ftfy wcwidth regex 2>&1 | tail -2
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 if first; then
-  TAIL=40 part kernels "${KERNELS_LIMIT:-150}" env CM3LEON_FUSED_SPLITS=1 $PY -m pytest \
+  TAIL=40 part kernels "${KERNELS_LIMIT:-140}" env CM3LEON_FUSED_SPLITS=1 $PY -m pytest \
     tests/model/test_fused_decode.py tests/generation/test_sampling_kernel.py tests/model/test_fused_launch.py \
     -q -p no:cacheprovider
-  TAIL=40 part generation "${BENCH_LIMIT:-150}" $PY benchmarks/generation.py --presets 350m \
+  TAIL=40 part generation "${BENCH_LIMIT:-140}" $PY benchmarks/generation.py --presets 350m \
     --modes fused-graph,reduce-overhead --attention sdpa --repeats 2 --reference-tokens 0 \
     --json "$OUT/generation.json"
   TAIL=20 part splits "${SPLITS_LIMIT:-60}" env CM3LEON_FUSED_SPLITS=1 $PY benchmarks/generation.py --presets 350m \
     --modes fused-graph --repeats 2 --reference-tokens 0 --no-rerank
   TAIL=20 part pdl "${PDL_LIMIT:-60}" env CM3LEON_PDL=1 $PY benchmarks/generation.py --presets 350m \
     --modes fused-graph --repeats 2 --reference-tokens 0 --no-rerank
-  TAIL=60 part linear "${LINEAR_LIMIT:-120}" $PY benchmarks/fused_linear.py --preset 350m \
+  TAIL=60 part linear "${LINEAR_LIMIT:-100}" $PY benchmarks/fused_linear.py --preset 350m \
     --json "$OUT/fused_linear.json"
+  TAIL=30 part attention "${ATTENTION_LIMIT:-40}" $PY benchmarks/fused_attention.py --preset 350m
 fi
 if second; then
   TAIL=40 part tests "${TESTS_LIMIT:-120}" $PY -m pytest tests/generation/test_generate.py \

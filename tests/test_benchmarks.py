@@ -116,6 +116,25 @@ def test_fused_linear_benchmark_checks_and_times_every_launch_and_configuration(
     assert all(r["us"] > 0 for r in rows)
 
 
+def test_fused_attention_benchmark_checks_and_times_every_split(tmp_path):
+    """Under Triton's interpreter (tiny heads, float32): a row per (slot, splits), each checked against SDPA, and the
+    bandwidth bound; at slot 140 (two 128-slot tiles) 3 splits leave a run idle and still compute right."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1"}
+    args = ["--device", "cpu", "--preset", "tiny", "--rows", "3", "--slots", "5,140", "--splits", "1,3", "--steps",
+            "1", "--chain", "1", "--json", "fa.json"]  # fmt: skip
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "fused_attention.py"), *args]
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = json.loads((tmp_path / "fa.json").read_text())["results"]
+    assert [(r["rows"], r["slot"], r["splits"]) for r in rows] == [
+        (3, 5, 1), (3, 5, 3), (3, 5, "bound"), (3, 140, 1), (3, 140, 3), (3, 140, "bound")
+    ]  # fmt: skip
+    assert all(r["correct"] for r in rows if "correct" in r) and all(r["us"] > 0 for r in rows)
+    bad = subprocess.run(cmd[:2] + ["--device", "cpu", "--splits", "0"], cwd=tmp_path, env=env, capture_output=True,
+                         text=True)  # fmt: skip
+    assert bad.returncode == 2 and "--splits must be at least 1" in bad.stderr
+
+
 def test_decode_scripts_name_a_bad_list_value(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     for script, flag, good in (("decode_floor.py", "--attention", "sdpa"), ("decode_profile.py", "--modes", "eager")):
