@@ -80,6 +80,17 @@ def chained_us(call: Callable[[], object], device: str, chain: int, steps: int) 
     return 1e3 * replay_ms(lambda: [call() for _ in range(chain)], device, steps) / chain
 
 
+def finish_checked(path: str | None, meta: dict, results: list[dict], wrong: int, what: str) -> None:
+    """End a benchmark that checks what it times: write ``{"meta", "results"}`` to ``path`` (if given), then exit
+    with an error if ``wrong`` of its ``what`` computed wrong results."""
+    if path:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump({"meta": meta, "results": results}, f, indent=1)
+        print(f"wrote {path}")
+    if wrong:
+        raise SystemExit(f"{wrong} {what} computed wrong results (marked WRONG above)")
+
+
 def piece(model: CM3Leon, stage: str, rows: int, slots: int, lo: int, hi: int) -> Callable[[], torch.Tensor]:
     """One decode step's work up to ``stage`` of :data:`STAGES`, for ``rows`` rows over ``slots`` cache slots,
     on the model's weights (its own KV cache is not touched)."""

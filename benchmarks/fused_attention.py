@@ -22,12 +22,11 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 
 import torch
 import torch.nn.functional as F
-from decode_floor import chained_us, copy_bandwidth  # benchmarks/decode_floor.py, beside this script
+from decode_floor import chained_us, copy_bandwidth, finish_checked  # benchmarks/decode_floor.py, beside this script
 from generation import sync  # benchmarks/generation.py
 
 from cm3leon_lightning.config import CM3LeonConfig
@@ -95,14 +94,9 @@ def main() -> None:
                 print(f"{rows:4d} {slot:5d} {'bound':>8} {bound:8.2f} {bandwidth / 1e9:7.0f}")
                 results.append(dict(rows=rows, slot=slot, splits="bound", us=bound, gbps=bandwidth / 1e9))
     sync(args.device)
-    if args.json:
-        meta = dict(preset=args.preset, device=args.device, dtype=str(dtype), chain=args.chain,
-                    copy_bandwidth=bandwidth, device_name=torch.cuda.get_device_name() if gpu else "cpu")  # fmt: skip
-        with open(args.json, "w") as f:
-            json.dump(dict(meta=meta, results=results), f, indent=1)
-        print(f"wrote {args.json}")
-    if wrong:
-        raise SystemExit(f"{wrong} call(s) computed wrong results (marked WRONG above)")
+    meta = dict(preset=args.preset, device=args.device, dtype=str(dtype), chain=args.chain,
+                copy_bandwidth=bandwidth, device_name=torch.cuda.get_device_name() if gpu else "cpu")  # fmt: skip
+    finish_checked(args.json, meta, results, wrong, "call(s)")
 
 
 if __name__ == "__main__":

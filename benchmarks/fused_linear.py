@@ -26,13 +26,12 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from decode_floor import chained_us, copy_bandwidth  # benchmarks/decode_floor.py, beside this script
+from decode_floor import chained_us, copy_bandwidth, finish_checked  # benchmarks/decode_floor.py, beside this script
 from generation import sync  # benchmarks/generation.py
 
 from cm3leon_lightning.config import CM3LeonConfig
@@ -160,14 +159,9 @@ def main() -> None:
                 )
                 report(name, rows, n, k, "bound (weights / copy bandwidth)", 1e6 * n * k * dtype.itemsize / bandwidth)
     sync(args.device)
-    if args.json:
-        meta = dict(preset=args.preset, device=args.device, dtype=str(dtype), chain=args.chain, pdl=args.pdl,
-                    copy_bandwidth=bandwidth, device_name=torch.cuda.get_device_name() if gpu else "cpu")  # fmt: skip
-        with open(args.json, "w") as f:
-            json.dump(dict(meta=meta, results=results), f, indent=1)
-        print(f"wrote {args.json}")
-    if wrong:
-        raise SystemExit(f"{wrong} configuration(s) computed wrong results (marked WRONG above)")
+    meta = dict(preset=args.preset, device=args.device, dtype=str(dtype), chain=args.chain, pdl=args.pdl,
+                copy_bandwidth=bandwidth, device_name=torch.cuda.get_device_name() if gpu else "cpu")  # fmt: skip
+    finish_checked(args.json, meta, results, wrong, "configuration(s)")
 
 
 if __name__ == "__main__":
