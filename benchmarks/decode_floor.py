@@ -80,6 +80,19 @@ def chained_us(call: Callable[[], object], device: str, chain: int, steps: int) 
     return 1e3 * replay_ms(lambda: [call() for _ in range(chain)], device, steps) / chain
 
 
+def kernel_parser(doc: str) -> argparse.ArgumentParser:
+    """The arguments the fused kernels' benchmarks share: preset, device, rows, chain and replays, JSON output."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--preset", default="350m", choices=("tiny", "350m", "760m", "7b"))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--rows", default=None, help="comma-separated row counts (default: 2 and 2 x --candidates)")
+    p.add_argument("--candidates", type=int, default=8)
+    p.add_argument("--chain", type=int, default=24, help="calls per captured graph (one per layer)")
+    p.add_argument("--steps", type=int, default=50, help="graph replays timed per row")
+    p.add_argument("--json", default=None)
+    return p
+
+
 def finish_checked(path: str | None, meta: dict, results: list[dict], wrong: int, what: str) -> None:
     """End a benchmark that checks what it times: write ``{"meta", "results"}`` to ``path`` (if given), then exit
     with an error if ``wrong`` of its ``what`` computed wrong results."""

@@ -20,13 +20,17 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import functools
 import os
 
 import torch
 import torch.nn.functional as F
-from decode_floor import chained_us, copy_bandwidth, finish_checked  # benchmarks/decode_floor.py, beside this script
+from decode_floor import (  # benchmarks/decode_floor.py, beside this script
+    chained_us,
+    copy_bandwidth,
+    finish_checked,
+    kernel_parser,
+)
 from generation import sync  # benchmarks/generation.py
 
 from cm3leon_lightning.config import CM3LeonConfig
@@ -35,16 +39,9 @@ from cm3leon_lightning.model.kv_cache import padding_causal_mask
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="350m", choices=("tiny", "350m", "760m", "7b"))
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--rows", default=None, help="comma-separated row counts (default: 2 and 2 x --candidates)")
-    p.add_argument("--candidates", type=int, default=8)
+    p = kernel_parser(__doc__)
     p.add_argument("--slots", default="63,511,1023", help="comma-separated slots of the query (cache filled up to it)")
     p.add_argument("--splits", default="1,2,4,8", help="comma-separated programs per (row, head)")
-    p.add_argument("--chain", type=int, default=24, help="calls per captured graph (one per layer)")
-    p.add_argument("--steps", type=int, default=50, help="graph replays timed per row")
-    p.add_argument("--json", default=None)
     args = p.parse_args()
     gpu = args.device.startswith("cuda")
     if not gpu and os.environ.get("TRITON_INTERPRET") != "1":

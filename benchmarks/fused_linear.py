@@ -24,14 +24,18 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import functools
 import os
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from decode_floor import chained_us, copy_bandwidth, finish_checked  # benchmarks/decode_floor.py, beside this script
+from decode_floor import (  # benchmarks/decode_floor.py, beside this script
+    chained_us,
+    copy_bandwidth,
+    finish_checked,
+    kernel_parser,
+)
 from generation import sync  # benchmarks/generation.py
 
 from cm3leon_lightning.config import CM3LeonConfig
@@ -83,17 +87,10 @@ def label(tiles: dict) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="350m", choices=("tiny", "350m", "760m", "7b"))
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--rows", default=None, help="comma-separated row counts (default: 2 and 2 x --candidates)")
-    p.add_argument("--candidates", type=int, default=8)
+    p = kernel_parser(__doc__)
     p.add_argument("--head", type=int, default=8192, help="LM head rows (the image codes' slice)")
-    p.add_argument("--chain", type=int, default=24, help="launches per captured graph (one per layer)")
-    p.add_argument("--steps", type=int, default=50, help="graph replays timed per row")
     p.add_argument("--configs", default=None, help="comma-separated indices of the configurations to try (default all)")
     p.add_argument("--pdl", action="store_true", help="with programmatic dependent launch (CM3LEON_PDL=1)")
-    p.add_argument("--json", default=None)
     args = p.parse_args()
     gpu = args.device.startswith("cuda")
     if not gpu and os.environ.get("TRITON_INTERPRET") != "1":
