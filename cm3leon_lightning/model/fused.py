@@ -183,8 +183,10 @@ def decode_linear(
     )  # fmt: skip
     tiles = FIXED_TILES if FIXED_TILES is not None else INTERPRETER_TILES if interpreting() else None
     if lk.split_allowed(N):  # float32 partial sums for the largest split tried, and the arrival counters
-        candidates = [tiles] if tiles is not None else [c.kwargs for c in lk.PDL_CONFIGS]
-        part = torch.empty(lk.workspace_size(N, flags["R_PAD"], candidates), device=x.device)
+        size = (
+            lk.workspace_size(N, flags["R_PAD"], [tiles]) if tiles is not None else _tuned_workspace(N, flags["R_PAD"])
+        )
+        part = torch.empty(size, device=x.device)
         counters = split_counters(x.device)
     elif tiles is not None and tiles.get("SPLIT_K", 1) > 1:
         raise ValueError(
@@ -202,6 +204,15 @@ def decode_linear(
         kernel = lk.tuned_pdl_decode_linear_kernel if launch else lk.tuned_decode_linear_kernel
         kernel[grid](*args, **flags, **launch)
     return out
+
+
+@functools.cache
+def _tuned_workspace(n: int, r_pad: int) -> int:
+    """The split-K workspace any tuning configuration needs for ``n`` columns and ``r_pad`` rows (computed once per
+    shape: it is asked at every launch)."""
+    from cm3leon_lightning.model import fused_linear_kernel as lk
+
+    return lk.workspace_size(n, r_pad, [c.kwargs for c in lk.PDL_CONFIGS])
 
 
 def _unfused_linear(
