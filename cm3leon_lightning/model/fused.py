@@ -52,10 +52,14 @@ def fused_available(device: torch.device) -> str | None:
 def fused_unsupported(model: CM3Leon, device: torch.device) -> str | None:
     """None when :func:`fused_decode_forward` can run ``model`` on ``device``, else the reason it cannot (no Triton,
     a CPU without the interpreter, an activation other than GELU/ReLU)."""
-    reason = fused_available(device)
-    if reason is None and model.config.activation not in ACTIVATIONS:
-        reason = f"the fused decode step supports activations {tuple(ACTIVATIONS)}, not {model.config.activation!r}"
-    return reason
+    return fused_available(device) or _activation_unsupported(model)
+
+
+def _activation_unsupported(model: CM3Leon) -> str | None:
+    """None when the fused kernels have the model's MLP activation, else the reason."""
+    if model.config.activation in ACTIVATIONS:
+        return None
+    return f"the fused decode step supports activations {tuple(ACTIVATIONS)}, not {model.config.activation!r}"
 
 
 INTERPRETER_TILES = {"BLOCK_N": 64, "BLOCK_K": 32, "PREFETCH": True}
@@ -357,8 +361,9 @@ def fused_decode_forward(model: CM3Leon, idx: Tensor, input_pos: Tensor, logits_
     c, cache = model.config, model.kv_cache
     if cache is None:
         raise RuntimeError("fused_decode_forward needs a KV cache; call setup_kv_cache() first")
-    if c.activation not in ACTIVATIONS:
-        raise ValueError(f"the fused decode step supports activations {tuple(ACTIVATIONS)}, not {c.activation!r}")
+    reason = _activation_unsupported(model)
+    if reason is not None:
+        raise ValueError(reason)
     B, T = idx.shape
     if T != 1 or input_pos.shape != (1,) or B != cache.batch_size:
         raise ValueError(f"fused_decode_forward takes one token per cache row: idx (B={cache.batch_size}, 1)")
