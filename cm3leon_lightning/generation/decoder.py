@@ -36,7 +36,7 @@ from cm3leon_lightning.generation.sampling import (
     top_k_filter,
     top_p_filter,
 )
-from cm3leon_lightning.model import CM3Leon
+from cm3leon_lightning.model import CM3Leon, fused_launch
 
 METHODS = ("greedy", "temperature", "top_p", "cd_k")
 
@@ -268,6 +268,8 @@ class Decoder:
         else:
             self.step_fn = compiled(decode_step, self.mode)
         self.graph: GraphedStep | None = None
+        # the fused kernels' launch options, fixed when a graph captures them (None for the other modes)
+        self.fused_options = fused_launch.fused_options() if self.mode in FUSED_MODES else None
         self.allowed = allowed  # selects the captured graph in the graph modes
         self.input_pos = torch.tensor([self.prompt_len], device=self.device)
 
@@ -279,9 +281,9 @@ class Decoder:
     @allowed.setter
     def allowed(self, value: Tensor | None) -> None:
         self._allowed = value
-        if self.mode in GRAPH_MODES:  # one captured graph per cache, mode, spec, rows, constraint
+        if self.mode in GRAPH_MODES:  # one captured graph per cache, mode, spec, rows, constraint (, fused options)
             mask = None if value is None else value.cpu().numpy().tobytes()
-            key = (self.mode, self.spec, len(self.ids), mask)
+            key = (self.mode, self.spec, len(self.ids), mask, self.fused_options)
             self.graph = graphed_step(self.model.kv_cache, key, self.step_fn, self.spec, value)
 
     def _noise(self) -> Tensor | None:

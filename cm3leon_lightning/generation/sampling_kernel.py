@@ -29,8 +29,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from cm3leon_lightning.model.fused import launch_options
 from cm3leon_lightning.model.fused_kernels import dependent_launch
+from cm3leon_lightning.model.fused_launch import launch_options
 
 if TYPE_CHECKING:  # the decoder imports this module when a fused step first runs
     from cm3leon_lightning.generation.decoder import SamplingSpec

@@ -27,6 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cm3leon_lightning.model.fused_launch import (
+    attention_splits,
+    fused_options,
+    launch_options,
+    prefetches_next,
+    split_counters,
+)
 from cm3leon_lightning.model.transformer import CM3Leon
 
 ACTIVATIONS = {"gelu": 1, "relu": 2}
@@ -77,54 +84,10 @@ FIXED_TILES: dict[str, int | bool] | None = None
 instead of autotuning (the GPU tests, which would otherwise tune every small shape; reproducing one configuration).
 Under the interpreter, :data:`INTERPRETER_TILES` apply unless this is set."""
 
-COUNTERS = 1 << 16
-"""Arrival counters per device (256 KB): the linear kernel's split-K uses one per column block (at most
-``SPLIT_MAX_BLOCKS``), the attention's split one per (row, head)."""
-
-_COUNTERS: dict[torch.device, Tensor] = {}
-
-
-def split_counters(device: torch.device, size: int = 0) -> Tensor:
-    """The arrival counters of the split kernels on ``device`` (:data:`COUNTERS` int32, zero between launches, as
-    the last split of each block or (row, head) resets its own). Allocated once and never replaced, since captured
-    CUDA graphs keep its address; shared by every fused launch on the device, which the stream orders (two fused
-    decodes running at once on different streams of one device would need their own).
-
-    Raises:
-        ValueError: ``size`` counters asked for, more than there are.
-    """
-    if size > COUNTERS:
-        raise ValueError(f"the fused kernels' split counters hold {COUNTERS}, {size} asked for (rows x heads)")
-    if device not in _COUNTERS:
-        _COUNTERS[device] = torch.zeros(COUNTERS, dtype=torch.int32, device=device)
-    return _COUNTERS[device]
-
-
-PDL_ENV = "CM3LEON_PDL"
-"""Environment variable: ``1`` launches the fused kernels with programmatic dependent launch (sm_90+; off by default:
-the first GPU measurement found it slower, docs/benchmarks.md)."""
-
-
-@functools.cache
-def _pdl_capable(index: int) -> bool:
-    from triton.backends.nvidia.compiler import CUDAOptions
-    from triton.language.extra import cuda
-
-    has_api = hasattr(cuda, "gdc_wait") and "launch_pdl" in CUDAOptions.__dataclass_fields__
-    return has_api and torch.cuda.get_device_capability(index)[0] >= 9
-
-
-def launch_options(device: torch.device) -> dict[str, bool]:
-    """Keyword arguments for launching a fused kernel on ``device``: ``PDL`` (the kernels' flag) and ``launch_pdl``
-    (Triton's), both True when ``CM3LEON_PDL=1`` on CUDA GPUs of compute capability 9.0 or later (H100/H200) with a
-    Triton that has grid dependency control, else none. Programmatic dependent launch lets each kernel of the step
-    be scheduled while the previous one finishes (each waits for it before touching memory); CUDA graphs keep it.
-    Opt-in: its first version was slower on an H200, and the present one (wait, then signal) is not yet measured."""
-    if device.type != "cuda" or os.environ.get(PDL_ENV, "0") != "1":
-        return {}
-    if not _pdl_capable(device.index if device.index is not None else torch.cuda.current_device()):
-        return {}
-    return {"PDL": True, "launch_pdl": True}
+PREFETCH_MAX_BYTES = 16 << 20
+"""The most bytes of the next linear kernel's weights a kernel prefetches into L2 (the ``prefetch_next`` option): all
+of a 350m-760m block's (at most 8 MB bf16) or of the image-code head (16 MB), the first 16 MB of a text head (115 MB
+would only evict itself from the 40-50 MB L2 of an A100/H100/H200)."""
 
 
 def decode_linear(
@@ -135,6 +98,7 @@ def decode_linear(
     act: int = 0,
     residual: Tensor | None = None,
     cache: tuple[Tensor, Tensor, Tensor] | None = None,
+    prefetch: Tensor | None = None,
 ) -> Tensor:
     """``epilogue(prologue(x) @ weight^T)`` for the ``(R, K)`` rows of one decode step, in one kernel.
 
@@ -146,6 +110,9 @@ def decode_linear(
         residual: ``(R, N)`` added to the result.
         cache: ``(k, v, input_pos)``: ``weight`` is a QKV projection (``N = 3C``); keys and values go to the cache
             buffers ``(R, H, S, D)`` at slot ``input_pos[0]`` and only the queries ``(R, C)`` are returned.
+        prefetch: the next linear kernel's weight (contiguous): with the ``prefetch_next`` option on CUDA
+            (:func:`~cm3leon_lightning.model.fused_launch.prefetches_next`), its first :data:`PREFETCH_MAX_BYTES` are
+            asked into L2 as this kernel starts; otherwise ignored.
 
     Returns:
         ``(R, N)`` (``(R, C)`` with ``cache``) in ``x``'s dtype.
@@ -186,27 +153,34 @@ def decode_linear(
         NORM=norm, ACT=act, RESIDUAL=residual is not None, CACHE=cache is not None, IEEE=weight.dtype == torch.float32,
     )  # fmt: skip
     tiles = FIXED_TILES if FIXED_TILES is not None else INTERPRETER_TILES if interpreting() else None
-    if lk.split_allowed(N):  # float32 partial sums for the largest split tried, and the arrival counters
+    launch, splits = launch_options(x.device), fused_options().splits
+    split = tiles.get("SPLIT_K", 1) > 1 if tiles is not None else splits and lk.split_allowed(N)
+    if split and not lk.split_allowed(N):
+        raise ValueError(
+            f"decode_linear: split-K tiles {tiles} for {N} output columns (at most {16 * lk.SPLIT_MAX_BLOCKS})"
+        )
+    if split:  # float32 partial sums for the largest split tried, and the arrival counters
         size = (
             lk.workspace_size(N, flags["R_PAD"], [tiles]) if tiles is not None else _tuned_workspace(N, flags["R_PAD"])
         )
         part = torch.empty(size, device=x.device)
         counters = split_counters(x.device)
-    elif tiles is not None and tiles.get("SPLIT_K", 1) > 1:
-        raise ValueError(
-            f"decode_linear: split-K tiles {tiles} for {N} output columns (at most {16 * lk.SPLIT_MAX_BLOCKS})"
-        )
     else:
         part = counters = x  # unused by the kernel
+    if prefetch is not None and prefetches_next(x.device):
+        if not prefetch.is_contiguous():
+            raise ValueError(f"decode_linear: the weight to prefetch {tuple(prefetch.shape)} must be contiguous")
+        nxt, lines = prefetch, min(prefetch.numel() * prefetch.element_size(), PREFETCH_MAX_BYTES) // 128
+    else:
+        nxt, lines = x, 0  # unused by the kernel
     args = (x, weight, out, res, k_buf, v_buf, slot, part, counters, R, N, K, C, D, stride_b, stride_h, stride_s,
-            norm_eps or 0.0)  # fmt: skip
+            norm_eps or 0.0, nxt, lines)  # fmt: skip
+    flags["PREFETCH_NEXT"] = lines > 0
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), meta.get("SPLIT_K", 1))  # noqa: E731
-    launch = launch_options(x.device)
     if tiles is not None:  # fixed tiles (the interpreter cannot time configurations)
         lk.decode_linear_kernel[grid(tiles)](*args, **tiles, **flags, **launch)
     else:
-        kernel = lk.tuned_pdl_decode_linear_kernel if launch else lk.tuned_decode_linear_kernel
-        kernel[grid](*args, **flags, **launch)
+        lk.tuned_kernel(bool(launch), splits)[grid](*args, **flags, **launch)
     return out
 
 
@@ -280,19 +254,6 @@ def decode_embed(idx: Tensor, wte: Tensor, wpe: Tensor, valid: Tensor, input_pos
     return x
 
 
-def attention_splits(pairs: int, device: torch.device) -> int:
-    """How many programs share one (row, head)'s cache in :func:`decode_attention` by default: with
-    ``CM3LEON_FUSED_SPLITS=1`` (:data:`~cm3leon_lightning.model.fused_linear_kernel.SPLITS_ENV`), enough for ``pairs``
-    (rows x heads) to give every SM of the GPU two programs, at most 8 (one 128-slot tile each over a 1024-token
-    image); else, and on a CPU, 1."""
-    from cm3leon_lightning.model.fused_linear_kernel import splits_enabled
-
-    if device.type != "cuda" or not splits_enabled():
-        return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(8, 2 * sms // pairs))
-
-
 def decode_attention(
     q: Tensor, k: Tensor, v: Tensor, valid: Tensor, input_pos: Tensor, splits: int | None = None
 ) -> Tensor:
@@ -308,7 +269,8 @@ def decode_attention(
         valid: ``(B, S)`` bool, the cache's slot validity.
         input_pos: ``(1,)`` the slot of the queries.
         splits: programs per (row, head), each over a run of the filled slots, combined by the last to finish
-            (flash-decoding); default :func:`attention_splits` (one image with CFG at 350m: 32 pairs, 8 splits).
+            (flash-decoding); default :func:`~cm3leon_lightning.model.fused_launch.attention_splits` (1 unless the
+            ``splits`` option is on; then one image with CFG at 350m: 32 pairs, 8 splits).
 
     Returns:
         ``(B, C)`` attention outputs, heads side by side (what the out-projection reads), in ``q``'s dtype.
@@ -369,12 +331,25 @@ def fused_decode_forward(model: CM3Leon, idx: Tensor, input_pos: Tensor, logits_
         raise ValueError(f"fused_decode_forward takes one token per cache row: idx (B={cache.batch_size}, 1)")
     x = decode_embed(idx, model.wte.weight, model.wpe.weight, cache.valid, input_pos)  # (B, C); marks the slot valid
     eps, act = c.layer_norm_eps, ACTIVATIONS[c.activation]
+    lo, hi = logits_range
+    weights = linear_weights(model, logits_range)  # in launch order: each kernel may prefetch the next one's
+    nxt = iter(weights[1:] + weights[:1])  # the head prefetches the first block's QKV for the next step
     for layer, block in enumerate(model.blocks):
         k_all, v_all = cache.layer(layer)  # (B, H, S, D)
-        q = decode_linear(x, block.attn.qkv.weight, norm_eps=eps, cache=(k_all, v_all, input_pos))  # (B, C)
+        cache_slot = (k_all, v_all, input_pos)
+        q = decode_linear(x, block.attn.qkv.weight, norm_eps=eps, cache=cache_slot, prefetch=next(nxt))  # (B, C)
         y = decode_attention(q, k_all, v_all, cache.valid, input_pos)  # (B, C), whatever the block's attn.impl
-        x = decode_linear(y, block.attn.out_proj.weight, residual=x)
-        h = decode_linear(x, block.mlp.fc_in.weight, norm_eps=eps, act=act)  # (B, F)
-        x = decode_linear(h, block.mlp.fc_out.weight, residual=x)
+        x = decode_linear(y, block.attn.out_proj.weight, residual=x, prefetch=next(nxt))
+        h = decode_linear(x, block.mlp.fc_in.weight, norm_eps=eps, act=act, prefetch=next(nxt))  # (B, F)
+        x = decode_linear(h, block.mlp.fc_out.weight, residual=x, prefetch=next(nxt))
+    return decode_linear(x, weights[-1], norm_eps=eps, prefetch=next(nxt)).view(B, 1, hi - lo)
+
+
+def linear_weights(model: CM3Leon, logits_range: tuple[int, int]) -> list[Tensor]:
+    """The weights :func:`fused_decode_forward` multiplies by, in launch order: per block QKV, out-projection,
+    up-projection, down-projection, then the LM head's rows ``[lo, hi)``."""
     lo, hi = logits_range
-    return decode_linear(x, model.lm_head.weight[lo:hi], norm_eps=eps).view(B, 1, hi - lo)
+    weights = []
+    for block in model.blocks:
+        weights += [block.attn.qkv.weight, block.attn.out_proj.weight, block.mlp.fc_in.weight, block.mlp.fc_out.weight]
+    return weights + [model.lm_head.weight[lo:hi]]

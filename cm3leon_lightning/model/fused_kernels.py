@@ -1,6 +1,6 @@
 """Triton kernels of the fused single-token decode step (:mod:`cm3leon_lightning.model.fused`) other than the linear
 kernel (:mod:`cm3leon_lightning.model.fused_linear_kernel`): attention over the KV cache, the step's input, and
-programmatic dependent launch.
+programmatic dependent launch, and the L2 prefetch of the next kernel's weights.
 
 :func:`decode_attention_kernel` is the step's attention: one query per row attends over the cache slots up to its own,
 skipping padding, and reads only the slots written so far (the loop ends at ``slot``, read on the device, so a CUDA
@@ -30,6 +30,41 @@ def dependent_launch():
     slower on an H200 than no PDL at all."""
     tl.extra.cuda.gdc_wait()
     tl.extra.cuda.gdc_launch_dependents()
+
+
+PREFETCH_LINE = 128
+"""Bytes one L2 prefetch asks for (a cache line)."""
+
+PREFETCH_CHUNK = tl.constexpr(256)
+"""Lines a program asks for per iteration of :func:`prefetch_l2` (two per thread at 4 warps)."""
+
+
+@triton.jit
+def line_share(lines, part, parts):
+    """The lines ``[lo, hi)`` of ``lines`` that program ``part`` of ``parts`` prefetches: consecutive shares of
+    ``cdiv(lines, parts)`` (the last ones shorter or empty), which together cover every line once."""
+    per = tl.cdiv(lines, parts)
+    lo = part * per
+    return lo, tl.minimum(lo + per, lines)
+
+
+@triton.jit
+def prefetch_l2(ptr, lines, part, parts, CHUNK: tl.constexpr):
+    """Ask the L2 cache for this program's share (:func:`line_share`) of the ``lines`` 128-byte lines from ``ptr``
+    (``prefetch.global.L2``, one per line: nothing waits for them, no register holds them, no result changes).
+    Inline PTX: CUDA only, never under the interpreter."""
+    lo, hi = line_share(lines, part, parts)
+    base = ptr.to(tl.pointer_type(tl.int8))
+    for l0 in range(lo, hi, CHUNK):
+        line = l0 + tl.arange(0, CHUNK)
+        tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.b32 $0, 0; }",
+            "=r,l,r",
+            [base + line.to(tl.int64) * 128, (line < hi).to(tl.int32)],
+            dtype=tl.int32,
+            is_pure=False,
+            pack=1,
+        )
 
 
 @triton.jit

@@ -19,8 +19,10 @@ columns for 132 SMs); each writes its float32 partial sums to a workspace, and t
 atomic) adds them in split order, applies the epilogue and resets the counter for the next launch.
 
 With ``PDL`` the kernel starts by :func:`~cm3leon_lightning.model.fused_kernels.dependent_launch`, and may first load
-its first weight tile (``PREFETCH``), which does not depend on the previous kernel. The tile sizes are autotuned on
-the GPU (:data:`CONFIGS`, :data:`PDL_CONFIGS`).
+its first weight tile (``PREFETCH``), which does not depend on the previous kernel. With ``PREFETCH_NEXT`` every
+program first asks the L2 cache for its share of ``next_lines`` 128-byte lines from ``next_ptr`` (the next linear
+kernel's weights; :func:`~cm3leon_lightning.model.fused_kernels.prefetch_l2`). The tile sizes are autotuned on the GPU
+(:func:`tuned_kernel` over :func:`configs_for`).
 
 Importing this module needs Triton; with ``TRITON_INTERPRET=1`` set before the import the kernel runs on CPU tensors
 (float32), which is how the tests check it without a GPU.
@@ -28,14 +30,14 @@ Importing this module needs Triton; with ``TRITON_INTERPRET=1`` set before the i
 
 from __future__ import annotations
 
+import functools
 import inspect
-import os
 from collections.abc import Callable, Sequence
 
 import triton
 import triton.language as tl
 
-from cm3leon_lightning.model.fused_kernels import dependent_launch
+from cm3leon_lightning.model.fused_kernels import PREFETCH_CHUNK, dependent_launch, prefetch_l2
 
 
 @triton.jit
@@ -124,6 +126,8 @@ def decode_linear_kernel(
     stride_ch,
     stride_cs,
     eps,
+    next_ptr,
+    next_lines,
     R_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -135,6 +139,7 @@ def decode_linear_kernel(
     PDL: tl.constexpr = False,
     PREFETCH: tl.constexpr = False,
     SPLIT_K: tl.constexpr = 1,
+    PREFETCH_NEXT: tl.constexpr = False,
 ):
     """``out[R, N] = epilogue(prologue(x[R, K]) @ w[N, K]^T)``; see the module docstring for the flags.
 
@@ -144,6 +149,9 @@ def decode_linear_kernel(
     launch (and left zero after it)."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
+    if PREFETCH_NEXT:  # the next kernel's weights depend on nothing: on their way to L2 while this one works
+        programs = tl.num_programs(0)
+        prefetch_l2(next_ptr, next_lines, split * programs + pid, programs * SPLIT_K, PREFETCH_CHUNK)
     rows = tl.arange(0, R_PAD)
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < R
@@ -215,18 +223,31 @@ SPLIT_CONFIGS = [
 a 32 KB slice of ``W`` with ~24 KB in flight, for 132 SMs; the first GPU profile found the linear kernel at about
 1 TB/s). Tried only where :func:`split_allowed`."""
 
-CONFIGS = UNSPLIT_CONFIGS + SPLIT_CONFIGS
-"""What the autotuner tries on a GPU, once per shape and flags, before a CUDA graph captures the step (each costs a
-compilation, ~0.4 s, cached on disk by Triton, and a 25 ms timing per shape)."""
-
-PDL_CONFIGS = CONFIGS + [
+PREFETCHING_CONFIGS = [
     triton.Config({**c.kwargs, "PREFETCH": True}, num_warps=c.num_warps, num_stages=c.num_stages)
-    for c in CONFIGS
+    for c in UNSPLIT_CONFIGS + SPLIT_CONFIGS
     if c.kwargs["BLOCK_K"] == 128
 ]
-"""With programmatic dependent launch, the tile sizes also with ``PREFETCH``: the first weight tile loaded before
-waiting for the previous kernel (it overlaps that kernel's tail, at the cost of registers held across the wait; with
-256-wide tiles that is up to 128 registers a thread, so only the 128-wide ones)."""
+"""With programmatic dependent launch, the 128-wide tile sizes also with ``PREFETCH``: the first weight tile loaded
+before waiting for the previous kernel (it overlaps that kernel's tail, at the cost of registers held across the wait;
+with 256-wide tiles that is up to 128 registers a thread)."""
+
+
+def configs_for(pdl: bool, splits: bool) -> list[triton.Config]:
+    """What the autotuner tries for launches with (``pdl``) or without programmatic dependent launch, with or
+    without the split-K configurations (``splits``): :data:`UNSPLIT_CONFIGS`, then :data:`SPLIT_CONFIGS`, then the
+    prefetching versions of those of them that have 128-wide tiles."""
+    plain = UNSPLIT_CONFIGS + (SPLIT_CONFIGS if splits else [])
+    return plain + [c for c in PREFETCHING_CONFIGS if pdl and (splits or c.kwargs.get("SPLIT_K", 1) == 1)]
+
+
+CONFIGS = configs_for(pdl=False, splits=True)
+"""Every configuration without PDL (each costs a compilation on the GPU, ~0.4 s, cached on disk by Triton, and a
+25 ms timing per shape)."""
+
+PDL_CONFIGS = configs_for(pdl=True, splits=True)
+"""Every configuration the kernel may run with (the compile tests build them all; they size the split-K
+workspace)."""
 
 
 def workspace_size(n: int, r_pad: int, tiles: list[dict]) -> int:
@@ -245,31 +266,15 @@ def split_allowed(n: int) -> bool:
     return triton.cdiv(n, 16) <= SPLIT_MAX_BLOCKS
 
 
-SPLITS_ENV = "CM3LEON_FUSED_SPLITS"
-"""Environment variable: ``1`` lets the autotuner choose split-K configurations and the attention split the cache over
-several programs by default. Off until a GPU run has checked the split kernels' hand-off between programs natively
-(the interpreter runs programs one after another) and timed them (``benchmarks/gpu_decode.sh``); explicit tiles
-(``fused.FIXED_TILES``) and ``decode_attention(..., splits=)`` use them regardless."""
-
-
-def splits_enabled() -> bool:
-    """Whether ``CM3LEON_FUSED_SPLITS=1``: split kernels among the defaults (:data:`SPLITS_ENV`)."""
-    return os.environ.get(SPLITS_ENV, "0") == "1"
-
-
-def prune_configs(
-    configs: list[triton.Config], named_args: dict, with_splits: bool | None = None, **kwargs: object
-) -> list[triton.Config]:
-    """The autotuner's ``early_config_prune``: drop split-K configurations unless ``with_splits`` (default
-    :func:`splits_enabled`), and where :func:`split_allowed` is false or a split would get no ``K`` at all (``K``
-    too short for ``SPLIT_K`` tiles)."""
+def prune_configs(configs: list[triton.Config], named_args: dict, **kwargs: object) -> list[triton.Config]:
+    """The autotuner's ``early_config_prune``: drop split-K configurations where :func:`split_allowed` is false or a
+    split would get no ``K`` at all (``K`` too short for ``SPLIT_K`` tiles)."""
     n, k = named_args["N"], named_args["K"]
-    with_splits = splits_enabled() if with_splits is None else with_splits
 
     def useful(c: triton.Config) -> bool:
         split, block_k = c.kwargs.get("SPLIT_K", 1), c.kwargs["BLOCK_K"]
         per = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
-        return split == 1 or (with_splits and split_allowed(n) and (split - 1) * per < k)
+        return split == 1 or (split_allowed(n) and (split - 1) * per < k)
 
     return [c for c in configs if useful(c)]
 
@@ -296,8 +301,9 @@ def autotuned(configs: list[triton.Config]) -> triton.runtime.Autotuner:
     return triton.autotune(configs=configs, key=KEY, prune_configs_by=prune, **options)(decode_linear_kernel)
 
 
-tuned_decode_linear_kernel = autotuned(CONFIGS)
-""":func:`decode_linear_kernel` with its tile sizes chosen by timing :data:`CONFIGS` on the device."""
-
-tuned_pdl_decode_linear_kernel = autotuned(PDL_CONFIGS)
-""":func:`decode_linear_kernel` launched with PDL, its tiles and prefetching chosen among :data:`PDL_CONFIGS`."""
+@functools.cache
+def tuned_kernel(pdl: bool, splits: bool) -> triton.runtime.Autotuner:
+    """:func:`decode_linear_kernel` with its tiles chosen by timing :func:`configs_for` ``(pdl, splits)`` on the
+    device: one autotuner per choice, so that switching the options in one process tunes each set once (Triton's disk
+    cache keys the timings by the configurations tried)."""
+    return autotuned(configs_for(pdl, splits))

@@ -10,7 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
+
+import triton.language as tl  # noqa: E402
 
 from cm3leon_lightning.config import CM3LeonConfig  # noqa: E402
 from cm3leon_lightning.generation import generate_image, generate_text, infill  # noqa: E402
@@ -21,7 +23,8 @@ from cm3leon_lightning.model.fused import (  # noqa: E402
     decode_linear,
     fused_decode_forward,
 )
-from cm3leon_lightning.model.fused_kernels import attention_block_s  # noqa: E402
+from cm3leon_lightning.model.fused_kernels import attention_block_s, line_share  # noqa: E402
+from cm3leon_lightning.model.fused_launch import FusedOptions, use_fused_options  # noqa: E402
 from cm3leon_lightning.model.kv_cache import padding_causal_mask, positions_from_valid  # noqa: E402
 from cm3leon_lightning.tokenization.vocab import MultimodalVocab  # noqa: E402
 
@@ -220,10 +223,23 @@ def random_model(activation: str = "gelu", vocab_size: int = 512) -> CM3Leon:
     return model.to(DEVICE)
 
 
-@pytest.mark.parametrize("activation,attention", [("gelu", "sdpa"), ("gelu", "flex"), ("relu", "sdpa")])
-def test_fused_steps_equal_the_model_forward_for_left_padded_rows(activation, attention):
+ALL_ON = "pdl+splits+prefetch"
+
+
+@pytest.mark.parametrize(
+    "activation,attention,options",
+    [("gelu", "sdpa", "base"), ("gelu", "flex", "base"), ("relu", "sdpa", "base"), ("gelu", "sdpa", ALL_ON)],
+)
+def test_fused_steps_equal_the_model_forward_for_left_padded_rows(activation, attention, options):
     """Prompts of lengths 5, 2 and 7, left-padded and prefilled; then three decode steps, each run by the model's
-    forward and by the fused step from the same cache: equal logits over a slice of the head, equal caches."""
+    forward and by the fused step from the same cache: equal logits over a slice of the head, equal caches. With every
+    launch option on (on a GPU: PDL, split attention, the next weights prefetched; the interpreter runs none of them)
+    too."""
+    with use_fused_options(FusedOptions.parse(options)):
+        fused_steps_equal_the_model_forward(activation, attention)
+
+
+def fused_steps_equal_the_model_forward(activation, attention):
     model = random_model(activation)
     model.set_attention(attention)
     prompts = [torch.randint(1, 512, (n,), generator=torch.Generator().manual_seed(n)) for n in (5, 2, 7)]
@@ -250,7 +266,14 @@ def test_fused_steps_equal_the_model_forward_for_left_padded_rows(activation, at
 
 
 @pytest.mark.skipif(not CUDA, reason="bfloat16 kernels: the interpreter computes in float32 only")
-def test_bf16_steps_stay_close_to_the_model_forward():
+@pytest.mark.parametrize("options", ["base", ALL_ON])
+def test_bf16_steps_stay_close_to_the_model_forward(options, monkeypatch):
+    monkeypatch.setattr(fused, "FIXED_TILES", None)  # autotuned, among the options' configurations
+    with use_fused_options(FusedOptions.parse(options)):
+        bf16_steps_stay_close_to_the_model_forward()
+
+
+def bf16_steps_stay_close_to_the_model_forward():
     model = random_model().to(torch.bfloat16)
     model.setup_kv_cache(batch_size=4, max_seq_len=16)
     idx = torch.randint(1, 512, (4, 6), generator=torch.Generator().manual_seed(0)).to(DEVICE)
@@ -284,6 +307,49 @@ def test_fused_mode_decodes_the_eager_tokens():
     # infilling: a text span, then (after forced tokens through the plain forward) an image span
     body = [vocab.eos_id, 20, vocab.sentinel_id(0), 22, vocab.break_id, 40, 41, vocab.sentinel_id(1), 45]
     assert infill(model, vocab, body, compile="fused").spans == infill(model, vocab, body, compile="eager").spans
+
+
+def test_each_linear_kernel_is_given_the_next_ones_weights_to_prefetch(monkeypatch):
+    """The prefetch chain of a step: QKV -> out-projection -> up -> down -> next block's QKV ... -> the head's rows
+    of the sampled range -> the first block's QKV (for the next step); each handed to the launch before."""
+    model = random_model()
+    model.setup_kv_cache(batch_size=2, max_seq_len=8)
+    calls, real = [], fused.decode_linear
+
+    def recording(x, w, **kw):
+        calls.append((w, kw["prefetch"]))
+        return real(x, w, **kw)
+
+    monkeypatch.setattr(fused, "decode_linear", recording)
+    with torch.no_grad():
+        fused_decode_forward(
+            model, torch.ones(2, 1, dtype=torch.long, device=DEVICE), torch.tensor([0], device=DEVICE), (100, 260)
+        )
+    weights = [w for w, _ in calls]
+    b0 = model.blocks[0]
+    assert len(calls) == 4 * model.config.n_layer + 1
+    assert weights[:4] == [b0.attn.qkv.weight, b0.attn.out_proj.weight, b0.mlp.fc_in.weight, b0.mlp.fc_out.weight]
+    head = weights[-1]
+    assert head.shape == (160, model.config.d_model) and head.data_ptr() == model.lm_head.weight[100].data_ptr()
+    assert all(p is w for (_, p), w in zip(calls, weights[1:] + weights[:1]))
+
+
+@triton.jit
+def shares_kernel(out_ptr, lines):
+    part = tl.program_id(0)
+    lo, hi = line_share(lines, part, tl.num_programs(0))
+    tl.store(out_ptr + 2 * part, lo)
+    tl.store(out_ptr + 2 * part + 1, hi)
+
+
+@pytest.mark.parametrize("lines,parts", [(1000, 7), (5, 8), (131072, 64), (0, 3), (256, 1)])
+def test_prefetch_shares_cover_every_line_once(lines, parts):
+    """The programs of a kernel split the next weights' lines between them: every line asked for once, none past
+    the end (some programs get none when there are more programs than lines)."""
+    out = torch.zeros(2 * parts, dtype=torch.int32, device=DEVICE)
+    shares_kernel[(parts,)](out, lines)
+    asked = [line for lo, hi in out.view(parts, 2).tolist() for line in range(lo, hi)]
+    assert asked == list(range(lines))
 
 
 def test_swiglu_models_and_wrong_shapes_are_refused():

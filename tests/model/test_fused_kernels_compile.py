@@ -32,7 +32,21 @@ LAUNCHES = [
     dict(NORM=True, ACT=0, RESIDUAL=False, CACHE=False),
 ]
 H100 = GPUTarget("cuda", 90, 32)
-INTS = ("R", "N", "K", "C", "D", "stride_cb", "stride_ch", "stride_cs", "stride_vb", "stride_ib", "W", "lo")
+INTS = (
+    "R",
+    "N",
+    "K",
+    "C",
+    "D",
+    "stride_cb",
+    "stride_ch",
+    "stride_cs",
+    "stride_vb",
+    "stride_ib",
+    "W",
+    "lo",
+    "next_lines",
+)
 FLOATS = ("eps", "scale", "cfg", "temperature", "top_p")
 ALIGNED = ("N", "K", "C", "D", "stride_cb", "stride_ch", "stride_cs", "stride_vb", "W")
 
@@ -61,8 +75,8 @@ def linear(
     dtype: str, flags: dict, block_n: int = 32, block_k: int = 128, warps: int = 4, stages: int = 3, target=H100
 ):
     constants = {"R_PAD": 16, "BLOCK_N": block_n, "BLOCK_K": block_k, "IEEE": dtype == "fp32", "PDL": False,
-                 "PREFETCH": False, "SPLIT_K": 1, **flags}  # fmt: skip
-    pointers = {n: f"*{dtype}" for n in ("x_ptr", "w_ptr", "out_ptr", "res_ptr", "k_ptr", "v_ptr")}
+                 "PREFETCH": False, "SPLIT_K": 1, "PREFETCH_NEXT": False, **flags}  # fmt: skip
+    pointers = {n: f"*{dtype}" for n in ("x_ptr", "w_ptr", "out_ptr", "res_ptr", "k_ptr", "v_ptr", "next_ptr")}
     pointers.update(slot_ptr="*i64", part_ptr="*fp32", count_ptr="*i32")
     return compile_kernel(decode_linear_kernel, constants, pointers, warps, stages, target)
 
@@ -210,3 +224,21 @@ def test_programmatic_dependent_launch_waits_before_any_memory_access():
         head, body = linear("bf16", {**flags, "PDL": True, "PREFETCH": True}).asm["ptx"].split("griddepcontrol.wait", 1)
         assert "ld.global" in head and "st.global" not in head and "cp.async" not in head, flags
         assert "st.global" in body and "cp.async" in body, flags
+
+
+@pytest.mark.parametrize("split", [1, 4])
+def test_the_next_weights_are_asked_into_l2_first_and_only_when_asked_for(split):
+    """PREFETCH_NEXT: every program's first memory instructions are L2 prefetches of its share of the next kernel's
+    weights (a loop of 256 lines, two per thread, predicated on the share's end), before its own loads and, with PDL,
+    before the wait for the previous kernel (weights depend on nothing); then the kernel is as without. sm_80 too."""
+    for target in (H100, GPUTarget("cuda", 80, 32)):
+        flags = {**LAUNCHES[0], "SPLIT_K": split, "PREFETCH_NEXT": True}
+        ptx = linear("bf16", flags, block_n=16, target=target).asm["ptx"]
+        assert ptx.count("prefetch.global.L2") == 2, target
+        first = ptx.index("prefetch.global.L2")
+        assert not any(op in ptx[:first] for op in ("ld.global", "st.global", "cp.async")), target
+        assert "@p prefetch.global.L2" in ptx  # lines past the share are skipped, not clamped
+        assert "cp.async.cg.shared.global" in ptx[first:]
+    head, body = linear("bf16", {**flags, "PDL": True}).asm["ptx"].split("griddepcontrol.wait", 1)
+    assert "prefetch.global.L2" in head and "prefetch" not in body
+    assert "prefetch" not in linear("bf16", LAUNCHES[0]).asm["ptx"]

@@ -1,5 +1,6 @@
-"""How the fused kernels are launched: programmatic dependent launch only when asked for, on sm_90+ CUDA devices;
-the linear kernel's tuning configurations, their pruning, and the split kernels' counters."""
+"""How the fused kernels are launched: the launch options (environment, code, labels), programmatic dependent launch
+only when asked for and on sm_90+ CUDA devices, the next weights' prefetch only on CUDA, the linear kernel's tuning
+configurations per option, their pruning, and the split kernels' counters."""
 
 import inspect
 
@@ -8,25 +9,66 @@ import torch
 
 pytest.importorskip("triton")
 
-from cm3leon_lightning.model import fused  # noqa: E402
+from cm3leon_lightning.model import fused, fused_launch  # noqa: E402
+from cm3leon_lightning.model.fused_launch import FusedOptions, fused_options, use_fused_options  # noqa: E402
+
+ALL_ON = FusedOptions(pdl=True, splits=True, prefetch_next=True)
+
+
+@pytest.fixture(autouse=True)
+def no_option_in_the_environment(monkeypatch):
+    for env in fused_launch.OPTION_ENV.values():
+        monkeypatch.delenv(env, raising=False)
+
+
+def test_options_come_from_the_environment_unless_set_in_code(monkeypatch):
+    assert fused_options() == FusedOptions() and FusedOptions().label == "base"  # all off by default
+    monkeypatch.setenv("CM3LEON_PDL", "1")
+    monkeypatch.setenv("CM3LEON_PREFETCH_NEXT", "1")
+    assert fused_options() == FusedOptions(pdl=True, prefetch_next=True)
+    with use_fused_options(FusedOptions(splits=True)) as inner:
+        assert fused_options() is inner
+        with use_fused_options(ALL_ON):
+            assert fused_options() is ALL_ON
+        assert fused_options() is inner
+    assert fused_options() == FusedOptions(pdl=True, prefetch_next=True)
+
+
+def test_option_labels_parse_and_print_back():
+    assert FusedOptions.parse("base") == FusedOptions()
+    assert FusedOptions.parse("prefetch+splits") == FusedOptions(splits=True, prefetch_next=True)
+    assert FusedOptions.parse("pdl + prefetch_next") == FusedOptions(pdl=True, prefetch_next=True)
+    assert ALL_ON.label == "pdl+splits+prefetch" and FusedOptions.parse(ALL_ON.label) == ALL_ON
+    with pytest.raises(ValueError, match=r"unknown \['graphs'\] in 'pdl\+graphs'"):
+        FusedOptions.parse("pdl+graphs")
 
 
 def test_pdl_only_when_asked_for_and_on_capable_cuda_devices(monkeypatch):
-    monkeypatch.setattr(fused, "_pdl_capable", lambda index: index == 0)  # GPU 0 an H100, GPU 1 an A100
-    monkeypatch.delenv(fused.PDL_ENV, raising=False)
+    monkeypatch.setattr(fused_launch, "_pdl_capable", lambda index: index == 0)  # GPU 0 an H100, GPU 1 an A100
     assert fused.launch_options(torch.device("cuda", 0)) == {}  # off by default (slower in its first measurement)
-    monkeypatch.setenv(fused.PDL_ENV, "1")
+    monkeypatch.setenv(fused_launch.PDL_ENV, "1")
     assert fused.launch_options(torch.device("cpu")) == {}  # CPU (the interpreter): plain launches
     assert fused.launch_options(torch.device("cuda", 0)) == {"PDL": True, "launch_pdl": True}
     assert fused.launch_options(torch.device("cuda", 1)) == {}
-    monkeypatch.setenv(fused.PDL_ENV, "0")
+    with use_fused_options(FusedOptions()):
+        assert fused.launch_options(torch.device("cuda", 0)) == {}
+    monkeypatch.setenv(fused_launch.PDL_ENV, "0")
     assert fused.launch_options(torch.device("cuda", 0)) == {}
+
+
+def test_next_weights_are_prefetched_only_when_asked_for_and_on_cuda():
+    """The prefetch is inline PTX: never on a CPU (Triton's interpreter cannot run it), where it is simply not
+    compiled in; it changes no result."""
+    assert not fused_launch.prefetches_next(torch.device("cuda", 0))
+    with use_fused_options(ALL_ON):
+        assert fused_launch.prefetches_next(torch.device("cuda", 0))
+        assert not fused_launch.prefetches_next(torch.device("cpu"))
 
 
 def test_linear_kernel_tuning_configurations():
     """Prefetching the first weight tile is tried only with PDL (without it nothing overlaps) and only with 128-wide
-    tiles; split-K with 2, 4 and 8 splits; every configuration is timed by the shortened benchmark and pruned by
-    shape."""
+    tiles; split-K with 2, 4 and 8 splits only with the splits option; one autotuner per choice, each timed by the
+    shortened benchmark and pruned by shape."""
     from cm3leon_lightning.model import fused_linear_kernel as fk
 
     assert all("PREFETCH" not in c.kwargs for c in fk.CONFIGS)
@@ -34,29 +76,31 @@ def test_linear_kernel_tuning_configurations():
     prefetching = [c for c in fk.PDL_CONFIGS if c.kwargs.get("PREFETCH")]
     assert len(fk.PDL_CONFIGS) == len(fk.CONFIGS) + len(prefetching) == 21
     assert {c.kwargs["BLOCK_K"] for c in prefetching} == {128}
+    assert fk.configs_for(pdl=False, splits=False) == fk.UNSPLIT_CONFIGS
+    assert fk.configs_for(pdl=False, splits=True) == fk.CONFIGS and fk.configs_for(True, True) == fk.PDL_CONFIGS
+    unsplit_pdl = fk.configs_for(pdl=True, splits=False)
+    assert len(unsplit_pdl) == 9 and {c.kwargs.get("SPLIT_K", 1) for c in unsplit_pdl} == {1}
     # the split-K workspace covers the largest configuration, whatever the width: 8 splits of 32-column blocks of
     # 40 columns need 8 x 64 x 16 floats, more than 8 splits of 16-column blocks (8 x 48 x 16)
     assert fk.workspace_size(40, 16, [c.kwargs for c in fk.PDL_CONFIGS]) == 8 * 64 * 16
     assert fk.workspace_size(1024, 32, [c.kwargs for c in fk.PDL_CONFIGS]) == 8 * 1024 * 32
     assert fk.workspace_size(40, 16, [{"BLOCK_N": 64, "BLOCK_K": 32, "SPLIT_K": 3}]) == 3 * 64 * 16
-    for kernel, configs in (
-        (fk.tuned_decode_linear_kernel, fk.CONFIGS),
-        (fk.tuned_pdl_decode_linear_kernel, fk.PDL_CONFIGS),
-    ):
-        assert kernel.configs == configs and kernel.do_bench is fk.quick_bench
-        assert kernel.early_config_prune is fk.prune_configs
-        if "cache_results" in inspect.signature(fk.triton.autotune).parameters:  # timings kept on disk
-            assert kernel.cache_results or fk.triton.knobs.runtime.interpret
+    for pdl in (False, True):
+        for with_splits in (False, True):
+            kernel = fk.tuned_kernel(pdl, with_splits)
+            assert kernel is fk.tuned_kernel(pdl, with_splits)  # built once per choice
+            assert kernel.configs == fk.configs_for(pdl, with_splits) and kernel.do_bench is fk.quick_bench
+            assert kernel.early_config_prune is fk.prune_configs
+            if "cache_results" in inspect.signature(fk.triton.autotune).parameters:  # timings kept on disk
+                assert kernel.cache_results or fk.triton.knobs.runtime.interpret
 
 
 def splits(configs):
     return sorted({c.kwargs.get("SPLIT_K", 1) for c in configs})
 
 
-def test_split_k_is_tried_only_where_every_split_gets_work_and_the_output_is_narrow(monkeypatch):
+def test_split_k_is_tried_only_where_every_split_gets_work_and_the_output_is_narrow():
     from cm3leon_lightning.model import fused_linear_kernel as fk
-
-    monkeypatch.setenv(fk.SPLITS_ENV, "1")
 
     # 350m: out-projection and down-projection (N = 1024), QKV, up-projection, the image-code head
     for n, k in ((1024, 1024), (1024, 4096), (3072, 1024), (4096, 1024), (8192, 1024)):
@@ -85,25 +129,46 @@ def test_split_counters_are_allocated_once_per_device_and_bounded():
     is a clear error."""
     cpu = torch.device("cpu")
     first = fused.split_counters(cpu)
-    assert fused.split_counters(cpu, 5000) is first and first.numel() == fused.COUNTERS and not first.any()
+    assert fused.split_counters(cpu, 5000) is first and first.numel() == fused_launch.COUNTERS and not first.any()
     with pytest.raises(ValueError, match="split counters hold 65536, 65537 asked for"):
-        fused.split_counters(cpu, fused.COUNTERS + 1)
+        fused.split_counters(cpu, fused_launch.COUNTERS + 1)
 
 
-def test_split_kernels_are_defaults_only_when_asked_for(monkeypatch):
+def test_split_kernels_are_used_only_when_asked_for(monkeypatch):
     """Until a GPU run has checked the split kernels natively, the autotuner and the attention do without them unless
-    CM3LEON_FUSED_SPLITS=1; asking explicitly works regardless."""
+    the splits option is on (CM3LEON_FUSED_SPLITS=1 or in code); asking explicitly works regardless."""
     from cm3leon_lightning.model import fused_linear_kernel as fk
 
-    monkeypatch.delenv(fk.SPLITS_ENV, raising=False)
-    assert fk.prune_configs(fk.CONFIGS, {"N": 1024, "K": 4096}) == fk.UNSPLIT_CONFIGS
-    assert fk.prune_configs(fk.CONFIGS, {"N": 1024, "K": 4096}, with_splits=True) == fk.CONFIGS
     monkeypatch.setattr(
         torch.cuda, "get_device_properties", lambda device: type("P", (), {"multi_processor_count": 132})
     )
     assert fused.attention_splits(32, torch.device("cuda", 0)) == 1
-    monkeypatch.setenv(fk.SPLITS_ENV, "1")
-    assert fk.prune_configs(fk.CONFIGS, {"N": 1024, "K": 4096}) == fk.CONFIGS
+    monkeypatch.setenv(fused_launch.SPLITS_ENV, "1")
     # one image with CFG at 350m: 2 rows x 16 heads -> 8 runs each; 8 candidates: 256 pairs fill the GPU alone
     assert [fused.attention_splits(p, torch.device("cuda", 0)) for p in (32, 64, 256)] == [8, 4, 1]
     assert fused.attention_splits(32, torch.device("cpu")) == 1
+    with use_fused_options(FusedOptions()):
+        assert fused.attention_splits(32, torch.device("cuda", 0)) == 1
+    with use_fused_options(FusedOptions(splits=True)):
+        assert fused.attention_splits(32, torch.device("cuda", 0)) == 8
+    assert fk.prune_configs(fk.CONFIGS, {"N": 1024, "K": 4096}) == fk.CONFIGS  # pruned by shape only
+
+
+def test_the_decoder_captures_one_graph_per_set_of_options(monkeypatch):
+    """A captured CUDA graph keeps the options it was launched with: the decoder's graph key names them, so that
+    changing them (benchmarks/generation.py --fused-options) captures a new graph rather than replaying the old; the
+    other graph modes do not depend on them. (The mode is forced here: on a CPU no graph mode resolves.)"""
+    from cm3leon_lightning.config import CM3LeonConfig
+    from cm3leon_lightning.generation import decoder
+    from cm3leon_lightning.model import CM3Leon
+
+    keys = []
+    monkeypatch.setattr(decoder, "graphed_step", lambda cache, key, *args: keys.append(key))
+    model = CM3Leon(CM3LeonConfig.from_preset("tiny", max_seq_len=64)).eval()
+    spec = decoder.SamplingSpec(method="greedy", streams=1, lo=0, hi=64)
+    for mode, options in (("fused-graph", FusedOptions()), ("fused-graph", ALL_ON), ("graph", ALL_ON)):
+        monkeypatch.setattr(decoder, "resolve_mode", lambda compile, device, model, mode=mode: mode)
+        with use_fused_options(options):
+            decoder.Decoder(model, spec, [[1, 2, 3]], max_new_tokens=4, seed=0)
+    assert [k[0] for k in keys] == ["fused-graph", "fused-graph", "graph"]
+    assert [k[-1] for k in keys] == [FusedOptions(), ALL_ON, None]
