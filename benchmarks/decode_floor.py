@@ -74,10 +74,11 @@ def replay_ms(fn: Callable[[], object], device: str, steps: int) -> float:
     return 1e3 * (time.perf_counter() - t0) / steps
 
 
-def chained_us(call: Callable[[], object], device: str, chain: int, steps: int) -> float:
-    """Microseconds per call of ``call`` in a chain of ``chain`` calls, replayed ``steps`` times from one captured
-    graph (:func:`replay_ms`): a call's time with the gap to the next, as inside a decode step."""
-    return 1e3 * replay_ms(lambda: [call() for _ in range(chain)], device, steps) / chain
+def chained_us(call: Callable[[int], object], device: str, chain: int, steps: int) -> float:
+    """Microseconds per call in a chain of ``call(0), ..., call(chain - 1)``, replayed ``steps`` times from one
+    captured graph (:func:`replay_ms`): a call's time with the gap to the next, as inside a decode step. Each call
+    should read its own weights or cache (call ``i`` as layer ``i``), or the chain times them from L2."""
+    return 1e3 * replay_ms(lambda: [call(i) for i in range(chain)], device, steps) / chain
 
 
 def kernel_parser(doc: str) -> argparse.ArgumentParser:

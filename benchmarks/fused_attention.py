@@ -4,9 +4,9 @@
 At one image with CFG only 2 rows x heads programs run unless the cache is split over several programs per (row,
 head) (``splits``, flash-decoding, opt-in as ``CM3LEON_FUSED_SPLITS=1``). This script times it at a preset's head
 shape for 2 rows (one image with CFG) and ``2 x --candidates`` rows, at the start, middle and end of a 1024-token
-image, for each ``--splits``, as a chain of ``--chain`` calls captured in one CUDA graph (a row's time includes the
-gap between kernels, as in the real step), beside ``bound``: the bytes read over the measured copy bandwidth. Each
-result is checked against SDPA with ``padding_causal_mask`` first.
+image, for each ``--splits``, as a chain of ``--chain`` calls (each over its own cache, as the layers of a step)
+captured in one CUDA graph (a row's time includes the gap between kernels, as in the real step), beside ``bound``: the
+bytes read over the measured copy bandwidth. Each result is checked against SDPA with ``padding_causal_mask`` first.
 
 On a CPU (``--device cpu``) the kernel runs under Triton's interpreter (start with ``TRITON_INTERPRET=1``): the
 timings mean nothing there, the checks do.
@@ -38,6 +38,19 @@ from cm3leon_lightning.model.fused import decode_attention
 from cm3leon_lightning.model.kv_cache import padding_causal_mask
 
 
+def layer_attention(
+    caches: list[tuple[torch.Tensor, torch.Tensor]],
+    q: torch.Tensor,
+    valid: torch.Tensor,
+    pos: torch.Tensor,
+    splits: int,
+    layer: int,
+) -> torch.Tensor:
+    """:func:`decode_attention` over the keys and values of ``caches[layer]``."""
+    k, v = caches[layer]
+    return decode_attention(q, k, v, valid, pos, splits=splits)
+
+
 def main() -> None:
     p = kernel_parser(__doc__)
     p.add_argument("--slots", default="63,511,1023", help="comma-separated slots of the query (cache filled up to it)")
@@ -67,6 +80,8 @@ def main() -> None:
         for rows in rows_list:
             g = torch.Generator().manual_seed(rows)
             k, v = (torch.randn(rows, H, S, D, generator=g).to(args.device, dtype) for _ in range(2))
+            # a cache per call of the chain, as per layer (one would stay in L2): copy 0 is the one checked
+            caches = [(k, v)] + [(k.roll(i, 2), v.roll(i, 2)) for i in range(1, args.chain)]
             q = torch.randn(rows, H * D, generator=g).to(args.device, dtype)
             valid = torch.ones(rows, S, dtype=torch.bool, device=args.device)
             valid[rows // 2 :, : min(20, S)] = False  # half the rows left-padded, as prompts of different lengths
@@ -81,7 +96,7 @@ def main() -> None:
                     out = decode_attention(q, k, v, valid, pos, splits=splits)
                     correct = torch.allclose(out.float(), expected, **tol)
                     wrong += not correct
-                    call = functools.partial(decode_attention, q, k, v, valid, pos, splits=splits)
+                    call = functools.partial(layer_attention, caches, q, valid, pos, splits)
                     us = chained_us(call, args.device, args.chain, args.steps)
                     label = f"{splits}" + ("" if correct else " WRONG")
                     print(f"{rows:4d} {slot:5d} {label:>8} {us:8.2f} {nbytes / us / 1e3:7.0f}")

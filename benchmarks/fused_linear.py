@@ -6,10 +6,11 @@ kernel time and about 1 TB/s. This script times each launch of a step at a prese
 write, out-projection, up-projection with the activation, down-projection, the image-code slice of the LM head), at
 2 rows (one image with CFG) and ``2 x --candidates`` rows, under every configuration the autotuner may pick
 (:data:`~cm3leon_lightning.model.fused_linear_kernel.CONFIGS`, ``--pdl``: with programmatic dependent launch and its
-prefetching configurations), as a chain of ``--chain`` launches captured in one CUDA graph (so a row's time
-includes the gap between kernels, as in the real step). Beside them: the configuration the autotuner picks
-(``tuned``), ``F.linear`` alone (``cublas``, no LayerNorm, activation or cache write) and ``bound``, the weight bytes
-over the measured copy bandwidth.
+prefetching configurations), as a chain of ``--chain`` launches captured in one CUDA graph, each on its own copy of
+the weight as the layers of a step (so a row's time includes the gap between kernels and the weights come from memory,
+not L2, as in the real step; ``--prefetch``: each launch asks L2 for the next one's weights). Beside them: the
+configuration the autotuner picks (``tuned``), ``F.linear`` alone (``cublas``, no LayerNorm, activation or cache
+write) and ``bound``, the weight bytes over the measured copy bandwidth.
 
 On a CPU (``--device cpu``) the kernels run under Triton's interpreter (set ``TRITON_INTERPRET=1`` before starting):
 the timings mean nothing there, but every launch and configuration is checked against torch, which this script does
@@ -24,6 +25,7 @@ Usage::
 
 from __future__ import annotations
 
+import argparse
 import functools
 import os
 from collections.abc import Callable
@@ -40,6 +42,7 @@ from generation import sync  # benchmarks/generation.py
 
 from cm3leon_lightning.config import CM3LeonConfig
 from cm3leon_lightning.model import fused
+from cm3leon_lightning.model.fused_launch import FusedOptions, use_fused_options
 
 LAUNCHES = ("qkv", "out", "up", "down", "head")
 """The linear launches of a fused step: per block QKV (LayerNorm + cache write), out-projection (+ residual),
@@ -47,15 +50,25 @@ up-projection (LayerNorm + GELU), down-projection (+ residual); once, the LM hea
 
 
 def launch(
-    name: str, config: CM3LeonConfig, rows: int, head: int, device: str, dtype: torch.dtype, slots: int = 64
-) -> tuple[Callable[[], torch.Tensor], Callable[[], torch.Tensor], torch.Tensor, int, int]:
-    """``(run, written, expected, N, K)`` for one launch: ``run()`` calls :func:`fused.decode_linear` on fixed random
-    inputs (what is timed), ``written()`` runs it and returns what it wrote as ``(rows, N)`` (for QKV: the queries,
-    then the cache slot's keys and values), and ``expected`` is that computed by torch in float32."""
+    name: str,
+    config: CM3LeonConfig,
+    rows: int,
+    head: int,
+    device: str,
+    dtype: torch.dtype,
+    copies: int = 1,
+    slots: int = 64,
+) -> tuple[Callable[[int], torch.Tensor], Callable[[], torch.Tensor], torch.Tensor, list[torch.Tensor]]:
+    """``(run, written, expected, weights)`` for one launch: ``run(i)`` calls :func:`fused.decode_linear` on fixed
+    random inputs and ``weights[i]`` (``copies`` of the weight, one per layer of a chain, as a step reads a new one
+    at each launch; with the ``prefetch_next`` option ``run(i)`` prefetches ``weights[i + 1]``), what is timed;
+    ``written()`` runs copy 0 and returns what it wrote as ``(rows, N)`` (for QKV: the queries, then the cache slot's
+    keys and values), and ``expected`` is that computed by torch in float32."""
     C, H, D = config.d_model, config.n_head, config.head_dim
     n, k = {"qkv": (3 * C, C), "out": (C, C), "up": (config.d_ff, C), "down": (C, config.d_ff), "head": (head, C)}[name]
     g = torch.Generator().manual_seed(LAUNCHES.index(name))
     w = (torch.randn(n, k, generator=g) * k**-0.5).to(device, dtype)
+    weights = [w] + [w.roll(i, 0) for i in range(1, copies)]
     x = torch.randn(rows, k, generator=g).to(device, dtype)
     res = torch.randn(rows, n, generator=g).to(device, dtype)
     norm, act = name in ("qkv", "up", "head"), int(name == "up")
@@ -65,8 +78,11 @@ def launch(
     slot = torch.tensor([slots // 2], device=device)
     cache = (kv[0], kv[1], slot) if name == "qkv" else None
 
-    def run() -> torch.Tensor:
-        return fused.decode_linear(x, w, norm_eps=eps if norm else None, act=act, residual=residual, cache=cache)
+    def run(i: int = 0) -> torch.Tensor:
+        nxt = weights[(i + 1) % copies]
+        return fused.decode_linear(
+            x, weights[i], norm_eps=eps if norm else None, act=act, residual=residual, cache=cache, prefetch=nxt
+        )
 
     def written() -> torch.Tensor:
         out = run()
@@ -78,7 +94,7 @@ def launch(
     h = F.linear(h, w.float())
     h = F.gelu(h) if act else h
     expected = h + res.float() if residual is not None else h
-    return run, written, expected, n, k
+    return run, written, expected, weights
 
 
 def label(tiles: dict) -> str:
@@ -90,13 +106,18 @@ def main() -> None:
     p = kernel_parser(__doc__)
     p.add_argument("--head", type=int, default=8192, help="LM head rows (the image codes' slice)")
     p.add_argument("--configs", default=None, help="comma-separated indices of the configurations to try (default all)")
-    p.add_argument("--pdl", action="store_true", help="with programmatic dependent launch (CM3LEON_PDL=1)")
+    p.add_argument("--pdl", action="store_true", help="with programmatic dependent launch")
+    p.add_argument("--prefetch", action="store_true", help="each launch prefetches the next one's weights into L2")
     args = p.parse_args()
     gpu = args.device.startswith("cuda")
     if not gpu and os.environ.get("TRITON_INTERPRET") != "1":
         p.error("--device cpu runs the kernels under Triton's interpreter: start it with TRITON_INTERPRET=1")
-    if args.pdl:
-        os.environ[fused.PDL_ENV] = "1"
+    with use_fused_options(FusedOptions(pdl=args.pdl, splits=True, prefetch_next=args.prefetch)):
+        bench(p, args, gpu)
+
+
+def bench(p: argparse.ArgumentParser, args: argparse.Namespace, gpu: bool) -> None:
+    """Check and time every launch under every configuration (and the tuned one, cuBLAS and the bound)."""
     from cm3leon_lightning.model import fused_linear_kernel as fk
 
     dtype = torch.bfloat16 if gpu else torch.float32  # the interpreter computes in float32 only
@@ -110,7 +131,7 @@ def main() -> None:
             p.error(f"--configs: indices below {len(configs)} expected, got {args.configs!r}")
     bandwidth = copy_bandwidth(args.device, 1 << (29 if gpu else 24))
     print(f"{args.preset}, {dtype}, {args.device}, copy bandwidth {bandwidth / 1e9:.0f} GB/s, {args.chain} launches "
-          f"per graph{', PDL' if args.pdl else ''}")  # fmt: skip
+          f"per graph{', PDL' if args.pdl else ''}{', next weights prefetched' if args.prefetch else ''}")  # fmt: skip
     print(f"{'launch':6} {'rows':>4} {'N x K':>11} {'configuration':44} {'us':>8} {'GB/s':>7}")
     results = []
 
@@ -125,8 +146,9 @@ def main() -> None:
     with torch.no_grad():
         for rows in rows_list:
             for name in LAUNCHES:
-                run, written, expected, n, k = launch(name, config, rows, args.head, args.device, dtype)
-                for c in fk.prune_configs(configs, {"N": n, "K": k}, with_splits=True):
+                run, written, expected, weights = launch(name, config, rows, args.head, args.device, dtype, args.chain)
+                n, k = weights[0].shape
+                for c in fk.prune_configs(configs, {"N": n, "K": k}):
                     fused.FIXED_TILES = c.kwargs
                     correct = torch.allclose(written().float(), expected, **tol)
                     wrong += not correct
@@ -135,7 +157,7 @@ def main() -> None:
                 fused.FIXED_TILES = None
                 if gpu:
                     run()  # autotunes, outside the capture
-                    kernel = fk.tuned_pdl_decode_linear_kernel if args.pdl else fk.tuned_decode_linear_kernel
+                    kernel = fk.tuned_kernel(args.pdl, True)
                     report(
                         name,
                         rows,
@@ -145,19 +167,19 @@ def main() -> None:
                         timed(run),
                     )
                 x = torch.randn(rows, k, device=args.device, dtype=dtype)
-                w = torch.randn(n, k, device=args.device, dtype=dtype)
                 report(
                     name,
                     rows,
                     n,
                     k,
                     "cublas (F.linear alone)",
-                    timed(lambda x=x, w=w: F.linear(x, w)),
+                    timed(lambda i, x=x, weights=weights: F.linear(x, weights[i])),
                 )
                 report(name, rows, n, k, "bound (weights / copy bandwidth)", 1e6 * n * k * dtype.itemsize / bandwidth)
     sync(args.device)
     meta = dict(preset=args.preset, device=args.device, dtype=str(dtype), chain=args.chain, pdl=args.pdl,
-                copy_bandwidth=bandwidth, device_name=torch.cuda.get_device_name() if gpu else "cpu")  # fmt: skip
+                prefetch=args.prefetch, copy_bandwidth=bandwidth,
+                device_name=torch.cuda.get_device_name() if gpu else "cpu")  # fmt: skip
     finish_checked(args.json, meta, results, wrong, "configuration(s)")
 
 

@@ -8,7 +8,9 @@ For each preset (random weights; the timing does not depend on them) it measures
 with :func:`cm3leon_lightning.generation.generate_image` in each decode-step mode of ``--modes`` (eager; on GPU also
 the fused Triton step in one captured CUDA graph, ``torch.compile(mode="reduce-overhead")`` and the eager step in one
 captured CUDA graph; see ``generation/graphs.py``) and each attention implementation of ``--attention``
-(``sdpa``, ``flex``), and a plain reference loop in the same run:
+(``sdpa``, ``flex``); the fused modes once per set of launch options of ``--fused-options`` (e.g.
+``base,prefetch,pdl+splits+prefetch``, see ``model/fused_launch.py``; default the environment's); and a plain reference
+loop in the same run:
 no KV cache (the whole sequence re-run every token), the two CFG streams as two separate forwards, and sampling with
 ``torch.multinomial`` followed by ``.item()`` (a host sync per token). The reference runs one image only and at most
 ``--reference-tokens`` tokens (its cost grows quadratically, so its ms/token is a lower bound for longer images).
@@ -23,6 +25,7 @@ Usage::
     python benchmarks/generation.py --device cpu          # CPU: fewer tokens per image (said in the output)
     python benchmarks/generation.py --presets 350m --image-tokens 256 --json out.json
     python benchmarks/generation.py --presets 350m --modes reduce-overhead --attention sdpa,flex
+    python benchmarks/generation.py --presets 350m --modes fused-graph --fused-options base,prefetch,pdl,splits
 
 ``benchmarks/decode_profile.py`` shows where the time of one decode step goes, kernel by kernel.
 
@@ -44,8 +47,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from cm3leon_lightning.config import CM3LeonConfig
 from cm3leon_lightning.generation import generate_image
 from cm3leon_lightning.generation.generate import image_prompt, unconditional_image_prompt
-from cm3leon_lightning.generation.graphs import MODES
+from cm3leon_lightning.generation.graphs import FUSED_MODES, MODES
 from cm3leon_lightning.model import ATTENTION_IMPLS, CM3Leon
+from cm3leon_lightning.model.fused_launch import FusedOptions, use_fused_options
 from cm3leon_lightning.tokenization.vocab import MultimodalVocab
 
 PROMPT_LEN = 24  # text tokens of the caption
@@ -80,6 +84,20 @@ def comma_list(p: argparse.ArgumentParser, flag: str, text: str, allowed: tuple[
         if v not in allowed:
             p.error(f"{flag}: unknown value {v!r}; choose from {allowed}")
     return values
+
+
+def fused_option_list(p: argparse.ArgumentParser, text: str | None) -> list[str | None]:
+    """The labels of ``--fused-options`` (``[None]``: the environment's options), each checked by
+    :meth:`FusedOptions.parse` (else an argparse error naming it)."""
+    if text is None:
+        return [None]
+    labels = [v.strip() for v in text.split(",")]
+    for label in labels:
+        try:
+            FusedOptions.parse(label)
+        except ValueError as e:
+            p.error(f"--fused-options: {e}")
+    return labels
 
 
 def sync(device: str) -> None:
@@ -133,20 +151,19 @@ def bench_preset(preset: str, args: argparse.Namespace, device: str, dtype: torc
     for attention in args.attention:
         model.set_attention(attention)
         for mode in args.modes:
-            for n in (1, args.candidates):
-                kw = dict(num_samples=n, method="top_p", cfg=3.0, seed=0, compile=mode)
-                t0 = time.perf_counter()
-                codes = generate_image(model, vocab, [prompt], **kw).codes  # warm-up (compilation, graph capture)
-                warm = time.perf_counter() - t0
-                eager_codes.setdefault(n, codes)  # the first mode (eager by default) is the reference
-                same = float((codes == eager_codes[n]).float().mean())
-                sec = timed(lambda kw=kw: generate_image(model, vocab, [prompt], **kw), device, args.repeats)
-                rows.append(dict(preset=preset, mode=mode, attention=attention, images=n, streams=2 * n,
-                                 tokens=tokens, seconds=sec, sec_per_image=sec / n, ms_per_token=1e3 * sec / tokens,
-                                 warmup_seconds=warm, same_codes=same))  # fmt: skip
-                print(fmt_row(rows[-1]), flush=True)
+            for label in args.fused_options if mode in FUSED_MODES else [None]:
+                with options_for(label):
+                    for n in (1, args.candidates):
+                        row = bench_mode(model, vocab, prompt, mode, n, args, device)
+                        codes = row.pop("codes")
+                        eager_codes.setdefault(n, codes)  # the first mode (eager by default) is the reference
+                        same = float((codes == eager_codes[n]).float().mean())
+                        name = mode if label is None else f"{mode}[{label}]"
+                        rows.append(dict(preset=preset, mode=name, attention=attention, **row, same_codes=same))
+                        print(fmt_row(rows[-1]), flush=True)
     model.set_attention(args.attention[0])
-    row = bench_rerank(model, vocab, prompt, preset, args, device, dtype) if args.rerank else None
+    with options_for(args.fused_options[0]):
+        row = bench_rerank(model, vocab, prompt, preset, args, device, dtype) if args.rerank else None
     if row is not None:
         rows.append(row)
         print(fmt_row(row), flush=True)
@@ -163,6 +180,23 @@ def bench_preset(preset: str, args: argparse.Namespace, device: str, dtype: torc
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     return rows
+
+
+def options_for(label: str | None) -> contextlib.AbstractContextManager:
+    """The fused kernels' launch options named by ``label`` for the block (None: the environment's)."""
+    return contextlib.nullcontext() if label is None else use_fused_options(FusedOptions.parse(label))
+
+
+def bench_mode(model: CM3Leon, vocab: MultimodalVocab, prompt: list[int], mode: str, n: int, args, device: str) -> dict:
+    """Time ``n`` candidates with CFG in decode-step ``mode``, after one warm-up run (compilation, graph capture)."""
+    kw = dict(num_samples=n, method="top_p", cfg=3.0, seed=0, compile=mode)
+    t0 = time.perf_counter()
+    codes = generate_image(model, vocab, [prompt], **kw).codes
+    warm = time.perf_counter() - t0
+    sec = timed(lambda: generate_image(model, vocab, [prompt], **kw), device, args.repeats)
+    tokens = args.image_tokens
+    return dict(images=n, streams=2 * n, tokens=tokens, seconds=sec, sec_per_image=sec / n,
+                ms_per_token=1e3 * sec / tokens, warmup_seconds=warm, codes=codes)  # fmt: skip
 
 
 def bench_rerank(
@@ -186,6 +220,8 @@ def bench_rerank(
         warnings.simplefilter("ignore")  # "randomly initialised": intended, only the architecture is timed
         clip = ClipEncoder("ViT-B-32", pretrained=None, device=device)
     mode, n = args.modes[0], args.candidates
+    label = args.fused_options[0] if mode in FUSED_MODES else None
+    name = mode if label is None else f"{mode}[{label}]"
 
     def run() -> None:
         with torch.no_grad():
@@ -197,19 +233,19 @@ def bench_rerank(
     warm = time.perf_counter() - t0
     sec = timed(run, device, args.repeats)
     tokens = vocab.image_tokens
-    return dict(preset=preset, mode=f"{mode}+rerank", attention=args.attention[0], images=n, streams=2 * n,
+    return dict(preset=preset, mode=f"{name}+rerank", attention=args.attention[0], images=n, streams=2 * n,
                 tokens=tokens, seconds=sec, sec_per_image=sec / n, ms_per_token=1e3 * sec / tokens,
                 warmup_seconds=warm, same_codes=float("nan"))  # fmt: skip
 
 
-HEADER = f"{'preset':<7} {'mode':<22} {'attn':<5} {'images':>6} {'streams':>7} {'tokens':>6} {'s total':>9} " \
+HEADER = f"{'preset':<7} {'mode':<34} {'attn':<5} {'images':>6} {'streams':>7} {'tokens':>6} {'s total':>9} " \
          f"{'s/image':>9} {'ms/token':>9} {'warm-up s':>9} {'= first':>7}"  # fmt: skip
 
 
 def fmt_row(r: dict) -> str:
     note = " (s/image extrapolated linearly from fewer tokens: a lower bound)" if r.get("extrapolated") else ""
     return (
-        f"{r['preset']:<7} {r['mode']:<22} {r['attention']:<5} {r['images']:>6} {r['streams']:>7} {r['tokens']:>6} "
+        f"{r['preset']:<7} {r['mode']:<34} {r['attention']:<5} {r['images']:>6} {r['streams']:>7} {r['tokens']:>6} "
         f"{r['seconds']:>9.3f} {r['sec_per_image']:>9.3f} {r['ms_per_token']:>9.2f} {r['warmup_seconds']:>9.1f} "
         f"{r['same_codes']:>7.3f}{note}"
     )
@@ -230,6 +266,13 @@ def main() -> None:
         default=None,
         help=f"comma-separated decode-step modes of {MODES} (default: eager,fused-graph,reduce-overhead,graph on "
         "CUDA; eager on CPU, add inductor to compile there)",
+    )
+    p.add_argument(
+        "--fused-options",
+        default=None,
+        help="comma-separated launch options of the fused modes, each run in turn: 'base' (none) or of pdl, splits, "
+        "prefetch joined by + (e.g. base,prefetch,pdl+splits+prefetch; default: what CM3LEON_PDL, "
+        "CM3LEON_FUSED_SPLITS and CM3LEON_PREFETCH_NEXT say)",
     )
     p.add_argument(
         "--attention",
@@ -262,6 +305,7 @@ def main() -> None:
     default_modes = "eager,fused-graph,reduce-overhead,graph" if gpu else "eager"
     args.modes = comma_list(p, "--modes", args.modes or default_modes, MODES)
     args.attention = comma_list(p, "--attention", args.attention, ATTENTION_IMPLS)
+    args.fused_options = fused_option_list(p, args.fused_options)
     if args.rerank is None:
         args.rerank = gpu and args.image_tokens == 1024
     elif args.rerank and args.image_tokens != 1024:

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The decoding checks on one GPU at 350m, in two halves that each fit one 10-minute device command, the more
 # decisive first (a session's device time may not stretch to the second):
-#   HALF=1 (~9 min): the fused Triton kernels' tests (every tile configuration in a replayed CUDA graph);
-#          benchmarks/generation.py in fused-graph (the CUDA default) and reduce-overhead, with the full "8
-#          candidates + VQGAN + CLIP re-ranking" row when open_clip_torch is installed; fused-graph again with the
-#          split kernels (CM3LEON_FUSED_SPLITS=1), and with programmatic dependent launch (CM3LEON_PDL=1);
+#   HALF=1 (~9 min): the fused Triton kernels' tests (every tile configuration in a replayed CUDA graph; whole
+#          steps with every launch option on);
+#          benchmarks/generation.py in fused-graph (the CUDA default) once per set of launch options of
+#          $FUSED_OPTIONS (model/fused_launch.py: the next weights prefetched into L2, the split kernels, programmatic
+#          dependent launch), and reduce-overhead, with the full "8 candidates + VQGAN + CLIP re-ranking" row when
+#          open_clip_torch is installed, all in one process;
 #          benchmarks/fused_linear.py (each linear launch under every tile configuration, against cuBLAS and the
 #          bandwidth bound) and benchmarks/fused_attention.py (the attention kernel over a filling cache, split or
 #          not);
@@ -14,12 +16,12 @@
 #          alone, + pointwise, + cache, + attention, against the real step in the graph and fused-graph modes and
 #          the bandwidth bound).
 # HALF=all (the default) runs both. Each part has its own time limit (override with KERNELS_LIMIT, BENCH_LIMIT,
-# SPLITS_LIMIT, PDL_LIMIT, LINEAR_LIMIT, ATTENTION_LIMIT, TESTS_LIMIT, TUNE_TESTS_LIMIT, PROFILE_LIMIT, TUNE_LIMIT,
-# FLOOR_LIMIT; 0 skips a part). Results go to $OUT (or ./gpu_results; HALF=1 writes 8 files, a log per part and two
-# JSON tables, the most a device command brings back). Run from the repository root with a Python that has torch;
+# LINEAR_LIMIT, ATTENTION_LIMIT, TESTS_LIMIT, TUNE_TESTS_LIMIT, PROFILE_LIMIT, TUNE_LIMIT, FLOOR_LIMIT; 0 skips a
+# part). Results go to $OUT (or ./gpu_results; HALF=1 writes 7 files, a log per part and three JSON tables). Run from the repository root with a Python that has torch;
 # wheels in .gpu_wheels/ (benchmarks/fetch_gpu_wheels.sh) are installed first when present.
 source "$(dirname "$0")/gpu_common.sh"
 HALF=${HALF:-all}
+FUSED_OPTIONS=${FUSED_OPTIONS:-base,prefetch,splits,prefetch+splits,pdl+splits+prefetch}
 first() { [ "$HALF" = all ] || [ "$HALF" = 1 ]; }
 second() { [ "$HALF" = all ] || [ "$HALF" = 2 ]; }
 nvidia-smi -L
@@ -29,13 +31,9 @@ if first; then
   TAIL=40 part kernels "${KERNELS_LIMIT:-140}" env CM3LEON_FUSED_SPLITS=1 $PY -m pytest \
     tests/model/test_fused_decode.py tests/generation/test_sampling_kernel.py tests/model/test_fused_launch.py \
     -q -p no:cacheprovider
-  TAIL=40 part generation "${BENCH_LIMIT:-140}" $PY benchmarks/generation.py --presets 350m \
-    --modes fused-graph,reduce-overhead --attention sdpa --repeats 2 --reference-tokens 0 \
-    --json "$OUT/generation.json"
-  TAIL=20 part splits "${SPLITS_LIMIT:-60}" env CM3LEON_FUSED_SPLITS=1 $PY benchmarks/generation.py --presets 350m \
-    --modes fused-graph --repeats 2 --reference-tokens 0 --no-rerank
-  TAIL=20 part pdl "${PDL_LIMIT:-60}" env CM3LEON_PDL=1 $PY benchmarks/generation.py --presets 350m \
-    --modes fused-graph --repeats 2 --reference-tokens 0 --no-rerank
+  TAIL=40 part generation "${BENCH_LIMIT:-240}" $PY benchmarks/generation.py --presets 350m \
+    --modes fused-graph,reduce-overhead --fused-options "$FUSED_OPTIONS" --attention sdpa --repeats 2 \
+    --reference-tokens 0 --json "$OUT/generation.json"
   TAIL=60 part linear "${LINEAR_LIMIT:-100}" $PY benchmarks/fused_linear.py --preset 350m \
     --json "$OUT/fused_linear.json"
   TAIL=30 part attention "${ATTENTION_LIMIT:-40}" $PY benchmarks/fused_attention.py --preset 350m

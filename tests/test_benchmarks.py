@@ -10,13 +10,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(script: str, *args: str, cwd: Path) -> str:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+def run(script: str, *args: str, cwd: Path, env: dict[str, str] | None = None) -> str:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     out = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / script), *args], cwd=cwd, env=env, capture_output=True, text=True
     )
@@ -35,6 +36,27 @@ def test_generation_benchmark_rows_and_equal_codes_across_attention(tmp_path):
     assert all(r["same_codes"] == 1.0 for r in rows[:4])
     assert all(r["seconds"] > 0 and r["tokens"] == (2 if r["mode"] == "reference" else 4) for r in rows)
     assert "wrote g.json" in stdout
+
+
+def test_generation_benchmark_runs_the_fused_modes_once_per_set_of_launch_options(tmp_path):
+    """Under Triton's interpreter (the fused kernels on CPU): one row per option set, named by it, each decoding the
+    eager codes; an unknown option is refused naming the flag."""
+    pytest.importorskip("triton")
+    args = ["--device", "cpu", "--presets", "tiny", "--image-tokens", "4", "--reference-tokens", "0"]
+    args += ["--candidates", "2", "--modes", "eager,fused", "--json", "g.json"]
+    env = {"TRITON_INTERPRET": "1"}
+    run("generation.py", *args, "--fused-options", "base,pdl+prefetch", cwd=tmp_path, env=env)
+    rows = json.loads((tmp_path / "g.json").read_text())["results"]
+    assert [(r["mode"], r["images"]) for r in rows] == [
+        ("eager", 1), ("eager", 2), ("fused[base]", 1), ("fused[base]", 2), ("fused[pdl+prefetch]", 1),
+        ("fused[pdl+prefetch]", 2)
+    ]  # fmt: skip
+    assert all(r["same_codes"] == 1.0 for r in rows)
+    bad = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "generation.py"), *args, "--fused-options", "base,graphs"],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "--fused-options: fused options: unknown ['graphs']" in bad.stderr
 
 
 def test_decode_profile_names_the_ops_of_a_step(tmp_path):
@@ -96,10 +118,10 @@ def test_decode_floor_attention_pieces_compute_the_same_attention():
 def test_fused_linear_benchmark_checks_and_times_every_launch_and_configuration(tmp_path):
     """Under Triton's interpreter (tiny preset, float32): each launch of a fused step under the chosen
     configurations (one whole-K, one split-K where the shape allows it), each checked against torch, beside cuBLAS
-    and the bandwidth bound."""
+    and the bandwidth bound; chained over two copies of each weight (``--prefetch`` is a no-op on a CPU)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1"}
-    args = ["--device", "cpu", "--preset", "tiny", "--rows", "3", "--head", "256", "--steps", "1", "--chain", "1",
-            "--configs", "0,6", "--json", "fl.json"]  # fmt: skip
+    args = ["--device", "cpu", "--preset", "tiny", "--rows", "3", "--head", "256", "--steps", "1", "--chain", "2",
+            "--configs", "0,6", "--prefetch", "--json", "fl.json"]  # fmt: skip
     cmd = [sys.executable, str(ROOT / "benchmarks" / "fused_linear.py"), *args]
     out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -169,3 +191,14 @@ def test_gpu_decode_script_selects_the_kernel_tests():
     modes = selected_tests(script[script.index("part tests") : script.index("part tune_tests")])
     assert "tests/generation/test_generate.py::test_autotuned_and_flex_decoding_equal_eager_sdpa" in modes
     assert not any("max" in t.split("::")[1] and "autotuned" in t for t in modes)  # max-autotune: its own part
+
+
+def test_gpu_decode_script_compares_valid_launch_options():
+    """The option sets the GPU script times (a typo would only show on the GPU, after minutes of device time)."""
+    from cm3leon_lightning.model.fused_launch import FusedOptions
+
+    script = (ROOT / "benchmarks" / "gpu_decode.sh").read_text()
+    labels = re.search(r"FUSED_OPTIONS=\$\{FUSED_OPTIONS:-([^}]*)\}", script).group(1).split(",")
+    options = [FusedOptions.parse(label) for label in labels]
+    assert options[0] == FusedOptions() and len(set(options)) == len(options) >= 4
+    assert '--fused-options "$FUSED_OPTIONS"' in script
