@@ -11,7 +11,9 @@ is one kernel, ``x = decode_embed(idx, cache)`` (slot marked valid, token + posi
     h        = decode_linear(x, W_in, norm, act)         # LayerNorm + up-projection + GELU/ReLU
     x        = decode_linear(h, W_down, residual=x)      # down-projection + residual
 
-and the final LayerNorm is fused into the (sliced) LM head. :func:`fused_decode_forward` gives the logits of
+and the final LayerNorm is fused into the (sliced) LM head. With the ``prefetch_next`` launch option each linear
+kernel is handed the next one's weight to ask into L2 (:mod:`~cm3leon_lightning.model.fused_launch` holds the
+options: PDL, the split kernels, this prefetch). :func:`fused_decode_forward` gives the logits of
 ``model(idx, input_pos=input_pos, last_only=True, logits_range=...)`` for ``(B, 1)`` tokens (equal up to float
 rounding: the tests compare them on CPU through Triton's interpreter in float32). The decode modes ``fused`` and
 ``fused-graph`` of :mod:`~cm3leon_lightning.generation.graphs` use it. Triton is imported only when a fused step runs.
