@@ -5,8 +5,9 @@ At one image with CFG only 2 rows x heads programs run unless the cache is split
 head) (``splits``, flash-decoding, opt-in as ``CM3LEON_FUSED_SPLITS=1``). This script times it at a preset's head
 shape for 2 rows (one image with CFG) and ``2 x --candidates`` rows, at the start, middle and end of a 1024-token
 image, for each ``--splits``, as a chain of ``--chain`` calls (each over its own cache, as the layers of a step)
-captured in one CUDA graph (a row's time includes the gap between kernels, as in the real step), beside ``bound``: the
-bytes read over the measured copy bandwidth. Each result is checked against SDPA with ``padding_causal_mask`` first.
+captured in one CUDA graph (a row's time includes the gap between kernels, as in the real step; ``--prefetch``: each
+call asks L2 for the next one's filled slots), beside ``bound``: the bytes read over the measured copy bandwidth. Each
+result is checked against SDPA with ``padding_causal_mask`` first.
 
 On a CPU (``--device cpu``) the kernel runs under Triton's interpreter (start with ``TRITON_INTERPRET=1``): the
 timings mean nothing there, the checks do.
@@ -20,6 +21,7 @@ Usage::
 
 from __future__ import annotations
 
+import argparse
 import functools
 import os
 
@@ -35,6 +37,7 @@ from generation import sync  # benchmarks/generation.py
 
 from cm3leon_lightning.config import CM3LeonConfig
 from cm3leon_lightning.model.fused import decode_attention
+from cm3leon_lightning.model.fused_launch import FusedOptions, use_fused_options
 from cm3leon_lightning.model.kv_cache import padding_causal_mask
 
 
@@ -46,16 +49,24 @@ def layer_attention(
     splits: int,
     layer: int,
 ) -> torch.Tensor:
-    """:func:`decode_attention` over the keys and values of ``caches[layer]``."""
+    """:func:`decode_attention` over the keys and values of ``caches[layer]`` (handing it the next layer's to
+    prefetch, which it does with the ``prefetch_next`` option)."""
     k, v = caches[layer]
-    return decode_attention(q, k, v, valid, pos, splits=splits)
+    return decode_attention(q, k, v, valid, pos, splits=splits, prefetch=caches[(layer + 1) % len(caches)])
 
 
 def main() -> None:
     p = kernel_parser(__doc__)
     p.add_argument("--slots", default="63,511,1023", help="comma-separated slots of the query (cache filled up to it)")
     p.add_argument("--splits", default="1,2,4,8", help="comma-separated programs per (row, head)")
+    p.add_argument("--prefetch", action="store_true", help="each call prefetches the next one's cache into L2")
     args = p.parse_args()
+    with use_fused_options(FusedOptions(prefetch_next=args.prefetch)):
+        bench(p, args)
+
+
+def bench(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Check and time the attention at every (rows, slot, splits), beside the bandwidth bound."""
     gpu = args.device.startswith("cuda")
     if not gpu and os.environ.get("TRITON_INTERPRET") != "1":
         p.error("--device cpu runs the kernel under Triton's interpreter: start it with TRITON_INTERPRET=1")
@@ -106,7 +117,7 @@ def main() -> None:
                 print(f"{rows:4d} {slot:5d} {'bound':>8} {bound:8.2f} {bandwidth / 1e9:7.0f}")
                 results.append(dict(rows=rows, slot=slot, splits="bound", us=bound, gbps=bandwidth / 1e9))
     sync(args.device)
-    meta = dict(preset=args.preset, device=args.device, dtype=str(dtype), chain=args.chain,
+    meta = dict(preset=args.preset, device=args.device, dtype=str(dtype), chain=args.chain, prefetch=args.prefetch,
                 copy_bandwidth=bandwidth, device_name=torch.cuda.get_device_name() if gpu else "cpu")  # fmt: skip
     finish_checked(args.json, meta, results, wrong, "call(s)")
 

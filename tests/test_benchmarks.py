@@ -143,7 +143,7 @@ def test_fused_attention_benchmark_checks_and_times_every_split(tmp_path):
     bandwidth bound; at slot 140 (two 128-slot tiles) 3 splits leave a run idle and still compute right."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1"}
     args = ["--device", "cpu", "--preset", "tiny", "--rows", "3", "--slots", "5,140", "--splits", "1,3", "--steps",
-            "1", "--chain", "1", "--json", "fa.json"]  # fmt: skip
+            "1", "--chain", "2", "--prefetch", "--json", "fa.json"]  # fmt: skip
     cmd = [sys.executable, str(ROOT / "benchmarks" / "fused_attention.py"), *args]
     out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -12,10 +12,11 @@ is one kernel, ``x = decode_embed(idx, cache)`` (slot marked valid, token + posi
     x        = decode_linear(h, W_down, residual=x)      # down-projection + residual
 
 and the final LayerNorm is fused into the (sliced) LM head. With the ``prefetch_next`` launch option each linear
-kernel is handed the next one's weight to ask into L2 (:mod:`~cm3leon_lightning.model.fused_launch` holds the
-options: PDL, the split kernels, this prefetch). :func:`fused_decode_forward` gives the logits of
-``model(idx, input_pos=input_pos, last_only=True, logits_range=...)`` for ``(B, 1)`` tokens (equal up to float
-rounding: the tests compare them on CPU through Triton's interpreter in float32). The decode modes ``fused`` and
+kernel is handed the next one's weight, and each attention kernel the next layer's cache, to ask into L2
+(:mod:`~cm3leon_lightning.model.fused_launch` holds the options: PDL, the split kernels, this prefetch).
+:func:`fused_decode_forward` gives the logits of ``model(idx, input_pos=input_pos, last_only=True,
+logits_range=...)`` for ``(B, 1)`` tokens (equal up to float rounding: the tests compare them on CPU through
+Triton's interpreter in float32). The decode modes ``fused`` and
 ``fused-graph`` of :mod:`~cm3leon_lightning.generation.graphs` use it. Triton is imported only when a fused step runs.
 This module imports no Lightning.
 """
@@ -87,9 +88,10 @@ instead of autotuning (the GPU tests, which would otherwise tune every small sha
 Under the interpreter, :data:`INTERPRETER_TILES` apply unless this is set."""
 
 PREFETCH_MAX_BYTES = 16 << 20
-"""The most bytes of the next linear kernel's weights a kernel prefetches into L2 (the ``prefetch_next`` option): all
-of a 350m-760m block's (at most 8 MB bf16) or of the image-code head (16 MB), the first 16 MB of a text head (115 MB
-would only evict itself from the 40-50 MB L2 of an A100/H100/H200)."""
+"""The most bytes a kernel prefetches into L2 (the ``prefetch_next`` option): all of the next weight of a 350m-760m
+block (at most 8 MB bf16) or of the image-code head (16 MB), the first 16 MB of a text head (115 MB would only evict
+itself from the 40-50 MB L2 of an A100/H100/H200); the next layer's cache in full at 2 rows (at most 8 MB at 350m), its
+first slots at 16 (the first 256 of each row and head)."""
 
 
 def decode_linear(
@@ -169,12 +171,7 @@ def decode_linear(
         counters = split_counters(x.device)
     else:
         part = counters = x  # unused by the kernel
-    if prefetch is not None and prefetches_next(x.device):
-        if not prefetch.is_contiguous():
-            raise ValueError(f"decode_linear: the weight to prefetch {tuple(prefetch.shape)} must be contiguous")
-        nxt, lines = prefetch, min(prefetch.numel() * prefetch.element_size(), PREFETCH_MAX_BYTES) // 128
-    else:
-        nxt, lines = x, 0  # unused by the kernel
+    nxt, lines = _next_weight(x, prefetch)
     args = (x, weight, out, res, k_buf, v_buf, slot, part, counters, R, N, K, C, D, stride_b, stride_h, stride_s,
             norm_eps or 0.0, nxt, lines)  # fmt: skip
     flags["PREFETCH_NEXT"] = lines > 0
@@ -184,6 +181,16 @@ def decode_linear(
     else:
         lk.tuned_kernel(bool(launch), splits)[grid](*args, **flags, **launch)
     return out
+
+
+def _next_weight(x: Tensor, prefetch: Tensor | None) -> tuple[Tensor, int]:
+    """``(weight, lines)`` for :func:`decode_linear`'s prefetch: the 128-byte lines of the next weight to ask for
+    (its first :data:`PREFETCH_MAX_BYTES`), 0 (and ``x``, unused) when not prefetching."""
+    if prefetch is None or not prefetches_next(x.device):
+        return x, 0
+    if not prefetch.is_contiguous():
+        raise ValueError(f"decode_linear: the weight to prefetch {tuple(prefetch.shape)} must be contiguous")
+    return prefetch, min(prefetch.numel() * prefetch.element_size(), PREFETCH_MAX_BYTES) // 128
 
 
 @functools.cache
@@ -257,7 +264,13 @@ def decode_embed(idx: Tensor, wte: Tensor, wpe: Tensor, valid: Tensor, input_pos
 
 
 def decode_attention(
-    q: Tensor, k: Tensor, v: Tensor, valid: Tensor, input_pos: Tensor, splits: int | None = None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    valid: Tensor,
+    input_pos: Tensor,
+    splits: int | None = None,
+    prefetch: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """Attention of one query per row over the KV cache, in one kernel that reads only the slots written so far.
 
@@ -273,6 +286,9 @@ def decode_attention(
         splits: programs per (row, head), each over a run of the filled slots, combined by the last to finish
             (flash-decoding); default :func:`~cm3leon_lightning.model.fused_launch.attention_splits` (1 unless the
             ``splits`` option is on; then one image with CFG at 350m: 32 pairs, 8 splits).
+        prefetch: the next layer's key and value buffers (``k``'s shape and strides): with the ``prefetch_next``
+            option on CUDA, their filled slots are asked into L2 (at most :data:`PREFETCH_MAX_BYTES` in all);
+            otherwise ignored.
 
     Returns:
         ``(B, C)`` attention outputs, heads side by side (what the out-projection reads), in ``q``'s dtype.
@@ -302,12 +318,26 @@ def decode_attention(
     d_pad = max(16, triton.next_power_of_2(D))
     part = torch.empty(B * H * splits * (d_pad + 2), device=q.device) if splits > 1 else out
     counters = split_counters(q.device, B * H) if splits > 1 else out
+    next_k, next_v, lines = _next_cache(k, prefetch)
     fk.decode_attention_kernel[(B, H, splits)](
         q, k, v, valid, input_pos, out, part, counters, H * D, k.stride(0), k.stride(1), k.stride(2), valid.stride(0),
-        D**-0.5, HEAD_D=D, D_PAD=d_pad, BLOCK_S=fk.attention_block_s(d_pad, k.element_size()),
-        IEEE=k.dtype == torch.float32, SPLITS=splits, num_warps=4, num_stages=3, **launch_options(q.device),
+        D**-0.5, next_k, next_v, lines, HEAD_D=D, D_PAD=d_pad, BLOCK_S=fk.attention_block_s(d_pad, k.element_size()),
+        IEEE=k.dtype == torch.float32, SPLITS=splits, PREFETCH_NEXT=lines > 0, num_warps=4, num_stages=3,
+        **launch_options(q.device),
     )  # fmt: skip
     return out
+
+
+def _next_cache(k: Tensor, prefetch: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor, int]:
+    """``(next_k, next_v, lines)`` for :func:`decode_attention`'s prefetch: the lines of each (row, head)'s keys and of
+    its values to ask for at most, 0 (and ``k`` twice, unused) when not prefetching."""
+    if prefetch is None or not prefetches_next(k.device):
+        return k, k, 0
+    next_k, next_v = prefetch
+    B, H, _, D = k.shape
+    if next_k.shape != k.shape or next_k.stride() != k.stride() or next_v.stride() != k.stride() or k.stride(2) != D:
+        raise ValueError(f"decode_attention: the cache to prefetch {tuple(next_k.shape)} must be laid out as this one")
+    return next_k, next_v, PREFETCH_MAX_BYTES // (2 * B * H * 128)
 
 
 def fused_decode_forward(model: CM3Leon, idx: Tensor, input_pos: Tensor, logits_range: tuple[int, int]) -> Tensor:
@@ -340,7 +370,8 @@ def fused_decode_forward(model: CM3Leon, idx: Tensor, input_pos: Tensor, logits_
         k_all, v_all = cache.layer(layer)  # (B, H, S, D)
         cache_slot = (k_all, v_all, input_pos)
         q = decode_linear(x, block.attn.qkv.weight, norm_eps=eps, cache=cache_slot, prefetch=next(nxt))  # (B, C)
-        y = decode_attention(q, k_all, v_all, cache.valid, input_pos)  # (B, C), whatever the block's attn.impl
+        next_cache = cache.layer((layer + 1) % len(model.blocks))  # its filled slots may be prefetched
+        y = decode_attention(q, k_all, v_all, cache.valid, input_pos, prefetch=next_cache)  # (B, C), any attn.impl
         x = decode_linear(y, block.attn.out_proj.weight, residual=x, prefetch=next(nxt))
         h = decode_linear(x, block.mlp.fc_in.weight, norm_eps=eps, act=act, prefetch=next(nxt))  # (B, F)
         x = decode_linear(h, block.mlp.fc_out.weight, residual=x, prefetch=next(nxt))

@@ -83,12 +83,16 @@ def decode_attention_kernel(
     stride_cs,
     stride_vb,
     scale,
+    nk_ptr,
+    nv_ptr,
+    next_lines,
     HEAD_D: tl.constexpr,
     D_PAD: tl.constexpr,
     BLOCK_S: tl.constexpr,
     IEEE: tl.constexpr,
     PDL: tl.constexpr = False,
     SPLITS: tl.constexpr = 1,
+    PREFETCH_NEXT: tl.constexpr = False,
 ):
     """``out[b, h*D:(h+1)*D] = softmax(q k^T * scale) v`` for one query per row (programs ``(b, h, split)``).
 
@@ -104,12 +108,22 @@ def decode_attention_kernel(
     writes its running max, sum and unnormalised output (``D_PAD + 2`` floats at ``part_ptr``) and raises the counter
     of its ``(b, h)`` in ``count_ptr`` (zero before the launch and after it); the last to arrive combines the runs in
     split order and writes ``out``.
+
+    With ``PREFETCH_NEXT`` the programs of ``(b, h)`` first ask L2 for the next layer's keys and values of the same row
+    and head (``nk_ptr``, ``nv_ptr``, laid out as ``k``), slots ``0..slot``, at most ``next_lines`` 128-byte lines of
+    each (slots contiguous: ``stride_cs == HEAD_D``).
     """
     b = tl.program_id(0)
     h = tl.program_id(1)
     split = tl.program_id(2)
     if PDL:
         dependent_launch()
+    if PREFETCH_NEXT:  # the next layer's cache of this (row, head), read by its attention a few kernels later
+        filled = (tl.load(slot_ptr) + 1) * HEAD_D * (nk_ptr.dtype.element_ty.primitive_bitwidth // 8)
+        lines = tl.minimum(tl.cdiv(filled, 128), next_lines)
+        pair = b * stride_cb + h * stride_ch
+        prefetch_l2(nk_ptr + pair, lines, split, SPLITS, PREFETCH_CHUNK)
+        prefetch_l2(nv_ptr + pair, lines, split, SPLITS, PREFETCH_CHUNK)
     rows = tl.arange(0, 16)
     dims = tl.arange(0, D_PAD)
     d_ok = dims < HEAD_D

@@ -309,18 +309,24 @@ def test_fused_mode_decodes_the_eager_tokens():
     assert infill(model, vocab, body, compile="fused").spans == infill(model, vocab, body, compile="eager").spans
 
 
-def test_each_linear_kernel_is_given_the_next_ones_weights_to_prefetch(monkeypatch):
+def test_each_kernel_is_given_what_the_next_one_reads_to_prefetch(monkeypatch):
     """The prefetch chain of a step: QKV -> out-projection -> up -> down -> next block's QKV ... -> the head's rows
-    of the sampled range -> the first block's QKV (for the next step); each handed to the launch before."""
+    of the sampled range -> the first block's QKV (for the next step), each handed to the linear launch before; and
+    each layer's attention is handed the next layer's cache (the last layer's: the first's, for the next step)."""
     model = random_model()
     model.setup_kv_cache(batch_size=2, max_seq_len=8)
-    calls, real = [], fused.decode_linear
+    calls, caches, real, real_attention = [], [], fused.decode_linear, fused.decode_attention
 
     def recording(x, w, **kw):
         calls.append((w, kw["prefetch"]))
         return real(x, w, **kw)
 
+    def recording_attention(q, k, v, valid, pos, **kw):
+        caches.append((k, kw["prefetch"]))
+        return real_attention(q, k, v, valid, pos, **kw)
+
     monkeypatch.setattr(fused, "decode_linear", recording)
+    monkeypatch.setattr(fused, "decode_attention", recording_attention)
     with torch.no_grad():
         fused_decode_forward(
             model, torch.ones(2, 1, dtype=torch.long, device=DEVICE), torch.tensor([0], device=DEVICE), (100, 260)
@@ -332,6 +338,9 @@ def test_each_linear_kernel_is_given_the_next_ones_weights_to_prefetch(monkeypat
     head = weights[-1]
     assert head.shape == (160, model.config.d_model) and head.data_ptr() == model.lm_head.weight[100].data_ptr()
     assert all(p is w for (_, p), w in zip(calls, weights[1:] + weights[:1]))
+    layers = [model.kv_cache.layer(i) for i in range(model.config.n_layer)]
+    assert [k for k, _ in caches] == [k for k, _ in layers]
+    assert [p for _, p in caches] == layers[1:] + layers[:1]
 
 
 @triton.jit

@@ -81,12 +81,14 @@ def linear(
     return compile_kernel(decode_linear_kernel, constants, pointers, warps, stages, target)
 
 
-def attention(dtype: str, head_dim: int = 64, pdl: bool = False, splits: int = 1, target=H100):
+def attention(dtype: str, head_dim: int = 64, pdl: bool = False, splits: int = 1, target=H100, prefetch=False):
     d_pad = triton.next_power_of_2(head_dim)
     block_s = attention_block_s(d_pad, 4 if dtype == "fp32" else 2)
-    constants = dict(HEAD_D=head_dim, D_PAD=d_pad, BLOCK_S=block_s, IEEE=dtype == "fp32", PDL=pdl, SPLITS=splits)
+    constants = dict(HEAD_D=head_dim, D_PAD=d_pad, BLOCK_S=block_s, IEEE=dtype == "fp32", PDL=pdl, SPLITS=splits,
+                     PREFETCH_NEXT=prefetch)  # fmt: skip
     pointers = {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "out_ptr": f"*{dtype}",
-                "valid_ptr": "*i1", "slot_ptr": "*i64", "part_ptr": "*fp32", "count_ptr": "*i32"}  # fmt: skip
+                "valid_ptr": "*i1", "slot_ptr": "*i64", "part_ptr": "*fp32", "count_ptr": "*i32",
+                "nk_ptr": f"*{dtype}", "nv_ptr": f"*{dtype}"}  # fmt: skip
     return compile_kernel(decode_attention_kernel, constants, pointers, target=target)
 
 
@@ -242,3 +244,14 @@ def test_the_next_weights_are_asked_into_l2_first_and_only_when_asked_for(split)
     head, body = linear("bf16", {**flags, "PDL": True}).asm["ptx"].split("griddepcontrol.wait", 1)
     assert "prefetch.global.L2" in head and "prefetch" not in body
     assert "prefetch" not in linear("bf16", LAUNCHES[0]).asm["ptx"]
+
+
+@pytest.mark.parametrize("splits", [1, 8])
+def test_the_attention_asks_for_the_next_layers_cache_after_the_wait(splits):
+    """PREFETCH_NEXT in the attention: two prefetch loops (keys, values of the next layer for this row and head),
+    after PDL's wait (they read the step's slot) and before the first cache copy; none without the flag."""
+    ptx = attention("bf16", pdl=True, splits=splits, prefetch=True).asm["ptx"]
+    head, body = ptx.split("griddepcontrol.wait", 1)
+    assert "prefetch" not in head and body.count("prefetch.global.L2") == 4
+    assert body.index("prefetch.global.L2") < body.index("cp.async")
+    assert "prefetch" not in attention("bf16", splits=splits).asm["ptx"]
