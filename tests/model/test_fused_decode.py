@@ -267,8 +267,7 @@ def fused_steps_equal_the_model_forward(activation, attention):
 
 @pytest.mark.skipif(not CUDA, reason="bfloat16 kernels: the interpreter computes in float32 only")
 @pytest.mark.parametrize("options", ["base", ALL_ON])
-def test_bf16_steps_stay_close_to_the_model_forward(options, monkeypatch):
-    monkeypatch.setattr(fused, "FIXED_TILES", None)  # autotuned, among the options' configurations
+def test_bf16_steps_stay_close_to_the_model_forward(options):
     with use_fused_options(FusedOptions.parse(options)):
         bf16_steps_stay_close_to_the_model_forward()
 
