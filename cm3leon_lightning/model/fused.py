@@ -34,6 +34,7 @@ from cm3leon_lightning.model.fused_launch import (
     attention_splits,
     fused_options,
     launch_options,
+    prefetch_mode,
     prefetches_next,
     split_counters,
 )
@@ -171,10 +172,10 @@ def decode_linear(
         counters = split_counters(x.device)
     else:
         part = counters = x  # unused by the kernel
-    nxt, lines = _next_weight(x, prefetch)
+    nxt, lines, mode = _next_weight(x, prefetch)
     args = (x, weight, out, res, k_buf, v_buf, slot, part, counters, R, N, K, C, D, stride_b, stride_h, stride_s,
             norm_eps or 0.0, nxt, lines)  # fmt: skip
-    flags["PREFETCH_NEXT"] = lines > 0
+    flags["PREFETCH_NEXT"] = mode
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), meta.get("SPLIT_K", 1))  # noqa: E731
     if tiles is not None:  # fixed tiles (the interpreter cannot time configurations)
         lk.decode_linear_kernel[grid(tiles)](*args, **tiles, **flags, **launch)
@@ -183,14 +184,16 @@ def decode_linear(
     return out
 
 
-def _next_weight(x: Tensor, prefetch: Tensor | None) -> tuple[Tensor, int]:
-    """``(weight, lines)`` for :func:`decode_linear`'s prefetch: the 128-byte lines of the next weight to ask for
-    (its first :data:`PREFETCH_MAX_BYTES`), 0 (and ``x``, unused) when not prefetching."""
+def _next_weight(x: Tensor, prefetch: Tensor | None) -> tuple[Tensor, int, int]:
+    """``(weight, lines, mode)`` for :func:`decode_linear`'s prefetch: the 128-byte lines of the next weight to ask
+    for (its first :data:`PREFETCH_MAX_BYTES`) and the kernel's ``PREFETCH_NEXT``; ``(x, 0, 0)`` (``x`` unused) when
+    not prefetching."""
     if prefetch is None or not prefetches_next(x.device):
-        return x, 0
+        return x, 0, 0
     if not prefetch.is_contiguous():
         raise ValueError(f"decode_linear: the weight to prefetch {tuple(prefetch.shape)} must be contiguous")
-    return prefetch, min(prefetch.numel() * prefetch.element_size(), PREFETCH_MAX_BYTES) // 128
+    lines = min(prefetch.numel() * prefetch.element_size(), PREFETCH_MAX_BYTES) // 128
+    return prefetch, lines, prefetch_mode(x.device, aligned=prefetch.data_ptr() % 16 == 0) if lines else 0
 
 
 @functools.cache
@@ -318,26 +321,29 @@ def decode_attention(
     d_pad = max(16, triton.next_power_of_2(D))
     part = torch.empty(B * H * splits * (d_pad + 2), device=q.device) if splits > 1 else out
     counters = split_counters(q.device, B * H) if splits > 1 else out
-    next_k, next_v, lines = _next_cache(k, prefetch)
+    next_k, next_v, lines, mode = _next_cache(k, prefetch)
     fk.decode_attention_kernel[(B, H, splits)](
         q, k, v, valid, input_pos, out, part, counters, H * D, k.stride(0), k.stride(1), k.stride(2), valid.stride(0),
         D**-0.5, next_k, next_v, lines, HEAD_D=D, D_PAD=d_pad, BLOCK_S=fk.attention_block_s(d_pad, k.element_size()),
-        IEEE=k.dtype == torch.float32, SPLITS=splits, PREFETCH_NEXT=lines > 0, num_warps=4, num_stages=3,
+        IEEE=k.dtype == torch.float32, SPLITS=splits, PREFETCH_NEXT=mode, num_warps=4, num_stages=3,
         **launch_options(q.device),
     )  # fmt: skip
     return out
 
 
-def _next_cache(k: Tensor, prefetch: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor, int]:
-    """``(next_k, next_v, lines)`` for :func:`decode_attention`'s prefetch: the lines of each (row, head)'s keys and of
-    its values to ask for at most, 0 (and ``k`` twice, unused) when not prefetching."""
+def _next_cache(k: Tensor, prefetch: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor, int, int]:
+    """``(next_k, next_v, lines, mode)`` for :func:`decode_attention`'s prefetch: the lines of each (row, head)'s keys
+    and of its values to ask for at most, and the kernel's ``PREFETCH_NEXT``; ``(k, k, 0, 0)`` when not
+    prefetching."""
     if prefetch is None or not prefetches_next(k.device):
-        return k, k, 0
+        return k, k, 0, 0
     next_k, next_v = prefetch
     B, H, _, D = k.shape
     if next_k.shape != k.shape or next_k.stride() != k.stride() or next_v.stride() != k.stride() or k.stride(2) != D:
         raise ValueError(f"decode_attention: the cache to prefetch {tuple(next_k.shape)} must be laid out as this one")
-    return next_k, next_v, PREFETCH_MAX_BYTES // (2 * B * H * 128)
+    lines = PREFETCH_MAX_BYTES // (2 * B * H * 128)
+    rows = [next_k.data_ptr(), next_v.data_ptr(), k.stride(0) * k.element_size(), k.stride(1) * k.element_size()]
+    return next_k, next_v, lines, prefetch_mode(k.device, aligned=all(a % 16 == 0 for a in rows)) if lines else 0
 
 
 def fused_decode_forward(model: CM3Leon, idx: Tensor, input_pos: Tensor, logits_range: tuple[int, int]) -> Tensor:

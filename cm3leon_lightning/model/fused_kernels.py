@@ -48,23 +48,43 @@ def line_share(lines, part, parts):
     return lo, tl.minimum(lo + per, lines)
 
 
+BULK_LINES = tl.constexpr(256)
+"""Lines (32 KB) per bulk prefetch instruction (:func:`prefetch_l2` with ``BULK``)."""
+
+
 @triton.jit
-def prefetch_l2(ptr, lines, part, parts, CHUNK: tl.constexpr):
-    """Ask the L2 cache for this program's share (:func:`line_share`) of the ``lines`` 128-byte lines from ``ptr``
-    (``prefetch.global.L2``, one per line: nothing waits for them, no register holds them, no result changes).
-    Inline PTX: CUDA only, never under the interpreter."""
+def prefetch_l2(ptr, lines, part, parts, CHUNK: tl.constexpr, BULK: tl.constexpr):
+    """Ask the L2 cache for this program's share (:func:`line_share`) of the ``lines`` 128-byte lines from ``ptr``.
+    Nothing waits for them, no register holds them, no result changes. Inline PTX: CUDA only, never under the
+    interpreter.
+
+    ``BULK`` (sm_90, ``ptr`` 16-byte aligned): thread 0 hands the share to the copy engine, 32 KB per
+    ``cp.async.bulk.prefetch.L2`` instruction, leaving the load/store units to the kernel's own loads; else every
+    thread asks for ``CHUNK / threads`` lines per iteration with ``prefetch.global.L2`` (sm_80 and later)."""
     lo, hi = line_share(lines, part, parts)
     base = ptr.to(tl.pointer_type(tl.int8))
-    for l0 in range(lo, hi, CHUNK):
-        line = l0 + tl.arange(0, CHUNK)
-        tl.inline_asm_elementwise(
-            "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.b32 $0, 0; }",
-            "=r,l,r",
-            [base + line.to(tl.int64) * 128, (line < hi).to(tl.int32)],
-            dtype=tl.int32,
-            is_pure=False,
-            pack=1,
-        )
+    if BULK:
+        for l0 in range(lo, hi, BULK_LINES):
+            tl.inline_asm_elementwise(
+                "{ .reg .u32 t; .reg .pred p; mov.u32 t, %tid.x; setp.eq.u32 p, t, 0; "
+                "@p cp.async.bulk.prefetch.L2.global [$1], $2; mov.b32 $0, 0; }",
+                "=r,l,r",
+                [base + l0.to(tl.int64) * 128, tl.minimum(hi - l0, BULK_LINES) * 128],
+                dtype=tl.int32,
+                is_pure=False,
+                pack=1,
+            )
+    else:
+        for l0 in range(lo, hi, CHUNK):
+            line = l0 + tl.arange(0, CHUNK)
+            tl.inline_asm_elementwise(
+                "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.b32 $0, 0; }",
+                "=r,l,r",
+                [base + line.to(tl.int64) * 128, (line < hi).to(tl.int32)],
+                dtype=tl.int32,
+                is_pure=False,
+                pack=1,
+            )
 
 
 @triton.jit
@@ -92,7 +112,7 @@ def decode_attention_kernel(
     IEEE: tl.constexpr,
     PDL: tl.constexpr = False,
     SPLITS: tl.constexpr = 1,
-    PREFETCH_NEXT: tl.constexpr = False,
+    PREFETCH_NEXT: tl.constexpr = 0,
 ):
     """``out[b, h*D:(h+1)*D] = softmax(q k^T * scale) v`` for one query per row (programs ``(b, h, split)``).
 
@@ -109,9 +129,9 @@ def decode_attention_kernel(
     of its ``(b, h)`` in ``count_ptr`` (zero before the launch and after it); the last to arrive combines the runs in
     split order and writes ``out``.
 
-    With ``PREFETCH_NEXT`` the programs of ``(b, h)`` first ask L2 for the next layer's keys and values of the same row
-    and head (``nk_ptr``, ``nv_ptr``, laid out as ``k``), slots ``0..slot``, at most ``next_lines`` 128-byte lines of
-    each (slots contiguous: ``stride_cs == HEAD_D``).
+    With ``PREFETCH_NEXT`` (1: line by line, 2: in bulk; :func:`prefetch_l2`) the programs of ``(b, h)`` first ask
+    L2 for the next layer's keys and values of the same row and head (``nk_ptr``, ``nv_ptr``, laid out as ``k``),
+    slots ``0..slot``, at most ``next_lines`` 128-byte lines of each (slots contiguous: ``stride_cs == HEAD_D``).
     """
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -122,8 +142,8 @@ def decode_attention_kernel(
         filled = (tl.load(slot_ptr) + 1) * HEAD_D * (nk_ptr.dtype.element_ty.primitive_bitwidth // 8)
         lines = tl.minimum(tl.cdiv(filled, 128), next_lines)
         pair = b * stride_cb + h * stride_ch
-        prefetch_l2(nk_ptr + pair, lines, split, SPLITS, PREFETCH_CHUNK)
-        prefetch_l2(nv_ptr + pair, lines, split, SPLITS, PREFETCH_CHUNK)
+        prefetch_l2(nk_ptr + pair, lines, split, SPLITS, PREFETCH_CHUNK, PREFETCH_NEXT == 2)
+        prefetch_l2(nv_ptr + pair, lines, split, SPLITS, PREFETCH_CHUNK, PREFETCH_NEXT == 2)
     rows = tl.arange(0, 16)
     dims = tl.arange(0, D_PAD)
     d_ok = dims < HEAD_D

@@ -118,6 +118,19 @@ def prefetches_next(device: torch.device) -> bool:
     return device.type == "cuda" and fused_options().prefetch_next
 
 
+@functools.cache
+def _bulk_capable(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def prefetch_mode(device: torch.device, aligned: bool) -> int:
+    """The kernels' ``PREFETCH_NEXT`` for a prefetch on ``device``: 2 (bulk, one copy-engine instruction per 32 KB)
+    on GPUs of compute capability 9.0 or later when every address asked for is 16-byte ``aligned``, else 1 (one
+    ``prefetch.global.L2`` per line)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return 2 if aligned and _bulk_capable(index) else 1
+
+
 def attention_splits(pairs: int, device: torch.device) -> int:
     """How many programs share one (row, head)'s cache in the fused attention by default: with the ``splits`` option,
     enough for ``pairs`` (rows x heads) to give every SM of the GPU two programs, at most 8 (one 128-slot tile each

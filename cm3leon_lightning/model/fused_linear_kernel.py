@@ -19,10 +19,10 @@ columns for 132 SMs); each writes its float32 partial sums to a workspace, and t
 atomic) adds them in split order, applies the epilogue and resets the counter for the next launch.
 
 With ``PDL`` the kernel starts by :func:`~cm3leon_lightning.model.fused_kernels.dependent_launch`, and may first load
-its first weight tile (``PREFETCH``), which does not depend on the previous kernel. With ``PREFETCH_NEXT`` every
-program first asks the L2 cache for its share of ``next_lines`` 128-byte lines from ``next_ptr`` (the next linear
-kernel's weights; :func:`~cm3leon_lightning.model.fused_kernels.prefetch_l2`). The tile sizes are autotuned on the GPU
-(:func:`tuned_kernel` over :func:`configs_for`).
+its first weight tile (``PREFETCH``), which does not depend on the previous kernel. With ``PREFETCH_NEXT`` (1: line
+by line, 2: in bulk) every program first asks the L2 cache for its share of ``next_lines`` 128-byte lines from
+``next_ptr`` (the next linear kernel's weights; :func:`~cm3leon_lightning.model.fused_kernels.prefetch_l2`). The tile
+sizes are autotuned on the GPU (:func:`tuned_kernel` over :func:`configs_for`).
 
 Importing this module needs Triton; with ``TRITON_INTERPRET=1`` set before the import the kernel runs on CPU tensors
 (float32), which is how the tests check it without a GPU.
@@ -139,7 +139,7 @@ def decode_linear_kernel(
     PDL: tl.constexpr = False,
     PREFETCH: tl.constexpr = False,
     SPLIT_K: tl.constexpr = 1,
-    PREFETCH_NEXT: tl.constexpr = False,
+    PREFETCH_NEXT: tl.constexpr = 0,
 ):
     """``out[R, N] = epilogue(prologue(x[R, K]) @ w[N, K]^T)``; see the module docstring for the flags.
 
@@ -151,7 +151,9 @@ def decode_linear_kernel(
     split = tl.program_id(1)
     if PREFETCH_NEXT:  # the next kernel's weights depend on nothing: on their way to L2 while this one works
         programs = tl.num_programs(0)
-        prefetch_l2(next_ptr, next_lines, split * programs + pid, programs * SPLIT_K, PREFETCH_CHUNK)
+        prefetch_l2(
+            next_ptr, next_lines, split * programs + pid, programs * SPLIT_K, PREFETCH_CHUNK, PREFETCH_NEXT == 2
+        )
     rows = tl.arange(0, R_PAD)
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < R

@@ -75,13 +75,13 @@ def linear(
     dtype: str, flags: dict, block_n: int = 32, block_k: int = 128, warps: int = 4, stages: int = 3, target=H100
 ):
     constants = {"R_PAD": 16, "BLOCK_N": block_n, "BLOCK_K": block_k, "IEEE": dtype == "fp32", "PDL": False,
-                 "PREFETCH": False, "SPLIT_K": 1, "PREFETCH_NEXT": False, **flags}  # fmt: skip
+                 "PREFETCH": False, "SPLIT_K": 1, "PREFETCH_NEXT": 0, **flags}  # fmt: skip
     pointers = {n: f"*{dtype}" for n in ("x_ptr", "w_ptr", "out_ptr", "res_ptr", "k_ptr", "v_ptr", "next_ptr")}
     pointers.update(slot_ptr="*i64", part_ptr="*fp32", count_ptr="*i32")
     return compile_kernel(decode_linear_kernel, constants, pointers, warps, stages, target)
 
 
-def attention(dtype: str, head_dim: int = 64, pdl: bool = False, splits: int = 1, target=H100, prefetch=False):
+def attention(dtype: str, head_dim: int = 64, pdl: bool = False, splits: int = 1, target=H100, prefetch: int = 0):
     d_pad = triton.next_power_of_2(head_dim)
     block_s = attention_block_s(d_pad, 4 if dtype == "fp32" else 2)
     constants = dict(HEAD_D=head_dim, D_PAD=d_pad, BLOCK_S=block_s, IEEE=dtype == "fp32", PDL=pdl, SPLITS=splits,
@@ -230,28 +230,33 @@ def test_programmatic_dependent_launch_waits_before_any_memory_access():
 
 @pytest.mark.parametrize("split", [1, 4])
 def test_the_next_weights_are_asked_into_l2_first_and_only_when_asked_for(split):
-    """PREFETCH_NEXT: every program's first memory instructions are L2 prefetches of its share of the next kernel's
-    weights (a loop of 256 lines, two per thread, predicated on the share's end), before its own loads and, with PDL,
-    before the wait for the previous kernel (weights depend on nothing); then the kernel is as without. sm_80 too."""
-    for target in (H100, GPUTarget("cuda", 80, 32)):
-        flags = {**LAUNCHES[0], "SPLIT_K": split, "PREFETCH_NEXT": True}
+    """PREFETCH_NEXT: every program's first memory instructions ask L2 for its share of the next kernel's weights,
+    before its own loads and, with PDL, before the wait for the previous kernel (weights depend on nothing); then the
+    kernel is as without. Line by line (1; sm_80 too): a loop of 256 lines, two per thread, predicated on the share's
+    end. In bulk (2; sm_90): one copy-engine prefetch per 32 KB, from thread 0 only."""
+    for mode, target in ((1, H100), (1, GPUTarget("cuda", 80, 32)), (2, H100)):
+        flags = {**LAUNCHES[0], "SPLIT_K": split, "PREFETCH_NEXT": mode}
         ptx = linear("bf16", flags, block_n=16, target=target).asm["ptx"]
-        assert ptx.count("prefetch.global.L2") == 2, target
-        first = ptx.index("prefetch.global.L2")
-        assert not any(op in ptx[:first] for op in ("ld.global", "st.global", "cp.async")), target
-        assert "@p prefetch.global.L2" in ptx  # lines past the share are skipped, not clamped
+        op = "@p prefetch.global.L2" if mode == 1 else "@p cp.async.bulk.prefetch.L2.global"
+        assert ptx.count(op) == (2 if mode == 1 else 1) and ptx.count("prefetch") == ptx.count(op), (mode, target)
+        first = ptx.index(op)
+        assert not any(op in ptx[:first] for op in ("ld.global", "st.global", "cp.async.cg")), (mode, target)
         assert "cp.async.cg.shared.global" in ptx[first:]
-    head, body = linear("bf16", {**flags, "PDL": True}).asm["ptx"].split("griddepcontrol.wait", 1)
-    assert "prefetch.global.L2" in head and "prefetch" not in body
+        if mode == 2:
+            assert "%tid.x" in ptx[ptx.rindex("{", 0, first) : first]  # one thread asks
+        head, body = linear("bf16", {**flags, "PDL": True}, target=H100).asm["ptx"].split("griddepcontrol.wait", 1)
+        assert op in head and "prefetch" not in body
     assert "prefetch" not in linear("bf16", LAUNCHES[0]).asm["ptx"]
 
 
 @pytest.mark.parametrize("splits", [1, 8])
-def test_the_attention_asks_for_the_next_layers_cache_after_the_wait(splits):
+@pytest.mark.parametrize("mode", [1, 2])
+def test_the_attention_asks_for_the_next_layers_cache_after_the_wait(splits, mode):
     """PREFETCH_NEXT in the attention: two prefetch loops (keys, values of the next layer for this row and head),
     after PDL's wait (they read the step's slot) and before the first cache copy; none without the flag."""
-    ptx = attention("bf16", pdl=True, splits=splits, prefetch=True).asm["ptx"]
+    ptx = attention("bf16", pdl=True, splits=splits, prefetch=mode).asm["ptx"]
+    op = "@p prefetch.global.L2" if mode == 1 else "@p cp.async.bulk.prefetch.L2.global"
     head, body = ptx.split("griddepcontrol.wait", 1)
-    assert "prefetch" not in head and body.count("prefetch.global.L2") == 4
-    assert body.index("prefetch.global.L2") < body.index("cp.async")
+    assert "prefetch" not in head and body.count(op) == (4 if mode == 1 else 2)
+    assert body.index(op) < body.index("cp.async.cg")
     assert "prefetch" not in attention("bf16", splits=splits).asm["ptx"]

@@ -178,18 +178,28 @@ def test_prefetch_sizes_are_capped_and_bad_layouts_refused(monkeypatch):
     """How much each kernel asks L2 for (at most PREFETCH_MAX_BYTES in all, so the prefetched data stays there),
     computed as on a GPU (forced here), and clear errors for what the kernels could not prefetch."""
     monkeypatch.setattr(fused, "prefetches_next", lambda device: True)
+    monkeypatch.setattr(fused, "prefetch_mode", lambda device, aligned: 2 if aligned else 1)
     x = torch.zeros(2, 1024)
     qkv, head, text_head = (torch.zeros(n, 1024, dtype=torch.bfloat16) for n in (3072, 8192, 56320))
-    assert fused._next_weight(x, qkv) == (qkv, 3072 * 1024 * 2 // 128)  # all of it (6 MB)
+    assert fused._next_weight(x, qkv) == (qkv, 3072 * 1024 * 2 // 128, 2)  # all of it (6 MB), in bulk
     assert fused._next_weight(x, head)[1] == fused.PREFETCH_MAX_BYTES // 128 == 8192 * 1024 * 2 // 128
     assert fused._next_weight(x, text_head)[1] == fused.PREFETCH_MAX_BYTES // 128  # the first 16 MB of 115
-    assert fused._next_weight(x, None) == (x, 0)
+    assert fused._next_weight(x, qkv.view(-1)[4 : 4 + 1024 * 1024].view(1024, 1024))[2] == 1  # 8 bytes in: by line
+    assert fused._next_weight(x, None) == (x, 0, 0)
     with pytest.raises(ValueError, match=r"the weight to prefetch \(32, 40\) must be contiguous"):
         fused.decode_linear(torch.zeros(2, 32), torch.zeros(40, 32), prefetch=torch.zeros(40, 32).t())
     # the next layer's cache, per (row, head): all 1024 slots of 64 bf16 (128 KB) at 2 rows, the first 256 at 16
     two, sixteen = (torch.zeros(rows, 16, 1024, 64, dtype=torch.bfloat16) for rows in (2, 16))
     assert fused._next_cache(two, (two, two))[2] * 128 >= 1024 * 64 * 2
-    assert fused._next_cache(sixteen, (sixteen, sixteen))[2] * 128 == 256 * 64 * 2
-    assert fused._next_cache(two, None)[2] == 0
+    assert fused._next_cache(sixteen, (sixteen, sixteen))[2:] == (256 * 64 * 2 // 128, 2)
+    assert fused._next_cache(two, None)[2:] == (0, 0)
     with pytest.raises(ValueError, match=r"the cache to prefetch \(2, 16, 1024, 64\) must be laid out as this one"):
         fused._next_cache(two, (two.transpose(1, 2).contiguous().transpose(1, 2), two))
+
+
+def test_bulk_prefetch_only_on_hopper_and_aligned(monkeypatch):
+    """The copy engine's bulk prefetch needs sm_90 and 16-byte aligned addresses; otherwise line by line."""
+    monkeypatch.setattr(fused_launch, "_bulk_capable", lambda index: index == 0)  # GPU 0 an H100, GPU 1 an A100
+    assert fused_launch.prefetch_mode(torch.device("cuda", 0), aligned=True) == 2
+    assert fused_launch.prefetch_mode(torch.device("cuda", 0), aligned=False) == 1
+    assert fused_launch.prefetch_mode(torch.device("cuda", 1), aligned=True) == 1
