@@ -7,8 +7,9 @@ and the split kernels' arrival counters.
 * ``splits``: the split kernels (split-K in the linear kernel's tuning configurations, the attention split over the
   filled cache), whose hand-off between programs has not yet run natively;
 * ``prefetch_next``: each linear kernel asks the L2 cache for the next linear kernel's weights as it starts (the
-  step's last asks for the first block's, for the next step), so that the weight stream from memory carries on
-  through the gaps between kernels instead of starting again with each.
+  step's last asks for the first block's, for the next step), and each attention kernel for the next layer's
+  filled cache slots, so that the stream from memory carries on through the gaps between kernels instead of
+  starting again with each (:func:`prefetch_mode`: in bulk on sm_90, line by line before).
 
 They are read from the environment (``CM3LEON_PDL``, ``CM3LEON_FUSED_SPLITS``, ``CM3LEON_PREFETCH_NEXT``, ``1`` for
 on) unless set in code with :func:`use_fused_options` (what ``benchmarks/generation.py --fused-options`` does to
