@@ -28,13 +28,13 @@ nvidia-smi -L
 [ -d .gpu_wheels ] && $PY -m pip install -q --no-deps --no-index --find-links .gpu_wheels open_clip_torch ftfy wcwidth regex 2>&1 | tail -2
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 if first; then
-  TAIL=40 part kernels "${KERNELS_LIMIT:-140}" env CM3LEON_FUSED_SPLITS=1 $PY -m pytest \
+  TAIL=40 part kernels "${KERNELS_LIMIT:-160}" env CM3LEON_FUSED_SPLITS=1 $PY -m pytest \
     tests/model/test_fused_decode.py tests/generation/test_sampling_kernel.py tests/model/test_fused_launch.py \
     -q -p no:cacheprovider
-  TAIL=40 part generation "${BENCH_LIMIT:-240}" $PY benchmarks/generation.py --presets 350m \
+  TAIL=40 part generation "${BENCH_LIMIT:-230}" $PY benchmarks/generation.py --presets 350m \
     --modes fused-graph,reduce-overhead --fused-options "$FUSED_OPTIONS" --attention sdpa --repeats 2 \
     --reference-tokens 0 --json "$OUT/generation.json"
-  TAIL=60 part linear "${LINEAR_LIMIT:-100}" $PY benchmarks/fused_linear.py --preset 350m \
+  TAIL=60 part linear "${LINEAR_LIMIT:-90}" $PY benchmarks/fused_linear.py --preset 350m \
     --json "$OUT/fused_linear.json"
   TAIL=30 part attention "${ATTENTION_LIMIT:-40}" $PY benchmarks/fused_attention.py --preset 350m
 fi
