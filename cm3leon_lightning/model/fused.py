@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cm3leon_lightning.model.fused_launch import (
+    FusedOptions,
     attention_splits,
     fused_options,
     launch_options,
@@ -158,7 +159,8 @@ def decode_linear(
         NORM=norm, ACT=act, RESIDUAL=residual is not None, CACHE=cache is not None, IEEE=weight.dtype == torch.float32,
     )  # fmt: skip
     tiles = FIXED_TILES if FIXED_TILES is not None else INTERPRETER_TILES if interpreting() else None
-    launch, splits = launch_options(x.device), fused_options().splits
+    options = fused_options()  # read once per launch
+    launch, splits = launch_options(x.device, options), options.splits
     split = tiles.get("SPLIT_K", 1) > 1 if tiles is not None else splits and lk.split_allowed(N)
     if split and not lk.split_allowed(N):
         raise ValueError(
@@ -172,7 +174,7 @@ def decode_linear(
         counters = split_counters(x.device)
     else:
         part = counters = x  # unused by the kernel
-    nxt, lines, mode = _next_weight(x, prefetch)
+    nxt, lines, mode = _next_weight(x, prefetch, options)
     args = (x, weight, out, res, k_buf, v_buf, slot, part, counters, R, N, K, C, D, stride_b, stride_h, stride_s,
             norm_eps or 0.0, nxt, lines)  # fmt: skip
     flags["PREFETCH_NEXT"] = mode
@@ -184,11 +186,11 @@ def decode_linear(
     return out
 
 
-def _next_weight(x: Tensor, prefetch: Tensor | None) -> tuple[Tensor, int, int]:
+def _next_weight(x: Tensor, prefetch: Tensor | None, options: FusedOptions | None = None) -> tuple[Tensor, int, int]:
     """``(weight, lines, mode)`` for :func:`decode_linear`'s prefetch: the 128-byte lines of the next weight to ask
     for (its first :data:`PREFETCH_MAX_BYTES`) and the kernel's ``PREFETCH_NEXT``; ``(x, 0, 0)`` (``x`` unused) when
     not prefetching."""
-    if prefetch is None or not prefetches_next(x.device):
+    if prefetch is None or not prefetches_next(x.device, options):
         return x, 0, 0
     if not prefetch.is_contiguous():
         raise ValueError(f"decode_linear: the weight to prefetch {tuple(prefetch.shape)} must be contiguous")
@@ -314,28 +316,31 @@ def decode_attention(
             f"decode_attention: queries {tuple(q.shape)} and validity {tuple(valid.shape)} do not fit the cache "
             f"{tuple(k.shape)} (keys/values must share strides, contiguous over head_dim)"
         )
-    splits = attention_splits(B * H, q.device) if splits is None else splits
+    options = fused_options()  # read once per launch
+    splits = attention_splits(B * H, q.device, options) if splits is None else splits
     if splits < 1:
         raise ValueError(f"decode_attention: splits must be at least 1, got {splits}")
     out = torch.empty_like(q)
     d_pad = max(16, triton.next_power_of_2(D))
     part = torch.empty(B * H * splits * (d_pad + 2), device=q.device) if splits > 1 else out
     counters = split_counters(q.device, B * H) if splits > 1 else out
-    next_k, next_v, lines, mode = _next_cache(k, prefetch)
+    next_k, next_v, lines, mode = _next_cache(k, prefetch, options)
     fk.decode_attention_kernel[(B, H, splits)](
         q, k, v, valid, input_pos, out, part, counters, H * D, k.stride(0), k.stride(1), k.stride(2), valid.stride(0),
         D**-0.5, next_k, next_v, lines, HEAD_D=D, D_PAD=d_pad, BLOCK_S=fk.attention_block_s(d_pad, k.element_size()),
         IEEE=k.dtype == torch.float32, SPLITS=splits, PREFETCH_NEXT=mode, num_warps=4, num_stages=3,
-        **launch_options(q.device),
+        **launch_options(q.device, options),
     )  # fmt: skip
     return out
 
 
-def _next_cache(k: Tensor, prefetch: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor, int, int]:
+def _next_cache(
+    k: Tensor, prefetch: tuple[Tensor, Tensor] | None, options: FusedOptions | None = None
+) -> tuple[Tensor, Tensor, int, int]:
     """``(next_k, next_v, lines, mode)`` for :func:`decode_attention`'s prefetch: the lines of each (row, head)'s keys
     and of its values to ask for at most, and the kernel's ``PREFETCH_NEXT``; ``(k, k, 0, 0)`` when not
     prefetching."""
-    if prefetch is None or not prefetches_next(k.device):
+    if prefetch is None or not prefetches_next(k.device, options):
         return k, k, 0, 0
     next_k, next_v = prefetch
     B, H, _, D = k.shape

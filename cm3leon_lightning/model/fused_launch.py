@@ -100,23 +100,24 @@ def _pdl_capable(index: int) -> bool:
     return has_api and torch.cuda.get_device_capability(index)[0] >= 9
 
 
-def launch_options(device: torch.device) -> dict[str, bool]:
+def launch_options(device: torch.device, options: FusedOptions | None = None) -> dict[str, bool]:
     """Keyword arguments for launching a fused kernel on ``device``: ``PDL`` (the kernels' flag) and ``launch_pdl``
     (Triton's), both True when the ``pdl`` option is on, on CUDA GPUs of compute capability 9.0 or later (H100/H200)
     with a Triton that has grid dependency control, else none. Each kernel then waits for the previous one before
     touching memory; CUDA graphs keep the dependency. Opt-in: its first version was slower on an H200, and the present
-    one (wait, then signal) is not yet measured."""
-    if device.type != "cuda" or not fused_options().pdl:
+    one (wait, then signal) is not yet measured. ``options`` default :func:`fused_options` (as for the functions
+    below; a launch that asks several of them reads the environment once)."""
+    if device.type != "cuda" or not (options or fused_options()).pdl:
         return {}
     if not _pdl_capable(device.index if device.index is not None else torch.cuda.current_device()):
         return {}
     return {"PDL": True, "launch_pdl": True}
 
 
-def prefetches_next(device: torch.device) -> bool:
+def prefetches_next(device: torch.device, options: FusedOptions | None = None) -> bool:
     """Whether linear kernels on ``device`` prefetch the next one's weights: the ``prefetch_next`` option, on CUDA
     (the prefetch is inline PTX, which Triton's interpreter does not run; it changes no result, only timing)."""
-    return device.type == "cuda" and fused_options().prefetch_next
+    return device.type == "cuda" and (options or fused_options()).prefetch_next
 
 
 @functools.cache
@@ -132,11 +133,11 @@ def prefetch_mode(device: torch.device, aligned: bool) -> int:
     return 2 if aligned and _bulk_capable(index) else 1
 
 
-def attention_splits(pairs: int, device: torch.device) -> int:
+def attention_splits(pairs: int, device: torch.device, options: FusedOptions | None = None) -> int:
     """How many programs share one (row, head)'s cache in the fused attention by default: with the ``splits`` option,
     enough for ``pairs`` (rows x heads) to give every SM of the GPU two programs, at most 8 (one 128-slot tile each
     over a 1024-token image); else, and on a CPU, 1."""
-    if device.type != "cuda" or not fused_options().splits:
+    if device.type != "cuda" or not (options or fused_options()).splits:
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     return max(1, min(8, 2 * sms // pairs))

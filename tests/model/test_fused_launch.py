@@ -177,7 +177,7 @@ def test_the_decoder_captures_one_graph_per_set_of_options(monkeypatch):
 def test_prefetch_sizes_are_capped_and_bad_layouts_refused(monkeypatch):
     """How much each kernel asks L2 for (at most PREFETCH_MAX_BYTES in all, so the prefetched data stays there),
     computed as on a GPU (forced here), and clear errors for what the kernels could not prefetch."""
-    monkeypatch.setattr(fused, "prefetches_next", lambda device: True)
+    monkeypatch.setattr(fused, "prefetches_next", lambda device, options=None: True)
     monkeypatch.setattr(fused, "prefetch_mode", lambda device, aligned: 2 if aligned else 1)
     x = torch.zeros(2, 1024)
     qkv, head, text_head = (torch.zeros(n, 1024, dtype=torch.bfloat16) for n in (3072, 8192, 56320))
