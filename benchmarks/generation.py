@@ -158,7 +158,7 @@ def bench_preset(preset: str, args: argparse.Namespace, device: str, dtype: torc
                         codes = row.pop("codes")
                         eager_codes.setdefault(n, codes)  # the first mode (eager by default) is the reference
                         same = float((codes == eager_codes[n]).float().mean())
-                        name = mode if label is None else f"{mode}[{label}]"
+                        name = mode_name(mode, label)
                         rows.append(dict(preset=preset, mode=name, attention=attention, **row, same_codes=same))
                         print(fmt_row(rows[-1]), flush=True)
     model.set_attention(args.attention[0])
@@ -180,6 +180,11 @@ def bench_preset(preset: str, args: argparse.Namespace, device: str, dtype: torc
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     return rows
+
+
+def mode_name(mode: str, label: str | None) -> str:
+    """A row's mode: ``mode``, or ``mode[label]`` when run under the fused launch options ``label``."""
+    return mode if label is None else f"{mode}[{label}]"
 
 
 def options_for(label: str | None) -> contextlib.AbstractContextManager:
@@ -220,8 +225,7 @@ def bench_rerank(
         warnings.simplefilter("ignore")  # "randomly initialised": intended, only the architecture is timed
         clip = ClipEncoder("ViT-B-32", pretrained=None, device=device)
     mode, n = args.modes[0], args.candidates
-    label = args.fused_options[0] if mode in FUSED_MODES else None
-    name = mode if label is None else f"{mode}[{label}]"
+    name = mode_name(mode, args.fused_options[0] if mode in FUSED_MODES else None)
 
     def run() -> None:
         with torch.no_grad():
