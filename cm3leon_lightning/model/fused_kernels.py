@@ -144,11 +144,27 @@ def decode_attention_kernel(
         pair = b * stride_cb + h * stride_ch
         prefetch_l2(nk_ptr + pair, lines, split, SPLITS, PREFETCH_CHUNK, PREFETCH_NEXT == 2)
         prefetch_l2(nv_ptr + pair, lines, split, SPLITS, PREFETCH_CHUNK, PREFETCH_NEXT == 2)
+    attention_run(q_ptr, k_ptr, v_ptr, valid_ptr, slot_ptr, out_ptr, part_ptr, count_ptr, b, h, split,
+                  tl.num_programs(1), C, stride_cb, stride_ch, stride_cs, stride_vb, scale, HEAD_D, D_PAD, BLOCK_S, IEEE,
+                  SPLITS)  # fmt: skip
+
+
+@triton.jit
+def attention_run(
+    q_ptr, k_ptr, v_ptr, valid_ptr, slot_ptr, out_ptr, part_ptr, count_ptr, b, h, split, H, C, stride_cb, stride_ch,
+    stride_cs, stride_vb, scale, HEAD_D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_S: tl.constexpr, IEEE: tl.constexpr,
+    SPLITS: tl.constexpr, LOAD: tl.constexpr = "",
+):  # fmt: skip
+    """The work of program ``(b, h, split)`` of :func:`decode_attention_kernel` (``H`` heads) once the query and
+    the cache slot are written. ``LOAD``: the cache modifier of the loads of the query, the validity and the cache
+    (``".cg"`` where another program of the same launch wrote them). Returns whether this program wrote ``out`` for
+    ``(b, h)``: the only run, or the last of several to arrive."""
     rows = tl.arange(0, 16)
     dims = tl.arange(0, D_PAD)
     d_ok = dims < HEAD_D
     first = rows[:, None] == 0
-    q = tl.load(q_ptr + b * C + h * HEAD_D + rows[:, None] * 0 + dims[None, :], mask=first & d_ok[None, :], other=0.0)
+    q_at = q_ptr + b * C + h * HEAD_D + rows[:, None] * 0 + dims[None, :]
+    q = tl.load(q_at, mask=first & d_ok[None, :], other=0.0, cache_modifier=LOAD)
     q = q.to(k_ptr.dtype.element_ty)  # (16, D_PAD), row 0 the query
     slot = tl.load(slot_ptr)
     tiles = tl.cdiv(slot + 1, BLOCK_S)
@@ -158,6 +174,7 @@ def decode_attention_kernel(
     else:
         per = tl.cdiv(tiles, SPLITS)  # whole tiles per run
         runs = tl.cdiv(tiles, per)  # runs holding slots: fewer than SPLITS early in the cache (the others idle)
+    wrote = tl.full((), 0, tl.int1)
     if split < runs:
         s_lo = split * per * BLOCK_S
         s_hi = tl.minimum(s_lo + per * BLOCK_S, slot + 1)
@@ -169,10 +186,11 @@ def decode_attention_kernel(
         for s0 in range(s_lo, s_hi, BLOCK_S):
             s = s0 + tl.arange(0, BLOCK_S)
             s_ok = s < s_hi
-            keep = (s_ok & (tl.load(valid_ptr + b * stride_vb + s, mask=s_ok, other=0) != 0)) | (s == slot)
+            valid = tl.load(valid_ptr + b * stride_vb + s, mask=s_ok, other=0, cache_modifier=LOAD)
+            keep = (s_ok & (valid != 0)) | (s == slot)
             where = s[:, None] * stride_cs + dims[None, :]
             tile_ok = s_ok[:, None] & d_ok[None, :]
-            k = tl.load(kv + where, mask=tile_ok, other=0.0)  # (BLOCK_S, D_PAD)
+            k = tl.load(kv + where, mask=tile_ok, other=0.0, cache_modifier=LOAD)  # (BLOCK_S, D_PAD)
             if IEEE:
                 scores = tl.dot(q, tl.trans(k), input_precision="ieee")  # (16, BLOCK_S)
             else:
@@ -181,7 +199,7 @@ def decode_attention_kernel(
             m_new = tl.maximum(m, tl.max(scores, axis=1))
             p = tl.exp(scores - m_new[:, None])
             rescale = tl.exp(m - m_new)
-            v = tl.load(vv + where, mask=tile_ok, other=0.0)
+            v = tl.load(vv + where, mask=tile_ok, other=0.0, cache_modifier=LOAD)
             total = total * rescale + tl.sum(p, axis=1)
             if IEEE:
                 acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
@@ -190,16 +208,18 @@ def decode_attention_kernel(
             m = m_new
         out = out_ptr + b * C + h * HEAD_D + rows[:, None] * 0 + dims[None, :]
         if runs == 1:
+            wrote = tl.full((), 1, tl.int1)
             tl.store(out, (acc / total[:, None]).to(out_ptr.dtype.element_ty), mask=first & d_ok[None, :])
         else:
-            pair = b * tl.num_programs(1) + h
+            pair = b * H + h
             run = part_ptr + (pair * SPLITS + split) * (D_PAD + 2)  # [max, sum, output (D_PAD)] of this run
             tl.store(run + rows * 0, m, mask=rows == 0)
             tl.store(run + 1 + rows * 0, total, mask=rows == 0)
             tl.store(run + 2 + rows[:, None] * 0 + dims[None, :], acc, mask=first)
             tl.debug_barrier()  # every thread's stores before the count is raised (the release covers them)
             arrived = tl.atomic_add(count_ptr + pair, 1, sem="acq_rel")
-            if arrived == runs - 1:  # the last run of this (row, head) to finish: combine them in split order
+            wrote = arrived == runs - 1
+            if wrote:  # the last run of this (row, head) to finish: combine them in split order
                 base = part_ptr + pair * SPLITS * (D_PAD + 2)
                 m_all = tl.full((), -1.0e30, tl.float32)
                 for j in tl.static_range(SPLITS):
@@ -215,6 +235,7 @@ def decode_attention_kernel(
                     num += weight * tl.load(run_j + 2 + dims, mask=j < runs, other=0.0, cache_modifier=".cg")
                 tl.store(count_ptr + pair, 0)  # ready for the next launch (a CUDA graph replays this one)
                 tl.store(out_ptr + b * C + h * HEAD_D + dims, (num / den).to(out_ptr.dtype.element_ty), mask=d_ok)
+    return wrote
 
 
 @triton.jit
@@ -237,6 +258,15 @@ def decode_embed_kernel(
     b = tl.program_id(0)
     if PDL:
         dependent_launch()
+    embed_row(idx_ptr, wte_ptr, wpe_ptr, valid_ptr, slot_ptr, x_ptr, b, C, stride_ib, stride_vb, BLOCK_S, BLOCK_C)
+
+
+@triton.jit
+def embed_row(
+    idx_ptr, wte_ptr, wpe_ptr, valid_ptr, slot_ptr, x_ptr, b, C, stride_ib, stride_vb, BLOCK_S: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """The work of program ``b`` of :func:`decode_embed_kernel`."""
     slot = tl.load(slot_ptr)
     row = valid_ptr + b * stride_vb
     tl.store(row + slot, tl.full((), 1, tl.int1))

@@ -43,7 +43,7 @@ from cm3leon_lightning.model.fused_kernels import PREFETCH_CHUNK, dependent_laun
 @triton.jit
 def accumulate_tile(
     acc, s1, s2, x_ptr, w, rows, R, ks, k_hi, K, mean, rstd, NORM: tl.constexpr, STATS: tl.constexpr,
-    IEEE: tl.constexpr,
+    IEEE: tl.constexpr, LOAD: tl.constexpr = "",
 ):  # fmt: skip
     """``acc + prologue(x[:, ks]) @ w^T`` for one ``(BLOCK_N, BLOCK_K)`` weight tile ``w`` at columns ``ks < k_hi``
     of ``x`` (``R`` rows of ``K``), and the running row sums ``s1``, ``s2`` of ``x`` and ``x**2``.
@@ -51,8 +51,10 @@ def accumulate_tile(
     ``NORM`` without ``STATS``: ``x`` is normalised with the given ``mean`` and ``rstd`` first. ``STATS`` (the
     LayerNorm in one pass): raw ``x`` is multiplied, its row sums are accumulated, and row ``R`` (padding) is ones,
     so that row ``R`` of the result accumulates the row sums of ``W``: :func:`normalise_after` then applies
-    ``LN(x) @ W^T = rstd * (x @ W^T - mean * rowsum(W))``."""
-    xk = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=(rows < R)[:, None] & (ks[None, :] < k_hi), other=0.0)
+    ``LN(x) @ W^T = rstd * (x @ W^T - mean * rowsum(W))``. ``LOAD``: the cache modifier of the loads of ``x``
+    (``".cg"`` where another program of the same launch wrote it)."""
+    x_ok = (rows < R)[:, None] & (ks[None, :] < k_hi)
+    xk = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=x_ok, other=0.0, cache_modifier=LOAD)
     if STATS:
         xf = xk.to(tl.float32)
         s1 += tl.sum(xf, axis=1)
@@ -79,16 +81,18 @@ def normalise_after(acc, s1, s2, rows, R, K, eps):
 @triton.jit
 def finish_linear(
     acc, out_ptr, res_ptr, k_ptr, v_ptr, slot_ptr, rows, cols, row_ok, col_ok, N, C, D, stride_cb, stride_ch,
-    stride_cs, ACT: tl.constexpr, RESIDUAL: tl.constexpr, CACHE: tl.constexpr,
+    stride_cs, ACT: tl.constexpr, RESIDUAL: tl.constexpr, CACHE: tl.constexpr, LOAD: tl.constexpr = "",
 ):  # fmt: skip
     """The epilogue of :func:`decode_linear_kernel` on the ``(R_PAD, BLOCK_N)`` float32 sums ``acc``: activation,
-    residual, and the stores (queries to ``out`` and keys/values to the cache slot with ``CACHE``)."""
+    residual (loaded with the cache modifier ``LOAD``), and the stores (queries to ``out`` and keys/values to the
+    cache slot with ``CACHE``)."""
     if ACT == 1:
         acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
     elif ACT == 2:
         acc = tl.maximum(acc, 0.0)
     if RESIDUAL:
-        res = tl.load(res_ptr + rows[:, None] * N + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        res_ok = row_ok[:, None] & col_ok[None, :]
+        res = tl.load(res_ptr + rows[:, None] * N + cols[None, :], mask=res_ok, other=0.0, cache_modifier=LOAD)
         acc += res.to(tl.float32)
     if CACHE:
         slot = tl.load(slot_ptr)
@@ -104,6 +108,85 @@ def finish_linear(
         out_cols, out_ok = N, col_ok
     out = out_ptr + rows[:, None] * out_cols + cols[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & out_ok[None, :])
+
+
+@triton.jit
+def block_span(pid, split, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    """The output columns ``cols`` (and ``cols < N``) of column block ``pid`` and the ``[k_lo, k_hi)`` share of ``K``
+    of its split ``split`` (whole tiles per split; all of ``K`` when ``SPLIT_K == 1``)."""
+    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_per = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K  # whole tiles per split
+    k_lo = split * k_per
+    return cols, cols < N, k_lo, tl.minimum(k_lo + k_per, K)
+
+
+@triton.jit
+def weight_tile(w_ptr, cols, col_ok, k0, k_hi, K, BLOCK_K: tl.constexpr):
+    """The ``(BLOCK_N, BLOCK_K)`` tile of ``W`` at rows ``cols`` and columns from ``k0`` (zeros past ``k_hi``)."""
+    ks = k0 + tl.arange(0, BLOCK_K)
+    return tl.load(w_ptr + cols[:, None] * K + ks[None, :], mask=col_ok[:, None] & (ks[None, :] < k_hi), other=0.0)
+
+
+@triton.jit
+def linear_block(
+    x_ptr, w_ptr, out_ptr, res_ptr, k_ptr, v_ptr, slot_ptr, part_ptr, count_ptr, R, N, K, C, D, stride_cb, stride_ch,
+    stride_cs, eps, pid, split, blocks, w_first, R_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    NORM: tl.constexpr, ACT: tl.constexpr, RESIDUAL: tl.constexpr, CACHE: tl.constexpr, IEEE: tl.constexpr,
+    PREFETCH: tl.constexpr, SPLIT_K: tl.constexpr, LOAD: tl.constexpr = "",
+):  # fmt: skip
+    """The work of program ``(pid, split)`` of :func:`decode_linear_kernel` once its inputs are ready, ``blocks``
+    column blocks in all; with ``PREFETCH``, ``w_first`` is its first weight tile, loaded already
+    (:func:`weight_tile`). ``LOAD``: the cache modifier of the loads of ``x`` and the residual. Returns whether this
+    program wrote the block's outputs (always without split-K; with it, the last split to arrive)."""
+    rows = tl.arange(0, R_PAD)
+    cols, col_ok, k_lo, k_hi = block_span(pid, split, N, K, BLOCK_N, BLOCK_K, SPLIT_K)
+    row_ok = rows < R
+    s1 = tl.zeros((R_PAD,), dtype=tl.float32)
+    s2 = tl.zeros((R_PAD,), dtype=tl.float32)
+    STATS: tl.constexpr = NORM and SPLIT_K == 1  # the LayerNorm's statistics gathered in the main loop
+    if NORM and not STATS:  # a split sees part of K: row statistics of x over all of it first (x is small, in L2)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            x_ok = row_ok[:, None] & (ks[None, :] < K)
+            xk = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=x_ok, other=0.0, cache_modifier=LOAD)
+            xk = xk.to(tl.float32)
+            s1 += tl.sum(xk, axis=1)
+            s2 += tl.sum(xk * xk, axis=1)
+        mean = s1 / K
+        rstd = tl.math.rsqrt(tl.maximum(s2 / K - mean * mean, 0.0) + eps)
+    else:
+        mean = tl.zeros((R_PAD,), dtype=tl.float32)  # unused
+        rstd = mean
+    acc = tl.zeros((R_PAD, BLOCK_N), dtype=tl.float32)
+    if PREFETCH:
+        first = k_lo + tl.arange(0, BLOCK_K)
+        acc, s1, s2 = accumulate_tile(acc, s1, s2, x_ptr, w_first, rows, R, first, k_hi, K, mean, rstd, NORM, STATS,
+                                      IEEE, LOAD)  # fmt: skip
+    for k0 in range(k_lo + BLOCK_K if PREFETCH else k_lo, k_hi, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        w = tl.load(w_ptr + cols[:, None] * K + ks[None, :], mask=col_ok[:, None] & (ks[None, :] < k_hi), other=0.0)
+        acc, s1, s2 = accumulate_tile(acc, s1, s2, x_ptr, w, rows, R, ks, k_hi, K, mean, rstd, NORM, STATS, IEEE,
+                                      LOAD)  # fmt: skip
+    if STATS:
+        acc = normalise_after(acc, s1, s2, rows, R, K, eps)
+    wrote = tl.full((), 1, tl.int1)
+    if SPLIT_K == 1:
+        finish_linear(acc, out_ptr, res_ptr, k_ptr, v_ptr, slot_ptr, rows, cols, row_ok, col_ok, N, C, D,
+                      stride_cb, stride_ch, stride_cs, ACT, RESIDUAL, CACHE, LOAD)  # fmt: skip
+    else:
+        tile = rows[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]  # (R_PAD, BLOCK_N) offsets in one partial
+        tl.store(part_ptr + (split * blocks + pid) * R_PAD * BLOCK_N + tile, acc)
+        tl.debug_barrier()  # every thread's partial stored before the count is raised (release covers them)
+        arrived = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel")
+        wrote = arrived == SPLIT_K - 1
+        if wrote:  # the last split of this column block: sum the partials in split order
+            total = tl.zeros((R_PAD, BLOCK_N), dtype=tl.float32)
+            for j in tl.static_range(SPLIT_K):
+                total += tl.load(part_ptr + (j * blocks + pid) * R_PAD * BLOCK_N + tile, cache_modifier=".cg")
+            tl.store(count_ptr + pid, 0)  # ready for the next launch (a CUDA graph replays this one)
+            finish_linear(total, out_ptr, res_ptr, k_ptr, v_ptr, slot_ptr, rows, cols, row_ok, col_ok, N, C, D,
+                          stride_cb, stride_ch, stride_cs, ACT, RESIDUAL, CACHE, LOAD)  # fmt: skip
+    return wrote
 
 
 @triton.jit
@@ -144,9 +227,9 @@ def decode_linear_kernel(
     """``out[R, N] = epilogue(prologue(x[R, K]) @ w[N, K]^T)``; see the module docstring for the flags.
 
     Program ``(pid, split)`` computes columns ``[pid * BLOCK_N, (pid + 1) * BLOCK_N)`` over its share of ``K``
-    (all of it when ``SPLIT_K == 1``). With ``SPLIT_K > 1``, ``part_ptr`` is a float32 workspace of
-    ``SPLIT_K * cdiv(N, BLOCK_N) * R_PAD * BLOCK_N`` and ``count_ptr`` one int32 per column block, zero before the
-    launch (and left zero after it)."""
+    (all of it when ``SPLIT_K == 1``; :func:`linear_block`). With ``SPLIT_K > 1``, ``part_ptr`` is a float32
+    workspace of ``SPLIT_K * cdiv(N, BLOCK_N) * R_PAD * BLOCK_N`` and ``count_ptr`` one int32 per column block, zero
+    before the launch (and left zero after it)."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
     if PREFETCH_NEXT:  # the next kernel's weights depend on nothing: on their way to L2 while this one works
@@ -154,60 +237,16 @@ def decode_linear_kernel(
         prefetch_l2(
             next_ptr, next_lines, split * programs + pid, programs * SPLIT_K, PREFETCH_CHUNK, PREFETCH_NEXT == 2
         )
-    rows = tl.arange(0, R_PAD)
-    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < R
-    col_ok = cols < N
-    k_per = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K  # whole tiles per split
-    k_lo = split * k_per
-    k_hi = tl.minimum(k_lo + k_per, K)
     if PREFETCH:  # the first weight tile, loaded before the wait: weights never depend on the previous kernel
-        first = k_lo + tl.arange(0, BLOCK_K)
-        first_ok = col_ok[:, None] & (first[None, :] < k_hi)
-        w_first = tl.load(w_ptr + cols[:, None] * K + first[None, :], mask=first_ok, other=0.0)
+        cols, col_ok, k_lo, k_hi = block_span(pid, split, N, K, BLOCK_N, BLOCK_K, SPLIT_K)
+        w_first = weight_tile(w_ptr, cols, col_ok, k_lo, k_hi, K, BLOCK_K)
+    else:
+        w_first = tl.zeros((BLOCK_N, BLOCK_K), dtype=w_ptr.dtype.element_ty)  # unused
     if PDL:
         dependent_launch()
-    s1 = tl.zeros((R_PAD,), dtype=tl.float32)
-    s2 = tl.zeros((R_PAD,), dtype=tl.float32)
-    STATS: tl.constexpr = NORM and SPLIT_K == 1  # the LayerNorm's statistics gathered in the main loop
-    if NORM and not STATS:  # a split sees part of K: row statistics of x over all of it first (x is small, in L2)
-        for k0 in range(0, K, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            xk = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=row_ok[:, None] & (ks[None, :] < K), other=0.0)
-            xk = xk.to(tl.float32)
-            s1 += tl.sum(xk, axis=1)
-            s2 += tl.sum(xk * xk, axis=1)
-        mean = s1 / K
-        rstd = tl.math.rsqrt(tl.maximum(s2 / K - mean * mean, 0.0) + eps)
-    else:
-        mean = tl.zeros((R_PAD,), dtype=tl.float32)  # unused
-        rstd = mean
-    acc = tl.zeros((R_PAD, BLOCK_N), dtype=tl.float32)
-    if PREFETCH:
-        acc, s1, s2 = accumulate_tile(acc, s1, s2, x_ptr, w_first, rows, R, first, k_hi, K, mean, rstd, NORM, STATS,
-                                      IEEE)  # fmt: skip
-    for k0 in range(k_lo + BLOCK_K if PREFETCH else k_lo, k_hi, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        w = tl.load(w_ptr + cols[:, None] * K + ks[None, :], mask=col_ok[:, None] & (ks[None, :] < k_hi), other=0.0)
-        acc, s1, s2 = accumulate_tile(acc, s1, s2, x_ptr, w, rows, R, ks, k_hi, K, mean, rstd, NORM, STATS, IEEE)
-    if STATS:
-        acc = normalise_after(acc, s1, s2, rows, R, K, eps)
-    if SPLIT_K == 1:
-        finish_linear(acc, out_ptr, res_ptr, k_ptr, v_ptr, slot_ptr, rows, cols, row_ok, col_ok, N, C, D,
-                      stride_cb, stride_ch, stride_cs, ACT, RESIDUAL, CACHE)  # fmt: skip
-    else:
-        blocks = tl.num_programs(0)
-        tile = rows[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]  # (R_PAD, BLOCK_N) offsets in one partial
-        tl.store(part_ptr + (split * blocks + pid) * R_PAD * BLOCK_N + tile, acc)
-        tl.debug_barrier()  # every thread's partial stored before the count is raised (release covers them)
-        arrived = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel")
-        if arrived == SPLIT_K - 1:  # the last split of this column block: sum the partials in split order
-            total = tl.zeros((R_PAD, BLOCK_N), dtype=tl.float32)
-            for j in tl.static_range(SPLIT_K):
-                total += tl.load(part_ptr + (j * blocks + pid) * R_PAD * BLOCK_N + tile, cache_modifier=".cg")
-            tl.store(count_ptr + pid, 0)  # ready for the next launch (a CUDA graph replays this one)
-            finish_linear(total, out_ptr, res_ptr, k_ptr, v_ptr, slot_ptr, rows, cols, row_ok, col_ok, N, C, D,
-                          stride_cb, stride_ch, stride_cs, ACT, RESIDUAL, CACHE)  # fmt: skip
+    linear_block(x_ptr, w_ptr, out_ptr, res_ptr, k_ptr, v_ptr, slot_ptr, part_ptr, count_ptr, R, N, K, C, D,
+                 stride_cb, stride_ch, stride_cs, eps, pid, split, tl.num_programs(0), w_first, R_PAD, BLOCK_N,
+                 BLOCK_K, NORM, ACT, RESIDUAL, CACHE, IEEE, PREFETCH, SPLIT_K)  # fmt: skip
 
 
 UNSPLIT_CONFIGS = [
