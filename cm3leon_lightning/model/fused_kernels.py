@@ -145,8 +145,8 @@ def decode_attention_kernel(
         prefetch_l2(nk_ptr + pair, lines, split, SPLITS, PREFETCH_CHUNK, PREFETCH_NEXT == 2)
         prefetch_l2(nv_ptr + pair, lines, split, SPLITS, PREFETCH_CHUNK, PREFETCH_NEXT == 2)
     attention_run(q_ptr, k_ptr, v_ptr, valid_ptr, slot_ptr, out_ptr, part_ptr, count_ptr, b, h, split,
-                  tl.num_programs(1), C, stride_cb, stride_ch, stride_cs, stride_vb, scale, HEAD_D, D_PAD, BLOCK_S, IEEE,
-                  SPLITS)  # fmt: skip
+                  tl.num_programs(1), C, stride_cb, stride_ch, stride_cs, stride_vb, scale, HEAD_D, D_PAD, BLOCK_S,
+                  IEEE, SPLITS)  # fmt: skip
 
 
 @triton.jit
