@@ -12,6 +12,7 @@ import pytest
 
 triton = pytest.importorskip("triton")
 
+from support.aot import H100, compile_kernel  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
 from cm3leon_lightning.generation.sampling_kernel import pick_kernel  # noqa: E402
@@ -31,44 +32,6 @@ LAUNCHES = [
     dict(NORM=True, ACT=2, RESIDUAL=False, CACHE=False),
     dict(NORM=True, ACT=0, RESIDUAL=False, CACHE=False),
 ]
-H100 = GPUTarget("cuda", 90, 32)
-INTS = (
-    "R",
-    "N",
-    "K",
-    "C",
-    "D",
-    "stride_cb",
-    "stride_ch",
-    "stride_cs",
-    "stride_vb",
-    "stride_ib",
-    "W",
-    "lo",
-    "next_lines",
-)
-FLOATS = ("eps", "scale", "cfg", "temperature", "top_p")
-ALIGNED = ("N", "K", "C", "D", "stride_cb", "stride_ch", "stride_cs", "stride_vb", "W")
-
-
-def compile_kernel(fn, constants: dict, pointers: dict, warps: int = 4, stages: int = 3, target=H100):
-    """Compile ``fn`` for sm_90 as the JIT would at the model's shapes: ``constants`` are its constexprs,
-    ``pointers`` the element type of each pointer argument, every width and stride a multiple of 16 and every buffer
-    16-byte aligned."""
-    names = fn.arg_names
-    signature = {
-        n: "constexpr" if n in constants else pointers[n] if n in pointers else "fp32" if n in FLOATS else "i32"
-        for n in names
-    }
-    unknown = [n for n in names if n not in constants and n not in pointers and n not in INTS and n not in FLOATS]
-    assert not unknown, f"{fn.__name__}: say how to compile {unknown}"
-    src = triton.compiler.ASTSource(
-        fn=fn,
-        signature=signature,
-        constexprs={(names.index(n),): v for n, v in constants.items()},
-        attrs={(names.index(n),): [["tt.divisibility", 16]] for n in names if n in pointers or n in ALIGNED},
-    )
-    return triton.compile(src, target=target, options={"num_warps": warps, "num_stages": stages})
 
 
 def linear(
