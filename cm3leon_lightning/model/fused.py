@@ -372,6 +372,11 @@ def fused_decode_forward(model: CM3Leon, idx: Tensor, input_pos: Tensor, logits_
     B, T = idx.shape
     if T != 1 or input_pos.shape != (1,) or B != cache.batch_size:
         raise ValueError(f"fused_decode_forward takes one token per cache row: idx (B={cache.batch_size}, 1)")
+    if fused_options().persistent:
+        from cm3leon_lightning.model import persistent
+
+        if persistent.persistent_unsupported(model, B) is None:  # else (over 63 rows) the kernels one by one
+            return persistent.persistent_decode_forward(model, idx, input_pos, logits_range)
     x = decode_embed(idx, model.wte.weight, model.wpe.weight, cache.valid, input_pos)  # (B, C); marks the slot valid
     eps, act = c.layer_norm_eps, ACTIVATIONS[c.activation]
     lo, hi = logits_range

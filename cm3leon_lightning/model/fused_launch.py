@@ -1,7 +1,7 @@
 """How the fused decode step's kernels are launched: the experimental launch options, programmatic dependent launch,
 and the split kernels' arrival counters.
 
-:class:`FusedOptions` holds three choices, each off until a GPU measurement makes it a default (docs/benchmarks.md):
+:class:`FusedOptions` holds four choices, each off until a GPU measurement makes it a default (docs/benchmarks.md):
 
 * ``pdl``: programmatic dependent launch (sm_90+): each kernel is scheduled while the previous one finishes;
 * ``splits``: the split kernels (split-K in the linear kernel's tuning configurations, the attention split over the
@@ -9,12 +9,15 @@ and the split kernels' arrival counters.
 * ``prefetch_next``: each linear kernel asks the L2 cache for the next linear kernel's weights as it starts (the
   step's last asks for the first block's, for the next step), and each attention kernel for the next layer's
   filled cache slots, so that the stream from memory carries on through the gaps between kernels instead of
-  starting again with each (:func:`prefetch_mode`: in bulk on sm_90, line by line before).
+  starting again with each (:func:`prefetch_mode`: in bulk on sm_90, line by line before);
+* ``persistent``: the whole transformer step in one launch of resident programs that take its work as tasks from a
+  queue (:mod:`~cm3leon_lightning.model.persistent`; the other three options then apply to nothing but the sampling
+  kernel's PDL), for steps of at most 63 rows.
 
-They are read from the environment (``CM3LEON_PDL``, ``CM3LEON_FUSED_SPLITS``, ``CM3LEON_PREFETCH_NEXT``, ``1`` for
-on) unless set in code with :func:`use_fused_options` (what ``benchmarks/generation.py --fused-options`` does to
-compare them in one process). A CUDA graph keeps the options it was captured with; the decoder captures one graph per
-set of options. This module imports no Lightning and no Triton at import time.
+They are read from the environment (``CM3LEON_PDL``, ``CM3LEON_FUSED_SPLITS``, ``CM3LEON_PREFETCH_NEXT``,
+``CM3LEON_PERSISTENT``, ``1`` for on) unless set in code with :func:`use_fused_options` (what ``benchmarks/generation.py
+--fused-options`` does to compare them in one process). A CUDA graph keeps the options it was captured with; the decoder
+captures one graph per set of options. This module imports no Lightning and no Triton at import time.
 """
 
 from __future__ import annotations
@@ -28,10 +31,15 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-OPTION_ENV = {"pdl": "CM3LEON_PDL", "splits": "CM3LEON_FUSED_SPLITS", "prefetch_next": "CM3LEON_PREFETCH_NEXT"}
+OPTION_ENV = {
+    "pdl": "CM3LEON_PDL",
+    "splits": "CM3LEON_FUSED_SPLITS",
+    "prefetch_next": "CM3LEON_PREFETCH_NEXT",
+    "persistent": "CM3LEON_PERSISTENT",
+}
 """The environment variable of each :class:`FusedOptions` field (``1``: on)."""
 
-PDL_ENV, SPLITS_ENV, PREFETCH_NEXT_ENV = OPTION_ENV.values()
+PDL_ENV, SPLITS_ENV, PREFETCH_NEXT_ENV, PERSISTENT_ENV = OPTION_ENV.values()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +49,7 @@ class FusedOptions:
     pdl: bool = False
     splits: bool = False
     prefetch_next: bool = False
+    persistent: bool = False
 
     @classmethod
     def from_env(cls) -> FusedOptions:
@@ -50,7 +59,7 @@ class FusedOptions:
     @classmethod
     def parse(cls, text: str) -> FusedOptions:
         """Options from a label: ``base`` (none) or names joined by ``+`` (``pdl``, ``splits``, ``prefetch``,
-        ``prefetch_next``), e.g. ``prefetch+splits``.
+        ``prefetch_next``, ``persistent``), e.g. ``prefetch+splits``.
 
         Raises:
             ValueError: an unknown name, naming the known ones.

@@ -26,6 +26,9 @@ def test_options_come_from_the_environment_unless_set_in_code(monkeypatch):
     monkeypatch.setenv("CM3LEON_PDL", "1")
     monkeypatch.setenv("CM3LEON_PREFETCH_NEXT", "1")
     assert fused_options() == FusedOptions(pdl=True, prefetch_next=True)
+    monkeypatch.setenv("CM3LEON_PERSISTENT", "1")
+    assert fused_options() == FusedOptions(pdl=True, prefetch_next=True, persistent=True)
+    monkeypatch.setenv("CM3LEON_PERSISTENT", "0")
     with use_fused_options(FusedOptions(splits=True)) as inner:
         assert fused_options() is inner
         with use_fused_options(ALL_ON):
@@ -39,6 +42,8 @@ def test_option_labels_parse_and_print_back():
     assert FusedOptions.parse("prefetch+splits") == FusedOptions(splits=True, prefetch_next=True)
     assert FusedOptions.parse("pdl + prefetch_next") == FusedOptions(pdl=True, prefetch_next=True)
     assert ALL_ON.label == "pdl+splits+prefetch" and FusedOptions.parse(ALL_ON.label) == ALL_ON
+    assert FusedOptions.parse("persistent") == FusedOptions(persistent=True)
+    assert FusedOptions(persistent=True, prefetch_next=True).label == "prefetch+persistent"
     with pytest.raises(ValueError, match=r"unknown \['graphs'\] in 'pdl\+graphs'"):
         FusedOptions.parse("pdl+graphs")
 
