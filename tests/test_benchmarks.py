@@ -157,6 +157,27 @@ def test_fused_attention_benchmark_checks_and_times_every_split(tmp_path):
     assert bad.returncode == 2 and "--splits must be at least 1" in bad.stderr
 
 
+def test_persistent_step_benchmark_checks_every_tiling_against_the_kernels(tmp_path):
+    """Under Triton's interpreter (tiny preset, float32): per row count the bound, the fused step's kernels one by
+    one, and each tiling of the persistent step, checked against the kernels' logits (the programs it launched
+    named); a malformed --tiles entry is an argparse error naming it."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1"}
+    args = ["--device", "cpu", "--preset", "tiny", "--rows", "3", "--slot", "20", "--tiles", "16/2/auto/0,32/3/2/0",
+            "--steps", "1", "--json", "ps.json"]  # fmt: skip
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "persistent_step.py"), *args]
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = json.loads((tmp_path / "ps.json").read_text())["results"]
+    assert [(r["step"], r["rows"]) for r in rows] == [
+        ("bound", 3), ("kernels", 3), ("persistent 16/2/auto/0", 3), ("persistent 32/3/2/0", 3)
+    ]  # fmt: skip
+    assert all(r["ms_per_step"] > 0 for r in rows) and all(r["max_abs_diff"] < 1e-4 for r in rows)
+    assert [r["programs"] for r in rows[2:]] == [2, 2]  # the interpreter's two programs
+    bad = subprocess.run(cmd[:2] + ["--device", "cpu", "--tiles", "16/4"], cwd=tmp_path, env=env, capture_output=True,
+                         text=True)  # fmt: skip
+    assert bad.returncode == 2 and "--tiles: '16/4' is not block_n/down_split/per_sm/sleep_ns" in bad.stderr
+
+
 def test_decode_scripts_name_a_bad_list_value(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     for script, flag, good in (("decode_floor.py", "--attention", "sdpa"), ("decode_profile.py", "--modes", "eager")):
@@ -183,8 +204,8 @@ def test_gpu_decode_script_selects_the_kernel_tests():
     on a GPU without anyone noticing); max-autotune's test has its own part."""
     script = (ROOT / "benchmarks" / "gpu_decode.sh").read_text()
     kernels = selected_tests(script[script.index("part kernels") : script.index("part generation")])
-    for path in ("tests/model/test_fused_decode.py", "tests/generation/test_sampling_kernel.py",
-                 "tests/model/test_fused_launch.py"):  # fmt: skip
+    for path in ("tests/model/test_fused_decode.py", "tests/model/test_persistent_decode.py",
+                 "tests/generation/test_sampling_kernel.py", "tests/model/test_fused_launch.py"):  # fmt: skip
         module = ast.parse((ROOT / path).read_text())
         tests = [f"{path}::{n.name}" for n in module.body if getattr(n, "name", "").startswith("test_")]
         assert tests and set(tests) <= kernels, sorted(set(tests) - kernels)

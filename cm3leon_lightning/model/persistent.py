@@ -24,6 +24,7 @@ This module imports no Lightning, and Triton only when a step is planned.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 import weakref
 
 import torch
@@ -167,6 +168,11 @@ def persistent_unsupported(model: CM3Leon, rows: int) -> str | None:
         return f"the persistent decode step takes at most {MAX_ROWS} rows, not {rows}"
     dtypes = {p.dtype for p in model.parameters()}
     cache = model.kv_cache
+    if cache is not None:
+        k = cache.layer(0)[0]  # (B, H, S, D)
+        layouts = {b.stride() for b in cache.buffers() if b.dim() == 4}
+        if len(layouts) != 1 or k.stride(3) != 1 or k.stride(2) != k.shape[3]:
+            return "the persistent decode step needs contiguous cache buffers of one layout (B, H, S, D)"
     if len(dtypes) != 1 or (cache is not None and cache.dtype not in dtypes):
         return f"the persistent decode step needs one dtype for weights and cache, got {sorted(map(str, dtypes))}"
     return None
@@ -242,6 +248,7 @@ class PersistentStep:
             SLEEP_NS=self.tiles.sleep_ns,
         )  # fmt: skip
         self.wte, self.wpe, self.valid = model.wte.weight, model.wpe.weight, cache.valid
+        self.registers: int | None = None  # per thread, of the compiled kernel (GPU only)
         self._fit_programs()
 
     @staticmethod
@@ -264,7 +271,9 @@ class PersistentStep:
         )  # fmt: skip
 
     def _fit_programs(self) -> None:
-        """On a GPU with ``per_sm`` unset: compile the kernel and launch as many programs per SM as fit."""
+        """On a GPU with ``per_sm`` unset: compile the kernel and launch as many programs per SM as its registers
+        and shared memory allow (:attr:`registers` records its registers per thread). Where this Triton cannot say
+        (its compiled-kernel API changed), two per SM, with a warning."""
         if _interpreting() or self.tiles.per_sm is not None:
             return
         from cm3leon_lightning.model.persistent_kernel import decode_step_kernel
@@ -272,13 +281,19 @@ class PersistentStep:
         idx = torch.zeros(self.rows, 1, dtype=torch.long, device=self.device)
         logits = torch.empty(self.rows, self.hi - self.lo, device=self.device, dtype=self.x.dtype)
         args = self._args(idx, torch.zeros(1, dtype=torch.long, device=self.device), logits)
-        kernel = decode_step_kernel.warmup(
-            *args, grid=(1,), **self.constants, num_warps=self.tiles.warps, num_stages=self.tiles.stages
-        )
-        if hasattr(kernel, "_init_handles"):
-            kernel._init_handles()
-        per_sm = programs_per_sm(kernel.n_regs, kernel.metadata.shared, self.tiles.warps)
-        self.programs = self._sms() * per_sm
+        try:
+            kernel = decode_step_kernel.warmup(
+                *args, grid=(1,), **self.constants, num_warps=self.tiles.warps, num_stages=self.tiles.stages
+            )
+            if hasattr(kernel, "_init_handles"):
+                kernel._init_handles()
+            self.registers, shared = int(kernel.n_regs), int(kernel.metadata.shared)
+        except (AttributeError, TypeError) as err:
+            warnings.warn(
+                f"persistent decode step: cannot read the kernel's registers ({err}); 2 programs per SM", stacklevel=2
+            )
+            return
+        self.programs = self._sms() * programs_per_sm(self.registers, shared, self.tiles.warps)
 
     def __call__(self, idx: Tensor, input_pos: Tensor) -> Tensor:
         """``(B, 1, hi - lo)`` logits of one decode step; the cache is updated as the model's forward updates it."""

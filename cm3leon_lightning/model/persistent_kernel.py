@@ -76,7 +76,7 @@ def wait_for(done_ptr, need, error_ptr, SPIN: tl.constexpr, SLEEP_NS: tl.constex
         tl.atomic_add(error_ptr, 1)
 
 
-@triton.jit
+@triton.jit(noinline=True)  # a real call: the task loop cannot hoist its values and keep them live
 def linear_task(
     x_ptr, w_ptr, out_ptr, res_ptr, k_ptr, v_ptr, slot_ptr, part_ptr, count_ptr, done_ptr, need, error_ptr, i, R, N,
     K, C, D,
@@ -100,7 +100,7 @@ def linear_task(
                         BLOCK_K, NORM, ACT, RESIDUAL, CACHE, IEEE, True, SPLIT_K, ".cg")  # fmt: skip
 
 
-@triton.jit
+@triton.jit(noinline=True)  # a real call, as linear_task
 def attention_task(
     q_ptr, k_ptr, v_ptr, valid_ptr, slot_ptr, out_ptr, part_ptr, count_ptr, done_ptr, need, error_ptr, i, H, C,
     stride_cb,

@@ -88,6 +88,10 @@ def test_what_the_step_cannot_run_is_named():
     assert "at most 63 rows" in persistent_unsupported(model, 64)
     model.blocks[0].mlp.fc_in.weight.data = model.blocks[0].mlp.fc_in.weight.data.double()
     assert "one dtype" in persistent_unsupported(model, 2)
+    model.blocks[0].mlp.fc_in.weight.data = model.blocks[0].mlp.fc_in.weight.data.float()
+    cache = model.kv_cache
+    cache.k1 = cache.k1.transpose(2, 3).contiguous().transpose(2, 3)  # same shape, slots no longer contiguous
+    assert "contiguous cache buffers of one layout" in persistent_unsupported(model, 2)
     model = CM3Leon(CM3LeonConfig.from_preset("tiny", max_seq_len=16)).eval().to(torch.bfloat16)
     model.setup_kv_cache(batch_size=2, max_seq_len=8)
     model.kv_cache.to(torch.float32)

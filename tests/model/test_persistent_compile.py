@@ -5,6 +5,10 @@ and end in one acquire load from one thread broadcast to the program, results pu
 release atomic, split hand-offs as the split kernels', L2 prefetches of each task's weights before its wait."""
 
 import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -41,6 +45,29 @@ def test_the_step_compiles_small_enough_for_several_programs_per_sm(dtype):
     ptx = kernel.asm["ptx"]
     # weights and cache stream through pipelined asynchronous copies, inside the task loop's branches
     assert "cp.async.cg.shared.global" in ptx and "cp.async.commit_group" in ptx
+
+
+def resources(kernel) -> dict[str, int]:
+    """Registers per thread, stack and local memory of a compiled kernel (``cuobjdump``, shipped with Triton)."""
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    tool = str(tool) if tool.exists() else shutil.which("cuobjdump")
+    if tool is None:
+        pytest.skip("no cuobjdump to read the kernel's register count")
+    cubin = Path(tempfile.mkdtemp()) / "step.cubin"
+    cubin.write_bytes(kernel.asm["cubin"])
+    out = subprocess.run([tool, "--dump-resource-usage", str(cubin)], capture_output=True, text=True).stdout
+    return {key: int(value) for key, value in re.findall(r"(REG|STACK|LOCAL):(\d+)", out)}
+
+
+@pytest.mark.parametrize("rows,most", [(16, 128), (32, 168)], ids=["one-image", "eight-candidates"])
+def test_registers_leave_room_for_several_programs_per_sm(rows, most):
+    """The task bodies are real calls: inlined, the task loop kept values hoisted out of every branch live across
+    the loop (250 registers a thread, two programs per SM). One image with CFG (a 16-row tile): at most 128 (four
+    programs per SM); eight candidates (32-row tile): at most 168 (three); no spills either way."""
+    used = resources(step(R_PAD=rows))
+    assert used["REG"] <= most and used["STACK"] == 0 and used["LOCAL"] == 0, used
 
 
 def test_the_hand_off_between_programs():

@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from test_fused_decode import DEVICE, random_model  # noqa: E402
+from test_fused_decode import DEVICE, GPU_TILES, random_model  # noqa: E402
 
 from cm3leon_lightning.generation import generate_image, generate_text  # noqa: E402
 from cm3leon_lightning.model import fused, persistent  # noqa: E402
@@ -100,6 +100,8 @@ def test_one_plan_per_cache_and_range_replanned_when_the_weights_move():
 
 
 def test_the_fused_step_runs_persistent_when_asked_and_one_kernel_at_a_time_past_63_rows(monkeypatch):
+    if CUDA:  # the kernels one by one with fixed tiles (autotuning each small shape takes minutes)
+        monkeypatch.setattr(fused, "FIXED_TILES", GPU_TILES)
     model, tok, start = prefilled(lengths=(4, 2))
     calls = []
     real = persistent.persistent_decode_forward
@@ -116,9 +118,11 @@ def test_the_fused_step_runs_persistent_when_asked_and_one_kernel_at_a_time_past
             persistent_decode_forward(model, tok, pos, (0, 50))
 
 
-def test_persistent_decoding_gives_the_eager_tokens():
+@pytest.mark.parametrize("mode", ["fused", "fused-graph"] if CUDA else ["fused"])
+def test_persistent_decoding_gives_the_eager_tokens(mode):
     """generate_image (CFG, two prompts of different lengths, two candidates; greedy and top-p) and generate_text
-    in the ``fused`` mode with the persistent step: the eager mode's tokens."""
+    in the ``fused`` mode with the persistent step (on a GPU also ``fused-graph``: the launch captured in a CUDA graph
+    and replayed at every step): the eager mode's tokens."""
     vocab = MultimodalVocab(n_text=40, n_codes=24, grid_h=2, grid_w=3)
     model = random_model(vocab_size=vocab.padded_size)
     prompts = [[20, 21, 22], [23]]
@@ -126,8 +130,8 @@ def test_persistent_decoding_gives_the_eager_tokens():
         kwargs = dict(num_samples=2, cfg=3.0, **sampling)
         eager = generate_image(model, vocab, prompts, compile="eager", **kwargs).codes
         with use_fused_options(FusedOptions(persistent=True)):
-            assert torch.equal(generate_image(model, vocab, prompts, compile="fused", **kwargs).codes, eager)
+            assert torch.equal(generate_image(model, vocab, prompts, compile=mode, **kwargs).codes, eager)
     text = dict(max_new_tokens=4, method="greedy")
     with use_fused_options(FusedOptions(persistent=True)):
-        persistent_text = generate_text(model, vocab, eager[:, 0], compile="fused", **text)
+        persistent_text = generate_text(model, vocab, eager[:, 0], compile=mode, **text)
     assert persistent_text == generate_text(model, vocab, eager[:, 0], compile="eager", **text)
