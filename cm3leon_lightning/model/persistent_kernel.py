@@ -21,8 +21,14 @@ programs (a few per SM) stays resident for the whole step and takes *tasks* from
 The hand-off between programs is the split kernels' (:func:`~cm3leon_lightning.model.fused_linear_kernel.linear_block`):
 stores, a CTA barrier, then one release atomic; the consumer spins on volatile loads, then an acquire atomic and a
 barrier, and reads what other programs wrote past L1 (``.cg``). The residual stream alternates between two buffers
-(``OUT`` reads ``x0`` and writes ``x1``, ``DOWN`` reads ``x1`` and writes ``x0``), so no program overwrites what
-another still reads.
+(``OUT`` reads ``x0`` and writes ``x1``, ``DOWN`` reads ``x1`` and writes ``x0``).
+
+No buffer is overwritten while read: a phase starts when the previous one has counted all its outputs, a task counts
+its output after reading its inputs, and a split task arrives after reading (the last to arrive counts), so every
+phase that writes a buffer comes after the last phase that reads its old contents has finished: ``q`` (written by
+``QKV``, read by ``ATTN``), ``y`` (``ATTN`` / ``OUT``), ``h`` (``UP`` / ``DOWN``), ``x1`` (``OUT`` / ``UP``,
+``DOWN``), ``x0`` (``EMBED``, ``DOWN`` / ``QKV``, ``OUT``, ``HEAD``), the split workspaces and counters (reused by
+the same phase of the next block; each counter reset by the last task of its block or pair before it counts).
 
 Importing this module needs Triton; with ``TRITON_INTERPRET=1`` set before the import the kernel runs on CPU tensors
 (float32), which is how the tests check it without a GPU.
