@@ -332,7 +332,11 @@ class Decoder:
         """Produce ``steps`` tokens starting from ``first`` (the output of :meth:`prefill`), ``(R, n)`` long.
 
         With ``stop_ids``, every ``check_every`` steps one host sync checks whether every row has produced a stop
-        token and ends early; the caller cuts each row at its first stop.
+        token and ends early; the caller cuts each row at its first stop. With the persistent step (the ``persistent``
+        fused option), one more sync at the end checks that none of its waits failed.
+
+        Raises:
+            RuntimeError: a persistent step's wait failed (its results are wrong).
         """
         picked, feed = first
         out = torch.empty((self.rows, steps), dtype=torch.long, device=self.device)
@@ -349,4 +353,8 @@ class Decoder:
             if len(stop_ids):
                 stopped |= torch.isin(picked, stops)
         self.last_feed = feed
+        if self.fused_options is not None and self.fused_options.persistent:
+            from cm3leon_lightning.model.persistent import check_persistent_steps
+
+            check_persistent_steps(self.model)
         return out[:, :n]

@@ -86,6 +86,11 @@ TILES: PersistentTiles | None = None
 """When set, the tiles every persistent step uses (benchmarks, tests); else :data:`INTERPRETER_TILES` under the
 interpreter and ``PersistentTiles()`` on a GPU."""
 
+WAIT_TIMEOUT_NS = 500_000_000
+"""How long a task waits for the phase it reads before giving up (a step takes about a millisecond): a bug in the
+hand-off then ends the launch, with :meth:`PersistentStep.check` raising, instead of hanging the GPU. After one wait
+has given up, every other wait gives up at once until the check, so the whole generation pays this once."""
+
 MAX_ROWS = 63
 """The most rows a persistent step takes (its row tile, with the LayerNorm's padding row, is at most 64)."""
 
@@ -219,7 +224,8 @@ class PersistentStep:
         on = dict(device=self.device, dtype=torch.int32)
         self.tasks = torch.tensor(table, **on)
         blocks_c = -(-C // self.tiles.block_n)
-        self.sync = torch.zeros(1 + self.n_phases + blocks_c + B * H + 1, **on)  # the last: the interpreter's check
+        self.sync = torch.zeros(1 + self.n_phases + blocks_c + B * H, **on)
+        self.errors = torch.zeros(1, **on)  # failed waits, over every launch since the plan or the last check()
         weights = linear_weights(model, logits_range)  # per block QKV, out, up, down; then the head
         addresses = [
             [w.data_ptr() for w in weights[4 * i : 4 * i + 4]] + [b.data_ptr() for b in cache.layer(i)]
@@ -245,7 +251,7 @@ class PersistentStep:
             IEEE=dtype == torch.float32, DOWN_SPLIT=self.tiles.down_split, ATTN_SPLITS=splits, HEAD_D=D, D_PAD=d_pad,
             BLOCK_S=attention_tile(d_pad, k0.element_size(), self.tiles), BLOCK_C=min(256, triton.next_power_of_2(C)),
             PREFETCH_L2=0 if _interpreting() else prefetch_mode(self.device, aligned), SPIN=not _interpreting(),
-            SLEEP_NS=self.tiles.sleep_ns,
+            SLEEP_NS=self.tiles.sleep_ns, TIMEOUT_NS=WAIT_TIMEOUT_NS,
         )  # fmt: skip
         self.wte, self.wpe, self.valid = model.wte.weight, model.wpe.weight, cache.valid
         self.registers: int | None = None  # per thread, of the compiled kernel (GPU only)
@@ -266,8 +272,8 @@ class PersistentStep:
     def _args(self, idx: Tensor, input_pos: Tensor, logits: Tensor) -> tuple:
         return (
             self.tasks, self.sync, self.layers, idx, self.wte, self.wpe, self.valid, input_pos,
-            self.head, self.x, self.q, self.y, self.h, logits, self.part, self.attn_part, *self.ints, idx.stride(0),
-            self.valid.stride(0), *self.cache_strides, *self.floats,
+            self.head, self.x, self.q, self.y, self.h, logits, self.part, self.attn_part, self.errors, *self.ints,
+            idx.stride(0), self.valid.stride(0), *self.cache_strides, *self.floats,
         )  # fmt: skip
 
     def _fit_programs(self) -> None:
@@ -306,12 +312,29 @@ class PersistentStep:
             *self._args(idx, input_pos, logits), **self.constants, num_warps=self.tiles.warps,
             num_stages=self.tiles.stages,
         )  # fmt: skip
-        if _interpreting() and self.sync[-1]:  # on the CPU: no synchronisation cost
-            raise RuntimeError(
-                f"persistent decode step: {int(self.sync[-1])} tasks ran before the phase they read had finished "
-                "(the task table is out of order)"
-            )
+        if _interpreting():  # on the CPU the check costs no synchronisation
+            self.check()
         return logits.view(self.rows, 1, -1)
+
+    def check(self) -> None:
+        """Raise if a wait failed in any launch since the plan was made or last checked (then start counting again):
+        under the interpreter a task that ran before the phase it reads had finished, on a GPU a wait longer than
+        :data:`WAIT_TIMEOUT_NS`. On a GPU this reads one integer back (a synchronisation): the decoder does it once
+        per generation.
+
+        Raises:
+            RuntimeError: how many waits failed, and what that means.
+        """
+        failed = int(self.errors.item())
+        if failed:
+            self.errors.zero_()
+            why = (
+                "tasks ran before the phase they read had finished (the task table is out of order)"
+                if _interpreting()
+                else f"waits gave up (the first after {WAIT_TIMEOUT_NS / 1e9:g} s without the hand-off it waited for, "
+                "the others at once after it; the results are wrong)"
+            )
+            raise RuntimeError(f"persistent decode step: {failed} {why}")
 
 
 _STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -325,6 +348,13 @@ def persistent_step(model: CM3Leon, logits_range: tuple[int, int]) -> Persistent
     if key not in steps:
         steps[key] = PersistentStep(model, logits_range)
     return steps[key]
+
+
+def check_persistent_steps(model: CM3Leon) -> None:
+    """:meth:`PersistentStep.check` for every persistent step planned for ``model``'s KV cache (none planned: nothing
+    to do, no synchronisation)."""
+    for step in _STEPS.get(model.kv_cache, {}).values() if model.kv_cache is not None else ():
+        step.check()
 
 
 def persistent_decode_forward(model: CM3Leon, idx: Tensor, input_pos: Tensor, logits_range: tuple[int, int]) -> Tensor:

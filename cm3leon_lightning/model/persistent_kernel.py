@@ -59,24 +59,39 @@ TASK_FIELDS = tl.constexpr(5)
 
 
 @triton.jit
-def wait_for(done_ptr, need, error_ptr, SPIN: tl.constexpr, SLEEP_NS: tl.constexpr):
+def nanoseconds(like):
+    """The GPU's global timer in nanoseconds (``%globaltimer``; ``like``: any int32 scalar, for the shape)."""
+    return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [like], dtype=tl.int64, is_pure=False,
+                                     pack=1)  # fmt: skip
+
+
+@triton.jit
+def wait_for(done_ptr, need, error_ptr, SPIN: tl.constexpr, SLEEP_NS: tl.constexpr, TIMEOUT_NS: tl.constexpr):
     """Block until ``*done_ptr >= need`` (another program's release atomics raise it); then this program's later
-    loads see what those programs wrote. Without ``SPIN`` (the interpreter, programs run one after another) the
-    count must already be there, else ``*error_ptr`` is raised (the interpreter ignores ``tl.device_assert``) and
-    the host refuses the result."""
+    loads see what those programs wrote. A wait longer than ``TIMEOUT_NS`` gives up and raises ``*error_ptr``, and
+    once ``*error_ptr`` is raised every wait gives up at once (this launch's and later ones', until the host reads and
+    resets it): a bug in the hand-off then costs one timeout, not one per phase and step, and ends the generation
+    with an error the host reads instead of hanging the GPU. Without
+    ``SPIN`` (the interpreter, programs run one after another) the count must already be there, else
+    ``*error_ptr`` is raised (the interpreter ignores ``tl.device_assert``)."""
     if SPIN:
+        start = nanoseconds(need)
+        late = start < 0  # False, as a tensor
         # the acquire is the loop's condition: an atomic whose result went unused was compiled away
         ready = tl.atomic_add(done_ptr, 0, sem="acquire")
-        while ready < need:
+        while (ready < need) & (not late):
             seen = tl.load(done_ptr, volatile=True)  # poll without atomics, then acquire once more
-            while seen < need:
+            while (seen < need) & (not late):
                 if SLEEP_NS > 0:  # back off: hundreds of programs may poll the same counter
                     tl.inline_asm_elementwise(
                         "{ nanosleep.u32 $1; mov.b32 $0, 0; }", "=r,r", [seen * 0 + SLEEP_NS], dtype=tl.int32,
                         is_pure=False, pack=1,
                     )  # fmt: skip
                 seen = tl.load(done_ptr, volatile=True)
+                late = (nanoseconds(seen) - start > TIMEOUT_NS) | (tl.load(error_ptr, volatile=True) > 0)
             ready = tl.atomic_add(done_ptr, 0, sem="acquire")
+        if late:
+            tl.atomic_add(error_ptr, 1)
         tl.debug_barrier()  # every thread of this program waits for the acquire
     elif tl.load(done_ptr) < need:
         tl.atomic_add(error_ptr, 1)
@@ -89,6 +104,7 @@ def linear_task(
     stride_cb, stride_ch, stride_cs, eps, R_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     NORM: tl.constexpr, ACT: tl.constexpr, RESIDUAL: tl.constexpr, CACHE: tl.constexpr, IEEE: tl.constexpr,
     SPLIT_K: tl.constexpr, PREFETCH_L2: tl.constexpr, SPIN: tl.constexpr, SLEEP_NS: tl.constexpr,
+    TIMEOUT_NS: tl.constexpr,
 ):  # fmt: skip
     """Task ``i`` of a projection phase: column block ``i // SPLIT_K``, split ``i % SPLIT_K``. Its weights (the
     block's ``BLOCK_N`` rows of ``W``, shared out between the block's splits) are asked into L2 and its first tile
@@ -100,7 +116,7 @@ def linear_task(
         prefetch_l2(w_ptr + pid * BLOCK_N * K, lines, split, SPLIT_K, PREFETCH_CHUNK, PREFETCH_L2 == 2)
     cols, col_ok, k_lo, k_hi = block_span(pid, split, N, K, BLOCK_N, BLOCK_K, SPLIT_K)
     w_first = weight_tile(w_ptr, cols, col_ok, k_lo, k_hi, K, BLOCK_K)
-    wait_for(done_ptr, need, error_ptr, SPIN, SLEEP_NS)
+    wait_for(done_ptr, need, error_ptr, SPIN, SLEEP_NS, TIMEOUT_NS)
     return linear_block(x_ptr, w_ptr, out_ptr, res_ptr, k_ptr, v_ptr, slot_ptr, part_ptr, count_ptr, R, N, K, C, D,
                         stride_cb, stride_ch, stride_cs, eps, pid, split, tl.cdiv(N, BLOCK_N), w_first, R_PAD, BLOCK_N,
                         BLOCK_K, NORM, ACT, RESIDUAL, CACHE, IEEE, True, SPLIT_K, ".cg")  # fmt: skip
@@ -112,6 +128,7 @@ def attention_task(
     stride_cb,
     stride_ch, stride_cs, stride_vb, scale, HEAD_D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_S: tl.constexpr,
     IEEE: tl.constexpr, SPLITS: tl.constexpr, PREFETCH_L2: tl.constexpr, SPIN: tl.constexpr, SLEEP_NS: tl.constexpr,
+    TIMEOUT_NS: tl.constexpr,
 ):  # fmt: skip
     """Task ``i`` of an attention phase: run ``i % SPLITS`` of pair ``i // SPLITS`` = (row, head). The pair's cache
     before this step's slot (written by earlier steps) is asked into L2 before waiting for the QKV phase. Returns
@@ -125,7 +142,7 @@ def attention_task(
         at = b * stride_cb + h * stride_ch
         prefetch_l2(k_ptr + at, lines, split, SPLITS, PREFETCH_CHUNK, PREFETCH_L2 == 2)
         prefetch_l2(v_ptr + at, lines, split, SPLITS, PREFETCH_CHUNK, PREFETCH_L2 == 2)
-    wait_for(done_ptr, need, error_ptr, SPIN, SLEEP_NS)
+    wait_for(done_ptr, need, error_ptr, SPIN, SLEEP_NS, TIMEOUT_NS)
     return attention_run(q_ptr, k_ptr, v_ptr, valid_ptr, slot_ptr, out_ptr, part_ptr, count_ptr, b, h, split, H, C,
                          stride_cb, stride_ch, stride_cs, stride_vb, scale, HEAD_D, D_PAD, BLOCK_S, IEEE, SPLITS,
                          ".cg")  # fmt: skip
@@ -155,6 +172,7 @@ def decode_step_kernel(
     logits_ptr,
     part_ptr,
     attn_part_ptr,
+    error_ptr,
     T,
     P,
     R,
@@ -183,19 +201,20 @@ def decode_step_kernel(
     PREFETCH_L2: tl.constexpr,
     SPIN: tl.constexpr,
     SLEEP_NS: tl.constexpr,
+    TIMEOUT_NS: tl.constexpr,
 ):
     """One decode step of ``R`` rows (one token each) through every block and the head's ``NH`` rows.
 
     ``tasks_ptr``: the ``T`` tasks, :data:`TASK_FIELDS` int32 each, of ``P`` phases; ``sync_ptr``: int32, zero at
     launch: ``[0]`` the task queue, ``[1 + p]`` the outputs phase ``p`` has finished, then the down-projection's split-K
-    counters (one per column block), the attention's (one per (row, head)) and the count of tasks that found their
-    inputs missing (the interpreter's check); ``layers_ptr``: :data:`LAYER_FIELDS` int64 addresses per layer. ``x_ptr``:
-    the ``(2, R, C)`` residual stream; ``q``, ``y`` ``(R, C)``, ``h`` ``(R, F)``; ``logits`` ``(R, NH)``; ``part_ptr`` /
-    ``attn_part_ptr`` float32 split workspaces. The weights, cache and buffers share ``x_ptr``'s dtype."""
+    counters (one per column block) and the attention's (one per (row, head)); ``error_ptr``: int32, the waits that
+    failed (timed out on a GPU, found their inputs missing in the interpreter), never reset here; ``layers_ptr``:
+    :data:`LAYER_FIELDS` int64 addresses per layer. ``x_ptr``: the ``(2, R, C)`` residual stream; ``q``, ``y`` ``(R,
+    C)``, ``h`` ``(R, F)``; ``logits`` ``(R, NH)``; ``part_ptr`` / ``attn_part_ptr`` float32 split workspaces. The
+    weights, cache and buffers share ``x_ptr``'s dtype."""
     x1_ptr = x_ptr + R * C
     down_counts = sync_ptr + 1 + P
     attn_counts = down_counts + tl.cdiv(C, BLOCK_N)
-    error = attn_counts + R * H  # tasks that ran before their inputs (the interpreter's check)
     t = tl.atomic_add(sync_ptr, 1, sem="relaxed")
     while t < T:
         nxt = tl.atomic_add(sync_ptr, 1, sem="relaxed")  # claimed now, its latency hidden behind this task
@@ -213,36 +232,37 @@ def decode_step_kernel(
             k_ptr = layer_pointer(layers_ptr, layer, 4, x_ptr)
             v_ptr = layer_pointer(layers_ptr, layer, 5, x_ptr)
             wrote = attention_task(q_ptr, k_ptr, v_ptr, valid_ptr, slot_ptr, y_ptr, attn_part_ptr, attn_counts, done,
-                                   need, error, i, H, C, stride_cb, stride_ch, stride_cs, stride_vb, scale, HEAD_D,
-                                   D_PAD, BLOCK_S, IEEE, ATTN_SPLITS, PREFETCH_L2, SPIN, SLEEP_NS)  # fmt: skip
+                                   need, error_ptr, i, H, C, stride_cb, stride_ch, stride_cs, stride_vb, scale, HEAD_D,
+                                   D_PAD, BLOCK_S, IEEE, ATTN_SPLITS, PREFETCH_L2, SPIN, SLEEP_NS,
+                                   TIMEOUT_NS)  # fmt: skip
         else:  # a projection: input, weight, output, residual, shape and flags of the phase's operation
             k_ptr = layer_pointer(layers_ptr, layer, 4, x_ptr)  # the cache (QKV only)
             v_ptr = layer_pointer(layers_ptr, layer, 5, x_ptr)
             if op == QKV:
                 wrote = linear_task(x_ptr, layer_pointer(layers_ptr, layer, 0, x_ptr), q_ptr, x_ptr, k_ptr, v_ptr,
-                                    slot_ptr, part_ptr, down_counts, done, need, error, i, R, 3 * C, C, C, HEAD_D,
+                                    slot_ptr, part_ptr, down_counts, done, need, error_ptr, i, R, 3 * C, C, C, HEAD_D,
                                     stride_cb, stride_ch, stride_cs, eps, R_PAD, BLOCK_N, BLOCK_K, True, 0, False,
-                                    True, IEEE, 1, PREFETCH_L2, SPIN, SLEEP_NS)  # fmt: skip
+                                    True, IEEE, 1, PREFETCH_L2, SPIN, SLEEP_NS, TIMEOUT_NS)  # fmt: skip
             elif op == OUT:  # x1 = x0 + y @ W_out^T
                 wrote = linear_task(y_ptr, layer_pointer(layers_ptr, layer, 1, x_ptr), x1_ptr, x_ptr, k_ptr, v_ptr,
-                                    slot_ptr, part_ptr, down_counts, done, need, error, i, R, C, C, C, HEAD_D,
+                                    slot_ptr, part_ptr, down_counts, done, need, error_ptr, i, R, C, C, C, HEAD_D,
                                     stride_cb, stride_ch, stride_cs, eps, R_PAD, BLOCK_N, BLOCK_K, False, 0, True,
-                                    False, IEEE, 1, PREFETCH_L2, SPIN, SLEEP_NS)  # fmt: skip
+                                    False, IEEE, 1, PREFETCH_L2, SPIN, SLEEP_NS, TIMEOUT_NS)  # fmt: skip
             elif op == UP:  # h = act(LayerNorm(x1) @ W_in^T)
                 wrote = linear_task(x1_ptr, layer_pointer(layers_ptr, layer, 2, x_ptr), h_ptr, x_ptr, k_ptr, v_ptr,
-                                    slot_ptr, part_ptr, down_counts, done, need, error, i, R, F, C, C, HEAD_D,
+                                    slot_ptr, part_ptr, down_counts, done, need, error_ptr, i, R, F, C, C, HEAD_D,
                                     stride_cb, stride_ch, stride_cs, eps, R_PAD, BLOCK_N, BLOCK_K, True, ACT, False,
-                                    False, IEEE, 1, PREFETCH_L2, SPIN, SLEEP_NS)  # fmt: skip
+                                    False, IEEE, 1, PREFETCH_L2, SPIN, SLEEP_NS, TIMEOUT_NS)  # fmt: skip
             elif op == DOWN:  # x0 = x1 + h @ W_down^T, split over K
                 wrote = linear_task(h_ptr, layer_pointer(layers_ptr, layer, 3, x_ptr), x_ptr, x1_ptr, k_ptr, v_ptr,
-                                    slot_ptr, part_ptr, down_counts, done, need, error, i, R, C, F, C, HEAD_D,
+                                    slot_ptr, part_ptr, down_counts, done, need, error_ptr, i, R, C, F, C, HEAD_D,
                                     stride_cb, stride_ch, stride_cs, eps, R_PAD, BLOCK_N, BLOCK_K, False, 0, True,
-                                    False, IEEE, DOWN_SPLIT, PREFETCH_L2, SPIN, SLEEP_NS)  # fmt: skip
+                                    False, IEEE, DOWN_SPLIT, PREFETCH_L2, SPIN, SLEEP_NS, TIMEOUT_NS)  # fmt: skip
             else:  # HEAD: the final LayerNorm and the head's sampled rows
                 wrote = linear_task(x_ptr, head_ptr, logits_ptr, x_ptr, k_ptr, v_ptr, slot_ptr, part_ptr, down_counts,
-                                    done, need, error, i, R, NH, C, C, HEAD_D, stride_cb, stride_ch, stride_cs, eps,
+                                    done, need, error_ptr, i, R, NH, C, C, HEAD_D, stride_cb, stride_ch, stride_cs, eps,
                                     R_PAD, BLOCK_N, BLOCK_K, True, 0, False, False, IEEE, 1, PREFETCH_L2, SPIN,
-                                    SLEEP_NS)  # fmt: skip
+                                    SLEEP_NS, TIMEOUT_NS)  # fmt: skip
         tl.debug_barrier()  # every thread's outputs stored before the count is raised (the release covers them)
         if wrote:
             tl.atomic_add(sync_ptr + 1 + p, 1, sem="release")

@@ -17,6 +17,7 @@ pytest.importorskip("triton")
 from support.aot import H100, compile_kernel  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
+from cm3leon_lightning.model.persistent import WAIT_TIMEOUT_NS  # noqa: E402
 from cm3leon_lightning.model.persistent_kernel import decode_step_kernel  # noqa: E402
 
 A100 = GPUTarget("cuda", 80, 32)
@@ -27,9 +28,9 @@ def step(dtype: str = "bf16", target=H100, **constants):
     on an H100 (bulk prefetch, 8 runs per (row, head), 32-slot cache tiles)."""
     flags = dict(R_PAD=16, BLOCK_N=16, BLOCK_K=128, ACT=1, IEEE=dtype == "fp32", DOWN_SPLIT=4, ATTN_SPLITS=8,
                  HEAD_D=64, D_PAD=64, BLOCK_S=32 if dtype == "bf16" else 16, BLOCK_C=256, PREFETCH_L2=2, SPIN=True,
-                 SLEEP_NS=0)  # fmt: skip
+                 SLEEP_NS=0, TIMEOUT_NS=WAIT_TIMEOUT_NS)  # fmt: skip
     flags.update(constants)
-    pointers = {n: "*i32" for n in ("tasks_ptr", "sync_ptr")}
+    pointers = {n: "*i32" for n in ("tasks_ptr", "sync_ptr", "error_ptr")}
     pointers.update(layers_ptr="*i64", idx_ptr="*i64", slot_ptr="*i64", valid_ptr="*i1", part_ptr="*fp32",
                     attn_part_ptr="*fp32")  # fmt: skip
     for name in ("wte_ptr", "wpe_ptr", "head_ptr", "x_ptr", "q_ptr", "y_ptr", "h_ptr", "logits_ptr"):
@@ -81,7 +82,9 @@ def test_the_hand_off_between_programs():
     for at in acquires:
         after = ptx[at : at + 400]
         assert re.search(r"st\.shared[^\n]*\n(.*\n)*?\s*bar\.sync", after), after
-    assert ptx.count("ld.volatile.global.b32") >= 6  # the polls
+    # the polls: the phase counter before and while sleeping, and the failed-wait count (one gives up, all do)
+    assert ptx.count("ld.volatile.global.b32") >= 18
+    assert ptx.count("%globaltimer") >= 6  # each wait is bounded in time (a hand-off bug ends the launch, no hang)
     # a phase output is counted after a barrier, by one thread, with release semantics
     release = ptx.index("atom.global.gpu.release.add")
     assert "bar.sync" in ptx[ptx.rindex("st.global", 0, release) : release]

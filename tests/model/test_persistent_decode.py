@@ -89,6 +89,29 @@ def test_a_task_run_before_its_inputs_is_caught():
         step(tok, torch.tensor([start], device=DEVICE))
 
 
+def test_a_failed_wait_is_reported_once_by_the_decoder(monkeypatch):
+    """The decoder checks the persistent steps' failed waits once at the end of a generation (the GPU's timed-out
+    waits; here a count set by hand, as the kernel would leave it): the generation raises, naming the count, and the
+    count starts again from zero."""
+    vocab = MultimodalVocab(n_text=40, n_codes=24, grid_h=1, grid_w=2)
+    model = random_model(vocab_size=vocab.padded_size)
+    real = persistent.PersistentStep.__call__
+
+    def failing(self, idx, input_pos):
+        logits = real(self, idx, input_pos)
+        self.errors.fill_(2)  # after the launch's own check, as a GPU launch leaves it
+        return logits
+
+    monkeypatch.setattr(persistent.PersistentStep, "__call__", failing)
+    with use_fused_options(FusedOptions(persistent=True)):
+        with pytest.raises(RuntimeError, match="persistent decode step: 2 "):
+            generate_image(model, vocab, [[20, 21]], compile="fused", method="greedy")
+    assert all(not step.errors.any() for step in persistent._STEPS[model.kv_cache].values())
+    monkeypatch.setattr(persistent.PersistentStep, "__call__", real)
+    with use_fused_options(FusedOptions(persistent=True)):
+        generate_image(model, vocab, [[20, 21]], compile="fused", method="greedy")  # counted from zero again
+
+
 def test_one_plan_per_cache_and_range_replanned_when_the_weights_move():
     model, tok, start = prefilled()
     first = persistent.persistent_step(model, (0, 64))
