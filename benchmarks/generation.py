@@ -40,6 +40,7 @@ import json
 import math
 import platform
 import time
+from collections.abc import Callable
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -142,44 +143,58 @@ def reference_loop(
     return out
 
 
-def bench_preset(preset: str, args: argparse.Namespace, device: str, dtype: torch.dtype) -> list[dict]:
+def bench_preset(preset: str, args: argparse.Namespace, device: str, dtype: torch.dtype, emit: Callable) -> None:
+    """Every row of one preset, each handed to ``emit`` as soon as it is measured. A mode (or set of launch options)
+    that fails gives a row with its ``error`` and the next one runs: one broken option set must not cost the rows
+    after it, on a GPU whose minutes are counted."""
     tokens = args.image_tokens
     model, vocab = build(preset, tokens, device, dtype)
     prompt = [vocab.num_special + (7 * i) % (vocab.n_text - vocab.num_special) for i in range(PROMPT_LEN)]
-    rows = []
     eager_codes: dict[int, torch.Tensor] = {}
     for attention in args.attention:
         model.set_attention(attention)
         for mode in args.modes:
             for label in args.fused_options if mode in FUSED_MODES else [None]:
-                with options_for(label):
-                    for n in (1, args.candidates):
-                        row = bench_mode(model, vocab, prompt, mode, n, args, device)
-                        codes = row.pop("codes")
-                        eager_codes.setdefault(n, codes)  # the first mode (eager by default) is the reference
-                        same = float((codes == eager_codes[n]).float().mean())
-                        name = mode_name(mode, label)
-                        rows.append(dict(preset=preset, mode=name, attention=attention, **row, same_codes=same))
-                        print(fmt_row(rows[-1]), flush=True)
+                name = mode_name(mode, label)
+                for n in (1, args.candidates):
+                    try:
+                        with options_for(label):
+                            row = bench_mode(model, vocab, prompt, mode, n, args, device)
+                    except Exception as err:  # recorded in its row; the next one runs
+                        emit(failed_row(preset, name, attention, n, tokens, err))
+                        continue
+                    codes = row.pop("codes")
+                    eager_codes.setdefault(n, codes)  # the first mode (eager by default) is the reference
+                    same = float((codes == eager_codes[n]).float().mean())
+                    emit(dict(preset=preset, mode=name, attention=attention, **row, same_codes=same))
     model.set_attention(args.attention[0])
-    with options_for(args.fused_options[0]):
-        row = bench_rerank(model, vocab, prompt, preset, args, device, dtype) if args.rerank else None
-    if row is not None:
-        rows.append(row)
-        print(fmt_row(row), flush=True)
+    if args.rerank:
+        try:
+            with options_for(args.fused_options[0]):
+                row = bench_rerank(model, vocab, prompt, preset, args, device, dtype)
+        except Exception as err:  # recorded in its row
+            name = mode_name(args.modes[0], args.fused_options[0] if args.modes[0] in FUSED_MODES else None)
+            row = failed_row(preset, f"{name}+rerank", args.attention[0], args.candidates, vocab.image_tokens, err)
+        if row is not None:
+            emit(row)
     ref_tokens = min(tokens, args.reference_tokens)
     if ref_tokens > 0:
         reference_loop(model, vocab, prompt, min(ref_tokens, 4), 3.0, 0)  # warm-up
         sec = timed(lambda: reference_loop(model, vocab, prompt, ref_tokens, 3.0, 0), device, 1)
-        rows.append(dict(preset=preset, mode="reference", attention="sdpa", images=1, streams=2, tokens=ref_tokens,
-                         seconds=sec,
-                         sec_per_image=sec * tokens / ref_tokens, ms_per_token=1e3 * sec / ref_tokens,
-                         warmup_seconds=0.0, same_codes=float("nan"), extrapolated=ref_tokens < tokens))  # fmt: skip
-        print(fmt_row(rows[-1]), flush=True)
+        emit(dict(preset=preset, mode="reference", attention="sdpa", images=1, streams=2, tokens=ref_tokens,
+                  seconds=sec, sec_per_image=sec * tokens / ref_tokens, ms_per_token=1e3 * sec / ref_tokens,
+                  warmup_seconds=0.0, same_codes=float("nan"), extrapolated=ref_tokens < tokens))  # fmt: skip
     model.clear_kv_cache()
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
-    return rows
+
+
+def failed_row(preset: str, mode: str, attention: str, n: int, tokens: int, err: Exception) -> dict:
+    """The row of a measurement that raised ``err``: no figures, the error named."""
+    nan = float("nan")
+    return dict(preset=preset, mode=mode, attention=attention, images=n, streams=2 * n, tokens=tokens, seconds=nan,
+                sec_per_image=nan, ms_per_token=nan, warmup_seconds=nan, same_codes=nan,
+                error=f"{type(err).__name__}: {err}")  # fmt: skip
 
 
 def mode_name(mode: str, label: str | None) -> str:
@@ -247,11 +262,14 @@ HEADER = f"{'preset':<7} {'mode':<34} {'attn':<5} {'images':>6} {'streams':>7} {
 
 
 def fmt_row(r: dict) -> str:
+    """One row of the table (a failed row: its error in place of the figures)."""
+    head = f"{r['preset']:<7} {r['mode']:<34} {r['attention']:<5} {r['images']:>6} {r['streams']:>7} {r['tokens']:>6}"
+    if "error" in r:
+        return f"{head} FAILED {r['error']}"
     note = " (s/image extrapolated linearly from fewer tokens: a lower bound)" if r.get("extrapolated") else ""
     return (
-        f"{r['preset']:<7} {r['mode']:<34} {r['attention']:<5} {r['images']:>6} {r['streams']:>7} {r['tokens']:>6} "
-        f"{r['seconds']:>9.3f} {r['sec_per_image']:>9.3f} {r['ms_per_token']:>9.2f} {r['warmup_seconds']:>9.1f} "
-        f"{r['same_codes']:>7.3f}{note}"
+        f"{head} {r['seconds']:>9.3f} {r['sec_per_image']:>9.3f} {r['ms_per_token']:>9.2f} "
+        f"{r['warmup_seconds']:>9.1f} {r['same_codes']:>7.3f}{note}"
     )
 
 
@@ -320,18 +338,26 @@ def main() -> None:
     note = "" if args.image_tokens == 1024 else " (the paper's images have 1024; fewer here to fit the time)"
     print(f"device {device} ({name}), torch {torch.__version__}, {torch.get_num_threads()} CPU threads, {dtype}, "
           f"{args.image_tokens} image tokens per image{note}")  # fmt: skip
-    print(HEADER)
-    rows = []
-    backends = {"efficient": [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH], "math": [SDPBackend.MATH]}
-    with sdpa_kernel(backends[args.sdpa]) if args.sdpa != "default" else contextlib.nullcontext():
-        for preset in args.presets.split(","):
-            rows += bench_preset(preset.strip(), args, device, dtype)
     meta = dict(device=device, device_name=name, torch=torch.__version__, dtype=str(dtype),
                 image_tokens=args.image_tokens, candidates=args.candidates, repeats=args.repeats,
                 threads=torch.get_num_threads(), sdpa=args.sdpa, attention=args.attention)  # fmt: skip
-    with open(args.json, "w", encoding="utf-8") as f:
-        json.dump({"meta": meta, "results": rows}, f, indent=2)
+    print(HEADER)
+    rows: list[dict] = []
+
+    def emit(row: dict) -> None:  # print it, and rewrite the JSON: a run cut short keeps every row it measured
+        rows.append(row)
+        print(fmt_row(row), flush=True)
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"meta": meta, "results": rows}, f, indent=2)
+
+    backends = {"efficient": [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH], "math": [SDPBackend.MATH]}
+    with sdpa_kernel(backends[args.sdpa]) if args.sdpa != "default" else contextlib.nullcontext():
+        for preset in args.presets.split(","):
+            bench_preset(preset.strip(), args, device, dtype, emit)
     print(f"wrote {args.json}")
+    failed = [r["mode"] for r in rows if "error" in r]
+    if failed:
+        raise SystemExit(f"{len(failed)} rows failed (marked FAILED above): {', '.join(failed)}")
 
 
 if __name__ == "__main__":

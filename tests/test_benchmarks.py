@@ -38,6 +38,25 @@ def test_generation_benchmark_rows_and_equal_codes_across_attention(tmp_path):
     assert "wrote g.json" in stdout
 
 
+def test_a_failing_mode_is_recorded_and_the_rows_after_it_still_run(tmp_path):
+    """A mode that raises (here the fused step on a CPU without Triton's interpreter) becomes a FAILED row naming the
+    error, and the modes and reference after it are still measured; the JSON holds every row and the run exits
+    non-zero naming the failed rows."""
+    args = ["--device", "cpu", "--presets", "tiny", "--image-tokens", "4", "--reference-tokens", "2", "--candidates",
+            "2", "--modes", "fused,eager", "--json", "g.json"]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "generation.py"), *args]
+    out = subprocess.run(cmd, cwd=tmp_path, env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
+    assert out.returncode == 1 and "2 rows failed (marked FAILED above): fused, fused" in out.stderr, out.stderr[-2000:]
+    rows = json.loads((tmp_path / "g.json").read_text())["results"]
+    assert [(r["mode"], r["images"], "error" in r) for r in rows] == [
+        ("fused", 1, True), ("fused", 2, True), ("eager", 1, False), ("eager", 2, False), ("reference", 1, False)
+    ]  # fmt: skip
+    assert rows[0]["error"].startswith("ValueError: compile='fused'") and "TRITON_INTERPRET=1" in rows[0]["error"]
+    assert all(r["seconds"] > 0 for r in rows[2:])
+    assert out.stdout.count(" FAILED ValueError: compile='fused'") == 2
+
+
 def test_generation_benchmark_runs_the_fused_modes_once_per_set_of_launch_options(tmp_path):
     """Under Triton's interpreter (the fused kernels on CPU): one row per option set, named by it, each decoding the
     eager codes; an unknown option is refused naming the flag."""
