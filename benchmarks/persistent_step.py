@@ -7,7 +7,8 @@ block counts) through :func:`~cm3leon_lightning.model.fused.fused_decode_forward
 (``kernels``, the fused step's default launch options) and once per ``--tiles`` entry with the ``persistent`` option,
 each replayed from a captured CUDA graph; beside them ``bound``, the bytes a step must read (weights once, the filled
 cache) over the measured copy bandwidth. Every persistent result is first checked against the ``kernels`` logits (a
-tiling that computes wrongly is reported, not timed) and the programs it launched are printed.
+tiling that computes wrongly is reported, not timed; one that fails to compile, or whose waits gave up, is reported
+and the next one runs) and the programs it launched are printed.
 
 A ``--tiles`` entry is ``block_n/down_split/per_sm/sleep_ns`` (``per_sm`` ``auto``: as many as fit), e.g.
 ``16/4/auto/0``. On a CPU (``--device cpu``) the kernel runs under Triton's interpreter (start with
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+from collections.abc import Callable
 
 import torch
 from decode_floor import copy_bandwidth, finish_checked, kernel_parser, replay_ms, step_bytes
@@ -83,6 +85,29 @@ def prepared(model, rows: int, slot: int, seed: int = 0) -> tuple[torch.Tensor, 
     return tok, torch.tensor([slot], device=cache.device)
 
 
+def time_tiling(
+    step: Callable[[], torch.Tensor], expected: torch.Tensor, model, span: tuple[int, int], device: str, steps: int
+) -> tuple[float | None, int, float]:
+    """Check one persistent step (``step``, under the ``persistent`` launch option) against ``expected``, then time
+    it over ``steps`` replays: ``(ms per step or None if wrong, programs, max |diff|)``. The failed-wait counter is
+    read after the check and after the timing (on a GPU the launches leave it to the host): one wait that gave up
+    makes every later wait give up at once, which would time wrong steps as fast ones.
+
+    Raises:
+        RuntimeError: a wait gave up (:meth:`~cm3leon_lightning.model.persistent.PersistentStep.check`).
+    """
+    diff = float((step().float() - expected).abs().max())
+    plan = persistent.persistent_step(model, span)
+    plan.check()
+    print(f"  {label(plan.tiles)}: {plan.programs} programs, {plan.registers} registers a thread, "
+          f"{plan.constants['ATTN_SPLITS']} runs per (row, head)")  # fmt: skip
+    if diff > 0.05 * float(expected.abs().max()) + 1e-4:
+        return None, plan.programs, diff
+    ms = replay_ms(step, device, steps)
+    plan.check()
+    return ms, plan.programs, diff
+
+
 def main() -> None:
     p = kernel_parser(__doc__)
     p.add_argument("--slot", type=int, default=535, help="cache slot of the step (default: mid-image, 24 + 512 - 1)")
@@ -126,16 +151,14 @@ def main() -> None:
                 report("kernels", rows, replay_ms(step, args.device, args.steps))
             for t in tiles:
                 persistent.TILES = t
-                with use_fused_options(FusedOptions(persistent=True)):
-                    diff = float((step().float() - expected).abs().max())
-                    plan = persistent.persistent_step(model, span)
-                    programs = plan.programs
-                    print(f"  {label(t)}: {programs} programs, {plan.registers} registers a thread, "
-                          f"{plan.constants['ATTN_SPLITS']} runs per (row, head)")  # fmt: skip
-                    ok = diff <= 0.05 * float(expected.abs().max()) + 1e-4
-                    wrong += not ok
-                    report(f"persistent {label(t)}", rows, replay_ms(step, args.device, args.steps) if ok else None,
-                           programs, diff)  # fmt: skip
+                try:
+                    with use_fused_options(FusedOptions(persistent=True)):
+                        ms, programs, diff = time_tiling(step, expected, model, span, args.device, args.steps)
+                except Exception as err:  # a tiling that fails to compile or to hand off: said, and the next one runs
+                    print(f"  {label(t)}: FAILED {type(err).__name__}: {err}", flush=True)
+                    ms, programs, diff = None, 0, float("nan")
+                wrong += ms is None
+                report(f"persistent {label(t)}", rows, ms, programs, diff)
             persistent.TILES = None
     meta = dict(device=args.device, device_name=name, torch=torch.__version__, preset=args.preset, slot=args.slot,
                 copy_bandwidth=bandwidth)  # fmt: skip

@@ -4,7 +4,9 @@ without one in Triton's interpreter (float32, the programs one after another), w
 first imported: test_fused_interpreter.py runs this file in a subprocess with TRITON_INTERPRET=1."""
 
 import copy
+import functools
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -110,6 +112,38 @@ def test_a_failed_wait_is_reported_once_by_the_decoder(monkeypatch):
     monkeypatch.setattr(persistent.PersistentStep, "__call__", real)
     with use_fused_options(FusedOptions(persistent=True)):
         generate_image(model, vocab, [[20, 21]], compile="fused", method="greedy")  # counted from zero again
+
+
+def test_the_benchmark_fails_a_tiling_whose_waits_gave_up_while_timed(monkeypatch):
+    """benchmarks/persistent_step.py reads the failed-wait counter after checking a tiling and again after timing it:
+    a wait that gave up while timed (after which every later wait gives up at once, so wrong steps would time as
+    fast ones) fails the tiling instead of giving it a time. The timed launches here leave the counter raised, as
+    a GPU's would."""
+    if CUDA:
+        monkeypatch.setattr(fused, "FIXED_TILES", GPU_TILES)
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[2] / "benchmarks"))
+    import persistent_step as bench
+
+    model, tok, start = prefilled()
+    span = (100, 200)
+    step = functools.partial(fused.fused_decode_forward, model, tok, torch.tensor([start], device=DEVICE), span)
+    with torch.no_grad():
+        with use_fused_options(FusedOptions()):
+            expected = step().float()
+        with use_fused_options(FusedOptions(persistent=True)):
+            ms, programs, diff = bench.time_tiling(step, expected, model, span, DEVICE, 1)
+            plan = persistent.persistent_step(model, span)
+            assert ms > 0 and programs == plan.programs and diff < 1e-4
+
+            def gave_up(fn, device, steps):
+                fn()
+                plan.errors.fill_(1)
+                return 1e-3
+
+            monkeypatch.setattr(bench, "replay_ms", gave_up)
+            with pytest.raises(RuntimeError, match="persistent decode step: 1 "):
+                bench.time_tiling(step, expected, model, span, DEVICE, 1)
+            assert not plan.errors.any()
 
 
 def test_one_plan_per_cache_and_range_replanned_when_the_weights_move():
