@@ -66,31 +66,50 @@ def nanoseconds(like):
 
 
 @triton.jit
+def any_thread(flag):
+    """1 in every thread of the program if ``flag`` (an int32 scalar, which may differ between its threads) is nonzero
+    in any of them, else 0: a CTA barrier with an OR reduction (``barrier.red.or.pred``), which every thread of the
+    program must reach."""
+    return tl.inline_asm_elementwise(
+        "{ .reg .pred p, q; setp.ne.s32 q, $1, 0; barrier.red.or.pred p, 0, q; selp.s32 $0, 1, 0, p; }", "=r,r",
+        [flag], dtype=tl.int32, is_pure=False, pack=1,
+    )  # fmt: skip
+
+
+@triton.jit
 def wait_for(done_ptr, need, error_ptr, SPIN: tl.constexpr, SLEEP_NS: tl.constexpr, TIMEOUT_NS: tl.constexpr):
     """Block until ``*done_ptr >= need`` (another program's release atomics raise it); then this program's later
     loads see what those programs wrote. A wait longer than ``TIMEOUT_NS`` gives up and raises ``*error_ptr``, and
     once ``*error_ptr`` is raised every wait gives up at once (this launch's and later ones', until the host reads and
     resets it): a bug in the hand-off then costs one timeout, not one per phase and step, and ends the generation
-    with an error the host reads instead of hanging the GPU. Without
-    ``SPIN`` (the interpreter, programs run one after another) the count must already be there, else
-    ``*error_ptr`` is raised (the interpreter ignores ``tl.device_assert``)."""
+    with an error the host reads instead of hanging the GPU. Without ``SPIN`` (the interpreter, programs run one after
+    another) the count must already be there, else ``*error_ptr`` is raised (the interpreter ignores
+    ``tl.device_assert``).
+
+    Each thread polls on its own, and its clock may read differently from its neighbours', so the decision to give up
+    is taken for the whole program (:func:`any_thread`): the program leaves the wait as one, and the barriers of the
+    acquire and of the task after it stay paired."""
     if SPIN:
         start = nanoseconds(need)
-        late = start < 0  # False, as a tensor
-        # the acquire is the loop's condition: an atomic whose result went unused was compiled away
+        # the acquire is the loop's condition: an atomic whose result went unused was compiled away. Its value is the
+        # same in every thread (one thread loads it, shared memory hands it to the others), and so is ``late``.
         ready = tl.atomic_add(done_ptr, 0, sem="acquire")
-        while (ready < need) & (not late):
+        late = ready * 0
+        while (ready < need) & (late == 0):
             seen = tl.load(done_ptr, volatile=True)  # poll without atomics, then acquire once more
-            while (seen < need) & (not late):
+            gave_up = seen * 0
+            while (seen < need) & (gave_up == 0):
                 if SLEEP_NS > 0:  # back off: hundreds of programs may poll the same counter
                     tl.inline_asm_elementwise(
                         "{ nanosleep.u32 $1; mov.b32 $0, 0; }", "=r,r", [seen * 0 + SLEEP_NS], dtype=tl.int32,
                         is_pure=False, pack=1,
                     )  # fmt: skip
                 seen = tl.load(done_ptr, volatile=True)
-                late = (nanoseconds(seen) - start > TIMEOUT_NS) | (tl.load(error_ptr, volatile=True) > 0)
+                timed_out = nanoseconds(seen) - start > TIMEOUT_NS
+                gave_up = (timed_out | (tl.load(error_ptr, volatile=True) > 0)).to(tl.int32)
+            late = any_thread(gave_up)
             ready = tl.atomic_add(done_ptr, 0, sem="acquire")
-        if late:
+        if (late != 0) & (ready < need):  # gave up and the count never came (it may have come at the last moment)
             tl.atomic_add(error_ptr, 1)
         tl.debug_barrier()  # every thread of this program waits for the acquire
     elif tl.load(done_ptr) < need:

@@ -85,6 +85,10 @@ def test_the_hand_off_between_programs():
     # the polls: the phase counter before and while sleeping, and the failed-wait count (one gives up, all do)
     assert ptx.count("ld.volatile.global.b32") >= 18
     assert ptx.count("%globaltimer") >= 6  # each wait is bounded in time (a hand-off bug ends the launch, no hang)
+    # ... and the program gives up as one (its threads' clocks differ): an OR over the program before each acquire
+    assert ptx.count("barrier.red.or.pred") >= 6
+    for at in (m.start() for m in re.finditer(r"barrier\.red\.or\.pred", ptx)):
+        assert re.search(r"ld\.global\.gpu\.acquire", ptx[at : at + 600]), ptx[at : at + 600]
     # a phase output is counted after a barrier, by one thread, with release semantics
     release = ptx.index("atom.global.gpu.release.add")
     assert "bar.sync" in ptx[ptx.rindex("st.global", 0, release) : release]
