@@ -143,7 +143,9 @@ def reference_loop(
     return out
 
 
-def bench_preset(preset: str, args: argparse.Namespace, device: str, dtype: torch.dtype, emit: Callable) -> None:
+def bench_preset(
+    preset: str, args: argparse.Namespace, device: str, dtype: torch.dtype, emit: Callable[[dict], None]
+) -> None:
     """Every row of one preset, each handed to ``emit`` as soon as it is measured. A mode (or set of launch options)
     that fails gives a row with its ``error`` and the next one runs: one broken option set must not cost the rows
     after it, on a GPU whose minutes are counted."""
@@ -173,8 +175,7 @@ def bench_preset(preset: str, args: argparse.Namespace, device: str, dtype: torc
             with options_for(args.fused_options[0]):
                 row = bench_rerank(model, vocab, prompt, preset, args, device, dtype)
         except Exception as err:  # recorded in its row
-            name = mode_name(args.modes[0], args.fused_options[0] if args.modes[0] in FUSED_MODES else None)
-            row = failed_row(preset, f"{name}+rerank", args.attention[0], args.candidates, vocab.image_tokens, err)
+            row = failed_row(preset, rerank_name(args), args.attention[0], args.candidates, vocab.image_tokens, err)
         if row is not None:
             emit(row)
     ref_tokens = min(tokens, args.reference_tokens)
@@ -200,6 +201,12 @@ def failed_row(preset: str, mode: str, attention: str, n: int, tokens: int, err:
 def mode_name(mode: str, label: str | None) -> str:
     """A row's mode: ``mode``, or ``mode[label]`` when run under the fused launch options ``label``."""
     return mode if label is None else f"{mode}[{label}]"
+
+
+def rerank_name(args: argparse.Namespace) -> str:
+    """The re-ranking row's mode: the first mode (under the first launch options, if fused) with ``+rerank``."""
+    mode = args.modes[0]
+    return mode_name(mode, args.fused_options[0] if mode in FUSED_MODES else None) + "+rerank"
 
 
 def options_for(label: str | None) -> contextlib.AbstractContextManager:
@@ -240,7 +247,6 @@ def bench_rerank(
         warnings.simplefilter("ignore")  # "randomly initialised": intended, only the architecture is timed
         clip = ClipEncoder("ViT-B-32", pretrained=None, device=device)
     mode, n = args.modes[0], args.candidates
-    name = mode_name(mode, args.fused_options[0] if mode in FUSED_MODES else None)
 
     def run() -> None:
         with torch.no_grad():
@@ -252,7 +258,7 @@ def bench_rerank(
     warm = time.perf_counter() - t0
     sec = timed(run, device, args.repeats)
     tokens = vocab.image_tokens
-    return dict(preset=preset, mode=f"{name}+rerank", attention=args.attention[0], images=n, streams=2 * n,
+    return dict(preset=preset, mode=rerank_name(args), attention=args.attention[0], images=n, streams=2 * n,
                 tokens=tokens, seconds=sec, sec_per_image=sec / n, ms_per_token=1e3 * sec / tokens,
                 warmup_seconds=warm, same_codes=float("nan"))  # fmt: skip
 
