@@ -98,7 +98,7 @@ def stage_tokenizer(run: Run) -> dict[str, Any]:
 
         def texts() -> Any:
             for pair in run.sources["main"]:
-                if is_val(pair.key, cfg.val_fraction, cfg.seed):
+                if is_val(pair.split_key, cfg.val_fraction, cfg.seed):
                     continue
                 try:
                     yield clean_caption(pair.caption, cfg.max_caption_chars)[0]
@@ -163,7 +163,7 @@ def encode_part(run: Run, collection: str, index: int, progress: Callable[[int],
             caption = tok.decode(ids)
             repairs.append("repaired_caption_tokens")
         counts.update(repairs + image_repairs + ["kept"])
-        val = collection == "main" and is_val(pair.key, cfg.val_fraction, cfg.seed)
+        val = collection == "main" and is_val(pair.split_key, cfg.val_fraction, cfg.seed)
         keys.append(pair.key)
         captions.append(caption)
         texts.append(np.asarray(ids, np.int32))

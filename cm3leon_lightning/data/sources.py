@@ -1,16 +1,19 @@
 """Readers of raw image-caption pairs for ``cm3leon prepare``, and the rules that clean them.
 
-Four sources, each a :class:`PairSource` with a fixed, deterministic document order and random access by range
+Five sources, each a :class:`PairSource` with a fixed, deterministic document order and random access by range
 (``iter_range(start, stop)``), so the prepare pipeline can cut it into parts and process them in any order:
 
 - :class:`FolderSource`: an image folder with caption sidecar files (``cat.jpg`` + ``cat.txt``), recursive, sorted by
   relative path; key = relative path without suffix (``sub/cat.jpg`` -> ``sub_cat``).
 - :class:`CocoSource`: a COCO-captions JSON (``captions_train2017.json``) plus its image folder, images sorted by id.
   ``mode="first"`` (default): one document per image, with the caption of the lowest annotation id (key
-  ``coco-{image_id}``); ``mode="all"``: one document per caption (key ``coco-{image_id}-{annotation_id}``).
+  ``coco-{image_id}``); ``mode="all"``: one document per caption (key ``coco-{image_id}-{annotation_id}``), the
+  captions of one image always in the same split.
 - :class:`WebDatasetSource`: local WebDataset tars with ``jpg``/``jpeg``/``png``/``webp`` and ``txt`` members, in
   shard order then member order; key = the sample's ``__key__``.
 - :class:`ShapesSource`: the synthetic shapes generator (:func:`cm3leon_lightning.data.shapes.generate_pairs`).
+- :class:`~cm3leon_lightning.data.sft.SFTSource` (``data/sft.py``): instruction-tuning examples rendered with the
+  paper's task templates, datasets balanced.
 
 A reader yields :class:`RawPair` records whose image is a path or bytes (opened only when needed) or a generated
 array, so nothing holds more than one image at a time. Bad input is never fatal: :func:`clean_caption` and
@@ -81,12 +84,20 @@ class RawPair:
         caption: the caption as found (``bytes`` when read from a file; ``None`` when there is none).
         image: a path (opened lazily), encoded bytes, a uint8 ``(H, W, 3)`` array or a PIL image; ``None`` if absent.
         meta: source-specific metadata (file name, COCO ids, shard name...).
+        group: documents sharing a group land in the same split (several captions of one image, the repeated copies
+            of an upsampled instruction-tuning example); ``None``: the document is its own group.
     """
 
     key: str
     caption: str | bytes | None
     image: Path | bytes | np.ndarray | Image.Image | None
     meta: dict[str, Any] = field(default_factory=dict)
+    group: str | None = None
+
+    @property
+    def split_key(self) -> str:
+        """What decides the document's split (:func:`~cm3leon_lightning.data.prepare_run.is_val`)."""
+        return self.key if self.group is None else self.group
 
 
 # ------------------------------------------------------------------------------------------------ cleaning
@@ -321,7 +332,8 @@ class CocoSource(PairSource):
         for key, file_name, cap, image_id, ann_id in self.docs[start:stop]:
             meta = {"file": file_name, "image_id": image_id, "annotation_id": ann_id}
             caption = cap if cap is None or isinstance(cap, str) else str(cap)
-            yield RawPair(sanitize_key(key), caption, self.image_dir / file_name, meta)
+            # every caption of an image in the same split (mode "all"), so validation images are never trained on
+            yield RawPair(sanitize_key(key), caption, self.image_dir / file_name, meta, f"coco-{image_id}")
 
     def captions(self) -> Iterator[str | None]:
         return (d[2] for d in self.docs)
@@ -462,25 +474,32 @@ def make_source(
     shapes_split: str = "train",
     image_size: int = 32,
     seed: int = 0,
+    sft_balance: tuple[float, float] = (3.0, 0.3),
 ) -> PairSource:
     """Build a source by name (the ``--source`` values of ``cm3leon prepare``).
 
     Args:
-        kind: ``folder``, ``coco``, ``wds`` or ``shapes``.
-        path: the image folder (folder, coco) or the tar directory / pattern (wds).
+        kind: ``folder``, ``coco``, ``wds``, ``shapes`` or ``sft``.
+        path: the image folder (folder, coco), the tar directory / pattern (wds), or the JSON-lines file / folder of
+            instruction-tuning examples (sft, :class:`~cm3leon_lightning.data.sft.SFTSource`).
         captions: the COCO captions JSON (coco only).
         num_pairs: number of generated pairs (shapes).
         coco_mode: ``first`` or ``all`` (see :class:`CocoSource`).
         shapes_split: ``train`` or ``heldout`` (shapes).
         image_size: generated image side (shapes).
-        seed: generator seed (shapes).
+        seed: generator seed (shapes), or seed of the mixture's subsets, order and templates (sft).
+        sft_balance: ``(up, down)`` sampling thresholds of the sft mixture (paper E.1: 3 / 0.3).
     """
     if kind == "shapes":
         return ShapesSource(num_pairs, shapes_split, image_size, seed)
-    if kind not in ("folder", "coco", "wds"):
-        raise ValueError(f"source must be one of shapes, folder, coco, wds; got {kind!r}")
+    if kind not in ("folder", "coco", "wds", "sft"):
+        raise ValueError(f"source must be one of shapes, folder, coco, wds, sft; got {kind!r}")
     if path is None:
         raise ValueError(f"source {kind!r} needs an input path (--input)")
+    if kind == "sft":
+        from cm3leon_lightning.data.sft import SFTSource  # sft builds on this module
+
+        return SFTSource(path, *sft_balance, seed=seed)
     if kind == "folder":
         return FolderSource(path)
     if kind == "coco":

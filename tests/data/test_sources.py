@@ -132,6 +132,8 @@ def test_coco_source_first_and_all(tmp_path: Path) -> None:
     every = CocoSource(ann, tmp_path / "img", mode="all")
     assert [p.key for p in every] == ["coco-3-12", "coco-5", "coco-7-11", "coco-7-20"]
     assert list(every)[3].meta == {"file": "7.jpg", "image_id": 7, "annotation_id": 20}
+    # the two captions of image 7 share a split key, so they can never land in different splits
+    assert [p.split_key for p in every] == ["coco-3", "coco-5", "coco-7", "coco-7"]
     ann.write_text('{"images": []}')
     with pytest.raises(ValueError, match="not a COCO captions file"):
         CocoSource(ann, tmp_path / "img")
