@@ -25,7 +25,8 @@ from cm3leon_lightning.data.prepare_stages import MissingPartsError
 from cm3leon_lightning.data.sources import PairSource, make_source
 
 _SOURCE_FLAGS = ("source", "input", "captions", "coco_mode", "num_pairs", "shapes_split", "shapes_image_size")
-_SOURCE_FLAGS += ("shapes_seed", "bank_source", "bank_input", "bank_captions", "out")
+_SOURCE_FLAGS += ("shapes_seed", "sft_up", "sft_down", "sft_seed", "bank_source", "bank_input", "bank_captions", "out")
+SOURCES = ("shapes", "folder", "coco", "wds", "sft")
 
 
 def _field_docs() -> dict[str, str]:
@@ -65,8 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_argument_group("input and output")
-    g.add_argument("--source", required=True, choices=("shapes", "folder", "coco", "wds"), help="kind of input")
-    g.add_argument("--input", help="image folder (folder, coco) or WebDataset tar directory / brace pattern (wds)")
+    g.add_argument("--source", required=True, choices=SOURCES, help="kind of input")
+    g.add_argument("--input", help="image folder (folder, coco), WebDataset tar directory / brace pattern (wds), or "
+                   "instruction-tuning JSON-lines file / folder (sft)")  # fmt: skip
     g.add_argument("--captions", help="COCO captions JSON (coco)")
     g.add_argument("--coco-mode", default="first", choices=("first", "all"), help="coco: one document per image "
                    "(the lowest annotation id's caption) or one per caption")  # fmt: skip
@@ -74,7 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--shapes-split", default="train", choices=("train", "heldout"), help="shapes: split")
     g.add_argument("--shapes-image-size", type=int, default=32, help="shapes: image side in pixels")
     g.add_argument("--shapes-seed", type=int, default=0, help="shapes: generator seed")
-    g.add_argument("--bank-source", choices=("shapes", "folder", "coco", "wds"), help="a separate memory-bank "
+    g.add_argument("--sft-up", type=float, default=3.0, help="sft: most times a dataset is repeated (paper E.1: 3)")
+    g.add_argument("--sft-down", type=float, default=0.3, help="sft: least share of a dataset kept (paper E.1: 0.3)")
+    g.add_argument("--sft-seed", type=int, default=0, help="sft: seed of the mixture's subsets, order and templates")
+    g.add_argument("--bank-source", choices=SOURCES, help="a separate memory-bank "
                    "dataset (default: the training split of --source)")  # fmt: skip
     g.add_argument("--bank-input", help="the bank dataset's folder / tars")
     g.add_argument("--bank-captions", help="the bank dataset's COCO captions JSON")
@@ -101,15 +106,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def sources_from_args(args: argparse.Namespace) -> tuple[PairSource, PairSource | None]:
     """The main source and the optional bank source named by the flags."""
+    balance = (args.sft_up, args.sft_down)
+    seed = args.sft_seed if args.source == "sft" else args.shapes_seed
     main = make_source(
         args.source, args.input, args.captions, args.num_pairs, args.coco_mode, args.shapes_split,
-        args.shapes_image_size, args.shapes_seed,
+        args.shapes_image_size, seed, balance,
     )  # fmt: skip
     bank = None
     if args.bank_source is not None:
+        seed = args.sft_seed if args.bank_source == "sft" else args.shapes_seed + 1
         bank = make_source(
             args.bank_source, args.bank_input, args.bank_captions, args.num_pairs, args.coco_mode, "train",
-            args.shapes_image_size, args.shapes_seed + 1,
+            args.shapes_image_size, seed, balance,
         )  # fmt: skip
     return main, bank
 

@@ -256,3 +256,49 @@ def test_separate_bank_source(models: dict[str, str], tmp_path: Path) -> None:
     samples = [s for shard in m.shards for s in read_shard(out / "train" / shard.name, m)]
     neighbours = [n for s in samples for n in s.neighbors]
     assert neighbours and all(n.key.startswith("shapes-train-5-") for n in neighbours)
+
+
+def test_sft_examples_prepare_into_shards_with_every_copy_in_one_split(models: dict[str, str], tmp_path: Path) -> None:
+    """`--source sft`: rendered templates become the captions, balancing repeats the small dataset, and the copies
+    of one example never straddle the train/validation split."""
+    (tmp_path / "img").mkdir()
+    pairs = list(generate_pairs(10, image_size=32, seed=3))
+    lines = []
+    for i, p in enumerate(pairs):
+        Image.fromarray(p.image).save(tmp_path / "img" / f"{i}.png")
+        lines.append({"task": "vqa", "image": f"img/{i}.png", "question": "What is shown?", "answer": p.caption})
+    lines += [
+        {"task": "caption", "dataset": "shapes", "image": f"img/{i}.png", "caption": pairs[i].caption} for i in (0, 1)
+    ]
+    (tmp_path / "sft.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+    out = tmp_path / "out"
+    args = ["prepare", "--source", "sft", "--input", str(tmp_path / "sft.jsonl"), "--out", str(out), "--no-progress"]
+    for k, v in settings(models, samples_per_shard=8, val_fraction=0.3, k_per_modality=0).items():
+        if k != "progress":
+            args += [f"--{k.replace('_', '-')}", str(v)]
+    assert cm3leon_main(args) == 0
+    # share 6: vqa 10 -> 6 (0.6x), shapes 2 -> 6 (3x)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["counts"]["read"] == summary["counts"]["kept"] == 12
+    split_of: dict[str, set[str]] = {}
+    captions = {}
+    for split in ("train", "val"):
+        m = Manifest.load(out / split / "manifest.json")
+        tok = TextTokenizer.load(out / split / "tokenizer.json")
+        for shard in m.shards:
+            for s in read_shard(out / split / shard.name, m):
+                split_of.setdefault(s.key.rsplit("-", 1)[0], set()).add(split)
+                captions[s.key] = s.caption
+                assert tok.decode(s.text.tolist()) == s.caption and not s.neighbors
+    assert len(captions) == 12 and all(len(v) == 1 for v in split_of.values())
+    assert {"train"} in split_of.values() and {"val"} in split_of.values()
+    assert sorted(k for k in captions if k.startswith("sft-sft-11-") or k.startswith("sft-sft-12-")) == [
+        f"sft-sft-{line}-{c}" for line in (11, 12) for c in range(3)
+    ]
+    vqa_texts = {
+        f"Question: What is shown? {a} {p.caption}{b}"
+        for p in pairs
+        for a, b in [("Answer:", "."), ("", ""), ("The answer is", ".")]
+    }
+    vqa_texts = {" ".join(t.split()) for t in vqa_texts}  # the newline template reads as a space after cleaning
+    assert all(c in vqa_texts for k, c in captions.items() if int(k.split("-")[2]) <= 10)

@@ -1,0 +1,254 @@
+"""Instruction-tuning (SFT) data: the paper's task templates, a balanced task mixture, and a ``cm3leon prepare`` source.
+
+Paper section 4 and appendix E: supervised fine-tuning keeps the pretraining format and the CM3 objective; an
+example is one interleaved document, the instruction and the output as text, then the image (``{text} <break>
+{image}``), with several prompt templates per task (table 5), and the datasets are balanced by up/down sampling with
+thresholds 3 / 0.3 (E.1). The rendered text becomes the document's caption, so SFT data goes through
+``cm3leon prepare`` into ordinary shards (format_version 1) and trains with ``CM3LeonDataModule``.
+
+Input: a JSON-lines file, or a folder of ``*.jsonl`` files, one example per line (image paths relative to the file)::
+
+    {"task": "vqa", "image": "img/1.jpg", "question": "What colour is the circle?", "answer": "red"}
+    {"task": "caption", "dataset": "coco", "image": "img/2.jpg", "caption": "a red circle on the left"}
+    {"task": "text", "image": "img/3.jpg", "text": "any instruction and output, used as given"}
+
+``task`` picks the templates (:data:`TEMPLATES`); ``dataset`` (default: the task) is the unit of balancing. A
+template is eligible when the example has every field it names (ScienceQA's step-by-step template needs
+``explanation``); each document draws one eligible template, seeded by its key. Text fields are used as given,
+except that ``choices`` (a list) becomes ``(A) x (B) y`` and ``objects`` (a list of ``[name, location]``) becomes
+``name at location, ...``. Newlines in templates become spaces when ``cm3leon prepare`` cleans captions.
+
+Tasks with several images (InstructPix2Pix editing, edge/segmentation/pose-to-image) need documents with more than
+one image, which shard format_version 1 does not hold; they are refused by name.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+import zlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cm3leon_lightning.data.shards import sanitize_key
+from cm3leon_lightning.data.sources import PairSource, RawPair
+
+# Paper table 5 (text-focused datasets, and the single-image generation tasks), text part before ``<break> {image}``.
+TEMPLATES: dict[str, tuple[str, ...]] = {
+    "caption": ("{caption}", "Describe the given picture. {caption}"),
+    "long_caption": (
+        "Describe the given picture in very detail. {caption}",
+        "Describe all the objects in the given image in very detail. {caption}",
+        "Generate a long caption for the given image. {caption}",
+    ),
+    "narrative": (
+        "Generate a long narration of what is happening in the given image. {caption}",
+        "Generate a long caption for the given image. {caption}",
+    ),
+    "vqa": (
+        "Question: {question} Answer: {answer}.",
+        "Question: {question}\n{answer}",
+        "Question: {question} The answer is {answer}.",
+    ),
+    "scienceqa": (
+        "Question: {question}\nContext: {context}\nOptions: {choices}\nAnswer: {answer}.",
+        "Question: {question}\nContext: {context}\nOptions: {choices}\nAnswer: Let's think step-by-step: "
+        "{explanation} So the answer is {answer}.",
+    ),
+    "ocr": ('draw "{ocr}"',),
+    "detection": ("Generate high quality image of {caption} with segmentations {objects}",),
+    "text": ("{text}",),
+}
+MULTI_IMAGE_TASKS = ("edit", "instruct_pix2pix", "edge_to_image", "seg_to_image", "hed_to_image", "pose_to_image",
+                     "depth_to_image", "norm_to_image", "scribble_to_image")  # fmt: skip
+
+
+def template_fields(template: str) -> set[str]:
+    """The field names a template uses."""
+    return {name for _, name, _, _ in string.Formatter().parse(template) if name}
+
+
+def format_value(name: str, value: Any) -> str:
+    """One field as text: ``choices`` lists become ``(A) x (B) y``, ``objects`` ``name at location, ...``."""
+    if name == "choices" and isinstance(value, (list, tuple)):
+        return " ".join(f"({chr(ord('A') + i)}) {c}" for i, c in enumerate(value))
+    if name == "objects" and isinstance(value, (list, tuple)):
+        parts = []
+        for obj in value:
+            if not (isinstance(obj, (list, tuple)) and len(obj) == 2):
+                raise ValueError(f"'objects' holds [name, location] pairs, got {obj!r}")
+            parts.append(f"{obj[0]} at {obj[1]}")
+        return ", ".join(parts)
+    return str(value)
+
+
+def eligible_templates(task: str, fields: Mapping[str, Any]) -> list[int]:
+    """Indices of the task's templates whose fields are all present (and not ``None``).
+
+    Raises:
+        ValueError: unknown task (multi-image tasks named as such), or no template can be filled; names the
+            missing fields of the first template.
+    """
+    if task not in TEMPLATES:
+        if task in MULTI_IMAGE_TASKS:
+            raise ValueError(f"task {task!r} needs documents with several images, which shards (format_version 1) "
+                             f"do not hold yet; single-image tasks: {', '.join(TEMPLATES)}")  # fmt: skip
+        raise ValueError(f"unknown task {task!r}; choose from {', '.join(TEMPLATES)}")
+    have = {k for k, v in fields.items() if v is not None}
+    ok = [i for i, t in enumerate(TEMPLATES[task]) if template_fields(t) <= have]
+    if not ok:
+        missing = sorted(template_fields(TEMPLATES[task][0]) - have)
+        raise ValueError(f"task {task!r} needs field(s) {missing}")
+    return ok
+
+
+def render_text(task: str, fields: Mapping[str, Any], rng: np.random.Generator) -> tuple[str, int]:
+    """The example's text (instruction and output) from one eligible template drawn with ``rng``.
+
+    Returns:
+        ``(text, template index)``.
+    """
+    choices = eligible_templates(task, fields)
+    index = choices[int(rng.integers(len(choices)))] if len(choices) > 1 else choices[0]
+    template = TEMPLATES[task][index]
+    values = {name: format_value(name, fields[name]) for name in template_fields(template)}
+    return template.format(**values), index
+
+
+def balanced_counts(sizes: Mapping[str, int], up: float = 3.0, down: float = 0.3) -> dict[str, int]:
+    """Examples drawn from each dataset (paper E.1: up/down sampling with thresholds 3 / 0.3).
+
+    Each dataset moves toward an equal share of the mixture, ``total / len(sizes)`` examples, but is repeated at most
+    ``up`` times and kept at least at ``down`` of its size: ``round(n * clip(share / n, down, up))``, at least 1.
+    ``up = down = 1`` keeps the natural mixture.
+    """
+    if not (0.0 < down <= 1.0 <= up):
+        raise ValueError(f"need 0 < down <= 1 <= up, got up={up}, down={down}")
+    nonempty = {k: int(n) for k, n in sizes.items() if n > 0}
+    if not nonempty:
+        return {k: 0 for k in sizes}
+    share = sum(nonempty.values()) / len(nonempty)
+    out = {k: 0 for k in sizes}
+    for k, n in nonempty.items():
+        out[k] = max(1, round(n * min(max(share / n, down), up)))
+    return out
+
+
+def _stream(seed: int, name: str) -> np.random.Generator:
+    return np.random.default_rng([seed, zlib.crc32(name.encode())])
+
+
+def mixture_plan(sizes: Mapping[str, int], counts: Mapping[str, int], seed: int = 0) -> list[tuple[str, int, int]]:
+    """The mixture's documents in a seeded, shuffled order: ``(dataset, example index, copy)``.
+
+    A dataset drawn ``m`` times from ``n`` examples repeats all of them ``m // n`` times (copies ``0 ..``), then a
+    seeded subset of ``m % n`` once more; downsampling (``m < n``) is that subset alone.
+    """
+    plan: list[tuple[str, int, int]] = []
+    for name in sorted(sizes):
+        n, m = int(sizes[name]), int(counts.get(name, 0))
+        if n == 0:
+            continue
+        full, rest = divmod(m, n)
+        plan += [(name, i, c) for c in range(full) for i in range(n)]
+        plan += [(name, int(i), full) for i in np.sort(_stream(seed, name).permutation(n)[:rest])]
+    order = np.random.default_rng([seed, len(plan)]).permutation(len(plan))
+    return [plan[i] for i in order]
+
+
+@dataclass
+class SFTExample:
+    """One input line: where it came from, its task, dataset, fields and image path."""
+
+    source: str  # "<file stem>-<line number>", unique within the input
+    task: str
+    dataset: str
+    fields: dict[str, Any]
+    image: Path
+
+
+def read_sft_lines(path: Path) -> Iterator[SFTExample]:
+    """Parse and check one JSON-lines file (blank lines skipped).
+
+    Raises:
+        ValueError: naming ``file:line`` and the field, for invalid JSON, a missing ``task`` / ``image``, an unknown
+            task or a template that cannot be filled.
+    """
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not valid JSON: {e}") from e
+            if not isinstance(entry, dict):
+                raise ValueError(f"{where}: each line must be a JSON object, got {type(entry).__name__}")
+            task, image = entry.pop("task", None), entry.pop("image", None)
+            if not isinstance(task, str) or not isinstance(image, str) or not image:
+                raise ValueError(f"{where}: needs string fields 'task' and 'image' (a path relative to the file)")
+            dataset = str(entry.pop("dataset", task))
+            try:
+                eligible_templates(task, entry)
+                sanitize_key(dataset)
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from e
+            yield SFTExample(f"{path.stem}-{lineno}", task, dataset, entry, path.parent / image)
+
+
+class SFTSource(PairSource):
+    """Instruction-tuning examples (module docstring) as ``cm3leon prepare`` documents, balanced and shuffled.
+
+    Every line is checked when the source is built, so a malformed file fails before anything is written. Keys are
+    ``sft-<file stem>-<line>-<copy>``; the copies of one example share a group, so they land in the same split.
+
+    Args:
+        path: a JSON-lines file or a folder of ``*.jsonl`` files.
+        up: most times a dataset is repeated (paper: 3).
+        down: least share of a dataset kept (paper: 0.3).
+        seed: seed of the subsets, the order and the template draws.
+    """
+
+    kind = "sft"
+
+    def __init__(self, path: str | Path, up: float = 3.0, down: float = 0.3, seed: int = 0) -> None:
+        self.path, self.up, self.down, self.seed = Path(path), float(up), float(down), int(seed)
+        if self.path.is_dir():
+            files = sorted(self.path.glob("*.jsonl"))
+            if not files:
+                raise FileNotFoundError(f"no *.jsonl files in the SFT folder {self.path}")
+        elif self.path.is_file():
+            files = [self.path]
+        else:
+            raise FileNotFoundError(f"SFT input not found: {self.path}")
+        self.examples: dict[str, list[SFTExample]] = {}
+        for file in files:
+            for ex in read_sft_lines(file):
+                self.examples.setdefault(ex.dataset, []).append(ex)
+        if not self.examples:
+            raise ValueError(f"{self.path}: no examples")
+        sizes = {k: len(v) for k, v in self.examples.items()}
+        self.counts = balanced_counts(sizes, self.up, self.down)
+        self.plan = mixture_plan(sizes, self.counts, self.seed)
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def describe(self) -> dict[str, Any]:
+        datasets = {k: {"examples": len(v), "drawn": self.counts[k]} for k, v in sorted(self.examples.items())}
+        return {"kind": self.kind, "path": str(self.path), "up": self.up, "down": self.down, "seed": self.seed,
+                "datasets": datasets, "count": len(self)}  # fmt: skip
+
+    def iter_range(self, start: int, stop: int) -> Iterator[RawPair]:
+        start, stop = self._check_range(start, stop, len(self))
+        for dataset, index, copy in self.plan[start:stop]:
+            ex = self.examples[dataset][index]
+            key = sanitize_key(f"sft-{ex.source}-{copy}")
+            text, template = render_text(ex.task, ex.fields, _stream(self.seed, key))
+            meta = {"task": ex.task, "dataset": dataset, "source": ex.source, "copy": copy, "template": template}
+            yield RawPair(key, text, ex.image, meta, sanitize_key(f"sft-{ex.source}"))
