@@ -27,7 +27,7 @@ def test_every_config_parses(path: Path, capsys: pytest.CaptureFixture[str]) -> 
     """`cm3leon fit --config <yaml> --print_config` succeeds (fragments are composed with the tiny model)."""
     content = yaml.safe_load(path.read_text()) or {}
     args = ["fit"]
-    if "model" not in content:
+    if "class_path" not in (content.get("model") or {}):  # a fragment (no model, or only its init_args)
         args += ["--config", str(TINY_MODEL)]
     args += ["--config", str(path), "--print_config"]
     with pytest.raises(SystemExit) as exit_info:
@@ -108,3 +108,24 @@ def test_top_level_help_names_every_command(capsys: pytest.CaptureFixture[str]) 
     assert "{fit,validate,test,predict}" in out
     for name in EXTRA_COMMANDS:
         assert f"'cm3leon {name}'" in out, name
+
+
+def test_sft_config_overrides_only_the_schedule_of_the_model_before_it(capsys: pytest.CaptureFixture[str]) -> None:
+    """configs/experiments/sft.yaml is a fragment: the paper's SFT schedule over whichever preset came first."""
+    with pytest.raises(SystemExit):
+        main(
+            [
+                "fit",
+                "--config",
+                str(TINY_MODEL),
+                "--config",
+                str(ROOT / "configs/experiments/sft.yaml"),
+                "--print_config",
+            ]
+        )
+    printed = yaml.safe_load(capsys.readouterr().out)
+    model = printed["model"]
+    assert model["class_path"] == "cm3leon_lightning.modules.cm3leon.CM3LeonModule"
+    assert model["init_args"]["preset"] == "tiny"
+    assert (model["init_args"]["lr"], model["init_args"]["warmup_steps"]) == (5e-5, 150)
+    assert printed["trainer"]["max_steps"] == 15000
