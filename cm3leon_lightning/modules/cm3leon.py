@@ -21,6 +21,7 @@ from torch import Tensor
 from cm3leon_lightning.config import CM3LeonConfig
 from cm3leon_lightning.generation.generate import GenerationSettings, generate_image
 from cm3leon_lightning.model import CM3Leon, param_groups
+from cm3leon_lightning.modules.weights import check_same_architecture, check_same_vocab, load_weights, read_weights
 from cm3leon_lightning.tokenization.vocab import PAD_ID, MultimodalVocab
 
 
@@ -84,6 +85,13 @@ class CM3LeonModule(L.LightningModule):
         generation: text-to-image sampling settings of :meth:`predict_step` (``cm3leon predict``); defaults when
             not given. Kept out of the checkpoint's hyper-parameters: LightningCLI applies those over the command
             line when ``--ckpt_path`` is given, which would silence ``--model.init_args.generation.*``.
+        init_from: weights to start from, as supervised fine-tuning starts from the pretrained model (paper
+            section 4) with a fresh optimizer, step 0 and a new schedule (``--ckpt_path`` resumes all three): a
+            ``.ckpt`` of this module, or a ``.safetensors`` file or ``torch.save``'d state dict of the bare
+            :class:`CM3Leon`. Loaded once, when :meth:`configure_model` builds the network, so a ``--ckpt_path``
+            restore still replaces them. A checkpoint's architecture and vocabulary must equal this module's and
+            the data's; a module without a vocabulary adopts the checkpoint's. Not read by
+            :meth:`load_from_checkpoint`, whose checkpoint holds the weights.
     """
 
     def __init__(
@@ -103,6 +111,7 @@ class CM3LeonModule(L.LightningModule):
         activation_checkpointing: bool = False,
         compile: bool = False,
         generation: GenerationSettings | None = None,
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         if isinstance(config, dict):  # as restored from a checkpoint's hyper-parameters
@@ -158,28 +167,47 @@ class CM3LeonModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Fail before training when the checkpoint's vocabulary or architecture differs from this module's."""
         saved = checkpoint.get("hyper_parameters", {})
-        saved_vocab, saved_config = saved.get("vocab"), saved.get("config")
-        if saved_vocab is not None and self.hparams.vocab is not None and saved_vocab != self.hparams.vocab:
-            raise ValueError(
-                f"vocabulary mismatch: the checkpoint was trained with {saved_vocab}, the data has {self.hparams.vocab}"
-            )
-        ours = self.config.to_dict()
-        if saved_config is not None and saved_config != ours:
-            diff = {k: (v, ours.get(k)) for k, v in saved_config.items() if ours.get(k) != v}
-            raise ValueError(f"architecture mismatch between checkpoint and module (checkpoint, module): {diff}")
+        check_same_vocab(saved.get("vocab"), self.hparams.vocab, "the checkpoint")
+        check_same_architecture(saved.get("config"), self.config.to_dict(), "checkpoint")
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> CM3LeonModule:
+        """Lightning's ``load_from_checkpoint``, without reading the ``init_from`` saved in the checkpoint's
+        hyper-parameters (its weights are replaced at once, and the file may be gone), unless ``init_from`` is passed.
+        """
+        kwargs.setdefault("init_from", None)
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     # --------------------------------------------------------------------------------------------- building
     def configure_model(self) -> None:
         """Build the network once (idempotent, so FSDP/meta-device strategies can call it)."""
         if self.model is not None:
             return
-        self.model = CM3Leon(self.config)
+        model = CM3Leon(self.config)
+        if self.hparams.init_from is not None:
+            # Before self.model is set: a file that does not fit leaves the module unbuilt, not half-initialized.
+            self._load_init_from(model, self.hparams.init_from)
+        self.model = model
         # Shapes as built: FSDP later turns the parameters into flat 1-D shards (see configure_optimizers).
         self._param_ndims = {name: p.ndim for name, p in self.model.named_parameters()}
         self.model.gradient_checkpointing = bool(self.hparams.activation_checkpointing)
         if self.hparams.compile:
             # Kept outside the module registry so state-dict keys stay those of the plain model.
             self.__dict__["_compiled"] = torch.compile(self.model)
+
+    def _load_init_from(self, model: CM3Leon, path: str) -> None:
+        """Check the weights of ``init_from`` against this module's architecture and vocabulary, then load them.
+
+        Under a trainer this runs after :meth:`setup`, so the data's vocabulary is known by then.
+        """
+        weights = read_weights(path, "init_from")
+        source = f"init_from checkpoint {path!r}"
+        check_same_architecture(weights.config, self.config.to_dict(), source)
+        check_same_vocab(weights.vocab, self.hparams.vocab, source)
+        load_weights(model, weights.state_dict, f"init_from {path!r}")
+        if self.hparams.vocab is None and weights.vocab is not None:
+            # The architectures matched, so the vocabulary fits; setup() then refuses data with another one.
+            self.hparams["vocab"] = dict(weights.vocab)
 
     def forward(self, idx: Tensor) -> Tensor:
         """Logits ``(B, T, V)`` for token ids ``(B, T)`` (full causal sequence, no cache)."""
