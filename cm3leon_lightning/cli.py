@@ -69,6 +69,16 @@ class CM3LeonCLI(LightningCLI):
         parser.add_lightning_class_args(DataCountsLogger, "data_counts")
         parser.link_arguments("data", "model.init_args.vocab", compute_fn=data_vocab, apply_on="instantiate")
 
+    def before_instantiate_classes(self) -> None:
+        """With ``--ckpt_path``, drop the model's ``init_from``: the checkpoint's weights replace those anyway, and
+        LightningCLI applies a checkpoint's hyper-parameters over the command line, so an ``init_from`` saved there
+        would make every resume or prediction read the pretrained file again (and fail where it is gone)."""
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else self.config
+        if not config.get("ckpt_path") or config.get("model.init_args.init_from") is None:
+            return
+        config["model.init_args.init_from"] = None
+
 
 def _extra_command(name: str) -> Callable[[Sequence[str]], int | None]:
     module_name, func_name = EXTRA_COMMANDS[name].split(":")
