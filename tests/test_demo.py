@@ -100,3 +100,32 @@ def test_decoding_sweep_example_scores_every_setting(mini_run: tuple[Path, dict]
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("cfg ")]
     assert [line.split()[1] for line in lines] == ["1.0", "2.0"]
     assert all(line.split()[4] == "all" and 0.0 <= float(line.split()[5]) <= 1.0 for line in lines)
+
+
+def test_sft_example_fine_tunes_the_demo_checkpoint(mini_run: tuple[Path, dict], tmp_path: Path) -> None:
+    """examples/sft_shapes.py on the miniature run: SFT data balanced, a fit from the demo's weights, both scored."""
+    import runpy
+
+    import torch
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "sft_shapes.py"
+    example_main = runpy.run_path(str(script))["main"]
+    out, _ = mini_run
+    args = [str(out), "--out", str(tmp_path), "--pairs", "30", "--steps", "2", "--warmup", "1", "--eval", "3"]
+    report = example_main([*args, "--fit-arg=--data.init_args.batch_size=2"])
+    lines = report["sft_lines"]
+    assert lines["captions"] == 30 and lines["vqa"] % 4 == 0 and lines["vqa"] > 0
+    share = round((lines["captions"] + lines["vqa"]) / 2)  # the two datasets meet at the mean (within 3x / 0.3x)
+    assert report["mixture"] == {
+        "caption": {"examples": lines["captions"], "drawn": share},
+        "vqa": {"examples": lines["vqa"], "drawn": share},
+    }
+    assert report["steps"] == 2
+    for when in ("before", "after"):
+        for split in ("seen", "heldout"):
+            r = report[when][split]
+            assert {"vqa_all", "vqa_colour", "caption", "caption_instructed"} <= set(r)
+            assert len(r["examples"]["colour"]) == 3
+    first = torch.load(out / "train" / "cm3leon.ckpt", weights_only=True)["state_dict"]
+    tuned = torch.load(tmp_path / "train" / "sft.ckpt", weights_only=True)["state_dict"]
+    assert first.keys() == tuned.keys() and any(not torch.equal(first[k], tuned[k]) for k in first)
