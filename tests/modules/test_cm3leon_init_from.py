@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import save_model
-from support.token_data import TokenDataModule
+from support.token_data import TokenDataModule, cpu_trainer
 
 from cm3leon_lightning.config import CM3LeonConfig
 from cm3leon_lightning.modules import weights as weights_mod
@@ -23,19 +23,7 @@ OTHER_VOCAB = MultimodalVocab(n_text=64, n_codes=40, grid_h=2, grid_w=3)  # same
 
 
 def _trainer(root: Path, **kwargs) -> L.Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=root,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
-    defaults.update(kwargs)
-    return L.Trainer(**defaults)
+    return cpu_trainer(root, **{"enable_checkpointing": False, "limit_val_batches": 0, **kwargs})
 
 
 @pytest.fixture(scope="module")

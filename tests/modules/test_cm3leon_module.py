@@ -7,25 +7,13 @@ import math
 import lightning as L
 import pytest
 import torch
-from support.token_data import TokenDataModule
+from support.token_data import TokenDataModule, cpu_trainer
 
 from cm3leon_lightning.config import CM3LeonConfig
 from cm3leon_lightning.modules.cm3leon import CM3LeonModule, WarmupDecay
 from cm3leon_lightning.tokenization.vocab import MultimodalVocab
 
-
-def _trainer(tmp_path, **kwargs) -> L.Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        num_sanity_val_steps=0,
-    )
-    defaults.update(kwargs)
-    return L.Trainer(**defaults)
+_trainer = cpu_trainer
 
 
 def test_warmup_decay_schedule_values() -> None:

@@ -6,6 +6,9 @@ function of the caption, so a model can learn the mapping and the loss must fall
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import lightning as L
 import numpy as np
 import torch
@@ -63,3 +66,17 @@ class TokenDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
+
+
+def cpu_trainer(root: str | Path, **kwargs: Any) -> L.Trainer:
+    """A quiet one-CPU Trainer writing under ``root`` (no logger, bar, summary or sanity check); ``kwargs`` override."""
+    defaults: dict[str, Any] = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+        num_sanity_val_steps=0,
+    )
+    return L.Trainer(**{**defaults, **kwargs})
