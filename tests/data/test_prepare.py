@@ -244,6 +244,13 @@ def test_cli_reports_bad_settings_in_one_line(tmp_path: Path, capsys: pytest.Cap
     assert cm3leon_main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("cm3leon prepare: error: image folder not found")
+    # a malformed instruction-tuning file fails before anything is written, naming the file, line and field
+    (tmp_path / "sft.jsonl").write_text('{"task": "vqa", "image": "a.png", "question": "q"}\n')
+    args[2:5] = ["sft", "--input", str(tmp_path / "sft.jsonl")]
+    assert cm3leon_main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"cm3leon prepare: error: {tmp_path / 'sft.jsonl'}:1: task 'vqa' needs field(s) ['answer']"]
+    assert not (tmp_path / "o").exists()
 
 
 def test_separate_bank_source(models: dict[str, str], tmp_path: Path) -> None:
