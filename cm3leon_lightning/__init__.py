@@ -35,6 +35,7 @@ _EXPORTS: dict[str, str] = {
     "ShardWriter": "cm3leon_lightning.data.shards",
     "prepare": "cm3leon_lightning.data.prepare",
     "PrepareConfig": "cm3leon_lightning.data.prepare",
+    "SFTSource": "cm3leon_lightning.data.sft",
     "generate_image": "cm3leon_lightning.generation.generate",
     "generate_text": "cm3leon_lightning.generation.generate",
     "infill": "cm3leon_lightning.generation.generate",
