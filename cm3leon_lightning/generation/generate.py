@@ -7,8 +7,8 @@ prefill, then one forward per token for the whole batch.
 * :func:`generate_image`: ``[retrieved docs] <eos> caption <break>`` -> exactly ``grid_h * grid_w`` image codes
   (only the image-code range is ever sampled), with CFG (equation (2)) or CD-K (equation (3)).
 * :func:`edit_image`: separate text and image guidance (section 4.1), three streams.
-* :func:`generate_text`: ``<eos> [instruction] <mask:0> <break> image <infill> <mask:0>`` -> text until ``<eos>``,
-  ``<break>`` or a sentinel (captioning and VQA).
+* :func:`generate_text`: ``<eos> [instruction] <mask:0> <break> image <infill> <mask:0>`` (or, image first,
+  ``<eos> image <break> [instruction]``) -> text until ``<eos>``, ``<break>`` or a sentinel (captioning and VQA).
 * :func:`infill`: fill the ``<mask:i>`` spans of a document, text or image, in order.
 
 This module imports no Lightning.
@@ -117,14 +117,27 @@ def unconditional_image_prompt(vocab: MultimodalVocab) -> list[int]:
     return [vocab.eos_id, vocab.sentinel_id(0), vocab.break_id]
 
 
-def caption_prompt(vocab: MultimodalVocab, codes: Sequence[int], instruction: Sequence[int] = ()) -> list[int]:
-    """Image-to-text prompt ``<eos> [instruction] <mask:0> <break> image <infill> <mask:0>`` (DESIGN section 3).
+TEXT_LAYOUTS = ("infill", "image_first")
 
-    The answer is the infilled span ``<mask:0>``; for plain captioning the instruction is empty.
+
+def caption_prompt(
+    vocab: MultimodalVocab, codes: Sequence[int], instruction: Sequence[int] = (), layout: str = "infill"
+) -> list[int]:
+    """Image-to-text prompt (DESIGN section 3); for plain captioning the instruction is empty.
+
+    ``infill``: ``<eos> [instruction] <mask:0> <break> image <infill> <mask:0>``, the answer is the infilled span
+    (what CM3 masking of a caption-first document trains). ``image_first``: ``<eos> image <break> [instruction]``,
+    the answer continues the text (what documents written image first train: ``image_first_prob`` of the data
+    module, the input-then-output order of instruction tuning).
     """
+    if layout not in TEXT_LAYOUTS:
+        raise ValueError(f"layout must be one of {TEXT_LAYOUTS}, got {layout!r}")
     vocab.validate_ids(list(instruction), "instruction")
+    image = vocab.codes_to_ids(codes).tolist()
+    if layout == "image_first":
+        return [vocab.eos_id, *image, vocab.break_id, *instruction]
     text = [vocab.eos_id, *instruction, vocab.sentinel_id(0), vocab.break_id]
-    return text + vocab.codes_to_ids(codes).tolist() + [vocab.infill_id, vocab.sentinel_id(0)]
+    return text + image + [vocab.infill_id, vocab.sentinel_id(0)]
 
 
 def stop_ids(vocab: MultimodalVocab) -> list[int]:
@@ -331,10 +344,13 @@ def generate_text(
     seed: int | None = None,
     check_every: int = 8,
     compile: bool | str | None = None,
+    layout: str = "infill",
 ) -> list[list[int]]:
-    """Caption images or answer questions about them (paper section 4.2), as the infilled span ``<mask:0>``.
+    """Caption images or answer questions about them (paper section 4.2).
 
-    Prompt per image: ``<eos> [instruction] <mask:0> <break> image <infill> <mask:0>``. Only text ids can be sampled
+    Prompt per image (:func:`caption_prompt`): ``<eos> [instruction] <mask:0> <break> image <infill> <mask:0>``, the
+    answer being the infilled span, or with ``layout="image_first"`` ``<eos> image <break> [instruction]``, the
+    answer continuing the text (for models trained on image-first documents). Only text ids can be sampled
     (never image codes, padding rows, ``<pad>``, ``<mask>`` or ``<infill>``). All images decode as one batch;
     every ``check_every`` steps one host sync ends the loop once every row has emitted ``<eos>``, ``<break>`` or
     a sentinel.
@@ -344,6 +360,7 @@ def generate_text(
         instruction: None (captioning), one instruction (text ids) for all images, or one per image.
         max_new_tokens: the most tokens per answer.
         method: ``greedy``, ``temperature`` or ``top_p``.
+        layout: ``infill`` or ``image_first`` (see above).
 
     Returns:
         B answers as text-tokenizer ids, without the stop token (decode with ``TextTokenizer.decode``).
@@ -360,7 +377,7 @@ def generate_text(
         per_image = list(instruction)  # type: ignore[arg-type]
         if len(per_image) != len(codes):
             raise ValueError(f"{len(per_image)} instructions for {len(codes)} images; give one, or one per image")
-    rows = [caption_prompt(vocab, c, i) for c, i in zip(codes, per_image)]
+    rows = [caption_prompt(vocab, c, i, layout) for c, i in zip(codes, per_image)]
     spec = _text_spec(method, temperature, top_p, hi=vocab.n_text)  # text ids only: the head's first rows
     allowed = allowed_ids(vocab, model.config.vocab_size, "text", _device(model))[: vocab.n_text]
     with torch.no_grad():

@@ -98,6 +98,21 @@ def test_kv_cached_greedy_text_equals_the_no_cache_reference():
     assert any(len(a) > 0 for a in got)
 
 
+def test_image_first_layout_continues_the_text_after_the_image():
+    image, instruction = [0, 1, 2, 3, 4, 5], [30, 31]
+    prompt = caption_prompt(VOCAB, image, instruction, layout="image_first")
+    assert prompt == [VOCAB.eos_id, *(VOCAB.n_text + c for c in image), VOCAB.break_id, 30, 31]
+    model = random_model(seed=2)
+    images = [image, [23, 22, 21, 20, 19, 18]]
+    got = generate_text(model, VOCAB, images, [instruction, []], max_new_tokens=10, compile=False, layout="image_first")
+    with torch.no_grad():
+        for img, instr, answer in zip(images, [instruction, []], got):
+            assert answer == reference_text(model, VOCAB, caption_prompt(VOCAB, img, instr, "image_first"), 10)
+    assert got != generate_text(model, VOCAB, images, [instruction, []], max_new_tokens=10, compile=False)
+    with pytest.raises(ValueError, match="layout must be one of"):
+        caption_prompt(VOCAB, image, layout="text_first")
+
+
 def test_same_seed_same_samples_and_seeds_matter():
     model = random_model(seed=2, dtype=torch.float32)
     kwargs = dict(num_samples=4, method="top_p", cfg=3.0, temperature=1.5, top_p=0.95, compile=False)
