@@ -42,6 +42,8 @@ class CIDErCallback(GenerationCallback):
         top_p: nucleus mass.
         tokenizer: CIDEr tokenization: ``auto`` (PTB with Java, else fallback), ``ptb`` or ``simple``.
         log_name: the logged key.
+        layout: the prompt layout of :func:`~cm3leon_lightning.generation.generate_text`: ``infill`` (the answer
+            infills a span before the image) or ``image_first`` (it follows the image and the instruction).
         **kwargs: :class:`GenerationCallback` arguments (``text_tokenizer``, ``vqgan``, ``batch_size``, ``seed``...).
     """
 
@@ -58,14 +60,21 @@ class CIDErCallback(GenerationCallback):
         top_p: float = 0.9,
         tokenizer: str = "auto",
         log_name: str = "val/cider",
+        layout: str = "infill",
         **kwargs,
     ) -> None:
+        from cm3leon_lightning.generation.generate import TEXT_LAYOUTS
+
         super().__init__(**kwargs)
         if num_samples < 1 or max_new_tokens < 1:
             raise ValueError(f"num_samples and max_new_tokens must be >= 1, got {num_samples}, {max_new_tokens}")
+        if layout not in TEXT_LAYOUTS:
+            raise ValueError(f"layout must be one of {TEXT_LAYOUTS}, got {layout!r}")
         self.data, self.samples = data, list(samples)[:num_samples] if samples is not None else None
         self.num_samples, self.group_by_image, self.instruction = num_samples, group_by_image, instruction
-        self.decoding = dict(max_new_tokens=max_new_tokens, method=method, temperature=temperature, top_p=top_p)
+        self.decoding = dict(
+            max_new_tokens=max_new_tokens, method=method, temperature=temperature, top_p=top_p, layout=layout
+        )
         self.log_name = log_name
         self.metric = CIDErD(tokenizer=tokenizer)  # resolves the tokenizer (and warns) now
 

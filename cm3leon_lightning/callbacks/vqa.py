@@ -59,6 +59,7 @@ class VQACallback(CIDErCallback):
         method: ``greedy``, ``temperature`` or ``top_p``.
         official: official leave-one-out averaging (else ``min(matches / 3, 1)``).
         log_name: the logged key.
+        layout: the prompt layout, ``infill`` or ``image_first`` (see :class:`CIDErCallback`).
         **kwargs: :class:`GenerationCallback` arguments (``text_tokenizer``, ``vqgan``, ``batch_size``, ``seed``...).
     """
 
@@ -72,11 +73,12 @@ class VQACallback(CIDErCallback):
         method: str = "greedy",
         official: bool = True,
         log_name: str = "val/vqa_acc",
+        layout: str = "infill",
         **kwargs,
     ) -> None:
         super().__init__(
             data, samples, num_samples, max_new_tokens=max_new_tokens, method=method, log_name=log_name,
-            tokenizer="simple", **kwargs,
+            tokenizer="simple", layout=layout, **kwargs,
         )  # fmt: skip
         if "{question}" not in prompt_template:
             raise ValueError(f"prompt_template must contain '{{question}}', got {prompt_template!r}")

@@ -40,6 +40,22 @@ def test_cider_callback_logs_cider_of_its_captions(parts, tmp_path: Path) -> Non
     assert out["val/cider"] == pytest.approx(cider_d(captions, refs, "simple")[0], abs=1e-6)
 
 
+def test_text_callbacks_prompt_in_the_layout_they_are_given(parts) -> None:
+    from cm3leon_lightning.generation import generate_text
+
+    tok, vqgan, module = parts
+    codes = torch.stack([s.codes for s in coded_samples(3)])
+    instruction = "Question: what is it? Answer:"
+    for layout in ("infill", "image_first"):
+        cb = VQACallback(samples=vqa_samples(), text_tokenizer=tok, vqgan=vqgan, max_new_tokens=6, layout=layout)
+        want = generate_text(
+            module.model, module.vocab, codes, tok.encode(instruction), max_new_tokens=6, layout=layout
+        )
+        assert cb.generate(module, codes, instruction, cb.seed) == [tok.decode(i).strip() for i in want]
+    with pytest.raises(ValueError, match="layout must be one of"):
+        CIDErCallback(samples=coded_samples(1), text_tokenizer=tok, tokenizer="simple", layout="text_first")
+
+
 def test_cider_callback_with_overridden_generation(parts, tmp_path: Path) -> None:
     class Oracle(CIDErCallback):
         def generate(self, pl_module, codes, instruction, seed):
