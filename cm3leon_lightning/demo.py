@@ -47,7 +47,7 @@ class DemoSize:
         n_train: training image-caption pairs generated (seen colour-shape combinations only).
         n_heldout: held-out pairs generated (every one uses a colour-shape pair never seen in training).
         image_size: image side in pixels.
-        tokenizer_vocab: target BPE vocabulary size (the captions need far fewer merges than this allows).
+        tokenizer_vocab: target BPE vocabulary size (captions and instruction texts need fewer merges than this).
         vqgan_steps: VQGAN training steps (``None``: the config file's ``max_steps``).
         clip_steps: CLIP training steps (``None``: the config file's).
         train_steps: CM3Leon training steps (``None``: the config file's).
@@ -64,7 +64,7 @@ class DemoSize:
     n_train: int = 8000
     n_heldout: int = 400
     image_size: int = 32
-    tokenizer_vocab: int = 400
+    tokenizer_vocab: int = 512
     vqgan_steps: int | None = None
     clip_steps: int | None = None
     train_steps: int | None = None
@@ -209,11 +209,15 @@ def stage_data(ctx: Context, out: Path) -> dict[str, Any]:
 
 
 def stage_tokenizer(ctx: Context, out: Path) -> dict[str, Any]:
-    """Train the byte-level BPE on the training captions."""
+    """Train the byte-level BPE on the training captions and the instruction texts of a quarter of them."""
+    from cm3leon_lightning.data.shapes import instruction_texts, scene_from_dict
     from cm3leon_lightning.tokenization.text import TextTokenizer
 
-    captions = [r["caption"] for r in read_jsonl(ctx.stage_dir("data") / "train.jsonl")]
-    tok = TextTokenizer.train(captions, ctx.size.tokenizer_vocab, min_frequency=2)
+    rows = read_jsonl(ctx.stage_dir("data") / "train.jsonl")
+    captions = [r["caption"] for r in rows]
+    # ... so the tokenizer covers the words of examples/sft_shapes.py, as a real one covers its language
+    extra = [t for r in rows[::4] for t in instruction_texts(r["caption"], scene_from_dict(r["scene"]))]
+    tok = TextTokenizer.train(captions + extra, ctx.size.tokenizer_vocab, min_frequency=2)
     path = tok.save(out / "tokenizer.json")
     lengths = [len(ids) for ids in tok.encode_batch(captions[:1000])]
     return {"path": str(path), "vocab_size": tok.vocab_size, "mean_caption_tokens": sum(lengths) / len(lengths)}

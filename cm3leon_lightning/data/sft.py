@@ -113,10 +113,17 @@ def render_text(task: str, fields: Mapping[str, Any], rng: np.random.Generator) 
         ``(text, template index)``.
     """
     choices = eligible_templates(task, fields)
-    index = choices[int(rng.integers(len(choices)))] if len(choices) > 1 else choices[0]
-    template = TEMPLATES[task][index]
-    values = {name: format_value(name, fields[name]) for name in template_fields(template)}
-    return template.format(**values), index
+    pick = int(rng.integers(len(choices))) if len(choices) > 1 else 0
+    return every_rendering(task, fields)[pick], choices[pick]
+
+
+def every_rendering(task: str, fields: Mapping[str, Any]) -> list[str]:
+    """The example's text under each eligible template (e.g. a tokenizer corpus that covers every instruction)."""
+    out = []
+    for index in eligible_templates(task, fields):
+        template = TEMPLATES[task][index]
+        out.append(template.format(**{n: format_value(n, fields[n]) for n in template_fields(template)}))
+    return out
 
 
 def balanced_counts(sizes: Mapping[str, int], up: float = 3.0, down: float = 0.3) -> dict[str, int]:

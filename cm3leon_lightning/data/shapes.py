@@ -276,6 +276,34 @@ def caption_attributes(text: str) -> set[tuple[str, str]]:
     return pairs
 
 
+QUESTIONS: dict[str, str] = {  # question type -> question about a one-shape scene (instruction tuning, VQA)
+    "colour": "What colour is the shape?",
+    "shape": "What shape is it?",
+    "size": "Is it small or large?",
+    "position": "Where is the shape?",
+}
+
+
+def questions(scene: Scene) -> dict[str, tuple[str, str]]:
+    """Question type -> ``(question, answer)`` about a one-shape scene (:data:`QUESTIONS`); none for two shapes."""
+    if len(scene.shapes) != 1:
+        return {}
+    s = scene.shapes[0]
+    answers = {"colour": s.colour, "shape": s.shape, "size": s.size, "position": s.position}
+    return {kind: (q, answers[kind]) for kind, q in QUESTIONS.items()}
+
+
+def instruction_texts(text: str, scene: Scene) -> list[str]:
+    """The instruction-tuning texts of a pair, cleaned as ``cm3leon prepare`` cleans captions: its caption under
+    every caption template and its questions (:func:`questions`) under every VQA template (``data/sft.py``)."""
+    from cm3leon_lightning.data.sft import every_rendering
+
+    texts = every_rendering("caption", {"caption": text})
+    for question, answer in questions(scene).values():
+        texts += every_rendering("vqa", {"question": question, "answer": answer})
+    return [" ".join(t.split()) for t in texts]
+
+
 @dataclass(frozen=True)
 class ShapesPair:
     """One generated example: a stable key, its caption, its image and the scene it shows."""

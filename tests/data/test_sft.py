@@ -15,6 +15,7 @@ from cm3leon_lightning.data.sft import (
     SFTSource,
     balanced_counts,
     eligible_templates,
+    every_rendering,
     mixture_plan,
     render_text,
 )
@@ -167,3 +168,14 @@ def test_bad_lines_name_the_file_line_and_field(tmp_path: Path, line: str, messa
     path = _write_lines(tmp_path / "bad.jsonl", [{"task": "text", "image": "ok.png", "text": "fine"}, line])
     with pytest.raises(ValueError, match=message):
         SFTSource(path)
+
+
+def test_every_rendering_lists_each_eligible_template_in_order() -> None:
+    assert every_rendering("vqa", VQA) == [
+        "Question: What colour is the circle? Answer: red.",
+        "Question: What colour is the circle?\nred",
+        "Question: What colour is the circle? The answer is red.",
+    ]
+    for seed in range(5):  # render_text draws one of them, and says which
+        text, index = render_text("vqa", VQA, np.random.default_rng(seed))
+        assert every_rendering("vqa", VQA)[index] == text

@@ -17,7 +17,9 @@ from cm3leon_lightning.data.shapes import (
     check_image,
     detect,
     generate_pairs,
+    instruction_texts,
     is_heldout,
+    questions,
     render,
 )
 
@@ -114,3 +116,21 @@ def test_scene_dict_round_trip():
     for pair in generate_pairs(20, "train", 32, seed=3):
         d = scene_to_dict(pair.scene)
         assert scene_from_dict(json.loads(json.dumps(d))) == pair.scene
+
+
+def test_questions_about_one_shape_scenes_and_their_instruction_texts() -> None:
+    one = Scene((ShapeSpec("red", "circle", "small", "left"),))
+    assert questions(one) == {
+        "colour": ("What colour is the shape?", "red"),
+        "shape": ("What shape is it?", "circle"),
+        "size": ("Is it small or large?", "small"),
+        "position": ("Where is the shape?", "left"),
+    }
+    two = Scene((ShapeSpec("red", "circle", "small", "top"), ShapeSpec("blue", "square", "large", "bottom")), "above")
+    assert questions(two) == {}
+    texts = instruction_texts("a red circle on the left", one)
+    assert len(texts) == 2 + 4 * 3  # two caption templates, three VQA templates per question
+    assert texts[:2] == ["a red circle on the left", "Describe the given picture. a red circle on the left"]
+    assert "Question: What shape is it? Answer: circle." in texts
+    assert "Question: Where is the shape? left" in texts  # the newline template, cleaned as prepare cleans it
+    assert instruction_texts("two shapes", two) == ["two shapes", "Describe the given picture. two shapes"]
