@@ -10,7 +10,12 @@ On a finished demo run (``make demo``), on a CPU, in a few minutes:
    ``--model.init_args.init_from <demo checkpoint>`` (the demo's schedule scaled down 10x, as the paper's SFT LR is
    ~10x below its pretraining LR);
 4. answers the questions and captions images of fresh scenes, seen and held-out (zero-shot) combinations, with the
-   demo checkpoint and with the fine-tuned one, greedy, the VQA prompt ``Question: ... Answer:`` of the VQA callback.
+   demo checkpoint and with the fine-tuned one, greedy, the VQA prompt ``Question: ... Answer:`` of the VQA callback,
+   in both prompt layouts: the infilled span after the image (caption-first training) and the text after the image
+   (image-first documents, ``--image-first`` of them in the fine-tuning data).
+
+The demo's tokenizer is trained on these instruction texts too (``shapes.instruction_texts``), as a real pretraining
+tokenizer covers the words of the instructions; the demo's model has never seen them before fine-tuning.
 
 Writes ``<out>/report.json`` and prints a table. Usage::
 
@@ -36,15 +41,9 @@ from cm3leon_lightning.demo import CONFIG_DIR, fit_with_cli
 from cm3leon_lightning.demo_eval import caption_scores
 from cm3leon_lightning.generation import generate_text
 from cm3leon_lightning.generation.cli import load_checkpoint
+from cm3leon_lightning.generation.generate import TEXT_LAYOUTS as LAYOUTS
 from cm3leon_lightning.tokenization.text import TextTokenizer
 from cm3leon_lightning.tokenization.vqgan import VQGAN
-
-QUESTIONS = {  # question type -> (question, answer of a one-shape scene)
-    "colour": ("What colour is the shape?", lambda s: s.colour),
-    "shape": ("What shape is it?", lambda s: s.shape),
-    "size": ("Is it small or large?", lambda s: s.size),
-    "position": ("Where is the shape?", lambda s: s.position),
-}
 
 
 def demo_results(run: Path) -> dict[str, dict[str, Any]]:
@@ -71,10 +70,8 @@ def write_sft_data(folder: Path, n_pairs: int, image_size: int, seed: int) -> di
     for i, pair in enumerate(shapes.generate_pairs(n_pairs, "train", image_size, seed)):
         Image.fromarray(pair.image).save(folder / "img" / f"{i}.png")
         captions.append({"task": "caption", "image": f"img/{i}.png", "caption": pair.caption})
-        if len(pair.scene.shapes) == 1:
-            s = pair.scene.shapes[0]
-            for question, answer in QUESTIONS.values():
-                vqa.append({"task": "vqa", "image": f"img/{i}.png", "question": question, "answer": answer(s)})
+        for question, answer in shapes.questions(pair.scene).values():
+            vqa.append({"task": "vqa", "image": f"img/{i}.png", "question": question, "answer": answer})
     for name, lines in (("captions", captions), ("vqa", vqa)):
         (folder / f"{name}.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     return {"captions": len(captions), "vqa": len(vqa)}
@@ -87,25 +84,29 @@ def normalise(text: str) -> str:
 
 @torch.no_grad()
 def evaluate(ckpt: Path, tok: TextTokenizer, vqgan: VQGAN, scenes: dict[str, list], size: int) -> dict[str, Any]:
-    """VQA accuracy per question type and caption accuracy (plain and with the instruction) per split."""
+    """Per split and prompt layout: VQA accuracy per question type, caption accuracy (plain and instructed)."""
     model, vocab = load_checkpoint(ckpt)
     out: dict[str, Any] = {}
     for split, split_scenes in scenes.items():
         renders = np.stack([shapes.render(sc, size, np.random.default_rng(i)) for i, sc in enumerate(split_scenes)])
         codes = vqgan.encode(torch.from_numpy(renders).permute(0, 3, 1, 2).contiguous())  # (N, grid_h * grid_w)
-        res: dict[str, Any] = {}
-        for qtype, (question, answer) in QUESTIONS.items():
-            ids = generate_text(model, vocab, codes, tok.encode(f"Question: {question} Answer:"), max_new_tokens=8)
-            answers = [normalise(tok.decode(a)) for a in ids]
-            res[f"vqa_{qtype}"] = float(np.mean([a == answer(sc.shapes[0]) for a, sc in zip(answers, split_scenes)]))
-            res.setdefault("examples", {})[qtype] = answers[:3]
-        res["vqa_all"] = float(np.mean([res[f"vqa_{q}"] for q in QUESTIONS]))
-        for name, instruction in (("caption", None), ("caption_instructed", tok.encode("Describe the given picture."))):
-            ids = generate_text(model, vocab, codes, instruction, max_new_tokens=24)
-            texts = [tok.decode(a).strip() for a in ids]
-            res[name] = caption_scores(texts, split_scenes)["colour_and_shape"]
-            res["examples"][name] = texts[:3]
-        out[split] = res
+        truth = [shapes.questions(sc) for sc in split_scenes]
+        for layout in LAYOUTS:
+            res: dict[str, Any] = {"examples": {}}
+            for kind, question in shapes.QUESTIONS.items():
+                prompt = tok.encode(f"Question: {question} Answer:")
+                ids = generate_text(model, vocab, codes, prompt, max_new_tokens=8, layout=layout)
+                answers = [normalise(tok.decode(a)) for a in ids]
+                res[f"vqa_{kind}"] = float(np.mean([a == t[kind][1] for a, t in zip(answers, truth)]))
+                res["examples"][kind] = answers[:3]
+            res["vqa_all"] = float(np.mean([res[f"vqa_{k}"] for k in shapes.QUESTIONS]))
+            for name, text in (("caption", ""), ("caption_instructed", "Describe the given picture.")):
+                ids = generate_text(model, vocab, codes, tok.encode(text) if text else None, max_new_tokens=24,
+                                    layout=layout)  # fmt: skip
+                texts = [tok.decode(a).strip() for a in ids]
+                res[name] = caption_scores(texts, split_scenes)["colour_and_shape"]
+                res["examples"][name] = texts[:3]
+            out[f"{split}/{layout}"] = res
     return out
 
 
@@ -119,6 +120,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--warmup", type=int, default=40, help="warm-up steps")
     p.add_argument("--eval", type=int, default=96, help="evaluation scenes per split")
     p.add_argument("--seed", type=int, default=100, help="seed of the SFT data (the demo's data uses 0)")
+    p.add_argument("--image-first", type=float, default=0.5, help="share of SFT documents written image first "
+                   "(input, then output: what the image_first prompt layout reads)")  # fmt: skip
     p.add_argument("--fit-arg", action="append", default=[], help="one more argument for the fit, repeatable: "
                    "--fit-arg=--data.init_args.batch_size=4")  # fmt: skip
     args = p.parse_args(argv)
@@ -138,7 +141,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"--trainer.val_check_interval={args.steps}", f"--trainer.default_root_dir={out / 'train'}",
         f"--trainer.logger.init_args.save_dir={out / 'train'}", f"--seed_everything={args.seed}",
         f"--data.init_args.train_data={out / 'prepared' / 'train'}",
-        f"--data.init_args.val_data={out / 'prepared' / 'val'}", *args.fit_arg,
+        f"--data.init_args.val_data={out / 'prepared' / 'val'}",
+        f"--data.init_args.image_first_prob={args.image_first}", *args.fit_arg,
     ]  # fmt: skip
     cli = fit_with_cli(CONFIG_DIR / "experiments" / "demo_shapes.yaml", fit_args)
     ckpt = out / "train" / "sft.ckpt"
@@ -154,18 +158,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "before": evaluate(Path(demo["train"]["checkpoint"]), tok, vqgan, scenes, size),
         "after": evaluate(ckpt, tok, vqgan, scenes, size),
         "chance": {
-            "vqa_colour": 1 / len(shapes.COLOURS),
-            "vqa_shape": 1 / len(shapes.SHAPES),
-            "vqa_size": 1 / len(shapes.SIZES),
-            "vqa_position": 1 / len(shapes.POSITIONS),
+            f"vqa_{k}": 1 / n
+            for k, n in (
+                ("colour", len(shapes.COLOURS)),
+                ("shape", len(shapes.SHAPES)),
+                ("size", len(shapes.SIZES)),
+                ("position", len(shapes.POSITIONS)),
+            )
         },  # fmt: skip
     }
     (out / "report.json").write_text(json.dumps(report, indent=1))
-    print(f"{'':28} {'before':>8} {'after':>8}")
-    for split in scenes:
-        for key in ["vqa_all", *(f"vqa_{q}" for q in QUESTIONS), "caption", "caption_instructed"]:
-            before, after = report["before"][split][key], report["after"][split][key]
-            print(f"{split + ' ' + key:28} {before:8.1%} {after:8.1%}")
+    print(f"{'':36} {'before':>8} {'after':>8}")
+    for where in report["after"]:
+        for key in ["vqa_all", *(f"vqa_{q}" for q in shapes.QUESTIONS), "caption", "caption_instructed"]:
+            before, after = report["before"][where][key], report["after"][where][key]
+            print(f"{where + ' ' + key:36} {before:8.1%} {after:8.1%}")
     return report
 
 

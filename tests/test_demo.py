@@ -123,7 +123,7 @@ def test_sft_example_fine_tunes_the_demo_checkpoint(mini_run: tuple[Path, dict],
     assert report["steps"] == 2
     for when in ("before", "after"):
         for split in ("seen", "heldout"):
-            r = report[when][split]
+            r = report[when][f"{split}/image_first"]
             assert {"vqa_all", "vqa_colour", "caption", "caption_instructed"} <= set(r)
             assert len(r["examples"]["colour"]) == 3
     first = torch.load(out / "train" / "cm3leon.ckpt", weights_only=True)["state_dict"]
