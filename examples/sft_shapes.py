@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("run", type=Path, help="a finished demo run (runs/demo)")
     p.add_argument("--out", type=Path, default=Path("runs/sft"), help="output directory")
     p.add_argument("--pairs", type=int, default=3000, help="image-caption pairs drawn for the SFT data")
-    p.add_argument("--steps", type=int, default=400, help="fine-tuning steps")
+    p.add_argument("--steps", type=int, default=800, help="fine-tuning steps")
     p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (the demo pretrains at 3e-3)")
     p.add_argument("--warmup", type=int, default=40, help="warm-up steps")
     p.add_argument("--eval", type=int, default=96, help="evaluation scenes per split")
