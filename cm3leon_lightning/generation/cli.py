@@ -6,6 +6,7 @@ Examples::
         --num-samples 8 --method top_p --cfg 3 --out samples/
     cm3leon generate --ckpt last.ckpt --tokenizer tok/ --vqgan vqgan/ --image x.png \\
         --instruction "Describe the given picture." --out answers/
+    cm3leon generate ... --image x.png --instruction "Question: what colour is it? Answer:" --layout image_first
     cm3leon generate ... --prompt "a red circle" --retrieve bank/ --shards data/ --clip-pretrained openai
 
 Text-to-image writes ``sample-{i}.png`` (best CLIP score first when ``--rerank`` is given), ``grid.png`` with the
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 
 from cm3leon_lightning.config import CM3LeonConfig
-from cm3leon_lightning.generation.generate import generate_image, generate_text
+from cm3leon_lightning.generation.generate import TEXT_LAYOUTS, generate_image, generate_text
 from cm3leon_lightning.generation.graphs import MODES, resolve_mode
 from cm3leon_lightning.model import ATTENTION_IMPLS, CM3Leon
 from cm3leon_lightning.tokenization.vocab import Document, MultimodalVocab, Segment
@@ -208,6 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--prompt", help="caption to draw (text-to-image)")
     mode.add_argument("--image", help="image file to describe or question (image-to-text)")
     p.add_argument("--instruction", default="", help="instruction or question for --image")
+    p.add_argument(
+        "--layout",
+        default="infill",
+        choices=TEXT_LAYOUTS,
+        help="--image prompt: the answer infills a span before the image, or follows '<eos> image <break> "
+        "instruction' (models trained on image-first documents)",
+    )
     p.add_argument("--num-samples", type=int, default=8, help="candidates per prompt")
     p.add_argument("--method", default="top_p", choices=["greedy", "temperature", "top_p", "cd_k"])
     p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 = none)")
@@ -289,7 +297,7 @@ def run(args: argparse.Namespace) -> None:
         answer_ids = generate_text(
             model, vocab, codes, instruction, max_new_tokens=args.max_new_tokens,
             method="greedy" if args.method in ("greedy", "cd_k") else args.method,
-            temperature=args.temperature, top_p=args.top_p, seed=args.seed, compile=compile,
+            temperature=args.temperature, top_p=args.top_p, seed=args.seed, compile=compile, layout=args.layout,
         )[0]  # fmt: skip
         answer = tokenizer.decode(answer_ids)
         (out / "answer.txt").write_text(answer + "\n", encoding="utf-8")

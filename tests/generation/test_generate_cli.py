@@ -83,6 +83,26 @@ def test_image_to_text_writes_the_answer(assets, tmp_path, capsys):
     assert answer.endswith("\n") and answer.strip() == capsys.readouterr().out.strip()
 
 
+def test_image_to_text_in_the_image_first_layout(assets, tmp_path, capsys):
+    """--layout image_first answers after '<eos> image <break> instruction', as generate_text does."""
+    from cm3leon_lightning.generation import generate_text
+    from cm3leon_lightning.generation.cli import load_image
+
+    question = "Question: what is red? Answer:"
+    argv = [*base(assets, tmp_path), "--image", str(assets / "x.png"), "--instruction", question, "--method", "greedy"]
+    answers = {}
+    for layout in ("infill", "image_first"):
+        assert main([*argv, "--max-new-tokens", "6", "--layout", layout]) == 0
+        answers[layout] = (tmp_path / "answer.txt").read_text(encoding="utf-8").strip()
+    capsys.readouterr()
+    model, vocab = load_checkpoint(assets / "model.ckpt")
+    vqgan = VQGAN.from_pretrained(assets / "vqgan").eval()
+    tok = TextTokenizer.load(assets / "tok")
+    codes = vqgan.encode(load_image(str(assets / "x.png"), vqgan))
+    want = generate_text(model, vocab, codes, tok.encode(question), max_new_tokens=6, layout="image_first")[0]
+    assert answers["image_first"] == tok.decode(want).strip() and answers["image_first"] != answers["infill"]
+
+
 def test_clear_errors(assets, tmp_path, capsys):
     def error(argv):
         assert main(argv) == 2
