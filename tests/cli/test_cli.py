@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from support.token_data import write_fit_config
 
 from cm3leon_lightning.cli import main
 
@@ -48,27 +49,7 @@ def test_unknown_argument_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -
 
 
 def test_cm3leon_fit_runs_and_writes_a_checkpoint(tmp_path: Path) -> None:
-    config = {
-        "seed_everything": 0,
-        "trainer": {
-            "accelerator": "cpu",
-            "devices": 1,
-            "max_steps": 4,
-            "logger": False,
-            "enable_progress_bar": False,
-            "default_root_dir": str(tmp_path),
-            "limit_val_batches": 1,
-            "callbacks": [
-                {
-                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                    "init_args": {"dirpath": str(tmp_path / "ckpt"), "save_last": True},
-                }
-            ],
-        },
-        "data": {"class_path": "support.token_data.TokenDataModule", "init_args": {"n_train": 16, "batch_size": 4}},
-    }
-    cfg = tmp_path / "fit.yaml"
-    cfg.write_text(yaml.safe_dump(config))
+    cfg = write_fit_config(tmp_path, max_steps=4, n_train=16, limit_val_batches=1)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "cm3leon_lightning", "fit", "--config", str(TINY_MODEL), "--config", str(cfg)]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)

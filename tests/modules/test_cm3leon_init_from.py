@@ -9,9 +9,8 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-import yaml
 from safetensors.torch import save_model
-from support.token_data import TokenDataModule, cpu_trainer
+from support.token_data import TokenDataModule, cpu_trainer, write_fit_config
 
 from cm3leon_lightning.config import CM3LeonConfig
 from cm3leon_lightning.modules import weights as weights_mod
@@ -304,28 +303,7 @@ def test_cli_fit_with_init_from_then_resume_without_the_file(
     root = Path(__file__).resolve().parents[2]
     init = tmp_path / "init.ckpt"
     shutil.copy(pretrained[0], init)
-    config = {
-        "seed_everything": 0,
-        "trainer": {
-            "accelerator": "cpu",
-            "devices": 1,
-            "max_steps": 1,
-            "logger": False,
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-            "default_root_dir": str(tmp_path),
-            "limit_val_batches": 0,
-            "callbacks": [
-                {
-                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                    "init_args": {"dirpath": str(tmp_path / "ckpt"), "save_last": True},
-                }
-            ],
-        },
-        "data": {"class_path": "support.token_data.TokenDataModule", "init_args": {"n_train": 4, "batch_size": 4}},
-    }
-    cfg = tmp_path / "fit.yaml"
-    cfg.write_text(yaml.safe_dump(config))
+    cfg = write_fit_config(tmp_path, max_steps=1, n_train=4)
     base = ["fit", "--config", str(root / "configs" / "model" / "tiny.yaml"), "--config", str(cfg)]
     main([*base, "--model.init_args.init_from", str(init), "--model.init_args.lr", "0"])
     last = tmp_path / "ckpt" / "last.ckpt"

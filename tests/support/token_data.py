@@ -80,3 +80,26 @@ def cpu_trainer(root: str | Path, **kwargs: Any) -> L.Trainer:
         num_sanity_val_steps=0,
     )
     return L.Trainer(**{**defaults, **kwargs})
+
+
+def write_fit_config(root: Path, max_steps: int, n_train: int, limit_val_batches: int = 0) -> Path:
+    """``root/fit.yaml``: a quiet CPU fit on :class:`TokenDataModule` that keeps ``root/ckpt/last.ckpt``.
+
+    Compose it after a model config: ``cm3leon fit --config configs/model/tiny.yaml --config <this>``.
+    """
+    import yaml
+
+    checkpoint = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                  "init_args": {"dirpath": str(root / "ckpt"), "save_last": True}}  # fmt: skip
+    config = {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu", "devices": 1, "max_steps": max_steps, "logger": False, "enable_progress_bar": False,
+            "enable_model_summary": False, "default_root_dir": str(root), "limit_val_batches": limit_val_batches,
+            "callbacks": [checkpoint],
+        },
+        "data": {"class_path": f"{__name__}.TokenDataModule", "init_args": {"n_train": n_train, "batch_size": 4}},
+    }  # fmt: skip
+    path = root / "fit.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
