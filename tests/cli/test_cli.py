@@ -17,6 +17,7 @@ from cm3leon_lightning.cli import main
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
 TINY_MODEL = ROOT / "configs" / "model" / "tiny.yaml"
+SHARDS = ROOT / "configs" / "data" / "shards.yaml"
 
 
 def test_configs_exist() -> None:
@@ -30,6 +31,8 @@ def test_every_config_parses(path: Path, capsys: pytest.CaptureFixture[str]) -> 
     args = ["fit"]
     if "class_path" not in (content.get("model") or {}):  # a fragment (no model, or only its init_args)
         args += ["--config", str(TINY_MODEL)]
+    if "data" in content and "class_path" not in (content["data"] or {}):  # a fragment of a data config
+        args += ["--config", str(SHARDS)]
     args += ["--config", str(path), "--print_config"]
     with pytest.raises(SystemExit) as exit_info:
         main(args)
@@ -92,21 +95,16 @@ def test_top_level_help_names_every_command(capsys: pytest.CaptureFixture[str]) 
 
 
 def test_sft_config_overrides_only_the_schedule_of_the_model_before_it(capsys: pytest.CaptureFixture[str]) -> None:
-    """configs/experiments/sft.yaml is a fragment: the paper's SFT schedule over whichever preset came first."""
+    """configs/experiments/sft.yaml is a fragment: the paper's SFT schedule over whichever preset came first, and
+    half the documents image first over whichever data config came first."""
+    sft = ROOT / "configs" / "experiments" / "sft.yaml"
     with pytest.raises(SystemExit):
-        main(
-            [
-                "fit",
-                "--config",
-                str(TINY_MODEL),
-                "--config",
-                str(ROOT / "configs/experiments/sft.yaml"),
-                "--print_config",
-            ]
-        )
+        main(["fit", "--config", str(TINY_MODEL), "--config", str(SHARDS), "--config", str(sft), "--print_config"])
     printed = yaml.safe_load(capsys.readouterr().out)
     model = printed["model"]
     assert model["class_path"] == "cm3leon_lightning.modules.cm3leon.CM3LeonModule"
     assert model["init_args"]["preset"] == "tiny"
     assert (model["init_args"]["lr"], model["init_args"]["warmup_steps"]) == (5e-5, 150)
     assert printed["trainer"]["max_steps"] == 15000
+    data = printed["data"]["init_args"]
+    assert data["image_first_prob"] == 0.5 and data["seq_len"] == 4096  # the rest stays the data config's
