@@ -1,7 +1,10 @@
 """VQACallback: answer questions about images with ``generate_text`` and log VQA accuracy (paper section 4.2).
 
 Data in "VQA format": a JSON file holding a list of ``{"question": str, "image": path, "answers": [str, ...]}``
-(image paths relative to the file; ``"codes": [int, ...]`` may replace ``"image"``), or in-memory samples. The
+(image paths relative to the file; ``"codes": [int, ...]`` may replace ``"image"``), or in-memory samples. A
+``.jsonl`` file is read line by line in the same format, where ``"answer": str`` may replace ``"answers"`` and lines
+of another ``"task"`` are skipped: the held-out VQA lines of ``cm3leon prepare --source sft`` input evaluate as they
+are. The
 prompt follows the paper's SFT template (table 5): ``"Question: {question} Answer:"`` as the instruction before the
 answer span. Accuracy is :func:`~cm3leon_lightning.metrics.vqa.vqa_accuracy` (official normalisation and
 leave-one-out averaging by default), summed across ranks.
@@ -30,13 +33,23 @@ def read_vqa_file(path: str | os.PathLike[str], num_samples: int | None = None) 
         ValueError: the file is not a list, or an entry lacks ``question``, ``answers`` or an image / codes.
     """
     path = Path(path)
-    entries = json.loads(path.read_text())
-    if not isinstance(entries, list):
-        raise ValueError(f"{path}: a VQA file holds a JSON list of {{question, image, answers}} entries")
+    if path.suffix == ".jsonl":
+        lines = [(n, json.loads(line)) for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+        entries = [
+            {**e, "answers": e.get("answers") or ([e["answer"]] if "answer" in e else None), "key": e.get("key", n)}
+            for n, e in lines
+            if not isinstance(e, dict) or e.get("task", "vqa") == "vqa"
+        ]
+        where = "line"
+    else:
+        entries, where = json.loads(path.read_text()), "entry"
+        if not isinstance(entries, list):
+            raise ValueError(f"{path}: a VQA file holds a JSON list of {{question, image, answers}} entries")
     out = []
     for i, e in enumerate(entries[:num_samples]):
         if not isinstance(e, dict) or "question" not in e or not e.get("answers") or not ("image" in e or "codes" in e):
-            raise ValueError(f"{path}: entry {i} needs 'question', non-empty 'answers' and 'image' (or 'codes')")
+            at = e.get("key", i) if isinstance(e, dict) and where == "line" else i
+            raise ValueError(f"{path}: {where} {at} needs 'question', non-empty 'answers' and 'image' (or 'codes')")
         codes = torch.as_tensor(e["codes"]).long() if "codes" in e else None
         image = None
         if codes is None:

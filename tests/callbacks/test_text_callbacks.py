@@ -116,3 +116,22 @@ def test_vqa_callback_default_generation_and_file(parts, tmp_path: Path) -> None
     (tmp_path / "bad.json").write_text(json.dumps([{"question": "q"}]))
     with pytest.raises(ValueError, match="entry 0 needs"):
         read_vqa_file(tmp_path / "bad.json")
+
+
+def test_vqa_file_in_sft_json_lines(tmp_path: Path) -> None:
+    """The VQA lines of an instruction-tuning file read as VQA samples ('answer' as the one answer); others skip."""
+    lines = [
+        {"task": "caption", "image": "a.png", "caption": "a red circle"},
+        {"task": "vqa", "codes": [1] * 64, "question": "what colour?", "answer": "red"},
+        {"codes": [2] * 64, "question": "what shape?", "answers": ["circle", "round"]},
+        {"task": "vqa", "codes": [3] * 64, "question": "where?"},
+    ]
+    (tmp_path / "sft.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    samples = read_vqa_file(tmp_path / "sft.jsonl", num_samples=2)
+    assert [(s.key, s.question, s.answers) for s in samples] == [
+        ("2", "what colour?", ["red"]),
+        ("3", "what shape?", ["circle", "round"]),
+    ]
+    assert torch.equal(samples[0].codes, torch.ones(64, dtype=torch.long))
+    with pytest.raises(ValueError, match="line 4 needs 'question', non-empty 'answers'"):
+        read_vqa_file(tmp_path / "sft.jsonl")
