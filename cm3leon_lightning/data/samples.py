@@ -3,8 +3,12 @@
 Members of sample ``<key>``: ``caption.txt`` (UTF-8), ``text.npy`` (int32 caption ids), ``image.npy`` (int16 or
 int32 codes, ``grid_h * grid_w`` of them), ``neighbors.json`` (``[{key, score, by}]`` in retrieval order),
 ``neighbors.npz`` (``text_i``, ``image_i`` per neighbour; an empty array means that modality is absent) and an
-optional ``jpg``. Arrays load without pickle; ``.pyd``/``.pkl``/``.pth`` members are refused. A problem raises
-:class:`ShardFormatError` whose ``reason`` (one of :data:`SKIP_REASONS`) the data module counts.
+optional ``jpg``. A document with more segments than one caption and one image (instruction tuning: editing,
+X-to-image; manifest format_version 2) adds ``segments.json`` (the kinds in order, ``"text"`` / ``"image"``) and
+``segments.npz`` (``s0``, ``s1``...: text ids or image codes); they are the query document, and ``text.npy`` /
+``image.npy`` then hold its text and output image for retrieval and evaluation. Arrays load without pickle;
+``.pyd``/``.pkl``/``.pth`` members are refused. A problem raises :class:`ShardFormatError` whose ``reason`` (one of
+:data:`SKIP_REASONS`) the data module counts.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ SKIP_REASONS = (
     "ids_out_of_range",
     "image_length",
     "forbidden_member",
+    "too_long",
 )
 
 
@@ -80,6 +85,7 @@ class ShardSample:
     image: np.ndarray
     neighbors: list[Neighbor] = field(default_factory=list)
     jpg: bytes | None = None
+    segments: list[tuple[str, np.ndarray]] | None = None  # the whole document, when it is more than caption + image
 
 
 # ---------------------------------------------------------------------------------------------- encoding
@@ -109,6 +115,12 @@ def encode_sample(sample: ShardSample, vocab: MultimodalVocab) -> dict[str, byte
     }
     if sample.jpg is not None:
         members["jpg"] = bytes(sample.jpg)
+    if sample.segments is not None:
+        seg = io.BytesIO()
+        np.savez(seg, **{f"s{i}": np.asarray(a, np.int32 if k == "text" else code_dtype).reshape(-1)
+                         for i, (k, a) in enumerate(sample.segments)})  # fmt: skip
+        members["segments.json"] = json.dumps([k for k, _ in sample.segments]).encode()
+        members["segments.npz"] = seg.getvalue()
     return members
 
 
@@ -217,4 +229,30 @@ def decode_sample(key: str, members: dict[str, bytes], vocab: MultimodalVocab) -
                 image=_check_image(ni, vocab, what, allow_empty=True),
             )
         )
-    return ShardSample(key=key, caption=caption, text=text, image=image, neighbors=neighbors, jpg=members.get("jpg"))
+    segments = decode_segments(key, members, vocab)
+    return ShardSample(key, caption, text, image, neighbors, members.get("jpg"), segments)
+
+
+def decode_segments(key: str, members: dict[str, bytes], vocab: MultimodalVocab) -> list[tuple[str, np.ndarray]] | None:
+    """The ``segments.json`` / ``segments.npz`` document of a sample, validated; None when it has none."""
+    if "segments.json" not in members and "segments.npz" not in members:
+        return None
+    if "segments.json" not in members or "segments.npz" not in members:
+        raise ShardFormatError("missing_field", f"sample {key!r}: segments.json and segments.npz come together")
+    try:
+        kinds = json.loads(members["segments.json"])
+        stored = load_npz(members["segments.npz"])
+    except Exception as e:
+        raise ShardFormatError("corrupt_member", f"sample {key!r}: segments.json/npz unreadable ({e})") from e
+    if not isinstance(kinds, list) or not kinds or any(k not in ("text", "image") for k in kinds):
+        raise ShardFormatError("corrupt_member", f"sample {key!r}: segments.json must be a list of 'text' / 'image'")
+    out = []
+    for i, kind in enumerate(kinds):
+        what = f"sample {key!r} segment {i}"
+        if f"s{i}" not in stored:
+            raise ShardFormatError("missing_field", f"{what}: segments.npz lacks s{i}")
+        arr = stored[f"s{i}"]
+        if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer) or arr.size == 0:
+            raise ShardFormatError("corrupt_member", f"{what}: s{i} must be a non-empty 1-D integer array")
+        out.append((kind, _check_text(arr, vocab, what) if kind == "text" else _check_image(arr, vocab, what)))
+    return out

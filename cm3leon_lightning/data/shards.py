@@ -44,6 +44,7 @@ from cm3leon_lightning.data.samples import (  # noqa: F401  (re-exported: the fo
 from cm3leon_lightning.tokenization.vocab import DEFAULT_NUM_SENTINELS, MultimodalVocab
 
 FORMAT_VERSION = 1
+SEGMENTS_FORMAT_VERSION = 2  # datasets holding documents with segments (samples.py); readers take 1 and 2
 MANIFEST_NAME = "manifest.json"
 SHARD_PATTERN = "shard-{:06d}.tar"
 
@@ -96,7 +97,8 @@ class Manifest:
         clip: ``model`` name and embedding ``dim`` of the retriever.
         retrieval: the retrieval settings used (free-form primitives).
         shards: the shard files, in order.
-        format_version: always :data:`FORMAT_VERSION` for this reader.
+        format_version: :data:`FORMAT_VERSION`, or :data:`SEGMENTS_FORMAT_VERSION` when some documents have
+            segments (an older reader would drop them silently, so it refuses the dataset instead).
         created_by: the package version that wrote the shards.
     """
 
@@ -109,9 +111,10 @@ class Manifest:
     created_by: str = field(default_factory=package_version)
 
     def __post_init__(self) -> None:
-        if self.format_version != FORMAT_VERSION:
+        if self.format_version not in (FORMAT_VERSION, SEGMENTS_FORMAT_VERSION):
             raise ValueError(
-                f"manifest format_version {self.format_version} is not supported (expected {FORMAT_VERSION})"
+                f"manifest format_version {self.format_version} is not supported (expected {FORMAT_VERSION} or "
+                f"{SEGMENTS_FORMAT_VERSION})"
             )
         for section, keys in (
             ("text_tokenizer", ("n_text",)),
@@ -318,6 +321,8 @@ class ShardWriter:
             raise ValueError(f"duplicate key {key!r} (from {sample.key!r})")
         members = encode_sample(sample, self.vocab)
         decode_sample(key, members, self.vocab)  # refuse what the reader would skip
+        if sample.segments is not None:
+            self.manifest.format_version = SEGMENTS_FORMAT_VERSION
         if self._tar is None:
             self._open_shard()
         for ext, data in members.items():

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cm3leon_lightning.data.shards import Neighbor, ShardSample, decode_sample
+from cm3leon_lightning.data.shards import Neighbor, ShardFormatError, ShardSample, decode_sample
 from cm3leon_lightning.tokenization.vocab import MultimodalVocab
 
 CHOICE_STREAM, ORDER_STREAM, MASK_STREAM = 0, 1, 2
@@ -160,6 +160,31 @@ def document_ids(text: np.ndarray, image: np.ndarray, vocab: MultimodalVocab, im
     return np.concatenate(parts).astype(np.int64)
 
 
+def segments_ids(segments: Sequence[tuple[str, np.ndarray]], vocab: MultimodalVocab) -> np.ndarray:
+    """Serialize a document with segments: ``<eos>``, then the segments joined by ``<break>`` (image codes offset)."""
+    parts = [np.array([vocab.eos_id], dtype=np.int64)]
+    for i, (kind, arr) in enumerate(segments):
+        if i:
+            parts.append(np.array([vocab.break_id], dtype=np.int64))
+        parts.append(np.asarray(arr, dtype=np.int64) + (vocab.n_text if kind == "image" else 0))
+    return np.concatenate(parts)
+
+
+def fit_segments(retrieved_lengths: Sequence[int], query_len: int, budget: int, key: str) -> int:
+    """How many retrieved documents fit before a document with segments (which is never cut).
+
+    Raises:
+        ShardFormatError: ``too_long``, when the document alone (and the final ``<eos>``) exceeds ``budget``.
+    """
+    if query_len + 1 > budget:
+        raise ShardFormatError("too_long", f"sample {key!r}: its {query_len} tokens do not fit {budget} (seq_len)")
+    kept, total = len(retrieved_lengths), sum(retrieved_lengths) + query_len + 1
+    while total > budget and kept > 0:
+        kept -= 1
+        total -= retrieved_lengths[kept]
+    return kept
+
+
 def build_example(sample: ShardSample, cfg: PipelineConfig, epoch: int) -> Example:
     """Stages 2-5 for one sample: retrieved documents, context fit, serialization and CM3 masking.
 
@@ -175,9 +200,15 @@ def build_example(sample: ShardSample, cfg: PipelineConfig, epoch: int) -> Examp
     )
     image_first = bool(sample_rng(cfg.seed, epoch, sample.key, ORDER_STREAM).random() < cfg.image_first_prob)
     lengths = [document_length(nb.text.size, nb.image.size) for nb in retrieved]
-    kept, caption_len = fit_to_context(lengths, sample.text.size, sample.image.size, cfg.budget)
+    if sample.segments is not None:  # a document in its own order: never cut, never reordered
+        query = segments_ids(sample.segments, vocab)
+        kept = fit_segments(lengths, query.size, cfg.budget, sample.key)
+        caption_len = sample.text.size
+    else:
+        kept, caption_len = fit_to_context(lengths, sample.text.size, sample.image.size, cfg.budget)
+        query = document_ids(sample.text[:caption_len], sample.image, vocab, image_first)
     docs = [document_ids(nb.text, nb.image, vocab, image_first) for nb in retrieved[:kept]]
-    docs.append(document_ids(sample.text[:caption_len], sample.image, vocab, image_first))
+    docs.append(query)
     docs.append(np.array([vocab.eos_id], dtype=np.int64))
     ids = np.concatenate(docs)
     if cfg.infill:

@@ -16,6 +16,7 @@ from cm3leon_lightning.data.shards import (
     FORMAT_VERSION,
     Manifest,
     ShardFormatError,
+    ShardSample,
     ShardWriter,
     decode_sample,
     encode_sample,
@@ -168,8 +169,8 @@ def test_truncated_tar_yields_complete_samples_then_fails(tmp_path: Path) -> Non
 def test_manifest_validation(tmp_path: Path) -> None:
     write_dataset(tmp_path, 2, 2)
     d = json.loads((tmp_path / "manifest.json").read_text())
-    with pytest.raises(ValueError, match="format_version 2 is not supported"):
-        Manifest.from_dict({**d, "format_version": 2})
+    with pytest.raises(ValueError, match="format_version 3 is not supported"):
+        Manifest.from_dict({**d, "format_version": 3})
     with pytest.raises(ValueError, match=r"image_tokenizer lacks \['grid_w'\]"):
         Manifest.from_dict({**d, "image_tokenizer": {"n_codes": 32, "grid_h": 2}})
     (tmp_path / "bad.json").write_text("{")
@@ -189,3 +190,46 @@ def test_tar_members_have_fixed_headers(tmp_path: Path) -> None:
         "doc-0000.neighbors.npz",
     ]
     assert {(i.mtime, i.mode) for i in infos} == {(0, 0o644)}
+
+
+def _segment_sample(i: int = 0) -> ShardSample:
+    s = make_sample(i, n_neighbors=0)
+    s.segments = [("text", np.array([20, 21])), ("image", np.array([1, 2, 3, 4])), ("text", np.array([30])),
+                  ("image", np.array([5, 6, 7, 8]))]  # fmt: skip
+    return s
+
+
+def test_documents_with_segments_round_trip_and_raise_the_format_version(tmp_path: Path) -> None:
+    with ShardWriter(tmp_path / "plain", TEXT_TOKENIZER, IMAGE_TOKENIZER) as w:
+        w.write(make_sample(0))
+    assert Manifest.load(tmp_path / "plain" / "manifest.json").format_version == 1
+    with ShardWriter(tmp_path / "seg", TEXT_TOKENIZER, IMAGE_TOKENIZER) as w:
+        w.write(make_sample(0))
+        w.write(_segment_sample(1))
+    m = Manifest.load(tmp_path / "seg" / "manifest.json")
+    assert m.format_version == 2  # an older reader refuses the dataset rather than dropping the segments
+    plain, seg = list(read_shard(tmp_path / "seg" / m.shards[0].name, m))
+    assert plain.segments is None
+    assert [(k, a.tolist()) for k, a in seg.segments] == [
+        ("text", [20, 21]), ("image", [1, 2, 3, 4]), ("text", [30]), ("image", [5, 6, 7, 8])
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("mutate", "reason"),
+    [
+        (lambda m: m.pop("segments.npz"), "missing_field"),
+        (lambda m: m.update({"segments.json": b'["text", "audio"]'}), "corrupt_member"),
+        (lambda m: m.update({"segments.json": b'["text", "image", "text", "image", "text"]'}), "missing_field"),
+        (lambda m: m.update({"segments.json": b'["text", "text", "text", "image"]'}), "ids_out_of_range"),
+        (lambda m: m.update({"segments.json": b'["image", "image", "text", "image"]'}), "image_length"),
+        (lambda m: m.update({"segments.npz": b"PK garbage"}), "corrupt_member"),
+    ],
+)
+def test_reader_rejects_bad_segments_with_a_reason(mutate, reason) -> None:
+    vocab = Manifest(TEXT_TOKENIZER, IMAGE_TOKENIZER).vocab()
+    members = encode_sample(_segment_sample(), vocab)
+    mutate(members)
+    with pytest.raises(ShardFormatError) as err:
+        decode_sample("doc", members, vocab)
+    assert err.value.reason == reason

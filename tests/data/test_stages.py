@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import make_sample
 
-from cm3leon_lightning.data.shards import Neighbor, ShardSample
+from cm3leon_lightning.data.shards import Neighbor, ShardFormatError, ShardSample
 from cm3leon_lightning.data.stages import (
     CHOICE_STREAM,
     Example,
@@ -54,6 +54,23 @@ def test_exact_ids_with_two_neighbours() -> None:
     flipped = build_example(hand_sample(), cfg(image_first_prob=1.0), epoch=0).ids.tolist()
     assert flipped[:8] == [1, 68, 69, 70, 71, 2, 30, 1]  # image first when configured
     assert flipped[-9:] == [1, 64, 65, 66, 67, 2, 20, 21, 1]
+
+
+def test_a_document_with_segments_keeps_its_order_and_is_never_cut() -> None:
+    sample = hand_sample()
+    sample.segments = [("text", np.array([50])), ("image", np.array([0, 1, 2, 3])), ("text", np.array([51, 52])),
+                       ("image", np.array([4, 5, 6, 7]))]  # fmt: skip
+    query = [1, 50, 2, 64, 65, 66, 67, 2, 51, 52, 2, 68, 69, 70, 71]  # <eos> text <break> img <break> text <break> img
+    ex = build_example(sample, cfg(max_retrieved=0), epoch=0)
+    assert ex.ids.tolist() == [*query, 1]
+    flipped = build_example(sample, cfg(max_retrieved=0, image_first_prob=1.0), epoch=0)
+    assert flipped.ids.tolist() == [*query, 1]  # the document's own order, whatever image_first_prob says
+    with_neighbour = build_example(sample, cfg(slot_len=24), epoch=0)  # room for the first neighbour only
+    assert with_neighbour.ids.tolist() == [1, 30, 2, 68, 69, 70, 71, *query, 1]
+    assert (with_neighbour.n_retrieved, with_neighbour.dropped_retrieved) == (1, 1)
+    with pytest.raises(ShardFormatError, match="do not fit") as err:
+        build_example(sample, cfg(slot_len=15), epoch=0)
+    assert err.value.reason == "too_long"
 
 
 @pytest.mark.parametrize(
