@@ -34,7 +34,15 @@ from cm3leon_lightning.data.prepare_run import (  # noqa: F401  (re-exported: th
     seal,
     write_json,
 )
-from cm3leon_lightning.data.shards import MANIFEST_NAME, SHARD_PATTERN, Manifest, ShardInfo, file_sha256
+from cm3leon_lightning.data.shards import (
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    SEGMENTS_FORMAT_VERSION,
+    SHARD_PATTERN,
+    Manifest,
+    ShardInfo,
+    file_sha256,
+)
 
 # ----------------------------------------------------------------------------------------- models (cached)
 _CACHE: dict[str, Any] = {}
@@ -130,6 +138,8 @@ def encode_part(run: Run, collection: str, index: int, progress: Callable[[int],
     start, stop = run.part_range(collection, index)
     counts: Counter = Counter()
     keys, captions, texts, vals, jpgs, codes, embs = [], [], [], [], [], [], []
+    seg_docs: list[list[list[Any]] | None] = []  # per kept document: [[kind, length], ...] or None
+    seg_ids: list[np.ndarray] = []
     batch: list[np.ndarray] = []
     dropped: list[str] = []
 
@@ -154,9 +164,12 @@ def encode_part(run: Run, collection: str, index: int, progress: Callable[[int],
         try:
             caption, repairs = clean_caption(pair.caption, cfg.max_caption_chars)
             image, image_repairs = load_image(pair.image, cfg.min_image_size)
+            segments = encode_segments(pair.meta["segments"], run, repairs) if "segments" in pair.meta else None
         except BadInput as e:
             counts[e.reason] += 1
             continue
+        seg_docs.append(None if segments is None else [[k, len(a)] for k, a in segments])
+        seg_ids += [a for _, a in segments or ()]
         ids = tok.encode(caption)
         if len(ids) > cfg.max_caption_tokens:
             ids = ids[: cfg.max_caption_tokens]
@@ -188,6 +201,8 @@ def encode_part(run: Run, collection: str, index: int, progress: Callable[[int],
     np.save(tmp / "codes.npy", np.concatenate(codes) if codes else np.zeros((0, n_tok), np.int32))
     np.save(tmp / "emb.npy", np.concatenate(embs) if embs else np.zeros((0, 3, dim), np.float16))
     np.save(tmp / "val.npy", np.asarray(vals, bool))
+    (tmp / "segments.json").write_text(json.dumps(seg_docs), encoding="utf-8")
+    np.save(tmp / "seg_ids.npy", np.concatenate(seg_ids).astype(np.int32) if seg_ids else np.zeros(0, np.int32))
     (tmp / "jpg.bin").write_bytes(b"".join(jpgs))
     np.save(tmp / "jpg_offsets.npy", np.cumsum([0] + [len(j) for j in jpgs]).astype(np.int64))
     write_json(tmp / "stats.json", dict(sorted(counts.items())))
@@ -198,9 +213,46 @@ def encode_part(run: Run, collection: str, index: int, progress: Callable[[int],
     return dict(counts)
 
 
+def encode_segments(segments: list[list[str]], run: Run, repairs: list[str]) -> list[tuple[str, np.ndarray]]:
+    """A document's segments (``[kind, text or image path]``, :class:`~cm3leon_lightning.data.sft.SFTSource`) as
+    BPE ids and VQ codes, cleaned and cut like captions (repairs appended to ``repairs``).
+
+    Raises:
+        BadInput: a text segment empty after cleaning, or an image that cannot be used (counted, skipped).
+    """
+    import torch
+
+    from cm3leon_lightning.data.images import resize_center_crop
+    from cm3leon_lightning.data.sources import clean_caption, load_image
+
+    cfg = run.cfg
+    tok, vqgan, _ = load_models(run)
+    out: list[tuple[str, Any]] = []
+    for kind, value in segments:
+        if kind == "text":
+            text, fixes = clean_caption(value, cfg.max_caption_chars)
+            ids = tok.encode(text)[: cfg.max_caption_tokens]
+            repairs += fixes + (["repaired_caption_tokens"] if len(ids) < len(tok.encode(text)) else [])
+            out.append(("text", np.asarray(ids, np.int32)))
+        else:
+            image, fixes = load_image(Path(value), cfg.min_image_size)
+            repairs += fixes
+            out.append(("image", np.asarray(resize_center_crop(image, vqgan.config.resolution), np.uint8)))
+    pixels = [a for k, a in out if k == "image"]
+    x = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).contiguous()  # (n, 3, R, R) uint8
+    codes = iter(vqgan.encode(x.to(vqgan.conv_dtype_device()[1])).cpu().numpy().astype(np.int32))  # (n, T)
+    return [(k, next(codes) if k == "image" else a) for k, a in out]
+
+
 def load_part(directory: Path) -> dict[str, Any]:
     """The arrays of an encoded part (large ones memory-mapped)."""
     part: dict[str, Any] = {"keys": json.loads((directory / "keys.json").read_text(encoding="utf-8"))}
+    seg_file = directory / "segments.json"  # absent in parts encoded before documents had segments
+    part["segments"] = json.loads(seg_file.read_text(encoding="utf-8")) if seg_file.is_file() else None
+    if part["segments"] is not None:
+        part["seg_ids"] = np.load(directory / "seg_ids.npy", allow_pickle=False)
+        sizes = [sum(n for _, n in doc) if doc else 0 for doc in part["segments"]]
+        part["seg_offsets"] = np.cumsum([0, *sizes])
     for name in ("captions", "text", "text_offsets", "val", "jpg_offsets"):
         part[name] = np.load(directory / f"{name}.npy", allow_pickle=False)
     for name in ("codes", "emb"):
@@ -368,8 +420,10 @@ def write_part(run: Run, index: int, progress: Callable[[int], Any] | None = Non
         split = "val" if part["val"][i] else "train"
         sample = ShardSample(
             key, str(part["captions"][i]), part["text"][to[i] : to[i + 1]], part["codes"][i], neighbors,
-            (jpg[jo[i] : jo[i + 1]] or None) if split == "val" else None,
+            (jpg[jo[i] : jo[i + 1]] or None) if split == "val" else None, part_segments(part, i),
         )  # fmt: skip
+        if sample.segments is not None:
+            counts[f"segment_documents_{split}"] += 1
         if split not in writers:
             tmp = run.out / f".{split}-{index:06d}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
@@ -398,6 +452,18 @@ def write_part(run: Run, index: int, progress: Callable[[int], Any] | None = Non
     return stats
 
 
+def part_segments(part: dict[str, Any], i: int) -> list[tuple[str, np.ndarray]] | None:
+    """Document ``i``'s segments, from the part's flat ``seg_ids``; None for a caption-image document."""
+    doc = part["segments"][i] if part["segments"] is not None else None
+    if not doc:
+        return None
+    out, start = [], int(part["seg_offsets"][i])
+    for kind, n in doc:
+        out.append((kind, part["seg_ids"][start : start + n]))
+        start += n
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ stage 5
 def stage_manifest(run: Run) -> dict[str, Any]:
     """The merge step: each split's ``manifest.json`` from every part's stats, and ``summary.json``."""
@@ -422,7 +488,8 @@ def stage_manifest(run: Run) -> dict[str, Any]:
         shards = [ShardInfo(**s["shards"][split]) for s in stats if split in s["shards"]]
         if not shards:
             continue
-        manifest = Manifest(**run.sections, shards=shards)
+        version = SEGMENTS_FORMAT_VERSION if totals[f"segment_documents_{split}"] else FORMAT_VERSION
+        manifest = Manifest(**run.sections, shards=shards, format_version=version)
         shutil.copyfile(run.work / "tokenizer.json", run.out / split / "tokenizer.json")
         manifest.save(run.out / split / MANIFEST_NAME)
         summary["splits"][split] = {"shards": len(shards), "samples": manifest.num_samples}

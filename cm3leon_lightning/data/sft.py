@@ -4,7 +4,7 @@ Paper section 4 and appendix E: supervised fine-tuning keeps the pretraining for
 example is one interleaved document, the instruction and the output as text, then the image (``{text} <break>
 {image}``), with several prompt templates per task (table 5), and the datasets are balanced by up/down sampling with
 thresholds 3 / 0.3 (E.1). The rendered text becomes the document's caption, so SFT data goes through
-``cm3leon prepare`` into ordinary shards (format_version 1) and trains with ``CM3LeonDataModule``.
+``cm3leon prepare`` into ordinary shards and trains with ``CM3LeonDataModule``.
 
 Input: a JSON-lines file, or a folder of ``*.jsonl`` files, one example per line (image paths relative to the file)::
 
@@ -18,8 +18,11 @@ template is eligible when the example has every field it names (ScienceQA's step
 except that ``choices`` (a list) becomes ``(A) x (B) y`` and ``objects`` (a list of ``[name, location]``) becomes
 ``name at location, ...``. Newlines in templates become spaces when ``cm3leon prepare`` cleans captions.
 
-Tasks with several images (InstructPix2Pix editing, edge/segmentation/pose-to-image) need documents with more than
-one image, which shard format_version 1 does not hold; they are refused by name.
+Tasks with several images (``edit``: InstructPix2Pix editing with ``image``, ``instruction`` and ``target``;
+``edge_to_image``, ``seg_to_image``, ``hed_to_image``, ``pose_to_image``, ``depth_to_image``, ``norm_to_image``,
+``scribble_to_image`` with ``condition``, ``caption`` and ``image``) become documents with segments (the template
+split at ``<break>``, manifest format_version 2); their last image is the output, which stands for the document in
+retrieval and evaluation.
 """
 
 from __future__ import annotations
@@ -62,9 +65,21 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
     "ocr": ('draw "{ocr}"',),
     "detection": ("Generate high quality image of {caption} with segmentations {objects}",),
     "text": ("{text}",),
-}
-MULTI_IMAGE_TASKS = ("edit", "instruct_pix2pix", "edge_to_image", "seg_to_image", "hed_to_image", "pose_to_image",
-                     "depth_to_image", "norm_to_image", "scribble_to_image")  # fmt: skip
+    # Several images: the whole document, segments split at <break>; a segment that is only an image field
+    # (IMAGE_FIELDS) is that image.
+    "edit": ("Edit first image following the instruction <break> {image} <break> {instruction} <break> {target}",),
+    **{
+        f"{name}_to_image": (f"Make high quality image from {what} <break> {{condition}} <break> {{caption}} <break> "
+                             "{image}",)
+        for name, what in (
+            ("edge", "canny edge features"), ("seg", "a segmentation map"), ("hed", "hed features"),
+            ("pose", "openpose features"), ("depth", "depth features"), ("norm", "3D norm features"),
+            ("scribble", "children's scribbles"),
+        )
+    },
+}  # fmt: skip
+IMAGE_FIELDS = ("image", "target", "condition")  # fields that name image files (relative to the JSON-lines file)
+BREAK = " <break> "
 
 
 def template_fields(template: str) -> set[str]:
@@ -94,9 +109,6 @@ def eligible_templates(task: str, fields: Mapping[str, Any]) -> list[int]:
             missing fields of the first template.
     """
     if task not in TEMPLATES:
-        if task in MULTI_IMAGE_TASKS:
-            raise ValueError(f"task {task!r} needs documents with several images, which shards (format_version 1) "
-                             f"do not hold yet; single-image tasks: {', '.join(TEMPLATES)}")  # fmt: skip
         raise ValueError(f"unknown task {task!r}; choose from {', '.join(TEMPLATES)}")
     have = {k for k, v in fields.items() if v is not None}
     ok = [i for i, t in enumerate(TEMPLATES[task]) if template_fields(t) <= have]
@@ -117,12 +129,30 @@ def render_text(task: str, fields: Mapping[str, Any], rng: np.random.Generator) 
     return every_rendering(task, fields)[pick], choices[pick]
 
 
+def template_segments(template: str, fields: Mapping[str, Any], base: Path = Path()) -> list[tuple[str, Any]]:
+    """A template filled as a document: ``("text", str)`` and ``("image", path under base)`` segments in order.
+
+    A template without ``<break>`` is its text followed by the example's ``image`` when it has one (paper table 5's
+    single-image form); otherwise the template is split at ``<break>``.
+    """
+    implicit = BREAK not in template and "image" in fields
+    parts = template.split(BREAK) if BREAK in template else [template, "{image}"] if implicit else [template]
+    out: list[tuple[str, Any]] = []
+    for part in parts:
+        name = part[1:-1] if part.startswith("{") and part.endswith("}") else None
+        if name in IMAGE_FIELDS:
+            out.append(("image", base / str(fields[name])))
+        else:
+            out.append(("text", part.format(**{n: format_value(n, fields[n]) for n in template_fields(part)})))
+    return out
+
+
 def every_rendering(task: str, fields: Mapping[str, Any]) -> list[str]:
-    """The example's text under each eligible template (e.g. a tokenizer corpus that covers every instruction)."""
+    """The example's text under each eligible template (e.g. a tokenizer corpus that covers every instruction);
+    the text segments of a template with several images are joined by a space."""
     out = []
     for index in eligible_templates(task, fields):
-        template = TEMPLATES[task][index]
-        out.append(template.format(**{n: format_value(n, fields[n]) for n in template_fields(template)}))
+        out.append(" ".join(t for kind, t in template_segments(TEMPLATES[task][index], fields) if kind == "text"))
     return out
 
 
@@ -169,13 +199,13 @@ def mixture_plan(sizes: Mapping[str, int], counts: Mapping[str, int], seed: int 
 
 @dataclass
 class SFTExample:
-    """One input line: where it came from, its task, dataset, fields and image path."""
+    """One input line: where it came from, its task, dataset and fields (image fields relative to ``base``)."""
 
     source: str  # "<file stem>-<line number>", unique within the input
     task: str
     dataset: str
     fields: dict[str, Any]
-    image: Path
+    base: Path
 
 
 def read_sft_lines(path: Path) -> Iterator[SFTExample]:
@@ -196,7 +226,7 @@ def read_sft_lines(path: Path) -> Iterator[SFTExample]:
                 raise ValueError(f"{where}: not valid JSON: {e}") from e
             if not isinstance(entry, dict):
                 raise ValueError(f"{where}: each line must be a JSON object, got {type(entry).__name__}")
-            task, image = entry.pop("task", None), entry.pop("image", None)
+            task, image = entry.pop("task", None), entry.get("image")
             if not isinstance(task, str) or not isinstance(image, str) or not image:
                 raise ValueError(f"{where}: needs string fields 'task' and 'image' (a path relative to the file)")
             dataset = str(entry.pop("dataset", task))
@@ -205,7 +235,10 @@ def read_sft_lines(path: Path) -> Iterator[SFTExample]:
                 sanitize_key(dataset)
             except ValueError as e:
                 raise ValueError(f"{where}: {e}") from e
-            yield SFTExample(f"{path.stem}-{lineno}", task, dataset, entry, path.parent / image)
+            bad = [f for f in IMAGE_FIELDS if f in entry and not (isinstance(entry[f], str) and entry[f])]
+            if bad:
+                raise ValueError(f"{where}: image field(s) {bad} must name image files (paths relative to the file)")
+            yield SFTExample(f"{path.stem}-{lineno}", task, dataset, entry, path.parent)
 
 
 class SFTSource(PairSource):
@@ -257,5 +290,9 @@ class SFTSource(PairSource):
             ex = self.examples[dataset][index]
             key = sanitize_key(f"sft-{ex.source}-{copy}")
             text, template = render_text(ex.task, ex.fields, _stream(self.seed, key))
+            segments = template_segments(TEMPLATES[ex.task][template], ex.fields, ex.base)
             meta = {"task": ex.task, "dataset": dataset, "source": ex.source, "copy": copy, "template": template}
-            yield RawPair(key, text, ex.image, meta, sanitize_key(f"sft-{ex.source}"))
+            if len(segments) > 2:  # the whole document; the last image (the output) is the pair's image
+                meta["segments"] = [[kind, str(value)] for kind, value in segments]
+            image = next(v for kind, v in reversed(segments) if kind == "image")
+            yield RawPair(key, text, image, meta, sanitize_key(f"sft-{ex.source}"))

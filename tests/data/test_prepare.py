@@ -19,6 +19,7 @@ from cm3leon_lightning.data.datamodule import CM3LeonDataModule
 from cm3leon_lightning.data.images import resize_center_crop
 from cm3leon_lightning.data.prepare import PrepareConfig, prepare
 from cm3leon_lightning.data.prepare_stages import KILL_ENV, MissingPartsError, SimulatedKill, path_sha256
+from cm3leon_lightning.data.sft import SFTSource
 from cm3leon_lightning.data.shapes import generate_pairs
 from cm3leon_lightning.data.shards import Manifest, read_shard
 from cm3leon_lightning.data.sources import FolderSource, ShapesSource
@@ -309,3 +310,43 @@ def test_sft_examples_prepare_into_shards_with_every_copy_in_one_split(models: d
     }
     vqa_texts = {" ".join(t.split()) for t in vqa_texts}  # the newline template reads as a space after cleaning
     assert all(c in vqa_texts for k, c in captions.items() if int(k.split("-")[2]) <= 10)
+
+
+def test_editing_examples_become_documents_with_segments(models: dict[str, str], tmp_path: Path) -> None:
+    """An `edit` example (two images) is written as a document with segments (format_version 2), its images encoded
+    exactly as the same files are when they are a document's only image; the data module trains on it."""
+    (tmp_path / "img").mkdir()
+    pairs = list(generate_pairs(4, image_size=32, seed=5))
+    for i, p in enumerate(pairs):
+        Image.fromarray(p.image).save(tmp_path / "img" / f"{i}.png")
+    lines = [{"task": "caption", "image": f"img/{i}.png", "caption": p.caption} for i, p in enumerate(pairs)]
+    lines += [{"task": "edit", "image": f"img/{i}.png", "instruction": f"make it like {i + 1}",
+               "target": f"img/{i + 1}.png"} for i in range(3)]  # fmt: skip
+    (tmp_path / "sft.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+    out = tmp_path / "out"
+    source = SFTSource(tmp_path / "sft.jsonl", up=1, down=1)
+    prepare(source, out, **settings(models, samples_per_shard=4, val_fraction=0, k_per_modality=0))
+    m = Manifest.load(out / "train" / "manifest.json")
+    assert m.format_version == 2
+    samples = {s.key: s for shard in m.shards for s in read_shard(out / "train" / shard.name, m)}
+    assert len(samples) == 7
+    codes_of = {f"img/{i}.png": samples[f"sft-sft-{i + 1}-0"].image.tolist() for i in range(4)}  # caption documents
+    tok = TextTokenizer.load(out / "train" / "tokenizer.json")
+    for i in range(3):
+        doc = samples[f"sft-sft-{i + 5}-0"]
+        kinds = [k for k, _ in doc.segments]
+        assert kinds == ["text", "image", "text", "image"]
+        assert tok.decode(doc.segments[0][1].tolist()) == "Edit first image following the instruction"
+        assert doc.segments[1][1].tolist() == codes_of[f"img/{i}.png"]
+        assert tok.decode(doc.segments[2][1].tolist()) == f"make it like {i + 1}"
+        assert doc.segments[3][1].tolist() == codes_of[f"img/{i + 1}.png"] == doc.image.tolist()
+    assert all(s.segments is None for k, s in samples.items() if int(k.split("-")[2]) <= 4)
+    dm = CM3LeonDataModule(train_data=str(out / "train"), seq_len=320, batch_size=7, num_workers=0, infill=False)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    rows = [r[r != dm.vocab.pad_id].tolist() for r in batch["input_ids"]]
+    edit = samples["sft-sft-5-0"]
+    want = [dm.vocab.eos_id]
+    for j, (kind, arr) in enumerate(edit.segments):
+        want += ([dm.vocab.break_id] if j else []) + [int(t) + (dm.vocab.n_text if kind == "image" else 0) for t in arr]
+    assert [*want, dm.vocab.eos_id] in rows  # the whole editing document, in its own order

@@ -18,6 +18,7 @@ from cm3leon_lightning.data.sft import (
     every_rendering,
     mixture_plan,
     render_text,
+    template_segments,
 )
 from cm3leon_lightning.data.sources import make_source
 
@@ -70,7 +71,7 @@ def test_detection_objects_and_single_templates() -> None:
 def test_task_errors_name_the_task_and_fields() -> None:
     with pytest.raises(ValueError, match=r"unknown task 'vqa2'; choose from caption, "):
         eligible_templates("vqa2", VQA)
-    with pytest.raises(ValueError, match="'edit' needs documents with several images"):
+    with pytest.raises(ValueError, match=r"task 'edit' needs field\(s\) \['image', 'instruction', 'target'\]"):
         eligible_templates("edit", {})
     with pytest.raises(ValueError, match=r"task 'vqa' needs field\(s\) \['answer'\]"):
         eligible_templates("vqa", {"question": "q"})
@@ -160,7 +161,14 @@ def _empty(tmp_path: Path) -> Path:
             '{"task": "vqa", "image": "i.png", "question": "q"}',
             r"bad.jsonl:2: task 'vqa' needs field\(s\) \['answer'\]",
         ),
-        ('{"task": "edit", "image": "i.png"}', r"bad.jsonl:2: task 'edit' needs documents with several images"),
+        (
+            '{"task": "edit", "image": "i.png"}',
+            r"bad.jsonl:2: task 'edit' needs field\(s\) \['instruction', 'target'\]",
+        ),
+        (
+            '{"task": "edit", "image": "i.png", "instruction": "x", "target": 3}',
+            r"bad.jsonl:2: image field\(s\) \['target'\]",
+        ),
         ('{"task": "text", "image": "i.png", "text": "t", "dataset": "..."}', r"bad.jsonl:2: key '...' has no usable"),
     ],
 )
@@ -179,3 +187,35 @@ def test_every_rendering_lists_each_eligible_template_in_order() -> None:
     for seed in range(5):  # render_text draws one of them, and says which
         text, index = render_text("vqa", VQA, np.random.default_rng(seed))
         assert every_rendering("vqa", VQA)[index] == text
+
+
+def test_documents_with_several_images_are_split_into_segments(tmp_path: Path) -> None:
+    fields = {"image": "a.png", "instruction": "make it blue", "target": "b.png"}
+    (template,) = TEMPLATES["edit"]
+    assert template_segments(template, fields, tmp_path) == [
+        ("text", "Edit first image following the instruction"),
+        ("image", tmp_path / "a.png"),
+        ("text", "make it blue"),
+        ("image", tmp_path / "b.png"),
+    ]
+    edge = template_segments(
+        TEMPLATES["edge_to_image"][0], {"condition": "e.png", "caption": "a cat", "image": "c.png"}
+    )
+    assert edge == [("text", "Make high quality image from canny edge features"), ("image", Path("e.png")),
+                    ("text", "a cat"), ("image", Path("c.png"))]  # fmt: skip
+    # a single-image template is its text, then the example's image
+    assert template_segments("{caption}", {"caption": "x", "image": "c.png"}) == [
+        ("text", "x"),
+        ("image", Path("c.png")),
+    ]
+    assert every_rendering("edit", fields) == ["Edit first image following the instruction make it blue"]
+
+    _write_lines(tmp_path / "edit.jsonl", [{"task": "edit", **fields}, {"task": "vqa", "image": "c.png", **VQA}])
+    pairs = {p.meta["task"]: p for p in SFTSource(tmp_path / "edit.jsonl", up=1, down=1)}
+    edit = pairs["edit"]
+    assert edit.meta["segments"] == [["text", "Edit first image following the instruction"],
+                                     ["image", str(tmp_path / "a.png")], ["text", "make it blue"],
+                                     ["image", str(tmp_path / "b.png")]]  # fmt: skip
+    assert edit.image == tmp_path / "b.png"  # the output image stands for the document in retrieval and evaluation
+    assert edit.caption == "Edit first image following the instruction make it blue"
+    assert "segments" not in pairs["vqa"].meta and pairs["vqa"].image == tmp_path / "c.png"
