@@ -231,9 +231,9 @@ def encode_segments(segments: list[list[str]], run: Run, repairs: list[str]) -> 
     for kind, value in segments:
         if kind == "text":
             text, fixes = clean_caption(value, cfg.max_caption_chars)
-            ids = tok.encode(text)[: cfg.max_caption_tokens]
-            repairs += fixes + (["repaired_caption_tokens"] if len(ids) < len(tok.encode(text)) else [])
-            out.append(("text", np.asarray(ids, np.int32)))
+            ids = tok.encode(text)
+            repairs += fixes + (["repaired_caption_tokens"] if len(ids) > cfg.max_caption_tokens else [])
+            out.append(("text", np.asarray(ids[: cfg.max_caption_tokens], np.int32)))
         else:
             image, fixes = load_image(Path(value), cfg.min_image_size)
             repairs += fixes
