@@ -1,0 +1,162 @@
+"""The rules that clean raw image-caption pairs for ``cm3leon prepare`` (the readers are in ``data/sources.py``).
+
+Bad input is never fatal: :func:`clean_caption` and :func:`load_image` apply the rules below and raise
+:class:`BadInput` with a counted ``reason``.
+
+Caption rules: bytes are decoded as UTF-8 (a BOM is dropped); undecodable bytes are replaced by U+FFFD and counted
+``repaired_caption_non_utf8``. Control characters become spaces and whitespace runs collapse to one space. Empty
+(or missing) after that: skipped, ``caption_empty`` / ``caption_missing``. Longer than ``max_chars``: cut at the last
+space before the limit (or at the limit) and counted ``repaired_caption_truncated``. (The prepare pipeline also cuts
+BPE encodings longer than ``max_caption_tokens``, storing the caption decoded from the kept ids:
+``repaired_caption_tokens``.)
+
+Image rules: missing file ``image_missing``; unreadable, truncated or decompression-bomb ``image_unreadable``;
+shorter side below ``min_size`` pixels ``image_too_small`` (all skipped). Any mode other than RGB is converted
+(transparent pixels composited on white) and counted ``repaired_image_mode``.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from cm3leon_lightning.data.samples import SkipError
+
+SKIP_REASONS = (
+    "caption_missing",
+    "caption_empty",
+    "image_missing",
+    "image_unreadable",
+    "image_too_small",
+    "duplicate_key",
+)
+REPAIR_REASONS = (
+    "repaired_caption_non_utf8",
+    "repaired_caption_truncated",
+    "repaired_caption_tokens",
+    "repaired_image_mode",
+)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]+")
+_SPACES = re.compile(r"\s+")
+
+
+class BadInput(SkipError):
+    """A raw pair that cannot be used; ``reason`` is one of :data:`SKIP_REASONS`."""
+
+    REASONS = SKIP_REASONS
+
+
+def clean_caption(caption: str | bytes | None, max_chars: int = 1000) -> tuple[str, list[str]]:
+    """Apply the caption rules (module docstring).
+
+    Args:
+        caption: the raw caption.
+        max_chars: longer captions are truncated to at most this many characters (>= 1).
+
+    Returns:
+        The cleaned caption and the repair reasons that applied.
+
+    Raises:
+        BadInput: ``caption_missing`` or ``caption_empty``.
+    """
+    if max_chars < 1:
+        raise ValueError(f"max_chars must be >= 1, got {max_chars}")
+    if caption is None:
+        raise BadInput("caption_missing", "no caption")
+    repairs: list[str] = []
+    if isinstance(caption, bytes):
+        if len(caption) > 8 * max_chars + 8:  # never decode a megabyte for a caption cut to max_chars anyway
+            caption = caption[: 8 * max_chars + 8]
+        try:
+            caption = caption.decode("utf-8-sig")
+        except UnicodeDecodeError:
+            caption = caption.decode("utf-8", errors="replace")
+            if caption.endswith("\ufffd"):  # a multibyte character cut by the pre-truncation is not a repair
+                caption = caption.rstrip("\ufffd")
+            if "\ufffd" in caption:
+                repairs.append("repaired_caption_non_utf8")
+    text = _SPACES.sub(" ", _CONTROL.sub(" ", caption)).strip()
+    if not text:
+        raise BadInput("caption_empty", "caption is empty after removing whitespace and control characters")
+    if len(text) > max_chars:
+        cut = text[: max_chars + 1].rfind(" ")
+        text = (text[:cut] if cut > 0 else text[:max_chars]).rstrip()
+        repairs.append("repaired_caption_truncated")
+    return text, repairs
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grey: scale to 8 bits before converting
+        arr = np.asarray(image, dtype=np.float64)
+        hi = arr.max() if arr.size and arr.max() > 255 else 255.0
+        image = Image.fromarray((arr * (255.0 / hi)).round().astype(np.uint8), "L")
+    return image.convert("RGB")
+
+
+def load_image(image: Path | bytes | np.ndarray | Image.Image | None, min_size: int = 32) -> tuple[Image.Image, list]:
+    """Open and check one raw image per the image rules (module docstring).
+
+    Args:
+        image: a path, encoded bytes, a uint8 array ``(H, W)``/``(H, W, 3|4)`` or a PIL image.
+        min_size: images whose shorter side is below this many pixels are skipped.
+
+    Returns:
+        The fully loaded RGB PIL image and the repair reasons that applied.
+
+    Raises:
+        BadInput: ``image_missing``, ``image_unreadable`` or ``image_too_small``.
+    """
+    if image is None:
+        raise BadInput("image_missing", "no image")
+    if isinstance(image, Path) and not image.is_file():
+        raise BadInput("image_missing", f"image file not found: {image}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            if isinstance(image, np.ndarray):
+                img = Image.fromarray(np.ascontiguousarray(image))
+            elif isinstance(image, Image.Image):
+                img = image
+            else:
+                img = Image.open(image if isinstance(image, Path) else io.BytesIO(image))
+            img.load()  # decode now: truncated files fail here, not later
+    except (
+        OSError,
+        ValueError,
+        TypeError,
+        SyntaxError,
+        Image.DecompressionBombError,
+        Image.DecompressionBombWarning,
+    ) as e:
+        raise BadInput("image_unreadable", f"cannot decode image: {type(e).__name__}: {e}") from e
+    if min(img.size) < min_size:
+        raise BadInput(
+            "image_too_small", f"image is {img.size[0]}x{img.size[1]}; the shorter side must be >= {min_size}"
+        )
+    repairs = [] if img.mode == "RGB" else ["repaired_image_mode"]
+    try:
+        return _to_rgb(img), repairs
+    except (OSError, ValueError) as e:
+        raise BadInput("image_unreadable", f"cannot convert image mode {img.mode}: {e}") from e
+
+
+def source_jpeg(image: Path | bytes | np.ndarray | Image.Image, rgb: Image.Image, quality: int = 95) -> bytes:
+    """The bytes kept as a sample's ``jpg`` member: the source file itself when it is a JPEG, else ``rgb`` encoded as
+    JPEG at ``quality`` (deterministic for a given Pillow build)."""
+    raw = image.read_bytes() if isinstance(image, Path) else image if isinstance(image, bytes) else None
+    if raw is not None and raw[:3] == b"\xff\xd8\xff":
+        return raw
+    buf = io.BytesIO()
+    rgb.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
