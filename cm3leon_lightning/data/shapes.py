@@ -12,7 +12,7 @@ in well over 99% of cases (tested); on generated images its verdicts are what th
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -293,14 +293,29 @@ def questions(scene: Scene) -> dict[str, tuple[str, str]]:
     return {kind: (q, answers[kind]) for kind, q in QUESTIONS.items()}
 
 
+def recolour(scene: Scene, rng: np.random.Generator) -> tuple[str, Scene]:
+    """An editing instruction for a one-shape scene, ``make it <colour>``, and the scene it asks for (another colour,
+    never a held-out colour-shape pair)."""
+    if len(scene.shapes) != 1:
+        raise ValueError("recolour edits one-shape scenes")
+    s = scene.shapes[0]
+    colours = [c for c in COLOURS if c != s.colour and (c, s.shape) not in HELDOUT_PAIRS]
+    colour = colours[int(rng.integers(len(colours)))]
+    return f"make it {colour}", Scene((replace(s, colour=colour),))
+
+
 def instruction_texts(text: str, scene: Scene) -> list[str]:
     """The instruction-tuning texts of a pair, cleaned as ``cm3leon prepare`` cleans captions: its caption under
-    every caption template and its questions (:func:`questions`) under every VQA template (``data/sft.py``)."""
+    every caption template, its questions (:func:`questions`) under every VQA template, and for one shape every
+    ``make it <colour>`` edit under the editing template (``data/sft.py``)."""
     from cm3leon_lightning.data.sft import every_rendering
 
     texts = every_rendering("caption", {"caption": text})
     for question, answer in questions(scene).values():
         texts += every_rendering("vqa", {"question": question, "answer": answer})
+    if len(scene.shapes) == 1:
+        for colour in COLOURS:
+            texts += every_rendering("edit", {"image": "-", "instruction": f"make it {colour}", "target": "-"})
     return [" ".join(t.split()) for t in texts]
 
 

@@ -20,6 +20,7 @@ from cm3leon_lightning.data.shapes import (
     instruction_texts,
     is_heldout,
     questions,
+    recolour,
     render,
 )
 
@@ -129,8 +130,23 @@ def test_questions_about_one_shape_scenes_and_their_instruction_texts() -> None:
     two = Scene((ShapeSpec("red", "circle", "small", "top"), ShapeSpec("blue", "square", "large", "bottom")), "above")
     assert questions(two) == {}
     texts = instruction_texts("a red circle on the left", one)
-    assert len(texts) == 2 + 4 * 3  # two caption templates, three VQA templates per question
+    assert len(texts) == 2 + 4 * 3 + len(COLOURS)  # 2 caption templates, 3 VQA templates per question, the edits
     assert texts[:2] == ["a red circle on the left", "Describe the given picture. a red circle on the left"]
     assert "Question: What shape is it? Answer: circle." in texts
     assert "Question: Where is the shape? left" in texts  # the newline template, cleaned as prepare cleans it
+    assert "Edit first image following the instruction make it blue" in texts
     assert instruction_texts("two shapes", two) == ["two shapes", "Describe the given picture. two shapes"]
+
+
+def test_recolour_asks_for_another_colour_of_a_training_combination() -> None:
+    scene = Scene((ShapeSpec("red", "circle", "small", "left"),))
+    seen = set()
+    for seed in range(40):
+        instruction, target = recolour(scene, np.random.default_rng(seed))
+        (s,) = target.shapes
+        assert instruction == f"make it {s.colour}" and s.colour != "red"
+        assert (s.shape, s.size, s.position) == ("circle", "small", "left") and not is_heldout(target)
+        seen.add(s.colour)
+    assert len(seen) >= 3
+    with pytest.raises(ValueError, match="one-shape"):
+        recolour(Scene((scene.shapes[0], scene.shapes[0]), "above"), np.random.default_rng(0))
