@@ -362,6 +362,7 @@ STAGE_FIELDS: dict[str, tuple[str, ...]] = {
     "report": ("grid_prompts",),
 }
 STAGE_FILES: dict[str, tuple[str, ...]] = {  # config files (under configs/) and source files a stage's output follows
+    "tokenizer": ("package:data/shapes.py", "package:data/sft.py"),  # the instruction texts in its corpus
     "vqgan": ("configs:demo/vqgan.yaml",),
     "clip": ("configs:demo/clip.yaml",),
     "train": ("configs:experiments/demo_shapes.yaml",),

@@ -2,17 +2,19 @@
 
 On a finished demo run (``make demo``), on a CPU, in a few minutes:
 
-1. writes instruction-tuning examples as JSON lines: captions (``caption`` task) and questions about one-shape
-   scenes (``vqa`` task: colour, shape, size, position), images as PNG files, all from the seen colour-shape
-   combinations with a seed of their own;
-2. ``cm3leon prepare --source sft`` with the demo's tokenizer, VQGAN and CLIP (no retrieval; two datasets balanced);
+1. writes instruction-tuning examples as JSON lines: captions (``caption`` task), questions about one-shape
+   scenes (``vqa`` task: colour, shape, size, position) and recolouring edits of them (``edit`` task: source image,
+   ``make it <colour>``, target image), images as PNG files, all from the seen colour-shape combinations with a seed
+   of their own;
+2. ``cm3leon prepare --source sft`` with the demo's tokenizer, VQGAN and CLIP (no retrieval; three datasets balanced);
 3. ``cm3leon fit --config configs/experiments/demo_shapes.yaml --config configs/experiments/sft.yaml`` with
    ``--model.init_args.init_from <demo checkpoint>`` (the demo's schedule scaled down 10x, as the paper's SFT LR is
    ~10x below its pretraining LR);
 4. answers the questions and captions images of fresh scenes, seen and held-out (zero-shot) combinations, with the
    demo checkpoint and with the fine-tuned one, greedy, the VQA prompt ``Question: ... Answer:`` of the VQA callback,
    in both prompt layouts: the infilled span after the image (caption-first training) and the text after the image
-   (image-first documents, ``--image-first`` of them in the fine-tuning data).
+   (image-first documents, ``--image-first`` of them in the fine-tuning data); and recolours seen one-shape scenes
+   with ``edit_image``, judged by the attribute checker.
 
 The demo's tokenizer is trained on these instruction texts too (``shapes.instruction_texts``), as a real pretraining
 tokenizer covers the words of the instructions; the demo's model has never seen them before fine-tuning.
@@ -38,8 +40,8 @@ from cm3leon_lightning.data import shapes
 from cm3leon_lightning.data.prepare import prepare
 from cm3leon_lightning.data.sft import SFTSource
 from cm3leon_lightning.demo import CONFIG_DIR, fit_with_cli
-from cm3leon_lightning.demo_eval import caption_scores
-from cm3leon_lightning.generation import generate_text
+from cm3leon_lightning.demo_eval import attribute_scores, caption_scores, to_uint8
+from cm3leon_lightning.generation import edit_image, generate_text
 from cm3leon_lightning.generation.cli import load_checkpoint
 from cm3leon_lightning.generation.generate import TEXT_LAYOUTS as LAYOUTS
 from cm3leon_lightning.tokenization.text import TextTokenizer
@@ -64,17 +66,28 @@ def one_shape_scenes(n: int, split: str, seed: int) -> list[shapes.Scene]:
 
 
 def write_sft_data(folder: Path, n_pairs: int, image_size: int, seed: int) -> dict[str, int]:
-    """Caption and VQA examples (JSON lines) with their PNG images in ``folder``; returns lines per file."""
+    """Caption, VQA and editing examples (JSON lines) with their PNG images in ``folder``; returns lines per file.
+
+    An edit recolours a one-shape scene (``shapes.recolour``); source and target are drawn with the same jitter, so
+    only the colour differs.
+    """
     (folder / "img").mkdir(parents=True, exist_ok=True)
-    captions, vqa = [], []
+    captions, vqa, edits = [], [], []
     for i, pair in enumerate(shapes.generate_pairs(n_pairs, "train", image_size, seed)):
         Image.fromarray(pair.image).save(folder / "img" / f"{i}.png")
         captions.append({"task": "caption", "image": f"img/{i}.png", "caption": pair.caption})
         for question, answer in shapes.questions(pair.scene).values():
             vqa.append({"task": "vqa", "image": f"img/{i}.png", "question": question, "answer": answer})
-    for name, lines in (("captions", captions), ("vqa", vqa)):
+        if len(pair.scene.shapes) == 1:
+            instruction, target = shapes.recolour(pair.scene, np.random.default_rng([seed, i]))
+            for name, scene in (("src", pair.scene), ("tgt", target)):
+                image = shapes.render(scene, image_size, np.random.default_rng([seed, i, 1]))
+                Image.fromarray(image).save(folder / "img" / f"{i}-{name}.png")
+            edits.append({"task": "edit", "image": f"img/{i}-src.png", "instruction": instruction,
+                          "target": f"img/{i}-tgt.png"})  # fmt: skip
+    for name, lines in (("captions", captions), ("vqa", vqa), ("edits", edits)):
         (folder / f"{name}.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
-    return {"captions": len(captions), "vqa": len(vqa)}
+    return {"captions": len(captions), "vqa": len(vqa), "edits": len(edits)}
 
 
 def normalise(text: str) -> str:
@@ -108,6 +121,30 @@ def evaluate(ckpt: Path, tok: TextTokenizer, vqgan: VQGAN, scenes: dict[str, lis
                 res["examples"][name] = texts[:3]
             out[f"{split}/{layout}"] = res
     return out
+
+
+@torch.no_grad()
+def evaluate_edits(ckpt: Path, tok: TextTokenizer, vqgan: VQGAN, scenes: list, size: int, seed: int) -> dict:
+    """Recolour each scene with ``edit_image`` (text CFG 3, image CFG 1.5, top-p 0.6) and judge the edited images
+    against the scene asked for; the unedited sources and the VQGAN's reconstructions of the targets for reference."""
+    model, vocab = load_checkpoint(ckpt)
+    rng = np.random.default_rng(seed)
+    edits = [shapes.recolour(sc, rng) for sc in scenes]
+    targets = [t for _, t in edits]
+    sources = np.stack([shapes.render(sc, size, np.random.default_rng([seed, i])) for i, sc in enumerate(scenes)])
+    renders = np.stack([shapes.render(t, size, np.random.default_rng([seed, i])) for i, t in enumerate(targets)])
+    codes = vqgan.encode(torch.from_numpy(sources).permute(0, 3, 1, 2).contiguous())  # (N, grid_h * grid_w)
+    out = edit_image(model, vocab, codes, [tok.encode(i) for i, _ in edits],
+                     tok.encode("Edit first image following the instruction"), text_cfg=3.0, image_cfg=1.5,
+                     top_p=0.6, seed=seed, vqgan=vqgan)  # fmt: skip
+    edited = to_uint8(out.images[:, 0])
+    recon = to_uint8(vqgan.decode(vqgan.encode(torch.from_numpy(renders).permute(0, 3, 1, 2).contiguous())))
+    return {
+        "edited": attribute_scores(edited, targets),
+        "unedited_source": attribute_scores(sources, targets),
+        "target_reconstruction": attribute_scores(recon, targets),
+        "examples": [i for i, _ in edits[:3]],
+    }
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -157,6 +194,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "steps": int(cli.trainer.global_step),
         "before": evaluate(Path(demo["train"]["checkpoint"]), tok, vqgan, scenes, size),
         "after": evaluate(ckpt, tok, vqgan, scenes, size),
+        "edits_before": evaluate_edits(Path(demo["train"]["checkpoint"]), tok, vqgan, scenes["seen"], size, args.seed),
+        "edits_after": evaluate_edits(ckpt, tok, vqgan, scenes["seen"], size, args.seed),
         "chance": {
             f"vqa_{k}": 1 / n
             for k, n in (
@@ -173,6 +212,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for key in ["vqa_all", *(f"vqa_{q}" for q in shapes.QUESTIONS), "caption", "caption_instructed"]:
             before, after = report["before"][where][key], report["after"][where][key]
             print(f"{where + ' ' + key:36} {before:8.1%} {after:8.1%}")
+    for key in ("all", "colour", "shape", "position"):
+        before, after = report["edits_before"]["edited"][key], report["edits_after"]["edited"][key]
+        print(f"{'edit (seen) ' + key:36} {before:8.1%} {after:8.1%}")
+    refs = {k: report["edits_after"][k]["all"] for k in ("unedited_source", "target_reconstruction")}
+    print(f"edit references (all attributes): unedited source {refs['unedited_source']:.1%}, VQGAN reconstruction "
+          f"of the target {refs['target_reconstruction']:.1%}")  # fmt: skip
     return report
 
 

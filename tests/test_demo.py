@@ -108,6 +108,8 @@ def test_sft_example_fine_tunes_the_demo_checkpoint(mini_run: tuple[Path, dict],
 
     import torch
 
+    from cm3leon_lightning.data.sft import balanced_counts
+
     script = Path(__file__).resolve().parents[1] / "examples" / "sft_shapes.py"
     example_main = runpy.run_path(str(script))["main"]
     out, _ = mini_run
@@ -115,12 +117,14 @@ def test_sft_example_fine_tunes_the_demo_checkpoint(mini_run: tuple[Path, dict],
     report = example_main([*args, "--fit-arg=--data.init_args.batch_size=2"])
     lines = report["sft_lines"]
     assert lines["captions"] == 30 and lines["vqa"] % 4 == 0 and lines["vqa"] > 0
-    share = round((lines["captions"] + lines["vqa"]) / 2)  # the two datasets meet at the mean (within 3x / 0.3x)
-    assert report["mixture"] == {
-        "caption": {"examples": lines["captions"], "drawn": share},
-        "vqa": {"examples": lines["vqa"], "drawn": share},
-    }
+    assert lines["edits"] == lines["vqa"] // 4  # one recolouring per one-shape scene
+    sizes = {"caption": lines["captions"], "vqa": lines["vqa"], "edit": lines["edits"]}
+    drawn = balanced_counts(sizes)
+    assert report["mixture"] == {k: {"examples": n, "drawn": drawn[k]} for k, n in sorted(sizes.items())}
     assert report["steps"] == 2
+    for when in ("edits_before", "edits_after"):
+        assert {"edited", "unedited_source", "target_reconstruction"} <= set(report[when])
+        assert report[when]["unedited_source"]["colour"] == 0.0  # the source never has the colour asked for
     for when in ("before", "after"):
         for split in ("seen", "heldout"):
             r = report[when][f"{split}/image_first"]
