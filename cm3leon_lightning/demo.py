@@ -215,7 +215,7 @@ def stage_tokenizer(ctx: Context, out: Path) -> dict[str, Any]:
 
     rows = read_jsonl(ctx.stage_dir("data") / "train.jsonl")
     captions = [r["caption"] for r in rows]
-    # ... so the tokenizer covers the words of examples/sft_shapes.py, as a real one covers its language
+    # instruction texts too: the tokenizer covers the words of examples/sft_shapes.py, as a real one covers its language
     extra = [t for r in rows[::4] for t in instruction_texts(r["caption"], scene_from_dict(r["scene"]))]
     tok = TextTokenizer.train(captions + extra, ctx.size.tokenizer_vocab, min_frequency=2)
     path = tok.save(out / "tokenizer.json")

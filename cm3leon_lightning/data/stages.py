@@ -189,7 +189,7 @@ def build_example(sample: ShardSample, cfg: PipelineConfig, epoch: int) -> Examp
     """Stages 2-5 for one sample: retrieved documents, context fit, serialization and CM3 masking.
 
     The sequence is the one :meth:`MultimodalVocab.example_to_ids` builds: retrieved documents first, the query
-    last, then a final ``<eos>``.
+    last, then a final ``<eos>``. A query with segments (:func:`segments_ids`) keeps its own order and is never cut.
     """
     vocab = cfg.vocab
     retrieved = choose_retrieved(
