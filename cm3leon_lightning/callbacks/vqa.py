@@ -4,9 +4,8 @@ Data in "VQA format": a JSON file holding a list of ``{"question": str, "image":
 (image paths relative to the file; ``"codes": [int, ...]`` may replace ``"image"``), or in-memory samples. A
 ``.jsonl`` file is read line by line in the same format, where ``"answer": str`` may replace ``"answers"`` and lines
 of another ``"task"`` are skipped: the held-out VQA lines of ``cm3leon prepare --source sft`` input evaluate as they
-are. The
-prompt follows the paper's SFT template (table 5): ``"Question: {question} Answer:"`` as the instruction before the
-answer span. Accuracy is :func:`~cm3leon_lightning.metrics.vqa.vqa_accuracy` (official normalisation and
+are. The prompt follows the paper's SFT template (table 5): ``"Question: {question} Answer:"`` as the instruction
+before the answer span. Accuracy is :func:`~cm3leon_lightning.metrics.vqa.vqa_accuracy` (official normalisation and
 leave-one-out averaging by default), summed across ranks.
 """
 
@@ -34,22 +33,16 @@ def read_vqa_file(path: str | os.PathLike[str], num_samples: int | None = None) 
     """
     path = Path(path)
     if path.suffix == ".jsonl":
-        lines = [(n, json.loads(line)) for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
-        entries = [
-            {**e, "answers": e.get("answers") or ([e["answer"]] if "answer" in e else None), "key": e.get("key", n)}
-            for n, e in lines
-            if not isinstance(e, dict) or e.get("task", "vqa") == "vqa"
-        ]
-        where = "line"
+        entries, where = _vqa_lines(path), "line"
     else:
-        entries, where = json.loads(path.read_text()), "entry"
-        if not isinstance(entries, list):
+        loaded, where = json.loads(path.read_text()), "entry"
+        if not isinstance(loaded, list):
             raise ValueError(f"{path}: a VQA file holds a JSON list of {{question, image, answers}} entries")
+        entries = list(enumerate(loaded))
     out = []
-    for i, e in enumerate(entries[:num_samples]):
+    for i, e in entries[:num_samples]:
         if not isinstance(e, dict) or "question" not in e or not e.get("answers") or not ("image" in e or "codes" in e):
-            at = e.get("key", i) if isinstance(e, dict) and where == "line" else i
-            raise ValueError(f"{path}: {where} {at} needs 'question', non-empty 'answers' and 'image' (or 'codes')")
+            raise ValueError(f"{path}: {where} {i} needs 'question', non-empty 'answers' and 'image' (or 'codes')")
         codes = torch.as_tensor(e["codes"]).long() if "codes" in e else None
         image = None
         if codes is None:
@@ -57,6 +50,25 @@ def read_vqa_file(path: str | os.PathLike[str], num_samples: int | None = None) 
         out.append(
             EvalSample(str(e.get("key", i)), [], image, codes, str(e["question"]), [str(a) for a in e["answers"]])
         )
+    return out
+
+
+def _vqa_lines(path: Path) -> list[tuple[int, object]]:
+    """``(line number, entry)`` of a JSON-lines VQA file: lines of another ``task`` dropped, ``answer`` as the one
+    answer, the line number as the default key."""
+    out: list[tuple[int, object]] = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            e = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: line {n} is not valid JSON: {err}") from err
+        if isinstance(e, dict):
+            if e.get("task", "vqa") != "vqa":
+                continue
+            e = {**e, "answers": e.get("answers") or ([e["answer"]] if "answer" in e else None), "key": e.get("key", n)}
+        out.append((n, e))
     return out
 
 

@@ -135,3 +135,9 @@ def test_vqa_file_in_sft_json_lines(tmp_path: Path) -> None:
     assert torch.equal(samples[0].codes, torch.ones(64, dtype=torch.long))
     with pytest.raises(ValueError, match="line 4 needs 'question', non-empty 'answers'"):
         read_vqa_file(tmp_path / "sft.jsonl")
+    (tmp_path / "list.jsonl").write_text('{"codes": [1], "question": "q", "answer": "a"}\n[1, 2]\n')
+    with pytest.raises(ValueError, match="list.jsonl: line 2 needs 'question'"):  # not a TypeError
+        read_vqa_file(tmp_path / "list.jsonl")
+    (tmp_path / "bad.jsonl").write_text('{"codes": [1], "question": "q", "answer": "a"}\n{oops\n')
+    with pytest.raises(ValueError, match="bad.jsonl: line 2 is not valid JSON"):
+        read_vqa_file(tmp_path / "bad.jsonl")
