@@ -124,9 +124,14 @@ def render_text(task: str, fields: Mapping[str, Any], rng: np.random.Generator) 
     Returns:
         ``(text, template index)``.
     """
+    index = pick_template(task, fields, rng)
+    return _joined_text(TEMPLATES[task][index], fields), index
+
+
+def pick_template(task: str, fields: Mapping[str, Any], rng: np.random.Generator) -> int:
+    """One eligible template of the task, drawn with ``rng`` (no draw when only one is eligible)."""
     choices = eligible_templates(task, fields)
-    pick = int(rng.integers(len(choices))) if len(choices) > 1 else 0
-    return every_rendering(task, fields)[pick], choices[pick]
+    return choices[int(rng.integers(len(choices)))] if len(choices) > 1 else choices[0]
 
 
 def template_segments(template: str, fields: Mapping[str, Any], base: Path = Path()) -> list[tuple[str, Any]]:
@@ -150,10 +155,11 @@ def template_segments(template: str, fields: Mapping[str, Any], base: Path = Pat
 def every_rendering(task: str, fields: Mapping[str, Any]) -> list[str]:
     """The example's text under each eligible template (e.g. a tokenizer corpus that covers every instruction);
     the text segments of a template with several images are joined by a space."""
-    out = []
-    for index in eligible_templates(task, fields):
-        out.append(" ".join(t for kind, t in template_segments(TEMPLATES[task][index], fields) if kind == "text"))
-    return out
+    return [_joined_text(TEMPLATES[task][index], fields) for index in eligible_templates(task, fields)]
+
+
+def _joined_text(template: str, fields: Mapping[str, Any]) -> str:
+    return " ".join(t for kind, t in template_segments(template, fields) if kind == "text")
 
 
 def balanced_counts(sizes: Mapping[str, int], up: float = 3.0, down: float = 0.3) -> dict[str, int]:
@@ -289,8 +295,9 @@ class SFTSource(PairSource):
         for dataset, index, copy in self.plan[start:stop]:
             ex = self.examples[dataset][index]
             key = sanitize_key(f"sft-{ex.source}-{copy}")
-            text, template = render_text(ex.task, ex.fields, _stream(self.seed, key))
+            template = pick_template(ex.task, ex.fields, _stream(self.seed, key))
             segments = template_segments(TEMPLATES[ex.task][template], ex.fields, ex.base)
+            text = " ".join(value for kind, value in segments if kind == "text")
             meta = {"task": ex.task, "dataset": dataset, "source": ex.source, "copy": copy, "template": template}
             if len(segments) > 2:  # the whole document; the last image (the output) is the pair's image
                 meta["segments"] = [[kind, str(value)] for kind, value in segments]
