@@ -28,6 +28,7 @@ EXTRA_COMMANDS: dict[str, str] = {
     "generate": "cm3leon_lightning.generation.cli:main",
     "prepare": "cm3leon_lightning.data.prepare:main",
     "demo": "cm3leon_lightning.demo:main",
+    "serve": "cm3leon_lightning.serve.cli:main",
 }
 
 
@@ -35,7 +36,8 @@ DESCRIPTION = (
     "cm3leon: pretrain, fine-tune, evaluate and serve CM3Leon-style models. The Lightning subcommands below train and "
     "evaluate any module by class_path (cm3leon fit --config configs/...yaml). Also: 'cm3leon prepare' (raw "
     "image-caption pairs -> tokenized, retrieval-augmented shards), 'cm3leon generate' (images or text from a "
-    "checkpoint) and 'cm3leon demo' (the whole recipe on synthetic shapes, on CPU); each takes --help."
+    "checkpoint), 'cm3leon serve' (the same over HTTP, requests batched) and 'cm3leon demo' (the whole recipe on "
+    "synthetic shapes, on CPU); each takes --help."
 )
 """The top-level ``cm3leon --help`` text: it names the commands that are not Lightning subcommands."""
 

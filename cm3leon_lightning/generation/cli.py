@@ -130,12 +130,18 @@ def load_image(path: str | Path, vqgan: torch.nn.Module) -> torch.Tensor:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"--image: file not found: {p}")
-    img = Image.open(p).convert("RGB")
+    return square_image(Image.open(p), vqgan.config.resolution)[None]  # type: ignore[union-attr]
+
+
+def square_image(img: Image.Image, resolution: int) -> torch.Tensor:
+    """A PIL image as RGB, centre-cropped to a square and resized (bicubic) to ``resolution``; ``(3, R, R)`` uint8."""
+    from PIL import Image
+
+    img = img.convert("RGB")
     side = min(img.size)
     left, top = (img.width - side) // 2, (img.height - side) // 2
-    r = vqgan.config.resolution  # type: ignore[union-attr]
-    img = img.crop((left, top, left + side, top + side)).resize((r, r), Image.BICUBIC)
-    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)[None]
+    img = img.crop((left, top, left + side, top + side)).resize((resolution, resolution), Image.BICUBIC)
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
 
 
 def retrieve_documents(

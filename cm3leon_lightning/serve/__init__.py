@@ -1,0 +1,19 @@
+"""Serving (``cm3leon serve``): a LitServe API over a CM3Leon checkpoint, with dynamic batching of requests.
+
+Needs the ``serve`` extra (``pip install 'cm3leon_lightning[serve]'``: LitServe and FastAPI). The top-level package does
+not import this one.
+"""
+
+from cm3leon_lightning.serve.api import CM3LeonAPI, ImageJob, TextJob, TextSettings
+from cm3leon_lightning.serve.requests import GenerationRequest, ImageRequest, Rejected, TextRequest
+
+__all__ = [
+    "CM3LeonAPI",
+    "GenerationRequest",
+    "ImageJob",
+    "ImageRequest",
+    "Rejected",
+    "TextJob",
+    "TextRequest",
+    "TextSettings",
+]

@@ -1,0 +1,307 @@
+"""``CM3LeonAPI``: a LitServe API that serves text-to-image and image-to-text from a ``CM3LeonModule`` checkpoint.
+
+LitServe (Lightning's serving library) runs :meth:`CM3LeonAPI.setup` once per worker, gathers up to
+``max_batch_size`` requests that arrive within ``batch_timeout`` seconds, and hands them to :meth:`predict` together.
+There the requests are grouped (:func:`~cm3leon_lightning.serve.requests.group_key`): each group is one call of
+:func:`~cm3leon_lightning.generation.generate.generate_image` or
+:func:`~cm3leon_lightning.generation.generate.generate_text`, so concurrent requests with equal settings share the
+decode's forward passes (a decode step costs nearly the same for 2 or 16 rows on a GPU). A request that carries a
+``seed`` and samples is decoded on its own, so the same request always gives the same images. A request the server
+cannot honour is answered 400 on its own; the rest of its batch is unaffected.
+
+Usage, from Python (``cm3leon serve`` does the same from the command line)::
+
+    import litserve as ls
+    from cm3leon_lightning.serve import CM3LeonAPI
+
+    api = CM3LeonAPI("last.ckpt", "tok/", vqgan="vqgan/", max_batch_size=8, batch_timeout=0.05)
+    ls.LitServer(api, accelerator="auto", timeout=600).run(port=8000, generate_client_file=False)
+"""
+
+# No `from __future__ import annotations`: LitServe hands decode_request's annotation to FastAPI as the body type,
+# and a string annotation would not resolve there.
+import random
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import litserve as ls
+import torch
+from fastapi.responses import JSONResponse
+from pydantic import TypeAdapter, ValidationError
+
+from cm3leon_lightning.generation.generate import (
+    TEXT_LAYOUTS,
+    GenerationSettings,
+    caption_prompt,
+    generate_image,
+    generate_text,
+    image_prompt,
+)
+from cm3leon_lightning.serve.requests import (
+    GenerationRequest,
+    ImageRequest,
+    Rejected,
+    TextRequest,
+    decode_base64_image,
+    encode_png_base64,
+    group_key,
+)
+
+IMAGE_SETTINGS = ("num_samples", "method", "cfg", "temperature", "top_p", "top_k", "cdk_k", "cdk_alpha")
+"""The fields of an :class:`ImageRequest` that override the server's :class:`GenerationSettings`."""
+
+TEXT_SETTINGS = ("layout", "max_new_tokens", "method", "temperature", "top_p")
+"""The fields of a :class:`TextRequest` that override the server's :class:`TextSettings`."""
+
+
+@dataclass(frozen=True)
+class TextSettings:
+    """Image-to-text defaults of a server (``cm3leon serve --layout/--max-new-tokens/--text-method``).
+
+    Attributes:
+        layout: ``infill`` or ``image_first`` (see :func:`~cm3leon_lightning.generation.generate.generate_text`).
+        max_new_tokens: the longest answer.
+        method: ``greedy``, ``temperature`` or ``top_p``.
+        temperature: softmax temperature for the sampling methods.
+        top_p: nucleus mass for ``top_p``.
+    """
+
+    layout: str = "infill"
+    max_new_tokens: int = 32
+    method: str = "greedy"
+    temperature: float = 1.0
+    top_p: float = 0.9
+
+    def __post_init__(self) -> None:
+        if self.layout not in TEXT_LAYOUTS:
+            raise ValueError(f"layout must be one of {TEXT_LAYOUTS}, got {self.layout!r}")
+        if self.method not in ("greedy", "temperature", "top_p"):
+            raise ValueError(f"text method must be greedy, temperature or top_p, got {self.method!r}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass
+class ImageJob:
+    """A decoded text-to-image request: what :meth:`CM3LeonAPI.predict` needs to run it."""
+
+    prompt: str
+    ids: list[int]
+    settings: GenerationSettings
+    seed: int | None
+    rerank: bool
+    keep: int | None
+    return_codes: bool
+
+
+@dataclass
+class TextJob:
+    """A decoded image-to-text request."""
+
+    codes: torch.Tensor  # (grid_h * grid_w,)
+    instruction: list[int]
+    settings: TextSettings
+    seed: int | None
+
+
+def _key(job: ImageJob | TextJob, index: int) -> tuple:
+    settings = asdict(job.settings)
+    seeded = job.seed if job.settings.method != "greedy" else None  # greedy ignores the seed
+    return (type(job).__name__, *group_key(settings, seeded, index))
+
+
+class CM3LeonAPI(ls.LitAPI):
+    """Serves a CM3Leon checkpoint over HTTP with LitServe (``POST /predict``, see
+    :mod:`cm3leon_lightning.serve.requests` for the JSON).
+
+    Args:
+        ckpt: ``CM3LeonModule`` checkpoint (``.ckpt``), loaded with ``weights_only=True``.
+        tokenizer: text tokenizer (``tokenizer.json`` or its directory).
+        vqgan: VQGAN directory (``VQGAN.from_pretrained``); needed for PNGs, for image-to-text and for re-ranking.
+            Without it text-to-image answers with codes only.
+        clip: open_clip model name for ``rerank`` requests (None: re-ranking refused with 400).
+        clip_pretrained: open_clip weights tag or local weights file for ``clip``.
+        image_defaults: text-to-image settings for fields a request leaves out (``seed`` is unused: a request
+            without a seed gets a fresh one).
+        text_defaults: image-to-text settings for fields a request leaves out.
+        max_num_samples: the most candidates one request may ask for.
+        dtype: transformer weights and KV cache: ``auto`` (bfloat16 on CUDA, float32 on CPU) or a dtype name.
+        compile: how the decode step runs (None: the fastest available, see ``generation/graphs.py``).
+        attention: ``sdpa`` or ``flex``.
+        max_batch_size: requests gathered into one :meth:`predict` call.
+        batch_timeout: seconds to wait for a batch to fill.
+        api_path: the endpoint.
+    """
+
+    def __init__(
+        self,
+        ckpt: str,
+        tokenizer: str,
+        vqgan: str | None = None,
+        clip: str | None = None,
+        clip_pretrained: str | None = "openai",
+        *,
+        image_defaults: GenerationSettings | None = None,
+        text_defaults: TextSettings | None = None,
+        max_num_samples: int = 16,
+        dtype: str = "auto",
+        compile: bool | str | None = None,
+        attention: str = "sdpa",
+        max_batch_size: int = 1,
+        batch_timeout: float = 0.0,
+        api_path: str = "/predict",
+    ) -> None:
+        super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, api_path=api_path)
+        if max_num_samples < 1:
+            raise ValueError(f"max_num_samples must be >= 1, got {max_num_samples}")
+        self.ckpt, self.tokenizer_path, self.vqgan_path = str(ckpt), str(tokenizer), vqgan
+        self.clip_name, self.clip_pretrained = clip, clip_pretrained
+        self.image_defaults = replace(image_defaults or GenerationSettings(num_samples=4), compile=compile)
+        self.text_defaults = text_defaults or TextSettings()
+        self.max_num_samples = max_num_samples
+        self.dtype, self.compile, self.attention = dtype, compile, attention
+        self._adapter = TypeAdapter(GenerationRequest)
+
+    # ----------------------------------------------------------------------------------------------- setup
+    def setup(self, device: str) -> None:
+        """Load the checkpoint, tokenizers and (optionally) CLIP on ``device``; mismatched vocabularies fail here."""
+        from cm3leon_lightning.generation.cli import check_tokenizers, load_checkpoint, resolve_dtype
+        from cm3leon_lightning.tokenization.text import TextTokenizer
+
+        self.model, self.vocab = load_checkpoint(self.ckpt, device, resolve_dtype(self.dtype, device))
+        self.model.set_attention(self.attention)
+        self.tokenizer = TextTokenizer.load(self.tokenizer_path)
+        self.vqgan = None
+        if self.vqgan_path:
+            from cm3leon_lightning.tokenization.vqgan import VQGAN
+
+            self.vqgan = VQGAN.from_pretrained(self.vqgan_path, map_location=device).eval()
+        check_tokenizers(self.vocab, self.tokenizer, self.vqgan)
+        self.clip = None
+        if self.clip_name:
+            from cm3leon_lightning.retrieval.encoder import ClipEncoder
+
+            self.clip = ClipEncoder(self.clip_name, pretrained=self.clip_pretrained, device=str(device))
+        self._rng = random.Random()  # seeds for requests without one
+        self._serve_device = torch.device(device)
+
+    # ----------------------------------------------------------------------------------------------- requests
+    def decode_request(self, request: GenerationRequest) -> ImageJob | TextJob | Rejected:  # type: ignore[override]
+        """Check a request against this server and the model's context; a dict is validated against the schema
+        first (the HTTP endpoint has done that already)."""
+        if isinstance(request, dict):
+            try:
+                request = self._adapter.validate_python(request)
+            except ValidationError as e:
+                return Rejected(422, str(e))
+        try:
+            if isinstance(request, ImageRequest):
+                return self._image_job(request)
+            return self._text_job(request)
+        except ValueError as e:
+            return Rejected(400, str(e))
+
+    def _image_job(self, r: ImageRequest) -> ImageJob:
+        overrides = r.model_dump(include=set(IMAGE_SETTINGS), exclude_none=True)
+        settings = GenerationSettings(**{**asdict(self.image_defaults), **overrides})
+        n = settings.num_samples
+        if n > self.max_num_samples:
+            raise ValueError(f"num_samples: {n} exceeds this server's limit of {self.max_num_samples}")
+        if r.rerank and (self.clip is None or self.vqgan is None):
+            raise ValueError("rerank: this server was started without --clip and --vqgan, so it cannot re-rank")
+        if r.keep is not None and (not r.rerank or r.keep > n):
+            raise ValueError(f"keep: needs rerank and at most num_samples={n} (got keep={r.keep})")
+        ids = self.tokenizer.encode(r.prompt)
+        need = len(image_prompt(self.vocab, ids)) + self.vocab.image_tokens
+        if need > self.model.config.max_seq_len:
+            raise ValueError(
+                f"prompt: {len(ids)} text tokens plus {self.vocab.image_tokens} image tokens exceed the model's "
+                f"context max_seq_len={self.model.config.max_seq_len}"
+            )
+        return ImageJob(r.prompt, ids, settings, r.seed, r.rerank, r.keep, r.return_codes)
+
+    def _text_job(self, r: TextRequest) -> TextJob:
+        overrides = r.model_dump(include=set(TEXT_SETTINGS), exclude_none=True)
+        settings = TextSettings(**{**asdict(self.text_defaults), **overrides})
+        if self.vqgan is None:
+            raise ValueError("image: this server was started without --vqgan, so it cannot read images")
+        pixels = decode_base64_image(r.image, self.vqgan.config.resolution)  # (3, R, R) uint8
+        with torch.no_grad():
+            codes = self.vqgan.encode(pixels[None].to(self._serve_device))[0].cpu()  # (h*w,)
+        instruction = self.tokenizer.encode(r.instruction) if r.instruction else []
+        need = len(caption_prompt(self.vocab, codes.tolist(), instruction, settings.layout)) + settings.max_new_tokens
+        if need > self.model.config.max_seq_len:
+            raise ValueError(
+                f"instruction: the prompt plus max_new_tokens={settings.max_new_tokens} needs {need} positions, more "
+                f"than the model's context max_seq_len={self.model.config.max_seq_len}"
+            )
+        return TextJob(codes, instruction, settings, r.seed)
+
+    # ----------------------------------------------------------------------------------------------- predict
+    def predict(self, x: Any) -> Any:
+        """Run a job, or a list of jobs grouped into as few decodes as their settings and seeds allow."""
+        jobs = x if isinstance(x, list) else [x]
+        results: list[Any] = list(jobs)  # Rejected entries pass through
+        groups: dict[tuple, list[int]] = {}
+        for i, job in enumerate(jobs):
+            if not isinstance(job, Rejected):
+                groups.setdefault(_key(job, i), []).append(i)
+        for idx in groups.values():
+            group = [jobs[i] for i in idx]
+            try:
+                outs = self._run_images(group) if isinstance(group[0], ImageJob) else self._run_texts(group)
+            except ValueError as e:  # a setting the decoder refuses: answer these requests, not the batch
+                outs = [Rejected(400, str(e))] * len(group)
+            for i, out in zip(idx, outs):
+                results[i] = out
+        return results if isinstance(x, list) else results[0]
+
+    def _seed(self, seed: int | None) -> int:
+        return seed if seed is not None else self._rng.getrandbits(62)
+
+    def _run_images(self, group: list[ImageJob]) -> list[dict[str, Any]]:
+        from cm3leon_lightning.generation.rerank import rerank
+
+        first = group[0]
+        prompts, seed = [j.ids for j in group], self._seed(first.seed)
+        codes = generate_image(self.model, self.vocab, prompts, seed=seed, **first.settings.image_kwargs()).codes
+        # codes: (P, N, h*w)
+        images = None
+        if self.vqgan is not None:  # per request: its pixels must not depend on the batch's size (conv rounding)
+            with torch.no_grad():
+                images = torch.stack([self.vqgan.decode(c.to(self._serve_device)) for c in codes])  # (P, N, C, H, W)
+        scores: list[list[float] | None] = [None] * len(group)
+        order = [list(range(codes.shape[1]))] * len(group)
+        ranked = [i for i, j in enumerate(group) if j.rerank]
+        if ranked and images is not None:
+            r = rerank(self.clip, [group[i].prompt for i in ranked], images[ranked], keep=codes.shape[1])
+            for k, i in enumerate(ranked):
+                scores[i], order[i] = r.scores[k].tolist(), r.order[k].tolist()
+        answers = []
+        for i, job in enumerate(group):
+            keep = order[i][: job.keep or len(order[i])]
+            answer: dict[str, Any] = {"seed": job.seed}
+            if images is not None:
+                answer["images"] = [encode_png_base64(images[i, c]) for c in keep]
+            if job.return_codes or images is None:
+                answer["codes"] = codes[i, keep].tolist()
+            if scores[i] is not None:
+                answer["clip_scores"] = scores[i][: len(keep)]
+            answers.append(answer)
+        return answers
+
+    def _run_texts(self, group: list[TextJob]) -> list[dict[str, Any]]:
+        s = group[0].settings
+        ids = generate_text(
+            self.model, self.vocab, torch.stack([j.codes for j in group]), [j.instruction for j in group],
+            max_new_tokens=s.max_new_tokens, method=s.method, temperature=s.temperature, top_p=s.top_p,
+            seed=self._seed(group[0].seed), compile=self.compile, layout=s.layout,
+        )  # fmt: skip
+        return [{"text": self.tokenizer.decode(a)} for a in ids]
+
+    # ----------------------------------------------------------------------------------------------- responses
+    def encode_response(self, output: Any) -> Any:
+        """The JSON answer; a :class:`Rejected` request becomes its own 4xx response."""
+        if isinstance(output, Rejected):
+            return JSONResponse(status_code=output.status, content={"detail": output.detail})
+        return output

@@ -1,0 +1,121 @@
+"""``cm3leon serve``: an HTTP server (LitServe) for text-to-image and image-to-text from a trained checkpoint.
+
+Example::
+
+    cm3leon serve --ckpt last.ckpt --tokenizer tok/ --vqgan vqgan/ --clip ViT-B-32 --clip-pretrained clip.safetensors \\
+        --max-batch-size 8 --batch-timeout 0.05 --port 8000
+    curl -s localhost:8000/predict -d '{"prompt": "a red circle", "num_samples": 4, "rerank": true, "keep": 1}'
+    curl -s localhost:8000/predict -d '{"image": "'"$(base64 -w0 x.png)"'", "instruction": "What is it?"}'
+
+``GET /health`` answers ``ok`` once every worker has loaded the model. The request and response fields are documented
+in :mod:`cm3leon_lightning.serve.requests`. Missing files and unknown settings are reported in one line (exit status 2)
+before any worker starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from cm3leon_lightning.generation.cli import DTYPES
+from cm3leon_lightning.generation.generate import TEXT_LAYOUTS, GenerationSettings
+from cm3leon_lightning.generation.graphs import MODES
+from cm3leon_lightning.model import ATTENTION_IMPLS
+from cm3leon_lightning.serve.requests import IMAGE_METHODS, TEXT_METHODS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``cm3leon serve`` argument parser."""
+    p = argparse.ArgumentParser(prog="cm3leon serve", description=__doc__.split("\n")[0])
+    p.add_argument("--ckpt", required=True, help="CM3LeonModule checkpoint (.ckpt)")
+    p.add_argument("--tokenizer", required=True, help="text tokenizer: tokenizer.json or its directory")
+    p.add_argument("--vqgan", help="VQGAN directory: PNG answers, image-to-text and re-ranking need it")
+    p.add_argument("--clip", help="open_clip model for 'rerank' requests (e.g. ViT-B-32); none: rerank refused")
+    p.add_argument("--clip-pretrained", default="openai", help="open_clip weights tag or local weights file")
+    d = p.add_argument_group("defaults for fields a request leaves out")
+    d.add_argument("--num-samples", type=int, default=4)
+    d.add_argument("--method", default="top_p", choices=IMAGE_METHODS)
+    d.add_argument("--cfg", type=float, default=3.0)
+    d.add_argument("--temperature", type=float, default=1.0)
+    d.add_argument("--top-p", type=float, default=0.9)
+    d.add_argument("--top-k", type=int, default=None)
+    d.add_argument("--cdk-k", type=int, default=8)
+    d.add_argument("--cdk-alpha", type=float, default=0.5)
+    d.add_argument("--layout", default="infill", choices=TEXT_LAYOUTS, help="image-to-text prompt layout")
+    d.add_argument("--max-new-tokens", type=int, default=32, help="longest image-to-text answer")
+    d.add_argument("--text-method", default="greedy", choices=TEXT_METHODS)
+    s = p.add_argument_group("server")
+    s.add_argument("--max-num-samples", type=int, default=16, help="the most candidates one request may ask for")
+    s.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together")
+    s.add_argument("--batch-timeout", type=float, default=0.05, help="seconds to wait for a batch to fill")
+    s.add_argument("--accelerator", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    s.add_argument("--devices", default="auto", help="number of devices, or auto")
+    s.add_argument("--workers-per-device", type=int, default=1)
+    s.add_argument("--timeout", type=float, default=600.0, help="seconds a request may wait and run")
+    s.add_argument("--host", default="0.0.0.0")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--dtype", choices=("auto", *DTYPES), default="auto", help="transformer weights and KV cache")
+    s.add_argument("--compile", choices=("auto", *MODES), default="auto", help="how the decode step runs")
+    s.add_argument("--attention", choices=ATTENTION_IMPLS, default="sdpa")
+    return p
+
+
+def build_api(args: argparse.Namespace) -> object:
+    """The :class:`~cm3leon_lightning.serve.api.CM3LeonAPI` for parsed arguments, after checking the files exist
+    and the defaults are valid (raises FileNotFoundError / ValueError naming the argument)."""
+    for flag in ("ckpt", "tokenizer", "vqgan"):
+        path = getattr(args, flag)
+        if path is not None and not Path(path).exists():
+            raise FileNotFoundError(f"--{flag}: not found: {path}")
+    if args.clip and not args.vqgan:
+        raise ValueError("--clip re-ranks decoded images: it needs --vqgan")
+    image = GenerationSettings(
+        num_samples=args.num_samples, method=args.method, cfg=args.cfg, temperature=args.temperature,
+        top_p=args.top_p, top_k=args.top_k, cdk_k=args.cdk_k, cdk_alpha=args.cdk_alpha,
+    )  # fmt: skip
+    if args.num_samples > args.max_num_samples:
+        raise ValueError(f"--num-samples {args.num_samples} exceeds --max-num-samples {args.max_num_samples}")
+    from cm3leon_lightning.serve.api import CM3LeonAPI, TextSettings
+
+    text = TextSettings(
+        layout=args.layout, max_new_tokens=args.max_new_tokens, method=args.text_method,
+        temperature=args.temperature, top_p=args.top_p,
+    )  # fmt: skip
+    return CM3LeonAPI(
+        args.ckpt, args.tokenizer, vqgan=args.vqgan, clip=args.clip, clip_pretrained=args.clip_pretrained,
+        image_defaults=image, text_defaults=text, max_num_samples=args.max_num_samples, dtype=args.dtype,
+        compile=None if args.compile == "auto" else args.compile, attention=args.attention,
+        max_batch_size=args.max_batch_size, batch_timeout=args.batch_timeout,
+    )  # fmt: skip
+
+
+def build_server(args: argparse.Namespace) -> object:
+    """The ``litserve.LitServer`` for parsed arguments (not started)."""
+    import litserve as ls
+
+    if args.devices != "auto" and not str(args.devices).isdigit():
+        raise ValueError(f"--devices must be a number or auto, got {args.devices!r}")
+    devices: int | str = args.devices if args.devices == "auto" else int(args.devices)
+    return ls.LitServer(
+        build_api(args), accelerator=args.accelerator, devices=devices, workers_per_device=args.workers_per_device,
+        timeout=args.timeout,
+    )  # fmt: skip
+
+
+def main(argv: Sequence[str]) -> int:
+    """Entry point of ``cm3leon serve``; returns the exit status (2 on bad input, with a one-line error)."""
+    args = build_parser().parse_args(list(argv))
+    try:
+        import litserve  # noqa: F401
+    except ImportError:
+        print("cm3leon serve: error: needs LitServe: pip install 'cm3leon_lightning[serve]'", file=sys.stderr)
+        return 2
+    try:
+        server = build_server(args)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"cm3leon serve: error: {e}", file=sys.stderr)
+        return 2
+    server.run(host=args.host, port=args.port, generate_client_file=False)  # type: ignore[attr-defined]
+    return 0

@@ -1,0 +1,132 @@
+"""The JSON requests and responses of ``cm3leon serve``, and the pure helpers around them.
+
+One endpoint, ``POST /predict``, takes two kinds of request, told apart by their fields:
+
+- text-to-image, ``{"prompt": "a red circle", "num_samples": 4, "cfg": 3, "seed": 1, "rerank": true}``
+  (:class:`ImageRequest`), answered with ``{"images": [<base64 PNG>, ...], "seed": 1, "clip_scores": [...]}``;
+- image-to-text, ``{"image": <base64 PNG or JPEG>, "instruction": "Describe the given picture."}``
+  (:class:`TextRequest`), answered with ``{"text": "..."}``.
+
+Fields left out take the server's defaults (``cm3leon serve --num-samples/--method/--cfg ...``). The models forbid
+unknown fields and check every bound, so FastAPI answers a malformed request with 422 naming the field before it
+reaches the model (and before it can share a batch with other requests). This module imports pydantic, not LitServe.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, Union
+
+import torch
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
+
+IMAGE_METHODS = ("greedy", "temperature", "top_p", "cd_k")
+"""Decoding methods of a text-to-image request (``generate_image``)."""
+
+TEXT_METHODS = ("greedy", "temperature", "top_p")
+"""Decoding methods of an image-to-text request (``generate_text``)."""
+
+
+class ImageRequest(BaseModel):
+    """A text-to-image request: sample ``num_samples`` images of ``prompt`` (paper section 3.1).
+
+    ``seed`` makes the request reproducible: a seeded request is decoded on its own, so its images depend only on
+    the seed and the settings. Requests without a seed and with equal settings share one decode batch.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1, description="the caption to draw")
+    num_samples: int | None = Field(None, ge=1, le=64, description="candidates to sample")
+    method: Literal["greedy", "temperature", "top_p", "cd_k"] | None = None
+    cfg: float | None = Field(None, ge=0.0, le=100.0, description="classifier-free guidance scale (1 = none)")
+    temperature: float | None = Field(None, ge=0.0, le=10.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=1)
+    cdk_k: int | None = Field(None, ge=1)
+    cdk_alpha: float | None = Field(None, gt=0.0, le=1.0)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    rerank: bool = Field(False, description="order the candidates by CLIP score, best first (server needs --clip)")
+    keep: int | None = Field(None, ge=1, description="return only the best `keep` candidates (with rerank)")
+    return_codes: bool = Field(False, description="also return the image codes")
+
+
+class TextRequest(BaseModel):
+    """An image-to-text request: caption an image or answer ``instruction`` about it (paper section 4.2)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: str = Field(min_length=1, description="base64 PNG or JPEG (a data: URL prefix is allowed)")
+    instruction: str = Field("", description="instruction or question; empty: plain captioning")
+    layout: Literal["infill", "image_first"] | None = None
+    max_new_tokens: int | None = Field(None, ge=1, le=1024)
+    method: Literal["greedy", "temperature", "top_p"] | None = None
+    temperature: float | None = Field(None, ge=0.0, le=10.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+
+
+def request_kind(value: Any) -> str:
+    """``"image"`` for a request carrying an ``image`` field (image-to-text), else ``"prompt"`` (text-to-image)."""
+    if isinstance(value, dict):
+        return "image" if "image" in value else "prompt"
+    return "image" if isinstance(value, TextRequest) else "prompt"
+
+
+GenerationRequest = Annotated[
+    Union[Annotated[ImageRequest, Tag("prompt")], Annotated[TextRequest, Tag("image")]],  # noqa: UP007 - pydantic
+    Discriminator(request_kind),
+]
+"""The body of ``POST /predict``: an :class:`ImageRequest` or a :class:`TextRequest`."""
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """A request that passed the schema but not the server's own checks (too long for the context, an unreadable
+    image, a setting the server cannot honour); answered with ``status`` and ``detail`` without touching the
+    other requests of its batch."""
+
+    status: int
+    detail: str
+
+
+def group_key(settings: dict[str, Any], seed: int | None, index: int) -> tuple:
+    """The decode batch a request joins: requests with equal settings and no seed share one; a seeded request gets
+    its own (keyed by its position ``index``), so its samples do not depend on what else was in the batch."""
+    return (tuple(sorted(settings.items())), index if seed is not None else None)
+
+
+def decode_base64_image(data: str, resolution: int) -> torch.Tensor:
+    """A base64 PNG/JPEG (optionally a ``data:`` URL) -> ``(3, R, R)`` uint8, centre-cropped and resized (bicubic).
+
+    Raises:
+        ValueError: not base64, or not an image PIL can read; the message names the ``image`` field.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    from cm3leon_lightning.generation.cli import square_image
+
+    if data.startswith("data:"):
+        data = data.partition(",")[2]
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ValueError(f"image: not valid base64 ({e})") from e
+    try:
+        img = Image.open(io.BytesIO(raw))
+        img.load()
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"image: {len(raw)} bytes that are not a readable image ({e})") from e
+    return square_image(img, resolution)
+
+
+def encode_png_base64(image: torch.Tensor) -> str:
+    """A ``(C, H, W)`` float image in ``[-1, 1]`` (``VQGAN.decode``'s range) -> base64 PNG."""
+    from cm3leon_lightning.generation.cli import to_pil
+
+    buf = io.BytesIO()
+    to_pil(image).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")

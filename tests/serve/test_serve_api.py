@@ -1,0 +1,155 @@
+"""``CM3LeonAPI`` without a server: a batch of requests decodes in as few calls as its settings allow, every answer
+equals the same request decoded on its own, and a request the server cannot honour is answered alone."""
+
+import pytest
+from fastapi.responses import JSONResponse
+from support.images import png_base64
+
+import cm3leon_lightning.serve.api as api_module
+from cm3leon_lightning.generation import generate_image, generate_text, rerank
+from cm3leon_lightning.generation.cli import load_checkpoint
+from cm3leon_lightning.retrieval.encoder import ClipEncoder
+from cm3leon_lightning.serve import CM3LeonAPI, ImageJob, Rejected, TextJob, TextSettings
+from cm3leon_lightning.serve.requests import decode_base64_image, encode_png_base64
+from cm3leon_lightning.tokenization.text import TextTokenizer
+from cm3leon_lightning.tokenization.vqgan import VQGAN
+
+
+def make_api(root, **kwargs):
+    kw = dict(vqgan=str(root / "vqgan"), clip="cm3leon-clip-tiny", clip_pretrained=str(root / "clip.safetensors"))
+    api = CM3LeonAPI(str(root / "model.ckpt"), str(root / "tok"), compile=False, **{**kw, **kwargs})
+    api.setup("cpu")
+    return api
+
+
+@pytest.fixture(scope="module")
+def api(serve_assets):
+    return make_api(serve_assets)
+
+
+@pytest.fixture(scope="module")
+def direct(serve_assets):
+    """The model and tokenizers loaded the way a user would, to decode requests one by one."""
+    model, vocab = load_checkpoint(serve_assets / "model.ckpt")
+    tok = TextTokenizer.load(serve_assets / "tok")
+    vqgan = VQGAN.from_pretrained(serve_assets / "vqgan").eval()
+    return model, vocab, tok, vqgan
+
+
+def counting(monkeypatch, name):
+    """Wrap ``serve.api.<name>`` to record the number of rows (prompts or images) of every call."""
+    calls, real = [], getattr(api_module, name)
+
+    def wrapper(model, vocab, rows, *args, **kwargs):
+        calls.append(len(rows))
+        return real(model, vocab, rows, *args, **kwargs)
+
+    monkeypatch.setattr(api_module, name, wrapper)
+    return calls
+
+
+def solo_image(direct, prompt, **kwargs):
+    model, vocab, tok, vqgan = direct
+    return generate_image(model, vocab, [tok.encode(prompt)], vqgan=vqgan, compile=False, **kwargs)
+
+
+def test_a_batch_decodes_in_groups_and_each_answer_equals_its_solo_decode(api, direct, monkeypatch):
+    image_calls, text_calls = counting(monkeypatch, "generate_image"), counting(monkeypatch, "generate_text")
+    greedy = {"method": "greedy", "num_samples": 2, "cfg": 3.0}
+    sampled = {"method": "top_p", "num_samples": 2, "top_p": 0.8, "seed": 11}
+    requests = [
+        {"prompt": "a red circle", **greedy},
+        {"image": png_base64(0), "instruction": "what colour is it"},
+        {"prompt": "two green triangles", **greedy},
+        {"prompt": "a blue square", **sampled},
+        {"prompt": "a blue square", **sampled},  # same seed, same request: decoded apart, same images
+        {"prompt": "a red circle " * 30},  # too long for the 128-token context
+        {"image": png_base64(1)},
+        {"prompt": "a small red square", "num_samples": 3},  # server defaults, no seed
+    ]
+    jobs = [api.decode_request(r) for r in requests]
+    assert [type(j) for j in jobs] == [ImageJob, TextJob, ImageJob, ImageJob, ImageJob, Rejected, TextJob, ImageJob]
+    out = api.predict(jobs)
+    assert sorted(image_calls) == [1, 1, 1, 2] and text_calls == [2]  # greedy pair together, texts together
+
+    for i, prompt in ((0, "a red circle"), (2, "two green triangles")):
+        want = solo_image(direct, prompt, **greedy)
+        assert out[i]["images"] == [encode_png_base64(im) for im in want.images[0]] and out[i]["seed"] is None
+        assert "codes" not in out[i]
+    want = solo_image(direct, "a blue square", **sampled)
+    assert out[3]["images"] == [encode_png_base64(im) for im in want.images[0]] == out[4]["images"]
+    assert out[3]["seed"] == 11
+    assert len(out[7]["images"]) == 3  # num_samples from the request, the rest from the server's defaults
+
+    assert isinstance(out[5], Rejected) and out[5].status == 400
+    assert "prompt: " in out[5].detail and "max_seq_len=128" in out[5].detail
+    model, vocab, tok, vqgan = direct
+    for i, seed, instruction in ((1, 0, "what colour is it"), (6, 1, "")):
+        codes = vqgan.encode(decode_base64_image(png_base64(seed), 16)[None])
+        want = generate_text(model, vocab, codes, tok.encode(instruction) if instruction else None, compile=False)
+        assert out[i] == {"text": tok.decode(want[0])}
+
+
+def test_rerank_orders_by_clip_score_and_keeps_the_best(api, direct, serve_assets):
+    out = api.predict(api.decode_request({"prompt": "a red circle", "num_samples": 4, "seed": 3, "rerank": True,
+                                          "keep": 2, "return_codes": True}))  # fmt: skip
+    want = solo_image(direct, "a red circle", num_samples=4, seed=3, cfg=3.0, method="top_p")
+    clip = ClipEncoder("cm3leon-clip-tiny", pretrained=str(serve_assets / "clip.safetensors"))
+    best = rerank(clip, ["a red circle"], want.images, want.codes, keep=2)
+    assert out["images"] == [encode_png_base64(im) for im in best.images[0]]
+    assert out["codes"] == best.codes[0].tolist()
+    assert out["clip_scores"] == pytest.approx(best.scores[0].tolist(), abs=1e-6)
+    assert out["clip_scores"][0] >= out["clip_scores"][1]
+
+
+@pytest.mark.parametrize(
+    "request_, status, detail",
+    [
+        ({"prompt": "x", "num_samples": 17}, 400, "num_samples: 17 exceeds this server's limit of 16"),
+        ({"prompt": "x", "keep": 1}, 400, "keep: needs rerank"),
+        ({"prompt": "x", "rerank": True, "num_samples": 2, "keep": 3}, 400, "keep: needs rerank and at most"),
+        ({"prompt": "x", "method": "cd_k", "cdk_alpha": 0.5, "cdk_k": 0}, 422, "cdk_k"),
+        ({"image": "%%%"}, 400, "image: not valid base64"),
+        ({"image": png_base64(0), "max_new_tokens": 100}, 400, "instruction: the prompt plus max_new_tokens=100"),
+    ],
+)
+def test_a_request_the_server_cannot_honour_is_rejected_naming_the_field(api, request_, status, detail):
+    job = api.decode_request(request_)
+    assert isinstance(job, Rejected) and job.status == status and detail in job.detail
+    response = api.encode_response(job)
+    assert isinstance(response, JSONResponse) and response.status_code == status and detail.encode() in response.body
+
+
+def test_a_server_without_vqgan_or_clip_answers_codes_and_refuses_what_it_cannot_do(serve_assets, direct):
+    api = make_api(serve_assets, vqgan=None, clip=None)
+    out = api.predict(api.decode_request({"prompt": "a red circle", "method": "greedy", "num_samples": 2}))
+    want = solo_image(direct, "a red circle", method="greedy", num_samples=2)
+    assert set(out) == {"seed", "codes"} and out["codes"] == want.codes[0].tolist()
+    for request, detail in (({"prompt": "x", "rerank": True}, "rerank: this server was started without --clip"),
+                            ({"image": png_base64(0)}, "image: this server was started without --vqgan")):  # fmt: skip
+        job = api.decode_request(request)
+        assert isinstance(job, Rejected) and job.status == 400 and detail in job.detail
+
+
+def test_server_defaults_apply_to_fields_a_request_leaves_out(serve_assets):
+    api = make_api(serve_assets, text_defaults=TextSettings(layout="image_first", max_new_tokens=5), clip=None)
+    job = api.decode_request({"image": png_base64(0)})
+    assert job.settings == TextSettings(layout="image_first", max_new_tokens=5)
+    job = api.decode_request({"image": png_base64(0), "max_new_tokens": 7, "layout": "infill"})
+    assert (job.settings.layout, job.settings.max_new_tokens) == ("infill", 7)
+    assert api.image_defaults.num_samples == 4 and api.decode_request({"prompt": "x"}).settings.num_samples == 4
+    with pytest.raises(ValueError, match="layout must be one of"):
+        TextSettings(layout="sideways")
+    with pytest.raises(ValueError, match="max_num_samples"):
+        CM3LeonAPI("m.ckpt", "tok", max_num_samples=0)
+
+
+def test_a_greedy_batch_is_equal_to_one_decode_per_request(api, direct):
+    """Left-padded prompts of different lengths in one decode give the same greedy images as decoding each alone
+    (each request's codes are decoded to pixels apart, so the VQGAN's batch size cannot change a pixel either)."""
+    prompts = ["a red circle", "two green triangles and a small red square", "a blue square"]
+    jobs = [api.decode_request({"prompt": p, "method": "greedy", "num_samples": 1, "cfg": 2.0}) for p in prompts]
+    out = api.predict(jobs)
+    for p, answer in zip(prompts, out):
+        want = solo_image(direct, p, method="greedy", num_samples=1, cfg=2.0)
+        assert answer["images"] == [encode_png_base64(want.images[0, 0])]

@@ -1,0 +1,99 @@
+"""``cm3leon serve`` over HTTP (LitServe's app in a test client, its worker a real process): the answers equal direct
+decoding, concurrent requests are served from one batch with a bad one answered alone, malformed bodies get 422
+naming the field, and the command reports bad arguments in one line."""
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from fastapi.testclient import TestClient
+from litserve.utils import wrap_litserve_start
+from support.images import png_base64
+
+from cm3leon_lightning.cli import main as cm3leon_main
+from cm3leon_lightning.generation import generate_image, generate_text
+from cm3leon_lightning.generation.cli import load_checkpoint
+from cm3leon_lightning.serve.cli import build_parser, build_server
+from cm3leon_lightning.serve.requests import decode_base64_image, encode_png_base64
+from cm3leon_lightning.tokenization.text import TextTokenizer
+from cm3leon_lightning.tokenization.vqgan import VQGAN
+
+
+def argv(root, *extra):
+    return ["--ckpt", str(root / "model.ckpt"), "--tokenizer", str(root / "tok"), "--vqgan", str(root / "vqgan"),
+            "--accelerator", "cpu", "--devices", "1", "--compile", "eager", *extra]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def client(serve_assets):
+    args = build_parser().parse_args(argv(serve_assets, "--max-batch-size", "4", "--batch-timeout", "1"))
+    server = build_server(args)
+    with wrap_litserve_start(server) as s, TestClient(s.app) as c:
+        deadline = time.monotonic() + 120  # the worker process loads the model first; /health says 503 until then
+        while c.get("/health").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        yield c
+
+
+def test_health_and_both_kinds_of_request(client, serve_assets):
+    assert client.get("/health").status_code == 200 and client.get("/health").text == "ok"
+    model, vocab = load_checkpoint(serve_assets / "model.ckpt")
+    tok, vqgan = TextTokenizer.load(serve_assets / "tok"), VQGAN.from_pretrained(serve_assets / "vqgan").eval()
+
+    r = client.post("/predict", json={"prompt": "a red circle", "num_samples": 2, "seed": 4, "return_codes": True})
+    assert r.status_code == 200, r.text
+    want = generate_image(model, vocab, [tok.encode("a red circle")], num_samples=2, seed=4, vqgan=vqgan, compile=False)
+    assert r.json() == {
+        "seed": 4,
+        "images": [encode_png_base64(im) for im in want.images[0]],
+        "codes": want.codes[0].tolist(),
+    }
+
+    r = client.post("/predict", json={"image": png_base64(2), "instruction": "what colour is it", "max_new_tokens": 6})
+    codes = vqgan.encode(decode_base64_image(png_base64(2), 16)[None])
+    answer = generate_text(model, vocab, codes, tok.encode("what colour is it"), max_new_tokens=6, compile=False)
+    assert r.status_code == 200 and r.json() == {"text": tok.decode(answer[0])}
+
+
+def test_a_malformed_body_gets_422_naming_the_field(client):
+    r = client.post("/predict", json={"prompt": "a red circle", "num_samples": 0, "colour": "red"})
+    assert r.status_code == 422
+    assert {tuple(e["loc"][-1:]) for e in r.json()["detail"]} == {("num_samples",), ("colour",)}
+
+
+def test_concurrent_requests_share_a_batch_and_a_bad_one_is_answered_alone(client, serve_assets):
+    model, vocab = load_checkpoint(serve_assets / "model.ckpt")
+    tok = TextTokenizer.load(serve_assets / "tok")
+    bodies = [
+        {"prompt": "a blue square", "method": "greedy", "num_samples": 1, "return_codes": True},
+        {"prompt": "a red circle " * 30, "method": "greedy", "num_samples": 1},  # too long for the context
+        {"prompt": "two green triangles", "method": "greedy", "num_samples": 1, "return_codes": True},
+    ]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        responses = list(pool.map(lambda b: client.post("/predict", json=b), bodies))
+    assert [r.status_code for r in responses] == [200, 400, 200]
+    assert "max_seq_len=128" in responses[1].json()["detail"]
+    for body, r in zip(bodies[::2], responses[::2]):
+        want = generate_image(model, vocab, [tok.encode(body["prompt"])], method="greedy", compile=False)
+        assert r.json()["codes"] == want.codes[0].tolist()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--ckpt", "missing.ckpt"], "--ckpt: not found: missing.ckpt"),
+        (["--devices", "two"], "--devices must be a number or auto"),
+        (["--num-samples", "20"], "--num-samples 20 exceeds --max-num-samples 16"),
+        (["--top-p", "1.5"], "top_p"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line(serve_assets, capsys, extra, message):
+    assert cm3leon_main(["serve", *argv(serve_assets, *extra)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("cm3leon serve: error: ") and message in err and "\n" not in err
+
+
+def test_clip_without_vqgan_is_refused(serve_assets, capsys):
+    args = ["--ckpt", str(serve_assets / "model.ckpt"), "--tokenizer", str(serve_assets / "tok"), "--clip", "x"]
+    assert cm3leon_main(["serve", *args]) == 2
+    assert "--clip re-ranks decoded images: it needs --vqgan" in capsys.readouterr().err

@@ -1,0 +1,77 @@
+"""The request schema of ``cm3leon serve`` and its pure helpers: which kind a body is, what it rejects (naming the
+field), how requests group into decode batches, and the image round trip through base64."""
+
+import base64
+
+import pytest
+import torch
+from pydantic import TypeAdapter, ValidationError
+from support.images import png_base64
+
+from cm3leon_lightning.serve.requests import (
+    GenerationRequest,
+    ImageRequest,
+    TextRequest,
+    decode_base64_image,
+    encode_png_base64,
+    group_key,
+    request_kind,
+)
+
+ADAPTER = TypeAdapter(GenerationRequest)
+
+
+def test_the_body_is_told_apart_by_its_fields():
+    r = ADAPTER.validate_python({"prompt": "a red circle", "num_samples": 3, "seed": 5})
+    assert isinstance(r, ImageRequest) and (r.num_samples, r.seed, r.cfg) == (3, 5, None)
+    t = ADAPTER.validate_python({"image": "aGk=", "instruction": "What is it?", "layout": "image_first"})
+    assert isinstance(t, TextRequest) and t.layout == "image_first" and t.max_new_tokens is None
+    assert request_kind(r) == "prompt" and request_kind(t) == "image" and request_kind({"image": 1}) == "image"
+
+
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({"prompt": "x", "num_samples": 0}, "num_samples"),
+        ({"prompt": "x", "num_samples": 65}, "num_samples"),
+        ({"prompt": "x", "method": "beam"}, "method"),
+        ({"prompt": "x", "top_p": 0.0}, "top_p"),
+        ({"prompt": "x", "cfg": -1}, "cfg"),
+        ({"prompt": "x", "seed": -3}, "seed"),
+        ({"prompt": "x", "sampels": 2}, "sampels"),  # a misspelt field is refused, not ignored
+        ({"prompt": ""}, "prompt"),
+        ({"image": "aGk=", "method": "cd_k"}, "method"),  # CD-K is for images only
+        ({"image": "aGk=", "max_new_tokens": 0}, "max_new_tokens"),
+        ({"image": "aGk=", "prompt": "x"}, "prompt"),
+        ({"num_samples": 2}, "prompt"),
+    ],
+)
+def test_a_malformed_request_is_refused_naming_the_field(body, field):
+    with pytest.raises(ValidationError) as e:
+        ADAPTER.validate_python(body)
+    assert [field] in [[str(x) for x in err["loc"]][-1:] for err in e.value.errors()]
+
+
+def test_requests_group_by_settings_and_a_seeded_request_alone():
+    s = {"cfg": 3.0, "num_samples": 2}
+    assert group_key(s, None, 0) == group_key({"num_samples": 2, "cfg": 3.0}, None, 7)  # order of keys is irrelevant
+    assert group_key(s, None, 0) != group_key({"cfg": 2.0, "num_samples": 2}, None, 0)
+    assert group_key(s, 1, 0) != group_key(s, 1, 1)  # equal seeds still decode apart: batch-independent samples
+    assert group_key(s, 1, 0) != group_key(s, None, 0)
+
+
+def test_base64_images_decode_to_the_resolution_and_back():
+    px = decode_base64_image(png_base64(0, size=20), 16)  # 20x24 -> centre 20x20 -> 16x16
+    assert px.shape == (3, 16, 16) and px.dtype == torch.uint8
+    assert torch.equal(decode_base64_image("data:image/png;base64," + png_base64(0, size=20), 16), px)
+    image = px.float() / 127.5 - 1  # VQGAN.decode's range
+    assert torch.equal(decode_base64_image(encode_png_base64(image), 16), px)  # PNG is lossless
+
+
+@pytest.mark.parametrize(
+    "data, match",
+    [("not base64!", "image: not valid base64"), (base64.b64encode(b"hello").decode(), "image: 5 bytes that are not")],
+)
+def test_an_unreadable_image_names_the_field(data, match):
+    with pytest.raises(ValueError, match=match):
+        decode_base64_image(data, 16)
