@@ -242,3 +242,16 @@ def test_gpu_decode_script_compares_valid_launch_options():
     options = [FusedOptions.parse(label) for label in labels]
     assert options[0] == FusedOptions() and len(set(options)) == len(options) >= 4
     assert '--fused-options "$FUSED_OPTIONS"' in script
+
+
+def test_serving_benchmark_batches_requests_and_keeps_their_codes(tmp_path):
+    """Both rows are written, the batched decode holds every request's guidance streams, and (greedy) each request's
+    codes equal its one-at-a-time codes."""
+    args = ["--device", "cpu", "--preset", "tiny", "--image-tokens", "4", "--requests", "3", "--method", "greedy"]
+    stdout = run("serving.py", *args, "--json", "s.json", cwd=tmp_path)
+    rows = json.loads((tmp_path / "s.json").read_text())["results"]
+    assert [(r["mode"], r["rows_per_decode"], r["same_codes"]) for r in rows] == [
+        ("one at a time", 2, 1.0), ("batched", 6, 1.0)
+    ]  # fmt: skip
+    assert all(r["seconds"] > 0 and r["requests"] == 3 for r in rows)
+    assert "batching speed-up" in stdout and "wrote s.json" in stdout
