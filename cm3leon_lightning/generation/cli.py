@@ -32,7 +32,7 @@ from cm3leon_lightning.config import CM3LeonConfig
 from cm3leon_lightning.generation.generate import TEXT_LAYOUTS, generate_image, generate_text
 from cm3leon_lightning.generation.graphs import MODES, resolve_mode
 from cm3leon_lightning.model import ATTENTION_IMPLS, CM3Leon
-from cm3leon_lightning.tokenization.vocab import Document, MultimodalVocab, Segment
+from cm3leon_lightning.tokenization.vocab import Document, MultimodalVocab
 
 if TYPE_CHECKING:  # PIL is imported lazily, where images are written
     from PIL import Image
@@ -172,36 +172,12 @@ def retrieve_documents(
         ValueError: ``k < 1``, a bank that does not match ``clip``, shards for another vocabulary or tokenizer, or
             a bank key missing from the shards.
     """
-    from cm3leon_lightning.data.shards import MANIFEST_NAME, Manifest, read_shard
-    from cm3leon_lightning.retrieval.index import MemoryBank
+    from cm3leon_lightning.generation.retrieve import DocumentRetriever
 
     if k < 1:
         raise ValueError(f"--k must be >= 1, got {k}")
-    manifest = Manifest.load(Path(shards_dir) / MANIFEST_NAME)
-    if vocab is not None and manifest.vocab(vocab.pad_to_multiple) != vocab:
-        raise ValueError(
-            f"--shards: {shards_dir} was tokenized for {manifest.vocab(vocab.pad_to_multiple).to_dict()}, "
-            f"but the checkpoint's vocabulary is {vocab.to_dict()}"
-        )
-    recorded = manifest.text_tokenizer.get("sha256")
-    if tokenizer_sha256 is not None and recorded and recorded != tokenizer_sha256:
-        raise ValueError(
-            f"--shards: {shards_dir} was tokenized with a text tokenizer of sha256 {recorded[:12]}..., but "
-            f"--tokenizer has sha256 {tokenizer_sha256[:12]}...; the retrieved ids would mean other words"
-        )
-    bank = MemoryBank.load(bank_dir, model_name=getattr(clip, "model_name", None), dim=getattr(clip, "dim", None))
-    keys = bank.search(clip.embed_texts([prompt]), k).keys[0]  # type: ignore[attr-defined]
-    wanted, found = set(keys), {}
-    for shard in manifest.shards:
-        for s in read_shard(Path(shards_dir) / shard.name, manifest):
-            if s.key in wanted:
-                found[s.key] = [Segment.text(s.text.tolist()), Segment.image(s.image.tolist())]
-        if len(found) == len(wanted):
-            break
-    missing = [key for key in keys if key not in found]
-    if missing:
-        raise ValueError(f"--retrieve: bank keys {missing[:5]} are not in the shards of {shards_dir}")
-    return list(keys), [found[key] for key in keys]
+    retriever = DocumentRetriever(bank_dir, shards_dir, clip, vocab, tokenizer_sha256)
+    return retriever.retrieve([prompt], k)[0]
 
 
 def build_parser() -> argparse.ArgumentParser:

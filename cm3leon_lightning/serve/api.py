@@ -21,7 +21,7 @@ Usage, from Python (``cm3leon serve`` does the same from the command line)::
 # No `from __future__ import annotations`: LitServe hands decode_request's annotation to FastAPI as the body type,
 # and a string annotation would not resolve there.
 import random
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import litserve as ls
@@ -46,6 +46,7 @@ from cm3leon_lightning.serve.requests import (
     encode_png_base64,
     group_key,
 )
+from cm3leon_lightning.tokenization.vocab import Document
 
 IMAGE_SETTINGS = ("num_samples", "method", "cfg", "temperature", "top_p", "top_k", "cdk_k", "cdk_alpha")
 """The fields of an :class:`ImageRequest` that override the server's :class:`GenerationSettings`."""
@@ -92,6 +93,8 @@ class ImageJob:
     rerank: bool
     keep: int | None
     return_codes: bool
+    retrieved_keys: list[str] = field(default_factory=list)
+    retrieved: list[Document] = field(default_factory=list)
 
 
 @dataclass
@@ -119,8 +122,12 @@ class CM3LeonAPI(ls.LitAPI):
         tokenizer: text tokenizer (``tokenizer.json`` or its directory).
         vqgan: VQGAN directory (``VQGAN.from_pretrained``); needed for PNGs, for image-to-text and for re-ranking.
             Without it text-to-image answers with codes only.
-        clip: open_clip model name for ``rerank`` requests (None: re-ranking refused with 400).
+        clip: open_clip model name for ``rerank`` requests and for retrieval (None: both refused with 400).
         clip_pretrained: open_clip weights tag or local weights file for ``clip``.
+        retrieve: memory bank directory for retrieval-augmented prompts (needs ``clip``, the CLIP it was built with,
+            and ``shards``); its documents are read into memory at setup.
+        shards: the prepared dataset holding the bank's documents.
+        retrieve_k: documents retrieved for a request that leaves ``retrieve`` out (0: none).
         image_defaults: text-to-image settings for fields a request leaves out (``seed`` is unused: a request
             without a seed gets a fresh one).
         text_defaults: image-to-text settings for fields a request leaves out.
@@ -140,7 +147,10 @@ class CM3LeonAPI(ls.LitAPI):
         vqgan: str | None = None,
         clip: str | None = None,
         clip_pretrained: str | None = "openai",
+        retrieve: str | None = None,
+        shards: str | None = None,
         *,
+        retrieve_k: int = 0,
         image_defaults: GenerationSettings | None = None,
         text_defaults: TextSettings | None = None,
         max_num_samples: int = 16,
@@ -154,6 +164,11 @@ class CM3LeonAPI(ls.LitAPI):
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, api_path=api_path)
         if max_num_samples < 1:
             raise ValueError(f"max_num_samples must be >= 1, got {max_num_samples}")
+        if retrieve is not None and (clip is None or shards is None):
+            raise ValueError("retrieve needs clip (the CLIP model the bank was built with) and shards (its documents)")
+        if retrieve_k < 0 or (retrieve_k > 0 and retrieve is None):
+            raise ValueError(f"retrieve_k must be >= 0, and 0 without a retrieve bank; got {retrieve_k}")
+        self.bank_dir, self.shards_dir, self.retrieve_k = retrieve, shards, retrieve_k
         self.ckpt, self.tokenizer_path, self.vqgan_path = str(ckpt), str(tokenizer), vqgan
         self.clip_name, self.clip_pretrained = clip, clip_pretrained
         self.image_defaults = replace(image_defaults or GenerationSettings(num_samples=4), compile=compile)
@@ -182,6 +197,13 @@ class CM3LeonAPI(ls.LitAPI):
             from cm3leon_lightning.retrieval.encoder import ClipEncoder
 
             self.clip = ClipEncoder(self.clip_name, pretrained=self.clip_pretrained, device=str(device))
+        self.retriever = None
+        if self.bank_dir:
+            from cm3leon_lightning.generation.retrieve import DocumentRetriever
+
+            self.retriever = DocumentRetriever(
+                self.bank_dir, self.shards_dir, self.clip, self.vocab, self.tokenizer.sha256, preload=True
+            )
         self._rng = random.Random()  # seeds for requests without one
         self._serve_device = torch.device(device)
 
@@ -211,14 +233,19 @@ class CM3LeonAPI(ls.LitAPI):
             raise ValueError("rerank: this server was started without --clip and --vqgan, so it cannot re-rank")
         if r.keep is not None and (not r.rerank or r.keep > n):
             raise ValueError(f"keep: needs rerank and at most num_samples={n} (got keep={r.keep})")
+        k = self.retrieve_k if r.retrieve is None else r.retrieve
+        if k and self.retriever is None:
+            raise ValueError("retrieve: this server was started without --retrieve, so it has no memory bank")
+        keys, docs = self.retriever.retrieve([r.prompt], k)[0] if k else ([], [])
         ids = self.tokenizer.encode(r.prompt)
-        need = len(image_prompt(self.vocab, ids)) + self.vocab.image_tokens
+        need = len(image_prompt(self.vocab, ids, docs)) + self.vocab.image_tokens
         if need > self.model.config.max_seq_len:
+            name, limit = ("retrieve" if docs else "prompt"), self.model.config.max_seq_len
             raise ValueError(
-                f"prompt: {len(ids)} text tokens plus {self.vocab.image_tokens} image tokens exceed the model's "
-                f"context max_seq_len={self.model.config.max_seq_len}"
+                f"{name}: {len(ids)} text tokens, {len(docs)} retrieved documents and {self.vocab.image_tokens} "
+                f"image tokens need {need} positions, more than the model's context max_seq_len={limit}"
             )
-        return ImageJob(r.prompt, ids, settings, r.seed, r.rerank, r.keep, r.return_codes)
+        return ImageJob(r.prompt, ids, settings, r.seed, r.rerank, r.keep, r.return_codes, keys, docs)
 
     def _text_job(self, r: TextRequest) -> TextJob:
         overrides = r.model_dump(include=set(TEXT_SETTINGS), exclude_none=True)
@@ -264,7 +291,10 @@ class CM3LeonAPI(ls.LitAPI):
 
         first = group[0]
         prompts, seed = [j.ids for j in group], self._seed(first.seed)
-        codes = generate_image(self.model, self.vocab, prompts, seed=seed, **first.settings.image_kwargs()).codes
+        retrieved = [j.retrieved for j in group] if any(j.retrieved for j in group) else None
+        codes = generate_image(
+            self.model, self.vocab, prompts, retrieved=retrieved, seed=seed, **first.settings.image_kwargs()
+        ).codes
         # codes: (P, N, h*w)
         images = None
         if self.vqgan is not None:  # per request: its pixels must not depend on the batch's size (conv rounding)
@@ -281,6 +311,8 @@ class CM3LeonAPI(ls.LitAPI):
         for i, job in enumerate(group):
             keep = order[i][: job.keep or len(order[i])]
             answer: dict[str, Any] = {"seed": job.seed}
+            if job.retrieved_keys:
+                answer["retrieved"] = job.retrieved_keys
             if images is not None:
                 answer["images"] = [encode_png_base64(images[i, c]) for c in keep]
             if job.return_codes or images is None:

@@ -6,6 +6,11 @@ Example::
         --max-batch-size 8 --batch-timeout 0.05 --port 8000
     curl -s localhost:8000/predict -d '{"prompt": "a red circle", "num_samples": 4, "rerank": true, "keep": 1}'
     curl -s localhost:8000/predict -d '{"image": "'"$(base64 -w0 x.png)"'", "instruction": "What is it?"}'
+    cm3leon serve ... --clip ViT-B-32 --clip-pretrained clip.safetensors --retrieve bank/ --shards data/train --k 2
+
+With ``--retrieve`` each text-to-image request gets the ``--k`` nearest documents of its prompt in the bank placed
+before it (paper table 1), unless it asks for another number (``"retrieve": 0`` for none); the answer names them
+(``"retrieved": [<bank keys>]``). The bank's documents are read from ``--shards`` into memory at start.
 
 ``GET /health`` answers ``ok`` once every worker has loaded the model. The request and response fields are documented
 in :mod:`cm3leon_lightning.serve.requests`. Missing files and unknown settings are reported in one line (exit status 2)
@@ -32,8 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt", required=True, help="CM3LeonModule checkpoint (.ckpt)")
     p.add_argument("--tokenizer", required=True, help="text tokenizer: tokenizer.json or its directory")
     p.add_argument("--vqgan", help="VQGAN directory: PNG answers, image-to-text and re-ranking need it")
-    p.add_argument("--clip", help="open_clip model for 'rerank' requests (e.g. ViT-B-32); none: rerank refused")
+    p.add_argument("--clip", help="open_clip model for 'rerank' requests and --retrieve (e.g. ViT-B-32)")
     p.add_argument("--clip-pretrained", default="openai", help="open_clip weights tag or local weights file")
+    p.add_argument("--retrieve", metavar="BANK", help="memory bank: requests may place retrieved documents first")
+    p.add_argument("--shards", help="prepared shard directory holding the bank's documents (with --retrieve)")
+    p.add_argument("--k", type=int, default=None, help="documents retrieved per request by default (2 with --retrieve)")
     d = p.add_argument_group("defaults for fields a request leaves out")
     d.add_argument("--num-samples", type=int, default=4)
     d.add_argument("--method", default="top_p", choices=IMAGE_METHODS)
@@ -65,12 +73,19 @@ def build_parser() -> argparse.ArgumentParser:
 def build_api(args: argparse.Namespace) -> object:
     """The :class:`~cm3leon_lightning.serve.api.CM3LeonAPI` for parsed arguments, after checking the files exist
     and the defaults are valid (raises FileNotFoundError / ValueError naming the argument)."""
-    for flag in ("ckpt", "tokenizer", "vqgan"):
+    for flag in ("ckpt", "tokenizer", "vqgan", "retrieve", "shards"):
         path = getattr(args, flag)
         if path is not None and not Path(path).exists():
             raise FileNotFoundError(f"--{flag}: not found: {path}")
-    if args.clip and not args.vqgan:
-        raise ValueError("--clip re-ranks decoded images: it needs --vqgan")
+    if args.clip and not (args.vqgan or args.retrieve):
+        raise ValueError("--clip re-ranks decoded images (needs --vqgan) or retrieves (needs --retrieve)")
+    if args.retrieve and not (args.clip and args.shards):
+        raise ValueError(
+            "--retrieve needs --clip (the CLIP model the bank was built with) and --shards (its documents)"
+        )
+    if args.k is not None and (args.k < 0 or (args.k and not args.retrieve)):
+        raise ValueError(f"--k must be >= 0, and 0 without --retrieve; got {args.k}")
+    k = args.k if args.k is not None else (2 if args.retrieve else 0)
     image = GenerationSettings(
         num_samples=args.num_samples, method=args.method, cfg=args.cfg, temperature=args.temperature,
         top_p=args.top_p, top_k=args.top_k, cdk_k=args.cdk_k, cdk_alpha=args.cdk_alpha,
@@ -85,6 +100,7 @@ def build_api(args: argparse.Namespace) -> object:
     )  # fmt: skip
     return CM3LeonAPI(
         args.ckpt, args.tokenizer, vqgan=args.vqgan, clip=args.clip, clip_pretrained=args.clip_pretrained,
+        retrieve=args.retrieve, shards=args.shards, retrieve_k=k,
         image_defaults=image, text_defaults=text, max_num_samples=args.max_num_samples, dtype=args.dtype,
         compile=None if args.compile == "auto" else args.compile, attention=args.attention,
         max_batch_size=args.max_batch_size, batch_timeout=args.batch_timeout,

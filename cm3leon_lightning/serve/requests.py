@@ -3,7 +3,8 @@
 One endpoint, ``POST /predict``, takes two kinds of request, told apart by their fields:
 
 - text-to-image, ``{"prompt": "a red circle", "num_samples": 4, "cfg": 3, "seed": 1, "rerank": true}``
-  (:class:`ImageRequest`), answered with ``{"images": [<base64 PNG>, ...], "seed": 1, "clip_scores": [...]}``;
+  (:class:`ImageRequest`), answered with ``{"images": [<base64 PNG>, ...], "seed": 1, "clip_scores": [...]}`` (and
+  ``"retrieved": [<bank keys>]`` when documents were placed before the prompt, ``"codes"`` when asked for);
 - image-to-text, ``{"image": <base64 PNG or JPEG>, "instruction": "Describe the given picture."}``
   (:class:`TextRequest`), answered with ``{"text": "..."}``.
 
@@ -49,6 +50,9 @@ class ImageRequest(BaseModel):
     cdk_k: int | None = Field(None, ge=1)
     cdk_alpha: float | None = Field(None, gt=0.0, le=1.0)
     seed: int | None = Field(None, ge=0, lt=2**63)
+    retrieve: int | None = Field(
+        None, ge=0, le=16, description="documents retrieved and placed before the prompt (server needs --retrieve)"
+    )
     rerank: bool = Field(False, description="order the candidates by CLIP score, best first (server needs --clip)")
     keep: int | None = Field(None, ge=1, description="return only the best `keep` candidates (with rerank)")
     return_codes: bool = Field(False, description="also return the image codes")

@@ -96,4 +96,4 @@ def test_bad_arguments_exit_2_with_one_line(serve_assets, capsys, extra, message
 def test_clip_without_vqgan_is_refused(serve_assets, capsys):
     args = ["--ckpt", str(serve_assets / "model.ckpt"), "--tokenizer", str(serve_assets / "tok"), "--clip", "x"]
     assert cm3leon_main(["serve", *args]) == 2
-    assert "--clip re-ranks decoded images: it needs --vqgan" in capsys.readouterr().err
+    assert "--clip re-ranks decoded images (needs --vqgan) or retrieves (needs --retrieve)" in capsys.readouterr().err

@@ -1,0 +1,100 @@
+"""Retrieval-augmented prompts at inference (paper section 2.1 and table 1: CM3Leon-7B's best zero-shot FID places
+one or two retrieved documents before the caption).
+
+:class:`DocumentRetriever` embeds captions with the CLIP a memory bank was built with, searches the bank and returns
+the nearest documents (``[caption text, image]``) read from the prepared shards that hold them, checked against the
+model's vocabulary and text tokenizer. ``cm3leon generate --retrieve`` reads the shards once per prompt; ``cm3leon
+serve --retrieve`` keeps every document in memory (the shards' token arrays: about 2 bytes per image code).
+This module imports no Lightning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from cm3leon_lightning.tokenization.vocab import Document, MultimodalVocab, Segment
+
+
+class DocumentRetriever:
+    """The ``k`` nearest documents of captions in a memory bank, read from its shards.
+
+    Args:
+        bank_dir: the :class:`~cm3leon_lightning.retrieval.index.MemoryBank` directory.
+        shards_dir: the prepared dataset (``manifest.json`` and shards) holding the bank's documents.
+        clip: the :class:`~cm3leon_lightning.retrieval.encoder.ClipEncoder` the bank was built with.
+        vocab: when given, the model's vocabulary; the shards must have been tokenized for it.
+        tokenizer_sha256: when given, the text tokenizer's sha256; the manifest must record the same one.
+        preload: read every document now (and check that the shards hold every bank key), instead of scanning the
+            shards on each :meth:`retrieve`.
+
+    Raises:
+        ValueError: a bank that does not match ``clip``, shards for another vocabulary or tokenizer, or (with
+            ``preload``) bank keys missing from the shards.
+    """
+
+    def __init__(
+        self,
+        bank_dir: str | Path,
+        shards_dir: str | Path,
+        clip: object,
+        vocab: MultimodalVocab | None = None,
+        tokenizer_sha256: str | None = None,
+        preload: bool = False,
+    ) -> None:
+        from cm3leon_lightning.data.shards import MANIFEST_NAME, Manifest
+        from cm3leon_lightning.retrieval.index import MemoryBank
+
+        self.shards_dir, self.clip = Path(shards_dir), clip
+        self.manifest = Manifest.load(self.shards_dir / MANIFEST_NAME)
+        if vocab is not None and self.manifest.vocab(vocab.pad_to_multiple) != vocab:
+            raise ValueError(
+                f"--shards: {shards_dir} was tokenized for {self.manifest.vocab(vocab.pad_to_multiple).to_dict()}, "
+                f"but the checkpoint's vocabulary is {vocab.to_dict()}"
+            )
+        recorded = self.manifest.text_tokenizer.get("sha256")
+        if tokenizer_sha256 is not None and recorded and recorded != tokenizer_sha256:
+            raise ValueError(
+                f"--shards: {shards_dir} was tokenized with a text tokenizer of sha256 {recorded[:12]}..., but "
+                f"--tokenizer has sha256 {tokenizer_sha256[:12]}...; the retrieved ids would mean other words"
+            )
+        name, dim = getattr(clip, "model_name", None), getattr(clip, "dim", None)
+        self.bank = MemoryBank.load(bank_dir, model_name=name, dim=dim)
+        self._documents: dict[str, Document] | None = None
+        if preload:
+            self._documents = self._read(None)
+            self._check_found(self.bank.keys, self._documents)
+
+    def _read(self, wanted: set[str] | None) -> dict[str, Document]:
+        """The documents of ``wanted`` keys (None: all), scanning shards until every wanted key is found."""
+        from cm3leon_lightning.data.shards import read_shard
+
+        found: dict[str, Document] = {}
+        for shard in self.manifest.shards:
+            for s in read_shard(self.shards_dir / shard.name, self.manifest):
+                if wanted is None or s.key in wanted:
+                    found[s.key] = [Segment.text(s.text.tolist()), Segment.image(s.image.tolist())]
+            if wanted is not None and len(found) == len(wanted):
+                break
+        return found
+
+    def _check_found(self, keys: Iterable[str], documents: dict[str, Document]) -> None:
+        missing = [key for key in keys if key not in documents]
+        if missing:
+            raise ValueError(f"--retrieve: bank keys {missing[:5]} are not in the shards of {self.shards_dir}")
+
+    def retrieve(self, captions: Sequence[str], k: int) -> list[tuple[list[str], list[Document]]]:
+        """For each caption, the bank keys and documents of its ``k`` nearest neighbours, nearest first (fewer when
+        the bank holds fewer).
+
+        Raises:
+            ValueError: ``k < 1``, or a retrieved key missing from the shards.
+        """
+        if k < 1:
+            raise ValueError(f"--k must be >= 1, got {k}")
+        keys = self.bank.search(self.clip.embed_texts(list(captions)), k).keys  # type: ignore[attr-defined]
+        documents = self._documents
+        if documents is None:
+            documents = self._read({key for row in keys for key in row})
+        self._check_found((key for row in keys for key in row), documents)
+        return [(list(row), [documents[key] for key in row]) for row in keys]
