@@ -78,8 +78,12 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
         )
     },
 }  # fmt: skip
+
 IMAGE_FIELDS = ("image", "target", "condition")  # fields that name image files (relative to the JSON-lines file)
 BREAK = " <break> "
+EDIT_PREFIX = "Edit first image following the instruction"
+"""The task prefix of the ``edit`` template: the text before the source image, which ``edit_image`` (``cm3leon
+generate --edit``, ``cm3leon serve``'s edit requests) places first."""
 
 
 def template_fields(template: str) -> set[str]:

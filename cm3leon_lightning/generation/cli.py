@@ -8,10 +8,12 @@ Examples::
         --instruction "Describe the given picture." --out answers/
     cm3leon generate ... --image x.png --instruction "Question: what colour is it? Answer:" --layout image_first
     cm3leon generate ... --prompt "a red circle" --retrieve bank/ --shards data/ --clip-pretrained openai
+    cm3leon generate ... --image x.png --edit "make the circle blue" --text-cfg 7.5 --image-cfg 1.5 --out edits/
 
 Text-to-image writes ``sample-{i}.png`` (best CLIP score first when ``--rerank`` is given), ``grid.png`` with the
 prompt written above the candidates, ``codes.npy``, and with ``--retrieve`` ``retrieved.json`` (the bank keys of the
-documents placed before the prompt, nearest first). Image-to-text writes ``answer.txt`` and prints it.
+documents placed before the prompt, nearest first). Image-to-text writes ``answer.txt`` and prints it. ``--edit``
+(a model instruction-tuned on ``edit`` documents, paper table 5) writes the edited candidates as text-to-image does.
 Errors (missing files, a checkpoint whose vocabulary does not match the tokenizer or the VQGAN, a prompt longer
 than the context) are reported in one line and exit with status 2.
 """
@@ -29,7 +31,7 @@ import numpy as np
 import torch
 
 from cm3leon_lightning.config import CM3LeonConfig
-from cm3leon_lightning.generation.generate import TEXT_LAYOUTS, generate_image, generate_text
+from cm3leon_lightning.generation.generate import TEXT_LAYOUTS, edit_image, generate_image, generate_text
 from cm3leon_lightning.generation.graphs import MODES, resolve_mode
 from cm3leon_lightning.model import ATTENTION_IMPLS, CM3Leon
 from cm3leon_lightning.tokenization.vocab import Document, MultimodalVocab
@@ -192,6 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--image", help="image file to describe or question (image-to-text)")
     p.add_argument("--instruction", default="", help="instruction or question for --image")
     p.add_argument(
+        "--edit",
+        help="edit instruction for --image: write edited images (a model instruction-tuned on 'edit' documents; "
+        "separate text and image guidance, --text-cfg / --image-cfg)",
+    )
+    p.add_argument("--text-cfg", type=float, default=7.5, help="--edit: text guidance scale (paper 7.5)")
+    p.add_argument("--image-cfg", type=float, default=1.5, help="--edit: image guidance scale (paper 1.5)")
+    p.add_argument(
         "--layout",
         default="infill",
         choices=TEXT_LAYOUTS,
@@ -248,6 +257,11 @@ def run(args: argparse.Namespace) -> None:
         raise ValueError("--rerank scores decoded images with CLIP: it needs --vqgan")
     if args.retrieve and args.image:
         raise ValueError("--retrieve adds documents to a text-to-image prompt; it cannot be used with --image")
+    if args.edit is not None:
+        if not args.image or args.instruction:
+            raise ValueError("--edit edits the picture of --image; give --image, and no --instruction")
+        if args.method == "cd_k" or args.rerank:
+            raise ValueError("--edit samples with greedy, temperature or top_p, without --rerank")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     compile = False if args.no_compile else (None if args.compile == "auto" else args.compile)
     resolve_mode(compile, torch.device(device))  # a CUDA-only mode on CPU fails here, before any loading
@@ -275,6 +289,16 @@ def run(args: argparse.Namespace) -> None:
         if vqgan is None:
             raise ValueError("--image needs --vqgan to turn the picture into codes")
         codes = vqgan.encode(load_image(args.image, vqgan).to(device))  # (1, h*w)
+        if args.edit is not None:
+            from cm3leon_lightning.data.sft import EDIT_PREFIX
+
+            result = edit_image(
+                model, vocab, codes, [tokenizer.encode(args.edit)], tokenizer.encode(EDIT_PREFIX),
+                text_cfg=args.text_cfg, image_cfg=args.image_cfg, num_samples=args.num_samples, method=args.method,
+                temperature=args.temperature, top_p=args.top_p, seed=args.seed, vqgan=vqgan, compile=compile,
+            )  # fmt: skip
+            write_images(out, result.codes[0], result.images[0], args.edit)
+            return
         instruction = tokenizer.encode(args.instruction) if args.instruction else None
         answer_ids = generate_text(
             model, vocab, codes, instruction, max_new_tokens=args.max_new_tokens,
@@ -302,13 +326,18 @@ def run(args: argparse.Namespace) -> None:
 
         best = rerank(clip, [args.prompt], images[None], codes[None], keep=len(codes))
         codes, images = best.codes[0], best.images[0]
+    write_images(out, codes, images, args.prompt)
+
+
+def write_images(out: Path, codes: torch.Tensor, images: torch.Tensor | None, caption: str) -> None:
+    """Write ``codes.npy`` ``(N, h*w)`` and, with images ``(N, C, H, W)``, ``sample-{i}.png`` and ``grid.png``."""
     np.save(out / "codes.npy", codes.cpu().numpy().astype(np.int32))
     if images is None:
         print(f"wrote {out / 'codes.npy'} (no --vqgan: no PNGs)")
         return
     for i, im in enumerate(images):
         to_pil(im).save(out / f"sample-{i}.png")
-    save_grid(images, args.prompt, out / "grid.png")
+    save_grid(images, caption, out / "grid.png")
     print(f"wrote {len(images)} samples and grid.png to {out}")
 
 

@@ -4,11 +4,14 @@ Needs the ``serve`` extra (``pip install 'cm3leon_lightning[serve]'``: LitServe 
 not import this one.
 """
 
-from cm3leon_lightning.serve.api import CM3LeonAPI, ImageJob, TextJob, TextSettings
-from cm3leon_lightning.serve.requests import GenerationRequest, ImageRequest, Rejected, TextRequest
+from cm3leon_lightning.serve.api import CM3LeonAPI, EditJob, EditSettings, ImageJob, TextJob, TextSettings
+from cm3leon_lightning.serve.requests import EditRequest, GenerationRequest, ImageRequest, Rejected, TextRequest
 
 __all__ = [
     "CM3LeonAPI",
+    "EditJob",
+    "EditRequest",
+    "EditSettings",
     "GenerationRequest",
     "ImageJob",
     "ImageRequest",

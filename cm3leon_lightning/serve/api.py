@@ -29,15 +29,18 @@ import torch
 from fastapi.responses import JSONResponse
 from pydantic import TypeAdapter, ValidationError
 
+from cm3leon_lightning.data.sft import EDIT_PREFIX
 from cm3leon_lightning.generation.generate import (
     TEXT_LAYOUTS,
     GenerationSettings,
     caption_prompt,
+    edit_image,
     generate_image,
     generate_text,
     image_prompt,
 )
 from cm3leon_lightning.serve.requests import (
+    EditRequest,
     GenerationRequest,
     ImageRequest,
     Rejected,
@@ -53,6 +56,9 @@ IMAGE_SETTINGS = ("num_samples", "method", "cfg", "temperature", "top_p", "top_k
 
 TEXT_SETTINGS = ("layout", "max_new_tokens", "method", "temperature", "top_p")
 """The fields of a :class:`TextRequest` that override the server's :class:`TextSettings`."""
+
+EDIT_SETTINGS = ("num_samples", "method", "text_cfg", "image_cfg", "temperature", "top_p")
+"""The fields of an :class:`EditRequest` that override the server's :class:`EditSettings`."""
 
 
 @dataclass(frozen=True)
@@ -82,6 +88,33 @@ class TextSettings:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
 
+@dataclass(frozen=True)
+class EditSettings:
+    """Image-editing defaults of a server (``cm3leon serve --text-cfg/--image-cfg``; the rest from text-to-image's).
+
+    Attributes:
+        num_samples: edited candidates per request.
+        method: ``greedy``, ``temperature`` or ``top_p``.
+        text_cfg: text guidance scale (paper 7.5).
+        image_cfg: image guidance scale (paper 1.5).
+        temperature: softmax temperature.
+        top_p: nucleus mass for ``top_p``.
+    """
+
+    num_samples: int = 4
+    method: str = "top_p"
+    text_cfg: float = 7.5
+    image_cfg: float = 1.5
+    temperature: float = 1.0
+    top_p: float = 0.9
+
+    def __post_init__(self) -> None:
+        if self.method not in ("greedy", "temperature", "top_p"):
+            raise ValueError(f"edit method must be greedy, temperature or top_p, got {self.method!r}")
+        if self.num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
+
+
 @dataclass
 class ImageJob:
     """A decoded text-to-image request: what :meth:`CM3LeonAPI.predict` needs to run it."""
@@ -107,7 +140,18 @@ class TextJob:
     seed: int | None
 
 
-def _key(job: ImageJob | TextJob, index: int) -> tuple:
+@dataclass
+class EditJob:
+    """A decoded image-editing request."""
+
+    codes: torch.Tensor  # (grid_h * grid_w,) the source image
+    instruction: list[int]
+    settings: EditSettings
+    seed: int | None
+    return_codes: bool
+
+
+def _key(job: ImageJob | TextJob | EditJob, index: int) -> tuple:
     settings = asdict(job.settings)
     seeded = job.seed if job.settings.method != "greedy" else None  # greedy ignores the seed
     return (type(job).__name__, *group_key(settings, seeded, index))
@@ -131,6 +175,8 @@ class CM3LeonAPI(ls.LitAPI):
         image_defaults: text-to-image settings for fields a request leaves out (``seed`` is unused: a request
             without a seed gets a fresh one).
         text_defaults: image-to-text settings for fields a request leaves out.
+        edit_defaults: image-editing settings for fields a request leaves out (default: the paper's guidance scales
+            with ``image_defaults``' samples, temperature and top-p, and its method unless that is CD-K).
         max_num_samples: the most candidates one request may ask for.
         dtype: transformer weights and KV cache: ``auto`` (bfloat16 on CUDA, float32 on CPU) or a dtype name.
         compile: how the decode step runs (None: the fastest available, see ``generation/graphs.py``).
@@ -153,6 +199,7 @@ class CM3LeonAPI(ls.LitAPI):
         retrieve_k: int = 0,
         image_defaults: GenerationSettings | None = None,
         text_defaults: TextSettings | None = None,
+        edit_defaults: EditSettings | None = None,
         max_num_samples: int = 16,
         dtype: str = "auto",
         compile: bool | str | None = None,
@@ -173,6 +220,11 @@ class CM3LeonAPI(ls.LitAPI):
         self.clip_name, self.clip_pretrained = clip, clip_pretrained
         self.image_defaults = replace(image_defaults or GenerationSettings(num_samples=4), compile=compile)
         self.text_defaults = text_defaults or TextSettings()
+        d = self.image_defaults
+        self.edit_defaults = edit_defaults or EditSettings(
+            num_samples=d.num_samples, method=d.method if d.method != "cd_k" else "top_p", temperature=d.temperature,
+            top_p=d.top_p,
+        )  # fmt: skip
         self.max_num_samples = max_num_samples
         self.dtype, self.compile, self.attention = dtype, compile, attention
         self._adapter = TypeAdapter(GenerationRequest)
@@ -204,6 +256,7 @@ class CM3LeonAPI(ls.LitAPI):
             self.retriever = DocumentRetriever(
                 self.bank_dir, self.shards_dir, self.clip, self.vocab, self.tokenizer.sha256, preload=True
             )
+        self._edit_prefix = self.tokenizer.encode(EDIT_PREFIX)
         self._rng = random.Random()  # seeds for requests without one
         self._serve_device = torch.device(device)
 
@@ -219,6 +272,8 @@ class CM3LeonAPI(ls.LitAPI):
         try:
             if isinstance(request, ImageRequest):
                 return self._image_job(request)
+            if isinstance(request, EditRequest):
+                return self._edit_job(request)
             return self._text_job(request)
         except ValueError as e:
             return Rejected(400, str(e))
@@ -247,14 +302,36 @@ class CM3LeonAPI(ls.LitAPI):
             )
         return ImageJob(r.prompt, ids, settings, r.seed, r.rerank, r.keep, r.return_codes, keys, docs)
 
+    def _encode_image(self, data: str) -> torch.Tensor:
+        """A request's base64 image as VQGAN codes ``(h*w,)`` on the CPU."""
+        if self.vqgan is None:
+            raise ValueError("image: this server was started without --vqgan, so it cannot read images")
+        pixels = decode_base64_image(data, self.vqgan.config.resolution)  # (3, R, R) uint8
+        with torch.no_grad():
+            return self.vqgan.encode(pixels[None].to(self._serve_device))[0].cpu()
+
+    def _edit_job(self, r: EditRequest) -> EditJob:
+        overrides = r.model_dump(include=set(EDIT_SETTINGS), exclude_none=True)
+        settings = EditSettings(**{**asdict(self.edit_defaults), **overrides})
+        if settings.num_samples > self.max_num_samples:
+            raise ValueError(
+                f"num_samples: {settings.num_samples} exceeds this server's limit of {self.max_num_samples}"
+            )
+        codes = self._encode_image(r.image)
+        instruction = self.tokenizer.encode(r.edit)
+        # <eos> prefix <break> image <break> instruction <break>, then the edited image
+        need = len(self._edit_prefix) + len(instruction) + 4 + 2 * self.vocab.image_tokens
+        if need > self.model.config.max_seq_len:
+            raise ValueError(
+                f"edit: the edit prompt and its image need {need} positions, more than the model's context "
+                f"max_seq_len={self.model.config.max_seq_len}"
+            )
+        return EditJob(codes, instruction, settings, r.seed, r.return_codes)
+
     def _text_job(self, r: TextRequest) -> TextJob:
         overrides = r.model_dump(include=set(TEXT_SETTINGS), exclude_none=True)
         settings = TextSettings(**{**asdict(self.text_defaults), **overrides})
-        if self.vqgan is None:
-            raise ValueError("image: this server was started without --vqgan, so it cannot read images")
-        pixels = decode_base64_image(r.image, self.vqgan.config.resolution)  # (3, R, R) uint8
-        with torch.no_grad():
-            codes = self.vqgan.encode(pixels[None].to(self._serve_device))[0].cpu()  # (h*w,)
+        codes = self._encode_image(r.image)
         instruction = self.tokenizer.encode(r.instruction) if r.instruction else []
         need = len(caption_prompt(self.vocab, codes.tolist(), instruction, settings.layout)) + settings.max_new_tokens
         if need > self.model.config.max_seq_len:
@@ -275,8 +352,9 @@ class CM3LeonAPI(ls.LitAPI):
                 groups.setdefault(_key(job, i), []).append(i)
         for idx in groups.values():
             group = [jobs[i] for i in idx]
+            run = {ImageJob: self._run_images, TextJob: self._run_texts, EditJob: self._run_edits}[type(group[0])]
             try:
-                outs = self._run_images(group) if isinstance(group[0], ImageJob) else self._run_texts(group)
+                outs = run(group)
             except ValueError as e:  # a setting the decoder refuses: answer these requests, not the batch
                 outs = [Rejected(400, str(e))] * len(group)
             for i, out in zip(idx, outs):
@@ -296,10 +374,7 @@ class CM3LeonAPI(ls.LitAPI):
             self.model, self.vocab, prompts, retrieved=retrieved, seed=seed, **first.settings.image_kwargs()
         ).codes
         # codes: (P, N, h*w)
-        images = None
-        if self.vqgan is not None:  # per request: its pixels must not depend on the batch's size (conv rounding)
-            with torch.no_grad():
-                images = torch.stack([self.vqgan.decode(c.to(self._serve_device)) for c in codes])  # (P, N, C, H, W)
+        images = self._decode(codes)
         scores: list[list[float] | None] = [None] * len(group)
         order = [list(range(codes.shape[1]))] * len(group)
         ranked = [i for i, j in enumerate(group) if j.rerank]
@@ -319,6 +394,42 @@ class CM3LeonAPI(ls.LitAPI):
                 answer["codes"] = codes[i, keep].tolist()
             if scores[i] is not None:
                 answer["clip_scores"] = scores[i][: len(keep)]
+            answers.append(answer)
+        return answers
+
+    def _decode(self, codes: torch.Tensor) -> torch.Tensor | None:
+        """``(P, N, h*w)`` codes -> ``(P, N, C, H, W)`` images (None without a VQGAN), each request's decoded on its
+        own: its pixels must not depend on the batch's size (the convolutions round differently)."""
+        if self.vqgan is None:
+            return None
+        with torch.no_grad():
+            return torch.stack([self.vqgan.decode(c.to(self._serve_device)) for c in codes])
+
+    def _run_edits(self, group: list[EditJob]) -> list[dict[str, Any]]:
+        s = group[0].settings
+        codes = edit_image(
+            self.model,
+            self.vocab,
+            torch.stack([j.codes for j in group]),
+            [j.instruction for j in group],
+            self._edit_prefix,
+            text_cfg=s.text_cfg,
+            image_cfg=s.image_cfg,
+            num_samples=s.num_samples,
+            method=s.method,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            seed=self._seed(group[0].seed),
+            compile=self.compile,
+        ).codes  # (P, N, h*w)
+        images = self._decode(codes)
+        answers = []
+        for i, job in enumerate(group):
+            answer: dict[str, Any] = {"seed": job.seed}
+            if images is not None:
+                answer["images"] = [encode_png_base64(im) for im in images[i]]
+            if job.return_codes or images is None:
+                answer["codes"] = codes[i].tolist()
             answers.append(answer)
         return answers
 

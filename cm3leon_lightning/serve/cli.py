@@ -6,6 +6,7 @@ Example::
         --max-batch-size 8 --batch-timeout 0.05 --port 8000
     curl -s localhost:8000/predict -d '{"prompt": "a red circle", "num_samples": 4, "rerank": true, "keep": 1}'
     curl -s localhost:8000/predict -d '{"image": "'"$(base64 -w0 x.png)"'", "instruction": "What is it?"}'
+    curl -s localhost:8000/predict -d '{"image": "'"$(base64 -w0 x.png)"'", "edit": "make it blue", "num_samples": 2}'
     cm3leon serve ... --clip ViT-B-32 --clip-pretrained clip.safetensors --retrieve bank/ --shards data/train --k 2
 
 With ``--retrieve`` each text-to-image request gets the ``--k`` nearest documents of its prompt in the bank placed
@@ -54,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--layout", default="infill", choices=TEXT_LAYOUTS, help="image-to-text prompt layout")
     d.add_argument("--max-new-tokens", type=int, default=32, help="longest image-to-text answer")
     d.add_argument("--text-method", default="greedy", choices=TEXT_METHODS)
+    d.add_argument("--text-cfg", type=float, default=7.5, help="edit requests: text guidance scale (paper 7.5)")
+    d.add_argument("--image-cfg", type=float, default=1.5, help="edit requests: image guidance scale (paper 1.5)")
     s = p.add_argument_group("server")
     s.add_argument("--max-num-samples", type=int, default=16, help="the most candidates one request may ask for")
     s.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together")
@@ -92,17 +95,21 @@ def build_api(args: argparse.Namespace) -> object:
     )  # fmt: skip
     if args.num_samples > args.max_num_samples:
         raise ValueError(f"--num-samples {args.num_samples} exceeds --max-num-samples {args.max_num_samples}")
-    from cm3leon_lightning.serve.api import CM3LeonAPI, TextSettings
+    from cm3leon_lightning.serve.api import CM3LeonAPI, EditSettings, TextSettings
 
     text = TextSettings(
         layout=args.layout, max_new_tokens=args.max_new_tokens, method=args.text_method,
         temperature=args.temperature, top_p=args.top_p,
     )  # fmt: skip
+    edit = EditSettings(
+        num_samples=args.num_samples, method=args.method if args.method != "cd_k" else "top_p",
+        text_cfg=args.text_cfg, image_cfg=args.image_cfg, temperature=args.temperature, top_p=args.top_p,
+    )  # fmt: skip
     return CM3LeonAPI(
         args.ckpt, args.tokenizer, vqgan=args.vqgan, clip=args.clip, clip_pretrained=args.clip_pretrained,
         retrieve=args.retrieve, shards=args.shards, retrieve_k=k,
-        image_defaults=image, text_defaults=text, max_num_samples=args.max_num_samples, dtype=args.dtype,
-        compile=None if args.compile == "auto" else args.compile, attention=args.attention,
+        image_defaults=image, text_defaults=text, edit_defaults=edit, max_num_samples=args.max_num_samples,
+        dtype=args.dtype, compile=None if args.compile == "auto" else args.compile, attention=args.attention,
         max_batch_size=args.max_batch_size, batch_timeout=args.batch_timeout,
     )  # fmt: skip
 

@@ -1,12 +1,14 @@
 """The JSON requests and responses of ``cm3leon serve``, and the pure helpers around them.
 
-One endpoint, ``POST /predict``, takes two kinds of request, told apart by their fields:
+One endpoint, ``POST /predict``, takes three kinds of request, told apart by their fields:
 
 - text-to-image, ``{"prompt": "a red circle", "num_samples": 4, "cfg": 3, "seed": 1, "rerank": true}``
   (:class:`ImageRequest`), answered with ``{"images": [<base64 PNG>, ...], "seed": 1, "clip_scores": [...]}`` (and
   ``"retrieved": [<bank keys>]`` when documents were placed before the prompt, ``"codes"`` when asked for);
 - image-to-text, ``{"image": <base64 PNG or JPEG>, "instruction": "Describe the given picture."}``
-  (:class:`TextRequest`), answered with ``{"text": "..."}``.
+  (:class:`TextRequest`), answered with ``{"text": "..."}``;
+- image editing, ``{"image": <base64>, "edit": "make the circle blue", "num_samples": 2}`` (:class:`EditRequest`),
+  answered like text-to-image.
 
 Fields left out take the server's defaults (``cm3leon serve --num-samples/--method/--cfg ...``). The models forbid
 unknown fields and check every bound, so FastAPI answers a malformed request with 422 naming the field before it
@@ -73,18 +75,41 @@ class TextRequest(BaseModel):
     seed: int | None = Field(None, ge=0, lt=2**63)
 
 
+class EditRequest(BaseModel):
+    """An image-editing request: ``num_samples`` edits of ``image`` following ``edit``, with separate text and image
+    guidance (paper section 4.1; a model instruction-tuned on ``edit`` documents). Seeds as in :class:`ImageRequest`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: str = Field(min_length=1, description="base64 PNG or JPEG of the picture to edit")
+    edit: str = Field(min_length=1, description="the edit instruction")
+    num_samples: int | None = Field(None, ge=1, le=64)
+    method: Literal["greedy", "temperature", "top_p"] | None = None
+    text_cfg: float | None = Field(None, ge=0.0, le=100.0, description="text guidance scale")
+    image_cfg: float | None = Field(None, ge=0.0, le=100.0, description="image guidance scale")
+    temperature: float | None = Field(None, ge=0.0, le=10.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    return_codes: bool = Field(False, description="also return the image codes")
+
+
 def request_kind(value: Any) -> str:
-    """``"image"`` for a request carrying an ``image`` field (image-to-text), else ``"prompt"`` (text-to-image)."""
+    """``"edit"`` for a request with an ``edit`` field (image editing), ``"image"`` for one with an ``image`` field
+    (image-to-text), else ``"prompt"`` (text-to-image)."""
     if isinstance(value, dict):
-        return "image" if "image" in value else "prompt"
-    return "image" if isinstance(value, TextRequest) else "prompt"
+        return "edit" if "edit" in value else "image" if "image" in value else "prompt"
+    return {EditRequest: "edit", TextRequest: "image"}.get(type(value), "prompt")
 
 
 GenerationRequest = Annotated[
-    Union[Annotated[ImageRequest, Tag("prompt")], Annotated[TextRequest, Tag("image")]],  # noqa: UP007 - pydantic
+    Union[  # noqa: UP007 - pydantic's tagged union
+        Annotated[ImageRequest, Tag("prompt")],
+        Annotated[TextRequest, Tag("image")],
+        Annotated[EditRequest, Tag("edit")],
+    ],
     Discriminator(request_kind),
 ]
-"""The body of ``POST /predict``: an :class:`ImageRequest` or a :class:`TextRequest`."""
+"""The body of ``POST /predict``: an :class:`ImageRequest`, :class:`TextRequest` or :class:`EditRequest`."""
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from cm3leon_lightning.data.sft import (
+    EDIT_PREFIX,
     TEMPLATES,
     SFTSource,
     balanced_counts,
@@ -193,7 +194,7 @@ def test_documents_with_several_images_are_split_into_segments(tmp_path: Path) -
     fields = {"image": "a.png", "instruction": "make it blue", "target": "b.png"}
     (template,) = TEMPLATES["edit"]
     assert template_segments(template, fields, tmp_path) == [
-        ("text", "Edit first image following the instruction"),
+        ("text", EDIT_PREFIX),  # what edit_image puts first at generation time
         ("image", tmp_path / "a.png"),
         ("text", "make it blue"),
         ("image", tmp_path / "b.png"),

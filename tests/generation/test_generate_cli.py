@@ -103,6 +103,37 @@ def test_image_to_text_in_the_image_first_layout(assets, tmp_path, capsys):
     assert answers["image_first"] == tok.decode(want).strip() and answers["image_first"] != answers["infill"]
 
 
+def test_edit_writes_the_edited_candidates(assets, tmp_path, capsys):
+    """--edit decodes edit_image's three guidance streams from the picture's codes, the instruction and the SFT edit
+    template's prefix, and writes the candidates as text-to-image does; misuse is a one-line error."""
+    from cm3leon_lightning.data.sft import EDIT_PREFIX
+    from cm3leon_lightning.generation import edit_image
+    from cm3leon_lightning.generation.cli import load_image
+
+    # prefix, source image, instruction and 64 new codes need more than the shared checkpoint's 128 positions
+    model, vocab = load_checkpoint(assets / "model.ckpt")
+    module = CM3LeonModule(preset="tiny", vocab=vocab.to_dict(), max_seq_len=256)
+    module.configure_model()
+    ckpt = tmp_path / "long.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, ckpt)
+    argv = [*base(assets, tmp_path), "--ckpt", str(ckpt), "--image", str(assets / "x.png"), "--edit", "make it blue"]
+    assert main([*argv, "--num-samples", "2", "--seed", "3", "--text-cfg", "4", "--image-cfg", "1.2"]) == 0
+    model, vocab = load_checkpoint(ckpt)
+    vqgan = VQGAN.from_pretrained(assets / "vqgan").eval()
+    tok = TextTokenizer.load(assets / "tok")
+    codes = vqgan.encode(load_image(str(assets / "x.png"), vqgan))
+    want = edit_image(model, vocab, codes, [tok.encode("make it blue")], tok.encode(EDIT_PREFIX), text_cfg=4.0,
+                      image_cfg=1.2, num_samples=2, seed=3)  # fmt: skip
+    np.testing.assert_array_equal(np.load(tmp_path / "codes.npy"), want.codes[0].numpy())
+    assert Image.open(tmp_path / "sample-1.png").size == (16, 16) and (tmp_path / "grid.png").is_file()
+    for extra, message in ((["--instruction", "x"], "give --image, and no --instruction"),
+                           (["--method", "cd_k"], "--edit samples with greedy, temperature or top_p")):  # fmt: skip
+        assert main([*argv, *extra]) == 2
+        assert message in capsys.readouterr().err
+    prompt = [a if a != "--image" else "--prompt" for a in argv]
+    assert main(prompt) == 2 and "--edit edits the picture of --image" in capsys.readouterr().err
+
+
 def test_clear_errors(assets, tmp_path, capsys):
     def error(argv):
         assert main(argv) == 2

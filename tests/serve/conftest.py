@@ -1,5 +1,5 @@
 """Assets for the serving tests: a tokenizer, a micro VQGAN (16 px, 8x8 codes from 32), a random tiny CM3Leon
-checkpoint for both, and random tiny-CLIP weights (re-ranking)."""
+checkpoint for both (256 positions: room for an edit prompt), and random tiny-CLIP weights (re-ranking)."""
 
 import pytest
 import torch
@@ -21,7 +21,7 @@ def serve_assets(tmp_path_factory):
     vqgan = VQGAN.from_name("micro").eval()
     vqgan.save_pretrained(root / "vqgan")
     vocab = tok.make_vocab(n_codes=vqgan.n_embed, grid_h=8, grid_w=8)
-    module = CM3LeonModule(preset="tiny", vocab=vocab.to_dict(), max_seq_len=128)
+    module = CM3LeonModule(preset="tiny", vocab=vocab.to_dict(), max_seq_len=256)
     module.configure_model()
     with torch.no_grad():  # random blocks, so samples differ between seeds
         for p in module.model.parameters():

@@ -6,10 +6,11 @@ from fastapi.responses import JSONResponse
 from support.images import png_base64
 
 import cm3leon_lightning.serve.api as api_module
-from cm3leon_lightning.generation import generate_image, generate_text, rerank
+from cm3leon_lightning.data.sft import EDIT_PREFIX
+from cm3leon_lightning.generation import edit_image, generate_image, generate_text, rerank
 from cm3leon_lightning.generation.cli import load_checkpoint
 from cm3leon_lightning.retrieval.encoder import ClipEncoder
-from cm3leon_lightning.serve import CM3LeonAPI, ImageJob, Rejected, TextJob, TextSettings
+from cm3leon_lightning.serve import CM3LeonAPI, EditSettings, ImageJob, Rejected, TextJob, TextSettings
 from cm3leon_lightning.serve.requests import decode_base64_image, encode_png_base64
 from cm3leon_lightning.tokenization.text import TextTokenizer
 from cm3leon_lightning.tokenization.vqgan import VQGAN
@@ -63,7 +64,7 @@ def test_a_batch_decodes_in_groups_and_each_answer_equals_its_solo_decode(api, d
         {"prompt": "two green triangles", **greedy},
         {"prompt": "a blue square", **sampled},
         {"prompt": "a blue square", **sampled},  # same seed, same request: decoded apart, same images
-        {"prompt": "a red circle " * 30},  # too long for the 128-token context
+        {"prompt": "a red circle " * 80},  # too long for the 256-token context
         {"image": png_base64(1)},
         {"prompt": "a small red square", "num_samples": 3},  # server defaults, no seed
     ]
@@ -82,7 +83,7 @@ def test_a_batch_decodes_in_groups_and_each_answer_equals_its_solo_decode(api, d
     assert len(out[7]["images"]) == 3  # num_samples from the request, the rest from the server's defaults
 
     assert isinstance(out[5], Rejected) and out[5].status == 400
-    assert "prompt: " in out[5].detail and "max_seq_len=128" in out[5].detail
+    assert "prompt: " in out[5].detail and "max_seq_len=256" in out[5].detail
     model, vocab, tok, vqgan = direct
     for i, seed, instruction in ((1, 0, "what colour is it"), (6, 1, "")):
         codes = vqgan.encode(decode_base64_image(png_base64(seed), 16)[None])
@@ -102,6 +103,27 @@ def test_rerank_orders_by_clip_score_and_keeps_the_best(api, direct, serve_asset
     assert out["clip_scores"][0] >= out["clip_scores"][1]
 
 
+def test_edit_requests_equal_edit_image_and_seeded_ones_decode_alone(api, direct, monkeypatch):
+    """An edit request runs edit_image (three guidance streams) on its picture's codes with the SFT edit prefix;
+    unseeded edits with equal settings share one call, a seeded one is decoded alone and reproducible."""
+    calls = counting(monkeypatch, "edit_image")
+    model, vocab, tok, vqgan = direct
+    seeded = {"image": png_base64(0), "edit": "make it blue", "num_samples": 2, "seed": 5, "text_cfg": 4.0,
+              "image_cfg": 1.2, "return_codes": True}  # fmt: skip
+    bodies = [seeded, {"image": png_base64(1), "edit": "make it red"}, {"image": png_base64(2), "edit": "a square"}]
+    jobs = [api.decode_request(b) for b in bodies]
+    assert [type(j).__name__ for j in jobs] == ["EditJob"] * 3
+    assert jobs[1].settings == EditSettings()  # the server's: 4 samples of top-p, the paper's 7.5 / 1.5
+    out = api.predict(jobs)
+    assert sorted(calls) == [1, 2]
+    codes = vqgan.encode(decode_base64_image(png_base64(0), 16)[None])
+    want = edit_image(model, vocab, codes, [tok.encode("make it blue")], tok.encode(EDIT_PREFIX), text_cfg=4.0,
+                      image_cfg=1.2, num_samples=2, seed=5, vqgan=vqgan)  # fmt: skip
+    assert out[0]["codes"] == want.codes[0].tolist() and out[0]["seed"] == 5
+    assert out[0]["images"] == [encode_png_base64(im) for im in want.images[0]]
+    assert [len(o["images"]) for o in out[1:]] == [4, 4] and "codes" not in out[1]
+
+
 @pytest.mark.parametrize(
     "request_, status, detail",
     [
@@ -110,7 +132,10 @@ def test_rerank_orders_by_clip_score_and_keeps_the_best(api, direct, serve_asset
         ({"prompt": "x", "rerank": True, "num_samples": 2, "keep": 3}, 400, "keep: needs rerank and at most"),
         ({"prompt": "x", "method": "cd_k", "cdk_alpha": 0.5, "cdk_k": 0}, 422, "cdk_k"),
         ({"image": "%%%"}, 400, "image: not valid base64"),
-        ({"image": png_base64(0), "max_new_tokens": 100}, 400, "instruction: the prompt plus max_new_tokens=100"),
+        ({"image": png_base64(0), "max_new_tokens": 200}, 400, "instruction: the prompt plus max_new_tokens=200"),
+        ({"image": png_base64(0), "edit": "make it blue " * 40}, 400, "edit: the edit prompt and its image need"),
+        ({"image": png_base64(0), "edit": "x", "method": "cd_k"}, 422, "method"),
+        ({"image": png_base64(0), "edit": "x", "num_samples": 17}, 400, "num_samples: 17 exceeds"),
     ],
 )
 def test_a_request_the_server_cannot_honour_is_rejected_naming_the_field(api, request_, status, detail):

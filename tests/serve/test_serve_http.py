@@ -1,6 +1,6 @@
-"""``cm3leon serve`` over HTTP (LitServe's app in a test client, its worker a real process): the answers equal direct
-decoding, concurrent requests are served from one batch with a bad one answered alone, malformed bodies get 422
-naming the field, and the command reports bad arguments in one line."""
+"""``cm3leon serve`` over HTTP (LitServe's app in a test client, its worker a real process): the answers to the three
+kinds of request equal direct decoding, concurrent requests are served from one batch with a bad one answered alone,
+malformed bodies get 422 naming the field, and the command reports bad arguments in one line."""
 
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -11,7 +11,8 @@ from litserve.utils import wrap_litserve_start
 from support.images import png_base64
 
 from cm3leon_lightning.cli import main as cm3leon_main
-from cm3leon_lightning.generation import generate_image, generate_text
+from cm3leon_lightning.data.sft import EDIT_PREFIX
+from cm3leon_lightning.generation import edit_image, generate_image, generate_text
 from cm3leon_lightning.generation.cli import load_checkpoint
 from cm3leon_lightning.serve.cli import build_parser, build_server
 from cm3leon_lightning.serve.requests import decode_base64_image, encode_png_base64
@@ -35,7 +36,7 @@ def client(serve_assets):
         yield c
 
 
-def test_health_and_both_kinds_of_request(client, serve_assets):
+def test_health_and_the_three_kinds_of_request(client, serve_assets):
     assert client.get("/health").status_code == 200 and client.get("/health").text == "ok"
     model, vocab = load_checkpoint(serve_assets / "model.ckpt")
     tok, vqgan = TextTokenizer.load(serve_assets / "tok"), VQGAN.from_pretrained(serve_assets / "vqgan").eval()
@@ -54,6 +55,11 @@ def test_health_and_both_kinds_of_request(client, serve_assets):
     answer = generate_text(model, vocab, codes, tok.encode("what colour is it"), max_new_tokens=6, compile=False)
     assert r.status_code == 200 and r.json() == {"text": tok.decode(answer[0])}
 
+    r = client.post("/predict", json={"image": png_base64(2), "edit": "make it blue", "num_samples": 2, "seed": 1})
+    want = edit_image(model, vocab, codes, [tok.encode("make it blue")], tok.encode(EDIT_PREFIX), num_samples=2,
+                      seed=1, vqgan=vqgan)  # fmt: skip
+    assert r.status_code == 200 and r.json() == {"seed": 1, "images": [encode_png_base64(im) for im in want.images[0]]}
+
 
 def test_a_malformed_body_gets_422_naming_the_field(client):
     r = client.post("/predict", json={"prompt": "a red circle", "num_samples": 0, "colour": "red"})
@@ -66,13 +72,13 @@ def test_concurrent_requests_share_a_batch_and_a_bad_one_is_answered_alone(clien
     tok = TextTokenizer.load(serve_assets / "tok")
     bodies = [
         {"prompt": "a blue square", "method": "greedy", "num_samples": 1, "return_codes": True},
-        {"prompt": "a red circle " * 30, "method": "greedy", "num_samples": 1},  # too long for the context
+        {"prompt": "a red circle " * 80, "method": "greedy", "num_samples": 1},  # too long for the context
         {"prompt": "two green triangles", "method": "greedy", "num_samples": 1, "return_codes": True},
     ]
     with ThreadPoolExecutor(len(bodies)) as pool:
         responses = list(pool.map(lambda b: client.post("/predict", json=b), bodies))
     assert [r.status_code for r in responses] == [200, 400, 200]
-    assert "max_seq_len=128" in responses[1].json()["detail"]
+    assert "max_seq_len=256" in responses[1].json()["detail"]
     for body, r in zip(bodies[::2], responses[::2]):
         want = generate_image(model, vocab, [tok.encode(body["prompt"])], method="greedy", compile=False)
         assert r.json()["codes"] == want.codes[0].tolist()

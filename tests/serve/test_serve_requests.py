@@ -9,6 +9,7 @@ from pydantic import TypeAdapter, ValidationError
 from support.images import png_base64
 
 from cm3leon_lightning.serve.requests import (
+    EditRequest,
     GenerationRequest,
     ImageRequest,
     TextRequest,
@@ -26,7 +27,10 @@ def test_the_body_is_told_apart_by_its_fields():
     assert isinstance(r, ImageRequest) and (r.num_samples, r.seed, r.cfg) == (3, 5, None)
     t = ADAPTER.validate_python({"image": "aGk=", "instruction": "What is it?", "layout": "image_first"})
     assert isinstance(t, TextRequest) and t.layout == "image_first" and t.max_new_tokens is None
-    assert request_kind(r) == "prompt" and request_kind(t) == "image" and request_kind({"image": 1}) == "image"
+    e = ADAPTER.validate_python({"image": "aGk=", "edit": "make it blue", "text_cfg": 5})
+    assert isinstance(e, EditRequest) and e.text_cfg == 5.0 and e.image_cfg is None
+    assert request_kind(r) == "prompt" and request_kind(t) == "image" and request_kind(e) == "edit"
+    assert request_kind({"image": 1}) == "image" and request_kind({"image": 1, "edit": 2}) == "edit"
 
 
 @pytest.mark.parametrize(
@@ -44,6 +48,9 @@ def test_the_body_is_told_apart_by_its_fields():
         ({"image": "aGk=", "max_new_tokens": 0}, "max_new_tokens"),
         ({"image": "aGk=", "prompt": "x"}, "prompt"),
         ({"num_samples": 2}, "prompt"),
+        ({"image": "aGk=", "edit": ""}, "edit"),
+        ({"image": "aGk=", "edit": "x", "instruction": "y"}, "instruction"),  # an edit takes no instruction
+        ({"edit": "x"}, "image"),
     ],
 )
 def test_a_malformed_request_is_refused_naming_the_field(body, field):
