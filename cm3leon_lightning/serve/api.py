@@ -1,10 +1,12 @@
-"""``CM3LeonAPI``: a LitServe API that serves text-to-image and image-to-text from a ``CM3LeonModule`` checkpoint.
+"""``CM3LeonAPI``: a LitServe API that serves text-to-image, image-to-text and image editing from a ``CM3LeonModule``
+checkpoint.
 
 LitServe (Lightning's serving library) runs :meth:`CM3LeonAPI.setup` once per worker, gathers up to
 ``max_batch_size`` requests that arrive within ``batch_timeout`` seconds, and hands them to :meth:`predict` together.
 There the requests are grouped (:func:`~cm3leon_lightning.serve.requests.group_key`): each group is one call of
-:func:`~cm3leon_lightning.generation.generate.generate_image` or
-:func:`~cm3leon_lightning.generation.generate.generate_text`, so concurrent requests with equal settings share the
+:func:`~cm3leon_lightning.generation.generate.generate_image`,
+:func:`~cm3leon_lightning.generation.generate.generate_text` or
+:func:`~cm3leon_lightning.generation.generate.edit_image`, so concurrent requests with equal settings share the
 decode's forward passes (a decode step costs nearly the same for 2 or 16 rows on a GPU). A request that carries a
 ``seed`` and samples is decoded on its own, so the same request always gives the same images. A request the server
 cannot honour is answered 400 on its own; the rest of its batch is unaffected.
@@ -164,7 +166,7 @@ class CM3LeonAPI(ls.LitAPI):
     Args:
         ckpt: ``CM3LeonModule`` checkpoint (``.ckpt``), loaded with ``weights_only=True``.
         tokenizer: text tokenizer (``tokenizer.json`` or its directory).
-        vqgan: VQGAN directory (``VQGAN.from_pretrained``); needed for PNGs, for image-to-text and for re-ranking.
+        vqgan: VQGAN directory (``VQGAN.from_pretrained``); needed for PNGs, image-to-text, editing and re-ranking.
             Without it text-to-image answers with codes only.
         clip: open_clip model name for ``rerank`` requests and for retrieval (None: both refused with 400).
         clip_pretrained: open_clip weights tag or local weights file for ``clip``.

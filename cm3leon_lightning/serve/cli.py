@@ -4,9 +4,10 @@ Example::
 
     cm3leon serve --ckpt last.ckpt --tokenizer tok/ --vqgan vqgan/ --clip ViT-B-32 --clip-pretrained clip.safetensors \\
         --max-batch-size 8 --batch-timeout 0.05 --port 8000
-    curl -s localhost:8000/predict -d '{"prompt": "a red circle", "num_samples": 4, "rerank": true, "keep": 1}'
-    curl -s localhost:8000/predict -d '{"image": "'"$(base64 -w0 x.png)"'", "instruction": "What is it?"}'
-    curl -s localhost:8000/predict -d '{"image": "'"$(base64 -w0 x.png)"'", "edit": "make it blue", "num_samples": 2}'
+    JSON="Content-Type: application/json"; URL=localhost:8000/predict  # FastAPI reads JSON bodies only with the header
+    curl -s $URL -H "$JSON" -d '{"prompt": "a red circle", "num_samples": 4, "rerank": true, "keep": 1}'
+    curl -s $URL -H "$JSON" -d '{"image": "'"$(base64 -w0 x.png)"'", "instruction": "What is it?"}'
+    curl -s $URL -H "$JSON" -d '{"image": "'"$(base64 -w0 x.png)"'", "edit": "make it blue", "num_samples": 2}'
     cm3leon serve ... --clip ViT-B-32 --clip-pretrained clip.safetensors --retrieve bank/ --shards data/train --k 2
 
 With ``--retrieve`` each text-to-image request gets the ``--k`` nearest documents of its prompt in the bank placed

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from support.checkpoint_setup import CORPUS, write_checkpoint_assets
 
 from cm3leon_lightning.cli import main as cm3leon_main
 from cm3leon_lightning.generation.cli import load_checkpoint, main, resolve_dtype
@@ -12,26 +13,11 @@ from cm3leon_lightning.modules.cm3leon import CM3LeonModule
 from cm3leon_lightning.tokenization.text import TextTokenizer
 from cm3leon_lightning.tokenization.vqgan import VQGAN
 
-CORPUS = ["a red circle", "a blue square", "two green triangles", "a small red square"] * 20
-
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    """A tokenizer, a micro VQGAN (16 px, 8x8 codes) and a CM3LeonModule checkpoint built for both."""
-    root = tmp_path_factory.mktemp("gen")
-    tok = TextTokenizer.train(CORPUS, vocab_size=300)
-    tok.save(root / "tok")
-    torch.manual_seed(0)
-    vqgan = VQGAN.from_name("micro").eval()
-    vqgan.save_pretrained(root / "vqgan")
-    vocab = tok.make_vocab(n_codes=vqgan.n_embed, grid_h=8, grid_w=8)
-    module = CM3LeonModule(preset="tiny", vocab=vocab.to_dict(), max_seq_len=128)
-    module.configure_model()
-    with torch.no_grad():  # random blocks, so samples differ
-        for p in module.model.parameters():
-            p.normal_(0.0, 0.2)
-    ckpt = root / "model.ckpt"
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, ckpt)
+    """A tokenizer, a micro VQGAN (16 px, 8x8 codes), a CM3LeonModule checkpoint built for both and a picture."""
+    root = write_checkpoint_assets(tmp_path_factory.mktemp("gen"))
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(root / "x.png")
     return root
 

@@ -103,3 +103,41 @@ def test_clip_without_vqgan_is_refused(serve_assets, capsys):
     args = ["--ckpt", str(serve_assets / "model.ckpt"), "--tokenizer", str(serve_assets / "tok"), "--clip", "x"]
     assert cm3leon_main(["serve", *args]) == 2
     assert "--clip re-ranks decoded images (needs --vqgan) or retrieves (needs --retrieve)" in capsys.readouterr().err
+
+
+def test_the_command_serves_over_a_real_socket(serve_assets, tmp_path):
+    """``cm3leon serve`` as a user runs it: a process listening on a port, /health then a request over TCP."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "cm3leon_lightning", "serve", *argv(serve_assets, "--host", "127.0.0.1", "--port",
+                                                                     str(port))]  # fmt: skip
+    log = open(tmp_path / "server.log", "w")  # noqa: SIM115 - closed below, after the process
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+    try:
+        deadline, health = time.monotonic() + 180, None
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                health = urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).read()
+                if health == b"ok":
+                    break
+            except OSError:
+                time.sleep(0.5)
+        assert health == b"ok", (tmp_path / "server.log").read_text()[-3000:]
+        body = json.dumps({"prompt": "a red circle", "method": "greedy", "num_samples": 1, "return_codes": True})
+        url, headers = f"http://127.0.0.1:{port}/predict", {"Content-Type": "application/json"}
+        req = urllib.request.Request(url, body.encode(), headers=headers, method="POST")
+        answer = json.loads(urllib.request.urlopen(req, timeout=60).read())
+        assert len(answer["images"]) == 1 and len(answer["codes"][0]) == 64
+        assert not (tmp_path / "client.py").exists()  # LitServe's client file is not written into the cwd
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
