@@ -39,6 +39,7 @@ import numpy as np
 
 from cm3leon_lightning.data.shards import sanitize_key
 from cm3leon_lightning.data.sources import PairSource, RawPair
+from cm3leon_lightning.generation.tasks import EDIT_PREFIX, GROUNDED_FEATURES, TASK_PREFIXES
 
 # Paper table 5 (text-focused datasets, and the single-image generation tasks), text part before ``<break> {image}``.
 TEMPLATES: dict[str, tuple[str, ...]] = {
@@ -67,23 +68,17 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
     "text": ("{text}",),
     # Several images: the whole document, segments split at <break>; a segment that is only an image field
     # (IMAGE_FIELDS) is that image.
-    "edit": ("Edit first image following the instruction <break> {image} <break> {instruction} <break> {target}",),
+    # (The prefixes live in generation/tasks.py, which decoding reads too.)
+    "edit": (f"{EDIT_PREFIX} <break> {{image}} <break> {{instruction}} <break> {{target}}",),
     **{
-        f"{name}_to_image": (f"Make high quality image from {what} <break> {{condition}} <break> {{caption}} <break> "
+        f"{name}_to_image": (f"{TASK_PREFIXES[name + '_to_image']} <break> {{condition}} <break> {{caption}} <break> "
                              "{image}",)
-        for name, what in (
-            ("edge", "canny edge features"), ("seg", "a segmentation map"), ("hed", "hed features"),
-            ("pose", "openpose features"), ("depth", "depth features"), ("norm", "3D norm features"),
-            ("scribble", "children's scribbles"),
-        )
+        for name in GROUNDED_FEATURES
     },
 }  # fmt: skip
 
 IMAGE_FIELDS = ("image", "target", "condition")  # fields that name image files (relative to the JSON-lines file)
 BREAK = " <break> "
-EDIT_PREFIX = "Edit first image following the instruction"
-"""The task prefix of the ``edit`` template: the text before the source image, which ``edit_image`` (``cm3leon
-generate --edit``, ``cm3leon serve``'s edit requests) places first."""
 
 
 def template_fields(template: str) -> set[str]:

@@ -9,11 +9,13 @@ Examples::
     cm3leon generate ... --image x.png --instruction "Question: what colour is it? Answer:" --layout image_first
     cm3leon generate ... --prompt "a red circle" --retrieve bank/ --shards data/ --clip-pretrained openai
     cm3leon generate ... --image x.png --edit "make the circle blue" --text-cfg 7.5 --image-cfg 1.5 --out edits/
+    cm3leon generate ... --image edges.png --edit "a cat on a sofa" --task edge_to_image --out grounded/
 
 Text-to-image writes ``sample-{i}.png`` (best CLIP score first when ``--rerank`` is given), ``grid.png`` with the
 prompt written above the candidates, ``codes.npy``, and with ``--retrieve`` ``retrieved.json`` (the bank keys of the
 documents placed before the prompt, nearest first). Image-to-text writes ``answer.txt`` and prints it. ``--edit``
-(a model instruction-tuned on ``edit`` documents, paper table 5) writes the edited candidates as text-to-image does.
+(a model instruction-tuned on ``edit`` documents, paper table 5) writes the edited candidates as text-to-image does;
+with ``--task edge_to_image`` (or another grounded task) it draws the image whose edges (etc.) ``--image`` shows.
 Errors (missing files, a checkpoint whose vocabulary does not match the tokenizer or the VQGAN, a prompt longer
 than the context) are reported in one line and exit with status 2.
 """
@@ -33,6 +35,7 @@ import torch
 from cm3leon_lightning.config import CM3LeonConfig
 from cm3leon_lightning.generation.generate import TEXT_LAYOUTS, edit_image, generate_image, generate_text
 from cm3leon_lightning.generation.graphs import MODES, resolve_mode
+from cm3leon_lightning.generation.tasks import IMAGE_TASKS, TASK_GUIDANCE, task_prefix
 from cm3leon_lightning.model import ATTENTION_IMPLS, CM3Leon
 from cm3leon_lightning.tokenization.vocab import Document, MultimodalVocab
 
@@ -195,11 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--instruction", default="", help="instruction or question for --image")
     p.add_argument(
         "--edit",
-        help="edit instruction for --image: write edited images (a model instruction-tuned on 'edit' documents; "
-        "separate text and image guidance, --text-cfg / --image-cfg)",
+        help="with --image, write new images: the edit instruction (--task edit), or the caption of the image to draw "
+        "from the --image features (--task edge_to_image, ...); for a model instruction-tuned on such documents",
     )
-    p.add_argument("--text-cfg", type=float, default=7.5, help="--edit: text guidance scale (paper 7.5)")
-    p.add_argument("--image-cfg", type=float, default=1.5, help="--edit: image guidance scale (paper 1.5)")
+    p.add_argument("--task", default="edit", choices=IMAGE_TASKS, help="--edit: the SFT task whose prefix to use")
+    p.add_argument("--text-cfg", type=float, help="--edit: text guidance scale (paper: 7.5 editing, 3 grounded)")
+    p.add_argument("--image-cfg", type=float, help="--edit: image guidance scale (paper: 1.5 editing, 3 grounded)")
     p.add_argument(
         "--layout",
         default="infill",
@@ -290,11 +294,12 @@ def run(args: argparse.Namespace) -> None:
             raise ValueError("--image needs --vqgan to turn the picture into codes")
         codes = vqgan.encode(load_image(args.image, vqgan).to(device))  # (1, h*w)
         if args.edit is not None:
-            from cm3leon_lightning.data.sft import EDIT_PREFIX
-
+            text_cfg, image_cfg = TASK_GUIDANCE[args.task]
             result = edit_image(
-                model, vocab, codes, [tokenizer.encode(args.edit)], tokenizer.encode(EDIT_PREFIX),
-                text_cfg=args.text_cfg, image_cfg=args.image_cfg, num_samples=args.num_samples, method=args.method,
+                model, vocab, codes, [tokenizer.encode(args.edit)], tokenizer.encode(task_prefix(args.task)),
+                text_cfg=text_cfg if args.text_cfg is None else args.text_cfg,
+                image_cfg=image_cfg if args.image_cfg is None else args.image_cfg,
+                num_samples=args.num_samples, method=args.method,
                 temperature=args.temperature, top_p=args.top_p, seed=args.seed, vqgan=vqgan, compile=compile,
             )  # fmt: skip
             write_images(out, result.codes[0], result.images[0], args.edit)

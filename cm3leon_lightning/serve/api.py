@@ -31,7 +31,6 @@ import torch
 from fastapi.responses import JSONResponse
 from pydantic import TypeAdapter, ValidationError
 
-from cm3leon_lightning.data.sft import EDIT_PREFIX
 from cm3leon_lightning.generation.generate import (
     TEXT_LAYOUTS,
     GenerationSettings,
@@ -41,6 +40,7 @@ from cm3leon_lightning.generation.generate import (
     generate_text,
     image_prompt,
 )
+from cm3leon_lightning.generation.tasks import TASK_GUIDANCE, task_prefix
 from cm3leon_lightning.serve.requests import (
     EditRequest,
     GenerationRequest,
@@ -95,6 +95,7 @@ class EditSettings:
     """Image-editing defaults of a server (``cm3leon serve --text-cfg/--image-cfg``; the rest from text-to-image's).
 
     Attributes:
+        task: ``edit`` or a grounded-generation task (:data:`~cm3leon_lightning.generation.tasks.IMAGE_TASKS`).
         num_samples: edited candidates per request.
         method: ``greedy``, ``temperature`` or ``top_p``.
         text_cfg: text guidance scale (paper 7.5).
@@ -103,6 +104,7 @@ class EditSettings:
         top_p: nucleus mass for ``top_p``.
     """
 
+    task: str = "edit"
     num_samples: int = 4
     method: str = "top_p"
     text_cfg: float = 7.5
@@ -111,6 +113,7 @@ class EditSettings:
     top_p: float = 0.9
 
     def __post_init__(self) -> None:
+        task_prefix(self.task)  # a known task
         if self.method not in ("greedy", "temperature", "top_p"):
             raise ValueError(f"edit method must be greedy, temperature or top_p, got {self.method!r}")
         if self.num_samples < 1:
@@ -178,7 +181,8 @@ class CM3LeonAPI(ls.LitAPI):
             without a seed gets a fresh one).
         text_defaults: image-to-text settings for fields a request leaves out.
         edit_defaults: image-editing settings for fields a request leaves out (default: the paper's guidance scales
-            with ``image_defaults``' samples, temperature and top-p, and its method unless that is CD-K).
+            with ``image_defaults``' samples, temperature and top-p, and its method unless that is CD-K); a request
+            for a grounded task gets the paper's single CFG 3 unless it gives its own scales.
         max_num_samples: the most candidates one request may ask for.
         dtype: transformer weights and KV cache: ``auto`` (bfloat16 on CUDA, float32 on CPU) or a dtype name.
         compile: how the decode step runs (None: the fastest available, see ``generation/graphs.py``).
@@ -258,7 +262,6 @@ class CM3LeonAPI(ls.LitAPI):
             self.retriever = DocumentRetriever(
                 self.bank_dir, self.shards_dir, self.clip, self.vocab, self.tokenizer.sha256, preload=True
             )
-        self._edit_prefix = self.tokenizer.encode(EDIT_PREFIX)
         self._rng = random.Random()  # seeds for requests without one
         self._serve_device = torch.device(device)
 
@@ -314,7 +317,10 @@ class CM3LeonAPI(ls.LitAPI):
 
     def _edit_job(self, r: EditRequest) -> EditJob:
         overrides = r.model_dump(include=set(EDIT_SETTINGS), exclude_none=True)
-        settings = EditSettings(**{**asdict(self.edit_defaults), **overrides})
+        base = asdict(self.edit_defaults)
+        if r.task != "edit":  # grounded generation: the paper's single CFG unless the request says otherwise
+            base["text_cfg"], base["image_cfg"] = TASK_GUIDANCE[r.task]
+        settings = EditSettings(**{**base, **overrides, "task": r.task})
         if settings.num_samples > self.max_num_samples:
             raise ValueError(
                 f"num_samples: {settings.num_samples} exceeds this server's limit of {self.max_num_samples}"
@@ -322,7 +328,7 @@ class CM3LeonAPI(ls.LitAPI):
         codes = self._encode_image(r.image)
         instruction = self.tokenizer.encode(r.edit)
         # <eos> prefix <break> image <break> instruction <break>, then the edited image
-        need = len(self._edit_prefix) + len(instruction) + 4 + 2 * self.vocab.image_tokens
+        need = len(self.tokenizer.encode(task_prefix(r.task))) + len(instruction) + 4 + 2 * self.vocab.image_tokens
         if need > self.model.config.max_seq_len:
             raise ValueError(
                 f"edit: the edit prompt and its image need {need} positions, more than the model's context "
@@ -414,7 +420,7 @@ class CM3LeonAPI(ls.LitAPI):
             self.vocab,
             torch.stack([j.codes for j in group]),
             [j.instruction for j in group],
-            self._edit_prefix,
+            self.tokenizer.encode(task_prefix(s.task)),
             text_cfg=s.text_cfg,
             image_cfg=s.image_cfg,
             num_samples=s.num_samples,

@@ -26,11 +26,16 @@ from typing import Annotated, Any, Literal, Union
 import torch
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
+from cm3leon_lightning.generation.tasks import IMAGE_TASKS
+
 IMAGE_METHODS = ("greedy", "temperature", "top_p", "cd_k")
 """Decoding methods of a text-to-image request (``generate_image``)."""
 
 TEXT_METHODS = ("greedy", "temperature", "top_p")
 """Decoding methods of an image-to-text request (``generate_text``)."""
+
+ImageTask = Literal[IMAGE_TASKS]  # type: ignore[valid-type]
+"""The ``task`` of an :class:`EditRequest`: ``edit`` or a grounded-generation task."""
 
 
 class ImageRequest(BaseModel):
@@ -77,12 +82,15 @@ class TextRequest(BaseModel):
 
 class EditRequest(BaseModel):
     """An image-editing request: ``num_samples`` edits of ``image`` following ``edit``, with separate text and image
-    guidance (paper section 4.1; a model instruction-tuned on ``edit`` documents). Seeds as in :class:`ImageRequest`."""
+    guidance (paper section 4.1; a model instruction-tuned on ``edit`` documents). With ``task`` ``edge_to_image``
+    (etc.) it is grounded generation: ``image`` holds the features and ``edit`` the caption. Seeds as in
+    :class:`ImageRequest`."""
 
     model_config = ConfigDict(extra="forbid")
 
-    image: str = Field(min_length=1, description="base64 PNG or JPEG of the picture to edit")
-    edit: str = Field(min_length=1, description="the edit instruction")
+    image: str = Field(min_length=1, description="base64 PNG or JPEG of the picture to edit (or its features)")
+    edit: str = Field(min_length=1, description="the edit instruction (or, for a grounded task, the caption)")
+    task: ImageTask = Field("edit", description="edit, or grounded generation: edge_to_image, ...")
     num_samples: int | None = Field(None, ge=1, le=64)
     method: Literal["greedy", "temperature", "top_p"] | None = None
     text_cfg: float | None = Field(None, ge=0.0, le=100.0, description="text guidance scale")

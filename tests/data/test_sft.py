@@ -22,6 +22,7 @@ from cm3leon_lightning.data.sft import (
     template_segments,
 )
 from cm3leon_lightning.data.sources import make_source
+from cm3leon_lightning.generation.tasks import IMAGE_TASKS, TASK_GUIDANCE, task_prefix
 
 VQA = {"question": "What colour is the circle?", "answer": "red"}
 
@@ -210,6 +211,12 @@ def test_documents_with_several_images_are_split_into_segments(tmp_path: Path) -
         ("image", Path("c.png")),
     ]
     assert every_rendering("edit", fields) == ["Edit first image following the instruction make it blue"]
+    for task in IMAGE_TASKS:  # decoding's prefix is what the template trains on
+        assert TEMPLATES[task][0].startswith(task_prefix(task) + " <break> ")
+    assert task_prefix("scribble_to_image") == "Make high quality image from children's scribbles"
+    assert [TASK_GUIDANCE[t] for t in ("edit", "depth_to_image")] == [(7.5, 1.5), (3.0, 3.0)]
+    with pytest.raises(ValueError, match="task must be one of"):
+        task_prefix("vqa")
 
     _write_lines(tmp_path / "edit.jsonl", [{"task": "edit", **fields}, {"task": "vqa", "image": "c.png", **VQA}])
     pairs = {p.meta["task"]: p for p in SFTSource(tmp_path / "edit.jsonl", up=1, down=1)}

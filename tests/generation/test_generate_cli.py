@@ -92,9 +92,9 @@ def test_image_to_text_in_the_image_first_layout(assets, tmp_path, capsys):
 def test_edit_writes_the_edited_candidates(assets, tmp_path, capsys):
     """--edit decodes edit_image's three guidance streams from the picture's codes, the instruction and the SFT edit
     template's prefix, and writes the candidates as text-to-image does; misuse is a one-line error."""
-    from cm3leon_lightning.data.sft import EDIT_PREFIX
     from cm3leon_lightning.generation import edit_image
     from cm3leon_lightning.generation.cli import load_image
+    from cm3leon_lightning.generation.tasks import EDIT_PREFIX, task_prefix
 
     # prefix, source image, instruction and 64 new codes need more than the shared checkpoint's 128 positions
     model, vocab = load_checkpoint(assets / "model.ckpt")
@@ -112,6 +112,11 @@ def test_edit_writes_the_edited_candidates(assets, tmp_path, capsys):
                       image_cfg=1.2, num_samples=2, seed=3)  # fmt: skip
     np.testing.assert_array_equal(np.load(tmp_path / "codes.npy"), want.codes[0].numpy())
     assert Image.open(tmp_path / "sample-1.png").size == (16, 16) and (tmp_path / "grid.png").is_file()
+    # grounded generation: the task's prefix and, by default, the paper's single CFG 3
+    assert main([*argv, "--task", "edge_to_image", "--num-samples", "1", "--seed", "3"]) == 0
+    want = edit_image(model, vocab, codes, [tok.encode("make it blue")], tok.encode(task_prefix("edge_to_image")),
+                      text_cfg=3.0, image_cfg=3.0, num_samples=1, seed=3)  # fmt: skip
+    np.testing.assert_array_equal(np.load(tmp_path / "codes.npy"), want.codes[0].numpy())
     for extra, message in ((["--instruction", "x"], "give --image, and no --instruction"),
                            (["--method", "cd_k"], "--edit samples with greedy, temperature or top_p")):  # fmt: skip
         assert main([*argv, *extra]) == 2

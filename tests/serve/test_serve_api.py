@@ -6,9 +6,9 @@ from fastapi.responses import JSONResponse
 from support.images import png_base64
 
 import cm3leon_lightning.serve.api as api_module
-from cm3leon_lightning.data.sft import EDIT_PREFIX
 from cm3leon_lightning.generation import edit_image, generate_image, generate_text, rerank
 from cm3leon_lightning.generation.cli import load_checkpoint
+from cm3leon_lightning.generation.tasks import EDIT_PREFIX, task_prefix
 from cm3leon_lightning.retrieval.encoder import ClipEncoder
 from cm3leon_lightning.serve import CM3LeonAPI, EditSettings, ImageJob, Rejected, TextJob, TextSettings
 from cm3leon_lightning.serve.requests import decode_base64_image, encode_png_base64
@@ -124,6 +124,20 @@ def test_edit_requests_equal_edit_image_and_seeded_ones_decode_alone(api, direct
     assert [len(o["images"]) for o in out[1:]] == [4, 4] and "codes" not in out[1]
 
 
+def test_grounded_generation_uses_the_task_prefix_and_a_single_cfg(api, direct):
+    """task depth_to_image: the depth template's prefix, and the paper's CFG 3 for both scales unless given."""
+    model, vocab, tok, vqgan = direct
+    body = {"image": png_base64(3), "edit": "a red circle", "task": "depth_to_image", "num_samples": 1, "seed": 2,
+            "return_codes": True}  # fmt: skip
+    job = api.decode_request(body)
+    assert (job.settings.task, job.settings.text_cfg, job.settings.image_cfg) == ("depth_to_image", 3.0, 3.0)
+    assert api.decode_request({**body, "text_cfg": 5.0}).settings.text_cfg == 5.0
+    codes = vqgan.encode(decode_base64_image(png_base64(3), 16)[None])
+    want = edit_image(model, vocab, codes, [tok.encode("a red circle")], tok.encode(task_prefix("depth_to_image")),
+                      text_cfg=3.0, image_cfg=3.0, num_samples=1, seed=2)  # fmt: skip
+    assert api.predict(job)["codes"] == want.codes[0].tolist()
+
+
 @pytest.mark.parametrize(
     "request_, status, detail",
     [
@@ -135,6 +149,7 @@ def test_edit_requests_equal_edit_image_and_seeded_ones_decode_alone(api, direct
         ({"image": png_base64(0), "max_new_tokens": 200}, 400, "instruction: the prompt plus max_new_tokens=200"),
         ({"image": png_base64(0), "edit": "make it blue " * 40}, 400, "edit: the edit prompt and its image need"),
         ({"image": png_base64(0), "edit": "x", "method": "cd_k"}, 422, "method"),
+        ({"image": png_base64(0), "edit": "x", "task": "vqa"}, 422, "task"),
         ({"image": png_base64(0), "edit": "x", "num_samples": 17}, 400, "num_samples: 17 exceeds"),
     ],
 )

@@ -11,9 +11,9 @@ from litserve.utils import wrap_litserve_start
 from support.images import png_base64
 
 from cm3leon_lightning.cli import main as cm3leon_main
-from cm3leon_lightning.data.sft import EDIT_PREFIX
 from cm3leon_lightning.generation import edit_image, generate_image, generate_text
 from cm3leon_lightning.generation.cli import load_checkpoint
+from cm3leon_lightning.generation.tasks import EDIT_PREFIX
 from cm3leon_lightning.serve.cli import build_parser, build_server
 from cm3leon_lightning.serve.requests import decode_base64_image, encode_png_base64
 from cm3leon_lightning.tokenization.text import TextTokenizer
