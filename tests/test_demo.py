@@ -133,3 +133,25 @@ def test_sft_example_fine_tunes_the_demo_checkpoint(mini_run: tuple[Path, dict],
     first = torch.load(out / "train" / "cm3leon.ckpt", weights_only=True)["state_dict"]
     tuned = torch.load(tmp_path / "train" / "sft.ckpt", weights_only=True)["state_dict"]
     assert first.keys() == tuned.keys() and any(not torch.equal(first[k], tuned[k]) for k in first)
+
+
+def test_serve_example_queries_the_demo_model_over_http(mini_run: tuple[Path, dict], tmp_path: Path) -> None:
+    """examples/serve_shapes.py on the miniature run: two real servers, every way of asking judged and timed."""
+    import runpy
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "serve_shapes.py"
+    example_main = runpy.run_path(str(script))["main"]
+    out, result = mini_run
+    report = example_main([str(out), "--out", str(tmp_path), "--requests", "3", "--max-batch-size", "3"])
+    k = json.loads((out / "train" / "stage.json").read_text())["result"]["max_retrieved"]
+    assert report["requests"] == 3 and report["retrieved_documents"] == k
+    ways = ("prompt", "retrieve", "rerank") if k else ("prompt", "rerank")
+    for way in ways:
+        assert set(report[way]) == {"seconds", "retrieved_example", *ATTRS}
+        assert all(0.0 <= report[way][a] <= 1.0 for a in ATTRS) and report[way]["seconds"] > 0
+    if k:
+        assert len(report["retrieve"]["retrieved_example"]) == k  # bank keys of the training documents placed first
+    assert report["prompt"]["retrieved_example"] == [] and report["prompt_one_at_a_time_seconds"] > 0
+    assert json.loads((tmp_path / "report.json").read_text()) == json.loads(json.dumps(report))
+    side = 3 * json.loads((out / "vqgan" / "model" / "config.json").read_text())["config"]["resolution"]  # 3x
+    assert Image.open(tmp_path / "grid.png").size == (3 * side, len(ways) * side)  # a row of 3 images per way
