@@ -26,9 +26,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
 from cm3leon_lightning.generation.cli import DTYPES
 from cm3leon_lightning.generation.generate import TEXT_LAYOUTS, GenerationSettings
-from cm3leon_lightning.generation.graphs import MODES
+from cm3leon_lightning.generation.graphs import MODES, resolve_mode
 from cm3leon_lightning.model import ATTENTION_IMPLS
 from cm3leon_lightning.serve.requests import IMAGE_METHODS, TEXT_METHODS
 
@@ -90,6 +92,13 @@ def build_api(args: argparse.Namespace) -> object:
     if args.k is not None and (args.k < 0 or (args.k and not args.retrieve)):
         raise ValueError(f"--k must be >= 0, and 0 without --retrieve; got {args.k}")
     k = args.k if args.k is not None else (2 if args.retrieve else 0)
+    for flag, value, low in (("--max-batch-size", args.max_batch_size, 1), ("--workers-per-device",
+                             args.workers_per_device, 1), ("--batch-timeout", args.batch_timeout, 0)):  # fmt: skip
+        if value < low:
+            raise ValueError(f"{flag} must be >= {low}, got {value}")
+    compile = None if args.compile == "auto" else args.compile
+    cuda = args.accelerator in ("auto", "cuda") and torch.cuda.is_available()
+    resolve_mode(compile, torch.device("cuda" if cuda else "cpu"))  # a CUDA-only mode on CPU fails now, not per request
     image = GenerationSettings(
         num_samples=args.num_samples, method=args.method, cfg=args.cfg, temperature=args.temperature,
         top_p=args.top_p, top_k=args.top_k, cdk_k=args.cdk_k, cdk_alpha=args.cdk_alpha,
@@ -110,7 +119,7 @@ def build_api(args: argparse.Namespace) -> object:
         args.ckpt, args.tokenizer, vqgan=args.vqgan, clip=args.clip, clip_pretrained=args.clip_pretrained,
         retrieve=args.retrieve, shards=args.shards, retrieve_k=k,
         image_defaults=image, text_defaults=text, edit_defaults=edit, max_num_samples=args.max_num_samples,
-        dtype=args.dtype, compile=None if args.compile == "auto" else args.compile, attention=args.attention,
+        dtype=args.dtype, compile=compile, attention=args.attention,
         max_batch_size=args.max_batch_size, batch_timeout=args.batch_timeout,
     )  # fmt: skip
 

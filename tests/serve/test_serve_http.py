@@ -91,6 +91,8 @@ def test_concurrent_requests_share_a_batch_and_a_bad_one_is_answered_alone(clien
         (["--devices", "two"], "--devices must be a number or auto"),
         (["--num-samples", "20"], "--num-samples 20 exceeds --max-num-samples 16"),
         (["--top-p", "1.5"], "top_p"),
+        (["--max-batch-size", "0"], "--max-batch-size must be >= 1"),
+        (["--compile", "fused-graph"], "fused-graph"),  # a CUDA mode on this CPU: refused before any worker starts
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(serve_assets, capsys, extra, message):
