@@ -47,6 +47,7 @@ from cm3leon_lightning.serve.requests import (
     ImageRequest,
     Rejected,
     TextRequest,
+    chunk_by_rows,
     decode_base64_image,
     encode_png_base64,
     group_key,
@@ -156,6 +157,16 @@ class EditJob:
     return_codes: bool
 
 
+def _rows(job: ImageJob | TextJob | EditJob) -> int:
+    """Sequences a job adds to a decode: guidance streams x candidates."""
+    if isinstance(job, TextJob):
+        return 1
+    if isinstance(job, EditJob):
+        return 3 * job.settings.num_samples
+    s = job.settings
+    return (2 if s.method == "cd_k" or s.cfg != 1.0 else 1) * s.num_samples
+
+
 def _key(job: ImageJob | TextJob | EditJob, index: int) -> tuple:
     settings = asdict(job.settings)
     seeded = job.seed if job.settings.method != "greedy" else None  # greedy ignores the seed
@@ -184,6 +195,8 @@ class CM3LeonAPI(ls.LitAPI):
             with ``image_defaults``' samples, temperature and top-p, and its method unless that is CD-K); a request
             for a grounded task gets the paper's single CFG 3 unless it gives its own scales.
         max_num_samples: the most candidates one request may ask for.
+        max_rows: the most sequences (guidance streams x candidates, summed over requests) one decode holds; a
+            larger group of requests is decoded in several chunks.
         dtype: transformer weights and KV cache: ``auto`` (bfloat16 on CUDA, float32 on CPU) or a dtype name.
         compile: how the decode step runs (None: the fastest available, see ``generation/graphs.py``).
         attention: ``sdpa`` or ``flex``.
@@ -207,6 +220,7 @@ class CM3LeonAPI(ls.LitAPI):
         text_defaults: TextSettings | None = None,
         edit_defaults: EditSettings | None = None,
         max_num_samples: int = 16,
+        max_rows: int = 128,
         dtype: str = "auto",
         compile: bool | str | None = None,
         attention: str = "sdpa",
@@ -232,6 +246,8 @@ class CM3LeonAPI(ls.LitAPI):
             top_p=d.top_p,
         )  # fmt: skip
         self.max_num_samples = max_num_samples
+        chunk_by_rows([], max_rows)  # validates max_rows
+        self.max_rows = max_rows
         self.dtype, self.compile, self.attention = dtype, compile, attention
         self._adapter = TypeAdapter(GenerationRequest)
 
@@ -351,14 +367,20 @@ class CM3LeonAPI(ls.LitAPI):
 
     # ----------------------------------------------------------------------------------------------- predict
     def predict(self, x: Any) -> Any:
-        """Run a job, or a list of jobs grouped into as few decodes as their settings and seeds allow."""
+        """Run a job, or a list of jobs grouped into as few decodes as their settings, seeds and ``max_rows``
+        allow."""
         jobs = x if isinstance(x, list) else [x]
         results: list[Any] = list(jobs)  # Rejected entries pass through
         groups: dict[tuple, list[int]] = {}
         for i, job in enumerate(jobs):
             if not isinstance(job, Rejected):
                 groups.setdefault(_key(job, i), []).append(i)
-        for idx in groups.values():
+        chunks = [
+            [same[j] for j in chunk]
+            for same in groups.values()
+            for chunk in chunk_by_rows([_rows(jobs[i]) for i in same], self.max_rows)
+        ]
+        for idx in chunks:
             group = [jobs[i] for i in idx]
             run = {ImageJob: self._run_images, TextJob: self._run_texts, EditJob: self._run_edits}[type(group[0])]
             try:

@@ -63,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = p.add_argument_group("server")
     s.add_argument("--max-num-samples", type=int, default=16, help="the most candidates one request may ask for")
     s.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together")
+    s.add_argument(
+        "--max-rows", type=int, default=128, help="the most sequences (streams x candidates) in one decode; a larger "
+        "batch is decoded in chunks (bounds the KV cache's memory)"
+    )  # fmt: skip
     s.add_argument("--batch-timeout", type=float, default=0.05, help="seconds to wait for a batch to fill")
     s.add_argument("--accelerator", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     s.add_argument("--devices", default="auto", help="number of devices, or auto")
@@ -92,8 +96,13 @@ def build_api(args: argparse.Namespace) -> object:
     if args.k is not None and (args.k < 0 or (args.k and not args.retrieve)):
         raise ValueError(f"--k must be >= 0, and 0 without --retrieve; got {args.k}")
     k = args.k if args.k is not None else (2 if args.retrieve else 0)
-    for flag, value, low in (("--max-batch-size", args.max_batch_size, 1), ("--workers-per-device",
-                             args.workers_per_device, 1), ("--batch-timeout", args.batch_timeout, 0)):  # fmt: skip
+    limits = (
+        ("--max-batch-size", args.max_batch_size, 1),
+        ("--max-rows", args.max_rows, 1),
+        ("--workers-per-device", args.workers_per_device, 1),
+        ("--batch-timeout", args.batch_timeout, 0),
+    )
+    for flag, value, low in limits:  # fmt: skip
         if value < low:
             raise ValueError(f"{flag} must be >= {low}, got {value}")
     compile = None if args.compile == "auto" else args.compile
@@ -119,7 +128,7 @@ def build_api(args: argparse.Namespace) -> object:
         args.ckpt, args.tokenizer, vqgan=args.vqgan, clip=args.clip, clip_pretrained=args.clip_pretrained,
         retrieve=args.retrieve, shards=args.shards, retrieve_k=k,
         image_defaults=image, text_defaults=text, edit_defaults=edit, max_num_samples=args.max_num_samples,
-        dtype=args.dtype, compile=compile, attention=args.attention,
+        max_rows=args.max_rows, dtype=args.dtype, compile=compile, attention=args.attention,
         max_batch_size=args.max_batch_size, batch_timeout=args.batch_timeout,
     )  # fmt: skip
 

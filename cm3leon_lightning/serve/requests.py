@@ -136,6 +136,23 @@ def group_key(settings: dict[str, Any], seed: int | None, index: int) -> tuple:
     return (tuple(sorted(settings.items())), index if seed is not None else None)
 
 
+def chunk_by_rows(rows: list[int], max_rows: int) -> list[list[int]]:
+    """Split a decode group into consecutive chunks of at most ``max_rows`` sequences (guidance streams x
+    candidates of each request), so a burst of requests cannot outgrow the device's memory in one decode; a request
+    larger than ``max_rows`` alone is its own chunk. Returns the positions of each chunk."""
+    if max_rows < 1:
+        raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+    chunks: list[list[int]] = []
+    used = 0
+    for i, n in enumerate(rows):
+        if not chunks or used + n > max_rows:
+            chunks.append([])
+            used = 0
+        chunks[-1].append(i)
+        used += n
+    return chunks
+
+
 def decode_base64_image(data: str, resolution: int) -> torch.Tensor:
     """A base64 PNG/JPEG (optionally a ``data:`` URL) -> ``(3, R, R)`` uint8, centre-cropped and resized (bicubic).
 

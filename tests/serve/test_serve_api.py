@@ -91,6 +91,21 @@ def test_a_batch_decodes_in_groups_and_each_answer_equals_its_solo_decode(api, d
         assert out[i] == {"text": tok.decode(want[0])}
 
 
+def test_max_rows_splits_a_group_into_decodes_of_bounded_size(serve_assets, direct, monkeypatch):
+    """Three greedy requests of 2 candidates with CFG (4 rows each): one decode of 12 rows by default, 8 + 4 under
+    max_rows=8, and the same images either way."""
+    calls = counting(monkeypatch, "generate_image")
+    bodies = [{"prompt": p, "method": "greedy", "num_samples": 2} for p in ("a red circle", "a blue square", "x")]
+    answers = {}
+    for max_rows in (128, 8):
+        api = make_api(serve_assets, clip=None, max_rows=max_rows)
+        answers[max_rows] = api.predict([api.decode_request(b) for b in bodies])
+    assert calls == [3, 2, 1]
+    assert answers[128] == answers[8]
+    want = solo_image(direct, "a blue square", method="greedy", num_samples=2)
+    assert answers[8][1]["images"] == [encode_png_base64(im) for im in want.images[0]]
+
+
 def test_rerank_orders_by_clip_score_and_keeps_the_best(api, direct, serve_assets):
     out = api.predict(api.decode_request({"prompt": "a red circle", "num_samples": 4, "seed": 3, "rerank": True,
                                           "keep": 2, "return_codes": True}))  # fmt: skip

@@ -13,6 +13,7 @@ from cm3leon_lightning.serve.requests import (
     GenerationRequest,
     ImageRequest,
     TextRequest,
+    chunk_by_rows,
     decode_base64_image,
     encode_png_base64,
     group_key,
@@ -65,6 +66,14 @@ def test_requests_group_by_settings_and_a_seeded_request_alone():
     assert group_key(s, None, 0) != group_key({"cfg": 2.0, "num_samples": 2}, None, 0)
     assert group_key(s, 1, 0) != group_key(s, 1, 1)  # equal seeds still decode apart: batch-independent samples
     assert group_key(s, 1, 0) != group_key(s, None, 0)
+
+
+def test_groups_split_into_chunks_of_at_most_max_rows():
+    assert chunk_by_rows([4, 4, 4], 8) == [[0, 1], [2]]
+    assert chunk_by_rows([2, 10, 2, 2], 4) == [[0], [1], [2, 3]]  # a request over the limit is decoded alone
+    assert chunk_by_rows([1] * 5, 128) == [[0, 1, 2, 3, 4]] and chunk_by_rows([], 4) == []
+    with pytest.raises(ValueError, match="max_rows must be >= 1"):
+        chunk_by_rows([1], 0)
 
 
 def test_base64_images_decode_to_the_resolution_and_back():
