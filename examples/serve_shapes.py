@@ -8,9 +8,9 @@ It starts ``cm3leon serve`` (a real process on a local port) on the demo run's c
 and memory bank, sends ``--requests`` text-to-image requests at once (captions of fresh one-shape scenes seen in
 training) and judges the returned PNGs with the shapes attribute checker, in three ways: the prompt alone; with the
 prompt's nearest training document placed before it (``"retrieve"``, as the demo model was trained); and the best
-of 4 candidates of the prompt alone by CLIP score (``"rerank"``). Then it starts the server again with ``--max-batch-size 1`` and sends
-the first set once more, to time what batching concurrent requests saves. ``report.json`` holds the accuracies and
-times, ``grid.png`` the first images of each way.
+of 4 candidates of the prompt alone by CLIP score (``"rerank"``). Then it starts the server again with
+``--max-batch-size 1`` and sends the first set once more, to time what batching concurrent requests saves.
+``report.json`` holds the accuracies and times, ``grid.png`` the first images of each way.
 """
 
 from __future__ import annotations
