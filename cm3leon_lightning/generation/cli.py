@@ -10,12 +10,15 @@ Examples::
     cm3leon generate ... --prompt "a red circle" --retrieve bank/ --shards data/ --clip-pretrained openai
     cm3leon generate ... --image x.png --edit "make the circle blue" --text-cfg 7.5 --image-cfg 1.5 --out edits/
     cm3leon generate ... --image edges.png --edit "a cat on a sofa" --task edge_to_image --out grounded/
+    cm3leon generate ... --image x.png --infill "a <mask> circle" --infill-rows 16:32 --out infilled/
 
 Text-to-image writes ``sample-{i}.png`` (best CLIP score first when ``--rerank`` is given), ``grid.png`` with the
 prompt written above the candidates, ``codes.npy``, and with ``--retrieve`` ``retrieved.json`` (the bank keys of the
 documents placed before the prompt, nearest first). Image-to-text writes ``answer.txt`` and prints it. ``--edit``
 (a model instruction-tuned on ``edit`` documents, paper table 5) writes the edited candidates as text-to-image does;
 with ``--task edge_to_image`` (or another grounded task) it draws the image whose edges (etc.) ``--image`` shows.
+``--infill`` fills the ``<mask>`` spans of a caption and (``--infill-rows``) redraws rows of ``--image``; it writes
+``answer.txt``, ``answers.json`` and the redrawn images.
 Errors (missing files, a checkpoint whose vocabulary does not match the tokenizer or the VQGAN, a prompt longer
 than the context) are reported in one line and exit with status 2.
 """
@@ -33,7 +36,7 @@ import numpy as np
 import torch
 
 from cm3leon_lightning.config import CM3LeonConfig
-from cm3leon_lightning.generation.generate import TEXT_LAYOUTS, edit_image, generate_image, generate_text
+from cm3leon_lightning.generation.generate import TEXT_LAYOUTS, edit_image, generate_image, generate_text, infill
 from cm3leon_lightning.generation.graphs import MODES, resolve_mode
 from cm3leon_lightning.generation.tasks import IMAGE_TASKS, TASK_GUIDANCE, task_prefix
 from cm3leon_lightning.model import ATTENTION_IMPLS, CM3Leon
@@ -192,9 +195,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", required=True, help="text tokenizer: tokenizer.json or its directory")
     p.add_argument("--vqgan", help="VQGAN directory (VQGAN.from_pretrained); needed for PNGs and --image")
     p.add_argument("--out", required=True, help="output directory")
-    mode = p.add_mutually_exclusive_group(required=True)
+    mode = p.add_mutually_exclusive_group()
     mode.add_argument("--prompt", help="caption to draw (text-to-image)")
-    mode.add_argument("--image", help="image file to describe or question (image-to-text)")
+    mode.add_argument("--image", help="image file to describe or question (image-to-text), or the image of --infill")
+    p.add_argument(
+        "--infill",
+        metavar="TEXT",
+        help="CM3 infilling: fill each <mask> of TEXT (the caption; with --image, of that picture) and with "
+        "--infill-rows redraw rows of --image",
+    )
+    p.add_argument("--infill-rows", metavar="A:B", help="--infill: grid rows [A, B) of --image to redraw")
     p.add_argument("--instruction", default="", help="instruction or question for --image")
     p.add_argument(
         "--edit",
@@ -255,6 +265,12 @@ def run(args: argparse.Namespace) -> None:
     """Execute a parsed ``cm3leon generate`` command (raises on bad input)."""
     from cm3leon_lightning.tokenization.text import TextTokenizer
 
+    if not (args.prompt or args.image or args.infill is not None):
+        raise ValueError("give --prompt (text-to-image), --image (image-to-text, --edit) or --infill")
+    if args.infill is not None and (args.prompt or args.edit is not None or args.instruction):
+        raise ValueError("--infill fills a document of its own: no --prompt, --edit or --instruction with it")
+    if args.infill_rows and args.infill is None:
+        raise ValueError("--infill-rows needs --infill (the caption, '<mask>' to fill it too)")
     if args.retrieve and not args.shards:
         raise ValueError("--retrieve needs --shards, the prepared dataset that holds the bank's documents")
     if args.rerank and not args.vqgan:
@@ -293,6 +309,10 @@ def run(args: argparse.Namespace) -> None:
         if vqgan is None:
             raise ValueError("--image needs --vqgan to turn the picture into codes")
         codes = vqgan.encode(load_image(args.image, vqgan).to(device))  # (1, h*w)
+    if args.infill is not None:
+        run_infill(args, model, vocab, tokenizer, vqgan, codes[0].tolist() if args.image else None, out, compile)
+        return
+    if args.image:
         if args.edit is not None:
             text_cfg, image_cfg = TASK_GUIDANCE[args.task]
             result = edit_image(
@@ -332,6 +352,43 @@ def run(args: argparse.Namespace) -> None:
         best = rerank(clip, [args.prompt], images[None], codes[None], keep=len(codes))
         codes, images = best.codes[0], best.images[0]
     write_images(out, codes, images, args.prompt)
+
+
+def run_infill(
+    args: argparse.Namespace,
+    model: CM3Leon,
+    vocab: MultimodalVocab,
+    tokenizer: object,
+    vqgan: torch.nn.Module | None,
+    codes: list[int] | None,
+    out: Path,
+    compile: bool | str | None,
+) -> None:
+    """``--infill``: fill the masked document ``--num-samples`` times (seeds ``--seed + i``); writes the filled text
+    of the first sample to ``answer.txt``, of every sample to ``answers.json`` (a list), and, with ``--infill-rows``,
+    the redrawn images as text-to-image does."""
+    from cm3leon_lightning.generation.masking import infill_document, parse_rows
+
+    rows = parse_rows(args.infill_rows, vocab.grid_h) if args.infill_rows else None
+    ids, kinds = infill_document(tokenizer.encode, vocab, args.infill, codes, rows)  # type: ignore[attr-defined]
+    texts, images = [], []
+    for i in range(args.num_samples):
+        result = infill(
+            model, vocab, ids, span_kinds=kinds, max_span_tokens=args.max_new_tokens,
+            method="greedy" if args.method in ("greedy", "cd_k") else args.method, temperature=args.temperature,
+            top_p=args.top_p, seed=args.seed + i, compile=compile,
+        )  # fmt: skip
+        doc = vocab.ids_to_document(result.ids)
+        texts.append(tokenizer.decode(list(doc[0].tokens)))  # type: ignore[attr-defined]
+        if codes is not None:
+            images.append(torch.as_tensor(doc[1].tokens))
+    (out / "answer.txt").write_text(texts[0] + "\n", encoding="utf-8")
+    (out / "answers.json").write_text(json.dumps(texts, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    print("\n".join(texts))
+    if rows is not None:
+        stacked = torch.stack(images)  # (N, h*w)
+        decoded = None if vqgan is None else vqgan.decode(stacked.to(next(vqgan.parameters()).device))
+        write_images(out, stacked, decoded, texts[0])
 
 
 def write_images(out: Path, codes: torch.Tensor, images: torch.Tensor | None, caption: str) -> None:

@@ -1,6 +1,8 @@
 """``cm3leon generate``: the files it promises, and one-line errors for a bad checkpoint path, a vocabulary
 mismatch between checkpoint and tokenizer, and a prompt longer than the context."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -123,6 +125,56 @@ def test_edit_writes_the_edited_candidates(assets, tmp_path, capsys):
         assert message in capsys.readouterr().err
     prompt = [a if a != "--image" else "--prompt" for a in argv]
     assert main(prompt) == 2 and "--edit edits the picture of --image" in capsys.readouterr().err
+
+
+def test_infill_fills_text_masks_and_redraws_image_rows(assets, tmp_path, capsys):
+    """--infill with --infill-rows: the document '<eos> a <mask:0> circle <break> image with rows 2-4 as <mask:1>'
+    filled as infill() fills it; the rows outside stay the picture's codes."""
+    from cm3leon_lightning.generation import infill
+    from cm3leon_lightning.generation.cli import load_image
+    from cm3leon_lightning.generation.masking import infill_document
+
+    model, vocab = load_checkpoint(assets / "model.ckpt")
+    module = CM3LeonModule(preset="tiny", vocab=vocab.to_dict(), max_seq_len=256)  # image + spans: > 128 positions
+    module.configure_model()
+    ckpt = tmp_path / "long.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, ckpt)
+    argv = [*base(assets, tmp_path), "--ckpt", str(ckpt), "--image", str(assets / "x.png"), "--infill",
+            "a <mask> circle", "--infill-rows", "2:4", "--num-samples", "2", "--method", "top_p",
+            "--seed", "5"]  # fmt: skip
+    assert main(argv) == 0
+    answers = json.loads((tmp_path / "answers.json").read_text(encoding="utf-8"))
+    assert len(answers) == 2 and (tmp_path / "answer.txt").read_text(encoding="utf-8") == answers[0] + "\n"
+    assert capsys.readouterr().out.startswith("\n".join(answers) + "\nwrote 2 samples and grid.png")
+    model, vocab = load_checkpoint(ckpt)
+    vqgan = VQGAN.from_pretrained(assets / "vqgan").eval()
+    tok = TextTokenizer.load(assets / "tok")
+    codes = vqgan.encode(load_image(str(assets / "x.png"), vqgan))[0]
+    ids, kinds = infill_document(tok.encode, vocab, "a <mask> circle", codes.tolist(), (2, 4))
+    written = np.load(tmp_path / "codes.npy")
+    for i in range(2):
+        doc = vocab.ids_to_document(infill(model, vocab, ids, span_kinds=kinds, method="top_p", seed=5 + i).ids)
+        assert answers[i] == tok.decode(list(doc[0].tokens))
+        assert written[i].tolist() == list(doc[1].tokens)
+    outside = np.r_[0:16, 32:64]  # rows 0-1 and 4-7 of the 8x8 grid
+    assert (written[:, outside] == codes.numpy()[outside]).all()
+    assert Image.open(tmp_path / "sample-1.png").size == (16, 16)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ([], "give --prompt (text-to-image), --image (image-to-text, --edit) or --infill"),
+        (["--infill", "a <mask>", "--prompt", "x"], "--infill fills a document of its own"),
+        (["--infill-rows", "0:2", "--prompt", "x"], "--infill-rows needs --infill"),
+        (["--infill", "a red circle"], "nothing to fill: put <mask> in the text or give --infill-rows"),
+        (["--infill", "a <mask>", "--infill-rows", "0:2"], "--infill-rows redraws part of an image: give --image"),
+    ],
+)
+def test_infill_misuse_is_one_line(assets, tmp_path, capsys, extra, message):
+    assert main([*base(assets, tmp_path), *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
 
 
 def test_clear_errors(assets, tmp_path, capsys):
