@@ -4,8 +4,15 @@ Needs the ``serve`` extra (``pip install 'cm3leon_lightning[serve]'``: LitServe 
 not import this one.
 """
 
-from cm3leon_lightning.serve.api import CM3LeonAPI, EditJob, EditSettings, ImageJob, TextJob, TextSettings
-from cm3leon_lightning.serve.requests import EditRequest, GenerationRequest, ImageRequest, Rejected, TextRequest
+from cm3leon_lightning.serve.api import CM3LeonAPI, EditJob, EditSettings, ImageJob, InfillJob, TextJob, TextSettings
+from cm3leon_lightning.serve.requests import (
+    EditRequest,
+    GenerationRequest,
+    ImageRequest,
+    InfillRequest,
+    Rejected,
+    TextRequest,
+)
 
 __all__ = [
     "CM3LeonAPI",
@@ -15,6 +22,8 @@ __all__ = [
     "GenerationRequest",
     "ImageJob",
     "ImageRequest",
+    "InfillJob",
+    "InfillRequest",
     "Rejected",
     "TextJob",
     "TextRequest",

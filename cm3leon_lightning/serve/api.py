@@ -23,7 +23,7 @@ Usage, from Python (``cm3leon serve`` does the same from the command line)::
 # No `from __future__ import annotations`: LitServe hands decode_request's annotation to FastAPI as the body type,
 # and a string annotation would not resolve there.
 import random
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from typing import Any
 
 import litserve as ls
@@ -32,145 +32,39 @@ from fastapi.responses import JSONResponse
 from pydantic import TypeAdapter, ValidationError
 
 from cm3leon_lightning.generation.generate import (
-    TEXT_LAYOUTS,
     GenerationSettings,
     caption_prompt,
     edit_image,
     generate_image,
     generate_text,
     image_prompt,
+    infill,
 )
 from cm3leon_lightning.generation.tasks import TASK_GUIDANCE, task_prefix
+from cm3leon_lightning.serve.jobs import (
+    EDIT_SETTINGS,
+    IMAGE_SETTINGS,
+    TEXT_SETTINGS,
+    EditJob,
+    EditSettings,
+    ImageJob,
+    InfillJob,
+    TextJob,
+    TextSettings,
+    job_key,
+    job_rows,
+)
 from cm3leon_lightning.serve.requests import (
     EditRequest,
     GenerationRequest,
     ImageRequest,
+    InfillRequest,
     Rejected,
     TextRequest,
     chunk_by_rows,
     decode_base64_image,
     encode_png_base64,
-    group_key,
 )
-from cm3leon_lightning.tokenization.vocab import Document
-
-IMAGE_SETTINGS = ("num_samples", "method", "cfg", "temperature", "top_p", "top_k", "cdk_k", "cdk_alpha")
-"""The fields of an :class:`ImageRequest` that override the server's :class:`GenerationSettings`."""
-
-TEXT_SETTINGS = ("layout", "max_new_tokens", "method", "temperature", "top_p")
-"""The fields of a :class:`TextRequest` that override the server's :class:`TextSettings`."""
-
-EDIT_SETTINGS = ("num_samples", "method", "text_cfg", "image_cfg", "temperature", "top_p")
-"""The fields of an :class:`EditRequest` that override the server's :class:`EditSettings`."""
-
-
-@dataclass(frozen=True)
-class TextSettings:
-    """Image-to-text defaults of a server (``cm3leon serve --layout/--max-new-tokens/--text-method``).
-
-    Attributes:
-        layout: ``infill`` or ``image_first`` (see :func:`~cm3leon_lightning.generation.generate.generate_text`).
-        max_new_tokens: the longest answer.
-        method: ``greedy``, ``temperature`` or ``top_p``.
-        temperature: softmax temperature for the sampling methods.
-        top_p: nucleus mass for ``top_p``.
-    """
-
-    layout: str = "infill"
-    max_new_tokens: int = 32
-    method: str = "greedy"
-    temperature: float = 1.0
-    top_p: float = 0.9
-
-    def __post_init__(self) -> None:
-        if self.layout not in TEXT_LAYOUTS:
-            raise ValueError(f"layout must be one of {TEXT_LAYOUTS}, got {self.layout!r}")
-        if self.method not in ("greedy", "temperature", "top_p"):
-            raise ValueError(f"text method must be greedy, temperature or top_p, got {self.method!r}")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-
-
-@dataclass(frozen=True)
-class EditSettings:
-    """Image-editing defaults of a server (``cm3leon serve --text-cfg/--image-cfg``; the rest from text-to-image's).
-
-    Attributes:
-        task: ``edit`` or a grounded-generation task (:data:`~cm3leon_lightning.generation.tasks.IMAGE_TASKS`).
-        num_samples: edited candidates per request.
-        method: ``greedy``, ``temperature`` or ``top_p``.
-        text_cfg: text guidance scale (paper 7.5).
-        image_cfg: image guidance scale (paper 1.5).
-        temperature: softmax temperature.
-        top_p: nucleus mass for ``top_p``.
-    """
-
-    task: str = "edit"
-    num_samples: int = 4
-    method: str = "top_p"
-    text_cfg: float = 7.5
-    image_cfg: float = 1.5
-    temperature: float = 1.0
-    top_p: float = 0.9
-
-    def __post_init__(self) -> None:
-        task_prefix(self.task)  # a known task
-        if self.method not in ("greedy", "temperature", "top_p"):
-            raise ValueError(f"edit method must be greedy, temperature or top_p, got {self.method!r}")
-        if self.num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
-
-
-@dataclass
-class ImageJob:
-    """A decoded text-to-image request: what :meth:`CM3LeonAPI.predict` needs to run it."""
-
-    prompt: str
-    ids: list[int]
-    settings: GenerationSettings
-    seed: int | None
-    rerank: bool
-    keep: int | None
-    return_codes: bool
-    retrieved_keys: list[str] = field(default_factory=list)
-    retrieved: list[Document] = field(default_factory=list)
-
-
-@dataclass
-class TextJob:
-    """A decoded image-to-text request."""
-
-    codes: torch.Tensor  # (grid_h * grid_w,)
-    instruction: list[int]
-    settings: TextSettings
-    seed: int | None
-
-
-@dataclass
-class EditJob:
-    """A decoded image-editing request."""
-
-    codes: torch.Tensor  # (grid_h * grid_w,) the source image
-    instruction: list[int]
-    settings: EditSettings
-    seed: int | None
-    return_codes: bool
-
-
-def _rows(job: ImageJob | TextJob | EditJob) -> int:
-    """Sequences a job adds to a decode: guidance streams x candidates."""
-    if isinstance(job, TextJob):
-        return 1
-    if isinstance(job, EditJob):
-        return 3 * job.settings.num_samples
-    s = job.settings
-    return (2 if s.method == "cd_k" or s.cfg != 1.0 else 1) * s.num_samples
-
-
-def _key(job: ImageJob | TextJob | EditJob, index: int) -> tuple:
-    settings = asdict(job.settings)
-    seeded = job.seed if job.settings.method != "greedy" else None  # greedy ignores the seed
-    return (type(job).__name__, *group_key(settings, seeded, index))
 
 
 class CM3LeonAPI(ls.LitAPI):
@@ -295,6 +189,8 @@ class CM3LeonAPI(ls.LitAPI):
                 return self._image_job(request)
             if isinstance(request, EditRequest):
                 return self._edit_job(request)
+            if isinstance(request, InfillRequest):
+                return self._infill_job(request)
             return self._text_job(request)
         except ValueError as e:
             return Rejected(400, str(e))
@@ -352,6 +248,27 @@ class CM3LeonAPI(ls.LitAPI):
             )
         return EditJob(codes, instruction, settings, r.seed, r.return_codes)
 
+    def _infill_job(self, r: InfillRequest) -> InfillJob:
+        from cm3leon_lightning.generation.masking import infill_document, parse_rows
+
+        n = r.num_samples or 1
+        if n > self.max_num_samples:
+            raise ValueError(f"num_samples: {n} exceeds this server's limit of {self.max_num_samples}")
+        if r.rows is not None and r.image is None:
+            raise ValueError("rows: redrawing rows needs the image")
+        codes = self._encode_image(r.image).tolist() if r.image is not None else None
+        try:  # the messages name the command-line flags; name the request's fields instead
+            rows = parse_rows(r.rows, self.vocab.grid_h) if r.rows is not None else None
+            ids, kinds = infill_document(self.tokenizer.encode, self.vocab, r.infill, codes, rows)
+        except ValueError as e:
+            raise ValueError(str(e).replace("--infill-rows", "rows").replace("--image", "image")) from e
+        d = self.text_defaults
+        return InfillJob(
+            ids, kinds, n, r.method or d.method, d.temperature if r.temperature is None else r.temperature,
+            d.top_p if r.top_p is None else r.top_p, r.max_span_tokens or d.max_new_tokens, r.seed, r.return_codes,
+            rows is not None,
+        )  # fmt: skip
+
     def _text_job(self, r: TextRequest) -> TextJob:
         overrides = r.model_dump(include=set(TEXT_SETTINGS), exclude_none=True)
         settings = TextSettings(**{**asdict(self.text_defaults), **overrides})
@@ -374,15 +291,18 @@ class CM3LeonAPI(ls.LitAPI):
         groups: dict[tuple, list[int]] = {}
         for i, job in enumerate(jobs):
             if not isinstance(job, Rejected):
-                groups.setdefault(_key(job, i), []).append(i)
+                groups.setdefault(job_key(job, i), []).append(i)
         chunks = [
             [same[j] for j in chunk]
             for same in groups.values()
-            for chunk in chunk_by_rows([_rows(jobs[i]) for i in same], self.max_rows)
+            for chunk in chunk_by_rows([job_rows(jobs[i]) for i in same], self.max_rows)
         ]
         for idx in chunks:
             group = [jobs[i] for i in idx]
-            run = {ImageJob: self._run_images, TextJob: self._run_texts, EditJob: self._run_edits}[type(group[0])]
+            run = {
+                ImageJob: self._run_images, TextJob: self._run_texts, EditJob: self._run_edits,
+                InfillJob: self._run_infill,
+            }[type(group[0])]  # fmt: skip
             try:
                 outs = run(group)
             except ValueError as e:  # a setting the decoder refuses: answer these requests, not the batch
@@ -462,6 +382,29 @@ class CM3LeonAPI(ls.LitAPI):
                 answer["codes"] = codes[i].tolist()
             answers.append(answer)
         return answers
+
+    def _run_infill(self, group: list[InfillJob]) -> list[dict[str, Any]]:
+        (job,) = group
+        first = self._seed(job.seed)
+        texts, codes = [], []
+        for i in range(job.num_samples):
+            result = infill(
+                self.model, self.vocab, job.ids, span_kinds=job.kinds, max_span_tokens=job.max_span_tokens,
+                method=job.method, temperature=job.temperature, top_p=job.top_p, seed=first + i, compile=self.compile,
+            )  # fmt: skip
+            doc = self.vocab.ids_to_document(result.ids)
+            texts.append(self.tokenizer.decode(list(doc[0].tokens)))
+            if job.has_image:
+                codes.append(torch.as_tensor(doc[1].tokens))
+        answer: dict[str, Any] = {"seed": job.seed, "texts": texts}
+        if job.has_image:
+            stacked = torch.stack(codes)  # (N, h*w)
+            images = self._decode(stacked[None])
+            if images is not None:
+                answer["images"] = [encode_png_base64(im) for im in images[0]]
+            if job.return_codes or images is None:
+                answer["codes"] = stacked.tolist()
+        return [answer]
 
     def _run_texts(self, group: list[TextJob]) -> list[dict[str, Any]]:
         s = group[0].settings

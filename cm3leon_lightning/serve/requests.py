@@ -1,6 +1,6 @@
 """The JSON requests and responses of ``cm3leon serve``, and the pure helpers around them.
 
-One endpoint, ``POST /predict``, takes three kinds of request, told apart by their fields:
+One endpoint, ``POST /predict``, takes four kinds of request, told apart by their fields:
 
 - text-to-image, ``{"prompt": "a red circle", "num_samples": 4, "cfg": 3, "seed": 1, "rerank": true}``
   (:class:`ImageRequest`), answered with ``{"images": [<base64 PNG>, ...], "seed": 1, "clip_scores": [...]}`` (and
@@ -8,7 +8,9 @@ One endpoint, ``POST /predict``, takes three kinds of request, told apart by the
 - image-to-text, ``{"image": <base64 PNG or JPEG>, "instruction": "Describe the given picture."}``
   (:class:`TextRequest`), answered with ``{"text": "..."}``;
 - image editing, ``{"image": <base64>, "edit": "make the circle blue", "num_samples": 2}`` (:class:`EditRequest`),
-  answered like text-to-image.
+  answered like text-to-image;
+- infilling, ``{"infill": "a <mask> circle", "image": <base64>, "rows": "16:32"}`` (:class:`InfillRequest`),
+  answered with ``{"texts": [...], "images": [...]}``.
 
 Fields left out take the server's defaults (``cm3leon serve --num-samples/--method/--cfg ...``). The models forbid
 unknown fields and check every bound, so FastAPI answers a malformed request with 422 naming the field before it
@@ -101,12 +103,34 @@ class EditRequest(BaseModel):
     return_codes: bool = Field(False, description="also return the image codes")
 
 
+class InfillRequest(BaseModel):
+    """A CM3 infilling request (paper section 2.2): fill each ``<mask>`` of ``infill`` (the caption of ``image`` when
+    one is given) and, with ``rows``, redraw those grid rows of the image; ``num_samples`` fillings, seeded
+    ``seed``, ``seed + 1``, ... Decoded on its own."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    infill: str = Field(min_length=1, description="the caption, with <mask> where text is to be filled")
+    image: str | None = Field(None, min_length=1, description="base64 PNG or JPEG the caption belongs to")
+    rows: str | None = Field(None, pattern=r"^\d*:\d*$", description="grid rows A:B of the image to redraw")
+    num_samples: int | None = Field(None, ge=1, le=64)
+    method: Literal["greedy", "temperature", "top_p"] | None = None
+    temperature: float | None = Field(None, ge=0.0, le=10.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    max_span_tokens: int | None = Field(None, ge=1, le=1024, description="the longest text span")
+    seed: int | None = Field(None, ge=0, lt=2**62)
+    return_codes: bool = Field(False, description="also return the image codes")
+
+
 def request_kind(value: Any) -> str:
-    """``"edit"`` for a request with an ``edit`` field (image editing), ``"image"`` for one with an ``image`` field
-    (image-to-text), else ``"prompt"`` (text-to-image)."""
+    """``"infill"`` for a request with an ``infill`` field, ``"edit"`` for one with an ``edit`` field (image editing),
+    ``"image"`` for one with an ``image`` field (image-to-text), else ``"prompt"`` (text-to-image)."""
     if isinstance(value, dict):
-        return "edit" if "edit" in value else "image" if "image" in value else "prompt"
-    return {EditRequest: "edit", TextRequest: "image"}.get(type(value), "prompt")
+        for kind in ("infill", "edit", "image"):
+            if kind in value:
+                return kind
+        return "prompt"
+    return {InfillRequest: "infill", EditRequest: "edit", TextRequest: "image"}.get(type(value), "prompt")
 
 
 GenerationRequest = Annotated[
@@ -114,10 +138,12 @@ GenerationRequest = Annotated[
         Annotated[ImageRequest, Tag("prompt")],
         Annotated[TextRequest, Tag("image")],
         Annotated[EditRequest, Tag("edit")],
+        Annotated[InfillRequest, Tag("infill")],
     ],
     Discriminator(request_kind),
 ]
-"""The body of ``POST /predict``: an :class:`ImageRequest`, :class:`TextRequest` or :class:`EditRequest`."""
+"""The body of ``POST /predict``: an :class:`ImageRequest`, :class:`TextRequest`, :class:`EditRequest` or
+:class:`InfillRequest`."""
 
 
 @dataclass(frozen=True)

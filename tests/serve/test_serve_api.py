@@ -153,6 +153,27 @@ def test_grounded_generation_uses_the_task_prefix_and_a_single_cfg(api, direct):
     assert api.predict(job)["codes"] == want.codes[0].tolist()
 
 
+def test_infill_requests_equal_infill_sample_by_sample(api, direct):
+    """Caption spans and image rows filled as infill() fills them, one seed per sample."""
+    from cm3leon_lightning.generation import infill
+    from cm3leon_lightning.generation.masking import infill_document
+
+    model, vocab, tok, vqgan = direct
+    body = {"infill": "a <mask> circle", "image": png_base64(4), "rows": "2:4", "num_samples": 2, "seed": 5,
+            "method": "top_p", "return_codes": True}  # fmt: skip
+    out = api.predict(api.decode_request(body))
+    codes = vqgan.encode(decode_base64_image(png_base64(4), 16)[None])[0].tolist()
+    ids, kinds = infill_document(tok.encode, vocab, "a <mask> circle", codes, (2, 4))
+    for i in range(2):
+        doc = vocab.ids_to_document(infill(model, vocab, ids, span_kinds=kinds, method="top_p", seed=5 + i).ids)
+        assert out["texts"][i] == tok.decode(list(doc[0].tokens)) and out["codes"][i] == list(doc[1].tokens)
+    assert len(out["images"]) == 2 and out["seed"] == 5
+    text_only = api.predict(api.decode_request({"infill": "a red <mask>"}))  # greedy, one sample: the defaults
+    ids, kinds = infill_document(tok.encode, vocab, "a red <mask>")
+    want = vocab.ids_to_document(infill(model, vocab, ids, span_kinds=kinds).ids)[0].tokens
+    assert text_only == {"seed": None, "texts": [tok.decode(list(want))]}
+
+
 @pytest.mark.parametrize(
     "request_, status, detail",
     [
@@ -165,6 +186,14 @@ def test_grounded_generation_uses_the_task_prefix_and_a_single_cfg(api, direct):
         ({"image": png_base64(0), "edit": "make it blue " * 40}, 400, "edit: the edit prompt and its image need"),
         ({"image": png_base64(0), "edit": "x", "method": "cd_k"}, 422, "method"),
         ({"image": png_base64(0), "edit": "x", "task": "vqa"}, 422, "task"),
+        ({"infill": "a <mask>", "rows": "0:2"}, 400, "rows: redrawing rows needs the image"),
+        ({"infill": "a red circle"}, 400, "nothing to fill: put <mask> in the text or give rows"),
+        (
+            {"infill": "a red circle", "image": png_base64(0), "rows": "0:9"},
+            400,
+            "rows must be A:B with 0 <= A < B <= 8",
+        ),
+        ({"infill": "a <mask>", "rows": "top"}, 422, "rows"),
         ({"image": png_base64(0), "edit": "x", "num_samples": 17}, 400, "num_samples: 17 exceeds"),
     ],
 )

@@ -12,6 +12,7 @@ from cm3leon_lightning.serve.requests import (
     EditRequest,
     GenerationRequest,
     ImageRequest,
+    InfillRequest,
     TextRequest,
     chunk_by_rows,
     decode_base64_image,
@@ -32,6 +33,8 @@ def test_the_body_is_told_apart_by_its_fields():
     assert isinstance(e, EditRequest) and e.text_cfg == 5.0 and e.image_cfg is None
     assert request_kind(r) == "prompt" and request_kind(t) == "image" and request_kind(e) == "edit"
     assert request_kind({"image": 1}) == "image" and request_kind({"image": 1, "edit": 2}) == "edit"
+    f = ADAPTER.validate_python({"infill": "a <mask> circle", "image": "aGk=", "rows": "2:"})
+    assert isinstance(f, InfillRequest) and request_kind(f) == "infill" and f.rows == "2:"
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,153 @@
+"""What ``cm3leon serve`` decodes: the server's default settings per request kind, and the jobs a request becomes
+once checked against the model (``CM3LeonAPI.decode_request``), with the rules that group them into decodes.
+This module imports no LitServe.
+"""
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from cm3leon_lightning.generation.generate import TEXT_LAYOUTS, GenerationSettings
+from cm3leon_lightning.generation.tasks import task_prefix
+from cm3leon_lightning.serve.requests import group_key
+from cm3leon_lightning.tokenization.vocab import Document
+
+IMAGE_SETTINGS = ("num_samples", "method", "cfg", "temperature", "top_p", "top_k", "cdk_k", "cdk_alpha")
+"""The fields of an :class:`ImageRequest` that override the server's :class:`GenerationSettings`."""
+
+TEXT_SETTINGS = ("layout", "max_new_tokens", "method", "temperature", "top_p")
+"""The fields of a :class:`TextRequest` that override the server's :class:`TextSettings`."""
+
+EDIT_SETTINGS = ("num_samples", "method", "text_cfg", "image_cfg", "temperature", "top_p")
+"""The fields of an :class:`EditRequest` that override the server's :class:`EditSettings`."""
+
+
+@dataclass(frozen=True)
+class TextSettings:
+    """Image-to-text defaults of a server (``cm3leon serve --layout/--max-new-tokens/--text-method``).
+
+    Attributes:
+        layout: ``infill`` or ``image_first`` (see :func:`~cm3leon_lightning.generation.generate.generate_text`).
+        max_new_tokens: the longest answer.
+        method: ``greedy``, ``temperature`` or ``top_p``.
+        temperature: softmax temperature for the sampling methods.
+        top_p: nucleus mass for ``top_p``.
+    """
+
+    layout: str = "infill"
+    max_new_tokens: int = 32
+    method: str = "greedy"
+    temperature: float = 1.0
+    top_p: float = 0.9
+
+    def __post_init__(self) -> None:
+        if self.layout not in TEXT_LAYOUTS:
+            raise ValueError(f"layout must be one of {TEXT_LAYOUTS}, got {self.layout!r}")
+        if self.method not in ("greedy", "temperature", "top_p"):
+            raise ValueError(f"text method must be greedy, temperature or top_p, got {self.method!r}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass(frozen=True)
+class EditSettings:
+    """Image-editing defaults of a server (``cm3leon serve --text-cfg/--image-cfg``; the rest from text-to-image's).
+
+    Attributes:
+        task: ``edit`` or a grounded-generation task (:data:`~cm3leon_lightning.generation.tasks.IMAGE_TASKS`).
+        num_samples: edited candidates per request.
+        method: ``greedy``, ``temperature`` or ``top_p``.
+        text_cfg: text guidance scale (paper 7.5).
+        image_cfg: image guidance scale (paper 1.5).
+        temperature: softmax temperature.
+        top_p: nucleus mass for ``top_p``.
+    """
+
+    task: str = "edit"
+    num_samples: int = 4
+    method: str = "top_p"
+    text_cfg: float = 7.5
+    image_cfg: float = 1.5
+    temperature: float = 1.0
+    top_p: float = 0.9
+
+    def __post_init__(self) -> None:
+        task_prefix(self.task)  # a known task
+        if self.method not in ("greedy", "temperature", "top_p"):
+            raise ValueError(f"edit method must be greedy, temperature or top_p, got {self.method!r}")
+        if self.num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
+
+
+@dataclass
+class ImageJob:
+    """A decoded text-to-image request: what :meth:`CM3LeonAPI.predict` needs to run it."""
+
+    prompt: str
+    ids: list[int]
+    settings: GenerationSettings
+    seed: int | None
+    rerank: bool
+    keep: int | None
+    return_codes: bool
+    retrieved_keys: list[str] = field(default_factory=list)
+    retrieved: list[Document] = field(default_factory=list)
+
+
+@dataclass
+class TextJob:
+    """A decoded image-to-text request."""
+
+    codes: torch.Tensor  # (grid_h * grid_w,)
+    instruction: list[int]
+    settings: TextSettings
+    seed: int | None
+
+
+@dataclass
+class EditJob:
+    """A decoded image-editing request."""
+
+    codes: torch.Tensor  # (grid_h * grid_w,) the source image
+    instruction: list[int]
+    settings: EditSettings
+    seed: int | None
+    return_codes: bool
+
+
+@dataclass
+class InfillJob:
+    """A decoded infilling request: the masked document, its span kinds and the sampling of each filling."""
+
+    ids: list[int]
+    kinds: list[str]
+    num_samples: int
+    method: str
+    temperature: float
+    top_p: float
+    max_span_tokens: int
+    seed: int | None
+    return_codes: bool
+    has_image: bool
+
+
+Job = ImageJob | TextJob | EditJob | InfillJob
+
+
+def job_rows(job: Job) -> int:
+    """Sequences a job adds to a decode: guidance streams x candidates."""
+    if isinstance(job, (TextJob, InfillJob)):
+        return 1
+    if isinstance(job, EditJob):
+        return 3 * job.settings.num_samples
+    s = job.settings
+    return (2 if s.method == "cd_k" or s.cfg != 1.0 else 1) * s.num_samples
+
+
+def job_key(job: Job, index: int) -> tuple:
+    """The decode group of the job at position ``index`` of a batch (see ``serve.requests.group_key``)."""
+    if isinstance(job, InfillJob):  # infill decodes one document (span after span): never shared
+        return ("InfillJob", index)
+    settings = asdict(job.settings)
+    seeded = job.seed if job.settings.method != "greedy" else None  # greedy ignores the seed
+    return (type(job).__name__, *group_key(settings, seeded, index))
