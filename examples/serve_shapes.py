@@ -20,6 +20,7 @@ import base64
 import io
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -27,7 +28,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +75,9 @@ def server(paths: dict[str, str], log: Path, *extra: str) -> Iterator[str]:
            paths["clip_weights"], "--retrieve", paths["bank"], "--shards", paths["shards"], "--k", "0",
            "--accelerator", "cpu", "--host", "127.0.0.1", "--port", str(port), *extra]  # fmt: skip
     with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=log.parent, env=os.environ.copy())
+        proc = subprocess.Popen(
+            cmd, stdout=f, stderr=subprocess.STDOUT, cwd=log.parent, env=os.environ.copy(), start_new_session=True
+        )
         try:
             deadline = time.monotonic() + 300
             while True:
@@ -87,8 +90,11 @@ def server(paths: dict[str, str], log: Path, *extra: str) -> Iterator[str]:
                     time.sleep(0.3)
             yield f"http://127.0.0.1:{port}/predict"
         finally:
-            proc.terminate()
+            proc.terminate()  # cm3leon serve stops its worker processes on SIGTERM
             proc.wait(timeout=60)
+            with suppress(ProcessLookupError):  # and should one be left, its process group goes with it
+                time.sleep(1)
+                os.killpg(proc.pid, signal.SIGKILL)
 
 
 def post(url: str, body: dict[str, Any]) -> dict[str, Any]:

@@ -22,6 +22,7 @@ before any worker starts.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -146,6 +147,18 @@ def build_server(args: argparse.Namespace) -> object:
     )  # fmt: skip
 
 
+def stop_on_sigterm() -> None:
+    """Make SIGTERM (``kill``, ``docker stop``, systemd) shut the server down like Ctrl+C.
+
+    LitServe stops its API-server and inference-worker processes only on KeyboardInterrupt; the default SIGTERM
+    action ends the main process alone and leaves them running (found by a test that counts the processes left)."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def main(argv: Sequence[str]) -> int:
     """Entry point of ``cm3leon serve``; returns the exit status (2 on bad input, with a one-line error)."""
     args = build_parser().parse_args(list(argv))
@@ -159,5 +172,6 @@ def main(argv: Sequence[str]) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"cm3leon serve: error: {e}", file=sys.stderr)
         return 2
+    stop_on_sigterm()
     server.run(host=args.host, port=args.port, generate_client_file=False)  # type: ignore[attr-defined]
     return 0

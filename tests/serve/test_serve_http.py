@@ -111,6 +111,7 @@ def test_the_command_serves_over_a_real_socket(serve_assets, tmp_path):
     """``cm3leon serve`` as a user runs it: a process listening on a port, /health then a request over TCP."""
     import json
     import os
+    import signal
     import socket
     import subprocess
     import sys
@@ -122,7 +123,9 @@ def test_the_command_serves_over_a_real_socket(serve_assets, tmp_path):
     cmd = [sys.executable, "-m", "cm3leon_lightning", "serve", *argv(serve_assets, "--host", "127.0.0.1", "--port",
                                                                      str(port))]  # fmt: skip
     log = open(tmp_path / "server.log", "w")  # noqa: SIM115 - closed below, after the process
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy(), start_new_session=True
+    )
     try:
         deadline, health = time.monotonic() + 180, None
         while time.monotonic() < deadline and proc.poll() is None:
@@ -139,7 +142,26 @@ def test_the_command_serves_over_a_real_socket(serve_assets, tmp_path):
         answer = json.loads(urllib.request.urlopen(req, timeout=60).read())
         assert len(answer["images"]) == 1 and len(answer["codes"][0]) == 64
         assert not (tmp_path / "client.py").exists()  # LitServe's client file is not written into the cwd
-    finally:
+        # SIGTERM stops the whole server: no API-server or inference-worker process outlives it.
         proc.terminate()
+        proc.wait(timeout=60)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and group_alive(proc.pid):
+            time.sleep(0.2)
+        assert not group_alive(proc.pid), "cm3leon serve left processes running after SIGTERM"
+    finally:
+        if group_alive(proc.pid):
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
         log.close()
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether any process of the process group ``pgid`` is still running."""
+    import os
+
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
