@@ -1,4 +1,5 @@
-"""``cm3leon serve``: an HTTP server (LitServe) for text-to-image and image-to-text from a trained checkpoint.
+"""``cm3leon serve``: an HTTP server (LitServe) for text-to-image, image-to-text, editing and infilling from a trained
+checkpoint.
 
 Example::
 
@@ -8,6 +9,7 @@ Example::
     curl -s $URL -H "$JSON" -d '{"prompt": "a red circle", "num_samples": 4, "rerank": true, "keep": 1}'
     curl -s $URL -H "$JSON" -d '{"image": "'"$(base64 -w0 x.png)"'", "instruction": "What is it?"}'
     curl -s $URL -H "$JSON" -d '{"image": "'"$(base64 -w0 x.png)"'", "edit": "make it blue", "num_samples": 2}'
+    curl -s $URL -H "$JSON" -d '{"infill": "a <mask> circle", "image": "'"$(base64 -w0 x.png)"'", "rows": "16:32"}'
     cm3leon serve ... --clip ViT-B-32 --clip-pretrained clip.safetensors --retrieve bank/ --shards data/train --k 2
 
 With ``--retrieve`` each text-to-image request gets the ``--k`` nearest documents of its prompt in the bank placed
@@ -16,7 +18,7 @@ before it (paper table 1), unless it asks for another number (``"retrieve": 0`` 
 
 ``GET /health`` answers ``ok`` once every worker has loaded the model. The request and response fields are documented
 in :mod:`cm3leon_lightning.serve.requests`. Missing files and unknown settings are reported in one line (exit status 2)
-before any worker starts.
+before any worker starts. Ctrl+C or SIGTERM stops the server and its worker processes.
 """
 
 from __future__ import annotations
