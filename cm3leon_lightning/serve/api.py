@@ -317,69 +317,73 @@ class CM3LeonAPI(ls.LitAPI):
     def _run_images(self, group: list[ImageJob]) -> list[dict[str, Any]]:
         from cm3leon_lightning.generation.rerank import rerank
 
-        first = group[0]
-        prompts, seed = [j.ids for j in group], self._seed(first.seed)
-        retrieved = [j.retrieved for j in group] if any(j.retrieved for j in group) else None
-        codes = generate_image(
-            self.model, self.vocab, prompts, retrieved=retrieved, seed=seed, **first.settings.image_kwargs()
-        ).codes
-        # codes: (P, N, h*w)
-        images = self._decode(codes)
-        scores: list[list[float] | None] = [None] * len(group)
-        order = [list(range(codes.shape[1]))] * len(group)
-        ranked = [i for i, j in enumerate(group) if j.rerank]
-        if ranked and images is not None:
-            r = rerank(self.clip, [group[i].prompt for i in ranked], images[ranked], keep=codes.shape[1])
-            for k, i in enumerate(ranked):
-                scores[i], order[i] = r.scores[k].tolist(), r.order[k].tolist()
+        counts = [j.settings.num_samples for j in group]
+        # One row per candidate (prompt repeated, num_samples=1): the same rows generate_image(num_samples=N) decodes,
+        # so requests for different numbers of candidates share the decode.
+        prompts = [j.ids for j, n in zip(group, counts) for _ in range(n)]
+        docs = [j.retrieved for j, n in zip(group, counts) for _ in range(n)]
+        kwargs = {**group[0].settings.image_kwargs(), "num_samples": 1}
+        flat = generate_image(
+            self.model,
+            self.vocab,
+            prompts,
+            retrieved=docs if any(docs) else None,
+            seed=self._seed(group[0].seed),
+            **kwargs,
+        ).codes[:, 0]  # (sum of N, h*w)
         answers = []
-        for i, job in enumerate(group):
-            keep = order[i][: job.keep or len(order[i])]
+        for job, codes in zip(group, torch.split(flat, counts)):  # codes: (N, h*w)
+            images = self._decode(codes)
+            order, scores = list(range(len(codes))), None
+            if job.rerank and images is not None:
+                r = rerank(self.clip, [job.prompt], images[None], keep=len(codes))
+                order, scores = r.order[0].tolist(), r.scores[0].tolist()
+            keep = order[: job.keep or len(order)]
             answer: dict[str, Any] = {"seed": job.seed}
             if job.retrieved_keys:
                 answer["retrieved"] = job.retrieved_keys
             if images is not None:
-                answer["images"] = [encode_png_base64(images[i, c]) for c in keep]
+                answer["images"] = [encode_png_base64(images[c]) for c in keep]
             if job.return_codes or images is None:
-                answer["codes"] = codes[i, keep].tolist()
-            if scores[i] is not None:
-                answer["clip_scores"] = scores[i][: len(keep)]
+                answer["codes"] = codes[keep].tolist()
+            if scores is not None:
+                answer["clip_scores"] = scores[: len(keep)]
             answers.append(answer)
         return answers
 
     def _decode(self, codes: torch.Tensor) -> torch.Tensor | None:
-        """``(P, N, h*w)`` codes -> ``(P, N, C, H, W)`` images (None without a VQGAN), each request's decoded on its
-        own: its pixels must not depend on the batch's size (the convolutions round differently)."""
+        """One request's ``(N, h*w)`` codes -> ``(N, C, H, W)`` images (None without a VQGAN). Decoded per request:
+        its pixels must not depend on the batch's size (the convolutions round differently)."""
         if self.vqgan is None:
             return None
         with torch.no_grad():
-            return torch.stack([self.vqgan.decode(c.to(self._serve_device)) for c in codes])
+            return self.vqgan.decode(codes.to(self._serve_device))
 
     def _run_edits(self, group: list[EditJob]) -> list[dict[str, Any]]:
-        s = group[0].settings
-        codes = edit_image(
+        s, counts = group[0].settings, [j.settings.num_samples for j in group]
+        flat = edit_image(
             self.model,
             self.vocab,
-            torch.stack([j.codes for j in group]),
-            [j.instruction for j in group],
+            torch.stack([j.codes for j, n in zip(group, counts) for _ in range(n)]),
+            [j.instruction for j, n in zip(group, counts) for _ in range(n)],
             self.tokenizer.encode(task_prefix(s.task)),
             text_cfg=s.text_cfg,
             image_cfg=s.image_cfg,
-            num_samples=s.num_samples,
+            num_samples=1,
             method=s.method,
             temperature=s.temperature,
             top_p=s.top_p,
             seed=self._seed(group[0].seed),
             compile=self.compile,
-        ).codes  # (P, N, h*w)
-        images = self._decode(codes)
+        ).codes[:, 0]  # (sum of N, h*w), one row per candidate as in _run_images
         answers = []
-        for i, job in enumerate(group):
+        for job, codes in zip(group, torch.split(flat, counts)):
+            images = self._decode(codes)
             answer: dict[str, Any] = {"seed": job.seed}
             if images is not None:
-                answer["images"] = [encode_png_base64(im) for im in images[i]]
+                answer["images"] = [encode_png_base64(im) for im in images]
             if job.return_codes or images is None:
-                answer["codes"] = codes[i].tolist()
+                answer["codes"] = codes.tolist()
             answers.append(answer)
         return answers
 
@@ -399,9 +403,9 @@ class CM3LeonAPI(ls.LitAPI):
         answer: dict[str, Any] = {"seed": job.seed, "texts": texts}
         if job.has_image:
             stacked = torch.stack(codes)  # (N, h*w)
-            images = self._decode(stacked[None])
+            images = self._decode(stacked)
             if images is not None:
-                answer["images"] = [encode_png_base64(im) for im in images[0]]
+                answer["images"] = [encode_png_base64(im) for im in images]
             if job.return_codes or images is None:
                 answer["codes"] = stacked.tolist()
         return [answer]

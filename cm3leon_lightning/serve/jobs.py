@@ -149,5 +149,6 @@ def job_key(job: Job, index: int) -> tuple:
     if isinstance(job, InfillJob):  # infill decodes one document (span after span): never shared
         return ("InfillJob", index)
     settings = asdict(job.settings)
+    settings.pop("num_samples", None)  # a request is decoded as one row per candidate: any numbers mix
     seeded = job.seed if job.settings.method != "greedy" else None  # greedy ignores the seed
     return (type(job).__name__, *group_key(settings, seeded, index))

@@ -38,7 +38,8 @@ def direct(serve_assets):
 
 
 def counting(monkeypatch, name):
-    """Wrap ``serve.api.<name>`` to record the number of rows (prompts or images) of every call."""
+    """Wrap ``serve.api.<name>`` to record the number of prompts (or images) of every call: one per candidate for
+    images and edits, which the API decodes as one row per candidate."""
     calls, real = [], getattr(api_module, name)
 
     def wrapper(model, vocab, rows, *args, **kwargs):
@@ -71,7 +72,8 @@ def test_a_batch_decodes_in_groups_and_each_answer_equals_its_solo_decode(api, d
     jobs = [api.decode_request(r) for r in requests]
     assert [type(j) for j in jobs] == [ImageJob, TextJob, ImageJob, ImageJob, ImageJob, Rejected, TextJob, ImageJob]
     out = api.predict(jobs)
-    assert sorted(image_calls) == [1, 1, 1, 2] and text_calls == [2]  # greedy pair together, texts together
+    # the greedy pair in one decode (2 x 2 candidates), each seeded request alone, the defaults' request alone; texts
+    assert sorted(image_calls) == [2, 2, 3, 4] and text_calls == [2]
 
     for i, prompt in ((0, "a red circle"), (2, "two green triangles")):
         want = solo_image(direct, prompt, **greedy)
@@ -100,10 +102,23 @@ def test_max_rows_splits_a_group_into_decodes_of_bounded_size(serve_assets, dire
     for max_rows in (128, 8):
         api = make_api(serve_assets, clip=None, max_rows=max_rows)
         answers[max_rows] = api.predict([api.decode_request(b) for b in bodies])
-    assert calls == [3, 2, 1]
+    assert calls == [6, 4, 2]  # candidates per decode
     assert answers[128] == answers[8]
     want = solo_image(direct, "a blue square", method="greedy", num_samples=2)
     assert answers[8][1]["images"] == [encode_png_base64(im) for im in want.images[0]]
+
+
+def test_requests_for_different_numbers_of_candidates_share_a_decode(api, direct, monkeypatch):
+    """Greedy requests for 1 and 3 candidates: one decode of 4 rows (a row per candidate), each answer equal to the
+    request decoded on its own with num_samples."""
+    calls = counting(monkeypatch, "generate_image")
+    bodies = [{"prompt": "a red circle", "method": "greedy", "num_samples": n, "return_codes": True} for n in (1, 3)]
+    out = api.predict([api.decode_request(b) for b in bodies])
+    assert calls == [4]
+    for body, answer in zip(bodies, out):
+        want = solo_image(direct, body["prompt"], method="greedy", num_samples=body["num_samples"])
+        assert answer["codes"] == want.codes[0].tolist()
+        assert answer["images"] == [encode_png_base64(im) for im in want.images[0]]
 
 
 def test_rerank_orders_by_clip_score_and_keeps_the_best(api, direct, serve_assets):
@@ -130,7 +145,7 @@ def test_edit_requests_equal_edit_image_and_seeded_ones_decode_alone(api, direct
     assert [type(j).__name__ for j in jobs] == ["EditJob"] * 3
     assert jobs[1].settings == EditSettings()  # the server's: 4 samples of top-p, the paper's 7.5 / 1.5
     out = api.predict(jobs)
-    assert sorted(calls) == [1, 2]
+    assert sorted(calls) == [2, 8]  # candidates per decode: the seeded request's 2; both unseeded ones' 4 + 4
     codes = vqgan.encode(decode_base64_image(png_base64(0), 16)[None])
     want = edit_image(model, vocab, codes, [tok.encode("make it blue")], tok.encode(EDIT_PREFIX), text_cfg=4.0,
                       image_cfg=1.2, num_samples=2, seed=5, vqgan=vqgan)  # fmt: skip
