@@ -1,4 +1,5 @@
-"""The demo's outputs: the sample grid (``samples.png``), ``metrics.json`` and ``report.md``.
+"""The demo's outputs: the sample grid (``samples.png``), ``metrics.json`` and ``report.md``; and the stage results of
+a finished run, for the examples that build on it.
 
 Targets (issue 8) are checked here and the report says plainly which were met; the figures are never adjusted.
 """
@@ -15,6 +16,21 @@ from PIL import Image, ImageDraw
 
 if TYPE_CHECKING:
     from cm3leon_lightning.demo import Context
+
+
+def stage_results(run: Path, stages: tuple[str, ...] = ("tokenizer", "vqgan", "clip", "train")) -> dict[str, Any]:
+    """The ``result`` of each of ``stages`` of a finished demo run (``<run>/<stage>/stage.json``).
+
+    Raises:
+        FileNotFoundError: a stage has not finished (names the marker file and the command that writes it).
+    """
+    out = {}
+    for stage in stages:
+        marker = Path(run) / stage / "stage.json"
+        if not marker.is_file():
+            raise FileNotFoundError(f"{marker} not found: run `make demo` (or `cm3leon demo --out {run}`) first")
+        out[stage] = json.loads(marker.read_text())["result"]
+    return out
 
 
 def _method_names() -> dict[str, str]:

@@ -37,16 +37,12 @@ from PIL import Image
 
 from cm3leon_lightning.data import shapes
 from cm3leon_lightning.demo_eval import attribute_scores
+from cm3leon_lightning.demo_report import stage_results
 
 
 def demo_paths(run: Path) -> dict[str, str]:
     """The files of a finished demo run that the server needs (raises FileNotFoundError naming what is missing)."""
-    stages = {}
-    for stage in ("tokenizer", "vqgan", "clip", "train"):
-        marker = run / stage / "stage.json"
-        if not marker.is_file():
-            raise FileNotFoundError(f"{marker} not found: run `make demo` (or `cm3leon demo --out {run}`) first")
-        stages[stage] = json.loads(marker.read_text())["result"]
+    stages = stage_results(run)
     bank = run / "prepare" / "work" / "bank" / "index"
     if not (bank / "index.faiss").is_file():
         raise FileNotFoundError(f"{bank} holds no memory bank: the demo's prepare stage did not finish")

@@ -41,22 +41,12 @@ from cm3leon_lightning.data.prepare import prepare
 from cm3leon_lightning.data.sft import SFTSource
 from cm3leon_lightning.demo import CONFIG_DIR, fit_with_cli
 from cm3leon_lightning.demo_eval import attribute_scores, caption_scores, to_uint8
+from cm3leon_lightning.demo_report import stage_results
 from cm3leon_lightning.generation import edit_image, generate_text
 from cm3leon_lightning.generation.cli import load_checkpoint
 from cm3leon_lightning.generation.generate import TEXT_LAYOUTS as LAYOUTS
 from cm3leon_lightning.tokenization.text import TextTokenizer
 from cm3leon_lightning.tokenization.vqgan import VQGAN
-
-
-def demo_results(run: Path) -> dict[str, dict[str, Any]]:
-    """The results of the demo's stages (``<run>/<stage>/stage.json``)."""
-    out = {}
-    for stage in ("tokenizer", "vqgan", "clip", "train"):
-        marker = run / stage / "stage.json"
-        if not marker.is_file():
-            raise FileNotFoundError(f"{marker} not found: run `make demo` (or `cm3leon demo --out {run}`) first")
-        out[stage] = json.loads(marker.read_text())["result"]
-    return out
 
 
 def one_shape_scenes(n: int, split: str, seed: int) -> list[shapes.Scene]:
@@ -162,7 +152,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--fit-arg", action="append", default=[], help="one more argument for the fit, repeatable: "
                    "--fit-arg=--data.init_args.batch_size=4")  # fmt: skip
     args = p.parse_args(argv)
-    demo, out = demo_results(args.run), args.out
+    demo, out = stage_results(args.run), args.out
     tok = TextTokenizer.load(demo["tokenizer"]["path"])
     vqgan = VQGAN.from_pretrained(demo["vqgan"]["path"]).eval()
     size = vqgan.config.resolution

@@ -155,3 +155,15 @@ def test_serve_example_queries_the_demo_model_over_http(mini_run: tuple[Path, di
     assert json.loads((tmp_path / "report.json").read_text()) == json.loads(json.dumps(report))
     side = 3 * json.loads((out / "vqgan" / "model" / "config.json").read_text())["config"]["resolution"]  # 3x
     assert Image.open(tmp_path / "grid.png").size == (3 * side, len(ways) * side)  # a row of 3 images per way
+
+
+def test_stage_results_name_the_missing_stage(mini_run: tuple[Path, dict], tmp_path: Path) -> None:
+    """The examples read a finished run's stage results; an unfinished run names its marker and the command."""
+    from cm3leon_lightning.demo_report import stage_results
+
+    out, _ = mini_run
+    results = stage_results(out, ("clip", "train"))
+    assert set(results) == {"clip", "train"} and results["clip"]["model"] == "cm3leon-clip-tiny"
+    assert Path(results["train"]["checkpoint"]).is_file()
+    with pytest.raises(FileNotFoundError, match=r"tokenizer/stage.json not found: run `make demo`"):
+        stage_results(tmp_path)
