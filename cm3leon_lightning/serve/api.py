@@ -49,6 +49,7 @@ from cm3leon_lightning.serve.jobs import (
     EditSettings,
     ImageJob,
     InfillJob,
+    Job,
     TextJob,
     TextSettings,
     job_key,
@@ -176,7 +177,7 @@ class CM3LeonAPI(ls.LitAPI):
         self._serve_device = torch.device(device)
 
     # ----------------------------------------------------------------------------------------------- requests
-    def decode_request(self, request: GenerationRequest) -> ImageJob | TextJob | Rejected:  # type: ignore[override]
+    def decode_request(self, request: GenerationRequest) -> Job | Rejected:  # type: ignore[override]
         """Check a request against this server and the model's context; a dict is validated against the schema
         first (the HTTP endpoint has done that already)."""
         if isinstance(request, dict):
