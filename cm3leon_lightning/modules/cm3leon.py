@@ -21,7 +21,7 @@ from torch import Tensor
 from cm3leon_lightning.config import CM3LeonConfig
 from cm3leon_lightning.generation.generate import GenerationSettings, generate_image
 from cm3leon_lightning.model import CM3Leon, param_groups
-from cm3leon_lightning.modules.weights import check_same_architecture, check_same_vocab, load_weights, read_weights
+from cm3leon_lightning.model.weights import check_same_architecture, check_same_vocab, load_weights, read_weights
 from cm3leon_lightning.tokenization.vocab import PAD_ID, MultimodalVocab
 
 

@@ -13,7 +13,7 @@ from safetensors.torch import save_model
 from support.token_data import TokenDataModule, cpu_trainer, write_fit_config
 
 from cm3leon_lightning.config import CM3LeonConfig
-from cm3leon_lightning.modules import weights as weights_mod
+from cm3leon_lightning.model import weights as weights_mod
 from cm3leon_lightning.modules.cm3leon import CM3LeonModule
 from cm3leon_lightning.tokenization.vocab import MultimodalVocab
 
@@ -223,7 +223,7 @@ def test_files_that_hold_no_weights(tmp_path: Path) -> None:
         "text.ckpt": "cannot be read as a Lightning checkpoint, a .safetensors file or a torch.save'd state dict",
         "list.pt": "holds list, not a Lightning checkpoint",
         "dict.pt": r"holds a dict with keys \['epoch'\], not a Lightning checkpoint",
-        "sharded.ckpt": "is a directory .*consolidate_checkpoint",
+        "sharded.ckpt": "is a directory but neither a model directory .* nor a sharded Lightning checkpoint",
     }
     for name, message in cases.items():
         module = CM3LeonModule(preset="tiny", init_from=str(tmp_path / name))

@@ -1,4 +1,5 @@
-"""The sharded-training path of configs/trainer/fsdp_bf16.yaml (Lightning's FSDPStrategy), on one GPU.
+"""The sharded-training path of configs/trainer/fsdp_bf16.yaml (Lightning's FSDPStrategy), on one GPU, and reading
+its sharded checkpoint back without consolidating it (``model/weights.py``).
 
 Lightning's FSDP strategy refuses CPU accelerators, so these tests run only where CUDA is (benchmarks/gpu_suite.sh);
 the CPU-side part of the path (weight decay of flat sharded parameters) is tested in test_cm3leon_module.py.
@@ -56,9 +57,16 @@ def test_fsdp_training_matches_plain_training_and_resumes_from_a_sharded_checkpo
     decay, no_decay = t_sharded.optimizers[0].param_groups
     assert no_decay["params"] == [] and len(decay["params"]) == 10
 
-    _, t3 = fit(tmp_path / "fsdp3", 3, fsdp=True)
+    m3, t3 = fit(tmp_path / "fsdp3", 3, fsdp=True)
     t3.save_checkpoint(tmp_path / "three.ckpt")
     assert (tmp_path / "three.ckpt").is_dir()  # state_dict_type="sharded": one shard file per rank + metadata
+    # read without consolidating (init_from, cm3leon generate / export): the full weights, the step
+    from cm3leon_lightning.model.weights import read_weights
+
+    weights, three = read_weights(tmp_path / "three.ckpt"), full_weights(m3, t3)
+    assert weights.kind == "sharded checkpoint" and weights.source["global_step"] == 3
+    for name, value in three.items():
+        assert torch.equal(weights.state_dict[name], value), name
     resumed, t6 = fit(tmp_path / "fsdp6", 6, fsdp=True, ckpt=str(tmp_path / "three.ckpt"))
     assert t6.global_step == 6
     again = full_weights(resumed, t6)

@@ -30,3 +30,14 @@ def write_checkpoint_assets(root: Path, max_seq_len: int = 128) -> Path:
             p.normal_(0.0, 0.2)
     torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, root / "model.ckpt")
     return root
+
+
+def save_sharded(trainer: object, path: Path) -> Path:
+    """Write ``trainer``'s checkpoint as Lightning's FSDPStrategy does with ``state_dict_type="sharded"`` (the
+    strategy's own ``save_checkpoint``: ``torch.distributed.checkpoint`` shards + ``meta.pt``), on the CPU, where the
+    strategy cannot train; returns ``path``."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    checkpoint = trainer._checkpoint_connector.dump_checkpoint()  # type: ignore[attr-defined]
+    FSDPStrategy(state_dict_type="sharded").save_checkpoint(checkpoint, path)
+    return path

@@ -1,0 +1,148 @@
+"""A released model as a directory: ``config.json`` (architecture, vocabulary, provenance) and ``model.safetensors``.
+
+``cm3leon export`` writes it from a training checkpoint; ``cm3leon generate`` / ``cm3leon serve`` (``--ckpt DIR``),
+:func:`cm3leon_lightning.generation.cli.load_checkpoint` and ``CM3LeonModule(init_from=DIR)`` read it. Unlike a
+Lightning checkpoint it holds no optimizer state and no pickle, and its weights may be stored in half precision, so a
+7B model is 14 GB in bfloat16 where its training checkpoint is about 84 GB. The directory may also hold the text
+tokenizer (``tokenizer/``) and the image tokenizer (``vqgan/``, in ``VQGAN.save_pretrained``'s format) the model was
+trained with, which the commands then use when ``--tokenizer`` / ``--vqgan`` are not given.
+
+``config.json``::
+
+    {"format": "cm3leon_lightning.model", "format_version": 1, "created_by": "0.1.0",
+     "config": {...CM3LeonConfig...}, "vocab": {...MultimodalVocab...}, "dtype": "bfloat16",
+     "source": {"checkpoint": "...", "global_step": 1000, "epoch": 0}}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor
+
+FORMAT_NAME = "cm3leon_lightning.model"
+FORMAT_VERSION = 1
+CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+TOKENIZER_DIR, VQGAN_DIR = "tokenizer", "vqgan"
+"""Where a model directory keeps the tokenizers it was trained with (optional)."""
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""The dtypes a model directory may store its weights in, by the name ``config.json`` gives."""
+
+
+def is_model_dir(path: str | os.PathLike[str]) -> bool:
+    """True when ``path`` is a directory holding a ``config.json`` (a model directory, maybe a malformed one)."""
+    return Path(path).is_dir() and (Path(path) / CONFIG_FILE).is_file()
+
+
+def read_model_config(path: str | os.PathLike[str], what: str = "path") -> dict[str, Any]:
+    """The parsed ``config.json`` of a model directory, checked for format, version and fields.
+
+    Raises:
+        FileNotFoundError: no ``config.json`` (or no ``model.safetensors``) in ``path``.
+        ValueError: not valid JSON, another format (a VQGAN directory, say), a newer version, or a missing field.
+    """
+    directory = Path(path)
+    config_path = directory / CONFIG_FILE
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{what}: {str(path)!r} has no {CONFIG_FILE}; is it a model directory?")
+    try:
+        doc = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{what}: {config_path} is not valid JSON: {e}") from e
+    fmt = doc.get("format") if isinstance(doc, dict) else None
+    if fmt != FORMAT_NAME:
+        raise ValueError(
+            f"{what}: {config_path} has format {fmt!r}, not {FORMAT_NAME!r} (a model directory written by "
+            "'cm3leon export')"
+        )
+    version = doc.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(
+            f"{what}: {config_path} has format_version {version!r}; this version of cm3leon_lightning reads up to "
+            f"{FORMAT_VERSION} (upgrade the package)"
+        )
+    for field, kind in (("config", dict), ("vocab", dict), ("dtype", str)):
+        if not isinstance(doc.get(field), kind):
+            raise ValueError(f"{what}: {config_path} lacks the field {field!r} ({kind.__name__})")
+    if doc["dtype"] not in DTYPES:
+        raise ValueError(f"{what}: {config_path} field 'dtype' is {doc['dtype']!r}, expected one of {list(DTYPES)}")
+    if not (directory / WEIGHTS_FILE).is_file():
+        raise FileNotFoundError(f"{what}: {str(path)!r} has {CONFIG_FILE} but no {WEIGHTS_FILE}")
+    return doc
+
+
+def save_pretrained(
+    state_dict: dict[str, Tensor],
+    directory: str | os.PathLike[str],
+    config: dict[str, Any],
+    vocab: dict[str, int],
+    dtype: torch.dtype | None = None,
+    source: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``config.json`` and ``model.safetensors`` into ``directory`` (created); returns it.
+
+    Args:
+        state_dict: the bare network's tensors (``CM3Leon.state_dict()`` keys).
+        directory: where to write; files of the same names there are replaced.
+        config: the architecture (``CM3LeonConfig.to_dict()``).
+        vocab: the vocabulary (``MultimodalVocab.to_dict()``).
+        dtype: store floating-point tensors in this dtype (None: as they are; all must then share one dtype).
+        source: provenance recorded in ``config.json`` (checkpoint path, step).
+
+    When ``config`` ties the embeddings only ``wte.weight`` of the pair is written (safetensors refuses shared
+    storage; :func:`~cm3leon_lightning.model.weights.load_weights` restores the tie).
+
+    Raises:
+        ValueError: ``dtype`` is not one of :data:`DTYPES`, or the tensors mix floating-point dtypes and none is given.
+    """
+    from cm3leon_lightning.model.weights import TIED
+
+    state = {k: v for k, v in state_dict.items() if not (config.get("tie_embeddings") and k == TIED[1])}
+    if dtype is not None:
+        names = {v: k for k, v in DTYPES.items()}
+        if dtype not in names:
+            raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype}")
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    floats = {v.dtype for v in state.values() if v.is_floating_point()}
+    if len(floats) != 1 or next(iter(floats)) not in DTYPES.values():
+        raise ValueError(f"the weights must share one dtype of {list(DTYPES)}, found {sorted(map(str, floats))}")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    from cm3leon_lightning import __version__
+
+    doc = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "created_by": __version__,
+        "config": dict(config),
+        "vocab": dict(vocab),
+        "dtype": {v: k for k, v in DTYPES.items()}[next(iter(floats))],
+        "source": dict(source or {}),
+    }
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+    # config.json last: a directory cut short by a crash has no config and is not mistaken for a model.
+    (directory / CONFIG_FILE).write_text(json.dumps(doc, indent=2) + "\n")
+    return directory
+
+
+def read_pretrained(path: str | os.PathLike[str], what: str = "path") -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The weights (memory-mapped from ``model.safetensors``) and the parsed ``config.json`` of a model directory.
+
+    Raises:
+        FileNotFoundError, ValueError: as :func:`read_model_config`, or an unreadable weights file.
+    """
+    from safetensors.torch import load_file
+
+    doc = read_model_config(path, what)
+    weights = Path(path) / WEIGHTS_FILE
+    try:
+        return load_file(str(weights), device="cpu"), doc
+    except Exception as e:  # safetensors raises its own error types
+        raise ValueError(f"{what}: {weights} cannot be read as safetensors: {e}") from e

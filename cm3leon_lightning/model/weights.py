@@ -1,0 +1,312 @@
+"""Reading CM3Leon weights from any file training or export writes, and checking they fit a network.
+
+Fine-tuning (paper section 4, ``CM3LeonModule(init_from=...)``), ``cm3leon generate``/``serve`` and ``cm3leon export``
+read only the network's weights (never an optimizer state), from:
+
+* a Lightning checkpoint of ``CM3LeonModule`` (``model.``-prefixed keys under ``state_dict``, the architecture and
+  vocabulary under ``hyper_parameters``), memory-mapped;
+* a *sharded* Lightning checkpoint, the directory FSDP training writes (``configs/trainer/fsdp_bf16.yaml``:
+  ``torch.distributed.checkpoint`` shards + ``meta.pt``), gathered in one process without consolidating it first;
+* a model directory of ``cm3leon export`` (:mod:`cm3leon_lightning.model.pretrained`);
+* a ``.safetensors`` file or ``torch.save``'d state dict of the bare :class:`~cm3leon_lightning.model.CM3Leon`
+  (no architecture or vocabulary: usable only where those come from elsewhere).
+
+No Lightning import: this module is the model package's. The comparisons of vocabulary and architecture are shared
+with ``CM3LeonModule.on_load_checkpoint``, so both refuse a mismatch in the same words.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+MODEL_PREFIX = "model."
+"""Prefix of the network's keys in a ``CM3LeonModule`` state dict (the module holds it as ``self.model``)."""
+
+SHARDED_META = "meta.pt"
+"""The file Lightning's FSDPStrategy writes beside the shards of a sharded checkpoint: everything but the tensors."""
+
+TIED = ("wte.weight", "lm_head.weight")
+"""The token embedding and LM head, one tensor when the architecture ties them."""
+
+_MISSING = "<absent>"
+
+
+@dataclass(frozen=True)
+class PretrainedWeights:
+    """What :func:`read_weights` found in a file.
+
+    Attributes:
+        state_dict: the bare network's tensors (keys without the ``model.`` prefix), on the CPU.
+        config: the architecture the weights were trained with (``CM3LeonConfig.to_dict()``), when the file says.
+        vocab: the vocabulary they were trained with (``MultimodalVocab.to_dict()``), when the file says.
+        kind: ``"lightning checkpoint"``, ``"sharded checkpoint"``, ``"model directory"``, ``"safetensors"`` or
+            ``"state dict"``.
+        source: provenance when the file says: ``global_step`` and ``epoch`` of a checkpoint, a model directory's
+            ``source``.
+    """
+
+    state_dict: dict[str, Tensor]
+    config: dict[str, Any] | None
+    vocab: dict[str, int] | None
+    kind: str
+    source: dict[str, Any] = field(default_factory=dict)
+
+
+def is_safetensors(path: Path) -> bool:
+    """True when the file starts like safetensors: an 8-byte little-endian header length, then a JSON object."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(9)
+    if len(head) < 9:
+        return False
+    n = int.from_bytes(head[:8], "little")
+    return 2 <= n <= size - 8 and head[8:9] == b"{"
+
+
+def read_weights(path: str | os.PathLike[str], what: str = "init_from") -> PretrainedWeights:
+    """Read a network's weights from any of the sources in the module docstring.
+
+    The kind is told by the content (a directory's ``config.json`` or ``meta.pt``, the safetensors header, then what
+    ``torch.load`` returns), not the extension. ``torch.load`` runs with ``weights_only=True`` on the CPU,
+    memory-mapped when the file is in torch's zip format (every rank of a multi-GPU run reads the file: the mapping
+    shares the pages, and a checkpoint's optimizer state is never read).
+
+    Args:
+        path: the file or directory.
+        what: the argument the path came from, named in errors.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: a directory of another kind, an unreadable file, or one that holds no state dict.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{what}: {str(path)!r} does not exist")
+    if p.is_dir():
+        return _read_directory(p, what)
+    if is_safetensors(p):
+        from safetensors.torch import load_file
+
+        try:
+            return PretrainedWeights(load_file(str(p), device="cpu"), None, None, "safetensors")
+        except Exception as e:  # safetensors raises its own error types
+            raise ValueError(f"{what}: {str(path)!r} cannot be read as safetensors: {e}") from e
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(p))
+    except Exception as e:  # UnpicklingError, RuntimeError, EOFError, ... depending on how the file is wrong
+        raise ValueError(
+            f"{what}: {str(path)!r} cannot be read as a Lightning checkpoint, a .safetensors file or a torch.save'd "
+            f"state dict: {load_error(e)}"
+        ) from e
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        hparams = obj.get("hyper_parameters") or {}
+        # Keys of the LightningModule's other members (none in CM3LeonModule) stay prefixed: reported as unexpected.
+        state = {k.removeprefix(MODEL_PREFIX): v for k, v in obj["state_dict"].items()}
+        return PretrainedWeights(
+            state, hparams.get("config"), hparams.get("vocab"), "lightning checkpoint", _progress(obj)
+        )
+    if isinstance(obj, dict) and obj and all(isinstance(v, Tensor) for v in obj.values()):
+        if all(k.startswith(MODEL_PREFIX) for k in obj):  # a saved CM3LeonModule.state_dict()
+            obj = {k.removeprefix(MODEL_PREFIX): v for k, v in obj.items()}
+        return PretrainedWeights(obj, None, None, "state dict")
+    found = f"a dict with keys {sorted(map(str, obj))[:5]}" if isinstance(obj, dict) else type(obj).__name__
+    raise ValueError(
+        f"{what}: {str(path)!r} holds {found}, not a Lightning checkpoint (with 'state_dict') or a state dict of "
+        "tensors"
+    )
+
+
+def load_error(e: BaseException) -> str:
+    """The one line of a ``torch.load(weights_only=True)`` failure that says what was wrong.
+
+    Torch's message spans several paragraphs and suggests ``weights_only=False``, which would run code from the file;
+    its ``WeightsUnpickler error:`` line (``Unsupported operand 80`` for a file that is not a torch file,
+    ``Unsupported global: ...`` for one that pickles objects) is the useful part.
+    """
+    text = str(e)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        text = text.split(marker, 1)[1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+def _progress(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    return {k: checkpoint[k] for k in ("global_step", "epoch") if isinstance(checkpoint.get(k), int)}
+
+
+def _read_directory(p: Path, what: str) -> PretrainedWeights:
+    from cm3leon_lightning.model.pretrained import is_model_dir, read_pretrained
+
+    if is_model_dir(p):
+        state, doc = read_pretrained(p, what)
+        return PretrainedWeights(state, doc["config"], doc["vocab"], "model directory", dict(doc.get("source", {})))
+    if (p / SHARDED_META).is_file():
+        return read_sharded(p, what)
+    raise ValueError(
+        f"{what}: {str(p)!r} is a directory but neither a model directory of 'cm3leon export' (config.json) nor a "
+        f"sharded Lightning checkpoint ({SHARDED_META} beside the shards)"
+    )
+
+
+def read_sharded(path: str | os.PathLike[str], what: str = "init_from") -> PretrainedWeights:
+    """The network's weights from a sharded checkpoint of Lightning's FSDPStrategy, gathered in this process.
+
+    Lightning writes ``{"model": state_dict, "optimizer_0": ...}`` with ``torch.distributed.checkpoint`` (which
+    flattens the keys to ``model.model.wte.weight``, ...) and the rest of the checkpoint (hyper-parameters, step) to
+    ``meta.pt``. Only the ``model.`` entries are allocated and read, whole, in the dtype they were saved in: the
+    optimizer's moments (twice the weights again in float32) stay on disk, so no consolidated copy is needed.
+
+    Raises:
+        ValueError: ``meta.pt`` or the shards' ``.metadata`` is unreadable, or the shards hold no model tensors.
+    """
+    from torch.distributed.checkpoint import FileSystemReader, load
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    p = Path(path)
+    try:
+        meta = torch.load(p / SHARDED_META, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a usable checkpoint"
+        raise ValueError(f"{what}: {p / SHARDED_META} is not a readable torch file: {load_error(e)}") from e
+    try:
+        entries = FileSystemReader(str(p)).read_metadata().state_dict_metadata
+    except Exception as e:  # noqa: BLE001 - a missing or corrupt .metadata file, in the reader's own error types
+        raise ValueError(
+            f"{what}: {str(p)!r} has {SHARDED_META} but its shard index (.metadata) is unreadable: {e}"
+        ) from e
+    tensors = {
+        k: torch.empty(m.size, dtype=m.properties.dtype)
+        for k, m in entries.items()
+        if k.startswith("model.") and isinstance(m, TensorStorageMetadata)
+    }
+    if not tensors:
+        raise ValueError(f"{what}: the shards in {str(p)!r} hold no 'model.*' tensors (saved by another strategy?)")
+    with warnings.catch_warnings():  # "torch.distributed is ... uninitialized": reading in one process is the point
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        try:
+            load(tensors, storage_reader=FileSystemReader(str(p)), no_dist=True)
+        except (Exception, CheckpointException) as e:  # a missing or truncated shard file
+            # CheckpointException (a BaseException) prints every rank's traceback: name the first cause only.
+            cause = next(iter(e.failures.values()))[0] if isinstance(e, CheckpointException) and e.failures else e
+            raise ValueError(f"{what}: reading the shards of {str(p)!r} failed: {cause}") from e
+    state = {k.removeprefix("model.").removeprefix(MODEL_PREFIX): v for k, v in tensors.items()}
+    meta = meta if isinstance(meta, dict) else {}
+    hparams = meta.get("hyper_parameters") or {}
+    source = _progress(meta)
+    return PretrainedWeights(state, hparams.get("config"), hparams.get("vocab"), "sharded checkpoint", source)
+
+
+def check_same_vocab(saved: dict[str, int] | None, ours: dict[str, int] | None, source: str) -> None:
+    """Raise ValueError, printing both, when a checkpoint's vocabulary differs from the data's (None: unknown)."""
+    if saved is not None and ours is not None and dict(saved) != dict(ours):
+        raise ValueError(f"vocabulary mismatch: {source} was trained with {saved}, the data has {ours}")
+
+
+def check_same_architecture(saved: dict[str, Any] | None, ours: dict[str, Any], source: str) -> None:
+    """Raise ValueError listing each differing field as ``field: (checkpoint's, module's)`` (None: unknown)."""
+    if saved is None:
+        return
+    diff = {
+        k: (saved.get(k, _MISSING), ours.get(k, _MISSING))
+        for k in [*saved, *(k for k in ours if k not in saved)]
+        if saved.get(k, _MISSING) != ours.get(k, _MISSING)
+    }
+    if diff:
+        raise ValueError(f"architecture mismatch between {source} and module (checkpoint, module): {diff}")
+
+
+def _first(names: list[str], n: int = 5) -> str:
+    more = f" (+{len(names) - n} more)" if len(names) > n else ""
+    return f"{names[:n]}{more}"
+
+
+def fit_state(model: nn.Module, state_dict: dict[str, Tensor], what: str) -> dict[str, Tensor]:
+    """``state_dict`` checked against ``model`` (every key and shape), with a tied pair completed; returned.
+
+    ``model`` may live on the meta device: only its names and shapes are read, so a 7B checkpoint can be checked
+    without allocating the network.
+
+    Raises:
+        ValueError: missing or unexpected keys, wrong shapes, or a tied pair that differs; the first few named.
+    """
+    tied = is_tied(model)
+    state = dict(state_dict)
+    if tied:
+        have = [k for k in TIED if k in state]
+        if len(have) == 1:
+            state[TIED[1] if have[0] == TIED[0] else TIED[0]] = state[have[0]]
+        elif len(have) == 2 and not torch.equal(state[TIED[0]], state[TIED[1]]):
+            raise ValueError(f"{what}: {TIED[0]!r} and {TIED[1]!r} differ, but the model ties them")
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = {
+        k: (tuple(v.shape), tuple(expected[k].shape))
+        for k, v in state.items()
+        if k in expected and v.shape != expected[k].shape
+    }
+    if missing or unexpected or shapes:
+        problems = []
+        if missing:
+            problems.append(f"missing keys {_first(missing)}")
+        if unexpected:
+            problems.append(f"unexpected keys {_first(unexpected)}")
+        if shapes:
+            first = dict(list(shapes.items())[:5])
+            problems.append(
+                f"wrong shapes (file, model) {first}" + (f" (+{len(shapes) - 5} more)" if len(shapes) > 5 else "")
+            )
+        raise ValueError(f"{what}: the weights do not fit the model: " + "; ".join(problems))
+    return state
+
+
+def is_tied(model: nn.Module) -> bool:
+    """True when ``model`` shares one tensor between the token embedding and the LM head (:data:`TIED`)."""
+    return all(hasattr(model, name.split(".")[0]) for name in TIED) and model.lm_head.weight is model.wte.weight
+
+
+def load_weights(model: nn.Module, state_dict: dict[str, Tensor], what: str) -> None:
+    """Load ``state_dict`` into ``model`` after checking every key and shape (:func:`fit_state`), keeping tied
+    embeddings tied.
+
+    A file may hold only one of the tied pair (:data:`TIED`; ``safetensors.torch.save_model`` and ``cm3leon export``
+    drop the duplicate). When the model was built on the meta device (an empty-init context, as FSDP's), its
+    parameters have no storage to copy into, so the loaded tensors become the parameters (``assign=True``), copied in
+    the dtype the model was built in, and the tie is restored (assigning gives each name its own parameter).
+
+    Args:
+        model: the freshly built network; a module whose ``lm_head.weight is wte.weight`` counts as tied.
+        state_dict: the bare network's tensors.
+        what: the argument and file, named in errors.
+
+    Raises:
+        ValueError: as :func:`fit_state`.
+    """
+    tied = is_tied(model)
+    state = fit_state(model, state_dict, what)
+    expected = model.state_dict()
+    on_meta = any(t.is_meta for t in expected.values())
+    if not on_meta:
+        with torch.no_grad():
+            model.load_state_dict(state, strict=True)
+        return
+    # copy=True: the tensors may map the file (torch.load(mmap=True)), which must not back live parameters. A tied
+    # pair is copied once.
+    state = {k: v.to(dtype=expected[k].dtype, copy=True) for k, v in state.items() if not (tied and k == TIED[1])}
+    if tied:
+        state[TIED[1]] = state[TIED[0]]
+    model.load_state_dict(state, strict=True, assign=True)
+    if tied:
+        model.lm_head.weight = model.wte.weight
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"{what}: still on the meta device after loading: {_first(left)}")
