@@ -4,12 +4,13 @@ Run after ``make demo``::
 
     python examples/serve_shapes.py runs/demo --out runs/serve
 
-It starts ``cm3leon serve`` (a real process on a local port) on the demo run's checkpoint, tokenizer, VQGAN, tiny CLIP
-and memory bank, sends ``--requests`` text-to-image requests at once (captions of fresh one-shape scenes seen in
-training) and judges the returned PNGs with the shapes attribute checker, in three ways: the prompt alone; with the
-prompt's nearest training document placed before it (``"retrieve"``, as the demo model was trained); and the best
-of 4 candidates of the prompt alone by CLIP score (``"rerank"``). Then it starts the server again with
-``--max-batch-size 1`` and sends the first set once more, to time what batching concurrent requests saves.
+It exports the demo run's checkpoint with its tokenizer and VQGAN into a model directory (``<out>/model``, what
+``cm3leon export`` writes), starts ``cm3leon serve --ckpt <out>/model`` (a real process on a local port) with the
+demo's tiny CLIP and memory bank, sends ``--requests`` text-to-image requests at once (captions of fresh one-shape
+scenes seen in training) and judges the returned PNGs with the shapes attribute checker, in three ways: the prompt
+alone; with the prompt's nearest training document placed before it (``"retrieve"``, as the demo model was
+trained); and the best of 4 candidates of the prompt alone by CLIP score (``"rerank"``). Then it starts the server
+again with ``--max-batch-size 1`` and sends the first set once more, to time what batching concurrent requests saves.
 ``report.json`` holds the accuracies and times, ``grid.png`` the first images of each way.
 """
 
@@ -38,6 +39,7 @@ from PIL import Image
 from cm3leon_lightning.data import shapes
 from cm3leon_lightning.demo_eval import attribute_scores
 from cm3leon_lightning.demo_report import stage_results
+from cm3leon_lightning.export import export_model
 
 
 def demo_paths(run: Path) -> dict[str, str]:
@@ -66,8 +68,8 @@ def free_port() -> int:
 def server(paths: dict[str, str], log: Path, *extra: str) -> Iterator[str]:
     """Run ``cm3leon serve`` on a free local port until the block ends; yields the ``/predict`` URL."""
     port = free_port()
-    cmd = [sys.executable, "-m", "cm3leon_lightning", "serve", "--ckpt", paths["ckpt"], "--tokenizer",
-           paths["tokenizer"], "--vqgan", paths["vqgan"], "--clip", paths["clip"], "--clip-pretrained",
+    cmd = [sys.executable, "-m", "cm3leon_lightning", "serve", "--ckpt", paths["model"], "--clip", paths["clip"],
+           "--clip-pretrained",
            paths["clip_weights"], "--retrieve", paths["bank"], "--shards", paths["shards"], "--k", "0",
            "--accelerator", "cpu", "--host", "127.0.0.1", "--port", str(port), *extra]  # fmt: skip
     with open(log, "w") as f:
@@ -125,6 +127,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = p.parse_args(argv)
     paths, out = demo_paths(args.run), args.out
     out.mkdir(parents=True, exist_ok=True)
+    # One directory to hand to the server: weights (safetensors, no optimizer state) + both tokenizers.
+    export_model(paths["ckpt"], out / "model", paths["tokenizer"], paths["vqgan"], force=True)
+    paths["model"] = str((out / "model").resolve())
     rng = np.random.default_rng(args.seed)
     scenes = [shapes.sample_scene(rng, "train", two_shape_prob=0.0) for _ in range(args.requests)]
     prompts = [shapes.caption(sc, rng) for sc in scenes]

@@ -155,6 +155,10 @@ def test_serve_example_queries_the_demo_model_over_http(mini_run: tuple[Path, di
     assert json.loads((tmp_path / "report.json").read_text()) == json.loads(json.dumps(report))
     side = 3 * json.loads((out / "vqgan" / "model" / "config.json").read_text())["config"]["resolution"]  # 3x
     assert Image.open(tmp_path / "grid.png").size == (3 * side, len(ways) * side)  # a row of 3 images per way
+    # the server read the exported model directory, whose tokenizers are the demo's
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == [
+        "config.json", "model.safetensors", "tokenizer", "vqgan",
+    ]  # fmt: skip
 
 
 def test_stage_results_name_the_missing_stage(mini_run: tuple[Path, dict], tmp_path: Path) -> None:

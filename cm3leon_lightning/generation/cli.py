@@ -11,6 +11,11 @@ Examples::
     cm3leon generate ... --image x.png --edit "make the circle blue" --text-cfg 7.5 --image-cfg 1.5 --out edits/
     cm3leon generate ... --image edges.png --edit "a cat on a sofa" --task edge_to_image --out grounded/
     cm3leon generate ... --image x.png --infill "a <mask> circle" --infill-rows 16:32 --out infilled/
+    cm3leon generate --ckpt models/350m --prompt "a red circle" --out samples/   # cm3leon export's directory
+
+``--ckpt`` takes a ``CM3LeonModule`` checkpoint (a ``.ckpt`` file or the sharded directory FSDP writes) or a model
+directory of ``cm3leon export``, whose ``tokenizer/`` and ``vqgan/`` are then the defaults of ``--tokenizer`` and
+``--vqgan``.
 
 Text-to-image writes ``sample-{i}.png`` (best CLIP score first when ``--rerank`` is given), ``grid.png`` with the
 prompt written above the candidates, ``codes.npy``, and with ``--retrieve`` ``retrieved.json`` (the bank keys of the
@@ -40,14 +45,11 @@ from cm3leon_lightning.generation.generate import TEXT_LAYOUTS, edit_image, gene
 from cm3leon_lightning.generation.graphs import MODES, resolve_mode
 from cm3leon_lightning.generation.tasks import IMAGE_TASKS, TASK_GUIDANCE, task_prefix
 from cm3leon_lightning.model import ATTENTION_IMPLS, CM3Leon
+from cm3leon_lightning.model.pretrained import DTYPES  # the --dtype choices besides auto
 from cm3leon_lightning.tokenization.vocab import Document, MultimodalVocab
 
 if TYPE_CHECKING:  # PIL is imported lazily, where images are written
     from PIL import Image
-
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-"""The ``--dtype`` choices of ``cm3leon generate`` (besides ``auto``)."""
 
 
 def resolve_dtype(name: str, device: str | torch.device) -> torch.dtype:
@@ -64,30 +66,54 @@ def resolve_dtype(name: str, device: str | torch.device) -> torch.dtype:
 def load_checkpoint(
     path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> tuple[CM3Leon, MultimodalVocab]:
-    """Load the network and vocabulary of a ``CM3LeonModule`` checkpoint (``weights_only=True``), on ``device`` and
-    in ``dtype`` (None: as saved).
+    """Load the network and vocabulary of a ``CM3LeonModule`` checkpoint (a ``.ckpt`` file or the sharded directory
+    FSDP writes) or of a model directory of ``cm3leon export``, on ``device`` and in ``dtype`` (None: as saved).
+
+    The weights are read without the optimizer state (:func:`~cm3leon_lightning.model.weights.read_weights`).
 
     Raises:
-        FileNotFoundError: no file at ``path``.
-        ValueError: not a CM3LeonModule checkpoint (no ``config``/``vocab`` hyper-parameters or ``model.`` weights).
+        FileNotFoundError: nothing at ``path``.
+        ValueError: not a CM3LeonModule checkpoint or model directory (no architecture and vocabulary, or weights
+            that do not fit them).
     """
+    from cm3leon_lightning.model.weights import load_weights, read_weights
+
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise FileNotFoundError(f"--ckpt: checkpoint file not found: {p}")
-    try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a usable checkpoint"
-        raise ValueError(f"--ckpt: {p} is not a readable torch checkpoint: {e}") from e
-    hp = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
-    if not hp.get("config") or not hp.get("vocab"):
-        raise ValueError(f"--ckpt: {p} lacks hyper_parameters 'config' and 'vocab'; was it written by CM3LeonModule?")
-    vocab = MultimodalVocab(**hp["vocab"])
-    model = CM3Leon(CM3LeonConfig.from_dict(hp["config"]))
-    state = {k.removeprefix("model."): v for k, v in ckpt.get("state_dict", {}).items() if k.startswith("model.")}
-    if not state:
-        raise ValueError(f"--ckpt: {p} holds no 'model.*' weights in its state_dict")
-    model.load_state_dict(state)
+    weights = read_weights(p, "--ckpt")
+    if not weights.config or not weights.vocab:
+        raise ValueError(
+            f"--ckpt: {p} ({weights.kind}) lacks the architecture and vocabulary ('config' and 'vocab'); give a "
+            "CM3LeonModule checkpoint or a model directory of 'cm3leon export'"
+        )
+    vocab = MultimodalVocab(**weights.vocab)
+    model = CM3Leon(CM3LeonConfig.from_dict(weights.config))
+    if not any(k in weights.state_dict for k in model.state_dict()):
+        raise ValueError(f"--ckpt: {p} holds no weights of the network (no 'model.*' keys in its state_dict)")
+    load_weights(model, weights.state_dict, f"--ckpt {str(p)!r}")
+    if dtype is None:  # as saved: a model directory exported in bfloat16 stays bfloat16
+        dtype = next((v.dtype for v in weights.state_dict.values() if v.is_floating_point()), None)
     return model.to(device=device, dtype=dtype).eval(), vocab
+
+
+def bundled_tokenizers(ckpt: str | Path, tokenizer: str | None, vqgan: str | None) -> tuple[str, str | None]:
+    """``--tokenizer`` and ``--vqgan``, taken from a model directory's ``tokenizer/`` and ``vqgan/`` when not given.
+
+    Raises:
+        ValueError: no ``--tokenizer`` and none inside ``ckpt``.
+    """
+    from cm3leon_lightning.model.pretrained import TOKENIZER_DIR, VQGAN_DIR, is_model_dir
+
+    inside = Path(ckpt) if is_model_dir(ckpt) else None
+    if tokenizer is None:
+        if inside is None or not (inside / TOKENIZER_DIR).is_dir():
+            where = f"{ckpt} holds no {TOKENIZER_DIR}/" if inside is not None else "--ckpt is not a model directory"
+            raise ValueError(f"--tokenizer is required: {where} (cm3leon export --tokenizer bundles one)")
+        tokenizer = str(inside / TOKENIZER_DIR)
+    if vqgan is None and inside is not None and (inside / VQGAN_DIR).is_dir():
+        vqgan = str(inside / VQGAN_DIR)
+    return tokenizer, vqgan
 
 
 def check_tokenizers(vocab: MultimodalVocab, tokenizer: object | None, vqgan: torch.nn.Module | None) -> None:
@@ -188,12 +214,21 @@ def retrieve_documents(
     return retriever.retrieve([prompt], k)[0]
 
 
+def add_model_arguments(parser: argparse.ArgumentParser, vqgan_help: str) -> None:
+    """``--ckpt``, ``--tokenizer`` and ``--vqgan``, as ``cm3leon generate`` and ``cm3leon serve`` take them
+    (:func:`bundled_tokenizers` fills the last two from a model directory)."""
+    parser.add_argument(
+        "--ckpt", required=True, help="CM3LeonModule checkpoint (.ckpt or FSDP's sharded directory) or model directory"
+    )
+    default = " (default: the model directory's)"
+    parser.add_argument("--tokenizer", help="text tokenizer: tokenizer.json or its directory" + default)
+    parser.add_argument("--vqgan", help=vqgan_help + default)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``cm3leon generate`` argument parser."""
     p = argparse.ArgumentParser(prog="cm3leon generate", description=__doc__.split("\n")[0])
-    p.add_argument("--ckpt", required=True, help="CM3LeonModule checkpoint (.ckpt)")
-    p.add_argument("--tokenizer", required=True, help="text tokenizer: tokenizer.json or its directory")
-    p.add_argument("--vqgan", help="VQGAN directory (VQGAN.from_pretrained); needed for PNGs and --image")
+    add_model_arguments(p, "VQGAN directory (VQGAN.from_pretrained); needed for PNGs and --image")
     p.add_argument("--out", required=True, help="output directory")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--prompt", help="caption to draw (text-to-image)")
@@ -273,6 +308,7 @@ def run(args: argparse.Namespace) -> None:
         raise ValueError("--infill-rows needs --infill (the caption, '<mask>' to fill it too)")
     if args.retrieve and not args.shards:
         raise ValueError("--retrieve needs --shards, the prepared dataset that holds the bank's documents")
+    args.tokenizer, args.vqgan = bundled_tokenizers(args.ckpt, args.tokenizer, args.vqgan)
     if args.rerank and not args.vqgan:
         raise ValueError("--rerank scores decoded images with CLIP: it needs --vqgan")
     if args.retrieve and args.image:

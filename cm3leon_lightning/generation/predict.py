@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -87,25 +88,34 @@ def read_prompts(path: str | os.PathLike[str]) -> list[tuple[str, int | None]]:
 
 
 def load_vocab(source: str | os.PathLike[str]) -> MultimodalVocab:
-    """The vocabulary of a checkpoint (``hyper_parameters["vocab"]``), a ``manifest.json`` or a prepared directory.
+    """The vocabulary of a checkpoint (``hyper_parameters["vocab"]``, a ``.ckpt`` or FSDP's sharded directory), a
+    model directory of ``cm3leon export``, a ``manifest.json`` or a prepared directory. No weights are read.
 
     Raises:
         FileNotFoundError: nothing at ``source``.
         ValueError: the file holds no vocabulary.
     """
     from cm3leon_lightning.data.shards import MANIFEST_NAME, Manifest
+    from cm3leon_lightning.model.pretrained import is_model_dir, read_model_config
+    from cm3leon_lightning.model.weights import SHARDED_META, load_error
 
     p = Path(source)
+    if is_model_dir(p):
+        return MultimodalVocab(**read_model_config(p, "vocab_from")["vocab"])
     if p.is_dir():
-        p = p / MANIFEST_NAME
+        p = p / (SHARDED_META if (p / SHARDED_META).is_file() else MANIFEST_NAME)
     if not p.is_file():
-        raise FileNotFoundError(f"vocab_from: no checkpoint, manifest.json or prepared directory at {source}")
+        raise FileNotFoundError(
+            f"vocab_from: no checkpoint, model directory, manifest.json or prepared directory at {source}"
+        )
     if p.suffix == ".json":
         return Manifest.load(p).vocab()
     try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+        ckpt = torch.load(p, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(p))
     except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a usable checkpoint"
-        raise ValueError(f"vocab_from: {p} is neither a manifest.json nor a readable torch checkpoint: {e}") from e
+        raise ValueError(
+            f"vocab_from: {p} is neither a manifest.json nor a readable torch checkpoint: {load_error(e)}"
+        ) from e
     vocab = ckpt.get("hyper_parameters", {}).get("vocab") if isinstance(ckpt, dict) else None
     if not vocab:
         raise ValueError(

@@ -73,10 +73,11 @@ class CM3LeonAPI(ls.LitAPI):
     :mod:`cm3leon_lightning.serve.requests` for the JSON).
 
     Args:
-        ckpt: ``CM3LeonModule`` checkpoint (``.ckpt``), loaded with ``weights_only=True``.
-        tokenizer: text tokenizer (``tokenizer.json`` or its directory).
+        ckpt: ``CM3LeonModule`` checkpoint (``.ckpt``, or the sharded directory FSDP writes) or a model directory of
+            ``cm3leon export``, loaded without pickle.
+        tokenizer: text tokenizer (``tokenizer.json`` or its directory); None: the model directory's ``tokenizer/``.
         vqgan: VQGAN directory (``VQGAN.from_pretrained``); needed for PNGs, image-to-text, editing and re-ranking.
-            Without it text-to-image answers with codes only.
+            Without it text-to-image answers with codes only. None: the model directory's ``vqgan/`` if it has one.
         clip: open_clip model name for ``rerank`` requests and for retrieval (None: both refused with 400).
         clip_pretrained: open_clip weights tag or local weights file for ``clip``.
         retrieve: memory bank directory for retrieval-augmented prompts (needs ``clip``, the CLIP it was built with,
@@ -103,7 +104,7 @@ class CM3LeonAPI(ls.LitAPI):
     def __init__(
         self,
         ckpt: str,
-        tokenizer: str,
+        tokenizer: str | None = None,
         vqgan: str | None = None,
         clip: str | None = None,
         clip_pretrained: str | None = "openai",
@@ -131,7 +132,10 @@ class CM3LeonAPI(ls.LitAPI):
         if retrieve_k < 0 or (retrieve_k > 0 and retrieve is None):
             raise ValueError(f"retrieve_k must be >= 0, and 0 without a retrieve bank; got {retrieve_k}")
         self.bank_dir, self.shards_dir, self.retrieve_k = retrieve, shards, retrieve_k
-        self.ckpt, self.tokenizer_path, self.vqgan_path = str(ckpt), str(tokenizer), vqgan
+        from cm3leon_lightning.generation.cli import bundled_tokenizers
+
+        self.ckpt = str(ckpt)
+        self.tokenizer_path, self.vqgan_path = bundled_tokenizers(ckpt, tokenizer, vqgan)
         self.clip_name, self.clip_pretrained = clip, clip_pretrained
         self.image_defaults = replace(image_defaults or GenerationSettings(num_samples=4), compile=compile)
         self.text_defaults = text_defaults or TextSettings()

@@ -11,6 +11,7 @@ Example::
     curl -s $URL -H "$JSON" -d '{"image": "'"$(base64 -w0 x.png)"'", "edit": "make it blue", "num_samples": 2}'
     curl -s $URL -H "$JSON" -d '{"infill": "a <mask> circle", "image": "'"$(base64 -w0 x.png)"'", "rows": "16:32"}'
     cm3leon serve ... --clip ViT-B-32 --clip-pretrained clip.safetensors --retrieve bank/ --shards data/train --k 2
+    cm3leon serve --ckpt models/350m   # a model directory of cm3leon export: its tokenizer and VQGAN are the defaults
 
 With ``--retrieve`` each text-to-image request gets the ``--k`` nearest documents of its prompt in the bank placed
 before it (paper table 1), unless it asks for another number (``"retrieve": 0`` for none); the answer names them
@@ -31,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from cm3leon_lightning.generation.cli import DTYPES
+from cm3leon_lightning.generation.cli import DTYPES, add_model_arguments, bundled_tokenizers
 from cm3leon_lightning.generation.generate import TEXT_LAYOUTS, GenerationSettings
 from cm3leon_lightning.generation.graphs import MODES, resolve_mode
 from cm3leon_lightning.model import ATTENTION_IMPLS
@@ -41,9 +42,7 @@ from cm3leon_lightning.serve.requests import IMAGE_METHODS, TEXT_METHODS
 def build_parser() -> argparse.ArgumentParser:
     """The ``cm3leon serve`` argument parser."""
     p = argparse.ArgumentParser(prog="cm3leon serve", description=__doc__.split("\n")[0])
-    p.add_argument("--ckpt", required=True, help="CM3LeonModule checkpoint (.ckpt)")
-    p.add_argument("--tokenizer", required=True, help="text tokenizer: tokenizer.json or its directory")
-    p.add_argument("--vqgan", help="VQGAN directory: PNG answers, image-to-text and re-ranking need it")
+    add_model_arguments(p, "VQGAN directory: PNG answers, image-to-text and re-ranking need it")
     p.add_argument("--clip", help="open_clip model for 'rerank' requests and --retrieve (e.g. ViT-B-32)")
     p.add_argument("--clip-pretrained", default="openai", help="open_clip weights tag or local weights file")
     p.add_argument("--retrieve", metavar="BANK", help="memory bank: requests may place retrieved documents first")
@@ -90,6 +89,7 @@ def build_api(args: argparse.Namespace) -> object:
         path = getattr(args, flag)
         if path is not None and not Path(path).exists():
             raise FileNotFoundError(f"--{flag}: not found: {path}")
+    args.tokenizer, args.vqgan = bundled_tokenizers(args.ckpt, args.tokenizer, args.vqgan)
     if args.clip and not (args.vqgan or args.retrieve):
         raise ValueError("--clip re-ranks decoded images (needs --vqgan) or retrieves (needs --retrieve)")
     if args.retrieve and not (args.clip and args.shards):

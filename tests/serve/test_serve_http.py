@@ -6,15 +6,17 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from litserve.utils import wrap_litserve_start
 from support.images import png_base64
 
 from cm3leon_lightning.cli import main as cm3leon_main
+from cm3leon_lightning.export import export_model
 from cm3leon_lightning.generation import edit_image, generate_image, generate_text
 from cm3leon_lightning.generation.cli import load_checkpoint
 from cm3leon_lightning.generation.tasks import EDIT_PREFIX
-from cm3leon_lightning.serve.cli import build_parser, build_server
+from cm3leon_lightning.serve.cli import build_api, build_parser, build_server
 from cm3leon_lightning.serve.requests import decode_base64_image, encode_png_base64
 from cm3leon_lightning.tokenization.text import TextTokenizer
 from cm3leon_lightning.tokenization.vqgan import VQGAN
@@ -105,6 +107,22 @@ def test_clip_without_vqgan_is_refused(serve_assets, capsys):
     args = ["--ckpt", str(serve_assets / "model.ckpt"), "--tokenizer", str(serve_assets / "tok"), "--clip", "x"]
     assert cm3leon_main(["serve", *args]) == 2
     assert "--clip re-ranks decoded images (needs --vqgan) or retrieves (needs --retrieve)" in capsys.readouterr().err
+
+
+def test_a_model_directory_brings_its_tokenizers(serve_assets, tmp_path, capsys):
+    """``--ckpt`` an exported model directory: ``--tokenizer`` / ``--vqgan`` come from it, and the worker loads the
+    checkpoint's weights; a plain checkpoint without ``--tokenizer`` is refused in one line."""
+    export_model(serve_assets / "model.ckpt", tmp_path / "m", serve_assets / "tok", serve_assets / "vqgan")
+    api = build_api(build_parser().parse_args(["--ckpt", str(tmp_path / "m"), "--accelerator", "cpu"]))
+    assert (api.tokenizer_path, api.vqgan_path) == (str(tmp_path / "m" / "tokenizer"), str(tmp_path / "m" / "vqgan"))
+    api.setup("cpu")
+    reference, _ = load_checkpoint(serve_assets / "model.ckpt")
+    got, want = api.model.state_dict(), reference.state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want) and api.vqgan is not None
+    assert cm3leon_main(["serve", "--ckpt", str(serve_assets / "model.ckpt")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "cm3leon serve: error: --tokenizer is required: --ckpt is not a model directory (cm3leon export " \
+        "--tokenizer bundles one)"  # fmt: skip
 
 
 def test_the_command_serves_over_a_real_socket(serve_assets, tmp_path):

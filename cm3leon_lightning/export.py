@@ -1,0 +1,202 @@
+"""``cm3leon export``: a training checkpoint -> a self-contained model directory to share, serve or fine-tune from.
+
+Examples::
+
+    cm3leon export --ckpt runs/pretrain/checkpoints/last.ckpt --tokenizer tok/ --vqgan vqgan/ --out models/350m
+    cm3leon export --ckpt runs/7b/checkpoints/last.ckpt --dtype bfloat16 --out models/7b   # FSDP's sharded directory
+    cm3leon generate --ckpt models/350m --prompt "a red circle" --out samples/   # tokenizers from the directory
+    cm3leon serve --ckpt models/350m
+    cm3leon fit --config sft.yaml --model.init_args.init_from models/350m
+
+The directory (:mod:`cm3leon_lightning.model.pretrained`) holds ``config.json`` (architecture, vocabulary,
+provenance), ``model.safetensors`` (the network only: no optimizer state, no pickle; ``--dtype bfloat16`` halves it)
+and, when given, ``tokenizer/`` and ``vqgan/``, checked against the checkpoint's vocabulary. A VQGAN in taming's or
+Chameleon's format is converted to ours on the way. It is written beside ``--out`` and renamed into place when
+complete, so an existing model is never left half-replaced (``--force`` replaces it; without, an existing non-empty
+``--out`` is refused). Errors are reported in one line with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cm3leon_lightning.model.pretrained import (
+    DTYPES,
+    TOKENIZER_DIR,
+    VQGAN_DIR,
+    is_model_dir,
+    read_model_config,
+    save_pretrained,
+)
+
+AS_SAVED = "as-saved"
+
+
+def export_model(
+    ckpt: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    tokenizer: str | os.PathLike[str] | None = None,
+    vqgan: str | os.PathLike[str] | None = None,
+    vqgan_config: str | os.PathLike[str] | None = None,
+    trust_pickle: bool = False,
+    dtype: torch.dtype | None = None,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Write the model directory ``out`` from ``ckpt``; returns a summary (``path``, ``kind``, ``parameters``,
+    ``dtype``, ``bytes``, ``tokenizer``, ``vqgan``).
+
+    Args:
+        ckpt: a ``CM3LeonModule`` checkpoint (``.ckpt`` or FSDP's sharded directory) or another model directory.
+        out: the directory to create.
+        tokenizer: the text tokenizer to bundle (``tokenizer.json`` or its directory); checked against the vocabulary.
+        vqgan: the image tokenizer to bundle (anything ``VQGAN.from_pretrained`` reads); checked likewise.
+        vqgan_config: architecture file for a bare VQGAN checkpoint (taming / Chameleon yaml).
+        trust_pickle: let ``VQGAN.from_pretrained`` unpickle a Lightning 1.x VQGAN checkpoint (runs its code).
+        dtype: store the weights in this dtype (None: as saved).
+        force: replace an existing ``out``.
+
+    Raises:
+        FileExistsError: ``out`` exists and is not empty, without ``force``.
+        FileNotFoundError, ValueError: a missing or unusable input, named by its argument.
+    """
+    from cm3leon_lightning.config import CM3LeonConfig
+    from cm3leon_lightning.model.transformer import CM3Leon
+    from cm3leon_lightning.model.weights import fit_state, read_weights
+
+    out, src = Path(out), Path(ckpt)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out: {out} exists and is not a directory")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise FileExistsError(f"--out: {out} exists and is not empty (--force replaces it)")
+    if src.exists() and (out.resolve() == src.resolve() or src.resolve() in out.resolve().parents):
+        raise ValueError(f"--out: {out} is or lies inside --ckpt {src}")
+    if is_model_dir(src):  # re-exporting (say, in another dtype) keeps the tokenizers unless others are given
+        tokenizer = tokenizer or (src / TOKENIZER_DIR if (src / TOKENIZER_DIR).is_dir() else None)
+        vqgan = vqgan or (src / VQGAN_DIR if (src / VQGAN_DIR).is_dir() else None)
+    weights = read_weights(src, "--ckpt")
+    if not weights.config or not weights.vocab:
+        raise ValueError(
+            f"--ckpt: {src} ({weights.kind}) lacks the architecture and vocabulary ('config' and 'vocab'); export "
+            "reads CM3LeonModule checkpoints and model directories"
+        )
+    config = CM3LeonConfig.from_dict(weights.config)
+    with torch.device("meta"):  # names and shapes only: a 7B network is never allocated here
+        skeleton = CM3Leon(config)
+    state = fit_state(skeleton, weights.state_dict, f"--ckpt {str(src)!r}")
+    text_tok, image_tok = _load_tokenizers(weights.vocab, tokenizer, vqgan, vqgan_config, trust_pickle)
+
+    partial = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        source = {"checkpoint": str(src.resolve()), "kind": weights.kind, **weights.source}
+        save_pretrained(state, partial, config.to_dict(), weights.vocab, dtype, source)
+        if text_tok is not None:
+            text_tok.save(partial / TOKENIZER_DIR)
+        if image_tok is not None:
+            image_tok.save_pretrained(partial / VQGAN_DIR)
+        _replace(partial, out)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    doc = read_model_config(out, "--out")
+    return {
+        "path": str(out),
+        "kind": weights.kind,
+        "parameters": config.num_parameters(),
+        "dtype": doc["dtype"],
+        "bytes": sum(f.stat().st_size for f in out.rglob("*") if f.is_file()),
+        "tokenizer": text_tok is not None,
+        "vqgan": image_tok is not None,
+    }
+
+
+def _load_tokenizers(
+    vocab: dict[str, int],
+    tokenizer: str | os.PathLike[str] | None,
+    vqgan: str | os.PathLike[str] | None,
+    vqgan_config: str | os.PathLike[str] | None,
+    trust_pickle: bool,
+) -> tuple[Any, Any]:
+    from cm3leon_lightning.generation.cli import check_tokenizers
+    from cm3leon_lightning.tokenization.vocab import MultimodalVocab
+
+    text_tok = image_tok = None
+    if tokenizer is not None:
+        from cm3leon_lightning.tokenization.text import TextTokenizer
+
+        if not Path(tokenizer).exists():
+            raise FileNotFoundError(f"--tokenizer: not found: {tokenizer}")
+        text_tok = TextTokenizer.load(tokenizer)
+    if vqgan is not None:
+        from cm3leon_lightning.tokenization.vqgan import VQGAN
+
+        if not Path(vqgan).exists():
+            raise FileNotFoundError(f"--vqgan: not found: {vqgan}")
+        image_tok = VQGAN.from_pretrained(vqgan, config_path=vqgan_config, trust_pickle=trust_pickle).eval()
+    check_tokenizers(MultimodalVocab(**vocab), text_tok, image_tok)
+    return text_tok, image_tok
+
+
+def _replace(new: Path, out: Path) -> None:
+    """Move the finished directory ``new`` to ``out``; an existing ``out`` is moved aside first and removed only
+    once the new one is in place."""
+    if not out.exists():
+        new.rename(out)
+        return
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    out.rename(old)
+    try:
+        new.rename(out)
+    except OSError:
+        old.rename(out)
+        raise
+    shutil.rmtree(old)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``cm3leon export`` argument parser."""
+    p = argparse.ArgumentParser(prog="cm3leon export", description=__doc__.split("\n")[0])
+    p.add_argument(
+        "--ckpt", required=True, help="CM3LeonModule checkpoint (.ckpt or FSDP's sharded directory) or model directory"
+    )
+    p.add_argument("--out", required=True, help="the model directory to write")
+    p.add_argument("--tokenizer", help="text tokenizer to bundle: tokenizer.json or its directory")
+    p.add_argument("--vqgan", help="VQGAN to bundle: our directory, or a taming / Chameleon checkpoint")
+    p.add_argument("--vqgan-config", help="architecture yaml for a bare taming / Chameleon VQGAN checkpoint")
+    p.add_argument(
+        "--trust-pickle", action="store_true", help="unpickle a Lightning 1.x VQGAN checkpoint (runs code it names)"
+    )
+    p.add_argument("--dtype", choices=(AS_SAVED, *DTYPES), default=AS_SAVED, help="store the weights in this dtype")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``cm3leon export``; returns the exit status (2 on bad input)."""
+    args = build_parser().parse_args(argv)
+    try:
+        summary = export_model(
+            args.ckpt, args.out, args.tokenizer, args.vqgan, args.vqgan_config, args.trust_pickle,
+            None if args.dtype == AS_SAVED else DTYPES[args.dtype], args.force,
+        )  # fmt: skip
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"cm3leon export: error: {e}", file=sys.stderr)
+        return 2
+    bundled = " and ".join(name for name in ("tokenizer", "vqgan") if summary[name])
+    print(
+        f"wrote {summary['path']}: {summary['parameters'] / 1e6:.1f}M parameters in {summary['dtype']} from a "
+        f"{summary['kind']}, {summary['bytes'] / 2**20:.1f} MiB" + (f", with {bundled}" if bundled else "")
+    )
+    print(f"use: cm3leon generate --ckpt {summary['path']} ...   cm3leon serve --ckpt {summary['path']}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

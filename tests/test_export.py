@@ -1,0 +1,155 @@
+"""``cm3leon export``: a training checkpoint (one file or FSDP's sharded directory) -> a model directory that
+``cm3leon generate`` / ``serve`` and ``init_from`` read to the same logits and samples, written without losing an
+existing one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_model
+from support.checkpoint_setup import save_sharded, write_checkpoint_assets
+from support.token_data import TokenDataModule, cpu_trainer
+
+from cm3leon_lightning.cli import main as cm3leon_main
+from cm3leon_lightning.export import export_model, main
+from cm3leon_lightning.generation.cli import load_checkpoint
+from cm3leon_lightning.generation.cli import main as generate_main
+from cm3leon_lightning.generation.predict import load_vocab
+from cm3leon_lightning.modules.cm3leon import CM3LeonModule
+from cm3leon_lightning.tokenization.text import TextTokenizer
+from cm3leon_lightning.tokenization.vqgan import VQGAN
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``tok/``, ``vqgan/`` and a random tiny ``model.ckpt`` for both; ``exported/`` from them in float32."""
+    root = write_checkpoint_assets(tmp_path_factory.mktemp("export"))
+    args = ["--ckpt", str(root / "model.ckpt"), "--tokenizer", str(root / "tok"), "--vqgan", str(root / "vqgan")]
+    assert cm3leon_main(["export", *args, "--out", str(root / "exported")]) == 0  # through the console entry point
+    return root
+
+
+def ids(n: int = 2) -> torch.Tensor:
+    return torch.randint(0, 300, (n, 12), generator=torch.Generator().manual_seed(0))
+
+
+def test_the_directory_gives_the_checkpoints_logits_and_tokenizers(assets: Path) -> None:
+    out = assets / "exported"
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer", "vqgan"]
+    model, vocab = load_checkpoint(out)
+    reference, ref_vocab = load_checkpoint(assets / "model.ckpt")
+    assert vocab == ref_vocab
+    with torch.no_grad():
+        assert torch.equal(model(ids()), reference(ids()))
+    assert model.lm_head.weight is model.wte.weight
+    assert TextTokenizer.load(out / "tokenizer").sha256 == TextTokenizer.load(assets / "tok").sha256
+    got, want = VQGAN.from_pretrained(out / "vqgan").state_dict(), VQGAN.from_pretrained(assets / "vqgan").state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    doc = json.loads((out / "config.json").read_text())
+    assert doc["source"] == {"checkpoint": str((assets / "model.ckpt").resolve()), "kind": "lightning checkpoint"}
+    assert load_vocab(out) == vocab  # cm3leon predict's --data.vocab_from
+
+
+def test_generate_from_the_directory_needs_no_tokenizer_flags(assets: Path, tmp_path: Path) -> None:
+    common = ["--prompt", "a red circle", "--num-samples", "2", "--seed", "3", "--no-compile"]
+    full = ["--ckpt", str(assets / "model.ckpt"), "--tokenizer", str(assets / "tok"), "--vqgan", str(assets / "vqgan")]
+    assert generate_main([*full, *common, "--out", str(tmp_path / "a")]) == 0
+    assert generate_main(["--ckpt", str(assets / "exported"), *common, "--out", str(tmp_path / "b")]) == 0
+    assert np.array_equal(np.load(tmp_path / "a" / "codes.npy"), np.load(tmp_path / "b" / "codes.npy"))
+    assert (tmp_path / "b" / "sample-1.png").is_file()  # the bundled VQGAN decoded them
+
+
+def test_bfloat16_halves_the_weights_and_a_reexport_keeps_the_tokenizers(assets: Path, tmp_path: Path, capsys) -> None:
+    half = tmp_path / "bf16"
+    assert main(["--ckpt", str(assets / "model.ckpt"), "--out", str(half), "--dtype", "bfloat16"]) == 0
+    printed = capsys.readouterr().out
+    assert f"wrote {half}: 0.1M parameters in bfloat16 from a lightning checkpoint" in printed
+    assert "with" not in printed.splitlines()[0]  # no tokenizer given, none bundled
+    stored = load_file(str(half / "model.safetensors"))
+    reference, _ = load_checkpoint(assets / "model.ckpt")
+    assert all(v.dtype == torch.bfloat16 for v in stored.values())
+    assert torch.equal(stored["wte.weight"], reference.wte.weight.detach().to(torch.bfloat16))
+    size = (half / "model.safetensors").stat().st_size
+    assert size < 0.55 * (assets / "exported" / "model.safetensors").stat().st_size
+    model, _ = load_checkpoint(half)
+    assert model.wte.weight.dtype == torch.bfloat16  # dtype=None: as stored
+    # from a model directory to another dtype: its tokenizers come along
+    again = tmp_path / "fp32"
+    assert main(["--ckpt", str(assets / "exported"), "--out", str(again), "--dtype", "float16"]) == 0
+    assert (again / "tokenizer" / "tokenizer.json").is_file() and (again / "vqgan" / "config.json").is_file()
+    assert "with tokenizer and vqgan" in capsys.readouterr().out
+
+
+def test_init_from_a_model_directory(assets: Path) -> None:
+    reference, vocab = load_checkpoint(assets / "model.ckpt")
+    module = CM3LeonModule(preset="tiny", vocab=vocab.to_dict(), max_seq_len=128, init_from=str(assets / "exported"))
+    module.configure_model()
+    with torch.no_grad():
+        assert torch.equal(module(ids()), reference(ids()))
+
+
+def test_a_sharded_checkpoint_exports_with_its_step(tmp_path: Path) -> None:
+    L.seed_everything(0)
+    module = CM3LeonModule(preset="tiny", lr=3e-3, warmup_steps=1)
+    trainer = cpu_trainer(tmp_path, max_steps=2, enable_checkpointing=False, limit_val_batches=0)
+    trainer.fit(module, datamodule=TokenDataModule(n_train=8, batch_size=4))
+    sharded = save_sharded(trainer, tmp_path / "sharded.ckpt")
+    summary = export_model(sharded, tmp_path / "m")
+    assert summary["kind"] == "sharded checkpoint" and summary["dtype"] == "float32"
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["source"]["global_step"] == 2
+    assert load_vocab(sharded).to_dict() == module.hparams.vocab  # meta.pt only: no tensor read
+    model, _ = load_checkpoint(tmp_path / "m")
+    data_ids = TokenDataModule(n_train=2).train_rows
+    with torch.no_grad():
+        assert torch.equal(model(data_ids), module(data_ids))
+    with pytest.raises(ValueError, match="--out: .* is or lies inside --ckpt"):
+        export_model(sharded, sharded / "inside")
+
+
+def test_an_existing_directory_is_kept_unless_forced_and_survives_a_failed_export(assets: Path, tmp_path: Path) -> None:
+    out = tmp_path / "m"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=f"--out: {out} exists and is not empty \\(--force replaces it\\)"):
+        export_model(assets / "model.ckpt", out)
+    assert (out / "notes.txt").read_text() == "mine"
+    other = tmp_path / "other_tok"
+    TextTokenizer.train(["a red square", "a blue circle"] * 10, vocab_size=280).save(other)
+    with pytest.raises(ValueError, match="vocabulary mismatch: the checkpoint has n_text=300.*vocab_size=280"):
+        export_model(assets / "model.ckpt", out, tokenizer=other, force=True)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]  # untouched
+    export_model(assets / "model.ckpt", out, force=True)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "other_tok"]  # no partial or old copies left
+
+
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        ("missing", "--ckpt: '{root}/nope.ckpt' does not exist"),
+        ("bare", "--ckpt: {root}/bare.safetensors (safetensors) lacks the architecture and vocabulary"),
+        ("vqgan", "--vqgan: not found: {root}/nope"),
+        ("file_out", "--out: {root}/file exists and is not a directory"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(assets: Path, tmp_path: Path, capsys, setup: str, message: str) -> None:
+    argv = ["--ckpt", str(assets / "model.ckpt"), "--out", str(tmp_path / "m")]
+    if setup == "missing":
+        argv[1] = str(tmp_path / "nope.ckpt")
+    elif setup == "bare":
+        save_model(load_checkpoint(assets / "model.ckpt")[0], str(tmp_path / "bare.safetensors"))
+        argv[1] = str(tmp_path / "bare.safetensors")
+    elif setup == "vqgan":
+        argv += ["--vqgan", str(tmp_path / "nope")]
+    else:
+        (tmp_path / "file").write_text("x")
+        argv[3] = str(tmp_path / "file")
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("cm3leon export: error: ") and message.format(root=tmp_path) in err and "\n" not in err
+    assert not (tmp_path / "m").exists()
