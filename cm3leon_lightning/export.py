@@ -7,18 +7,24 @@ Examples::
     cm3leon generate --ckpt models/350m --prompt "a red circle" --out samples/   # tokenizers from the directory
     cm3leon serve --ckpt models/350m
     cm3leon fit --config sft.yaml --model.init_args.init_from models/350m
+    cm3leon export --ckpt last.ckpt --tokenizer tok/ --vqgan vqgan/ --format hf --out models/350m-hf
+    python -c "import transformers; transformers.OPTForCausalLM.from_pretrained('models/350m-hf')"
 
 The directory (:mod:`cm3leon_lightning.model.pretrained`) holds ``config.json`` (architecture, vocabulary,
 provenance), ``model.safetensors`` (the network only: no optimizer state, no pickle; ``--dtype bfloat16`` halves it)
 and, when given, ``tokenizer/`` and ``vqgan/``, checked against the checkpoint's vocabulary. A VQGAN in taming's or
-Chameleon's format is converted to ours on the way. It is written beside ``--out`` and renamed into place when
-complete, so an existing model is never left half-replaced (``--force`` replaces it; without, an existing non-empty
-``--out`` is refused). Errors are reported in one line with exit status 2.
+Chameleon's format is converted to ours on the way. ``--format hf`` writes the network as ``transformers``'
+``OPTForCausalLM`` instead (CM3Leon is OPT without biases and LayerNorm parameters, which OPT's config can switch
+off; :mod:`cm3leon_lightning.model.hf_opt`), with ``tokenizer.json`` and ``tokenizer_config.json`` at the top for
+``AutoTokenizer``; such a directory reads back everywhere ours does. It is written beside ``--out`` and renamed into
+place when complete, so an existing model is never left half-replaced (``--force`` replaces it; without, an existing
+non-empty ``--out`` is refused). Errors are reported in one line with exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -28,14 +34,10 @@ from typing import Any
 
 import torch
 
-from cm3leon_lightning.model.pretrained import (
-    DTYPES,
-    TOKENIZER_DIR,
-    VQGAN_DIR,
-    is_model_dir,
-    read_model_config,
-    save_pretrained,
-)
+from cm3leon_lightning.model.pretrained import DTYPES, TOKENIZER_DIR, VQGAN_DIR, bundled_paths, save_pretrained
+
+FORMATS = ("cm3leon", "hf")
+"""``--format``: our model directory, or Hugging Face ``transformers``' OPT layout."""
 
 AS_SAVED = "as-saved"
 
@@ -49,6 +51,7 @@ def export_model(
     trust_pickle: bool = False,
     dtype: torch.dtype | None = None,
     force: bool = False,
+    format: str = "cm3leon",
 ) -> dict[str, Any]:
     """Write the model directory ``out`` from ``ckpt``; returns a summary (``path``, ``kind``, ``parameters``,
     ``dtype``, ``bytes``, ``tokenizer``, ``vqgan``).
@@ -62,6 +65,7 @@ def export_model(
         trust_pickle: let ``VQGAN.from_pretrained`` unpickle a Lightning 1.x VQGAN checkpoint (runs its code).
         dtype: store the weights in this dtype (None: as saved).
         force: replace an existing ``out``.
+        format: ``cm3leon`` (our model directory) or ``hf`` (``transformers``' ``OPTForCausalLM``).
 
     Raises:
         FileExistsError: ``out`` exists and is not empty, without ``force``.
@@ -72,15 +76,16 @@ def export_model(
     from cm3leon_lightning.model.weights import fit_state, read_weights
 
     out, src = Path(out), Path(ckpt)
+    if format not in FORMATS:
+        raise ValueError(f"--format must be one of {FORMATS}, got {format!r}")
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out: {out} exists and is not a directory")
     if out.exists() and any(out.iterdir()) and not force:
         raise FileExistsError(f"--out: {out} exists and is not empty (--force replaces it)")
     if src.exists() and (out.resolve() == src.resolve() or src.resolve() in out.resolve().parents):
         raise ValueError(f"--out: {out} is or lies inside --ckpt {src}")
-    if is_model_dir(src):  # re-exporting (say, in another dtype) keeps the tokenizers unless others are given
-        tokenizer = tokenizer or (src / TOKENIZER_DIR if (src / TOKENIZER_DIR).is_dir() else None)
-        vqgan = vqgan or (src / VQGAN_DIR if (src / VQGAN_DIR).is_dir() else None)
+    inside_tokenizer, inside_vqgan = bundled_paths(src)  # re-exporting keeps the tokenizers unless others are given
+    tokenizer, vqgan = tokenizer or inside_tokenizer, vqgan or inside_vqgan
     weights = read_weights(src, "--ckpt")
     if not weights.config or not weights.vocab:
         raise ValueError(
@@ -97,20 +102,24 @@ def export_model(
     shutil.rmtree(partial, ignore_errors=True)
     try:
         source = {"checkpoint": str(src.resolve()), "kind": weights.kind, **weights.source}
-        save_pretrained(state, partial, config.to_dict(), weights.vocab, dtype, source)
-        if text_tok is not None:
+        save_pretrained(state, partial, config.to_dict(), weights.vocab, dtype, source, layout=format)
+        if text_tok is not None and format == "hf":
+            text_tok.save(partial)  # tokenizer.json at the top, as transformers looks for it
+            _write_tokenizer_config(partial, config.max_seq_len)
+        elif text_tok is not None:
             text_tok.save(partial / TOKENIZER_DIR)
         if image_tok is not None:
             image_tok.save_pretrained(partial / VQGAN_DIR)
         _replace(partial, out)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
-    doc = read_model_config(out, "--out")
+    stored = read_weights(out, "--out").state_dict  # checks the directory reads back
     return {
         "path": str(out),
         "kind": weights.kind,
+        "format": format,
         "parameters": config.num_parameters(),
-        "dtype": doc["dtype"],
+        "dtype": str(next(v.dtype for v in stored.values() if v.is_floating_point())).removeprefix("torch."),
         "bytes": sum(f.stat().st_size for f in out.rglob("*") if f.is_file()),
         "tokenizer": text_tok is not None,
         "vqgan": image_tok is not None,
@@ -144,6 +153,16 @@ def _load_tokenizers(
     return text_tok, image_tok
 
 
+def _write_tokenizer_config(directory: Path, max_len: int) -> None:
+    """``tokenizer_config.json`` so ``transformers.AutoTokenizer`` loads ``tokenizer.json`` with the special tokens
+    named (it adds none: CM3Leon's documents place ``<eos>``/``<break>`` themselves)."""
+    from cm3leon_lightning.tokenization.vocab import EOS, PAD
+
+    doc = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_len, "pad_token": PAD,
+           "eos_token": EOS, "bos_token": EOS, "add_bos_token": False, "add_eos_token": False}  # fmt: skip
+    (directory / "tokenizer_config.json").write_text(json.dumps(doc, indent=2) + "\n")
+
+
 def _replace(new: Path, out: Path) -> None:
     """Move the finished directory ``new`` to ``out``; an existing ``out`` is moved aside first and removed only
     once the new one is in place."""
@@ -175,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dtype", choices=(AS_SAVED, *DTYPES), default=AS_SAVED, help="store the weights in this dtype")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.add_argument(
+        "--format", choices=FORMATS, default="cm3leon", help="cm3leon (ours) or hf (transformers' OPTForCausalLM)"
+    )
     return p
 
 
@@ -184,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         summary = export_model(
             args.ckpt, args.out, args.tokenizer, args.vqgan, args.vqgan_config, args.trust_pickle,
-            None if args.dtype == AS_SAVED else DTYPES[args.dtype], args.force,
+            None if args.dtype == AS_SAVED else DTYPES[args.dtype], args.force, args.format,
         )  # fmt: skip
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"cm3leon export: error: {e}", file=sys.stderr)

@@ -98,21 +98,21 @@ def load_checkpoint(
 
 
 def bundled_tokenizers(ckpt: str | Path, tokenizer: str | None, vqgan: str | None) -> tuple[str, str | None]:
-    """``--tokenizer`` and ``--vqgan``, taken from a model directory's ``tokenizer/`` and ``vqgan/`` when not given.
+    """``--tokenizer`` and ``--vqgan``, taken from a model directory's (``cm3leon export``) when not given.
 
     Raises:
         ValueError: no ``--tokenizer`` and none inside ``ckpt``.
     """
-    from cm3leon_lightning.model.pretrained import TOKENIZER_DIR, VQGAN_DIR, is_model_dir
+    from cm3leon_lightning.model.pretrained import bundled_paths, is_hf_dir, is_model_dir
 
-    inside = Path(ckpt) if is_model_dir(ckpt) else None
+    inside_tokenizer, inside_vqgan = bundled_paths(ckpt)
     if tokenizer is None:
-        if inside is None or not (inside / TOKENIZER_DIR).is_dir():
-            where = f"{ckpt} holds no {TOKENIZER_DIR}/" if inside is not None else "--ckpt is not a model directory"
+        if inside_tokenizer is None:
+            where = f"{ckpt} holds none" if is_model_dir(ckpt) or is_hf_dir(ckpt) else "--ckpt is not a model directory"
             raise ValueError(f"--tokenizer is required: {where} (cm3leon export --tokenizer bundles one)")
-        tokenizer = str(inside / TOKENIZER_DIR)
-    if vqgan is None and inside is not None and (inside / VQGAN_DIR).is_dir():
-        vqgan = str(inside / VQGAN_DIR)
+        tokenizer = str(inside_tokenizer)
+    if vqgan is None and inside_vqgan is not None:
+        vqgan = str(inside_vqgan)
     return tokenizer, vqgan
 
 

@@ -1,5 +1,7 @@
 """A released model as a directory: ``config.json`` (architecture, vocabulary, provenance) and ``model.safetensors``.
 
+Two layouts: ours (below), and ``transformers``' ``OPTForCausalLM`` (``layout="hf"``, :mod:`.hf_opt`).
+
 ``cm3leon export`` writes it from a training checkpoint; ``cm3leon generate`` / ``cm3leon serve`` (``--ckpt DIR``),
 :func:`cm3leon_lightning.generation.cli.load_checkpoint` and ``CM3LeonModule(init_from=DIR)`` read it. Unlike a
 Lightning checkpoint it holds no optimizer state and no pickle, and its weights may be stored in half precision, so a
@@ -84,6 +86,7 @@ def save_pretrained(
     vocab: dict[str, int],
     dtype: torch.dtype | None = None,
     source: dict[str, Any] | None = None,
+    layout: str = "cm3leon",
 ) -> Path:
     """Write ``config.json`` and ``model.safetensors`` into ``directory`` (created); returns it.
 
@@ -94,42 +97,63 @@ def save_pretrained(
         vocab: the vocabulary (``MultimodalVocab.to_dict()``).
         dtype: store floating-point tensors in this dtype (None: as they are; all must then share one dtype).
         source: provenance recorded in ``config.json`` (checkpoint path, step).
+        layout: ``cm3leon`` (this module's format) or ``hf``: ``transformers``' ``OPTForCausalLM``
+            (:mod:`cm3leon_lightning.model.hf_opt`), our architecture and vocabulary under ``"cm3leon"``.
 
     When ``config`` ties the embeddings only ``wte.weight`` of the pair is written (safetensors refuses shared
     storage; :func:`~cm3leon_lightning.model.weights.load_weights` restores the tie).
 
     Raises:
-        ValueError: ``dtype`` is not one of :data:`DTYPES`, or the tensors mix floating-point dtypes and none is given.
+        ValueError: ``dtype`` is not one of :data:`DTYPES`, the tensors mix floating-point dtypes and none is given,
+            an unknown ``layout``, or an architecture the ``hf`` layout cannot express.
     """
+    from cm3leon_lightning import __version__
+    from cm3leon_lightning.model.hf_opt import opt_config, to_opt
     from cm3leon_lightning.model.weights import TIED
 
     state = {k: v for k, v in state_dict.items() if not (config.get("tie_embeddings") and k == TIED[1])}
-    if dtype is not None:
-        names = {v: k for k, v in DTYPES.items()}
-        if dtype not in names:
-            raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype}")
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    floats = {v.dtype for v in state.values() if v.is_floating_point()}
-    if len(floats) != 1 or next(iter(floats)) not in DTYPES.values():
-        raise ValueError(f"the weights must share one dtype of {list(DTYPES)}, found {sorted(map(str, floats))}")
+    state = _one_dtype(state, dtype)
+    about = {"created_by": __version__, "source": dict(source or {})}
+    if layout == "hf":
+        doc = opt_config(config, vocab, _dtype_name(state), about)
+        state = to_opt(state, config)
+    elif layout == "cm3leon":
+        doc = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "created_by": about["created_by"],
+            "config": dict(config),
+            "vocab": dict(vocab),
+            "dtype": _dtype_name(state),
+            "source": about["source"],
+        }
+    else:
+        raise ValueError(f"layout must be 'cm3leon' or 'hf', got {layout!r}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    from cm3leon_lightning import __version__
-
-    doc = {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "created_by": __version__,
-        "config": dict(config),
-        "vocab": dict(vocab),
-        "dtype": {v: k for k, v in DTYPES.items()}[next(iter(floats))],
-        "source": dict(source or {}),
-    }
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
     # config.json last: a directory cut short by a crash has no config and is not mistaken for a model.
     (directory / CONFIG_FILE).write_text(json.dumps(doc, indent=2) + "\n")
     return directory
+
+
+def _one_dtype(state: dict[str, Tensor], dtype: torch.dtype | None) -> dict[str, Tensor]:
+    """``state`` with floating-point tensors in ``dtype`` (None: as they are, which must then be one of
+    :data:`DTYPES`, shared by all)."""
+    if dtype is not None:
+        if dtype not in DTYPES.values():
+            raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype}")
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    floats = {v.dtype for v in state.values() if v.is_floating_point()}
+    if len(floats) != 1 or next(iter(floats)) not in DTYPES.values():
+        raise ValueError(f"the weights must share one dtype of {list(DTYPES)}, found {sorted(map(str, floats))}")
+    return state
+
+
+def _dtype_name(state: dict[str, Tensor]) -> str:
+    dtype = next(v.dtype for v in state.values() if v.is_floating_point())
+    return next(name for name, d in DTYPES.items() if d == dtype)
 
 
 def read_pretrained(path: str | os.PathLike[str], what: str = "path") -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -146,3 +170,71 @@ def read_pretrained(path: str | os.PathLike[str], what: str = "path") -> tuple[d
         return load_file(str(weights), device="cpu"), doc
     except Exception as e:  # safetensors raises its own error types
         raise ValueError(f"{what}: {weights} cannot be read as safetensors: {e}") from e
+
+
+# ------------------------------------------------------------------------------------ Hugging Face (OPT) layout
+def is_hf_dir(path: str | os.PathLike[str]) -> bool:
+    """True when ``path`` holds a Hugging Face ``config.json`` (one with a ``model_type``)."""
+    config = Path(path) / CONFIG_FILE
+    if not (Path(path).is_dir() and config.is_file()):
+        return False
+    try:
+        return "model_type" in json.loads(config.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError):
+        return False
+
+
+def read_hf(path: str | os.PathLike[str], what: str = "path") -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Our state dict and the ``"cm3leon"`` block (``config``, ``vocab``, ``source``) of a directory
+    ``save_pretrained(..., layout="hf")`` wrote.
+
+    Raises:
+        ValueError: another Hugging Face model (no ``"cm3leon"`` block: not CM3Leon's architecture), a newer format,
+            or missing weights.
+    """
+    from safetensors.torch import load_file
+
+    from cm3leon_lightning.model.hf_opt import from_opt
+
+    block = read_hf_block(path, what)
+    weights = Path(path) / WEIGHTS_FILE
+    if not weights.is_file():
+        raise FileNotFoundError(f"{what}: {str(path)!r} has {CONFIG_FILE} but no {WEIGHTS_FILE}")
+    try:
+        hf_state = load_file(str(weights), device="cpu")
+    except Exception as e:  # safetensors raises its own error types
+        raise ValueError(f"{what}: {weights} cannot be read as safetensors: {e}") from e
+    return from_opt(hf_state, block["config"], what), block
+
+
+def read_hf_block(path: str | os.PathLike[str], what: str = "path") -> dict[str, Any]:
+    """The ``"cm3leon"`` block of a Hugging Face directory's ``config.json`` (see :func:`read_hf`)."""
+    from cm3leon_lightning.model.hf_opt import HF_FORMAT, HF_FORMAT_VERSION
+
+    config_path = Path(path) / CONFIG_FILE
+    doc = json.loads(config_path.read_text())
+    block = doc.get("cm3leon")
+    if doc.get("model_type") != "opt" or not isinstance(block, dict) or block.get("format") != HF_FORMAT:
+        raise ValueError(
+            f"{what}: {config_path} is a Hugging Face {doc.get('model_type')!r} model not exported by cm3leon "
+            "(no 'cm3leon' block); only 'cm3leon export --format hf' directories hold CM3Leon's architecture"
+        )
+    version = block.get("format_version")
+    if not isinstance(version, int) or version > HF_FORMAT_VERSION:
+        raise ValueError(f"{what}: {config_path} has cm3leon.format_version {version!r}; upgrade cm3leon_lightning")
+    for field in ("config", "vocab"):
+        if not isinstance(block.get(field), dict):
+            raise ValueError(f"{what}: {config_path} lacks the field 'cm3leon.{field}' (dict)")
+    return block
+
+
+def bundled_paths(path: str | os.PathLike[str]) -> tuple[Path | None, Path | None]:
+    """The text tokenizer and VQGAN a model directory (ours or the Hugging Face layout) holds, None where absent."""
+    p = Path(path)
+    if is_hf_dir(p):
+        tokenizer = p / "tokenizer.json"
+    elif is_model_dir(p):
+        tokenizer = p / TOKENIZER_DIR
+    else:
+        return None, None
+    return (tokenizer if tokenizer.exists() else None), (p / VQGAN_DIR if (p / VQGAN_DIR).is_dir() else None)

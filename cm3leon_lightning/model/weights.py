@@ -7,7 +7,8 @@ read only the network's weights (never an optimizer state), from:
   vocabulary under ``hyper_parameters``), memory-mapped;
 * a *sharded* Lightning checkpoint, the directory FSDP training writes (``configs/trainer/fsdp_bf16.yaml``:
   ``torch.distributed.checkpoint`` shards + ``meta.pt``), gathered in one process without consolidating it first;
-* a model directory of ``cm3leon export`` (:mod:`cm3leon_lightning.model.pretrained`);
+* a model directory of ``cm3leon export`` (:mod:`cm3leon_lightning.model.pretrained`), in our layout or Hugging
+  Face's (``--format hf``, :mod:`cm3leon_lightning.model.hf_opt`);
 * a ``.safetensors`` file or ``torch.save``'d state dict of the bare :class:`~cm3leon_lightning.model.CM3Leon`
   (no architecture or vocabulary: usable only where those come from elsewhere).
 
@@ -47,8 +48,8 @@ class PretrainedWeights:
         state_dict: the bare network's tensors (keys without the ``model.`` prefix), on the CPU.
         config: the architecture the weights were trained with (``CM3LeonConfig.to_dict()``), when the file says.
         vocab: the vocabulary they were trained with (``MultimodalVocab.to_dict()``), when the file says.
-        kind: ``"lightning checkpoint"``, ``"sharded checkpoint"``, ``"model directory"``, ``"safetensors"`` or
-            ``"state dict"``.
+        kind: ``"lightning checkpoint"``, ``"sharded checkpoint"``, ``"model directory"``, ``"hugging face
+            directory"``, ``"safetensors"`` or ``"state dict"``.
         source: provenance when the file says: ``global_step`` and ``epoch`` of a checkpoint, a model directory's
             ``source``.
     """
@@ -144,8 +145,13 @@ def _progress(checkpoint: dict[str, Any]) -> dict[str, Any]:
 
 
 def _read_directory(p: Path, what: str) -> PretrainedWeights:
-    from cm3leon_lightning.model.pretrained import is_model_dir, read_pretrained
+    from cm3leon_lightning.model.pretrained import is_hf_dir, is_model_dir, read_hf, read_pretrained
 
+    if is_hf_dir(p):
+        state, block = read_hf(p, what)
+        return PretrainedWeights(
+            state, block["config"], block["vocab"], "hugging face directory", block.get("source", {})
+        )
     if is_model_dir(p):
         state, doc = read_pretrained(p, what)
         return PretrainedWeights(state, doc["config"], doc["vocab"], "model directory", dict(doc.get("source", {})))

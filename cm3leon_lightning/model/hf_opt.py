@@ -1,0 +1,147 @@
+"""CM3Leon weights in Hugging Face ``transformers``' OPT layout (``OPTForCausalLM``), and back.
+
+CM3Leon's transformer (paper section 2.3) is OPT's (metaseq's) without biases and without the LayerNorms'
+parameters. OPT's config switches both off (``enable_bias``, ``layer_norm_elementwise_affine``), so
+``transformers.OPTForCausalLM`` computes CM3Leon's logits from the same weights, and tools built on it (the Hub,
+quantization, servers) take the model as it is. Only the weights move; what makes CM3Leon decode images (the image
+code constraint, classifier-free guidance, CD-K) stays in :mod:`cm3leon_lightning.generation`.
+
+Names (ours -> OPT's):
+
+=====================================  ================================================================
+``wte.weight``                         ``model.decoder.embed_tokens.weight``
+``wpe.weight`` ``(P, C)``              ``model.decoder.embed_positions.weight`` ``(P + 2, C)``: OPT adds 2 to
+                                       every position id; rows 0 and 1 stay zero (a padding token's position
+                                       -1 reads row 1 and is never attended to)
+``blocks.i.attn.qkv.weight`` ``(3C, C)``  ``model.decoder.layers.i.self_attn.{q,k,v}_proj.weight`` ``(C, C)`` each
+``blocks.i.attn.out_proj.weight``      ``model.decoder.layers.i.self_attn.out_proj.weight``
+``blocks.i.mlp.fc_in.weight``          ``model.decoder.layers.i.fc1.weight``
+``blocks.i.mlp.fc_out.weight``         ``model.decoder.layers.i.fc2.weight``
+``lm_head.weight``                     ``lm_head.weight`` (written only when not tied)
+=====================================  ================================================================
+
+SwiGLU (no OPT counterpart) and a LayerNorm epsilon other than OPT's fixed 1e-5 are refused. ``config.json`` keeps
+CM3Leon's own architecture and vocabulary under ``"cm3leon"``, so the directory reads back (``cm3leon generate
+--ckpt``, ``init_from``) exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+HF_FORMAT = "cm3leon_lightning.hf_opt"
+HF_FORMAT_VERSION = 1
+POSITION_OFFSET = 2
+"""OPT's learned position embedding reads row ``position + 2``."""
+OPT_EPS = 1e-5
+_PREFIX = "model.decoder."
+
+_PER_LAYER = {"attn.out_proj.weight": "self_attn.out_proj.weight", "mlp.fc_in.weight": "fc1.weight",
+              "mlp.fc_out.weight": "fc2.weight"}  # fmt: skip
+
+
+def check_convertible(config: dict[str, Any]) -> None:
+    """Raise ValueError when an architecture has no exact OPT counterpart (SwiGLU, another LayerNorm epsilon)."""
+    where = "Hugging Face OPT layout (export --format hf)"
+    if config.get("activation") not in ("gelu", "relu"):
+        raise ValueError(f"{where}: OPT has no {config.get('activation')!r} MLP; only gelu and relu models convert")
+    if config.get("layer_norm_eps") != OPT_EPS:
+        raise ValueError(f"{where}: OPT's LayerNorm epsilon is {OPT_EPS}, the model's {config.get('layer_norm_eps')}")
+
+
+def opt_config(config: dict[str, Any], vocab: dict[str, int], dtype: str, extra: dict[str, Any]) -> dict[str, Any]:
+    """The ``config.json`` of ``OPTForCausalLM`` for a CM3Leon architecture, with ours under ``"cm3leon"``.
+
+    Args:
+        config: ``CM3LeonConfig.to_dict()``.
+        vocab: ``MultimodalVocab.to_dict()``.
+        dtype: the weights' dtype name (``float32``, ``bfloat16``, ``float16``).
+        extra: more fields of the ``"cm3leon"`` block (``created_by``, ``source``).
+    """
+    from cm3leon_lightning.tokenization.vocab import EOS_ID, PAD_ID
+
+    check_convertible(config)
+    return {
+        "architectures": ["OPTForCausalLM"],
+        "model_type": "opt",
+        "vocab_size": config["vocab_size"],
+        "hidden_size": config["d_model"],
+        "word_embed_proj_dim": config["d_model"],
+        "num_hidden_layers": config["n_layer"],
+        "num_attention_heads": config["n_head"],
+        "ffn_dim": config["d_ff"],
+        "max_position_embeddings": config["max_seq_len"],
+        "activation_function": config["activation"],
+        "do_layer_norm_before": True,
+        "_remove_final_layer_norm": False,
+        "enable_bias": False,
+        "layer_norm_elementwise_affine": False,
+        "dropout": 0.0,
+        "attention_dropout": 0.0,
+        "activation_dropout": 0.0,
+        "layerdrop": 0.0,
+        "init_std": config["init_std"],
+        "tie_word_embeddings": bool(config["tie_embeddings"]),
+        "use_cache": True,
+        "pad_token_id": PAD_ID,
+        "bos_token_id": EOS_ID,  # every document starts with <eos> (DESIGN section 3)
+        "eos_token_id": EOS_ID,
+        "dtype": dtype,
+        "torch_dtype": dtype,  # the name transformers 4.x reads
+        "cm3leon": {
+            "format": HF_FORMAT,
+            "format_version": HF_FORMAT_VERSION,
+            "config": dict(config),
+            "vocab": dict(vocab),
+            **extra,
+        },  # fmt: skip
+    }
+
+
+def to_opt(state: dict[str, Tensor], config: dict[str, Any]) -> dict[str, Tensor]:
+    """Our state dict (``CM3Leon.state_dict()`` keys) -> OPT's names and shapes (table in the module docstring)."""
+    check_convertible(config)
+    C, tied = config["d_model"], bool(config["tie_embeddings"])
+    wpe = state["wpe.weight"]
+    out = {
+        _PREFIX + "embed_tokens.weight": state["wte.weight"],
+        _PREFIX + "embed_positions.weight": torch.cat([wpe.new_zeros(POSITION_OFFSET, wpe.shape[1]), wpe]),
+    }
+    for i in range(config["n_layer"]):
+        ours, theirs = f"blocks.{i}.", f"{_PREFIX}layers.{i}."
+        q, k, v = state[ours + "attn.qkv.weight"].split(C, dim=0)
+        out.update({theirs + "self_attn.q_proj.weight": q, theirs + "self_attn.k_proj.weight": k,
+                    theirs + "self_attn.v_proj.weight": v})  # fmt: skip
+        out.update({theirs + name: state[ours + key] for key, name in _PER_LAYER.items()})
+    if not tied:
+        out["lm_head.weight"] = state["lm_head.weight"]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def from_opt(state: dict[str, Tensor], config: dict[str, Any], what: str = "path") -> dict[str, Tensor]:
+    """OPT's names -> our state dict (the tied LM head, when tied, is left to ``load_weights``).
+
+    Raises:
+        ValueError: a tensor the mapping needs is missing (named with ``what``).
+    """
+
+    def get(name: str) -> Tensor:
+        if name not in state:
+            raise ValueError(f"{what}: the OPT weights lack {name!r}")
+        return state[name]
+
+    out = {
+        "wte.weight": get(_PREFIX + "embed_tokens.weight"),
+        "wpe.weight": get(_PREFIX + "embed_positions.weight")[POSITION_OFFSET:],
+    }
+    for i in range(config["n_layer"]):
+        ours, theirs = f"blocks.{i}.", f"{_PREFIX}layers.{i}."
+        qkv = [get(f"{theirs}self_attn.{p}_proj.weight") for p in "qkv"]
+        out[ours + "attn.qkv.weight"] = torch.cat(qkv, dim=0)
+        out.update({ours + key: get(theirs + name) for key, name in _PER_LAYER.items()})
+    if not config["tie_embeddings"]:
+        out["lm_head.weight"] = get("lm_head.weight")
+    return out

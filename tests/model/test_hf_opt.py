@@ -1,0 +1,124 @@
+"""The Hugging Face OPT layout (``model/hf_opt.py``, ``export --format hf``): ``transformers.OPTForCausalLM`` loads
+the exported directory and gives CM3Leon's logits and greedy tokens; the directory reads back exactly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer, OPTForCausalLM
+
+from cm3leon_lightning.config import CM3LeonConfig
+from cm3leon_lightning.generation.cli import load_checkpoint
+from cm3leon_lightning.model import CM3Leon
+from cm3leon_lightning.model.hf_opt import from_opt, to_opt
+from cm3leon_lightning.model.pretrained import bundled_paths, is_hf_dir, read_hf_block, save_pretrained
+from cm3leon_lightning.model.weights import fit_state, read_weights
+from cm3leon_lightning.tokenization.text import TextTokenizer
+
+VOCAB = {"n_text": 64, "n_codes": 32, "grid_h": 2, "grid_w": 3, "num_sentinels": 8, "pad_to_multiple": 128}
+
+
+def random_model(**overrides) -> CM3Leon:
+    """A tiny network with every weight drawn from N(0, 0.2), so the logits are far from uniform."""
+    torch.manual_seed(0)
+    model = CM3Leon(CM3LeonConfig.from_preset("tiny", vocab_size=128, **overrides)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    return model
+
+
+def ids(batch: int = 2, length: int = 10) -> torch.Tensor:
+    return torch.randint(1, 96, (batch, length), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("overrides", [{}, {"tie_embeddings": False}, {"activation": "relu"}])
+def test_transformers_gives_our_logits_and_greedy_tokens(tmp_path: Path, overrides: dict) -> None:
+    model = random_model(**overrides)
+    save_pretrained(model.state_dict(), tmp_path, model.config.to_dict(), VOCAB, layout="hf")
+    hf = OPTForCausalLM.from_pretrained(tmp_path).eval()
+    x = ids()
+    mask = torch.ones_like(x)
+    mask[1, :3] = 0  # row 1 left-padded, as batched prompts are
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, model(x), atol=1e-5, rtol=1e-5)
+        real = mask.bool()
+        torch.testing.assert_close(hf(x, attention_mask=mask).logits[real], model(x, attention_mask=mask)[real])
+        out = hf.generate(x[:1], max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
+    seq = x[:1]
+    for _ in range(8):  # our greedy, without a cache
+        with torch.no_grad():
+            seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, seq)
+
+
+def test_mapping_round_trips_every_tensor() -> None:
+    for tied in (True, False):
+        model = random_model(tie_embeddings=tied)
+        config = model.config.to_dict()
+        theirs = to_opt(model.state_dict(), config)
+        assert theirs["model.decoder.embed_positions.weight"].shape == (model.config.max_seq_len + 2, 64)
+        assert not theirs["model.decoder.embed_positions.weight"][:2].any()  # OPT's offset rows
+        assert ("lm_head.weight" in theirs) is not tied
+        back = fit_state(model, from_opt(theirs, config), "x")
+        assert all(torch.equal(back[k], v) for k, v in model.state_dict().items())
+
+
+def test_architectures_opt_cannot_express_are_refused(tmp_path: Path) -> None:
+    swiglu = random_model(activation="swiglu")
+    with pytest.raises(ValueError, match="OPT has no 'swiglu' MLP; only gelu and relu models convert"):
+        save_pretrained(swiglu.state_dict(), tmp_path, swiglu.config.to_dict(), VOCAB, layout="hf")
+    eps = random_model(layer_norm_eps=1e-6)
+    with pytest.raises(ValueError, match="OPT's LayerNorm epsilon is 1e-05, the model's 1e-06"):
+        save_pretrained(eps.state_dict(), tmp_path, eps.config.to_dict(), VOCAB, layout="hf")
+    assert not (tmp_path / "config.json").exists()
+
+
+def test_the_directory_reads_back_and_other_opt_models_are_refused(tmp_path: Path) -> None:
+    model = random_model()
+    save_pretrained(
+        model.state_dict(), tmp_path / "m", model.config.to_dict(), VOCAB, source={"global_step": 4}, layout="hf"
+    )
+    assert is_hf_dir(tmp_path / "m") and read_hf_block(tmp_path / "m")["vocab"] == VOCAB
+    weights = read_weights(tmp_path / "m", "--ckpt")
+    assert weights.kind == "hugging face directory" and weights.source == {"global_step": 4}
+    state = fit_state(model, weights.state_dict, "x")
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    plain = tmp_path / "opt"
+    plain.mkdir()
+    doc = json.loads((tmp_path / "m" / "config.json").read_text())
+    (plain / "config.json").write_text(json.dumps({k: v for k, v in doc.items() if k != "cm3leon"}))
+    with pytest.raises(ValueError, match="is a Hugging Face 'opt' model not exported by cm3leon"):
+        read_weights(plain, "--ckpt")
+    assert bundled_paths(tmp_path / "m") == (None, None)  # no tokenizer was written
+
+
+def test_export_format_hf_bundles_a_tokenizer_transformers_reads(tmp_path: Path) -> None:
+    from support.checkpoint_setup import write_checkpoint_assets
+
+    from cm3leon_lightning.export import main
+
+    root = write_checkpoint_assets(tmp_path)
+    argv = ["--ckpt", str(root / "model.ckpt"), "--tokenizer", str(root / "tok"), "--vqgan", str(root / "vqgan")]
+    assert main([*argv, "--format", "hf", "--dtype", "bfloat16", "--out", str(tmp_path / "hf")]) == 0
+    names = sorted(p.name for p in (tmp_path / "hf").iterdir())
+    assert names == ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vqgan"]
+    ours = TextTokenizer.load(root / "tok")
+    theirs = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    for text in ("a red circle", "two green triangles", "what colour is it"):
+        assert theirs(text)["input_ids"] == ours.encode(text)
+    assert bundled_paths(tmp_path / "hf") == (tmp_path / "hf" / "tokenizer.json", tmp_path / "hf" / "vqgan")
+    hf = OPTForCausalLM.from_pretrained(tmp_path / "hf", dtype="auto")
+    reference, _ = load_checkpoint(root / "model.ckpt", dtype=torch.bfloat16)
+    back, _ = load_checkpoint(tmp_path / "hf")
+    assert hf.dtype == torch.bfloat16 and back.wte.weight.dtype == torch.bfloat16
+    x = ids().clamp(max=299)
+    with torch.no_grad():
+        assert torch.equal(back(x), reference(x))
+        torch.testing.assert_close(hf(x).logits, reference(x), atol=2e-2, rtol=2e-2)  # bf16: op order differs
+    # and from the Hugging Face directory to ours again, tokenizers included
+    assert main(["--ckpt", str(tmp_path / "hf"), "--out", str(tmp_path / "again")]) == 0
+    assert (tmp_path / "again" / "tokenizer" / "tokenizer.json").is_file()
