@@ -42,6 +42,8 @@ _EXPORTS: dict[str, str] = {
     "edit_image": "cm3leon_lightning.generation.generate",
     "rerank": "cm3leon_lightning.generation.rerank",
     "GenerationSettings": "cm3leon_lightning.generation.generate",
+    "load_checkpoint": "cm3leon_lightning.generation.cli",
+    "export_model": "cm3leon_lightning.export",
     "FIDCallback": "cm3leon_lightning.callbacks.fid",
     "CIDErCallback": "cm3leon_lightning.callbacks.cider",
     "VQACallback": "cm3leon_lightning.callbacks.vqa",

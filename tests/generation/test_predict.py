@@ -149,6 +149,25 @@ def test_trainer_predict_writes_pngs_grids_codes_and_jsonl(assets, tmp_path):
     assert sorted(p.suffix for p in out1.iterdir()) == [".jsonl", ".npy", ".npy", ".npy"]
 
 
+def test_predict_from_an_exported_model_directory(assets, tmp_path):
+    """``cm3leon predict`` without a Lightning checkpoint: ``init_from`` and ``vocab_from`` name a model directory of
+    ``cm3leon export`` (its bundled tokenizer too), and the codes equal those of the checkpoint it came from."""
+    from cm3leon_lightning.export import export_model
+
+    model_dir = tmp_path / "model"
+    export_model(assets / "model.ckpt", model_dir, assets / "tok")
+    dm = PromptDataModule(str(assets / "prompts.jsonl"), str(model_dir / "tokenizer"), str(model_dir), batch_size=2)
+    module = CM3LeonModule(
+        preset="tiny", vocab=dm.vocab.to_dict(),
+        generation=GenerationSettings(**SETTINGS), init_from=str(model_dir),
+    )  # fmt: skip
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    batches = trainer.predict(module, datamodule=dm)
+    prompts = ["a red square", "a blue circle", "a green triangle"]
+    want = reference_codes(assets / "model.ckpt", assets / "tok", prompts, [5, 123, 7], SETTINGS)
+    np.testing.assert_array_equal(torch.cat([b["codes"] for b in batches]).numpy(), want)
+
+
 class BrightnessScorer:
     """An exact scorer with the ClipEncoder interface: every text embeds to ``[1, 0]``, an image to its normalised
     ``[mean, 1 - mean]`` brightness, so brighter candidates score higher."""
