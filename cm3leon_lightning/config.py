@@ -107,6 +107,23 @@ class CM3LeonConfig:
         embeddings = self.vocab_size * d * (1 if self.tie_embeddings else 2)
         return embeddings + self.max_seq_len * d + blocks
 
+    def forward_flops(self, seq_len: int) -> int:
+        """Matrix-multiply FLOPs of one forward pass over one sequence of ``seq_len`` tokens, logits at every position.
+
+        Per token, 2 FLOPs per weight of the blocks and the LM head (the embedding lookups cost none); per layer,
+        ``4 T^2 d`` for the attention scores and their weighted sum, counted in full as PaLM's MFU does (a causal
+        kernel skips about half). A training step costs 3x this (the backward pass twice the forward; activation
+        checkpointing's recomputation is not counted). Equal to ``torch.utils.flop_counter.FlopCounterMode`` with
+        SDPA's math backend (tested). ``CM3LeonModule`` reports it as ``flops_per_batch``, which Lightning's
+        ``ThroughputMonitor`` turns into FLOP/s and MFU.
+        """
+        if seq_len < 1:
+            raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+        d = self.d_model
+        mlp = (3 if self.activation == "swiglu" else 2) * d * self.d_ff
+        per_token = 2 * (self.n_layer * (4 * d * d + mlp) + self.vocab_size * d)
+        return seq_len * per_token + self.n_layer * 4 * seq_len * seq_len * d
+
     # ------------------------------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
         """The fields as a dict of primitives (for ``save_hyperparameters`` and YAML)."""

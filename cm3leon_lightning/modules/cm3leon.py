@@ -61,6 +61,16 @@ class WarmupDecay:
         return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * shape
 
 
+def batch_rows(batch: dict[str, Tensor]) -> int:
+    """Sequences in a batch: the ``batch_size_fn`` of Lightning's ``ThroughputMonitor`` (``configs/trainer/*.yaml``)."""
+    return int(batch["input_ids"].shape[0])
+
+
+def batch_tokens(batch: dict[str, Tensor]) -> int:
+    """Token positions in a batch (padding included): the monitor's ``length_fn``, logged as ``items_per_sec``."""
+    return int(batch["input_ids"].numel())
+
+
 class CM3LeonModule(L.LightningModule):
     """Pretraining / SFT LightningModule around :class:`CM3Leon`.
 
@@ -137,6 +147,8 @@ class CM3LeonModule(L.LightningModule):
         self.generation = generation if generation is not None else GenerationSettings()
         self.model: CM3Leon | None = None
         self._last_step_time: float | None = None
+        # Matrix-multiply FLOPs of the last batch on this device (CM3LeonConfig.forward_flops; 3x in training).
+        self.flops_per_batch: int | None = None
 
     @property
     def vocab(self) -> MultimodalVocab | None:
@@ -251,6 +263,10 @@ class CM3LeonModule(L.LightningModule):
 
     def _shared_step(self, batch: dict[str, Tensor], stage: str) -> dict[str, Tensor]:
         inputs, targets = self.build_sequence(batch)
+        # For Lightning's ThroughputMonitor (FLOP/s, MFU): forward, plus a backward of twice that when training.
+        self.flops_per_batch = (
+            inputs.shape[0] * self.config.forward_flops(inputs.shape[1]) * (3 if stage == "train" else 1)
+        )
         logits = self(inputs)  # (B, T-1, V)
         losses = self.compute_loss(logits, targets, batch)
         bs = inputs.shape[0]

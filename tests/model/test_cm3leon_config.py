@@ -91,3 +91,24 @@ def test_analytic_count_matches_a_real_model_for_every_activation_and_tying():
             assert model.num_parameters() == cfg.num_parameters()
             unique = {id(p): p.numel() for p in model.parameters()}
             assert sum(unique.values()) == cfg.num_parameters()
+
+
+@pytest.mark.parametrize("overrides", [{}, {"activation": "swiglu"}, {"tie_embeddings": False}])
+def test_forward_flops_equal_torchs_flop_counter(overrides):
+    """forward_flops(T) per sequence is what FlopCounterMode counts for a forward (SDPA's math backend, whose
+    attention is plain matmuls), and 3x that for forward plus backward."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    config = CM3LeonConfig.from_preset("tiny", **overrides)
+    model = CM3Leon(config)
+    B, T = 3, 40
+    x = torch.randint(0, config.vocab_size, (B, T))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as forward:
+        model(x)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as step:
+        model(x).float().sum().backward()
+    assert forward.get_total_flops() == B * config.forward_flops(T)
+    assert step.get_total_flops() == 3 * B * config.forward_flops(T)
+    with pytest.raises(ValueError, match="seq_len must be >= 1"):
+        config.forward_flops(0)

@@ -218,3 +218,37 @@ def test_architecture_mismatch_is_refused_naming_the_field() -> None:
     with pytest.raises(ValueError, match=r"architecture mismatch.*'n_layer': \(2, 3\)"):
         other.on_load_checkpoint(checkpoint)
     CM3LeonModule(preset="tiny").on_load_checkpoint(checkpoint)  # the same architecture loads
+
+
+def test_flops_per_batch_drives_lightnings_throughput_monitor(tmp_path) -> None:
+    """The module reports each batch's FLOPs (3x forward in training, forward in validation); ThroughputMonitor with
+    the configs' batch_rows/batch_tokens logs FLOP/s and tokens per second from them (no MFU on a CPU)."""
+    from lightning.pytorch.callbacks import ThroughputMonitor
+
+    from cm3leon_lightning.modules.cm3leon import batch_rows, batch_tokens
+
+    seen: dict[str, list[int]] = {"train": [], "val": []}
+
+    class Probe(L.Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+            seen["train"].append((module.flops_per_batch, *batch["input_ids"].shape))
+
+        def on_validation_batch_end(self, trainer, module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+            seen["val"].append((module.flops_per_batch, *batch["input_ids"].shape))
+
+    monitor = ThroughputMonitor(batch_size_fn=batch_rows, length_fn=batch_tokens, window_size=2)
+    module = CM3LeonModule(preset="tiny", warmup_steps=1)
+    from lightning.pytorch.loggers import CSVLogger
+
+    trainer = _trainer(
+        tmp_path, max_steps=3, limit_val_batches=1, log_every_n_steps=1, callbacks=[Probe(), monitor],
+        logger=CSVLogger(tmp_path),  # the monitor logs through the trainer's loggers only
+    )  # fmt: skip
+    trainer.fit(module, datamodule=TokenDataModule(n_train=12, batch_size=4))
+    for stage, factor in (("train", 3), ("val", 1)):
+        assert seen[stage]
+        for flops, rows, length in seen[stage]:
+            assert flops == factor * rows * module.config.forward_flops(length - 1)
+    metrics = trainer.logged_metrics
+    assert metrics["train/device/flops_per_sec"] > 0 and metrics["train/device/items_per_sec"] > 0
+    assert "train/device/mfu" not in metrics  # the CPU's peak FLOP/s is unknown to Lightning
