@@ -108,3 +108,18 @@ def test_sft_config_overrides_only_the_schedule_of_the_model_before_it(capsys: p
     assert printed["trainer"]["max_steps"] == 15000
     data = printed["data"]["init_args"]
     assert data["image_first_prob"] == 0.5 and data["seq_len"] == 4096  # the rest stays the data config's
+
+
+def test_fsdp_config_composes_after_the_gpu_config(capsys: pytest.CaptureFixture[str]) -> None:
+    """fsdp_bf16.yaml swaps the strategy and keeps gpu_bf16.yaml's callbacks (checkpoints, LR, MFU), as the README
+    composes them for the 7B preset."""
+    trainer_dir = ROOT / "configs" / "trainer"
+    args = ["fit", "--config", str(TINY_MODEL), "--config", str(trainer_dir / "gpu_bf16.yaml")]
+    with pytest.raises(SystemExit):
+        main([*args, "--config", str(trainer_dir / "fsdp_bf16.yaml"), "--print_config"])
+    trainer = yaml.safe_load(capsys.readouterr().out)["trainer"]
+    assert trainer["strategy"]["class_path"] == "lightning.pytorch.strategies.FSDPStrategy"
+    assert trainer["strategy"]["init_args"]["state_dict_type"] == "sharded"
+    assert [c["class_path"].rsplit(".", 1)[1] for c in trainer["callbacks"]] == [
+        "ModelCheckpoint", "LearningRateMonitor", "ThroughputMonitor",
+    ]  # fmt: skip
