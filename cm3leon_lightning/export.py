@@ -110,20 +110,59 @@ def export_model(
             text_tok.save(partial / TOKENIZER_DIR)
         if image_tok is not None:
             image_tok.save_pretrained(partial / VQGAN_DIR)
+        stored = dtype or next(v.dtype for v in state.values() if v.is_floating_point())
+        summary = {
+            "path": str(out),
+            "kind": weights.kind,
+            "format": format,
+            "parameters": config.num_parameters(),
+            "dtype": str(stored).removeprefix("torch."),
+            "tokenizer": text_tok is not None,
+            "vqgan": image_tok is not None,
+        }
+        (partial / "README.md").write_text(model_card(summary, config.to_dict(), weights.vocab, source))
         _replace(partial, out)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
-    stored = read_weights(out, "--out").state_dict  # checks the directory reads back
-    return {
-        "path": str(out),
-        "kind": weights.kind,
-        "format": format,
-        "parameters": config.num_parameters(),
-        "dtype": str(next(v.dtype for v in stored.values() if v.is_floating_point())).removeprefix("torch."),
-        "bytes": sum(f.stat().st_size for f in out.rglob("*") if f.is_file()),
-        "tokenizer": text_tok is not None,
-        "vqgan": image_tok is not None,
-    }
+    return {**summary, "bytes": sum(f.stat().st_size for f in out.rglob("*") if f.is_file())}
+
+
+def model_card(summary: dict[str, Any], config: dict[str, Any], vocab: dict[str, int], source: dict[str, Any]) -> str:
+    """The ``README.md`` of an exported directory: a Hugging Face model card (YAML front matter, then what the model
+    is, where it came from and how to run it), for the user to complete with data and evaluation."""
+    hf = summary["format"] == "hf"
+    name = Path(summary["path"]).name
+    library = "transformers" if hf else "cm3leon_lightning"
+    front = f"---\nlibrary_name: {library}\ntags:\n- cm3leon\n- text-to-image\n- image-to-text\n---\n"
+    arch = ", ".join(f"{k} {config[k]}" for k in ("n_layer", "d_model", "n_head", "d_ff", "max_seq_len", "activation"))
+    step = f", step {source['global_step']}" if "global_step" in source else ""
+    names = {"tokenizer": "text tokenizer", "vqgan": "VQGAN"}
+    tokenizers = " and ".join(names[x] for x in names if summary[x]) or "none (pass --tokenizer and --vqgan)"
+    codes = f"{vocab['n_codes']} image codes, {vocab['grid_h']}x{vocab['grid_w']} per image"
+    lines = [
+        f"# {name}",
+        "",
+        "A CM3Leon-style retrieval-augmented, token-based, decoder-only multimodal model (Yu et al. 2023) trained",
+        f"with cm3leon_lightning. Text and images share one vocabulary: {vocab['n_text']} text ids, then {codes}.",
+        "",
+        f"- Parameters: {summary['parameters'] / 1e6:.1f}M ({arch}; no biases, parameter-free LayerNorm)",
+        f"- Weights: `model.safetensors`, {summary['dtype']}" + (", in `transformers`' OPT layout" if hf else ""),
+        f"- Bundled tokenizers: {tokenizers}",
+        f"- Exported from: {source.get('kind', 'a checkpoint')}{step}",
+        "",
+        "## Use",
+        "",
+        "```bash",
+        f'cm3leon generate --ckpt {name} --prompt "a red circle" --num-samples 4 --cfg 3 --out samples/',
+        f"cm3leon serve --ckpt {name}",
+        "```",
+    ]
+    if hf:
+        load = f'model = OPTForCausalLM.from_pretrained("{name}")  # the logits of cm3leon_lightning'
+        lines += ["", "```python", "from transformers import OPTForCausalLM", "", load, "```", ""]
+        lines += ["Drawing images needs `cm3leon_lightning.generate_image` (image-code constraint, CFG)."]
+    lines += ["", "## Training data and evaluation", "", "(to be completed)", ""]
+    return front + "\n".join(lines)
 
 
 def _load_tokenizers(

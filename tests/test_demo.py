@@ -157,7 +157,7 @@ def test_serve_example_queries_the_demo_model_over_http(mini_run: tuple[Path, di
     assert Image.open(tmp_path / "grid.png").size == (3 * side, len(ways) * side)  # a row of 3 images per way
     # the server read the exported model directory, whose tokenizers are the demo's
     assert sorted(p.name for p in (tmp_path / "model").iterdir()) == [
-        "config.json", "model.safetensors", "tokenizer", "vqgan",
+        "README.md", "config.json", "model.safetensors", "tokenizer", "vqgan",
     ]  # fmt: skip
 
 

@@ -40,7 +40,13 @@ def ids(n: int = 2) -> torch.Tensor:
 
 def test_the_directory_gives_the_checkpoints_logits_and_tokenizers(assets: Path) -> None:
     out = assets / "exported"
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer", "vqgan"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "README.md",
+        "config.json",
+        "model.safetensors",
+        "tokenizer",
+        "vqgan",
+    ]
     model, vocab = load_checkpoint(out)
     reference, ref_vocab = load_checkpoint(assets / "model.ckpt")
     assert vocab == ref_vocab
@@ -53,6 +59,25 @@ def test_the_directory_gives_the_checkpoints_logits_and_tokenizers(assets: Path)
     doc = json.loads((out / "config.json").read_text())
     assert doc["source"] == {"checkpoint": str((assets / "model.ckpt").resolve()), "kind": "lightning checkpoint"}
     assert load_vocab(out) == vocab  # cm3leon predict's --data.vocab_from
+
+
+def test_the_model_card_describes_the_export(assets: Path, tmp_path: Path) -> None:
+    import yaml
+
+    from cm3leon_lightning.export import model_card
+
+    card = (assets / "exported" / "README.md").read_text()
+    front, body = card.split("---\n")[1:3]
+    assert yaml.safe_load(front) == {"library_name": "cm3leon_lightning", "tags": ["cm3leon", "text-to-image",
+                                                                                    "image-to-text"]}  # fmt: skip
+    assert "# exported" in body and "0.1M (n_layer 2, d_model 64" in body and "text tokenizer and VQGAN" in body
+    assert "300 text ids, then 32 image codes, 8x8 per image" in body and "cm3leon serve --ckpt exported" in body
+    summary = {"path": "m", "format": "hf", "parameters": 7e9, "dtype": "bfloat16", "tokenizer": False, "vqgan": False}
+    config = {"n_layer": 32, "d_model": 4096, "n_head": 32, "d_ff": 16384, "max_seq_len": 4096, "activation": "gelu"}
+    vocab = {"n_text": 56320, "n_codes": 8192, "grid_h": 32, "grid_w": 32}
+    hf = model_card(summary, config, vocab, {"kind": "sharded checkpoint", "global_step": 500})
+    assert "library_name: transformers" in hf and "OPTForCausalLM.from_pretrained" in hf
+    assert "7000.0M" in hf and "sharded checkpoint, step 500" in hf and "none (pass --tokenizer and --vqgan)" in hf
 
 
 def test_generate_from_the_directory_needs_no_tokenizer_flags(assets: Path, tmp_path: Path) -> None:
@@ -124,7 +149,7 @@ def test_an_existing_directory_is_kept_unless_forced_and_survives_a_failed_expor
         export_model(assets / "model.ckpt", out, tokenizer=other, force=True)
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]  # untouched
     export_model(assets / "model.ckpt", out, force=True)
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "other_tok"]  # no partial or old copies left
 
 

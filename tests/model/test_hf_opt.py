@@ -105,7 +105,14 @@ def test_export_format_hf_bundles_a_tokenizer_transformers_reads(tmp_path: Path)
     argv = ["--ckpt", str(root / "model.ckpt"), "--tokenizer", str(root / "tok"), "--vqgan", str(root / "vqgan")]
     assert main([*argv, "--format", "hf", "--dtype", "bfloat16", "--out", str(tmp_path / "hf")]) == 0
     names = sorted(p.name for p in (tmp_path / "hf").iterdir())
-    assert names == ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vqgan"]
+    assert names == [
+        "README.md",
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "vqgan",
+    ]
     ours = TextTokenizer.load(root / "tok")
     theirs = AutoTokenizer.from_pretrained(tmp_path / "hf")
     for text in ("a red circle", "two green triangles", "what colour is it"):
