@@ -9,6 +9,11 @@ Resize rule: real images are resized (shorter side to ``image_size``, PIL bicubi
 used as they are; the Inception extractor then resizes both to 299 itself (torch-fidelity's TF1-compatible
 bilinear). See :mod:`cm3leon_lightning.metrics.fid`.
 
+Retrieval-augmented FID (table 1's CM3Leon rows with 1 or 2 retrieved documents, 4.88 for the 7B with 2):
+``retrieve`` (the training set's memory bank), ``retrieve_shards`` (its prepared documents) and ``retrieve_k`` place
+the caption's ``k`` nearest documents before it, found with the CLIP text embedding of the caption as
+``cm3leon generate --retrieve`` does; the bank must have been built with ``clip_model``.
+
 The MS-COCO 30K figure is one command (see ``configs/eval/coco_fid30k.yaml``)::
 
     cm3leon validate --config configs/eval/coco_fid30k.yaml --ckpt_path <model.ckpt> \\
@@ -72,6 +77,9 @@ class FIDCallback(GenerationCallback):
         feature_extractor: an ``nn.Module`` mapping uint8 ``(N, 3, H, W)`` to ``(N, d)``, instead of Inception.
         feature_weights_path: local Inception weights file (torch-fidelity's), when it cannot be downloaded.
         feature_dim: Inception feature layer (2048 for FID).
+        retrieve: memory bank directory for retrieval-augmented prompts (None: the caption alone, zero-shot).
+        retrieve_shards: the prepared dataset holding the bank's documents (needed with ``retrieve``).
+        retrieve_k: documents placed before each caption with ``retrieve`` (paper table 1: 1 or 2).
         cache_dir: directory for cached reference statistics (None: recompute each run).
         log_name: the logged key.
         **kwargs: :class:`GenerationCallback` arguments (``text_tokenizer``, ``vqgan``, ``batch_size``, ``seed``...).
@@ -97,6 +105,9 @@ class FIDCallback(GenerationCallback):
         feature_dim: int = 2048,
         cache_dir: str | None = None,
         log_name: str = "val/fid",
+        retrieve: str | None = None,
+        retrieve_shards: str | None = None,
+        retrieve_k: int = 2,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -105,6 +116,13 @@ class FIDCallback(GenerationCallback):
                 f"num_samples must be >= 2 (FID needs two images), samples_per_prompt and image_size >= 1; "
                 f"got {num_samples}, {samples_per_prompt}, {image_size}"
             )
+        if retrieve is not None and (retrieve_shards is None or clip_model is None or retrieve_k < 1):
+            raise ValueError(
+                "FIDCallback: retrieve needs retrieve_shards (the bank's documents), clip_model (the CLIP the bank was "
+                f"built with) and retrieve_k >= 1; got {retrieve_shards!r}, {clip_model!r}, {retrieve_k}"
+            )
+        self.retrieve, self.retrieve_shards, self.retrieve_k = retrieve, retrieve_shards, retrieve_k
+        self.retriever = None
         self.data, self.samples = data, list(samples) if samples is not None else None
         self.num_samples, self.image_size, self.samples_per_prompt = num_samples, image_size, samples_per_prompt
         self.clip_model, self.clip_pretrained = clip_model, clip_pretrained
@@ -136,23 +154,35 @@ class FIDCallback(GenerationCallback):
             self._reference_id = samples_id(self.samples)
         if len(self.samples) < 2:
             raise ValueError(f"FIDCallback: the evaluation set has {len(self.samples)} images; FID needs >= 2")
-        if self.samples_per_prompt > 1 and self.clip_model is not None and self.clip is None:
+        wants_clip = self.samples_per_prompt > 1 or self.retrieve is not None
+        if wants_clip and self.clip_model is not None and self.clip is None:
             from cm3leon_lightning.retrieval.encoder import ClipEncoder
 
             self.clip = ClipEncoder(self.clip_model, self.clip_pretrained, device=str(pl_module.device))
+        if self.retrieve is not None and self.retriever is None:
+            from cm3leon_lightning.generation.retrieve import DocumentRetriever
+
+            self.retriever = DocumentRetriever(
+                self.retrieve, self.retrieve_shards, self.clip, module_vocab(trainer, pl_module),
+                self.load_text_tokenizer(trainer).sha256, preload=True,
+            )  # fmt: skip
 
     # ------------------------------------------------------------------------------------------ generation
     def generate(self, pl_module: L.LightningModule, captions: list[str], seed: int) -> Tensor:
         """Captions -> one uint8 image ``(N, 3, image_size, image_size)`` each. Override to change how images are made.
 
         The default tokenizes the captions, runs :func:`~cm3leon_lightning.generation.generate_image` with the
-        module's network, decodes with the VQGAN and, with several candidates, keeps the best by CLIP score.
+        module's network (after the captions' retrieved documents, with ``retrieve``), decodes with the VQGAN and,
+        with several candidates, keeps the best by CLIP score.
         """
         from cm3leon_lightning.generation import generate_image, rerank
 
         trainer = pl_module._trainer
         tok: TextTokenizer = self.load_text_tokenizer(trainer)
         vqgan = self.load_vqgan(pl_module.device)
+        retrieved = None
+        if self.retriever is not None:
+            retrieved = [docs for _, docs in self.retriever.retrieve(captions, self.retrieve_k)]
         with fresh_kv_cache(module_network(pl_module)) as net:
             out = generate_image(
                 net,
@@ -162,6 +192,7 @@ class FIDCallback(GenerationCallback):
                 seed=seed,
                 vqgan=vqgan,
                 compile=self.compile,
+                retrieved=retrieved,
                 **self.sampling,
             )
         images = out.images  # (P, N, 3, H, W) in [-1, 1]

@@ -133,3 +133,41 @@ def test_bad_arguments(parts) -> None:
         make(parts, num_samples=1)
     with pytest.raises(FileNotFoundError, match="feature_weights_path"):
         make(parts, feature_extractor=None, feature_weights_path="/nonexistent/inception.pth").setup(None, None, "fit")
+
+
+def test_retrieval_augmented_fid_places_the_nearest_documents_first(parts, tmp_path: Path) -> None:
+    """With ``retrieve`` each caption is decoded after its ``retrieve_k`` nearest bank documents (table 1's
+    retrieval rows): the images equal generate_image given DocumentRetriever's documents, and differ without them."""
+    from support.retrieval_setup import write_retrieval_assets
+
+    from cm3leon_lightning.generation import generate_image
+    from cm3leon_lightning.generation.retrieve import DocumentRetriever
+    from cm3leon_lightning.metrics.fid import fid_resize, to_uint8_images
+
+    tok, vqgan, module = parts
+    assets = write_retrieval_assets(tmp_path)
+    root, clip = assets["root"], assets["clip"]
+    retrieval = dict(
+        retrieve=str(root / "bank"), retrieve_shards=str(root / "shards"), retrieve_k=2,
+        clip_model="cm3leon-clip-tiny", clip_pretrained=str(root / "clip.safetensors"),
+    )  # fmt: skip
+    cb = make(parts, **retrieval)
+    cb.setup(None, module, "validate")
+    captions = [s.references[0] for s in cb.samples[:3]]
+    got = cb.generate(module, captions, seed=11)
+
+    keys_docs = DocumentRetriever(root / "bank", root / "shards", clip, module.vocab).retrieve(captions, 2)
+    assert all(len(keys) == 2 for keys, _ in keys_docs)
+    want = generate_image(
+        module.model, module.vocab, tok.encode_batch(captions), num_samples=1, seed=11, vqgan=vqgan,
+        retrieved=[docs for _, docs in keys_docs], **cb.sampling,
+    ).images[:, 0]  # fmt: skip
+    assert torch.equal(got, torch.stack([fid_resize(img, 16) for img in to_uint8_images(want)]))
+    plain = make(parts)
+    plain.setup(None, module, "validate")
+    assert not torch.equal(got, plain.generate(module, captions, seed=11))
+
+    with pytest.raises(ValueError, match="retrieve needs retrieve_shards .*, clip_model .* and retrieve_k >= 1"):
+        make(parts, retrieve=str(root / "bank"), clip_model="cm3leon-clip-tiny")
+    with pytest.raises(ValueError, match="retrieve_k >= 1"):
+        make(parts, **{**retrieval, "retrieve_k": 0})
