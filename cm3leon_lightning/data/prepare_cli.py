@@ -26,7 +26,8 @@ from cm3leon_lightning.data.sources import PairSource, make_source
 
 _SOURCE_FLAGS = ("source", "input", "captions", "coco_mode", "num_pairs", "shapes_split", "shapes_image_size")
 _SOURCE_FLAGS += ("shapes_seed", "sft_up", "sft_down", "sft_seed", "bank_source", "bank_input", "bank_captions", "out")
-SOURCES = ("shapes", "folder", "coco", "wds", "sft")
+_SOURCE_FLAGS += ("image_column", "caption_column", "key_column")
+SOURCES = ("shapes", "folder", "coco", "wds", "parquet", "sft")
 
 
 def _field_docs() -> dict[str, str]:
@@ -67,11 +68,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g = p.add_argument_group("input and output")
     g.add_argument("--source", required=True, choices=SOURCES, help="kind of input")
-    g.add_argument("--input", help="image folder (folder, coco), WebDataset tar directory / brace pattern (wds), or "
-                   "instruction-tuning JSON-lines file / folder (sft)")  # fmt: skip
+    g.add_argument("--input", help="image folder (folder, coco), WebDataset tar directory / brace pattern (wds), "
+                   "Parquet directory / glob (parquet), or instruction-tuning JSON-lines file / folder "
+                   "(sft)")  # fmt: skip
     g.add_argument("--captions", help="COCO captions JSON (coco)")
     g.add_argument("--coco-mode", default="first", choices=("first", "all"), help="coco: one document per image "
                    "(the lowest annotation id's caption) or one per caption")  # fmt: skip
+    g.add_argument("--image-column", default="image", help="parquet: image column (bytes, path or {bytes, path})")
+    g.add_argument("--caption-column", default="caption", help="parquet: caption column (string or list of strings)")
+    g.add_argument("--key-column", help="parquet: column of stable document ids (default: file stem and row)")
     g.add_argument("--num-pairs", type=int, default=100, help="shapes: number of generated pairs")
     g.add_argument("--shapes-split", default="train", choices=("train", "heldout"), help="shapes: split")
     g.add_argument("--shapes-image-size", type=int, default=32, help="shapes: image side in pixels")
@@ -108,16 +113,17 @@ def sources_from_args(args: argparse.Namespace) -> tuple[PairSource, PairSource 
     """The main source and the optional bank source named by the flags."""
     balance = (args.sft_up, args.sft_down)
     seed = args.sft_seed if args.source == "sft" else args.shapes_seed
+    columns = (args.image_column, args.caption_column, args.key_column)
     main = make_source(
         args.source, args.input, args.captions, args.num_pairs, args.coco_mode, args.shapes_split,
-        args.shapes_image_size, seed, balance,
+        args.shapes_image_size, seed, balance, columns,
     )  # fmt: skip
     bank = None
     if args.bank_source is not None:
         seed = args.sft_seed if args.bank_source == "sft" else args.shapes_seed + 1
         bank = make_source(
             args.bank_source, args.bank_input, args.bank_captions, args.num_pairs, args.coco_mode, "train",
-            args.shapes_image_size, seed, balance,
+            args.shapes_image_size, seed, balance, columns,
         )  # fmt: skip
     return main, bank
 

@@ -1,6 +1,6 @@
 """Readers of raw image-caption pairs for ``cm3leon prepare``, and the rules that clean them.
 
-Five sources, each a :class:`PairSource` with a fixed, deterministic document order and random access by range
+Six sources, each a :class:`PairSource` with a fixed, deterministic document order and random access by range
 (``iter_range(start, stop)``), so the prepare pipeline can cut it into parts and process them in any order:
 
 - :class:`FolderSource`: an image folder with caption sidecar files (``cat.jpg`` + ``cat.txt``), recursive, sorted by
@@ -11,6 +11,8 @@ Five sources, each a :class:`PairSource` with a fixed, deterministic document or
   captions of one image always in the same split.
 - :class:`WebDatasetSource`: local WebDataset tars with ``jpg``/``jpeg``/``png``/``webp`` and ``txt`` members, in
   shard order then member order; key = the sample's ``__key__``.
+- :class:`~cm3leon_lightning.data.parquet.ParquetSource` (``data/parquet.py``): Parquet files with an image and a
+  caption column (Hugging Face Hub datasets, img2dataset's Parquet output).
 - :class:`ShapesSource`: the synthetic shapes generator (:func:`cm3leon_lightning.data.shapes.generate_pairs`).
 - :class:`~cm3leon_lightning.data.sft.SFTSource` (``data/sft.py``): instruction-tuning examples rendered with the
   paper's task templates, datasets balanced.
@@ -335,13 +337,15 @@ def make_source(
     image_size: int = 32,
     seed: int = 0,
     sft_balance: tuple[float, float] = (3.0, 0.3),
+    columns: tuple[str, str, str | None] = ("image", "caption", None),
 ) -> PairSource:
     """Build a source by name (the ``--source`` values of ``cm3leon prepare``).
 
     Args:
-        kind: ``folder``, ``coco``, ``wds``, ``shapes`` or ``sft``.
-        path: the image folder (folder, coco), the tar directory / pattern (wds), or the JSON-lines file / folder of
-            instruction-tuning examples (sft, :class:`~cm3leon_lightning.data.sft.SFTSource`).
+        kind: ``folder``, ``coco``, ``wds``, ``parquet``, ``shapes`` or ``sft``.
+        path: the image folder (folder, coco), the tar directory / pattern (wds), the Parquet directory / pattern
+            (parquet), or the JSON-lines file / folder of instruction-tuning examples (sft,
+            :class:`~cm3leon_lightning.data.sft.SFTSource`).
         captions: the COCO captions JSON (coco only).
         num_pairs: number of generated pairs (shapes).
         coco_mode: ``first`` or ``all`` (see :class:`CocoSource`).
@@ -349,17 +353,22 @@ def make_source(
         image_size: generated image side (shapes).
         seed: generator seed (shapes), or seed of the mixture's subsets, order and templates (sft).
         sft_balance: ``(up, down)`` sampling thresholds of the sft mixture (paper E.1: 3 / 0.3).
+        columns: ``(image, caption, key or None)`` column names (parquet).
     """
     if kind == "shapes":
         return ShapesSource(num_pairs, shapes_split, image_size, seed)
-    if kind not in ("folder", "coco", "wds", "sft"):
-        raise ValueError(f"source must be one of shapes, folder, coco, wds, sft; got {kind!r}")
+    if kind not in ("folder", "coco", "wds", "parquet", "sft"):
+        raise ValueError(f"source must be one of shapes, folder, coco, wds, parquet, sft; got {kind!r}")
     if path is None:
         raise ValueError(f"source {kind!r} needs an input path (--input)")
     if kind == "sft":
         from cm3leon_lightning.data.sft import SFTSource  # sft builds on this module
 
         return SFTSource(path, *sft_balance, seed=seed)
+    if kind == "parquet":
+        from cm3leon_lightning.data.parquet import ParquetSource  # parquet builds on this module
+
+        return ParquetSource(path, *columns)
     if kind == "folder":
         return FolderSource(path)
     if kind == "coco":

@@ -1,0 +1,166 @@
+"""Image-caption pairs from Parquet files: the layout of image-caption datasets on the Hugging Face Hub and of
+img2dataset's Parquet output with embedded images (``cm3leon prepare --source parquet``).
+
+An image column may hold encoded bytes (``binary``), a path (``string``, relative to the Parquet file's directory) or
+``datasets``' ``Image`` feature (a struct of ``bytes`` and ``path``; bytes win). A caption column holds a string or a
+list of strings (the first non-empty one is taken, as ``coco --coco-mode first`` does). Files are read in sorted order
+and rows in file order; a range is read one row group at a time, only the needed columns, so memory stays at one row
+group. Keys come from ``key_column`` or are ``{file stem}-{row:07d}``. Needs ``pyarrow`` (the ``parquet`` extra).
+"""
+
+from __future__ import annotations
+
+import glob
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cm3leon_lightning.data.shards import sanitize_key
+from cm3leon_lightning.data.sources import PairSource, RawPair
+
+
+def _pyarrow() -> Any:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as e:  # pragma: no cover - pyarrow is in the dev extra
+        raise ImportError("--source parquet needs pyarrow: pip install 'cm3leon_lightning[parquet]'") from e
+    return pq
+
+
+def list_parquet(spec: str | Path | Sequence[str | Path]) -> list[Path]:
+    """Parquet files named by a directory (``*.parquet`` under it, recursive), a glob pattern or a list, sorted.
+
+    Raises:
+        FileNotFoundError: nothing matches.
+    """
+    if isinstance(spec, (str, Path)):
+        p = Path(spec)
+        if p.is_dir():
+            files = sorted(p.rglob("*.parquet"))
+        elif p.is_file():
+            files = [p]
+        else:
+            files = sorted(Path(f) for f in glob.glob(str(spec), recursive=True))
+    else:
+        files = [Path(f) for f in spec]
+    if not files:
+        raise FileNotFoundError(f"--input: no Parquet files at {spec}")
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"--input: Parquet files not found: {missing[:5]}")
+    return files
+
+
+class ParquetSource(PairSource):
+    """Parquet files with an image column and a caption column (see the module docstring).
+
+    Args:
+        files: a directory, a glob pattern or a list of ``.parquet`` files.
+        image_column: the column holding the image (bytes, path, or ``{bytes, path}``).
+        caption_column: the column holding the caption (string or list of strings).
+        key_column: a column of stable ids (None: ``{file stem}-{row}``).
+
+    Raises:
+        FileNotFoundError: no files.
+        ValueError: an unreadable file, or a column missing or of an unsupported type, naming the file, the column
+            and the columns it has.
+    """
+
+    kind = "parquet"
+
+    def __init__(
+        self,
+        files: str | Path | Sequence[str | Path],
+        image_column: str = "image",
+        caption_column: str = "caption",
+        key_column: str | None = None,
+    ) -> None:
+        pq = _pyarrow()
+        self.files = list_parquet(files)
+        self.image_column, self.caption_column, self.key_column = image_column, caption_column, key_column
+        self.row_groups: list[list[int]] = []  # rows per row group, per file
+        for f in self.files:
+            try:
+                meta = pq.ParquetFile(f)
+            except Exception as e:  # noqa: BLE001 - pyarrow's own error types for a damaged file
+                raise ValueError(f"--input: {f} is not a readable Parquet file: {e}") from e
+            self._check_columns(f, meta.schema_arrow)
+            self.row_groups.append([meta.metadata.row_group(i).num_rows for i in range(meta.num_row_groups)])
+        counts = [sum(groups) for groups in self.row_groups]
+        self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+    def _check_columns(self, path: Path, schema: Any) -> None:
+        import pyarrow as pa
+
+        names = list(schema.names)
+        kinds = {
+            self.image_column: ("image", lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t)
+                                or pa.types.is_string(t) or pa.types.is_large_string(t)
+                                or (pa.types.is_struct(t) and {"bytes", "path"} & {t.field(i).name
+                                                                                    for i in range(t.num_fields)})),
+            self.caption_column: ("caption", lambda t: pa.types.is_string(t) or pa.types.is_large_string(t)
+                                  or (pa.types.is_list(t) and pa.types.is_string(t.value_type))),
+        }  # fmt: skip
+        if self.key_column is not None:
+            kinds[self.key_column] = ("key", lambda t: pa.types.is_string(t) or pa.types.is_integer(t))
+        for column, (role, ok) in kinds.items():
+            if column not in names:
+                raise ValueError(f"--input: {path} has no {role} column {column!r}; its columns: {names}")
+            kind = schema.field(column).type
+            if not ok(kind):
+                raise ValueError(f"--input: {path} column {column!r} ({role}) has the unsupported type {kind}")
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "files": [str(f) for f in self.files], "image_column": self.image_column,
+                "caption_column": self.caption_column, "key_column": self.key_column,
+                "counts": [sum(g) for g in self.row_groups], "count": len(self)}  # fmt: skip
+
+    def _rows(self, start: int, stop: int, columns: list[str]) -> Iterator[tuple[int, int, dict[str, Any]]]:
+        """``(file index, row in file, {column: value})`` for the source rows ``start .. stop - 1``."""
+        pq = _pyarrow()
+        start, stop = self._check_range(start, stop, len(self))
+        first = max(int(np.searchsorted(self.offsets, start, side="right")) - 1, 0)
+        for f in range(first, len(self.files)):
+            if self.offsets[f] >= stop:
+                break
+            reader, base = pq.ParquetFile(self.files[f]), int(self.offsets[f])
+            for g, n in enumerate(self.row_groups[f]):
+                lo, hi = max(start - base, 0), min(stop - base, n)
+                if lo < hi:
+                    table = reader.read_row_group(g, columns=columns).slice(lo, hi - lo)
+                    for j, row in enumerate(table.to_pylist()):
+                        yield f, base - int(self.offsets[f]) + lo + j, row
+                base += n
+
+    def iter_range(self, start: int, stop: int) -> Iterator[RawPair]:
+        columns = [self.image_column, self.caption_column] + ([self.key_column] if self.key_column else [])
+        for f, row, values in self._rows(start, stop, columns):
+            path = self.files[f]
+            key = f"{path.stem}-{row:07d}" if self.key_column is None else str(values[self.key_column])
+            meta = {"file": path.name, "row": row}
+            yield RawPair(sanitize_key(key), _caption(values[self.caption_column]),
+                          _image(values[self.image_column], path.parent), meta)  # fmt: skip
+
+    def captions(self) -> Iterator[str | bytes | None]:
+        """Every caption in order, reading only the caption column."""
+        for _, _, values in self._rows(0, len(self), [self.caption_column]):
+            yield _caption(values[self.caption_column])
+
+
+def _caption(value: Any) -> str | None:
+    if isinstance(value, list):
+        return next((v for v in value if isinstance(v, str) and v.strip()), None)
+    return value
+
+
+def _image(value: Any, folder: Path) -> bytes | Path | None:
+    if isinstance(value, dict):  # datasets' Image feature
+        return value.get("bytes") or (_image(value["path"], folder) if value.get("path") else None)
+    if isinstance(value, str):
+        return folder / value
+    return value

@@ -1,0 +1,112 @@
+"""``--source parquet`` (``data/parquet.py``): Hugging Face-style Parquet files (image struct, binary or path columns;
+string or list captions) read in a fixed order by any range, one row group at a time, and prepared into shards."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from cm3leon_lightning.cli import main as cm3leon_main
+from cm3leon_lightning.data.parquet import ParquetSource
+from cm3leon_lightning.data.shapes import generate_pairs
+from cm3leon_lightning.data.shards import Manifest, read_shard
+from cm3leon_lightning.data.sources import make_source
+from cm3leon_lightning.tokenization.text import TextTokenizer
+
+
+def png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture()
+def dataset(tmp_path: Path) -> dict:
+    """``a.parquet``: 7 rows of datasets' Image struct + string captions in row groups of 3; ``b.parquet``: 4 rows
+    of relative image paths + list captions (the first one empty) + an integer id column named like a's."""
+    pairs = list(generate_pairs(11, seed=3))
+    root = tmp_path / "data"
+    (root / "img").mkdir(parents=True)
+    images = [png(p.image) for p in pairs]
+    a = pa.table({
+        "image": [{"bytes": b, "path": f"{i}.png"} for i, b in enumerate(images[:7])],
+        "caption": [p.caption for p in pairs[:7]],
+        "id": list(range(7)),
+    })  # fmt: skip
+    pq.write_table(a, root / "a.parquet", row_group_size=3)
+    for i in range(7, 11):
+        (root / "img" / f"{i}.png").write_bytes(images[i])
+    b = pa.table({
+        "image": [f"img/{i}.png" for i in range(7, 11)],
+        "caption": [["", p.caption] for p in pairs[7:]],
+        "id": list(range(7, 11)),
+    })  # fmt: skip
+    pq.write_table(b, root / "b.parquet")
+    return {"root": root, "pairs": pairs, "images": images}
+
+
+def test_rows_come_in_file_then_row_order_with_images_and_captions(dataset: dict) -> None:
+    root, pairs, images = dataset["root"], dataset["pairs"], dataset["images"]
+    src = ParquetSource(root)
+    assert len(src) == 11 and src.row_groups == [[3, 3, 1], [4]]
+    got = list(src)
+    assert [p.key for p in got] == [f"a-{i:07d}" for i in range(7)] + [f"b-{i:07d}" for i in range(4)]
+    assert [p.caption for p in got] == [p.caption for p in pairs]
+    assert [p.image for p in got[:7]] == images[:7]  # bytes of the struct
+    assert [Path(p.image).read_bytes() for p in got[7:]] == images[7:]  # paths relative to the file
+    assert got[8].meta == {"file": "b.parquet", "row": 1}
+    for start, stop in [(2, 9), (3, 6), (0, 1), (10, 11), (6, 7), (5, 5), (9, 100)]:
+        assert [p.key for p in src.iter_range(start, stop)] == [p.key for p in got[start:stop]]
+    assert list(src.captions()) == [p.caption for p in got]
+    assert src.describe()["counts"] == [7, 4] and src.describe()["count"] == 11
+    keyed = make_source("parquet", str(root / "*.parquet"), columns=("image", "caption", "id"))
+    assert [p.key for p in keyed] == [str(i) for i in range(11)]
+
+
+def test_bad_files_and_columns_are_named(dataset: dict, tmp_path: Path) -> None:
+    root = dataset["root"]
+    with pytest.raises(ValueError, match=r"a.parquet has no caption column 'text'; its columns: \['image', 'caption'"):
+        ParquetSource(root, caption_column="text")
+    with pytest.raises(ValueError, match=r"a.parquet column 'id' \(caption\) has the unsupported type int64"):
+        ParquetSource(root, caption_column="id")
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "x.parquet").write_bytes(b"not parquet")
+    with pytest.raises(ValueError, match="x.parquet is not a readable Parquet file"):
+        ParquetSource(tmp_path / "junk")
+    with pytest.raises(FileNotFoundError, match="no Parquet files at"):
+        ParquetSource(tmp_path / "nothing-*.parquet")
+
+
+def test_prepare_turns_parquet_rows_into_shards(dataset: dict, tmp_path: Path) -> None:
+    """The command line end to end (micro VQGAN, tiny CLIP): every row becomes a document with its caption's tokens."""
+    import torch
+    from safetensors.torch import save_file
+
+    from cm3leon_lightning.retrieval.encoder import create_clip
+    from cm3leon_lightning.tokenization.vqgan import VQGAN
+
+    torch.manual_seed(0)
+    VQGAN.from_name("micro").save_pretrained(tmp_path / "vqgan")
+    with pytest.warns(UserWarning, match="randomly initialised"):
+        clip = create_clip("cm3leon-clip-tiny", None)
+    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(tmp_path / "clip.safetensors"))
+    out = tmp_path / "out"
+    args = ["prepare", "--source", "parquet", "--input", str(dataset["root"]), "--key-column", "id", "--out", str(out),
+            "--vqgan", str(tmp_path / "vqgan"), "--clip-model", "cm3leon-clip-tiny", "--clip-weights",
+            str(tmp_path / "clip.safetensors"), "--train-tokenizer-vocab", "300", "--val-fraction", "0",
+            "--search-k", "4", "--device", "cpu", "--no-progress"]  # fmt: skip
+    assert cm3leon_main(args) == 0
+    manifest = Manifest.load(out / "train" / "manifest.json")
+    samples = {s.key: s for shard in manifest.shards for s in read_shard(out / "train" / shard.name, manifest)}
+    captions = {str(i): p.caption for i, p in enumerate(dataset["pairs"])}
+    assert {k: s.caption for k, s in samples.items()} == captions
+    tok = TextTokenizer.load(out / "train" / "tokenizer.json")
+    assert all(s.text.tolist() == tok.encode(s.caption) for s in samples.values())
+    assert json.loads((out / "summary.json").read_text())["counts"]["read"] == 11
