@@ -89,17 +89,20 @@ def read_prompts(path: str | os.PathLike[str]) -> list[tuple[str, int | None]]:
 
 def load_vocab(source: str | os.PathLike[str]) -> MultimodalVocab:
     """The vocabulary of a checkpoint (``hyper_parameters["vocab"]``, a ``.ckpt`` or FSDP's sharded directory), a
-    model directory of ``cm3leon export``, a ``manifest.json`` or a prepared directory. No weights are read.
+    model directory of ``cm3leon export`` (either layout), a ``manifest.json`` or a prepared directory. No weights
+    are read.
 
     Raises:
         FileNotFoundError: nothing at ``source``.
         ValueError: the file holds no vocabulary.
     """
     from cm3leon_lightning.data.shards import MANIFEST_NAME, Manifest
-    from cm3leon_lightning.model.pretrained import is_model_dir, read_model_config
+    from cm3leon_lightning.model.pretrained import is_hf_dir, is_model_dir, read_hf_block, read_model_config
     from cm3leon_lightning.model.weights import SHARDED_META, load_error
 
     p = Path(source)
+    if is_hf_dir(p):
+        return MultimodalVocab(**read_hf_block(p, "vocab_from")["vocab"])
     if is_model_dir(p):
         return MultimodalVocab(**read_model_config(p, "vocab_from")["vocab"])
     if p.is_dir():

@@ -94,6 +94,9 @@ def test_the_directory_reads_back_and_other_opt_models_are_refused(tmp_path: Pat
     with pytest.raises(ValueError, match="is a Hugging Face 'opt' model not exported by cm3leon"):
         read_weights(plain, "--ckpt")
     assert bundled_paths(tmp_path / "m") == (None, None)  # no tokenizer was written
+    from cm3leon_lightning.generation.predict import load_vocab
+
+    assert load_vocab(tmp_path / "m").to_dict() == VOCAB  # cm3leon predict's --data.vocab_from
 
 
 def test_export_format_hf_bundles_a_tokenizer_transformers_reads(tmp_path: Path) -> None:
