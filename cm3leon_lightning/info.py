@@ -1,0 +1,182 @@
+"""``cm3leon info PATH``: what a file or directory this package wrote holds, read from its metadata only.
+
+Told apart by content: a training checkpoint (one ``.ckpt`` file or FSDP's sharded directory), a model directory of
+``cm3leon export`` (either layout), a VQGAN directory, a prepared dataset (``manifest.json``, its directory, or the
+``cm3leon prepare`` output holding ``train/`` and ``val/``), a memory bank, a text tokenizer, or a ``.safetensors``
+file. No tensor is loaded: a Lightning checkpoint is memory-mapped and only its small entries are read, a sharded
+one's ``meta.pt``, a safetensors file's header. ``--json`` prints the fields as JSON.
+
+Examples::
+
+    cm3leon info runs/pretrain/checkpoints/last.ckpt
+    cm3leon info models/350m --json
+    cm3leon info data/prepared
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _model(kind: str, config: dict[str, Any] | None, vocab: dict[str, Any] | None, **extra: Any) -> dict[str, Any]:
+    from cm3leon_lightning.config import CM3LeonConfig
+
+    out: dict[str, Any] = {"kind": kind}
+    if config:
+        c = CM3LeonConfig.from_dict(config)
+        out["parameters"] = c.num_parameters()
+        out["architecture"] = {k: config[k] for k in ("n_layer", "d_model", "n_head", "d_ff", "max_seq_len",
+                                                      "activation", "tie_embeddings")}  # fmt: skip
+    if vocab:
+        out["vocab"] = dict(vocab)
+    return {**out, **{k: v for k, v in extra.items() if v is not None}}
+
+
+def _dataset(manifest_path: Path) -> dict[str, Any]:
+    from cm3leon_lightning.data.shards import Manifest
+
+    m = Manifest.load(manifest_path)
+    return {"kind": "prepared dataset", "samples": m.num_samples, "shards": len(m.shards),
+            "format_version": m.format_version, "vocab": m.vocab().to_dict(),
+            "clip": m.clip.get("model"), "created_by": m.created_by}  # fmt: skip
+
+
+def _checkpoint(path: Path) -> dict[str, Any]:
+    """A Lightning checkpoint file (or a bare state dict), memory-mapped: only its small entries are read."""
+    from cm3leon_lightning.model.weights import load_error
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except Exception as e:  # noqa: BLE001 - whatever torch raises for a file that is not a checkpoint
+        raise ValueError(f"PATH: {path} is not a checkpoint, model, dataset, bank or tokenizer: {load_error(e)}") from e
+    if not isinstance(obj, dict):
+        raise ValueError(f"PATH: {path} holds a {type(obj).__name__}, not a checkpoint")
+    if "state_dict" not in obj:
+        tensors = [v for v in obj.values() if isinstance(v, torch.Tensor)]
+        return {"kind": "state dict", "tensors": len(tensors), "elements": sum(t.numel() for t in tensors)}
+    hp = obj.get("hyper_parameters") or {}
+    optimizers = obj.get("optimizer_states") or []
+    return _model("lightning checkpoint", hp.get("config"), hp.get("vocab"), global_step=obj.get("global_step"),
+                  epoch=obj.get("epoch"), optimizer_state=bool(optimizers), init_from=hp.get("init_from"),
+                  lightning=obj.get("pytorch-lightning_version"))  # fmt: skip
+
+
+def _safetensors(path: Path) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+        dtypes = sorted({str(f.get_slice(k).get_dtype()) for k in f.keys()})
+    return {"kind": "safetensors", "tensors": len(shapes), "dtypes": dtypes,
+            "elements": sum(int(torch.Size(s).numel()) for s in shapes.values())}  # fmt: skip
+
+
+def describe(path: str | Path) -> dict[str, Any]:
+    """The fields ``cm3leon info`` prints for ``path`` (``kind`` first, ``bytes`` last).
+
+    Raises:
+        FileNotFoundError: nothing at ``path``.
+        ValueError: not something this package reads.
+    """
+    from cm3leon_lightning.data.shards import MANIFEST_NAME
+    from cm3leon_lightning.model.pretrained import CONFIG_FILE, FORMAT_NAME, bundled_paths, is_hf_dir
+    from cm3leon_lightning.model.weights import SHARDED_META, is_safetensors
+    from cm3leon_lightning.retrieval.index import INDEX_FILE, META_FILE
+
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"PATH: {path} does not exist")
+    info: dict[str, Any] | None = None
+    if p.is_dir():
+        doc = json.loads((p / CONFIG_FILE).read_text()) if (p / CONFIG_FILE).is_file() else {}
+        tokenizer, vqgan = bundled_paths(p)
+        bundled = [name for name, x in (("tokenizer", tokenizer), ("vqgan", vqgan)) if x is not None]
+        if is_hf_dir(p):
+            block = doc.get("cm3leon") or {}
+            info = _model("model directory (Hugging Face OPT layout)", block.get("config"), block.get("vocab"),
+                          dtype=doc.get("dtype"), source=block.get("source"), bundled=bundled)  # fmt: skip
+        elif doc.get("format") == FORMAT_NAME:
+            info = _model("model directory", doc.get("config"), doc.get("vocab"), dtype=doc.get("dtype"),
+                          source=doc.get("source"), bundled=bundled)  # fmt: skip
+        elif doc.get("format") == "cm3leon_lightning.vqgan":
+            c = doc.get("config", {})
+            factor = 2 ** (len(c.get("ch_mult", [])) - 1)
+            grid = c.get("resolution", 0) // factor if factor else None
+            info = {"kind": "VQGAN", "resolution": c.get("resolution"), "codes": c.get("n_embed"), "grid": grid}
+        elif (p / SHARDED_META).is_file():
+            meta = torch.load(p / SHARDED_META, map_location="cpu", weights_only=True)
+            hp = meta.get("hyper_parameters") or {}
+            info = _model("sharded checkpoint", hp.get("config"), hp.get("vocab"), global_step=meta.get("global_step"),
+                          epoch=meta.get("epoch"))  # fmt: skip
+        elif (p / MANIFEST_NAME).is_file():
+            info = _dataset(p / MANIFEST_NAME)
+        elif (p / "train" / MANIFEST_NAME).is_file():
+            splits = {s: _dataset(p / s / MANIFEST_NAME) for s in ("train", "val") if (p / s / MANIFEST_NAME).is_file()}
+            info = {"kind": "prepare output", **{f"{s}_samples": d["samples"] for s, d in splits.items()},
+                    "vocab": splits["train"]["vocab"]}  # fmt: skip
+        elif (p / META_FILE).is_file() and (p / INDEX_FILE).is_file():
+            meta = json.loads((p / META_FILE).read_text())
+            info = {"kind": "memory bank", **{k: meta.get(k) for k in ("count", "dim", "model_name", "factory")}}
+        elif (p / "tokenizer.json").is_file():
+            info = describe(p / "tokenizer.json")
+    elif p.name == MANIFEST_NAME:
+        info = _dataset(p)
+    elif p.suffix == ".json":
+        from cm3leon_lightning.tokenization.text import TextTokenizer
+
+        tok = TextTokenizer.load(p)
+        info = {"kind": "text tokenizer", "vocab_size": tok.vocab_size, "num_sentinels": tok.num_sentinels,
+                "sha256": tok.sha256}  # fmt: skip
+    elif is_safetensors(p):
+        info = _safetensors(p)
+    else:
+        info = _checkpoint(p)
+    if info is None:
+        raise ValueError(
+            f"PATH: {path} is a directory this package does not know (no checkpoint, model, VQGAN, dataset, bank or "
+            "tokenizer files)"
+        )
+    return {**info, "bytes": _size(p)}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``cm3leon info``; returns the exit status (2 for a path it cannot read)."""
+    p = argparse.ArgumentParser(prog="cm3leon info", description=__doc__.split("\n")[0])
+    p.add_argument("path", help="a checkpoint, model directory, VQGAN, prepared dataset, memory bank or tokenizer")
+    p.add_argument("--json", action="store_true", help="print the fields as JSON")
+    args = p.parse_args(argv)
+    try:
+        info = describe(args.path)
+    except (FileNotFoundError, ValueError, OSError, RuntimeError) as e:
+        print(f"cm3leon info: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    for key, value in info.items():
+        if key == "parameters":
+            value = f"{value / 1e6:.1f}M"
+        elif key == "bytes":
+            key, value = "size", f"{value / 2**20:.1f} MiB"
+        elif isinstance(value, dict):
+            value = ", ".join(f"{k} {v}" for k, v in value.items())
+        elif isinstance(value, list):
+            value = ", ".join(map(str, value)) or "none"
+        print(f"{key + ':':<17} {value}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
