@@ -53,14 +53,19 @@ def _dataset(manifest_path: Path) -> dict[str, Any]:
             "clip": m.clip.get("model"), "created_by": m.created_by}  # fmt: skip
 
 
-def _checkpoint(path: Path) -> dict[str, Any]:
-    """A Lightning checkpoint file (or a bare state dict), memory-mapped: only its small entries are read."""
+def _torch_load(path: Path) -> Any:
+    """``torch.load(weights_only=True)``, memory-mapped when the file is a zip; ValueError when it is not loadable."""
     from cm3leon_lightning.model.weights import load_error
 
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:  # noqa: BLE001 - whatever torch raises for a file that is not a checkpoint
         raise ValueError(f"PATH: {path} is not a checkpoint, model, dataset, bank or tokenizer: {load_error(e)}") from e
+
+
+def _checkpoint(path: Path) -> dict[str, Any]:
+    """A Lightning checkpoint file (or a bare state dict), memory-mapped: only its small entries are read."""
+    obj = _torch_load(path)
     if not isinstance(obj, dict):
         raise ValueError(f"PATH: {path} holds a {type(obj).__name__}, not a checkpoint")
     if "state_dict" not in obj:
@@ -116,7 +121,8 @@ def describe(path: str | Path) -> dict[str, Any]:
             grid = c.get("resolution", 0) // factor if factor else None
             info = {"kind": "VQGAN", "resolution": c.get("resolution"), "codes": c.get("n_embed"), "grid": grid}
         elif (p / SHARDED_META).is_file():
-            meta = torch.load(p / SHARDED_META, map_location="cpu", weights_only=True)
+            meta = _torch_load(p / SHARDED_META)
+            meta = meta if isinstance(meta, dict) else {}
             hp = meta.get("hyper_parameters") or {}
             info = _model("sharded checkpoint", hp.get("config"), hp.get("vocab"), global_step=meta.get("global_step"),
                           epoch=meta.get("epoch"))  # fmt: skip
