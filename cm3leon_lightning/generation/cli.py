@@ -88,7 +88,8 @@ def load_checkpoint(
             "CM3LeonModule checkpoint or a model directory of 'cm3leon export'"
         )
     vocab = MultimodalVocab(**weights.vocab)
-    model = CM3Leon(CM3LeonConfig.from_dict(weights.config))
+    with torch.device("meta"):  # every weight comes from the file: no random initialisation (13 s at 350m on CPU)
+        model = CM3Leon(CM3LeonConfig.from_dict(weights.config))
     if not any(k in weights.state_dict for k in model.state_dict()):
         raise ValueError(f"--ckpt: {p} holds no weights of the network (no 'model.*' keys in its state_dict)")
     load_weights(model, weights.state_dict, f"--ckpt {str(p)!r}")

@@ -195,10 +195,15 @@ class CM3LeonModule(L.LightningModule):
         """Build the network once (idempotent, so FSDP/meta-device strategies can call it)."""
         if self.model is not None:
             return
-        model = CM3Leon(self.config)
         if self.hparams.init_from is not None:
+            # On the meta device: the file replaces every weight, so the random initialisation (minutes at 7B on a
+            # CPU) is skipped; load_weights assigns the loaded tensors in the dtype the context asks for.
+            with torch.device("meta"):
+                model = CM3Leon(self.config)
             # Before self.model is set: a file that does not fit leaves the module unbuilt, not half-initialized.
             self._load_init_from(model, self.hparams.init_from)
+        else:
+            model = CM3Leon(self.config)
         self.model = model
         # Shapes as built: FSDP later turns the parameters into flat 1-D shards (see configure_optimizers).
         self._param_ndims = {name: p.ndim for name, p in self.model.named_parameters()}

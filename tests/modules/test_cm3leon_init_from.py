@@ -315,3 +315,27 @@ def test_cli_fit_with_init_from_then_resume_without_the_file(
     init.unlink()
     main([*base, "--trainer.max_steps", "2", "--ckpt_path", str(last)])
     assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 2
+
+
+def test_weights_from_a_file_skip_the_random_initialisation(pretrained, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With init_from (and in load_checkpoint) the network is built on the meta device, so the paper's initialisation
+    (13 s at 350m on a CPU, minutes at 7B) never runs on real tensors; the weights are still the file's."""
+    from cm3leon_lightning.generation.cli import load_checkpoint
+
+    devices: list[str] = []
+    original = torch.nn.init.trunc_normal_
+
+    def recording(tensor, *args, **kwargs):
+        devices.append(tensor.device.type)
+        return original(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.init, "trunc_normal_", recording)
+    path, want = pretrained
+    module = CM3LeonModule(preset="tiny", vocab=DATA_VOCAB.to_dict(), init_from=str(path))
+    module.configure_model()
+    assert_weights_equal(module, want)
+    model, _ = load_checkpoint(path)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in want.items())
+    assert devices and set(devices) == {"meta"}
+    CM3LeonModule(preset="tiny").configure_model()  # without a file: initialised for real
+    assert devices[-1] == "cpu"
