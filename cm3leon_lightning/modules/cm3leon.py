@@ -190,6 +190,32 @@ class CM3LeonModule(L.LightningModule):
         kwargs.setdefault("init_from", None)
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
+    @classmethod
+    def from_pretrained(cls, path: str, **kwargs: Any) -> CM3LeonModule:
+        """A module holding the network of a checkpoint (``.ckpt``, FSDP's sharded directory) or a model directory of
+        ``cm3leon export``, built, for ``Trainer.validate``/``test``/``predict`` with the evaluation callbacks, or for
+        ``fit`` as fine-tuning starts (fresh optimizer, step 0). The architecture and vocabulary come from the file;
+        ``kwargs`` are the other arguments (``lr``, ``generation``, ...). The weights are read once, and the saved
+        hyper-parameters do not name the file.
+
+        Raises:
+            FileNotFoundError, ValueError: as :func:`~cm3leon_lightning.model.weights.read_weights`, or a file that
+                records no architecture and vocabulary (bare weights: ``CM3LeonModule(config=..., vocab=...,
+                init_from=path)``).
+        """
+        weights = read_weights(path, "path")
+        if not weights.config or not weights.vocab:
+            raise ValueError(
+                f"path: {path} ({weights.kind}) records no architecture and vocabulary; for bare weights use "
+                "CM3LeonModule(config=..., vocab=..., init_from=path)"
+            )
+        module = cls(config=CM3LeonConfig.from_dict(weights.config), vocab=dict(weights.vocab), **kwargs)
+        with torch.device("meta"):  # the file supplies every weight (see configure_model)
+            model = CM3Leon(module.config)
+        load_weights(model, weights.state_dict, f"path {str(path)!r}")
+        module._adopt(model)
+        return module
+
     # --------------------------------------------------------------------------------------------- building
     def configure_model(self) -> None:
         """Build the network once (idempotent, so FSDP/meta-device strategies can call it)."""
@@ -204,6 +230,10 @@ class CM3LeonModule(L.LightningModule):
             self._load_init_from(model, self.hparams.init_from)
         else:
             model = CM3Leon(self.config)
+        self._adopt(model)
+
+    def _adopt(self, model: CM3Leon) -> None:
+        """Make ``model`` this module's network: shapes recorded for weight decay, checkpointing and compile set."""
         self.model = model
         # Shapes as built: FSDP later turns the parameters into flat 1-D shards (see configure_optimizers).
         self._param_ndims = {name: p.ndim for name, p in self.model.named_parameters()}

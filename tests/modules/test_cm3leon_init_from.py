@@ -339,3 +339,29 @@ def test_weights_from_a_file_skip_the_random_initialisation(pretrained, monkeypa
     assert devices and set(devices) == {"meta"}
     CM3LeonModule(preset="tiny").configure_model()  # without a file: initialised for real
     assert devices[-1] == "cpu"
+
+
+def test_from_pretrained_builds_the_module_of_a_checkpoint_or_model_directory(pretrained, tmp_path: Path) -> None:
+    """Architecture and vocabulary from the file, its weights loaded once; the module validates and fine-tunes
+    (fresh optimizer, step 0) and its own checkpoints do not name the source."""
+    from cm3leon_lightning.export import export_model
+
+    path, want = pretrained
+    export_model(path, tmp_path / "model", dtype=torch.bfloat16)
+    half = {k: v.to(torch.bfloat16).float() for k, v in want.items()}
+    for source, weights in ((path, want), (tmp_path / "model", half)):
+        module = CM3LeonModule.from_pretrained(str(source), lr=1e-4, warmup_steps=1)
+        assert module.hparams.vocab == DATA_VOCAB.to_dict() and module.hparams.init_from is None
+        assert (
+            module.hparams.lr == 1e-4
+            and module.config.to_dict() == CM3LeonConfig.from_preset("tiny", vocab_size=128).to_dict()
+        )
+        assert_weights_equal(module, weights)
+        trainer = _trainer(tmp_path / "fit", max_steps=1)
+        trainer.fit(module, datamodule=TokenDataModule(n_train=4, batch_size=4))
+        assert trainer.global_step == 1
+    trainer.save_checkpoint(tmp_path / "tuned.ckpt")
+    assert torch.load(tmp_path / "tuned.ckpt", weights_only=True)["hyper_parameters"]["init_from"] is None
+    save_model(CM3LeonModule.from_pretrained(str(path)).model, str(tmp_path / "bare.safetensors"))
+    with pytest.raises(ValueError, match=r"bare.safetensors \(safetensors\) records no architecture and vocabulary"):
+        CM3LeonModule.from_pretrained(str(tmp_path / "bare.safetensors"))
