@@ -73,7 +73,7 @@ def export_model(
     """
     from cm3leon_lightning.config import CM3LeonConfig
     from cm3leon_lightning.model.transformer import CM3Leon
-    from cm3leon_lightning.model.weights import fit_state, read_weights
+    from cm3leon_lightning.model.weights import fit_state, read_weights, tensor_reader
 
     out, src = Path(out), Path(ckpt)
     if format not in FORMATS:
@@ -86,7 +86,7 @@ def export_model(
         raise ValueError(f"--out: {out} is or lies inside --ckpt {src}")
     inside_tokenizer, inside_vqgan = bundled_paths(src)  # re-exporting keeps the tokenizers unless others are given
     tokenizer, vqgan = tokenizer or inside_tokenizer, vqgan or inside_vqgan
-    weights = read_weights(src, "--ckpt")
+    weights = read_weights(src, "--ckpt", lazy=True)  # tensors read a chunk at a time while writing
     if not weights.config or not weights.vocab:
         raise ValueError(
             f"--ckpt: {src} ({weights.kind}) lacks the architecture and vocabulary ('config' and 'vocab'); export "
@@ -96,13 +96,14 @@ def export_model(
     with torch.device("meta"):  # names and shapes only: a 7B network is never allocated here
         skeleton = CM3Leon(config)
     state = fit_state(skeleton, weights.state_dict, f"--ckpt {str(src)!r}")
+    fetch = tensor_reader(weights.state_dict, weights.fetch)  # a tied pair read under the name the file has
     text_tok, image_tok = _load_tokenizers(weights.vocab, tokenizer, vqgan, vqgan_config, trust_pickle)
 
     partial = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
     try:
         source = {"checkpoint": str(src.resolve()), "kind": weights.kind, **weights.source}
-        save_pretrained(state, partial, config.to_dict(), weights.vocab, dtype, source, layout=format)
+        save_pretrained(state, partial, config.to_dict(), weights.vocab, dtype, source, layout=format, fetch=fetch)
         if text_tok is not None and format == "hf":
             text_tok.save(partial)  # tokenizer.json at the top, as transformers looks for it
             _write_tokenizer_config(partial, config.max_seq_len)

@@ -118,13 +118,24 @@ def test_init_from_a_model_directory(assets: Path) -> None:
         assert torch.equal(module(ids()), reference(ids()))
 
 
-def test_a_sharded_checkpoint_exports_with_its_step(tmp_path: Path) -> None:
+def test_a_sharded_checkpoint_exports_with_its_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cm3leon_lightning.model import weights
+
     L.seed_everything(0)
     module = CM3LeonModule(preset="tiny", lr=3e-3, warmup_steps=1)
     trainer = cpu_trainer(tmp_path, max_steps=2, enable_checkpointing=False, limit_val_batches=0)
     trainer.fit(module, datamodule=TokenDataModule(n_train=8, batch_size=4))
     sharded = save_sharded(trainer, tmp_path / "sharded.ckpt")
+    budget = max(p.numel() * p.element_size() for p in module.parameters())
+    monkeypatch.setattr(weights, "CHUNK_BYTES", budget)
+    reads: list[dict[str, torch.Tensor]] = []
+    load_shards = weights._load_shards
+    monkeypatch.setattr(weights, "_load_shards", lambda p, what, t: reads.append(t) or load_shards(p, what, t))
     summary = export_model(sharded, tmp_path / "m")
+    # The shards are read a chunk at a time, model tensors only, each once: never the whole model at once.
+    assert len(reads) > 2 and all(sum(t.numel() * t.element_size() for t in r.values()) <= budget for r in reads)
+    keys = [k for r in reads for k in r]
+    assert len(keys) == len(set(keys)) and all(k.startswith("model.") for k in keys)
     assert summary["kind"] == "sharded checkpoint" and summary["dtype"] == "float32"
     assert json.loads((tmp_path / "m" / "config.json").read_text())["source"]["global_step"] == 2
     assert load_vocab(sharded).to_dict() == module.hparams.vocab  # meta.pt only: no tensor read

@@ -81,20 +81,20 @@ def load_checkpoint(
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"--ckpt: checkpoint file not found: {p}")
-    weights = read_weights(p, "--ckpt")
+    weights = read_weights(p, "--ckpt", lazy=True)  # read a chunk at a time: the file's copy is never whole
     if not weights.config or not weights.vocab:
         raise ValueError(
             f"--ckpt: {p} ({weights.kind}) lacks the architecture and vocabulary ('config' and 'vocab'); give a "
             "CM3LeonModule checkpoint or a model directory of 'cm3leon export'"
         )
     vocab = MultimodalVocab(**weights.vocab)
-    with torch.device("meta"):  # every weight comes from the file: no random initialisation (13 s at 350m on CPU)
-        model = CM3Leon(CM3LeonConfig.from_dict(weights.config))
-    if not any(k in weights.state_dict for k in model.state_dict()):
-        raise ValueError(f"--ckpt: {p} holds no weights of the network (no 'model.*' keys in its state_dict)")
-    load_weights(model, weights.state_dict, f"--ckpt {str(p)!r}")
     if dtype is None:  # as saved: a model directory exported in bfloat16 stays bfloat16
         dtype = next((v.dtype for v in weights.state_dict.values() if v.is_floating_point()), None)
+    with torch.device("meta"):  # every weight comes from the file: no random initialisation (13 s at 350m on CPU)
+        model = CM3Leon(CM3LeonConfig.from_dict(weights.config)).to(dtype=dtype)  # read straight into the dtype
+    if not any(k in weights.state_dict for k in model.state_dict()):
+        raise ValueError(f"--ckpt: {p} holds no weights of the network (no 'model.*' keys in its state_dict)")
+    load_weights(model, weights.state_dict, f"--ckpt {str(p)!r}", weights.fetch)
     return model.to(device=device, dtype=dtype).eval(), vocab
 
 

@@ -102,23 +102,41 @@ def opt_config(config: dict[str, Any], vocab: dict[str, int], dtype: str, extra:
 
 
 def to_opt(state: dict[str, Tensor], config: dict[str, Any]) -> dict[str, Tensor]:
-    """Our state dict (``CM3Leon.state_dict()`` keys) -> OPT's names and shapes (table in the module docstring)."""
+    """Our state dict (``CM3Leon.state_dict()`` keys) -> OPT's names and shapes (table in the module docstring).
+
+    Each of our tensors maps on its own (:func:`opt_tensors`), so a part of the state dict converts to the matching
+    part of OPT's: ``cm3leon export`` converts a large model a few tensors at a time.
+    """
     check_convertible(config)
-    C, tied = config["d_model"], bool(config["tie_embeddings"])
-    wpe = state["wpe.weight"]
-    out = {
-        _PREFIX + "embed_tokens.weight": state["wte.weight"],
-        _PREFIX + "embed_positions.weight": torch.cat([wpe.new_zeros(POSITION_OFFSET, wpe.shape[1]), wpe]),
-    }
-    for i in range(config["n_layer"]):
-        ours, theirs = f"blocks.{i}.", f"{_PREFIX}layers.{i}."
-        q, k, v = state[ours + "attn.qkv.weight"].split(C, dim=0)
-        out.update({theirs + "self_attn.q_proj.weight": q, theirs + "self_attn.k_proj.weight": k,
-                    theirs + "self_attn.v_proj.weight": v})  # fmt: skip
-        out.update({theirs + name: state[ours + key] for key, name in _PER_LAYER.items()})
-    if not tied:
-        out["lm_head.weight"] = state["lm_head.weight"]
-    return {k: v.contiguous() for k, v in out.items()}
+    out: dict[str, Tensor] = {}
+    for name, tensor in state.items():
+        out.update(opt_tensors(name, tensor, config))
+    return out
+
+
+def opt_tensors(name: str, tensor: Tensor, config: dict[str, Any]) -> dict[str, Tensor]:
+    """OPT's tensors for our tensor ``name`` (three for a fused ``qkv``, none for a tied ``lm_head.weight``).
+
+    Raises:
+        ValueError: a name CM3Leon's network does not have.
+    """
+    if name == "wte.weight":
+        return {_PREFIX + "embed_tokens.weight": tensor.contiguous()}
+    if name == "wpe.weight":
+        return {
+            _PREFIX + "embed_positions.weight": torch.cat([tensor.new_zeros(POSITION_OFFSET, tensor.shape[1]), tensor])
+        }
+    if name == "lm_head.weight":
+        return {} if config["tie_embeddings"] else {name: tensor.contiguous()}
+    parts = name.split(".", 2)
+    if len(parts) == 3 and parts[0] == "blocks" and parts[1].isdigit():
+        theirs = f"{_PREFIX}layers.{parts[1]}."
+        if parts[2] == "attn.qkv.weight":
+            q, k, v = tensor.split(config["d_model"], dim=0)
+            return {f"{theirs}self_attn.{p}_proj.weight": t.contiguous() for p, t in zip("qkv", (q, k, v))}
+        if parts[2] in _PER_LAYER:
+            return {theirs + _PER_LAYER[parts[2]]: tensor.contiguous()}
+    raise ValueError(f"Hugging Face OPT layout: CM3Leon has no tensor {name!r}")
 
 
 def from_opt(state: dict[str, Tensor], config: dict[str, Any], what: str = "path") -> dict[str, Tensor]:

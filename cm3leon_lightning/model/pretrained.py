@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor
 
 FORMAT_NAME = "cm3leon_lightning.model"
@@ -87,11 +87,18 @@ def save_pretrained(
     dtype: torch.dtype | None = None,
     source: dict[str, Any] | None = None,
     layout: str = "cm3leon",
+    fetch: Callable[[Sequence[str]], dict[str, Tensor]] | None = None,
+    chunk_bytes: int | None = None,
 ) -> Path:
     """Write ``config.json`` and ``model.safetensors`` into ``directory`` (created); returns it.
 
+    The weights are converted and written a few at a time (:func:`~.safetensors_stream.write_safetensors`): with a
+    memory-mapped checkpoint or a lazy ``fetch``, a model of any size is exported holding at most ``chunk_bytes`` of
+    it (plus their converted copies), never the whole model.
+
     Args:
-        state_dict: the bare network's tensors (``CM3Leon.state_dict()`` keys).
+        state_dict: the bare network's tensors (``CM3Leon.state_dict()`` keys); with ``fetch``, tensors on the meta
+            device may stand for them (only names, shapes and dtypes are read here).
         directory: where to write; files of the same names there are replaced.
         config: the architecture (``CM3LeonConfig.to_dict()``).
         vocab: the vocabulary (``MultimodalVocab.to_dict()``).
@@ -99,6 +106,9 @@ def save_pretrained(
         source: provenance recorded in ``config.json`` (checkpoint path, step).
         layout: ``cm3leon`` (this module's format) or ``hf``: ``transformers``' ``OPTForCausalLM``
             (:mod:`cm3leon_lightning.model.hf_opt`), our architecture and vocabulary under ``"cm3leon"``.
+        fetch: reads the real tensors of the names it is given (``PretrainedWeights.read``); None: ``state_dict``'s.
+        chunk_bytes: the most source bytes asked of ``fetch`` at once (a larger tensor is asked for alone; default
+            :data:`~cm3leon_lightning.model.weights.CHUNK_BYTES`).
 
     When ``config`` ties the embeddings only ``wte.weight`` of the pair is written (safetensors refuses shared
     storage; :func:`~cm3leon_lightning.model.weights.load_weights` restores the tie).
@@ -109,14 +119,14 @@ def save_pretrained(
     """
     from cm3leon_lightning import __version__
     from cm3leon_lightning.model.hf_opt import opt_config, to_opt
-    from cm3leon_lightning.model.weights import TIED
+    from cm3leon_lightning.model.safetensors_stream import spec_of, write_safetensors
+    from cm3leon_lightning.model.weights import TIED, chunk_names
 
-    state = {k: v for k, v in state_dict.items() if not (config.get("tie_embeddings") and k == TIED[1])}
-    state = _one_dtype(state, dtype)
+    names = [k for k in state_dict if not (config.get("tie_embeddings") and k == TIED[1])]
+    specs = _one_dtype({k: state_dict[k].to("meta") for k in names}, dtype)  # checks dtypes; reads nothing
     about = {"created_by": __version__, "source": dict(source or {})}
     if layout == "hf":
-        doc = opt_config(config, vocab, _dtype_name(state), about)
-        state = to_opt(state, config)
+        doc = opt_config(config, vocab, _dtype_name(specs), about)
     elif layout == "cm3leon":
         doc = {
             "format": FORMAT_NAME,
@@ -124,15 +134,27 @@ def save_pretrained(
             "created_by": about["created_by"],
             "config": dict(config),
             "vocab": dict(vocab),
-            "dtype": _dtype_name(state),
+            "dtype": _dtype_name(specs),
             "source": about["source"],
         }
     else:
         raise ValueError(f"layout must be 'cm3leon' or 'hf', got {layout!r}")
+
+    def convert(part: dict[str, Tensor]) -> dict[str, Tensor]:
+        part = _to_dtype(part, dtype)
+        return to_opt(part, config) if layout == "hf" else part
+
+    chunks = chunk_names({k: state_dict[k] for k in names}, chunk_bytes)
+    header = [spec_of(k, v) for chunk in chunks for k, v in convert({k: specs[k] for k in chunk}).items()]
+
+    def tensors() -> Iterator[tuple[str, Tensor]]:
+        for chunk in chunks:
+            part = fetch(chunk) if fetch is not None else {k: state_dict[k] for k in chunk}
+            yield from convert({k: part[k] for k in chunk}).items()
+
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+    write_safetensors(directory / WEIGHTS_FILE, header, tensors(), metadata={"format": "pt"})
     # config.json last: a directory cut short by a crash has no config and is not mistaken for a model.
     (directory / CONFIG_FILE).write_text(json.dumps(doc, indent=2) + "\n")
     return directory
@@ -141,14 +163,20 @@ def save_pretrained(
 def _one_dtype(state: dict[str, Tensor], dtype: torch.dtype | None) -> dict[str, Tensor]:
     """``state`` with floating-point tensors in ``dtype`` (None: as they are, which must then be one of
     :data:`DTYPES`, shared by all)."""
-    if dtype is not None:
-        if dtype not in DTYPES.values():
-            raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype}")
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    if dtype is not None and dtype not in DTYPES.values():
+        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype}")
+    state = _to_dtype(state, dtype)
     floats = {v.dtype for v in state.values() if v.is_floating_point()}
     if len(floats) != 1 or next(iter(floats)) not in DTYPES.values():
         raise ValueError(f"the weights must share one dtype of {list(DTYPES)}, found {sorted(map(str, floats))}")
     return state
+
+
+def _to_dtype(state: dict[str, Tensor], dtype: torch.dtype | None) -> dict[str, Tensor]:
+    """``state`` with its floating-point tensors in ``dtype`` (None: unchanged)."""
+    if dtype is None:
+        return state
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
 
 
 def _dtype_name(state: dict[str, Tensor]) -> str:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import warnings
 import zipfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,9 @@ class PretrainedWeights:
             directory"``, ``"safetensors"`` or ``"state dict"``.
         source: provenance when the file says: ``global_step`` and ``epoch`` of a checkpoint, a model directory's
             ``source``.
+        fetch: set when read with ``lazy=True`` from a file whose tensors can be read a few at a time (a sharded
+            checkpoint, safetensors): ``state_dict`` then holds meta tensors (names, shapes, dtypes) and
+            ``fetch(names)`` reads the real ones (:func:`tensor_reader` works either way).
     """
 
     state_dict: dict[str, Tensor]
@@ -59,6 +63,7 @@ class PretrainedWeights:
     vocab: dict[str, int] | None
     kind: str
     source: dict[str, Any] = field(default_factory=dict)
+    fetch: Callable[[Sequence[str]], dict[str, Tensor]] | None = None
 
 
 def is_safetensors(path: Path) -> bool:
@@ -72,7 +77,7 @@ def is_safetensors(path: Path) -> bool:
     return 2 <= n <= size - 8 and head[8:9] == b"{"
 
 
-def read_weights(path: str | os.PathLike[str], what: str = "init_from") -> PretrainedWeights:
+def read_weights(path: str | os.PathLike[str], what: str = "init_from", lazy: bool = False) -> PretrainedWeights:
     """Read a network's weights from any of the sources in the module docstring.
 
     The kind is told by the content (a directory's ``config.json`` or ``meta.pt``, the safetensors header, then what
@@ -83,6 +88,10 @@ def read_weights(path: str | os.PathLike[str], what: str = "init_from") -> Pretr
     Args:
         path: the file or directory.
         what: the argument the path came from, named in errors.
+        lazy: read only names, shapes and dtypes now where the file allows reading tensors a few at a time later (a
+            sharded checkpoint, a ``.safetensors`` file, our model directory; see ``PretrainedWeights.fetch``), so
+            a caller that handles one tensor at a time (``cm3leon export``, :func:`load_weights`) never holds them
+            all. A Lightning checkpoint is memory-mapped either way.
 
     Raises:
         FileNotFoundError: no such file.
@@ -92,14 +101,10 @@ def read_weights(path: str | os.PathLike[str], what: str = "init_from") -> Pretr
     if not p.exists():
         raise FileNotFoundError(f"{what}: {str(path)!r} does not exist")
     if p.is_dir():
-        return _read_directory(p, what)
+        return _read_directory(p, what, lazy)
     if is_safetensors(p):
-        from safetensors.torch import load_file
-
-        try:
-            return PretrainedWeights(load_file(str(p), device="cpu"), None, None, "safetensors")
-        except Exception as e:  # safetensors raises its own error types
-            raise ValueError(f"{what}: {str(path)!r} cannot be read as safetensors: {e}") from e
+        state, fetch = read_safetensors(p, what, lazy)
+        return PretrainedWeights(state, None, None, "safetensors", fetch=fetch)
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(p))
     except Exception as e:  # UnpicklingError, RuntimeError, EOFError, ... depending on how the file is wrong
@@ -144,8 +149,41 @@ def _progress(checkpoint: dict[str, Any]) -> dict[str, Any]:
     return {k: checkpoint[k] for k in ("global_step", "epoch") if isinstance(checkpoint.get(k), int)}
 
 
-def _read_directory(p: Path, what: str) -> PretrainedWeights:
-    from cm3leon_lightning.model.pretrained import is_hf_dir, is_model_dir, read_hf, read_pretrained
+def read_safetensors(
+    path: Path, what: str, lazy: bool = False
+) -> tuple[dict[str, Tensor], Callable[[Sequence[str]], dict[str, Tensor]] | None]:
+    """The tensors of a ``.safetensors`` file, or (``lazy``) meta tensors and a function reading named ones.
+
+    Raises:
+        ValueError: the file is not readable as safetensors (named with ``what``).
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from cm3leon_lightning.model.safetensors_stream import DTYPE_NAMES
+
+    try:
+        if not lazy:
+            return load_file(str(path), device="cpu"), None
+        by_name = {v: k for k, v in DTYPE_NAMES.items()}
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            specs = {k: (f.get_slice(k).get_shape(), f.get_slice(k).get_dtype()) for k in f.keys()}  # noqa: SIM118
+        unknown = {k: d for k, (_, d) in specs.items() if d not in by_name}
+        if unknown:
+            raise ValueError(f"dtypes torch cannot hold here: {unknown}")
+    except Exception as e:  # safetensors raises its own error types
+        raise ValueError(f"{what}: {str(path)!r} cannot be read as safetensors: {e}") from e
+    state = {k: torch.empty(shape, dtype=by_name[d], device="meta") for k, (shape, d) in specs.items()}
+
+    def fetch(names: Sequence[str]) -> dict[str, Tensor]:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return {k: f.get_tensor(k) for k in names}
+
+    return state, fetch
+
+
+def _read_directory(p: Path, what: str, lazy: bool = False) -> PretrainedWeights:
+    from cm3leon_lightning.model.pretrained import WEIGHTS_FILE, is_hf_dir, is_model_dir, read_hf, read_model_config
 
     if is_hf_dir(p):
         state, block = read_hf(p, what)
@@ -153,29 +191,31 @@ def _read_directory(p: Path, what: str) -> PretrainedWeights:
             state, block["config"], block["vocab"], "hugging face directory", block.get("source", {})
         )
     if is_model_dir(p):
-        state, doc = read_pretrained(p, what)
-        return PretrainedWeights(state, doc["config"], doc["vocab"], "model directory", dict(doc.get("source", {})))
+        doc = read_model_config(p, what)
+        state, fetch = read_safetensors(p / WEIGHTS_FILE, what, lazy)
+        source = dict(doc.get("source", {}))
+        return PretrainedWeights(state, doc["config"], doc["vocab"], "model directory", source, fetch)
     if (p / SHARDED_META).is_file():
-        return read_sharded(p, what)
+        return read_sharded(p, what, lazy)
     raise ValueError(
         f"{what}: {str(p)!r} is a directory but neither a model directory of 'cm3leon export' (config.json) nor a "
         f"sharded Lightning checkpoint ({SHARDED_META} beside the shards)"
     )
 
 
-def read_sharded(path: str | os.PathLike[str], what: str = "init_from") -> PretrainedWeights:
+def read_sharded(path: str | os.PathLike[str], what: str = "init_from", lazy: bool = False) -> PretrainedWeights:
     """The network's weights from a sharded checkpoint of Lightning's FSDPStrategy, gathered in this process.
 
     Lightning writes ``{"model": state_dict, "optimizer_0": ...}`` with ``torch.distributed.checkpoint`` (which
     flattens the keys to ``model.model.wte.weight``, ...) and the rest of the checkpoint (hyper-parameters, step) to
     ``meta.pt``. Only the ``model.`` entries are allocated and read, whole, in the dtype they were saved in: the
-    optimizer's moments (twice the weights again in float32) stay on disk, so no consolidated copy is needed.
+    optimizer's moments (twice the weights again in float32) stay on disk, so no consolidated copy is needed. With
+    ``lazy`` nothing is read but the index: ``fetch(names)`` reads those tensors from the shards when asked.
 
     Raises:
         ValueError: ``meta.pt`` or the shards' ``.metadata`` is unreadable, or the shards hold no model tensors.
     """
-    from torch.distributed.checkpoint import FileSystemReader, load
-    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     p = Path(path)
@@ -189,13 +229,32 @@ def read_sharded(path: str | os.PathLike[str], what: str = "init_from") -> Pretr
         raise ValueError(
             f"{what}: {str(p)!r} has {SHARDED_META} but its shard index (.metadata) is unreadable: {e}"
         ) from e
-    tensors = {
-        k: torch.empty(m.size, dtype=m.properties.dtype)
+    keys = {  # our name -> the key in the shards
+        k.removeprefix("model.").removeprefix(MODEL_PREFIX): k
         for k, m in entries.items()
         if k.startswith("model.") and isinstance(m, TensorStorageMetadata)
     }
-    if not tensors:
+    if not keys:
         raise ValueError(f"{what}: the shards in {str(p)!r} hold no 'model.*' tensors (saved by another strategy?)")
+    specs = {name: (entries[k].size, entries[k].properties.dtype) for name, k in keys.items()}
+
+    def fetch(names: Sequence[str]) -> dict[str, Tensor]:
+        return _load_shards(p, what, {keys[n]: torch.empty(specs[n][0], dtype=specs[n][1]) for n in names})
+
+    meta = meta if isinstance(meta, dict) else {}
+    hparams = meta.get("hyper_parameters") or {}
+    config, vocab, source = hparams.get("config"), hparams.get("vocab"), _progress(meta)
+    if lazy:
+        state = {n: torch.empty(size, dtype=dtype, device="meta") for n, (size, dtype) in specs.items()}
+        return PretrainedWeights(state, config, vocab, "sharded checkpoint", source, fetch)
+    return PretrainedWeights(fetch(list(keys)), config, vocab, "sharded checkpoint", source)
+
+
+def _load_shards(p: Path, what: str, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Fill ``tensors`` (keyed as in the shards) from the sharded checkpoint ``p``; returned keyed by our names."""
+    from torch.distributed.checkpoint import FileSystemReader, load
+    from torch.distributed.checkpoint.api import CheckpointException
+
     with warnings.catch_warnings():  # "torch.distributed is ... uninitialized": reading in one process is the point
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         try:
@@ -204,11 +263,7 @@ def read_sharded(path: str | os.PathLike[str], what: str = "init_from") -> Pretr
             # CheckpointException (a BaseException) prints every rank's traceback: name the first cause only.
             cause = next(iter(e.failures.values()))[0] if isinstance(e, CheckpointException) and e.failures else e
             raise ValueError(f"{what}: reading the shards of {str(p)!r} failed: {cause}") from e
-    state = {k.removeprefix("model.").removeprefix(MODEL_PREFIX): v for k, v in tensors.items()}
-    meta = meta if isinstance(meta, dict) else {}
-    hparams = meta.get("hyper_parameters") or {}
-    source = _progress(meta)
-    return PretrainedWeights(state, hparams.get("config"), hparams.get("vocab"), "sharded checkpoint", source)
+    return {k.removeprefix("model.").removeprefix(MODEL_PREFIX): v for k, v in tensors.items()}
 
 
 def check_same_vocab(saved: dict[str, int] | None, ours: dict[str, int] | None, source: str) -> None:
@@ -250,7 +305,7 @@ def fit_state(model: nn.Module, state_dict: dict[str, Tensor], what: str) -> dic
         have = [k for k in TIED if k in state]
         if len(have) == 1:
             state[TIED[1] if have[0] == TIED[0] else TIED[0]] = state[have[0]]
-        elif len(have) == 2 and not torch.equal(state[TIED[0]], state[TIED[1]]):
+        elif len(have) == 2 and not state[TIED[0]].is_meta and not torch.equal(state[TIED[0]], state[TIED[1]]):
             raise ValueError(f"{what}: {TIED[0]!r} and {TIED[1]!r} differ, but the model ties them")
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
@@ -280,19 +335,63 @@ def is_tied(model: nn.Module) -> bool:
     return all(hasattr(model, name.split(".")[0]) for name in TIED) and model.lm_head.weight is model.wte.weight
 
 
-def load_weights(model: nn.Module, state_dict: dict[str, Tensor], what: str) -> None:
+CHUNK_BYTES = 1 << 28
+"""The most bytes of tensors read at once from a lazy source (:func:`load_weights`, ``cm3leon export``): 256 MiB,
+the token embedding of the 350m preset in float32 (a larger tensor, 7B's 1 GiB embedding, is read alone)."""
+
+
+def chunk_names(state: dict[str, Tensor], max_bytes: int | None = None) -> list[list[str]]:
+    """The names of ``state`` in order, grouped so each group holds at most ``max_bytes`` (default
+    :data:`CHUNK_BYTES`; a larger tensor alone)."""
+    max_bytes = max_bytes or CHUNK_BYTES
+    groups: list[list[str]] = []
+    size = 0
+    for k, v in state.items():
+        n = v.numel() * v.element_size()
+        if not groups or size + n > max_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(k)
+        size += n
+    return groups
+
+
+def tensor_reader(
+    file_state: dict[str, Tensor], fetch: Callable[[Sequence[str]], dict[str, Tensor]] | None
+) -> Callable[[Sequence[str]], dict[str, Tensor]]:
+    """A function reading named tensors of a file (through ``fetch`` when lazy), where a tied pair completed by
+    :func:`fit_state` is read under the one name the file holds."""
+    alias = {a: b for a, b in (TIED, TIED[::-1]) if a not in file_state and b in file_state}
+
+    def read(names: Sequence[str]) -> dict[str, Tensor]:
+        wanted = [alias.get(n, n) for n in names]
+        got = fetch(wanted) if fetch is not None else {k: file_state[k] for k in wanted}
+        return {n: got[w] for n, w in zip(names, wanted)}
+
+    return read
+
+
+def load_weights(
+    model: nn.Module,
+    state_dict: dict[str, Tensor],
+    what: str,
+    fetch: Callable[[Sequence[str]], dict[str, Tensor]] | None = None,
+) -> None:
     """Load ``state_dict`` into ``model`` after checking every key and shape (:func:`fit_state`), keeping tied
     embeddings tied.
 
     A file may hold only one of the tied pair (:data:`TIED`; ``safetensors.torch.save_model`` and ``cm3leon export``
     drop the duplicate). When the model was built on the meta device (an empty-init context, as FSDP's), its
     parameters have no storage to copy into, so the loaded tensors become the parameters (``assign=True``), copied in
-    the dtype the model was built in, and the tie is restored (assigning gives each name its own parameter).
+    the dtype the model was built in, and the tie is restored (assigning gives each name its own parameter). The
+    tensors are read :data:`CHUNK_BYTES` at a time, so a lazy source (``read_weights(..., lazy=True)``) never has
+    more than that in memory beside the model.
 
     Args:
         model: the freshly built network; a module whose ``lm_head.weight is wte.weight`` counts as tied.
-        state_dict: the bare network's tensors.
+        state_dict: the bare network's tensors, or meta tensors standing for them when ``fetch`` is given.
         what: the argument and file, named in errors.
+        fetch: reads the real tensors of the names it is given (``PretrainedWeights.fetch``).
 
     Raises:
         ValueError: as :func:`fit_state`.
@@ -301,16 +400,21 @@ def load_weights(model: nn.Module, state_dict: dict[str, Tensor], what: str) -> 
     state = fit_state(model, state_dict, what)
     expected = model.state_dict()
     on_meta = any(t.is_meta for t in expected.values())
+    read = tensor_reader(state_dict, fetch)
+    chunks = chunk_names({k: v for k, v in state.items() if not (tied and k == TIED[1])})
     if not on_meta:
         with torch.no_grad():
-            model.load_state_dict(state, strict=True)
+            for chunk in chunks:
+                for k, v in read(chunk).items():
+                    expected[k].copy_(v)  # state_dict() tensors share the parameters' storage
         return
-    # copy=True: the tensors may map the file (torch.load(mmap=True)), which must not back live parameters. A tied
-    # pair is copied once.
-    state = {k: v.to(dtype=expected[k].dtype, copy=True) for k, v in state.items() if not (tied and k == TIED[1])}
+    # copy=True: the tensors may map the file (torch.load(mmap=True)), which must not back live parameters.
+    loaded = {}
+    for chunk in chunks:
+        loaded.update({k: v.to(dtype=expected[k].dtype, copy=True) for k, v in read(chunk).items()})
     if tied:
-        state[TIED[1]] = state[TIED[0]]
-    model.load_state_dict(state, strict=True, assign=True)
+        loaded[TIED[1]] = loaded[TIED[0]]
+    model.load_state_dict(loaded, strict=True, assign=True)
     if tied:
         model.lm_head.weight = model.wte.weight
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]

@@ -203,7 +203,7 @@ class CM3LeonModule(L.LightningModule):
                 records no architecture and vocabulary (bare weights: ``CM3LeonModule(config=..., vocab=...,
                 init_from=path)``).
         """
-        weights = read_weights(path, "path")
+        weights = read_weights(path, "path", lazy=True)
         if not weights.config or not weights.vocab:
             raise ValueError(
                 f"path: {path} ({weights.kind}) records no architecture and vocabulary; for bare weights use "
@@ -212,7 +212,7 @@ class CM3LeonModule(L.LightningModule):
         module = cls(config=CM3LeonConfig.from_dict(weights.config), vocab=dict(weights.vocab), **kwargs)
         with torch.device("meta"):  # the file supplies every weight (see configure_model)
             model = CM3Leon(module.config)
-        load_weights(model, weights.state_dict, f"path {str(path)!r}")
+        load_weights(model, weights.state_dict, f"path {str(path)!r}", weights.fetch)
         module._adopt(model)
         return module
 
@@ -247,11 +247,11 @@ class CM3LeonModule(L.LightningModule):
 
         Under a trainer this runs after :meth:`setup`, so the data's vocabulary is known by then.
         """
-        weights = read_weights(path, "init_from")
+        weights = read_weights(path, "init_from", lazy=True)
         source = f"init_from checkpoint {path!r}"
         check_same_architecture(weights.config, self.config.to_dict(), source)
         check_same_vocab(weights.vocab, self.hparams.vocab, source)
-        load_weights(model, weights.state_dict, f"init_from {path!r}")
+        load_weights(model, weights.state_dict, f"init_from {path!r}", weights.fetch)
         if self.hparams.vocab is None and weights.vocab is not None:
             # The architectures matched, so the vocabulary fits; setup() then refuses data with another one.
             self.hparams["vocab"] = dict(weights.vocab)

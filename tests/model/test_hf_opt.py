@@ -65,6 +65,8 @@ def test_mapping_round_trips_every_tensor() -> None:
         assert ("lm_head.weight" in theirs) is not tied
         back = fit_state(model, from_opt(theirs, config), "x")
         assert all(torch.equal(back[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="OPT layout: CM3Leon has no tensor 'blocks.0.attn.bias'"):
+        to_opt({"blocks.0.attn.bias": torch.zeros(3)}, config)
 
 
 def test_architectures_opt_cannot_express_are_refused(tmp_path: Path) -> None:

@@ -55,6 +55,30 @@ def test_tied_pair_is_stored_once_and_dtype_converted(model: CM3Leon, tmp_path: 
     assert read_model_config(tmp_path)["dtype"] == "bfloat16"
 
 
+@pytest.mark.parametrize(("layout", "dtype"), [("cm3leon", None), ("hf", torch.bfloat16)])
+def test_a_lazy_source_is_read_a_chunk_at_a_time_into_the_same_file(
+    model: CM3Leon, tmp_path: Path, layout: str, dtype: torch.dtype | None
+) -> None:
+    state = model.state_dict()
+    sizes = {k: v.numel() * v.element_size() for k, v in state.items()}
+    budget = max(sizes.values())
+    calls: list[list[str]] = []
+
+    def fetch(names: list[str]) -> dict[str, torch.Tensor]:
+        calls.append(list(names))
+        return {k: state[k].clone() for k in names}
+
+    meta = {k: v.to("meta") for k, v in state.items()}
+    config = model.config.to_dict()
+    save_pretrained(meta, tmp_path / "lazy", config, VOCAB, dtype, layout=layout, fetch=fetch, chunk_bytes=budget)
+    save_pretrained(state, tmp_path / "whole", config, VOCAB, dtype, layout=layout, chunk_bytes=1 << 40)
+    assert len(calls) > 2 and all(sum(sizes[k] for k in c) <= budget for c in calls)
+    read = [k for c in calls for k in c]
+    assert sorted(read) == sorted(set(read)) and set(read) == set(state) - {TIED[1]}  # each once, tie once
+    lazy, whole = (tmp_path / d / WEIGHTS_FILE for d in ("lazy", "whole"))
+    assert lazy.read_bytes() == whole.read_bytes()
+
+
 def test_dtypes_are_checked(model: CM3Leon, tmp_path: Path) -> None:
     state = model.state_dict()
     with pytest.raises(ValueError, match=r"dtype must be one of \['float32', 'bfloat16', 'float16'\]"):

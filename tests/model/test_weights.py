@@ -14,8 +14,9 @@ from torch.distributed.checkpoint import FileSystemReader
 
 from cm3leon_lightning.config import CM3LeonConfig
 from cm3leon_lightning.model import CM3Leon
+from cm3leon_lightning.model import weights as weights_mod
 from cm3leon_lightning.model.pretrained import save_pretrained
-from cm3leon_lightning.model.weights import TIED, fit_state, read_sharded, read_weights
+from cm3leon_lightning.model.weights import TIED, fit_state, load_weights, read_sharded, read_weights
 from cm3leon_lightning.modules.cm3leon import CM3LeonModule
 
 
@@ -52,6 +53,66 @@ def test_single_file_and_sharded_checkpoints_read_the_same(trained) -> None:
     assert a.state_dict.keys() == b.state_dict.keys()
     assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
     assert (a.config, a.vocab) == (b.config, b.vocab)
+
+
+def test_lazy_reading_gives_meta_tensors_and_reads_named_ones(trained, tmp_path: Path) -> None:
+    sharded, single, module = trained
+    want = module.model.state_dict()
+    save_pretrained(want, tmp_path / "m", module.config.to_dict(), module.hparams.vocab)
+    sources = {
+        sharded: "sharded checkpoint",
+        tmp_path / "m": "model directory",
+        tmp_path / "m" / "model.safetensors": "safetensors",
+    }
+    for path, kind in sources.items():
+        lazy = read_weights(path, "--ckpt", lazy=True)
+        assert lazy.kind == kind and lazy.fetch is not None
+        assert all(v.is_meta for v in lazy.state_dict.values())
+        assert {k: (v.shape, v.dtype) for k, v in lazy.state_dict.items()} == {
+            k: (want[k].shape, want[k].dtype) for k in lazy.state_dict
+        }
+        names = list(lazy.state_dict)[1:3]
+        got = lazy.fetch(names)
+        assert list(got) == names and all(torch.equal(got[k], want[k]) for k in names)
+    assert read_weights(single, lazy=True).fetch is None  # memory-mapped already
+
+
+@pytest.mark.parametrize("on_meta", [True, False])
+def test_load_weights_reads_a_lazy_source_a_chunk_at_a_time(trained, monkeypatch, on_meta: bool) -> None:
+    sharded, _, module = trained
+    lazy = read_weights(sharded, lazy=True)
+    sizes = {k: v.numel() * v.element_size() for k, v in lazy.state_dict.items()}
+    monkeypatch.setattr(weights_mod, "CHUNK_BYTES", max(sizes.values()))
+    calls: list[list[str]] = []
+
+    def fetch(names):
+        calls.append(list(names))
+        return lazy.fetch(names)
+
+    torch.manual_seed(1)
+    with torch.device("meta" if on_meta else "cpu"):
+        model = CM3Leon(module.config)
+    load_weights(model, lazy.state_dict, "x", fetch)
+    assert len(calls) > 2 and all(sum(sizes[k] for k in c) <= max(sizes.values()) for c in calls)
+    read = [k for c in calls for k in c]
+    assert sorted(read) == sorted(set(read)) and TIED[1] not in read
+    assert model.lm_head.weight is model.wte.weight
+    want = module.model.state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in model.state_dict().items())
+
+
+def test_a_file_holding_the_tie_under_the_heads_name_loads_lazily(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = CM3Leon(CM3LeonConfig.from_preset("tiny"))
+    state = {k: v.clone() for k, v in model.state_dict().items() if k != TIED[0]}
+    save_file(state, tmp_path / "head.safetensors")
+    lazy = read_weights(tmp_path / "head.safetensors", lazy=True)
+    with torch.device("meta"):
+        fresh = CM3Leon(model.config)
+    load_weights(fresh, lazy.state_dict, "x", lazy.fetch)
+    assert torch.equal(fresh.wte.weight, model.wte.weight) and fresh.lm_head.weight is fresh.wte.weight
 
 
 def test_init_from_a_sharded_checkpoint(trained) -> None:
