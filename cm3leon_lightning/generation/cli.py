@@ -94,7 +94,7 @@ def load_checkpoint(
         model = CM3Leon(CM3LeonConfig.from_dict(weights.config)).to(dtype=dtype)  # read straight into the dtype
     if not any(k in weights.state_dict for k in model.state_dict()):
         raise ValueError(f"--ckpt: {p} holds no weights of the network (no 'model.*' keys in its state_dict)")
-    load_weights(model, weights.state_dict, f"--ckpt {str(p)!r}", weights.fetch)
+    load_weights(model, weights.state_dict, f"--ckpt {str(p)!r}", weights.fetch, device)  # chunks go to the device
     return model.to(device=device, dtype=dtype).eval(), vocab
 
 

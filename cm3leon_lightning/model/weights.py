@@ -376,6 +376,7 @@ def load_weights(
     state_dict: dict[str, Tensor],
     what: str,
     fetch: Callable[[Sequence[str]], dict[str, Tensor]] | None = None,
+    device: torch.device | str | None = None,
 ) -> None:
     """Load ``state_dict`` into ``model`` after checking every key and shape (:func:`fit_state`), keeping tied
     embeddings tied.
@@ -392,6 +393,8 @@ def load_weights(
         state_dict: the bare network's tensors, or meta tensors standing for them when ``fetch`` is given.
         what: the argument and file, named in errors.
         fetch: reads the real tensors of the names it is given (``PretrainedWeights.fetch``).
+        device: where a model built on the meta device gets its parameters (default: the CPU); each chunk moves
+            there as it is read, so a GPU model never has a whole copy in host memory.
 
     Raises:
         ValueError: as :func:`fit_state`.
@@ -411,7 +414,9 @@ def load_weights(
     # copy=True: the tensors may map the file (torch.load(mmap=True)), which must not back live parameters.
     loaded = {}
     for chunk in chunks:
-        loaded.update({k: v.to(dtype=expected[k].dtype, copy=True) for k, v in read(chunk).items()})
+        part = read(chunk)
+        loaded.update({k: v.to(device=device or "cpu", dtype=expected[k].dtype, copy=True) for k, v in part.items()})
+        del part
     if tied:
         loaded[TIED[1]] = loaded[TIED[0]]
     model.load_state_dict(loaded, strict=True, assign=True)

@@ -67,6 +67,12 @@ def test_fsdp_training_matches_plain_training_and_resumes_from_a_sharded_checkpo
     assert weights.kind == "sharded checkpoint" and weights.source["global_step"] == 3
     for name, value in three.items():
         assert torch.equal(weights.state_dict[name], value), name
+    from cm3leon_lightning.generation.cli import load_checkpoint
+
+    on_gpu, _ = load_checkpoint(tmp_path / "three.ckpt", device="cuda")  # read chunk by chunk onto the GPU
+    assert all(p.is_cuda for p in on_gpu.parameters()) and on_gpu.lm_head.weight is on_gpu.wte.weight
+    for name, value in three.items():
+        assert torch.equal(on_gpu.state_dict()[name].cpu(), value), name
     resumed, t6 = fit(tmp_path / "fsdp6", 6, fsdp=True, ckpt=str(tmp_path / "three.ckpt"))
     assert t6.global_step == 6
     again = full_weights(resumed, t6)
