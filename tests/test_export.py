@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_model
 from support.checkpoint_setup import save_sharded, write_checkpoint_assets
-from support.token_data import TokenDataModule, cpu_trainer
+from support.token_data import TokenDataModule, cpu_trainer, write_fit_config
 
 from cm3leon_lightning.cli import main as cm3leon_main
 from cm3leon_lightning.export import export_model, main
@@ -116,6 +116,26 @@ def test_init_from_a_model_directory(assets: Path) -> None:
     module.configure_model()
     with torch.no_grad():
         assert torch.equal(module(ids()), reference(ids()))
+
+
+def test_cm3leon_validate_evaluates_an_exported_directory_as_its_checkpoint(tmp_path: Path) -> None:
+    """The README's evaluation of a model directory: ``--model.init_args.init_from DIR`` in place of ``--ckpt_path``."""
+    from cm3leon_lightning.cli import CM3LeonCLI
+
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "model" / "tiny.yaml"
+    base = [
+        "--config",
+        str(tiny),
+        "--config",
+        str(write_fit_config(tmp_path, max_steps=2, n_train=8, limit_val_batches=1)),
+    ]
+    CM3LeonCLI(args=["fit", *base])
+    last = tmp_path / "ckpt" / "last.ckpt"
+    export_model(last, tmp_path / "m", dtype=torch.float32)
+    exported = CM3LeonCLI(args=["validate", *base, "--model.init_args.init_from", str(tmp_path / "m")])
+    restored = CM3LeonCLI(args=["validate", *base, "--ckpt_path", str(last)])
+    loss = exported.trainer.callback_metrics["val/loss"]
+    assert torch.isfinite(loss) and torch.equal(loss, restored.trainer.callback_metrics["val/loss"])
 
 
 def test_a_sharded_checkpoint_exports_with_its_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
