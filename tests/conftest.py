@@ -13,3 +13,25 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+# The longest test files (minutes of one core between them), collected first: pytest-xdist hands out whole files in
+# collection order, so a long file that came up last would leave one worker running alone at the end.
+LONGEST_FIRST = (
+    "model/test_fused_interpreter.py",
+    "test_benchmarks.py",
+    "test_demo.py",
+    "test_export_memory_benchmark.py",
+    "serve/test_serve_http.py",
+    "generation/test_predict.py",
+)
+
+
+def pytest_collection_modifyitems(config, items) -> None:  # noqa: ANN001
+    """Move the files of :data:`LONGEST_FIRST` to the front, in that order; the rest keep theirs."""
+    root = os.path.dirname(os.path.abspath(__file__))
+
+    def rank(item) -> int:  # noqa: ANN001
+        rel = os.path.relpath(str(item.path), root).replace(os.sep, "/")
+        return LONGEST_FIRST.index(rel) if rel in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: the order inside each rank is unchanged
