@@ -8,12 +8,11 @@ from cm3leon_lightning.generation.decoder import Decoder, SamplingSpec, decode_s
 from cm3leon_lightning.generation.generate import (
     GenerationSettings,
     ImageGeneration,
-    InfillResult,
     edit_image,
     generate_image,
     generate_text,
-    infill,
 )
+from cm3leon_lightning.generation.infilling import InfillResult, infill, infill_batch
 from cm3leon_lightning.generation.rerank import RerankResult, clip_scores, rerank
 from cm3leon_lightning.generation.sampling import (
     apply_temperature,
@@ -42,6 +41,7 @@ __all__ = [
     "generate_image",
     "generate_text",
     "infill",
+    "infill_batch",
     "process_logits",
     "rerank",
     "sample",

@@ -41,8 +41,9 @@ import numpy as np
 import torch
 
 from cm3leon_lightning.config import CM3LeonConfig
-from cm3leon_lightning.generation.generate import TEXT_LAYOUTS, edit_image, generate_image, generate_text, infill
+from cm3leon_lightning.generation.generate import TEXT_LAYOUTS, edit_image, generate_image, generate_text
 from cm3leon_lightning.generation.graphs import MODES, resolve_mode
+from cm3leon_lightning.generation.infilling import infill_batch
 from cm3leon_lightning.generation.tasks import IMAGE_TASKS, TASK_GUIDANCE, task_prefix
 from cm3leon_lightning.model import ATTENTION_IMPLS, CM3Leon
 from cm3leon_lightning.model.pretrained import DTYPES  # the --dtype choices besides auto
@@ -401,20 +402,21 @@ def run_infill(
     out: Path,
     compile: bool | str | None,
 ) -> None:
-    """``--infill``: fill the masked document ``--num-samples`` times (seeds ``--seed + i``); writes the filled text
-    of the first sample to ``answer.txt``, of every sample to ``answers.json`` (a list), and, with ``--infill-rows``,
-    the redrawn images as text-to-image does."""
+    """``--infill``: fill the masked document ``--num-samples`` times in one batch (seed ``--seed``); writes the
+    filled text of the first sample to ``answer.txt``, of every sample to ``answers.json`` (a list), and, with
+    ``--infill-rows``, the redrawn images as text-to-image does."""
     from cm3leon_lightning.generation.masking import infill_document, parse_rows
 
     rows = parse_rows(args.infill_rows, vocab.grid_h) if args.infill_rows else None
     ids, kinds = infill_document(tokenizer.encode, vocab, args.infill, codes, rows)  # type: ignore[attr-defined]
+    n = args.num_samples
+    results = infill_batch(
+        model, vocab, [ids] * n, span_kinds=[kinds] * n, max_span_tokens=args.max_new_tokens,
+        method="greedy" if args.method in ("greedy", "cd_k") else args.method, temperature=args.temperature,
+        top_p=args.top_p, seed=args.seed, compile=compile,
+    )  # fmt: skip
     texts, images = [], []
-    for i in range(args.num_samples):
-        result = infill(
-            model, vocab, ids, span_kinds=kinds, max_span_tokens=args.max_new_tokens,
-            method="greedy" if args.method in ("greedy", "cd_k") else args.method, temperature=args.temperature,
-            top_p=args.top_p, seed=args.seed + i, compile=compile,
-        )  # fmt: skip
+    for result in results:
         doc = vocab.ids_to_document(result.ids)
         texts.append(tokenizer.decode(list(doc[0].tokens)))  # type: ignore[attr-defined]
         if codes is not None:

@@ -86,8 +86,8 @@ class SamplingSpec:
             raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
         if self.top_k is not None and self.top_k < 1:
             raise ValueError(f"top_k must be >= 1 or None, got {self.top_k}")
-        if self.cdk_k < 1 or not self.cdk_alpha >= 0:
-            raise ValueError(f"cdk_k must be >= 1 and cdk_alpha >= 0, got {self.cdk_k} and {self.cdk_alpha}")
+        if self.cdk_k < 1 or not 0 <= self.cdk_alpha <= 1:
+            raise ValueError(f"cdk_k must be >= 1 and cdk_alpha in [0, 1], got {self.cdk_k} and {self.cdk_alpha}")
         if not 0 <= self.lo < self.hi:
             raise ValueError(f"the sampled id range [lo, hi) must be non-empty, got [{self.lo}, {self.hi})")
 
@@ -234,6 +234,8 @@ class Decoder:
         self.rows = len(rows) // spec.streams
         self.ids, self.mask = left_pad(rows, 0, self.device)  # (S*R, L)
         self.prompt_len = self.ids.shape[1]
+        # The whole document (prompt and new tokens) must fit the context, as in training, although the last new
+        # token is never fed: the serving and CLI checks count positions the same way.
         need = self.prompt_len + max_new_tokens
         if need > model.config.max_seq_len:
             raise ValueError(
@@ -303,12 +305,13 @@ class Decoder:
         self.input_pos = torch.tensor([self.prompt_len], device=self.device)
         return picked, picked.repeat(self.spec.streams)[:, None]
 
-    def feed_prompt(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+    def feed_prompt(self, tokens: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Feed forced tokens ``(S * R, T)`` at the current slots (e.g. the next sentinel when infilling) and sample
-        the token after them; advances the slot by ``T``."""
+        the token after them; advances the slot by ``T``. ``mask`` ``(S * R, T)``, False where a row's token is
+        padding (its slot stays invalid: not attended to, not counted in positions); the last column must be real."""
         T = tokens.shape[1]
         pos = self.input_pos + torch.arange(T, device=self.device)
-        picked = pick_tokens(self._last_logits(tokens, pos), self.spec, self.allowed, self._noise())
+        picked = pick_tokens(self._last_logits(tokens, pos, mask), self.spec, self.allowed, self._noise())
         self.input_pos += T
         return picked, picked.repeat(self.spec.streams)[:, None]
 

@@ -9,13 +9,15 @@ prefill, then one forward per token for the whole batch.
 * :func:`edit_image`: separate text and image guidance (section 4.1), three streams.
 * :func:`generate_text`: ``<eos> [instruction] <mask:0> <break> image <infill> <mask:0>`` (or, image first,
   ``<eos> image <break> [instruction]``) -> text until ``<eos>``, ``<break>`` or a sentinel (captioning and VQA).
-* :func:`infill`: fill the ``<mask:i>`` spans of a document, text or image, in order.
+* :func:`~cm3leon_lightning.generation.infilling.infill` (:mod:`.infilling`): fill the ``<mask:i>`` spans of
+  documents, text or image, in order.
 
 This module imports no Lightning.
 """
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -306,6 +308,10 @@ def edit_image(
         Other arguments as :func:`generate_image`.
     """
     check_vocab(model, vocab)
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if len(source) == 0:
+        raise ValueError("edit_image needs at least one source image")
     if len(source) != len(instructions):
         raise ValueError(f"{len(source)} source images but {len(instructions)} instructions; give one per image")
     head = [vocab.eos_id, *task_prefix, vocab.break_id]
@@ -325,7 +331,12 @@ def edit_image(
 
 
 # ------------------------------------------------------------------------------------------------ image -> text
-def _text_spec(method: str, temperature: float, top_p: float, hi: int) -> SamplingSpec:
+def text_spec(method: str, temperature: float, top_p: float, hi: int) -> SamplingSpec:
+    """The sampling rule of text decoding (one stream, ids ``[0, hi)``).
+
+    Raises:
+        ValueError: a method other than ``greedy``, ``temperature`` or ``top_p`` (guidance is for images).
+    """
     if method not in ("greedy", "top_p", "temperature"):
         raise ValueError(f"text decoding method must be 'greedy', 'temperature' or 'top_p', got {method!r}")
     return SamplingSpec(method=method, streams=1, temperature=temperature, top_p=top_p, lo=0, hi=hi)
@@ -371,125 +382,16 @@ def generate_text(
     codes = [image_codes(vocab, img) for img in images]
     if instruction is None or len(instruction) == 0:
         per_image: list[Sequence[int]] = [[]] * len(codes)
-    elif isinstance(instruction[0], int):
+    elif isinstance(instruction[0], numbers.Integral) or getattr(instruction[0], "ndim", None) == 0:
         per_image = [instruction] * len(codes)  # type: ignore[list-item]
     else:
         per_image = list(instruction)  # type: ignore[arg-type]
         if len(per_image) != len(codes):
             raise ValueError(f"{len(per_image)} instructions for {len(codes)} images; give one, or one per image")
     rows = [caption_prompt(vocab, c, i, layout) for c, i in zip(codes, per_image)]
-    spec = _text_spec(method, temperature, top_p, hi=vocab.n_text)  # text ids only: the head's first rows
+    spec = text_spec(method, temperature, top_p, hi=vocab.n_text)  # text ids only: the head's first rows
     allowed = allowed_ids(vocab, model.config.vocab_size, "text", _device(model))[: vocab.n_text]
     with torch.no_grad():
         dec = Decoder(model, spec, rows, max_new_tokens, seed=seed, allowed=allowed, compile=compile)
         out = dec.run(dec.prefill(), max_new_tokens, stop_ids(vocab), check_every)
     return cut_at_stop(out, stop_ids(vocab))
-
-
-# ------------------------------------------------------------------------------------------------ infilling
-@dataclass
-class InfillResult:
-    """The result of :func:`infill`.
-
-    Attributes:
-        ids: the input with every ``<mask:i>`` replaced by its generated span.
-        spans: the generated span of each sentinel, in order (vocabulary ids).
-    """
-
-    ids: list[int]
-    spans: list[list[int]]
-
-
-def _plan_spans(vocab: MultimodalVocab, body: list[int], span_kinds: Sequence[str] | None) -> list[tuple[str, int]]:
-    """For each sentinel in order: its modality and, for images, the number of codes that complete the segment."""
-    where = [j for j, t in enumerate(body) if vocab.is_sentinel(t)]
-    if [body[j] for j in where] != vocab.sentinel_ids[: len(where)]:
-        raise ValueError("the sentinels must appear in order <mask:0>, <mask:1>, ... (as cm3_infill writes them)")
-    if not where:
-        raise ValueError("infill: the ids hold no <mask:i> sentinel")
-    if span_kinds is not None and len(span_kinds) != len(where):
-        raise ValueError(f"span_kinds has {len(span_kinds)} entries for {len(where)} sentinels")
-    plan = []
-    for i, j in enumerate(where):
-        lo, hi = j, j + 1
-        while lo > 0 and body[lo - 1] >= vocab.num_special:
-            lo -= 1
-        while hi < len(body) and body[hi] >= vocab.num_special:
-            hi += 1
-        n_image = sum(1 for t in body[lo:hi] if t >= vocab.n_text)
-        kind = "image" if n_image else (span_kinds[i] if span_kinds is not None else "text")
-        if kind not in ("text", "image"):
-            raise ValueError(f"span_kinds[{i}] must be 'text' or 'image', got {kind!r}")
-        if span_kinds is not None and span_kinds[i] != kind:
-            raise ValueError(f"span {i} sits next to image codes, so it is an image span, not {span_kinds[i]!r}")
-        missing = vocab.image_tokens - n_image
-        if kind == "image" and missing < 1:
-            raise ValueError(f"span {i}: its image segment already holds {n_image} codes; nothing left to infill")
-        plan.append((kind, missing if kind == "image" else 0))
-    return plan
-
-
-def infill(
-    model: CM3Leon,
-    vocab: MultimodalVocab,
-    ids: Sequence[int],
-    *,
-    span_kinds: Sequence[str] | None = None,
-    max_span_tokens: int = 32,
-    method: str = "greedy",
-    temperature: float = 1.0,
-    top_p: float = 0.9,
-    seed: int | None = None,
-    check_every: int = 8,
-    compile: bool | str | None = None,
-) -> InfillResult:
-    """Fill the masked spans of one document (CM3 infilling, paper section 2.2), text or image.
-
-    ``ids`` is a masked body as :func:`~cm3leon_lightning.objective.cm3_infill` writes it before ``<infill>``, e.g.
-    ``<eos> a <mask:0> <break> image-with-<mask:1>`` (a trailing ``<eos>`` is dropped, as in training). The model
-    reads ``ids <infill> <mask:0>`` and generates span 0, then ``<mask:1>`` is appended, and so on. An image span
-    gets exactly as many codes as its segment misses (image codes only); a text span ends at ``<eos>``, ``<break>``
-    or a sentinel, or after ``max_span_tokens``.
-
-    Args:
-        ids: the masked document.
-        span_kinds: ``"text"``/``"image"`` per sentinel; needed only for a whole masked image segment, whose
-            modality cannot be seen from its neighbours (default: text).
-        max_span_tokens: the most tokens of a text span.
-        Other arguments as :func:`generate_text`.
-    """
-    check_vocab(model, vocab)
-    body = [int(t) for t in ids]
-    vocab.validate_ids(body, "infill ids")
-    if body and body[-1] == vocab.eos_id:
-        body = body[:-1]
-    plan = _plan_spans(vocab, body, span_kinds)
-    spec = _text_spec(method, temperature, top_p, hi=vocab.size)  # text and image spans
-    device = _device(model)
-    allowed = {k: allowed_ids(vocab, model.config.vocab_size, k, device)[: vocab.size] for k in ("text", "image")}
-    budget = sum(n if k == "image" else max_span_tokens for k, n in plan) + len(plan) + 1
-    prompt = body + [vocab.infill_id, vocab.sentinel_id(0)]
-    stops = stop_ids(vocab)
-    spans: list[list[int]] = []
-    with torch.no_grad():
-        dec = Decoder(model, spec, [prompt], budget, seed=seed, allowed=allowed[plan[0][0]], compile=compile)
-        first, slot = dec.prefill(), len(prompt)  # slot: where the first new token will be fed
-        for i, (kind, n) in enumerate(plan):
-            dec.allowed = allowed[kind]
-            if i:  # feed the previous span's last token (never fed yet) and <mask:i>
-                forced = spans[-1][-1:] + [vocab.sentinel_id(i)]
-                slot -= len(spans[-1][-1:])
-                dec.input_pos.fill_(slot)
-                first = dec.feed_prompt(torch.tensor([forced], device=device))
-                slot += len(forced)
-            dec.input_pos.fill_(slot)
-            if kind == "image":
-                span = dec.run(first, n)[0].tolist()
-            else:
-                span = cut_at_stop(dec.run(first, max_span_tokens, stops, check_every), stops)[0]
-            spans.append(span)
-            slot += len(span)
-    filled: list[int] = []
-    for t in body:
-        filled.extend(spans[t - vocab.sentinel_id(0)] if vocab.is_sentinel(t) else [t])
-    return InfillResult(filled, spans)

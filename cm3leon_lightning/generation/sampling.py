@@ -59,6 +59,8 @@ def top_p_filter(logits: Tensor, p: float) -> Tensor:
     """
     if not 0 < p <= 1:
         raise ValueError(f"top_p must lie in (0, 1], got {p}")
+    if p >= 1:  # the running sum reaches 1.0 in float before the last tokens: filtering would drop some of them
+        return logits
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (..., V)
     probs = sorted_logits.softmax(dim=-1)
     mass_above = probs.cumsum(dim=-1).roll(1, dims=-1)  # (..., V) probability ranked strictly above each token
@@ -110,12 +112,12 @@ def cdk_logits(cond: Tensor, uncond: Tensor, k: int, alpha: float) -> Tensor:
         cond: ``(..., V)`` conditional logits.
         uncond: ``(..., V)`` unconditional logits.
         k: which largest probability sets the threshold, ``>= 1``.
-        alpha: threshold factor, ``>= 0``.
+        alpha: threshold factor in ``[0, 1]`` (above 1 the set can be empty and every token ``-inf``).
     """
     if k < 1:
         raise ValueError(f"cd_k k must be >= 1, got {k}")
-    if not alpha >= 0:
-        raise ValueError(f"cd_k alpha must be >= 0, got {alpha}")
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"cd_k alpha must lie in [0, 1], got {alpha}")
     log_p = cond.log_softmax(dim=-1)  # (..., V)
     log_q = uncond.log_softmax(dim=-1)
     k = min(k, log_p.shape[-1])

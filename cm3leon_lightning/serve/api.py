@@ -38,8 +38,8 @@ from cm3leon_lightning.generation.generate import (
     generate_image,
     generate_text,
     image_prompt,
-    infill,
 )
+from cm3leon_lightning.generation.infilling import infill_batch
 from cm3leon_lightning.generation.tasks import TASK_GUIDANCE, task_prefix
 from cm3leon_lightning.serve.jobs import (
     EDIT_SETTINGS,
@@ -393,27 +393,30 @@ class CM3LeonAPI(ls.LitAPI):
         return answers
 
     def _run_infill(self, group: list[InfillJob]) -> list[dict[str, Any]]:
-        (job,) = group
-        first = self._seed(job.seed)
-        texts, codes = [], []
-        for i in range(job.num_samples):
-            result = infill(
-                self.model, self.vocab, job.ids, span_kinds=job.kinds, max_span_tokens=job.max_span_tokens,
-                method=job.method, temperature=job.temperature, top_p=job.top_p, seed=first + i, compile=self.compile,
-            )  # fmt: skip
-            doc = self.vocab.ids_to_document(result.ids)
-            texts.append(self.tokenizer.decode(list(doc[0].tokens)))
+        j = group[0]
+        docs = [(job.ids, job.kinds) for job in group for _ in range(job.num_samples)]  # one row per filling
+        results = infill_batch(
+            self.model, self.vocab, [d for d, _ in docs], span_kinds=[k for _, k in docs],
+            max_span_tokens=j.max_span_tokens, method=j.method, temperature=j.temperature, top_p=j.top_p,
+            seed=self._seed(j.seed), compile=self.compile,
+        )  # fmt: skip
+        answers, at = [], 0
+        for job in group:
+            mine, at = results[at : at + job.num_samples], at + job.num_samples
+            documents = [self.vocab.ids_to_document(r.ids) for r in mine]
+            answer: dict[str, Any] = {
+                "seed": job.seed,
+                "texts": [self.tokenizer.decode(list(d[0].tokens)) for d in documents],
+            }
             if job.has_image:
-                codes.append(torch.as_tensor(doc[1].tokens))
-        answer: dict[str, Any] = {"seed": job.seed, "texts": texts}
-        if job.has_image:
-            stacked = torch.stack(codes)  # (N, h*w)
-            images = self._decode(stacked)
-            if images is not None:
-                answer["images"] = [encode_png_base64(im) for im in images]
-            if job.return_codes or images is None:
-                answer["codes"] = stacked.tolist()
-        return [answer]
+                stacked = torch.stack([torch.as_tensor(d[1].tokens) for d in documents])  # (N, h*w)
+                images = self._decode(stacked)
+                if images is not None:
+                    answer["images"] = [encode_png_base64(im) for im in images]
+                if job.return_codes or images is None:
+                    answer["codes"] = stacked.tolist()
+            answers.append(answer)
+        return answers
 
     def _run_texts(self, group: list[TextJob]) -> list[dict[str, Any]]:
         s = group[0].settings

@@ -133,10 +133,15 @@ class InfillJob:
 
 Job = ImageJob | TextJob | EditJob | InfillJob
 
+INFILL_SETTINGS = ("method", "temperature", "top_p", "max_span_tokens")
+"""The fields of an :class:`InfillJob` that must agree for it to share a decode."""
+
 
 def job_rows(job: Job) -> int:
     """Sequences a job adds to a decode: guidance streams x candidates."""
-    if isinstance(job, (TextJob, InfillJob)):
+    if isinstance(job, InfillJob):
+        return job.num_samples
+    if isinstance(job, TextJob):
         return 1
     if isinstance(job, EditJob):
         return 3 * job.settings.num_samples
@@ -146,8 +151,10 @@ def job_rows(job: Job) -> int:
 
 def job_key(job: Job, index: int) -> tuple:
     """The decode group of the job at position ``index`` of a batch (see ``serve.requests.group_key``)."""
-    if isinstance(job, InfillJob):  # infill decodes one document (span after span): never shared
-        return ("InfillJob", index)
+    if isinstance(job, InfillJob):  # documents whose spans have the same modalities decode together
+        settings = {k: v for k, v in asdict(job).items() if k in INFILL_SETTINGS}
+        seeded = job.seed if job.method != "greedy" else None
+        return ("InfillJob", tuple(job.kinds), *group_key(settings, seeded, index))
     settings = asdict(job.settings)
     settings.pop("num_samples", None)  # a request is decoded as one row per candidate: any numbers mix
     seeded = job.seed if job.settings.method != "greedy" else None  # greedy ignores the seed

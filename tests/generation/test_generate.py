@@ -224,6 +224,19 @@ def test_clear_errors():
         infill(model, VOCAB, [1, 20, 21])
     with pytest.raises(ValueError, match="retrieved"):
         generate_image(model, VOCAB, [[20], [21]], retrieved=[[]])
+    with pytest.raises(ValueError, match="num_samples must be >= 1"):
+        edit_image(model, VOCAB, [[1] * 6], [[20]], [21], num_samples=0)
+    with pytest.raises(ValueError, match="at least one source image"):
+        edit_image(model, VOCAB, [], [], [21])
+
+
+def test_an_instruction_given_as_an_array_is_one_instruction():
+    import numpy as np
+
+    model, image = random_model(), [3, 1, 4, 1, 5, 9]
+    want = generate_text(model, VOCAB, [image, image], [30, 31], max_new_tokens=4, compile=False)
+    for instruction in (np.array([30, 31]), torch.tensor([30, 31])):
+        assert generate_text(model, VOCAB, [image, image], instruction, max_new_tokens=4, compile=False) == want
 
 
 CUDA = torch.cuda.is_available()

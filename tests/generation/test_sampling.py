@@ -60,6 +60,15 @@ def test_top_p_hand_example():
             top_p_filter(logits, bad)
 
 
+def test_top_p_one_keeps_every_token_however_unlikely():
+    """float32's running sum reaches 1.0 before the last tokens: p = 1 must not drop them (the fused sampling kernel
+    skips the filter at 1, so eager and fused steps agree)."""
+    logits = torch.tensor([20.0, 0.0, 0.0])  # the last two have probability 2e-9 each
+    assert torch.equal(top_p_filter(logits, 1.0), logits)
+    wide = torch.randn(200, 1000, generator=torch.Generator().manual_seed(0)) * 5
+    assert torch.equal(top_p_filter(wide, 1.0), wide)
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_top_p_keeps_the_smallest_set_with_mass_at_least_p(seed):
     g = torch.Generator().manual_seed(seed)
@@ -110,6 +119,11 @@ def test_cdk_hand_computed_example():
     assert kept(cdk_logits(p.log(), q.log(), k=99, alpha=0.0)) == {0, 1, 2, 3, 4}
     with pytest.raises(ValueError, match="k"):
         cdk_logits(p.log(), q.log(), k=0, alpha=0.5)
+    # alpha = 1 keeps the k largest; above 1 the set could be empty (every token -inf): refused
+    assert kept(cdk_logits(p.log(), q.log(), k=2, alpha=1.0)) == {0, 1}
+    for alpha in (1.2, 2.0, -0.1):
+        with pytest.raises(ValueError, match=r"alpha must lie in \[0, 1\]"):
+            cdk_logits(p.log(), q.log(), k=1, alpha=alpha)
 
 
 VOCAB = MultimodalVocab(n_text=40, n_codes=24, grid_h=2, grid_w=3)  # size 64, padded 128
@@ -174,6 +188,7 @@ def test_sampling_spec_rejects_bad_settings():
         ({"method": "cd_k", "streams": 3}, "cd_k"),
         ({"temperature": -1.0}, "temperature"),
         ({"top_p": 0.0}, "top_p"),
+        ({"method": "cd_k", "streams": 2, "cdk_alpha": 2.0}, r"cdk_alpha in \[0, 1\]"),
         ({"lo": 5, "hi": 5}, "range"),
     ):
         with pytest.raises(ValueError, match=match):

@@ -168,9 +168,9 @@ def test_grounded_generation_uses_the_task_prefix_and_a_single_cfg(api, direct):
     assert api.predict(job)["codes"] == want.codes[0].tolist()
 
 
-def test_infill_requests_equal_infill_sample_by_sample(api, direct):
-    """Caption spans and image rows filled as infill() fills them, one seed per sample."""
-    from cm3leon_lightning.generation import infill
+def test_infill_requests_equal_infill_batch(api, direct):
+    """Caption spans and image rows filled as infill_batch() fills a request's samples, in one decode."""
+    from cm3leon_lightning.generation import infill, infill_batch
     from cm3leon_lightning.generation.masking import infill_document
 
     model, vocab, tok, vqgan = direct
@@ -179,14 +179,35 @@ def test_infill_requests_equal_infill_sample_by_sample(api, direct):
     out = api.predict(api.decode_request(body))
     codes = vqgan.encode(decode_base64_image(png_base64(4), 16)[None])[0].tolist()
     ids, kinds = infill_document(tok.encode, vocab, "a <mask> circle", codes, (2, 4))
-    for i in range(2):
-        doc = vocab.ids_to_document(infill(model, vocab, ids, span_kinds=kinds, method="top_p", seed=5 + i).ids)
+    both = infill_batch(model, vocab, [ids, ids], span_kinds=[kinds, kinds], method="top_p", seed=5)
+    for i, result in enumerate(both):
+        doc = vocab.ids_to_document(result.ids)
         assert out["texts"][i] == tok.decode(list(doc[0].tokens)) and out["codes"][i] == list(doc[1].tokens)
     assert len(out["images"]) == 2 and out["seed"] == 5
     text_only = api.predict(api.decode_request({"infill": "a red <mask>"}))  # greedy, one sample: the defaults
     ids, kinds = infill_document(tok.encode, vocab, "a red <mask>")
     want = vocab.ids_to_document(infill(model, vocab, ids, span_kinds=kinds).ids)[0].tokens
     assert text_only == {"seed": None, "texts": [tok.decode(list(want))]}
+
+
+def test_infill_requests_with_spans_of_the_same_modalities_share_a_decode(api, direct, monkeypatch):
+    """Greedy infill requests of different captions (2 samples each) decode as one batch of rows and each answer is
+    its solo infill; a request with an image span, or with a seed, decodes apart."""
+    from cm3leon_lightning.generation import infill
+    from cm3leon_lightning.generation.masking import infill_document
+
+    calls = counting(monkeypatch, "infill_batch")
+    model, vocab, tok, _ = direct
+    texts = ["a <mask> circle", "two green <mask>", "<mask> square"]
+    requests = [{"infill": t, "method": "greedy", "num_samples": 2, "max_span_tokens": 5} for t in texts]
+    requests += [{"infill": "a <mask> circle", "image": png_base64(4), "rows": "2:4", "method": "greedy"}]
+    requests += [{"infill": "a <mask> circle", "method": "top_p", "seed": 3}, {"infill": "a <mask>", "method": "top_p"}]
+    out = api.predict([api.decode_request(r) for r in requests])
+    assert sorted(calls) == [1, 1, 1, 6]  # three captions x 2 samples together; the image span, the seeded, the rest
+    for text, answer in zip(texts, out):
+        ids, kinds = infill_document(tok.encode, vocab, text)
+        want = vocab.ids_to_document(infill(model, vocab, ids, span_kinds=kinds, max_span_tokens=5).ids)[0].tokens
+        assert answer == {"seed": None, "texts": [tok.decode(list(want))] * 2}
 
 
 @pytest.mark.parametrize(
