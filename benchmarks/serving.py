@@ -1,4 +1,4 @@
-"""Benchmark ``cm3leon serve``'s batching: R concurrent text-to-image requests decoded one at a time vs in one batch.
+"""Benchmark ``cm3leon serve``'s batching: R concurrent requests decoded one at a time vs in one batch.
 
 It writes a random-weight checkpoint of ``--preset`` and a text tokenizer (for presets other than ``tiny``, a BPE of the
 paper's 56,320 tokens trained on random words, so the output head has its real size) to a temporary directory, loads
@@ -6,13 +6,15 @@ them through :class:`~cm3leon_lightning.serve.CM3LeonAPI` exactly as the server 
 :meth:`CM3LeonAPI.predict` on R requests with CFG (2 streams each): once per request (what a server with
 ``--max-batch-size 1`` does) and once for all R together (what it does when they arrive within ``--batch-timeout``).
 HTTP and VQGAN decoding are excluded: this measures what batching changes. With ``--method greedy`` the batched codes
-are compared with the one-at-a-time codes (``same_codes``).
+are compared with the one-at-a-time codes (``same_codes``). ``--kind infill`` sends caption-infilling requests
+instead (``"a few words <mask> more words"``, ``--span-tokens`` new tokens at most, no guidance): one row per sample.
 
 Usage::
 
     python benchmarks/serving.py                                  # CUDA: 350m, 8 requests, 1024 tokens, bf16
     python benchmarks/serving.py --device cpu --preset tiny       # CPU: 16 image tokens (said in the output)
     python benchmarks/serving.py --requests 16 --num-samples 2 --json out.json
+    python benchmarks/serving.py --kind infill --num-samples 4    # infill requests (4 fillings each)
 
 Prints a table and writes the numbers as JSON (``--json``, default ``serving_benchmark.json``).
 """
@@ -82,6 +84,8 @@ def timed(fn, device: str, repeats: int) -> tuple[float, object]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda when available)")
+    p.add_argument("--kind", default="image", choices=["image", "infill"], help="text-to-image or infill requests")
+    p.add_argument("--span-tokens", type=int, default=16, help="--kind infill: the most tokens of a filled span")
     p.add_argument("--preset", default=None, help="model preset (default: 350m on CUDA, tiny on CPU)")
     p.add_argument("--requests", type=int, default=8, help="concurrent requests R")
     p.add_argument("--num-samples", type=int, default=1, help="candidates per request")
@@ -111,8 +115,13 @@ def main() -> None:
                          compile=compile, max_batch_size=args.requests)  # fmt: skip
         api.setup(device)
     prompts = [" ".join(line.split()[:8]) for line in random_corpus(args.requests, seed=1)]
-    body = {"num_samples": args.num_samples, "method": args.method, "cfg": args.cfg}
-    jobs = [api.decode_request({"prompt": prompt, **body}) for prompt in prompts]
+    if args.kind == "infill":  # a span in the middle of each caption; the output key is "texts"
+        prompts = [" ".join([*p.split()[:3], "<mask>", *p.split()[3:]]) for p in prompts]
+        body = {"num_samples": args.num_samples, "method": args.method, "max_span_tokens": args.span_tokens}
+        jobs = [api.decode_request({"infill": prompt, **body}) for prompt in prompts]
+    else:
+        body = {"num_samples": args.num_samples, "method": args.method, "cfg": args.cfg}
+        jobs = [api.decode_request({"prompt": prompt, **body}) for prompt in prompts]
     bad = [j for j in jobs if not hasattr(j, "ids")]
     if bad:
         raise SystemExit(f"a request was rejected: {bad[0]}")
@@ -120,29 +129,37 @@ def main() -> None:
     rows = []
     alone_s, alone = timed(lambda: [api.predict(j) for j in jobs], device, repeats)
     batch_s, batched = timed(lambda: api.predict(jobs), device, repeats)
-    same = None
+    same, key = None, "texts" if args.kind == "infill" else "codes"
     if args.method == "greedy":
-        same = sum(a["codes"] == b["codes"] for a, b in zip(alone, batched)) / len(jobs)
-    streams = 2 if args.cfg != 1.0 else 1
+        same = sum(a[key] == b[key] for a, b in zip(alone, batched)) / len(jobs)
+    streams = 2 if args.cfg != 1.0 and args.kind == "image" else 1
+    if args.kind == "infill":
+        tokens = args.span_tokens  # at most: a span may stop earlier
     per_request = streams * args.num_samples  # guidance streams x candidates: rows of one request's decode
     for mode, seconds, rows_per_decode in (("one at a time", alone_s, per_request),
                                            ("batched", batch_s, per_request * args.requests)):  # fmt: skip
         rows.append({
-            "preset": preset, "mode": mode, "requests": args.requests, "num_samples": args.num_samples,
-            "image_tokens": tokens, "rows_per_decode": rows_per_decode, "seconds": seconds,
+            "preset": preset, "kind": args.kind, "mode": mode, "requests": args.requests,
+            "num_samples": args.num_samples, "image_tokens": tokens, "rows_per_decode": rows_per_decode,
+            "seconds": seconds,
             "requests_per_s": args.requests / seconds, "ms_per_token": 1000 * seconds / (args.requests * tokens),
             "same_codes": same,
         })  # fmt: skip
 
     name = torch.cuda.get_device_name(device) if cuda else platform.processor() or platform.machine()
     dtype = str(next(api.model.parameters()).dtype).removeprefix("torch.")
-    print(f"{preset} on {device} ({name}), {dtype}, {tokens} image tokens, {args.requests} requests x "
-          f"{args.num_samples} samples, method {args.method}, CFG {args.cfg}")  # fmt: skip
+    what = (
+        f"infill, spans of at most {tokens} tokens"
+        if args.kind == "infill"
+        else f"{tokens} image tokens, CFG {args.cfg}"
+    )
+    print(f"{preset} on {device} ({name}), {dtype}, {what}, {args.requests} requests x {args.num_samples} samples, "
+          f"method {args.method}")  # fmt: skip
     print(f"{'mode':<14} {'rows/decode':>11} {'seconds':>9} {'req/s':>8} {'ms/token':>9}")
     for r in rows:
         print(f"{r['mode']:<14} {r['rows_per_decode']:>11} {r['seconds']:>9.3f} {r['requests_per_s']:>8.2f} "
               f"{r['ms_per_token']:>9.3f}")  # fmt: skip
-    print(f"batching speed-up: {alone_s / batch_s:.2f}x" + ("" if same is None else f"; same codes: {same:.0%}"))
+    print(f"batching speed-up: {alone_s / batch_s:.2f}x" + ("" if same is None else f"; same {key}: {same:.0%}"))
     meta = {"device": device, "device_name": name, "dtype": dtype, "torch": torch.__version__, "method": args.method}
     Path(args.json).write_text(json.dumps({"meta": meta, "results": rows}, indent=1) + "\n")
     print(f"wrote {args.json}")

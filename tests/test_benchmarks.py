@@ -255,3 +255,15 @@ def test_serving_benchmark_batches_requests_and_keeps_their_codes(tmp_path):
     ]  # fmt: skip
     assert all(r["seconds"] > 0 and r["requests"] == 3 for r in rows)
     assert "batching speed-up" in stdout and "wrote s.json" in stdout
+
+
+def test_serving_benchmark_batches_infill_requests_and_keeps_their_texts(tmp_path):
+    """--kind infill: one row per sample, all requests' samples in one decode, and (greedy) the same fillings."""
+    args = ["--device", "cpu", "--preset", "tiny", "--kind", "infill", "--span-tokens", "3", "--requests", "3",
+            "--num-samples", "2", "--method", "greedy"]  # fmt: skip
+    stdout = run("serving.py", *args, "--json", "s.json", cwd=tmp_path)
+    rows = json.loads((tmp_path / "s.json").read_text())["results"]
+    assert [(r["kind"], r["mode"], r["rows_per_decode"], r["same_codes"]) for r in rows] == [
+        ("infill", "one at a time", 2, 1.0), ("infill", "batched", 6, 1.0)
+    ]  # fmt: skip
+    assert "same texts: 100%" in stdout

@@ -81,6 +81,12 @@ def plan_spans(vocab: MultimodalVocab, body: list[int], span_kinds: Sequence[str
     return plan
 
 
+def infill_positions(plan: Sequence[tuple[str, int]], body_len: int, max_span_tokens: int) -> int:
+    """The context positions :func:`infill_batch` reserves for a document of ``body_len`` ids with spans ``plan``
+    (:func:`plan_spans`): the body, ``<infill> <mask:0>``, each span at its longest and the sentinels between."""
+    return body_len + 2 + sum(n if kind == "image" else max_span_tokens for kind, n in plan) + len(plan) + 1
+
+
 def infill(
     model: CM3Leon,
     vocab: MultimodalVocab,
@@ -180,8 +186,8 @@ def infill_batch(
     R = len(prompts)
     spans: list[list[list[int]]] = [[] for _ in range(R)]
     with torch.no_grad():
-        dec = Decoder(model, spec, prompts, sum(steps) + len(kinds) + 1, seed=seed, allowed=allowed[kinds[0]],
-                      compile=compile)  # fmt: skip
+        new = infill_positions([(k, n) for k, n in zip(kinds, steps)], 0, max_span_tokens) - 2  # besides the prompt
+        dec = Decoder(model, spec, prompts, new, seed=seed, allowed=allowed[kinds[0]], compile=compile)
         first, start = dec.prefill(), dec.prompt_len  # start: the slot where span i's first token is fed
         for i, kind in enumerate(kinds):
             dec.allowed = allowed[kind]

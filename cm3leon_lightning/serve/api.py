@@ -22,6 +22,7 @@ Usage, from Python (``cm3leon serve`` does the same from the command line)::
 
 # No `from __future__ import annotations`: LitServe hands decode_request's annotation to FastAPI as the body type,
 # and a string annotation would not resolve there.
+import logging
 import random
 from dataclasses import asdict, replace
 from typing import Any
@@ -39,7 +40,7 @@ from cm3leon_lightning.generation.generate import (
     generate_text,
     image_prompt,
 )
-from cm3leon_lightning.generation.infilling import infill_batch
+from cm3leon_lightning.generation.infilling import infill_batch, infill_positions, plan_spans
 from cm3leon_lightning.generation.tasks import TASK_GUIDANCE, task_prefix
 from cm3leon_lightning.serve.jobs import (
     EDIT_SETTINGS,
@@ -66,6 +67,8 @@ from cm3leon_lightning.serve.requests import (
     decode_base64_image,
     encode_png_base64,
 )
+
+log = logging.getLogger(__name__)
 
 
 class CM3LeonAPI(ls.LitAPI):
@@ -199,6 +202,9 @@ class CM3LeonAPI(ls.LitAPI):
             return self._text_job(request)
         except ValueError as e:
             return Rejected(400, str(e))
+        except Exception as e:  # noqa: BLE001 - a bug must fail this request, not its whole batch (LitServe: 500s)
+            log.exception("request failed while being read")
+            return Rejected(500, f"the server failed on this request: {type(e).__name__}: {e}")
 
     def _image_job(self, r: ImageRequest) -> ImageJob:
         overrides = r.model_dump(include=set(IMAGE_SETTINGS), exclude_none=True)
@@ -265,13 +271,23 @@ class CM3LeonAPI(ls.LitAPI):
         try:  # the messages name the command-line flags; name the request's fields instead
             rows = parse_rows(r.rows, self.vocab.grid_h) if r.rows is not None else None
             ids, kinds = infill_document(self.tokenizer.encode, self.vocab, r.infill, codes, rows)
+            body = ids[:-1] if ids and ids[-1] == self.vocab.eos_id else ids  # as infill_batch reads it
+            plan = plan_spans(self.vocab, body, kinds)
         except ValueError as e:
-            raise ValueError(str(e).replace("--infill-rows", "rows").replace("--image", "image")) from e
+            text = str(e).replace("--infill-rows", "rows").replace("--image", "image")
+            raise ValueError(text if text.startswith(("rows", "image")) else f"infill: {text}") from e
         d = self.text_defaults
+        span = r.max_span_tokens or d.max_new_tokens
+        need = infill_positions(plan, len(body), span)
+        if need > self.model.config.max_seq_len:
+            raise ValueError(
+                f"infill: {len(body)} tokens and {len(plan)} spans of up to max_span_tokens={span} (image spans: the "
+                f"missing codes) need {need} positions, more than the model's context "
+                f"max_seq_len={self.model.config.max_seq_len}"
+            )
         return InfillJob(
             ids, kinds, n, r.method or d.method, d.temperature if r.temperature is None else r.temperature,
-            d.top_p if r.top_p is None else r.top_p, r.max_span_tokens or d.max_new_tokens, r.seed, r.return_codes,
-            rows is not None,
+            d.top_p if r.top_p is None else r.top_p, span, r.seed, r.return_codes, rows is not None,
         )  # fmt: skip
 
     def _text_job(self, r: TextRequest) -> TextJob:
@@ -312,6 +328,9 @@ class CM3LeonAPI(ls.LitAPI):
                 outs = run(group)
             except ValueError as e:  # a setting the decoder refuses: answer these requests, not the batch
                 outs = [Rejected(400, str(e))] * len(group)
+            except Exception as e:  # noqa: BLE001 - an unexpected failure fails this decode's requests only
+                log.exception("a decode failed")
+                outs = [Rejected(500, f"the server failed on this request: {type(e).__name__}: {e}")] * len(group)
             for i, out in zip(idx, outs):
                 results[i] = out
         return results if isinstance(x, list) else results[0]

@@ -104,10 +104,18 @@ def build_api(args: argparse.Namespace) -> object:
         ("--max-rows", args.max_rows, 1),
         ("--workers-per-device", args.workers_per_device, 1),
         ("--batch-timeout", args.batch_timeout, 0),
+        ("--num-samples", args.num_samples, 1),
+        ("--max-num-samples", args.max_num_samples, 1),
+        ("--max-new-tokens", args.max_new_tokens, 1),
     )
     for flag, value, low in limits:  # fmt: skip
         if value < low:
             raise ValueError(f"{flag} must be >= {low}, got {value}")
+    if not args.timeout > 0:
+        raise ValueError(f"--timeout must be > 0 seconds, got {args.timeout}")
+    for flag, value in (("--cfg", args.cfg), ("--text-cfg", args.text_cfg), ("--image-cfg", args.image_cfg)):
+        if not 0 <= value <= 100:  # what a request may ask for; NaN fails too (it drew code 0 at every step)
+            raise ValueError(f"{flag} must lie in [0, 100], got {value}")
     compile = None if args.compile == "auto" else args.compile
     cuda = args.accelerator in ("auto", "cuda") and torch.cuda.is_available()
     resolve_mode(compile, torch.device("cuda" if cuda else "cpu"))  # a CUDA-only mode on CPU fails now, not per request

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union
 
 import torch
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
+from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag
 
 from cm3leon_lightning.generation.tasks import IMAGE_TASKS
 
@@ -39,6 +39,22 @@ TEXT_METHODS = ("greedy", "temperature", "top_p")
 ImageTask = Literal[IMAGE_TASKS]  # type: ignore[valid-type]
 """The ``task`` of an :class:`EditRequest`: ``edit`` or a grounded-generation task."""
 
+MAX_IMAGE_PIXELS = 64_000_000
+"""The most pixels (width x height) of an image a request may send; the model sees it at 256x256 anyway."""
+
+
+def _encodable(text: str) -> str:
+    """``text`` if it is valid Unicode (JSON's ``\\udfff`` escapes give lone surrogates the tokenizer cannot take)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"not valid Unicode text: {e.reason} at position {e.start}") from e
+    return text
+
+
+Text = Annotated[str, AfterValidator(_encodable)]
+"""A request's text field: any valid Unicode string."""
+
 
 class ImageRequest(BaseModel):
     """A text-to-image request: sample ``num_samples`` images of ``prompt`` (paper section 3.1).
@@ -49,7 +65,7 @@ class ImageRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str = Field(min_length=1, description="the caption to draw")
+    prompt: Text = Field(min_length=1, description="the caption to draw")
     num_samples: int | None = Field(None, ge=1, le=64, description="candidates to sample")
     method: Literal["greedy", "temperature", "top_p", "cd_k"] | None = None
     cfg: float | None = Field(None, ge=0.0, le=100.0, description="classifier-free guidance scale (1 = none)")
@@ -73,7 +89,7 @@ class TextRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     image: str = Field(min_length=1, description="base64 PNG or JPEG (a data: URL prefix is allowed)")
-    instruction: str = Field("", description="instruction or question; empty: plain captioning")
+    instruction: Text = Field("", description="instruction or question; empty: plain captioning")
     layout: Literal["infill", "image_first"] | None = None
     max_new_tokens: int | None = Field(None, ge=1, le=1024)
     method: Literal["greedy", "temperature", "top_p"] | None = None
@@ -91,7 +107,7 @@ class EditRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     image: str = Field(min_length=1, description="base64 PNG or JPEG of the picture to edit (or its features)")
-    edit: str = Field(min_length=1, description="the edit instruction (or, for a grounded task, the caption)")
+    edit: Text = Field(min_length=1, description="the edit instruction (or, for a grounded task, the caption)")
     task: ImageTask = Field("edit", description="edit, or grounded generation: edge_to_image, ...")
     num_samples: int | None = Field(None, ge=1, le=64)
     method: Literal["greedy", "temperature", "top_p"] | None = None
@@ -105,12 +121,12 @@ class EditRequest(BaseModel):
 
 class InfillRequest(BaseModel):
     """A CM3 infilling request (paper section 2.2): fill each ``<mask>`` of ``infill`` (the caption of ``image`` when
-    one is given) and, with ``rows``, redraw those grid rows of the image; ``num_samples`` fillings, seeded
-    ``seed``, ``seed + 1``, ... Decoded on its own."""
+    one is given) and, with ``rows``, redraw those grid rows of the image; ``num_samples`` fillings. Requests whose
+    masked spans have the same modalities and settings share a decode; a seeded one (sampling) is decoded alone."""
 
     model_config = ConfigDict(extra="forbid")
 
-    infill: str = Field(min_length=1, description="the caption, with <mask> where text is to be filled")
+    infill: Text = Field(min_length=1, description="the caption, with <mask> where text is to be filled")
     image: str | None = Field(None, min_length=1, description="base64 PNG or JPEG the caption belongs to")
     rows: str | None = Field(None, pattern=r"^\d*:\d*$", description="grid rows A:B of the image to redraw")
     num_samples: int | None = Field(None, ge=1, le=64)
@@ -183,9 +199,10 @@ def decode_base64_image(data: str, resolution: int) -> torch.Tensor:
     """A base64 PNG/JPEG (optionally a ``data:`` URL) -> ``(3, R, R)`` uint8, centre-cropped and resized (bicubic).
 
     Raises:
-        ValueError: not base64, or not an image PIL can read; the message names the ``image`` field.
+        ValueError: not base64, not a PNG or JPEG PIL can read, or more than :data:`MAX_IMAGE_PIXELS` pixels (a
+            small file may declare a huge image); the message names the ``image`` field.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     from cm3leon_lightning.generation.cli import square_image
 
@@ -196,10 +213,17 @@ def decode_base64_image(data: str, resolution: int) -> torch.Tensor:
     except (binascii.Error, ValueError) as e:
         raise ValueError(f"image: not valid base64 ({e})") from e
     try:
-        img = Image.open(io.BytesIO(raw))
+        img = Image.open(io.BytesIO(raw), formats=("PNG", "JPEG"))  # reads the header only
+    except Exception as e:  # noqa: BLE001 - UnidentifiedImageError, OSError, DecompressionBombError, ...
+        raise ValueError(f"image: {len(raw)} bytes that are not a readable PNG or JPEG ({e})") from e
+    if img.width * img.height > MAX_IMAGE_PIXELS:
+        raise ValueError(
+            f"image: {img.width}x{img.height} pixels, more than the {MAX_IMAGE_PIXELS:,} this server reads"
+        )
+    try:
         img.load()
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"image: {len(raw)} bytes that are not a readable image ({e})") from e
+    except Exception as e:  # noqa: BLE001 - a truncated or corrupt file fails while decoding, in PIL's error types
+        raise ValueError(f"image: {len(raw)} bytes that are not a readable PNG or JPEG ({e})") from e
     return square_image(img, resolution)
 
 

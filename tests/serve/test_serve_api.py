@@ -231,6 +231,8 @@ def test_infill_requests_with_spans_of_the_same_modalities_share_a_decode(api, d
         ),
         ({"infill": "a <mask>", "rows": "top"}, 422, "rows"),
         ({"image": png_base64(0), "edit": "x", "num_samples": 17}, 400, "num_samples: 17 exceeds"),
+        ({"infill": "a <mask> b <mask> c <mask>", "max_span_tokens": 100}, 400, "spans of up to max_span_tokens=100"),
+        ({"infill": "a" + " <mask>" * 9}, 400, "infill: 9 masks"),
     ],
 )
 def test_a_request_the_server_cannot_honour_is_rejected_naming_the_field(api, request_, status, detail):
@@ -238,6 +240,27 @@ def test_a_request_the_server_cannot_honour_is_rejected_naming_the_field(api, re
     assert isinstance(job, Rejected) and job.status == status and detail in job.detail
     response = api.encode_response(job)
     assert isinstance(response, JSONResponse) and response.status_code == status and detail.encode() in response.body
+
+
+def test_an_unexpected_failure_fails_its_request_or_decode_only(api, monkeypatch):
+    """Whatever raises while a request is read, or while a decode runs, is that request's 500: LitServe would answer
+    every request of the batch with 500."""
+    tok = api.tokenizer
+    real_encode = tok.encode
+
+    def encode(text: str) -> list[int]:
+        if "boom" in text:
+            raise TypeError("TextInputSequence must be str")
+        return real_encode(text)
+
+    monkeypatch.setattr(tok, "encode", encode)
+    jobs = [api.decode_request(r) for r in ({"prompt": "boom"}, {"prompt": "a red circle", "method": "greedy"})]
+    assert isinstance(jobs[0], Rejected) and jobs[0].status == 500 and "TypeError" in jobs[0].detail
+    texts = [api.decode_request({"image": png_base64(i), "method": "greedy"}) for i in range(2)]
+    monkeypatch.setattr(api, "_run_texts", lambda group: 1 / 0)
+    out = api.predict([jobs[0], jobs[1], *texts])
+    assert out[0] is jobs[0] and "images" in out[1]  # the image decode ran as usual
+    assert all(isinstance(o, Rejected) and o.status == 500 and "ZeroDivisionError" in o.detail for o in out[2:])
 
 
 def test_a_server_without_vqgan_or_clip_answers_codes_and_refuses_what_it_cannot_do(serve_assets, direct):

@@ -94,6 +94,11 @@ def test_concurrent_requests_share_a_batch_and_a_bad_one_is_answered_alone(clien
         (["--num-samples", "20"], "--num-samples 20 exceeds --max-num-samples 16"),
         (["--top-p", "1.5"], "top_p"),
         (["--max-batch-size", "0"], "--max-batch-size must be >= 1"),
+        (["--cfg", "nan"], "--cfg must lie in [0, 100], got nan"),  # a NaN default drew code 0 at every step
+        (["--image-cfg", "-1"], "--image-cfg must lie in [0, 100]"),
+        (["--timeout", "-1"], "--timeout must be > 0"),
+        (["--num-samples", "0"], "--num-samples must be >= 1"),
+        (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
         (["--compile", "fused-graph"], "fused-graph"),  # a CUDA mode on this CPU: refused before any worker starts
     ],
 )

@@ -55,6 +55,9 @@ def test_the_body_is_told_apart_by_its_fields():
         ({"image": "aGk=", "edit": ""}, "edit"),
         ({"image": "aGk=", "edit": "x", "instruction": "y"}, "instruction"),  # an edit takes no instruction
         ({"edit": "x"}, "image"),
+        ({"image": "aGk=", "instruction": "\udfff"}, "instruction"),  # a lone surrogate the tokenizer cannot take
+        ({"prompt": "a \ud800 b"}, "prompt"),
+        ({"infill": "a <mask> \udfff"}, "infill"),
     ],
 )
 def test_a_malformed_request_is_refused_naming_the_field(body, field):
@@ -94,3 +97,39 @@ def test_base64_images_decode_to_the_resolution_and_back():
 def test_an_unreadable_image_names_the_field(data, match):
     with pytest.raises(ValueError, match=match):
         decode_base64_image(data, 16)
+
+
+def image_base64(img) -> str:
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, format=img.format or "PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_huge_declared_images_and_other_formats_are_refused_naming_the_field():
+    """A 57-byte PNG may declare 20000x10000 pixels (PIL raised DecompressionBombError, not OSError, which failed the
+    whole batch); TIFF, EPS ... are not read at all."""
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 10000, 8, 2, 0, 0, 0))
+    bomb += chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    with pytest.raises(ValueError, match=r"^image: .*(20000x10000 pixels|not a readable PNG or JPEG)"):
+        decode_base64_image(base64.b64encode(bomb).decode(), 16)
+    big = Image.new("RGB", (9000, 8000))  # 72 megapixels: under PIL's bomb limit, over ours
+    big.format = "PNG"
+    with pytest.raises(ValueError, match=r"^image: 9000x8000 pixels, more than the 64,000,000"):
+        decode_base64_image(image_base64(big), 16)
+    tiff = Image.new("RGB", (8, 8))
+    tiff.format = "TIFF"
+    with pytest.raises(ValueError, match="^image: .* not a readable PNG or JPEG"):
+        decode_base64_image(image_base64(tiff), 16)
+    jpeg = Image.new("RGB", (20, 20), (200, 10, 10))
+    jpeg.format = "JPEG"
+    assert decode_base64_image(image_base64(jpeg), 16).shape == (3, 16, 16)
