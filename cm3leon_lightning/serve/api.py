@@ -400,16 +400,19 @@ class CM3LeonAPI(ls.LitAPI):
             seed=self._seed(group[0].seed),
             compile=self.compile,
         ).codes[:, 0]  # (sum of N, h*w), one row per candidate as in _run_images
-        answers = []
-        for job, codes in zip(group, torch.split(flat, counts)):
-            images = self._decode(codes)
-            answer: dict[str, Any] = {"seed": job.seed}
-            if images is not None:
-                answer["images"] = [encode_png_base64(im) for im in images]
-            if job.return_codes or images is None:
-                answer["codes"] = codes.tolist()
-            answers.append(answer)
-        return answers
+        return [
+            self._with_images({"seed": j.seed}, c, j.return_codes) for j, c in zip(group, torch.split(flat, counts))
+        ]
+
+    def _with_images(self, answer: dict[str, Any], codes: torch.Tensor, return_codes: bool) -> dict[str, Any]:
+        """``answer`` with the images of ``codes`` ``(N, h*w)`` as base64 PNGs, and the codes when asked for or when
+        this server has no VQGAN to draw them."""
+        images = self._decode(codes)
+        if images is not None:
+            answer["images"] = [encode_png_base64(im) for im in images]
+        if return_codes or images is None:
+            answer["codes"] = codes.tolist()
+        return answer
 
     def _run_infill(self, group: list[InfillJob]) -> list[dict[str, Any]]:
         j = group[0]
@@ -429,11 +432,7 @@ class CM3LeonAPI(ls.LitAPI):
             }
             if job.has_image:
                 stacked = torch.stack([torch.as_tensor(d[1].tokens) for d in documents])  # (N, h*w)
-                images = self._decode(stacked)
-                if images is not None:
-                    answer["images"] = [encode_png_base64(im) for im in images]
-                if job.return_codes or images is None:
-                    answer["codes"] = stacked.tolist()
+                answer = self._with_images(answer, stacked, job.return_codes)
             answers.append(answer)
         return answers
 
