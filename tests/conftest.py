@@ -15,7 +15,8 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 # The longest test files (minutes of one core between them), collected first: pytest-xdist hands out whole files in
-# collection order, so a long file that came up last would leave one worker running alone at the end.
+# collection order (`make test` passes --no-loadscope-reorder: xdist's own reordering, by number of tests, put the
+# single 200 s Triton-interpreter test last), so a long file that came up last would leave one worker alone.
 LONGEST_FIRST = (
     "model/test_fused_interpreter.py",
     "test_benchmarks.py",
