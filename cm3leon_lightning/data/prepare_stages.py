@@ -138,6 +138,7 @@ def encode_part(run: Run, collection: str, index: int, progress: Callable[[int],
     start, stop = run.part_range(collection, index)
     counts: Counter = Counter()
     keys, captions, texts, vals, jpgs, codes, embs = [], [], [], [], [], [], []
+    groups: list[str] = []  # split groups: documents of one group (captions of one image) never retrieve each other
     seg_docs: list[list[list[Any]] | None] = []  # per kept document: [[kind, length], ...] or None
     seg_ids: list[np.ndarray] = []
     batch: list[np.ndarray] = []
@@ -178,6 +179,7 @@ def encode_part(run: Run, collection: str, index: int, progress: Callable[[int],
         counts.update(repairs + image_repairs + ["kept"])
         val = collection == "main" and is_val(pair.split_key, cfg.val_fraction, cfg.seed)
         keys.append(pair.key)
+        groups.append(pair.split_key)
         captions.append(caption)
         texts.append(np.asarray(ids, np.int32))
         vals.append(val)
@@ -192,6 +194,7 @@ def encode_part(run: Run, collection: str, index: int, progress: Callable[[int],
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     (tmp / "keys.json").write_text(json.dumps(keys), encoding="utf-8")
+    (tmp / "groups.json").write_text(json.dumps(groups), encoding="utf-8")
     if kill_point("encode"):
         hard_exit()
     dim, n_tok = clip.dim, vqgan.config.num_tokens
@@ -247,6 +250,8 @@ def encode_segments(segments: list[list[str]], run: Run, repairs: list[str]) -> 
 def load_part(directory: Path) -> dict[str, Any]:
     """The arrays of an encoded part (large ones memory-mapped)."""
     part: dict[str, Any] = {"keys": json.loads((directory / "keys.json").read_text(encoding="utf-8"))}
+    groups_file = directory / "groups.json"  # absent in parts encoded before groups were kept: each its own group
+    part["groups"] = json.loads(groups_file.read_text(encoding="utf-8")) if groups_file.is_file() else part["keys"]
     seg_file = directory / "segments.json"  # absent in parts encoded before documents had segments
     part["segments"] = json.loads(seg_file.read_text(encoding="utf-8")) if seg_file.is_file() else None
     if part["segments"] is not None:
@@ -314,6 +319,7 @@ def stage_bank(run: Run) -> dict[str, Any]:
     text = open_memmap(tmp / "text.npy", "w+", np.int32, (n_text,))
     text_offsets = np.zeros(n + 1, np.int64)
     keys_out: list[str] = []
+    groups_out: list[str] = []
     r = 0
     for p, idx in rows.items():
         part = load_part(run.part_dir(bank_collection, p))
@@ -325,6 +331,7 @@ def stage_bank(run: Run) -> dict[str, Any]:
             text[text_offsets[r] : text_offsets[r] + len(t)] = t
             text_offsets[r + 1] = text_offsets[r] + len(t)
             keys_out.append(part["keys"][i])
+            groups_out.append(part["groups"][i])
             r += 1
     for arr in (emb, codes, text):
         arr.flush()
@@ -342,6 +349,7 @@ def stage_bank(run: Run) -> dict[str, Any]:
     )
     bank.save(tmp / "index")
     write_json(tmp / "dups.json", dups)
+    write_json(tmp / "groups.json", groups_out)
     stats = {"rows": n, "duplicates": sum(len(v) for v in dups.values()), "factory": cfg.bank_factory}
     write_json(tmp / "stats.json", stats)
     seal(tmp)
@@ -366,6 +374,8 @@ def load_bank(run: Run) -> dict[str, Any]:
             row={k: i for i, k in enumerate(index.keys)},
             dups=json.loads((d / "dups.json").read_text(encoding="utf-8")),
         )
+        groups = d / "groups.json"  # absent in banks built before groups were kept
+        bank["groups"] = json.loads(groups.read_text(encoding="utf-8")) if groups.is_file() else list(index.keys)
         _CACHE[key] = bank
     return _CACHE[key]
 
@@ -410,7 +420,8 @@ def write_part(run: Run, index: int, progress: Callable[[int], Any] | None = Non
         key = part["keys"][i]
         chosen = select_neighbors(
             key, by_text.ids[j], by_text.scores[j], by_image.ids[j], by_image.scores[j],
-            bank["index"].keys, None, bank["emb"], selection,
+            bank["index"].keys, None, bank["emb"], selection, query_embedding=emb[j, 0],
+            query_group=part["groups"][i], groups=bank["groups"],
         )  # fmt: skip
         neighbors = []
         for c in chosen:

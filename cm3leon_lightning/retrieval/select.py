@@ -4,7 +4,10 @@ The paper samples retrieved documents for each training example by three factors
 For each query document the caller runs two dense-retriever searches over the memory bank, one with the caption (after
 query dropout) and one with the image, and hands the ranked candidates to :func:`select_neighbors`, which applies:
 
-1. skip the query document itself;
+1. skip the query document itself, the documents of its group (its image under another caption), and (given its
+   embedding) any copy of it: a candidate whose document embedding has cosine above the duplicate threshold with
+   the query's (the relevance score compares a one-modality query with an averaged document, so an exact copy
+   scores only ~0.7-0.8 and passes the 0.9 cap);
 2. relevance cap: keep only candidates with relevance score <= 0.9 (higher means a near copy of the query);
 3. diversity: skip candidates already chosen, and near-duplicates of a chosen one (embedding cosine above a threshold);
 4. modality: prefer documents that have both an image and a caption;
@@ -159,6 +162,9 @@ def select_neighbors(
     multimodal: np.ndarray | None = None,
     embeddings: np.ndarray | None = None,
     config: SelectionConfig = SelectionConfig(),
+    query_embedding: np.ndarray | None = None,
+    query_group: str | None = None,
+    groups: Sequence[str] | None = None,
 ) -> list[Neighbor]:
     """Choose the retrieved documents of one query document (paper section 2.1).
 
@@ -181,6 +187,11 @@ def select_neighbors(
         embeddings: ``(N, D)`` document embeddings per bank row for the near-duplicate rule; ``None`` keeps only the
             exact (same key) duplicate rule.
         config: the rule settings.
+        query_embedding: ``(D,)`` the query's own document embedding (with ``embeddings``): candidates whose
+            cosine with it is above ``duplicate_threshold`` are copies of the query and skipped.
+        query_group: the query's split group (several captions of one image share one; see ``RawPair.group``).
+        groups: the split group of every bank row; with ``query_group``, rows of the query's group are skipped (the
+            query's own image under another caption).
 
     Returns:
         The chosen neighbours as ``{key, score, by}`` in selection order: the text search's picks, then the image
@@ -189,6 +200,8 @@ def select_neighbors(
     chosen: list[Neighbor] = []
     chosen_keys: set[str] = set()
     chosen_rows: list[int] = []
+    # what a candidate must not duplicate: the query (when its embedding is known), then each chosen document
+    avoid = [] if query_embedding is None or embeddings is None else [np.asarray(query_embedding, np.float32)]
     for by, ids, scores in (("text", text_ids, text_scores), ("image", image_ids, image_scores)):
         ids, scores = np.asarray(ids, dtype=np.int64), np.asarray(scores, dtype=np.float64)
         if ids.shape != scores.shape or ids.ndim != 1:
@@ -204,20 +217,24 @@ def select_neighbors(
             key, score = keys[row], score_of[row]
             if key == query_key or key in chosen_keys:
                 continue
+            if query_group is not None and groups is not None and groups[row] == query_group:
+                continue
             if not within_relevance_cap(score, config.max_relevance):
                 continue
             if (
                 embeddings is not None
-                and chosen_rows
+                and avoid
                 and is_near_duplicate(
                     np.asarray(embeddings[row], np.float32),
-                    np.asarray(embeddings[chosen_rows], np.float32),  # (M, D)
-                    config.duplicate_threshold,
+                    np.stack(avoid),
+                    config.duplicate_threshold,  # (M, D)
                 )
             ):
                 continue
             chosen.append(Neighbor(key=key, score=score, by=by))  # type: ignore[typeddict-item]
             chosen_keys.add(key)
             chosen_rows.append(row)
+            if embeddings is not None:
+                avoid.append(np.asarray(embeddings[row], np.float32))
             taken += 1
     return chosen

@@ -254,6 +254,53 @@ def test_cli_reports_bad_settings_in_one_line(tmp_path: Path, capsys: pytest.Cap
     assert not (tmp_path / "o").exists()
 
 
+def test_a_copy_of_a_document_is_never_its_neighbour(models: dict[str, str], tmp_path: Path) -> None:
+    """Every image-caption pair twice under two keys: a one-modality query scores its document's copy under the 0.9
+    relevance cap, so only the query's own embedding keeps the copy out (found in review: copies were retrieved)."""
+    src = tmp_path / "images"
+    src.mkdir()
+    for p in generate_pairs(12, seed=3):
+        for name in (p.key, f"{p.key}-copy"):
+            (src / f"{name}.jpg").write_bytes(_jpeg(p.image))
+            (src / f"{name}.txt").write_text(p.caption)
+    out = tmp_path / "out"
+    prepare(FolderSource(src), out, **settings(models, samples_per_shard=100, val_fraction=0.0))
+    m = Manifest.load(out / "train" / "manifest.json")
+    samples = [s for shard in m.shards for s in read_shard(out / "train" / shard.name, m)]
+    assert len(samples) == 24 and sum(len(s.neighbors) for s in samples) >= 24 * 3
+    for s in samples:
+        twin = s.key.removesuffix("-copy") if s.key.endswith("-copy") else f"{s.key}-copy"
+        assert twin not in {n.key for n in s.neighbors}, s.key
+
+
+def test_documents_of_one_group_never_retrieve_each_other(models: dict[str, str], tmp_path: Path) -> None:
+    """Two captions of one image (COCO's five, an upsampled SFT example's copies) share a group: retrieving the
+    query's own image under its other caption would teach copying (found in review)."""
+    from cm3leon_lightning.data.sources import PairSource, RawPair
+
+    pairs = list(generate_pairs(12, seed=4))
+
+    class TwoCaptions(PairSource):
+        kind = "two-captions"
+
+        def __len__(self) -> int:
+            return 2 * len(pairs)
+
+        def iter_range(self, start: int, stop: int):
+            for i in range(*self._check_range(start, stop, len(self))):
+                p = pairs[i // 2]
+                caption = p.caption if i % 2 == 0 else f"a picture: {p.caption}"
+                yield RawPair(f"{p.key}-{i % 2}", caption, p.image, group=p.key)
+
+    out = tmp_path / "out"
+    prepare(TwoCaptions(), out, **settings(models, samples_per_shard=100, val_fraction=0.0))
+    m = Manifest.load(out / "train" / "manifest.json")
+    samples = [s for shard in m.shards for s in read_shard(out / "train" / shard.name, m)]
+    assert len(samples) == 24 and sum(len(s.neighbors) for s in samples) >= 24 * 3
+    for s in samples:
+        assert all(n.key.rsplit("-", 1)[0] != s.key.rsplit("-", 1)[0] for n in s.neighbors), s.key
+
+
 def test_separate_bank_source(models: dict[str, str], tmp_path: Path) -> None:
     out = tmp_path / "out"
     bank = ShapesSource(30, seed=5)

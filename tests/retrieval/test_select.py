@@ -74,6 +74,26 @@ def test_near_duplicates_of_a_chosen_document_are_skipped():
     assert [n["key"] for n in out] == ["doc1", "doc2", "doc5", "doc6"]
 
 
+def test_copies_of_the_query_are_skipped_though_their_relevance_is_under_the_cap():
+    """A one-modality query scores an exact copy of its document at ~0.7-0.8 (an averaged text+image embedding),
+    under the 0.9 cap: the query's own document embedding catches it (found in review: copies were retrieved)."""
+    emb = _orthogonal()
+    query = emb[7].copy()
+    emb[1] = query  # doc1: a byte copy of the query under another key
+    emb[4] = 0.99 * query + 0.1 * emb[3]  # doc4: a near copy (cosine 0.995)
+    args = ("q", [1, 2, 3], [0.72, 0.64, 0.6], [4, 5, 6], [0.71, 0.6, 0.5], KEYS)
+    out = select_neighbors(*args, embeddings=emb, query_embedding=query)
+    assert [n["key"] for n in out] == ["doc2", "doc3", "doc5", "doc6"]
+    assert [n["key"] for n in select_neighbors(*args, embeddings=emb)] == ["doc1", "doc2", "doc5", "doc6"]
+
+
+def test_documents_of_the_query_group_are_skipped():
+    groups = ["g0", "g1", "q", "g3", "q", "g5", "g6", "g7"]  # doc2 and doc4: the query's image, other captions
+    out = select_neighbors("q", [2, 1, 3], [0.8, 0.7, 0.6], [4, 5, 6], [0.7, 0.6, 0.5], KEYS, query_group="q",
+                           groups=groups)  # fmt: skip
+    assert [n["key"] for n in out] == ["doc1", "doc3", "doc5", "doc6"]
+
+
 def test_is_near_duplicate_threshold():
     c = np.array([1.0, 0.0])
     assert not is_near_duplicate(c, np.zeros((0, 2)), 0.95)
