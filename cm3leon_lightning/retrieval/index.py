@@ -139,14 +139,19 @@ class MemoryBank:
             raise ValueError(f"index {self.factory!r} must be trained before adding: call train(sample) first")
         if len(embeddings) != len(keys):
             raise ValueError(f"got {len(embeddings)} embeddings but {len(keys)} keys")
-        for k in keys:
+        shape = np.shape(embeddings)  # a memmap's shape is read without loading it
+        if len(shape) != 2 or shape[1] != self.dim:
+            raise ValueError(f"embeddings must have shape (N, {self.dim}), got {shape}")
+        new: set[str] = set()
+        for k in keys:  # everything is checked before the index or the key set changes: a refused call changes nothing
             if not isinstance(k, str) or not k or "\n" in k:
                 raise ValueError(f"document keys must be non-empty single-line strings, got {k!r}")
-            if k in self._key_set:
+            if k in self._key_set or k in new:
                 raise ValueError(f"duplicate document key {k!r}")
-            self._key_set.add(k)
+            new.add(k)
         for i in range(0, len(keys), batch_size):
             self.index.add(self._check(embeddings[i : i + batch_size], "embeddings"))
+        self._key_set |= new
         self.keys.extend(keys)
 
     @classmethod

@@ -92,6 +92,14 @@ def test_bad_inputs_are_clear_errors():
         bank.add(x, keys[:9])
     with pytest.raises(ValueError, match="duplicate document key 'doc0000'"):
         bank.add(x[:2], ["doc0000", "doc0000"])
+    # every refused call above left the bank empty and its keys free (they were reserved before the checks)
+    assert len(bank) == 0 and bank.keys == []
+    bank.add(x, keys)
+    assert len(bank) == 10 and bank.keys == keys
+    with pytest.raises(ValueError, match="duplicate document key 'doc0003'"):
+        bank.add(x[:2], ["new", "doc0003"])
+    bank.add(x[:1], ["new"])  # "new" was not reserved by the refused call
+    assert bank.keys[-1] == "new" and len(bank) == 11
     with pytest.raises(ValueError, match="factory='Nope'"):
         MemoryBank(4, "m", factory="Nope")
     with pytest.raises(ValueError, match="k must be >= 1"):
