@@ -46,7 +46,11 @@ class WarmupDecay:
     def __init__(self, warmup_steps: int, total_steps: int, decay: str = "linear", min_lr_ratio: float = 0.1) -> None:
         if decay not in ("linear", "cosine", "constant"):
             raise ValueError(f"lr_decay must be 'linear', 'cosine' or 'constant', got {decay!r}")
-        self.warmup_steps = max(0, int(warmup_steps))
+        if not 0.0 <= min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must lie in [0, 1], got {min_lr_ratio}")
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        self.warmup_steps = int(warmup_steps)
         self.total_steps = max(self.warmup_steps + 1, int(total_steps))
         self.decay = decay
         self.min_lr_ratio = float(min_lr_ratio)
@@ -139,6 +143,10 @@ class CM3LeonModule(L.LightningModule):
         elif overrides:
             config = CM3LeonConfig.from_dict({**config.to_dict(), **overrides})
         WarmupDecay(warmup_steps, 1, lr_decay, min_lr_ratio)  # validates the schedule arguments early
+        if decay_steps is not None and decay_steps < 1:
+            raise ValueError(f"decay_steps must be >= 1 (or None: the trainer's total steps), got {decay_steps}")
+        if not lr >= 0:  # 0 trains nothing, which tests and frozen runs use
+            raise ValueError(f"lr must be >= 0, got {lr}")
         self.config = config
         # Primitives only, so checkpoints load with torch.load(weights_only=True); `config` is stored resolved.
         self.save_hyperparameters(ignore=["config", "generation"])
@@ -147,6 +155,7 @@ class CM3LeonModule(L.LightningModule):
         self.generation = generation if generation is not None else GenerationSettings()
         self.model: CM3Leon | None = None
         self._last_step_time: float | None = None
+        self._eval_sums: Tensor | None = None  # validation/test loss sums and target counts of the epoch
         # Matrix-multiply FLOPs of the last batch on this device (CM3LeonConfig.forward_flops; 3x in training).
         self.flops_per_batch: int | None = None
 
@@ -279,7 +288,8 @@ class CM3LeonModule(L.LightningModule):
         """Next-token cross-entropy over all non-pad targets (the paper removed RA-CM3's query up-weighting).
 
         Returns a dict with ``loss`` (the optimised value), ``tokens`` (number of scored targets), and, when
-        the vocabulary is known, ``loss_text`` and ``loss_image`` (mean loss over text and image targets).
+        the vocabulary is known, ``loss_text`` and ``loss_image`` (mean loss over text and image targets) with their
+        target counts ``tokens_text`` and ``tokens_image`` (validation and test weigh each batch by these).
         """
         per_token = F.cross_entropy(
             logits.flatten(0, 1).float(), targets.flatten(), ignore_index=PAD_ID, reduction="none"
@@ -294,6 +304,7 @@ class CM3LeonModule(L.LightningModule):
             is_text = valid & (targets < n_text)
             out["loss_text"] = (per_token * is_text).sum() / is_text.sum().clamp(min=1)
             out["loss_image"] = (per_token * is_image).sum() / is_image.sum().clamp(min=1)
+            out["tokens_text"], out["tokens_image"] = is_text.sum(), is_image.sum()
         return out
 
     def _shared_step(self, batch: dict[str, Tensor], stage: str) -> dict[str, Tensor]:
@@ -304,15 +315,51 @@ class CM3LeonModule(L.LightningModule):
         )
         logits = self(inputs)  # (B, T-1, V)
         losses = self.compute_loss(logits, targets, batch)
+        if stage != "train":  # epoch figures per scored token, logged at the epoch's end (_log_eval_epoch)
+            self._accumulate(losses)
+            return losses
         bs = inputs.shape[0]
-        on_step = stage == "train"
-        sync = stage != "train"
-        self.log(f"{stage}/loss", losses["loss"], prog_bar=True, batch_size=bs, on_step=on_step, sync_dist=sync)
-        self.log(f"{stage}/ppl", torch.exp(losses["loss"].detach().clamp(max=30)), batch_size=bs, sync_dist=sync)
+        self.log(f"{stage}/loss", losses["loss"], prog_bar=True, batch_size=bs, on_step=True)
+        self.log(f"{stage}/ppl", torch.exp(losses["loss"].detach().clamp(max=30)), batch_size=bs)
         for key in ("loss_text", "loss_image"):
             if key in losses:
-                self.log(f"{stage}/{key}", losses[key], batch_size=bs, on_step=on_step, sync_dist=sync)
+                self.log(f"{stage}/{key}", losses[key], batch_size=bs, on_step=True)
         return losses
+
+    _EVAL_PARTS = (("loss", "tokens"), ("loss_text", "tokens_text"), ("loss_image", "tokens_image"))
+
+    def _accumulate(self, losses: dict[str, Tensor]) -> None:
+        """Add a validation/test batch's loss sums and target counts (no host sync)."""
+        parts = []
+        for loss, count in self._EVAL_PARTS:
+            if loss in losses and count in losses:  # a compute_loss override may give fewer
+                n = losses[count].detach().float()
+                parts += [losses[loss].detach().float() * n, n]
+            else:
+                parts += [torch.zeros((), device=self.device), torch.zeros((), device=self.device)]
+        sums = torch.stack(parts)  # (6,)
+        self._eval_sums = sums if self._eval_sums is None else self._eval_sums + sums
+
+    def _log_eval_epoch(self, stage: str) -> None:
+        """Log ``{stage}/loss``, ``/ppl``, ``/loss_text``, ``/loss_image`` over every scored token of the epoch (all
+        ranks): a batch counts by its targets, so text-only batches do not pull the image loss toward 0, padding rows
+        weigh nothing, and the perplexity is exp of the epoch's loss."""
+        sums = self._eval_sums if self._eval_sums is not None else torch.zeros(6, device=self.device)
+        self._eval_sums = None
+        if self._trainer is not None:
+            sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+        for (name, _), total, count in zip(self._EVAL_PARTS, sums[0::2], sums[1::2]):
+            if count > 0:  # the same on every rank after the reduction
+                value = total / count
+                self.log(f"{stage}/{name}", value, prog_bar=name == "loss", batch_size=1)
+                if name == "loss":
+                    self.log(f"{stage}/ppl", torch.exp(value.clamp(max=30)), batch_size=1)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval_epoch("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval_epoch("test")
 
     # ------------------------------------------------------------------------------------------------ steps
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
@@ -370,6 +417,9 @@ class CM3LeonModule(L.LightningModule):
     def on_train_epoch_start(self) -> None:
         self._last_step_time = None
 
+    def on_validation_end(self) -> None:
+        self._last_step_time = None  # the next training step's tokens/s must not include the validation
+
     # ------------------------------------------------------------------------------------------- optimizers
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW with decay on >=2-D weights only (judged by the shapes the model was built with, so sharded FSDP
@@ -383,10 +433,17 @@ class CM3LeonModule(L.LightningModule):
         total = hp.decay_steps
         if total is None:
             try:
-                estimated = float(self.trainer.estimated_stepping_batches)
-            except (RuntimeError, AttributeError):  # no trainer attached, or no length known
-                estimated = math.inf
-            total = int(estimated) if math.isfinite(estimated) and estimated > 0 else hp.warmup_steps + 1
+                estimated: float | None = float(self.trainer.estimated_stepping_batches)
+            except (RuntimeError, AttributeError):  # no trainer attached: a schedule to inspect, not to train with
+                estimated = None
+            known = estimated is not None and math.isfinite(estimated) and estimated > 0
+            if estimated is not None and not known and hp.lr_decay != "constant":
+                # it used to decay to min_lr_ratio right after the warm-up
+                raise ValueError(
+                    f"lr_decay={hp.lr_decay!r} needs the length of training, which the trainer does not know here "
+                    "(data of unknown length): set trainer.max_steps, or model decay_steps, or lr_decay: constant"
+                )
+            total = int(estimated) if known else hp.warmup_steps + 1  # type: ignore[arg-type]
         schedule = WarmupDecay(hp.warmup_steps, total, hp.lr_decay, hp.min_lr_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

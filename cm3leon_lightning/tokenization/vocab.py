@@ -13,6 +13,7 @@ A *document* is a list of segments, text or image. Serialized it is ``<eos>`` fo
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -89,6 +90,13 @@ class MultimodalVocab:
         num_sentinels: int = DEFAULT_NUM_SENTINELS,
         pad_to_multiple: int = 128,
     ) -> None:
+        sizes = {"n_text": n_text, "n_codes": n_codes, "grid_h": grid_h, "grid_w": grid_w,
+                 "num_sentinels": num_sentinels, "pad_to_multiple": pad_to_multiple}  # fmt: skip
+        for name, value in sizes.items():  # a float (64.5) or a bool would give fractional ids and sizes
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+        if num_sentinels < 1:
+            raise ValueError(f"num_sentinels must be >= 1 (CM3 masking needs <mask:0>), got {num_sentinels}")
         if n_text <= SENTINEL_OFFSET + num_sentinels:
             raise ValueError(f"n_text={n_text} must exceed the {SENTINEL_OFFSET + num_sentinels} special tokens")
         for name, value in (("n_codes", n_codes), ("grid_h", grid_h), ("grid_w", grid_w)):

@@ -27,6 +27,67 @@ def test_warmup_decay_schedule_values() -> None:
     assert WarmupDecay(2, 10, "constant")(7) == 1.0
     with pytest.raises(ValueError, match="lr_decay"):
         WarmupDecay(2, 10, "exponential")
+    for kwargs, match in (({"min_lr_ratio": -1.0}, "min_lr_ratio must lie in"), ({"min_lr_ratio": 3.0}, "min_lr"),
+                          ({"warmup_steps": -10}, "warmup_steps must be >= 0"), ({"decay_steps": -5}, "decay_steps"),
+                          ({"lr": -1e-3}, "lr must be >= 0")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            CM3LeonModule(**kwargs)
+
+
+def test_a_decaying_schedule_needs_the_length_of_training(tmp_path) -> None:
+    """With data of unknown length and no max_steps the decay length was warmup + 1: the LR fell to min_lr_ratio
+    the step after warm-up. Now it is an error, unless the decay is constant or decay_steps is given."""
+    from torch.utils.data import DataLoader, IterableDataset
+
+    rows = TokenDataModule(n_train=4).train_rows
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            return iter({"input_ids": r} for r in rows)
+
+    def fit(**kwargs) -> CM3LeonModule:
+        module = CM3LeonModule(preset="tiny", warmup_steps=1, **kwargs)
+        trainer = cpu_trainer(tmp_path, max_epochs=1, enable_checkpointing=False, limit_val_batches=0)
+        trainer.fit(module, train_dataloaders=DataLoader(Stream(), batch_size=2))
+        return module
+
+    with pytest.raises(ValueError, match="lr_decay='linear' needs the length of training.*max_steps.*decay_steps"):
+        fit()
+    fit(lr_decay="constant")
+    fit(decay_steps=10)
+
+
+def test_validation_losses_are_per_scored_token_over_the_epoch() -> None:
+    """A text-only batch weighs nothing in val/loss_image (it used to count as a 0 loss), rows weigh by their
+    targets, and val/ppl is exp(val/loss): all equal to the figures over every scored token of the epoch."""
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader
+
+    data = TokenDataModule(n_train=4, n_val=4, batch_size=2)
+    rows = data.val_rows.clone()  # (4, T): <eos> caption <break> image <eos>
+    text_only = rows[:2].clone()
+    text_only[:, 8:] = 0  # the image and the final <eos> padded away
+    batches = [{"input_ids": text_only}, {"input_ids": rows[2:]}]
+    torch.manual_seed(0)
+    module = CM3LeonModule(preset="tiny", vocab=data.vocab.to_dict())
+    module.configure_model()
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn_like(p) * 0.3)  # far from uniform, so the two losses differ
+    got = cpu_trainer(None).validate(module, DataLoader(batches, batch_size=None), verbose=False)[0]
+    per_token, targets = [], []
+    with torch.no_grad():
+        for b in batches:
+            inputs, t = module.build_sequence(b)
+            per_token.append(F.cross_entropy(module(inputs).flatten(0, 1), t.flatten(), reduction="none"))
+            targets.append(t.flatten())
+    loss, t = torch.cat(per_token), torch.cat(targets)
+    scored = t != 0
+    image = scored & (t >= data.vocab.n_text)
+    assert got["val/loss"] == pytest.approx(loss[scored].mean().item(), rel=1e-5)
+    assert got["val/loss_image"] == pytest.approx(loss[image].mean().item(), rel=1e-5)
+    assert got["val/loss_text"] == pytest.approx(loss[scored & ~image].mean().item(), rel=1e-5)
+    assert got["val/ppl"] == pytest.approx(math.exp(got["val/loss"]), rel=1e-5)
 
 
 def test_compute_loss_ignores_pad_and_splits_text_and_image() -> None:
@@ -252,3 +313,18 @@ def test_flops_per_batch_drives_lightnings_throughput_monitor(tmp_path) -> None:
     metrics = trainer.logged_metrics
     assert metrics["train/device/flops_per_sec"] > 0 and metrics["train/device/items_per_sec"] > 0
     assert "train/device/mfu" not in metrics  # the CPU's peak FLOP/s is unknown to Lightning
+
+
+def test_tokens_per_second_restarts_after_a_validation(tmp_path) -> None:
+    """The first training step after a mid-epoch validation logged its tokens over the validation's time too."""
+    rates: list[tuple[int, bool]] = []
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:  # noqa: ANN001
+            rates.append((trainer.global_step, module._last_step_time is not None))
+
+    module = CM3LeonModule(preset="tiny", warmup_steps=1)
+    trainer = cpu_trainer(tmp_path, max_steps=4, val_check_interval=2, limit_val_batches=1, callbacks=[Record()],
+                          enable_checkpointing=False)  # fmt: skip
+    trainer.fit(module, datamodule=TokenDataModule(n_train=16, n_val=2, batch_size=2))
+    assert rates == [(0, False), (1, True), (2, False), (3, True)]  # step 2 follows the validation

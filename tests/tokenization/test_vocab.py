@@ -67,6 +67,9 @@ def test_id_ranges():
         (lambda: MultimodalVocab(n_text=64, n_codes=0), "n_codes must be >= 1, got 0"),
         (lambda: MultimodalVocab(n_text=64, grid_w=0), "grid_w must be >= 1, got 0"),
         (lambda: MultimodalVocab(n_text=64, pad_to_multiple=0), "pad_to_multiple must be >= 1, got 0"),
+        (lambda: MultimodalVocab(n_text=64, num_sentinels=0), "num_sentinels must be >= 1"),
+        (lambda: MultimodalVocab(n_text=64.5), "n_text must be an integer, got 64.5"),
+        (lambda: MultimodalVocab(n_text=64, grid_h=True), "grid_h must be an integer, got True"),
     ],
 )
 def test_validation_errors_name_value_and_range(call, match):
