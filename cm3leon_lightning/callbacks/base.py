@@ -238,8 +238,22 @@ class GenerationCallback(L.Callback):
         self._val_epochs += 1
         return (self._val_epochs - 1) % self.every_n_val_epochs == 0
 
+    @property
+    def state_key(self) -> str:
+        """The checkpoint key: the class and :attr:`log_name`, so several instances of one class (e.g. two
+        ``VQACallback`` with different ``log_name``) can run together and each restores its own state."""
+        return self._generate_state_key(log_name=getattr(self, "log_name", None))
+
+    @property
+    def _legacy_state_key(self) -> str:
+        """The key of checkpoints saved before :attr:`state_key` existed (the class name); Lightning falls back
+        to it when :attr:`state_key` is not in a checkpoint."""
+        return self.__class__.__qualname__
+
     def state_dict(self) -> dict[str, Any]:
+        """The count of validation epochs seen (the ``every_n_val_epochs`` schedule)."""
         return {"val_epochs": self._val_epochs}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
         self._val_epochs = int(state_dict.get("val_epochs", 0))

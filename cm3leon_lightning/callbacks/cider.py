@@ -134,9 +134,12 @@ class CIDErCallback(GenerationCallback):
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> float:
         """Caption this rank's images, update the metric, and return the CIDEr-D of all ranks' captions."""
+        self.metric = self.metric.to(pl_module.device)
         self.metric.reset()
-        for chunk in batches(rank_share(list(enumerate(self.samples)), trainer), self.batch_size):
-            items = [s for _, s in chunk]
+        share = rank_share(self.samples, trainer)
+        if not share:  # a rank without images still updates, so every rank's metric syncs alike
+            self.metric.update([], [])
+        for items in batches(share, self.batch_size):
             captions = self.generate(pl_module, self.codes_of(items, pl_module.device), self.instruction, self.seed)
             self.metric.update(captions, [s.references for s in items])
         return float(self.metric.compute())

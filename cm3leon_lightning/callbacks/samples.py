@@ -135,6 +135,11 @@ class SampleLoggerCallback(CIDErCallback):
         self.columns, self.cell, self.tag = columns, cell, tag
         self.written: list[Path] = []
 
+    @property
+    def state_key(self) -> str:
+        """The checkpoint key: the class and :attr:`tag` (what tells two sample loggers apart)."""
+        return self._generate_state_key(tag=self.tag)
+
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Read the images to caption (if any) once."""
         if self.samples is None and self.num_caption_images > 0:

@@ -6,7 +6,9 @@ Data in "VQA format": a JSON file holding a list of ``{"question": str, "image":
 of another ``"task"`` are skipped: the held-out VQA lines of ``cm3leon prepare --source sft`` input evaluate as they
 are. The prompt follows the paper's SFT template (table 5): ``"Question: {question} Answer:"`` as the instruction
 before the answer span. Accuracy is :func:`~cm3leon_lightning.metrics.vqa.vqa_accuracy` (official normalisation and
-leave-one-out averaging by default), summed across ranks.
+leave-one-out averaging by default), summed across ranks. Questions with fewer human answers than that consensus
+needs (4 official, 3 simple; e.g. the one ``"answer"`` of a ``.jsonl`` line) count by exact match of the normalised
+answers: 1 when the answer equals one of them, else 0.
 """
 
 from __future__ import annotations
@@ -82,7 +84,8 @@ class VQACallback(CIDErCallback):
         prompt_template: the instruction; ``{question}`` is replaced by the question.
         max_new_tokens: the most tokens per answer.
         method: ``greedy``, ``temperature`` or ``top_p``.
-        official: official leave-one-out averaging (else ``min(matches / 3, 1)``).
+        official: official leave-one-out averaging (else ``min(matches / 3, 1)``); questions with too few human
+            answers for it count by exact match (see the module docstring).
         log_name: the logged key.
         layout: the prompt layout, ``infill`` or ``image_first`` (see :class:`CIDErCallback`).
         **kwargs: :class:`GenerationCallback` arguments (``text_tokenizer``, ``vqgan``, ``batch_size``, ``seed``...).
@@ -105,26 +108,46 @@ class VQACallback(CIDErCallback):
             data, samples, num_samples, max_new_tokens=max_new_tokens, method=method, log_name=log_name,
             tokenizer="simple", layout=layout, **kwargs,
         )  # fmt: skip
-        if "{question}" not in prompt_template:
-            raise ValueError(f"prompt_template must contain '{{question}}', got {prompt_template!r}")
-        self.prompt_template = prompt_template
+        self.prompt_template = check_prompt_template(prompt_template)
         self.metric = VQAAccuracy(official=official)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        """Read the questions once."""
+        """Read the questions once and check each has a question and answers (before any generation)."""
         if self.samples is None:
             if self.data is None:
                 raise ValueError("VQACallback: give data (a VQA-format JSON file) or samples")
             self.samples = read_vqa_file(self.data, self.num_samples)
-        bad = next((s.key for s in self.samples if s.question is None or not s.answers), None)
-        if bad is not None:
-            raise ValueError(f"VQACallback: sample {bad!r} lacks a question or answers")
+        for s in self.samples:
+            answers_ok = isinstance(s.answers, (list, tuple)) and all(isinstance(a, str) for a in s.answers)
+            if s.question is None or not answers_ok or not s.answers:
+                raise ValueError(
+                    f"VQACallback: sample {s.key!r} needs a question and a non-empty list of answer strings, "
+                    f"got question={s.question!r}, answers={s.answers!r}"
+                )
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> float:
         """Answer this rank's questions, update the metric, and return the accuracy over all ranks."""
+        self.metric = self.metric.to(pl_module.device)
         self.metric.reset()
-        for chunk in batches(rank_share(self.samples, trainer), self.batch_size):
+        share = rank_share(self.samples, trainer)
+        if not share:  # a rank without questions still updates, so every rank's metric syncs alike
+            self.metric.update([], [])
+        for chunk in batches(share, self.batch_size):
             prompts = [self.prompt_template.format(question=s.question) for s in chunk]
             answers = self.generate(pl_module, self.codes_of(chunk, pl_module.device), prompts, self.seed)
             self.metric.update(answers, [s.answers for s in chunk])
         return float(self.metric.compute())
+
+
+def check_prompt_template(template: str) -> str:
+    """``template`` if it formats with a question (raises ValueError naming ``prompt_template`` otherwise)."""
+    if "{question}" not in template:
+        raise ValueError(f"prompt_template must contain '{{question}}', got {template!r}")
+    try:
+        template.format(question="what is it?")
+    except (KeyError, IndexError, ValueError, AttributeError) as err:
+        raise ValueError(
+            f"prompt_template {template!r} does not format with a question ({type(err).__name__}: {err}); "
+            "write literal braces as '{{' and '}}'"
+        ) from err
+    return template

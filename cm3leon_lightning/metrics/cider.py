@@ -80,15 +80,17 @@ def ptb_tokenize(captions: Sequence[str]) -> list[str]:
     """Tokenize with Stanford's PTBTokenizer exactly as pycocoevalcap's ``PTBTokenizer`` does, one line per caption.
 
     Unlike pycocoevalcap, the temporary input file goes to the system temp directory (site-packages may be
-    read-only). Empty captions stay empty.
+    read-only), every whitespace character of a caption becomes a space (:func:`ptb_input`; Java also breaks lines
+    at form feeds, ``\\u2028``...), and the output must have one line per caption. Empty captions stay empty.
+
+    Raises:
+        RuntimeError: no ``java`` on ``PATH``, or the tokenizer's output has another number of lines.
     """
     if not captions:
         return []
     if not java_available():
         raise RuntimeError("ptb_tokenize needs a `java` executable on PATH")
-    lines = [c.replace("\n", " ").replace("\r", " ") for c in captions]
-    # PTB drops blank lines' content but keeps the line; a lone space keeps it explicit for every version.
-    text = "\n".join(line if line.strip() else " " for line in lines)
+    text = ptb_input(captions)
     fd, name = tempfile.mkstemp(suffix=".txt", prefix="cm3leon_ptb_")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -105,10 +107,29 @@ def ptb_tokenize(captions: Sequence[str]) -> list[str]:
         out = subprocess.run(cmd, capture_output=True, check=True).stdout.decode("utf-8")
     finally:
         os.remove(name)
-    result = out.split("\n")[: len(lines)]
-    if len(result) != len(lines):
-        raise RuntimeError(f"PTBTokenizer returned {len(result)} lines for {len(lines)} captions")
+    result = ptb_output_lines(out, len(captions))
     return [" ".join(w for w in line.rstrip().split(" ") if w and w not in PTB_PUNCTUATIONS) for line in result]
+
+
+def ptb_input(captions: Sequence[str]) -> str:
+    """The PTBTokenizer input for ``captions``: one line each, ended by ``\\n``, with every whitespace character
+    (``\\s``: new lines, tabs, form feeds, ``\\x85``, ``\\u2028``...) replaced by a space, so no caption spans two
+    lines; a blank caption is a lone space (PTB keeps its line)."""
+    lines = [re.sub(r"\s", " ", c) for c in captions]
+    return "".join((line if line.strip() else " ") + "\n" for line in lines)
+
+
+def ptb_output_lines(out: str, num_captions: int) -> list[str]:
+    """PTBTokenizer's output -> one line per caption (raises RuntimeError when there are not ``num_captions``)."""
+    lines = out.split("\n")
+    if lines and lines[-1] == "":  # the last line's terminator
+        lines.pop()
+    if len(lines) != num_captions:
+        raise RuntimeError(
+            f"PTBTokenizer returned {len(lines)} lines for {num_captions} captions: a caption's tokens would be "
+            "scored as another's"
+        )
+    return lines
 
 
 # ------------------------------------------------------------------------------------------ fallback tokenizer
@@ -245,6 +266,16 @@ def _decode(flat: Tensor, lengths: Tensor) -> list[str]:
     return out
 
 
+# The list states of CIDErD and their dtypes (UTF-8 bytes, then byte lengths and reference counts).
+_STATE_DTYPES = {
+    "cand_bytes": torch.uint8,
+    "cand_lens": torch.long,
+    "ref_bytes": torch.uint8,
+    "ref_lens": torch.long,
+    "ref_counts": torch.long,
+}
+
+
 class CIDErD(Metric):
     """torchmetrics Metric for CIDEr-D (pycocoevalcap's ``Cider``; see the module docstring).
 
@@ -265,8 +296,25 @@ class CIDErD(Metric):
     def __init__(self, tokenizer: str = "auto", **kwargs) -> None:
         super().__init__(**kwargs)
         self.tokenizer = resolve_tokenizer(tokenizer)  # warns at construction, not at the end of an epoch
-        for name in ("cand_bytes", "cand_lens", "ref_bytes", "ref_lens", "ref_counts"):
+        for name in _STATE_DTYPES:
             self.add_state(name, default=[], dist_reduce_fx="cat")
+        self._type_states()
+
+    def _type_states(self) -> None:
+        """Start each list state with an empty tensor of its dtype.
+
+        A rank that never calls :meth:`update` (no captions in its share) would otherwise send torchmetrics'
+        float32 placeholder in the DDP gather while other ranks send uint8 / int64, which breaks the process group.
+        """
+        for name, dtype in _STATE_DTYPES.items():
+            state = getattr(self, name)
+            if isinstance(state, list) and not state:
+                state.append(torch.empty(0, dtype=dtype, device=self.device))
+
+    def reset(self) -> None:
+        """Forget every caption (the states restart as typed empty tensors)."""
+        super().reset()
+        self._type_states()
 
     def update(self, candidates: Sequence[str], references: Sequence[Sequence[str]]) -> None:
         """Add captions and their references (one list of references per caption)."""

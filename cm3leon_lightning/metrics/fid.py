@@ -39,18 +39,24 @@ def fid_resize(image: Image.Image | bytes | np.ndarray | Tensor, image_size: int
     Args:
         image: a PIL image, encoded bytes (jpg/png), an ``(H, W, 3)`` uint8 array, or a ``(3, H, W)`` uint8 tensor.
         image_size: the side length (256 for the MS-COCO 30K protocol).
+
+    Raises:
+        ValueError: ``image_size`` < 1, or a tensor / array image that is not uint8 with 3 channels (the message
+            gives its shape). PIL images and encoded files are converted to RGB.
     """
     if image_size < 1:
         raise ValueError(f"image_size must be >= 1, got {image_size}")
     if isinstance(image, (bytes, bytearray)):
         image = Image.open(io.BytesIO(image))
     elif isinstance(image, Tensor):
-        if image.dtype != torch.uint8 or image.ndim != 3:
+        if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
             raise ValueError(f"a tensor image must be uint8 (3, H, W), got {image.dtype} {tuple(image.shape)}")
         if image.shape[1] == image.shape[2] == image_size:
             return image.contiguous()
         image = Image.fromarray(image.permute(1, 2, 0).cpu().numpy())
     elif isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"an array image must be uint8 (H, W, 3), got {image.dtype} {image.shape}")
         image = Image.fromarray(image)
     image = image.convert("RGB")
     w, h = image.size

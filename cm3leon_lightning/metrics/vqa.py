@@ -6,6 +6,11 @@ that leave one out, which :func:`vqa_accuracy` does by default (``official=True`
 match, the score is 0, 0.3, 0.6, 0.9, 1.0 for ``k`` = 0, 1, 2, 3, >= 4. ``official=False`` gives the simple form
 ``min(k / 3, 1)``: 0, 1/3, 2/3, 1.
 
+Questions with too few human answers for that consensus (fewer than 4 with ``official=True``, as leaving one
+out must leave 3, fewer than 3 with ``official=False``), such as the one-answer VQA lines of instruction-tuning
+data, are scored by exact match instead: 1 when the normalised prediction equals one of the normalised human answers,
+else 0 (:data:`MIN_CONSENSUS_ANSWERS`). Otherwise even a perfect answer could not reach 1.
+
 Answers are normalised as in ``vqaEval.py``: new lines and tabs become spaces, punctuation is removed or replaced by
 a space (``processPunctuation``, including its period rule), then lower-casing, number words -> digits
 (``"two"`` -> ``"2"``), articles dropped and contractions restored (``"dont"`` -> ``"don't"``;
@@ -61,6 +66,8 @@ ARTICLES = ("a", "an", "the")
 PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!")
 _PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")  # sic: the official pattern (a lookahead, not a lookbehind)
 _COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
+# The fewest human answers scored by consensus, per form (official leave-one-out, simple); fewer: exact match.
+MIN_CONSENSUS_ANSWERS = {True: 4, False: 3}
 
 
 def process_punctuation(text: str) -> str:
@@ -101,8 +108,11 @@ def vqa_accuracy(
         official_references: normalise the human answers as the official script does (``processPunctuation``
             only, and only when they disagree) instead of with :func:`normalize_answer`.
 
+    With fewer human answers than :data:`MIN_CONSENSUS_ANSWERS` (e.g. one gold answer), the score is the exact
+    match 0 or 1 of the normalised answers.
+
     Raises:
-        ValueError: no human answers, or a single one with ``official=True`` (nothing is left after leaving one out).
+        ValueError: ``answers`` is a string or empty.
     """
     if isinstance(answers, str) or len(answers) == 0:
         raise ValueError(f"answers must be a non-empty list of human answers, got {answers!r}")
@@ -113,17 +123,18 @@ def vqa_accuracy(
     else:
         refs = [normalize_answer(a) for a in answers]
     matches = sum(r == pred for r in refs)
+    if len(refs) < MIN_CONSENSUS_ANSWERS[bool(official)]:
+        return float(matches > 0)
     if not official:
         return min(1.0, matches / 3)
-    if len(refs) < 2:
-        raise ValueError("official VQA accuracy leaves one human answer out: it needs at least 2 answers")
     # Leaving out a matching answer leaves matches-1 matches, leaving out another leaves matches.
     scores = [min(1.0, (matches - (r == pred)) / 3) for r in refs]
     return sum(scores) / len(scores)
 
 
 class VQAAccuracy(Metric):
-    """torchmetrics Metric: mean VQA accuracy over questions (see :func:`vqa_accuracy`); sums sync across ranks.
+    """torchmetrics Metric: mean VQA accuracy over questions (see :func:`vqa_accuracy`; questions with few human
+    answers count by exact match); sums sync across ranks.
 
     Args:
         official: leave-one-out averaging of the official script (default) or the simple ``min(k / 3, 1)``.
@@ -143,14 +154,17 @@ class VQAAccuracy(Metric):
         self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, predictions: Sequence[str], answers: Sequence[Sequence[str]]) -> None:
-        """Add predicted answers and, per question, the list of human answers."""
+        """Add predicted answers and, per question, the list of human answers (checked before anything is added)."""
         if isinstance(predictions, str):
             raise ValueError("predictions must be a list of answers, got one string")
         if len(predictions) != len(answers):
             raise ValueError(f"got {len(predictions)} predictions but {len(answers)} answer lists")
-        for pred, refs in zip(predictions, answers):
-            self.total += vqa_accuracy(pred, refs, self.official, self.official_references)
-        self.count += len(predictions)
+        scores = [
+            vqa_accuracy(pred, refs, self.official, self.official_references)
+            for pred, refs in zip(predictions, answers)
+        ]
+        self.total += sum(scores)
+        self.count += len(scores)
 
     def compute(self) -> Tensor:
         """Mean accuracy in ``[0, 1]`` (0-dim float tensor)."""

@@ -9,7 +9,7 @@ import pytest
 import torch
 from support.eval_setup import micro_vqgan, shape_samples, tiny_module, tiny_tokenizer, trainer, val_loader
 
-from cm3leon_lightning.callbacks import CIDErCallback, EvalSample, VQACallback, read_vqa_file
+from cm3leon_lightning.callbacks import CIDErCallback, EvalSample, SampleLoggerCallback, VQACallback, read_vqa_file
 from cm3leon_lightning.metrics.cider import cider_d
 from cm3leon_lightning.metrics.vqa import vqa_accuracy
 
@@ -141,3 +141,110 @@ def test_vqa_file_in_sft_json_lines(tmp_path: Path) -> None:
     (tmp_path / "bad.jsonl").write_text('{"codes": [1], "question": "q", "answer": "a"}\n{oops\n')
     with pytest.raises(ValueError, match="bad.jsonl: line 2 is not valid JSON"):
         read_vqa_file(tmp_path / "bad.jsonl")
+
+
+class AnswersRight(VQACallback):
+    """Answers every question with its first human answer; counts generate calls."""
+
+    calls = 0
+
+    def generate(self, pl_module, codes, instruction, seed):
+        type(self).calls += 1
+        by_prompt = {self.prompt_template.format(question=s.question): s.answers[0] for s in self.samples}
+        return [by_prompt[i] for i in instruction]
+
+
+@pytest.mark.parametrize("official", [True, False])
+def test_vqa_callback_scores_one_answer_lines_by_exact_match(parts, tmp_path: Path, official: bool) -> None:
+    tok, _, module = parts
+    lines = [
+        {"task": "vqa", "codes": [1] * 64, "question": "what colour?", "answer": "red"},
+        {"task": "vqa", "codes": [2] * 64, "question": "what shape?", "answer": "circle"},
+    ]
+    (tmp_path / "sft.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    cb = AnswersRight(data=str(tmp_path / "sft.jsonl"), text_tokenizer=tok, official=official)
+    out = trainer(tmp_path, [cb]).validate(module, val_loader(module.vocab), verbose=False)[0]
+    assert out["val/vqa_acc"] == 1.0  # was 1/3 (official=False) or an error after generating (official=True)
+
+
+def test_vqa_callback_checks_answers_before_generating(parts, tmp_path: Path) -> None:
+    tok, _, module = parts
+    AnswersRight.calls = 0
+    bad = [*vqa_samples(), EvalSample("q9", [], codes=torch.zeros(64, dtype=torch.long), question="q", answers="red")]
+    cb = AnswersRight(samples=bad, text_tokenizer=tok)
+    with pytest.raises(ValueError, match="sample 'q9' needs a question and a non-empty list of answer strings"):
+        trainer(tmp_path, [cb]).validate(module, val_loader(module.vocab), verbose=False)
+    assert AnswersRight.calls == 0
+
+
+@pytest.mark.parametrize("template", ['Q: {question} as JSON {"a": 1}', "Q: {question} {0}", "Q: {question} {"])
+def test_bad_prompt_template_is_refused_at_construction(parts, template: str) -> None:
+    tok, _, _ = parts
+    with pytest.raises(ValueError, match="prompt_template .* does not format with a question"):
+        VQACallback(samples=vqa_samples(), text_tokenizer=tok, prompt_template=template)
+    cb = VQACallback(samples=vqa_samples(), text_tokenizer=tok, prompt_template='{question} as JSON {{"a": 1}}')
+    assert cb.prompt_template.format(question="q") == 'q as JSON {"a": 1}'
+
+
+def test_two_callbacks_of_one_class_run_and_restore_their_own_state(parts, tmp_path: Path) -> None:
+    tok, _, module = parts
+
+    def pair() -> list[VQACallback]:
+        return [
+            AnswersRight(samples=vqa_samples(), text_tokenizer=tok, log_name="val/vqav2_acc"),
+            AnswersRight(samples=vqa_samples()[1:], text_tokenizer=tok, log_name="val/vizwiz_acc"),
+        ]
+
+    first = pair()
+    t = trainer(tmp_path, first)
+    out = t.validate(module, val_loader(module.vocab), verbose=False)[0]
+    # The first human answer of question k is said by max(k, 1) humans (official: 0.3, 0.3, 0.6, 0.9).
+    assert out["val/vqav2_acc"] == pytest.approx((0.3 + 0.3 + 0.6 + 0.9) / 4)
+    assert out["val/vizwiz_acc"] == pytest.approx((0.3 + 0.6 + 0.9) / 3)
+    first[0]._val_epochs, first[1]._val_epochs = 5, 8
+    t.save_checkpoint(tmp_path / "two.ckpt")
+    states = torch.load(tmp_path / "two.ckpt", weights_only=False)["callbacks"]
+    assert states == {
+        "AnswersRight{'log_name': 'val/vqav2_acc'}": {"val_epochs": 5},
+        "AnswersRight{'log_name': 'val/vizwiz_acc'}": {"val_epochs": 8},
+    }
+    second = pair()
+    trainer(tmp_path, second).validate(module, val_loader(module.vocab), ckpt_path=tmp_path / "two.ckpt", verbose=False)
+    assert [cb._val_epochs for cb in second] == [6, 9]  # restored, plus this validation epoch
+    loggers = [SampleLoggerCallback(tag=tag, text_tokenizer=tok) for tag in ("samples", "samples_ema")]
+    assert [cb.state_key for cb in loggers] == [
+        "SampleLoggerCallback{'tag': 'samples'}",
+        "SampleLoggerCallback{'tag': 'samples_ema'}",
+    ]
+
+
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")  # Lightning looks up state_key only
+def test_checkpoint_from_before_state_keys_still_restores(parts, tmp_path: Path) -> None:
+    tok, _, module = parts
+    t = trainer(tmp_path, [AnswersRight(samples=vqa_samples(), text_tokenizer=tok)])
+    t.validate(module, val_loader(module.vocab), verbose=False)
+    t.save_checkpoint(tmp_path / "new.ckpt")
+    ckpt = torch.load(tmp_path / "new.ckpt", weights_only=False)
+    ckpt["callbacks"] = {"AnswersRight": {"val_epochs": 4}}  # the key the class name alone gave
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    cb = AnswersRight(samples=vqa_samples(), text_tokenizer=tok)
+    trainer(tmp_path, [cb]).validate(module, val_loader(module.vocab), ckpt_path=tmp_path / "old.ckpt", verbose=False)
+    assert cb._val_epochs == 5
+
+
+@pytest.mark.parametrize("kind", ["cider", "vqa"])
+def test_text_callbacks_update_on_a_rank_without_samples_and_use_the_module_device(parts, kind: str) -> None:
+    from types import SimpleNamespace
+
+    tok, _, module = parts
+    if kind == "cider":
+        cb = CIDErCallback(samples=coded_samples(1), text_tokenizer=tok, tokenizer="simple")
+    else:
+        cb = VQACallback(samples=vqa_samples()[:1], text_tokenizer=tok)
+    moved, to = [], cb.metric.to
+    cb.metric.to = lambda device: moved.append(device) or to(device)
+    rank1_of_2 = SimpleNamespace(global_rank=1, world_size=2)  # samples[1::2] is empty
+    with pytest.raises(RuntimeError, match="before any update"):  # one process: nobody has samples to score
+        cb.evaluate(rank1_of_2, module)
+    assert cb.metric.update_count == 1  # updated with nothing, so its states sync like the other ranks'
+    assert moved == [module.device]

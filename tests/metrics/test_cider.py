@@ -11,6 +11,8 @@ from cm3leon_lightning.metrics.cider import (
     _encode,
     cider_d,
     java_available,
+    ptb_input,
+    ptb_output_lines,
     ptb_tokenize,
     resolve_tokenizer,
     simple_ptb_tokenize,
@@ -131,3 +133,46 @@ def test_fallback_warns_at_construction(monkeypatch: pytest.MonkeyPatch) -> None
     assert metric.tokenizer == "simple"
     with pytest.raises(RuntimeError, match="java"):
         resolve_tokenizer("ptb")
+
+
+# Every whitespace character Python's \s knows; Java's PTBTokenizer breaks lines at several (\x0b, \x0c, \x85, ...).
+WHITESPACE = "\n\r\t\x0b\x0c\x1c\x1d\x1e\x1f\x85\xa0\u2028\u2029\u3000"
+
+
+def test_ptb_input_has_one_line_per_caption() -> None:
+    captions = [f"a{ch}b" for ch in WHITESPACE] + ["", " \x0c\u2028 ", "c d"]
+    text = ptb_input(captions)
+    assert text == "a b\n" * len(WHITESPACE) + " \n \n" + "c d\n"
+    assert len(text.splitlines()) == len(captions)  # splitlines breaks at every line boundary Java might use
+
+
+def test_ptb_output_must_have_one_line_per_caption() -> None:
+    assert ptb_output_lines("a b\nc\n", 2) == ["a b", "c"]
+    assert ptb_output_lines("a\n\n", 2) == ["a", ""]  # a blank last caption keeps its line
+    with pytest.raises(RuntimeError, match="3 lines for 2 captions"):
+        ptb_output_lines("a\nb\nc\n", 2)
+    with pytest.raises(RuntimeError, match="1 lines for 2 captions"):
+        ptb_output_lines("a\n", 2)
+
+
+@needs_java
+def test_ptb_keeps_captions_with_line_breaking_whitespace_aligned() -> None:
+    captions = ["a cat\x0con a mat", "a dog\u2028runs\x85fast", "a red bus\x0b", "the end"]
+    assert ptb_tokenize(captions) == ["a cat on a mat", "a dog runs fast", "a red bus", "the end"]
+    refs = [["a cat on a mat", "a cat sitting"], ["a dog runs", "a fast dog"], ["a red bus", "a bus"], ["the end"]]
+    clean = [" ".join(c.split()) for c in captions]
+    assert cider_d(captions, refs, "ptb") == cider_d(clean, refs, "ptb")
+
+
+def test_metric_states_are_typed_before_any_update() -> None:
+    # A rank that never updates must send uint8 / int64 in the DDP gather, as the others do (test_metrics_ddp.py).
+    metric = CIDErD(tokenizer="simple")
+    for _ in range(2):
+        assert [getattr(metric, n)[0].dtype for n in ("cand_bytes", "cand_lens", "ref_bytes", "ref_counts")] == [
+            torch.uint8,
+            torch.long,
+            torch.uint8,
+            torch.long,
+        ]
+        metric.update(["a cat"], [["a cat"]])
+        metric.reset()

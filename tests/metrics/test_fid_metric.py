@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -90,3 +91,17 @@ def test_bad_arguments_are_clear_errors(tmp_path: Path) -> None:
         make_fid(feature_dim=100)
     with pytest.raises(ValueError, match="image_size"):
         fid_resize(np.zeros((4, 4, 3), np.uint8), 0)
+
+
+@pytest.mark.parametrize(
+    "image, shape",
+    [
+        (torch.zeros(1, 16, 16, dtype=torch.uint8), "(1, 16, 16)"),  # already the size: was returned as it was
+        (torch.zeros(4, 20, 20, dtype=torch.uint8), "(4, 20, 20)"),
+        (np.zeros((16, 16, 4), np.uint8), "(16, 16, 4)"),
+        (np.zeros((20, 20), np.uint8), "(20, 20)"),
+    ],
+)
+def test_fid_resize_needs_three_channels(image, shape: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(shape)):
+        fid_resize(image, 16)

@@ -1,4 +1,5 @@
-"""The metrics under a real 2-process gloo group: every rank updates its share and compute() gives the full result."""
+"""The metrics under a real 2-process gloo group: every rank updates its share and compute() gives the full result,
+also when a rank has no captions."""
 
 from __future__ import annotations
 
@@ -26,13 +27,17 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     cider = CIDErD(tokenizer="simple")
     cider.update(CANDS[rank::world], REFS[rank::world])
+    lone = CIDErD(tokenizer="simple")  # only rank 0 has captions: the others never update
+    if rank == 0:
+        lone.update(CANDS, REFS)
     vqa = VQAAccuracy(official=False)
     vqa.update(["red", "blue"][rank : rank + 1], [[["red"] * 3, ["blue"] * 1 + ["x"] * 2][rank]])
     images = torch.stack([s.image for s in shape_samples(12, seed=5)])
     fid = make_fid(TinyFeatures())
     load_real_stats(Path(out_dir) / "real.pt", fid, holds_totals=rank == 0)
     fid.update(images[rank::world], real=False)
-    result = torch.tensor([float(cider.compute()), float(vqa.compute()), float(fid.compute())], dtype=torch.float64)
+    values = [float(cider.compute()), float(vqa.compute()), float(fid.compute()), float(lone.compute())]
+    result = torch.tensor(values, dtype=torch.float64)
     torch.save(result, Path(out_dir) / f"rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -49,6 +54,7 @@ def test_metrics_sync_across_two_ranks(tmp_path: Path) -> None:
     save_real_stats(tmp_path / "real.pt", real_stats(single))
     single.update(torch.stack([s.image for s in shape_samples(12, seed=5)]), real=False)
     want = [cider_d(CANDS, REFS, "simple")[0], (1.0 + 1 / 3) / 2, float(single.compute())]
+    want.append(want[0])  # CIDEr-D with every caption on rank 0
 
     import socket
 

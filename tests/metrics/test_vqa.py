@@ -1,4 +1,5 @@
-"""VQA accuracy: hand-computed cases for the simple and the official (leave-one-out) forms, and normalisation."""
+"""VQA accuracy: hand-computed cases for the simple and the official (leave-one-out) forms, exact match for
+questions with few answers, and normalisation."""
 
 from __future__ import annotations
 
@@ -60,5 +61,28 @@ def test_metric_mean_and_errors() -> None:
         metric.update(["a", "b"], [answers(1)])
     with pytest.raises(ValueError, match="non-empty list"):
         vqa_accuracy("a", [])
-    with pytest.raises(ValueError, match="at least 2"):
-        vqa_accuracy("a", ["a"], official=True)
+    with pytest.raises(ValueError, match="non-empty list"):
+        vqa_accuracy("a", "a")
+
+
+@pytest.mark.parametrize("official", [True, False])
+def test_few_human_answers_score_by_exact_match(official: bool) -> None:
+    # One or two gold answers (instruction-tuning VQA lines): a right answer scores 1, not 1/3 or an error.
+    assert vqa_accuracy("The Red.", ["red"], official=official) == 1.0
+    assert vqa_accuracy("blue", ["red"], official=official) == 0.0
+    assert vqa_accuracy("two", ["circle", "2"], official=official) == 1.0
+    assert vqa_accuracy("Red", ["red"], official=official, official_references=True) == 1.0
+    # Three answers: exact match for the official form (leaving one out leaves 2), consensus for the simple one.
+    assert vqa_accuracy("red", ["red", "blue", "green"], official=official) == pytest.approx(1.0 if official else 1 / 3)
+    # Four answers: the consensus of both forms; official: leaving out the match leaves 0, another leaves 1/3.
+    assert vqa_accuracy("red", ["red", "a", "b", "c"], official=official) == pytest.approx(0.25 if official else 1 / 3)
+    assert vqa_accuracy("red", ["red"] * 4, official=official) == 1.0
+
+
+def test_metric_update_checks_every_question_before_adding() -> None:
+    metric = VQAAccuracy()
+    metric.update(["red", "x"], [["red"], ["red", "blue"]])
+    assert metric.compute().item() == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="non-empty list"):
+        metric.update(["red", "red"], [["red"], []])
+    assert (metric.total.item(), metric.count.item()) == (1.0, 2)  # nothing of the refused batch was added
