@@ -6,9 +6,10 @@ Bad input is never fatal: :func:`clean_caption` and :func:`load_image` apply the
 Caption rules: bytes are decoded as UTF-8 (a BOM is dropped); undecodable bytes are replaced by U+FFFD and counted
 ``repaired_caption_non_utf8``. Control characters become spaces and whitespace runs collapse to one space. Empty
 (or missing) after that: skipped, ``caption_empty`` / ``caption_missing``. Longer than ``max_chars``: cut at the last
-space before the limit (or at the limit) and counted ``repaired_caption_truncated``. (The prepare pipeline also cuts
-BPE encodings longer than ``max_caption_tokens``, storing the caption decoded from the kept ids:
-``repaired_caption_tokens``.)
+space before the limit (or at the limit) and counted ``repaired_caption_truncated``. A caption given as bytes gives
+the same text as the same caption given as a string; a huge one is read only up to the text that the limit keeps.
+(The prepare pipeline also cuts BPE encodings longer than ``max_caption_tokens``, storing the caption decoded from the
+kept ids: ``repaired_caption_tokens``.)
 
 Image rules: missing file ``image_missing``; unreadable, truncated or decompression-bomb ``image_unreadable``;
 shorter side below ``min_size`` pixels ``image_too_small`` (all skipped). Any mode other than RGB is converted
@@ -17,9 +18,11 @@ shorter side below ``min_size`` pixels ``image_too_small`` (all skipped). Any mo
 
 from __future__ import annotations
 
+import codecs
 import io
 import re
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -43,12 +46,60 @@ REPAIR_REASONS = (
 )
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]+")
 _SPACES = re.compile(r"\s+")
+_PIECE = 1 << 16  # characters (str) or bytes (UTF-8) cleaned at a time
 
 
 class BadInput(SkipError):
     """A raw pair that cannot be used; ``reason`` is one of :data:`SKIP_REASONS`."""
 
     REASONS = SKIP_REASONS
+
+
+def _pieces(caption: str | bytes) -> Iterator[tuple[str, bool]]:
+    """``caption`` as text, in pieces of about :data:`_PIECE` characters, each with whether it decoded cleanly.
+
+    Bytes are decoded as UTF-8 without a leading BOM, undecodable bytes replaced by U+FFFD; they are cut only before
+    a byte that is not a continuation byte, so the pieces join to exactly the text of decoding the whole.
+    """
+    if isinstance(caption, str):
+        for i in range(0, len(caption), _PIECE):
+            yield caption[i : i + _PIECE], True
+        return
+    i = len(codecs.BOM_UTF8) if caption.startswith(codecs.BOM_UTF8) else 0
+    while i < len(caption):
+        stop = cut = min(i + _PIECE, len(caption))
+        while cut < len(caption) and cut > i + 1 and stop - cut < 3 and caption[cut] & 0xC0 == 0x80:
+            cut -= 1  # back to the start of the character that ``stop`` falls in (at most 3 continuation bytes)
+        if cut < len(caption) and caption[cut] & 0xC0 == 0x80:
+            cut = stop  # 4 continuation bytes in a row: ``stop`` starts no character, nothing to keep together
+        raw = caption[i:cut]
+        try:
+            yield raw.decode("utf-8"), True
+        except UnicodeDecodeError:
+            yield raw.decode("utf-8", errors="replace"), False
+        i = cut
+
+
+def _collapse(caption: str | bytes, max_chars: int) -> tuple[str, bool]:
+    """Control characters -> spaces, whitespace runs -> one space, stripped; and whether the bytes decoded cleanly.
+
+    Stops reading once more than ``max_chars + 1`` characters are known (all that the truncation rule looks at), so a
+    megabyte caption costs one piece, and whitespace before the words never pushes them out.
+    """
+    parts: list[str] = []
+    n, after_space, clean = 0, True, True
+    for piece, ok in _pieces(caption):
+        clean = clean and ok
+        text = _SPACES.sub(" ", _CONTROL.sub(" ", piece))
+        if after_space and text.startswith(" "):  # a run of spaces across two pieces, or leading spaces
+            text = text[1:]
+        if text:
+            parts.append(text)
+            n += len(text)
+            after_space = text.endswith(" ")
+        if n > max_chars + 1:
+            break
+    return "".join(parts).strip(), clean
 
 
 def clean_caption(caption: str | bytes | None, max_chars: int = 1000) -> tuple[str, list[str]]:
@@ -68,19 +119,8 @@ def clean_caption(caption: str | bytes | None, max_chars: int = 1000) -> tuple[s
         raise ValueError(f"max_chars must be >= 1, got {max_chars}")
     if caption is None:
         raise BadInput("caption_missing", "no caption")
-    repairs: list[str] = []
-    if isinstance(caption, bytes):
-        if len(caption) > 8 * max_chars + 8:  # never decode a megabyte for a caption cut to max_chars anyway
-            caption = caption[: 8 * max_chars + 8]
-        try:
-            caption = caption.decode("utf-8-sig")
-        except UnicodeDecodeError:
-            caption = caption.decode("utf-8", errors="replace")
-            if caption.endswith("\ufffd"):  # a multibyte character cut by the pre-truncation is not a repair
-                caption = caption.rstrip("\ufffd")
-            if "\ufffd" in caption:
-                repairs.append("repaired_caption_non_utf8")
-    text = _SPACES.sub(" ", _CONTROL.sub(" ", caption)).strip()
+    text, decoded = _collapse(caption, max_chars)
+    repairs = [] if decoded else ["repaired_caption_non_utf8"]
     if not text:
         raise BadInput("caption_empty", "caption is empty after removing whitespace and control characters")
     if len(text) > max_chars:

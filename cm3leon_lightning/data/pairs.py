@@ -71,20 +71,29 @@ def make_shape_pairs(n: int, image_size: int = 32, seed: int = 0) -> tuple[np.nd
 def read_image_folder(root: str | os.PathLike) -> tuple[list[Path], list[str]]:
     """List ``root``'s images that have a UTF-8 caption sidecar ``<stem>.txt`` (images without one are skipped).
 
+    A sidecar that is blank (only whitespace) is no caption: its image is skipped too. A leading BOM is dropped.
+
     Returns:
-        Image paths (sorted) and their captions (stripped).
+        Image paths (sorted) and their captions (stripped, never empty).
 
     Raises:
         FileNotFoundError: ``root`` is not a directory or holds no captioned image.
+        ValueError: a sidecar is not valid UTF-8 (naming the file and the byte offset).
     """
     src = Path(root)
     if not src.is_dir():
         raise FileNotFoundError(f"data_dir {src} is not a directory")
     paths, captions = [], []
     for p in sorted(src.rglob("*")):
-        if p.suffix.lower() in IMAGE_SUFFIXES and p.with_suffix(".txt").is_file():
-            paths.append(p)
-            captions.append(p.with_suffix(".txt").read_text(encoding="utf-8").strip())
+        side = p.with_suffix(".txt")
+        if p.suffix.lower() in IMAGE_SUFFIXES and side.is_file():
+            try:
+                caption = side.read_bytes().decode("utf-8-sig").strip()
+            except UnicodeDecodeError as e:
+                raise ValueError(f"caption sidecar {side} is not UTF-8 (byte {e.start}: {e.reason})") from e
+            if caption:
+                paths.append(p)
+                captions.append(caption)
     if not paths:
         raise FileNotFoundError(f"data_dir {src} has no image with a caption sidecar (<name>.txt)")
     return paths, captions
@@ -93,7 +102,8 @@ def read_image_folder(root: str | os.PathLike) -> tuple[list[Path], list[str]]:
 def to_square_uint8(image: Any, size: int) -> torch.Tensor:
     """An image (PIL, path, ``(H, W[, 3|4])`` array or ``(3, H, W)`` tensor) -> ``(3, size, size)`` uint8.
 
-    Resized on the shortest side (bicubic, antialiased) and center-cropped.
+    Resized on the shortest side (bicubic, antialiased) and center-cropped. A uint8 image holds values in
+    ``[0, 255]``; any other dtype is read as ``[0, 1]`` and scaled by 255, whether or not it needs resizing.
     """
     if isinstance(image, str | os.PathLike):
         with Image.open(image) as im:
@@ -107,9 +117,11 @@ def to_square_uint8(image: Any, size: int) -> torch.Tensor:
     if image.ndim != 3 or image.shape[0] != 3:
         raise ValueError(f"image must be (3, H, W) or (H, W, 3), got {tuple(image.shape)}")
     h, w = image.shape[-2:]
-    if (h, w) == (size, size):
-        return image.to(torch.uint8)
+    if (h, w) == (size, size) and image.dtype == torch.uint8:
+        return image
     x = image.float()[None] if image.dtype == torch.uint8 else image.float()[None] * 255.0
+    if (h, w) == (size, size):
+        return x[0].round().clamp(0, 255).to(torch.uint8)
     scale = size / min(h, w)
     nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
     x = F.interpolate(x, size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from cm3leon_lightning.data.shards import sanitize_key
-from cm3leon_lightning.data.sources import PairSource, RawPair
+from cm3leon_lightning.data.sources import PairSource, RawPair, stat_fingerprint
 
 
 def _pyarrow() -> Any:
@@ -118,7 +118,12 @@ class ParquetSource(PairSource):
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "files": [str(f) for f in self.files], "image_column": self.image_column,
                 "caption_column": self.caption_column, "key_column": self.key_column,
-                "counts": [sum(g) for g in self.row_groups], "count": len(self)}  # fmt: skip
+                "counts": [sum(g) for g in self.row_groups], "count": len(self),
+                "fingerprint": self.fingerprint()}  # fmt: skip
+
+    def fingerprint(self) -> str:
+        """The Parquet files' names, sizes and modification times (see :meth:`PairSource.fingerprint`)."""
+        return stat_fingerprint((str(f), [f]) for f in self.files)
 
     def _rows(self, start: int, stop: int, columns: list[str]) -> Iterator[tuple[int, int, dict[str, Any]]]:
         """``(file index, row in file, {column: value})`` for the source rows ``start .. stop - 1``."""

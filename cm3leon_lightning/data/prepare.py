@@ -19,8 +19,9 @@ Stages, each resumable and each skipping outputs that are already complete (chec
 Part ``i`` holds source documents ``[i * samples_per_shard, (i + 1) * samples_per_shard)``, so outputs do not depend
 on the number of processes or on which machine ran which part (``shard_range``), and a rerun after a kill rebuilds
 exactly the missing parts, byte for byte. A part with no document of a split writes no shard for it (shard numbers
-follow the part index and may skip). The settings that change the output are stored in ``work/plan.json``; a rerun
-with different ones is refused.
+follow the part index and may skip). The settings that change the output are stored in ``work/plan.json`` with the
+sources and a fingerprint of their input files; a rerun with different ones, or on input files that changed since
+(added, removed, replaced or edited), is refused.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import multiprocessing as mp
 import os
 import sys
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -228,12 +230,22 @@ def run_parts(run: st.Run, fn: Callable[..., dict], tasks: Sequence[tuple], tota
     return results
 
 
+def _identity(source: PairSource) -> dict[str, Any]:
+    """``source.describe()`` with the fingerprint of its input files (for sources whose describe() has none)."""
+    ident = source.describe()
+    if "fingerprint" not in ident:
+        fingerprint = source.fingerprint()
+        if fingerprint is not None:
+            ident["fingerprint"] = fingerprint
+    return ident
+
+
 def _check_plan(run: st.Run, bank_source: PairSource | None) -> None:
     cfg = run.cfg
     plan = {
         "plan_version": PLAN_VERSION,
-        "source": run.sources["main"].describe(),
-        "bank_source": bank_source.describe() if bank_source is not None else None,
+        "source": _identity(run.sources["main"]),
+        "bank_source": _identity(bank_source) if bank_source is not None else None,
         "settings": cfg.identity(),
         "vqgan_sha256": st.path_sha256(cfg.vqgan),
         "clip_weights_sha256": st.path_sha256(cfg.clip_weights) if os.path.isfile(cfg.clip_weights) else None,
@@ -243,14 +255,29 @@ def _check_plan(run: st.Run, bank_source: PairSource | None) -> None:
     path = run.work / "plan.json"
     if path.is_file():
         old = json.loads(path.read_text(encoding="utf-8"))
+        for part in ("source", "bank_source"):  # begun by a version that kept no fingerprint: cannot check the files
+            if isinstance(old.get(part), dict) and "fingerprint" not in old[part] and isinstance(plan[part], dict):
+                plan[part].pop("fingerprint", None)
+                warnings.warn(
+                    f"{path} records no fingerprint of the {part.replace('_', ' ')}'s files (begun by an earlier "
+                    "version): resuming without checking that they are unchanged",
+                    stacklevel=2,
+                )
         if old != plan:
             diff = sorted(k for k in set(old) | set(plan) if old.get(k) != plan.get(k))
-            if "settings" in diff:
-                s_old, s_new = old.get("settings", {}), plan["settings"]
-                diff += [f"settings.{k}" for k in sorted(set(s_old) | set(s_new)) if s_old.get(k) != s_new.get(k)]
+            for part in ("source", "bank_source", "settings"):
+                p_old, p_new = old.get(part), plan.get(part)
+                if part in diff and isinstance(p_old, dict) and isinstance(p_new, dict):
+                    diff += [f"{part}.{k}" for k in sorted(set(p_old) | set(p_new)) if p_old.get(k) != p_new.get(k)]
+            restart = f"write to a new --out (or delete {run.work}) to start over"
+            advice = f"resume with the same ones, or write to a new --out (or delete {run.work})"
+            changed = [d.split(".")[0] for d in diff if d.endswith(".fingerprint")]
+            if changed:
+                advice = (f"the input files changed since it began (added, removed, replaced or edited), and parts "
+                          f"encoded from the old files cannot be mixed with the new ones: restore the input as it "
+                          f"was to resume, or {restart}")  # fmt: skip
             raise ValueError(
-                f"{run.out} holds a preparation with other inputs or settings ({', '.join(diff)}); "
-                f"resume with the same ones, or write to a new --out (or delete {run.work})"
+                f"{run.out} holds a preparation with other inputs or settings ({', '.join(diff)}); {advice}"
             )
         return
     run.work.mkdir(parents=True, exist_ok=True)
@@ -278,7 +305,8 @@ def prepare(
         neighbours per sample, shards and samples per split (after the manifest stage), and seconds per stage.
 
     Raises:
-        ValueError: bad settings, or ``out`` holds a preparation with other settings.
+        ValueError: bad settings, or ``out`` holds a preparation with other settings or of input files that changed
+            since it began.
         RuntimeError: a stage needs outputs (parts) that another machine has not delivered yet.
     """
     cfg = config if config is not None else PrepareConfig(**settings)

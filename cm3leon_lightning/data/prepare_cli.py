@@ -121,10 +121,15 @@ def sources_from_args(args: argparse.Namespace) -> tuple[PairSource, PairSource 
     bank = None
     if args.bank_source is not None:
         seed = args.sft_seed if args.bank_source == "sft" else args.shapes_seed + 1
-        bank = make_source(
-            args.bank_source, args.bank_input, args.bank_captions, args.num_pairs, args.coco_mode, "train",
-            args.shapes_image_size, seed, balance, columns,
-        )  # fmt: skip
+        try:
+            bank = make_source(
+                args.bank_source, args.bank_input, args.bank_captions, args.num_pairs, args.coco_mode, "train",
+                args.shapes_image_size, seed, balance, columns, flags=("--bank-input", "--bank-captions"),
+            )  # fmt: skip
+        except (ValueError, FileNotFoundError) as e:
+            if type(e) in (ValueError, FileNotFoundError) and str(e).startswith("--input"):  # parquet's errors
+                raise type(e)("--bank-input" + str(e).removeprefix("--input")) from e
+            raise
     return main, bank
 
 

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from cm3leon_lightning.data.shards import sanitize_key
-from cm3leon_lightning.data.sources import PairSource, RawPair
+from cm3leon_lightning.data.sources import PairSource, RawPair, content_fingerprint
 from cm3leon_lightning.generation.tasks import EDIT_PREFIX, GROUNDED_FEATURES, TASK_PREFIXES
 
 # Paper table 5 (text-focused datasets, and the single-image generation tasks), text part before ``<break> {image}``.
@@ -271,6 +271,7 @@ class SFTSource(PairSource):
             files = [self.path]
         else:
             raise FileNotFoundError(f"SFT input not found: {self.path}")
+        self.files = files
         self.examples: dict[str, list[SFTExample]] = {}
         for file in files:
             for ex in read_sft_lines(file):
@@ -287,7 +288,12 @@ class SFTSource(PairSource):
     def describe(self) -> dict[str, Any]:
         datasets = {k: {"examples": len(v), "drawn": self.counts[k]} for k, v in sorted(self.examples.items())}
         return {"kind": self.kind, "path": str(self.path), "up": self.up, "down": self.down, "seed": self.seed,
-                "datasets": datasets, "count": len(self)}  # fmt: skip
+                "datasets": datasets, "count": len(self), "fingerprint": self.fingerprint()}  # fmt: skip
+
+    def fingerprint(self) -> str:
+        """The sha256 of the JSON-lines files (see :meth:`PairSource.fingerprint`); the images they name are read at
+        encode time and not fingerprinted."""
+        return content_fingerprint(self.files)
 
     def iter_range(self, start: int, stop: int) -> Iterator[RawPair]:
         start, stop = self._check_range(start, stop, len(self))

@@ -203,8 +203,16 @@ def open_bytes(url: str, allow_remote: bool = False) -> bytes:
 
 
 # -------------------------------------------------------------------------------------------- tar reading
+_MEMBER_NAME = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # (key, extension): webdataset's base_plus_ext
+
+
 def iter_tar_samples(stream: BinaryIO, name: str = "<stream>") -> Iterator[tuple[str, dict[str, bytes]]]:
     """Group a tar stream's members into ``(key, {extension: bytes})`` the way WebDataset does.
+
+    Names split as in webdataset (its ``base_plus_ext``): the key is the member's path up to the first dot of its
+    file name, folders included (``cats/000.jpg`` and ``dogs/000.jpg`` are two samples, ``cats/000`` and
+    ``dogs/000``), and the extension is the rest, in lower case (``000.JPG`` -> ``jpg``). Consecutive members with the
+    same key form a sample; members without an extension are skipped.
 
     Raises:
         ShardFormatError: reason ``corrupt_shard`` when the tar is truncated or garbled (after yielding the
@@ -216,10 +224,10 @@ def iter_tar_samples(stream: BinaryIO, name: str = "<stream>") -> Iterator[tuple
             for info in tf:
                 if not info.isfile():
                     continue
-                base = info.name.rsplit("/", 1)[-1]
-                if "." not in base:
+                split = _MEMBER_NAME.match(info.name)
+                if split is None:  # no extension: not a sample member
                     continue
-                k, ext = base.split(".", 1)
+                k, ext = split.group(1), split.group(2).lower()
                 data = tf.extractfile(info).read()
                 if len(data) != info.size:
                     raise tarfile.ReadError(f"member {info.name} truncated")

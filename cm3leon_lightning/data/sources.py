@@ -10,7 +10,8 @@ Six sources, each a :class:`PairSource` with a fixed, deterministic document ord
   ``coco-{image_id}``); ``mode="all"``: one document per caption (key ``coco-{image_id}-{annotation_id}``), the
   captions of one image always in the same split.
 - :class:`WebDatasetSource`: local WebDataset tars with ``jpg``/``jpeg``/``png``/``webp`` and ``txt`` members, in
-  shard order then member order; key = the sample's ``__key__``.
+  shard order then member order; key = the sample's ``__key__`` (the member path up to the first dot of its file name,
+  folders included, as WebDataset groups members; extensions compared in lower case).
 - :class:`~cm3leon_lightning.data.parquet.ParquetSource` (``data/parquet.py``): Parquet files with an image and a
   caption column (Hugging Face Hub datasets, img2dataset's Parquet output).
 - :class:`ShapesSource`: the synthetic shapes generator (:func:`cm3leon_lightning.data.shapes.generate_pairs`).
@@ -21,12 +22,17 @@ A reader yields :class:`RawPair` records whose image is a path or bytes (opened 
 array, so nothing holds more than one image at a time. The cleaning rules (:func:`clean_caption`,
 :func:`load_image`, :class:`BadInput`) are in ``data/cleaning.py`` and importable from here too.
 
+Every source but the generated ones has a :meth:`PairSource.fingerprint` of its input files, stored with the prepared
+data, so a preparation resumed on input that changed since it began is refused instead of mixing parts encoded from
+the old files with parts of the new ones.
+
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,7 +48,7 @@ from cm3leon_lightning.data.cleaning import (  # noqa: F401 (the cleaning rules,
     load_image,
     source_jpeg,
 )
-from cm3leon_lightning.data.shards import ShardFormatError, iter_tar_samples, sanitize_key
+from cm3leon_lightning.data.shards import ShardFormatError, file_sha256, iter_tar_samples, sanitize_key
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 WDS_IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")
@@ -74,6 +80,36 @@ class RawPair:
         return self.key if self.group is None else self.group
 
 
+# --------------------------------------------------------------------------------------------- fingerprints
+def _stat(path: Path) -> str:
+    """``size:mtime_ns`` of a file, ``-`` when it does not exist."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return "-"
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def stat_fingerprint(entries: Iterable[tuple[str, Sequence[Path]]]) -> str:
+    """Hex sha256 of ``(name, files)`` entries in order: each name with the size and modification time of its files.
+
+    Changes when a file is added, removed, renamed, replaced or edited, without reading any file (for inputs too
+    large to hash, such as image folders and tar shards).
+    """
+    h = hashlib.sha256()
+    for name, files in entries:
+        h.update(json.dumps([name, *(_stat(f) for f in files)]).encode() + b"\n")
+    return h.hexdigest()
+
+
+def content_fingerprint(files: Iterable[Path]) -> str:
+    """Hex sha256 over each file's name and the sha256 of its bytes (for small inputs: caption JSON, JSON lines)."""
+    h = hashlib.sha256()
+    for f in files:
+        h.update(json.dumps([str(f), file_sha256(f)]).encode() + b"\n")
+    return h.hexdigest()
+
+
 # ------------------------------------------------------------------------------------------------- sources
 class PairSource:
     """Base class of the raw-pair readers: a fixed number of documents in a fixed order, readable by range."""
@@ -88,8 +124,15 @@ class PairSource:
         raise NotImplementedError
 
     def describe(self) -> dict[str, Any]:
-        """Primitives that identify the source (kind, location, settings, count), stored with the prepared data."""
+        """Primitives that identify the source (kind, location, settings, count, fingerprint), stored with the data."""
         return {"kind": self.kind, "count": len(self)}
+
+    def fingerprint(self) -> str | None:
+        """A digest of the input files that changes when they change (None: nothing to check, e.g. generated pairs).
+
+        ``cm3leon prepare`` stores it with the prepared data and refuses to resume once it differs.
+        """
+        return None
 
     def __iter__(self) -> Iterator[RawPair]:
         return self.iter_range(0, len(self))
@@ -129,7 +172,11 @@ class FolderSource(PairSource):
         return len(self.files)
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, "root": str(self.root), "count": len(self)}
+        return {"kind": self.kind, "root": str(self.root), "count": len(self), "fingerprint": self.fingerprint()}
+
+    def fingerprint(self) -> str:
+        """The relative paths of the images with the sizes and modification times of the images and their sidecars."""
+        return stat_fingerprint((p.relative_to(self.root).as_posix(), [p, p.with_suffix(".txt")]) for p in self.files)
 
     def _caption(self, path: Path) -> bytes | None:
         side = path.with_suffix(".txt")
@@ -187,7 +234,13 @@ class CocoSource(PairSource):
 
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "captions_json": str(self.captions_json), "image_dir": str(self.image_dir),
-                "mode": self.mode, "count": len(self)}  # fmt: skip
+                "mode": self.mode, "count": len(self), "fingerprint": self.fingerprint()}  # fmt: skip
+
+    def fingerprint(self) -> str:
+        """The sha256 of the captions JSON and the sizes and modification times of the images it names."""
+        names = sorted({d[1] for d in self.docs})
+        images = stat_fingerprint((name, [self.image_dir / name]) for name in names)
+        return hashlib.sha256(f"{content_fingerprint([self.captions_json])}\n{images}".encode()).hexdigest()
 
     def iter_range(self, start: int, stop: int) -> Iterator[RawPair]:
         start, stop = self._check_range(start, stop, len(self))
@@ -264,7 +317,12 @@ class WebDatasetSource(PairSource):
         return int(self.offsets[-1])
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, "tars": [str(t) for t in self.tars], "counts": self.counts, "count": len(self)}
+        return {"kind": self.kind, "tars": [str(t) for t in self.tars], "counts": self.counts, "count": len(self),
+                "fingerprint": self.fingerprint()}  # fmt: skip
+
+    def fingerprint(self) -> str:
+        """The sizes and modification times of the tars."""
+        return stat_fingerprint((str(t), [t]) for t in self.tars)
 
     @staticmethod
     def _pair(key: str, members: dict[str, bytes], tar: Path) -> RawPair:
@@ -338,6 +396,7 @@ def make_source(
     seed: int = 0,
     sft_balance: tuple[float, float] = (3.0, 0.3),
     columns: tuple[str, str, str | None] = ("image", "caption", None),
+    flags: tuple[str, str] = ("--input", "--captions"),
 ) -> PairSource:
     """Build a source by name (the ``--source`` values of ``cm3leon prepare``).
 
@@ -354,13 +413,15 @@ def make_source(
         seed: generator seed (shapes), or seed of the mixture's subsets, order and templates (sft).
         sft_balance: ``(up, down)`` sampling thresholds of the sft mixture (paper E.1: 3 / 0.3).
         columns: ``(image, caption, key or None)`` column names (parquet).
+        flags: the command-line flags of ``path`` and ``captions``, named in errors (``--bank-input`` and
+            ``--bank-captions`` for the memory-bank source).
     """
     if kind == "shapes":
         return ShapesSource(num_pairs, shapes_split, image_size, seed)
     if kind not in ("folder", "coco", "wds", "parquet", "sft"):
         raise ValueError(f"source must be one of shapes, folder, coco, wds, parquet, sft; got {kind!r}")
     if path is None:
-        raise ValueError(f"source {kind!r} needs an input path (--input)")
+        raise ValueError(f"source {kind!r} needs an input path ({flags[0]})")
     if kind == "sft":
         from cm3leon_lightning.data.sft import SFTSource  # sft builds on this module
 
@@ -373,6 +434,6 @@ def make_source(
         return FolderSource(path)
     if kind == "coco":
         if captions is None:
-            raise ValueError("source 'coco' needs the captions JSON (--captions annotations/captions_train2017.json)")
+            raise ValueError(f"source 'coco' needs the captions JSON ({flags[1]} annotations/captions_train2017.json)")
         return CocoSource(captions, path, coco_mode)
     return WebDatasetSource(path)

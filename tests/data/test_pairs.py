@@ -44,6 +44,23 @@ def test_folder_source_reads_sidecar_captions_and_skips_uncaptioned(tmp_path):
         read_image_folder(tmp_path / "missing")
 
 
+def test_read_image_folder_names_a_non_utf8_sidecar_and_skips_blank_ones(tmp_path):
+    for name in ("a", "b", "c"):
+        Image.new("RGB", (8, 8)).save(tmp_path / f"{name}.png")
+    (tmp_path / "a.txt").write_text("   \n", encoding="utf-8")  # blank: no caption, so the image is skipped
+    (tmp_path / "b.txt").write_bytes(b"\xef\xbb\xbfa cat\n")  # a BOM is not part of the caption
+    (tmp_path / "c.txt").write_bytes(b"caf\xe9 au lait")  # latin-1
+    with pytest.raises(ValueError, match=rf"caption sidecar {tmp_path / 'c.txt'} is not UTF-8 \(byte 3: invalid"):
+        read_image_folder(tmp_path)
+    (tmp_path / "c.txt").write_text("caf\u00e9 au lait", encoding="utf-8")
+    paths, caps = read_image_folder(tmp_path)
+    assert [p.name for p in paths] == ["b.png", "c.png"] and caps == ["a cat", "caf\u00e9 au lait"]
+    (tmp_path / "b.txt").write_text("")
+    (tmp_path / "c.txt").write_text("\t")
+    with pytest.raises(FileNotFoundError, match="no image with a caption sidecar"):
+        read_image_folder(tmp_path)
+
+
 def test_split_is_seeded_and_disjoint():
     images, captions = make_shape_pairs(50, 32)
     captions = [f"{c} {i}" for i, c in enumerate(captions)]  # unique, to check disjointness
@@ -69,6 +86,19 @@ def test_to_square_uint8_resizes_and_crops():
     assert out.shape == (3, 10, 10) and out.dtype == torch.uint8
     assert (out[:, :, 2:-2] == 200).all() and out.min() >= 180  # only bicubic ringing at the crop edges
     assert to_square_uint8(torch.zeros(3, 8, 8, dtype=torch.uint8), 8).shape == (3, 8, 8)
+
+
+def test_float_images_scale_to_uint8_whether_or_not_they_are_resized():
+    """A float image in [0, 1] already at the target size was cast without the x255 the resize applies (black)."""
+    x = torch.tensor([0.0, 0.25, 0.5, 1.0, 1.5, -0.5]).repeat(3, 6, 1)  # (3, 6, 6), values out of range clamp
+    out = to_square_uint8(x, 6)
+    assert out.dtype == torch.uint8 and out[0, 0].tolist() == [0, 64, 128, 255, 255, 0]
+    assert to_square_uint8(np.full((6, 6, 3), 0.5, np.float32), 6).unique().tolist() == [128]
+    assert set(to_square_uint8(torch.full((3, 12, 12), 0.5), 6).unique().tolist()) <= {127, 128}  # as resized
+    ds = ImageCaptionPairs(torch.full((2, 3, 32, 32), 0.5), ["a", "b"], 32)
+    assert ds[1]["image"].unique().tolist() == [128]
+    same = torch.full((3, 6, 6), 7, dtype=torch.uint8)
+    assert to_square_uint8(same, 6) is same  # uint8 at the size: unchanged
 
 
 def test_bad_arguments_are_clear():

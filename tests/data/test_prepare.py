@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from pathlib import Path
 
 import lightning as L
@@ -252,6 +253,56 @@ def test_cli_reports_bad_settings_in_one_line(tmp_path: Path, capsys: pytest.Cap
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"cm3leon prepare: error: {tmp_path / 'sft.jsonl'}:1: task 'vqa' needs field(s) ['answer']"]
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_names_the_bank_flags_in_bank_source_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["prepare", "--source", "shapes", "--out", str(tmp_path / "o"), "--vqgan", "v", "--clip-weights", "c",
+            "--train-tokenizer-vocab", "300"]  # fmt: skip
+    for extra, message in [
+        (["--bank-source", "folder"], "source 'folder' needs an input path (--bank-input)"),
+        (["--bank-source", "coco", "--bank-input", str(tmp_path)],
+         "source 'coco' needs the captions JSON (--bank-captions annotations/captions_train2017.json)"),
+        (["--bank-source", "parquet", "--bank-input", str(tmp_path / "none")],
+         f"--bank-input: no Parquet files at {tmp_path / 'none'}"),
+    ]:  # fmt: skip
+        assert cm3leon_main(base + extra) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [f"cm3leon prepare: error: {message}"]
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_resume_on_changed_input_files_is_refused(models: dict[str, str], tmp_path: Path) -> None:
+    """Parts encoded from the old folder were reused against the new listing (one image deleted, one added: the
+    dataset kept the deleted one and lost another); now the resume is refused until the input is as it was."""
+    src, out = tmp_path / "images", tmp_path / "out"
+    src.mkdir()
+    for name, p in zip("abcdefghij", generate_pairs(10, seed=1)):
+        (src / f"{name}.jpg").write_bytes(_jpeg(p.image))
+        (src / f"{name}.txt").write_text(p.caption)
+    s = settings(models, samples_per_shard=5, val_fraction=0.0)
+    prepare(FolderSource(src), out, **{**s, "stages": ("tokenizer", "encode"), "shard_range": (0, 1)})  # killed
+    saved = {f: (f.read_bytes(), f.stat().st_mtime_ns) for f in (src / "b.jpg", src / "b.txt")}
+    for f in saved:
+        f.unlink()
+    (src / "z.jpg").write_bytes(_jpeg(next(generate_pairs(1, seed=9)).image))
+    (src / "z.txt").write_text("a new one")
+    plan = (out / "work" / "plan.json").read_bytes()
+    with pytest.raises(ValueError, match=r"\(source, source\.fingerprint\); the input files changed since it began"):
+        prepare(FolderSource(src), out, **s)
+    assert (out / "work" / "plan.json").read_bytes() == plan and not (out / "train").exists()
+    (src / "z.jpg").unlink()
+    (src / "z.txt").unlink()
+    for f, (data, mtime) in saved.items():  # the input restored as it was: the run resumes
+        f.write_bytes(data)
+        os.utime(f, ns=(mtime, mtime))
+    summary = prepare(FolderSource(src), out, **s)
+    assert summary["encoded_parts"] == 1
+    m = Manifest.load(out / "train" / "manifest.json")
+    assert sorted(x.key for sh in m.shards for x in read_shard(out / "train" / sh.name, m)) == list("abcdefghij")
+    legacy = json.loads(plan)
+    del legacy["source"]["fingerprint"]  # a preparation begun before fingerprints were recorded: resumes, warned
+    (out / "work" / "plan.json").write_text(json.dumps(legacy))
+    with pytest.warns(UserWarning, match="records no fingerprint of the source's files .* without checking"):
+        prepare(FolderSource(src), out, **s)
 
 
 def test_a_copy_of_a_document_is_never_its_neighbour(models: dict[str, str], tmp_path: Path) -> None:

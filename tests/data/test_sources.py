@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import tarfile
 from pathlib import Path
 
@@ -11,11 +12,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cm3leon_lightning.data import cleaning
 from cm3leon_lightning.data.shapes import generate_pairs
 from cm3leon_lightning.data.sources import (
     BadInput,
     CocoSource,
     FolderSource,
+    PairSource,
     RawPair,
     ShapesSource,
     WebDatasetSource,
@@ -60,6 +63,32 @@ def test_clean_caption_rules() -> None:
         with pytest.raises(BadInput) as e:
             clean_caption(raw)
         assert e.value.reason == reason
+
+
+def test_clean_caption_gives_bytes_the_text_of_the_string() -> None:
+    """Whitespace is collapsed before the length limit applies, so a long run of it before (or between) the words
+    cannot push them out of a caption given as bytes (it did: the bytes were cut first, leaving only spaces)."""
+    for raw, max_chars, expected in [
+        (" " * 9000 + "a red circle", 1000, ("a red circle", [])),
+        ("a" + " \t\n" * 40_000 + "red circle", 1000, ("a red circle", [])),  # crosses the piece boundary
+        ("\u00e9" + " " * 70_000 + "\u20ac\U0001f600 " * 400, 9, ("\u00e9 \u20ac\U0001f600 \u20ac\U0001f600",
+                                                                  ["repaired_caption_truncated"])),
+    ]:  # fmt: skip
+        assert clean_caption(raw, max_chars) == expected
+        assert clean_caption(raw.encode(), max_chars) == expected
+        assert clean_caption(b"\xef\xbb\xbf" + raw.encode(), max_chars) == expected
+    with pytest.raises(BadInput) as e:
+        clean_caption(b" " * 1_000_000)
+    assert e.value.reason == "caption_empty"
+
+
+def test_clean_caption_reads_bytes_in_pieces_that_never_split_a_character(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cleaning, "_PIECE", 5)
+    text = "caf\u00e9 \u20ac\U0001f600 na\u00efve  \u3000 end"
+    assert clean_caption(text.encode(), 100) == ("caf\u00e9 \u20ac\U0001f600 na\u00efve end", [])
+    bad = b"ab\xf0\x9f\x98\x80\x80\x80\x80\x80\x80 \xe9z"  # an emoji, 5 stray continuation bytes, a latin-1 byte
+    assert clean_caption(bad, 100) == ("ab\U0001f600" + "\ufffd" * 5 + " \ufffdz", ["repaired_caption_non_utf8"])
+    assert clean_caption(b"caf\xe9", 100) == ("caf\ufffd", ["repaired_caption_non_utf8"])
 
 
 def test_load_image_rules(tmp_path: Path) -> None:
@@ -159,6 +188,101 @@ def test_webdataset_source(tmp_path: Path) -> None:
     assert [p.key for p in damaged] == ["k0", "k1", "k2"]
 
 
+def test_webdataset_keys_keep_folders_and_lower_case_extensions(tmp_path: Path) -> None:
+    """Members group as webdataset groups them: ``cats/000`` and ``dogs/000`` are two samples (they were merged,
+    losing one), and ``000.JPG`` / ``000.TXT`` are the ``jpg`` and ``txt`` members (they were not found)."""
+    import webdataset as wds
+
+    members = [
+        ("cats/000.jpg", _jpeg((255, 0, 0))), ("cats/000.txt", b"a red cat"),
+        ("dogs/000.jpg", _jpeg((0, 0, 255))), ("dogs/000.txt", b"a blue dog"),
+        ("001.JPG", _jpeg((0, 0, 0))), ("001.TXT", b"a black square"),
+        ("v1.2/002.Png", _png((9, 9, 9))), ("v1.2/002.caption.TXT", b"a dotted folder"),
+        ("README", b"no extension"), (".hidden", b"a hidden file"),
+    ]  # fmt: skip
+    with tarfile.open(tmp_path / "s.tar", "w") as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    pairs = list(WebDatasetSource(tmp_path))
+    assert [(p.key, p.meta["key"], p.caption) for p in pairs] == [
+        ("cats_000", "cats/000", b"a red cat"), ("dogs_000", "dogs/000", b"a blue dog"),
+        ("001", "001", b"a black square"), ("v1_2_002", "v1.2/002", b"a dotted folder"),
+    ]  # fmt: skip
+    assert [p.image for p in pairs] == [members[0][1], members[2][1], members[4][1], members[6][1]]
+    plain = [(s["__key__"], sorted(k for k in s if not k.startswith("__"))) for s in wds.WebDataset(
+        str(tmp_path / "s.tar"), shardshuffle=False)]  # fmt: skip
+    assert plain == [("cats/000", ["jpg", "txt"]), ("dogs/000", ["jpg", "txt"]), ("001", ["jpg", "txt"]),
+                     ("v1.2/002", ["caption.txt", "png"])]  # fmt: skip
+
+
+def test_fingerprints_change_with_the_input_files(tmp_path: Path) -> None:
+    """What a resumed ``cm3leon prepare`` compares: the same files give the same fingerprint, any file added,
+    removed, replaced or edited (images, sidecars, captions JSON, tars, Parquet, JSON lines) another one."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cm3leon_lightning.data.parquet import ParquetSource
+    from cm3leon_lightning.data.sft import SFTSource
+
+    def same_time(path: Path, like: Path) -> None:  # an edit within the file system's time resolution
+        st = like.stat()
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+    img = tmp_path / "img"
+    img.mkdir()
+    for name in "abc":
+        (img / f"{name}.png").write_bytes(_png((1, 2, 3)))
+        (img / f"{name}.txt").write_text(f"caption {name}")
+    folder = FolderSource(img).describe()
+    assert folder["fingerprint"] == FolderSource(img).describe()["fingerprint"] and folder["count"] == 3
+    (img / "b.txt").write_text("caption B")  # same size, same time: only the content differs
+    same_time(img / "b.txt", img / "a.txt")
+    (img / "a.txt").write_text("caption a, longer")  # a sidecar edited
+    assert FolderSource(img).describe()["fingerprint"] != folder["fingerprint"]
+    folder = FolderSource(img).describe()
+    (img / "b.png").rename(img / "z.png")  # one image replaced by another: same count
+    (img / "b.txt").rename(img / "z.txt")
+    assert FolderSource(img).describe()["fingerprint"] != folder["fingerprint"]
+
+    ann = tmp_path / "captions.json"
+    ann.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.png"}],
+                               "annotations": [{"id": 2, "image_id": 1, "caption": "one"}]}))  # fmt: skip
+    coco = CocoSource(ann, img).describe()
+    assert coco["fingerprint"] == CocoSource(ann, img).describe()["fingerprint"]
+    ann.write_text(ann.read_text().replace("one", "two"))
+    assert CocoSource(ann, img).describe()["fingerprint"] != coco["fingerprint"]
+    coco = CocoSource(ann, img).describe()
+    (img / "a.png").write_bytes(_png((4, 5, 6), size=41))  # the image it names replaced
+    assert CocoSource(ann, img).describe()["fingerprint"] != coco["fingerprint"]
+
+    (tmp_path / "wds").mkdir()
+    _tar(tmp_path / "wds" / "s.tar", [("k0", {"png": _png((1, 1, 1)), "txt": b"zero"})])
+    tars = WebDatasetSource(tmp_path / "wds").describe()
+    assert tars["fingerprint"] == WebDatasetSource(tmp_path / "wds").describe()["fingerprint"]
+    _tar(tmp_path / "wds" / "s.tar", [("k1", {"png": _png((1, 1, 1)), "txt": b"once"})])
+    assert WebDatasetSource(tmp_path / "wds").describe()["counts"] == tars["counts"]
+    assert WebDatasetSource(tmp_path / "wds").fingerprint() != tars["fingerprint"]
+
+    pq.write_table(pa.table({"image": [_png((1, 1, 1))], "caption": ["one"]}), tmp_path / "a.parquet")
+    parquet = ParquetSource(tmp_path / "a.parquet").fingerprint()
+    assert parquet is not None and ParquetSource(tmp_path / "a.parquet").fingerprint() == parquet
+    pq.write_table(pa.table({"image": [_png((1, 1, 1))], "caption": ["two, longer"]}), tmp_path / "a.parquet")
+    assert ParquetSource(tmp_path / "a.parquet").fingerprint() != parquet
+
+    (tmp_path / "sft").mkdir()
+    line = {"task": "text", "image": "y.png", "text": "hello"}
+    (tmp_path / "sft" / "a.jsonl").write_text(json.dumps(line) + "\n")
+    sft = SFTSource(tmp_path / "sft").fingerprint()
+    assert sft is not None and SFTSource(tmp_path / "sft").fingerprint() == sft
+    (tmp_path / "sft" / "a.jsonl").write_text(json.dumps({**line, "text": "jello"}) + "\n")  # same size
+    same_time(tmp_path / "sft" / "a.jsonl", tmp_path / "sft")
+    assert SFTSource(tmp_path / "sft").fingerprint() != sft
+    assert ShapesSource(3).fingerprint() is None and "fingerprint" not in ShapesSource(3).describe()
+    assert PairSource.fingerprint(ShapesSource(3)) is None
+
+
 def test_shapes_source_matches_generate_pairs() -> None:
     src = ShapesSource(12, split="heldout", image_size=32, seed=3)
     expected = list(generate_pairs(12, "heldout", 32, 3))
@@ -177,6 +301,10 @@ def test_make_source_errors(tmp_path: Path) -> None:
         make_source("folder")
     with pytest.raises(ValueError, match="captions JSON"):
         make_source("coco", tmp_path)
+    with pytest.raises(ValueError, match=r"needs an input path \(--bank-input\)"):
+        make_source("folder", flags=("--bank-input", "--bank-captions"))
+    with pytest.raises(ValueError, match=r"captions JSON \(--bank-captions "):
+        make_source("coco", tmp_path, flags=("--bank-input", "--bank-captions"))
     with pytest.raises(FileNotFoundError):
         make_source("folder", tmp_path / "missing")
     with pytest.raises(ValueError, match="range"):
