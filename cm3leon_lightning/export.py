@@ -86,6 +86,12 @@ def export_model(
         raise ValueError(f"--out: {out} is or lies inside --ckpt {src}")
     inside_tokenizer, inside_vqgan = bundled_paths(src)  # re-exporting keeps the tokenizers unless others are given
     tokenizer, vqgan = tokenizer or inside_tokenizer, vqgan or inside_vqgan
+    inputs = {"--ckpt": src, "--tokenizer": tokenizer, "--vqgan": vqgan, "--vqgan-config": vqgan_config}
+    for flag, path in inputs.items():  # --force replaces --out: it must not hold what is being exported
+        if path is not None and out.exists() and Path(path).exists():
+            here, there = out.resolve(), Path(path).resolve()
+            if there == here or here in there.parents:
+                raise ValueError(f"--out: {out} holds {flag} {path}; replacing it would delete the input")
     weights = read_weights(src, "--ckpt", lazy=True)  # tensors read a chunk at a time while writing
     if not weights.config or not weights.vocab:
         raise ValueError(

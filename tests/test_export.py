@@ -184,6 +184,24 @@ def test_an_existing_directory_is_kept_unless_forced_and_survives_a_failed_expor
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "other_tok"]  # no partial or old copies left
 
 
+def test_force_never_replaces_a_directory_holding_the_inputs(assets: Path, tmp_path: Path) -> None:
+    """`--out run --force` with `--ckpt run/model.ckpt` deleted the checkpoint it exported from (and the tokenizers)."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(assets, run)
+    before = sorted(p.name for p in run.iterdir())
+    for kwargs, flag in (
+        ({}, "--ckpt"),
+        ({"tokenizer": run / "tok"}, "--tokenizer"),
+        ({"vqgan": run / "vqgan"}, "--vqgan"),
+    ):
+        ckpt = run / "model.ckpt" if flag == "--ckpt" else assets / "model.ckpt"
+        with pytest.raises(ValueError, match=f"--out: {run} holds {flag} .*replacing it would delete the input"):
+            export_model(ckpt, run, force=True, **kwargs)
+    assert sorted(p.name for p in run.iterdir()) == before
+
+
 @pytest.mark.parametrize(
     "setup, message",
     [

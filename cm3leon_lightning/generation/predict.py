@@ -63,7 +63,11 @@ def read_prompts(path: str | os.PathLike[str]) -> list[tuple[str, int | None]]:
     if p.suffix not in (".txt", ".jsonl"):
         raise ValueError(f"prompts: {p} must end in .txt (one prompt per line) or .jsonl ({{'prompt', 'seed'}})")
     out: list[tuple[str, int | None]] = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
+    # Lines end at "\n" only: str.splitlines() also breaks at U+2028, form feeds ... which a prompt (or a JSON string)
+    # may hold. utf-8-sig drops a byte-order mark, which would otherwise start the first prompt.
+    text = p.read_text(encoding="utf-8-sig")
+    for n, line in enumerate(text.split("\n"), start=1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         if p.suffix == ".txt":
@@ -318,7 +322,7 @@ class ImageWriter(BasePredictionWriter):
                 if self.grid:
                     save_grid(images[b], prompt, self.output_dir / f"{stem}-grid.png")
                     row["grid"] = f"{stem}-grid.png"
-            lines.append(json.dumps(row, ensure_ascii=False) + "\n")
+            lines.append(json.dumps(row) + "\n")  # ASCII: a prompt's U+2028 etc. cannot break a line
         with open(self._part, "a", encoding="utf-8") as f:  # type: ignore[arg-type]
             f.writelines(lines)
 
@@ -328,8 +332,9 @@ class ImageWriter(BasePredictionWriter):
         if trainer.is_global_zero:
             rows: dict[int, str] = {}
             for part in sorted(self.output_dir.glob("predictions.rank*.jsonl")):
-                for line in part.read_text(encoding="utf-8").splitlines():
-                    rows[json.loads(line)["index"]] = line
+                for line in part.read_text(encoding="utf-8").split("\n"):
+                    if line:
+                        rows[json.loads(line)["index"]] = line
                 part.unlink()
             text = "".join(rows[i] + "\n" for i in sorted(rows))
             (self.output_dir / PREDICTIONS_FILE).write_text(text, encoding="utf-8")

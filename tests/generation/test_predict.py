@@ -82,6 +82,12 @@ def test_read_prompts_txt_jsonl_and_errors(tmp_path):
     assert "must end in .txt" in error("a\n", "p.csv")
     with pytest.raises(FileNotFoundError, match="nope.txt"):
         read_prompts(tmp_path / "nope.txt")
+    # Lines end at "\n" (and "\r\n") only: U+2028 or a form feed inside a prompt used to split it in two (every later
+    # index shifted) or break a JSON string; a byte-order mark used to start the first prompt.
+    txt.write_bytes("\ufeffa red \u2028 square\r\nform\x0cfeed\n".encode())
+    assert read_prompts(txt) == [("a red \u2028 square", None), ("form\x0cfeed", None)]
+    jl.write_bytes('\ufeff{"prompt": "left\u2028right", "seed": 1}\n'.encode())
+    assert read_prompts(jl) == [("left\u2028right", 1)]
 
 
 def test_vocab_from_checkpoint_or_manifest_and_tokenizer_mismatch(assets, tmp_path):
@@ -147,6 +153,23 @@ def test_trainer_predict_writes_pngs_grids_codes_and_jsonl(assets, tmp_path):
     single = predict(assets, out1, batch_size=1, vqgan=False)
     np.testing.assert_array_equal(torch.cat([b["codes"] for b in single]).numpy(), want)
     assert sorted(p.suffix for p in out1.iterdir()) == [".jsonl", ".npy", ".npy", ".npy"]
+
+
+def test_the_writer_keeps_prompts_with_line_separators_on_one_line(assets, tmp_path):
+    """The part files were written with the raw U+2028 of a prompt and split on it when merged: the run ended
+    without predictions.jsonl."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "left\u2028right"}) + "\n" + json.dumps({"prompt": "a\x0cb"}) + "\n")
+    dm = PromptDataModule(str(prompts), str(assets / "tok"), str(assets / "model.ckpt"), 2)
+    module = CM3LeonModule(preset="tiny", vocab=dm.vocab.to_dict(), generation=GenerationSettings(**SETTINGS))
+    out = tmp_path / "out"
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, logger=False, callbacks=[ImageWriter(str(out), None)],
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+    )  # fmt: skip
+    trainer.predict(module, datamodule=dm, ckpt_path=str(assets / "model.ckpt"))
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text(encoding="utf-8").split("\n") if line]
+    assert [r["prompt"] for r in rows] == ["left\u2028right", "a\x0cb"]
 
 
 def test_predict_from_an_exported_model_directory(assets, tmp_path):
