@@ -22,23 +22,7 @@ import torch
 
 from cm3leon_lightning.modules.vqgan_losses import LPIPS, NLayerDiscriminator, adaptive_weight, hinge_d_loss
 from cm3leon_lightning.tokenization.quantize import code_statistics
-from cm3leon_lightning.tokenization.vqgan import VQGAN, VQGANConfig
-
-_OVERRIDABLE = (
-    "resolution",
-    "ch",
-    "ch_mult",
-    "num_res_blocks",
-    "attn_resolutions",
-    "z_channels",
-    "embed_dim",
-    "n_embed",
-    "quantizer",
-    "beta",
-    "l2_normalize",
-    "ema_decay",
-    "dead_code_after",
-)
+from cm3leon_lightning.tokenization.vqgan import VQGAN, config_from_overrides
 
 
 def batch_images(batch: Any) -> torch.Tensor:
@@ -86,7 +70,8 @@ class VQGANModule(L.LightningModule):
             demo's shapes cover ~10% of the pixels) L1 sits at "background everywhere", the per-pixel median, for
             hundreds of steps; squared error learns the colours within a few hundred.
         lr_decay: ``"constant"`` (taming) or ``"cosine"``: both learning rates follow a cosine from ``lr`` to
-            ``min_lr_ratio * lr`` over ``trainer.max_steps`` batches (sharper codes at the end of a short run).
+            ``min_lr_ratio * lr`` over the batches of the run (``trainer.max_steps`` optimizer steps, two per batch
+            once the discriminator runs; see :meth:`total_batches`), sharper codes at the end of a short run.
         min_lr_ratio: the final learning rate of the cosine decay, as a fraction of ``lr``.
     """
 
@@ -141,8 +126,7 @@ class VQGANModule(L.LightningModule):
             raise ValueError(f"min_lr_ratio must lie in [0, 1], got {min_lr_ratio}")
         if disc_weight < 0 or disc_start < 0 or codebook_weight < 0:
             raise ValueError("disc_weight, disc_start and codebook_weight must be >= 0")
-        overrides = {k: getattr(self.hparams, k) for k in _OVERRIDABLE if getattr(self.hparams, k) is not None}
-        self.config = VQGANConfig.from_name(preset, **overrides)  # validates early, before the network is built
+        self.config = config_from_overrides(preset, self.hparams)  # validates early, before the network is built
         self.vqgan: VQGAN | None = None
         self.discriminator: NLayerDiscriminator | None = None
         self.lpips: LPIPS | None = None
@@ -183,13 +167,20 @@ class VQGANModule(L.LightningModule):
         diff = x - x_rec
         return diff.abs().mean() if self.hparams.rec_loss == "l1" else diff.pow(2).mean()
 
+    def total_batches(self, max_steps: int) -> int:
+        """Batches a run of ``max_steps`` optimizer steps trains (two optimizer steps per batch from ``disc_start``)."""
+        hp = self.hparams
+        if hp.disc_weight <= 0 or max_steps <= hp.disc_start:
+            return max_steps
+        return hp.disc_start + math.ceil((max_steps - hp.disc_start) / 2)
+
     def learning_rate(self) -> float:
-        """The autoencoder's learning rate at the current step (``lr``, or its cosine decay)."""
+        """The autoencoder's learning rate at the current batch (``lr``, or its cosine decay over the run's batches)."""
         hp = self.hparams
         max_steps = self.trainer.max_steps if self._trainer is not None else -1
         if hp.lr_decay == "constant" or max_steps is None or max_steps <= 0:
             return hp.lr
-        progress = min(1.0, int(self.train_steps) / max_steps)
+        progress = min(1.0, int(self.train_steps) / self.total_batches(max_steps))
         return hp.lr * (hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
     def _reconstruct(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, Any]:

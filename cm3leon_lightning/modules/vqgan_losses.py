@@ -7,6 +7,7 @@ Nothing here downloads weights: LPIPS needs a local file (see :class:`LPIPS`).
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import torch
@@ -43,7 +44,7 @@ class LPIPS(nn.Module):
 
     Raises:
         FileNotFoundError: ``weights`` does not exist.
-        ValueError: keys missing or unexpected.
+        ValueError: keys missing or unexpected, or a torch file that needs unpickling (a Lightning 1.x checkpoint).
     """
 
     def __init__(self, weights: str | Path) -> None:
@@ -76,7 +77,18 @@ class LPIPS(nn.Module):
 
             sd = load_file(str(path))
         else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
+            try:
+                sd = torch.load(path, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as e:
+                raise ValueError(
+                    f"lpips_weights={str(path)!r} holds pickled Python objects that torch.load(weights_only=True) "
+                    f"refuses to run (Lightning 1.x checkpoints such as taming-transformers' store callback classes). "
+                    f"If you trust the file, extract its LPIPS tensors once into a safetensors file and pass that: "
+                    f'python -c "import torch; from safetensors.torch import save_file; '
+                    f"sd = torch.load('{path}', weights_only=False)['state_dict']; "
+                    f"save_file({{k: v.contiguous() for k, v in sd.items() if k.startswith('loss.perceptual_loss.')}}, "
+                    f"'lpips.safetensors')\". Details: {str(e).splitlines()[0]}"
+                ) from e
             sd = sd.get("state_dict", sd)
         out = {}
         for k, v in sd.items():

@@ -17,8 +17,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+
+def _distributed() -> bool:
+    """Whether a ``torch.distributed`` group of more than one process is running."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 @dataclass
@@ -51,7 +57,11 @@ class VectorQuantizer(nn.Module):
             gradients (its weight then has ``requires_grad=False``); adds buffers ``ema_cluster_size`` and
             ``ema_embed_sum`` to the state dict.
         dead_code_after: in training, a code unused for this many consecutive forward passes is restarted at a random
-            latent of the current batch; 0 disables restarts. Not synchronised across processes.
+            latent of the current batch; 0 disables restarts.
+
+    Under ``torch.distributed`` (initialised, world size > 1) every replica must run the same training forwards:
+    the EMA update all-reduces the per-code counts and latent sums, and the restarts count a code as used if any
+    replica used it and take rank 0's latents, so the codebooks stay equal across replicas.
     """
 
     def __init__(
@@ -126,9 +136,13 @@ class VectorQuantizer(nn.Module):
     @torch.no_grad()
     def _ema_update(self, flat: torch.Tensor, codes: torch.Tensor) -> None:
         one_hot = F.one_hot(codes, self.n_embed).type(flat.dtype)  # (N, K)
+        counts, sums = one_hot.sum(0), one_hot.t() @ flat  # (K,), (K, D)
+        if _distributed():  # every replica updates from the global batch, so the codebooks stay equal
+            dist.all_reduce(counts)
+            dist.all_reduce(sums)
         decay = self.ema_decay
-        self.ema_cluster_size.mul_(decay).add_(one_hot.sum(0), alpha=1 - decay)
-        self.ema_embed_sum.mul_(decay).add_(one_hot.t() @ flat, alpha=1 - decay)
+        self.ema_cluster_size.mul_(decay).add_(counts, alpha=1 - decay)
+        self.ema_embed_sum.mul_(decay).add_(sums, alpha=1 - decay)
         # Laplace smoothing keeps rarely used codes from dividing by ~0
         n = self.ema_cluster_size.sum()
         size = (self.ema_cluster_size + 1e-5) / (n + self.n_embed * 1e-5) * n
@@ -138,11 +152,17 @@ class VectorQuantizer(nn.Module):
     def _restart_dead_codes(self, flat: torch.Tensor, codes: torch.Tensor) -> None:
         used = torch.zeros(self.n_embed, dtype=torch.bool, device=codes.device)
         used[codes] = True
+        if _distributed():  # used on any replica; every replica then finds the same dead codes
+            used_any = used.to(torch.int32)
+            dist.all_reduce(used_any, op=dist.ReduceOp.MAX)
+            used = used_any.bool()
         self.steps_unused.add_(1).masked_fill_(used, 0)
         dead = (self.steps_unused >= self.dead_code_after).nonzero().squeeze(1)
         if dead.numel() == 0:
             return
-        picks = flat[torch.randint(0, flat.shape[0], (dead.numel(),), device=flat.device)]
+        picks = flat[torch.randint(0, flat.shape[0], (dead.numel(),), device=flat.device)].contiguous()
+        if _distributed():  # rank 0's latents restart the codes on every replica
+            dist.broadcast(picks, src=0)
         self._pending_restart = (dead, picks.clone())
         self.steps_unused[dead] = 0
 

@@ -17,6 +17,7 @@ Loading and saving live in :mod:`cm3leon_lightning.tokenization.vqgan_io`.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -156,6 +157,33 @@ PRESETS: dict[str, VQGANConfig] = {
         embed_dim=8, n_embed=32, dead_code_after=20
     ),
 }  # fmt: skip
+
+OVERRIDABLE_FIELDS = (
+    "resolution",
+    "ch",
+    "ch_mult",
+    "num_res_blocks",
+    "attn_resolutions",
+    "z_channels",
+    "embed_dim",
+    "n_embed",
+    "quantizer",
+    "beta",
+    "l2_normalize",
+    "ema_decay",
+    "dead_code_after",
+)
+
+
+def config_from_overrides(preset: str, overrides: Mapping[str, Any]) -> VQGANConfig:
+    """The preset ``preset`` with the non-None entries of ``overrides`` named in :data:`OVERRIDABLE_FIELDS`.
+
+    This is how ``VQGANModule``'s arguments, and so the ``hyper_parameters`` of its checkpoints, describe a VQGAN;
+    other entries of ``overrides`` (learning rate, loss weights, ...) are ignored.
+    """
+    return VQGANConfig.from_name(
+        preset, **{k: overrides[k] for k in OVERRIDABLE_FIELDS if overrides.get(k) is not None}
+    )
 
 
 def _norm(channels: int) -> nn.GroupNorm:
@@ -385,6 +413,8 @@ class VQGAN(nn.Module):
         if not images.is_floating_point():
             raise ValueError(f"images must be uint8 in [0, 255] or float in [-1, 1], got dtype {images.dtype}")
         if images.device.type != "meta" and images.numel():
+            if not bool(torch.isfinite(images).all()):
+                raise ValueError("images contain NaN or infinite values (float images must be finite and in [-1, 1])")
             lo, hi = images.min().item(), images.max().item()
             if lo < -1.001 or hi > 1.001:
                 raise ValueError(

@@ -9,6 +9,9 @@ Formats :func:`load_vqgan` understands:
   checkpoint (``<name>.yaml``, ``vqgan.yaml``, ``../configs/model.yaml``); a taming log directory
   (``checkpoints/last.ckpt`` + ``configs/model.yaml``) can be passed as is.
 * **Chameleon**: ``vqgan.ckpt`` with ``vqgan.yaml`` (same yaml schema as taming), or the directory holding both.
+* **VQGANModule** (``cm3leon fit`` with the VQGAN module, e.g. ``checkpoints/last.ckpt``): a Lightning ``.ckpt``
+  whose ``state_dict`` holds ``vqgan.*`` (plus the discriminator's and LPIPS' tensors, dropped) and whose
+  ``hyper_parameters`` record the module's ``preset`` and architecture overrides, from which the config is built.
 
 Every file is read with ``torch.load(weights_only=True)``. Lightning 1.x checkpoints, taming's published ones
 included, also pickle Python objects (callback classes, hyper-parameters); such a file is refused unless the caller
@@ -27,12 +30,13 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from cm3leon_lightning.tokenization.vqgan import VQGAN, VQGANConfig
+from cm3leon_lightning.tokenization.vqgan import VQGAN, VQGANConfig, config_from_overrides
 
 FORMAT_NAME = "cm3leon_lightning.vqgan"
 FORMAT_VERSION = 1
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 _EMA_KEYS = ("quantize.ema_cluster_size", "quantize.ema_embed_sum")
+_MODULE_PREFIX = "vqgan."  # VQGANModule checkpoints
 
 
 def config_from_taming_yaml(path: str | Path) -> VQGANConfig:
@@ -92,7 +96,19 @@ def read_config(path: str | Path) -> VQGANConfig:
 def read_state_dict(
     path: str | Path, trust_pickle: bool = False, map_location: str | torch.device = "cpu"
 ) -> dict[str, torch.Tensor]:
-    """The tensors of a checkpoint file, ``loss.*`` entries dropped.
+    """The tensors of a checkpoint file, ``loss.*`` entries dropped (see :func:`read_checkpoint`)."""
+    return read_checkpoint(path, trust_pickle, map_location)[0]
+
+
+def read_checkpoint(
+    path: str | Path, trust_pickle: bool = False, map_location: str | torch.device = "cpu"
+) -> tuple[dict[str, torch.Tensor], VQGANConfig | None]:
+    """The VQGAN tensors of a checkpoint file, and the architecture when the file records it.
+
+    A ``VQGANModule`` training checkpoint (``state_dict`` with ``vqgan.*`` keys, ``hyper_parameters`` with the
+    module's ``preset`` and overrides) gives its ``vqgan.*`` tensors, prefix stripped (the discriminator's, LPIPS'
+    and ``train_steps`` dropped), and the config the module built; any other file gives its tensors, ``loss.*``
+    entries dropped, and None.
 
     Args:
         path: ``.safetensors``, or a torch file (a Lightning checkpoint with ``state_dict``, or a plain state dict).
@@ -102,13 +118,14 @@ def read_state_dict(
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: the file needs unpickling and ``trust_pickle`` is False, or holds no state dict.
+        ValueError: the file needs unpickling and ``trust_pickle`` is False, holds no state dict, or its
+            ``hyper_parameters`` name an invalid architecture.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"VQGAN checkpoint not found: {path}")
     if path.suffix == ".safetensors":
-        return load_file(str(path), device=str(map_location))
+        return load_file(str(path), device=str(map_location)), None
     try:
         obj = torch.load(path, map_location=map_location, weights_only=not trust_pickle)
     except pickle.UnpicklingError as e:
@@ -118,11 +135,21 @@ def read_state_dict(
             f"trust_pickle=True (e.g. VQGAN.from_pretrained(path, ..., trust_pickle=True)) and re-save it with "
             f"save_pretrained(). Details: {str(e).splitlines()[0]}"
         ) from e
+    hparams = obj.get("hyper_parameters") if isinstance(obj, dict) else None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(f"{path}: expected a state dict of tensors, or a checkpoint with a 'state_dict' entry")
-    return {k: v for k, v in obj.items() if not k.startswith("loss.")}
+    if _MODULE_PREFIX + "encoder.conv_in.weight" not in obj:
+        return {k: v for k, v in obj.items() if not k.startswith("loss.")}, None
+    state = {k[len(_MODULE_PREFIX) :]: v for k, v in obj.items() if k.startswith(_MODULE_PREFIX)}
+    if not isinstance(hparams, dict) or not isinstance(hparams.get("preset"), str):
+        return state, None
+    try:
+        config = config_from_overrides(hparams["preset"], hparams)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: hyper_parameters do not describe a VQGAN ({e})") from e
+    return state, config
 
 
 def _describe(keys: list[str], n: int = 5) -> str:
@@ -198,8 +225,10 @@ def load_vqgan(
     Args:
         path: a directory (ours, Chameleon's, a taming log directory) or a weights file (``.ckpt``, ``.pt``,
             ``.safetensors``).
-        preset: architecture as a preset name or a :class:`VQGANConfig`; overrides any config file found.
-        config_path: architecture from this file (our ``config.json`` or a taming / Chameleon ``.yaml``).
+        preset: architecture as a preset name or a :class:`VQGANConfig`; overrides any config file found and the
+            architecture a ``VQGANModule`` checkpoint records.
+        config_path: architecture from this file (our ``config.json`` or a taming / Chameleon ``.yaml``); overrides
+            the architecture a ``VQGANModule`` checkpoint records.
         trust_pickle: allow unpickling Python objects (see :func:`read_state_dict`).
         map_location: device of the returned model.
 
@@ -210,12 +239,15 @@ def load_vqgan(
     if preset is not None and config_path is not None:
         raise ValueError("pass either preset or config_path, not both")
     weights, found_config = _resolve(Path(path))
+    state_dict, recorded = read_checkpoint(weights, trust_pickle, "cpu")
     if isinstance(preset, VQGANConfig):
         config = preset
     elif preset is not None:
         config = VQGANConfig.from_name(preset)
     elif config_path is not None:
         config = read_config(config_path)
+    elif recorded is not None:
+        config = recorded
     elif found_config is not None:
         config = read_config(found_config)
     else:
@@ -223,7 +255,6 @@ def load_vqgan(
             f"cannot tell the architecture of {weights}: pass preset= (one of f8_8192, f16_16384, chameleon, ...) or "
             f"config_path= (a taming/Chameleon .yaml or our config.json)"
         )
-    state_dict = read_state_dict(weights, trust_pickle, "cpu")
     model = VQGAN(config)
     load_state_dict_checked(model, state_dict, str(weights))
     return model.to(map_location).eval()

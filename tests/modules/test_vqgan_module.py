@@ -175,3 +175,81 @@ def test_squared_error_and_cosine_decay(tmp_path: Path) -> None:
         VQGANModule(preset="micro", rec_loss="huber")
     with pytest.raises(ValueError, match="lr_decay must be"):
         VQGANModule(preset="micro", lr_decay="step")
+
+
+def test_cosine_decay_with_discriminator_reaches_floor(tmp_path: Path) -> None:
+    """With the discriminator on, ``max_steps`` counts two optimizer steps per batch; the decay still ends at the
+    floor."""
+    torch.manual_seed(0)
+    module = VQGANModule(preset="micro", lr=1e-3, lr_decay="cosine", min_lr_ratio=0.25, disc_weight=0.5, disc_start=0,
+                         disc_ndf=8, disc_layers=1, num_logged_images=0)  # fmt: skip
+    data = ImageDataModule(synthetic=64, image_size=16, batch_size=4)
+    trainer = _trainer(tmp_path, max_steps=8, limit_val_batches=0, enable_checkpointing=False)
+    trainer.fit(module, datamodule=data)
+    assert int(module.train_steps) == 4 and trainer.global_step == 8
+    # the 4th (last) batch ran at progress 3/4 of the 4 batches, for both optimizers
+    expected = 1e-3 * (0.25 + 0.75 * 0.5 * (1 + math.cos(3 * math.pi / 4)))
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(expected)
+    assert trainer.optimizers[1].param_groups[0]["lr"] == pytest.approx(expected)
+    assert module.learning_rate() == pytest.approx(0.25e-3)  # after the last batch: the floor
+    # batches per run: one optimizer step per batch before disc_start, two from it on
+    assert [module.total_batches(m) for m in (1, 7, 8)] == [1, 4, 4]
+    late = VQGANModule(preset="micro", disc_weight=0.5, disc_start=2)
+    assert [late.total_batches(m) for m in (2, 5, 6)] == [2, 4, 4]
+    assert VQGANModule(preset="micro", disc_start=2).total_batches(6) == 6  # no discriminator
+
+
+def test_training_checkpoint_loads_with_from_pretrained(tmp_path: Path) -> None:
+    """``VQGAN.from_pretrained`` reads a VQGANModule ``last.ckpt``: ``vqgan.*`` weights, architecture from hparams."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from cm3leon_lightning.tokenization.vqgan import VQGAN
+    from cm3leon_lightning.tokenization.vqgan_io import read_checkpoint
+
+    torch.manual_seed(0)
+    module = VQGANModule(preset="micro", n_embed=16, l2_normalize=True, disc_weight=0.5, disc_ndf=8, disc_layers=1,
+                         num_logged_images=0)  # fmt: skip
+    data = ImageDataModule(synthetic=8, image_size=16, batch_size=4)
+    run = tmp_path / "run"
+    trainer = _trainer(
+        tmp_path, 2, limit_val_batches=0, callbacks=[ModelCheckpoint(run / "checkpoints", save_last=True)]
+    )
+    trainer.fit(module, data)
+    ckpt = run / "checkpoints" / "last.ckpt"
+    state, config = read_checkpoint(ckpt)
+    assert config == module.config and config.n_embed == 16 and config.l2_normalize
+    assert set(state) == set(module.vqgan.state_dict())  # prefix stripped; discriminator, train_steps dropped
+    x = torch.from_numpy(synthetic_images(4, 16, seed=5)).permute(0, 3, 1, 2)
+    expected = module.vqgan.eval().encode(x)
+    for source in (ckpt, run):  # the file, or the run directory holding checkpoints/last.ckpt
+        loaded = VQGAN.from_pretrained(source)
+        assert loaded.config == module.config and not loaded.training
+        assert torch.equal(loaded.encode(x), expected)
+        for k, v in module.vqgan.state_dict().items():
+            assert torch.equal(loaded.state_dict()[k], v), k
+    # an explicit architecture still wins over the recorded one
+    with pytest.raises(ValueError, match="shapes"):
+        VQGAN.from_pretrained(ckpt, preset="micro")
+
+
+def test_lpips_refuses_pickled_checkpoint_with_conversion_hint(tmp_path: Path) -> None:
+    """A Lightning 1.x checkpoint as ``lpips_weights``: a ValueError naming the argument and the file, and the
+    conversion command it suggests produces weights LPIPS loads."""
+    import argparse
+    import re
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(_random_lpips_weights(tmp_path / "ref.safetensors")))
+    ckpt = tmp_path / "taming.ckpt"
+    torch.save({"state_dict": tensors, "hparams": argparse.Namespace(lr=1.0)}, ckpt)  # pickles a Python object
+    with pytest.raises(ValueError, match=f"lpips_weights='{re.escape(str(ckpt))}' holds pickled") as info:
+        LPIPS(ckpt)
+    command = re.search(r'python -c "(.*)"\. Details', str(info.value)).group(1)
+    subprocess.run([sys.executable, "-c", command], cwd=tmp_path, check=True)
+    converted = LPIPS(tmp_path / "lpips.safetensors")
+    reference = LPIPS(tmp_path / "ref.safetensors")
+    for k, v in reference.state_dict().items():
+        assert torch.equal(converted.state_dict()[k], v), k

@@ -250,3 +250,12 @@ def test_missing_file_and_mismatched_keys(tmp_path: Path) -> None:
     (tmp_path / "cfg.json").write_text(json.dumps({"format": "other"}))
     with pytest.raises(ValueError, match="not a cm3leon_lightning.vqgan config"):
         load_vqgan(tmp_path / "ok.ckpt", config_path=tmp_path / "cfg.json")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_float_images_refused(bad: float) -> None:
+    model = VQGAN.from_name("micro").eval()
+    x = _images(2, 16).float() / 127.5 - 1
+    x[1, 2, 3, 4] = bad
+    with pytest.raises(ValueError, match="images contain NaN or infinite values"):
+        model.encode(x)
