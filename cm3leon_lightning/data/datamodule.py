@@ -71,11 +71,22 @@ def resolve_source(
     by_name = {s.name: s for s in m.shards}
     infos = []
     for u in urls:
-        name = u.split()[-1].rsplit("/", 1)[-1]
+        words = u.split()  # "pipe:aws s3 cp s3://b/shard-000000.tar -": the shard is the last word naming a .tar
+        name = next((w for w in reversed(words) if w.endswith(".tar")), words[-1]).rsplit("/", 1)[-1]
         if name not in by_name:
             raise ValueError(f"shard {u!r} is not listed in manifest {manifest} (it lists {sorted(by_name)[:5]}...)")
         infos.append(by_name[name])
     return m, urls, infos
+
+
+def _check_same_tokenizers(manifests: dict[str, Manifest]) -> None:
+    """Raise ValueError when splits record different text-tokenizer or VQGAN hashes (equal sizes are not enough:
+    the same ids would mean other words or codes, and the validation loss nothing)."""
+    for section, key in (("text_tokenizer", "sha256"), ("image_tokenizer", "checkpoint_sha256")):
+        seen = {split: getattr(m, section).get(key) for split, m in manifests.items()}
+        known = {v for v in seen.values() if v}
+        if len(known) > 1:
+            raise ValueError(f"the splits were tokenized with different tokenizers ({section}.{key}): {seen}")
 
 
 class CM3LeonDataModule(L.LightningDataModule):
@@ -158,6 +169,7 @@ class CM3LeonDataModule(L.LightningDataModule):
         first = next(iter(vocabs.values()))
         if any(v != first for v in vocabs.values()):
             raise ValueError(f"the splits were tokenized with different vocabularies: {vocabs}")
+        _check_same_tokenizers({split: m for split, (m, _, _) in self.sources.items()})
         self.vocab: MultimodalVocab = first
         self.cfg = PipelineConfig(
             vocab=first,
@@ -297,6 +309,8 @@ class DataCountsLogger(L.Callback):
     """
 
     def __init__(self, every_n_steps: int = 1) -> None:
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
         self.every_n_steps = every_n_steps
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:

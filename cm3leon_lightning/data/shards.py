@@ -124,6 +124,15 @@ class Manifest:
             if missing:
                 raise ValueError(f"manifest {section} lacks {missing}")
         self.shards = [s if isinstance(s, ShardInfo) else ShardInfo(**s) for s in self.shards]
+        for i, info in enumerate(self.shards):  # a bad count loses or misreads samples without a word
+            if not isinstance(info.name, str) or not info.name:
+                raise ValueError(f"manifest shards[{i}].name must be a non-empty string, got {info.name!r}")
+            if isinstance(info.count, bool) or not isinstance(info.count, int) or info.count < 0:
+                raise ValueError(
+                    f"manifest shards[{i}] ({info.name}): count must be an integer >= 0, got {info.count!r}"
+                )
+            if info.sha256 is not None and not isinstance(info.sha256, str):
+                raise ValueError(f"manifest shards[{i}] ({info.name}): sha256 must be a string, got {info.sha256!r}")
         self.vocab()  # validates the sizes
 
     @property
@@ -193,7 +202,11 @@ def open_bytes(url: str, allow_remote: bool = False) -> bytes:
         if url.startswith("pipe:"):
             import subprocess
 
-            return subprocess.run(url[5:], shell=True, check=True, capture_output=True).stdout
+            done = subprocess.run(url[5:], shell=True, capture_output=True)
+            if done.returncode:  # an OSError, so the reader skips and counts the shard as it does a missing file
+                err = done.stderr.decode(errors="replace").strip().splitlines()
+                raise OSError(f"{url}: exit {done.returncode}" + (f": {err[-1]}" if err else ""))
+            return done.stdout
         import fsspec
 
         with fsspec.open(url, "rb") as f:

@@ -198,6 +198,9 @@ class ShardStream(IterableDataset):
         cursor = self.cursors.get(worker, (0, 0))
         per_batch = self.batch_size * self.pack
         slots = self._slots(worker, wplan, cursor)
+        # Resampled mode draws shards forever: when none can be read it would never fill a batch (nor reach the skip
+        # limit, which is checked per batch), so many unreadable draws in a row end the run.
+        limit, unreadable_in_a_row = max(64, 8 * len(self.infos)), 0
         for j in range(done, wplan.num_batches):
             examples: list[Example] = []
             counts: Counter = Counter()
@@ -208,7 +211,14 @@ class ShardStream(IterableDataset):
                 cursor, slot = nxt
                 if isinstance(slot, Counter):
                     counts += slot
+                    unreadable_in_a_row += 1
+                    if unreadable_in_a_row >= limit:
+                        raise RuntimeError(
+                            f"{unreadable_in_a_row} shards in a row could not be read (of {len(self.infos)}); see the "
+                            "'skipping shard' warnings: is the storage reachable?"
+                        )
                     continue
+                unreadable_in_a_row = 0
                 try:
                     examples.append(build_example(decode(slot, self.cfg.vocab), self.cfg, self.epoch))
                 except ShardFormatError as e:
@@ -264,6 +274,8 @@ class ResumableLoader:
             "pack": s.pack,
             "mode": s.mode,
             "seed": s.cfg.seed,
+            "shuffle": s.shuffle,  # a saved position means another sample under another order
+            "shuffle_shards": s.shuffle_shards,
             "shards": hashlib.sha256("".join(i.sha256 or i.name for i in s.infos).encode()).hexdigest()[:16],
         }
 

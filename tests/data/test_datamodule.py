@@ -43,6 +43,27 @@ def test_vocabulary_comes_from_the_manifest(tiny_dataset: Path) -> None:
         make_dm(tiny_dataset, seq_len=20)  # 20 - 17 reserved for masking < 6
 
 
+def test_splits_tokenized_by_other_tokenizers_of_equal_sizes_are_refused(tiny_dataset: Path, tmp_path: Path) -> None:
+    """Equal vocabulary sizes were enough: a validation split of another BPE gave a meaningless val/loss."""
+    import shutil
+
+    from cm3leon_lightning.data import DataCountsLogger
+
+    val = tmp_path / "val"
+    shutil.copytree(tiny_dataset, val)
+    doc = json.loads((val / "manifest.json").read_text())
+    for section, key in (("text_tokenizer", "sha256"), ("image_tokenizer", "checkpoint_sha256")):
+        other = json.loads(json.dumps(doc))
+        other[section][key] = "f" * 64
+        (val / "manifest.json").write_text(json.dumps(other))
+        with pytest.raises(ValueError, match=rf"different tokenizers \({section}.{key}\)"):
+            CM3LeonDataModule(train_data=str(tiny_dataset), val_data=str(val), seq_len=64)
+    (val / "manifest.json").write_text(json.dumps(doc))
+    assert CM3LeonDataModule(train_data=str(tiny_dataset), val_data=str(val), seq_len=64).vocab.n_text == 64
+    with pytest.raises(ValueError, match="every_n_steps must be >= 1, got 0"):
+        DataCountsLogger(every_n_steps=0)  # failed at the first batch with ZeroDivisionError
+
+
 @pytest.mark.parametrize(
     ("counts", "world", "workers", "per_batch"),
     [([4, 4, 4, 4, 4, 2], 2, 2, 2), ([5, 3, 7, 1], 3, 1, 4), ([10] * 7, 4, 3, 3), ([1, 1], 2, 0, 5)],
@@ -104,6 +125,9 @@ def test_resume_mid_epoch_without_a_trainer(tiny_dataset: Path, workers: int) ->
     assert resumed.data_counts == full_dm.data_counts and full_dm.data_counts["examples"] == 44
     with pytest.raises(ValueError, match="cannot resume mid-epoch"):
         make_dm(tiny_dataset, num_workers=workers, batch_size=1).train_dataloader().load_state_dict(state)
+    for other in ({"shuffle_shards": 1}, {"shuffle": False}):  # were accepted: 8 samples twice, 8 never
+        with pytest.raises(ValueError, match="cannot resume mid-epoch"):
+            make_dm(tiny_dataset, num_workers=workers, **other).train_dataloader().load_state_dict(state)
 
 
 def test_epochs_reshuffle_and_validation_is_deterministic(tiny_dataset: Path) -> None:
@@ -116,6 +140,24 @@ def test_epochs_reshuffle_and_validation_is_deterministic(tiny_dataset: Path) ->
     assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(v1, v2))
     v_workers = list(make_dm(tiny_dataset, val_data=str(tiny_dataset), num_workers=2).val_dataloader())
     assert sorted(keys_of(v_workers)) == sorted(ALL_KEYS)
+
+
+def test_resampled_mode_ends_when_no_shard_can_be_read(tiny_dataset: Path, tmp_path: Path) -> None:
+    """Resampled mode draws shards forever: with all of them gone it never filled a batch (a silent hang)."""
+    import logging
+    import shutil
+
+    gone = tmp_path / "gone"
+    shutil.copytree(tiny_dataset, gone)
+    dm = make_dm(gone, mode="resampled")
+    for shard in gone.glob("shard-*.tar"):
+        shard.unlink()  # the storage went away after the manifest was read
+    logging.getLogger("cm3leon_lightning.data.stream").setLevel(logging.ERROR)  # one warning per draw otherwise
+    try:
+        with pytest.raises(RuntimeError, match=r"shards in a row could not be read \(of 6\)"):
+            next(iter(dm.train_dataloader()))
+    finally:
+        logging.getLogger("cm3leon_lightning.data.stream").setLevel(logging.NOTSET)
 
 
 def test_resampled_mode_and_packing(tiny_dataset: Path) -> None:
@@ -139,6 +181,16 @@ def test_sources_lists_braces_and_remote_guard(tiny_dataset: Path) -> None:
         f"pipe:cat {tiny_dataset}/shard-000000.tar", manifest=str(tiny_dataset / "manifest.json"), allow_remote=True
     )
     assert sorted(keys_of(list(piped.train_dataloader()))) == [f"doc-{i:04d}" for i in range(4)]
+    # the usual WebDataset form: the shard is the last word naming a .tar, not the trailing "-"
+    aws_style = make_dm(
+        f"pipe:cat {tiny_dataset}/shard-000001.tar -", manifest=str(tiny_dataset / "manifest.json"), allow_remote=True
+    )
+    assert sorted(keys_of(list(aws_style.train_dataloader()))) == [f"doc-{i:04d}" for i in range(4, 8)]
+    failing = make_dm(  # a failing command is a shard that cannot be read: skipped and counted, not a crash
+        f"pipe:cat {tiny_dataset}/missing/shard-000000.tar", manifest=str(tiny_dataset / "manifest.json"),
+        allow_remote=True, max_skip_share=1.0,
+    )  # fmt: skip
+    assert keys_of(list(failing.train_dataloader())) == [] and failing.data_counts["skipped_corrupt_shard"] == 4
     with pytest.raises(ValueError, match="not listed in manifest"):
         make_dm([str(tiny_dataset / "shard-000009.tar")])
     with pytest.raises(ValueError, match="no manifest.json"):

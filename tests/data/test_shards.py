@@ -173,6 +173,15 @@ def test_manifest_validation(tmp_path: Path) -> None:
         Manifest.from_dict({**d, "format_version": 3})
     with pytest.raises(ValueError, match=r"image_tokenizer lacks \['grid_w'\]"):
         Manifest.from_dict({**d, "image_tokenizer": {"n_codes": 32, "grid_h": 2}})
+    bad_shards = (
+        ("count", -3, "count must be an integer >= 0, got -3"), ("count", 4.5, "count must be an integer"),
+        ("count", "4", "count must be an integer"), ("name", 7, r"shards\[0\].name must be a non-empty string, got 7"),
+    )  # fmt: skip
+    for field, value, message in bad_shards:  # a count of -3 lost samples silently; "4" raised a bare TypeError
+        shards = [dict(x) for x in d["shards"]]
+        shards[0][field] = value
+        with pytest.raises(ValueError, match=message):
+            Manifest.from_dict({**d, "shards": shards})
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(ValueError, match="cannot read manifest .*bad.json"):
         Manifest.load(tmp_path / "bad.json")
