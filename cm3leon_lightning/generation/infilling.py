@@ -81,10 +81,16 @@ def plan_spans(vocab: MultimodalVocab, body: list[int], span_kinds: Sequence[str
     return plan
 
 
+def infill_new_tokens(plan: Sequence[tuple[str, int]], max_span_tokens: int) -> int:
+    """The tokens :func:`infill_batch` reserves after the prompt for spans ``plan`` (:func:`plan_spans`): each span
+    at its longest (an image span its missing codes) and the sentinels between."""
+    return sum(n if kind == "image" else max_span_tokens for kind, n in plan) + len(plan) + 1
+
+
 def infill_positions(plan: Sequence[tuple[str, int]], body_len: int, max_span_tokens: int) -> int:
-    """The context positions :func:`infill_batch` reserves for a document of ``body_len`` ids with spans ``plan``
-    (:func:`plan_spans`): the body, ``<infill> <mask:0>``, each span at its longest and the sentinels between."""
-    return body_len + 2 + sum(n if kind == "image" else max_span_tokens for kind, n in plan) + len(plan) + 1
+    """The context positions infilling a document of ``body_len`` ids with spans ``plan`` needs: the body,
+    ``<infill> <mask:0>`` and :func:`infill_new_tokens` (what the decoder checks against ``max_seq_len``)."""
+    return body_len + 2 + infill_new_tokens(plan, max_span_tokens)
 
 
 def infill(
@@ -186,7 +192,7 @@ def infill_batch(
     R = len(prompts)
     spans: list[list[list[int]]] = [[] for _ in range(R)]
     with torch.no_grad():
-        new = infill_positions([(k, n) for k, n in zip(kinds, steps)], 0, max_span_tokens) - 2  # besides the prompt
+        new = infill_new_tokens(list(zip(kinds, steps)), max_span_tokens)
         dec = Decoder(model, spec, prompts, new, seed=seed, allowed=allowed[kinds[0]], compile=compile)
         first, start = dec.prefill(), dec.prompt_len  # start: the slot where span i's first token is fed
         for i, kind in enumerate(kinds):
