@@ -185,19 +185,16 @@ def _dtype_name(state: dict[str, Tensor]) -> str:
 
 
 def read_pretrained(path: str | os.PathLike[str], what: str = "path") -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """The weights (memory-mapped from ``model.safetensors``) and the parsed ``config.json`` of a model directory.
+    """The weights (read into memory from ``model.safetensors``; ``read_weights(..., lazy=True)`` reads them a few at
+    a time) and the parsed ``config.json`` of a model directory.
 
     Raises:
         FileNotFoundError, ValueError: as :func:`read_model_config`, or an unreadable weights file.
     """
-    from safetensors.torch import load_file
+    from cm3leon_lightning.model.weights import read_safetensors
 
     doc = read_model_config(path, what)
-    weights = Path(path) / WEIGHTS_FILE
-    try:
-        return load_file(str(weights), device="cpu"), doc
-    except Exception as e:  # safetensors raises its own error types
-        raise ValueError(f"{what}: {weights} cannot be read as safetensors: {e}") from e
+    return read_safetensors(Path(path) / WEIGHTS_FILE, what)[0], doc
 
 
 # ------------------------------------------------------------------------------------ Hugging Face (OPT) layout
@@ -220,19 +217,14 @@ def read_hf(path: str | os.PathLike[str], what: str = "path") -> tuple[dict[str,
         ValueError: another Hugging Face model (no ``"cm3leon"`` block: not CM3Leon's architecture), a newer format,
             or missing weights.
     """
-    from safetensors.torch import load_file
-
     from cm3leon_lightning.model.hf_opt import from_opt
+    from cm3leon_lightning.model.weights import read_safetensors
 
     block = read_hf_block(path, what)
     weights = Path(path) / WEIGHTS_FILE
     if not weights.is_file():
         raise FileNotFoundError(f"{what}: {str(path)!r} has {CONFIG_FILE} but no {WEIGHTS_FILE}")
-    try:
-        hf_state = load_file(str(weights), device="cpu")
-    except Exception as e:  # safetensors raises its own error types
-        raise ValueError(f"{what}: {weights} cannot be read as safetensors: {e}") from e
-    return from_opt(hf_state, block["config"], what), block
+    return from_opt(read_safetensors(weights, what)[0], block["config"], what), block
 
 
 def read_hf_block(path: str | os.PathLike[str], what: str = "path") -> dict[str, Any]:

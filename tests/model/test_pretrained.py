@@ -122,5 +122,5 @@ def test_malformed_directories_name_the_file_and_field(model: CM3Leon, tmp_path:
             read_model_config(path, "--ckpt")
     broken = variant("broken", json.dumps(doc), weights=False)
     (broken / WEIGHTS_FILE).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not safetensors}")
-    with pytest.raises(ValueError, match="model.safetensors cannot be read as safetensors"):
+    with pytest.raises(ValueError, match="model.safetensors' cannot be read as safetensors"):
         read_pretrained(broken, "--ckpt")
