@@ -228,8 +228,9 @@ def iter_tar_samples(stream: BinaryIO, name: str = "<stream>") -> Iterator[tuple
     same key form a sample; members without an extension are skipped.
 
     Raises:
-        ShardFormatError: reason ``corrupt_shard`` when the tar is truncated or garbled (after yielding the
-            complete samples before the damage).
+        ShardFormatError: reason ``corrupt_shard`` when the tar is truncated (also exactly between two members,
+            where tarfile alone stops without a word) or garbled, after yielding the complete samples before the
+            damage (not the last sample read, whose members may be cut off).
     """
     key, members = None, {}
     try:
@@ -249,6 +250,10 @@ def iter_tar_samples(stream: BinaryIO, name: str = "<stream>") -> Iterator[tuple
                         yield key, members
                     key, members = k, {}
                 members[ext] = data
+            # tarfile stops quietly where the bytes end after a complete member; a whole tar ends with a zero block,
+            # which the stream has read past its last member. None read: cut at a 512-byte boundary.
+            if tf.fileobj.tell() == tf.offset:
+                raise tarfile.ReadError("no end-of-archive marker: cut off after a complete member")
     except (tarfile.TarError, EOFError, OSError) as e:
         raise ShardFormatError("corrupt_shard", f"shard {name}: unreadable tar after sample {key!r} ({e})") from e
     if key is not None:

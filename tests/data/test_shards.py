@@ -166,6 +166,26 @@ def test_truncated_tar_yields_complete_samples_then_fails(tmp_path: Path) -> Non
         list(iter_tar_samples(io.BytesIO(b"\x01" * 1024), "noise"))
 
 
+def test_tar_cut_between_members_fails(tmp_path: Path) -> None:
+    """A tar cut exactly at a member boundary reads as a shorter tar to tarfile; the missing end-of-archive
+    marker gives it away, and the sample read last (whose other members may be lost) is not yielded."""
+    write_dataset(tmp_path, 4, 4)
+    data = (tmp_path / "shard-000000.tar").read_bytes()
+    with tarfile.open(tmp_path / "shard-000000.tar") as tf:
+        members = tf.getmembers()
+    assert len(members) > 9 and members[-1].offset_data + members[-1].size < len(data)
+    for cut_before, want in ((members[8], ["doc-0000"]), (members[-1], ["doc-0000", "doc-0001", "doc-0002"])):
+        got = []
+        with pytest.raises(ShardFormatError, match="end-of-archive") as err:
+            for key, _ in iter_tar_samples(io.BytesIO(data[: cut_before.offset]), "cut"):
+                got.append(key)
+        assert err.value.reason == "corrupt_shard" and got == want
+    whole = [key for key, _ in iter_tar_samples(io.BytesIO(data), "whole")]
+    assert whole == ["doc-0000", "doc-0001", "doc-0002", "doc-0003"]
+    end = members[-1].offset_data + -(-members[-1].size // 512) * 512
+    assert [k for k, _ in iter_tar_samples(io.BytesIO(data[: end + 512]), "one zero block")] == whole
+
+
 def test_manifest_validation(tmp_path: Path) -> None:
     write_dataset(tmp_path, 2, 2)
     d = json.loads((tmp_path / "manifest.json").read_text())

@@ -186,6 +186,12 @@ def test_webdataset_source(tmp_path: Path) -> None:
     damaged = WebDatasetSource(tmp_path)
     assert damaged.damaged == [str(tmp_path / "s-1.tar")] and damaged.counts == [2, 1]
     assert [p.key for p in damaged] == ["k0", "k1", "k2"]
+    # Cut exactly where k4's members begin (an interrupted copy): reported too, not read as a 2-sample tar.
+    with tarfile.open(fileobj=io.BytesIO(raw)) as tf:
+        k4 = next(m for m in tf.getmembers() if m.name.startswith("k4"))
+    (tmp_path / "s-1.tar").write_bytes(raw[: k4.offset])
+    cut = WebDatasetSource(tmp_path)
+    assert cut.damaged == [str(tmp_path / "s-1.tar")] and cut.counts == [2, 1]
 
 
 def test_webdataset_keys_keep_folders_and_lower_case_extensions(tmp_path: Path) -> None:
