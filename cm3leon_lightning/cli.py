@@ -27,7 +27,7 @@ set_parsing_settings(docstring_parse_attribute_docstrings=True)
 EXTRA_COMMANDS: dict[str, str] = {
     "generate": "cm3leon_lightning.generation.cli:main",
     "prepare": "cm3leon_lightning.data.prepare:main",
-    "demo": "cm3leon_lightning.demo:main",
+    "demo": "cm3leon_lightning.demo_cli:main",
     "serve": "cm3leon_lightning.serve.cli:main",
     "export": "cm3leon_lightning.export:main",
     "info": "cm3leon_lightning.info:main",

@@ -13,12 +13,12 @@ before it, so a rerun reuses every finished stage; ``--fresh`` starts over)::
     report     samples.png, metrics.json and report.md in <out>
 
 The three ``fit`` stages run the same LightningCLI a user runs (in this process, ``CM3LeonCLI(args=[...])``) on the
-YAML files named above; the demo only overrides paths and, for ``--size mini``, sizes.
+YAML files named above; the demo only overrides paths and, for ``--size mini``, sizes. The command line is in
+:mod:`cm3leon_lightning.demo_cli`.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -58,7 +58,7 @@ class DemoSize:
         samples_per_prompt: images generated per prompt and method (re-ranking picks one of them).
         caption_images: images captioned per split (validation / held-out combinations).
         loss_docs: validation documents scored with and without retrieved documents.
-        grid_prompts: prompts shown in the sample grid.
+        grid_prompts: prompts shown in the sample grid: ``grid_prompts // 2`` (at least one) from each split.
     """
 
     n_train: int = 8000
@@ -76,6 +76,20 @@ class DemoSize:
     caption_images: int = 100
     loss_docs: int = 200
     grid_prompts: int = 8
+
+    def __post_init__(self) -> None:
+        """Reject sizes no stage can run with, naming the field (a bad size would otherwise fail minutes later)."""
+        for name, value in vars(self).items():
+            steps, other = name.endswith("_steps"), name in ("batch_overrides", "val_fraction")
+            if not other and not (steps and value is None) and not _is_count(value):
+                raise ValueError(f"DemoSize.{name} must be {'None or ' * steps}an integer >= 1, got {value!r}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"DemoSize.val_fraction must lie in (0, 1), got {self.val_fraction!r}")
+
+
+def _is_count(value: Any) -> bool:
+    """Whether ``value`` is an int >= 1 (not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 SIZES: dict[str, DemoSize] = {
@@ -147,8 +161,11 @@ def load_cached(ctx: Context, name: str) -> dict[str, Any] | None:
     marker = ctx.stage_dir(name) / MARKER
     if not marker.is_file():
         return None
-    saved = json.loads(marker.read_text())
-    return saved if saved.get("hash") == stage_key(ctx, name) else None
+    try:
+        saved = json.loads(marker.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):  # a marker cut short: the stage reruns
+        return None
+    return saved if isinstance(saved, dict) and saved.get("hash") == stage_key(ctx, name) else None
 
 
 def run_stage(ctx: Context, name: str, announce_cached: bool = True) -> dict[str, Any]:
@@ -171,7 +188,7 @@ def run_stage(ctx: Context, name: str, announce_cached: bool = True) -> dict[str
         t0 = time.perf_counter()
         result = STAGE_FUNCS[name](ctx, directory)
         saved = {"hash": key, "seconds": time.perf_counter() - t0, "result": result}
-        (directory / MARKER).write_text(json.dumps(saved, indent=1, sort_keys=True))
+        write_atomic(directory / MARKER, json.dumps(saved, indent=1, sort_keys=True))
         ctx.log(f"{title} done in {saved['seconds']:.1f}s")
     ctx.results[name], ctx.hashes[name] = saved["result"], key
     return saved["result"]
@@ -235,8 +252,14 @@ def fit_with_cli(config: Path, overrides: Sequence[str], callbacks: Sequence[Any
         sys.argv = argv
 
 
-def _fit_overrides(ctx: Context, out: Path, steps: int | None) -> list[str]:
+def _fit_overrides(ctx: Context, config: Path, out: Path, steps: int | None) -> list[str]:
+    """The demo's overrides of a fit config: outputs under ``out`` (the config's logger too), seed, steps, sizes."""
+    import yaml
+
     args = [f"--trainer.default_root_dir={out}", f"--seed_everything={ctx.seed}"]
+    logger = ((yaml.safe_load(Path(config).read_text()) or {}).get("trainer") or {}).get("logger")
+    if isinstance(logger, dict) and "save_dir" in (logger.get("init_args") or {}):  # else it logs to the YAML's path
+        args.append(f"--trainer.logger.init_args.save_dir={out}")
     if not ctx.progress:
         args.append("--trainer.enable_progress_bar=false")
     if steps is not None:
@@ -249,8 +272,9 @@ def stage_vqgan(ctx: Context, out: Path) -> dict[str, Any]:
     from cm3leon_lightning.demo_eval import reconstruction_accuracy
 
     data = ctx.results["data"]
-    args = _fit_overrides(ctx, out, ctx.size.vqgan_steps) + [f"--data.init_args.train={data['train']}"]
-    cli = fit_with_cli(ctx.configs / "demo" / "vqgan.yaml", args, ctx.fit_callbacks)
+    config = ctx.configs / "demo" / "vqgan.yaml"
+    args = _fit_overrides(ctx, config, out, ctx.size.vqgan_steps) + [f"--data.init_args.train={data['train']}"]
+    cli = fit_with_cli(config, args, ctx.fit_callbacks)
     vqgan = cli.model.vqgan.eval()
     model_dir = vqgan.save_pretrained(out / "model")
     heldout = read_jsonl(ctx.stage_dir("data") / "heldout.jsonl")
@@ -263,11 +287,12 @@ def stage_clip(ctx: Context, out: Path) -> dict[str, Any]:
     """Train the tiny CLIP retriever (ClipModule) on the training pairs and export its weights."""
     data = ctx.results["data"]
     weights = out / "clip.safetensors"
-    args = _fit_overrides(ctx, out, ctx.size.clip_steps) + [
+    config = ctx.configs / "demo" / "clip.yaml"
+    args = _fit_overrides(ctx, config, out, ctx.size.clip_steps) + [
         f"--data.init_args.data_dir={data['train']}",
         f"--model.init_args.export_path={weights}",
     ]
-    cli = fit_with_cli(ctx.configs / "demo" / "clip.yaml", args)
+    cli = fit_with_cli(config, args)
     metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/")}
     return {"path": str(weights), "model": cli.model.hparams.model_name, "val": metrics}
 
@@ -300,11 +325,12 @@ def prepare_settings(ctx: Context) -> dict[str, Any]:
 def stage_train(ctx: Context, out: Path) -> dict[str, Any]:
     """Train CM3Leon with ``configs/experiments/demo_shapes.yaml`` on the prepared shards."""
     prep = ctx.results["prepare"]
-    args = _fit_overrides(ctx, out, ctx.size.train_steps) + [
+    config = ctx.configs / "experiments" / "demo_shapes.yaml"
+    args = _fit_overrides(ctx, config, out, ctx.size.train_steps) + [
         f"--data.init_args.train_data={prep['train']}",
         f"--data.init_args.val_data={prep['val']}",
     ]
-    cli = fit_with_cli(ctx.configs / "experiments" / "demo_shapes.yaml", args)
+    cli = fit_with_cli(config, args)
     ckpt = out / "cm3leon.ckpt"
     cli.trainer.save_checkpoint(ckpt, weights_only=True)
     metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if "/" in k}
@@ -362,6 +388,7 @@ STAGE_FIELDS: dict[str, tuple[str, ...]] = {
     "report": ("grid_prompts",),
 }
 STAGE_FILES: dict[str, tuple[str, ...]] = {  # config files (under configs/) and source files a stage's output follows
+    "data": ("package:data/shapes.py",),  # the scenes, captions and renders it writes
     "tokenizer": ("package:data/shapes.py", "package:data/sft.py"),  # the instruction texts in its corpus
     "vqgan": ("configs:demo/vqgan.yaml",),
     "clip": ("configs:demo/clip.yaml",),
@@ -383,6 +410,14 @@ def stage_settings(ctx: Context, name: str) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: a killed write leaves the old file or none."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """Rows of a JSON-lines file."""
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -420,32 +455,21 @@ def run_pair_in_parallel(ctx: Context, here: str, there: str) -> None:
     run_stage(ctx, there, announce_cached=child is None)  # reads the marker the child wrote
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``cm3leon demo`` flags."""
-    p = argparse.ArgumentParser(
-        prog="cm3leon demo",
-        description="Train a small CM3Leon end to end on synthetic shapes (data, tokenizers, CLIP, prepare, fit, "
-        "evaluation) and write samples.png, metrics.json and report.md.",
-    )
-    p.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
-    p.add_argument("--size", choices=sorted(SIZES), default="default", help="'mini' runs in seconds (tests)")
-    p.add_argument("--fresh", action="store_true", help="delete the run directory first and redo every stage")
-    p.add_argument("--seed", type=int, default=0, help="seed of the data and of every training run")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all CPU cores)")
-    p.add_argument("--configs", default=str(CONFIG_DIR), help="the configs/ directory (default: the repository's)")
-    p.add_argument("--train-steps", type=int, default=None, help="override the CM3Leon training steps")
-    p.add_argument("--quiet", action="store_true", help="no stage lines")
-    return p
-
-
-def prepare_out(out: Path, fresh: bool, size: str) -> None:
-    """Create the run directory; with ``fresh`` delete it first, but only if it is a demo run (``demo.json``)."""
-    if fresh and out.exists():
+def prepare_out(out: Path, fresh: bool, size: str, seed: int = 0) -> None:
+    """Create the run directory; with ``fresh`` delete it first. Either way it must be new, empty or a demo run
+    (``demo.json``), else ValueError: the stages empty their subdirectories (``data``, ``train``, ...) before they run.
+    """
+    if out.exists():
+        if not out.is_dir():
+            raise ValueError(f"--out: {out} is a file, not a directory")
         if any(out.iterdir()) and not (out / RUN_FILE).is_file():
-            raise ValueError(f"--fresh: {out} is not empty and holds no {RUN_FILE}; refusing to delete it")
-        shutil.rmtree(out)
+            flag = "--fresh" if fresh else "--out"
+            raise ValueError(f"{flag}: {out} is not empty and holds no {RUN_FILE} (not a demo run); refusing to write "
+                             "into or delete it: give a new or empty directory")  # fmt: skip
+        if fresh:
+            shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / RUN_FILE).write_text(json.dumps({"size": size, "argv": sys.argv[1:]}, indent=1))
+    write_atomic(out / RUN_FILE, json.dumps({"size": size, "seed": seed, "argv": sys.argv[1:]}, indent=1))
 
 
 def run(
@@ -470,10 +494,12 @@ def run(
     for f in ("demo/vqgan.yaml", "demo/clip.yaml", "experiments/demo_shapes.yaml"):
         if not (configs / f).is_file():
             raise FileNotFoundError(f"--configs: {configs / f} not found (run from the repository, or pass --configs)")
+    if threads is not None and not _is_count(threads):
+        raise ValueError(f"--threads must be an integer >= 1, got {threads!r}")
     threads = threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
-    out = Path(out)
-    prepare_out(out, fresh, size_name)
+    out = Path(out).resolve()  # stage results record paths: absolute ones stay right from any working directory
+    prepare_out(out, fresh, size_name, seed)
     ctx = Context(out=out, size=size, configs=configs, seed=seed, verbose=verbose)
     t0 = time.perf_counter()
     for name in STAGES:
@@ -483,18 +509,3 @@ def run(
             run_stage(ctx, name)
     ctx.log(f"demo finished in {time.perf_counter() - t0:.0f}s: {out / 'report.md'}")
     return ctx.results["report"]
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``cm3leon demo``."""
-    args = build_parser().parse_args(argv)
-    size = SIZES[args.size]
-    if args.train_steps is not None:
-        size = replace(size, train_steps=args.train_steps)
-    run(args.out, size if args.train_steps is not None else args.size, args.fresh, args.seed, args.threads,
-        args.configs, not args.quiet)  # fmt: skip
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -51,10 +51,15 @@ def attribute_scores(images: np.ndarray, scenes: list[Any]) -> dict[str, float]:
     return {a: float(np.mean([v[a] for v in verdicts])) for a in ATTRIBUTES}
 
 
-def chance_scores(renders: np.ndarray, scenes: list[Any]) -> dict[str, float]:
-    """Attribute accuracy of images that ignore their caption: each render judged against other prompts' scenes."""
+def chance_scores(renders: np.ndarray, scenes: list[Any]) -> dict[str, float | None]:
+    """Attribute accuracy of images that ignore their caption: each render judged against other prompts' scenes
+    (up to :data:`CHANCE_SHIFTS` of them). None for every attribute with fewer than two prompts (no other scene)."""
     n = len(scenes)
-    shifts = [s for s in range(1, min(CHANCE_SHIFTS, n - 1) + 1)] or [0]
+    if len(renders) != n:
+        raise ValueError(f"{len(renders)} renders for {n} scenes")
+    if n < 2:
+        return {a: None for a in ATTRIBUTES}
+    shifts = range(1, min(CHANCE_SHIFTS, n - 1) + 1)
     per = [attribute_scores(renders, [scenes[(i + s) % n] for i in range(n)]) for s in shifts]
     return {a: float(np.mean([p[a] for p in per])) for a in ATTRIBUTES}
 

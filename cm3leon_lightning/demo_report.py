@@ -22,14 +22,19 @@ def stage_results(run: Path, stages: tuple[str, ...] = ("tokenizer", "vqgan", "c
     """The ``result`` of each of ``stages`` of a finished demo run (``<run>/<stage>/stage.json``).
 
     Raises:
-        FileNotFoundError: a stage has not finished (names the marker file and the command that writes it).
+        FileNotFoundError: a stage has not finished, or its marker was cut short (names the marker file and the
+            command that writes it).
     """
     out = {}
     for stage in stages:
         marker = Path(run) / stage / "stage.json"
+        rerun = f"run `make demo` (or `cm3leon demo --out {run}`) first"
         if not marker.is_file():
-            raise FileNotFoundError(f"{marker} not found: run `make demo` (or `cm3leon demo --out {run}`) first")
-        out[stage] = json.loads(marker.read_text())["result"]
+            raise FileNotFoundError(f"{marker} not found: {rerun}")
+        try:
+            out[stage] = json.loads(marker.read_text())["result"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise FileNotFoundError(f"{marker} is unreadable ({e!r}), cut short? {rerun}") from e
     return out
 
 

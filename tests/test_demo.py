@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from cm3leon_lightning.demo import STAGES, main, run
+from cm3leon_lightning.demo import CONFIG_DIR, MARKER, SIZES, STAGES, Context, DemoSize, run, stage_key
+from cm3leon_lightning.demo_cli import main
 
 GEN_SPLITS = ("seen", "heldout")
 GEN_METHODS = ("no_guidance", "cfg", "cd_k", "cfg_rerank", "cfg_mask", "chance")
@@ -17,9 +19,14 @@ ATTRS = {"all", "colour", "shape", "size", "position", "count"}
 
 @pytest.fixture(scope="module")
 def mini_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    out = tmp_path_factory.mktemp("demo") / "run"
-    result = run(out, "mini", threads=1, verbose=False)
-    return out, result
+    parent = tmp_path_factory.mktemp("demo")
+    cwd = os.getcwd()
+    os.chdir(parent)  # a relative --out, as `make demo` gives: what the stages record must not depend on the cwd
+    try:
+        result = run("run", "mini", threads=1, verbose=False)
+    finally:
+        os.chdir(cwd)
+    return parent / "run", result
 
 
 def test_every_output_file_is_written(mini_run: tuple[Path, dict]) -> None:
@@ -36,6 +43,15 @@ def test_every_output_file_is_written(mini_run: tuple[Path, dict]) -> None:
     assert (out / "train" / "cm3leon.ckpt").is_file()
     grid = Image.open(out / "samples.png")
     assert grid.width > 5 * 96 and grid.height > 96  # five image columns of 3x-upscaled 32px images, with text
+    assert json.loads((out / "demo.json").read_text())["seed"] == 0
+
+
+def test_train_logs_stay_in_the_run_directory(mini_run: tuple[Path, dict]) -> None:
+    """The experiment's CSVLogger names runs/demo/train in the YAML; the demo points it at the run's train stage."""
+    out, _ = mini_run
+    versions = sorted(p.name for p in (out / "train" / "logs").iterdir())
+    assert versions == ["version_0"] and (out / "train" / "logs" / "version_0" / "hparams.yaml").is_file()
+    assert not (out.parent / "runs").exists()  # nothing under the working directory the demo ran in
 
 
 def test_every_metric_key_is_present(mini_run: tuple[Path, dict]) -> None:
@@ -83,9 +99,94 @@ def test_rerun_reuses_every_stage_and_fresh_refuses_foreign_dirs(
     foreign = tmp_path / "not_a_demo"
     foreign.mkdir()
     (foreign / "precious.txt").write_text("keep me")
-    with pytest.raises(ValueError, match="refusing to delete"):
+    with pytest.raises(ValueError, match=r"--fresh: .* \(not a demo run\); refusing"):
         run(foreign, "mini", fresh=True, verbose=False)
     assert (foreign / "precious.txt").is_file()
+
+
+def test_a_foreign_directory_is_never_written_into(tmp_path: Path) -> None:
+    """Without --fresh too: the data stage would empty a user's own data/ subdirectory before writing its pairs."""
+    foreign = tmp_path / "project"
+    (foreign / "data").mkdir(parents=True)
+    (foreign / "data" / "precious.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="--out: .* holds no demo.json"):
+        run(foreign, "mini", verbose=False)
+    assert (foreign / "data" / "precious.txt").read_text() == "keep me"
+    assert sorted(p.name for p in foreign.iterdir()) == ["data"]  # no demo.json written either
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    with pytest.raises(ValueError, match="--out: .* is a file"):
+        run(a_file, "mini", verbose=False)
+
+
+def test_the_command_names_a_foreign_out_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main(["--out", str(tmp_path), "--size", "mini", "--threads", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cm3leon demo: error: --out: ") and "holds no demo.json" in err and err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_a_cut_short_marker_reruns_its_stage(mini_run: tuple[Path, dict], capsys: pytest.CaptureFixture) -> None:
+    """A stage.json cut short (the process killed while writing it) makes that stage rerun, not crash the rerun."""
+    out, _ = mini_run
+    marker = out / "report" / MARKER
+    good = json.loads(marker.read_text())
+    marker.write_text(marker.read_text()[:20])
+    main(["--out", str(out), "--size", "mini", "--threads", "1"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if "running" in line]
+    assert len(lines) == 1 and "report" in lines[0]
+    assert json.loads(marker.read_text())["hash"] == good["hash"]
+    assert not list((out / "report").glob(".*.tmp"))
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"), [(["--threads", "0"], "--threads"), (["--train-steps", "-1"], "--train-steps"),
+                       (["--threads", "two"], "--threads")],
+)  # fmt: skip
+def test_bad_flags_are_named(argv: list[str], flag: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """--train-steps -1 would be Lightning's 'no step limit' (max_epochs 1000); --threads 0 silently all cores."""
+    with pytest.raises(SystemExit) as e:
+        main(["--out", str(tmp_path / "run"), "--size", "mini", *argv])
+    assert e.value.code == 2 and f"argument {flag}: expected an integer >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ValueError, match="--threads must be an integer >= 1, got 0"):
+        run(tmp_path / "run", "mini", threads=0, verbose=False)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("eval_prompts", 0), ("n_train", -5), ("train_steps", 0), ("val_fraction", 1.0)]
+)
+def test_demo_size_rejects_sizes_no_stage_can_run(field: str, value: float) -> None:
+    with pytest.raises(ValueError, match=f"DemoSize.{field} must"):
+        DemoSize(**{field: value})
+
+
+def test_data_stage_follows_the_shapes_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The data stage writes what data/shapes.py draws and renders: a change there must rerun it (and what follows)."""
+    import cm3leon_lightning.demo as demo
+
+    ctx = Context(out=tmp_path, size=SIZES["mini"], configs=CONFIG_DIR)
+    before = stage_key(ctx, "data")
+    real = demo.file_hash
+    monkeypatch.setattr(demo, "file_hash", lambda p: "edited" if Path(p).name == "shapes.py" else real(p))
+    assert stage_key(ctx, "data") != before
+
+
+def test_chance_is_other_prompts_scenes_and_none_without_any() -> None:
+    """Chance: every render against the scenes of other prompts; with one prompt there is none (not its own scene)."""
+    import numpy as np
+
+    from cm3leon_lightning.data.shapes import generate_pairs
+    from cm3leon_lightning.demo_eval import ATTRIBUTES, attribute_scores, chance_scores
+
+    pairs = list(generate_pairs(3, "train", 32, seed=3))
+    images, scenes = np.stack([p.image for p in pairs]), [p.scene for p in pairs]
+    assert chance_scores(images[:1], scenes[:1]) == {a: None for a in ATTRIBUTES}
+    assert chance_scores(images[:2], scenes[:2]) == attribute_scores(images[:2], [scenes[1], scenes[0]])
+    one = attribute_scores(images, [scenes[1], scenes[2], scenes[0]])
+    two = attribute_scores(images, [scenes[2], scenes[0], scenes[1]])
+    assert chance_scores(images, scenes) == pytest.approx({a: (one[a] + two[a]) / 2 for a in ATTRIBUTES})
 
 
 def test_decoding_sweep_example_scores_every_setting(mini_run: tuple[Path, dict], capsys, monkeypatch) -> None:
@@ -100,6 +201,35 @@ def test_decoding_sweep_example_scores_every_setting(mini_run: tuple[Path, dict]
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("cfg ")]
     assert [line.split()[1] for line in lines] == ["1.0", "2.0"]
     assert all(line.split()[4] == "all" and 0.0 <= float(line.split()[5]) <= 1.0 for line in lines)
+    sweep = runpy.run_path(str(script))["main"]
+    results = sweep([str(out), "--prompts", "2", "--samples", "1", "--cfg", "1.0", "--top-p", "0.6"])
+    assert list(results) == [(1.0, 0.6)] and f"{results[(1.0, 0.6)]['all']:.3f}" == lines[0].split()[5]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"), [(["--seed", "1"], "--seed 1: the run's training pairs use seed 0 and its report's prompts "
+                           "seed 1"), (["--seed", "0"], "--seed 0"), (["--prompts", "0"], "argument --prompts")],
+)  # fmt: skip
+def test_decoding_sweep_refuses_the_runs_own_prompts(
+    mini_run: tuple[Path, dict], args: list[str], message: str, capsys: pytest.CaptureFixture
+) -> None:
+    """The sweep promises prompts apart from the report's and the training pairs: their seeds are refused."""
+    import runpy
+
+    out, _ = mini_run
+    sweep = runpy.run_path(str(Path(__file__).resolve().parents[1] / "examples" / "demo_decoding_sweep.py"))["main"]
+    with pytest.raises(SystemExit) as e:
+        sweep([str(out), *args])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_decoding_sweep_names_an_unfinished_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import runpy
+
+    sweep = runpy.run_path(str(Path(__file__).resolve().parents[1] / "examples" / "demo_decoding_sweep.py"))["main"]
+    with pytest.raises(SystemExit):
+        sweep([str(tmp_path)])
+    assert "tokenizer/stage.json not found: run `make demo`" in capsys.readouterr().err
 
 
 def test_sft_example_fine_tunes_the_demo_checkpoint(mini_run: tuple[Path, dict], tmp_path: Path) -> None:
@@ -168,6 +298,12 @@ def test_stage_results_name_the_missing_stage(mini_run: tuple[Path, dict], tmp_p
     out, _ = mini_run
     results = stage_results(out, ("clip", "train"))
     assert set(results) == {"clip", "train"} and results["clip"]["model"] == "cm3leon-clip-tiny"
+    # the run was made with a relative --out from another working directory: its recorded paths still hold
+    assert Path(results["train"]["checkpoint"]) == out / "train" / "cm3leon.ckpt"
     assert Path(results["train"]["checkpoint"]).is_file()
     with pytest.raises(FileNotFoundError, match=r"tokenizer/stage.json not found: run `make demo`"):
+        stage_results(tmp_path)
+    (tmp_path / "tokenizer").mkdir()
+    (tmp_path / "tokenizer" / "stage.json").write_text('{"hash": "ab')  # killed while writing (older runs)
+    with pytest.raises(FileNotFoundError, match=r"tokenizer/stage.json is unreadable .* cut short\? run `make demo`"):
         stage_results(tmp_path)

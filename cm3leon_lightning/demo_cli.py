@@ -1,0 +1,62 @@
+"""``cm3leon demo``'s command line: flags, their checks and the entry point (the stages are in
+:mod:`cm3leon_lightning.demo`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from dataclasses import replace
+
+from cm3leon_lightning.demo import CONFIG_DIR, SIZES, run
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse names the flag in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``cm3leon demo`` flags."""
+    p = argparse.ArgumentParser(
+        prog="cm3leon demo",
+        description="Train a small CM3Leon end to end on synthetic shapes (data, tokenizers, CLIP, prepare, fit, "
+        "evaluation) and write samples.png, metrics.json and report.md.",
+    )
+    p.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
+    p.add_argument("--size", choices=sorted(SIZES), default="default", help="'mini' runs in seconds (tests)")
+    p.add_argument("--fresh", action="store_true", help="delete the run directory first and redo every stage")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data and of every training run")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: all CPU cores)")
+    p.add_argument("--configs", default=str(CONFIG_DIR), help="the configs/ directory (default: the repository's)")
+    p.add_argument("--train-steps", type=positive_int, default=None, help="override the CM3Leon training steps")
+    p.add_argument("--quiet", action="store_true", help="no stage lines")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``cm3leon demo``; returns the exit status (2, with a one-line error, for an ``--out`` that is
+    not a demo run or a ``--configs`` without the demo's YAML files)."""
+    args = build_parser().parse_args(argv)
+    size = SIZES[args.size]
+    if args.train_steps is not None:
+        size = replace(size, train_steps=args.train_steps)
+    try:
+        run(args.out, size if args.train_steps is not None else args.size, args.fresh, args.seed, args.threads,
+            args.configs, not args.quiet)  # fmt: skip
+    except (ValueError, FileNotFoundError) as e:
+        if not str(e).startswith(("--out", "--fresh", "--configs", "--threads")):
+            raise  # a failing stage: its traceback is what the user needs
+        print(f"cm3leon demo: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
