@@ -46,8 +46,16 @@ ACTIVATIONS = {"gelu": 1, "relu": 2}
 
 
 def interpreting() -> bool:
-    """Whether Triton runs kernels on the CPU through its interpreter (``TRITON_INTERPRET=1``, for tests)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    """Whether Triton runs kernels on the CPU through its interpreter (``TRITON_INTERPRET=1``, for tests): Triton's own
+    reading of the variable where Triton is installed (it also takes ``true``, ``on``, ``yes``), so that the kernels
+    are never launched with the GPU-only choices (inline PTX, spinning waits, autotuning) while Triton interprets
+    them."""
+    try:
+        from triton import knobs
+    except ImportError:  # no Triton, or one that reads only "1" (before its knobs)
+        return os.environ.get("TRITON_INTERPRET") == "1"
+    interpret = getattr(getattr(knobs, "runtime", None), "interpret", None)
+    return os.environ.get("TRITON_INTERPRET") == "1" if interpret is None else bool(interpret)
 
 
 def fused_available(device: torch.device) -> str | None:
@@ -129,8 +137,11 @@ def decode_linear(
 
     R, K = x.shape
     N = weight.shape[0]
-    if weight.shape[1] != K or not x.is_contiguous() or weight.stride(1) != 1:
-        raise ValueError(f"decode_linear: x {tuple(x.shape)} must be contiguous and match weight {tuple(weight.shape)}")
+    if weight.shape[1] != K or not x.is_contiguous() or weight.stride(1) != 1 or (N > 1 and weight.stride(0) != K):
+        raise ValueError(
+            f"decode_linear: x {tuple(x.shape)} must be contiguous and match weight {tuple(weight.shape)} (rows of "
+            f"{K} contiguous values; strides {weight.stride()})"
+        )
     if cache is None:
         k_buf = v_buf = slot = x  # unused by the kernel
         C = D = stride_b = stride_h = stride_s = 1
@@ -170,7 +181,7 @@ def decode_linear(
         size = (
             lk.workspace_size(N, flags["R_PAD"], [tiles]) if tiles is not None else _tuned_workspace(N, flags["R_PAD"])
         )
-        part = torch.empty(size, device=x.device)
+        part = torch.empty(size, device=x.device, dtype=torch.float32)  # whatever torch's default dtype
         counters = split_counters(x.device)
     else:
         part = counters = x  # unused by the kernel
@@ -322,7 +333,7 @@ def decode_attention(
         raise ValueError(f"decode_attention: splits must be at least 1, got {splits}")
     out = torch.empty_like(q)
     d_pad = max(16, triton.next_power_of_2(D))
-    part = torch.empty(B * H * splits * (d_pad + 2), device=q.device) if splits > 1 else out
+    part = torch.empty(B * H * splits * (d_pad + 2), device=q.device, dtype=torch.float32) if splits > 1 else out
     counters = split_counters(q.device, B * H) if splits > 1 else out
     next_k, next_v, lines, mode = _next_cache(k, prefetch, options)
     fk.decode_attention_kernel[(B, H, splits)](
@@ -372,6 +383,7 @@ def fused_decode_forward(model: CM3Leon, idx: Tensor, input_pos: Tensor, logits_
     B, T = idx.shape
     if T != 1 or input_pos.shape != (1,) or B != cache.batch_size:
         raise ValueError(f"fused_decode_forward takes one token per cache row: idx (B={cache.batch_size}, 1)")
+    check_logits_range(model, logits_range)
     if fused_options().persistent:
         from cm3leon_lightning.model import persistent
 
@@ -392,6 +404,21 @@ def fused_decode_forward(model: CM3Leon, idx: Tensor, input_pos: Tensor, logits_
         h = decode_linear(x, block.mlp.fc_in.weight, norm_eps=eps, act=act, prefetch=next(nxt))  # (B, F)
         x = decode_linear(h, block.mlp.fc_out.weight, residual=x, prefetch=next(nxt))
     return decode_linear(x, weights[-1], norm_eps=eps, prefetch=next(nxt)).view(B, 1, hi - lo)
+
+
+def check_logits_range(model: CM3Leon, logits_range: tuple[int, int]) -> None:
+    """Refuse a sampled range the model's forward refuses (the head's rows ``[lo, hi)`` are read by the kernels as
+    ``hi - lo`` rows: past the vocabulary they would be read out of bounds, an empty range would give empty logits).
+
+    Raises:
+        ValueError: not ``0 <= lo < hi <= vocab_size``.
+    """
+    lo, hi = logits_range
+    if not 0 <= lo < hi <= model.config.vocab_size:
+        raise ValueError(
+            f"fused decode step: logits_range {tuple(logits_range)} must satisfy 0 <= lo < hi <= vocab_size "
+            f"{model.config.vocab_size}"
+        )
 
 
 def linear_weights(model: CM3Leon, logits_range: tuple[int, int]) -> list[Tensor]:

@@ -15,9 +15,10 @@ and the split kernels' arrival counters.
   kernel's PDL), for steps of at most 63 rows.
 
 They are read from the environment (``CM3LEON_PDL``, ``CM3LEON_FUSED_SPLITS``, ``CM3LEON_PREFETCH_NEXT``,
-``CM3LEON_PERSISTENT``, ``1`` for on) unless set in code with :func:`use_fused_options` (what ``benchmarks/generation.py
---fused-options`` does to compare them in one process). A CUDA graph keeps the options it was captured with; the decoder
-captures one graph per set of options. This module imports no Lightning and no Triton at import time.
+``CM3LEON_PERSISTENT``, ``1`` for on, ``0`` for off, another value refused) unless set in code with
+:func:`use_fused_options` (what ``benchmarks/generation.py --fused-options`` does to compare them in one process). A
+CUDA graph keeps the options it was captured with; the decoder captures one graph per set of options. This module
+imports no Lightning and no Triton at import time.
 """
 
 from __future__ import annotations
@@ -53,8 +54,14 @@ class FusedOptions:
 
     @classmethod
     def from_env(cls) -> FusedOptions:
-        """The options the environment sets (:data:`OPTION_ENV`)."""
-        return cls(**{name: os.environ.get(env, "0") == "1" for name, env in OPTION_ENV.items()})
+        """The options the environment sets (:data:`OPTION_ENV`): ``1`` (or ``true``, ``on``, ``yes``, as Triton reads
+        its own switches) for on; unset, empty, ``0``, ``false``, ``off`` or ``no`` for off.
+
+        Raises:
+            ValueError: any other value (``CM3LEON_PERSISTENT=2`` would otherwise have left the option off silently,
+                and a benchmark would have timed the step without it under its name).
+        """
+        return cls(**{name: env_flag(env) for name, env in OPTION_ENV.items()})
 
     @classmethod
     def parse(cls, text: str) -> FusedOptions:
@@ -78,6 +85,25 @@ class FusedOptions:
         """The inverse of :meth:`parse`: ``base`` or the options on, joined by ``+``."""
         names = ["prefetch" if f == "prefetch_next" else f for f in OPTION_ENV if getattr(self, f)]
         return "+".join(names) or "base"
+
+
+ON_VALUES = ("1", "true", "on", "yes", "y")
+OFF_VALUES = ("", "0", "false", "off", "no", "n")
+
+
+def env_flag(env: str) -> bool:
+    """Whether the environment variable ``env`` is set on (:data:`ON_VALUES`, any case) or off (:data:`OFF_VALUES`,
+    or unset).
+
+    Raises:
+        ValueError: another value, naming the variable and the values it takes.
+    """
+    value = os.environ.get(env, "").strip().lower()
+    if value in ON_VALUES:
+        return True
+    if value in OFF_VALUES:
+        return False
+    raise ValueError(f"{env}={os.environ[env]!r}: use 1 (on) or 0 (off)")
 
 
 _OPTIONS: FusedOptions | None = None

@@ -169,8 +169,14 @@ def programs_per_sm(n_regs: int, shared: int, warps: int, most: int = 8) -> int:
 
 def persistent_unsupported(model: CM3Leon, rows: int) -> str | None:
     """None when :func:`persistent_decode_forward` can run ``model`` on ``rows`` cache rows, else the reason."""
+    from cm3leon_lightning.model.fused import ACTIVATIONS
+
+    if model.config.activation not in ACTIVATIONS:
+        return f"the persistent decode step supports activations {tuple(ACTIVATIONS)}, not {model.config.activation!r}"
     if rows > MAX_ROWS:
         return f"the persistent decode step takes at most {MAX_ROWS} rows, not {rows}"
+    if not all(p.is_contiguous() for p in model.parameters()):  # the kernel reads each weight as rows of K values
+        return "the persistent decode step needs contiguous weights"
     dtypes = {p.dtype for p in model.parameters()}
     cache = model.kv_cache
     if cache is not None:
@@ -242,8 +248,9 @@ class PersistentStep:
         self.h = torch.zeros(B, ffn, device=self.device, dtype=dtype)
         r_pad = max(16, triton.next_power_of_2(B + 1))
         d_pad = max(16, triton.next_power_of_2(D))
-        self.part = torch.zeros(self.tiles.down_split * blocks_c * r_pad * self.tiles.block_n, device=self.device)
-        self.attn_part = torch.zeros(B * H * splits * (d_pad + 2), device=self.device)
+        f32 = dict(device=self.device, dtype=torch.float32)  # float32 partial sums, whatever torch's default dtype
+        self.part = torch.zeros(self.tiles.down_split * blocks_c * r_pad * self.tiles.block_n, **f32)
+        self.attn_part = torch.zeros(B * H * splits * (d_pad + 2), **f32)
         self.ints = (self.n_tasks, self.n_phases, B, C, ffn, self.hi - self.lo, H)
         self.floats = (c.layer_norm_eps, D**-0.5)
         self.constants = dict(
@@ -373,14 +380,17 @@ def persistent_decode_forward(model: CM3Leon, idx: Tensor, input_pos: Tensor, lo
         ``(B, 1, hi - lo)`` logits in the model's dtype.
 
     Raises:
-        ValueError: a model or batch the step cannot run (the reason named).
+        ValueError: a model or batch the step cannot run (the reason named), or a range outside the vocabulary.
     """
     cache = model.kv_cache
     if cache is None:
         raise RuntimeError("persistent_decode_forward needs a KV cache; call setup_kv_cache() first")
+    from cm3leon_lightning.model.fused import check_logits_range
+
     B = cache.batch_size
     if idx.shape != (B, 1) or input_pos.shape != (1,):
         raise ValueError(f"persistent_decode_forward takes one token per cache row: idx (B={B}, 1)")
+    check_logits_range(model, logits_range)
     reason = persistent_unsupported(model, B)
     if reason is not None:
         raise ValueError(reason)

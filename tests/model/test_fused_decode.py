@@ -134,6 +134,41 @@ def test_every_tuning_configuration_matches_torch_when_replayed_in_a_cuda_graph(
         assert not fused.split_counters(x.device).any(), config
 
 
+@pytest.fixture
+def half_default_dtype():
+    """torch's default dtype float16 (as set by code that builds models in half precision) for one test."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float16)
+    yield
+    torch.set_default_dtype(before)
+
+
+def test_split_partial_sums_stay_float32_whatever_the_default_dtype(half_default_dtype, monkeypatch):
+    """The split kernels' workspaces (split-K's partial sums; the attention runs' max, sum and output) were allocated
+    in torch's default dtype: under ``torch.set_default_dtype(torch.float16)`` (or bfloat16) the partial sums were
+    rounded to half precision before being combined, errors of 1e-2 on float32 inputs."""
+    monkeypatch.setattr(fused, "FIXED_TILES", {**fused.INTERPRETER_TILES, "SPLIT_K": 2})
+    x, w = rand(3, 64, seed=40).float() * 3, rand(40, 64, seed=41).float()
+    torch.testing.assert_close(decode_linear(x, w), x @ w.T, atol=1e-4, rtol=1e-5)
+    B, H, S, D, slot = 2, 2, 300, 16, 290  # three 128-slot tiles: three runs to combine
+    k, v = rand(B, H, S, D, seed=42).float() * 3, rand(B, H, S, D, seed=43).float()
+    q, valid = rand(B, H * D, seed=44).float() * 3, torch.ones(B, S, dtype=torch.bool, device=DEVICE)
+    pos = torch.tensor([slot], device=DEVICE)
+    q4 = q.view(B, 1, H, D).transpose(1, 2)
+    expected = F.scaled_dot_product_attention(q4, k, v, attn_mask=padding_causal_mask(valid, pos))
+    got = decode_attention(q, k, v, valid, pos, splits=3)
+    torch.testing.assert_close(got, expected.transpose(1, 2).reshape(B, H * D), atol=1e-5, rtol=1e-5)
+
+
+def test_a_weight_whose_rows_are_not_contiguous_is_refused():
+    """The kernel reads row ``n`` of the weight at ``n * K``: a column slice of a wider matrix (row stride 64 for
+    K = 48) used to be multiplied as if its rows were packed, silently wrong."""
+    x, wide = rand(3, 48, seed=45), rand(40, 64, seed=46)
+    with pytest.raises(ValueError, match="rows of 48 contiguous values; strides \\(64, 1\\)"):
+        decode_linear(x, wide[:, :48])
+    torch.testing.assert_close(decode_linear(x, wide[:, :48].contiguous()), x @ wide[:, :48].T, atol=1e-5, rtol=1e-5)
+
+
 def test_decode_linear_writes_keys_and_values_into_the_cache_slot():
     R, H, D, S, slot = 3, 4, 8, 10, 6
     C = H * D
@@ -358,6 +393,20 @@ def test_prefetch_shares_cover_every_line_once(lines, parts):
     shares_kernel[(parts,)](out, lines)
     asked = [line for lo, hi in out.view(parts, 2).tolist() for line in range(lo, hi)]
     assert asked == list(range(lines))
+
+
+@pytest.mark.parametrize("logits_range", [(500, 600), (5, 5), (-1, 10)])
+def test_a_sampled_range_outside_the_vocabulary_is_refused_as_the_forward_refuses_it(logits_range):
+    """The head's rows ``[lo, hi)`` past the vocabulary (512) used to end in a reshape error (or, with the persistent
+    step, in reading past the head's weight), an empty range in empty logits."""
+    model = random_model()
+    model.setup_kv_cache(batch_size=2, max_seq_len=8)
+    one, pos = torch.ones(2, 1, dtype=torch.long, device=DEVICE), torch.tensor([0], device=DEVICE)
+    with pytest.raises(ValueError, match=r"logits_range .* must satisfy 0 <= lo < hi <= vocab_size 512"):
+        fused_decode_forward(model, one, pos, logits_range)
+    with pytest.raises(ValueError, match=r"logits_range .* must satisfy 0 <= lo < hi <= vocab_size 512"):
+        model(one, input_pos=pos, logits_range=logits_range)
+    assert not model.kv_cache.valid.any()  # refused before anything was written
 
 
 def test_swiglu_models_and_wrong_shapes_are_refused():

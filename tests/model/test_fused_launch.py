@@ -37,6 +37,35 @@ def test_options_come_from_the_environment_unless_set_in_code(monkeypatch):
     assert fused_options() == FusedOptions(pdl=True, prefetch_next=True)
 
 
+@pytest.mark.parametrize("value,on", [("1", True), ("true", True), ("On", True), (" yes ", True), ("0", False),
+                                      ("", False), ("false", False), ("OFF", False), ("no", False)])  # fmt: skip
+def test_option_variables_read_the_usual_spellings(value, on, monkeypatch):
+    """``CM3LEON_PERSISTENT=true`` used to leave the option off without a word (only ``1`` counted), so a benchmark
+    timed the plain step under the option's name; the spellings Triton takes for its own switches now count."""
+    monkeypatch.setenv("CM3LEON_PERSISTENT", value)
+    assert fused_options() == FusedOptions(persistent=on)
+
+
+@pytest.mark.parametrize("value", ["2", "enable", "1,0"])
+def test_an_option_variable_of_another_value_is_refused_naming_it(value, monkeypatch):
+    monkeypatch.setenv("CM3LEON_FUSED_SPLITS", value)
+    with pytest.raises(ValueError, match=f"CM3LEON_FUSED_SPLITS={value!r}: use 1 \\(on\\) or 0 \\(off\\)"):
+        fused_options()
+    with use_fused_options(FusedOptions()):  # options set in code do not read the environment
+        assert fused_options() == FusedOptions()
+
+
+def test_the_interpreter_is_recognised_as_triton_recognises_it(monkeypatch):
+    """``TRITON_INTERPRET=true`` runs Triton's interpreter as ``1`` does; the fused step used to take it for a GPU
+    (refusing a CPU model, and on a GPU machine launching inline PTX and spinning waits in the interpreter)."""
+    for value, on in (("1", True), ("true", True), ("on", True), ("0", False), ("", False)):
+        monkeypatch.setenv("TRITON_INTERPRET", value)
+        assert fused.interpreting() is on, value
+        assert (fused.fused_available(torch.device("cpu")) is None) is on, value
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert not fused.interpreting()
+
+
 def test_option_labels_parse_and_print_back():
     assert FusedOptions.parse("base") == FusedOptions()
     assert FusedOptions.parse("prefetch+splits") == FusedOptions(splits=True, prefetch_next=True)

@@ -96,3 +96,18 @@ def test_what_the_step_cannot_run_is_named():
     model.setup_kv_cache(batch_size=2, max_seq_len=8)
     model.kv_cache.to(torch.float32)
     assert "one dtype" in persistent_unsupported(model, 2)
+
+
+def test_swiglu_models_and_weights_stored_column_major_are_named_not_misread():
+    """A SwiGLU model (whose gate the step has no task for) used to fail with a bare KeyError while being planned; a
+    weight stored column-major (``w.t().contiguous().t()``: same shape, strides ``(1, N)``) was read by the kernel
+    as rows of K values, silently wrong logits. Both are named, so the fused step runs the kernels one by one."""
+    model = CM3Leon(CM3LeonConfig.from_preset("tiny", max_seq_len=16, activation="swiglu")).eval()
+    model.setup_kv_cache(batch_size=2, max_seq_len=8)
+    assert "supports activations ('gelu', 'relu'), not 'swiglu'" in persistent_unsupported(model, 2)
+    model = CM3Leon(CM3LeonConfig.from_preset("tiny", max_seq_len=16)).eval()
+    model.setup_kv_cache(batch_size=2, max_seq_len=8)
+    weight = model.blocks[1].mlp.fc_out.weight
+    weight.data = weight.data.t().contiguous().t()
+    assert weight.stride() == (1, weight.shape[0])
+    assert "contiguous weights" in persistent_unsupported(model, 2)

@@ -146,6 +146,33 @@ def test_the_benchmark_fails_a_tiling_whose_waits_gave_up_while_timed(monkeypatc
             assert not plan.errors.any()
 
 
+def test_persistent_step_keeps_float32_partial_sums_whatever_the_default_dtype():
+    """The down-projection's split-K and the attention runs' workspaces were allocated in torch's default dtype:
+    planned under ``torch.set_default_dtype(torch.float16)``, a float32 model's step lost ~1e-2 to half-precision
+    partial sums."""
+    model, tok, start = prefilled()  # 25 slots: two 16-slot tiles, the interpreter's two runs per (row, head)
+    pos = torch.tensor([start], device=DEVICE)
+    with torch.no_grad():
+        expected = copy.deepcopy(model)(tok, input_pos=pos, last_only=True, logits_range=(100, 200))
+        before = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float16)
+        try:
+            got = persistent_decode_forward(model, tok, pos, (100, 200))
+            plan = persistent.persistent_step(model, (100, 200))
+        finally:
+            torch.set_default_dtype(before)
+    assert plan.part.dtype == plan.attn_part.dtype == torch.float32
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_persistent_step_refuses_a_range_outside_the_vocabulary():
+    """``hi`` past the vocabulary (512) used to be planned as that many head rows and read past the head's weight
+    (garbage logits, out of bounds on a GPU)."""
+    model, tok, start = prefilled()
+    with pytest.raises(ValueError, match=r"logits_range \(500, 600\) must satisfy 0 <= lo < hi <= vocab_size 512"):
+        persistent_decode_forward(model, tok, torch.tensor([start], device=DEVICE), (500, 600))
+
+
 def test_one_plan_per_cache_and_range_replanned_when_the_weights_move():
     model, tok, start = prefilled()
     first = persistent.persistent_step(model, (0, 64))
