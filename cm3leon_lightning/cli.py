@@ -3,7 +3,7 @@
 Any LightningModule / LightningDataModule can be named by ``class_path`` in the YAML (``configs/``), so CM3Leon, the
 VQGAN tokenizer and CLIP all train through the same command::
 
-    cm3leon fit --config configs/experiments/tiny_synthetic.yaml
+    cm3leon fit --config configs/vqgan/tiny.yaml
     cm3leon fit --config configs/trainer/cpu.yaml --config configs/model/350m.yaml --config configs/data/shards.yaml
 
 The data module's vocabulary (from its shard manifest) flows into ``model.init_args.vocab`` through

@@ -80,10 +80,14 @@ def export_model(
         raise ValueError(f"--format must be one of {FORMATS}, got {format!r}")
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out: {out} exists and is not a directory")
+    if out.resolve() == Path.cwd() or out.resolve() in Path.cwd().parents:  # it is renamed into place: not from here
+        raise ValueError(f"--out: {out} is the current directory or holds it; name the model directory to create")
     if out.exists() and any(out.iterdir()) and not force:
         raise FileExistsError(f"--out: {out} exists and is not empty (--force replaces it)")
     if src.exists() and (out.resolve() == src.resolve() or src.resolve() in out.resolve().parents):
         raise ValueError(f"--out: {out} is or lies inside --ckpt {src}")
+    if vqgan_config is not None and vqgan is None:
+        raise ValueError(f"--vqgan-config {vqgan_config} is the architecture of a --vqgan checkpoint: give --vqgan")
     inside_tokenizer, inside_vqgan = bundled_paths(src)  # re-exporting keeps the tokenizers unless others are given
     tokenizer, vqgan = tokenizer or inside_tokenizer, vqgan or inside_vqgan
     inputs = {"--ckpt": src, "--tokenizer": tokenizer, "--vqgan": vqgan, "--vqgan-config": vqgan_config}
@@ -188,13 +192,23 @@ def _load_tokenizers(
 
         if not Path(tokenizer).exists():
             raise FileNotFoundError(f"--tokenizer: not found: {tokenizer}")
-        text_tok = TextTokenizer.load(tokenizer)
+        try:
+            text_tok = TextTokenizer.load(tokenizer)
+        except ValueError as e:
+            raise ValueError(f"--tokenizer: {e}") from e
     if vqgan is not None:
         from cm3leon_lightning.tokenization.vqgan import VQGAN
 
         if not Path(vqgan).exists():
             raise FileNotFoundError(f"--vqgan: not found: {vqgan}")
-        image_tok = VQGAN.from_pretrained(vqgan, config_path=vqgan_config, trust_pickle=trust_pickle).eval()
+        if vqgan_config is not None and not Path(vqgan_config).is_file():
+            raise FileNotFoundError(f"--vqgan-config: not found: {vqgan_config}")
+        try:
+            image_tok = VQGAN.from_pretrained(vqgan, config_path=vqgan_config, trust_pickle=trust_pickle).eval()
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"--vqgan: {e}") from e
+        except ValueError as e:
+            raise ValueError(f"--vqgan: {e}") from e
     check_tokenizers(MultimodalVocab(**vocab), text_tok, image_tok)
     return text_tok, image_tok
 

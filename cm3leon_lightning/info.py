@@ -35,10 +35,10 @@ def _model(kind: str, config: dict[str, Any] | None, vocab: dict[str, Any] | Non
 
     out: dict[str, Any] = {"kind": kind}
     if config:
-        c = CM3LeonConfig.from_dict(config)
+        c = CM3LeonConfig.from_dict(config)  # a field left out takes its default, as loading does
         out["parameters"] = c.num_parameters()
-        out["architecture"] = {k: config[k] for k in ("n_layer", "d_model", "n_head", "d_ff", "max_seq_len",
-                                                      "activation", "tie_embeddings")}  # fmt: skip
+        out["architecture"] = {k: getattr(c, k) for k in ("n_layer", "d_model", "n_head", "d_ff", "max_seq_len",
+                                                          "activation", "tie_embeddings")}  # fmt: skip
     if vocab:
         out["vocab"] = dict(vocab)
     return {**out, **{k: v for k, v in extra.items() if v is not None}}
@@ -73,17 +73,52 @@ def _checkpoint(path: Path) -> dict[str, Any]:
         return {"kind": "state dict", "tensors": len(tensors), "elements": sum(t.numel() for t in tensors)}
     hp = obj.get("hyper_parameters") or {}
     optimizers = obj.get("optimizer_states") or []
+    state = obj["state_dict"] if isinstance(obj["state_dict"], dict) else {}
+    dtype = _dtypes(v.dtype for v in state.values() if isinstance(v, torch.Tensor) and v.is_floating_point())
     return _model("lightning checkpoint", hp.get("config"), hp.get("vocab"), global_step=obj.get("global_step"),
-                  epoch=obj.get("epoch"), optimizer_state=bool(optimizers), init_from=hp.get("init_from"),
-                  lightning=obj.get("pytorch-lightning_version"))  # fmt: skip
+                  epoch=obj.get("epoch"), optimizer_state=bool(optimizers), dtype=dtype,
+                  init_from=hp.get("init_from"), lightning=obj.get("pytorch-lightning_version"))  # fmt: skip
+
+
+def _dtypes(dtypes: Any) -> str | None:
+    """The dtype name(s) of the weights (``float32``, or ``bfloat16, float32`` when mixed); None for none."""
+    names = sorted({str(d).removeprefix("torch.") for d in dtypes})
+    return ", ".join(names) or None
+
+
+def _sharded_index(path: Path) -> tuple[bool, str | None]:
+    """(optimizer state inside, the model tensors' dtype) of a sharded checkpoint, from its ``.metadata`` index."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    try:
+        entries = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    except Exception as e:  # noqa: BLE001 - a missing or corrupt .metadata file, in the reader's own error types
+        raise ValueError(f"PATH: {path} has a meta.pt but its shard index (.metadata) is unreadable: {e}") from e
+    model = [m for k, m in entries.items() if k.startswith("model.") and isinstance(m, TensorStorageMetadata)]
+    return any(k.startswith("optimizer") for k in entries), _dtypes(m.properties.dtype for m in model)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path``; ValueError naming the file when it is not one."""
+    try:
+        doc = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"PATH: {path} is not valid JSON: {e}") from e
+    if not isinstance(doc, dict):
+        raise ValueError(f"PATH: {path} holds a JSON {type(doc).__name__}, not an object")
+    return doc
 
 
 def _safetensors(path: Path) -> dict[str, Any]:
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
-        dtypes = sorted({str(f.get_slice(k).get_dtype()) for k in f.keys()})
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+            dtypes = sorted({str(f.get_slice(k).get_dtype()) for k in f.keys()})
+    except Exception as e:  # noqa: BLE001 - SafetensorError and friends for a corrupt header
+        raise ValueError(f"PATH: {path} is not a readable safetensors file: {e}") from e
     return {"kind": "safetensors", "tensors": len(shapes), "dtypes": dtypes,
             "elements": sum(int(torch.Size(s).numel()) for s in shapes.values())}  # fmt: skip
 
@@ -96,7 +131,7 @@ def describe(path: str | Path) -> dict[str, Any]:
         ValueError: not something this package reads.
     """
     from cm3leon_lightning.data.shards import MANIFEST_NAME
-    from cm3leon_lightning.model.pretrained import CONFIG_FILE, FORMAT_NAME, bundled_paths, is_hf_dir
+    from cm3leon_lightning.model.pretrained import CONFIG_FILE, FORMAT_NAME, bundled_paths, is_hf_dir, read_hf_block
     from cm3leon_lightning.model.weights import SHARDED_META, is_safetensors
     from cm3leon_lightning.retrieval.index import INDEX_FILE, META_FILE
 
@@ -105,11 +140,11 @@ def describe(path: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"PATH: {path} does not exist")
     info: dict[str, Any] | None = None
     if p.is_dir():
-        doc = json.loads((p / CONFIG_FILE).read_text()) if (p / CONFIG_FILE).is_file() else {}
+        doc = _read_json(p / CONFIG_FILE) if (p / CONFIG_FILE).is_file() else {}
         tokenizer, vqgan = bundled_paths(p)
         bundled = [name for name, x in (("tokenizer", tokenizer), ("vqgan", vqgan)) if x is not None]
         if is_hf_dir(p):
-            block = doc.get("cm3leon") or {}
+            block = read_hf_block(p, "PATH")  # ValueError for a Hugging Face model that is not CM3Leon
             info = _model("model directory (Hugging Face OPT layout)", block.get("config"), block.get("vocab"),
                           dtype=doc.get("dtype"), source=block.get("source"), bundled=bundled)  # fmt: skip
         elif doc.get("format") == FORMAT_NAME:
@@ -124,8 +159,9 @@ def describe(path: str | Path) -> dict[str, Any]:
             meta = _torch_load(p / SHARDED_META)
             meta = meta if isinstance(meta, dict) else {}
             hp = meta.get("hyper_parameters") or {}
+            optimizer_state, dtype = _sharded_index(p)
             info = _model("sharded checkpoint", hp.get("config"), hp.get("vocab"), global_step=meta.get("global_step"),
-                          epoch=meta.get("epoch"))  # fmt: skip
+                          epoch=meta.get("epoch"), optimizer_state=optimizer_state, dtype=dtype)  # fmt: skip
         elif (p / MANIFEST_NAME).is_file():
             info = _dataset(p / MANIFEST_NAME)
         elif (p / "train" / MANIFEST_NAME).is_file():
@@ -133,7 +169,7 @@ def describe(path: str | Path) -> dict[str, Any]:
             info = {"kind": "prepare output", **{f"{s}_samples": d["samples"] for s, d in splits.items()},
                     "vocab": splits["train"]["vocab"]}  # fmt: skip
         elif (p / META_FILE).is_file() and (p / INDEX_FILE).is_file():
-            meta = json.loads((p / META_FILE).read_text())
+            meta = _read_json(p / META_FILE)
             info = {"kind": "memory bank", **{k: meta.get(k) for k in ("count", "dim", "model_name", "factory")}}
         elif (p / "tokenizer.json").is_file():
             info = describe(p / "tokenizer.json")

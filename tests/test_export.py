@@ -209,9 +209,19 @@ def test_force_never_replaces_a_directory_holding_the_inputs(assets: Path, tmp_p
         ("bare", "--ckpt: {root}/bare.safetensors (safetensors) lacks the architecture and vocabulary"),
         ("vqgan", "--vqgan: not found: {root}/nope"),
         ("file_out", "--out: {root}/file exists and is not a directory"),
+        # --vqgan-config alone was silently ignored: the export succeeded without the VQGAN the user meant
+        ("config_alone", "--vqgan-config {root}/vq.yaml is the architecture of a --vqgan checkpoint: give --vqgan"),
+        ("config_missing", "--vqgan-config: not found: {root}/vq.yaml"),
+        # the loaders' own messages named the file but not the argument it came from
+        ("bad_tokenizer", "--tokenizer: {root}/tok.json: not a valid tokenizers JSON file"),
+        ("bad_vqgan", "--vqgan: {root}/vq: no model.safetensors, vqgan.ckpt or checkpoints/last.ckpt"),
+        # `--out .` in an empty directory failed with a traceback renaming the working directory
+        ("cwd_out", "--out: . is the current directory or holds it; name the model directory to create"),
     ],
 )
-def test_bad_input_is_one_line_and_exit_2(assets: Path, tmp_path: Path, capsys, setup: str, message: str) -> None:
+def test_bad_input_is_one_line_and_exit_2(
+    assets: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch, setup: str, message: str
+) -> None:
     argv = ["--ckpt", str(assets / "model.ckpt"), "--out", str(tmp_path / "m")]
     if setup == "missing":
         argv[1] = str(tmp_path / "nope.ckpt")
@@ -220,10 +230,28 @@ def test_bad_input_is_one_line_and_exit_2(assets: Path, tmp_path: Path, capsys, 
         argv[1] = str(tmp_path / "bare.safetensors")
     elif setup == "vqgan":
         argv += ["--vqgan", str(tmp_path / "nope")]
+    elif setup == "config_alone":
+        (tmp_path / "vq.yaml").write_text("model: {}\n")
+        argv += ["--vqgan-config", str(tmp_path / "vq.yaml")]
+    elif setup == "config_missing":
+        argv += ["--vqgan", str(assets / "vqgan"), "--vqgan-config", str(tmp_path / "vq.yaml")]
+    elif setup == "bad_tokenizer":
+        (tmp_path / "tok.json").write_text('{"a": 1}')
+        argv += ["--tokenizer", str(tmp_path / "tok.json")]
+    elif setup == "bad_vqgan":
+        (tmp_path / "vq").mkdir()
+        argv += ["--vqgan", str(tmp_path / "vq")]
+    elif setup == "cwd_out":
+        (tmp_path / "m").mkdir()
+        monkeypatch.chdir(tmp_path / "m")
+        argv[3] = "."
     else:
         (tmp_path / "file").write_text("x")
         argv[3] = str(tmp_path / "file")
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("cm3leon export: error: ") and message.format(root=tmp_path) in err and "\n" not in err
-    assert not (tmp_path / "m").exists()
+    if setup == "cwd_out":
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["m"] and not any((tmp_path / "m").iterdir())
+    else:
+        assert not (tmp_path / "m").exists()

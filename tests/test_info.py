@@ -92,3 +92,60 @@ def test_the_command_prints_lines_or_json_and_refuses_unknown_paths(assets: dict
     assert main([str(tmp_path / "junk.ckpt")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("cm3leon info: error: ") and err.count("\n") == 1
+
+
+def test_checkpoints_say_whether_optimizer_state_is_inside_and_their_dtype(assets: dict) -> None:
+    """The README's promise for every checkpoint kind: the step, whether optimizer state is inside, the dtype."""
+    root = assets["root"]
+    trained, sharded = describe(root / "trained.ckpt"), describe(root / "sharded.ckpt")
+    assert (trained["optimizer_state"], trained["dtype"]) == (True, "float32")
+    assert (sharded["optimizer_state"], sharded["dtype"], sharded["global_step"]) == (True, "float32", 2)
+    weights_only = describe(root / "model.ckpt")  # state_dict + hyper_parameters, no optimizer
+    assert (weights_only["optimizer_state"], weights_only["dtype"]) == (False, "float32")
+
+
+def test_a_model_directory_with_fields_left_out_shows_their_defaults(tmp_path: Path) -> None:
+    """A config.json naming only some fields (the rest default when loading) crashed with a KeyError."""
+    from cm3leon_lightning.config import CM3LeonConfig
+
+    doc = {"format": "cm3leon_lightning.model", "config": {"n_layer": 2, "vocab_size": 512}, "dtype": "float32"}
+    (tmp_path / "config.json").write_text(json.dumps(doc))
+    info = describe(tmp_path)
+    default = CM3LeonConfig(n_layer=2, vocab_size=512)
+    assert info["kind"] == "model directory" and info["parameters"] == default.num_parameters()
+    assert info["architecture"] == {"n_layer": 2, "d_model": 1024, "n_head": 16, "d_ff": 3584, "max_seq_len": 4096,
+                                    "activation": "gelu", "tie_embeddings": True}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("list", "[1, 2]", "PATH: {path}/config.json holds a JSON list, not an object"),
+        ("garbage", "not json", "PATH: {path}/config.json is not valid JSON: Expecting value"),
+        ("bert", '{"model_type": "bert"}', "PATH: {path}/config.json is a Hugging Face 'bert' model not exported by"),
+        ("bank", "not json", "PATH: {path}/meta.json is not valid JSON"),
+        ("corrupt.safetensors", None, "PATH: {path} is not a readable safetensors file"),
+    ],
+    ids=["json-list", "json-garbage", "hf-bert", "bank-meta", "corrupt-safetensors"],
+)
+def test_unreadable_metadata_is_one_line_naming_the_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str, content: str | None, message: str
+) -> None:
+    """A broken config.json or bank meta.json, a Hugging Face model of another architecture, or a corrupt safetensors
+    header gave a traceback (or an error naming no file, or a bert directory called 'OPT layout')."""
+    from cm3leon_lightning.retrieval.index import INDEX_FILE, META_FILE
+
+    path = tmp_path / name
+    if content is None:  # a header whose tensor runs past the end of the file
+        header = json.dumps({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 100]}}).encode()
+        path.write_bytes(len(header).to_bytes(8, "little") + header + bytes(8))
+    elif name == "bank":
+        path.mkdir()
+        (path / META_FILE).write_text(content)
+        (path / INDEX_FILE).write_bytes(b"")
+    else:
+        path.mkdir()
+        (path / "config.json").write_text(content)
+    assert main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cm3leon info: error: " + message.format(path=path)) and err.count("\n") == 1
