@@ -119,11 +119,12 @@ def document_length(n_text: int, n_image: int) -> int:
 def fit_to_context(retrieved_lengths: Sequence[int], caption_len: int, image_len: int, budget: int) -> tuple[int, int]:
     """Stage 3: how many retrieved documents (a prefix) and caption tokens fit in ``budget`` tokens.
 
-    Rules: drop retrieved documents first (the last, least relevant, first), then truncate the query's caption from
-    the end (dropping the caption segment when nothing is left); an image segment is never cut.
+    Rules: drop retrieved documents first (the last of ``retrieved_lengths`` first), then truncate the query's caption
+    from the end (dropping the caption segment when nothing is left); an image segment is never cut.
 
     Args:
-        retrieved_lengths: serialized lengths of the retrieved documents, in sequence order.
+        retrieved_lengths: serialized lengths of the retrieved documents, most relevant first
+            (:func:`keep_order`).
         caption_len: the query's caption tokens.
         image_len: the query's image tokens.
         budget: tokens available, the final ``<eos>`` included.
@@ -145,6 +146,17 @@ def fit_to_context(retrieved_lengths: Sequence[int], caption_len: int, image_len
     if total > budget:
         caption = max(0, caption_len - (total - budget))  # at 0 the <break> goes too, so it still fits
     return kept, caption
+
+
+def keep_order(retrieved: Sequence[Neighbor]) -> list[int]:
+    """Indices of the retrieved documents, most relevant (highest score) first; ties keep retrieval order.
+
+    Fitting drops from the end of this order, so the least relevant document goes first. Retrieval order is not a
+    relevance order: ``neighbors.json`` lists the text search's picks, then the image search's, so dropping the last
+    stored document would always drop an image pick; at the paper's scale (4096 tokens, 32x32 image grids), where only
+    two of three retrieved documents fit, the image search's second pick would never be trained on.
+    """
+    return sorted(range(len(retrieved)), key=lambda i: -float(retrieved[i].score))
 
 
 def document_ids(text: np.ndarray, image: np.ndarray, vocab: MultimodalVocab, image_first: bool = False) -> np.ndarray:
@@ -171,7 +183,8 @@ def segments_ids(segments: Sequence[tuple[str, np.ndarray]], vocab: MultimodalVo
 
 
 def fit_segments(retrieved_lengths: Sequence[int], query_len: int, budget: int, key: str) -> int:
-    """How many retrieved documents fit before a document with segments (which is never cut).
+    """How many retrieved documents (a prefix of ``retrieved_lengths``, most relevant first) fit before a document
+    with segments (which is never cut).
 
     Raises:
         ShardFormatError: ``too_long``, when the document alone (and the final ``<eos>``) exceeds ``budget``.
@@ -199,7 +212,8 @@ def build_example(sample: ShardSample, cfg: PipelineConfig, epoch: int) -> Examp
         cfg.no_retrieval_share,
     )
     image_first = bool(sample_rng(cfg.seed, epoch, sample.key, ORDER_STREAM).random() < cfg.image_first_prob)
-    lengths = [document_length(nb.text.size, nb.image.size) for nb in retrieved]
+    order = keep_order(retrieved)  # fitting drops the least relevant first
+    lengths = [document_length(retrieved[i].text.size, retrieved[i].image.size) for i in order]
     if sample.segments is not None:  # a document in its own order: never cut, never reordered
         query = segments_ids(sample.segments, vocab)
         kept = fit_segments(lengths, query.size, cfg.budget, sample.key)
@@ -207,7 +221,8 @@ def build_example(sample: ShardSample, cfg: PipelineConfig, epoch: int) -> Examp
     else:
         kept, caption_len = fit_to_context(lengths, sample.text.size, sample.image.size, cfg.budget)
         query = document_ids(sample.text[:caption_len], sample.image, vocab, image_first)
-    docs = [document_ids(nb.text, nb.image, vocab, image_first) for nb in retrieved[:kept]]
+    # the kept documents go into the sequence in retrieval order
+    docs = [document_ids(retrieved[i].text, retrieved[i].image, vocab, image_first) for i in sorted(order[:kept])]
     docs.append(query)
     docs.append(np.array([vocab.eos_id], dtype=np.int64))
     ids = np.concatenate(docs)

@@ -90,6 +90,28 @@ def test_fit_to_context_drops_retrieved_then_truncates_caption(slot, want, dropp
     assert len(want) <= slot
 
 
+def test_fit_drops_the_least_relevant_retrieved_document_not_the_last_stored() -> None:
+    """neighbors.json lists the text search's picks, then the image search's: the last stored is not the least
+    relevant. Dropping the last always dropped an image pick (found in review: at 4096 tokens and 32x32 grids only
+    two of three documents fit, so the image search's second pick was never trained on)."""
+    a = np.array
+    sample = hand_sample()
+    sample.neighbors = [
+        Neighbor("t1", 0.8, "text", a([30]), a([4, 5, 6, 7])),  # 7 tokens
+        Neighbor("t2", 0.6, "text", a([31]), a([12, 13, 14, 15])),  # 7 tokens, the least relevant
+        Neighbor("i1", 0.85, "image", a([40, 41]), a([8, 9, 10, 11])),  # 8 tokens, the most relevant
+    ]
+    t1, i1, query = [1, 30, 2, 68, 69, 70, 71], [1, 40, 41, 2, 72, 73, 74, 75], [1, 20, 21, 2, 64, 65, 66, 67, 1]
+    everything = build_example(sample, cfg(slot_len=31), epoch=0)
+    assert everything.ids.tolist() == [*t1, 1, 31, 2, 76, 77, 78, 79, *i1, *query]  # all three, in retrieval order
+    two = build_example(sample, cfg(slot_len=24), epoch=0)
+    assert two.ids.tolist() == [*t1, *i1, *query]  # t2 (0.6) goes, not i1 (the last stored)
+    assert (two.n_retrieved, two.dropped_retrieved) == (2, 1)
+    one = build_example(sample, cfg(slot_len=17), epoch=0)
+    assert one.ids.tolist() == [*i1, *query]  # then t1 (0.8) before i1 (0.85)
+    assert (one.n_retrieved, one.dropped_retrieved) == (1, 2)
+
+
 def test_fit_to_context_never_cuts_an_image() -> None:
     assert fit_to_context([9, 8], 2, 4, 6) == (0, 0)
     with pytest.raises(ValueError, match="one image document needs 6 tokens, budget is 5"):
