@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import lightning as L
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
 from cm3leon_lightning.data.shards import MANIFEST_NAME, Manifest, ShardInfo
@@ -47,7 +48,8 @@ def resolve_source(
     """A data source -> (its manifest, the shard URLs, their manifest entries), in the same order.
 
     Raises:
-        ValueError: a remote URL without ``allow_remote``, a missing manifest, or a shard the manifest lacks.
+        ValueError: a remote URL without ``allow_remote``, a local path that does not exist (neither a shard nor a
+            pattern), a missing manifest, or a shard the manifest lacks.
     """
     if isinstance(spec, (str, os.PathLike)) and not is_remote(str(spec)):
         path = Path(str(spec).removeprefix("file://"))
@@ -57,6 +59,11 @@ def resolve_source(
                 raise ValueError(f"no {MANIFEST_NAME} in {path}; prepare the dataset or give the manifest path")
             m = Manifest.load(mpath)
             return m, [str(mpath.parent / s.name) for s in m.shards], list(m.shards)
+        if not path.exists() and "{" not in path.name and not path.name.endswith(".tar"):  # a mistyped directory
+            raise ValueError(
+                f"{path}: no such directory or file (give a prepared dataset directory, its {MANIFEST_NAME}, or "
+                "shard .tar paths)"
+            )
     urls = expand_urls(spec)
     if not urls:
         raise ValueError(f"data source {spec!r} names no shards")
@@ -162,7 +169,10 @@ class CM3LeonDataModule(L.LightningDataModule):
         self.sources: dict[str, tuple[Manifest, list[str], list[ShardInfo]]] = {}
         for split, spec in (("train", train_data), ("val", val_data), ("test", test_data)):
             if spec is not None:
-                self.sources[split] = resolve_source(spec, manifest if split == "train" else None, allow_remote)
+                try:
+                    self.sources[split] = resolve_source(spec, manifest if split == "train" else None, allow_remote)
+                except ValueError as e:  # name the argument: train, val and test sources are often alike
+                    raise ValueError(f"{split}_data: {e}") from e
         if not self.sources:
             raise ValueError("give at least one of train_data, val_data, test_data")
         vocabs = {split: m.vocab(pad_to_multiple) for split, (m, _, _) in self.sources.items()}
@@ -186,6 +196,12 @@ class CM3LeonDataModule(L.LightningDataModule):
             raise ValueError(
                 f"seq_len // pack = {seq_len // pack} leaves {self.cfg.budget} tokens after the masking reserve "
                 f"({self.cfg.mask_overhead}); one image document needs {need}"
+            )
+        if max_retrieved > 0 and self.cfg.budget < 2 * need - 1:  # the query and one more image document, one <eos>
+            rank_zero_warn(
+                f"seq_len // pack = {seq_len // pack} leaves {self.cfg.budget} tokens after the masking reserve: no "
+                f"retrieved document (at least {need - 1} tokens each) fits beside the query, so every example is "
+                "trained without retrieval; raise seq_len, lower pack, or set max_retrieved: 0 to say so"
             )
         self._train_loader: ResumableLoader | None = None
         self._pending_state: dict[str, Any] | None = None

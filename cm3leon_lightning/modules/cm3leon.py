@@ -165,8 +165,16 @@ class CM3LeonModule(L.LightningModule):
         return None if self.hparams.vocab is None else MultimodalVocab(**self.hparams.vocab)
 
     def setup(self, stage: str) -> None:
-        """Adopt the data module's vocabulary when none was given, and refuse a mismatching one."""
+        """Adopt the data module's vocabulary when none was given, and refuse a mismatching one or rows longer than
+        the model's context (which would otherwise fail at the first forward, after the data has loaded)."""
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        seq_len = (getattr(datamodule, "hparams", None) or {}).get("seq_len")
+        if isinstance(seq_len, int) and seq_len - 1 > self.config.max_seq_len:  # a row feeds seq_len - 1 positions
+            raise ValueError(
+                f"the data's seq_len {seq_len} feeds {seq_len - 1} positions, more than the model's max_seq_len "
+                f"{self.config.max_seq_len}: lower --data.init_args.seq_len to at most {self.config.max_seq_len + 1} "
+                "or raise --model.init_args.max_seq_len"
+            )
         data_vocab = getattr(datamodule, "vocab", None)
         if data_vocab is None:
             return

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -195,6 +196,36 @@ def test_sources_lists_braces_and_remote_guard(tiny_dataset: Path) -> None:
         make_dm([str(tiny_dataset / "shard-000009.tar")])
     with pytest.raises(ValueError, match="no manifest.json"):
         make_dm(tiny_dataset.parent)  # a directory without a manifest
+    typo = tiny_dataset.parent / "trian"  # was read as a shard pattern: "cannot read manifest <parent>/manifest.json"
+    with pytest.raises(ValueError, match=f"^train_data: {typo}: no such directory or file"):
+        make_dm(typo)
+    with pytest.raises(ValueError, match=f"^val_data: {typo}: no such directory"):
+        make_dm(tiny_dataset, val_data=str(typo))
+
+
+def test_a_slot_too_short_for_any_retrieved_document_is_warned(tiny_dataset: Path) -> None:
+    """2x2 grids: an image document is 5 tokens, query + one retrieved + <eos> 11, the masking reserve 17. A 27-token
+    slot keeps no retrieved document ever (configs/data/shards_packed.yaml had this at the 16x16 scale); 28 can."""
+    with pytest.warns(UserWarning, match="leaves 10 tokens .* no retrieved document"):
+        make_dm(tiny_dataset, seq_len=54, pack=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make_dm(tiny_dataset, seq_len=56, pack=2)
+        make_dm(tiny_dataset, seq_len=54, pack=2, max_retrieved=0)  # retrieval off: nothing to warn about
+
+
+def test_the_packed_config_leaves_room_for_retrieval_at_16x16() -> None:
+    """configs/data/shards_packed.yaml is for 16x16 grids: each slot must hold the query and two retrieved documents
+    (20-token captions, the masking reserve of 8 sentinels), as its comment says."""
+    import yaml
+
+    from cm3leon_lightning.data.stages import document_length, fit_to_context
+
+    config = Path(__file__).resolve().parents[2] / "configs" / "data" / "shards_packed.yaml"
+    args = yaml.safe_load(config.read_text())["data"]["init_args"]
+    budget = args["seq_len"] // args["pack"] - (2 * 8 + 1)
+    doc = document_length(20, 256)
+    assert fit_to_context([doc] * args["max_retrieved"], 20, 256, budget) == (2, 20)
 
 
 def test_too_few_shards_is_a_clear_error_at_setup(tiny_dataset: Path) -> None:

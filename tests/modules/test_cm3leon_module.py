@@ -243,6 +243,31 @@ def test_vocabulary_mismatch_is_refused(tmp_path) -> None:
     assert "'n_codes': 32" in str(err.value) and "'n_codes': 40" in str(err.value)
 
 
+def test_rows_longer_than_the_context_are_refused_at_setup(tmp_path) -> None:
+    """configs/model/tiny.yaml (256 positions) with configs/data/shards.yaml (seq_len 4096) failed at the first
+    forward, after the data had loaded; setup now names both settings. seq_len = max_seq_len + 1 fits exactly."""
+    from support.eval_setup import write_eval_data
+
+    from cm3leon_lightning.data.datamodule import CM3LeonDataModule
+
+    paths = write_eval_data(tmp_path / "data", n_train=4, n_val=2)
+    for seq_len, fits in ((130, False), (129, True)):
+        data = CM3LeonDataModule(
+            train_data=paths["train"], seq_len=seq_len, batch_size=2, max_retrieved=0, num_workers=0
+        )
+        module = CM3LeonModule(preset="tiny", max_seq_len=128)
+        trainer = _trainer(tmp_path, max_steps=1, limit_val_batches=0)
+        if fits:
+            trainer.fit(module, datamodule=data)
+            assert trainer.global_step == 1
+        else:
+            with pytest.raises(
+                ValueError, match="seq_len 130 feeds 129 positions, more than the model's max_seq_len 128"
+            ):
+                trainer.fit(module, datamodule=data)
+            assert module.model is None  # refused before the network was built
+
+
 def test_activation_checkpointing_gives_same_gradients() -> None:
     data = TokenDataModule(n_train=4, batch_size=4)
     grads = []
