@@ -80,8 +80,8 @@ class SamplingSpec:
             raise ValueError(f"streams must be 1, 2 or 3, got {self.streams}")
         if self.method == "cd_k" and self.streams != 2:
             raise ValueError("method 'cd_k' contrasts a conditional and an unconditional stream: it needs streams=2")
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 <= self.temperature < float("inf"):  # inf: -inf / inf is NaN, and NaN won every draw
+            raise ValueError(f"temperature must be finite and >= 0 (0 = greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
         if self.top_k is not None and self.top_k < 1:
@@ -131,7 +131,11 @@ def process_logits(logits: Tensor, spec: SamplingSpec, allowed: Tensor | None = 
     if spec.greedy:
         return scores
     if spec.temperature != 1.0:
-        scores = scores / spec.temperature
+        # Divide each logit's distance to its row's best: ``scores / T`` overflows to inf for a tiny T (below ~1e-38
+        # in float32), inf - inf is NaN in the softmax, and the draw then returned the range's first id (<pad> for
+        # text). Here the best logit maps to 0 and the rest stay below it (or -inf): the same distribution.
+        top = scores.amax(dim=-1, keepdim=True)
+        scores = torch.where(scores == top, 0.0, (scores - top) / spec.temperature)  # 0/0 when T rounds to 0
     if spec.top_k is not None:
         scores = top_k_filter(scores, spec.top_k)
     if spec.method == "top_p":

@@ -75,8 +75,8 @@ def pick_kernel(
     if GREEDY:
         token = tl.argmax(x, axis=0)
     else:
-        x = x / temperature
-        e = tl.exp(x - tl.max(x, axis=0))
+        m = tl.max(x, axis=0)  # as process_logits: each logit's distance to the best, divided (x / T overflows)
+        e = tl.exp(tl.where(x == m, 0.0, (x - m) / temperature))
         p = e / tl.sum(e, axis=0)  # (W_PAD,) probabilities, 0 outside the row and the constraint
         if TOP_P:
             bits = p.to(tl.int32, bitcast=True)  # p >= 0: bit patterns order like the values

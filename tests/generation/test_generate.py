@@ -123,6 +123,22 @@ def test_same_seed_same_samples_and_seeds_matter():
     assert len({tuple(r) for r in a.flatten(0, 1).tolist()}) > 1  # candidates differ from each other
 
 
+def test_a_tiny_temperature_decodes_greedily():
+    """Below ~1e-38 the float32 division by the temperature overflowed: every image code was 0 and every answer
+    token ``<pad>``, which the text constraint forbids."""
+    model = random_model(seed=2, dtype=torch.float32)
+    images = [[0, 1, 2, 3, 4, 5], [23, 22, 21, 20, 19, 18]]
+    greedy = generate_text(model, VOCAB, images, max_new_tokens=6, compile=False)
+    tiny = generate_text(model, VOCAB, images, max_new_tokens=6, method="top_p", temperature=1e-40, seed=0,
+                         compile=False)  # fmt: skip
+    assert tiny == greedy and VOCAB.pad_id not in sum(tiny, [])
+    for method in ("temperature", "top_p", "cd_k"):
+        want = generate_image(model, VOCAB, PROMPTS, num_samples=2, method=method, temperature=0, compile=False).codes
+        got = generate_image(model, VOCAB, PROMPTS, num_samples=2, method=method, temperature=1e-40, seed=0,
+                             compile=False).codes  # fmt: skip
+        assert torch.equal(got, want) and want.any(), method
+
+
 @pytest.mark.parametrize("method", ["temperature", "top_p", "cd_k"])
 def test_image_segments_hold_only_image_codes_of_the_right_count(method):
     model = random_model(seed=3, dtype=torch.float32)

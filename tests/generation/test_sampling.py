@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from cm3leon_lightning.generation.decoder import SamplingSpec, process_logits
+from cm3leon_lightning.generation.decoder import SamplingSpec, pick_tokens, process_logits
 from cm3leon_lightning.generation.sampling import (
     allowed_ids,
     apply_temperature,
@@ -173,12 +173,35 @@ def test_process_logits_cfg_one_equals_the_conditional_stream_and_slices_the_ran
     assert process_logits(logits, guided).shape == (3, 24)
     spec = SamplingSpec(method="top_p", streams=2, cfg=3.0, temperature=0.7, top_p=0.5, lo=40, hi=64)
     want = top_p_filter((logits[3:, 40:64] + 3.0 * (logits[:3, 40:64] - logits[3:, 40:64])) / 0.7, 0.5)
-    torch.testing.assert_close(process_logits(logits, spec), want)
+    got = process_logits(logits, spec)  # shifted by each row's best logit before the division: the same softmax
+    assert torch.equal(got.isfinite(), want.isfinite()) and torch.equal(got.amax(-1), torch.zeros(3))
+    torch.testing.assert_close(got.softmax(-1), want.softmax(-1))
     cdk = SamplingSpec(method="cd_k", streams=2, cdk_k=3, cdk_alpha=0.5, temperature=0, lo=40, hi=64)
     torch.testing.assert_close(process_logits(logits, cdk), cdk_logits(logits[:3, 40:64], logits[3:, 40:64], 3, 0.5))
     # logits of the sampled range only (what the decoder computes with logits_range) give the same result
     for s in (guided, spec, cdk):
         assert torch.equal(process_logits(logits[:, 40:64], s), process_logits(logits, s))
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 5e-324])
+def test_a_tiny_temperature_draws_the_argmax_not_the_first_id(temperature):
+    """``logits / T`` overflowed to +-inf below ~1e-38 in float32 (5e-324 rounds to 0): the softmax was NaN and every
+    draw returned id ``lo`` (``<pad>`` when decoding text), whatever the logits. Tiny T now means the argmax."""
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(6, 128, generator=g) * 3
+    logits[2] -= 20  # a row whose logits are all negative (-inf after the division, not +inf)
+    allowed = torch.ones(24, dtype=torch.bool)
+    allowed[[0, 5, 7]] = False
+    for constraint in (None, allowed):
+        for method, streams in (("temperature", 2), ("top_p", 2), ("top_p", 1), ("cd_k", 2)):
+            spec = SamplingSpec(method=method, streams=streams, cfg=2.0, temperature=temperature, top_k=5, lo=40, hi=64)
+            greedy = SamplingSpec(method=method, streams=streams, cfg=2.0, temperature=0.0, lo=40, hi=64)
+            rows = logits[: 3 * streams]
+            want = pick_tokens(rows, greedy, constraint, None)
+            assert (want != 40).all()  # the argmax is not the range's first id, which the NaN draw returned
+            for draw in range(3):
+                noise = sample_noise((3, 24), torch.Generator().manual_seed(draw), "cpu")
+                assert torch.equal(pick_tokens(rows, spec, constraint, noise), want), (method, streams, draw)
 
 
 def test_sampling_spec_rejects_bad_settings():
@@ -187,6 +210,7 @@ def test_sampling_spec_rejects_bad_settings():
         ({"streams": 4}, "streams"),
         ({"method": "cd_k", "streams": 3}, "cd_k"),
         ({"temperature": -1.0}, "temperature"),
+        ({"temperature": float("inf")}, "temperature must be finite"),
         ({"top_p": 0.0}, "top_p"),
         ({"method": "cd_k", "streams": 2, "cdk_alpha": 2.0}, r"cdk_alpha in \[0, 1\]"),
         ({"lo": 5, "hi": 5}, "range"),

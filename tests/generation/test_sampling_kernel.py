@@ -27,6 +27,7 @@ CASES = [
     dict(method="temperature", streams=2, cfg=1.5, temperature=1.3),
     dict(method="greedy", streams=2, cfg=3.0),
     dict(method="top_p", streams=1, temperature=0.0),  # temperature 0: greedy
+    dict(method="top_p", streams=2, cfg=3.0, temperature=1e-40),  # x / T overflowed: NaN draws; now the argmax
 ]
 
 
