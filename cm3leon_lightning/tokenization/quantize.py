@@ -14,6 +14,7 @@ Only persistent buffers appear in the state dict, so the presets' keys equal the
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +46,29 @@ class QuantizerOutput:
     commitment_loss: torch.Tensor
 
 
+def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """A context with autocast disabled on ``device_type`` (a no-op where autocast does not exist, e.g. ``meta``)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _nearest(flat: torch.Tensor, emb: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """Index of the nearest row of ``emb`` ``(K, D)`` for each row of ``flat`` ``(N, D)`` (l2-normalised first if
+    ``normalize``), in float32.
+
+    Autocast is off here: under ``bf16-mixed`` the ``z.e`` products would be rounded to 8 significant bits, often
+    coarser than the gap between the two nearest codes, and the argmin would then not be the nearest code.
+    """
+    f, e = flat.float(), emb.float()
+    with _autocast_off(f.device.type):
+        if normalize:
+            f = F.normalize(f, dim=1)
+        # squared distance ||z||^2 + ||e||^2 - 2 z.e; argmin takes the first index on ties
+        dist = f.pow(2).sum(1, keepdim=True) + e.pow(2).sum(1) - 2.0 * f @ e.t()  # (N, K)
+    return dist.argmin(dim=1)
+
+
 class VectorQuantizer(nn.Module):
     """Nearest-neighbour vector quantizer with straight-through gradients.
 
@@ -58,6 +82,9 @@ class VectorQuantizer(nn.Module):
             ``ema_embed_sum`` to the state dict.
         dead_code_after: in training, a code unused for this many consecutive forward passes is restarted at a random
             latent of the current batch; 0 disables restarts.
+
+    The nearest code and the EMA statistics are computed in float32 with autocast off, whatever the latents' dtype
+    (``bf16-mixed`` training, a bf16 model).
 
     Under ``torch.distributed`` (initialised, world size > 1) every replica must run the same training forwards:
     the EMA update all-reduces the per-code counts and latent sums, and the restarts count a code as used if any
@@ -89,8 +116,11 @@ class VectorQuantizer(nn.Module):
         # Consecutive training forwards without use, per code; not saved so the key layout stays taming's.
         self.register_buffer("steps_unused", torch.zeros(n_embed, dtype=torch.long), persistent=False)
         # Restarts chosen in one forward are written at the start of the next one: the codebook must stay unchanged
-        # until the backward pass has used it (and the optimizer has stepped).
+        # until the backward pass has used it (and the optimizer has stepped). Every other read of the codebook
+        # (lookup / decode, state_dict / save_pretrained / checkpoints) writes them first, so that what is decoded
+        # or saved is the codebook the next encode uses.
         self._pending_restart: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.register_state_dict_pre_hook(_write_pending_restart)
 
     def codebook(self) -> torch.Tensor:
         """The codebook as used for lookup, ``(n_embed, embed_dim)`` (l2-normalised if configured)."""
@@ -99,24 +129,22 @@ class VectorQuantizer(nn.Module):
 
     def lookup(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes ``(B, h, w)`` -> latents ``(B, D, h, w)``."""
+        self._apply_restart()
         return F.embedding(codes, self.codebook()).permute(0, 3, 1, 2).contiguous()
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         """Quantize latents ``z`` of shape ``(B, D, h, w)``."""
         B, D, h, w = z.shape
-        if self._pending_restart is not None:
-            self._apply_restart()
+        self._apply_restart()
         z = z.permute(0, 2, 3, 1)  # (B, h, w, D)
+        emb = self.codebook()  # (K, D)
+        codes = _nearest(z.reshape(-1, D).detach(), emb.detach(), self.l2_normalize)  # (N,), in float32
         if self.l2_normalize:
             z = F.normalize(z, dim=-1)
         flat = z.reshape(-1, D)  # (N, D)
-        emb = self.codebook()  # (K, D)
-        # squared distance ||z||^2 + ||e||^2 - 2 z.e; argmin takes the first index on ties
-        dist = flat.pow(2).sum(1, keepdim=True) + emb.pow(2).sum(1) - 2.0 * flat @ emb.t()  # (N, K)
-        codes = dist.argmin(dim=1)  # (N,)
         z_q = F.embedding(codes, emb).view(B, h, w, D)
         if self.training and self.ema_decay is not None:
-            self._ema_update(flat.detach(), codes)
+            self._ema_update(flat.detach().float(), codes)
             z_q = F.embedding(codes, self.codebook()).view(B, h, w, D)
         if self.ema_decay is None:
             codebook_loss = F.mse_loss(z_q, z.detach())
@@ -136,7 +164,8 @@ class VectorQuantizer(nn.Module):
     @torch.no_grad()
     def _ema_update(self, flat: torch.Tensor, codes: torch.Tensor) -> None:
         one_hot = F.one_hot(codes, self.n_embed).type(flat.dtype)  # (N, K)
-        counts, sums = one_hot.sum(0), one_hot.t() @ flat  # (K,), (K, D)
+        with _autocast_off(flat.device.type):  # float32 counts and sums (bf16 would round counts above 256)
+            counts, sums = one_hot.sum(0), one_hot.t() @ flat  # (K,), (K, D)
         if _distributed():  # every replica updates from the global batch, so the codebooks stay equal
             dist.all_reduce(counts)
             dist.all_reduce(sums)
@@ -168,12 +197,20 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def _apply_restart(self) -> None:
+        """Write the restarts chosen by the last training forward, if any, into the codebook."""
+        if self._pending_restart is None:
+            return
         dead, picks = self._pending_restart
         self._pending_restart = None
         self.embedding.weight[dead] = picks.to(self.embedding.weight.dtype)
         if self.ema_decay is not None:
             self.ema_cluster_size[dead] = 1.0
             self.ema_embed_sum[dead] = picks.to(self.ema_embed_sum.dtype)
+
+
+def _write_pending_restart(module: VectorQuantizer, prefix: str, keep_vars: bool) -> None:
+    """``state_dict`` pre-hook: the saved codebook includes the restarts the last training forward chose."""
+    module._apply_restart()
 
 
 class GumbelQuantizer(nn.Module):

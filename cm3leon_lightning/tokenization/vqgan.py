@@ -408,8 +408,9 @@ class VQGAN(nn.Module):
                 f"{images.shape[2]}x{images.shape[3]} (resize and centre-crop first, e.g. with ImageDataModule)"
             )
         param = self.conv_dtype_device()
-        if images.dtype == torch.uint8:
-            return images.to(param[1]).to(param[0]) / 127.5 - 1.0
+        if images.dtype == torch.uint8:  # scaled in (at least) float32, then cast: what the float path gives
+            wide = torch.promote_types(param[0], torch.float32)
+            return (images.to(device=param[1], dtype=wide) / 127.5 - 1.0).to(param[0])
         if not images.is_floating_point():
             raise ValueError(f"images must be uint8 in [0, 255] or float in [-1, 1], got dtype {images.dtype}")
         if images.device.type != "meta" and images.numel():

@@ -259,3 +259,62 @@ def test_non_finite_float_images_refused(bad: float) -> None:
     x[1, 2, 3, 4] = bad
     with pytest.raises(ValueError, match="images contain NaN or infinite values"):
         model.encode(x)
+
+
+@pytest.mark.parametrize("l2", [False, True])
+def test_nearest_code_under_bf16_autocast(l2: bool) -> None:
+    """bf16-mixed training (configs/vqgan/f8_8192.yaml) and bf16 encoding pick the nearest code, as float32 does: the
+    distances are computed in float32 (bf16 z.e products, 8 significant bits, chose a wrong code for ~1% of latents)."""
+    torch.manual_seed(0)
+    q = VectorQuantizer(1024, 64, l2_normalize=l2).eval()
+    with torch.no_grad():
+        q.embedding.weight.normal_()
+    z = torch.randn(8, 64, 16, 16).bfloat16()  # what quant_conv gives under autocast
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        codes = q(z).codes
+    assert torch.equal(codes, q(z.float()).codes)
+
+
+def test_ema_counts_are_exact_under_bf16_autocast() -> None:
+    """The EMA cluster sizes and sums are accumulated in float32: a bf16 count of 257 latents is 256."""
+    q = VectorQuantizer(2, 2, ema_decay=0.5).train()
+    with torch.no_grad():
+        q.embedding.weight.copy_(torch.tensor([[0.0, 0.0], [10.0, 10.0]]))
+        q.ema_embed_sum.copy_(q.embedding.weight)
+    z = torch.full((1, 2, 257, 1), 0.5, dtype=torch.bfloat16)  # 257 latents, all nearest to code 0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        q(z)
+    assert q.ema_cluster_size.tolist() == [0.5 * 1 + 0.5 * 257, 0.5]
+    assert q.ema_embed_sum[0].tolist() == [0.5 * 257 * 0.5, 0.5 * 257 * 0.5]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_uint8_and_float_images_are_the_same_input_at_any_precision(dtype: torch.dtype) -> None:
+    """uint8 images are scaled in float32 and then cast, so a half-precision model sees exactly what it sees for the
+    same image given as floats in [-1, 1] (scaling in bf16 moved 128 of the 256 grey levels)."""
+    model = VQGAN.from_name("micro").eval().to(dtype)
+    x = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16).expand(1, 3, 16, 16)
+    as_float = model.preprocess(x.double() / 127.5 - 1)
+    assert model.preprocess(x).dtype == dtype
+    assert torch.equal(model.preprocess(x), as_float)
+    assert torch.equal(to_uint8(as_float.float()), x)
+
+
+def test_restart_chosen_by_the_last_training_forward_is_decoded_and_saved(tmp_path: Path) -> None:
+    """Dead-code restarts wait for the next forward (the backward still needs the old codebook); decode and
+    state_dict / save_pretrained write them first, so a model saved right after training encodes and decodes like
+    the model in memory, and decode does not change when encode is called."""
+    torch.manual_seed(0)
+    model = VQGAN.from_name("micro", dead_code_after=1).train()
+    x = _images(4, 16)
+    with torch.no_grad():
+        model(x)  # a training forward: unused codes are picked for restart
+    assert model.quantize._pending_restart is not None
+    model.eval()
+    codes = torch.arange(64).remainder(32).view(1, 64)
+    before = model.decode(codes)
+    model.save_pretrained(tmp_path / "vq")
+    loaded = VQGAN.from_pretrained(tmp_path / "vq")
+    assert torch.equal(loaded.encode(x), model.encode(x))
+    assert torch.equal(model.decode(codes), before)
+    assert torch.equal(loaded.decode(codes), before)
