@@ -155,7 +155,7 @@ class VQGANModule(L.LightningModule):
         opt_g = torch.optim.Adam(params, lr=hp.lr, betas=tuple(hp.betas))
         if self.discriminator is None:
             return opt_g
-        opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=hp.disc_lr or hp.lr, betas=tuple(hp.betas))
+        opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=self.disc_lr, betas=tuple(hp.betas))
         return [opt_g, opt_d]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -174,13 +174,47 @@ class VQGANModule(L.LightningModule):
             return max_steps
         return hp.disc_start + math.ceil((max_steps - hp.disc_start) / 2)
 
+    @property
+    def disc_lr(self) -> float:
+        """The discriminator's base learning rate: ``disc_lr``, or ``lr`` when it is None (0 is a rate, not unset)."""
+        return self.hparams.lr if self.hparams.disc_lr is None else self.hparams.disc_lr
+
+    def run_batches(self) -> int | None:
+        """Batches the run trains: from ``trainer.max_steps`` (optimizer steps, :meth:`total_batches`), else the
+        trainer's estimate for ``max_epochs`` over data of known length; None when neither is known."""
+        if self._trainer is None:
+            return None
+        max_steps = self.trainer.max_steps
+        if max_steps is not None and max_steps > 0:
+            return self.total_batches(max_steps)
+        try:
+            estimated = float(self.trainer.estimated_stepping_batches)
+        except (RuntimeError, AttributeError):
+            return None
+        return int(estimated) if math.isfinite(estimated) and estimated > 0 else None
+
+    def on_train_start(self) -> None:
+        """Fix the length the cosine decay spans (it fell back to a constant rate when training was bounded by
+        ``max_epochs`` rather than ``max_steps``).
+
+        Raises:
+            ValueError: ``lr_decay="cosine"`` when the length of training is not known (data of unknown length and no
+                ``max_steps``).
+        """
+        self._decay_batches = self.run_batches()
+        if self.hparams.lr_decay != "constant" and self._decay_batches is None:
+            raise ValueError(
+                f"lr_decay={self.hparams.lr_decay!r} needs the length of training, which the trainer does not know "
+                "(data of unknown length): set trainer.max_steps, or lr_decay: constant"
+            )
+
     def learning_rate(self) -> float:
         """The autoencoder's learning rate at the current batch (``lr``, or its cosine decay over the run's batches)."""
         hp = self.hparams
-        max_steps = self.trainer.max_steps if self._trainer is not None else -1
-        if hp.lr_decay == "constant" or max_steps is None or max_steps <= 0:
+        total = getattr(self, "_decay_batches", None) or self.run_batches()
+        if hp.lr_decay == "constant" or not total:
             return hp.lr
-        progress = min(1.0, int(self.train_steps) / self.total_batches(max_steps))
+        progress = min(1.0, int(self.train_steps) / total)
         return hp.lr * (hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
     def _reconstruct(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, Any]:
@@ -195,7 +229,7 @@ class VQGANModule(L.LightningModule):
         opt_g, opt_d = (opts[0], opts[1]) if isinstance(opts, (list, tuple)) else (opts, None)
         if hp.lr_decay != "constant":
             scale = self.learning_rate() / hp.lr
-            for opt, base in ((opt_g, hp.lr), (opt_d, hp.disc_lr or hp.lr)):
+            for opt, base in ((opt_g, hp.lr), (opt_d, self.disc_lr)):
                 for group in opt.param_groups if opt is not None else ():
                     group["lr"] = base * scale
         x, x_rec, q = self._reconstruct(batch)

@@ -199,6 +199,35 @@ def test_cosine_decay_with_discriminator_reaches_floor(tmp_path: Path) -> None:
     assert VQGANModule(preset="micro", disc_start=2).total_batches(6) == 6  # no discriminator
 
 
+def test_cosine_decay_spans_max_epochs_and_disc_lr_zero_is_a_rate(tmp_path: Path) -> None:
+    """Bounded by max_epochs (max_steps -1) the cosine decay fell back to a constant rate; now it spans the epochs'
+    batches. ``disc_lr=0`` was read as unset (``lr``)."""
+    torch.manual_seed(0)
+    module = VQGANModule(preset="micro", lr=1e-3, lr_decay="cosine", min_lr_ratio=0.25, disc_weight=0.5, disc_start=0,
+                         disc_lr=0.0, disc_ndf=8, disc_layers=1, num_logged_images=0)  # fmt: skip
+    data = ImageDataModule(synthetic=16, image_size=16, batch_size=4)  # 4 batches per epoch
+    trainer = _trainer(tmp_path, max_steps=-1, max_epochs=2, limit_val_batches=0, enable_checkpointing=False)
+    trainer.fit(module, datamodule=data)
+    assert int(module.train_steps) == 8 and module.run_batches() == 8
+    # the 8th (last) batch ran at progress 7/8
+    expected = 1e-3 * (0.25 + 0.75 * 0.5 * (1 + math.cos(7 * math.pi / 8)))
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(expected)
+    assert trainer.optimizers[1].param_groups[0]["lr"] == 0.0
+    assert module.learning_rate() == pytest.approx(0.25e-3)
+
+    class Stream(torch.utils.data.IterableDataset):  # no __len__: an epoch of unknown length
+        def __iter__(self):
+            yield from (torch.rand(4, 3, 16, 16) * 2 - 1 for _ in range(2))
+
+    stream = torch.utils.data.DataLoader(Stream(), batch_size=None)
+    unknown = VQGANModule(preset="micro", lr_decay="cosine", num_logged_images=0)
+    with pytest.raises(ValueError, match="lr_decay='cosine' needs the length of training"):
+        _trainer(tmp_path, max_steps=-1, max_epochs=1, enable_checkpointing=False).fit(unknown, stream)
+    constant = VQGANModule(preset="micro", num_logged_images=0)
+    _trainer(tmp_path, max_steps=-1, max_epochs=1, enable_checkpointing=False).fit(constant, stream)
+    assert int(constant.train_steps) == 2
+
+
 def test_training_checkpoint_loads_with_from_pretrained(tmp_path: Path) -> None:
     """``VQGAN.from_pretrained`` reads a VQGANModule ``last.ckpt``: ``vqgan.*`` weights, architecture from hparams."""
     from lightning.pytorch.callbacks import ModelCheckpoint
