@@ -449,8 +449,9 @@ class VQGAN(nn.Module):
             images: ``(B, C, R, R)``, uint8 in ``[0, 255]`` or float in ``[-1, 1]``.
 
         Returns:
-            Codes ``(B, grid_h * grid_w)``, long, row-major. Deterministic in eval mode (call ``.eval()``; in training
-            mode a Gumbel quantizer samples).
+            Codes ``(B, grid_h * grid_w)``, long, row-major. Deterministic in eval mode (call ``.eval()``): in training
+            mode a Gumbel quantizer samples, and an EMA quantizer updates its codebook and dead-code counters as a
+            training forward does.
         """
         q = self.quantize(self.encode_latent(self.preprocess(images)))
         return q.codes.flatten(1)
