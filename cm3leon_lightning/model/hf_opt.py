@@ -142,13 +142,19 @@ def opt_tensors(name: str, tensor: Tensor, config: dict[str, Any]) -> dict[str, 
 def from_opt(state: dict[str, Tensor], config: dict[str, Any], what: str = "path") -> dict[str, Tensor]:
     """OPT's names -> our state dict (the tied LM head, when tied, is left to ``load_weights``).
 
+    Tensors the mapping does not take (a layer beyond ``config["n_layer"]``, an ``lm_head.weight`` beside a tied
+    embedding) are passed on under their own names, so :func:`~cm3leon_lightning.model.weights.fit_state` refuses
+    them as unexpected (or compares the tied pair) instead of their being dropped in silence.
+
     Raises:
         ValueError: a tensor the mapping needs is missing (named with ``what``).
     """
+    used: set[str] = set()
 
     def get(name: str) -> Tensor:
         if name not in state:
             raise ValueError(f"{what}: the OPT weights lack {name!r}")
+        used.add(name)
         return state[name]
 
     out = {
@@ -162,4 +168,5 @@ def from_opt(state: dict[str, Tensor], config: dict[str, Any], what: str = "path
         out.update({ours + key: get(theirs + name) for key, name in _PER_LAYER.items()})
     if not config["tie_embeddings"]:
         out["lm_head.weight"] = get("lm_head.weight")
+    out.update({k: v for k, v in state.items() if k not in used})
     return out

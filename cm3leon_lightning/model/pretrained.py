@@ -224,7 +224,7 @@ def read_hf(path: str | os.PathLike[str], what: str = "path") -> tuple[dict[str,
     weights = Path(path) / WEIGHTS_FILE
     if not weights.is_file():
         raise FileNotFoundError(f"{what}: {str(path)!r} has {CONFIG_FILE} but no {WEIGHTS_FILE}")
-    return from_opt(read_safetensors(weights, what)[0], block["config"], what), block
+    return from_opt(read_safetensors(weights, what)[0], block["config"], f"{what} {str(weights)!r}"), block
 
 
 def read_hf_block(path: str | os.PathLike[str], what: str = "path") -> dict[str, Any]:

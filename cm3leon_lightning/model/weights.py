@@ -297,7 +297,8 @@ def fit_state(model: nn.Module, state_dict: dict[str, Tensor], what: str) -> dic
     without allocating the network.
 
     Raises:
-        ValueError: missing or unexpected keys, wrong shapes, or a tied pair that differs; the first few named.
+        ValueError: missing or unexpected keys, wrong shapes, an integer tensor for a floating-point parameter (or
+            the reverse), or a tied pair that differs; the first few named.
     """
     tied = is_tied(model)
     state = dict(state_dict)
@@ -315,7 +316,14 @@ def fit_state(model: nn.Module, state_dict: dict[str, Tensor], what: str) -> dic
         for k, v in state.items()
         if k in expected and v.shape != expected[k].shape
     }
-    if missing or unexpected or shapes:
+    # Any floating dtype converts to the model's; an integer or bool tensor (a quantized file) would be cast to
+    # float and loaded as nonsense.
+    dtypes = {
+        k: (str(v.dtype).removeprefix("torch."), str(expected[k].dtype).removeprefix("torch."))
+        for k, v in state.items()
+        if k in expected and v.is_floating_point() != expected[k].is_floating_point()
+    }
+    if missing or unexpected or shapes or dtypes:
         problems = []
         if missing:
             problems.append(f"missing keys {_first(missing)}")
@@ -325,6 +333,11 @@ def fit_state(model: nn.Module, state_dict: dict[str, Tensor], what: str) -> dic
             first = dict(list(shapes.items())[:5])
             problems.append(
                 f"wrong shapes (file, model) {first}" + (f" (+{len(shapes) - 5} more)" if len(shapes) > 5 else "")
+            )
+        if dtypes:
+            first = dict(list(dtypes.items())[:5])
+            problems.append(
+                f"wrong dtypes (file, model) {first}" + (f" (+{len(dtypes) - 5} more)" if len(dtypes) > 5 else "")
             )
         raise ValueError(f"{what}: the weights do not fit the model: " + "; ".join(problems))
     return state
@@ -397,14 +410,28 @@ def load_weights(
             there as it is read, so a GPU model never has a whole copy in host memory.
 
     Raises:
-        ValueError: as :func:`fit_state`.
+        ValueError: as :func:`fit_state`; a lazy file's tied pair is compared too (the head read once, alone).
     """
     tied = is_tied(model)
     state = fit_state(model, state_dict, what)
     expected = model.state_dict()
     on_meta = any(t.is_meta for t in expected.values())
-    read = tensor_reader(state_dict, fetch)
-    chunks = chunk_names({k: v for k, v in state.items() if not (tied and k == TIED[1])})
+    file_read = tensor_reader(state_dict, fetch)
+    names = [k for k in state if not (tied and k == TIED[1])]
+    # fit_state compares a tied pair only when it holds the tensors: a lazy file holding both is compared here, as
+    # an eager one is (else its LM head would be dropped in silence). The embedding's chunk comes first, so the
+    # file is refused before anything is loaded, and the head is read alone, once.
+    check_tie = tied and all(k in state_dict for k in TIED) and any(state_dict[k].is_meta for k in TIED)
+    if check_tie:
+        names = [TIED[0], *(k for k in names if k != TIED[0])]
+
+    def read(chunk: Sequence[str]) -> dict[str, Tensor]:
+        part = file_read(chunk)
+        if check_tie and TIED[0] in part and not torch.equal(part[TIED[0]], file_read([TIED[1]])[TIED[1]]):
+            raise ValueError(f"{what}: {TIED[0]!r} and {TIED[1]!r} differ, but the model ties them")
+        return part
+
+    chunks = chunk_names({k: state[k] for k in names})
     if not on_meta:
         with torch.no_grad():
             for chunk in chunks:

@@ -134,3 +134,60 @@ def test_export_format_hf_bundles_a_tokenizer_transformers_reads(tmp_path: Path)
     # and from the Hugging Face directory to ours again, tokenizers included
     assert main(["--ckpt", str(tmp_path / "hf"), "--out", str(tmp_path / "again")]) == 0
     assert (tmp_path / "again" / "tokenizer" / "tokenizer.json").is_file()
+
+
+def test_weights_the_config_does_not_name_are_refused_naming_the_file(tmp_path: Path) -> None:
+    """OPT tensors the mapping does not take (a ``config.json`` edited to fewer layers) are refused as unexpected,
+    as our layout refuses them, instead of being dropped; a missing one names the weights file."""
+    from safetensors.torch import load_file, save_file
+
+    model = random_model(n_layer=3)
+    save_pretrained(model.state_dict(), tmp_path, model.config.to_dict(), VOCAB, layout="hf")
+    doc = json.loads((tmp_path / "config.json").read_text())
+    doc["cm3leon"]["config"]["n_layer"] = 2
+    (tmp_path / "config.json").write_text(json.dumps(doc))
+    with pytest.raises(ValueError) as err:
+        load_checkpoint(tmp_path)
+    assert str(err.value).startswith(
+        f"--ckpt {str(tmp_path)!r}: the weights do not fit the model: unexpected keys "
+        "['model.decoder.layers.2.self_attn.q_proj.weight', "
+    )
+    weights = tmp_path / "model.safetensors"
+    state = load_file(weights)
+    del state["model.decoder.layers.1.fc2.weight"]
+    save_file(state, weights)
+    with pytest.raises(ValueError) as err:
+        read_weights(tmp_path, "--ckpt")
+    assert str(err.value) == f"--ckpt {str(weights)!r}: the OPT weights lack 'model.decoder.layers.1.fc2.weight'"
+
+
+def test_an_untied_bfloat16_export_gives_our_logits_and_left_padded_greedy_tokens(tmp_path: Path) -> None:
+    """The 7b preset's case (an LM head of its own) in bfloat16: transformers' logits of a left-padded batch equal
+    ours exactly, and its left-padded greedy ``generate`` equals our KV-cache decoding."""
+    model = random_model(tie_embeddings=False)
+    save_pretrained(model.state_dict(), tmp_path, model.config.to_dict(), VOCAB, dtype=torch.bfloat16, layout="hf")
+    assert json.loads((tmp_path / "config.json").read_text())["tie_word_embeddings"] is False
+    hf = OPTForCausalLM.from_pretrained(tmp_path, dtype="auto").eval()
+    ours, _ = load_checkpoint(tmp_path)
+    assert hf.dtype == ours.wte.weight.dtype == torch.bfloat16
+    assert not torch.equal(hf.lm_head.weight, hf.model.decoder.embed_tokens.weight)
+    x = ids(3, 12)
+    mask = torch.ones_like(x)
+    mask[1, :4] = 0
+    mask[2, :7] = 0
+    real = mask.bool()
+    with torch.no_grad():
+        assert torch.equal(hf(x, attention_mask=mask).logits[real], ours(x, attention_mask=mask)[real])
+        hf32 = OPTForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+        ours32, _ = load_checkpoint(tmp_path, dtype=torch.float32)
+        out = hf32.generate(
+            x, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None
+        )
+        ours32.setup_kv_cache(batch_size=3, max_seq_len=18)
+        logits = ours32(x, input_pos=torch.arange(12), attention_mask=mask, last_only=True)
+        input_pos, tokens = torch.tensor([12]), []
+        for _ in range(6):
+            tokens.append(logits[:, -1].argmax(-1, keepdim=True))
+            logits = ours32(tokens[-1], input_pos=input_pos)
+            input_pos += 1
+    assert torch.equal(out[:, 12:], torch.cat(tokens, dim=1))

@@ -95,7 +95,8 @@ def test_load_weights_reads_a_lazy_source_a_chunk_at_a_time(trained, monkeypatch
     load_weights(model, lazy.state_dict, "x", fetch)
     assert len(calls) > 2 and all(sum(sizes[k] for k in c) <= max(sizes.values()) for c in calls)
     read = [k for c in calls for k in c]
-    assert sorted(read) == sorted(set(read)) and TIED[1] not in read
+    # each tensor once; the head (the shards hold the tied pair twice) alone, to be compared with the embedding
+    assert sorted(read) == sorted(set(read)) and [TIED[1]] in calls
     assert model.lm_head.weight is model.wte.weight
     want = module.model.state_dict()
     assert all(torch.equal(v, want[k]) for k, v in model.state_dict().items())
@@ -184,3 +185,46 @@ def test_fit_state_checks_shapes_on_a_meta_skeleton() -> None:
     state["wpe.weight"] = torch.zeros(3, 3)
     with pytest.raises(ValueError, match=r"x: the weights do not fit the model: wrong shapes .*'wpe.weight': \(\(3, "):
         fit_state(skeleton, state, "x")
+
+
+@pytest.mark.parametrize("on_meta", [True, False])
+@pytest.mark.parametrize("lazy", [False, True])
+def test_a_tied_model_refuses_a_file_whose_head_differs_read_lazily_too(tmp_path: Path, lazy: bool, on_meta) -> None:
+    """An untied network's safetensors (``save_model`` keeps both) given to a tied model: refused read eagerly, and
+    read lazily too, where ``fit_state`` sees only meta tensors (the head used to be dropped in silence)."""
+    from safetensors.torch import save_model
+
+    torch.manual_seed(0)
+    untied = CM3Leon(CM3LeonConfig.from_preset("tiny", tie_embeddings=False))
+    with torch.no_grad():
+        untied.lm_head.weight.normal_()  # zero after the paper's init
+    save_model(untied, str(tmp_path / "untied.safetensors"))
+    weights = read_weights(tmp_path / "untied.safetensors", lazy=lazy)
+    assert (weights.fetch is not None) is lazy
+    with torch.device("meta" if on_meta else "cpu"):
+        tied = CM3Leon(CM3LeonConfig.from_preset("tiny"))
+    before = {k: v.clone() for k, v in tied.state_dict().items()}
+    with pytest.raises(ValueError, match=r"^x: 'wte.weight' and 'lm_head.weight' differ, but the model ties them$"):
+        load_weights(tied, weights.state_dict, "x", weights.fetch)
+    if not on_meta:  # refused before anything was copied in
+        assert all(torch.equal(v, before[k]) for k, v in tied.state_dict().items())
+
+
+def test_an_integer_tensor_for_a_float_weight_is_refused(tmp_path: Path) -> None:
+    """A quantized file (int8 where the model has floats) is named, not cast to float and loaded as nonsense."""
+    from safetensors.torch import save_file
+
+    model = CM3Leon(CM3LeonConfig.from_preset("tiny"))
+    state = {k: v.clone() for k, v in model.state_dict().items() if k != TIED[1]}
+    state["blocks.0.mlp.fc_in.weight"] = torch.ones_like(state["blocks.0.mlp.fc_in.weight"], dtype=torch.int8)
+    save_file(state, tmp_path / "q.safetensors")
+    for lazy in (False, True):
+        weights = read_weights(tmp_path / "q.safetensors", lazy=lazy)
+        with torch.device("meta"):
+            fresh = CM3Leon(model.config)
+        with pytest.raises(ValueError) as err:
+            load_weights(fresh, weights.state_dict, "x", weights.fetch)
+        assert str(err.value) == (
+            "x: the weights do not fit the model: wrong dtypes (file, model) "
+            "{'blocks.0.mlp.fc_in.weight': ('int8', 'float32')}"
+        )
