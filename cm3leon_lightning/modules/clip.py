@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from cm3leon_lightning.modules.cm3leon import WarmupDecay
-from cm3leon_lightning.retrieval.encoder import create_clip, preprocess_images
+from cm3leon_lightning.retrieval.encoder import create_clip, preprocess_images, uses_quick_gelu
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps the learned temperature at 100
 
@@ -130,8 +130,16 @@ class ClipModule(L.LightningModule):
         Returns:
             ``(image_features (B, D), text_features (B, D), logit_scale ())``, features L2-normalised.
         """
-        pp = self.model.visual.preprocess_cfg
-        x = preprocess_images(images, self.image_size, pp["mean"], pp["std"])  # (B, 3, S, S)
+        pp = self.model.visual.preprocess_cfg  # open_clip's eval transform, as ClipEncoder applies it
+        x = preprocess_images(
+            images,
+            pp["size"],
+            pp["mean"],
+            pp["std"],
+            pp.get("resize_mode", "shortest"),
+            pp.get("interpolation", "bicubic"),
+            pp.get("fill_color", 0),
+        )  # (B, 3, S, S)
         ids = self.tokenizer(captions).to(self.device)  # (B, L)
         img = self.model.encode_image(x, normalize=True)
         txt = self.model.encode_text(ids, normalize=True)
@@ -198,5 +206,8 @@ class ClipModule(L.LightningModule):
             raise ValueError(f"export path must end in .safetensors (open_clip chooses its loader by suffix): {out}")
         out.parent.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
-        save_file(state, str(out), metadata={"model_name": self.hparams.model_name})
+        # QuickGELU is not in the state dict: a model fine-tuned from the "openai" tag runs it, and ClipEncoder must
+        # rebuild it so (create_clip reads this flag), or "ViT-B-32" would come back with GELU.
+        quick_gelu = "true" if uses_quick_gelu(self.model) else "false"
+        save_file(state, str(out), metadata={"model_name": self.hparams.model_name, "quick_gelu": quick_gelu})
         return out

@@ -19,6 +19,8 @@ import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
+from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+from open_clip.transformer import QuickGELU
 from PIL import Image
 
 # Tiny architectures for tests and the demo. The text tower keeps open_clip's bundled BPE (vocab 49408), which loads
@@ -64,12 +66,17 @@ def _in_hf_cache(hf_hub: str, cache_dir: str | None) -> bool:
     """Whether the open_clip ``hf_hub`` entry ``org/repo/[filename]`` is already in the Hugging Face cache."""
     from huggingface_hub import try_to_load_from_cache
 
-    if hf_hub.endswith("/"):  # "org/repo/" means open_clip's default file name
-        repo_id, filename = hf_hub[:-1], "open_clip_pytorch_model.bin"
+    repo_id, filename = os.path.split(hf_hub)  # "org/repo/" means open_clip's default file name
+    filename = filename or HF_WEIGHTS_NAME
+    # open_clip.pretrained.download_pretrained_from_hf fetches a safetensors alternative first: for the default
+    # "open_clip_pytorch_model.bin" that is "open_clip_model.safetensors", for other .bin/.pth files the same stem.
+    if filename == HF_WEIGHTS_NAME:
+        names = [HF_SAFE_WEIGHTS_NAME, filename]
+    elif filename.endswith((".bin", ".pth")):
+        names = [filename[:-4] + ".safetensors", filename]
     else:
-        repo_id, filename = os.path.split(hf_hub)
-    stem = os.path.splitext(filename)[0]
-    for name in (f"{stem}.safetensors", filename):
+        names = [filename]
+    for name in names:
         hit = try_to_load_from_cache(repo_id, name, cache_dir=cache_dir)
         if isinstance(hit, str) and os.path.isfile(hit):
             return True
@@ -87,14 +94,34 @@ def _offline() -> bool:
         return True
 
 
+def uses_quick_gelu(model: torch.nn.Module) -> bool:
+    """Whether an open_clip model was built with QuickGELU (OpenAI's weights were trained with it)."""
+    return any(isinstance(m, QuickGELU) for m in model.modules())
+
+
+def _file_wants_quick_gelu(path: str) -> bool:
+    """Whether a local checkpoint written by ``ClipModule.export_weights`` records a QuickGELU model.
+
+    A model fine-tuned from the ``openai`` tag runs QuickGELU (``create_clip`` forces it for that tag); rebuilding its
+    exported weights with the plain architecture (``"ViT-B-32"`` has GELU) would give other embeddings.
+    """
+    if not str(path).endswith(".safetensors"):
+        return False
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return (f.metadata() or {}).get("quick_gelu") == "true"
+
+
 def _weights_help(model_name: str) -> str:
     return (
         f"Pass a local checkpoint instead: ClipEncoder(model_name={model_name!r}, pretrained='/path/to/weights."
         "safetensors') (or --pretrained on the command line); open_clip .bin/.pt/.safetensors state dicts and files "
         "written by ClipModule.export_weights are accepted. To fetch the weights once, run "
         f"open_clip.create_model({model_name!r}, pretrained=<tag>) on a machine with network and copy the "
-        "Hugging Face cache (~/.cache/huggingface) or the downloaded file here, or train a CLIP on your own data with "
-        "ClipModule (configs/clip/)."
+        "Hugging Face cache (~/.cache/huggingface) or the downloaded file here (a file of a QuickGELU tag such as "
+        "'openai' needs the '-quickgelu' architecture, e.g. 'ViT-B-32-quickgelu'), or train a CLIP on your own data "
+        "with ClipModule (configs/clip/)."
     )
 
 
@@ -128,6 +155,8 @@ def create_clip(
             f"model_name={model_name!r} is not an open_clip architecture; known: {sorted(open_clip.list_models())}"
         )
     kwargs: dict[str, Any] = {}
+    if pretrained is not None and os.path.isfile(pretrained) and _file_wants_quick_gelu(pretrained):
+        kwargs["force_quick_gelu"] = True
     if pretrained is not None and not os.path.isfile(pretrained):
         tag_cfg = open_clip.get_pretrained_cfg(model_name, pretrained)
         if not tag_cfg:
@@ -159,31 +188,70 @@ def create_clip(
     return model
 
 
-def preprocess_images(images: torch.Tensor, size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """Resize (shortest side, bicubic, antialiased), center-crop and normalise a batch the way open_clip does.
+def _center_crop_or_pad(x: torch.Tensor, th: int, tw: int, fill: float) -> torch.Tensor:
+    """torchvision ``CenterCrop`` / open_clip ``CenterCropOrPad`` on a ``(B, C, H, W)`` batch: pad to at least
+    ``(th, tw)`` (left/top get the smaller half), then crop at offsets ``int(round((H - th) / 2))``."""
+    h, w = x.shape[-2:]
+    if th > h or tw > w:
+        dh, dw = max(th - h, 0), max(tw - w, 0)
+        x = F.pad(x, (dw // 2, (dw + 1) // 2, dh // 2, (dh + 1) // 2), value=fill)
+        h, w = x.shape[-2:]
+    top, left = int(round((h - th) / 2.0)), int(round((w - tw) / 2.0))
+    return x[:, :, top : top + th, left : left + tw]
+
+
+def preprocess_images(
+    images: torch.Tensor,
+    size: int | Sequence[int],
+    mean: Sequence[float],
+    std: Sequence[float],
+    resize_mode: str = "shortest",
+    interpolation: str = "bicubic",
+    fill_color: int = 0,
+) -> torch.Tensor:
+    """Resize (antialiased), center-crop or pad, and normalise a batch the way open_clip's eval transform does.
+
+    The output geometry is exactly open_clip's ``image_transform(..., is_train=False)``: for ``"shortest"`` a
+    square ``size`` resizes the shorter side to ``size`` and the longer one to ``int(size * long / short)``
+    (torchvision ``Resize(int)``), then crops at ``int(round((H - size) / 2))`` (torchvision ``CenterCrop``);
+    ``"squash"`` resizes to ``size`` ignoring the aspect ratio; ``"longest"`` fits the longer side and pads with
+    ``fill_color``. Pixel values differ slightly from PIL's (PIL resamples in uint8).
 
     Args:
         images: ``(B, 3, H, W)`` uint8 in ``[0, 255]`` or floating point in ``[0, 1]``.
-        size: the model's input resolution.
+        size: the model's input resolution, ``S`` or ``(H, W)``.
         mean: per-channel mean of the normalisation.
         std: per-channel std of the normalisation.
+        resize_mode: open_clip ``preprocess_cfg["resize_mode"]``: ``"shortest"``, ``"squash"`` or ``"longest"``.
+        interpolation: open_clip ``preprocess_cfg["interpolation"]``: ``"bicubic"`` or ``"bilinear"`` (open_clip
+            evaluates ``"random"`` as bicubic).
+        fill_color: padding value in ``[0, 255]`` for ``"longest"``.
 
     Returns:
-        ``(B, 3, size, size)`` float32, normalised.
+        ``(B, 3, H', W')`` float32, normalised, where ``(H', W')`` is ``size``.
     """
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"images must have shape (B, 3, H, W), got {tuple(images.shape)}")
+    if resize_mode not in ("shortest", "squash", "longest"):
+        raise ValueError(f"resize_mode must be 'shortest', 'squash' or 'longest', got {resize_mode!r}")
+    th, tw = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[-1]))
+    mode = "bilinear" if interpolation == "bilinear" else "bicubic"
     x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
     h, w = x.shape[-2:]
-    if (h, w) != (size, size):
-        scale = size / min(h, w)
-        nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-        x = F.interpolate(x, size=(nh, nw), mode="bicubic", antialias=True, align_corners=False).clamp_(0, 1)
-        top, left = (nh - size) // 2, (nw - size) // 2
-        x = x[:, :, top : top + size, left : left + size]
+    if resize_mode == "squash":
+        nh, nw = th, tw
+    elif resize_mode == "shortest" and th == tw:  # torchvision Resize(int): the long side is truncated, not rounded
+        nh, nw = (th, int(th * w / h)) if h <= w else (int(th * h / w), th)
+    else:  # open_clip ResizeKeepRatio: rounded; for a non-square "shortest" target it is always bicubic
+        ratio = max(h / th, w / tw) if resize_mode == "longest" else min(h / th, w / tw)
+        nh, nw = round(h / ratio), round(w / ratio)
+        mode = mode if resize_mode == "longest" else "bicubic"
+    if (nh, nw) != (h, w):
+        x = F.interpolate(x, size=(nh, nw), mode=mode, antialias=True, align_corners=False).clamp_(0, 1)
+    x = _center_crop_or_pad(x, th, tw, fill_color / 255.0 if resize_mode == "longest" else 0.0)
     m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    return (x - m) / s  # (B, 3, size, size)
+    return (x - m) / s  # (B, 3, th, tw)
 
 
 ImageLike = Image.Image | np.ndarray | torch.Tensor
@@ -213,7 +281,9 @@ class ClipEncoder:
         model_name: open_clip architecture; the paper uses ``"ViT-B-32"``. ``"cm3leon-clip-tiny"`` and
             ``"cm3leon-clip-small"`` are tiny offline architectures (see :data:`CLIP_CONFIGS`).
         pretrained: open_clip pretrained tag (``"openai"``: the original CLIP weights), a local checkpoint path
-            (e.g. written by ``ClipModule.export_weights``), or ``None`` for random weights (tests only).
+            (e.g. written by ``ClipModule.export_weights``), or ``None`` for random weights (tests only). A local
+            copy of OpenAI's weights needs the QuickGELU architecture (``"ViT-B-32-quickgelu"``), as the ``openai``
+            tag gets; files from ``export_weights`` record it and get it by themselves.
         device: torch device for the encoders.
         precision: open_clip precision string (``"fp32"``, ``"fp16"``, ``"bf16"``).
         batch_size: inputs are embedded in chunks of this many.
@@ -244,6 +314,13 @@ class ClipEncoder:
         size = pp["size"]
         self.image_size = int(size if isinstance(size, int) else size[0])
         self.mean, self.std = tuple(pp["mean"]), tuple(pp["std"])
+        # The rest of open_clip's eval transform (SigLIP-style models squash, some use bilinear resampling).
+        self._resize = {
+            "size": size if isinstance(size, int) else tuple(size),
+            "resize_mode": pp.get("resize_mode", "shortest"),
+            "interpolation": pp.get("interpolation", "bicubic"),
+            "fill_color": pp.get("fill_color", 0),
+        }
         self._dtype = next(self.model.visual.parameters()).dtype
         with torch.inference_mode():  # works for every open_clip text tower (CLIP, CustomTextCLIP, CoCa)
             self._dim = int(self.model.encode_text(self.tokenizer([""]).to(self.device)).shape[-1])
@@ -252,6 +329,13 @@ class ClipEncoder:
     def dim(self) -> int:
         """The embedding dimension."""
         return self._dim
+
+    def _preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """``(b, 3, H, W)`` -> the model's normalised input, with open_clip's eval transform of this model."""
+        r = self._resize
+        return preprocess_images(
+            images, r["size"], self.mean, self.std, r["resize_mode"], r["interpolation"], r["fill_color"]
+        )
 
     @torch.inference_mode()
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
@@ -287,14 +371,9 @@ class ClipEncoder:
         for i in range(0, len(images), self.batch_size):
             chunk = images[i : i + self.batch_size]
             if isinstance(chunk, torch.Tensor):
-                x = preprocess_images(chunk.to(self.device), self.image_size, self.mean, self.std)
+                x = self._preprocess(chunk.to(self.device))
             else:  # different sizes: preprocess one by one
-                x = torch.cat(
-                    [
-                        preprocess_images(_to_chw_float(im)[None].to(self.device), self.image_size, self.mean, self.std)
-                        for im in chunk
-                    ]
-                )
+                x = torch.cat([self._preprocess(_to_chw_float(im)[None].to(self.device)) for im in chunk])
             z = self.model.encode_image(x.to(self._dtype), normalize=True)  # (b, D)
             out.append(z.float().cpu().numpy())
         return np.concatenate(out)

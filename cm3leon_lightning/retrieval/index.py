@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -35,6 +38,33 @@ class SearchResult(NamedTuple):
     scores: np.ndarray
     ids: np.ndarray
     keys: list[list[str]]
+
+
+def _on_disk_lists(index: faiss.Index) -> bool:
+    """Whether ``index`` is an IVF index whose lists are memory-mapped from its file (``load(mmap=True)``).
+
+    faiss maps those lists read-only: adding to them fails, at times by aborting the whole process (the C++ exception
+    is thrown inside an OpenMP region), and ``write_index`` writes a reference to the mapped file, not the lists.
+    """
+    ivf = faiss.try_extract_index_ivf(index)
+    return ivf is not None and isinstance(faiss.downcast_InvertedLists(ivf.invlists), faiss.OnDiskInvertedLists)
+
+
+def _read_json(path: Path, what: str) -> object:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); expected {what}") from e
+
+
+_META_TYPES: dict[str, type] = {
+    "model_name": str,
+    "dim": int,
+    "count": int,
+    "normalize": bool,
+    "factory": str,
+    "metric": str,
+}
 
 
 def _l2_normalize(x: np.ndarray) -> np.ndarray:
@@ -85,6 +115,7 @@ class MemoryBank:
         self.index, self.dim, self.model_name = index, dim, model_name
         self.factory, self.normalize, self.keys = factory, normalize, keys
         self._key_set = set(keys)
+        self._source: Path | None = None  # the index file an mmap-loaded IVF index maps its lists from
 
     def __len__(self) -> int:
         return int(self.index.ntotal)
@@ -137,6 +168,11 @@ class MemoryBank:
         """
         if not self.is_trained:
             raise ValueError(f"index {self.factory!r} must be trained before adding: call train(sample) first")
+        if _on_disk_lists(self.index):
+            raise ValueError(
+                f"this {self.factory!r} bank was loaded with mmap=True from {self._source}; its inverted lists are "
+                "read-only: load it with mmap=False to add documents"
+            )
         if len(embeddings) != len(keys):
             raise ValueError(f"got {len(embeddings)} embeddings but {len(keys)} keys")
         shape = np.shape(embeddings)  # a memmap's shape is read without loading it
@@ -150,9 +186,11 @@ class MemoryBank:
                 raise ValueError(f"duplicate document key {k!r}")
             new.add(k)
         for i in range(0, len(keys), batch_size):
+            # Keys follow each faiss call, so an error in a later batch (a failing memmap read, an interrupt) leaves
+            # the rows already added with their keys: row id j always names keys[j].
             self.index.add(self._check(embeddings[i : i + batch_size], "embeddings"))
-        self._key_set |= new
-        self.keys.extend(keys)
+            self.keys.extend(keys[i : i + batch_size])
+            self._key_set.update(keys[i : i + batch_size])
 
     @classmethod
     def build(
@@ -228,12 +266,25 @@ class MemoryBank:
         }
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write ``index.faiss``, ``keys.json`` and ``meta.json`` into directory ``path`` (created if needed)."""
+        """Write ``index.faiss``, ``keys.json`` and ``meta.json`` into directory ``path`` (created if needed).
+
+        Each file is written to a temporary name in ``path`` first and moved over the old one only when all three are
+        written, ``meta.json`` last: an error while writing leaves a bank already saved at ``path`` as it was.
+        """
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
-        faiss.write_index(self.index, str(out / INDEX_FILE))
-        (out / KEYS_FILE).write_text(json.dumps(self.keys), encoding="utf-8")
-        (out / META_FILE).write_text(json.dumps(self.metadata(), indent=2), encoding="utf-8")
+        tmp = Path(tempfile.mkdtemp(prefix=".save-", dir=out))
+        try:
+            if _on_disk_lists(self.index):  # write_index would write a reference to the mapped file, not the lists
+                shutil.copyfile(self._source, tmp / INDEX_FILE)
+            else:
+                faiss.write_index(self.index, str(tmp / INDEX_FILE))
+            (tmp / KEYS_FILE).write_text(json.dumps(self.keys), encoding="utf-8")
+            (tmp / META_FILE).write_text(json.dumps(self.metadata(), indent=2), encoding="utf-8")
+            for name in (INDEX_FILE, KEYS_FILE, META_FILE):
+                os.replace(tmp / name, out / name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         return out
 
     @classmethod
@@ -254,19 +305,31 @@ class MemoryBank:
             dim: if given, the caller's embedding dimension; must match the bank's.
             nprobe: IVF ``nprobe`` to search with.
             ef_search: HNSW ``efSearch`` to search with.
-            mmap: memory-map the index file instead of reading it into RAM (faiss ``IO_FLAG_MMAP``).
+            mmap: memory-map the index file instead of reading it into RAM (faiss ``IO_FLAG_MMAP``). IVF banks loaded
+                so are read-only (:meth:`add` refuses); :meth:`save` copies their file.
 
         Raises:
             FileNotFoundError: a file of the bank is missing.
-            ValueError: the metadata is inconsistent or does not match ``model_name`` / ``dim`` (both values named).
+            ValueError: the metadata is inconsistent or does not match ``model_name`` / ``dim`` (both values named); a
+                file is not valid JSON, a ``meta.json`` field is missing or of the wrong type, ``keys.json`` is not a
+                list of unique strings, or the index is not inner-product (the file and field named).
         """
         src = Path(path)
         for name in (INDEX_FILE, KEYS_FILE, META_FILE):
             if not (src / name).is_file():
                 raise FileNotFoundError(f"memory bank {src} has no {name}")
-        meta = json.loads((src / META_FILE).read_text(encoding="utf-8"))
+        meta_path = src / META_FILE
+        meta = _read_json(meta_path, "a JSON object")
+        if not isinstance(meta, dict):
+            raise ValueError(f"{meta_path}: expected a JSON object, got {type(meta).__name__}")
         if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{src / META_FILE}: format_version {meta.get('format_version')} != {FORMAT_VERSION}")
+            raise ValueError(f"{meta_path}: format_version {meta.get('format_version')} != {FORMAT_VERSION}")
+        for field, typ in _META_TYPES.items():
+            value = meta.get(field)
+            if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+                raise ValueError(f"{meta_path}: field {field!r} must be a {typ.__name__}, got {value!r}")
+        if meta["metric"] != "inner_product":
+            raise ValueError(f"{meta_path}: field 'metric' is {meta['metric']!r}, expected 'inner_product'")
         if model_name is not None and meta["model_name"] != model_name:
             raise ValueError(
                 f"memory bank {src} was built with CLIP model {meta['model_name']!r} but queries use {model_name!r}"
@@ -274,13 +337,21 @@ class MemoryBank:
         if dim is not None and meta["dim"] != dim:
             raise ValueError(f"memory bank {src} has dimension {meta['dim']} but queries have dimension {dim}")
         index = faiss.read_index(str(src / INDEX_FILE), faiss.IO_FLAG_MMAP if mmap else 0)
-        keys = json.loads((src / KEYS_FILE).read_text(encoding="utf-8"))
+        if index.metric_type != faiss.METRIC_INNER_PRODUCT:
+            raise ValueError(f"{src / INDEX_FILE}: not an inner-product index (faiss metric {index.metric_type})")
+        keys = _read_json(src / KEYS_FILE, "a list of document keys")
+        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+            raise ValueError(f"{src / KEYS_FILE}: expected a JSON list of document keys (strings)")
         if index.d != meta["dim"] or index.ntotal != meta["count"] or len(keys) != meta["count"]:
             raise ValueError(
                 f"memory bank {src} is inconsistent: meta.json says dim={meta['dim']} count={meta['count']}, "
                 f"index has d={index.d} ntotal={index.ntotal}, keys.json has {len(keys)} keys"
             )
+        if len(set(keys)) != len(keys):
+            dup = next(k for k, n in Counter(keys).items() if n > 1)
+            raise ValueError(f"{src / KEYS_FILE}: duplicate document key {dup!r}")
         bank = cls.__new__(cls)
         bank._init(index, meta["dim"], meta["model_name"], meta["factory"], meta["normalize"], keys)
+        bank._source = (src / INDEX_FILE).resolve() if mmap else None
         bank.set_search_params(nprobe=nprobe, ef_search=ef_search)
         return bank

@@ -118,3 +118,47 @@ def test_clip_configs_parse_and_instantiate(name, tmp_path):
     assert isinstance(cli.model, ClipModule) and isinstance(cli.datamodule, ImageCaptionDataModule)
     assert cli.model.hparams.export_path.endswith(".safetensors")
     assert cli.model.model is None  # built later, in configure_model: parsing downloads nothing
+
+
+def test_forward_uses_the_models_open_clip_resize_mode():
+    """Training preprocesses like ClipEncoder and open_clip: a squashing model's images are squashed, not cropped."""
+    from cm3leon_lightning.retrieval.encoder import preprocess_images
+
+    torch.manual_seed(0)
+    module = ClipModule(model_name="cm3leon-clip-tiny")
+    module.configure_model()
+    module.eval()
+    pp = module.model.visual.preprocess_cfg
+    pp["resize_mode"] = "squash"
+    x = torch.zeros(2, 3, 32, 48, dtype=torch.uint8)  # content only where a center crop cuts
+    x[..., :8] = torch.randint(0, 256, (2, 3, 32, 8), dtype=torch.uint8)
+    x[..., -8:] = 255
+    with torch.no_grad():
+        img, _, _ = module(x, ["a", "b"])
+        want = module.model.encode_image(preprocess_images(x, 32, pp["mean"], pp["std"], "squash"), normalize=True)
+    torch.testing.assert_close(img, want, rtol=0, atol=1e-6)
+
+
+def test_export_of_a_quick_gelu_model_is_rebuilt_with_quick_gelu(tmp_path):
+    """Fine-tuning from the "openai" tag runs QuickGELU (create_clip forces it); ClipEncoder(model_name, file) must
+    rebuild that, not the plain GELU architecture, or its embeddings are not the trained model's."""
+    import open_clip
+
+    from cm3leon_lightning.retrieval.encoder import uses_quick_gelu
+
+    torch.manual_seed(0)
+    module = ClipModule(model_name="cm3leon-clip-tiny")
+    module.model = open_clip.create_model("cm3leon-clip-tiny", force_quick_gelu=True)  # as the openai tag builds it
+    module.eval()
+    path = module.export_weights(tmp_path / "clip.safetensors")
+    enc = ClipEncoder("cm3leon-clip-tiny", pretrained=str(path))
+    assert uses_quick_gelu(enc.model)
+    captions = ["a red square", "a blue circle"]
+    x = torch.from_numpy(make_shape_pairs(2, 32, seed=7)[0]).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        img, txt, _ = module(x, captions)
+    np.testing.assert_allclose(enc.embed_texts(captions), txt.numpy(), atol=1e-6)
+    np.testing.assert_allclose(enc.embed_images(x), img.numpy(), atol=1e-6)
+    plain = ClipModule(model_name="cm3leon-clip-tiny")
+    plain.configure_model()
+    assert not uses_quick_gelu(ClipEncoder("cm3leon-clip-tiny", pretrained=str(plain.export_weights(path))).model)

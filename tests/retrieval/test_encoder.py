@@ -124,3 +124,81 @@ def test_bad_names_and_paths_are_value_errors(tmp_path):
         ClipEncoder("ViT-B-32", pretrained=str(tmp_path / "missing.safetensors"))
     with pytest.raises(ValueError, match="batch_size"):
         ClipEncoder("cm3leon-clip-tiny", pretrained=None, batch_size=0)
+
+
+@pytest.mark.parametrize("resize_mode", ["shortest", "squash", "longest"])
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+@pytest.mark.parametrize("hw", [(32, 39), (30, 37), (300, 400), (24, 24), (31, 20)])
+def test_preprocessing_has_open_clips_geometry(resize_mode, interpolation, hw):
+    """Same pixels as open_clip's eval transform on a PIL image, up to resampling rounding (PIL works in uint8).
+
+    Noise images make a one-pixel shift of the crop, or a resize to 43 columns instead of torchvision's 42, show as
+    errors of ~1 in normalised units; before the fix, (32, 39) was cropped at column 3 instead of 4 and (300, 400)
+    resized to 32 x 43 instead of 32 x 42.
+    """
+    from open_clip.transform import image_transform
+
+    from cm3leon_lightning.retrieval.encoder import preprocess_images
+
+    mean, std = open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD
+    arr = np.random.default_rng(0).integers(0, 256, size=(*hw, 3), dtype=np.uint8)
+    transform = image_transform(32, False, mean, std, resize_mode=resize_mode, interpolation=interpolation)
+    want = transform(Image.fromarray(arr))  # (3, 32, 32)
+    x = torch.from_numpy(arr).permute(2, 0, 1)[None]
+    if (resize_mode, interpolation) == ("shortest", "bicubic"):  # the defaults: ViT-B-32 / openai
+        got = preprocess_images(x, 32, mean, std)
+    else:
+        got = preprocess_images(x, 32, mean, std, resize_mode, interpolation)
+    assert got.shape == (1, 3, 32, 32)
+    diff = (got[0] - want).abs()
+    assert diff.mean() < 0.01 and diff.max() < 0.35, (diff.mean(), diff.max())
+
+
+def test_encoder_applies_the_models_own_resize_mode(weights, monkeypatch):
+    """A model whose open_clip preprocess_cfg squashes (SigLIP-style) is embedded squashed, not cropped."""
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    import cm3leon_lightning.retrieval.encoder as encoder_module
+
+    real = encoder_module.create_clip
+
+    def squashing(*args, **kwargs):
+        model = real(*args, **kwargs)
+        model.visual.preprocess_cfg = {**model.visual.preprocess_cfg, "resize_mode": "squash"}
+        return model
+
+    monkeypatch.setattr(encoder_module, "create_clip", squashing)
+    enc = ClipEncoder("cm3leon-clip-tiny", pretrained=str(weights[0]))
+    model = enc.model
+    arr = np.zeros((3, 32, 48, 3), np.uint8)  # content only in the 8 columns each side that a center crop cuts
+    arr[:, :, :8], arr[:, :, -8:] = _images(3, 32, 8, seed=3), _images(3, 32, 8, seed=4)
+    transform = image_transform_v2(PreprocessCfg(**model.visual.preprocess_cfg), is_train=False)
+    with torch.no_grad():
+        want = model.encode_image(torch.stack([transform(Image.fromarray(a)) for a in arr]), normalize=True).numpy()
+    got = enc.embed_images([Image.fromarray(a) for a in arr])
+    err = np.abs(got - want).max()
+    assert err < 2e-4, err  # a center crop gives ~2e-3 with this seeded random model
+    cropped = ClipEncoder.__new__(ClipEncoder)
+    cropped.__dict__.update(enc.__dict__, _resize={**enc._resize, "resize_mode": "shortest"})
+    crop_err = np.abs(cropped.embed_images([Image.fromarray(a) for a in arr]) - want).max()
+    assert err < crop_err / 10, (err, crop_err)
+
+
+@pytest.mark.parametrize("cached_name", ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"])
+def test_weights_in_a_copied_hf_cache_are_used_offline(tmp_path, monkeypatch, cached_name):
+    """open_clip fetches ``open_clip_model.safetensors`` (not ``open_clip_pytorch_model.safetensors``) for a tag's
+    default file; a cache holding it must count as cached, or offline machines are refused weights they have."""
+    repo = open_clip.get_pretrained_cfg("ViT-B-32", "openai")["hf_hub"].rstrip("/")  # timm/vit_base_patch32_...
+    root = tmp_path / f"models--{repo.replace('/', '--')}"
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text("0" * 40)
+    (root / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    (root / "snapshots" / ("0" * 40) / cached_name).write_bytes(b"weights")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    calls = []
+    monkeypatch.setattr(open_clip, "create_model", lambda *a, **k: calls.append((a, k)) or torch.nn.Identity())
+    create_clip("ViT-B-32", "openai", cache_dir=str(tmp_path))  # handed to open_clip, not refused
+    assert calls and calls[0][1]["cache_dir"] == str(tmp_path) and calls[0][1]["pretrained"] == "openai"
+    (root / "snapshots" / ("0" * 40) / cached_name).unlink()
+    with pytest.raises(ClipWeightsUnavailableError):
+        create_clip("ViT-B-32", "openai", cache_dir=str(tmp_path))

@@ -143,3 +143,115 @@ def test_load_checks_model_name_dimension_and_files(tmp_path):
     (tmp_path / "bank" / "keys.json").unlink()
     with pytest.raises(FileNotFoundError, match="keys.json"):
         MemoryBank.load(tmp_path / "bank")
+
+
+def test_failed_save_leaves_the_bank_already_saved_there_intact(tmp_path, monkeypatch):
+    x, keys = _data(30, 8)
+    MemoryBank.build((x[:10], keys[:10]), dim=8, model_name="m").save(tmp_path / "bank")
+    bigger = MemoryBank.build((x, keys), dim=8, model_name="m")
+
+    def disk_full() -> dict:
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(bigger, "metadata", disk_full)  # fails after index.faiss and keys.json are written
+    with pytest.raises(OSError, match="No space left"):
+        bigger.save(tmp_path / "bank")
+    loaded = MemoryBank.load(tmp_path / "bank")  # the old bank, whole: not the new index with the old meta.json
+    assert loaded.keys == keys[:10] and loaded.search(x[3:4], 1).keys == [["doc0003"]]
+    assert sorted(p.name for p in (tmp_path / "bank").iterdir()) == ["index.faiss", "keys.json", "meta.json"]
+    monkeypatch.undo()
+    bigger.save(tmp_path / "bank")  # overwriting works
+    assert MemoryBank.load(tmp_path / "bank").keys == keys
+
+
+def test_mmap_loaded_ivf_bank_refuses_adds_and_saves_whole_copies(tmp_path):
+    x, keys = _data(200, 16)
+    MemoryBank.build((x, keys), dim=16, model_name="m", factory="IVF4,Flat", nprobe=4).save(tmp_path / "a")
+    bank = MemoryBank.load(tmp_path / "a", nprobe=4, mmap=True)
+    # faiss maps the lists read-only: adding used to abort the whole process (C++ exception through SWIG)
+    with pytest.raises(ValueError, match="mmap=True.*read-only"):
+        bank.add(x[:2] * 2, ["new0", "new1"])
+    assert len(bank) == 200 and bank.keys == keys
+    want = bank.search(x[:20], 5)
+    # write_index of mapped lists wrote a 400-byte reference to the mapped file, not the lists
+    bank.save(tmp_path / "copy")
+    bank.save(tmp_path / "a")  # in place, while mapped
+    for d in ("a", "copy"):
+        got = MemoryBank.load(tmp_path / d, nprobe=4).search(x[:20], 5)
+        np.testing.assert_array_equal(got.ids, want.ids)
+        assert got.keys == want.keys
+    flat = MemoryBank.build((x, keys), dim=16, model_name="m")
+    flat.save(tmp_path / "flat")
+    mapped = MemoryBank.load(tmp_path / "flat", mmap=True)  # Flat and HNSW copy on add: still allowed
+    mapped.add(-x[:1], ["new"])
+    assert mapped.search(-x[:1], 1).keys == [["new"]] and len(mapped) == 201
+
+
+class _FailingRows:
+    """A (N, dim) array-like whose second batch read fails, like a memmap on a failing disk."""
+
+    def __init__(self, x: np.ndarray) -> None:
+        self.x, self.shape, self.reads = x, x.shape, 0
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, item: slice) -> np.ndarray:
+        self.reads += 1
+        if self.reads == 2:
+            raise OSError("Input/output error")
+        return self.x[item]
+
+
+def test_an_add_failing_midway_keeps_row_ids_and_keys_aligned():
+    x, keys = _data(30, 8)
+    bank = MemoryBank(8, "m")
+    with pytest.raises(OSError, match="Input/output"):
+        bank.add(_FailingRows(x[:20]), keys[:20], batch_size=8)
+    assert len(bank) == len(bank.keys) == 8  # the first batch, with its keys
+    bank.add(x[20:], keys[20:])  # row ids 8.. must name these keys, not the unadded keys 8..19
+    res = bank.search(x[20:], 1)
+    assert [r[0] for r in res.keys] == keys[20:]
+    bank.add(x[8:20], keys[8:20])  # the keys of the failed batches are free again
+    assert len(bank) == 30
+
+
+def test_load_names_the_file_and_field_of_bad_metadata(tmp_path):
+    x, keys = _data(20, 8)
+    MemoryBank.build((x, keys), dim=8, model_name="m").save(tmp_path / "bank")
+    meta_path, keys_path = tmp_path / "bank" / "meta.json", tmp_path / "bank" / "keys.json"
+    meta = json.loads(meta_path.read_text())
+    cases = [
+        ("{not json", r"meta\.json: not valid JSON"),
+        ("[1, 2]", r"meta\.json: expected a JSON object"),
+        (json.dumps({k: v for k, v in meta.items() if k != "normalize"}), r"meta\.json: field 'normalize' must be"),
+        (json.dumps({**meta, "normalize": "false"}), r"meta\.json: field 'normalize' must be a bool, got 'false'"),
+        (json.dumps({**meta, "dim": "8"}), r"meta\.json: field 'dim' must be a int"),
+        (json.dumps({**meta, "metric": "l2"}), r"meta\.json: field 'metric' is 'l2'"),
+    ]
+    for text, match in cases:
+        meta_path.write_text(text)
+        with pytest.raises(ValueError, match=match):
+            MemoryBank.load(tmp_path / "bank")
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"bank was built with CLIP model 'm' but queries use 'ViT-B-32'"):
+        MemoryBank.load(tmp_path / "bank", model_name="ViT-B-32")
+    keys_path.write_text(json.dumps(keys[:19] + [keys[0]]))
+    with pytest.raises(ValueError, match=r"keys\.json: duplicate document key 'doc0000'"):
+        MemoryBank.load(tmp_path / "bank")
+    keys_path.write_text(json.dumps({"a": 1}))
+    with pytest.raises(ValueError, match=r"keys\.json: expected a JSON list"):
+        MemoryBank.load(tmp_path / "bank")
+    keys_path.write_text(json.dumps(keys))
+    assert MemoryBank.load(tmp_path / "bank").keys == keys
+
+
+def test_empty_bank_searches_saves_and_loads(tmp_path):
+    bank = MemoryBank(4, "m")
+    res = bank.search(np.ones((2, 4), np.float32), k=3)
+    assert (res.ids == -1).all() and np.isneginf(res.scores).all() and res.keys == [[], []]
+    bank.save(tmp_path / "bank")
+    loaded = MemoryBank.load(tmp_path / "bank")
+    assert len(loaded) == 0 and loaded.keys == []
+    loaded.add(np.eye(4, dtype=np.float32), list("abcd"))
+    assert loaded.search(np.eye(4, dtype=np.float32)[2:3], 5).keys[0][0] == "c"
