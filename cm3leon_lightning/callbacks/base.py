@@ -22,6 +22,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from cm3leon_lightning.data.shards import Manifest
 from cm3leon_lightning.metrics.fid import fid_resize
 from cm3leon_lightning.tokenization.text import TextTokenizer
 from cm3leon_lightning.tokenization.vocab import MultimodalVocab
@@ -200,13 +201,20 @@ class GenerationCallback(L.Callback):
         """Resolve :attr:`text_tokenizer` (object, path, or the data manifest's path) once."""
         if isinstance(self.text_tokenizer, TextTokenizer):
             return self.text_tokenizer
-        path = self.text_tokenizer
+        path, manifest = self.text_tokenizer, None
         if path is None:
             manifest = getattr(getattr(trainer, "datamodule", None), "manifest", None)
-            path = getattr(manifest, "text_tokenizer", {}).get("path") if manifest is not None else None
+            path = manifest.text_tokenizer_path() if isinstance(manifest, Manifest) else None
         if path is None:
             raise ValueError(f"{type(self).__name__}: give text_tokenizer (a tokenizer.json path)")
-        self.text_tokenizer = TextTokenizer.load(path)
+        tokenizer = TextTokenizer.load(path)
+        recorded = manifest.text_tokenizer.get("sha256") if manifest is not None else None
+        if recorded and tokenizer.sha256 != recorded:
+            raise ValueError(
+                f"{type(self).__name__}: the tokenizer at {path} (sha256 {tokenizer.sha256[:12]}...) is not the one "
+                f"the data manifest {manifest.location} records ({recorded[:12]}...); give text_tokenizer"
+            )
+        self.text_tokenizer = tokenizer
         return self.text_tokenizer
 
     def load_vqgan(self, device: torch.device | None = None) -> nn.Module:

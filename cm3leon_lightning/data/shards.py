@@ -109,6 +109,7 @@ class Manifest:
     shards: list[ShardInfo] = field(default_factory=list)
     format_version: int = FORMAT_VERSION
     created_by: str = field(default_factory=package_version)
+    location: str | None = field(default=None, compare=False, repr=False)  # where it was read from (not saved)
 
     def __post_init__(self) -> None:
         if self.format_version not in (FORMAT_VERSION, SEGMENTS_FORMAT_VERSION):
@@ -164,12 +165,20 @@ class Manifest:
             "shards": [{"name": s.name, "count": s.count, "sha256": s.sha256} for s in self.shards],
         }
 
+    def text_tokenizer_path(self) -> str | None:
+        """The BPE tokenizer's path: ``text_tokenizer.path`` as recorded, which ``cm3leon prepare`` writes relative
+        to the manifest's folder (``tokenizer.json`` beside it), resolved against :attr:`location` when known."""
+        path = self.text_tokenizer.get("path")
+        if path is None or self.location is None or "://" in str(path) or os.path.isabs(path):
+            return path
+        return os.path.join(os.path.dirname(self.location), path)
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Manifest:
         """Parse and validate a manifest dictionary."""
         if "format_version" not in d:
             raise ValueError("manifest lacks format_version")
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d and k != "location"})
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write atomically (temporary name, then rename)."""
@@ -180,9 +189,11 @@ class Manifest:
         """Read ``manifest.json`` from a local path (or an fsspec URL when ``allow_remote``)."""
         try:
             data = json.loads(open_bytes(str(path), allow_remote))
-            return cls.from_dict(data)
+            manifest = cls.from_dict(data)
         except (OSError, json.JSONDecodeError, TypeError, ValueError) as e:
             raise ValueError(f"cannot read manifest {path}: {e}") from e
+        manifest.location = str(path)
+        return manifest
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

@@ -248,3 +248,36 @@ def test_text_callbacks_update_on_a_rank_without_samples_and_use_the_module_devi
         cb.evaluate(rank1_of_2, module)
     assert cb.metric.update_count == 1  # updated with nothing, so its states sync like the other ranks'
     assert moved == [module.device]
+
+
+def test_the_manifests_tokenizer_is_found_beside_it_from_any_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``cm3leon prepare`` records ``text_tokenizer.path`` relative to the manifest (``tokenizer.json`` beside it);
+    the callbacks' default (``text_tokenizer: null`` in configs/callbacks/*.yaml) read it from the working directory
+    and failed at the first validation. A tokenizer there that is not the recorded one is refused."""
+    from types import SimpleNamespace
+
+    from support.eval_setup import write_eval_data
+
+    from cm3leon_lightning.data.datamodule import CM3LeonDataModule
+    from cm3leon_lightning.tokenization.text import TextTokenizer
+
+    paths = write_eval_data(tmp_path / "data")
+    val = Path(paths["val"])
+    manifest = json.loads((val / "manifest.json").read_text())
+    manifest["text_tokenizer"]["path"] = "tokenizer.json"  # as cm3leon prepare writes it
+    (val / "manifest.json").write_text(json.dumps(manifest))
+    (val / "tokenizer.json").write_bytes(Path(paths["tokenizer"]).read_bytes())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    data = CM3LeonDataModule(val_data="../data/val", seq_len=128)
+    assert data.manifest.text_tokenizer_path() == str(Path("..") / "data" / "val" / "tokenizer.json")
+    tok = CIDErCallback(num_samples=2).load_text_tokenizer(SimpleNamespace(datamodule=data))
+    assert tok.sha256 == manifest["text_tokenizer"]["sha256"]
+    other = TextTokenizer.train(["a different corpus entirely"] * 10, vocab_size=300)
+    other.save(val / "other")
+    (val / "tokenizer.json").write_bytes((val / "other" / "tokenizer.json").read_bytes())
+    with pytest.raises(ValueError, match=r"tokenizer at \.\./data/val/tokenizer\.json .* is not the one"):
+        SampleLoggerCallback(prompts=["x"]).load_text_tokenizer(SimpleNamespace(datamodule=data))

@@ -150,6 +150,8 @@ def _matches(want: object, got: object) -> bool:
         return all(k in got and _matches(v, got[k]) for k, v in want.items())
     if isinstance(want, list) and isinstance(got, (list, tuple)):
         return list(want) == list(got)
+    if isinstance(want, str) and isinstance(got, str) and "/" in want and Path(got).is_absolute():
+        return str(Path(want).absolute()) == got  # a relative path the object resolved (ModelCheckpoint.dirpath)
     return want == got
 
 
