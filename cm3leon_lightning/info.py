@@ -57,8 +57,16 @@ def _torch_load(path: Path) -> Any:
     """``torch.load(weights_only=True)``, memory-mapped when the file is a zip; ValueError when it is not loadable."""
     from cm3leon_lightning.model.weights import load_error
 
+    zipped = zipfile.is_zipfile(path)
+    if not zipped:
+        with open(path, "rb") as f:
+            if f.read(1) != b"\x80":  # a pickle (torch's legacy format) starts with its protocol opcode
+                raise ValueError(
+                    f"PATH: {path} is not a checkpoint, model, dataset, bank or tokenizer (neither a torch zip file "
+                    "nor a pickle)"
+                )
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
     except Exception as e:  # noqa: BLE001 - whatever torch raises for a file that is not a checkpoint
         raise ValueError(f"PATH: {path} is not a checkpoint, model, dataset, bank or tokenizer: {load_error(e)}") from e
 

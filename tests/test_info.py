@@ -125,8 +125,13 @@ def test_a_model_directory_with_fields_left_out_shows_their_defaults(tmp_path: P
         ("bert", '{"model_type": "bert"}', "PATH: {path}/config.json is a Hugging Face 'bert' model not exported by"),
         ("bank", "not json", "PATH: {path}/meta.json is not valid JSON"),
         ("corrupt.safetensors", None, "PATH: {path} is not a readable safetensors file"),
+        (
+            "prompts.txt",
+            "a red circle\n",
+            "PATH: {path} is not a checkpoint, model, dataset, bank or tokenizer (neither",
+        ),
     ],
-    ids=["json-list", "json-garbage", "hf-bert", "bank-meta", "corrupt-safetensors"],
+    ids=["json-list", "json-garbage", "hf-bert", "bank-meta", "corrupt-safetensors", "text-file"],
 )
 def test_unreadable_metadata_is_one_line_naming_the_file(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str, content: str | None, message: str
@@ -139,6 +144,8 @@ def test_unreadable_metadata_is_one_line_naming_the_file(
     if content is None:  # a header whose tensor runs past the end of the file
         header = json.dumps({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 100]}}).encode()
         path.write_bytes(len(header).to_bytes(8, "little") + header + bytes(8))
+    elif name == "prompts.txt":  # ended in torch's "pop from empty list"
+        path.write_text(content)
     elif name == "bank":
         path.mkdir()
         (path / META_FILE).write_text(content)

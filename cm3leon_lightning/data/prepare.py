@@ -117,7 +117,10 @@ class PrepareConfig:
 
     def __post_init__(self) -> None:
         if (self.tokenizer is None) == (self.train_tokenizer_vocab is None):
-            raise ValueError("give exactly one of tokenizer (a tokenizer.json) and train_tokenizer_vocab (a size)")
+            raise ValueError(
+                "give exactly one of tokenizer (--tokenizer: a tokenizer.json) and train_tokenizer_vocab "
+                "(--train-tokenizer-vocab: a size)"
+            )
         checks = {
             "samples_per_shard": self.samples_per_shard >= 1,
             "val_fraction": 0.0 <= self.val_fraction < 1.0,
@@ -346,8 +349,8 @@ def prepare(
     return summary
 
 
-def print_summary(summary: dict[str, Any], out: Path, file: Any = sys.stdout) -> None:
-    """Print the counts, skip / repair reasons, splits and per-stage times of a run."""
+def print_summary(summary: dict[str, Any], out: Path, file: Any = None) -> None:
+    """Print the counts, skip / repair reasons, splits and per-stage times of a run (to ``file``, default stdout)."""
     counts = summary.get("counts", {})
     lines = [f"cm3leon prepare: {out}"]
     if counts:
@@ -360,7 +363,7 @@ def print_summary(summary: dict[str, Any], out: Path, file: Any = sys.stdout) ->
     if "neighbors_per_sample" in summary:
         lines.append(f"  neighbours per sample: {summary['neighbors_per_sample']}")
     lines.append("  seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in summary.get("seconds", {}).items()))
-    print("\n".join(lines), file=file)
+    print("\n".join(lines), file=file or sys.stdout)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -3,7 +3,8 @@
 Example (COCO captions, a VQGAN checkpoint and local CLIP weights)::
 
     cm3leon prepare --source coco --input coco/train2017 --captions coco/annotations/captions_train2017.json \\
-        --out data/prepared --vqgan checkpoints/vqgan --clip-model ViT-B-32 --clip-weights clip/vit_b_32.safetensors \\
+        --out data/prepared --vqgan checkpoints/vqgan \\
+        --clip-model ViT-B-32-quickgelu --clip-weights clip/openai-vit-b-32.safetensors \\
         --train-tokenizer-vocab 56320 --val-fraction 0.01 --workers 4
 
 Every :class:`~cm3leon_lightning.data.prepare.PrepareConfig` field is a flag of the same name with dashes
@@ -19,8 +20,9 @@ import sys
 import typing
 from collections.abc import Sequence
 from dataclasses import MISSING, fields
+from pathlib import Path
 
-from cm3leon_lightning.data.prepare import STAGES, PrepareConfig, prepare
+from cm3leon_lightning.data.prepare import STAGES, PrepareConfig, prepare, print_summary
 from cm3leon_lightning.data.prepare_stages import MissingPartsError
 from cm3leon_lightning.data.sources import PairSource, make_source
 
@@ -142,10 +144,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = PrepareConfig(**settings)
         source, bank = sources_from_args(args)
-        prepare(source, args.out, config, bank_source=bank)
+        summary = prepare(source, args.out, config, bank_source=bank)
     except (ValueError, FileNotFoundError, MissingPartsError, ClipWeightsUnavailableError) as e:
         print(f"cm3leon prepare: error: {e}", file=sys.stderr)
         return 2
+    if not config.progress:  # with progress bars prepare() prints it (on stderr, beside the bars)
+        print_summary(summary, Path(args.out))
     return 0
 
 

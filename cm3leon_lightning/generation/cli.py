@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -166,7 +167,11 @@ def load_image(path: str | Path, vqgan: torch.nn.Module) -> torch.Tensor:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"--image: file not found: {p}")
-    return square_image(Image.open(p), vqgan.config.resolution)[None]  # type: ignore[union-attr]
+    try:
+        with Image.open(p) as img:
+            return square_image(img, vqgan.config.resolution)[None]  # type: ignore[union-attr]
+    except (OSError, Image.DecompressionBombError) as e:  # UnidentifiedImageError is an OSError
+        raise ValueError(f"--image: {p} is not an image this machine can read ({e})") from e
 
 
 def square_image(img: Image.Image, resolution: int) -> torch.Tensor:
@@ -445,9 +450,12 @@ def write_images(out: Path, codes: torch.Tensor, images: torch.Tensor | None, ca
 def main(argv: Sequence[str]) -> int:
     """Entry point of ``cm3leon generate``; returns the exit status (2 on bad input, with a one-line error)."""
     args = build_parser().parse_args(list(argv))
+    new_out = not Path(args.out).exists()
     try:
         run(args)
     except (FileNotFoundError, ValueError) as e:
+        if new_out:  # the folder this run made holds nothing finished (at most a retrieved.json)
+            shutil.rmtree(args.out, ignore_errors=True)
         print(f"cm3leon generate: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -116,7 +116,8 @@ def _file_wants_quick_gelu(path: str) -> bool:
 def _weights_help(model_name: str) -> str:
     return (
         f"Pass a local checkpoint instead: ClipEncoder(model_name={model_name!r}, pretrained='/path/to/weights."
-        "safetensors') (or --pretrained on the command line); open_clip .bin/.pt/.safetensors state dicts and files "
+        "safetensors') (on the command line: --clip-weights of cm3leon prepare, --clip-pretrained of generate and "
+        "serve); open_clip .bin/.pt/.safetensors state dicts and files "
         "written by ClipModule.export_weights are accepted. To fetch the weights once, run "
         f"open_clip.create_model({model_name!r}, pretrained=<tag>) on a machine with network and copy the "
         "Hugging Face cache (~/.cache/huggingface) or the downloaded file here (a file of a QuickGELU tag such as "
@@ -179,9 +180,15 @@ def create_clip(
         model = open_clip.create_model(
             model_name, pretrained=pretrained, device=device, precision=precision, cache_dir=cache_dir, **kwargs
         )
-    except RuntimeError as e:
+    except (RuntimeError, AssertionError, KeyError) as e:
         if "download" in str(e).lower():
             raise ClipWeightsUnavailableError(f"{e}. " + _weights_help(model_name)) from e
+        if pretrained is not None and os.path.isfile(pretrained):  # open_clip's load_state_dict / resize asserts
+            raise ValueError(
+                f"the CLIP weights in {pretrained} do not fit the architecture {model_name!r} ({type(e).__name__}: "
+                f"{str(e)[:300]}); name the architecture they were trained as (--clip-model of cm3leon prepare, "
+                "--clip of generate and serve, model_name in Python)"
+            ) from e
         raise
     if pretrained is None and not model_name.startswith("local-dir:"):
         warnings.warn(f"CLIP {model_name!r} is randomly initialised (pretrained=None)", stacklevel=2)

@@ -3,14 +3,15 @@ checkpoint.
 
 Example::
 
-    cm3leon serve --ckpt last.ckpt --tokenizer tok/ --vqgan vqgan/ --clip ViT-B-32 --clip-pretrained clip.safetensors \\
+    cm3leon serve --ckpt last.ckpt --tokenizer tok/ --vqgan vqgan/ \\
+        --clip ViT-B-32-quickgelu --clip-pretrained clip.safetensors \\
         --max-batch-size 8 --batch-timeout 0.05 --port 8000
     JSON="Content-Type: application/json"; URL=localhost:8000/predict  # FastAPI reads JSON bodies only with the header
     curl -s $URL -H "$JSON" -d '{"prompt": "a red circle", "num_samples": 4, "rerank": true, "keep": 1}'
     curl -s $URL -H "$JSON" -d '{"image": "'"$(base64 -w0 x.png)"'", "instruction": "What is it?"}'
     curl -s $URL -H "$JSON" -d '{"image": "'"$(base64 -w0 x.png)"'", "edit": "make it blue", "num_samples": 2}'
     curl -s $URL -H "$JSON" -d '{"infill": "a <mask> circle", "image": "'"$(base64 -w0 x.png)"'", "rows": "16:32"}'
-    cm3leon serve ... --clip ViT-B-32 --clip-pretrained clip.safetensors --retrieve bank/ --shards data/train --k 2
+    cm3leon serve ... --clip ViT-B-32-quickgelu --clip-pretrained clip.safetensors --retrieve bank/ --shards data/train
     cm3leon serve --ckpt models/350m   # a model directory of cm3leon export: its tokenizer and VQGAN are the defaults
 
 With ``--retrieve`` each text-to-image request gets the ``--k`` nearest documents of its prompt in the bank placed
@@ -41,7 +42,11 @@ from cm3leon_lightning.serve.requests import IMAGE_METHODS, TEXT_METHODS
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``cm3leon serve`` argument parser."""
-    p = argparse.ArgumentParser(prog="cm3leon serve", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="cm3leon serve",
+        description=__doc__.split("\n\n")[0].replace("\n", " ").replace("``", ""),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     add_model_arguments(p, "VQGAN directory: PNG answers, image-to-text and re-ranking need it")
     p.add_argument("--clip", help="open_clip model for 'rerank' requests and --retrieve (e.g. ViT-B-32)")
     p.add_argument("--clip-pretrained", default="openai", help="open_clip weights tag or local weights file")
@@ -49,17 +54,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", help="prepared shard directory holding the bank's documents (with --retrieve)")
     p.add_argument("--k", type=int, default=None, help="documents retrieved per request by default (2 with --retrieve)")
     d = p.add_argument_group("defaults for fields a request leaves out")
-    d.add_argument("--num-samples", type=int, default=4)
-    d.add_argument("--method", default="top_p", choices=IMAGE_METHODS)
-    d.add_argument("--cfg", type=float, default=3.0)
-    d.add_argument("--temperature", type=float, default=1.0)
-    d.add_argument("--top-p", type=float, default=0.9)
-    d.add_argument("--top-k", type=int, default=None)
-    d.add_argument("--cdk-k", type=int, default=8)
-    d.add_argument("--cdk-alpha", type=float, default=0.5)
+    d.add_argument("--num-samples", type=int, default=4, help="candidates per text-to-image request")
+    d.add_argument("--method", default="top_p", choices=IMAGE_METHODS, help="image sampling method")
+    d.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale")
+    d.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    d.add_argument("--top-p", type=float, default=0.9, help="nucleus mass")
+    d.add_argument("--top-k", type=int, default=None, help="keep the k most likely ids")
+    d.add_argument("--cdk-k", type=int, default=8, help="CD-K: k")
+    d.add_argument("--cdk-alpha", type=float, default=0.5, help="CD-K: alpha")
     d.add_argument("--layout", default="infill", choices=TEXT_LAYOUTS, help="image-to-text prompt layout")
     d.add_argument("--max-new-tokens", type=int, default=32, help="longest image-to-text answer")
-    d.add_argument("--text-method", default="greedy", choices=TEXT_METHODS)
+    d.add_argument("--text-method", default="greedy", choices=TEXT_METHODS, help="image-to-text decoding")
     d.add_argument("--text-cfg", type=float, default=7.5, help="edit requests: text guidance scale (paper 7.5)")
     d.add_argument("--image-cfg", type=float, default=1.5, help="edit requests: image guidance scale (paper 1.5)")
     s = p.add_argument_group("server")

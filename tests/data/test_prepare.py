@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 from pathlib import Path
 
 import lightning as L
@@ -71,6 +72,18 @@ def reference(models: dict[str, str], tmp_path_factory: pytest.TempPathFactory) 
 
 def tree(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_the_command_prints_its_summary_without_progress_bars(
+    reference: Path, models: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """--no-progress silenced the final summary too: a script saw nothing of the counts and splits."""
+    out = tmp_path / "out"
+    shutil.copytree(reference, out)  # a rerun: every stage is reused
+    assert cm3leon_main(cli_args(models, out)) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"cm3leon prepare: {out}\n") and f"documents read {N_PAIRS}, kept {N_PAIRS}" in printed
+    assert tree(out) == tree(reference)
 
 
 def test_prepared_shards_hold_exact_tokens_and_neighbours(reference: Path, models: dict[str, str]) -> None:
@@ -232,7 +245,9 @@ def test_bad_inputs_are_counted_not_fatal(models: dict[str, str], tmp_path: Path
 
 
 def test_config_errors() -> None:
-    with pytest.raises(ValueError, match="exactly one of tokenizer"):
+    with pytest.raises(
+        ValueError, match=r"exactly one of tokenizer \(--tokenizer: .*\(--train-tokenizer-vocab: a size\)"
+    ):
         PrepareConfig(vqgan="v", clip_weights="c")
     with pytest.raises(ValueError, match="val_fraction=1.5"):
         PrepareConfig(vqgan="v", clip_weights="c", train_tokenizer_vocab=300, val_fraction=1.5)

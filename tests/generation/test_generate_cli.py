@@ -184,6 +184,10 @@ def test_clear_errors(assets, tmp_path, capsys):
         return capsys.readouterr().err
 
     args = base(assets, tmp_path)
+    (tmp_path / "fake.png").write_text("not an image")  # was a PIL.UnidentifiedImageError traceback
+    fake = error([*base(assets, tmp_path / "new"), "--image", str(tmp_path / "fake.png")])
+    assert fake.startswith("cm3leon generate: error: --image: ") and "fake.png is not an image" in fake
+    assert not (tmp_path / "new").exists()  # the failed run's new --out folder is removed
     missing = [*args[:1], str(tmp_path / "nope.ckpt"), *args[2:], "--prompt", "a red circle"]
     assert "checkpoint file not found" in error(missing) and "nope.ckpt" in error(missing)
     other = TextTokenizer.train(CORPUS, vocab_size=280)

@@ -126,6 +126,15 @@ def test_bad_names_and_paths_are_value_errors(tmp_path):
         ClipEncoder("cm3leon-clip-tiny", pretrained=None, batch_size=0)
 
 
+def test_weights_of_another_architecture_name_the_file_and_the_flag(weights):
+    """The tiny CLIP's file given as ViT-B-32 (prepare's default --clip-model) stopped in an AssertionError deep
+    inside open_clip ("text pos_embed width changed!")."""
+    with pytest.raises(
+        ValueError, match=r"weights in .*\.safetensors do not fit the architecture 'ViT-B-32' .*--clip-model"
+    ):
+        ClipEncoder("ViT-B-32", pretrained=str(weights[0]))
+
+
 @pytest.mark.parametrize("resize_mode", ["shortest", "squash", "longest"])
 @pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
 @pytest.mark.parametrize("hw", [(32, 39), (30, 37), (300, 400), (24, 24), (31, 20)])
