@@ -217,6 +217,13 @@ class GenerationCallback(L.Callback):
         self.text_tokenizer = tokenizer
         return self.text_tokenizer
 
+    def load_resources(self, trainer: L.Trainer | None) -> None:
+        """Resolve the tokenizer and the VQGAN (when one is given) now: subclasses call it in ``setup``, so a
+        missing or wrong file stops the run before training, not at the first validation hours later."""
+        self.load_text_tokenizer(trainer)
+        if self.vqgan is not None:
+            self.load_vqgan()
+
     def load_vqgan(self, device: torch.device | None = None) -> nn.Module:
         """Resolve :attr:`vqgan` (module or path) once, in eval mode, on ``device``."""
         if self.vqgan is None:
@@ -239,6 +246,16 @@ class GenerationCallback(L.Callback):
             return vqgan.encode(batch).long().cpu()
 
     # ------------------------------------------------------------------------------------------ scheduling
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Say that a test run does not evaluate with this callback (it runs at validation ends), rather than log
+        nothing without a word."""
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        rank_zero_warn(
+            f"{type(self).__name__} evaluates at the end of validation epochs: `cm3leon test` / Trainer.test does not "
+            "run it; use `cm3leon validate` (Trainer.validate) with the data it should score"
+        )
+
     def should_run(self, trainer: L.Trainer) -> bool:
         """Count validation epochs (not the sanity check) and run on every n-th."""
         if trainer.sanity_checking:

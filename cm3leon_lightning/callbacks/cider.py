@@ -80,6 +80,7 @@ class CIDErCallback(GenerationCallback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Read the evaluation images (codes and captions) once."""
+        self.load_resources(trainer)  # a missing tokenizer or VQGAN fails now, not at the first validation
         if self.samples is None:
             source = self.data or getattr(getattr(trainer, "datamodule", None), "hparams", {}).get("val_data")
             if source is None:

@@ -138,6 +138,7 @@ class FIDCallback(GenerationCallback):
     # ------------------------------------------------------------------------------------------ set-up
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Build the FID metric (Inception weights or the given extractor), CLIP, and read the evaluation set."""
+        self.load_resources(trainer)  # a missing tokenizer or VQGAN fails now, not at the first validation
         if self.metric is None:
             self.metric = make_fid(self.feature_extractor, self.feature_weights_path, self.feature_dim)
         if self.samples is None:

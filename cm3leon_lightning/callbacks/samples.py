@@ -142,6 +142,7 @@ class SampleLoggerCallback(CIDErCallback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Read the images to caption (if any) once."""
+        self.load_resources(trainer)  # a missing tokenizer or VQGAN fails now, not at the first validation
         if self.samples is None and self.num_caption_images > 0:
             source = self.data or getattr(getattr(trainer, "datamodule", None), "hparams", {}).get("val_data")
             if source is not None:

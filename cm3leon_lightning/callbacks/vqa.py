@@ -113,6 +113,7 @@ class VQACallback(CIDErCallback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Read the questions once and check each has a question and answers (before any generation)."""
+        self.load_resources(trainer)  # a missing tokenizer or VQGAN fails now, not at the first validation
         if self.samples is None:
             if self.data is None:
                 raise ValueError("VQACallback: give data (a VQA-format JSON file) or samples")

@@ -318,7 +318,12 @@ class CM3LeonDataModule(L.LightningDataModule):
 
 
 class DataCountsLogger(L.Callback):
-    """Log the data module's counts each training step: ``data/skipped_<reason>``, ``data/dropped_retrieved``...
+    """Log the data module's counts (cumulative over the run) every ``every_n_steps`` optimisation steps:
+    ``data/examples``, ``data/skipped_<reason>``, ``data/dropped_retrieved``...
+
+    The counts go straight to the trainer's loggers (global rank zero) at those steps, not through
+    ``LightningModule.log``: a value logged there only at some steps is written again, stale, at the steps between
+    (what ``every_n_steps > 1`` did before). :attr:`last` holds the latest counts written.
 
     Args:
         every_n_steps: log every this many optimisation steps.
@@ -328,10 +333,13 @@ class DataCountsLogger(L.Callback):
         if every_n_steps < 1:
             raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
         self.every_n_steps = every_n_steps
+        self.last: dict[str, float] = {}
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         counts = getattr(trainer.datamodule, "data_counts", None) if trainer.datamodule is not None else None
         if not counts or trainer.global_step % self.every_n_steps:
             return
-        for name, value in counts.items():
-            pl_module.log(f"data/{name}", float(value), on_step=True, on_epoch=False, batch_size=1)
+        self.last = {f"data/{name}": float(value) for name, value in counts.items()}
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(self.last, step=trainer.global_step)

@@ -259,6 +259,7 @@ class Decoder:
             # A cache made under torch.inference_mode (e.g. inside trainer.validate) cannot be updated outside it.
             or cache.valid.is_inference() != torch.is_inference_mode_enabled()
         )
+        del cache  # no reference of ours keeps the old cache alive while the new one is allocated
         if stale:
             model.setup_kv_cache(len(rows), slots)
         self.generator = torch.Generator(device=self.device)

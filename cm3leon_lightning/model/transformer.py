@@ -283,6 +283,7 @@ class CM3Leon(nn.Module):
         if batch_size < 1:
             raise ValueError(f"setup_kv_cache batch_size must be >= 1, got {batch_size}")
         c = self.config
+        self.kv_cache = None  # free the old cache first: both at once would double the peak memory
         self.kv_cache = KVCache(
             c.n_layer,
             batch_size,

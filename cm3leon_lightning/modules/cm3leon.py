@@ -155,6 +155,7 @@ class CM3LeonModule(L.LightningModule):
         self.generation = generation if generation is not None else GenerationSettings()
         self.model: CM3Leon | None = None
         self._last_step_time: float | None = None
+        self._batch_start_time = time.perf_counter()
         self._eval_sums: Tensor | None = None  # validation/test loss sums and target counts of the epoch
         # Matrix-multiply FLOPs of the last batch on this device (CM3LeonConfig.forward_flops; 3x in training).
         self.flops_per_batch: int | None = None
@@ -371,14 +372,20 @@ class CM3LeonModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------------ steps
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        """One optimisation step's loss; also logs tokens per second (non-pad targets over wall time)."""
+        """One optimisation step's loss; also logs tokens per second (non-pad targets over the wall time since the
+        previous step ended, or, for the first step of an epoch or after a validation, since this batch started)."""
         losses = self._shared_step(batch, "train")
         now = time.perf_counter()
-        if self._last_step_time is not None:
-            rate = losses["tokens"].float() / max(now - self._last_step_time, 1e-9)
-            self.log("train/tokens_per_sec", rate, on_step=True, on_epoch=False, batch_size=1)
+        start = self._last_step_time if self._last_step_time is not None else self._batch_start_time
+        rate = losses["tokens"].float() / max(now - start, 1e-9)
+        # logged at every step: a value skipped at one step would be written again, stale, by Lightning
+        self.log("train/tokens_per_sec", rate, on_step=True, on_epoch=False, batch_size=1)
         self._last_step_time = now
         return losses["loss"]
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Note when the batch started (the rate's start when no previous step ended in this stretch of training)."""
+        self._batch_start_time = time.perf_counter()
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         """Validation loss, perplexity, and text/image losses (averaged over the epoch)."""
@@ -422,6 +429,15 @@ class CM3LeonModule(L.LightningModule):
             "codes": torch.stack(codes),
         }
 
+    def on_train_start(self) -> None:
+        """Set each learning rate from this run's schedule at the restored step: a resumed optimizer holds the rate
+        its old schedule gave, which differs when the schedule's length changed (a larger ``max_steps``)."""
+        for config in self.trainer.lr_scheduler_configs:
+            sched = config.scheduler
+            if isinstance(sched, torch.optim.lr_scheduler.LambdaLR):
+                for group, base, fn in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+                    group["lr"] = base * fn(sched.last_epoch)
+
     def on_train_epoch_start(self) -> None:
         self._last_step_time = None
 
@@ -452,8 +468,18 @@ class CM3LeonModule(L.LightningModule):
                     "(data of unknown length): set trainer.max_steps, or model decay_steps, or lr_decay: constant"
                 )
             total = int(estimated) if known else hp.warmup_steps + 1  # type: ignore[arg-type]
+            if known and hp.warmup_steps >= total:
+                from lightning.pytorch.utilities import rank_zero_warn
+
+                rank_zero_warn(
+                    f"warmup_steps {hp.warmup_steps} >= the run's {total} steps: the learning rate never reaches lr "
+                    f"{hp.lr} (lower --model.init_args.warmup_steps)"
+                )
         schedule = WarmupDecay(hp.warmup_steps, total, hp.lr_decay, hp.min_lr_ratio)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        # Through a plain function: LambdaLR saves a callable object's attributes in checkpoints and restores them
+        # over this one's on resume, so a run resumed with a larger max_steps kept the old decay length (and sat at
+        # the floor rate). The schedule is recomputed from the settings instead; the step count comes from the state.
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule(step))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def config_dict(self) -> dict[str, Any]:

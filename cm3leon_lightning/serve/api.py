@@ -415,6 +415,29 @@ class CM3LeonAPI(ls.LitAPI):
         return answer
 
     def _run_infill(self, group: list[InfillJob]) -> list[dict[str, Any]]:
+        return [answer for part in self._infill_batches(group) for answer in self._run_infill_batch(part)]
+
+    def _infill_batches(self, group: list[InfillJob]) -> list[list[InfillJob]]:
+        """``group`` cut into consecutive runs that fit the context in one ``infill_batch``: a batch left-pads every
+        document to the longest and decodes each image span for as many codes as its longest, so two requests that
+        fit alone (a long caption missing one grid row, a short one missing the whole image) may not fit together."""
+        batches: list[list[InfillJob]] = []
+        longest, spans = 0, []
+        for job in group:
+            body = job.ids[:-1] if job.ids and job.ids[-1] == self.vocab.eos_id else job.ids  # as infill_batch reads it
+            plan = plan_spans(self.vocab, body, job.kinds)
+            if batches:  # the group's jobs have spans of the same modalities in the same order (job_key)
+                merged = [(kind, max(n, m)) for (kind, n), (_, m) in zip(spans, plan)]
+                need = infill_positions(merged, max(longest, len(body)), job.max_span_tokens)
+                if need <= self.model.config.max_seq_len:
+                    batches[-1].append(job)
+                    longest, spans = max(longest, len(body)), merged
+                    continue
+            batches.append([job])
+            longest, spans = len(body), plan
+        return batches
+
+    def _run_infill_batch(self, group: list[InfillJob]) -> list[dict[str, Any]]:
         j = group[0]
         docs = [(job.ids, job.kinds) for job in group for _ in range(job.num_samples)]  # one row per filling
         results = infill_batch(

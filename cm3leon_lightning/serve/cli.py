@@ -39,6 +39,12 @@ from cm3leon_lightning.generation.graphs import MODES, resolve_mode
 from cm3leon_lightning.model import ATTENTION_IMPLS
 from cm3leon_lightning.serve.requests import IMAGE_METHODS, TEXT_METHODS
 
+CLIP_WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+"""Endings of a ``--clip-pretrained`` that names a weights file rather than an open_clip tag."""
+
+SERVE_HOSTS = ("0.0.0.0", "127.0.0.1", "::")
+"""The addresses LitServe binds (``--host``): all IPv4 interfaces, loopback, all IPv6 interfaces."""
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``cm3leon serve`` argument parser."""
@@ -79,8 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--devices", default="auto", help="number of devices, or auto")
     s.add_argument("--workers-per-device", type=int, default=1)
     s.add_argument("--timeout", type=float, default=600.0, help="seconds a request may wait and run")
-    s.add_argument("--host", default="0.0.0.0")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--host", default="0.0.0.0", help=f"address to listen on: one of {', '.join(SERVE_HOSTS)}")
+    s.add_argument("--port", type=int, default=8000, help="port to listen on, 1024 to 65535")
     s.add_argument("--dtype", choices=("auto", *DTYPES), default="auto", help="transformer weights and KV cache")
     s.add_argument("--compile", choices=("auto", *MODES), default="auto", help="how the decode step runs")
     s.add_argument("--attention", choices=ATTENTION_IMPLS, default="sdpa")
@@ -94,6 +100,9 @@ def build_api(args: argparse.Namespace) -> object:
         path = getattr(args, flag)
         if path is not None and not Path(path).exists():
             raise FileNotFoundError(f"--{flag}: not found: {path}")
+    weights = args.clip_pretrained  # an open_clip tag ("openai") or a local file
+    if args.clip and weights and ("/" in weights or weights.endswith(CLIP_WEIGHT_FILES)) and not Path(weights).exists():
+        raise FileNotFoundError(f"--clip-pretrained: not found: {weights}")  # else the worker fails while loading
     args.tokenizer, args.vqgan = bundled_tokenizers(args.ckpt, args.tokenizer, args.vqgan)
     if args.clip and not (args.vqgan or args.retrieve):
         raise ValueError("--clip re-ranks decoded images (needs --vqgan) or retrieves (needs --retrieve)")
@@ -153,8 +162,14 @@ def build_server(args: argparse.Namespace) -> object:
     """The ``litserve.LitServer`` for parsed arguments (not started)."""
     import litserve as ls
 
-    if args.devices != "auto" and not str(args.devices).isdigit():
-        raise ValueError(f"--devices must be a number or auto, got {args.devices!r}")
+    if args.devices != "auto" and not (str(args.devices).isdigit() and int(args.devices) >= 1):
+        # 0 GPUs would start no inference worker, and LitServe would wait for one forever
+        raise ValueError(f"--devices must be a number or auto, at least 1; got {args.devices!r}")
+    # What LitServer.run refuses, with a traceback, after the model files were checked
+    if not 1024 <= args.port <= 65535:
+        raise ValueError(f"--port must lie in [1024, 65535] (LitServe's range), got {args.port}")
+    if args.host not in SERVE_HOSTS:
+        raise ValueError(f"--host must be one of {', '.join(SERVE_HOSTS)} (what LitServe binds), got {args.host!r}")
     devices: int | str = args.devices if args.devices == "auto" else int(args.devices)
     return ls.LitServer(
         build_api(args), accelerator=args.accelerator, devices=devices, workers_per_device=args.workers_per_device,

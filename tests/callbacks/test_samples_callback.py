@@ -94,3 +94,31 @@ def test_default_generation_and_rank_zero_only(parts, tmp_path: Path, monkeypatc
 def test_render_grid_checks_lengths() -> None:
     with pytest.raises(ValueError, match="as many texts as images"):
         render_grid(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), ["one"])
+
+
+def test_a_missing_vqgan_stops_the_run_before_training(parts, tmp_path: Path) -> None:
+    """The resources were loaded at the first validation: a wrong VQGAN path failed after the training steps before
+    it (hours, in a real run). Now setup loads them."""
+    import lightning as L
+
+    tok, _, module = parts
+    steps: list[int] = []
+
+    class Count(L.Callback):
+        def on_train_batch_end(self, trainer, *args) -> None:  # noqa: ANN001
+            steps.append(trainer.global_step)
+
+    callback = make(parts, vqgan=str(tmp_path / "no-vqgan"))
+    fit = L.Trainer(accelerator="cpu", max_steps=2, callbacks=[callback, Count()], logger=False,
+                    enable_progress_bar=False, enable_checkpointing=False, default_root_dir=str(tmp_path))  # fmt: skip
+    with pytest.raises(FileNotFoundError, match="no-vqgan"):
+        fit.fit(module, train_dataloaders=val_loader(module.vocab), val_dataloaders=val_loader(module.vocab))
+    assert steps == []
+
+
+def test_a_test_run_says_it_does_not_evaluate(parts, tmp_path: Path) -> None:
+    """`cm3leon test` with the evaluation callbacks logged nothing of theirs and said nothing."""
+    _, _, module = parts
+    runner = trainer(tmp_path, [make(parts)])
+    with pytest.warns(UserWarning, match="Fast evaluates at the end of validation epochs: `cm3leon test`"):
+        runner.test(module, dataloaders=val_loader(module.vocab))

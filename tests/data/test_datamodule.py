@@ -65,6 +65,29 @@ def test_splits_tokenized_by_other_tokenizers_of_equal_sizes_are_refused(tiny_da
         DataCountsLogger(every_n_steps=0)  # failed at the first batch with ZeroDivisionError
 
 
+def test_data_counts_every_n_steps_are_written_at_those_steps_only(tiny_dataset: Path, tmp_path: Path) -> None:
+    """Logged through LightningModule.log at every third step, the counts were written again, stale, at the steps
+    between (data/examples 6 at steps 3-5); now they reach the logger at steps 3 and 6 only, with their values."""
+    import csv
+
+    import lightning as L
+    from lightning.pytorch.loggers import CSVLogger
+
+    from cm3leon_lightning.data import DataCountsLogger
+    from cm3leon_lightning.modules.cm3leon import CM3LeonModule
+
+    dm = make_dm(tiny_dataset)
+    module = CM3LeonModule(preset="tiny", vocab=dm.vocab.to_dict(), max_seq_len=64, warmup_steps=1)
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=7, logger=CSVLogger(tmp_path), callbacks=[DataCountsLogger(every_n_steps=3)],
+        log_every_n_steps=1, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(module, datamodule=dm)
+    with open(next(tmp_path.rglob("metrics.csv"))) as f:
+        rows = [r for r in csv.DictReader(f) if r.get("data/examples")]
+    assert [(int(r["step"]), float(r["data/examples"])) for r in rows] == [(3, 6.0), (6, 12.0)]  # 2 per batch
+
+
 @pytest.mark.parametrize(
     ("counts", "world", "workers", "per_batch"),
     [([4, 4, 4, 4, 4, 2], 2, 2, 2), ([5, 3, 7, 1], 3, 1, 4), ([10] * 7, 4, 3, 3), ([1, 1], 2, 0, 5)],

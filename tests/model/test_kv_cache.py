@@ -42,3 +42,24 @@ def test_cache_writes_slots_in_place_and_resets():
     assert (cache.batch_size, cache.max_seq_len) == (2, 4)
     with pytest.raises(ValueError, match="KVCache batch_size must be >= 1, got 0"):
         KVCache(n_layer=1, batch_size=0, n_head=1, max_seq_len=4, head_dim=1)
+
+
+def test_a_new_cache_is_allocated_after_the_old_one_is_freed(monkeypatch):
+    """Serving decodes chunks of different shapes one after another: both caches alive at once doubled the peak."""
+    import weakref
+
+    from cm3leon_lightning.config import CM3LeonConfig
+    from cm3leon_lightning.model import CM3Leon, transformer
+
+    model = CM3Leon(CM3LeonConfig.from_preset("tiny"))
+    old = weakref.ref(model.setup_kv_cache(4, 32))
+    alive: list[bool] = []
+    real = transformer.KVCache
+
+    def spy(*args, **kwargs):
+        alive.append(old() is not None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(transformer, "KVCache", spy)
+    model.setup_kv_cache(2, 32)
+    assert alive == [False] and model.kv_cache.batch_size == 2

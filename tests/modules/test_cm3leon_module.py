@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import csv
 import math
 
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.loggers import CSVLogger
 from support.token_data import TokenDataModule, cpu_trainer
 
 from cm3leon_lightning.config import CM3LeonConfig
@@ -224,6 +226,36 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path) -> None:
         assert torch.equal(a, b), name
 
 
+def test_a_resume_with_more_steps_extends_the_decay(tmp_path) -> None:
+    """Stop at max_steps 3, resume with max_steps 6: the decay now spans 6 steps. LambdaLR restored the saved
+    schedule object's length (3) over the new one, so the resumed steps all ran at the floor rate."""
+    lrs: list[tuple[int, float]] = []
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:  # noqa: ANN001
+            lrs.append((trainer.global_step, trainer.optimizers[0].param_groups[0]["lr"]))
+
+    def run(max_steps: int, ckpt: str | None = None) -> L.Trainer:
+        module = CM3LeonModule(preset="tiny", lr=1e-3, warmup_steps=1, min_lr_ratio=0.1)
+        trainer = _trainer(tmp_path, max_steps=max_steps, limit_val_batches=0, callbacks=[Record()])
+        trainer.fit(module, datamodule=TokenDataModule(n_train=4, batch_size=4), ckpt_path=ckpt)
+        return trainer
+
+    run(3).save_checkpoint(tmp_path / "three.ckpt")
+    lrs.clear()
+    run(6, str(tmp_path / "three.ckpt"))
+    want = WarmupDecay(1, 6, "linear", 0.1)
+    assert [step for step, _ in lrs] == [3, 4, 5]
+    assert [lr for _, lr in lrs] == pytest.approx([1e-3 * want(step) for step in (3, 4, 5)])
+    assert lrs[0][1] > 1e-4 * 1.5  # above the floor
+
+
+def test_a_warm_up_longer_than_the_run_is_warned(tmp_path) -> None:
+    module = CM3LeonModule(preset="tiny", lr=1e-3, warmup_steps=5)
+    with pytest.warns(UserWarning, match="warmup_steps 5 >= the run's 3 steps: the learning rate never reaches"):
+        _trainer(tmp_path, max_steps=3, limit_val_batches=0).fit(module, datamodule=TokenDataModule(n_train=4))
+
+
 def test_vocabulary_mismatch_is_refused(tmp_path) -> None:
     data = TokenDataModule(n_train=8, batch_size=4)
     other = MultimodalVocab(n_text=64, n_codes=32, grid_h=3, grid_w=3)
@@ -350,6 +382,11 @@ def test_tokens_per_second_restarts_after_a_validation(tmp_path) -> None:
 
     module = CM3LeonModule(preset="tiny", warmup_steps=1)
     trainer = cpu_trainer(tmp_path, max_steps=4, val_check_interval=2, limit_val_batches=1, callbacks=[Record()],
-                          enable_checkpointing=False)  # fmt: skip
+                          enable_checkpointing=False, logger=CSVLogger(tmp_path), log_every_n_steps=1)  # fmt: skip
     trainer.fit(module, datamodule=TokenDataModule(n_train=16, n_val=2, batch_size=2))
     assert rates == [(0, False), (1, True), (2, False), (3, True)]  # step 2 follows the validation
+    # and every step logs its own rate: one skipped (the first, the one after the validation) was written again,
+    # stale, by Lightning
+    with open(next(tmp_path.rglob("metrics.csv"))) as f:
+        logged = [(int(r["step"]), r["train/tokens_per_sec"]) for r in csv.DictReader(f) if r["train/tokens_per_sec"]]
+    assert [step for step, _ in logged] == [0, 1, 2, 3] and len({rate for _, rate in logged}) == 4

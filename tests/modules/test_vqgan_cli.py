@@ -31,11 +31,13 @@ def test_cli_fits_tiny_vqgan_config(tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ckpts = sorted(tmp_path.rglob("*.ckpt"))
-    assert len(ckpts) == 1, ckpts
-    raw = torch.load(ckpts[0], weights_only=True)
+    ckpts = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.ckpt"))
+    # the config's checkpoint folder, with the last.ckpt the README tells VQGAN.from_pretrained to read
+    assert ckpts == ["runs/vqgan_tiny/checkpoints/epoch=0-step=3.ckpt", "runs/vqgan_tiny/checkpoints/last.ckpt"]
+    last = tmp_path / ckpts[1]
+    raw = torch.load(last, weights_only=True)
     assert raw["global_step"] == 3 and raw["hyper_parameters"]["preset"] == "tiny"
-    module = VQGANModule.load_from_checkpoint(ckpts[0], weights_only=True)
+    module = VQGANModule.load_from_checkpoint(last, weights_only=True)
     assert int(module.train_steps) == 3 and module.vqgan.config.grid_size == (8, 8)
     # the default logger is TensorBoard: scalars and the originals-vs-reconstructions grid are there
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -210,6 +210,27 @@ def test_infill_requests_with_spans_of_the_same_modalities_share_a_decode(api, d
         assert answer == {"seed": None, "texts": [tok.decode(list(want))] * 2}
 
 
+def test_infill_requests_that_fit_alone_but_not_together_decode_apart(api, monkeypatch):
+    """A long caption missing one grid row and a short one missing the whole image both fit the 256-token context,
+    but not in one batch (left-padded to the longer prompt, both decoding 64 codes): each is answered as when alone,
+    not both refused with 400 (found in review)."""
+    calls = counting(monkeypatch, "infill_batch")
+    fits = [n for n in range(20, 60) if not isinstance(api.decode_request(long_infill(n)), Rejected)]
+    long, short = long_infill(max(fits)), {"infill": "x", "image": png_base64(1), "rows": "0:8", "method": "greedy"}
+    jobs = [api.decode_request(b) for b in (long, short)]
+    assert len(jobs[0].ids) + 2 + 64 + 2 > 256  # together: the long prompt and the whole image's 64 codes
+    out = api.predict(jobs)
+    assert calls == [1, 1]
+    assert out == [api.predict(api.decode_request(b)) for b in (long, short)] and "images" in out[0]
+    calls.clear()
+    out = api.predict([api.decode_request(short), api.decode_request({**short, "image": png_base64(2)})])
+    assert calls == [2] and all("images" in o for o in out)  # requests that fit together still share a decode
+
+
+def long_infill(words: int) -> dict:
+    return {"infill": " ".join(["circle"] * words), "image": png_base64(0), "rows": "7:8", "method": "greedy"}
+
+
 @pytest.mark.parametrize(
     "request_, status, detail",
     [

@@ -91,6 +91,13 @@ def test_concurrent_requests_share_a_batch_and_a_bad_one_is_answered_alone(clien
     [
         (["--ckpt", "missing.ckpt"], "--ckpt: not found: missing.ckpt"),
         (["--devices", "two"], "--devices must be a number or auto"),
+        # a missing CLIP file failed in the worker: two tracebacks and exit status 1
+        (
+            ["--clip", "cm3leon-clip-tiny", "--clip-pretrained", "nowhere/clip.safetensors"],
+            "--clip-pretrained: not found",
+        ),
+        (["--port", "80"], "--port must lie in [1024, 65535]"),  # LitServe's refusal was a traceback
+        (["--host", "localhost"], "--host must be one of 0.0.0.0, 127.0.0.1, ::"),
         (["--num-samples", "20"], "--num-samples 20 exceeds --max-num-samples 16"),
         (["--top-p", "1.5"], "top_p"),
         (["--max-batch-size", "0"], "--max-batch-size must be >= 1"),
@@ -106,6 +113,13 @@ def test_bad_arguments_exit_2_with_one_line(serve_assets, capsys, extra, message
     assert cm3leon_main(["serve", *argv(serve_assets, *extra)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("cm3leon serve: error: ") and message in err and "\n" not in err
+
+
+def test_zero_devices_are_refused(serve_assets):
+    """``--devices 0`` on a GPU gave LitServe no inference worker, and it waited for one forever (on the CPU it is
+    ignored): refused before anything starts."""
+    with pytest.raises(ValueError, match="--devices must be a number or auto, at least 1; got '0'"):
+        build_server(build_parser().parse_args(argv(serve_assets, "--devices", "0")))
 
 
 def test_clip_without_vqgan_is_refused(serve_assets, capsys):
