@@ -130,7 +130,9 @@ def clean_caption(caption: str | bytes | None, max_chars: int = 1000) -> tuple[s
     return text, repairs
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An image of any mode as RGB: transparent pixels become white, 16/32-bit grey is scaled to 8 bits (a plain
+    ``convert("RGB")`` clips it to near-white)."""
     if image.mode == "RGB":
         return image
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
@@ -186,7 +188,7 @@ def load_image(image: Path | bytes | np.ndarray | Image.Image | None, min_size: 
         )
     repairs = [] if img.mode == "RGB" else ["repaired_image_mode"]
     try:
-        return _to_rgb(img), repairs
+        return to_rgb(img), repairs
     except (OSError, ValueError) as e:
         raise BadInput("image_unreadable", f"cannot convert image mode {img.mode}: {e}") from e
 

@@ -175,10 +175,13 @@ def load_image(path: str | Path, vqgan: torch.nn.Module) -> torch.Tensor:
 
 
 def square_image(img: Image.Image, resolution: int) -> torch.Tensor:
-    """A PIL image as RGB, centre-cropped to a square and resized (bicubic) to ``resolution``; ``(3, R, R)`` uint8."""
+    """A PIL image as RGB (as ``cm3leon prepare`` converts training images: 16-bit grey scaled to 8 bits, transparent
+    pixels white), centre-cropped to a square and resized (bicubic) to ``resolution``; ``(3, R, R)`` uint8."""
     from PIL import Image
 
-    img = img.convert("RGB")
+    from cm3leon_lightning.data.cleaning import to_rgb
+
+    img = to_rgb(img)
     side = min(img.size)
     left, top = (img.width - side) // 2, (img.height - side) // 2
     img = img.crop((left, top, left + side, top + side)).resize((resolution, resolution), Image.BICUBIC)

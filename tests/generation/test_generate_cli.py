@@ -204,3 +204,18 @@ def test_clear_errors(assets, tmp_path, capsys):
         eager = args.index("--no-compile")
         msg = error([*args[:eager], *args[eager + 1 :], "--prompt", "red", "--compile", "graph", "--device", "cpu"])
         assert "compile='graph' needs a CUDA device" in msg
+
+
+def test_a_16_bit_grey_image_is_read_as_prepare_reads_it():
+    """`convert("RGB")` clipped 16-bit grey (depth maps for depth_to_image) to near-white; it is now scaled to 8 bits,
+    as cm3leon prepare does for training images, and a transparent pixel becomes white."""
+    from cm3leon_lightning.generation.cli import square_image
+
+    ramp = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000).astype(np.uint16)  # 0 .. 63000
+    img = Image.fromarray(ramp)
+    assert img.mode.startswith("I")
+    got = square_image(img, 8)  # (3, 8, 8), same size: no resampling
+    want = np.round(ramp.astype(np.float64) * 255 / 63000).astype(np.uint8)
+    assert torch.equal(got, torch.from_numpy(np.stack([want] * 3)))
+    clear = Image.new("RGBA", (4, 4), (10, 20, 30, 0))
+    assert (square_image(clear, 4) == 255).all()
