@@ -83,9 +83,29 @@ def _checkpoint(path: Path) -> dict[str, Any]:
     optimizers = obj.get("optimizer_states") or []
     state = obj["state_dict"] if isinstance(obj["state_dict"], dict) else {}
     dtype = _dtypes(v.dtype for v in state.values() if isinstance(v, torch.Tensor) and v.is_floating_point())
-    return _model("lightning checkpoint", hp.get("config"), hp.get("vocab"), global_step=obj.get("global_step"),
-                  epoch=obj.get("epoch"), optimizer_state=bool(optimizers), dtype=dtype,
-                  init_from=hp.get("init_from"), lightning=obj.get("pytorch-lightning_version"))  # fmt: skip
+    common = dict(global_step=obj.get("global_step"), epoch=obj.get("epoch"), optimizer_state=bool(optimizers),
+                  dtype=dtype, lightning=obj.get("pytorch-lightning_version"))  # fmt: skip
+    other = _other_module(state, hp)
+    if other is not None:
+        return {**other, **{k: v for k, v in common.items() if v is not None}}
+    return _model("lightning checkpoint", hp.get("config"), hp.get("vocab"), init_from=hp.get("init_from"), **common)
+
+
+def _other_module(state: dict[str, Any], hp: dict[str, Any]) -> dict[str, Any] | None:
+    """What a ``VQGANModule`` or ``ClipModule`` checkpoint holds (told apart by its weight names), else None."""
+    if "vqgan.encoder.conv_in.weight" in state and isinstance(hp.get("preset"), str):
+        from cm3leon_lightning.tokenization.vqgan import config_from_overrides
+
+        try:
+            c = config_from_overrides(hp["preset"], hp)
+        except (TypeError, ValueError):
+            return {"kind": "lightning checkpoint (VQGANModule)", "preset": hp["preset"]}
+        return {"kind": "lightning checkpoint (VQGANModule)", "preset": hp["preset"], "image_size": c.resolution,
+                "grid": f"{c.grid_size[0]}x{c.grid_size[1]}", "codes": c.n_embed}  # fmt: skip
+    if isinstance(hp.get("model_name"), str) and any(k.startswith("model.visual.") for k in state):
+        return {"kind": "lightning checkpoint (ClipModule)", "clip_model": hp["model_name"],
+                "pretrained": hp.get("pretrained"), "export_path": hp.get("export_path")}  # fmt: skip
+    return None
 
 
 def _dtypes(dtypes: Any) -> str | None:

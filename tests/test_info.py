@@ -156,3 +156,28 @@ def test_unreadable_metadata_is_one_line_naming_the_file(
     assert main([str(path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("cm3leon info: error: " + message.format(path=path)) and err.count("\n") == 1
+
+
+def test_vqgan_and_clip_training_checkpoints_are_told_apart(tmp_path: Path) -> None:
+    """Both were described as a bare 'lightning checkpoint' with no architecture."""
+    import lightning as L
+
+    from cm3leon_lightning.data.images import ImageDataModule
+    from cm3leon_lightning.modules.clip import ClipModule
+    from cm3leon_lightning.modules.vqgan import VQGANModule
+
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)  # fmt: skip
+    trainer.fit(
+        VQGANModule(preset="micro", num_logged_images=0), ImageDataModule(synthetic=4, image_size=16, batch_size=2)
+    )
+    trainer.save_checkpoint(tmp_path / "vqgan.ckpt")
+    info = describe(tmp_path / "vqgan.ckpt")
+    assert (info["kind"], info["preset"], info["grid"], info["global_step"]) == (
+        "lightning checkpoint (VQGANModule)", "micro", "8x8", 1,
+    )  # fmt: skip
+    clip = ClipModule(model_name="cm3leon-clip-tiny")
+    clip.configure_model()
+    torch.save({"state_dict": clip.state_dict(), "hyper_parameters": dict(clip.hparams)}, tmp_path / "clip.ckpt")
+    info = describe(tmp_path / "clip.ckpt")
+    assert (info["kind"], info["clip_model"]) == ("lightning checkpoint (ClipModule)", "cm3leon-clip-tiny")
