@@ -175,9 +175,10 @@ def persistent_unsupported(model: CM3Leon, rows: int) -> str | None:
         return f"the persistent decode step supports activations {tuple(ACTIVATIONS)}, not {model.config.activation!r}"
     if rows > MAX_ROWS:
         return f"the persistent decode step takes at most {MAX_ROWS} rows, not {rows}"
-    if not all(p.is_contiguous() for p in model.parameters()):  # the kernel reads each weight as rows of K values
+    params = list(model.parameters())  # one pass (this runs at every step outside a CUDA graph)
+    if not all(p.is_contiguous() for p in params):  # the kernel reads each weight as rows of K values
         return "the persistent decode step needs contiguous weights"
-    dtypes = {p.dtype for p in model.parameters()}
+    dtypes = {p.dtype for p in params}
     cache = model.kv_cache
     if cache is not None:
         k = cache.layer(0)[0]  # (B, H, S, D)

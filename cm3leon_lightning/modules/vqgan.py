@@ -110,6 +110,7 @@ class VQGANModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        self._decay_batches: int | None = None  # the cosine decay's length, fixed at the start of training
         self.automatic_optimization = False
         if perceptual_weight > 0 and lpips_weights is None:
             raise ValueError(
@@ -211,7 +212,7 @@ class VQGANModule(L.LightningModule):
     def learning_rate(self) -> float:
         """The autoencoder's learning rate at the current batch (``lr``, or its cosine decay over the run's batches)."""
         hp = self.hparams
-        total = getattr(self, "_decay_batches", None) or self.run_batches()
+        total = self._decay_batches or self.run_batches()
         if hp.lr_decay == "constant" or not total:
             return hp.lr
         progress = min(1.0, int(self.train_steps) / total)
