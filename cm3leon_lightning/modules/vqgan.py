@@ -52,6 +52,11 @@ class VQGANModule(L.LightningModule):
         l2_normalize: override of l2-normalised codes.
         ema_decay: override of EMA codebook updates (a decay in (0, 1)).
         dead_code_after: override of the dead-code restart patience (0 = off).
+        gumbel_kl_weight: override of the Gumbel quantizer's KL-to-uniform weight.
+        gumbel_temperature: override of the Gumbel-softmax temperature (the start of the annealing, if any).
+        gumbel_temperature_end: anneal the Gumbel-softmax temperature with a cosine from ``gumbel_temperature`` to
+            this value over the run's batches, as taming's ``vqgan_gumbel_f8`` did (0.9 -> 1e-6 over 1M steps;
+            DALL-E's dVAE annealed towards 1/16); None keeps it constant. Only with ``quantizer="gumbel"``.
         init_from: start from these weights (anything ``VQGAN.from_pretrained`` reads, with this architecture).
         lr: Adam learning rate of the autoencoder.
         betas: Adam betas (taming: 0.5, 0.9).
@@ -91,6 +96,9 @@ class VQGANModule(L.LightningModule):
         l2_normalize: bool | None = None,
         ema_decay: float | None = None,
         dead_code_after: int | None = None,
+        gumbel_kl_weight: float | None = None,
+        gumbel_temperature: float | None = None,
+        gumbel_temperature_end: float | None = None,
         init_from: str | None = None,
         lr: float = 1e-4,
         betas: tuple[float, float] = (0.5, 0.9),
@@ -128,6 +136,14 @@ class VQGANModule(L.LightningModule):
         if disc_weight < 0 or disc_start < 0 or codebook_weight < 0:
             raise ValueError("disc_weight, disc_start and codebook_weight must be >= 0")
         self.config = config_from_overrides(preset, self.hparams)  # validates early, before the network is built
+        if gumbel_temperature_end is not None:
+            if self.config.quantizer != "gumbel":
+                raise ValueError(
+                    f"gumbel_temperature_end anneals the Gumbel-softmax quantizer, but quantizer is "
+                    f"{self.config.quantizer!r}: set quantizer: gumbel, or gumbel_temperature_end: null"
+                )
+            if not (0 < gumbel_temperature_end < math.inf):
+                raise ValueError(f"gumbel_temperature_end must be a finite number > 0, got {gumbel_temperature_end}")
         self.vqgan: VQGAN | None = None
         self.discriminator: NLayerDiscriminator | None = None
         self.lpips: LPIPS | None = None
@@ -203,10 +219,17 @@ class VQGANModule(L.LightningModule):
                 ``max_steps``).
         """
         self._decay_batches = self.run_batches()
-        if self.hparams.lr_decay != "constant" and self._decay_batches is None:
+        if self._decay_batches is not None:
+            return
+        if self.hparams.lr_decay != "constant":
             raise ValueError(
                 f"lr_decay={self.hparams.lr_decay!r} needs the length of training, which the trainer does not know "
                 "(data of unknown length): set trainer.max_steps, or lr_decay: constant"
+            )
+        if self.hparams.gumbel_temperature_end is not None:
+            raise ValueError(
+                "gumbel_temperature_end anneals over the length of training, which the trainer does not know "
+                "(data of unknown length): set trainer.max_steps, or gumbel_temperature_end: null"
             )
 
     def learning_rate(self) -> float:
@@ -217,6 +240,19 @@ class VQGANModule(L.LightningModule):
             return hp.lr
         progress = min(1.0, int(self.train_steps) / total)
         return hp.lr * (hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    def gumbel_temperature(self) -> float | None:
+        """The Gumbel-softmax temperature at the current batch (None for the ``vq`` quantizer): the configured one,
+        or its cosine annealing to ``gumbel_temperature_end`` over the run's batches (taming's
+        ``LambdaWarmUpCosineScheduler`` without warm-up)."""
+        if self.config.quantizer != "gumbel":
+            return None
+        start, end = self.config.gumbel_temperature, self.hparams.gumbel_temperature_end
+        total = self._decay_batches or self.run_batches()
+        if end is None or not total:
+            return start
+        progress = min(1.0, int(self.train_steps) / total)
+        return end + (start - end) * 0.5 * (1 + math.cos(math.pi * progress))
 
     def _reconstruct(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, Any]:
         x = self.vqgan.preprocess(batch_images(batch))  # (B, C, S, S) in [-1, 1]
@@ -233,10 +269,15 @@ class VQGANModule(L.LightningModule):
             for opt, base in ((opt_g, hp.lr), (opt_d, self.disc_lr)):
                 for group in opt.param_groups if opt is not None else ():
                     group["lr"] = base * scale
+        logs: dict[str, torch.Tensor | float] = {}
+        temperature = self.gumbel_temperature()
+        if temperature is not None:
+            self.vqgan.quantize.temperature = temperature
+            logs["train/gumbel_temperature"] = temperature
         x, x_rec, q = self._reconstruct(batch)
         rec_loss = self.reconstruction_loss(x, x_rec)
         nll = rec_loss
-        logs: dict[str, torch.Tensor] = {"train/rec_loss": rec_loss}
+        logs["train/rec_loss"] = rec_loss
         if self.lpips is not None:
             p_loss = self.lpips(x, x_rec).mean()
             nll = nll + hp.perceptual_weight * p_loss

@@ -17,6 +17,7 @@ Loading and saving live in :mod:`cm3leon_lightning.tokenization.vqgan_io`.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,6 +86,8 @@ class VQGANConfig:
         for name in ("num_res_blocks", "embed_dim", "n_embed", "in_channels", "out_ch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.gumbel_temperature > 0 or not math.isfinite(self.gumbel_temperature):
+            raise ValueError(f"gumbel_temperature must be a finite number > 0, got {self.gumbel_temperature}")
         if self.resolution % self.downsample_factor:
             raise ValueError(
                 f"resolution {self.resolution} must be divisible by the downsampling factor {self.downsample_factor} "
@@ -172,6 +175,8 @@ OVERRIDABLE_FIELDS = (
     "l2_normalize",
     "ema_decay",
     "dead_code_after",
+    "gumbel_kl_weight",
+    "gumbel_temperature",
 )
 
 

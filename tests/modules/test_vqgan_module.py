@@ -282,3 +282,44 @@ def test_lpips_refuses_pickled_checkpoint_with_conversion_hint(tmp_path: Path) -
     reference = LPIPS(tmp_path / "ref.safetensors")
     for k, v in reference.state_dict().items():
         assert torch.equal(converted.state_dict()[k], v), k
+
+
+def test_gumbel_temperature_anneals_over_the_run(tmp_path: Path) -> None:
+    """``gumbel_temperature_end`` anneals the Gumbel-softmax temperature with a cosine over the run's batches (taming's
+    gumbel_f8 schedule); each batch's temperature is logged and reaches the quantizer."""
+    torch.manual_seed(0)
+    module = VQGANModule(preset="micro", quantizer="gumbel", gumbel_temperature=0.9, gumbel_temperature_end=0.1,
+                         num_logged_images=0)  # fmt: skip
+    assert module.config.gumbel_temperature == 0.9
+    data = ImageDataModule(synthetic=16, image_size=16, batch_size=4)
+    trainer = _trainer(tmp_path, max_steps=4, limit_val_batches=0, enable_checkpointing=False, log_every_n_steps=1)
+    trainer.fit(module, datamodule=data)
+    expected = [0.1 + 0.8 * 0.5 * (1 + math.cos(math.pi * step / 4)) for step in range(4)]
+    assert module.vqgan.quantize.temperature == pytest.approx(expected[-1])  # the 4th batch ran at progress 3/4
+    assert module.gumbel_temperature() == pytest.approx(0.1)  # after the last batch: the end value
+    lines = (Path(trainer.logger.log_dir) / "metrics.csv").read_text().splitlines()
+    column = lines[0].split(",").index("train/gumbel_temperature")
+    logged = [float(row.split(",")[column]) for row in lines[1:] if row.split(",")[column]]
+    assert logged == pytest.approx(expected)
+    constant = VQGANModule(preset="micro", quantizer="gumbel", gumbel_temperature=0.5)
+    assert constant.gumbel_temperature() == 0.5
+    assert VQGANModule(preset="micro").gumbel_temperature() is None
+
+    class Stream(torch.utils.data.IterableDataset):  # no __len__: an epoch of unknown length
+        def __iter__(self):
+            yield from (torch.rand(4, 3, 16, 16) * 2 - 1 for _ in range(2))
+
+    unknown = VQGANModule(preset="micro", quantizer="gumbel", gumbel_temperature_end=0.1, num_logged_images=0)
+    stream = torch.utils.data.DataLoader(Stream(), batch_size=None)
+    with pytest.raises(ValueError, match="gumbel_temperature_end anneals over the length of training"):
+        _trainer(tmp_path, max_steps=-1, max_epochs=1, enable_checkpointing=False).fit(unknown, stream)
+
+
+def test_gumbel_temperature_argument_errors() -> None:
+    """The annealing needs the Gumbel quantizer and a positive end; the temperature itself must be positive."""
+    with pytest.raises(ValueError, match="gumbel_temperature_end anneals the Gumbel-softmax quantizer, but quantizer"):
+        VQGANModule(preset="micro", gumbel_temperature_end=0.1)
+    with pytest.raises(ValueError, match="gumbel_temperature_end must be a finite number > 0"):
+        VQGANModule(preset="micro", quantizer="gumbel", gumbel_temperature_end=0.0)
+    with pytest.raises(ValueError, match="gumbel_temperature must be a finite number > 0"):
+        VQGANModule(preset="micro", quantizer="gumbel", gumbel_temperature=0.0)
