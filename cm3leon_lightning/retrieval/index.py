@@ -145,7 +145,11 @@ class MemoryBank:
         """Train the coarse quantizer / product quantizer on a representative sample (no-op for Flat and HNSW).
 
         Args:
-            sample: ``(S, dim)`` embeddings; IVF needs at least ``nlist`` rows (faiss advises 30-256 per list).
+            sample: ``(S, dim)`` embeddings; IVF needs at least ``nlist`` rows (faiss advises 30-256 per list), PQ
+                with 8-bit codes at least 256.
+
+        Raises:
+            ValueError: the sample has the wrong shape, or is too small for the index (faiss's reason included).
         """
         if self.is_trained:
             return
@@ -155,7 +159,11 @@ class MemoryBank:
             raise ValueError(
                 f"training sample has {len(x)} rows, fewer than the {ivf.nlist} IVF lists of {self.factory}"
             )
-        self.index.train(x)
+        try:
+            self.index.train(x)
+        except RuntimeError as e:  # faiss's C++ assertions, e.g. fewer rows than a product quantizer's 256 centroids
+            reason = str(e).rsplit("failed: ", 1)[-1].strip()
+            raise ValueError(f"training {self.factory!r} on a sample of {len(x)} rows failed: {reason}") from e
 
     def add(self, embeddings: np.ndarray, keys: Sequence[str], batch_size: int = 65536) -> None:
         """Append embeddings with their document keys; row ids continue from ``len(self)``.

@@ -83,6 +83,15 @@ def test_ivf_needs_training_and_enough_rows():
     assert len(bank) == 100
 
 
+def test_product_quantizer_sample_too_small_is_a_clear_error():
+    """faiss's C++ assertion (a RuntimeError with its source location) becomes a ValueError naming the factory."""
+    x, _ = _data(100, 16)
+    bank = MemoryBank(16, "m", factory="IVF4,PQ8")
+    with pytest.raises(ValueError, match=r"training 'IVF4,PQ8' on a sample of 100 rows failed: Number of training "):
+        bank.train(x)
+    assert not bank.is_trained
+
+
 def test_bad_inputs_are_clear_errors():
     x, keys = _data(10, 4)
     bank = MemoryBank(4, "m")
