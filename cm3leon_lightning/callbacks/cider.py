@@ -79,7 +79,7 @@ class CIDErCallback(GenerationCallback):
         self.metric = CIDErD(tokenizer=tokenizer)  # resolves the tokenizer (and warns) now
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        """Read the evaluation images (codes and captions) once."""
+        """Read the evaluation images (codes and captions) once and check each has reference captions."""
         self.load_resources(trainer)  # a missing tokenizer or VQGAN fails now, not at the first validation
         if self.samples is None:
             source = self.data or getattr(getattr(trainer, "datamodule", None), "hparams", {}).get("val_data")
@@ -89,6 +89,12 @@ class CIDErCallback(GenerationCallback):
             self.samples, _ = read_shard_samples(source, self.num_samples, None, self.group_by_image)
         if not self.samples:
             raise ValueError("CIDErCallback: the evaluation set is empty")
+        for s in self.samples:  # checked now, not after the first validation's captions are generated
+            refs = s.references
+            if isinstance(refs, str) or not refs or not all(isinstance(r, str) for r in refs):
+                raise ValueError(
+                    f"CIDErCallback: sample {s.key!r} needs a non-empty list of reference captions, got {refs!r}"
+                )
 
     def codes_of(self, chunk: Sequence[EvalSample], device: torch.device) -> Tensor:
         """``(B, h*w)`` codes of the samples (the stored ones, else their images encoded with the VQGAN)."""

@@ -31,7 +31,9 @@ def read_vqa_file(path: str | os.PathLike[str], num_samples: int | None = None) 
     """Read a VQA-format JSON file (see the module docstring).
 
     Raises:
-        ValueError: the file is not a list, or an entry lacks ``question``, ``answers`` or an image / codes.
+        ValueError: the file is not a list, an entry lacks ``question``, ``answers`` or an image / codes, or its
+            answers are not a list of strings (numbers are read as text; VQA v2's ``{"answer": ...}`` records and a
+            lone string are refused rather than scored as their text or their letters).
     """
     path = Path(path)
     if path.suffix == ".jsonl":
@@ -45,14 +47,22 @@ def read_vqa_file(path: str | os.PathLike[str], num_samples: int | None = None) 
     for i, e in entries[:num_samples]:
         if not isinstance(e, dict) or "question" not in e or not e.get("answers") or not ("image" in e or "codes" in e):
             raise ValueError(f"{path}: {where} {i} needs 'question', non-empty 'answers' and 'image' (or 'codes')")
+        answers = e["answers"]
+        if not isinstance(answers, list) or not all(_is_answer(a) for a in answers):
+            records = isinstance(answers, list) and isinstance(answers[0], dict)  # VQA v2 annotations
+            hint = " (use each record's 'answer')" if records else ""
+            raise ValueError(f"{path}: {where} {i}: 'answers' must be a list of answer strings, got {answers!r}{hint}")
         codes = torch.as_tensor(e["codes"]).long() if "codes" in e else None
         image = None
         if codes is None:
             image = fid_resize((path.parent / e["image"]).read_bytes(), 256)  # re-sized to the VQGAN's later
-        out.append(
-            EvalSample(str(e.get("key", i)), [], image, codes, str(e["question"]), [str(a) for a in e["answers"]])
-        )
+        out.append(EvalSample(str(e.get("key", i)), [], image, codes, str(e["question"]), [str(a) for a in answers]))
     return out
+
+
+def _is_answer(a: object) -> bool:
+    """A human answer as a file may hold it: a string or a number (not a bool, list or record)."""
+    return isinstance(a, (str, int, float)) and not isinstance(a, bool)
 
 
 def _vqa_lines(path: Path) -> list[tuple[int, object]]:
@@ -118,6 +128,12 @@ class VQACallback(CIDErCallback):
             if self.data is None:
                 raise ValueError("VQACallback: give data (a VQA-format JSON file) or samples")
             self.samples = read_vqa_file(self.data, self.num_samples)
+            if not self.samples:
+                raise ValueError(
+                    f"VQACallback: {self.data} holds no VQA questions (of a .jsonl: no line of task 'vqa')"
+                )
+        if not self.samples:
+            raise ValueError("VQACallback: the evaluation set is empty (samples=[])")
         for s in self.samples:
             answers_ok = isinstance(s.answers, (list, tuple)) and all(isinstance(a, str) for a in s.answers)
             if s.question is None or not answers_ok or not s.answers:

@@ -12,9 +12,10 @@ Captions are tokenized first, as the COCO evaluation does:
 - ``"ptb"``: Stanford CoreNLP's PTBTokenizer (``-preserveLines -lowerCase``, the jar pycocoevalcap ships), then
   pycocoevalcap's punctuation tokens are dropped. Needs ``java`` on ``PATH``.
 - ``"simple"``: a pure-Python fallback, :func:`simple_ptb_tokenize`, that mimics the PTB rules captions meet
-  (lower-casing; punctuation split off and dropped; ``n't``/``'s``/``'re``... split off; brackets become ``-lrb-``
-  etc. as PTB writes them; periods kept in abbreviations such as ``mr.`` and ``u.s.``). It agrees with PTB on
-  ordinary captions (the tests check a fixed set) but not on every corner case, so scores may differ slightly.
+  (lower-casing; punctuation split off and dropped, typographic quotes, dashes and ``…`` too; ``n't``/``'s``/
+  ``'re``... split off, also written with ``’``; brackets become ``-lrb-`` etc. as PTB writes them; periods kept in
+  abbreviations such as ``mr.`` and ``u.s.``). It agrees with PTB on ordinary captions (the tests check a fixed
+  set) but not on every corner case, so scores may differ slightly.
 - ``"auto"``: PTB when Java is found, else the fallback with a warning.
 """
 
@@ -84,7 +85,8 @@ def ptb_tokenize(captions: Sequence[str]) -> list[str]:
     at form feeds, ``\\u2028``...), and the output must have one line per caption. Empty captions stay empty.
 
     Raises:
-        RuntimeError: no ``java`` on ``PATH``, or the tokenizer's output has another number of lines.
+        RuntimeError: no ``java`` on ``PATH``, Java failed (the message ends with its error output), or the
+            tokenizer's output has another number of lines.
     """
     if not captions:
         return []
@@ -104,10 +106,13 @@ def ptb_tokenize(captions: Sequence[str]) -> list[str]:
             "-lowerCase",
             name,
         ]
-        out = subprocess.run(cmd, capture_output=True, check=True).stdout.decode("utf-8")
+        done = subprocess.run(cmd, capture_output=True)
     finally:
         os.remove(name)
-    result = ptb_output_lines(out, len(captions))
+    if done.returncode != 0:
+        err = done.stderr.decode("utf-8", "replace").strip()[-2000:]
+        raise RuntimeError(f"PTBTokenizer (java -cp {_ptb_jar()}) failed with exit status {done.returncode}: {err}")
+    result = ptb_output_lines(done.stdout.decode("utf-8"), len(captions))
     return [" ".join(w for w in line.rstrip().split(" ") if w and w not in PTB_PUNCTUATIONS) for line in result]
 
 
@@ -147,7 +152,10 @@ _SPECIAL_WORDS = {
     "gimme": "gim me",
     "lemme": "lem me",
 }
-_CLITIC = re.compile(r"^(.+?)(n't|'s|'re|'ve|'ll|'d|'m)$")
+_CLITIC = re.compile(r"^(.+?)(n['’]t|['’]s|['’]re|['’]ve|['’]ll|['’]d|['’]m)$")  # PTB writes ’ clitics as '
+_SINGLE_QUOTES = "'‘’‛"  # PTB drops them as quotes (before or after a word); ’ inside a word stays
+_DOUBLE_QUOTES = re.compile('["“”«»]')  # all become the dropped quote tokens `` and ''
+_DASHES = re.compile("[—–‒―]")  # em, en, figure dash and horizontal bar: PTB's -- (dropped)
 _INTERNAL_PERIOD = re.compile(r"^[a-z0-9]+(\.[a-z0-9]+)+$")
 
 
@@ -156,6 +164,8 @@ def _split_word(tok: str) -> list[str]:
     out_tail: list[str] = []
     if set(tok) == {"."}:
         return [tok]
+    if set(tok) <= set(_SINGLE_QUOTES):  # a lone quote (’ too): dropped as punctuation
+        return ["'"]
     # Trailing periods: "..." is its own token; one period stays in abbreviations and dotted words (u.s., e.g.).
     m = re.match(r"^(.*?)(\.{2,})$", tok)
     if m and m.group(1):
@@ -164,19 +174,19 @@ def _split_word(tok: str) -> list[str]:
         stem = tok[:-1]
         if not (stem in _ABBREVIATIONS or _INTERNAL_PERIOD.match(stem)):
             tok, out_tail = stem, ["."]
-    if tok in _SPECIAL_WORDS:
-        return _SPECIAL_WORDS[tok].split() + out_tail
+    if tok.replace("’", "'") in _SPECIAL_WORDS:
+        return _SPECIAL_WORDS[tok.replace("’", "'")].split() + out_tail
     head: list[str] = []
-    while tok.startswith("'") and len(tok) > 1:  # opening single quote
+    while tok[0] in _SINGLE_QUOTES and len(tok) > 1:  # opening single quote
         head.append("'")
         tok = tok[1:]
     tail: list[str] = []
-    while tok.endswith("'") and len(tok) > 1:  # closing quote or plural possessive (dogs')
+    while tok[-1] in _SINGLE_QUOTES and len(tok) > 1:  # closing quote or plural possessive (dogs')
         tail.insert(0, "'")
         tok = tok[:-1]
     m = _CLITIC.match(tok)
     if m:
-        return head + [m.group(1), m.group(2)] + tail + out_tail
+        return head + [m.group(1), m.group(2).replace("’", "'")] + tail + out_tail
     return head + [tok] + tail + out_tail
 
 
@@ -190,7 +200,8 @@ def simple_ptb_tokenize(caption: str) -> str:
         Space-joined lower-case tokens, punctuation tokens removed.
     """
     text = caption.replace("\n", " ").replace("\r", " ").lower()
-    text = text.replace('"', " '' ").replace("``", " `` ")
+    text = _DOUBLE_QUOTES.sub(" '' ", text).replace("``", " `` ").replace("…", " ... ")
+    text = _DASHES.sub(" -- ", text)
     for bracket, word in _BRACKETS.items():
         text = text.replace(bracket, f" {word} ")
     text = re.sub(r"([?!]+)", r" \1 ", text)  # runs like "?!" stay one token, as in PTB
@@ -224,8 +235,12 @@ def cider_d(
     Returns:
         The corpus score (mean over images) and the per-image scores.
 
+    Warns:
+        UserWarning: one image only: its score is always 0, as every n-gram's IDF ``log(1 / 1)`` is.
+
     Raises:
-        ValueError: lengths differ, or an image has no reference.
+        ValueError: lengths differ, an image has no reference, or every reference is empty once tokenized (only
+            punctuation or spaces: no n-gram has a document frequency; pycocoevalcap fails on ``max()``).
     """
     from pycocoevalcap.cider.cider import Cider
 
@@ -244,6 +259,17 @@ def cider_d(
     for i, refs in enumerate(references):
         gts[i] = tokens[pos : pos + len(refs)]
         pos += len(refs)
+    if not any(t.split() for t in tokens[len(candidates) :]):
+        raise ValueError(
+            f"CIDEr: all {pos - len(candidates)} reference captions are empty once tokenized (punctuation and "
+            f"spaces only), e.g. references[0] = {list(references[0])!r}; CIDEr-D needs reference words"
+        )
+    if len(candidates) == 1:
+        warnings.warn(
+            "CIDEr-D of a single image is always 0: the IDF comes from the evaluated set, where every n-gram "
+            "occurs in all (one) reference sets; score several images together",
+            stacklevel=2,
+        )
     score, scores = Cider().compute_score(gts, res)
     return float(score), [float(s) for s in scores]
 

@@ -42,7 +42,8 @@ def fid_resize(image: Image.Image | bytes | np.ndarray | Tensor, image_size: int
 
     Raises:
         ValueError: ``image_size`` < 1, or a tensor / array image that is not uint8 with 3 channels (the message
-            gives its shape). PIL images and encoded files are converted to RGB.
+            gives its shape). PIL images and encoded files are converted to RGB as ``cm3leon prepare`` converts
+            training images (``data.cleaning.to_rgb``: transparent pixels white, 16-bit grey scaled to 8 bits).
     """
     if image_size < 1:
         raise ValueError(f"image_size must be >= 1, got {image_size}")
@@ -58,7 +59,9 @@ def fid_resize(image: Image.Image | bytes | np.ndarray | Tensor, image_size: int
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"an array image must be uint8 (H, W, 3), got {image.dtype} {image.shape}")
         image = Image.fromarray(image)
-    image = image.convert("RGB")
+    from cm3leon_lightning.data.cleaning import to_rgb
+
+    image = to_rgb(image)  # as training images are converted: transparent pixels white, 16-bit grey scaled
     w, h = image.size
     if (w, h) != (image_size, image_size):
         scale = image_size / min(w, h)

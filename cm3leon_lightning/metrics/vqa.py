@@ -118,8 +118,8 @@ def vqa_accuracy(
         raise ValueError(f"answers must be a non-empty list of human answers, got {answers!r}")
     pred = normalize_answer(prediction)
     if official_references:
-        refs = [a.replace("\n", " ").replace("\t", " ").strip() for a in answers]
-        refs = [process_punctuation(a) for a in refs] if len(set(answers)) > 1 else list(answers)
+        # As vqaEval.py: the raw human answers (not stripped), processPunctuation only when they disagree.
+        refs = [process_punctuation(a) for a in answers] if len(set(answers)) > 1 else list(answers)
     else:
         refs = [normalize_answer(a) for a in answers]
     matches = sum(r == pred for r in refs)

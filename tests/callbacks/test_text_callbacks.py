@@ -281,3 +281,60 @@ def test_the_manifests_tokenizer_is_found_beside_it_from_any_directory(
     (val / "tokenizer.json").write_bytes((val / "other" / "tokenizer.json").read_bytes())
     with pytest.raises(ValueError, match=r"tokenizer at \.\./data/val/tokenizer\.json .* is not the one"):
         SampleLoggerCallback(prompts=["x"]).load_text_tokenizer(SimpleNamespace(datamodule=data))
+
+
+@pytest.mark.parametrize(
+    "answers, hint",
+    [
+        ("red", r"got 'red'$"),  # was read as the answers 'r', 'e', 'd'
+        ([{"answer": "red", "answer_id": 1}], r"got \[\{'answer': 'red', 'answer_id': 1\}\] \(use each record's"),
+        (["red", ["blue"]], r"got \['red', \['blue'\]\]$"),
+    ],
+)
+def test_vqa_file_refuses_answers_that_are_not_strings(tmp_path: Path, answers, hint: str) -> None:
+    (tmp_path / "vqa.json").write_text(json.dumps([{"question": "q", "codes": [1], "answers": ["red", 2, 2.5]}]))
+    assert read_vqa_file(tmp_path / "vqa.json")[0].answers == ["red", "2", "2.5"]  # numbers read as text
+    (tmp_path / "vqa.json").write_text(json.dumps([{"question": "q", "codes": [1], "answers": ["red"]}] * 2))
+    entries = json.loads((tmp_path / "vqa.json").read_text())
+    entries[1]["answers"] = answers
+    (tmp_path / "vqa.json").write_text(json.dumps(entries))
+    with pytest.raises(ValueError, match=r"vqa.json: entry 1: 'answers' must be a list of answer strings, " + hint):
+        read_vqa_file(tmp_path / "vqa.json")
+    (tmp_path / "vqa.jsonl").write_text(json.dumps({"question": "q", "codes": [1], "answers": answers}) + "\n")
+    with pytest.raises(ValueError, match=r"vqa.jsonl: line 1: 'answers' must be a list of answer strings"):
+        read_vqa_file(tmp_path / "vqa.jsonl")
+
+
+def test_empty_evaluation_sets_are_refused_before_generating(parts, tmp_path: Path) -> None:
+    tok, _, module = parts
+    AnswersRight.calls = 0
+    (tmp_path / "sft.jsonl").write_text(json.dumps({"task": "caption", "codes": [1] * 64, "caption": "a cat"}) + "\n")
+    cb = AnswersRight(data=str(tmp_path / "sft.jsonl"), text_tokenizer=tok)
+    with pytest.raises(ValueError, match=r"sft.jsonl holds no VQA questions"):  # was 'compute() before update()'
+        trainer(tmp_path, [cb]).validate(module, val_loader(module.vocab), verbose=False)
+    with pytest.raises(ValueError, match=r"VQACallback: the evaluation set is empty \(samples=\[\]\)"):
+        trainer(tmp_path, [AnswersRight(samples=[], text_tokenizer=tok)]).validate(
+            module, val_loader(module.vocab), verbose=False
+        )
+    assert AnswersRight.calls == 0
+
+
+class CaptionsCounted(CIDErCallback):
+    """Captions every image 'a cat'; counts generate calls."""
+
+    calls = 0
+
+    def generate(self, pl_module, codes, instruction, seed):
+        type(self).calls += 1
+        return ["a cat"] * len(codes)
+
+
+@pytest.mark.parametrize("references", ["a red square", [], ["a cat", None]])
+def test_cider_callback_checks_references_before_generating(parts, tmp_path: Path, references) -> None:
+    tok, _, module = parts
+    CaptionsCounted.calls = 0
+    bad = [*coded_samples(2), EvalSample("k9", references, codes=torch.zeros(64, dtype=torch.long))]
+    cb = CaptionsCounted(samples=bad, text_tokenizer=tok, tokenizer="simple")
+    with pytest.raises(ValueError, match=r"sample 'k9' needs a non-empty list of reference captions, got "):
+        trainer(tmp_path, [cb]).validate(module, val_loader(module.vocab), verbose=False)
+    assert CaptionsCounted.calls == 0

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import warnings
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -48,6 +51,8 @@ EXTRA = [
     "o'clock Let's go ME AND YOU one+one=two a ... b",
     "Ünïcode café, naïve.",
     "",
+    "He’ll say “no”—maybe…",
+    "a man’s «big» hat – the dog’s ‘toy’ … I’m here, don’t go, can’t stop ’ o’clock",
 ]
 
 
@@ -176,3 +181,38 @@ def test_metric_states_are_typed_before_any_update() -> None:
         ]
         metric.update(["a cat"], [["a cat"]])
         metric.reset()
+
+
+def test_simple_tokenizer_reads_typographic_punctuation_as_ptb_does() -> None:
+    # PTB writes ’ clitics as ' and drops curly quotes, long dashes and the ellipsis; they stayed in the words.
+    assert (
+        simple_ptb_tokenize("He’ll say “no”—maybe… the dog’s ‘toy’ – can’t")
+        == "he 'll say no maybe the dog 's toy ca n't"
+    )
+    assert simple_ptb_tokenize("a ’ b «c» o’clock") == "a b c o’clock"
+
+
+@pytest.mark.parametrize("tokenizer", ["simple", pytest.param("ptb", marks=needs_java)])
+def test_references_empty_once_tokenized_are_a_clear_error(tokenizer: str) -> None:
+    with pytest.raises(
+        ValueError, match=r"all 3 reference captions are empty once tokenized.*references\[0\] = \['\.'\]"
+    ):
+        cider_d(["a cat", "a dog"], [["."], ["!", " "]], tokenizer)  # was pycocoevalcap's "max() arg is empty"
+    assert cider_d(["a cat", "a dog"], [["."], ["a dog"]], tokenizer)[1] == [0.0, 5.0]  # one reference has words
+
+
+def test_one_image_warns_that_its_score_is_zero() -> None:
+    with pytest.warns(UserWarning, match="single image is always 0"):
+        assert cider_d(["a cat"], [["a cat", "the cat"]], "simple") == (0.0, [0.0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cider_d(["a cat", "a dog"], [["a cat"], ["a dog"]], "simple")
+
+
+def test_java_failure_reports_its_error_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    java = tmp_path / "java"
+    java.write_text("#!/bin/sh\necho 'Error: Could not find or load main class' >&2\nexit 1\n")
+    java.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(RuntimeError, match="exit status 1: Error: Could not find or load main class"):
+        ptb_tokenize(["a cat"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import re
 from pathlib import Path
 
@@ -105,3 +106,18 @@ def test_bad_arguments_are_clear_errors(tmp_path: Path) -> None:
 def test_fid_resize_needs_three_channels(image, shape: str) -> None:
     with pytest.raises(ValueError, match=re.escape(shape)):
         fid_resize(image, 16)
+
+
+def test_fid_resize_converts_as_training_images_are() -> None:
+    # A transparent PNG (hidden colour (10, 0, 0)) and 16-bit grey: convert("RGB") gave dark red and near-white.
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., 0] = 10
+    buf = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(buf, "PNG")
+    assert (fid_resize(buf.getvalue(), 8) == 255).all()
+    grey = np.full((8, 8), 1000, np.uint16)
+    grey[0, 0] = 2000
+    image = Image.fromarray(grey)
+    assert image.mode == "I;16"
+    out = fid_resize(image, 8)
+    assert out[:, 0, 0].tolist() == [255] * 3 and out[:, 1, 1].tolist() == [128] * 3  # 1000 * 255 / 2000 = 127.5

@@ -86,3 +86,54 @@ def test_metric_update_checks_every_question_before_adding() -> None:
     with pytest.raises(ValueError, match="non-empty list"):
         metric.update(["red", "red"], [["red"], []])
     assert (metric.total.item(), metric.count.item()) == (1.0, 2)  # nothing of the refused batch was added
+
+
+def _vqa_eval(pred: str, answers: list[str]) -> float:
+    """GT-Vision-Lab/VQA vqaEval.py ``evaluate`` for one question, transcribed (its tables imported)."""
+    import re
+
+    from cm3leon_lightning.metrics.vqa import ARTICLES, CONTRACTIONS, NUMBER_WORDS, PUNCTUATION
+
+    period_strip, comma_strip = re.compile(r"(?!<=\d)(\.)(?!\d)"), re.compile(r"(\d)(\,)(\d)")
+
+    def punct(in_text: str) -> str:
+        out = in_text
+        for p in PUNCTUATION:
+            if (p + " " in in_text or " " + p in in_text) or (re.search(comma_strip, in_text) is not None):
+                out = out.replace(p, "")
+            else:
+                out = out.replace(p, " ")
+        return period_strip.sub("", out, re.UNICODE)
+
+    def digit_article(in_text: str) -> str:
+        out = [dict(NUMBER_WORDS).setdefault(w, w) for w in in_text.lower().split()]
+        out = [w for w in out if w not in ARTICLES]
+        return " ".join(CONTRACTIONS.get(w, w) for w in out)
+
+    res = digit_article(punct(pred.replace("\n", " ").replace("\t", " ").strip()))
+    gts = [{"answer": a, "answer_id": i} for i, a in enumerate(answers)]
+    if len(set(answers)) > 1:
+        for d in gts:
+            d["answer"] = punct(d["answer"])
+    acc = [min(1, len([o for o in gts if o != d and o["answer"] == res]) / 3) for d in gts]
+    return sum(acc) / len(acc)
+
+
+@pytest.mark.parametrize(
+    "pred, humans",
+    [
+        ("Two", ["2"] * 3 + ["two"] * 3 + OTHER[:4]),
+        ("yes", ["Yes"] * 10),  # all alike: the script leaves them as they are (no match)
+        ("yes", ["yes"] * 10),
+        ("red", ["red "] * 3 + ["red"] + OTHER[:6]),  # human answers are not stripped by the script
+        ("red", ["red!"] * 4 + ["blue"] * 6),
+        ("black and white", ["black-and-white", "black and white", "black & white", "b/w"] + OTHER[:6]),
+        ("1,000", ["1000", "1,000", "1000", "1 000"] + OTHER[:6]),
+        ("dont know", ["don't know"] * 5 + ["dont know"] * 5),
+        ("3.5 inches", ["3.5 inches"] * 2 + ["3.5"] * 2),
+    ],
+)
+def test_official_references_reproduce_vqa_eval(pred: str, humans: list[str]) -> None:
+    assert vqa_accuracy(pred, humans, official=True, official_references=True) == pytest.approx(
+        _vqa_eval(pred, humans), abs=1e-12
+    )
