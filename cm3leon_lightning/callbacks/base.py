@@ -59,7 +59,11 @@ def manifest_path(source: str | os.PathLike[str]) -> Path:
 
 
 def read_shard_samples(
-    source: str | os.PathLike[str], num_samples: int, image_size: int | None = None, group_by_image: bool = True
+    source: str | os.PathLike[str],
+    num_samples: int,
+    image_size: int | None = None,
+    group_by_image: bool = True,
+    all_references: bool = False,
 ) -> tuple[list[EvalSample], str]:
     """The first ``num_samples`` images of a prepared dataset, in manifest order, with their captions and codes.
 
@@ -69,6 +73,9 @@ def read_shard_samples(
         image_size: decode each sample's ``jpg`` to this size (:func:`fid_resize`); None leaves ``image`` None.
         group_by_image: samples with byte-identical ``jpg`` (e.g. COCO's five captions per image) become one item
             with several references.
+        all_references: with ``group_by_image``, read the whole dataset for the references of the images kept
+            (COCO's annotation order scatters an image's five captions, so stopping at the ``num_samples``-th image
+            drops some of them and lowers CIDEr); no further images are added.
 
     Returns:
         The samples and a reference id (sha256 over the manifest's shard hashes and these arguments) that keys the
@@ -91,6 +98,8 @@ def read_shard_samples(
                 by_image[digest].references.append(s.caption)
                 continue
             if len(out) == num_samples:
+                if group_by_image and all_references:
+                    continue  # only references of the images already kept from here on
                 done = True
                 break
             if image_size is not None and s.jpg is None:
@@ -102,7 +111,7 @@ def read_shard_samples(
                 by_image[digest] = item
         if done:
             break
-    h = hashlib.sha256(f"{num_samples}|{image_size}|{group_by_image}".encode())
+    h = hashlib.sha256(f"{num_samples}|{image_size}|{group_by_image}{'|all' if all_references else ''}".encode())
     for info in manifest.shards:
         h.update(info.sha256.encode())
     return out, h.hexdigest()

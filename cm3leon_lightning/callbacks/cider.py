@@ -34,7 +34,8 @@ class CIDErCallback(GenerationCallback):
         data: prepared shards (directory or manifest); None: the data module's ``val_data``.
         samples: in-memory samples (``references`` and ``codes`` or ``image``), instead of ``data``.
         num_samples: images captioned, the first ones in manifest order.
-        group_by_image: merge samples with identical ``jpg`` into one image with several references.
+        group_by_image: merge samples with identical ``jpg`` into one image with several references, gathered
+            from the whole dataset (an image's captions need not be next to each other).
         instruction: text placed before the answer span (empty for plain captioning).
         max_new_tokens: the most tokens per caption.
         method: ``greedy``, ``temperature`` or ``top_p``.
@@ -86,7 +87,9 @@ class CIDErCallback(GenerationCallback):
             if source is None:
                 raise ValueError("CIDErCallback: give data (validation shards) or samples")
             source = source[0] if isinstance(source, (list, tuple)) else source
-            self.samples, _ = read_shard_samples(source, self.num_samples, None, self.group_by_image)
+            self.samples, _ = read_shard_samples(
+                source, self.num_samples, None, self.group_by_image, all_references=True
+            )
         if not self.samples:
             raise ValueError("CIDErCallback: the evaluation set is empty")
         for s in self.samples:  # checked now, not after the first validation's captions are generated
