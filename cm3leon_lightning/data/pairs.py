@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from cm3leon_lightning.data.cleaning import to_rgb
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 SHAPE_COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -103,16 +105,20 @@ def to_square_uint8(image: Any, size: int) -> torch.Tensor:
     """An image (PIL, path, ``(H, W[, 3|4])`` array or ``(3, H, W)`` tensor) -> ``(3, size, size)`` uint8.
 
     Resized on the shortest side (bicubic, antialiased) and center-cropped. A uint8 image holds values in
-    ``[0, 255]``; any other dtype is read as ``[0, 1]`` and scaled by 255, whether or not it needs resizing.
+    ``[0, 255]``; any other dtype is read as ``[0, 1]`` and scaled by 255, whether or not it needs resizing. Files and
+    PIL images convert to RGB as ``cm3leon prepare`` converts them (:func:`cm3leon_lightning.data.cleaning.to_rgb`:
+    transparent pixels white, 16-bit grey scaled to 8 bits), so the retriever trains on the pixels it later embeds.
     """
     if isinstance(image, str | os.PathLike):
         with Image.open(image) as im:
-            image = np.asarray(im.convert("RGB"))
+            image = np.asarray(to_rgb(im))
     elif isinstance(image, Image.Image):
-        image = np.asarray(image.convert("RGB"))
+        image = np.asarray(to_rgb(image))
     if isinstance(image, np.ndarray):
         if image.ndim == 2:
             image = np.repeat(image[:, :, None], 3, axis=2)
+        if image.ndim != 3 or image.shape[2] not in (3, 4):  # a (3, H, W) array was read as H x W x 3 garbage
+            raise ValueError(f"image arrays must be (H, W), (H, W, 3) or (H, W, 4), got shape {image.shape}")
         image = torch.from_numpy(np.array(image[:, :, :3])).permute(2, 0, 1)  # copy: PIL arrays are read-only
     if image.ndim != 3 or image.shape[0] != 3:
         raise ValueError(f"image must be (3, H, W) or (H, W, 3), got {tuple(image.shape)}")

@@ -234,7 +234,8 @@ def read_sft_lines(path: Path) -> Iterator[SFTExample]:
             task, image = entry.pop("task", None), entry.get("image")
             if not isinstance(task, str) or not isinstance(image, str) or not image:
                 raise ValueError(f"{where}: needs string fields 'task' and 'image' (a path relative to the file)")
-            dataset = str(entry.pop("dataset", task))
+            dataset = entry.pop("dataset", None)
+            dataset = task if dataset is None else str(dataset)  # null is absent (not a dataset named "None")
             try:
                 eligible_templates(task, entry)
                 sanitize_key(dataset)
@@ -263,6 +264,8 @@ class SFTSource(PairSource):
 
     def __init__(self, path: str | Path, up: float = 3.0, down: float = 0.3, seed: int = 0) -> None:
         self.path, self.up, self.down, self.seed = Path(path), float(up), float(down), int(seed)
+        if self.seed < 0:
+            raise ValueError(f"the SFT seed (--sft-seed) must be >= 0, got {seed}")
         if self.path.is_dir():
             files = sorted(self.path.glob("*.jsonl"))
             if not files:
@@ -271,6 +274,14 @@ class SFTSource(PairSource):
             files = [self.path]
         else:
             raise FileNotFoundError(f"SFT input not found: {self.path}")
+        stems: dict[str, Path] = {}
+        for file in files:  # keys are built from the sanitised stem: "a.b.jsonl" and "a_b.jsonl" would share them
+            other = stems.setdefault(sanitize_key(file.stem), file)
+            if other != file:
+                raise ValueError(
+                    f"{other.name} and {file.name} give the same example keys (sft-{sanitize_key(file.stem)}-<line>); "
+                    "prepare would keep one file's examples and drop the other's as duplicates: rename one"
+                )
         self.files = files
         self.examples: dict[str, list[SFTExample]] = {}
         for file in files:

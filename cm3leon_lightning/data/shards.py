@@ -272,11 +272,15 @@ def iter_tar_samples(stream: BinaryIO, name: str = "<stream>") -> Iterator[tuple
 
 
 def read_shard(path: str | os.PathLike[str], manifest: Manifest) -> Iterator[ShardSample]:
-    """Read and validate every sample of a local shard (raising on the first problem)."""
+    """Read and validate every sample of a local shard (raising on the first problem, naming the shard and key)."""
     vocab = manifest.vocab()
     with open(path, "rb") as f:
         for key, members in iter_tar_samples(f, str(path)):
-            yield decode_sample(key, members, vocab)
+            try:
+                sample = decode_sample(key, members, vocab)
+            except ShardFormatError as e:  # decode_sample names the key; the shard is known only here
+                raise ShardFormatError(e.reason, f"shard {path}: {e}") from e
+            yield sample
 
 
 # ------------------------------------------------------------------------------------------------ writing

@@ -14,6 +14,7 @@ its length and no masked span is ever cut.
 from __future__ import annotations
 
 import hashlib
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,7 @@ from cm3leon_lightning.data.shards import Neighbor, ShardFormatError, ShardSampl
 from cm3leon_lightning.tokenization.vocab import MultimodalVocab
 
 CHOICE_STREAM, ORDER_STREAM, MASK_STREAM = 0, 1, 2
+INFILL_ARGS = ("rate", "whole_segment_prob")  # the keyword arguments of cm3_infill that infill_kwargs may set
 
 
 @dataclass
@@ -40,6 +42,9 @@ class PipelineConfig:
         infill: apply CM3 masking (:func:`cm3_infill`).
         infill_kwargs: extra keyword arguments of :func:`cm3_infill` (``rate``, ``whole_segment_prob``).
         slot_len: tokens available to one example (``seq_len // pack``).
+
+    Raises:
+        ValueError: a negative or non-integer ``seed``, or ``infill_kwargs`` that :func:`cm3_infill` would refuse.
     """
 
     vocab: MultimodalVocab
@@ -50,6 +55,20 @@ class PipelineConfig:
     infill: bool = True
     infill_kwargs: dict[str, Any] = field(default_factory=dict)
     slot_len: int = 4096
+
+    def __post_init__(self) -> None:
+        # Checked here, when the data module is built: a bad value used to fail at the first batch, in a worker.
+        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral) or self.seed < 0:
+            raise ValueError(f"seed must be an integer >= 0 (it seeds numpy's generators), got {self.seed!r}")
+        from cm3leon_lightning.objective.cm3 import check_infill_args
+
+        unknown = sorted(set(self.infill_kwargs) - set(INFILL_ARGS))
+        if unknown:
+            raise ValueError(f"infill_kwargs: unknown key(s) {unknown}; cm3_infill takes {', '.join(INFILL_ARGS)}")
+        try:
+            check_infill_args(**self.infill_kwargs)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"infill_kwargs: {e}") from e
 
     @property
     def mask_overhead(self) -> int:

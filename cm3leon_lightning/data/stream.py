@@ -170,17 +170,16 @@ class ShardStream(IterableDataset):
     def _slots(
         self, worker: int, wplan: planning.WorkerPlan, cursor: tuple[int, int]
     ) -> Iterator[tuple[tuple[int, int], Any]]:
-        """``((window, offset_after), slot)``: slot is a Counter (a window header) or a raw sample."""
+        """``((window, offset_after), slot)``: slot is a Counter (a window header) or ``(shard url, raw sample)``."""
         for w, group in enumerate(planning.windows(self._pieces(worker, wplan), self.shuffle_shards)):
             if w < cursor[0]:
                 continue
-            items: list[tuple[str, dict[str, bytes]]] = []
+            items: list[tuple[str, tuple[str, dict[str, bytes]]]] = []
             lost: Counter = Counter()
             for piece in group:
-                got, bad = read_piece(
-                    self.urls[piece.shard], self.infos[piece.shard], piece, self.verify_sha256, self.allow_remote
-                )
-                items += got
+                url = self.urls[piece.shard]
+                got, bad = read_piece(url, self.infos[piece.shard], piece, self.verify_sha256, self.allow_remote)
+                items += [(url, item) for item in got]  # the shard travels with the sample, for error messages
                 lost += bad
             perm = planning.window_permutation(
                 len(items), self.cfg.seed, self.epoch, self.rank, worker, w, self.shuffle
@@ -219,10 +218,11 @@ class ShardStream(IterableDataset):
                         )
                     continue
                 unreadable_in_a_row = 0
+                url, item = slot
                 try:
-                    examples.append(build_example(decode(slot, self.cfg.vocab), self.cfg, self.epoch))
+                    examples.append(build_example(decode(item, self.cfg.vocab), self.cfg, self.epoch))
                 except ShardFormatError as e:
-                    log.warning("skipping sample: %s", e)
+                    log.warning("skipping a sample of shard %s: %s", url, e)
                     counts[f"skipped_{e.reason}"] += 1
             counts["examples"] += len(examples)
             counts["dropped_retrieved"] += sum(ex.dropped_retrieved for ex in examples)

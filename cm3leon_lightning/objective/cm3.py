@@ -56,6 +56,18 @@ def _as_ids(ids: np.ndarray | Sequence[int], vocab: MultimodalVocab, name: str) 
     return arr
 
 
+def check_infill_args(rate: float = DEFAULT_RATE, whole_segment_prob: float = DEFAULT_WHOLE_SEGMENT_PROB) -> None:
+    """Check :func:`cm3_infill`'s settings (a data pipeline calls it when configured, before any data is read).
+
+    Raises:
+        ValueError: ``rate`` not a finite number >= 0, or ``whole_segment_prob`` outside ``[0, 1]``.
+    """
+    if not (rate >= 0 and np.isfinite(rate)):
+        raise ValueError(f"rate must be a finite number >= 0, got {rate}")
+    if not 0.0 <= whole_segment_prob <= 1.0:
+        raise ValueError(f"whole_segment_prob must lie in [0, 1], got {whole_segment_prob}")
+
+
 def cm3_infill(
     ids: np.ndarray | Sequence[int],
     vocab: MultimodalVocab,
@@ -112,10 +124,7 @@ def cm3_infill(
         ValueError: bad ``rate``/``whole_segment_prob``, ids out of range, an input that does not end with
             ``<eos>``, or one that already holds ``<infill>`` or a sentinel (it could not be restored).
     """
-    if not (rate >= 0 and np.isfinite(rate)):
-        raise ValueError(f"rate must be a finite number >= 0, got {rate}")
-    if not 0.0 <= whole_segment_prob <= 1.0:
-        raise ValueError(f"whole_segment_prob must lie in [0, 1], got {whole_segment_prob}")
+    check_infill_args(rate, whole_segment_prob)
     arr = _as_ids(ids, vocab, "ids")
     if arr.size == 0 or arr[-1] != vocab.eos_id:
         raise ValueError("ids must end with <eos> (a serialized training example, see MultimodalVocab.example_to_ids)")

@@ -251,6 +251,13 @@ def test_the_packed_config_leaves_room_for_retrieval_at_16x16() -> None:
     assert fit_to_context([doc] * args["max_retrieved"], 20, 256, budget) == (2, 20)
 
 
+def test_bad_seed_and_infill_settings_fail_at_construction(tiny_dataset: Path) -> None:
+    with pytest.raises(ValueError, match="seed must be an integer >= 0"):
+        make_dm(tiny_dataset, seed=-1)
+    with pytest.raises(ValueError, match=r"infill_kwargs: unknown key\(s\) \['rat'\]"):
+        make_dm(tiny_dataset, infill_kwargs={"rat": 2.0})
+
+
 def test_too_few_shards_is_a_clear_error_at_setup(tiny_dataset: Path) -> None:
     with pytest.raises(ValueError, match="6 shards for 1 ranks x 8 workers = 8 readers"):
         make_dm(tiny_dataset, num_workers=8).setup("fit")
@@ -297,6 +304,18 @@ def test_bad_samples_are_skipped_and_counted(tiny_dataset: Path, reason: str) ->
     dm = make_dm(tiny_dataset)
     keys = keys_of(list(dm.train_dataloader()))
     assert dm.skip_counts == {reason: 1} and len(keys) == 21 and "doc-0009" not in keys
+
+
+def test_skipped_samples_are_logged_with_their_shard_and_key(tiny_dataset: Path, caplog) -> None:
+    """The warning named the key only; a shard-level problem named the shard, a sample-level one did not."""
+    rewrite_shard(tiny_dataset, 2, BAD_CASES["image_length"])
+    with caplog.at_level("WARNING", logger="cm3leon_lightning.data.stream"):
+        list(make_dm(tiny_dataset).train_dataloader())
+    skipped = [r.getMessage() for r in caplog.records if "skipping" in r.getMessage()]
+    assert skipped == [
+        f"skipping a sample of shard {tiny_dataset / 'shard-000002.tar'}: sample 'doc-0009' image.npy: 3 image "
+        "codes; expected grid_h*grid_w = 4"
+    ]
 
 
 def test_bad_shards_are_skipped_and_counted(tiny_dataset: Path) -> None:

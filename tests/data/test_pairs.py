@@ -101,6 +101,26 @@ def test_float_images_scale_to_uint8_whether_or_not_they_are_resized():
     assert to_square_uint8(same, 6) is same  # uint8 at the size: unchanged
 
 
+def test_images_convert_to_rgb_as_prepare_converts_them(tmp_path):
+    """CLIP training used a plain convert("RGB"): transparent pixels black and 16-bit grey near-white, where
+    `cm3leon prepare` (cleaning.to_rgb), whose images the trained retriever embeds, makes them white and scaled."""
+    rgba = np.zeros((4, 4, 4), np.uint8)
+    rgba[0, 0] = (200, 10, 10, 255)  # one opaque pixel, the rest transparent black
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "t.png")
+    out = to_square_uint8(tmp_path / "t.png", 4)
+    assert out[:, 0, 0].tolist() == [200, 10, 10] and out[:, 3, 3].tolist() == [255, 255, 255]
+    assert torch.equal(to_square_uint8(Image.fromarray(rgba, "RGBA"), 4), out)
+    grey = np.arange(16, dtype=np.uint16).reshape(4, 4) * 4000  # 0 .. 60000
+    Image.fromarray(grey).save(tmp_path / "g16.png")
+    assert to_square_uint8(tmp_path / "g16.png", 4)[0, 0].tolist() == [0, 17, 34, 51]  # round(v * 255 / 60000)
+
+
+def test_channels_first_arrays_are_refused_not_garbled():
+    """A (3, H, W) array was read as an image of H rows and 3 columns: a wrong picture without a word."""
+    with pytest.raises(ValueError, match=r"\(H, W\), \(H, W, 3\) or \(H, W, 4\), got shape \(3, 8, 8\)"):
+        to_square_uint8(np.zeros((3, 8, 8), np.uint8), 8)
+
+
 def test_bad_arguments_are_clear():
     with pytest.raises(ValueError, match="exactly one of"):
         ImageCaptionDataModule()

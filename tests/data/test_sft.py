@@ -147,6 +147,28 @@ def test_source_reads_a_folder_of_files(tmp_path: Path) -> None:
         SFTSource(tmp_path / "missing.jsonl")
 
 
+def test_files_whose_keys_would_collide_are_refused(tmp_path: Path) -> None:
+    """Keys come from the sanitised file stem: "coco.v2.jsonl" and "coco_v2.jsonl" gave the same keys
+    (sft-coco_v2-1-0), and prepare kept one file's examples, dropping the other's as duplicate keys."""
+    _write_lines(tmp_path / "coco.v2.jsonl", [{"task": "ocr", "image": "x.png", "ocr": "STOP"}])
+    _write_lines(tmp_path / "coco_v2.jsonl", [{"task": "text", "image": "y.png", "text": "hello"}])
+    message = r"coco.v2.jsonl and coco_v2.jsonl give the same example keys \(sft-coco_v2-<line>\)"
+    with pytest.raises(ValueError, match=message):
+        SFTSource(tmp_path)
+
+
+def test_null_dataset_defaults_to_the_task_and_the_seed_is_checked(tmp_path: Path) -> None:
+    """A JSON null "dataset" (e.g. a missing value in an exported table) made a dataset named "None", balanced as
+    one dataset across tasks; a negative seed failed in numpy with "expected non-negative integer"."""
+    path = _write_lines(
+        tmp_path / "mix.jsonl",
+        [{"task": "vqa", "dataset": None, "image": "x.png", **VQA}, {"task": "ocr", "image": "y.png", "ocr": "GO"}],
+    )
+    assert SFTSource(path, up=1, down=1).counts == {"vqa": 1, "ocr": 1}
+    with pytest.raises(ValueError, match=r"the SFT seed \(--sft-seed\) must be >= 0, got -1"):
+        SFTSource(path, seed=-1)
+
+
 def _empty(tmp_path: Path) -> Path:
     d = tmp_path / "empty"
     d.mkdir()

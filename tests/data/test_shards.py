@@ -151,6 +151,26 @@ def test_reader_rejects_bad_samples_with_a_reason(mutate, reason) -> None:
     assert err.value.reason == reason
 
 
+def test_read_shard_errors_name_the_shard_and_the_key(tmp_path: Path) -> None:
+    """A bad sample's error named its key only; among thousands of shards the user could not tell which to fix."""
+    m = write_dataset(tmp_path, 4, 4)
+    path = tmp_path / "shard-000000.tar"
+    items = list(iter_tar_samples(io.BytesIO(path.read_bytes())))
+    items[2][1]["image.npy"] = npy([0, 1, 2])
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tf:
+        for key, members in items:
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    got = []
+    with pytest.raises(ShardFormatError) as err:
+        for sample in read_shard(path, m):
+            got.append(sample.key)
+    assert got == ["doc-0000", "doc-0001"] and err.value.reason == "image_length"
+    assert str(err.value) == f"shard {path}: sample 'doc-0002' image.npy: 3 image codes; expected grid_h*grid_w = 4"
+
+
 def test_truncated_tar_yields_complete_samples_then_fails(tmp_path: Path) -> None:
     write_dataset(tmp_path, 4, 4)
     data = (tmp_path / "shard-000000.tar").read_bytes()

@@ -164,6 +164,24 @@ def test_masking_reserve_keeps_examples_within_the_slot() -> None:
     assert build_example(hand_sample(), cfg(infill=True, slot_len=23 + 17), epoch=0).n_retrieved == 1
 
 
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"seed": -1}, r"seed must be an integer >= 0 \(it seeds numpy's generators\), got -1"),
+        ({"seed": 1.5}, r"seed must be an integer >= 0 .*got 1.5"),
+        ({"infill_kwargs": {"rat": 1.0}}, r"infill_kwargs: unknown key\(s\) \['rat'\]; cm3_infill takes rate, "),
+        ({"infill_kwargs": {"rate": -1.0}}, r"infill_kwargs: rate must be a finite number >= 0, got -1.0"),
+        ({"infill_kwargs": {"whole_segment_prob": 2}}, r"infill_kwargs: whole_segment_prob must lie in \[0, 1\]"),
+    ],
+)
+def test_bad_settings_fail_when_configured_not_at_the_first_batch(kw, message) -> None:
+    """They failed at the first batch, inside a DataLoader worker (a negative seed as numpy's "expected
+    non-negative integer", naming no argument; a misspelt infill key as cm3_infill's TypeError)."""
+    with pytest.raises(ValueError, match=message):
+        cfg(**kw)
+    assert cfg(seed=np.int64(3), infill_kwargs={"rate": 2.0, "whole_segment_prob": 0.0}).seed == 3
+
+
 def test_collate_pads_and_packs_to_static_shapes() -> None:
     def ex(key: str, n: int) -> Example:
         return Example(key, np.arange(1, n + 1), n_retrieved=1, dropped_retrieved=n % 2, truncated_tokens=0)
