@@ -8,6 +8,7 @@ to ``[-1, 1]``). WebDataset stages are small module-level functions so worker pr
 from __future__ import annotations
 
 import functools
+import io
 from pathlib import Path
 
 import lightning as L
@@ -16,6 +17,8 @@ import torch
 import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+from cm3leon_lightning.data.cleaning import to_rgb
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 _PALETTE = np.array(
@@ -50,8 +53,9 @@ def synthetic_images(n: int, size: int, seed: int = 0) -> np.ndarray:
 
 
 def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
-    """Resize so the shorter side is ``size`` (bicubic), then crop the centre ``size x size`` square (RGB)."""
-    image = image.convert("RGB")
+    """Resize so the shorter side is ``size`` (bicubic), then crop the centre ``size x size`` square (RGB, converted
+    as ``cm3leon prepare`` converts images: transparent pixels white, 16-bit grey scaled)."""
+    image = to_rgb(image)
     w, h = image.size
     scale = size / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
@@ -105,9 +109,21 @@ class ImageFolderDataset(Dataset):
             image = Image.fromarray(item)
         else:
             with Image.open(item) as f:
-                image = f.convert("RGB")
+                f.load()
+                image = to_rgb(f).copy()  # a copy: ``f`` itself when it is RGB already
         flip = self.hflip and bool(np.random.default_rng((self.seed, index)).integers(2))
         return to_tensor(image, self.image_size, flip)
+
+
+def decode_image(key: str, data: bytes) -> Image.Image | None:
+    """WebDataset decoder: a ``jpg``/``jpeg``/``png`` member as an RGB PIL image converted as ``cm3leon prepare``
+    converts images (webdataset's ``"pil"`` makes transparent pixels their hidden colour and clips 16-bit grey);
+    None for other members."""
+    if key.rsplit(".", 1)[-1].lower() not in ("jpg", "jpeg", "png"):
+        return None
+    with Image.open(io.BytesIO(data)) as image:
+        image.load()
+        return to_rgb(image).copy()
 
 
 def pick_image(sample: dict) -> Image.Image:
@@ -144,7 +160,7 @@ def image_shards(urls: str | list[str], image_size: int, shuffle: int = 0, hflip
     if shuffle:
         stages.append(wds.shuffle(shuffle))
     to_sample = functools.partial(_random_flip_tensor, size=image_size, hflip=hflip)
-    stages += [wds.decode("pil"), wds.map(pick_image), wds.map(to_sample)]
+    stages += [wds.decode(decode_image), wds.map(pick_image), wds.map(to_sample)]
     return wds.DataPipeline(*stages)
 
 

@@ -265,9 +265,12 @@ ImageLike = Image.Image | np.ndarray | torch.Tensor
 
 
 def _to_chw_float(img: ImageLike) -> torch.Tensor:
-    """One image (PIL, HWC uint8 array, or CHW tensor) -> (3, H, W) float in [0, 1]."""
+    """One image (PIL, HWC uint8 array, or CHW tensor) -> (3, H, W) float in [0, 1]; PIL images convert to RGB as
+    ``cm3leon prepare`` converts them (transparent pixels white, 16-bit grey scaled)."""
     if isinstance(img, Image.Image):
-        img = np.asarray(img.convert("RGB"))
+        from cm3leon_lightning.data.cleaning import to_rgb  # lazy: the data package imports Lightning
+
+        img = np.asarray(to_rgb(img))
     if isinstance(img, np.ndarray):
         if img.ndim == 2:
             img = np.repeat(img[:, :, None], 3, axis=2)

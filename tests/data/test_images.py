@@ -111,3 +111,27 @@ def test_datamodule_synthetic_and_errors(tmp_path: Path) -> None:
     (tmp_path / "d").mkdir()
     with pytest.raises(ValueError, match="no .tar shards"):
         shard_urls(str(tmp_path / "d"))
+
+
+def test_images_convert_to_rgb_as_prepare_converts_them(tmp_path: Path) -> None:
+    """Folders and shards convert images as ``cm3leon prepare`` does (``data.cleaning.to_rgb``): a transparent pixel
+    is white, not its hidden colour, and 16-bit grey is scaled, not clipped to white; so the VQGAN trains on the
+    pixels it will later encode."""
+    rgba = np.zeros((8, 8, 4), dtype=np.uint8)
+    rgba[..., 0] = 10  # hidden colour (10, 0, 0) under full transparency
+    rgba[:4, :, 3] = 255  # top half opaque
+    grey = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000).astype(np.uint16)  # 16-bit, max 63000
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    Image.fromarray(grey).save(tmp_path / "b.png")
+    folder = ImageFolderDataset(tmp_path, 8)
+    transparent, deep = folder[0], folder[1]
+    assert transparent[:, :4].unique().tolist() == [0, 10] and transparent[:, 4:].unique().tolist() == [255]
+    expected_grey = np.round(grey.astype(np.float64) * 255 / 63000).astype(np.uint8)
+    assert torch.equal(deep[0], torch.from_numpy(expected_grey)) and torch.equal(deep[0], deep[2])
+    shard = tmp_path / "shards"
+    shard.mkdir()
+    with wds.TarWriter(str(shard / "s-0.tar")) as w:
+        for key in ("a", "b"):
+            w.write({"__key__": key, "png": (tmp_path / f"{key}.png").read_bytes()})
+    batches = list(ImageDataModule(train=str(shard), image_size=8, batch_size=2, num_workers=0).train_dataloader())
+    assert torch.equal(batches[0][0], transparent) and torch.equal(batches[0][1], deep)

@@ -78,6 +78,10 @@ def test_image_input_forms_agree(enc):
     np.testing.assert_allclose(enc.embed_images([Image.fromarray(a).convert("RGBA") for a in arr]), ref, atol=1e-5)
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
         enc.embed_images(u8.permute(0, 2, 3, 1))
+    # transparent pixels are white, as cm3leon prepare converts images (convert("RGB") kept their hidden colour)
+    clear = np.concatenate([arr[0], np.zeros((40, 48, 1), np.uint8)], axis=2)
+    white = np.full_like(arr[0], 255)
+    np.testing.assert_allclose(enc.embed_images([Image.fromarray(clear, "RGBA")]), enc.embed_images([white]), atol=1e-5)
 
 
 def test_document_embedding_is_the_renormalised_mean_of_normalised_parts(enc):
