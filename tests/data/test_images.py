@@ -133,5 +133,6 @@ def test_images_convert_to_rgb_as_prepare_converts_them(tmp_path: Path) -> None:
     with wds.TarWriter(str(shard / "s-0.tar")) as w:
         for key in ("a", "b"):
             w.write({"__key__": key, "png": (tmp_path / f"{key}.png").read_bytes()})
-    batches = list(ImageDataModule(train=str(shard), image_size=8, batch_size=2, num_workers=0).train_dataloader())
+    data = ImageDataModule(train=str(shard), image_size=8, batch_size=2, num_workers=0, shuffle_buffer=0)
+    batches = list(data.train_dataloader())
     assert torch.equal(batches[0][0], transparent) and torch.equal(batches[0][1], deep)
