@@ -3,13 +3,13 @@
 Bad input is never fatal: :func:`clean_caption` and :func:`load_image` apply the rules below and raise
 :class:`BadInput` with a counted ``reason``.
 
-Caption rules: bytes are decoded as UTF-8 (a BOM is dropped); undecodable bytes are replaced by U+FFFD and counted
-``repaired_caption_non_utf8``. Control characters become spaces and whitespace runs collapse to one space. Empty
-(or missing) after that: skipped, ``caption_empty`` / ``caption_missing``. Longer than ``max_chars``: cut at the last
-space before the limit (or at the limit) and counted ``repaired_caption_truncated``. A caption given as bytes gives
-the same text as the same caption given as a string; a huge one is read only up to the text that the limit keeps.
-(The prepare pipeline also cuts BPE encodings longer than ``max_caption_tokens``, storing the caption decoded from the
-kept ids: ``repaired_caption_tokens``.)
+Caption rules: bytes are decoded as UTF-8 (a BOM is dropped); undecodable bytes, and unpaired surrogates in a string
+(a JSON ``"\\ud800"`` escape), are replaced by U+FFFD and counted ``repaired_caption_non_utf8``. Control characters
+become spaces and whitespace runs collapse to one space. Empty (or missing) after that: skipped, ``caption_empty`` /
+``caption_missing``. Longer than ``max_chars``: cut at the last space before the limit (or at the limit) and counted
+``repaired_caption_truncated``. A caption given as bytes gives the same text as the same caption given as a string; a
+huge one is read only up to the text that the limit keeps. (The prepare pipeline also cuts BPE encodings longer than
+``max_caption_tokens``, storing the caption decoded from the kept ids: ``repaired_caption_tokens``.)
 
 Image rules: missing file ``image_missing``; unreadable, truncated or decompression-bomb ``image_unreadable``;
 shorter side below ``min_size`` pixels ``image_too_small`` (all skipped). Any mode other than RGB is converted
@@ -46,6 +46,7 @@ REPAIR_REASONS = (
 )
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]+")
 _SPACES = re.compile(r"\s+")
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
 _PIECE = 1 << 16  # characters (str) or bytes (UTF-8) cleaned at a time
 
 
@@ -58,12 +59,15 @@ class BadInput(SkipError):
 def _pieces(caption: str | bytes) -> Iterator[tuple[str, bool]]:
     """``caption`` as text, in pieces of about :data:`_PIECE` characters, each with whether it decoded cleanly.
 
-    Bytes are decoded as UTF-8 without a leading BOM, undecodable bytes replaced by U+FFFD; they are cut only before
-    a byte that is not a continuation byte, so the pieces join to exactly the text of decoding the whole.
+    Bytes are decoded as UTF-8 without a leading BOM, undecodable bytes (and a string's unpaired surrogates, which no
+    tokenizer or file takes) replaced by U+FFFD; they are cut only before a byte that is not a continuation byte, so
+    the pieces join to exactly the text of decoding the whole.
     """
-    if isinstance(caption, str):
+    if isinstance(caption, str):  # lone surrogates (JSON's "\\ud800") are not text: U+FFFD as for bad bytes
         for i in range(0, len(caption), _PIECE):
-            yield caption[i : i + _PIECE], True
+            piece = caption[i : i + _PIECE]
+            fixed = _SURROGATE.sub("\ufffd", piece)
+            yield fixed, fixed == piece
         return
     i = len(codecs.BOM_UTF8) if caption.startswith(codecs.BOM_UTF8) else 0
     while i < len(caption):

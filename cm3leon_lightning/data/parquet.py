@@ -5,7 +5,8 @@ An image column may hold encoded bytes (``binary``), a path (``string``, relativ
 ``datasets``' ``Image`` feature (a struct of ``bytes`` and ``path``; bytes win). A caption column holds a string or a
 list of strings (the first non-empty one is taken, as ``coco --coco-mode first`` does). Files are read in sorted order
 and rows in file order; a range is read one row group at a time, only the needed columns, so memory stays at one row
-group. Keys come from ``key_column`` or are ``{file stem}-{row:07d}``. Needs ``pyarrow`` (the ``parquet`` extra).
+group. Keys come from ``key_column`` (a null value: the default key) or are ``{file stem}-{row:07d}``, made
+WebDataset-safe by :func:`~cm3leon_lightning.data.sources.document_key`. Needs ``pyarrow`` (the ``parquet`` extra).
 """
 
 from __future__ import annotations
@@ -17,8 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from cm3leon_lightning.data.shards import sanitize_key
-from cm3leon_lightning.data.sources import PairSource, RawPair, stat_fingerprint
+from cm3leon_lightning.data.sources import PairSource, RawPair, document_key, stat_fingerprint
 
 
 def _pyarrow() -> Any:
@@ -95,16 +95,17 @@ class ParquetSource(PairSource):
         import pyarrow as pa
 
         names = list(schema.names)
+        text = lambda t: pa.types.is_string(t) or pa.types.is_large_string(t)  # noqa: E731
         kinds = {
             self.image_column: ("image", lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t)
                                 or pa.types.is_string(t) or pa.types.is_large_string(t)
                                 or (pa.types.is_struct(t) and {"bytes", "path"} & {t.field(i).name
                                                                                     for i in range(t.num_fields)})),
-            self.caption_column: ("caption", lambda t: pa.types.is_string(t) or pa.types.is_large_string(t)
-                                  or (pa.types.is_list(t) and pa.types.is_string(t.value_type))),
+            self.caption_column: ("caption", lambda t: text(t) or ((pa.types.is_list(t) or pa.types.is_large_list(t))
+                                                                   and text(t.value_type))),
         }  # fmt: skip
         if self.key_column is not None:
-            kinds[self.key_column] = ("key", lambda t: pa.types.is_string(t) or pa.types.is_integer(t))
+            kinds[self.key_column] = ("key", lambda t: text(t) or pa.types.is_integer(t))
         for column, (role, ok) in kinds.items():
             if column not in names:
                 raise ValueError(f"--input: {path} has no {role} column {column!r}; its columns: {names}")
@@ -146,9 +147,10 @@ class ParquetSource(PairSource):
         columns = [self.image_column, self.caption_column] + ([self.key_column] if self.key_column else [])
         for f, row, values in self._rows(start, stop, columns):
             path = self.files[f]
-            key = f"{path.stem}-{row:07d}" if self.key_column is None else str(values[self.key_column])
+            key = values[self.key_column] if self.key_column is not None else None
+            key = f"{path.stem}-{row:07d}" if key is None else key  # a null id: the file's row, as without a column
             meta = {"file": path.name, "row": row}
-            yield RawPair(sanitize_key(key), _caption(values[self.caption_column]),
+            yield RawPair(document_key(key), _caption(values[self.caption_column]),
                           _image(values[self.image_column], path.parent), meta)  # fmt: skip
 
     def captions(self) -> Iterator[str | bytes | None]:

@@ -12,7 +12,9 @@ Stages, each resumable and each skipping outputs that are already complete (chec
    into float16 / int32 memory-mapped arrays and build the faiss :class:`MemoryBank` (``work/bank/``).
 4. ``write`` (parallel over parts): search the bank by text and by image, select neighbours with the paper's rules
    (:func:`cm3leon_lightning.retrieval.select.select_neighbors`) and write ``train/shard-<index>.tar`` and
-   ``val/shard-<index>.tar`` (held-out documents keep their source image as ``jpg``) plus ``stats/part-<index>.json``.
+   ``val/shard-<index>.tar`` (held-out documents keep their source image as ``jpg``) plus ``stats/part-<index>.json``
+   (with digests of the encoded part and bank it was written from: a part written from an earlier ``work/``, since
+   deleted, is written again).
 5. ``manifest``: the merge step: ``train/manifest.json`` and ``val/manifest.json`` from every part's stats, a
    ``tokenizer.json`` copy next to each (the manifest's tokenizer path is relative to it) and ``summary.json``.
 
@@ -259,7 +261,8 @@ def _check_plan(run: st.Run, bank_source: PairSource | None) -> None:
     if path.is_file():
         old = json.loads(path.read_text(encoding="utf-8"))
         for part in ("source", "bank_source"):  # begun by a version that kept no fingerprint: cannot check the files
-            if isinstance(old.get(part), dict) and "fingerprint" not in old[part] and isinstance(plan[part], dict):
+            ours = plan[part] if isinstance(plan[part], dict) else {}
+            if isinstance(old.get(part), dict) and "fingerprint" not in old[part] and "fingerprint" in ours:
                 plan[part].pop("fingerprint", None)
                 warnings.warn(
                     f"{path} records no fingerprint of the {part.replace('_', ' ')}'s files (begun by an earlier "
@@ -319,6 +322,8 @@ def prepare(
     run = st.Run(cfg, Path(out), sources)
     if len(source) == 0:
         raise ValueError("the source has no documents")
+    if run.out.exists() and not run.out.is_dir():
+        raise ValueError(f"--out {run.out} exists and is not a directory")
     _check_plan(run, bank_source)
     st.reset_part_counts()
     summary: dict[str, Any] = {"seconds": {}}

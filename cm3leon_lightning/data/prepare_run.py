@@ -70,6 +70,12 @@ def is_sealed(directory: Path) -> bool:
         return False
 
 
+def seal_digest(directory: Path) -> str | None:
+    """The sha256 of ``directory``'s ``done.json`` (a digest of all its files once sealed); None without one."""
+    done = directory / DONE_FILE
+    return file_sha256(done) if done.is_file() else None
+
+
 _done_in_process: Counter = Counter()
 
 
@@ -147,3 +153,8 @@ class Run:
         if dev == "cuda" and torch.cuda.device_count() > 1:
             dev = f"cuda:{self.worker_id % torch.cuda.device_count()}"
         return dev
+
+
+def write_inputs(run: Run, index: int) -> dict[str, str | None]:
+    """What part ``index``'s shards are written from: the digests of its encoded part and of the memory bank."""
+    return {"part": seal_digest(run.part_dir("main", index)), "bank": seal_digest(run.work / "bank")}

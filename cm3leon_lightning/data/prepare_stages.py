@@ -32,6 +32,8 @@ from cm3leon_lightning.data.prepare_run import (  # noqa: F401  (re-exported: th
     path_sha256,
     reset_part_counts,
     seal,
+    seal_digest,
+    write_inputs,
     write_json,
 )
 from cm3leon_lightning.data.shards import (
@@ -45,13 +47,22 @@ from cm3leon_lightning.data.shards import (
 )
 
 # ----------------------------------------------------------------------------------------- models (cached)
-_CACHE: dict[str, Any] = {}
+_CACHE: dict[str, tuple[Any, Any]] = {}  # "models:<out>" / "bank:<out>" -> (what they were loaded from, objects)
+
+
+def _cache_hit(key: str, stamp: Any) -> bool:
+    """Whether ``_CACHE[key]`` was loaded from ``stamp`` (a ``work/`` rebuilt in this process is loaded again)."""
+    return key in _CACHE and _CACHE[key][0] == stamp
 
 
 def load_models(run: Run) -> tuple[Any, Any, Any]:
-    """The text tokenizer, VQGAN (eval, on the device) and ClipEncoder of this run, loaded once per process."""
+    """The text tokenizer, VQGAN (eval, on the device) and ClipEncoder of this run, loaded once per process (again
+    when ``work/tokenizer.json`` or the model settings change: a second ``prepare`` after ``work/`` was deleted)."""
+    cfg, tok_stat = run.cfg, (run.work / "tokenizer.json").stat()
     key = f"models:{run.out}"
-    if key not in _CACHE:
+    stamp = (tok_stat.st_size, tok_stat.st_mtime_ns, tok_stat.st_ino, cfg.vqgan, cfg.vqgan_preset, cfg.vqgan_config,
+             cfg.clip_model, cfg.clip_weights, cfg.batch_size, run.device())  # fmt: skip
+    if not _cache_hit(key, stamp):
         from cm3leon_lightning.retrieval.encoder import ClipEncoder
         from cm3leon_lightning.tokenization.text import TextTokenizer
         from cm3leon_lightning.tokenization.vqgan import VQGAN
@@ -61,8 +72,8 @@ def load_models(run: Run) -> tuple[Any, Any, Any]:
         preset = cfg.vqgan_preset
         vqgan = VQGAN.from_pretrained(cfg.vqgan, preset=preset, config_path=cfg.vqgan_config, map_location=dev)
         clip = ClipEncoder(cfg.clip_model, cfg.clip_weights, device=dev, batch_size=cfg.batch_size)
-        _CACHE[key] = (tok, vqgan.eval(), clip)
-    return _CACHE[key]
+        _CACHE[key] = (stamp, (tok, vqgan.eval(), clip))
+    return _CACHE[key][1]
 
 
 def manifest_sections(run: Run) -> dict[str, dict[str, Any]]:
@@ -361,8 +372,8 @@ def stage_bank(run: Run) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ stage 4
 def load_bank(run: Run) -> dict[str, Any]:
     """The memory bank and its token arrays (memory-mapped), loaded once per process."""
-    key = f"bank:{run.out}"
-    if key not in _CACHE:
+    key, stamp = f"bank:{run.out}", seal_digest(run.work / "bank")
+    if not _cache_hit(key, stamp):
         from cm3leon_lightning.retrieval.index import MemoryBank
 
         d = run.work / "bank"
@@ -376,8 +387,8 @@ def load_bank(run: Run) -> dict[str, Any]:
         )
         groups = d / "groups.json"  # absent in banks built before groups were kept
         bank["groups"] = json.loads(groups.read_text(encoding="utf-8")) if groups.is_file() else list(index.keys)
-        _CACHE[key] = bank
-    return _CACHE[key]
+        _CACHE[key] = (stamp, bank)
+    return _CACHE[key][1]
 
 
 def stats_path(run: Run, index: int) -> Path:
@@ -386,11 +397,19 @@ def stats_path(run: Run, index: int) -> Path:
 
 
 def part_written(run: Run, index: int) -> bool:
-    """Whether part ``index`` has its stats JSON and its shards with the recorded sha256."""
+    """Whether part ``index`` has its stats JSON and its shards with the recorded sha256, written from the encoded
+    part and bank now in ``work/`` (shards of an earlier preparation whose ``work/`` was deleted are stale).
+
+    An input absent here (a merge machine without ``work/parts/``) or not recorded (an earlier version) is not
+    compared.
+    """
     try:
         stats = json.loads(stats_path(run, index).read_text(encoding="utf-8"))
-        return all(file_sha256(run.out / split / s["name"]) == s["sha256"] for split, s in stats["shards"].items())
-    except (OSError, ValueError, KeyError):
+        if not all(file_sha256(run.out / split / s["name"]) == s["sha256"] for split, s in stats["shards"].items()):
+            return False
+        recorded = stats.get("inputs", {})
+        return all(now is None or recorded.get(k, now) == now for k, now in write_inputs(run, index).items())
+    except (OSError, ValueError, KeyError, AttributeError):
         return False
 
 
@@ -456,7 +475,8 @@ def write_part(run: Run, index: int, progress: Callable[[int], Any] | None = Non
         shards[split] = {"name": name, "count": info.count, "sha256": info.sha256}
     start, stop = run.part_range("main", index)
     stats = {"part": index, "range": [start, stop], "counts": dict(sorted(counts.items())),
-             "neighbors_per_sample": dict(sorted(n_neighbors.items())), "shards": shards}  # fmt: skip
+             "neighbors_per_sample": dict(sorted(n_neighbors.items())), "shards": shards,
+             "inputs": write_inputs(run, index)}  # fmt: skip
     stats_path(run, index).parent.mkdir(parents=True, exist_ok=True)
     write_json(stats_path(run, index), stats)
     part_done("write")
@@ -497,7 +517,8 @@ def stage_manifest(run: Run) -> dict[str, Any]:
     summary["neighbors_per_sample"] = dict(sorted(hist.items(), key=lambda kv: int(kv[0])))
     for split in ("train", "val"):
         shards = [ShardInfo(**s["shards"][split]) for s in stats if split in s["shards"]]
-        if not shards:
+        if not shards:  # none in this preparation: a manifest left by an earlier one (work/ deleted) is not its data
+            (run.out / split / MANIFEST_NAME).unlink(missing_ok=True)
             continue
         version = SEGMENTS_FORMAT_VERSION if totals[f"segment_documents_{split}"] else FORMAT_VERSION
         manifest = Manifest(**run.sections, shards=shards, format_version=version)

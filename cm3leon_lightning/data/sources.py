@@ -4,7 +4,7 @@ Six sources, each a :class:`PairSource` with a fixed, deterministic document ord
 (``iter_range(start, stop)``), so the prepare pipeline can cut it into parts and process them in any order:
 
 - :class:`FolderSource`: an image folder with caption sidecar files (``cat.jpg`` + ``cat.txt``), recursive, sorted by
-  relative path; key = relative path without suffix (``sub/cat.jpg`` -> ``sub_cat``).
+  relative path; key = relative path without suffix (``sub/cat.jpg`` -> ``sub_cat``; see :func:`document_key`).
 - :class:`CocoSource`: a COCO-captions JSON (``captions_train2017.json``) plus its image folder, images sorted by id.
   ``mode="first"`` (default): one document per image, with the caption of the lowest annotation id (key
   ``coco-{image_id}``); ``mode="all"``: one document per caption (key ``coco-{image_id}-{annotation_id}``), the
@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +80,22 @@ class RawPair:
     def split_key(self) -> str:
         """What decides the document's split (:func:`~cm3leon_lightning.data.prepare_run.is_val`)."""
         return self.key if self.group is None else self.group
+
+
+def document_key(raw: object) -> str:
+    """The WebDataset-safe key of a source's document id (a file name, a ``__key__``, a key column's value).
+
+    An ASCII id is :func:`~cm3leon_lightning.data.shards.sanitize_key`'s (``sub/cat`` -> ``sub_cat``). An id with
+    other characters (``猫``, ``café``), or none that sanitising keeps (``...``), gets ``-`` and 8 hex digits of its
+    hash, so ids that differ only in the characters sanitising replaces stay distinct (``夏`` and ``冬`` are not
+    duplicates) and no id stops a run.
+    """
+    text = str(raw)
+    if text.isascii() and re.search(r"[A-Za-z0-9-]", text):
+        return sanitize_key(text)
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=4).hexdigest()
+    base = re.sub(r"[^A-Za-z0-9_-]", "_", text)
+    return f"{base if base.strip('_') else 'id'}-{digest}"
 
 
 # --------------------------------------------------------------------------------------------- fingerprints
@@ -186,7 +204,7 @@ class FolderSource(PairSource):
         start, stop = self._check_range(start, stop, len(self))
         for path in self.files[start:stop]:
             rel = path.relative_to(self.root).with_suffix("").as_posix()
-            yield RawPair(sanitize_key(rel), self._caption(path), path, {"file": rel + path.suffix})
+            yield RawPair(document_key(rel), self._caption(path), path, {"file": rel + path.suffix})
 
     def captions(self) -> Iterator[bytes | None]:
         return (self._caption(p) for p in self.files)
@@ -277,8 +295,8 @@ class WebDatasetSource(PairSource):
     """Local WebDataset tars with an image member (``jpg``/``jpeg``/``png``/``webp``) and a ``txt`` caption.
 
     The number of samples per tar is counted once (a pass that reads the tars without decoding images) unless
-    ``counts`` gives it. A tar that is truncated or garbled contributes the samples before the damage and is listed
-    in :attr:`damaged`.
+    ``counts`` gives it. A tar that is truncated or garbled contributes the samples before the damage, is listed in
+    :attr:`damaged` and named in a warning.
 
     Args:
         urls: a directory of ``.tar`` files, a brace pattern (``data/shard-{000..009}.tar``) or a list of paths.
@@ -293,6 +311,14 @@ class WebDatasetSource(PairSource):
         if counts is not None and len(counts) != len(self.tars):
             raise ValueError(f"counts has {len(counts)} entries for {len(self.tars)} tars")
         self.counts = [int(c) for c in counts] if counts is not None else [self._count(t) for t in self.tars]
+        if self.damaged:  # a truncated download would otherwise lose its tail without a word
+            n = dict(zip(map(str, self.tars), self.counts))
+            warnings.warn(
+                f"{len(self.damaged)} WebDataset tar(s) are truncated or damaged; only the samples before the damage "
+                f"are read: {', '.join(f'{t} ({n[t]} read)' for t in self.damaged[:5])}"
+                f"{' ...' if len(self.damaged) > 5 else ''}",
+                stacklevel=2,
+            )
         self.offsets = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
 
     def _samples(self, tar: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
@@ -328,7 +354,7 @@ class WebDatasetSource(PairSource):
     def _pair(key: str, members: dict[str, bytes], tar: Path) -> RawPair:
         image = next((members[m] for m in WDS_IMAGE_MEMBERS if m in members), None)
         caption = next((members[m] for m in WDS_CAPTION_MEMBERS if m in members), None)
-        return RawPair(sanitize_key(key), caption, image, {"shard": tar.name, "key": key})
+        return RawPair(document_key(key), caption, image, {"shard": tar.name, "key": key})
 
     def iter_range(self, start: int, stop: int) -> Iterator[RawPair]:
         start, stop = self._check_range(start, stop, len(self))

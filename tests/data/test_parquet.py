@@ -70,6 +70,23 @@ def test_rows_come_in_file_then_row_order_with_images_and_captions(dataset: dict
     assert [p.key for p in keyed] == [str(i) for i in range(11)]
 
 
+def test_null_ids_and_large_types(dataset: dict, tmp_path: Path) -> None:
+    """A null id became the key ``None``, so every row without an id after the first was dropped as a duplicate; a
+    null id now gives the row its default key. Polars' ``large_list`` / ``large_string`` columns were refused."""
+    image = dataset["images"][0]
+    table = pa.table({
+        "image": pa.array([image] * 4, pa.large_binary()),
+        "caption": pa.array([["one"], ["two"], ["", "three"], ["four"]], pa.large_list(pa.large_string())),
+        "id": pa.array(["x", None, None, "猫"], pa.large_string()),
+    })  # fmt: skip
+    pq.write_table(table, tmp_path / "p.parquet")
+    src = ParquetSource(tmp_path / "p.parquet", key_column="id")
+    assert [(p.key, p.caption) for p in src] == [
+        ("x", "one"), ("p-0000001", "two"), ("p-0000002", "three"), ("id-a68cf446", "four"),
+    ]  # fmt: skip
+    assert list(ParquetSource(tmp_path / "p.parquet").captions()) == ["one", "two", "three", "four"]
+
+
 def test_bad_files_and_columns_are_named(dataset: dict, tmp_path: Path) -> None:
     root = dataset["root"]
     with pytest.raises(ValueError, match=r"a.parquet has no caption column 'text'; its columns: \['image', 'caption'"):

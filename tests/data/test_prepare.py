@@ -7,6 +7,7 @@ import io
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -175,6 +176,31 @@ def test_killed_run_finishes_byte_identical(
     assert tree(out) == tree(reference)
 
 
+def test_starting_over_after_deleting_work_rewrites_every_shard(models: dict[str, str], tmp_path: Path) -> None:
+    """The refusal advises deleting work/ to start over; the shards and stats/ of the old preparation, still intact,
+    were then taken as finished and merged into the new dataset (another source's documents, silently), and its
+    val/manifest.json stayed when the new one has no validation split. A second prepare() in the process also
+    encoded with the tokenizer cached from the first. A rerun of a generated source warned that its plan "records no
+    fingerprint" (generated sources have none)."""
+    out, fresh = tmp_path / "out", tmp_path / "fresh"
+    s = settings(models, samples_per_shard=10, val_fraction=0.0)
+    prepare(ShapesSource(20), out, **{**s, "val_fraction": 0.3})
+    assert (out / "val" / "manifest.json").is_file()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert prepare(ShapesSource(20), out, **{**s, "val_fraction": 0.3})["written_parts"] == 0
+    with pytest.raises(ValueError, match=rf"source\.seed, settings\.val_fraction\); .*or delete {out / 'work'}\)"):
+        prepare(ShapesSource(20, seed=7), out, **s)
+    shutil.rmtree(out / "work")
+    assert prepare(ShapesSource(20, seed=7), out, **s)["written_parts"] == 2
+    m = Manifest.load(out / "train" / "manifest.json")
+    keys = [x.key for shard in m.shards for x in read_shard(out / "train" / shard.name, m)]
+    assert keys == [f"shapes-train-7-{i:07d}" for i in range(20)]
+    assert not (out / "val" / "manifest.json").exists()
+    prepare(ShapesSource(20, seed=7), fresh, **s)
+    assert {k: v for k, v in tree(out).items() if not k.startswith("val/")} == tree(fresh)
+
+
 def test_shard_range_runs_merge_to_the_same_dataset(reference: Path, models: dict[str, str], tmp_path: Path) -> None:
     out = tmp_path / "out"
     source = ShapesSource(N_PAIRS)
@@ -268,6 +294,13 @@ def test_cli_reports_bad_settings_in_one_line(tmp_path: Path, capsys: pytest.Cap
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"cm3leon prepare: error: {tmp_path / 'sft.jsonl'}:1: task 'vqa' needs field(s) ['answer']"]
     assert not (tmp_path / "o").exists()
+    # --out naming a file ended in a NotADirectoryError traceback
+    (tmp_path / "o").write_text("mine")
+    args[2:5] = ["shapes", "--num-pairs", "3"]
+    assert cm3leon_main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"cm3leon prepare: error: --out {tmp_path / 'o'} exists and is not a directory"]
+    assert (tmp_path / "o").read_text() == "mine"
 
 
 def test_cli_names_the_bank_flags_in_bank_source_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -23,6 +23,7 @@ from cm3leon_lightning.data.sources import (
     ShapesSource,
     WebDatasetSource,
     clean_caption,
+    document_key,
     load_image,
     make_source,
     source_jpeg,
@@ -59,6 +60,12 @@ def test_clean_caption_rules() -> None:
     assert clean_caption("abcdefghijkl", max_chars=5) == ("abcde", ["repaired_caption_truncated"])
     text, repairs = clean_caption(b"word " * 200_000, max_chars=1000)  # a megabyte-long caption
     assert len(text) <= 1000 and text.endswith("word") and repairs == ["repaired_caption_truncated"]
+    # an unpaired surrogate (a JSON "\\ud83d" escape, as in a COCO file) reached the tokenizer and stopped the run
+    assert clean_caption("a dog \ud83d  and\udc00 a cat") == (
+        "a dog \ufffd and\ufffd a cat",
+        ["repaired_caption_non_utf8"],
+    )
+    assert clean_caption(json.loads('"a cat \\ud83d\\ude00"')) == ("a cat \U0001f600", [])  # a pair is one character
     for raw, reason in ((None, "caption_missing"), (b"", "caption_empty"), (" \n\t\x00 ", "caption_empty")):
         with pytest.raises(BadInput) as e:
             clean_caption(raw)
@@ -143,6 +150,24 @@ def test_folder_source(tmp_path: Path) -> None:
         FolderSource(tmp_path / "empty" if (tmp_path / "empty").mkdir() is None else None)
 
 
+def test_non_ascii_ids_become_distinct_keys(tmp_path: Path) -> None:
+    """A file named ``猫.png`` stopped the run (its key had no usable character), and ``sub/夏`` / ``sub/冬`` both
+    became ``sub__``, the second dropped as a duplicate; ASCII ids keep the keys they had."""
+    assert [document_key(k) for k in ("猫", "犬", "sub/夏", "sub/冬", "café", "...", "sub/cat", "a.b")] == [
+        "id-a68cf446", "id-35e9595e", "sub__-46fcfece", "sub__-86610aa4", "caf_-2d03c5d6", "id-7456c252",
+        "sub_cat", "a_b",
+    ]  # fmt: skip
+    (tmp_path / "img" / "sub").mkdir(parents=True)
+    for name in ("猫", "犬", "sub/夏", "sub/冬", "a"):
+        (tmp_path / "img" / f"{name}.png").write_bytes(_png((1, 2, 3)))
+    assert [p.key for p in FolderSource(tmp_path / "img")] == [
+        "a", "sub__-86610aa4", "sub__-46fcfece", "id-35e9595e", "id-a68cf446",
+    ]  # fmt: skip
+    (tmp_path / "wds").mkdir()
+    _tar(tmp_path / "wds" / "s.tar", [("猫", {"png": _png((1, 1, 1)), "txt": b"a cat"}), ("k", {"txt": b"k"})])
+    assert [p.key for p in WebDatasetSource(tmp_path / "wds")] == ["id-a68cf446", "k"]
+
+
 def test_coco_source_first_and_all(tmp_path: Path) -> None:
     (tmp_path / "img").mkdir()
     data = {
@@ -180,17 +205,23 @@ def test_webdataset_source(tmp_path: Path) -> None:
     assert pairs[1].image is None and pairs[3].image[:4] == b"\x89PNG" and pairs[3].meta["shard"] == "s-1.tar"
     assert [p.key for p in src.iter_range(1, 4)] == ["k1", "k2", "k3"]  # across the tar boundary
     assert [p.key for p in WebDatasetSource(str(tmp_path / "s-{0..1}.tar")).iter_range(3, 5)] == ["k3", "k4"]
-    # A truncated tar contributes the samples before the damage and is reported.
+    # A truncated tar contributes the samples before the damage and is reported (named in a warning: it was only
+    # listed in an attribute nothing read, so a truncated download lost its tail without a word).
     raw = (tmp_path / "s-1.tar").read_bytes()
     (tmp_path / "s-1.tar").write_bytes(raw[:3000])  # cut inside k3's image
-    damaged = WebDatasetSource(tmp_path)
+    message = "1 WebDataset tar(s) are truncated or damaged; only the samples before the damage are read: "
+    message += f"{tmp_path / 's-1.tar'} (1 read)"
+    with pytest.warns(UserWarning) as caught:
+        damaged = WebDatasetSource(tmp_path)
+    assert [str(w.message) for w in caught] == [message]
     assert damaged.damaged == [str(tmp_path / "s-1.tar")] and damaged.counts == [2, 1]
     assert [p.key for p in damaged] == ["k0", "k1", "k2"]
     # Cut exactly where k4's members begin (an interrupted copy): reported too, not read as a 2-sample tar.
     with tarfile.open(fileobj=io.BytesIO(raw)) as tf:
         k4 = next(m for m in tf.getmembers() if m.name.startswith("k4"))
     (tmp_path / "s-1.tar").write_bytes(raw[: k4.offset])
-    cut = WebDatasetSource(tmp_path)
+    with pytest.warns(UserWarning, match="truncated or damaged"):
+        cut = WebDatasetSource(tmp_path)
     assert cut.damaged == [str(tmp_path / "s-1.tar")] and cut.counts == [2, 1]
 
 
