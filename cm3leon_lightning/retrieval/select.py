@@ -19,6 +19,7 @@ Everything here is numpy only (no faiss, torch or Lightning) and deterministic g
 from __future__ import annotations
 
 import hashlib
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, TypedDict, TypeVar
@@ -57,6 +58,13 @@ class SelectionConfig:
     query_dropout: float = 0.2
 
     def __post_init__(self) -> None:
+        # a float k (1.5) would never equal the count taken, so every candidate would be kept
+        if isinstance(self.k_per_modality, bool) or not isinstance(self.k_per_modality, numbers.Integral):
+            raise ValueError(f"k_per_modality must be an integer, got {self.k_per_modality!r}")
+        for name in ("max_relevance", "duplicate_threshold", "query_dropout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise ValueError(f"{name} must be a number, got {value!r}")
         if self.k_per_modality < 0:
             raise ValueError(f"k_per_modality must be >= 0, got {self.k_per_modality}")
         if not -1.0 <= self.max_relevance <= 1.0 + 1e-6:

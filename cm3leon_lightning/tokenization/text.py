@@ -7,8 +7,10 @@ vocabulary size is an argument with that default. The special tokens sit at the 
 
 Plain text never encodes to a special id: a caption that literally contains ``"<eos>"`` is encoded byte by byte
 (``Tokenizer.encode_special_tokens = True``), and a loaded file whose BPE merges could build a special token's
-string is refused. Special tokens are inserted by :class:`MultimodalVocab` (documents, examples) and by the CM3
-objective, never by :meth:`TextTokenizer.encode`.
+string, or that maps any other plain text to a special id (its unknown token is one, or its model and pre-tokenizer
+turn a literal ``"<eos>"`` into id 1), is refused; so is one whose ids are not exactly ``0 .. vocab_size - 1``.
+Special tokens are inserted by :class:`MultimodalVocab` (documents, examples) and by the CM3 objective, never by
+:meth:`TextTokenizer.encode`.
 """
 
 from __future__ import annotations
@@ -54,8 +56,10 @@ class TextTokenizer:
         raw: the exact bytes of that file, hashed for :attr:`sha256` (defaults to the serialized tokenizer).
 
     Raises:
-        ValueError: a special token missing or at the wrong id, no ``<mask:i>`` sentinels, or BPE merges that
-            build a special token's string from plain text.
+        ValueError: a special token missing or at the wrong id, no ``<mask:i>`` sentinels, token ids that are not
+            exactly ``0 .. vocab_size - 1``, BPE merges that build a special token's string from plain text, or
+            any other way plain text could encode to a special id (an unknown token that is special, a model or
+            pre-tokenizer that maps a literal ``"<eos>"`` to its id).
     """
 
     def __init__(self, tokenizer: Tokenizer, source: str | Path | None = None, raw: bytes | None = None) -> None:
@@ -64,9 +68,12 @@ class TextTokenizer:
         where = str(source) if source is not None else "tokenizer"
         self.num_sentinels = _count_sentinels(tokenizer, where)
         _check_special_ids(tokenizer, self.num_sentinels, where)
-        _check_merges(tokenizer, self.num_sentinels, where)
+        model = json.loads(tokenizer.to_str()).get("model", {})
+        _check_merges(model, self.num_sentinels, where)
+        _check_contiguous_ids(tokenizer, where)
         # Literal "<eos>" etc. in input text goes through BPE like any other text (never a special id).
         self._tok.encode_special_tokens = True
+        _check_plain_text(tokenizer, model, self.num_sentinels, where)
         self._raw = raw if raw is not None else tokenizer.to_str().encode("utf-8")
 
     # -------------------------------------------------------------------------------------------- building
@@ -226,11 +233,47 @@ def _check_special_ids(tok: Tokenizer, num_sentinels: int, where: str) -> None:
             raise ValueError(f"{where}: token {name} at id {expected_id} is not registered as a special token")
 
 
-def _check_merges(tok: Tokenizer, num_sentinels: int, where: str) -> None:
+def _check_merges(model: dict, num_sentinels: int, where: str) -> None:
     """Refuse BPE merges whose result is a special token's string: plain text could then encode to that id."""
-    model = json.loads(tok.to_str()).get("model", {})
     specials = set(special_tokens(num_sentinels))
     for merge in model.get("merges", []):
         pair = merge.split(" ", 1) if isinstance(merge, str) else merge
         if "".join(pair) in specials:
             raise ValueError(f"{where}: BPE merge {pair} builds special token {''.join(pair)} from plain text")
+
+
+def _check_contiguous_ids(tok: Tokenizer, where: str) -> None:
+    """Token ids exactly ``0 .. vocab_size - 1``: a larger id would fall in the image id range of the vocabulary."""
+    n = tok.get_vocab_size(with_added_tokens=True)
+    ids = sorted(set(tok.get_vocab(with_added_tokens=True).values()))
+    if ids != list(range(n)):
+        missing = next((i for i in range(n) if i >= len(ids) or ids[i] != i), n)
+        raise ValueError(
+            f"{where}: token ids must be exactly 0..{n - 1} (vocab_size {n}), but id {missing} is unused and the "
+            f"largest id is {ids[-1]}; a larger id would collide with the image ids [{n}, ...)"
+        )
+
+
+def _check_plain_text(tok: Tokenizer, model: dict, num_sentinels: int, where: str) -> None:
+    """Plain text never encodes to a special id: no special unknown token, and literal special strings stay text.
+
+    Catches what the merge check cannot see in a file not trained by :meth:`TextTokenizer.train`: a model whose
+    ``unk_token`` is special (every unknown character would become it), or a model and pre-tokenizer that map the
+    whole string ``"<eos>"`` to its id (e.g. a WordLevel model, or BPE with ``ignore_merges`` after a whitespace
+    split). ``model`` is the file's ``"model"`` section; needs ``encode_special_tokens = True`` already set.
+    """
+    specials = special_tokens(num_sentinels)
+    unk = model.get("unk_token")
+    if unk is None and isinstance(model.get("unk_id"), int):  # Unigram names its unknown token by id
+        unk = tok.id_to_token(model["unk_id"])
+    if unk in specials:
+        raise ValueError(f"{where}: the model's unk_token is the special token {unk}; unknown text would encode to it")
+    for name in specials:
+        for text in (name, f" {name}", f"a{name}b", f"{name} {name}"):
+            ids = tok.encode(text, add_special_tokens=False).ids
+            bad = next((i for i in ids if i < len(specials)), None)
+            if bad is not None:
+                raise ValueError(
+                    f"{where}: the plain text {text!r} encodes to the special id {bad} ({specials[bad]}); "
+                    "special ids must come only from MultimodalVocab and the CM3 objective"
+                )

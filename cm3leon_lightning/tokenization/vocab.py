@@ -14,9 +14,9 @@ A *document* is a list of segments, text or image. Serialized it is ``<eos>`` fo
 from __future__ import annotations
 
 import numbers
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -25,6 +25,7 @@ BASE_SPECIAL_TOKENS: tuple[str, ...] = (PAD, EOS, BREAK, MASK, INFILL)
 PAD_ID, EOS_ID, BREAK_ID, MASK_ID, INFILL_ID = range(5)
 SENTINEL_OFFSET = len(BASE_SPECIAL_TOKENS)
 DEFAULT_NUM_SENTINELS = 8
+VOCAB_FIELDS: tuple[str, ...] = ("n_text", "n_codes", "grid_h", "grid_w", "num_sentinels", "pad_to_multiple")
 
 
 def sentinel_token(i: int) -> str:
@@ -104,12 +105,13 @@ class MultimodalVocab:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if pad_to_multiple < 1:
             raise ValueError(f"pad_to_multiple must be >= 1, got {pad_to_multiple}")
-        self.n_text = n_text
-        self.n_codes = n_codes
-        self.grid_h = grid_h
-        self.grid_w = grid_w
-        self.num_sentinels = num_sentinels
-        self.pad_to_multiple = pad_to_multiple
+        # plain ints (a numpy integer would make to_dict() unserializable to JSON and YAML)
+        self.n_text = int(n_text)
+        self.n_codes = int(n_codes)
+        self.grid_h = int(grid_h)
+        self.grid_w = int(grid_w)
+        self.num_sentinels = int(num_sentinels)
+        self.pad_to_multiple = int(pad_to_multiple)
 
     # ----------------------------------------------------------------------------------------------- sizes
     @property
@@ -277,15 +279,34 @@ class MultimodalVocab:
         return self.document_to_ids([Segment.text(text_ids)]) + [self.break_id]
 
     def to_dict(self) -> dict[str, int]:
-        """Primitive description, for manifests and hyper-parameters."""
-        return {
-            "n_text": self.n_text,
-            "n_codes": self.n_codes,
-            "grid_h": self.grid_h,
-            "grid_w": self.grid_w,
-            "num_sentinels": self.num_sentinels,
-            "pad_to_multiple": self.pad_to_multiple,
-        }
+        """Primitive description (plain ints), for manifests and hyper-parameters; :meth:`from_dict` inverts it."""
+        return {k: getattr(self, k) for k in VOCAB_FIELDS}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str = "vocab") -> MultimodalVocab:
+        """The inverse of :meth:`to_dict`: every one of its fields is required and no other is accepted.
+
+        Args:
+            d: the description, e.g. from a manifest, checkpoint hyper-parameters or a model config file.
+            where: what ``d`` is, for error messages (a file name and key).
+
+        Raises:
+            ValueError: ``d`` is not a mapping, a field is missing or unknown, or a value is invalid; the message
+                starts with ``where`` and names the field.
+        """
+        if not isinstance(d, Mapping):
+            raise ValueError(f"{where}: must be a mapping with keys {list(VOCAB_FIELDS)}, got {type(d).__name__}")
+        missing = [k for k in VOCAB_FIELDS if k not in d]
+        unknown = sorted(str(k) for k in d if k not in VOCAB_FIELDS)
+        if missing or unknown:
+            problems = ([f"missing field(s) {missing}"] if missing else []) + (
+                [f"unknown field(s) {unknown}"] if unknown else []
+            )
+            raise ValueError(f"{where}: {', '.join(problems)}; expected exactly {list(VOCAB_FIELDS)}")
+        try:
+            return cls(**{k: d[k] for k in VOCAB_FIELDS})
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from err
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, MultimodalVocab) and self.to_dict() == other.to_dict()

@@ -181,3 +181,45 @@ def test_select_imports_no_faiss_torch_or_lightning():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"k_per_modality": 1.5}, "k_per_modality must be an integer, got 1.5"),
+        ({"k_per_modality": True}, "k_per_modality must be an integer, got True"),
+        ({"max_relevance": "0.9"}, "max_relevance must be a number, got '0.9'"),
+        ({"duplicate_threshold": None}, "duplicate_threshold must be a number, got None"),
+    ],
+)
+def test_config_types_are_checked(kwargs, match):
+    """Found in review: k_per_modality=1.5 passed validation and, never equal to the count taken, kept every
+    candidate; a string threshold failed later with a TypeError naming no field."""
+    with pytest.raises(ValueError, match=match):
+        SelectionConfig(**kwargs)
+    assert SelectionConfig(k_per_modality=np.int64(1)).k_per_modality == 1
+
+
+def test_query_dropout_rate_over_many_seeds_and_keys():
+    tokens = list(range(20))
+    kept = [len(query_dropout(tokens, 0.2, query_rng(seed, f"k{k}"))) for seed in range(100) for k in range(20)]
+    assert abs(1 - sum(kept) / (20 * len(kept)) - 0.2) < 0.01  # std of the estimate is 0.002
+
+
+def test_an_image_search_whose_candidates_were_taken_by_text_returns_fewer():
+    out = select_neighbors("q", [1, 2, 3], [0.8, 0.7, 0.6], [2, 1, 3], [0.8, 0.7, 0.6], KEYS)
+    assert [(n["key"], n["by"]) for n in out] == [("doc1", "text"), ("doc2", "text"), ("doc3", "image")]
+
+
+def test_retrieval_package_exports_resolve_and_are_listed():
+    """Found in review: the lazily imported names were missing from ``dir(cm3leon_lightning.retrieval)`` (so from
+    tab completion), unlike the top-level package's."""
+    import cm3leon_lightning.retrieval as retrieval
+    from cm3leon_lightning.retrieval import select
+
+    assert set(retrieval.__all__) <= set(dir(retrieval))
+    names = ("Neighbor", "SelectionConfig", "select_neighbors", "query_dropout", "drop_caption_tokens", "query_rng")
+    for name in names:
+        assert getattr(retrieval, name) is getattr(select, name)
+    with pytest.raises(AttributeError, match="has no attribute 'nope'"):
+        retrieval.nope  # noqa: B018

@@ -204,3 +204,67 @@ def test_train_rejects_too_small_vocab():
         TextTokenizer.train(sentences(10), vocab_size=100)
     with pytest.raises(ValueError, match="min_frequency must be >= 1"):
         TextTokenizer.train(sentences(10), vocab_size=300, min_frequency=0)
+
+
+@pytest.mark.parametrize(
+    ("corpus", "size"),
+    [([], 263), (["", "", ""], 263), (["   ", "\t\n", " "], None), (["猫猫猫 🦎🦎 ünï"] * 5, None), (["a"], 263)],
+)
+def test_training_on_tiny_or_odd_corpora_keeps_every_guarantee(corpus, size):
+    small = TextTokenizer.train(corpus, vocab_size=300, num_sentinels=2)
+    if size is not None:  # 256 byte tokens + 7 special tokens, nothing to merge
+        assert small.vocab_size == size
+    assert 263 <= small.vocab_size <= 300
+    for text in ["<eos>", " <break>", "<mask><mask:0>", "<pad><infill>", "ab\x00c", "\r\n\r\n", "猫🦎", ""]:
+        ids = small.encode(text)
+        assert all(small.num_special <= i < small.vocab_size for i in ids)
+        assert small.decode(ids) == text
+
+
+def _edited(tok: TextTokenizer, tmp_path, edit) -> str:
+    data = json.loads(tok.backend.to_str())
+    edit(data)
+    file = tmp_path / "tokenizer.json"
+    file.write_text(json.dumps(data))
+    return str(file)
+
+
+def test_load_rejects_ids_that_skip_into_the_image_range(tok, tmp_path):
+    """Found in review: a file whose largest id is above vocab_size - 1 loaded, reported vocab_size (n_text) as the
+    token count and encoded text to ids >= n_text, i.e. to image ids of the MultimodalVocab."""
+
+    def move_last(data):
+        vocab = data["model"]["vocab"]
+        vocab[max(vocab, key=vocab.get)] = 5000
+
+    file = _edited(tok, tmp_path, move_last)
+    n = tok.vocab_size
+    with pytest.raises(ValueError, match=rf"{file}: token ids must be exactly 0..{n - 1} .* id {n - 1} is unused and "
+                       rf"the largest id is 5000"):  # fmt: skip
+        TextTokenizer.load(file)
+
+
+def test_load_rejects_a_whole_word_special_token(tok, tmp_path):
+    """Found in review: a BPE with ignore_merges after a whitespace split (no merges building "<pad>") encoded the
+    plain text "<pad>" to id 0; the merge check could not see it."""
+
+    def whole_words(data):
+        data["model"]["ignore_merges"] = True
+        data["pre_tokenizer"] = {"type": "WhitespaceSplit"}
+
+    file = _edited(tok, tmp_path, whole_words)
+    assert Tokenizer.from_file(file).encode("<pad>", add_special_tokens=False).ids == [0]  # what it would do
+    with pytest.raises(ValueError, match=rf"{file}: the plain text '<pad>' encodes to the special id 0 \(<pad>\)"):
+        TextTokenizer.load(file)
+
+
+def test_load_rejects_a_special_unknown_token(tok, tmp_path):
+    """Found in review: a WordLevel file whose unk_token is <pad> encoded every unknown word to id 0."""
+
+    def word_level(data):
+        data["model"] = {"type": "WordLevel", "vocab": data["model"]["vocab"], "unk_token": "<pad>"}
+        data["pre_tokenizer"] = {"type": "WhitespaceSplit"}
+
+    file = _edited(tok, tmp_path, word_level)
+    with pytest.raises(ValueError, match=rf"{file}: the model's unk_token is the special token <pad>"):
+        TextTokenizer.load(file)

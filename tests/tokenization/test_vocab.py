@@ -112,3 +112,38 @@ def test_document_round_trip(doc):
     assert ids[0] == V.eos_id and ids.count(V.break_id) == len(doc) - 1
     assert V.ids_to_document(ids) == doc
     assert V.ids_to_document(np.asarray(ids)) == doc
+
+
+def test_from_dict_inverts_to_dict_through_json():
+    import json
+
+    assert MultimodalVocab.from_dict(json.loads(json.dumps(V.to_dict()))) == V
+
+
+def test_numpy_sizes_give_a_json_ready_to_dict():
+    """Found in review: numpy integer sizes were kept as numpy scalars, so ``json.dumps(vocab.to_dict())`` (manifests,
+    hyper-parameters) failed with "Object of type int64 is not JSON serializable"."""
+    import json
+
+    v = MultimodalVocab(n_text=np.int64(64), n_codes=np.int32(16), grid_h=2, grid_w=np.int16(2), num_sentinels=4)
+    assert all(type(x) is int for x in v.to_dict().values())
+    assert json.loads(json.dumps(v.to_dict())) == V.to_dict() and v == V
+
+
+@pytest.mark.parametrize(
+    ("d", "match"),
+    [
+        (
+            {"n_text": 64},
+            r"model.json vocab: missing field\(s\) \['n_codes', 'grid_h', 'grid_w', 'num_sentinels', "
+            r"'pad_to_multiple'\]; expected exactly",
+        ),
+        ({**V.to_dict(), "n_code": 16}, r"model.json vocab: unknown field\(s\) \['n_code'\]; expected exactly"),
+        ([64, 16], r"model.json vocab: must be a mapping with keys \['n_text', .*\], got list"),
+        ({**V.to_dict(), "grid_h": "2"}, r"model.json vocab: grid_h must be an integer, got '2'"),
+        ({**V.to_dict(), "n_codes": 0}, r"model.json vocab: n_codes must be >= 1, got 0"),
+    ],
+)
+def test_from_dict_errors_name_where_and_the_field(d, match):
+    with pytest.raises(ValueError, match=match):
+        MultimodalVocab.from_dict(d, "model.json vocab")
