@@ -13,7 +13,8 @@ on the model's own weights and at the decoder's own cache size:
 * ``step <mode>``: the real decode step (:class:`~cm3leon_lightning.generation.decoder.Decoder`, embeddings, guidance
   and top-p sampling included) in each of ``--modes`` (default on CUDA ``graph``, the eager step in one CUDA graph
   like the pieces, so the difference to ``+sdpa`` is what the step adds, and ``fused-graph``, the fused Triton step
-  of :mod:`cm3leon_lightning.model.fused`; ``generation.py`` times the compiled modes);
+  of :mod:`cm3leon_lightning.model.fused`; ``generation.py`` times the compiled modes), its timed steps centred on
+  the image's middle, where the pieces' cache and the bound are filled;
 
 and ``bound``: the bytes one step must read (weights once, plus the filled cache) over the device's copy bandwidth,
 measured in the same run. Each piece at 2 rows (one image with CFG) and at ``2 x --candidates`` rows.
@@ -36,7 +37,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from generation import PROMPT_LEN, build, comma_list, sync  # benchmarks/generation.py, beside this script
+from generation import PROMPT_LEN, at_least, build, comma_list, sync  # benchmarks/generation.py, beside this script
 
 from cm3leon_lightning.generation.decoder import Decoder, SamplingSpec
 from cm3leon_lightning.generation.generate import image_prompt, unconditional_image_prompt
@@ -87,9 +88,9 @@ def kernel_parser(doc: str) -> argparse.ArgumentParser:
     p.add_argument("--preset", default="350m", choices=("tiny", "350m", "760m", "7b"))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--rows", default=None, help="comma-separated row counts (default: 2 and 2 x --candidates)")
-    p.add_argument("--candidates", type=int, default=8)
-    p.add_argument("--chain", type=int, default=24, help="calls per captured graph (one per layer)")
-    p.add_argument("--steps", type=int, default=50, help="graph replays timed per row")
+    p.add_argument("--candidates", type=at_least(1), default=8)
+    p.add_argument("--chain", type=at_least(1), default=24, help="calls per captured graph (one per layer)")
+    p.add_argument("--steps", type=at_least(1), default=50, help="graph replays timed per row")
     p.add_argument("--json", default=None)
     return p
 
@@ -156,12 +157,14 @@ def prompt_rows(vocab, candidates: int) -> list[list[int]]:
 
 
 def step_ms(model: CM3Leon, vocab, rows: int, mode: str, attention: str, steps: int, warmup: int) -> float:
-    """Milliseconds per real decode step (:meth:`Decoder.step`) of ``rows // 2`` candidates with CFG."""
+    """Milliseconds per real decode step (:meth:`Decoder.step`) of ``rows // 2`` candidates with CFG: ``warmup``
+    steps, then untimed ones up to where the ``steps`` timed ones are centred on the image's middle, as the pieces'
+    half-filled cache and the bound (attention that reads only the filled slots costs more late in an image)."""
     model.set_attention(attention)
     spec = SamplingSpec(method="top_p", streams=2, cfg=3.0, lo=vocab.n_text, hi=vocab.size)
     dec = Decoder(model, spec, prompt_rows(vocab, rows // 2), vocab.image_tokens, seed=0, compile=mode)
     _, feed = dec.prefill()
-    for _ in range(warmup):
+    for _ in range(max(warmup, (vocab.image_tokens - steps) // 2)):
         _, feed = dec.step(feed)
     sync(dec.device.type)
     t0 = time.perf_counter()
@@ -191,8 +194,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda when available)")
     p.add_argument("--preset", default="350m")
-    p.add_argument("--image-tokens", type=int, default=None, help="codes per image (default: 1024 GPU, 64 CPU)")
-    p.add_argument("--candidates", type=int, default=8, help="candidates of the many-image case (x2 rows with CFG)")
+    p.add_argument("--image-tokens", type=at_least(4), help="codes per image, 4 or more (default: 1024 GPU, 64 CPU)")
+    p.add_argument(
+        "--candidates", type=at_least(1), default=8, help="candidates of the many-image case (x2 rows with CFG)"
+    )
     p.add_argument(
         "--modes",
         default=None,
@@ -206,15 +211,13 @@ def main() -> None:
         help=f"comma-separated pieces of {STAGES} (default: all on CUDA; no +flex on a CPU, where FlexAttention "
         "outside torch.compile is an unfused reference)",
     )
-    p.add_argument("--steps", type=int, default=None, help="timed steps per row (default 200 GPU, 5 CPU)")
+    p.add_argument("--steps", type=at_least(1), help="timed steps per row (default 200 GPU, 5 CPU)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="auto: bf16 on CUDA")
     p.add_argument("--json", default="decode_floor.json", help="where to write the results")
     args = p.parse_args()
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     gpu = device.startswith("cuda")
     tokens = args.image_tokens or (1024 if gpu else 64)
-    if tokens < 4:
-        p.error(f"--image-tokens must be >= 4 (warm-up and timed decode steps of one image), got {tokens}")
     steps = args.steps or (200 if gpu else 5)
     modes = comma_list(p, "--modes", args.modes or ("graph,fused-graph" if gpu else "eager"), MODES)
     stages = comma_list(p, "--stages", args.stages or ",".join(STAGES if gpu else STAGES[:-1]), STAGES)

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-from generation import PROMPT_LEN, build, comma_list, sync  # benchmarks/generation.py, beside this script
+from generation import PROMPT_LEN, at_least, build, comma_list, sync  # benchmarks/generation.py, beside this script
 from torch.profiler import ProfilerActivity, profile
 
 from cm3leon_lightning.generation.decoder import Decoder, SamplingSpec
@@ -73,17 +73,17 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda when available)")
     p.add_argument("--preset", default="350m")
-    p.add_argument("--image-tokens", type=int, default=None, help="codes per image (default: 1024 GPU, 64 CPU)")
-    p.add_argument("--candidates", type=int, default=1, help="candidates (x2 streams with CFG)")
+    p.add_argument("--image-tokens", type=at_least(1), help="codes per image (default: 1024 GPU, 64 CPU)")
+    p.add_argument("--candidates", type=at_least(1), default=1, help="candidates (x2 streams with CFG)")
     p.add_argument("--modes", default=None, help=f"comma-separated modes of {MODES} (default: eager,inductor)")
     p.add_argument("--attention", default="sdpa", help=f"comma-separated of {ATTENTION_IMPLS}")
     p.add_argument(
-        "--steps", type=int, default=None, help="decode steps timed, then as many profiled (default 32 GPU, 8 CPU)"
+        "--steps", type=at_least(1), help="decode steps timed, then as many profiled (default 32 GPU, 8 CPU)"
     )
-    p.add_argument("--warmup", type=int, default=4, help="steps run before timing (compilation)")
-    p.add_argument("--rows", type=int, default=25, help="rows of each table")
+    p.add_argument("--warmup", type=at_least(0), default=4, help="steps run before timing (compilation)")
+    p.add_argument("--rows", type=at_least(1), default=25, help="rows of each table")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="auto: bf16 on CUDA")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=at_least(1), help="torch CPU threads")
     p.add_argument("--out", default="decode_profile", help="directory for the tables")
     args = p.parse_args()
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device

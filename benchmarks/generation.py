@@ -14,10 +14,10 @@ loop in the same run:
 no KV cache (the whole sequence re-run every token), the two CFG streams as two separate forwards, and sampling with
 ``torch.multinomial`` followed by ``.item()`` (a host sync per token). The reference runs one image only and at most
 ``--reference-tokens`` tokens (its cost grows quadratically, so its ms/token is a lower bound for longer images).
-These rows exclude VQGAN decoding and CLIP re-ranking. With ``--rerank`` (default on GPU at 1024 tokens) a last row
-per preset times the issue's whole "8 candidates with CFG plus re-ranking": decoding in the first mode, an f8_8192
-VQGAN decoding the 8 images to 256x256 and a ViT-B-32 CLIP scoring them (random weights: the timing depends only on
-the architectures).
+These rows exclude VQGAN decoding and CLIP re-ranking. With ``--rerank`` (default on GPU at 1024 tokens) a row
+per preset, before the reference's, times the issue's whole "8 candidates with CFG plus re-ranking": decoding in the
+first mode, an f8_8192 VQGAN decoding the 8 images to 256x256 and a ViT-B-32 CLIP scoring them (random weights: the
+timing depends only on the architectures).
 
 Usage::
 
@@ -45,7 +45,7 @@ from collections.abc import Callable
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from cm3leon_lightning.config import CM3LeonConfig
+from cm3leon_lightning.config import PRESETS, CM3LeonConfig
 from cm3leon_lightning.generation import generate_image
 from cm3leon_lightning.generation.generate import image_prompt, unconditional_image_prompt
 from cm3leon_lightning.generation.graphs import FUSED_MODES, MODES
@@ -85,6 +85,21 @@ def comma_list(p: argparse.ArgumentParser, flag: str, text: str, allowed: tuple[
         if v not in allowed:
             p.error(f"{flag}: unknown value {v!r}; choose from {allowed}")
     return values
+
+
+def at_least(low: int) -> Callable[[str], int]:
+    """An argparse ``type``: an integer of at least ``low`` (else an error naming the flag and the value)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}")
+        return value
+
+    return parse
 
 
 def fused_option_list(p: argparse.ArgumentParser, text: str | None) -> list[str | None]:
@@ -158,7 +173,7 @@ def bench_preset(
         for mode in args.modes:
             for label in args.fused_options if mode in FUSED_MODES else [None]:
                 name = mode_name(mode, label)
-                for n in (1, args.candidates):
+                for n in dict.fromkeys((1, args.candidates)):  # --candidates 1: one row
                     try:
                         with options_for(label):
                             row = bench_mode(model, vocab, prompt, mode, n, args, device)
@@ -283,12 +298,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda when available)")
     p.add_argument("--presets", default="tiny,350m", help="comma-separated presets")
-    p.add_argument("--image-tokens", type=int, default=None, help="codes per image (default: 1024 GPU, 16 CPU)")
-    p.add_argument("--candidates", type=int, default=8, help="candidates of the many-image case")
-    p.add_argument(
-        "--reference-tokens", type=int, default=None, help="tokens of the plain loop (default 256 GPU, 8 CPU)"
-    )
-    p.add_argument("--repeats", type=int, default=None, help="timed repeats, best taken (default 3 GPU, 1 CPU)")
+    p.add_argument("--image-tokens", type=at_least(1), help="codes per image (default: 1024 GPU, 16 CPU)")
+    p.add_argument("--candidates", type=at_least(1), default=8, help="candidates of the many-image case")
+    p.add_argument("--reference-tokens", type=at_least(0), help="tokens of the plain loop (default 256 GPU, 8 CPU)")
+    p.add_argument("--repeats", type=at_least(1), help="timed repeats, best taken (default 3 GPU, 1 CPU)")
     p.add_argument(
         "--modes",
         default=None,
@@ -320,7 +333,7 @@ def main() -> None:
         help="restrict scaled_dot_product_attention to one backend (plus math as fallback) for the whole run",
     )
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="auto: bf16 on CUDA")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=at_least(1), help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", default="generation_benchmark.json", help="where to write the results")
     args = p.parse_args()
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
@@ -331,6 +344,7 @@ def main() -> None:
     args.reference_tokens = args.reference_tokens if args.reference_tokens is not None else (256 if gpu else 8)
     args.repeats = args.repeats or (3 if gpu else 1)
     default_modes = "eager,fused-graph,reduce-overhead,graph" if gpu else "eager"
+    presets = comma_list(p, "--presets", args.presets, tuple(PRESETS))
     args.modes = comma_list(p, "--modes", args.modes or default_modes, MODES)
     args.attention = comma_list(p, "--attention", args.attention, ATTENTION_IMPLS)
     args.fused_options = fused_option_list(p, args.fused_options)
@@ -358,8 +372,8 @@ def main() -> None:
 
     backends = {"efficient": [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH], "math": [SDPBackend.MATH]}
     with sdpa_kernel(backends[args.sdpa]) if args.sdpa != "default" else contextlib.nullcontext():
-        for preset in args.presets.split(","):
-            bench_preset(preset.strip(), args, device, dtype, emit)
+        for preset in presets:
+            bench_preset(preset, args, device, dtype, emit)
     print(f"wrote {args.json}")
     failed = [r["mode"] for r in rows if "error" in r]
     if failed:

@@ -22,7 +22,9 @@
 # 0 skips a part). Results go to $OUT (or ./gpu_results; HALF=1 writes 7 files, a log per part and three JSON
 # tables). Run from the repository root with a Python that has torch; wheels in .gpu_wheels/
 # (benchmarks/fetch_gpu_wheels.sh) are installed first when present.
+# Exits 2 at once without a CUDA device, 1 when a part failed or ran out of time (benchmarks/gpu_common.sh).
 source "$(dirname "$0")/gpu_common.sh"
+need_gpu
 HALF=${HALF:-all}
 FUSED_OPTIONS=${FUSED_OPTIONS:-base,persistent,prefetch+splits,pdl+splits+prefetch}
 first() { [ "$HALF" = all ] || [ "$HALF" = 1 ]; }
@@ -56,3 +58,4 @@ if second; then
   TAIL=40 part floor "${FLOOR_LIMIT:-100}" $PY benchmarks/decode_floor.py --preset 350m --attention sdpa,flex \
     --json "$OUT/decode_floor.json"
 fi
+finish

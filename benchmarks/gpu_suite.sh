@@ -2,7 +2,9 @@
 # The GPU checks and benchmarks in one run (about 6-8 minutes on one H100/H200). Each part has its own time limit,
 # so one slow part cannot hide the others. Results go to $OUT (or ./gpu_results). Run from the repository root with
 # a Python that has torch + lightning (the package itself is used from the checkout via PYTHONPATH).
+# Exits 2 at once without a CUDA device, 1 when a part failed or ran out of time (benchmarks/gpu_common.sh).
 source "$(dirname "$0")/gpu_common.sh"
+need_gpu
 nvidia-smi -L
 $PY -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__, torch.cuda.get_device_name())"
 part model_check 120 $PY benchmarks/gpu_model_check.py
@@ -13,3 +15,4 @@ part model_forward 120 $PY benchmarks/model_forward.py --preset 350m --device cu
 part vqgan 90 $PY benchmarks/vqgan.py --device cuda --batch-size 32 --dtype bfloat16
 part generation 360 $PY benchmarks/generation.py --presets tiny,350m --modes eager,graph,reduce-overhead --repeats 1 \
   --reference-tokens 64 --json "$OUT/generation.json"
+finish

@@ -75,10 +75,11 @@ def main() -> None:
         t = timed(lambda: model(idx, input_pos=slots, last_only=True), device, args.repeats)
         print(f"prefill: {t * 1e3:.1f} ms, {args.batch * seq / t:,.0f} tok/s")
 
-        step = model
+        step, how = model, "eager"
         if args.compile or args.cuda_graph:
             mode = "reduce-overhead" if args.cuda_graph else "default"
             step = torch.compile(model, mode=mode, fullgraph=True, dynamic=False)
+            how = f"torch.compile mode={mode}"
         tok = idx[:, -1:].clone()
         input_pos = torch.tensor([seq], device=device)
 
@@ -90,7 +91,7 @@ def main() -> None:
 
         t = timed(decode, device, args.repeats)
         per_step = t / args.decode_steps
-        print(f"decode: {per_step * 1e3:.2f} ms/step, {args.batch / per_step:,.0f} tok/s (compile={args.compile})")
+        print(f"decode: {per_step * 1e3:.2f} ms/step, {args.batch / per_step:,.0f} tok/s ({how})")
 
 
 if __name__ == "__main__":

@@ -101,12 +101,12 @@ def run(size: int, factories: list[str], args: argparse.Namespace) -> list[dict[
                 "build_s": round(build_s, 1),
                 "index_MB": round(nbytes / 2**20, 1),
                 "qps": round(len(q) / search_s, 1),
-                "recall@10": round(recall_at_k(res.ids, truth), 4),
+                f"recall@{args.k}": round(recall_at_k(res.ids, truth), 4),
             }
             rows.append(row)
             print(
                 f"{size:>9,} {factory:<16} {label:<13} build {row['build_s']:>7.1f}s  {row['index_MB']:>8.1f} MB  "
-                f"{row['qps']:>9.1f} q/s  recall@{args.k} {row['recall@10']:.4f}",
+                f"{row['qps']:>9.1f} q/s  recall@{args.k} {row[f'recall@{args.k}']:.4f}",
                 flush=True,
             )
         del bank

@@ -75,7 +75,7 @@ def run(preset: str, batch_size: int, seq_len: int, steps: int, compile: bool, c
     if gpu:
         torch.cuda.reset_peak_memory_stats()
     trainer.fit(module, DataLoader(data, batch_size=batch_size))
-    timed = timer.times[2:] or timer.times
+    timed = timer.times[2:]
     step_s = sum(timed) / len(timed)
     tokens = batch_size * (seq_len - 1)
     loss = trainer.callback_metrics.get("train/loss")
@@ -100,11 +100,13 @@ def main() -> None:
     parser.add_argument("--presets", nargs="+", default=["tiny"])
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=10, help="optimisation steps, the first two not timed")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
+    if args.steps < 3:
+        parser.error(f"--steps must be at least 3 (the first two are warm-up, not timed), got {args.steps}")
     results = []
     for preset in args.presets:
         r = run(preset, args.batch_size, args.seq_len, args.steps, args.compile, args.activation_checkpointing)

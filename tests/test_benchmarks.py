@@ -267,3 +267,174 @@ def test_serving_benchmark_batches_infill_requests_and_keeps_their_texts(tmp_pat
         ("infill", "one at a time", 2, 1.0), ("infill", "batched", 6, 1.0)
     ]  # fmt: skip
     assert "same texts: 100%" in stdout
+
+
+def run_bad(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """``script`` run with arguments it should refuse (the caller checks the exit status and message)."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / script), *args]
+    return subprocess.run(cmd, cwd=cwd, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
+
+
+def test_generation_benchmark_refuses_bad_counts_and_presets_before_measuring(tmp_path, monkeypatch, capsys):
+    """A count of 0 or below (which fell back to the default, or timed nothing as `inf` s) and an unknown preset
+    (which crashed after the presets before it had run) are argparse errors naming the flag; --candidates 1 gives one
+    row per mode, not the same row twice."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    monkeypatch.chdir(tmp_path)
+    import generation
+
+    base = ["generation.py", "--device", "cpu", "--presets", "tiny", "--image-tokens", "4", "--reference-tokens", "0"]
+    for flag, value, message in (
+        ("--repeats", "0", "argument --repeats: must be an integer >= 1, got '0'"),
+        ("--image-tokens", "-4", "argument --image-tokens: must be an integer >= 1, got '-4'"),
+        ("--reference-tokens", "-1", "argument --reference-tokens: must be an integer >= 0, got '-1'"),
+        ("--presets", "tiny,tiyn", "--presets: unknown value 'tiyn'"),
+    ):
+        monkeypatch.setattr(sys, "argv", [*base, flag, value])
+        with pytest.raises(SystemExit) as exit:
+            generation.main()
+        assert exit.value.code == 2 and message in capsys.readouterr().err
+        assert not (tmp_path / "generation_benchmark.json").exists()
+    monkeypatch.setattr(sys, "argv", [*base, "--candidates", "1", "--json", "g.json"])
+    generation.main()
+    rows = json.loads((tmp_path / "g.json").read_text())["results"]
+    assert [(r["mode"], r["images"]) for r in rows] == [("eager", 1)]
+
+
+def test_decode_floor_times_the_real_step_around_the_middle_of_the_image(monkeypatch):
+    """The real step's timed steps are centred on the image's middle, where the pieces' cache and the bound are
+    filled (attention over the filled slots only, fused or flex, is cheaper early in an image): after the warm-up,
+    untimed steps up to there."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import decode_floor
+    from generation import build
+
+    from cm3leon_lightning.generation.decoder import Decoder
+
+    slots, real_step = [], Decoder.step
+
+    def step(self, feed):
+        slots.append(int(self.input_pos) - self.prompt_len)
+        return real_step(self, feed)
+
+    monkeypatch.setattr(Decoder, "step", step)
+    model, vocab = build("tiny", 64, "cpu", torch.float32)
+    with torch.no_grad():
+        assert decode_floor.step_ms(model, vocab, 2, "eager", "sdpa", steps=10, warmup=8) > 0
+    assert slots == list(range(37))  # warm-up 8 and 19 more untimed, then the 10 timed: image tokens 27..36 of 64
+
+
+def test_model_forward_benchmark_names_how_it_decoded(tmp_path, monkeypatch, capsys):
+    """The three figures, and the decode line says which step it timed: with --cuda-graph the step is compiled in
+    mode reduce-overhead (it said compile=False); torch.compile is replaced here to keep the test short."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import model_forward
+
+    modes = []
+    monkeypatch.setattr(torch, "compile", lambda model, mode, **kw: modes.append(mode) or model)
+    for flags in ([], ["--cuda-graph"], ["--compile"]):
+        monkeypatch.setattr(sys, "argv", ["model_forward.py", "--batch", "1", "--seq", "8", "--decode-steps", "2",
+                                          "--repeats", "1", *flags])  # fmt: skip
+        model_forward.main()
+    lines = capsys.readouterr().out.splitlines()
+    assert modes == ["reduce-overhead", "default"]
+    head = "preset=tiny params=0.1M device=cpu dtype=torch.float32 batch=1 seq=8"
+    assert [line.split(":")[0] for line in lines] == [head, "train fwd+bwd", "prefill", "decode"] * 3
+    assert [line.split("(")[-1] for line in lines[3::4]] == [
+        "eager)", "torch.compile mode=reduce-overhead)", "torch.compile mode=default)"
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "lines"),
+    [
+        ("cm3_infill.py", ["--examples", "5"], [r"examples: 5, mean length \d+ tokens, rate 1\.0",
+                                                r"cm3_infill : +\d+ examples/s", r"cm3_restore: +\d+ examples/s"]),
+        ("dataloader.py", ["--samples", "16", "--per-shard", "8", "--batch-size", "4"],
+         [r"wrote 16 samples in 2 shards", r"one worker, end to end: [\d.]+ sequences/s \([\d.]+s for 16 sequences\)",
+          r"  per sequence: read\+sha256\+tar [\d.]+ ms, decode\+validate [\d.]+ ms, "
+          r"retrieve\+fit\+serialize [\d.]+ ms, CM3 masking -?[\d.]+ ms"]),
+        ("vqgan.py", ["--preset", "tiny", "--device", "cpu", "--batch-size", "2", "--iters", "1"],
+         [r"VQGAN tiny 32x32 -> \(8, 8\) codes, float32, batch 2, cpu", r"encode: +[\d.]+ images/s",
+          r"decode: +[\d.]+ images/s"]),
+        ("gpu_model_check.py", [], [r"no CUDA device; nothing to check"]),
+    ],
+)  # fmt: skip
+def test_throughput_benchmarks_run_and_print_their_figures(tmp_path, script, args, lines):
+    """The benchmarks without a test of their own run at tiny sizes and print the lines their docstrings promise."""
+    if script == "gpu_model_check.py" and torch.cuda.is_available():
+        pytest.skip("on a GPU this is the real check (benchmarks/gpu_suite.sh)")
+    stdout = run(script, *args, cwd=tmp_path)
+    for line in lines:
+        assert re.search(f"^{line}", stdout, re.MULTILINE), (line, stdout)
+
+
+def test_train_step_benchmark_times_steps_after_the_warm_up(tmp_path, monkeypatch, capsys):
+    """One JSON line per preset; fewer than 3 steps (2 warm-up, which were then timed silently) are refused."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import train_step
+
+    monkeypatch.setattr(sys, "argv", ["train_step.py", "--steps", "2"])
+    with pytest.raises(SystemExit) as exit:
+        train_step.main()
+    message = "--steps must be at least 3 (the first two are warm-up, not timed), got 2"
+    assert exit.value.code == 2 and message in capsys.readouterr().err
+    out = tmp_path / "t.json"
+    argv = ["train_step.py", "--batch-size", "2", "--seq-len", "16", "--steps", "3", "--json", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    train_step.main()
+    (row,) = json.loads(out.read_text())
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == row
+    assert (row["preset"], row["batch_size"], row["seq_len"], row["precision"]) == ("tiny", 2, 16, "32-true")
+    assert row["step_s"] > 0 and row["tokens_per_s"] > 0
+
+
+def test_retrieval_benchmark_names_recall_by_its_k(tmp_path):
+    """A row per (index, search setting), its recall named by --k (it said recall@10 whatever --k was)."""
+    pytest.importorskip("faiss")
+    args = ["--sizes", "600", "--queries", "20", "--dim", "16", "--clusters", "8", "--nlist", "8", "--train-size",
+            "600", "--factories", "Flat", "IVF{nlist},Flat", "--nprobe", "2", "--k", "5", "--json",
+            "r.json"]  # fmt: skip
+    stdout = run("retrieval.py", *args, cwd=tmp_path)
+    rows = json.loads((tmp_path / "r.json").read_text())
+    assert [(r["index"], r["search"]) for r in rows] == [("Flat", "-"), ("IVF8,Flat", "nprobe=2")]
+    assert rows[0]["recall@5"] == 1.0 and 0 < rows[1]["recall@5"] <= 1 and not any("recall@10" in r for r in rows)
+    assert stdout.count("recall@5 ") == 2
+
+
+def gpu_script(name: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    """``bash benchmarks/<name>`` from the repository root with this Python, results under ``cwd``."""
+    env = {**os.environ, "PY": sys.executable, "OUT": str(cwd / "out"), **env}
+    return subprocess.run(["bash", f"benchmarks/{name}"], cwd=ROOT, env=env, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("name", ["gpu_suite.sh", "gpu_decode.sh"])
+def test_gpu_scripts_stop_at_once_without_a_gpu(tmp_path, name):
+    """Without a CUDA device the script says so and exits 2 before any part (it ran them all on the CPU for up to
+    20 minutes, then exited 0)."""
+    out = gpu_script(name, tmp_path, CUDA_VISIBLE_DEVICES="")
+    assert out.returncode == 2, out.stdout[-1000:] + out.stderr[-1000:]
+    assert f"benchmarks/{name}: no CUDA device visible to {sys.executable}" in out.stderr
+    assert "===" not in out.stdout and list((tmp_path / "out").iterdir()) == []
+
+
+def test_gpu_script_parts_log_and_the_run_fails_when_one_did(tmp_path):
+    """``part`` logs each part and goes on after a failure or a timeout; ``finish`` names those and exits 1 (the
+    scripts exited 0 whatever failed), or 0 when every part passed; both GPU scripts end with it."""
+    script = (
+        "source benchmarks/gpu_common.sh; part ok 5 echo fine; part bad 5 bash -c 'exit 3'; part slow 1 sleep 5; "
+        "part off 0 false; finish"
+    )
+    env = {**os.environ, "OUT": str(tmp_path / "out")}
+    out = subprocess.run(["bash", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert out.returncode == 1
+    assert "=== 2 part(s) failed: bad (exit 3), slow (exit 124, out of time); logs in" in out.stderr
+    assert "=== ok: exit 0" in out.stdout and "=== off: skipped" in out.stdout
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["bad.log", "ok.log", "slow.log"]
+    assert (tmp_path / "out" / "ok.log").read_text() == "fine\n"
+    good = subprocess.run(["bash", "-c", "source benchmarks/gpu_common.sh; part ok 5 true; finish"], cwd=ROOT,
+                          env=env, capture_output=True, text=True)  # fmt: skip
+    assert good.returncode == 0 and "=== every part passed" in good.stdout
+    for name in ("gpu_suite.sh", "gpu_decode.sh"):
+        lines = (ROOT / "benchmarks" / name).read_text().splitlines()
+        assert lines[lines.index('source "$(dirname "$0")/gpu_common.sh"') + 1] == "need_gpu" and lines[-1] == "finish"
