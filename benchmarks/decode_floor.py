@@ -82,12 +82,25 @@ def chained_us(call: Callable[[int], object], device: str, chain: int, steps: in
     return 1e3 * replay_ms(lambda: [call(i) for i in range(chain)], device, steps) / chain
 
 
+def row_counts(text: str) -> list[int]:
+    """An argparse ``type``: comma-separated row counts, each an integer >= 1 (``--rows 2,16``)."""
+    try:
+        rows = [int(r) for r in text.split(",")]
+    except ValueError:
+        rows = []
+    if not rows or min(rows) < 1:
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers >= 1, got {text!r}")
+    return rows
+
+
 def kernel_parser(doc: str) -> argparse.ArgumentParser:
     """The arguments the fused kernels' benchmarks share: preset, device, rows, chain and replays, JSON output."""
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--preset", default="350m", choices=("tiny", "350m", "760m", "7b"))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--rows", default=None, help="comma-separated row counts (default: 2 and 2 x --candidates)")
+    p.add_argument(
+        "--rows", type=row_counts, default=None, help="comma-separated row counts (default: 2 and 2 x --candidates)"
+    )
     p.add_argument("--candidates", type=at_least(1), default=8)
     p.add_argument("--chain", type=at_least(1), default=24, help="calls per captured graph (one per layer)")
     p.add_argument("--steps", type=at_least(1), default=50, help="graph replays timed per row")

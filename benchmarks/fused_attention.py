@@ -71,7 +71,7 @@ def bench(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if not gpu and os.environ.get("TRITON_INTERPRET") != "1":
         p.error("--device cpu runs the kernel under Triton's interpreter: start it with TRITON_INTERPRET=1")
     try:
-        rows_list = [int(r) for r in args.rows.split(",")] if args.rows else [2, 2 * args.candidates]
+        rows_list = args.rows or [2, 2 * args.candidates]
         slots_list = [int(s) for s in args.slots.split(",")]
         splits_list = [int(s) for s in args.splits.split(",")]
     except ValueError as err:

@@ -122,7 +122,7 @@ def bench(p: argparse.ArgumentParser, args: argparse.Namespace, gpu: bool) -> No
 
     dtype = torch.bfloat16 if gpu else torch.float32  # the interpreter computes in float32 only
     config = CM3LeonConfig.from_preset(args.preset)
-    rows_list = [int(r) for r in args.rows.split(",")] if args.rows else [2, 2 * args.candidates]
+    rows_list = args.rows or [2, 2 * args.candidates]
     configs = fk.PDL_CONFIGS if args.pdl else fk.CONFIGS
     if args.configs:
         try:

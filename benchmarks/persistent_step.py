@@ -117,7 +117,7 @@ def main() -> None:
     if not gpu and os.environ.get("TRITON_INTERPRET") != "1":
         p.error("--device cpu runs the kernel under Triton's interpreter: start it with TRITON_INTERPRET=1")
     try:
-        rows_list = [int(r) for r in args.rows.split(",")] if args.rows else [2, 2 * args.candidates]
+        rows_list = args.rows or [2, 2 * args.candidates]
     except ValueError as err:
         p.error(f"--rows takes comma-separated integers ({err})")
     tiles = parse_tiles(p, args.tiles)

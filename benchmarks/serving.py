@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import torch
+from generation import at_least  # benchmarks/generation.py, beside this script
 
 from cm3leon_lightning.config import CM3LeonConfig
 from cm3leon_lightning.modules.cm3leon import CM3LeonModule
@@ -85,21 +86,21 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda when available)")
     p.add_argument("--kind", default="image", choices=["image", "infill"], help="text-to-image or infill requests")
-    p.add_argument("--span-tokens", type=int, default=16, help="--kind infill: the most tokens of a filled span")
+    p.add_argument(
+        "--span-tokens", type=at_least(1), default=16, help="--kind infill: the most tokens of a filled span"
+    )
     p.add_argument("--preset", default=None, help="model preset (default: 350m on CUDA, tiny on CPU)")
-    p.add_argument("--requests", type=int, default=8, help="concurrent requests R")
-    p.add_argument("--num-samples", type=int, default=1, help="candidates per request")
-    p.add_argument("--image-tokens", type=int, default=None, help="codes per image (default: 1024 GPU, 16 CPU)")
+    p.add_argument("--requests", type=at_least(1), default=8, help="concurrent requests R")
+    p.add_argument("--num-samples", type=at_least(1), default=1, help="candidates per request")
+    p.add_argument("--image-tokens", type=at_least(1), default=None, help="codes per image (default: 1024 GPU, 16 CPU)")
     p.add_argument("--method", default="top_p", choices=["greedy", "top_p"], help="greedy also checks equal codes")
     p.add_argument("--cfg", type=float, default=3.0)
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     p.add_argument("--compile", default="auto", help="decode-step mode (auto: the fastest available)")
-    p.add_argument("--repeats", type=int, default=None, help="timed repeats, best taken (default 3 GPU, 1 CPU)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--repeats", type=at_least(1), default=None, help="timed repeats, best taken (default 3 GPU, 1 CPU)")
+    p.add_argument("--threads", type=at_least(1), default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", default="serving_benchmark.json", help="where to write the results")
     args = p.parse_args()
-    if args.requests < 1 or args.num_samples < 1:
-        p.error("--requests and --num-samples must be >= 1")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     cuda = device.startswith("cuda")
     preset = args.preset or ("350m" if cuda else "tiny")

@@ -12,6 +12,7 @@ import argparse
 import time
 
 import torch
+from generation import at_least  # benchmarks/generation.py, beside this script
 
 from cm3leon_lightning.tokenization.vqgan import VQGAN
 
@@ -38,12 +39,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="f8_8192")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--batch-size", type=int, default=None, help="default: 32 on cuda, 2 on cpu")
+    p.add_argument("--batch-size", type=at_least(1), default=None, help="default: 32 on cuda, 2 on cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--iters", type=int, default=None, help="default: 20 on cuda, 2 on cpu")
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--iters", type=at_least(1), default=None, help="default: 20 on cuda, 2 on cpu")
+    p.add_argument("--warmup", type=at_least(0), default=1)
     args = p.parse_args()
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: torch sees no CUDA device here")
     on_cpu = device.type == "cpu"
     batch = args.batch_size or (2 if on_cpu else 32)
     iters = args.iters or (2 if on_cpu else 20)

@@ -438,3 +438,25 @@ def test_gpu_script_parts_log_and_the_run_fails_when_one_did(tmp_path):
     for name in ("gpu_suite.sh", "gpu_decode.sh"):
         lines = (ROOT / "benchmarks" / name).read_text().splitlines()
         assert lines[lines.index('source "$(dirname "$0")/gpu_common.sh"') + 1] == "need_gpu" and lines[-1] == "finish"
+
+
+@pytest.mark.parametrize(
+    "script, args, message",
+    [
+        ("serving.py", ["--repeats", "-1"], "argument --repeats: must be an integer >= 1, got '-1'"),  # was inf s
+        ("serving.py", ["--image-tokens", "0"], "argument --image-tokens: must be an integer >= 1, got '0'"),
+        ("vqgan.py", ["--iters", "0"], "argument --iters: must be an integer >= 1, got '0'"),
+        ("fused_linear.py", ["--rows", "2,x"], "argument --rows: must be comma-separated integers >= 1, got '2,x'"),
+        ("persistent_step.py", ["--rows", "0"], "argument --rows: must be comma-separated integers >= 1, got '0'"),
+    ],
+)
+def test_serving_vqgan_and_kernel_benchmarks_refuse_bad_counts(tmp_path, script, args, message):
+    """Counts that were silent defaults, ``inf`` timings or tracebacks are one-line argparse errors naming the flag."""
+    out = run_bad(script, *args, cwd=tmp_path)
+    assert out.returncode == 2 and message in out.stderr, out.stderr[-2000:]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a CUDA device")
+def test_vqgan_benchmark_on_a_missing_cuda_device_is_a_one_line_error(tmp_path):
+    out = run_bad("vqgan.py", "--device", "cuda", cwd=tmp_path)
+    assert out.returncode == 2 and "--device cuda: torch sees no CUDA device here" in out.stderr, out.stderr[-2000:]
