@@ -22,6 +22,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0 (a seed)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``cm3leon demo`` flags."""
     p = argparse.ArgumentParser(
@@ -32,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
     p.add_argument("--size", choices=sorted(SIZES), default="default", help="'mini' runs in seconds (tests)")
     p.add_argument("--fresh", action="store_true", help="delete the run directory first and redo every stage")
-    p.add_argument("--seed", type=int, default=0, help="seed of the data and of every training run")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the data and of every training run")
     p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: all CPU cores)")
     p.add_argument("--configs", default=str(CONFIG_DIR), help="the configs/ directory (default: the repository's)")
     p.add_argument("--train-steps", type=positive_int, default=None, help="override the CM3Leon training steps")

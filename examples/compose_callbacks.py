@@ -21,13 +21,19 @@ from lightning.pytorch.loggers import CSVLogger
 from PIL import Image
 from torch import nn
 
-from cm3leon_lightning.callbacks import CIDErCallback, FIDCallback, SampleLoggerCallback, VQACallback
-from cm3leon_lightning.data.datamodule import CM3LeonDataModule
+from cm3leon_lightning import (
+    VQGAN,
+    CIDErCallback,
+    CM3LeonDataModule,
+    CM3LeonModule,
+    FIDCallback,
+    SampleLoggerCallback,
+    ShardWriter,
+    TextTokenizer,
+    VQACallback,
+)
 from cm3leon_lightning.data.pairs import make_shape_pairs
-from cm3leon_lightning.data.shards import ShardSample, ShardWriter
-from cm3leon_lightning.modules.cm3leon import CM3LeonModule
-from cm3leon_lightning.tokenization.text import TextTokenizer
-from cm3leon_lightning.tokenization.vqgan import VQGAN
+from cm3leon_lightning.data.shards import ShardSample
 
 torch.manual_seed(0)
 work = Path(tempfile.mkdtemp(prefix="cm3leon-callbacks-"))

@@ -14,19 +14,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from cm3leon_lightning import VQGAN, TextTokenizer, generate_image, load_checkpoint
 from cm3leon_lightning.data.shapes import generate_pairs
 from cm3leon_lightning.demo_cli import positive_int
 from cm3leon_lightning.demo_eval import attribute_scores, to_uint8
 from cm3leon_lightning.demo_report import stage_results
-from cm3leon_lightning.generation import generate_image
-from cm3leon_lightning.generation.cli import load_checkpoint
-from cm3leon_lightning.tokenization.text import TextTokenizer
-from cm3leon_lightning.tokenization.vqgan import VQGAN
 
 
 def run_seed(run: Path) -> int | None:
@@ -38,6 +36,39 @@ def run_seed(run: Path) -> int | None:
             if seed is not None:
                 return int(seed)
     return None
+
+
+def as_float(text: str) -> float:
+    """``text`` as a float; NaN for what does not parse (the argparse types below then refuse it)."""
+    try:
+        return float(text)
+    except ValueError:
+        return math.nan
+
+
+def cfg_scale(text: str) -> float:
+    """argparse type: a finite CFG scale (a NaN or infinite scale turns every guided logit into NaN)."""
+    if not math.isfinite(value := as_float(text)):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def top_p_mass(text: str) -> float:
+    """argparse type: a nucleus mass in (0, 1] (argparse names the flag in its error)."""
+    if not 0 < (value := as_float(text)) <= 1:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return value
+
+
+def seed_value(text: str) -> int:
+    """argparse type: an integer >= 0 (what numpy's seeded generators take)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> dict[tuple[float, float], dict[str, float]]:
@@ -52,9 +83,9 @@ def main(argv: Sequence[str] | None = None) -> dict[tuple[float, float], dict[st
         "--prompts", type=positive_int, default=24, help="validation prompts (seen colour-shape combinations)"
     )
     p.add_argument("--samples", type=positive_int, default=8, help="images per prompt and setting")
-    p.add_argument("--seed", type=int, default=7, help="prompt seed (the report uses seed + 1 of the demo's)")
-    p.add_argument("--cfg", type=float, nargs="+", default=[1.0, 1.5, 2.0, 3.0], help="CFG scales")
-    p.add_argument("--top-p", type=float, nargs="+", default=[0.9, 0.6], help="nucleus masses")
+    p.add_argument("--seed", type=seed_value, default=7, help="prompt seed (the report uses seed + 1 of the demo's)")
+    p.add_argument("--cfg", type=cfg_scale, nargs="+", default=[1.0, 1.5, 2.0, 3.0], help="CFG scales")
+    p.add_argument("--top-p", type=top_p_mass, nargs="+", default=[0.9, 0.6], help="nucleus masses")
     args = p.parse_args(argv)
     try:
         stage_results(args.run, ("tokenizer", "vqgan", "train"))  # finished, or an error naming what to run

@@ -36,10 +36,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from cm3leon_lightning import export_model
 from cm3leon_lightning.data import shapes
+from cm3leon_lightning.demo_cli import positive_int
 from cm3leon_lightning.demo_eval import attribute_scores
 from cm3leon_lightning.demo_report import stage_results
-from cm3leon_lightning.export import export_model
 
 
 def demo_paths(run: Path) -> dict[str, str]:
@@ -89,7 +90,8 @@ def server(paths: dict[str, str], log: Path, *extra: str) -> Iterator[str]:
             yield f"http://127.0.0.1:{port}/predict"
         finally:
             proc.terminate()  # cm3leon serve stops its worker processes on SIGTERM
-            proc.wait(timeout=60)
+            with suppress(subprocess.TimeoutExpired):  # a hung server still has its process group killed below
+                proc.wait(timeout=60)
             with suppress(ProcessLookupError):  # and should one be left, its process group goes with it
                 time.sleep(1)
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -121,11 +123,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("run", type=Path, help="a finished demo run (runs/demo)")
     p.add_argument("--out", type=Path, default=Path("runs/serve"), help="output directory")
-    p.add_argument("--requests", type=int, default=48, help="requests sent at once")
-    p.add_argument("--max-batch-size", type=int, default=16, help="the batching server's --max-batch-size")
-    p.add_argument("--seed", type=int, default=7, help="seed of the scenes")
+    p.add_argument("--requests", type=positive_int, default=48, help="requests sent at once")
+    p.add_argument("--max-batch-size", type=positive_int, default=16, help="the batching server's --max-batch-size")
+    p.add_argument("--seed", type=int, default=7, help="seed of the scenes (>= 0)")
     args = p.parse_args(argv)
-    paths, out = demo_paths(args.run), args.out
+    if args.seed < 0:
+        p.error(f"argument --seed: expected an integer >= 0, got {args.seed}")
+    try:
+        paths, out = demo_paths(args.run), args.out
+    except FileNotFoundError as e:
+        p.error(f"run: {e}")
     out.mkdir(parents=True, exist_ok=True)
     # One directory to hand to the server: weights (safetensors, no optimizer state) + both tokenizers.
     export_model(paths["ckpt"], out / "model", paths["tokenizer"], paths["vqgan"], force=True)
@@ -164,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"{way:<9} all attributes {report[way]['all']:.1%}  ({args.requests} requests in "
                   f"{report[way]['seconds']:.2f} s)")  # fmt: skip
     print(f"one at a time: {report['prompt_one_at_a_time_seconds']:.2f} s "
-          f"(batching: {report['batching_speedup']:.1f}x faster); wrote {out / 'report.json'}")  # fmt: skip
+          f"(batched: {report['batching_speedup']:.1f}x the speed); wrote {out / 'report.json'}")  # fmt: skip
     return report
 
 

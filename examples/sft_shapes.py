@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -36,17 +37,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cm3leon_lightning import VQGAN, SFTSource, TextTokenizer, edit_image, generate_text, load_checkpoint, prepare
 from cm3leon_lightning.data import shapes
-from cm3leon_lightning.data.prepare import prepare
-from cm3leon_lightning.data.sft import SFTSource
 from cm3leon_lightning.demo import CONFIG_DIR, fit_with_cli
+from cm3leon_lightning.demo_cli import positive_int
 from cm3leon_lightning.demo_eval import attribute_scores, caption_scores, to_uint8
 from cm3leon_lightning.demo_report import stage_results
-from cm3leon_lightning.generation import edit_image, generate_text
-from cm3leon_lightning.generation.cli import load_checkpoint
 from cm3leon_lightning.generation.generate import TEXT_LAYOUTS as LAYOUTS
-from cm3leon_lightning.tokenization.text import TextTokenizer
-from cm3leon_lightning.tokenization.vqgan import VQGAN
 
 
 def one_shape_scenes(n: int, split: str, seed: int) -> list[shapes.Scene]:
@@ -141,18 +138,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("run", type=Path, help="a finished demo run (runs/demo)")
     p.add_argument("--out", type=Path, default=Path("runs/sft"), help="output directory")
-    p.add_argument("--pairs", type=int, default=3000, help="image-caption pairs drawn for the SFT data")
-    p.add_argument("--steps", type=int, default=800, help="fine-tuning steps")
+    p.add_argument("--pairs", type=positive_int, default=3000, help="image-caption pairs drawn for the SFT data")
+    p.add_argument("--steps", type=positive_int, default=800, help="fine-tuning steps")
     p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (the demo pretrains at 3e-3)")
     p.add_argument("--warmup", type=int, default=40, help="warm-up steps")
-    p.add_argument("--eval", type=int, default=96, help="evaluation scenes per split")
+    p.add_argument("--eval", type=positive_int, default=96, help="evaluation scenes per split")
     p.add_argument("--seed", type=int, default=100, help="seed of the SFT data (the demo's data uses 0)")
     p.add_argument("--image-first", type=float, default=0.5, help="share of SFT documents written image first "
                    "(input, then output: what the image_first prompt layout reads)")  # fmt: skip
     p.add_argument("--fit-arg", action="append", default=[], help="one more argument for the fit, repeatable: "
                    "--fit-arg=--data.init_args.batch_size=4")  # fmt: skip
     args = p.parse_args(argv)
-    demo, out = stage_results(args.run), args.out
+    for flag, ok, wanted in (
+        ("--warmup", args.warmup >= 0, "an integer >= 0"),
+        ("--lr", 0 < args.lr < math.inf, "a finite number > 0"),
+        ("--seed", args.seed >= 0, "an integer >= 0"),
+        ("--image-first", 0 <= args.image_first <= 1, "a number in [0, 1]"),
+    ):  # checked before any file is written (NaN fails too)
+        if not ok:
+            p.error(f"argument {flag}: expected {wanted}, got {getattr(args, flag[2:].replace('-', '_'))}")
+    try:
+        demo, out = stage_results(args.run), args.out
+    except FileNotFoundError as e:
+        p.error(f"run: {e}")
     tok = TextTokenizer.load(demo["tokenizer"]["path"])
     vqgan = VQGAN.from_pretrained(demo["vqgan"]["path"]).eval()
     size = vqgan.config.resolution
@@ -197,14 +205,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         },  # fmt: skip
     }
     (out / "report.json").write_text(json.dumps(report, indent=1))
-    print(f"{'':36} {'before':>8} {'after':>8}")
+    print(f"{'':38} {'before':>8} {'after':>8}")
     for where in report["after"]:
         for key in ["vqa_all", *(f"vqa_{q}" for q in shapes.QUESTIONS), "caption", "caption_instructed"]:
             before, after = report["before"][where][key], report["after"][where][key]
-            print(f"{where + ' ' + key:36} {before:8.1%} {after:8.1%}")
+            print(f"{where + ' ' + key:38} {before:8.1%} {after:8.1%}")
     for key in ("all", "colour", "shape", "position"):
         before, after = report["edits_before"]["edited"][key], report["edits_after"]["edited"][key]
-        print(f"{'edit (seen) ' + key:36} {before:8.1%} {after:8.1%}")
+        print(f"{'edit (seen) ' + key:38} {before:8.1%} {after:8.1%}")
     refs = {k: report["edits_after"][k]["all"] for k in ("unedited_source", "target_reconstruction")}
     print(f"edit references (all attributes): unedited source {refs['unedited_source']:.1%}, VQGAN reconstruction "
           f"of the target {refs['target_reconstruction']:.1%}")  # fmt: skip

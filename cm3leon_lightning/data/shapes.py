@@ -333,6 +333,8 @@ def generate_pairs(n: int, split: str = "train", image_size: int = 32, seed: int
     """``n`` seeded pairs of ``split``; pair ``i`` depends only on ``(seed, split, i)``, so any prefix is stable."""
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
+    if seed < 0:  # numpy's own error would not name it
+        raise ValueError(f"seed must be >= 0, got {seed}")
     split_id = {"train": 0, "heldout": 1}.get(split)
     if split_id is None:
         raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")

@@ -84,6 +84,8 @@ class SamplingSpec:
             raise ValueError(f"temperature must be finite and >= 0 (0 = greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
+        if not (abs(self.cfg) < float("inf") and abs(self.image_cfg) < float("inf")):  # NaN fails the comparison too
+            raise ValueError(f"cfg and image_cfg must be finite, got {self.cfg} and {self.image_cfg}")
         if self.top_k is not None and self.top_k < 1:
             raise ValueError(f"top_k must be >= 1 or None, got {self.top_k}")
         if self.cdk_k < 1 or not 0 <= self.cdk_alpha <= 1:

@@ -105,6 +105,8 @@ def test_checker_rejects_wrong_attributes() -> None:
 def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match="split"):
         list(generate_pairs(1, "test"))
+    with pytest.raises(ValueError, match="seed must be >= 0, got -1"):
+        next(generate_pairs(1, seed=-1))
     with pytest.raises(ValueError, match="image_size"):
         render(Scene((ShapeSpec("red", "circle", "large", "left"),)), 8)
     with pytest.raises(ValueError, match=r"\(H, W, 3\)"):

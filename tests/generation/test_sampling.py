@@ -212,6 +212,8 @@ def test_sampling_spec_rejects_bad_settings():
         ({"temperature": -1.0}, "temperature"),
         ({"temperature": float("inf")}, "temperature must be finite"),
         ({"top_p": 0.0}, "top_p"),
+        ({"streams": 2, "cfg": float("nan")}, "cfg and image_cfg must be finite"),  # images came back, no error
+        ({"streams": 3, "image_cfg": float("inf")}, "cfg and image_cfg must be finite"),
         ({"method": "cd_k", "streams": 2, "cdk_alpha": 2.0}, r"cdk_alpha in \[0, 1\]"),
         ({"lo": 5, "hi": 5}, "range"),
     ):
