@@ -12,8 +12,9 @@ huge one is read only up to the text that the limit keeps. (The prepare pipeline
 ``max_caption_tokens``, storing the caption decoded from the kept ids: ``repaired_caption_tokens``.)
 
 Image rules: missing file ``image_missing``; unreadable, truncated or decompression-bomb ``image_unreadable``;
-shorter side below ``min_size`` pixels ``image_too_small`` (all skipped). Any mode other than RGB is converted
-(transparent pixels composited on white) and counted ``repaired_image_mode``.
+shorter side below ``min_size`` pixels ``image_too_small`` (all skipped). An EXIF orientation other than upright is
+applied (a phone photo stored sideways is turned as a viewer shows it) and counted ``repaired_image_orientation``. Any
+mode other than RGB is converted (transparent pixels composited on white) and counted ``repaired_image_mode``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from cm3leon_lightning.data.samples import SkipError
 
@@ -43,7 +44,9 @@ REPAIR_REASONS = (
     "repaired_caption_truncated",
     "repaired_caption_tokens",
     "repaired_image_mode",
+    "repaired_image_orientation",
 )
+EXIF_ORIENTATION = 0x0112
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]+")
 _SPACES = re.compile(r"\s+")
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
@@ -134,9 +137,21 @@ def clean_caption(caption: str | bytes | None, max_chars: int = 1000) -> tuple[s
     return text, repairs
 
 
+def exif_orientation(image: Image.Image) -> int:
+    """The image's EXIF orientation (1: upright, 2-8: mirrored and/or turned); 1 when absent or unreadable."""
+    try:
+        value = image.getexif().get(EXIF_ORIENTATION, 1)
+    except (OSError, ValueError, TypeError, SyntaxError):  # malformed EXIF: read the pixels as stored
+        return 1
+    return value if isinstance(value, int) and 2 <= value <= 8 else 1
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
-    """An image of any mode as RGB: transparent pixels become white, 16/32-bit grey is scaled to 8 bits (a plain
-    ``convert("RGB")`` clips it to near-white)."""
+    """An image of any mode as upright RGB: its EXIF orientation applied (as viewers show it), transparent pixels
+    white, 16/32-bit grey scaled to 8 bits (a plain ``convert("RGB")`` clips it to near-white). Preparation, training
+    data modules, inference and evaluation all convert through here, so they see the same pixels."""
+    if exif_orientation(image) != 1:
+        image = ImageOps.exif_transpose(image)
     if image.mode == "RGB":
         return image
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
@@ -191,6 +206,8 @@ def load_image(image: Path | bytes | np.ndarray | Image.Image | None, min_size: 
             "image_too_small", f"image is {img.size[0]}x{img.size[1]}; the shorter side must be >= {min_size}"
         )
     repairs = [] if img.mode == "RGB" else ["repaired_image_mode"]
+    if exif_orientation(img) != 1:
+        repairs.append("repaired_image_orientation")
     try:
         return to_rgb(img), repairs
     except (OSError, ValueError) as e:

@@ -123,6 +123,39 @@ def test_load_image_rules(tmp_path: Path) -> None:
         assert e.value.reason == reason, raw if not isinstance(raw, bytes) else len(raw)
 
 
+def test_exif_orientation_is_applied_everywhere_images_are_converted() -> None:
+    """A photo stored sideways with EXIF orientation 6 (turn 90 degrees clockwise to view) is read upright by
+    preparation (counted), and by ``to_rgb``/``fid_resize``, which inference, evaluation and the training data modules
+    share; orientation 1 and no EXIF leave the pixels as stored."""
+    from cm3leon_lightning.metrics.fid import fid_resize
+
+    stored = np.zeros((40, 64, 3), np.uint8)  # 64 wide, 40 high as stored
+    stored[:, :, 0] = np.arange(64, dtype=np.uint8)[None, :] * 3
+    stored[:, :, 1] = np.arange(40, dtype=np.uint8)[:, None] * 5
+
+    def encoded(orientation: int | None) -> bytes:
+        buf = io.BytesIO()
+        exif = Image.Exif()
+        if orientation is not None:
+            exif[cleaning.EXIF_ORIENTATION] = orientation
+        Image.fromarray(stored).save(buf, format="PNG", exif=exif.tobytes())
+        return buf.getvalue()
+
+    upright = np.rot90(stored, k=-1)  # turned 90 degrees clockwise: 40 wide, 64 high
+    img, repairs = load_image(encoded(6))
+    assert img.size == (40, 64) and np.array_equal(np.asarray(img), upright)
+    assert repairs == ["repaired_image_orientation"]
+    with Image.open(io.BytesIO(encoded(6))) as raw:
+        assert np.array_equal(np.asarray(cleaning.to_rgb(raw)), upright)
+    mirrored, _ = load_image(encoded(2))  # 2: mirrored left-right
+    assert np.array_equal(np.asarray(mirrored), stored[:, ::-1])
+    for orientation in (None, 1):
+        img, repairs = load_image(encoded(orientation))
+        assert np.array_equal(np.asarray(img), stored) and repairs == []
+    square = fid_resize(encoded(6), 40)  # the centre 40 x 40 of the upright image
+    assert np.array_equal(square.permute(1, 2, 0).numpy(), upright[12:52])
+
+
 def test_source_jpeg_keeps_jpeg_bytes_and_encodes_others() -> None:
     jpg = _jpeg((1, 2, 3))
     assert source_jpeg(jpg, Image.open(io.BytesIO(jpg))) == jpg
