@@ -255,11 +255,16 @@ class GenerationCallback(L.Callback):
             return vqgan.encode(batch).long().cpu()
 
     # ------------------------------------------------------------------------------------------ scheduling
+    TEST_HOOKS = ("on_test_epoch_start", "on_test_batch_end", "on_test_epoch_end", "on_test_end")
+    """Lightning hooks that, when a subclass defines one, mean it does evaluate in test runs (no warning then)."""
+
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Say that a test run does not evaluate with this callback (it runs at validation ends), rather than log
-        nothing without a word."""
+        nothing without a word; a subclass with a test hook of its own (:attr:`TEST_HOOKS`) is not warned about."""
         from lightning.pytorch.utilities import rank_zero_warn
 
+        if any(getattr(type(self), hook) is not getattr(L.Callback, hook) for hook in self.TEST_HOOKS):
+            return
         rank_zero_warn(
             f"{type(self).__name__} evaluates at the end of validation epochs: `cm3leon test` / Trainer.test does not "
             "run it; use `cm3leon validate` (Trainer.validate) with the data it should score"

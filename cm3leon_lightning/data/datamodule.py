@@ -122,7 +122,14 @@ class CM3LeonDataModule(L.LightningDataModule):
         max_skip_share: stop when a rank skips more than this share of an epoch's samples (bad data).
         pad_to_multiple: the model's vocabulary is padded to a multiple of this.
         pin_memory: DataLoader ``pin_memory``.
+
+    To change the per-sample pipeline, subclass :class:`~cm3leon_lightning.data.stream.ShardStream` (e.g. its
+    ``iter_worker``, which knows the ``epoch``) and name it in :attr:`stream_class`, or override
+    :meth:`build_stream`; exact resume works as long as the stream stays a pure function of its position.
     """
+
+    stream_class: type[ShardStream] = ShardStream
+    """The class of every split's stream (:meth:`build_stream`)."""
 
     def __init__(
         self,
@@ -220,13 +227,15 @@ class CM3LeonDataModule(L.LightningDataModule):
         trainer = self.trainer
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
-    def _stream(self, split: str, training: bool) -> ShardStream:
+    def build_stream(self, split: str, training: bool) -> ShardStream:
+        """A :attr:`stream_class` over ``split``'s shards for this rank: shuffled, resampled (per ``mode``) and with
+        the resume metadata when ``training``; exact, in order and without it otherwise. Override to adjust it."""
         if split not in self.sources:
             raise ValueError(f"no {split}_data was given to CM3LeonDataModule")
         _, urls, infos = self.sources[split]
         hp = self.hparams
         rank, world = self._rank()
-        return ShardStream(
+        return self.stream_class(
             urls,
             infos,
             self.cfg,
@@ -267,7 +276,7 @@ class CM3LeonDataModule(L.LightningDataModule):
         """The resumable training loader (the same object across epochs, so it keeps its position)."""
         if self._train_loader is None:
             self._train_loader = ResumableLoader(
-                self._stream("train", True),
+                self.build_stream("train", True),
                 pin_memory=self.hparams.pin_memory,
                 max_skip_share=self.hparams.max_skip_share,
                 processed=self._processed,
@@ -278,7 +287,7 @@ class CM3LeonDataModule(L.LightningDataModule):
         return self._train_loader
 
     def _eval_loader(self, split: str) -> DataLoader:
-        stream = self._stream(split, False)
+        stream = self.build_stream(split, False)
         return DataLoader(stream, batch_size=None, num_workers=stream.num_workers, pin_memory=self.hparams.pin_memory)
 
     def val_dataloader(self) -> DataLoader | list:

@@ -8,8 +8,10 @@ cross-entropy over every non-pad target. A new task subclasses the module and ov
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -160,6 +162,22 @@ class CM3LeonModule(L.LightningModule):
         # Matrix-multiply FLOPs of the last batch on this device (CM3LeonConfig.forward_flops; 3x in training).
         self.flops_per_batch: int | None = None
 
+    def save_hyperparameters(
+        self, *args: Any, ignore: Sequence[str] | str | None = None, frame: Any = None, logger: bool = True
+    ) -> None:
+        """Lightning's ``save_hyperparameters``, keeping what checkpoints need whoever calls it: ``config`` and
+        ``vocab`` stay the resolved primitives and ``generation`` stays out (see the class docstring).
+
+        A subclass may call it again for its own arguments, as Lightning's documentation does; that used to store
+        the ``config`` argument as given (``None`` under the CLI: checkpoints that ``from_pretrained``, ``cm3leon
+        export`` and ``cm3leon info`` could not read) and ``generation`` as an object.
+        """
+        names = [ignore] if isinstance(ignore, str) else list(ignore or [])
+        kept = {key: self.hparams[key] for key in ("config", "vocab") if key in self.hparams}
+        frame = frame or inspect.currentframe().f_back  # the caller's __init__, as Lightning finds it
+        super().save_hyperparameters(*args, ignore=[*names, "config", "generation"], frame=frame, logger=logger)
+        self.hparams.update(kept)
+
     @property
     def vocab(self) -> MultimodalVocab | None:
         """The vocabulary the model was built for, when known."""
@@ -298,7 +316,10 @@ class CM3LeonModule(L.LightningModule):
 
         Returns a dict with ``loss`` (the optimised value), ``tokens`` (number of scored targets), and, when
         the vocabulary is known, ``loss_text`` and ``loss_image`` (mean loss over text and image targets) with their
-        target counts ``tokens_text`` and ``tokens_image`` (validation and test weigh each batch by these).
+        target counts ``tokens_text`` and ``tokens_image`` (validation and test weigh each batch by these). An
+        override must return ``loss``; without ``tokens`` every non-pad target counts, and the text and image parts
+        are logged only when given with their counts. To score fewer targets (e.g. only an instruction's output),
+        set the others to ``PAD_ID`` and call ``super().compute_loss``: the logged parts then follow.
         """
         per_token = F.cross_entropy(
             logits.flatten(0, 1).float(), targets.flatten(), ignore_index=PAD_ID, reduction="none"
@@ -324,6 +345,8 @@ class CM3LeonModule(L.LightningModule):
         )
         logits = self(inputs)  # (B, T-1, V)
         losses = self.compute_loss(logits, targets, batch)
+        if "tokens" not in losses:  # an override that gives only `loss`: every non-pad target counts
+            losses["tokens"] = (targets != PAD_ID).sum()
         if stage != "train":  # epoch figures per scored token, logged at the epoch's end (_log_eval_epoch)
             self._accumulate(losses)
             return losses

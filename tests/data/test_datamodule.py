@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import tarfile
@@ -21,7 +22,9 @@ from cm3leon_lightning.tokenization.vocab import MultimodalVocab
 ALL_KEYS = {f"doc-{i:04d}" for i in range(22)}
 
 
-def make_dm(root: Path | str | list[str], **kw) -> CM3LeonDataModule:
+def make_dm(
+    root: Path | str | list[str], dm_class: type[CM3LeonDataModule] = CM3LeonDataModule, **kw
+) -> CM3LeonDataModule:
     args = dict(
         train_data=root if isinstance(root, list) else str(root),
         seq_len=64,
@@ -29,7 +32,7 @@ def make_dm(root: Path | str | list[str], **kw) -> CM3LeonDataModule:
         num_workers=0,
         max_skip_share=1.0,
     )
-    return CM3LeonDataModule(**{**args, **kw})
+    return dm_class(**{**args, **kw})
 
 
 def keys_of(batches: list[dict]) -> list[str]:
@@ -346,3 +349,42 @@ def test_skip_counts_survive_resume_and_the_limit_stops_the_run(tiny_dataset: Pa
     assert after_epoch.skip_counts == {"image_length": 1}
     with pytest.raises(RuntimeError, match=r"skipped 1 of its 22 samples .*max_skip_share=0.01"):
         list(make_dm(tiny_dataset, max_skip_share=0.01).train_dataloader())
+
+
+class EpochRateStream(ShardStream):
+    """A masking-rate curriculum: no CM3 masking in epoch 0, about three spans per example from epoch 1 on."""
+
+    def iter_worker(self, worker: int):
+        rate = 0.0 if self.epoch == 0 else 3.0
+        self.cfg = dataclasses.replace(self.cfg, infill_kwargs={"rate": rate})
+        yield from super().iter_worker(worker)
+
+
+class CurriculumDataModule(CM3LeonDataModule):
+    stream_class = EpochRateStream
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_subclass_changes_the_pipeline_through_stream_class_and_still_resumes(
+    tiny_dataset: Path, workers: int
+) -> None:
+    """`stream_class` names the stream of every split (subclasses had to override the private `_stream`), and a
+    stream that depends on its epoch resumes mid-epoch exactly."""
+    infill = MultimodalVocab(n_text=64, n_codes=32, grid_h=2, grid_w=2).infill_id
+    kw = dict(num_workers=workers, max_retrieved=0, val_data=str(tiny_dataset))
+    loader = make_dm(tiny_dataset, dm_class=CurriculumDataModule, **kw).train_dataloader()
+    full = list(loader) + list(loader)  # 11 batches per epoch
+    assert isinstance(loader.stream, EpochRateStream)
+    assert [int((b["input_ids"] == infill).sum()) > 0 for b in full] == [False] * 11 + [True] * 11
+    dm = make_dm(tiny_dataset, dm_class=CurriculumDataModule, **kw)
+    assert isinstance(dm.val_dataloader().dataset, EpochRateStream)
+    head = list(dm.train_dataloader())
+    it = iter(dm.train_dataloader())
+    head += [next(it) for _ in range(4)]  # into epoch 1
+    state = json.loads(json.dumps(dm.state_dict()))
+    del it
+    resumed = make_dm(tiny_dataset, dm_class=CurriculumDataModule, **kw)
+    resumed.load_state_dict(state)
+    tail = list(resumed.train_dataloader())
+    assert len(head) == 15 and len(head + tail) == 22
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(head + tail, full))
