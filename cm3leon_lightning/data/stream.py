@@ -189,6 +189,17 @@ class ShardStream(IterableDataset):
             for offset in range(start, len(slots)):
                 yield (w, offset + 1), slots[offset]
 
+    def make_example(self, url: str, item: tuple[str, dict[str, bytes]]) -> Example | None:
+        """One raw sample ``(key, members)`` of shard ``url`` -> its training example: decoded, its retrieved documents
+        fitted and CM3-masked (:func:`build_example`). Override to transform or filter: None leaves the sample out,
+        counted as ``filtered`` (not a skip, so ``max_skip_share`` ignores it). Keep it a pure function of the sample
+        and ``self.epoch``, so a resumed stream gives the same examples.
+
+        Raises:
+            ShardFormatError: the sample is malformed (it is skipped and counted by reason).
+        """
+        return build_example(decode(item, self.cfg.vocab), self.cfg, self.epoch)
+
     def iter_worker(self, worker: int) -> Iterator[dict[str, Any]]:
         """The batches of logical worker ``worker`` from the stream's position (callable without processes)."""
         k = self.num_workers_eff
@@ -220,10 +231,15 @@ class ShardStream(IterableDataset):
                 unreadable_in_a_row = 0
                 url, item = slot
                 try:
-                    examples.append(build_example(decode(item, self.cfg.vocab), self.cfg, self.epoch))
+                    example = self.make_example(url, item)
                 except ShardFormatError as e:
                     log.warning("skipping a sample of shard %s: %s", url, e)
                     counts[f"skipped_{e.reason}"] += 1
+                    continue
+                if example is None:
+                    counts["filtered"] += 1
+                else:
+                    examples.append(example)
             counts["examples"] += len(examples)
             counts["dropped_retrieved"] += sum(ex.dropped_retrieved for ex in examples)
             counts["truncated_tokens"] += sum(ex.truncated_tokens for ex in examples)

@@ -388,3 +388,33 @@ def test_a_subclass_changes_the_pipeline_through_stream_class_and_still_resumes(
     tail = list(resumed.train_dataloader())
     assert len(head) == 15 and len(head + tail) == 22
     assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(head + tail, full))
+
+
+class EvenKeysStream(ShardStream):
+    """A filter through the per-sample hook: only documents with an even index."""
+
+    def make_example(self, url, item):
+        return super().make_example(url, item) if int(item[0].rsplit("-", 1)[1]) % 2 == 0 else None
+
+
+class EvenKeysDataModule(CM3LeonDataModule):
+    stream_class = EvenKeysStream
+
+
+def test_make_example_filters_samples_counted_apart_from_skips(tiny_dataset: Path) -> None:
+    """`ShardStream.make_example` is the per-sample hook: None leaves a sample out, counted as `filtered` (not a skip,
+    so max_skip_share=0 does not stop the run), and a resumed stream gives the same batches."""
+    kw = dict(max_retrieved=0, max_skip_share=0.0, mode="exact")
+    dm = make_dm(tiny_dataset, dm_class=EvenKeysDataModule, **kw)
+    batches = list(dm.train_dataloader())
+    assert sorted(keys_of(batches)) == sorted(k for k in ALL_KEYS if int(k[-4:]) % 2 == 0)
+    assert dm.data_counts["filtered"] == 11 and dm.data_counts["examples"] == 11
+    half = make_dm(tiny_dataset, dm_class=EvenKeysDataModule, **kw)
+    it = iter(half.train_dataloader())
+    head = [next(it) for _ in range(3)]
+    state = json.loads(json.dumps(half.state_dict()))
+    del it
+    resumed = make_dm(tiny_dataset, dm_class=EvenKeysDataModule, **kw)
+    resumed.load_state_dict(state)
+    tail = list(resumed.train_dataloader())
+    assert [k for b in head + tail for row in b["keys"] for k in row] == keys_of(batches)
