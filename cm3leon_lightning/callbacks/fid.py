@@ -16,21 +16,27 @@ the caption's ``k`` nearest documents before it, found with the CLIP text embedd
 
 The MS-COCO 30K figure is one command (see ``configs/eval/coco_fid30k.yaml``)::
 
-    cm3leon validate --config configs/eval/coco_fid30k.yaml --ckpt_path <model.ckpt> \\
-        --data.init_args.val_data <coco val2014 shards with jpg>
+    cm3leon validate --config configs/model/<size>.yaml --config configs/eval/coco_fid30k.yaml \\
+        --ckpt_path <model.ckpt> --data.init_args.val_data <coco val2014 shards with jpg>
 
-Under DDP every rank generates its share of the captions (``rank::world_size``) and updates the metric; the
-metric's sums synchronise in ``compute`` on every rank (never in a rank-zero-only block). The real images'
-statistics are computed once and, with ``cache_dir``, kept on disk per reference set and feature extractor.
+Under DDP every rank generates its share of the caption batches (batch ``b`` of ``batch_size`` captions, seeded
+``seed`` + its first caption's index, on rank ``b % world_size``), so the images do not depend on the number of
+devices, and updates the metric; the metric's sums synchronise in ``compute`` on every rank (never in a
+rank-zero-only block). The real images' statistics are computed once and, with ``cache_dir``, kept on disk keyed by
+the reference images' pixels (after decoding and resizing) and the feature extractor's weights; rank zero decides
+whether the cache is used, and a cache file that cannot be read or holds another image count is recomputed (with a
+warning).
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from cm3leon_lightning.callbacks.base import (
@@ -42,7 +48,6 @@ from cm3leon_lightning.callbacks.base import (
     module_vocab,
     rank_share,
     read_shard_samples,
-    samples_id,
 )
 from cm3leon_lightning.metrics.fid import (
     fid_resize,
@@ -63,7 +68,8 @@ class FIDCallback(GenerationCallback):
         data: prepared shards whose samples keep the source ``jpg`` (directory or manifest). None: the data
             module's ``val_data``.
         samples: in-memory samples (caption in ``references[0]``, uint8 ``image``), instead of ``data``.
-        num_samples: captions (and reference images) used, the first ones in manifest order.
+        num_samples: captions (and reference images) used, the first ones in manifest order (a smaller set is
+            used whole, with a warning: FID depends on the sample count).
         image_size: side length both sets are brought to before the extractor (MS-COCO protocol: 256).
         samples_per_prompt: candidates per caption; the best by CLIP score is kept (paper table 1: 8).
         clip_model: open_clip model for re-ranking (paper: ViT-B-32); None keeps the first candidate.
@@ -142,19 +148,21 @@ class FIDCallback(GenerationCallback):
         if self.metric is None:
             self.metric = make_fid(self.feature_extractor, self.feature_weights_path, self.feature_dim)
         if self.samples is None:
-            source = self.data or getattr(getattr(trainer, "datamodule", None), "hparams", {}).get("val_data")
-            if source is None:
-                raise ValueError("FIDCallback: give data (validation shards with jpg) or samples")
-            source = source[0] if isinstance(source, (list, tuple)) else source
-            self.samples, self._reference_id = read_shard_samples(source, self.num_samples, self.image_size)
+            self.samples, _ = read_shard_samples(self._source(trainer), self.num_samples, self.image_size)
         else:
             self.samples = self.samples[: self.num_samples]
             self.samples = [
                 EvalSample(s.key, s.references, fid_resize(s.image, self.image_size), s.codes) for s in self.samples
             ]
-            self._reference_id = samples_id(self.samples)
         if len(self.samples) < 2:
             raise ValueError(f"FIDCallback: the evaluation set has {len(self.samples)} images; FID needs >= 2")
+        if len(self.samples) < self.num_samples:
+            rank_zero_warn(
+                f"FIDCallback: num_samples={self.num_samples} but the evaluation set has {len(self.samples)} images; "
+                f"{self.log_name} is the FID of {len(self.samples)} images, not comparable with FID-{self.num_samples}"
+            )
+        if self._reference_id is None:
+            self._reference_id = reference_images_id(self.samples)
         wants_clip = self.samples_per_prompt > 1 or self.retrieve is not None
         if wants_clip and self.clip_model is not None and self.clip is None:
             from cm3leon_lightning.retrieval.encoder import ClipEncoder
@@ -167,6 +175,23 @@ class FIDCallback(GenerationCallback):
                 self.retrieve, self.retrieve_shards, self.clip, module_vocab(trainer, pl_module),
                 self.load_text_tokenizer(trainer).sha256, preload=True,
             )  # fmt: skip
+
+    def _source(self, trainer: L.Trainer | None) -> str:
+        """``data``, else the data module's ``val_data``: a prepared dataset directory or its manifest.json."""
+        name, source = "data", self.data
+        if source is None:
+            name = "the data module's val_data"
+            source = getattr(getattr(trainer, "datamodule", None), "hparams", {}).get("val_data")
+            if isinstance(source, (list, tuple)) and len(source) == 1:
+                source = source[0]
+        if source is None:
+            raise ValueError("FIDCallback: give data (validation shards with jpg) or samples")
+        if isinstance(source, (list, tuple)) or not (Path(source).is_dir() or str(source).endswith(".json")):
+            raise ValueError(
+                f"FIDCallback: {name} {source!r} is not a prepared dataset directory or manifest.json (shard lists "
+                "and patterns are not read here); give data=<prepared dataset directory with jpg>"
+            )
+        return str(source)
 
     # ------------------------------------------------------------------------------------------ generation
     def generate(self, pl_module: L.LightningModule, captions: list[str], seed: int) -> Tensor:
@@ -204,14 +229,18 @@ class FIDCallback(GenerationCallback):
 
     # ------------------------------------------------------------------------------------------ evaluation
     def _prepare_real(self, trainer: L.Trainer, device: torch.device) -> None:
-        """Load cached reference statistics (rank zero holds the totals) or add this rank's real images."""
+        """Load cached reference statistics (rank zero holds the totals) or add this rank's real images.
+
+        Rank zero's view decides on every rank: with a node-local ``cache_dir`` ranks could otherwise disagree and
+        drop or double-count their shares of the reference set."""
         cache = None
         if self.cache_dir is not None:
             cache = reference_cache_path(self.cache_dir, self._reference_id, self.metric)
-        if cache is not None and cache.is_file():
-            load_real_stats(cache, self.metric, holds_totals=trainer.global_rank == 0)
-            self._real_ready = True
-            return
+        if cache is not None and trainer.strategy.broadcast(cache.is_file(), src=0):
+            loaded = self._load_cache(cache) if trainer.global_rank == 0 else None
+            if trainer.strategy.broadcast(loaded, src=0):  # other ranks keep zero sums: rank zero holds the totals
+                self._real_ready = True
+                return
         for chunk in batches(rank_share(self.samples, trainer), self.batch_size):
             self.metric.update(torch.stack([s.image for s in chunk]).to(device), real=True)
         self._real_ready = True
@@ -220,6 +249,28 @@ class FIDCallback(GenerationCallback):
                 if trainer.global_rank == 0:
                     save_real_stats(cache, real_stats(self.metric))
 
+    def _load_cache(self, cache: Path) -> bool:
+        """Rank zero: put the cached totals into the metric; False (with a warning, metric unchanged) when the file
+        cannot be read or does not hold this reference set's image count, so it is recomputed and rewritten."""
+        before = real_stats(self.metric)
+        try:
+            load_real_stats(cache, self.metric)
+            count = int(self.metric.real_features_num_samples)
+            if count != len(self.samples):
+                raise ValueError(f"it holds {count} images, the reference set {len(self.samples)}")
+            if not all(torch.isfinite(v).all() for v in real_stats(self.metric).values()):
+                raise ValueError("it holds non-finite values")
+        except Exception as err:  # torch.load raises RuntimeError, EOFError, UnpicklingError, KeyError...
+            device = self.metric.device
+            for name, value in before.items():
+                setattr(self.metric, name, value.to(device))
+            rank_zero_warn(
+                f"FIDCallback: ignoring the reference-statistics cache {cache} ({type(err).__name__}: {err}); "
+                "recomputing it from the reference images"
+            )
+            return False
+        return True
+
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> float:
         """Generate for this rank's captions, update the metric, and return the synchronised FID."""
         device = pl_module.device
@@ -227,8 +278,8 @@ class FIDCallback(GenerationCallback):
         if not self._real_ready:
             self._prepare_real(trainer, device)
         self.metric.reset()  # fake statistics only (reset_real_features=False)
-        mine = rank_share(list(enumerate(self.samples)), trainer)
-        for chunk in batches(mine, self.batch_size):
+        # whole batches per rank: each batch's captions and seed are those of a one-device run
+        for chunk in rank_share(batches(list(enumerate(self.samples)), self.batch_size), trainer):
             captions = [s.references[0] for _, s in chunk]
             images = self.generate(pl_module, captions, self.seed + chunk[0][0])
             self.metric.update(images.to(device), real=False)
@@ -240,6 +291,17 @@ class FIDCallback(GenerationCallback):
             return
         value = self.evaluate(trainer, pl_module)
         pl_module.log(self.log_name, value, sync_dist=False)  # already synchronised by the metric
+
+
+def reference_images_id(samples: Sequence[EvalSample]) -> str:
+    """sha256 over the reference images' pixels (order-free): the statistics depend on nothing else, so the cache key
+    changes with any change in decoding or resizing, and not with captions, order or a num_samples past the end."""
+    digests = []
+    for s in samples:
+        h = hashlib.sha256(repr(tuple(s.image.shape)).encode())
+        h.update(s.image.contiguous().cpu().numpy())
+        digests.append(h.digest())
+    return hashlib.sha256(b"".join(sorted(digests))).hexdigest()
 
 
 def reference_cache_file(callback: FIDCallback) -> Path | None:

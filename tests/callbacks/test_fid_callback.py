@@ -171,3 +171,147 @@ def test_retrieval_augmented_fid_places_the_nearest_documents_first(parts, tmp_p
         make(parts, retrieve=str(root / "bank"), clip_model="cm3leon-clip-tiny")
     with pytest.raises(ValueError, match="retrieve_k >= 1"):
         make(parts, **{**retrieval, "retrieve_k": 0})
+
+
+def test_cache_key_follows_the_reference_pixels(parts, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cache key is the reference images' content: a num_samples beyond the dataset reads the same images (same
+    key), while a change in how jpgs are decoded (e.g. EXIF orientation now applied) changes the pixels and the key;
+    keyed on shard hashes and arguments, the stale statistics were reused and the FID silently wrong."""
+    from support.eval_setup import write_eval_data
+
+    import cm3leon_lightning.callbacks.base as base
+
+    val = write_eval_data(tmp_path / "data", n_train=2, n_val=8)["val"]
+    _, _, module = parts
+
+    def key(**kwargs) -> Path:
+        cb = make(parts, samples=None, data=val, cache_dir=str(tmp_path / "cache"), **kwargs)
+        cb.setup(None, module, "validate")
+        return reference_cache_file(cb)
+
+    with pytest.warns(UserWarning, match="num_samples=20"):
+        assert key(num_samples=8) == key(num_samples=20)
+    upright = key(num_samples=8)
+    decode = base.fid_resize
+    monkeypatch.setattr(base, "fid_resize", lambda image, size: decode(image, size).flip(-1))
+    assert key(num_samples=8) != upright
+
+
+def test_fewer_images_than_num_samples_warns(parts) -> None:
+    """FID depends on the sample count: 6 images under num_samples=10 must not pass silently for an FID-10."""
+    _, _, module = parts
+    cb = make(parts, num_samples=10)
+    with pytest.warns(UserWarning, match=r"num_samples=10 but the evaluation set has 6 images"):
+        cb.setup(None, module, "validate")
+    assert len(cb.samples) == 6
+
+
+def test_unreadable_or_mismatched_cache_is_recomputed(parts, tmp_path: Path) -> None:
+    """A truncated cache file, or one holding another image count, is replaced (with a warning naming it) rather
+    than failing without the file's name or giving a wrong FID."""
+    from cm3leon_lightning.metrics.fid import real_stats, save_real_stats
+
+    _, _, module = parts
+    first = make(parts, cache_dir=str(tmp_path / "cache"))
+    want = trainer(tmp_path, [first]).validate(module, val_loader(module.vocab), verbose=False)[0]["val/fid"]
+    path = reference_cache_file(first)
+    good = path.read_bytes()
+
+    path.write_bytes(good[: len(good) // 2])
+    again = make(parts, cache_dir=str(tmp_path / "cache"))
+    with pytest.warns(UserWarning, match=f"ignoring the reference-statistics cache {path}"):
+        out = trainer(tmp_path, [again]).validate(module, val_loader(module.vocab), verbose=False)[0]
+    assert out["val/fid"] == pytest.approx(want, rel=1e-6)
+    assert path.read_bytes() == good
+
+    fewer = make(parts, num_samples=4)
+    fewer.setup(None, module, "validate")
+    for s in fewer.samples:
+        fewer.metric.update(s.image[None], real=True)
+    save_real_stats(path, real_stats(fewer.metric))
+    third = make(parts, cache_dir=str(tmp_path / "cache"))
+    with pytest.warns(UserWarning, match="it holds 4 images, the reference set 6"):
+        out = trainer(tmp_path, [third]).validate(module, val_loader(module.vocab), verbose=False)[0]
+    assert out["val/fid"] == pytest.approx(want, rel=1e-6)
+    assert int(third.metric.real_features_num_samples) == 6
+
+
+class _Strategy:
+    """Stands in for the DDP strategy: ``broadcast`` returns rank zero's value."""
+
+    def __init__(self, rank_zero_value: bool) -> None:
+        self.value = rank_zero_value
+
+    def broadcast(self, obj, src: int = 0):
+        return self.value
+
+
+def test_rank_zero_decides_whether_the_cache_is_used(parts, tmp_path: Path) -> None:
+    """Under DDP with a node-local cache_dir the ranks can disagree on whether the cache exists; each then took its
+    own branch (a rank loading zeros while rank zero recomputes drops its share; a rank recomputing while rank zero
+    loads the totals counts its share twice). Rank zero's answer now holds on every rank."""
+    from types import SimpleNamespace
+
+    from cm3leon_lightning.metrics.fid import real_stats, save_real_stats
+
+    _, _, module = parts
+    cache = str(tmp_path / "cache")
+    rank1 = SimpleNamespace(global_rank=1, world_size=2, strategy=_Strategy(True))  # rank zero has the cache
+    cb = make(parts, cache_dir=cache)
+    cb.setup(None, module, "validate")
+    assert not reference_cache_file(cb).exists()  # not on this rank's disk
+    cb._prepare_real(rank1, torch.device("cpu"))
+    assert int(cb.metric.real_features_num_samples) == 0  # rank zero holds the totals
+
+    save_real_stats(reference_cache_file(cb), real_stats(cb.metric))  # now this rank's disk has one
+    rank1.strategy = _Strategy(False)  # but rank zero's has not: every rank adds its share
+    other = make(parts, cache_dir=cache)
+    other.setup(None, module, "validate")
+    other._prepare_real(rank1, torch.device("cpu"))
+    assert int(other.metric.real_features_num_samples) == 3  # samples 1, 3, 5
+
+
+def test_val_data_that_is_not_a_dataset_directory_is_a_clear_error(parts, tmp_path: Path) -> None:
+    """The data module also takes shard lists or patterns; the callback reads a prepared directory or manifest and
+    says so, naming ``data``, instead of failing to decode a .tar as JSON (or reading only the first of several)."""
+    from types import SimpleNamespace
+
+    from support.eval_setup import write_eval_data
+
+    val = write_eval_data(tmp_path / "data", n_train=2, n_val=4)["val"]
+    _, _, module = parts
+    shards = sorted(str(p) for p in Path(val).glob("*.tar"))
+    stub = SimpleNamespace(datamodule=SimpleNamespace(hparams={"val_data": shards}))
+    with pytest.raises(ValueError, match=r"the data module's val_data .* give data=<prepared dataset directory"):
+        make(parts, samples=None).setup(stub, module, "validate")
+    with pytest.raises(ValueError, match=r"data .*shard-000000.tar.* give data=<prepared dataset directory"):
+        make(parts, samples=None, data=shards[0]).setup(None, module, "validate")
+    cb = make(parts, samples=None, num_samples=4)
+    cb.setup(SimpleNamespace(datamodule=SimpleNamespace(hparams={"val_data": [val]})), module, "validate")
+    assert len(cb.samples) == 4
+
+
+def test_generation_batches_and_seeds_do_not_depend_on_the_device_count(parts) -> None:
+    """Ranks take whole batches of the one-device run (same captions, same seed each), so a fixed seed gives the
+    same images on 1 or 8 devices; splitting captions rank::world_size first made other batches and seeds."""
+    from types import SimpleNamespace
+
+    _, _, module = parts
+
+    class Recording(Copying):
+        calls: list
+
+        def generate(self, pl_module, captions, seed):
+            self.calls.append((captions, seed))
+            return super().generate(pl_module, captions, seed)
+
+    def calls(rank: int, world_size: int) -> list:
+        cb = Recording(**{**_args(parts), "samples": shape_samples(10), "num_samples": 10, "seed": 7})
+        cb.calls = []
+        cb.setup(None, module, "validate")
+        cb.evaluate(SimpleNamespace(global_rank=rank, world_size=world_size), module)
+        return cb.calls
+
+    single = calls(0, 1)
+    assert [seed for _, seed in single] == [7, 11, 15]
+    assert sorted(calls(0, 2) + calls(1, 2), key=lambda c: c[1]) == single
