@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -112,6 +113,11 @@ def make_fid(
             reset_real_features=False,
             feature_extractor_weights_path=None if feature_weights_path is None else str(feature_weights_path),
         )
+    except ModuleNotFoundError as err:  # torchmetrics' Inception needs torch-fidelity: not a weights problem
+        raise RuntimeError(
+            f"FID with the Inception features needs the torch-fidelity package ({err}); install it "
+            "(pip install torch-fidelity) or pass feature_extractor=<nn.Module returning (N, d) features>"
+        ) from err
     except Exception as err:  # download errors come as URLError, OSError, HTTPError, RuntimeError...
         raise RuntimeError(
             "FID: could not load the Inception weights "
@@ -145,7 +151,7 @@ def save_real_stats(path: str | Path, stats: dict[str, Tensor]) -> Path:
     """Write real statistics with ``torch.save`` (tensors only: loads with ``weights_only=True``), atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: two jobs writing one key never clash
     torch.save({k: v.cpu() for k, v in stats.items()}, tmp)
     tmp.replace(path)
     return path

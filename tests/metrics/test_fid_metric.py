@@ -94,6 +94,23 @@ def test_bad_arguments_are_clear_errors(tmp_path: Path) -> None:
         fid_resize(np.zeros((4, 4, 3), np.uint8), 0)
 
 
+def test_missing_torch_fidelity_is_named_not_blamed_on_the_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchmetrics' Inception needs torch-fidelity: its absence was reported as weights that could not be loaded."""
+    import cm3leon_lightning.metrics.fid as fid
+
+    def without_fidelity(**kwargs):
+        raise ModuleNotFoundError("No module named 'torch_fidelity'")
+
+    monkeypatch.setattr(fid, "FrechetInceptionDistance", without_fidelity)
+    with pytest.raises(RuntimeError, match=r"needs the torch-fidelity package .*pip install torch-fidelity"):
+        fid.make_fid()
+
+
+def test_saved_statistics_leave_no_temporary_file(tmp_path: Path) -> None:
+    path = save_real_stats(tmp_path / "ref.pt", {"real_features_sum": torch.ones(3)})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ref.pt"] and path == tmp_path / "ref.pt"
+
+
 @pytest.mark.parametrize(
     "image, shape",
     [
