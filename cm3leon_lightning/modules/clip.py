@@ -16,6 +16,7 @@ from typing import Any
 import lightning as L
 import open_clip
 import torch
+import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 from safetensors.torch import save_file
 from torch import Tensor
@@ -43,6 +44,11 @@ def caption_match_recall(sim: Tensor, captions: list[str]) -> tuple[Tensor, Tens
     return i2t, t2i
 
 
+def scale_grad(x: Tensor, factor: float) -> Tensor:
+    """``x`` unchanged (bit for bit) in the forward pass; its gradient multiplied by ``factor`` in the backward."""
+    return x.detach() + (x - x.detach()) * factor
+
+
 class ClipModule(L.LightningModule):
     """Contrastive image-text training of an open_clip model.
 
@@ -62,8 +68,15 @@ class ClipModule(L.LightningModule):
         warmup_steps: linear warm-up steps.
         max_steps: steps of the cosine decay; ``None`` uses the trainer's estimate.
         min_lr_ratio: final learning rate as a fraction of ``lr``.
-        local_loss: open_clip ``ClipLoss(local_loss=...)`` for multi-GPU (logits against gathered features only).
-        gather_with_grad: open_clip ``ClipLoss(gather_with_grad=...)``.
+        local_loss: open_clip ``ClipLoss(local_loss=...)`` for multi-GPU: each rank scores only its own rows against
+            the gathered features (less memory; labels offset by rank). Needs ``gather_with_grad=True`` on more than
+            one device, as open_clip's maintainers advise: without it the gradient misses the other ranks' rows.
+        gather_with_grad: open_clip ``ClipLoss(gather_with_grad=...)``: gradients flow through the gathered copies
+            of the other ranks' features too. Without it (the default) they flow only through the local shard, and
+            this module scales them by the world size so that, after DDP averages, they equal one process's gradient
+            of the whole global batch (open_clip itself leaves them ``1/world_size`` too small, except the
+            temperature's). Either way the update equals that of one device fed the global batch (a BatchNorm model
+            such as ``cm3leon-clip-tiny`` also needs the Trainer's ``sync_batchnorm=True`` for that).
         export_path: if set, :meth:`export_weights` writes the model there (``.safetensors``) when ``fit`` ends.
     """
 
@@ -106,12 +119,18 @@ class ClipModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         """Create the loss with this process's rank and world size (features are gathered across GPUs)."""
         self.configure_model()
+        world_size = self.trainer.world_size if self._trainer is not None else 1
+        if world_size > 1 and self.hparams.local_loss and not self.hparams.gather_with_grad:
+            raise ValueError(
+                f"ClipModule(local_loss=True) on {world_size} devices needs gather_with_grad=True: without it each "
+                "rank's features miss the gradient of the other ranks' rows (set both, or neither)"
+            )
         self.loss_fn = ClipLoss(
             local_loss=self.hparams.local_loss,
             gather_with_grad=self.hparams.gather_with_grad,
             cache_labels=True,
             rank=self.global_rank,
-            world_size=self.trainer.world_size if self._trainer is not None else 1,
+            world_size=world_size,
         )
 
     @property
@@ -128,7 +147,8 @@ class ClipModule(L.LightningModule):
             captions: B captions.
 
         Returns:
-            ``(image_features (B, D), text_features (B, D), logit_scale ())``, features L2-normalised.
+            ``(image_features (B, D), text_features (B, D), logit_scale ())``, float32 (also under autocast: the
+            towers run in its precision, the normalisation and everything after in float32), features L2-normalised.
         """
         pp = self.model.visual.preprocess_cfg  # open_clip's eval transform, as ClipEncoder applies it
         x = preprocess_images(
@@ -141,16 +161,31 @@ class ClipModule(L.LightningModule):
             pp.get("fill_color", 0),
         )  # (B, 3, S, S)
         ids = self.tokenizer(captions).to(self.device)  # (B, L)
-        img = self.model.encode_image(x, normalize=True)
-        txt = self.model.encode_text(ids, normalize=True)
-        return img, txt, self.model.logit_scale.exp()
+        img = F.normalize(self.model.encode_image(x).float(), dim=-1)  # = encode_image(x, normalize=True) in fp32
+        txt = F.normalize(self.model.encode_text(ids).float(), dim=-1)
+        return img, txt, self.model.logit_scale.exp().float()
+
+    def contrastive_loss(self, img: Tensor, txt: Tensor, scale: Tensor) -> Tensor:
+        """open_clip ``ClipLoss`` in float32 with autocast off: logits up to 100 in bfloat16 are off by up to 0.25.
+
+        On several devices without ``gather_with_grad`` only the local shard carries gradient; it is scaled by the
+        world size so that DDP's average is the single-process gradient of the global batch (the temperature,
+        local to every rank's full loss, already gets its whole gradient on each rank).
+        """
+        with torch.autocast(img.device.type, enabled=False):
+            img, txt, scale = img.float(), txt.float(), scale.float()
+            n = self.loss_fn.world_size
+            if n > 1 and not self.loss_fn.gather_with_grad and not self.loss_fn.local_loss:
+                img, txt = scale_grad(img, float(n)), scale_grad(txt, float(n))
+            return self.loss_fn(img, txt, scale)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        """Symmetric InfoNCE over the batch (open_clip ``ClipLoss``)."""
+        """Symmetric InfoNCE over the global batch (open_clip ``ClipLoss``, features gathered across devices)."""
         img, txt, scale = self(batch["image"], batch["caption"])
-        loss = self.loss_fn(img, txt, scale)
+        loss = self.contrastive_loss(img, txt, scale)
         bs = len(batch["caption"])
-        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        # with local_loss each rank holds the loss of its own rows only: their mean is the global batch's loss
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs, sync_dist=self.hparams.local_loss)
         self.log("train/logit_scale", scale, batch_size=bs)
         return loss
 
@@ -165,10 +200,20 @@ class ClipModule(L.LightningModule):
             self.export_weights(self.hparams.export_path)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        """Contrastive loss and in-batch recall@1 both ways, counting equal captions as matches."""
+        """Contrastive loss and in-batch recall@1 both ways, counting equal captions as matches.
+
+        On several devices the batch is the global one, as in the loss: every rank's pairs are candidates.
+        """
         img, txt, scale = self(batch["image"], batch["caption"])
-        loss = self.loss_fn(img, txt, scale)
-        i2t, t2i = caption_match_recall(img @ txt.T, batch["caption"])
+        loss = self.contrastive_loss(img, txt, scale)
+        captions = list(batch["caption"])
+        if self.loss_fn.world_size > 1:
+            img, txt = self.all_gather(img).flatten(0, 1), self.all_gather(txt).flatten(0, 1)  # (world * B, D)
+            parts: list[Any] = [None] * self.loss_fn.world_size
+            torch.distributed.all_gather_object(parts, captions)
+            captions = [c for part in parts for c in part]
+        with torch.autocast(img.device.type, enabled=False):
+            i2t, t2i = caption_match_recall(img @ txt.T, captions)
         bs = len(batch["caption"])
         self.log("val/loss", loss, prog_bar=True, batch_size=bs, sync_dist=True)
         self.log("val/i2t_r1", i2t, batch_size=bs, sync_dist=True)

@@ -1,14 +1,17 @@
 """ClipModule trains a tiny CLIP on generated shape pairs that retrieves matching pairs far above chance."""
 
+import os
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
+from open_clip.loss import ClipLoss
 
 from cm3leon_lightning.data.pairs import ImageCaptionDataModule, make_shape_pairs
-from cm3leon_lightning.modules.clip import ClipModule, caption_match_recall
+from cm3leon_lightning.modules.clip import MAX_LOGIT_SCALE, ClipModule, caption_match_recall
 from cm3leon_lightning.retrieval.encoder import ClipEncoder
 
 STEPS = 150
@@ -162,3 +165,117 @@ def test_export_of_a_quick_gelu_model_is_rebuilt_with_quick_gelu(tmp_path):
     plain = ClipModule(model_name="cm3leon-clip-tiny")
     plain.configure_model()
     assert not uses_quick_gelu(ClipEncoder("cm3leon-clip-tiny", pretrained=str(plain.export_weights(path))).model)
+
+
+class _FirstStep(Callback):
+    """Keeps the gradients of the first optimizer step (after DDP's average) and the losses the step computed."""
+
+    def __init__(self) -> None:
+        self.grads: dict[str, torch.Tensor] = {}
+        self.want_loss: float | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        """The loss in float32 from the features autocast gives, to compare with what training computed."""
+        if trainer.precision == "bf16-mixed":
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+                img, txt, scale = pl_module(batch["image"], batch["caption"])
+            self.want_loss = ClipLoss()(img.float(), txt.float(), scale.float()).item()
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if not self.grads:
+            self.grads = {n: p.grad.detach().clone() for n, p in pl_module.model.named_parameters()}
+
+
+def _fit_one_step(
+    devices: int, batch_size: int, gather_with_grad: bool = False, local_loss: bool = False
+) -> tuple[_FirstStep, dict[str, float]]:
+    """One training step and one validation batch of a ViT CLIP (no BatchNorm: per-device batch statistics would
+    differ) on 16 fixed pairs, in order, on ``devices`` CPU processes; returns the recorder and the logged metrics."""
+    from torch.utils.data import DataLoader
+
+    from cm3leon_lightning.data.pairs import ImageCaptionPairs, collate_pairs
+
+    L.seed_everything(0, verbose=False)
+    module = ClipModule("cm3leon-clip-small", lr=1e-3, warmup_steps=0, local_loss=local_loss,
+                        gather_with_grad=gather_with_grad)  # fmt: skip
+    images, captions = make_shape_pairs(16, 32, seed=3)
+    data = ImageCaptionPairs(images, captions, 32)
+    train = DataLoader(data, batch_size=batch_size, collate_fn=collate_pairs)  # ranks take pairs 0, 2, .. / 1, 3, ..
+    val = DataLoader(ImageCaptionPairs(*make_shape_pairs(16, 32, seed=4), 32), batch_size, collate_fn=collate_pairs)
+    rec = _FirstStep()
+    trainer = L.Trainer(
+        accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_steps=1, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, limit_val_batches=1, callbacks=[rec],
+    )  # fmt: skip
+    trainer.fit(module, train, val)
+    return rec, {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+DDP_LOSSES = [(False, False), (True, False), (True, True)]  # (gather_with_grad, local_loss)
+
+
+def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    # processes made here, not by Lightning: it reads the rank from the environment (LightningEnvironment)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", NODE_RANK="0",
+                      RANK=str(rank), LOCAL_RANK=str(rank))  # fmt: skip
+    results = {}
+    for gather, local in DDP_LOSSES:
+        rec, metrics = _fit_one_step(2, 8, gather, local)
+        results[(gather, local)] = (rec.grads, metrics)
+    try:
+        _fit_one_step(2, 8, gather_with_grad=False, local_loss=True)
+    except ValueError as e:
+        results["refused"] = str(e)
+    torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+
+
+def test_two_process_ddp_step_equals_one_process_fed_both_batches(tmp_path):
+    """2 CPU processes (gloo), 8 pairs each, against one process fed the 16: the same losses, the same recall over the
+    16 pairs, and the same gradients after DDP's average, for each open_clip gathering mode. Without the world-size
+    scale the default mode (gradients through the local shard only) gave every weight half its gradient."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_ddp_worker, args=(port, str(tmp_path)), nprocs=2, start_method="spawn")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    for gather, local in DDP_LOSSES:
+        rec, want = _fit_one_step(1, 16, gather, local)
+        for got in ranks:
+            grads, metrics = got[(gather, local)]
+            assert grads.keys() == rec.grads.keys()
+            for name, g in grads.items():
+                torch.testing.assert_close(g, rec.grads[name], rtol=1e-4, atol=1e-7, msg=f"{gather} {local} {name}")
+            for key in ("train/loss", "val/loss", "val/i2t_r1", "val/t2i_r1"):
+                assert metrics[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), (gather, local, key)
+        assert want["val/t2i_r1"] not in (0.0, 1.0)  # a recall that tells the 16 candidates from per-rank 8 apart
+    for got in ranks:
+        assert "local_loss=True" in got["refused"] and "gather_with_grad=True" in got["refused"]
+
+
+def test_features_and_loss_are_float32_under_bf16_autocast():
+    """bf16-mixed runs the towers in bfloat16, but the loss of logits up to 100 must be float32 (bf16: steps of 0.5)."""
+    torch.manual_seed(0)
+    module = ClipModule(model_name="cm3leon-clip-tiny")
+    module.configure_model()
+    with torch.no_grad():
+        module.model.logit_scale.fill_(MAX_LOGIT_SCALE)
+    x = torch.from_numpy(make_shape_pairs(4, 32, seed=9)[0]).permute(0, 3, 1, 2)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        img, txt, scale = module(x, ["a red square", "a blue circle", "a red circle", "a green triangle"])
+    assert img.dtype == txt.dtype == scale.dtype == torch.float32
+    torch.testing.assert_close(img.norm(dim=-1), torch.ones(4), rtol=0, atol=1e-6)
+
+    L.seed_everything(0, verbose=False)
+    dm = ImageCaptionDataModule(synthetic=64, batch_size=32, val_fraction=0.0)
+    trainer = L.Trainer(
+        accelerator="cpu", precision="bf16-mixed", max_steps=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=[rec := _FirstStep()],
+    )  # fmt: skip
+    trainer.fit(module, dm)
+    assert trainer.callback_metrics["train/loss"].item() == pytest.approx(rec.want_loss, rel=1e-6)
