@@ -25,6 +25,9 @@ Each prompt's samples depend only on its seed, so 1 or 8 devices give the same i
 one line of ``predictions.jsonl`` (``index``, ``prompt``, ``seed``, ``files``, ``grid``, ``codes``), sorted by index.
 ``--trainer.callbacks.clip ViT-B-32`` re-ranks each prompt's candidates with CLIP and writes them best first (adding
 ``clip_scores`` and ``order`` to the line); ``--trainer.callbacks.keep 1`` then writes only the best.
+An ``out/`` that already holds such files (an earlier or stopped run) is refused before anything is decoded;
+``--trainer.callbacks.overwrite true`` deletes them first. A prompt too long for the model's context is refused
+before the first prompt is decoded, naming its line in the file.
 
 Unlike the rest of :mod:`cm3leon_lightning.generation` this module imports Lightning; the package ``__init__`` does
 not import it.
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -50,6 +54,10 @@ PREDICTIONS_FILE = "predictions.jsonl"
 
 
 # ------------------------------------------------------------------------------------------------ reading
+SEED_LIMIT = 2**63
+"""Seeds must be below this (``cm3leon serve`` takes the same range); a larger one failed when its prompt came up."""
+
+
 def read_prompts(path: str | os.PathLike[str]) -> list[tuple[str, int | None]]:
     """``(prompt, seed or None)`` pairs from a ``.txt`` (one prompt per line) or ``.jsonl`` file.
 
@@ -57,21 +65,31 @@ def read_prompts(path: str | os.PathLike[str]) -> list[tuple[str, int | None]]:
         FileNotFoundError: no file at ``path``.
         ValueError: an unknown suffix, a malformed line (file and line number named), or no prompt at all.
     """
+    return [(prompt, seed) for _, prompt, seed in read_prompt_lines(path)]
+
+
+def read_prompt_lines(path: str | os.PathLike[str]) -> list[tuple[int, str, int | None]]:
+    """``(line number, prompt, seed or None)`` of each prompt of a prompts file (see :func:`read_prompts`)."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"prompts: file not found: {p}")
     if p.suffix not in (".txt", ".jsonl"):
         raise ValueError(f"prompts: {p} must end in .txt (one prompt per line) or .jsonl ({{'prompt', 'seed'}})")
-    out: list[tuple[str, int | None]] = []
+    out: list[tuple[int, str, int | None]] = []
     # Lines end at "\n" only: str.splitlines() also breaks at U+2028, form feeds ... which a prompt (or a JSON string)
     # may hold. utf-8-sig drops a byte-order mark, which would otherwise start the first prompt.
-    text = p.read_text(encoding="utf-8-sig")
+    data = p.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ValueError(f"prompts: {p} line {line} is not UTF-8 text: {e.reason} at byte {e.start}") from e
     for n, line in enumerate(text.split("\n"), start=1):
         line = line.removesuffix("\r")
         if not line.strip():
             continue
         if p.suffix == ".txt":
-            out.append((line.strip(), None))
+            out.append((n, line.strip(), None))
             continue
         try:
             row = json.loads(line)
@@ -83,9 +101,9 @@ def read_prompts(path: str | os.PathLike[str]) -> list[tuple[str, int | None]]:
         if extra:
             raise ValueError(f"prompts: {p} line {n} has unknown fields {extra}; allowed: 'prompt', 'seed'")
         seed = row.get("seed")
-        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
-            raise ValueError(f"prompts: {p} line {n}: 'seed' must be a non-negative integer, got {seed!r}")
-        out.append((row["prompt"], seed))
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < SEED_LIMIT):
+            raise ValueError(f"prompts: {p} line {n}: 'seed' must be a non-negative integer below 2**63, got {seed!r}")
+        out.append((n, row["prompt"], seed))
     if not out:
         raise ValueError(f"prompts: {p} holds no prompt")
     return out
@@ -180,17 +198,44 @@ class PromptDataModule(L.LightningDataModule):
                 f"num_sentinels={have[1]}"
             )
         self.dataset: PromptDataset | None = None
+        self.lines: list[int] = []  # each prompt's line in the file
 
     def setup(self, stage: str) -> None:
         """Read and tokenize the prompts (once)."""
         if self.dataset is None:
-            prompts = read_prompts(self.prompts_path)
+            rows = read_prompt_lines(self.prompts_path)
+            prompts = [(prompt, seed) for _, prompt, seed in rows]
+            self.lines = [n for n, _, _ in rows]
             self.dataset = PromptDataset(prompts, self.tokenizer.encode_batch([p for p, _ in prompts]))
 
-    def predict_dataloader(self) -> DataLoader:
-        """Prompts in file order; Lightning adds the distributed sampler on several devices."""
+    def check_lengths(self, max_seq_len: int) -> None:
+        """Raise ValueError naming the file and lines of the prompts whose ``<eos> caption <break>`` and image do
+        not fit a context of ``max_seq_len`` (before any prompt is decoded, not when the first such one comes up)."""
         if self.dataset is None:
             self.setup("predict")
+        assert self.dataset is not None
+        image = self.vocab.image_tokens
+        over = [
+            (n, len(ids)) for n, ids in zip(self.lines, self.dataset.ids)
+            if len(self.vocab.text_to_image_prompt(ids)) + image > max_seq_len
+        ]  # fmt: skip
+        if over:
+            lines = ", ".join(f"line {n} ({k} text tokens)" for n, k in over[:5]) + (" ..." if len(over) > 5 else "")
+            raise ValueError(
+                f"prompts: {self.prompts_path}: {len(over)} prompt(s) too long for the model's context "
+                f"max_seq_len={max_seq_len}, which must hold <eos>, the prompt's text tokens, <break> and {image} "
+                f"image tokens (at most {max_seq_len - image - 2} text tokens): {lines}"
+            )
+
+    def predict_dataloader(self) -> DataLoader:
+        """Prompts in file order; Lightning adds the distributed sampler on several devices. With a trainer whose
+        module's network is built (``model.config.max_seq_len``), every prompt is first checked to fit it."""
+        if self.dataset is None:
+            self.setup("predict")
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        max_seq_len = getattr(getattr(getattr(module, "model", None), "config", None), "max_seq_len", None)
+        if isinstance(max_seq_len, int):
+            self.check_lengths(max_seq_len)
         return DataLoader(
             self.dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
             collate_fn=collate_prompts,
@@ -198,6 +243,17 @@ class PromptDataModule(L.LightningDataModule):
 
 
 # ------------------------------------------------------------------------------------------------ writing
+OUTPUT_NAME = re.compile(r"(\d{6,}-(\d+|grid)\.png|\d{6,}-codes\.npy|predictions(\.rank\d+)?\.jsonl)")
+"""The names :class:`ImageWriter` writes (``config.yaml`` of LightningCLI and other files are not its own)."""
+
+
+def previous_outputs(output_dir: Path) -> list[Path]:
+    """The files of an earlier :class:`ImageWriter` run in ``output_dir``, sorted by name (none if it is absent)."""
+    if not output_dir.is_dir():
+        return []
+    return sorted(p for p in output_dir.iterdir() if p.is_file() and OUTPUT_NAME.fullmatch(p.name))
+
+
 class ImageWriter(BasePredictionWriter):
     """Write each prompt's candidates as PNGs, a captioned grid, its codes, and a line of ``predictions.jsonl``.
 
@@ -212,6 +268,9 @@ class ImageWriter(BasePredictionWriter):
         clip: open_clip model name of the re-ranking CLIP (e.g. ``ViT-B-32``); None: no re-ranking.
         clip_pretrained: its weights: an open_clip tag (``openai``) or a local checkpoint path.
         keep: write only the best ``keep`` candidates of each prompt (needs ``clip``); None: all.
+        overwrite: with ``output_dir`` already holding a run's outputs (``predictions.jsonl``, ``{i:06d}-*`` files,
+            a stopped run's part files), delete them first; False (the default) refuses to start, so no earlier
+            output is lost or left beside new ones it no longer describes.
     """
 
     def __init__(
@@ -222,6 +281,7 @@ class ImageWriter(BasePredictionWriter):
         clip: str | None = None,
         clip_pretrained: str | None = "openai",
         keep: int | None = None,
+        overwrite: bool = False,
     ) -> None:
         super().__init__(write_interval="batch")
         if clip is not None and vqgan is None:
@@ -230,6 +290,7 @@ class ImageWriter(BasePredictionWriter):
             raise ValueError(f"ImageWriter keep must be >= 1 and needs clip (re-ranking), got keep={keep}, clip={clip}")
         self.output_dir, self.vqgan_path, self.grid = Path(output_dir), vqgan, grid
         self.clip_name, self.clip_pretrained, self.keep = clip, clip_pretrained, keep
+        self.overwrite = overwrite
         self.vqgan: torch.nn.Module | None = None
         self.clip: Any = None
         self._part: Path | None = None
@@ -244,6 +305,14 @@ class ImageWriter(BasePredictionWriter):
                 f"{len(same)} ImageWriter callbacks write to {self.output_dir}; give one (does --config name a saved "
                 "predict config that already holds one?)"
             )
+        earlier = previous_outputs(self.output_dir)
+        if earlier and not self.overwrite:
+            names = ", ".join(p.name for p in earlier[:3]) + (" ..." if len(earlier) > 3 else "")
+            raise ValueError(
+                f"ImageWriter output_dir: {self.output_dir} already holds {len(earlier)} files of an earlier predict "
+                f"run ({names}); give a new or empty directory, or overwrite=True (--trainer.callbacks.overwrite "
+                "true) to delete them first"
+            )
         from cm3leon_lightning.generation.cli import check_tokenizers
 
         if self.vqgan_path is not None and self.vqgan is None:
@@ -255,11 +324,12 @@ class ImageWriter(BasePredictionWriter):
             check_tokenizers(vocab, None, self.vqgan)
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Create the output directory and this rank's part of ``predictions.jsonl`` (stale parts removed)."""
+        """Create the output directory and this rank's part of ``predictions.jsonl`` (with ``overwrite``, an earlier
+        run's outputs deleted first)."""
         if trainer.is_global_zero:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            for stale in self.output_dir.glob("predictions.rank*.jsonl"):
-                stale.unlink()
+            for earlier in previous_outputs(self.output_dir):  # none unless overwrite (checked in setup)
+                earlier.unlink()
         trainer.strategy.barrier("image_writer_start")
         if self.vqgan is not None:
             self.vqgan.to(pl_module.device)

@@ -29,8 +29,9 @@ class DocumentRetriever:
             shards on each :meth:`retrieve`.
 
     Raises:
-        ValueError: a bank that does not match ``clip``, shards for another vocabulary or tokenizer, or (with
-            ``preload``) bank keys missing from the shards.
+        ValueError: a bank that does not match ``clip`` (its model, or weights other than those the manifest's
+            ``clip`` section records), shards for another vocabulary or tokenizer, or (with ``preload``) bank keys
+            missing from the shards.
     """
 
     def __init__(
@@ -60,6 +61,7 @@ class DocumentRetriever:
             )
         name, dim = getattr(clip, "model_name", None), getattr(clip, "dim", None)
         self.bank = MemoryBank.load(bank_dir, model_name=name, dim=dim)
+        check_clip_weights(self.manifest.clip, getattr(clip, "pretrained", None), shards_dir)
         self._documents: dict[str, Document] | None = None
         if preload:
             self._documents = self._read(None)
@@ -98,3 +100,31 @@ class DocumentRetriever:
             documents = self._read({key for row in keys for key in row})
         self._check_found((key for row in keys for key in row), documents)
         return [(list(row), [documents[key] for key in row]) for row in keys]
+
+
+def check_clip_weights(recorded: dict[str, object], pretrained: object, shards_dir: str | Path) -> None:
+    """Raise ValueError when the query CLIP's weights are not those ``cm3leon prepare`` built the bank with.
+
+    ``recorded`` is the manifest's ``clip`` section: its ``weights_sha256`` is the sha256 of a local weights file or
+    ``open_clip:<tag>``. ``pretrained`` (the encoder's) is compared when it is of the same kind: a file with a file's
+    sha256, a tag with a tag (a local copy of a tag's weights cannot be told apart, so it is accepted). Same-named
+    models with other weights embed into another space: the search would return unrelated documents, silently.
+    """
+    from cm3leon_lightning.data.shards import file_sha256
+
+    want = recorded.get("weights_sha256")
+    if not isinstance(want, str) or not isinstance(pretrained, str):
+        return
+    if want.startswith("open_clip:"):
+        have = None if Path(pretrained).is_file() else f"open_clip:{pretrained}"
+    else:
+        have = file_sha256(pretrained) if Path(pretrained).is_file() else None
+    if have is not None and have != want:
+        raise ValueError(
+            f"--clip-pretrained: the memory bank was built with CLIP weights {_show(want)} (the manifest of "
+            f"{shards_dir}), but {pretrained} is {_show(have)}; queries embedded so would find unrelated documents"
+        )
+
+
+def _show(weights: str) -> str:
+    return weights if weights.startswith("open_clip:") else f"sha256 {weights[:12]}..."

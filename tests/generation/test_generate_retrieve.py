@@ -4,15 +4,19 @@ are read from tiny shards and placed before the prompt, and shards or banks that
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 from support.retrieval_setup import write_retrieval_assets
 
-from cm3leon_lightning.data.shards import ShardSample, ShardWriter
+from cm3leon_lightning.data.shards import ShardSample, ShardWriter, file_sha256
 from cm3leon_lightning.generation import cli
 from cm3leon_lightning.generation.generate import generate_image, image_prompt
+from cm3leon_lightning.generation.retrieve import check_clip_weights
+from cm3leon_lightning.retrieval.encoder import create_clip
 from cm3leon_lightning.retrieval.index import MemoryBank
 from cm3leon_lightning.tokenization.text import TextTokenizer
 from cm3leon_lightning.tokenization.vocab import Segment
@@ -94,3 +98,45 @@ def test_retrieval_errors_are_one_line(assets, tmp_path, capsys):
     args = argv(root, tmp_path)
     args[args.index("--retrieve") + 1] = str(tmp_path / "bank-b32")
     assert "ViT-B-32" in error(args)
+
+
+def test_a_query_clip_with_other_weights_than_the_bank_is_refused(assets, tmp_path, capsys):
+    """Only the bank's CLIP model name was checked: same-named CLIP weights other than those ``cm3leon prepare``
+    built the bank with (its manifest records them) embedded the prompt into another space and retrieved unrelated
+    documents, silently."""
+    root = assets["root"]
+    other = tmp_path / "other-clip.safetensors"
+    torch.manual_seed(1)
+    with pytest.warns(UserWarning, match="randomly initialised"):
+        state = create_clip("cm3leon-clip-tiny", None).state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(other))
+
+    def shards_recording(weights: str) -> str:
+        out = tmp_path / f"shards-{len(list(tmp_path.glob('shards-*')))}"
+        shutil.copytree(root / "shards", out)
+        manifest = json.loads((out / "manifest.json").read_text())
+        manifest["clip"] = {"model": "cm3leon-clip-tiny", "dim": 64, "weights_sha256": weights}
+        (out / "manifest.json").write_text(json.dumps(manifest))
+        return str(out)
+
+    def run(shards: str, clip_weights: str) -> int:
+        args = argv(root, tmp_path / "out", "--method", "greedy", "--cfg", "1", "--num-samples", "1")
+        args[args.index("--shards") + 1] = shards
+        args[args.index("--clip-pretrained") + 1] = clip_weights
+        return cli.main(args)
+
+    built_with = shards_recording(file_sha256(root / "clip.safetensors"))
+    assert run(built_with, str(other)) == 2
+    want = (
+        f"cm3leon generate: error: --clip-pretrained: the memory bank was built with CLIP weights sha256 "
+        f"{file_sha256(root / 'clip.safetensors')[:12]}... (the manifest of {built_with}), but {other} is sha256 "
+        f"{file_sha256(other)[:12]}...; queries embedded so would find unrelated documents\n"
+    )
+    assert capsys.readouterr().err == want
+    assert run(built_with, str(root / "clip.safetensors")) == 0  # the very weights, under any path
+    # A tag against a tag is compared; a local file against a tag cannot be told apart, so it is accepted.
+    with pytest.raises(ValueError, match="built with CLIP weights open_clip:openai .* but laion2b_s34b_b79k is "):
+        check_clip_weights({"weights_sha256": "open_clip:openai"}, "laion2b_s34b_b79k", "data/")
+    check_clip_weights({"weights_sha256": "open_clip:openai"}, "openai", "data/")
+    check_clip_weights({"weights_sha256": "open_clip:openai"}, str(other), "data/")
+    check_clip_weights({}, str(other), "data/")  # shards written without a clip section

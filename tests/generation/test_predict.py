@@ -89,6 +89,17 @@ def test_read_prompts_txt_jsonl_and_errors(tmp_path):
     jl.write_bytes('\ufeff{"prompt": "left\u2028right", "seed": 1}\n'.encode())
     assert read_prompts(jl) == [("left\u2028right", 1)]
 
+    # Bytes that are not UTF-8 named the codec only, not the file or line; a seed torch cannot take failed only when
+    # its prompt came up, after every earlier prompt was decoded.
+    txt.write_bytes(b"a red square\n\na blue \xff circle\n")
+    with pytest.raises(ValueError, match=r"p.txt line 3 is not UTF-8 text: invalid start byte at byte 21"):
+        read_prompts(txt)
+    assert "line 1: 'seed' must be a non-negative integer below 2**63, got 9223372036854775808" in error(
+        json.dumps({"prompt": "a", "seed": 2**63}) + "\n"
+    )
+    jl.write_text(json.dumps({"prompt": "a", "seed": 2**63 - 1}) + "\n")
+    assert read_prompts(jl) == [("a", 2**63 - 1)]
+
 
 def test_vocab_from_checkpoint_or_manifest_and_tokenizer_mismatch(assets, tmp_path):
     ckpt_vocab = load_vocab(assets / "model.ckpt")
@@ -273,14 +284,83 @@ def test_writer_refuses_a_mismatching_vqgan_and_a_second_writer(assets, tmp_path
             trainer.predict(module, datamodule=dm)
 
 
-def test_predict_step_names_a_prompt_longer_than_the_context(assets, tmp_path):
+def test_a_prompt_longer_than_the_context_is_refused_before_any_decoding(assets, tmp_path, monkeypatch):
+    """A too-long prompt failed only when its batch came up (every earlier prompt decoded and written first), named
+    by its index rather than its line; now the file and line are named before the first predict step."""
     long = tmp_path / "long.txt"
-    long.write_text("a red square\n" + " ".join(["a green triangle"] * 80) + "\n")
-    dm = PromptDataModule(str(long), str(assets / "tok"), str(assets / "model.ckpt"), batch_size=2)
+    long.write_text("a red square\n\n" + " ".join(["a green triangle"] * 80) + "\na blue circle\n")
+    dm = PromptDataModule(str(long), str(assets / "tok"), str(assets / "model.ckpt"), batch_size=1)
     module = CM3LeonModule(preset="tiny", vocab=dm.vocab.to_dict())
-    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
-    with pytest.raises(ValueError, match=r"prompt 1 \('a green triangle a green.*max_seq_len=256"):
+    steps = []
+    monkeypatch.setattr(module, "predict_step", lambda batch, batch_idx: steps.append(batch_idx))
+    out = tmp_path / "out"
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, callbacks=[ImageWriter(str(out))], enable_progress_bar=False,
+        enable_model_summary=False,
+    )  # fmt: skip
+    n_text = len(dm.tokenizer.encode(" ".join(["a green triangle"] * 80)))
+    want = (
+        rf"prompts: {long}: 1 prompt\(s\) too long for the model's context max_seq_len=256, which must hold <eos>, "
+        rf"the prompt's text tokens, <break> and 64 image tokens \(at most 190 text tokens\): line 3 \({n_text} "
+        r"text tokens\)$"
+    )
+    with pytest.raises(ValueError, match=want):
         trainer.predict(module, datamodule=dm)
+    assert steps == [] and not out.exists()
+    # 190 text tokens fit exactly: <eos> + 190 + <break> + 64 = 256.
+    dm.dataset.ids[1] = [dm.vocab.n_text - 1] * 190
+    dm.check_lengths(256)
+    dm.dataset.ids[1] = [dm.vocab.n_text - 1] * 191
+    with pytest.raises(ValueError, match=r"line 3 \(191 text tokens\)$"):
+        dm.check_lengths(256)
+
+    # predict_step itself still names the prompt, for a data module that does not check.
+    module = CM3LeonModule(preset="tiny", vocab=dm.vocab.to_dict())
+    batch = {"index": [4], "prompt": ["a green triangle " * 80], "ids": [dm.dataset.ids[1]], "seed": [None]}
+    with pytest.raises(ValueError, match=r"prompt 4 \('a green triangle a green.*max_seq_len=256"):
+        module.predict_step(batch, 0)
+
+
+def test_writer_refuses_an_output_dir_with_earlier_outputs_unless_overwrite(assets, tmp_path):
+    """A second run into the same directory overwrote the files it wrote and left the rest: a run with fewer prompts
+    or candidates left the earlier ones' PNGs and codes beside a predictions.jsonl that no longer listed them (and
+    a stopped run left an old predictions.jsonl describing files it had replaced). Now it refuses before decoding,
+    and overwrite=True deletes the earlier outputs first."""
+    out = tmp_path / "out"
+    predict(assets, out, batch_size=2, vqgan=False)  # 3 prompts
+    (out / "config.yaml").write_text("x: 1\n")  # LightningCLI's, with --trainer.default_root_dir out/: not ours
+    (out / "notes.txt").write_text("mine\n")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert len(before) == 6
+    fewer = tmp_path / "fewer.txt"
+    fewer.write_text("a big red square\n")
+
+    def run(overwrite: bool) -> None:
+        dm = PromptDataModule(str(fewer), str(assets / "tok"), str(assets / "model.ckpt"), 1)
+        module = CM3LeonModule(preset="tiny", vocab=dm.vocab.to_dict(), generation=GenerationSettings(**SETTINGS))
+        trainer = L.Trainer(
+            accelerator="cpu", logger=False, callbacks=[ImageWriter(str(out), overwrite=overwrite)],
+            enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+        )  # fmt: skip
+        trainer.predict(module, datamodule=dm, ckpt_path=str(assets / "model.ckpt"))
+
+    want = (
+        rf"ImageWriter output_dir: {out} already holds 4 files of an earlier predict run \(000000-codes.npy, "
+        r"000001-codes.npy, 000002-codes.npy \.\.\.\); give a new or empty directory, or overwrite=True"
+    )
+    with pytest.raises(ValueError, match=want):
+        run(overwrite=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing lost
+
+    run(overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "000000-codes.npy",
+        "config.yaml",
+        "notes.txt",
+        "predictions.jsonl",
+    ]
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [(r["index"], r["prompt"]) for r in rows] == [(0, "a big red square")]
 
 
 # ------------------------------------------------------------------------------------------------ the CLI
