@@ -42,7 +42,13 @@ import numpy as np
 import torch
 
 from cm3leon_lightning.config import CM3LeonConfig
-from cm3leon_lightning.generation.generate import TEXT_LAYOUTS, edit_image, generate_image, generate_text
+from cm3leon_lightning.generation.generate import (
+    TEXT_LAYOUTS,
+    edit_image,
+    generate_image,
+    generate_text,
+    image_prompt,
+)
 from cm3leon_lightning.generation.graphs import MODES, resolve_mode
 from cm3leon_lightning.generation.infilling import infill_batch
 from cm3leon_lightning.generation.tasks import IMAGE_TASKS, TASK_GUIDANCE, task_prefix
@@ -384,6 +390,14 @@ def run(args: argparse.Namespace) -> None:
     retrieved = None
     if args.retrieve:
         keys, docs = retrieve_documents(args.retrieve, args.shards, args.prompt, args.k, clip, vocab, tokenizer.sha256)
+        text_ids = tokenizer.encode(args.prompt)
+        n_text, need = len(text_ids), len(image_prompt(vocab, text_ids, docs))
+        if need + vocab.image_tokens > model.config.max_seq_len:
+            raise ValueError(
+                f"--retrieve: {n_text} text tokens, {len(docs)} retrieved documents (--k {args.k}) and "
+                f"{vocab.image_tokens} image tokens need {need + vocab.image_tokens} positions, more than the model's "
+                f"context max_seq_len={model.config.max_seq_len}: retrieve fewer documents (a smaller --k)"
+            )
         (out / "retrieved.json").write_text(json.dumps({"prompt": args.prompt, "keys": keys}, indent=1) + "\n")
         retrieved = [docs]
     result = generate_image(

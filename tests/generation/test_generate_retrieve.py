@@ -140,3 +140,16 @@ def test_a_query_clip_with_other_weights_than_the_bank_is_refused(assets, tmp_pa
     check_clip_weights({"weights_sha256": "open_clip:openai"}, "openai", "data/")
     check_clip_weights({"weights_sha256": "open_clip:openai"}, str(other), "data/")
     check_clip_weights({}, str(other), "data/")  # shards written without a clip section
+
+
+def test_retrieved_documents_that_overflow_the_context_name_k(assets, tmp_path, capsys):
+    """Too many retrieved documents for the context said only "prompt of N tokens ... exceeds", about a three-word
+    prompt; it now counts the documents and points at --k, before anything is written."""
+    out = tmp_path / "out"
+    model, _ = cli.load_checkpoint(assets["root"] / "model.ckpt")
+    doc = len(next(iter(assets["samples"].values())).text) + 2 + assets["vocab"].image_tokens  # a document's length
+    k = model.config.max_seq_len // doc + 1
+    assert cli.main(argv(assets["root"], out, "--k", str(k))) == 2
+    err = capsys.readouterr().err
+    assert f"retrieved documents (--k {k})" in err and "retrieve fewer documents (a smaller --k)" in err
+    assert not out.exists()
