@@ -34,6 +34,9 @@ class DocumentRetriever:
             missing from the shards.
     """
 
+    CANDIDATES_PER_DOCUMENT = 4
+    """Candidates searched per wanted document, so that skipped duplicates can be replaced."""
+
     def __init__(
         self,
         bank_dir: str | Path,
@@ -86,20 +89,39 @@ class DocumentRetriever:
             raise ValueError(f"--retrieve: bank keys {missing[:5]} are not in the shards of {self.shards_dir}")
 
     def retrieve(self, captions: Sequence[str], k: int) -> list[tuple[list[str], list[Document]]]:
-        """For each caption, the bank keys and documents of its ``k`` nearest neighbours, nearest first (fewer when
-        the bank holds fewer).
+        """For each caption, the bank keys and documents of its ``k`` nearest distinct neighbours, nearest first.
+
+        Diversity, as the paper's retrieval strategy asks ("simply taking the top K documents ... can result in
+        duplicates"): a document whose image is one already chosen (e.g. COCO's other captions of the same picture)
+        is skipped, searching up to :attr:`CANDIDATES_PER_DOCUMENT` times
+        ``k`` candidates; fewer than ``k`` come back when those run out or the bank holds fewer.
 
         Raises:
             ValueError: ``k < 1``, or a retrieved key missing from the shards.
         """
         if k < 1:
             raise ValueError(f"--k must be >= 1, got {k}")
-        keys = self.bank.search(self.clip.embed_texts(list(captions)), k).keys  # type: ignore[attr-defined]
+        n = min(len(self.bank), self.CANDIDATES_PER_DOCUMENT * k)
+        candidates = self.bank.search(self.clip.embed_texts(list(captions)), n).keys  # type: ignore[attr-defined]
         documents = self._documents
         if documents is None:
-            documents = self._read({key for row in keys for key in row})
-        self._check_found((key for row in keys for key in row), documents)
-        return [(list(row), [documents[key] for key in row]) for row in keys]
+            documents = self._read({key for row in candidates for key in row})
+        self._check_found((key for row in candidates for key in row), documents)
+        out: list[tuple[list[str], list[Document]]] = []
+        for row in candidates:
+            keys: list[str] = []
+            images: set[tuple[int, ...]] = set()
+            for key in row:
+                image = next((seg.tokens for seg in documents[key] if seg.kind == "image"), None)
+                if image is not None and image in images:
+                    continue  # the same picture again: no new information for the generator
+                keys.append(key)
+                if image is not None:
+                    images.add(image)
+                if len(keys) == k:
+                    break
+            out.append((keys, [documents[key] for key in keys]))
+        return out
 
 
 def check_clip_weights(recorded: dict[str, object], pretrained: object, shards_dir: str | Path) -> None:

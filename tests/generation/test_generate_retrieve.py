@@ -153,3 +153,28 @@ def test_retrieved_documents_that_overflow_the_context_name_k(assets, tmp_path, 
     err = capsys.readouterr().err
     assert f"retrieved documents (--k {k})" in err and "retrieve fewer documents (a smaller --k)" in err
     assert not out.exists()
+
+
+def test_a_picture_already_retrieved_is_skipped_for_the_next_candidate(tmp_path):
+    """The paper's diversity rule at inference: COCO-style banks hold one picture under several captions, and the
+    two nearest documents were often the same picture; the next distinct one is taken instead."""
+    from types import SimpleNamespace
+
+    from cm3leon_lightning.generation.retrieve import DocumentRetriever
+
+    text_info = {"path": "t", "sha256": "", "n_text": 64, "num_sentinels": 8}
+    image_info = {"checkpoint_sha256": "0" * 64, "n_codes": 32, "grid_h": 2, "grid_w": 2, "image_size": 16}
+    pictures = {"a": [1, 2, 3, 4], "b": [1, 2, 3, 4], "c": [5, 6, 7, 8], "d": [1, 2, 3, 4], "e": [9, 9, 9, 9]}
+    samples = [ShardSample(k, k, np.asarray([20 + i], np.int32), np.asarray(v, np.int16))
+               for i, (k, v) in enumerate(pictures.items())]  # fmt: skip
+    ShardWriter(tmp_path / "shards", text_info, image_info).write_all(samples)
+    emb = np.asarray([[1.0, 0.0], [0.99, 0.14], [0.9, 0.44], [0.8, 0.6], [0.0, 1.0]], np.float32)  # a, b, c, d, e
+    MemoryBank.build((emb, list(pictures)), 2, "toy").save(tmp_path / "bank")
+    clip = SimpleNamespace(
+        model_name="toy", dim=2, pretrained=None, embed_texts=lambda t: np.tile([[1.0, 0.0]], (len(t), 1))
+    )
+    retriever = DocumentRetriever(tmp_path / "bank", tmp_path / "shards", clip)
+    assert [keys for keys, _ in retriever.retrieve(["q"], 2)] == [["a", "c"]]  # b is a's picture again
+    ((keys, docs),) = retriever.retrieve(["q"], 3)
+    assert keys == ["a", "c", "e"] and [d[1].tokens for d in docs] == [(1, 2, 3, 4), (5, 6, 7, 8), (9, 9, 9, 9)]
+    assert [keys for keys, _ in retriever.retrieve(["q"], 5)] == [["a", "c", "e"]]  # only three distinct pictures
