@@ -180,8 +180,8 @@ class GenerationCallback(L.Callback):
         vqgan_preset: preset name for weights files that carry no config.
         every_n_val_epochs: run at every n-th validation epoch end (never during the sanity check).
         batch_size: prompts per generation batch.
-        seed: base seed; each generation batch samples with ``seed`` plus an offset of the subclass's choosing (FID: the
-            index of its first caption).
+        seed: base seed; each generation batch samples with ``seed`` plus an offset of the subclass's choosing (FID,
+            CIDEr and VQA: the index of the batch's first item, so the results do not depend on the device count).
         compile: compile the decode step (None: on CUDA).
     """
 

@@ -146,11 +146,14 @@ class CIDErCallback(GenerationCallback):
         """Caption this rank's images, update the metric, and return the CIDEr-D of all ranks' captions."""
         self.metric = self.metric.to(pl_module.device)
         self.metric.reset()
-        share = rank_share(self.samples, trainer)
+        # whole batches per rank, seeded by their first image's index: the captions of a one-device run on any number
+        share = rank_share(batches(list(enumerate(self.samples)), self.batch_size), trainer)
         if not share:  # a rank without images still updates, so every rank's metric syncs alike
             self.metric.update([], [])
-        for items in batches(share, self.batch_size):
-            captions = self.generate(pl_module, self.codes_of(items, pl_module.device), self.instruction, self.seed)
+        for chunk in share:
+            items = [s for _, s in chunk]
+            seed = self.seed + chunk[0][0]
+            captions = self.generate(pl_module, self.codes_of(items, pl_module.device), self.instruction, seed)
             self.metric.update(captions, [s.references for s in items])
         return float(self.metric.compute())
 

@@ -146,12 +146,16 @@ class VQACallback(CIDErCallback):
         """Answer this rank's questions, update the metric, and return the accuracy over all ranks."""
         self.metric = self.metric.to(pl_module.device)
         self.metric.reset()
-        share = rank_share(self.samples, trainer)
+        # whole batches per rank, seeded by their first question's index: a one-device run's answers on any number
+        share = rank_share(batches(list(enumerate(self.samples)), self.batch_size), trainer)
         if not share:  # a rank without questions still updates, so every rank's metric syncs alike
             self.metric.update([], [])
-        for chunk in batches(share, self.batch_size):
+        for indexed in share:
+            chunk = [s for _, s in indexed]
             prompts = [self.prompt_template.format(question=s.question) for s in chunk]
-            answers = self.generate(pl_module, self.codes_of(chunk, pl_module.device), prompts, self.seed)
+            answers = self.generate(
+                pl_module, self.codes_of(chunk, pl_module.device), prompts, self.seed + indexed[0][0]
+            )
             self.metric.update(answers, [s.answers for s in chunk])
         return float(self.metric.compute())
 

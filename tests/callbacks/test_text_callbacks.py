@@ -338,3 +338,30 @@ def test_cider_callback_checks_references_before_generating(parts, tmp_path: Pat
     with pytest.raises(ValueError, match=r"sample 'k9' needs a non-empty list of reference captions, got "):
         trainer(tmp_path, [cb]).validate(module, val_loader(module.vocab), verbose=False)
     assert CaptionsCounted.calls == 0
+
+
+@pytest.mark.parametrize("kind", ["cider", "vqa"])
+def test_text_callback_batches_and_seeds_do_not_depend_on_the_device_count(parts, kind: str) -> None:
+    """Ranks take whole batches of the one-device run, seeded by their first item's index: every batch used the same
+    seed (sampled captions repeated their random draws) and the batches changed with the number of devices."""
+    from types import SimpleNamespace
+
+    tok, _, module = parts
+    base = CIDErCallback if kind == "cider" else VQACallback
+
+    class Recording(base):
+        def generate(self, pl_module, codes, instruction, seed):
+            self.calls.append((codes[:, 0].tolist(), seed))
+            return ["red"] * len(codes)
+
+    def calls(rank: int, world_size: int) -> list:
+        samples = coded_samples(7) if kind == "cider" else vqa_samples() + vqa_samples()[:3]
+        extra = {"tokenizer": "simple"} if kind == "cider" else {}
+        cb = Recording(samples=samples, text_tokenizer=tok, batch_size=3, seed=5, **extra)
+        cb.calls = []
+        cb.evaluate(SimpleNamespace(global_rank=rank, world_size=world_size), module)
+        return cb.calls
+
+    single = calls(0, 1)
+    assert [seed for _, seed in single] == [5, 8, 11]
+    assert sorted(calls(0, 2) + calls(1, 2), key=lambda c: c[1]) == single
