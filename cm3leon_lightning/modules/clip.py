@@ -7,6 +7,7 @@ far from web photos (synthetic shapes, a private domain), this module trains one
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import warnings
@@ -239,6 +240,12 @@ class ClipModule(L.LightningModule):
     def export_weights(self, path: str | os.PathLike) -> Path:
         """Write the open_clip state dict as safetensors, loadable by ``ClipEncoder(model_name, pretrained=path)``.
 
+        The metadata records what the state dict lacks and ``create_clip`` rebuilds from it: ``model_name``,
+        ``quick_gelu`` (``"true"``/``"false"``) and ``preprocess_cfg``, JSON of the model's image preprocessing
+        (``size``, ``mean``, ``std``, ``interpolation``, ``resize_mode``, ``fill_color``): a model fine-tuned from a
+        tag keeps the tag's (e.g. mean/std 0.5), not the architecture's defaults. The same model and preprocessing
+        always give the same bytes, so the sha256 that ``cm3leon prepare`` records identifies them.
+
         Args:
             path: output file; ``.safetensors`` is the expected suffix (open_clip picks the loader by suffix).
 
@@ -254,5 +261,39 @@ class ClipModule(L.LightningModule):
         # QuickGELU is not in the state dict: a model fine-tuned from the "openai" tag runs it, and ClipEncoder must
         # rebuild it so (create_clip reads this flag), or "ViT-B-32" would come back with GELU.
         quick_gelu = "true" if uses_quick_gelu(self.model) else "false"
-        save_file(state, str(out), metadata={"model_name": self.hparams.model_name, "quick_gelu": quick_gelu})
+        pp = self.model.visual.preprocess_cfg  # defaults as in forward (open_clip releases before PreprocessCfg)
+        size = pp["size"]
+        preprocess = {
+            "size": int(size) if isinstance(size, int) else [int(x) for x in size],
+            "mean": [float(x) for x in pp["mean"]],
+            "std": [float(x) for x in pp["std"]],
+            "interpolation": pp.get("interpolation", "bicubic"),
+            "resize_mode": pp.get("resize_mode", "shortest"),
+            "fill_color": int(pp.get("fill_color", 0)),
+        }
+        meta = {
+            "model_name": self.hparams.model_name,
+            "quick_gelu": quick_gelu,
+            "preprocess_cfg": json.dumps(preprocess),
+        }
+        save_file(state, str(out), metadata=meta)
+        _sort_metadata(out)
         return out
+
+
+def _sort_metadata(path: Path) -> None:
+    """Rewrite a safetensors header in place with its metadata keys sorted.
+
+    safetensors writes the metadata in a random order on every call, so exporting the same model twice gave files
+    of different sha256 (which ``cm3leon prepare``'s plan and manifest record, and the query side checks). The
+    re-serialised header has the same length (same JSON, other key order); it is padded with spaces as safetensors
+    pads it.
+    """
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) <= n:  # always, since the JSON only changed order; else keep the (valid) file as written
+            f.seek(8)
+            f.write(text.ljust(n))

@@ -8,6 +8,7 @@ seconds, with weights trained by :class:`cm3leon_lightning.modules.clip.ClipModu
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import warnings
@@ -99,18 +100,71 @@ def uses_quick_gelu(model: torch.nn.Module) -> bool:
     return any(isinstance(m, QuickGELU) for m in model.modules())
 
 
+def _file_metadata(path: str) -> dict[str, str]:
+    """The safetensors metadata of a local checkpoint (``{}`` for other formats or a file without metadata)."""
+    if not str(path).endswith(".safetensors"):
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata() or {}
+
+
 def _file_wants_quick_gelu(path: str) -> bool:
     """Whether a local checkpoint written by ``ClipModule.export_weights`` records a QuickGELU model.
 
     A model fine-tuned from the ``openai`` tag runs QuickGELU (``create_clip`` forces it for that tag); rebuilding its
     exported weights with the plain architecture (``"ViT-B-32"`` has GELU) would give other embeddings.
     """
-    if not str(path).endswith(".safetensors"):
-        return False
-    from safetensors import safe_open
+    return _file_metadata(path).get("quick_gelu") == "true"
 
-    with safe_open(str(path), framework="pt") as f:
-        return (f.metadata() or {}).get("quick_gelu") == "true"
+
+def _size2(size: Any) -> tuple[int, int]:
+    """open_clip's image size (``S`` or ``(H, W)``) as ``(H, W)``."""
+    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[-1]))
+
+
+def _recorded_preprocess(path: str) -> dict[str, Any] | None:
+    """The image preprocessing ``ClipModule.export_weights`` records in a file's metadata (``None`` if absent).
+
+    Raises:
+        ValueError: the ``preprocess_cfg`` entry is not JSON of the expected keys and values (the file is named).
+    """
+    raw = _file_metadata(path).get("preprocess_cfg")
+    if raw is None:
+        return None
+    try:
+        pp = json.loads(raw)
+    except json.JSONDecodeError:
+        pp = None
+
+    def is_num3(v: Any) -> bool:
+        return isinstance(v, list) and len(v) == 3 and all(isinstance(x, int | float) for x in v)
+
+    def is_size(v: Any) -> bool:
+        items = v if isinstance(v, list) and len(v) == 2 else [v]
+        return all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in items)
+
+    checks = {
+        "size": is_size,
+        "mean": is_num3,
+        "std": lambda v: is_num3(v) and all(x > 0 for x in v),
+        "interpolation": lambda v: v in ("bicubic", "bilinear", "random"),
+        "resize_mode": lambda v: v in ("shortest", "squash", "longest"),
+        "fill_color": lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255,
+    }
+    bad = (
+        ["not a JSON object"]
+        if not isinstance(pp, dict)
+        else [k for k in pp if k not in checks or not checks[k](pp[k])]
+    )
+    if bad:
+        raise ValueError(
+            f"{path}: the safetensors metadata 'preprocess_cfg' is invalid ({', '.join(bad)}): {raw[:300]!r}; expected "
+            'JSON like {"size": 224, "mean": [m, m, m], "std": [s, s, s], "interpolation": "bicubic"|"bilinear", '
+            '"resize_mode": "shortest"|"squash"|"longest", "fill_color": 0-255}, as ClipModule.export_weights writes'
+        )
+    return pp
 
 
 def _weights_help(model_name: str) -> str:
@@ -138,7 +192,9 @@ def create_clip(
     Args:
         model_name: an open_clip architecture (``"ViT-B-32"``), one of :data:`CLIP_CONFIGS`, or ``"local-dir:/path"``.
         pretrained: an open_clip pretrained tag (``"openai"``), a path to a local checkpoint file, or ``None`` for
-            random initialisation (only useful before training with ``ClipModule``).
+            random initialisation (only useful before training with ``ClipModule``). A tag brings its own image
+            preprocessing (``model.visual.preprocess_cfg``); a file gets the architecture's defaults, or the
+            preprocessing and QuickGELU that ``ClipModule.export_weights`` recorded in its metadata.
         device: torch device.
         precision: open_clip precision (``"fp32"``, ``"fp16"``, ``"bf16"``, ``"pure_fp16"``, ``"pure_bf16"``).
         cache_dir: download cache directory passed to open_clip.
@@ -148,7 +204,8 @@ def create_clip(
 
     Raises:
         ClipWeightsUnavailableError: ``pretrained`` is a tag whose weights are not cached and there is no network.
-        ValueError: unknown model name, or ``pretrained`` is neither a known tag nor an existing file.
+        ValueError: unknown model name, ``pretrained`` is neither a known tag nor an existing file, or the file's
+            weights or recorded preprocessing (invalid, or another image size) do not fit ``model_name``.
     """
     register_clip_configs()
     if not model_name.startswith(("local-dir:", "hf-hub:")) and open_clip.get_model_config(model_name) is None:
@@ -156,8 +213,15 @@ def create_clip(
             f"model_name={model_name!r} is not an open_clip architecture; known: {sorted(open_clip.list_models())}"
         )
     kwargs: dict[str, Any] = {}
-    if pretrained is not None and os.path.isfile(pretrained) and _file_wants_quick_gelu(pretrained):
-        kwargs["force_quick_gelu"] = True
+    recorded_pp = None
+    if pretrained is not None and os.path.isfile(pretrained):
+        if _file_wants_quick_gelu(pretrained):
+            kwargs["force_quick_gelu"] = True
+        # A file exported after fine-tuning from a tag records the tag's preprocessing (e.g. mean/std 0.5 or
+        # "squash"); open_clip would give a file the architecture's defaults. The size is checked, not forced.
+        recorded_pp = _recorded_preprocess(pretrained)
+        if recorded_pp:
+            kwargs["force_preprocess_cfg"] = {k: v for k, v in recorded_pp.items() if k != "size"}
     if pretrained is not None and not os.path.isfile(pretrained):
         tag_cfg = open_clip.get_pretrained_cfg(model_name, pretrained)
         if not tag_cfg:
@@ -190,6 +254,15 @@ def create_clip(
                 "--clip of generate and serve, model_name in Python)"
             ) from e
         raise
+    if recorded_pp and "size" in recorded_pp:
+        have, want = _size2(model.visual.preprocess_cfg["size"]), _size2(recorded_pp["size"])
+        if have != want:  # open_clip resizes a ViT's position embedding to fit, silently: refuse instead
+            raise ValueError(
+                f"the CLIP weights in {pretrained} were trained at image size {want[0]}x{want[1]} (their metadata "
+                f"'preprocess_cfg'), but the architecture {model_name!r} takes {have[0]}x{have[1]}; name the "
+                "architecture they were trained as (--clip-model of cm3leon prepare, --clip of generate and serve, "
+                "model_name in Python)"
+            )
     if pretrained is None and not model_name.startswith("local-dir:"):
         warnings.warn(f"CLIP {model_name!r} is randomly initialised (pretrained=None)", stacklevel=2)
     return model
@@ -293,7 +366,8 @@ class ClipEncoder:
         pretrained: open_clip pretrained tag (``"openai"``: the original CLIP weights), a local checkpoint path
             (e.g. written by ``ClipModule.export_weights``), or ``None`` for random weights (tests only). A local
             copy of OpenAI's weights needs the QuickGELU architecture (``"ViT-B-32-quickgelu"``), as the ``openai``
-            tag gets; files from ``export_weights`` record it and get it by themselves.
+            tag gets; files from ``export_weights`` record it, and the image preprocessing of the model they were
+            trained as (e.g. a tag's mean/std or resize mode), and get both by themselves.
         device: torch device for the encoders.
         precision: open_clip precision string (``"fp32"``, ``"fp16"``, ``"bf16"``).
         batch_size: inputs are embedded in chunks of this many.

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
+import open_clip
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -165,6 +166,75 @@ def test_export_of_a_quick_gelu_model_is_rebuilt_with_quick_gelu(tmp_path):
     plain = ClipModule(model_name="cm3leon-clip-tiny")
     plain.configure_model()
     assert not uses_quick_gelu(ClipEncoder("cm3leon-clip-tiny", pretrained=str(plain.export_weights(path))).model)
+
+
+# Preprocessing of pretrained tags that differs from open_clip's defaults (OpenAI mean/std, bicubic, "shortest").
+HALF = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}  # e.g. ViT-L-14 laion2b_s32b_b82k
+
+
+@pytest.mark.parametrize(
+    "model_name, tag_pp",
+    [
+        ("cm3leon-clip-small", {**HALF, "interpolation": "bilinear", "resize_mode": "squash"}),  # SigLIP-style
+        ("cm3leon-clip-tiny", {**HALF, "resize_mode": "longest", "fill_color": 255}),
+    ],
+)
+def test_export_records_the_preprocessing_and_the_encoder_applies_it(tmp_path, model_name, tag_pp):
+    """A model fine-tuned from a tag whose preprocessing is not the architecture's default came back from
+    ClipEncoder(model_name, file) with the defaults: other image embeddings in prepare's bank and at query time."""
+    from cm3leon_lightning.retrieval.encoder import preprocess_images
+
+    torch.manual_seed(0)
+    module = ClipModule(model_name=model_name)
+    module.configure_model()
+    module.eval()
+    module.model.visual.preprocess_cfg.update(tag_pp)  # as create_model(..., pretrained=<tag>) sets it
+    path = module.export_weights(tmp_path / "clip.safetensors")
+    enc = ClipEncoder(model_name, pretrained=str(path))
+    got_pp = enc.model.visual.preprocess_cfg
+    as_tuples = lambda pp: {k: tuple(v) if isinstance(v, list | tuple) else v for k, v in pp.items()}  # noqa: E731
+    assert as_tuples(got_pp) == as_tuples(module.model.visual.preprocess_cfg)
+    size = module.image_size
+    x = torch.randint(0, 256, (3, 3, size, size * 3 // 2), dtype=torch.uint8)  # not square: the modes differ
+    with torch.no_grad():
+        img, _, _ = module(x, ["a", "b", "c"])
+        default = module.model.encode_image(
+            preprocess_images(x, size, open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD), normalize=True
+        )
+    np.testing.assert_allclose(enc.embed_images(x), img.numpy(), rtol=0, atol=1e-6)
+    assert np.abs(enc.embed_images(x) - default.numpy()).max() > 1e-3  # the defaults embed otherwise
+    tuned = ClipModule(model_name=model_name, pretrained=str(path))  # fine-tuning further keeps it too
+    tuned.configure_model()
+    assert tuned.model.visual.preprocess_cfg == got_pp
+
+
+def test_export_records_the_image_size_and_another_size_is_refused(tmp_path):
+    """open_clip fits a ViT's position embedding to the architecture's size silently; the recorded size refuses."""
+    module = ClipModule(model_name="cm3leon-clip-small")
+    module.model = open_clip.create_model("cm3leon-clip-small", force_image_size=32)  # the architecture takes 64
+    path = module.export_weights(tmp_path / "clip32.safetensors")
+    with pytest.raises(ValueError, match=r"clip32\.safetensors were trained at image size 32x32 .* takes 64x64"):
+        ClipEncoder("cm3leon-clip-small", pretrained=str(path))
+
+
+def test_same_export_gives_the_same_file_and_other_preprocessing_another(tmp_path):
+    """cm3leon prepare records the file's sha256 (plan and manifest) and the query side checks it: exporting the
+    same model again must give the same bytes (safetensors wrote its metadata keys in a random order), and other
+    preprocessing another sha256, so a bank built with one is not queried with the other."""
+    from cm3leon_lightning.data.shards import file_sha256
+    from cm3leon_lightning.generation.retrieve import check_clip_weights
+
+    torch.manual_seed(0)
+    module = ClipModule(model_name="cm3leon-clip-tiny")
+    module.configure_model()
+    shas = {file_sha256(module.export_weights(tmp_path / f"clip{i}.safetensors")) for i in range(10)}
+    assert len(shas) == 1
+    module.model.visual.preprocess_cfg.update(HALF)
+    other = module.export_weights(tmp_path / "half.safetensors")
+    recorded = {"model": "cm3leon-clip-tiny", "dim": 64, "weights_sha256": shas.pop()}
+    check_clip_weights(recorded, str(tmp_path / "clip9.safetensors"), "shards/")
+    with pytest.raises(ValueError, match="half.safetensors is sha256"):
+        check_clip_weights(recorded, str(other), "shards/")
 
 
 class _FirstStep(Callback):

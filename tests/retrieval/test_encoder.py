@@ -139,6 +139,42 @@ def test_weights_of_another_architecture_name_the_file_and_the_flag(weights):
         ClipEncoder("ViT-B-32", pretrained=str(weights[0]))
 
 
+@pytest.mark.parametrize(
+    "raw, named",
+    [
+        ("{not json", "not a JSON object"),
+        ('["squash"]', "not a JSON object"),
+        ('{"resize_mode": "crop"}', "resize_mode"),
+        ('{"mean": [0.5, 0.5], "std": [0.5, 0.5, 0]}', "mean, std"),
+        ('{"size": 32, "interp": "bilinear"}', "interp"),
+    ],
+)
+def test_invalid_recorded_preprocessing_names_the_file_and_the_field(weights, tmp_path, raw, named):
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "bad.safetensors"
+    save_file(load_file(str(weights[0])), str(path), metadata={"preprocess_cfg": raw})
+    with pytest.raises(
+        ValueError, match=rf"bad\.safetensors: the safetensors metadata 'preprocess_cfg' is invalid \({named}\)"
+    ):
+        ClipEncoder("cm3leon-clip-tiny", pretrained=str(path))
+
+
+def test_recorded_preprocessing_is_applied_and_files_without_it_get_the_defaults(weights, enc, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    assert enc.mean == open_clip.OPENAI_DATASET_MEAN and enc._resize["resize_mode"] == "shortest"  # no metadata
+    path = tmp_path / "half.safetensors"
+    save_file(load_file(str(weights[0])), str(path), metadata={"preprocess_cfg": '{"mean": [0.5, 0.5, 0.5]}'})
+    half = ClipEncoder("cm3leon-clip-tiny", pretrained=str(path))
+    assert half.mean == (0.5, 0.5, 0.5) and half.std == open_clip.OPENAI_DATASET_STD  # the rest: defaults
+    x = torch.from_numpy(_images()).permute(0, 3, 1, 2)
+    transform = open_clip.image_transform(32, False, (0.5, 0.5, 0.5), open_clip.OPENAI_DATASET_STD)
+    with torch.no_grad():
+        want = weights[2].encode_image(torch.stack([transform(Image.fromarray(a)) for a in _images()]), normalize=True)
+    np.testing.assert_allclose(half.embed_images(x), want.numpy(), rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("resize_mode", ["shortest", "squash", "longest"])
 @pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
 @pytest.mark.parametrize("hw", [(32, 39), (30, 37), (300, 400), (24, 24), (31, 20)])
