@@ -117,6 +117,19 @@ class ClipModule(L.LightningModule):
             warnings.filterwarnings("ignore", message=".*randomly initialised.*")  # expected when training
             self.model = create_clip(self.hparams.model_name, self.hparams.pretrained)
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the image preprocessing beside the weights: a model fine-tuned from a tag runs the tag's (e.g. mean/std
+        0.5), which a reload with ``pretrained=None`` (offline) would otherwise replace by the architecture's."""
+        checkpoint["clip_preprocess_cfg"] = json.loads(json.dumps(dict(self.model.visual.preprocess_cfg)))
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Build the model and restore the checkpoint's image preprocessing (checkpoints from before keep the
+        model's own)."""
+        self.configure_model()
+        recorded = checkpoint.get("clip_preprocess_cfg")
+        if isinstance(recorded, dict):
+            self.model.visual.preprocess_cfg = {**self.model.visual.preprocess_cfg, **recorded}
+
     def setup(self, stage: str) -> None:
         """Create the loss with this process's rank and world size (features are gathered across GPUs)."""
         self.configure_model()

@@ -208,6 +208,29 @@ def test_export_records_the_preprocessing_and_the_encoder_applies_it(tmp_path, m
     assert tuned.model.visual.preprocess_cfg == got_pp
 
 
+def test_a_checkpoint_keeps_the_image_preprocessing(tmp_path):
+    """Reloaded offline (``pretrained=None``), a checkpoint of a model fine-tuned from a tag came back with the
+    architecture's default preprocessing, and an export from it recorded the defaults."""
+    module = ClipModule(model_name="cm3leon-clip-small")
+    module.configure_model()
+    module.model.visual.preprocess_cfg.update(
+        {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "resize_mode": "squash"}
+    )
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.strategy.connect(module)
+    trainer.save_checkpoint(tmp_path / "tuned.ckpt")
+    assert torch.load(tmp_path / "tuned.ckpt", weights_only=True)["clip_preprocess_cfg"]["resize_mode"] == "squash"
+    loaded = ClipModule.load_from_checkpoint(tmp_path / "tuned.ckpt", pretrained=None)
+    pp = loaded.model.visual.preprocess_cfg
+    assert (
+        tuple(pp["mean"]) == (0.5, 0.5, 0.5) and tuple(pp["std"]) == (0.5, 0.5, 0.5) and pp["resize_mode"] == "squash"
+    )
+    path = loaded.export_weights(tmp_path / "again.safetensors")
+    assert (
+        ClipEncoder("cm3leon-clip-small", pretrained=str(path)).model.visual.preprocess_cfg["resize_mode"] == "squash"
+    )
+
+
 def test_export_records_the_image_size_and_another_size_is_refused(tmp_path):
     """open_clip fits a ViT's position embedding to the architecture's size silently; the recorded size refuses."""
     module = ClipModule(model_name="cm3leon-clip-small")
