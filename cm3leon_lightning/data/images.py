@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import functools
 import io
+import random
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
 import webdataset as wds
+from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from cm3leon_lightning.data.cleaning import to_rgb
+from cm3leon_lightning.data.sampling import ResumableDataLoader, ResumableSampler, trainer_position
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 _PALETTE = np.array(
@@ -90,7 +94,9 @@ class ImageFolderDataset(Dataset):
     Args:
         source: a folder of images, or a uint8 array ``(N, H, W, 3)``.
         image_size: output side length.
-        hflip: flip horizontally with probability 1/2 (seeded by index and epoch-independent ``seed``).
+        hflip: flip horizontally with probability 1/2, seeded by ``(seed, epoch, index)`` when the item is asked for
+            as ``dataset[(epoch, index)]`` (the training sampler's ``with_epoch``: a new draw every epoch), else by
+            ``(seed, index)`` (the same every time).
         seed: seed for the flips.
     """
 
@@ -102,8 +108,11 @@ class ImageFolderDataset(Dataset):
         """Number of images."""
         return len(self.items)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
-        """The ``index``-th image as a uint8 tensor ``(3, S, S)``."""
+    def __getitem__(self, index: int | tuple[int, int]) -> torch.Tensor:
+        """The ``index``-th image as a uint8 tensor ``(3, S, S)``; for ``(epoch, index)``, flipped as drawn for
+        ``epoch``."""
+        key = (self.seed, *index) if isinstance(index, tuple) else (self.seed, index)
+        index = key[-1]
         item = self.items[index]
         if isinstance(item, np.ndarray):
             image = Image.fromarray(item)
@@ -111,7 +120,7 @@ class ImageFolderDataset(Dataset):
             with Image.open(item) as f:
                 f.load()
                 image = to_rgb(f).copy()  # a copy: ``f`` itself when it is RGB already
-        flip = self.hflip and bool(np.random.default_rng((self.seed, index)).integers(2))
+        flip = self.hflip and bool(np.random.default_rng(key).integers(2))
         return to_tensor(image, self.image_size, flip)
 
 
@@ -151,14 +160,46 @@ def shard_urls(spec: str, allow_pipe: bool = False) -> str | list[str]:
     return spec
 
 
-def image_shards(urls: str | list[str], image_size: int, shuffle: int = 0, hflip: bool = False) -> IterableDataset:
-    """A WebDataset pipeline of ``(3, S, S)`` uint8 tensors from jpg/png shards, split over nodes and workers."""
+class EpochShuffle(wds.PipelineStage):
+    """WebDataset stage: shuffle through a ``bufsize`` buffer, seeded by ``(seed, epoch)``.
+
+    ``epoch`` is the next pass's; each pass counts one up. Every copy of the pipeline (one per worker and rank)
+    counts alike, so a shuffle before the node/worker split orders the shards identically everywhere and the split
+    deals each shard to exactly one reader (an unseeded shuffle gave each its own order: some shards were read
+    twice in an epoch, others never).
+    """
+
+    def __init__(self, bufsize: int, seed: int = 0, epoch: int = 0) -> None:
+        self.bufsize, self.seed, self.epoch = bufsize, seed, epoch
+
+    def run(self, src: Any) -> Any:
+        """Shuffle ``src`` for the current epoch, then move to the next."""
+        state = np.random.SeedSequence((self.seed, self.epoch)).generate_state(2)
+        self.epoch += 1
+        rng = random.Random(int(state[0]) << 32 | int(state[1]))
+        return wds.shuffle(self.bufsize, 100, rng=rng)(src)
+
+
+def _is_shards(spec: str) -> bool:
+    """Whether ``spec`` names WebDataset shards (a ``.tar`` path or pattern, or a folder of ``.tar`` files)."""
+    path = Path(spec)
+    return ".tar" in spec or (path.is_dir() and any(path.glob("*.tar")))
+
+
+def image_shards(
+    urls: str | list[str], image_size: int, shuffle: int = 0, hflip: bool = False, seed: int = 0, epoch: int = 0
+) -> IterableDataset:
+    """A WebDataset pipeline of ``(3, S, S)`` uint8 tensors from jpg/png shards, split over nodes and workers.
+
+    With ``shuffle`` (a sample buffer size), the shard order and the samples are shuffled by :class:`EpochShuffle`
+    seeded by ``(seed, epoch)`` from ``epoch`` on; flips draw from the worker's torch RNG.
+    """
     stages = [wds.SimpleShardList(urls)]
     if shuffle:
-        stages.append(wds.shuffle(100))  # shard order
+        stages.append(EpochShuffle(100, seed, epoch))  # shard order: the same in every worker and rank
     stages += [wds.split_by_node, wds.split_by_worker, wds.tarfile_to_samples()]
     if shuffle:
-        stages.append(wds.shuffle(shuffle))
+        stages.append(EpochShuffle(shuffle, seed, epoch))
     to_sample = functools.partial(_random_flip_tensor, size=image_size, hflip=hflip)
     stages += [wds.decode(decode_image), wds.map(pick_image), wds.map(to_sample)]
     return wds.DataPipeline(*stages)
@@ -181,9 +222,20 @@ class ImageDataModule(L.LightningDataModule):
         hflip: random horizontal flips in training.
         synthetic: number of generated training images (:func:`synthetic_images`) when ``train`` is None.
         synthetic_val: number of generated validation images when ``val`` is None and ``synthetic`` > 0.
-        seed: seed of the generated images and flips.
+        seed: seed of the generated images, the flips and the training order.
         shuffle_buffer: sample shuffle buffer for shards (training only).
         allow_pipe: allow ``pipe:`` shard URLs (they run shell commands).
+
+    Folders and generated images train in the order of :class:`~cm3leon_lightning.data.sampling.ResumableSampler`: a
+    permutation per epoch seeded by ``(seed, epoch)`` whatever the global RNG or the number of workers, each rank its
+    disjoint share, flips drawn per ``(seed, epoch, image)``. :meth:`state_dict` (saved in every checkpoint) records
+    the epoch and the batches consumed in it, so ``trainer.fit(..., ckpt_path=...)`` goes on with the next batch of
+    the same order (mid-epoch: with the same images, batch size, seed and number of ranks).
+
+    Shards do not resume mid-epoch: a resumed run reads the interrupted epoch again from its start (a warning says
+    so), in that epoch's order. Their order is seeded by ``(seed, epoch)`` but also depends on the number of workers
+    and ranks (each reads its own shards), and flips draw from the workers' torch RNG. Resume from end-of-epoch
+    checkpoints, or use an image folder, where exactness matters.
     """
 
     def __init__(
@@ -211,14 +263,21 @@ class ImageDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
+        self._train_sampler: ResumableSampler | None = None
+        self._pending_state: dict[str, Any] | None = None
+
+    @property
+    def shards(self) -> bool:
+        """Whether the training images come from WebDataset shards (not resumable mid-epoch)."""
+        return self.hparams.train is not None and _is_shards(self.hparams.train)
 
     def _dataset(self, spec: str, train: bool) -> Dataset:
         hp = self.hparams
-        path = Path(spec)
-        if ".tar" in spec or (path.is_dir() and any(path.glob("*.tar"))):
+        if _is_shards(spec):
             urls = shard_urls(spec, hp.allow_pipe)
-            return image_shards(urls, hp.image_size, hp.shuffle_buffer if train else 0, hp.hflip and train)
-        return ImageFolderDataset(path, hp.image_size, hp.hflip and train, hp.seed)
+            shuffle = hp.shuffle_buffer if train else 0
+            return image_shards(urls, hp.image_size, shuffle, hp.hflip and train, hp.seed)
+        return ImageFolderDataset(Path(spec), hp.image_size, hp.hflip and train, hp.seed)
 
     def setup(self, stage: str | None = None) -> None:
         """Build the datasets (idempotent)."""
@@ -238,17 +297,43 @@ class ImageDataModule(L.LightningDataModule):
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
         hp = self.hparams
-        iterable = isinstance(dataset, IterableDataset)
+        if shuffle and not isinstance(dataset, IterableDataset):
+            trainer = self.trainer
+            rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+            sampler = ResumableSampler(
+                dataset,
+                hp.batch_size,
+                hp.seed,
+                rank,
+                world,
+                processed=self._position,
+                with_epoch=isinstance(dataset, ImageFolderDataset),  # its flips are drawn per epoch
+            )
+            if self._pending_state is not None:
+                sampler.load_state_dict(self._pending_state)
+                self._pending_state = None
+            self._train_sampler = sampler
+            return ResumableDataLoader(
+                dataset,
+                batch_size=hp.batch_size,
+                sampler=sampler,
+                num_workers=hp.num_workers,
+                persistent_workers=hp.num_workers > 0,
+            )
+        if shuffle:  # shards: their shuffles start at the restored epoch
+            epoch = int((self._pending_state or {}).get("epoch", 0))
+            for stage in getattr(dataset, "pipeline", []):
+                if isinstance(stage, EpochShuffle):
+                    stage.epoch = epoch
         return DataLoader(
             dataset,
             batch_size=hp.batch_size,
-            shuffle=shuffle and not iterable,
             num_workers=hp.num_workers,
             persistent_workers=hp.num_workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches ``(B, 3, S, S)`` uint8."""
+        """Shuffled training batches ``(B, 3, S, S)`` uint8 (resumable, but from shards)."""
         self.setup("fit")
         return self._loader(self.train_set, shuffle=True)
 
@@ -256,3 +341,31 @@ class ImageDataModule(L.LightningDataModule):
         """Validation batches, or an empty list when there is no validation data."""
         self.setup("validate")
         return [] if self.val_set is None else self._loader(self.val_set, shuffle=False)
+
+    def _position(self) -> tuple[int, int] | None:
+        return trainer_position(self.trainer)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training position ``{"epoch", "batch", ...}`` (Lightning saves it in every checkpoint)."""
+        if self._train_sampler is not None:
+            return self._train_sampler.state_dict()
+        if self.shards and (pos := self._position()) is not None:
+            return {"epoch": pos[0], "batch": pos[1]}
+        return dict(self._pending_state or {})
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the training position (before or after the training loader exists); from shards, only the
+        epoch, with a warning when the position is mid-epoch."""
+        if not state_dict:
+            return
+        if self.shards and state_dict.get("batch", 0):
+            rank_zero_warn(
+                f"ImageDataModule: the checkpoint stopped after batch {state_dict['batch']} of epoch "
+                f"{state_dict['epoch']}, but shards (train={self.hparams.train!r}) cannot resume mid-epoch: the "
+                "epoch's images are read again from its start. Use an end-of-epoch checkpoint or an image folder "
+                "for an exact resume"
+            )
+        if self._train_sampler is None:
+            self._pending_state = dict(state_dict)
+        else:
+            self._train_sampler.load_state_dict(state_dict)

@@ -22,6 +22,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from cm3leon_lightning.data.cleaning import to_rgb
+from cm3leon_lightning.data.sampling import ResumableDataLoader, ResumableSampler, trainer_position
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 SHAPE_COLORS: dict[str, tuple[int, int, int]] = {
@@ -182,7 +183,14 @@ class ImageCaptionDataModule(L.LightningDataModule):
         batch_size: pairs per batch. CLIP's contrastive loss wants large batches; the last partial one is dropped.
         val_fraction: fraction of pairs held out for validation, in ``[0, 1)``.
         num_workers: DataLoader workers.
-        seed: seed of the train/validation split and of the synthetic generator.
+        seed: seed of the train/validation split, the synthetic generator and the training order.
+
+    The training order is :func:`~cm3leon_lightning.data.sampling.epoch_order`: a permutation per epoch seeded by
+    ``(seed, epoch)``, whatever the global RNG or the number of workers; with several ranks each trains on its
+    disjoint share (as from a DistributedSampler, also with ``use_distributed_sampler=False``). :meth:`state_dict`,
+    which Lightning stores in every checkpoint, records the epoch and the batches consumed in it, so
+    ``trainer.fit(..., ckpt_path=...)`` continues with the next batch of the same order (a mid-epoch checkpoint
+    needs the same data, batch size, seed and number of ranks; the number of workers may change).
     """
 
     def __init__(
@@ -216,6 +224,8 @@ class ImageCaptionDataModule(L.LightningDataModule):
         self.num_workers, self.seed = num_workers, seed
         self.train_set: ImageCaptionPairs | None = None
         self.val_set: ImageCaptionPairs | None = None
+        self._train_sampler: ResumableSampler | None = None
+        self._pending_state: dict[str, Any] | None = None
 
     def setup(self, stage: str | None = None) -> None:
         """Load or generate the pairs and split them (seeded)."""
@@ -242,12 +252,24 @@ class ImageCaptionDataModule(L.LightningDataModule):
         self.train_set, self.val_set = subsets["train"], subsets["val"]
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches (last partial batch dropped)."""
-        return DataLoader(
+        """Training batches in the seeded, resumable order of :class:`ResumableSampler` (this rank's share; the
+        last partial batch dropped when there is more than one batch)."""
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        share = -(-len(self.train_set) // world)  # this rank's samples
+        drop_last = share > self.batch_size
+        sampler = ResumableSampler(
+            self.train_set, self.batch_size, self.seed, rank, world, drop_last=drop_last, processed=self._position
+        )
+        if self._pending_state is not None:
+            sampler.load_state_dict(self._pending_state)
+            self._pending_state = None
+        self._train_sampler = sampler
+        return ResumableDataLoader(
             self.train_set,
             batch_size=self.batch_size,
-            shuffle=True,
-            drop_last=len(self.train_set) > self.batch_size,
+            sampler=sampler,
+            drop_last=drop_last,
             num_workers=self.num_workers,
             collate_fn=collate_pairs,
             persistent_workers=self.num_workers > 0,
@@ -261,3 +283,21 @@ class ImageCaptionDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             collate_fn=collate_pairs,
         )
+
+    def _position(self) -> tuple[int, int] | None:
+        return trainer_position(self.trainer)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training position ``{"epoch", "batch", "fingerprint"}`` (Lightning saves it in every checkpoint)."""
+        if self._train_sampler is None:
+            return dict(self._pending_state or {})
+        return self._train_sampler.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the training position (before or after the training loader exists)."""
+        if not state_dict:
+            return
+        if self._train_sampler is None:
+            self._pending_state = dict(state_dict)
+        else:
+            self._train_sampler.load_state_dict(state_dict)

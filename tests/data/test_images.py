@@ -136,3 +136,22 @@ def test_images_convert_to_rgb_as_prepare_converts_them(tmp_path: Path) -> None:
     data = ImageDataModule(train=str(shard), image_size=8, batch_size=2, num_workers=0, shuffle_buffer=0)
     batches = list(data.train_dataloader())
     assert torch.equal(batches[0][0], transparent) and torch.equal(batches[0][1], deep)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_shuffled_shards_are_read_once_per_epoch_by_several_workers(tmp_path: Path, workers: int) -> None:
+    """Each worker shuffled the shard list with its own unseeded RNG before taking its share: with 2 workers some
+    shards were read twice in an epoch and others never. The shard order is now seeded by (seed, epoch)."""
+    imgs = np.zeros((16, 8, 8, 3), np.uint8)
+    imgs[:, 0, 0, 0] = np.arange(16)  # pixel (0, 0) names the image
+    for s in range(8):
+        _write_shard(tmp_path / f"s-{s:02d}.tar", imgs[2 * s : 2 * s + 2])
+    orders = []
+    for seed in (0, 0, 1):
+        dm = ImageDataModule(train=str(tmp_path), image_size=8, batch_size=2, num_workers=workers, seed=seed,
+                             shuffle_buffer=4)  # fmt: skip
+        loader = dm.train_dataloader()
+        epochs = [torch.cat(list(loader))[:, 0, 0, 0].tolist() for _ in range(2)]  # persistent workers go on
+        assert [sorted(e) for e in epochs] == [list(range(16))] * 2 and epochs[0] != epochs[1]
+        orders.append(epochs)
+    assert orders[0] == orders[1] != orders[2]  # seeded: the same seed, the same order

@@ -1,0 +1,161 @@
+"""Seeded, resumable training order for map-style datasets (the CLIP and VQGAN data modules).
+
+:func:`epoch_order` deals each epoch's permutation, seeded by ``(seed, epoch)``, over ranks as a DistributedSampler
+does; :class:`ResumableSampler` records the epoch and the batches consumed (read from the trainer by
+:func:`trainer_position`, as the loader runs ahead of training) and skips them after a resume;
+:class:`ResumableDataLoader` hands that position to Lightning. The shard pipeline of ``CM3LeonDataModule`` has its own
+(``data/stream.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import lightning as L
+import numpy as np
+from lightning.pytorch.trainer.states import TrainerFn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+
+def epoch_order(n: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1, shuffle: bool = True) -> np.ndarray:
+    """Rank ``rank``'s sample indices for ``epoch``, as :class:`~torch.utils.data.DistributedSampler` deals them.
+
+    The epoch's order is a permutation of ``range(n)`` seeded by ``(seed, epoch)`` (``range(n)`` itself without
+    ``shuffle``), padded by repeating its start to a multiple of ``world_size``; rank ``r`` takes positions
+    ``r, r + world_size, ...``, so the ranks' shares are disjoint (but for the padding) and cover every sample.
+    """
+    order = np.random.default_rng((seed, epoch)).permutation(n) if shuffle else np.arange(n)
+    total = -(-n // world_size) * world_size
+    if total > n:
+        order = np.concatenate([order, np.resize(order, total - n)])
+    return order[rank:total:world_size]
+
+
+def trainer_position(trainer: L.Trainer | None) -> tuple[int, int] | None:
+    """The fitting trainer's ``(epoch, training batches consumed in it)``, ``(epoch + 1, 0)`` once the epoch's
+    batches are all consumed (``limit_train_batches`` counted, or the loader ran out); None outside ``fit``.
+
+    A checkpoint records it: the loader has fetched batches ahead, which are not consumed yet.
+    """
+    if trainer is None or trainer.state.fn != TrainerFn.FITTING:
+        return None
+    progress = trainer.fit_loop.epoch_loop.batch_progress
+    epoch, batch = trainer.current_epoch, progress.current.processed
+    done = batch >= trainer.num_training_batches or (progress.is_last_batch and batch == progress.current.ready)
+    return (epoch + 1, 0) if done else (epoch, batch)
+
+
+class ResumableSampler(DistributedSampler):
+    """A seeded, rank-split training order that resumes mid-epoch to the exact batch.
+
+    Epoch ``e`` is :func:`epoch_order` ``(len(dataset), seed, e, rank, world_size)``, so the order depends on the
+    seed and the epoch only (not on the global RNG nor the number of workers), and each rank gets its disjoint
+    share as from a DistributedSampler (being one, Lightning does not replace it with its own). ``set_epoch``
+    (Lightning calls it every epoch) chooses the epoch; without it, each complete pass moves to the next one.
+    :meth:`state_dict` records the epoch and the batches consumed in it; after :meth:`load_state_dict` the next
+    pass skips those batches.
+
+    Args:
+        dataset: the map-style dataset (only its length is used).
+        batch_size: samples per batch of the loader.
+        seed: seed of every epoch's order.
+        rank: this process's global rank.
+        world_size: number of ranks.
+        shuffle: permute every epoch (else each epoch is in index order).
+        drop_last: whether the loader drops this rank's last partial batch (for the number of batches).
+        processed: returns ``(epoch, batches consumed)`` (:func:`trainer_position`) or None; :meth:`state_dict`
+            asks it, as the sampler runs ahead of the training.
+        with_epoch: yield ``(epoch, index)`` pairs rather than indices, for datasets whose items depend on the epoch.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        processed: Callable[[], tuple[int, int] | None] | None = None,
+        with_epoch: bool = False,
+    ) -> None:
+        super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size, self.drop_last_batch = batch_size, drop_last
+        self.processed, self.with_epoch = processed, with_epoch
+        self.start = 0  # batches of this epoch already consumed: the next pass skips them
+        self._finished = False  # a pass over this epoch ran to its end
+
+    @property
+    def num_batches(self) -> int:
+        """This rank's batches per epoch."""
+        full, rest = divmod(self.num_samples, self.batch_size)
+        return full + (rest > 0 and not self.drop_last_batch)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make ``epoch`` the next pass's; it starts from the restored position when that is in ``epoch``."""
+        if epoch != self.epoch or self._finished:
+            self.start = 0
+        self.epoch, self._finished = epoch, False
+
+    def __iter__(self) -> Iterator[Any]:
+        if self._finished:
+            self.set_epoch(self.epoch + 1)
+        indices = epoch_order(len(self.dataset), self.seed, self.epoch, self.rank, self.num_replicas, self.shuffle)
+        for i in indices[self.start * self.batch_size :].tolist():
+            yield (self.epoch, i) if self.with_epoch else i
+        self._finished = True
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What must match for a saved mid-epoch position to mean the same batches."""
+        return {
+            "samples": len(self.dataset),
+            "world_size": self.num_replicas,
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"epoch", "batch", "fingerprint"}``: the position after the consumed batches (``processed()``; without
+        it, where the next pass starts). A complete epoch is saved as the start of the next one."""
+        got = self.processed() if self.processed is not None else None
+        if got is not None:
+            epoch, batch = got
+        elif self._finished:
+            epoch, batch = self.epoch + 1, 0
+        else:
+            epoch, batch = self.epoch, self.start
+        if batch >= self.num_batches:
+            epoch, batch = epoch + 1, 0
+        return {"epoch": int(epoch), "batch": int(batch), "fingerprint": self.fingerprint()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from :meth:`state_dict`; a mid-epoch position needs the same samples, ranks, batch size, seed
+        and shuffle (the number of workers may differ).
+
+        Raises:
+            ValueError: a mid-epoch position saved with other settings (both are named).
+        """
+        if state.get("batch", 0) and state.get("fingerprint") != self.fingerprint():
+            raise ValueError(
+                f"cannot resume mid-epoch: the saved training position was made with {state.get('fingerprint')}, "
+                f"this run has {self.fingerprint()}"
+            )
+        self.epoch, self.start, self._finished = int(state["epoch"]), int(state["batch"]), False
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader whose position is its :class:`ResumableSampler`'s, so Lightning sees it as resumable (it saves
+    it in a checkpoint's loop state and restores it, besides the data module's own ``state_dict``)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """The sampler's :meth:`ResumableSampler.state_dict`."""
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """The sampler's :meth:`ResumableSampler.load_state_dict`."""
+        self.sampler.load_state_dict(state)
