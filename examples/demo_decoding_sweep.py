@@ -22,7 +22,7 @@ import torch
 
 from cm3leon_lightning import VQGAN, TextTokenizer, generate_image, load_checkpoint
 from cm3leon_lightning.data.shapes import generate_pairs
-from cm3leon_lightning.demo_cli import positive_int
+from cm3leon_lightning.demo_cli import non_negative_int, positive_int
 from cm3leon_lightning.demo_eval import attribute_scores, to_uint8
 from cm3leon_lightning.demo_report import stage_results
 
@@ -60,17 +60,6 @@ def top_p_mass(text: str) -> float:
     return value
 
 
-def seed_value(text: str) -> int:
-    """argparse type: an integer >= 0 (what numpy's seeded generators take)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
-
-
 def main(argv: Sequence[str] | None = None) -> dict[tuple[float, float], dict[str, float]]:
     """Score every (CFG scale, top-p) pair on fresh seen-combination prompts and print one line per pair.
 
@@ -83,7 +72,9 @@ def main(argv: Sequence[str] | None = None) -> dict[tuple[float, float], dict[st
         "--prompts", type=positive_int, default=24, help="validation prompts (seen colour-shape combinations)"
     )
     p.add_argument("--samples", type=positive_int, default=8, help="images per prompt and setting")
-    p.add_argument("--seed", type=seed_value, default=7, help="prompt seed (the report uses seed + 1 of the demo's)")
+    p.add_argument(
+        "--seed", type=non_negative_int, default=7, help="prompt seed (the report uses seed + 1 of the demo's)"
+    )
     p.add_argument("--cfg", type=cfg_scale, nargs="+", default=[1.0, 1.5, 2.0, 3.0], help="CFG scales")
     p.add_argument("--top-p", type=top_p_mass, nargs="+", default=[0.9, 0.6], help="nucleus masses")
     args = p.parse_args(argv)
