@@ -363,6 +363,14 @@ def print_summary(summary: dict[str, Any], out: Path, file: Any = None) -> None:
         for title, names in (("skipped", SKIP_REASONS), ("repaired", REPAIR_REASONS)):
             got = {n: counts[n] for n in names if counts.get(n)}
             lines.append(f"  {title}: " + (", ".join(f"{k} {v}" for k, v in got.items()) or "none"))
+    bank = summary.get("bank", {})
+    if bank.get("counts"):  # a separate bank source
+        bc = bank["counts"]
+        skipped = {n: bc[n] for n in SKIP_REASONS if bc.get(n)}
+        lines.append(
+            f"  memory bank source: read {bc.get('read', 0)}, kept {bc.get('kept', 0)}, {bank.get('rows', 0)} rows; "
+            "skipped: " + (", ".join(f"{k} {v}" for k, v in skipped.items()) or "none")
+        )
     for split, s in summary.get("splits", {}).items():
         lines.append(f"  {split}: {s['samples']} samples in {s['shards']} shards -> {out / split}")
     if "neighbors_per_sample" in summary:

@@ -361,7 +361,12 @@ def stage_bank(run: Run) -> dict[str, Any]:
     bank.save(tmp / "index")
     write_json(tmp / "dups.json", dups)
     write_json(tmp / "groups.json", groups_out)
-    stats = {"rows": n, "duplicates": sum(len(v) for v in dups.values()), "factory": cfg.bank_factory}
+    stats: dict[str, Any] = {"rows": n, "duplicates": sum(len(v) for v in dups.values()), "factory": cfg.bank_factory}
+    if bank_collection == "bank":  # a separate bank source: its read / kept / skip counts, as the main source's
+        counts: Counter = Counter()
+        for p in range(run.n_parts("bank")):
+            counts.update(json.loads((run.part_dir("bank", p) / "stats.json").read_text(encoding="utf-8")))
+        stats["counts"] = dict(sorted(counts.items()))
     write_json(tmp / "stats.json", stats)
     seal(tmp)
     shutil.rmtree(final, ignore_errors=True)
@@ -525,5 +530,8 @@ def stage_manifest(run: Run) -> dict[str, Any]:
         shutil.copyfile(run.work / "tokenizer.json", run.out / split / "tokenizer.json")
         manifest.save(run.out / split / MANIFEST_NAME)
         summary["splits"][split] = {"shards": len(shards), "samples": manifest.num_samples}
+    bank_stats = run.work / "bank" / "stats.json"  # absent on a merge machine without work/bank/
+    if bank_stats.is_file():
+        summary["bank"] = json.loads(bank_stats.read_text(encoding="utf-8"))
     write_json(run.out / "summary.json", summary)
     return summary

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from cm3leon_lightning.cli import main as cm3leon_main
 from cm3leon_lightning.data.datamodule import CM3LeonDataModule
 from cm3leon_lightning.data.images import resize_center_crop
-from cm3leon_lightning.data.prepare import PrepareConfig, prepare
+from cm3leon_lightning.data.prepare import PrepareConfig, prepare, print_summary
 from cm3leon_lightning.data.prepare_stages import KILL_ENV, MissingPartsError, SimulatedKill, path_sha256
 from cm3leon_lightning.data.sft import SFTSource
 from cm3leon_lightning.data.shapes import generate_pairs
@@ -405,6 +405,12 @@ def test_separate_bank_source(models: dict[str, str], tmp_path: Path) -> None:
     bank = ShapesSource(30, seed=5)
     summary = prepare(ShapesSource(20), out, bank_source=bank, **settings(models, samples_per_shard=10, val_fraction=0))
     assert summary["bank"]["rows"] == 30 and summary["splits"]["train"]["samples"] == 20
+    # the bank source's own counts reach summary.json and the printed summary (they were in work/ only)
+    assert summary["bank"]["counts"]["read"] == 30 and summary["bank"]["counts"]["kept"] == 30
+    assert json.loads((out / "summary.json").read_text())["bank"]["counts"] == summary["bank"]["counts"]
+    printed = io.StringIO()
+    print_summary(summary, out, file=printed)
+    assert "memory bank source: read 30, kept 30, 30 rows; skipped: none" in printed.getvalue()
     m = Manifest.load(out / "train" / "manifest.json")
     assert m.retrieval["bank"] == "separate"
     samples = [s for shard in m.shards for s in read_shard(out / "train" / shard.name, m)]
