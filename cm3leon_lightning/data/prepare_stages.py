@@ -319,7 +319,8 @@ def stage_bank(run: Run) -> dict[str, Any]:
                 n_text += int((offsets[keep + 1] - offsets[keep]).sum())
     n = sum(len(r) for r in rows.values())
     if n == 0:
-        raise MissingPartsError("the memory bank is empty: no training document survived cleaning (see stats/)")
+        where = "the --bank-source's counts: work/parts/bank-*/stats.json" if bank_collection == "bank" else "stats/"
+        raise MissingPartsError(f"the memory bank is empty: no bank document survived cleaning (see {where})")
     tmp = final.with_name(".bank.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -418,6 +418,17 @@ def test_separate_bank_source(models: dict[str, str], tmp_path: Path) -> None:
     assert neighbours and all(n.key.startswith("shapes-train-5-") for n in neighbours)
 
 
+def test_an_empty_separate_bank_points_to_its_own_counts(models: dict[str, str], tmp_path: Path) -> None:
+    """Every --bank-source document unreadable: the error pointed to stats/, which holds only the main source's."""
+    bank = tmp_path / "bank"
+    bank.mkdir()
+    for i in range(3):
+        (bank / f"b{i}.jpg").write_bytes(b"not an image")
+        (bank / f"b{i}.txt").write_text("a caption")
+    with pytest.raises(MissingPartsError, match=r"no bank document survived .*work/parts/bank-\*/stats\.json"):
+        prepare(ShapesSource(10), tmp_path / "out", bank_source=FolderSource(bank), **settings(models, val_fraction=0))
+
+
 def test_sft_examples_prepare_into_shards_with_every_copy_in_one_split(models: dict[str, str], tmp_path: Path) -> None:
     """`--source sft`: rendered templates become the captions, balancing repeats the small dataset, and the copies
     of one example never straddle the train/validation split."""
