@@ -64,6 +64,11 @@ class LPIPS(nn.Module):
         self.load_weights(weights)
         self.eval().requires_grad_(False)
 
+    def train(self, mode: bool = True) -> LPIPS:
+        """Stay in eval mode whatever ``mode`` is (a parent's ``.train()`` included): LPIPS is a fixed metric, and
+        the dropout before its ``lin`` layers would make the loss random."""
+        return super().train(False)
+
     def load_weights(self, path: str | Path) -> None:
         """Load LPIPS weights from ``path`` (see the class docstring for the layout)."""
         path = Path(path)

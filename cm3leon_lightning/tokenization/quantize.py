@@ -75,7 +75,9 @@ class VectorQuantizer(nn.Module):
     Args:
         n_embed: number of codes.
         embed_dim: code dimension (channels of the latents).
-        beta: commitment loss weight.
+        beta: commitment loss weight (van den Oord et al.: ``codebook_loss + beta * commitment``; this is taming's
+            ``legacy=False``, whereas its default ``legacy=True``, which trained the published checkpoints, weighted
+            the codebook term by ``beta`` instead).
         l2_normalize: compare and return l2-normalised latents and codes (cosine similarity lookup).
         ema_decay: if set, the codebook follows exponential moving averages of the assigned latents instead of
             gradients (its weight then has ``requires_grad=False``); adds buffers ``ema_cluster_size`` and
@@ -224,6 +226,9 @@ class GumbelQuantizer(nn.Module):
         kl_weight: weight of the KL divergence of the code distribution to the uniform prior.
         temperature: Gumbel-softmax temperature while training.
         straight_through: hard one-hot samples with soft gradients while training.
+
+    The logits (and so the codes, the samples and the KL) are computed in float32 with autocast off, whatever the
+    latents' dtype, as :class:`VectorQuantizer`'s nearest-code search is.
     """
 
     def __init__(
@@ -245,13 +250,19 @@ class GumbelQuantizer(nn.Module):
         """Codes ``(B, h, w)`` -> latents ``(B, D, h, w)``."""
         return self.embed(codes).permute(0, 3, 1, 2).contiguous()
 
+    def _logits(self, z: torch.Tensor) -> torch.Tensor:
+        """Code logits ``(B, K, h, w)`` in float32 with autocast off: bf16 logits (8 significant bits) tie or swap
+        the top codes of a large codebook, so the argmax was not the most likely code for ~2% of latents."""
+        with _autocast_off(z.device.type):
+            return F.conv2d(z.float(), self.proj.weight.float(), self.proj.bias.float())
+
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         """Quantize latents ``z`` of shape ``(B, C, h, w)``; eval mode takes the argmax (no noise)."""
-        logits = self.proj(z)  # (B, K, h, w)
+        logits = self._logits(z)  # (B, K, h, w), float32
         if self.training:
             one_hot = F.gumbel_softmax(logits, tau=self.temperature, dim=1, hard=self.straight_through)
             codes = one_hot.argmax(dim=1)
-            z_q = torch.einsum("bkhw,kd->bdhw", one_hot, self.embed.weight)
+            z_q = torch.einsum("bkhw,kd->bdhw", one_hot.to(self.embed.weight.dtype), self.embed.weight)
         else:
             codes = logits.argmax(dim=1)  # (B, h, w)
             z_q = self.lookup(codes)

@@ -12,7 +12,7 @@ from lightning.pytorch.loggers import CSVLogger
 from safetensors.torch import save_file
 
 from cm3leon_lightning.data.images import ImageDataModule, synthetic_images
-from cm3leon_lightning.modules.vqgan import VQGANModule
+from cm3leon_lightning.modules.vqgan import VQGANModule, batch_images
 from cm3leon_lightning.modules.vqgan_losses import LPIPS, NLayerDiscriminator, adaptive_weight, hinge_d_loss
 
 
@@ -323,3 +323,84 @@ def test_gumbel_temperature_argument_errors() -> None:
         VQGANModule(preset="micro", quantizer="gumbel", gumbel_temperature_end=0.0)
     with pytest.raises(ValueError, match="gumbel_temperature must be a finite number > 0"):
         VQGANModule(preset="micro", quantizer="gumbel", gumbel_temperature=0.0)
+
+
+def test_lpips_equals_taming_formula_on_torchvision_vgg16(tmp_path: Path) -> None:
+    """LPIPS by hand on torchvision's VGG16 (taming's lpips.py): scale ``(x - shift) / scale``, features after
+    relu1_2, relu2_2, relu3_3, relu4_3, relu5_3, each unit-normalised over channels (``x / (|x| + 1e-10)``), squared
+    difference, 1x1 ``lin`` conv, spatial mean, summed over the five layers."""
+    from safetensors.torch import load_file
+    from torchvision.models import vgg16
+
+    weights = _random_lpips_weights(tmp_path / "lpips.safetensors")
+    tensors = {k.removeprefix("loss.perceptual_loss."): v for k, v in load_file(str(weights)).items()}
+    features = vgg16(weights=None).features.eval()
+    features.load_state_dict(
+        {f"{k.split('.')[2]}.{k.split('.')[3]}": v for k, v in tensors.items() if k.startswith("net.")}
+    )
+    torch.manual_seed(1)
+    x, y = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
+    shift = torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1)
+    scale = torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1)
+    h_x, h_y, expected = (x - shift) / scale, (y - shift) / scale, torch.zeros(2)
+    with torch.no_grad():
+        for n, end in enumerate((4, 9, 16, 23, 30)):
+            for i in range((0, 4, 9, 16, 23)[n], end):
+                h_x, h_y = features[i](h_x), features[i](h_y)
+            unit_x = h_x / (h_x.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+            unit_y = h_y / (h_y.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+            lin = tensors[f"lin{n}.model.1.weight"]
+            expected += torch.nn.functional.conv2d((unit_x - unit_y).pow(2), lin).mean(dim=(1, 2, 3))
+        got = LPIPS(weights)(x, y)
+    assert torch.allclose(got, expected, rtol=1e-5, atol=0), (got, expected)
+
+
+def test_lpips_stays_deterministic_when_its_parent_trains(tmp_path: Path) -> None:
+    """``module.train()`` (a plain training loop, Fabric) put LPIPS' dropout back on: the perceptual loss of the same
+    pair changed from call to call. LPIPS stays in eval mode."""
+    weights = _random_lpips_weights(tmp_path / "lpips.safetensors")
+    module = VQGANModule(preset="micro", perceptual_weight=1.0, lpips_weights=str(weights))
+    module.configure_model()
+    module.train()
+    assert module.vqgan.training and not any(m.training for m in module.lpips.modules())
+    torch.manual_seed(0)
+    x, y = torch.rand(2, 3, 16, 16) * 2 - 1, torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        first = module.lpips(x, y)
+        assert torch.equal(module.lpips(x, y), first)
+        assert torch.equal(module.lpips.eval()(x, y), first)
+
+
+def test_generator_loss_is_taming_composition(tmp_path: Path) -> None:
+    """The logged autoencoder loss of a step equals taming's ``VQLPIPSWithDiscriminator`` by hand: ``nll = |x - x'| +
+    w_p LPIPS``, ``+ w_c (codebook + commitment)``, ``+ w_d lambda (-mean D(x'))`` with ``lambda`` the clamped
+    gradient-norm ratio at the decoder's last layer (learning rates 0, so the weights after the step are those the
+    step used)."""
+
+    class Keep(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            self.batch = batch
+
+    torch.manual_seed(0)
+    weights = _random_lpips_weights(tmp_path / "lpips.safetensors")
+    module = VQGANModule(preset="micro", lr=0.0, codebook_weight=0.5, perceptual_weight=0.7,
+                         lpips_weights=str(weights), disc_weight=0.3, disc_start=0, disc_ndf=8, disc_layers=1,
+                         num_logged_images=0)  # fmt: skip
+    keep = Keep()
+    trainer = _trainer(tmp_path, 2, limit_val_batches=0, enable_checkpointing=False, callbacks=[keep])
+    trainer.fit(module, ImageDataModule(synthetic=8, image_size=16, batch_size=4))
+    assert int(module.train_steps) == 1
+    module.train()
+    vq = module.vqgan
+    x = vq.preprocess(batch_images(keep.batch))
+    q = vq.quantize(vq.encode_latent(x))
+    x_rec = vq.decode_latent(q.z_q)
+    nll = (x - x_rec).abs().mean() + 0.7 * module.lpips(x, x_rec).mean()
+    g_loss = -module.discriminator(x_rec).mean()
+    nll_grad = torch.autograd.grad(nll, vq.decoder.conv_out.weight, retain_graph=True)[0]
+    g_grad = torch.autograd.grad(g_loss, vq.decoder.conv_out.weight, retain_graph=True)[0]
+    d_weight = (nll_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0, 1e4) * 0.3
+    expected = nll + 0.5 * (q.codebook_loss + q.commitment_loss) + d_weight * g_loss
+    metrics = trainer.callback_metrics
+    assert metrics["train/d_weight"].item() == pytest.approx(d_weight.item(), rel=1e-5)
+    assert metrics["train/loss"].item() == pytest.approx(expected.item(), rel=1e-5)

@@ -318,3 +318,65 @@ def test_restart_chosen_by_the_last_training_forward_is_decoded_and_saved(tmp_pa
     assert torch.equal(loaded.encode(x), model.encode(x))
     assert torch.equal(model.decode(codes), before)
     assert torch.equal(loaded.decode(codes), before)
+
+
+def test_gumbel_codes_under_bf16_autocast_and_bf16_model() -> None:
+    """The Gumbel logits are computed in float32: under bf16 autocast (or in a bf16 model) their argmax chose a wrong
+    code for ~2% of latents of a 1024-code book (8-bit logits tie or swap the top codes)."""
+    torch.manual_seed(0)
+    q = GumbelQuantizer(64, 64, 1024).eval()
+    z = torch.randn(8, 64, 16, 16).bfloat16()  # what quant_conv gives under autocast
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        codes = q(z).codes
+    assert torch.equal(codes, q(z.float()).codes)
+    half = GumbelQuantizer(64, 64, 1024).bfloat16().eval()
+    exact = GumbelQuantizer(64, 64, 1024).eval()
+    exact.load_state_dict({k: v.float() for k, v in half.state_dict().items()})
+    assert torch.equal(half(z).codes, exact(z.float()).codes)
+    half.train()
+    out = half(z)  # sampling in a bf16 model: float32 one-hot samples meet the bf16 codebook
+    assert out.z_q.dtype == torch.bfloat16 and torch.equal(out.z_q, half.lookup(out.codes))
+
+
+def test_gumbel_kl_to_uniform_and_straight_through_values() -> None:
+    """taming's ``GumbelQuantize``: KL(q || uniform) = sum q log(q K), averaged over positions and weighted; training
+    gives hard one-hot codes forward, and the soft sample's gradient to the logits backward."""
+    q = GumbelQuantizer(2, 2, 4, kl_weight=0.5, temperature=1.0)
+    with torch.no_grad():
+        q.proj.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0], [-1.0, -1.0]]).view(4, 2, 1, 1))
+        q.proj.bias.zero_()
+        q.embed.weight.copy_(torch.arange(8.0).view(4, 2))
+    z = torch.tensor([[2.0, 0.0], [0.0, 0.0]]).T.reshape(1, 2, 1, 2)  # logits (2, 0, 0, -2) and (0, 0, 0, 0)
+    p = torch.softmax(torch.tensor([2.0, 0.0, 0.0, -2.0]), 0)
+    kl_first = (p * torch.log(p * 4)).sum().item()  # the second position is uniform: KL 0
+    assert q.eval()(z).commitment_loss.item() == pytest.approx(0.5 * kl_first / 2, rel=1e-5)
+    assert q(z).codes.tolist() == [[[0, 0]]]  # eval: argmax, first index on ties
+    torch.manual_seed(0)
+    q.train()
+    zz = z.clone().requires_grad_(True)
+    out = q(zz)
+    assert out.commitment_loss.item() == pytest.approx(0.5 * kl_first / 2, rel=1e-5)
+    assert torch.allclose(out.z_q, q.lookup(out.codes), rtol=0, atol=1e-6)  # hard: the chosen codes' vectors
+    out.z_q.sum().backward()
+    assert zz.grad is not None and zz.grad.abs().sum() > 0  # soft gradient reaches the encoder
+
+
+def test_ema_update_values_with_laplace_smoothing() -> None:
+    """One EMA step by hand: N <- d N + (1 - d) n, m <- d m + (1 - d) sum z, e = m / ((N + eps) / (sum N + K eps)
+    * sum N), with eps 1e-5; the returned codes are the updated ones."""
+    q = VectorQuantizer(2, 2, ema_decay=0.5).train()
+    with torch.no_grad():
+        q.embedding.weight.copy_(torch.tensor([[0.0, 0.0], [10.0, 10.0]]))
+        q.ema_embed_sum.copy_(q.embedding.weight)
+    z = torch.tensor([[2.0, 2.0], [4.0, 0.0], [9.0, 9.0]]).T.reshape(1, 2, 1, 3)
+    out = q(z)
+    assert out.codes.tolist() == [[[0, 0, 1]]]
+    size = torch.tensor([0.5 * 1 + 0.5 * 2, 0.5 * 1 + 0.5 * 1], dtype=torch.float64)  # (1.5, 1.0)
+    sums = torch.tensor([[0.5 * 0 + 0.5 * 6, 0.5 * 0 + 0.5 * 2], [0.5 * 10 + 0.5 * 9] * 2], dtype=torch.float64)
+    assert q.ema_cluster_size.tolist() == size.tolist() and q.ema_embed_sum.tolist() == sums.tolist()
+    n = size.sum()
+    smoothed = (size + 1e-5) / (n + 2 * 1e-5) * n
+    expected = (sums / smoothed[:, None]).float()
+    assert torch.allclose(q.embedding.weight, expected, rtol=1e-6, atol=0)
+    assert torch.allclose(out.z_q, expected[out.codes].permute(0, 3, 1, 2), rtol=1e-6, atol=0)
+    assert out.codebook_loss.item() == 0.0
