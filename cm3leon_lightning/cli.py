@@ -75,11 +75,17 @@ class CM3LeonCLI(LightningCLI):
         parser.link_arguments("data", "model.init_args.vocab", compute_fn=data_vocab, apply_on="instantiate")
 
     def before_instantiate_classes(self) -> None:
-        """With ``--ckpt_path``, drop the model's ``init_from``: the checkpoint's weights replace those anyway, and
+        """Drop a ``vocab: None`` the link left among the extra arguments of a model without ``vocab``; with
+        ``--ckpt_path``, drop the model's ``init_from``: the checkpoint's weights replace those anyway, and
         LightningCLI applies a checkpoint's hyper-parameters over the command line, so an ``init_from`` saved there
         would make every resume or prediction read the pretrained file again (and fail where it is gone)."""
         subcommand = self.config.get("subcommand")
         config = self.config[subcommand] if subcommand else self.config
+        extra = config.get("model.dict_kwargs") or {}
+        if "vocab" in extra and extra["vocab"] is None:
+            # The data -> model link's None, saved into the checkpoint of a module without a `vocab` argument (VQGAN,
+            # CLIP): LightningCLI would pass it back on resume (`unexpected keyword argument 'vocab'`).
+            del extra["vocab"]
         if not config.get("ckpt_path") or config.get("model.init_args.init_from") is None:
             return
         config["model.init_args.init_from"] = None

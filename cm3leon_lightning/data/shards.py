@@ -17,6 +17,7 @@ from :data:`SKIP_REASONS`, which the data module counts and logs as ``data/skipp
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import io
 import json
@@ -230,6 +231,35 @@ def open_bytes(url: str, allow_remote: bool = False) -> bytes:
 _MEMBER_NAME = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # (key, extension): webdataset's base_plus_ext
 
 
+class _RecentBytes:
+    """A read-only stream that keeps the last chunks read from ``raw``, so the block where tarfile stopped can be
+    checked after the fact (a ``"r|"`` stream cannot seek back). Chunks are kept as read, not copied."""
+
+    KEEP = 1 << 16  # bytes kept at least: well beyond tarfile's read-ahead (one 10 KiB record)
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self.raw, self.pos = raw, 0
+        self.chunks: collections.deque[bytes] = collections.deque()
+        self.kept = 0
+
+    def read(self, n: int = -1) -> bytes:
+        """Read from ``raw``, remembering the bytes."""
+        data = self.raw.read(n)
+        self.pos += len(data)
+        self.chunks.append(data)
+        self.kept += len(data)
+        while self.kept - len(self.chunks[0]) >= self.KEEP:
+            self.kept -= len(self.chunks.popleft())
+        return data
+
+    def block_at(self, offset: int) -> bytes | None:
+        """The (up to) 512 bytes read from ``offset`` on; None when they are no longer kept."""
+        start = self.kept - (self.pos - offset)
+        if start < 0:
+            return None
+        return b"".join(self.chunks)[start : start + tarfile.BLOCKSIZE]
+
+
 def iter_tar_samples(stream: BinaryIO, name: str = "<stream>") -> Iterator[tuple[str, dict[str, bytes]]]:
     """Group a tar stream's members into ``(key, {extension: bytes})`` the way WebDataset does.
 
@@ -239,13 +269,15 @@ def iter_tar_samples(stream: BinaryIO, name: str = "<stream>") -> Iterator[tuple
     same key form a sample; members without an extension are skipped.
 
     Raises:
-        ShardFormatError: reason ``corrupt_shard`` when the tar is truncated (also exactly between two members,
-            where tarfile alone stops without a word) or garbled, after yielding the complete samples before the
-            damage (not the last sample read, whose members may be cut off).
+        ShardFormatError: reason ``corrupt_shard`` when the tar is truncated (also exactly between two members or
+            inside a header, where tarfile alone stops without a word) or garbled (a member header that is neither
+            valid nor the end-of-archive marker), after yielding the complete samples before the damage (not the
+            last sample read, whose members may be cut off).
     """
     key, members = None, {}
+    recorded = _RecentBytes(stream)
     try:
-        with tarfile.open(fileobj=stream, mode="r|") as tf:
+        with tarfile.open(fileobj=recorded, mode="r|") as tf:
             for info in tf:
                 if not info.isfile():
                     continue
@@ -261,10 +293,12 @@ def iter_tar_samples(stream: BinaryIO, name: str = "<stream>") -> Iterator[tuple
                         yield key, members
                     key, members = k, {}
                 members[ext] = data
-            # tarfile stops quietly where the bytes end after a complete member; a whole tar ends with a zero block,
-            # which the stream has read past its last member. None read: cut at a 512-byte boundary.
-            if tf.fileobj.tell() == tf.offset:
-                raise tarfile.ReadError("no end-of-archive marker: cut off after a complete member")
+            # tarfile stops quietly where the bytes end after a complete member, inside a header, or at a garbled
+            # header; only a whole tar has the zero block of its end-of-archive marker where the next header would be.
+            end = recorded.block_at(tf.offset)
+            if end is not None and end != bytes(tarfile.BLOCKSIZE):
+                what = "cut off" if len(end) < tarfile.BLOCKSIZE else "a garbled member header"
+                raise tarfile.ReadError(f"no end-of-archive marker at byte {tf.offset}: {what}")
     except (tarfile.TarError, EOFError, OSError) as e:
         raise ShardFormatError("corrupt_shard", f"shard {name}: unreadable tar after sample {key!r} ({e})") from e
     if key is not None:

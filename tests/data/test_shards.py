@@ -206,6 +206,23 @@ def test_tar_cut_between_members_fails(tmp_path: Path) -> None:
     assert [k for k, _ in iter_tar_samples(io.BytesIO(data[: end + 512]), "one zero block")] == whole
 
 
+def test_tar_cut_inside_a_header_or_with_a_garbled_header_fails(tmp_path: Path) -> None:
+    """tarfile also stops without a word inside a member header and at a header that is neither valid nor zeros."""
+    write_dataset(tmp_path, 4, 4)
+    data = (tmp_path / "shard-000000.tar").read_bytes()
+    with tarfile.open(tmp_path / "shard-000000.tar") as tf:
+        header = tf.getmembers()[8].offset  # the third sample's first header
+    for cut in (1, 100, 511):
+        with pytest.raises(ShardFormatError, match=f"end-of-archive marker at byte {header}: cut off"):
+            list(iter_tar_samples(io.BytesIO(data[: header + cut]), "cut"))
+    garbled = data[:header] + b"\x07" * 512 + data[header + 512 :]
+    got = []
+    with pytest.raises(ShardFormatError, match="a garbled member header"):
+        for key, _ in iter_tar_samples(io.BytesIO(garbled), "garbled"):
+            got.append(key)
+    assert got == ["doc-0000"]
+
+
 def test_manifest_validation(tmp_path: Path) -> None:
     write_dataset(tmp_path, 2, 2)
     d = json.loads((tmp_path / "manifest.json").read_text())
