@@ -359,7 +359,9 @@ def print_summary(summary: dict[str, Any], out: Path, file: Any = None) -> None:
     counts = summary.get("counts", {})
     lines = [f"cm3leon prepare: {out}"]
     if counts:
-        lines.append(f"  documents read {counts.get('read', 0)}, kept {counts.get('kept', 0)}")
+        written = sum(s["samples"] for s in summary.get("splits", {}).values())
+        line = f"  documents read {counts.get('read', 0)}, kept {counts.get('kept', 0)}"
+        lines.append(line + (f", written {written} (duplicate keys are dropped when written)" if written else ""))
         for title, names in (("skipped", SKIP_REASONS), ("repaired", REPAIR_REASONS)):
             got = {n: counts[n] for n in names if counts.get(n)}
             lines.append(f"  {title}: " + (", ".join(f"{k} {v}" for k, v in got.items()) or "none"))
