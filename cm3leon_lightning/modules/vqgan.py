@@ -52,6 +52,8 @@ class VQGANModule(L.LightningModule):
         l2_normalize: override of l2-normalised codes.
         ema_decay: override of EMA codebook updates (a decay in (0, 1)).
         dead_code_after: override of the dead-code restart patience (0 = off).
+        legacy_beta: override of where ``beta`` goes: ``True`` weights the codebook term (taming's default
+            ``legacy=True``, which trained its published VQ checkpoints; for fine-tuning one of them).
         gumbel_kl_weight: override of the Gumbel quantizer's KL-to-uniform weight.
         gumbel_temperature: override of the Gumbel-softmax temperature (the start of the annealing, if any).
         gumbel_temperature_end: anneal the Gumbel-softmax temperature with a cosine from ``gumbel_temperature`` to
@@ -96,6 +98,7 @@ class VQGANModule(L.LightningModule):
         l2_normalize: bool | None = None,
         ema_decay: float | None = None,
         dead_code_after: int | None = None,
+        legacy_beta: bool | None = None,
         gumbel_kl_weight: float | None = None,
         gumbel_temperature: float | None = None,
         gumbel_temperature_end: float | None = None,

@@ -77,13 +77,16 @@ class VectorQuantizer(nn.Module):
         embed_dim: code dimension (channels of the latents).
         beta: commitment loss weight (van den Oord et al.: ``codebook_loss + beta * commitment``; this is taming's
             ``legacy=False``, whereas its default ``legacy=True``, which trained the published checkpoints, weighted
-            the codebook term by ``beta`` instead).
+            the codebook term by ``beta`` instead: see ``legacy_beta``).
         l2_normalize: compare and return l2-normalised latents and codes (cosine similarity lookup).
         ema_decay: if set, the codebook follows exponential moving averages of the assigned latents instead of
             gradients (its weight then has ``requires_grad=False``); adds buffers ``ema_cluster_size`` and
             ``ema_embed_sum`` to the state dict.
         dead_code_after: in training, a code unused for this many consecutive forward passes is restarted at a random
             latent of the current batch; 0 disables restarts.
+        legacy_beta: weight the codebook term by ``beta`` and the commitment term by 1, as taming's default
+            ``legacy=True`` did (``beta * codebook + commitment``): to fine-tune a published taming VQ checkpoint with
+            the balance it was trained with.
 
     The nearest code and the EMA statistics are computed in float32 with autocast off, whatever the latents' dtype
     (``bf16-mixed`` training, a bf16 model).
@@ -101,6 +104,7 @@ class VectorQuantizer(nn.Module):
         l2_normalize: bool = False,
         ema_decay: float | None = None,
         dead_code_after: int = 0,
+        legacy_beta: bool = False,
     ) -> None:
         super().__init__()
         if ema_decay is not None and not 0.0 < ema_decay < 1.0:
@@ -109,6 +113,7 @@ class VectorQuantizer(nn.Module):
             raise ValueError(f"dead_code_after must be >= 0, got {dead_code_after}")
         self.n_embed, self.embed_dim, self.beta = n_embed, embed_dim, beta
         self.l2_normalize, self.ema_decay, self.dead_code_after = l2_normalize, ema_decay, dead_code_after
+        self.legacy_beta = legacy_beta
         self.embedding = nn.Embedding(n_embed, embed_dim)
         nn.init.uniform_(self.embedding.weight, -1.0 / n_embed, 1.0 / n_embed)  # as taming
         if ema_decay is not None:
@@ -148,11 +153,13 @@ class VectorQuantizer(nn.Module):
         if self.training and self.ema_decay is not None:
             self._ema_update(flat.detach().float(), codes)
             z_q = F.embedding(codes, self.codebook()).view(B, h, w, D)
+        # taming's legacy=True (its default, which trained the published checkpoints) puts beta on the codebook term
+        codebook_weight, commitment_weight = (self.beta, 1.0) if self.legacy_beta else (1.0, self.beta)
         if self.ema_decay is None:
-            codebook_loss = F.mse_loss(z_q, z.detach())
+            codebook_loss = codebook_weight * F.mse_loss(z_q, z.detach())
         else:
             codebook_loss = z.new_zeros(())
-        commitment_loss = self.beta * F.mse_loss(z, z_q.detach())
+        commitment_loss = commitment_weight * F.mse_loss(z, z_q.detach())
         if self.training and self.dead_code_after > 0:
             self._restart_dead_codes(flat.detach(), codes)
         z_q = z + (z_q - z).detach()  # straight-through estimator

@@ -66,6 +66,8 @@ class VQGANConfig:
     """EMA codebook updates with this decay instead of gradients (vq); None = gradients."""
     dead_code_after: int = 0
     """Restart codes unused for this many training steps (vq); 0 = never."""
+    legacy_beta: bool = False
+    """Weight the codebook term by ``beta`` instead of the commitment term (vq; taming's ``legacy=True``)."""
     gumbel_kl_weight: float = 1e-8
     """KL-to-uniform weight (gumbel; taming's gumbel_f8 used 1e-8)."""
     gumbel_temperature: float = 1.0
@@ -175,6 +177,7 @@ OVERRIDABLE_FIELDS = (
     "l2_normalize",
     "ema_decay",
     "dead_code_after",
+    "legacy_beta",
     "gumbel_kl_weight",
     "gumbel_temperature",
 )
@@ -380,6 +383,7 @@ class VQGAN(nn.Module):
                 config.l2_normalize,
                 config.ema_decay,
                 config.dead_code_after,
+                config.legacy_beta,
             )
 
     @classmethod

@@ -380,3 +380,20 @@ def test_ema_update_values_with_laplace_smoothing() -> None:
     assert torch.allclose(q.embedding.weight, expected, rtol=1e-6, atol=0)
     assert torch.allclose(out.z_q, expected[out.codes].permute(0, 3, 1, 2), rtol=1e-6, atol=0)
     assert out.codebook_loss.item() == 0.0
+
+
+def test_legacy_beta_moves_beta_to_the_codebook_term() -> None:
+    """taming's default legacy=True (its published VQ checkpoints) weights the codebook term by beta; ours weights
+    the commitment term (the paper's form) unless legacy_beta is set. Hand values: one latent, one code."""
+    z = torch.tensor([3.0, 1.0]).view(1, 2, 1, 1)  # (B, D, h, w)
+    for legacy, want_codebook, want_commit in ((False, 2.5, 0.625), (True, 0.625, 2.5)):
+        q = VectorQuantizer(1, 2, beta=0.25, legacy_beta=legacy)
+        with torch.no_grad():
+            q.embedding.weight.copy_(torch.tensor([[1.0, 2.0]]))
+        out = q(z)  # mse((1, 2), (3, 1)) = (4 + 1) / 2 = 2.5
+        assert out.codebook_loss.item() == pytest.approx(want_codebook)
+        assert out.commitment_loss.item() == pytest.approx(want_commit)
+    assert VQGAN(VQGANConfig.from_name("micro", legacy_beta=True)).quantize.legacy_beta
+    from cm3leon_lightning.modules.vqgan import VQGANModule
+
+    assert VQGANModule(preset="micro", legacy_beta=True).config.legacy_beta is True
