@@ -4,7 +4,16 @@ Needs the ``serve`` extra (``pip install 'cm3leon_lightning[serve]'``: LitServe 
 not import this one.
 """
 
-from cm3leon_lightning.serve.api import CM3LeonAPI, EditJob, EditSettings, ImageJob, InfillJob, TextJob, TextSettings
+from cm3leon_lightning.serve.api import (
+    CM3LeonAPI,
+    EditJob,
+    EditSettings,
+    ImageJob,
+    InfillJob,
+    TextJob,
+    TextSettings,
+    install_error_handlers,
+)
 from cm3leon_lightning.serve.requests import (
     EditRequest,
     GenerationRequest,
@@ -28,4 +37,5 @@ __all__ = [
     "TextJob",
     "TextRequest",
     "TextSettings",
+    "install_error_handlers",
 ]

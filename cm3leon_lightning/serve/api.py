@@ -14,21 +14,29 @@ cannot honour is answered 400 on its own; the rest of its batch is unaffected.
 Usage, from Python (``cm3leon serve`` does the same from the command line)::
 
     import litserve as ls
-    from cm3leon_lightning.serve import CM3LeonAPI
+    from cm3leon_lightning.serve import CM3LeonAPI, install_error_handlers
 
     api = CM3LeonAPI("last.ckpt", "tok/", vqgan="vqgan/", max_batch_size=8, batch_timeout=0.05)
-    ls.LitServer(api, accelerator="auto", timeout=600).run(port=8000, generate_client_file=False)
+    server = ls.LitServer(api, accelerator="auto", timeout=600, max_payload_size=32 * 2**20)
+    install_error_handlers(server.app)  # a 422 for NaN or a lone surrogate, not a 500
+    server.run(port=8000, generate_client_file=False)
 """
 
 # No `from __future__ import annotations`: LitServe hands decode_request's annotation to FastAPI as the body type,
 # and a string annotation would not resolve there.
 import logging
+import os
 import random
+import signal
+import threading
 from dataclasses import asdict, replace
 from typing import Any
 
 import litserve as ls
 import torch
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import TypeAdapter, ValidationError
 
@@ -66,6 +74,7 @@ from cm3leon_lightning.serve.requests import (
     chunk_by_rows,
     decode_base64_image,
     encode_png_base64,
+    json_safe,
 )
 
 log = logging.getLogger(__name__)
@@ -152,6 +161,7 @@ class CM3LeonAPI(ls.LitAPI):
         self.max_rows = max_rows
         self.dtype, self.compile, self.attention = dtype, compile, attention
         self._adapter = TypeAdapter(GenerationRequest)
+        self._busy, self._unanswered, self._stop_signals = False, 0, 0  # see _on_stop_signal
 
     # ----------------------------------------------------------------------------------------------- setup
     def setup(self, device: str) -> None:
@@ -182,11 +192,27 @@ class CM3LeonAPI(ls.LitAPI):
             )
         self._rng = random.Random()  # seeds for requests without one
         self._serve_device = torch.device(device)
+        if "LITSERVE_WORKER_ID" in os.environ and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self._on_stop_signal)  # in a LitServe inference worker
+            signal.signal(signal.SIGTERM, self._on_stop_signal)
+
+    def _on_stop_signal(self, signum: int, frame: object) -> None:
+        """SIGINT or SIGTERM in an inference worker. Ctrl+C (or ``kill -- -PGID``) signals every process of the
+        server at once, and the main process then stops the HTTP server, which waits for the requests in flight,
+        and only then this worker (SIGTERM). Dying at once left those requests unanswered for 30 seconds before the
+        connection dropped, so the first SIGINT, or a first SIGTERM while a batch is being answered, is let pass;
+        a second signal, or a SIGTERM while idle, ends the worker as SIGTERM always did."""
+        if self._stop_signals == 0 and (signum == signal.SIGINT or self._busy):
+            self._stop_signals += 1
+            return
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.raise_signal(signal.SIGTERM)
 
     # ----------------------------------------------------------------------------------------------- requests
     def decode_request(self, request: GenerationRequest) -> Job | Rejected:  # type: ignore[override]
         """Check a request against this server and the model's context; a dict is validated against the schema
         first (the HTTP endpoint has done that already)."""
+        self._busy = True  # until the batch is answered (encode_response)
         if isinstance(request, dict):
             try:
                 request = self._adapter.validate_python(request)
@@ -308,6 +334,7 @@ class CM3LeonAPI(ls.LitAPI):
         """Run a job, or a list of jobs grouped into as few decodes as their settings, seeds and ``max_rows``
         allow."""
         jobs = x if isinstance(x, list) else [x]
+        self._unanswered = len(jobs)
         results: list[Any] = list(jobs)  # Rejected entries pass through
         groups: dict[tuple, list[int]] = {}
         for i, job in enumerate(jobs):
@@ -471,6 +498,20 @@ class CM3LeonAPI(ls.LitAPI):
     # ----------------------------------------------------------------------------------------------- responses
     def encode_response(self, output: Any) -> Any:
         """The JSON answer; a :class:`Rejected` request becomes its own 4xx response."""
+        self._unanswered -= 1
+        self._busy = self._unanswered > 0
         if isinstance(output, Rejected):
             return JSONResponse(status_code=output.status, content={"detail": output.detail})
         return output
+
+
+async def validation_error_response(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's 422 answer naming the fields, with the echoed input made strict JSON (:func:`json_safe`): FastAPI's
+    own handler failed with a 500 and a traceback on ``NaN``, ``Infinity``, ``1e400`` or a lone surrogate."""
+    return JSONResponse(status_code=422, content={"detail": json_safe(jsonable_encoder(exc.errors()))})
+
+
+def install_error_handlers(app: FastAPI) -> FastAPI:
+    """Answer malformed requests to ``app`` (``LitServer.app``) with :func:`validation_error_response`."""
+    app.add_exception_handler(RequestValidationError, validation_error_response)  # type: ignore[arg-type]
+    return app

@@ -19,13 +19,16 @@ before it (paper table 1), unless it asks for another number (``"retrieve": 0`` 
 (``"retrieved": [<bank keys>]``). The bank's documents are read from ``--shards`` into memory at start.
 
 ``GET /health`` answers ``ok`` once every worker has loaded the model. The request and response fields are documented
-in :mod:`cm3leon_lightning.serve.requests`. Missing files and unknown settings are reported in one line (exit status 2)
-before any worker starts. Ctrl+C or SIGTERM stops the server and its worker processes.
+in :mod:`cm3leon_lightning.serve.requests`; a malformed request is answered 422 naming the field, a body larger than
+``--max-payload-mb`` 413. Missing files and unknown settings are reported in one line (exit status 2) before any worker
+starts. Ctrl+C or SIGTERM (to the main process or its whole process group) stops the server and its worker processes
+once the requests in flight are answered.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -84,7 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--accelerator", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     s.add_argument("--devices", default="auto", help="number of devices, or auto")
     s.add_argument("--workers-per-device", type=int, default=1)
-    s.add_argument("--timeout", type=float, default=600.0, help="seconds a request may wait and run")
+    s.add_argument(
+        "--timeout", type=float, default=600.0, help="seconds a request may wait in the queue before it is answered "
+        "504 (a decode that has started is not cut short)"
+    )  # fmt: skip
+    s.add_argument("--max-payload-mb", type=float, default=32.0, help="largest request body; a larger one gets 413")
     s.add_argument("--host", default="0.0.0.0", help=f"address to listen on: one of {', '.join(SERVE_HOSTS)}")
     s.add_argument("--port", type=int, default=8000, help="port to listen on, 1024 to 65535")
     s.add_argument("--dtype", choices=("auto", *DTYPES), default="auto", help="transformer weights and KV cache")
@@ -127,6 +134,8 @@ def build_api(args: argparse.Namespace) -> object:
             raise ValueError(f"{flag} must be >= {low}, got {value}")
     if not args.timeout > 0:
         raise ValueError(f"--timeout must be > 0 seconds, got {args.timeout}")
+    if not 0 < args.max_payload_mb < float("inf"):
+        raise ValueError(f"--max-payload-mb must be a positive number, got {args.max_payload_mb}")
     for flag, value in (("--cfg", args.cfg), ("--text-cfg", args.text_cfg), ("--image-cfg", args.image_cfg)):
         if not 0 <= value <= 100:  # what a request may ask for; NaN fails too (it drew code 0 at every step)
             raise ValueError(f"{flag} must lie in [0, 100], got {value}")
@@ -171,22 +180,35 @@ def build_server(args: argparse.Namespace) -> object:
     if args.host not in SERVE_HOSTS:
         raise ValueError(f"--host must be one of {', '.join(SERVE_HOSTS)} (what LitServe binds), got {args.host!r}")
     devices: int | str = args.devices if args.devices == "auto" else int(args.devices)
-    return ls.LitServer(
+    from cm3leon_lightning.serve.api import install_error_handlers
+
+    server = ls.LitServer(
         build_api(args), accelerator=args.accelerator, devices=devices, workers_per_device=args.workers_per_device,
-        timeout=args.timeout,
+        timeout=args.timeout, max_payload_size=int(args.max_payload_mb * 2**20),
     )  # fmt: skip
+    install_error_handlers(server.app)
+    return server
 
 
 def stop_on_sigterm() -> None:
-    """Make SIGTERM (``kill``, ``docker stop``, systemd) shut the server down like Ctrl+C.
+    """Make SIGTERM (``kill``, ``docker stop``, systemd) shut the server down like Ctrl+C, and Ctrl+C do so even when
+    the server was started with SIGINT ignored (``cm3leon serve ... &`` in a script).
 
     LitServe stops its API-server and inference-worker processes only on KeyboardInterrupt; the default SIGTERM
-    action ends the main process alone and leaves them running (found by a test that counts the processes left)."""
+    action ends the main process alone and leaves them running (found by a test that counts the processes left).
+    With SIGINT ignored only the API server (uvicorn sets its own handler) stopped, and the rest waited forever.
+    The processes forked from this one inherit the handler, and there it does nothing: LitServe's manager process
+    carries the answers from the workers, and ended by a SIGTERM to the whole process group (``kill -- -PGID``) it
+    left every request in flight unanswered until the connection dropped 30 seconds later; the API servers stop on
+    their own handlers and re-raise the signal once stopped (a KeyboardInterrupt there printed a traceback)."""
+    main_pid = os.getpid()
 
     def interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
+        if os.getpid() == main_pid:  # else a forked process: the main one stops it
+            raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, interrupt)
 
 
 def main(argv: Sequence[str]) -> int:

@@ -22,11 +22,12 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import math
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union
 
 import torch
-from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag
+from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, StringConstraints, Tag
 
 from cm3leon_lightning.generation.tasks import IMAGE_TASKS
 
@@ -42,6 +43,11 @@ ImageTask = Literal[IMAGE_TASKS]  # type: ignore[valid-type]
 MAX_IMAGE_PIXELS = 64_000_000
 """The most pixels (width x height) of an image a request may send; the model sees it at 256x256 anyway."""
 
+MAX_TEXT_CHARS = 65_536
+"""The longest text field (``prompt``, ``instruction``, ``edit``, ``infill``) in characters: 16 per position of a
+4096-token context. Longer text is refused before it is tokenized (a 20 MB prompt held the worker, and every request
+queued behind it, for 30 seconds only to be refused as too long for the context)."""
+
 
 def _encodable(text: str) -> str:
     """``text`` if it is valid Unicode (JSON's ``\\udfff`` escapes give lone surrogates the tokenizer cannot take)."""
@@ -52,8 +58,8 @@ def _encodable(text: str) -> str:
     return text
 
 
-Text = Annotated[str, AfterValidator(_encodable)]
-"""A request's text field: any valid Unicode string."""
+Text = Annotated[str, StringConstraints(max_length=MAX_TEXT_CHARS), AfterValidator(_encodable)]
+"""A request's text field: any valid Unicode string of at most :data:`MAX_TEXT_CHARS` characters."""
 
 
 class ImageRequest(BaseModel):
@@ -234,3 +240,19 @@ def encode_png_base64(image: torch.Tensor) -> str:
     buf = io.BytesIO()
     to_pil(image).save(buf, format="PNG")
     return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def json_safe(value: Any, max_chars: int = 200) -> Any:
+    """``value`` (a validation error's echo of the request) as strict JSON: NaN and infinities (Python's ``json``
+    reads ``NaN``, ``Infinity`` and ``1e400``) become strings, lone surrogates are escaped, and strings longer than
+    ``max_chars`` are cut (a misspelt field must not echo a 20 MB image back); dicts and lists recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, str):
+        text = value if len(value) <= max_chars else f"{value[:max_chars]}... ({len(value)} characters)"
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {json_safe(k, max_chars): json_safe(v, max_chars) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v, max_chars) for v in value]
+    return value

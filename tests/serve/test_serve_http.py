@@ -29,7 +29,8 @@ def argv(root, *extra):
 
 @pytest.fixture(scope="module")
 def client(serve_assets):
-    args = build_parser().parse_args(argv(serve_assets, "--max-batch-size", "4", "--batch-timeout", "1"))
+    extra = ("--max-batch-size", "4", "--batch-timeout", "1", "--max-payload-mb", "1")
+    args = build_parser().parse_args(argv(serve_assets, *extra))
     server = build_server(args)
     with wrap_litserve_start(server) as s, TestClient(s.app) as c:
         deadline = time.monotonic() + 120  # the worker process loads the model first; /health says 503 until then
@@ -69,6 +70,28 @@ def test_a_malformed_body_gets_422_naming_the_field(client):
     assert {tuple(e["loc"][-1:]) for e in r.json()["detail"]} == {("num_samples",), ("colour",)}
 
 
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ('{"prompt": "a red circle", "cfg": NaN}', "cfg"),  # Python's JSON reader takes these; strict JSON cannot
+        ('{"prompt": "a red circle", "temperature": -Infinity}', "temperature"),  # carry them back: FastAPI's 422
+        ('{"prompt": "a red circle", "num_samples": 1e400}', "num_samples"),  # failed as a 500 with a traceback
+        ('{"prompt": "a \\udfff circle"}', "prompt"),
+        ('{"image": "aGk=", "edit": "x", "colour": "' + "y" * 100_000 + '"}', "colour"),  # not echoed back whole
+    ],
+)
+def test_non_standard_json_gets_a_json_422_naming_the_field(client, body, field):
+    r = client.post("/predict", content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 422 and [e["loc"][-1] for e in r.json()["detail"]] == [field]
+    assert len(r.content) < 1000
+
+
+def test_a_body_over_max_payload_mb_gets_413(client):
+    """The body was unbounded: a 20 MB prompt held the worker for 30 seconds and 2.6 GB."""
+    r = client.post("/predict", json={"prompt": "a" * 2**20})
+    assert r.status_code == 413 and r.json() == {"detail": "Payload too large"}
+
+
 def test_concurrent_requests_share_a_batch_and_a_bad_one_is_answered_alone(client, serve_assets):
     model, vocab = load_checkpoint(serve_assets / "model.ckpt")
     tok = TextTokenizer.load(serve_assets / "tok")
@@ -104,6 +127,8 @@ def test_concurrent_requests_share_a_batch_and_a_bad_one_is_answered_alone(clien
         (["--cfg", "nan"], "--cfg must lie in [0, 100], got nan"),  # a NaN default drew code 0 at every step
         (["--image-cfg", "-1"], "--image-cfg must lie in [0, 100]"),
         (["--timeout", "-1"], "--timeout must be > 0"),
+        (["--max-payload-mb", "0"], "--max-payload-mb must be a positive number, got 0.0"),
+        (["--max-payload-mb", "inf"], "--max-payload-mb must be a positive number, got inf"),
         (["--num-samples", "0"], "--num-samples must be >= 1"),
         (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
         (["--compile", "fused-graph"], "fused-graph"),  # a CUDA mode on this CPU: refused before any worker starts
@@ -202,3 +227,74 @@ def group_alive(pgid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def start_command(serve_assets, tmp_path, ignore_sigint=False, *extra):
+    """``cm3leon serve`` on a free port in its own process group (optionally with SIGINT ignored, as ``cmd &`` in a
+    script starts it); returns the process, its port and its log, once /health says ok."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "cm3leon_lightning", "serve", *argv(serve_assets, "--host", "127.0.0.1", "--port",
+                                                                     str(port), *extra)]  # fmt: skip
+    log = tmp_path / "server.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            cmd, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, env=os.environ.copy(), start_new_session=True,
+            preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignore_sigint else None,
+        )  # fmt: skip
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).read() == b"ok":
+                return proc, port, log
+        except OSError:
+            time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    raise AssertionError(log.read_text()[-3000:])
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_a_signal_to_the_process_group_answers_the_requests_in_flight(serve_assets, tmp_path, signame):
+    """Ctrl+C signals every process of the terminal's group, and so does ``kill -- -PGID``: the inference worker
+    (SIGINT, SIGTERM) and LitServe's manager process that carries its answers (SIGTERM) died at once, and every
+    request in flight waited 30 seconds for the connection to drop. Now each is answered, and no process is left.
+    SIGINT here reaches a server started with SIGINT ignored: only its API server stopped, and the rest waited."""
+    import json
+    import os
+    import signal
+    import urllib.request
+
+    proc, port, log = start_command(serve_assets, tmp_path, signame == "SIGINT", "--max-batch-size", "1")
+    try:
+        url, headers = f"http://127.0.0.1:{port}/predict", {"Content-Type": "application/json"}
+
+        def post(seed):
+            body = json.dumps({"prompt": "a red circle", "num_samples": 16, "cfg": 2.0, "seed": seed}).encode()
+            try:
+                return urllib.request.urlopen(urllib.request.Request(url, body, headers), timeout=25).status
+            except OSError as e:
+                return repr(e)
+
+        with ThreadPoolExecutor(12) as pool:
+            answers = [pool.submit(post, seed) for seed in range(12)]
+            time.sleep(1.0)
+            os.killpg(proc.pid, getattr(signal, signame))
+            assert [a.result() for a in answers] == [200] * 12, log.read_text()[-3000:]
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and group_alive(proc.pid):
+            time.sleep(0.2)
+        assert not group_alive(proc.pid), "cm3leon serve left processes running"
+        assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
+    finally:
+        if group_alive(proc.pid):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)

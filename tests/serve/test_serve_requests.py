@@ -9,6 +9,7 @@ from pydantic import TypeAdapter, ValidationError
 from support.images import png_base64
 
 from cm3leon_lightning.serve.requests import (
+    MAX_TEXT_CHARS,
     EditRequest,
     GenerationRequest,
     ImageRequest,
@@ -18,6 +19,7 @@ from cm3leon_lightning.serve.requests import (
     decode_base64_image,
     encode_png_base64,
     group_key,
+    json_safe,
     request_kind,
 )
 
@@ -58,12 +60,28 @@ def test_the_body_is_told_apart_by_its_fields():
         ({"image": "aGk=", "instruction": "\udfff"}, "instruction"),  # a lone surrogate the tokenizer cannot take
         ({"prompt": "a \ud800 b"}, "prompt"),
         ({"infill": "a <mask> \udfff"}, "infill"),
+        # text longer than MAX_TEXT_CHARS is refused before it is tokenized (20 MB held the worker for 30 s)
+        ({"prompt": "a" * (MAX_TEXT_CHARS + 1)}, "prompt"),
+        ({"image": "aGk=", "instruction": "a" * (MAX_TEXT_CHARS + 1)}, "instruction"),
+        ({"image": "aGk=", "edit": "a" * (MAX_TEXT_CHARS + 1)}, "edit"),
+        ({"infill": "a <mask>" + "a" * MAX_TEXT_CHARS}, "infill"),
     ],
 )
 def test_a_malformed_request_is_refused_naming_the_field(body, field):
     with pytest.raises(ValidationError) as e:
         ADAPTER.validate_python(body)
     assert [field] in [[str(x) for x in err["loc"]][-1:] for err in e.value.errors()]
+
+
+def test_text_of_max_text_chars_is_accepted():
+    assert ADAPTER.validate_python({"prompt": "a" * MAX_TEXT_CHARS}).prompt == "a" * MAX_TEXT_CHARS
+
+
+def test_json_safe_makes_a_validation_echo_strict_json():
+    """Python's JSON reader takes NaN, Infinity, 1e400 and lone surrogates, which strict JSON cannot carry back."""
+    echo = {"cfg": float("nan"), "x": [float("inf"), -float("inf"), 1.5, None, True, 3], "p": "a\udfffb"}
+    assert json_safe(echo) == {"cfg": "nan", "x": ["inf", "-inf", 1.5, None, True, 3], "p": "a\\udfffb"}
+    assert json_safe("x" * 10, max_chars=4) == "xxxx... (10 characters)"
 
 
 def test_requests_group_by_settings_and_a_seeded_request_alone():
