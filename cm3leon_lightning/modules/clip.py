@@ -19,11 +19,11 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
-from safetensors.torch import save_file
 from torch import Tensor
 
 from cm3leon_lightning.modules.cm3leon import WarmupDecay
-from cm3leon_lightning.retrieval.encoder import create_clip, preprocess_images, uses_quick_gelu
+from cm3leon_lightning.retrieval.clip_files import save_clip_weights
+from cm3leon_lightning.retrieval.encoder import create_clip, preprocess_images
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps the learned temperature at 100
 
@@ -270,43 +270,5 @@ class ClipModule(L.LightningModule):
         if out.suffix != ".safetensors":
             raise ValueError(f"export path must end in .safetensors (open_clip chooses its loader by suffix): {out}")
         out.parent.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
-        # QuickGELU is not in the state dict: a model fine-tuned from the "openai" tag runs it, and ClipEncoder must
-        # rebuild it so (create_clip reads this flag), or "ViT-B-32" would come back with GELU.
-        quick_gelu = "true" if uses_quick_gelu(self.model) else "false"
-        pp = self.model.visual.preprocess_cfg  # defaults as in forward (open_clip releases before PreprocessCfg)
-        size = pp["size"]
-        preprocess = {
-            "size": int(size) if isinstance(size, int) else [int(x) for x in size],
-            "mean": [float(x) for x in pp["mean"]],
-            "std": [float(x) for x in pp["std"]],
-            "interpolation": pp.get("interpolation", "bicubic"),
-            "resize_mode": pp.get("resize_mode", "shortest"),
-            "fill_color": int(pp.get("fill_color", 0)),
-        }
-        meta = {
-            "model_name": self.hparams.model_name,
-            "quick_gelu": quick_gelu,
-            "preprocess_cfg": json.dumps(preprocess),
-        }
-        save_file(state, str(out), metadata=meta)
-        _sort_metadata(out)
+        save_clip_weights(self.model, self.hparams.model_name, out)
         return out
-
-
-def _sort_metadata(path: Path) -> None:
-    """Rewrite a safetensors header in place with its metadata keys sorted.
-
-    safetensors writes the metadata in a random order on every call, so exporting the same model twice gave files
-    of different sha256 (which ``cm3leon prepare``'s plan and manifest record, and the query side checks). The
-    re-serialised header has the same length (same JSON, other key order); it is padded with spaces as safetensors
-    pads it.
-    """
-    with open(path, "r+b") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-        header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
-        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-        if len(text) <= n:  # always, since the JSON only changed order; else keep the (valid) file as written
-            f.seek(8)
-            f.write(text.ljust(n))

@@ -8,7 +8,6 @@ seconds, with weights trained by :class:`cm3leon_lightning.modules.clip.ClipModu
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import warnings
@@ -21,8 +20,14 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
-from open_clip.transformer import QuickGELU
 from PIL import Image
+
+from cm3leon_lightning.retrieval.clip_files import (  # noqa: F401  (uses_quick_gelu: re-exported)
+    recorded_preprocess,
+    size_hw,
+    uses_quick_gelu,
+    wants_quick_gelu,
+)
 
 # Tiny architectures for tests and the demo. The text tower keeps open_clip's bundled BPE (vocab 49408), which loads
 # offline; only widths, depths and context length shrink. "tiny" is a small ModifiedResNet (CLIP's RN layout): on
@@ -95,78 +100,6 @@ def _offline() -> bool:
         return True
 
 
-def uses_quick_gelu(model: torch.nn.Module) -> bool:
-    """Whether an open_clip model was built with QuickGELU (OpenAI's weights were trained with it)."""
-    return any(isinstance(m, QuickGELU) for m in model.modules())
-
-
-def _file_metadata(path: str) -> dict[str, str]:
-    """The safetensors metadata of a local checkpoint (``{}`` for other formats or a file without metadata)."""
-    if not str(path).endswith(".safetensors"):
-        return {}
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return f.metadata() or {}
-
-
-def _file_wants_quick_gelu(path: str) -> bool:
-    """Whether a local checkpoint written by ``ClipModule.export_weights`` records a QuickGELU model.
-
-    A model fine-tuned from the ``openai`` tag runs QuickGELU (``create_clip`` forces it for that tag); rebuilding its
-    exported weights with the plain architecture (``"ViT-B-32"`` has GELU) would give other embeddings.
-    """
-    return _file_metadata(path).get("quick_gelu") == "true"
-
-
-def _size2(size: Any) -> tuple[int, int]:
-    """open_clip's image size (``S`` or ``(H, W)``) as ``(H, W)``."""
-    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[-1]))
-
-
-def _recorded_preprocess(path: str) -> dict[str, Any] | None:
-    """The image preprocessing ``ClipModule.export_weights`` records in a file's metadata (``None`` if absent).
-
-    Raises:
-        ValueError: the ``preprocess_cfg`` entry is not JSON of the expected keys and values (the file is named).
-    """
-    raw = _file_metadata(path).get("preprocess_cfg")
-    if raw is None:
-        return None
-    try:
-        pp = json.loads(raw)
-    except json.JSONDecodeError:
-        pp = None
-
-    def is_num3(v: Any) -> bool:
-        return isinstance(v, list) and len(v) == 3 and all(isinstance(x, int | float) for x in v)
-
-    def is_size(v: Any) -> bool:
-        items = v if isinstance(v, list) and len(v) == 2 else [v]
-        return all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in items)
-
-    checks = {
-        "size": is_size,
-        "mean": is_num3,
-        "std": lambda v: is_num3(v) and all(x > 0 for x in v),
-        "interpolation": lambda v: v in ("bicubic", "bilinear", "random"),
-        "resize_mode": lambda v: v in ("shortest", "squash", "longest"),
-        "fill_color": lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255,
-    }
-    bad = (
-        ["not a JSON object"]
-        if not isinstance(pp, dict)
-        else [k for k in pp if k not in checks or not checks[k](pp[k])]
-    )
-    if bad:
-        raise ValueError(
-            f"{path}: the safetensors metadata 'preprocess_cfg' is invalid ({', '.join(bad)}): {raw[:300]!r}; expected "
-            'JSON like {"size": 224, "mean": [m, m, m], "std": [s, s, s], "interpolation": "bicubic"|"bilinear", '
-            '"resize_mode": "shortest"|"squash"|"longest", "fill_color": 0-255}, as ClipModule.export_weights writes'
-        )
-    return pp
-
-
 def _weights_help(model_name: str) -> str:
     return (
         f"Pass a local checkpoint instead: ClipEncoder(model_name={model_name!r}, pretrained='/path/to/weights."
@@ -215,11 +148,11 @@ def create_clip(
     kwargs: dict[str, Any] = {}
     recorded_pp = None
     if pretrained is not None and os.path.isfile(pretrained):
-        if _file_wants_quick_gelu(pretrained):
+        if wants_quick_gelu(pretrained):
             kwargs["force_quick_gelu"] = True
         # A file exported after fine-tuning from a tag records the tag's preprocessing (e.g. mean/std 0.5 or
         # "squash"); open_clip would give a file the architecture's defaults. The size is checked, not forced.
-        recorded_pp = _recorded_preprocess(pretrained)
+        recorded_pp = recorded_preprocess(pretrained)
         if recorded_pp:
             kwargs["force_preprocess_cfg"] = {k: v for k, v in recorded_pp.items() if k != "size"}
     if pretrained is not None and not os.path.isfile(pretrained):
@@ -255,7 +188,7 @@ def create_clip(
             ) from e
         raise
     if recorded_pp and "size" in recorded_pp:
-        have, want = _size2(model.visual.preprocess_cfg["size"]), _size2(recorded_pp["size"])
+        have, want = size_hw(model.visual.preprocess_cfg["size"]), size_hw(recorded_pp["size"])
         if have != want:  # open_clip resizes a ViT's position embedding to fit, silently: refuse instead
             raise ValueError(
                 f"the CLIP weights in {pretrained} were trained at image size {want[0]}x{want[1]} (their metadata "
