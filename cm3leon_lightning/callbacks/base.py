@@ -78,8 +78,8 @@ def read_shard_samples(
             drops some of them and lowers CIDEr); no further images are added.
 
     Returns:
-        The samples and a reference id (sha256 over the manifest's shard hashes and these arguments) that keys the
-        FID reference-statistics cache.
+        The samples and an id of the selection (sha256 over the manifest's shard hashes and these arguments; the
+        FID cache is keyed by the reference pixels instead, ``callbacks.fid.reference_images_id``).
 
     Raises:
         ValueError: ``image_size`` given but a sample has no ``jpg``.
@@ -115,17 +115,6 @@ def read_shard_samples(
     for info in manifest.shards:
         h.update(info.sha256.encode())
     return out, h.hexdigest()
-
-
-def samples_id(samples: Sequence[EvalSample]) -> str:
-    """sha256 over in-memory samples' keys, captions and image bytes (the FID cache key of given samples)."""
-    h = hashlib.sha256()
-    for s in samples:
-        h.update(s.key.encode())
-        h.update("\n".join(s.references).encode())
-        if s.image is not None:
-            h.update(s.image.contiguous().cpu().numpy().tobytes())
-    return h.hexdigest()
 
 
 def rank_share(items: Sequence[Any], trainer: L.Trainer) -> list[Any]:
@@ -254,6 +243,31 @@ class GenerationCallback(L.Callback):
         batch = torch.stack([fid_resize(img, size) for img in images]).to(device)
         with torch.no_grad():
             return vqgan.encode(batch).long().cpu()
+
+    def eval_source(self, trainer: L.Trainer | None, required: bool = True) -> str | None:
+        """The prepared dataset to evaluate on: ``data``, else the data module's ``val_data`` (a one-entry list is
+        its entry); None when neither is given and not ``required``.
+
+        Raises:
+            ValueError: neither is given (``required``), or the source is not a prepared dataset directory or its
+                ``manifest.json`` (a list of shard files or a pattern, which the data module reads, is not read here).
+        """
+        name, source = "data", getattr(self, "data", None)
+        if source is None:
+            name = "the data module's val_data"
+            source = getattr(getattr(trainer, "datamodule", None), "hparams", {}).get("val_data")
+            if isinstance(source, (list, tuple)) and len(source) == 1:
+                source = source[0]
+        if source is None:
+            if required:
+                raise ValueError(f"{type(self).__name__}: give data (a prepared validation dataset) or samples")
+            return None
+        if isinstance(source, (list, tuple)) or not (Path(source).is_dir() or str(source).endswith(".json")):
+            raise ValueError(
+                f"{type(self).__name__}: {name} {source!r} is not a prepared dataset directory or manifest.json "
+                "(shard lists and patterns are not read here); give data=<prepared dataset directory>"
+            )
+        return str(source)
 
     # ------------------------------------------------------------------------------------------ scheduling
     TEST_HOOKS = ("on_test_epoch_start", "on_test_batch_end", "on_test_epoch_end", "on_test_end")

@@ -83,12 +83,8 @@ class CIDErCallback(GenerationCallback):
         """Read the evaluation images (codes and captions) once and check each has reference captions."""
         self.load_resources(trainer)  # a missing tokenizer or VQGAN fails now, not at the first validation
         if self.samples is None:
-            source = self.data or getattr(getattr(trainer, "datamodule", None), "hparams", {}).get("val_data")
-            if source is None:
-                raise ValueError("CIDErCallback: give data (validation shards) or samples")
-            source = source[0] if isinstance(source, (list, tuple)) else source
             self.samples, _ = read_shard_samples(
-                source, self.num_samples, None, self.group_by_image, all_references=True
+                self.eval_source(trainer), self.num_samples, None, self.group_by_image, all_references=True
             )
         if not self.samples:
             raise ValueError("CIDErCallback: the evaluation set is empty")

@@ -148,7 +148,7 @@ class FIDCallback(GenerationCallback):
         if self.metric is None:
             self.metric = make_fid(self.feature_extractor, self.feature_weights_path, self.feature_dim)
         if self.samples is None:
-            self.samples, _ = read_shard_samples(self._source(trainer), self.num_samples, self.image_size)
+            self.samples, _ = read_shard_samples(self.eval_source(trainer), self.num_samples, self.image_size)
         else:
             self.samples = self.samples[: self.num_samples]
             self.samples = [
@@ -175,23 +175,6 @@ class FIDCallback(GenerationCallback):
                 self.retrieve, self.retrieve_shards, self.clip, module_vocab(trainer, pl_module),
                 self.load_text_tokenizer(trainer).sha256, preload=True,
             )  # fmt: skip
-
-    def _source(self, trainer: L.Trainer | None) -> str:
-        """``data``, else the data module's ``val_data``: a prepared dataset directory or its manifest.json."""
-        name, source = "data", self.data
-        if source is None:
-            name = "the data module's val_data"
-            source = getattr(getattr(trainer, "datamodule", None), "hparams", {}).get("val_data")
-            if isinstance(source, (list, tuple)) and len(source) == 1:
-                source = source[0]
-        if source is None:
-            raise ValueError("FIDCallback: give data (validation shards with jpg) or samples")
-        if isinstance(source, (list, tuple)) or not (Path(source).is_dir() or str(source).endswith(".json")):
-            raise ValueError(
-                f"FIDCallback: {name} {source!r} is not a prepared dataset directory or manifest.json (shard lists "
-                "and patterns are not read here); give data=<prepared dataset directory with jpg>"
-            )
-        return str(source)
 
     # ------------------------------------------------------------------------------------------ generation
     def generate(self, pl_module: L.LightningModule, captions: list[str], seed: int) -> Tensor:

@@ -144,9 +144,8 @@ class SampleLoggerCallback(CIDErCallback):
         """Read the images to caption (if any) once."""
         self.load_resources(trainer)  # a missing tokenizer or VQGAN fails now, not at the first validation
         if self.samples is None and self.num_caption_images > 0:
-            source = self.data or getattr(getattr(trainer, "datamodule", None), "hparams", {}).get("val_data")
+            source = self.eval_source(trainer, required=False)
             if source is not None:
-                source = source[0] if isinstance(source, (list, tuple)) else source
                 try:  # show the source images when the shards keep them, else the VQGAN's decoding of the codes
                     self.samples, _ = read_shard_samples(source, self.num_caption_images, self.cell, False)
                 except ValueError:

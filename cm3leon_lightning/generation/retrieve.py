@@ -10,6 +10,7 @@ This module imports no Lightning.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -141,6 +142,13 @@ def check_clip_weights(recorded: dict[str, object], pretrained: object, shards_d
         have = None if Path(pretrained).is_file() else f"open_clip:{pretrained}"
     else:
         have = file_sha256(pretrained) if Path(pretrained).is_file() else None
+        if have is None:  # a tag against a file: perhaps a copy of that tag's weights, more likely a forgotten flag
+            warnings.warn(
+                f"--clip-pretrained: the memory bank was built with the CLIP weights file {_show(want)} (the manifest "
+                f"of {shards_dir}), but the queries use the open_clip tag {pretrained!r}; unless the file is a copy "
+                "of that tag's weights, pass the file itself",
+                stacklevel=2,
+            )
     if have is not None and have != want:
         raise ValueError(
             f"--clip-pretrained: the memory bank was built with CLIP weights {_show(want)} (the manifest of "

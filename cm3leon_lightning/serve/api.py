@@ -161,7 +161,7 @@ class CM3LeonAPI(ls.LitAPI):
         self.max_rows = max_rows
         self.dtype, self.compile, self.attention = dtype, compile, attention
         self._adapter = TypeAdapter(GenerationRequest)
-        self._busy, self._unanswered, self._stop_signals = False, 0, 0  # see _on_stop_signal
+        self._stop_signals = 0  # see _on_stop_signal
 
     # ----------------------------------------------------------------------------------------------- setup
     def setup(self, device: str) -> None:
@@ -200,9 +200,10 @@ class CM3LeonAPI(ls.LitAPI):
         """SIGINT or SIGTERM in an inference worker. Ctrl+C (or ``kill -- -PGID``) signals every process of the
         server at once, and the main process then stops the HTTP server, which waits for the requests in flight,
         and only then this worker (SIGTERM). Dying at once left those requests unanswered for 30 seconds before the
-        connection dropped, so the first SIGINT, or a first SIGTERM while a batch is being answered, is let pass;
-        a second signal, or a SIGTERM while idle, ends the worker as SIGTERM always did."""
-        if self._stop_signals == 0 and (signum == signal.SIGINT or self._busy):
+        connection dropped, also those LitServe had taken from the queue for a batch still filling, so the first
+        signal is let pass and the second ends the worker as SIGTERM always did. (A SIGTERM to the main process
+        alone stops the idle worker LitServe's way: its second signal never comes, and it is killed 5 s later.)"""
+        if self._stop_signals == 0:
             self._stop_signals += 1
             return
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -212,7 +213,6 @@ class CM3LeonAPI(ls.LitAPI):
     def decode_request(self, request: GenerationRequest) -> Job | Rejected:  # type: ignore[override]
         """Check a request against this server and the model's context; a dict is validated against the schema
         first (the HTTP endpoint has done that already)."""
-        self._busy = True  # until the batch is answered (encode_response)
         if isinstance(request, dict):
             try:
                 request = self._adapter.validate_python(request)
@@ -334,7 +334,6 @@ class CM3LeonAPI(ls.LitAPI):
         """Run a job, or a list of jobs grouped into as few decodes as their settings, seeds and ``max_rows``
         allow."""
         jobs = x if isinstance(x, list) else [x]
-        self._unanswered = len(jobs)
         results: list[Any] = list(jobs)  # Rejected entries pass through
         groups: dict[tuple, list[int]] = {}
         for i, job in enumerate(jobs):
@@ -498,8 +497,6 @@ class CM3LeonAPI(ls.LitAPI):
     # ----------------------------------------------------------------------------------------------- responses
     def encode_response(self, output: Any) -> Any:
         """The JSON answer; a :class:`Rejected` request becomes its own 4xx response."""
-        self._unanswered -= 1
-        self._busy = self._unanswered > 0
         if isinstance(output, Rejected):
             return JSONResponse(status_code=output.status, content={"detail": output.detail})
         return output

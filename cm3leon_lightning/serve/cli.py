@@ -134,8 +134,8 @@ def build_api(args: argparse.Namespace) -> object:
             raise ValueError(f"{flag} must be >= {low}, got {value}")
     if not args.timeout > 0:
         raise ValueError(f"--timeout must be > 0 seconds, got {args.timeout}")
-    if not 0 < args.max_payload_mb < float("inf"):
-        raise ValueError(f"--max-payload-mb must be a positive number, got {args.max_payload_mb}")
+    if not 0 < args.max_payload_mb < float("inf") or int(args.max_payload_mb * 2**20) < 1024:
+        raise ValueError(f"--max-payload-mb must be a number of at least 1 KiB (0.001), got {args.max_payload_mb}")
     for flag, value in (("--cfg", args.cfg), ("--text-cfg", args.text_cfg), ("--image-cfg", args.image_cfg)):
         if not 0 <= value <= 100:  # what a request may ask for; NaN fails too (it drew code 0 at every step)
             raise ValueError(f"{flag} must lie in [0, 100], got {value}")

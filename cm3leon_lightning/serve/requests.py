@@ -242,17 +242,23 @@ def encode_png_base64(image: torch.Tensor) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def json_safe(value: Any, max_chars: int = 200) -> Any:
-    """``value`` (a validation error's echo of the request) as strict JSON: NaN and infinities (Python's ``json``
-    reads ``NaN``, ``Infinity`` and ``1e400``) become strings, lone surrogates are escaped, and strings longer than
-    ``max_chars`` are cut (a misspelt field must not echo a 20 MB image back); dicts and lists recursively."""
+def json_safe(value: Any, max_chars: int = 200, max_items: int = 20) -> Any:
+    """``value`` (a validation error's echo of the request) as strict, short JSON: NaN and infinities (Python's
+    ``json`` reads ``NaN``, ``Infinity`` and ``1e400``) become strings, lone surrogates are escaped, strings longer
+    than ``max_chars`` are cut and lists and dicts keep their first ``max_items`` entries (a misspelt field must not
+    echo a 20 MB image or a long list back); recursively."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     if isinstance(value, str):
         text = value if len(value) <= max_chars else f"{value[:max_chars]}... ({len(value)} characters)"
         return text.encode("utf-8", "backslashreplace").decode("utf-8")
     if isinstance(value, dict):
-        return {json_safe(k, max_chars): json_safe(v, max_chars) for k, v in value.items()}
+        items = list(value.items())
+        out = {json_safe(k, max_chars, max_items): json_safe(v, max_chars, max_items) for k, v in items[:max_items]}
+        if len(items) > max_items:
+            out["..."] = f"{len(items)} entries"
+        return out
     if isinstance(value, (list, tuple)):
-        return [json_safe(v, max_chars) for v in value]
+        out_list = [json_safe(v, max_chars, max_items) for v in value[:max_items]]
+        return out_list + ([f"... ({len(value)} items)"] if len(value) > max_items else [])
     return value

@@ -365,3 +365,25 @@ def test_text_callback_batches_and_seeds_do_not_depend_on_the_device_count(parts
     single = calls(0, 1)
     assert [seed for _, seed in single] == [5, 8, 11]
     assert sorted(calls(0, 2) + calls(1, 2), key=lambda c: c[1]) == single
+
+
+def test_cider_and_sample_logger_refuse_shard_lists_naming_val_data(parts, tmp_path: Path) -> None:
+    """The data module takes shard lists; CIDEr and the sample logger took the list's first entry, a .tar, and failed
+    to read it as a manifest (or read one of several). They now say what to give, as FIDCallback does."""
+    from types import SimpleNamespace
+
+    from support.eval_setup import write_eval_data
+
+    tok, _, module = parts
+    val = write_eval_data(tmp_path / "data", n_train=2, n_val=4)["val"]
+    shards = sorted(str(p) for p in Path(val).glob("*.tar"))
+    stub = SimpleNamespace(datamodule=SimpleNamespace(hparams={"val_data": shards}))
+    for cb in (
+        CIDErCallback(text_tokenizer=tok, tokenizer="simple"),
+        SampleLoggerCallback(prompts=["x"], text_tokenizer=tok, num_caption_images=2),
+    ):
+        with pytest.raises(ValueError, match=r"the data module's val_data .* give data=<prepared dataset directory"):
+            cb.setup(stub, module, "validate")
+    cb = CIDErCallback(text_tokenizer=tok, tokenizer="simple", num_samples=2)
+    cb.setup(SimpleNamespace(datamodule=SimpleNamespace(hparams={"val_data": [val]})), module, "validate")
+    assert len(cb.samples) == 2

@@ -178,3 +178,12 @@ def test_a_picture_already_retrieved_is_skipped_for_the_next_candidate(tmp_path)
     ((keys, docs),) = retriever.retrieve(["q"], 3)
     assert keys == ["a", "c", "e"] and [d[1].tokens for d in docs] == [(1, 2, 3, 4), (5, 6, 7, 8), (9, 9, 9, 9)]
     assert [keys for keys, _ in retriever.retrieve(["q"], 5)] == [["a", "c", "e"]]  # only three distinct pictures
+
+
+def test_a_tag_against_a_bank_built_from_a_file_warns(tmp_path):
+    """A bank built from a local CLIP file queried with a tag (the default `openai`, a forgotten --clip-pretrained)
+    passed silently; a tag cannot be compared with a file, so it warns."""
+    from cm3leon_lightning.generation.retrieve import check_clip_weights
+
+    with pytest.warns(UserWarning, match=r"built with the CLIP weights file sha256 0123456789ab\.\.\. .* tag 'openai'"):
+        check_clip_weights({"weights_sha256": "0123456789ab" * 5 + "cdef"}, "openai", tmp_path)

@@ -127,8 +127,9 @@ def test_concurrent_requests_share_a_batch_and_a_bad_one_is_answered_alone(clien
         (["--cfg", "nan"], "--cfg must lie in [0, 100], got nan"),  # a NaN default drew code 0 at every step
         (["--image-cfg", "-1"], "--image-cfg must lie in [0, 100]"),
         (["--timeout", "-1"], "--timeout must be > 0"),
-        (["--max-payload-mb", "0"], "--max-payload-mb must be a positive number, got 0.0"),
-        (["--max-payload-mb", "inf"], "--max-payload-mb must be a positive number, got inf"),
+        (["--max-payload-mb", "0"], "--max-payload-mb must be a number of at least 1 KiB (0.001), got 0.0"),
+        (["--max-payload-mb", "inf"], "--max-payload-mb must be a number of at least 1 KiB (0.001), got inf"),
+        (["--max-payload-mb", "1e-9"], "--max-payload-mb must be a number of at least 1 KiB (0.001), got 1e-09"),
         (["--num-samples", "0"], "--num-samples must be >= 1"),
         (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
         (["--compile", "fused-graph"], "fused-graph"),  # a CUDA mode on this CPU: refused before any worker starts
@@ -272,7 +273,10 @@ def test_a_signal_to_the_process_group_answers_the_requests_in_flight(serve_asse
     import signal
     import urllib.request
 
-    proc, port, log = start_command(serve_assets, tmp_path, signame == "SIGINT", "--max-batch-size", "1")
+    # The signal comes while LitServe holds all 12 requests in a batch still filling (it waits 3 s for 16): the
+    # worker counted itself idle there and died at once on SIGTERM.
+    args = ("--max-batch-size", "16", "--batch-timeout", "3")
+    proc, port, log = start_command(serve_assets, tmp_path, signame == "SIGINT", *args)
     try:
         url, headers = f"http://127.0.0.1:{port}/predict", {"Content-Type": "application/json"}
 

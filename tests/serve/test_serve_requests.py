@@ -82,6 +82,9 @@ def test_json_safe_makes_a_validation_echo_strict_json():
     echo = {"cfg": float("nan"), "x": [float("inf"), -float("inf"), 1.5, None, True, 3], "p": "a\udfffb"}
     assert json_safe(echo) == {"cfg": "nan", "x": ["inf", "-inf", 1.5, None, True, 3], "p": "a\\udfffb"}
     assert json_safe("x" * 10, max_chars=4) == "xxxx... (10 characters)"
+    # a misspelt field holding a 100k-element list was echoed whole (200 KB back)
+    assert json_safe(list(range(100_000)), max_items=3) == [0, 1, 2, "... (100000 items)"]
+    assert json_safe({str(i): i for i in range(5)}, max_items=2) == {"0": 0, "1": 1, "...": "5 entries"}
 
 
 def test_requests_group_by_settings_and_a_seeded_request_alone():
