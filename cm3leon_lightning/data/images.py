@@ -320,8 +320,9 @@ class ImageDataModule(L.LightningDataModule):
                 num_workers=hp.num_workers,
                 persistent_workers=hp.num_workers > 0,
             )
-        if shuffle:  # shards: their shuffles start at the restored epoch
-            epoch = int((self._pending_state or {}).get("epoch", 0))
+        if shuffle:  # shards: their shuffles start at the trainer's epoch (a reload each epoch), else the restored one
+            position = trainer_position(self.trainer)
+            epoch = position[0] if position is not None else int((self._pending_state or {}).get("epoch", 0))
             for stage in getattr(dataset, "pipeline", []):
                 if isinstance(stage, EpochShuffle):
                     stage.epoch = epoch

@@ -14,6 +14,7 @@ from typing import Any
 
 import lightning as L
 import numpy as np
+import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
@@ -102,6 +103,13 @@ class ResumableSampler(DistributedSampler):
         self.epoch, self._finished = epoch, False
 
     def __iter__(self) -> Iterator[Any]:
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else None
+        if world is not None and world != self.num_replicas:  # built before the trainer was attached: every rank
+            # would read everything (without torch.distributed, a share can be read for inspection)
+            raise RuntimeError(
+                f"this training sampler was built for {self.num_replicas} rank(s) but {world} processes run: build the "
+                "training loader inside fit (trainer.fit(model, datamodule=dm)), not before the trainer is attached"
+            )
         if self._finished:
             self.set_epoch(self.epoch + 1)
         indices = epoch_order(len(self.dataset), self.seed, self.epoch, self.rank, self.num_replicas, self.shuffle)
@@ -153,9 +161,11 @@ class ResumableDataLoader(DataLoader):
     it in a checkpoint's loop state and restores it, besides the data module's own ``state_dict``)."""
 
     def state_dict(self) -> dict[str, Any]:
-        """The sampler's :meth:`ResumableSampler.state_dict`."""
-        return self.sampler.state_dict()
+        """The sampler's :meth:`ResumableSampler.state_dict`; ``{}`` when Lightning replaced the sampler
+        (``overfit_batches`` reads a fixed sequence)."""
+        return self.sampler.state_dict() if isinstance(self.sampler, ResumableSampler) else {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """The sampler's :meth:`ResumableSampler.load_state_dict`."""
-        self.sampler.load_state_dict(state)
+        """The sampler's :meth:`ResumableSampler.load_state_dict` (nothing for another sampler, or an empty state)."""
+        if state and isinstance(self.sampler, ResumableSampler):
+            self.sampler.load_state_dict(state)

@@ -218,8 +218,8 @@ class VQGANModule(L.LightningModule):
         ``max_epochs`` rather than ``max_steps``).
 
         Raises:
-            ValueError: ``lr_decay="cosine"`` when the length of training is not known (data of unknown length and no
-                ``max_steps``).
+            ValueError: ``lr_decay="cosine"`` or ``gumbel_temperature_end`` when the length of training is not known
+                (data of unknown length and no ``max_steps``).
         """
         self._decay_batches = self.run_batches()
         if self._decay_batches is not None:

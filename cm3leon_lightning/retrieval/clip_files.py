@@ -53,9 +53,12 @@ def _sort_metadata(path: Path) -> None:
         header = json.loads(f.read(n))
         header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
         text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-        if len(text) <= n:  # always, since the JSON only changed order; else keep the (valid) file as written
-            f.seek(8)
-            f.write(text.ljust(n))
+        if len(text) > n:  # the same JSON in another key order is never longer; anything else would be a bug
+            raise RuntimeError(
+                f"{path}: the sorted safetensors header is longer than the written one ({len(text)} > {n})"
+            )
+        f.seek(8)
+        f.write(text.ljust(n))
 
 
 def uses_quick_gelu(model: torch.nn.Module) -> bool:

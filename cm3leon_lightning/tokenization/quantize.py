@@ -111,6 +111,8 @@ class VectorQuantizer(nn.Module):
             raise ValueError(f"ema_decay must be in (0, 1) or None, got {ema_decay}")
         if dead_code_after < 0:
             raise ValueError(f"dead_code_after must be >= 0, got {dead_code_after}")
+        if legacy_beta and ema_decay is not None:
+            raise ValueError("legacy_beta weights the codebook term, which EMA updates replace: use one of them")
         self.n_embed, self.embed_dim, self.beta = n_embed, embed_dim, beta
         self.l2_normalize, self.ema_decay, self.dead_code_after = l2_normalize, ema_decay, dead_code_after
         self.legacy_beta = legacy_beta

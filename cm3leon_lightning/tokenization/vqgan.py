@@ -88,6 +88,12 @@ class VQGANConfig:
         for name in ("num_res_blocks", "embed_dim", "n_embed", "in_channels", "out_ch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.legacy_beta and (self.quantizer != "vq" or self.ema_decay is not None):
+            raise ValueError(
+                "legacy_beta moves beta to the codebook term of the vq quantizer trained by gradients; with "
+                f"quantizer={self.quantizer!r} and ema_decay={self.ema_decay} there is no such term (taming's EMA "
+                "quantizer weights the commitment by beta, as legacy_beta=False does)"
+            )
         if not self.gumbel_temperature > 0 or not math.isfinite(self.gumbel_temperature):
             raise ValueError(f"gumbel_temperature must be a finite number > 0, got {self.gumbel_temperature}")
         if self.resolution % self.downsample_factor:

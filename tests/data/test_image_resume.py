@@ -223,3 +223,23 @@ def test_shards_warn_that_they_restart_the_epoch(tmp_path: Path) -> None:
     shuffles = [s for s in loader.dataset.pipeline if type(s).__name__ == "EpochShuffle"]
     assert [s.epoch for s in shuffles] == [3, 3]  # the interrupted epoch's order
     assert np.array_equal(np.sort(torch.cat(list(loader)).flatten()), np.sort(synthetic_images(4, 8).flatten()))
+
+
+@pytest.mark.parametrize("make_dm", [pairs_dm, images_dm], ids=["pairs", "images"])
+def test_overfit_batches_with_checkpoints_still_trains(make_dm, tmp_path: Path) -> None:
+    """Lightning replaces the sampler with a SequentialSampler under overfit_batches; saving a checkpoint then asked
+    it for a state_dict it does not have (AttributeError)."""
+    trainer = L.Trainer(accelerator="cpu", max_steps=3, overfit_batches=2, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(Tiny(), datamodule=make_dm(0))
+    assert trainer.global_step == 3 and list((tmp_path / "checkpoints").glob("*.ckpt"))
+
+
+def test_a_sampler_built_for_fewer_ranks_than_run_refuses_to_iterate(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A loader built before the trainer was attached (rank 0 of 1) was kept as is under DDP (it is a
+    DistributedSampler), so every rank trained on the whole data set."""
+    sampler = ResumableSampler(list(range(8)), batch_size=2)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
+    with pytest.raises(RuntimeError, match=r"built for 1 rank\(s\) but 2 processes run"):
+        next(iter(sampler))

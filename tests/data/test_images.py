@@ -155,3 +155,37 @@ def test_shuffled_shards_are_read_once_per_epoch_by_several_workers(tmp_path: Pa
         assert [sorted(e) for e in epochs] == [list(range(16))] * 2 and epochs[0] != epochs[1]
         orders.append(epochs)
     assert orders[0] == orders[1] != orders[2]  # seeded: the same seed, the same order
+
+
+def test_shard_order_follows_the_epoch_when_loaders_are_rebuilt_every_epoch(tmp_path: Path) -> None:
+    """With reload_dataloaders_every_n_epochs each new loader restarted the shuffles at the saved epoch (0): every
+    epoch after the first read the same order. The shuffles now start at the trainer's epoch."""
+    import lightning as L
+
+    imgs = np.zeros((16, 8, 8, 3), np.uint8)
+    imgs[:, 0, 0, 0] = np.arange(16)
+    for s in range(8):
+        _write_shard(tmp_path / f"s-{s:02d}.tar", imgs[2 * s : 2 * s + 2])
+    seen: list[list[int]] = []
+
+    class Record(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+
+        def on_train_epoch_start(self) -> None:
+            seen.append([])
+
+        def training_step(self, batch, batch_idx):
+            seen[-1].extend(batch[:, 0, 0, 0].tolist())
+            return (self.w - batch.float().mean()) ** 2
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    dm = ImageDataModule(train=str(tmp_path), image_size=8, batch_size=4, shuffle_buffer=4)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=3, reload_dataloaders_every_n_epochs=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(Record(), datamodule=dm)
+    assert [sorted(e) for e in seen] == [list(range(16))] * 3
+    assert len({tuple(e) for e in seen}) == 3  # three epochs, three orders

@@ -397,3 +397,9 @@ def test_legacy_beta_moves_beta_to_the_codebook_term() -> None:
     from cm3leon_lightning.modules.vqgan import VQGANModule
 
     assert VQGANModule(preset="micro", legacy_beta=True).config.legacy_beta is True
+    with pytest.raises(ValueError, match="legacy_beta weights the codebook term, which EMA updates replace"):
+        VectorQuantizer(4, 2, legacy_beta=True, ema_decay=0.99)  # the commitment weight would silently become 1
+    with pytest.raises(ValueError, match="legacy_beta moves beta to the codebook term"):
+        VQGANConfig.from_name("micro", legacy_beta=True, ema_decay=0.99)
+    with pytest.raises(ValueError, match="quantizer='gumbel'"):
+        VQGANConfig.from_name("micro", legacy_beta=True, quantizer="gumbel")
