@@ -244,6 +244,12 @@ class GenerationCallback(L.Callback):
         with torch.no_grad():
             return vqgan.encode(batch).long().cpu()
 
+    def rank_batches(self, trainer: L.Trainer) -> list[tuple[int, list[EvalSample]]]:
+        """This rank's whole batches of :attr:`samples`, each with its seed (``seed`` + the index of its first
+        item): every batch is generated as in a one-device run, whatever the number of devices."""
+        chunks = batches(list(enumerate(self.samples)), self.batch_size)
+        return [(self.seed + chunk[0][0], [s for _, s in chunk]) for chunk in rank_share(chunks, trainer)]
+
     def eval_source(self, trainer: L.Trainer | None, required: bool = True) -> str | None:
         """The prepared dataset to evaluate on: ``data``, else the data module's ``val_data`` (a one-entry list is
         its entry); None when neither is given and not ``required``.

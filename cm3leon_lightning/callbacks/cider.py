@@ -17,11 +17,9 @@ from torch import Tensor
 from cm3leon_lightning.callbacks.base import (
     EvalSample,
     GenerationCallback,
-    batches,
     fresh_kv_cache,
     module_network,
     module_vocab,
-    rank_share,
     read_shard_samples,
 )
 from cm3leon_lightning.metrics.cider import CIDErD
@@ -142,13 +140,10 @@ class CIDErCallback(GenerationCallback):
         """Caption this rank's images, update the metric, and return the CIDEr-D of all ranks' captions."""
         self.metric = self.metric.to(pl_module.device)
         self.metric.reset()
-        # whole batches per rank, seeded by their first image's index: the captions of a one-device run on any number
-        share = rank_share(batches(list(enumerate(self.samples)), self.batch_size), trainer)
+        share = self.rank_batches(trainer)  # the captions of a one-device run on any number of devices
         if not share:  # a rank without images still updates, so every rank's metric syncs alike
             self.metric.update([], [])
-        for chunk in share:
-            items = [s for _, s in chunk]
-            seed = self.seed + chunk[0][0]
+        for seed, items in share:
             captions = self.generate(pl_module, self.codes_of(items, pl_module.device), self.instruction, seed)
             self.metric.update(captions, [s.references for s in items])
         return float(self.metric.compute())

@@ -262,9 +262,9 @@ class FIDCallback(GenerationCallback):
             self._prepare_real(trainer, device)
         self.metric.reset()  # fake statistics only (reset_real_features=False)
         # whole batches per rank: each batch's captions and seed are those of a one-device run
-        for chunk in rank_share(batches(list(enumerate(self.samples)), self.batch_size), trainer):
-            captions = [s.references[0] for _, s in chunk]
-            images = self.generate(pl_module, captions, self.seed + chunk[0][0])
+        for seed, chunk in self.rank_batches(trainer):
+            captions = [s.references[0] for s in chunk]
+            images = self.generate(pl_module, captions, seed)
             self.metric.update(images.to(device), real=False)
         return float(self.metric.compute())
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from cm3leon_lightning.callbacks.base import EvalSample, batches, rank_share
+from cm3leon_lightning.callbacks.base import EvalSample
 from cm3leon_lightning.callbacks.cider import CIDErCallback
 from cm3leon_lightning.metrics.fid import fid_resize
 from cm3leon_lightning.metrics.vqa import VQAAccuracy
@@ -146,16 +146,12 @@ class VQACallback(CIDErCallback):
         """Answer this rank's questions, update the metric, and return the accuracy over all ranks."""
         self.metric = self.metric.to(pl_module.device)
         self.metric.reset()
-        # whole batches per rank, seeded by their first question's index: a one-device run's answers on any number
-        share = rank_share(batches(list(enumerate(self.samples)), self.batch_size), trainer)
+        share = self.rank_batches(trainer)  # a one-device run's answers on any number of devices
         if not share:  # a rank without questions still updates, so every rank's metric syncs alike
             self.metric.update([], [])
-        for indexed in share:
-            chunk = [s for _, s in indexed]
+        for seed, chunk in share:
             prompts = [self.prompt_template.format(question=s.question) for s in chunk]
-            answers = self.generate(
-                pl_module, self.codes_of(chunk, pl_module.device), prompts, self.seed + indexed[0][0]
-            )
+            answers = self.generate(pl_module, self.codes_of(chunk, pl_module.device), prompts, seed)
             self.metric.update(answers, [s.answers for s in chunk])
         return float(self.metric.compute())
 
