@@ -29,6 +29,7 @@ import os
 import random
 import signal
 import threading
+import time
 from dataclasses import asdict, replace
 from typing import Any
 
@@ -161,7 +162,7 @@ class CM3LeonAPI(ls.LitAPI):
         self.max_rows = max_rows
         self.dtype, self.compile, self.attention = dtype, compile, attention
         self._adapter = TypeAdapter(GenerationRequest)
-        self._stop_signals = 0  # see _on_stop_signal
+        self._stop_signals, self._stop_at, self._pending, self._activity = 0, 0.0, 0, 0.0  # see _on_stop_signal
 
     # ----------------------------------------------------------------------------------------------- setup
     def setup(self, device: str) -> None:
@@ -200,19 +201,42 @@ class CM3LeonAPI(ls.LitAPI):
         """SIGINT or SIGTERM in an inference worker. Ctrl+C (or ``kill -- -PGID``) signals every process of the
         server at once, and the main process then stops the HTTP server, which waits for the requests in flight,
         and only then this worker (SIGTERM). Dying at once left those requests unanswered for 30 seconds before the
-        connection dropped, also those LitServe had taken from the queue for a batch still filling, so the first
-        signal is let pass and the second ends the worker as SIGTERM always did. (A SIGTERM to the main process
-        alone stops the idle worker LitServe's way: its second signal never comes, and it is killed 5 s later.)"""
+        connection dropped, also those LitServe had taken from the queue for a batch still filling. So the first
+        signal ends the worker only once it is idle: no request decoded and not yet answered, and nothing for
+        ``batch_timeout`` + 0.5 s since the signal or the last request (a batch still filling is decoded by then);
+        a second signal ends it at once, as SIGTERM always did."""
         if self._stop_signals == 0:
-            self._stop_signals += 1
+            self._stop_signals, self._stop_at = 1, time.monotonic()
+            threading.Thread(target=self._exit_when_idle, name="stop-when-idle", daemon=True).start()
             return
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.raise_signal(signal.SIGTERM)
+
+    def _exit_when_idle(self) -> None:
+        """End this worker process once idle after the first stop signal (see :meth:`_on_stop_signal`)."""
+        grace = float(getattr(self, "batch_timeout", 0.0) or 0.0) + 0.5
+        while self._pending > 0 or time.monotonic() - max(self._stop_at, self._activity) < grace:
+            time.sleep(0.05)
+        logging.shutdown()
+        os._exit(0)
+
+    def _touch(self, change: int = 0) -> None:
+        """Record activity and ``change`` the count of requests decoded but not yet answered."""
+        self._pending = max(0, self._pending + change)
+        self._activity = time.monotonic()
 
     # ----------------------------------------------------------------------------------------------- requests
     def decode_request(self, request: GenerationRequest) -> Job | Rejected:  # type: ignore[override]
         """Check a request against this server and the model's context; a dict is validated against the schema
         first (the HTTP endpoint has done that already)."""
+        self._touch(+1)  # answered in encode_response
+        try:
+            return self._decode_request(request)
+        except BaseException:
+            self._touch(-1)  # no answer of ours will follow
+            raise
+
+    def _decode_request(self, request: GenerationRequest) -> Job | Rejected:
         if isinstance(request, dict):
             try:
                 request = self._adapter.validate_python(request)
@@ -333,6 +357,16 @@ class CM3LeonAPI(ls.LitAPI):
     def predict(self, x: Any) -> Any:
         """Run a job, or a list of jobs grouped into as few decodes as their settings, seeds and ``max_rows``
         allow."""
+        self._touch()
+        try:
+            return self._predict(x)
+        except BaseException:
+            self._pending = 0  # LitServe answers the batch itself: encode_response will not run
+            raise
+        finally:
+            self._touch()
+
+    def _predict(self, x: Any) -> Any:
         jobs = x if isinstance(x, list) else [x]
         results: list[Any] = list(jobs)  # Rejected entries pass through
         groups: dict[tuple, list[int]] = {}
@@ -497,6 +531,7 @@ class CM3LeonAPI(ls.LitAPI):
     # ----------------------------------------------------------------------------------------------- responses
     def encode_response(self, output: Any) -> Any:
         """The JSON answer; a :class:`Rejected` request becomes its own 4xx response."""
+        self._touch(-1)
         if isinstance(output, Rejected):
             return JSONResponse(status_code=output.status, content={"detail": output.detail})
         return output
