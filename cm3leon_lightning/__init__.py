@@ -8,8 +8,7 @@ and of the heavy optional stacks (open_clip, faiss, webdataset)::
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from cm3leon_lightning._lazy import lazy_exports
 
 __version__ = "0.1.0.dev0"
 
@@ -62,13 +61,4 @@ _EXPORTS: dict[str, str] = {
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'cm3leon_lightning' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -6,8 +6,7 @@ load without it: ``ClipEncoder`` converts images with ``data.cleaning.to_rgb``.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from cm3leon_lightning._lazy import lazy_exports
 
 _EXPORTS = {
     "CM3LeonDataModule": "datamodule",
@@ -22,12 +21,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    """The module's names with the lazily imported ones (for ``dir()`` and tab completion)."""
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
