@@ -22,7 +22,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from cm3leon_lightning.data.cleaning import to_rgb
-from cm3leon_lightning.data.sampling import ResumableDataLoader, ResumableSampler, trainer_position
+from cm3leon_lightning.data.sampling import ResumableTrainData, trainer_position
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 _PALETTE = np.array(
@@ -209,7 +209,7 @@ def _random_flip_tensor(image: Image.Image, size: int, hflip: bool) -> torch.Ten
     return to_tensor(image, size, hflip and bool(torch.randint(2, ()).item()))
 
 
-class ImageDataModule(L.LightningDataModule):
+class ImageDataModule(ResumableTrainData, L.LightningDataModule):
     """Images for VQGAN training.
 
     Args:
@@ -263,8 +263,7 @@ class ImageDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
-        self._train_sampler: ResumableSampler | None = None
-        self._pending_state: dict[str, Any] | None = None
+        self._init_resume()
 
     @property
     def shards(self) -> bool:
@@ -298,28 +297,10 @@ class ImageDataModule(L.LightningDataModule):
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
         hp = self.hparams
         if shuffle and not isinstance(dataset, IterableDataset):
-            trainer = self.trainer
-            rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-            sampler = ResumableSampler(
-                dataset,
-                hp.batch_size,
-                hp.seed,
-                rank,
-                world,
-                processed=self._position,
-                with_epoch=isinstance(dataset, ImageFolderDataset),  # its flips are drawn per epoch
-            )
-            if self._pending_state is not None:
-                sampler.load_state_dict(self._pending_state)
-                self._pending_state = None
-            self._train_sampler = sampler
-            return ResumableDataLoader(
-                dataset,
-                batch_size=hp.batch_size,
-                sampler=sampler,
-                num_workers=hp.num_workers,
-                persistent_workers=hp.num_workers > 0,
-            )
+            return self.resumable_loader(
+                dataset, hp.batch_size, hp.seed, with_epoch=isinstance(dataset, ImageFolderDataset),  # flips per epoch
+                num_workers=hp.num_workers, persistent_workers=hp.num_workers > 0,
+            )  # fmt: skip
         if shuffle:  # shards: their shuffles start at the trainer's epoch (a reload each epoch), else the restored one
             position = trainer_position(self.trainer)
             epoch = position[0] if position is not None else int((self._pending_state or {}).get("epoch", 0))
@@ -343,16 +324,11 @@ class ImageDataModule(L.LightningDataModule):
         self.setup("validate")
         return [] if self.val_set is None else self._loader(self.val_set, shuffle=False)
 
-    def _position(self) -> tuple[int, int] | None:
-        return trainer_position(self.trainer)
-
     def state_dict(self) -> dict[str, Any]:
         """The training position ``{"epoch", "batch", ...}`` (Lightning saves it in every checkpoint)."""
-        if self._train_sampler is not None:
-            return self._train_sampler.state_dict()
-        if self.shards and (pos := self._position()) is not None:
+        if self._train_sampler is None and self.shards and (pos := self._position()) is not None:
             return {"epoch": pos[0], "batch": pos[1]}
-        return dict(self._pending_state or {})
+        return super().state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the training position (before or after the training loader exists); from shards, only the
@@ -366,7 +342,4 @@ class ImageDataModule(L.LightningDataModule):
                 "epoch's images are read again from its start. Use an end-of-epoch checkpoint or an image folder "
                 "for an exact resume"
             )
-        if self._train_sampler is None:
-            self._pending_state = dict(state_dict)
-        else:
-            self._train_sampler.load_state_dict(state_dict)
+        super().load_state_dict(state_dict)

@@ -22,7 +22,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from cm3leon_lightning.data.cleaning import to_rgb
-from cm3leon_lightning.data.sampling import ResumableDataLoader, ResumableSampler, trainer_position
+from cm3leon_lightning.data.sampling import ResumableTrainData
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 SHAPE_COLORS: dict[str, tuple[int, int, int]] = {
@@ -165,7 +165,7 @@ def collate_pairs(items: list[dict[str, Any]]) -> dict[str, Any]:
     return {"image": torch.stack([x["image"] for x in items]), "caption": [x["caption"] for x in items]}
 
 
-class ImageCaptionDataModule(L.LightningDataModule):
+class ImageCaptionDataModule(ResumableTrainData, L.LightningDataModule):
     """Image-caption pairs for CLIP training, split into train and validation.
 
     Exactly one source: ``data_dir`` (images with ``.txt`` sidecars), ``images`` + ``captions`` (in memory, from
@@ -224,8 +224,7 @@ class ImageCaptionDataModule(L.LightningDataModule):
         self.num_workers, self.seed = num_workers, seed
         self.train_set: ImageCaptionPairs | None = None
         self.val_set: ImageCaptionPairs | None = None
-        self._train_sampler: ResumableSampler | None = None
-        self._pending_state: dict[str, Any] | None = None
+        self._init_resume()
 
     def setup(self, stage: str | None = None) -> None:
         """Load or generate the pairs and split them (seeded)."""
@@ -252,28 +251,15 @@ class ImageCaptionDataModule(L.LightningDataModule):
         self.train_set, self.val_set = subsets["train"], subsets["val"]
 
     def train_dataloader(self) -> DataLoader:
-        """Training batches in the seeded, resumable order of :class:`ResumableSampler` (this rank's share; the
-        last partial batch dropped when there is more than one batch)."""
-        trainer = self.trainer
-        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        share = -(-len(self.train_set) // world)  # this rank's samples
-        drop_last = share > self.batch_size
-        sampler = ResumableSampler(
-            self.train_set, self.batch_size, self.seed, rank, world, drop_last=drop_last, processed=self._position
-        )
-        if self._pending_state is not None:
-            sampler.load_state_dict(self._pending_state)
-            self._pending_state = None
-        self._train_sampler = sampler
-        return ResumableDataLoader(
-            self.train_set,
-            batch_size=self.batch_size,
-            sampler=sampler,
-            drop_last=drop_last,
-            num_workers=self.num_workers,
-            collate_fn=collate_pairs,
-            persistent_workers=self.num_workers > 0,
-        )
+        """Training batches in the seeded, resumable order of
+        :class:`~cm3leon_lightning.data.sampling.ResumableSampler` (this rank's share; the last partial batch dropped
+        when there is more than one batch)."""
+        world = self.trainer.world_size if self.trainer is not None else 1
+        drop_last = -(-len(self.train_set) // world) > self.batch_size  # more than one batch in this rank's share
+        return self.resumable_loader(
+            self.train_set, self.batch_size, self.seed, drop_last=drop_last, num_workers=self.num_workers,
+            collate_fn=collate_pairs, persistent_workers=self.num_workers > 0,
+        )  # fmt: skip
 
     def val_dataloader(self) -> DataLoader:
         """Validation batches in a fixed order."""
@@ -283,21 +269,3 @@ class ImageCaptionDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             collate_fn=collate_pairs,
         )
-
-    def _position(self) -> tuple[int, int] | None:
-        return trainer_position(self.trainer)
-
-    def state_dict(self) -> dict[str, Any]:
-        """The training position ``{"epoch", "batch", "fingerprint"}`` (Lightning saves it in every checkpoint)."""
-        if self._train_sampler is None:
-            return dict(self._pending_state or {})
-        return self._train_sampler.state_dict()
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the training position (before or after the training loader exists)."""
-        if not state_dict:
-            return
-        if self._train_sampler is None:
-            self._pending_state = dict(state_dict)
-        else:
-            self._train_sampler.load_state_dict(state_dict)

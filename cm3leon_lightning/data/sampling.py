@@ -169,3 +169,49 @@ class ResumableDataLoader(DataLoader):
         """The sampler's :meth:`ResumableSampler.load_state_dict` (nothing for another sampler, or an empty state)."""
         if state and isinstance(self.sampler, ResumableSampler):
             self.sampler.load_state_dict(state)
+
+
+class ResumableTrainData:
+    """Mixin for a LightningDataModule whose training loader is a :class:`ResumableDataLoader`: it builds the
+    sampler for this rank, applies a position loaded before the loader existed, and saves the position as the data
+    module's ``state_dict`` (Lightning stores it in every checkpoint). Call :meth:`_init_resume` in ``__init__``."""
+
+    def _init_resume(self) -> None:
+        self._train_sampler: ResumableSampler | None = None
+        self._pending_state: dict[str, Any] | None = None
+
+    def _position(self) -> tuple[int, int] | None:
+        return trainer_position(self.trainer)  # type: ignore[attr-defined]
+
+    def resumable_loader(
+        self, dataset: Dataset, batch_size: int, seed: int, drop_last: bool = False, with_epoch: bool = False,
+        **loader_kwargs: Any,
+    ) -> ResumableDataLoader:  # fmt: skip
+        """A :class:`ResumableDataLoader` over ``dataset`` for this rank, at the restored position if any."""
+        trainer = self.trainer  # type: ignore[attr-defined]
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        sampler = ResumableSampler(
+            dataset, batch_size, seed, rank, world, drop_last=drop_last, processed=self._position, with_epoch=with_epoch
+        )
+        if self._pending_state is not None:
+            sampler.load_state_dict(self._pending_state)
+            self._pending_state = None
+        self._train_sampler = sampler
+        return ResumableDataLoader(
+            dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, **loader_kwargs
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training position ``{"epoch", "batch", "fingerprint"}`` (Lightning saves it in every checkpoint)."""
+        if self._train_sampler is None:
+            return dict(self._pending_state or {})
+        return self._train_sampler.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the training position (before or after the training loader exists)."""
+        if not state_dict:
+            return
+        if self._train_sampler is None:
+            self._pending_state = dict(state_dict)
+        else:
+            self._train_sampler.load_state_dict(state_dict)
