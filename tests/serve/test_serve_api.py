@@ -5,7 +5,7 @@ import pytest
 from fastapi.responses import JSONResponse
 from support.images import png_base64
 
-import cm3leon_lightning.serve.api as api_module
+import cm3leon_lightning.serve.runs as runs_module
 from cm3leon_lightning.generation import edit_image, generate_image, generate_text, rerank
 from cm3leon_lightning.generation.cli import load_checkpoint
 from cm3leon_lightning.generation.tasks import EDIT_PREFIX, task_prefix
@@ -38,15 +38,15 @@ def direct(serve_assets):
 
 
 def counting(monkeypatch, name):
-    """Wrap ``serve.api.<name>`` to record the number of prompts (or images) of every call: one per candidate for
+    """Wrap ``serve.runs.<name>`` to record the number of prompts (or images) of every call: one per candidate for
     images and edits, which the API decodes as one row per candidate."""
-    calls, real = [], getattr(api_module, name)
+    calls, real = [], getattr(runs_module, name)
 
     def wrapper(model, vocab, rows, *args, **kwargs):
         calls.append(len(rows))
         return real(model, vocab, rows, *args, **kwargs)
 
-    monkeypatch.setattr(api_module, name, wrapper)
+    monkeypatch.setattr(runs_module, name, wrapper)
     return calls
 
 
