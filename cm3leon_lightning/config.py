@@ -25,6 +25,7 @@ All use GELU. The comments on :data:`PRESETS` give the per-preset reasoning (why
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -81,12 +82,13 @@ class CM3LeonConfig:
             raise ValueError(f"CM3LeonConfig.activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if not isinstance(self.tie_embeddings, bool):
             raise ValueError(f"CM3LeonConfig.tie_embeddings must be a bool, got {self.tie_embeddings!r}")
-        if not self.init_std > 0:
-            raise ValueError(f"CM3LeonConfig.init_std must be > 0, got {self.init_std!r}")
-        if not self.pos_init_std >= 0:
-            raise ValueError(f"CM3LeonConfig.pos_init_std must be >= 0, got {self.pos_init_std!r}")
-        if not self.layer_norm_eps > 0:
-            raise ValueError(f"CM3LeonConfig.layer_norm_eps must be > 0, got {self.layer_norm_eps!r}")
+        for name, zero_ok in (("init_std", False), ("pos_init_std", True), ("layer_norm_eps", False)):
+            value = getattr(self, name)
+            # A string (YAML 1.1 reads ``1e-5`` as one) or an infinity would fail later, or init every weight to nan.
+            real = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if not (real and (value >= 0 if zero_ok else value > 0)):
+                bound = ">= 0" if zero_ok else "> 0"
+                raise ValueError(f"CM3LeonConfig.{name} must be a finite number {bound}, got {value!r}")
 
     # ------------------------------------------------------------------------------------------ derived sizes
     @property

@@ -106,7 +106,7 @@ def save_pretrained(
         source: provenance recorded in ``config.json`` (checkpoint path, step).
         layout: ``cm3leon`` (this module's format) or ``hf``: ``transformers``' ``OPTForCausalLM``
             (:mod:`cm3leon_lightning.model.hf_opt`), our architecture and vocabulary under ``"cm3leon"``.
-        fetch: reads the real tensors of the names it is given (``PretrainedWeights.read``); None: ``state_dict``'s.
+        fetch: reads the real tensors of the names it is given (``PretrainedWeights.fetch``); None: ``state_dict``'s.
         chunk_bytes: the most source bytes asked of ``fetch`` at once (a larger tensor is asked for alone; default
             :data:`~cm3leon_lightning.model.weights.CHUNK_BYTES`).
 
@@ -199,14 +199,15 @@ def read_pretrained(path: str | os.PathLike[str], what: str = "path") -> tuple[d
 
 # ------------------------------------------------------------------------------------ Hugging Face (OPT) layout
 def is_hf_dir(path: str | os.PathLike[str]) -> bool:
-    """True when ``path`` holds a Hugging Face ``config.json`` (one with a ``model_type``)."""
+    """True when ``path`` holds a Hugging Face ``config.json`` (a JSON object with a ``model_type``)."""
     config = Path(path) / CONFIG_FILE
     if not (Path(path).is_dir() and config.is_file()):
         return False
     try:
-        return "model_type" in json.loads(config.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, TypeError):
+        doc = json.loads(config.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
         return False
+    return isinstance(doc, dict) and "model_type" in doc
 
 
 def read_hf(path: str | os.PathLike[str], what: str = "path") -> tuple[dict[str, Tensor], dict[str, Any]]:

@@ -343,9 +343,10 @@ class CM3Leon(nn.Module):
 
         Batched prompts of different lengths are **left-padded** to a common length and given an
         ``attention_mask`` (1 = real token, 0 = padding). Each row's position ids count only its real tokens and
-        no query attends to padding, so every row gets exactly the logits of its own unpadded forward. The cache
-        remembers which slots are padding, so decode steps need no mask (every decoded token is real; pass a
-        ``(B, 1)`` mask to mark some rows' tokens as padding). Rows move in lockstep through the slots.
+        no query attends to padding, so every row gets the logits of its own unpadded forward (up to float
+        rounding: the matmuls run in other shapes). The cache remembers which slots are padding, so decode steps
+        need no mask (every decoded token is real; pass a ``(B, 1)`` mask to mark some rows' tokens as padding).
+        Rows move in lockstep through the slots.
         Right-padded training batches may pass ``attention_mask`` too (or none: later pads never affect earlier
         logits).
 
@@ -364,8 +365,9 @@ class CM3Leon(nn.Module):
             # row 1's `d` has position 0 and never attends to the PAD slot: its logits equal model([[d, e]])'s.
 
         Args:
-            idx: ``(B, T)`` long token ids.
-            input_pos: ``(T,)`` long cache slots of the tokens (use and update the KV cache), or None.
+            idx: ``(B, T)`` long token ids in ``[0, vocab_size)`` (checked when ``idx`` is on the CPU).
+            input_pos: ``(T,)`` long cache slots of the tokens (use and update the KV cache), each in
+                ``[0, max_seq_len)`` of the cache (checked when ``input_pos`` is on the CPU), or None.
             attention_mask: ``(B, T)`` bool/int, 1 for real tokens and 0 for padding; None means all real.
             last_only: return logits of the last position only, ``(B, 1, V)`` (saves memory in prefill).
             logits_range: ``(lo, hi)``: compute the logits of ids ``lo..hi-1`` only (the LM head reads just those
@@ -378,6 +380,13 @@ class CM3Leon(nn.Module):
         if idx.ndim != 2:
             raise ValueError(f"CM3Leon.forward idx must be (B, T), got shape {tuple(idx.shape)}")
         B, T = idx.shape
+        if idx.numel() and idx.device.type == "cpu" and not torch.compiler.is_compiling():
+            lo, hi = int(idx.min()), int(idx.max())  # no device sync on the CPU (the embedding's own error is bare)
+            if lo < 0 or hi >= self.config.vocab_size:
+                raise ValueError(
+                    f"CM3Leon.forward idx holds token ids {lo}..{hi}, outside [0, {self.config.vocab_size}) "
+                    "(vocab_size: does the data's vocabulary match the model's?)"
+                )
         if logits_range is not None and not 0 <= logits_range[0] < logits_range[1] <= self.config.vocab_size:
             raise ValueError(
                 f"CM3Leon.forward logits_range {tuple(logits_range)} must satisfy 0 <= lo < hi <= vocab_size "
@@ -404,6 +413,16 @@ class CM3Leon(nn.Module):
                 raise RuntimeError("CM3Leon.forward got input_pos but no KV cache; call setup_kv_cache() first")
             if input_pos.shape != (T,):
                 raise ValueError(f"CM3Leon.forward input_pos must have shape ({T},), got {tuple(input_pos.shape)}")
+            if input_pos.dtype != torch.long:
+                raise ValueError(f"CM3Leon.forward input_pos must be a long tensor, got {input_pos.dtype}")
+            if T and input_pos.device.type == "cpu" and not torch.compiler.is_compiling():
+                # Checked where it costs no device sync (a CUDA or compiled step would have to wait for the value).
+                lo, hi = int(input_pos.min()), int(input_pos.max())
+                if lo < 0 or hi >= cache.max_seq_len:
+                    raise ValueError(
+                        f"CM3Leon.forward input_pos slots {lo}..{hi} must lie in [0, {cache.max_seq_len}) "
+                        f"(the KV cache's max_seq_len; setup_kv_cache(batch_size, max_seq_len) allocates more)"
+                    )
             if B != cache.batch_size or T > cache.max_seq_len:
                 raise ValueError(
                     f"CM3Leon.forward idx shape {(B, T)} does not fit the KV cache "

@@ -19,9 +19,13 @@ from cm3leon_lightning.model import CM3Leon
         ({"max_seq_len": True}, "max_seq_len must be an integer >= 1, got True"),
         ({"activation": "tanh"}, "activation must be one of ('gelu', 'relu', 'swiglu'), got 'tanh'"),
         ({"tie_embeddings": 1}, "tie_embeddings must be a bool, got 1"),
-        ({"init_std": 0.0}, "init_std must be > 0, got 0.0"),
-        ({"pos_init_std": -1.0}, "pos_init_std must be >= 0, got -1.0"),
-        ({"layer_norm_eps": 0.0}, "layer_norm_eps must be > 0, got 0.0"),
+        ({"init_std": 0.0}, "init_std must be a finite number > 0, got 0.0"),
+        ({"init_std": float("inf")}, "init_std must be a finite number > 0, got inf"),
+        ({"init_std": True}, "init_std must be a finite number > 0, got True"),
+        ({"pos_init_std": -1.0}, "pos_init_std must be a finite number >= 0, got -1.0"),
+        ({"pos_init_std": None}, "pos_init_std must be a finite number >= 0, got None"),
+        ({"layer_norm_eps": 0.0}, "layer_norm_eps must be a finite number > 0, got 0.0"),
+        ({"layer_norm_eps": "1e-5"}, "layer_norm_eps must be a finite number > 0, got '1e-5'"),  # YAML 1.1's 1e-5
     ],
 )
 def test_invalid_fields_raise_naming_the_field(overrides, message):
@@ -80,7 +84,7 @@ def test_paper_presets_have_the_decided_shapes_and_nominal_size(name, shape, nom
         model = CM3Leon(cfg)
     counted = model.num_parameters()
     assert counted == cfg.num_parameters()
-    assert abs(counted - nominal) / nominal < 0.03, f"{name}: {counted / 1e6:.1f}M"
+    assert abs(counted - nominal) / nominal < 0.01, f"{name}: {counted / 1e6:.1f}M"  # the docstring says 1%
 
 
 def test_analytic_count_matches_a_real_model_for_every_activation_and_tying():

@@ -20,7 +20,7 @@ from cm3leon_lightning.model.pretrained import (
     read_pretrained,
     save_pretrained,
 )
-from cm3leon_lightning.model.weights import TIED
+from cm3leon_lightning.model.weights import TIED, read_weights
 
 VOCAB = {"n_text": 64, "n_codes": 32, "grid_h": 2, "grid_w": 3, "num_sentinels": 8, "pad_to_multiple": 128}
 
@@ -124,3 +124,7 @@ def test_malformed_directories_name_the_file_and_field(model: CM3Leon, tmp_path:
     (broken / WEIGHTS_FILE).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not safetensors}")
     with pytest.raises(ValueError, match="model.safetensors' cannot be read as safetensors"):
         read_pretrained(broken, "--ckpt")
+    # a config.json that is JSON but not an object is no Hugging Face config (it crashed with AttributeError)
+    for name, text in (("string", json.dumps("model_type")), ("list", json.dumps(["model_type"]))):
+        with pytest.raises(ValueError, match=f"--ckpt: .*{name}/config.json has format None, not"):
+            read_weights(variant(name, text), "--ckpt")

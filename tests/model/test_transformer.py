@@ -266,6 +266,10 @@ def test_bad_calls_raise_clear_errors():
         model(torch.zeros(1, 300, dtype=torch.long))
     with pytest.raises(ValueError, match=r"idx must be \(B, T\)"):
         model(torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"idx holds token ids 0\.\.512, outside \[0, 512\) \(vocab_size"):
+        model(torch.tensor([[0, 512]]))
+    with pytest.raises(ValueError, match=r"idx holds token ids -1\.\.3, outside \[0, 512\)"):
+        model(torch.tensor([[3, -1]]))
     with pytest.raises(ValueError, match="attention_mask shape"):
         model(idx, attention_mask=torch.ones(2, 3))
     with pytest.raises(ValueError, match=r"max_seq_len must be in \[1, 256\], got 512"):
@@ -277,6 +281,14 @@ def test_bad_calls_raise_clear_errors():
         model(torch.zeros(3, 1, dtype=torch.long), input_pos=torch.tensor([0]))
     with pytest.raises(ValueError, match=r"input_pos must have shape \(4,\)"):
         model(idx, input_pos=torch.arange(3))
+    # a decode loop run one step past the cache, or a negative slot, names input_pos and the cache's size
+    with pytest.raises(ValueError, match=r"input_pos slots 8\.\.8 must lie in \[0, 8\) \(the KV cache's max_seq_len"):
+        model(idx[:, :1], input_pos=torch.tensor([8]))
+    with pytest.raises(ValueError, match=r"input_pos slots -1\.\.2 must lie in \[0, 8\)"):
+        model(idx, input_pos=torch.tensor([-1, 0, 1, 2]))
+    with pytest.raises(ValueError, match="input_pos must be a long tensor, got torch.int32"):
+        model(idx, input_pos=torch.arange(4, dtype=torch.int32))
+    assert not model.kv_cache.valid.any()  # refused before anything was written
     assert "kv_cache" not in "".join(model.state_dict())  # cache buffers are never checkpointed
     model.clear_kv_cache()
     assert model.kv_cache is None
