@@ -34,6 +34,7 @@ from cm3leon_lightning.data.shapes import scene_to_dict
 
 MARKER = "stage.json"
 RUN_FILE = "demo.json"
+REPORT_FILES = ("samples.png", "metrics.json", "report.md")  # the report stage's outputs, at the top of the run
 PREPARE_SETTINGS: dict[str, Any] = {"k_per_modality": 2, "query_dropout": 0.2, "device": "cpu", "workers": 1}
 STAGES = ("data", "tokenizer", "vqgan", "clip", "prepare", "train", "evaluate", "report")
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -165,13 +166,18 @@ def load_cached(ctx: Context, name: str) -> dict[str, Any] | None:
         saved = json.loads(marker.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):  # a marker cut short: the stage reruns
         return None
-    return saved if isinstance(saved, dict) and saved.get("hash") == stage_key(ctx, name) else None
+    if not isinstance(saved, dict) or saved.get("hash") != stage_key(ctx, name):
+        return None
+    result = saved.get("result") if isinstance(saved.get("result"), dict) else {}
+    recorded = [v for v in result.values() if isinstance(v, str) and os.path.isabs(v)]  # its outputs' paths
+    return saved if all(Path(v).exists() for v in recorded) else None  # one deleted (report.md...): the stage reruns
 
 
 def run_stage(ctx: Context, name: str, announce_cached: bool = True) -> dict[str, Any]:
     """Run stage ``name`` unless its marker holds the current hash; record its result and hash in ``ctx``.
 
-    The stage's directory is emptied first and the marker written last, so a killed stage reruns from scratch.
+    The stage's directory is emptied first and the marker written last, so a killed stage reruns from scratch; the
+    top-level report files go too, so a run that stops before its report stage leaves none that describe old stages.
     """
     title = f"[{STAGES.index(name) + 1}/{len(STAGES)}] {name:<9}"
     key = stage_key(ctx, name)
@@ -180,6 +186,8 @@ def run_stage(ctx: Context, name: str, announce_cached: bool = True) -> dict[str
         if announce_cached:
             ctx.log(f"{title} cached ({saved['seconds']:.1f}s when it ran)")
     else:
+        for stale in REPORT_FILES:  # the report of the stages being replaced: written again by the report stage
+            (ctx.out / stale).unlink(missing_ok=True)
         directory = ctx.stage_dir(name)
         if directory.exists():
             shutil.rmtree(directory)
@@ -472,6 +480,22 @@ def prepare_out(out: Path, fresh: bool, size: str, seed: int = 0) -> None:
     write_atomic(out / RUN_FILE, json.dumps({"size": size, "seed": seed, "argv": sys.argv[1:]}, indent=1))
 
 
+def refuse_other_run(ctx: Context, size: str) -> None:
+    """ValueError (naming ``--out``) if ``ctx.out`` holds a demo run whose data stage was made with other settings
+    (another size or seed): every stage would be redone and the run lost; ``--fresh`` says to replace it."""
+    try:
+        saved = json.loads((ctx.stage_dir("data") / MARKER).read_text())
+        recorded = json.loads((ctx.out / RUN_FILE).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):  # no finished data stage: nothing to lose
+        return
+    if not isinstance(saved, dict) or saved.get("hash") == stage_key(ctx, "data"):
+        return
+    was = f"size {recorded.get('size')!r}, seed {recorded.get('seed')}" if isinstance(recorded, dict) else "?"
+    raise ValueError(f"--out: {ctx.out} holds a demo run of other data ({was}; asked for: size {size!r}, seed "
+                     f"{ctx.seed}; or data/shapes.py changed): rerunning would replace every stage of it. Pass --fresh "
+                     "to start over, or give another --out")  # fmt: skip
+
+
 def run(
     out: str | os.PathLike = "runs/demo",
     size: str | DemoSize = "default",
@@ -499,8 +523,10 @@ def run(
     threads = threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     out = Path(out).resolve()  # stage results record paths: absolute ones stay right from any working directory
-    prepare_out(out, fresh, size_name, seed)
     ctx = Context(out=out, size=size, configs=configs, seed=seed, verbose=verbose)
+    if not fresh:
+        refuse_other_run(ctx, size_name)
+    prepare_out(out, fresh, size_name, seed)
     t0 = time.perf_counter()
     for name in STAGES:
         if name == "vqgan" and threads > 1:

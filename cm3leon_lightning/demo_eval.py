@@ -251,6 +251,16 @@ class ClipImageFeatures(nn.Module):
         return torch.from_numpy(self.clip.embed_images(images.to(torch.uint8))).double()
 
 
+def scene_renders(scenes: list[Any], n: int, image_size: int, seed: int) -> np.ndarray:
+    """``n`` renders of each scene (position and size jitter drawn anew), uint8 ``(len(scenes) * n, H, W, 3)``: the
+    real counterpart of ``n`` generated samples per prompt (FID grows as a set shrinks: compare equal sizes)."""
+    from cm3leon_lightning.data.shapes import render
+
+    # four-number seeds: streams apart from generate_pairs' (seed, split, index)
+    rngs = ((sc, np.random.default_rng([seed, 2, i, j])) for i, sc in enumerate(scenes) for j in range(n))
+    return np.stack([render(sc, image_size, rng) for sc, rng in rngs])
+
+
 def fid(clip: Any, real: np.ndarray, fake: np.ndarray) -> float | None:
     """FID between two uint8 ``(N, H, W, 3)`` image sets in the CLIP image-tower feature space (None if < 2 each)."""
     from cm3leon_lightning.metrics.fid import make_fid
@@ -353,15 +363,19 @@ def evaluate(ctx: Context, out: Path) -> dict[str, Any]:
     # FID in the trained CLIP image tower's feature space: generated (seen prompts) vs validation renders.
     t0 = time.perf_counter()
     real = load_images(Path(res["data"]["train"]), [s.key for s in val])
+    seen_scenes = [scene_from_dict(r["scene"]) for r in prompts["seen"]]
+    # as many real renders as each method's images: FID depends on the set size
+    reference = scene_renders(seen_scenes, size.samples_per_prompt, size.image_size, ctx.seed + 1)
     with torch.no_grad():
-        recon = to_uint8(vqgan.decode(vqgan.encode(torch.from_numpy(renders["seen"]).permute(0, 3, 1, 2))))
+        recon = to_uint8(vqgan.decode(vqgan.encode(torch.from_numpy(reference).permute(0, 3, 1, 2))))
     flat = {m: x.reshape(-1, *x.shape[2:]) for m, x in gen_images["seen"].items()}
     fids = {
         "feature_extractor": f"the demo's CLIP image tower ({res['clip']['model']}, {clip.dim}-d)",
         "real_images": len(real),
         "generated_images": len(flat["cfg"]),
+        "reference_images": len(reference),
         **{m: fid(clip, real, flat[m]) for m in ("no_guidance", "cfg", "cd_k")},
-        "reference_renders": fid(clip, real, renders["seen"]),
+        "reference_renders": fid(clip, real, reference),
         "reference_vqgan_reconstructions": fid(clip, real, recon),
     }
     seconds["fid"] = time.perf_counter() - t0

@@ -200,7 +200,9 @@ def render_markdown(metrics: dict[str, Any]) -> str:
         "## FID",
         "",
         f"Feature extractor: {fid['feature_extractor']}; {fid['real_images']} validation renders against "
-        f"{fid['generated_images']} generated images per method (seen-combination prompts). Lower is better.",
+        f"{fid['generated_images']} generated images per method (seen-combination prompts) and "
+        f"{fid['reference_images']} renders of the same prompts' scenes for the references (FID grows as "
+        "a set shrinks, so all rows use sets of one size). Lower is better.",
         "",
         "| images | FID |",
         "|---|---|",

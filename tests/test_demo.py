@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -308,3 +309,77 @@ def test_stage_results_name_the_missing_stage(mini_run: tuple[Path, dict], tmp_p
     (tmp_path / "tokenizer" / "stage.json").write_text('{"hash": "ab')  # killed while writing (older runs)
     with pytest.raises(FileNotFoundError, match=r"tokenizer/stage.json is unreadable .* cut short\? run `make demo`"):
         stage_results(tmp_path)
+
+
+def test_a_deleted_report_file_is_written_again(mini_run: tuple[Path, dict], capsys: pytest.CaptureFixture) -> None:
+    """A stage whose recorded outputs are gone reruns: the demo said 'finished: report.md' with no report.md."""
+    out, _ = mini_run
+    (out / "report.md").unlink()
+    assert main(["--out", str(out), "--size", "mini", "--threads", "1"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "running" in line]
+    assert len(lines) == 1 and "report" in lines[0]
+    assert (out / "report.md").read_text().startswith("# CM3Leon demo report")
+
+
+def test_a_run_of_other_data_is_refused_not_replaced(
+    mini_run: tuple[Path, dict], capsys: pytest.CaptureFixture
+) -> None:
+    """`cm3leon demo --size mini` after `make demo` (same default --out) would have redone every stage over it."""
+    import cm3leon_lightning.demo as demo
+
+    out, _ = mini_run
+    before = {p: p.stat().st_mtime_ns for p in [out / "demo.json", *(out / s / MARKER for s in STAGES)]}
+    assert main(["--out", str(out), "--size", "mini", "--seed", "1", "--threads", "1"]) == 2
+    err = capsys.readouterr().err
+    head = f"cm3leon demo: error: --out: {out} holds a demo run of other data (size 'mini', seed 0; asked for: size"
+    assert err.startswith(f"{head} 'mini', seed 1;") and "Pass --fresh" in err and err.count("\n") == 1
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+    steps = Context(out=out, size=replace(SIZES["mini"], train_steps=3), configs=CONFIG_DIR)
+    demo.refuse_other_run(steps, "custom")  # more training steps reuse the run's data: no refusal
+
+
+def test_a_failed_rerun_leaves_no_report_of_the_replaced_stages(
+    mini_run: tuple[Path, dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stage reruns and fails: report.md, metrics.json and samples.png of the stages it replaced must not stay."""
+    import shutil
+
+    import cm3leon_lightning.demo as demo
+
+    out, _ = mini_run
+    shutil.copytree(out / "evaluate", tmp_path / "evaluate")
+    (out / "evaluate" / MARKER).write_text("{")  # cut short: the evaluate stage reruns
+
+    def broken(ctx: Context, directory: Path) -> dict:
+        raise RuntimeError("evaluation failed")
+
+    monkeypatch.setitem(demo.STAGE_FUNCS, "evaluate", broken)
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        run(out, "mini", threads=1, verbose=False)
+    report_files = ("samples.png", "metrics.json", "report.md")
+    assert [f for f in report_files if (out / f).exists()] == []
+    monkeypatch.undo()
+    shutil.rmtree(out / "evaluate")
+    shutil.copytree(tmp_path / "evaluate", out / "evaluate")
+    run(out, "mini", threads=1, verbose=False)  # the report stage alone writes them again
+    assert all((out / f).is_file() for f in report_files)
+
+
+def test_fid_references_have_as_many_images_as_each_method(mini_run: tuple[Path, dict]) -> None:
+    """FID shrinks as a set grows (same distribution: 0.17 with 40 images, 0.036 with 320): the reference rows had
+    one render per prompt against samples_per_prompt generated images per prompt."""
+    import numpy as np
+
+    from cm3leon_lightning.data.shapes import check_image, generate_pairs
+
+    out, _ = mini_run
+    fid = json.loads((out / "metrics.json").read_text())["evaluate"]["fid"]
+    assert fid["reference_images"] == fid["generated_images"] == 3 * 2
+    assert "and 6 renders of the same prompts' scenes for the references" in (out / "report.md").read_text()
+    from cm3leon_lightning.demo_eval import scene_renders
+
+    scenes = [p.scene for p in generate_pairs(2, "train", 32, seed=5)]
+    renders = scene_renders(scenes, 3, 32, seed=1)
+    assert renders.shape == (6, 32, 32, 3) and renders.dtype == np.uint8
+    assert [check_image(r, scenes[i // 3])["all"] for i, r in enumerate(renders)] == [True] * 6
+    assert np.array_equal(renders, scene_renders(scenes, 3, 32, seed=1)) and len({r.tobytes() for r in renders}) > 2
