@@ -1,14 +1,16 @@
 """CLIP document encoder for the dense retriever (paper section 2.1, "Retrieval Augmentation").
 
 The paper splits a multimodal document into its text and its image, encodes each with the frozen CLIP text and image
-encoders (ViT-B-32), L2-normalises both, and averages them into one document vector. :class:`ClipEncoder` does exactly
-that on top of open_clip; :data:`CLIP_CONFIGS` adds tiny open_clip architectures so tests and the demo run offline in
-seconds, with weights trained by :class:`cm3leon_lightning.modules.clip.ClipModule`.
+encoders (ViT-B-32), L2-normalises both, and averages them into one document vector. :class:`ClipEncoder` does that on
+top of open_clip and L2-normalises the mean too (same direction; the memory bank's inner products are then cosines,
+the scores the selection rules compare with 0.9). :data:`CLIP_CONFIGS` adds tiny open_clip architectures so tests and
+the demo run offline in seconds, with weights trained by :class:`cm3leon_lightning.modules.clip.ClipModule`.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import warnings
 from collections.abc import Sequence
@@ -21,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
 from PIL import Image
+from safetensors import SafetensorError
 
 from cm3leon_lightning.retrieval.clip_files import (  # noqa: F401  (uses_quick_gelu: re-exported)
     recorded_preprocess,
@@ -113,6 +116,21 @@ def _weights_help(model_name: str) -> str:
     )
 
 
+def _unreadable(e: BaseException) -> bool:
+    """Whether loading a weights file failed because the file cannot be read at all (truncated, corrupt, or not a
+    state dict), rather than because its tensors do not fit the architecture."""
+    if isinstance(e, SafetensorError | pickle.UnpicklingError | EOFError):
+        return True
+    return isinstance(e, RuntimeError) and "PytorchStreamReader" in str(e)  # torch.load of a broken zip archive
+
+
+def _unreadable_error(path: str, e: BaseException) -> ValueError:
+    return ValueError(
+        f"the CLIP weights file {path} cannot be read ({type(e).__name__}: {str(e)[:300]}); it may be truncated "
+        "(an interrupted copy or download), corrupt, or not a state dict: copy it again, or pass another file"
+    )
+
+
 def create_clip(
     model_name: str,
     pretrained: str | None = None,
@@ -136,9 +154,11 @@ def create_clip(
         The open_clip model (``open_clip.CLIP`` or subclass), in train mode as open_clip returns it.
 
     Raises:
-        ClipWeightsUnavailableError: ``pretrained`` is a tag whose weights are not cached and there is no network.
-        ValueError: unknown model name, ``pretrained`` is neither a known tag nor an existing file, or the file's
-            weights or recorded preprocessing (invalid, or another image size) do not fit ``model_name``.
+        ClipWeightsUnavailableError: ``pretrained`` is a tag whose weights are not cached and there is no network, or
+            whose cached file cannot be read.
+        ValueError: unknown model name, ``pretrained`` is neither a known tag nor an existing file, the file cannot be
+            read (truncated or corrupt; the file named), or the file's weights or recorded preprocessing (invalid, or
+            another image size) do not fit ``model_name``.
     """
     register_clip_configs()
     if not model_name.startswith(("local-dir:", "hf-hub:")) and open_clip.get_model_config(model_name) is None:
@@ -148,7 +168,11 @@ def create_clip(
     kwargs: dict[str, Any] = {}
     recorded_pp = None
     if pretrained is not None and os.path.isfile(pretrained):
-        if wants_quick_gelu(pretrained):
+        try:
+            quick_gelu = wants_quick_gelu(pretrained)  # reads a safetensors header: the first sign of a broken file
+        except SafetensorError as e:
+            raise _unreadable_error(pretrained, e) from e
+        if quick_gelu:
             kwargs["force_quick_gelu"] = True
         # A file exported after fine-tuning from a tag records the tag's preprocessing (e.g. mean/std 0.5 or
         # "squash"); open_clip would give a file the architecture's defaults. The size is checked, not forced.
@@ -177,10 +201,19 @@ def create_clip(
         model = open_clip.create_model(
             model_name, pretrained=pretrained, device=device, precision=precision, cache_dir=cache_dir, **kwargs
         )
-    except (RuntimeError, AssertionError, KeyError) as e:
+    except (RuntimeError, AssertionError, KeyError, SafetensorError, pickle.UnpicklingError, EOFError) as e:
+        is_file = pretrained is not None and os.path.isfile(pretrained)
+        if is_file and _unreadable(e):
+            raise _unreadable_error(pretrained, e) from e
+        if _unreadable(e):  # a tag's file in the download cache, e.g. left truncated by an interrupted download
+            raise ClipWeightsUnavailableError(
+                f"the cached CLIP weights {model_name!r}/{pretrained!r} cannot be read ({type(e).__name__}: "
+                f"{str(e)[:300]}); delete them from the Hugging Face cache ({cache_dir or '~/.cache/huggingface'}) "
+                "to download them again. " + _weights_help(model_name)
+            ) from e
         if "download" in str(e).lower():
             raise ClipWeightsUnavailableError(f"{e}. " + _weights_help(model_name)) from e
-        if pretrained is not None and os.path.isfile(pretrained):  # open_clip's load_state_dict / resize asserts
+        if is_file:  # open_clip's load_state_dict / resize asserts
             raise ValueError(
                 f"the CLIP weights in {pretrained} do not fit the architecture {model_name!r} ({type(e).__name__}: "
                 f"{str(e)[:300]}); name the architecture they were trained as (--clip-model of cm3leon prepare, "
@@ -290,6 +323,25 @@ def _to_chw_float(img: ImageLike) -> torch.Tensor:
     return t.float() / 255.0 if t.dtype == torch.uint8 else t.float()
 
 
+def _check_unit_range(x: torch.Tensor, first: int) -> torch.Tensor:
+    """``x`` (``(B, 3, H, W)``, images ``first``.. of a call) unchanged; floating point images must be in ``[0, 1]``.
+
+    Values in ``[0, 255]`` or ``[-1, 1]`` would otherwise be clamped after resizing, or passed on as they are: embedded
+    as a white or dark picture, silently. A slack of 1e-3 allows rounding.
+    """
+    if x.dtype == torch.uint8 or x.numel() == 0:
+        return x
+    lo, hi = x.amin(dim=(1, 2, 3)), x.amax(dim=(1, 2, 3))
+    bad = torch.nonzero((lo < -1e-3) | (hi > 1 + 1e-3)).flatten()  # NaN passes: it embeds to NaN, not silently
+    if bad.numel():
+        j = int(bad[0])
+        raise ValueError(
+            f"images[{first + j}] is floating point with values in [{float(lo[j]):.4g}, {float(hi[j]):.4g}]; float "
+            "images must be in [0, 1] (divide [0, 255] values by 255, map [-1, 1] ones with (x + 1) / 2) or be uint8"
+        )
+    return x
+
+
 class ClipEncoder:
     """Frozen CLIP text and image encoders that embed captions, images and documents (paper section 2.1).
 
@@ -383,14 +435,23 @@ class ClipEncoder:
 
         Returns:
             ``(N, dim)`` float32, L2-normalised.
+
+        Raises:
+            ValueError: an image of the wrong shape, or a floating point image with values outside ``[0, 1]`` (its
+                index named).
         """
         out = [np.zeros((0, self.dim), np.float32)]
         for i in range(0, len(images), self.batch_size):
             chunk = images[i : i + self.batch_size]
             if isinstance(chunk, torch.Tensor):
-                x = self._preprocess(chunk.to(self.device))
+                x = self._preprocess(_check_unit_range(chunk.to(self.device), i))
             else:  # different sizes: preprocess one by one
-                x = torch.cat([self._preprocess(_to_chw_float(im)[None].to(self.device)) for im in chunk])
+                x = torch.cat(
+                    [
+                        self._preprocess(_check_unit_range(_to_chw_float(im)[None], i + j).to(self.device))
+                        for j, im in enumerate(chunk)
+                    ]
+                )
             z = self.model.encode_image(x.to(self._dtype), normalize=True)  # (b, D)
             out.append(z.float().cpu().numpy())
         return np.concatenate(out)

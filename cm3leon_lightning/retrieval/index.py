@@ -5,13 +5,15 @@ to obtain a list of candidate documents sorted by relevance score." With L2-norm
 is the cosine similarity, the relevance score the selection rules of :mod:`cm3leon_lightning.retrieval.select` read.
 
 On disk a bank is a directory: ``index.faiss`` (the faiss index), ``keys.json`` (document key of each row id) and
-``meta.json`` (format_version, CLIP model name, dimension, count, normalisation, factory string), checked on load.
+``meta.json`` (format_version, CLIP model name, dimension, count, normalisation, factory string, metric), checked on
+load. :meth:`MemoryBank.save` refuses a directory that already holds a bank unless ``overwrite=True``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections import Counter
@@ -134,11 +136,22 @@ class MemoryBank:
         if hnsw is not None and ef_search is not None:
             hnsw.efSearch = ef_search
 
-    def _check(self, x: np.ndarray, what: str) -> np.ndarray:
+    def _check(self, x: np.ndarray, what: str, first_row: int = 0, keys: Sequence[str] = ()) -> np.ndarray:
+        """``x`` as contiguous float32 ``(N, dim)``, normalised if the bank normalises.
+
+        A row with NaN or inf is refused (faiss would store it and never return it, or return nothing for such a
+        query); the error numbers rows from ``first_row`` and names the row's key when ``keys`` (of ``x``) are given.
+        """
         x = np.asarray(x)
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"{what} must have shape (N, {self.dim}), got {x.shape}")
-        x = _l2_normalize(x) if self.normalize else np.asarray(x, dtype=np.float32)
+        x = np.asarray(x, dtype=np.float32)  # float16 beyond its range is already inf; float64 may overflow here
+        bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
+        if bad.size:
+            row = int(bad[0])
+            key = f" (document key {keys[row]!r})" if len(keys) else ""
+            raise ValueError(f"{what} row {first_row + row}{key} has NaN or infinite values ({bad.size} such rows)")
+        x = _l2_normalize(x) if self.normalize else x
         return np.ascontiguousarray(x)
 
     def train(self, sample: np.ndarray) -> None:
@@ -149,7 +162,8 @@ class MemoryBank:
                 with 8-bit codes at least 256.
 
         Raises:
-            ValueError: the sample has the wrong shape, or is too small for the index (faiss's reason included).
+            ValueError: the sample has the wrong shape or NaN/inf values, or is too small for the index (faiss's
+                reason included).
         """
         if self.is_trained:
             return
@@ -173,7 +187,14 @@ class MemoryBank:
                 time so memory stays bounded by the index itself.
             keys: N unique document keys (non-empty, no newline).
             batch_size: rows converted and added per faiss call.
+
+        Raises:
+            ValueError: the index is untrained or memory-mapped read-only, the shapes or keys are wrong (checked before
+                anything is added), or a row has NaN/inf values (its row and key named; the batches before its batch
+                were added, with their keys).
         """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not self.is_trained:
             raise ValueError(f"index {self.factory!r} must be trained before adding: call train(sample) first")
         if _on_disk_lists(self.index):
@@ -196,7 +217,8 @@ class MemoryBank:
         for i in range(0, len(keys), batch_size):
             # Keys follow each faiss call, so an error in a later batch (a failing memmap read, an interrupt) leaves
             # the rows already added with their keys: row id j always names keys[j].
-            self.index.add(self._check(embeddings[i : i + batch_size], "embeddings"))
+            x = self._check(embeddings[i : i + batch_size], "embeddings", i, keys[i : i + batch_size])
+            self.index.add(x)
             self.keys.extend(keys[i : i + batch_size])
             self._key_set.update(keys[i : i + batch_size])
 
@@ -247,16 +269,23 @@ class MemoryBank:
             batch_size: queries per faiss call.
 
         Returns:
-            :class:`SearchResult` with scores, ids and keys, best first.
+            :class:`SearchResult` with scores, ids and keys, best first; an empty bank gives no hits.
+
+        Raises:
+            ValueError: ``k`` or ``batch_size`` below 1, queries of the wrong shape, or a query with NaN/inf values
+                (its row named).
         """
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         q = self._check(queries, "queries")
         scores = np.full((len(q), k), -np.inf, np.float32)
         ids = np.full((len(q), k), -1, np.int64)
-        for i in range(0, len(q), batch_size):
-            s, j = self.index.search(q[i : i + batch_size], k)  # (b, k), (b, k)
-            scores[i : i + len(s)], ids[i : i + len(s)] = s, j
+        n = min(k, len(self))  # faiss is asked for no more hits than the bank holds (an empty IVF bank: untrained)
+        for i in range(0, len(q) if n else 0, batch_size):
+            s, j = self.index.search(q[i : i + batch_size], n)  # (b, n), (b, n)
+            scores[i : i + len(s), :n], ids[i : i + len(s), :n] = s, j
         scores[ids < 0] = -np.inf
         keys = [[self.keys[j] for j in row if j >= 0] for row in ids]
         return SearchResult(scores, ids, keys)
@@ -273,13 +302,22 @@ class MemoryBank:
             "metric": "inner_product",
         }
 
-    def save(self, path: str | os.PathLike) -> Path:
+    def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
         """Write ``index.faiss``, ``keys.json`` and ``meta.json`` into directory ``path`` (created if needed).
 
-        Each file is written to a temporary name in ``path`` first and moved over the old one only when all three are
-        written, ``meta.json`` last: an error while writing leaves a bank already saved at ``path`` as it was.
+        Each file is written to a temporary name in ``path`` first and moved into place only when all three are
+        written, ``meta.json`` last: with ``overwrite``, an error while writing leaves the bank already saved at
+        ``path`` as it was.
+
+        Raises:
+            FileExistsError: ``path`` already holds one of the three files and ``overwrite`` is false.
         """
         out = Path(path)
+        existing = [name for name in (INDEX_FILE, KEYS_FILE, META_FILE) if (out / name).exists()]
+        if existing and not overwrite:
+            raise FileExistsError(
+                f"{out} already holds a memory bank ({', '.join(existing)}); pass overwrite=True to replace it"
+            )
         out.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".save-", dir=out))
         try:
@@ -320,7 +358,8 @@ class MemoryBank:
             FileNotFoundError: a file of the bank is missing.
             ValueError: the metadata is inconsistent or does not match ``model_name`` / ``dim`` (both values named); a
                 file is not valid JSON, a ``meta.json`` field is missing or of the wrong type, ``keys.json`` is not a
-                list of unique strings, or the index is not inner-product (the file and field named).
+                list of unique strings, ``index.faiss`` cannot be read (truncated or corrupt), or the index is not
+                inner-product (the file and field named).
         """
         src = Path(path)
         for name in (INDEX_FILE, KEYS_FILE, META_FILE):
@@ -344,7 +383,11 @@ class MemoryBank:
             )
         if dim is not None and meta["dim"] != dim:
             raise ValueError(f"memory bank {src} has dimension {meta['dim']} but queries have dimension {dim}")
-        index = faiss.read_index(str(src / INDEX_FILE), faiss.IO_FLAG_MMAP if mmap else 0)
+        try:
+            index = faiss.read_index(str(src / INDEX_FILE), faiss.IO_FLAG_MMAP if mmap else 0)
+        except RuntimeError as e:  # faiss's C++ error: 'read error ... 5 != 640', 'Index type ... not recognized'
+            reason = re.sub(r"^Error in .* at \S+:\d+: ", "", str(e).strip()).rsplit("failed: ", 1)[-1]
+            raise ValueError(f"{src / INDEX_FILE}: not a readable faiss index (truncated or corrupt?): {reason}") from e
         if index.metric_type != faiss.METRIC_INNER_PRODUCT:
             raise ValueError(f"{src / INDEX_FILE}: not an inner-product index (faiss metric {index.metric_type})")
         keys = _read_json(src / KEYS_FILE, "a list of document keys")

@@ -251,3 +251,61 @@ def test_weights_in_a_copied_hf_cache_are_used_offline(tmp_path, monkeypatch, ca
     (root / "snapshots" / ("0" * 40) / cached_name).unlink()
     with pytest.raises(ClipWeightsUnavailableError):
         create_clip("ViT-B-32", "openai", cache_dir=str(tmp_path))
+
+
+def test_unreadable_weights_files_are_named_and_not_blamed_on_the_architecture(weights, tmp_path):
+    """A truncated safetensors file raised safetensors' bare 'incomplete metadata, file not fully covered', an empty
+    one EOFError, neither naming the file; a truncated torch file was reported as weights that 'do not fit the
+    architecture', with advice to name another architecture."""
+    st, pt, _ = weights
+    cases = {
+        "short.safetensors": st.read_bytes()[:-100],
+        "half.pt": pt.read_bytes()[: pt.stat().st_size // 2],
+        "empty.bin": b"",
+        "text.pt": b"not a checkpoint\n" * 10,
+    }
+    for name, raw in cases.items():
+        (tmp_path / name).write_bytes(raw)
+        with pytest.raises(ValueError, match=rf"the CLIP weights file .*/{name} cannot be read \(\w+: .*truncated"):
+            ClipEncoder("cm3leon-clip-tiny", pretrained=str(tmp_path / name))
+    torch.save({"not": torch.zeros(1)}, tmp_path / "other.pt")  # readable, but not this architecture's
+    with pytest.raises(ValueError, match=r"weights in .*other\.pt do not fit the architecture 'cm3leon-clip-tiny'"):
+        ClipEncoder("cm3leon-clip-tiny", pretrained=str(tmp_path / "other.pt"))
+
+
+def test_an_unreadable_cached_tag_file_says_to_delete_it(monkeypatch):
+    """A tag's file left truncated in the Hugging Face cache raised safetensors' bare error from inside open_clip."""
+    from safetensors import SafetensorError
+
+    import cm3leon_lightning.retrieval.encoder as encoder_module
+
+    def truncated(*args, **kwargs):
+        raise SafetensorError("Error while deserializing header: incomplete metadata, file not fully covered")
+
+    monkeypatch.setattr(encoder_module, "_in_hf_cache", lambda *a: True)
+    monkeypatch.setattr(open_clip, "create_model", truncated)
+    with pytest.raises(
+        ClipWeightsUnavailableError,
+        match=r"cached CLIP weights 'ViT-B-32'/'openai' cannot be read \(SafetensorError: .*\); delete them from the "
+        r"Hugging Face cache \(/some/cache\)",
+    ):
+        create_clip("ViT-B-32", "openai", cache_dir="/some/cache")
+
+
+def test_float_images_outside_the_unit_range_are_refused_naming_the_image(enc):
+    """Float images in [0, 255] (or [-1, 1]) were clamped after resizing, or passed on unclamped at the model's size,
+    and embedded as a white (or dark) picture without a word."""
+    u8 = torch.from_numpy(_images(6, 40, 48)).permute(0, 3, 1, 2)
+    with pytest.raises(ValueError, match=r"images\[0\] is floating point with values in \[\d+, 255\]; float images"):
+        enc.embed_images(u8.float())
+    minus_one = list(u8.float() / 255)
+    minus_one[5] = minus_one[5] * 2 - 1  # batch_size 4: the second chunk's second image
+    with pytest.raises(ValueError, match=r"images\[5\] is floating point with values in \[-1, 1\]"):
+        enc.embed_images(minus_one)
+    with pytest.raises(ValueError, match=r"images\[1\] is floating point"):
+        enc.embed_images([_images(1)[0], _images(1)[0].astype(np.float32)])  # an (H, W, 3) float array in [0, 255]
+    np.testing.assert_allclose(enc.embed_images(minus_one[:5]), enc.embed_images(u8[:5]), atol=1e-5)  # in range: ok
+    nan = u8[:2].float() / 255
+    nan[1, 0, 20, 24] = float("nan")  # not refused: it embeds to NaN, which callers see (rerank ranks it last)
+    z = enc.embed_images(nan)
+    assert np.isfinite(z[0]).all() and np.isnan(z[1]).all()

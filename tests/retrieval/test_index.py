@@ -154,6 +154,28 @@ def test_load_checks_model_name_dimension_and_files(tmp_path):
         MemoryBank.load(tmp_path / "bank")
 
 
+def test_save_refuses_to_replace_a_bank_without_overwrite(tmp_path):
+    """save() moved a new bank over one already in the directory, silently (another model's bank, say)."""
+    x, keys = _data(20, 8)
+    MemoryBank.build((x, keys), dim=8, model_name="ViT-B-32").save(tmp_path / "bank")
+    other = MemoryBank.build((x[:3], keys[:3]), dim=8, model_name="cm3leon-clip-tiny")
+    with pytest.raises(
+        FileExistsError, match=r"bank already holds a memory bank \(index\.faiss, keys\.json, meta\.json\); "
+    ):
+        other.save(tmp_path / "bank")
+    kept = MemoryBank.load(tmp_path / "bank")
+    assert kept.keys == keys and kept.model_name == "ViT-B-32"
+    assert sorted(p.name for p in (tmp_path / "bank").iterdir()) == ["index.faiss", "keys.json", "meta.json"]
+    (tmp_path / "bank" / "index.faiss").unlink()  # one file left of a bank is not overwritten either
+    with pytest.raises(FileExistsError, match=r"\(keys\.json, meta\.json\); pass overwrite=True"):
+        other.save(tmp_path / "bank")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("kept")
+    other.save(tmp_path / "other")  # an existing directory without a bank is fine
+    assert (tmp_path / "other" / "notes.txt").read_text() == "kept"
+    assert MemoryBank.load(tmp_path / "other", model_name="cm3leon-clip-tiny").keys == keys[:3]
+
+
 def test_failed_save_leaves_the_bank_already_saved_there_intact(tmp_path, monkeypatch):
     x, keys = _data(30, 8)
     MemoryBank.build((x[:10], keys[:10]), dim=8, model_name="m").save(tmp_path / "bank")
@@ -164,12 +186,12 @@ def test_failed_save_leaves_the_bank_already_saved_there_intact(tmp_path, monkey
 
     monkeypatch.setattr(bigger, "metadata", disk_full)  # fails after index.faiss and keys.json are written
     with pytest.raises(OSError, match="No space left"):
-        bigger.save(tmp_path / "bank")
+        bigger.save(tmp_path / "bank", overwrite=True)
     loaded = MemoryBank.load(tmp_path / "bank")  # the old bank, whole: not the new index with the old meta.json
     assert loaded.keys == keys[:10] and loaded.search(x[3:4], 1).keys == [["doc0003"]]
     assert sorted(p.name for p in (tmp_path / "bank").iterdir()) == ["index.faiss", "keys.json", "meta.json"]
     monkeypatch.undo()
-    bigger.save(tmp_path / "bank")  # overwriting works
+    bigger.save(tmp_path / "bank", overwrite=True)  # overwriting works
     assert MemoryBank.load(tmp_path / "bank").keys == keys
 
 
@@ -184,7 +206,7 @@ def test_mmap_loaded_ivf_bank_refuses_adds_and_saves_whole_copies(tmp_path):
     want = bank.search(x[:20], 5)
     # write_index of mapped lists wrote a 400-byte reference to the mapped file, not the lists
     bank.save(tmp_path / "copy")
-    bank.save(tmp_path / "a")  # in place, while mapped
+    bank.save(tmp_path / "a", overwrite=True)  # in place, while mapped
     for d in ("a", "copy"):
         got = MemoryBank.load(tmp_path / d, nprobe=4).search(x[:20], 5)
         np.testing.assert_array_equal(got.ids, want.ids)
@@ -264,3 +286,61 @@ def test_empty_bank_searches_saves_and_loads(tmp_path):
     assert len(loaded) == 0 and loaded.keys == []
     loaded.add(np.eye(4, dtype=np.float32), list("abcd"))
     assert loaded.search(np.eye(4, dtype=np.float32)[2:3], 5).keys[0][0] == "c"
+
+
+def test_corrupt_index_file_is_a_value_error_naming_it(tmp_path):
+    """faiss's C++ RuntimeError ('Index type 0x62726167 ("garb") not recognized') did not name the bank's file."""
+    x, keys = _data(20, 8)
+    MemoryBank.build((x, keys), dim=8, model_name="m").save(tmp_path / "bank")
+    path = tmp_path / "bank" / "index.faiss"
+    raw = path.read_bytes()
+    for broken, reason in [
+        (raw[:50], r"read error"),
+        (b"garbage" * 20, r"Index type 0x62726167 \(\"garb\"\) not recog"),
+    ]:
+        path.write_bytes(broken)
+        for mmap in (False, True):
+            with pytest.raises(ValueError, match=rf"bank/index\.faiss: not a readable faiss index .*: {reason}"):
+                MemoryBank.load(tmp_path / "bank", mmap=mmap)
+
+
+def test_nan_or_inf_embeddings_are_refused_naming_the_row():
+    """A NaN row was stored and never found again; a float16 value past 65504 is inf, normalised to NaN; a NaN query
+    came back with no hits, as if the bank were empty."""
+    x, keys = _data(10, 4)
+    bank = MemoryBank(4, "m")
+    bad = x.copy()
+    bad[7, 2] = np.nan
+    with pytest.raises(ValueError, match=r"embeddings row 7 \(document key 'doc0007'\) has NaN or infinite values"):
+        bank.add(bad, keys, batch_size=4)
+    assert len(bank) == len(bank.keys) == 4  # the batch before it, with its keys (as for any failing batch)
+    big = np.full((1, 4), np.float16(np.inf))  # what float16 makes of a value past 65504
+    with pytest.raises(ValueError, match=r"embeddings row 0 \(document key 'big'\) has NaN"):
+        bank.add(big, ["big"])
+    with pytest.raises(ValueError, match=r"queries row 1 has NaN or infinite values \(1 such rows\)"):
+        bank.search(np.stack([x[0], np.full(4, np.inf, np.float32)]), 2)
+    with pytest.raises(ValueError, match=r"sample row 3 has NaN"):
+        MemoryBank(4, "m", factory="IVF2,Flat").train(bad[4:])
+    unnormalised = MemoryBank(4, "m", normalize=False)
+    with pytest.raises(ValueError, match=r"row 7 \(document key 'doc0007'\)"):
+        unnormalised.add(bad, keys)
+    assert len(unnormalised) == 0
+
+
+def test_empty_untrained_ivf_bank_searches_to_no_hits_and_batch_sizes_are_checked(tmp_path):
+    """An empty IVF bank (saved before any training) raised faiss's C++ assertion '!(is_trained)' on search, where an
+    empty Flat bank returns no hits; batch_size=0 raised 'range() arg 3 must not be zero'."""
+    MemoryBank(4, "m", factory="IVF2,Flat").save(tmp_path / "bank")
+    bank = MemoryBank.load(tmp_path / "bank")
+    assert not bank.is_trained
+    res = bank.search(np.ones((2, 4), np.float32), k=3)
+    assert (res.ids == -1).all() and np.isneginf(res.scores).all() and res.keys == [[], []]
+    x, keys = _data(10, 4)
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        bank.search(x, 2, batch_size=0)
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        MemoryBank(4, "m").add(x, keys, batch_size=0)
+    flat = MemoryBank.build((x, keys), 4, "m")
+    res = flat.search(x[:2], k=12)  # faiss is asked for 10 columns, the rest padded
+    assert res.ids.shape == (2, 12) and (res.ids[:, 10:] == -1).all() and [len(r) for r in res.keys] == [10, 10]
+    assert res.ids[0, 0] == 0 and sorted(res.ids[0, :10].tolist()) == list(range(10))
