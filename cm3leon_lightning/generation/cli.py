@@ -273,7 +273,12 @@ def build_parser() -> argparse.ArgumentParser:
         "instruction' (models trained on image-first documents)",
     )
     p.add_argument("--num-samples", type=int, default=8, help="candidates per prompt")
-    p.add_argument("--method", default="top_p", choices=["greedy", "temperature", "top_p", "cd_k"])
+    p.add_argument(
+        "--method",
+        default="top_p",
+        choices=["greedy", "temperature", "top_p", "cd_k"],
+        help="sampling rule (cd_k: --prompt only; --edit refuses it, --image answers and --infill decode greedily)",
+    )
     p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 = none)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=0.9)
@@ -312,10 +317,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_numbers(args: argparse.Namespace) -> None:
+    """Raise ValueError naming the flag of a numeric argument out of range, before anything is loaded (the decoders'
+    own checks name their parameters, ``top_p``, ``num_samples``, and came after the checkpoint had been read)."""
+    for flag, value in (
+        ("--num-samples", args.num_samples),
+        ("--max-new-tokens", args.max_new_tokens),
+        ("--cdk-k", args.cdk_k),
+        *((("--k", args.k),) if args.retrieve else ()),
+    ):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    if not 0 <= args.temperature < float("inf"):
+        raise ValueError(f"--temperature must be finite and >= 0 (0 = greedy), got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p must lie in (0, 1], got {args.top_p}")
+    if not 0 <= args.cdk_alpha <= 1:
+        raise ValueError(f"--cdk-alpha must lie in [0, 1], got {args.cdk_alpha}")
+    for flag, value in (("--cfg", args.cfg), ("--text-cfg", args.text_cfg), ("--image-cfg", args.image_cfg)):
+        if value is not None and not abs(value) < float("inf"):  # NaN fails the comparison too
+            raise ValueError(f"{flag} must be finite, got {value}")
+
+
 def run(args: argparse.Namespace) -> None:
     """Execute a parsed ``cm3leon generate`` command (raises on bad input)."""
     from cm3leon_lightning.tokenization.text import TextTokenizer
 
+    check_numbers(args)
     if not (args.prompt or args.image or args.infill is not None):
         raise ValueError("give --prompt (text-to-image), --image (image-to-text, --edit) or --infill")
     if args.infill is not None and (args.prompt or args.edit is not None or args.instruction):
@@ -327,13 +355,19 @@ def run(args: argparse.Namespace) -> None:
     args.tokenizer, args.vqgan = bundled_tokenizers(args.ckpt, args.tokenizer, args.vqgan)
     if args.rerank and not args.vqgan:
         raise ValueError("--rerank scores decoded images with CLIP: it needs --vqgan")
-    if args.retrieve and args.image:
-        raise ValueError("--retrieve adds documents to a text-to-image prompt; it cannot be used with --image")
+    if args.retrieve and not args.prompt:
+        raise ValueError(
+            "--retrieve adds documents to a text-to-image prompt; it cannot be used with --image or --infill"
+        )
     if args.edit is not None:
         if not args.image or args.instruction:
             raise ValueError("--edit edits the picture of --image; give --image, and no --instruction")
         if args.method == "cd_k" or args.rerank:
             raise ValueError("--edit samples with greedy, temperature or top_p, without --rerank")
+    if args.rerank and not args.prompt:  # was ignored (a CLIP model loaded for nothing)
+        raise ValueError(
+            "--rerank orders the images of --prompt (text-to-image); it cannot be used with --image or --infill"
+        )
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     compile = False if args.no_compile else (None if args.compile == "auto" else args.compile)
     resolve_mode(compile, torch.device(device))  # a CUDA-only mode on CPU fails here, before any loading

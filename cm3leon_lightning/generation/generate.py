@@ -244,7 +244,9 @@ def generate_image(
         top_k: optional top-k filter.
         cdk_k: ``k`` of CD-K.
         cdk_alpha: ``alpha`` of CD-K.
-        seed: seed of the sampling generator; the same seed gives the same samples.
+        seed: seed of the sampling generator; the same seed and the same prompts give the same samples (one generator
+            draws for every row, so a prompt's samples change with the other prompts of the call: decode a prompt
+            alone, as ``cm3leon predict`` and the server do for seeded requests, to make its samples its own).
         vqgan: optional image tokenizer with ``decode(codes) -> images``; then ``images`` is filled.
         compile: how the decode step runs: None (compiled on CUDA), a bool, or a mode of
             :data:`~cm3leon_lightning.generation.graphs.MODES`.
@@ -265,6 +267,8 @@ def generate_image(
     cond = [image_prompt(vocab, p, d) for p, d in zip(prompts, docs)]
     guided = method == "cd_k" or cfg != 1.0
     uncond = list(unconditional) if unconditional is not None else unconditional_image_prompt(vocab)
+    if not uncond:
+        raise ValueError("unconditional must hold at least one token, e.g. <eos> <mask:0> <break>")
     vocab.validate_ids(uncond, "unconditional")
     streams = [cond, [uncond] * len(prompts)] if guided else [cond]
     spec = _image_spec(
@@ -380,6 +384,8 @@ def generate_text(
     if max_new_tokens < 1 or check_every < 1:
         raise ValueError(f"max_new_tokens and check_every must be >= 1, got {max_new_tokens} and {check_every}")
     codes = [image_codes(vocab, img) for img in images]
+    if not codes:
+        raise ValueError("generate_text needs at least one image")
     if instruction is None or len(instruction) == 0:
         per_image: list[Sequence[int]] = [[]] * len(codes)
     elif isinstance(instruction[0], numbers.Integral) or getattr(instruction[0], "ndim", None) == 0:

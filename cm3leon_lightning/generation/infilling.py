@@ -28,7 +28,8 @@ class InfillResult:
     """The result of :func:`infill` for one document.
 
     Attributes:
-        ids: the input with every ``<mask:i>`` replaced by its generated span.
+        ids: the input with every ``<mask:i>`` replaced by its generated span (without the input's trailing
+            ``<eos>``, which :func:`infill` drops).
         spans: the generated span of each sentinel, in order (vocabulary ids).
     """
 

@@ -75,7 +75,8 @@ def clip_scores(scorer: Scorer, texts: Sequence[str], images: Tensor) -> Tensor:
 def rerank(
     scorer: Scorer, texts: Sequence[str], images: Tensor, codes: Tensor | None = None, keep: int = 1
 ) -> RerankResult:
-    """Keep the ``keep`` best of the N candidates of each prompt by CLIP score (ties: the earlier candidate).
+    """Keep the ``keep`` best of the N candidates of each prompt by CLIP score (ties: the earlier candidate; a NaN
+    score, e.g. of an image decoded to NaN, ranks last).
 
     Args:
         scorer: a CLIP model.
@@ -84,13 +85,16 @@ def rerank(
         codes: optional ``(P, N, h*w)`` codes of the candidates, selected alongside.
         keep: how many to keep per prompt, ``1 <= keep <= N``.
     """
-    N = images.shape[1] if images.ndim == 5 else 0
+    if images.ndim != 5:
+        raise ValueError(f"images must be (P, N, C, H, W), got shape {tuple(images.shape)}")
+    N = images.shape[1]
     if not 1 <= keep <= max(N, 1) or N == 0:
         raise ValueError(f"keep must lie in [1, N={N}], got {keep}")
     if codes is not None and tuple(codes.shape[:2]) != tuple(images.shape[:2]):
         raise ValueError(f"codes shape {tuple(codes.shape)} does not match images' (P, N) {tuple(images.shape[:2])}")
     scores = clip_scores(scorer, texts, images)  # (P, N)
-    order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :keep]  # (P, keep)
+    ranked = scores.nan_to_num(nan=float("-inf"))  # a descending sort puts NaN first
+    order = torch.sort(ranked, dim=1, descending=True, stable=True).indices[:, :keep]  # (P, keep)
     rows = torch.arange(scores.shape[0])[:, None]
     best_codes = None if codes is None else codes[rows.to(codes.device), order.to(codes.device)]
     return RerankResult(

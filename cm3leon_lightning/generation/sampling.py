@@ -50,8 +50,10 @@ def top_k_filter(logits: Tensor, k: int) -> Tensor:
 def top_p_filter(logits: Tensor, p: float) -> Tensor:
     """Nucleus filtering (Holtzman et al. 2020; paper section 3.1, "TopP Sampling").
 
-    Keeps the smallest set of top-ranked tokens whose cumulative probability is at least ``p``: a token is kept when
-    the probability mass ranked strictly above it is below ``p``, so the most likely token is always kept.
+    Keeps the smallest set of top-ranked tokens whose cumulative probability is at least ``p`` (a token is needed when
+    the probability mass ranked strictly above it is below ``p``, so the most likely token is always kept), and every
+    token tied with the last one needed: which of equal logits to keep is not left to the sort order, which favoured
+    low ids (bfloat16 logits tie often), and the nucleus is the fused sampling kernel's ``{p_i >= t*}``.
 
     Args:
         logits: ``(..., V)``.
@@ -61,13 +63,12 @@ def top_p_filter(logits: Tensor, p: float) -> Tensor:
         raise ValueError(f"top_p must lie in (0, 1], got {p}")
     if p >= 1:  # the running sum reaches 1.0 in float before the last tokens: filtering would drop some of them
         return logits
-    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (..., V)
+    sorted_logits = torch.sort(logits, dim=-1, descending=True).values  # (..., V)
     probs = sorted_logits.softmax(dim=-1)
     mass_above = probs.cumsum(dim=-1).roll(1, dims=-1)  # (..., V) probability ranked strictly above each token
     mass_above[..., 0] = 0.0
-    remove_sorted = mass_above >= p
-    remove = torch.zeros_like(remove_sorted).scatter(-1, order, remove_sorted)
-    return logits.masked_fill(remove, NEG_INF)
+    last = (mass_above < p).sum(dim=-1, keepdim=True) - 1  # (..., 1) rank of the last token needed
+    return logits.masked_fill(logits < sorted_logits.gather(-1, last), NEG_INF)
 
 
 # ------------------------------------------------------------------------------------------------ guidance

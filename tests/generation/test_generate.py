@@ -244,6 +244,11 @@ def test_clear_errors():
         edit_image(model, VOCAB, [[1] * 6], [[20]], [21], num_samples=0)
     with pytest.raises(ValueError, match="at least one source image"):
         edit_image(model, VOCAB, [], [], [21])
+    # both were 'every prompt must hold at least one token', a decoder detail
+    with pytest.raises(ValueError, match="generate_text needs at least one image"):
+        generate_text(model, VOCAB, torch.zeros(0, 6, dtype=torch.long))
+    with pytest.raises(ValueError, match="unconditional must hold at least one token"):
+        generate_image(model, VOCAB, [[20]], unconditional=[])
 
 
 def test_an_instruction_given_as_an_array_is_one_instruction():

@@ -170,12 +170,42 @@ def test_infill_fills_text_masks_and_redraws_image_rows(assets, tmp_path, capsys
         (["--infill-rows", "0:2", "--prompt", "x"], "--infill-rows needs --infill"),
         (["--infill", "a red circle"], "nothing to fill: put <mask> in the text or give --infill-rows"),
         (["--infill", "a <mask>", "--infill-rows", "0:2"], "--infill-rows redraws part of an image: give --image"),
+        # --rerank and --retrieve were ignored outside text-to-image (loading a CLIP model for nothing)
+        (["--infill", "a <mask>", "--rerank"], "--rerank orders the images of --prompt (text-to-image)"),
+        (["--image", "x.png", "--rerank"], "--rerank orders the images of --prompt (text-to-image)"),
+        (["--infill", "a <mask>", "--retrieve", "b", "--shards", "s"], "it cannot be used with --image or --infill"),
     ],
 )
 def test_infill_misuse_is_one_line(assets, tmp_path, capsys, extra, message):
     assert main([*base(assets, tmp_path), *extra]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--prompt", "x", "--num-samples", "0"], "--num-samples must be >= 1, got 0"),
+        (["--infill", "a <mask>", "--num-samples", "0"], "--num-samples must be >= 1, got 0"),  # was: no documents
+        (["--infill", "a <mask>", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
+        (["--prompt", "x", "--top-p", "0"], "--top-p must lie in (0, 1], got 0.0"),
+        (["--prompt", "x", "--temperature", "-1"], "--temperature must be finite and >= 0 (0 = greedy), got -1.0"),
+        (["--prompt", "x", "--cdk-k", "0"], "--cdk-k must be >= 1, got 0"),
+        (["--prompt", "x", "--cdk-alpha", "2"], "--cdk-alpha must lie in [0, 1], got 2.0"),
+        (["--prompt", "x", "--cfg", "nan"], "--cfg must be finite, got nan"),
+        (["--image", "x.png", "--edit", "x", "--text-cfg", "inf"], "--text-cfg must be finite, got inf"),  # was: cfg
+        (["--prompt", "x", "--retrieve", "bank", "--shards", "s", "--k", "0"], "--k must be >= 1, got 0"),
+    ],
+)
+def test_numeric_arguments_are_checked_by_flag_before_loading(assets, tmp_path, capsys, extra, message):
+    """A bad number named its decoder parameter (top_p, cfg for --text-cfg, 'infill: no documents given' for
+    --num-samples 0) after the checkpoint was read; the flag is named now, with a checkpoint that is never read."""
+    argv = [*base(assets, tmp_path / "new"), *extra]
+    argv[argv.index("--ckpt") + 1] = str(assets / "x.png")  # reading it would fail with another message
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == f"cm3leon generate: error: {message}\n"
+    assert not (tmp_path / "new").exists()
 
 
 def test_clear_errors(assets, tmp_path, capsys):

@@ -71,6 +71,25 @@ def test_rerank_errors():
         rerank(ColorScorer(), ["a red", "a blue"], candidates(), torch.zeros(2, 3, 6))
 
 
+def test_a_nan_score_ranks_last_and_a_4d_batch_is_named():
+    """A descending sort puts NaN first: a candidate decoded to NaN pixels (embedded to NaN) was kept as the best.
+    Images without the prompt axis were refused as 'keep must lie in [1, N=0]'."""
+
+    class NanScorer(ColorScorer):
+        def embed_images(self, images):
+            z = super().embed_images(images.nan_to_num(0.5))
+            z[torch.isnan(images).flatten(1).any(1).numpy()] = np.nan  # as a real CLIP embeds a NaN image
+            return z
+
+    images = candidates()
+    images[0, 2] = float("nan")  # prompt 0's red candidate
+    best = rerank(NanScorer(), ["a red", "a blue"], images, keep=4)
+    assert best.order.tolist() == [[0, 3, 1, 2], [2, 3, 1, 0]]  # grey beats green and blue for "red"; NaN last
+    assert best.all_scores[0, 2].isnan() and best.scores[0, 3].isnan()  # the score itself is reported as is
+    with pytest.raises(ValueError, match=r"images must be \(P, N, C, H, W\), got shape \(4, 3, 4, 4\)"):
+        rerank(ColorScorer(), ["a red"], candidates()[0])
+
+
 def test_rerank_with_a_tiny_clip_encoder():
     retrieval = pytest.importorskip("cm3leon_lightning.retrieval")
     clip = retrieval.ClipEncoder("cm3leon-clip-tiny", pretrained=None)  # random weights, offline

@@ -69,6 +69,19 @@ def test_top_p_one_keeps_every_token_however_unlikely():
     assert torch.equal(top_p_filter(wide, 1.0), wide)
 
 
+def test_top_p_keeps_every_token_tied_with_the_last_one_needed():
+    """Probabilities 0.4, 0.3, 0.3 at p = 0.6 need one 0.3: the sort order chose which (the lower id, whatever the
+    order of the ids), so equal logits, common in bfloat16, were not sampled equally, and the fused kernel kept
+    both. Both 0.3 are kept now; a tie above the boundary changes nothing."""
+    for probs, want in (([0.3, 0.4, 0.3], {0, 1, 2}), ([0.3, 0.3, 0.4], {0, 1, 2}), ([0.1, 0.3, 0.3, 0.3], {1, 2, 3})):
+        assert kept(top_p_filter(torch.tensor(probs, dtype=torch.float64).log(), 0.6)) == want
+    assert kept(top_p_filter(torch.tensor([0.2, 0.4, 0.4]).log(), 0.6)) == {1, 2}
+    x = (torch.randn(64, 512, generator=torch.Generator().manual_seed(0)) * 2).bfloat16().float()
+    out = top_p_filter(x, 0.9)
+    floor = torch.where(out.isfinite(), x, float("inf")).amin(-1, keepdim=True)  # the least likely kept logit
+    assert torch.equal(out.isfinite(), x >= floor)  # nothing at or above it dropped
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_top_p_keeps_the_smallest_set_with_mass_at_least_p(seed):
     g = torch.Generator().manual_seed(seed)

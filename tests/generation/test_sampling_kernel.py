@@ -60,6 +60,18 @@ def test_nucleus_is_the_smallest_set_with_enough_mass(top_p, nucleus):
         assert (picked == token) == (token in nucleus), (token, picked)
 
 
+def test_tied_tokens_at_the_nucleus_boundary_are_all_kept_as_pick_tokens_keeps_them():
+    """Probabilities 0.4, 0.3, 0.3 at top_p 0.6: the kernel's nucleus {p_i >= t*} holds both 0.3, pick_tokens' sort
+    kept only the lower id, so the two steps drew different tokens."""
+    logits = torch.tensor([[math.log(v) for v in (0.4, 0.3, 0.3)]], device=DEVICE)
+    spec = SamplingSpec(method="top_p", streams=1, top_p=0.6, lo=0, hi=3)
+    for token in range(3):
+        noise = torch.ones(1, 3, device=DEVICE)
+        noise[0, token] = 1e-6
+        assert int(fused_pick_tokens(logits, spec, None, noise)) == token
+        assert int(pick_tokens(logits, spec, None, noise)) == token
+
+
 def test_other_rules_fall_back_and_bad_inputs_are_refused():
     logits = torch.zeros(4, 10, device=DEVICE)
     noise = torch.ones(2, 10, device=DEVICE)
