@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -41,7 +41,7 @@ class VQGANConfig:
     out_ch: int = 3
     """Image channels out."""
     ch: int = 128
-    """Base channel count; multiplied by ``ch_mult`` per level. Channels must be multiples of 32 (GroupNorm)."""
+    """Base channel count; multiplied by ``ch_mult`` per level. A multiple of 32 (GroupNorm with 32 groups)."""
     ch_mult: tuple[int, ...] = (1, 1, 2, 4)
     """Channel multiplier per resolution level; the downsampling factor is ``2 ** (len(ch_mult) - 1)``."""
     num_res_blocks: int = 2
@@ -49,7 +49,7 @@ class VQGANConfig:
     attn_resolutions: tuple[int, ...] = (32,)
     """Feature-map side lengths at which attention blocks follow the residual blocks (the middle always has one)."""
     z_channels: int = 256
-    """Channels of the encoder output / decoder input."""
+    """Channels of the encoder output / decoder input (any count: no GroupNorm sees them)."""
     embed_dim: int = 256
     """Code dimension (``quant_conv`` maps ``z_channels`` to it)."""
     n_embed: int = 8192
@@ -80,11 +80,8 @@ class VQGANConfig:
             raise ValueError(f"quantizer must be 'vq' or 'gumbel', got {self.quantizer!r}")
         if not self.ch_mult or min(self.ch_mult) < 1:
             raise ValueError(f"ch_mult must be a non-empty list of positive ints, got {list(self.ch_mult)}")
-        for name in ("ch", "z_channels"):
-            if getattr(self, name) % 32:
-                raise ValueError(
-                    f"{name} must be a multiple of 32 (GroupNorm with 32 groups), got {getattr(self, name)}"
-                )
+        if self.ch % 32:  # z_channels meets no GroupNorm: taming-layout VQ-f4/f8 models use 3 or 4
+            raise ValueError(f"ch must be a multiple of 32 (GroupNorm with 32 groups), got {self.ch}")
         for name in ("num_res_blocks", "embed_dim", "n_embed", "in_channels", "out_ch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -127,12 +124,25 @@ class VQGANConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "config") -> VQGANConfig:
-        """Build from a dict, naming ``source`` and the unknown fields on error."""
+        """Build from a dict (parsed JSON), naming ``source`` and the field on error.
+
+        Raises:
+            ValueError: ``d`` is not a dict, a field is unknown or of the wrong type, or the values are invalid.
+        """
+        if not isinstance(d, dict):
+            raise ValueError(f"{source}: the VQGAN config must be an object of fields, got {type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
             raise ValueError(f"{source}: unknown VQGAN config fields {unknown}; allowed: {sorted(names)}")
-        return cls(**d)
+        for name, value in d.items():
+            kind, check = _FIELD_CHECKS.get(name, ("", lambda v: True))  # a field without a check: the class checks
+            if not check(value):
+                raise ValueError(f"{source}: VQGAN config field {name!r} must be {kind}, got {value!r}")
+        try:
+            return cls(**d)
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from e
 
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> VQGANConfig:
@@ -140,6 +150,30 @@ class VQGANConfig:
         if name not in PRESETS:
             raise ValueError(f"unknown VQGAN preset {name!r}; choose one of {sorted(PRESETS)}")
         return dataclasses.replace(PRESETS[name], **overrides)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_float(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_ints(v: Any) -> bool:
+    return isinstance(v, (list, tuple)) and all(map(_is_int, v))
+
+
+_INT_FIELDS = ("resolution", "in_channels", "out_ch", "ch", "num_res_blocks", "z_channels", "embed_dim", "n_embed")
+# What VQGANConfig.from_dict accepts per field (JSON has no tuples: lists stand for them).
+_FIELD_CHECKS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    **dict.fromkeys((*_INT_FIELDS, "dead_code_after"), ("an int", _is_int)),
+    **dict.fromkeys(("dropout", "beta", "gumbel_kl_weight", "gumbel_temperature"), ("a number", _is_float)),
+    "ema_decay": ("a number or null", lambda v: v is None or _is_float(v)),
+    **dict.fromkeys(("l2_normalize", "legacy_beta"), ("true or false", lambda v: isinstance(v, bool))),
+    **dict.fromkeys(("ch_mult", "attn_resolutions"), ("a list of ints", _is_ints)),
+    "quantizer": ("a string", lambda v: isinstance(v, str)),
+}
 
 
 PRESETS: dict[str, VQGANConfig] = {
@@ -509,8 +543,12 @@ class VQGAN(nn.Module):
 
         return load_vqgan(path, preset, config_path, trust_pickle, map_location)
 
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write ``config.json`` and ``model.safetensors`` into ``directory``; returns the directory."""
+    def save_pretrained(self, directory: str | Path, overwrite: bool = False) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` into ``directory``; returns the directory.
+
+        Raises:
+            FileExistsError: ``directory`` already holds one of the two files and ``overwrite`` is false.
+        """
         from cm3leon_lightning.tokenization.vqgan_io import save_vqgan
 
-        return save_vqgan(self, directory)
+        return save_vqgan(self, directory, overwrite)

@@ -2,7 +2,8 @@
 
 Formats :func:`load_vqgan` understands:
 
-* **ours** (:func:`save_vqgan`): a directory with ``config.json`` and ``model.safetensors``.
+* **ours** (:func:`save_vqgan`, which never replaces a saved VQGAN unless told to): a directory with
+  ``config.json`` and ``model.safetensors``.
 * **taming-transformers**: a Lightning ``.ckpt`` whose ``state_dict`` holds ``encoder.*``, ``decoder.*``,
   ``quant_conv.*``, ``post_quant_conv.*``, ``quantize.*`` and the training loss's ``loss.*`` (dropped). Its
   architecture comes from ``preset=``, ``config_path=`` (taming's ``configs/model.yaml``), or is found next to the
@@ -22,7 +23,10 @@ passes ``trust_pickle=True``, which unpickles it in full and so runs whatever co
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +41,15 @@ FORMAT_VERSION = 1
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 _EMA_KEYS = ("quantize.ema_cluster_size", "quantize.ema_embed_sum")
 _MODULE_PREFIX = "vqgan."  # VQGANModule checkpoints
+# taming / latent-diffusion ddconfig options with the only value this VQGAN builds (another one would load weights
+# into a different network, or apply tanh to the output, without a word).
+_DDCONFIG_BUILT: dict[str, tuple[Any, ...]] = {
+    "resamp_with_conv": (True,),
+    "tanh_out": (False,),
+    "give_pre_end": (False,),
+    "use_linear_attn": (False,),
+    "attn_type": ("vanilla", "vanilla-xformers"),  # the same softmax attention and weights
+}
 
 
 def config_from_taming_yaml(path: str | Path) -> VQGANConfig:
@@ -55,6 +68,10 @@ def config_from_taming_yaml(path: str | Path) -> VQGANConfig:
     dd = params["ddconfig"]
     if dd.get("double_z", False):
         raise ValueError(f"{path}: ddconfig.double_z is true (a KL autoencoder), a VQGAN needs double_z: false")
+    for key, built in _DDCONFIG_BUILT.items():  # options that change the network or its output
+        if key in dd and dd[key] not in built:
+            allowed = " or ".join(map(repr, built))
+            raise ValueError(f"{path}: ddconfig.{key} is {dd[key]!r}; this VQGAN builds only {key}: {allowed}")
     try:
         cfg = VQGANConfig(
             resolution=int(dd["resolution"]),
@@ -73,6 +90,8 @@ def config_from_taming_yaml(path: str | Path) -> VQGANConfig:
         )
     except KeyError as e:
         raise ValueError(f"{path}: missing field {e.args[0]!r} in model.params / ddconfig") from e
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: model.params / ddconfig do not describe a VQGAN: {e}") from e
     return cfg
 
 
@@ -83,14 +102,19 @@ def read_config(path: str | Path) -> VQGANConfig:
         raise FileNotFoundError(f"VQGAN config file not found: {path}")
     if path.suffix in (".yaml", ".yml"):
         return config_from_taming_yaml(path)
-    with path.open() as f:
-        doc = json.load(f)
-    if doc.get("format") != FORMAT_NAME or doc.get("format_version") != FORMAT_VERSION:
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    fmt, version = (doc.get("format"), doc.get("format_version")) if isinstance(doc, dict) else (None, None)
+    if fmt != FORMAT_NAME or version != FORMAT_VERSION:
         raise ValueError(
-            f"{path}: not a {FORMAT_NAME} config (format {doc.get('format')!r}, version {doc.get('format_version')!r};"
+            f"{path}: not a {FORMAT_NAME} config (format {fmt!r}, version {version!r};"
             f" expected {FORMAT_NAME!r} version {FORMAT_VERSION})"
         )
-    return VQGANConfig.from_dict(doc["config"], source=str(path))
+    if "config" not in doc:
+        raise ValueError(f"{path}: lacks the field 'config' (the VQGAN architecture)")
+    return VQGANConfig.from_dict(doc["config"], source=f"{path} field 'config'")
 
 
 def read_state_dict(
@@ -125,16 +149,25 @@ def read_checkpoint(
     if not path.is_file():
         raise FileNotFoundError(f"VQGAN checkpoint not found: {path}")
     if path.suffix == ".safetensors":
-        return load_file(str(path), device=str(map_location)), None
+        try:
+            return load_file(str(path), device=str(map_location)), None
+        except Exception as e:  # safetensors' own error type names neither the file nor what is wrong with it
+            raise ValueError(f"{path}: cannot be read as safetensors ({_first_line(e)})") from e
     try:
         obj = torch.load(path, map_location=map_location, weights_only=not trust_pickle)
     except pickle.UnpicklingError as e:
+        if trust_pickle:
+            raise ValueError(f"{path}: cannot be unpickled as a torch checkpoint ({_first_line(e)})") from e
         raise ValueError(
             f"{path} holds pickled Python objects that torch.load(weights_only=True) refuses to run (Lightning 1.x "
-            f"checkpoints such as taming-transformers' store callback classes). If you trust the file, load it with "
-            f"trust_pickle=True (e.g. VQGAN.from_pretrained(path, ..., trust_pickle=True)) and re-save it with "
-            f"save_pretrained(). Details: {str(e).splitlines()[0]}"
+            f"checkpoints such as taming-transformers' store callback classes), or is not a torch checkpoint. If you "
+            f"trust the file, load it with trust_pickle=True (e.g. VQGAN.from_pretrained(path, ..., "
+            f"trust_pickle=True)) and re-save it with save_pretrained(). Details: {_first_line(e)}"
         ) from e
+    except ModuleNotFoundError as e:  # trust_pickle: a class of the pickle lives in a package not installed here
+        raise ValueError(f"{path}: unpickling needs the Python module {e.name!r}, which is not installed") from e
+    except Exception as e:  # a truncated or foreign file: torch says neither which file nor, often, what is wrong
+        raise ValueError(f"{path}: cannot be read as a torch checkpoint ({_first_line(e)})") from e
     hparams = obj.get("hyper_parameters") if isinstance(obj, dict) else None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
@@ -150,6 +183,12 @@ def read_checkpoint(
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path}: hyper_parameters do not describe a VQGAN ({e})") from e
     return state, config
+
+
+def _first_line(e: BaseException) -> str:
+    """``e``'s type and the first line of its message (torch's run to many lines; some are empty)."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
 
 
 def _describe(keys: list[str], n: int = 5) -> str:
@@ -220,7 +259,10 @@ def load_vqgan(
     trust_pickle: bool = False,
     map_location: str | torch.device = "cpu",
 ) -> VQGAN:
-    """Load a VQGAN (returned in eval mode on ``map_location``).
+    """Load a VQGAN (returned in eval mode, in float32, on ``map_location``).
+
+    Weights stored in half precision are widened exactly; a model saved in bf16 / fp16 encodes as it did once cast
+    back with ``.to(dtype)``.
 
     Args:
         path: a directory (ours, Chameleon's, a taming log directory) or a weights file (``.ckpt``, ``.pt``,
@@ -260,12 +302,30 @@ def load_vqgan(
     return model.to(map_location).eval()
 
 
-def save_vqgan(model: VQGAN, directory: str | Path) -> Path:
-    """Write ``config.json`` and ``model.safetensors`` (no pickle) into ``directory``; returns the directory."""
+def save_vqgan(model: VQGAN, directory: str | Path, overwrite: bool = False) -> Path:
+    """Write ``config.json`` and ``model.safetensors`` (no pickle) into ``directory`` (created); returns it.
+
+    Both files are written under temporary names in ``directory`` and moved into place when both are complete,
+    ``config.json`` last: an error while writing leaves a VQGAN already saved there as it was.
+
+    Raises:
+        FileExistsError: ``directory`` already holds one of the two files and ``overwrite`` is false.
+    """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    existing = [name for name in (CONFIG_FILE, WEIGHTS_FILE) if (directory / name).exists()]
+    if existing and not overwrite:
+        raise FileExistsError(
+            f"{directory} already holds a VQGAN ({', '.join(existing)}); pass overwrite=True to replace it"
+        )
     doc: dict[str, Any] = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "config": model.config.to_dict()}
-    (directory / CONFIG_FILE).write_text(json.dumps(doc, indent=2) + "\n")
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".save-", dir=directory))
+    try:
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        (tmp / CONFIG_FILE).write_text(json.dumps(doc, indent=2) + "\n")
+        for name in (WEIGHTS_FILE, CONFIG_FILE):
+            os.replace(tmp / name, directory / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return directory

@@ -1,0 +1,179 @@
+"""VQGAN checkpoint I/O: saving never replaces a saved VQGAN unasked, and unreadable files or configs are named."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from cm3leon_lightning.tokenization import vqgan_io
+from cm3leon_lightning.tokenization.vqgan import VQGAN, VQGANConfig
+from cm3leon_lightning.tokenization.vqgan_io import config_from_taming_yaml, load_vqgan
+
+
+def _images(n: int, size: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g)
+
+
+def _model(seed: int, **overrides: object) -> VQGAN:
+    torch.manual_seed(seed)
+    return VQGAN.from_name("micro", **overrides).eval()
+
+
+def _taming_yaml(cfg: VQGANConfig, **ddconfig: object) -> str:
+    extra = "".join(f"      {k}: {json.dumps(v)}\n" for k, v in ddconfig.items())
+    return (
+        "model:\n  target: taming.models.vqgan.VQModel\n  params:\n"
+        f"    embed_dim: {cfg.embed_dim}\n    n_embed: {cfg.n_embed}\n    ddconfig:\n      double_z: false\n"
+        f"      z_channels: {cfg.z_channels}\n      resolution: {cfg.resolution}\n"
+        "      in_channels: 3\n      out_ch: 3\n"
+        f"      ch: {cfg.ch}\n      ch_mult: {list(cfg.ch_mult)}\n      num_res_blocks: {cfg.num_res_blocks}\n"
+        f"      attn_resolutions: {list(cfg.attn_resolutions)}\n      dropout: 0.0\n{extra}"
+    )
+
+
+def test_save_refuses_to_replace_a_saved_vqgan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    first, second, x = _model(0), _model(1, n_embed=64), _images(2, 16)
+    (tmp_path / "vq").mkdir()  # an existing empty directory is fine
+    first.save_pretrained(tmp_path / "vq")
+    with pytest.raises(FileExistsError, match=r"already holds a VQGAN \(config.json, model.safetensors\); pass "):
+        second.save_pretrained(tmp_path / "vq")
+    kept = VQGAN.from_pretrained(tmp_path / "vq")
+    assert kept.config.n_embed == 32 and torch.equal(kept.encode(x), first.encode(x))
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(vqgan_io, "save_file", fail)
+    with pytest.raises(OSError, match="disk full"):
+        second.save_pretrained(tmp_path / "vq", overwrite=True)  # a failed write leaves the saved VQGAN whole
+    monkeypatch.undo()
+    assert sorted(p.name for p in (tmp_path / "vq").iterdir()) == ["config.json", "model.safetensors"]
+    assert torch.equal(VQGAN.from_pretrained(tmp_path / "vq").encode(x), first.encode(x))
+    second.save_pretrained(tmp_path / "vq", overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "vq").iterdir()) == ["config.json", "model.safetensors"]
+    replaced = VQGAN.from_pretrained(tmp_path / "vq")
+    codes = second.encode(x)
+    assert replaced.config.n_embed == 64 and torch.equal(replaced.encode(x), codes)
+    assert torch.equal(replaced.decode(codes), second.decode(codes))
+
+
+def test_latent_channels_need_not_be_a_multiple_of_32(tmp_path: Path) -> None:
+    """Taming-layout VQ-f4/f8 models (latent-diffusion's, listed by taming-transformers) have 3 or 4 latent
+    channels; no GroupNorm sees them, so only ``ch`` must be a multiple of 32."""
+    ref = _model(0, z_channels=4, embed_dim=4)
+    assert tuple(ref.state_dict()["encoder.conv_out.weight"].shape) == (4, 32, 3, 3)
+    (tmp_path / "vqgan.yaml").write_text(_taming_yaml(ref.config))
+    torch.save({"state_dict": ref.state_dict()}, tmp_path / "vqgan.ckpt")
+    assert config_from_taming_yaml(tmp_path / "vqgan.yaml") == VQGANConfig.from_name(
+        "micro", z_channels=4, embed_dim=4, dead_code_after=0
+    )
+    x = _images(2, 16)
+    assert torch.equal(VQGAN.from_pretrained(tmp_path).encode(x), ref.encode(x))
+    with pytest.raises(ValueError, match="ch must be a multiple of 32"):
+        VQGANConfig(ch=48)
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("tanh_out", True), ("attn_type", "linear"), ("resamp_with_conv", False), ("use_linear_attn", True)],
+)
+def test_yaml_options_this_vqgan_does_not_build_are_refused(tmp_path: Path, option: str, value: object) -> None:
+    """These load the same (or no) weights into another network; silently ignored they gave other pixels."""
+    cfg = VQGANConfig.from_name("micro")
+    path = tmp_path / "model.yaml"
+    path.write_text(_taming_yaml(cfg, **{option: value}))
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: ddconfig.{option} is {value!r}; this VQGAN"):
+        config_from_taming_yaml(path)
+    path.write_text(_taming_yaml(cfg, attn_type="vanilla-xformers", tanh_out=False))
+    assert config_from_taming_yaml(path) == VQGANConfig.from_name("micro", dead_code_after=0)
+
+
+def test_invalid_yaml_values_name_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "model.yaml"
+    for bad, message in (
+        ({"ch": "abc"}, "invalid literal for int()"),
+        ({"ch": 48}, "ch must be a multiple of 32"),
+        ({"ch_mult": 2}, "'int' object is not iterable"),
+    ):
+        text = _taming_yaml(VQGANConfig.from_name("micro"))
+        for key, value in bad.items():
+            text = re.sub(rf"(\n      {key}: )[^\n]*", rf"\g<1>{value}", text)
+        path.write_text(text)
+        with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: .*{re.escape(message)}"):
+            config_from_taming_yaml(path)
+
+
+def test_unreadable_weights_files_name_the_file(tmp_path: Path) -> None:
+    model = _model(0)
+    torch.save({"state_dict": model.state_dict()}, tmp_path / "full.ckpt")
+    (tmp_path / "cut.ckpt").write_bytes((tmp_path / "full.ckpt").read_bytes()[:1000])
+    (tmp_path / "text.ckpt").write_text("this is not a checkpoint\n")
+    (tmp_path / "empty.ckpt").write_bytes(b"")
+    (tmp_path / "bad.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}      ")
+    cases = [
+        ("cut.ckpt", False, "cannot be read as a torch checkpoint (RuntimeError: PytorchStreamReader failed"),
+        ("text.ckpt", False, "cannot be read as a torch checkpoint (IndexError"),
+        ("text.ckpt", True, "cannot be unpickled as a torch checkpoint (UnpicklingError"),
+        ("empty.ckpt", False, "cannot be read as a torch checkpoint (EOFError)"),
+        ("bad.safetensors", False, "cannot be read as safetensors (SafetensorError: Error while deserializing"),
+    ]
+    for name, trust, message in cases:
+        with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path / name))}: {re.escape(message)}"):
+            load_vqgan(tmp_path / name, preset="micro", trust_pickle=trust)
+
+
+def test_invalid_config_json_names_the_file_and_field(tmp_path: Path) -> None:
+    model = _model(0)
+    model.save_pretrained(tmp_path / "vq")
+    config = tmp_path / "vq" / "config.json"
+    good = json.loads(config.read_text())
+    where = re.escape(str(config))
+    cases: list[tuple[str, str]] = [
+        ('{"format": "cm3leon_lightning.vqgan", ', rf"^{where}: not valid JSON \(Expecting property name"),
+        ("[1, 2]", rf"^{where}: not a cm3leon_lightning.vqgan config \(format None, version None;"),
+        (json.dumps({**good, "config": None}), rf"^{where} field 'config': the VQGAN config must be an object"),
+        (json.dumps({k: v for k, v in good.items() if k != "config"}), rf"^{where}: lacks the field 'config'"),
+    ]
+    for field, value, kind in (
+        ("ch", "32", "an int"),
+        ("resolution", 16.0, "an int"),
+        ("l2_normalize", 1, "true or false"),
+        ("ch_mult", 2, "a list of ints"),
+        ("ema_decay", "0.9", "a number or null"),
+    ):
+        doc = {**good, "config": {**good["config"], field: value}}
+        cases.append((json.dumps(doc), rf"^{where} field 'config': VQGAN config field '{field}' must be {kind}, got "))
+    doc = {**good, "config": {**good["config"], "quantizer": "fsq"}}
+    cases.append((json.dumps(doc), rf"^{where} field 'config': quantizer must be 'vq' or 'gumbel', got 'fsq'"))
+    for text, pattern in cases:
+        config.write_text(text)
+        with pytest.raises(ValueError, match=pattern):
+            VQGAN.from_pretrained(tmp_path / "vq")
+    config.write_text(json.dumps(good))
+    x = _images(1, 16)
+    assert torch.equal(VQGAN.from_pretrained(tmp_path / "vq").encode(x), model.encode(x))
+
+
+def test_half_precision_model_reloads_in_float32_with_the_same_weights(tmp_path: Path) -> None:
+    """As ``load_vqgan`` documents: float32 back, the bf16 weights widened exactly; cast back, the codes are equal."""
+    model = VQGAN.from_name("tiny").eval().to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "vq")
+    loaded = VQGAN.from_pretrained(tmp_path / "vq")
+    assert {v.dtype for v in loaded.state_dict().values() if v.is_floating_point()} == {torch.float32}
+    assert all(torch.equal(v.float(), loaded.state_dict()[k]) for k, v in model.state_dict().items())
+    x = _images(4, 32)
+    assert torch.equal(loaded.to(torch.bfloat16).encode(x), model.encode(x))
+
+
+def test_every_config_field_has_a_type_check() -> None:
+    """A field added to VQGANConfig without a check in ``_FIELD_CHECKS`` would read JSON values unchecked."""
+    import dataclasses
+
+    from cm3leon_lightning.tokenization.vqgan import _FIELD_CHECKS, VQGANConfig
+
+    assert {f.name for f in dataclasses.fields(VQGANConfig)} == set(_FIELD_CHECKS)
