@@ -159,6 +159,33 @@ def fresh_kv_cache(net: nn.Module) -> Iterator[nn.Module]:
         net.kv_cache = None
 
 
+def check_unsharded(trainer: L.Trainer | None, owner: str) -> None:
+    """Raise ValueError when ``trainer`` shards the model's parameters across devices (FSDP other than ``NO_SHARD``,
+    or ``ModelParallelStrategy``, on more than one device).
+
+    The callbacks decode through ``pl_module.model`` outside the training step, where the sharded root parameters
+    (embeddings, LM head) are not gathered; and ranks stop decoding text at different steps, so a forward that needs
+    every rank would hang. DDP and single-device runs are fine.
+    """
+    if trainer is None or getattr(trainer, "world_size", 1) <= 1:
+        return
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+    strategy = trainer.strategy
+    sharding = getattr(strategy, "sharding_strategy", None)
+    sharded = isinstance(strategy, ModelParallelStrategy) or (
+        isinstance(strategy, FSDPStrategy) and getattr(sharding, "name", sharding) != "NO_SHARD"
+    )
+    if sharded:
+        how = type(strategy).__name__ + (f" ({getattr(sharding, 'name', sharding)})" if sharding is not None else "")
+        raise ValueError(
+            f"{owner}: generating with a model sharded across {trainer.world_size} devices by {how} is not supported "
+            "(the decode runs outside the training step, where the shards are not gathered). Drop the callback from "
+            "the sharded run and evaluate a saved checkpoint on one device: `cm3leon validate` without the FSDP "
+            "trainer config, with --model.init_args.init_from=<the checkpoint directory>"
+        )
+
+
 class GenerationCallback(L.Callback):
     """Base class: scheduling and the text tokenizer / VQGAN resources of the evaluation callbacks.
 
@@ -217,8 +244,10 @@ class GenerationCallback(L.Callback):
         return self.text_tokenizer
 
     def load_resources(self, trainer: L.Trainer | None) -> None:
-        """Resolve the tokenizer and the VQGAN (when one is given) now: subclasses call it in ``setup``, so a
-        missing or wrong file stops the run before training, not at the first validation hours later."""
+        """Resolve the tokenizer and the VQGAN (when one is given) now, and refuse a sharded model
+        (:func:`check_unsharded`): subclasses call it in ``setup``, so a missing or wrong file or an unsupported
+        strategy stops the run before training, not at the first validation hours later."""
+        check_unsharded(trainer, type(self).__name__)
         self.load_text_tokenizer(trainer)
         if self.vqgan is not None:
             self.load_vqgan()

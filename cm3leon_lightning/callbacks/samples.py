@@ -1,10 +1,13 @@
 """SampleLoggerCallback: fixed prompts and seeds -> image grids with their prompts, and captions of fixed images.
 
-At every n-th validation epoch end, rank zero generates one image per prompt (each with its own seed, so a prompt's
-image changes only because the model did) and a caption per fixed image, renders each grid with the text above each
-picture (PIL's default font), and sends it to every active logger: W&B (``WandbLogger.log_image``), TensorBoard
-(``add_image``), otherwise PNG files in ``<logger.log_dir>/samples/`` (CSVLogger) or
-``<default_root_dir>/samples/`` without a logger.
+At every n-th validation epoch end, every rank generates one image per prompt (each with its own seed, so a prompt's
+image changes only because the model did) and a caption per fixed image (under DDP the other ranks would wait for rank
+zero anyway; a model sharded by FSDP is refused at setup, see :func:`~.base.check_unsharded`). Rank zero renders each
+grid with the text above each picture (PIL's default font) and sends it to every active logger: W&B
+(``WandbLogger.log_image``), TensorBoard (``add_image``), otherwise PNG files in ``<logger.log_dir>/samples/``
+(CSVLogger); when no logger takes images (none, or only loggers without a local ``log_dir`` such as MLflow), in
+``<default_root_dir>/samples/``. A PNG file is never replaced: a second grid of one tag at one step (two ``validate``
+runs) gets a ``-1``, ``-2``... suffix.
 """
 
 from __future__ import annotations
@@ -71,26 +74,32 @@ def log_image(trainer: L.Trainer, tag: str, image: Image.Image, texts: Sequence[
     step = trainer.global_step
     written: list[Path] = []
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", tag)
-    png_dirs = []
+    png_dirs, sent = [], False
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):
             logger.log_image(key=tag, images=[image], step=step, caption=[" | ".join(texts)])
+            sent = True
         elif isinstance(logger, TensorBoardLogger):
             logger.experiment.add_image(tag, np.asarray(image), global_step=step, dataformats="HWC")
+            sent = True
         elif getattr(logger, "log_dir", None):
             png_dirs.append(Path(logger.log_dir) / "samples")
-    if not trainer.loggers:
+    if not sent and not png_dirs:  # no logger, or only ones that keep nothing locally (MLflow, Comet)
         png_dirs.append(Path(trainer.default_root_dir) / "samples")
     for folder in png_dirs:
         folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{name}-step{step:07d}.png"
+        path, k = folder / f"{name}-step{step:07d}.png", 0
+        while path.exists():  # another grid of this tag at this step (a second validate run): keep both
+            k += 1
+            path = folder / f"{name}-step{step:07d}-{k}.png"
         image.save(path)
         written.append(path)
     return written
 
 
 class SampleLoggerCallback(CIDErCallback):
-    """Log image grids for fixed prompts and seeds, and captions of fixed images, from rank zero.
+    """Log image grids for fixed prompts and seeds, and captions of fixed images (generated on every rank, logged by
+    rank zero).
 
     Args:
         prompts: captions to draw; each gets one image.
@@ -98,7 +107,7 @@ class SampleLoggerCallback(CIDErCallback):
         caption_data: prepared shards whose first ``num_caption_images`` images are captioned (None: the data
             module's ``val_data`` when it has one, else no captioning).
         caption_samples: in-memory images to caption (``codes`` or ``image``; ``image`` is shown when given).
-        num_caption_images: how many images to caption.
+        num_caption_images: how many images to caption (0: none).
         method: image decoding method (``top_p``, ``temperature``, ``greedy``, ``cd_k``).
         cfg: classifier-free guidance scale.
         temperature: softmax temperature.
@@ -107,6 +116,11 @@ class SampleLoggerCallback(CIDErCallback):
         cell: pixels per grid cell.
         tag: logger key prefix (``<tag>/text_to_image``, ``<tag>/image_to_text``).
         **kwargs: :class:`GenerationCallback` arguments (``text_tokenizer``, ``vqgan``, ``every_n_val_epochs``...).
+            ``vqgan`` is required to draw ``prompts`` and to show or encode images that lack pixels or codes
+            (``setup`` says so, before training).
+
+    Raises:
+        ValueError: ``seeds`` not one per prompt, ``num_caption_images < 0``, ``columns < 1`` or ``cell < 1``.
     """
 
     def __init__(
@@ -128,6 +142,10 @@ class SampleLoggerCallback(CIDErCallback):
         super().__init__(caption_data, caption_samples, max(1, num_caption_images), tokenizer="simple", **kwargs)
         if seeds is not None and len(seeds) != len(prompts):
             raise ValueError(f"give one seed per prompt: {len(prompts)} prompts, {len(seeds)} seeds")
+        for name, value, least in (("num_caption_images", num_caption_images, 0), ("columns", columns, 1),
+                                   ("cell", cell, 1)):  # fmt: skip
+            if value < least:  # else a silent empty slice, or a failure at the first validation end
+                raise ValueError(f"SampleLoggerCallback: {name} must be >= {least}, got {value}")
         self.prompts = list(prompts)
         self.seeds = list(seeds) if seeds is not None else [self.seed + i for i in range(len(prompts))]
         self.num_caption_images = num_caption_images
@@ -141,7 +159,12 @@ class SampleLoggerCallback(CIDErCallback):
         return self._generate_state_key(tag=self.tag)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        """Read the images to caption (if any) once."""
+        """Read the images to caption (if any) once, and check that a VQGAN is given where one is needed.
+
+        Raises:
+            ValueError: no ``vqgan`` while the default :meth:`generate_images` draws ``prompts``, or while an image
+                to caption has no pixels to show or no codes (it would fail at the first validation end).
+        """
         self.load_resources(trainer)  # a missing tokenizer or VQGAN fails now, not at the first validation
         if self.samples is None and self.num_caption_images > 0:
             source = self.eval_source(trainer, required=False)
@@ -151,6 +174,18 @@ class SampleLoggerCallback(CIDErCallback):
                 except ValueError:
                     self.samples, _ = read_shard_samples(source, self.num_caption_images, None, False)
         self.samples = list(self.samples or [])[: self.num_caption_images]
+        if self.vqgan is None:
+            if self.prompts and type(self).generate_images is SampleLoggerCallback.generate_images:
+                raise ValueError(
+                    "SampleLoggerCallback: give vqgan (a VQGAN weights path or module) to draw the prompts' images, "
+                    "or prompts=[]"
+                )
+            lacking = [s.key for s in self.samples if s.image is None or s.codes is None]
+            if lacking:
+                raise ValueError(
+                    f"SampleLoggerCallback: give vqgan (a VQGAN weights path or module): the images to caption "
+                    f"{lacking[:3]} lack pixels to show or codes to caption (or num_caption_images=0)"
+                )
 
     def generate_images(self, pl_module: L.LightningModule, prompts: Sequence[str], seeds: Sequence[int]) -> Tensor:
         """Prompts -> uint8 images ``(N, 3, H, W)``, one per prompt with its own seed. Override to change it."""
@@ -175,26 +210,28 @@ class SampleLoggerCallback(CIDErCallback):
         return torch.stack(out)
 
     def log_samples(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[Path]:
-        """Generate, render and log both grids; returns the PNG files written (CSV / no logger)."""
+        """Generate both grids (on every rank), render and log them (rank zero); returns the PNG files written."""
         written = []
         if self.prompts:
             images = self.generate_images(pl_module, self.prompts, self.seeds)
-            grid = render_grid(images, self.prompts, self.columns, self.cell)
-            written += log_image(trainer, f"{self.tag}/text_to_image", grid, self.prompts)
+            if trainer.is_global_zero:
+                grid = render_grid(images, self.prompts, self.columns, self.cell)
+                written += log_image(trainer, f"{self.tag}/text_to_image", grid, self.prompts)
         if self.samples:
             codes = self.codes_of(self.samples, pl_module.device)
             captions = self.generate(pl_module, codes, self.instruction, self.seed)
-            if all(s.image is not None for s in self.samples):
-                shown = torch.stack([s.image for s in self.samples])
-            else:
-                vqgan = self.load_vqgan(pl_module.device)
-                with torch.no_grad():
-                    shown = to_uint8_images(vqgan.decode(codes.to(pl_module.device))).cpu()
-            grid = render_grid(shown, captions, self.columns, self.cell)
-            written += log_image(trainer, f"{self.tag}/image_to_text", grid, captions)
+            if trainer.is_global_zero:
+                if all(s.image is not None for s in self.samples):
+                    shown = torch.stack([s.image for s in self.samples])
+                else:
+                    vqgan = self.load_vqgan(pl_module.device)
+                    with torch.no_grad():
+                        shown = to_uint8_images(vqgan.decode(codes.to(pl_module.device))).cpu()
+                grid = render_grid(shown, captions, self.columns, self.cell)
+                written += log_image(trainer, f"{self.tag}/image_to_text", grid, captions)
         return written
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Every ``every_n_val_epochs`` validation epochs, on rank zero only: log the grids."""
-        if self.should_run(trainer) and trainer.is_global_zero:
+        """Every ``every_n_val_epochs`` validation epochs: generate on every rank, log the grids from rank zero."""
+        if self.should_run(trainer):
             self.written += self.log_samples(trainer, pl_module)

@@ -3,7 +3,8 @@
 A training example (retrieved documents, then the query document, each starting with ``<eos>``, then a final
 ``<eos>``; see :meth:`MultimodalVocab.example_to_ids`) becomes an infilling instance::
 
-    <eos> a <mask:0> c <break> image <eos>                      masked body (final <eos> dropped)
+    <eos> a b c <break> image <eos>                             the example
+    <eos> a <mask:0> c <break> image                            masked body (final <eos> dropped)
     <infill> <mask:0> b <eos>                                   the spans, moved to the end
 
 and is trained with plain next-token prediction. :func:`cm3_restore` is the exact inverse.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -122,3 +123,95 @@ def test_a_test_run_says_it_does_not_evaluate(parts, tmp_path: Path) -> None:
     runner = trainer(tmp_path, [make(parts)])
     with pytest.warns(UserWarning, match="Fast evaluates at the end of validation epochs: `cm3leon test`"):
         runner.test(module, dataloaders=val_loader(module.vocab))
+
+
+def test_every_rank_generates_and_only_rank_zero_logs(parts, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every rank generates the same prompts with the same seeds (a rank's seeds do not depend on its number); only
+    rank zero renders and writes the grids."""
+    calls: list[list[int]] = []
+
+    class NotZero(Fast):
+        def generate_images(self, pl_module, prompts, seeds):
+            calls.append(list(seeds))
+            return super().generate_images(pl_module, prompts, seeds)
+
+        def on_validation_epoch_end(self, trainer, pl_module):
+            with monkeypatch.context() as m:  # what a non-zero rank sees
+                m.setattr(type(trainer.strategy), "is_global_zero", property(lambda self: False))
+                super().on_validation_epoch_end(trainer, pl_module)
+
+    _, _, module = parts
+    other = make(parts, cls=NotZero)
+    trainer(tmp_path, [other]).validate(module, val_loader(module.vocab), verbose=False)
+    assert calls == [[1, 2, 3]]
+    assert other.written == [] and not (tmp_path / "samples").exists()
+
+
+def test_no_vqgan_is_refused_at_setup(parts, tmp_path: Path) -> None:
+    """Without a VQGAN the default image generation failed at the first validation end, after the training steps
+    before it; setup now names the argument. Runs that need no VQGAN still work."""
+    tok, _, module = parts
+    no_codes = shape_samples(1)  # pixels but no codes: the VQGAN must encode them
+    with pytest.raises(ValueError, match=r"give vqgan .* to draw the prompts' images, or prompts=\[\]"):
+        SampleLoggerCallback(prompts=["a red square"], text_tokenizer=tok, num_caption_images=0).setup(
+            None, module, "fit"
+        )
+    cb = SampleLoggerCallback(prompts=[], caption_samples=no_codes, num_caption_images=1, text_tokenizer=tok)
+    with pytest.raises(ValueError, match=r"give vqgan .* \['shape-0'\] lack pixels to show or codes to caption"):
+        cb.setup(None, module, "fit")
+    # an overridden generate_images, and images with pixels and codes, need no VQGAN
+    both = [dataclasses.replace(s, codes=torch.zeros(64, dtype=torch.long)) for s in no_codes]
+    fine = Fast(prompts=PROMPTS, seeds=[1, 2, 3], caption_samples=both, num_caption_images=1, text_tokenizer=tok,
+                max_new_tokens=2, cell=32)  # fmt: skip
+    trainer(tmp_path, [fine]).validate(module, val_loader(module.vocab), verbose=False)
+    assert [p.name for p in fine.written] == [
+        "samples_text_to_image-step0000000.png", "samples_image_to_text-step0000000.png"
+    ]  # fmt: skip
+
+
+def test_a_logger_without_a_log_dir_gets_png_files_in_the_root_dir(parts, tmp_path: Path) -> None:
+    """With only a logger that keeps nothing locally (MLflow, Comet: ``log_dir`` None) the grids went nowhere."""
+    from lightning.pytorch.loggers import Logger
+
+    class Remote(Logger):
+        name, version = "remote", 0
+
+        def log_metrics(self, metrics, step=None) -> None:  # noqa: ANN001
+            pass
+
+        def log_hyperparams(self, params, *args, **kwargs) -> None:  # noqa: ANN001
+            pass
+
+    _, _, module = parts
+    cb = make(parts)
+    trainer(tmp_path, [cb], Remote()).validate(module, val_loader(module.vocab), verbose=False)
+    assert sorted(p.name for p in (tmp_path / "samples").glob("*.png")) == [
+        "samples_image_to_text-step0000000.png", "samples_text_to_image-step0000000.png"
+    ]  # fmt: skip
+
+
+def test_a_second_grid_at_one_step_does_not_replace_the_first(parts, tmp_path: Path) -> None:
+    """Two validate runs (two checkpoints) into one directory wrote the same step-0 file names: the second grid
+    replaced the first."""
+    _, _, module = parts
+    cb = make(parts)
+    runner = trainer(tmp_path, [cb])
+    runner.validate(module, val_loader(module.vocab), verbose=False)
+    runner.validate(module, val_loader(module.vocab), verbose=False)
+    assert sorted(p.name for p in (tmp_path / "samples").glob("*.png")) == [
+        "samples_image_to_text-step0000000-1.png", "samples_image_to_text-step0000000.png",
+        "samples_text_to_image-step0000000-1.png", "samples_text_to_image-step0000000.png",
+    ]  # fmt: skip
+    assert len(set(cb.written)) == 4
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"num_caption_images": -1}, "num_caption_images must be >= 0, got -1"),
+     ({"columns": 0}, "columns must be >= 1, got 0"), ({"cell": 0}, "cell must be >= 1, got 0")],
+)  # fmt: skip
+def test_bad_layout_arguments_are_named(parts, kwargs, match) -> None:
+    """columns=0 failed with ZeroDivisionError at the first validation end; num_caption_images=-1 silently
+    captioned nothing."""
+    with pytest.raises(ValueError, match=match):
+        make(parts, **kwargs)

@@ -243,3 +243,16 @@ def test_spans_stay_inside_one_segment(ids, seed, rate, whole):
         seen_segments.add(int(seg[0]))
         if whole == 1.0:
             assert (start, end) == (starts[seg[0]], ends[seg[0]])
+
+
+def test_module_docstring_example_is_what_infill_writes():
+    """The module docstring showed the masked body ending in ``image <eos>``; the final <eos> is dropped, so the body
+    ends ``image`` and ``<infill>`` follows it (the captioning prompt's shape)."""
+    from cm3leon_lightning.objective import cm3
+
+    lines = [ln.strip().split("  ")[0].split() for ln in cm3.__doc__.split("::")[1].strip().splitlines()[:3]]
+    names = {"<eos>": [EOS], "<break>": [BRK], "<infill>": [INF], "<mask:0>": [M0], "image": img(1, 2, 3, 4)}
+    names.update(a=[20], b=[21], c=[22])
+    example, body, tail = ([i for tok in line for i in names[tok]] for line in lines)
+    # seed 26 draws one span, of the caption's middle token
+    assert cm3_infill(example, VOCAB, np.random.default_rng(26)).tolist() == body + tail
