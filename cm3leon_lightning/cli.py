@@ -101,6 +101,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] in EXTRA_COMMANDS:
         return int(_extra_command(args[0])(args[1:]) or 0)
+    if args and not args[0].startswith("-") and args[0] not in CM3LeonCLI.subcommands():
+        # LightningCLI's own message would offer only its four subcommands, as if `export` and the rest did not exist
+        choices = ", ".join([*CM3LeonCLI.subcommands(), *EXTRA_COMMANDS])
+        print(f"cm3leon: error: unknown command {args[0]!r} (choose from {choices}; cm3leon --help)", file=sys.stderr)
+        return 2
     # args=None lets LightningCLI read sys.argv itself (passing both makes it warn).
     CM3LeonCLI(args=None if argv is None else args)
     return 0

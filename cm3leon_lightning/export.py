@@ -68,7 +68,7 @@ def export_model(
         format: ``cm3leon`` (our model directory) or ``hf`` (``transformers``' ``OPTForCausalLM``).
 
     Raises:
-        FileExistsError: ``out`` exists and is not empty, without ``force``.
+        FileExistsError: ``out`` exists and is not empty, without ``force``; a file stands at ``out`` or above it.
         FileNotFoundError, ValueError: a missing or unusable input, named by its argument.
     """
     from cm3leon_lightning.config import CM3LeonConfig
@@ -80,6 +80,9 @@ def export_model(
         raise ValueError(f"--format must be one of {FORMATS}, got {format!r}")
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out: {out} exists and is not a directory")
+    above = next((d for d in out.absolute().parents if d.exists()), None)  # created with its missing parents
+    if above is not None and not above.is_dir():
+        raise FileExistsError(f"--out: {above} exists and is not a directory, so {out} cannot be created in it")
     if out.resolve() == Path.cwd() or out.resolve() in Path.cwd().parents:  # it is renamed into place: not from here
         raise ValueError(f"--out: {out} is the current directory or holds it; name the model directory to create")
     if out.exists() and any(out.iterdir()) and not force:
@@ -102,7 +105,10 @@ def export_model(
             f"--ckpt: {src} ({weights.kind}) lacks the architecture and vocabulary ('config' and 'vocab'); export "
             "reads CM3LeonModule checkpoints and model directories"
         )
-    config = CM3LeonConfig.from_dict(weights.config)
+    try:
+        config = CM3LeonConfig.from_dict(weights.config)
+    except (TypeError, ValueError) as e:  # a hand-edited file, or one from a newer version with more fields
+        raise ValueError(f"--ckpt: {src} has an unusable architecture ('config'): {e}") from e
     with torch.device("meta"):  # names and shapes only: a 7B network is never allocated here
         skeleton = CM3Leon(config)
     state = fit_state(skeleton, weights.state_dict, f"--ckpt {str(src)!r}")
@@ -194,6 +200,8 @@ def _load_tokenizers(
             raise FileNotFoundError(f"--tokenizer: not found: {tokenizer}")
         try:
             text_tok = TextTokenizer.load(tokenizer)
+        except FileNotFoundError as e:  # a directory without tokenizer.json, or a file that is not a .json
+            raise FileNotFoundError(f"--tokenizer: {e}") from e
         except ValueError as e:
             raise ValueError(f"--tokenizer: {e}") from e
     if vqgan is not None:
@@ -236,7 +244,10 @@ def _replace(new: Path, out: Path) -> None:
     except OSError:
         old.rename(out)
         raise
-    shutil.rmtree(old)
+    if old.is_symlink():  # --out named a link: replace the link, never delete what it points to
+        old.unlink()
+    else:
+        shutil.rmtree(old)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -268,7 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.ckpt, args.out, args.tokenizer, args.vqgan, args.vqgan_config, args.trust_pickle,
             None if args.dtype == AS_SAVED else DTYPES[args.dtype], args.force, args.format,
         )  # fmt: skip
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
+    except (OSError, ValueError) as e:  # OSError: also a --out that cannot be written (permissions, disk full)
         print(f"cm3leon export: error: {e}", file=sys.stderr)
         return 2
     bundled = " and ".join(name for name in ("tokenizer", "vqgan") if summary[name])

@@ -30,17 +30,23 @@ def _size(path: Path) -> int:
     return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def _model(kind: str, config: dict[str, Any] | None, vocab: dict[str, Any] | None, **extra: Any) -> dict[str, Any]:
+def _model(
+    kind: str, origin: Path, config: dict[str, Any] | None, vocab: dict[str, Any] | None, **extra: Any
+) -> dict[str, Any]:
+    """The fields of a model's ``config`` and ``vocab``, read from ``origin`` (named when they are unusable)."""
     from cm3leon_lightning.config import CM3LeonConfig
 
     out: dict[str, Any] = {"kind": kind}
-    if config:
-        c = CM3LeonConfig.from_dict(config)  # a field left out takes its default, as loading does
-        out["parameters"] = c.num_parameters()
-        out["architecture"] = {k: getattr(c, k) for k in ("n_layer", "d_model", "n_head", "d_ff", "max_seq_len",
-                                                          "activation", "tie_embeddings")}  # fmt: skip
-    if vocab:
-        out["vocab"] = dict(vocab)
+    try:
+        if config:
+            c = CM3LeonConfig.from_dict(config)  # a field left out takes its default, as loading does
+            out["parameters"] = c.num_parameters()
+            out["architecture"] = {k: getattr(c, k) for k in ("n_layer", "d_model", "n_head", "d_ff", "max_seq_len",
+                                                              "activation", "tie_embeddings")}  # fmt: skip
+        if vocab:
+            out["vocab"] = dict(vocab)
+    except (TypeError, ValueError) as e:  # hand-edited, or written by a newer version with more fields
+        raise ValueError(f"PATH: {origin} has an unusable architecture or vocabulary: {e}") from e
     return {**out, **{k: v for k, v in extra.items() if v is not None}}
 
 
@@ -88,7 +94,8 @@ def _checkpoint(path: Path) -> dict[str, Any]:
     other = _other_module(state, hp)
     if other is not None:
         return {**other, **{k: v for k, v in common.items() if v is not None}}
-    return _model("lightning checkpoint", hp.get("config"), hp.get("vocab"), init_from=hp.get("init_from"), **common)
+    config, vocab = hp.get("config"), hp.get("vocab")
+    return _model("lightning checkpoint", path, config, vocab, init_from=hp.get("init_from"), **common)
 
 
 def _other_module(state: dict[str, Any], hp: dict[str, Any]) -> dict[str, Any] | None:
@@ -173,23 +180,28 @@ def describe(path: str | Path) -> dict[str, Any]:
         bundled = [name for name, x in (("tokenizer", tokenizer), ("vqgan", vqgan)) if x is not None]
         if is_hf_dir(p):
             block = read_hf_block(p, "PATH")  # ValueError for a Hugging Face model that is not CM3Leon
-            info = _model("model directory (Hugging Face OPT layout)", block.get("config"), block.get("vocab"),
-                          dtype=doc.get("dtype"), source=block.get("source"), bundled=bundled)  # fmt: skip
+            info = _model("model directory (Hugging Face OPT layout)", p / CONFIG_FILE, block.get("config"),
+                          block.get("vocab"), dtype=doc.get("dtype"), source=block.get("source"),
+                          bundled=bundled)  # fmt: skip
         elif doc.get("format") == FORMAT_NAME:
-            info = _model("model directory", doc.get("config"), doc.get("vocab"), dtype=doc.get("dtype"),
-                          source=doc.get("source"), bundled=bundled)  # fmt: skip
+            info = _model("model directory", p / CONFIG_FILE, doc.get("config"), doc.get("vocab"),
+                          dtype=doc.get("dtype"), source=doc.get("source"), bundled=bundled)  # fmt: skip
         elif doc.get("format") == "cm3leon_lightning.vqgan":
             c = doc.get("config", {})
-            factor = 2 ** (len(c.get("ch_mult", [])) - 1)
-            grid = c.get("resolution", 0) // factor if factor else None
+            try:
+                factor = 2 ** (len(c.get("ch_mult", [])) - 1)
+                grid = c.get("resolution", 0) // factor if factor else None
+            except (AttributeError, TypeError) as e:  # not a dict, or fields of the wrong types
+                raise ValueError(f"PATH: {p / CONFIG_FILE} has an unusable VQGAN 'config': {e}") from e
             info = {"kind": "VQGAN", "resolution": c.get("resolution"), "codes": c.get("n_embed"), "grid": grid}
         elif (p / SHARDED_META).is_file():
             meta = _torch_load(p / SHARDED_META)
             meta = meta if isinstance(meta, dict) else {}
             hp = meta.get("hyper_parameters") or {}
             optimizer_state, dtype = _sharded_index(p)
-            info = _model("sharded checkpoint", hp.get("config"), hp.get("vocab"), global_step=meta.get("global_step"),
-                          epoch=meta.get("epoch"), optimizer_state=optimizer_state, dtype=dtype)  # fmt: skip
+            info = _model("sharded checkpoint", p / SHARDED_META, hp.get("config"), hp.get("vocab"),
+                          global_step=meta.get("global_step"), epoch=meta.get("epoch"),
+                          optimizer_state=optimizer_state, dtype=dtype)  # fmt: skip
         elif (p / MANIFEST_NAME).is_file():
             info = _dataset(p / MANIFEST_NAME)
         elif (p / "train" / MANIFEST_NAME).is_file():

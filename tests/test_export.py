@@ -202,6 +202,20 @@ def test_force_never_replaces_a_directory_holding_the_inputs(assets: Path, tmp_p
     assert sorted(p.name for p in run.iterdir()) == before
 
 
+def test_force_replaces_a_link_not_what_it_points_to(assets: Path, tmp_path: Path, capsys) -> None:
+    """`--out link --force` ended in a traceback (rmtree refuses a symbolic link) after the export was in place, and
+    left `.link.old-<pid>` behind."""
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "notes.txt").write_text("mine")
+    (tmp_path / "link").symlink_to(target)
+    assert main(["--ckpt", str(assets / "model.ckpt"), "--out", str(tmp_path / "link"), "--force"]) == 0
+    assert capsys.readouterr().err == ""
+    assert not (tmp_path / "link").is_symlink() and (tmp_path / "link" / "model.safetensors").is_file()
+    assert (target / "notes.txt").read_text() == "mine"  # what the link pointed to is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "target"]
+
+
 @pytest.mark.parametrize(
     "setup, message",
     [
@@ -217,6 +231,12 @@ def test_force_never_replaces_a_directory_holding_the_inputs(assets: Path, tmp_p
         ("bad_vqgan", "--vqgan: {root}/vq: no model.safetensors, vqgan.ckpt or checkpoints/last.ckpt"),
         # `--out .` in an empty directory failed with a traceback renaming the working directory
         ("cwd_out", "--out: . is the current directory or holds it; name the model directory to create"),
+        # a traceback (NotADirectoryError on the partial directory beside --out), exit status 1
+        ("out_under_file", "--out: {root}/file exists and is not a directory, so {root}/file/m cannot be created"),
+        # TextTokenizer's FileNotFoundError passed through without the argument's name
+        ("tokenizer_dir", "--tokenizer: text tokenizer file not found: {root}/tok/tokenizer.json"),
+        # a checkpoint with an architecture field this version does not know: the message named neither flag nor file
+        ("unknown_field", "--ckpt: {root}/new.ckpt has an unusable architecture ('config'): unknown CM3LeonConfig"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(
@@ -241,6 +261,17 @@ def test_bad_input_is_one_line_and_exit_2(
     elif setup == "bad_vqgan":
         (tmp_path / "vq").mkdir()
         argv += ["--vqgan", str(tmp_path / "vq")]
+    elif setup == "out_under_file":
+        (tmp_path / "file").write_text("x")
+        argv[3] = str(tmp_path / "file" / "m")
+    elif setup == "tokenizer_dir":
+        (tmp_path / "tok").mkdir()
+        argv += ["--tokenizer", str(tmp_path / "tok")]
+    elif setup == "unknown_field":
+        ckpt = torch.load(assets / "model.ckpt", weights_only=True)
+        ckpt["hyper_parameters"]["config"]["bogus"] = 1
+        torch.save(ckpt, tmp_path / "new.ckpt")
+        argv[1] = str(tmp_path / "new.ckpt")
     elif setup == "cwd_out":
         (tmp_path / "m").mkdir()
         monkeypatch.chdir(tmp_path / "m")

@@ -117,6 +117,16 @@ def test_a_model_directory_with_fields_left_out_shows_their_defaults(tmp_path: P
                                     "activation": "gelu", "tie_embeddings": True}  # fmt: skip
 
 
+def test_a_checkpoint_with_an_unknown_architecture_field_is_named(tmp_path: Path, capsys) -> None:
+    """A checkpoint from a version with more CM3LeonConfig fields: the error named no file."""
+    path = tmp_path / "new.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"config": {"n_layer": 2, "bogus": 1}}}, path)
+    assert main([str(path)]) == 2
+    err = capsys.readouterr().err
+    want = f"cm3leon info: error: PATH: {path} has an unusable architecture or vocabulary: unknown CM3LeonConfig field"
+    assert err.startswith(want) and err.count("\n") == 1
+
+
 @pytest.mark.parametrize(
     "name, content, message",
     [
@@ -130,8 +140,27 @@ def test_a_model_directory_with_fields_left_out_shows_their_defaults(tmp_path: P
             "a red circle\n",
             "PATH: {path} is not a checkpoint, model, dataset, bank or tokenizer (neither",
         ),
+        (
+            "model",
+            '{"format": "cm3leon_lightning.model", "config": {"bogus": 1}}',
+            "PATH: {path}/config.json has an unusable architecture or vocabulary: unknown CM3LeonConfig field(s) "
+            "['bogus']",
+        ),
+        (
+            "model",
+            '{"format": "cm3leon_lightning.model", "vocab": [1, 2]}',
+            "PATH: {path}/config.json has an unusable architecture or vocabulary: cannot convert",
+        ),
+        (
+            "vqgan",
+            '{"format": "cm3leon_lightning.vqgan", "config": [16]}',
+            "PATH: {path}/config.json has an unusable VQGAN 'config': 'list' object has no attribute 'get'",
+        ),
     ],
-    ids=["json-list", "json-garbage", "hf-bert", "bank-meta", "corrupt-safetensors", "text-file"],
+    ids=[
+        *("json-list", "json-garbage", "hf-bert", "bank-meta", "corrupt-safetensors", "text-file"),
+        *("model-field", "model-vocab", "vqgan-config"),
+    ],
 )
 def test_unreadable_metadata_is_one_line_naming_the_file(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str, content: str | None, message: str

@@ -94,6 +94,34 @@ def test_top_level_help_names_every_command(capsys: pytest.CaptureFixture[str]) 
         assert f"'cm3leon {name}'" in out, name
 
 
+def test_a_mistyped_command_names_every_command(capsys: pytest.CaptureFixture[str]) -> None:
+    """`cm3leon exprot` got LightningCLI's "choose from 'fit', 'validate', 'test', 'predict'", as if `export` and the
+    package's other commands did not exist."""
+    from cm3leon_lightning.cli import EXTRA_COMMANDS
+
+    assert main(["exprot", "--ckpt", "x"]) == 2
+    err = capsys.readouterr().err
+    choices = ", ".join(["fit", "validate", "test", "predict", *EXTRA_COMMANDS])
+    assert err == f"cm3leon: error: unknown command 'exprot' (choose from {choices}; cm3leon --help)\n"
+
+
+@pytest.mark.parametrize(
+    "size, n_layer, d_model, lr", [("350m", 24, 1024, 6e-4), ("760m", 24, 1536, 5e-4), ("7b", 32, 4096, 1.2e-4)]
+)
+def test_model_configs_hold_the_papers_table_3(size: str, n_layer: int, d_model: int, lr: float) -> None:
+    """configs/model/<size>.yaml, as its comment and the README's table say: paper table 3's layers, width, 4096-token
+    context, peak LR and 1500 warm-up steps; configs/data/shards.yaml's 8 rows of 4096 tokens on table 3's 256 GPUs
+    make its 8M-token batch."""
+    from cm3leon_lightning.config import CM3LeonConfig
+
+    args = yaml.safe_load((ROOT / "configs" / "model" / f"{size}.yaml").read_text())["model"]["init_args"]
+    config = CM3LeonConfig.from_preset(args["preset"])
+    assert (config.n_layer, config.d_model, config.max_seq_len) == (n_layer, d_model, 4096)
+    assert (args["preset"], args["lr"], args["warmup_steps"]) == (size, lr, 1500)
+    data = yaml.safe_load(SHARDS.read_text())["data"]["init_args"]
+    assert data["seq_len"] == 4096 and data["seq_len"] * data["batch_size"] * 256 == 8 * 2**20
+
+
 def test_sft_config_overrides_only_the_schedule_of_the_model_before_it(capsys: pytest.CaptureFixture[str]) -> None:
     """configs/experiments/sft.yaml is a fragment: the paper's SFT schedule over whichever preset came first, and
     half the documents image first over whichever data config came first."""
