@@ -74,6 +74,7 @@ def export_model(
     from cm3leon_lightning.config import CM3LeonConfig
     from cm3leon_lightning.model.transformer import CM3Leon
     from cm3leon_lightning.model.weights import fit_state, read_weights, tensor_reader
+    from cm3leon_lightning.tokenization.vocab import MultimodalVocab
 
     out, src = Path(out), Path(ckpt)
     if format not in FORMATS:
@@ -109,6 +110,7 @@ def export_model(
         config = CM3LeonConfig.from_dict(weights.config)
     except (TypeError, ValueError) as e:  # a hand-edited file, or one from a newer version with more fields
         raise ValueError(f"--ckpt: {src} has an unusable architecture ('config'): {e}") from e
+    MultimodalVocab.from_dict(weights.vocab, f"--ckpt: {src}: vocab")  # every field, none defaulted
     with torch.device("meta"):  # names and shapes only: a 7B network is never allocated here
         skeleton = CM3Leon(config)
     state = fit_state(skeleton, weights.state_dict, f"--ckpt {str(src)!r}")

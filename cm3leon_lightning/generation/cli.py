@@ -95,7 +95,7 @@ def load_checkpoint(
             f"--ckpt: {p} ({weights.kind}) lacks the architecture and vocabulary ('config' and 'vocab'); give a "
             "CM3LeonModule checkpoint or a model directory of 'cm3leon export'"
         )
-    vocab = MultimodalVocab(**weights.vocab)
+    vocab = MultimodalVocab.from_dict(weights.vocab, f"--ckpt {p}: vocab")
     if dtype is None:  # as saved: a model directory exported in bfloat16 stays bfloat16
         dtype = next((v.dtype for v in weights.state_dict.values() if v.is_floating_point()), None)
     with torch.device("meta"):  # every weight comes from the file: no random initialisation (13 s at 350m on CPU)

@@ -124,9 +124,9 @@ def load_vocab(source: str | os.PathLike[str]) -> MultimodalVocab:
 
     p = Path(source)
     if is_hf_dir(p):
-        return MultimodalVocab(**read_hf_block(p, "vocab_from")["vocab"])
+        return MultimodalVocab.from_dict(read_hf_block(p, "vocab_from")["vocab"], f"vocab_from: {p}: vocab")
     if is_model_dir(p):
-        return MultimodalVocab(**read_model_config(p, "vocab_from")["vocab"])
+        return MultimodalVocab.from_dict(read_model_config(p, "vocab_from")["vocab"], f"vocab_from: {p}: vocab")
     if p.is_dir():
         p = p / (SHARDED_META if (p / SHARDED_META).is_file() else MANIFEST_NAME)
     if not p.is_file():
@@ -146,7 +146,7 @@ def load_vocab(source: str | os.PathLike[str]) -> MultimodalVocab:
         raise ValueError(
             f"vocab_from: checkpoint {p} has no hyper_parameters['vocab']; was it written by CM3LeonModule?"
         )
-    return MultimodalVocab(**vocab)
+    return MultimodalVocab.from_dict(vocab, f"vocab_from: checkpoint {p}: hyper_parameters['vocab']")
 
 
 class PromptDataset(Dataset):
