@@ -174,6 +174,6 @@ def test_every_config_field_has_a_type_check() -> None:
     """A field added to VQGANConfig without a check in ``_FIELD_CHECKS`` would read JSON values unchecked."""
     import dataclasses
 
-    from cm3leon_lightning.tokenization.vqgan import _FIELD_CHECKS, VQGANConfig
+    from cm3leon_lightning.tokenization.vqgan_config import _FIELD_CHECKS, VQGANConfig
 
     assert {f.name for f in dataclasses.fields(VQGANConfig)} == set(_FIELD_CHECKS)
