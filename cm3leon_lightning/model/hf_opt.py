@@ -147,8 +147,14 @@ def from_opt(state: dict[str, Tensor], config: dict[str, Any], what: str = "path
     them as unexpected (or compares the tied pair) instead of their being dropped in silence.
 
     Raises:
-        ValueError: a tensor the mapping needs is missing (named with ``what``).
+        ValueError: a tensor the mapping needs is missing, or ``config`` lacks ``n_layer`` (int) or
+            ``tie_embeddings`` (bool) (named with ``what``).
     """
+    for key, kind, noun in (("n_layer", int, "an int"), ("tie_embeddings", bool, "a bool")):
+        value = config.get(key)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            got = f"lacks the field {key!r}" if key not in config else f"has {key!r} = {value!r}, not {noun}"
+            raise ValueError(f"{what}: the model config ('cm3leon.config' of the config.json beside the weights) {got}")
     used: set[str] = set()
 
     def get(name: str) -> Tensor:

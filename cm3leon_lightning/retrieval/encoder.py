@@ -342,6 +342,14 @@ def _check_unit_range(x: torch.Tensor, first: int) -> torch.Tensor:
     return x
 
 
+def _check_texts(texts: Sequence[str | None], allow_none: bool) -> None:
+    """Refuse a caption that is not a ``str`` (a pandas NaN, a number, bytes), naming its index and type."""
+    for i, t in enumerate(texts):
+        if not isinstance(t, str) and not (allow_none and t is None):
+            hint = "; pass None for a document without text" if allow_none else ""
+            raise ValueError(f"texts[{i}] has type {type(t).__name__} ({t!r:.40}), not str{hint}")
+
+
 class ClipEncoder:
     """Frozen CLIP text and image encoders that embed captions, images and documents (paper section 2.1).
 
@@ -415,9 +423,13 @@ class ClipEncoder:
 
         Returns:
             ``(N, dim)`` float32, L2-normalised.
+
+        Raises:
+            ValueError: a single ``str``, or an item that is not a ``str`` (its index and type named).
         """
         if isinstance(texts, str):
             raise ValueError("texts must be a sequence of strings, got a single str")
+        _check_texts(texts, allow_none=False)
         out = [np.zeros((0, self.dim), np.float32)]
         for i in range(0, len(texts), self.batch_size):
             ids = self.tokenizer(list(texts[i : i + self.batch_size])).to(self.device)  # (b, L)
@@ -473,8 +485,10 @@ class ClipEncoder:
             ``(N, dim)`` float32, L2-normalised.
 
         Raises:
-            ValueError: lengths differ, or a document has neither text nor image (its index is named).
+            ValueError: lengths differ, a caption is neither a str nor ``None`` (e.g. a pandas NaN), or a document
+                has neither text nor image (its index is named).
         """
+        _check_texts(texts, allow_none=True)
         n = len(texts)
         if len(images) != n:
             raise ValueError(f"texts and images must have the same length, got {n} and {len(images)}")

@@ -358,8 +358,8 @@ class MemoryBank:
             FileNotFoundError: a file of the bank is missing.
             ValueError: the metadata is inconsistent or does not match ``model_name`` / ``dim`` (both values named); a
                 file is not valid JSON, a ``meta.json`` field is missing or of the wrong type, ``keys.json`` is not a
-                list of unique strings, ``index.faiss`` cannot be read (truncated or corrupt), or the index is not
-                inner-product (the file and field named).
+                list of unique non-empty single-line strings (the row named), ``index.faiss`` cannot be read
+                (truncated or corrupt), or the index is not inner-product (the file and field named).
         """
         src = Path(path)
         for name in (INDEX_FILE, KEYS_FILE, META_FILE):
@@ -393,6 +393,12 @@ class MemoryBank:
         keys = _read_json(src / KEYS_FILE, "a list of document keys")
         if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
             raise ValueError(f"{src / KEYS_FILE}: expected a JSON list of document keys (strings)")
+        bad = next((i for i, k in enumerate(keys) if not k or "\n" in k), None)
+        if bad is not None:  # add() refuses such keys; a hand-edited file must not bring them in
+            raise ValueError(
+                f"{src / KEYS_FILE}: row {bad} has the key {keys[bad]!r}; document keys must be non-empty single-line "
+                "strings"
+            )
         if index.d != meta["dim"] or index.ntotal != meta["count"] or len(keys) != meta["count"]:
             raise ValueError(
                 f"memory bank {src} is inconsistent: meta.json says dim={meta['dim']} count={meta['count']}, "

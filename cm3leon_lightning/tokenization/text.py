@@ -37,8 +37,10 @@ _BYTE_ALPHABET = 256
 
 
 def _resolve(path: str | Path) -> Path:
-    """``path`` itself when it names a file (or a ``.json``), else ``path / tokenizer.json``."""
+    """``path`` itself when it is an existing file or a ``.json`` path, else ``path / tokenizer.json``."""
     p = Path(path)
+    if p.is_file():
+        return p
     if p.is_dir() or p.suffix != ".json":
         return p / TOKENIZER_FILE
     return p
@@ -122,7 +124,7 @@ class TextTokenizer:
 
     @classmethod
     def load(cls, path: str | Path) -> TextTokenizer:
-        """Load ``tokenizer.json`` (``path`` is the file or the directory holding it).
+        """Load ``tokenizer.json`` (``path`` is the file, whatever its name, or the directory holding it).
 
         Raises:
             FileNotFoundError: no such file.
@@ -139,11 +141,16 @@ class TextTokenizer:
         return cls(tok, source=file, raw=raw)
 
     def save(self, path: str | Path) -> Path:
-        """Write ``tokenizer.json`` (``path`` is the file, or a directory that is created if needed).
+        """Write ``tokenizer.json`` (``path`` is a ``.json`` file, or a directory created if needed).
 
         Returns:
             The file written; its sha256 is :attr:`sha256`.
+
+        Raises:
+            FileExistsError: ``path`` is an existing file whose name does not end in ``.json`` (not replaced).
         """
+        if Path(path).is_file() and Path(path).suffix != ".json":
+            raise FileExistsError(f"{path} exists and is not a .json file; not replacing it with a tokenizer")
         file = _resolve(path)
         file.parent.mkdir(parents=True, exist_ok=True)
         file.write_bytes(self._raw)

@@ -41,6 +41,7 @@ FORMAT_VERSION = 1
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 _EMA_KEYS = ("quantize.ema_cluster_size", "quantize.ema_embed_sum")
 _MODULE_PREFIX = "vqgan."  # VQGANModule checkpoints
+_ZIP_MAGIC, _PICKLE_PROTO = b"PK\x03\x04", b"\x80"  # how every torch.save file begins
 # taming / latent-diffusion ddconfig options with the only value this VQGAN builds (another one would load weights
 # into a different network, or apply tanh to the output, without a word).
 _DDCONFIG_BUILT: dict[str, tuple[Any, ...]] = {
@@ -142,8 +143,8 @@ def read_checkpoint(
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: the file needs unpickling and ``trust_pickle`` is False, holds no state dict, or its
-            ``hyper_parameters`` name an invalid architecture.
+        ValueError: the file is no checkpoint (an image, a text file), needs unpickling and ``trust_pickle`` is
+            False, holds no state dict, or its ``hyper_parameters`` name an invalid architecture.
     """
     path = Path(path)
     if not path.is_file():
@@ -156,6 +157,7 @@ def read_checkpoint(
     try:
         obj = torch.load(path, map_location=map_location, weights_only=not trust_pickle)
     except pickle.UnpicklingError as e:
+        _refuse_non_checkpoint(path, e)  # an image, a text file...: say so, not "pickled objects"
         if trust_pickle:
             raise ValueError(f"{path}: cannot be unpickled as a torch checkpoint ({_first_line(e)})") from e
         raise ValueError(
@@ -167,6 +169,7 @@ def read_checkpoint(
     except ModuleNotFoundError as e:  # trust_pickle: a class of the pickle lives in a package not installed here
         raise ValueError(f"{path}: unpickling needs the Python module {e.name!r}, which is not installed") from e
     except Exception as e:  # a truncated or foreign file: torch says neither which file nor, often, what is wrong
+        _refuse_non_checkpoint(path, e)
         raise ValueError(f"{path}: cannot be read as a torch checkpoint ({_first_line(e)})") from e
     hparams = obj.get("hyper_parameters") if isinstance(obj, dict) else None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
@@ -183,6 +186,23 @@ def read_checkpoint(
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path}: hyper_parameters do not describe a VQGAN ({e})") from e
     return state, config
+
+
+def _refuse_non_checkpoint(path: Path, err: Exception) -> None:
+    """Raise a clear error when ``path`` (which ``torch.load`` failed on) is no torch file at all.
+
+    A torch checkpoint begins as a zip archive (``PK\\x03\\x04``, torch >= 1.6) or a pickle (``\\x80``, the legacy
+    format); any other file (an image, a text file, an empty file) is not a VQGAN checkpoint.
+    """
+    with path.open("rb") as f:
+        head = f.read(4)
+    if head.startswith((_ZIP_MAGIC, _PICKLE_PROTO)):
+        return
+    what = "it is empty" if not head else f"it begins with {head!r}, not a zip archive or a pickle"
+    raise ValueError(
+        f"{path}: not a VQGAN checkpoint ({what}); expected a torch .ckpt / .pt, a .safetensors file, or a directory "
+        f"holding {WEIGHTS_FILE} and {CONFIG_FILE}"
+    ) from err
 
 
 def _first_line(e: BaseException) -> str:

@@ -161,6 +161,35 @@ def test_weights_the_config_does_not_name_are_refused_naming_the_file(tmp_path: 
     assert str(err.value) == f"--ckpt {str(weights)!r}: the OPT weights lack 'model.decoder.layers.1.fc2.weight'"
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("n_layer", None, "lacks the field 'n_layer'"),
+        ("tie_embeddings", None, "lacks the field 'tie_embeddings'"),
+        ("n_layer", "2", "has 'n_layer' = '2', not an int"),
+        ("tie_embeddings", "false", "has 'tie_embeddings' = 'false', not a bool"),
+    ],
+)
+def test_a_hand_damaged_cm3leon_block_is_refused_naming_the_field(
+    tmp_path: Path, field: str, value: object, message: str
+) -> None:
+    """``from_opt`` read ``config["n_layer"]`` and ``config["tie_embeddings"]`` bare: a KeyError / TypeError."""
+    model = random_model()
+    save_pretrained(model.state_dict(), tmp_path, model.config.to_dict(), VOCAB, layout="hf")
+    doc = json.loads((tmp_path / "config.json").read_text())
+    if value is None:
+        del doc["cm3leon"]["config"][field]
+    else:
+        doc["cm3leon"]["config"][field] = value
+    (tmp_path / "config.json").write_text(json.dumps(doc))
+    with pytest.raises(ValueError) as err:
+        read_weights(tmp_path, "--ckpt")
+    assert str(err.value) == (
+        f"--ckpt {str(tmp_path / 'model.safetensors')!r}: the model config ('cm3leon.config' of the config.json "
+        f"beside the weights) {message}"
+    )
+
+
 def test_an_untied_bfloat16_export_gives_our_logits_and_left_padded_greedy_tokens(tmp_path: Path) -> None:
     """The 7b preset's case (an LM head of its own) in bfloat16: transformers' logits of a left-padded batch equal
     ours exactly, and its left-padded greedy ``generate`` equals our KV-cache decoding."""

@@ -111,6 +111,23 @@ def test_document_errors_name_the_problem(enc):
         enc.embed_texts("a red square")
 
 
+def test_a_caption_that_is_not_a_str_is_refused_naming_its_index_and_type(enc):
+    """A pandas NaN caption raised AttributeError ('float' object has no attribute 'strip') or TypeError."""
+    images = torch.zeros(3, 3, 32, 32, dtype=torch.uint8)
+    hint = "; pass None for a document without text"
+    for caption, shown in ((float("nan"), "float (nan)"), (3, "int (3)"), (b"x", "bytes (b'x')")):
+        with pytest.raises(ValueError) as err:
+            enc.embed_documents(["a", "b", caption], images)
+        assert str(err.value) == f"texts[2] has type {shown}, not str{hint}"
+        with pytest.raises(ValueError) as err:
+            enc.embed_texts(["a", caption])
+        assert str(err.value) == f"texts[1] has type {shown}, not str"
+    with pytest.raises(ValueError) as err:
+        enc.embed_texts(["a", None])
+    assert str(err.value) == "texts[1] has type NoneType (None), not str"
+    assert enc.embed_documents(["a", None], images[:2]).shape == (2, enc.dim)  # None: a document without text
+
+
 def test_unavailable_tag_fails_fast_with_instructions(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", "/nonexistent-cache")  # nothing cached

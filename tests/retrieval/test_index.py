@@ -277,6 +277,23 @@ def test_load_names_the_file_and_field_of_bad_metadata(tmp_path):
     assert MemoryBank.load(tmp_path / "bank").keys == keys
 
 
+@pytest.mark.parametrize("bad", ["", "doc\nextra"])
+def test_load_refuses_keys_that_add_refuses_naming_the_file_and_row(tmp_path, bad):
+    """An empty or multi-line key in a hand-edited keys.json loaded (and saved again) though add() refuses it."""
+    x, keys = _data(5, 8)
+    bank = MemoryBank.build((x, keys), dim=8, model_name="m")
+    with pytest.raises(ValueError, match="non-empty single-line"):
+        bank.add(x[:1], [bad])
+    bank.save(tmp_path / "bank")
+    keys_path = tmp_path / "bank" / "keys.json"
+    keys_path.write_text(json.dumps(keys[:3] + [bad] + keys[4:]))
+    with pytest.raises(ValueError) as err:
+        MemoryBank.load(tmp_path / "bank")
+    assert str(err.value) == (
+        f"{keys_path}: row 3 has the key {bad!r}; document keys must be non-empty single-line strings"
+    )
+
+
 def test_empty_bank_searches_saves_and_loads(tmp_path):
     bank = MemoryBank(4, "m")
     res = bank.search(np.ones((2, 4), np.float32), k=3)

@@ -6,6 +6,7 @@ import hashlib
 import json
 import pickle
 import random
+import re
 
 import pytest
 from hypothesis import given, settings
@@ -144,6 +145,21 @@ def test_make_vocab(tok):
 def test_load_missing_file_names_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "nope" / "tokenizer.json")):
         TextTokenizer.load(tmp_path / "nope")
+
+
+def test_load_reads_an_existing_file_of_any_name(tok, tmp_path):
+    """A path naming an existing file is that file, not ``file/tokenizer.json`` (the docstring's promise)."""
+    file = tmp_path / "tok.txt"
+    file.write_bytes(tok.save(tmp_path / "t.json").read_bytes())
+    loaded = TextTokenizer.load(file)
+    assert loaded.path == file and loaded.sha256 == tok.sha256
+    assert loaded.encode("a small dog") == tok.encode("a small dog")
+    (tmp_path / "notes.txt").write_text("a red cube\n")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path / 'notes.txt'))}: not a valid tokenizers JSON"):
+        TextTokenizer.load(tmp_path / "notes.txt")
+    with pytest.raises(FileExistsError, match="notes.txt exists and is not a .json file"):  # saving never replaces it
+        tok.save(tmp_path / "notes.txt")
+    assert (tmp_path / "notes.txt").read_text() == "a red cube\n"
 
 
 def test_load_rejects_non_tokenizer_json(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 from pathlib import Path
@@ -117,14 +118,33 @@ def test_unreadable_weights_files_name_the_file(tmp_path: Path) -> None:
     (tmp_path / "bad.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}      ")
     cases = [
         ("cut.ckpt", False, "cannot be read as a torch checkpoint (RuntimeError: PytorchStreamReader failed"),
-        ("text.ckpt", False, "cannot be read as a torch checkpoint (IndexError"),
-        ("text.ckpt", True, "cannot be unpickled as a torch checkpoint (UnpicklingError"),
-        ("empty.ckpt", False, "cannot be read as a torch checkpoint (EOFError)"),
+        ("text.ckpt", False, "not a VQGAN checkpoint (it begins with b'this', not a zip archive or a pickle)"),
+        ("text.ckpt", True, "not a VQGAN checkpoint (it begins with b'this', not a zip archive or a pickle)"),
+        ("empty.ckpt", False, "not a VQGAN checkpoint (it is empty)"),
         ("bad.safetensors", False, "cannot be read as safetensors (SafetensorError: Error while deserializing"),
     ]
     for name, trust, message in cases:
         with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path / name))}: {re.escape(message)}"):
             load_vqgan(tmp_path / name, preset="micro", trust_pickle=trust)
+
+
+def test_a_file_that_is_no_checkpoint_is_named_so_not_called_a_pickle(tmp_path: Path) -> None:
+    """An image passed as the VQGAN got "holds pickled Python objects ... trust_pickle"; only a real torch file
+    that pickles Python objects should."""
+    image = tmp_path / "cat.png"
+    image.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
+    for trust in (False, True):
+        with pytest.raises(ValueError) as info:
+            VQGAN.from_pretrained(image, preset="micro", trust_pickle=trust)
+        assert str(info.value) == (
+            f"{image}: not a VQGAN checkpoint (it begins with b'\\x89PNG', not a zip archive or a pickle); expected a "
+            "torch .ckpt / .pt, a .safetensors file, or a directory holding model.safetensors and config.json"
+        )
+    pickled = tmp_path / "pl1.ckpt"  # a zip checkpoint holding a Python object: the pickle message stays
+    torch.save({"state_dict": _model(0).state_dict(), "hparams": argparse.Namespace(lr=1.0)}, pickled)
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(pickled))} holds pickled Python objects .* trust_pickle"):
+        VQGAN.from_pretrained(pickled, preset="micro")
+    assert VQGAN.from_pretrained(pickled, preset="micro", trust_pickle=True).config.n_embed == 32
 
 
 def test_invalid_config_json_names_the_file_and_field(tmp_path: Path) -> None:
