@@ -311,7 +311,8 @@ class CM3LeonDataModule(L.LightningDataModule):
         return {k.removeprefix("skipped_"): v for k, v in self.data_counts.items() if k.startswith("skipped_")}
 
     def state_dict(self) -> dict[str, Any]:
-        """The training loader's position and counts (Lightning saves it in every checkpoint)."""
+        """The training loader's position and counts (Lightning saves it in every checkpoint); under DDP every rank's
+        (a collective: :meth:`ResumableLoader.state_dict`), as every rank resumes from rank zero's checkpoint."""
         if self._train_loader is None:
             return dict(self._pending_state or {})
         return self._train_loader.state_dict()

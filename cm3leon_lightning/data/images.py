@@ -205,6 +205,43 @@ def image_shards(
     return wds.DataPipeline(*stages)
 
 
+def check_even_split(urls: str | list[str], world_size: int, num_workers: int, what: str) -> None:
+    """Refuse shards that ``world_size`` ranks would read in different numbers of batches.
+
+    WebDataset deals whole shards to ranks and then to workers, and each worker batches its own images: ranks get
+    equal batches in every epoch only when the number of shards is a multiple of ranks x workers and every shard
+    holds as many images (counted from the tar headers of local shards; remote ones are not counted). A rank with a
+    batch more runs one more gradient all-reduce, for which the others never come: DDP hangs.
+
+    Raises:
+        ValueError: naming ``what`` (``train`` or ``val``), the shards, and the counts that differ.
+    """
+    from braceexpand import braceexpand
+
+    from cm3leon_lightning.data.shards import count_tar_samples
+
+    urls = [u for spec in ([urls] if isinstance(urls, str) else urls) for u in braceexpand(spec)]
+    readers = world_size * max(1, num_workers)
+    fix = "or train from an image folder, which splits by image"
+    if len(urls) % readers:
+        raise ValueError(
+            f"{what}: {len(urls)} shards cannot be dealt evenly to {world_size} ranks x {max(1, num_workers)} "
+            f"workers = {readers} readers, so ranks would read different numbers of batches and DDP would hang at the "
+            f"epoch's end; use a multiple of {readers} shards holding equal numbers of images, change num_workers, "
+            f"{fix}"
+        )
+    if any(u.startswith("pipe:") or ("://" in u and not u.startswith("file://")) for u in urls):
+        return  # remote: counting would download every shard
+    counts = {u: count_tar_samples(u.removeprefix("file://")) for u in urls}
+    if len(set(counts.values())) > 1:
+        lo, hi = min(counts, key=counts.get), max(counts, key=counts.get)
+        raise ValueError(
+            f"{what}: the shards hold different numbers of images ({lo}: {counts[lo]}, {hi}: {counts[hi]}), so under "
+            f"DDP ranks would read different numbers of batches and hang at the epoch's end; re-shard to equal "
+            f"counts, {fix}"
+        )
+
+
 def _random_flip_tensor(image: Image.Image, size: int, hflip: bool) -> torch.Tensor:
     return to_tensor(image, size, hflip and bool(torch.randint(2, ()).item()))
 
@@ -235,7 +272,9 @@ class ImageDataModule(ResumableTrainData, L.LightningDataModule):
     Shards do not resume mid-epoch: a resumed run reads the interrupted epoch again from its start (a warning says
     so), in that epoch's order. Their order is seeded by ``(seed, epoch)`` but also depends on the number of workers
     and ranks (each reads its own shards), and flips draw from the workers' torch RNG. Resume from end-of-epoch
-    checkpoints, or use an image folder, where exactness matters.
+    checkpoints, or use an image folder, where exactness matters. Under DDP, shards are dealt whole to ranks, so
+    they must split evenly (a multiple of ranks x workers shards, equal numbers of images): other shards are refused
+    (:func:`check_even_split`), as ranks would read different numbers of batches and hang.
     """
 
     def __init__(
@@ -294,6 +333,12 @@ class ImageDataModule(ResumableTrainData, L.LightningDataModule):
                 arr = synthetic_images(hp.synthetic_val, hp.image_size, hp.seed + 1)
                 self.val_set = ImageFolderDataset(arr, hp.image_size)
 
+    def _check_shards(self, spec: str | None, what: str) -> None:
+        """Under DDP, refuse shards that ranks would read in different numbers of batches (:func:`check_even_split`)."""
+        world = self.trainer.world_size if self.trainer is not None else 1
+        if spec is not None and world > 1 and _is_shards(spec):
+            check_even_split(shard_urls(spec, self.hparams.allow_pipe), world, self.hparams.num_workers, what)
+
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
         hp = self.hparams
         if shuffle and not isinstance(dataset, IterableDataset):
@@ -317,11 +362,13 @@ class ImageDataModule(ResumableTrainData, L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """Shuffled training batches ``(B, 3, S, S)`` uint8 (resumable, but from shards)."""
         self.setup("fit")
+        self._check_shards(self.hparams.train, "train")
         return self._loader(self.train_set, shuffle=True)
 
     def val_dataloader(self) -> DataLoader | list:
         """Validation batches, or an empty list when there is no validation data."""
         self.setup("validate")
+        self._check_shards(self.hparams.val, "val")
         return [] if self.val_set is None else self._loader(self.val_set, shuffle=False)
 
     def state_dict(self) -> dict[str, Any]:

@@ -305,6 +305,18 @@ def iter_tar_samples(stream: BinaryIO, name: str = "<stream>") -> Iterator[tuple
         yield key, members
 
 
+def count_tar_samples(path: str | os.PathLike[str]) -> int:
+    """Samples in a local tar as :func:`iter_tar_samples` (and WebDataset) group them, from the member headers only
+    (the data is skipped, not read)."""
+    count, key = 0, None
+    with tarfile.open(path, "r:") as tf:
+        for info in tf:
+            split = _MEMBER_NAME.match(info.name) if info.isfile() else None
+            if split is not None and split.group(1) != key:
+                count, key = count + 1, split.group(1)
+    return count
+
+
 def read_shard(path: str | os.PathLike[str], manifest: Manifest) -> Iterator[ShardSample]:
     """Read and validate every sample of a local shard (raising on the first problem, naming the shard and key)."""
     vocab = manifest.vocab()

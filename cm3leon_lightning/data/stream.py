@@ -22,6 +22,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from cm3leon_lightning.data import plan as planning
@@ -262,6 +263,11 @@ class ResumableLoader:
         max_skip_share: stop with an error when this rank skips more than this share of its epoch's samples.
         processed: returns the trainer's ``(epoch, batches consumed in it)`` (``None``: count the batches handed
             out). Lightning fetches one batch ahead, so handed-out is one too many in a checkpoint.
+
+    Under ``torch.distributed`` Lightning writes global rank zero's checkpoint only, and every rank resumes from it,
+    while each rank's workers stand at their own positions: :meth:`state_dict` therefore gathers every rank's
+    cursors and counts under ``"ranks"`` (a collective: every rank calls it, as Lightning's checkpointing does), and
+    :meth:`load_state_dict` takes this rank's.
     """
 
     def __init__(
@@ -275,7 +281,7 @@ class ResumableLoader:
         self.pin_memory = pin_memory
         self.max_skip_share = max_skip_share
         self.processed = processed
-        self.load_state_dict({"epoch": 0, "batch": 0})
+        self._restore({"epoch": 0, "batch": 0})
 
     def __len__(self) -> int:
         return len(self.stream)
@@ -296,10 +302,17 @@ class ResumableLoader:
         }
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        world = _distributed_world_size()
+        if world > 1 and world != self.stream.world_size:  # built before the trainer was attached: every rank would
+            # read the same batches (rank 0 of 1)
+            raise RuntimeError(
+                f"this training loader was built for {self.stream.world_size} rank(s) but {world} processes run: "
+                "build it inside fit (trainer.fit(model, datamodule=dm)), not before the trainer is attached"
+            )
         if self._done or self._handed_out >= len(self):  # the previous epoch ran out: start the next one
-            self.load_state_dict(self.state_dict(len(self)))
+            self._restore(self._local_state(len(self)))
         elif self._handed_out > self.start:  # an abandoned iteration: continue after the consumed batches
-            self.load_state_dict(self.state_dict())
+            self._restore(self._local_state())
         stream = self.stream.at(self.epoch, self.start, self.cursors)
         loader = DataLoader(stream, batch_size=None, num_workers=stream.num_workers, pin_memory=self.pin_memory)
         limit = self.max_skip_share * max(1, stream.num_samples)
@@ -337,8 +350,8 @@ class ResumableLoader:
         self._commit(processed)
         return dict(self.counts)
 
-    def state_dict(self, processed: int | None = None) -> dict[str, Any]:
-        """The position after ``processed`` batches of the current epoch (default: ask ``processed()``)."""
+    def _local_state(self, processed: int | None = None) -> dict[str, Any]:
+        """This rank's position after ``processed`` batches of the current epoch (default: ask ``processed()``)."""
         n = self._commit(processed)
         state = {"epoch": self.epoch, "batch": n, "counts": dict(self.counts), "fingerprint": self.fingerprint()}
         if n >= len(self):  # epoch complete: the next one starts from scratch
@@ -346,13 +359,42 @@ class ResumableLoader:
         cursors = {str(k): list(v) for k, v in self.cursors.items()}
         return {**state, "cursors": cursors, "epoch_counts": dict(self.epoch_counts)}
 
+    def state_dict(self, processed: int | None = None) -> dict[str, Any]:
+        """The position after ``processed`` batches of the current epoch (default: ask ``processed()``); under
+        ``torch.distributed`` (a collective) also every rank's ``cursors`` and counts, in ``"ranks"``."""
+        state = self._local_state(processed)
+        world = _distributed_world_size()
+        if world > 1:
+            parts: list[Any] = [None] * world
+            torch.distributed.all_gather_object(parts, {k: state[k] for k in _PER_RANK})
+            state["ranks"] = parts
+        return state
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume from :meth:`state_dict` (a mid-epoch position needs the same ranks, workers, batch and seed)."""
-        if state.get("batch", 0) and state.get("fingerprint") != self.fingerprint():
+        """Resume from :meth:`state_dict` (a mid-epoch position needs the same ranks, workers, batch and seed; on
+        several ranks, a state holding every rank's position).
+
+        Raises:
+            ValueError: a mid-epoch position saved with other settings, or on several ranks without ``"ranks"``
+                (other ranks would read from rank zero's positions: samples repeated and skipped).
+        """
+        mid_epoch = bool(state.get("batch", 0))
+        if mid_epoch and state.get("fingerprint") != self.fingerprint():
             raise ValueError(
                 "cannot resume mid-epoch: the saved data position was made with "
                 f"{state.get('fingerprint')}, this run has {self.fingerprint()}"
             )
+        ranks = state.get("ranks")
+        if ranks is not None and len(ranks) == self.stream.world_size:
+            state = {**state, **ranks[self.stream.rank]}
+        elif mid_epoch and self.stream.world_size > 1:
+            raise ValueError(
+                f"cannot resume mid-epoch on {self.stream.world_size} ranks: the saved data position holds one "
+                "rank's worker positions, not every rank's; resume from a checkpoint saved at an epoch's end"
+            )
+        self._restore(state)
+
+    def _restore(self, state: dict[str, Any]) -> None:
         self.epoch, self.start = int(state["epoch"]), int(state["batch"])
         self.cursors = {int(k): (int(v[0]), int(v[1])) for k, v in state.get("cursors", {}).items()}
         self.counts = Counter(state.get("counts", {}))
@@ -360,3 +402,12 @@ class ResumableLoader:
         self._pending: deque[dict[str, Any]] = deque()
         self._handed_out = self.start
         self._done = False
+
+
+_PER_RANK = ("counts", "cursors", "epoch_counts")  # what differs between ranks in a saved position
+
+
+def _distributed_world_size() -> int:
+    """``torch.distributed``'s world size, 1 when it is not initialised."""
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1

@@ -18,6 +18,7 @@ from cm3leon_lightning.data.images import (
     shard_urls,
     synthetic_images,
 )
+from cm3leon_lightning.data.shards import count_tar_samples
 
 
 def _striped(width: int, height: int) -> np.ndarray:
@@ -189,3 +190,50 @@ def test_shard_order_follows_the_epoch_when_loaders_are_rebuilt_every_epoch(tmp_
     trainer.fit(Record(), datamodule=dm)
     assert [sorted(e) for e in seen] == [list(range(16))] * 3
     assert len({tuple(e) for e in seen}) == 3  # three epochs, three orders
+
+
+class TwoRankTrainer:
+    """What the data module reads from a trainer on rank 0 of 2."""
+
+    global_rank, world_size = 0, 2
+    state = type("State", (), {"fn": None})()
+
+
+def test_shards_that_ranks_would_read_in_unequal_batches_are_refused_under_ddp(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """WebDataset deals whole shards to ranks: with 5 shards of 4 images and batches of 4, rank 0 read 3 batches and
+    rank 1 read 2, so rank 0's third backward waited for an all-reduce that never came (DDP hung)."""
+    imgs = np.zeros((20, 8, 8, 3), np.uint8)
+    imgs[:, 0, 0, 0] = np.arange(20)  # pixel (0, 0) names the image
+    (tmp_path / "five").mkdir()
+    for s in range(5):
+        _write_shard(tmp_path / "five" / f"s-{s}.tar", imgs[4 * s : 4 * s + 4])
+    (tmp_path / "uneven").mkdir()
+    for s, (lo, hi) in enumerate([(0, 4), (4, 8), (8, 12), (12, 14)]):
+        _write_shard(tmp_path / "uneven" / f"s-{s}.tar", imgs[lo:hi])
+    (tmp_path / "even").mkdir()
+    for s in range(4):
+        _write_shard(tmp_path / "even" / f"s-{s}.tar", imgs[4 * s : 4 * s + 4])
+    assert count_tar_samples(tmp_path / "uneven" / "s-3.tar") == 2  # one png and one txt member per image
+
+    def dm(train: str, val: str | None = None, workers: int = 0) -> ImageDataModule:
+        data = ImageDataModule(train=train, val=val, image_size=8, batch_size=4, num_workers=workers)
+        data.trainer = TwoRankTrainer()
+        return data
+
+    with pytest.raises(ValueError, match=r"train: 5 shards cannot be dealt evenly to 2 ranks x 1 workers = 2 readers"):
+        dm(str(tmp_path / "five")).train_dataloader()
+    with pytest.raises(ValueError, match=r"train: 4 shards cannot be dealt evenly to 2 ranks x 3 workers = 6"):
+        dm(str(tmp_path / "even"), workers=3).train_dataloader()
+    with pytest.raises(ValueError, match=r"val: the shards hold different numbers of images \(.*s-3.tar: 2, .*: 4\)"):
+        dm(str(tmp_path / "even"), val=str(tmp_path / "uneven")).val_dataloader()
+    assert len(dm(str(tmp_path / "five")).val_dataloader()) == 0  # no val data: nothing to check
+    batches, seen = [], []
+    for rank in range(2):  # equal shards: every rank the same number of batches, every image once
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        got = list(dm(str(tmp_path / "even") + "/s-{0..3}.tar", workers=2).train_dataloader())
+        batches.append(len(got))
+        seen += [int(x[0, 0, 0]) for b in got for x in b]
+    assert batches == [2, 2] and sorted(seen) == list(range(16))
