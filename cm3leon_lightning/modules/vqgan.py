@@ -70,8 +70,8 @@ class VQGANModule(L.LightningModule):
         disc_lr: discriminator learning rate (None: ``lr``).
         disc_ndf: discriminator base channels.
         disc_layers: discriminator stride-2 layers.
-        gradient_clip_val: clip gradient norms of both optimizers (Trainer clipping does not apply to manual
-            optimization).
+        gradient_clip_val: clip gradient norms of both optimizers, after AMP unscaling (Trainer clipping does not
+            apply to manual optimization).
         num_logged_images: originals / reconstructions in the image grid logged at the first validation batch.
         rec_loss: ``"l1"`` (taming) or ``"l2"`` (squared error). On images that are mostly flat background (the
             demo's shapes cover ~10% of the pixels) L1 sits at "background everywhere", the per-pixel median, for
@@ -152,6 +152,7 @@ class VQGANModule(L.LightningModule):
         self.lpips: LPIPS | None = None
         self.register_buffer("train_steps", torch.zeros((), dtype=torch.long))
         self._val_counts: torch.Tensor | None = None
+        self._resume_state: dict[str, Any] | None = None  # from on_load_checkpoint, for the first batch after it
         self.last_image_grid: torch.Tensor | None = None
 
     def configure_model(self) -> None:
@@ -294,15 +295,11 @@ class VQGANModule(L.LightningModule):
             logs.update({"train/g_loss": g_loss, "train/d_weight": d_weight})
         opt_g.zero_grad(set_to_none=True)
         self.manual_backward(loss)
-        if hp.gradient_clip_val:
-            self.clip_gradients(opt_g, gradient_clip_val=hp.gradient_clip_val, gradient_clip_algorithm="norm")
-        opt_g.step()
+        opt_g.step()  # clips in on_before_optimizer_step
         if use_disc:
             d_loss = hinge_d_loss(self.discriminator(x.detach()), self.discriminator(x_rec.detach()))
             opt_d.zero_grad(set_to_none=True)
             self.manual_backward(d_loss)
-            if hp.gradient_clip_val:
-                self.clip_gradients(opt_d, gradient_clip_val=hp.gradient_clip_val, gradient_clip_algorithm="norm")
             opt_d.step()
             logs["train/d_loss"] = d_loss
         self.train_steps += 1
@@ -320,12 +317,50 @@ class VQGANModule(L.LightningModule):
         self.log("rec_loss", rec_loss, prog_bar=True, logger=False, batch_size=x.shape[0])
         return loss.detach()
 
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Clip the gradient norm to ``gradient_clip_val``: here, inside ``step()``, the gradients are unscaled
+        (``16-mixed``'s grad scaler multiplies them by 2^16 until then, so clipping before ``step()`` clipped the
+        scaled gradients to ``gradient_clip_val``, i.e. the real ones to ``gradient_clip_val / 2^16``)."""
+        if self.hparams.gradient_clip_val:
+            clip = self.hparams.gradient_clip_val
+            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Also save what an exact resumption needs beyond the state dict: the quantizer's dead-code counters (a
+        non-persistent buffer, so the VQGAN's keys stay taming's) and the RNG states that Gumbel noise and dead-code
+        restarts draw from (Lightning does not save them)."""
+        rng = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        state: dict[str, Any] = {"rng": rng}
+        steps_unused = getattr(self.vqgan.quantize, "steps_unused", None) if self.vqgan is not None else None
+        if steps_unused is not None:
+            state["steps_unused"] = steps_unused.detach().cpu().clone()
+        checkpoint["vqgan_module_resume"] = state
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the resumption state :meth:`on_save_checkpoint` saved, for :meth:`on_train_batch_start`."""
+        self._resume_state = checkpoint.get("vqgan_module_resume")
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """At the first batch after resuming, restore the dead-code counters and the RNG states of the checkpoint
+        (not earlier: building the data loaders and the sanity check draw from the RNG in between)."""
+        state, self._resume_state = self._resume_state, None
+        if state is None or self.trainer.ckpt_path is None:  # load_from_checkpoint then a fresh fit: keep its seed
+            return
+        steps_unused = getattr(self.vqgan.quantize, "steps_unused", None)
+        if steps_unused is not None and state.get("steps_unused") is not None:
+            steps_unused.copy_(state["steps_unused"])
+        torch.set_rng_state(state["rng"]["cpu"])
+        if self.device.type == "cuda" and "cuda" in state["rng"]:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+
     def on_validation_epoch_start(self) -> None:
         """Reset the code histogram of the epoch."""
         self._val_counts = torch.zeros(self.config.n_embed, dtype=torch.long, device=self.device)
 
     def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        """Reconstruction L1 and the code histogram; the image grid at the first batch."""
+        """Reconstruction loss (``rec_loss``: L1 or squared), the code histogram; the image grid at the first batch."""
         x, x_rec, q = self._reconstruct(batch)
         rec_loss = self.reconstruction_loss(x, x_rec)
         self.log("val/rec_loss", rec_loss, prog_bar=True, sync_dist=True, batch_size=x.shape[0])
@@ -357,10 +392,13 @@ class VQGANModule(L.LightningModule):
         pair = torch.cat([x[:n], x_rec[:n]]).float().clamp(-1, 1)  # originals (top row), reconstructions (bottom)
         grid = make_grid((pair + 1) / 2, nrow=n, padding=1)  # (3, H', W') in [0, 1]
         self.last_image_grid = grid.cpu()
+        # the step Lightning logs the scalars at (batches; global_step counts two optimizer steps per GAN batch)
+        loop = self._trainer.fit_loop.epoch_loop if self._trainer is not None else None
+        step = getattr(loop, "_batches_that_stepped", self.global_step) if loop is not None else 0
         for logger in self.loggers:
             experiment = getattr(logger, "experiment", None)
             if hasattr(experiment, "add_image"):  # TensorBoard
-                experiment.add_image("val/reconstructions", grid, self.global_step)
+                experiment.add_image("val/reconstructions", grid, step)
             elif hasattr(logger, "log_image"):  # Weights & Biases
-                logger.log_image(key="val/reconstructions", images=[grid], step=self.global_step)
+                logger.log_image(key="val/reconstructions", images=[grid], step=step)
             # other loggers (CSV) have no image support: the grid stays in ``last_image_grid``

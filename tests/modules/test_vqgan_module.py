@@ -404,3 +404,88 @@ def test_generator_loss_is_taming_composition(tmp_path: Path) -> None:
     metrics = trainer.callback_metrics
     assert metrics["train/d_weight"].item() == pytest.approx(d_weight.item(), rel=1e-5)
     assert metrics["train/loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_gradient_clipping_applies_to_unscaled_gradients_under_16_mixed(tmp_path: Path) -> None:
+    """With ``16-mixed``'s grad scaler, ``clip_gradients`` before ``opt.step()`` clipped the gradients while still
+    multiplied by 2^16: the step used a norm of ``gradient_clip_val / 65536``. The step's gradients (the autoencoder's
+    stay in ``.grad`` until the next batch) now have norm ``gradient_clip_val``."""
+    from lightning.pytorch.plugins import MixedPrecision
+
+    class StepNorms(L.Callback):
+        norms: list[float] = []
+
+        def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+            grads = [p.grad for p in pl_module.vqgan.parameters() if p.grad is not None]
+            self.norms.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
+
+    torch.manual_seed(0)
+    module = VQGANModule(preset="micro", gradient_clip_val=0.01, num_logged_images=0)
+    norms = StepNorms()
+    trainer = _trainer(tmp_path, 2, limit_val_batches=0, enable_checkpointing=False, callbacks=[norms],
+                       plugins=[MixedPrecision("16-mixed", "cpu")])  # fmt: skip
+    assert trainer.precision_plugin.scaler is not None
+    trainer.fit(module, ImageDataModule(synthetic=8, image_size=16, batch_size=4))
+    assert norms.norms == pytest.approx([0.01, 0.01], rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"dead_code_after": 2, "ema_decay": 0.9},  # restarts: counters and the latents they draw
+        {"quantizer": "gumbel", "gumbel_temperature_end": 0.1},  # Gumbel noise and the annealed temperature
+    ],
+)
+def test_resumed_run_equals_uninterrupted_run(tmp_path: Path, overrides: dict) -> None:
+    """A run resumed from a mid-run checkpoint ends with the weights of the uninterrupted run. The quantizer's
+    dead-code counters (not in the state dict) restarted at 0 and the RNG (Gumbel noise, restart picks) at the seed,
+    so restarts and Gumbel samples differed after a resume."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def fit(root: Path, ckpt: Path | None = None) -> VQGANModule:
+        L.seed_everything(0)
+        module = VQGANModule(preset="micro", n_embed=32, lr=3e-3, lr_decay="cosine", disc_weight=0.5, disc_start=2,
+                             disc_ndf=8, disc_layers=1, num_logged_images=0, **overrides)  # fmt: skip
+        every_step = ModelCheckpoint(root, filename="{step}", every_n_train_steps=1, save_top_k=-1)
+        trainer = _trainer(tmp_path, 14, limit_val_batches=0, callbacks=[every_step])  # 8 batches
+        trainer.fit(module, ImageDataModule(synthetic=64, image_size=16, batch_size=4), ckpt_path=ckpt)
+        return module
+
+    full = fit(tmp_path / "full")
+    resumed = fit(tmp_path / "resumed", tmp_path / "full" / "step=6.ckpt")  # after batch 4 (2 + 2 x 2 steps)
+    assert int(full.train_steps) == int(resumed.train_steps) == 8
+    for k, v in full.state_dict().items():
+        assert torch.equal(resumed.state_dict()[k], v), k
+    if "dead_code_after" in overrides:
+        assert torch.equal(resumed.vqgan.quantize.steps_unused, full.vqgan.quantize.steps_unused)
+
+
+def test_image_grid_is_logged_at_the_step_of_the_validation_scalars(tmp_path: Path) -> None:
+    """The reconstruction grid went to ``global_step`` (two optimizer steps per batch with the discriminator) while
+    Lightning logs every scalar at the batch count: after 2 GAN batches the grid sat at step 4, ``val/rec_loss``
+    at 1."""
+    from lightning.pytorch.loggers import Logger
+
+    class Recorder(Logger):  # a logger with Weights & Biases' log_image
+        name, version = "recorder", 0
+        steps: dict[str, list[int]] = {}
+
+        def log_hyperparams(self, params, *args, **kwargs) -> None:
+            pass
+
+        def log_metrics(self, metrics, step=None) -> None:
+            for key in metrics:
+                self.steps.setdefault(key, []).append(step)
+
+        def log_image(self, key, images, step=None) -> None:
+            self.steps.setdefault(key, []).append(step)
+
+    torch.manual_seed(0)
+    module = VQGANModule(preset="micro", disc_weight=0.5, disc_start=0, disc_ndf=8, disc_layers=1, num_logged_images=2)
+    recorder = Recorder()
+    trainer = L.Trainer(max_steps=4, accelerator="cpu", logger=recorder, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=1, val_check_interval=2,
+                        check_val_every_n_epoch=None, enable_checkpointing=False)  # fmt: skip
+    trainer.fit(module, ImageDataModule(synthetic=16, synthetic_val=4, image_size=16, batch_size=4))
+    assert trainer.global_step == 4 and recorder.steps["val/rec_loss"] == [1]
+    assert recorder.steps["val/reconstructions"] == [1]
