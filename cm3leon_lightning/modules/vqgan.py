@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import lightning as L
@@ -153,6 +155,7 @@ class VQGANModule(L.LightningModule):
         self.register_buffer("train_steps", torch.zeros((), dtype=torch.long))
         self._val_counts: torch.Tensor | None = None
         self._resume_state: dict[str, Any] | None = None  # from on_load_checkpoint, for the first batch after it
+        self._rng: dict[str, torch.Tensor] | None = None  # the training steps' RNG stream (see _rng_stream)
         self.last_image_grid: torch.Tensor | None = None
 
     def configure_model(self) -> None:
@@ -223,6 +226,7 @@ class VQGANModule(L.LightningModule):
                 (data of unknown length and no ``max_steps``).
         """
         self._decay_batches = self.run_batches()
+        self._rng = None  # a new fit starts the stream from the process's (seeded) RNG; a resume restores it
         if self._decay_batches is not None:
             return
         if self.hparams.lr_decay != "constant":
@@ -263,8 +267,37 @@ class VQGANModule(L.LightningModule):
         q = self.vqgan.quantize(self.vqgan.encode_latent(x))
         return x, self.vqgan.decode_latent(q.z_q), q
 
+    def _rng_devices(self) -> list[torch.device]:
+        """The CUDA device whose RNG the training steps draw from (none on the CPU)."""
+        return [self.device] if self.device.type == "cuda" else []
+
+    def _rng_now(self) -> dict[str, torch.Tensor]:
+        """The process's RNG states now: ``cpu``, and ``cuda`` of this module's device."""
+        rng = {"cpu": torch.get_rng_state()}
+        if self._rng_devices():
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return rng
+
+    @contextmanager
+    def _rng_stream(self) -> Iterator[None]:
+        """Run the block on the training steps' own RNG stream (Gumbel noise, dead-code restarts), apart from the
+        process's: the draws made between two batches (a DataLoader iterator's seed at each epoch's start, callbacks)
+        do not shift it, so the stream a checkpoint saves resumes exactly, wherever it was saved. It starts from the
+        process's RNG (seeded by ``seed_everything``) at the first batch of a fit."""
+        with torch.random.fork_rng(devices=self._rng_devices()):  # the process's RNG is put back afterwards
+            if self._rng is not None:
+                torch.set_rng_state(self._rng["cpu"])
+                if self._rng_devices() and "cuda" in self._rng:
+                    torch.cuda.set_rng_state(self._rng["cuda"], self.device)
+            yield
+            self._rng = self._rng_now()
+
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        """One autoencoder step, then one discriminator step once it is active."""
+        """One autoencoder step, then one discriminator step once it is active (on :meth:`_rng_stream`)."""
+        with self._rng_stream():
+            return self._train_batch(batch)
+
+    def _train_batch(self, batch: Any) -> torch.Tensor:
         hp = self.hparams
         opts = self.optimizers()
         opt_g, opt_d = (opts[0], opts[1]) if isinstance(opts, (list, tuple)) else (opts, None)
@@ -327,12 +360,9 @@ class VQGANModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Also save what an exact resumption needs beyond the state dict: the quantizer's dead-code counters (a
-        non-persistent buffer, so the VQGAN's keys stay taming's) and the RNG states that Gumbel noise and dead-code
-        restarts draw from (Lightning does not save them)."""
-        rng = {"cpu": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        state: dict[str, Any] = {"rng": rng}
+        non-persistent buffer, so the VQGAN's keys stay taming's) and the RNG stream that Gumbel noise and dead-code
+        restarts draw from (:meth:`_rng_stream`; Lightning saves no RNG state)."""
+        state: dict[str, Any] = {"rng": self._rng if self._rng is not None else self._rng_now()}
         steps_unused = getattr(self.vqgan.quantize, "steps_unused", None) if self.vqgan is not None else None
         if steps_unused is not None:
             state["steps_unused"] = steps_unused.detach().cpu().clone()
@@ -343,17 +373,14 @@ class VQGANModule(L.LightningModule):
         self._resume_state = checkpoint.get("vqgan_module_resume")
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        """At the first batch after resuming, restore the dead-code counters and the RNG states of the checkpoint
-        (not earlier: building the data loaders and the sanity check draw from the RNG in between)."""
+        """At the first batch after resuming, restore the dead-code counters and the RNG stream of the checkpoint."""
         state, self._resume_state = self._resume_state, None
         if state is None or self.trainer.ckpt_path is None:  # load_from_checkpoint then a fresh fit: keep its seed
             return
         steps_unused = getattr(self.vqgan.quantize, "steps_unused", None)
         if steps_unused is not None and state.get("steps_unused") is not None:
             steps_unused.copy_(state["steps_unused"])
-        torch.set_rng_state(state["rng"]["cpu"])
-        if self.device.type == "cuda" and "cuda" in state["rng"]:
-            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        self._rng = dict(state["rng"])
 
     def on_validation_epoch_start(self) -> None:
         """Reset the code histogram of the epoch."""
