@@ -365,9 +365,11 @@ class CM3Leon(nn.Module):
             # row 1's `d` has position 0 and never attends to the PAD slot: its logits equal model([[d, e]])'s.
 
         Args:
-            idx: ``(B, T)`` long token ids in ``[0, vocab_size)`` (checked when ``idx`` is on the CPU).
+            idx: ``(B, T)`` long token ids in ``[0, vocab_size)`` (checked when ``idx`` is on the CPU, outside
+                ``torch.compile``).
             input_pos: ``(T,)`` long cache slots of the tokens (use and update the KV cache), each in
-                ``[0, max_seq_len)`` of the cache (checked when ``input_pos`` is on the CPU), or None.
+                ``[0, max_seq_len)`` of the cache (checked when ``input_pos`` is on the CPU, outside ``torch.compile``),
+                or None.
             attention_mask: ``(B, T)`` bool/int, 1 for real tokens and 0 for padding; None means all real.
             last_only: return logits of the last position only, ``(B, 1, V)`` (saves memory in prefill).
             logits_range: ``(lo, hi)``: compute the logits of ids ``lo..hi-1`` only (the LM head reads just those
