@@ -205,22 +205,45 @@ def image_shards(
     return wds.DataPipeline(*stages)
 
 
-def check_even_split(urls: str | list[str], world_size: int, num_workers: int, what: str) -> None:
-    """Refuse shards that ``world_size`` ranks would read in different numbers of batches.
+def check_even_split(
+    urls: str | list[str], world_size: int, num_workers: int, what: str, training: bool = True
+) -> None:
+    """Refuse shards that ``world_size`` ranks would read in different numbers of batches (``training``), or that
+    would leave a rank without a batch (validation).
 
     WebDataset deals whole shards to ranks and then to workers, and each worker batches its own images: ranks get
     equal batches in every epoch only when the number of shards is a multiple of ranks x workers and every shard
     holds as many images (counted from the tar headers of local shards; remote ones are not counted). A rank with a
-    batch more runs one more gradient all-reduce, for which the others never come: DDP hangs.
+    batch more runs one more gradient all-reduce, for which the others never come: DDP hangs. Validation steps wait
+    for no other rank, so uneven shards are fine there, but a rank with no batch at all skips the collectives the
+    others wait in (the first forward's buffer broadcast, the epoch's synchronised logs).
 
     Raises:
-        ValueError: naming ``what`` (``train`` or ``val``), the shards, and the counts that differ.
+        ValueError: naming ``what`` (``train`` or ``val``), the shards, and the counts that differ; a shard that is
+            not a readable tar (named).
     """
-    from braceexpand import braceexpand
+    from webdataset.shardlists import expand_urls
 
     from cm3leon_lightning.data.shards import count_tar_samples
 
-    urls = [u for spec in ([urls] if isinstance(urls, str) else urls) for u in braceexpand(spec)]
+    urls = expand_urls(urls) if isinstance(urls, str) else list(urls)  # as wds.SimpleShardList reads them
+    remote = any(u.startswith("pipe:") or ("://" in u and not u.startswith("file://")) for u in urls)
+    if not training:
+        if len(urls) < world_size:
+            raise ValueError(
+                f"{what}: {len(urls)} shard(s) for {world_size} ranks: a rank would read no batch and DDP would hang "
+                f"at the validation's end; use at least {world_size} shards, or validate from an image folder"
+            )
+        if remote:
+            return
+        counts = [count_tar_samples(u.removeprefix("file://")) for u in urls]
+        empty = [r for r in range(world_size) if not sum(counts[r::world_size])]  # wds.split_by_node: urls[r::world]
+        if empty:
+            raise ValueError(
+                f"{what}: rank {empty[0]} would read only empty shards ({urls[empty[0]]}...) and DDP would hang at "
+                "the validation's end; remove the empty shards"
+            )
+        return
     readers = world_size * max(1, num_workers)
     fix = "or train from an image folder, which splits by image"
     if len(urls) % readers:
@@ -230,7 +253,7 @@ def check_even_split(urls: str | list[str], world_size: int, num_workers: int, w
             f"epoch's end; use a multiple of {readers} shards holding equal numbers of images, change num_workers, "
             f"{fix}"
         )
-    if any(u.startswith("pipe:") or ("://" in u and not u.startswith("file://")) for u in urls):
+    if remote:
         return  # remote: counting would download every shard
     counts = {u: count_tar_samples(u.removeprefix("file://")) for u in urls}
     if len(set(counts.values())) > 1:
@@ -273,8 +296,9 @@ class ImageDataModule(ResumableTrainData, L.LightningDataModule):
     so), in that epoch's order. Their order is seeded by ``(seed, epoch)`` but also depends on the number of workers
     and ranks (each reads its own shards), and flips draw from the workers' torch RNG. Resume from end-of-epoch
     checkpoints, or use an image folder, where exactness matters. Under DDP, shards are dealt whole to ranks, so
-    they must split evenly (a multiple of ranks x workers shards, equal numbers of images): other shards are refused
-    (:func:`check_even_split`), as ranks would read different numbers of batches and hang.
+    training shards must split evenly (a multiple of ranks x workers shards, equal numbers of images): other shards
+    are refused (:func:`check_even_split`), as ranks would read different numbers of batches and hang. Validation
+    shards need only give every rank one (non-empty) shard.
     """
 
     def __init__(
@@ -334,10 +358,12 @@ class ImageDataModule(ResumableTrainData, L.LightningDataModule):
                 self.val_set = ImageFolderDataset(arr, hp.image_size)
 
     def _check_shards(self, spec: str | None, what: str) -> None:
-        """Under DDP, refuse shards that ranks would read in different numbers of batches (:func:`check_even_split`)."""
+        """Under DDP, refuse shards that ranks would read in different numbers of batches (``train``) or that leave a
+        rank without a batch (``val``): :func:`check_even_split`."""
         world = self.trainer.world_size if self.trainer is not None else 1
         if spec is not None and world > 1 and _is_shards(spec):
-            check_even_split(shard_urls(spec, self.hparams.allow_pipe), world, self.hparams.num_workers, what)
+            urls = shard_urls(spec, self.hparams.allow_pipe)
+            check_even_split(urls, world, self.hparams.num_workers, what, training=what == "train")
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
         hp = self.hparams

@@ -307,13 +307,20 @@ def iter_tar_samples(stream: BinaryIO, name: str = "<stream>") -> Iterator[tuple
 
 def count_tar_samples(path: str | os.PathLike[str]) -> int:
     """Samples in a local tar as :func:`iter_tar_samples` (and WebDataset) group them, from the member headers only
-    (the data is skipped, not read)."""
+    (the data is skipped, not read; a compressed tar, which WebDataset also reads, is decompressed).
+
+    Raises:
+        ValueError: ``path`` is not a readable tar (named).
+    """
     count, key = 0, None
-    with tarfile.open(path, "r:") as tf:
-        for info in tf:
-            split = _MEMBER_NAME.match(info.name) if info.isfile() else None
-            if split is not None and split.group(1) != key:
-                count, key = count + 1, split.group(1)
+    try:
+        with tarfile.open(path, "r:*") as tf:
+            for info in tf:
+                split = _MEMBER_NAME.match(info.name) if info.isfile() else None
+                if split is not None and split.group(1) != key:
+                    count, key = count + 1, split.group(1)
+    except (tarfile.TarError, EOFError) as e:
+        raise ValueError(f"{path}: not a readable tar ({e})") from e
     return count
 
 

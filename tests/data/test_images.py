@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from PIL import Image
 from cm3leon_lightning.data.images import (
     ImageDataModule,
     ImageFolderDataset,
+    check_even_split,
     resize_center_crop,
     shard_urls,
     synthetic_images,
@@ -226,8 +228,8 @@ def test_shards_that_ranks_would_read_in_unequal_batches_are_refused_under_ddp(
         dm(str(tmp_path / "five")).train_dataloader()
     with pytest.raises(ValueError, match=r"train: 4 shards cannot be dealt evenly to 2 ranks x 3 workers = 6"):
         dm(str(tmp_path / "even"), workers=3).train_dataloader()
-    with pytest.raises(ValueError, match=r"val: the shards hold different numbers of images \(.*s-3.tar: 2, .*: 4\)"):
-        dm(str(tmp_path / "even"), val=str(tmp_path / "uneven")).val_dataloader()
+    with pytest.raises(ValueError, match=r"train: the shards hold different numbers of images \(.*s-3.tar: 2, .*: 4\)"):
+        dm(str(tmp_path / "uneven")).train_dataloader()
     assert len(dm(str(tmp_path / "five")).val_dataloader()) == 0  # no val data: nothing to check
     batches, seen = [], []
     for rank in range(2):  # equal shards: every rank the same number of batches, every image once
@@ -237,3 +239,42 @@ def test_shards_that_ranks_would_read_in_unequal_batches_are_refused_under_ddp(
         batches.append(len(got))
         seen += [int(x[0, 0, 0]) for b in got for x in b]
     assert batches == [2, 2] and sorted(seen) == list(range(16))
+
+
+def test_validation_shards_need_only_one_non_empty_shard_per_rank_under_ddp(tmp_path: Path) -> None:
+    """Uneven validation shards were refused like training ones, but validation steps wait for no other rank: two
+    img2dataset-like shards of 8 and 3 images ran 4 and 2 batches per rank under two-process DDP and finished. A rank
+    without any batch does hang (it skips the first forward's buffer broadcast and the epoch's synchronised logs)."""
+    imgs = synthetic_images(11, 8, seed=3)
+    for name, parts in (("uneven", [(0, 8), (8, 11)]), ("one", [(0, 8)]), ("hollow", [(0, 8), (8, 8), (8, 11)])):
+        (tmp_path / name).mkdir()
+        for s, (lo, hi) in enumerate(parts):
+            _write_shard(tmp_path / name / f"v-{s}.tar", imgs[lo:hi])
+
+    def dm(val: str) -> ImageDataModule:
+        data = ImageDataModule(synthetic=8, val=val, image_size=8, batch_size=2)
+        data.trainer = TwoRankTrainer()
+        return data
+
+    dm(str(tmp_path / "uneven")).val_dataloader()  # accepted
+    with pytest.raises(ValueError, match=r"val: 1 shard\(s\) for 2 ranks: a rank would read no batch"):
+        dm(str(tmp_path / "one")).val_dataloader()
+    # ranks take shards 0, 2 and 1: rank 1's only shard is empty
+    with pytest.raises(ValueError, match=r"val: rank 1 would read only empty shards \(.*v-1.tar\.\.\.\)"):
+        dm(str(tmp_path / "hollow")).val_dataloader()
+
+
+def test_the_ddp_shard_check_reads_shards_as_webdataset_does(tmp_path: Path) -> None:
+    """Gzip-compressed shards, which WebDataset reads, failed the check with tarfile's bare 'invalid header', and
+    ``a.tar::b.tar`` (WebDataset's list of patterns) was counted as one shard, so two equal shards were refused."""
+    imgs = synthetic_images(8, 8, seed=5)
+    for s in range(2):
+        _write_shard(tmp_path / f"s-{s}.tar", imgs[4 * s : 4 * s + 4])
+        with open(tmp_path / f"s-{s}.tar", "rb") as f, gzip.open(tmp_path / f"s-{s}.tar.gz", "wb") as g:
+            g.write(f.read())
+    assert count_tar_samples(tmp_path / "s-1.tar.gz") == 4
+    check_even_split(str(tmp_path / "s-{0..1}.tar.gz"), 2, 0, "train")
+    check_even_split(f"{tmp_path}/s-0.tar::{tmp_path}/s-1.tar", 2, 0, "train")
+    (tmp_path / "bad.tar").write_bytes(b"not a tar" * 100)
+    with pytest.raises(ValueError, match=r"bad\.tar: not a readable tar"):
+        check_even_split([str(tmp_path / "s-0.tar"), str(tmp_path / "bad.tar")], 2, 0, "train")
