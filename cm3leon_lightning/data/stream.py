@@ -18,6 +18,7 @@ import copy
 import hashlib
 import io
 import logging
+import warnings
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -374,9 +375,12 @@ class ResumableLoader:
         """Resume from :meth:`state_dict` (a mid-epoch position needs the same ranks, workers, batch and seed; on
         several ranks, a state holding every rank's position).
 
+        A mid-epoch position saved on several ranks without ``"ranks"`` (by a version before every rank's was saved)
+        holds rank zero's worker positions only: every rank resumes from them, as those versions did, with a warning
+        (until the epoch ends, ranks other than zero may repeat or skip samples).
+
         Raises:
-            ValueError: a mid-epoch position saved with other settings, or on several ranks without ``"ranks"``
-                (other ranks would read from rank zero's positions: samples repeated and skipped).
+            ValueError: a mid-epoch position saved with other settings.
         """
         mid_epoch = bool(state.get("batch", 0))
         if mid_epoch and state.get("fingerprint") != self.fingerprint():
@@ -388,9 +392,12 @@ class ResumableLoader:
         if ranks is not None and len(ranks) == self.stream.world_size:
             state = {**state, **ranks[self.stream.rank]}
         elif mid_epoch and self.stream.world_size > 1:
-            raise ValueError(
-                f"cannot resume mid-epoch on {self.stream.world_size} ranks: the saved data position holds one "
-                "rank's worker positions, not every rank's; resume from a checkpoint saved at an epoch's end"
+            warnings.warn(
+                f"resuming mid-epoch on {self.stream.world_size} ranks from a data position that holds rank zero's "
+                "worker positions only (saved before every rank's was): every rank resumes from them, so until this "
+                "epoch ends ranks other than zero may repeat or skip samples; checkpoints of this version resume "
+                "exactly",
+                stacklevel=2,
             )
         self._restore(state)
 
