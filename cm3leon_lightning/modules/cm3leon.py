@@ -136,8 +136,9 @@ class CM3LeonModule(L.LightningModule):
             generation = GenerationSettings.from_dict(generation)
         overrides: dict[str, Any] = {}
         if vocab is not None:
-            vocab = dict(vocab)
-            overrides["vocab_size"] = MultimodalVocab(**vocab).padded_size  # validates the description too
+            # every field required: a partial description would be saved and refused by every reader of checkpoints
+            vocab = MultimodalVocab.from_dict(vocab, "CM3LeonModule vocab").to_dict()
+            overrides["vocab_size"] = MultimodalVocab(**vocab).padded_size
         if max_seq_len is not None:
             overrides["max_seq_len"] = max_seq_len
         if config is None:

@@ -117,6 +117,15 @@ def test_vocab_sets_model_vocab_size_and_hparams_are_primitive() -> None:
     assert module.hparams["config"] == module.config.to_dict()
 
 
+def test_a_partial_vocab_is_refused_naming_the_missing_field() -> None:
+    """A description without ``grid_h`` took the default 32 and was saved as given, so `cm3leon export`, generate and
+    predict (which require every field) refused the checkpoint after training."""
+    partial = {k: v for k, v in MultimodalVocab(n_text=300, n_codes=100, grid_h=2, grid_w=2).to_dict().items()}
+    del partial["grid_h"]
+    with pytest.raises(ValueError, match=r"CM3LeonModule vocab: missing field\(s\) \['grid_h'\]"):
+        CM3LeonModule(preset="tiny", vocab=partial)
+
+
 def test_weight_decay_only_on_matrices() -> None:
     module = CM3LeonModule(preset="tiny", warmup_steps=2)
     module.configure_model()
