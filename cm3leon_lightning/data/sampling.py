@@ -1,8 +1,8 @@
 """Seeded, resumable training order for map-style datasets (the CLIP and VQGAN data modules).
 
 :func:`epoch_order` deals each epoch's permutation, seeded by ``(seed, epoch)``, over ranks as a DistributedSampler
-does; :class:`ResumableSampler` records the epoch and the batches consumed (read from the trainer by
-:func:`trainer_position`, as the loader runs ahead of training) and skips them after a resume;
+does; :class:`ResumableSampler` records the epoch and the batches consumed (counted by the trainer,
+:func:`trainer_progress`, as the loader runs ahead of training) and skips them after a resume;
 :class:`ResumableDataLoader` hands that position to Lightning. The shard pipeline of ``CM3LeonDataModule`` has its own
 (``data/stream.py``).
 """
@@ -47,15 +47,32 @@ def trainer_position(trainer: L.Trainer | None) -> tuple[int, int] | None:
     return (epoch + 1, 0) if done else (epoch, batch)
 
 
+def trainer_progress(trainer: L.Trainer | None) -> tuple[int, int, int | float] | None:
+    """The fitting trainer's ``(epoch, training batches consumed since the run began, batches per epoch)``; None
+    outside ``fit``.
+
+    The count goes on across a resume (the trainer restores it) and does not depend on how Lightning numbers the
+    epochs: restarted from a checkpoint saved at an epoch's end (``on_train_epoch_end``, or validation there) under
+    ``max_steps``, Lightning runs one more batch in the finished epoch (when there is no validation) and then passes
+    ``set_epoch`` an epoch one ahead of ``trainer.current_epoch`` for the rest of the run.
+    """
+    if getattr(getattr(trainer, "state", None), "fn", None) != TrainerFn.FITTING:
+        return None
+    consumed = trainer.fit_loop.epoch_loop.batch_progress.total.processed
+    return trainer.current_epoch, consumed, trainer.num_training_batches
+
+
 class ResumableSampler(DistributedSampler):
     """A seeded, rank-split training order that resumes mid-epoch to the exact batch.
 
     Epoch ``e`` is :func:`epoch_order` ``(len(dataset), seed, e, rank, world_size)``, so the order depends on the
     seed and the epoch only (not on the global RNG nor the number of workers), and each rank gets its disjoint
-    share as from a DistributedSampler (being one, Lightning does not replace it with its own). ``set_epoch``
-    (Lightning calls it every epoch) chooses the epoch; without it, each complete pass moves to the next one.
-    :meth:`state_dict` records the epoch and the batches consumed in it; after :meth:`load_state_dict` the next
-    pass skips those batches.
+    share as from a DistributedSampler (being one, Lightning does not replace it with its own). Outside ``fit``,
+    ``set_epoch`` chooses the epoch; without it, each complete pass moves to the next one. Inside ``fit``
+    (``progress`` gives counts) the batches the trainer consumed decide: each pass goes on where they leave off,
+    moving to the next epoch once an epoch's batches (``limit_train_batches`` counted) are consumed, or when the
+    trainer's epoch is ahead; a pass stops after the epoch's last counted batch. :meth:`state_dict` records the
+    epoch and the batches consumed in it; after :meth:`load_state_dict` the next pass skips those batches.
 
     Args:
         dataset: the map-style dataset (only its length is used).
@@ -65,8 +82,9 @@ class ResumableSampler(DistributedSampler):
         world_size: number of ranks.
         shuffle: permute every epoch (else each epoch is in index order).
         drop_last: whether the loader drops this rank's last partial batch (for the number of batches).
-        processed: returns ``(epoch, batches consumed)`` (:func:`trainer_position`) or None; :meth:`state_dict`
-            asks it, as the sampler runs ahead of the training.
+        progress: returns ``(trainer epoch, batches consumed since the run began, batches per epoch)``
+            (:func:`trainer_progress`) or None (outside ``fit``); asked by every pass and by :meth:`state_dict`, as the
+            sampler runs ahead of the training.
         with_epoch: yield ``(epoch, index)`` pairs rather than indices, for datasets whose items depend on the epoch.
     """
 
@@ -79,16 +97,17 @@ class ResumableSampler(DistributedSampler):
         world_size: int = 1,
         shuffle: bool = True,
         drop_last: bool = False,
-        processed: Callable[[], tuple[int, int] | None] | None = None,
+        progress: Callable[[], tuple[int, int, int | float] | None] | None = None,
         with_epoch: bool = False,
     ) -> None:
         super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size, self.drop_last_batch = batch_size, drop_last
-        self.processed, self.with_epoch = processed, with_epoch
+        self.progress, self.with_epoch = progress, with_epoch
         self.start = 0  # batches of this epoch already consumed: the next pass skips them
         self._finished = False  # a pass over this epoch ran to its end
+        self._base: int | None = None  # the trainer's consumed batches when this pass began (None: none began)
 
     @property
     def num_batches(self) -> int:
@@ -96,8 +115,24 @@ class ResumableSampler(DistributedSampler):
         full, rest = divmod(self.num_samples, self.batch_size)
         return full + (rest > 0 and not self.drop_last_batch)
 
+    def _progress(self) -> tuple[int, int, int | float] | None:
+        return self.progress() if self.progress is not None else None
+
+    def _position(self, progress: tuple[int, int, int | float]) -> tuple[int, int]:
+        """``(epoch, batch)`` after the batches consumed since this pass began (all of them: the next epoch's start;
+        the trainer's epoch when it is ahead, as after an epoch it ended early)."""
+        label, consumed, per_epoch = progress
+        epoch, batch = self.epoch, self.start + (consumed - self._base if self._base is not None else 0)
+        if batch >= min(self.num_batches, per_epoch):
+            epoch, batch = epoch + 1, 0
+        return (label, 0) if label > epoch else (epoch, batch)
+
     def set_epoch(self, epoch: int) -> None:
-        """Make ``epoch`` the next pass's; it starts from the restored position when that is in ``epoch``."""
+        """Outside ``fit``, make ``epoch`` the next pass's; it starts from the restored position when that is in
+        ``epoch``. Inside ``fit`` nothing: Lightning's number runs one ahead after some restarts
+        (:func:`trainer_progress`), so the consumed batches decide."""
+        if self._progress() is not None:
+            return
         if epoch != self.epoch or self._finished:
             self.start = 0
         self.epoch, self._finished = epoch, False
@@ -110,10 +145,15 @@ class ResumableSampler(DistributedSampler):
                 f"this training sampler was built for {self.num_replicas} rank(s) but {world} processes run: build the "
                 "training loader inside fit (trainer.fit(model, datamodule=dm)), not before the trainer is attached"
             )
-        if self._finished:
+        stop = None
+        if (progress := self._progress()) is not None:  # go on where the consumed batches leave off
+            self.epoch, self.start = self._position(progress)
+            self._base, self._finished = progress[1], False
+            stop = int(min(self.num_batches, progress[2])) * self.batch_size  # limit_train_batches
+        elif self._finished:
             self.set_epoch(self.epoch + 1)
         indices = epoch_order(len(self.dataset), self.seed, self.epoch, self.rank, self.num_replicas, self.shuffle)
-        for i in indices[self.start * self.batch_size :].tolist():
+        for i in indices[self.start * self.batch_size : stop].tolist():
             yield (self.epoch, i) if self.with_epoch else i
         self._finished = True
 
@@ -128,11 +168,10 @@ class ResumableSampler(DistributedSampler):
         }
 
     def state_dict(self) -> dict[str, Any]:
-        """``{"epoch", "batch", "fingerprint"}``: the position after the consumed batches (``processed()``; without
+        """``{"epoch", "batch", "fingerprint"}``: the position after the consumed batches (``progress()``; without
         it, where the next pass starts). A complete epoch is saved as the start of the next one."""
-        got = self.processed() if self.processed is not None else None
-        if got is not None:
-            epoch, batch = got
+        if (progress := self._progress()) is not None:
+            epoch, batch = self._position(progress)
         elif self._finished:
             epoch, batch = self.epoch + 1, 0
         else:
@@ -154,6 +193,7 @@ class ResumableSampler(DistributedSampler):
                 f"this run has {self.fingerprint()}"
             )
         self.epoch, self.start, self._finished = int(state["epoch"]), int(state["batch"]), False
+        self._base = None
 
 
 class ResumableDataLoader(DataLoader):
@@ -183,6 +223,9 @@ class ResumableTrainData:
     def _position(self) -> tuple[int, int] | None:
         return trainer_position(self.trainer)  # type: ignore[attr-defined]
 
+    def _progress(self) -> tuple[int, int, int | float] | None:
+        return trainer_progress(self.trainer)  # type: ignore[attr-defined]
+
     def resumable_loader(
         self, dataset: Dataset, batch_size: int, seed: int, drop_last: bool = False, with_epoch: bool = False,
         **loader_kwargs: Any,
@@ -191,7 +234,7 @@ class ResumableTrainData:
         trainer = self.trainer  # type: ignore[attr-defined]
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         sampler = ResumableSampler(
-            dataset, batch_size, seed, rank, world, drop_last=drop_last, processed=self._position, with_epoch=with_epoch
+            dataset, batch_size, seed, rank, world, drop_last=drop_last, progress=self._progress, with_epoch=with_epoch
         )
         if self._pending_state is not None:
             sampler.load_state_dict(self._pending_state)

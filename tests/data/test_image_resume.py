@@ -1,5 +1,6 @@
 """ImageCaptionDataModule and ImageDataModule resume exactly through Lightning: fit k steps, checkpoint, resume; the
-batches that follow equal an uninterrupted run's (images and captions, bitwise), with num_workers 0 and 2. The order
+batches that follow equal an uninterrupted run's (images and captions, bitwise), with num_workers 0 and 2, from every
+checkpoint Lightning writes in fit (mid-epoch, at the epoch's last batch, at its end, at validation's end). The order
 is seeded by the data module's seed and the epoch only; shards say they cannot resume mid-epoch."""
 
 from __future__ import annotations
@@ -52,12 +53,13 @@ class Recorder(L.Callback):
 
 
 def fit(make_dm, max_steps: int, ckpt_dir: Path | None = None, ckpt_path: str | None = None, global_seed: int = 0,
-        limit: int | None = None):  # fmt: skip
+        limit: int | None = None, every_n_train_steps: int | None = 1):  # fmt: skip
     L.seed_everything(global_seed, verbose=False)
     dm, rec = make_dm(), Recorder()
     callbacks: list[L.Callback] = [rec]
     if ckpt_dir is not None:
-        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=1, save_top_k=-1))
+        # every_n_train_steps None: at every epoch's end (on_train_epoch_end)
+        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=every_n_train_steps, save_top_k=-1))
     trainer = L.Trainer(
         accelerator="cpu",
         max_steps=max_steps,
@@ -137,6 +139,71 @@ def test_images_resume_mid_epoch_sees_the_same_batches_and_flips(tmp_path: Path,
     assert differ  # flips are drawn anew each epoch, not fixed per image
 
 
+class Validated(Tiny):
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.log("val", (batch["image"] if isinstance(batch, dict) else batch).float().mean())
+
+
+def fit_all_checkpoints(make_dm, ckpt_dir: Path | None = None, ckpt_path: str | None = None,
+                        val_check_interval: int | None = None) -> Recorder:  # fmt: skip
+    """12 steps with validation, writing (with ``ckpt_dir``) every checkpoint Lightning can: after every batch
+    (``-b``), at every epoch's end (``-e``, ``on_train_epoch_end``, ModelCheckpoint's default without validation) and
+    at every validation's end (``-v``)."""
+    L.seed_everything(0, verbose=False)
+    rec = Recorder()
+    callbacks: list[L.Callback] = [rec]
+    if ckpt_dir is not None:
+        callbacks += [
+            ModelCheckpoint(ckpt_dir, "{step}-b", every_n_train_steps=1, save_top_k=-1),
+            ModelCheckpoint(ckpt_dir, "{step}-e", save_top_k=-1, save_on_train_epoch_end=True),
+            ModelCheckpoint(ckpt_dir, "{step}-v", monitor="val", save_top_k=-1, save_on_train_epoch_end=False),
+        ]
+    trainer = L.Trainer(accelerator="cpu", max_steps=12, callbacks=callbacks, logger=False,
+                        enable_checkpointing=ckpt_dir is not None, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=1,
+                        val_check_interval=val_check_interval)  # fmt: skip
+    trainer.fit(Validated(), datamodule=make_dm(), ckpt_path=ckpt_path)
+    return rec
+
+
+def pairs_val_dm() -> ImageCaptionDataModule:
+    images, captions = make_shape_pairs(24, 16, seed=5)
+    captions = [f"{c} {i}" for i, c in enumerate(captions)]
+    return ImageCaptionDataModule(images=images, captions=captions, image_size=16, batch_size=4, val_fraction=1 / 6)
+
+
+def images_val_dm() -> ImageDataModule:
+    return ImageDataModule(synthetic=18, synthetic_val=4, image_size=8, batch_size=4, hflip=True)
+
+
+@pytest.mark.parametrize("val_check_interval", [None, 2], ids=["val-at-epoch-end", "val-every-2"])
+@pytest.mark.parametrize("make_dm", [pairs_val_dm, images_val_dm], ids=["pairs", "images"])
+def test_resume_from_any_checkpoint_sees_the_same_batches(make_dm, val_check_interval, tmp_path: Path) -> None:
+    """Restarted from a checkpoint of an epoch's end under max_steps, Lightning trains one more batch in the finished
+    epoch (without validation there) and then calls set_epoch one epoch ahead of ``current_epoch`` for the rest of the
+    run (its progress counters stay off in the checkpoints it writes then): the loader read the next epoch's first
+    batch, then started the epoch after it (samples repeated and skipped). 5 batches per epoch; the runs resumed from
+    the end of epoch 0 write checkpoints too, and every one of them resumes exactly as well."""
+    full = fit_all_checkpoints(make_dm, tmp_path / "full", val_check_interval=val_check_interval)
+    assert len(full.images) == 12
+    val_end = 5 if val_check_interval is None else 4  # validation at the epoch's end, or after its batches 2 and 4
+    firsts = {"b": 5, "e": 5, "v": val_end}  # the last batch, the end, validation's end (of epoch 0)
+    firsts = {kind: tmp_path / "full" / f"step={step}-{kind}.ckpt" for kind, step in firsts.items()}
+    assert all(ckpt.is_file() for ckpt in firsts.values())
+    state = torch.load(firsts["e"], weights_only=True)[type(make_dm()).__qualname__]
+    assert (state["epoch"], state["batch"]) == (1, 0)
+    checkpoints = sorted((tmp_path / "full").glob("*.ckpt"))
+    for kind in "ev":  # the second generation: from the runs resumed at the end of epoch 0 and at validation's end
+        fit_all_checkpoints(make_dm, tmp_path / kind, str(firsts[kind]), val_check_interval)
+        checkpoints += sorted((tmp_path / kind).glob("*.ckpt"))
+    for ckpt in checkpoints:
+        step = torch.load(ckpt, weights_only=True)["global_step"]
+        tail = fit_all_checkpoints(make_dm, ckpt_path=str(ckpt), val_check_interval=val_check_interval)
+        assert len(tail.images) == 12 - step, ckpt
+        assert all(torch.equal(got, want) for got, want in zip(tail.images, full.images[step:], strict=True)), ckpt
+        assert tail.captions == full.captions[step:], ckpt
+
+
 def test_resume_after_a_limited_epoch_starts_the_next_one(tmp_path: Path) -> None:
     """With limit_train_batches the epoch ends before the sampler's: the checkpoint must say "next epoch"."""
     make_dm = lambda: pairs_dm(2)  # noqa: E731
@@ -145,6 +212,10 @@ def test_resume_after_a_limited_epoch_starts_the_next_one(tmp_path: Path) -> Non
     state = torch.load(tmp_path / "epoch=0-step=3.ckpt", weights_only=True)["ImageCaptionDataModule"]
     assert (state["epoch"], state["batch"]) == (1, 0)
     tail, _ = fit(make_dm, 7, ckpt_path=str(tmp_path / "epoch=0-step=3.ckpt"), limit=3)
+    assert tail.captions == full.captions[3:]
+    # saved at the epoch's end, Lightning trains epoch 1's first batch in epoch 0: epoch 1 must stop after 2
+    fit(make_dm, 3, ckpt_dir=tmp_path / "end", limit=3, every_n_train_steps=None)
+    tail, _ = fit(make_dm, 7, ckpt_path=str(tmp_path / "end" / "epoch=0-step=3.ckpt"), limit=3)
     assert tail.captions == full.captions[3:]
     pairs = pairs_dm(0)
     pairs.setup()
