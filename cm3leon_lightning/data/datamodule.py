@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
-from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
+from cm3leon_lightning.data.sampling import trainer_progress
 from cm3leon_lightning.data.shards import MANIFEST_NAME, Manifest, ShardInfo
 from cm3leon_lightning.data.stages import PipelineConfig, document_length
 from cm3leon_lightning.data.stream import ResumableLoader, ShardStream
@@ -265,12 +265,10 @@ class CM3LeonDataModule(L.LightningDataModule):
                     f"= {slots} readers; re-prepare with smaller shards (at least {slots}) or lower num_workers"
                 )
 
-    def _processed(self) -> tuple[int, int] | None:
-        """The trainer's epoch and training batches consumed in it (the loader has handed out one more)."""
-        trainer = self.trainer
-        if trainer is None or trainer.state.fn != TrainerFn.FITTING:
-            return None
-        return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
+    def _progress(self) -> tuple[int, int, int | float] | None:
+        """The trainer's epoch, training batches consumed since the run began and batches per epoch (the loader has
+        handed out more): :func:`~cm3leon_lightning.data.sampling.trainer_progress`."""
+        return trainer_progress(self.trainer)
 
     def train_dataloader(self) -> ResumableLoader:
         """The resumable training loader (the same object across epochs, so it keeps its position)."""
@@ -279,7 +277,7 @@ class CM3LeonDataModule(L.LightningDataModule):
                 self.build_stream("train", True),
                 pin_memory=self.hparams.pin_memory,
                 max_skip_share=self.hparams.max_skip_share,
-                processed=self._processed,
+                progress=self._progress,
             )
             if self._pending_state is not None:
                 self._train_loader.load_state_dict(self._pending_state)

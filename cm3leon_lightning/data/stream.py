@@ -262,8 +262,15 @@ class ResumableLoader:
         stream: the rank's :class:`ShardStream`.
         pin_memory: DataLoader ``pin_memory``.
         max_skip_share: stop with an error when this rank skips more than this share of its epoch's samples.
-        processed: returns the trainer's ``(epoch, batches consumed in it)`` (``None``: count the batches handed
-            out). Lightning fetches one batch ahead, so handed-out is one too many in a checkpoint.
+        progress: returns the trainer's ``(epoch, batches consumed since the run began, batches per epoch)``
+            (:func:`~cm3leon_lightning.data.sampling.trainer_progress`; ``None`` outside ``fit``: count the batches
+            handed out). Lightning fetches one batch ahead, so handed-out is one too many in a checkpoint.
+
+    Inside ``fit`` the batches the trainer consumed decide where each ``iter()`` starts, not Lightning's epoch
+    numbers (which run one ahead after a restart from an epoch's end under ``max_steps``, when Lightning also trains
+    one more batch in the finished epoch): it goes on where they leave off, moving to the next epoch once the epoch's
+    batches (``limit_train_batches`` counted) are consumed, or when the trainer's epoch is ahead; it stops after the
+    epoch's last counted batch.
 
     Under ``torch.distributed`` Lightning writes global rank zero's checkpoint only, and every rank resumes from it,
     while each rank's workers stand at their own positions: :meth:`state_dict` therefore gathers every rank's
@@ -276,12 +283,12 @@ class ResumableLoader:
         stream: ShardStream,
         pin_memory: bool = False,
         max_skip_share: float = 0.01,
-        processed: Callable[[], tuple[int, int] | None] | None = None,
+        progress: Callable[[], tuple[int, int, int | float] | None] | None = None,
     ) -> None:
         self.stream = stream
         self.pin_memory = pin_memory
         self.max_skip_share = max_skip_share
-        self.processed = processed
+        self.progress = progress
         self._restore({"epoch": 0, "batch": 0})
 
     def __len__(self) -> int:
@@ -310,7 +317,11 @@ class ResumableLoader:
                 f"this training loader was built for {self.stream.world_size} rank(s) but {world} processes run: "
                 "build it inside fit (trainer.fit(model, datamodule=dm)), not before the trainer is attached"
             )
-        if self._done or self._handed_out >= len(self):  # the previous epoch ran out: start the next one
+        stop, progress = len(self), self._progress()
+        if progress is not None:  # go on where the trainer's consumed batches leave off
+            self._restore(self._local_state())
+            self._base, stop = progress[1], int(min(stop, progress[2]))  # limit_train_batches
+        elif self._done or self._handed_out >= len(self):  # the previous epoch ran out: start the next one
             self._restore(self._local_state(len(self)))
         elif self._handed_out > self.start:  # an abandoned iteration: continue after the consumed batches
             self._restore(self._local_state())
@@ -331,13 +342,25 @@ class ResumableLoader:
                     "re-prepare the shards, or raise max_skip_share"
                 )
             yield batch
+            if self._handed_out >= stop:  # the epoch's last counted batch
+                break
         self._done = True
+
+    def _progress(self) -> tuple[int, int, int | float] | None:
+        return self.progress() if self.progress is not None else None
+
+    def _consumed(self, progress: tuple[int, int, int | float]) -> int:
+        """Batches of this loader's epoch consumed after the trainer's ``progress``: those before this pass began and
+        those consumed since; ``len(self)`` once the epoch's counted batches are all consumed or the trainer's epoch
+        is ahead (as after an epoch it ended early)."""
+        label, consumed, per_epoch = progress
+        n = self.start + (consumed - self._base if self._base is not None else 0)
+        return len(self) if label > self.epoch or n >= min(len(self), per_epoch) else n
 
     def _commit(self, processed: int | None) -> int:
         """Fold the handed-out batches with index < n into the saved position; returns n."""
-        if processed is None and self.processed is not None and (got := self.processed()) is not None:
-            epoch, processed = got  # the trainer's epoch may be ahead: then this loader's epoch is complete
-            processed = len(self) if epoch > self.epoch else processed
+        if processed is None and (progress := self._progress()) is not None:
+            processed = self._consumed(progress)
         n = self._handed_out if processed is None else int(processed)
         while self._pending and self._pending[0]["index"] < n:
             m = self._pending.popleft()
@@ -352,7 +375,7 @@ class ResumableLoader:
         return dict(self.counts)
 
     def _local_state(self, processed: int | None = None) -> dict[str, Any]:
-        """This rank's position after ``processed`` batches of the current epoch (default: ask ``processed()``)."""
+        """This rank's position after ``processed`` batches of the current epoch (default: as ``progress()`` says)."""
         n = self._commit(processed)
         state = {"epoch": self.epoch, "batch": n, "counts": dict(self.counts), "fingerprint": self.fingerprint()}
         if n >= len(self):  # epoch complete: the next one starts from scratch
@@ -361,7 +384,7 @@ class ResumableLoader:
         return {**state, "cursors": cursors, "epoch_counts": dict(self.epoch_counts)}
 
     def state_dict(self, processed: int | None = None) -> dict[str, Any]:
-        """The position after ``processed`` batches of the current epoch (default: ask ``processed()``); under
+        """The position after ``processed`` batches of the current epoch (default: as ``progress()`` says); under
         ``torch.distributed`` (a collective) also every rank's ``cursors`` and counts, in ``"ranks"``."""
         state = self._local_state(processed)
         world = _distributed_world_size()
@@ -409,6 +432,7 @@ class ResumableLoader:
         self._pending: deque[dict[str, Any]] = deque()
         self._handed_out = self.start
         self._done = False
+        self._base: int | None = None  # the trainer's consumed batches when this pass began (None: none began)
 
 
 _PER_RANK = ("counts", "cursors", "epoch_counts")  # what differs between ranks in a saved position

@@ -1,5 +1,6 @@
 """Exact mid-epoch resume through Lightning: fit k steps, checkpoint, resume; the following batches' keys and
-losses equal those of an uninterrupted run (CPU, bitwise), with num_workers 0 and 2."""
+losses equal those of an uninterrupted run (CPU, bitwise), with num_workers 0 and 2, from every checkpoint Lightning
+writes in fit (after every batch, at every epoch's end, at validation's end, and those of resumed runs)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from conftest import write_dataset
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from cm3leon_lightning.data import CM3LeonDataModule, DataCountsLogger
@@ -62,3 +64,80 @@ def test_resume_sees_the_same_batches_and_losses(tiny_dataset: Path, tmp_path: P
     assert dm.data_counts == full_dm.data_counts and dm.data_counts["examples"] == 22 + 6
     logged = next(c for c in trainer.callbacks if isinstance(c, DataCountsLogger)).last
     assert logged["data/examples"] == 28.0
+
+
+class Tiny(L.LightningModule):
+    """One weight: fast fits whose loss depends on the batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+
+    def training_step(self, batch, batch_idx) -> torch.Tensor:
+        return (self.w - batch["input_ids"].float().mean() / 100) ** 2
+
+    def validation_step(self, batch, batch_idx) -> None:
+        self.log("val", batch["input_ids"].float().mean())
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def fit_all_checkpoints(root: Path, ckpt_dir: Path | None = None, ckpt_path: str | None = None, workers: int = 0,
+                        val_check_interval: int | None = None, limit: int | None = None):  # fmt: skip
+    """12 steps with validation (20 samples, 4 per batch: 5 batches per epoch), writing (with ``ckpt_dir``) every
+    checkpoint Lightning can: after every batch (``-b``), at every epoch's end (``-e``, ``on_train_epoch_end``,
+    ModelCheckpoint's default without validation) and at every validation's end (``-v``)."""
+    L.seed_everything(0, verbose=False)
+    dm = CM3LeonDataModule(train_data=str(root), val_data=str(root), seq_len=64, batch_size=4, num_workers=workers)
+    rec = Recorder()
+    callbacks: list[L.Callback] = [rec]
+    if ckpt_dir is not None:
+        callbacks += [
+            ModelCheckpoint(ckpt_dir, "{step}-b", every_n_train_steps=1, save_top_k=-1),
+            ModelCheckpoint(ckpt_dir, "{step}-e", save_top_k=-1, save_on_train_epoch_end=True),
+            ModelCheckpoint(ckpt_dir, "{step}-v", monitor="val", save_top_k=-1, save_on_train_epoch_end=False),
+        ]
+    trainer = L.Trainer(accelerator="cpu", max_steps=12, callbacks=callbacks, logger=False,
+                        enable_checkpointing=ckpt_dir is not None, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=1,
+                        val_check_interval=val_check_interval, limit_train_batches=limit)  # fmt: skip
+    trainer.fit(Tiny(), datamodule=dm, ckpt_path=ckpt_path)
+    return rec.steps, dm
+
+
+@pytest.mark.parametrize(
+    ("workers", "val_check_interval", "limit"),
+    [(0, None, None), (0, 2, None), (0, None, 4), (2, None, None)],
+    ids=["val-at-epoch-end", "val-every-2", "limit-4", "workers-2"],
+)
+def test_resume_from_any_checkpoint_sees_the_same_batches(
+    tmp_path: Path, workers: int, val_check_interval: int | None, limit: int | None
+) -> None:
+    """Restarted from a checkpoint of an epoch's end under max_steps, Lightning trains one more batch in the finished
+    epoch (without validation there) and numbers the later epochs one ahead: the loader followed ``current_epoch`` and
+    the batches consumed in it, so it trained the next epoch's first batch twice and everything after shifted by one.
+    The runs resumed from the end of epoch 0 write checkpoints too, and every one of them resumes exactly as well."""
+    root = tmp_path / "ds"
+    write_dataset(root, 20, 4)
+    kw = dict(workers=workers, val_check_interval=val_check_interval, limit=limit)
+    full, full_dm = fit_all_checkpoints(root, tmp_path / "full", **kw)
+    per_epoch = limit or 5
+    assert len(full) == 12 and len({k for keys, _ in full[:per_epoch] for row in keys for k in row}) == 4 * per_epoch
+    val_end = per_epoch if val_check_interval is None else 4  # validation at the epoch's end, or after batch 4
+    firsts = {"b": per_epoch, "e": per_epoch, "v": val_end}  # the last batch, the end, validation's end (of epoch 0)
+    firsts = {kind: tmp_path / "full" / f"step={step}-{kind}.ckpt" for kind, step in firsts.items()}
+    assert all(ckpt.is_file() for ckpt in firsts.values())
+    state = torch.load(firsts["e"], weights_only=True)["CM3LeonDataModule"]
+    assert (state["epoch"], state["batch"]) == (1, 0)
+    checkpoints = sorted((tmp_path / "full").glob("*.ckpt"))
+    for kind in "ev":  # the second generation: from the runs resumed at the end of epoch 0 and at validation's end
+        fit_all_checkpoints(root, tmp_path / kind, str(firsts[kind]), **kw)
+        checkpoints += sorted((tmp_path / kind).glob("*.ckpt"))
+    assert len(checkpoints) > 30
+    for ckpt in checkpoints:
+        step = torch.load(ckpt, weights_only=True)["global_step"]
+        tail, dm = fit_all_checkpoints(root, ckpt_path=str(ckpt), **kw)
+        assert [keys for keys, _ in tail] == [keys for keys, _ in full[step:]], ckpt
+        assert [loss for _, loss in tail] == [loss for _, loss in full[step:]], ckpt
+        assert dm.data_counts == full_dm.data_counts, ckpt
