@@ -126,6 +126,11 @@ class CM3LeonDataModule(L.LightningDataModule):
     To change the per-sample pipeline, subclass :class:`~cm3leon_lightning.data.stream.ShardStream` (e.g. its
     ``iter_worker``, which knows the ``epoch``) and name it in :attr:`stream_class`, or override
     :meth:`build_stream`; exact resume works as long as the stream stays a pure function of its position.
+
+    The training position follows the trainer's consumed batches, so each new Trainer's ``fit`` starts the data where
+    that trainer's counters start: at epoch 0, batch 0 (the batches of a fresh data module), or at its checkpoint's
+    position with ``ckpt_path``, or at the position given to :meth:`load_state_dict` after the last fit. Fitting
+    again with the same Trainer goes on where it stopped.
     """
 
     stream_class: type[ShardStream] = ShardStream
@@ -211,6 +216,7 @@ class CM3LeonDataModule(L.LightningDataModule):
                 "trained without retrieval; raise seq_len, lower pack, or set max_retrieved: 0 to say so"
             )
         self._train_loader: ResumableLoader | None = None
+        self._loader_trainer: L.Trainer | None = None  # the trainer whose counters the training loader follows
         self._pending_state: dict[str, Any] | None = None
 
     @property
@@ -254,8 +260,11 @@ class CM3LeonDataModule(L.LightningDataModule):
         )
 
     def setup(self, stage: str) -> None:
-        """Check that the training shards can be split over ranks x workers (a clear error, never a hang)."""
+        """Check that the training shards can be split over ranks x workers (a clear error, never a hang); a new
+        trainer's fit gets a new training loader (its counters start at 0, the old loader's position is another's)."""
         if stage == "fit" and "train" in self.sources:
+            if self._train_loader is not None and self._loader_trainer is not self.trainer:
+                self._train_loader = None
             rank, world = self._rank()
             slots = world * max(1, self.hparams.num_workers)
             shards = len(self.sources["train"][2])
@@ -279,9 +288,10 @@ class CM3LeonDataModule(L.LightningDataModule):
                 max_skip_share=self.hparams.max_skip_share,
                 progress=self._progress,
             )
+            self._loader_trainer = self.trainer
             if self._pending_state is not None:
                 self._train_loader.load_state_dict(self._pending_state)
-                self._pending_state = None
+        self._pending_state = None
         return self._train_loader
 
     def _eval_loader(self, split: str) -> DataLoader:
@@ -316,13 +326,12 @@ class CM3LeonDataModule(L.LightningDataModule):
         return self._train_loader.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the training position (before or after the loader exists)."""
+        """Restore the training position (before or after the loader exists; kept for a new trainer's loader)."""
         if not state_dict:
             return
-        if self._train_loader is None:
-            self._pending_state = dict(state_dict)
-        else:
+        if self._train_loader is not None:
             self._train_loader.load_state_dict(state_dict)
+        self._pending_state = dict(state_dict)
 
 
 class DataCountsLogger(L.Callback):
