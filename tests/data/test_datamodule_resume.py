@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import write_dataset
 from lightning.pytorch.callbacks import ModelCheckpoint
+from support.checkpoints import every_checkpoint
 
 from cm3leon_lightning.data import CM3LeonDataModule, DataCountsLogger
 from cm3leon_lightning.modules.cm3leon import CM3LeonModule
@@ -93,11 +94,7 @@ def fit_all_checkpoints(root: Path, ckpt_dir: Path | None = None, ckpt_path: str
     rec = Recorder()
     callbacks: list[L.Callback] = [rec]
     if ckpt_dir is not None:
-        callbacks += [
-            ModelCheckpoint(ckpt_dir, "{step}-b", every_n_train_steps=1, save_top_k=-1),
-            ModelCheckpoint(ckpt_dir, "{step}-e", save_top_k=-1, save_on_train_epoch_end=True),
-            ModelCheckpoint(ckpt_dir, "{step}-v", monitor="val", save_top_k=-1, save_on_train_epoch_end=False),
-        ]
+        callbacks += every_checkpoint(ckpt_dir)
     trainer = L.Trainer(accelerator="cpu", max_steps=12, callbacks=callbacks, logger=False,
                         enable_checkpointing=ckpt_dir is not None, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=1,

@@ -18,6 +18,7 @@ import webdataset as wds
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import RunningStage
 from PIL import Image
+from support.checkpoints import every_checkpoint
 from torch.utils.data import DistributedSampler
 
 from cm3leon_lightning.data.images import ImageDataModule, synthetic_images
@@ -153,11 +154,7 @@ def fit_all_checkpoints(make_dm, ckpt_dir: Path | None = None, ckpt_path: str | 
     rec = Recorder()
     callbacks: list[L.Callback] = [rec]
     if ckpt_dir is not None:
-        callbacks += [
-            ModelCheckpoint(ckpt_dir, "{step}-b", every_n_train_steps=1, save_top_k=-1),
-            ModelCheckpoint(ckpt_dir, "{step}-e", save_top_k=-1, save_on_train_epoch_end=True),
-            ModelCheckpoint(ckpt_dir, "{step}-v", monitor="val", save_top_k=-1, save_on_train_epoch_end=False),
-        ]
+        callbacks += every_checkpoint(ckpt_dir)
     trainer = L.Trainer(accelerator="cpu", max_steps=12, callbacks=callbacks, logger=False,
                         enable_checkpointing=ckpt_dir is not None, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=1,
