@@ -251,10 +251,10 @@ class ResumableTrainData:
         return self._train_sampler.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the training position (before or after the training loader exists)."""
+        """Restore the training position (before or after the training loader exists; kept for the next training
+        loader too, which a new trainer's ``fit`` builds)."""
         if not state_dict:
             return
-        if self._train_sampler is None:
-            self._pending_state = dict(state_dict)
-        else:
+        if self._train_sampler is not None:
             self._train_sampler.load_state_dict(state_dict)
+        self._pending_state = dict(state_dict)

@@ -311,3 +311,26 @@ def test_a_sampler_built_for_fewer_ranks_than_run_refuses_to_iterate(monkeypatch
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
     with pytest.raises(RuntimeError, match=r"built for 1 rank\(s\) but 2 processes run"):
         next(iter(sampler))
+
+
+def test_a_position_loaded_between_fits_is_where_the_next_fit_starts() -> None:
+    """``dm.load_state_dict`` after a fit went into that fit's sampler, which the next trainer's fit replaced: the
+    position was dropped without a word and the next fit started at epoch 0."""
+
+    def run(dm: ImageDataModule, steps: int) -> list[torch.Tensor]:
+        rec = Recorder()
+        trainer = L.Trainer(accelerator="cpu", max_steps=steps, callbacks=[rec], logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                            num_sanity_val_steps=0, limit_val_batches=0)  # fmt: skip
+        trainer.fit(Tiny(), datamodule=dm)
+        return rec.images
+
+    def make() -> ImageDataModule:
+        return ImageDataModule(synthetic=16, image_size=8, batch_size=4, seed=3)
+
+    full = run(make(), 8)  # two epochs of 4 batches
+    dm = make()
+    run(dm, 2)
+    dm.load_state_dict({**dm.state_dict(), "epoch": 1, "batch": 0})
+    second = run(dm, 4)  # a new trainer: epoch 1 from its start, as loaded
+    assert all(torch.equal(a, b) for a, b in zip(second, full[4:8], strict=True))
