@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import write_dataset
 from lightning.pytorch.callbacks import ModelCheckpoint
-from support.checkpoints import every_checkpoint
+from support.checkpoints import checkpointing_trainer
 
 from cm3leon_lightning.data import CM3LeonDataModule, DataCountsLogger
 from cm3leon_lightning.modules.cm3leon import CM3LeonModule
@@ -92,13 +92,7 @@ def fit_all_checkpoints(root: Path, ckpt_dir: Path | None = None, ckpt_path: str
     L.seed_everything(0, verbose=False)
     dm = CM3LeonDataModule(train_data=str(root), val_data=str(root), seq_len=64, batch_size=4, num_workers=workers)
     rec = Recorder()
-    callbacks: list[L.Callback] = [rec]
-    if ckpt_dir is not None:
-        callbacks += every_checkpoint(ckpt_dir)
-    trainer = L.Trainer(accelerator="cpu", max_steps=12, callbacks=callbacks, logger=False,
-                        enable_checkpointing=ckpt_dir is not None, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=1,
-                        val_check_interval=val_check_interval, limit_train_batches=limit)  # fmt: skip
+    trainer = checkpointing_trainer(rec, ckpt_dir, val_check_interval=val_check_interval, limit_train_batches=limit)
     trainer.fit(Tiny(), datamodule=dm, ckpt_path=ckpt_path)
     return rec.steps, dm
 

@@ -18,7 +18,7 @@ import webdataset as wds
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import RunningStage
 from PIL import Image
-from support.checkpoints import every_checkpoint
+from support.checkpoints import checkpointing_trainer
 from torch.utils.data import DistributedSampler
 
 from cm3leon_lightning.data.images import ImageDataModule, synthetic_images
@@ -152,13 +152,7 @@ def fit_all_checkpoints(make_dm, ckpt_dir: Path | None = None, ckpt_path: str | 
     at every validation's end (``-v``)."""
     L.seed_everything(0, verbose=False)
     rec = Recorder()
-    callbacks: list[L.Callback] = [rec]
-    if ckpt_dir is not None:
-        callbacks += every_checkpoint(ckpt_dir)
-    trainer = L.Trainer(accelerator="cpu", max_steps=12, callbacks=callbacks, logger=False,
-                        enable_checkpointing=ckpt_dir is not None, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=1,
-                        val_check_interval=val_check_interval)  # fmt: skip
+    trainer = checkpointing_trainer(rec, ckpt_dir, val_check_interval=val_check_interval)
     trainer.fit(Validated(), datamodule=make_dm(), ckpt_path=ckpt_path)
     return rec
 
