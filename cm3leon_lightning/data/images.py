@@ -11,7 +11,7 @@ import functools
 import io
 import random
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import lightning as L
 import numpy as np
@@ -23,6 +23,9 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from cm3leon_lightning.data.cleaning import to_rgb
 from cm3leon_lightning.data.sampling import ResumableTrainData, trainer_position
+
+if TYPE_CHECKING:
+    from cm3leon_lightning.data.resampled_images import ResampledLoader
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 _PALETTE = np.array(
@@ -205,6 +208,18 @@ def image_shards(
     return wds.DataPipeline(*stages)
 
 
+def expand_shard_urls(urls: str | list[str]) -> list[str]:
+    """The shard URLs of a pattern (braces, ``a.tar::b.tar``) as ``wds.SimpleShardList`` expands them."""
+    from webdataset.shardlists import expand_urls
+
+    return expand_urls(urls) if isinstance(urls, str) else list(urls)
+
+
+def is_remote_url(url: str) -> bool:
+    """Whether a shard URL is not a local file (``pipe:``, ``http://``...; ``file://`` is local)."""
+    return url.startswith("pipe:") or ("://" in url and not url.startswith("file://"))
+
+
 def check_even_split(
     urls: str | list[str], world_size: int, num_workers: int, what: str, training: bool = True
 ) -> None:
@@ -222,12 +237,10 @@ def check_even_split(
         ValueError: naming ``what`` (``train`` or ``val``), the shards, and the counts that differ; a shard that is
             not a readable tar (named).
     """
-    from webdataset.shardlists import expand_urls
-
     from cm3leon_lightning.data.shards import count_tar_samples
 
-    urls = expand_urls(urls) if isinstance(urls, str) else list(urls)  # as wds.SimpleShardList reads them
-    remote = any(u.startswith("pipe:") or ("://" in u and not u.startswith("file://")) for u in urls)
+    urls = expand_shard_urls(urls)
+    remote = any(map(is_remote_url, urls))
     if not training:
         if len(urls) < world_size:
             raise ValueError(
@@ -245,7 +258,7 @@ def check_even_split(
             )
         return
     readers = world_size * max(1, num_workers)
-    fix = "or train from an image folder, which splits by image"
+    fix = "use mode='resampled' (every rank draws the same number of batches), or train from an image folder"
     if len(urls) % readers:
         raise ValueError(
             f"{what}: {len(urls)} shards cannot be dealt evenly to {world_size} ranks x {max(1, num_workers)} "
@@ -285,6 +298,10 @@ class ImageDataModule(ResumableTrainData, L.LightningDataModule):
         seed: seed of the generated images, the flips and the training order.
         shuffle_buffer: sample shuffle buffer for shards (training only).
         allow_pipe: allow ``pipe:`` shard URLs (they run shell commands).
+        mode: ``"exact"`` (each training image once per epoch) or ``"resampled"`` (training shards drawn with
+            replacement, :class:`~cm3leon_lightning.data.resampled_images.ResampledImageShards`: shards only).
+        epoch_batches: batches per rank and epoch in ``resampled`` mode; default: the local shards' images
+            (counted from their tar headers) over ranks x ``batch_size``, rounded up. Required for remote shards.
 
     Folders and generated images train in the order of :class:`~cm3leon_lightning.data.sampling.ResumableSampler`: a
     permutation per epoch seeded by ``(seed, epoch)`` whatever the global RNG or the number of workers, each rank its
@@ -299,6 +316,11 @@ class ImageDataModule(ResumableTrainData, L.LightningDataModule):
     training shards must split evenly (a multiple of ranks x workers shards, equal numbers of images): other shards
     are refused (:func:`check_even_split`), as ranks would read different numbers of batches and hang. Validation
     shards need only give every rank one (non-empty) shard.
+
+    ``mode="resampled"`` takes training shards of any number and sizes (img2dataset's): every worker draws shards
+    with replacement, seeded by ``(seed, epoch, rank, worker)``, and every rank reads ``epoch_batches`` batches per
+    epoch, so DDP never waits for a rank that ran out. An epoch then sees a random draw, not every image once; a run
+    resumed mid-epoch reads the epoch's remaining batches, drawn afresh.
     """
 
     def __init__(
@@ -314,10 +336,21 @@ class ImageDataModule(ResumableTrainData, L.LightningDataModule):
         seed: int = 0,
         shuffle_buffer: int = 1000,
         allow_pipe: bool = False,
+        mode: Literal["exact", "resampled"] = "exact",
+        epoch_batches: int | None = None,
     ) -> None:
         super().__init__()
         if train is None and synthetic <= 0:
             raise ValueError("ImageDataModule needs train= (image folder or shards) or synthetic= (> 0 images)")
+        if mode not in ("exact", "resampled"):
+            raise ValueError(f"mode must be 'exact' or 'resampled', got {mode!r}")
+        if mode == "resampled" and (train is None or not _is_shards(train)):
+            raise ValueError(
+                f"mode='resampled' draws WebDataset shards, but train={train!r} is not shards (a .tar path or pattern, "
+                "or a folder of .tar files); use mode='exact'"
+            )
+        if epoch_batches is not None and (mode != "resampled" or epoch_batches < 1):
+            raise ValueError(f"epoch_batches (got {epoch_batches}) must be >= 1 and is for mode='resampled' only")
         if image_size < 4 or batch_size < 1 or num_workers < 0:
             raise ValueError(
                 f"need image_size >= 4, batch_size >= 1, num_workers >= 0; got {image_size}, {batch_size}, "
@@ -344,7 +377,7 @@ class ImageDataModule(ResumableTrainData, L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Build the datasets (idempotent)."""
         hp = self.hparams
-        if self.train_set is None:
+        if self.train_set is None and hp.mode == "exact":  # resampled: built per training loader
             if hp.train is not None:
                 self.train_set = self._dataset(hp.train, train=True)
             else:
@@ -385,8 +418,28 @@ class ImageDataModule(ResumableTrainData, L.LightningDataModule):
             persistent_workers=hp.num_workers > 0,
         )
 
+    def _resampled_loader(self) -> ResampledLoader:
+        """``mode="resampled"``: :class:`ResampledImageShards` for this rank, from the trainer's position (or the
+        restored one outside ``fit``)."""
+        from cm3leon_lightning.data.resampled_images import ResampledImageShards, ResampledLoader, default_epoch_batches
+
+        hp, trainer = self.hparams, self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        urls = expand_shard_urls(shard_urls(hp.train, hp.allow_pipe))
+        batches = hp.epoch_batches or default_epoch_batches(urls, world, hp.batch_size)
+        dataset = ResampledImageShards(
+            urls, hp.image_size, hp.batch_size, batches, hp.shuffle_buffer, hp.hflip, hp.seed, rank
+        )
+        pending = self._pending_state or {}
+        dataset.epoch, dataset.start = trainer_position(trainer) or (pending.get("epoch", 0), pending.get("batch", 0))
+        return ResampledLoader(
+            dataset, self._position, num_workers=hp.num_workers, persistent_workers=hp.num_workers > 0
+        )
+
     def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches ``(B, 3, S, S)`` uint8 (resumable, but from shards)."""
+        """Shuffled training batches ``(B, 3, S, S)`` uint8 (resumable, but from shards in ``exact`` mode)."""
+        if self.hparams.mode == "resampled":
+            return self._resampled_loader()
         self.setup("fit")
         self._check_shards(self.hparams.train, "train")
         return self._loader(self.train_set, shuffle=True)
@@ -408,7 +461,7 @@ class ImageDataModule(ResumableTrainData, L.LightningDataModule):
         epoch, with a warning when the position is mid-epoch."""
         if not state_dict:
             return
-        if self.shards and state_dict.get("batch", 0):
+        if self.shards and self.hparams.mode == "exact" and state_dict.get("batch", 0):
             rank_zero_warn(
                 f"ImageDataModule: the checkpoint stopped after batch {state_dict['batch']} of epoch "
                 f"{state_dict['epoch']}, but shards (train={self.hparams.train!r}) cannot resume mid-epoch: the "
