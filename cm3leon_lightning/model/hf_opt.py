@@ -147,8 +147,10 @@ def from_opt(state: dict[str, Tensor], config: dict[str, Any], what: str = "path
     them as unexpected (or compares the tied pair) instead of their being dropped in silence.
 
     Raises:
-        ValueError: a tensor the mapping needs is missing, or ``config`` lacks ``n_layer`` (int) or
-            ``tie_embeddings`` (bool) (named with ``what``).
+        ValueError: a tensor the mapping needs is missing, the query, key and value projections of a layer differ
+            in shape, the position embedding has fewer than OPT's 2 offset rows, or ``config`` lacks ``n_layer``
+            (int) or ``tie_embeddings`` (bool) (named with ``what``). Other shapes are checked against the network
+            by :func:`~cm3leon_lightning.model.weights.fit_state`.
     """
     for key, kind, noun in (("n_layer", int, "an int"), ("tie_embeddings", bool, "a bool")):
         value = config.get(key)
@@ -163,13 +165,20 @@ def from_opt(state: dict[str, Tensor], config: dict[str, Any], what: str = "path
         used.add(name)
         return state[name]
 
-    out = {
-        "wte.weight": get(_PREFIX + "embed_tokens.weight"),
-        "wpe.weight": get(_PREFIX + "embed_positions.weight")[POSITION_OFFSET:],
-    }
+    positions = get(_PREFIX + "embed_positions.weight")
+    if positions.ndim != 2 or positions.shape[0] < POSITION_OFFSET:
+        raise ValueError(
+            f"{what}: {_PREFIX}embed_positions.weight has shape {tuple(positions.shape)}; OPT's is (positions + "
+            f"{POSITION_OFFSET}, hidden_size)"
+        )
+    out = {"wte.weight": get(_PREFIX + "embed_tokens.weight"), "wpe.weight": positions[POSITION_OFFSET:]}
     for i in range(config["n_layer"]):
         ours, theirs = f"blocks.{i}.", f"{_PREFIX}layers.{i}."
-        qkv = [get(f"{theirs}self_attn.{p}_proj.weight") for p in "qkv"]
+        names = [f"{theirs}self_attn.{p}_proj.weight" for p in "qkv"]
+        qkv = [get(name) for name in names]
+        if len({tuple(t.shape) for t in qkv}) != 1 or qkv[0].ndim != 2:
+            shapes = {name: tuple(t.shape) for name, t in zip(names, qkv)}
+            raise ValueError(f"{what}: the query, key and value projections must be matrices of one shape: {shapes}")
         out[ours + "attn.qkv.weight"] = torch.cat(qkv, dim=0)
         out.update({ours + key: get(theirs + name) for key, name in _PER_LAYER.items()})
     if not config["tie_embeddings"]:

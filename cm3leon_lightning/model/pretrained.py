@@ -30,6 +30,8 @@ from torch import Tensor
 FORMAT_NAME = "cm3leon_lightning.model"
 FORMAT_VERSION = 1
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+HF_INDEX_FILE = "model.safetensors.index.json"
+"""Where ``transformers`` maps each tensor to its shard when it splits the weights (read in the ``hf`` layout)."""
 TOKENIZER_DIR, VQGAN_DIR = "tokenizer", "vqgan"
 """Where a model directory keeps the tokenizers it was trained with (optional)."""
 
@@ -99,7 +101,8 @@ def save_pretrained(
     Args:
         state_dict: the bare network's tensors (``CM3Leon.state_dict()`` keys); with ``fetch``, tensors on the meta
             device may stand for them (only names, shapes and dtypes are read here).
-        directory: where to write; files of the same names there are replaced.
+        directory: where to write; files of the same names there are replaced, each only once its replacement is
+            complete (so ``state_dict`` / ``fetch`` may read the directory's own ``model.safetensors``).
         config: the architecture (``CM3LeonConfig.to_dict()``).
         vocab: the vocabulary (``MultimodalVocab.to_dict()``).
         dtype: store floating-point tensors in this dtype (None: as they are; all must then share one dtype).
@@ -154,9 +157,19 @@ def save_pretrained(
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    write_safetensors(directory / WEIGHTS_FILE, header, tensors(), metadata={"format": "pt"})
+    # Written beside and renamed over the old files only when complete: the tensors may be read lazily from the
+    # very file being replaced (re-saving a model directory in another dtype), which writing in place would
+    # truncate before they are read, and a failed write leaves the old directory as it was.
+    partial = directory / f"{WEIGHTS_FILE}.partial"
+    try:
+        write_safetensors(partial, header, tensors(), metadata={"format": "pt"})
+        os.replace(partial, directory / WEIGHTS_FILE)
+    finally:
+        partial.unlink(missing_ok=True)
     # config.json last: a directory cut short by a crash has no config and is not mistaken for a model.
-    (directory / CONFIG_FILE).write_text(json.dumps(doc, indent=2) + "\n")
+    config_partial = directory / f"{CONFIG_FILE}.partial"
+    config_partial.write_text(json.dumps(doc, indent=2) + "\n")
+    os.replace(config_partial, directory / CONFIG_FILE)
     return directory
 
 
@@ -214,6 +227,9 @@ def read_hf(path: str | os.PathLike[str], what: str = "path") -> tuple[dict[str,
     """Our state dict and the ``"cm3leon"`` block (``config``, ``vocab``, ``source``) of a directory
     ``save_pretrained(..., layout="hf")`` wrote.
 
+    The weights are ``model.safetensors`` or, in a directory ``transformers`` re-saved in shards, the files its
+    ``model.safetensors.index.json`` lists (:func:`read_hf_shards`).
+
     Raises:
         ValueError: another Hugging Face model (no ``"cm3leon"`` block: not CM3Leon's architecture), a newer format,
             or missing weights.
@@ -223,9 +239,53 @@ def read_hf(path: str | os.PathLike[str], what: str = "path") -> tuple[dict[str,
 
     block = read_hf_block(path, what)
     weights = Path(path) / WEIGHTS_FILE
-    if not weights.is_file():
-        raise FileNotFoundError(f"{what}: {str(path)!r} has {CONFIG_FILE} but no {WEIGHTS_FILE}")
-    return from_opt(read_safetensors(weights, what)[0], block["config"], f"{what} {str(weights)!r}"), block
+    if weights.is_file():
+        return from_opt(read_safetensors(weights, what)[0], block["config"], f"{what} {str(weights)!r}"), block
+    index = Path(path) / HF_INDEX_FILE
+    if not index.is_file():
+        raise FileNotFoundError(f"{what}: {str(path)!r} has {CONFIG_FILE} but no {WEIGHTS_FILE} (nor {HF_INDEX_FILE})")
+    return from_opt(read_hf_shards(index, what), block["config"], f"{what} {str(index)!r}"), block
+
+
+def read_hf_shards(index: Path, what: str = "path") -> dict[str, Tensor]:
+    """The tensors of the shards a ``transformers`` ``model.safetensors.index.json`` lists (``save_pretrained``
+    splits a model larger than its ``max_shard_size``), each checked to hold exactly the tensors the index maps to it.
+
+    Raises:
+        FileNotFoundError: a shard the index names is missing.
+        ValueError: an unreadable index, a shard name that is not a file of the directory, a tensor in two shards,
+            or a shard holding other tensors than the index says (named with ``what`` and the file).
+    """
+    from cm3leon_lightning.model.weights import read_safetensors
+
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise ValueError(f"{what}: {index} is not a JSON object: {e}") from e
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(f"{what}: {index} lacks the field 'weight_map' (tensor name -> shard file name)")
+    state: dict[str, Tensor] = {}
+    where: dict[str, str] = {}
+    for shard in sorted(set(weight_map.values())):
+        file = index.parent / shard
+        if Path(shard).name != shard:
+            raise ValueError(f"{what}: {index} names the shard {shard!r}, not a file name of its directory")
+        if not file.is_file():
+            raise FileNotFoundError(f"{what}: {index} names the shard {shard!r}, but {str(file)!r} does not exist")
+        part = read_safetensors(file, what)[0]
+        twice = sorted(k for k in part if k in state)
+        if twice:
+            raise ValueError(f"{what}: {twice[:5]} are in both {where[twice[0]]!r} and {str(file)!r}")
+        listed = {k for k, s in weight_map.items() if s == shard}
+        if set(part) != listed:
+            extra, lacking = sorted(set(part) - listed), sorted(listed - set(part))
+            raise ValueError(
+                f"{what}: {str(file)!r} does not hold what {index.name} maps to it: holds also {extra[:5]}, "
+                f"lacks {lacking[:5]}"
+            )
+        state.update(part)
+        where.update(dict.fromkeys(part, str(file)))
+    return state
 
 
 def read_hf_block(path: str | os.PathLike[str], what: str = "path") -> dict[str, Any]:

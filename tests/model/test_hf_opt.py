@@ -220,3 +220,61 @@ def test_an_untied_bfloat16_export_gives_our_logits_and_left_padded_greedy_token
             logits = ours32(tokens[-1], input_pos=input_pos)
             input_pos += 1
     assert torch.equal(out[:, 12:], torch.cat(tokens, dim=1))
+
+
+def test_misshapen_opt_tensors_are_refused_naming_them_and_the_file(tmp_path: Path) -> None:
+    """A key projection of another width crashed ``torch.cat`` with a bare RuntimeError naming neither tensor nor
+    file; a position embedding without OPT's two offset rows was reported as an empty ``wpe.weight``."""
+    from safetensors.torch import load_file, save_file
+
+    model = random_model()
+    save_pretrained(model.state_dict(), tmp_path, model.config.to_dict(), VOCAB, layout="hf")
+    weights = tmp_path / "model.safetensors"
+    state = load_file(weights)
+    layer = "model.decoder.layers.1.self_attn."
+    save_file({**state, f"{layer}k_proj.weight": torch.zeros(64, 32)}, weights)
+    with pytest.raises(ValueError) as err:
+        read_weights(tmp_path, "--ckpt")
+    assert str(err.value) == (
+        f"--ckpt {str(weights)!r}: the query, key and value projections must be matrices of one shape: "
+        f"{{'{layer}q_proj.weight': (64, 64), '{layer}k_proj.weight': (64, 32), '{layer}v_proj.weight': (64, 64)}}"
+    )
+    save_file({**state, "model.decoder.embed_positions.weight": torch.zeros(1, 64)}, weights)
+    with pytest.raises(ValueError) as err:
+        read_weights(tmp_path, "--ckpt")
+    assert str(err.value) == (
+        f"--ckpt {str(weights)!r}: model.decoder.embed_positions.weight has shape (1, 64); OPT's is "
+        "(positions + 2, hidden_size)"
+    )
+
+
+def test_a_directory_transformers_resaved_in_shards_reads_back(tmp_path: Path) -> None:
+    """``OPTForCausalLM.save_pretrained`` splits a model larger than ``max_shard_size`` into shards listed by
+    ``model.safetensors.index.json``; such a directory was refused for lacking ``model.safetensors``. A damaged
+    index or shard set is refused naming the file."""
+    from safetensors.torch import load_file, save_file
+
+    model = random_model()
+    save_pretrained(model.state_dict(), tmp_path / "a", model.config.to_dict(), VOCAB, layout="hf")
+    OPTForCausalLM.from_pretrained(tmp_path / "a").save_pretrained(tmp_path / "b", max_shard_size="40KB")
+    d = tmp_path / "b"
+    index = d / "model.safetensors.index.json"
+    shards = sorted(p.name for p in d.glob("model-*.safetensors"))
+    assert len(shards) > 2 and not (d / "model.safetensors").exists()
+    ours, _ = load_checkpoint(d)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in ours.state_dict().items())
+    first, second = (d / s for s in shards[:2])
+    a, b = load_file(first), load_file(second)
+    key = next(iter(a))
+    save_file({**b, key: a[key]}, second)  # one tensor in two shards
+    with pytest.raises(ValueError, match=rf"--ckpt: \['{key}'\] are in both '{first}' and '{second}'"):
+        read_weights(d, "--ckpt")
+    save_file({**b, "extra": torch.zeros(1)}, second)  # a tensor the index does not list
+    with pytest.raises(ValueError, match=rf"'{second}' does not hold what .* holds also \['extra'\], lacks \[\]"):
+        read_weights(d, "--ckpt")
+    second.unlink()
+    with pytest.raises(FileNotFoundError, match=rf"index.json names the shard '{shards[1]}', but '{second}' does"):
+        read_weights(d, "--ckpt")
+    index.unlink()
+    with pytest.raises(FileNotFoundError, match="has config.json but no model.safetensors \\(nor model.safetensors"):
+        read_weights(d, "--ckpt")

@@ -128,3 +128,24 @@ def test_malformed_directories_name_the_file_and_field(model: CM3Leon, tmp_path:
     for name, text in (("string", json.dumps("model_type")), ("list", json.dumps(["model_type"]))):
         with pytest.raises(ValueError, match=f"--ckpt: .*{name}/config.json has format None, not"):
             read_weights(variant(name, text), "--ckpt")
+
+
+def test_a_directory_resaved_from_its_own_lazy_weights_keeps_them(model: CM3Leon, tmp_path: Path) -> None:
+    """Converting a model directory in place (read lazily, saved back in bfloat16) truncated model.safetensors
+    before its tensors were read: the only copy of the model was lost. A failed save leaves the old files."""
+    save_pretrained(model.state_dict(), tmp_path, model.config.to_dict(), VOCAB)
+    weights = read_weights(tmp_path, "--ckpt", lazy=True)
+    save_pretrained(weights.state_dict, tmp_path, weights.config, VOCAB, dtype=torch.bfloat16, fetch=weights.fetch)
+    state, doc = read_pretrained(tmp_path)
+    assert doc["dtype"] == "bfloat16" and sorted(p.name for p in tmp_path.iterdir()) == [CONFIG_FILE, WEIGHTS_FILE]
+    want = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items() if k != TIED[1]}
+    assert state.keys() == want.keys() and all(torch.equal(state[k], want[k]) for k in want)
+    before = (tmp_path / WEIGHTS_FILE).read_bytes()
+
+    def failing(names: list[str]) -> dict[str, torch.Tensor]:
+        raise OSError("disk gone")
+
+    with pytest.raises(OSError, match="disk gone"):
+        save_pretrained(weights.state_dict, tmp_path, weights.config, VOCAB, fetch=failing)
+    assert (tmp_path / WEIGHTS_FILE).read_bytes() == before and read_model_config(tmp_path)["dtype"] == "bfloat16"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CONFIG_FILE, WEIGHTS_FILE]
