@@ -227,7 +227,11 @@ class ImageCaptionDataModule(ResumableTrainData, L.LightningDataModule):
         self._init_resume()
 
     def setup(self, stage: str | None = None) -> None:
-        """Load or generate the pairs and split them (seeded)."""
+        """Load or generate the pairs and split them (seeded).
+
+        Raises:
+            ValueError: the validation share (``round(val_fraction * N)``) would leave no training pair.
+        """
         if self.train_set is not None:
             return
         if self.data_dir is not None:
@@ -243,6 +247,11 @@ class ImageCaptionDataModule(ResumableTrainData, L.LightningDataModule):
             images, captions = self.images, list(self.captions)
         order = np.random.default_rng(self.seed).permutation(len(captions))
         n_val = int(round(self.val_fraction * len(captions)))
+        if n_val >= len(captions):  # fit would train on nothing, with only Lightning's zero-length warning
+            raise ValueError(
+                f"val_fraction={self.val_fraction} of {len(captions)} pair(s) holds out {n_val}, leaving none to train "
+                "on: lower val_fraction or add pairs"
+            )
         splits = {"val": order[:n_val], "train": order[n_val:]}
         subsets = {}
         for name, idx in splits.items():

@@ -14,9 +14,11 @@ Input: a JSON-lines file, or a folder of ``*.jsonl`` files, one example per line
 
 ``task`` picks the templates (:data:`TEMPLATES`); ``dataset`` (default: the task) is the unit of balancing. A
 template is eligible when the example has every field it names (ScienceQA's step-by-step template needs
-``explanation``); each document draws one eligible template, seeded by its key. Text fields are used as given,
-except that ``choices`` (a list) becomes ``(A) x (B) y`` and ``objects`` (a list of ``[name, location]``) becomes
-``name at location, ...``. Newlines in templates become spaces when ``cm3leon prepare`` cleans captions.
+``explanation``); a field that is null, an empty or blank string or an empty list counts as absent. Each document
+draws one eligible template, seeded by its key. Text fields (strings or numbers) are used as given, except that
+``choices`` (a list) becomes ``(A) x (B) y`` and ``objects`` (a list of ``[name, location]``) becomes
+``name at location, ...``; any other list, object or boolean is refused. Newlines in templates become spaces when
+``cm3leon prepare`` cleans captions. The file is UTF-8 (a leading BOM is dropped).
 
 Tasks with several images (``edit``: InstructPix2Pix editing with ``image``, ``instruction`` and ``target``;
 ``edge_to_image``, ``seg_to_image``, ``hed_to_image``, ``pose_to_image``, ``depth_to_image``, ``norm_to_image``,
@@ -87,7 +89,11 @@ def template_fields(template: str) -> set[str]:
 
 
 def format_value(name: str, value: Any) -> str:
-    """One field as text: ``choices`` lists become ``(A) x (B) y``, ``objects`` ``name at location, ...``."""
+    """One field as text: ``choices`` lists become ``(A) x (B) y``, ``objects`` ``name at location, ...``.
+
+    Raises:
+        ValueError: naming the field, for a list, object or boolean elsewhere (its Python repr would be trained on).
+    """
     if name == "choices" and isinstance(value, (list, tuple)):
         return " ".join(f"({chr(ord('A') + i)}) {c}" for i, c in enumerate(value))
     if name == "objects" and isinstance(value, (list, tuple)):
@@ -97,11 +103,23 @@ def format_value(name: str, value: Any) -> str:
                 raise ValueError(f"'objects' holds [name, location] pairs, got {obj!r}")
             parts.append(f"{obj[0]} at {obj[1]}")
         return ", ".join(parts)
+    if isinstance(value, (list, tuple, dict, bool)):
+        raise ValueError(f"field {name!r} must be a string or a number, got {type(value).__name__} {value!r:.60}")
     return str(value)
 
 
+def is_present(value: Any) -> bool:
+    """Whether a field counts as given: not null, not an empty or blank string, not an empty list."""
+    if isinstance(value, str):
+        return bool(value.strip())
+    if isinstance(value, (list, tuple)):
+        return bool(value)
+    return value is not None
+
+
 def eligible_templates(task: str, fields: Mapping[str, Any]) -> list[int]:
-    """Indices of the task's templates whose fields are all present (and not ``None``).
+    """Indices of the task's templates whose fields are all present (:func:`is_present`: null, ``""`` and ``[]``
+    count as absent, so an empty ScienceQA ``explanation`` never fills the step-by-step template).
 
     Raises:
         ValueError: unknown task (multi-image tasks named as such), or no template can be filled; names the
@@ -109,11 +127,11 @@ def eligible_templates(task: str, fields: Mapping[str, Any]) -> list[int]:
     """
     if task not in TEMPLATES:
         raise ValueError(f"unknown task {task!r}; choose from {', '.join(TEMPLATES)}")
-    have = {k for k, v in fields.items() if v is not None}
+    have = {k for k, v in fields.items() if is_present(v)}
     ok = [i for i, t in enumerate(TEMPLATES[task]) if template_fields(t) <= have]
     if not ok:
         missing = sorted(template_fields(TEMPLATES[task][0]) - have)
-        raise ValueError(f"task {task!r} needs field(s) {missing}")
+        raise ValueError(f"task {task!r} needs field(s) {missing} (missing, null or empty)")
     return ok
 
 
@@ -214,17 +232,23 @@ class SFTExample:
 
 
 def read_sft_lines(path: Path) -> Iterator[SFTExample]:
-    """Parse and check one JSON-lines file (blank lines skipped).
+    """Parse and check one JSON-lines file (UTF-8, a leading BOM dropped; blank lines skipped), rendering every
+    eligible template so that a field that cannot be rendered fails here rather than in ``cm3leon prepare``.
 
     Raises:
-        ValueError: naming ``file:line`` and the field, for invalid JSON, a missing ``task`` / ``image``, an unknown
-            task or a template that cannot be filled.
+        ValueError: naming ``file:line`` and the field, for bytes that are not UTF-8, invalid JSON, a missing
+            ``task`` / ``image``, an unknown task, a template that cannot be filled or a field that cannot be
+            rendered (:func:`format_value`).
     """
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # bytes: a decoding error can name its line
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{where}: not UTF-8 (byte {e.start} of the line: {e.reason})") from e
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 entry = json.loads(line)
             except json.JSONDecodeError as e:
@@ -232,12 +256,12 @@ def read_sft_lines(path: Path) -> Iterator[SFTExample]:
             if not isinstance(entry, dict):
                 raise ValueError(f"{where}: each line must be a JSON object, got {type(entry).__name__}")
             task, image = entry.pop("task", None), entry.get("image")
-            if not isinstance(task, str) or not isinstance(image, str) or not image:
+            if not isinstance(task, str) or not isinstance(image, str) or not image.strip():
                 raise ValueError(f"{where}: needs string fields 'task' and 'image' (a path relative to the file)")
             dataset = entry.pop("dataset", None)
             dataset = task if dataset is None else str(dataset)  # null is absent (not a dataset named "None")
             try:
-                eligible_templates(task, entry)
+                every_rendering(task, entry)  # eligible templates, and each renders
                 sanitize_key(dataset)
             except ValueError as e:
                 raise ValueError(f"{where}: {e}") from e

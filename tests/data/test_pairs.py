@@ -130,5 +130,8 @@ def test_bad_arguments_are_clear():
         ImageCaptionDataModule(synthetic=3, val_fraction=1.0)
     with pytest.raises(ValueError, match="synthetic_source"):
         ImageCaptionDataModule(synthetic=3, synthetic_source="nope")
+    dm = ImageCaptionDataModule(synthetic=3, val_fraction=0.9)  # round(2.7) = 3 held out: fit trained on nothing
+    with pytest.raises(ValueError, match=r"val_fraction=0.9 of 3 pair\(s\) holds out 3, leaving none to train on"):
+        dm.setup()
     with pytest.raises(ValueError, match="2 images but 1 captions"):
         ImageCaptionPairs([np.zeros((4, 4, 3), np.uint8)] * 2, ["a"], 4)

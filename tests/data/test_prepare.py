@@ -293,7 +293,8 @@ def test_cli_reports_bad_settings_in_one_line(tmp_path: Path, capsys: pytest.Cap
     args[2:5] = ["sft", "--input", str(tmp_path / "sft.jsonl")]
     assert cm3leon_main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"cm3leon prepare: error: {tmp_path / 'sft.jsonl'}:1: task 'vqa' needs field(s) ['answer']"]
+    where = f"{tmp_path / 'sft.jsonl'}:1"
+    assert err == [f"cm3leon prepare: error: {where}: task 'vqa' needs field(s) ['answer'] (missing, null or empty)"]
     assert not (tmp_path / "o").exists()
     # --out naming a file ended in a NotADirectoryError traceback
     (tmp_path / "o").write_text("mine")

@@ -194,12 +194,53 @@ def _empty(tmp_path: Path) -> Path:
             r"bad.jsonl:2: image field\(s\) \['target'\]",
         ),
         ('{"task": "text", "image": "i.png", "text": "t", "dataset": "..."}', r"bad.jsonl:2: key '...' has no usable"),
+        # an empty answer trained "Question: q Answer: ." without a word
+        (
+            '{"task": "vqa", "image": "i.png", "question": "q", "answer": " "}',
+            r"bad.jsonl:2: task 'vqa' needs field\(s\) \['answer'\] \(missing, null or empty\)",
+        ),
+        ('{"task": "text", "image": " ", "text": "t"}', r"bad.jsonl:2: needs string fields 'task' and 'image'"),
+        # a list of answers (VQA2 has ten) trained on its Python repr, "Answer: ['red', 'red']."
+        (
+            '{"task": "vqa", "image": "i.png", "question": "q", "answer": ["red", "red"]}',
+            r"bad.jsonl:2: field 'answer' must be a string or a number, got list \['red', 'red'\]",
+        ),
+        ('{"task": "vqa", "image": "i.png", "question": "q", "answer": true}', r"bad.jsonl:2: field 'answer' .* bool"),
+        # rendering errors came from cm3leon prepare's encode stage, without the file and line
+        (
+            '{"task": "detection", "image": "i.png", "caption": "c", "objects": ["circle"]}',
+            r"bad.jsonl:2: 'objects' holds \[name, location\] pairs, got 'circle'",
+        ),
     ],
 )
 def test_bad_lines_name_the_file_line_and_field(tmp_path: Path, line: str, message: str) -> None:
     path = _write_lines(tmp_path / "bad.jsonl", [{"task": "text", "image": "ok.png", "text": "fine"}, line])
     with pytest.raises(ValueError, match=message):
         SFTSource(path)
+
+
+def test_bytes_that_are_not_utf8_name_the_file_and_line_and_a_bom_is_dropped(tmp_path: Path) -> None:
+    """A latin-1 line raised a bare UnicodeDecodeError naming no file; a BOM made line 1 invalid JSON."""
+    path = tmp_path / "latin.jsonl"
+    path.write_bytes(b'{"task": "text", "image": "x.png", "text": "ok"}\n{"task": "text", "image": "x.png", '
+                     b'"text": "caf\xe9"}\n')  # fmt: skip
+    with pytest.raises(ValueError, match=r"latin.jsonl:2: not UTF-8 \(byte 47 of the line: invalid continuation"):
+        SFTSource(path)
+    path.write_bytes(b'\xef\xbb\xbf{"task": "text", "image": "x.png", "text": "caf\xc3\xa9"}\r\n\r\n')
+    assert [(p.key, p.caption) for p in SFTSource(path)] == [("sft-latin-1-0", "caf\u00e9")]
+
+
+def test_empty_fields_count_as_absent() -> None:
+    """An empty ScienceQA explanation (common in its exports) drew the step-by-step template, training
+    "Let's think step-by-step:  So the answer is cat."; empty lists rendered as nothing."""
+    fields = {"question": "Which?", "context": "Look.", "choices": ["cat", "fish"], "answer": "cat", "explanation": ""}
+    assert eligible_templates("scienceqa", fields) == [0]
+    assert eligible_templates("scienceqa", {**fields, "explanation": " \n"}) == [0]
+    with pytest.raises(ValueError, match=r"needs field\(s\) \['choices'\] \(missing, null or empty\)"):
+        eligible_templates("scienceqa", {**fields, "choices": []})
+    with pytest.raises(ValueError, match=r"needs field\(s\) \['objects'\]"):
+        eligible_templates("detection", {"caption": "c", "objects": []})
+    assert every_rendering("vqa", {"question": "How many?", "answer": 0})[0] == "Question: How many? Answer: 0."
 
 
 def test_every_rendering_lists_each_eligible_template_in_order() -> None:
