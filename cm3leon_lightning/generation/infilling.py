@@ -42,9 +42,16 @@ def plan_spans(vocab: MultimodalVocab, body: list[int], span_kinds: Sequence[str
     segment (0 for text).
 
     Raises:
-        ValueError: no sentinel, sentinels out of order, ``span_kinds`` of the wrong length or contradicting a span
-            that sits next to image codes, an image segment with nothing left to fill or with two masked spans.
+        ValueError: ``<infill>`` or ``<pad>`` in ``body``, no sentinel, sentinels out of order, ``span_kinds`` of the
+            wrong length or contradicting a span that sits next to image codes, an image segment with nothing left to
+            fill or with two masked spans.
     """
+    for name, token, why in (
+        ("<infill>", vocab.infill_id, "give the masked document before it: infill appends <infill> <mask:0> itself"),
+        ("<pad>", vocab.pad_id, "padding is no part of a document"),
+    ):
+        if token in body:
+            raise ValueError(f"infill: the ids hold {name} at position {body.index(token)}; {why}")
     where = [j for j, t in enumerate(body) if vocab.is_sentinel(t)]
     if [body[j] for j in where] != vocab.sentinel_ids[: len(where)]:
         raise ValueError("the sentinels must appear in order <mask:0>, <mask:1>, ... (as cm3_infill writes them)")

@@ -20,9 +20,12 @@ codes of a long prompts file out of memory. ``--data.vocab_from`` may also name 
 Each prompt's samples depend only on its seed, so 1 or 8 devices give the same images.
 
 ``prompts.txt`` holds one prompt per line (blank lines skipped); ``prompts.jsonl`` one ``{"prompt": ..., "seed":
-...}`` object per line (``seed`` optional). ``out/`` receives, for prompt ``i``, ``{i:06d}-{j}.png`` per candidate
-``j``, ``{i:06d}-grid.png`` (the candidates under the prompt), ``{i:06d}-codes.npy`` ``(N, grid_h * grid_w)``, and
-one line of ``predictions.jsonl`` (``index``, ``prompt``, ``seed``, ``files``, ``grid``, ``codes``), sorted by index.
+...}`` object per line (``seed`` optional). A prompt is tokenized as ``cm3leon prepare`` stored its training captions
+(:func:`~cm3leon_lightning.data.cleaning.clean_caption`: control characters become spaces, whitespace runs one space,
+ends stripped), and ``predictions.jsonl`` records it as given. ``out/`` receives, for prompt ``i``,
+``{i:06d}-{j}.png`` per candidate ``j``, ``{i:06d}-grid.png`` (the candidates under the prompt),
+``{i:06d}-codes.npy`` ``(N, grid_h * grid_w)``, and one line of ``predictions.jsonl`` (``index``, ``prompt``,
+``seed``, ``files``, ``grid``, ``codes``), sorted by index.
 ``--trainer.callbacks.clip ViT-B-32`` re-ranks each prompt's candidates with CLIP and writes them best first (adding
 ``clip_scores`` and ``order`` to the line); ``--trainer.callbacks.keep 1`` then writes only the best.
 An ``out/`` that already holds such files (an earlier or stopped run) is refused before anything is decoded;
@@ -89,6 +92,7 @@ def read_prompt_lines(path: str | os.PathLike[str]) -> list[tuple[int, str, int 
         if not line.strip():
             continue
         if p.suffix == ".txt":
+            model_text(line, f"prompts: {p} line {n}")
             out.append((n, line.strip(), None))
             continue
         try:
@@ -100,6 +104,7 @@ def read_prompt_lines(path: str | os.PathLike[str]) -> list[tuple[int, str, int 
         extra = sorted(set(row) - {"prompt", "seed"})
         if extra:
             raise ValueError(f"prompts: {p} line {n} has unknown fields {extra}; allowed: 'prompt', 'seed'")
+        model_text(row["prompt"], f"prompts: {p} line {n}")
         seed = row.get("seed")
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < SEED_LIMIT):
             raise ValueError(f"prompts: {p} line {n}: 'seed' must be a non-negative integer below 2**63, got {seed!r}")
@@ -107,6 +112,26 @@ def read_prompt_lines(path: str | os.PathLike[str]) -> list[tuple[int, str, int 
     if not out:
         raise ValueError(f"prompts: {p} holds no prompt")
     return out
+
+
+def model_text(prompt: str, where: str = "prompt") -> str:
+    """The text of ``prompt`` that the model reads: the caption rule of ``cm3leon prepare``
+    (:func:`~cm3leon_lightning.data.cleaning.clean_caption`, never truncated here), so that a prompt's trailing space,
+    newline, tab or doubled space tokenizes as in training, where captions never hold them.
+
+    Raises:
+        ValueError: naming ``where``, for a prompt with an unpaired surrogate (a JSON ``"\\ud800"`` escape, no text a
+            tokenizer takes) or nothing left but control characters.
+    """
+    from cm3leon_lightning.data.cleaning import BadInput, clean_caption
+
+    try:
+        text, repairs = clean_caption(prompt, max(1, len(prompt)))
+    except BadInput as e:
+        raise ValueError(f"{where}: the prompt holds no text (only whitespace or control characters)") from e
+    if repairs:  # a str is never truncated at its own length: only the surrogate repair is left
+        raise ValueError(f"{where}: the prompt holds an unpaired UTF-16 surrogate (a JSON \\ud800-\\udfff escape)")
+    return text
 
 
 def load_vocab(source: str | os.PathLike[str]) -> MultimodalVocab:
@@ -206,7 +231,8 @@ class PromptDataModule(L.LightningDataModule):
             rows = read_prompt_lines(self.prompts_path)
             prompts = [(prompt, seed) for _, prompt, seed in rows]
             self.lines = [n for n, _, _ in rows]
-            self.dataset = PromptDataset(prompts, self.tokenizer.encode_batch([p for p, _ in prompts]))
+            ids = self.tokenizer.encode_batch([model_text(p) for p, _ in prompts])  # as training captions
+            self.dataset = PromptDataset(prompts, ids)
 
     def check_lengths(self, max_seq_len: int) -> None:
         """Raise ValueError naming the file and lines of the prompts whose ``<eos> caption <break>`` and image do
@@ -397,15 +423,18 @@ class ImageWriter(BasePredictionWriter):
             f.writelines(lines)
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """After every rank finished, rank zero merges the part files into ``predictions.jsonl`` (by index)."""
+        """After every rank finished, rank zero merges the part files into ``predictions.jsonl`` (by index); the part
+        files are deleted only once it is written, so a failed write (a full disk) loses no line."""
         trainer.strategy.barrier("image_writer")
         if trainer.is_global_zero:
             rows: dict[int, str] = {}
-            for part in sorted(self.output_dir.glob("predictions.rank*.jsonl")):
+            parts = sorted(self.output_dir.glob("predictions.rank*.jsonl"))
+            for part in parts:
                 for line in part.read_text(encoding="utf-8").split("\n"):
                     if line:
                         rows[json.loads(line)["index"]] = line
-                part.unlink()
             text = "".join(rows[i] + "\n" for i in sorted(rows))
             (self.output_dir / PREDICTIONS_FILE).write_text(text, encoding="utf-8")
+            for part in parts:
+                part.unlink()
         trainer.strategy.barrier("image_writer_done")

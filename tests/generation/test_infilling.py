@@ -106,3 +106,16 @@ def test_an_image_segment_with_two_masked_spans_is_refused() -> None:
     ok = [V.eos_id, 20, S(0), 21, S(1), V.break_id, 40, S(2), 43, 45]
     result = infill(random_model(), V, ok, max_span_tokens=3, compile=False)
     assert len(result.spans[2]) == 3 and V.ids_to_document(result.ids)[1].tokens.__len__() == 6
+
+
+def test_ids_with_infill_or_padding_are_refused_naming_the_token() -> None:
+    """DESIGN's captioning form ``<eos> <mask:0> <break> image <infill> <mask:0>`` passed whole was refused as "the
+    sentinels must appear in order" (its second ``<mask:0>``); a ``<pad>`` inside a document was decoded as a token."""
+    img = V.codes_to_ids(torch.arange(6)).tolist()
+    whole = [V.eos_id, S(0), V.break_id, *img, V.infill_id, S(0)]
+    with pytest.raises(ValueError, match=r"^infill: the ids hold <infill> at position 9; give the masked document"):
+        infill(random_model(), V, whole, compile=False)
+    with pytest.raises(ValueError, match=r"^infill: the ids hold <pad> at position 2; padding is no part"):
+        infill(random_model(), V, [V.eos_id, 20, V.pad_id, S(0), V.break_id, *img], compile=False)
+    result = infill(random_model(), V, whole[:-2], max_span_tokens=2, compile=False)  # the body alone is filled
+    assert len(result.spans) == 1 and result.ids[1 + len(result.spans[0]) :] == [V.break_id, *img]

@@ -101,6 +101,36 @@ def test_read_prompts_txt_jsonl_and_errors(tmp_path):
     assert read_prompts(jl) == [("a", 2**63 - 1)]
 
 
+def test_prompts_are_tokenized_as_the_training_captions(assets, tmp_path):
+    """A jsonl prompt's trailing space or newline, a tab or a doubled space (COCO captions hold them) was tokenized
+    as given, though ``cm3leon prepare`` cleans every training caption of them (``clean_caption``): the model read
+    tokens it never saw after a caption. An unpaired surrogate failed in the tokenizer with a TypeError naming no
+    line, and a prompt of control characters only was decoded as one."""
+    raw = ["a red square ", "a red  square", "a red\tsquare\n", "\u00a0a red square\u2028", "a red\x00square"]
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in raw))
+    dm = PromptDataModule(str(prompts), str(assets / "tok"), str(assets / "model.ckpt"))
+    dm.setup("predict")
+    want = dm.tokenizer.encode("a red square")
+    assert [dm.dataset[i]["prompt"] for i in range(5)] == raw  # recorded as given
+    assert dm.dataset.ids == [want] * 5 and len(want) == 4
+    txt = tmp_path / "p.txt"
+    txt.write_text("a  red\tsquare\n")
+    dm = PromptDataModule(str(txt), str(assets / "tok"), str(assets / "model.ckpt"))
+    dm.setup("predict")
+    assert dm.dataset.ids == [want] and read_prompts(txt) == [("a  red\tsquare", None)]
+
+    prompts.write_text(json.dumps({"prompt": "a"}) + "\n" + json.dumps({"prompt": "red \ud83d square"}) + "\n")
+    with pytest.raises(ValueError, match=rf"^prompts: {prompts} line 2: the prompt holds an unpaired UTF-16 surrogate"):
+        read_prompts(prompts)
+    prompts.write_text(json.dumps({"prompt": "\x00\x01"}) + "\n")
+    with pytest.raises(ValueError, match=rf"^prompts: {prompts} line 1: the prompt holds no text \(only whitespace"):
+        read_prompts(prompts)
+    txt.write_bytes(b"a red square\n\x01\n")
+    with pytest.raises(ValueError, match=rf"^prompts: {txt} line 2: the prompt holds no text"):
+        read_prompts(txt)
+
+
 def test_vocab_from_checkpoint_or_manifest_and_tokenizer_mismatch(assets, tmp_path):
     ckpt_vocab = load_vocab(assets / "model.ckpt")
     assert ckpt_vocab.to_dict() == torch.load(assets / "model.ckpt", weights_only=True)["hyper_parameters"]["vocab"]
@@ -181,6 +211,27 @@ def test_the_writer_keeps_prompts_with_line_separators_on_one_line(assets, tmp_p
     trainer.predict(module, datamodule=dm, ckpt_path=str(assets / "model.ckpt"))
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text(encoding="utf-8").split("\n") if line]
     assert [r["prompt"] for r in rows] == ["left\u2028right", "a\x0cb"]
+
+
+def test_a_failed_merge_keeps_the_part_files(assets, tmp_path, monkeypatch):
+    """Rank zero deleted each part file before predictions.jsonl was written: a write that failed (a full disk) lost
+    the line of every prompt, leaving PNGs and codes that nothing described."""
+    real = Path.write_text
+
+    def full_disk(self, *args, **kwargs):
+        if self.name == "predictions.jsonl":
+            raise OSError(28, "No space left on device")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match="No space left"):
+        predict(assets, out, batch_size=2, vqgan=False)
+    rows = [json.loads(line) for line in (out / "predictions.rank0.jsonl").read_text().splitlines()]
+    assert [(r["index"], r["prompt"], r["codes"]) for r in rows] == [
+        (0, "a red square", "000000-codes.npy"), (1, "a blue circle", "000001-codes.npy"),
+        (2, "a green triangle", "000002-codes.npy"),
+    ]  # fmt: skip
 
 
 def test_predict_from_an_exported_model_directory(assets, tmp_path):
