@@ -22,7 +22,7 @@ from open_clip.loss import ClipLoss
 from torch import Tensor
 
 from cm3leon_lightning.modules.cm3leon import WarmupDecay
-from cm3leon_lightning.retrieval.clip_files import save_clip_weights
+from cm3leon_lightning.retrieval.clip_files import save_clip_weights, set_quick_gelu, uses_quick_gelu
 from cm3leon_lightning.retrieval.encoder import create_clip, preprocess_images
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps the learned temperature at 100
@@ -79,6 +79,8 @@ class ClipModule(L.LightningModule):
             temperature's). Either way the update equals that of one device fed the global batch (a BatchNorm model
             such as ``cm3leon-clip-tiny`` also needs the Trainer's ``sync_batchnorm=True`` for that).
         export_path: if set, :meth:`export_weights` writes the model there (``.safetensors``) when ``fit`` ends.
+        overwrite_export: let that export replace a file already at ``export_path``; without it ``fit`` refuses such
+            a path when it starts (the file may be the weights a memory bank was built with: its sha256 is recorded).
     """
 
     def __init__(
@@ -96,13 +98,14 @@ class ClipModule(L.LightningModule):
         local_loss: bool = False,
         gather_with_grad: bool = False,
         export_path: str | None = None,
+        overwrite_export: bool = False,
     ) -> None:
         super().__init__()
         if lr <= 0 or weight_decay < 0 or warmup_steps < 0:
             raise ValueError(
                 f"need lr > 0, weight_decay >= 0, warmup_steps >= 0; got {lr}, {weight_decay}, {warmup_steps}"
             )
-        if export_path is not None and not export_path.endswith(".safetensors"):
+        if export_path is not None and Path(export_path).suffix != ".safetensors":
             raise ValueError(f"export_path must end in .safetensors, got {export_path!r}")
         self.save_hyperparameters()
         self.model: torch.nn.Module | None = None
@@ -118,21 +121,34 @@ class ClipModule(L.LightningModule):
             self.model = create_clip(self.hparams.model_name, self.hparams.pretrained)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep the image preprocessing beside the weights: a model fine-tuned from a tag runs the tag's (e.g. mean/std
-        0.5), which a reload with ``pretrained=None`` (offline) would otherwise replace by the architecture's."""
+        """Keep the image preprocessing and the activation beside the weights: a model fine-tuned from a tag runs the
+        tag's preprocessing (e.g. mean/std 0.5) and, for ``"openai"``, QuickGELU, which a reload with
+        ``pretrained=None`` (offline) would otherwise replace by the architecture's."""
         checkpoint["clip_preprocess_cfg"] = json.loads(json.dumps(dict(self.model.visual.preprocess_cfg)))
+        checkpoint["clip_quick_gelu"] = uses_quick_gelu(self.model)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Build the model and restore the checkpoint's image preprocessing (checkpoints from before keep the
-        model's own)."""
+        """Build the model and restore the checkpoint's image preprocessing and QuickGELU (checkpoints from before
+        keep the model's own)."""
         self.configure_model()
         recorded = checkpoint.get("clip_preprocess_cfg")
         if isinstance(recorded, dict):
             self.model.visual.preprocess_cfg = {**self.model.visual.preprocess_cfg, **recorded}
+        quick = checkpoint.get("clip_quick_gelu")
+        if isinstance(quick, bool) and quick != uses_quick_gelu(self.model):
+            set_quick_gelu(self.model, quick)
 
     def setup(self, stage: str) -> None:
-        """Create the loss with this process's rank and world size (features are gathered across GPUs)."""
+        """Create the loss with this process's rank and world size (features are gathered across GPUs); before
+        ``fit``, refuse an ``export_path`` that holds a file unless ``overwrite_export``."""
         self.configure_model()
+        export = self.hparams.export_path
+        if stage == "fit" and export is not None and Path(export).exists() and not self.hparams.overwrite_export:
+            raise FileExistsError(
+                f"export_path {export} already exists and fit would replace it with the trained weights when it ends; "
+                "give another export_path, or overwrite_export=True (--model.init_args.overwrite_export true) to "
+                "replace it"
+            )
         world_size = self.trainer.world_size if self._trainer is not None else 1
         if world_size > 1 and self.hparams.local_loss and not self.hparams.gather_with_grad:
             raise ValueError(
@@ -211,7 +227,7 @@ class ClipModule(L.LightningModule):
     def on_fit_end(self) -> None:
         """Export the weights for ``ClipEncoder`` when ``export_path`` is set (rank zero writes)."""
         if self.hparams.export_path is not None and self.trainer.is_global_zero:
-            self.export_weights(self.hparams.export_path)
+            self.export_weights(self.hparams.export_path, overwrite=bool(self.hparams.overwrite_export))
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         """Contrastive loss and in-batch recall@1 both ways, counting equal captions as matches.
@@ -250,7 +266,7 @@ class ClipModule(L.LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupDecay(hp.warmup_steps, total, "cosine", hp.min_lr_ratio))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
-    def export_weights(self, path: str | os.PathLike) -> Path:
+    def export_weights(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
         """Write the open_clip state dict as safetensors, loadable by ``ClipEncoder(model_name, pretrained=path)``.
 
         The metadata records what the state dict lacks and ``create_clip`` rebuilds from it: ``model_name``,
@@ -261,14 +277,20 @@ class ClipModule(L.LightningModule):
 
         Args:
             path: output file; ``.safetensors`` is the expected suffix (open_clip picks the loader by suffix).
+            overwrite: replace a file already at ``path`` (written whole, then moved into place).
 
         Returns:
             The written path.
+
+        Raises:
+            FileExistsError: ``path`` exists and ``overwrite`` is false.
         """
         self.configure_model()
         out = Path(path)
         if out.suffix != ".safetensors":
             raise ValueError(f"export path must end in .safetensors (open_clip chooses its loader by suffix): {out}")
+        if out.exists() and not overwrite:
+            raise FileExistsError(f"{out} already exists; pass overwrite=True to replace it")
         out.parent.mkdir(parents=True, exist_ok=True)
         save_clip_weights(self.model, self.hparams.model_name, out)
         return out

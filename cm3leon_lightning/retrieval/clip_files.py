@@ -10,16 +10,21 @@ and the sha256 that ``cm3leon prepare`` records identifies it.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
-from open_clip.transformer import QuickGELU
+from open_clip.transformer import CustomResidualAttentionBlock, QuickGELU, ResidualAttentionBlock
 from safetensors.torch import save_file
 
 
 def save_clip_weights(model: torch.nn.Module, model_name: str, path: Path) -> None:
-    """Write an open_clip ``model`` (built as ``model_name``) to ``path`` with the metadata above."""
+    """Write an open_clip ``model`` (built as ``model_name``) to ``path`` with the metadata above.
+
+    The file is written under a temporary name beside ``path`` and moved into place when complete: an error while
+    writing (disk full, interrupted) leaves a file already at ``path`` as it was.
+    """
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     pp = model.visual.preprocess_cfg  # defaults as in ClipModule.forward (open_clip releases before PreprocessCfg)
     size = pp["size"]
@@ -36,8 +41,13 @@ def save_clip_weights(model: torch.nn.Module, model_name: str, path: Path) -> No
         "quick_gelu": "true" if uses_quick_gelu(model) else "false",
         "preprocess_cfg": json.dumps(preprocess),
     }
-    save_file(state, str(path), metadata=meta)
-    _sort_metadata(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process, as metrics/fid.py's stats
+    try:
+        save_file(state, str(tmp), metadata=meta)
+        _sort_metadata(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _sort_metadata(path: Path) -> None:
@@ -64,6 +74,18 @@ def _sort_metadata(path: Path) -> None:
 def uses_quick_gelu(model: torch.nn.Module) -> bool:
     """Whether an open_clip model was built with QuickGELU (OpenAI's weights were trained with it)."""
     return any(isinstance(m, QuickGELU) for m in model.modules())
+
+
+def set_quick_gelu(model: torch.nn.Module, quick: bool) -> None:
+    """Make the activations that open_clip's ``quick_gelu`` chooses (its transformer blocks' MLPs) QuickGELU or GELU,
+    in place: the model then computes as one built with ``force_quick_gelu=quick`` (activations have no weights)."""
+    for block in model.modules():
+        if isinstance(block, ResidualAttentionBlock | CustomResidualAttentionBlock):
+            act = block.mlp.gelu
+            if quick and type(act) is torch.nn.GELU and act.approximate == "none":
+                block.mlp.gelu = QuickGELU()
+            elif not quick and isinstance(act, QuickGELU):
+                block.mlp.gelu = torch.nn.GELU()
 
 
 def file_metadata(path: str) -> dict[str, str]:

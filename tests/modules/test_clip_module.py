@@ -107,6 +107,8 @@ def test_caption_match_recall_counts_equal_captions_as_hits():
 def test_bad_hyperparameters_are_refused():
     with pytest.raises(ValueError, match="lr > 0"):
         ClipModule(lr=0.0)
+    with pytest.raises(ValueError, match="export_path must end in .safetensors"):
+        ClipModule(export_path="runs/.safetensors")  # no suffix: export_weights would refuse it only after fit
 
 
 @pytest.mark.parametrize("name", ["tiny_shapes.yaml", "vit_b32_finetune.yaml"])
@@ -165,7 +167,8 @@ def test_export_of_a_quick_gelu_model_is_rebuilt_with_quick_gelu(tmp_path):
     np.testing.assert_allclose(enc.embed_images(x), img.numpy(), atol=1e-6)
     plain = ClipModule(model_name="cm3leon-clip-tiny")
     plain.configure_model()
-    assert not uses_quick_gelu(ClipEncoder("cm3leon-clip-tiny", pretrained=str(plain.export_weights(path))).model)
+    replaced = plain.export_weights(path, overwrite=True)
+    assert not uses_quick_gelu(ClipEncoder("cm3leon-clip-tiny", pretrained=str(replaced)).model)
 
 
 # Preprocessing of pretrained tags that differs from open_clip's defaults (OpenAI mean/std, bicubic, "shortest").
@@ -229,6 +232,81 @@ def test_a_checkpoint_keeps_the_image_preprocessing(tmp_path):
     assert (
         ClipEncoder("cm3leon-clip-small", pretrained=str(path)).model.visual.preprocess_cfg["resize_mode"] == "squash"
     )
+
+
+def test_a_checkpoint_keeps_quick_gelu(tmp_path):
+    """A model fine-tuned from the "openai" tag runs QuickGELU; reloaded offline (``pretrained=None``) its checkpoint
+    came back with the architecture's GELU: other embeddings, and an export that recorded GELU."""
+    from cm3leon_lightning.retrieval.encoder import uses_quick_gelu
+
+    torch.manual_seed(0)
+    module = ClipModule(model_name="cm3leon-clip-small")  # a ViT: QuickGELU in both towers
+    module.model = open_clip.create_model("cm3leon-clip-small", force_quick_gelu=True)  # as the openai tag builds it
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.strategy.connect(module)
+    trainer.save_checkpoint(tmp_path / "tuned.ckpt")
+    loaded = ClipModule.load_from_checkpoint(tmp_path / "tuned.ckpt", pretrained=None).eval()
+    assert uses_quick_gelu(loaded.model)
+    x = torch.from_numpy(make_shape_pairs(2, 64, seed=7)[0]).permute(0, 3, 1, 2)
+    captions = ["a red square", "a blue circle"]
+    with torch.no_grad():
+        want, got = module.eval()(x, captions), loaded(x, captions)
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+    torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)
+    path = loaded.export_weights(tmp_path / "again.safetensors")
+    assert uses_quick_gelu(ClipEncoder("cm3leon-clip-small", pretrained=str(path)).model)
+
+
+def test_export_refuses_an_existing_file_and_replaces_it_whole(tmp_path, monkeypatch):
+    """The export replaced any file at its path (e.g. the weights a bank's recorded sha256 names), and wrote in place:
+    an error while writing left a truncated file where the previous weights were."""
+    import cm3leon_lightning.retrieval.clip_files as clip_files
+
+    torch.manual_seed(0)
+    module = ClipModule(model_name="cm3leon-clip-tiny")
+    module.configure_model()
+    path = module.export_weights(tmp_path / "clip.safetensors")
+    before = path.read_bytes()
+    with torch.no_grad():
+        module.model.logit_scale.add_(1.0)  # another model
+    with pytest.raises(FileExistsError, match=r"clip\.safetensors already exists; pass overwrite=True"):
+        module.export_weights(path)
+    assert path.read_bytes() == before
+
+    def failing_save_file(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"\0" * 100)  # part of a file, then the disk is full
+        raise OSError("No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(clip_files, "save_file", failing_save_file)
+        with pytest.raises(OSError, match="No space left"):
+            module.export_weights(path, overwrite=True)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["clip.safetensors"]
+    module.export_weights(path, overwrite=True)
+    assert path.read_bytes() != before and sorted(p.name for p in tmp_path.iterdir()) == ["clip.safetensors"]
+
+
+def test_fit_refuses_an_existing_export_path_before_training(tmp_path):
+    """``fit`` with an ``export_path`` that holds a file trained to the end, then replaced the file; it refuses at the
+    start now, and ``overwrite_export=True`` replaces it."""
+    export = tmp_path / "clip.safetensors"
+    export.write_bytes(b"earlier weights")
+
+    def fit(**kwargs) -> None:
+        L.seed_everything(0, verbose=False)
+        module = ClipModule(model_name="cm3leon-clip-tiny", export_path=str(export), **kwargs)
+        trainer = L.Trainer(
+            accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, limit_val_batches=0,
+        )  # fmt: skip
+        trainer.fit(module, ImageCaptionDataModule(synthetic=32, batch_size=16, val_fraction=0.0))
+        assert trainer.global_step == 1
+
+    with pytest.raises(FileExistsError, match=r"export_path .*clip\.safetensors already exists.*overwrite_export"):
+        fit()
+    assert export.read_bytes() == b"earlier weights"
+    fit(overwrite_export=True)
+    assert ClipEncoder("cm3leon-clip-tiny", pretrained=str(export)).dim == 64
 
 
 def test_export_records_the_image_size_and_another_size_is_refused(tmp_path):
