@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from cm3leon_lightning.callbacks.base import (
@@ -78,7 +79,8 @@ class CIDErCallback(GenerationCallback):
         self.metric = CIDErD(tokenizer=tokenizer)  # resolves the tokenizer (and warns) now
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        """Read the evaluation images (codes and captions) once and check each has reference captions."""
+        """Read the evaluation images (codes and captions) once and check each has reference captions; warn when every
+        image has only one (the default ``--coco-mode first`` preparation), as CIDEr-D then differs from COCO's."""
         self.load_resources(trainer)  # a missing tokenizer or VQGAN fails now, not at the first validation
         if self.samples is None:
             self.samples, _ = read_shard_samples(
@@ -92,6 +94,13 @@ class CIDErCallback(GenerationCallback):
                 raise ValueError(
                     f"CIDErCallback: sample {s.key!r} needs a non-empty list of reference captions, got {refs!r}"
                 )
+        if len(self.samples) > 1 and all(len(s.references) == 1 for s in self.samples):
+            rank_zero_warn(
+                f"CIDErCallback: each of the {len(self.samples)} evaluation images has one reference caption, so "
+                f"{self.log_name} is a one-reference CIDEr-D, not comparable with MS-COCO CIDEr (5 references per "
+                "image; for COCO, prepare the validation set with `cm3leon prepare --coco-mode all` and keep "
+                "group_by_image=True, which gathers an image's captions)"
+            )
 
     def codes_of(self, chunk: Sequence[EvalSample], device: torch.device) -> Tensor:
         """``(B, h*w)`` codes of the samples (the stored ones, else their images encoded with the VQGAN)."""

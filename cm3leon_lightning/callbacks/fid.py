@@ -143,7 +143,8 @@ class FIDCallback(GenerationCallback):
 
     # ------------------------------------------------------------------------------------------ set-up
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        """Build the FID metric (Inception weights or the given extractor), CLIP, and read the evaluation set."""
+        """Build the FID metric (Inception weights or the given extractor), CLIP, and read the evaluation set (in-memory
+        samples must each have a caption, ``references[0]``, and an image: ValueError naming the sample)."""
         self.load_resources(trainer)  # a missing tokenizer or VQGAN fails now, not at the first validation
         if self.metric is None:
             self.metric = make_fid(self.feature_extractor, self.feature_weights_path, self.feature_dim)
@@ -151,6 +152,13 @@ class FIDCallback(GenerationCallback):
             self.samples, _ = read_shard_samples(self.eval_source(trainer), self.num_samples, self.image_size)
         else:
             self.samples = self.samples[: self.num_samples]
+            for s in self.samples:  # checked now, not at the first validation after an epoch of training
+                refs = s.references
+                if isinstance(refs, str) or not refs or not isinstance(refs[0], str) or s.image is None:
+                    raise ValueError(
+                        f"FIDCallback: sample {s.key!r} needs its caption in a list (references[0]) and its image, "
+                        f"got references={refs!r}, image={'None' if s.image is None else 'given'}"
+                    )
             self.samples = [
                 EvalSample(s.key, s.references, fid_resize(s.image, self.image_size), s.codes) for s in self.samples
             ]

@@ -31,15 +31,20 @@ def read_vqa_file(path: str | os.PathLike[str], num_samples: int | None = None) 
     """Read a VQA-format JSON file (see the module docstring).
 
     Raises:
-        ValueError: the file is not a list, an entry lacks ``question``, ``answers`` or an image / codes, or its
-            answers are not a list of strings (numbers are read as text; VQA v2's ``{"answer": ...}`` records and a
-            lone string are refused rather than scored as their text or their letters).
+        ValueError: the file is not valid JSON or not a list, an entry lacks ``question``, ``answers`` or an image /
+            codes, its image cannot be decoded or its codes are not integers (the message names the file, the entry
+            and the image), or its answers are not a list of strings (numbers are read as text; VQA v2's
+            ``{"answer": ...}`` records and a lone string are refused rather than scored as their text or letters).
+        FileNotFoundError: an entry's image file does not exist (the error names it).
     """
     path = Path(path)
     if path.suffix == ".jsonl":
         entries, where = _vqa_lines(path), "line"
     else:
-        loaded, where = json.loads(path.read_text()), "entry"
+        try:
+            loaded, where = json.loads(path.read_text()), "entry"
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON: {err}") from err
         if not isinstance(loaded, list):
             raise ValueError(f"{path}: a VQA file holds a JSON list of {{question, image, answers}} entries")
         entries = list(enumerate(loaded))
@@ -52,10 +57,19 @@ def read_vqa_file(path: str | os.PathLike[str], num_samples: int | None = None) 
             records = isinstance(answers, list) and isinstance(answers[0], dict)  # VQA v2 annotations
             hint = " (use each record's 'answer')" if records else ""
             raise ValueError(f"{path}: {where} {i}: 'answers' must be a list of answer strings, got {answers!r}{hint}")
-        codes = torch.as_tensor(e["codes"]).long() if "codes" in e else None
-        image = None
-        if codes is None:
-            image = fid_resize((path.parent / e["image"]).read_bytes(), 256)  # re-sized to the VQGAN's later
+        codes, image = None, None
+        if "codes" in e:
+            try:
+                codes = torch.as_tensor(e["codes"]).long()
+            except (TypeError, ValueError, RuntimeError) as err:
+                raise ValueError(f"{path}: {where} {i}: 'codes' must be a list of integers ({err})") from err
+        else:
+            image_path = path.parent / str(e["image"])
+            data = image_path.read_bytes()  # FileNotFoundError names the missing file
+            try:
+                image = fid_resize(data, 256)  # re-sized to the VQGAN's later
+            except (OSError, ValueError) as err:  # PIL's UnidentifiedImageError, truncated data
+                raise ValueError(f"{path}: {where} {i}: cannot read image {image_path} ({err})") from err
         out.append(EvalSample(str(e.get("key", i)), [], image, codes, str(e["question"]), [str(a) for a in answers]))
     return out
 

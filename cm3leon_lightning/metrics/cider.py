@@ -13,9 +13,9 @@ Captions are tokenized first, as the COCO evaluation does:
   pycocoevalcap's punctuation tokens are dropped. Needs ``java`` on ``PATH``.
 - ``"simple"``: a pure-Python fallback, :func:`simple_ptb_tokenize`, that mimics the PTB rules captions meet
   (lower-casing; punctuation split off and dropped, typographic quotes, dashes and ``…`` too; ``n't``/``'s``/
-  ``'re``... split off, also written with ``’``; brackets become ``-lrb-`` etc. as PTB writes them; periods kept in
-  abbreviations such as ``mr.`` and ``u.s.``). It agrees with PTB on ordinary captions (the tests check a fixed
-  set) but not on every corner case, so scores may differ slightly.
+  ``'re``... split off, also written with ``’``, and kept whole when already apart (``man 's``); brackets become
+  ``-lrb-`` etc. as PTB writes them; periods kept in abbreviations such as ``mr.`` and ``u.s.``). It agrees with
+  PTB on ordinary captions (the tests check a fixed set) but not on every corner case, so scores may differ slightly.
 - ``"auto"``: PTB when Java is found, else the fallback with a warning.
 """
 
@@ -153,6 +153,7 @@ _SPECIAL_WORDS = {
     "lemme": "lem me",
 }
 _CLITIC = re.compile(r"^(.+?)(n['’]t|['’]s|['’]re|['’]ve|['’]ll|['’]d|['’]m)$")  # PTB writes ’ clitics as '
+_LONE_CLITIC = re.compile(r"^['’](s|re|ve|ll|d|m|em)['‘’‛]*$")  # already split off ("a man 's hat"): one token
 _SINGLE_QUOTES = "'‘’‛"  # PTB drops them as quotes (before or after a word); ’ inside a word stays
 _DOUBLE_QUOTES = re.compile('["“”«»]')  # all become the dropped quote tokens `` and ''
 _DASHES = re.compile("[—–‒―]")  # em, en, figure dash and horizontal bar: PTB's -- (dropped)
@@ -176,6 +177,9 @@ def _split_word(tok: str) -> list[str]:
             tok, out_tail = stem, ["."]
     if tok.replace("’", "'") in _SPECIAL_WORDS:
         return _SPECIAL_WORDS[tok.replace("’", "'")].split() + out_tail
+    m = _LONE_CLITIC.match(tok)
+    if m:  # not an opening quote before "s": PTB keeps "'s" (closing quotes after it are dropped)
+        return ["'" + m.group(1)] + out_tail
     head: list[str] = []
     while tok[0] in _SINGLE_QUOTES and len(tok) > 1:  # opening single quote
         head.append("'")

@@ -18,7 +18,7 @@ from support.eval_setup import (
 )
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-from cm3leon_lightning.callbacks import FIDCallback
+from cm3leon_lightning.callbacks import EvalSample, FIDCallback
 from cm3leon_lightning.callbacks.fid import reference_cache_file
 
 
@@ -315,3 +315,14 @@ def test_generation_batches_and_seeds_do_not_depend_on_the_device_count(parts) -
     single = calls(0, 1)
     assert [seed for _, seed in single] == [7, 11, 15]
     assert sorted(calls(0, 2) + calls(1, 2), key=lambda c: c[1]) == single
+
+
+@pytest.mark.parametrize("references, image", [(["a cat"], None), ([], "given"), ("a red square", "given")])
+def test_in_memory_samples_without_caption_or_image_are_refused_at_setup(parts, references, image) -> None:
+    # Were an AttributeError ('NoneType' object has no attribute 'getexif') naming no sample, an IndexError at the
+    # first validation after an epoch of training, or a one-letter caption ('a red square'[0]).
+    samples = shape_samples(3)
+    samples[1] = EvalSample("bad", references, samples[1].image if image else None)
+    cb = make(parts, samples=samples, num_samples=3)
+    with pytest.raises(ValueError, match=r"FIDCallback: sample 'bad' needs its caption in a list \(references\[0\]\)"):
+        cb.setup(None, None, "fit")

@@ -143,6 +143,24 @@ def test_vqa_file_in_sft_json_lines(tmp_path: Path) -> None:
         read_vqa_file(tmp_path / "bad.jsonl")
 
 
+def test_vqa_file_errors_name_the_file_and_entry(tmp_path: Path) -> None:
+    """Bad JSON, an undecodable image and bad codes name the file (and entry); they were bare library errors."""
+    (tmp_path / "broken.json").write_text('[{"question": "q",}]')
+    with pytest.raises(ValueError, match=r"broken.json is not valid JSON: Expecting property name"):
+        read_vqa_file(tmp_path / "broken.json")  # was a JSONDecodeError naming no file
+    (tmp_path / "img.jpg").write_bytes(b"not an image")
+    ok = {"question": "q", "codes": [1, 2], "answers": ["a"]}
+    (tmp_path / "vqa.json").write_text(json.dumps([ok, {"question": "q", "image": "img.jpg", "answers": ["a"]}]))
+    with pytest.raises(ValueError, match=r"vqa.json: entry 1: cannot read image .*img.jpg \(cannot identify"):
+        read_vqa_file(tmp_path / "vqa.json")  # was PIL's "cannot identify image file <_io.BytesIO ...>"
+    (tmp_path / "vqa.json").write_text(json.dumps([ok, {**ok, "codes": [[1, 2], [3]]}]))
+    with pytest.raises(ValueError, match=r"vqa.json: entry 1: 'codes' must be a list of integers"):
+        read_vqa_file(tmp_path / "vqa.json")
+    (tmp_path / "vqa.json").write_text(json.dumps([{"question": "q", "image": "gone.jpg", "answers": ["a"]}]))
+    with pytest.raises(FileNotFoundError, match="gone.jpg"):
+        read_vqa_file(tmp_path / "vqa.json")
+
+
 class AnswersRight(VQACallback):
     """Answers every question with its first human answer; counts generate calls."""
 
@@ -387,3 +405,18 @@ def test_cider_and_sample_logger_refuse_shard_lists_naming_val_data(parts, tmp_p
     cb = CIDErCallback(text_tokenizer=tok, tokenizer="simple", num_samples=2)
     cb.setup(SimpleNamespace(datamodule=SimpleNamespace(hparams={"val_data": [val]})), module, "validate")
     assert len(cb.samples) == 2
+
+
+def test_cider_callback_warns_when_every_image_has_one_reference(parts) -> None:
+    """Validation shards of the default `--coco-mode first` hold one caption per image: the CIDEr-D of one
+    reference is far from COCO's five-reference figure, and passed without a word."""
+    import warnings
+
+    tok, _, module = parts
+    single = [EvalSample(s.key, s.references[:1], codes=s.codes) for s in coded_samples(3)]
+    cb = CaptionsCounted(samples=single, text_tokenizer=tok, tokenizer="simple")
+    with pytest.warns(UserWarning, match=r"each of the 3 evaluation images has one reference caption, so val/cider"):
+        cb.setup(None, module, "validate")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        CaptionsCounted(samples=coded_samples(3), text_tokenizer=tok, tokenizer="simple").setup(None, module, "fit")

@@ -53,6 +53,7 @@ EXTRA = [
     "",
     "He’ll say “no”—maybe…",
     "a man’s «big» hat – the dog’s ‘toy’ … I’m here, don’t go, can’t stop ’ o’clock",
+    "A MAN 'S HAT , they 're here and we 've gone , i 'm sure he 'll say you 'd , the dog ’s 's' toy , get 'em .",
 ]
 
 
@@ -216,3 +217,12 @@ def test_java_failure_reports_its_error_output(tmp_path: Path, monkeypatch: pyte
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(RuntimeError, match="exit status 1: Error: Could not find or load main class"):
         ptb_tokenize(["a cat"])
+
+
+def test_simple_tokenizer_keeps_clitics_already_split_off() -> None:
+    # Pre-tokenized captions (Flickr30k references, decoded BPE) write "man 's": PTB keeps "'s"; it became "s".
+    assert (
+        simple_ptb_tokenize("A MAN 'S HAT , they 're here , i 'm sure he 'll say you 'd we 've the dog ’s 's' toy .")
+        == "a man 's hat they 're here i 'm sure he 'll say you 'd we 've the dog 's 's toy"
+    )
+    assert simple_ptb_tokenize("a dog ' s bone 'sa") == "a dog s bone sa"  # a quote before a word stays a quote
