@@ -290,9 +290,12 @@ class Decoder:
     @allowed.setter
     def allowed(self, value: Tensor | None) -> None:
         self._allowed = value
-        if self.mode in GRAPH_MODES:  # one captured graph per cache, mode, spec, rows, constraint (, fused options)
-            mask = None if value is None else value.cpu().numpy().tobytes()
-            key = (self.mode, self.spec, len(self.ids), mask, self.fused_options)
+        if self.mode in GRAPH_MODES:  # one captured graph per cache, mode, spec, rows, constraint, attention, autocast
+            mask = None if value is None else value.cpu().numpy().tobytes()  # (, fused options)
+            attention = tuple(block.attn.impl for block in self.model.blocks)
+            kind = self.device.type
+            autocast = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+            key = (self.mode, self.spec, len(self.ids), mask, attention, autocast, self.fused_options)
             self.graph = graphed_step(self.model.kv_cache, key, self.step_fn, self.spec, value)
 
     def _noise(self) -> Tensor | None:

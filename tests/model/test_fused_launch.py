@@ -206,6 +206,15 @@ def test_the_decoder_captures_one_graph_per_set_of_options(monkeypatch):
             decoder.Decoder(model, spec, [[1, 2, 3]], max_new_tokens=4, seed=0)
     assert [k[0] for k in keys] == ["fused-graph", "fused-graph", "graph"]
     assert [k[-1] for k in keys] == [FusedOptions(), ALL_ON, None]
+    # the attention implementation and autocast are captured too: a graph of sdpa was replayed after
+    # set_attention("flex") (benchmarks timed sdpa on their flex rows), one without autocast under it
+    monkeypatch.setattr(decoder, "resolve_mode", lambda compile, device, model: "graph")
+    model.set_attention("flex")
+    decoder.Decoder(model, spec, [[1, 2, 3]], max_new_tokens=4, seed=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        decoder.Decoder(model, spec, [[1, 2, 3]], max_new_tokens=4, seed=0)
+    assert keys[-2][4:6] == (("flex", "flex"), None) and keys[-1][4:6] == (("flex", "flex"), torch.bfloat16)
+    assert keys[2][4:6] == (("sdpa", "sdpa"), None)
 
 
 def test_prefetch_sizes_are_capped_and_bad_layouts_refused(monkeypatch):
