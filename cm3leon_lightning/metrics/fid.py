@@ -128,8 +128,9 @@ def make_fid(
 
 
 def extractor_fingerprint(metric: FrechetInceptionDistance) -> str:
-    """sha256 of the feature extractor's class and weights: reference statistics are only valid for it."""
-    h = hashlib.sha256(type(metric.inception).__qualname__.encode())
+    """sha256 of the feature extractor's class, weights and feature size (Inception gives 64 to 2048 features from
+    one set of weights): reference statistics are only valid for them."""
+    h = hashlib.sha256(f"{type(metric.inception).__qualname__}|{metric.real_features_sum.shape[0]}".encode())
     for name, tensor in sorted(metric.inception.state_dict().items()):
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())

@@ -70,6 +70,8 @@ def test_cache_key_depends_on_references_and_extractor(tmp_path: Path) -> None:
     assert reference_cache_path(tmp_path, "x", a) == reference_cache_path(tmp_path, "x", make_fid(TinyFeatures(0)))
     assert reference_cache_path(tmp_path, "x", a) != reference_cache_path(tmp_path, "x", b)
     assert reference_cache_path(tmp_path, "x", a) != reference_cache_path(tmp_path, "y", a)
+    # one set of weights, features of another size (Inception's 768 and 2048): two callbacks overwrote one file
+    assert reference_cache_path(tmp_path, "x", a) != reference_cache_path(tmp_path, "x", make_fid(TinyFeatures(0, 4)))
 
 
 def test_resize_rule_is_shorter_side_then_centre_crop() -> None:

@@ -45,9 +45,10 @@ def shape_samples(n: int, size: int = 16, seed: int = 0) -> list[EvalSample]:
 
 
 class TinyFeatures(nn.Module):
-    """A fixed random feature extractor: uint8 ``(N, 3, H, W)`` -> ``(N, 8)`` (colour statistics + a conv)."""
+    """A fixed random feature extractor: uint8 ``(N, 3, H, W)`` -> ``(N, dims)`` (colour statistics + a conv; the
+    first ``dims`` of 8, as Inception's layers give features of several sizes from one set of weights)."""
 
-    def __init__(self, seed: int = 0) -> None:
+    def __init__(self, seed: int = 0, dims: int = 8) -> None:
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         self.conv = nn.Conv2d(3, 5, 3, stride=2)
@@ -55,12 +56,12 @@ class TinyFeatures(nn.Module):
             self.conv.weight.copy_(torch.randn(self.conv.weight.shape, generator=g) * 0.3)
             self.conv.bias.zero_()
         self.requires_grad_(False)
-        self.num_features = 8
+        self.num_features = dims
 
     def forward(self, images: Tensor) -> Tensor:
         x = images.float() / 255.0  # (N, 3, H, W)
         conv = torch.tanh(self.conv(x)).mean(dim=(2, 3))  # (N, 5)
-        return torch.cat([x.mean(dim=(2, 3)), conv], dim=1)  # (N, 8)
+        return torch.cat([x.mean(dim=(2, 3)), conv], dim=1)[:, : self.num_features]  # (N, dims)
 
 
 def val_loader(vocab, n: int = 4, seed: int = 0):
