@@ -86,7 +86,9 @@ class KVCache(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (("n_layer", n_layer), ("batch_size", batch_size), ("max_seq_len", max_seq_len)):
+        sizes = (("n_layer", n_layer), ("batch_size", batch_size), ("n_head", n_head), ("max_seq_len", max_seq_len),
+                 ("head_dim", head_dim))  # fmt: skip
+        for name, value in sizes:
             if value < 1:
                 raise ValueError(f"KVCache {name} must be >= 1, got {value}")
         shape = (batch_size, n_head, max_seq_len, head_dim)

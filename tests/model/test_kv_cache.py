@@ -42,6 +42,9 @@ def test_cache_writes_slots_in_place_and_resets():
     assert (cache.batch_size, cache.max_seq_len) == (2, 4)
     with pytest.raises(ValueError, match="KVCache batch_size must be >= 1, got 0"):
         KVCache(n_layer=1, batch_size=0, n_head=1, max_seq_len=4, head_dim=1)
+    for name in ("n_head", "head_dim"):  # an empty cache was allocated silently
+        with pytest.raises(ValueError, match=f"KVCache {name} must be >= 1, got 0"):
+            KVCache(**{"n_layer": 1, "batch_size": 1, "n_head": 1, "max_seq_len": 4, "head_dim": 1, name: 0})
 
 
 def test_a_new_cache_is_allocated_after_the_old_one_is_freed(monkeypatch):
