@@ -129,6 +129,8 @@ class ParquetSource(PairSource):
     def _rows(self, start: int, stop: int, columns: list[str]) -> Iterator[tuple[int, int, dict[str, Any]]]:
         """``(file index, row in file, {column: value})`` for the source rows ``start .. stop - 1``."""
         pq = _pyarrow()
+        import pyarrow as pa
+
         start, stop = self._check_range(start, stop, len(self))
         first = max(int(np.searchsorted(self.offsets, start, side="right")) - 1, 0)
         for f in range(first, len(self.files)):
@@ -138,7 +140,15 @@ class ParquetSource(PairSource):
             for g, n in enumerate(self.row_groups[f]):
                 lo, hi = max(start - base, 0), min(stop - base, n)
                 if lo < hi:
-                    table = reader.read_row_group(g, columns=columns).slice(lo, hi - lo)
+                    try:
+                        table = reader.read_row_group(g, columns=columns).slice(lo, hi - lo)
+                    except (OSError, ValueError, pa.ArrowException) as e:  # a damaged data page
+                        first_row, reason = base - int(self.offsets[f]), " ".join(str(e).split())[:200]
+                        raise ValueError(
+                            f"{self.files[f]}: row group {g} (rows {first_row}..{first_row + n - 1}) cannot be read "
+                            f"({type(e).__name__}: {reason}); the file is damaged (an interrupted download or copy?): "
+                            f"copy it again"
+                        ) from e
                     for j, row in enumerate(table.to_pylist()):
                         yield f, base - int(self.offsets[f]) + lo + j, row
                 base += n

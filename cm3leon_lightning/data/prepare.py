@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+import re
 import sys
 import time
 import warnings
@@ -47,6 +48,7 @@ from cm3leon_lightning.data.sources import REPAIR_REASONS, SKIP_REASONS, PairSou
 STAGES = ("tokenizer", "encode", "bank", "write", "manifest")
 PLAN_VERSION = 1
 _RUNTIME_FIELDS = ("workers", "device", "shard_range", "stages", "progress")
+_BANK_SETTINGS = ("bank_factory", "bank_train_size")  # read by the bank stage only
 
 
 @dataclass
@@ -123,7 +125,12 @@ class PrepareConfig:
                 "give exactly one of tokenizer (--tokenizer: a tokenizer.json) and train_tokenizer_vocab "
                 "(--train-tokenizer-vocab: a size)"
             )
+        from cm3leon_lightning.tokenization.text import DEFAULT_NUM_SENTINELS, special_tokens
+
+        min_vocab = 256 + len(special_tokens(DEFAULT_NUM_SENTINELS))  # byte tokens + special tokens
         checks = {
+            "train_tokenizer_vocab": self.train_tokenizer_vocab is None or self.train_tokenizer_vocab >= min_vocab,
+            "tokenizer_min_frequency": self.tokenizer_min_frequency >= 1,
             "samples_per_shard": self.samples_per_shard >= 1,
             "val_fraction": 0.0 <= self.val_fraction < 1.0,
             "k_per_modality": self.k_per_modality >= 0,
@@ -138,10 +145,13 @@ class PrepareConfig:
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
             raise ValueError(
-                f"invalid prepare settings {bad}: need samples_per_shard, k_per_modality >= 0, search_k, "
+                f"invalid prepare settings {bad}: need train_tokenizer_vocab >= {min_vocab} (256 byte tokens + "
+                f"special tokens), k_per_modality >= 0, tokenizer_min_frequency, samples_per_shard, search_k, "
                 f"min_image_size, max_caption_*, batch_size, workers, bank_train_size >= 1, 0 <= val_fraction < 1; "
                 f"got {', '.join(f'{k}={getattr(self, k)}' for k in bad)}"
             )
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device):
+            raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps; got {self.device!r}")
         self.stages = tuple(self.stages)
         unknown = [s for s in self.stages if s not in STAGES]
         if unknown:
@@ -245,6 +255,56 @@ def _identity(source: PairSource) -> dict[str, Any]:
     return ident
 
 
+def check_inputs(cfg: PrepareConfig) -> None:
+    """Fail before anything is written (plan.json records these) on model files that do not exist, CLIP weights
+    that are neither a file nor a tag of ``clip_model``, and a ``bank_factory`` faiss cannot build for its dimension.
+
+    Raises:
+        FileNotFoundError: ``vqgan``, ``vqgan_config`` or ``tokenizer`` does not exist (the flag named).
+        ValueError: unknown ``clip_model``, ``clip_weights`` neither a file nor a tag, or a bad ``bank_factory``.
+    """
+    import open_clip
+
+    from cm3leon_lightning.retrieval.encoder import register_clip_configs
+    from cm3leon_lightning.retrieval.index import MemoryBank
+
+    for name in ("vqgan", "vqgan_config", "tokenizer"):
+        path = getattr(cfg, name)
+        if path is not None and not os.path.exists(path):
+            raise FileNotFoundError(f"--{name.replace('_', '-')}: not found: {path}")
+    if cfg.clip_model.startswith(("local-dir:", "hf-hub:")):  # open_clip resolves these when the models load
+        return
+    register_clip_configs()
+    model_cfg = open_clip.get_model_config(cfg.clip_model)
+    if model_cfg is None:
+        raise ValueError(f"--clip-model {cfg.clip_model!r} is not an open_clip architecture")
+    if not os.path.isfile(cfg.clip_weights) and not open_clip.get_pretrained_cfg(cfg.clip_model, cfg.clip_weights):
+        tags = open_clip.list_pretrained_tags_by_model(cfg.clip_model)
+        raise ValueError(
+            f"--clip-weights {cfg.clip_weights!r} is neither an existing file nor a pretrained tag of "
+            f"{cfg.clip_model!r} (tags: {tags})"
+        )
+    dim = int(model_cfg["embed_dim"])
+    try:
+        MemoryBank(dim, cfg.clip_model, cfg.bank_factory)
+    except ValueError as e:
+        raise ValueError(
+            f"--bank-factory {cfg.bank_factory!r} cannot index {dim}-d {cfg.clip_model} embeddings: {e}"
+        ) from e
+
+
+def _bank_settings_only(run: st.Run, old: dict[str, Any], plan: dict[str, Any]) -> bool:
+    """Whether ``old`` and ``plan`` differ only in :data:`_BANK_SETTINGS` while no memory bank is built and no part
+    written: the encoded parts do not depend on them, so a bank stage that failed on them (an IVF bank with more
+    lists than documents) is resumed with new ones instead of encoding everything again."""
+    if {k: v for k, v in old.items() if k != "settings"} != {k: v for k, v in plan.items() if k != "settings"}:
+        return False
+    ours, theirs = plan["settings"], old.get("settings") or {}
+    changed = {k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k)}
+    built = (run.work / "bank" / st.DONE_FILE).exists() or any((run.out / "stats").glob("part-*.json"))
+    return changed <= set(_BANK_SETTINGS) and not built
+
+
 def _check_plan(run: st.Run, bank_source: PairSource | None) -> None:
     cfg = run.cfg
     plan = {
@@ -269,6 +329,9 @@ def _check_plan(run: st.Run, bank_source: PairSource | None) -> None:
                     "version): resuming without checking that they are unchanged",
                     stacklevel=2,
                 )
+        if old != plan and _bank_settings_only(run, old, plan):  # nothing was built with them yet: take the new
+            st.write_json(path, plan)
+            return
         if old != plan:
             diff = sorted(k for k in set(old) | set(plan) if old.get(k) != plan.get(k))
             for part in ("source", "bank_source", "settings"):
@@ -324,6 +387,7 @@ def prepare(
         raise ValueError("the source has no documents")
     if run.out.exists() and not run.out.is_dir():
         raise ValueError(f"--out {run.out} exists and is not a directory")
+    check_inputs(cfg)
     _check_plan(run, bank_source)
     st.reset_part_counts()
     summary: dict[str, Any] = {"seconds": {}}
@@ -334,19 +398,24 @@ def prepare(
             summary["tokenizer"] = st.stage_tokenizer(run)
         elif stage == "encode":
             tasks = [(c, i) for c in sources for i in run.selected(c) if not st.is_sealed(run.part_dir(c, i))]
+            if tasks:
+                st.require_inputs(run, stage)
             total = sum(run.part_range(c, i)[1] - run.part_range(c, i)[0] for c, i in tasks)
             run_parts(run, st.encode_part, tasks, total, "encode")
             summary["encoded_parts"] = len(tasks)
         elif stage == "bank":
             summary["bank"] = st.stage_bank(run)
         elif stage == "write":
-            run.sections = st.manifest_sections(run)
             tasks = [(i,) for i in run.selected("main") if not st.part_written(run, i)]
+            st.require_inputs(run, stage, [i for (i,) in tasks])
+            run.sections = st.manifest_sections(run)
             total = sum(st.load_part(run.part_dir("main", i))["stats"].get("kept", 0) for (i,) in tasks)
             run_parts(run, st.write_part, tasks, total, "write")
             summary["written_parts"] = len(tasks)
         elif stage == "manifest":
-            run.sections = run.sections or st.manifest_sections(run)
+            if not run.sections:
+                st.require_inputs(run, stage)
+                run.sections = st.manifest_sections(run)
             summary.update(st.stage_manifest(run))
         summary["seconds"][stage] = round(time.perf_counter() - t0, 3)
     if cfg.progress:

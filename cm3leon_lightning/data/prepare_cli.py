@@ -112,7 +112,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def sources_from_args(args: argparse.Namespace) -> tuple[PairSource, PairSource | None]:
-    """The main source and the optional bank source named by the flags."""
+    """The main source and the optional bank source named by the flags.
+
+    Raises:
+        ValueError: an input flag that the chosen sources do not read (``--bank-input`` without ``--bank-source``,
+            ``--captions`` without ``--source coco``...): it would be ignored, and the data not be what was meant.
+    """
+    unread = {
+        "--input": args.input is not None and args.source == "shapes",
+        "--captions": args.captions is not None and args.source != "coco",
+        "--bank-input": args.bank_input is not None and args.bank_source in (None, "shapes"),
+        "--bank-captions": args.bank_captions is not None and args.bank_source != "coco",
+    }
+    for flag, ignored in unread.items():
+        if ignored and flag.startswith("--bank") and args.bank_source is None:
+            raise ValueError(f"{flag} is given without --bank-source (the bank dataset's kind); it would be ignored")
+        if ignored:
+            given = f"--bank-source {args.bank_source}" if flag.startswith("--bank") else f"--source {args.source}"
+            raise ValueError(f"{flag} is not read with {given}; it would be ignored")
     balance = (args.sft_up, args.sft_down)
     seed = args.sft_seed if args.source == "sft" else args.shapes_seed
     columns = (args.image_column, args.caption_column, args.key_column)

@@ -4,6 +4,9 @@ Each stage function works on a :class:`Run` (settings, output directory, sources
 process: models and the memory bank are loaded once per process and cached. Every output is written under a
 temporary name and renamed into place when complete, with the sha256 of its files, so a rerun can tell finished
 outputs from ones a killed run left half written.
+
+Stages 1 and 2 (tokenizer, encode) and the models they load live in :mod:`cm3leon_lightning.data.prepare_encode` and
+are re-exported here; this module holds what every stage checks, and stages 3 to 5 (bank, write, manifest).
 """
 
 from __future__ import annotations
@@ -18,6 +21,15 @@ from typing import Any
 
 import numpy as np
 
+from cm3leon_lightning.data.prepare_encode import (  # noqa: F401  (re-exported: stages 1 and 2)
+    _CACHE,
+    _cache_hit,
+    encode_part,
+    encode_segments,
+    load_models,
+    load_part,
+    stage_tokenizer,
+)
 from cm3leon_lightning.data.prepare_run import (  # noqa: F401  (re-exported: the stages' shared bookkeeping)
     DONE_FILE,
     KILL_ENV,
@@ -46,36 +58,8 @@ from cm3leon_lightning.data.shards import (
     file_sha256,
 )
 
-# ----------------------------------------------------------------------------------------- models (cached)
-_CACHE: dict[str, tuple[Any, Any]] = {}  # "models:<out>" / "bank:<out>" -> (what they were loaded from, objects)
 
-
-def _cache_hit(key: str, stamp: Any) -> bool:
-    """Whether ``_CACHE[key]`` was loaded from ``stamp`` (a ``work/`` rebuilt in this process is loaded again)."""
-    return key in _CACHE and _CACHE[key][0] == stamp
-
-
-def load_models(run: Run) -> tuple[Any, Any, Any]:
-    """The text tokenizer, VQGAN (eval, on the device) and ClipEncoder of this run, loaded once per process (again
-    when ``work/tokenizer.json`` or the model settings change: a second ``prepare`` after ``work/`` was deleted)."""
-    cfg, tok_stat = run.cfg, (run.work / "tokenizer.json").stat()
-    key = f"models:{run.out}"
-    stamp = (tok_stat.st_size, tok_stat.st_mtime_ns, tok_stat.st_ino, cfg.vqgan, cfg.vqgan_preset, cfg.vqgan_config,
-             cfg.clip_model, cfg.clip_weights, cfg.batch_size, run.device())  # fmt: skip
-    if not _cache_hit(key, stamp):
-        from cm3leon_lightning.retrieval.encoder import ClipEncoder
-        from cm3leon_lightning.tokenization.text import TextTokenizer
-        from cm3leon_lightning.tokenization.vqgan import VQGAN
-
-        cfg, dev = run.cfg, run.device()
-        tok = TextTokenizer.load(run.work / "tokenizer.json")
-        preset = cfg.vqgan_preset
-        vqgan = VQGAN.from_pretrained(cfg.vqgan, preset=preset, config_path=cfg.vqgan_config, map_location=dev)
-        clip = ClipEncoder(cfg.clip_model, cfg.clip_weights, device=dev, batch_size=cfg.batch_size)
-        _CACHE[key] = (stamp, (tok, vqgan.eval(), clip))
-    return _CACHE[key][1]
-
-
+# ------------------------------------------------------------------------------------------ shared
 def manifest_sections(run: Run) -> dict[str, dict[str, Any]]:
     """The manifest's tokenizer, image tokenizer, CLIP and retrieval sections (DESIGN section 4)."""
     from cm3leon_lightning.tokenization.text import TextTokenizer
@@ -100,181 +84,33 @@ def manifest_sections(run: Run) -> dict[str, dict[str, Any]]:
     }  # fmt: skip
 
 
-# ------------------------------------------------------------------------------------------------ stage 1
-def stage_tokenizer(run: Run) -> dict[str, Any]:
-    """Copy the given tokenizer, or train one on the training split's cleaned captions (skipped when done)."""
-    from cm3leon_lightning.data.sources import BadInput, clean_caption
-    from cm3leon_lightning.tokenization.text import TextTokenizer
-
-    cfg, target = run.cfg, run.work / "tokenizer.json"
-    marker = run.work / "tokenizer.done.json"
-    if target.is_file() and marker.is_file():
-        if json.loads(marker.read_text())["sha256"] == file_sha256(target):
-            return {"skipped": True}
-    if cfg.tokenizer is not None:
-        tok = TextTokenizer.load(cfg.tokenizer)  # validates the special ids
-    else:
-
-        def texts() -> Any:
-            for pair in run.sources["main"]:
-                if is_val(pair.split_key, cfg.val_fraction, cfg.seed):
-                    continue
-                try:
-                    yield clean_caption(pair.caption, cfg.max_caption_chars)[0]
-                except BadInput:
-                    continue
-
-        tok = TextTokenizer.train(texts(), cfg.train_tokenizer_vocab, min_frequency=cfg.tokenizer_min_frequency)
-    tok.save(target)
-    write_json(marker, {"sha256": file_sha256(target)})
-    return {"skipped": False, "vocab_size": tok.vocab_size}
-
-
-# ------------------------------------------------------------------------------------------------ stage 2
-def encode_part(run: Run, collection: str, index: int, progress: Callable[[int], Any] | None = None) -> dict:
-    """Encode one part of a collection into ``work/parts/<collection>-<index>/`` (see the module docstring).
-
-    Returns:
-        The part's counts: ``read``, ``kept``, skip reasons and repair reasons.
-    """
-    import torch
-
-    from cm3leon_lightning.data.images import resize_center_crop
-    from cm3leon_lightning.data.sources import BadInput, clean_caption, load_image, source_jpeg
-    from cm3leon_lightning.retrieval.select import drop_caption_tokens, query_rng
-
-    cfg, final = run.cfg, run.part_dir(collection, index)
-    tok, vqgan, clip = load_models(run)
-    res = vqgan.config.resolution
-    start, stop = run.part_range(collection, index)
-    counts: Counter = Counter()
-    keys, captions, texts, vals, jpgs, codes, embs = [], [], [], [], [], [], []
-    groups: list[str] = []  # split groups: documents of one group (captions of one image) never retrieve each other
-    seg_docs: list[list[list[Any]] | None] = []  # per kept document: [[kind, length], ...] or None
-    seg_ids: list[np.ndarray] = []
-    batch: list[np.ndarray] = []
-    dropped: list[str] = []
-
-    def flush() -> None:
-        if not batch:
-            return
-        x = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).contiguous()  # (B, 3, R, R) uint8
-        codes.append(vqgan.encode(x.to(vqgan.conv_dtype_device()[1])).cpu().numpy().astype(np.int32))  # (B, T)
-        v = clip.embed_images(x)  # (B, D)
-        t = clip.embed_texts(captions[len(captions) - len(batch) :])  # (B, D)
-        q = clip.embed_texts(dropped)  # (B, D), text queries after query dropout
-        d = t + v
-        d /= np.linalg.norm(d, axis=1, keepdims=True)  # the document embedding (paper section 2.1)
-        embs.append(np.stack([d, q, v], axis=1).astype(np.float16))  # (B, 3, D)
-        if progress is not None:
-            progress(len(batch))
-        batch.clear()
-        dropped.clear()
-
-    for pair in run.sources[collection].iter_range(start, stop):
-        counts["read"] += 1
-        try:
-            caption, repairs = clean_caption(pair.caption, cfg.max_caption_chars)
-            image, image_repairs = load_image(pair.image, cfg.min_image_size)
-            segments = encode_segments(pair.meta["segments"], run, repairs) if "segments" in pair.meta else None
-        except BadInput as e:
-            counts[e.reason] += 1
-            continue
-        seg_docs.append(None if segments is None else [[k, len(a)] for k, a in segments])
-        seg_ids += [a for _, a in segments or ()]
-        ids = tok.encode(caption)
-        if len(ids) > cfg.max_caption_tokens:
-            ids = ids[: cfg.max_caption_tokens]
-            caption = tok.decode(ids)
-            repairs.append("repaired_caption_tokens")
-        counts.update(repairs + image_repairs + ["kept"])
-        val = collection == "main" and is_val(pair.split_key, cfg.val_fraction, cfg.seed)
-        keys.append(pair.key)
-        groups.append(pair.split_key)
-        captions.append(caption)
-        texts.append(np.asarray(ids, np.int32))
-        vals.append(val)
-        jpgs.append(source_jpeg(pair.image, image) if val and cfg.keep_val_jpg else b"")
-        batch.append(np.asarray(resize_center_crop(image, res), np.uint8))  # (R, R, 3)
-        dropped.append(drop_caption_tokens(caption, cfg.query_dropout, query_rng(cfg.seed, pair.key)))
-        if len(batch) == cfg.batch_size:
-            flush()
-    flush()
-
-    tmp = final.with_name(f".{final.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    (tmp / "keys.json").write_text(json.dumps(keys), encoding="utf-8")
-    (tmp / "groups.json").write_text(json.dumps(groups), encoding="utf-8")
-    if kill_point("encode"):
-        hard_exit()
-    dim, n_tok = clip.dim, vqgan.config.num_tokens
-    np.save(tmp / "captions.npy", np.asarray(captions, dtype=str) if captions else np.zeros(0, "<U1"))
-    np.save(tmp / "text.npy", np.concatenate(texts) if texts else np.zeros(0, np.int32))
-    np.save(tmp / "text_offsets.npy", np.cumsum([0] + [len(t) for t in texts]).astype(np.int64))
-    np.save(tmp / "codes.npy", np.concatenate(codes) if codes else np.zeros((0, n_tok), np.int32))
-    np.save(tmp / "emb.npy", np.concatenate(embs) if embs else np.zeros((0, 3, dim), np.float16))
-    np.save(tmp / "val.npy", np.asarray(vals, bool))
-    (tmp / "segments.json").write_text(json.dumps(seg_docs), encoding="utf-8")
-    np.save(tmp / "seg_ids.npy", np.concatenate(seg_ids).astype(np.int32) if seg_ids else np.zeros(0, np.int32))
-    (tmp / "jpg.bin").write_bytes(b"".join(jpgs))
-    np.save(tmp / "jpg_offsets.npy", np.cumsum([0] + [len(j) for j in jpgs]).astype(np.int64))
-    write_json(tmp / "stats.json", dict(sorted(counts.items())))
-    seal(tmp)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    part_done("encode")
-    return dict(counts)
-
-
-def encode_segments(segments: list[list[str]], run: Run, repairs: list[str]) -> list[tuple[str, np.ndarray]]:
-    """A document's segments (``[kind, text or image path]``, :class:`~cm3leon_lightning.data.sft.SFTSource`) as
-    BPE ids and VQ codes, cleaned and cut like captions (repairs appended to ``repairs``).
+def require_inputs(run: Run, stage: str, parts: list[int] | None = None) -> None:
+    """Check that ``stage`` has its inputs: the tokenizer stage's ``work/tokenizer.json``, and for ``write`` the
+    encoded ``parts`` it writes and the memory bank, complete (sha256 as sealed).
 
     Raises:
-        BadInput: a text segment empty after cleaning, or an image that cannot be used (counted, skipped).
+        MissingPartsError: naming what is missing and the stage that makes it.
     """
-    import torch
-
-    from cm3leon_lightning.data.images import resize_center_crop
-    from cm3leon_lightning.data.sources import clean_caption, load_image
-
-    cfg = run.cfg
-    tok, vqgan, _ = load_models(run)
-    out: list[tuple[str, Any]] = []
-    for kind, value in segments:
-        if kind == "text":
-            text, fixes = clean_caption(value, cfg.max_caption_chars)
-            ids = tok.encode(text)
-            repairs += fixes + (["repaired_caption_tokens"] if len(ids) > cfg.max_caption_tokens else [])
-            out.append(("text", np.asarray(ids[: cfg.max_caption_tokens], np.int32)))
-        else:
-            image, fixes = load_image(Path(value), cfg.min_image_size)
-            repairs += fixes
-            out.append(("image", np.asarray(resize_center_crop(image, vqgan.config.resolution), np.uint8)))
-    pixels = [a for k, a in out if k == "image"]
-    x = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).contiguous()  # (n, 3, R, R) uint8
-    codes = iter(vqgan.encode(x.to(vqgan.conv_dtype_device()[1])).cpu().numpy().astype(np.int32))  # (n, T)
-    return [(k, next(codes) if k == "image" else a) for k, a in out]
-
-
-def load_part(directory: Path) -> dict[str, Any]:
-    """The arrays of an encoded part (large ones memory-mapped)."""
-    part: dict[str, Any] = {"keys": json.loads((directory / "keys.json").read_text(encoding="utf-8"))}
-    groups_file = directory / "groups.json"  # absent in parts encoded before groups were kept: each its own group
-    part["groups"] = json.loads(groups_file.read_text(encoding="utf-8")) if groups_file.is_file() else part["keys"]
-    seg_file = directory / "segments.json"  # absent in parts encoded before documents had segments
-    part["segments"] = json.loads(seg_file.read_text(encoding="utf-8")) if seg_file.is_file() else None
-    if part["segments"] is not None:
-        part["seg_ids"] = np.load(directory / "seg_ids.npy", allow_pickle=False)
-        sizes = [sum(n for _, n in doc) if doc else 0 for doc in part["segments"]]
-        part["seg_offsets"] = np.cumsum([0, *sizes])
-    for name in ("captions", "text", "text_offsets", "val", "jpg_offsets"):
-        part[name] = np.load(directory / f"{name}.npy", allow_pickle=False)
-    for name in ("codes", "emb"):
-        part[name] = np.load(directory / f"{name}.npy", mmap_mode="r", allow_pickle=False)
-    part["stats"] = json.loads((directory / "stats.json").read_text(encoding="utf-8"))
-    return part
+    tok = run.work / "tokenizer.json"
+    if not tok.is_file():
+        raise MissingPartsError(
+            f"the {stage} stage needs {tok}: run the tokenizer stage first (--stages tokenizer), or copy "
+            f"work/tokenizer.json from the machine that ran it"
+        )
+    if stage != "write" or not parts:
+        return
+    missing = [f"main-{i:06d}" for i in parts or () if not is_sealed(run.part_dir("main", i))]
+    if missing:
+        raise MissingPartsError(
+            f"the write stage needs the encoded parts it writes; missing or incomplete: {missing[:5]}"
+            f"{' ...' if len(missing) > 5 else ''} ({len(missing)} in all). Run the encode stage for them, or gather "
+            f"work/parts/ from the machines that ran them (--shard-range)."
+        )
+    if not is_sealed(run.work / "bank"):
+        raise MissingPartsError(
+            f"the write stage needs the memory bank {run.work / 'bank'} (missing or incomplete): run the bank stage "
+            f"first, or copy work/bank/ from the machine that ran it"
+        )
 
 
 # ------------------------------------------------------------------------------------------------ stage 3
@@ -352,13 +188,19 @@ def stage_bank(run: Run) -> dict[str, Any]:
     emb = np.load(tmp / "emb.npy", mmap_mode="r")
     step = max(1, n // cfg.bank_train_size)
     chunk = 65536
-    bank = MemoryBank.build(
-        ((emb[i : i + chunk], keys_out[i : i + chunk]) for i in range(0, n, chunk)),
-        dim,
-        cfg.clip_model,
-        cfg.bank_factory,
-        train_sample=np.asarray(emb[::step][: cfg.bank_train_size], np.float32),
-    )
+    try:
+        bank = MemoryBank.build(
+            ((emb[i : i + chunk], keys_out[i : i + chunk]) for i in range(0, n, chunk)),
+            dim,
+            cfg.clip_model,
+            cfg.bank_factory,
+            train_sample=np.asarray(emb[::step][: cfg.bank_train_size], np.float32),
+        )
+    except ValueError as e:
+        raise ValueError(
+            f"the memory bank of {n} documents cannot be built with --bank-factory {cfg.bank_factory!r}: {e}. Rerun "
+            f"with another --bank-factory (or --bank-train-size): the encoded parts are kept"
+        ) from e
     bank.save(tmp / "index")
     write_json(tmp / "dups.json", dups)
     write_json(tmp / "groups.json", groups_out)

@@ -101,6 +101,20 @@ def test_bad_files_and_columns_are_named(dataset: dict, tmp_path: Path) -> None:
         ParquetSource(tmp_path / "nothing-*.parquet")
 
 
+def test_a_damaged_row_group_is_named(dataset: dict) -> None:
+    """A damaged data page ended the run in pyarrow's OSError ("Couldn't deserialize thrift"), naming no file."""
+    path = dataset["root"] / "a.parquet"
+    data = bytearray(path.read_bytes())
+    offset = pq.ParquetFile(path).metadata.row_group(1).column(0).data_page_offset
+    data[offset : offset + 64] = b"\xff" * 64
+    path.write_bytes(bytes(data))
+    src = ParquetSource(path)
+    assert [p.key for p in src.iter_range(0, 3)] == [f"a-{i:07d}" for i in range(3)]  # row group 0 is intact
+    with pytest.raises(ValueError, match=rf"^{path}: row group 1 \(rows 3\.\.5\) cannot be read \(OSError: .*\); the "
+                       "file is damaged"):  # fmt: skip
+        list(src.iter_range(2, 5))
+
+
 def test_prepare_turns_parquet_rows_into_shards(dataset: dict, tmp_path: Path) -> None:
     """The command line end to end (micro VQGAN, tiny CLIP): every row becomes a document with its caption's tokens."""
     import torch

@@ -280,6 +280,82 @@ def test_config_errors() -> None:
         PrepareConfig(vqgan="v", clip_weights="c", train_tokenizer_vocab=300, val_fraction=1.5)
     with pytest.raises(ValueError, match="unknown stage"):
         PrepareConfig(vqgan="v", clip_weights="c", train_tokenizer_vocab=300, stages=("encode", "fly"))
+    # these failed only in their stage, after plan.json recorded them: the corrected rerun was then refused
+    for bad, shown in [(dict(train_tokenizer_vocab=100), "train_tokenizer_vocab=100"),
+                       (dict(tokenizer_min_frequency=0), "tokenizer_min_frequency=0")]:  # fmt: skip
+        with pytest.raises(ValueError, match=rf"train_tokenizer_vocab >= 269 .*got {shown}$"):
+            PrepareConfig(**{"vqgan": "v", "clip_weights": "c", "train_tokenizer_vocab": 300, **bad})
+    with pytest.raises(ValueError, match=r"device must be auto, cpu, cuda, cuda:N or mps; got 'gpu'"):
+        PrepareConfig(vqgan="v", clip_weights="c", train_tokenizer_vocab=300, device="gpu")
+
+
+def test_missing_models_and_a_bad_bank_factory_fail_before_anything_is_written(
+    models: dict[str, str], tmp_path: Path
+) -> None:
+    """A missing --clip-weights file was taken for an open_clip tag and recorded in plan.json after training the
+    tokenizer; an unparsable --bank-factory failed after encoding everything. Once the file was in place or the
+    factory fixed, the rerun was refused (plan.json differed): everything had to be encoded again."""
+    out = tmp_path / "out"
+    for bad, message in [
+        ({"vqgan": str(tmp_path / "none")}, f"--vqgan: not found: {tmp_path / 'none'}"),
+        ({"clip_weights": str(tmp_path / "c.safetensors")},
+         f"--clip-weights '{tmp_path / 'c.safetensors'}' is neither an existing file nor a pretrained tag of "
+         "'cm3leon-clip-tiny' (tags: [])"),
+        ({"bank_factory": "Nonsense"}, "--bank-factory 'Nonsense' cannot index 64-d cm3leon-clip-tiny embeddings: "),
+        ({"bank_factory": "IVF4,PQ48"}, "--bank-factory 'IVF4,PQ48' cannot index 64-d"),
+    ]:  # fmt: skip
+        with pytest.raises((ValueError, FileNotFoundError)) as e:
+            prepare(ShapesSource(4), out, **settings(models, **bad))
+        assert str(e.value).startswith(message) and not out.exists()
+
+
+def test_a_bank_that_fails_on_its_settings_resumes_with_new_ones(models: dict[str, str], tmp_path: Path) -> None:
+    """An IVF bank with more lists than documents can only fail at the bank stage; its settings were in plan.json,
+    so the rerun with a smaller one was refused and every encoded part had to be thrown away."""
+    out, fresh, source = tmp_path / "out", tmp_path / "fresh", ShapesSource(20)
+    s = settings(models, samples_per_shard=10)
+    with pytest.raises(
+        ValueError,
+        match=r"bank of 18 documents cannot be built with --bank-factory 'IVF64,Flat': "
+        r"training sample has 18 rows, fewer than the 64 IVF lists .* the encoded parts are kept",
+    ):
+        prepare(source, out, **{**s, "bank_factory": "IVF64,Flat"})
+    assert prepare(source, out, **s)["encoded_parts"] == 0
+    prepare(source, fresh, **s)
+    assert {k: v for k, v in tree(out).items() if not k.startswith("work/bank/")} == {
+        k: v for k, v in tree(fresh).items() if not k.startswith("work/bank/")
+    }  # the bank's files record its build time
+    with pytest.raises(ValueError, match=r"other inputs or settings \(settings, settings\.bank_factory\)"):
+        prepare(source, out, **{**s, "bank_factory": "HNSW32"})  # built: its shards depend on it
+
+
+def test_a_stage_without_its_inputs_names_the_stage_to_run(
+    models: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--stages write before encode or bank failed on a file deep inside work/ ([Errno 2] ... keys.json, "memory
+    bank ... has no index.faiss"); a tokenizer.json half written by a killed run was taken as the tokenizer."""
+    out, source = tmp_path / "out", ShapesSource(20)
+    s = settings(models, samples_per_shard=10)
+    save = TextTokenizer.save
+
+    def killed_save(self: TextTokenizer, path: Path) -> Path:
+        Path(path).write_bytes(save(self, path).read_bytes()[:100])
+        raise SimulatedKill("tokenizer")
+
+    monkeypatch.setattr(TextTokenizer, "save", killed_save)
+    with pytest.raises(SimulatedKill):
+        prepare(source, out, **{**s, "stages": ("tokenizer",)})
+    monkeypatch.undo()
+    for stage in ("encode", "write", "manifest"):
+        with pytest.raises(MissingPartsError, match=rf"^the {stage} stage needs {out / 'work/tokenizer.json'}: run "):
+            prepare(source, out, **{**s, "stages": (stage,)})
+    prepare(source, out, **{**s, "stages": ("tokenizer", "encode"), "shard_range": (0, 1)})
+    with pytest.raises(MissingPartsError, match=r"the write stage needs the encoded parts it writes; missing or "
+                       r"incomplete: \['main-000001'\] \(1 in all\)"):  # fmt: skip
+        prepare(source, out, **{**s, "stages": ("write",)})
+    with pytest.raises(MissingPartsError, match=rf"the write stage needs the memory bank {out / 'work/bank'} "):
+        prepare(source, out, **{**s, "stages": ("encode", "write")})
+    assert prepare(source, out, **s)["written_parts"] == 2
 
 
 def test_cli_reports_bad_settings_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -314,6 +390,24 @@ def test_cli_names_the_bank_flags_in_bank_source_errors(tmp_path: Path, capsys: 
          "source 'coco' needs the captions JSON (--bank-captions annotations/captions_train2017.json)"),
         (["--bank-source", "parquet", "--bank-input", str(tmp_path / "none")],
          f"--bank-input: no Parquet files at {tmp_path / 'none'}"),
+    ]:  # fmt: skip
+        assert cm3leon_main(base + extra) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [f"cm3leon prepare: error: {message}"]
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_refuses_input_flags_its_sources_do_not_read(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--bank-input without --bank-source was ignored: the bank was silently the training split."""
+    base = ["prepare", "--out", str(tmp_path / "o"), "--vqgan", "v", "--clip-weights", "c",
+            "--train-tokenizer-vocab", "300"]  # fmt: skip
+    for extra, message in [
+        (["--source", "shapes", "--bank-input", "b/"],
+         "--bank-input is given without --bank-source (the bank dataset's kind); it would be ignored"),
+        (["--source", "shapes", "--input", "x/"], "--input is not read with --source shapes; it would be ignored"),
+        (["--source", "folder", "--input", "x/", "--captions", "c.json"],
+         "--captions is not read with --source folder; it would be ignored"),
+        (["--source", "shapes", "--bank-source", "folder", "--bank-input", "b/", "--bank-captions", "c.json"],
+         "--bank-captions is not read with --bank-source folder; it would be ignored"),
     ]:  # fmt: skip
         assert cm3leon_main(base + extra) == 2
         assert capsys.readouterr().err.strip().splitlines() == [f"cm3leon prepare: error: {message}"]
