@@ -6,8 +6,8 @@ Six sources, each a :class:`PairSource` with a fixed, deterministic document ord
 - :class:`FolderSource`: an image folder with caption sidecar files (``cat.jpg`` + ``cat.txt``), recursive, sorted by
   relative path; key = relative path without suffix (``sub/cat.jpg`` -> ``sub_cat``; see :func:`document_key`).
 - :class:`CocoSource`: a COCO-captions JSON (``captions_train2017.json``) plus its image folder, images sorted by id.
-  ``mode="first"`` (default): one document per image, with the caption of the lowest annotation id (key
-  ``coco-{image_id}``); ``mode="all"``: one document per caption (key ``coco-{image_id}-{annotation_id}``), the
+  ``mode="first"`` (default): one document per image, with the caption of the lowest annotation id that has text
+  (key ``coco-{image_id}``); ``mode="all"``: one document per caption (key ``coco-{image_id}-{annotation_id}``), the
   captions of one image always in the same split.
 - :class:`WebDatasetSource`: local WebDataset tars with ``jpg``/``jpeg``/``png``/``webp`` and ``txt`` members, in
   shard order then member order; key = the sample's ``__key__`` (the member path up to the first dot of its file name,
@@ -210,13 +210,27 @@ class FolderSource(PairSource):
         return (self._caption(p) for p in self.files)
 
 
+def _has_text(caption: Any) -> bool:
+    """Whether a COCO caption survives :func:`clean_caption` (not missing, not only whitespace or control chars)."""
+    try:
+        clean_caption(caption if caption is None or isinstance(caption, str) else str(caption))
+    except BadInput:
+        return False
+    return True
+
+
 class CocoSource(PairSource):
     """COCO captions: ``captions_json`` (``images`` + ``annotations``) and the folder holding ``file_name`` images.
 
     Args:
         captions_json: path of e.g. ``annotations/captions_train2017.json``.
         image_dir: folder of the images (e.g. ``train2017/``).
-        mode: ``first`` (one document per image, the lowest annotation id's caption) or ``all`` (one per caption).
+        mode: ``first`` (one document per image: the caption of the lowest annotation id among those with text, so
+            a blank or missing first caption does not cost the image) or ``all`` (one per caption).
+
+    Raises:
+        ValueError: the JSON is not a COCO captions file, or gives one image id two different file names (both
+            named). Captions of image ids the JSON's ``images`` does not list are left out with a warning naming them.
     """
 
     kind = "coco"
@@ -229,11 +243,25 @@ class CocoSource(PairSource):
             raise FileNotFoundError(f"COCO image folder not found: {self.image_dir}")
         try:
             data = json.loads(self.captions_json.read_text(encoding="utf-8"))
-            files = {int(im["id"]): str(im["file_name"]) for im in data["images"]}
-            anns = sorted((int(a["image_id"]), int(a["id"]), a.get("caption")) for a in data["annotations"])
+            images = [(int(im["id"]), str(im["file_name"])) for im in data["images"]]
+            # sorted by ids only: two annotations of one id would otherwise compare their captions (None < str fails)
+            anns = sorted(((int(a["image_id"]), int(a["id"]), a.get("caption")) for a in data["annotations"]),
+                          key=lambda a: a[:2])  # fmt: skip
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{self.captions_json}: not a COCO captions file (images[id, file_name], "
                              f"annotations[id, image_id, caption]): {e}") from e  # fmt: skip
+        files: dict[int, str] = {}
+        for image_id, name in images:
+            if files.setdefault(image_id, name) != name:
+                raise ValueError(f"{self.captions_json}: image id {image_id} has two file names: "
+                                 f"{files[image_id]!r} and {name!r}")  # fmt: skip
+        orphans = sorted({image_id for image_id, _, _ in anns if image_id not in files})
+        if orphans:
+            warnings.warn(
+                f"{self.captions_json}: {sum(a[0] not in files for a in anns)} caption(s) of image ids not listed in "
+                f"'images' are left out: ids {orphans[:5]}{' ...' if len(orphans) > 5 else ''}",
+                stacklevel=2,
+            )
         by_image: dict[int, list[tuple[int, Any]]] = {}
         for image_id, ann_id, cap in anns:
             by_image.setdefault(image_id, []).append((ann_id, cap))
@@ -243,7 +271,9 @@ class CocoSource(PairSource):
             caps = by_image.get(image_id, [])
             if not caps:
                 self.docs.append((f"coco-{image_id}", files[image_id], None, image_id, None))
-            for ann_id, cap in caps if mode == "all" else caps[:1]:
+            if mode == "first":  # the lowest annotation id with text; all blank: the lowest (counted as skipped)
+                caps = [next((c for c in caps if _has_text(c[1])), caps[0])] if caps else []
+            for ann_id, cap in caps:
                 key = f"coco-{image_id}-{ann_id}" if mode == "all" else f"coco-{image_id}"
                 self.docs.append((key, files[image_id], cap, image_id, ann_id))
 
@@ -381,6 +411,8 @@ class ShapesSource(PairSource):
     def __init__(self, n: int, split: str = "train", image_size: int = 32, seed: int = 0) -> None:
         if n < 1:
             raise ValueError(f"number of shapes pairs must be >= 1, got {n}")
+        if seed < 0:  # numpy's own error ("expected non-negative integer") would not name it
+            raise ValueError(f"shapes seed must be >= 0, got {seed}")
         self.n, self.split, self.image_size, self.seed = n, split, image_size, seed
         next(iter(self._generate(0, 1)))  # validates split and image_size now
 

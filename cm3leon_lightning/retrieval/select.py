@@ -9,7 +9,9 @@ query dropout) and one with the image, and hands the ranked candidates to :func:
    the query's (the relevance score compares a one-modality query with an averaged document, so an exact copy
    scores only ~0.7-0.8 and passes the 0.9 cap);
 2. relevance cap: keep only candidates with relevance score <= 0.9 (higher means a near copy of the query);
-3. diversity: skip candidates already chosen, and near-duplicates of a chosen one (embedding cosine above a threshold);
+3. diversity: skip candidates already chosen, documents of a chosen one's group (its picture under another caption,
+   which the embedding cosine does not always catch), and near-duplicates of a chosen one (embedding cosine above a
+   threshold);
 4. modality: prefer documents that have both an image and a caption;
 5. take ``k_per_modality`` from each search ("we retrieve two documents each, based on image and text").
 
@@ -178,9 +180,10 @@ def select_neighbors(
 
     Candidates come from two searches of the memory bank, by the (dropped-out) caption and by the image, each in
     relevance order. From each, up to ``k_per_modality`` documents are taken, text first, skipping: the query itself
-    (same key), candidates above the relevance cap, candidates already chosen (by either search) and near-duplicates
-    of a chosen one. With ``prefer_multimodal`` the image+caption documents of a search are considered before the
-    single-modality ones, so a text-only or image-only document is picked only when too few multimodal ones pass.
+    (same key), candidates above the relevance cap, candidates already chosen (by either search), documents of a
+    chosen one's group (with ``groups``) and near-duplicates of a chosen one. With ``prefer_multimodal`` the
+    image+caption documents of a search are considered before the single-modality ones, so a text-only or image-only
+    document is picked only when too few multimodal ones pass.
     Fewer than ``k_per_modality`` are returned for a search whose candidates run out: search the bank with a margin
     (e.g. 8-16 candidates per modality).
 
@@ -198,8 +201,10 @@ def select_neighbors(
         query_embedding: ``(D,)`` the query's own document embedding (with ``embeddings``): candidates whose
             cosine with it is above ``duplicate_threshold`` are copies of the query and skipped.
         query_group: the query's split group (several captions of one image share one; see ``RawPair.group``).
-        groups: the split group of every bank row; with ``query_group``, rows of the query's group are skipped (the
-            query's own image under another caption).
+        groups: the split group of every bank row: a row of a chosen document's group is skipped (COCO's other
+            captions of a chosen picture: two captions of one picture embed at cosine ~0.9, under the duplicate
+            threshold, and would fill both slots of a search), and with ``query_group`` so are rows of the query's
+            group (the query's own image under another caption).
 
     Returns:
         The chosen neighbours as ``{key, score, by}`` in selection order: the text search's picks, then the image
@@ -207,6 +212,7 @@ def select_neighbors(
     """
     chosen: list[Neighbor] = []
     chosen_keys: set[str] = set()
+    chosen_groups: set[str] = set()  # with ``groups``: a chosen document's picture under another caption is no news
     chosen_rows: list[int] = []
     # what a candidate must not duplicate: the query (when its embedding is known), then each chosen document
     avoid = [] if query_embedding is None or embeddings is None else [np.asarray(query_embedding, np.float32)]
@@ -225,7 +231,7 @@ def select_neighbors(
             key, score = keys[row], score_of[row]
             if key == query_key or key in chosen_keys:
                 continue
-            if query_group is not None and groups is not None and groups[row] == query_group:
+            if groups is not None and (groups[row] in chosen_groups or groups[row] == query_group):
                 continue
             if not within_relevance_cap(score, config.max_relevance):
                 continue
@@ -241,6 +247,8 @@ def select_neighbors(
                 continue
             chosen.append(Neighbor(key=key, score=score, by=by))  # type: ignore[typeddict-item]
             chosen_keys.add(key)
+            if groups is not None:
+                chosen_groups.add(groups[row])
             chosen_rows.append(row)
             if embeddings is not None:
                 avoid.append(np.asarray(embeddings[row], np.float32))

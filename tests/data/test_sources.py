@@ -226,6 +226,54 @@ def test_coco_source_first_and_all(tmp_path: Path) -> None:
         CocoSource(ann, tmp_path / "img")
 
 
+def test_coco_first_mode_takes_the_first_caption_with_text(tmp_path: Path) -> None:
+    """A blank or missing lowest-id caption cost the image in ``first`` mode though it had others (found in review)."""
+    (tmp_path / "img").mkdir()
+    data = {
+        "images": [{"id": 1, "file_name": "1.jpg"}, {"id": 2, "file_name": "2.jpg"}],
+        "annotations": [
+            {"id": 5, "image_id": 1, "caption": " \n\t "},
+            {"id": 6, "image_id": 1},
+            {"id": 7, "image_id": 1, "caption": "a dog"},
+            {"id": 9, "image_id": 1, "caption": "a cat"},
+            {"id": 3, "image_id": 2, "caption": "  "},
+        ],
+    }
+    ann = tmp_path / "captions.json"
+    ann.write_text(json.dumps(data))
+    first = list(CocoSource(ann, tmp_path / "img"))
+    assert [(p.key, p.caption, p.meta["annotation_id"]) for p in first] == [("coco-1", "a dog", 7), ("coco-2", "  ", 3)]
+    every = CocoSource(ann, tmp_path / "img", mode="all")
+    assert [(p.key, p.caption) for p in every] == [
+        ("coco-1-5", " \n\t "), ("coco-1-6", None), ("coco-1-7", "a dog"), ("coco-1-9", "a cat"), ("coco-2-3", "  ")
+    ]  # fmt: skip
+
+
+def test_coco_duplicate_and_unknown_ids(tmp_path: Path) -> None:
+    (tmp_path / "img").mkdir()
+    ann = tmp_path / "captions.json"
+    images = [{"id": 1, "file_name": "1.jpg"}, {"id": 1, "file_name": "1.jpg"}]  # a repeated entry is harmless
+    # two annotations of one id, one without a caption: sorting compared the captions (None < str) and the file was
+    # called "not a COCO captions file"; source order is kept (the first of a duplicate key wins in prepare)
+    anns = [{"id": 4, "image_id": 1, "caption": "b"}, {"id": 4, "image_id": 1}, {"id": 2, "image_id": 1}]
+    ann.write_text(json.dumps({"images": images, "annotations": anns}))
+    assert [(p.key, p.caption) for p in CocoSource(ann, tmp_path / "img", mode="all")] == [
+        ("coco-1-2", None), ("coco-1-4", "b"), ("coco-1-4", None)
+    ]  # fmt: skip
+    assert [(p.key, p.caption) for p in CocoSource(ann, tmp_path / "img")] == [("coco-1", "b")]
+    # one id, two files: the last silently won
+    images.append({"id": 1, "file_name": "other.jpg"})
+    ann.write_text(json.dumps({"images": images, "annotations": anns}))
+    with pytest.raises(ValueError, match=r"captions\.json: image id 1 has two file names: '1\.jpg' and 'other\.jpg'"):
+        CocoSource(ann, tmp_path / "img")
+    # captions of images the file does not list were dropped without a word
+    anns += [{"id": 8, "image_id": 3, "caption": "c"}, {"id": 9, "image_id": 3, "caption": "d"}]
+    ann.write_text(json.dumps({"images": images[:1], "annotations": anns}))
+    with pytest.warns(UserWarning, match=r"captions\.json: 2 caption\(s\) of image ids not listed in 'images' are left "
+                      r"out: ids \[3\]"):  # fmt: skip
+        assert [p.key for p in CocoSource(ann, tmp_path / "img")] == ["coco-1"]
+
+
 def test_webdataset_source(tmp_path: Path) -> None:
     _tar(tmp_path / "s-0.tar", [("k0", {"jpg": _jpeg((1, 1, 1)), "txt": b"zero"}), ("k1", {"txt": b"no image"})])
     _tar(tmp_path / "s-1.tar", [(f"k{i}", {"png": _png((i, i, i)), "txt": f"cap {i}".encode()}) for i in (2, 3, 4)])
@@ -379,3 +427,5 @@ def test_make_source_errors(tmp_path: Path) -> None:
         make_source("folder", tmp_path / "missing")
     with pytest.raises(ValueError, match="range"):
         list(ShapesSource(3).iter_range(2, 1))
+    with pytest.raises(ValueError, match="shapes seed must be >= 0, got -1"):
+        ShapesSource(3, seed=-1)

@@ -94,6 +94,29 @@ def test_documents_of_the_query_group_are_skipped():
     assert [n["key"] for n in out] == ["doc1", "doc3", "doc5", "doc6"]
 
 
+def test_one_picture_under_another_caption_is_not_retrieved_twice():
+    """COCO ``--coco-mode all``: two captions of one picture embed at document cosine ~0.9 (caption-image cosine 0.3,
+    caption-caption 0.75), under the duplicate threshold, so both slots of the image search went to one picture
+    (found in review); a chosen document's group is skipped like the query's, across both searches."""
+    e = np.eye(8)
+    t1 = 0.3 * e[0] + np.sqrt(0.91) * e[1]
+    u = 0.66 / np.sqrt(0.91)
+    t2 = 0.3 * e[0] + u * e[1] + np.sqrt(0.91 - u * u) * e[2]
+    emb = e.astype(np.float32)
+    emb[1], emb[2] = (t1 + e[0]) / np.linalg.norm(t1 + e[0]), (t2 + e[0]) / np.linalg.norm(t2 + e[0])
+    assert float(emb[1] @ emb[2]) == pytest.approx(0.9038, abs=1e-4)
+    groups = ["g0", "p7", "p7", "g3", "g4", "g5", "g6", "q"]
+    out = select_neighbors("q", [3], [0.7], [1, 2, 4, 5], [0.8, 0.79, 0.6, 0.5], KEYS, embeddings=emb,
+                           query_embedding=emb[7], query_group="q", groups=groups)  # fmt: skip
+    assert [(n["key"], n["by"]) for n in out] == [("doc3", "text"), ("doc1", "image"), ("doc4", "image")]
+    out = select_neighbors("q", [2, 3], [0.8, 0.7], [1, 4, 5], [0.8, 0.6, 0.5], KEYS, groups=groups)
+    assert [(n["key"], n["by"]) for n in out] == [("doc2", "text"), ("doc3", "text"), ("doc4", "image"),
+                                                  ("doc5", "image")]  # fmt: skip
+    # without groups (or each document its own group) only the embedding rule applies
+    out = select_neighbors("q", [3], [0.7], [1, 2, 4, 5], [0.8, 0.79, 0.6, 0.5], KEYS, embeddings=emb)
+    assert [n["key"] for n in out] == ["doc3", "doc1", "doc2"]
+
+
 def test_is_near_duplicate_threshold():
     c = np.array([1.0, 0.0])
     assert not is_near_duplicate(c, np.zeros((0, 2)), 0.95)
