@@ -10,13 +10,16 @@ Plain text never encodes to a special id: a caption that literally contains ``"<
 string, or that maps any other plain text to a special id (its unknown token is one, or its model and pre-tokenizer
 turn a literal ``"<eos>"`` into id 1), is refused; so is one whose ids are not exactly ``0 .. vocab_size - 1``.
 Special tokens are inserted by :class:`MultimodalVocab` (documents, examples) and by the CM3 objective, never by
-:meth:`TextTokenizer.encode`.
+:meth:`TextTokenizer.encode`. Truncation and padding settings in a loaded file (``transformers`` writes them) are
+switched off: :meth:`TextTokenizer.encode` always returns every id of the text, and no ``<pad>``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import operator
+import os
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -50,7 +53,9 @@ class TextTokenizer:
     """Byte-level BPE text tokenizer with the CM3Leon special tokens at fixed low ids.
 
     Build one with :meth:`train` or :meth:`load`; the constructor wraps an existing ``tokenizers.Tokenizer`` and
-    checks it (so every way in gives the same guarantees).
+    checks it (so every way in gives the same guarantees). Its truncation and padding are switched off: a file
+    saved with ``max_length`` or padding would otherwise cut captions short or pad :meth:`encode_batch` rows with
+    the special ``<pad>`` id.
 
     Args:
         tokenizer: a ``tokenizers.Tokenizer`` whose first ids are ``special_tokens(num_sentinels)``.
@@ -75,6 +80,10 @@ class TextTokenizer:
         _check_contiguous_ids(tokenizer, where)
         # Literal "<eos>" etc. in input text goes through BPE like any other text (never a special id).
         self._tok.encode_special_tokens = True
+        # Every id of a text, and no <pad>: settings stored in the file (transformers writes them) would truncate
+        # captions silently and pad encode_batch rows with the special id 0.
+        self._tok.no_truncation()
+        self._tok.no_padding()
         _check_plain_text(tokenizer, model, self.num_sentinels, where)
         self._raw = raw if raw is not None else tokenizer.to_str().encode("utf-8")
 
@@ -91,7 +100,8 @@ class TextTokenizer:
         """Train a byte-level BPE on an iterator of strings.
 
         Args:
-            texts: training text (e.g. captions); any iterable, consumed once.
+            texts: training text (e.g. captions); any iterable of strings, consumed once (not one string: that
+                would train on its single characters).
             vocab_size: target vocabulary size including special tokens (paper: 56320). A small corpus may give
                 fewer tokens; :attr:`vocab_size` reports the real size.
             num_sentinels: number K of ``<mask:i>`` sentinels for the CM3 objective.
@@ -100,7 +110,10 @@ class TextTokenizer:
 
         Raises:
             ValueError: ``vocab_size`` below 256 byte tokens + the special tokens, or ``min_frequency < 1``.
+            TypeError: ``texts`` is a single string, or an item of it is not a string (named by its index).
         """
+        if isinstance(texts, (str, bytes)):
+            raise TypeError("texts must be an iterable of strings (e.g. a list of captions), not a single string")
         specials = special_tokens(num_sentinels)
         minimum = _BYTE_ALPHABET + len(specials)
         if vocab_size < minimum:
@@ -119,7 +132,7 @@ class TextTokenizer:
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=show_progress,
         )
-        tok.train_from_iterator(texts, trainer=trainer)
+        tok.train_from_iterator(_strings(texts), trainer=trainer)
         return cls(tok)
 
     @classmethod
@@ -143,6 +156,8 @@ class TextTokenizer:
     def save(self, path: str | Path) -> Path:
         """Write ``tokenizer.json`` (``path`` is a ``.json`` file, or a directory created if needed).
 
+        The file is replaced whole (written beside it, then renamed): a failed write leaves an existing file as it was.
+
         Returns:
             The file written; its sha256 is :attr:`sha256`.
 
@@ -153,7 +168,12 @@ class TextTokenizer:
             raise FileExistsError(f"{path} exists and is not a .json file; not replacing it with a tokenizer")
         file = _resolve(path)
         file.parent.mkdir(parents=True, exist_ok=True)
-        file.write_bytes(self._raw)
+        tmp = file.with_name(f".{file.name}.partial-{os.getpid()}")
+        try:
+            tmp.write_bytes(self._raw)
+            os.replace(tmp, file)
+        finally:
+            tmp.unlink(missing_ok=True)
         self.path = file
         return file
 
@@ -190,16 +210,28 @@ class TextTokenizer:
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        """Several texts -> ids, in parallel (same guarantees as :meth:`encode`)."""
+        """Several texts -> ids, in parallel (same guarantees as :meth:`encode`).
+
+        Raises:
+            TypeError: ``texts`` is a single string (it would be encoded character by character).
+        """
+        if isinstance(texts, str):
+            raise TypeError("encode_batch takes a sequence of strings, not a single string; use encode()")
         return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Ids -> text, skipping special tokens by default.
 
         Raises:
-            ValueError: an id outside ``[0, vocab_size)`` (e.g. an image id passed by mistake).
+            ValueError: an id outside ``[0, vocab_size)`` (e.g. an image id passed by mistake), or one that is not
+                an integer (a float would be truncated to another token).
         """
-        ids = [int(i) for i in ids]
+        ids = list(ids)
+        try:
+            ids = [operator.index(i) for i in ids]
+        except TypeError:
+            bad = next(i for i in ids if not _is_index(i))
+            raise ValueError(f"text ids must be integers, got {bad!r}") from None
         n = self.vocab_size
         bad = next((i for i in ids if not 0 <= i < n), None)
         if bad is not None:
@@ -217,6 +249,23 @@ class TextTokenizer:
 
     def __repr__(self) -> str:
         return f"TextTokenizer(vocab_size={self.vocab_size}, num_sentinels={self.num_sentinels}, path={self.path})"
+
+
+def _strings(texts: Iterable[str]) -> Iterable[str]:
+    """``texts``, raising TypeError at the first item that is not a string (``None`` for a missing caption)."""
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"texts[{i}] must be a str, got {type(text).__name__}: {text!r:.80}")
+        yield text
+
+
+def _is_index(value: object) -> bool:
+    """Whether ``value`` is an integer (``operator.index`` accepts it)."""
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True
 
 
 # ------------------------------------------------------------------------------------------------ checks

@@ -14,6 +14,7 @@ A *document* is a list of segments, text or image. Serialized it is ``<eos>`` fo
 from __future__ import annotations
 
 import numbers
+import operator
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -43,6 +44,22 @@ def special_tokens(num_sentinels: int = DEFAULT_NUM_SENTINELS) -> list[str]:
 SegmentKind = Literal["text", "image"]
 
 
+def _index(value: object, what: str) -> int:
+    """``value`` as an int; a float (``1.5``, even ``2.0``) or a string raises instead of being truncated."""
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise ValueError(f"{what} must be an integer, got {value!r}") from None
+
+
+def _int_array(values: np.ndarray | Sequence[int], what: str) -> np.ndarray:
+    """``values`` as a numpy integer array (dtype kept); float, bool or object values raise instead of truncating."""
+    arr = np.asarray(values)
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"{what} must hold integers, got dtype {arr.dtype}")
+    return arr
+
+
 @dataclass(frozen=True)
 class Segment:
     """One modality run inside a document.
@@ -59,12 +76,12 @@ class Segment:
     @staticmethod
     def text(ids: Iterable[int]) -> Segment:
         """A text segment from text-tokenizer ids."""
-        return Segment("text", tuple(int(i) for i in ids))
+        return Segment("text", tuple(_index(i, "a text id") for i in ids))
 
     @staticmethod
     def image(codes: Iterable[int]) -> Segment:
         """An image segment from VQ codes (``0 <= code < n_codes``)."""
-        return Segment("image", tuple(int(c) for c in codes))
+        return Segment("image", tuple(_index(c, "an image code") for c in codes))
 
 
 Document = list[Segment]
@@ -144,6 +161,7 @@ class MultimodalVocab:
 
     def sentinel_id(self, i: int) -> int:
         """Id of ``<mask:i>``."""
+        i = _index(i, "sentinel index")
         if not 0 <= i < self.num_sentinels:
             raise ValueError(f"sentinel index {i} outside [0, {self.num_sentinels})")
         return SENTINEL_OFFSET + i
@@ -164,20 +182,20 @@ class MultimodalVocab:
 
     # -------------------------------------------------------------------------------------- image id ranges
     def codes_to_ids(self, codes: np.ndarray | Sequence[int]) -> np.ndarray:
-        """Image codes ``(..., n)`` -> vocabulary ids, checking the code range."""
-        arr = np.asarray(codes, dtype=np.int64)
+        """Image codes ``(..., n)`` -> vocabulary ids, checking the code range (and that the codes are integers)."""
+        arr = _int_array(codes, "image codes")
         if arr.size and (arr.min() < 0 or arr.max() >= self.n_codes):
             bad = int(arr[(arr < 0) | (arr >= self.n_codes)].flat[0])
             raise ValueError(f"image code {bad} outside the allowed range [0, {self.n_codes})")
-        return arr + self.n_text
+        return arr.astype(np.int64) + self.n_text
 
     def ids_to_codes(self, ids: np.ndarray | Sequence[int]) -> np.ndarray:
         """Vocabulary ids of an image segment -> codes, checking every id is an image id."""
-        arr = np.asarray(ids, dtype=np.int64)
+        arr = _int_array(ids, "image ids")
         if arr.size and (arr.min() < self.n_text or arr.max() >= self.size):
             bad = int(arr[(arr < self.n_text) | (arr >= self.size)].flat[0])
             raise ValueError(f"id {bad} is not an image id; image ids lie in [{self.n_text}, {self.size})")
-        return arr - self.n_text
+        return arr.astype(np.int64) - self.n_text
 
     def is_image_id(self, ids: np.ndarray) -> np.ndarray:
         """Boolean mask of image ids (works on numpy arrays and torch tensors)."""
@@ -188,8 +206,8 @@ class MultimodalVocab:
         return (ids >= 0) & (ids < self.n_text)
 
     def validate_ids(self, ids: np.ndarray | Sequence[int], what: str = "ids") -> None:
-        """Raise ValueError naming the first id outside ``[0, n_text + n_codes)``."""
-        arr = np.asarray(ids)
+        """Raise ValueError naming the first id outside ``[0, n_text + n_codes)``, or non-integer ids (floats)."""
+        arr = _int_array(ids, what)
         if arr.size and (arr.min() < 0 or arr.max() >= self.size):
             bad = int(arr[(arr < 0) | (arr >= self.size)].flat[0])
             raise ValueError(f"{what}: id {bad} outside the allowed range [0, {self.size})")
@@ -233,8 +251,9 @@ class MultimodalVocab:
         A segment whose ids are all image ids is an image segment (its length is checked); any other non-empty
         segment is text.
         """
-        arr = [int(i) for i in np.asarray(ids).reshape(-1)]
-        self.validate_ids(arr, "document")
+        flat = np.asarray(ids).reshape(-1)
+        self.validate_ids(flat, "document")  # before int(): a float id would be truncated
+        arr = [int(i) for i in flat]
         if not arr or arr[0] != self.eos_id:
             raise ValueError("a serialized document must start with <eos>")
         if self.eos_id in arr[1:]:

@@ -284,3 +284,76 @@ def test_load_rejects_a_special_unknown_token(tok, tmp_path):
     file = _edited(tok, tmp_path, word_level)
     with pytest.raises(ValueError, match=rf"{file}: the model's unk_token is the special token <pad>"):
         TextTokenizer.load(file)
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        lambda b: b.enable_truncation(max_length=4),
+        lambda b: b.enable_padding(length=40, pad_id=0, pad_token="<pad>"),
+        lambda b: b.enable_padding(pad_id=0, pad_token="<pad>"),  # to the longest of a batch
+    ],
+    ids=["truncation", "fixed-padding", "batch-padding"],
+)
+def test_truncation_and_padding_stored_in_a_file_are_switched_off(tok, tmp_path, setting):
+    """Found in review: a tokenizer.json saved with truncation (as transformers writes them) cut every caption to
+    ``max_length`` ids silently; batch padding filled shorter encode_batch rows with the special <pad> id 0; fixed
+    padding made the file refused with a misleading message about the literal text '<pad>'."""
+    backend = Tokenizer.from_str(tok.backend.to_str())
+    setting(backend)
+    file = tmp_path / "tokenizer.json"
+    file.write_text(backend.to_str())
+    loaded = TextTokenizer.load(file)
+    text = "a red cube sits on a wooden table."
+    assert loaded.encode(text) == tok.encode(text)
+    assert loaded.encode_batch([text, "a"]) == [tok.encode(text), tok.encode("a")]
+    assert loaded.sha256 == hashlib.sha256(file.read_bytes()).hexdigest()  # the file's bytes, settings included
+    assert pickle.loads(pickle.dumps(loaded)).encode_batch([text, "a"]) == [tok.encode(text), tok.encode("a")]
+
+
+def test_train_refuses_a_single_string_and_names_a_non_string_item():
+    """Found in review: a single string trained on its characters (no merges, silently), and a ``None`` caption
+    failed with "'NoneType' object is not iterable", naming neither the argument nor the item."""
+    with pytest.raises(TypeError, match="texts must be an iterable of strings .*not a single string"):
+        TextTokenizer.train(" ".join(sentences(50)), vocab_size=300)
+    with pytest.raises(TypeError, match=r"texts\[2\] must be a str, got NoneType: None"):
+        TextTokenizer.train(iter(["a red cube", "a small dog", None]), vocab_size=300)
+    with pytest.raises(TypeError, match=r"texts\[1\] must be a str, got bytes: b'xx'"):
+        TextTokenizer.train(["a b", b"xx"], vocab_size=300)
+
+
+def test_encode_batch_refuses_a_single_string(tok):
+    """Found in review: ``encode_batch("a red cube")`` encoded each character as its own text."""
+    with pytest.raises(TypeError, match="encode_batch takes a sequence of strings, not a single string"):
+        tok.encode_batch("a red cube")
+
+
+def test_decode_refuses_non_integer_ids(tok):
+    """Found in review: a float id was truncated (100.7 decoded as token 100)."""
+    with pytest.raises(ValueError, match=r"text ids must be integers, got 100.7"):
+        tok.decode([tok.encode("a")[0], 100.7])
+    with pytest.raises(ValueError, match=r"text ids must be integers, got 'a'"):
+        tok.decode("abc")
+    ids = tok.encode("a red cube")
+    assert tok.decode(iter(ids)) == tok.decode(ids) == "a red cube"
+
+
+def test_a_failed_save_keeps_the_existing_file(tok, tmp_path, monkeypatch):
+    """Found in review: ``save`` truncated an existing tokenizer.json before writing it, so a failed write (a full
+    disk) lost the tokenizer a prepared dataset's manifest refers to."""
+    other = TextTokenizer.train(sentences(100, seed=9), vocab_size=300)
+    file = other.save(tmp_path)
+    before = file.read_bytes()
+
+    def half_then_fail(self, data):
+        with open(self, "wb") as f:
+            f.write(data[: len(data) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(type(file), "write_bytes", half_then_fail)
+    with pytest.raises(OSError, match="No space left"):
+        tok.save(tmp_path)
+    monkeypatch.undo()
+    assert file.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["tokenizer.json"]
+    assert tok.save(tmp_path) == file and file.read_bytes() != before
+    assert TextTokenizer.load(file).sha256 == tok.sha256

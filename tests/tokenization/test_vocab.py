@@ -147,3 +147,37 @@ def test_numpy_sizes_give_a_json_ready_to_dict():
 def test_from_dict_errors_name_where_and_the_field(d, match):
     with pytest.raises(ValueError, match=match):
         MultimodalVocab.from_dict(d, "model.json vocab")
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda: V.codes_to_ids(np.array([1.5, 2.7])), r"image codes must hold integers, got dtype float64"),
+        (lambda: V.codes_to_ids([0.0, 15.0]), r"image codes must hold integers, got dtype float64"),
+        (lambda: V.ids_to_codes(np.array([64.9])), r"image ids must hold integers, got dtype float64"),
+        (lambda: V.validate_ids(np.array([79.5]), "batch"), r"batch must hold integers, got dtype float64"),
+        (lambda: V.ids_to_document([1.0, 20.5]), r"document must hold integers, got dtype float64"),
+        (lambda: Segment.image([0.5, 1.5, 2.5, 3.9]), r"an image code must be an integer, got 0.5"),
+        (lambda: Segment.text([20.7]), r"a text id must be an integer, got 20.7"),
+        (lambda: V.sentinel_id(1.5), r"sentinel index must be an integer, got 1.5"),
+        (lambda: V.codes_to_ids(np.array([2**63 + 1], np.uint64)), r"image code 9223372036854775809 outside"),
+    ],
+)
+def test_float_ids_and_codes_are_refused_not_truncated(call, match):
+    """Found in review: float ids and codes were truncated silently (codes 1.5, 2.7 became ids of codes 1 and 2,
+    ``Segment.text([20.7])`` became id 20, ``sentinel_id(1.5)`` returned 6.5), and a uint64 code above the int64
+    range was reported as a negative code."""
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_integer_inputs_of_any_kind_are_still_accepted():
+    import torch
+
+    assert V.codes_to_ids(np.array([0, 15], np.uint8)).tolist() == [64, 79]
+    assert V.codes_to_ids(torch.tensor([1, 2])).tolist() == [65, 66]
+    assert V.codes_to_ids([]).tolist() == [] and V.validate_ids([]) is None
+    assert Segment.text(torch.tensor([10, 11])) == Segment("text", (10, 11))
+    assert Segment.image(np.array([1, 2], np.int16)) == Segment("image", (1, 2))
+    assert V.sentinel_id(np.int64(2)) == 7
+    assert V.ids_to_document(np.array([1, 10], np.int32)) == [Segment.text([10])]
