@@ -24,47 +24,16 @@ from cm3leon_lightning.config import CM3LeonConfig
 from cm3leon_lightning.generation.generate import GenerationSettings, generate_image
 from cm3leon_lightning.model import CM3Leon, param_groups
 from cm3leon_lightning.model.weights import check_same_architecture, check_same_vocab, load_weights, read_weights
+from cm3leon_lightning.modules.schedule import WarmupDecay
 from cm3leon_lightning.tokenization.vocab import PAD_ID, MultimodalVocab
+
+__all__ = ["CM3LeonModule", "WarmupDecay", "batch_rows", "batch_tokens", "check_vocab_size"]
 
 
 def check_vocab_size(have: int, want: int, what: str) -> None:
     """Raise ValueError when a model's vocabulary size differs from the data's."""
     if have != want:
         raise ValueError(f"vocabulary mismatch: {what} has vocab_size {have}, the data needs {want}")
-
-
-class WarmupDecay:
-    """Learning-rate multiplier: linear warm-up to 1, then linear or cosine decay to ``min_lr_ratio``.
-
-    A callable object rather than a closure, so a scheduler's state dict holds only primitives.
-
-    Args:
-        warmup_steps: steps of linear warm-up from 0 (paper table 3: 1500).
-        total_steps: steps at which the decay reaches ``min_lr_ratio``; beyond it the ratio stays there.
-        decay: ``"linear"``, ``"cosine"`` or ``"constant"`` (no decay after warm-up).
-        min_lr_ratio: final learning rate as a fraction of the peak.
-    """
-
-    def __init__(self, warmup_steps: int, total_steps: int, decay: str = "linear", min_lr_ratio: float = 0.1) -> None:
-        if decay not in ("linear", "cosine", "constant"):
-            raise ValueError(f"lr_decay must be 'linear', 'cosine' or 'constant', got {decay!r}")
-        if not 0.0 <= min_lr_ratio <= 1.0:
-            raise ValueError(f"min_lr_ratio must lie in [0, 1], got {min_lr_ratio}")
-        if warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
-        self.warmup_steps = int(warmup_steps)
-        self.total_steps = max(self.warmup_steps + 1, int(total_steps))
-        self.decay = decay
-        self.min_lr_ratio = float(min_lr_ratio)
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return (step + 1) / self.warmup_steps
-        if self.decay == "constant":
-            return 1.0
-        progress = min(1.0, (step - self.warmup_steps) / (self.total_steps - self.warmup_steps))
-        shape = 1.0 - progress if self.decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
-        return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * shape
 
 
 def batch_rows(batch: dict[str, Tensor]) -> int:
@@ -95,7 +64,8 @@ class CM3LeonModule(L.LightningModule):
         warmup_steps: linear warm-up steps (paper table 3: 1500).
         lr_decay: ``linear``, ``cosine`` or ``constant`` after warm-up.
         min_lr_ratio: final learning rate as a fraction of ``lr``.
-        decay_steps: steps over which to decay; defaults to the trainer's estimated total steps.
+        decay_steps: the step at which the decay reaches ``min_lr_ratio``, counted from step 0 with the warm-up
+            included (so more than ``warmup_steps``); defaults to the trainer's estimated total steps.
         activation_checkpointing: recompute each block in the backward pass to save memory.
         compile: run the network through ``torch.compile``.
         generation: text-to-image sampling settings of :meth:`predict_step` (``cm3leon predict``); defaults when
@@ -148,6 +118,12 @@ class CM3LeonModule(L.LightningModule):
         WarmupDecay(warmup_steps, 1, lr_decay, min_lr_ratio)  # validates the schedule arguments early
         if decay_steps is not None and decay_steps < 1:
             raise ValueError(f"decay_steps must be >= 1 (or None: the trainer's total steps), got {decay_steps}")
+        if decay_steps is not None and decay_steps <= warmup_steps and lr_decay != "constant":
+            # it used to drop to min_lr_ratio in the step after the warm-up
+            raise ValueError(
+                f"decay_steps {decay_steps} <= warmup_steps {warmup_steps}: decay_steps is the step at which the "
+                "decay ends, counted from step 0 with the warm-up included (warmup_steps + the decay's length)"
+            )
         if not lr >= 0:  # 0 trains nothing, which tests and frozen runs use
             raise ValueError(f"lr must be >= 0, got {lr}")
         self.config = config
@@ -160,6 +136,7 @@ class CM3LeonModule(L.LightningModule):
         self._last_step_time: float | None = None
         self._batch_start_time = time.perf_counter()
         self._eval_sums: Tensor | None = None  # validation/test loss sums and target counts of the epoch
+        self._optimizer_settings: tuple[int, list[dict[str, Any]]] | None = None  # see configure_optimizers
         # Matrix-multiply FLOPs of the last batch on this device (CM3LeonConfig.forward_flops; 3x in training).
         self.flops_per_batch: int | None = None
 
@@ -319,7 +296,8 @@ class CM3LeonModule(L.LightningModule):
         the vocabulary is known, ``loss_text`` and ``loss_image`` (mean loss over text and image targets) with their
         target counts ``tokens_text`` and ``tokens_image`` (validation and test weigh each batch by these). An
         override must return ``loss``; without ``tokens`` every non-pad target counts, and the text and image parts
-        are logged only when given with their counts. To score fewer targets (e.g. only an instruction's output),
+        are logged only when given with their counts (in training, NaN for a batch without such targets: the
+        value here is then 0). To score fewer targets (e.g. only an instruction's output),
         set the others to ``PAD_ID`` and call ``super().compute_loss``: the logged parts then follow.
         """
         per_token = F.cross_entropy(
@@ -354,9 +332,13 @@ class CM3LeonModule(L.LightningModule):
         bs = inputs.shape[0]
         self.log(f"{stage}/loss", losses["loss"], prog_bar=True, batch_size=bs, on_step=True)
         self.log(f"{stage}/ppl", torch.exp(losses["loss"].detach().clamp(max=30)), batch_size=bs)
-        for key in ("loss_text", "loss_image"):
-            if key in losses:
-                self.log(f"{stage}/{key}", losses[key], batch_size=bs, on_step=True)
+        for key, count in self._EVAL_PARTS[1:]:
+            if key in losses and count in losses:
+                # NaN for a batch without such targets: compute_loss gives 0 there, and a key not logged at a step
+                # is written again, stale, by Lightning
+                value = torch.as_tensor(losses[key], device=self.device).detach().float()
+                value = torch.where(torch.as_tensor(losses[count], device=value.device) > 0, value, torch.nan)
+                self.log(f"{stage}/{key}", value, batch_size=bs, on_step=True)
         return losses
 
     _EVAL_PARTS = (("loss", "tokens"), ("loss_text", "tokens_text"), ("loss_image", "tokens_image"))
@@ -387,6 +369,14 @@ class CM3LeonModule(L.LightningModule):
                 self.log(f"{stage}/{name}", value, prog_bar=name == "loss", batch_size=1)
                 if name == "loss":
                     self.log(f"{stage}/ppl", torch.exp(value.clamp(max=30)), batch_size=1)
+
+    def on_validation_epoch_start(self) -> None:
+        """Start the epoch's loss sums afresh: those of an epoch that raised counted in the next one."""
+        self._eval_sums = None
+
+    def on_test_epoch_start(self) -> None:
+        """Start the epoch's loss sums afresh (see :meth:`on_validation_epoch_start`)."""
+        self._eval_sums = None
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval_epoch("val")
@@ -455,12 +445,24 @@ class CM3LeonModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         """Set each learning rate from this run's schedule at the restored step: a resumed optimizer holds the rate
-        its old schedule gave, which differs when the schedule's length changed (a larger ``max_steps``)."""
+        its old schedule gave, which differs when the schedule's length changed (a larger ``max_steps``).
+
+        The optimizer this module made also takes back this run's ``lr``, ``betas``, ``eps`` and ``weight_decay``:
+        a restored optimizer and scheduler hold the checkpoint's, so ``CM3LeonModule(lr=...)`` given with
+        ``ckpt_path`` was silently ignored. (LightningCLI passes the checkpoint's hyper-parameters on resume anyway.)
+        """
+        made, self._optimizer_settings = getattr(self, "_optimizer_settings", None), None
         for config in self.trainer.lr_scheduler_configs:
             sched = config.scheduler
-            if isinstance(sched, torch.optim.lr_scheduler.LambdaLR):
-                for group, base, fn in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
-                    group["lr"] = base * fn(sched.last_epoch)
+            if not isinstance(sched, torch.optim.lr_scheduler.LambdaLR):
+                continue
+            groups = sched.optimizer.param_groups
+            if made is not None and made[0] == id(sched.optimizer) and len(made[1]) == len(groups):
+                for group, settings in zip(groups, made[1]):
+                    group.update(settings)
+                sched.base_lrs = [settings["initial_lr"] for settings in made[1]]
+            for group, base, fn in zip(groups, sched.base_lrs, sched.lr_lambdas):
+                group["lr"] = base * fn(sched.last_epoch)
 
     def on_train_epoch_start(self) -> None:
         self._last_step_time = None
@@ -504,6 +506,9 @@ class CM3LeonModule(L.LightningModule):
         # over this one's on resume, so a run resumed with a larger max_steps kept the old decay length (and sat at
         # the floor rate). The schedule is recomputed from the settings instead; the step count comes from the state.
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule(step))
+        # This run's settings, before a checkpoint's replace them (reapplied in on_train_start)
+        keys = ("initial_lr", "betas", "eps", "weight_decay")
+        self._optimizer_settings = (id(optimizer), [{k: g[k] for k in keys} for g in optimizer.param_groups])
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def config_dict(self) -> dict[str, Any]:

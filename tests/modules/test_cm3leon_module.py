@@ -27,10 +27,12 @@ def test_warmup_decay_schedule_values() -> None:
     c = WarmupDecay(warmup_steps=0, total_steps=10, decay="cosine", min_lr_ratio=0.0)
     assert c(0) == 1.0 and c(5) == pytest.approx(0.5) and c(10) == pytest.approx(0.0)
     assert WarmupDecay(2, 10, "constant")(7) == 1.0
+    CM3LeonModule(warmup_steps=10, decay_steps=5, lr_decay="constant")  # no decay: its length does not matter
     with pytest.raises(ValueError, match="lr_decay"):
         WarmupDecay(2, 10, "exponential")
     for kwargs, match in (({"min_lr_ratio": -1.0}, "min_lr_ratio must lie in"), ({"min_lr_ratio": 3.0}, "min_lr"),
                           ({"warmup_steps": -10}, "warmup_steps must be >= 0"), ({"decay_steps": -5}, "decay_steps"),
+                          ({"warmup_steps": 1500, "decay_steps": 1000}, "decay_steps 1000 <= warmup_steps 1500"),
                           ({"lr": -1e-3}, "lr must be >= 0")):  # fmt: skip
         with pytest.raises(ValueError, match=match):
             CM3LeonModule(**kwargs)
@@ -90,6 +92,51 @@ def test_validation_losses_are_per_scored_token_over_the_epoch() -> None:
     assert got["val/loss_image"] == pytest.approx(loss[image].mean().item(), rel=1e-5)
     assert got["val/loss_text"] == pytest.approx(loss[scored & ~image].mean().item(), rel=1e-5)
     assert got["val/ppl"] == pytest.approx(math.exp(got["val/loss"]), rel=1e-5)
+
+
+def test_a_validation_that_raised_does_not_count_in_the_next() -> None:
+    """The loss sums of the batches before the error were added to the next validation's epoch."""
+    from torch.utils.data import DataLoader
+
+    data = TokenDataModule(n_train=4, n_val=4, batch_size=2)
+    torch.manual_seed(0)
+    module = CM3LeonModule(preset="tiny", vocab=data.vocab.to_dict())
+    good = DataLoader([{"input_ids": data.val_rows[:2]}], batch_size=None)
+    bad = DataLoader([{"input_ids": data.val_rows[2:]}, {"input_ids": data.val_rows[0]}], batch_size=None)
+    want = cpu_trainer(None).validate(module, good, verbose=False)[0]
+    for stage in ("validate", "test"):
+        with pytest.raises(ValueError, match=r"must have shape \(B, T\), got \(15,\)"):
+            getattr(cpu_trainer(None), stage)(module, bad, verbose=False)
+        got = getattr(cpu_trainer(None), stage)(module, good, verbose=False)[0]
+        prefix = "val" if stage == "validate" else "test"
+        assert got[f"{prefix}/loss"] == want["val/loss"] and got[f"{prefix}/ppl"] == want["val/ppl"]
+
+
+def test_a_training_batch_without_image_targets_logs_no_image_loss(tmp_path) -> None:
+    """compute_loss gives loss_image 0 for a text-only batch, and training logged that 0 as the batch's image loss
+    (a dive to 0 in the curve); it is NaN now (a key not logged at a step would be written again, stale)."""
+    from torch.utils.data import DataLoader
+
+    data = TokenDataModule(n_train=4, batch_size=2)
+    text_only = data.train_rows[:2].clone()
+    text_only[:, 8:] = 0  # <eos> caption(6) <break>, then padding
+    batches = [{"input_ids": data.train_rows[2:]}, {"input_ids": text_only}]
+    torch.manual_seed(0)
+    module = CM3LeonModule(preset="tiny", vocab=data.vocab.to_dict(), lr=0.0, warmup_steps=0, lr_decay="constant")
+    trainer = cpu_trainer(tmp_path, max_steps=2, limit_val_batches=0, enable_checkpointing=False,
+                          logger=CSVLogger(tmp_path), log_every_n_steps=1)  # fmt: skip
+    trainer.fit(module, DataLoader(batches, batch_size=None))
+    with open(next(tmp_path.rglob("metrics.csv"))) as f:
+        rows = [r for r in csv.DictReader(f) if r["train/loss"]]
+    with torch.no_grad():
+        want = [module.compute_loss(module(b["input_ids"][:, :-1]), b["input_ids"][:, 1:], b) for b in batches]
+    assert [int(r["step"]) for r in rows] == [0, 1]
+    for row, losses in zip(rows, want):
+        assert float(row["train/loss"]) == pytest.approx(losses["loss"].item(), rel=1e-5)
+        assert float(row["train/loss_text"]) == pytest.approx(losses["loss_text"].item(), rel=1e-5)
+    assert want[1]["tokens_image"].item() == 0 and want[1]["loss_image"].item() == 0.0
+    assert float(rows[0]["train/loss_image"]) == pytest.approx(want[0]["loss_image"].item(), rel=1e-5)
+    assert math.isnan(float(rows[1]["train/loss_image"]))
 
 
 def test_compute_loss_ignores_pad_and_splits_text_and_image() -> None:
@@ -257,6 +304,32 @@ def test_a_resume_with_more_steps_extends_the_decay(tmp_path) -> None:
     assert [step for step, _ in lrs] == [3, 4, 5]
     assert [lr for _, lr in lrs] == pytest.approx([1e-3 * want(step) for step in (3, 4, 5)])
     assert lrs[0][1] > 1e-4 * 1.5  # above the floor
+
+
+def test_a_resume_takes_this_runs_optimizer_settings(tmp_path) -> None:
+    """Resumed with CM3LeonModule(lr=..., weight_decay=..., ...) and ckpt_path, the restored optimizer and scheduler
+    kept the checkpoint's values: the new lr and weight decay were silently ignored."""
+    seen: list[tuple[int, float, float, float, tuple, float]] = []
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:  # noqa: ANN001
+            decay, no_decay = trainer.optimizers[0].param_groups
+            seen.append((trainer.global_step, decay["lr"], decay["weight_decay"], no_decay["weight_decay"],
+                         decay["betas"], decay["eps"]))  # fmt: skip
+
+    def run(max_steps: int, ckpt: str | None = None, **kwargs) -> L.Trainer:
+        module = CM3LeonModule(preset="tiny", warmup_steps=1, min_lr_ratio=0.1, **kwargs)
+        trainer = _trainer(tmp_path, max_steps=max_steps, limit_val_batches=0, callbacks=[Record()])
+        trainer.fit(module, datamodule=TokenDataModule(n_train=4, batch_size=4), ckpt_path=ckpt)
+        return trainer
+
+    run(2, lr=1e-3, weight_decay=0.1).save_checkpoint(tmp_path / "two.ckpt")
+    seen.clear()
+    run(4, str(tmp_path / "two.ckpt"), lr=4e-3, weight_decay=0.05, betas=(0.8, 0.9), eps=1e-6)
+    want = WarmupDecay(1, 4, "linear", 0.1)
+    assert [s[0] for s in seen] == [2, 3]
+    assert [s[1] for s in seen] == pytest.approx([4e-3 * want(2), 4e-3 * want(3)])
+    assert [s[2:] for s in seen] == [(0.05, 0.0, (0.8, 0.9), 1e-6)] * 2
 
 
 def test_a_warm_up_longer_than_the_run_is_warned(tmp_path) -> None:
