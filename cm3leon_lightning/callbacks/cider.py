@@ -23,6 +23,7 @@ from cm3leon_lightning.callbacks.base import (
     module_vocab,
     read_shard_samples,
 )
+from cm3leon_lightning.data.cleaning import model_text
 from cm3leon_lightning.metrics.cider import CIDErD
 
 
@@ -35,7 +36,8 @@ class CIDErCallback(GenerationCallback):
         num_samples: images captioned, the first ones in manifest order.
         group_by_image: merge samples with identical ``jpg`` into one image with several references, gathered
             from the whole dataset (an image's captions need not be next to each other).
-        instruction: text placed before the answer span (empty for plain captioning).
+        instruction: text placed before the answer span (empty for plain captioning), read as the training captions
+            were cleaned (control characters to spaces, repeated whitespace to one, ends stripped).
         max_new_tokens: the most tokens per caption.
         method: ``greedy``, ``temperature`` or ``top_p``.
         temperature: softmax temperature.
@@ -71,6 +73,8 @@ class CIDErCallback(GenerationCallback):
         if layout not in TEXT_LAYOUTS:
             raise ValueError(f"layout must be one of {TEXT_LAYOUTS}, got {layout!r}")
         self.data, self.samples = data, list(samples)[:num_samples] if samples is not None else None
+        if instruction:  # as the model reads it (training captions were cleaned); blank is refused, "" is none
+            instruction = model_text(instruction, f"{type(self).__name__}: instruction", "the instruction")
         self.num_samples, self.group_by_image, self.instruction = num_samples, group_by_image, instruction
         self.decoding = dict(
             max_new_tokens=max_new_tokens, method=method, temperature=temperature, top_p=top_p, layout=layout
@@ -124,15 +128,17 @@ class CIDErCallback(GenerationCallback):
         captions are made.
 
         The default runs :func:`~cm3leon_lightning.generation.generate_text` with the module's network and decodes
-        the ids with the text tokenizer.
+        the ids with the text tokenizer. Instructions are tokenized as the training captions were cleaned
+        (:func:`~cm3leon_lightning.data.cleaning.model_text`); an empty one (a str) is plain captioning.
         """
         from cm3leon_lightning.generation import generate_text
 
         tok = self.load_text_tokenizer(pl_module._trainer)
         if isinstance(instruction, str):
-            prompt = tok.encode(instruction) if instruction else None
+            prompt = tok.encode(model_text(instruction, "instruction", "the instruction")) if instruction else None
         else:
-            prompt = tok.encode_batch(list(instruction))
+            prompt = tok.encode_batch([model_text(t, f"instruction[{i}]", "the instruction")
+                                       for i, t in enumerate(instruction)])  # fmt: skip
         with fresh_kv_cache(module_network(pl_module)) as net:
             ids = generate_text(
                 net,

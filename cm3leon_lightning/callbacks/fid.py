@@ -49,6 +49,7 @@ from cm3leon_lightning.callbacks.base import (
     rank_share,
     read_shard_samples,
 )
+from cm3leon_lightning.data.cleaning import model_text
 from cm3leon_lightning.metrics.fid import (
     fid_resize,
     load_real_stats,
@@ -159,9 +160,11 @@ class FIDCallback(GenerationCallback):
                         f"FIDCallback: sample {s.key!r} needs its caption in a list (references[0]) and its image, "
                         f"got references={refs!r}, image={'None' if s.image is None else 'given'}"
                     )
-            self.samples = [
-                EvalSample(s.key, s.references, fid_resize(s.image, self.image_size), s.codes) for s in self.samples
-            ]
+            self.samples = [  # captions as the model reads them (shards hold cleaned ones): blank is refused here
+                EvalSample(s.key, [model_text(s.references[0], f"FIDCallback: sample {s.key!r}", "its caption"),
+                                   *s.references[1:]], fid_resize(s.image, self.image_size), s.codes)
+                for s in self.samples
+            ]  # fmt: skip
         if len(self.samples) < 2:
             raise ValueError(f"FIDCallback: the evaluation set has {len(self.samples)} images; FID needs >= 2")
         if len(self.samples) < self.num_samples:
@@ -188,12 +191,15 @@ class FIDCallback(GenerationCallback):
     def generate(self, pl_module: L.LightningModule, captions: list[str], seed: int) -> Tensor:
         """Captions -> one uint8 image ``(N, 3, image_size, image_size)`` each. Override to change how images are made.
 
-        The default tokenizes the captions, runs :func:`~cm3leon_lightning.generation.generate_image` with the
-        module's network (after the captions' retrieved documents, with ``retrieve``), decodes with the VQGAN and,
-        with several candidates, keeps the best by CLIP score.
+        The default tokenizes the captions (cleaned as ``cm3leon prepare`` cleans training captions,
+        :func:`~cm3leon_lightning.data.cleaning.model_text`), runs
+        :func:`~cm3leon_lightning.generation.generate_image` with the module's network (after the captions' retrieved
+        documents, with ``retrieve``), decodes with the VQGAN and, with several candidates, keeps the best by CLIP
+        score.
         """
         from cm3leon_lightning.generation import generate_image, rerank
 
+        captions = [model_text(c, f"captions[{i}]", "the caption") for i, c in enumerate(captions)]
         trainer = pl_module._trainer
         tok: TextTokenizer = self.load_text_tokenizer(trainer)
         vqgan = self.load_vqgan(pl_module.device)

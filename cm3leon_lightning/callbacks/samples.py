@@ -31,6 +31,7 @@ from cm3leon_lightning.callbacks.base import (
     read_shard_samples,
 )
 from cm3leon_lightning.callbacks.cider import CIDErCallback
+from cm3leon_lightning.data.cleaning import model_text
 from cm3leon_lightning.metrics.fid import to_uint8_images
 
 DEFAULT_PROMPTS = (
@@ -102,7 +103,8 @@ class SampleLoggerCallback(CIDErCallback):
     rank zero).
 
     Args:
-        prompts: captions to draw; each gets one image.
+        prompts: captions to draw; each gets one image. They are read (tokenized and shown) as ``cm3leon prepare``
+            cleaned the training captions: control characters to spaces, repeated whitespace to one, ends stripped.
         seeds: one seed per prompt (default ``seed + i``).
         caption_data: prepared shards whose first ``num_caption_images`` images are captioned (None: the data
             module's ``val_data`` when it has one, else no captioning).
@@ -120,7 +122,8 @@ class SampleLoggerCallback(CIDErCallback):
             (``setup`` says so, before training).
 
     Raises:
-        ValueError: ``seeds`` not one per prompt, ``num_caption_images < 0``, ``columns < 1`` or ``cell < 1``.
+        ValueError: ``prompts`` a string or holding one that cleans to nothing, ``seeds`` not one per prompt,
+            ``num_caption_images < 0``, ``columns < 1`` or ``cell < 1``.
     """
 
     def __init__(
@@ -140,13 +143,17 @@ class SampleLoggerCallback(CIDErCallback):
         **kwargs,
     ) -> None:
         super().__init__(caption_data, caption_samples, max(1, num_caption_images), tokenizer="simple", **kwargs)
+        if isinstance(prompts, str):  # else each letter would be a prompt
+            raise ValueError(
+                f"SampleLoggerCallback: prompts must be a list of captions, got the string {prompts!r:.60}"
+            )
         if seeds is not None and len(seeds) != len(prompts):
             raise ValueError(f"give one seed per prompt: {len(prompts)} prompts, {len(seeds)} seeds")
         for name, value, least in (("num_caption_images", num_caption_images, 0), ("columns", columns, 1),
                                    ("cell", cell, 1)):  # fmt: skip
             if value < least:  # else a silent empty slice, or a failure at the first validation end
                 raise ValueError(f"SampleLoggerCallback: {name} must be >= {least}, got {value}")
-        self.prompts = list(prompts)
+        self.prompts = [model_text(p, f"SampleLoggerCallback: prompts[{i}]") for i, p in enumerate(prompts)]
         self.seeds = list(seeds) if seeds is not None else [self.seed + i for i in range(len(prompts))]
         self.num_caption_images = num_caption_images
         self.image_sampling = dict(method=method, cfg=cfg, temperature=temperature, top_p=top_p)

@@ -5,8 +5,10 @@ Data in "VQA format": a JSON file holding a list of ``{"question": str, "image":
 ``.jsonl`` file is read line by line in the same format, where ``"answer": str`` may replace ``"answers"`` and lines
 of another ``"task"`` are skipped: the held-out VQA lines of ``cm3leon prepare --source sft`` input evaluate as they
 are. The prompt follows the paper's SFT template (table 5): ``"Question: {question} Answer:"`` as the instruction
-before the answer span. Accuracy is :func:`~cm3leon_lightning.metrics.vqa.vqa_accuracy` (official normalisation and
-leave-one-out averaging by default), summed across ranks. Questions with fewer human answers than that consensus
+before the answer span, tokenized as ``cm3leon prepare`` cleaned the rendered SFT templates (a newline, tab or doubled
+space in a question reads as one space); a question that is null, blank or not text is refused, as SFT input refuses
+it. Accuracy is :func:`~cm3leon_lightning.metrics.vqa.vqa_accuracy` (official normalisation and leave-one-out
+averaging by default), summed across ranks. Questions with fewer human answers than that consensus
 needs (4 official, 3 simple; e.g. the one ``"answer"`` of a ``.jsonl`` line) count by exact match of the normalised
 answers: 1 when the answer equals one of them, else 0.
 """
@@ -23,6 +25,7 @@ import torch
 
 from cm3leon_lightning.callbacks.base import EvalSample
 from cm3leon_lightning.callbacks.cider import CIDErCallback
+from cm3leon_lightning.data.cleaning import model_text
 from cm3leon_lightning.metrics.fid import fid_resize
 from cm3leon_lightning.metrics.vqa import VQAAccuracy
 
@@ -31,10 +34,11 @@ def read_vqa_file(path: str | os.PathLike[str], num_samples: int | None = None) 
     """Read a VQA-format JSON file (see the module docstring).
 
     Raises:
-        ValueError: the file is not valid JSON or not a list, an entry lacks ``question``, ``answers`` or an image /
-            codes, its image cannot be decoded or its codes are not integers (the message names the file, the entry
-            and the image), or its answers are not a list of strings (numbers are read as text; VQA v2's
-            ``{"answer": ...}`` records and a lone string are refused rather than scored as their text or letters).
+        ValueError: the file is not valid JSON or not a list, an entry lacks ``question`` (or it is null, blank or
+            not text), ``answers`` or an image / codes, its image cannot be decoded or its codes are not integers
+            (the message names the file, the entry and the image), or its answers are not a list of strings
+            (numbers are read as text; VQA v2's ``{"answer": ...}`` records and a lone string are refused rather
+            than scored as their text or letters).
         FileNotFoundError: an entry's image file does not exist (the error names it).
     """
     path = Path(path)
@@ -52,6 +56,9 @@ def read_vqa_file(path: str | os.PathLike[str], num_samples: int | None = None) 
     for i, e in entries[:num_samples]:
         if not isinstance(e, dict) or "question" not in e or not e.get("answers") or not ("image" in e or "codes" in e):
             raise ValueError(f"{path}: {where} {i} needs 'question', non-empty 'answers' and 'image' (or 'codes')")
+        if not _is_answer(e["question"]):  # null was asked as "Question: None Answer:"
+            raise ValueError(f"{path}: {where} {i}: 'question' must be a string, got {e['question']!r:.60}")
+        model_text(str(e["question"]), f"{path}: {where} {i}", "'question'")  # blank: no question to ask
         answers = e["answers"]
         if not isinstance(answers, list) or not all(_is_answer(a) for a in answers):
             records = isinstance(answers, list) and isinstance(answers[0], dict)  # VQA v2 annotations
@@ -150,11 +157,12 @@ class VQACallback(CIDErCallback):
             raise ValueError("VQACallback: the evaluation set is empty (samples=[])")
         for s in self.samples:
             answers_ok = isinstance(s.answers, (list, tuple)) and all(isinstance(a, str) for a in s.answers)
-            if s.question is None or not answers_ok or not s.answers:
+            if not isinstance(s.question, str) or not answers_ok or not s.answers:
                 raise ValueError(
                     f"VQACallback: sample {s.key!r} needs a question and a non-empty list of answer strings, "
                     f"got question={s.question!r}, answers={s.answers!r}"
                 )
+            model_text(s.question, f"VQACallback: sample {s.key!r}", "the question")  # blank: as SFT input refuses it
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> float:
         """Answer this rank's questions, update the metric, and return the accuracy over all ranks."""

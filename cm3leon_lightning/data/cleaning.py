@@ -137,6 +137,29 @@ def clean_caption(caption: str | bytes | None, max_chars: int = 1000) -> tuple[s
     return text, repairs
 
 
+def model_text(prompt: str, where: str = "prompt", what: str = "the prompt") -> str:
+    """The text of ``prompt`` that the model reads: the caption rule of ``cm3leon prepare`` (:func:`clean_caption`,
+    never truncated here), so that a prompt's trailing space, newline, tab or doubled space tokenizes (and embeds with
+    CLIP) as in training, where captions never hold them. Every inference entry point (``cm3leon predict``,
+    ``generate``, ``serve``, the evaluation callbacks, retrieval queries) reads its prompts, instructions and questions
+    through here; already cleaned text comes back unchanged.
+
+    Raises:
+        ValueError: naming ``where`` (and ``what`` the text is), for text with an unpaired surrogate (a JSON
+            ``"\\ud800"`` escape, no text a tokenizer takes) or nothing left but whitespace and control characters;
+            for anything but a ``str`` (None, a number, bytes).
+    """
+    if not isinstance(prompt, str):
+        raise ValueError(f"{where}: {what} must be a string, got {type(prompt).__name__} {prompt!r:.60}")
+    try:
+        text, repairs = clean_caption(prompt, max(1, len(prompt)))
+    except BadInput as e:
+        raise ValueError(f"{where}: {what} holds no text (only whitespace or control characters)") from e
+    if repairs:  # a str is never truncated at its own length: only the surrogate repair is left
+        raise ValueError(f"{where}: {what} holds an unpaired UTF-16 surrogate (a JSON \\ud800-\\udfff escape)")
+    return text
+
+
 def exif_orientation(image: Image.Image) -> int:
     """The image's EXIF orientation (1: upright, 2-8: mirrored and/or turned); 1 when absent or unreadable."""
     try:

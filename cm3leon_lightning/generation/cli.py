@@ -24,6 +24,9 @@ documents placed before the prompt, nearest first). Image-to-text writes ``answe
 with ``--task edge_to_image`` (or another grounded task) it draws the image whose edges (etc.) ``--image`` shows.
 ``--infill`` fills the ``<mask>`` spans of a caption and (``--infill-rows``) redraws rows of ``--image``; it writes
 ``answer.txt``, ``answers.json`` and the redrawn images.
+``--prompt``, ``--instruction``, ``--edit`` and ``--infill`` are read as ``cm3leon prepare`` cleaned the training
+captions (control characters to spaces, repeated whitespace to one, ends stripped), for the tokenizer, CLIP and the
+files written; text that cleans to nothing is refused naming its flag.
 Errors (missing files, a checkpoint whose vocabulary does not match the tokenizer or the VQGAN, a prompt longer
 than the context) are reported in one line and exit with status 2.
 """
@@ -339,11 +342,31 @@ def check_numbers(args: argparse.Namespace) -> None:
             raise ValueError(f"{flag} must be finite, got {value}")
 
 
+def clean_texts(args: argparse.Namespace) -> None:
+    """Replace ``--prompt``, ``--instruction``, ``--edit`` and ``--infill`` by the text the model reads
+    (:func:`~cm3leon_lightning.data.cleaning.model_text`: ``cm3leon prepare``'s caption rule, so a trailing newline,
+    a tab or a doubled space tokenizes, and embeds for ``--retrieve``/``--rerank``, as in training). An empty
+    ``--instruction`` stays empty (plain captioning).
+
+    Raises:
+        ValueError: naming the flag, for text that holds nothing but whitespace and control characters, or an
+            unpaired surrogate.
+    """
+    from cm3leon_lightning.data.cleaning import model_text
+
+    for flag, what in (("prompt", "the prompt"), ("instruction", "the instruction"), ("edit", "the edit"),
+                       ("infill", "the caption")):  # fmt: skip
+        value = getattr(args, flag)
+        if value is not None and (value or flag != "instruction"):
+            setattr(args, flag, model_text(value, f"--{flag}", what))
+
+
 def run(args: argparse.Namespace) -> None:
     """Execute a parsed ``cm3leon generate`` command (raises on bad input)."""
     from cm3leon_lightning.tokenization.text import TextTokenizer
 
     check_numbers(args)
+    clean_texts(args)
     if not (args.prompt or args.image or args.infill is not None):
         raise ValueError("give --prompt (text-to-image), --image (image-to-text, --edit) or --infill")
     if args.infill is not None and (args.prompt or args.edit is not None or args.instruction):

@@ -51,6 +51,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, Dataset
 
+from cm3leon_lightning.data.cleaning import model_text
 from cm3leon_lightning.tokenization.vocab import MultimodalVocab
 
 PREDICTIONS_FILE = "predictions.jsonl"
@@ -112,26 +113,6 @@ def read_prompt_lines(path: str | os.PathLike[str]) -> list[tuple[int, str, int 
     if not out:
         raise ValueError(f"prompts: {p} holds no prompt")
     return out
-
-
-def model_text(prompt: str, where: str = "prompt") -> str:
-    """The text of ``prompt`` that the model reads: the caption rule of ``cm3leon prepare``
-    (:func:`~cm3leon_lightning.data.cleaning.clean_caption`, never truncated here), so that a prompt's trailing space,
-    newline, tab or doubled space tokenizes as in training, where captions never hold them.
-
-    Raises:
-        ValueError: naming ``where``, for a prompt with an unpaired surrogate (a JSON ``"\\ud800"`` escape, no text a
-            tokenizer takes) or nothing left but control characters.
-    """
-    from cm3leon_lightning.data.cleaning import BadInput, clean_caption
-
-    try:
-        text, repairs = clean_caption(prompt, max(1, len(prompt)))
-    except BadInput as e:
-        raise ValueError(f"{where}: the prompt holds no text (only whitespace or control characters)") from e
-    if repairs:  # a str is never truncated at its own length: only the surrogate repair is left
-        raise ValueError(f"{where}: the prompt holds an unpaired UTF-16 surrogate (a JSON \\ud800-\\udfff escape)")
-    return text
 
 
 def load_vocab(source: str | os.PathLike[str]) -> MultimodalVocab:
@@ -399,7 +380,11 @@ class ImageWriter(BasePredictionWriter):
             from cm3leon_lightning.generation.rerank import rerank
 
             ranked = rerank(
-                self.clip, list(prediction["prompt"]), images, codes.cpu(), keep=self.keep or codes.shape[1]
+                self.clip,
+                [model_text(p) for p in prediction["prompt"]],
+                images,
+                codes.cpu(),  # as tokenized
+                keep=self.keep or codes.shape[1],
             )
             images, codes = ranked.images, ranked.codes  # best first, (B, keep, ...)
         lines = []

@@ -95,15 +95,25 @@ class DocumentRetriever:
         Diversity, as the paper's retrieval strategy asks ("simply taking the top K documents ... can result in
         duplicates"): a document whose image is one already chosen (e.g. COCO's other captions of the same picture)
         is skipped, searching up to :attr:`CANDIDATES_PER_DOCUMENT` times
-        ``k`` candidates; fewer than ``k`` come back when those run out or the bank holds fewer.
+        ``k`` candidates; fewer than ``k`` come back when those run out or the bank holds fewer. A caption is
+        embedded as ``cm3leon prepare`` cleaned the bank's captions
+        (:func:`~cm3leon_lightning.data.cleaning.model_text`: control characters to spaces, repeated whitespace to
+        one, ends stripped).
 
         Raises:
-            ValueError: ``k < 1``, or a retrieved key missing from the shards.
+            ValueError: ``k < 1``, a caption that is not a string or cleans to nothing (naming its index), or a
+                retrieved key missing from the shards.
         """
         if k < 1:
             raise ValueError(f"--k must be >= 1, got {k}")
+        from cm3leon_lightning.data.cleaning import model_text
+
+        if isinstance(captions, str):
+            raise ValueError("captions must be a sequence of strings, got a single str")
+        # The bank embedded cleaned captions: a query's tab or control character would change its CLIP tokens.
+        queries = [model_text(c, f"captions[{i}]", "the caption") for i, c in enumerate(captions)]
         n = min(len(self.bank), self.CANDIDATES_PER_DOCUMENT * k)
-        candidates = self.bank.search(self.clip.embed_texts(list(captions)), n).keys  # type: ignore[attr-defined]
+        candidates = self.bank.search(self.clip.embed_texts(queries), n).keys  # type: ignore[attr-defined]
         documents = self._documents
         if documents is None:
             documents = self._read({key for row in candidates for key in row})

@@ -12,6 +12,9 @@ One endpoint, ``POST /predict``, takes four kinds of request, told apart by thei
 - infilling, ``{"infill": "a <mask> circle", "image": <base64>, "rows": "16:32"}`` (:class:`InfillRequest`),
   answered with ``{"texts": [...], "images": [...]}``.
 
+The text fields (``prompt``, ``instruction``, ``edit``, ``infill``) are read as ``cm3leon prepare`` cleaned the
+training captions: control characters become spaces, whitespace runs one space, the ends are stripped (a trailing
+newline added tokens the model never saw after a caption); text left empty so is refused (422) naming its field.
 Fields left out take the server's defaults (``cm3leon serve --num-samples/--method/--cfg ...``). The models forbid
 unknown fields and check every bound, so FastAPI answers a malformed request with 422 naming the field before it
 reaches the model (and before it can share a batch with other requests). This module imports pydantic, not LitServe.
@@ -27,7 +30,16 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union
 
 import torch
-from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, StringConstraints, Tag
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StringConstraints,
+    Tag,
+    ValidationInfo,
+)
 
 from cm3leon_lightning.generation.tasks import IMAGE_TASKS
 
@@ -58,8 +70,27 @@ def _encodable(text: str) -> str:
     return text
 
 
-Text = Annotated[str, StringConstraints(max_length=MAX_TEXT_CHARS), AfterValidator(_encodable)]
-"""A request's text field: any valid Unicode string of at most :data:`MAX_TEXT_CHARS` characters."""
+_WHAT = {"prompt": "the prompt", "instruction": "the instruction", "edit": "the edit", "infill": "the caption"}
+
+
+def _model_text(text: str, info: ValidationInfo) -> str:
+    """``text`` as the model reads it: ``cm3leon prepare``'s caption rule
+    (:func:`~cm3leon_lightning.data.cleaning.model_text`), so a trailing newline, a tab or a doubled space tokenizes
+    (and embeds with CLIP for retrieval and re-ranking) as the training captions did. An empty ``instruction`` stays
+    empty (plain captioning); any other text that cleans to nothing is refused naming its field."""
+    from cm3leon_lightning.data.cleaning import model_text
+
+    name = info.field_name or "text"
+    if not text and name == "instruction":
+        return text
+    return model_text(text, name, _WHAT.get(name, "the text"))
+
+
+Text = Annotated[
+    str, StringConstraints(max_length=MAX_TEXT_CHARS), AfterValidator(_encodable), AfterValidator(_model_text)
+]
+"""A request's text field: any valid Unicode string of at most :data:`MAX_TEXT_CHARS` characters, cleaned as the
+training captions were (control characters to spaces, repeated whitespace to one, ends stripped)."""
 
 
 class ImageRequest(BaseModel):

@@ -326,3 +326,31 @@ def test_in_memory_samples_without_caption_or_image_are_refused_at_setup(parts, 
     cb = make(parts, samples=samples, num_samples=3)
     with pytest.raises(ValueError, match=r"FIDCallback: sample 'bad' needs its caption in a list \(references\[0\]\)"):
         cb.setup(None, None, "fit")
+
+
+def test_in_memory_captions_are_tokenized_as_the_training_captions(parts, monkeypatch) -> None:
+    """Shards hold cleaned captions, but in-memory samples' captions (a user's COCO json: trailing spaces, newlines)
+    were tokenized as given; they are cleaned at setup as ``cm3leon prepare`` cleans captions, and one that cleans
+    to nothing is refused naming the sample."""
+    import cm3leon_lightning.generation as generation
+
+    tok, _, module = parts
+    samples = shape_samples(3)
+    raw = samples[1].references[0] + " \n"
+    samples[1] = EvalSample("raw", [raw.replace(" ", "  "), "another"], samples[1].image)
+    cb = make(parts, samples=samples, num_samples=3)
+    cb.setup(None, None, "fit")
+    assert [s.references for s in cb.samples][1] == [raw.strip(), "another"]
+    seen = []
+
+    def spy(model, vocab, prompts, **kwargs):
+        seen.append(prompts)
+        return real(model, vocab, prompts, **kwargs)
+
+    real = generation.generate_image
+    monkeypatch.setattr(generation, "generate_image", spy)
+    cb.generate(module, [raw, "a red\tsquare"], 0)  # generate cleans what a subclass or user passes too
+    assert seen == [[tok.encode(raw.strip()), tok.encode("a red square")]] and tok.encode(raw) != seen[0][0]
+    samples[1] = EvalSample("blank", ["\t \n"], samples[1].image)
+    with pytest.raises(ValueError, match=r"^FIDCallback: sample 'blank': its caption holds no text \(only"):
+        make(parts, samples=samples, num_samples=3).setup(None, None, "fit")

@@ -215,3 +215,29 @@ def test_bad_layout_arguments_are_named(parts, kwargs, match) -> None:
     captioned nothing."""
     with pytest.raises(ValueError, match=match):
         make(parts, **kwargs)
+
+
+def test_prompts_are_read_as_the_training_captions(parts, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A configured prompt with a trailing newline or a doubled space (a YAML block scalar) was tokenized as given:
+    tokens no training caption ends with. Prompts are cleaned as ``cm3leon prepare`` cleans captions (and shown so);
+    a blank one, or a single string (each letter a prompt), is refused naming ``prompts``."""
+    import cm3leon_lightning.generation as generation
+
+    tok, _, module = parts
+    seen, real = [], generation.generate_image
+
+    def spy(model, vocab, prompts, **kwargs):
+        seen.append(prompts)
+        return real(model, vocab, prompts, **kwargs)
+
+    monkeypatch.setattr(generation, "generate_image", spy)
+    cb = make(parts, cls=SampleLoggerCallback, prompts=["a red  square\n", "a blue\tcircle "], seeds=[1, 2],
+              num_caption_images=0)  # fmt: skip
+    assert cb.prompts == ["a red square", "a blue circle"]
+    trainer(tmp_path, [cb]).validate(module, val_loader(module.vocab), verbose=False)
+    assert seen == [[tok.encode("a red square")], [tok.encode("a blue circle")]]
+    assert tok.encode("a red  square\n") != seen[0][0]
+    with pytest.raises(ValueError, match=r"^SampleLoggerCallback: prompts\[1\]: the prompt holds no text \(only"):
+        make(parts, prompts=["a red square", "\n"], seeds=[1, 2])
+    with pytest.raises(ValueError, match="prompts must be a list of captions, got the string 'a red square'"):
+        make(parts, prompts="a red square", seeds=None)

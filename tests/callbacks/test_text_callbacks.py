@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -420,3 +421,48 @@ def test_cider_callback_warns_when_every_image_has_one_reference(parts) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         CaptionsCounted(samples=coded_samples(3), text_tokenizer=tok, tokenizer="simple").setup(None, module, "fit")
+
+
+def test_instructions_and_questions_are_tokenized_as_the_training_captions(parts, tmp_path: Path, monkeypatch) -> None:
+    """An instruction or a VQA question with a newline, a tab or a doubled space (VQA files hold them) was tokenized
+    as given, though ``cm3leon prepare`` cleans the rendered SFT template ("Question: {question} Answer: ...") of
+    them; now the prompt's ids are those of the cleaned text. Blank instructions and questions are refused naming
+    the argument, the sample or the file entry; a null question was asked as "Question: None Answer:"."""
+    import cm3leon_lightning.generation as generation
+
+    tok, vqgan, module = parts
+    seen, real = [], generation.generate_text
+
+    def spy(model, vocab, codes, instruction=None, **kwargs):
+        seen.append(instruction)
+        return real(model, vocab, codes, instruction, **kwargs)
+
+    monkeypatch.setattr(generation, "generate_text", spy)
+    codes = torch.stack([s.codes for s in coded_samples(2)])
+    cb = CIDErCallback(samples=coded_samples(2), text_tokenizer=tok, tokenizer="simple", max_new_tokens=2,
+                       instruction="what color\tis it?\n")  # fmt: skip
+    assert cb.instruction == "what color is it?"
+    cb.generate(module, codes, "what  color is it? ", cb.seed)
+    cb.generate(module, codes, ["Question: what is 1?\n Answer: ", "Question:  what is 2? Answer:"], cb.seed)
+    questions = [tok.encode("Question: what is 1? Answer:"), tok.encode("Question: what is 2? Answer:")]
+    assert seen == [tok.encode("what color is it?"), questions]
+    assert tok.encode("what  color is it? ") != seen[0]
+
+    seen.clear()
+    samples = vqa_samples()[:2]
+    samples[1] = dataclasses.replace(samples[1], question="what\tis 1?\r\n")
+    vqa = VQACallback(samples=samples, text_tokenizer=tok, max_new_tokens=2)
+    trainer(tmp_path, [vqa]).validate(module, val_loader(module.vocab), verbose=False)
+    assert seen == [[tok.encode("Question: what is 0? Answer:"), tok.encode("Question: what is 1? Answer:")]]
+
+    with pytest.raises(ValueError, match=r"^CIDErCallback: instruction: the instruction holds no text \(only white"):
+        CIDErCallback(samples=coded_samples(1), text_tokenizer=tok, tokenizer="simple", instruction=" \n")
+    samples[1] = dataclasses.replace(samples[1], question="\t\x00")
+    with pytest.raises(ValueError, match=r"^VQACallback: sample 'q1': the question holds no text"):
+        VQACallback(samples=samples, text_tokenizer=tok).setup(None, module, "validate")
+    ok = {"codes": [1] * 64, "answers": ["a"]}
+    for question, message in ((None, r"entry 1: 'question' must be a string, got None"),
+                              (" \n", r"entry 1: 'question' holds no text")):  # fmt: skip
+        (tmp_path / "vqa.json").write_text(json.dumps([{**ok, "question": "q"}, {**ok, "question": question}]))
+        with pytest.raises(ValueError, match=rf"vqa.json: {message}"):
+            read_vqa_file(tmp_path / "vqa.json")

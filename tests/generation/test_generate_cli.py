@@ -249,3 +249,54 @@ def test_a_16_bit_grey_image_is_read_as_prepare_reads_it():
     assert torch.equal(got, torch.from_numpy(np.stack([want] * 3)))
     clear = Image.new("RGBA", (4, 4), (10, 20, 30, 0))
     assert (square_image(clear, 4) == 255).all()
+
+
+class Stop(Exception):
+    """Raised by a spy once it has seen what the model would read (no decoding needed)."""
+
+
+def test_texts_are_tokenized_as_the_training_captions(assets, tmp_path, monkeypatch, capsys):
+    """--prompt, --instruction, --edit and --infill were tokenized as given: a trailing newline or tab, or a doubled
+    space, added tokens the model never saw (``cm3leon prepare`` cleans every training caption and SFT segment of
+    them); now each reads as its cleaned text, and text that cleans to nothing is refused naming its flag."""
+    from cm3leon_lightning.generation import cli
+
+    tok = TextTokenizer.load(assets / "tok")
+    seen = {}
+
+    def spy(name, index):
+        def record(*args, **kwargs):
+            seen[name] = args[index]
+            raise Stop
+
+        monkeypatch.setattr(cli, name, record)
+
+    for name, index in (("generate_image", 2), ("generate_text", 3), ("edit_image", 3), ("infill_batch", 2)):
+        spy(name, index)
+    image = ["--image", str(assets / "x.png")]
+    for extra in (["--prompt", "a red  circle\t\n"], [*image, "--instruction", "Question: what is\nred?  Answer: "],
+                  [*image, "--edit", "make it\tblue\r\n"], [*image, "--infill", " a  <mask> circle\n"]):  # fmt: skip
+        with pytest.raises(Stop):
+            main([*base(assets, tmp_path), *extra])
+    assert seen["generate_image"] == [tok.encode("a red circle")] == [[77, 278, 274, 289, 284]]
+    assert tok.encode("a red  circle\t\n") != tok.encode("a red circle")  # the ids the model read before
+    assert seen["generate_text"] == tok.encode("Question: what is red? Answer:")
+    assert seen["edit_image"] == [tok.encode("make it blue")]
+    _, vocab = load_checkpoint(assets / "model.ckpt")
+    want = [vocab.eos_id, *tok.encode("a"), vocab.sentinel_id(0), *tok.encode(" circle"), vocab.break_id]
+    ids = seen["infill_batch"]  # <eos> a <mask:0> circle <break> image, for each of the 8 samples
+    assert len(ids) == 8 and all(row == ids[0] for row in ids) and ids[0][: len(want)] == want
+    assert len(ids[0]) == len(want) + vocab.image_tokens
+
+    for extra, message in (
+        (["--prompt", " \n\t"], "--prompt: the prompt holds no text (only whitespace or control characters)"),
+        ([*image, "--instruction", "\x00 "], "--instruction: the instruction holds no text"),
+        ([*image, "--edit", "\r\n"], "--edit: the edit holds no text"),
+        (["--infill", "  "], "--infill: the caption holds no text"),
+        (["--prompt", "a \udcff circle"], "--prompt: the prompt holds an unpaired UTF-16"),  # argv's bad bytes
+    ):
+        argv = [*base(assets, tmp_path / "new"), *extra]
+        argv[argv.index("--ckpt") + 1] = str(assets / "x.png")  # refused before the checkpoint is read
+        assert main(argv) == 2
+        assert capsys.readouterr().err.startswith(f"cm3leon generate: error: {message}")
+        assert not (tmp_path / "new").exists()

@@ -187,3 +187,39 @@ def test_a_tag_against_a_bank_built_from_a_file_warns(tmp_path):
 
     with pytest.warns(UserWarning, match=r"built with the CLIP weights file sha256 0123456789ab\.\.\. .* tag 'openai'"):
         check_clip_weights({"weights_sha256": "0123456789ab" * 5 + "cdef"}, "openai", tmp_path)
+
+
+def test_the_query_is_embedded_as_the_bank_s_cleaned_captions(assets, tmp_path, capsys):
+    """The CLIP text embedding of the prompt was taken of the text as given, though the bank embedded the cleaned
+    captions of ``cm3leon prepare``: a control character glued two words into one CLIP token (``"blue\\x00circle"``)
+    and moved the query. Every retrieval query (``cm3leon generate``, ``serve``, the FID callback) is now cleaned, and
+    one that cleans to nothing is refused naming its index."""
+    from cm3leon_lightning.generation.retrieve import DocumentRetriever
+
+    root, clip = assets["root"], assets["clip"]
+    embedded = []
+
+    class Recording:
+        model_name, dim, pretrained = clip.model_name, clip.dim, clip.pretrained
+
+        def embed_texts(self, texts):
+            embedded.append(list(texts))
+            return clip.embed_texts(texts)
+
+    retriever = DocumentRetriever(root / "bank", root / "shards", Recording(), assets["vocab"])
+    raw = "a blue\x00circle\n"
+    assert not np.allclose(clip.embed_texts([raw]), clip.embed_texts(["a blue circle"]), atol=1e-3)
+    assert retriever.retrieve([raw, "a blue circle"], 2)[0] == retriever.retrieve(["a blue circle"], 2)[0]
+    assert embedded[0] == ["a blue circle", "a blue circle"]
+    with pytest.raises(ValueError, match=r"^captions\[1\]: the caption holds no text \(only whitespace or control"):
+        retriever.retrieve(["a blue circle", "\t\x01 "], 1)
+    with pytest.raises(ValueError, match="captions must be a sequence of strings, got a single str"):
+        retriever.retrieve("a blue circle", 1)
+
+    # cm3leon generate records and retrieves for the cleaned prompt.
+    args = argv(root, tmp_path, "--k", "2", "--method", "greedy", "--cfg", "1", "--num-samples", "1")
+    args[args.index("--prompt") + 1] = "a blue\tcircle \n"
+    assert cli.main(args) == 0
+    keys = retriever.retrieve(["a blue circle"], 2)[0][0]
+    assert json.loads((tmp_path / "retrieved.json").read_text()) == {"prompt": "a blue circle", "keys": keys}
+    capsys.readouterr()

@@ -271,6 +271,34 @@ class BrightnessWriter(ImageWriter):
         return BrightnessScorer()
 
 
+def test_writer_scores_the_prompt_the_model_read(assets, tmp_path):
+    """Re-ranking embedded the prompt as given with CLIP, though the model read it cleaned (and the memory bank's
+    captions were): a control character glued two words into one CLIP token. The scorer now gets the cleaned text;
+    predictions.jsonl still records the prompt as given."""
+    texts = []
+
+    class Recording(BrightnessScorer):
+        def embed_texts(self, t):
+            texts.extend(t)
+            return super().embed_texts(t)
+
+    class Writer(ImageWriter):
+        def load_scorer(self, device):
+            return Recording()
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "a red\x00square\n"}) + "\n" + json.dumps({"prompt": " a  blue circle"}))
+    dm = PromptDataModule(str(prompts), str(assets / "tok"), str(assets / "model.ckpt"), 2)
+    module = CM3LeonModule(preset="tiny", vocab=dm.vocab.to_dict(), generation=GenerationSettings(**SETTINGS))
+    writer = Writer(str(tmp_path / "out"), str(assets / "vqgan"), clip="any")
+    trainer = L.Trainer(accelerator="cpu", logger=False, callbacks=[writer], enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=str(tmp_path))  # fmt: skip
+    trainer.predict(module, datamodule=dm, ckpt_path=str(assets / "model.ckpt"))
+    assert texts == ["a red square", "a blue circle"]
+    rows = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ["a red\x00square\n", " a  blue circle"]
+
+
 def test_writer_reranks_candidates_best_first_and_keeps_the_best(assets, tmp_path):
     """With re-ranking the writer orders each prompt's candidates by score, best first (files, codes, scores and
     order agree), and with keep=1 writes only the best."""

@@ -263,6 +263,30 @@ def test_a_request_the_server_cannot_honour_is_rejected_naming_the_field(api, re
     assert isinstance(response, JSONResponse) and response.status_code == status and detail.encode() in response.body
 
 
+def test_requests_are_tokenized_as_the_training_captions(api, direct):
+    """A prompt, instruction, edit or infill caption with a trailing newline, a tab or a doubled space was tokenized
+    as sent (tokens the model never saw after a training caption); each is now the cleaned text's ids, and one that
+    cleans to nothing is answered 422 naming its field."""
+    _, vocab, tok, _ = direct
+    job = api.decode_request({"prompt": "a red  circle\t\n", "num_samples": 1})
+    assert job.ids == tok.encode("a red circle") == [77, 278, 274, 289, 284] and job.prompt == "a red circle"
+    assert tok.encode("a red  circle\t\n") != job.ids
+    job = api.decode_request({"image": png_base64(0), "instruction": "Question: what is\nred?  Answer: "})
+    assert job.instruction == tok.encode("Question: what is red? Answer:")
+    assert api.decode_request({"image": png_base64(0), "edit": "make it\tblue\n"}).instruction == tok.encode(
+        "make it blue"
+    )
+    job = api.decode_request({"infill": " a  <mask> circle\n"})
+    assert job.ids == [vocab.eos_id, *tok.encode("a"), vocab.sentinel_id(0), *tok.encode(" circle")]
+    image = png_base64(0)
+    for request_, field in (({"prompt": "\n "}, "prompt"), ({"image": image, "instruction": " "}, "instruction"),
+                            ({"image": image, "edit": "\t"}, "edit"), ({"infill": "\x00"}, "infill")):  # fmt: skip
+        job = api.decode_request(request_)
+        assert isinstance(job, Rejected) and job.status == 422
+        assert f"{field}: " in job.detail and "holds no text (only whitespace or control characters)" in job.detail
+        api.encode_response(job)
+
+
 def test_an_unexpected_failure_fails_its_request_or_decode_only(api, monkeypatch):
     """Whatever raises while a request is read, or while a decode runs, is that request's 500: LitServe would answer
     every request of the batch with 500."""

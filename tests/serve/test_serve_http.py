@@ -77,6 +77,8 @@ def test_a_malformed_body_gets_422_naming_the_field(client):
         ('{"prompt": "a red circle", "temperature": -Infinity}', "temperature"),  # carry them back: FastAPI's 422
         ('{"prompt": "a red circle", "num_samples": 1e400}', "num_samples"),  # failed as a 500 with a traceback
         ('{"prompt": "a \\udfff circle"}', "prompt"),
+        ('{"prompt": " \\n\\t"}', "prompt"),  # nothing left after cleaning, as cm3leon prepare cleans captions
+        ('{"image": "aGk=", "instruction": "\\u0000 "}', "instruction"),
         ('{"image": "aGk=", "edit": "x", "colour": "' + "y" * 100_000 + '"}', "colour"),  # not echoed back whole
     ],
 )

@@ -73,6 +73,29 @@ def test_a_malformed_request_is_refused_naming_the_field(body, field):
     assert [field] in [[str(x) for x in err["loc"]][-1:] for err in e.value.errors()]
 
 
+def test_text_fields_are_read_as_the_training_captions_were_cleaned():
+    """The text fields reached the tokenizer as sent: a trailing newline, a tab or a doubled space added tokens that
+    ``cm3leon prepare`` cleans out of every training caption. Text that cleans to nothing is refused naming the field;
+    an empty instruction is still plain captioning."""
+    assert ADAPTER.validate_python({"prompt": " a red\t circle\r\n"}).prompt == "a red circle"
+    text = ADAPTER.validate_python({"image": "aGk=", "instruction": "Question: what\nis it?  Answer: "})
+    assert text.instruction == "Question: what is it? Answer:"
+    assert ADAPTER.validate_python({"image": "aGk=", "instruction": ""}).instruction == ""
+    assert ADAPTER.validate_python({"image": "aGk=", "edit": "make it\x00blue\n"}).edit == "make it blue"
+    assert ADAPTER.validate_python({"infill": "a  <mask>\u2028circle "}).infill == "a <mask> circle"
+    for body, field, what in (
+        ({"prompt": " \n"}, "prompt", "the prompt"),
+        ({"image": "aGk=", "instruction": "\t"}, "instruction", "the instruction"),
+        ({"image": "aGk=", "edit": "\x00\x01"}, "edit", "the edit"),
+        ({"infill": "\r\n"}, "infill", "the caption"),
+    ):
+        with pytest.raises(ValidationError) as e:
+            ADAPTER.validate_python(body)
+        ((err,),) = [e.value.errors()]
+        assert err["loc"][-1] == field
+        assert err["msg"] == f"Value error, {field}: {what} holds no text (only whitespace or control characters)"
+
+
 def test_text_of_max_text_chars_is_accepted():
     assert ADAPTER.validate_python({"prompt": "a" * MAX_TEXT_CHARS}).prompt == "a" * MAX_TEXT_CHARS
 
