@@ -9,7 +9,8 @@ become spaces and whitespace runs collapse to one space. Empty (or missing) afte
 ``caption_missing``. Longer than ``max_chars``: cut at the last space before the limit (or at the limit) and counted
 ``repaired_caption_truncated``. A caption given as bytes gives the same text as the same caption given as a string; a
 huge one is read only up to the text that the limit keeps. (The prepare pipeline also cuts BPE encodings longer than
-``max_caption_tokens``, storing the caption decoded from the kept ids: ``repaired_caption_tokens``.)
+``max_caption_tokens``, storing the caption decoded from the kept ids: ``repaired_caption_tokens``. An
+instruction-tuning document is never cut, as its end holds the answer: it is skipped, ``text_too_long``.)
 
 Image rules: missing file ``image_missing``; unreadable, truncated or decompression-bomb ``image_unreadable``;
 shorter side below ``min_size`` pixels ``image_too_small`` (all skipped). An EXIF orientation other than upright is
@@ -38,6 +39,7 @@ SKIP_REASONS = (
     "image_unreadable",
     "image_too_small",
     "duplicate_key",
+    "text_too_long",
 )
 REPAIR_REASONS = (
     "repaired_caption_non_utf8",

@@ -120,18 +120,23 @@ def encode_part(run: Run, collection: str, index: int, progress: Callable[[int],
         batch.clear()
         dropped.clear()
 
+    whole = run.sources[collection].kind == "sft"  # instruction texts end with their answer: never cut
     for pair in run.sources[collection].iter_range(start, stop):
         counts["read"] += 1
         try:
             caption, repairs = clean_caption(pair.caption, cfg.max_caption_chars)
+            ids = tok.encode(caption)
+            if whole and "segments" not in pair.meta:
+                check_whole(pair.key, repairs, len(ids), cfg.max_caption_tokens)
             image, image_repairs = load_image(pair.image, cfg.min_image_size)
-            segments = encode_segments(pair.meta["segments"], run, repairs) if "segments" in pair.meta else None
+            segments = None
+            if "segments" in pair.meta:
+                segments = encode_segments(pair.meta["segments"], run, repairs, whole, pair.key)
         except BadInput as e:
             counts[e.reason] += 1
             continue
         seg_docs.append(None if segments is None else [[k, len(a)] for k, a in segments])
         seg_ids += [a for _, a in segments or ()]
-        ids = tok.encode(caption)
         if len(ids) > cfg.max_caption_tokens:
             ids = ids[: cfg.max_caption_tokens]
             caption = tok.decode(ids)
@@ -176,12 +181,31 @@ def encode_part(run: Run, collection: str, index: int, progress: Callable[[int],
     return dict(counts)
 
 
-def encode_segments(segments: list[list[str]], run: Run, repairs: list[str]) -> list[tuple[str, np.ndarray]]:
-    """A document's segments (``[kind, text or image path]``, :class:`~cm3leon_lightning.data.sft.SFTSource`) as
-    BPE ids and VQ codes, cleaned and cut like captions (repairs appended to ``repairs``).
+def check_whole(key: str, repairs: list[str], n_ids: int, max_tokens: int) -> None:
+    """Refuse a text that cleaning cut (``repaired_caption_truncated``) or that has more than ``max_tokens`` ids.
 
     Raises:
-        BadInput: a text segment empty after cleaning, or an image that cannot be used (counted, skipped).
+        BadInput: ``text_too_long`` (counted, the document skipped).
+    """
+    from cm3leon_lightning.data.cleaning import BadInput
+
+    if "repaired_caption_truncated" in repairs or n_ids > max_tokens:
+        raise BadInput(
+            "text_too_long",
+            f"{key}: its text would be cut (--max-caption-chars / --max-caption-tokens), losing its end, the answer",
+        )
+
+
+def encode_segments(
+    segments: list[list[str]], run: Run, repairs: list[str], whole: bool = False, key: str = ""
+) -> list[tuple[str, np.ndarray]]:
+    """A document's segments (``[kind, text or image path]``, :class:`~cm3leon_lightning.data.sft.SFTSource`) as
+    BPE ids and VQ codes, cleaned and cut like captions (repairs appended to ``repairs``); with ``whole``, a text
+    segment that would be cut skips the document (:func:`check_whole`).
+
+    Raises:
+        BadInput: a text segment empty after cleaning, or cut with ``whole``, or an image that cannot be used
+            (counted, skipped).
     """
     import torch
 
@@ -195,6 +219,8 @@ def encode_segments(segments: list[list[str]], run: Run, repairs: list[str]) -> 
         if kind == "text":
             text, fixes = clean_caption(value, cfg.max_caption_chars)
             ids = tok.encode(text)
+            if whole:
+                check_whole(key, fixes, len(ids), cfg.max_caption_tokens)
             repairs += fixes + (["repaired_caption_tokens"] if len(ids) > cfg.max_caption_tokens else [])
             out.append(("text", np.asarray(ids[: cfg.max_caption_tokens], np.int32)))
         else:

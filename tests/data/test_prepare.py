@@ -609,3 +609,31 @@ def test_editing_examples_become_documents_with_segments(models: dict[str, str],
     for j, (kind, arr) in enumerate(edit.segments):
         want += ([dm.vocab.break_id] if j else []) + [int(t) + (dm.vocab.n_text if kind == "image" else 0) for t in arr]
     assert [*want, dm.vocab.eos_id] in rows  # the whole editing document, in its own order
+
+
+def test_instruction_texts_that_would_be_cut_are_skipped_not_truncated(models: dict[str, str], tmp_path: Path) -> None:
+    """An SFT text ends with its answer: cut to --max-caption-chars or --max-caption-tokens, a VQA document trained on
+    "Question: ... Answer:" and a cut-off answer. Such documents (and editing documents with a cut instruction) are now
+    skipped and counted as ``text_too_long``; captions of other sources are still cut."""
+    (tmp_path / "img").mkdir()
+    pairs = list(generate_pairs(3, image_size=32, seed=5))
+    for i, p in enumerate(pairs):
+        Image.fromarray(p.image).save(tmp_path / "img" / f"{i}.png")
+    long = "a very long answer " * 4  # 76 characters
+    rare = "".join(chr(0x4E00 + 7 * i) for i in range(16))  # 16 characters the tokenizer never saw
+    lines = [
+        {"task": "caption", "image": "img/0.png", "caption": "a"},  # kept: 27 ids
+        {"task": "vqa", "image": "img/1.png", "question": "what?", "answer": long},  # cut by characters
+        {"task": "edit", "image": "img/0.png", "instruction": long, "target": "img/1.png"},  # a cut segment
+        {"task": "vqa", "image": "img/2.png", "question": "what?", "answer": rare},  # cut by tokens (37)
+    ]
+    (tmp_path / "sft.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+    source = SFTSource(tmp_path / "sft.jsonl", up=1, down=1)
+    out = tmp_path / "out"
+    prepare(source, out, **settings(models, val_fraction=0, k_per_modality=0, max_caption_chars=70,
+                                    max_caption_tokens=32))  # fmt: skip
+    counts = json.loads((out / "summary.json").read_text())["counts"]
+    assert (counts["read"], counts["kept"], counts["text_too_long"]) == (4, 1, 3)
+    assert "repaired_caption_truncated" not in counts and "repaired_caption_tokens" not in counts
+    m = Manifest.load(out / "train" / "manifest.json")
+    assert [s.key for shard in m.shards for s in read_shard(out / "train" / shard.name, m)] == ["sft-sft-1-0"]
