@@ -14,18 +14,20 @@ checkpoint. Validation and test loaders are finite, exact and deterministic (no 
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
+import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
 from cm3leon_lightning.data.sampling import trainer_progress
 from cm3leon_lightning.data.shards import MANIFEST_NAME, Manifest, ShardInfo
 from cm3leon_lightning.data.stages import PipelineConfig, document_length
-from cm3leon_lightning.data.stream import ResumableLoader, ShardStream
+from cm3leon_lightning.data.stream import ResumableLoader, ShardStream, _distributed_world_size
 from cm3leon_lightning.tokenization.vocab import MultimodalVocab
 
 
@@ -308,7 +310,8 @@ class CM3LeonDataModule(L.LightningDataModule):
 
     @property
     def data_counts(self) -> dict[str, int]:
-        """Counts for the consumed training batches: ``skipped_<reason>``, ``dropped_retrieved``, ``examples``..."""
+        """This rank's counts for the consumed training batches: ``skipped_<reason>``, ``dropped_retrieved``,
+        ``examples``... (:class:`DataCountsLogger` logs them summed over ranks)."""
         if self._train_loader is None:
             return dict((self._pending_state or {}).get("counts", {}))
         return self._train_loader.data_counts()
@@ -334,11 +337,24 @@ class CM3LeonDataModule(L.LightningDataModule):
         self._pending_state = dict(state_dict)
 
 
-class DataCountsLogger(L.Callback):
-    """Log the data module's counts (cumulative over the run) every ``every_n_steps`` optimisation steps:
-    ``data/examples``, ``data/skipped_<reason>``, ``data/dropped_retrieved``...
+def sum_over_ranks(counts: dict[str, int]) -> dict[str, int]:
+    """``counts`` summed over every rank under ``torch.distributed`` (a collective: every rank calls it); as is on
+    one process."""
+    world = _distributed_world_size()
+    if world == 1:
+        return dict(counts)
+    parts: list[Any] = [None] * world
+    torch.distributed.all_gather_object(parts, dict(counts))
+    return dict(sum((Counter(p) for p in parts), Counter()))
 
-    The counts go straight to the trainer's loggers (global rank zero) at those steps, not through
+
+class DataCountsLogger(L.Callback):
+    """Log the data module's counts (cumulative over the run, summed over ranks) every ``every_n_steps`` optimisation
+    steps: ``data/examples``, ``data/skipped_<reason>``, ``data/dropped_retrieved``...
+
+    Every rank counts its own batches (:attr:`CM3LeonDataModule.data_counts`); under ``torch.distributed`` they are
+    gathered at those steps (a collective on every rank), so a sample skipped on any rank is logged, not only rank
+    zero's. The counts go straight to the trainer's loggers (global rank zero) at those steps, not through
     ``LightningModule.log``: a value logged there only at some steps is written again, stale, at the steps between
     (what ``every_n_steps > 1`` did before). :attr:`last` holds the latest counts written.
 
@@ -354,7 +370,10 @@ class DataCountsLogger(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         counts = getattr(trainer.datamodule, "data_counts", None) if trainer.datamodule is not None else None
-        if not counts or trainer.global_step % self.every_n_steps:
+        if counts is None or trainer.global_step % self.every_n_steps:  # the same on every rank
+            return
+        counts = sum_over_ranks(counts)
+        if not counts:
             return
         self.last = {f"data/{name}": float(value) for name, value in counts.items()}
         if trainer.is_global_zero:

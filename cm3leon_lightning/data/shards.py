@@ -21,6 +21,7 @@ import collections
 import hashlib
 import io
 import json
+import numbers
 import os
 import re
 import tarfile
@@ -122,10 +123,17 @@ class Manifest:
             ("text_tokenizer", ("n_text",)),
             ("image_tokenizer", ("n_codes", "grid_h", "grid_w")),
         ):
-            missing = [k for k in keys if k not in getattr(self, section)]
+            values = getattr(self, section)
+            if not isinstance(values, dict):
+                raise ValueError(f"manifest {section} must be an object, got {values!r}")
+            missing = [k for k in keys if k not in values]
             if missing:
                 raise ValueError(f"manifest {section} lacks {missing}")
-        self.shards = [s if isinstance(s, ShardInfo) else ShardInfo(**s) for s in self.shards]
+            for k in keys + (("num_sentinels",) if section == "text_tokenizer" and "num_sentinels" in values else ()):
+                if isinstance(values[k], bool) or not isinstance(values[k], numbers.Integral):  # 64.7 became 64
+                    raise ValueError(f"manifest {section}.{k} must be an integer, got {values[k]!r}")
+        self.shards = [_shard_info(i, s) for i, s in enumerate(_as_list(self.shards))]
+        first: dict[str, int] = {}
         for i, info in enumerate(self.shards):  # a bad count loses or misreads samples without a word
             if not isinstance(info.name, str) or not info.name:
                 raise ValueError(f"manifest shards[{i}].name must be a non-empty string, got {info.name!r}")
@@ -135,6 +143,9 @@ class Manifest:
                 )
             if info.sha256 is not None and not isinstance(info.sha256, str):
                 raise ValueError(f"manifest shards[{i}] ({info.name}): sha256 must be a string, got {info.sha256!r}")
+            if info.name in first:  # the dataset's directory listed it twice: its samples were read twice an epoch
+                raise ValueError(f"manifest shards[{i}] ({info.name}) repeats the name of shards[{first[info.name]}]")
+            first[info.name] = i
         self.vocab()  # validates the sizes
 
     @property
@@ -195,6 +206,27 @@ class Manifest:
             raise ValueError(f"cannot read manifest {path}: {e}") from e
         manifest.location = str(path)
         return manifest
+
+
+def _as_list(shards: Any) -> list[Any]:
+    """The manifest's ``shards``, which must be a list (a dict or a string was iterated by key or by character)."""
+    if not isinstance(shards, list):
+        raise ValueError(f"manifest shards must be a list of {{name, count, sha256}}, got {type(shards).__name__}")
+    return shards
+
+
+def _shard_info(i: int, entry: Any) -> ShardInfo:
+    """Entry ``i`` of the manifest's ``shards`` as a :class:`ShardInfo`, its missing or unknown fields named."""
+    if isinstance(entry, ShardInfo):
+        return entry
+    fields = ("name", "count", "sha256")
+    if not isinstance(entry, dict):
+        raise ValueError(f"manifest shards[{i}] must be an object with {list(fields)}, got {entry!r}")
+    missing, unknown = [f for f in fields if f not in entry], sorted(set(entry) - set(fields))
+    if missing or unknown:
+        what = [f"lacks {missing}"] * bool(missing) + [f"has unknown field(s) {unknown}"] * bool(unknown)
+        raise ValueError(f"manifest shards[{i}] {' and '.join(what)} (its fields: {list(fields)})")
+    return ShardInfo(**entry)
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

@@ -51,15 +51,28 @@ def read_piece(
             lost["skipped_sha256_mismatch"] += piece.size
             return [], lost
     items: list[tuple[str, dict[str, bytes]]] = []
+    held = 0  # samples of the shard read so far
     try:
         for i, item in enumerate(iter_tar_samples(io.BytesIO(data), url)):
+            held = i + 1
             if i >= piece.stop:
+                if piece.stop == info.count:  # the plan never reads past the manifest's count
+                    log.warning(
+                        "shard %s holds more samples than the manifest's count %d: the rest are never read (fix the "
+                        "count in manifest.json or re-prepare the dataset)", url, info.count
+                    )  # fmt: skip
                 break
             if i >= piece.start:
                 items.append(item)
     except ShardFormatError as e:
         log.warning("%s; skipping the rest of the shard", e)
-    if len(items) < piece.size:  # truncated or garbled: the rest of the piece is lost
+    else:
+        if len(items) < piece.size:  # a whole tar that ends early: the manifest's count is wrong
+            log.warning(
+                "skipping %d samples of shard %s: it holds %d samples, the manifest counts %d",
+                piece.size - len(items), url, held, info.count,
+            )  # fmt: skip
+    if len(items) < piece.size:  # truncated, garbled or short: the rest of the piece is lost
         lost["skipped_corrupt_shard"] += piece.size - len(items)
     return items, lost
 

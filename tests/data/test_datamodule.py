@@ -91,6 +91,38 @@ def test_data_counts_every_n_steps_are_written_at_those_steps_only(tiny_dataset:
     assert [(int(r["step"]), float(r["data/examples"])) for r in rows] == [(3, 6.0), (6, 12.0)]  # 2 per batch
 
 
+def test_data_counts_are_summed_over_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under DDP only global rank zero's counts were logged: a rank that skipped a whole shard logged nothing."""
+    from types import SimpleNamespace
+
+    from cm3leon_lightning.data import DataCountsLogger
+
+    other_rank = {"examples": 10, "skipped_corrupt_shard": 4}
+    gathered: list[dict] = []
+
+    def all_gather_object(out: list, obj: dict) -> None:
+        gathered.append(obj)
+        out[:] = [obj, other_rank]
+
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(torch.distributed, "all_gather_object", all_gather_object)
+    written: list[tuple[dict, int]] = []
+    trainer = SimpleNamespace(
+        datamodule=SimpleNamespace(data_counts={"examples": 12, "dropped_retrieved": 1}),
+        global_step=3,
+        is_global_zero=True,
+        loggers=[SimpleNamespace(log_metrics=lambda metrics, step: written.append((metrics, step)))],
+    )
+    callback = DataCountsLogger(every_n_steps=3)
+    callback.on_train_batch_end(trainer, None)
+    want = {"data/examples": 22.0, "data/dropped_retrieved": 1.0, "data/skipped_corrupt_shard": 4.0}
+    assert written == [(want, 3)] and callback.last == want
+    trainer.global_step = 4  # not a logging step: no collective either (every rank skips it alike)
+    callback.on_train_batch_end(trainer, None)
+    assert len(gathered) == 1 and len(written) == 1
+
+
 @pytest.mark.parametrize(
     ("counts", "world", "workers", "per_batch"),
     [([4, 4, 4, 4, 4, 2], 2, 2, 2), ([5, 3, 7, 1], 3, 1, 4), ([10] * 7, 4, 3, 3), ([1, 1], 2, 0, 5)],
@@ -331,6 +363,25 @@ def test_bad_shards_are_skipped_and_counted(tiny_dataset: Path) -> None:
     dm = make_dm(tiny_dataset, verify_sha256=False)
     assert len(keys_of(list(dm.train_dataloader()))) == 18
     assert dm.skip_counts == {"corrupt_shard": 4}
+
+
+def test_a_shard_count_other_than_the_manifest_is_named(tiny_dataset: Path, caplog) -> None:
+    """A manifest count above the shard's samples was counted as corrupt_shard with no word naming the shard; one
+    below it lost the shard's last samples every epoch without a count or a word (its sha256 still matched)."""
+    m = json.loads((tiny_dataset / "manifest.json").read_text())
+    url = tiny_dataset / "shard-000001.tar"
+    for count, want_keys, want_skips, message in (
+        (5, 22, {"corrupt_shard": 1}, f"skipping 1 samples of shard {url}: it holds 4 samples, the manifest counts 5"),
+        (3, 21, {}, f"shard {url} holds more samples than the manifest's count 3: the rest are never read"),
+    ):
+        m["shards"][1]["count"] = count
+        (tiny_dataset / "manifest.json").write_text(json.dumps(m))
+        caplog.clear()
+        dm = make_dm(tiny_dataset)
+        with caplog.at_level("WARNING", logger="cm3leon_lightning.data.stream"):
+            keys = keys_of(list(dm.train_dataloader()))
+        assert len(keys) == want_keys and dm.skip_counts == want_skips
+        assert [r.getMessage() for r in caplog.records if str(url) in r.getMessage()][0].startswith(message)
 
 
 def test_skip_counts_survive_resume_and_the_limit_stops_the_run(tiny_dataset: Path) -> None:

@@ -299,3 +299,33 @@ def test_reader_rejects_bad_segments_with_a_reason(mutate, reason) -> None:
     with pytest.raises(ShardFormatError) as err:
         decode_sample("doc", members, vocab)
     assert err.value.reason == reason
+
+
+def test_manifest_errors_name_the_field_and_refuse_what_was_misread(tmp_path: Path) -> None:
+    """n_text 64.7 became 64 and grid_h true became 1 without a word; a shard listed twice was read twice an epoch;
+    other bad entries raised bare TypeErrors ("ShardInfo() argument after ** must be a mapping")."""
+    write_dataset(tmp_path, 4, 2)
+    d = json.loads((tmp_path / "manifest.json").read_text())
+    cases = (
+        ("text_tokenizer", "n_text", 64.7, r"text_tokenizer.n_text must be an integer, got 64.7"),
+        ("text_tokenizer", "num_sentinels", "8", r"text_tokenizer.num_sentinels must be an integer, got '8'"),
+        ("image_tokenizer", "grid_h", True, r"image_tokenizer.grid_h must be an integer, got True"),
+        ("image_tokenizer", "n_codes", None, r"image_tokenizer.n_codes must be an integer, got None"),
+    )
+    for section, key, value, message in cases:
+        with pytest.raises(ValueError, match=message):
+            Manifest.from_dict({**d, section: {**d[section], key: value}})
+    with pytest.raises(ValueError, match="manifest text_tokenizer must be an object, got None"):
+        Manifest.from_dict({**d, "text_tokenizer": None})
+    first, second = d["shards"]
+    bad_shards = (
+        ({"a": first}, r"manifest shards must be a list of \{name, count, sha256\}, got dict"),
+        ([first, "shard-000001.tar"], r"manifest shards\[1\] must be an object"),
+        ([first, {"name": second["name"], "count": 2}], r"manifest shards\[1\] lacks \['sha256'\]"),
+        ([first, {**second, "size": 9}], r"manifest shards\[1\] has unknown field\(s\) \['size'\]"),
+        ([first, second, first], r"manifest shards\[2\] \(shard-000000.tar\) repeats the name of shards\[0\]"),
+    )
+    for shards, message in bad_shards:
+        with pytest.raises(ValueError, match=message):
+            Manifest.from_dict({**d, "shards": shards})
+    assert Manifest.from_dict(d).vocab().n_text == 64
