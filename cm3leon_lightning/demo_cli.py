@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluation) and write samples.png, metrics.json and report.md.",
     )
     p.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
-    p.add_argument("--size", choices=sorted(SIZES), default="default", help="'mini' runs in seconds (tests)")
+    p.add_argument("--size", choices=sorted(SIZES), default="default", help="'mini' runs in under a minute (tests)")
     p.add_argument("--fresh", action="store_true", help="delete the run directory first and redo every stage")
     p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the data and of every training run")
     p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: all CPU cores)")
