@@ -27,19 +27,24 @@ def drawn_samples(urls: list[str], rng: np.random.Generator) -> Iterator[dict[st
     """Raw WebDataset samples of shards drawn from ``urls`` with replacement by ``rng``, forever.
 
     Raises:
-        ValueError: when ``2 * len(urls) + 10`` shards drawn in a row held no sample (naming the last one): the
-            stream would never fill a batch.
+        ValueError: when every shard of ``urls`` was drawn, and held no sample, since the last sample (naming the
+            last one): the stream would never fill a batch. Some empty shards among others are read past, however
+            many (a run of empty draws is no sign that all are empty).
     """
-    empty, limit = 0, 2 * len(urls) + 10
+    empty: set[str] = set()  # the shards drawn empty since the last sample
+    distinct = len(set(urls))
     while True:
         url = urls[int(rng.integers(len(urls)))]
         found = False
         for sample in wds.tarfile_to_samples()([{"url": url}]):
             found = True
             yield sample
-        empty = 0 if found else empty + 1
-        if empty >= limit:
-            raise ValueError(f"{empty} shards drawn in a row held no sample (the last: {url}); are the shards empty?")
+        if found:
+            empty.clear()
+            continue
+        empty.add(url)
+        if len(empty) == distinct:
+            raise ValueError(f"all {distinct} shards were drawn and held no sample (the last: {url}); are they empty?")
 
 
 def image_batches(

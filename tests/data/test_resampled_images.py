@@ -169,11 +169,22 @@ def test_bad_settings_are_refused_naming_the_argument(tmp_path: Path) -> None:
         remote.train_dataloader()
     with pytest.raises(ValueError, match=r"the training shards \(.*hollow/s-0.tar\.\.\.\) hold no samples"):
         data(tmp_path / "hollow").train_dataloader()
-    with pytest.raises(ValueError, match=r"14 shards drawn in a row held no sample \(the last: .*hollow/s-"):
+    with pytest.raises(ValueError, match=r"all 2 shards were drawn and held no sample \(the last: .*hollow/s-"):
         list(data(tmp_path / "hollow", epoch_batches=1).train_dataloader())
     with pytest.raises(ValueError, match="needs at least one shard URL"):
         ResampledImageShards([], 8, 2, 1)
     assert next(drawn_samples([str(tmp_path / "sh" / "s-0.tar")], np.random.default_rng(0)))["__key__"] == "i0000"
+
+
+def test_empty_shards_among_others_are_read_past_however_many(tmp_path: Path) -> None:
+    """19 empty shards and one of 3 images: long runs of empty draws are normal, not a sign that all are empty (a
+    limit of 2 x shards + 10 empty draws in a row raised for every seed)."""
+    write_shards(tmp_path / "sh", [0] * 19 + [3])
+    urls = sorted(str(p) for p in (tmp_path / "sh").glob("*.tar"))
+    for seed in range(5):
+        stream = drawn_samples(urls, np.random.default_rng(seed))
+        keys = [next(stream)["__key__"] for _ in range(300)]
+        assert sorted(set(keys)) == ["i0000", "i0001", "i0002"] and len(keys) == 300
 
 
 def test_two_process_ddp_trains_on_uneven_shards_without_hanging(tmp_path: Path) -> None:
