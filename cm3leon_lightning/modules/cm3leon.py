@@ -118,12 +118,6 @@ class CM3LeonModule(L.LightningModule):
         WarmupDecay(warmup_steps, 1, lr_decay, min_lr_ratio)  # validates the schedule arguments early
         if decay_steps is not None and decay_steps < 1:
             raise ValueError(f"decay_steps must be >= 1 (or None: the trainer's total steps), got {decay_steps}")
-        if decay_steps is not None and decay_steps <= warmup_steps and lr_decay != "constant":
-            # it used to drop to min_lr_ratio in the step after the warm-up
-            raise ValueError(
-                f"decay_steps {decay_steps} <= warmup_steps {warmup_steps}: decay_steps is the step at which the "
-                "decay ends, counted from step 0 with the warm-up included (warmup_steps + the decay's length)"
-            )
         if not lr >= 0:  # 0 trains nothing, which tests and frozen runs use
             raise ValueError(f"lr must be >= 0, got {lr}")
         self.config = config
@@ -481,6 +475,14 @@ class CM3LeonModule(L.LightningModule):
         fused = self.device.type == "cuda"
         optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps, fused=fused)
         total = hp.decay_steps
+        if total is not None and total <= hp.warmup_steps and hp.lr_decay != "constant":
+            # it used to drop to min_lr_ratio in the step after the warm-up; checked here, not in __init__, so that
+            # checkpoints saved with such settings still load for validation and prediction
+            raise ValueError(
+                f"decay_steps {total} <= warmup_steps {hp.warmup_steps}: decay_steps is the step at which the "
+                "decay ends, counted from step 0 with the warm-up included (warmup_steps + the decay's length); "
+                "pass another --model.init_args.decay_steps"
+            )
         if total is None:
             try:
                 estimated: float | None = float(self.trainer.estimated_stepping_batches)
