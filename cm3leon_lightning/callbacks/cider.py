@@ -129,7 +129,7 @@ class CIDErCallback(GenerationCallback):
 
         The default runs :func:`~cm3leon_lightning.generation.generate_text` with the module's network and decodes
         the ids with the text tokenizer. Instructions are tokenized as the training captions were cleaned
-        (:func:`~cm3leon_lightning.data.cleaning.model_text`); an empty one (a str) is plain captioning.
+        (:func:`~cm3leon_lightning.data.cleaning.model_text`); an empty one is plain captioning (of its image).
         """
         from cm3leon_lightning.generation import generate_text
 
@@ -137,7 +137,7 @@ class CIDErCallback(GenerationCallback):
         if isinstance(instruction, str):
             prompt = tok.encode(model_text(instruction, "instruction", "the instruction")) if instruction else None
         else:
-            prompt = tok.encode_batch([model_text(t, f"instruction[{i}]", "the instruction")
+            prompt = tok.encode_batch(["" if t == "" else model_text(t, f"instruction[{i}]", "the instruction")
                                        for i, t in enumerate(instruction)])  # fmt: skip
         with fresh_kv_cache(module_network(pl_module)) as net:
             ids = generate_text(

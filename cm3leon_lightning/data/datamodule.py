@@ -345,7 +345,10 @@ def sum_over_ranks(counts: dict[str, int]) -> dict[str, int]:
         return dict(counts)
     parts: list[Any] = [None] * world
     torch.distributed.all_gather_object(parts, dict(counts))
-    return dict(sum((Counter(p) for p in parts), Counter()))
+    total: Counter = Counter()
+    for part in parts:  # update, not +: Counter addition drops the zero counts that one process logs
+        total.update(part)
+    return dict(total)
 
 
 class DataCountsLogger(L.Callback):

@@ -31,8 +31,10 @@ import argparse
 import os
 import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -187,6 +189,7 @@ def build_server(args: argparse.Namespace) -> object:
         timeout=args.timeout, max_payload_size=int(args.max_payload_mb * 2**20),
     )  # fmt: skip
     install_error_handlers(server.app)
+    shutdown_once(server)
     return server
 
 
@@ -209,6 +212,50 @@ def stop_on_sigterm() -> None:
 
     signal.signal(signal.SIGTERM, interrupt)
     signal.signal(signal.SIGINT, interrupt)
+
+
+MONITOR_THREAD = "litserve-monitoring"
+"""The name of LitServe's thread that watches the inference workers."""
+
+
+def _set_quietly(event: Any) -> None:
+    try:
+        event.set()
+    except (OSError, EOFError):  # the manager is gone already
+        pass
+
+
+def shutdown_once(server: Any) -> None:
+    """Make LitServe's shutdown run once, with its worker-monitoring thread stopped first.
+
+    LitServe (0.2.19) shuts down from the main thread on Ctrl+C and from its monitoring thread when a worker dies (the
+    workers end on the same signal), and never stops that thread: waking after the shutdown had closed the
+    multiprocessing manager, it asked the manager's shutdown event and logged a ``BrokenPipeError`` traceback (seen
+    under load). Now the first caller sets the event, waits for the thread to leave its loop, then shuts down; a
+    second caller waits for that to finish. Private LitServe names that are missing leave the server unchanged.
+    """
+    shutdown = getattr(server, "_perform_graceful_shutdown", None)
+    if shutdown is None or not hasattr(server, "_shutdown_event"):
+        return
+    lock, done = threading.Lock(), [False]
+
+    def once(*args: Any, **kwargs: Any) -> None:
+        with lock:
+            if done[0]:
+                return
+            done[0] = True
+            if server._shutdown_event is not None:  # set from a thread of its own: a proxy has a connection per
+                # thread, and the main thread's is still busy with the wait() that Ctrl+C interrupted
+                setter = threading.Thread(target=_set_quietly, args=(server._shutdown_event,), daemon=True)
+                setter.start()
+                setter.join(timeout=5)
+            if threading.current_thread().name != MONITOR_THREAD:
+                for thread in threading.enumerate():
+                    if thread.name == MONITOR_THREAD:
+                        thread.join(timeout=getattr(server, "monitor_internal", 2) + 1)
+            shutdown(*args, **kwargs)
+
+    server._perform_graceful_shutdown = once
 
 
 def main(argv: Sequence[str]) -> int:

@@ -55,7 +55,7 @@ class TextTokenizer:
     Build one with :meth:`train` or :meth:`load`; the constructor wraps an existing ``tokenizers.Tokenizer`` and
     checks it (so every way in gives the same guarantees). Its truncation and padding are switched off: a file
     saved with ``max_length`` or padding would otherwise cut captions short or pad :meth:`encode_batch` rows with
-    the special ``<pad>`` id.
+    the special ``<pad>`` id. They are switched off in a copy: the tokenizer passed in is left as it was.
 
     Args:
         tokenizer: a ``tokenizers.Tokenizer`` whose first ids are ``special_tokens(num_sentinels)``.
@@ -70,12 +70,15 @@ class TextTokenizer:
     """
 
     def __init__(self, tokenizer: Tokenizer, source: str | Path | None = None, raw: bytes | None = None) -> None:
-        self._tok = tokenizer
+        serialized = tokenizer.to_str()
+        # A copy: the settings switched below (special strings as text, no truncation or padding) must not change a
+        # tokenizer the caller goes on using.
+        tokenizer = self._tok = Tokenizer.from_str(serialized)
         self.path: Path | None = Path(source) if source is not None else None
         where = str(source) if source is not None else "tokenizer"
         self.num_sentinels = _count_sentinels(tokenizer, where)
         _check_special_ids(tokenizer, self.num_sentinels, where)
-        model = json.loads(tokenizer.to_str()).get("model", {})
+        model = json.loads(serialized).get("model", {})
         _check_merges(model, self.num_sentinels, where)
         _check_contiguous_ids(tokenizer, where)
         # Literal "<eos>" etc. in input text goes through BPE like any other text (never a special id).

@@ -466,3 +466,23 @@ def test_instructions_and_questions_are_tokenized_as_the_training_captions(parts
         (tmp_path / "vqa.json").write_text(json.dumps([{**ok, "question": "q"}, {**ok, "question": question}]))
         with pytest.raises(ValueError, match=rf"vqa.json: {message}"):
             read_vqa_file(tmp_path / "vqa.json")
+
+
+def test_an_empty_instruction_among_several_is_plain_captioning(parts, monkeypatch) -> None:
+    """Found in review: ``generate`` with one instruction per image refused an empty one ("instruction[0]: the
+    instruction holds no text"), though an empty one is plain captioning, as it was before prompts were cleaned."""
+    import cm3leon_lightning.generation as generation
+
+    tok, _, module = parts
+    seen, real = [], generation.generate_text
+
+    def spy(model, vocab, codes, instruction=None, **kwargs):
+        seen.append(instruction)
+        return real(model, vocab, codes, instruction, **kwargs)
+
+    monkeypatch.setattr(generation, "generate_text", spy)
+    cb = CIDErCallback(samples=coded_samples(2), text_tokenizer=tok, tokenizer="simple", max_new_tokens=2)
+    answers = cb.generate(module, torch.stack([s.codes for s in coded_samples(2)]), ["", "what\tis it? "], cb.seed)
+    assert seen == [[[], tok.encode("what is it?")]] and len(answers) == 2
+    with pytest.raises(ValueError, match=r"^instruction\[1\]: the instruction holds no text"):
+        cb.generate(module, torch.stack([s.codes for s in coded_samples(2)]), ["", " \n"], cb.seed)

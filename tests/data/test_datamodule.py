@@ -123,6 +123,18 @@ def test_data_counts_are_summed_over_ranks(monkeypatch: pytest.MonkeyPatch) -> N
     assert len(gathered) == 1 and len(written) == 1
 
 
+def test_zero_counts_summed_over_ranks_are_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Counter addition drops zeros: under DDP data/dropped_retrieved 0 was never logged (one process logs it)."""
+    from cm3leon_lightning.data.datamodule import sum_over_ranks
+
+    counts = {"examples": 12, "dropped_retrieved": 0, "truncated_tokens": 0}
+    assert sum_over_ranks(counts) == counts  # one process: as is
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(torch.distributed, "all_gather_object", lambda out, o: out.__setitem__(slice(0, 2), [o] * 2))
+    assert sum_over_ranks(counts) == {"examples": 24, "dropped_retrieved": 0, "truncated_tokens": 0}
+
+
 @pytest.mark.parametrize(
     ("counts", "world", "workers", "per_batch"),
     [([4, 4, 4, 4, 4, 2], 2, 2, 2), ([5, 3, 7, 1], 3, 1, 4), ([10] * 7, 4, 3, 3), ([1, 1], 2, 0, 5)],

@@ -304,3 +304,52 @@ def test_a_signal_to_the_process_group_answers_the_requests_in_flight(serve_asse
         if group_alive(proc.pid):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
+
+
+def test_shutdown_stops_litserve_s_monitoring_thread_first_and_runs_once() -> None:
+    """LitServe's monitoring thread outlived the shutdown: waking after the manager was closed, it asked the closed
+    manager for the shutdown event and logged a BrokenPipeError traceback (the SIGINT test above, under load). Its
+    shutdown is also called from that thread when a worker dies; it must run once, after the thread has stopped."""
+    import threading
+
+    from cm3leon_lightning.serve.cli import MONITOR_THREAD, shutdown_once
+
+    calls: list[tuple[str, bool]] = []
+    setters: list[str] = []
+
+    class ProxyEvent(threading.Event):
+        """Records the thread that sets it: the manager proxy's connection of the thread whose wait() Ctrl+C
+        interrupted is still busy with it, so setting it there hung the shutdown."""
+
+        def set(self) -> None:
+            setters.append(threading.current_thread().name)
+            super().set()
+
+    class Server:
+        monitor_internal = 0.05
+
+        def __init__(self) -> None:
+            self._shutdown_event = ProxyEvent()
+
+        def _perform_graceful_shutdown(self, manager: object, workers: object, reason: str = "normal") -> None:
+            calls.append((reason, monitor.is_alive()))
+
+    server = Server()
+    monitor = threading.Thread(target=lambda: [time.sleep(0.01) for _ in iter(server._shutdown_event.is_set, True)],
+                               name=MONITOR_THREAD, daemon=True)  # fmt: skip
+    monitor.start()
+    shutdown_once(server)
+    first = threading.Thread(target=server._perform_graceful_shutdown, args=(None, {}, "keyboard_interrupt"))
+    first.start()
+    server._perform_graceful_shutdown(None, {}, "worker died")  # the monitoring thread's call, racing
+    first.join()
+    assert len(calls) == 1 and calls[0][1] is False  # once, with the monitoring thread already stopped
+    assert server._shutdown_event.is_set() and not monitor.is_alive()
+    assert len(setters) == 1 and setters[0] not in ("MainThread", first.name, MONITOR_THREAD)
+
+    class Other:  # a LitServe without these private names is left as it is
+        pass
+
+    other = Other()
+    shutdown_once(other)
+    assert vars(other) == {}

@@ -311,6 +311,22 @@ def test_truncation_and_padding_stored_in_a_file_are_switched_off(tok, tmp_path,
     assert pickle.loads(pickle.dumps(loaded)).encode_batch([text, "a"]) == [tok.encode(text), tok.encode("a")]
 
 
+def test_a_wrapped_tokenizer_of_the_caller_keeps_its_settings(tok):
+    """Found in review: wrapping a caller's ``tokenizers.Tokenizer`` switched off its truncation and padding and made
+    it encode "<eos>" as text, under the caller's feet (a tokenizer shared with transformers code changed)."""
+    theirs = Tokenizer.from_str(tok.backend.to_str())
+    theirs.enable_truncation(max_length=4)
+    theirs.enable_padding(length=8, pad_id=0, pad_token="<pad>")
+    text = "a red cube sits on a wooden table."
+    before = theirs.encode(text).ids
+    wrapped = TextTokenizer(theirs)
+    assert wrapped.encode(text) == tok.encode(text) and len(tok.encode(text)) > 8
+    assert theirs.truncation["max_length"] == 4 and theirs.padding["length"] == 8
+    assert theirs.encode(text).ids == before and len(before) == 8
+    assert theirs.encode("<eos>").ids[0] == 1 and not theirs.encode_special_tokens
+    assert wrapped.sha256 == tok.sha256  # the settings in use: no truncation or padding
+
+
 def test_train_refuses_a_single_string_and_names_a_non_string_item():
     """Found in review: a single string trained on its characters (no merges, silently), and a ``None`` caption
     failed with "'NoneType' object is not iterable", naming neither the argument nor the item."""
