@@ -107,9 +107,12 @@ def _compiled_flex_attention() -> Callable[..., Tensor]:
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | BlockMask | None) -> Tensor:
     """``(B, H, T, D)`` attention of ``q`` over ``k``/``v``: FlexAttention for a :func:`cache_block_mask`, else SDPA
-    with a ``(B, 1, T, S)`` bool mask, or plain causal attention (``T == S``) when ``mask`` is None."""
+    with a ``(B, 1, T, S)`` bool mask, or plain causal attention (``T == S``) when ``mask`` is None. A KV cache of
+    another dtype than the queries (``setup_kv_cache(dtype=...)``) is read in the queries' dtype."""
     if isinstance(mask, BlockMask):
         return flex_cached_attention(q, k, v, mask)
+    if k.dtype != q.dtype:  # SDPA refuses mixed dtypes outside autocast (under autocast it casts for itself)
+        k, v = k.to(q.dtype), v.to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
 
 

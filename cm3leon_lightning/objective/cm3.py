@@ -12,6 +12,7 @@ and is trained with plain next-token prediction. :func:`cm3_restore` is the exac
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import numpy as np
@@ -20,6 +21,9 @@ from cm3leon_lightning.tokenization.vocab import SENTINEL_OFFSET, MultimodalVoca
 
 DEFAULT_RATE = 1.0
 DEFAULT_WHOLE_SEGMENT_PROB = 0.25
+MAX_RATE = 1e6
+"""Largest Poisson rate accepted: far above any sentinel count K (``n`` is capped at K), and below the rates numpy's
+Poisson sampler refuses (about 9.2e18), which would otherwise fail only at the first batch."""
 
 
 def find_segments(ids: np.ndarray, vocab: MultimodalVocab) -> tuple[np.ndarray, np.ndarray]:
@@ -57,16 +61,25 @@ def _as_ids(ids: np.ndarray | Sequence[int], vocab: MultimodalVocab, name: str) 
     return arr
 
 
+def _is_real(value: object) -> bool:
+    """A real number (Python or numpy), not a bool (YAML 1.1 reads ``1e-1`` as a string, so check the type)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
 def check_infill_args(rate: float = DEFAULT_RATE, whole_segment_prob: float = DEFAULT_WHOLE_SEGMENT_PROB) -> None:
     """Check :func:`cm3_infill`'s settings (a data pipeline calls it when configured, before any data is read).
 
     Raises:
-        ValueError: ``rate`` not a finite number >= 0, or ``whole_segment_prob`` outside ``[0, 1]``.
+        ValueError: ``rate`` not a number in ``[0, MAX_RATE]``, or ``whole_segment_prob`` not a number in ``[0, 1]``.
     """
-    if not (rate >= 0 and np.isfinite(rate)):
-        raise ValueError(f"rate must be a finite number >= 0, got {rate}")
-    if not 0.0 <= whole_segment_prob <= 1.0:
-        raise ValueError(f"whole_segment_prob must lie in [0, 1], got {whole_segment_prob}")
+    if not (_is_real(rate) and 0 <= rate < float("inf")):
+        raise ValueError(f"rate must be a finite number >= 0, got {rate!r}")
+    if rate > MAX_RATE:
+        raise ValueError(
+            f"rate must be at most {MAX_RATE:.0f} (the number of spans is capped at K anyway), got {rate!r}"
+        )
+    if not (_is_real(whole_segment_prob) and 0.0 <= whole_segment_prob <= 1.0):
+        raise ValueError(f"whole_segment_prob must lie in [0, 1], got {whole_segment_prob!r}")
 
 
 def cm3_infill(
@@ -115,7 +128,7 @@ def cm3_infill(
         ids: ``(T,)`` serialized example; must end with ``<eos>`` and contain no ``<infill>`` or sentinel.
         vocab: the vocabulary (special ids, sentinel count K, image range).
         rng: numpy random generator; the output is a pure function of ``ids`` and the generator's state.
-        rate: Poisson rate of the number of spans (>= 0; 0 disables masking).
+        rate: Poisson rate of the number of spans, in ``[0, MAX_RATE]`` (0 disables masking).
         whole_segment_prob: probability that a span covers its whole segment, in ``[0, 1]``.
 
     Returns:

@@ -200,6 +200,23 @@ def test_flex_attention_under_autocast_with_an_fp32_cache(monkeypatch):
     torch.testing.assert_close(out["flex"], out["sdpa"], atol=0.1, rtol=0.05)
 
 
+@pytest.mark.parametrize("attention", ATTENTION_IMPLS)
+def test_a_cache_of_another_dtype_than_the_model_works_without_autocast(attention):
+    """``setup_kv_cache(dtype=...)`` may differ from the model's dtype (a bf16 cache for an fp32 model); without
+    autocast SDPA refused the mixed dtypes while FlexAttention cast the cache: both now read it in the query's dtype."""
+    model = random_model(seed=11)
+    model.set_attention(attention)
+    torch.manual_seed(11)
+    idx = torch.randint(0, V, (2, 6))
+    model.setup_kv_cache(batch_size=2, max_seq_len=8, dtype=torch.bfloat16)
+    with torch.no_grad():
+        full = model(idx)
+        model(idx[:, :5], input_pos=torch.arange(5))
+        step = model(idx[:, 5:], input_pos=torch.tensor([5]))
+    assert model.kv_cache.dtype == torch.bfloat16 and step.dtype == torch.float32
+    torch.testing.assert_close(step, full[:, 5:], atol=0.05, rtol=0)  # keys and values rounded to bf16 (max 0.01)
+
+
 def test_set_attention_rejects_unknown_names_and_mixed_blocks_stay_exact():
     model = random_model(seed=8)
     with pytest.raises(ValueError, match="attention must be one of"):

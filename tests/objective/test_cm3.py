@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cm3leon_lightning.objective import cm3_infill, cm3_restore, find_segments
+from cm3leon_lightning.objective.cm3 import check_infill_args
 from cm3leon_lightning.tokenization.vocab import MultimodalVocab, Segment
 
 VOCAB = MultimodalVocab(n_text=64, n_codes=16, grid_h=2, grid_w=2, num_sentinels=4)
@@ -140,6 +141,28 @@ def test_input_is_not_modified():
 def test_infill_rejects_bad_input(ids, kwargs, match):
     with pytest.raises(ValueError, match=match):
         cm3_infill(np.asarray(ids), VOCAB, np.random.default_rng(0), **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        # YAML 1.1 reads ``1e-1`` as a string: the error must name the argument, not be a bare TypeError
+        ({"rate": "1e-1"}, r"rate must be a finite number >= 0, got '1e-1'"),
+        ({"rate": None}, r"rate must be a finite number >= 0, got None"),
+        ({"rate": True}, r"rate must be a finite number >= 0, got True"),
+        # numpy's Poisson refuses such a rate: it must be refused up front, not at the first batch in a worker
+        ({"rate": 1e19}, r"rate must be at most 1000000 \(the number of spans is capped at K anyway\), got 1e\+19"),
+        ({"whole_segment_prob": "0.5"}, r"whole_segment_prob must lie in \[0, 1\], got '0.5'"),
+        ({"whole_segment_prob": False}, r"whole_segment_prob must lie in \[0, 1\], got False"),
+    ],
+)
+def test_check_infill_args_names_the_argument_for_non_numbers_and_huge_rates(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        check_infill_args(**kwargs)
+    with pytest.raises(ValueError, match=match):
+        cm3_infill([EOS, 20, EOS], VOCAB, np.random.default_rng(0), **kwargs)
+    check_infill_args(rate=np.float32(2.0), whole_segment_prob=np.float64(0.5))  # numpy scalars are numbers
+    check_infill_args(rate=1, whole_segment_prob=1)
 
 
 @pytest.mark.parametrize(
