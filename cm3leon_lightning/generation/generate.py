@@ -122,6 +122,20 @@ def unconditional_image_prompt(vocab: MultimodalVocab) -> list[int]:
 TEXT_LAYOUTS = ("infill", "image_first")
 
 
+def check_text_ids(vocab: MultimodalVocab, ids: Sequence[int], what: str) -> None:
+    """Raise ValueError naming ``what`` unless every id is a text id, in ``[0, n_text)``.
+
+    :meth:`~MultimodalVocab.validate_ids` accepts image codes too: an instruction from a tokenizer larger than the
+    vocabulary's text range put image codes in the prompt's text, silently (a caption's ids were refused).
+    """
+    vocab.validate_ids(ids, what)
+    bad = next((int(i) for i in ids if int(i) >= vocab.n_text), None)
+    if bad is not None:
+        raise ValueError(
+            f"{what}: id {bad} is not a text id; text ids lie in [0, {vocab.n_text}), the rest are image codes"
+        )
+
+
 def caption_prompt(
     vocab: MultimodalVocab, codes: Sequence[int], instruction: Sequence[int] = (), layout: str = "infill"
 ) -> list[int]:
@@ -134,7 +148,7 @@ def caption_prompt(
     """
     if layout not in TEXT_LAYOUTS:
         raise ValueError(f"layout must be one of {TEXT_LAYOUTS}, got {layout!r}")
-    vocab.validate_ids(list(instruction), "instruction")
+    check_text_ids(vocab, list(instruction), "instruction")
     image = vocab.codes_to_ids(codes).tolist()
     if layout == "image_first":
         return [vocab.eos_id, *image, vocab.break_id, *instruction]
@@ -244,9 +258,10 @@ def generate_image(
         top_k: optional top-k filter.
         cdk_k: ``k`` of CD-K.
         cdk_alpha: ``alpha`` of CD-K.
-        seed: seed of the sampling generator; the same seed and the same prompts give the same samples (one generator
-            draws for every row, so a prompt's samples change with the other prompts of the call: decode a prompt
-            alone, as ``cm3leon predict`` and the server do for seeded requests, to make its samples its own).
+        seed: seed of the sampling generator; the same seed, prompts and settings give the same samples (one
+            generator draws for every row, so a prompt's samples change with the other prompts of the call, and a
+            candidate's with ``num_samples``: decode a prompt alone, as ``cm3leon predict`` and the server do for
+            seeded requests, to make its samples its own).
         vqgan: optional image tokenizer with ``decode(codes) -> images``; then ``images`` is filled.
         compile: how the decode step runs: None (compiled on CUDA), a bool, or a mode of
             :data:`~cm3leon_lightning.generation.graphs.MODES`.
@@ -318,11 +333,13 @@ def edit_image(
         raise ValueError("edit_image needs at least one source image")
     if len(source) != len(instructions):
         raise ValueError(f"{len(source)} source images but {len(instructions)} instructions; give one per image")
+    if method == "cd_k":
+        raise ValueError("edit_image: method must be 'greedy', 'temperature' or 'top_p' (CD-K contrasts two streams)")
+    check_text_ids(vocab, list(task_prefix), "task_prefix")
     head = [vocab.eos_id, *task_prefix, vocab.break_id]
-    vocab.validate_ids(head, "task_prefix")
     full, image_only = [], []
     for img, instr in zip(source, instructions):
-        vocab.validate_ids(list(instr), "instruction")
+        check_text_ids(vocab, list(instr), "instruction")
         ids = vocab.codes_to_ids(image_codes(vocab, img)).tolist()
         full.append(head + ids + [vocab.break_id, *instr, vocab.break_id])
         image_only.append(head + ids + [vocab.break_id, vocab.sentinel_id(0), vocab.break_id])

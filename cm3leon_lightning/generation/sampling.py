@@ -10,6 +10,8 @@ Logits are ``(..., V)``; removed tokens are set to ``-inf``. This module imports
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -107,7 +109,8 @@ def cdk_logits(cond: Tensor, uncond: Tensor, k: int, alpha: float) -> Tensor:
     The score of a token is ``log p_EXP - log p_AMA`` with ``p_EXP`` the conditional stream and ``p_AMA`` the
     unconditional (masked-caption) stream, restricted to the plausible set
     ``V = {t : p_EXP(t) >= alpha * kmax_k(p_EXP)}`` where ``kmax_k`` is the k-th largest conditional probability
-    (``k = 1`` is the original CD of Li et al. 2022). Tokens outside ``V`` get ``-inf``.
+    (``k = 1`` is the original CD of Li et al. 2022), compared in log space. Tokens outside ``V``, and tokens of
+    conditional probability 0, get ``-inf``.
 
     Args:
         cond: ``(..., V)`` conditional logits.
@@ -123,7 +126,11 @@ def cdk_logits(cond: Tensor, uncond: Tensor, k: int, alpha: float) -> Tensor:
     log_q = uncond.log_softmax(dim=-1)
     k = min(k, log_p.shape[-1])
     kth = torch.topk(log_p, k, dim=-1).values[..., -1:]  # (..., 1) log of the k-th largest probability
-    plausible = log_p.exp() >= alpha * kth.exp()
+    # Compared in log space: ``p >= alpha * p_k`` in probabilities underflowed to ``0 >= 0`` once ``p_k`` was below
+    # float32's smallest number (a confident expert), and made every token plausible. A token the expert gives
+    # probability 0 is never plausible (with ``alpha = 0`` its score was ``-inf - -inf = NaN``).
+    threshold = kth + (math.log(alpha) if alpha > 0 else NEG_INF)  # (..., 1)
+    plausible = (log_p >= threshold) & (log_p > NEG_INF)
     return torch.where(plausible, log_p - log_q, torch.full_like(log_p, NEG_INF))
 
 

@@ -249,6 +249,15 @@ def test_clear_errors():
         generate_text(model, VOCAB, torch.zeros(0, 6, dtype=torch.long))
     with pytest.raises(ValueError, match="unconditional must hold at least one token"):
         generate_image(model, VOCAB, [[20]], unconditional=[])
+    # image codes in an instruction or task prefix (a tokenizer larger than n_text) went into the prompt's text
+    with pytest.raises(ValueError, match=r"instruction: id 50 is not a text id; text ids lie in \[0, 40\)"):
+        generate_text(model, VOCAB, [[1] * 6], [20, 50])
+    with pytest.raises(ValueError, match="instruction: id 63 is not a text id"):
+        edit_image(model, VOCAB, [[1] * 6], [[63]], [21])
+    with pytest.raises(ValueError, match="task_prefix: id 40 is not a text id"):
+        edit_image(model, VOCAB, [[1] * 6], [[20]], [40])
+    with pytest.raises(ValueError, match="edit_image: method must be"):  # named streams=2, which no caller passes
+        edit_image(model, VOCAB, [[1] * 6], [[20]], [21], method="cd_k")
 
 
 def test_an_instruction_given_as_an_array_is_one_instruction():

@@ -139,6 +139,24 @@ def test_cdk_hand_computed_example():
             cdk_logits(p.log(), q.log(), k=1, alpha=alpha)
 
 
+def test_cdk_plausible_set_survives_a_confident_expert_and_never_holds_impossible_tokens():
+    """Equation (3) was checked in probabilities, ``p >= alpha * p_k``: with the k-th largest conditional probability
+    below float32's smallest number (e^-120 here) both sides were 0, every token was plausible, and an implausible
+    one (p = e^-300) that the unconditional stream finds even less likely won. A token of conditional probability 0
+    is never plausible, even at ``alpha = 0`` (its score was ``-inf - -inf = NaN``)."""
+    cond = torch.tensor([[0.0, -120.0, -300.0, -300.0]])
+    uncond = torch.tensor([[0.0, 0.0, -400.0, 0.0]])
+    out = cdk_logits(cond, uncond, k=2, alpha=0.5)
+    assert kept(out[0]) == {0, 1}
+    assert sample(out, None).tolist() == [0]
+    assert kept(cdk_logits(cond, uncond, k=2, alpha=1.0)[0]) == {0, 1}  # the k largest, whatever their size
+    assert kept(cdk_logits(cond, uncond, k=3, alpha=0.0)[0]) == {0, 1, 2, 3}
+    impossible = torch.tensor([[0.0, NEG, 1.0]])
+    for k, alpha in ((1, 0.0), (3, 0.5)):  # alpha 0, and a k-th largest probability of 0
+        out = cdk_logits(impossible, impossible.clone(), k=k, alpha=alpha)
+        assert not out.isnan().any() and kept(out[0]) == {0, 2}, (k, alpha)
+
+
 VOCAB = MultimodalVocab(n_text=40, n_codes=24, grid_h=2, grid_w=3)  # size 64, padded 128
 
 
