@@ -517,7 +517,10 @@ def run(
     configs = Path(configs)
     for f in ("demo/vqgan.yaml", "demo/clip.yaml", "experiments/demo_shapes.yaml"):
         if not (configs / f).is_file():
-            raise FileNotFoundError(f"--configs: {configs / f} not found (run from the repository, or pass --configs)")
+            raise FileNotFoundError(
+                f"--configs: {configs / f} not found (pass --configs <repository>/configs: a pip-installed package "
+                "has no configs/)"
+            )
     if threads is not None and not _is_count(threads):
         raise ValueError(f"--threads must be an integer >= 1, got {threads!r}")
     threads = threads or os.cpu_count() or 1
