@@ -17,7 +17,8 @@ on the model's own weights and at the decoder's own cache size:
   the image's middle, where the pieces' cache and the bound are filled;
 
 and ``bound``: the bytes one step must read (weights once, plus the filled cache) over the device's copy bandwidth,
-measured in the same run. Each piece at 2 rows (one image with CFG) and at ``2 x --candidates`` rows.
+measured in the same run. Each piece at 2 rows (one image with CFG) and at ``2 x --candidates`` rows, as ms per
+step, ``s total`` (the decode of all the rows' images, ``rows / 2`` with CFG, at that step time) and ``s/image``.
 
 If ``gemms`` alone is far above the goal, no fusion of the rest reaches it with cuBLAS; if ``+pointwise`` or the step
 is far above ``gemms``, fusion is what is missing.
@@ -93,8 +94,9 @@ def row_counts(text: str) -> list[int]:
     return rows
 
 
-def kernel_parser(doc: str) -> argparse.ArgumentParser:
-    """The arguments the fused kernels' benchmarks share: preset, device, rows, chain and replays, JSON output."""
+def kernel_parser(doc: str, chain: bool = True) -> argparse.ArgumentParser:
+    """The arguments the fused kernels' benchmarks share: preset, device, rows, replays, JSON output and (``chain``,
+    for those that chain calls in one graph) ``--chain``."""
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--preset", default="350m", choices=("tiny", "350m", "760m", "7b"))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -102,7 +104,8 @@ def kernel_parser(doc: str) -> argparse.ArgumentParser:
         "--rows", type=row_counts, default=None, help="comma-separated row counts (default: 2 and 2 x --candidates)"
     )
     p.add_argument("--candidates", type=at_least(1), default=8)
-    p.add_argument("--chain", type=at_least(1), default=24, help="calls per captured graph (one per layer)")
+    if chain:
+        p.add_argument("--chain", type=at_least(1), default=24, help="calls per captured graph (one per layer)")
     p.add_argument("--steps", type=at_least(1), default=50, help="graph replays timed per row")
     p.add_argument("--json", default=None)
     return p
@@ -243,12 +246,14 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if gpu else "cpu"
     print(f"device {device} ({name}), torch {torch.__version__}, {args.preset}, {dtype[args.dtype]}, {tokens} tokens "
           f"per image, {slots} cache slots, copy bandwidth {bandwidth / 1e9:.0f} GB/s")  # fmt: skip
-    print(f"{'piece':<28} {'rows':>4} {'ms/step':>9} {'s/image':>9}")
+    print(f"{'piece':<28} {'rows':>4} {'ms/step':>9} {'s total':>9} {'s/image':>9}")
     results = []
 
     def report(name: str, rows: int, ms: float) -> None:
-        results.append(dict(piece=name, rows=rows, ms_per_step=ms, sec_per_image=ms * tokens / 1e3))
-        print(f"{name:<28} {rows:>4} {ms:>9.3f} {ms * tokens / 1e3:>9.3f}", flush=True)
+        seconds = ms * tokens / 1e3  # the whole decode at this step time: rows // 2 images with CFG
+        per_image = seconds / (rows // 2)
+        results.append(dict(piece=name, rows=rows, ms_per_step=ms, seconds=seconds, sec_per_image=per_image))
+        print(f"{name:<28} {rows:>4} {ms:>9.3f} {seconds:>9.3f} {per_image:>9.3f}", flush=True)
 
     width = vocab.size - vocab.n_text
     with torch.no_grad():

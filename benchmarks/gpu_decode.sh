@@ -22,10 +22,12 @@
 # 0 skips a part). Results go to $OUT (or ./gpu_results; HALF=1 writes 7 files, a log per part and three JSON
 # tables). Run from the repository root with a Python that has torch; wheels in .gpu_wheels/
 # (benchmarks/fetch_gpu_wheels.sh) are installed first when present.
-# Exits 2 at once without a CUDA device, 1 when a part failed or ran out of time (benchmarks/gpu_common.sh).
+# Exits 2 at once without a CUDA device or for another HALF, 1 when a part failed or ran out of time
+# (benchmarks/gpu_common.sh).
+HALF=${HALF:-all}
+case "$HALF" in all | 1 | 2) ;; *) echo "$0: HALF=$HALF: use 1, 2 or all" >&2; exit 2 ;; esac  # else it ran nothing
 source "$(dirname "$0")/gpu_common.sh"
 need_gpu
-HALF=${HALF:-all}
 FUSED_OPTIONS=${FUSED_OPTIONS:-base,persistent,prefetch+splits,pdl+splits+prefetch}
 first() { [ "$HALF" = all ] || [ "$HALF" = 1 ]; }
 second() { [ "$HALF" = all ] || [ "$HALF" = 2 ]; }

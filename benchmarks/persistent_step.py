@@ -8,7 +8,8 @@ block counts) through :func:`~cm3leon_lightning.model.fused.fused_decode_forward
 each replayed from a captured CUDA graph; beside them ``bound``, the bytes a step must read (weights once, the filled
 cache) over the measured copy bandwidth. Every persistent result is first checked against the ``kernels`` logits (a
 tiling that computes wrongly is reported, not timed; one that fails to compile, or whose waits gave up, is reported
-and the next one runs) and the programs it launched are printed.
+and the next one runs) and the programs it launched are printed. Each row gives ms per step and ``s total``: a whole
+1024-token decode of its rows (``rows / 2`` images with CFG) at that step time.
 
 A ``--tiles`` entry is ``block_n/down_split/per_sm/sleep_ns`` (``per_sm`` ``auto``: as many as fit), e.g.
 ``16/4/auto/0``. On a CPU (``--device cpu``) the kernel runs under Triton's interpreter (start with
@@ -109,7 +110,7 @@ def time_tiling(
 
 
 def main() -> None:
-    p = kernel_parser(__doc__)
+    p = kernel_parser(__doc__, chain=False)  # one step per graph: nothing to chain
     p.add_argument("--slot", type=int, default=535, help="cache slot of the step (default: mid-image, 24 + 512 - 1)")
     p.add_argument("--tiles", default=DEFAULT_TILES, help="comma-separated block_n/down_split/per_sm/sleep_ns")
     args = p.parse_args()
@@ -132,7 +133,7 @@ def main() -> None:
     name = torch.cuda.get_device_name(args.device) if gpu else "cpu"
     print(f"device {args.device} ({name}), torch {torch.__version__}, {args.preset}, slot {args.slot}, copy bandwidth "
           f"{bandwidth / 1e9:.0f} GB/s")  # fmt: skip
-    print(f"{'step':<24} {'rows':>4} {'programs':>8} {'ms/step':>9} {'s/image':>8} {'max |diff|':>10}")
+    print(f"{'step':<24} {'rows':>4} {'programs':>8} {'ms/step':>9} {'s total':>8} {'max |diff|':>10}")
     results, wrong = [], 0
 
     def report(what: str, rows: int, ms: float | None, programs: int = 0, diff: float = 0.0) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import json
+import math
 import os
 import re
 import subprocess
@@ -107,7 +108,10 @@ def test_decode_floor_times_every_piece_and_the_real_step(tmp_path):
     pieces = ["bound", "gemms", "+pointwise", "+cache", "+sdpa", "step eager / sdpa"]
     assert [(r["piece"], r["rows"]) for r in data["results"]] == [(p, n) for n in (2, 4) for p in pieces]
     assert all(r["ms_per_step"] > 0 for r in data["results"])
-    assert all(abs(r["sec_per_image"] - r["ms_per_step"] * 16 / 1e3) < 1e-12 for r in data["results"])
+    for r in data["results"]:  # 16 tokens an image; at 4 rows the decode is of 2 images (it said s/image for both)
+        assert r["seconds"] == pytest.approx(r["ms_per_step"] * 16 / 1e3, rel=1e-12)
+        assert r["sec_per_image"] == pytest.approx(r["seconds"] / (r["rows"] // 2), rel=1e-12)
+    assert "ms/step   s total   s/image" in stdout
     assert data["meta"]["slots"] == 64 and data["meta"]["dtype"] == "torch.float32"
     assert "wrote floor.json" in stdout
 
@@ -157,6 +161,37 @@ def test_fused_linear_benchmark_checks_and_times_every_launch_and_configuration(
     assert all(r["us"] > 0 for r in rows)
 
 
+WRONG_OUT = """
+import math, sys
+sys.path.insert(0, sys.argv[1])
+import fused_linear
+real = fused_linear.launch
+def launch(name, *args, **kwargs):  # the out-projection's expected result made wrong: its kernel now "computes wrongly"
+    run, written, expected, weights = real(name, *args, **kwargs)
+    return run, written, expected + (name == "out"), weights
+fused_linear.launch = launch
+sys.argv = ["fused_linear.py", *sys.argv[2:]]
+fused_linear.main()
+"""
+
+
+def test_fused_linear_benchmark_does_not_time_a_wrong_configuration(tmp_path):
+    """A configuration whose result is wrong is reported WRONG and not timed, as the docstring says (it was timed,
+    on a GPU a kernel that may read or write out of bounds); the run ends with an error naming the count."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1"}
+    args = ["--device", "cpu", "--preset", "tiny", "--rows", "3", "--head", "64", "--steps", "1", "--chain", "1",
+            "--configs", "0", "--json", "fl.json"]  # fmt: skip
+    cmd = [sys.executable, "-c", WRONG_OUT, str(ROOT / "benchmarks"), *args]
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert out.returncode == 1 and "1 configuration(s) computed wrong results" in out.stderr, out.stderr[-3000:]
+    rows = [r for r in json.loads((tmp_path / "fl.json").read_text())["results"] if "correct" in r]
+    launches = ("qkv", "out", "up", "down", "head")
+    assert [(r["launch"], r["correct"]) for r in rows] == [(n, n != "out") for n in launches]
+    assert all((r["us"] > 0) == r["correct"] and math.isnan(r["us"]) != r["correct"] for r in rows)
+    assert "block_n=16/block_k=128 WRONG" in out.stdout
+
+
 def test_fused_attention_benchmark_checks_and_times_every_split(tmp_path):
     """Under Triton's interpreter (tiny heads, float32): a row per (slot, splits), each checked against SDPA, and the
     bandwidth bound; at slot 140 (two 128-slot tiles) 3 splits leave a run idle and still compute right."""
@@ -192,6 +227,7 @@ def test_persistent_step_benchmark_checks_every_tiling_against_the_kernels(tmp_p
     ]  # fmt: skip
     assert all(r["ms_per_step"] > 0 for r in rows) and all(r["max_abs_diff"] < 1e-4 for r in rows)
     assert [r["programs"] for r in rows[2:]] == [2, 2]  # the interpreter's two programs
+    assert "ms/step  s total" in out.stdout  # a 1024-token decode of all the rows (it said s/image)
     bad = subprocess.run(cmd[:2] + ["--device", "cpu", "--tiles", "16/4"], cwd=tmp_path, env=env, capture_output=True,
                          text=True)  # fmt: skip
     assert bad.returncode == 2 and "--tiles: '16/4' is not block_n/down_split/per_sm/sleep_ns" in bad.stderr
@@ -418,6 +454,47 @@ def test_gpu_scripts_stop_at_once_without_a_gpu(tmp_path, name):
     assert "===" not in out.stdout and list((tmp_path / "out").iterdir()) == []
 
 
+DRY_RUN = """
+import argparse, runpy, sys
+real = argparse.ArgumentParser.parse_args
+def parse_only(self, args=None, namespace=None):
+    real(self, args, namespace)  # an unknown flag or a bad value exits 2 here
+    print("parsed", sys.argv[0])
+    raise SystemExit(0)
+argparse.ArgumentParser.parse_args = parse_only
+sys.argv = sys.argv[1:]
+sys.path[0] = sys.argv[0].rpartition("/")[0]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("name", ["gpu_suite.sh", "gpu_decode.sh"])
+def test_gpu_scripts_call_the_benchmarks_with_arguments_they_take(tmp_path, name):
+    """A dry run (a fake GPU; pytest and the CUDA probes answered by a stub): every benchmark the script runs parses
+    the arguments the script gives it (a renamed flag would otherwise only show on the GPU, after minutes of its
+    time). The tests' selection is checked by test_gpu_decode_script_selects_the_kernel_tests."""
+    (tmp_path / "dry.py").write_text(DRY_RUN)
+    stub = tmp_path / "py"
+    stub.write_text(
+        f'#!/bin/bash\ncase "$1" in -c | -m) exit 0 ;; esac\nexec {sys.executable} {tmp_path}/dry.py "$@"\n'
+    )
+    (tmp_path / "nvidia-smi").write_text("#!/bin/bash\necho 'GPU 0: stub'\n")
+    for f in (stub, tmp_path / "nvidia-smi"):
+        f.chmod(0o755)
+    out = gpu_script(name, tmp_path, PY=str(stub), PATH=f"{tmp_path}:{os.environ['PATH']}")
+    calls = re.findall(r"\$PY (benchmarks/\S+\.py)", (ROOT / "benchmarks" / name).read_text())
+    with_flags = [c for c in calls if "parse_args" in (ROOT / c).read_text()]  # gpu_model_check.py takes none
+    assert len(with_flags) >= 4 and re.findall(r"^parsed (\S+)$", out.stdout, re.MULTILINE) == with_flags
+    assert out.returncode == 0 and "=== every part passed" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
+
+
+def test_gpu_decode_script_refuses_an_unknown_half(tmp_path):
+    """HALF other than 1, 2 or all ran no part and reported "every part passed" (exit 0)."""
+    out = gpu_script("gpu_decode.sh", tmp_path, HALF="3")
+    assert out.returncode == 2 and "gpu_decode.sh: HALF=3: use 1, 2 or all" in out.stderr, out.stderr
+    assert out.stdout == "" and not (tmp_path / "out").exists()
+
+
 def test_gpu_script_parts_log_and_the_run_fails_when_one_did(tmp_path):
     """``part`` logs each part and goes on after a failure or a timeout; ``finish`` names those and exits 1 (the
     scripts exited 0 whatever failed), or 0 when every part passed; both GPU scripts end with it."""
@@ -448,6 +525,7 @@ def test_gpu_script_parts_log_and_the_run_fails_when_one_did(tmp_path):
         ("vqgan.py", ["--iters", "0"], "argument --iters: must be an integer >= 1, got '0'"),
         ("fused_linear.py", ["--rows", "2,x"], "argument --rows: must be comma-separated integers >= 1, got '2,x'"),
         ("persistent_step.py", ["--rows", "0"], "argument --rows: must be comma-separated integers >= 1, got '0'"),
+        ("persistent_step.py", ["--chain", "4"], "unrecognized arguments: --chain 4"),  # was accepted and ignored
     ],
 )
 def test_serving_vqgan_and_kernel_benchmarks_refuse_bad_counts(tmp_path, script, args, message):
