@@ -423,21 +423,27 @@ def test_cider_callback_warns_when_every_image_has_one_reference(parts) -> None:
         CaptionsCounted(samples=coded_samples(3), text_tokenizer=tok, tokenizer="simple").setup(None, module, "fit")
 
 
+def spy_instructions(monkeypatch: pytest.MonkeyPatch) -> list:
+    """Record the ``instruction`` of every ``generate_text`` call the callbacks make (returned list)."""
+    import cm3leon_lightning.generation as generation
+
+    seen, real = [], generation.generate_text
+
+    def spy(model, vocab, codes, instruction=None, **kwargs):  # noqa: ANN001, ANN003, ANN202
+        seen.append(instruction)
+        return real(model, vocab, codes, instruction, **kwargs)
+
+    monkeypatch.setattr(generation, "generate_text", spy)
+    return seen
+
+
 def test_instructions_and_questions_are_tokenized_as_the_training_captions(parts, tmp_path: Path, monkeypatch) -> None:
     """An instruction or a VQA question with a newline, a tab or a doubled space (VQA files hold them) was tokenized
     as given, though ``cm3leon prepare`` cleans the rendered SFT template ("Question: {question} Answer: ...") of
     them; now the prompt's ids are those of the cleaned text. Blank instructions and questions are refused naming
     the argument, the sample or the file entry; a null question was asked as "Question: None Answer:"."""
-    import cm3leon_lightning.generation as generation
-
     tok, vqgan, module = parts
-    seen, real = [], generation.generate_text
-
-    def spy(model, vocab, codes, instruction=None, **kwargs):
-        seen.append(instruction)
-        return real(model, vocab, codes, instruction, **kwargs)
-
-    monkeypatch.setattr(generation, "generate_text", spy)
+    seen = spy_instructions(monkeypatch)
     codes = torch.stack([s.codes for s in coded_samples(2)])
     cb = CIDErCallback(samples=coded_samples(2), text_tokenizer=tok, tokenizer="simple", max_new_tokens=2,
                        instruction="what color\tis it?\n")  # fmt: skip
@@ -471,16 +477,8 @@ def test_instructions_and_questions_are_tokenized_as_the_training_captions(parts
 def test_an_empty_instruction_among_several_is_plain_captioning(parts, monkeypatch) -> None:
     """Found in review: ``generate`` with one instruction per image refused an empty one ("instruction[0]: the
     instruction holds no text"), though an empty one is plain captioning, as it was before prompts were cleaned."""
-    import cm3leon_lightning.generation as generation
-
     tok, _, module = parts
-    seen, real = [], generation.generate_text
-
-    def spy(model, vocab, codes, instruction=None, **kwargs):
-        seen.append(instruction)
-        return real(model, vocab, codes, instruction, **kwargs)
-
-    monkeypatch.setattr(generation, "generate_text", spy)
+    seen = spy_instructions(monkeypatch)
     cb = CIDErCallback(samples=coded_samples(2), text_tokenizer=tok, tokenizer="simple", max_new_tokens=2)
     answers = cb.generate(module, torch.stack([s.codes for s in coded_samples(2)]), ["", "what\tis it? "], cb.seed)
     assert seen == [[[], tok.encode("what is it?")]] and len(answers) == 2

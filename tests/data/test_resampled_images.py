@@ -4,10 +4,6 @@ seeded by (seed, epoch, rank, worker), and a resumed run reads its epoch's remai
 from __future__ import annotations
 
 import io
-import json
-import os
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -18,11 +14,10 @@ import torch
 import webdataset as wds
 from lightning.pytorch.callbacks import ModelCheckpoint
 from PIL import Image
+from support.ddp_scripts import run_ddp_script
 
 from cm3leon_lightning.data.images import ImageDataModule
 from cm3leon_lightning.data.resampled_images import ResampledImageShards, drawn_samples, worker_share
-
-SCRIPT = Path(__file__).resolve().parents[1] / "support" / "ddp_resampled_images_run.py"
 
 
 def write_shards(folder: Path, sizes: list[int], size: int = 8) -> None:
@@ -191,11 +186,5 @@ def test_two_process_ddp_trains_on_uneven_shards_without_hanging(tmp_path: Path)
     """Real two-process DDP (gloo) on shards of 8 and 3 images, which exact mode refuses (ranks would read 4 and 2
     batches and hang): resampled, every rank trains 3 batches per epoch for two epochs and the fit finishes."""
     write_shards(tmp_path / "sh", [8, 3])
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True,
-        timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = run_ddp_script("ddp_resampled_images_run.py", tmp_path, timeout=300)
     assert result == {"rank0": [3, 3], "rank1": [3, 3], "differ": True}
