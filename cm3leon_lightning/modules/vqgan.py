@@ -158,6 +158,14 @@ class VQGANModule(L.LightningModule):
         self._rng: dict[str, torch.Tensor] | None = None  # the training steps' RNG stream (see _rng_stream)
         self.last_image_grid: torch.Tensor | None = None
 
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> VQGANModule:
+        """Lightning's ``load_from_checkpoint``, without reading the ``init_from`` saved in the checkpoint's
+        hyper-parameters (its weights are replaced at once, and the file may be gone), unless ``init_from`` is passed.
+        """
+        kwargs.setdefault("init_from", None)
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+
     def configure_model(self) -> None:
         """Build the VQGAN (from ``init_from`` if given), the discriminator and LPIPS; idempotent."""
         if self.vqgan is not None:

@@ -36,15 +36,17 @@ class LPIPS(nn.Module):
     """LPIPS with a VGG16 trunk (Zhang et al. 2018), the perceptual loss of taming's ``VQLPIPSWithDiscriminator``.
 
     Weights layout (taming / ``lpips`` package): ``net.slice{1..5}.{i}.weight|bias`` (torchvision VGG16 ``features``
-    indices) and ``lin{0..4}.model.1.weight``; ``scaling_layer.shift|scale`` optional. Keys may carry a
-    ``loss.perceptual_loss.`` or ``perceptual_loss.`` prefix, so a taming VQGAN checkpoint works as a source.
+    indices) and ``lin{0..4}.model.1.weight`` (the ``lpips`` package's ``lins.{0..4}`` copies are read as those);
+    ``scaling_layer.shift|scale`` optional. Keys may carry a ``loss.perceptual_loss.`` or ``perceptual_loss.`` prefix,
+    so a taming VQGAN checkpoint works as a source.
 
     Args:
         weights: path of a ``.safetensors`` or torch (``weights_only``-loadable) file with those tensors.
 
     Raises:
         FileNotFoundError: ``weights`` does not exist.
-        ValueError: keys missing or unexpected, or a torch file that needs unpickling (a Lightning 1.x checkpoint).
+        ValueError: keys missing or unexpected, tensors of the wrong shape, or a torch file that needs unpickling (a
+            Lightning 1.x checkpoint).
     """
 
     def __init__(self, weights: str | Path) -> None:
@@ -95,19 +97,27 @@ class LPIPS(nn.Module):
                     f"'lpips.safetensors')\". Details: {str(e).splitlines()[0]}"
                 ) from e
             sd = sd.get("state_dict", sd)
-        out = {}
+        out: dict[str, torch.Tensor] = {}
         for k, v in sd.items():
             for prefix in ("loss.perceptual_loss.", "perceptual_loss."):
                 if k.startswith(prefix):
                     k = k[len(prefix) :]
-            if k.startswith(("net.", "lin")):
-                out[k] = v
-        missing, unexpected = self.load_state_dict(out, strict=False)
-        if missing or unexpected:
+            if k.startswith("lins."):  # the lpips package's ModuleList holding the same lin{n} layers
+                k = "lin" + k[len("lins.") :]
+            if not k.startswith(("net.", "lin")):
+                continue
+            if k in out and not torch.equal(out[k], v):
+                raise ValueError(f"{path}: two different tensors for the LPIPS weight {k} (prefixed or lins.* copies)")
+            out[k] = v
+        expected = self.state_dict()
+        missing, unexpected = sorted(set(expected) - set(out)), sorted(set(out) - set(expected))
+        wrong = [f"{k} {tuple(v.shape)}" for k, v in out.items() if k in expected and v.shape != expected[k].shape]
+        if missing or unexpected or wrong:
             raise ValueError(
                 f"{path}: LPIPS weights do not match: missing {len(missing)} {missing[:4]}, unexpected "
-                f"{len(unexpected)} {unexpected[:4]}"
+                f"{len(unexpected)} {unexpected[:4]}, wrong shapes {len(wrong)} {wrong[:4]}"
             )
+        self.load_state_dict(out, strict=True)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Per-image perceptual distance of images in ``[-1, 1]``: ``(B, 3, H, W)`` x2 -> ``(B,)``."""

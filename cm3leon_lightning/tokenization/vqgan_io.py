@@ -60,8 +60,11 @@ def config_from_taming_yaml(path: str | Path) -> VQGANConfig:
         ValueError: the yaml lacks those fields or asks for something this VQGAN does not build (``double_z``).
     """
     path = Path(path)
-    with path.open() as f:
-        doc = yaml.safe_load(f)
+    try:
+        with path.open(encoding="utf-8") as f:
+            doc = yaml.safe_load(f)
+    except UnicodeDecodeError as e:  # yaml's own errors name the file; a decoding error does not
+        raise ValueError(f"{path}: not a UTF-8 text file, so no taming model yaml ({e})") from e
     model = doc.get("model", doc) if isinstance(doc, dict) else None
     params = model.get("params") if isinstance(model, dict) else None
     if not isinstance(params, dict) or not isinstance(params.get("ddconfig"), dict):
@@ -303,22 +306,22 @@ def load_vqgan(
     weights, found_config = _resolve(Path(path))
     state_dict, recorded = read_checkpoint(weights, trust_pickle, "cpu")
     if isinstance(preset, VQGANConfig):
-        config = preset
+        config, origin = preset, "the VQGANConfig passed as preset"
     elif preset is not None:
-        config = VQGANConfig.from_name(preset)
+        config, origin = VQGANConfig.from_name(preset), f"preset {preset!r}"
     elif config_path is not None:
-        config = read_config(config_path)
+        config, origin = read_config(config_path), f"config_path {config_path}"
     elif recorded is not None:
-        config = recorded
+        config, origin = recorded, "the checkpoint's hyper_parameters"
     elif found_config is not None:
-        config = read_config(found_config)
+        config, origin = read_config(found_config), f"{found_config}, found with the weights"
     else:
         raise ValueError(
             f"cannot tell the architecture of {weights}: pass preset= (one of f8_8192, f16_16384, chameleon, ...) or "
             f"config_path= (a taming/Chameleon .yaml or our config.json)"
         )
     model = VQGAN(config)
-    load_state_dict_checked(model, state_dict, str(weights))
+    load_state_dict_checked(model, state_dict, f"{weights} (architecture from {origin})")
     return model.to(map_location).eval()
 
 

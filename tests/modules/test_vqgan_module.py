@@ -94,6 +94,29 @@ def test_lpips_loads_local_weights_and_measures_distance(tmp_path: Path) -> None
         LPIPS(tmp_path / "partial.safetensors")
 
 
+def test_lpips_reads_the_lpips_package_state_dict_and_names_the_file_on_wrong_shapes(tmp_path: Path) -> None:
+    """``lpips.LPIPS(net="vgg").state_dict()`` holds each ``lin{n}`` layer twice, also as ``lins.{n}`` (a ModuleList
+    of the same layers), and ``scaling_layer.*``: it was refused as "unexpected lins.0...". A tensor of the wrong
+    shape raised torch's RuntimeError, which names no file."""
+    from safetensors.torch import load_file
+
+    source = _random_lpips_weights(tmp_path / "lpips.safetensors")
+    sd = {k.removeprefix("loss.perceptual_loss."): v for k, v in load_file(str(source)).items()}
+    package = dict(sd)
+    package.update({f"lins.{n}.model.1.weight": sd[f"lin{n}.model.1.weight"] for n in range(5)})
+    package.update({"scaling_layer.shift": torch.zeros(1, 3, 1, 1), "scaling_layer.scale": torch.ones(1, 3, 1, 1)})
+    torch.save(package, tmp_path / "package.pth")
+    x, y = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(LPIPS(tmp_path / "package.pth")(x, y), LPIPS(source)(x, y))
+    torch.save({**package, "lins.2.model.1.weight": torch.zeros(1, 256, 1, 1)}, tmp_path / "differ.pth")
+    with pytest.raises(ValueError, match=r"differ\.pth: two different tensors for the LPIPS weight lin2\.model\.1"):
+        LPIPS(tmp_path / "differ.pth")
+    save_file({**sd, "lin0.model.1.weight": torch.zeros(1, 32, 1, 1)}, str(tmp_path / "shape.safetensors"))
+    with pytest.raises(ValueError, match=r"shape\.safetensors: .*wrong shapes 1 \['lin0\.model\.1\.weight \(1, 32"):
+        LPIPS(tmp_path / "shape.safetensors")
+
+
 def test_gan_and_perceptual_path_trains_both_optimizers(tmp_path: Path) -> None:
     torch.manual_seed(0)
     weights = _random_lpips_weights(tmp_path / "lpips.safetensors")
@@ -132,6 +155,27 @@ def test_checkpoint_loads_weights_only_and_restores_codes(tmp_path: Path) -> Non
     x = torch.from_numpy(synthetic_images(4, 16, seed=5)).permute(0, 3, 1, 2)
     assert torch.equal(restored.vqgan.eval()(x)[1].codes, module.vqgan.eval()(x)[1].codes)
     assert int(restored.train_steps) == 2
+
+
+def test_load_from_checkpoint_does_not_read_init_from_again(tmp_path: Path) -> None:
+    """A run started from ``init_from`` records the path in its hyper-parameters; ``load_from_checkpoint`` read it
+    again (FileNotFoundError once the file was moved or the checkpoint copied elsewhere), only for the checkpoint's
+    weights to replace it. It now builds the network without it, unless ``init_from`` is passed."""
+    from cm3leon_lightning.tokenization.vqgan import VQGAN
+
+    torch.manual_seed(0)
+    VQGAN.from_name("micro").save_pretrained(tmp_path / "init")
+    module = VQGANModule(preset="micro", init_from=str(tmp_path / "init"), num_logged_images=0)
+    trainer = _trainer(tmp_path, 1, limit_val_batches=0, enable_checkpointing=False)
+    trainer.fit(module, ImageDataModule(synthetic=8, image_size=16, batch_size=4))
+    trainer.save_checkpoint(tmp_path / "model.ckpt")
+    (tmp_path / "init" / "model.safetensors").unlink()
+    restored = VQGANModule.load_from_checkpoint(tmp_path / "model.ckpt", weights_only=True)
+    assert restored.hparams.init_from is None
+    for k, v in module.vqgan.state_dict().items():
+        assert torch.equal(restored.vqgan.state_dict()[k], v), k
+    with pytest.raises(FileNotFoundError, match="init"):  # asked for explicitly, it is read
+        VQGANModule.load_from_checkpoint(tmp_path / "model.ckpt", weights_only=True, init_from=str(tmp_path / "init"))
 
 
 def test_module_argument_errors() -> None:

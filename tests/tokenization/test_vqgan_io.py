@@ -197,3 +197,33 @@ def test_every_config_field_has_a_type_check() -> None:
     from cm3leon_lightning.tokenization.vqgan_config import _FIELD_CHECKS, VQGANConfig
 
     assert {f.name for f in dataclasses.fields(VQGANConfig)} == set(_FIELD_CHECKS)
+
+
+def test_key_or_shape_mismatch_names_where_the_architecture_came_from(tmp_path: Path) -> None:
+    """The architecture of a weights file may come from a yaml found beside it (a taming log directory's
+    ``configs/model.yaml``), and a mismatch named only the weights: the file that described the wrong network was
+    not named, nor that one had been read."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "configs").mkdir()
+    ckpt = run / "checkpoints" / "last.ckpt"
+    torch.save({"state_dict": _model(0).state_dict()}, ckpt)
+    (run / "configs" / "model.yaml").write_text(_taming_yaml(VQGANConfig.from_name("micro", n_embed=64)))
+    other = tmp_path / "other.yaml"
+    other.write_text(_taming_yaml(VQGANConfig.from_name("micro", embed_dim=16)))
+    cases = [
+        ({}, f"{run / 'configs' / 'model.yaml'}, found with the weights): tensor shapes (file vs config) differ"),
+        ({"config_path": other}, f"config_path {other}): tensor shapes"),
+        ({"preset": "tiny"}, "preset 'tiny'): state dict does not match"),
+        ({"preset": VQGANConfig.from_name("micro", ema_decay=0.9, n_embed=8)}, "the VQGANConfig passed as preset)"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=rf"^{re.escape(str(ckpt))} \(architecture from {re.escape(message)}"):
+            load_vqgan(run, **kwargs)
+
+
+def test_yaml_that_is_not_utf8_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "model.yaml"
+    path.write_bytes(b"\xff\xfe\x00model: {}")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: not a UTF-8 text file"):
+        config_from_taming_yaml(path)
