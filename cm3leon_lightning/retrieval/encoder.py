@@ -51,6 +51,17 @@ CLIP_CONFIGS: dict[str, dict[str, Any]] = {
 
 _NETWORK_PROBE_HOST = ("huggingface.co", 443)
 
+# open_clip precisions and the dtype images enter the model in (open_clip's ``get_input_dtype``): "fp16" and "bf16"
+# keep some weights (a ViT's class and position embeddings, layer norms) in float32, so the input's dtype cannot be
+# read off the first parameter.
+PRECISIONS: dict[str, torch.dtype] = {
+    "fp32": torch.float32,
+    "fp16": torch.float16,
+    "bf16": torch.bfloat16,
+    "pure_fp16": torch.float16,
+    "pure_bf16": torch.bfloat16,
+}
+
 
 class ClipWeightsUnavailableError(RuntimeError):
     """The requested CLIP weights are neither a local file nor in the download cache, and cannot be downloaded."""
@@ -156,11 +167,13 @@ def create_clip(
     Raises:
         ClipWeightsUnavailableError: ``pretrained`` is a tag whose weights are not cached and there is no network, or
             whose cached file cannot be read.
-        ValueError: unknown model name, ``pretrained`` is neither a known tag nor an existing file, the file cannot be
-            read (truncated or corrupt; the file named), or the file's weights or recorded preprocessing (invalid, or
-            another image size) do not fit ``model_name``.
+        ValueError: unknown model name or ``precision``, ``pretrained`` is neither a known tag nor an existing file,
+            the file cannot be read (truncated or corrupt; the file named), or the file's weights or recorded
+            preprocessing (invalid, or another image size) do not fit ``model_name``.
     """
     register_clip_configs()
+    if precision not in PRECISIONS:  # open_clip builds any other string in float32, silently
+        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
     if not model_name.startswith(("local-dir:", "hf-hub:")) and open_clip.get_model_config(model_name) is None:
         raise ValueError(
             f"model_name={model_name!r} is not an open_clip architecture; known: {sorted(open_clip.list_models())}"
@@ -362,7 +375,8 @@ class ClipEncoder:
             tag gets; files from ``export_weights`` record it, and the image preprocessing of the model they were
             trained as (e.g. a tag's mean/std or resize mode), and get both by themselves.
         device: torch device for the encoders.
-        precision: open_clip precision string (``"fp32"``, ``"fp16"``, ``"bf16"``).
+        precision: open_clip precision string (``"fp32"``, ``"fp16"``, ``"bf16"``, ``"pure_fp16"``, ``"pure_bf16"``);
+            embeddings are normalised in float32 whatever it is.
         batch_size: inputs are embedded in chunks of this many.
         cache_dir: open_clip download cache.
 
@@ -398,7 +412,7 @@ class ClipEncoder:
             "interpolation": pp.get("interpolation", "bicubic"),
             "fill_color": pp.get("fill_color", 0),
         }
-        self._dtype = next(self.model.visual.parameters()).dtype
+        self._dtype = PRECISIONS[precision]  # images enter in this dtype
         with torch.inference_mode():  # works for every open_clip text tower (CLIP, CustomTextCLIP, CoCa)
             self._dim = int(self.model.encode_text(self.tokenizer([""]).to(self.device)).shape[-1])
 
@@ -433,8 +447,8 @@ class ClipEncoder:
         out = [np.zeros((0, self.dim), np.float32)]
         for i in range(0, len(texts), self.batch_size):
             ids = self.tokenizer(list(texts[i : i + self.batch_size])).to(self.device)  # (b, L)
-            z = self.model.encode_text(ids, normalize=True)  # (b, D)
-            out.append(z.float().cpu().numpy())
+            z = F.normalize(self.model.encode_text(ids).float(), dim=-1)  # (b, D); in bf16 norms were 1 +- 5e-3
+            out.append(z.cpu().numpy())
         return np.concatenate(out)
 
     @torch.inference_mode()
@@ -464,8 +478,8 @@ class ClipEncoder:
                         for j, im in enumerate(chunk)
                     ]
                 )
-            z = self.model.encode_image(x.to(self._dtype), normalize=True)  # (b, D)
-            out.append(z.float().cpu().numpy())
+            z = F.normalize(self.model.encode_image(x.to(self._dtype)).float(), dim=-1)  # (b, D)
+            out.append(z.cpu().numpy())
         return np.concatenate(out)
 
     def embed_documents(

@@ -12,6 +12,7 @@ load. :meth:`MemoryBank.save` refuses a directory that already holds a bank unle
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import re
 import shutil
@@ -76,6 +77,13 @@ def _l2_normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(n, 1e-12)
 
 
+def _check_search_params(nprobe: int | None, ef_search: int | None) -> None:
+    """Refuse an ``nprobe`` or ``ef_search`` below 1 (``None``: not set), naming it."""
+    for name, value in (("nprobe", nprobe), ("ef_search", ef_search)):
+        if value is not None and not (isinstance(value, numbers.Integral) and value >= 1):
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
 class MemoryBank:
     """A faiss inner-product index with row ids mapped to document keys.
 
@@ -102,12 +110,13 @@ class MemoryBank:
     ) -> None:
         if dim < 1:
             raise ValueError(f"dim must be >= 1, got {dim}")
-        if nprobe < 1 or ef_search < 1:
-            raise ValueError(f"nprobe and ef_search must be >= 1, got {nprobe} and {ef_search}")
+        _check_search_params(nprobe, ef_search)
         try:
             index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
         except RuntimeError as e:
             raise ValueError(f"factory={factory!r} is not a valid faiss index_factory string: {e}") from e
+        if isinstance(index, faiss.IndexIDMap | faiss.IndexIDMap2):  # faiss refuses add(): "use add_with_ids"
+            raise ValueError(f"factory={factory!r}: the bank numbers its rows itself; drop the IDMap prefix")
         self._init(index, dim, model_name, factory, normalize, [])
         self.set_search_params(nprobe=nprobe, ef_search=ef_search)
 
@@ -128,13 +137,22 @@ class MemoryBank:
         return bool(self.index.is_trained)
 
     def set_search_params(self, nprobe: int | None = None, ef_search: int | None = None) -> None:
-        """Set the approximate-search knobs (IVF ``nprobe``, HNSW ``efSearch``) where the index has them."""
-        ivf = faiss.try_extract_index_ivf(self.index)
-        if ivf is not None and nprobe is not None:
-            ivf.nprobe = nprobe
-        hnsw = getattr(faiss.downcast_index(self.index), "hnsw", None)
-        if hnsw is not None and ef_search is not None:
-            hnsw.efSearch = ef_search
+        """Set the approximate-search knobs (IVF ``nprobe``, HNSW ``efSearch``) where the index has them.
+
+        faiss's ``ParameterSpace`` finds them inside wrappers too (``"PCA64,HNSW32"``, a refined IVF, an HNSW
+        coarse quantizer), where the HNSW of a pre-transformed index used to keep faiss's default ``efSearch`` of 16.
+
+        Raises:
+            ValueError: a value below 1 (an ``efSearch`` of 0 returned one hit per query, ``nprobe`` 0 a C++ error).
+        """
+        _check_search_params(nprobe, ef_search)
+        space = faiss.ParameterSpace()
+        for name, value in (("nprobe", nprobe), ("efSearch", ef_search)):
+            if value is not None:
+                try:
+                    space.set_index_parameter(self.index, name, float(value))
+                except RuntimeError:  # "could not set parameter": this index has no such knob
+                    pass
 
     def _check(self, x: np.ndarray, what: str, first_row: int = 0, keys: Sequence[str] = ()) -> np.ndarray:
         """``x`` as contiguous float32 ``(N, dim)``, normalised if the bank normalises.
@@ -359,7 +377,8 @@ class MemoryBank:
             ValueError: the metadata is inconsistent or does not match ``model_name`` / ``dim`` (both values named); a
                 file is not valid JSON, a ``meta.json`` field is missing or of the wrong type, ``keys.json`` is not a
                 list of unique non-empty single-line strings (the row named), ``index.faiss`` cannot be read
-                (truncated or corrupt), or the index is not inner-product (the file and field named).
+                (truncated or corrupt), or the index is not inner-product (the file and field named); ``nprobe`` or
+                ``ef_search`` is below 1.
         """
         src = Path(path)
         for name in (INDEX_FILE, KEYS_FILE, META_FILE):

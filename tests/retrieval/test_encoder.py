@@ -326,3 +326,30 @@ def test_float_images_outside_the_unit_range_are_refused_naming_the_image(enc):
     nan[1, 0, 20, 24] = float("nan")  # not refused: it embeds to NaN, which callers see (rerank ranks it last)
     z = enc.embed_images(nan)
     assert np.isfinite(z[0]).all() and np.isnan(z[1]).all()
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16", "pure_bf16"])
+def test_half_precision_vit_embeds_images_with_unit_norms(precision):
+    """open_clip's "fp16"/"bf16" keep a ViT's class embedding in float32: images were cast to that first parameter's
+    dtype and the fp16 patch convolution refused them; bfloat16 embeddings were normalised in bfloat16 (norms 1 +-
+    5e-3, not the unit norm documented)."""
+    texts = ["a red square", "a blue circle on a green field"]
+    images = torch.from_numpy(_images(3, 64, 64)).permute(0, 3, 1, 2)
+    encoders = {}
+    for p in ("fp32", precision):
+        torch.manual_seed(0)
+        with pytest.warns(UserWarning, match="randomly initialised"):
+            encoders[p] = ClipEncoder("cm3leon-clip-small", pretrained=None, precision=p)
+    for embed, x in (("embed_texts", texts), ("embed_images", images)):
+        want, got = getattr(encoders["fp32"], embed)(x), getattr(encoders[precision], embed)(x)
+        assert got.dtype == np.float32 and got.shape == want.shape
+        np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(got, want, rtol=0, atol=0.03)
+
+
+def test_an_unknown_precision_is_refused_not_run_in_float32():
+    with pytest.raises(ValueError) as err:
+        ClipEncoder("cm3leon-clip-tiny", pretrained=None, precision="float16")
+    assert str(err.value) == (
+        "precision must be one of ['bf16', 'fp16', 'fp32', 'pure_bf16', 'pure_fp16'], got 'float16'"
+    )

@@ -361,3 +361,49 @@ def test_empty_untrained_ivf_bank_searches_to_no_hits_and_batch_sizes_are_checke
     res = flat.search(x[:2], k=12)  # faiss is asked for 10 columns, the rest padded
     assert res.ids.shape == (2, 12) and (res.ids[:, 10:] == -1).all() and [len(r) for r in res.keys] == [10, 10]
     assert res.ids[0, 0] == 0 and sorted(res.ids[0, :10].tolist()) == list(range(10))
+
+
+@pytest.mark.parametrize("factory", ["PCA8,HNSW8", "HNSW8", "IVF4_HNSW8,Flat"])
+def test_ef_search_reaches_an_hnsw_inside_a_wrapper_and_survives_load(tmp_path, factory):
+    """The HNSW of "PCA8,HNSW8" kept faiss's default efSearch of 16 whatever ef_search was given."""
+    import faiss
+
+    def ef(bank: MemoryBank) -> int:
+        index = faiss.downcast_index(bank.index)
+        inner = faiss.downcast_index(index.index if isinstance(index, faiss.IndexPreTransform) else index)
+        ivf = faiss.try_extract_index_ivf(inner)
+        return (faiss.downcast_index(ivf.quantizer) if ivf is not None else inner).hnsw.efSearch
+
+    x, keys = _data(300, 16)
+    bank = MemoryBank.build((x, keys), dim=16, model_name="m", factory=factory, ef_search=99)
+    assert ef(bank) == 99
+    bank.set_search_params(ef_search=41)
+    assert ef(bank) == 41
+    bank.save(tmp_path / "bank")
+    assert ef(MemoryBank.load(tmp_path / "bank", ef_search=77)) == 77
+
+
+def test_search_params_below_one_are_refused_everywhere(tmp_path):
+    """load() and set_search_params() took ef_search=0 (one hit per query, silently) and nprobe=0 (faiss's C++
+    assertion at the first search)."""
+    x, keys = _data(200, 8)
+    MemoryBank.build((x, keys), dim=8, model_name="m", factory="HNSW8").save(tmp_path / "bank")
+    with pytest.raises(ValueError) as err:
+        MemoryBank.load(tmp_path / "bank", ef_search=0)
+    assert str(err.value) == "ef_search must be an integer >= 1, got 0"
+    bank = MemoryBank.build((x, keys), dim=8, model_name="m", factory="IVF4,Flat")
+    with pytest.raises(ValueError) as err:
+        bank.set_search_params(nprobe=0)
+    assert str(err.value) == "nprobe must be an integer >= 1, got 0"
+    with pytest.raises(ValueError, match=r"^nprobe must be an integer >= 1, got 2\.5$"):
+        MemoryBank(8, "m", nprobe=2.5)
+    bank.set_search_params(nprobe=np.int64(4))
+    assert bank.search(x[:3], 3).ids[:, 0].tolist() == [0, 1, 2]
+
+
+def test_an_idmap_factory_is_refused_at_construction():
+    """ "IDMap,Flat" was accepted, then every add() raised faiss's C++ 'add does not make sense with IndexIDMap'."""
+    for factory in ("IDMap,Flat", "IDMap2,HNSW8"):
+        with pytest.raises(ValueError) as err:
+            MemoryBank(8, "m", factory=factory)
+        assert str(err.value) == f"factory={factory!r}: the bank numbers its rows itself; drop the IDMap prefix"
