@@ -79,6 +79,8 @@ class CM3LeonCLI(LightningCLI):
         ``--ckpt_path``, drop the model's ``init_from``: the checkpoint's weights replace those anyway, and
         LightningCLI applies a checkpoint's hyper-parameters over the command line, so an ``init_from`` saved there
         would make every resume or prediction read the pretrained file again (and fail where it is gone)."""
+        from cm3leon_lightning.model.pretrained import is_model_dir
+
         subcommand = self.config.get("subcommand")
         config = self.config[subcommand] if subcommand else self.config
         extra = config.get("model.dict_kwargs") or {}
@@ -86,7 +88,13 @@ class CM3LeonCLI(LightningCLI):
             # The data -> model link's None, saved into the checkpoint of a module without a `vocab` argument (VQGAN,
             # CLIP): LightningCLI would pass it back on resume (`unexpected keyword argument 'vocab'`).
             del extra["vocab"]
-        if not config.get("ckpt_path") or config.get("model.init_args.init_from") is None:
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path and is_model_dir(ckpt_path):  # Lightning would fail in its loader: IsADirectoryError
+            self.parser.error(
+                f"--ckpt_path: {ckpt_path} is a model directory of 'cm3leon export' (no trainer state); give it as "
+                f"--model.init_args.init_from {ckpt_path} instead"
+            )
+        if not ckpt_path or config.get("model.init_args.init_from") is None:
             return
         config["model.init_args.init_from"] = None
 
@@ -99,11 +107,14 @@ def _extra_command(name: str) -> Callable[[Sequence[str]], int | None]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``cm3leon`` console script."""
     args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] in EXTRA_COMMANDS:
+    choices = ", ".join([*CM3LeonCLI.subcommands(), *EXTRA_COMMANDS])
+    if not args:  # LightningCLI's own message would offer only its four subcommands
+        print(f"cm3leon: error: no command given (choose from {choices}; cm3leon --help)", file=sys.stderr)
+        return 2
+    if args[0] in EXTRA_COMMANDS:
         return int(_extra_command(args[0])(args[1:]) or 0)
-    if args and not args[0].startswith("-") and args[0] not in CM3LeonCLI.subcommands():
+    if not args[0].startswith("-") and args[0] not in CM3LeonCLI.subcommands():
         # LightningCLI's own message would offer only its four subcommands, as if `export` and the rest did not exist
-        choices = ", ".join([*CM3LeonCLI.subcommands(), *EXTRA_COMMANDS])
         print(f"cm3leon: error: unknown command {args[0]!r} (choose from {choices}; cm3leon --help)", file=sys.stderr)
         return 2
     # args=None lets LightningCLI read sys.argv itself (passing both makes it warn).

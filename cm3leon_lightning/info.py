@@ -66,11 +66,16 @@ def _torch_load(path: Path) -> Any:
     zipped = zipfile.is_zipfile(path)
     if not zipped:
         with open(path, "rb") as f:
-            if f.read(1) != b"\x80":  # a pickle (torch's legacy format) starts with its protocol opcode
-                raise ValueError(
-                    f"PATH: {path} is not a checkpoint, model, dataset, bank or tokenizer (neither a torch zip file "
-                    "nor a pickle)"
-                )
+            head = f.read(4)
+        if not head:
+            raise ValueError(f"PATH: {path} is empty (0 bytes)")
+        if head == b"PK\x03\x04":  # a zip's first entry, but no central directory at the end: cut short
+            raise ValueError(f"PATH: {path} is a truncated or corrupt checkpoint (a zip file without its end)")
+        if head[:1] != b"\x80":  # a pickle (torch's legacy format) starts with its protocol opcode
+            raise ValueError(
+                f"PATH: {path} is not a checkpoint, model, dataset, bank or tokenizer (neither a torch zip file "
+                "nor a pickle)"
+            )
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
     except Exception as e:  # noqa: BLE001 - whatever torch raises for a file that is not a checkpoint
@@ -122,14 +127,24 @@ def _dtypes(dtypes: Any) -> str | None:
 
 
 def _sharded_index(path: Path) -> tuple[bool, str | None]:
-    """(optimizer state inside, the model tensors' dtype) of a sharded checkpoint, from its ``.metadata`` index."""
+    """(optimizer state inside, the model tensors' dtype) of a sharded checkpoint, from its ``.metadata`` index;
+    ValueError when a shard file is missing or shorter than the index says (a copy cut short)."""
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     try:
-        entries = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        metadata = FileSystemReader(str(path)).read_metadata()
+        entries = metadata.state_dict_metadata
     except Exception as e:  # noqa: BLE001 - a missing or corrupt .metadata file, in the reader's own error types
         raise ValueError(f"PATH: {path} has a meta.pt but its shard index (.metadata) is unreadable: {e}") from e
+    ends: dict[str, int] = {}  # each shard file's size, as far as the index places data in it
+    for item in (metadata.storage_data or {}).values():
+        ends[item.relative_path] = max(ends.get(item.relative_path, 0), item.offset + item.length)
+    for name, end in sorted(ends.items()):
+        size = (path / name).stat().st_size if (path / name).is_file() else None
+        if size is None or size < end:
+            held = "is missing" if size is None else f"holds {size} bytes"
+            raise ValueError(f"PATH: {path / name} {held}; the shard index (.metadata) places {end} bytes in it")
     model = [m for k, m in entries.items() if k.startswith("model.") and isinstance(m, TensorStorageMetadata)]
     return any(k.startswith("optimizer") for k in entries), _dtypes(m.properties.dtype for m in model)
 
@@ -186,6 +201,9 @@ def describe(path: str | Path) -> dict[str, Any]:
         elif doc.get("format") == FORMAT_NAME:
             info = _model("model directory", p / CONFIG_FILE, doc.get("config"), doc.get("vocab"),
                           dtype=doc.get("dtype"), source=doc.get("source"), bundled=bundled)  # fmt: skip
+        if info is not None:  # a model directory: its weights cut short would only fail when loaded
+            for weights in sorted(p.glob("*.safetensors")):
+                _safetensors(weights)  # the header, checked against the file's size
         elif doc.get("format") == "cm3leon_lightning.vqgan":
             c = doc.get("config", {})
             try:
@@ -218,6 +236,11 @@ def describe(path: str | Path) -> dict[str, Any]:
     elif p.suffix == ".json":
         from cm3leon_lightning.tokenization.text import TextTokenizer
 
+        doc = _read_json(p)
+        if p.name == CONFIG_FILE and ("format" in doc or "model_type" in doc):
+            raise ValueError(f"PATH: {p} is the {CONFIG_FILE} of a directory: cm3leon info {p.parent}")
+        if not isinstance(doc.get("model"), dict):  # every tokenizers JSON file has its model section
+            raise ValueError(f"PATH: {p} is a JSON file but not a text tokenizer (tokenizer.json) or {MANIFEST_NAME}")
         tok = TextTokenizer.load(p)
         info = {"kind": "text tokenizer", "vocab_size": tok.vocab_size, "num_sentinels": tok.num_sentinels,
                 "sha256": tok.sha256}  # fmt: skip

@@ -210,3 +210,57 @@ def test_vqgan_and_clip_training_checkpoints_are_told_apart(tmp_path: Path) -> N
     torch.save({"state_dict": clip.state_dict(), "hyper_parameters": dict(clip.hparams)}, tmp_path / "clip.ckpt")
     info = describe(tmp_path / "clip.ckpt")
     assert (info["kind"], info["clip_model"]) == ("lightning checkpoint (ClipModule)", "cm3leon-clip-tiny")
+
+
+def _cut(path: Path, keep: int) -> None:
+    """Keep the first ``keep`` bytes of ``path`` (a copy cut short)."""
+    data = path.read_bytes()
+    path.write_bytes(data[:keep])
+
+
+def _error(path: Path, capsys: pytest.CaptureFixture[str]) -> str:
+    assert main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    return err.removeprefix("cm3leon info: error: ").strip()
+
+
+def test_truncated_or_empty_files_are_named_as_such(assets: dict, tmp_path: Path, capsys) -> None:
+    """A checkpoint cut short was "not a checkpoint ... (neither a torch zip file nor a pickle)", and model or sharded
+    directories whose weights were cut short were described with exit status 0: only loading them failed."""
+    root = assets["root"]
+    shutil.copy(root / "trained.ckpt", tmp_path / "cut.ckpt")
+    _cut(tmp_path / "cut.ckpt", 3000)
+    cut = tmp_path / "cut.ckpt"
+    assert _error(cut, capsys) == f"PATH: {cut} is a truncated or corrupt checkpoint (a zip file without its end)"
+    (tmp_path / "empty.ckpt").write_bytes(b"")
+    assert _error(tmp_path / "empty.ckpt", capsys) == f"PATH: {tmp_path / 'empty.ckpt'} is empty (0 bytes)"
+    for name in ("exported", "hf"):
+        shutil.copytree(root / name, tmp_path / name)
+        weights = tmp_path / name / "model.safetensors"
+        _cut(weights, weights.stat().st_size - 1)
+        assert _error(tmp_path / name, capsys) == (
+            f"PATH: {weights} is not a readable safetensors file: Error while deserializing header: incomplete "
+            "metadata, file not fully covered"
+        )
+    shutil.copytree(root / "sharded.ckpt", tmp_path / "sharded")
+    shard = next((tmp_path / "sharded").glob("*.distcp"))
+    size = shard.stat().st_size
+    _cut(shard, size // 2)
+    want = f"PATH: {shard} holds {size // 2} bytes; the shard index (.metadata) places {size} bytes in it"
+    assert _error(tmp_path / "sharded", capsys) == want
+    shard.unlink()
+    assert _error(tmp_path / "sharded", capsys).startswith(f"PATH: {shard} is missing; the shard index")
+
+
+def test_a_json_file_that_is_no_tokenizer_is_named(assets: dict, tmp_path: Path, capsys) -> None:
+    """`cm3leon info models/350m/config.json` failed as a tokenizer: "not a valid tokenizers JSON file (expected `,`
+    or `}` at line 2 column 11)" for a valid JSON file."""
+    root = assets["root"]
+    for name in ("exported", "hf", "vqgan"):
+        config = root / name / "config.json"
+        assert _error(config, capsys) == f"PATH: {config} is the config.json of a directory: cm3leon info {root / name}"
+    (tmp_path / "other.json").write_text('{"a": 1}')
+    assert _error(tmp_path / "other.json", capsys) == (
+        f"PATH: {tmp_path / 'other.json'} is a JSON file but not a text tokenizer (tokenizer.json) or manifest.json"
+    )

@@ -230,3 +230,36 @@ def test_every_config_instantiates_with_the_values_it_sets(path: Path, tiny_shar
                 assert _matches(want, got), f"{name}.{key}: {want!r} set, {got!r} reached the callback"
     if "max_steps" in trainer:
         assert cli.trainer.max_steps == trainer["max_steps"]
+
+
+def test_no_command_names_every_command(capsys: pytest.CaptureFixture[str]) -> None:
+    """A bare `cm3leon` got LightningCLI's "expected subcommand to be one of {fit,validate,test,predict}"."""
+    from cm3leon_lightning.cli import EXTRA_COMMANDS
+
+    assert main([]) == 2
+    choices = ", ".join(["fit", "validate", "test", "predict", *EXTRA_COMMANDS])
+    assert capsys.readouterr().err == f"cm3leon: error: no command given (choose from {choices}; cm3leon --help)\n"
+
+
+@pytest.mark.parametrize("subcommand", ["validate", "predict"])
+def test_a_model_directory_as_ckpt_path_is_refused_naming_init_from(
+    subcommand: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`cm3leon validate --ckpt_path models/350m` (a `cm3leon export` directory) ended in Lightning's checkpoint
+    loader with a traceback (IsADirectoryError) after building everything; it holds no trainer state."""
+    from support.checkpoint_setup import write_checkpoint_assets
+
+    from cm3leon_lightning.export import export_model
+
+    write_checkpoint_assets(tmp_path)
+    export_model(tmp_path / "model.ckpt", tmp_path / "m")
+    cfg = write_fit_config(tmp_path, max_steps=1, n_train=4)
+    with pytest.raises(SystemExit) as exit_info:
+        main([subcommand, "--config", str(TINY_MODEL), "--config", str(cfg), "--ckpt_path", str(tmp_path / "m")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    m = tmp_path / "m"
+    assert err == (
+        f"error: --ckpt_path: {m} is a model directory of 'cm3leon export' (no trainer state); give it as "
+        f"--model.init_args.init_from {m} instead"
+    )
