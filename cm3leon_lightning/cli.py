@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from jsonargparse import set_parsing_settings
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 # Dataclass attribute docstrings (CM3LeonConfig's) become --help text.
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
@@ -53,12 +53,26 @@ def data_vocab(datamodule: Any) -> dict[str, int] | None:
     return vocab.to_dict() if hasattr(vocab, "to_dict") else dict(vocab)
 
 
+class StageConfigCallback(SaveConfigCallback):
+    """Save the run's config as ``config.yaml`` for ``fit`` and ``<stage>_config.yaml`` for validate, test and
+    predict: with a log directory shared with the fit (no logger, or a fixed version), those replaced the fit's
+    ``config.yaml``, the file the README reuses (``cm3leon predict --config run/config.yaml``)."""
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        """Choose the file name for ``stage``, then save as LightningCLI does."""
+        name = str(getattr(stage, "value", stage))  # Lightning passes a TrainerFn
+        if name != "fit" and self.config_filename == "config.yaml":
+            self.config_filename = f"{name}_config.yaml"
+        super().setup(trainer, pl_module, stage)
+
+
 class CM3LeonCLI(LightningCLI):
     """LightningCLI with subclass mode for model and data, and the data -> model vocabulary link."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("save_config_callback", StageConfigCallback)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("auto_configure_optimizers", False)
         kwargs.setdefault("parser_kwargs", {"description": DESCRIPTION})

@@ -71,6 +71,15 @@ def test_cm3leon_fit_runs_and_writes_a_checkpoint(tmp_path: Path) -> None:
         "pad_to_multiple": 128,
     }
     assert ckpt["state_dict"]["model.wte.weight"].shape[0] == 128
+    # validate in the same log directory (no logger) wrote its config over the fit's config.yaml, which the README
+    # reuses for predict; it now writes validate_config.yaml
+    fit_config = (tmp_path / "config.yaml").read_bytes()
+    cmd = [sys.executable, "-m", "cm3leon_lightning", "validate", "--config", str(TINY_MODEL), "--config", str(cfg),
+           "--ckpt_path", str(last)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "config.yaml").read_bytes() == fit_config
+    assert "ckpt_path" in (tmp_path / "validate_config.yaml").read_text()
 
 
 def test_help_shows_docstrings(capsys: pytest.CaptureFixture[str]) -> None:
