@@ -364,10 +364,26 @@ class CM3LeonAPI(JobRunner, StopWhenIdle, ls.LitAPI):
         return output
 
 
+def body_errors(errors: list[dict[str, Any]], content_type: str | None) -> list[dict[str, Any]]:
+    """``errors`` (FastAPI's, for ``POST /predict``) with a body that is no JSON object named as such: FastAPI reads a
+    body as JSON only under ``Content-Type: application/json`` (``curl -d`` sends a form's type), and the union's
+    error then blamed the field ``prompt`` ("Input should be a valid dictionary") of a well-formed request."""
+    if not any(e.get("type") == "model_attributes_type" and tuple(e.get("loc", ()))[:1] == ("body",) for e in errors):
+        return errors
+    if "json" not in (content_type or "").lower():
+        got = f"got {content_type!r}" if content_type else "it had none"
+        msg = f"not read as JSON: send the header Content-Type: application/json ({got})"
+    else:
+        msg = 'must be a JSON object, e.g. {"prompt": "a red circle"}'
+    return [{"type": "body_not_json_object", "loc": ["body"], "msg": f"body: {msg}"}]
+
+
 async def validation_error_response(request: Request, exc: RequestValidationError) -> JSONResponse:
     """FastAPI's 422 answer naming the fields, with the echoed input made strict JSON (:func:`json_safe`): FastAPI's
-    own handler failed with a 500 and a traceback on ``NaN``, ``Infinity``, ``1e400`` or a lone surrogate."""
-    return JSONResponse(status_code=422, content={"detail": json_safe(jsonable_encoder(exc.errors()))})
+    own handler failed with a 500 and a traceback on ``NaN``, ``Infinity``, ``1e400`` or a lone surrogate. A body that
+    is not a JSON object is named as such (:func:`body_errors`)."""
+    errors = body_errors(jsonable_encoder(exc.errors()), request.headers.get("content-type"))
+    return JSONResponse(status_code=422, content={"detail": json_safe(errors)})
 
 
 def install_error_handlers(app: FastAPI) -> FastAPI:

@@ -233,11 +233,13 @@ def chunk_by_rows(rows: list[int], max_rows: int) -> list[list[int]]:
 
 
 def decode_base64_image(data: str, resolution: int) -> torch.Tensor:
-    """A base64 PNG/JPEG (optionally a ``data:`` URL) -> ``(3, R, R)`` uint8, centre-cropped and resized (bicubic).
+    """A base64 PNG/JPEG (optionally a ``data:`` URL; whitespace such as the line breaks of wrapped base64 is ignored)
+    -> ``(3, R, R)`` uint8, centre-cropped and resized (bicubic).
 
     Raises:
-        ValueError: not base64, not a PNG or JPEG PIL can read, or more than :data:`MAX_IMAGE_PIXELS` pixels (a
-            small file may declare a huge image); the message names the ``image`` field.
+        ValueError: not base64 (naming the first character outside the alphabet), not a PNG or JPEG PIL can read,
+            or more than :data:`MAX_IMAGE_PIXELS` pixels (a small file may declare a huge image); the message names
+            the ``image`` field.
     """
     from PIL import Image
 
@@ -245,10 +247,13 @@ def decode_base64_image(data: str, resolution: int) -> torch.Tensor:
 
     if data.startswith("data:"):
         data = data.partition(",")[2]
+    data = "".join(data.split())  # line breaks of wrapped base64 (MIME, `base64` without -w0), a trailing newline
     try:
         raw = base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError) as e:
-        raise ValueError(f"image: not valid base64 ({e})") from e
+        bad = next(((i, c) for i, c in enumerate(data) if not (c.isascii() and (c.isalnum() or c in "+/="))), None)
+        where = f": {bad[1]!r} at character {bad[0]} of the base64 text" if bad else ""
+        raise ValueError(f"image: not valid base64 ({e}{where})") from e
     try:
         img = Image.open(io.BytesIO(raw), formats=("PNG", "JPEG"))  # reads the header only
     except Exception as e:  # noqa: BLE001 - UnidentifiedImageError, OSError, DecompressionBombError, ...

@@ -88,6 +88,25 @@ def test_non_standard_json_gets_a_json_422_naming_the_field(client, body, field)
     assert len(r.content) < 1000
 
 
+@pytest.mark.parametrize(
+    "headers, body, msg",
+    [
+        # curl -d without -H: a form's type; FastAPI did not read the JSON and blamed the field prompt
+        ({"Content-Type": "application/x-www-form-urlencoded"}, '{"prompt": "a red circle"}',
+         "body: not read as JSON: send the header Content-Type: application/json "
+         "(got 'application/x-www-form-urlencoded')"),
+        ({}, '{"prompt": "a red circle"}', "body: not read as JSON: send the header Content-Type: application/json "
+         "(it had none)"),
+        ({"Content-Type": "application/json"}, '[{"prompt": "a red circle"}]',
+         'body: must be a JSON object, e.g. {"prompt": "a red circle"}'),
+    ],
+)  # fmt: skip
+def test_a_body_that_is_not_a_json_object_gets_a_422_saying_so(client, headers, body, msg):
+    r = client.post("/predict", content=body, headers=headers)
+    assert r.status_code == 422 and r.json() == {"detail": [{"type": "body_not_json_object", "loc": ["body"],
+                                                             "msg": msg}]}  # fmt: skip
+
+
 def test_a_body_over_max_payload_mb_gets_413(client):
     """The body was unbounded: a 20 MB prompt held the worker for 30 seconds and 2.6 GB."""
     r = client.post("/predict", json={"prompt": "a" * 2**20})

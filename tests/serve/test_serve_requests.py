@@ -134,9 +134,23 @@ def test_base64_images_decode_to_the_resolution_and_back():
     assert torch.equal(decode_base64_image(encode_png_base64(image), 16), px)  # PNG is lossless
 
 
+def test_wrapped_base64_and_a_trailing_newline_are_read():
+    """MIME encoders and `base64` without -w0 wrap lines, a file read whole ends in a newline: these were refused as
+    "not valid base64 (Only base64 data is allowed)" or "(Excess data after padding)"."""
+    data = png_base64(0, size=60)
+    want = decode_base64_image(data, 16)
+    wrapped = base64.encodebytes(base64.b64decode(data)).decode()  # 76 characters a line, a final newline
+    assert wrapped.count("\n") > 1 and torch.equal(decode_base64_image(wrapped, 16), want)
+    assert torch.equal(decode_base64_image(f"data:image/png;base64,{data}\n", 16), want)
+
+
 @pytest.mark.parametrize(
     "data, match",
-    [("not base64!", "image: not valid base64"), (base64.b64encode(b"hello").decode(), "image: 5 bytes that are not")],
+    [
+        ("not base64!", "image: not valid base64"),
+        (base64.b64encode(b"hello").decode(), "image: 5 bytes that are not"),
+        ("aGVs-G8=", r"^image: not valid base64 \(.*: '-' at character 4 of the base64 text\)$"),  # URL-safe alphabet
+    ],
 )
 def test_an_unreadable_image_names_the_field(data, match):
     with pytest.raises(ValueError, match=match):
