@@ -17,6 +17,7 @@ running them. Two ways to remove that cost, both giving the eager step's tokens:
 from __future__ import annotations
 
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from typing import Any
 
@@ -150,13 +151,23 @@ class GraphedStep:
             self.static_out = tuple(self.step_fn(model, *self.static_in, *self.args))
 
 
-_GRAPHS: weakref.WeakKeyDictionary[Any, dict[Hashable, GraphedStep]] = weakref.WeakKeyDictionary()
+MAX_GRAPHS_PER_CACHE = 32
+"""Captured steps kept per KV cache, least recently used dropped first: the key holds the sampling settings (``cfg``,
+``temperature``, ``top_p`` are floats), so a server whose clients sweep a setting would otherwise keep one graph, and
+its memory pool, per value for as long as the cache lives."""
+
+_GRAPHS: weakref.WeakKeyDictionary[Any, OrderedDict[Hashable, GraphedStep]] = weakref.WeakKeyDictionary()
 
 
 def graphed_step(cache: Any, key: Hashable, step_fn: Callable[..., tuple[Tensor, ...]], *args: Any) -> GraphedStep:
     """The :class:`GraphedStep` of ``step_fn`` for this KV cache and ``key`` (mode, spec, shapes, constraint),
-    created on first use; a graph lives as long as the cache whose buffers it reads and writes."""
-    graphs = _GRAPHS.setdefault(cache, {})
-    if key not in graphs:
+    created on first use; a graph lives as long as the cache whose buffers it reads and writes, or until
+    :data:`MAX_GRAPHS_PER_CACHE` more recently used ones push it out (a decoder holding it keeps it alive)."""
+    graphs = _GRAPHS.setdefault(cache, OrderedDict())
+    if key in graphs:
+        graphs.move_to_end(key)
+    else:
         graphs[key] = GraphedStep(step_fn, *args)
+        while len(graphs) > MAX_GRAPHS_PER_CACHE:
+            graphs.popitem(last=False)
     return graphs[key]

@@ -86,3 +86,31 @@ def test_fused_mode_on_cpu_needs_the_triton_interpreter(monkeypatch):
         resolve_mode("fused", CPU)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert resolve_mode("fused", CPU) == "fused"
+
+
+def test_captured_steps_per_cache_are_capped_least_recently_used_first(monkeypatch):
+    """The graph key holds the float sampling settings: a server whose clients swept ``temperature`` kept one captured
+    graph (and its memory pool) per value for as long as the KV cache lived. At most MAX_GRAPHS_PER_CACHE are kept."""
+    from cm3leon_lightning.generation import graphs
+
+    made = []
+
+    class Captured:  # a GraphedStep needs CUDA; what is kept does not depend on it
+        def __init__(self, step_fn, *args):
+            made.append(args)
+
+    class Cache:
+        pass
+
+    monkeypatch.setattr(graphs, "GraphedStep", Captured)
+    cache, cap = Cache(), graphs.MAX_GRAPHS_PER_CACHE
+    first = graphs.graphed_step(cache, ("t", 0), None, 0)
+    for t in range(1, cap):
+        graphs.graphed_step(cache, ("t", t), None, t)
+    assert graphs.graphed_step(cache, ("t", 0), None, 0) is first  # a hit: no new capture, now most recent
+    graphs.graphed_step(cache, ("t", cap), None, cap)  # one more: the least recently used, ("t", 1), goes
+    kept = list(graphs._GRAPHS[cache])
+    assert len(kept) == cap and ("t", 1) not in kept and kept[-2:] == [("t", 0), ("t", cap)]
+    assert len(made) == cap + 1
+    graphs.graphed_step(cache, ("t", 1), None, 1)  # captured again when asked for again
+    assert len(made) == cap + 2 and len(graphs._GRAPHS[cache]) == cap
