@@ -70,7 +70,9 @@ class FIDCallback(GenerationCallback):
             module's ``val_data``.
         samples: in-memory samples (caption in ``references[0]``, uint8 ``image``), instead of ``data``.
         num_samples: captions (and reference images) used, the first ones in manifest order (a smaller set is
-            used whole, with a warning: FID depends on the sample count).
+            used whole, with a warning: FID depends on the sample count). With no more images than features
+            (2048 for Inception; e.g. the 1000 of ``configs/callbacks/fid.yaml``) the covariances are singular and
+            the FID is a biased proxy, comparable only at the same count (``setup`` warns).
         image_size: side length both sets are brought to before the extractor (MS-COCO protocol: 256).
         samples_per_prompt: candidates per caption; the best by CLIP score is kept (paper table 1: 8).
         clip_model: open_clip model for re-ranking (paper: ViT-B-32); None keeps the first candidate.
@@ -145,8 +147,11 @@ class FIDCallback(GenerationCallback):
     # ------------------------------------------------------------------------------------------ set-up
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Build the FID metric (Inception weights or the given extractor), CLIP, and read the evaluation set (in-memory
-        samples must each have a caption, ``references[0]``, and an image: ValueError naming the sample)."""
+        samples must each have a caption, ``references[0]``, and an image: ValueError naming the sample). Without
+        ``vqgan`` the default :meth:`generate` cannot decode images: ValueError now, not after the first epoch."""
         self.load_resources(trainer)  # a missing tokenizer or VQGAN fails now, not at the first validation
+        if self.vqgan is None and type(self).generate is FIDCallback.generate:  # else: after the first epoch
+            raise ValueError("FIDCallback: give vqgan (a VQGAN weights path or module) to decode the generated images")
         if self.metric is None:
             self.metric = make_fid(self.feature_extractor, self.feature_weights_path, self.feature_dim)
         if self.samples is None:
@@ -171,6 +176,13 @@ class FIDCallback(GenerationCallback):
             rank_zero_warn(
                 f"FIDCallback: num_samples={self.num_samples} but the evaluation set has {len(self.samples)} images; "
                 f"{self.log_name} is the FID of {len(self.samples)} images, not comparable with FID-{self.num_samples}"
+            )
+        dims = int(self.metric.real_features_sum.shape[0])
+        if len(self.samples) <= dims:
+            rank_zero_warn(
+                f"FIDCallback: {len(self.samples)} images for {dims} features: the covariances are singular, so "
+                f"{self.log_name} is biased upward (more so the fewer the images); compare it only with runs of the "
+                f"same count (the paper's FID-30K needs more than {dims} images)"
             )
         if self._reference_id is None:
             self._reference_id = reference_images_id(self.samples)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 import textwrap
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import lightning as L
@@ -32,7 +33,7 @@ from cm3leon_lightning.callbacks.base import (
 )
 from cm3leon_lightning.callbacks.cider import CIDErCallback
 from cm3leon_lightning.data.cleaning import model_text
-from cm3leon_lightning.metrics.fid import to_uint8_images
+from cm3leon_lightning.metrics.fid import fid_resize, to_uint8_images
 
 DEFAULT_PROMPTS = (
     "a red square on a white background",
@@ -166,7 +167,8 @@ class SampleLoggerCallback(CIDErCallback):
         return self._generate_state_key(tag=self.tag)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        """Read the images to caption (if any) once, and check that a VQGAN is given where one is needed.
+        """Read the images to caption (if any) once, and check that a VQGAN is given where one is needed; images
+        of any sizes are captioned (encoded at the VQGAN's size) and shown (at ``cell``).
 
         Raises:
             ValueError: no ``vqgan`` while the default :meth:`generate_images` draws ``prompts``, or while an image
@@ -193,6 +195,10 @@ class SampleLoggerCallback(CIDErCallback):
                     f"SampleLoggerCallback: give vqgan (a VQGAN weights path or module): the images to caption "
                     f"{lacking[:3]} lack pixels to show or codes to caption (or num_caption_images=0)"
                 )
+        else:  # images to encode at the VQGAN's size, so ones of several sizes stack
+            size = int(self.load_vqgan().config.resolution)
+            self.samples = [s if s.codes is not None or s.image is None else replace(s, image=fid_resize(s.image, size))
+                            for s in self.samples]  # fmt: skip
 
     def generate_images(self, pl_module: L.LightningModule, prompts: Sequence[str], seeds: Sequence[int]) -> Tensor:
         """Prompts -> uint8 images ``(N, 3, H, W)``, one per prompt with its own seed. Override to change it."""
@@ -229,7 +235,7 @@ class SampleLoggerCallback(CIDErCallback):
             captions = self.generate(pl_module, codes, self.instruction, self.seed)
             if trainer.is_global_zero:
                 if all(s.image is not None for s in self.samples):
-                    shown = torch.stack([s.image for s in self.samples])
+                    shown = torch.stack([fid_resize(s.image, self.cell) for s in self.samples])  # of any sizes
                 else:
                     vqgan = self.load_vqgan(pl_module.device)
                     with torch.no_grad():

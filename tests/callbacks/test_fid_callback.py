@@ -354,3 +354,28 @@ def test_in_memory_captions_are_tokenized_as_the_training_captions(parts, monkey
     samples[1] = EvalSample("blank", ["\t \n"], samples[1].image)
     with pytest.raises(ValueError, match=r"^FIDCallback: sample 'blank': its caption holds no text \(only"):
         make(parts, samples=samples, num_samples=3).setup(None, None, "fit")
+
+
+def test_no_vqgan_is_refused_at_setup(parts, tmp_path: Path) -> None:
+    """Without a VQGAN the default generation failed at the first validation end, after the training steps before
+    it; setup now names the argument. An overridden ``generate`` needs none."""
+    _, _, module = parts
+    with pytest.raises(ValueError, match=r"^FIDCallback: give vqgan \(a VQGAN weights path or module\) to decode"):
+        make(parts, vqgan=None).setup(None, module, "fit")
+    Copying(**{**_args(parts), "samples": shape_samples(6), "vqgan": None}).setup(None, module, "fit")
+
+
+@pytest.mark.parametrize(("dims", "warns"), [(8, True), (5, False)])
+def test_no_more_images_than_features_warns_that_fid_is_biased(parts, dims: int, warns: bool) -> None:
+    """With no more images than feature dimensions (FID-1000 with Inception's 2048) the covariances are singular and
+    the FID a biased proxy; that passed without a word."""
+    import warnings
+
+    _, _, module = parts
+    cb = make(parts, feature_extractor=TinyFeatures(dims=dims))  # 6 images
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        cb.setup(None, module, "validate")
+    biased = [str(w.message) for w in seen if "covariances are singular" in str(w.message)]
+    expected = "FIDCallback: 6 images for 8 features: the covariances are singular, so val/fid is biased upward"
+    assert [m.startswith(expected) for m in biased] == ([True] if warns else [])

@@ -241,3 +241,44 @@ def test_prompts_are_read_as_the_training_captions(parts, tmp_path: Path, monkey
         make(parts, prompts=["a red square", "\n"], seeds=[1, 2])
     with pytest.raises(ValueError, match="prompts must be a list of captions, got the string 'a red square'"):
         make(parts, prompts="a red square", seeds=None)
+
+
+def test_images_to_caption_of_several_sizes(parts, tmp_path: Path) -> None:
+    """In-memory images of two sizes failed at the first validation end (``torch.stack`` of unequal sizes, when
+    encoding and when showing them); they are encoded at the VQGAN's size and shown at ``cell``."""
+    _, vqgan, module = parts
+    mixed = shape_samples(1) + shape_samples(1, size=32, seed=1)
+    cb = make(parts, prompts=[], seeds=[], caption_samples=mixed, cell=16)
+    trainer(tmp_path, [cb]).validate(module, val_loader(module.vocab), verbose=False)
+    assert [tuple(s.image.shape) for s in cb.samples] == [(3, 16, 16), (3, 16, 16)]  # the micro VQGAN's 16 px
+    assert [p.name for p in cb.written] == ["samples_image_to_text-step0000000.png"]
+    assert Image.open(cb.written[0]).size[0] == 2 * 16
+
+
+def test_sampling_at_validation_leaves_the_training_rng_alone(parts, tmp_path: Path) -> None:
+    """Generating at validation ends must not draw from the global RNG: a run with the callback shuffles and trains
+    exactly as one without it (guard; the decoders sample from their own seeded generators)."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    tok, vqgan, _ = parts
+
+    def losses(callbacks) -> list[float]:
+        module, seen = tiny_module(tok), []
+
+        class Losses(L.Callback):
+            def on_train_batch_end(self, trainer, pl_module, outputs, *args) -> None:  # noqa: ANN001
+                seen.append(float(outputs["loss"]))
+
+        L.seed_everything(0)
+        train = DataLoader(val_loader(module.vocab, n=8).dataset, batch_size=2, shuffle=True)  # global-RNG shuffle
+        fit = L.Trainer(accelerator="cpu", max_epochs=3, logger=False, callbacks=[*callbacks, Losses()],
+                        enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, default_root_dir=str(tmp_path))  # fmt: skip
+        fit.fit(module, train_dataloaders=train, val_dataloaders=val_loader(module.vocab, n=2))
+        return seen
+
+    cb = make(parts, cls=SampleLoggerCallback, prompts=PROMPTS[:1], seeds=[5], caption_samples=shape_samples(1),
+              num_caption_images=1, method="top_p", compile=False)  # fmt: skip
+    plain = losses([])
+    assert len(plain) == 12 and losses([cb]) == plain and len(cb.written) == 6

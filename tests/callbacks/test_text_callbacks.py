@@ -484,3 +484,20 @@ def test_an_empty_instruction_among_several_is_plain_captioning(parts, monkeypat
     assert seen == [[[], tok.encode("what is it?")]] and len(answers) == 2
     with pytest.raises(ValueError, match=r"^instruction\[1\]: the instruction holds no text"):
         cb.generate(module, torch.stack([s.codes for s in coded_samples(2)]), ["", " \n"], cb.seed)
+
+
+def test_vqa_images_without_codes_need_a_vqgan_at_setup_and_may_differ_in_size(parts, tmp_path: Path) -> None:
+    """Questions about images without codes and no VQGAN failed at the first validation end, after the training
+    steps before it; in-memory images of two sizes failed there too (``torch.stack``). Now setup names the sample, and
+    images are brought to the VQGAN's size."""
+    tok, vqgan, module = parts
+    shapes = shape_samples(1) + shape_samples(1, size=32, seed=1)
+    qs = [EvalSample(f"q{i}", [], s.image, None, "what color is it?", ["red"]) for i, s in enumerate(shapes)]
+    with pytest.raises(ValueError, match=r"^VQACallback: give vqgan \(a VQGAN .*\) to encode the image of sample 'q0'"):
+        VQACallback(samples=qs, text_tokenizer=tok).setup(None, module, "fit")
+    blank = [dataclasses.replace(qs[0], image=None)]
+    with pytest.raises(ValueError, match=r"^VQACallback: sample 'q0' has neither codes nor an image"):
+        VQACallback(samples=blank, text_tokenizer=tok, vqgan=vqgan).setup(None, module, "fit")
+    cb = VQACallback(samples=qs, text_tokenizer=tok, vqgan=vqgan, max_new_tokens=2)
+    out = trainer(tmp_path, [cb]).validate(module, val_loader(module.vocab), verbose=False)[0]
+    assert [tuple(s.image.shape) for s in cb.samples] == [(3, 16, 16), (3, 16, 16)] and 0 <= out["val/vqa_acc"] <= 1
