@@ -9,6 +9,7 @@ VQGAN is needed; references are the samples' captions, grouped per identical sou
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import lightning as L
 import torch
@@ -25,6 +26,7 @@ from cm3leon_lightning.callbacks.base import (
 )
 from cm3leon_lightning.data.cleaning import model_text
 from cm3leon_lightning.metrics.cider import CIDErD
+from cm3leon_lightning.metrics.fid import fid_resize
 
 
 class CIDErCallback(GenerationCallback):
@@ -98,6 +100,7 @@ class CIDErCallback(GenerationCallback):
                 raise ValueError(
                     f"CIDErCallback: sample {s.key!r} needs a non-empty list of reference captions, got {refs!r}"
                 )
+        self.check_images("CIDErCallback")
         if len(self.samples) > 1 and all(len(s.references) == 1 for s in self.samples):
             rank_zero_warn(
                 f"CIDErCallback: each of the {len(self.samples)} evaluation images has one reference caption, so "
@@ -105,6 +108,23 @@ class CIDErCallback(GenerationCallback):
                 "image; for COCO, prepare the validation set with `cm3leon prepare --coco-mode all` and keep "
                 "group_by_image=True, which gathers an image's captions)"
             )
+
+    def check_images(self, name: str) -> None:
+        """Refuse samples with neither codes nor an image, or with an image to encode and no ``vqgan`` (they failed at
+        the first validation's end, after training), naming the sample; bring images to encode to the VQGAN's size,
+        so images of several sizes stack."""
+        for s in self.samples or ():
+            if s.codes is None and s.image is None:
+                raise ValueError(f"{name}: sample {s.key!r} has neither codes nor an image")
+            if s.codes is None and self.vqgan is None:
+                raise ValueError(
+                    f"{name}: give vqgan (a VQGAN weights path or module) to encode the image of sample {s.key!r}"
+                    " (it has no codes)"
+                )
+        if self.vqgan is not None and self.samples:
+            size = int(self.load_vqgan().config.resolution)
+            self.samples = [s if s.codes is not None else replace(s, image=fid_resize(s.image, size))
+                            for s in self.samples]  # fmt: skip
 
     def codes_of(self, chunk: Sequence[EvalSample], device: torch.device) -> Tensor:
         """``(B, h*w)`` codes of the samples (the stored ones, else their images encoded with the VQGAN)."""

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 
 import lightning as L
@@ -165,17 +164,7 @@ class VQACallback(CIDErCallback):
                     f"got question={s.question!r}, answers={s.answers!r}"
                 )
             model_text(s.question, f"VQACallback: sample {s.key!r}", "the question")  # blank: as SFT input refuses it
-            if s.codes is None and s.image is None:  # else: failures after the first epoch
-                raise ValueError(f"VQACallback: sample {s.key!r} has neither codes nor an image")
-            if s.codes is None and self.vqgan is None:
-                raise ValueError(
-                    f"VQACallback: give vqgan (a VQGAN weights path or module) to encode the image of sample {s.key!r}"
-                    " (it has no codes)"
-                )
-        if self.vqgan is not None:  # images to encode at the VQGAN's size, so ones of several sizes stack
-            size = int(self.load_vqgan().config.resolution)
-            self.samples = [s if s.codes is not None else replace(s, image=fid_resize(s.image, size))
-                            for s in self.samples]  # fmt: skip
+        self.check_images("VQACallback")
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> float:
         """Answer this rank's questions, update the metric, and return the accuracy over all ranks."""

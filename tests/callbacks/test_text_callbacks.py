@@ -501,3 +501,15 @@ def test_vqa_images_without_codes_need_a_vqgan_at_setup_and_may_differ_in_size(p
     cb = VQACallback(samples=qs, text_tokenizer=tok, vqgan=vqgan, max_new_tokens=2)
     out = trainer(tmp_path, [cb]).validate(module, val_loader(module.vocab), verbose=False)[0]
     assert [tuple(s.image.shape) for s in cb.samples] == [(3, 16, 16), (3, 16, 16)] and 0 <= out["val/vqa_acc"] <= 1
+    # CIDErCallback had the same two failures at the first validation end
+    caps = [EvalSample(f"c{i}", ["a red shape"], s.image, None) for i, s in enumerate(shapes)]
+    with pytest.raises(
+        ValueError, match=r"^CIDErCallback: give vqgan \(a VQGAN .*\) to encode the image of sample 'c0'"
+    ):
+        CIDErCallback(samples=caps, text_tokenizer=tok, tokenizer="simple").setup(None, module, "fit")
+    with pytest.raises(ValueError, match=r"^CIDErCallback: sample 'c0' has neither codes nor an image"):
+        CIDErCallback(samples=[dataclasses.replace(caps[0], image=None)], text_tokenizer=tok, tokenizer="simple",
+                      vqgan=vqgan).setup(None, module, "fit")  # fmt: skip
+    cider = CIDErCallback(samples=caps, text_tokenizer=tok, tokenizer="simple", vqgan=vqgan, max_new_tokens=2)
+    out = trainer(tmp_path, [cider]).validate(module, val_loader(module.vocab), verbose=False)[0]
+    assert [tuple(s.image.shape) for s in cider.samples] == [(3, 16, 16), (3, 16, 16)] and out["val/cider"] >= 0
