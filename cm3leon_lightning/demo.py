@@ -1,7 +1,8 @@
 """``cm3leon demo`` (what ``make demo`` runs): the whole CM3Leon recipe, end to end, on synthetic shapes, on a CPU.
 
 Stages (each cached in ``<out>/<stage>/stage.json`` with a hash of its settings, its config files and the stages
-before it, so a rerun reuses every finished stage; ``--fresh`` starts over)::
+before it, so a rerun reuses every finished stage; a stage that runs again reruns the stages after it; ``--fresh``
+starts over)::
 
     data       seeded shapes pairs (data/shapes.py) written as an image folder with caption sidecars
     tokenizer  byte-level BPE on the training captions (TextTokenizer)
@@ -137,6 +138,7 @@ class Context:
     seed: int = 0
     results: dict[str, dict[str, Any]] = field(default_factory=dict)
     hashes: dict[str, str] = field(default_factory=dict)
+    runs: dict[str, str] = field(default_factory=dict)  # stage -> hash of its marker: which run of it made its outputs
     verbose: bool = True
     progress: bool = True
     fit_callbacks: list[Any] = field(default_factory=list)  # extra callbacks for this process's next fit
@@ -157,8 +159,15 @@ def stage_key(ctx: Context, name: str) -> str:
     return settings_hash({"stage": name, "settings": stage_settings(ctx, name), "upstream": deps})
 
 
+def upstream_runs(ctx: Context, name: str) -> dict[str, str]:
+    """Which runs of the stages ``name`` reads made their outputs (the hashes of their markers)."""
+    return {d: ctx.runs[d] for d in DEPENDS[name]}
+
+
 def load_cached(ctx: Context, name: str) -> dict[str, Any] | None:
-    """The saved marker of stage ``name`` if it is complete and its hash is current, else None."""
+    """The saved marker of stage ``name`` if it is complete, its hash is current and the stages it reads have not run
+    again since (their outputs may differ: a VQGAN trained again gives other codes than the prepared shards hold),
+    else None. A marker written before ``upstream`` was recorded is trusted unless one of theirs is newer."""
     marker = ctx.stage_dir(name) / MARKER
     if not marker.is_file():
         return None
@@ -168,9 +177,17 @@ def load_cached(ctx: Context, name: str) -> dict[str, Any] | None:
         return None
     if not isinstance(saved, dict) or saved.get("hash") != stage_key(ctx, name):
         return None
+    if "upstream" not in saved:  # a marker of an older version: a stage before it whose marker is newer ran since
+        mtime = marker.stat().st_mtime_ns
+        if any((ctx.stage_dir(d) / MARKER).stat().st_mtime_ns > mtime for d in DEPENDS[name]):
+            return None
+    elif saved["upstream"] != upstream_runs(ctx, name):
+        return None
     result = saved.get("result") if isinstance(saved.get("result"), dict) else {}
     recorded = [v for v in result.values() if isinstance(v, str) and os.path.isabs(v)]  # its outputs' paths
-    return saved if all(Path(v).exists() for v in recorded) else None  # one deleted (report.md...): the stage reruns
+    # one deleted (report.md...), or one in another directory (a copied run's marker names the original's files,
+    # which a rerun there may replace): the stage reruns
+    return saved if all(Path(v).exists() and Path(v).is_relative_to(ctx.out) for v in recorded) else None
 
 
 def run_stage(ctx: Context, name: str, announce_cached: bool = True) -> dict[str, Any]:
@@ -178,6 +195,7 @@ def run_stage(ctx: Context, name: str, announce_cached: bool = True) -> dict[str
 
     The stage's directory is emptied first and the marker written last, so a killed stage reruns from scratch; the
     top-level report files go too, so a run that stops before its report stage leaves none that describe old stages.
+    The marker records which runs of the stages before it it read (:func:`upstream_runs`).
     """
     title = f"[{STAGES.index(name) + 1}/{len(STAGES)}] {name:<9}"
     key = stage_key(ctx, name)
@@ -194,11 +212,25 @@ def run_stage(ctx: Context, name: str, announce_cached: bool = True) -> dict[str
         directory.mkdir(parents=True)
         ctx.log(f"{title} running ...")
         t0 = time.perf_counter()
-        result = STAGE_FUNCS[name](ctx, directory)
-        saved = {"hash": key, "seconds": time.perf_counter() - t0, "result": result}
-        write_atomic(directory / MARKER, json.dumps(saved, indent=1, sort_keys=True))
+        try:
+            result = STAGE_FUNCS[name](ctx, directory)
+        except SystemExit as e:  # cm3leon fit refused its config: its error (above) names the key, not the file
+            if e.code in (0, None):
+                raise
+            files = ", ".join(str(f) for f in stage_configs(ctx, name)) or "its settings"
+            raise RuntimeError(f"the {name} stage failed: cm3leon fit exited with status {e.code} (its error is "
+                               f"above) on {files}") from e  # fmt: skip
+        except Exception as e:
+            if hasattr(e, "add_note"):  # Python >= 3.11
+                e.add_note(f"cm3leon demo: the {name} stage failed (its partial output: {directory})")
+            raise
+        seconds, upstream = time.perf_counter() - t0, upstream_runs(ctx, name)
+        saved = {"hash": key, "seconds": seconds, "result": result, "upstream": upstream}
+        text = json.dumps(saved, indent=1, sort_keys=True)
+        write_atomic(directory / MARKER, text)
+        saved = json.loads(text)  # as a later run reads it (its hash names this run of the stage)
         ctx.log(f"{title} done in {saved['seconds']:.1f}s")
-    ctx.results[name], ctx.hashes[name] = saved["result"], key
+    ctx.results[name], ctx.hashes[name], ctx.runs[name] = saved["result"], key, settings_hash(saved)
     return saved["result"]
 
 
@@ -406,6 +438,11 @@ STAGE_FILES: dict[str, tuple[str, ...]] = {  # config files (under configs/) and
 }
 
 
+def stage_configs(ctx: Context, name: str) -> list[Path]:
+    """The config files (under ``ctx.configs``) stage ``name`` runs ``cm3leon fit`` with (:data:`STAGE_FILES`)."""
+    return [ctx.configs / spec[len("configs:") :] for spec in STAGE_FILES.get(name, ()) if spec.startswith("configs:")]
+
+
 def stage_settings(ctx: Context, name: str) -> dict[str, Any]:
     """What decides a stage's output: the size fields it reads, the seed, and the bytes of its config/code files."""
     sizes = {f: getattr(ctx.size, f) for f in STAGE_FIELDS[name]}
@@ -463,17 +500,28 @@ def run_pair_in_parallel(ctx: Context, here: str, there: str) -> None:
     run_stage(ctx, there, announce_cached=child is None)  # reads the marker the child wrote
 
 
+def is_demo_run(out: Path) -> bool:
+    """Whether ``out`` holds the ``demo.json`` a demo run writes (a JSON object with ``size`` and ``argv``), not just
+    some file of that name (a web project's ``demo.json``: ``--fresh`` would delete the project)."""
+    try:
+        recorded = json.loads((out / RUN_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return isinstance(recorded, dict) and {"size", "argv"} <= recorded.keys()
+
+
 def prepare_out(out: Path, fresh: bool, size: str, seed: int = 0) -> None:
     """Create the run directory; with ``fresh`` delete it first. Either way it must be new, empty or a demo run
-    (``demo.json``), else ValueError: the stages empty their subdirectories (``data``, ``train``, ...) before they run.
+    (:func:`is_demo_run`), else ValueError: the stages empty their subdirectories (``data``, ``train``, ...) before
+    they run.
     """
     if out.exists():
         if not out.is_dir():
             raise ValueError(f"--out: {out} is a file, not a directory")
-        if any(out.iterdir()) and not (out / RUN_FILE).is_file():
+        if any(out.iterdir()) and not is_demo_run(out):
             flag = "--fresh" if fresh else "--out"
-            raise ValueError(f"{flag}: {out} is not empty and holds no {RUN_FILE} (not a demo run); refusing to write "
-                             "into or delete it: give a new or empty directory")  # fmt: skip
+            raise ValueError(f"{flag}: {out} is not empty and holds no {RUN_FILE} of cm3leon demo (not a demo run); "
+                             "refusing to write into or delete it: give a new or empty directory")  # fmt: skip
         if fresh:
             shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -494,6 +542,13 @@ def refuse_other_run(ctx: Context, size: str) -> None:
     raise ValueError(f"--out: {ctx.out} holds a demo run of other data ({was}; asked for: size {size!r}, seed "
                      f"{ctx.seed}; or data/shapes.py changed): rerunning would replace every stage of it. Pass --fresh "
                      "to start over, or give another --out")  # fmt: skip
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity: a batch job's share, not the machine's ``os.cpu_count()``)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
 
 
 def run(
@@ -523,7 +578,7 @@ def run(
             )
     if threads is not None and not _is_count(threads):
         raise ValueError(f"--threads must be an integer >= 1, got {threads!r}")
-    threads = threads or os.cpu_count() or 1
+    threads = threads or available_cpus()
     torch.set_num_threads(threads)
     out = Path(out).resolve()  # stage results record paths: absolute ones stay right from any working directory
     ctx = Context(out=out, size=size, configs=configs, seed=seed, verbose=verbose)

@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", choices=sorted(SIZES), default="default", help="'mini' runs in under a minute (tests)")
     p.add_argument("--fresh", action="store_true", help="delete the run directory first and redo every stage")
     p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the data and of every training run")
-    p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: all CPU cores)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: the CPUs it may use)")
     p.add_argument("--configs", default=str(CONFIG_DIR), help="the configs/ directory (default: the repository's)")
     p.add_argument("--train-steps", type=positive_int, default=None, help="override the CM3Leon training steps")
     p.add_argument("--quiet", action="store_true", help="no stage lines")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -383,3 +385,143 @@ def test_fid_references_have_as_many_images_as_each_method(mini_run: tuple[Path,
     assert renders.shape == (6, 32, 32, 3) and renders.dtype == np.uint8
     assert [check_image(r, scenes[i // 3])["all"] for i, r in enumerate(renders)] == [True] * 6
     assert np.array_equal(renders, scene_renders(scenes, 3, 32, seed=1)) and len({r.tobytes() for r in renders}) > 2
+
+
+def _fake_stages(monkeypatch: pytest.MonkeyPatch, calls: list[str]) -> None:
+    """Stages that write one file naming how many times they ran, and record what they read upstream."""
+    import cm3leon_lightning.demo as demo
+
+    def stage(name: str):
+        def func(ctx: Context, directory: Path) -> dict:
+            calls.append(name)
+            path = directory / "out.txt"
+            read = [Path(ctx.results[d]["path"]).read_text() for d in demo.DEPENDS[name]]
+            path.write_text(f"{name} run {calls.count(name)} from {read}")
+            return {"path": str(path)}
+
+        return func
+
+    for name in STAGES:
+        monkeypatch.setitem(demo.STAGE_FUNCS, name, stage(name))
+
+
+def _run_stages(out: Path, names: tuple[str, ...] = STAGES) -> Context:
+    from cm3leon_lightning.demo import run_stage
+
+    ctx = Context(out=out, size=SIZES["mini"], configs=CONFIG_DIR, verbose=False)
+    for name in names:
+        run_stage(ctx, name)
+    return ctx
+
+
+def test_a_stage_run_again_reruns_the_stages_after_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its hash is unchanged but its outputs are new (a VQGAN trained again on other threads gives other codes): the
+    prepared shards, the model and the report made from the old ones were kept, and the report described them."""
+    calls: list[str] = []
+    _fake_stages(monkeypatch, calls)
+    _run_stages(tmp_path)
+    assert calls == list(STAGES)
+    (tmp_path / "train" / "out.txt").unlink()  # the checkpoint deleted: train runs again
+    ctx = _run_stages(tmp_path)
+    assert calls[len(STAGES) :] == ["train", "evaluate", "report"]
+    assert Path(ctx.results["evaluate"]["path"]).read_text().startswith("evaluate run 2 from ['train run 2 from ")
+    _run_stages(tmp_path)  # and then every stage is reused
+    assert len(calls) == len(STAGES) + 3
+    for name in STAGES:  # markers of runs made before they recorded the runs they read: the newer marker decides
+        marker = tmp_path / name / MARKER
+        marker.write_text(json.dumps({k: v for k, v in json.loads(marker.read_text()).items() if k != "upstream"}))
+        os.utime(marker, ns=(10**18, 10**18 + STAGES.index(name)))
+    _run_stages(tmp_path)
+    assert len(calls) == len(STAGES) + 3
+    (tmp_path / "train" / "out.txt").unlink()
+    _run_stages(tmp_path)
+    assert calls[len(STAGES) + 3 :] == ["train", "evaluate", "report"]
+
+
+def test_a_copied_run_never_reads_the_originals_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`cp -r runs/demo runs/exp`: the copy's markers name runs/demo's files; a rerun of runs/demo (--fresh --seed 1)
+    would have changed what runs/exp trains and reports on. The copy's stages run again in the copy."""
+    import shutil
+
+    calls: list[str] = []
+    _fake_stages(monkeypatch, calls)
+    _run_stages(tmp_path / "original", ("data", "tokenizer"))
+    shutil.copytree(tmp_path / "original", tmp_path / "copy")
+    ctx = _run_stages(tmp_path / "copy", ("data", "tokenizer"))
+    assert calls == ["data", "tokenizer", "data", "tokenizer"]
+    assert ctx.results["tokenizer"]["path"] == str(tmp_path / "copy" / "tokenizer" / "out.txt")
+
+
+def test_a_foreign_demo_json_is_not_a_demo_run(tmp_path: Path) -> None:
+    """Any file named demo.json made a directory a demo run: `--fresh` deleted a web project holding one."""
+    project = tmp_path / "webapp"
+    (project / "src").mkdir(parents=True)
+    (project / "src" / "app.js").write_text("keep me")
+    (project / "demo.json").write_text('{"name": "my-app", "version": "1.0.0"}')
+    for fresh, flag in ((True, "--fresh"), (False, "--out")):
+        with pytest.raises(ValueError, match=f"{flag}: .* holds no demo.json of cm3leon demo"):
+            run(project, "mini", fresh=fresh, verbose=False)
+    assert (project / "src" / "app.js").read_text() == "keep me"
+    assert sorted(p.name for p in project.iterdir()) == ["demo.json", "src"]
+    old = tmp_path / "old_run"  # the demo.json of runs made before the seed was recorded is still a run's
+    old.mkdir()
+    (old / "demo.json").write_text('{"size": "mini", "argv": []}')
+    (old / "data").mkdir()
+    from cm3leon_lightning.demo import prepare_out
+
+    prepare_out(old, fresh=True, size="mini")
+    assert sorted(p.name for p in old.iterdir()) == ["demo.json"]
+
+
+def test_threads_default_to_the_cpus_this_process_may_use(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch job given 1 of 8 cores ran 8 threads (and a second process beside them) on it."""
+    import torch
+
+    threads: list[int] = []
+
+    class Stop(Exception):
+        pass
+
+    def record(n: int) -> None:
+        threads.append(n)
+        raise Stop
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(torch, "set_num_threads", record)
+    with pytest.raises(Stop):
+        run(tmp_path / "run", "mini", verbose=False)
+    assert threads == [1] and not (tmp_path / "run").exists()
+
+
+def test_a_refused_fit_config_names_the_stage_and_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """cm3leon fit's own error names the bad key only (and exits): the demo names the stage and the YAML file."""
+    import shutil
+
+    import cm3leon_lightning.demo as demo
+    from cm3leon_lightning.demo import run_stage
+
+    configs = tmp_path / "configs"
+    shutil.copytree(CONFIG_DIR, configs)
+    yaml_file = configs / "demo" / "vqgan.yaml"
+    yaml_file.write_text(yaml_file.read_text().replace("max_steps:", "max_stepz:", 1))
+    monkeypatch.setitem(demo.STAGE_FUNCS, "data", lambda ctx, directory: {"train": str(directory)})
+    ctx = Context(out=tmp_path / "run", size=SIZES["mini"], configs=configs, verbose=False)
+    run_stage(ctx, "data")  # the fit refuses its config before it reads any image
+    message = f"the vqgan stage failed: cm3leon fit exited with status 2 (its error is above) on {yaml_file}"
+    with pytest.raises(RuntimeError, match=re.escape(message) + "$"):
+        run_stage(ctx, "vqgan")
+    assert "max_stepz" in capsys.readouterr().err
+    assert not (ctx.stage_dir("vqgan") / MARKER).exists()
+
+    def missing(ctx: Context, directory: Path) -> dict:
+        raise FileNotFoundError("captions.txt")
+
+    monkeypatch.setitem(demo.STAGE_FUNCS, "tokenizer", missing)
+    with pytest.raises(FileNotFoundError) as error:
+        run_stage(ctx, "tokenizer")
+    if sys.version_info >= (3, 11):  # exception notes
+        notes = [f"cm3leon demo: the tokenizer stage failed (its partial output: {ctx.stage_dir('tokenizer')})"]
+        assert error.value.__notes__ == notes
