@@ -113,16 +113,19 @@ class ImageFolderDataset(Dataset):
 
     def __getitem__(self, index: int | tuple[int, int]) -> torch.Tensor:
         """The ``index``-th image as a uint8 tensor ``(3, S, S)``; for ``(epoch, index)``, flipped as drawn for
-        ``epoch``."""
+        ``epoch``. A file that does not decode (truncated, not an image) raises ValueError naming it."""
         key = (self.seed, *index) if isinstance(index, tuple) else (self.seed, index)
         index = key[-1]
         item = self.items[index]
         if isinstance(item, np.ndarray):
             image = Image.fromarray(item)
         else:
-            with Image.open(item) as f:
-                f.load()
-                image = to_rgb(f).copy()  # a copy: ``f`` itself when it is RGB already
+            try:
+                with Image.open(item) as f:
+                    f.load()
+                    image = to_rgb(f).copy()  # a copy: ``f`` itself when it is RGB already
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+                raise ValueError(f"cannot decode image {item}: {type(e).__name__}: {e}") from e
         flip = self.hflip and bool(np.random.default_rng(key).integers(2))
         return to_tensor(image, self.image_size, flip)
 
@@ -139,10 +142,25 @@ def decode_image(key: str, data: bytes) -> Image.Image | None:
 
 
 def pick_image(sample: dict) -> Image.Image:
-    """WebDataset stage: the decoded ``jpg``/``jpeg``/``png`` member of a sample."""
+    """WebDataset stage: the ``jpg``/``jpeg``/``png`` member of a sample, decoded by :func:`decode_image` (unless
+    decoded already).
+
+    Raises:
+        ValueError: the sample has no such member, or it does not decode (naming the sample's key, the member and
+            the shard).
+    """
     for key in ("jpg", "jpeg", "png"):
         if key in sample:
-            return sample[key]
+            data = sample[key]
+            if not isinstance(data, bytes):
+                return data
+            try:
+                return decode_image(key, data)
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+                raise ValueError(
+                    f"cannot decode image {sample.get('__key__')!r} ({key}) in shard {sample.get('__url__')}: "
+                    f"{type(e).__name__}: {e}"
+                ) from e
     raise ValueError(f"sample {sample.get('__key__')!r} from {sample.get('__url__')!r} has no jpg/jpeg/png member")
 
 
@@ -204,7 +222,7 @@ def image_shards(
     if shuffle:
         stages.append(EpochShuffle(shuffle, seed, epoch))
     to_sample = functools.partial(_random_flip_tensor, size=image_size, hflip=hflip)
-    stages += [wds.decode(decode_image), wds.map(pick_image), wds.map(to_sample)]
+    stages += [wds.map(pick_image), wds.map(to_sample)]
     return wds.DataPipeline(*stages)
 
 

@@ -109,10 +109,14 @@ def to_square_uint8(image: Any, size: int) -> torch.Tensor:
     ``[0, 255]``; any other dtype is read as ``[0, 1]`` and scaled by 255, whether or not it needs resizing. Files and
     PIL images convert to RGB as ``cm3leon prepare`` converts them (:func:`cm3leon_lightning.data.cleaning.to_rgb`:
     transparent pixels white, 16-bit grey scaled to 8 bits), so the retriever trains on the pixels it later embeds.
+    A file that does not decode (truncated, not an image) raises ValueError naming it.
     """
     if isinstance(image, str | os.PathLike):
-        with Image.open(image) as im:
-            image = np.asarray(to_rgb(im))
+        try:
+            with Image.open(image) as im:
+                image = np.asarray(to_rgb(im))
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            raise ValueError(f"cannot decode image {image}: {type(e).__name__}: {e}") from e
     elif isinstance(image, Image.Image):
         image = np.asarray(to_rgb(image))
     if isinstance(image, np.ndarray):

@@ -18,7 +18,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from cm3leon_lightning.data.images import decode_image, is_remote_url, pick_image, to_tensor
+from cm3leon_lightning.data.images import is_remote_url, pick_image, to_tensor
 
 RESAMPLE_TAG = 0x1A6E  # seed-sequence tag of the image shard draws (distinct from other seeded streams)
 
@@ -50,9 +50,10 @@ def drawn_samples(urls: list[str], rng: np.random.Generator) -> Iterator[dict[st
 def image_batches(
     samples: Iterator[dict[str, Any]], image_size: int, batch_size: int, hflip: bool, rng: np.random.Generator
 ) -> Iterator[torch.Tensor]:
-    """``(batch_size, 3, S, S)`` uint8 batches of the images in ``samples``; flips drawn from ``rng``."""
+    """``(batch_size, 3, S, S)`` uint8 batches of the images in ``samples``; flips drawn from ``rng``. An image
+    that does not decode raises ValueError naming its key and shard (:func:`pick_image`)."""
     batch: list[torch.Tensor] = []
-    for sample in wds.decode(decode_image)(samples):
+    for sample in samples:
         flip = hflip and bool(rng.integers(2))
         batch.append(to_tensor(pick_image(sample), image_size, flip))
         if len(batch) == batch_size:
@@ -97,6 +98,7 @@ class ResampledImageShards(IterableDataset):
         self.urls, self.image_size, self.batch_size, self.batches = list(urls), image_size, batch_size, batches
         self.shuffle, self.hflip, self.seed, self.rank = shuffle, hflip, seed, rank
         self.epoch, self.start = 0, 0
+        self.passes: torch.Tensor | None = None  # set by ResampledLoader: each pass's (epoch, start), shared
 
     def __len__(self) -> int:
         return self.batches
@@ -104,8 +106,12 @@ class ResampledImageShards(IterableDataset):
     def __iter__(self) -> Iterator[torch.Tensor]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        epoch, start = self.epoch, min(self.start, self.batches)
-        self.epoch, self.start = epoch + 1, 0  # the next pass: the next epoch, whole
+        if self.passes is not None:  # the loader's position for this pass (workers' copies do not count passes)
+            epoch, start = self.passes.tolist()
+        else:
+            epoch, start = self.epoch, self.start
+            self.epoch, self.start = epoch + 1, 0  # the next pass: the next epoch, whole
+        start = min(start, self.batches)
         rng = np.random.default_rng([self.seed, epoch, self.rank, worker, RESAMPLE_TAG, start])
         samples = drawn_samples(self.urls, rng)
         if self.shuffle:
@@ -141,13 +147,28 @@ def default_epoch_batches(urls: list[str], world_size: int, batch_size: int) -> 
 class ResampledLoader(DataLoader):
     """A DataLoader of :class:`ResampledImageShards` that Lightning sees as resumable: its state is the training
     position ``{"epoch", "batch"}`` (``position()``, the trainer's count of consumed batches), and loading one makes
-    the next pass start there."""
+    the next pass start there.
+
+    Each pass (``iter``) reads from the trainer's position in ``fit``, else from the dataset's (each pass the next
+    epoch), handed to the (persistent) workers through shared memory: workers counting their own passes ran one
+    epoch ahead when Lightning started a reloaded loader twice (``reload_dataloaders_every_n_epochs``).
+    """
 
     def __init__(
         self, dataset: ResampledImageShards, position: Callable[[], tuple[int, int] | None], **kwargs: Any
     ) -> None:
         super().__init__(dataset, batch_size=None, **kwargs)
         self.position = position
+        dataset.passes = torch.zeros(2, dtype=torch.int64).share_memory_()
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        """Start a pass at the trainer's position (in ``fit``) or the dataset's next one."""
+        dataset = self.dataset
+        if (position := self.position()) is not None:
+            dataset.epoch, dataset.start = position
+        dataset.passes.copy_(torch.tensor([dataset.epoch, dataset.start]))
+        dataset.epoch, dataset.start = dataset.epoch + 1, 0
+        return super().__iter__()
 
     def state_dict(self) -> dict[str, Any]:
         """``{"epoch", "batch"}`` after the consumed batches; ``{}`` outside ``fit``."""

@@ -37,10 +37,16 @@ def trainer_position(trainer: L.Trainer | None) -> tuple[int, int] | None:
     """The fitting trainer's ``(epoch, training batches consumed in it)``, ``(epoch + 1, 0)`` once the epoch's
     batches are all consumed (``limit_train_batches`` counted, or the loader ran out); None outside ``fit``.
 
-    A checkpoint records it: the loader has fetched batches ahead, which are not consumed yet.
+    A checkpoint records it: the loader has fetched batches ahead, which are not consumed yet. Between epochs (an
+    epoch finished and the next not begun: ``reload_dataloaders_every_n_epochs`` builds the next loader there, and
+    ``trainer.save_checkpoint`` after ``fit`` saves there) it is ``(epoch, 0)``: the batch counts are still the
+    finished epoch's, which read as the current one's gave one epoch too many.
     """
     if trainer is None or trainer.state.fn != TrainerFn.FITTING:
         return None
+    epochs = trainer.fit_loop.epoch_progress.current
+    if epochs.ready == epochs.completed:  # between epochs: ``current_epoch`` already counts the finished one
+        return trainer.current_epoch, 0
     progress = trainer.fit_loop.epoch_loop.batch_progress
     epoch, batch = trainer.current_epoch, progress.current.processed
     done = batch >= trainer.num_training_batches or (progress.is_last_batch and batch == progress.current.ready)

@@ -194,6 +194,27 @@ def test_shard_order_follows_the_epoch_when_loaders_are_rebuilt_every_epoch(tmp_
     assert len({tuple(e) for e in seen}) == 3  # three epochs, three orders
 
 
+def test_an_image_that_does_not_decode_is_named_with_its_file_or_shard(tmp_path: Path) -> None:
+    """A truncated file raised ``OSError: image file is truncated`` and a broken shard member an empty
+    ``DecodingError``: neither said which of thousands of images it was."""
+    (tmp_path / "folder").mkdir()
+    Image.fromarray(_striped(16, 16)).save(tmp_path / "folder" / "a.png")
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buf, format="JPEG")
+    (tmp_path / "folder" / "b.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    folder = ImageFolderDataset(tmp_path / "folder", 8)
+    assert folder[0].shape == (3, 8, 8)
+    with pytest.raises(ValueError, match=r"cannot decode image .*folder/b\.jpg: OSError: image file is truncated"):
+        folder[1]
+    (tmp_path / "shards").mkdir()
+    with wds.TarWriter(str(tmp_path / "shards" / "s-0.tar")) as sink:
+        sink.write({"__key__": "fine", "png": (tmp_path / "folder" / "a.png").read_bytes()})
+        sink.write({"__key__": "cut", "jpg": (tmp_path / "folder" / "b.jpg").read_bytes()})
+    dm = ImageDataModule(train=str(tmp_path / "shards"), image_size=8, batch_size=1, shuffle_buffer=0)
+    with pytest.raises(ValueError, match=r"cannot decode image 'cut' \(jpg\) in shard .*shards/s-0\.tar: OSError"):
+        list(dm.train_dataloader())
+
+
 class TwoRankTrainer:
     """What the data module reads from a trainer on rank 0 of 2."""
 

@@ -1,5 +1,7 @@
 """ImageCaptionDataModule: folder, in-memory and generated sources, the split, and batch layout."""
 
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -135,3 +137,14 @@ def test_bad_arguments_are_clear():
         dm.setup()
     with pytest.raises(ValueError, match="2 images but 1 captions"):
         ImageCaptionPairs([np.zeros((4, 4, 3), np.uint8)] * 2, ["a"], 4)
+
+
+def test_an_image_file_that_does_not_decode_is_named(tmp_path):
+    """A truncated image raised ``OSError: image file is truncated`` without saying which file it was."""
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buf, format="JPEG")
+    (tmp_path / "cut.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    (tmp_path / "cut.txt").write_text("a cut image")
+    pairs = ImageCaptionPairs(*read_image_folder(tmp_path), image_size=8)
+    with pytest.raises(ValueError, match=r"cannot decode image .*cut\.jpg: OSError: image file is truncated"):
+        pairs[0]

@@ -188,3 +188,53 @@ def test_two_process_ddp_trains_on_uneven_shards_without_hanging(tmp_path: Path)
     write_shards(tmp_path / "sh", [8, 3])
     result = run_ddp_script("ddp_resampled_images_run.py", tmp_path, timeout=300)
     assert result == {"rank0": [3, 3], "rank1": [3, 3], "differ": True}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_reloaded_loaders_and_a_checkpoint_after_fit_keep_the_epochs_draws(tmp_path: Path, workers: int) -> None:
+    """The next epoch's loader (``reload_dataloaders_every_n_epochs``) is built before Lightning clears the finished
+    epoch's batch counts: it started at epoch + 1, so every epoch after the first read the next one's draw, and a
+    checkpoint saved after ``fit`` recorded an epoch that was never trained (a resumed run skipped one). Lightning
+    also starts a reloaded loader twice: workers counting their own passes ran one epoch ahead."""
+    write_shards(tmp_path / "sh", [8, 3])  # 6 batches of 2 per epoch
+
+    class Count(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+            self.per_epoch: dict[int, list[list[int]]] = {}
+
+        def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+            self.per_epoch.setdefault(self.current_epoch, []).append(batch[:, 0, 0, 0].tolist())
+            return (self.w - batch.float().mean()) ** 2
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    def fit(epochs: int, reload: int = 0) -> tuple[Count, ImageDataModule]:
+        model = Count()
+        dm = ImageDataModule(train=str(tmp_path / "sh"), image_size=8, batch_size=2, mode="resampled",
+                             num_workers=workers)  # fmt: skip
+        trainer = L.Trainer(accelerator="cpu", max_epochs=epochs, reload_dataloaders_every_n_epochs=reload,
+                            logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False)  # fmt: skip
+        trainer.fit(model, datamodule=dm)
+        return model, dm
+
+    once, dm = fit(3)
+    assert dm.state_dict() == {"epoch": 3, "batch": 0}  # after fit: the next epoch to train
+    reloaded, _ = fit(3, reload=1)
+    assert reloaded.per_epoch == once.per_epoch
+    two, dm = fit(2)
+    assert dm.state_dict() == {"epoch": 2, "batch": 0}
+    assert two.per_epoch == {e: once.per_epoch[e] for e in (0, 1)}
+
+
+def test_an_image_that_does_not_decode_is_named_with_its_shard(tmp_path: Path) -> None:
+    """WebDataset raised a DecodingError with an empty message: nothing said which shard or image was broken."""
+    write_shards(tmp_path / "sh", [2])
+    with wds.TarWriter(str(tmp_path / "sh" / "s-1.tar")) as sink:
+        sink.write({"__key__": "broken", "png": b"not an image"})
+    loader = data(tmp_path / "sh", epoch_batches=4).train_dataloader()
+    with pytest.raises(ValueError, match=r"cannot decode image 'broken' \(png\) in shard .*sh/s-1\.tar: Unidentified"):
+        list(loader)
