@@ -111,21 +111,24 @@ def test_a_restored_mid_epoch_position_reads_the_epochs_remaining_batches_drawn_
     assert resumed.state_dict() == {"epoch": 1, "batch": 4}  # outside fit: the restored position
 
 
+class Count(L.LightningModule):
+    """One weight; records each training batch's image numbers per epoch (``per_epoch``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+        self.per_epoch: dict[int, list[list[int]]] = {}
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        self.per_epoch.setdefault(self.current_epoch, []).append(batch[:, 0, 0, 0].tolist())
+        return (self.w - batch.float().mean()) ** 2
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
 def test_a_fit_resumed_mid_epoch_finishes_the_epoch_with_its_remaining_batches(tmp_path: Path) -> None:
     write_shards(tmp_path / "sh", [8, 3])  # 6 batches of 2 per epoch
-
-    class Count(L.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.zeros(()))
-            self.per_epoch: dict[int, list[list[int]]] = {}
-
-        def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
-            self.per_epoch.setdefault(self.current_epoch, []).append(batch[:, 0, 0, 0].tolist())
-            return (self.w - batch.float().mean()) ** 2
-
-        def configure_optimizers(self) -> torch.optim.Optimizer:
-            return torch.optim.SGD(self.parameters(), lr=0.01)
 
     def fit(max_steps: int, ckpt_path: str | None = None) -> Count:
         model = Count()
@@ -197,19 +200,6 @@ def test_reloaded_loaders_and_a_checkpoint_after_fit_keep_the_epochs_draws(tmp_p
     checkpoint saved after ``fit`` recorded an epoch that was never trained (a resumed run skipped one). Lightning
     also starts a reloaded loader twice: workers counting their own passes ran one epoch ahead."""
     write_shards(tmp_path / "sh", [8, 3])  # 6 batches of 2 per epoch
-
-    class Count(L.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.zeros(()))
-            self.per_epoch: dict[int, list[list[int]]] = {}
-
-        def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
-            self.per_epoch.setdefault(self.current_epoch, []).append(batch[:, 0, 0, 0].tolist())
-            return (self.w - batch.float().mean()) ** 2
-
-        def configure_optimizers(self) -> torch.optim.Optimizer:
-            return torch.optim.SGD(self.parameters(), lr=0.01)
 
     def fit(epochs: int, reload: int = 0) -> tuple[Count, ImageDataModule]:
         model = Count()
