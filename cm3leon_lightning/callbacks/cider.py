@@ -111,8 +111,8 @@ class CIDErCallback(GenerationCallback):
 
     def check_images(self, name: str) -> None:
         """Refuse samples with neither codes nor an image, or with an image to encode and no ``vqgan`` (they failed at
-        the first validation's end, after training), naming the sample; bring images to encode to the VQGAN's size,
-        so images of several sizes stack."""
+        the first validation's end, after training), naming the sample; bring images to encode to the VQGAN's size
+        (:meth:`resize_images_to_encode`)."""
         for s in self.samples or ():
             if s.codes is None and s.image is None:
                 raise ValueError(f"{name}: sample {s.key!r} has neither codes nor an image")
@@ -121,9 +121,14 @@ class CIDErCallback(GenerationCallback):
                     f"{name}: give vqgan (a VQGAN weights path or module) to encode the image of sample {s.key!r}"
                     " (it has no codes)"
                 )
+        self.resize_images_to_encode()
+
+    def resize_images_to_encode(self) -> None:
+        """With a ``vqgan``, bring the images of samples without codes to the VQGAN's size, so images of several
+        sizes stack (samples with codes, or without an image, are kept as they are)."""
         if self.vqgan is not None and self.samples:
             size = int(self.load_vqgan().config.resolution)
-            self.samples = [s if s.codes is not None else replace(s, image=fid_resize(s.image, size))
+            self.samples = [s if s.codes is not None or s.image is None else replace(s, image=fid_resize(s.image, size))
                             for s in self.samples]  # fmt: skip
 
     def codes_of(self, chunk: Sequence[EvalSample], device: torch.device) -> Tensor:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import re
 import textwrap
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 
 import lightning as L
@@ -195,10 +194,7 @@ class SampleLoggerCallback(CIDErCallback):
                     f"SampleLoggerCallback: give vqgan (a VQGAN weights path or module): the images to caption "
                     f"{lacking[:3]} lack pixels to show or codes to caption (or num_caption_images=0)"
                 )
-        else:  # images to encode at the VQGAN's size, so ones of several sizes stack
-            size = int(self.load_vqgan().config.resolution)
-            self.samples = [s if s.codes is not None or s.image is None else replace(s, image=fid_resize(s.image, size))
-                            for s in self.samples]  # fmt: skip
+        self.resize_images_to_encode()  # at the VQGAN's size, so ones of several sizes stack
 
     def generate_images(self, pl_module: L.LightningModule, prompts: Sequence[str], seeds: Sequence[int]) -> Tensor:
         """Prompts -> uint8 images ``(N, 3, H, W)``, one per prompt with its own seed. Override to change it."""

@@ -25,15 +25,10 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
 from cm3leon_lightning.data.sampling import trainer_progress
-from cm3leon_lightning.data.shards import MANIFEST_NAME, Manifest, ShardInfo
+from cm3leon_lightning.data.shards import MANIFEST_NAME, Manifest, ShardInfo, is_remote
 from cm3leon_lightning.data.stages import PipelineConfig, document_length
 from cm3leon_lightning.data.stream import ResumableLoader, ShardStream, _distributed_world_size
 from cm3leon_lightning.tokenization.vocab import MultimodalVocab
-
-
-def is_remote(url: str) -> bool:
-    """Whether ``url`` is a ``pipe:`` command or a non-``file://`` URL."""
-    return url.startswith("pipe:") or ("://" in url and not url.startswith("file://"))
 
 
 def expand_urls(spec: str | Sequence[str]) -> list[str]:

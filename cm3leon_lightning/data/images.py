@@ -233,11 +233,6 @@ def expand_shard_urls(urls: str | list[str]) -> list[str]:
     return expand_urls(urls) if isinstance(urls, str) else list(urls)
 
 
-def is_remote_url(url: str) -> bool:
-    """Whether a shard URL is not a local file (``pipe:``, ``http://``...; ``file://`` is local)."""
-    return url.startswith("pipe:") or ("://" in url and not url.startswith("file://"))
-
-
 def check_even_split(
     urls: str | list[str], world_size: int, num_workers: int, what: str, training: bool = True
 ) -> None:
@@ -255,10 +250,10 @@ def check_even_split(
         ValueError: naming ``what`` (``train`` or ``val``), the shards, and the counts that differ; a shard that is
             not a readable tar (named).
     """
-    from cm3leon_lightning.data.shards import count_tar_samples
+    from cm3leon_lightning.data.shards import count_tar_samples, is_remote
 
     urls = expand_shard_urls(urls)
-    remote = any(map(is_remote_url, urls))
+    remote = any(map(is_remote, urls))
     if not training:
         if len(urls) < world_size:
             raise ValueError(

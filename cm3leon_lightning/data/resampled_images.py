@@ -18,7 +18,8 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from cm3leon_lightning.data.images import is_remote_url, pick_image, to_tensor
+from cm3leon_lightning.data.images import pick_image, to_tensor
+from cm3leon_lightning.data.shards import count_tar_samples, is_remote
 
 RESAMPLE_TAG = 0x1A6E  # seed-sequence tag of the image shard draws (distinct from other seeded streams)
 
@@ -130,9 +131,7 @@ def default_epoch_batches(urls: list[str], world_size: int, batch_size: int) -> 
         ValueError: a remote shard (counting would download it: pass ``epoch_batches``), unreadable shards (named),
             or shards without any image.
     """
-    from cm3leon_lightning.data.shards import count_tar_samples
-
-    remote = [u for u in urls if is_remote_url(u)]
+    remote = [u for u in urls if is_remote(u)]
     if remote:
         raise ValueError(
             f"epoch_batches: cannot count the images of remote shards ({remote[0]}...) without downloading them; "

@@ -238,9 +238,14 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def is_remote(url: str) -> bool:
+    """Whether ``url`` is a ``pipe:`` command or a non-``file://`` URL (``file://`` and plain paths are local)."""
+    return url.startswith("pipe:") or ("://" in url and not url.startswith("file://"))
+
+
 def open_bytes(url: str, allow_remote: bool = False) -> bytes:
     """All bytes of a local path, or of an fsspec URL / ``pipe:`` command when ``allow_remote`` is set."""
-    if url.startswith("pipe:") or "://" in url and not url.startswith("file://"):
+    if is_remote(url):
         if not allow_remote:
             raise ValueError(f"{url!r} is a remote URL or pipe; pass allow_remote=True to read it")
         if url.startswith("pipe:"):
