@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from cm3leon_lightning.data.shapes import scene_to_dict
+from cm3leon_lightning.files import write_text_whole
 
 MARKER = "stage.json"
 RUN_FILE = "demo.json"
@@ -457,10 +458,7 @@ def stage_settings(ctx: Context, name: str) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ helpers
 def write_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename: a killed write leaves the old file or none."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_whole(path, text)
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

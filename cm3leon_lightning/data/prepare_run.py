@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from cm3leon_lightning.data.shards import file_sha256
 from cm3leon_lightning.data.sources import PairSource
+from cm3leon_lightning.files import write_text_whole
 
 if TYPE_CHECKING:
     from cm3leon_lightning.data.prepare import PrepareConfig
@@ -50,9 +51,7 @@ def path_sha256(path: str | Path) -> str:
 
 def write_json(path: Path, obj: Any) -> None:
     """Write JSON atomically (temporary name, then rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_whole(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
 
 
 def seal(directory: Path) -> None:

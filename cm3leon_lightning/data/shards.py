@@ -43,6 +43,7 @@ from cm3leon_lightning.data.samples import (  # noqa: F401  (re-exported: the fo
     load_npy,
     load_npz,
 )
+from cm3leon_lightning.files import write_bytes_whole
 from cm3leon_lightning.tokenization.vocab import DEFAULT_NUM_SENTINELS, MultimodalVocab
 
 FORMAT_VERSION = 1
@@ -194,7 +195,7 @@ class Manifest:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write atomically (temporary name, then rename)."""
-        _atomic_write(Path(path), json.dumps(self.to_dict(), indent=1).encode())
+        write_bytes_whole(path, json.dumps(self.to_dict(), indent=1).encode(), fsync=True)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], allow_remote: bool = False) -> Manifest:
@@ -227,15 +228,6 @@ def _shard_info(i: int, entry: Any) -> ShardInfo:
         what = [f"lacks {missing}"] * bool(missing) + [f"has unknown field(s) {unknown}"] * bool(unknown)
         raise ValueError(f"manifest shards[{i}] {' and '.join(what)} (its fields: {list(fields)})")
     return ShardInfo(**entry)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def is_remote(url: str) -> bool:

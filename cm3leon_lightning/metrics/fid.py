@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +28,8 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 from torchmetrics.image.fid import FrechetInceptionDistance
+
+from cm3leon_lightning.files import replaced_whole
 
 INCEPTION_DIMS = (64, 192, 768, 2048)
 _REAL_STATES = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
@@ -152,9 +153,8 @@ def save_real_stats(path: str | Path, stats: dict[str, Tensor]) -> Path:
     """Write real statistics with ``torch.save`` (tensors only: loads with ``weights_only=True``), atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: two jobs writing one key never clash
-    torch.save({k: v.cpu() for k, v in stats.items()}, tmp)
-    tmp.replace(path)
+    with replaced_whole(path) as tmp:  # per process: two jobs writing one key never clash
+        torch.save({k: v.cpu() for k, v in stats.items()}, tmp)
     return path
 
 

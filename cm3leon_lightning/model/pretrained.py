@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from cm3leon_lightning.files import replaced_whole, write_text_whole
+
 FORMAT_NAME = "cm3leon_lightning.model"
 FORMAT_VERSION = 1
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
@@ -160,16 +162,10 @@ def save_pretrained(
     # Written beside and renamed over the old files only when complete: the tensors may be read lazily from the
     # very file being replaced (re-saving a model directory in another dtype), which writing in place would
     # truncate before they are read, and a failed write leaves the old directory as it was.
-    partial = directory / f"{WEIGHTS_FILE}.partial"
-    try:
+    with replaced_whole(directory / WEIGHTS_FILE) as partial:
         write_safetensors(partial, header, tensors(), metadata={"format": "pt"})
-        os.replace(partial, directory / WEIGHTS_FILE)
-    finally:
-        partial.unlink(missing_ok=True)
     # config.json last: a directory cut short by a crash has no config and is not mistaken for a model.
-    config_partial = directory / f"{CONFIG_FILE}.partial"
-    config_partial.write_text(json.dumps(doc, indent=2) + "\n")
-    os.replace(config_partial, directory / CONFIG_FILE)
+    write_text_whole(directory / CONFIG_FILE, json.dumps(doc, indent=2) + "\n")
     return directory
 
 

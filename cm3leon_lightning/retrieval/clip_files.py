@@ -10,13 +10,14 @@ and the sha256 that ``cm3leon prepare`` records identifies it.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from open_clip.transformer import CustomResidualAttentionBlock, QuickGELU, ResidualAttentionBlock
 from safetensors.torch import save_file
+
+from cm3leon_lightning.files import replaced_whole
 
 
 def save_clip_weights(model: torch.nn.Module, model_name: str, path: Path) -> None:
@@ -41,13 +42,9 @@ def save_clip_weights(model: torch.nn.Module, model_name: str, path: Path) -> No
         "quick_gelu": "true" if uses_quick_gelu(model) else "false",
         "preprocess_cfg": json.dumps(preprocess),
     }
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process, as metrics/fid.py's stats
-    try:
+    with replaced_whole(path) as tmp:
         save_file(state, str(tmp), metadata=meta)
         _sort_metadata(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _sort_metadata(path: Path) -> None:

@@ -19,13 +19,13 @@ from __future__ import annotations
 import hashlib
 import json
 import operator
-import os
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from cm3leon_lightning.files import write_bytes_whole
 from cm3leon_lightning.tokenization.vocab import (
     DEFAULT_NUM_SENTINELS,
     SENTINEL_OFFSET,
@@ -171,12 +171,7 @@ class TextTokenizer:
             raise FileExistsError(f"{path} exists and is not a .json file; not replacing it with a tokenizer")
         file = _resolve(path)
         file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = file.with_name(f".{file.name}.partial-{os.getpid()}")
-        try:
-            tmp.write_bytes(self._raw)
-            os.replace(tmp, file)
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_bytes_whole(file, self._raw)
         self.path = file
         return file
 
