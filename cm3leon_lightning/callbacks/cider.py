@@ -75,8 +75,9 @@ class CIDErCallback(GenerationCallback):
         if layout not in TEXT_LAYOUTS:
             raise ValueError(f"layout must be one of {TEXT_LAYOUTS}, got {layout!r}")
         self.data, self.samples = data, list(samples)[:num_samples] if samples is not None else None
-        if instruction:  # as the model reads it (training captions were cleaned); blank is refused, "" is none
-            instruction = model_text(instruction, f"{type(self).__name__}: instruction", "the instruction")
+        # as the model reads it (training captions were cleaned); blank is refused, "" is none
+        where = f"{type(self).__name__}: instruction"
+        instruction = model_text(instruction, where, "the instruction", allow_empty=True)
         self.num_samples, self.group_by_image, self.instruction = num_samples, group_by_image, instruction
         self.decoding = dict(
             max_new_tokens=max_new_tokens, method=method, temperature=temperature, top_p=top_p, layout=layout
@@ -160,9 +161,10 @@ class CIDErCallback(GenerationCallback):
 
         tok = self.load_text_tokenizer(pl_module._trainer)
         if isinstance(instruction, str):
-            prompt = tok.encode(model_text(instruction, "instruction", "the instruction")) if instruction else None
+            text = model_text(instruction, "instruction", "the instruction", allow_empty=True)
+            prompt = tok.encode(text) if text else None
         else:
-            prompt = tok.encode_batch(["" if t == "" else model_text(t, f"instruction[{i}]", "the instruction")
+            prompt = tok.encode_batch([model_text(t, f"instruction[{i}]", "the instruction", allow_empty=True)
                                        for i, t in enumerate(instruction)])  # fmt: skip
         with fresh_kv_cache(module_network(pl_module)) as net:
             ids = generate_text(

@@ -139,12 +139,13 @@ def clean_caption(caption: str | bytes | None, max_chars: int = 1000) -> tuple[s
     return text, repairs
 
 
-def model_text(prompt: str, where: str = "prompt", what: str = "the prompt") -> str:
+def model_text(prompt: str, where: str = "prompt", what: str = "the prompt", allow_empty: bool = False) -> str:
     """The text of ``prompt`` that the model reads: the caption rule of ``cm3leon prepare`` (:func:`clean_caption`,
     never truncated here), so that a prompt's trailing space, newline, tab or doubled space tokenizes (and embeds with
     CLIP) as in training, where captions never hold them. Every inference entry point (``cm3leon predict``,
     ``generate``, ``serve``, the evaluation callbacks, retrieval queries) reads its prompts, instructions and questions
-    through here; already cleaned text comes back unchanged.
+    through here; already cleaned text comes back unchanged. With ``allow_empty``, ``""`` comes back as it is (an
+    empty instruction means plain captioning); whitespace alone is still refused.
 
     Raises:
         ValueError: naming ``where`` (and ``what`` the text is), for text with an unpaired surrogate (a JSON
@@ -153,6 +154,8 @@ def model_text(prompt: str, where: str = "prompt", what: str = "the prompt") -> 
     """
     if not isinstance(prompt, str):
         raise ValueError(f"{where}: {what} must be a string, got {type(prompt).__name__} {prompt!r:.60}")
+    if allow_empty and not prompt:
+        return prompt
     try:
         text, repairs = clean_caption(prompt, max(1, len(prompt)))
     except BadInput as e:

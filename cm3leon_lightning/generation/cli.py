@@ -357,8 +357,8 @@ def clean_texts(args: argparse.Namespace) -> None:
     for flag, what in (("prompt", "the prompt"), ("instruction", "the instruction"), ("edit", "the edit"),
                        ("infill", "the caption")):  # fmt: skip
         value = getattr(args, flag)
-        if value is not None and (value or flag != "instruction"):
-            setattr(args, flag, model_text(value, f"--{flag}", what))
+        if value is not None:
+            setattr(args, flag, model_text(value, f"--{flag}", what, allow_empty=flag == "instruction"))
 
 
 def run(args: argparse.Namespace) -> None:

@@ -81,9 +81,7 @@ def _model_text(text: str, info: ValidationInfo) -> str:
     from cm3leon_lightning.data.cleaning import model_text
 
     name = info.field_name or "text"
-    if not text and name == "instruction":
-        return text
-    return model_text(text, name, _WHAT.get(name, "the text"))
+    return model_text(text, name, _WHAT.get(name, "the text"), allow_empty=name == "instruction")
 
 
 Text = Annotated[

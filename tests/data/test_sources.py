@@ -429,3 +429,18 @@ def test_make_source_errors(tmp_path: Path) -> None:
         list(ShapesSource(3).iter_range(2, 1))
     with pytest.raises(ValueError, match="shapes seed must be >= 0, got -1"):
         ShapesSource(3, seed=-1)
+
+
+def test_model_text_cleans_as_captions_and_keeps_an_allowed_empty_text() -> None:
+    """The one rule every inference entry point reads text with: cleaned as prepare cleans captions; ``""`` passes
+    only with ``allow_empty`` (an empty instruction is plain captioning); whitespace alone never does."""
+    from cm3leon_lightning.data.cleaning import model_text
+
+    assert model_text(" a red\tcircle \n") == "a red circle"
+    assert model_text("", allow_empty=True) == ""
+    with pytest.raises(ValueError, match=r"^--instruction: the instruction holds no text"):
+        model_text(" \n", "--instruction", "the instruction", allow_empty=True)
+    with pytest.raises(ValueError, match=r"^prompt: the prompt holds no text"):
+        model_text("")
+    with pytest.raises(ValueError, match=r"must be a string, got NoneType"):
+        model_text(None, allow_empty=True)  # type: ignore[arg-type]
