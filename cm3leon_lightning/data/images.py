@@ -22,6 +22,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from cm3leon_lightning.data.cleaning import to_rgb
+from cm3leon_lightning.data.positioned import FitPosition, PositionedLoader
 from cm3leon_lightning.data.sampling import ResumableTrainData, trainer_position
 
 if TYPE_CHECKING:
@@ -184,19 +185,25 @@ def shard_urls(spec: str, allow_pipe: bool = False) -> str | list[str]:
 class EpochShuffle(wds.PipelineStage):
     """WebDataset stage: shuffle through a ``bufsize`` buffer, seeded by ``(seed, epoch)``.
 
-    ``epoch`` is the next pass's; each pass counts one up. Every copy of the pipeline (one per worker and rank)
-    counts alike, so a shuffle before the node/worker split orders the shards identically everywhere and the split
-    deals each shard to exactly one reader (an unseeded shuffle gave each its own order: some shards were read
-    twice in an epoch, others never).
+    The epoch is the one in ``passes`` (a shared tensor ``(epoch, batch)`` that a
+    :class:`~cm3leon_lightning.data.positioned.PositionedLoader` sets for each pass); without it, ``epoch`` is the
+    next pass's and each pass counts one up. Every copy of the pipeline (one per worker and rank) uses the same epoch,
+    so a shuffle before the node/worker split orders the shards identically everywhere and the split deals each shard
+    to exactly one reader (an unseeded shuffle gave each its own order: some shards were read twice in an epoch,
+    others never).
     """
 
     def __init__(self, bufsize: int, seed: int = 0, epoch: int = 0) -> None:
         self.bufsize, self.seed, self.epoch = bufsize, seed, epoch
+        self.passes: torch.Tensor | None = None
 
     def run(self, src: Any) -> Any:
-        """Shuffle ``src`` for the current epoch, then move to the next."""
-        state = np.random.SeedSequence((self.seed, self.epoch)).generate_state(2)
-        self.epoch += 1
+        """Shuffle ``src`` for the current epoch."""
+        if self.passes is not None:
+            epoch = int(self.passes[0])
+        else:
+            epoch, self.epoch = self.epoch, self.epoch + 1
+        state = np.random.SeedSequence((self.seed, epoch)).generate_state(2)
         rng = random.Random(int(state[0]) << 32 | int(state[1]))
         return wds.shuffle(self.bufsize, 100, rng=rng)(src)
 
@@ -373,6 +380,7 @@ class ImageDataModule(ResumableTrainData, L.LightningDataModule):
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self._init_resume()
+        self._fit_position = FitPosition()
 
     @property
     def shards(self) -> bool:
@@ -413,23 +421,33 @@ class ImageDataModule(ResumableTrainData, L.LightningDataModule):
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
         hp = self.hparams
+        workers = {"num_workers": hp.num_workers, "persistent_workers": hp.num_workers > 0}
         if shuffle and not isinstance(dataset, IterableDataset):
             return self.resumable_loader(
-                dataset, hp.batch_size, hp.seed, with_epoch=isinstance(dataset, ImageFolderDataset),  # flips per epoch
-                num_workers=hp.num_workers, persistent_workers=hp.num_workers > 0,
-            )  # fmt: skip
-        if shuffle:  # shards: their shuffles start at the trainer's epoch (a reload each epoch), else the restored one
-            position = trainer_position(self.trainer)
-            epoch = position[0] if position is not None else int((self._pending_state or {}).get("epoch", 0))
+                dataset, hp.batch_size, hp.seed, with_epoch=isinstance(dataset, ImageFolderDataset), **workers
+            )  # flips per epoch
+        if shuffle:  # shards: each pass's shuffles take the epoch the loader decides (whole epochs only)
+            loader = PositionedLoader(dataset, self._shard_position, self._shard_start(True), batch_size=hp.batch_size,
+                                      **workers)  # fmt: skip
             for stage in getattr(dataset, "pipeline", []):
                 if isinstance(stage, EpochShuffle):
-                    stage.epoch = epoch
-        return DataLoader(
-            dataset,
-            batch_size=hp.batch_size,
-            num_workers=hp.num_workers,
-            persistent_workers=hp.num_workers > 0,
-        )
+                    stage.passes = loader.passes
+            return loader
+        return DataLoader(dataset, batch_size=hp.batch_size, **workers)
+
+    def _shard_position(self) -> tuple[int, int] | None:
+        """The training position of a shard loader in ``fit`` (:class:`FitPosition`), else None."""
+        return self._fit_position(self.trainer)
+
+    def _shard_start(self, whole_epochs: bool, epoch_batches: int | None = None) -> tuple[int, int]:
+        """Where a new shard loader starts: in ``fit``, the trainer's position shifted by a position loaded before
+        it (which is then used up); outside, the loaded position."""
+        loaded = self._pending_state
+        if trainer_position(self.trainer) is not None:
+            self._fit_position.begin(self.trainer, loaded, whole_epochs, epoch_batches)
+            self._pending_state = None
+            return self._shard_position()  # type: ignore[return-value]
+        return int((loaded or {}).get("epoch", 0)), 0 if whole_epochs else int((loaded or {}).get("batch", 0))
 
     def _resampled_loader(self) -> ResampledLoader:
         """``mode="resampled"``: :class:`ResampledImageShards` for this rank, from the trainer's position (or the
@@ -443,11 +461,9 @@ class ImageDataModule(ResumableTrainData, L.LightningDataModule):
         dataset = ResampledImageShards(
             urls, hp.image_size, hp.batch_size, batches, hp.shuffle_buffer, hp.hflip, hp.seed, rank
         )
-        pending = self._pending_state or {}
-        dataset.epoch, dataset.start = trainer_position(trainer) or (pending.get("epoch", 0), pending.get("batch", 0))
-        return ResampledLoader(
-            dataset, self._position, num_workers=hp.num_workers, persistent_workers=hp.num_workers > 0
-        )
+        start = self._shard_start(False, batches)
+        workers = {"num_workers": hp.num_workers, "persistent_workers": hp.num_workers > 0}
+        return ResampledLoader(dataset, self._shard_position, start, **workers)
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled training batches ``(B, 3, S, S)`` uint8 (resumable, but from shards in ``exact`` mode)."""
@@ -465,8 +481,8 @@ class ImageDataModule(ResumableTrainData, L.LightningDataModule):
 
     def state_dict(self) -> dict[str, Any]:
         """The training position ``{"epoch", "batch", ...}`` (Lightning saves it in every checkpoint)."""
-        if self._train_sampler is None and self.shards and (pos := self._position()) is not None:
-            return {"epoch": pos[0], "batch": pos[1]}
+        if self.shards and self._pending_state is None and (position := self._shard_position()) is not None:
+            return self._fit_position.state(position)
         return super().state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

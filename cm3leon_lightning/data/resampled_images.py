@@ -16,9 +16,10 @@ from typing import Any
 import numpy as np
 import torch
 import webdataset as wds
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
 from cm3leon_lightning.data.images import pick_image, to_tensor
+from cm3leon_lightning.data.positioned import PositionedLoader
 from cm3leon_lightning.data.shards import count_tar_samples, is_remote
 
 RESAMPLE_TAG = 0x1A6E  # seed-sequence tag of the image shard draws (distinct from other seeded streams)
@@ -143,31 +144,20 @@ def default_epoch_batches(urls: list[str], world_size: int, batch_size: int) -> 
     return -(-total // (world_size * batch_size))
 
 
-class ResampledLoader(DataLoader):
-    """A DataLoader of :class:`ResampledImageShards` that Lightning sees as resumable: its state is the training
-    position ``{"epoch", "batch"}`` (``position()``, the trainer's count of consumed batches), and loading one makes
-    the next pass start there.
-
-    Each pass (``iter``) reads from the trainer's position in ``fit``, else from the dataset's (each pass the next
-    epoch), handed to the (persistent) workers through shared memory: workers counting their own passes ran one
-    epoch ahead when Lightning started a reloaded loader twice (``reload_dataloaders_every_n_epochs``).
-    """
+class ResampledLoader(PositionedLoader):
+    """A :class:`~cm3leon_lightning.data.positioned.PositionedLoader` of :class:`ResampledImageShards` that Lightning
+    sees as resumable: its state is the training position ``{"epoch", "batch"}`` (``position()``), and loading one
+    makes the next pass start there."""
 
     def __init__(
-        self, dataset: ResampledImageShards, position: Callable[[], tuple[int, int] | None], **kwargs: Any
+        self,
+        dataset: ResampledImageShards,
+        position: Callable[[], tuple[int, int] | None],
+        start: tuple[int, int] = (0, 0),
+        **kwargs: Any,
     ) -> None:
-        super().__init__(dataset, batch_size=None, **kwargs)
-        self.position = position
-        dataset.passes = torch.zeros(2, dtype=torch.int64).share_memory_()
-
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        """Start a pass at the trainer's position (in ``fit``) or the dataset's next one."""
-        dataset = self.dataset
-        if (position := self.position()) is not None:
-            dataset.epoch, dataset.start = position
-        dataset.passes.copy_(torch.tensor([dataset.epoch, dataset.start]))
-        dataset.epoch, dataset.start = dataset.epoch + 1, 0
-        return super().__iter__()
+        super().__init__(dataset, position, start, batch_size=None, **kwargs)
+        dataset.passes = self.passes
 
     def state_dict(self) -> dict[str, Any]:
         """``{"epoch", "batch"}`` after the consumed batches; ``{}`` outside ``fit``."""
@@ -177,4 +167,4 @@ class ResampledLoader(DataLoader):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Start the next pass at ``state``'s position (nothing for an empty state)."""
         if state:
-            self.dataset.epoch, self.dataset.start = int(state["epoch"]), int(state["batch"])
+            self.next_pass = (int(state["epoch"]), int(state["batch"]))

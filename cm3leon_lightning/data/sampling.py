@@ -226,9 +226,6 @@ class ResumableTrainData:
         self._train_sampler: ResumableSampler | None = None
         self._pending_state: dict[str, Any] | None = None
 
-    def _position(self) -> tuple[int, int] | None:
-        return trainer_position(self.trainer)  # type: ignore[attr-defined]
-
     def _progress(self) -> tuple[int, int, int | float] | None:
         return trainer_progress(self.trainer)  # type: ignore[attr-defined]
 

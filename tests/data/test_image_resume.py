@@ -283,7 +283,7 @@ def test_shards_warn_that_they_restart_the_epoch(tmp_path: Path) -> None:
     loader = dm.train_dataloader()
     assert not hasattr(loader, "state_dict")  # Lightning warns too, rightly
     shuffles = [s for s in loader.dataset.pipeline if type(s).__name__ == "EpochShuffle"]
-    assert [s.epoch for s in shuffles] == [3, 3]  # the interrupted epoch's order
+    assert loader.next_pass == (3, 0) and all(s.passes is loader.passes for s in shuffles)  # the interrupted epoch
     assert np.array_equal(np.sort(torch.cat(list(loader)).flatten()), np.sort(synthetic_images(4, 8).flatten()))
 
 
@@ -328,3 +328,38 @@ def test_a_position_loaded_between_fits_is_where_the_next_fit_starts() -> None:
     dm.load_state_dict({**dm.state_dict(), "epoch": 1, "batch": 0})
     second = run(dm, 4)  # a new trainer: epoch 1 from its start, as loaded
     assert all(torch.equal(a, b) for a, b in zip(second, full[4:8], strict=True))
+
+
+@pytest.mark.parametrize("mode", ["exact", "resampled"])
+def test_shards_start_a_new_trainers_fit_at_a_position_loaded_between_fits(tmp_path: Path, mode: str) -> None:
+    """Shard loaders took their position from the trainer alone: a position loaded into the data module before a
+    new Trainer's fit was dropped (the fit read epoch 0 again). It now shifts the new trainer's positions, and the
+    shift is saved, so a checkpoint of that run, resumed by yet another Trainer, reads on from the same data."""
+    (tmp_path / "shards").mkdir()
+    images = synthetic_images(16, 8, seed=2)
+    for s in range(4):
+        with wds.TarWriter(str(tmp_path / "shards" / f"s-{s}.tar")) as sink:
+            for i in range(4 * s, 4 * s + 4):
+                buf = io.BytesIO()
+                Image.fromarray(images[i]).save(buf, format="PNG")
+                sink.write({"__key__": f"k{i:02d}", "png": buf.getvalue()})
+
+    def make(state: dict | None = None) -> ImageDataModule:
+        dm = ImageDataModule(train=str(tmp_path / "shards"), image_size=8, batch_size=4, shuffle_buffer=8, mode=mode)
+        if state is not None:
+            dm.load_state_dict(state)
+        return dm
+
+    full, _ = fit(make, 12)  # epochs 0, 1 and 2, of 4 batches each
+    skip = 2 if mode == "resampled" else 0  # exact shards restart an epoch from its start
+    shifted, dm = fit(lambda: make({"epoch": 1, "batch": skip}), 8 - skip, ckpt_dir=tmp_path / "ckpt")
+    assert len(shifted.images) == 8 - skip
+    if mode == "exact":
+        assert all(torch.equal(a, b) for a, b in zip(shifted.images[:4], full.images[4:8], strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(shifted.images[4 - skip :], full.images[8:12], strict=True))
+    assert dm.state_dict() == {"epoch": 3, "batch": 0, "shift": [1, skip]}
+    (epoch_end,) = (tmp_path / "ckpt").glob(f"*-step={4 - skip}.ckpt")  # the end of data epoch 1
+    assert torch.load(epoch_end, weights_only=True)["ImageDataModule"] == {"epoch": 2, "batch": 0, "shift": [1, skip]}
+    tail, _ = fit(make, 8 - skip, ckpt_path=str(epoch_end))
+    assert len(tail.images) == 4
+    assert all(torch.equal(a, b) for a, b in zip(tail.images, full.images[8:12], strict=True))

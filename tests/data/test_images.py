@@ -160,38 +160,49 @@ def test_shuffled_shards_are_read_once_per_epoch_by_several_workers(tmp_path: Pa
     assert orders[0] == orders[1] != orders[2]  # seeded: the same seed, the same order
 
 
-def test_shard_order_follows_the_epoch_when_loaders_are_rebuilt_every_epoch(tmp_path: Path) -> None:
-    """With reload_dataloaders_every_n_epochs each new loader restarted the shuffles at the saved epoch (0): every
-    epoch after the first read the same order. The shuffles now start at the trainer's epoch."""
+@pytest.mark.parametrize("workers", [0, 2])
+def test_shard_order_follows_the_epoch_when_loaders_are_rebuilt_every_epoch(tmp_path: Path, workers: int) -> None:
+    """With reload_dataloaders_every_n_epochs each new loader first restarted the shuffles at the saved epoch (0):
+    every epoch after the first read the same order. Then Lightning's two starts of a reloaded loader moved the
+    shuffles' own pass count one on: epoch k read epoch k + 1's order. Every epoch now reads its own order, the
+    same as without reloading."""
     import lightning as L
 
     imgs = np.zeros((16, 8, 8, 3), np.uint8)
     imgs[:, 0, 0, 0] = np.arange(16)
     for s in range(8):
         _write_shard(tmp_path / f"s-{s:02d}.tar", imgs[2 * s : 2 * s + 2])
-    seen: list[list[int]] = []
 
     class Record(L.LightningModule):
         def __init__(self) -> None:
             super().__init__()
             self.w = torch.nn.Parameter(torch.zeros(()))
+            self.seen: list[list[int]] = []
 
         def on_train_epoch_start(self) -> None:
-            seen.append([])
+            self.seen.append([])
 
         def training_step(self, batch, batch_idx):
-            seen[-1].extend(batch[:, 0, 0, 0].tolist())
+            self.seen[-1].extend(batch[:, 0, 0, 0].tolist())
             return (self.w - batch.float().mean()) ** 2
 
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
-    dm = ImageDataModule(train=str(tmp_path), image_size=8, batch_size=4, shuffle_buffer=4)
-    trainer = L.Trainer(accelerator="cpu", max_epochs=3, reload_dataloaders_every_n_epochs=1, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
-    trainer.fit(Record(), datamodule=dm)
-    assert [sorted(e) for e in seen] == [list(range(16))] * 3
-    assert len({tuple(e) for e in seen}) == 3  # three epochs, three orders
+    def fit(reload: int) -> list[list[int]]:
+        model = Record()
+        dm = ImageDataModule(train=str(tmp_path), image_size=8, batch_size=4, shuffle_buffer=4, num_workers=workers)
+        trainer = L.Trainer(accelerator="cpu", max_epochs=3, reload_dataloaders_every_n_epochs=reload, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False)  # fmt: skip
+        trainer.fit(model, datamodule=dm)
+        assert dm.state_dict() == {"epoch": 3, "batch": 0}
+        return model.seen
+
+    reloaded = fit(1)
+    assert [sorted(e) for e in reloaded] == [list(range(16))] * 3
+    assert len({tuple(e) for e in reloaded}) == 3  # three epochs, three orders
+    assert reloaded == fit(0)
 
 
 def test_an_image_that_does_not_decode_is_named_with_its_file_or_shard(tmp_path: Path) -> None:
