@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -199,6 +199,9 @@ class GenerationCallback(L.Callback):
         seed: base seed; each generation batch samples with ``seed`` plus an offset of the subclass's choosing (FID,
             CIDEr and VQA: the index of the batch's first item, so the results do not depend on the device count).
         compile: compile the decode step (None: on CUDA).
+        autocast: decode under the trainer's precision context (autocast with ``bf16-mixed`` / ``16-mixed``), as
+            Lightning runs ``validation_step``; False: in the weights' dtype (float32 under mixed precision, slower
+            on GPUs). The VQGAN decodes the codes in its own dtype either way.
     """
 
     def __init__(
@@ -210,6 +213,7 @@ class GenerationCallback(L.Callback):
         batch_size: int = 8,
         seed: int = 0,
         compile: bool | None = None,
+        autocast: bool = True,
     ) -> None:
         if every_n_val_epochs < 1 or batch_size < 1:
             raise ValueError(f"every_n_val_epochs and batch_size must be >= 1, got {every_n_val_epochs}, {batch_size}")
@@ -220,7 +224,17 @@ class GenerationCallback(L.Callback):
         self.batch_size = batch_size
         self.seed = seed
         self.compile = compile
+        self.autocast = autocast
         self._val_epochs = 0
+
+    @contextmanager
+    def generating(self, pl_module: L.LightningModule) -> Iterator[nn.Module]:
+        """The module's network (:func:`module_network`) with a fresh KV cache (:func:`fresh_kv_cache`), under the
+        trainer's precision context when :attr:`autocast` (autocast with mixed precision)."""
+        trainer = pl_module._trainer
+        precision = trainer.precision_plugin.forward_context() if self.autocast and trainer is not None else None
+        with precision or nullcontext(), fresh_kv_cache(module_network(pl_module)) as net:
+            yield net
 
     # ------------------------------------------------------------------------------------------ resources
     def load_text_tokenizer(self, trainer: L.Trainer | None) -> TextTokenizer:

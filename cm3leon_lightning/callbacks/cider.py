@@ -19,8 +19,6 @@ from torch import Tensor
 from cm3leon_lightning.callbacks.base import (
     EvalSample,
     GenerationCallback,
-    fresh_kv_cache,
-    module_network,
     module_vocab,
     read_shard_samples,
 )
@@ -166,7 +164,7 @@ class CIDErCallback(GenerationCallback):
         else:
             prompt = tok.encode_batch([model_text(t, f"instruction[{i}]", "the instruction", allow_empty=True)
                                        for i, t in enumerate(instruction)])  # fmt: skip
-        with fresh_kv_cache(module_network(pl_module)) as net:
+        with self.generating(pl_module) as net:
             ids = generate_text(
                 net,
                 module_vocab(pl_module._trainer, pl_module),

@@ -43,8 +43,6 @@ from cm3leon_lightning.callbacks.base import (
     EvalSample,
     GenerationCallback,
     batches,
-    fresh_kv_cache,
-    module_network,
     module_vocab,
     rank_share,
     read_shard_samples,
@@ -218,7 +216,7 @@ class FIDCallback(GenerationCallback):
         retrieved = None
         if self.retriever is not None:
             retrieved = [docs for _, docs in self.retriever.retrieve(captions, self.retrieve_k)]
-        with fresh_kv_cache(module_network(pl_module)) as net:
+        with self.generating(pl_module) as net:
             out = generate_image(
                 net,
                 module_vocab(trainer, pl_module),

@@ -25,8 +25,6 @@ from torch import Tensor
 
 from cm3leon_lightning.callbacks.base import (
     EvalSample,
-    fresh_kv_cache,
-    module_network,
     module_vocab,
     read_shard_samples,
 )
@@ -202,10 +200,10 @@ class SampleLoggerCallback(CIDErCallback):
 
         tok = self.load_text_tokenizer(pl_module._trainer)
         vqgan = self.load_vqgan(pl_module.device)
-        net, vocab = module_network(pl_module), module_vocab(pl_module._trainer, pl_module)
+        vocab = module_vocab(pl_module._trainer, pl_module)
         out = []
         for prompt, seed in zip(prompts, seeds):
-            with fresh_kv_cache(net):
+            with self.generating(pl_module) as net:
                 gen = generate_image(
                     net,
                     vocab,

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from cm3leon_lightning.generation.decoder import Decoder, SamplingSpec
 from cm3leon_lightning.generation.sampling import allowed_ids
 from cm3leon_lightning.model import CM3Leon
+from cm3leon_lightning.tokenization.quantize import autocast_off
 from cm3leon_lightning.tokenization.vocab import Document, MultimodalVocab
 
 
@@ -189,10 +190,13 @@ def image_codes(vocab: MultimodalVocab, image: Tensor | Sequence[int]) -> list[i
 
 
 def _decode_codes(vqgan: nn.Module | None, codes: Tensor) -> Tensor | None:
+    """``(P, N, h*w)`` codes -> ``(P, N, C, H, W)`` images in the VQGAN's own dtype (autocast off: a caller's
+    mixed precision, such as an evaluation callback's, would decode pixels in bfloat16)."""
     if vqgan is None:
         return None
     device = next(vqgan.parameters()).device
-    flat = vqgan.decode(codes.flatten(0, 1).to(device))  # (P*N, C, H, W)
+    with autocast_off(device.type):
+        flat = vqgan.decode(codes.flatten(0, 1).to(device))  # (P*N, C, H, W)
     return flat.view(*codes.shape[:2], *flat.shape[1:])
 
 

@@ -46,7 +46,7 @@ class QuantizerOutput:
     commitment_loss: torch.Tensor
 
 
-def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
     """A context with autocast disabled on ``device_type`` (a no-op where autocast does not exist, e.g. ``meta``)."""
     if torch.amp.is_autocast_available(device_type):
         return torch.autocast(device_type, enabled=False)
@@ -61,7 +61,7 @@ def _nearest(flat: torch.Tensor, emb: torch.Tensor, normalize: bool) -> torch.Te
     coarser than the gap between the two nearest codes, and the argmin would then not be the nearest code.
     """
     f, e = flat.float(), emb.float()
-    with _autocast_off(f.device.type):
+    with autocast_off(f.device.type):
         if normalize:
             f = F.normalize(f, dim=1)
         # squared distance ||z||^2 + ||e||^2 - 2 z.e; argmin takes the first index on ties
@@ -175,7 +175,7 @@ class VectorQuantizer(nn.Module):
     @torch.no_grad()
     def _ema_update(self, flat: torch.Tensor, codes: torch.Tensor) -> None:
         one_hot = F.one_hot(codes, self.n_embed).type(flat.dtype)  # (N, K)
-        with _autocast_off(flat.device.type):  # float32 counts and sums (bf16 would round counts above 256)
+        with autocast_off(flat.device.type):  # float32 counts and sums (bf16 would round counts above 256)
             counts, sums = one_hot.sum(0), one_hot.t() @ flat  # (K,), (K, D)
         if _distributed():  # every replica updates from the global batch, so the codebooks stay equal
             dist.all_reduce(counts)
@@ -262,7 +262,7 @@ class GumbelQuantizer(nn.Module):
     def _logits(self, z: torch.Tensor) -> torch.Tensor:
         """Code logits ``(B, K, h, w)`` in float32 with autocast off: bf16 logits (8 significant bits) tie or swap
         the top codes of a large codebook, so the argmax was not the most likely code for ~2% of latents."""
-        with _autocast_off(z.device.type):
+        with autocast_off(z.device.type):
             return F.conv2d(z.float(), self.proj.weight.float(), self.proj.bias.float())
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:

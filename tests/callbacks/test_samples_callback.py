@@ -282,3 +282,42 @@ def test_sampling_at_validation_leaves_the_training_rng_alone(parts, tmp_path: P
               num_caption_images=1, method="top_p", compile=False)  # fmt: skip
     plain = losses([])
     assert len(plain) == 12 and losses([cb]) == plain and len(cb.written) == 6
+
+
+@pytest.mark.parametrize("autocast", [True, False])
+def test_generation_follows_the_trainers_precision_and_the_vqgan_decodes_in_its_own(
+    parts, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, autocast: bool
+) -> None:
+    """The callbacks decoded outside Lightning's autocast (it covers only the step methods): under ``bf16-mixed``
+    they generated in float32, slower than the training they evaluate. They now decode under the trainer's precision
+    context (``autocast=False`` keeps float32), while the VQGAN turns the codes into pixels in its own dtype."""
+    import lightning as L
+
+    _, vqgan, module = parts
+    seen: dict[str, list] = {"model": [], "logits": [], "vqgan": []}
+
+    def record(m, args, out) -> None:
+        seen["model"].append(torch.is_autocast_enabled("cpu"))
+        seen["logits"].append(out.dtype)
+
+    hook = module.model.register_forward_hook(record)
+    decode = vqgan.decode
+
+    def recording_decode(codes):
+        seen["vqgan"].append(torch.is_autocast_enabled("cpu"))
+        return decode(codes)
+
+    monkeypatch.setattr(vqgan, "decode", recording_decode)
+    cb = make(parts, cls=SampleLoggerCallback, prompts=PROMPTS[:1], seeds=[5], autocast=autocast)
+    run = L.Trainer(accelerator="cpu", devices=1, precision="bf16-mixed", logger=False, callbacks=[cb],
+                    enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                    default_root_dir=str(tmp_path))  # fmt: skip
+    try:
+        run.validate(module, val_loader(module.vocab), verbose=False)
+    finally:
+        hook.remove()
+    generated = seen["model"][-20:]  # the validation step's forward runs under autocast either way
+    assert generated == [autocast] * len(generated) and len(generated) == 20
+    assert set(seen["logits"][-20:]) == {torch.bfloat16 if autocast else torch.float32}
+    assert seen["vqgan"] and not any(seen["vqgan"])  # the grid's image is decoded with autocast off
+    assert len(cb.written) == 2
