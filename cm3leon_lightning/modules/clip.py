@@ -59,8 +59,8 @@ class ClipModule(L.LightningModule):
 
     Args:
         model_name: open_clip architecture (``"cm3leon-clip-tiny"``, ``"cm3leon-clip-small"``, ``"ViT-B-32"``, ...).
-        pretrained: weights to start from (open_clip tag or local file), ``None`` to train from scratch. To reload a
-            checkpoint offline after fine-tuning from a tag, pass ``pretrained=None`` to ``load_from_checkpoint``.
+        pretrained: weights to start from (open_clip tag or local file), ``None`` to train from scratch.
+            :meth:`load_from_checkpoint` does not read them (the checkpoint holds the weights) unless passed.
         lr: peak AdamW learning rate.
         weight_decay: AdamW weight decay on weight matrices (not on gains, biases or the temperature).
         beta1: AdamW beta1.
@@ -111,6 +111,14 @@ class ClipModule(L.LightningModule):
         self.model: torch.nn.Module | None = None
         self.tokenizer = open_clip.get_tokenizer(model_name)
         self.loss_fn: ClipLoss | None = None
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> ClipModule:
+        """Lightning's ``load_from_checkpoint``, without reading the ``pretrained`` weights saved in the checkpoint's
+        hyper-parameters (they are replaced at once, and a tag would need a download, a file may be gone), unless
+        ``pretrained`` is passed. The image preprocessing and QuickGELU come from the checkpoint."""
+        kwargs.setdefault("pretrained", None)
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     def configure_model(self) -> None:
         """Build the open_clip model (idempotent; called by Lightning before fit and on checkpoint load)."""

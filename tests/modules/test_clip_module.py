@@ -450,3 +450,25 @@ def test_features_and_loss_are_float32_under_bf16_autocast():
     )  # fmt: skip
     trainer.fit(module, dm)
     assert trainer.callback_metrics["train/loss"].item() == pytest.approx(rec.want_loss, rel=1e-6)
+
+
+def test_load_from_checkpoint_does_not_read_the_pretrained_weights_again(tmp_path):
+    """A module fine-tuned from pretrained weights (a tag to download, or a file since moved) could not be reloaded
+    from its own checkpoint, which holds every weight: ``load_from_checkpoint`` read ``pretrained`` first."""
+    start = ClipModule(model_name="cm3leon-clip-tiny")
+    start.configure_model()
+    weights = start.export_weights(tmp_path / "start.safetensors")
+    tuned = ClipModule(model_name="cm3leon-clip-tiny", pretrained=str(weights))
+    tuned.configure_model()
+    with torch.no_grad():
+        next(tuned.model.parameters()).add_(1.0)  # fine-tuned: no longer the start weights
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.strategy.connect(tuned)
+    trainer.save_checkpoint(tmp_path / "tuned.ckpt")
+    weights.unlink()
+    loaded = ClipModule.load_from_checkpoint(tmp_path / "tuned.ckpt")
+    assert loaded.hparams.pretrained is None
+    for (name, want), got in zip(tuned.model.state_dict().items(), loaded.model.state_dict().values(), strict=True):
+        assert torch.equal(got, want), name
+    with pytest.raises(Exception, match="start.safetensors"):  # asked for explicitly, the file is read
+        ClipModule.load_from_checkpoint(tmp_path / "tuned.ckpt", pretrained=str(weights))
