@@ -294,7 +294,7 @@ def evaluate(ctx: Context, out: Path) -> dict[str, Any]:
     import time
 
     from cm3leon_lightning.data.shapes import generate_pairs, scene_from_dict, scene_to_dict
-    from cm3leon_lightning.demo import read_jsonl
+    from cm3leon_lightning.demo_stages import read_jsonl
     from cm3leon_lightning.generation.cli import load_checkpoint
     from cm3leon_lightning.retrieval.encoder import ClipEncoder
     from cm3leon_lightning.tokenization.text import TextTokenizer

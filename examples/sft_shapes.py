@@ -39,10 +39,11 @@ from PIL import Image
 
 from cm3leon_lightning import VQGAN, SFTSource, TextTokenizer, edit_image, generate_text, load_checkpoint, prepare
 from cm3leon_lightning.data import shapes
-from cm3leon_lightning.demo import CONFIG_DIR, fit_with_cli
+from cm3leon_lightning.demo import CONFIG_DIR
 from cm3leon_lightning.demo_cli import positive_int
 from cm3leon_lightning.demo_eval import attribute_scores, caption_scores, to_uint8
 from cm3leon_lightning.demo_report import stage_results
+from cm3leon_lightning.demo_stages import fit_with_cli
 from cm3leon_lightning.generation.generate import TEXT_LAYOUTS as LAYOUTS
 
 
