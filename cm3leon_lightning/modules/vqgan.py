@@ -141,6 +141,14 @@ class VQGANModule(L.LightningModule):
         if disc_weight < 0 or disc_start < 0 or codebook_weight < 0:
             raise ValueError("disc_weight, disc_start and codebook_weight must be >= 0")
         self.config = config_from_overrides(preset, self.hparams)  # validates early, before the network is built
+        vq_only = {"l2_normalize": False, "ema_decay": None, "dead_code_after": 0}  # passed here, not the preset's
+        ignored = [f"{k}={self.hparams[k]}" for k, off in vq_only.items() if self.hparams[k] not in (None, off)]
+        if self.config.quantizer == "gumbel" and ignored:
+            raise ValueError(
+                f"{', '.join(ignored)} set the nearest-neighbour quantizer (quantizer: vq); the Gumbel quantizer "
+                "has no codebook lookup, EMA updates or dead-code restarts and would ignore them: drop them, or use "
+                "quantizer: vq"
+            )
         if gumbel_temperature_end is not None:
             if self.config.quantizer != "gumbel":
                 raise ValueError(

@@ -367,6 +367,17 @@ def test_gumbel_temperature_argument_errors() -> None:
         VQGANModule(preset="micro", quantizer="gumbel", gumbel_temperature_end=0.0)
     with pytest.raises(ValueError, match="gumbel_temperature must be a finite number > 0"):
         VQGANModule(preset="micro", quantizer="gumbel", gumbel_temperature=0.0)
+    # settings of the nearest-neighbour quantizer were silently ignored by the Gumbel one (as taming's recipe in
+    # configs/vqgan/f8_8192.yaml reads if only quantizer: gumbel is changed)
+    with pytest.raises(
+        ValueError, match=r"l2_normalize=True, dead_code_after=1000 set the nearest-neighbour quantizer"
+    ):
+        VQGANModule(preset="micro", quantizer="gumbel", l2_normalize=True, dead_code_after=1000)
+    with pytest.raises(ValueError, match=r"ema_decay=0.99 set the nearest-neighbour quantizer \(quantizer: vq\)"):
+        VQGANModule(preset="micro", quantizer="gumbel", ema_decay=0.99)
+    assert VQGANModule(preset="micro", quantizer="gumbel", l2_normalize=False, dead_code_after=0).config.quantizer == (
+        "gumbel"
+    )
 
 
 def test_lpips_equals_taming_formula_on_torchvision_vgg16(tmp_path: Path) -> None:
