@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from cm3leon_lightning.data.cleaning import to_rgb
+from cm3leon_lightning.data.cleaning import BadInput, clean_caption, to_rgb
 from cm3leon_lightning.data.sampling import ResumableTrainData
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -74,10 +74,13 @@ def make_shape_pairs(n: int, image_size: int = 32, seed: int = 0) -> tuple[np.nd
 def read_image_folder(root: str | os.PathLike) -> tuple[list[Path], list[str]]:
     """List ``root``'s images that have a UTF-8 caption sidecar ``<stem>.txt`` (images without one are skipped).
 
-    A sidecar that is blank (only whitespace) is no caption: its image is skipped too. A leading BOM is dropped.
+    Captions follow ``cm3leon prepare``'s rule (:func:`~cm3leon_lightning.data.cleaning.clean_caption`, not truncated:
+    control characters become spaces, whitespace runs one space, ends stripped), so the CLIP trains on the text it
+    later embeds for retrieval. A sidecar with no text left (only whitespace) is no caption: its image is skipped
+    too. A leading BOM is dropped.
 
     Returns:
-        Image paths (sorted) and their captions (stripped, never empty).
+        Image paths (sorted) and their captions (cleaned, never empty).
 
     Raises:
         FileNotFoundError: ``root`` is not a directory or holds no captioned image.
@@ -91,12 +94,15 @@ def read_image_folder(root: str | os.PathLike) -> tuple[list[Path], list[str]]:
         side = p.with_suffix(".txt")
         if p.suffix.lower() in IMAGE_SUFFIXES and side.is_file():
             try:
-                caption = side.read_bytes().decode("utf-8-sig").strip()
+                raw = side.read_bytes().decode("utf-8-sig")
             except UnicodeDecodeError as e:
                 raise ValueError(f"caption sidecar {side} is not UTF-8 (byte {e.start}: {e.reason})") from e
-            if caption:
-                paths.append(p)
-                captions.append(caption)
+            try:
+                caption, _ = clean_caption(raw, max(1, len(raw)))
+            except BadInput:
+                continue  # blank: no caption
+            paths.append(p)
+            captions.append(caption)
     if not paths:
         raise FileNotFoundError(f"data_dir {src} has no image with a caption sidecar (<name>.txt)")
     return paths, captions

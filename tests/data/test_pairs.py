@@ -63,6 +63,21 @@ def test_read_image_folder_names_a_non_utf8_sidecar_and_skips_blank_ones(tmp_pat
         read_image_folder(tmp_path)
 
 
+def test_folder_captions_are_cleaned_as_prepare_cleans_them(tmp_path):
+    """Sidecar captions were only stripped: a two-line caption or a tab trained the CLIP on text that ``cm3leon
+    prepare`` (and every retrieval query) collapses to single spaces, so it embedded other text than it learned."""
+    from cm3leon_lightning.data.cleaning import clean_caption
+
+    raw = "a red\n\nsquare\t on  grey\x00 ground \u2028 "
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "b.png")
+    (tmp_path / "a.txt").write_text(raw, encoding="utf-8")
+    (tmp_path / "b.txt").write_text("\x07\x00 \n", encoding="utf-8")  # control characters only: no caption
+    paths, caps = read_image_folder(tmp_path)
+    assert [p.name for p in paths] == ["a.png"]
+    assert caps == ["a red square on grey ground"] == [clean_caption(raw)[0]]
+
+
 def test_split_is_seeded_and_disjoint():
     images, captions = make_shape_pairs(50, 32)
     captions = [f"{c} {i}" for i, c in enumerate(captions)]  # unique, to check disjointness
