@@ -9,7 +9,6 @@ cross-entropy over every non-pad target. A new task subclasses the module and ov
 from __future__ import annotations
 
 import inspect
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -17,23 +16,25 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from cm3leon_lightning.config import CM3LeonConfig
 from cm3leon_lightning.generation.generate import GenerationSettings, generate_image
-from cm3leon_lightning.model import CM3Leon, param_groups
-from cm3leon_lightning.model.weights import check_same_architecture, check_same_vocab, load_weights, read_weights
+from cm3leon_lightning.model import CM3Leon
+from cm3leon_lightning.model.weights import check_same_architecture, check_same_vocab, load_weights
+from cm3leon_lightning.modules import optim
+from cm3leon_lightning.modules.losses import EVAL_PARTS, epoch_losses, eval_sums, next_token_losses, step_parts
+from cm3leon_lightning.modules.network import (
+    check_vocab_size,
+    data_vocab,
+    load_init_from,
+    read_described_weights,
+    resolve_architecture,
+)
 from cm3leon_lightning.modules.schedule import WarmupDecay
 from cm3leon_lightning.tokenization.vocab import PAD_ID, MultimodalVocab
 
 __all__ = ["CM3LeonModule", "WarmupDecay", "batch_rows", "batch_tokens", "check_vocab_size"]
-
-
-def check_vocab_size(have: int, want: int, what: str) -> None:
-    """Raise ValueError when a model's vocabulary size differs from the data's."""
-    if have != want:
-        raise ValueError(f"vocabulary mismatch: {what} has vocab_size {have}, the data needs {want}")
 
 
 def batch_rows(batch: dict[str, Tensor]) -> int:
@@ -104,22 +105,8 @@ class CM3LeonModule(L.LightningModule):
             config = CM3LeonConfig.from_dict(config)
         if isinstance(generation, dict):
             generation = GenerationSettings.from_dict(generation)
-        overrides: dict[str, Any] = {}
-        if vocab is not None:
-            # every field required: a partial description would be saved and refused by every reader of checkpoints
-            vocab = MultimodalVocab.from_dict(vocab, "CM3LeonModule vocab").to_dict()
-            overrides["vocab_size"] = MultimodalVocab(**vocab).padded_size
-        if max_seq_len is not None:
-            overrides["max_seq_len"] = max_seq_len
-        if config is None:
-            config = CM3LeonConfig.from_preset(preset, **overrides)
-        elif overrides:
-            config = CM3LeonConfig.from_dict({**config.to_dict(), **overrides})
-        WarmupDecay(warmup_steps, 1, lr_decay, min_lr_ratio)  # validates the schedule arguments early
-        if decay_steps is not None and decay_steps < 1:
-            raise ValueError(f"decay_steps must be >= 1 (or None: the trainer's total steps), got {decay_steps}")
-        if not lr >= 0:  # 0 trains nothing, which tests and frozen runs use
-            raise ValueError(f"lr must be >= 0, got {lr}")
+        config, vocab = resolve_architecture(preset, config, vocab, max_seq_len)  # vocab: complete, or None
+        optim.check_optimizer_args(lr, warmup_steps, lr_decay, min_lr_ratio, decay_steps)
         self.config = config
         # Primitives only, so checkpoints load with torch.load(weights_only=True); `config` is stored resolved.
         self.save_hyperparameters(ignore=["config", "generation"])
@@ -159,17 +146,9 @@ class CM3LeonModule(L.LightningModule):
         """Adopt the data module's vocabulary when none was given, and refuse a mismatching one or rows longer than
         the model's context (which would otherwise fail at the first forward, after the data has loaded)."""
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        seq_len = (getattr(datamodule, "hparams", None) or {}).get("seq_len")
-        if isinstance(seq_len, int) and seq_len - 1 > self.config.max_seq_len:  # a row feeds seq_len - 1 positions
-            raise ValueError(
-                f"the data's seq_len {seq_len} feeds {seq_len - 1} positions, more than the model's max_seq_len "
-                f"{self.config.max_seq_len}: lower --data.init_args.seq_len to at most {self.config.max_seq_len + 1} "
-                "or raise --model.init_args.max_seq_len"
-            )
-        data_vocab = getattr(datamodule, "vocab", None)
-        if data_vocab is None:
+        data_desc = data_vocab(datamodule, self.config.max_seq_len)  # refuses rows longer than the context
+        if data_desc is None:
             return
-        data_desc = data_vocab.to_dict() if isinstance(data_vocab, MultimodalVocab) else dict(data_vocab)
         if self.hparams.vocab is None:
             if self.model is not None:
                 check_vocab_size(self.config.vocab_size, MultimodalVocab(**data_desc).padded_size, "the model")
@@ -211,12 +190,7 @@ class CM3LeonModule(L.LightningModule):
                 records no architecture and vocabulary (bare weights: ``CM3LeonModule(config=..., vocab=...,
                 init_from=path)``).
         """
-        weights = read_weights(path, "path", lazy=True)
-        if not weights.config or not weights.vocab:
-            raise ValueError(
-                f"path: {path} ({weights.kind}) records no architecture and vocabulary; for bare weights use "
-                "CM3LeonModule(config=..., vocab=..., init_from=path)"
-            )
+        weights = read_described_weights(path)
         module = cls(config=CM3LeonConfig.from_dict(weights.config), vocab=dict(weights.vocab), **kwargs)
         with torch.device("meta"):  # the file supplies every weight (see configure_model)
             model = CM3Leon(module.config)
@@ -255,14 +229,10 @@ class CM3LeonModule(L.LightningModule):
 
         Under a trainer this runs after :meth:`setup`, so the data's vocabulary is known by then.
         """
-        weights = read_weights(path, "init_from", lazy=True)
-        source = f"init_from checkpoint {path!r}"
-        check_same_architecture(weights.config, self.config.to_dict(), source)
-        check_same_vocab(weights.vocab, self.hparams.vocab, source)
-        load_weights(model, weights.state_dict, f"init_from {path!r}", weights.fetch)
-        if self.hparams.vocab is None and weights.vocab is not None:
+        saved_vocab = load_init_from(model, path, self.config, self.hparams.vocab)
+        if self.hparams.vocab is None and saved_vocab is not None:
             # The architectures matched, so the vocabulary fits; setup() then refuses data with another one.
-            self.hparams["vocab"] = dict(weights.vocab)
+            self.hparams["vocab"] = saved_vocab
 
     def forward(self, idx: Tensor) -> Tensor:
         """Logits ``(B, T, V)`` for token ids ``(B, T)`` (full causal sequence, no cache)."""
@@ -294,21 +264,8 @@ class CM3LeonModule(L.LightningModule):
         value here is then 0). To score fewer targets (e.g. only an instruction's output),
         set the others to ``PAD_ID`` and call ``super().compute_loss``: the logged parts then follow.
         """
-        per_token = F.cross_entropy(
-            logits.flatten(0, 1).float(), targets.flatten(), ignore_index=PAD_ID, reduction="none"
-        ).view_as(targets)  # (B, T-1)
-        valid = targets != PAD_ID
-        n_valid = valid.sum()
-        out = {"loss": per_token.sum() / n_valid.clamp(min=1), "tokens": n_valid}
         vocab = self.hparams.vocab
-        if vocab is not None:
-            n_text = vocab["n_text"]
-            is_image = valid & (targets >= n_text)
-            is_text = valid & (targets < n_text)
-            out["loss_text"] = (per_token * is_text).sum() / is_text.sum().clamp(min=1)
-            out["loss_image"] = (per_token * is_image).sum() / is_image.sum().clamp(min=1)
-            out["tokens_text"], out["tokens_image"] = is_text.sum(), is_image.sum()
-        return out
+        return next_token_losses(logits, targets, None if vocab is None else vocab["n_text"])
 
     def _shared_step(self, batch: dict[str, Tensor], stage: str) -> dict[str, Tensor]:
         inputs, targets = self.build_sequence(batch)
@@ -326,27 +283,15 @@ class CM3LeonModule(L.LightningModule):
         bs = inputs.shape[0]
         self.log(f"{stage}/loss", losses["loss"], prog_bar=True, batch_size=bs, on_step=True)
         self.log(f"{stage}/ppl", torch.exp(losses["loss"].detach().clamp(max=30)), batch_size=bs)
-        for key, count in self._EVAL_PARTS[1:]:
-            if key in losses and count in losses:
-                # NaN for a batch without such targets: compute_loss gives 0 there, and a key not logged at a step
-                # is written again, stale, by Lightning
-                value = torch.as_tensor(losses[key], device=self.device).detach().float()
-                value = torch.where(torch.as_tensor(losses[count], device=value.device) > 0, value, torch.nan)
-                self.log(f"{stage}/{key}", value, batch_size=bs, on_step=True)
+        for key, value in step_parts(losses, self._EVAL_PARTS[1:], self.device).items():  # NaN: no such targets
+            self.log(f"{stage}/{key}", value, batch_size=bs, on_step=True)
         return losses
 
-    _EVAL_PARTS = (("loss", "tokens"), ("loss_text", "tokens_text"), ("loss_image", "tokens_image"))
+    _EVAL_PARTS = EVAL_PARTS
 
     def _accumulate(self, losses: dict[str, Tensor]) -> None:
         """Add a validation/test batch's loss sums and target counts (no host sync)."""
-        parts = []
-        for loss, count in self._EVAL_PARTS:
-            if loss in losses and count in losses:  # a compute_loss override may give fewer
-                n = losses[count].detach().float()
-                parts += [losses[loss].detach().float() * n, n]
-            else:
-                parts += [torch.zeros((), device=self.device), torch.zeros((), device=self.device)]
-        sums = torch.stack(parts)  # (6,)
+        sums = eval_sums(losses, self._EVAL_PARTS, self.device)  # (6,)
         self._eval_sums = sums if self._eval_sums is None else self._eval_sums + sums
 
     def _log_eval_epoch(self, stage: str) -> None:
@@ -357,12 +302,10 @@ class CM3LeonModule(L.LightningModule):
         self._eval_sums = None
         if self._trainer is not None:
             sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
-        for (name, _), total, count in zip(self._EVAL_PARTS, sums[0::2], sums[1::2]):
-            if count > 0:  # the same on every rank after the reduction
-                value = total / count
-                self.log(f"{stage}/{name}", value, prog_bar=name == "loss", batch_size=1)
-                if name == "loss":
-                    self.log(f"{stage}/ppl", torch.exp(value.clamp(max=30)), batch_size=1)
+        for name, value in epoch_losses(sums, self._EVAL_PARTS).items():  # the same on every rank after the reduction
+            self.log(f"{stage}/{name}", value, prog_bar=name == "loss", batch_size=1)
+            if name == "loss":
+                self.log(f"{stage}/ppl", torch.exp(value.clamp(max=30)), batch_size=1)
 
     def on_validation_epoch_start(self) -> None:
         """Start the epoch's loss sums afresh: those of an epoch that raised counted in the next one."""
@@ -446,17 +389,7 @@ class CM3LeonModule(L.LightningModule):
         ``ckpt_path`` was silently ignored. (LightningCLI passes the checkpoint's hyper-parameters on resume anyway.)
         """
         made, self._optimizer_settings = getattr(self, "_optimizer_settings", None), None
-        for config in self.trainer.lr_scheduler_configs:
-            sched = config.scheduler
-            if not isinstance(sched, torch.optim.lr_scheduler.LambdaLR):
-                continue
-            groups = sched.optimizer.param_groups
-            if made is not None and made[0] == id(sched.optimizer) and len(made[1]) == len(groups):
-                for group, settings in zip(groups, made[1]):
-                    group.update(settings)
-                sched.base_lrs = [settings["initial_lr"] for settings in made[1]]
-            for group, base, fn in zip(groups, sched.base_lrs, sched.lr_lambdas):
-                group["lr"] = base * fn(sched.last_epoch)
+        optim.reapply_optimizer_settings(self.trainer.lr_scheduler_configs, made)
 
     def on_train_epoch_start(self) -> None:
         self._last_step_time = None
@@ -471,46 +404,14 @@ class CM3LeonModule(L.LightningModule):
         if self.model is None:
             self.configure_model()
         hp = self.hparams
-        groups = param_groups(self.model, hp.weight_decay, getattr(self, "_param_ndims", None))
         fused = self.device.type == "cuda"
-        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps, fused=fused)
-        total = hp.decay_steps
-        if total is not None and total <= hp.warmup_steps and hp.lr_decay != "constant":
-            # it used to drop to min_lr_ratio in the step after the warm-up; checked here, not in __init__, so that
-            # checkpoints saved with such settings still load for validation and prediction
-            raise ValueError(
-                f"decay_steps {total} <= warmup_steps {hp.warmup_steps}: decay_steps is the step at which the "
-                "decay ends, counted from step 0 with the warm-up included (warmup_steps + the decay's length); "
-                "pass another --model.init_args.decay_steps"
-            )
-        if total is None:
-            try:
-                estimated: float | None = float(self.trainer.estimated_stepping_batches)
-            except (RuntimeError, AttributeError):  # no trainer attached: a schedule to inspect, not to train with
-                estimated = None
-            known = estimated is not None and math.isfinite(estimated) and estimated > 0
-            if estimated is not None and not known and hp.lr_decay != "constant":
-                # it used to decay to min_lr_ratio right after the warm-up
-                raise ValueError(
-                    f"lr_decay={hp.lr_decay!r} needs the length of training, which the trainer does not know here "
-                    "(data of unknown length): set trainer.max_steps, or model decay_steps, or lr_decay: constant"
-                )
-            total = int(estimated) if known else hp.warmup_steps + 1  # type: ignore[arg-type]
-            if known and hp.warmup_steps >= total:
-                from lightning.pytorch.utilities import rank_zero_warn
-
-                rank_zero_warn(
-                    f"warmup_steps {hp.warmup_steps} >= the run's {total} steps: the learning rate never reaches lr "
-                    f"{hp.lr} (lower --model.init_args.warmup_steps)"
-                )
-        schedule = WarmupDecay(hp.warmup_steps, total, hp.lr_decay, hp.min_lr_ratio)
-        # Through a plain function: LambdaLR saves a callable object's attributes in checkpoints and restores them
-        # over this one's on resume, so a run resumed with a larger max_steps kept the old decay length (and sat at
-        # the floor rate). The schedule is recomputed from the settings instead; the step count comes from the state.
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule(step))
-        # This run's settings, before a checkpoint's replace them (reapplied in on_train_start)
-        keys = ("initial_lr", "betas", "eps", "weight_decay")
-        self._optimizer_settings = (id(optimizer), [{k: g[k] for k in keys} for g in optimizer.param_groups])
+        ndims = getattr(self, "_param_ndims", None)
+        optimizer = optim.adamw(self.model, hp.lr, hp.betas, hp.eps, hp.weight_decay, ndims, fused)
+        total = optim.schedule_length(
+            hp.decay_steps, hp.warmup_steps, hp.lr_decay, hp.lr, lambda: float(self.trainer.estimated_stepping_batches)
+        )
+        scheduler = optim.warmup_decay_scheduler(optimizer, hp.warmup_steps, total, hp.lr_decay, hp.min_lr_ratio)
+        self._optimizer_settings = optim.optimizer_settings(optimizer)  # this run's, reapplied in on_train_start
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def config_dict(self) -> dict[str, Any]:

@@ -38,7 +38,8 @@ from typing import Any
 
 import torch
 
-from cm3leon_lightning.generation.cli import DTYPES, add_model_arguments, bundled_tokenizers
+from cm3leon_lightning.generation.cli import DTYPES, bundled_tokenizers
+from cm3leon_lightning.generation.cli_args import add_model_arguments
 from cm3leon_lightning.generation.generate import TEXT_LAYOUTS, GenerationSettings
 from cm3leon_lightning.generation.graphs import MODES, resolve_mode
 from cm3leon_lightning.model import ATTENTION_IMPLS

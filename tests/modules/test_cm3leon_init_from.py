@@ -118,7 +118,7 @@ def test_configure_model_loads_once(pretrained, tmp_path: Path, monkeypatch: pyt
     calls = []
     read = weights_mod.read_weights
     monkeypatch.setattr(
-        "cm3leon_lightning.modules.cm3leon.read_weights", lambda *a, **kw: calls.append(a) or read(*a, **kw)
+        "cm3leon_lightning.modules.network.read_weights", lambda *a, **kw: calls.append(a) or read(*a, **kw)
     )
     module = CM3LeonModule(preset="tiny", vocab=DATA_VOCAB.to_dict(), init_from=str(path))
     module.configure_model()

@@ -1,0 +1,105 @@
+"""What :class:`~cm3leon_lightning.modules.cm3leon.CM3LeonModule` builds its network from: the architecture its
+arguments resolve to (preset or config, with the vocabulary's size and ``max_seq_len``), the data module's
+vocabulary and row length it must fit, and the weights it starts from (``init_from``, ``from_pretrained``), checked
+against that architecture and vocabulary before they are loaded.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cm3leon_lightning.config import CM3LeonConfig
+from cm3leon_lightning.model import CM3Leon
+from cm3leon_lightning.model.weights import (
+    PretrainedWeights,
+    check_same_architecture,
+    check_same_vocab,
+    load_weights,
+    read_weights,
+)
+from cm3leon_lightning.tokenization.vocab import MultimodalVocab
+
+__all__ = ["check_vocab_size", "data_vocab", "load_init_from", "read_described_weights", "resolve_architecture"]
+
+
+def check_vocab_size(have: int, want: int, what: str) -> None:
+    """Raise ValueError when a model's vocabulary size differs from the data's."""
+    if have != want:
+        raise ValueError(f"vocabulary mismatch: {what} has vocab_size {have}, the data needs {want}")
+
+
+def data_vocab(datamodule: object, max_seq_len: int) -> dict[str, int] | None:
+    """The vocabulary description of a data module (its ``vocab``: MultimodalVocab or dict), or None when it has
+    none, once its rows are known to fit a context of ``max_seq_len`` positions.
+
+    Raises:
+        ValueError: the data module's ``hparams["seq_len"]`` feeds more than ``max_seq_len`` positions (which would
+            otherwise fail at the first forward, after the data has loaded), naming both flags.
+    """
+    seq_len = (getattr(datamodule, "hparams", None) or {}).get("seq_len")
+    if isinstance(seq_len, int) and seq_len - 1 > max_seq_len:  # a row feeds seq_len - 1 positions
+        raise ValueError(
+            f"the data's seq_len {seq_len} feeds {seq_len - 1} positions, more than the model's max_seq_len "
+            f"{max_seq_len}: lower --data.init_args.seq_len to at most {max_seq_len + 1} "
+            "or raise --model.init_args.max_seq_len"
+        )
+    vocab = getattr(datamodule, "vocab", None)
+    if vocab is None:
+        return None
+    return vocab.to_dict() if isinstance(vocab, MultimodalVocab) else dict(vocab)
+
+
+def resolve_architecture(
+    preset: str, config: CM3LeonConfig | None, vocab: dict[str, int] | None, max_seq_len: int | None
+) -> tuple[CM3LeonConfig, dict[str, int] | None]:
+    """The architecture and vocabulary description of ``CM3LeonModule(preset, config, vocab, max_seq_len)``.
+
+    ``config`` (or, when None, ``preset``) with the vocabulary's padded size and ``max_seq_len`` when given.
+    ``vocab`` comes back complete (every field required: a partial description would be saved and refused by every
+    reader of checkpoints).
+    """
+    overrides: dict[str, Any] = {}
+    if vocab is not None:
+        vocab = MultimodalVocab.from_dict(vocab, "CM3LeonModule vocab").to_dict()
+        overrides["vocab_size"] = MultimodalVocab(**vocab).padded_size
+    if max_seq_len is not None:
+        overrides["max_seq_len"] = max_seq_len
+    if config is None:
+        config = CM3LeonConfig.from_preset(preset, **overrides)
+    elif overrides:
+        config = CM3LeonConfig.from_dict({**config.to_dict(), **overrides})
+    return config, vocab
+
+
+def read_described_weights(path: str) -> PretrainedWeights:
+    """The weights of a file that records its architecture and vocabulary (``CM3LeonModule.from_pretrained``).
+
+    Raises:
+        FileNotFoundError, ValueError: as :func:`~cm3leon_lightning.model.weights.read_weights`, or a file that
+            records no architecture and vocabulary (bare weights).
+    """
+    weights = read_weights(path, "path", lazy=True)
+    if not weights.config or not weights.vocab:
+        raise ValueError(
+            f"path: {path} ({weights.kind}) records no architecture and vocabulary; for bare weights use "
+            "CM3LeonModule(config=..., vocab=..., init_from=path)"
+        )
+    return weights
+
+
+def load_init_from(
+    model: CM3Leon, path: str, config: CM3LeonConfig, vocab: dict[str, int] | None
+) -> dict[str, int] | None:
+    """Check the weights of ``init_from`` ``path`` against the module's architecture ``config`` and ``vocab``, then
+    load them into ``model``; returns the vocabulary the file records (None when it records none).
+
+    Raises:
+        FileNotFoundError, ValueError: as :func:`~cm3leon_lightning.model.weights.read_weights`, or weights of another
+            architecture or vocabulary, or that do not fit ``model``.
+    """
+    weights = read_weights(path, "init_from", lazy=True)
+    source = f"init_from checkpoint {path!r}"
+    check_same_architecture(weights.config, config.to_dict(), source)
+    check_same_vocab(weights.vocab, vocab, source)
+    load_weights(model, weights.state_dict, f"init_from {path!r}", weights.fetch)
+    return None if weights.vocab is None else dict(weights.vocab)
