@@ -29,8 +29,9 @@ ends stripped), and ``predictions.jsonl`` records it as given. ``out/`` receives
 ``--trainer.callbacks.clip ViT-B-32`` re-ranks each prompt's candidates with CLIP and writes them best first (adding
 ``clip_scores`` and ``order`` to the line); ``--trainer.callbacks.keep 1`` then writes only the best.
 An ``out/`` that already holds such files (an earlier or stopped run) is refused before anything is decoded;
-``--trainer.callbacks.overwrite true`` deletes them first. A prompt too long for the model's context is refused
-before the first prompt is decoded, naming its line in the file.
+``--trainer.callbacks.overwrite true`` deletes them first, ``--trainer.callbacks.resume true`` keeps the prompts
+written completely (those with a JSON line) and decodes only the others (on any number of devices). A prompt too
+long for the model's context is refused before the first prompt is decoded, naming its line in the file.
 
 Unlike the rest of :mod:`cm3leon_lightning.generation` this module imports Lightning; the package ``__init__`` does
 not import it.
@@ -52,6 +53,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, Dataset
 
 from cm3leon_lightning.data.cleaning import model_text
+from cm3leon_lightning.files import write_text_whole
 from cm3leon_lightning.tokenization.vocab import MultimodalVocab
 
 PREDICTIONS_FILE = "predictions.jsonl"
@@ -156,16 +158,19 @@ def load_vocab(source: str | os.PathLike[str]) -> MultimodalVocab:
 
 
 class PromptDataset(Dataset):
-    """Map-style prompts (so Lightning's distributed sampler can split them): item ``i`` is prompt ``i``."""
+    """Map-style prompts (so Lightning's distributed sampler can split them): item ``i`` is prompt ``indices[i]`` of
+    the file (all of them, in order, unless some were excluded by :meth:`PromptDataModule.exclude`)."""
 
     def __init__(self, prompts: list[tuple[str, int | None]], ids: list[list[int]]) -> None:
         self.prompts, self.ids = prompts, ids
+        self.indices = list(range(len(prompts)))
 
     def __len__(self) -> int:
-        return len(self.prompts)
+        return len(self.indices)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        return {"index": i, "prompt": self.prompts[i][0], "ids": self.ids[i], "seed": self.prompts[i][1]}
+        j = self.indices[i]
+        return {"index": j, "prompt": self.prompts[j][0], "ids": self.ids[j], "seed": self.prompts[j][1]}
 
 
 def collate_prompts(items: list[dict[str, Any]]) -> dict[str, list]:
@@ -215,6 +220,32 @@ class PromptDataModule(L.LightningDataModule):
             ids = self.tokenizer.encode_batch([model_text(p) for p, _ in prompts])  # as training captions
             self.dataset = PromptDataset(prompts, ids)
 
+    def exclude(self, done: dict[int, dict[str, Any]], source: str) -> None:
+        """Leave out the prompts of ``done`` (index -> the JSON line an earlier run wrote for it, read from
+        ``source``): a resumed run decodes the others only.
+
+        Raises:
+            ValueError: naming ``source`` and the index, when a line's prompt (or its seed, where the file gives one)
+                is not the prompts file's: the earlier run read another file.
+        """
+        if self.dataset is None:
+            self.setup("predict")
+        assert self.dataset is not None
+        prompts = self.dataset.prompts
+        for index, row in sorted(done.items()):
+            if index >= len(prompts) or row.get("prompt") != prompts[index][0]:
+                have = repr(prompts[index][0][:60]) if index < len(prompts) else f"no prompt {index}"
+                raise ValueError(
+                    f"resume: {source} holds prompt {index} {str(row.get('prompt'))[:60]!r}, but {self.prompts_path} "
+                    f"has {have}: the earlier run read another prompts file; give its file, or a new output_dir"
+                )
+            if prompts[index][1] is not None and row.get("seed") != prompts[index][1]:
+                raise ValueError(
+                    f"resume: {source} decoded prompt {index} with seed {row.get('seed')}, but {self.prompts_path} "
+                    f"gives seed {prompts[index][1]}; give the earlier run's file, or a new output_dir"
+                )
+        self.dataset.indices = [i for i in range(len(prompts)) if i not in done]
+
     def check_lengths(self, max_seq_len: int) -> None:
         """Raise ValueError naming the file and lines of the prompts whose ``<eos> caption <break>`` and image do
         not fit a context of ``max_seq_len`` (before any prompt is decoded, not when the first such one comes up)."""
@@ -261,6 +292,23 @@ def previous_outputs(output_dir: Path) -> list[Path]:
     return sorted(p for p in output_dir.iterdir() if p.is_file() and OUTPUT_NAME.fullmatch(p.name))
 
 
+def written_rows(output_dir: Path) -> dict[int, str]:
+    """The JSON lines of the prompts written to ``output_dir`` (its part files, then ``predictions.jsonl``), by
+    prompt index. A line cut short (a run stopped while writing it) is not one: its prompt is decoded again."""
+    rows: dict[int, str] = {}
+    for path in [*sorted(output_dir.glob("predictions.rank*.jsonl")), output_dir / PREDICTIONS_FILE]:
+        if not path.is_file():
+            continue
+        for line in path.read_text(encoding="utf-8").split("\n"):
+            try:
+                row = json.loads(line) if line else None
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("index"), int):
+                rows.setdefault(row["index"], line)
+    return rows
+
+
 class ImageWriter(BasePredictionWriter):
     """Write each prompt's candidates as PNGs, a captioned grid, its codes, and a line of ``predictions.jsonl``.
 
@@ -278,6 +326,10 @@ class ImageWriter(BasePredictionWriter):
         overwrite: with ``output_dir`` already holding a run's outputs (``predictions.jsonl``, ``{i:06d}-*`` files,
             a stopped run's part files), delete them first; False (the default) refuses to start, so no earlier
             output is lost or left beside new ones it no longer describes.
+        resume: with ``output_dir`` holding an earlier (stopped) run's outputs of the same prompts file, keep the
+            prompts it wrote completely (a JSON line is written after its prompt's files) and decode the others;
+            the data module must have ``exclude`` (:class:`PromptDataModule`). Each prompt's samples depend on its
+            seed only, so the result is the uninterrupted run's.
     """
 
     def __init__(
@@ -289,15 +341,20 @@ class ImageWriter(BasePredictionWriter):
         clip_pretrained: str | None = "openai",
         keep: int | None = None,
         overwrite: bool = False,
+        resume: bool = False,
     ) -> None:
         super().__init__(write_interval="batch")
+        if overwrite and resume:
+            raise ValueError(
+                "ImageWriter: give overwrite (delete an earlier run's outputs) or resume (keep them), not both"
+            )
         if clip is not None and vqgan is None:
             raise ValueError("ImageWriter clip: re-ranking scores decoded images, so it needs vqgan")
         if keep is not None and (clip is None or keep < 1):
             raise ValueError(f"ImageWriter keep must be >= 1 and needs clip (re-ranking), got keep={keep}, clip={clip}")
         self.output_dir, self.vqgan_path, self.grid = Path(output_dir), vqgan, grid
         self.clip_name, self.clip_pretrained, self.keep = clip, clip_pretrained, keep
-        self.overwrite = overwrite
+        self.overwrite, self.resume = overwrite, resume
         self.vqgan: torch.nn.Module | None = None
         self.clip: Any = None
         self._part: Path | None = None
@@ -313,13 +370,16 @@ class ImageWriter(BasePredictionWriter):
                 "predict config that already holds one?)"
             )
         earlier = previous_outputs(self.output_dir)
-        if earlier and not self.overwrite:
+        if earlier and not (self.overwrite or self.resume):
             names = ", ".join(p.name for p in earlier[:3]) + (" ..." if len(earlier) > 3 else "")
             raise ValueError(
                 f"ImageWriter output_dir: {self.output_dir} already holds {len(earlier)} files of an earlier predict "
-                f"run ({names}); give a new or empty directory, or overwrite=True (--trainer.callbacks.overwrite "
-                "true) to delete them first"
+                f"run ({names}); give a new or empty directory, overwrite=True (--trainer.callbacks.overwrite "
+                "true) to delete them first, or resume=True (--trainer.callbacks.resume true) to keep the prompts it "
+                "finished and decode the rest"
             )
+        if self.resume:
+            self.resume_from_earlier(trainer)
         from cm3leon_lightning.generation.cli import check_tokenizers
 
         if self.vqgan_path is not None and self.vqgan is None:
@@ -330,12 +390,31 @@ class ImageWriter(BasePredictionWriter):
         if self.vqgan is not None and vocab is not None:
             check_tokenizers(vocab, None, self.vqgan)
 
+    def resume_from_earlier(self, trainer: L.Trainer) -> None:
+        """``resume``: rank zero gathers the earlier run's lines (its part files and ``predictions.jsonl``) into
+        ``predictions.jsonl``; then every rank reads it and leaves those prompts out of the data module."""
+        exclude = getattr(trainer.datamodule, "exclude", None)
+        if exclude is None:
+            raise ValueError(
+                f"ImageWriter resume: the data module {type(trainer.datamodule).__name__} cannot leave prompts out "
+                "(it has no exclude(done, source)); use PromptDataModule"
+            )
+        merged = self.output_dir / PREDICTIONS_FILE
+        if trainer.is_global_zero and self.output_dir.is_dir():
+            rows = written_rows(self.output_dir)
+            write_text_whole(merged, "".join(rows[i] + "\n" for i in sorted(rows)))
+            for part in self.output_dir.glob("predictions.rank*.jsonl"):
+                part.unlink()
+        trainer.strategy.barrier("image_writer_resume")
+        done = {i: json.loads(line) for i, line in written_rows(self.output_dir).items()}
+        exclude(done, str(merged))
+
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Create the output directory and this rank's part of ``predictions.jsonl`` (with ``overwrite``, an earlier
         run's outputs deleted first)."""
         if trainer.is_global_zero:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            for earlier in previous_outputs(self.output_dir):  # none unless overwrite (checked in setup)
+            for earlier in [] if self.resume else previous_outputs(self.output_dir):  # none unless overwrite
                 earlier.unlink()
         trainer.strategy.barrier("image_writer_start")
         if self.vqgan is not None:
@@ -412,12 +491,8 @@ class ImageWriter(BasePredictionWriter):
         files are deleted only once it is written, so a failed write (a full disk) loses no line."""
         trainer.strategy.barrier("image_writer")
         if trainer.is_global_zero:
-            rows: dict[int, str] = {}
+            rows = written_rows(self.output_dir)  # a resumed run's earlier lines too
             parts = sorted(self.output_dir.glob("predictions.rank*.jsonl"))
-            for part in parts:
-                for line in part.read_text(encoding="utf-8").split("\n"):
-                    if line:
-                        rows[json.loads(line)["index"]] = line
             text = "".join(rows[i] + "\n" for i in sorted(rows))
             (self.output_dir / PREDICTIONS_FILE).write_text(text, encoding="utf-8")
             for part in parts:

@@ -425,7 +425,7 @@ def test_writer_refuses_an_output_dir_with_earlier_outputs_unless_overwrite(asse
 
     want = (
         rf"ImageWriter output_dir: {out} already holds 4 files of an earlier predict run \(000000-codes.npy, "
-        r"000001-codes.npy, 000002-codes.npy \.\.\.\); give a new or empty directory, or overwrite=True"
+        r"000001-codes.npy, 000002-codes.npy \.\.\.\); give a new or empty directory, overwrite=True .* or resume=True"
     )
     with pytest.raises(ValueError, match=want):
         run(overwrite=False)
@@ -440,6 +440,52 @@ def test_writer_refuses_an_output_dir_with_earlier_outputs_unless_overwrite(asse
     ]
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert [(r["index"], r["prompt"]) for r in rows] == [(0, "a big red square")]
+
+
+def test_resume_decodes_only_the_prompts_a_stopped_run_did_not_finish(assets, tmp_path):
+    """A stopped predict run (hours into 30k COCO prompts) could only start again from scratch (overwrite) or in a
+    new directory. ``resume`` keeps the prompts with a JSON line and decodes the rest: the files and lines equal an
+    uninterrupted run's."""
+    full = tmp_path / "full"
+    predict(assets, full, batch_size=1)
+
+    class Stop(ImageWriter):
+        def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, *args):
+            if batch_idx == 1:  # killed while decoding prompt 1: a PNG of it and half its line are on disk
+                (self.output_dir / "000001-0.png").write_bytes(b"partial")
+                with open(self._part, "a", encoding="utf-8") as f:
+                    f.write('{"index": 1, "prompt": "a bl')
+                raise RuntimeError("stopped")
+            super().write_on_batch_end(trainer, pl_module, prediction, batch_indices, batch, batch_idx, *args)
+
+    out = tmp_path / "out"
+    dm = PromptDataModule(str(assets / "prompts.jsonl"), str(assets / "tok"), str(assets / "model.ckpt"), 1)
+    module = CM3LeonModule(preset="tiny", vocab=dm.vocab.to_dict(), generation=GenerationSettings(**SETTINGS))
+    quiet = {"enable_progress_bar": False, "enable_model_summary": False, "default_root_dir": str(tmp_path)}
+    trainer = L.Trainer(accelerator="cpu", logger=False, callbacks=[Stop(str(out), str(assets / "vqgan"))], **quiet)
+    with pytest.raises(RuntimeError, match="stopped"):
+        trainer.predict(module, datamodule=dm, ckpt_path=str(assets / "model.ckpt"))
+    assert not (out / "predictions.jsonl").exists() and (out / "predictions.rank0.jsonl").is_file()
+
+    batches = predict(assets, out, batch_size=2, resume=True)
+    assert [i for b in batches for i in b["index"]] == [1, 2]  # prompt 0 is not decoded again
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in full.iterdir())
+    for path in full.iterdir():
+        assert (out / path.name).read_bytes() == path.read_bytes(), path.name
+
+    assert not predict(assets, out, batch_size=2, resume=True)  # all done: nothing decoded, nothing changed
+    for path in full.iterdir():
+        assert (out / path.name).read_bytes() == path.read_bytes(), path.name
+
+    other = tmp_path / "other.txt"
+    other.write_text("a red square\na yellow star\n")
+    dm = PromptDataModule(str(other), str(assets / "tok"), str(assets / "model.ckpt"), 1)
+    trainer = L.Trainer(accelerator="cpu", logger=False, callbacks=[ImageWriter(str(out), resume=True)], **quiet)
+    want = r"resume: .*predictions.jsonl holds prompt 1 'a blue circle', but .*other.txt has 'a yellow star': the"
+    with pytest.raises(ValueError, match=want + " earlier run read another prompts file"):
+        trainer.predict(module, datamodule=dm, ckpt_path=str(assets / "model.ckpt"))
+    with pytest.raises(ValueError, match="give overwrite .* or resume .*, not both"):
+        ImageWriter(str(out), overwrite=True, resume=True)
 
 
 # ------------------------------------------------------------------------------------------------ the CLI
@@ -486,3 +532,18 @@ def test_cm3leon_predict_on_two_processes_after_cm3leon_fit(tmp_path):
         assert [Image.open(out / f).size for f in r["files"]] == [(16, 16)] * 2 and (out / r["grid"]).is_file()
     assert not list(out.glob("predictions.rank*.jsonl"))
     assert config.read_text().count("ImageWriter") == 0  # the fit config was not overwritten
+
+    # a stopped run: prompts 1 and 3 have no line (and 3 a stray PNG); resumed on two processes, only they decode
+    lines = (out / "predictions.jsonl").read_text().splitlines()
+    (out / "predictions.jsonl").write_text("".join(line + "\n" for i, line in enumerate(lines) if i not in (1, 3)))
+    for path in [*out.glob("000001-*"), *out.glob("000003-*")]:
+        path.unlink()
+    (out / "000003-0.png").write_bytes(b"partial")
+    again = [*cmd, "--trainer.callbacks.resume", "true", "--trainer.default_root_dir", str(tmp_path / "again")]
+    proc = subprocess.run(again, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert (out / "predictions.jsonl").read_text().splitlines() == lines
+    for i, r in enumerate(rows):
+        np.testing.assert_array_equal(np.load(out / r["codes"]), want[i])
+        assert [Image.open(out / f).size for f in r["files"]] == [(16, 16)] * 2
+    assert not list(out.glob("predictions.rank*.jsonl"))
