@@ -3,8 +3,8 @@
 A map-style dataset resumes through its sampler (``data/sampling.py``). A shard pipeline has no sampler: its order
 is seeded by the epoch (and, resampled, the batch it starts at), so the main process decides each pass's
 ``(epoch, batch)`` and hands it to the pipeline's copies in the workers through shared memory
-(:class:`PositionedLoader`). In ``fit`` that position is the trainer's, shifted by a position loaded before a new
-Trainer's fit (:class:`FitPosition`).
+(:class:`PositionedLoader`). In ``fit`` that position is the trainer's, shifted by a position loaded before the
+fit (:class:`FitPosition`).
 """
 
 from __future__ import annotations
@@ -16,22 +16,24 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from cm3leon_lightning.data.sampling import trainer_position, trainer_progress
+from cm3leon_lightning.data.sampling import trainer_position
 
 
 class FitPosition:
     """The training position ``(epoch, batch)`` of a shard loader in ``fit``: the trainer's (:func:`trainer_position`)
     plus a shift.
 
-    A new Trainer counts from epoch 0. A position loaded into the data module before its fit (``dm.load_state_dict``)
-    is where its data starts, so every later position is the trainer's plus that position (its batch only within the
-    trainer's first epoch). The shift is saved with the position (``"shift"``), so a checkpoint of the shifted run,
-    resumed by a Trainer that restores its own counts, reads the same data. Fitting again with the same Trainer
-    keeps the shift; a new Trainer without a loaded position has none.
+    A position loaded into the data module before a fit (``dm.load_state_dict``: before a new Trainer's fit, or
+    between two fits of the same Trainer) is where that fit's data starts, so every later position is the trainer's
+    plus the difference (its batch only within the trainer's epoch where the fit began, :attr:`first`). The shift is
+    saved with the position (``"shift"``), so a checkpoint of the shifted run, resumed by a Trainer that restores its
+    own counts (``ckpt_path``), reads the same data. Fitting again with the same Trainer keeps the shift; a new
+    Trainer without a loaded position has none.
     """
 
     def __init__(self) -> None:
         self.shift: tuple[int, int] = (0, 0)
+        self.first = 0  # the trainer epoch whose batches the shift's batch count moves
         self.epoch_batches: int | None = None
         self._trainer: L.Trainer | None = None
 
@@ -40,22 +42,22 @@ class FitPosition:
         epoch_batches: int | None = None,
     ) -> None:  # fmt: skip
         """At a training loader's build in ``fit``: take the shift from ``loaded`` (a state loaded since the last
-        build, or None). A Trainer that has trained nothing starts at ``loaded``'s position (its epoch only with
-        ``whole_epochs``: loaders that restart an epoch from its start); one that restored its counts from a
-        checkpoint keeps the checkpoint's shift. ``epoch_batches``, when known, ends the shifted first epoch in the
-        saved state: the trainer does not know that its loader yields fewer batches than an epoch's. (Its position
-        stays past the end: a checkpoint there, resumed, has the loader yield nothing until the trainer's epoch
-        ends.)"""
+        build, or None). A fit that restored a checkpoint (``ckpt_path``) keeps the checkpoint's shift, as the trainer
+        restored its counts; any other fit starts at ``loaded``'s position (its epoch only with ``whole_epochs``:
+        loaders that restart an epoch from its start). ``epoch_batches``, when known, ends the shifted first epoch in
+        the saved state: the trainer does not know that its loader yields fewer batches than an epoch's. (Its
+        position stays past the end: a checkpoint there, resumed, has the loader yield nothing until the trainer's
+        epoch ends.)"""
         self.epoch_batches = epoch_batches
-        progress = trainer_progress(trainer)
-        if loaded:
-            if progress is not None and progress[:2] == (0, 0):
-                self.shift = (int(loaded.get("epoch", 0)), 0 if whole_epochs else int(loaded.get("batch", 0)))
-            else:
-                shift = loaded.get("shift", (0, 0))
-                self.shift = (int(shift[0]), int(shift[1]))
+        if loaded and getattr(trainer, "ckpt_path", None) is not None:
+            shift = [int(v) for v in loaded.get("shift", (0, 0))]
+            self.shift, self.first = (shift[0], shift[1]), shift[2] if len(shift) > 2 else 0
+        elif loaded:  # the trainer's position now (a new Trainer's (0, 0)) reads the loaded one
+            epoch, batch = trainer_position(trainer) or (0, 0)
+            start = 0 if whole_epochs else int(loaded.get("batch", 0))
+            self.shift, self.first = (int(loaded.get("epoch", 0)) - epoch, start - batch), epoch
         elif trainer is not self._trainer:
-            self.shift = (0, 0)
+            self.shift, self.first = (0, 0), 0
         self._trainer = trainer
 
     def __call__(self, trainer: L.Trainer | None) -> tuple[int, int] | None:
@@ -64,17 +66,18 @@ class FitPosition:
         if position is None:
             return None
         (epoch, batch), (epochs, batches) = position, self.shift
-        return epoch + epochs, batch + (batches if epoch == 0 else 0)
+        return epoch + epochs, batch + (batches if epoch == self.first else 0)
 
     def state(self, position: tuple[int, int]) -> dict[str, Any]:
         """``{"epoch", "batch"}`` of ``position`` (the next epoch's start after its epoch's last batch), with
-        ``"shift"`` when there is one."""
+        ``"shift"`` when there is one (``[epochs, batches]``, and :attr:`first` when the batches are not the trainer's
+        epoch 0's)."""
         epoch, batch = position
         if self.epoch_batches is not None and batch >= self.epoch_batches:
             epoch, batch = epoch + 1, 0
         state: dict[str, Any] = {"epoch": int(epoch), "batch": int(batch)}
         if self.shift != (0, 0):
-            state["shift"] = list(self.shift)
+            state["shift"] = [*self.shift, self.first] if self.shift[1] and self.first else list(self.shift)
         return state
 
 
