@@ -215,6 +215,7 @@ class CM3LeonDataModule(L.LightningDataModule):
         self._train_loader: ResumableLoader | None = None
         self._loader_trainer: L.Trainer | None = None  # the trainer whose counters the training loader follows
         self._pending_state: dict[str, Any] | None = None
+        self._fit_end_state: dict[str, Any] | None = None  # the position when the last fit ended
 
     @property
     def vocab_size(self) -> int:
@@ -316,9 +317,18 @@ class CM3LeonDataModule(L.LightningDataModule):
         """Skipped training samples by reason (logged as ``data/skipped_<reason>``)."""
         return {k.removeprefix("skipped_"): v for k, v in self.data_counts.items() if k.startswith("skipped_")}
 
+    def teardown(self, stage: str) -> None:
+        """At the end of ``fit``, keep its position: :meth:`state_dict` reports it until a state is loaded or the
+        next fit runs (after ``fit`` then ``validate``, ``trainer.save_checkpoint`` saved the loader's own count, not
+        the trainer's). Under DDP every rank takes part (:meth:`state_dict` is a collective)."""
+        if stage == "fit" and self._train_loader is not None:
+            self._fit_end_state = self.state_dict()
+
     def state_dict(self) -> dict[str, Any]:
         """The training loader's position and counts (Lightning saves it in every checkpoint); under DDP every rank's
         (a collective: :meth:`ResumableLoader.state_dict`), as every rank resumes from rank zero's checkpoint."""
+        if self._fit_end_state is not None and self._pending_state is None and self._progress() is None:
+            return dict(self._fit_end_state)
         if self._train_loader is None:
             return dict(self._pending_state or {})
         return self._train_loader.state_dict()

@@ -225,6 +225,21 @@ class ResumableTrainData:
     def _init_resume(self) -> None:
         self._train_sampler: ResumableSampler | None = None
         self._pending_state: dict[str, Any] | None = None
+        self._fit_end_state: dict[str, Any] | None = None  # the position when the last fit ended
+
+    def teardown(self, stage: str) -> None:
+        """At the end of ``fit``, keep its position: :meth:`state_dict` reports it until a state is loaded or the
+        next fit runs (a ``validate`` after ``fit`` then ``trainer.save_checkpoint`` saved the epoch it began in,
+        or nothing for shards, as the trainer had left ``fit``)."""
+        if stage == "fit":
+            self._fit_end_state = self.state_dict()
+        super().teardown(stage)  # type: ignore[misc]
+
+    def _after_fit(self) -> dict[str, Any] | None:
+        """The last fit's final position, when no state was loaded since and no fit is running."""
+        if self._pending_state is not None or self._progress() is not None:
+            return None
+        return self._fit_end_state
 
     def _progress(self) -> tuple[int, int, int | float] | None:
         return trainer_progress(self.trainer)  # type: ignore[attr-defined]
@@ -249,6 +264,8 @@ class ResumableTrainData:
 
     def state_dict(self) -> dict[str, Any]:
         """The training position ``{"epoch", "batch", "fingerprint"}`` (Lightning saves it in every checkpoint)."""
+        if (ended := self._after_fit()) is not None:
+            return dict(ended)
         if self._train_sampler is None:
             return dict(self._pending_state or {})
         return self._train_sampler.state_dict()

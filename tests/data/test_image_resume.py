@@ -363,3 +363,39 @@ def test_shards_start_a_new_trainers_fit_at_a_position_loaded_between_fits(tmp_p
     tail, _ = fit(make, 8 - skip, ckpt_path=str(epoch_end))
     assert len(tail.images) == 4
     assert all(torch.equal(a, b) for a, b in zip(tail.images, full.images[8:12], strict=True))
+
+
+@pytest.mark.parametrize("source", ["folder", "exact", "resampled"])
+def test_validate_after_fit_keeps_the_fits_position(tmp_path: Path, source: str) -> None:
+    """After ``fit`` then ``validate``, an image folder reported the epoch the fit's last pass began (its sampler,
+    left before its end, had not counted it finished) and shards reported nothing: ``trainer.save_checkpoint`` then
+    saved a position behind the fit's, or none (a resume read from epoch 0)."""
+    if source == "folder":
+        make = lambda: ImageDataModule(synthetic=16, synthetic_val=4, image_size=8, batch_size=4)  # noqa: E731
+    else:
+        (tmp_path / "shards").mkdir()
+        for s, block in enumerate(np.split(synthetic_images(16, 8), 4)):
+            with wds.TarWriter(str(tmp_path / "shards" / f"s-{s}.tar")) as sink:
+                for i, img in enumerate(block):
+                    buf = io.BytesIO()
+                    Image.fromarray(img).save(buf, format="PNG")
+                    sink.write({"__key__": f"k{s}{i}", "png": buf.getvalue()})
+        shards = str(tmp_path / "shards")
+        make = lambda: ImageDataModule(train=shards, val=shards, image_size=8, batch_size=4, mode=source)  # noqa: E731
+
+    class Validated(Tiny):
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            pass
+
+    dm, model = make(), Validated()
+    trainer = L.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)  # fmt: skip
+    trainer.fit(model, datamodule=dm)
+    after = dm.state_dict()
+    assert (after["epoch"], after["batch"]) == (2, 0)
+    trainer.validate(model, datamodule=dm, verbose=False)
+    assert dm.state_dict() == after
+    trainer.save_checkpoint(tmp_path / "validated.ckpt")
+    assert torch.load(tmp_path / "validated.ckpt", weights_only=True)["ImageDataModule"] == after
+    dm.load_state_dict({**after, "epoch": 5})  # a loaded state goes first
+    assert dm.state_dict()["epoch"] == 5
