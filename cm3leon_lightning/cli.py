@@ -31,6 +31,7 @@ EXTRA_COMMANDS: dict[str, str] = {
     "serve": "cm3leon_lightning.serve.cli:main",
     "export": "cm3leon_lightning.export:main",
     "info": "cm3leon_lightning.info:main",
+    "fid": "cm3leon_lightning.metrics.fid_cli:main",
 }
 
 
@@ -39,8 +40,9 @@ DESCRIPTION = (
     "evaluate any module by class_path (cm3leon fit --config configs/...yaml). Also: 'cm3leon prepare' (raw "
     "image-caption pairs -> tokenized, retrieval-augmented shards), 'cm3leon generate' (images or text from a "
     "checkpoint), 'cm3leon serve' (the same over HTTP, requests batched), 'cm3leon export' (a checkpoint -> a model "
-    "directory to share), 'cm3leon info' (what a checkpoint, model, dataset or bank holds) and 'cm3leon demo' (the "
-    "whole recipe on synthetic shapes, on CPU); each takes --help."
+    "directory to share), 'cm3leon info' (what a checkpoint, model, dataset or bank holds), 'cm3leon fid' (MS-COCO "
+    "FID prompts for cm3leon predict, and the FID of its images) and 'cm3leon demo' (the whole recipe on synthetic "
+    "shapes, on CPU); each takes --help."
 )
 """The top-level ``cm3leon --help`` text: it names the commands that are not Lightning subcommands."""
 

@@ -50,7 +50,7 @@ from cm3leon_lightning.callbacks.base import (
 from cm3leon_lightning.data.cleaning import model_text
 from cm3leon_lightning.metrics.fid import (
     fid_resize,
-    load_real_stats,
+    load_cached_real_stats,
     make_fid,
     real_stats,
     reference_cache_path,
@@ -259,24 +259,13 @@ class FIDCallback(GenerationCallback):
     def _load_cache(self, cache: Path) -> bool:
         """Rank zero: put the cached totals into the metric; False (with a warning, metric unchanged) when the file
         cannot be read or does not hold this reference set's image count, so it is recomputed and rewritten."""
-        before = real_stats(self.metric)
-        try:
-            load_real_stats(cache, self.metric)
-            count = int(self.metric.real_features_num_samples)
-            if count != len(self.samples):
-                raise ValueError(f"it holds {count} images, the reference set {len(self.samples)}")
-            if not all(torch.isfinite(v).all() for v in real_stats(self.metric).values()):
-                raise ValueError("it holds non-finite values")
-        except Exception as err:  # torch.load raises RuntimeError, EOFError, UnpicklingError, KeyError...
-            device = self.metric.device
-            for name, value in before.items():
-                setattr(self.metric, name, value.to(device))
+        reason = load_cached_real_stats(cache, self.metric, len(self.samples))
+        if reason is not None:
             rank_zero_warn(
-                f"FIDCallback: ignoring the reference-statistics cache {cache} ({type(err).__name__}: {err}); "
-                "recomputing it from the reference images"
+                f"FIDCallback: ignoring the reference-statistics cache {cache} ({reason}); recomputing it from the "
+                "reference images"
             )
-            return False
-        return True
+        return reason is None
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> float:
         """Generate for this rank's captions, update the metric, and return the synchronised FID."""

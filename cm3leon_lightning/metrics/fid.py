@@ -178,3 +178,25 @@ def load_real_stats(path: str | Path, metric: FrechetInceptionDistance, holds_to
         current = getattr(metric, name)
         value = stats[name].to(device=current.device, dtype=current.dtype)
         setattr(metric, name, value if holds_totals else torch.zeros_like(value))
+
+
+def load_cached_real_stats(path: str | Path, metric: FrechetInceptionDistance, count: int) -> str | None:
+    """Put the cached real statistics of ``count`` reference images into ``metric`` (rank zero's totals).
+
+    Returns:
+        None when loaded; else why not (the file unreadable, of another image count, non-finite), the metric left
+        as it was, so the caller warns and recomputes.
+    """
+    before = real_stats(metric)
+    try:
+        load_real_stats(path, metric)
+        have = int(metric.real_features_num_samples)
+        if have != count:
+            raise ValueError(f"it holds {have} images, the reference set {count}")
+        if not all(torch.isfinite(v).all() for v in real_stats(metric).values()):
+            raise ValueError("it holds non-finite values")
+    except Exception as err:  # noqa: BLE001 - torch.load raises RuntimeError, EOFError, UnpicklingError, KeyError...
+        for name, value in before.items():
+            setattr(metric, name, value.to(metric.device))
+        return f"{type(err).__name__}: {err}"
+    return None
