@@ -13,11 +13,15 @@ The data module's vocabulary (from its shard manifest) flows into ``model.init_a
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+import traceback
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from jsonargparse import set_parsing_settings
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 # Dataclass attribute docstrings (CM3LeonConfig's) become --help text.
@@ -115,6 +119,18 @@ class CM3LeonCLI(LightningCLI):
         config["model.init_args.init_from"] = None
 
 
+INPUT_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,
+    FileNotFoundError,
+    FileExistsError,
+    IsADirectoryError,
+    NotADirectoryError,
+    MisconfigurationException,
+)
+"""Errors that Lightning subcommands report in one line with exit status 2 (bad arguments, files, configs); others
+(a CUDA error, an out-of-memory) keep their traceback."""
+
+
 def _extra_command(name: str) -> Callable[[Sequence[str]], int | None]:
     module_name, func_name = EXTRA_COMMANDS[name].split(":")
     return getattr(importlib.import_module(module_name), func_name)
@@ -134,8 +150,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"cm3leon: error: unknown command {args[0]!r} (choose from {choices}; cm3leon --help)", file=sys.stderr)
         return 2
     # args=None lets LightningCLI read sys.argv itself (passing both makes it warn).
-    CM3LeonCLI(args=None if argv is None else args)
+    try:
+        CM3LeonCLI(args=None if argv is None else args)
+    except INPUT_ERRORS as err:
+        if os.environ.get("CM3LEON_TRACEBACK"):
+            raise
+        command = next((a for a in args if a in CM3LeonCLI.subcommands()), "")
+        print(f"cm3leon {command}: error: {input_error(err)} (CM3LEON_TRACEBACK=1 shows where)", file=sys.stderr)
+        return 2
     return 0
+
+
+def input_error(err: BaseException) -> str:
+    """The message to show for ``err``: the first exception of its chain raised in this package (jsonargparse wraps
+    a data module's ``train_data: ... no such directory`` in "Does not validate against any of the Union subtypes"
+    with the whole config), else ``err``'s own, as ``Type: message``."""
+    chain, seen = [], set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    package = str(Path(__file__).resolve().parent)
+    for exc in chain:
+        frames = traceback.extract_tb(exc.__traceback__)
+        if frames and str(Path(frames[-1].filename).resolve()).startswith(package) and isinstance(exc, INPUT_ERRORS):
+            return f"{type(exc).__name__}: {exc}"
+    return f"{type(chain[0]).__name__}: {chain[0]}"
 
 
 if __name__ == "__main__":  # pragma: no cover

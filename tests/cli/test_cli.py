@@ -272,3 +272,28 @@ def test_a_model_directory_as_ckpt_path_is_refused_naming_init_from(
         f"error: --ckpt_path: {m} is a model directory of 'cm3leon export' (no trainer state); give it as "
         f"--model.init_args.init_from {m} instead"
     )
+
+
+def test_bad_input_to_a_lightning_subcommand_is_one_line_and_status_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A missing training dataset printed an 82-line chained traceback ending in jsonargparse's "Does not validate
+    against any of the Union subtypes" and a missing --ckpt_path a traceback, both with status 1, where the README
+    promises one line naming the argument and status 2."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CM3LEON_TRACEBACK", raising=False)
+    args = ["fit", "--config", str(TINY_MODEL), "--config", str(SHARDS), "--trainer.accelerator", "cpu"]
+    assert main([*args, "--data.init_args.train_data", "nope/train"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (
+        "cm3leon fit: error: ValueError: train_data: nope/train: no such directory or file (give a prepared dataset "
+        "directory, its manifest.json, or shard .tar paths) (CM3LEON_TRACEBACK=1 shows where)"
+    )
+    assert not any("Union subtypes" in line or "Traceback" in line for line in err)
+    cfg = write_fit_config(tmp_path, max_steps=1, n_train=8)
+    assert main(["fit", "--config", str(TINY_MODEL), "--config", str(cfg), "--ckpt_path", "nope.ckpt"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("cm3leon fit: error: FileNotFoundError: ") and "nope.ckpt" in last
+    monkeypatch.setenv("CM3LEON_TRACEBACK", "1")  # the traceback when asked for
+    with pytest.raises(FileNotFoundError, match="nope.ckpt"):
+        main(["fit", "--config", str(TINY_MODEL), "--config", str(cfg), "--ckpt_path", "nope.ckpt"])
