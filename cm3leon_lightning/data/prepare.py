@@ -23,7 +23,9 @@ on the number of processes or on which machine ran which part (``shard_range``),
 exactly the missing parts, byte for byte. A part with no document of a split writes no shard for it (shard numbers
 follow the part index and may skip). The settings that change the output are stored in ``work/plan.json`` with the
 sources and a fingerprint of their input files; a rerun with different ones, or on input files that changed since
-(added, removed, replaced or edited), is refused.
+(added, removed, replaced or edited), is refused once an output depends on them (an encoded part; for the bank
+settings, the bank; for the tokenizer's inputs, the tokenizer). Settings and model files are checked, and the models
+loaded, before anything is written.
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ STAGES = ("tokenizer", "encode", "bank", "write", "manifest")
 PLAN_VERSION = 1
 _RUNTIME_FIELDS = ("workers", "device", "shard_range", "stages", "progress")
 _BANK_SETTINGS = ("bank_factory", "bank_train_size")  # read by the bank stage only
+_TOKENIZER_SETTINGS = tuple(f"settings.{k}" for k in ("tokenizer", "train_tokenizer_vocab", "tokenizer_min_frequency",
+                                                     "val_fraction", "seed", "max_caption_chars"))  # fmt: skip
 
 
 @dataclass
@@ -255,15 +259,21 @@ def _identity(source: PairSource) -> dict[str, Any]:
     return ident
 
 
-def check_inputs(cfg: PrepareConfig) -> None:
-    """Fail before anything is written (plan.json records these) on model files that do not exist, CLIP weights
-    that are neither a file nor a tag of ``clip_model``, and a ``bank_factory`` faiss cannot build for its dimension.
+def check_inputs(cfg: PrepareConfig, device: str = "cpu") -> None:
+    """Fail before anything is written (plan.json records these) on model files that do not exist or do not load
+    (the VQGAN as ``vqgan_preset`` / ``vqgan_config`` or its own config describe it, the CLIP weights as
+    ``clip_model``), CLIP weights that are neither a file nor a tag of ``clip_model``, a CUDA ``device`` this machine
+    lacks, and a ``bank_factory`` faiss cannot build for its dimension. The models are loaded on ``device`` and kept
+    for the stages (:func:`~cm3leon_lightning.data.prepare_encode.load_image_models`).
 
     Raises:
         FileNotFoundError: ``vqgan``, ``vqgan_config`` or ``tokenizer`` does not exist (the flag named).
-        ValueError: unknown ``clip_model``, ``clip_weights`` neither a file nor a tag, or a bad ``bank_factory``.
+        ValueError: unknown ``clip_model``, ``clip_weights`` neither a file nor a tag, model files that cannot be read
+            or do not fit their architecture, a missing CUDA device, or a bad ``bank_factory``.
+        ClipWeightsUnavailableError: ``clip_weights`` is a tag whose weights are not cached and cannot be downloaded.
     """
     import open_clip
+    import torch
 
     from cm3leon_lightning.retrieval.encoder import register_clip_configs
     from cm3leon_lightning.retrieval.index import MemoryBank
@@ -272,37 +282,47 @@ def check_inputs(cfg: PrepareConfig) -> None:
         path = getattr(cfg, name)
         if path is not None and not os.path.exists(path):
             raise FileNotFoundError(f"--{name.replace('_', '-')}: not found: {path}")
-    if cfg.clip_model.startswith(("local-dir:", "hf-hub:")):  # open_clip resolves these when the models load
-        return
-    register_clip_configs()
-    model_cfg = open_clip.get_model_config(cfg.clip_model)
-    if model_cfg is None:
-        raise ValueError(f"--clip-model {cfg.clip_model!r} is not an open_clip architecture")
-    if not os.path.isfile(cfg.clip_weights) and not open_clip.get_pretrained_cfg(cfg.clip_model, cfg.clip_weights):
-        tags = open_clip.list_pretrained_tags_by_model(cfg.clip_model)
-        raise ValueError(
-            f"--clip-weights {cfg.clip_weights!r} is neither an existing file nor a pretrained tag of "
-            f"{cfg.clip_model!r} (tags: {tags})"
-        )
-    dim = int(model_cfg["embed_dim"])
+    if not cfg.clip_model.startswith(("local-dir:", "hf-hub:")):  # open_clip resolves these when the models load
+        register_clip_configs()
+        if open_clip.get_model_config(cfg.clip_model) is None:
+            raise ValueError(f"--clip-model {cfg.clip_model!r} is not an open_clip architecture")
+        if not os.path.isfile(cfg.clip_weights) and not open_clip.get_pretrained_cfg(cfg.clip_model, cfg.clip_weights):
+            tags = open_clip.list_pretrained_tags_by_model(cfg.clip_model)
+            raise ValueError(
+                f"--clip-weights {cfg.clip_weights!r} is neither an existing file nor a pretrained tag of "
+                f"{cfg.clip_model!r} (tags: {tags})"
+            )
+    if cfg.device.startswith("cuda") and int(cfg.device.partition(":")[2] or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {cfg.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    _, clip = st.load_image_models(cfg, device)
     try:
-        MemoryBank(dim, cfg.clip_model, cfg.bank_factory)
+        MemoryBank(clip.dim, cfg.clip_model, cfg.bank_factory)
     except ValueError as e:
         raise ValueError(
-            f"--bank-factory {cfg.bank_factory!r} cannot index {dim}-d {cfg.clip_model} embeddings: {e}"
+            f"--bank-factory {cfg.bank_factory!r} cannot index {clip.dim}-d {cfg.clip_model} embeddings: {e}"
         ) from e
 
 
-def _bank_settings_only(run: st.Run, old: dict[str, Any], plan: dict[str, Any]) -> bool:
-    """Whether ``old`` and ``plan`` differ only in :data:`_BANK_SETTINGS` while no memory bank is built and no part
-    written: the encoded parts do not depend on them, so a bank stage that failed on them (an IVF bank with more
-    lists than documents) is resumed with new ones instead of encoding everything again."""
-    if {k: v for k, v in old.items() if k != "settings"} != {k: v for k, v in plan.items() if k != "settings"}:
-        return False
+def _replaceable(run: st.Run, old: dict[str, Any], plan: dict[str, Any]) -> bool:
+    """Whether ``plan`` may replace ``old`` in ``plan.json`` because nothing written depends on what changed.
+
+    Bank settings (:data:`_BANK_SETTINGS`) may change while no memory bank is built and no part written: the encoded
+    parts do not depend on them, so a bank stage that failed on them (an IVF bank with more lists than documents) is
+    resumed with new ones. Anything else may change while no part is encoded, provided the tokenizer already made (if
+    any) does not depend on it: a run that failed on its first encoded part (a model file that did not load) is
+    rerun with corrected settings in the same ``--out``.
+    """
     ours, theirs = plan["settings"], old.get("settings") or {}
-    changed = {k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k)}
-    built = (run.work / "bank" / st.DONE_FILE).exists() or any((run.out / "stats").glob("part-*.json"))
-    return changed <= set(_BANK_SETTINGS) and not built
+    changed = {k for k in set(old) | set(plan) if k != "settings" and old.get(k) != plan.get(k)}
+    changed |= {f"settings.{k}" for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k)}
+    if (run.work / "bank" / st.DONE_FILE).exists() or any((run.out / "stats").glob("part-*.json")):
+        return False
+    if changed <= {f"settings.{k}" for k in _BANK_SETTINGS}:
+        return True
+    if any(not d.parent.name.startswith(".") for d in (run.work / "parts").glob(f"*/{st.DONE_FILE}")):
+        return False  # .<part>.tmp: a part a killed run left unfinished, rebuilt anyway
+    made = (run.work / "tokenizer.json").exists() or (run.work / "tokenizer.done.json").exists()
+    return not made or not changed & {"plan_version", "source", "tokenizer_sha256", *_TOKENIZER_SETTINGS}
 
 
 def _check_plan(run: st.Run, bank_source: PairSource | None) -> None:
@@ -329,7 +349,7 @@ def _check_plan(run: st.Run, bank_source: PairSource | None) -> None:
                     "version): resuming without checking that they are unchanged",
                     stacklevel=2,
                 )
-        if old != plan and _bank_settings_only(run, old, plan):  # nothing was built with them yet: take the new
+        if old != plan and _replaceable(run, old, plan):  # nothing was built with what changed: take the new
             st.write_json(path, plan)
             return
         if old != plan:
@@ -387,7 +407,7 @@ def prepare(
         raise ValueError("the source has no documents")
     if run.out.exists() and not run.out.is_dir():
         raise ValueError(f"--out {run.out} exists and is not a directory")
-    check_inputs(cfg)
+    check_inputs(cfg, st.models_device(run))
     _check_plan(run, bank_source)
     st.reset_part_counts()
     summary: dict[str, Any] = {"seconds": {}}

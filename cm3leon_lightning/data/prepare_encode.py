@@ -11,15 +11,21 @@ import shutil
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from cm3leon_lightning.data.prepare_run import Run, hard_exit, is_val, kill_point, part_done, seal, write_json
 from cm3leon_lightning.data.shards import file_sha256
 
+if TYPE_CHECKING:
+    from cm3leon_lightning.data.prepare import PrepareConfig
+
 # ----------------------------------------------------------------------------------------- models (cached)
-_CACHE: dict[str, tuple[Any, Any]] = {}  # "models:<out>" / "bank:<out>" -> (what they were loaded from, objects)
+_CACHE: dict[str, tuple[Any, Any]] = {}  # "models:<device>" / "tokenizer:<work>" / "bank:<out>" -> (stamp, objects)
+_VQGAN_FLAGS = {"pass preset= ": "pass --vqgan-preset ", "config_path= ": "--vqgan-config ",
+                "(architecture from preset ": "(architecture from --vqgan-preset ",
+                "(architecture from config_path ": "(architecture from --vqgan-config "}  # fmt: skip
 
 
 def _cache_hit(key: str, stamp: Any) -> bool:
@@ -27,25 +33,61 @@ def _cache_hit(key: str, stamp: Any) -> bool:
     return key in _CACHE and _CACHE[key][0] == stamp
 
 
+def files_stamp(path: str | None) -> tuple:
+    """Size, mtime and inode of a file or of a directory's files (a model file replaced in place is loaded again);
+    empty for None or an open_clip tag."""
+    p = Path(path) if path else None
+    files = [] if p is None else [p] if p.is_file() else sorted(q for q in p.rglob("*") if q.is_file())
+    return tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns, f.stat().st_ino) for f in files)
+
+
+def load_image_models(cfg: PrepareConfig, device: str) -> tuple[Any, Any]:
+    """The VQGAN (eval) and ClipEncoder of ``cfg`` on ``device``, loaded once per process and device (again when a
+    model setting or file changes). The input check loads them before anything is written; the stages reuse them.
+
+    Raises:
+        ValueError: the VQGAN or CLIP files cannot be read or do not fit the architecture given (the flags named).
+        FileNotFoundError: a VQGAN file is missing.
+        ClipWeightsUnavailableError: an open_clip tag whose weights are not cached and cannot be downloaded.
+    """
+    key = f"models:{device}"
+    stamp = (cfg.vqgan, cfg.vqgan_preset, cfg.vqgan_config, cfg.clip_model, cfg.clip_weights, cfg.batch_size,
+             files_stamp(cfg.vqgan), files_stamp(cfg.vqgan_config), files_stamp(cfg.clip_weights))  # fmt: skip
+    if not _cache_hit(key, stamp):
+        from cm3leon_lightning.retrieval.encoder import ClipEncoder
+        from cm3leon_lightning.tokenization.vqgan import VQGAN
+
+        _CACHE.pop(key, None)  # free the models of other settings first
+        if cfg.vqgan_preset is not None and cfg.vqgan_config is not None:
+            raise ValueError("give either --vqgan-preset or --vqgan-config (the VQGAN's architecture), not both")
+        try:
+            vqgan = VQGAN.from_pretrained(cfg.vqgan, cfg.vqgan_preset, cfg.vqgan_config, map_location=device)
+        except (ValueError, FileNotFoundError) as e:
+            msg = str(e)  # load_vqgan names its Python arguments: name the flags
+            for python, flag in _VQGAN_FLAGS.items():
+                msg = msg.replace(python, flag)
+            raise (FileNotFoundError if isinstance(e, FileNotFoundError) else ValueError)(msg) from e
+        clip = ClipEncoder(cfg.clip_model, cfg.clip_weights, device=device, batch_size=cfg.batch_size)
+        _CACHE[key] = (stamp, (vqgan.eval(), clip))
+    return _CACHE[key][1]
+
+
 def load_models(run: Run) -> tuple[Any, Any, Any]:
     """The text tokenizer, VQGAN (eval, on the device) and ClipEncoder of this run, loaded once per process (again
     when ``work/tokenizer.json`` or the model settings change: a second ``prepare`` after ``work/`` was deleted)."""
-    cfg, tok_stat = run.cfg, (run.work / "tokenizer.json").stat()
-    key = f"models:{run.out}"
-    stamp = (tok_stat.st_size, tok_stat.st_mtime_ns, tok_stat.st_ino, cfg.vqgan, cfg.vqgan_preset, cfg.vqgan_config,
-             cfg.clip_model, cfg.clip_weights, cfg.batch_size, run.device())  # fmt: skip
-    if not _cache_hit(key, stamp):
-        from cm3leon_lightning.retrieval.encoder import ClipEncoder
-        from cm3leon_lightning.tokenization.text import TextTokenizer
-        from cm3leon_lightning.tokenization.vqgan import VQGAN
+    from cm3leon_lightning.tokenization.text import TextTokenizer
 
-        cfg, dev = run.cfg, run.device()
-        tok = TextTokenizer.load(run.work / "tokenizer.json")
-        preset = cfg.vqgan_preset
-        vqgan = VQGAN.from_pretrained(cfg.vqgan, preset=preset, config_path=cfg.vqgan_config, map_location=dev)
-        clip = ClipEncoder(cfg.clip_model, cfg.clip_weights, device=dev, batch_size=cfg.batch_size)
-        _CACHE[key] = (stamp, (tok, vqgan.eval(), clip))
-    return _CACHE[key][1]
+    path = run.work / "tokenizer.json"
+    key, stamp = f"tokenizer:{run.work}", files_stamp(str(path))
+    if not _cache_hit(key, stamp):
+        _CACHE[key] = (stamp, TextTokenizer.load(path))
+    return (_CACHE[key][1], *load_image_models(run.cfg, run.device()))
+
+
+def models_device(run: Run) -> str:
+    """Where this process loads the models to check the inputs and read their shapes: the run's device, or the CPU
+    when worker processes encode (each loads its own; this one needs only the shapes)."""
+    return run.device() if run.cfg.workers == 1 else "cpu"
 
 
 # ------------------------------------------------------------------------------------------------ stage 1

@@ -26,8 +26,10 @@ from cm3leon_lightning.data.prepare_encode import (  # noqa: F401  (re-exported:
     _cache_hit,
     encode_part,
     encode_segments,
+    load_image_models,
     load_models,
     load_part,
+    models_device,
     stage_tokenizer,
 )
 from cm3leon_lightning.data.prepare_run import (  # noqa: F401  (re-exported: the stages' shared bookkeeping)
@@ -66,7 +68,7 @@ def manifest_sections(run: Run) -> dict[str, dict[str, Any]]:
 
     cfg = run.cfg
     tok = TextTokenizer.load(run.work / "tokenizer.json")
-    _, vqgan, clip = load_models(run)
+    vqgan, clip = load_image_models(cfg, models_device(run))  # only their shapes: the input check loaded them
     gh, gw = vqgan.config.grid_size
     bank = "separate" if "bank" in run.sources else "train split"
     return {
@@ -155,8 +157,7 @@ def stage_bank(run: Run) -> dict[str, Any]:
                 n_text += int((offsets[keep + 1] - offsets[keep]).sum())
     n = sum(len(r) for r in rows.values())
     if n == 0:
-        where = "the --bank-source's counts: work/parts/bank-*/stats.json" if bank_collection == "bank" else "stats/"
-        raise MissingPartsError(f"the memory bank is empty: no bank document survived cleaning (see {where})")
+        raise MissingPartsError(empty_bank_message(run, bank_collection))
     tmp = final.with_name(".bank.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -215,6 +216,25 @@ def stage_bank(run: Run) -> dict[str, Any]:
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     return {**stats, "skipped": False}
+
+
+def empty_bank_message(run: Run, collection: str) -> str:
+    """Why the memory bank has no document: the read / kept / skip counts of ``collection``'s encoded parts (the
+    training split's documents held out for validation when some were kept), and where the counts per part are."""
+    from cm3leon_lightning.data.sources import SKIP_REASONS
+
+    counts: Counter = Counter()
+    for p in range(run.n_parts(collection)):
+        counts.update(json.loads((run.part_dir(collection, p) / "stats.json").read_text(encoding="utf-8")))
+    skipped = ", ".join(f"{k} {counts[k]}" for k in SKIP_REASONS if counts.get(k)) or "none"
+    source = "the --bank-source" if collection == "bank" else "the --source"
+    why = "no bank document survived cleaning"
+    if counts.get("kept"):
+        why = f"every document kept is held out for validation (--val-fraction {run.cfg.val_fraction}) or a duplicate"
+    return (
+        f"the memory bank is empty: {why} ({source}: read {counts.get('read', 0)}, kept {counts.get('kept', 0)}; "
+        f"skipped: {skipped}; counts per part in {run.work / 'parts'}/{collection}-*/stats.json)"
+    )
 
 
 # ------------------------------------------------------------------------------------------------ stage 4

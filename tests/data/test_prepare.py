@@ -309,6 +309,89 @@ def test_missing_models_and_a_bad_bank_factory_fail_before_anything_is_written(
         assert str(e.value).startswith(message) and not out.exists()
 
 
+def test_model_files_that_do_not_load_fail_before_anything_is_written(
+    models: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only the existence of the model files was checked: CLIP weights of another architecture or a --vqgan that is
+    no VQGAN failed at the encode stage after plan.json recorded them, and the rerun with the right ones was refused
+    ("other inputs or settings (settings, settings.clip_model)"). The VQGAN error named Python arguments."""
+    out, clip, vqgan = tmp_path / "out", models["clip_weights"], models["vqgan"]
+    for bad, message in [
+        ({"clip_model": "cm3leon-clip-small"},
+         f"the CLIP weights in {clip} do not fit the architecture 'cm3leon-clip-small' (AssertionError: "),
+        ({"vqgan": clip}, f"cannot tell the architecture of {clip}: pass --vqgan-preset (one of f8_8192, f16_16384, "
+                          "chameleon, ...) or --vqgan-config (a taming/Chameleon .yaml or our config.json)"),
+        ({"vqgan_preset": "tiny"}, f"{vqgan}/model.safetensors (architecture from --vqgan-preset 'tiny'): state dict "
+                                   "does not match the VQGAN config"),
+        ({"vqgan_preset": "micro", "vqgan_config": f"{vqgan}/config.json"},
+         "give either --vqgan-preset or --vqgan-config (the VQGAN's architecture), not both"),
+        ({"device": "cuda:99"}, f"--device cuda:99: this machine has {torch.cuda.device_count()} CUDA device(s)"),
+    ]:  # fmt: skip
+        with pytest.raises(ValueError) as e:
+            prepare(ShapesSource(4), out, **settings(models, **bad))
+        assert str(e.value).startswith(message) and not out.exists()
+    args = cli_args(models, out)
+    wrong = args[: args.index("--clip-model") + 1] + ["cm3leon-clip-small"] + args[args.index("--clip-model") + 2 :]
+    assert cm3leon_main(wrong) == 2 and not out.exists()
+    assert capsys.readouterr().err.startswith("cm3leon prepare: error: the CLIP weights in ")
+    # the models the check loads are the ones the stages use: each loaded once
+    from cm3leon_lightning.data import prepare_encode
+    from cm3leon_lightning.retrieval import encoder
+    from cm3leon_lightning.tokenization import vqgan_io
+
+    loads: list[str] = []
+    for module, name in ((vqgan_io, "load_vqgan"), (encoder, "ClipEncoder")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name, **k: loads.append(_name) or _real(*a, **k))
+    monkeypatch.setattr(prepare_encode, "_CACHE", {})
+    assert cm3leon_main(args) == 0 and sorted(loads) == ["ClipEncoder", "load_vqgan"]
+
+
+def test_settings_nothing_depends_on_yet_may_change(models: dict[str, str], tmp_path: Path) -> None:
+    """plan.json refused any other settings once written, though no output depended on them yet: a run that failed
+    before its first encoded part locked its --out. The tokenizer's own inputs stay fixed once it is trained."""
+    out, fresh, source = tmp_path / "out", tmp_path / "fresh", ShapesSource(20)
+    s = settings(models, samples_per_shard=10)
+    prepare(source, out, **{**s, "k_per_modality": 1, "search_k": 4, "stages": ("tokenizer",)})
+    with pytest.raises(
+        ValueError,
+        match=r"settings \(settings, settings\.k_per_modality, settings\.search_k, "
+        r"settings\.train_tokenizer_vocab\); resume with the same ones",
+    ):  # the tokenizer depends on it
+        prepare(source, out, **{**s, "train_tokenizer_vocab": 290})
+    summary = prepare(source, out, **s)
+    assert summary["tokenizer"] == {"skipped": True} and summary["encoded_parts"] == 2
+    assert json.loads((out / "work" / "plan.json").read_text())["settings"]["k_per_modality"] == 2
+    prepare(source, fresh, **s)
+    assert {k: v for k, v in tree(out).items() if not k.startswith("work/bank/")} == {
+        k: v for k, v in tree(fresh).items() if not k.startswith("work/bank/")
+    }
+    with pytest.raises(ValueError, match=r"other inputs or settings \(settings, settings\.k_per_modality\)"):
+        prepare(source, out, **{**s, "k_per_modality": 1})  # its parts are encoded
+
+
+def test_an_empty_bank_states_its_counts(models: dict[str, str], tmp_path: Path) -> None:
+    """A folder whose only caption is empty: the error pointed to stats/, which does not exist at that stage."""
+    src, out = tmp_path / "images", tmp_path / "out"
+    src.mkdir()
+    (src / "a.jpg").write_bytes(_jpeg(next(iter(generate_pairs(1))).image))
+    (src / "a.txt").write_text("")
+    with pytest.raises(MissingPartsError) as e:
+        prepare(FolderSource(src), out, **settings(models, val_fraction=0.0))
+    parts = out / "work" / "parts"
+    assert str(e.value) == (
+        "the memory bank is empty: no bank document survived cleaning (the --source: read 1, kept 0; skipped: "
+        f"caption_empty 1; counts per part in {parts}/main-*/stats.json)"
+    )
+    assert json.loads((parts / "main-000000" / "stats.json").read_text()) == {"caption_empty": 1, "read": 1}
+    with pytest.raises(MissingPartsError) as e:  # every document held out for validation
+        prepare(ShapesSource(3), tmp_path / "val", **settings(models, val_fraction=0.5, seed=14))
+    assert str(e.value).startswith(
+        "the memory bank is empty: every document kept is held out for validation (--val-fraction 0.5) or a "
+        "duplicate (the --source: read 3, kept 3; skipped: none; "
+    )
+
+
 def test_a_bank_that_fails_on_its_settings_resumes_with_new_ones(models: dict[str, str], tmp_path: Path) -> None:
     """An IVF bank with more lists than documents can only fail at the bank stage; its settings were in plan.json,
     so the rerun with a smaller one was refused and every encoded part had to be thrown away."""
