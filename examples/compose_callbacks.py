@@ -3,14 +3,21 @@
 Everything is tiny and offline: coloured-shape images, a BPE tokenizer trained on their captions, a randomly
 initialised micro VQGAN, and a fixed random feature extractor in place of Inception (real runs leave
 ``feature_extractor`` unset and get torch-fidelity's Inception, or pass ``feature_weights_path``). The numbers are
-therefore meaningless; the point is the wiring. Run: ``python examples/compose_callbacks.py``.
+therefore meaningless; the point is the wiring. Run: ``python examples/compose_callbacks.py`` (``--help``).
+
+It works in a fresh temporary directory (tokenizer, VQGAN, shards, logs, sample grids), deleted when Python exits;
+``--workdir DIR`` writes them to ``DIR`` and keeps them.
 """
 
 # %% Imports
 from __future__ import annotations
 
+import argparse
+import atexit
 import io
 import json
+import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -35,8 +42,22 @@ from cm3leon_lightning import (
 from cm3leon_lightning.data.pairs import make_shape_pairs
 from cm3leon_lightning.data.shards import ShardSample
 
+# %% Arguments (in a notebook's kernel, whose command line is the kernel's, the defaults)
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--workdir", type=Path, default=None, metavar="DIR", help="a new or empty directory to write "
+                    "the run to and keep (default: a temporary directory, deleted at exit)")  # fmt: skip
+args = parser.parse_args([] if "ipykernel" in sys.modules else None)
+if args.workdir is not None and args.workdir.exists():  # never written over: the VQGAN export refuses, logs mix
+    if not args.workdir.is_dir() or any(args.workdir.iterdir()):
+        parser.error(f"argument --workdir: {args.workdir} is not an empty directory: give a new or empty one")
+
 torch.manual_seed(0)
-work = Path(tempfile.mkdtemp(prefix="cm3leon-callbacks-"))
+if args.workdir is None:
+    work = Path(tempfile.mkdtemp(prefix="cm3leon-callbacks-"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)  # also after an error or Ctrl-C
+else:
+    work = args.workdir
+    work.mkdir(parents=True, exist_ok=True)
 
 # %% Tokenizers: text BPE on the captions, a micro VQGAN (16x16 images -> 8x8 codes from 32)
 captions_all = [f"a {c} {s}" for c in ("red", "green", "blue", "yellow") for s in ("square", "circle", "triangle")]
@@ -111,4 +132,4 @@ trainer.fit(model, datamodule=data)
 for key in ("val/loss", "val/fid", "val/cider", "val/vqa_acc"):
     print(f"{key:12s} {float(trainer.callback_metrics[key]):.4f}")
 print("sample grids:", *sorted(p.name for p in (Path(logger.log_dir) / "samples").glob("*.png")))
-print("run directory:", logger.log_dir)
+print("run directory:", logger.log_dir, "(kept)" if args.workdir else "(deleted at exit; --workdir keeps it)")

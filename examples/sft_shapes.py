@@ -22,6 +22,11 @@ tokenizer covers the words of the instructions; the demo's model has never seen 
 Writes ``<out>/report.json`` and prints a table. Usage::
 
     python examples/sft_shapes.py runs/demo --out runs/sft
+
+``<out>/args.json`` records the arguments. A rerun into the same ``--out`` reuses its data (and resumes its
+``cm3leon prepare``) and fits and evaluates again, with the fit's and evaluation's arguments it is given; one asking
+for other data (the demo run, ``--pairs``, ``--seed``) is refused before it writes anything: give another ``--out``,
+or ``--fresh`` to delete the old output first.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -44,6 +50,7 @@ from cm3leon_lightning.demo_cli import positive_int
 from cm3leon_lightning.demo_eval import attribute_scores, caption_scores, to_uint8
 from cm3leon_lightning.demo_report import stage_results
 from cm3leon_lightning.demo_stages import fit_with_cli
+from cm3leon_lightning.files import write_text_whole
 from cm3leon_lightning.generation.generate import TEXT_LAYOUTS as LAYOUTS
 
 
@@ -76,6 +83,45 @@ def write_sft_data(folder: Path, n_pairs: int, image_size: int, seed: int) -> di
     for name, lines in (("captions", captions), ("vqa", vqa), ("edits", edits)):
         (folder / f"{name}.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     return {"captions": len(captions), "vqa": len(vqa), "edits": len(edits)}
+
+
+ARGS_FILE = "args.json"
+DATA_ARGS = {"run": "run", "pairs": "--pairs", "seed": "--seed", "image_size": "image size (the run's VQGAN's)"}
+
+
+def prepare_out(out: Path, data: dict[str, Any], fresh: bool) -> None:
+    """Check that ``out`` is new, empty, or an output of this example made from the same ``data`` settings (the keys
+    of :data:`DATA_ARGS`, recorded in its ``args.json``); with ``fresh``, delete such an output whatever its settings.
+
+    Raises:
+        ValueError: naming ``--out`` or ``--fresh``: a file; a non-empty directory without this example's
+            ``args.json`` (never written into or deleted); an output of other data (rewriting its data would
+            leave it neither run's, and ``cm3leon prepare`` refuses the changed input).
+    """
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ValueError(f"--out: {out} is a file, not a directory")
+    if not any(out.iterdir()):
+        return
+    try:
+        recorded = json.loads((out / ARGS_FILE).read_text(encoding="utf-8"))["data"]
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        recorded = None
+    if not isinstance(recorded, dict):
+        flag = "--fresh" if fresh else "--out"
+        raise ValueError(f"{flag}: {out} is not empty and holds no {ARGS_FILE} of examples/sft_shapes.py; refusing "
+                         "to write into or delete it: give a new or empty --out")  # fmt: skip
+    if fresh:
+        shutil.rmtree(out)
+        return
+    differ = [k for k in DATA_ARGS if recorded.get(k) != data[k]]
+    if differ:
+        was = ", ".join(f"{DATA_ARGS[k]} {recorded.get(k)}" for k in differ)
+        asked = ", ".join(f"{DATA_ARGS[k]} {data[k]}" for k in differ)
+        raise ValueError(f"--out: {out} holds the output of other SFT data ({was}; asked for: {asked}): rerunning "
+                         "would replace its data and what was prepared from it. Pass --fresh to delete it and start "
+                         "over, or give another --out")  # fmt: skip
 
 
 def normalise(text: str) -> str:
@@ -149,6 +195,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    "(input, then output: what the image_first prompt layout reads)")  # fmt: skip
     p.add_argument("--fit-arg", action="append", default=[], help="one more argument for the fit, repeatable: "
                    "--fit-arg=--data.init_args.batch_size=4")  # fmt: skip
+    p.add_argument("--fresh", action="store_true", help="delete --out first (an output of this example, holding "
+                   f"its {ARGS_FILE}) and start over; without it, a rerun of other data is refused")  # fmt: skip
     args = p.parse_args(argv)
     for flag, ok, wanted in (
         ("--warmup", args.warmup >= 0, "an integer >= 0"),
@@ -165,6 +213,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tok = TextTokenizer.load(demo["tokenizer"]["path"])
     vqgan = VQGAN.from_pretrained(demo["vqgan"]["path"]).eval()
     size = vqgan.config.resolution
+    data = {"run": str(args.run.resolve()), "pairs": args.pairs, "seed": args.seed, "image_size": size}
+    try:
+        prepare_out(out, data, args.fresh)
+    except ValueError as e:
+        p.error(str(e))
+    out.mkdir(parents=True, exist_ok=True)
+    fit = {k: getattr(args, k) for k in ("steps", "lr", "warmup", "eval", "image_first", "fit_arg")}
+    write_text_whole(out / ARGS_FILE, json.dumps({"data": data, "fit": fit}, indent=1))
     lines = write_sft_data(out / "data", args.pairs, size, args.seed)
     source = SFTSource(out / "data", seed=args.seed)
     prepare(source, out / "prepared", vqgan=demo["vqgan"]["path"], clip_weights=demo["clip"]["path"],

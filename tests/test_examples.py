@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import csv
+import json
 import math
 import os
 import runpy
@@ -19,13 +20,21 @@ import cm3leon_lightning
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
+def compose_callbacks(tmp_path: Path, *args: str, code: str | None = None) -> subprocess.CompletedProcess:
+    """Run examples/compose_callbacks.py (or ``python -c code`` on it) with its temporary directory in
+    ``tmp_path / "tmp"`` (torch's compile cache elsewhere: it is not the example's)."""
+    (tmp_path / "tmp").mkdir(exist_ok=True)
+    env = {**os.environ, "TMPDIR": str(tmp_path / "tmp"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    script = str(EXAMPLES / "compose_callbacks.py")
+    cmd = [sys.executable, script, *args] if code is None else [sys.executable, "-c", code, script, *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+
 def test_compose_callbacks_example(tmp_path: Path) -> None:
     """examples/compose_callbacks.py: a fit with FID, CIDEr, VQA and sample-logging callbacks wired by hand; every
-    callback logs its number and the sample logger writes both grids."""
-    env = {**os.environ, "TMPDIR": str(tmp_path)}  # the example works in a fresh temporary directory
-    done = subprocess.run(
-        [sys.executable, str(EXAMPLES / "compose_callbacks.py")], capture_output=True, text=True, env=env, timeout=600
-    )
+    callback logs its number and the sample logger writes both grids, in --workdir; nothing is left in the
+    temporary directory."""
+    done = compose_callbacks(tmp_path, "--workdir", str(tmp_path / "work"))
     assert done.returncode == 0, done.stderr[-3000:]
     lines = dict(line.split(maxsplit=1) for line in done.stdout.splitlines() if line.startswith("val/"))
     values = {key: float(value) for key, value in lines.items()}
@@ -35,11 +44,47 @@ def test_compose_callbacks_example(tmp_path: Path) -> None:
     assert 0 <= values["val/cider"] <= 10 and 0 <= values["val/vqa_acc"] <= 1
     grids = next(line for line in done.stdout.splitlines() if line.startswith("sample grids:")).split()[2:]
     assert grids == ["samples_image_to_text-step0000008.png", "samples_text_to_image-step0000008.png"]
-    run_dir = Path(done.stdout.strip().splitlines()[-1].split(maxsplit=2)[-1])
-    assert run_dir.is_relative_to(tmp_path) and all((run_dir / "samples" / g).stat().st_size > 0 for g in grids)
+    run_dir = tmp_path / "work" / "run" / "version_0"
+    assert done.stdout.strip().splitlines()[-1] == f"run directory: {run_dir} (kept)"
+    assert all((run_dir / "samples" / g).stat().st_size > 0 for g in grids)
     with open(run_dir / "metrics.csv") as f:
         logged = [row for row in csv.DictReader(f) if row.get("val/fid")]
     assert len(logged) == 1 and math.isclose(float(logged[0]["val/fid"]), values["val/fid"], rel_tol=1e-3)
+    assert sorted((tmp_path / "tmp").iterdir()) == []
+
+
+# The example run as a script, failing after it made its directory (its tokenizer training raises).
+FAIL_AFTER_MKDIR = """import runpy, sys
+import cm3leon_lightning
+def boom(*args, **kwargs):
+    raise RuntimeError("stop here")
+cm3leon_lightning.TextTokenizer.train = boom
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_compose_callbacks_deletes_its_temporary_directory(tmp_path: Path) -> None:
+    """Without --workdir the example works in a temporary directory, deleted at exit, after a failure too (it left
+    a /tmp/cm3leon-callbacks-* behind on every run)."""
+    done = compose_callbacks(tmp_path, code=FAIL_AFTER_MKDIR)
+    assert done.returncode == 1 and done.stderr.splitlines()[-1] == "RuntimeError: stop here"
+    assert sorted((tmp_path / "tmp").iterdir()) == []
+
+
+def test_compose_callbacks_help_and_a_used_workdir(tmp_path: Path) -> None:
+    """--help describes the example and exits (it ran the example); a --workdir that holds files is refused, untouched
+    (a second run failed after minutes: the VQGAN export refuses to overwrite)."""
+    done = compose_callbacks(tmp_path, "--help")
+    assert done.returncode == 0 and done.stdout.startswith("usage: compose_callbacks.py [-h] [--workdir DIR]\n")
+    assert "Compose the evaluation callbacks by hand" in done.stdout and "deleted when Python exits" in done.stdout
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "notes.txt").write_text("mine")
+    done = compose_callbacks(tmp_path, "--workdir", str(tmp_path / "work"))
+    message = f"argument --workdir: {tmp_path / 'work'} is not an empty directory: give a new or empty one"
+    assert done.returncode == 2 and done.stderr.splitlines()[-1] == f"compose_callbacks.py: error: {message}"
+    assert [p.name for p in (tmp_path / "work").iterdir()] == ["notes.txt"]
+    assert sorted((tmp_path / "tmp").iterdir()) == []
 
 
 def test_examples_import_the_public_names_from_the_package() -> None:
@@ -95,3 +140,110 @@ def test_examples_name_an_unfinished_run_in_one_line(
     expected = f": error: run: {marker} not found: run `make demo` (or `cm3leon demo --out {tmp_path / 'run'}`) first"
     assert e.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith(expected)
     assert sorted(tmp_path.iterdir()) == []
+
+
+class StopBeforePrepare(Exception):
+    """Raised in place of ``cm3leon prepare``: the SFT example's data is written, the slow stages not run."""
+
+
+def fake_demo_run(root: Path) -> Path:
+    """A demo run's stage markers as examples/sft_shapes.py reads them: a tiny tokenizer and a micro VQGAN (16 px);
+    the CLIP and checkpoint paths are only read after ``prepare``."""
+    from cm3leon_lightning import VQGAN, TextTokenizer
+
+    tok = TextTokenizer.train(["a red square", "a blue circle"] * 20, vocab_size=300)
+    results = {
+        "tokenizer": {"path": str(tok.save(root / "tokenizer" / "tokenizer"))},
+        "vqgan": {"path": str(VQGAN.from_name("micro").save_pretrained(root / "vqgan" / "model"))},
+        "clip": {"path": str(root / "clip" / "clip.safetensors"), "model": "cm3leon-clip-tiny"},
+        "train": {"checkpoint": str(root / "train" / "cm3leon.ckpt")},
+    }
+    for stage, result in results.items():
+        (root / stage).mkdir(parents=True, exist_ok=True)
+        (root / stage / "stage.json").write_text(json.dumps({"result": result}))
+    return root
+
+
+@pytest.fixture
+def sft_main(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, object]:
+    """A fake demo run in ``tmp_path / "run"`` and examples/sft_shapes.py's main, stopping where ``prepare`` begins."""
+
+    def stop(*args: object, **kwargs: object) -> None:
+        raise StopBeforePrepare
+
+    main = runpy.run_path(str(EXAMPLES / "sft_shapes.py"))["main"]
+    monkeypatch.setitem(main.__globals__, "prepare", stop)
+    return fake_demo_run(tmp_path / "run"), main
+
+
+def files(folder: Path) -> dict[str, tuple[int, bytes]]:
+    """Every file under ``folder``: its modification time and bytes."""
+    return {
+        str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.rglob("*") if p.is_file()
+    }
+
+
+def test_sft_example_refuses_to_rerun_other_data_into_its_out(
+    sft_main: tuple[Path, object], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A rerun with other --pairs rewrote the data (the JSON lines replaced, img/ a mix of both runs), then `cm3leon
+    prepare` refused the changed input and advised restoring it; now it is refused before anything is written. The
+    same data settings with other fit settings rerun; --fresh deletes the old output first."""
+    run, main = sft_main
+    out = tmp_path / "sft"
+    with pytest.raises(StopBeforePrepare):
+        main([str(run), "--out", str(out), "--pairs", "4", "--seed", "7"])
+    recorded = json.loads((out / "args.json").read_text())
+    assert recorded["data"] == {"run": str(run.resolve()), "pairs": 4, "seed": 7, "image_size": 16}
+    assert recorded["fit"]["steps"] == 800
+    before = files(out)
+    assert (out / "data" / "captions.jsonl").read_text().count("\n") == 4
+    for args, differ in (
+        (["--pairs", "3", "--seed", "7"], "--pairs 4; asked for: --pairs 3"),
+        (["--pairs", "3", "--seed", "8"], "--pairs 4, --seed 7; asked for: --pairs 3, --seed 8"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            main([str(run), "--out", str(out), *args])
+        message = (f": error: --out: {out} holds the output of other SFT data ({differ}): rerunning would replace its "
+                   "data and what was prepared from it. Pass --fresh to delete it and start over, or give another "
+                   "--out")  # fmt: skip
+        assert e.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith(message)
+        assert files(out) == before  # nothing rewritten, nothing added
+    with pytest.raises(StopBeforePrepare):  # the same data, a longer fit: reused (same bytes), args.json updated
+        main([str(run), "--out", str(out), "--pairs", "4", "--seed", "7", "--steps", "5"])
+    assert {k: v[1] for k, v in files(out).items() if k != "args.json"} == {
+        k: v[1] for k, v in before.items() if k != "args.json"
+    }
+    assert json.loads((out / "args.json").read_text())["fit"]["steps"] == 5
+    with pytest.raises(StopBeforePrepare):
+        main([str(run), "--out", str(out), "--pairs", "3", "--seed", "7", "--fresh"])
+    assert json.loads((out / "args.json").read_text())["data"]["pairs"] == 3
+    named = {json.loads(line)[k] for f in (out / "data").glob("*.jsonl") for line in f.read_text().splitlines()
+             for k in ("image", "target") if k in json.loads(line)}  # fmt: skip
+    assert (out / "data" / "captions.jsonl").read_text().count("\n") == 3
+    assert {f"img/{p.name}" for p in (out / "data" / "img").iterdir()} == named  # none of the old run's images
+
+
+def test_sft_example_writes_into_no_other_directory(
+    sft_main: tuple[Path, object], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A non-empty --out without the example's args.json (another directory, or the demo run itself) is neither
+    written into nor deleted by --fresh; a file is refused."""
+    run, main = sft_main
+    before = files(run)
+    for extra, flag in (([], "--out"), (["--fresh"], "--fresh")):
+        with pytest.raises(SystemExit) as e:
+            main([str(run), "--out", str(run), "--pairs", "2", *extra])
+        message = (f": error: {flag}: {run} is not empty and holds no args.json of examples/sft_shapes.py; refusing "
+                   "to write into or delete it: give a new or empty --out")  # fmt: skip
+        assert e.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith(message)
+        assert files(run) == before
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(SystemExit) as e:
+        main([str(run), "--out", str(tmp_path / "file"), "--pairs", "2"])
+    assert (
+        capsys.readouterr()
+        .err.splitlines()[-1]
+        .endswith(f": error: --out: {tmp_path / 'file'} is a file, not a directory")
+    )
+    assert (tmp_path / "file").read_text() == "mine"
