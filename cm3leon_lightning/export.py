@@ -115,13 +115,14 @@ def export_model(
         skeleton = CM3Leon(config)
     state = fit_state(skeleton, weights.state_dict, f"--ckpt {str(src)!r}")
     fetch = tensor_reader(weights.state_dict, weights.fetch)  # a tied pair read under the name the file has
-    text_tok, image_tok = _load_tokenizers(weights.vocab, tokenizer, vqgan, vqgan_config, trust_pickle)
+    text_tok, image_tok = _load_tokenizers(weights.vocab, tokenizer, vqgan, vqgan_config, trust_pickle, src)
+    vocab = _bundled_vocab(weights.vocab, image_tok)
 
     partial = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
     try:
         source = {"checkpoint": str(src.resolve()), "kind": weights.kind, **weights.source}
-        save_pretrained(state, partial, config.to_dict(), weights.vocab, dtype, source, layout=format, fetch=fetch)
+        save_pretrained(state, partial, config.to_dict(), vocab, dtype, source, layout=format, fetch=fetch)
         if text_tok is not None and format == "hf":
             text_tok.save(partial)  # tokenizer.json at the top, as transformers looks for it
             _write_tokenizer_config(partial, config.max_seq_len)
@@ -139,7 +140,7 @@ def export_model(
             "tokenizer": text_tok is not None,
             "vqgan": image_tok is not None,
         }
-        (partial / "README.md").write_text(model_card(summary, config.to_dict(), weights.vocab, source))
+        (partial / "README.md").write_text(model_card(summary, config.to_dict(), vocab, source))
         _replace(partial, out)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
@@ -190,7 +191,10 @@ def _load_tokenizers(
     vqgan: str | os.PathLike[str] | None,
     vqgan_config: str | os.PathLike[str] | None,
     trust_pickle: bool,
+    ckpt: Path,
 ) -> tuple[Any, Any]:
+    """Load ``--tokenizer`` and ``--vqgan`` and check them against the checkpoint's vocabulary: sizes and, where the
+    checkpoint records them, the tokenizers' hashes (refused naming both files and the short hashes)."""
     from cm3leon_lightning.generation.cli import check_tokenizers
     from cm3leon_lightning.tokenization.vocab import MultimodalVocab
 
@@ -219,8 +223,20 @@ def _load_tokenizers(
             raise FileNotFoundError(f"--vqgan: {e}") from e
         except ValueError as e:
             raise ValueError(f"--vqgan: {e}") from e
-    check_tokenizers(MultimodalVocab(**vocab), text_tok, image_tok)
+    check_tokenizers(MultimodalVocab(**vocab), text_tok, image_tok, f"--ckpt {ckpt}", vqgan)
     return text_tok, image_tok
+
+
+def _bundled_vocab(vocab: dict[str, Any], image_tok: Any) -> dict[str, Any]:
+    """The vocabulary the model directory records: the checkpoint's, and when it bundles a VQGAN checked against the
+    VQGAN hash the checkpoint records, that VQGAN's weights hash (``vqgan_weights_sha256``): the bundled copy is
+    rewritten in our format, so its files no longer hash as the ones ``cm3leon prepare`` read. A checkpoint that
+    records no VQGAN hash gets none (nothing says the bundled VQGAN is the one it was trained with)."""
+    from cm3leon_lightning.tokenization.vocab import vqgan_weights_sha256
+
+    if image_tok is None or not (vocab.get("vqgan_sha256") or vocab.get("vqgan_weights_sha256")):
+        return dict(vocab)
+    return {**vocab, "vqgan_weights_sha256": vqgan_weights_sha256(image_tok)}
 
 
 def _write_tokenizer_config(directory: Path, max_len: int) -> None:

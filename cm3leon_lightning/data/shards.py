@@ -63,6 +63,11 @@ def sanitize_key(key: str) -> str:
     return clean
 
 
+def _sha256_or_none(value: object) -> str | None:
+    """``value`` when it is a hex sha256 (64 lowercase hex digits), else None (an empty or hand-written field)."""
+    return value if isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value) else None
+
+
 def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
     """Hex sha256 of a file's bytes."""
     h = hashlib.sha256()
@@ -155,7 +160,8 @@ class Manifest:
         return sum(s.count for s in self.shards)
 
     def vocab(self, pad_to_multiple: int = 128) -> MultimodalVocab:
-        """The vocabulary these shards were tokenized for."""
+        """The vocabulary these shards were tokenized for, with the tokenizers' hashes the manifest records
+        (``text_tokenizer.sha256``, ``image_tokenizer.checkpoint_sha256``; one that is not a hex sha256 is left out)."""
         t, i = self.text_tokenizer, self.image_tokenizer
         return MultimodalVocab(
             n_text=int(t["n_text"]),
@@ -164,6 +170,8 @@ class Manifest:
             grid_w=int(i["grid_w"]),
             num_sentinels=int(t.get("num_sentinels", DEFAULT_NUM_SENTINELS)),
             pad_to_multiple=pad_to_multiple,
+            text_tokenizer_sha256=_sha256_or_none(t.get("sha256")),
+            vqgan_sha256=_sha256_or_none(i.get("checkpoint_sha256")),
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -27,14 +27,19 @@ with ``--task edge_to_image`` (or another grounded task) it draws the image whos
 ``--prompt``, ``--instruction``, ``--edit`` and ``--infill`` are read as ``cm3leon prepare`` cleaned the training
 captions (control characters to spaces, repeated whitespace to one, ends stripped), for the tokenizer, CLIP and the
 files written; text that cleans to nothing is refused naming its flag.
+An ``--out`` that already holds files of an earlier run (:data:`OUTPUT_NAME`: a second run with fewer samples
+left the first run's ``sample-{i}.png`` beside its own) is refused before anything is loaded, unless ``--overwrite``
+is given: then exactly those files are deleted, just before this run writes its first file (a run that fails
+earlier leaves them).
 Errors (missing files, a checkpoint whose vocabulary does not match the tokenizer or the VQGAN, a prompt longer
-than the context) are reported in one line and exit with status 2.
+than the context, ``--device cuda`` on a machine without one) are reported in one line and exit with status 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import sys
 from collections.abc import Sequence
@@ -57,6 +62,60 @@ from cm3leon_lightning.tokenization.vocab import Document, MultimodalVocab
 
 if TYPE_CHECKING:  # PIL is imported lazily, where images are written
     from PIL import Image
+
+
+OUTPUT_NAME = re.compile(r"sample-\d+\.png|grid\.png|codes\.npy|retrieved\.json|answer\.txt|answers\.json")
+"""The names ``cm3leon generate`` writes into ``--out`` (any other file there is not its own)."""
+
+
+def previous_outputs(out: Path) -> list[Path]:
+    """The files of an earlier ``cm3leon generate`` run in ``out``, sorted by name (none if it is absent)."""
+    if not out.is_dir():
+        return []
+    return sorted(p for p in out.iterdir() if p.is_file() and OUTPUT_NAME.fullmatch(p.name))
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    """Raise ValueError naming ``--out`` and a few of its files when it holds an earlier run's outputs and
+    ``overwrite`` is not set: a run with fewer samples would leave stale ``sample-{i}.png`` beside its own."""
+    earlier = previous_outputs(out)
+    if earlier and not overwrite:
+        names = ", ".join(p.name for p in earlier[:4]) + (" ..." if len(earlier) > 4 else "")
+        raise ValueError(
+            f"--out: {out} already holds {len(earlier)} file{'s' * (len(earlier) > 1)} of an earlier generate run "
+            f"({names}); give a new or empty directory, or --overwrite to delete them first"
+        )
+
+
+def start_writing(args: argparse.Namespace, out: Path) -> None:
+    """Before the first file of this run is written: with ``--overwrite``, delete the earlier run's outputs (only
+    the names of :data:`OUTPUT_NAME`; other files of the user stay), once."""
+    if args.overwrite:
+        for earlier in previous_outputs(out):
+            earlier.unlink()
+        args.overwrite = False  # done: the files written next are this run's
+
+
+def check_device(device: str, flag: str = "--device") -> torch.device:
+    """``device`` as a ``torch.device``, after checking this machine has it (a CUDA request without a GPU failed
+    with a long traceback while the checkpoint was loading).
+
+    Raises:
+        ValueError: naming ``flag``: not a device name, CUDA (or an index ``cuda:N``) or MPS this machine lacks.
+    """
+    try:
+        d = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"{flag}: {device!r} is not a device (cpu, cuda, cuda:1, mps ...)") from e
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{flag} {device}: CUDA is not available on this machine (no GPU or driver); use cpu")
+        n = torch.cuda.device_count()
+        if d.index is not None and d.index >= n:
+            raise ValueError(f"{flag} {device}: this machine has {n} CUDA device(s), cuda:0 to cuda:{n - 1}")
+    if d.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{flag} {device}: MPS is not available on this machine; use cpu")
+    return d
 
 
 def resolve_dtype(name: str, device: str | torch.device) -> torch.dtype:
@@ -124,8 +183,29 @@ def bundled_tokenizers(ckpt: str | Path, tokenizer: str | None, vqgan: str | Non
     return tokenizer, vqgan
 
 
-def check_tokenizers(vocab: MultimodalVocab, tokenizer: object | None, vqgan: torch.nn.Module | None) -> None:
-    """Raise ValueError naming both sides when the tokenizer or VQGAN does not match the checkpoint's vocabulary."""
+def check_tokenizers(
+    vocab: MultimodalVocab,
+    tokenizer: object | None,
+    vqgan: torch.nn.Module | None,
+    source: str = "the checkpoint",
+    vqgan_path: str | Path | None = None,
+    flags: tuple[str, str] = ("--tokenizer", "--vqgan"),
+) -> None:
+    """Raise ValueError naming both sides when the tokenizer or VQGAN does not match the checkpoint's vocabulary:
+    its sizes, and the tokenizers' hashes it records (another BPE of the same size gives the same ids other words).
+
+    The text tokenizer is compared by its ``tokenizer.json`` sha256; the VQGAN by the sha256 of ``vqgan_path`` (the
+    file or directory, as ``cm3leon prepare`` hashed it) or by its weights' (:func:`vqgan_weights_sha256`, recorded by
+    ``cm3leon export``). A vocabulary that records no hash (an older checkpoint) is accepted with a warning, once.
+
+    Args:
+        vocab: the checkpoint's vocabulary.
+        tokenizer: the text tokenizer given (a ``TextTokenizer``), or None.
+        vqgan: the VQGAN given, or None.
+        source: the checkpoint, for messages (``"--ckpt runs/last.ckpt"``).
+        vqgan_path: the file or directory ``vqgan`` was read from, when known.
+        flags: how messages name the tokenizer and the VQGAN (the caller's arguments).
+    """
     if tokenizer is not None:
         have = (tokenizer.vocab_size, tokenizer.num_sentinels)  # type: ignore[attr-defined]
         if have != (vocab.n_text, vocab.num_sentinels):
@@ -140,6 +220,24 @@ def check_tokenizers(vocab: MultimodalVocab, tokenizer: object | None, vqgan: to
                 f"vocabulary mismatch: the checkpoint has n_codes={vocab.n_codes}, grid {vocab.grid_h}x{vocab.grid_w} "
                 f"but --vqgan has n_embed={vqgan.n_embed}, grid {grid[0]}x{grid[1]}"
             )
+    from cm3leon_lightning.tokenization.vocab import check_same_tokenizer, vqgan_weights_sha256
+
+    model = vocab.identity
+    if tokenizer is not None:
+        path = getattr(tokenizer, "path", None)
+        other = {"text_tokenizer_sha256": tokenizer.sha256}  # type: ignore[attr-defined]
+        check_same_tokenizer("text", model, source, other, f"{flags[0]} {path}" if path else flags[0], "", True)
+    if vqgan is not None:
+        other = {}
+        if vocab.vqgan_weights_sha256:
+            other["vqgan_weights_sha256"] = vqgan_weights_sha256(vqgan)
+        weights_matched = bool(other) and other["vqgan_weights_sha256"] == vocab.vqgan_weights_sha256
+        if vocab.vqgan_sha256 and vqgan_path is not None and not weights_matched:
+            from cm3leon_lightning.data.prepare_run import path_sha256
+
+            other["vqgan_sha256"] = path_sha256(vqgan_path)
+        where = f"{flags[1]} {vqgan_path}" if vqgan_path else flags[1]
+        check_same_tokenizer("vqgan", model, source, other, where, "", True)
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:
@@ -259,7 +357,9 @@ def run(args: argparse.Namespace) -> None:
         raise ValueError(
             "--rerank orders the images of --prompt (text-to-image); it cannot be used with --image or --infill"
         )
+    check_out(Path(args.out), args.overwrite)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    check_device(device)
     compile = False if args.no_compile else (None if args.compile == "auto" else args.compile)
     resolve_mode(compile, torch.device(device))  # a CUDA-only mode on CPU fails here, before any loading
     model, vocab = load_checkpoint(args.ckpt, device, resolve_dtype(args.dtype, device))
@@ -270,7 +370,7 @@ def run(args: argparse.Namespace) -> None:
         from cm3leon_lightning.tokenization.vqgan import VQGAN
 
         vqgan = VQGAN.from_pretrained(args.vqgan, map_location=device).eval()
-    check_tokenizers(vocab, tokenizer, vqgan)
+    check_tokenizers(vocab, tokenizer, vqgan, f"--ckpt {args.ckpt}", args.vqgan)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     clip = None
@@ -299,6 +399,7 @@ def run(args: argparse.Namespace) -> None:
                 num_samples=args.num_samples, method=args.method,
                 temperature=args.temperature, top_p=args.top_p, seed=args.seed, vqgan=vqgan, compile=compile,
             )  # fmt: skip
+            start_writing(args, out)
             write_images(out, result.codes[0], result.images[0], args.edit)
             return
         instruction = tokenizer.encode(args.instruction) if args.instruction else None
@@ -308,6 +409,7 @@ def run(args: argparse.Namespace) -> None:
             temperature=args.temperature, top_p=args.top_p, seed=args.seed, compile=compile, layout=args.layout,
         )[0]  # fmt: skip
         answer = tokenizer.decode(answer_ids)
+        start_writing(args, out)
         (out / "answer.txt").write_text(answer + "\n", encoding="utf-8")
         print(answer)
         return
@@ -323,6 +425,7 @@ def run(args: argparse.Namespace) -> None:
                 f"{vocab.image_tokens} image tokens need {need + vocab.image_tokens} positions, more than the model's "
                 f"context max_seq_len={model.config.max_seq_len}: retrieve fewer documents (a smaller --k)"
             )
+        start_writing(args, out)
         (out / "retrieved.json").write_text(json.dumps({"prompt": args.prompt, "keys": keys}, indent=1) + "\n")
         retrieved = [docs]
     result = generate_image(
@@ -336,6 +439,7 @@ def run(args: argparse.Namespace) -> None:
 
         best = rerank(clip, [args.prompt], images[None], codes[None], keep=len(codes))
         codes, images = best.codes[0], best.images[0]
+    start_writing(args, out)
     write_images(out, codes, images, args.prompt)
 
 
@@ -368,6 +472,7 @@ def run_infill(
         texts.append(tokenizer.decode(list(doc[0].tokens)))  # type: ignore[attr-defined]
         if codes is not None:
             images.append(torch.as_tensor(doc[1].tokens))
+    start_writing(args, out)
     (out / "answer.txt").write_text(texts[0] + "\n", encoding="utf-8")
     (out / "answers.json").write_text(json.dumps(texts, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
     print("\n".join(texts))

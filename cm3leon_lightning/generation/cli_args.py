@@ -32,6 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cm3leon generate", description=cli.__doc__.split("\n")[0])
     add_model_arguments(p, "VQGAN directory (VQGAN.from_pretrained); needed for PNGs and --image")
     p.add_argument("--out", required=True, help="output directory")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="--out may hold an earlier run's outputs (sample-*.png, grid.png, codes.npy, retrieved.json, answer.txt, "
+        "answers.json): delete exactly those first (without it such a directory is refused; other files stay)",
+    )
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--prompt", help="caption to draw (text-to-image)")
     mode.add_argument("--image", help="image file to describe or question (image-to-text), or the image of --infill")
@@ -63,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--method",
         default="top_p",
         choices=["greedy", "temperature", "top_p", "cd_k"],
-        help="sampling rule (cd_k: --prompt only; --edit refuses it, --image answers and --infill decode greedily)",
+        help="sampling rule, also of --image answers and --infill (cd_k: for --prompt; --edit refuses it, --image "
+        "answers and --infill decode greedily with it)",
     )
     p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 = none)")
     p.add_argument("--temperature", type=float, default=1.0)

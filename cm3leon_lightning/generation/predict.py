@@ -185,7 +185,9 @@ class PromptDataModule(L.LightningDataModule):
         prompts: ``.txt`` file (one prompt per line) or ``.jsonl`` file (``{"prompt": ..., "seed": ...}``).
         tokenizer: the text tokenizer the model was trained with: ``tokenizer.json`` or its directory.
         vocab_from: where the model's vocabulary is recorded: the checkpoint (``.ckpt``), or the prepared training
-            data (directory or ``manifest.json``). The CLI links it to the model; it must match the tokenizer.
+            data (directory or ``manifest.json``). The CLI links it to the model; it must match the tokenizer: its
+            size, and the ``tokenizer.json`` sha256 where ``vocab_from`` records one (older checkpoints do not: a
+            warning then says the tokenizer cannot be checked).
         batch_size: prompts per predict step (each prompt still decodes as its own batch of candidates).
         num_workers: data loader workers.
     """
@@ -208,6 +210,9 @@ class PromptDataModule(L.LightningDataModule):
                 f"num_sentinels={self.vocab.num_sentinels} but tokenizer {tokenizer} has vocab_size={have[0]}, "
                 f"num_sentinels={have[1]}"
             )
+        from cm3leon_lightning.generation.cli import check_tokenizers
+
+        check_tokenizers(self.vocab, self.tokenizer, None, f"vocab_from {vocab_from}", flags=("tokenizer", "vqgan"))
         self.dataset: PromptDataset | None = None
         self.lines: list[int] = []  # each prompt's line in the file
 
@@ -388,7 +393,9 @@ class ImageWriter(BasePredictionWriter):
             self.vqgan = VQGAN.from_pretrained(self.vqgan_path).eval().requires_grad_(False)
         vocab = getattr(pl_module, "vocab", None)
         if self.vqgan is not None and vocab is not None:
-            check_tokenizers(vocab, None, self.vqgan)
+            ckpt = getattr(trainer, "ckpt_path", None)
+            model = f"the model ({ckpt})" if ckpt else "the model"
+            check_tokenizers(vocab, None, self.vqgan, model, self.vqgan_path, ("tokenizer", "ImageWriter vqgan"))
 
     def resume_from_earlier(self, trainer: L.Trainer) -> None:
         """``resume``: rank zero gathers the earlier run's lines (its part files and ``predictions.jsonl``) into

@@ -266,10 +266,49 @@ def _load_shards(p: Path, what: str, tensors: dict[str, Tensor]) -> dict[str, Te
     return {k.removeprefix("model.").removeprefix(MODEL_PREFIX): v for k, v in tensors.items()}
 
 
-def check_same_vocab(saved: dict[str, int] | None, ours: dict[str, int] | None, source: str) -> None:
-    """Raise ValueError, printing both, when a checkpoint's vocabulary differs from the data's (None: unknown)."""
-    if saved is not None and ours is not None and dict(saved) != dict(ours):
-        raise ValueError(f"vocabulary mismatch: {source} was trained with {saved}, the data has {ours}")
+TOKENIZER_HINT = (
+    "; prepare the data with the tokenizers the checkpoint was trained with, or, to train on it anyway, pass "
+    "allow_tokenizer_change=True (--model.init_args.allow_tokenizer_change true)"
+)
+"""What the refusal of data prepared with other tokenizers suggests."""
+
+
+def vocab_layout(vocab: dict[str, Any]) -> dict[str, Any]:
+    """A vocabulary description without its tokenizer hashes: the sizes that must be equal."""
+    from cm3leon_lightning.tokenization.vocab import IDENTITY_FIELDS
+
+    return {k: v for k, v in dict(vocab).items() if k not in IDENTITY_FIELDS}
+
+
+def check_same_vocab(
+    saved: dict[str, Any] | None,
+    ours: dict[str, Any] | None,
+    source: str,
+    data_source: str = "the data",
+    allow_tokenizer_change: bool = False,
+) -> dict[str, bool]:
+    """Raise ValueError, printing both, when a checkpoint's vocabulary sizes differ from the data's (None: unknown),
+    or when both record a text tokenizer or VQGAN hash and they differ (naming ``source`` and ``data_source`` and the
+    short hashes; :func:`~cm3leon_lightning.tokenization.vocab.check_same_tokenizer`), unless
+    ``allow_tokenizer_change``. A side that records no hash is accepted with a warning, once per ``source``.
+
+    Returns:
+        For ``"text"`` and ``"vqgan"``, whether the hashes were compared and matched.
+    """
+    from cm3leon_lightning.tokenization.vocab import check_same_tokenizer
+
+    if saved is None or ours is None:
+        return {"text": False, "vqgan": False}
+    if vocab_layout(saved) != vocab_layout(ours):
+        raise ValueError(
+            f"vocabulary mismatch: {source} was trained with {vocab_layout(saved)}, the data has {vocab_layout(ours)}"
+        )
+    if allow_tokenizer_change:
+        return {"text": False, "vqgan": False}
+    return {
+        kind: check_same_tokenizer(kind, saved, source, ours, data_source, TOKENIZER_HINT)  # type: ignore[arg-type]
+        for kind in ("text", "vqgan")
+    }
 
 
 def check_same_architecture(saved: dict[str, Any] | None, ours: dict[str, Any], source: str) -> None:

@@ -25,7 +25,9 @@ from cm3leon_lightning.model.weights import check_same_architecture, check_same_
 from cm3leon_lightning.modules import optim
 from cm3leon_lightning.modules.losses import EVAL_PARTS, epoch_losses, eval_sums, next_token_losses, step_parts
 from cm3leon_lightning.modules.network import (
+    check_data_vocab,
     check_vocab_size,
+    data_source,
     data_vocab,
     load_init_from,
     read_described_weights,
@@ -79,13 +81,17 @@ class CM3LeonModule(L.LightningModule):
             restore still replaces them. A checkpoint's architecture and vocabulary must equal this module's and
             the data's; a module without a vocabulary adopts the checkpoint's. Not read by
             :meth:`load_from_checkpoint`, whose checkpoint holds the weights.
+        allow_tokenizer_change: train on data prepared with another text tokenizer or VQGAN than the checkpoint's
+            (``init_from``, ``from_pretrained``, ``--ckpt_path``) was trained with. The vocabulary records the
+            tokenizers' hashes, and by default data whose manifest records other ones is refused, naming both: the
+            same ids would mean other words or image codes. The model then records the data's tokenizers.
     """
 
     def __init__(
         self,
         preset: str = "tiny",
         config: CM3LeonConfig | None = None,
-        vocab: dict[str, int] | None = None,
+        vocab: dict[str, str | int] | None = None,
         max_seq_len: int | None = None,
         lr: float = 6e-4,
         betas: tuple[float, float] = (0.9, 0.95),
@@ -99,6 +105,7 @@ class CM3LeonModule(L.LightningModule):
         compile: bool = False,
         generation: GenerationSettings | None = None,
         init_from: str | None = None,
+        allow_tokenizer_change: bool = False,
     ) -> None:
         super().__init__()
         if isinstance(config, dict):  # as restored from a checkpoint's hyper-parameters
@@ -158,15 +165,15 @@ class CM3LeonModule(L.LightningModule):
             )
             self.hparams["config"] = self.config.to_dict()
             self.hparams["vocab"] = data_desc
-        elif data_desc != self.hparams.vocab:
-            raise ValueError(
-                f"vocabulary mismatch: the model was built for {self.hparams.vocab}, the data has {data_desc}"
-            )
+        else:
+            allow = bool(self.hparams.get("allow_tokenizer_change", False))
+            self.hparams["vocab"] = check_data_vocab(self.hparams.vocab, data_desc, data_source(datamodule), allow)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Fail before training when the checkpoint's vocabulary or architecture differs from this module's."""
         saved = checkpoint.get("hyper_parameters", {})
-        check_same_vocab(saved.get("vocab"), self.hparams.vocab, "the checkpoint")
+        allow = bool(self.hparams.get("allow_tokenizer_change", False))
+        check_same_vocab(saved.get("vocab"), self.hparams.vocab, "the checkpoint", "the data", allow)
         check_same_architecture(saved.get("config"), self.config.to_dict(), "checkpoint")
 
     @classmethod
@@ -229,7 +236,9 @@ class CM3LeonModule(L.LightningModule):
 
         Under a trainer this runs after :meth:`setup`, so the data's vocabulary is known by then.
         """
-        saved_vocab = load_init_from(model, path, self.config, self.hparams.vocab)
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        allow = bool(self.hparams.get("allow_tokenizer_change", False))
+        saved_vocab = load_init_from(model, path, self.config, self.hparams.vocab, data_source(datamodule), allow)
         if self.hparams.vocab is None and saved_vocab is not None:
             # The architectures matched, so the vocabulary fits; setup() then refuses data with another one.
             self.hparams["vocab"] = saved_vocab

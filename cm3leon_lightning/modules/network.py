@@ -16,10 +16,19 @@ from cm3leon_lightning.model.weights import (
     check_same_vocab,
     load_weights,
     read_weights,
+    vocab_layout,
 )
 from cm3leon_lightning.tokenization.vocab import MultimodalVocab
 
-__all__ = ["check_vocab_size", "data_vocab", "load_init_from", "read_described_weights", "resolve_architecture"]
+__all__ = [
+    "check_data_vocab",
+    "check_vocab_size",
+    "data_source",
+    "data_vocab",
+    "load_init_from",
+    "read_described_weights",
+    "resolve_architecture",
+]
 
 
 def check_vocab_size(have: int, want: int, what: str) -> None:
@@ -28,7 +37,7 @@ def check_vocab_size(have: int, want: int, what: str) -> None:
         raise ValueError(f"vocabulary mismatch: {what} has vocab_size {have}, the data needs {want}")
 
 
-def data_vocab(datamodule: object, max_seq_len: int) -> dict[str, int] | None:
+def data_vocab(datamodule: object, max_seq_len: int) -> dict[str, Any] | None:
     """The vocabulary description of a data module (its ``vocab``: MultimodalVocab or dict), or None when it has
     none, once its rows are known to fit a context of ``max_seq_len`` positions.
 
@@ -49,9 +58,50 @@ def data_vocab(datamodule: object, max_seq_len: int) -> dict[str, int] | None:
     return vocab.to_dict() if isinstance(vocab, MultimodalVocab) else dict(vocab)
 
 
+def data_source(datamodule: object) -> str:
+    """The data module's data for messages: ``the data (manifest <path>)`` when its first split's manifest is known
+    (:class:`~cm3leon_lightning.data.datamodule.CM3LeonDataModule`), or the ``vocab_from`` of a
+    :class:`~cm3leon_lightning.generation.predict.PromptDataModule`; else ``the data``."""
+    sources = getattr(datamodule, "sources", None)
+    if isinstance(sources, dict) and sources:
+        location = getattr(next(iter(sources.values()))[0], "location", None)
+        if location:
+            return f"the data (manifest {location})"
+    vocab_from = (getattr(datamodule, "hparams", None) or {}).get("vocab_from")
+    return f"the data (vocab_from {vocab_from})" if vocab_from else "the data"
+
+
+_KIND_FIELDS = {"text": ("text_tokenizer_sha256",), "vqgan": ("vqgan_sha256", "vqgan_weights_sha256")}
+
+
+def check_data_vocab(
+    model: dict[str, Any], data: dict[str, Any], source: str, allow_tokenizer_change: bool = False
+) -> dict[str, Any]:
+    """Check the data's vocabulary description against the model's (sizes, then the tokenizer hashes, as
+    :func:`~cm3leon_lightning.model.weights.check_same_vocab`); returns the description the model keeps: its sizes,
+    and for each tokenizer the data's hashes (the model now learns from them), or the model's when the data records
+    none (both when they matched).
+
+    Raises:
+        ValueError: other sizes (``vocabulary mismatch: the model was built for ..., the data has ...``), or other
+            tokenizers without ``allow_tokenizer_change``, naming ``source`` and the short hashes.
+    """
+    if vocab_layout(model) != vocab_layout(data):
+        raise ValueError(
+            f"vocabulary mismatch: the model was built for {vocab_layout(model)}, the data has {vocab_layout(data)}"
+        )
+    matched = check_same_vocab(model, data, "the model", source, allow_tokenizer_change)
+    kept = vocab_layout(model)
+    for kind, keys in _KIND_FIELDS.items():
+        from_data = any(data.get(k) for k in keys)
+        for side in [model, data] if matched[kind] else [data] if from_data else [model]:
+            kept.update({k: side[k] for k in keys if side.get(k)})
+    return kept
+
+
 def resolve_architecture(
-    preset: str, config: CM3LeonConfig | None, vocab: dict[str, int] | None, max_seq_len: int | None
-) -> tuple[CM3LeonConfig, dict[str, int] | None]:
+    preset: str, config: CM3LeonConfig | None, vocab: dict[str, Any] | None, max_seq_len: int | None
+) -> tuple[CM3LeonConfig, dict[str, Any] | None]:
     """The architecture and vocabulary description of ``CM3LeonModule(preset, config, vocab, max_seq_len)``.
 
     ``config`` (or, when None, ``preset``) with the vocabulary's padded size and ``max_seq_len`` when given.
@@ -88,18 +138,25 @@ def read_described_weights(path: str) -> PretrainedWeights:
 
 
 def load_init_from(
-    model: CM3Leon, path: str, config: CM3LeonConfig, vocab: dict[str, int] | None
-) -> dict[str, int] | None:
-    """Check the weights of ``init_from`` ``path`` against the module's architecture ``config`` and ``vocab``, then
-    load them into ``model``; returns the vocabulary the file records (None when it records none).
+    model: CM3Leon,
+    path: str,
+    config: CM3LeonConfig,
+    vocab: dict[str, Any] | None,
+    data_source: str = "the data",
+    allow_tokenizer_change: bool = False,
+) -> dict[str, Any] | None:
+    """Check the weights of ``init_from`` ``path`` against the module's architecture ``config`` and ``vocab`` (the
+    data's: sizes, and the text tokenizer and VQGAN hashes unless ``allow_tokenizer_change``), then load them into
+    ``model``; returns the vocabulary the file records (None when it records none).
 
     Raises:
         FileNotFoundError, ValueError: as :func:`~cm3leon_lightning.model.weights.read_weights`, or weights of another
-            architecture or vocabulary, or that do not fit ``model``.
+            architecture or vocabulary, or trained with other tokenizers (naming ``path``, ``data_source`` and both
+            short hashes), or that do not fit ``model``.
     """
     weights = read_weights(path, "init_from", lazy=True)
     source = f"init_from checkpoint {path!r}"
     check_same_architecture(weights.config, config.to_dict(), source)
-    check_same_vocab(weights.vocab, vocab, source)
+    check_same_vocab(weights.vocab, vocab, source, data_source, allow_tokenizer_change)
     load_weights(model, weights.state_dict, f"init_from {path!r}", weights.fetch)
     return None if weights.vocab is None else dict(weights.vocab)

@@ -39,6 +39,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from cm3leon_lightning.generation.generate import GenerationSettings, caption_prompt, image_prompt
 from cm3leon_lightning.generation.infilling import infill_positions, plan_spans
+from cm3leon_lightning.generation.retrieve import DocumentRetriever
 from cm3leon_lightning.generation.tasks import TASK_GUIDANCE, task_prefix
 from cm3leon_lightning.serve.jobs import (
     EDIT_SETTINGS,
@@ -67,6 +68,7 @@ from cm3leon_lightning.serve.requests import (
     json_safe,
 )
 from cm3leon_lightning.serve.runs import JobRunner
+from cm3leon_lightning.tokenization.vocab import MultimodalVocab
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +170,7 @@ class CM3LeonAPI(JobRunner, StopWhenIdle, ls.LitAPI):
             from cm3leon_lightning.tokenization.vqgan import VQGAN
 
             self.vqgan = VQGAN.from_pretrained(self.vqgan_path, map_location=device).eval()
-        check_tokenizers(self.vocab, self.tokenizer, self.vqgan)
+        check_tokenizers(self.vocab, self.tokenizer, self.vqgan, f"--ckpt {self.ckpt}", self.vqgan_path)
         self.clip = None
         if self.clip_name:
             from cm3leon_lightning.retrieval.encoder import ClipEncoder
@@ -181,6 +183,7 @@ class CM3LeonAPI(JobRunner, StopWhenIdle, ls.LitAPI):
             self.retriever = DocumentRetriever(
                 self.bank_dir, self.shards_dir, self.clip, self.vocab, self.tokenizer.sha256, preload=True
             )
+            warn_long_documents(self.retriever, self.retrieve_k, self.vocab, self.model.config.max_seq_len)
         self._rng = random.Random()  # seeds for requests without one
         self._serve_device = torch.device(device)
         self.install_stop_handlers()
@@ -362,6 +365,38 @@ class CM3LeonAPI(JobRunner, StopWhenIdle, ls.LitAPI):
         if isinstance(output, Rejected):
             return JSONResponse(status_code=output.status, content={"detail": output.detail})
         return output
+
+
+def warn_long_documents(retriever: DocumentRetriever, k: int, vocab: MultimodalVocab, max_seq_len: int) -> str | None:
+    """Log (and return) a warning when ``k`` of the preloaded bank documents of ``retriever`` need more positions
+    than ``max_seq_len`` leaves beside a one-token prompt and the image to draw: the ``k`` shortest (every request
+    that leaves ``retrieve`` out is refused) or the ``k`` longest (requests retrieving them are refused). ``cm3leon
+    serve`` has refused a ``--k`` that no documents could fit before the workers started
+    (:func:`~cm3leon_lightning.serve.cli.check_retrieve_k`); the exact lengths are known only here, once the shards
+    are read."""
+    documents = getattr(retriever, "_documents", None) or {}  # the preloaded documents, by bank key
+    if not k or not documents:
+        return None
+    # <eos> text <break> image: one position per segment besides its tokens
+    lengths = sorted(len(doc) + sum(len(seg.tokens) for seg in doc) for doc in documents.values())
+    room = max_seq_len - 3 - vocab.image_tokens  # beside <eos> <one text token> <break> and the image to draw
+    every = sum(lengths[:k]) > room  # even the k shortest do not fit
+    need = sum(lengths[:k]) if every else sum(lengths[-k:])
+    if need <= room:
+        return None
+    sizes = lengths if every else lengths[::-1]
+    fit = next(n for n in range(k) if sum(sizes[: n + 1]) > room)  # how many of them fit together
+    if every:
+        outcome = f"every request that leaves 'retrieve' out will be refused (the largest --k that fits is {fit})"
+    else:
+        outcome = f"a request whose nearest documents are long ones will be refused (--k {fit} always fits)"
+    message = (
+        f"--k {k}: the {k} {'shortest' if every else 'longest'} documents of the bank need {need} positions, more "
+        f"than the {room} the model's context max_seq_len={max_seq_len} leaves beside a one-token prompt and the "
+        f"{vocab.image_tokens} image tokens to draw; {outcome}"
+    )
+    log.warning(message)
+    return message
 
 
 def body_errors(errors: list[dict[str, Any]], content_type: str | None) -> list[dict[str, Any]]:

@@ -18,11 +18,15 @@ With ``--retrieve`` each text-to-image request gets the ``--k`` nearest document
 before it (paper table 1), unless it asks for another number (``"retrieve": 0`` for none); the answer names them
 (``"retrieved": [<bank keys>]``). The bank's documents are read from ``--shards`` into memory at start.
 
+With ``--retrieve``, a ``--k`` whose documents can never fit the model's context (each holds at least its image's
+codes, ``<eos>`` and ``<break>``; the prompt at least one text token; then the image to draw) is refused at start,
+naming the largest ``--k`` that fits; a worker warns when the bank's longest documents would not fit.
+
 ``GET /health`` answers ``ok`` once every worker has loaded the model. The request and response fields are documented
 in :mod:`cm3leon_lightning.serve.requests`; a malformed request is answered 422 naming the field, a body larger than
-``--max-payload-mb`` 413. Missing files and unknown settings are reported in one line (exit status 2) before any worker
-starts. Ctrl+C or SIGTERM (to the main process or its whole process group) stops the server and its worker processes
-once the requests in flight are answered.
+``--max-payload-mb`` 413. Missing files, unknown settings and an ``--accelerator``/``--devices`` this machine lacks
+are reported in one line (exit status 2) before any worker starts. Ctrl+C or SIGTERM (to the main process or its
+whole process group) stops the server and its worker processes once the requests in flight are answered.
 """
 
 from __future__ import annotations
@@ -123,6 +127,8 @@ def build_api(args: argparse.Namespace) -> object:
     if args.k is not None and (args.k < 0 or (args.k and not args.retrieve)):
         raise ValueError(f"--k must be >= 0, and 0 without --retrieve; got {args.k}")
     k = args.k if args.k is not None else (2 if args.retrieve else 0)
+    if k:
+        check_retrieve_k(args.ckpt, k)
     limits = (
         ("--max-batch-size", args.max_batch_size, 1),
         ("--max-rows", args.max_rows, 1),
@@ -170,6 +176,47 @@ def build_api(args: argparse.Namespace) -> object:
     )  # fmt: skip
 
 
+def check_retrieve_k(ckpt: str, k: int) -> None:
+    """Raise ValueError naming ``--k`` when ``k`` retrieved documents can never fit the context of the model at
+    ``ckpt`` (read without its weights): each document holds at least its image's codes, ``<eos>`` and ``<break>``,
+    the prompt ``<eos>``, one text token and ``<break>``, and then come the image tokens to draw. Every request that
+    left ``retrieve`` out was answered 400 by a server that had started healthy."""
+    from cm3leon_lightning.config import CM3LeonConfig
+    from cm3leon_lightning.model.weights import read_weights
+    from cm3leon_lightning.tokenization.vocab import MultimodalVocab
+
+    weights = read_weights(ckpt, "--ckpt", lazy=True)  # names and shapes: no tensor is read
+    if not weights.config or not weights.vocab:
+        return  # the worker's load_checkpoint names what is missing
+    limit = CM3LeonConfig.from_dict(weights.config).max_seq_len
+    image = MultimodalVocab.from_dict(weights.vocab, f"--ckpt {ckpt}: vocab").image_tokens
+    per_document, rest = image + 2, 3 + image  # <eos> text <break> image; <eos> text <break>, the image to draw
+    need = k * per_document + rest
+    if need > limit:
+        largest = max(0, (limit - rest) // per_document)
+        raise ValueError(
+            f"--k {k}: {k} retrieved documents of at least {per_document} positions each ({image} image tokens, "
+            f"<eos> and <break>), a one-token prompt and the {image} image tokens to draw need at least {need} "
+            f"positions, more than the model's context max_seq_len={limit}; the largest --k that fits is {largest}"
+        )
+
+
+def check_accelerator(accelerator: str, devices: str) -> None:
+    """Raise ValueError naming ``--accelerator`` or ``--devices`` when this machine lacks them: LitServe printed
+    "Uvicorn running" and then failed with "num_api_servers must be greater than 0" (no GPU), or its workers failed
+    while loading (an index beyond the GPUs)."""
+    if accelerator == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            "--accelerator cuda: CUDA is not available on this machine (no GPU or driver); use cpu or auto"
+        )
+    if accelerator == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("--accelerator mps: MPS is not available on this machine; use cpu or auto")
+    cuda = accelerator == "cuda" or (accelerator == "auto" and torch.cuda.is_available())
+    if cuda and devices != "auto" and int(devices) > torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        raise ValueError(f"--devices {devices}: this machine has {n} CUDA device(s)")
+
+
 def build_server(args: argparse.Namespace) -> object:
     """The ``litserve.LitServer`` for parsed arguments (not started)."""
     import litserve as ls
@@ -177,6 +224,7 @@ def build_server(args: argparse.Namespace) -> object:
     if args.devices != "auto" and not (str(args.devices).isdigit() and int(args.devices) >= 1):
         # 0 GPUs would start no inference worker, and LitServe would wait for one forever
         raise ValueError(f"--devices must be a number or auto, at least 1; got {args.devices!r}")
+    check_accelerator(args.accelerator, args.devices)
     # What LitServer.run refuses, with a traceback, after the model files were checked
     if not 1024 <= args.port <= 65535:
         raise ValueError(f"--port must lie in [1024, 65535] (LitServe's range), got {args.port}")

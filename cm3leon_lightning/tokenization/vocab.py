@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import numbers
 import operator
+import re
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -27,6 +29,12 @@ PAD_ID, EOS_ID, BREAK_ID, MASK_ID, INFILL_ID = range(5)
 SENTINEL_OFFSET = len(BASE_SPECIAL_TOKENS)
 DEFAULT_NUM_SENTINELS = 8
 VOCAB_FIELDS: tuple[str, ...] = ("n_text", "n_codes", "grid_h", "grid_w", "num_sentinels", "pad_to_multiple")
+IDENTITY_FIELDS: tuple[str, ...] = ("text_tokenizer_sha256", "vqgan_sha256", "vqgan_weights_sha256")
+"""Optional fields naming the tokenizers behind the ids (hex sha256): the text tokenizer's ``tokenizer.json`` bytes
+(a manifest's ``text_tokenizer.sha256``, :attr:`TextTokenizer.sha256`); the VQGAN file or directory ``cm3leon prepare``
+read (a manifest's ``image_tokenizer.checkpoint_sha256``); the VQGAN's architecture and weights
+(:func:`vqgan_weights_sha256`, recorded by ``cm3leon export`` beside the VQGAN it bundles, whose files it rewrites)."""
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def sentinel_token(i: int) -> str:
@@ -97,6 +105,10 @@ class MultimodalVocab:
         grid_w: image token grid width (paper: 32).
         num_sentinels: number of ``<mask:i>`` sentinels K reserved in the text tokenizer.
         pad_to_multiple: the model's embedding size is ``n_text + n_codes`` rounded up to this.
+        text_tokenizer_sha256, vqgan_sha256, vqgan_weights_sha256: which tokenizers the ids came from, when known
+            (:data:`IDENTITY_FIELDS`). Equal sizes are not enough (another BPE of the same size gives the same ids
+            other words), so :func:`check_same_tokenizers` compares them where tokenizers meet a model. They are
+            not part of equality or hashing: two vocabularies are equal when their ids are laid out alike.
     """
 
     def __init__(
@@ -107,6 +119,9 @@ class MultimodalVocab:
         grid_w: int = 32,
         num_sentinels: int = DEFAULT_NUM_SENTINELS,
         pad_to_multiple: int = 128,
+        text_tokenizer_sha256: str | None = None,
+        vqgan_sha256: str | None = None,
+        vqgan_weights_sha256: str | None = None,
     ) -> None:
         sizes = {"n_text": n_text, "n_codes": n_codes, "grid_h": grid_h, "grid_w": grid_w,
                  "num_sentinels": num_sentinels, "pad_to_multiple": pad_to_multiple}  # fmt: skip
@@ -129,6 +144,23 @@ class MultimodalVocab:
         self.grid_w = int(grid_w)
         self.num_sentinels = int(num_sentinels)
         self.pad_to_multiple = int(pad_to_multiple)
+        hashes = {"text_tokenizer_sha256": text_tokenizer_sha256, "vqgan_sha256": vqgan_sha256,
+                  "vqgan_weights_sha256": vqgan_weights_sha256}  # fmt: skip
+        for name, value in hashes.items():
+            if value is not None and not (isinstance(value, str) and _SHA256.fullmatch(value)):
+                raise ValueError(f"{name} must be a hex sha256 (64 lowercase hex digits) or None, got {value!r}")
+        self.text_tokenizer_sha256: str | None = text_tokenizer_sha256
+        self.vqgan_sha256: str | None = vqgan_sha256
+        self.vqgan_weights_sha256: str | None = vqgan_weights_sha256
+
+    @property
+    def identity(self) -> dict[str, str]:
+        """The tokenizer hashes this vocabulary records (:data:`IDENTITY_FIELDS` that are set)."""
+        return {k: getattr(self, k) for k in IDENTITY_FIELDS if getattr(self, k) is not None}
+
+    def layout(self) -> dict[str, int]:
+        """The six size fields (:data:`VOCAB_FIELDS`): what equality compares."""
+        return {k: getattr(self, k) for k in VOCAB_FIELDS}
 
     # ----------------------------------------------------------------------------------------------- sizes
     @property
@@ -297,13 +329,15 @@ class MultimodalVocab:
         """The zero-shot text-to-image prompt ``<eos> caption <break>``."""
         return self.document_to_ids([Segment.text(text_ids)]) + [self.break_id]
 
-    def to_dict(self) -> dict[str, int]:
-        """Primitive description (plain ints), for manifests and hyper-parameters; :meth:`from_dict` inverts it."""
-        return {k: getattr(self, k) for k in VOCAB_FIELDS}
+    def to_dict(self) -> dict[str, Any]:
+        """Primitive description (plain ints, and the tokenizer hashes that are known), for manifests and
+        hyper-parameters; :meth:`from_dict` inverts it. Without hashes it is exactly the six size fields."""
+        return {**self.layout(), **self.identity}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = "vocab") -> MultimodalVocab:
-        """The inverse of :meth:`to_dict`: every one of its fields is required and no other is accepted.
+        """The inverse of :meth:`to_dict`: every size field is required, the tokenizer hashes
+        (:data:`IDENTITY_FIELDS`) are optional (checkpoints older than them lack them), no other field is accepted.
 
         Args:
             d: the description, e.g. from a manifest, checkpoint hyper-parameters or a model config file.
@@ -316,23 +350,118 @@ class MultimodalVocab:
         if not isinstance(d, Mapping):
             raise ValueError(f"{where}: must be a mapping with keys {list(VOCAB_FIELDS)}, got {type(d).__name__}")
         missing = [k for k in VOCAB_FIELDS if k not in d]
-        unknown = sorted(str(k) for k in d if k not in VOCAB_FIELDS)
+        unknown = sorted(str(k) for k in d if k not in VOCAB_FIELDS + IDENTITY_FIELDS)
         if missing or unknown:
             problems = ([f"missing field(s) {missing}"] if missing else []) + (
                 [f"unknown field(s) {unknown}"] if unknown else []
             )
-            raise ValueError(f"{where}: {', '.join(problems)}; expected exactly {list(VOCAB_FIELDS)}")
+            raise ValueError(
+                f"{where}: {', '.join(problems)}; expected exactly {list(VOCAB_FIELDS)} "
+                f"(and optionally {list(IDENTITY_FIELDS)})"
+            )
         try:
-            return cls(**{k: d[k] for k in VOCAB_FIELDS})
+            return cls(**{k: d[k] for k in VOCAB_FIELDS + IDENTITY_FIELDS if k in d})
         except ValueError as err:
             raise ValueError(f"{where}: {err}") from err
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, MultimodalVocab) and self.to_dict() == other.to_dict()
+        return isinstance(other, MultimodalVocab) and self.layout() == other.layout()
 
     def __hash__(self) -> int:
-        return hash(tuple(self.to_dict().items()))
+        return hash(tuple(self.layout().items()))
 
     def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v}" for k, v in self.to_dict().items())
-        return f"MultimodalVocab({args})"
+        args = ", ".join(f"{k}={v}" for k, v in self.layout().items())
+        hashes = "".join(f", {k}={short(v)}" for k, v in self.identity.items())
+        return f"MultimodalVocab({args}{hashes})"
+
+
+# ------------------------------------------------------------------------------------------ tokenizer identity
+_WARNED: set[tuple[str, str]] = set()
+_KINDS = {
+    "text": ("text tokenizer", ("text_tokenizer_sha256",)),
+    "vqgan": ("VQGAN", ("vqgan_sha256", "vqgan_weights_sha256")),
+}
+_LABELS = {"text_tokenizer_sha256": "sha256", "vqgan_sha256": "sha256", "vqgan_weights_sha256": "weights sha256"}
+
+
+def short(sha256: str) -> str:
+    """The first 12 hex digits of a sha256, as messages print it."""
+    return sha256[:12]
+
+
+def vqgan_weights_sha256(vqgan: Any) -> str:
+    """Hex sha256 of a VQGAN's architecture (``config.to_dict()``) and weights (every state-dict tensor's name, dtype,
+    shape and bytes): the same for the same model however its files are laid out (taming's, ours, a re-export)."""
+    import hashlib
+    import json
+
+    import torch
+
+    h = hashlib.sha256(json.dumps(vqgan.config.to_dict(), sort_keys=True).encode())
+    for name, t in sorted(vqgan.state_dict().items()):
+        t = t.detach().to("cpu").contiguous().reshape(-1)
+        h.update(f"\n{name} {t.dtype} {t.numel()}\n".encode())
+        h.update(t.view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def _describe(record: Mapping[str, Any], keys: tuple[str, ...]) -> str:
+    return ", ".join(f"{_LABELS[k]} {short(record[k])}" for k in keys if record.get(k))
+
+
+def check_same_tokenizer(
+    kind: Literal["text", "vqgan"],
+    model: Mapping[str, Any],
+    model_source: str,
+    other: Mapping[str, Any],
+    other_source: str,
+    hint: str = "",
+    warn_unchecked: bool | None = None,
+) -> bool:
+    """Compare the text tokenizer (``kind="text"``) or VQGAN (``"vqgan"``) hashes a model's vocabulary records
+    (:data:`IDENTITY_FIELDS`) with another record's: the data's manifest, or the tokenizer files given.
+
+    A VQGAN matches when its file hash or its weights hash equals the model's. When the two sides record no hash in
+    common (a checkpoint saved before they were recorded), a warning says the tokenizer cannot be checked, once per
+    ``model_source`` and ``kind``: by default when one side records a hash and the other none (two sides that both
+    record none, such as an in-memory data module, are not worth a warning).
+
+    Args:
+        kind: which tokenizer.
+        model: the model's vocabulary description (``MultimodalVocab.to_dict()`` or ``identity``).
+        model_source: the model's file, for messages (``"--ckpt runs/last.ckpt"``).
+        other: the other side's hashes.
+        other_source: the other side, for messages (``"--tokenizer tok/tokenizer.json"``).
+        hint: appended to the error (what to do).
+        warn_unchecked: warn whenever the hashes could not be compared (True: ``other`` is a tokenizer given by the
+            user, hashed only where the model records a hash to compare with), or never (False).
+
+    Returns:
+        True when the hashes were compared and matched; False when they could not be compared.
+
+    Raises:
+        ValueError: the hashes differ; the message names both sources and their short hashes.
+    """
+    what, keys = _KINDS[kind]
+    pairs = [(model[k], other[k]) for k in keys if model.get(k) and other.get(k)]
+    if pairs and not any(a == b for a, b in pairs):
+        raise ValueError(
+            f"{what} mismatch: {model_source} records the {what} of {_describe(model, keys)}, but "
+            f"{other_source} has {_describe(other, keys)} (a vocabulary of the same size is not enough: the same ids "
+            f"would mean other {'words' if kind == 'text' else 'image codes'}){hint}"
+        )
+    if pairs:
+        return True
+    has_model, has_other = any(model.get(k) for k in keys), any(other.get(k) for k in keys)
+    if warn_unchecked is None:
+        warn_unchecked = has_model != has_other
+    if warn_unchecked and (model_source, kind) not in _WARNED:
+        _WARNED.add((model_source, kind))
+        missing = other_source if has_model else model_source
+        warnings.warn(
+            f"the {what} cannot be checked: {missing} has no {what} hash to compare (saved before they were "
+            f"recorded); make sure {other_source} is the {what} {model_source} was trained with",
+            stacklevel=2,
+        )
+    return False

@@ -77,7 +77,8 @@ def test_image_to_text_in_the_image_first_layout(assets, tmp_path, capsys):
     from cm3leon_lightning.generation.cli import load_image
 
     question = "Question: what is red? Answer:"
-    argv = [*base(assets, tmp_path), "--image", str(assets / "x.png"), "--instruction", question, "--method", "greedy"]
+    argv = [*base(assets, tmp_path), "--image", str(assets / "x.png"), "--instruction", question, "--method", "greedy",
+            "--overwrite"]  # fmt: skip
     answers = {}
     for layout in ("infill", "image_first"):
         assert main([*argv, "--max-new-tokens", "6", "--layout", layout]) == 0
@@ -104,7 +105,8 @@ def test_edit_writes_the_edited_candidates(assets, tmp_path, capsys):
     module.configure_model()
     ckpt = tmp_path / "long.ckpt"
     torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, ckpt)
-    argv = [*base(assets, tmp_path), "--ckpt", str(ckpt), "--image", str(assets / "x.png"), "--edit", "make it blue"]
+    argv = [*base(assets, tmp_path), "--ckpt", str(ckpt), "--image", str(assets / "x.png"), "--edit", "make it blue",
+            "--overwrite"]  # fmt: skip
     assert main([*argv, "--num-samples", "2", "--seed", "3", "--text-cfg", "4", "--image-cfg", "1.2"]) == 0
     model, vocab = load_checkpoint(ckpt)
     vqgan = VQGAN.from_pretrained(assets / "vqgan").eval()
@@ -300,3 +302,91 @@ def test_texts_are_tokenized_as_the_training_captions(assets, tmp_path, monkeypa
         assert main(argv) == 2
         assert capsys.readouterr().err.startswith(f"cm3leon generate: error: {message}")
         assert not (tmp_path / "new").exists()
+
+
+def test_an_out_holding_an_earlier_run_is_refused_unless_overwrite(assets, tmp_path, capsys):
+    """A second run into the same --out with fewer samples left the first run's sample-2.png beside its own (and
+    replaced grid.png and codes.npy), exit 0. It is refused now, before the checkpoint is read, naming the folder and
+    its files; --overwrite deletes exactly generate's files, and only once the run is about to write its own."""
+    out = tmp_path / "gen1"
+    first = [*base(assets, out), "--prompt", "a red circle", "--method", "greedy"]
+    assert main([*first, "--num-samples", "3"]) == 0
+    (out / "notes.txt").write_text("mine")  # files of the user
+    (out / "sample-best.png").write_bytes(b"mine too")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+
+    second = [*base(assets, out), "--prompt", "a red circle", "--method", "greedy", "--num-samples", "2"]
+    unread = list(second)
+    unread[unread.index("--ckpt") + 1] = str(assets / "x.png")  # reading it would fail with another message
+    to_text = [a if a != "--prompt" else "--image" for a in unread]
+    to_text[to_text.index("--image") + 1] = str(assets / "x.png")
+    for argv in (unread, to_text):  # an image-to-text run's answer.txt would mix in too
+        assert main(argv) == 2
+        assert capsys.readouterr().err == (
+            f"cm3leon generate: error: --out: {out} already holds 5 files of an earlier generate run (codes.npy, "
+            "grid.png, sample-0.png, sample-1.png ...); give a new or empty directory, or --overwrite to delete them "
+            "first\n"
+        )
+    # --overwrite with a run that fails before writing anything: the earlier outputs are still there
+    assert main([*unread, "--overwrite"]) == 2
+    assert "cannot be read as a Lightning checkpoint" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+    assert main([*second, "--overwrite"]) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["codes.npy", "grid.png", "notes.txt", "sample-0.png", "sample-1.png", "sample-best.png"]
+    assert np.load(out / "codes.npy").shape == (2, 64)
+    assert (out / "notes.txt").read_text() == "mine" and (out / "sample-best.png").read_bytes() == b"mine too"
+    assert main([*base(assets, tmp_path / "other"), "--image", str(assets / "x.png"), "--max-new-tokens", "2"]) == 0
+    assert main([*base(assets, tmp_path / "other"), "--image", str(assets / "x.png"), "--overwrite"]) == 0  # answer.txt
+
+
+@pytest.mark.parametrize(
+    "device, available, count, message",
+    [
+        ("cuda", False, 0, "--device cuda: CUDA is not available on this machine (no GPU or driver); use cpu"),
+        ("cuda:0", False, 0, "--device cuda:0: CUDA is not available on this machine (no GPU or driver); use cpu"),
+        ("cuda:2", True, 2, "--device cuda:2: this machine has 2 CUDA device(s), cuda:0 to cuda:1"),
+        ("gpu", False, 0, "--device: 'gpu' is not a device (cpu, cuda, cuda:1, mps ...)"),
+    ],
+)
+def test_a_device_this_machine_lacks_is_one_line(assets, tmp_path, capsys, monkeypatch, device, available, count,
+                                                 message):  # fmt: skip
+    """--device cuda without a GPU failed with a 24-line "Found no NVIDIA driver" traceback while loading; a device
+    this machine lacks is refused now, naming the flag, before the checkpoint is read."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    argv = [*base(assets, tmp_path / "new"), "--prompt", "a red circle", "--device", device]
+    argv[argv.index("--ckpt") + 1] = str(assets / "x.png")  # reading it would fail with another message
+    assert main(argv) == 2
+    assert capsys.readouterr().err == f"cm3leon generate: error: {message}\n"
+    assert not (tmp_path / "new").exists()
+
+
+def test_method_help_says_what_image_answers_and_infill_do(assets, tmp_path, monkeypatch):
+    """The help said "--image answers and --infill decode greedily", but both sample with --method (top_p by
+    default); only cd_k falls back to greedy there."""
+    from cm3leon_lightning.generation import cli
+    from cm3leon_lightning.generation.cli_args import build_parser
+
+    method = next(a for a in build_parser()._actions if "--method" in a.option_strings)
+    assert method.default == "top_p"
+    assert " ".join(method.help.split()) == (
+        "sampling rule, also of --image answers and --infill (cd_k: for --prompt; --edit refuses it, --image answers "
+        "and --infill decode greedily with it)"
+    )
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["method"])
+        raise Stop
+
+    monkeypatch.setattr(cli, "infill_batch", spy)
+    monkeypatch.setattr(cli, "generate_text", spy)
+    image = ["--image", str(assets / "x.png")]
+    for extra in ([], ["--method", "cd_k"]):
+        for mode in (["--infill", "a <mask> circle"], []):
+            with pytest.raises(Stop):
+                main([*base(assets, tmp_path), *image, *mode, *extra])
+    assert seen == ["top_p", "top_p", "greedy", "greedy"]

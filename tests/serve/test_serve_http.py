@@ -2,6 +2,7 @@
 kinds of request equal direct decoding, concurrent requests are served from one batch with a bad one answered alone,
 malformed bodies get 422 naming the field, and the command reports bad arguments in one line."""
 
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -167,6 +168,37 @@ def test_zero_devices_are_refused(serve_assets):
     ignored): refused before anything starts."""
     with pytest.raises(ValueError, match="--devices must be a number or auto, at least 1; got '0'"):
         build_server(build_parser().parse_args(argv(serve_assets, "--devices", "0")))
+
+
+@pytest.mark.parametrize(
+    "extra, available, count, message",
+    [
+        (["--accelerator", "cuda"], False, 0, "--accelerator cuda: CUDA is not available on this machine (no GPU or "
+         "driver); use cpu or auto"),
+        (["--accelerator", "cuda", "--devices", "3"], True, 2, "--devices 3: this machine has 2 CUDA device(s)"),
+        (["--accelerator", "auto", "--devices", "2"], True, 1, "--devices 2: this machine has 1 CUDA device(s)"),
+    ],
+)  # fmt: skip
+def test_a_gpu_this_machine_lacks_is_one_line(serve_assets, capsys, monkeypatch, extra, available, count, message):
+    """--accelerator cuda without a GPU printed "Uvicorn running" and then a traceback "num_api_servers must be
+    greater than 0" that never named the flag; refused now before anything starts (main prints it in one line, exit
+    status 2), as a missing GPU index is."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    args = [a for a in argv(serve_assets) if a not in ("--accelerator", "cpu", "--devices", "1")]
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        build_server(build_parser().parse_args([*args, *extra]))
+    import litserve
+
+    from cm3leon_lightning.serve import cli
+
+    def started(*a, **k):
+        raise AssertionError("the server was started")
+
+    monkeypatch.setattr(litserve.LitServer, "run", started)
+    monkeypatch.setattr(cli, "stop_on_sigterm", lambda: None)
+    assert cm3leon_main(["serve", *args, *extra]) == 2
+    assert capsys.readouterr().err == f"cm3leon serve: error: {message}\n"
 
 
 def test_clip_without_vqgan_is_refused(serve_assets, capsys):

@@ -3,15 +3,20 @@ decode as ``generate_image(retrieved=...)``), can ask for another number or none
 bank key missing from the shards or too many documents for the context are clear errors."""
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from support.retrieval_setup import write_retrieval_assets
 
+from cm3leon_lightning.cli import main as cm3leon_main
 from cm3leon_lightning.generation import generate_image
 from cm3leon_lightning.generation.cli import load_checkpoint
 from cm3leon_lightning.generation.retrieve import DocumentRetriever
+from cm3leon_lightning.modules.cm3leon import CM3LeonModule
 from cm3leon_lightning.serve import CM3LeonAPI, Rejected
+from cm3leon_lightning.serve.api import warn_long_documents
 from cm3leon_lightning.serve.cli import build_api, build_parser
 from cm3leon_lightning.tokenization.text import TextTokenizer
 from cm3leon_lightning.tokenization.vocab import Segment
@@ -105,3 +110,79 @@ def test_k_without_a_bank_is_refused(assets):
     args = ["--ckpt", str(assets["root"] / "model.ckpt"), "--tokenizer", str(assets["root"] / "tok"), "--k", "2"]
     with pytest.raises(ValueError, match="0 without --retrieve"):
         build_api(build_parser().parse_args(args))
+
+
+def checkpoint_with_context(assets, path, max_seq_len):
+    """The retrieval setup's vocabulary in a tiny model of another context length."""
+    module = CM3LeonModule(preset="tiny", vocab=assets["vocab"].to_dict(), max_seq_len=max_seq_len)
+    module.configure_model()
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
+    return path
+
+
+def test_a_k_whose_documents_never_fit_the_context_is_refused_at_start(assets, tmp_path, capsys, monkeypatch):
+    """--k 2 with a 192-position model started healthy, then answered every plain request 400 ("2 retrieved documents
+    ... need 248 positions"): two documents of 64 image codes each, the prompt and the 64 codes to draw never fit. It
+    is refused before any worker starts now, naming --k and the largest that fits; one that fits still starts."""
+    import litserve
+
+    from cm3leon_lightning.serve import cli
+
+    def started(*a, **k):
+        raise AssertionError("the server was started")
+
+    monkeypatch.setattr(litserve.LitServer, "run", started)  # unfixed, the command would serve
+    monkeypatch.setattr(cli, "stop_on_sigterm", lambda: None)
+    args = serve_args(assets["root"])
+    args[args.index("--ckpt") + 1] = str(checkpoint_with_context(assets, tmp_path / "short.ckpt", 192))
+    assert cm3leon_main(["serve", *args, "--accelerator", "cpu"]) == 2  # --k 2, the default with --retrieve
+    assert capsys.readouterr().err == (
+        "cm3leon serve: error: --k 2: 2 retrieved documents of at least 66 positions each (64 image tokens, <eos> and "
+        "<break>), a one-token prompt and the 64 image tokens to draw need at least 199 positions, more than the "
+        "model's context max_seq_len=192; the largest --k that fits is 1\n"
+    )
+    assert build_api(build_parser().parse_args([*args, "--k", "1"])).retrieve_k == 1
+    with pytest.raises(ValueError, match="^--k 3: .* need at least 265 positions, .*max_seq_len=256; the largest --k "
+                                         "that fits is 2$"):  # fmt: skip
+        build_api(build_parser().parse_args(serve_args(assets["root"], "--k", "3")))
+
+
+def test_a_worker_warns_when_the_bank_s_documents_are_too_long_for_k(api, assets, tmp_path, caplog):
+    """The start-up bound counts no caption text; once the shards are read a worker knows each document's length and
+    warns when the k shortest (every default request refused) or the k longest (some refused) do not fit."""
+    lengths = sorted(2 + len(s.text) + 64 for s in assets["samples"].values())  # <eos> caption <break> 64 codes
+    room = lambda max_seq_len: max_seq_len - 3 - 64  # noqa: E731 - beside a one-token prompt and the image to draw
+    vocab = api.vocab
+    assert warn_long_documents(api.retriever, 2, vocab, 256) is None  # the fixture's server: every pair fits
+    shortest = 3 + 64 + lengths[0] + lengths[1] - 1  # the two shortest miss by one position
+    assert warn_long_documents(api.retriever, 2, vocab, shortest) == (
+        f"--k 2: the 2 shortest documents of the bank need {lengths[0] + lengths[1]} positions, more than the "
+        f"{room(shortest)} the model's context max_seq_len={shortest} leaves beside a one-token prompt and the 64 "
+        "image tokens to draw; every request that leaves 'retrieve' out will be refused (the largest --k that fits is "
+        "1)"
+    )
+    # documents of captions 1, 5 and 9 tokens long (lengths 67, 71, 75): the two longest miss by one position
+    bank = SimpleNamespace(_documents={f"d{n}": [Segment.text([5] * n), Segment.image([0] * 64)] for n in (1, 5, 9)})
+    assert warn_long_documents(bank, 2, vocab, 3 + 64 + 75 + 71) is None
+    assert warn_long_documents(bank, 2, vocab, 3 + 64 + 75 + 71 - 1) == (
+        "--k 2: the 2 longest documents of the bank need 146 positions, more than the 145 the model's context "
+        "max_seq_len=212 leaves beside a one-token prompt and the 64 image tokens to draw; a request whose nearest "
+        "documents are long ones will be refused (--k 1 always fits)"
+    )
+    every = warn_long_documents(bank, 3, vocab, 3 + 64 + 67 + 71 + 75 - 1)  # the whole bank: what every request gets
+    assert every.startswith("--k 3: the 3 shortest documents") and every.endswith("(the largest --k that fits is 2)")
+    assert warn_long_documents(api.retriever, 0, vocab, shortest) is None
+
+    # a server whose --k passes the start-up bound (199 <= 200) but whose documents are longer: the worker warns
+    args = serve_args(assets["root"])
+    args[args.index("--ckpt") + 1] = str(checkpoint_with_context(assets, tmp_path / "200.ckpt", 200))
+    worker = build_api(build_parser().parse_args(args))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="cm3leon_lightning.serve.api"):
+        worker.setup("cpu")
+    assert [r.getMessage() for r in caplog.records if r.name == "cm3leon_lightning.serve.api"] == [
+        warn_long_documents(worker.retriever, 2, vocab, 200)
+    ]
+    assert "every request that leaves 'retrieve' out will be refused" in caplog.records[-1].getMessage()
+    job = worker.decode_request({"prompt": "a blue circle"})
+    assert isinstance(job, Rejected) and job.status == 400  # what the warning said

@@ -110,13 +110,21 @@ def write_eval_data(root, n_train: int = 16, n_val: int = 8, seed: int = 0) -> d
     import numpy as np
     from PIL import Image
 
+    from cm3leon_lightning.data.prepare_run import path_sha256
     from cm3leon_lightning.data.shards import ShardSample, ShardWriter
 
     root = Path(root)
     tok, vqgan = tiny_tokenizer(), micro_vqgan(seed)
     tok_path, vqgan_dir = tok.save(root / "tokenizer"), vqgan.save_pretrained(root / "vqgan")
     text_info = {"path": str(tok_path), "sha256": tok.sha256, "n_text": tok.vocab_size, "num_sentinels": 8}
-    image_info = {"checkpoint_sha256": "0" * 64, "n_codes": 32, "grid_h": 8, "grid_w": 8, "image_size": 16}
+    # the hash cm3leon prepare records: a model trained on these shards refuses another VQGAN
+    image_info = {
+        "checkpoint_sha256": path_sha256(vqgan_dir),
+        "n_codes": 32,
+        "grid_h": 8,
+        "grid_w": 8,
+        "image_size": 16,
+    }
     out = {"tokenizer": str(tok_path), "vqgan": str(vqgan_dir)}
     for split, n, s in (("train", n_train, seed), ("val", n_val, seed + 1)):
         images, captions = make_shape_pairs(n, image_size=16, seed=s)
