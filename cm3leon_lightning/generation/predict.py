@@ -494,14 +494,15 @@ class ImageWriter(BasePredictionWriter):
             f.writelines(lines)
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """After every rank finished, rank zero merges the part files into ``predictions.jsonl`` (by index); the part
-        files are deleted only once it is written, so a failed write (a full disk) loses no line."""
+        """After every rank finished, rank zero merges the part files into ``predictions.jsonl`` (by index; a resumed
+        run's earlier lines too); it is replaced whole and the part files are deleted only once it is written, so a
+        failed write (a full disk) loses no line."""
         trainer.strategy.barrier("image_writer")
         if trainer.is_global_zero:
             rows = written_rows(self.output_dir)  # a resumed run's earlier lines too
             parts = sorted(self.output_dir.glob("predictions.rank*.jsonl"))
             text = "".join(rows[i] + "\n" for i in sorted(rows))
-            (self.output_dir / PREDICTIONS_FILE).write_text(text, encoding="utf-8")
+            write_text_whole(self.output_dir / PREDICTIONS_FILE, text)  # a resumed run's file holds earlier lines
             for part in parts:
                 part.unlink()
         trainer.strategy.barrier("image_writer_done")

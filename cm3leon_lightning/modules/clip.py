@@ -60,7 +60,8 @@ class ClipModule(L.LightningModule):
     Args:
         model_name: open_clip architecture (``"cm3leon-clip-tiny"``, ``"cm3leon-clip-small"``, ``"ViT-B-32"``, ...).
         pretrained: weights to start from (open_clip tag or local file), ``None`` to train from scratch.
-            :meth:`load_from_checkpoint` does not read them (the checkpoint holds the weights) unless passed.
+            :meth:`load_from_checkpoint` does not read them (the checkpoint holds the weights) unless passed, or
+            the checkpoint predates the recorded image preprocessing and QuickGELU (they then come from them).
         lr: peak AdamW learning rate.
         weight_decay: AdamW weight decay on weight matrices (not on gains, biases or the temperature).
         beta1: AdamW beta1.
@@ -112,17 +113,25 @@ class ClipModule(L.LightningModule):
         self.tokenizer = open_clip.get_tokenizer(model_name)
         self.loss_fn: ClipLoss | None = None
 
+    _deferred = False  # set while load_from_checkpoint reads a checkpoint: the model is built in on_load_checkpoint
+
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> ClipModule:
         """Lightning's ``load_from_checkpoint``, without reading the ``pretrained`` weights saved in the checkpoint's
         hyper-parameters (they are replaced at once, and a tag would need a download, a file may be gone), unless
-        ``pretrained`` is passed. The image preprocessing and QuickGELU come from the checkpoint."""
-        kwargs.setdefault("pretrained", None)
-        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+        ``pretrained`` is passed. The image preprocessing and QuickGELU come from the checkpoint; one saved before
+        they were recorded still takes them from its ``pretrained`` weights, read as before."""
+        if "pretrained" in kwargs:
+            return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+        ClipModule._deferred = True
+        try:
+            return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+        finally:
+            ClipModule._deferred = False
 
     def configure_model(self) -> None:
         """Build the open_clip model (idempotent; called by Lightning before fit and on checkpoint load)."""
-        if self.model is not None:
+        if self.model is not None or ClipModule._deferred:  # deferred: on_load_checkpoint knows what to read
             return
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*randomly initialised.*")  # expected when training
@@ -137,7 +146,11 @@ class ClipModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Build the model and restore the checkpoint's image preprocessing and QuickGELU (checkpoints from before
-        keep the model's own)."""
+        keep the model's own, or with :meth:`load_from_checkpoint`, the ones their ``pretrained`` weights bring)."""
+        if ClipModule._deferred:  # load_from_checkpoint: pretrained is read only for what the checkpoint lacks
+            ClipModule._deferred = False
+            if "clip_preprocess_cfg" in checkpoint or "clip_quick_gelu" in checkpoint:
+                self.hparams.pretrained = None
         self.configure_model()
         recorded = checkpoint.get("clip_preprocess_cfg")
         if isinstance(recorded, dict):

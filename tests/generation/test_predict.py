@@ -216,14 +216,17 @@ def test_the_writer_keeps_prompts_with_line_separators_on_one_line(assets, tmp_p
 def test_a_failed_merge_keeps_the_part_files(assets, tmp_path, monkeypatch):
     """Rank zero deleted each part file before predictions.jsonl was written: a write that failed (a full disk) lost
     the line of every prompt, leaving PNGs and codes that nothing described."""
-    real = Path.write_text
 
-    def full_disk(self, *args, **kwargs):
-        if self.name == "predictions.jsonl":
-            raise OSError(28, "No space left on device")
-        return real(self, *args, **kwargs)
+    def failing(real):
+        def full_disk(self, *args, **kwargs):
+            if self.name.endswith("predictions.jsonl") or self.name.startswith(".predictions.jsonl"):  # or its temp
+                raise OSError(28, "No space left on device")
+            return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(Path, "write_text", full_disk)
+        return full_disk
+
+    monkeypatch.setattr(Path, "write_text", failing(Path.write_text))
+    monkeypatch.setattr(Path, "write_bytes", failing(Path.write_bytes))
     out = tmp_path / "out"
     with pytest.raises(OSError, match="No space left"):
         predict(assets, out, batch_size=2, vqgan=False)
@@ -486,6 +489,44 @@ def test_resume_decodes_only_the_prompts_a_stopped_run_did_not_finish(assets, tm
         trainer.predict(module, datamodule=dm, ckpt_path=str(assets / "model.ckpt"))
     with pytest.raises(ValueError, match="give overwrite .* or resume .*, not both"):
         ImageWriter(str(out), overwrite=True, resume=True)
+
+
+def test_a_resumed_run_whose_merge_fails_keeps_the_earlier_runs_lines(assets, tmp_path, monkeypatch):
+    """A resumed run keeps the earlier run's lines in ``predictions.jsonl`` (not in a part file); the final merge
+    rewrote that file in place, so a write that failed (a full disk) or was killed truncated it and lost them. It is
+    now replaced whole: the earlier lines stay, the new ones stay in the part file, and a rerun completes it."""
+    out = tmp_path / "out"
+    predict(assets, out, batch_size=1, vqgan=False)
+    lines = (out / "predictions.jsonl").read_text().splitlines(keepends=True)
+    (out / "predictions.jsonl").write_text("".join(lines[:2]))  # a run stopped before prompt 2
+
+    def full_disk(write):
+        def wrapped(self, data, *args, **kwargs):
+            if self.name.endswith("predictions.jsonl") or self.name.startswith(".predictions.jsonl"):
+                write(self, data[: len(data) // 3], *args, **kwargs)
+                raise OSError(28, "No space left on device")
+            return write(self, data, *args, **kwargs)
+
+        return wrapped
+
+    class FullDisk(ImageWriter):
+        def on_predict_end(self, trainer, pl_module):
+            with monkeypatch.context() as m:
+                m.setattr(Path, "write_text", full_disk(Path.write_text))
+                m.setattr(Path, "write_bytes", full_disk(Path.write_bytes))
+                super().on_predict_end(trainer, pl_module)
+
+    dm = PromptDataModule(str(assets / "prompts.jsonl"), str(assets / "tok"), str(assets / "model.ckpt"), 1)
+    module = CM3LeonModule(preset="tiny", vocab=dm.vocab.to_dict(), generation=GenerationSettings(**SETTINGS))
+    quiet = {"enable_progress_bar": False, "enable_model_summary": False, "default_root_dir": str(tmp_path)}
+    trainer = L.Trainer(accelerator="cpu", logger=False, callbacks=[FullDisk(str(out), resume=True)], **quiet)
+    with pytest.raises(OSError, match="No space left"):
+        trainer.predict(module, datamodule=dm, ckpt_path=str(assets / "model.ckpt"))
+    assert (out / "predictions.jsonl").read_text() == "".join(lines[:2])  # the earlier run's lines, whole
+    assert (out / "predictions.rank0.jsonl").read_text() == lines[2]
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+    assert not predict(assets, out, batch_size=1, vqgan=False, resume=True)  # nothing left to decode
+    assert (out / "predictions.jsonl").read_text() == "".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------ the CLI

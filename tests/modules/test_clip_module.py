@@ -472,3 +472,39 @@ def test_load_from_checkpoint_does_not_read_the_pretrained_weights_again(tmp_pat
         assert torch.equal(got, want), name
     with pytest.raises(Exception, match="start.safetensors"):  # asked for explicitly, the file is read
         ClipModule.load_from_checkpoint(tmp_path / "tuned.ckpt", pretrained=str(weights))
+
+
+def test_a_checkpoint_saved_before_the_records_takes_them_from_its_pretrained_weights(tmp_path):
+    """A checkpoint saved before the preprocessing and QuickGELU were recorded, of a model fine-tuned from weights
+    that bring their own (a tag, or an export of such a model), came back from ``load_from_checkpoint`` with the
+    architecture's GELU and preprocessing once it stopped reading ``pretrained``: other embeddings, without a word.
+    It reads them from ``pretrained`` as before; ``pretrained=None`` passed explicitly still skips them."""
+    from cm3leon_lightning.retrieval.encoder import uses_quick_gelu
+
+    torch.manual_seed(0)
+    start = ClipModule(model_name="cm3leon-clip-small")
+    start.model = open_clip.create_model("cm3leon-clip-small", force_quick_gelu=True)  # as the openai tag builds it
+    start.model.visual.preprocess_cfg.update(HALF)
+    weights = start.export_weights(tmp_path / "start.safetensors")
+    tuned = ClipModule(model_name="cm3leon-clip-small", pretrained=str(weights))
+    tuned.configure_model()
+    assert uses_quick_gelu(tuned.model) and tuple(tuned.model.visual.preprocess_cfg["mean"]) == HALF["mean"]
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.strategy.connect(tuned)
+    trainer.save_checkpoint(tmp_path / "tuned.ckpt")
+    ckpt = torch.load(tmp_path / "tuned.ckpt", weights_only=True)
+    del ckpt["clip_preprocess_cfg"], ckpt["clip_quick_gelu"]  # as saved before they were recorded
+    torch.save(ckpt, tmp_path / "older.ckpt")
+    loaded = ClipModule.load_from_checkpoint(tmp_path / "older.ckpt").eval()
+    assert loaded.hparams.pretrained == str(weights)
+    assert uses_quick_gelu(loaded.model) and tuple(loaded.model.visual.preprocess_cfg["mean"]) == HALF["mean"]
+    x = torch.from_numpy(make_shape_pairs(2, 64, seed=7)[0]).permute(0, 3, 1, 2)
+    captions = ["a red square", "a blue circle"]
+    with torch.no_grad():
+        want, got = tuned.eval()(x, captions), loaded(x, captions)
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+    torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)
+    plain = ClipModule.load_from_checkpoint(tmp_path / "older.ckpt", pretrained=None)  # asked for: the defaults
+    assert not uses_quick_gelu(plain.model) and plain.hparams.pretrained is None
+    recorded = ClipModule.load_from_checkpoint(tmp_path / "tuned.ckpt")  # recorded: pretrained is not read
+    assert recorded.hparams.pretrained is None and uses_quick_gelu(recorded.model)
