@@ -71,6 +71,11 @@ class DocumentRetriever:
             self._documents = self._read(None)
             self._check_found(self.bank.keys, self._documents)
 
+    @property
+    def preloaded(self) -> dict[str, Document]:
+        """The documents read when the retriever was built (``preload``), by bank key; empty without ``preload``."""
+        return dict(self._documents or {})
+
     def _read(self, wanted: set[str] | None) -> dict[str, Document]:
         """The documents of ``wanted`` keys (None: all), scanning shards until every wanted key is found."""
         from cm3leon_lightning.data.shards import read_shard

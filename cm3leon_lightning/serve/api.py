@@ -374,7 +374,7 @@ def warn_long_documents(retriever: DocumentRetriever, k: int, vocab: MultimodalV
     serve`` has refused a ``--k`` that no documents could fit before the workers started
     (:func:`~cm3leon_lightning.serve.cli.check_retrieve_k`); the exact lengths are known only here, once the shards
     are read."""
-    documents = getattr(retriever, "_documents", None) or {}  # the preloaded documents, by bank key
+    documents = retriever.preloaded
     if not k or not documents:
         return None
     # <eos> text <break> image: one position per segment besides its tokens

@@ -162,7 +162,7 @@ def test_a_worker_warns_when_the_bank_s_documents_are_too_long_for_k(api, assets
         "1)"
     )
     # documents of captions 1, 5 and 9 tokens long (lengths 67, 71, 75): the two longest miss by one position
-    bank = SimpleNamespace(_documents={f"d{n}": [Segment.text([5] * n), Segment.image([0] * 64)] for n in (1, 5, 9)})
+    bank = SimpleNamespace(preloaded={f"d{n}": [Segment.text([5] * n), Segment.image([0] * 64)] for n in (1, 5, 9)})
     assert warn_long_documents(bank, 2, vocab, 3 + 64 + 75 + 71) is None
     assert warn_long_documents(bank, 2, vocab, 3 + 64 + 75 + 71 - 1) == (
         "--k 2: the 2 longest documents of the bank need 146 positions, more than the 145 the model's context "
