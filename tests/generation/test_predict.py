@@ -186,14 +186,14 @@ def test_trainer_predict_writes_pngs_grids_codes_and_jsonl(assets, tmp_path):
         grid = Image.open(out / r["grid"])
         assert grid.width == 2 * (16 + 4) + 4 and grid.height == 16 + 2 * 4 + 14  # two tiles under the prompt strip
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["predictions.jsonl"] + [f for r in rows for f in (*r["files"], r["grid"], r["codes"])]
+        ["predict_settings.json", "predictions.jsonl"] + [f for r in rows for f in (*r["files"], r["grid"], r["codes"])]
     )  # no part files left
 
     # The same prompts one per batch, without a VQGAN: the same codes (a prompt's samples ignore its batch).
     out1 = tmp_path / "codes-only"
     single = predict(assets, out1, batch_size=1, vqgan=False)
     np.testing.assert_array_equal(torch.cat([b["codes"] for b in single]).numpy(), want)
-    assert sorted(p.suffix for p in out1.iterdir()) == [".jsonl", ".npy", ".npy", ".npy"]
+    assert sorted(p.suffix for p in out1.iterdir()) == [".json", ".jsonl", ".npy", ".npy", ".npy"]
 
 
 def test_the_writer_keeps_prompts_with_line_separators_on_one_line(assets, tmp_path):
@@ -413,7 +413,7 @@ def test_writer_refuses_an_output_dir_with_earlier_outputs_unless_overwrite(asse
     (out / "config.yaml").write_text("x: 1\n")  # LightningCLI's, with --trainer.default_root_dir out/: not ours
     (out / "notes.txt").write_text("mine\n")
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    assert len(before) == 6
+    assert len(before) == 7
     fewer = tmp_path / "fewer.txt"
     fewer.write_text("a big red square\n")
 
@@ -427,7 +427,7 @@ def test_writer_refuses_an_output_dir_with_earlier_outputs_unless_overwrite(asse
         trainer.predict(module, datamodule=dm, ckpt_path=str(assets / "model.ckpt"))
 
     want = (
-        rf"ImageWriter output_dir: {out} already holds 4 files of an earlier predict run \(000000-codes.npy, "
+        rf"ImageWriter output_dir: {out} already holds 5 files of an earlier predict run \(000000-codes.npy, "
         r"000001-codes.npy, 000002-codes.npy \.\.\.\); give a new or empty directory, overwrite=True .* or resume=True"
     )
     with pytest.raises(ValueError, match=want):
@@ -439,6 +439,7 @@ def test_writer_refuses_an_output_dir_with_earlier_outputs_unless_overwrite(asse
         "000000-codes.npy",
         "config.yaml",
         "notes.txt",
+        "predict_settings.json",
         "predictions.jsonl",
     ]
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
@@ -483,12 +484,23 @@ def test_resume_decodes_only_the_prompts_a_stopped_run_did_not_finish(assets, tm
     other = tmp_path / "other.txt"
     other.write_text("a red square\na yellow star\n")
     dm = PromptDataModule(str(other), str(assets / "tok"), str(assets / "model.ckpt"), 1)
-    trainer = L.Trainer(accelerator="cpu", logger=False, callbacks=[ImageWriter(str(out), resume=True)], **quiet)
+    writer = ImageWriter(str(out), str(assets / "vqgan"), resume=True)
+    trainer = L.Trainer(accelerator="cpu", logger=False, callbacks=[writer], **quiet)
     want = r"resume: .*predictions.jsonl holds prompt 1 'a blue circle', but .*other.txt has 'a yellow star': the"
     with pytest.raises(ValueError, match=want + " earlier run read another prompts file"):
         trainer.predict(module, datamodule=dm, ckpt_path=str(assets / "model.ckpt"))
     with pytest.raises(ValueError, match="give overwrite .* or resume .*, not both"):
         ImageWriter(str(out), overwrite=True, resume=True)
+    # other settings than the earlier run's would mix two runs' images in one directory (say, for one FID)
+    hotter = CM3LeonModule(
+        preset="tiny", vocab=dm.vocab.to_dict(), generation=GenerationSettings(**{**SETTINGS, "cfg": 5.0})
+    )
+    dm = PromptDataModule(str(assets / "prompts.jsonl"), str(assets / "tok"), str(assets / "model.ckpt"), 1)
+    writer = ImageWriter(str(out), str(assets / "vqgan"), clip=None, resume=True)
+    trainer = L.Trainer(accelerator="cpu", logger=False, callbacks=[writer], **quiet)
+    want = r"settings differ from the earlier run's \(.*predict_settings.json\): generation.cfg: 2.0 -> 5.0; the"
+    with pytest.raises(ValueError, match=want + " finished prompts' images would not be this run's"):
+        trainer.predict(hotter, datamodule=dm, ckpt_path=str(assets / "model.ckpt"))
 
 
 def test_a_resumed_run_whose_merge_fails_keeps_the_earlier_runs_lines(assets, tmp_path, monkeypatch):
