@@ -1,4 +1,6 @@
-"""Files written whole: into a temporary file beside the target, renamed over it only once complete.
+"""Files written whole, and text / JSON-lines files read line by line with their line numbers.
+
+Writing: into a temporary file beside the target, renamed over it only once complete.
 
 A killed or failed write then leaves the old file (or none), never a truncated one, and a writer may read the old
 file while it writes the new (a model directory re-saved from its own lazily read weights). The temporary name holds
@@ -8,10 +10,12 @@ Lightning.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 
 @contextmanager
@@ -42,3 +46,38 @@ def write_bytes_whole(path: str | os.PathLike[str], data: bytes, fsync: bool = F
 def write_text_whole(path: str | os.PathLike[str], text: str) -> None:
     """Write UTF-8 ``text`` to ``path`` whole (:func:`replaced_whole`)."""
     write_bytes_whole(path, text.encode("utf-8"))
+
+
+def text_lines(path: str | os.PathLike[str], where: str = "") -> Iterator[tuple[int, str]]:
+    """``(line number, line)`` of each non-blank line of a UTF-8 text file, counted from 1.
+
+    Lines end at ``"\n"`` only (``str.splitlines`` also breaks at U+2028, form feeds ... which a caption or a JSON
+    string may hold); a trailing ``"\r"`` is dropped, and a byte-order mark at the start.
+
+    Raises:
+        ValueError: bytes that are not UTF-8, naming ``where`` (a prefix such as ``"prompts: "``), the file and line.
+    """
+    data = Path(path).read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ValueError(f"{where}{path} line {line} is not UTF-8 text: {e.reason} at byte {e.start}") from e
+    for n, line in enumerate(text.split("\n"), start=1):
+        line = line.removesuffix("\r")
+        if line.strip():
+            yield n, line
+
+
+def jsonl_values(path: str | os.PathLike[str], where: str = "") -> Iterator[tuple[int, Any]]:
+    """``(line number, value)`` of each non-blank line of a JSON-lines file (:func:`text_lines`).
+
+    Raises:
+        ValueError: a line that is not UTF-8 or not JSON, naming ``where``, the file and line.
+    """
+    for n, line in text_lines(path, where):
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}{path} line {n} is not JSON: {e}") from e
+        yield n, value

@@ -1,4 +1,5 @@
-"""cm3leon_lightning.files: a file is replaced only by a complete new one."""
+"""cm3leon_lightning.files: a file is replaced only by a complete new one; text and JSON lines are read with their
+line numbers, split at newlines only."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cm3leon_lightning.files import replaced_whole, write_bytes_whole, write_text_whole
+from cm3leon_lightning.files import jsonl_values, replaced_whole, text_lines, write_bytes_whole, write_text_whole
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path: Path) -> None:
@@ -31,3 +32,18 @@ def test_bytes_and_text_are_written_whole(tmp_path: Path) -> None:
     assert (tmp_path / "a.bin").read_bytes() == b"\x00\x01" and (tmp_path / "b.bin").read_bytes() == b"\x02"
     assert (tmp_path / "c.json").read_bytes() == '{"é": 1}\n'.encode()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin", "b.bin", "c.json"]
+
+
+def test_json_lines_split_at_newlines_only_and_name_the_bad_line(tmp_path: Path) -> None:
+    """A JSON string may hold U+2028 or U+0085 unescaped; str.splitlines() broke such a line in two (the VQA
+    reader then failed with "not valid JSON" on a file that was)."""
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"q": "a\xe2\x80\xa8b\xc2\x85c"}\r\n\n  \n[1, 2]\n')  # BOM, CRLF, blank lines
+    assert list(jsonl_values(path)) == [(1, {"q": "a\u2028b\x85c"}), (4, [1, 2])]
+    assert [n for n, _ in text_lines(path)] == [1, 4]
+    path.write_bytes(b'{"q": 1}\n{oops\n')
+    with pytest.raises(ValueError, match=r"^where: .*rows.jsonl line 2 is not JSON: Expecting property name"):
+        list(jsonl_values(path, "where: "))
+    path.write_bytes(b'{"q": 1}\n{"q": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"rows.jsonl line 2 is not UTF-8 text: invalid continuation byte at byte 19"):
+        list(text_lines(path))

@@ -26,6 +26,7 @@ import torch
 from cm3leon_lightning.callbacks.base import EvalSample
 from cm3leon_lightning.callbacks.cider import CIDErCallback
 from cm3leon_lightning.data.cleaning import model_text
+from cm3leon_lightning.files import jsonl_values
 from cm3leon_lightning.metrics.fid import fid_resize
 from cm3leon_lightning.metrics.vqa import VQAAccuracy
 
@@ -90,13 +91,7 @@ def _vqa_lines(path: Path) -> list[tuple[int, object]]:
     """``(line number, entry)`` of a JSON-lines VQA file: lines of another ``task`` dropped, ``answer`` as the one
     answer, the line number as the default key."""
     out: list[tuple[int, object]] = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            e = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: line {n} is not valid JSON: {err}") from err
+    for n, e in jsonl_values(path):
         if isinstance(e, dict):
             if e.get("task", "vqa") != "vqa":
                 continue

@@ -52,6 +52,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from cm3leon_lightning.data.cleaning import model_text
+from cm3leon_lightning.files import text_lines
 from cm3leon_lightning.generation.predict_writer import (
     OUTPUT_NAME,
     PREDICTIONS_FILE,
@@ -99,18 +100,7 @@ def read_prompt_lines(path: str | os.PathLike[str]) -> list[tuple[int, str, int 
     if p.suffix not in (".txt", ".jsonl"):
         raise ValueError(f"prompts: {p} must end in .txt (one prompt per line) or .jsonl ({{'prompt', 'seed'}})")
     out: list[tuple[int, str, int | None]] = []
-    # Lines end at "\n" only: str.splitlines() also breaks at U+2028, form feeds ... which a prompt (or a JSON string)
-    # may hold. utf-8-sig drops a byte-order mark, which would otherwise start the first prompt.
-    data = p.read_bytes()
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise ValueError(f"prompts: {p} line {line} is not UTF-8 text: {e.reason} at byte {e.start}") from e
-    for n, line in enumerate(text.split("\n"), start=1):
-        line = line.removesuffix("\r")
-        if not line.strip():
-            continue
+    for n, line in text_lines(p, "prompts: "):
         if p.suffix == ".txt":
             model_text(line, f"prompts: {p} line {n}")
             out.append((n, line.strip(), None))

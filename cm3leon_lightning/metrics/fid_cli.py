@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cm3leon_lightning.files import write_text_whole
+from cm3leon_lightning.files import jsonl_values, write_text_whole
 
 PROG = "cm3leon fid"
 
@@ -99,13 +99,7 @@ def read_predictions(generated: str) -> tuple[Path, dict[int, tuple[int, dict[st
             f"--generated: no {PREDICTIONS_FILE} in {generated} (the output_dir of a finished cm3leon predict run)"
         )
     rows: dict[int, tuple[int, dict[str, Any]]] = {}
-    for n, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} line {n} is not JSON: {e}") from e
+    for n, row in jsonl_values(path):
         index = row.get("index") if isinstance(row, dict) else None
         if not isinstance(index, int) or isinstance(index, bool) or not isinstance(row.get("prompt"), str):
             raise ValueError(f"{path} line {n} is not a prediction (an object with an integer 'index' and a 'prompt')")

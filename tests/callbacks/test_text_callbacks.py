@@ -140,8 +140,12 @@ def test_vqa_file_in_sft_json_lines(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="list.jsonl: line 2 needs 'question'"):  # not a TypeError
         read_vqa_file(tmp_path / "list.jsonl")
     (tmp_path / "bad.jsonl").write_text('{"codes": [1], "question": "q", "answer": "a"}\n{oops\n')
-    with pytest.raises(ValueError, match="bad.jsonl: line 2 is not valid JSON"):
+    with pytest.raises(ValueError, match="bad.jsonl line 2 is not JSON"):
         read_vqa_file(tmp_path / "bad.jsonl")
+    # a question holding U+2028 (valid unescaped in JSON) was split in two lines by str.splitlines()
+    (tmp_path / "sep.jsonl").write_text(json.dumps({"codes": [1], "question": "q\u2028r", "answer": "a"},
+                                                   ensure_ascii=False) + "\n", encoding="utf-8")  # fmt: skip
+    assert [s.question for s in read_vqa_file(tmp_path / "sep.jsonl")] == ["q\u2028r"]
 
 
 def test_vqa_file_errors_name_the_file_and_entry(tmp_path: Path) -> None:
