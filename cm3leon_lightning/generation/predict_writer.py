@@ -6,6 +6,7 @@ codes and a line of ``predictions.jsonl``, with CLIP re-ranking, and resuming a 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -36,6 +37,18 @@ def previous_outputs(output_dir: Path) -> list[Path]:
     if not output_dir.is_dir():
         return []
     return sorted(p for p in output_dir.iterdir() if p.is_file() and OUTPUT_NAME.fullmatch(p.name))
+
+
+def weights_fingerprint(module: torch.nn.Module, samples: int = 4096) -> str:
+    """sha256 over each tensor of ``module.state_dict()``: its name, shape, dtype and up to ``samples`` evenly strided
+    values. Other weights (another checkpoint, one re-trained at the same path) give another fingerprint, for a few
+    thousand reads per tensor rather than hashing gigabytes."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        h.update(f"{name} {tuple(tensor.shape)} {tensor.dtype}\n".encode())
+        h.update(flat[:: max(1, flat.numel() // samples)][:samples].float().cpu().numpy().tobytes())
+    return h.hexdigest()
 
 
 def written_rows(output_dir: Path) -> dict[int, str]:
@@ -127,9 +140,7 @@ class ImageWriter(BasePredictionWriter):
                 "true) to delete them first, or resume=True (--trainer.callbacks.resume true) to keep the prompts it "
                 "finished and decode the rest"
             )
-        self._settings = self.run_settings(trainer, pl_module)
-        if self.resume:
-            self.check_same_settings(self._settings)
+        if self.resume:  # the settings are compared in on_predict_start, once the checkpoint's weights are loaded
             self.resume_from_earlier(trainer)
         from cm3leon_lightning.generation.cli import check_tokenizers
 
@@ -144,14 +155,17 @@ class ImageWriter(BasePredictionWriter):
             check_tokenizers(vocab, None, self.vqgan, model, self.vqgan_path, ("tokenizer", "ImageWriter vqgan"))
 
     def run_settings(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
-        """What decides a prompt's files, recorded in ``predict_settings.json``: the model (``ckpt_path``, or the
-        module's ``init_from``), the module's ``generation`` settings, and this writer's re-ranking and grid."""
+        """What decides a prompt's files, recorded in ``predict_settings.json``: the model's weights
+        (:func:`weights_fingerprint`, with the checkpoint or ``init_from`` they came from as ``model_source``, which
+        is not compared), the module's ``generation`` settings, and this writer's re-ranking and grid. Call it once
+        the checkpoint is loaded (``on_predict_start``)."""
         generation = getattr(pl_module, "generation", None)
         if dataclasses.is_dataclass(generation) and not isinstance(generation, type):
             generation = dataclasses.asdict(generation)
-        model = getattr(trainer, "ckpt_path", None) or getattr(pl_module, "hparams", {}).get("init_from")
+        source = getattr(trainer, "ckpt_path", None) or getattr(pl_module, "hparams", {}).get("init_from")
         settings = {
-            "model": None if model is None else str(model),
+            "model": weights_fingerprint(pl_module),
+            "model_source": None if source is None else str(source),
             "generation": generation,
             "vqgan": self.vqgan_path,
             "clip": self.clip_name,
@@ -185,7 +199,7 @@ class ImageWriter(BasePredictionWriter):
             return {k: v for key, value in d.items() for k, v in flat(value, f"{prefix}{key}.").items()}
 
         have, want = flat(settings), flat(recorded)
-        differ = [k for k in sorted(set(have) | set(want)) if have.get(k) != want.get(k)]
+        differ = [k for k in sorted(set(have) | set(want)) if have.get(k) != want.get(k) and k != "model_source"]
         if differ:
             changes = ", ".join(f"{k}: {want.get(k)!r} -> {have.get(k)!r}" for k in differ[:4])
             raise ValueError(
@@ -214,8 +228,12 @@ class ImageWriter(BasePredictionWriter):
         exclude(done, str(merged))
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Create the output directory and this rank's part of ``predictions.jsonl`` (with ``overwrite``, an earlier
-        run's outputs deleted first)."""
+        """With ``resume``, refuse other settings than the earlier run's (:meth:`check_same_settings`); create the
+        output directory, record this run's settings and create this rank's part of ``predictions.jsonl`` (with
+        ``overwrite``, an earlier run's outputs deleted first)."""
+        self._settings = self.run_settings(trainer, pl_module)
+        if self.resume:
+            self.check_same_settings(self._settings)
         if trainer.is_global_zero:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             for earlier in [] if self.resume else previous_outputs(self.output_dir):  # none unless overwrite

@@ -491,7 +491,10 @@ def test_resume_decodes_only_the_prompts_a_stopped_run_did_not_finish(assets, tm
         trainer.predict(module, datamodule=dm, ckpt_path=str(assets / "model.ckpt"))
     with pytest.raises(ValueError, match="give overwrite .* or resume .*, not both"):
         ImageWriter(str(out), overwrite=True, resume=True)
-    # other settings than the earlier run's would mix two runs' images in one directory (say, for one FID)
+    # other settings than the earlier run's would mix two runs' images in one directory (say, for one FID); with
+    # prompt 2 left to decode (with none left, nothing runs and nothing is checked)
+    lines = (out / "predictions.jsonl").read_text().splitlines(keepends=True)
+    (out / "predictions.jsonl").write_text("".join(lines[:2]))
     hotter = CM3LeonModule(
         preset="tiny", vocab=dm.vocab.to_dict(), generation=GenerationSettings(**{**SETTINGS, "cfg": 5.0})
     )
@@ -501,6 +504,16 @@ def test_resume_decodes_only_the_prompts_a_stopped_run_did_not_finish(assets, tm
     want = r"settings differ from the earlier run's \(.*predict_settings.json\): generation.cfg: 2.0 -> 5.0; the"
     with pytest.raises(ValueError, match=want + " finished prompts' images would not be this run's"):
         trainer.predict(hotter, datamodule=dm, ckpt_path=str(assets / "model.ckpt"))
+    # another checkpoint too (Lightning loads it after the callbacks' setup: the model was not recorded at all)
+    ckpt = torch.load(assets / "model.ckpt", weights_only=True)
+    ckpt["state_dict"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
+    torch.save(ckpt, tmp_path / "other.ckpt")
+    trainer = L.Trainer(accelerator="cpu", logger=False, callbacks=[ImageWriter(str(out), str(assets / "vqgan"),
+                                                                                 resume=True)], **quiet)  # fmt: skip
+    with pytest.raises(ValueError, match=r"settings differ from the earlier run's \(.*\): model: '[0-9a-f]{64}' -> "):
+        trainer.predict(module, datamodule=dm, ckpt_path=str(tmp_path / "other.ckpt"))
+    recorded = json.loads((out / "predict_settings.json").read_text())
+    assert recorded["model_source"] == str(assets / "model.ckpt") and len(recorded["model"]) == 64
 
 
 def test_a_resumed_run_whose_merge_fails_keeps_the_earlier_runs_lines(assets, tmp_path, monkeypatch):
