@@ -12,6 +12,11 @@ alone; with the prompt's nearest training document placed before it (``"retrieve
 trained); and the best of 4 candidates of the prompt alone by CLIP score (``"rerank"``). Then it starts the server
 again with ``--max-batch-size 1`` and sends the first set once more, to time what batching concurrent requests saves.
 ``report.json`` holds the accuracies and times, ``grid.png`` the first images of each way.
+
+``<out>/args.json`` records the arguments. A rerun into the same ``--out`` with the same arguments exports the model
+again over its own ``<out>/model`` and replaces the report; one with other arguments (the demo run, ``--requests``,
+``--max-batch-size``, ``--seed``) is refused before it writes anything: give another ``--out``, or ``--fresh`` to
+delete the old output first. A non-empty ``--out`` that is not an output of this example is never written into.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import base64
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -41,6 +47,7 @@ from cm3leon_lightning.data import shapes
 from cm3leon_lightning.demo_cli import positive_int
 from cm3leon_lightning.demo_eval import attribute_scores
 from cm3leon_lightning.demo_report import stage_results
+from cm3leon_lightning.files import write_text_whole
 
 
 def demo_paths(run: Path) -> dict[str, str]:
@@ -57,6 +64,54 @@ def demo_paths(run: Path) -> dict[str, str]:
     # The stages record paths relative to where the demo ran (here too); the server runs in --out.
     paths = {name: str(Path(path).resolve()) for name, path in files.items()}
     return {**paths, "clip": stages["clip"]["model"], "k": str(stages["train"]["max_retrieved"])}
+
+
+ARGS_FILE = "args.json"
+SETTINGS = {"run": "run", "requests": "--requests", "max_batch_size": "--max-batch-size", "seed": "--seed"}
+
+
+def prepare_out(out: Path, settings: dict[str, Any], ckpt: str, fresh: bool) -> None:
+    """Check that ``out`` is new, empty, or an output of this example made with the same ``settings`` (the keys of
+    :data:`SETTINGS`, recorded under ``"serve"`` in its ``args.json``) whose ``model`` directory, if any, is its export
+    of ``ckpt``; with ``fresh``, delete such an output whatever its settings.
+
+    Raises:
+        ValueError: naming ``--out`` or ``--fresh``: a file; a non-empty directory without this example's
+            ``args.json`` (never written into or deleted); an output of other settings (its report would be
+            replaced); a ``model`` directory that is not an export of ``ckpt`` (never replaced).
+    """
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ValueError(f"--out: {out} is a file, not a directory")
+    if not any(out.iterdir()):
+        return
+    try:
+        recorded = json.loads((out / ARGS_FILE).read_text(encoding="utf-8"))["serve"]
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        recorded = None
+    if not isinstance(recorded, dict):
+        flag = "--fresh" if fresh else "--out"
+        raise ValueError(f"{flag}: {out} is not empty and holds no {ARGS_FILE} of examples/serve_shapes.py; refusing "
+                         "to write into or delete it: give a new or empty --out")  # fmt: skip
+    if fresh:
+        shutil.rmtree(out)
+        return
+    differ = [k for k in SETTINGS if recorded.get(k) != settings[k]]
+    if differ:
+        was = ", ".join(f"{SETTINGS[k]} {recorded.get(k)}" for k in differ)
+        asked = ", ".join(f"{SETTINGS[k]} {settings[k]}" for k in differ)
+        raise ValueError(f"--out: {out} holds the output of other settings ({was}; asked for: {asked}): rerunning "
+                         "would replace its report.json and grid.png. Pass --fresh to delete it and start over, or "
+                         "give another --out")  # fmt: skip
+    model = out / "model"
+    try:
+        source = json.loads((model / "config.json").read_text(encoding="utf-8"))["source"]["checkpoint"]
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        source = None
+    if model.exists() and source != ckpt:
+        raise ValueError(f"--out: {model} is not this example's export of {ckpt}; refusing to replace it: move it "
+                         "away, or pass --fresh to delete --out and start over")  # fmt: skip
 
 
 def free_port() -> int:
@@ -126,6 +181,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--requests", type=positive_int, default=48, help="requests sent at once")
     p.add_argument("--max-batch-size", type=positive_int, default=16, help="the batching server's --max-batch-size")
     p.add_argument("--seed", type=int, default=7, help="seed of the scenes (>= 0)")
+    p.add_argument("--fresh", action="store_true", help="delete --out first (an output of this example, holding "
+                   f"its {ARGS_FILE}) and start over; without it, a rerun with other arguments is refused")  # fmt: skip
     args = p.parse_args(argv)
     if args.seed < 0:
         p.error(f"argument --seed: expected an integer >= 0, got {args.seed}")
@@ -133,9 +190,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         paths, out = demo_paths(args.run), args.out
     except FileNotFoundError as e:
         p.error(f"run: {e}")
+    settings = {"run": str(args.run.resolve()), **{k: getattr(args, k) for k in SETTINGS if k != "run"}}
+    try:
+        prepare_out(out, settings, paths["ckpt"], args.fresh)
+    except ValueError as e:
+        p.error(str(e))
     out.mkdir(parents=True, exist_ok=True)
-    # One directory to hand to the server: weights (safetensors, no optimizer state) + both tokenizers.
-    export_model(paths["ckpt"], out / "model", paths["tokenizer"], paths["vqgan"], force=True)
+    write_text_whole(out / ARGS_FILE, json.dumps({"serve": settings}, indent=1))
+    # One directory to hand to the server: weights (safetensors, no optimizer state) + both tokenizers. Exported
+    # again on a rerun (the demo may have trained a new checkpoint since): replacing only this example's own export.
+    own_export = (out / "model").exists()  # prepare_out checked that it is the export of this checkpoint
+    export_model(paths["ckpt"], out / "model", paths["tokenizer"], paths["vqgan"], force=own_export)
     paths["model"] = str((out / "model").resolve())
     rng = np.random.default_rng(args.seed)
     scenes = [shapes.sample_scene(rng, "train", two_shape_prob=0.0) for _ in range(args.requests)]

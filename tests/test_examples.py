@@ -247,3 +247,110 @@ def test_sft_example_writes_into_no_other_directory(
         .endswith(f": error: --out: {tmp_path / 'file'} is a file, not a directory")
     )
     assert (tmp_path / "file").read_text() == "mine"
+
+
+class StopBeforeServe(Exception):
+    """Raised in place of ``cm3leon serve``: the serve example's arguments checked and its model exported."""
+
+
+@pytest.fixture
+def serve_main(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, object, list]:
+    """A fake demo run (with a memory bank) in ``tmp_path / "run"``, examples/serve_shapes.py's main stopping where
+    the first server starts, and the calls of its ``export_model`` (a stub writing the config.json of an export)."""
+    run = fake_demo_run(tmp_path / "run")
+    stage = run / "train" / "stage.json"
+    stage.write_text(json.dumps({"result": {**json.loads(stage.read_text())["result"], "max_retrieved": 1}}))
+    (run / "prepare" / "work" / "bank" / "index").mkdir(parents=True)
+    (run / "prepare" / "work" / "bank" / "index" / "index.faiss").write_bytes(b"bank")
+    calls = []
+
+    def export(ckpt: str, out: Path, *args: object, force: bool = False) -> None:
+        calls.append((Path(out), force))
+        out.mkdir(exist_ok=True)
+        (out / "config.json").write_text(json.dumps({"source": {"checkpoint": ckpt}}))
+
+    def stop(*args: object, **kwargs: object) -> None:
+        raise StopBeforeServe
+
+    main = runpy.run_path(str(EXAMPLES / "serve_shapes.py"))["main"]
+    monkeypatch.setitem(main.__globals__, "export_model", export)
+    monkeypatch.setitem(main.__globals__, "server", stop)
+    return run, main, calls
+
+
+def test_serve_example_writes_into_no_other_directory(
+    serve_main: tuple[Path, object, list], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A non-empty --out without the example's args.json was exported into with force=True: `<out>/model` replaced
+    whatever it held (a user's weights.bin gone). Now it is refused, untouched, --fresh too (nor another example's
+    args.json); a file is refused."""
+    run, main, calls = serve_main
+    victim = tmp_path / "victim"
+    (victim / "model").mkdir(parents=True)
+    (victim / "model" / "weights.bin").write_text("x")
+    (tmp_path / "sft").mkdir()
+    (tmp_path / "sft" / "args.json").write_text(json.dumps({"data": {"seed": 7}, "fit": {}}))
+    before = {d: files(d) for d in (victim, run, tmp_path / "sft")}
+    for out in before:
+        for extra, flag in (([], "--out"), (["--fresh"], "--fresh")):
+            with pytest.raises(SystemExit) as e:
+                main([str(run), "--out", str(out), "--requests", "2", *extra])
+            message = (f": error: {flag}: {out} is not empty and holds no args.json of examples/serve_shapes.py; "
+                       "refusing to write into or delete it: give a new or empty --out")  # fmt: skip
+            assert e.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith(message)
+    assert {d: files(d) for d in before} == before and calls == []
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(SystemExit) as e:
+        main([str(run), "--out", str(tmp_path / "file")])
+    message = f": error: --out: {tmp_path / 'file'} is a file, not a directory"
+    assert e.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith(message)
+    assert (tmp_path / "file").read_text() == "mine" and calls == []
+
+
+def test_serve_example_refuses_to_rerun_other_settings_into_its_out(
+    serve_main: tuple[Path, object, list], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A rerun with another --seed (or --requests) silently replaced report.json and grid.png; now it is refused,
+    naming the settings, before anything is written. The same settings rerun, exporting again over their own
+    export only; --fresh deletes the old output first."""
+    run, main, calls = serve_main
+    out = tmp_path / "serve"
+    with pytest.raises(StopBeforeServe):
+        main([str(run), "--out", str(out), "--requests", "2", "--seed", "7"])
+    assert calls == [(out / "model", False)]
+    settings = {"run": str(run.resolve()), "requests": 2, "max_batch_size": 16, "seed": 7}
+    assert json.loads((out / "args.json").read_text()) == {"serve": settings}
+    (out / "report.json").write_text("{}")  # what the first run went on to write
+    (out / "grid.png").write_bytes(b"png")
+    before = files(out)
+    for args, differ in (
+        (["--requests", "2", "--seed", "8"], "--seed 7; asked for: --seed 8"),
+        (["--requests", "3", "--seed", "7", "--max-batch-size", "2"],
+         "--requests 2, --max-batch-size 16; asked for: --requests 3, --max-batch-size 2"),
+    ):  # fmt: skip
+        with pytest.raises(SystemExit) as e:
+            main([str(run), "--out", str(out), *args])
+        message = (
+            f": error: --out: {out} holds the output of other settings ({differ}): rerunning would replace "
+            "its report.json and grid.png. Pass --fresh to delete it and start over, or give another --out"
+        )
+        assert e.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith(message)
+        assert files(out) == before and len(calls) == 1  # nothing rewritten, nothing exported
+    with pytest.raises(StopBeforeServe):  # the same settings: the example's own export replaced
+        main([str(run), "--out", str(out), "--requests", "2", "--seed", "7"])
+    assert calls[1:] == [(out / "model", True)]
+    assert json.loads((out / "args.json").read_text()) == {"serve": settings}
+    (out / "model" / "config.json").write_text(json.dumps({"source": {"checkpoint": "/elsewhere/other.ckpt"}}))
+    before = files(out)
+    with pytest.raises(SystemExit) as e:  # a model directory that is not its export of the demo checkpoint
+        main([str(run), "--out", str(out), "--requests", "2", "--seed", "7"])
+    ckpt = (run / "train" / "cm3leon.ckpt").resolve()
+    message = (f": error: --out: {out / 'model'} is not this example's export of {ckpt}; refusing to replace it: "
+               "move it away, or pass --fresh to delete --out and start over")  # fmt: skip
+    assert e.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith(message)
+    assert files(out) == before and len(calls) == 2
+    with pytest.raises(StopBeforeServe):
+        main([str(run), "--out", str(out), "--requests", "2", "--seed", "8", "--fresh"])
+    assert calls[2:] == [(out / "model", False)]
+    assert json.loads((out / "args.json").read_text()) == {"serve": {**settings, "seed": 8}}
+    assert sorted(p.name for p in out.iterdir()) == ["args.json", "model"]  # the old report and grid deleted
