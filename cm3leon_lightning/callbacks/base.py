@@ -186,6 +186,14 @@ def check_unsharded(trainer: L.Trainer | None, owner: str) -> None:
         )
 
 
+PLACEHOLDER_VQGAN = "artifacts/vqgan"
+"""The ``vqgan`` of ``configs/callbacks/*.yaml``, to be replaced by the user's VQGAN."""
+PLACEHOLDER_HINT = (
+    f" ({PLACEHOLDER_VQGAN} is the callback YAMLs' placeholder; with several callback configs composed, "
+    "--trainer.callbacks.vqgan sets only the last one's: point each YAML, or a copy, at your VQGAN)"
+)
+
+
 class GenerationCallback(L.Callback):
     """Base class: scheduling and the text tokenizer / VQGAN resources of the evaluation callbacks.
 
@@ -273,7 +281,11 @@ class GenerationCallback(L.Callback):
         if not isinstance(self.vqgan, nn.Module):
             from cm3leon_lightning.tokenization.vqgan import VQGAN
 
-            self.vqgan = VQGAN.from_pretrained(self.vqgan, preset=self.vqgan_preset)
+            try:
+                self.vqgan = VQGAN.from_pretrained(self.vqgan, preset=self.vqgan_preset)
+            except (FileNotFoundError, ValueError) as e:  # name the callback: composed configs hold several
+                hint = PLACEHOLDER_HINT if str(self.vqgan) == PLACEHOLDER_VQGAN else ""
+                raise type(e)(f"{type(self).__name__} vqgan: {e}{hint}") from e
         self.vqgan.eval().requires_grad_(False)
         if device is not None:
             self.vqgan.to(device)

@@ -137,7 +137,7 @@ def generated_files(generated: str, references: Sequence[Any], candidate: int, d
             have = len(files) if isinstance(files, list) else 0
             raise ValueError(
                 f"{path} line {n}: prompt {i} has {have} image files, no files[{candidate}] (--candidate; a predict "
-                "run without a VQGAN writes codes only)"
+                "run with keep=K writes the best K only, and one without a VQGAN codes only)"
             )
         image = Path(generated) / files[candidate]
         if not image.is_file():

@@ -112,9 +112,12 @@ def test_a_missing_vqgan_stops_the_run_before_training(parts, tmp_path: Path) ->
     callback = make(parts, vqgan=str(tmp_path / "no-vqgan"))
     fit = L.Trainer(accelerator="cpu", max_steps=2, callbacks=[callback, Count()], logger=False,
                     enable_progress_bar=False, enable_checkpointing=False, default_root_dir=str(tmp_path))  # fmt: skip
-    with pytest.raises(FileNotFoundError, match="no-vqgan"):
+    with pytest.raises(FileNotFoundError, match="^Fast vqgan: .*no-vqgan"):  # the callback and field named
         fit.fit(module, train_dataloaders=val_loader(module.vocab), val_dataloaders=val_loader(module.vocab))
     assert steps == []
+    placeholder = make(parts, vqgan="artifacts/vqgan")  # the callback YAMLs' placeholder, left unchanged
+    with pytest.raises(FileNotFoundError, match=r"artifacts/vqgan is the callback YAMLs' placeholder; with several"):
+        placeholder.load_vqgan()
 
 
 def test_a_test_run_says_it_does_not_evaluate(parts, tmp_path: Path) -> None:

@@ -232,7 +232,7 @@ def test_score_errors_name_the_file_and_index(data: dict, tmp_path: Path, capsys
     )
     assert error_of(score_args(data, "--candidate", "2"), capsys) == (
         f"{Path(data['generated']) / 'predictions.jsonl'} line 1: prompt 0 has 2 image files, no files[2] "
-        "(--candidate; a predict run without a VQGAN writes codes only)"
+        "(--candidate; a predict run with keep=K writes the best K only, and one without a VQGAN codes only)"
     )
     missing = [dict(r) for r in rows]
     missing[3]["files"] = ["gone.png"]
