@@ -18,6 +18,8 @@ import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from cm3leon_lightning.data.stream import fingerprint_changes
+
 
 def epoch_order(n: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1, shuffle: bool = True) -> np.ndarray:
     """Rank ``rank``'s sample indices for ``epoch``, as :class:`~torch.utils.data.DistributedSampler` deals them.
@@ -195,8 +197,9 @@ class ResumableSampler(DistributedSampler):
         """
         if state.get("batch", 0) and state.get("fingerprint") != self.fingerprint():
             raise ValueError(
-                f"cannot resume mid-epoch: the saved training position was made with {state.get('fingerprint')}, "
-                f"this run has {self.fingerprint()}"
+                "cannot resume mid-epoch: the saved training position was made with other settings "
+                f"({fingerprint_changes(state.get('fingerprint'), self.fingerprint())}); resume with the same ones, "
+                "or from a checkpoint at an epoch's end"
             )
         self.epoch, self.start, self._finished = int(state["epoch"]), int(state["batch"]), False
         self._base = None

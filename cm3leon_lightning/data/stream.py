@@ -77,6 +77,15 @@ def read_piece(
     return items, lost
 
 
+def fingerprint_changes(saved: Any, have: dict[str, Any]) -> str:
+    """The settings a saved mid-epoch position's ``fingerprint`` differs in from this run's, as ``key: saved ->
+    now`` (for the refusal of a resume that would read other batches)."""
+    if not isinstance(saved, dict):
+        return f"the checkpoint records no settings ({saved!r})"
+    keys = [k for k in sorted(set(saved) | set(have)) if saved.get(k) != have.get(k)]
+    return ", ".join(f"{k}: {saved.get(k)!r} -> {have.get(k)!r}" for k in keys)
+
+
 class ShardStream(IterableDataset):
     """One rank's batches for one epoch, split over DataLoader workers (see :mod:`cm3leon_lightning.data.plan`).
 
@@ -421,8 +430,9 @@ class ResumableLoader:
         mid_epoch = bool(state.get("batch", 0))
         if mid_epoch and state.get("fingerprint") != self.fingerprint():
             raise ValueError(
-                "cannot resume mid-epoch: the saved data position was made with "
-                f"{state.get('fingerprint')}, this run has {self.fingerprint()}"
+                "cannot resume mid-epoch: the saved data position was made with other settings "
+                f"({fingerprint_changes(state.get('fingerprint'), self.fingerprint())}); resume with the same ones, "
+                "or from a checkpoint at an epoch's end"
             )
         ranks = state.get("ranks")
         if ranks is not None and len(ranks) == self.stream.world_size:
