@@ -236,10 +236,13 @@ class CM3LeonAPI(JobRunner, StopWhenIdle, ls.LitAPI):
         ids = self.tokenizer.encode(r.prompt)
         need = len(image_prompt(self.vocab, ids, docs)) + self.vocab.image_tokens
         if need > self.model.config.max_seq_len:
-            name, limit = ("retrieve" if docs else "prompt"), self.model.config.max_seq_len
+            limit = self.model.config.max_seq_len
+            alone = len(image_prompt(self.vocab, ids, [])) + self.vocab.image_tokens
+            name = "retrieve" if docs and alone <= limit else "prompt"  # no number of documents would help
             raise ValueError(
                 f"{name}: {len(ids)} text tokens, {len(docs)} retrieved documents and {self.vocab.image_tokens} "
                 f"image tokens need {need} positions, more than the model's context max_seq_len={limit}"
+                + (f" (the prompt alone needs {alone})" if docs and name == "prompt" else "")
             )
         return ImageJob(r.prompt, ids, settings, r.seed, r.rerank, r.keep, r.return_codes, keys, docs)
 

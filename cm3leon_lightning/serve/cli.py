@@ -25,8 +25,10 @@ naming the largest ``--k`` that fits; a worker warns when the bank's longest doc
 ``GET /health`` answers ``ok`` once every worker has loaded the model. The request and response fields are documented
 in :mod:`cm3leon_lightning.serve.requests`; a malformed request is answered 422 naming the field, a body larger than
 ``--max-payload-mb`` 413. Missing files, unknown settings and an ``--accelerator``/``--devices`` this machine lacks
-are reported in one line (exit status 2) before any worker starts. Ctrl+C or SIGTERM (to the main process or its
-whole process group) stops the server and its worker processes once the requests in flight are answered.
+are reported in one line (exit status 2) before any worker starts, as are a ``--tokenizer`` or a ``--vqgan`` (its
+config) that does not fit the checkpoint, CLIP weights that cannot be had, a ``--retrieve`` that is no memory bank
+and ``--shards`` without a manifest or with fewer documents than the bank has keys. Ctrl+C or SIGTERM (to the main
+process or its whole process group) stops the server and its worker processes once the requests in flight are answered.
 """
 
 from __future__ import annotations
@@ -36,9 +38,10 @@ import os
 import signal
 import sys
 import threading
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -48,6 +51,9 @@ from cm3leon_lightning.generation.generate import TEXT_LAYOUTS, GenerationSettin
 from cm3leon_lightning.generation.graphs import MODES, resolve_mode
 from cm3leon_lightning.model import ATTENTION_IMPLS
 from cm3leon_lightning.serve.requests import IMAGE_METHODS, TEXT_METHODS
+
+if TYPE_CHECKING:
+    from cm3leon_lightning.tokenization.vocab import MultimodalVocab
 
 CLIP_WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 """Endings of a ``--clip-pretrained`` that names a weights file rather than an open_clip tag."""
@@ -127,6 +133,7 @@ def build_api(args: argparse.Namespace) -> object:
     if args.k is not None and (args.k < 0 or (args.k and not args.retrieve)):
         raise ValueError(f"--k must be >= 0, and 0 without --retrieve; got {args.k}")
     k = args.k if args.k is not None else (2 if args.retrieve else 0)
+    check_model_files(args)
     if k:
         check_retrieve_k(args.ckpt, k)
     limits = (
@@ -198,6 +205,108 @@ def check_retrieve_k(ckpt: str, k: int) -> None:
             f"--k {k}: {k} retrieved documents of at least {per_document} positions each ({image} image tokens, "
             f"<eos> and <break>), a one-token prompt and the {image} image tokens to draw need at least {need} "
             f"positions, more than the model's context max_seq_len={limit}; the largest --k that fits is {largest}"
+        )
+
+
+def _named(flag: str, e: Exception) -> ValueError:
+    """``e`` as a ValueError whose message names ``flag`` (prefixed unless it does already)."""
+    return ValueError(str(e) if flag in str(e) else f"{flag}: {e}")
+
+
+def check_model_files(args: argparse.Namespace) -> None:
+    """Raise ValueError naming the flag for what a worker's :meth:`~cm3leon_lightning.serve.api.CM3LeonAPI.setup`
+    would fail on, read cheaply in this process (no network weights, no shard, no bank index read): a ``--tokenizer``
+    or a ``--vqgan`` config that is none or does not fit the checkpoint's vocabulary, a ``--clip``/``--clip-pretrained``
+    whose weights cannot be had, a ``--retrieve`` that is no memory bank, a ``--shards`` without a manifest or with
+    fewer documents than the bank has keys. Each printed "Uvicorn running", then the worker's traceback and
+    "RuntimeError: One or more workers failed to start" (exit status 1)."""
+    from cm3leon_lightning.generation.cli import check_tokenizers
+    from cm3leon_lightning.model.weights import read_weights
+    from cm3leon_lightning.tokenization.text import TextTokenizer
+    from cm3leon_lightning.tokenization.vocab import MultimodalVocab
+
+    weights = read_weights(args.ckpt, "--ckpt", lazy=True)  # names and shapes: no tensor is read
+    vocab = MultimodalVocab.from_dict(weights.vocab, f"--ckpt {args.ckpt}: vocab") if weights.vocab else None
+    try:
+        tokenizer = TextTokenizer.load(args.tokenizer)
+    except (FileNotFoundError, ValueError) as e:
+        raise _named("--tokenizer", e) from e
+    if vocab is not None:
+        with warnings.catch_warnings():  # "cannot be checked" (no recorded hash): each worker warns once
+            warnings.simplefilter("ignore")
+            check_tokenizers(vocab, tokenizer, None, f"--ckpt {args.ckpt}")
+    if args.vqgan and vocab is not None:
+        check_vqgan_config(args.vqgan, vocab)
+    if args.clip:
+        check_clip(args.clip, args.clip_pretrained)
+    if args.retrieve:
+        from cm3leon_lightning.data.shards import MANIFEST_NAME, Manifest
+        from cm3leon_lightning.generation.retrieve import check_clip_weights
+        from cm3leon_lightning.retrieval.index import MemoryBank
+
+        try:
+            bank = MemoryBank.load(args.retrieve, model_name=args.clip, mmap=True)  # an IVF index's lists stay on disk
+        except (FileNotFoundError, ValueError) as e:
+            raise _named("--retrieve", e) from e
+        try:
+            manifest = Manifest.load(Path(args.shards) / MANIFEST_NAME)
+        except (FileNotFoundError, ValueError) as e:
+            raise _named("--shards", e) from e
+        held = sum(shard.count for shard in manifest.shards)
+        if held < len(bank):  # the worker reads every shard and finds keys missing
+            raise ValueError(
+                f"--shards: {args.shards} holds {held} documents, fewer than the {len(bank)} keys of the memory bank "
+                f"{args.retrieve} (--retrieve): it is not the dataset the bank was built from"
+            )
+        check_clip_weights(manifest.clip, args.clip_pretrained, args.shards)
+
+
+def check_vqgan_config(path: str, vocab: MultimodalVocab) -> None:
+    """Raise ValueError naming ``--vqgan`` when the VQGAN at ``path`` has no weights file, or its ``config.json``
+    (read without the weights) gives another codebook size or grid than ``vocab``. A weights file whose architecture
+    comes from the file itself (a ``VQGANModule`` checkpoint) is left to the worker."""
+    from cm3leon_lightning.tokenization.vqgan_io import _resolve, read_config
+
+    try:
+        weights, config_file = _resolve(Path(path))
+        if weights.suffix != ".safetensors" or config_file is None:  # the architecture may be recorded inside
+            return
+        config = read_config(config_file)
+    except (FileNotFoundError, ValueError) as e:
+        raise _named("--vqgan", e) from e
+    grid = tuple(config.grid_size)
+    if (config.n_embed, grid) != (vocab.n_codes, (vocab.grid_h, vocab.grid_w)):
+        raise ValueError(  # check_tokenizers' message
+            f"vocabulary mismatch: the checkpoint has n_codes={vocab.n_codes}, grid {vocab.grid_h}x{vocab.grid_w} "
+            f"but --vqgan has n_embed={config.n_embed}, grid {grid[0]}x{grid[1]}"
+        )
+
+
+def check_clip(model_name: str, pretrained: str | None) -> None:
+    """Raise ValueError naming ``--clip``/``--clip-pretrained`` when ``model_name`` is no open_clip architecture, or
+    ``pretrained`` is neither a file nor a tag of it, or a tag whose weights are not cached and cannot be downloaded:
+    the checks of :func:`~cm3leon_lightning.retrieval.encoder.create_clip` before it builds the model."""
+    import open_clip
+
+    from cm3leon_lightning.retrieval import encoder
+
+    encoder.register_clip_configs()
+    if not model_name.startswith(("local-dir:", "hf-hub:")) and open_clip.get_model_config(model_name) is None:
+        raise ValueError(f"--clip: {model_name!r} is not an open_clip architecture")
+    if pretrained is None or os.path.isfile(pretrained) or model_name.startswith(("local-dir:", "hf-hub:")):
+        return
+    tag = open_clip.get_pretrained_cfg(model_name, pretrained)
+    if not tag:
+        tags = open_clip.list_pretrained_tags_by_model(model_name)
+        raise ValueError(
+            f"--clip-pretrained: {pretrained!r} is neither an existing file nor a pretrained tag of {model_name!r} "
+            f"(tags: {tags})"
+        )
+    hf_hub = tag.get("hf_hub", "")
+    if not (hf_hub and encoder._in_hf_cache(hf_hub, None)) and encoder._offline():
+        raise ValueError(
+            f"--clip/--clip-pretrained: CLIP weights {model_name!r}/{pretrained!r} are not in the local cache and the "
+            "hub cannot be reached (no network or HF_HUB_OFFLINE=1); pass a local weights file as --clip-pretrained"
         )
 
 

@@ -1,0 +1,139 @@
+"""``cm3leon serve`` checks the files its workers load before any starts: a tokenizer that is none, a VQGAN of
+another codebook, CLIP weights that cannot be had, a ``--retrieve`` that is no memory bank and ``--shards`` that
+cannot hold the bank's documents each printed "Uvicorn running", a worker's traceback and "RuntimeError: One or more
+workers failed to start" (exit status 1); now one line naming the flag, exit status 2, as ``cm3leon generate`` does."""
+
+import dataclasses
+import json
+
+import pytest
+from support.retrieval_setup import write_retrieval_assets
+
+from cm3leon_lightning.cli import main as cm3leon_main
+from cm3leon_lightning.data.shards import ShardWriter
+from cm3leon_lightning.modules.cm3leon import CM3LeonModule
+from cm3leon_lightning.serve import Rejected
+from cm3leon_lightning.serve.cli import build_api, build_parser
+from cm3leon_lightning.tokenization.vqgan import VQGAN
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return write_retrieval_assets(tmp_path_factory.mktemp("serve-start-checks"))
+
+
+@pytest.fixture(autouse=True)
+def never_started(monkeypatch):
+    """Unfixed, the command would start LitServe: fail instead of serving."""
+    import litserve
+
+    from cm3leon_lightning.serve import cli
+
+    def started(*a, **k):
+        raise AssertionError("the server was started")
+
+    monkeypatch.setattr(litserve.LitServer, "run", started)
+    monkeypatch.setattr(cli, "stop_on_sigterm", lambda: None)
+
+
+def serve_args(root, *extra, retrieve=True):
+    args = ["--ckpt", str(root / "model.ckpt"), "--tokenizer", str(root / "tok"), "--vqgan", str(root / "vqgan"),
+            "--compile", "eager", "--accelerator", "cpu", "--devices", "1"]  # fmt: skip
+    if retrieve:
+        args += ["--clip", "cm3leon-clip-tiny", "--clip-pretrained", str(root / "clip.safetensors"),
+                 "--retrieve", str(root / "bank"), "--shards", str(root / "shards")]  # fmt: skip
+    return [*args, *extra]
+
+
+def set_flag(args, flag, value):
+    args = list(args)
+    args[args.index(flag) + 1] = str(value)
+    return args
+
+
+def one_line(capsys, argv):
+    assert cm3leon_main(["serve", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cm3leon serve: error: ") and err.count("\n") == 1
+    return err[len("cm3leon serve: error: ") : -1]
+
+
+def test_the_files_are_checked_without_loading_the_model(assets, monkeypatch):
+    """The checks read no network weights: a good set of files builds the API in this process as before."""
+    from cm3leon_lightning.generation import cli as generation_cli
+
+    monkeypatch.setattr(generation_cli, "load_checkpoint", lambda *a, **k: pytest.fail("the model was loaded"))
+    api = build_api(build_parser().parse_args(serve_args(assets["root"])))
+    assert (api.bank_dir, api.retrieve_k) == (str(assets["root"] / "bank"), 2)
+
+
+def test_a_tokenizer_that_is_none_names_the_flag(assets, tmp_path, capsys):
+    yaml = tmp_path / "model.yaml"
+    yaml.write_text("model:\n  params: {}\n")
+    err = one_line(capsys, set_flag(serve_args(assets["root"]), "--tokenizer", yaml))
+    assert err.startswith(f"--tokenizer: {yaml}: not a valid tokenizers JSON file (")
+
+
+def test_a_vqgan_of_another_codebook_names_the_flag(assets, tmp_path, capsys):
+    micro = VQGAN.from_name("micro").config
+    VQGAN(dataclasses.replace(micro, n_embed=64)).save_pretrained(tmp_path / "vqgan64")
+    err = one_line(capsys, set_flag(serve_args(assets["root"]), "--vqgan", tmp_path / "vqgan64"))
+    assert err == "vocabulary mismatch: the checkpoint has n_codes=32, grid 8x8 but --vqgan has n_embed=64, grid 8x8"
+    (tmp_path / "empty").mkdir()
+    err = one_line(capsys, set_flag(serve_args(assets["root"]), "--vqgan", tmp_path / "empty"))
+    assert err == f"--vqgan: {tmp_path / 'empty'}: no model.safetensors, vqgan.ckpt or checkpoints/last.ckpt in this " \
+        "directory"  # fmt: skip
+
+
+def test_clip_weights_that_cannot_be_had_name_the_flag(assets, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))  # nothing cached
+    args = serve_args(assets["root"], retrieve=False)
+    assert one_line(capsys, [*args, "--clip", "ViT-B-32"]) == (
+        "--clip/--clip-pretrained: CLIP weights 'ViT-B-32'/'openai' are not in the local cache and the hub cannot be "
+        "reached (no network or HF_HUB_OFFLINE=1); pass a local weights file as --clip-pretrained"
+    )
+    assert one_line(capsys, [*args, "--clip", "ViT-X-99"]) == "--clip: 'ViT-X-99' is not an open_clip architecture"
+    err = one_line(capsys, [*args, "--clip", "cm3leon-clip-tiny"])  # the default tag 'openai' is not one of its own
+    assert err.startswith("--clip-pretrained: 'openai' is neither an existing file nor a pretrained tag of ")
+
+
+def test_a_retrieve_that_is_no_memory_bank_names_the_flag(assets, capsys):
+    root = assets["root"]
+    err = one_line(capsys, set_flag(serve_args(root), "--retrieve", root / "shards"))
+    assert err == f"--retrieve: memory bank {root / 'shards'} has no index.faiss"
+
+
+def test_shards_that_cannot_hold_the_bank_s_keys_name_the_flag(assets, tmp_path, capsys):
+    root = assets["root"]
+    manifest = json.loads((root / "shards" / "manifest.json").read_text())
+    samples = list(assets["samples"].values())[:3]
+    ShardWriter(tmp_path / "three", manifest["text_tokenizer"], manifest["image_tokenizer"]).write_all(samples)
+    err = one_line(capsys, set_flag(serve_args(root), "--shards", tmp_path / "three"))
+    assert err == f"--shards: {tmp_path / 'three'} holds 3 documents, fewer than the 12 keys of the memory bank " \
+        f"{root / 'bank'} (--retrieve): it is not the dataset the bank was built from"  # fmt: skip
+    err = one_line(capsys, set_flag(serve_args(root), "--shards", root / "bank"))  # no manifest.json
+    assert err.startswith("--shards: ") and "manifest.json" in err
+
+
+def test_a_prompt_too_long_by_itself_is_named_not_retrieve(assets, tmp_path):
+    """With --k 1 on a 192-position model a long prompt was answered "retrieve: ... need 452 positions" although the
+    prompt alone needs more than the context: no number of documents would help, so the prompt is named."""
+    module = CM3LeonModule(preset="tiny", vocab=assets["vocab"].to_dict(), max_seq_len=192)
+    module.configure_model()
+    import torch
+
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, tmp_path / "m.ckpt")
+    args = set_flag(serve_args(assets["root"], "--k", "1"), "--ckpt", tmp_path / "m.ckpt")
+    api = build_api(build_parser().parse_args(args))
+    api.setup("cpu")
+    long = " ".join(["a blue circle"] * 30)  # 419 characters
+    n = len(api.tokenizer.encode(long))
+    job = api.decode_request({"prompt": long})
+    assert isinstance(job, Rejected) and job.status == 400
+    assert job.detail.startswith(f"prompt: {n} text tokens, 1 retrieved documents and 64 image tokens need ")
+    assert job.detail.endswith(f"more than the model's context max_seq_len=192 (the prompt alone needs {n + 2 + 64})")
+    short = api.decode_request({"prompt": "a blue circle", "retrieve": 3})  # fits alone: the documents are too many
+    assert isinstance(short, Rejected) and short.detail.startswith("retrieve: ")
