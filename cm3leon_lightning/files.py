@@ -1,4 +1,5 @@
-"""Files written whole, and text / JSON-lines files read line by line with their line numbers.
+"""Files written whole, text / JSON-lines files read line by line with their line numbers, and output directories
+that a rerun with other settings may not overwrite.
 
 Writing: into a temporary file beside the target, renamed over it only once complete.
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -81,3 +83,59 @@ def jsonl_values(path: str | os.PathLike[str], where: str = "") -> Iterator[tupl
         except json.JSONDecodeError as e:
             raise ValueError(f"{where}{path} line {n} is not JSON: {e}") from e
         yield n, value
+
+
+ARGS_FILE = "args.json"
+"""Where a script records the settings of its output directory (:func:`check_output_dir`)."""
+
+
+def check_output_dir(
+    out: Path, section: str, settings: dict[str, Any], labels: dict[str, str], fresh: bool, owner: str,
+    what: str = "settings", replaces: str = "its outputs",
+) -> None:  # fmt: skip
+    """Check that ``out`` is new, empty, or an earlier output of ``owner`` made with the same ``settings`` (the keys of
+    ``labels``, recorded under ``section`` of its :data:`ARGS_FILE`); with ``fresh``, delete such an output whatever
+    its settings. The caller writes :data:`ARGS_FILE` before anything else.
+
+    Args:
+        out: the output directory.
+        section: the key of ``args.json`` holding the settings (one per script, so no script takes another's output
+            for its own).
+        settings: this run's values.
+        labels: the settings compared, each with the flag that sets it (for messages).
+        fresh: delete an earlier output of ``owner`` first.
+        owner: the script, for messages (``examples/sft_shapes.py``).
+        what: what the settings are, for messages (``SFT data``).
+        replaces: what a rerun would replace, for messages.
+
+    Raises:
+        ValueError: naming ``--out`` or ``--fresh``: a file; a non-empty directory without ``owner``'s
+            ``args.json`` (never written into or deleted); an output of other settings, naming each.
+    """
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ValueError(f"--out: {out} is a file, not a directory")
+    if not any(out.iterdir()):
+        return
+    try:
+        recorded = json.loads((out / ARGS_FILE).read_text(encoding="utf-8"))[section]
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        recorded = None
+    if not isinstance(recorded, dict):
+        flag = "--fresh" if fresh else "--out"
+        raise ValueError(
+            f"{flag}: {out} is not empty and holds no {ARGS_FILE} of {owner}; refusing to write into or delete it: "
+            "give a new or empty --out"
+        )
+    if fresh:
+        shutil.rmtree(out)
+        return
+    differ = [k for k in labels if recorded.get(k) != settings[k]]
+    if differ:
+        was = ", ".join(f"{labels[k]} {recorded.get(k)}" for k in differ)
+        asked = ", ".join(f"{labels[k]} {settings[k]}" for k in differ)
+        raise ValueError(
+            f"--out: {out} holds the output of other {what} ({was}; asked for: {asked}): rerunning would replace "
+            f"{replaces}. Pass --fresh to delete it and start over, or give another --out"
+        )

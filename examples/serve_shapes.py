@@ -26,7 +26,6 @@ import base64
 import io
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -47,7 +46,7 @@ from cm3leon_lightning.data import shapes
 from cm3leon_lightning.demo_cli import positive_int
 from cm3leon_lightning.demo_eval import attribute_scores
 from cm3leon_lightning.demo_report import stage_results
-from cm3leon_lightning.files import write_text_whole
+from cm3leon_lightning.files import ARGS_FILE, check_output_dir, write_text_whole
 
 
 def demo_paths(run: Path) -> dict[str, str]:
@@ -66,7 +65,6 @@ def demo_paths(run: Path) -> dict[str, str]:
     return {**paths, "clip": stages["clip"]["model"], "k": str(stages["train"]["max_retrieved"])}
 
 
-ARGS_FILE = "args.json"
 SETTINGS = {"run": "run", "requests": "--requests", "max_batch_size": "--max-batch-size", "seed": "--seed"}
 
 
@@ -80,30 +78,10 @@ def prepare_out(out: Path, settings: dict[str, Any], ckpt: str, fresh: bool) -> 
             ``args.json`` (never written into or deleted); an output of other settings (its report would be
             replaced); a ``model`` directory that is not an export of ``ckpt`` (never replaced).
     """
-    if not out.exists():
+    check_output_dir(out, "serve", settings, SETTINGS, fresh, "examples/serve_shapes.py", "settings",
+                     "its report.json and grid.png")  # fmt: skip
+    if fresh or not out.exists():
         return
-    if not out.is_dir():
-        raise ValueError(f"--out: {out} is a file, not a directory")
-    if not any(out.iterdir()):
-        return
-    try:
-        recorded = json.loads((out / ARGS_FILE).read_text(encoding="utf-8"))["serve"]
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
-        recorded = None
-    if not isinstance(recorded, dict):
-        flag = "--fresh" if fresh else "--out"
-        raise ValueError(f"{flag}: {out} is not empty and holds no {ARGS_FILE} of examples/serve_shapes.py; refusing "
-                         "to write into or delete it: give a new or empty --out")  # fmt: skip
-    if fresh:
-        shutil.rmtree(out)
-        return
-    differ = [k for k in SETTINGS if recorded.get(k) != settings[k]]
-    if differ:
-        was = ", ".join(f"{SETTINGS[k]} {recorded.get(k)}" for k in differ)
-        asked = ", ".join(f"{SETTINGS[k]} {settings[k]}" for k in differ)
-        raise ValueError(f"--out: {out} holds the output of other settings ({was}; asked for: {asked}): rerunning "
-                         "would replace its report.json and grid.png. Pass --fresh to delete it and start over, or "
-                         "give another --out")  # fmt: skip
     model = out / "model"
     try:
         source = json.loads((model / "config.json").read_text(encoding="utf-8"))["source"]["checkpoint"]

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -50,7 +49,7 @@ from cm3leon_lightning.demo_cli import positive_int
 from cm3leon_lightning.demo_eval import attribute_scores, caption_scores, to_uint8
 from cm3leon_lightning.demo_report import stage_results
 from cm3leon_lightning.demo_stages import fit_with_cli
-from cm3leon_lightning.files import write_text_whole
+from cm3leon_lightning.files import ARGS_FILE, check_output_dir, write_text_whole
 from cm3leon_lightning.generation.generate import TEXT_LAYOUTS as LAYOUTS
 
 
@@ -85,43 +84,16 @@ def write_sft_data(folder: Path, n_pairs: int, image_size: int, seed: int) -> di
     return {"captions": len(captions), "vqa": len(vqa), "edits": len(edits)}
 
 
-ARGS_FILE = "args.json"
 DATA_ARGS = {"run": "run", "pairs": "--pairs", "seed": "--seed", "image_size": "image size (the run's VQGAN's)"}
 
 
 def prepare_out(out: Path, data: dict[str, Any], fresh: bool) -> None:
     """Check that ``out`` is new, empty, or an output of this example made from the same ``data`` settings (the keys
-    of :data:`DATA_ARGS`, recorded in its ``args.json``); with ``fresh``, delete such an output whatever its settings.
-
-    Raises:
-        ValueError: naming ``--out`` or ``--fresh``: a file; a non-empty directory without this example's
-            ``args.json`` (never written into or deleted); an output of other data (rewriting its data would
-            leave it neither run's, and ``cm3leon prepare`` refuses the changed input).
-    """
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise ValueError(f"--out: {out} is a file, not a directory")
-    if not any(out.iterdir()):
-        return
-    try:
-        recorded = json.loads((out / ARGS_FILE).read_text(encoding="utf-8"))["data"]
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
-        recorded = None
-    if not isinstance(recorded, dict):
-        flag = "--fresh" if fresh else "--out"
-        raise ValueError(f"{flag}: {out} is not empty and holds no {ARGS_FILE} of examples/sft_shapes.py; refusing "
-                         "to write into or delete it: give a new or empty --out")  # fmt: skip
-    if fresh:
-        shutil.rmtree(out)
-        return
-    differ = [k for k in DATA_ARGS if recorded.get(k) != data[k]]
-    if differ:
-        was = ", ".join(f"{DATA_ARGS[k]} {recorded.get(k)}" for k in differ)
-        asked = ", ".join(f"{DATA_ARGS[k]} {data[k]}" for k in differ)
-        raise ValueError(f"--out: {out} holds the output of other SFT data ({was}; asked for: {asked}): rerunning "
-                         "would replace its data and what was prepared from it. Pass --fresh to delete it and start "
-                         "over, or give another --out")  # fmt: skip
+    of :data:`DATA_ARGS`, recorded in its ``args.json``); with ``fresh``, delete such an output whatever its settings
+    (:func:`~cm3leon_lightning.files.check_output_dir`: rewriting another run's data would leave it neither run's, and
+    ``cm3leon prepare`` refuses the changed input)."""
+    check_output_dir(out, "data", data, DATA_ARGS, fresh, "examples/sft_shapes.py", "SFT data",
+                     "its data and what was prepared from it")  # fmt: skip
 
 
 def normalise(text: str) -> str:

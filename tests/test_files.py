@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from cm3leon_lightning.files import jsonl_values, replaced_whole, text_lines, write_bytes_whole, write_text_whole
+from cm3leon_lightning.files import (
+    check_output_dir,
+    jsonl_values,
+    replaced_whole,
+    text_lines,
+    write_bytes_whole,
+    write_text_whole,
+)
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path: Path) -> None:
@@ -47,3 +54,29 @@ def test_json_lines_split_at_newlines_only_and_name_the_bad_line(tmp_path: Path)
     path.write_bytes(b'{"q": 1}\n{"q": "caf\xe9"}\n')
     with pytest.raises(ValueError, match=r"rows.jsonl line 2 is not UTF-8 text: invalid continuation byte at byte 19"):
         list(text_lines(path))
+
+
+def test_an_output_dir_is_reused_only_by_the_same_settings_of_its_own_script(tmp_path: Path) -> None:
+    labels = {"pairs": "--pairs", "seed": "--seed"}
+
+    def check(out: Path, fresh: bool = False, **settings: int) -> None:
+        check_output_dir(out, "data", {"pairs": 4, "seed": 0, **settings}, labels, fresh, "ex.py", "data", "its data")
+
+    check(tmp_path / "new")  # absent and empty directories are free
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match=r"^--out: .*file is a file, not a directory$"):
+        check(tmp_path / "file")
+    mine, theirs = tmp_path / "mine", tmp_path / "theirs"
+    mine.mkdir()
+    theirs.mkdir()
+    (theirs / "weights.bin").write_text("keep me")
+    (mine / "args.json").write_text('{"data": {"pairs": 4, "seed": 0}}')
+    for fresh, flag in ((False, "--out"), (True, "--fresh")):
+        with pytest.raises(ValueError, match=rf"^{flag}: .*theirs is not empty and holds no args.json of ex.py; "):
+            check(theirs, fresh)
+    assert (theirs / "weights.bin").read_text() == "keep me"
+    check(mine)  # the same settings: a rerun
+    with pytest.raises(ValueError, match=r"other data \(--pairs 4, --seed 0; asked for: --pairs 5, --seed 1\): rerun"):
+        check(mine, pairs=5, seed=1)
+    check(mine, True, pairs=5)  # --fresh deletes its own earlier output
+    assert not mine.exists()
