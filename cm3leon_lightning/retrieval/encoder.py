@@ -142,6 +142,31 @@ def _unreadable_error(path: str, e: BaseException) -> ValueError:
     )
 
 
+def clip_tag(model_name: str, pretrained: str, cache_dir: str | None = None) -> dict[str, Any]:
+    """open_clip's config of the pretrained tag ``pretrained`` of ``model_name``, once its weights are known to be
+    had: in the Hugging Face cache, or the hub reachable (without this check open_clip retries a download for ~50 s
+    before failing). What :func:`create_clip` checks before it builds a model; ``cm3leon serve`` checks it at start.
+
+    Raises:
+        ValueError: ``pretrained`` is not a tag of ``model_name`` (callers take an existing file first).
+        ClipWeightsUnavailableError: its weights are not cached and the hub cannot be reached.
+    """
+    tag_cfg = open_clip.get_pretrained_cfg(model_name, pretrained)
+    if not tag_cfg:
+        tags = open_clip.list_pretrained_tags_by_model(model_name)
+        raise ValueError(
+            f"pretrained={pretrained!r} is neither an existing file nor a pretrained tag of {model_name!r} "
+            f"(tags: {tags}). " + _weights_help(model_name)
+        )
+    hf_hub = tag_cfg.get("hf_hub", "")
+    if not (bool(hf_hub) and _in_hf_cache(hf_hub, cache_dir)) and _offline():
+        raise ClipWeightsUnavailableError(
+            f"CLIP weights {model_name!r}/{pretrained!r} are not in the local cache and the hub cannot be reached "
+            "(no network or HF_HUB_OFFLINE=1). " + _weights_help(model_name)
+        )
+    return tag_cfg
+
+
 def create_clip(
     model_name: str,
     pretrained: str | None = None,
@@ -193,23 +218,9 @@ def create_clip(
         if recorded_pp:
             kwargs["force_preprocess_cfg"] = {k: v for k, v in recorded_pp.items() if k != "size"}
     if pretrained is not None and not os.path.isfile(pretrained):
-        tag_cfg = open_clip.get_pretrained_cfg(model_name, pretrained)
-        if not tag_cfg:
-            tags = open_clip.list_pretrained_tags_by_model(model_name)
-            raise ValueError(
-                f"pretrained={pretrained!r} is neither an existing file nor a pretrained tag of {model_name!r} "
-                f"(tags: {tags}). " + _weights_help(model_name)
-            )
+        tag_cfg = clip_tag(model_name, pretrained, cache_dir)
         if tag_cfg.get("quick_gelu", False):
             kwargs["force_quick_gelu"] = True  # e.g. OpenAI's weights were trained with QuickGELU
-        hf_hub = tag_cfg.get("hf_hub", "")
-        cached = bool(hf_hub) and _in_hf_cache(hf_hub, cache_dir)
-        if not cached and _offline():
-            # Without this check open_clip retries the download for ~50 s before failing.
-            raise ClipWeightsUnavailableError(
-                f"CLIP weights {model_name!r}/{pretrained!r} are not in the local cache and the hub cannot be reached "
-                "(no network or HF_HUB_OFFLINE=1). " + _weights_help(model_name)
-            )
     try:
         model = open_clip.create_model(
             model_name, pretrained=pretrained, device=device, precision=precision, cache_dir=cache_dir, **kwargs

@@ -295,19 +295,12 @@ def check_clip(model_name: str, pretrained: str | None) -> None:
         raise ValueError(f"--clip: {model_name!r} is not an open_clip architecture")
     if pretrained is None or os.path.isfile(pretrained) or model_name.startswith(("local-dir:", "hf-hub:")):
         return
-    tag = open_clip.get_pretrained_cfg(model_name, pretrained)
-    if not tag:
-        tags = open_clip.list_pretrained_tags_by_model(model_name)
-        raise ValueError(
-            f"--clip-pretrained: {pretrained!r} is neither an existing file nor a pretrained tag of {model_name!r} "
-            f"(tags: {tags})"
-        )
-    hf_hub = tag.get("hf_hub", "")
-    if not (hf_hub and encoder._in_hf_cache(hf_hub, None)) and encoder._offline():
-        raise ValueError(
-            f"--clip/--clip-pretrained: CLIP weights {model_name!r}/{pretrained!r} are not in the local cache and the "
-            "hub cannot be reached (no network or HF_HUB_OFFLINE=1); pass a local weights file as --clip-pretrained"
-        )
+    try:
+        encoder.clip_tag(model_name, pretrained)
+    except encoder.ClipWeightsUnavailableError as e:
+        raise ValueError(f"--clip/--clip-pretrained: {e}") from e
+    except ValueError as e:
+        raise ValueError(f"--clip-pretrained: {e}") from e
 
 
 def check_accelerator(accelerator: str, devices: str) -> None:
