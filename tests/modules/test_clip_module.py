@@ -211,6 +211,16 @@ def test_export_records_the_preprocessing_and_the_encoder_applies_it(tmp_path, m
     assert tuned.model.visual.preprocess_cfg == got_pp
 
 
+def assert_same_embeddings(want: ClipModule, got: ClipModule) -> None:
+    """Both modules embed two shape images and their captions to exactly the same features."""
+    x = torch.from_numpy(make_shape_pairs(2, 64, seed=7)[0]).permute(0, 3, 1, 2)
+    captions = ["a red square", "a blue circle"]
+    with torch.no_grad():
+        a, b = want.eval()(x, captions), got.eval()(x, captions)
+    torch.testing.assert_close(b[0], a[0], rtol=0, atol=0)
+    torch.testing.assert_close(b[1], a[1], rtol=0, atol=0)
+
+
 def test_a_checkpoint_keeps_the_image_preprocessing(tmp_path):
     """Reloaded offline (``pretrained=None``), a checkpoint of a model fine-tuned from a tag came back with the
     architecture's default preprocessing, and an export from it recorded the defaults."""
@@ -247,12 +257,7 @@ def test_a_checkpoint_keeps_quick_gelu(tmp_path):
     trainer.save_checkpoint(tmp_path / "tuned.ckpt")
     loaded = ClipModule.load_from_checkpoint(tmp_path / "tuned.ckpt", pretrained=None).eval()
     assert uses_quick_gelu(loaded.model)
-    x = torch.from_numpy(make_shape_pairs(2, 64, seed=7)[0]).permute(0, 3, 1, 2)
-    captions = ["a red square", "a blue circle"]
-    with torch.no_grad():
-        want, got = module.eval()(x, captions), loaded(x, captions)
-    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
-    torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)
+    assert_same_embeddings(module, loaded)
     path = loaded.export_weights(tmp_path / "again.safetensors")
     assert uses_quick_gelu(ClipEncoder("cm3leon-clip-small", pretrained=str(path)).model)
 
@@ -498,12 +503,7 @@ def test_a_checkpoint_saved_before_the_records_takes_them_from_its_pretrained_we
     loaded = ClipModule.load_from_checkpoint(tmp_path / "older.ckpt").eval()
     assert loaded.hparams.pretrained == str(weights)
     assert uses_quick_gelu(loaded.model) and tuple(loaded.model.visual.preprocess_cfg["mean"]) == HALF["mean"]
-    x = torch.from_numpy(make_shape_pairs(2, 64, seed=7)[0]).permute(0, 3, 1, 2)
-    captions = ["a red square", "a blue circle"]
-    with torch.no_grad():
-        want, got = tuned.eval()(x, captions), loaded(x, captions)
-    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
-    torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)
+    assert_same_embeddings(tuned, loaded)
     plain = ClipModule.load_from_checkpoint(tmp_path / "older.ckpt", pretrained=None)  # asked for: the defaults
     assert not uses_quick_gelu(plain.model) and plain.hparams.pretrained is None
     recorded = ClipModule.load_from_checkpoint(tmp_path / "tuned.ckpt")  # recorded: pretrained is not read
