@@ -42,6 +42,31 @@ def test_pure_packages_do_not_import_lightning() -> None:
     assert out == ""
 
 
+@pytest.mark.parametrize("command", ["generate", "serve", "export", "info"])
+def test_extra_commands_start_without_lightning(command: str) -> None:
+    """Through the console script's entry point (``cli.main``), as users run them: it imported LightningCLI at module
+    level, so every extra command paid Lightning's import before it was dispatched."""
+    code = (
+        "import contextlib, io, sys\n"
+        "from cm3leon_lightning.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    try:\n"
+        f"        main([{command!r}, '--help'])\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "print(','.join(sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning'))))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == ""
+
+
+def test_cli_names_lightnings_subcommands() -> None:
+    """``cli.main`` dispatches by ``LIGHTNING_COMMANDS`` without importing Lightning; it must stay LightningCLI's."""
+    from cm3leon_lightning.cli import LIGHTNING_COMMANDS, CM3LeonCLI
+
+    assert LIGHTNING_COMMANDS == tuple(CM3LeonCLI.subcommands())
+
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # Third-party modules the package imports that come with a declared distribution rather than being declared themselves.

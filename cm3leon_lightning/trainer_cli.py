@@ -1,0 +1,118 @@
+"""The Lightning half of the ``cm3leon`` command: ``CM3LeonCLI`` (LightningCLI for ``fit|validate|test|predict``)
+and the one-line reporting of bad input.
+
+:mod:`cm3leon_lightning.cli` imports this module only for a Lightning subcommand, so ``cm3leon generate``, ``serve``,
+``export``, ``info`` and the other extra commands start without importing Lightning.
+"""
+
+from __future__ import annotations
+
+import traceback
+from pathlib import Path
+from typing import Any
+
+from jsonargparse import set_parsing_settings
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+
+from cm3leon_lightning.cli import DESCRIPTION
+
+# Dataclass attribute docstrings (CM3LeonConfig's) become --help text.
+set_parsing_settings(docstring_parse_attribute_docstrings=True)
+
+
+def data_vocab(datamodule: Any) -> dict[str, int] | None:
+    """The vocabulary description a data module exposes (``vocab``: MultimodalVocab or dict), or None."""
+    vocab = getattr(datamodule, "vocab", None)
+    if vocab is None:
+        return None
+    return vocab.to_dict() if hasattr(vocab, "to_dict") else dict(vocab)
+
+
+class StageConfigCallback(SaveConfigCallback):
+    """Save the run's config as ``config.yaml`` for ``fit`` and ``<stage>_config.yaml`` for validate, test and
+    predict: with a log directory shared with the fit (no logger, or a fixed version), those replaced the fit's
+    ``config.yaml``, the file the README reuses (``cm3leon predict --config run/config.yaml``)."""
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        """Choose the file name for ``stage``, then save as LightningCLI does."""
+        name = str(getattr(stage, "value", stage))  # Lightning passes a TrainerFn
+        if name != "fit" and self.config_filename == "config.yaml":
+            self.config_filename = f"{name}_config.yaml"
+        super().setup(trainer, pl_module, stage)
+
+
+class CM3LeonCLI(LightningCLI):
+    """LightningCLI with subclass mode for model and data, and the data -> model vocabulary link."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("save_config_callback", StageConfigCallback)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("auto_configure_optimizers", False)
+        kwargs.setdefault("parser_kwargs", {"description": DESCRIPTION})
+        super().__init__(*args, **kwargs)
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        """Link the data module's vocabulary to the model, and always log the data pipeline's counts.
+
+        ``--data_counts.every_n_steps`` sets how often ``data/skipped_<reason>`` and friends are logged.
+        """
+        from cm3leon_lightning.data.datamodule import DataCountsLogger
+
+        parser.add_lightning_class_args(DataCountsLogger, "data_counts")
+        parser.link_arguments("data", "model.init_args.vocab", compute_fn=data_vocab, apply_on="instantiate")
+
+    def before_instantiate_classes(self) -> None:
+        """Drop a ``vocab: None`` the link left among the extra arguments of a model without ``vocab``; with
+        ``--ckpt_path``, drop the model's ``init_from``: the checkpoint's weights replace those anyway, and
+        LightningCLI applies a checkpoint's hyper-parameters over the command line, so an ``init_from`` saved there
+        would make every resume or prediction read the pretrained file again (and fail where it is gone)."""
+        from cm3leon_lightning.model.pretrained import is_model_dir
+
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else self.config
+        extra = config.get("model.dict_kwargs") or {}
+        if "vocab" in extra and extra["vocab"] is None:
+            # The data -> model link's None, saved into the checkpoint of a module without a `vocab` argument (VQGAN,
+            # CLIP): LightningCLI would pass it back on resume (`unexpected keyword argument 'vocab'`).
+            del extra["vocab"]
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path and is_model_dir(ckpt_path):  # Lightning would fail in its loader: IsADirectoryError
+            self.parser.error(
+                f"--ckpt_path: {ckpt_path} is a model directory of 'cm3leon export' (no trainer state); give it as "
+                f"--model.init_args.init_from {ckpt_path} instead"
+            )
+        if not ckpt_path or config.get("model.init_args.init_from") is None:
+            return
+        config["model.init_args.init_from"] = None
+
+
+INPUT_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,
+    FileNotFoundError,
+    FileExistsError,
+    IsADirectoryError,
+    NotADirectoryError,
+    MisconfigurationException,
+)
+"""Errors that Lightning subcommands report in one line with exit status 2 (bad arguments, files, configs); others
+(a CUDA error, an out-of-memory) keep their traceback."""
+
+
+def input_error(err: BaseException) -> str:
+    """The message to show for ``err``: the first exception of its chain raised in this package (jsonargparse wraps
+    a data module's ``train_data: ... no such directory`` in "Does not validate against any of the Union subtypes"
+    with the whole config), else ``err``'s own, as ``Type: message``."""
+    chain, seen = [], set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    package = str(Path(__file__).resolve().parent)
+    for exc in chain:
+        frames = traceback.extract_tb(exc.__traceback__)
+        if frames and str(Path(frames[-1].filename).resolve()).startswith(package) and isinstance(exc, INPUT_ERRORS):
+            return f"{type(exc).__name__}: {exc}"
+    return f"{type(chain[0]).__name__}: {chain[0]}"
