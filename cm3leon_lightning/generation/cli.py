@@ -39,19 +39,27 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 
 from cm3leon_lightning.config import CM3LeonConfig
 from cm3leon_lightning.generation.cli_args import add_model_arguments as add_model_arguments  # re-exported
 from cm3leon_lightning.generation.cli_args import build_parser, check_numbers, clean_texts
+from cm3leon_lightning.generation.cli_files import (  # noqa: F401  (re-exported: the names' old home)
+    OUTPUT_NAME,
+    check_out,
+    load_image,
+    previous_outputs,
+    save_grid,
+    square_image,
+    start_writing,
+    to_pil,
+    write_images,
+)
 from cm3leon_lightning.generation.generate import edit_image, generate_image, generate_text, image_prompt
 from cm3leon_lightning.generation.graphs import resolve_mode
 from cm3leon_lightning.generation.infilling import infill_batch
@@ -59,41 +67,6 @@ from cm3leon_lightning.generation.tasks import TASK_GUIDANCE, task_prefix
 from cm3leon_lightning.model import CM3Leon
 from cm3leon_lightning.model.pretrained import DTYPES  # the --dtype choices besides auto
 from cm3leon_lightning.tokenization.vocab import Document, MultimodalVocab
-
-if TYPE_CHECKING:  # PIL is imported lazily, where images are written
-    from PIL import Image
-
-
-OUTPUT_NAME = re.compile(r"sample-\d+\.png|grid\.png|codes\.npy|retrieved\.json|answer\.txt|answers\.json")
-"""The names ``cm3leon generate`` writes into ``--out`` (any other file there is not its own)."""
-
-
-def previous_outputs(out: Path) -> list[Path]:
-    """The files of an earlier ``cm3leon generate`` run in ``out``, sorted by name (none if it is absent)."""
-    if not out.is_dir():
-        return []
-    return sorted(p for p in out.iterdir() if p.is_file() and OUTPUT_NAME.fullmatch(p.name))
-
-
-def check_out(out: Path, overwrite: bool) -> None:
-    """Raise ValueError naming ``--out`` and a few of its files when it holds an earlier run's outputs and
-    ``overwrite`` is not set: a run with fewer samples would leave stale ``sample-{i}.png`` beside its own."""
-    earlier = previous_outputs(out)
-    if earlier and not overwrite:
-        names = ", ".join(p.name for p in earlier[:4]) + (" ..." if len(earlier) > 4 else "")
-        raise ValueError(
-            f"--out: {out} already holds {len(earlier)} file{'s' * (len(earlier) > 1)} of an earlier generate run "
-            f"({names}); give a new or empty directory, or --overwrite to delete them first"
-        )
-
-
-def start_writing(args: argparse.Namespace, out: Path) -> None:
-    """Before the first file of this run is written: with ``--overwrite``, delete the earlier run's outputs (only
-    the names of :data:`OUTPUT_NAME`; other files of the user stay), once."""
-    if args.overwrite:
-        for earlier in previous_outputs(out):
-            earlier.unlink()
-        args.overwrite = False  # done: the files written next are this run's
 
 
 def check_device(device: str, flag: str = "--device") -> torch.device:
@@ -238,57 +211,6 @@ def check_tokenizers(
             other["vqgan_sha256"] = path_sha256(vqgan_path)
         where = f"{flags[1]} {vqgan_path}" if vqgan_path else flags[1]
         check_same_tokenizer("vqgan", model, source, other, where, "", True)
-
-
-def to_pil(image: torch.Tensor) -> Image.Image:
-    """``(C, H, W)`` float image in ``[-1, 1]`` -> ``PIL.Image``."""
-    from PIL import Image
-
-    arr = ((image.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
-
-
-def save_grid(images: torch.Tensor, caption: str, path: Path, pad: int = 4) -> Image.Image:
-    """Write candidates ``(N, C, H, W)`` side by side under a strip holding ``caption``; returns the PIL image."""
-    from PIL import Image, ImageDraw
-
-    tiles = [to_pil(im).convert("RGB") for im in images]
-    w, h = tiles[0].size
-    strip = 14
-    grid = Image.new("RGB", (len(tiles) * (w + pad) + pad, h + 2 * pad + strip), "white")
-    ImageDraw.Draw(grid).text((pad, 1), caption, fill="black")
-    for i, tile in enumerate(tiles):
-        grid.paste(tile, (pad + i * (w + pad), strip + pad))
-    grid.save(path)
-    return grid
-
-
-def load_image(path: str | Path, vqgan: torch.nn.Module) -> torch.Tensor:
-    """Read an image file, centre-crop and resize to the VQGAN's resolution; ``(1, 3, R, R)`` uint8."""
-    from PIL import Image
-
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"--image: file not found: {p}")
-    try:
-        with Image.open(p) as img:
-            return square_image(img, vqgan.config.resolution)[None]  # type: ignore[union-attr]
-    except (OSError, Image.DecompressionBombError) as e:  # UnidentifiedImageError is an OSError
-        raise ValueError(f"--image: {p} is not an image this machine can read ({e})") from e
-
-
-def square_image(img: Image.Image, resolution: int) -> torch.Tensor:
-    """A PIL image as RGB (as ``cm3leon prepare`` converts training images: 16-bit grey scaled to 8 bits, transparent
-    pixels white), centre-cropped to a square and resized (bicubic) to ``resolution``; ``(3, R, R)`` uint8."""
-    from PIL import Image
-
-    from cm3leon_lightning.data.cleaning import to_rgb
-
-    img = to_rgb(img)
-    side = min(img.size)
-    left, top = (img.width - side) // 2, (img.height - side) // 2
-    img = img.crop((left, top, left + side, top + side)).resize((resolution, resolution), Image.BICUBIC)
-    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
 
 
 def retrieve_documents(
@@ -480,18 +402,6 @@ def run_infill(
         stacked = torch.stack(images)  # (N, h*w)
         decoded = None if vqgan is None else vqgan.decode(stacked.to(next(vqgan.parameters()).device))
         write_images(out, stacked, decoded, texts[0])
-
-
-def write_images(out: Path, codes: torch.Tensor, images: torch.Tensor | None, caption: str) -> None:
-    """Write ``codes.npy`` ``(N, h*w)`` and, with images ``(N, C, H, W)``, ``sample-{i}.png`` and ``grid.png``."""
-    np.save(out / "codes.npy", codes.cpu().numpy().astype(np.int32))
-    if images is None:
-        print(f"wrote {out / 'codes.npy'} (no --vqgan: no PNGs)")
-        return
-    for i, im in enumerate(images):
-        to_pil(im).save(out / f"sample-{i}.png")
-    save_grid(images, caption, out / "grid.png")
-    print(f"wrote {len(images)} samples and grid.png to {out}")
 
 
 def main(argv: Sequence[str]) -> int:

@@ -8,9 +8,9 @@ from __future__ import annotations
 from cm3leon_lightning._lazy import lazy_exports
 
 _EXPORTS = {
-    "CLIP_CONFIGS": "encoder",
+    "CLIP_CONFIGS": "clip_loading",
     "ClipEncoder": "encoder",
-    "ClipWeightsUnavailableError": "encoder",
+    "ClipWeightsUnavailableError": "clip_loading",
     "MemoryBank": "index",
     "SearchResult": "index",
     "Neighbor": "select",

@@ -47,6 +47,16 @@ def test_text_to_image_writes_samples_grid_and_codes(assets, tmp_path):
     assert np.array_equal(np.load(tmp_path / "sdpa" / "codes.npy"), np.load(tmp_path / "flex" / "codes.npy"))
 
 
+def test_file_helpers_stay_importable_from_the_cli_module():
+    """cli_files was split out of cli; serve, predict and user code import these names from their old home."""
+    from cm3leon_lightning.generation import cli, cli_files
+
+    names = ["OUTPUT_NAME", "previous_outputs", "check_out", "start_writing", "to_pil", "save_grid", "load_image",
+             "square_image", "write_images"]  # fmt: skip
+    for name in names:
+        assert getattr(cli, name) is getattr(cli_files, name), name
+
+
 def test_dtype_loads_the_transformer_in_that_precision(assets, tmp_path):
     """--dtype bfloat16 decodes with bf16 weights and cache (on CPU too) and still writes only image codes; auto is
     float32 on CPU."""

@@ -47,6 +47,18 @@ def test_tiny_configs_are_registered_with_open_clip_and_tokenize_offline():
     assert ids[0, 0].item() == 49406 and 49407 in ids[0].tolist()  # open_clip's bundled BPE: <sot> ... <eot>
 
 
+def test_model_building_names_stay_importable_from_the_encoder_module():
+    """clip_loading was split out of encoder; user code importing the names from their old home keeps working."""
+    from cm3leon_lightning import retrieval
+    from cm3leon_lightning.retrieval import clip_loading, encoder
+
+    names = ["CLIP_CONFIGS", "PRECISIONS", "ClipWeightsUnavailableError", "clip_tag", "create_clip"]
+    for name in [*names, "register_clip_configs"]:
+        assert getattr(encoder, name) is getattr(clip_loading, name), name
+    assert retrieval.CLIP_CONFIGS is encoder.CLIP_CONFIGS
+    assert retrieval.ClipWeightsUnavailableError is encoder.ClipWeightsUnavailableError
+
+
 def test_local_weights_load_and_match_the_saved_model(weights, enc):
     st, pt, model = weights
     x = torch.from_numpy(_images()).permute(0, 3, 1, 2)
@@ -294,12 +306,12 @@ def test_an_unreadable_cached_tag_file_says_to_delete_it(monkeypatch):
     """A tag's file left truncated in the Hugging Face cache raised safetensors' bare error from inside open_clip."""
     from safetensors import SafetensorError
 
-    import cm3leon_lightning.retrieval.encoder as encoder_module
+    from cm3leon_lightning.retrieval import clip_loading
 
     def truncated(*args, **kwargs):
         raise SafetensorError("Error while deserializing header: incomplete metadata, file not fully covered")
 
-    monkeypatch.setattr(encoder_module, "_in_hf_cache", lambda *a: True)
+    monkeypatch.setattr(clip_loading, "_in_hf_cache", lambda *a: True)
     monkeypatch.setattr(open_clip, "create_model", truncated)
     with pytest.raises(
         ClipWeightsUnavailableError,
