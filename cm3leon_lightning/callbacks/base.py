@@ -103,7 +103,10 @@ def read_shard_samples(
                 done = True
                 break
             if image_size is not None and s.jpg is None:
-                raise ValueError(f"{mpath.parent / info.name}: sample {s.key!r} has no jpg (prepare with keep_jpg)")
+                raise ValueError(
+                    f"{mpath.parent / info.name}: sample {s.key!r} has no jpg (only cm3leon "
+                    "prepare's validation split keeps the source images, keep_val_jpg)"
+                )
             image = fid_resize(s.jpg, image_size) if image_size is not None else None
             item = EvalSample(s.key, [s.caption], image, torch.as_tensor(s.image.astype("int64")))
             out.append(item)

@@ -25,7 +25,7 @@ devices, and updates the metric; the metric's sums synchronise in ``compute`` on
 rank-zero-only block). The real images' statistics are computed once and, with ``cache_dir``, kept on disk keyed by
 the reference images' pixels (after decoding and resizing) and the feature extractor's weights; rank zero decides
 whether the cache is used, and a cache file that cannot be read or holds another image count is recomputed (with a
-warning).
+warning); one that cannot be written (a full disk) is left out, with a warning.
 """
 
 from __future__ import annotations
@@ -146,8 +146,11 @@ class FIDCallback(GenerationCallback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Build the FID metric (Inception weights or the given extractor), CLIP, and read the evaluation set (in-memory
         samples must each have a caption, ``references[0]``, and an image: ValueError naming the sample). Without
-        ``vqgan`` the default :meth:`generate` cannot decode images: ValueError now, not after the first epoch."""
+        ``vqgan`` the default :meth:`generate` cannot decode images, and a ``cache_dir`` that is a file cannot hold
+        the cache: ValueError now, not after the first epoch."""
         self.load_resources(trainer)  # a missing tokenizer or VQGAN fails now, not at the first validation
+        if self.cache_dir is not None and Path(self.cache_dir).exists() and not Path(self.cache_dir).is_dir():
+            raise ValueError(f"FIDCallback cache_dir: {self.cache_dir} is not a directory")
         if self.vqgan is None and type(self).generate is FIDCallback.generate:  # else: after the first epoch
             raise ValueError("FIDCallback: give vqgan (a VQGAN weights path or module) to decode the generated images")
         if self.metric is None:
@@ -254,7 +257,13 @@ class FIDCallback(GenerationCallback):
         if cache is not None:
             with self.metric.sync_context():  # all ranks take part; the synced sums are the whole reference set
                 if trainer.global_rank == 0:
-                    save_real_stats(cache, real_stats(self.metric))
+                    try:
+                        save_real_stats(cache, real_stats(self.metric))
+                    except OSError as e:  # rank zero alone: raising here would leave the other ranks waiting
+                        rank_zero_warn(
+                            f"FIDCallback: could not write the reference-statistics cache {cache} ({e}); the FID "
+                            "does not need it, the next run computes the statistics again"
+                        )
 
     def _load_cache(self, cache: Path) -> bool:
         """Rank zero: put the cached totals into the metric; False (with a warning, metric unchanged) when the file

@@ -9,6 +9,7 @@ import dataclasses
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,19 +54,40 @@ def weights_fingerprint(module: torch.nn.Module, samples: int = 4096) -> str:
 
 def written_rows(output_dir: Path) -> dict[int, str]:
     """The JSON lines of the prompts written to ``output_dir`` (its part files, then ``predictions.jsonl``), by
-    prompt index. A line cut short (a run stopped while writing it) is not one: its prompt is decoded again."""
+    prompt index. A line cut short (a run stopped while writing it) or damaged (not JSON, not UTF-8) is not one: its
+    prompt is decoded again."""
     rows: dict[int, str] = {}
     for path in [*sorted(output_dir.glob("predictions.rank*.jsonl")), output_dir / PREDICTIONS_FILE]:
         if not path.is_file():
             continue
-        for line in path.read_text(encoding="utf-8").split("\n"):
+        for raw in path.read_bytes().split(b"\n"):  # line by line: a damaged line (not UTF-8) is one prompt's
             try:
+                line = raw.decode("utf-8")
                 row = json.loads(line) if line else None
-            except json.JSONDecodeError:
+            except ValueError:  # UnicodeDecodeError, JSONDecodeError
                 continue
             if isinstance(row, dict) and isinstance(row.get("index"), int):
                 rows.setdefault(row["index"], line)
     return rows
+
+
+def on_rank_zero(trainer: L.Trainer, what: str, step: Callable[[], None]) -> None:
+    """Run ``step`` on rank zero while the other ranks wait, then raise on every rank if it failed: rank zero its own
+    error (noting ``what``), the others a RuntimeError naming ``what`` and quoting it, instead of waiting at a barrier
+    until a launcher or the process group's timeout stops them. One collective: a broadcast of the error (or None)."""
+    error: Exception | None = None
+    if trainer.is_global_zero:
+        try:
+            step()
+        except Exception as e:  # noqa: BLE001 - re-raised below, once every rank knows
+            error = e
+    message = trainer.strategy.broadcast(None if error is None else f"{type(error).__name__}: {error}", src=0)
+    if error is not None:
+        if hasattr(error, "add_note"):  # Python >= 3.11
+            error.add_note(f"ImageWriter: while {what}")
+        raise error
+    if message is not None:
+        raise RuntimeError(f"ImageWriter: rank 0 failed while {what} ({message}); rank {trainer.global_rank} stops too")
 
 
 class ImageWriter(BasePredictionWriter):
@@ -122,7 +144,8 @@ class ImageWriter(BasePredictionWriter):
         self._settings: dict[str, Any] = {}
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        """Load the VQGAN on the module's device and check it against the module's vocabulary."""
+        """Refuse an ``output_dir`` that is a file or holds an earlier run's outputs (unless ``overwrite`` or
+        ``resume``), load the VQGAN on the module's device and check it against the module's vocabulary."""
         if stage != "predict":
             return
         same = [cb for cb in trainer.callbacks if isinstance(cb, ImageWriter) and cb.output_dir == self.output_dir]
@@ -131,6 +154,8 @@ class ImageWriter(BasePredictionWriter):
                 f"{len(same)} ImageWriter callbacks write to {self.output_dir}; give one (does --config name a saved "
                 "predict config that already holds one?)"
             )
+        if self.output_dir.exists() and not self.output_dir.is_dir():
+            raise ValueError(f"ImageWriter output_dir: {self.output_dir} is a file, not a directory")
         earlier = previous_outputs(self.output_dir)
         if earlier and not (self.overwrite or self.resume):
             names = ", ".join(p.name for p in earlier[:3]) + (" ..." if len(earlier) > 3 else "")
@@ -210,7 +235,8 @@ class ImageWriter(BasePredictionWriter):
 
     def resume_from_earlier(self, trainer: L.Trainer) -> None:
         """``resume``: rank zero gathers the earlier run's lines (its part files and ``predictions.jsonl``) into
-        ``predictions.jsonl``; then every rank reads it and leaves those prompts out of the data module."""
+        ``predictions.jsonl``; then every rank reads it and leaves those prompts out of the data module. A failed
+        merge raises on every rank (:func:`on_rank_zero`)."""
         exclude = getattr(trainer.datamodule, "exclude", None)
         if exclude is None:
             raise ValueError(
@@ -218,29 +244,34 @@ class ImageWriter(BasePredictionWriter):
                 "(it has no exclude(done, source)); use PromptDataModule"
             )
         merged = self.output_dir / PREDICTIONS_FILE
-        if trainer.is_global_zero and self.output_dir.is_dir():
-            rows = written_rows(self.output_dir)
-            write_text_whole(merged, "".join(rows[i] + "\n" for i in sorted(rows)))
-            for part in self.output_dir.glob("predictions.rank*.jsonl"):
-                part.unlink()
-        trainer.strategy.barrier("image_writer_resume")
+
+        def merge() -> None:
+            if self.output_dir.is_dir():
+                rows = written_rows(self.output_dir)
+                write_text_whole(merged, "".join(rows[i] + "\n" for i in sorted(rows)))
+                for part in self.output_dir.glob("predictions.rank*.jsonl"):
+                    part.unlink()
+
+        on_rank_zero(trainer, f"merging the earlier run's lines into {merged}", merge)
         done = {i: json.loads(line) for i, line in written_rows(self.output_dir).items()}
         exclude(done, str(merged))
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """With ``resume``, refuse other settings than the earlier run's (:meth:`check_same_settings`); create the
         output directory, record this run's settings and create this rank's part of ``predictions.jsonl`` (with
-        ``overwrite``, an earlier run's outputs deleted first)."""
+        ``overwrite``, an earlier run's outputs deleted first; a failure there raises on every rank)."""
         self._settings = self.run_settings(trainer, pl_module)
         if self.resume:
             self.check_same_settings(self._settings)
-        if trainer.is_global_zero:
+
+        def start() -> None:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             for earlier in [] if self.resume else previous_outputs(self.output_dir):  # none unless overwrite
                 earlier.unlink()
             settings = json.dumps(self._settings, indent=1, sort_keys=True) + "\n"
             write_text_whole(self.output_dir / SETTINGS_FILE, settings)
-        trainer.strategy.barrier("image_writer_start")
+
+        on_rank_zero(trainer, f"writing {self.output_dir / SETTINGS_FILE}", start)
         if self.vqgan is not None:
             self.vqgan.to(pl_module.device)
         if self.clip_name is not None and self.clip is None:
@@ -313,13 +344,15 @@ class ImageWriter(BasePredictionWriter):
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """After every rank finished, rank zero merges the part files into ``predictions.jsonl`` (by index; a resumed
         run's earlier lines too); it is replaced whole and the part files are deleted only once it is written, so a
-        failed write (a full disk) loses no line."""
+        failed write (a full disk) loses no line, and raises on every rank (:func:`on_rank_zero`)."""
         trainer.strategy.barrier("image_writer")
-        if trainer.is_global_zero:
+
+        def merge() -> None:
             rows = written_rows(self.output_dir)  # a resumed run's earlier lines too
             parts = sorted(self.output_dir.glob("predictions.rank*.jsonl"))
             text = "".join(rows[i] + "\n" for i in sorted(rows))
             write_text_whole(self.output_dir / PREDICTIONS_FILE, text)  # a resumed run's file holds earlier lines
             for part in parts:
                 part.unlink()
-        trainer.strategy.barrier("image_writer_done")
+
+        on_rank_zero(trainer, f"merging the ranks' lines into {self.output_dir / PREDICTIONS_FILE}", merge)

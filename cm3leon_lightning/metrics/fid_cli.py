@@ -66,18 +66,35 @@ def select_references(data: str, num_samples: int, image_size: int | None = None
     return samples
 
 
+def check_source_images(data: str) -> None:
+    """Raise ValueError when the first sample of ``data`` keeps no source image (``jpg``): ``score`` compares the
+    generated images with them, and without them the captions are not even grouped by image (cheap: one image)."""
+    from cm3leon_lightning.callbacks.base import read_shard_samples
+
+    try:
+        read_shard_samples(data, 1, image_size=1)
+    except ValueError as e:
+        if "has no jpg" not in str(e):
+            raise ValueError(f"--data: {e}") from e
+        raise ValueError(
+            f"--data: {data} keeps no source images ({e}); FID compares the generated images with them"
+        ) from e
+
+
 def write_prompts(data: str, num_samples: int, out: str, overwrite: bool = False) -> int:
     """Write the evaluation captions as a ``cm3leon predict`` prompts file (``{"prompt": ...}`` per line); returns
     the number written.
 
     Raises:
-        ValueError: ``out`` does not end in ``.jsonl``, or exists and ``overwrite`` is False.
+        ValueError: ``out`` does not end in ``.jsonl``, or exists and ``overwrite`` is False; ``data`` keeps no source
+            images (:func:`check_source_images`).
     """
     path = Path(out)
     if path.suffix != ".jsonl":
         raise ValueError(f"--out: {out} must end in .jsonl (cm3leon predict reads a prompts file by its suffix)")
     if path.exists() and not overwrite:
         raise ValueError(f"--out: {out} already exists; give --overwrite to replace it")
+    check_source_images(data)
     samples = select_references(data, num_samples)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_whole(path, "".join(json.dumps({"prompt": s.references[0]}) + "\n" for s in samples))
@@ -89,11 +106,18 @@ def read_predictions(generated: str) -> tuple[Path, dict[int, tuple[int, dict[st
 
     Raises:
         FileNotFoundError: no ``predictions.jsonl`` in ``generated``.
-        ValueError: a line that is not a prediction (file and line named), or an index given twice.
+        ValueError: a stopped predict run (its part files, no ``predictions.jsonl``), a line that is not a prediction
+            (file and line named), or an index given twice.
     """
     from cm3leon_lightning.generation.predict import PREDICTIONS_FILE
 
     path = Path(generated) / PREDICTIONS_FILE
+    parts = sorted(Path(generated).glob("predictions.rank*.jsonl"))
+    if not path.is_file() and parts:
+        raise ValueError(
+            f"--generated: {generated} holds {parts[0].name} but no {PREDICTIONS_FILE}: its cm3leon predict run "
+            "stopped before it finished; run it again with --trainer.callbacks.resume true"
+        )
     if not path.is_file():
         raise FileNotFoundError(
             f"--generated: no {PREDICTIONS_FILE} in {generated} (the output_dir of a finished cm3leon predict run)"
@@ -194,9 +218,10 @@ def load_cached(cache: Path, metric: Any, count: int) -> bool:
     return reason is None
 
 
-def read_image(path: Path, image_size: int) -> torch.Tensor:
+def read_image(path: Path, image_size: int, sizes: dict[tuple[int, int], Path] | None = None) -> torch.Tensor:
     """A generated image file -> uint8 ``(3, image_size, image_size)`` by :func:`~cm3leon_lightning.metrics.fid_resize`
-    (raises ValueError naming the file when it is not an image)."""
+    (raises ValueError naming the file when it is not an image); ``sizes`` records its ``(width, height)`` (the first
+    file of each size)."""
     from PIL import Image, UnidentifiedImageError
 
     from cm3leon_lightning.metrics.fid import fid_resize
@@ -204,9 +229,25 @@ def read_image(path: Path, image_size: int) -> torch.Tensor:
     try:
         with Image.open(path) as image:
             image.load()
+            if sizes is not None:
+                sizes.setdefault(image.size, path)
             return fid_resize(image, image_size)
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"{path} is not a readable image ({e})") from e
+
+
+def check_sizes(sizes: dict[tuple[int, int], Path], image_size: int) -> None:
+    """Warn when generated images (``(width, height)`` -> a file of that size) are not all ``image_size`` square:
+    they were resized as the reference images are, and images of several sizes come from several runs or models."""
+    other = {size: path for size, path in sizes.items() if size != (image_size, image_size)}
+    if not other:
+        return
+    listed = ", ".join(f"{w}x{h} ({path})" for (w, h), path in sorted(other.items())[:3])
+    several = f"; they have {len(sizes)} sizes: do they come from one run?" if len(sizes) > 1 else ""
+    warn(
+        f"generated images of {listed}{' ...' if len(other) > 3 else ''} are not --image-size {image_size}: "
+        f"resized to it as the reference images are (shorter side, then centre crop){several}"
+    )
 
 
 def score(args: argparse.Namespace) -> dict[str, Any]:
@@ -220,8 +261,12 @@ def score(args: argparse.Namespace) -> dict[str, Any]:
             f"--candidate must be >= 0, --batch-size and --image-size >= 1; got {args.candidate}, "
             f"{args.batch_size}, {args.image_size}"
         )
+    if args.json is not None and Path(args.json).is_dir():
+        raise ValueError(f"--json: {args.json} is a directory; give the JSON file to write")
     if args.json is not None and Path(args.json).exists() and not args.overwrite:
         raise ValueError(f"--json: {args.json} already exists; give --overwrite to replace it")
+    if args.cache_dir is not None and Path(args.cache_dir).exists() and not Path(args.cache_dir).is_dir():
+        raise ValueError(f"--cache-dir: {args.cache_dir} is not a directory")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available")
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
@@ -242,10 +287,16 @@ def score(args: argparse.Namespace) -> dict[str, Any]:
         for chunk in batches(samples, args.batch_size):
             metric.update(torch.stack([s.image for s in chunk]).to(device), real=True)
         if cache is not None:
-            save_real_stats(cache, real_stats(metric))
+            try:
+                save_real_stats(cache, real_stats(metric))
+            except OSError as e:  # a full disk: the FID is still computed, the next run recomputes the statistics
+                warn(f"could not write the reference-statistics cache {cache} ({e}); the FID does not need it")
+                cache = None
     del samples  # the reference images: 30K of them at 256 px are 5.9 GB
+    sizes: dict[tuple[int, int], Path] = {}
     for chunk in batches(files, args.batch_size):
-        metric.update(torch.stack([read_image(p, args.image_size) for p in chunk]).to(device), real=False)
+        metric.update(torch.stack([read_image(p, args.image_size, sizes) for p in chunk]).to(device), real=False)
+    check_sizes(sizes, args.image_size)
     feature = args.feature_extractor or f"inception-{2048 if args.feature_dim is None else args.feature_dim}"
     return {
         "fid": float(metric.compute()),

@@ -379,3 +379,25 @@ def test_no_more_images_than_features_warns_that_fid_is_biased(parts, dims: int,
     biased = [str(w.message) for w in seen if "covariances are singular" in str(w.message)]
     expected = "FIDCallback: 6 images for 8 features: the covariances are singular, so val/fid is biased upward"
     assert [m.startswith(expected) for m in biased] == ([True] if warns else [])
+
+
+def test_a_cache_that_cannot_be_written_warns_and_logs_the_fid(parts, tmp_path: Path, monkeypatch) -> None:
+    """Rank zero alone writes the cache: a failed write (a full disk) raised there while the other ranks went on to
+    the metric's synchronisation and waited for it; the cache is only a shortcut, so a warning now says it is not
+    written. A cache_dir that is a file is refused at setup, not after the reference set is embedded."""
+    _, _, module = parts
+    want = trainer(tmp_path, [make(parts)]).validate(module, val_loader(module.vocab), verbose=False)[0]["val/fid"]
+
+    def full_disk(path, stats):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("cm3leon_lightning.callbacks.fid.save_real_stats", full_disk)
+    cb = make(parts, cache_dir=str(tmp_path / "cache"))
+    warning = r"could not write the reference-statistics cache .*fid-ref-\w+\.pt \(\[Errno 28\] No space left"
+    with pytest.warns(UserWarning, match=warning):
+        out = trainer(tmp_path, [cb]).validate(module, val_loader(module.vocab), verbose=False)[0]
+    assert out["val/fid"] == pytest.approx(want, rel=1e-6) and not (tmp_path / "cache").exists()
+
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(ValueError, match=f"^FIDCallback cache_dir: {tmp_path / 'file'} is not a directory$"):
+        make(parts, cache_dir=str(tmp_path / "file")).setup(None, module, "validate")

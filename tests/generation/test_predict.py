@@ -554,6 +554,27 @@ def test_a_resumed_run_whose_merge_fails_keeps_the_earlier_runs_lines(assets, tm
     assert (out / "predictions.jsonl").read_text() == "".join(lines)
 
 
+def test_an_output_dir_that_is_a_file_is_refused_before_the_model_loads(assets, tmp_path):
+    """It failed in on_predict_start, with the checkpoint loaded, as ``FileExistsError: [Errno 17] File exists``
+    naming no argument."""
+    (tmp_path / "out").write_text("notes")
+    with pytest.raises(ValueError, match=f"^ImageWriter output_dir: {tmp_path / 'out'} is a file, not a directory$"):
+        predict(assets, tmp_path / "out", batch_size=1, vqgan=False)
+    assert (tmp_path / "out").read_text() == "notes"
+
+
+def test_resume_decodes_a_damaged_line_again(assets, tmp_path):
+    """A line holding bytes that are not UTF-8 (a damaged disk, a stray editor) stopped the resumed run with a
+    UnicodeDecodeError naming no file; like a line cut short, it is no prompt's: that prompt is decoded again."""
+    out = tmp_path / "out"
+    predict(assets, out, batch_size=1, vqgan=False)
+    lines = (out / "predictions.jsonl").read_bytes().split(b"\n")
+    (out / "predictions.jsonl").write_bytes(b"\n".join([lines[0], lines[1].replace(b"blue", b"bl\xffe"), *lines[2:]]))
+    batches = predict(assets, out, batch_size=1, vqgan=False, resume=True)
+    assert [i for b in batches for i in b["index"]] == [1]
+    assert (out / "predictions.jsonl").read_bytes().split(b"\n") == lines
+
+
 # ------------------------------------------------------------------------------------------------ the CLI
 def test_cm3leon_predict_on_two_processes_after_cm3leon_fit(tmp_path):
     """The documented command: the fit's saved config, its last.ckpt, two CPU processes (DDP, gloo)."""

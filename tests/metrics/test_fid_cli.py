@@ -4,6 +4,8 @@ as the callback computes it (same selection, resize, metric and reference cache)
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -127,6 +129,28 @@ def test_prompts_past_the_end_warn_and_write_all(data: dict, tmp_path: Path, cap
     assert err == f"cm3leon fid: warning: --num-samples 30 but {coco} holds 5 distinct images; using 5\n"
 
 
+def test_prompts_refuse_shards_without_source_images(data: dict, tmp_path: Path, capsys) -> None:
+    """A training split keeps no jpg: ``prompts`` wrote its first captions (not grouped by image, so COCO's images
+    came up to five times), and only ``score``, after the predict run, said that they cannot be scored."""
+    from cm3leon_lightning.data.shards import Manifest, ShardSample, ShardWriter, read_shard
+
+    manifest = Manifest.load(Path(data["val"]) / "manifest.json")
+    base = [s for info in manifest.shards for s in read_shard(Path(data["val"]) / info.name, manifest)][:3]
+    tok = tiny_tokenizer()
+    text_info = {"path": data["tokenizer"], "sha256": tok.sha256, "n_text": tok.vocab_size, "num_sentinels": 8}
+    image_info = {"checkpoint_sha256": "0" * 64, "n_codes": 32, "grid_h": 8, "grid_w": 8, "image_size": 16}
+    train = tmp_path / "train"
+    ShardWriter(train, text_info, image_info).write_all([ShardSample(s.key, s.caption, s.text, s.image) for s in base])
+    out = tmp_path / "prompts.jsonl"
+    shard = train / Manifest.load(train / "manifest.json").shards[0].name
+    assert error_of(["prompts", "--data", str(train), "--num-samples", "3", "--out", str(out)], capsys) == (
+        f"--data: {train} keeps no source images ({shard}: sample {base[0].key!r} has no "
+        "jpg (only cm3leon prepare's validation split keeps the source images, keep_val_jpg)); FID compares the "
+        "generated images with them"
+    )
+    assert not out.exists()
+
+
 def test_prompts_refuse_an_existing_out_unless_overwrite(data: dict, tmp_path: Path, capsys) -> None:
     out = tmp_path / "prompts.jsonl"
     out.write_text("mine\n")
@@ -246,6 +270,68 @@ def test_score_errors_name_the_file_and_index(data: dict, tmp_path: Path, capsys
     assert error_of(with_generated(score_args(data), garbled), capsys) == (
         f"{garbled / 'predictions.jsonl'} lines 4 and 25 both hold prompt 3"
     )
+
+
+def test_score_names_a_stopped_run_and_bad_output_paths_before_any_work(data: dict, tmp_path: Path, capsys) -> None:
+    """A stopped predict run (part files only) was reported as no predict output at all; a --cache-dir or --json
+    that could not be written failed after the whole computation, with an OSError naming no flag."""
+    stopped = copy_generated(data, tmp_path / "stopped")
+    (stopped / "predictions.jsonl").rename(stopped / "predictions.rank1.jsonl")
+    assert error_of(with_generated(score_args(data), stopped), capsys) == (
+        f"--generated: {stopped} holds predictions.rank1.jsonl but no predictions.jsonl: its cm3leon predict run "
+        "stopped before it finished; run it again with --trainer.callbacks.resume true"
+    )
+    (tmp_path / "cache").write_text("a file")
+    assert error_of(score_args(data, "--cache-dir", str(tmp_path / "cache")), capsys) == (
+        f"--cache-dir: {tmp_path / 'cache'} is not a directory"
+    )
+    assert error_of(score_args(data, "--json", str(tmp_path)), capsys) == (
+        f"--json: {tmp_path} is a directory; give the JSON file to write"
+    )
+
+
+def test_score_warns_about_generated_images_of_other_sizes(data: dict, tmp_path: Path, capsys) -> None:
+    """Generated images of another size than --image-size (another VQGAN, two runs' images in one directory) were
+    resized without a word."""
+    gen = tmp_path / "gen"
+    shutil.copytree(data["generated"], gen)
+    with Image.open(gen / "000003-0.png") as image:
+        image.resize((8, 8)).save(gen / "000003-0.png")
+    assert main(with_generated(score_args(data), gen)) == 0
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"cm3leon fid: warning: generated images of 8x8 ({gen / '000003-0.png'}) are not --image-size 16: resized to "
+        "it as the reference images are (shorter side, then centre crop); they have 2 sizes: do they come from one run?"
+    )
+    args = score_args(data)
+    args[args.index("--image-size") + 1] = "12"
+    assert main(args) == 0
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"cm3leon fid: warning: generated images of 16x16 ({Path(data['generated']) / '000000-0.png'}) are not "
+        "--image-size 12: resized to it as the reference images are (shorter side, then centre crop)"
+    )
+    assert main(score_args(data)) == 0
+    assert "generated images of" not in capsys.readouterr().err
+
+
+def test_a_cache_that_cannot_be_written_still_gives_the_fid(data: dict, tmp_path: Path, capsys, monkeypatch) -> None:
+    """A full disk while writing the reference statistics stopped the command after the reference set was embedded;
+    the cache is only a shortcut: a warning says it is not written and the FID is printed."""
+
+    def full_disk(path, stats):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(fid_module, "save_real_stats", full_disk)
+    out = tmp_path / "fid.json"
+    assert main(score_args(data, "--cache-dir", str(tmp_path / "cache"), "--json", str(out))) == 0
+    captured = capsys.readouterr()
+    assert re.search(
+        rf"cm3leon fid: warning: could not write the reference-statistics cache {tmp_path / 'cache'}/fid-ref-\w+\.pt "
+        r"\(\[Errno 28\] No space left on device\); the FID does not need it\n$",
+        captured.err,
+    )
+    assert captured.out.splitlines()[-1] == "reference statistics: computed"
+    result = json.loads(out.read_text())
+    assert result["reference_cache"] is None and result["fid"] == pytest.approx(0.0, abs=1e-4)
 
 
 def test_score_errors_on_extractor_and_weights(data: dict, tmp_path: Path, capsys, monkeypatch) -> None:
