@@ -232,13 +232,16 @@ class PromptDataModule(L.LightningDataModule):
             ids = self.tokenizer.encode_batch([model_text(p) for p, _ in prompts])  # as training captions
             self.dataset = PromptDataset(prompts, ids)
 
-    def exclude(self, done: dict[int, dict[str, Any]], source: str) -> None:
+    def exclude(self, done: dict[int, dict[str, Any]], source: str, base_seed: int | None = None) -> None:
         """Leave out the prompts of ``done`` (index -> the JSON line an earlier run wrote for it, read from
         ``source``): a resumed run decodes the others only.
 
+        ``base_seed`` is the generation settings' seed: a prompt the file gives no seed decodes with ``base_seed +
+        index``, so an earlier line's seed must be that (else the earlier run read the seeds of another file).
+
         Raises:
-            ValueError: naming ``source`` and the index, when a line's prompt (or its seed, where the file gives one)
-                is not the prompts file's: the earlier run read another file.
+            ValueError: naming ``source`` and the index, when a line's prompt or seed is not what this prompts file
+                gives: the earlier run read another file.
         """
         if self.dataset is None:
             self.setup("predict")
@@ -251,10 +254,17 @@ class PromptDataModule(L.LightningDataModule):
                     f"resume: {source} holds prompt {index} {str(row.get('prompt'))[:60]!r}, but {self.prompts_path} "
                     f"has {have}: the earlier run read another prompts file; give its file, or a new output_dir"
                 )
-            if prompts[index][1] is not None and row.get("seed") != prompts[index][1]:
+            given = prompts[index][1]
+            if given is not None and row.get("seed") != given:
                 raise ValueError(
                     f"resume: {source} decoded prompt {index} with seed {row.get('seed')}, but {self.prompts_path} "
-                    f"gives seed {prompts[index][1]}; give the earlier run's file, or a new output_dir"
+                    f"gives seed {given}; give the earlier run's file, or a new output_dir"
+                )
+            if given is None and base_seed is not None and row.get("seed") != base_seed + index:
+                raise ValueError(
+                    f"resume: {source} decoded prompt {index} with seed {row.get('seed')}, but {self.prompts_path} "
+                    f"gives it no seed, so this run would use {base_seed + index} (generation.seed {base_seed} + "
+                    "index): the earlier run read another file's seeds; give its file, or a new output_dir"
                 )
         self.dataset.indices = [i for i in range(len(prompts)) if i not in done]
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
 import re
 from collections.abc import Callable
@@ -166,7 +167,7 @@ class ImageWriter(BasePredictionWriter):
                 "finished and decode the rest"
             )
         if self.resume:  # the settings are compared in on_predict_start, once the checkpoint's weights are loaded
-            self.resume_from_earlier(trainer)
+            self.resume_from_earlier(trainer, getattr(getattr(pl_module, "generation", None), "seed", None))
         from cm3leon_lightning.generation.cli import check_tokenizers
 
         if self.vqgan_path is not None and self.vqgan is None:
@@ -233,10 +234,11 @@ class ImageWriter(BasePredictionWriter):
                 "with the earlier settings, or give a new output_dir"
             )
 
-    def resume_from_earlier(self, trainer: L.Trainer) -> None:
+    def resume_from_earlier(self, trainer: L.Trainer, base_seed: int | None = None) -> None:
         """``resume``: rank zero gathers the earlier run's lines (its part files and ``predictions.jsonl``) into
-        ``predictions.jsonl``; then every rank reads it and leaves those prompts out of the data module. A failed
-        merge raises on every rank (:func:`on_rank_zero`)."""
+        ``predictions.jsonl``; then every rank reads it and leaves those prompts out of the data module (its
+        ``exclude``, given the generation seed ``base_seed`` where it takes one). A failed merge raises on every rank
+        (:func:`on_rank_zero`)."""
         exclude = getattr(trainer.datamodule, "exclude", None)
         if exclude is None:
             raise ValueError(
@@ -254,7 +256,10 @@ class ImageWriter(BasePredictionWriter):
 
         on_rank_zero(trainer, f"merging the earlier run's lines into {merged}", merge)
         done = {i: json.loads(line) for i, line in written_rows(self.output_dir).items()}
-        exclude(done, str(merged))
+        if "base_seed" in inspect.signature(exclude).parameters:  # a custom data module's may take (done, source)
+            exclude(done, str(merged), base_seed=base_seed)
+        else:
+            exclude(done, str(merged))
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """With ``resume``, refuse other settings than the earlier run's (:meth:`check_same_settings`); create the

@@ -489,6 +489,20 @@ def test_resume_decodes_only_the_prompts_a_stopped_run_did_not_finish(assets, tm
     want = r"resume: .*predictions.jsonl holds prompt 1 'a blue circle', but .*other.txt has 'a yellow star': the"
     with pytest.raises(ValueError, match=want + " earlier run read another prompts file"):
         trainer.predict(module, datamodule=dm, ckpt_path=str(assets / "model.ckpt"))
+    # the same prompts without the jsonl's seed for prompt 1: this run would give it seed 5 + 1, a mix of two seedings
+    same = tmp_path / "same.txt"
+    same.write_text("a red square\na blue circle\na green triangle\n")
+    full_lines = (full / "predictions.jsonl").read_text().splitlines(keepends=True)
+    (out / "predictions.jsonl").write_text("".join(full_lines[:2]))
+    dm = PromptDataModule(str(same), str(assets / "tok"), str(assets / "model.ckpt"), 1)
+    trainer = L.Trainer(accelerator="cpu", logger=False, callbacks=[ImageWriter(str(out), resume=True)], **quiet)
+    want = (
+        r"resume: .*predictions.jsonl decoded prompt 1 with seed 123, but .*same.txt gives it no seed, so this run "
+        r"would use 6 \(generation.seed 5 \+ index\): the earlier run read another file's seeds"
+    )
+    with pytest.raises(ValueError, match=want):
+        trainer.predict(module, datamodule=dm, ckpt_path=str(assets / "model.ckpt"))
+    (out / "predictions.jsonl").write_text("".join(full_lines))
     with pytest.raises(ValueError, match="give overwrite .* or resume .*, not both"):
         ImageWriter(str(out), overwrite=True, resume=True)
     # other settings than the earlier run's would mix two runs' images in one directory (say, for one FID); with
