@@ -46,9 +46,20 @@ def resolve_source(
 
     Raises:
         ValueError: a remote URL without ``allow_remote``, a local path that does not exist (neither a shard nor a
-            pattern), a missing manifest, or a shard the manifest lacks.
+            pattern), a dataset directory or manifest inside a list, a missing manifest, a shard the manifest lacks,
+            a shard named twice, or (without ``manifest``) a shard outside the first shard's directory, whose
+            manifest was read.
     """
-    if isinstance(spec, (str, os.PathLike)) and not is_remote(str(spec)):
+    spec = os.fspath(spec) if isinstance(spec, os.PathLike) else spec  # a pathlib.Path was iterated as a list
+    if not isinstance(spec, str):
+        spec = [os.fspath(s) for s in spec]
+        folders = [s for s in spec if not is_remote(s) and (s.endswith(".json") or Path(s).is_dir())]
+        if folders:
+            raise ValueError(
+                f"{folders[0]} is a dataset directory or manifest, but a list names shard files of one dataset; give "
+                f"the dataset directory (or its {MANIFEST_NAME}) alone, not in a list (datasets cannot be combined)"
+            )
+    if isinstance(spec, str) and not is_remote(spec):
         path = Path(str(spec).removeprefix("file://"))
         if path.is_dir() or path.suffix == ".json":
             mpath = path / MANIFEST_NAME if path.is_dir() else path
@@ -71,6 +82,12 @@ def resolve_source(
         if urls[0].startswith("pipe:"):
             raise ValueError("pipe: shard URLs need the manifest's location: pass manifest=...")
         manifest = urls[0].rsplit("/", 1)[0] + "/" + MANIFEST_NAME if "/" in urls[0] else MANIFEST_NAME
+        elsewhere = [u for u in urls if _folder(u) != _folder(urls[0])]
+        if elsewhere:  # matched by name to the first directory's manifest: its counts and sha256 are another file's
+            raise ValueError(
+                f"shard {elsewhere[0]!r} is not in the directory of the first shard, whose {MANIFEST_NAME} was read: "
+                "list the shards of one dataset, or pass manifest=... for shards stored apart"
+            )
     m = Manifest.load(manifest, allow_remote)
     by_name = {s.name: s for s in m.shards}
     infos = []
@@ -80,7 +97,22 @@ def resolve_source(
         if name not in by_name:
             raise ValueError(f"shard {u!r} is not listed in manifest {manifest} (it lists {sorted(by_name)[:5]}...)")
         infos.append(by_name[name])
+    named = Counter(info.name for info in infos)
+    twice = next((name for name, n in named.items() if n > 1), None)
+    if twice is not None:  # (a pattern and a path, or two spellings of one directory)
+        where = [u for u, info in zip(urls, infos, strict=True) if info.name == twice]
+        raise ValueError(
+            f"shard {twice} is named {named[twice]} times ({', '.join(where)}): its samples would be read "
+            f"{named[twice]} times an epoch; name each shard once"
+        )
     return m, urls, infos
+
+
+def _folder(url: str) -> str:
+    """The directory of a shard URL (a local one resolved, so ``./ds`` and ``ds`` are one)."""
+    if is_remote(url):
+        return url.rsplit("/", 1)[0]
+    return str(Path(url.removeprefix("file://")).parent.resolve())
 
 
 def _check_same_tokenizers(manifests: dict[str, Manifest]) -> None:
@@ -101,7 +133,9 @@ class CM3LeonDataModule(L.LightningDataModule):
         val_data: validation source.
         test_data: test source.
         manifest: the manifest of ``train_data`` when it is a list of shards whose directory lacks one.
-        seq_len: tokens per row (paper: 4096).
+        seq_len: tokens per row (paper: 4096). An example that does not fit drops retrieved documents, then
+            cuts its caption from the end (the first cut warns); a slot without room for the query's image and
+            one caption token is refused.
         batch_size: rows per batch and rank.
         pack: examples packed per row (each fitted to ``seq_len // pack`` tokens), for small-image settings.
         num_workers: DataLoader workers per rank.
@@ -205,6 +239,13 @@ class CM3LeonDataModule(L.LightningDataModule):
             raise ValueError(
                 f"seq_len // pack = {seq_len // pack} leaves {self.cfg.budget} tokens after the masking reserve "
                 f"({self.cfg.mask_overhead}); one image document needs {need}"
+            )
+        if self.cfg.budget < need + 2:  # <break> and one caption token: else every caption is cut away
+            raise ValueError(
+                f"seq_len // pack = {seq_len // pack} leaves {self.cfg.budget} tokens after the masking reserve "
+                f"({self.cfg.mask_overhead}): the query's image ({first.image_tokens} tokens, <eos> and the final "
+                f"<eos>: {need}) leaves no room for a caption token ({need + 2} with <break>), so every caption would "
+                "be cut away; raise seq_len or lower pack"
             )
         if max_retrieved > 0 and self.cfg.budget < 2 * need - 1:  # the query and one more image document, one <eos>
             rank_zero_warn(

@@ -4,7 +4,7 @@ A map-style dataset resumes through its sampler (``data/sampling.py``). A shard 
 is seeded by the epoch (and, resampled, the batch it starts at), so the main process decides each pass's
 ``(epoch, batch)`` and hands it to the pipeline's copies in the workers through shared memory
 (:class:`PositionedLoader`). In ``fit`` that position is the trainer's, shifted by a position loaded before the
-fit (:class:`FitPosition`).
+fit (:class:`FitPosition`), and carries the batch the epoch stops at (:class:`Position`).
 """
 
 from __future__ import annotations
@@ -17,6 +17,31 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from cm3leon_lightning.data.sampling import trainer_position
+
+
+def trained_batches(batches: int, limit: int | float) -> int:
+    """Batches of an epoch of ``batches`` that a trainer with ``limit_train_batches=limit`` trains (an int: at most
+    that many; a float: that share, rounded down), as Lightning counts them."""
+    return min(batches, limit) if isinstance(limit, int) else int(batches * limit)
+
+
+class Position(tuple):
+    """A training position ``(epoch, batch)`` (a pair) that knows the batch its epoch stops at in ``fit``:
+    :attr:`stop` (``limit_train_batches`` counted), None when unknown.
+
+    A loader starting a pass at ``batch`` yields ``stop - batch`` batches, not its whole epoch's remainder: a new
+    Trainer whose fit starts at a loaded mid-epoch position counts its batches from 0, so under
+    ``limit_train_batches`` it read ``stop`` batches, ending the epoch ``batch`` batches later than an uninterrupted
+    run (a Trainer resumed with ``ckpt_path`` restores its count and stops in time). Lightning starts a pass before it
+    counts the epoch's batches (``trainer.num_training_batches``), so the stop comes from ``limit_train_batches``.
+    """
+
+    stop: int | None
+
+    def __new__(cls, epoch: int, batch: int, stop: int | None = None) -> Position:
+        position = super().__new__(cls, (int(epoch), int(batch)))
+        position.stop = stop
+        return position
 
 
 class FitPosition:
@@ -45,9 +70,8 @@ class FitPosition:
         build, or None). A fit that restored a checkpoint (``ckpt_path``) keeps the checkpoint's shift, as the trainer
         restored its counts; any other fit starts at ``loaded``'s position (its epoch only with ``whole_epochs``:
         loaders that restart an epoch from its start). ``epoch_batches``, when known, ends the shifted first epoch in
-        the saved state: the trainer does not know that its loader yields fewer batches than an epoch's. (Its
-        position stays past the end: a checkpoint there, resumed, has the loader yield nothing until the trainer's
-        epoch ends.)"""
+        the saved state (the trainer does not know that its loader yields fewer batches than an epoch's) and sets
+        each position's ``stop`` (:class:`Position`)."""
         self.epoch_batches = epoch_batches
         if loaded and getattr(trainer, "ckpt_path", None) is not None:
             shift = [int(v) for v in loaded.get("shift", (0, 0))]
@@ -60,20 +84,25 @@ class FitPosition:
             self.shift, self.first = (0, 0), 0
         self._trainer = trainer
 
-    def __call__(self, trainer: L.Trainer | None) -> tuple[int, int] | None:
-        """The position after the trainer's consumed batches, shifted; None outside ``fit``."""
+    def __call__(self, trainer: L.Trainer | None) -> Position | None:
+        """The position after the trainer's consumed batches, shifted, with the batches the trainer trains of an
+        epoch of :attr:`epoch_batches` as its ``stop`` (None when that is unknown); None outside ``fit``."""
         position = trainer_position(trainer)
         if position is None:
             return None
         (epoch, batch), (epochs, batches) = position, self.shift
-        return epoch + epochs, batch + (batches if epoch == self.first else 0)
+        limit = getattr(trainer, "limit_train_batches", 1.0)
+        stop = None if self.epoch_batches is None else trained_batches(self.epoch_batches, limit)
+        return Position(epoch + epochs, batch + (batches if epoch == self.first else 0), stop)
 
     def state(self, position: tuple[int, int]) -> dict[str, Any]:
-        """``{"epoch", "batch"}`` of ``position`` (the next epoch's start after its epoch's last batch), with
+        """``{"epoch", "batch"}`` of ``position`` (the next epoch's start after its epoch's last batch, or its
+        :attr:`Position.stop`), with
         ``"shift"`` when there is one (``[epochs, batches]``, and :attr:`first` when the batches are not the trainer's
         epoch 0's)."""
         epoch, batch = position
-        if self.epoch_batches is not None and batch >= self.epoch_batches:
+        ends = [n for n in (self.epoch_batches, getattr(position, "stop", None)) if n is not None]
+        if ends and batch >= min(ends):  # limit_train_batches counted
             epoch, batch = epoch + 1, 0
         state: dict[str, Any] = {"epoch": int(epoch), "batch": int(batch)}
         if self.shift != (0, 0):
@@ -85,10 +114,11 @@ class PositionedLoader(DataLoader):
     """A DataLoader whose every pass starts where the main process says: at ``position()`` in ``fit``, else at
     :attr:`next_pass` (each pass then the next epoch, from its start).
 
-    The pass's ``(epoch, batch)`` goes into :attr:`passes`, a shared-memory tensor that the dataset (and its copies in
-    the persistent workers) read at the start of their pass: copies counting their own passes ran one epoch ahead
-    when Lightning started a reloaded loader twice (``reload_dataloaders_every_n_epochs``). Hand :attr:`passes` to
-    the dataset before the first pass.
+    The pass's ``(epoch, batch, stop)`` goes into :attr:`passes`, a shared-memory tensor that the dataset (and its
+    copies in the persistent workers) read at the start of their pass: copies counting their own passes ran one epoch
+    ahead when Lightning started a reloaded loader twice (``reload_dataloaders_every_n_epochs``). ``stop`` is the
+    batch the pass's epoch stops at (the :attr:`Position.stop` of ``position()``), -1 when the epoch runs to its end
+    (outside ``fit``). Hand :attr:`passes` to the dataset before the first pass.
 
     Args:
         dataset: the iterable dataset.
@@ -106,12 +136,13 @@ class PositionedLoader(DataLoader):
     ) -> None:
         super().__init__(dataset, **kwargs)
         self.position, self.next_pass = position, (int(start[0]), int(start[1]))
-        self.passes = torch.tensor(self.next_pass, dtype=torch.int64).share_memory_()
+        self.passes = torch.tensor([*self.next_pass, -1], dtype=torch.int64).share_memory_()
 
     def __iter__(self) -> Iterator[Any]:
-        """Start a pass at the trainer's position (in ``fit``) or at :attr:`next_pass`."""
+        """Start a pass at the trainer's position (in ``fit``, up to its ``stop``) or at :attr:`next_pass`."""
+        stop = None
         if (position := self.position()) is not None:
-            self.next_pass = position
-        self.passes.copy_(torch.tensor(self.next_pass))
+            self.next_pass, stop = (int(position[0]), int(position[1])), getattr(position, "stop", None)
+        self.passes.copy_(torch.tensor([*self.next_pass, -1 if stop is None else stop]))
         self.next_pass = (self.next_pass[0] + 1, 0)
         return super().__iter__()

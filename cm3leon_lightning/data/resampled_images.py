@@ -76,6 +76,8 @@ class ResampledImageShards(IterableDataset):
     yields the epoch's remaining batches, drawn afresh (the draws are seeded by ``start`` too, so they are not the
     interrupted run's first batches again). Draws, sample shuffle and flips of worker ``w`` on ``rank`` come from
     ``np.random.default_rng([seed, epoch, rank, w, RESAMPLE_TAG, start])``: the same settings read the same batches.
+    Read by a :class:`ResampledLoader` in ``fit``, a pass ends at the batches the trainer trains per epoch
+    (``limit_train_batches``, ``stop``): one starting at ``start`` yields ``stop - start``, as the uninterrupted run.
 
     Args:
         urls: the shard URLs (local paths, ``file://``, ``http(s)://``... as WebDataset opens them).
@@ -100,7 +102,7 @@ class ResampledImageShards(IterableDataset):
         self.urls, self.image_size, self.batch_size, self.batches = list(urls), image_size, batch_size, batches
         self.shuffle, self.hflip, self.seed, self.rank = shuffle, hflip, seed, rank
         self.epoch, self.start = 0, 0
-        self.passes: torch.Tensor | None = None  # set by ResampledLoader: each pass's (epoch, start), shared
+        self.passes: torch.Tensor | None = None  # set by ResampledLoader: each pass's (epoch, start, stop), shared
 
     def __len__(self) -> int:
         return self.batches
@@ -108,8 +110,10 @@ class ResampledImageShards(IterableDataset):
     def __iter__(self) -> Iterator[torch.Tensor]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        stop = self.batches
         if self.passes is not None:  # the loader's position for this pass (workers' copies do not count passes)
-            epoch, start = self.passes.tolist()
+            epoch, start, limit = self.passes.tolist()
+            stop = stop if limit < 0 else min(stop, limit)  # the trainer's batches per epoch (limit_train_batches)
         else:
             epoch, start = self.epoch, self.start
             self.epoch, self.start = epoch + 1, 0  # the next pass: the next epoch, whole
@@ -120,7 +124,7 @@ class ResampledImageShards(IterableDataset):
             shuffle_rng = random.Random(int(rng.integers(2**63)))
             samples = wds.shuffle(self.shuffle, min(100, self.shuffle), rng=shuffle_rng)(samples)
         stream = image_batches(samples, self.image_size, self.batch_size, self.hflip, rng)
-        for _ in range(worker_share(self.batches - start, worker, workers)):
+        for _ in range(worker_share(max(0, stop - start), worker, workers)):
             yield next(stream)
 
 

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from cm3leon_lightning.data import plan as planning
 from cm3leon_lightning.data.shards import ShardFormatError, ShardInfo, iter_tar_samples, open_bytes
-from cm3leon_lightning.data.stages import Example, PipelineConfig, build_example, collate, decode
+from cm3leon_lightning.data.stages import Example, PipelineConfig, build_example, collate, decode, document_length
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,20 @@ def fingerprint_changes(saved: Any, have: dict[str, Any]) -> str:
         return f"the checkpoint records no settings ({saved!r})"
     keys = [k for k in sorted(set(saved) | set(have)) if saved.get(k) != have.get(k)]
     return ", ".join(f"{k}: {saved.get(k)!r} -> {have.get(k)!r}" for k in keys)
+
+
+def cut_caption_message(stream: ShardStream, key: str, cut: int) -> str:
+    """The warning for a training sample ``key`` whose caption lost ``cut`` tokens to fit the stream's slot."""
+    cfg, image = stream.cfg, stream.cfg.vocab.image_tokens
+    room = cfg.budget - document_length(0, image) - 2  # <break> and the final <eos> beside the image document
+    return (
+        f"seq_len // pack = {stream.seq_len // stream.pack} leaves {cfg.budget} tokens after the masking reserve "
+        f"({cfg.mask_overhead}), but sample {key!r} needs {image + room + cut + 3 + cfg.mask_overhead} (its "
+        f"{room + cut} caption tokens, {image} image tokens, <eos>, <break>, the final <eos> and the reserve): its "
+        f"caption was cut to its first {room} tokens. Every caption longer than {room} tokens is cut from its end "
+        "(after all retrieved documents were dropped; images are never cut), counted as data/truncated_tokens; "
+        "raise seq_len or lower pack to train whole captions"
+    )
 
 
 class ShardStream(IterableDataset):
@@ -270,6 +284,9 @@ class ShardStream(IterableDataset):
             batch = collate(examples, self.batch_size, self.seq_len, self.pack, self.cfg.vocab.pad_id)
             if self.with_meta:
                 batch["_meta"] = {"index": worker + j * k, "worker": worker, "cursor": cursor, "counts": dict(counts)}
+                cut = next((ex for ex in examples if ex.truncated_tokens), None)
+                if cut is not None:  # the first example whose caption was cut, for the loader's warning
+                    batch["_meta"]["cut"] = [cut.key, cut.truncated_tokens]
             yield batch
 
 
@@ -311,6 +328,7 @@ class ResumableLoader:
         self.pin_memory = pin_memory
         self.max_skip_share = max_skip_share
         self.progress = progress
+        self._warned_cut = False  # a training caption was cut to fit seq_len, and this loader said so
         self._restore({"epoch": 0, "batch": 0})
 
     def __len__(self) -> int:
@@ -353,6 +371,9 @@ class ResumableLoader:
         seen = Counter(self.epoch_counts)  # counts of the batches handed out, for the skip limit
         for batch in loader:
             meta = batch.pop("_meta")
+            if "cut" in meta and not self._warned_cut:
+                self._warned_cut = True
+                warnings.warn(cut_caption_message(stream, *meta["cut"]), stacklevel=2)
             self._pending.append(meta)
             self._handed_out += 1
             seen.update(meta["counts"])

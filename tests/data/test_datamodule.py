@@ -273,6 +273,32 @@ def test_sources_lists_braces_and_remote_guard(tiny_dataset: Path) -> None:
         make_dm(tiny_dataset, val_data=str(typo))
 
 
+def test_shard_lists_name_each_shard_once_from_one_dataset(tiny_dataset: Path, tmp_path: Path) -> None:
+    """A shard named twice (a pattern and a path) was read twice an epoch; a shard of another dataset was matched by
+    its name to the first shard's manifest (another file's count and sha256: skipped as corrupt at training, or
+    misread without sha256); a dataset directory in a list looked for a manifest in its parent; pathlib paths to
+    shards raised TypeError ('PosixPath' object is not iterable) naming no argument."""
+    from conftest import write_dataset
+
+    other = tmp_path / "other"
+    write_dataset(other, 8, 4, start=100)
+    first = str(tiny_dataset / "shard-000001.tar")
+    with pytest.raises(ValueError, match=r"^train_data: shard shard-000001.tar is named 2 times \(.*ds/shard-000001"
+                       r"\.tar, .*ds/shard-000001\.tar\): its samples would be read 2 times an epoch"):  # fmt: skip
+        make_dm([str(tiny_dataset / "shard-{000000..000002}.tar"), first])
+    with pytest.raises(ValueError, match=r"^train_data: shard '.*other/shard-000000\.tar' is not in the directory "
+                       "of the first shard, whose manifest.json was read"):  # fmt: skip
+        make_dm([first, str(other / "shard-000000.tar")])
+    with pytest.raises(ValueError, match=f"^train_data: {tiny_dataset} is a dataset directory or manifest, but a "
+                       "list names shard files"):  # fmt: skip
+        make_dm([str(tiny_dataset)])
+    stored_apart = make_dm([first, str(other / "shard-000000.tar")], manifest=str(tiny_dataset / "manifest.json"),
+                           max_retrieved=0, verify_sha256=False)  # fmt: skip
+    assert len(stored_apart.sources["train"][1]) == 2
+    for spec in (tiny_dataset / "shard-000001.tar", [tiny_dataset / "shard-000001.tar"]):
+        assert sorted(keys_of(list(make_dm(spec).train_dataloader()))) == [f"doc-{i:04d}" for i in range(4, 8)]
+
+
 def test_a_slot_too_short_for_any_retrieved_document_is_warned(tiny_dataset: Path) -> None:
     """2x2 grids: an image document is 5 tokens, query + one retrieved + <eos> 11, the masking reserve 17. A 27-token
     slot keeps no retrieved document ever (configs/data/shards_packed.yaml had this at the 16x16 scale); 28 can."""
@@ -282,6 +308,37 @@ def test_a_slot_too_short_for_any_retrieved_document_is_warned(tiny_dataset: Pat
         warnings.simplefilter("error")
         make_dm(tiny_dataset, seq_len=56, pack=2)
         make_dm(tiny_dataset, seq_len=54, pack=2, max_retrieved=0)  # retrieval off: nothing to warn about
+
+
+def test_a_slot_that_cuts_captions_says_so_once_and_one_without_room_for_any_is_refused(tiny_dataset: Path) -> None:
+    """Captions of 3-6 tokens, 2x2 grids (4 image tokens), the masking reserve 17. A 27-token slot leaves 10: the
+    query's image takes 6 (with <eos> and the final <eos>), <break> 1, so captions keep their first 3 tokens; they
+    were cut without a word (only data/truncated_tokens counted it, when DataCountsLogger ran). The first training
+    batch that cuts one now warns, once, naming the sample and what it needs; a slot with no room for one caption
+    token (24: 7 left) is refused at construction."""
+    dm = make_dm(tiny_dataset, seq_len=27, max_retrieved=0, shuffle=False, batch_size=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loader = dm.train_dataloader()
+        epochs = [list(loader), list(loader)]
+    assert [str(w.message) for w in caught] == [
+        "seq_len // pack = 27 leaves 10 tokens after the masking reserve (17), but sample 'doc-0001' needs 28 (its 4 "
+        "caption tokens, 4 image tokens, <eos>, <break>, the final <eos> and the reserve): its caption was cut to its "
+        "first 3 tokens. Every caption longer than 3 tokens is cut from its end (after all retrieved documents were "
+        "dropped; images are never cut), counted as data/truncated_tokens; raise seq_len or lower pack to train "
+        "whole captions"
+    ]
+    cut = sum(i % 4 for i in range(22))  # doc-i has 3 + i % 4 caption tokens, 3 kept
+    assert sum(int(b["truncated_tokens"].sum()) for b in epochs[0]) == cut
+    assert dm.data_counts["truncated_tokens"] == 2 * cut
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        list(make_dm(tiny_dataset, seq_len=30, max_retrieved=0).train_dataloader())  # 13 left: 6 caption tokens fit
+    with pytest.raises(ValueError, match=r"leaves 7 tokens .*: the query's image \(4 tokens, <eos> and the final "
+                       r"<eos>: 6\) leaves no room for a caption token \(8 with <break>\), so every caption would be "
+                       "cut away; raise seq_len or lower pack"):  # fmt: skip
+        make_dm(tiny_dataset, seq_len=24)
+    make_dm(tiny_dataset, seq_len=25, max_retrieved=0)  # 8 left: one caption token fits
 
 
 def test_the_packed_config_leaves_room_for_retrieval_at_16x16() -> None:

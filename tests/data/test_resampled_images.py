@@ -150,6 +150,42 @@ def test_a_fit_resumed_mid_epoch_finishes_the_epoch_with_its_remaining_batches(t
     assert tail.per_epoch[1] == whole.per_epoch[1]
 
 
+@pytest.mark.parametrize(("workers", "limit"), [(0, 4), (2, 0.7)])
+def test_a_position_loaded_into_a_new_trainer_ends_the_epoch_at_limit_train_batches(
+    tmp_path: Path, workers: int, limit: int | float
+) -> None:
+    """Under ``limit_train_batches`` (4 of 6 batches, or 0.7 x 6 -> 4), a mid-epoch position loaded into a new
+    Trainer (``dm.load_state_dict``, no ``ckpt_path``) read 4 batches in that epoch, not the 3 left: the new
+    trainer counts from 0 and Lightning starts the pass before it counts the epoch's batches. It now reads exactly
+    what the run resumed with ``ckpt_path`` reads, and the next epoch as the uninterrupted run."""
+    write_shards(tmp_path / "sh", [8, 3])  # 6 batches of 2 per epoch
+
+    def fit(state: dict | None = None, ckpt_path: str | None = None, ckpt_dir: Path | None = None) -> Count:
+        model = Count()
+        callbacks = [ModelCheckpoint(ckpt_dir, "{step}", every_n_train_steps=1, save_top_k=-1)] if ckpt_dir else []
+        trainer = L.Trainer(
+            accelerator="cpu", max_epochs=2, limit_train_batches=limit, logger=False, callbacks=callbacks,
+            enable_checkpointing=ckpt_dir is not None, enable_progress_bar=False, enable_model_summary=False,
+            default_root_dir=tmp_path,
+        )  # fmt: skip
+        dm = ImageDataModule(train=str(tmp_path / "sh"), image_size=8, batch_size=2, mode="resampled",
+                             num_workers=workers)  # fmt: skip
+        if state is not None:
+            dm.load_state_dict(state)
+        trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+        return model
+
+    whole = fit(ckpt_dir=tmp_path / "ckpt")
+    assert {e: len(b) for e, b in whole.per_epoch.items()} == {0: 4, 1: 4}
+    saved = torch.load(tmp_path / "ckpt" / "step=1.ckpt", weights_only=True)["ImageDataModule"]
+    assert saved == {"epoch": 0, "batch": 1}
+    resumed = fit(ckpt_path=str(tmp_path / "ckpt" / "step=1.ckpt"))
+    loaded = fit(state=saved)
+    assert {e: len(b) for e, b in loaded.per_epoch.items()} == {0: 3, 1: 4}
+    assert loaded.per_epoch == resumed.per_epoch  # the same batches, epoch 0's remaining 3 drawn afresh
+    assert loaded.per_epoch[1] == whole.per_epoch[1]
+
+
 def test_bad_settings_are_refused_naming_the_argument(tmp_path: Path) -> None:
     write_shards(tmp_path / "sh", [2])
     write_shards(tmp_path / "hollow", [0, 0])
