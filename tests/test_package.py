@@ -76,6 +76,7 @@ PROVIDED_BY = {
     "huggingface_hub": "open_clip_torch",
     "fastapi": "litserve (serve extra)",
     "pydantic": "litserve (serve extra) and wandb",
+    "pydantic_core": "pydantic (serve extra)",
 }
 # Declared runtime dependencies the package uses without importing them.
 USED_WITHOUT_IMPORT = {

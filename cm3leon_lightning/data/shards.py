@@ -342,23 +342,33 @@ def iter_tar_samples(stream: BinaryIO, name: str = "<stream>") -> Iterator[tuple
         yield key, members
 
 
-def count_tar_samples(path: str | os.PathLike[str]) -> int:
-    """Samples in a local tar as :func:`iter_tar_samples` (and WebDataset) group them, from the member headers only
-    (the data is skipped, not read; a compressed tar, which WebDataset also reads, is decompressed).
+def tar_sample_keys(path: str | os.PathLike[str]) -> Iterator[str]:
+    """The keys of the samples in a local tar, in order, as :func:`iter_tar_samples` (and WebDataset) group its
+    members, from the member headers only (the data is skipped, not read; a compressed tar, which WebDataset also
+    reads, is decompressed). Stop early to read fewer headers.
 
     Raises:
-        ValueError: ``path`` is not a readable tar (named).
+        ValueError: ``path`` is not a readable tar (named). FileNotFoundError: it is missing.
     """
-    count, key = 0, None
+    key = None
     try:
         with tarfile.open(path, "r:*") as tf:
             for info in tf:
                 split = _MEMBER_NAME.match(info.name) if info.isfile() else None
                 if split is not None and split.group(1) != key:
-                    count, key = count + 1, split.group(1)
+                    key = split.group(1)
+                    yield key
     except (tarfile.TarError, EOFError) as e:
         raise ValueError(f"{path}: not a readable tar ({e})") from e
-    return count
+
+
+def count_tar_samples(path: str | os.PathLike[str]) -> int:
+    """Samples in a local tar, from its member headers only (:func:`tar_sample_keys`).
+
+    Raises:
+        ValueError: ``path`` is not a readable tar (named).
+    """
+    return sum(1 for _ in tar_sample_keys(path))
 
 
 def read_shard(path: str | os.PathLike[str], manifest: Manifest) -> Iterator[ShardSample]:

@@ -65,6 +65,7 @@ from cm3leon_lightning.serve.requests import (
     TextRequest,
     chunk_by_rows,
     decode_base64_image,
+    error_line,
     json_safe,
 )
 from cm3leon_lightning.serve.runs import JobRunner
@@ -204,7 +205,7 @@ class CM3LeonAPI(JobRunner, StopWhenIdle, ls.LitAPI):
             try:
                 request = self._adapter.validate_python(request)
             except ValidationError as e:
-                return Rejected(422, str(e))
+                return Rejected(422, error_line(e))
         try:
             if isinstance(request, ImageRequest):
                 return self._image_job(request)
@@ -419,9 +420,13 @@ def body_errors(errors: list[dict[str, Any]], content_type: str | None) -> list[
 async def validation_error_response(request: Request, exc: RequestValidationError) -> JSONResponse:
     """FastAPI's 422 answer naming the fields, with the echoed input made strict JSON (:func:`json_safe`): FastAPI's
     own handler failed with a 500 and a traceback on ``NaN``, ``Infinity``, ``1e400`` or a lone surrogate. A body that
-    is not a JSON object is named as such (:func:`body_errors`)."""
+    is not a JSON object is named as such (:func:`body_errors`). The messages are ours and pydantic's, never the
+    request's text, so they are kept whole (only the echo of the request is cut short)."""
     errors = body_errors(jsonable_encoder(exc.errors()), request.headers.get("content-type"))
-    return JSONResponse(status_code=422, content={"detail": json_safe(errors)})
+    detail = [
+        {**json_safe(e), "msg": json_safe(e["msg"], max_chars=2000)} if "msg" in e else json_safe(e) for e in errors
+    ]
+    return JSONResponse(status_code=422, content={"detail": detail})
 
 
 def install_error_handlers(app: FastAPI) -> FastAPI:

@@ -27,13 +27,16 @@ in :mod:`cm3leon_lightning.serve.requests`; a malformed request is answered 422 
 ``--max-payload-mb`` 413. Missing files, unknown settings and an ``--accelerator``/``--devices`` this machine lacks
 are reported in one line (exit status 2) before any worker starts, as are a ``--tokenizer`` or a ``--vqgan`` (its
 config) that does not fit the checkpoint, CLIP weights that cannot be had, a ``--retrieve`` that is no memory bank
-and ``--shards`` without a manifest or with fewer documents than the bank has keys. Ctrl+C or SIGTERM (to the main
-process or its whole process group) stops the server and its worker processes once the requests in flight are answered.
+and ``--shards`` without a manifest, with fewer documents than the bank has keys or without the bank's documents (read
+from the first tar header of each shard; all of them when a shard begins with a document the bank lacks). Ctrl+C or
+SIGTERM (to the main process or its whole process group) stops the server and its worker processes once the requests
+in flight are answered.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import signal
 import sys
@@ -62,12 +65,23 @@ SERVE_HOSTS = ("0.0.0.0", "127.0.0.1", "::")
 """The addresses LitServe binds (``--host``): all IPv4 interfaces, loopback, all IPv6 interfaces."""
 
 
+class DefaultsOnceFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's formatter that shows each argument's default once: not after a help text that says it already
+    (``--tokenizer``'s "(default: the model directory's)" was followed by "(default: None)"), nor a default of None
+    (an unset option: "--clip ... (default: None)")."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``cm3leon serve`` argument parser."""
     p = argparse.ArgumentParser(
         prog="cm3leon serve",
         description=__doc__.split("\n\n")[0].replace("\n", " ").replace("``", ""),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsOnceFormatter,
     )
     add_model_arguments(p, "VQGAN directory: PNG answers, image-to-text and re-ranking need it")
     p.add_argument("--clip", help="open_clip model for 'rerank' requests and --retrieve (e.g. ViT-B-32)")
@@ -81,14 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale")
     d.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     d.add_argument("--top-p", type=float, default=0.9, help="nucleus mass")
-    d.add_argument("--top-k", type=int, default=None, help="keep the k most likely ids")
+    d.add_argument("--top-k", type=int, default=None, help="keep the k most likely ids (default: all)")
     d.add_argument("--cdk-k", type=int, default=8, help="CD-K: k")
     d.add_argument("--cdk-alpha", type=float, default=0.5, help="CD-K: alpha")
     d.add_argument("--layout", default="infill", choices=TEXT_LAYOUTS, help="image-to-text prompt layout")
     d.add_argument("--max-new-tokens", type=int, default=32, help="longest image-to-text answer")
     d.add_argument("--text-method", default="greedy", choices=TEXT_METHODS, help="image-to-text decoding")
-    d.add_argument("--text-cfg", type=float, default=7.5, help="edit requests: text guidance scale (paper 7.5)")
-    d.add_argument("--image-cfg", type=float, default=1.5, help="edit requests: image guidance scale (paper 1.5)")
+    d.add_argument("--text-cfg", type=float, default=7.5, help="edit requests: text guidance scale (the paper's)")
+    d.add_argument("--image-cfg", type=float, default=1.5, help="edit requests: image guidance scale (the paper's)")
     s = p.add_argument_group("server")
     s.add_argument("--max-num-samples", type=int, default=16, help="the most candidates one request may ask for")
     s.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together")
@@ -97,9 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
         "batch is decoded in chunks (bounds the KV cache's memory)"
     )  # fmt: skip
     s.add_argument("--batch-timeout", type=float, default=0.05, help="seconds to wait for a batch to fill")
-    s.add_argument("--accelerator", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    s.add_argument("--accelerator", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="device kind")
     s.add_argument("--devices", default="auto", help="number of devices, or auto")
-    s.add_argument("--workers-per-device", type=int, default=1)
+    s.add_argument("--workers-per-device", type=int, default=1, help="worker processes (model copies) per device")
     s.add_argument(
         "--timeout", type=float, default=600.0, help="seconds a request may wait in the queue before it is answered "
         "504 (a decode that has started is not cut short)"
@@ -109,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8000, help="port to listen on, 1024 to 65535")
     s.add_argument("--dtype", choices=("auto", *DTYPES), default="auto", help="transformer weights and KV cache")
     s.add_argument("--compile", choices=("auto", *MODES), default="auto", help="how the decode step runs")
-    s.add_argument("--attention", choices=ATTENTION_IMPLS, default="sdpa")
+    s.add_argument("--attention", choices=ATTENTION_IMPLS, default="sdpa", help="attention implementation")
     return p
 
 
@@ -215,11 +229,12 @@ def _named(flag: str, e: Exception) -> ValueError:
 
 def check_model_files(args: argparse.Namespace) -> None:
     """Raise ValueError naming the flag for what a worker's :meth:`~cm3leon_lightning.serve.api.CM3LeonAPI.setup`
-    would fail on, read cheaply in this process (no network weights, no shard, no bank index read): a ``--tokenizer``
-    or a ``--vqgan`` config that is none or does not fit the checkpoint's vocabulary, a ``--clip``/``--clip-pretrained``
-    whose weights cannot be had, a ``--retrieve`` that is no memory bank, a ``--shards`` without a manifest or with
-    fewer documents than the bank has keys. Each printed "Uvicorn running", then the worker's traceback and
-    "RuntimeError: One or more workers failed to start" (exit status 1)."""
+    would fail on, read cheaply in this process (no network weights, no shard's samples, no bank index read): a
+    ``--tokenizer`` or a ``--vqgan`` config that is none or does not fit the checkpoint's vocabulary, a
+    ``--clip``/``--clip-pretrained`` whose weights cannot be had, a ``--retrieve`` that is no memory bank, a
+    ``--shards`` without a manifest, with fewer documents than the bank has keys or without the bank's documents
+    (:func:`check_bank_keys`). Each printed "Uvicorn running", then the worker's traceback and "RuntimeError: One or
+    more workers failed to start" (exit status 1)."""
     from cm3leon_lightning.generation.cli import check_tokenizers
     from cm3leon_lightning.model.weights import read_weights
     from cm3leon_lightning.tokenization.text import TextTokenizer
@@ -258,7 +273,54 @@ def check_model_files(args: argparse.Namespace) -> None:
                 f"--shards: {args.shards} holds {held} documents, fewer than the {len(bank)} keys of the memory bank "
                 f"{args.retrieve} (--retrieve): it is not the dataset the bank was built from"
             )
+        check_bank_keys(bank.keys, args.retrieve, [Path(args.shards) / s.name for s in manifest.shards if s.count])
         check_clip_weights(manifest.clip, args.clip_pretrained, args.shards)
+
+
+def tar_keys(path: Path, first_only: bool = False) -> list[str]:
+    """The sample keys of the tar shard at ``path`` as WebDataset groups its members, in order, from the member
+    headers alone (the samples' data is skipped, not read); with ``first_only`` just the first (one header).
+
+    Raises:
+        ValueError: ``path`` is missing or not a readable tar, naming it and ``--shards``.
+    """
+    from cm3leon_lightning.data.shards import tar_sample_keys
+
+    try:
+        return list(itertools.islice(tar_sample_keys(path), 1 if first_only else None))
+    except FileNotFoundError as e:
+        raise ValueError(f"--shards: {path}: not found (listed in the dataset's manifest.json)") from e
+    except ValueError as e:  # not a readable tar, named
+        raise ValueError(f"--shards: {e}") from e
+    except OSError as e:
+        raise ValueError(f"--shards: {path}: not a readable tar ({e})") from e
+
+
+def check_bank_keys(keys: Sequence[str], bank_dir: str, shards: Sequence[Path]) -> None:
+    """Raise ValueError naming the bank's ``keys.json`` and a shard when ``shards`` (the non-empty shards of
+    ``--shards``) do not hold the bank's ``keys``, read cheaply: the first key of each shard (one tar header) is
+    looked up among the bank's keys. When each is there (a ``cm3leon prepare`` dataset holds its bank's documents,
+    shard by shard) the check passes; the worker finds any other key missing as it reads the documents. A shard that
+    begins with another key (a dataset of other documents, or one holding more than its bank) makes it list every
+    shard's keys from the tar headers and refuse only when bank keys are missing from all of them: the worker's
+    traceback, after "Uvicorn running", then "RuntimeError: One or more workers failed to start"."""
+    from cm3leon_lightning.retrieval.index import KEYS_FILE
+
+    known = set(keys)
+    for path in shards:
+        first = tar_keys(path, first_only=True)
+        if first and first[0] not in known:
+            break
+    else:
+        return
+    held = {key for shard in shards for key in tar_keys(shard)}
+    missing = [key for key in keys if key not in held]
+    if missing:
+        raise ValueError(
+            f"--shards: {path} begins with the document {first[0]!r}, which is not a key of the memory bank "
+            f"{Path(bank_dir) / KEYS_FILE} (--retrieve), and {len(missing)} of the bank's {len(keys)} keys (first "
+            f"{missing[0]!r}) are in no shard of {path.parent}: it is not the dataset the bank was built from"
+        )
 
 
 def check_vqgan_config(path: str, vocab: MultimodalVocab) -> None:

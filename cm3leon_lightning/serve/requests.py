@@ -17,7 +17,11 @@ training captions: control characters become spaces, whitespace runs one space, 
 newline added tokens the model never saw after a caption); text left empty so is refused (422) naming its field.
 Fields left out take the server's defaults (``cm3leon serve --num-samples/--method/--cfg ...``). The models forbid
 unknown fields and check every bound, so FastAPI answers a malformed request with 422 naming the field before it
-reaches the model (and before it can share a batch with other requests). This module imports pydantic, not LitServe.
+reaches the model (and before it can share a batch with other requests): a body whose fields mix two kinds
+(``prompt`` with ``image``) or name none is refused in one sentence naming those fields and the four kinds
+(:func:`check_kind`), and a number field given ``NaN`` or an infinity (which Python's JSON reader takes) in one
+naming the field and its range (``cfg must be a number in [0, 100], not NaN``). This module imports pydantic, not
+LitServe.
 """
 
 from __future__ import annotations
@@ -27,19 +31,23 @@ import binascii
 import io
 import math
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args
 
 import torch
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Discriminator,
     Field,
     StringConstraints,
     Tag,
+    ValidationError,
     ValidationInfo,
+    field_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from cm3leon_lightning.generation.tasks import IMAGE_TASKS
 
@@ -91,14 +99,50 @@ Text = Annotated[
 training captions were (control characters to spaces, repeated whitespace to one, ends stripped)."""
 
 
-class ImageRequest(BaseModel):
+def allowed_numbers(request: type[BaseModel], name: str) -> str | None:
+    """What the number field ``name`` of ``request`` takes, from its type and bounds (``a number in [0, 100]``,
+    ``an integer >= 1``); None for a field that is no number."""
+    info = request.model_fields[name]
+    types = set(get_args(info.annotation)) or {info.annotation}
+    if not types & {int, float} or bool in types:
+        return None
+    bound = {a: getattr(c, a) for c in info.metadata for a in ("ge", "gt", "le", "lt") if hasattr(c, a)}
+    text = {a: f"{v:g}" if isinstance(v, float) else str(v) for a, v in bound.items()}
+    low = f"[{text['ge']}" if "ge" in text else f"({text['gt']}" if "gt" in text else ""
+    high = f"{text['le']}]" if "le" in text else f"{text['lt']})" if "lt" in text else ""
+    what = "a number" if float in types else "an integer"
+    if low and high:
+        return f"{what} in {low}, {high}"
+    if low:
+        return f"{what} {'>=' if low[0] == '[' else '>'} {low[1:]}"
+    return what
+
+
+class _Request(BaseModel):
+    """The checks every request shares: unknown fields are refused, and so are non-finite numbers, by name."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _finite(cls, value: Any, info: ValidationInfo) -> Any:
+        """Refuse ``NaN`` and the infinities (``NaN``, ``Infinity``, ``1e400`` in the JSON) in a number field in one
+        sentence naming the field and its range: pydantic said ``cfg: Input should be less than or equal to 100`` for
+        ``NaN``, and ``Input should be a finite number`` without the range."""
+        if isinstance(value, float) and not math.isfinite(value) and info.field_name:
+            allowed = allowed_numbers(cls, info.field_name)
+            if allowed is not None:
+                got = "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+                raise PydanticCustomError("finite_number", f"{info.field_name} must be {allowed}, not {got}")
+        return value
+
+
+class ImageRequest(_Request):
     """A text-to-image request: sample ``num_samples`` images of ``prompt`` (paper section 3.1).
 
     ``seed`` makes the request reproducible: a seeded request is decoded on its own, so its images depend only on
     the seed and the settings. Requests without a seed and with equal settings share one decode batch.
     """
-
-    model_config = ConfigDict(extra="forbid")
 
     prompt: Text = Field(min_length=1, description="the caption to draw")
     num_samples: int | None = Field(None, ge=1, le=64, description="candidates to sample")
@@ -118,10 +162,8 @@ class ImageRequest(BaseModel):
     return_codes: bool = Field(False, description="also return the image codes")
 
 
-class TextRequest(BaseModel):
+class TextRequest(_Request):
     """An image-to-text request: caption an image or answer ``instruction`` about it (paper section 4.2)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     image: str = Field(min_length=1, description="base64 PNG or JPEG (a data: URL prefix is allowed)")
     instruction: Text = Field("", description="instruction or question; empty: plain captioning")
@@ -133,13 +175,11 @@ class TextRequest(BaseModel):
     seed: int | None = Field(None, ge=0, lt=2**63)
 
 
-class EditRequest(BaseModel):
+class EditRequest(_Request):
     """An image-editing request: ``num_samples`` edits of ``image`` following ``edit``, with separate text and image
     guidance (paper section 4.1; a model instruction-tuned on ``edit`` documents). With ``task`` ``edge_to_image``
     (etc.) it is grounded generation: ``image`` holds the features and ``edit`` the caption. Seeds as in
     :class:`ImageRequest`."""
-
-    model_config = ConfigDict(extra="forbid")
 
     image: str = Field(min_length=1, description="base64 PNG or JPEG of the picture to edit (or its features)")
     edit: Text = Field(min_length=1, description="the edit instruction (or, for a grounded task, the caption)")
@@ -154,12 +194,10 @@ class EditRequest(BaseModel):
     return_codes: bool = Field(False, description="also return the image codes")
 
 
-class InfillRequest(BaseModel):
+class InfillRequest(_Request):
     """A CM3 infilling request (paper section 2.2): fill each ``<mask>`` of ``infill`` (the caption of ``image`` when
     one is given) and, with ``rows``, redraw those grid rows of the image; ``num_samples`` fillings. Requests whose
     masked spans have the same modalities and settings share a decode; a seeded one (sampling) is decoded alone."""
-
-    model_config = ConfigDict(extra="forbid")
 
     infill: Text = Field(min_length=1, description="the caption, with <mask> where text is to be filled")
     image: str | None = Field(None, min_length=1, description="base64 PNG or JPEG the caption belongs to")
@@ -173,13 +211,46 @@ class InfillRequest(BaseModel):
     return_codes: bool = Field(False, description="also return the image codes")
 
 
+KINDS = (
+    "prompt (text-to-image), image with an optional instruction (image-to-text), image and edit (image editing) or "
+    "infill with an optional image (infilling)"
+)
+"""The four kinds of request, by the fields that tell them apart (the end of :func:`check_kind`'s messages)."""
+
+
+def check_kind(value: Any) -> Any:
+    """``value`` (a request body) unchanged when its fields name one kind of request; else refused in one sentence
+    naming the fields that clash (``prompt`` with ``image``, ``instruction``, ``edit`` or ``infill``; two of
+    ``instruction``, ``edit`` and ``infill``) or saying that it has none of them, and the fields each kind takes.
+    The union's errors named one kind's model: ``{"prompt": ..., "image": ...}`` got "image.prompt: Extra inputs are
+    not permitted" and ``{}`` "prompt.prompt: Field required".
+
+    Raises:
+        PydanticCustomError: ``request_kind``, the message as above.
+    """
+    if not isinstance(value, dict):
+        return value
+    kinds = [name for name in ("prompt", "instruction", "edit", "infill") if name in value]
+    if "prompt" in value and "image" in value:
+        kinds.insert(1, "image")
+    if len(kinds) > 1:
+        names = f"{', '.join(kinds[:-1])} and {kinds[-1]}"
+        raise PydanticCustomError("request_kind", f"{names} cannot be sent together: a request has either {KINDS}")
+    if not kinds and "image" not in value:
+        raise PydanticCustomError(
+            "request_kind", f"the request has none of prompt, image or infill: it needs either {KINDS}"
+        )
+    return value
+
+
 def request_kind(value: Any) -> str:
     """``"infill"`` for a request with an ``infill`` field, ``"edit"`` for one with an ``edit`` field (image editing),
-    ``"image"`` for one with an ``image`` field (image-to-text), else ``"prompt"`` (text-to-image)."""
+    ``"image"`` for one with an ``image`` or ``instruction`` field (image-to-text), else ``"prompt"``
+    (text-to-image)."""
     if isinstance(value, dict):
-        for kind in ("infill", "edit", "image"):
+        for kind in ("infill", "edit", "image", "instruction"):
             if kind in value:
-                return kind
+                return "image" if kind == "instruction" else kind
         return "prompt"
     return {InfillRequest: "infill", EditRequest: "edit", TextRequest: "image"}.get(type(value), "prompt")
 
@@ -192,9 +263,22 @@ GenerationRequest = Annotated[
         Annotated[InfillRequest, Tag("infill")],
     ],
     Discriminator(request_kind),
+    BeforeValidator(check_kind),  # runs first: a body of no single kind is named as such, not by one kind's fields
 ]
 """The body of ``POST /predict``: an :class:`ImageRequest`, :class:`TextRequest`, :class:`EditRequest` or
-:class:`InfillRequest`."""
+:class:`InfillRequest`, checked first by :func:`check_kind`."""
+
+
+def error_line(error: ValidationError) -> str:
+    """A request's validation errors in one line, each naming its field as the HTTP endpoint's 422 does
+    (``num_samples: Input should be greater than or equal to 1; colour: Extra inputs are not permitted``): pydantic's
+    own text spans lines, names the union's model types and a documentation URL."""
+    parts = []
+    for e in error.errors(include_url=False):
+        field = ".".join(str(x) for x in e["loc"][1:])  # loc[0] is the kind's tag
+        msg = str(e["ctx"]["error"]) if e["type"] == "value_error" else e["msg"]  # without "Value error, "
+        parts.append(msg if not field or msg.startswith(field) else f"{field}: {msg}")
+    return "; ".join(parts)
 
 
 @dataclass(frozen=True)
@@ -239,7 +323,7 @@ def decode_base64_image(data: str, resolution: int) -> torch.Tensor:
             or more than :data:`MAX_IMAGE_PIXELS` pixels (a small file may declare a huge image); the message names
             the ``image`` field.
     """
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     from cm3leon_lightning.generation.cli import square_image
 
@@ -255,7 +339,10 @@ def decode_base64_image(data: str, resolution: int) -> torch.Tensor:
     try:
         img = Image.open(io.BytesIO(raw), formats=("PNG", "JPEG"))  # reads the header only
     except Exception as e:  # noqa: BLE001 - UnidentifiedImageError, OSError, DecompressionBombError, ...
-        raise ValueError(f"image: {len(raw)} bytes that are not a readable PNG or JPEG ({e})") from e
+        # PIL's "cannot identify image file <_io.BytesIO object at 0x7f...>" says nothing; the first bytes tell a GIF
+        # (b'GIF89a'), a TIFF or text apart
+        why = f"they begin {raw[:8]!r}" if isinstance(e, UnidentifiedImageError) else str(e)
+        raise ValueError(f"image: {len(raw)} bytes that are not a readable PNG or JPEG ({why})") from e
     if img.width * img.height > MAX_IMAGE_PIXELS:
         raise ValueError(
             f"image: {img.width}x{img.height} pixels, more than the {MAX_IMAGE_PIXELS:,} this server reads"

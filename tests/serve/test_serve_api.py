@@ -287,6 +287,26 @@ def test_requests_are_tokenized_as_the_training_captions(api, direct):
         api.encode_response(job)
 
 
+@pytest.mark.parametrize(
+    "request_, detail",
+    [
+        ({"prompt": "x", "num_samples": 0, "colour": 1},
+         "num_samples: Input should be greater than or equal to 1; colour: Extra inputs are not permitted"),
+        ({"prompt": "x", "cfg": float("nan")}, "cfg must be a number in [0, 100], not NaN"),
+        ({"prompt": "\n"}, "prompt: the prompt holds no text (only whitespace or control characters)"),
+        ({"prompt": "x", "image": "aGk="}, "prompt and image cannot be sent together: a request has either prompt "
+         "(text-to-image), image with an optional instruction (image-to-text), image and edit (image editing) or "
+         "infill with an optional image (infilling)"),
+    ],
+)  # fmt: skip
+def test_a_dict_request_from_python_is_refused_in_one_line(api, request_, detail):
+    """``decode_request`` with a dict (from Python; LitServe hands over the validated model) answered with pydantic's
+    text: "1 validation error for tagged-union[ImageRequest,...]", a line per field and a documentation URL."""
+    job = api.decode_request(request_)
+    assert job == Rejected(422, detail)
+    api.encode_response(job)  # answered: the server's count of requests in flight is even again
+
+
 def test_an_unexpected_failure_fails_its_request_or_decode_only(api, monkeypatch):
     """Whatever raises while a request is read, or while a decode runs, is that request's 500: LitServe would answer
     every request of the batch with 500."""

@@ -18,7 +18,7 @@ from cm3leon_lightning.generation import edit_image, generate_image, generate_te
 from cm3leon_lightning.generation.cli import load_checkpoint
 from cm3leon_lightning.generation.tasks import EDIT_PREFIX
 from cm3leon_lightning.serve.cli import build_api, build_parser, build_server
-from cm3leon_lightning.serve.requests import decode_base64_image, encode_png_base64
+from cm3leon_lightning.serve.requests import KINDS, decode_base64_image, encode_png_base64
 from cm3leon_lightning.tokenization.text import TextTokenizer
 from cm3leon_lightning.tokenization.vqgan import VQGAN
 
@@ -87,6 +87,32 @@ def test_non_standard_json_gets_a_json_422_naming_the_field(client, body, field)
     r = client.post("/predict", content=body, headers={"Content-Type": "application/json"})
     assert r.status_code == 422 and [e["loc"][-1] for e in r.json()["detail"]] == [field]
     assert len(r.content) < 1000
+
+
+@pytest.mark.parametrize(
+    "body, error",
+    [
+        ('{"prompt": "a red circle", "cfg": NaN}',  # was "Input should be less than or equal to 100"
+         {"type": "finite_number", "loc": ["body", "prompt", "cfg"], "msg": "cfg must be a number in [0, 100], not NaN",
+          "input": "nan"}),
+        ('{"image": "aGk=", "top_p": -Infinity}',
+         {"type": "finite_number", "loc": ["body", "image", "top_p"],
+          "msg": "top_p must be a number in (0, 1], not -Infinity", "input": "-inf"}),
+        ('{"prompt": "a red circle", "top_k": 1e400}',  # was "Input should be a finite number"
+         {"type": "finite_number", "loc": ["body", "prompt", "top_k"], "msg": "top_k must be an integer >= 1, not "
+          "Infinity", "input": "inf"}),
+        # was "image.prompt: Extra inputs are not permitted"; the whole sentence comes back, not 200 characters of it
+        ('{"prompt": "a red circle", "image": "aGk="}',
+         {"type": "request_kind", "loc": ["body"], "msg": f"prompt and image cannot be sent together: a request has "
+          f"either {KINDS}", "input": {"prompt": "a red circle", "image": "aGk="}}),
+        ('{"seed": 3}',  # was "prompt.prompt: Field required"
+         {"type": "request_kind", "loc": ["body"], "msg": f"the request has none of prompt, image or infill: it needs "
+          f"either {KINDS}", "input": {"seed": 3}}),
+    ],
+)  # fmt: skip
+def test_a_non_finite_number_or_a_body_of_no_single_kind_gets_one_sentence(client, body, error):
+    r = client.post("/predict", content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 422 and r.json() == {"detail": [error]}
 
 
 @pytest.mark.parametrize(
@@ -161,6 +187,25 @@ def test_bad_arguments_exit_2_with_one_line(serve_assets, capsys, extra, message
     assert cm3leon_main(["serve", *argv(serve_assets, *extra)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("cm3leon serve: error: ") and message in err and "\n" not in err
+
+
+def test_help_shows_each_default_once(monkeypatch):
+    """``--tokenizer``'s help ended "(default: the model directory's) (default: None)", ``--text-cfg``'s "(paper 7.5)
+    (default: 7.5)", and options without a default (``--clip``, ``--k``, the required ``--ckpt``) "(default: None)"."""
+    monkeypatch.setenv("COLUMNS", "300")  # one line per help text
+    lines = build_parser().format_help().splitlines()
+    assert "(default: None)" not in "\n".join(lines)
+    assert [line for line in lines if line.count("default") > 1] == []
+    helps = {line.split()[0]: " ".join(line.split()[2:]) for line in lines if line.startswith("  --")}
+    assert helps["--ckpt"] == "CM3LeonModule checkpoint (.ckpt or FSDP's sharded directory) or model directory"
+    assert lines[lines.index("  --tokenizer TOKENIZER") + 1].strip() == (
+        "text tokenizer: tokenizer.json or its directory (default: the model directory's)"
+    )
+    assert helps["--k"] == "documents retrieved per request by default (2 with --retrieve)"
+    assert helps["--top-k"] == "keep the k most likely ids (default: all)"
+    assert helps["--text-cfg"] == "edit requests: text guidance scale (the paper's) (default: 7.5)"
+    assert helps["--cfg"] == "classifier-free guidance scale (default: 3.0)"
+    assert lines[lines.index("  --attention {sdpa,flex}") + 1].strip() == "attention implementation (default: sdpa)"
 
 
 def test_zero_devices_are_refused(serve_assets):

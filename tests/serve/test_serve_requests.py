@@ -52,11 +52,9 @@ def test_the_body_is_told_apart_by_its_fields():
         ({"prompt": ""}, "prompt"),
         ({"image": "aGk=", "method": "cd_k"}, "method"),  # CD-K is for images only
         ({"image": "aGk=", "max_new_tokens": 0}, "max_new_tokens"),
-        ({"image": "aGk=", "prompt": "x"}, "prompt"),
-        ({"num_samples": 2}, "prompt"),
         ({"image": "aGk=", "edit": ""}, "edit"),
-        ({"image": "aGk=", "edit": "x", "instruction": "y"}, "instruction"),  # an edit takes no instruction
         ({"edit": "x"}, "image"),
+        ({"instruction": "x"}, "image"),  # the image is what is missing (was: prompt missing, instruction unknown)
         ({"image": "aGk=", "instruction": "\udfff"}, "instruction"),  # a lone surrogate the tokenizer cannot take
         ({"prompt": "a \ud800 b"}, "prompt"),
         ({"infill": "a <mask> \udfff"}, "infill"),
@@ -71,6 +69,55 @@ def test_a_malformed_request_is_refused_naming_the_field(body, field):
     with pytest.raises(ValidationError) as e:
         ADAPTER.validate_python(body)
     assert [field] in [[str(x) for x in err["loc"]][-1:] for err in e.value.errors()]
+
+
+KINDS = (
+    "prompt (text-to-image), image with an optional instruction (image-to-text), image and edit (image editing) or "
+    "infill with an optional image (infilling)"
+)
+NONE = f"the request has none of prompt, image or infill: it needs either {KINDS}"
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        # were "image.prompt: Extra inputs are not permitted", "prompt.prompt: Field required", ...: one kind's fields
+        ({"image": "aGk=", "prompt": "x"}, "prompt and image"),
+        ({"prompt": "x", "instruction": "y"}, "prompt and instruction"),
+        ({"prompt": "x", "image": "aGk=", "edit": "y"}, "prompt, image and edit"),
+        ({"image": "aGk=", "edit": "x", "instruction": "y"}, "instruction and edit"),
+        ({"infill": "a <mask>", "edit": "x"}, "edit and infill"),
+        ({}, NONE),
+        ({"num_samples": 2, "seed": 1}, NONE),
+    ],
+)
+def test_a_body_of_no_single_kind_is_refused_in_one_sentence_naming_its_fields(body, message):
+    with pytest.raises(ValidationError) as e:
+        ADAPTER.validate_python(body)
+    if message != NONE:
+        message = f"{message} cannot be sent together: a request has either {KINDS}"
+    assert [(err["type"], err["loc"], err["msg"]) for err in e.value.errors()] == [("request_kind", (), message)]
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        # NaN was "Input should be less than or equal to 100"; an integer's "Input should be a finite number"
+        ({"prompt": "x", "cfg": float("nan")}, "cfg must be a number in [0, 100], not NaN"),
+        ({"prompt": "x", "temperature": float("inf")}, "temperature must be a number in [0, 10], not Infinity"),
+        ({"prompt": "x", "top_p": float("-inf")}, "top_p must be a number in (0, 1], not -Infinity"),
+        ({"prompt": "x", "num_samples": float("nan")}, "num_samples must be an integer in [1, 64], not NaN"),
+        ({"prompt": "x", "top_k": float("inf")}, "top_k must be an integer >= 1, not Infinity"),
+        ({"prompt": "x", "seed": float("inf")}, "seed must be an integer in [0, 9223372036854775808), not Infinity"),
+        ({"image": "aGk=", "edit": "x", "image_cfg": float("nan")}, "image_cfg must be a number in [0, 100], not NaN"),
+        ({"infill": "a <mask>", "seed": float("nan")}, "seed must be an integer in [0, 4611686018427387904), not NaN"),
+    ],
+)
+def test_a_non_finite_number_is_refused_naming_the_field_and_its_range(body, message):
+    with pytest.raises(ValidationError) as e:
+        ADAPTER.validate_python(body)
+    field = next(k for k, v in body.items() if isinstance(v, float))
+    assert [(x["type"], x["loc"][-1], x["msg"]) for x in e.value.errors()] == [("finite_number", field, message)]
 
 
 def test_text_fields_are_read_as_the_training_captions_were_cleaned():
@@ -148,7 +195,12 @@ def test_wrapped_base64_and_a_trailing_newline_are_read():
     "data, match",
     [
         ("not base64!", "image: not valid base64"),
-        (base64.b64encode(b"hello").decode(), "image: 5 bytes that are not"),
+        # PIL's message named "<_io.BytesIO object at 0x7f...>"; the first bytes tell a GIF or text from an image
+        (
+            base64.b64encode(b"hello").decode(),
+            r"^image: 5 bytes that are not a readable PNG or JPEG \(they begin b'hello'\)$",
+        ),
+        (base64.b64encode(b"GIF89a\x01\x00\x01\x00").decode(), r"\(they begin b'GIF89a\\x01\\x00'\)$"),
         ("aGVs-G8=", r"^image: not valid base64 \(.*: '-' at character 4 of the base64 text\)$"),  # URL-safe alphabet
     ],
 )

@@ -118,6 +118,50 @@ def test_shards_that_cannot_hold_the_bank_s_keys_name_the_flag(assets, tmp_path,
     assert err.startswith("--shards: ") and "manifest.json" in err
 
 
+def write_shards(root, out, samples):
+    manifest = json.loads((root / "shards" / "manifest.json").read_text())
+    ShardWriter(out, manifest["text_tokenizer"], manifest["image_tokenizer"], samples_per_shard=5).write_all(samples)
+    return out
+
+
+def test_shards_of_other_documents_name_the_shard_and_the_bank_s_keys_file(assets, tmp_path, capsys):
+    """As many documents as the bank has keys, but other ones: the check by count passed, and the worker failed with
+    "--retrieve: bank keys [...] are not in the shards" after "Uvicorn running"."""
+    root = assets["root"]
+    other = [dataclasses.replace(s, key=f"other-{i:02d}") for i, s in enumerate(assets["samples"].values())]
+    write_shards(root, tmp_path / "other", other)
+    err = one_line(capsys, set_flag(serve_args(root), "--shards", tmp_path / "other"))
+    assert err == (
+        f"--shards: {tmp_path / 'other' / 'shard-000000.tar'} begins with the document 'other-00', which is not a key "
+        f"of the memory bank {root / 'bank' / 'keys.json'} (--retrieve), and 12 of the bank's 12 keys (first 'doc-00') "
+        f"are in no shard of {tmp_path / 'other'}: it is not the dataset the bank was built from"
+    )
+    (tmp_path / "other" / "shard-000001.tar").unlink()
+    err = one_line(capsys, set_flag(serve_args(root), "--shards", tmp_path / "other"))
+    assert (
+        err == f"--shards: {tmp_path / 'other' / 'shard-000001.tar'}: not found (listed in the dataset's manifest.json)"
+    )
+
+
+def test_the_shards_keys_are_read_from_one_header_each_unless_one_is_not_the_bank_s(assets, tmp_path, monkeypatch):
+    """The bank's own shards pass on their first keys; a dataset holding more documents than the bank (three others
+    first) passes once the headers of all its shards show every bank key."""
+    from cm3leon_lightning.serve import cli
+
+    root, read = assets["root"], []
+    tar_keys = cli.tar_keys
+    monkeypatch.setattr(
+        cli, "tar_keys", lambda path, first_only=False: read.append(first_only) or tar_keys(path, first_only)
+    )
+    build_api(build_parser().parse_args(serve_args(root)))
+    assert read == [True, True, True]  # 3 shards: 5, 5 and 2 documents
+    extra = [dataclasses.replace(s, key=f"extra-{i}") for i, s in enumerate(list(assets["samples"].values())[:3])]
+    write_shards(root, tmp_path / "more", extra + list(assets["samples"].values()))
+    read.clear()
+    build_api(build_parser().parse_args(set_flag(serve_args(root), "--shards", tmp_path / "more")))
+    assert read == [True, False, False, False]  # the first of 3 shards begins with extra-0: every header is read
+
+
 def test_a_prompt_too_long_by_itself_is_named_not_retrieve(assets, tmp_path):
     """With --k 1 on a 192-position model a long prompt was answered "retrieve: ... need 452 positions" although the
     prompt alone needs more than the context: no number of documents would help, so the prompt is named."""
