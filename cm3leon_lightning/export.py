@@ -10,12 +10,13 @@ Examples::
     cm3leon export --ckpt last.ckpt --tokenizer tok/ --vqgan vqgan/ --format hf --out models/350m-hf
     python -c "import transformers; transformers.OPTForCausalLM.from_pretrained('models/350m-hf')"
 
-The directory (:mod:`cm3leon_lightning.model.pretrained`) holds ``config.json`` (architecture, vocabulary,
-provenance), ``model.safetensors`` (the network only: no optimizer state, no pickle; ``--dtype bfloat16`` halves it)
-and, when given, ``tokenizer/`` and ``vqgan/``, checked against the checkpoint's vocabulary. A VQGAN in taming's or
+The directory (:mod:`cm3leon_lightning.model.pretrained`) holds ``config.json`` (architecture, vocabulary, provenance:
+the ``--ckpt`` path as given, not made absolute, so a shared model names no local directory it was not given with, and
+the step), ``model.safetensors`` (the network only: no optimizer state, no pickle; ``--dtype bfloat16`` halves it) and,
+when given, ``tokenizer/`` and ``vqgan/``, checked against the checkpoint's vocabulary. A VQGAN in taming's or
 Chameleon's format is converted to ours on the way. ``--format hf`` writes the network as ``transformers``'
-``OPTForCausalLM`` instead (CM3Leon is OPT without biases and LayerNorm parameters, which OPT's config can switch
-off; :mod:`cm3leon_lightning.model.hf_opt`), with ``tokenizer.json`` and ``tokenizer_config.json`` at the top for
+``OPTForCausalLM`` instead (CM3Leon is OPT without biases and LayerNorm parameters, which OPT's config can switch off;
+:mod:`cm3leon_lightning.model.hf_opt`), with ``tokenizer.json`` and ``tokenizer_config.json`` at the top for
 ``AutoTokenizer``; such a directory reads back everywhere ours does. It is written beside ``--out`` and renamed into
 place when complete, so an existing model is never left half-replaced (``--force`` replaces it; without, an existing
 non-empty ``--out`` is refused). Errors are reported in one line with exit status 2.
@@ -121,7 +122,7 @@ def export_model(
     partial = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
     try:
-        source = {"checkpoint": str(src.resolve()), "kind": weights.kind, **weights.source}
+        source = {"checkpoint": str(src), "kind": weights.kind, **weights.source}  # the path as given: no home dir
         save_pretrained(state, partial, config.to_dict(), vocab, dtype, source, layout=format, fetch=fetch)
         if text_tok is not None and format == "hf":
             text_tok.save(partial)  # tokenizer.json at the top, as transformers looks for it

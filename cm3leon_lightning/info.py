@@ -1,10 +1,13 @@
 """``cm3leon info PATH``: what a file or directory this package wrote holds, read from its metadata only.
 
 Told apart by content: a training checkpoint (one ``.ckpt`` file or FSDP's sharded directory), a model directory of
-``cm3leon export`` (either layout), a VQGAN directory, a prepared dataset (``manifest.json``, its directory, or the
-``cm3leon prepare`` output holding ``train/`` and ``val/``), a memory bank, a text tokenizer, or a ``.safetensors``
-file. No tensor is loaded: a Lightning checkpoint is memory-mapped and only its small entries are read, a sharded
-one's ``meta.pt``, a safetensors file's header. ``--json`` prints the fields as JSON.
+``cm3leon export`` (either layout), a VQGAN directory, a prepared dataset (``manifest.json``, its directory, one of
+its shards, or the ``cm3leon prepare`` output holding ``train/`` and ``val/``), a memory bank, a text tokenizer, a
+CLIP model (``ClipModule.export_weights``' ``.safetensors``, with the architecture and preprocessing its metadata
+records), or another ``.safetensors`` file. A file that is only a part of such a directory (a bank's ``meta.json``, a
+sharded checkpoint's ``meta.pt``) is named as such, with the command that describes the whole. No tensor is loaded: a
+Lightning checkpoint is memory-mapped and only its small entries are read, a sharded one's ``meta.pt``, a
+safetensors file's header, a shard's tar headers. ``--json`` prints the fields as JSON (sizes in bytes).
 
 Examples::
 
@@ -17,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+import tarfile
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -115,9 +120,27 @@ def _other_module(state: dict[str, Any], hp: dict[str, Any]) -> dict[str, Any] |
         return {"kind": "lightning checkpoint (VQGANModule)", "preset": hp["preset"], "image_size": c.resolution,
                 "grid": f"{c.grid_size[0]}x{c.grid_size[1]}", "codes": c.n_embed}  # fmt: skip
     if isinstance(hp.get("model_name"), str) and any(k.startswith("model.visual.") for k in state):
-        return {"kind": "lightning checkpoint (ClipModule)", "clip_model": hp["model_name"],
-                "pretrained": hp.get("pretrained"), "export_path": hp.get("export_path")}  # fmt: skip
+        shapes = {k.removeprefix("model."): list(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+        out = {"kind": "lightning checkpoint (ClipModule)", "clip_model": hp["model_name"], **(_clip(shapes) or {}),
+               "pretrained": hp.get("pretrained"), "export_path": hp.get("export_path")}  # fmt: skip
+        return {k: v for k, v in out.items() if v is not None}
     return None
+
+
+def _clip(shapes: dict[str, list[int]]) -> dict[str, Any] | None:
+    """The architecture an open_clip CLIP state dict's names and shapes show (its image tower, embedding dim, image
+    size and text context length), None when they are not CLIP's (no ``logit_scale`` and ``visual.*``)."""
+    if "logit_scale" not in shapes or not any(k.startswith("visual.") for k in shapes):
+        return None
+    proj = shapes.get("text_projection") or []  # (width, embed_dim); a Linear's weight (embed_dim, width)
+    embed = proj[1] if len(proj) == 2 else (shapes.get("text_projection.weight") or [None])[0]
+    pos, patch, tower = shapes.get("visual.attnpool.positional_embedding"), 32, "ResNet"  # grid**2 + 1 positions
+    if pos is None and "visual.conv1.weight" in shapes and "visual.class_embedding" in shapes:
+        pos, patch, tower = shapes.get("visual.positional_embedding"), shapes["visual.conv1.weight"][-1], "ViT"
+    grid = math.isqrt(pos[0] - 1) if pos else None
+    image = grid * patch if grid and grid * grid == pos[0] - 1 else None  # type: ignore[index]
+    context = (shapes.get("positional_embedding") or [None])[0]
+    return {"vision": tower if pos else None, "embed_dim": embed, "image_size": image, "context_length": context}
 
 
 def _dtypes(dtypes: Any) -> str | None:
@@ -161,16 +184,80 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _safetensors(path: Path) -> dict[str, Any]:
+    """A safetensors file's tensors from its header; a CLIP model's architecture and the metadata
+    ``ClipModule.export_weights`` records (``model_name``, ``quick_gelu``, ``preprocess_cfg``)."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
             shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
             dtypes = sorted({str(f.get_slice(k).get_dtype()) for k in f.keys()})
+            meta = f.metadata() or {}
     except Exception as e:  # noqa: BLE001 - SafetensorError and friends for a corrupt header
         raise ValueError(f"PATH: {path} is not a readable safetensors file: {e}") from e
-    return {"kind": "safetensors", "tensors": len(shapes), "dtypes": dtypes,
-            "elements": sum(int(torch.Size(s).numel()) for s in shapes.values())}  # fmt: skip
+    tensors = {"tensors": len(shapes), "dtypes": dtypes,
+               "elements": sum(int(torch.Size(s).numel()) for s in shapes.values())}  # fmt: skip
+    clip = _clip(shapes)
+    if clip is None:
+        return {"kind": "safetensors", **tensors}
+    from cm3leon_lightning.retrieval.clip_files import recorded_preprocess
+
+    try:
+        pp = recorded_preprocess(str(path)) or {}
+    except ValueError as e:  # names the file and the entry
+        raise ValueError(f"PATH: {e}") from e
+    quick = {"true": True, "false": False}.get(meta.get("quick_gelu", ""))
+    if "size" in pp:
+        clip["image_size"] = pp["size"]  # the one the model was trained at, as recorded
+    preprocess = {k: v for k, v in pp.items() if k != "size"} or None
+    out = {"kind": "CLIP model", "model_name": meta.get("model_name"), **clip, "quick_gelu": quick,
+           "preprocess": preprocess, **tensors}  # fmt: skip
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def _shard(path: Path) -> dict[str, Any]:
+    """A tar shard of a prepared dataset: its samples, counted from the member headers."""
+    from cm3leon_lightning.data.shards import count_tar_samples
+
+    try:
+        return {"kind": "dataset shard", "samples": count_tar_samples(path)}
+    except ValueError as e:
+        raise ValueError(f"PATH: {e}") from e
+
+
+_PARTS = {
+    "memory bank": ("index.faiss", "keys.json", "meta.json"),
+    "model directory": ("config.json", "README.md", "tokenizer_config.json", "model.safetensors.index.json"),
+    "VQGAN directory": ("config.json",),
+    "prepared dataset": (),
+}
+"""The files of a directory kind that mean nothing alone (every file of a sharded checkpoint is one)."""
+
+
+def _holder(path: Path) -> str | None:
+    """The kind of directory this package writes that the file ``path`` lies in (from the directory's marker files
+    only), None for none."""
+    from cm3leon_lightning.data.shards import MANIFEST_NAME
+    from cm3leon_lightning.model.pretrained import CONFIG_FILE, FORMAT_NAME, is_hf_dir
+    from cm3leon_lightning.model.weights import SHARDED_META
+    from cm3leon_lightning.retrieval.index import INDEX_FILE, META_FILE
+
+    d = path.parent
+    if (d / SHARDED_META).is_file():
+        return "sharded checkpoint"
+    if (d / META_FILE).is_file() and (d / INDEX_FILE).is_file():
+        return "memory bank"
+    if (d / MANIFEST_NAME).is_file():
+        return "prepared dataset"
+    if is_hf_dir(d):
+        return "model directory"
+    if (d / CONFIG_FILE).is_file():
+        try:
+            fmt = json.loads((d / CONFIG_FILE).read_text()).get("format")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            return None
+        return {FORMAT_NAME: "model directory", "cm3leon_lightning.vqgan": "VQGAN directory"}.get(fmt)
+    return None
 
 
 def describe(path: str | Path) -> dict[str, Any]:
@@ -182,7 +269,7 @@ def describe(path: str | Path) -> dict[str, Any]:
     """
     from cm3leon_lightning.data.shards import MANIFEST_NAME
     from cm3leon_lightning.model.pretrained import CONFIG_FILE, FORMAT_NAME, bundled_paths, is_hf_dir, read_hf_block
-    from cm3leon_lightning.model.weights import SHARDED_META, is_safetensors
+    from cm3leon_lightning.model.weights import SHARDED_META
     from cm3leon_lightning.retrieval.index import INDEX_FILE, META_FILE
 
     p = Path(path)
@@ -231,23 +318,13 @@ def describe(path: str | Path) -> dict[str, Any]:
             info = {"kind": "memory bank", **{k: meta.get(k) for k in ("count", "dim", "model_name", "factory")}}
         elif (p / "tokenizer.json").is_file():
             info = describe(p / "tokenizer.json")
-    elif p.name == MANIFEST_NAME:
-        info = _dataset(p)
-    elif p.suffix == ".json":
-        from cm3leon_lightning.tokenization.text import TextTokenizer
-
-        doc = _read_json(p)
-        if p.name == CONFIG_FILE and ("format" in doc or "model_type" in doc):
-            raise ValueError(f"PATH: {p} is the {CONFIG_FILE} of a directory: cm3leon info {p.parent}")
-        if not isinstance(doc.get("model"), dict):  # every tokenizers JSON file has its model section
-            raise ValueError(f"PATH: {p} is a JSON file but not a text tokenizer (tokenizer.json) or {MANIFEST_NAME}")
-        tok = TextTokenizer.load(p)
-        info = {"kind": "text tokenizer", "vocab_size": tok.vocab_size, "num_sentinels": tok.num_sentinels,
-                "sha256": tok.sha256}  # fmt: skip
-    elif is_safetensors(p):
-        info = _safetensors(p)
     else:
-        info = _checkpoint(p)
+        holder = _holder(p)
+        if holder is not None and (holder == "sharded checkpoint" or p.name in _PARTS[holder]):
+            raise ValueError(f"PATH: {p} is a file of the {holder} {p.parent}: cm3leon info {p.parent}")
+        info = _file(p)
+        if holder is not None and info["kind"] in ("safetensors", "dataset shard"):
+            info["part_of"] = f"{holder} {p.parent}"
     if info is None:
         raise ValueError(
             f"PATH: {path} is a directory this package does not know (no checkpoint, model, VQGAN, dataset, bank or "
@@ -256,10 +333,43 @@ def describe(path: str | Path) -> dict[str, Any]:
     return {**info, "bytes": _size(p)}
 
 
+def _file(p: Path) -> dict[str, Any]:
+    """What the file ``p`` holds (a dataset's manifest or shard, a tokenizer, safetensors or a checkpoint)."""
+    from cm3leon_lightning.data.shards import MANIFEST_NAME
+    from cm3leon_lightning.model.weights import is_safetensors
+
+    if p.name == MANIFEST_NAME:
+        return _dataset(p)
+    if p.suffix == ".json":
+        from cm3leon_lightning.tokenization.text import TextTokenizer
+
+        doc = _read_json(p)
+        if not isinstance(doc.get("model"), dict):  # every tokenizers JSON file has its model section
+            raise ValueError(f"PATH: {p} is a JSON file but not a text tokenizer (tokenizer.json) or {MANIFEST_NAME}")
+        tok = TextTokenizer.load(p)
+        return {"kind": "text tokenizer", "vocab_size": tok.vocab_size, "num_sentinels": tok.num_sentinels,
+                "sha256": tok.sha256}  # fmt: skip
+    if is_safetensors(p):
+        return _safetensors(p)
+    if p.suffix == ".tar" or (not zipfile.is_zipfile(p) and tarfile.is_tarfile(p)):
+        return _shard(p)
+    return _checkpoint(p)
+
+
+def _bytes(n: int) -> str:
+    """A size for people: ``512 B``, ``3.5 KiB``, ``1.2 MiB``, ``6.7 GiB``."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``cm3leon info``; returns the exit status (2 for a path it cannot read)."""
     p = argparse.ArgumentParser(prog="cm3leon info", description=__doc__.split("\n")[0])
-    p.add_argument("path", help="a checkpoint, model directory, VQGAN, prepared dataset, memory bank or tokenizer")
+    p.add_argument(
+        "path", help="a checkpoint, model directory, VQGAN, prepared dataset or shard, memory bank, tokenizer or CLIP"
+    )
     p.add_argument("--json", action="store_true", help="print the fields as JSON")
     args = p.parse_args(argv)
     try:
@@ -274,7 +384,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if key == "parameters":
             value = f"{value / 1e6:.1f}M"
         elif key == "bytes":
-            key, value = "size", f"{value / 2**20:.1f} MiB"
+            key, value = "size", _bytes(value)
+        elif value is None:
+            value = "none"
         elif isinstance(value, dict):
             value = ", ".join(f"{k} {v}" for k, v in value.items())
         elif isinstance(value, list):

@@ -5,6 +5,7 @@ existing one."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import lightning as L
@@ -57,7 +58,7 @@ def test_the_directory_gives_the_checkpoints_logits_and_tokenizers(assets: Path)
     got, want = VQGAN.from_pretrained(out / "vqgan").state_dict(), VQGAN.from_pretrained(assets / "vqgan").state_dict()
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     doc = json.loads((out / "config.json").read_text())
-    assert doc["source"] == {"checkpoint": str((assets / "model.ckpt").resolve()), "kind": "lightning checkpoint"}
+    assert doc["source"] == {"checkpoint": str(assets / "model.ckpt"), "kind": "lightning checkpoint"}
     assert load_vocab(out) == vocab  # cm3leon predict's --data.vocab_from
 
 
@@ -286,3 +287,23 @@ def test_bad_input_is_one_line_and_exit_2(
         assert sorted(p.name for p in tmp_path.iterdir()) == ["m"] and not any((tmp_path / "m").iterdir())
     else:
         assert not (tmp_path / "m").exists()
+
+
+def test_the_source_checkpoint_is_recorded_as_given_not_made_absolute(
+    assets: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """config.json recorded the checkpoint's absolute path: a model shared from /home/alice/... named her directories,
+    and the path meant nothing on another machine. examples/serve_shapes.py compares it with the absolute path it
+    exports from, which it still equals."""
+    monkeypatch.chdir(assets)
+    assert main(["--ckpt", "model.ckpt", "--out", str(tmp_path / "m"), "--format", "hf"]) == 0
+    doc = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert doc["cm3leon"]["source"] == {"checkpoint": "model.ckpt", "kind": "lightning checkpoint"}
+    export_model(assets / "model.ckpt", tmp_path / "abs")
+    source = json.loads((tmp_path / "abs" / "config.json").read_text())["source"]["checkpoint"]
+    assert source == str(assets / "model.ckpt")  # what serve_shapes.prepare_out compares with
+    assert cm3leon_main(["info", str(tmp_path / "m")]) == 0
+    assert "source:           checkpoint model.ckpt, kind lightning checkpoint" in capsys.readouterr().out.splitlines()
+    ckpt = re.escape(str(assets / "model.ckpt"))
+    with pytest.raises(ValueError, match=rf"^--vqgan: {ckpt} is a CM3Leon model checkpoint, not a VQGAN: it is what"):
+        export_model(assets / "model.ckpt", tmp_path / "v", vqgan=assets / "model.ckpt")

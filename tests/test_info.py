@@ -264,8 +264,83 @@ def test_a_json_file_that_is_no_tokenizer_is_named(assets: dict, tmp_path: Path,
     root = assets["root"]
     for name in ("exported", "hf", "vqgan"):
         config = root / name / "config.json"
-        assert _error(config, capsys) == f"PATH: {config} is the config.json of a directory: cm3leon info {root / name}"
+        kind = "VQGAN directory" if name == "vqgan" else "model directory"
+        assert (
+            _error(config, capsys)
+            == f"PATH: {config} is a file of the {kind} {root / name}: cm3leon info {root / name}"
+        )
     (tmp_path / "other.json").write_text('{"a": 1}')
     assert _error(tmp_path / "other.json", capsys) == (
         f"PATH: {tmp_path / 'other.json'} is a JSON file but not a text tokenizer (tokenizer.json) or manifest.json"
     )
+
+
+def test_a_clip_safetensors_file_is_described_as_a_clip_model(assets: dict, tmp_path: Path, capsys) -> None:
+    """A CLIP file of ClipModule.export_weights was only "safetensors": neither that it is a CLIP model nor its
+    architecture, embedding dim (which a memory bank's dim must equal) or the preprocessing its metadata records."""
+    from cm3leon_lightning.modules.clip import ClipModule
+
+    clip = ClipModule(model_name="cm3leon-clip-tiny")
+    clip.configure_model()
+    path = clip.export_weights(tmp_path / "clip.safetensors")
+    info = describe(path)
+    tensors = {k: info[k] for k in ("tensors", "dtypes", "elements", "bytes")}
+    assert info == {"kind": "CLIP model", "model_name": "cm3leon-clip-tiny", "vision": "ResNet", "embed_dim": 64,
+                    "image_size": 32, "context_length": 16, "quick_gelu": False,
+                    "preprocess": {"mean": [0.48145466, 0.4578275, 0.40821073],
+                                   "std": [0.26862954, 0.26130258, 0.27577711], "interpolation": "bicubic",
+                                   "resize_mode": "shortest", "fill_color": 0},
+                    **tensors}  # fmt: skip
+    assert (tensors["tensors"], tensors["dtypes"]) == (153, ["F32", "I64"])
+    assert info["embed_dim"] == describe(assets["root"] / "bank")["dim"]
+    # a bare open_clip state dict (no metadata): the architecture its shapes show, nothing invented
+    bare = describe(assets["root"] / "clip.safetensors")
+    assert {k: bare.get(k) for k in ("kind", "model_name", "embed_dim", "image_size", "quick_gelu")} == {
+        "kind": "CLIP model", "model_name": None, "embed_dim": 64, "image_size": 32, "quick_gelu": None,
+    }  # fmt: skip
+    assert main([str(path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:3] == [
+        "kind:             CLIP model",
+        "model_name:       cm3leon-clip-tiny",
+        "vision:           ResNet",
+    ]
+    ckpt = tmp_path / "clip.ckpt"
+    torch.save({"state_dict": clip.state_dict(), "hyper_parameters": dict(clip.hparams)}, ckpt)
+    assert describe(ckpt) == {"kind": "lightning checkpoint (ClipModule)", "clip_model": "cm3leon-clip-tiny",
+                              "vision": "ResNet", "embed_dim": 64, "image_size": 32, "context_length": 16,
+                              "optimizer_state": False, "dtype": "float32", "bytes": ckpt.stat().st_size}  # fmt: skip
+
+
+def test_a_file_of_a_directory_names_the_directory_and_a_shard_is_described(assets: dict, capsys) -> None:
+    """A bank's meta.json was "a JSON file but not a text tokenizer", its keys.json "holds a JSON list", a sharded
+    checkpoint's meta.pt "a state dict of 0 tensors", a model's README.md "not a checkpoint ... (neither a torch zip
+    file nor a pickle)", and a dataset shard failed in torch.load with "mmap can only be used with files saved with
+    `torch.save(_use_new_zipfile_serialization=True)"."""
+    root = assets["root"]
+    parts = [("bank", "meta.json", "memory bank"), ("bank", "keys.json", "memory bank"),
+             ("bank", "index.faiss", "memory bank"), ("sharded.ckpt", "meta.pt", "sharded checkpoint"),
+             ("sharded.ckpt", ".metadata", "sharded checkpoint"), ("exported", "README.md", "model directory"),
+             ("exported", "config.json", "model directory"), ("hf", "config.json", "model directory"),
+             ("vqgan", "config.json", "VQGAN directory")]  # fmt: skip
+    for directory, name, kind in parts:
+        d = root / directory
+        assert _error(d / name, capsys) == f"PATH: {d / name} is a file of the {kind} {d}: cm3leon info {d}"
+    shard = root / "shards" / "shard-000001.tar"
+    assert describe(shard) == {"kind": "dataset shard", "samples": 5, "part_of": f"prepared dataset {root / 'shards'}",
+                               "bytes": shard.stat().st_size}  # fmt: skip
+    weights = describe(root / "exported" / "model.safetensors")
+    assert (weights["kind"], weights["part_of"]) == ("safetensors", f"model directory {root / 'exported'}")
+
+
+def test_sizes_read_in_bytes_kib_mib_and_gib_and_none_as_none(assets: dict, capsys) -> None:
+    """Every file under a MiB read "size: 0.0 MiB" (a manifest, a tokenizer, a bank), and a field without a value
+    "None"."""
+    from cm3leon_lightning.info import _bytes
+
+    assert [_bytes(n) for n in (0, 881, 1024, 3 * 2**19, 5 * 2**30)] == ["0 B", "881 B", "1.0 KiB", "1.5 MiB",
+                                                                         "5.0 GiB"]  # fmt: skip
+    manifest = assets["root"] / "shards" / "manifest.json"
+    assert main([str(manifest)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1] == f"size:             {manifest.stat().st_size} B" and "clip:             none" in lines

@@ -13,7 +13,11 @@ trained with, which the commands then use when ``--tokenizer`` / ``--vqgan`` are
 
     {"format": "cm3leon_lightning.model", "format_version": 1, "created_by": "0.1.0",
      "config": {...CM3LeonConfig...}, "vocab": {...MultimodalVocab...}, "dtype": "bfloat16",
-     "source": {"checkpoint": "...", "global_step": 1000, "epoch": 0}}
+     "source": {"checkpoint": "runs/pretrain/checkpoints/last.ckpt", "kind": "lightning checkpoint",
+                "global_step": 1000, "epoch": 0}}
+
+``source.checkpoint`` is the path ``cm3leon export --ckpt`` was given, as given (relative stays relative): provenance
+for people, not a path to open, and a shared model names no directory of the machine it was exported on.
 """
 
 from __future__ import annotations

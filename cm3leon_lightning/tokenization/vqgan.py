@@ -336,10 +336,21 @@ class VQGAN(nn.Module):
         trust_pickle: bool = False,
         map_location: str | torch.device = "cpu",
     ) -> VQGAN:
-        """Load weights; see :func:`cm3leon_lightning.tokenization.vqgan_io.load_vqgan` for the formats."""
+        """Load weights; see :func:`cm3leon_lightning.tokenization.vqgan_io.load_vqgan` for the formats.
+
+        Raises:
+            FileNotFoundError, ValueError: as ``load_vqgan``; a ValueError saying what ``path`` is instead when it is
+                another kind of file this package writes (a CM3Leon checkpoint or model directory, a CLIP model, ...).
+        """
         from cm3leon_lightning.tokenization.vqgan_io import load_vqgan
 
-        return load_vqgan(path, preset, config_path, trust_pickle, map_location)
+        try:
+            return load_vqgan(path, preset, config_path, trust_pickle, map_location)
+        except (FileNotFoundError, ValueError) as e:
+            other = _not_a_vqgan(path)
+            if other is None:
+                raise
+            raise ValueError(other) from e
 
     def save_pretrained(self, directory: str | Path, overwrite: bool = False) -> Path:
         """Write ``config.json`` and ``model.safetensors`` into ``directory``; returns the directory.
@@ -350,3 +361,36 @@ class VQGAN(nn.Module):
         from cm3leon_lightning.tokenization.vqgan_io import save_vqgan
 
         return save_vqgan(self, directory, overwrite)
+
+
+def _not_a_vqgan(path: str | Path) -> str | None:
+    """Why ``path``, which did not load as a VQGAN, is none, when ``cm3leon info`` knows it as another kind of file
+    (``"PATH is a CM3Leon model checkpoint, not a VQGAN: ..."``, with how to use it); None when it does not."""
+    from cm3leon_lightning.info import describe
+    from cm3leon_lightning.model.pretrained import VQGAN_DIR
+
+    try:
+        info = describe(path)
+    except Exception:  # noqa: BLE001 - nothing it knows: the loader's own error stands
+        return None
+    kind = info["kind"]
+    vqgan = "give the VQGAN the model was trained with (a VQGAN directory, or a VQGANModule checkpoint)"
+    if kind in ("lightning checkpoint", "sharded checkpoint") and "architecture" in info:
+        what, use = "a CM3Leon model checkpoint", f"it is what --ckpt takes (cm3leon generate, serve, export); {vqgan}"
+    elif kind.startswith("model directory") or info.get("part_of", "").startswith("model directory"):
+        whole = kind.startswith("model directory")
+        model = Path(path) if whole else Path(path).parent
+        what = "a CM3Leon model directory" if whole else f"the weights of the CM3Leon model directory {model}"
+        bundled = model / VQGAN_DIR
+        use = (
+            f"its VQGAN is {bundled}" if bundled.is_dir() else f"it is what --ckpt takes (it bundles no VQGAN); {vqgan}"
+        )
+    elif kind in ("CLIP model", "lightning checkpoint (ClipModule)"):
+        name = info.get("model_name") or info.get("clip_model")
+        what = f"a CLIP model ({name})" if name else "a CLIP model"
+        use = "it is the retriever's weights (--clip-pretrained, ClipEncoder(model_name, pretrained=PATH))"
+    elif kind in ("memory bank", "prepared dataset", "prepare output", "dataset shard", "text tokenizer"):
+        what, use = f"a {kind}", vqgan
+    else:
+        return None
+    return f"{path} is {what}, not a VQGAN: {use}"

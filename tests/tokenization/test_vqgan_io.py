@@ -227,3 +227,41 @@ def test_yaml_that_is_not_utf8_names_the_file(tmp_path: Path) -> None:
     path.write_bytes(b"\xff\xfe\x00model: {}")
     with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: not a UTF-8 text file"):
         config_from_taming_yaml(path)
+
+
+def test_other_files_of_the_package_are_named_not_taken_for_a_vqgan(tmp_path: Path) -> None:
+    """A CM3Leon checkpoint, model directory or CLIP file passed as the VQGAN got "cannot tell the architecture of
+    ...: pass preset=", or (with a preset) a list of missing keys; a model directory "config.json: not a
+    cm3leon_lightning.vqgan config". Each now says what the file is, and where the VQGAN is when it bundles one."""
+    from support.checkpoint_setup import write_checkpoint_assets
+
+    from cm3leon_lightning.export import export_model
+    from cm3leon_lightning.modules.clip import ClipModule
+
+    root = write_checkpoint_assets(tmp_path)
+    export_model(root / "model.ckpt", root / "bundled", vqgan=root / "vqgan")
+    export_model(root / "model.ckpt", root / "bare")
+    clip = ClipModule(model_name="cm3leon-clip-tiny")
+    clip.configure_model()
+    clip.export_weights(root / "clip.safetensors")
+    vqgan = "give the VQGAN the model was trained with (a VQGAN directory, or a VQGANModule checkpoint)"
+    cases = {
+        root / "model.ckpt": f"a CM3Leon model checkpoint, not a VQGAN: it is what --ckpt takes (cm3leon generate, "
+        f"serve, export); {vqgan}",
+        root / "bundled": f"a CM3Leon model directory, not a VQGAN: its VQGAN is {root / 'bundled' / 'vqgan'}",
+        root / "bundled" / "model.safetensors": f"the weights of the CM3Leon model directory {root / 'bundled'}, not "
+        f"a VQGAN: its VQGAN is {root / 'bundled' / 'vqgan'}",
+        root / "bare": f"a CM3Leon model directory, not a VQGAN: it is what --ckpt takes (it bundles no VQGAN); "
+        f"{vqgan}",
+        root / "clip.safetensors": "a CLIP model (cm3leon-clip-tiny), not a VQGAN: it is the retriever's weights "
+        "(--clip-pretrained, ClipEncoder(model_name, pretrained=PATH))",
+        root / "tok": f"a text tokenizer, not a VQGAN: {vqgan}",
+    }
+    for path, message in cases.items():
+        for preset in (None, "micro"):  # with a preset it failed on the keys instead
+            with pytest.raises(ValueError) as e:
+                VQGAN.from_pretrained(path, preset=preset)
+            assert str(e.value) == f"{path} is {message}"
+    assert VQGAN.from_pretrained(root / "bundled" / "vqgan").n_embed == 32  # the VQGAN it names loads
+    with pytest.raises(FileNotFoundError, match=r"^VQGAN checkpoint not found: "):  # what it does not know: as before
+        VQGAN.from_pretrained(root / "nope")
