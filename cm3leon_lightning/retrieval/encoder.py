@@ -105,8 +105,14 @@ ImageLike = Image.Image | np.ndarray | torch.Tensor
 
 
 def _to_chw_float(img: ImageLike) -> torch.Tensor:
-    """One image (PIL, HWC uint8 array, or CHW tensor) -> (3, H, W) float in [0, 1]; PIL images convert to RGB as
-    ``cm3leon prepare`` converts them (transparent pixels white, 16-bit grey scaled)."""
+    """One image (PIL, HWC uint8 array, or CHW tensor) -> (3, H, W) float in [0, 1]; PIL images and RGBA arrays
+    convert to RGB as ``cm3leon prepare`` converts them (transparent pixels white, 16-bit grey scaled)."""
+    if isinstance(img, np.ndarray) and img.ndim == 3 and img.shape[2] == 4:  # alpha was dropped: hidden colour shown
+        if img.dtype == np.uint8:  # what prepare's load_image does with such an array
+            img = Image.fromarray(np.ascontiguousarray(img), "RGBA")
+        else:  # float in [0, 1] (checked below): composite on white in float
+            rgb, alpha = img[:, :, :3].astype(np.float32), img[:, :, 3:].astype(np.float32)
+            img = rgb * alpha + (1.0 - alpha)
     if isinstance(img, Image.Image):
         from cm3leon_lightning.data.cleaning import to_rgb  # lazy: the data package imports Lightning
 
@@ -245,7 +251,8 @@ class ClipEncoder:
 
         Args:
             images: a ``(N, 3, H, W)`` tensor (uint8 in [0, 255] or float in [0, 1]), or a sequence of PIL images,
-                ``(H, W, 3)`` uint8 arrays or ``(3, H, W)`` tensors of any sizes (resized and center-cropped).
+                ``(H, W)``, ``(H, W, 3)`` or ``(H, W, 4)`` arrays (RGBA: transparent pixels white, as for PIL images)
+                or ``(3, H, W)`` tensors of any sizes (resized and center-cropped).
 
         Returns:
             ``(N, dim)`` float32, L2-normalised.

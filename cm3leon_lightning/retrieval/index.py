@@ -53,6 +53,12 @@ def _on_disk_lists(index: faiss.Index) -> bool:
     return ivf is not None and isinstance(faiss.downcast_InvertedLists(ivf.invlists), faiss.OnDiskInvertedLists)
 
 
+def _file_identity(path: Path) -> tuple[int, int, int, int]:
+    """Device, inode, size and modification time of ``path``: they change when the file is replaced or rewritten."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def _read_json(path: Path, what: str) -> object:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -127,6 +133,7 @@ class MemoryBank:
         self.factory, self.normalize, self.keys = factory, normalize, keys
         self._key_set = set(keys)
         self._source: Path | None = None  # the index file an mmap-loaded IVF index maps its lists from
+        self._source_identity: tuple[int, int, int, int] | None = None  # that file's, when it was loaded
 
     def __len__(self) -> int:
         return int(self.index.ntotal)
@@ -207,9 +214,9 @@ class MemoryBank:
             batch_size: rows converted and added per faiss call.
 
         Raises:
-            ValueError: the index is untrained or memory-mapped read-only, the shapes or keys are wrong (checked before
-                anything is added), or a row has NaN/inf values (its row and key named; the batches before its batch
-                were added, with their keys).
+            ValueError: the index is untrained or memory-mapped read-only, the shapes or keys are wrong (``keys`` a
+                single ``str`` included; checked before anything is added), or a row has NaN/inf values (its row and
+                key named; the batches before its batch were added, with their keys).
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -220,6 +227,8 @@ class MemoryBank:
                 f"this {self.factory!r} bank was loaded with mmap=True from {self._source}; its inverted lists are "
                 "read-only: load it with mmap=False to add documents"
             )
+        if isinstance(keys, str):  # its characters would become the keys when the lengths happen to agree
+            raise ValueError(f"keys must be a sequence of document keys, got a single str {keys[:40]!r}")
         if len(embeddings) != len(keys):
             raise ValueError(f"got {len(embeddings)} embeddings but {len(keys)} keys")
         shape = np.shape(embeddings)  # a memmap's shape is read without loading it
@@ -290,13 +299,15 @@ class MemoryBank:
             :class:`SearchResult` with scores, ids and keys, best first; an empty bank gives no hits.
 
         Raises:
-            ValueError: ``k`` or ``batch_size`` below 1, queries of the wrong shape, or a query with NaN/inf values
-                (its row named).
+            ValueError: ``k`` or ``batch_size`` not an integer or below 1, queries of the wrong shape, or a query with
+                NaN/inf values (its row named).
         """
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        for name, value in (("k", k), ("batch_size", batch_size)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):  # k=2.0 failed in numpy, unnamed
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        k, batch_size = int(k), int(batch_size)  # faiss's SWIG wrapper refuses a numpy integer, naming no argument
         q = self._check(queries, "queries")
         scores = np.full((len(q), k), -np.inf, np.float32)
         ids = np.full((len(q), k), -1, np.int64)
@@ -329,6 +340,8 @@ class MemoryBank:
 
         Raises:
             FileExistsError: ``path`` already holds one of the three files and ``overwrite`` is false.
+            ValueError: the bank is an IVF bank loaded with ``mmap=True`` whose index file has been replaced or
+                changed since (the file named).
         """
         out = Path(path)
         existing = [name for name in (INDEX_FILE, KEYS_FILE, META_FILE) if (out / name).exists()]
@@ -336,10 +349,16 @@ class MemoryBank:
             raise FileExistsError(
                 f"{out} already holds a memory bank ({', '.join(existing)}); pass overwrite=True to replace it"
             )
+        mapped = _on_disk_lists(self.index)
+        if mapped and _file_identity(self._source) != self._source_identity:  # the copy would pair other lists and keys
+            raise ValueError(
+                f"{self._source} was replaced or changed since this bank was loaded from it with mmap=True, so copying "
+                "it would pair another index with this bank's keys: load the bank again to save it"
+            )
         out.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".save-", dir=out))
         try:
-            if _on_disk_lists(self.index):  # write_index would write a reference to the mapped file, not the lists
+            if mapped:  # write_index would write a reference to the mapped file, not the lists
                 shutil.copyfile(self._source, tmp / INDEX_FILE)
             else:
                 faiss.write_index(self.index, str(tmp / INDEX_FILE))
@@ -347,6 +366,8 @@ class MemoryBank:
             (tmp / META_FILE).write_text(json.dumps(self.metadata(), indent=2), encoding="utf-8")
             for name in (INDEX_FILE, KEYS_FILE, META_FILE):
                 os.replace(tmp / name, out / name)
+            if self._source is not None and (out / INDEX_FILE).resolve() == self._source:  # saved over its own file
+                self._source_identity = _file_identity(self._source)  # a copy of it: the same lists
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return out
@@ -429,5 +450,6 @@ class MemoryBank:
         bank = cls.__new__(cls)
         bank._init(index, meta["dim"], meta["model_name"], meta["factory"], meta["normalize"], keys)
         bank._source = (src / INDEX_FILE).resolve() if mmap else None
+        bank._source_identity = _file_identity(bank._source) if mmap else None
         bank.set_search_params(nprobe=nprobe, ef_search=ef_search)
         return bank

@@ -209,7 +209,14 @@ def select_neighbors(
     Returns:
         The chosen neighbours as ``{key, score, by}`` in selection order: the text search's picks, then the image
         search's.
+
+    Raises:
+        ValueError: ids and scores of a search differ in shape, an id is beyond ``keys``, or ``multimodal``,
+            ``embeddings`` or ``groups`` has another length than ``keys`` (each named).
     """
+    for name, rows in (("multimodal", multimodal), ("embeddings", embeddings), ("groups", groups)):
+        if rows is not None and len(rows) != len(keys):  # a shorter one failed with an IndexError, a longer one not
+            raise ValueError(f"{name} has {len(rows)} rows but keys has {len(keys)}: both describe every bank row")
     chosen: list[Neighbor] = []
     chosen_keys: set[str] = set()
     chosen_groups: set[str] = set()  # with ``groups``: a chosen document's picture under another caption is no news
@@ -222,6 +229,9 @@ def select_neighbors(
             raise ValueError(f"{by} ids and scores must be 1-D of equal length, got {ids.shape} and {scores.shape}")
         score_of = {int(i): float(s) for i, s in zip(ids, scores) if i >= 0}
         order = [int(i) for i in ids if i >= 0]
+        beyond = [i for i in order if i >= len(keys)]
+        if beyond:  # e.g. the ids of another bank's search
+            raise ValueError(f"{by} ids {beyond[:5]} are beyond the {len(keys)} bank rows of keys")
         if config.prefer_multimodal and multimodal is not None:
             order = multimodal_first(order, multimodal)
         taken = 0

@@ -96,6 +96,20 @@ def test_image_input_forms_agree(enc):
     np.testing.assert_allclose(enc.embed_images([Image.fromarray(clear, "RGBA")]), enc.embed_images([white]), atol=1e-5)
 
 
+def test_rgba_arrays_are_white_where_transparent_as_pil_images_and_prepare_make_them(enc):
+    """Found in review: an (H, W, 4) array lost its alpha channel (the hidden colour was embedded) while the same
+    pixels as a PIL image, or given to ``cm3leon prepare`` (``load_image``), are white where transparent."""
+    arr = _images(2, 40, 48)
+    half = np.concatenate([arr[0], np.full((40, 48, 1), 128, np.uint8)], axis=2)
+    clear = np.concatenate([arr[1], np.zeros((40, 48, 1), np.uint8)], axis=2)
+    want = enc.embed_images([Image.fromarray(half, "RGBA"), np.full_like(arr[1], 255)])
+    np.testing.assert_array_equal(enc.embed_images([half, clear]), want)
+    opaque = np.concatenate([arr[0], np.full((40, 48, 1), 255, np.uint8)], axis=2)
+    np.testing.assert_array_equal(enc.embed_images([opaque]), enc.embed_images([arr[0]]))
+    floats = [np.concatenate([arr[1] / 255.0, np.zeros((40, 48, 1))], axis=2)]  # float RGBA in [0, 1]
+    np.testing.assert_allclose(enc.embed_images(floats), want[1:], atol=1e-6)
+
+
 def test_document_embedding_is_the_renormalised_mean_of_normalised_parts(enc):
     texts = ["a red square", "a green triangle", None, ""]
     arr = _images(4)

@@ -407,3 +407,40 @@ def test_an_idmap_factory_is_refused_at_construction():
         with pytest.raises(ValueError) as err:
             MemoryBank(8, "m", factory=factory)
         assert str(err.value) == f"factory={factory!r}: the bank numbers its rows itself; drop the IDMap prefix"
+
+
+def test_a_single_str_of_keys_and_a_float_k_are_refused_naming_the_argument():
+    """Found in review: ``add(x, "abc")`` with three rows took 'a', 'b', 'c' as the keys (a str's length agreed), and
+    ``search(q, 2.0)`` failed inside numpy and ``search(q, np.int64(2))`` inside faiss, with TypeErrors naming no
+    argument."""
+    x, keys = _data(3, 4)
+    bank = MemoryBank(4, "m")
+    with pytest.raises(ValueError, match="keys must be a sequence of document keys, got a single str 'abc'"):
+        bank.add(x, "abc")
+    assert len(bank) == 0 and bank.keys == []
+    bank.add(x, keys)
+    with pytest.raises(ValueError, match=r"k must be an integer, got 2\.0"):
+        bank.search(x, 2.0)
+    with pytest.raises(ValueError, match="batch_size must be an integer, got True"):
+        bank.search(x, 2, batch_size=True)
+    res = bank.search(x[:1], np.int64(2))
+    assert res.keys == [["doc0000", "doc0001"]] and res.ids.tolist() == _brute_force(x, x[:1], 2)[1].tolist()
+
+
+def test_an_mmap_loaded_ivf_bank_refuses_to_save_after_its_file_was_replaced(tmp_path):
+    """Found in review: after another bank was saved over the directory an IVF bank was mmap-loaded from, ``save``
+    copied the new index file beside the loaded bank's keys: the copy found 'doc0000' for the other bank's first
+    vector. Saving over its own file (twice) still works."""
+    x, keys = _data(200, 16)
+    y, other = _data(200, 16, seed=1)
+    other = [k.replace("doc", "new") for k in other]
+    MemoryBank.build((x, keys), 16, "m", "IVF4,Flat").save(tmp_path / "a")
+    bank = MemoryBank.load(tmp_path / "a", nprobe=4, mmap=True)
+    bank.save(tmp_path / "a", overwrite=True)
+    bank.save(tmp_path / "a", overwrite=True)  # its own copy: the same lists
+    MemoryBank.build((y, other), 16, "m", "IVF4,Flat").save(tmp_path / "a", overwrite=True)
+    assert bank.search(x[:1], 1).keys == [["doc0000"]]  # still searches the lists it mapped
+    with pytest.raises(ValueError, match=r"a/index\.faiss was replaced or changed since this bank was loaded"):
+        bank.save(tmp_path / "copy")
+    assert not (tmp_path / "copy").exists()
+    assert MemoryBank.load(tmp_path / "a", nprobe=4).search(y[:1], 1).keys == [["new0000"]]  # left as saved

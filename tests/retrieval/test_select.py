@@ -246,3 +246,18 @@ def test_retrieval_package_exports_resolve_and_are_listed():
         assert getattr(retrieval, name) is getattr(select, name)
     with pytest.raises(AttributeError, match="has no attribute 'nope'"):
         retrieval.nope  # noqa: B018
+
+
+def test_ids_beyond_keys_and_per_row_arrays_of_another_length_are_clear_errors():
+    """Found in review: an id beyond ``keys`` (another bank's search) and a ``groups`` shorter than ``keys`` failed with
+    a bare IndexError; a longer ``embeddings`` or ``groups`` (another bank's) was read silently."""
+    with pytest.raises(ValueError, match=r"image ids \[8, 9\] are beyond the 8 bank rows of keys"):
+        select_neighbors("q", [1], [0.5], [8, 2, 9], [0.5, 0.4, 0.3], KEYS)
+    with pytest.raises(ValueError, match="groups has 7 rows but keys has 8"):
+        select_neighbors("q", [1], [0.5], [], [], KEYS, groups=KEYS[:7])
+    with pytest.raises(ValueError, match="embeddings has 9 rows but keys has 8"):
+        select_neighbors("q", [1], [0.5], [], [], KEYS, embeddings=np.eye(9, dtype=np.float32))
+    with pytest.raises(ValueError, match="multimodal has 2 rows but keys has 8"):
+        select_neighbors("q", [1], [0.5], [], [], KEYS, multimodal=np.ones(2, bool))
+    out = select_neighbors("q", [1, -1], [0.5, -np.inf], [], [], KEYS, multimodal=np.ones(8, bool), groups=KEYS)
+    assert out == [{"key": "doc1", "score": 0.5, "by": "text"}]
