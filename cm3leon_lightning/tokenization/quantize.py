@@ -127,9 +127,10 @@ class VectorQuantizer(nn.Module):
         # Restarts chosen in one forward are written at the start of the next one: the codebook must stay unchanged
         # until the backward pass has used it (and the optimizer has stepped). Every other read of the codebook
         # (lookup / decode, state_dict / save_pretrained / checkpoints) writes them first, so that what is decoded
-        # or saved is the codebook the next encode uses.
+        # or saved is the codebook the next encode uses; loading a state dict drops them (chosen for the old codebook).
         self._pending_restart: tuple[torch.Tensor, torch.Tensor] | None = None
         self.register_state_dict_pre_hook(_write_pending_restart)
+        self.register_load_state_dict_pre_hook(_drop_pending_restart)
 
     def codebook(self) -> torch.Tensor:
         """The codebook as used for lookup, ``(n_embed, embed_dim)`` (l2-normalised if configured)."""
@@ -222,6 +223,13 @@ class VectorQuantizer(nn.Module):
 def _write_pending_restart(module: VectorQuantizer, prefix: str, keep_vars: bool) -> None:
     """``state_dict`` pre-hook: the saved codebook includes the restarts the last training forward chose."""
     module._apply_restart()
+
+
+def _drop_pending_restart(module: VectorQuantizer, state_dict: dict, prefix: str, *args: object) -> None:
+    """``load_state_dict`` pre-hook: a loaded codebook replaces the one the pending restarts were chosen for, so they
+    are dropped (written at the next forward, they overwrote rows of the loaded codebook)."""
+    if prefix + "embedding.weight" in state_dict:
+        module._pending_restart = None
 
 
 class GumbelQuantizer(nn.Module):

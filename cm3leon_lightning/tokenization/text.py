@@ -204,18 +204,38 @@ class TextTokenizer:
 
     # ------------------------------------------------------------------------------------ encode / decode
     def encode(self, text: str) -> list[int]:
-        """Text -> ids. No special token is added, and none can come out of plain text."""
-        return self._tok.encode(text, add_special_tokens=False).ids
+        """Text -> ids. No special token is added, and none can come out of plain text.
+
+        Raises:
+            TypeError: ``text`` is not a str.
+            ValueError: ``text`` holds an unpaired surrogate (JSON's ``"\\ud800"``), which is not Unicode text.
+        """
+        _check_text(text, "text")
+        try:
+            return self._tok.encode(text, add_special_tokens=False).ids
+        except TypeError:  # tokenizers' "TextInputSequence must be str" for a str it cannot take
+            _check_unicode(text, "text")
+            raise
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Several texts -> ids, in parallel (same guarantees as :meth:`encode`).
 
         Raises:
-            TypeError: ``texts`` is a single string (it would be encoded character by character).
+            TypeError: ``texts`` is a single string (it would be encoded character by character), or an item is not
+                a str (a tuple would be encoded as a pair of texts, joined); the item is named by its index.
+            ValueError: an item holds an unpaired surrogate, named by its index.
         """
         if isinstance(texts, str):
             raise TypeError("encode_batch takes a sequence of strings, not a single string; use encode()")
-        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+        texts = list(texts)
+        for i, text in enumerate(texts):
+            _check_text(text, f"texts[{i}]")
+        try:
+            return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+        except TypeError:
+            for i, text in enumerate(texts):
+                _check_unicode(text, f"texts[{i}]")
+            raise
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Ids -> text, skipping special tokens by default.
@@ -252,9 +272,27 @@ class TextTokenizer:
 def _strings(texts: Iterable[str]) -> Iterable[str]:
     """``texts``, raising TypeError at the first item that is not a string (``None`` for a missing caption)."""
     for i, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise TypeError(f"texts[{i}] must be a str, got {type(text).__name__}: {text!r:.80}")
+        _check_text(text, f"texts[{i}]")
+        if not text.isascii():  # tokenizers fails on a lone surrogate with an error that names no text
+            _check_unicode(text, f"texts[{i}]")
         yield text
+
+
+def _check_text(text: object, what: str) -> None:
+    """Raise TypeError naming ``what`` unless ``text`` is a str (tokenizers says only "must be str")."""
+    if not isinstance(text, str):
+        raise TypeError(f"{what} must be a str, got {type(text).__name__}: {text!r:.80}")
+
+
+def _check_unicode(text: str, what: str) -> None:
+    """Raise ValueError naming ``what`` and the position of an unpaired surrogate, which UTF-8 cannot encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(
+            f"{what} holds the unpaired surrogate {text[err.start]!r} at position {err.start}, which is not Unicode "
+            "text (decode bytes with errors='replace', or clean the text first)"
+        ) from None
 
 
 def _is_index(value: object) -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -56,17 +57,26 @@ class VQGANConfig:
     """Gumbel-softmax temperature while training (gumbel)."""
 
     def __post_init__(self) -> None:
-        self.ch_mult = tuple(int(m) for m in self.ch_mult)
-        self.attn_resolutions = tuple(int(r) for r in self.attn_resolutions)
+        self.ch_mult = _int_tuple(self.ch_mult, "ch_mult")  # int(1.5) would build another network silently
+        self.attn_resolutions = _int_tuple(self.attn_resolutions, "attn_resolutions")
         if self.quantizer not in ("vq", "gumbel"):
             raise ValueError(f"quantizer must be 'vq' or 'gumbel', got {self.quantizer!r}")
         if not self.ch_mult or min(self.ch_mult) < 1:
             raise ValueError(f"ch_mult must be a non-empty list of positive ints, got {list(self.ch_mult)}")
-        if self.ch % 32:  # z_channels meets no GroupNorm: taming-layout VQ-f4/f8 models use 3 or 4
-            raise ValueError(f"ch must be a multiple of 32 (GroupNorm with 32 groups), got {self.ch}")
-        for name in ("num_res_blocks", "embed_dim", "n_embed", "in_channels", "out_ch"):
+        if self.ch < 32 or self.ch % 32:  # z_channels meets no GroupNorm: taming-layout VQ-f4/f8 models use 3 or 4
+            raise ValueError(f"ch must be a multiple of 32 (GroupNorm with 32 groups) and >= 32, got {self.ch}")
+        for name in ("resolution", "num_res_blocks", "z_channels", "embed_dim", "n_embed", "in_channels", "out_ch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        for name in ("beta", "gumbel_kl_weight"):  # a negative weight turns the loss term into a reward
+            if not (0.0 <= getattr(self, name) < math.inf):
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1) or None, got {self.ema_decay}")
+        if self.dead_code_after < 0:
+            raise ValueError(f"dead_code_after must be >= 0, got {self.dead_code_after}")
         if self.legacy_beta and (self.quantizer != "vq" or self.ema_decay is not None):
             raise ValueError(
                 "legacy_beta moves beta to the codebook term of the vq quantizer trained by gradients; with "
@@ -132,6 +142,18 @@ class VQGANConfig:
         if name not in PRESETS:
             raise ValueError(f"unknown VQGAN preset {name!r}; choose one of {sorted(PRESETS)}")
         return dataclasses.replace(PRESETS[name], **overrides)
+
+
+def _int_tuple(values: Any, name: str) -> tuple[int, ...]:
+    """``values`` as a tuple of ints; a float (``1.5``, even ``2.0``), a string or a bool raises naming ``name``."""
+    try:
+        items = tuple(values)
+        out = tuple(operator.index(v) for v in items)
+    except TypeError:
+        raise ValueError(f"{name} must be a list of ints, got {values!r}") from None
+    if any(isinstance(v, bool) for v in items):
+        raise ValueError(f"{name} must be a list of ints, got {values!r}")
+    return out
 
 
 def _is_int(v: Any) -> bool:

@@ -373,3 +373,29 @@ def test_a_failed_save_keeps_the_existing_file(tok, tmp_path, monkeypatch):
     assert file.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["tokenizer.json"]
     assert tok.save(tmp_path) == file and file.read_bytes() != before
     assert TextTokenizer.load(file).sha256 == tok.sha256
+
+
+def test_non_text_items_and_lone_surrogates_are_named_by_their_index(tok):
+    """Found in review: a tuple item of ``encode_batch`` was encoded silently as a *pair* of texts joined
+    (``[("a red", " cube")]`` gave the ids of "a red cube"); ``None`` failed with "TextEncodeInput must be
+    Union[...]"; a lone surrogate (JSON's ``"\\ud800"``) with "TextInputSequence must be str", naming neither the
+    item nor the character, and in training with a UnicodeEncodeError naming no item."""
+    surrogate = "the unpaired surrogate '\\ud800' at position 5, which is not Unicode text"
+    with pytest.raises(TypeError) as e:
+        tok.encode_batch(["a small dog", ("a red", " cube")])
+    assert str(e.value) == "texts[1] must be a str, got tuple: ('a red', ' cube')"
+    with pytest.raises(TypeError) as e:
+        tok.encode_batch(["a small dog", None])
+    assert str(e.value) == "texts[1] must be a str, got NoneType: None"
+    with pytest.raises(TypeError) as e:
+        tok.encode(None)
+    assert str(e.value) == "text must be a str, got NoneType: None"
+    for call, what in (
+        (lambda: tok.encode("a red\ud800cube"), "text"),
+        (lambda: tok.encode_batch(["a small dog", "a red\ud800cube"]), "texts[1]"),
+        (lambda: TextTokenizer.train(["a small dog", "a red\ud800cube"], vocab_size=300), "texts[1]"),
+    ):
+        with pytest.raises(ValueError) as e:
+            call()
+        assert str(e.value).startswith(f"{what} holds {surrogate} (")
+    assert tok.encode_batch(["a red cube", "", "日本 🦎"]) == [tok.encode(t) for t in ["a red cube", "", "日本 🦎"]]

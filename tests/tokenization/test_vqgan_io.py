@@ -265,3 +265,39 @@ def test_other_files_of_the_package_are_named_not_taken_for_a_vqgan(tmp_path: Pa
     assert VQGAN.from_pretrained(root / "bundled" / "vqgan").n_embed == 32  # the VQGAN it names loads
     with pytest.raises(FileNotFoundError, match=r"^VQGAN checkpoint not found: "):  # what it does not know: as before
         VQGAN.from_pretrained(root / "nope")
+
+
+def test_invalid_shapes_and_weights_are_refused_naming_the_file_and_field(tmp_path: Path) -> None:
+    """Accepted before: ``resolution`` 0 or -16 (a grid of (0, 0) or (-8, -8) codes), ``ch`` or ``z_channels`` 0 (a
+    network of empty convolutions), ``ch_mult`` 1.5 built as 1 and ``attn_resolutions`` 8.7 as 8, negative loss
+    weights; ``dropout``, ``ema_decay`` and ``dead_code_after`` out of range failed only when the network was built,
+    without the file's name."""
+    cases = [
+        ({"resolution": 0}, "resolution must be >= 1, got 0"),
+        ({"resolution": -16}, "resolution must be >= 1, got -16"),
+        ({"ch": 0}, "ch must be a multiple of 32 (GroupNorm with 32 groups) and >= 32, got 0"),
+        ({"z_channels": 0}, "z_channels must be >= 1, got 0"),
+        ({"ch_mult": (1, 1.5)}, "ch_mult must be a list of ints, got (1, 1.5)"),
+        ({"attn_resolutions": (8.7,)}, "attn_resolutions must be a list of ints, got (8.7,)"),
+        ({"ch_mult": (True, 2)}, "ch_mult must be a list of ints, got (True, 2)"),
+        ({"dropout": 1.5}, "dropout must be in [0, 1), got 1.5"),
+        ({"beta": -0.25}, "beta must be a finite number >= 0, got -0.25"),
+        ({"gumbel_kl_weight": float("inf")}, "gumbel_kl_weight must be a finite number >= 0, got inf"),
+        ({"ema_decay": 1.5}, "ema_decay must be in (0, 1) or None, got 1.5"),
+        ({"dead_code_after": -1}, "dead_code_after must be >= 0, got -1"),
+    ]
+    for override, message in cases:
+        with pytest.raises(ValueError) as e:
+            VQGANConfig.from_name("micro", **override)
+        assert str(e.value) == message
+    path = tmp_path / "model.yaml"
+    path.write_text(_taming_yaml(VQGANConfig.from_name("micro")).replace("resolution: 16", "resolution: 0"))
+    with pytest.raises(ValueError) as e:
+        config_from_taming_yaml(path)
+    assert str(e.value) == f"{path}: model.params / ddconfig do not describe a VQGAN: resolution must be >= 1, got 0"
+    doc = {"format": vqgan_io.FORMAT_NAME, "format_version": vqgan_io.FORMAT_VERSION}
+    (tmp_path / "config.json").write_text(json.dumps({**doc, "config": {"ema_decay": 1.5}}))
+    with pytest.raises(ValueError) as e:
+        vqgan_io.read_config(tmp_path / "config.json")
+    assert str(e.value) == f"{tmp_path / 'config.json'} field 'config': ema_decay must be in (0, 1) or None, got 1.5"
+    assert VQGANConfig.from_name("micro", ch_mult=[1, 2], attn_resolutions=[8]).ch_mult == (1, 2)  # lists as before
