@@ -396,6 +396,8 @@ def generate_text(
         instruction: None (captioning), one instruction (text ids) for all images, or one per image.
         max_new_tokens: the most tokens per answer.
         method: ``greedy``, ``temperature`` or ``top_p``.
+        seed: seed of the sampling generator; as in :func:`generate_image`, one generator draws for every row, so
+            a sampled answer changes with the other images of the call (greedy answers do not).
         layout: ``infill`` or ``image_first`` (see above).
 
     Returns:

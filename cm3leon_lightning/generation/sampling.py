@@ -49,13 +49,27 @@ def top_k_filter(logits: Tensor, k: int) -> Tensor:
     return logits.masked_fill(logits < kth, NEG_INF)
 
 
+TOP_P_SLACK = 2.0**-20
+"""Relative shortfall of a nucleus's computed mass that still counts as reaching ``top_p`` (about 8 float32 ulps):
+the softmax and the running sum round, so a set of mass exactly ``p`` could sum to just below it and take one more
+token."""
+
+
+def nucleus_mass(p: float) -> float:
+    """The computed mass a nucleus must reach for ``top_p = p``: ``p * (1 - TOP_P_SLACK)``. :func:`top_p_filter` and
+    the fused sampling kernel both compare against it, so they keep the same set."""
+    return p * (1.0 - TOP_P_SLACK)
+
+
 def top_p_filter(logits: Tensor, p: float) -> Tensor:
     """Nucleus filtering (Holtzman et al. 2020; paper section 3.1, "TopP Sampling").
 
     Keeps the smallest set of top-ranked tokens whose cumulative probability is at least ``p`` (a token is needed when
     the probability mass ranked strictly above it is below ``p``, so the most likely token is always kept), and every
     token tied with the last one needed: which of equal logits to keep is not left to the sort order, which favoured
-    low ids (bfloat16 logits tie often), and the nucleus is the fused sampling kernel's ``{p_i >= t*}``.
+    low ids (bfloat16 logits tie often), and the nucleus is the fused sampling kernel's ``{p_i >= t*}``. A set whose
+    computed mass falls short of ``p`` by rounding only reaches it (:func:`nucleus_mass`): probabilities 0.75, 0.25
+    at ``p = 0.75`` keep the first token alone, though the softmax of their logs gives 0.7499999999999999.
 
     Args:
         logits: ``(..., V)``.
@@ -69,7 +83,7 @@ def top_p_filter(logits: Tensor, p: float) -> Tensor:
     probs = sorted_logits.softmax(dim=-1)
     mass_above = probs.cumsum(dim=-1).roll(1, dims=-1)  # (..., V) probability ranked strictly above each token
     mass_above[..., 0] = 0.0
-    last = (mass_above < p).sum(dim=-1, keepdim=True) - 1  # (..., 1) rank of the last token needed
+    last = (mass_above < nucleus_mass(p)).sum(dim=-1, keepdim=True) - 1  # (..., 1) rank of the last token needed
     return logits.masked_fill(logits < sorted_logits.gather(-1, last), NEG_INF)
 
 
@@ -109,8 +123,10 @@ def cdk_logits(cond: Tensor, uncond: Tensor, k: int, alpha: float) -> Tensor:
     The score of a token is ``log p_EXP - log p_AMA`` with ``p_EXP`` the conditional stream and ``p_AMA`` the
     unconditional (masked-caption) stream, restricted to the plausible set
     ``V = {t : p_EXP(t) >= alpha * kmax_k(p_EXP)}`` where ``kmax_k`` is the k-th largest conditional probability
-    (``k = 1`` is the original CD of Li et al. 2022), compared in log space. Tokens outside ``V``, and tokens of
-    conditional probability 0, get ``-inf``.
+    (``k = 1`` is the original CD of Li et al. 2022), compared in log space. A token at the threshold is kept: the
+    comparison allows a few float ulps of the numbers compared, so ``p = alpha * p_k`` holds however the logs round
+    (probabilities 16/71 and 14/71 at ``alpha = 0.875``). Tokens outside ``V``, and tokens of conditional
+    probability 0, get ``-inf``.
 
     Args:
         cond: ``(..., V)`` conditional logits.
@@ -130,7 +146,11 @@ def cdk_logits(cond: Tensor, uncond: Tensor, k: int, alpha: float) -> Tensor:
     # float32's smallest number (a confident expert), and made every token plausible. A token the expert gives
     # probability 0 is never plausible (with ``alpha = 0`` its score was ``-inf - -inf = NaN``).
     threshold = kth + (math.log(alpha) if alpha > 0 else NEG_INF)  # (..., 1)
-    plausible = (log_p >= threshold) & (log_p > NEG_INF)
+    # Ties at the threshold: ``log p`` and ``log p_k + log alpha`` round differently (each to a few ulps of the logs
+    # and logits involved), and exact ties were often dropped.
+    eps = torch.finfo(torch.promote_types(log_p.dtype, torch.float32)).eps  # the decoder's dtypes, not bf16's
+    slack = 4 * eps * (threshold.abs() + cond.amax(dim=-1, keepdim=True).abs())
+    plausible = (log_p >= threshold - slack) & (log_p > NEG_INF)
     return torch.where(plausible, log_p - log_q, torch.full_like(log_p, NEG_INF))
 
 

@@ -8,8 +8,9 @@ holds the row's logits in registers:
 
 * guidance: ``torch.lerp(uncond, cond, cfg)`` (paper eq. 2) computed the way torch computes it;
 * top-p without sorting: the nucleus is ``{i : p_i >= t*}`` with ``t*`` the largest probability whose tokens at or
-  above it hold mass ``>= top_p``. Probabilities are non-negative floats, whose bit patterns order like the floats,
-  so ``t*`` is found by bisection over 31 bits (31 masked sums), exactly, with no sort;
+  above it hold mass ``>= nucleus_mass(top_p)`` (as :func:`~cm3leon_lightning.generation.sampling.top_p_filter`).
+  Probabilities are non-negative floats, whose bit patterns order like the floats, so ``t*`` is found by bisection
+  over 31 bits (31 masked sums), exactly, with no sort;
 * the draw is the exponential race of :func:`~cm3leon_lightning.generation.sampling.sample`, ``argmax(p / E)``
   over the nucleus.
 
@@ -29,6 +30,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from cm3leon_lightning.generation.sampling import nucleus_mass
 from cm3leon_lightning.model.fused_kernels import dependent_launch
 from cm3leon_lightning.model.fused_launch import launch_options
 
@@ -127,7 +129,7 @@ def fused_pick_tokens(
     w_pad = triton.next_power_of_2(width)
     pick_kernel[(rows,)](
         logits, logits if allowed is None else allowed, logits if noise is None else noise, out, rows, width,
-        spec.lo, float(spec.cfg), float(spec.temperature) or 1.0, float(spec.top_p),
+        spec.lo, float(spec.cfg), float(spec.temperature) or 1.0, nucleus_mass(spec.top_p),
         STREAMS=spec.streams, ALLOWED=allowed is not None, GREEDY=spec.greedy,
         TOP_P=spec.method == "top_p" and spec.top_p < 1.0, W_PAD=w_pad, num_warps=min(16, max(1, w_pad // 512)),
         **launch_options(logits.device),

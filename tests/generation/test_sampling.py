@@ -82,6 +82,15 @@ def test_top_p_keeps_every_token_tied_with_the_last_one_needed():
     assert torch.equal(out.isfinite(), x >= floor)  # nothing at or above it dropped
 
 
+def test_top_p_a_set_of_mass_exactly_p_takes_no_further_token():
+    """0.75 alone reaches p = 0.75, but the softmax of log 0.75, log 0.25 gives 0.7499999999999999 and the second
+    token was kept too; in float32, 9, 7, 5, 4, 4 of 32 reach 29/32 and the 2/32 token was kept as well."""
+    assert kept(top_p_filter(torch.tensor([0.75, 0.25], dtype=torch.float64).log(), 0.75)) == {0}
+    w = torch.tensor([7.0, 1.0, 9.0, 5.0, 4.0, 2.0, 4.0])
+    assert kept(top_p_filter((w / 32).log(), 29 / 32)) == {0, 2, 3, 4, 6}
+    assert kept(top_p_filter((w / 32).log(), 29 / 32 + 1e-4)) == {0, 2, 3, 4, 5, 6}  # just above: one more needed
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_top_p_keeps_the_smallest_set_with_mass_at_least_p(seed):
     g = torch.Generator().manual_seed(seed)
@@ -137,6 +146,20 @@ def test_cdk_hand_computed_example():
     for alpha in (1.2, 2.0, -0.1):
         with pytest.raises(ValueError, match=r"alpha must lie in \[0, 1\]"):
             cdk_logits(p.log(), q.log(), k=1, alpha=alpha)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cdk_keeps_the_tokens_exactly_at_the_threshold(dtype):
+    """Equation (3) keeps ``p >= alpha * p_k``. Probabilities 16/71 (the 2nd largest) and 14/71 at alpha = 0.875 are
+    equal there, but ``log p`` and ``log p_k + log alpha`` rounded apart and the 14/71 token was dropped; 13/71 stays
+    out. Likewise 10/73 against 0.625 * 16/73 with k = 1, whatever constant the logits carry."""
+    cases = (([16, 19, 7, 14, 3, 12], 2, 0.875, {0, 1, 3}), ([5, 12, 15, 3, 16, 7, 10], 1, 0.625, {1, 2, 4, 6}))
+    for w, k, alpha, want in cases:
+        for shift in (0.0, 3.0, -7.5):
+            cond = (torch.tensor(w, dtype=dtype) / sum(w)).log() + shift
+            assert kept(cdk_logits(cond, torch.zeros_like(cond), k=k, alpha=alpha)) == want, (w, shift)
+    below = (torch.tensor([16.0, 19.0, 7.0, 13.0], dtype=dtype) / 55).log()
+    assert kept(cdk_logits(below, torch.zeros_like(below), k=2, alpha=0.875)) == {0, 1}
 
 
 def test_cdk_plausible_set_survives_a_confident_expert_and_never_holds_impossible_tokens():

@@ -72,6 +72,22 @@ def test_tied_tokens_at_the_nucleus_boundary_are_all_kept_as_pick_tokens_keeps_t
         assert int(pick_tokens(logits, spec, None, noise)) == token
 
 
+@pytest.mark.parametrize(
+    "weights,top_p,nucleus", [((3, 13), 13 / 16, {1}), ((1, 17, 2, 6, 6), 29 / 32, {1, 3, 4}), ((3, 13), 0.82, {0, 1})]
+)
+def test_a_nucleus_of_mass_exactly_top_p_takes_no_further_token(weights, top_p, nucleus):
+    """13/16 alone reaches top_p = 13/16, but the kernel's float32 sum fell short of it and kept the 3/16 token too
+    (and 17, 6, 6 of 32 reach 29/32 without the 2/32 token); pick_tokens keeps the same set."""
+    total = sum(weights)
+    logits = torch.tensor([[math.log(v / total) for v in weights]], device=DEVICE)
+    spec = SamplingSpec(method="top_p", streams=1, top_p=top_p, lo=0, hi=len(weights))
+    for token in range(len(weights)):
+        noise = torch.ones(1, len(weights), device=DEVICE)
+        noise[0, token] = 1e-6
+        assert (int(fused_pick_tokens(logits, spec, None, noise)) == token) == (token in nucleus), token
+        assert (int(pick_tokens(logits, spec, None, noise)) == token) == (token in nucleus), token
+
+
 def test_other_rules_fall_back_and_bad_inputs_are_refused():
     logits = torch.zeros(4, 10, device=DEVICE)
     noise = torch.ones(2, 10, device=DEVICE)
