@@ -118,6 +118,8 @@ class DocumentRetriever:
         # The bank embedded cleaned captions: a query's tab or control character would change its CLIP tokens.
         queries = [model_text(c, f"captions[{i}]", "the caption") for i, c in enumerate(captions)]
         n = min(len(self.bank), self.CANDIDATES_PER_DOCUMENT * k)
+        if n == 0:  # an empty bank: no documents (the bank's search would name k)
+            return [([], []) for _ in queries]
         candidates = self.bank.search(self.clip.embed_texts(queries), n).keys  # type: ignore[attr-defined]
         documents = self._documents
         if documents is None:

@@ -178,6 +178,8 @@ def test_a_picture_already_retrieved_is_skipped_for_the_next_candidate(tmp_path)
     ((keys, docs),) = retriever.retrieve(["q"], 3)
     assert keys == ["a", "c", "e"] and [d[1].tokens for d in docs] == [(1, 2, 3, 4), (5, 6, 7, 8), (9, 9, 9, 9)]
     assert [keys for keys, _ in retriever.retrieve(["q"], 5)] == [["a", "c", "e"]]  # only three distinct pictures
+    retriever.bank = MemoryBank.build((np.zeros((0, 2), np.float32), []), 2, "toy")
+    assert retriever.retrieve(["q", "r"], 2) == [([], []), ([], [])]  # an empty bank: "k must be >= 1, got 0"
 
 
 def test_a_tag_against_a_bank_built_from_a_file_warns(tmp_path):
