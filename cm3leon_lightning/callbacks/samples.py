@@ -67,19 +67,25 @@ def render_grid(images: Tensor, texts: Sequence[str], columns: int = 4, cell: in
 
 
 def log_image(trainer: L.Trainer, tag: str, image: Image.Image, texts: Sequence[str]) -> list[Path]:
-    """Send ``image`` to every logger of ``trainer`` (see the module docstring); returns the PNG files written."""
+    """Send ``image`` to every logger of ``trainer`` (see the module docstring); returns the PNG files written.
+
+    W&B and TensorBoard get it at the step Lightning logs the validation's metrics at (the count of batches that
+    stepped the optimizer, one less than ``global_step`` at a validation inside ``fit``), so a grid and the ``val/``
+    metrics of the same validation share a step; PNG files are named by ``global_step``, as checkpoints are.
+    """
     from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
     step = trainer.global_step
+    log_step = trainer.fit_loop.epoch_loop._batches_that_stepped  # what Lightning's log_metrics uses
     written: list[Path] = []
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", tag)
     png_dirs, sent = [], False
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):
-            logger.log_image(key=tag, images=[image], step=step, caption=[" | ".join(texts)])
+            logger.log_image(key=tag, images=[image], step=log_step, caption=[" | ".join(texts)])
             sent = True
         elif isinstance(logger, TensorBoardLogger):
-            logger.experiment.add_image(tag, np.asarray(image), global_step=step, dataformats="HWC")
+            logger.experiment.add_image(tag, np.asarray(image), global_step=log_step, dataformats="HWC")
             sent = True
         elif getattr(logger, "log_dir", None):
             png_dirs.append(Path(logger.log_dir) / "samples")

@@ -14,13 +14,16 @@ Captions are tokenized first, as the COCO evaluation does:
 - ``"simple"``: a pure-Python fallback, :func:`simple_ptb_tokenize`, that mimics the PTB rules captions meet
   (lower-casing; punctuation split off and dropped, typographic quotes, dashes and ``…`` too; ``n't``/``'s``/
   ``'re``... split off, also written with ``’``, and kept whole when already apart (``man 's``); brackets become
-  ``-lrb-`` etc. as PTB writes them; periods kept in abbreviations such as ``mr.`` and ``u.s.``). It agrees with
+  ``-lrb-`` etc. as PTB writes them; a run of periods (``..``) is an ellipsis, dropped; a slash that opens or ends
+  a word is split off (``w/ a dog``); periods kept in abbreviations such as ``mr.`` and ``u.s.``). It agrees with
   PTB on ordinary captions (the tests check a fixed set) but not on every corner case, so scores may differ slightly.
-- ``"auto"``: PTB when Java is found, else the fallback with a warning.
+- ``"auto"``: PTB when a ``java`` on ``PATH`` runs (``java -version``, checked at construction), else the fallback
+  with a warning that says why.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -42,28 +45,55 @@ TOKENIZERS = ("auto", "ptb", "simple")
 
 
 def java_available() -> bool:
-    """Whether a ``java`` executable is on ``PATH`` (needed by the PTB tokenizer)."""
+    """Whether a ``java`` executable is on ``PATH`` (needed by the PTB tokenizer; :func:`java_problem` also runs it)."""
     return shutil.which("java") is not None
+
+
+def java_problem() -> str | None:
+    """None when the ``java`` on ``PATH`` runs (``java -version`` succeeds), else why not: none on ``PATH``, or the
+    command's exit status and error output (macOS's ``/usr/bin/java`` stub without a JDK fails so)."""
+    java = shutil.which("java")
+    return "no `java` on PATH" if java is None else _java_version_problem(java)
+
+
+@functools.cache
+def _java_version_problem(java: str) -> str | None:
+    """:func:`java_problem` for one executable (checked once per process)."""
+    try:
+        done = subprocess.run([java, "-version"], capture_output=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return f"`{java} -version` failed ({err})"
+    if done.returncode != 0:
+        err = done.stderr.decode("utf-8", "replace").strip()[-500:]
+        return f"`{java} -version` failed with exit status {done.returncode}: {err}"
+    return None
 
 
 def resolve_tokenizer(tokenizer: str, warn: bool = True) -> str:
     """Map ``auto`` to ``ptb`` or ``simple``; warn once when falling back; refuse unknown names and missing Java.
 
+    ``ptb`` needs a ``java`` that runs (:func:`java_problem`), checked here, at construction, rather than when the
+    first captions are scored.
+
     Raises:
         ValueError: ``tokenizer`` not one of ``auto``, ``ptb``, ``simple``.
-        RuntimeError: ``ptb`` requested and no ``java`` on ``PATH``.
+        RuntimeError: ``ptb`` requested and no ``java`` on ``PATH``, or one that does not run.
     """
     if tokenizer not in TOKENIZERS:
         raise ValueError(f"tokenizer must be one of {TOKENIZERS}, got {tokenizer!r}")
     if tokenizer == "simple":
         return "simple"
-    if java_available():
+    problem = java_problem()
+    if problem is None:
         return "ptb"
     if tokenizer == "ptb":
-        raise RuntimeError("tokenizer='ptb' needs a `java` executable on PATH (Java 8+); or use tokenizer='simple'")
+        raise RuntimeError(
+            f"tokenizer='ptb' needs a `java` executable on PATH that runs (Java 8+): {problem}; "
+            "or use tokenizer='simple'"
+        )
     if warn:
         warnings.warn(
-            "CIDEr: no `java` on PATH, so captions are tokenized with the pure-Python fallback "
+            f"CIDEr: {problem}, so captions are tokenized with the pure-Python fallback "
             "(cm3leon_lightning.metrics.cider.simple_ptb_tokenize), which approximates the PTB tokenizer; "
             "install Java for scores comparable with published CIDEr figures",
             stacklevel=2,
@@ -205,6 +235,7 @@ def simple_ptb_tokenize(caption: str) -> str:
     """
     text = caption.replace("\n", " ").replace("\r", " ").lower()
     text = _DOUBLE_QUOTES.sub(" '' ", text).replace("``", " `` ").replace("…", " ... ")
+    text = re.sub(r"\.{2,}", " ... ", text)  # PTB writes every run of periods ("..", "....") as "..." (dropped)
     text = _DASHES.sub(" -- ", text)
     for bracket, word in _BRACKETS.items():
         text = text.replace(bracket, f" {word} ")
@@ -215,7 +246,12 @@ def simple_ptb_tokenize(caption: str) -> str:
     text = re.sub(r"--+", " -- ", text)
     tokens: list[str] = []
     for tok in text.split():
-        tokens.extend(_split_word(tok))
+        stem = tok.strip("/")  # a slash that opens or ends a word is a token of its own ("w/ a dog": w / a dog)
+        if not stem:
+            tokens.extend(["/"] * len(tok))
+            continue
+        head, tail = len(tok) - len(tok.lstrip("/")), len(tok) - len(tok.rstrip("/"))
+        tokens.extend(["/"] * head + _split_word(stem) + ["/"] * tail)
     return " ".join(t for t in tokens if t not in PTB_PUNCTUATIONS)
 
 
@@ -314,7 +350,7 @@ class CIDErD(Metric):
     in :meth:`compute`.
 
     Args:
-        tokenizer: ``auto`` (PTB when Java is present, else the fallback with a warning now), ``ptb`` or
+        tokenizer: ``auto`` (PTB when a ``java`` on ``PATH`` runs, else the fallback with a warning now), ``ptb`` or
             ``simple``.
         **kwargs: passed to ``torchmetrics.Metric``.
     """

@@ -324,3 +324,28 @@ def test_generation_follows_the_trainers_precision_and_the_vqgan_decodes_in_its_
     assert set(seen["logits"][-20:]) == {torch.bfloat16 if autocast else torch.float32}
     assert seen["vqgan"] and not any(seen["vqgan"])  # the grid's image is decoded with autocast off
     assert len(cb.written) == 2
+
+
+def test_grids_share_the_step_of_the_validation_metrics(parts, tmp_path: Path) -> None:
+    """TensorBoard (and W&B) got the grids at ``global_step``, one more than the step Lightning logs the same
+    validation's ``val/`` metrics at inside ``fit``; PNG files keep the ``global_step`` of checkpoint names."""
+    import lightning as L
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.data import DataLoader
+
+    tok, _, _ = parts
+    module = tiny_module(tok)
+    loggers = [TensorBoardLogger(tmp_path, name="tb"), CSVLogger(tmp_path, name="csv")]
+    fit = L.Trainer(accelerator="cpu", max_steps=4, val_check_interval=2, logger=loggers, callbacks=[make(parts)],
+                    enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+                    num_sanity_val_steps=0, default_root_dir=str(tmp_path))  # fmt: skip
+    train = DataLoader(val_loader(module.vocab, n=8).dataset, batch_size=2)
+    fit.fit(module, train_dataloaders=train, val_dataloaders=val_loader(module.vocab, n=2))
+    loggers[0].experiment.flush()
+    acc = EventAccumulator(loggers[0].log_dir)
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("val/loss")] == [1, 3]
+    for tag in ("samples/text_to_image", "samples/image_to_text"):
+        assert [e.step for e in acc.Images(tag)] == [1, 3], tag
+    pngs = sorted(p.name for p in (Path(loggers[1].log_dir) / "samples").glob("*.png"))
+    assert pngs == [f"samples_{kind}-step000000{s}.png" for kind in ("image_to_text", "text_to_image") for s in (2, 4)]

@@ -54,6 +54,7 @@ EXTRA = [
     "He’ll say “no”—maybe…",
     "a man’s «big» hat – the dog’s ‘toy’ … I’m here, don’t go, can’t stop ’ o’clock",
     "A MAN 'S HAT , they 're here and we 've gone , i 'm sure he 'll say you 'd , the dog ’s 's' toy , get 'em .",
+    "A man w/ a dog.. a table w/food, hi..there ok .... black and/or white 1/2 /a //b c//",
 ]
 
 
@@ -219,6 +220,15 @@ def test_java_failure_reports_its_error_output(tmp_path: Path, monkeypatch: pyte
         ptb_tokenize(["a cat"])
 
 
+def test_simple_tokenizer_drops_runs_of_periods_and_splits_slashes_off_words_as_ptb_does() -> None:
+    # PTB writes "..", "...." as the dropped "..." and splits a slash that opens or ends a word ("w/ a dog" is
+    # "w / a dog"); the fallback kept "dog..", "w/" as words, so they matched no reference n-gram.
+    caption = "A man w/ a dog.. a table w/food, hi..there ok .... black and/or white 1/2 /a //b c//"
+    want = "a man w / a dog a table w/food hi there ok black and/or white 1/2 / a / / b c / /"
+    assert simple_ptb_tokenize(caption) == want and caption in EXTRA  # EXTRA: PTB gives the same, with Java
+    assert simple_ptb_tokenize("//") == "/ /" and simple_ptb_tokenize("a / b") == "a / b"
+
+
 def test_simple_tokenizer_keeps_clitics_already_split_off() -> None:
     # Pre-tokenized captions (Flickr30k references, decoded BPE) write "man 's": PTB keeps "'s"; it became "s".
     assert (
@@ -226,3 +236,18 @@ def test_simple_tokenizer_keeps_clitics_already_split_off() -> None:
         == "a man 's hat they 're here i 'm sure he 'll say you 'd we 've the dog 's 's toy"
     )
     assert simple_ptb_tokenize("a dog ' s bone 'sa") == "a dog s bone sa"  # a quote before a word stays a quote
+
+
+def test_a_java_that_does_not_run_is_found_at_construction(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # macOS's /usr/bin/java stub without a JDK: `auto` chose PTB, and the first validation's compute() failed.
+    java = tmp_path / "java"
+    java.write_text("#!/bin/sh\necho 'Unable to locate a Java Runtime.' >&2\nexit 1\n")
+    java.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.warns(UserWarning, match=r"java -version` failed with exit status 1: Unable to locate a Java Runtime"):
+        metric = CIDErD(tokenizer="auto")
+    assert metric.tokenizer == "simple"
+    metric.update(["a cat", "a dog"], [["a cat"], ["a dog"]])
+    assert float(metric.compute()) == pytest.approx(cider_d(["a cat", "a dog"], [["a cat"], ["a dog"]], "simple")[0])
+    with pytest.raises(RuntimeError, match="tokenizer='ptb' needs a `java` .* that runs .*Unable to locate"):
+        CIDErD(tokenizer="ptb")
