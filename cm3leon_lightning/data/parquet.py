@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from cm3leon_lightning.data.sources import PairSource, RawPair, document_key, stat_fingerprint
+from cm3leon_lightning.data.sources import PairSource, RawPair, _has_text, document_key, stat_fingerprint
 
 
 def _pyarrow() -> Any:
@@ -171,7 +171,7 @@ class ParquetSource(PairSource):
 
 def _caption(value: Any) -> str | None:
     if isinstance(value, list):
-        return next((v for v in value if isinstance(v, str) and v.strip()), None)
+        return next((v for v in value if isinstance(v, str) and _has_text(v)), None)
     return value
 
 

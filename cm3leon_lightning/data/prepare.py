@@ -7,14 +7,16 @@ Stages, each resumable and each skipping outputs that are already complete (chec
 2. ``encode`` (parallel over parts): per part of ``samples_per_shard`` source documents, clean captions and images
    (rules in :mod:`cm3leon_lightning.data.sources`), BPE-encode captions, VQGAN-encode images, and CLIP-embed the
    document (mean of normalised text and image embeddings, renormalised), the text query (after query dropout keyed
-   by the document) and the image query, stored as float16. Output: ``work/parts/<collection>-<index>/``.
+   by the document) and the image query, stored as float16. Output: ``work/parts/<collection>-<index>/`` (with
+   ``skipped.json``: each skipped document's key, reason, message and place in the source).
 3. ``bank``: drop duplicate keys, gather the memory-bank documents (the training split, or a separate bank source)
    into float16 / int32 memory-mapped arrays and build the faiss :class:`MemoryBank` (``work/bank/``).
 4. ``write`` (parallel over parts): search the bank by text and by image, select neighbours with the paper's rules
    (:func:`cm3leon_lightning.retrieval.select.select_neighbors`) and write ``train/shard-<index>.tar`` and
    ``val/shard-<index>.tar`` (held-out documents keep their source image as ``jpg``) plus ``stats/part-<index>.json``
-   (with digests of the encoded part and bank it was written from: a part written from an earlier ``work/``, since
-   deleted, is written again).
+   (its counts; ``skipped``: the documents skipped, duplicate keys included, each with its key, reason, message and
+   ``where`` (file, row, tar...); digests of the encoded part and bank it was written from: a part written from an
+   earlier ``work/``, since deleted, is written again).
 5. ``manifest``: the merge step: ``train/manifest.json`` and ``val/manifest.json`` from every part's stats, a
    ``tokenizer.json`` copy next to each (the manifest's tokenizer path is relative to it) and ``summary.json``.
 
@@ -454,13 +456,17 @@ def print_summary(summary: dict[str, Any], out: Path, file: Any = None) -> None:
         for title, names in (("skipped", SKIP_REASONS), ("repaired", REPAIR_REASONS)):
             got = {n: counts[n] for n in names if counts.get(n)}
             lines.append(f"  {title}: " + (", ".join(f"{k} {v}" for k, v in got.items()) or "none"))
+            if title == "skipped" and got:
+                lines[-1] += f" (which ones and why: 'skipped' of {out / 'stats'}/part-*.json)"
     bank = summary.get("bank", {})
     if bank.get("counts"):  # a separate bank source
         bc = bank["counts"]
         skipped = {n: bc[n] for n in SKIP_REASONS if bc.get(n)}
         lines.append(
             f"  memory bank source: read {bc.get('read', 0)}, kept {bc.get('kept', 0)}, {bank.get('rows', 0)} rows; "
-            "skipped: " + (", ".join(f"{k} {v}" for k, v in skipped.items()) or "none")
+            "skipped: "
+            + (", ".join(f"{k} {v}" for k, v in skipped.items()) or "none")
+            + (f" (which ones and why: {out / 'work' / 'parts'}/bank-*/skipped.json)" if skipped else "")
         )
     for split, s in summary.get("splits", {}).items():
         lines.append(f"  {split}: {s['samples']} samples in {s['shards']} shards -> {out / split}")

@@ -25,7 +25,8 @@ if TYPE_CHECKING:
 _CACHE: dict[str, tuple[Any, Any]] = {}  # "models:<device>" / "tokenizer:<work>" / "bank:<out>" -> (stamp, objects)
 _VQGAN_FLAGS = {"pass preset= ": "pass --vqgan-preset ", "config_path= ": "--vqgan-config ",
                 "(architecture from preset ": "(architecture from --vqgan-preset ",
-                "(architecture from config_path ": "(architecture from --vqgan-config "}  # fmt: skip
+                "(architecture from config_path ": "(architecture from --vqgan-config ",
+                "(--clip-pretrained, ClipEncoder(model_name, pretrained=PATH))": "(--clip-weights)"}  # fmt: skip
 
 
 def _cache_hit(key: str, stamp: Any) -> bool:
@@ -145,6 +146,7 @@ def encode_part(run: Run, collection: str, index: int, progress: Callable[[int],
     seg_ids: list[np.ndarray] = []
     batch: list[np.ndarray] = []
     dropped: list[str] = []
+    skipped: list[dict[str, Any]] = []  # which documents were skipped, and where they came from
 
     def flush() -> None:
         if not batch:
@@ -176,6 +178,7 @@ def encode_part(run: Run, collection: str, index: int, progress: Callable[[int],
                 segments = encode_segments(pair.meta["segments"], run, repairs, whole, pair.key)
         except BadInput as e:
             counts[e.reason] += 1
+            skipped.append(skip_record(pair.key, e.reason, str(e), pair.meta))
             continue
         seg_docs.append(None if segments is None else [[k, len(a)] for k, a in segments])
         seg_ids += [a for _, a in segments or ()]
@@ -216,11 +219,22 @@ def encode_part(run: Run, collection: str, index: int, progress: Callable[[int],
     (tmp / "jpg.bin").write_bytes(b"".join(jpgs))
     np.save(tmp / "jpg_offsets.npy", np.cumsum([0] + [len(j) for j in jpgs]).astype(np.int64))
     write_json(tmp / "stats.json", dict(sorted(counts.items())))
+    (tmp / "skipped.json").write_text(json.dumps(skipped), encoding="utf-8")
     seal(tmp)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     part_done("encode")
     return dict(counts)
+
+
+WHERE_FIELDS = ("file", "row", "shard", "key", "image_id", "annotation_id", "source")  # RawPair.meta that locates
+
+
+def skip_record(key: str, reason: str, detail: str, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a part records of a skipped document: its key, the skip reason, the message, and where it came from (the
+    source's file, row, tar and member key, COCO ids or SFT line found in ``meta``)."""
+    where = {k: meta[k] for k in WHERE_FIELDS if meta and meta.get(k) is not None}
+    return {"key": key, "reason": reason, "detail": detail, "where": where}
 
 
 def check_whole(key: str, repairs: list[str], n_ids: int, max_tokens: int) -> None:
@@ -291,4 +305,6 @@ def load_part(directory: Path) -> dict[str, Any]:
     for name in ("codes", "emb"):
         part[name] = np.load(directory / f"{name}.npy", mmap_mode="r", allow_pickle=False)
     part["stats"] = json.loads((directory / "stats.json").read_text(encoding="utf-8"))
+    skipped = directory / "skipped.json"  # absent in parts encoded before skipped documents were listed
+    part["skipped"] = json.loads(skipped.read_text(encoding="utf-8")) if skipped.is_file() else []
     return part

@@ -30,6 +30,7 @@ from cm3leon_lightning.data.prepare_encode import (  # noqa: F401  (re-exported:
     load_models,
     load_part,
     models_device,
+    skip_record,
     stage_tokenizer,
 )
 from cm3leon_lightning.data.prepare_run import (  # noqa: F401  (re-exported: the stages' shared bookkeeping)
@@ -293,6 +294,9 @@ def write_part(run: Run, index: int, progress: Callable[[int], Any] | None = Non
     cfg, src = run.cfg, run.part_dir("main", index)
     part, bank = load_part(src), load_bank(run)
     dup = set(bank["dups"].get(src.name, []))
+    skipped = part["skipped"] + [
+        skip_record(part["keys"][i], "duplicate_key", "an earlier document has this key") for i in sorted(dup)
+    ]
     rows = [i for i in range(len(part["keys"])) if i not in dup]
     emb = np.asarray(part["emb"][rows], np.float32)  # (n, 3, D): document, text query, image query
     k = min(cfg.search_k, len(bank["index"]))
@@ -344,7 +348,7 @@ def write_part(run: Run, index: int, progress: Callable[[int], Any] | None = Non
     start, stop = run.part_range("main", index)
     stats = {"part": index, "range": [start, stop], "counts": dict(sorted(counts.items())),
              "neighbors_per_sample": dict(sorted(n_neighbors.items())), "shards": shards,
-             "inputs": write_inputs(run, index)}  # fmt: skip
+             "inputs": write_inputs(run, index), "skipped": skipped}  # fmt: skip
     stats_path(run, index).parent.mkdir(parents=True, exist_ok=True)
     write_json(stats_path(run, index), stats)
     part_done("write")

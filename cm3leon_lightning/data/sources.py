@@ -9,9 +9,9 @@ Six sources, each a :class:`PairSource` with a fixed, deterministic document ord
   ``mode="first"`` (default): one document per image, with the caption of the lowest annotation id that has text
   (key ``coco-{image_id}``); ``mode="all"``: one document per caption (key ``coco-{image_id}-{annotation_id}``), the
   captions of one image always in the same split.
-- :class:`WebDatasetSource`: local WebDataset tars with ``jpg``/``jpeg``/``png``/``webp`` and ``txt`` members, in
-  shard order then member order; key = the sample's ``__key__`` (the member path up to the first dot of its file name,
-  folders included, as WebDataset groups members; extensions compared in lower case).
+- :class:`WebDatasetSource`: local WebDataset tars (gzipped too) with ``jpg``/``jpeg``/``png``/``webp`` and ``txt``
+  members, in shard order then member order; key = the sample's ``__key__`` (the member path up to the first dot of
+  its file name, folders included, as WebDataset groups members; extensions compared in lower case).
 - :class:`~cm3leon_lightning.data.parquet.ParquetSource` (``data/parquet.py``): Parquet files with an image and a
   caption column (Hugging Face Hub datasets, img2dataset's Parquet output).
 - :class:`ShapesSource`: the synthetic shapes generator (:func:`cm3leon_lightning.data.shapes.generate_pairs`).
@@ -30,6 +30,7 @@ the old files with parts of the new ones.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import re
@@ -37,7 +38,7 @@ import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image
@@ -303,13 +304,14 @@ class CocoSource(PairSource):
 
 
 def list_tars(spec: str | Path | Sequence[str | Path]) -> list[Path]:
-    """Local tar paths from a directory (its ``*.tar``, sorted), a brace pattern, or a list of paths."""
+    """Local tar paths from a directory (its ``*.tar``, ``*.tar.gz`` and ``*.tgz``, sorted), a brace pattern, or a
+    list of paths."""
     if isinstance(spec, (str, Path)):
         path = Path(spec)
         if path.is_dir():
-            tars = sorted(path.glob("*.tar"))
+            tars = sorted(p for p in path.iterdir() if p.name.endswith((".tar", ".tar.gz", ".tgz")) and p.is_file())
             if not tars:
-                raise ValueError(f"no .tar shards in {path}")
+                raise ValueError(f"no .tar (.tar.gz, .tgz) shards in {path}")
             return tars
         from braceexpand import braceexpand
 
@@ -321,12 +323,21 @@ def list_tars(spec: str | Path | Sequence[str | Path]) -> list[Path]:
     return tars
 
 
+def open_tar(path: Path) -> BinaryIO:
+    """A local tar for reading, decompressed when it is gzipped (``.tar.gz`` / ``.tgz``, as WebDataset reads them)."""
+    with open(path, "rb") as f:
+        gzipped = f.read(2) == b"\x1f\x8b"
+    return gzip.open(path, "rb") if gzipped else open(path, "rb")  # noqa: SIM115 - the caller closes it
+
+
 class WebDatasetSource(PairSource):
-    """Local WebDataset tars with an image member (``jpg``/``jpeg``/``png``/``webp``) and a ``txt`` caption.
+    """Local WebDataset tars (plain or gzipped) with an image member (``jpg``/``jpeg``/``png``/``webp``) and a ``txt``
+    caption.
 
     The number of samples per tar is counted once (a pass that reads the tars without decoding images) unless
     ``counts`` gives it. A tar that is truncated or garbled contributes the samples before the damage, is listed in
-    :attr:`damaged` and named in a warning.
+    :attr:`damaged` and named in a warning; one where a sample's members are not next to each other (read as
+    separate documents, as WebDataset reads them) is listed in :attr:`scattered` and named in a warning.
 
     Args:
         urls: a directory of ``.tar`` files, a brace pattern (``data/shard-{000..009}.tar``) or a list of paths.
@@ -338,6 +349,7 @@ class WebDatasetSource(PairSource):
     def __init__(self, urls: str | Path | Sequence[str | Path], counts: Sequence[int] | None = None) -> None:
         self.tars = list_tars(urls)
         self.damaged: list[str] = []
+        self.scattered: list[str] = []  # tars where one key's members are not next to each other
         if counts is not None and len(counts) != len(self.tars):
             raise ValueError(f"counts has {len(counts)} entries for {len(self.tars)} tars")
         self.counts = [int(c) for c in counts] if counts is not None else [self._count(t) for t in self.tars]
@@ -349,10 +361,18 @@ class WebDatasetSource(PairSource):
                 f"{' ...' if len(self.damaged) > 5 else ''}",
                 stacklevel=2,
             )
+        if self.scattered:  # "tar cf x.tar *.jpg *.txt": every image and every caption a document of its own, skipped
+            warnings.warn(
+                f"{len(self.scattered)} WebDataset tar(s) hold samples whose members are not next to each other, so "
+                "(as WebDataset groups consecutive members) their images and captions are read as separate "
+                f"documents and skipped: {', '.join(self.scattered[:5])}{' ...' if len(self.scattered) > 5 else ''}; "
+                "write each sample's members together (e.g. tar --sort=name)",
+                stacklevel=2,
+            )
         self.offsets = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
 
     def _samples(self, tar: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-        with open(tar, "rb") as f:
+        with open_tar(tar) as f:
             try:
                 yield from iter_tar_samples(f, str(tar))
             except ShardFormatError:
@@ -360,11 +380,14 @@ class WebDatasetSource(PairSource):
                     self.damaged.append(str(tar))
 
     def _count(self, tar: Path) -> int:
-        n = 0
-        with open(tar, "rb") as f:
+        n, seen = 0, set()
+        with open_tar(tar) as f:
             try:
-                for _ in iter_tar_samples(f, str(tar)):
+                for key, _ in iter_tar_samples(f, str(tar)):
                     n += 1
+                    if key in seen and str(tar) not in self.scattered:  # samples change key: seen before, apart
+                        self.scattered.append(str(tar))
+                    seen.add(key)
             except ShardFormatError:
                 self.damaged.append(str(tar))
         return n

@@ -87,6 +87,14 @@ def test_null_ids_and_large_types(dataset: dict, tmp_path: Path) -> None:
     assert list(ParquetSource(tmp_path / "p.parquet").captions()) == ["one", "two", "three", "four"]
 
 
+def test_a_caption_list_skips_captions_cleaning_empties(dataset: dict, tmp_path: Path) -> None:
+    """The first caption of a list that was not blank by ``str.strip`` was taken, so one of control characters
+    (empty once cleaned) cost the row although a later caption had text (``coco`` mode ``first`` skips it)."""
+    table = pa.table({"image": [dataset["images"][0]] * 2, "caption": [["\x00\x07", " a red cat "], ["\x1f"]]})
+    pq.write_table(table, tmp_path / "p.parquet")
+    assert [p.caption for p in ParquetSource(tmp_path / "p.parquet")] == [" a red cat ", None]
+
+
 def test_bad_files_and_columns_are_named(dataset: dict, tmp_path: Path) -> None:
     root = dataset["root"]
     with pytest.raises(ValueError, match=r"a.parquet has no caption column 'text'; its columns: \['image', 'caption'"):

@@ -263,6 +263,23 @@ def test_bad_inputs_are_counted_not_fatal(models: dict[str, str], tmp_path: Path
     assert counts["kept"] == 24 - 6 and counts["written_train"] == 18 - 1  # the duplicate key is dropped last
     stats = json.loads((out / "stats" / "part-000000.json").read_text())
     assert stats["counts"] == counts
+    # which documents were skipped, and where they are: only counts were kept, so 2 unreadable images out of a million
+    # could not be found
+    assert [(s["key"], s["reason"], s["where"]) for s in stats["skipped"]] == [
+        ("blank", "caption_empty", {"file": "blank.jpg"}), ("empty", "caption_empty", {"file": "empty.jpg"}),
+        ("garbage", "image_unreadable", {"file": "garbage.jpg"}),
+        ("nocaption", "caption_missing", {"file": "nocaption.jpg"}), ("tiny", "image_too_small", {"file": "tiny.png"}),
+        ("truncated", "image_unreadable", {"file": "truncated.jpg"}), ("dup_a", "duplicate_key", {}),
+    ]  # fmt: skip
+    details = {s["key"]: s["detail"] for s in stats["skipped"]}
+    assert details["tiny"] == "image is 8x8; the shorter side must be >= 32"
+    assert details["garbage"].startswith("cannot decode image: UnidentifiedImageError: ")
+    printed = io.StringIO()
+    print_summary(summary, out, file=printed)
+    assert (
+        "  skipped: caption_missing 1, caption_empty 2, image_unreadable 2, image_too_small 1, duplicate_key 1 "
+        f"(which ones and why: 'skipped' of {out / 'stats'}/part-*.json)\n"
+    ) in printed.getvalue()
     m = Manifest.load(out / "train" / "manifest.json")
     samples = {s.key: s for s in read_shard(out / "train" / m.shards[0].name, m)}
     assert len(samples["long"].text) == 64 and samples["long"].caption.startswith("word word")
@@ -314,13 +331,13 @@ def test_model_files_that_do_not_load_fail_before_anything_is_written(
 ) -> None:
     """Only the existence of the model files was checked: CLIP weights of another architecture or a --vqgan that is
     no VQGAN failed at the encode stage after plan.json recorded them, and the rerun with the right ones was refused
-    ("other inputs or settings (settings, settings.clip_model)"). The VQGAN error named Python arguments."""
+    ("other inputs or settings (settings, settings.clip_model)"). The VQGAN error named Python arguments, and CLIP
+    weights passed as --vqgan were sent to --clip-pretrained, a flag of generate / serve that prepare does not have."""
     out, clip, vqgan = tmp_path / "out", models["clip_weights"], models["vqgan"]
     for bad, message in [
         ({"clip_model": "cm3leon-clip-small"},
          f"the CLIP weights in {clip} do not fit the architecture 'cm3leon-clip-small' (AssertionError: "),
-        ({"vqgan": clip}, f"cannot tell the architecture of {clip}: pass --vqgan-preset (one of f8_8192, f16_16384, "
-                          "chameleon, ...) or --vqgan-config (a taming/Chameleon .yaml or our config.json)"),
+        ({"vqgan": clip}, f"{clip} is a CLIP model, not a VQGAN: it is the retriever's weights (--clip-weights)"),
         ({"vqgan_preset": "tiny"}, f"{vqgan}/model.safetensors (architecture from --vqgan-preset 'tiny'): state dict "
                                    "does not match the VQGAN config"),
         ({"vqgan_preset": "micro", "vqgan_config": f"{vqgan}/config.json"},

@@ -306,6 +306,39 @@ def test_webdataset_source(tmp_path: Path) -> None:
     assert cut.damaged == [str(tmp_path / "s-1.tar")] and cut.counts == [2, 1]
 
 
+def test_gzipped_tars_are_read_and_scattered_members_named(tmp_path: Path) -> None:
+    """Gzipped tars (which WebDataset reads) were reported as truncated with 0 samples read, then "the source has no
+    documents"; a tar written as ``tar cf x.tar *.jpg *.txt`` (each sample's members apart) lost every document to
+    caption_missing / image_missing without a word on why."""
+    import gzip
+
+    samples = [(f"k{i}", {"jpg": _jpeg((i, i, i)), "txt": f"cap {i}".encode()}) for i in range(3)]
+    _tar(tmp_path / "plain.tar", samples)
+    (tmp_path / "gz").mkdir()
+    (tmp_path / "gz" / "s-0.tar.gz").write_bytes(gzip.compress((tmp_path / "plain.tar").read_bytes()))
+    raw = (tmp_path / "plain.tar").read_bytes()
+    with tarfile.open(tmp_path / "plain.tar") as tf:
+        k2 = next(m for m in tf.getmembers() if m.name.startswith("k2"))
+    (tmp_path / "gz" / "s-1.tgz").write_bytes(gzip.compress(raw[: k2.offset]))  # a truncated copy, gzipped
+    with pytest.warns(UserWarning, match=r"truncated or damaged; .*s-1.tgz \(1 read\)"):
+        src = WebDatasetSource(tmp_path / "gz")  # a directory lists .tar.gz and .tgz too
+    assert src.counts == [3, 1]  # as for a plain tar: the last sample before the damage may be cut off
+    assert [(p.key, p.caption) for p in src.iter_range(2, 4)] == [("k2", b"cap 2"), ("k0", b"cap 0")]
+    assert src.damaged == [str(tmp_path / "gz" / "s-1.tgz")] and not src.scattered
+    assert [p.key for p in WebDatasetSource(str(tmp_path / "gz" / "s-0.tar.gz"))] == ["k0", "k1", "k2"]
+    apart_members = [(k, {"jpg": m["jpg"]}) for k, m in samples] + [(k, {"txt": m["txt"]}) for k, m in samples]
+    _tar(tmp_path / "apart.tar", apart_members)
+    message = (
+        f"1 WebDataset tar(s) hold samples whose members are not next to each other, so (as WebDataset groups "
+        f"consecutive members) their images and captions are read as separate documents and skipped: "
+        f"{tmp_path / 'apart.tar'}; write each sample's members together (e.g. tar --sort=name)"
+    )
+    with pytest.warns(UserWarning) as caught:
+        apart = WebDatasetSource([tmp_path / "plain.tar", tmp_path / "apart.tar"])
+    assert [str(w.message) for w in caught] == [message] and apart.scattered == [str(tmp_path / "apart.tar")]
+    assert apart.counts == [3, 6]
+
+
 def test_webdataset_keys_keep_folders_and_lower_case_extensions(tmp_path: Path) -> None:
     """Members group as webdataset groups them: ``cats/000`` and ``dogs/000`` are two samples (they were merged,
     losing one), and ``000.JPG`` / ``000.TXT`` are the ``jpg`` and ``txt`` members (they were not found)."""
