@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 from torch import Tensor
 
-from cm3leon_lightning.modules.cm3leon import WarmupDecay
+from cm3leon_lightning.modules import optim
 from cm3leon_lightning.retrieval.clip_files import save_clip_weights, set_quick_gelu, uses_quick_gelu
 from cm3leon_lightning.retrieval.encoder import create_clip, preprocess_images
 
@@ -68,7 +68,8 @@ class ClipModule(L.LightningModule):
         beta2: AdamW beta2 (CLIP: 0.98).
         eps: AdamW epsilon (CLIP: 1e-6).
         warmup_steps: linear warm-up steps.
-        max_steps: steps of the cosine decay; ``None`` uses the trainer's estimate.
+        max_steps: the step at which the cosine decay ends, counted from step 0 with the warm-up included; ``None``
+            uses the trainer's estimate (refused for data of unknown length without ``trainer.max_steps``).
         min_lr_ratio: final learning rate as a fraction of ``lr``.
         local_loss: open_clip ``ClipLoss(local_loss=...)`` for multi-GPU: each rank scores only its own rows against
             the gathered features (less memory; labels offset by rank). Needs ``gather_with_grad=True`` on more than
@@ -240,6 +241,11 @@ class ClipModule(L.LightningModule):
         self.log("train/logit_scale", scale, batch_size=bs)
         return loss
 
+    def on_train_start(self) -> None:
+        """Set each learning rate from this run's schedule at the restored step: a resumed run with a larger
+        ``trainer.max_steps`` kept the checkpoint's decay length (and trained at the floor rate after it)."""
+        optim.reapply_optimizer_settings(self.trainer.lr_scheduler_configs, None)
+
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         """Clamp the learned temperature like CLIP, so logits stay bounded (scale <= 100)."""
         with torch.no_grad():
@@ -283,8 +289,14 @@ class ClipModule(L.LightningModule):
         groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         fused = self.device.type in ("cpu", "cuda")  # one kernel for all tensors: ~6x faster on CPU
         opt = torch.optim.AdamW(groups, lr=hp.lr, betas=(hp.beta1, hp.beta2), eps=hp.eps, fused=fused)
-        total = hp.max_steps or int(self.trainer.estimated_stepping_batches)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupDecay(hp.warmup_steps, total, "cosine", hp.min_lr_ratio))
+        total = hp.max_steps or self.trainer.estimated_stepping_batches
+        if not 0 < total < math.inf:  # Lightning gives max_steps (-1 when unset) for data of unknown length
+            raise ValueError(
+                "ClipModule's cosine decay needs the length of training, which the trainer does not know (data of "
+                "unknown length): set trainer.max_steps or model max_steps"
+            )
+        # a plain function, not a WarmupDecay object, whose length a checkpoint would restore (optim.py)
+        sched = optim.warmup_decay_scheduler(opt, hp.warmup_steps, int(total), "cosine", hp.min_lr_ratio)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def export_weights(self, path: str | os.PathLike, overwrite: bool = False) -> Path:

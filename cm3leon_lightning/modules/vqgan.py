@@ -235,12 +235,17 @@ class VQGANModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         """Fix the length the cosine decay spans (it fell back to a constant rate when training was bounded by
-        ``max_epochs`` rather than ``max_steps``).
+        ``max_epochs`` rather than ``max_steps``), and count a run from step 0 (a ``fit`` without ``ckpt_path``, as
+        after :meth:`load_from_checkpoint`) from batch 0, for the decay, the annealing and ``disc_start``.
 
         Raises:
             ValueError: ``lr_decay="cosine"`` or ``gumbel_temperature_end`` when the length of training is not known
                 (data of unknown length and no ``max_steps``).
         """
+        if self.trainer.global_step == 0:
+            # A run from step 0 counts its batches from 0, as trainer.max_steps counts its steps: after
+            # load_from_checkpoint, the checkpoint's count put the cosine decay at its floor and disc_start behind.
+            self.train_steps.zero_()
         self._decay_batches = self.run_batches()
         self._rng = None  # a new fit starts the stream from the process's (seeded) RNG; a resume restores it
         if self._decay_batches is not None:
@@ -258,12 +263,16 @@ class VQGANModule(L.LightningModule):
 
     def learning_rate(self) -> float:
         """The autoencoder's learning rate at the current batch (``lr``, or its cosine decay over the run's batches)."""
+        return self.hparams.lr * self.lr_scale()
+
+    def lr_scale(self) -> float:
+        """The factor of both base learning rates at the current batch: 1, or the cosine decay's."""
         hp = self.hparams
         total = self._decay_batches or self.run_batches()
         if hp.lr_decay == "constant" or not total:
-            return hp.lr
+            return 1.0
         progress = min(1.0, int(self.train_steps) / total)
-        return hp.lr * (hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+        return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     def gumbel_temperature(self) -> float | None:
         """The Gumbel-softmax temperature at the current batch (None for the ``vq`` quantizer): the configured one,
@@ -318,7 +327,7 @@ class VQGANModule(L.LightningModule):
         opts = self.optimizers()
         opt_g, opt_d = (opts[0], opts[1]) if isinstance(opts, (list, tuple)) else (opts, None)
         if hp.lr_decay != "constant":
-            scale = self.learning_rate() / hp.lr
+            scale = self.lr_scale()  # not learning_rate() / lr: lr 0 (a frozen autoencoder) divided by zero
             for opt, base in ((opt_g, hp.lr), (opt_d, self.disc_lr)):
                 for group in opt.param_groups if opt is not None else ():
                     group["lr"] = base * scale

@@ -1,5 +1,6 @@
 """ClipModule trains a tiny CLIP on generated shape pairs that retrieves matching pairs far above chance."""
 
+import math
 import os
 from pathlib import Path
 
@@ -508,3 +509,61 @@ def test_a_checkpoint_saved_before_the_records_takes_them_from_its_pretrained_we
     assert not uses_quick_gelu(plain.model) and plain.hparams.pretrained is None
     recorded = ClipModule.load_from_checkpoint(tmp_path / "tuned.ckpt")  # recorded: pretrained is not read
     assert recorded.hparams.pretrained is None and uses_quick_gelu(recorded.model)
+
+
+def test_a_resume_with_more_steps_extends_the_cosine_decay(tmp_path):
+    """The schedule was a WarmupDecay object, whose length LambdaLR saves and restored on resume: a run of 4 steps
+    resumed with max_steps=10 trained its last 6 steps at lr 0. It now follows the 10-step schedule of a fresh run."""
+
+    class Rates(Callback):
+        def __init__(self) -> None:
+            self.lrs: list[float] = []
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+            self.lrs.append(optimizer.param_groups[0]["lr"])
+
+    def fit(max_steps: int, ckpt_path: Path | None = None) -> tuple[L.Trainer, list[float]]:
+        L.seed_everything(0, verbose=False)
+        dm = ImageCaptionDataModule(synthetic=80, batch_size=8, val_fraction=0.1)
+        module = ClipModule(model_name="cm3leon-clip-tiny", lr=1.0, warmup_steps=2, min_lr_ratio=0.0)
+        rates = Rates()
+        trainer = L.Trainer(
+            max_steps=max_steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=[rates],
+        )  # fmt: skip
+        trainer.fit(module, dm, ckpt_path=ckpt_path)
+        return trainer, rates.lrs
+
+    trainer, first = fit(4)
+    trainer.save_checkpoint(tmp_path / "c.ckpt")
+    _, resumed = fit(10, tmp_path / "c.ckpt")
+    _, fresh = fit(10)
+    cosine = [0.5 * (1 + math.cos(math.pi * (s - 2) / 8)) for s in range(2, 10)]
+    assert fresh == pytest.approx([0.5, 1.0, *cosine])
+    assert first == pytest.approx([0.5, 1.0, 1.0, 0.5])
+    assert resumed == pytest.approx(fresh[4:])
+
+
+def test_data_of_unknown_length_needs_max_steps():
+    """Lightning estimates -1 steps for an iterable dataset without max_steps: the cosine decay ended one step
+    after the warm-up and the rest of the run trained at lr 0 (min_lr_ratio 0). It is now refused, naming the fix."""
+    from torch.utils.data import DataLoader, IterableDataset
+
+    from cm3leon_lightning.data.pairs import ImageCaptionPairs, collate_pairs
+
+    class Stream(IterableDataset):
+        def __init__(self, pairs: ImageCaptionPairs) -> None:
+            self.pairs = pairs
+
+        def __iter__(self):
+            return (self.pairs[i] for i in range(len(self.pairs)))
+
+    loader = DataLoader(Stream(ImageCaptionPairs(*make_shape_pairs(8, 32, seed=3), 32)), 4, collate_fn=collate_pairs)
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    with pytest.raises(ValueError, match="needs the length of training.*set trainer.max_steps or model max_steps"):
+        trainer.fit(ClipModule("cm3leon-clip-tiny"), loader)
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(ClipModule("cm3leon-clip-tiny", warmup_steps=1, min_lr_ratio=0.0), loader)
+    assert trainer.global_step == 2 and trainer.lr_scheduler_configs[0].scheduler.get_last_lr()[0] == 0.0

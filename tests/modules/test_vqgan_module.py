@@ -552,3 +552,44 @@ def test_image_grid_is_logged_at_the_step_of_the_validation_scalars(tmp_path: Pa
     trainer.fit(module, ImageDataModule(synthetic=16, synthetic_val=4, image_size=16, batch_size=4))
     assert trainer.global_step == 4 and recorder.steps["val/rec_loss"] == [1]
     assert recorder.steps["val/reconstructions"] == [1]
+
+
+def test_a_fit_from_a_loaded_checkpoint_counts_its_batches_from_zero(tmp_path: Path) -> None:
+    """After load_from_checkpoint, a new fit (step 0) kept the checkpoint's batch count: the cosine decay of its
+    4 batches ran at the floor rate throughout, and disc_start counted the old run's batches. A resume keeps it."""
+    torch.manual_seed(0)
+    module = VQGANModule(preset="micro", lr=1e-3, lr_decay="cosine", min_lr_ratio=0.25, disc_weight=0.5, disc_start=6,
+                         disc_ndf=8, disc_layers=1, num_logged_images=0)  # fmt: skip
+    data = ImageDataModule(synthetic=64, image_size=16, batch_size=4)
+    trainer = _trainer(tmp_path, max_steps=8, limit_val_batches=0, enable_checkpointing=False)
+    trainer.fit(module, datamodule=data)
+    assert (int(module.train_steps), trainer.global_step) == (7, 8)  # batches 6 and 7 stepped the discriminator too
+    trainer.save_checkpoint(tmp_path / "v.ckpt")
+    reloaded = VQGANModule.load_from_checkpoint(tmp_path / "v.ckpt")
+    again = _trainer(tmp_path, max_steps=4, limit_val_batches=0, enable_checkpointing=False)
+    again.fit(reloaded, datamodule=data)
+    # 4 batches before disc_start: one optimizer step each; the 4th ran at progress 3/4
+    assert (int(reloaded.train_steps), again.global_step) == (4, 4)
+    expected = 1e-3 * (0.25 + 0.75 * 0.5 * (1 + math.cos(3 * math.pi / 4)))
+    assert again.optimizers[0].param_groups[0]["lr"] == pytest.approx(expected)
+    resumed = VQGANModule.load_from_checkpoint(tmp_path / "v.ckpt")
+    later = _trainer(tmp_path, max_steps=10, limit_val_batches=0, enable_checkpointing=False)
+    later.fit(resumed, datamodule=data, ckpt_path=tmp_path / "v.ckpt")
+    assert (int(resumed.train_steps), later.global_step) == (8, 10)  # one more batch, with the discriminator
+
+
+def test_a_frozen_autoencoder_trains_the_discriminator_on_the_cosine_decay(tmp_path: Path) -> None:
+    """``lr=0`` with ``disc_lr`` trains the discriminator alone; under ``lr_decay="cosine"`` the rates were scaled by
+    ``learning_rate() / lr``, which divided by zero at the first batch."""
+    torch.manual_seed(0)
+    module = VQGANModule(preset="micro", lr=0.0, disc_lr=1e-3, lr_decay="cosine", min_lr_ratio=0.25, disc_weight=0.5,
+                         disc_start=0, disc_ndf=8, disc_layers=1, num_logged_images=0)  # fmt: skip
+    module.configure_model()
+    before = module.vqgan.decoder.conv_out.weight.detach().clone()
+    trainer = _trainer(tmp_path, max_steps=4, limit_val_batches=0, enable_checkpointing=False)
+    trainer.fit(module, datamodule=ImageDataModule(synthetic=16, image_size=16, batch_size=4))
+    assert int(module.train_steps) == 2 and module.learning_rate() == 0.0
+    # the 2nd (last) batch ran at progress 1/2 of the 2 batches
+    assert trainer.optimizers[0].param_groups[0]["lr"] == 0.0
+    assert trainer.optimizers[1].param_groups[0]["lr"] == pytest.approx(1e-3 * (0.25 + 0.75 * 0.5))
+    assert torch.equal(module.vqgan.decoder.conv_out.weight, before)
