@@ -4,8 +4,10 @@
 model in bfloat16 held 14 GB of converted weights plus their byte copies. The format lets a writer do better: an
 8-byte little-endian header length, a JSON header naming each tensor's dtype, shape and byte range, then the raw
 bytes in that order. The header needs only names, shapes and dtypes, so it is written first and each tensor is
-produced, written and dropped in turn. Given the tensors in ``save_file``'s order (dtype width descending, then
-name), the file is byte-for-byte ``save_file``'s (tested); any order reads back the same.
+produced, written and dropped in turn. Given the tensors in ``save_file``'s order (dtype descending in
+safetensors' own order of dtypes, ``I64 F64 F32 I32 BF16 F16 I16 I8 U8 BOOL``, which is by width but not only: an
+``I32`` tensor comes after every ``F32`` one; then name), the file is byte-for-byte ``save_file``'s (tested); any order
+reads back the same.
 """
 
 from __future__ import annotations

@@ -29,6 +29,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from cm3leon_lightning.model.compat import (  # noqa: F401 (re-exported: their old home)
+    TOKENIZER_HINT,
+    check_same_architecture,
+    check_same_vocab,
+    vocab_layout,
+)
+
 MODEL_PREFIX = "model."
 """Prefix of the network's keys in a ``CM3LeonModule`` state dict (the module holds it as ``self.model``)."""
 
@@ -37,8 +44,6 @@ SHARDED_META = "meta.pt"
 
 TIED = ("wte.weight", "lm_head.weight")
 """The token embedding and LM head, one tensor when the architecture ties them."""
-
-_MISSING = "<absent>"
 
 
 @dataclass(frozen=True)
@@ -135,13 +140,16 @@ def load_error(e: BaseException) -> str:
 
     Torch's message spans several paragraphs and suggests ``weights_only=False``, which would run code from the file;
     its ``WeightsUnpickler error:`` line (``Unsupported operand 80`` for a file that is not a torch file,
-    ``Unsupported global: ...`` for one that pickles objects) is the useful part.
+    ``Unsupported global: ...`` for one that pickles objects) is the useful part. A bare ``EOFError`` (an empty
+    file) is said in words.
     """
     text = str(e)
     marker = "WeightsUnpickler error:"
     if marker in text:
         text = text.split(marker, 1)[1]
     lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines and isinstance(e, EOFError):  # an empty file, or a legacy (non-zip) one cut short
+        return "the file ends early (empty or cut short)"
     return lines[0] if lines else type(e).__name__
 
 
@@ -213,7 +221,8 @@ def read_sharded(path: str | os.PathLike[str], what: str = "init_from", lazy: bo
     ``lazy`` nothing is read but the index: ``fetch(names)`` reads those tensors from the shards when asked.
 
     Raises:
-        ValueError: ``meta.pt`` or the shards' ``.metadata`` is unreadable, or the shards hold no model tensors.
+        ValueError: ``meta.pt`` or the shards' ``.metadata`` is unreadable, a shard file is shorter than the index
+            says (naming it), or the shards hold no model tensors.
     """
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -224,7 +233,8 @@ def read_sharded(path: str | os.PathLike[str], what: str = "init_from", lazy: bo
     except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a usable checkpoint"
         raise ValueError(f"{what}: {p / SHARDED_META} is not a readable torch file: {load_error(e)}") from e
     try:
-        entries = FileSystemReader(str(p)).read_metadata().state_dict_metadata
+        index = FileSystemReader(str(p)).read_metadata()
+        entries = index.state_dict_metadata
     except Exception as e:  # noqa: BLE001 - a missing or corrupt .metadata file, in the reader's own error types
         raise ValueError(
             f"{what}: {str(p)!r} has {SHARDED_META} but its shard index (.metadata) is unreadable: {e}"
@@ -236,6 +246,7 @@ def read_sharded(path: str | os.PathLike[str], what: str = "init_from", lazy: bo
     }
     if not keys:
         raise ValueError(f"{what}: the shards in {str(p)!r} hold no 'model.*' tensors (saved by another strategy?)")
+    _check_shard_sizes(p, what, getattr(index, "storage_data", None) or {}, set(keys.values()))
     specs = {name: (entries[k].size, entries[k].properties.dtype) for name, k in keys.items()}
 
     def fetch(names: Sequence[str]) -> dict[str, Tensor]:
@@ -248,6 +259,27 @@ def read_sharded(path: str | os.PathLike[str], what: str = "init_from", lazy: bo
         state = {n: torch.empty(size, dtype=dtype, device="meta") for n, (size, dtype) in specs.items()}
         return PretrainedWeights(state, config, vocab, "sharded checkpoint", source, fetch)
     return PretrainedWeights(fetch(list(keys)), config, vocab, "sharded checkpoint", source)
+
+
+def _check_shard_sizes(p: Path, what: str, storage: dict[Any, Any], fqns: set[str]) -> None:
+    """Raise ValueError naming the shard file when one holding the tensors ``fqns`` is shorter than the shard index
+    (``.metadata``) says: torch's own error for a cut file names neither the file nor the tensor. A missing file is
+    left to the reader, whose error names it; an intact model part of a file cut later (in the optimizer's moments)
+    reads exactly."""
+    need: dict[str, tuple[int, str]] = {}  # file -> (the end of its last model tensor, that tensor)
+    for item, info in storage.items():
+        rel, offset, length = (getattr(info, a, None) for a in ("relative_path", "offset", "length"))
+        if getattr(item, "fqn", None) in fqns and isinstance(rel, str) and isinstance(offset, int) and length:
+            end = offset + int(length)
+            if end > need.get(rel, (0, ""))[0]:
+                need[rel] = (end, item.fqn)
+    for rel, (end, fqn) in sorted(need.items()):
+        file = p / rel
+        if file.is_file() and file.stat().st_size < end:
+            raise ValueError(
+                f"{what}: the shard {str(file)!r} is truncated: {file.stat().st_size} bytes, but the shard index "
+                f"(.metadata) places {fqn!r} up to byte {end}"
+            )
 
 
 def _load_shards(p: Path, what: str, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -264,64 +296,6 @@ def _load_shards(p: Path, what: str, tensors: dict[str, Tensor]) -> dict[str, Te
             cause = next(iter(e.failures.values()))[0] if isinstance(e, CheckpointException) and e.failures else e
             raise ValueError(f"{what}: reading the shards of {str(p)!r} failed: {cause}") from e
     return {k.removeprefix("model.").removeprefix(MODEL_PREFIX): v for k, v in tensors.items()}
-
-
-TOKENIZER_HINT = (
-    "; prepare the data with the tokenizers the checkpoint was trained with, or, to train on it anyway, pass "
-    "allow_tokenizer_change=True (--model.init_args.allow_tokenizer_change true)"
-)
-"""What the refusal of data prepared with other tokenizers suggests."""
-
-
-def vocab_layout(vocab: dict[str, Any]) -> dict[str, Any]:
-    """A vocabulary description without its tokenizer hashes: the sizes that must be equal."""
-    from cm3leon_lightning.tokenization.vocab import IDENTITY_FIELDS
-
-    return {k: v for k, v in dict(vocab).items() if k not in IDENTITY_FIELDS}
-
-
-def check_same_vocab(
-    saved: dict[str, Any] | None,
-    ours: dict[str, Any] | None,
-    source: str,
-    data_source: str = "the data",
-    allow_tokenizer_change: bool = False,
-) -> dict[str, bool]:
-    """Raise ValueError, printing both, when a checkpoint's vocabulary sizes differ from the data's (None: unknown),
-    or when both record a text tokenizer or VQGAN hash and they differ (naming ``source`` and ``data_source`` and the
-    short hashes; :func:`~cm3leon_lightning.tokenization.vocab.check_same_tokenizer`), unless
-    ``allow_tokenizer_change``. A side that records no hash is accepted with a warning, once per ``source``.
-
-    Returns:
-        For ``"text"`` and ``"vqgan"``, whether the hashes were compared and matched.
-    """
-    from cm3leon_lightning.tokenization.vocab import check_same_tokenizer
-
-    if saved is None or ours is None:
-        return {"text": False, "vqgan": False}
-    if vocab_layout(saved) != vocab_layout(ours):
-        raise ValueError(
-            f"vocabulary mismatch: {source} was trained with {vocab_layout(saved)}, the data has {vocab_layout(ours)}"
-        )
-    if allow_tokenizer_change:
-        return {"text": False, "vqgan": False}
-    return {
-        kind: check_same_tokenizer(kind, saved, source, ours, data_source, TOKENIZER_HINT)  # type: ignore[arg-type]
-        for kind in ("text", "vqgan")
-    }
-
-
-def check_same_architecture(saved: dict[str, Any] | None, ours: dict[str, Any], source: str) -> None:
-    """Raise ValueError listing each differing field as ``field: (checkpoint's, module's)`` (None: unknown)."""
-    if saved is None:
-        return
-    diff = {
-        k: (saved.get(k, _MISSING), ours.get(k, _MISSING))
-        for k in [*saved, *(k for k in ours if k not in saved)]
-        if saved.get(k, _MISSING) != ours.get(k, _MISSING)
-    }
-    if diff:
-        raise ValueError(f"architecture mismatch between {source} and module (checkpoint, module): {diff}")
 
 
 def _first(names: list[str], n: int = 5) -> str:

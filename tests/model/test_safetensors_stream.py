@@ -27,12 +27,20 @@ def mixed() -> dict[str, torch.Tensor]:
         "scalar": torch.tensor(2.5),
         "empty": torch.zeros(0, 4),
         "strided": torch.randn(4, 6, generator=g).t(),  # not contiguous
+        "count": torch.arange(3, dtype=torch.int32),  # as wide as float32, named before "strided", written after it
+        "double": torch.randn(2, generator=g).double(),  # as wide as int64, named before "ids", written after it
     }
 
 
+SAFETENSORS_DTYPES = [torch.bool, torch.uint8, torch.int8, torch.int16, torch.float16, torch.bfloat16, torch.int32,
+                      torch.float32, torch.float64, torch.int64]  # fmt: skip
+"""safetensors' own order of dtypes (its ``Dtype`` enum): by width, not only."""
+
+
 def save_file_order(tensors: dict[str, torch.Tensor]) -> list[str]:
-    """safetensors' own order: dtype width descending, then name."""
-    return sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+    """safetensors' own order: dtype descending in :data:`SAFETENSORS_DTYPES`, then name (the module docstring's
+    "dtype width descending" put an int32 tensor before a float32 one of a later name, unlike ``save_file``)."""
+    return sorted(tensors, key=lambda k: (-SAFETENSORS_DTYPES.index(tensors[k].dtype), k))
 
 
 def test_same_bytes_as_save_file(tmp_path: Path) -> None:

@@ -156,6 +156,52 @@ def test_broken_sharded_checkpoints_name_the_part(trained, tmp_path: Path) -> No
             read_sharded(cases[name], "--ckpt")
 
 
+@pytest.mark.parametrize("lazy", [False, True])
+def test_a_truncated_shard_is_refused_naming_the_file(trained, tmp_path: Path, lazy: bool) -> None:
+    """A shard cut short (an interrupted copy) was refused with torch's 'failed finding central directory. This is an
+    internal miniz error', naming neither the shard nor the tensor; an intact model part of a shard whose end (the
+    optimizer's moments) is cut still reads exactly."""
+    import shutil
+
+    sharded, _, module = trained
+    shard = next(sharded.glob("*.distcp"))
+    data = shard.read_bytes()
+    storage = FileSystemReader(str(sharded)).read_metadata().storage_data
+    ends = {i.fqn: s.offset + s.length for i, s in storage.items()}
+    model_end = max(end for fqn, end in ends.items() if fqn.startswith("model."))
+    assert model_end < len(data)  # the moments come after the network's tensors
+    cut, tail = tmp_path / "cut", tmp_path / "tail"
+    for copy, size in ((cut, model_end - 1), (tail, model_end)):
+        shutil.copytree(sharded, copy)
+        (copy / shard.name).write_bytes(data[:size])
+    fqn = next(fqn for fqn, end in ends.items() if end == model_end)
+    message = (
+        f"--ckpt: the shard {str(cut / shard.name)!r} is truncated: {model_end - 1} bytes, but the shard index "
+        f"(.metadata) places {fqn!r} up to byte {model_end}"
+    )
+    with pytest.raises(ValueError) as err:
+        read_weights(cut, "--ckpt", lazy=lazy)
+    assert str(err.value) == message
+    weights = read_weights(tail, "--ckpt", lazy=lazy)
+    state = weights.fetch(list(weights.state_dict)) if lazy else weights.state_dict
+    assert all(torch.equal(state[k], v) for k, v in module.model.state_dict().items())
+
+
+def test_an_empty_or_cut_file_is_refused_saying_so(tmp_path: Path) -> None:
+    """A zero-byte checkpoint (a full disk) or a legacy torch file cut short was refused with a bare 'EOFError'."""
+    empty, cut = tmp_path / "empty.ckpt", tmp_path / "cut.pt"
+    empty.write_bytes(b"")
+    torch.save({"w": torch.ones(64)}, cut, _use_new_zipfile_serialization=False)
+    cut.write_bytes(cut.read_bytes()[:40])
+    for path in (empty, cut):
+        with pytest.raises(ValueError) as err:
+            read_weights(path, "--ckpt")
+        assert str(err.value) == (
+            f"--ckpt: {str(path)!r} cannot be read as a Lightning checkpoint, a .safetensors file or a torch.save'd "
+            "state dict: the file ends early (empty or cut short)"
+        )
+
+
 def test_a_directory_of_another_kind_is_refused(tmp_path: Path) -> None:
     (tmp_path / "x.txt").write_text("hi")
     with pytest.raises(ValueError, match="is a directory but neither a model directory .* nor a sharded Lightning"):
