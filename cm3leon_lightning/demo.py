@@ -40,6 +40,30 @@ REPORT_FILES = ("samples.png", "metrics.json", "report.md")  # the report stage'
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
+class StageInterrupted(Exception):
+    """A stage stopped by Ctrl-C or SIGTERM (not a failure): the stages before it are kept, a rerun resumes there.
+
+    Attributes:
+        stage: the stage that was running.
+        status: the exit status ``cm3leon demo`` returns (128 + the signal's number: 130 for Ctrl-C, 143 for SIGTERM).
+    """
+
+    def __init__(self, stage: str, how: str, status: int) -> None:
+        super().__init__(f"stopped by {how} in the {stage} stage; the finished stages are kept: rerun the same "
+                         "command to resume")  # fmt: skip
+        self.stage, self.status = stage, status
+
+
+def _stop_signal(error: BaseException) -> tuple[str, int] | None:
+    """How a stage was stopped, if it was: Ctrl-C (KeyboardInterrupt, or Lightning's ``sys.exit(1)`` after it) or
+    SIGTERM (Lightning's ``SIGTERMException``, a ``SystemExit`` with no code: the run would otherwise exit with 0)."""
+    if isinstance(error, KeyboardInterrupt) or isinstance(error.__context__, KeyboardInterrupt):
+        return "Ctrl-C", 130
+    if type(error).__name__ == "SIGTERMException":  # lightning.pytorch.utilities.exceptions (imported by the fit)
+        return "SIGTERM", 143
+    return None
+
+
 @dataclass(frozen=True)
 class DemoSize:
     """How big a demo run is. ``default`` is the real demo; ``mini`` runs in seconds (tests).
@@ -200,8 +224,11 @@ def run_stage(ctx: Context, name: str, announce_cached: bool = True) -> dict[str
         t0 = time.perf_counter()
         try:
             result = STAGE_FUNCS[name](ctx, directory)
-        except SystemExit as e:  # cm3leon fit refused its config: its error (above) names the key, not the file
-            if e.code in (0, None):
+        except (SystemExit, KeyboardInterrupt) as e:  # stopped, or cm3leon fit refused its config (its error names
+            stopped = _stop_signal(e)  # the key, not the file)
+            if stopped is not None:
+                raise StageInterrupted(name, *stopped) from e
+            if isinstance(e, KeyboardInterrupt) or e.code in (0, None):
                 raise
             files = ", ".join(str(f) for f in stage_configs(ctx, name)) or "its settings"
             raise RuntimeError(f"the {name} stage failed: cm3leon fit exited with status {e.code} (its error is "
@@ -225,7 +252,10 @@ def _background_stage(ctx: Context, name: str) -> None:
     import torch
 
     torch.set_num_threads(1)
-    run_stage(replace(ctx, progress=False), name)
+    try:
+        run_stage(replace(ctx, progress=False), name)
+    except StageInterrupted as e:  # Ctrl-C reaches both processes: the parent says it once
+        sys.exit(e.status)
 
 
 # ------------------------------------------------------------------------------------------------ stage settings
@@ -307,7 +337,10 @@ def prepare_out(out: Path, fresh: bool, size: str, seed: int = 0) -> None:
                              "refusing to write into or delete it: give a new or empty directory")  # fmt: skip
         if fresh:
             shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file on its path, no permission: named, not a traceback
+        raise ValueError(f"--out: cannot create {out}: {e.strerror or e}") from e
     write_atomic(out / RUN_FILE, json.dumps({"size": size, "seed": seed, "argv": sys.argv[1:]}, indent=1))
 
 

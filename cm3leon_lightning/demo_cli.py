@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import replace
 
-from cm3leon_lightning.demo import CONFIG_DIR, SIZES, run
+from cm3leon_lightning.demo import CONFIG_DIR, SIZES, StageInterrupted, run
 
 
 def positive_int(text: str) -> int:
@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``cm3leon demo``; returns the exit status (2, with a one-line error, for an ``--out`` that is
-    not a demo run or a ``--configs`` without the demo's YAML files)."""
+    not a demo run or a ``--configs`` without the demo's YAML files; 130 or 143, in one line, for a run stopped by
+    Ctrl-C or SIGTERM)."""
     args = build_parser().parse_args(argv)
     size = SIZES[args.size]
     if args.train_steps is not None:
@@ -61,6 +62,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         run(args.out, size if args.train_steps is not None else args.size, args.fresh, args.seed, args.threads,
             args.configs, not args.quiet)  # fmt: skip
+    except StageInterrupted as e:
+        print(f"cm3leon demo: {e}", file=sys.stderr)
+        return e.status
+    except KeyboardInterrupt:  # between stages
+        print("cm3leon demo: stopped by Ctrl-C; the finished stages are kept: rerun the same command to resume",
+              file=sys.stderr)  # fmt: skip
+        return 130
     except (ValueError, FileNotFoundError) as e:
         if not str(e).startswith(("--out", "--fresh", "--configs", "--threads")):
             raise  # a failing stage: its traceback is what the user needs

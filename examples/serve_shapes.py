@@ -99,14 +99,34 @@ def free_port() -> int:
 
 
 @contextmanager
+def exit_on_signals(signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGHUP)) -> Iterator[None]:
+    """Turn ``signals`` into ``SystemExit(128 + signal)`` in the block, so that its ``finally`` clauses run (Python's
+    default for SIGTERM and SIGHUP ends the process at once); the previous handlers are restored after it."""
+
+    def stop(signum: int, frame: object) -> None:
+        for s in signals:  # once: a second signal would cut the clean-up short
+            signal.signal(s, signal.SIG_IGN)
+        raise SystemExit(128 + signum)
+
+    previous = {s: signal.signal(s, stop) for s in signals}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+@contextmanager
 def server(paths: dict[str, str], log: Path, *extra: str) -> Iterator[str]:
-    """Run ``cm3leon serve`` on a free local port until the block ends; yields the ``/predict`` URL."""
+    """Run ``cm3leon serve`` on a free local port until the block ends, or this process is stopped by SIGTERM or
+    SIGHUP (the server runs in a session of its own: a terminal's signals never reach it); yields the ``/predict``
+    URL."""
     port = free_port()
     cmd = [sys.executable, "-m", "cm3leon_lightning", "serve", "--ckpt", paths["model"], "--clip", paths["clip"],
            "--clip-pretrained",
            paths["clip_weights"], "--retrieve", paths["bank"], "--shards", paths["shards"], "--k", "0",
            "--accelerator", "cpu", "--host", "127.0.0.1", "--port", str(port), *extra]  # fmt: skip
-    with open(log, "w") as f:
+    with exit_on_signals(), open(log, "w") as f:
         proc = subprocess.Popen(
             cmd, stdout=f, stderr=subprocess.STDOUT, cwd=log.parent, env=os.environ.copy(), start_new_session=True
         )
@@ -173,7 +193,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         prepare_out(out, settings, paths["ckpt"], args.fresh)
     except ValueError as e:
         p.error(str(e))
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file on its path, no permission: named, not a traceback
+        p.error(f"--out: cannot create {out}: {e.strerror or e}")
     write_text_whole(out / ARGS_FILE, json.dumps({"serve": settings}, indent=1))
     # One directory to hand to the server: weights (safetensors, no optimizer state) + both tokenizers. Exported
     # again on a rerun (the demo may have trained a new checkpoint since): replacing only this example's own export.

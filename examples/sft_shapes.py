@@ -190,7 +190,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         prepare_out(out, data, args.fresh)
     except ValueError as e:
         p.error(str(e))
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file on its path, no permission: named, not a traceback
+        p.error(f"--out: cannot create {out}: {e.strerror or e}")
     fit = {k: getattr(args, k) for k in ("steps", "lr", "warmup", "eval", "image_first", "fit_arg")}
     write_text_whole(out / ARGS_FILE, json.dumps({"data": data, "fit": fit}, indent=1))
     lines = write_sft_data(out / "data", args.pairs, size, args.seed)

@@ -525,3 +525,45 @@ def test_a_refused_fit_config_names_the_stage_and_the_file(
     if sys.version_info >= (3, 11):  # exception notes
         notes = [f"cm3leon demo: the tokenizer stage failed (its partial output: {ctx.stage_dir('tokenizer')})"]
         assert error.value.__notes__ == notes
+
+
+def _sigterm(ctx: Context, directory: Path) -> dict:
+    """A stage stopped by SIGTERM as Lightning stops a fit: its SIGTERMException, a SystemExit with no code."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    raise SIGTERMException
+
+
+def _ctrl_c(ctx: Context, directory: Path) -> dict:
+    """A stage stopped by Ctrl-C as Lightning stops a fit: ``sys.exit(1)`` while handling the KeyboardInterrupt."""
+    try:
+        raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        sys.exit(1)
+
+
+@pytest.mark.parametrize(("stage", "how", "status"), [(_sigterm, "SIGTERM", 143), (_ctrl_c, "Ctrl-C", 130)])
+def test_a_stopped_run_says_so_and_fails(
+    stage: object, how: str, status: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """`kill PID` during a fit exited with status 0 and no word (no report written); Ctrl-C blamed the stage's config
+    file ("cm3leon fit exited with status 1 ... on configs/demo/vqgan.yaml"). Both now say where the run stopped."""
+    import cm3leon_lightning.demo as demo
+
+    calls: list[str] = []
+    _fake_stages(monkeypatch, calls)
+    monkeypatch.setitem(demo.STAGE_FUNCS, "tokenizer", stage)
+    assert main(["--out", str(tmp_path / "run"), "--size", "mini", "--threads", "1", "--quiet"]) == status
+    message = (f"cm3leon demo: stopped by {how} in the tokenizer stage; the finished stages are kept: rerun the same "
+               "command to resume\n")  # fmt: skip
+    assert capsys.readouterr().err == message and calls == ["data"]
+    assert (tmp_path / "run" / "data" / MARKER).is_file() and not (tmp_path / "run" / "tokenizer" / MARKER).exists()
+
+
+def test_an_out_that_cannot_be_made_is_named(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """An --out below a file was a NotADirectoryError traceback naming neither the flag nor the file."""
+    (tmp_path / "file.txt").write_text("mine")
+    assert main(["--out", str(tmp_path / "file.txt" / "run"), "--size", "mini", "--threads", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"cm3leon demo: error: --out: cannot create {tmp_path / 'file.txt' / 'run'}: Not a directory\n"
+    assert (tmp_path / "file.txt").read_text() == "mine"

@@ -247,6 +247,10 @@ def test_sft_example_writes_into_no_other_directory(
         .endswith(f": error: --out: {tmp_path / 'file'} is a file, not a directory")
     )
     assert (tmp_path / "file").read_text() == "mine"
+    with pytest.raises(SystemExit) as e:  # below a file: a NotADirectoryError traceback
+        main([str(run), "--out", str(tmp_path / "file" / "sft"), "--pairs", "2"])
+    message = f": error: --out: cannot create {tmp_path / 'file' / 'sft'}: Not a directory"
+    assert e.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith(message)
 
 
 class StopBeforeServe(Exception):
@@ -305,6 +309,11 @@ def test_serve_example_writes_into_no_other_directory(
     message = f": error: --out: {tmp_path / 'file'} is a file, not a directory"
     assert e.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith(message)
     assert (tmp_path / "file").read_text() == "mine" and calls == []
+    with pytest.raises(SystemExit) as e:  # below a file: a NotADirectoryError traceback
+        main([str(run), "--out", str(tmp_path / "file" / "serve")])
+    message = f": error: --out: cannot create {tmp_path / 'file' / 'serve'}: Not a directory"
+    assert e.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith(message)
+    assert calls == []
 
 
 def test_serve_example_refuses_to_rerun_other_settings_into_its_out(
@@ -354,3 +363,54 @@ def test_serve_example_refuses_to_rerun_other_settings_into_its_out(
     assert calls[2:] == [(out / "model", False)]
     assert json.loads((out / "args.json").read_text()) == {"serve": {**settings, "seed": 8}}
     assert sorted(p.name for p in out.iterdir()) == ["args.json", "model"]  # the old report and grid deleted
+
+
+# A stand-in for `python -m cm3leon_lightning serve`: answers /health, records its pid, ends on SIGTERM.
+FAKE_SERVER = """import http.server, pathlib, sys
+port = int(sys.argv[sys.argv.index("--port") + 1])
+class Health(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.end_headers(); self.wfile.write(b"ok")
+    def log_message(self, *args):
+        pass
+(pathlib.Path.cwd() / "server.pid").write_text(str(__import__("os").getpid()))
+http.server.HTTPServer(("127.0.0.1", port), Health).serve_forever()
+"""
+
+# The serve example's server() in a process of its own, held open until the test stops that process.
+HOLD_SERVER = """import runpy, sys, time, types
+server = runpy.run_path(sys.argv[1])["server"]
+server.__wrapped__.__globals__["sys"] = types.SimpleNamespace(executable=sys.argv[2])
+keys = ("model", "clip", "clip_weights", "bank", "shards")
+with server(dict.fromkeys(keys, "x"), __import__("pathlib").Path(sys.argv[3])):
+    print("up", flush=True)
+    time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("signum", [15, 1])  # SIGTERM (kill PID), SIGHUP (the terminal closed)
+def test_serve_example_stops_its_server_when_it_is_stopped(signum: int, tmp_path: Path) -> None:
+    """`kill PID` of the example left `cm3leon serve` and its workers running (in a session of their own, on the
+    example's port, for good): SIGTERM and SIGHUP ended the example without its clean-up."""
+    import signal
+    import time
+
+    fake = tmp_path / "fake-python"
+    fake.write_text(f"#!{sys.executable}\n{FAKE_SERVER}")
+    fake.chmod(0o755)
+    script = str(EXAMPLES / "serve_shapes.py")
+    cmd = [sys.executable, "-c", HOLD_SERVER, script, str(fake), str(tmp_path / "server.log")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "up\n"
+        pid = int((tmp_path / "server.pid").read_text())
+        proc.send_signal(signum)
+        assert proc.wait(timeout=60) == 128 + signum
+        time.sleep(0.5)
+        with pytest.raises(ProcessLookupError):  # ended and reaped
+            os.kill(pid, 0)
+    finally:
+        proc.kill()
+        if (tmp_path / "server.pid").exists():
+            with __import__("contextlib").suppress(ProcessLookupError):
+                os.killpg(int((tmp_path / "server.pid").read_text()), signal.SIGKILL)
