@@ -247,10 +247,30 @@ def run_stage(ctx: Context, name: str, announce_cached: bool = True) -> dict[str
     return saved["result"]
 
 
+def exit_with_parent() -> None:
+    """In a child process, exit (status 1) as soon as the parent process is gone, from a daemon thread: a parent
+    killed outright (SIGKILL, or SIGTERM before Lightning's handler is installed) runs no clean-up, and a background
+    stage outliving it would race the rerun that resumes the demo for the same files."""
+    import multiprocessing
+    import threading
+
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        parent.join()
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def _background_stage(ctx: Context, name: str) -> None:
-    """Child-process entry: run one stage on one thread, without progress bars (the parent shows its own)."""
+    """Child-process entry: run one stage on one thread, without progress bars (the parent shows its own); it ends
+    with the parent (:func:`exit_with_parent`)."""
     import torch
 
+    exit_with_parent()
     torch.set_num_threads(1)
     try:
         run_stage(replace(ctx, progress=False), name)

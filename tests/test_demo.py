@@ -567,3 +567,51 @@ def test_an_out_that_cannot_be_made_is_named(tmp_path: Path, capsys: pytest.Capt
     err = capsys.readouterr().err
     assert err == f"cm3leon demo: error: --out: cannot create {tmp_path / 'file.txt' / 'run'}: Not a directory\n"
     assert (tmp_path / "file.txt").read_text() == "mine"
+
+
+def test_a_background_stage_ends_when_its_parent_is_killed(tmp_path: Path) -> None:
+    """The CLIP stage's process outlived a demo killed outright (SIGKILL) and raced the rerun for its files; a child
+    that calls exit_with_parent ends within seconds of its parent."""
+    import signal
+    import subprocess
+    import time
+
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import multiprocessing as mp, os, sys, time\n"
+        "from cm3leon_lightning.demo import exit_with_parent\n"
+        "def child(path):\n"
+        "    exit_with_parent()\n"
+        "    open(path, 'w').write(str(os.getpid()))\n"
+        "    time.sleep(120)\n"
+        "if __name__ == '__main__':\n"
+        "    mp.get_context('spawn').Process(target=child, args=(sys.argv[1],)).start()\n"
+        "    time.sleep(120)\n"
+    )
+    pid_file = tmp_path / "child.pid"
+    parent = subprocess.Popen([sys.executable, str(script), str(pid_file)])
+    try:
+        deadline = time.monotonic() + 60
+        while not (pid_file.is_file() and pid_file.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        child = int(pid_file.read_text())
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(10)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and os.path.exists(f"/proc/{child}") and _alive(child):
+            time.sleep(0.1)
+        alive = _alive(child)
+        if alive:
+            os.kill(child, signal.SIGKILL)
+        assert not alive
+    finally:
+        parent.kill()
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, reaped by nobody after its parent died, counts as ended)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
