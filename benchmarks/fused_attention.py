@@ -7,7 +7,8 @@ shape for 2 rows (one image with CFG) and ``2 x --candidates`` rows, at the star
 image, for each ``--splits``, as a chain of ``--chain`` calls (each over its own cache, as the layers of a step)
 captured in one CUDA graph (a row's time includes the gap between kernels, as in the real step; ``--prefetch``: each
 call asks L2 for the next one's filled slots), beside ``bound``: the bytes read over the measured copy bandwidth. Each
-result is checked against SDPA with ``padding_causal_mask`` first.
+result is checked against SDPA with ``padding_causal_mask`` first (a split that computes wrongly is reported, not
+timed).
 
 On a CPU (``--device cpu``) the kernel runs under Triton's interpreter (start with ``TRITON_INTERPRET=1``): the
 timings mean nothing there, the checks do.
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import os
 
 import torch
@@ -108,7 +110,8 @@ def bench(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
                     correct = torch.allclose(out.float(), expected, **tol)
                     wrong += not correct
                     call = functools.partial(layer_attention, caches, q, valid, pos, splits)
-                    us = chained_us(call, args.device, args.chain, args.steps)
+                    # not timed when wrong: what computes wrongly may also read or write out of bounds
+                    us = chained_us(call, args.device, args.chain, args.steps) if correct else math.nan
                     label = f"{splits}" + ("" if correct else " WRONG")
                     print(f"{rows:4d} {slot:5d} {label:>8} {us:8.2f} {nbytes / us / 1e3:7.0f}")
                     results.append(dict(rows=rows, slot=slot, splits=splits, us=us, gbps=nbytes / us / 1e3,

@@ -47,7 +47,8 @@ if first; then
     --json "$OUT/fused_linear.json"
 fi
 if second; then
-  TAIL=30 part attention "${ATTENTION_LIMIT:-40}" $PY benchmarks/fused_attention.py --preset 350m
+  TAIL=30 part attention "${ATTENTION_LIMIT:-40}" $PY benchmarks/fused_attention.py --preset 350m \
+    --json "$OUT/fused_attention.json"
   TAIL=40 part tests "${TESTS_LIMIT:-120}" $PY -m pytest tests/generation/test_generate.py \
     tests/generation/test_graphs.py tests/model/test_flex_attention.py -q -p no:cacheprovider -x \
     -k "(compiled or graph or cache or autotuned or flex or fused or bf16 or refused or default) and not max"

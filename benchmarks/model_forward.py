@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from torch._dynamo.utils import counters
 
 from cm3leon_lightning.config import CM3LeonConfig
 from cm3leon_lightning.model import CM3Leon
@@ -76,6 +77,7 @@ def main() -> None:
         print(f"prefill: {t * 1e3:.1f} ms, {args.batch * seq / t:,.0f} tok/s")
 
         step, how = model, "eager"
+        skips = counters["inductor"]["cudagraph_skips"]
         if args.compile or args.cuda_graph:
             mode = "reduce-overhead" if args.cuda_graph else "default"
             step = torch.compile(model, mode=mode, fullgraph=True, dynamic=False)
@@ -91,6 +93,8 @@ def main() -> None:
 
         t = timed(decode, device, args.repeats)
         per_step = t / args.decode_steps
+        if args.cuda_graph:  # torch.compile may skip them (and says why in its log): the step then ran without
+            how += f", CUDA graphs skipped: {counters['inductor']['cudagraph_skips'] - skips}"
         print(f"decode: {per_step * 1e3:.2f} ms/step, {args.batch / per_step:,.0f} tok/s ({how})")
 
 

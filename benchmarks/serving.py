@@ -38,6 +38,7 @@ from cm3leon_lightning.config import CM3LeonConfig
 from cm3leon_lightning.modules.cm3leon import CM3LeonModule
 from cm3leon_lightning.serve import CM3LeonAPI
 from cm3leon_lightning.tokenization.text import TextTokenizer
+from cm3leon_lightning.tokenization.vocab import MultimodalVocab
 
 
 def random_corpus(n_lines: int, seed: int = 0) -> list[str]:
@@ -56,6 +57,8 @@ def write_assets(root: Path, preset: str, image_tokens: int) -> tuple[Path, Path
     tok = TextTokenizer.train(random_corpus(2000 if tiny else 40000), vocab_size=300 if tiny else 56320)
     tok.save(root / "tok")
     vocab = tok.make_vocab(n_codes=256 if tiny else 8192, grid_h=grid[0], grid_w=grid[1])
+    # the tokenizer's hash, as training records it: else loading warns that the tokenizer cannot be checked
+    vocab = MultimodalVocab.from_dict({**vocab.to_dict(), "text_tokenizer_sha256": tok.sha256})
     max_seq = max(CM3LeonConfig.from_preset(preset).max_seq_len, 64 + image_tokens)
     torch.manual_seed(0)
     module = CM3LeonModule(preset=preset, vocab=vocab.to_dict(), max_seq_len=max_seq)

@@ -212,6 +212,36 @@ def test_fused_attention_benchmark_checks_and_times_every_split(tmp_path):
     assert bad.returncode == 2 and "--splits must be at least 1" in bad.stderr
 
 
+WRONG_SPLIT = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import fused_attention
+real = fused_attention.decode_attention
+def decode_attention(*args, splits, **kwargs):  # the 3-way split made wrong: its kernel now "computes wrongly"
+    return real(*args, splits=splits, **kwargs) + (splits == 3)
+fused_attention.decode_attention = decode_attention
+sys.argv = ["fused_attention.py", *sys.argv[2:]]
+fused_attention.main()
+"""
+
+
+def test_fused_attention_benchmark_does_not_time_a_wrong_split(tmp_path):
+    """A split whose result is wrong is reported WRONG and not timed, as in fused_linear.py (it was timed: on a GPU
+    a kernel that may read or write out of bounds, replayed in a graph); the run ends with an error naming the
+    count."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1"}
+    args = ["--device", "cpu", "--preset", "tiny", "--rows", "3", "--slots", "5", "--splits", "1,3", "--steps", "1",
+            "--chain", "1", "--json", "fa.json"]  # fmt: skip
+    cmd = [sys.executable, "-c", WRONG_SPLIT, str(ROOT / "benchmarks"), *args]
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert out.returncode == 1 and "1 call(s) computed wrong results" in out.stderr, out.stderr[-3000:]
+    rows = [r for r in json.loads((tmp_path / "fa.json").read_text())["results"] if "correct" in r]
+    assert [(r["splits"], r["correct"]) for r in rows] == [(1, True), (3, False)]
+    assert rows[0]["us"] > 0 and math.isnan(rows[1]["us"]) and math.isnan(rows[1]["gbps"])
+    assert re.search(r"^   3     5  3 WRONG +nan +nan$", out.stdout, re.MULTILINE), out.stdout
+
+
 def test_persistent_step_benchmark_checks_every_tiling_against_the_kernels(tmp_path):
     """Under Triton's interpreter (tiny preset, float32): per row count the bound, the fused step's kernels one by
     one, and each tiling of the persistent step, checked against the kernels' logits (the programs it launched
@@ -285,7 +315,9 @@ def test_serving_benchmark_batches_requests_and_keeps_their_codes(tmp_path):
     """Both rows are written, the batched decode holds every request's guidance streams, and (greedy) each request's
     codes equal its one-at-a-time codes."""
     args = ["--device", "cpu", "--preset", "tiny", "--image-tokens", "4", "--requests", "3", "--method", "greedy"]
-    stdout = run("serving.py", *args, "--json", "s.json", cwd=tmp_path)
+    out = run_bad("serving.py", *args, "--json", "s.json", cwd=tmp_path)
+    stdout = out.stdout
+    assert out.returncode == 0 and "cannot be checked" not in out.stderr, out.stderr[-2000:]  # its own tokenizer
     rows = json.loads((tmp_path / "s.json").read_text())["results"]
     assert [(r["mode"], r["rows_per_decode"], r["same_codes"]) for r in rows] == [
         ("one at a time", 2, 1.0), ("batched", 6, 1.0)
@@ -361,14 +393,31 @@ def test_decode_floor_times_the_real_step_around_the_middle_of_the_image(monkeyp
     assert slots == list(range(37))  # warm-up 8 and 19 more untimed, then the 10 timed: image tokens 27..36 of 64
 
 
+def fake_compile(modes: list[str], skips: int = 0):
+    """A stand-in for ``torch.compile`` (keeps the tests short): records the mode, counts ``skips`` CUDA-graph skips
+    as torch.compile does when it cannot use them, and returns the model itself."""
+    from torch._dynamo.utils import counters
+
+    def compile(model, mode, **kwargs):
+        modes.append(mode)
+        counters["inductor"]["cudagraph_skips"] += skips
+        return model
+
+    return compile
+
+
 def test_model_forward_benchmark_names_how_it_decoded(tmp_path, monkeypatch, capsys):
     """The three figures, and the decode line says which step it timed: with --cuda-graph the step is compiled in
-    mode reduce-overhead (it said compile=False); torch.compile is replaced here to keep the test short."""
+    mode reduce-overhead (it said compile=False), and how often torch.compile skipped the CUDA graphs (a decode no
+    faster than eager was left unexplained); torch.compile is replaced here to keep the test short."""
+    from torch._dynamo.utils import counters
+
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    monkeypatch.setitem(counters["inductor"], "cudagraph_skips", 0)  # restored after the test
     import model_forward
 
     modes = []
-    monkeypatch.setattr(torch, "compile", lambda model, mode, **kw: modes.append(mode) or model)
+    monkeypatch.setattr(torch, "compile", fake_compile(modes, skips=2))
     for flags in ([], ["--cuda-graph"], ["--compile"]):
         monkeypatch.setattr(sys, "argv", ["model_forward.py", "--batch", "1", "--seq", "8", "--decode-steps", "2",
                                           "--repeats", "1", *flags])  # fmt: skip
@@ -378,8 +427,27 @@ def test_model_forward_benchmark_names_how_it_decoded(tmp_path, monkeypatch, cap
     head = "preset=tiny params=0.1M device=cpu dtype=torch.float32 batch=1 seq=8"
     assert [line.split(":")[0] for line in lines] == [head, "train fwd+bwd", "prefill", "decode"] * 3
     assert [line.split("(")[-1] for line in lines[3::4]] == [
-        "eager)", "torch.compile mode=reduce-overhead)", "torch.compile mode=default)"
+        "eager)", "torch.compile mode=reduce-overhead, CUDA graphs skipped: 2)", "torch.compile mode=default)"
     ]  # fmt: skip
+
+
+def test_gpu_model_check_compares_the_cached_decode_and_fails_when_cuda_graphs_were_skipped(monkeypatch, capsys):
+    """The check's comparison run on the CPU (torch.compile replaced by a stand-in): the cached decode equals the
+    full forward; when torch.compile skipped the CUDA graphs the check fails, since the decode it checked was then
+    not a CUDA graph's (it passed, printing "cuda-graph decode")."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    monkeypatch.setitem(counters["inductor"], "cudagraph_skips", 0)
+    import gpu_model_check
+
+    for skips, status in ((0, 0), (1, 1)):
+        modes = []
+        monkeypatch.setattr(torch, "compile", fake_compile(modes, skips))
+        assert gpu_model_check.check("cpu") == status and modes == ["reduce-overhead"]
+        out = capsys.readouterr().out
+        assert float(re.search(r"fp32: max abs err (\S+)\n", out).group(1)) < 1e-5
+        assert f"\nCUDA graphs skipped by torch.compile: {skips}\nbf16 autocast logits finite: True\n" in out
 
 
 @pytest.mark.parametrize(
@@ -464,8 +532,8 @@ DRY_RUN = """
 import argparse, runpy, sys
 real = argparse.ArgumentParser.parse_args
 def parse_only(self, args=None, namespace=None):
-    real(self, args, namespace)  # an unknown flag or a bad value exits 2 here
-    print("parsed", sys.argv[0])
+    parsed = real(self, args, namespace)  # an unknown flag or a bad value exits 2 here
+    print("parsed", sys.argv[0], "json=" + str(getattr(parsed, "json", "-")))
     raise SystemExit(0)
 argparse.ArgumentParser.parse_args = parse_only
 sys.argv = sys.argv[1:]
@@ -478,7 +546,8 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 def test_gpu_scripts_call_the_benchmarks_with_arguments_they_take(tmp_path, name):
     """A dry run (a fake GPU; pytest and the CUDA probes answered by a stub): every benchmark the script runs parses
     the arguments the script gives it (a renamed flag would otherwise only show on the GPU, after minutes of its
-    time). The tests' selection is checked by test_gpu_decode_script_selects_the_kernel_tests."""
+    time), and each that can write a JSON table writes it to $OUT (fused_attention.py wrote none: its figures were
+    only in the log). The tests' selection is checked by test_gpu_decode_script_selects_the_kernel_tests."""
     (tmp_path / "dry.py").write_text(DRY_RUN)
     stub = tmp_path / "py"
     stub.write_text(
@@ -490,7 +559,9 @@ def test_gpu_scripts_call_the_benchmarks_with_arguments_they_take(tmp_path, name
     out = gpu_script(name, tmp_path, PY=str(stub), PATH=f"{tmp_path}:{os.environ['PATH']}")
     calls = re.findall(r"\$PY (benchmarks/\S+\.py)", (ROOT / "benchmarks" / name).read_text())
     with_flags = [c for c in calls if "parse_args" in (ROOT / c).read_text()]  # gpu_model_check.py takes none
-    assert len(with_flags) >= 4 and re.findall(r"^parsed (\S+)$", out.stdout, re.MULTILINE) == with_flags
+    parsed = re.findall(r"^parsed (\S+) json=(\S+)$", out.stdout, re.MULTILINE)
+    assert len(with_flags) >= 4 and [script for script, _ in parsed] == with_flags, out.stdout[-2000:]
+    assert all(j == "-" or Path(j).parent == tmp_path / "out" for _, j in parsed), parsed
     assert out.returncode == 0 and "=== every part passed" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
 
 
