@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_dataset  # tests/data/conftest.py (imported at collection, as the other data tests do)
 
 from cm3leon_lightning.data import CM3LeonDataModule
 from cm3leon_lightning.data.plan import exact_plan
@@ -278,8 +279,6 @@ def test_shard_lists_name_each_shard_once_from_one_dataset(tiny_dataset: Path, t
     its name to the first shard's manifest (another file's count and sha256: skipped as corrupt at training, or
     misread without sha256); a dataset directory in a list looked for a manifest in its parent; pathlib paths to
     shards raised TypeError ('PosixPath' object is not iterable) naming no argument."""
-    from conftest import write_dataset
-
     other = tmp_path / "other"
     write_dataset(other, 8, 4, start=100)
     first = str(tiny_dataset / "shard-000001.tar")
