@@ -71,7 +71,7 @@ class VQGANModule(L.LightningModule):
         disc_start: training step (batch) from which the discriminator is trained and used.
         disc_lr: discriminator learning rate (None: ``lr``).
         disc_ndf: discriminator base channels.
-        disc_layers: discriminator stride-2 layers.
+        disc_layers: discriminator stride-2 layers (>= 1; images need ``3 * 2**disc_layers`` pixels per side).
         gradient_clip_val: clip gradient norms of both optimizers, after AMP unscaling (Trainer clipping does not
             apply to manual optimization).
         num_logged_images: originals / reconstructions in the image grid logged at the first validation batch.
@@ -141,6 +141,17 @@ class VQGANModule(L.LightningModule):
         if disc_weight < 0 or disc_start < 0 or codebook_weight < 0:
             raise ValueError("disc_weight, disc_start and codebook_weight must be >= 0")
         self.config = config_from_overrides(preset, self.hparams)  # validates early, before the network is built
+        side = self.config.resolution
+        if disc_weight > 0 and side < NLayerDiscriminator.min_input_size(disc_layers):
+            raise ValueError(  # else it failed at disc_start, maybe hours in, with torch's "Kernel size can't be ..."
+                f"disc_layers={disc_layers} needs images of at least {NLayerDiscriminator.min_input_size(disc_layers)} "
+                f"pixels per side, but the VQGAN's resolution is {side}: lower disc_layers"
+            )
+        if perceptual_weight > 0 and side < LPIPS.min_input_size:
+            raise ValueError(
+                f"the perceptual loss (LPIPS, VGG16) needs images of at least {LPIPS.min_input_size} pixels per side, "
+                f"but the VQGAN's resolution is {side}: set perceptual_weight: 0"
+            )
         vq_only = {"l2_normalize": False, "ema_decay": None, "dead_code_after": 0}  # passed here, not the preset's
         ignored = [f"{k}={self.hparams[k]}" for k, off in vq_only.items() if self.hparams[k] not in (None, off)]
         if self.config.quantizer == "gumbel" and ignored:

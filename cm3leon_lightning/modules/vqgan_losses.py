@@ -119,8 +119,21 @@ class LPIPS(nn.Module):
             )
         self.load_state_dict(out, strict=True)
 
+    min_input_size = 16
+    """Smallest image side LPIPS measures: VGG16 halves it four times before the last slice."""
+
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Per-image perceptual distance of images in ``[-1, 1]``: ``(B, 3, H, W)`` x2 -> ``(B,)``."""
+        """Per-image perceptual distance of images in ``[-1, 1]``: ``(B, 3, H, W)`` x2 -> ``(B,)``.
+
+        Raises:
+            ValueError: ``x`` and ``y`` differ in shape (they were broadcast: one image against a batch gave a
+                distance per image, silently), or are smaller than :attr:`min_input_size`.
+        """
+        if x.shape != y.shape or x.ndim != 4 or min(x.shape[-2:]) < self.min_input_size:
+            raise ValueError(
+                f"LPIPS compares two image batches (B, 3, H, W) of one shape with H, W >= {self.min_input_size} "
+                f"(VGG16 pools four times), got {tuple(x.shape)} and {tuple(y.shape)}"
+            )
         h_x, h_y = (x - self.shift) / self.scale, (y - self.shift) / self.scale
         total = x.new_zeros(x.shape[0])
         for n in range(5):
@@ -137,11 +150,17 @@ class NLayerDiscriminator(nn.Module):
     Args:
         in_channels: image channels.
         ndf: channels of the first layer.
-        n_layers: stride-2 layers.
+        n_layers: stride-2 layers (>= 1); images must be at least :meth:`min_input_size` pixels on a side.
+
+    Raises:
+        ValueError: ``ndf`` or ``n_layers`` below 1.
     """
 
     def __init__(self, in_channels: int = 3, ndf: int = 64, n_layers: int = 3) -> None:
         super().__init__()
+        if ndf < 1 or n_layers < 1:  # n_layers 0 still had one stride-2 layer, and not taming's layers
+            raise ValueError(f"the discriminator needs ndf >= 1 and n_layers >= 1, got ndf={ndf}, n_layers={n_layers}")
+        self.n_layers = n_layers
         layers: list[nn.Module] = [nn.Conv2d(in_channels, ndf, 4, 2, 1), nn.LeakyReLU(0.2)]
         mult = 1
         for n in range(1, n_layers + 1):
@@ -158,8 +177,24 @@ class NLayerDiscriminator(nn.Module):
                 nn.init.normal_(m.weight, 1.0, 0.02)
                 nn.init.zeros_(m.bias)
 
+    @staticmethod
+    def min_input_size(n_layers: int) -> int:
+        """Smallest image side that gives at least one patch logit: ``3 * 2 ** n_layers`` (each stride-2 4x4 conv
+        halves the side, then two stride-1 4x4 convs with padding 1 take one pixel each)."""
+        return 3 * 2**n_layers
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Patch logits."""
+        """Patch logits.
+
+        Raises:
+            ValueError: ``x`` is smaller than :meth:`min_input_size` (torch's error named only a kernel size).
+        """
+        need = self.min_input_size(self.n_layers)
+        if min(x.shape[-2:]) < need:
+            raise ValueError(
+                f"images of {x.shape[-2]}x{x.shape[-1]} are too small for a PatchGAN discriminator with n_layers="
+                f"{self.n_layers} (VQGANModule disc_layers), which needs at least {need}x{need}: use fewer layers"
+            )
         return self.main(x)
 
 

@@ -198,6 +198,27 @@ def test_hinge_loss_and_adaptive_weight_values() -> None:
     disc = NLayerDiscriminator(3, ndf=8, n_layers=3)
     assert disc(torch.zeros(2, 3, 32, 32)).shape == (2, 1, 2, 2)
     assert {"main.0.weight", "main.2.weight", "main.3.running_mean", "main.11.bias"} <= set(disc.state_dict())
+    assert adaptive_weight((3 * w).sum(), (0 * w).sum(), w).item() == 1e4  # taming's clamp to [0, 1e4]
+    assert not weight.requires_grad  # detached: no gradient flows through lambda
+
+
+def test_discriminator_and_lpips_name_images_too_small_or_mismatched(tmp_path: Path) -> None:
+    """``VQGANModule(preset="micro", disc_weight=0.5)`` (16 px, default ``disc_layers=3``) trained until
+    ``disc_start`` and then stopped on torch's "Kernel size can't be greater than actual input size"; LPIPS below 16 px
+    stopped on "Output size is too small", and LPIPS of one image against a batch broadcast it silently."""
+    assert [NLayerDiscriminator.min_input_size(n) for n in (1, 2, 3)] == [6, 12, 24]
+    disc = NLayerDiscriminator(3, ndf=8, n_layers=3).eval()
+    assert disc(torch.zeros(2, 3, 24, 24)).shape == (2, 1, 1, 1)
+    with pytest.raises(ValueError, match=r"16x16 are too small .* n_layers=3 \(VQGANModule disc_layers\).* 24x24"):
+        disc(torch.zeros(2, 3, 16, 16))
+    with pytest.raises(ValueError, match=r"n_layers >= 1, got ndf=8, n_layers=0"):
+        NLayerDiscriminator(3, ndf=8, n_layers=0)
+    lp = LPIPS(_random_lpips_weights(tmp_path / "lpips.safetensors"))
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    with pytest.raises(ValueError, match=r"of one shape .* got \(2, 3, 16, 16\) and \(1, 3, 16, 16\)"):
+        lp(x, x[:1])
+    with pytest.raises(ValueError, match=r"H, W >= 16 .* got \(2, 3, 8, 8\)"):
+        lp(x[..., :8, :8], x[..., :8, :8])
 
 
 def test_squared_error_and_cosine_decay(tmp_path: Path) -> None:
@@ -238,7 +259,7 @@ def test_cosine_decay_with_discriminator_reaches_floor(tmp_path: Path) -> None:
     assert module.learning_rate() == pytest.approx(0.25e-3)  # after the last batch: the floor
     # batches per run: one optimizer step per batch before disc_start, two from it on
     assert [module.total_batches(m) for m in (1, 7, 8)] == [1, 4, 4]
-    late = VQGANModule(preset="micro", disc_weight=0.5, disc_start=2)
+    late = VQGANModule(preset="micro", disc_weight=0.5, disc_start=2, disc_layers=2)
     assert [late.total_batches(m) for m in (2, 5, 6)] == [2, 4, 4]
     assert VQGANModule(preset="micro", disc_start=2).total_batches(6) == 6  # no discriminator
 
@@ -593,3 +614,17 @@ def test_a_frozen_autoencoder_trains_the_discriminator_on_the_cosine_decay(tmp_p
     assert trainer.optimizers[0].param_groups[0]["lr"] == 0.0
     assert trainer.optimizers[1].param_groups[0]["lr"] == pytest.approx(1e-3 * (0.25 + 0.75 * 0.5))
     assert torch.equal(module.vqgan.decoder.conv_out.weight, before)
+
+
+def test_a_discriminator_or_lpips_too_deep_for_the_resolution_is_refused_at_construction(tmp_path: Path) -> None:
+    """``preset: micro`` (16 px) with the default ``disc_layers: 3`` (24 px at least) trained until ``disc_start``
+    and then stopped with torch's "Kernel size can't be greater than actual input size"; it is refused at once."""
+    with pytest.raises(ValueError, match=r"^disc_layers=3 needs images of at least 24 pixels per side, but the "
+                       r"VQGAN's resolution is 16: lower disc_layers$"):  # fmt: skip
+        VQGANModule(preset="micro", disc_weight=0.5, disc_start=30000)
+    assert VQGANModule(preset="micro", disc_weight=0.5, disc_layers=2).hparams.disc_layers == 2  # 12 px: fits
+    assert VQGANModule(preset="micro", disc_layers=3).hparams.disc_weight == 0  # no discriminator: no check
+    weights = _random_lpips_weights(tmp_path / "lpips.safetensors")
+    with pytest.raises(ValueError, match=r"LPIPS, VGG16\) needs images of at least 16 pixels per side, but the "
+                       r"VQGAN's resolution is 8: set perceptual_weight: 0"):  # fmt: skip
+        VQGANModule(preset="micro", resolution=8, perceptual_weight=1.0, lpips_weights=str(weights))
