@@ -1,5 +1,5 @@
-"""``CM3LeonAPI``: a LitServe API that serves text-to-image, image-to-text and image editing from a ``CM3LeonModule``
-checkpoint.
+"""``CM3LeonAPI``: a LitServe API that serves text-to-image, image-to-text, image editing and CM3 infilling from a
+``CM3LeonModule`` checkpoint.
 
 LitServe (Lightning's serving library) runs :meth:`CM3LeonAPI.setup` once per worker, gathers up to
 ``max_batch_size`` requests that arrive within ``batch_timeout`` seconds, and hands them to :meth:`predict` together.

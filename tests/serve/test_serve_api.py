@@ -361,3 +361,27 @@ def test_a_greedy_batch_is_equal_to_one_decode_per_request(api, direct):
     for p, answer in zip(prompts, out):
         want = solo_image(direct, p, method="greedy", num_samples=1, cfg=2.0)
         assert answer["images"] == [encode_png_base64(want.images[0, 0])]
+
+
+def test_a_batch_of_all_four_kinds_answers_each_request_as_alone(serve_assets):
+    """Greedy requests of the four kinds interleaved, with different settings and numbers of candidates, and a seeded
+    sampled edit, cut into decodes of at most 4 rows: each answer is the one its request gets alone, in its place."""
+    api = make_api(serve_assets, clip=None, max_rows=4)
+    g = {"method": "greedy", "return_codes": True}
+    bodies = [
+        {"prompt": "a red circle", "num_samples": 2, **g},
+        {"image": png_base64(0), "method": "greedy", "max_new_tokens": 4},
+        {"image": png_base64(1), "edit": "make it blue", "num_samples": 1, **g},
+        {"infill": "a <mask>", "image": png_base64(3), "rows": "1:2", "max_span_tokens": 4, **g},
+        {"prompt": "x", "num_samples": 1, "cfg": 1.0, **g},
+        {"image": png_base64(2), "edit": "x", "num_samples": 1, **g, "method": "top_p", "seed": 3},
+        {"infill": "<mask> square", "method": "greedy", "num_samples": 2, "max_span_tokens": 4},
+        {"image": png_base64(1), "method": "greedy", "max_new_tokens": 4, "instruction": "what colour is it"},
+    ]
+    out = api.predict([api.decode_request(b) for b in bodies])
+    assert out == [api.predict(api.decode_request(b)) for b in bodies]
+    assert [sorted(o) for o in out] == [
+        ["codes", "images", "seed"], ["text"], ["codes", "images", "seed"], ["codes", "images", "seed", "texts"],
+        ["codes", "images", "seed"], ["codes", "images", "seed"], ["seed", "texts"], ["text"],
+    ]  # fmt: skip
+    assert [len(o.get("images", o.get("texts", [0]))) for o in out] == [2, 1, 1, 1, 1, 1, 2, 1]
