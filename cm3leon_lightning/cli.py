@@ -76,15 +76,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     from cm3leon_lightning.trainer_cli import INPUT_ERRORS, CM3LeonCLI, input_error
 
     # args=None lets LightningCLI read sys.argv itself (passing both makes it warn).
+    command = next((a for a in args if a in LIGHTNING_COMMANDS), "")
     try:
         CM3LeonCLI(args=None if argv is None else args)
     except INPUT_ERRORS as err:
         if os.environ.get("CM3LEON_TRACEBACK"):
             raise
-        command = next((a for a in args if a in LIGHTNING_COMMANDS), "")
         print(f"cm3leon {command}: error: {input_error(err)} (CM3LEON_TRACEBACK=1 shows where)", file=sys.stderr)
         return 2
+    except SystemExit as err:
+        status = stopped_status(err)
+        if status is None:
+            raise
+        name = "SIGTERM" if status == 143 else "Ctrl-C"
+        print(
+            f"cm3leon {command}: stopped by {name} (exit status {status}){RESUME_HINT.get(command, '')}",
+            file=sys.stderr,
+        )
+        return status
     return 0
+
+
+RESUME_HINT = {"fit": "; the checkpoints written so far are kept: resume with --ckpt_path <last.ckpt>"}
+"""What the line for a stopped run adds, by command."""
+
+
+def stopped_status(err: SystemExit) -> int | None:
+    """The exit status of a Lightning run stopped by a signal (128 + its number), or None for another exit.
+
+    Lightning ends a run stopped by SIGTERM with ``SIGTERMException``, a ``SystemExit`` with no code (status 0, as if
+    the run had finished: ``cm3leon fit ... && cm3leon export ...`` went on), and one stopped by Ctrl-C with
+    ``sys.exit(1)`` while handling the ``KeyboardInterrupt``."""
+    if type(err).__name__ == "SIGTERMException":  # lightning.pytorch.utilities.exceptions
+        return 143
+    if err.code == 1 and isinstance(err.__context__, KeyboardInterrupt):
+        return 130
+    return None
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -7,6 +7,7 @@ and the one-line reporting of bad input.
 
 from __future__ import annotations
 
+import importlib
 import traceback
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,17 @@ class CM3LeonCLI(LightningCLI):
         kwargs.setdefault("parser_kwargs", {"description": DESCRIPTION})
         super().__init__(*args, **kwargs)
 
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        """Parse as LightningCLI does, and note the model's class and its :data:`RUN_SETTINGS` as given, before
+        ``--ckpt_path``'s hyper-parameters replace them."""
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else self.config
+        self.given_model_class = config.get("model.class_path")
+        self.given_run_settings = {
+            key: config[f"model.init_args.{key}"] for key in RUN_SETTINGS if f"model.init_args.{key}" in config
+        }
+
     def add_arguments_to_parser(self, parser: Any) -> None:
         """Link the data module's vocabulary to the model, and always log the data pipeline's counts.
 
@@ -68,7 +80,9 @@ class CM3LeonCLI(LightningCLI):
         """Drop a ``vocab: None`` the link left among the extra arguments of a model without ``vocab``; with
         ``--ckpt_path``, drop the model's ``init_from``: the checkpoint's weights replace those anyway, and
         LightningCLI applies a checkpoint's hyper-parameters over the command line, so an ``init_from`` saved there
-        would make every resume or prediction read the pretrained file again (and fail where it is gone)."""
+        would make every resume or prediction read the pretrained file again (and fail where it is gone). Also with
+        ``--ckpt_path``: refuse a checkpoint of another class than the model given (LightningCLI would silently build
+        the checkpoint's class: a VQGAN in a CM3Leon run), and keep the :data:`RUN_SETTINGS` as given."""
         from cm3leon_lightning.model.pretrained import is_model_dir
 
         subcommand = self.config.get("subcommand")
@@ -84,9 +98,35 @@ class CM3LeonCLI(LightningCLI):
                 f"--ckpt_path: {ckpt_path} is a model directory of 'cm3leon export' (no trainer state); give it as "
                 f"--model.init_args.init_from {ckpt_path} instead"
             )
-        if not ckpt_path or config.get("model.init_args.init_from") is None:
+        if not ckpt_path:
             return
-        config["model.init_args.init_from"] = None
+        saved_class, given_class = config.get("model.class_path"), getattr(self, "given_model_class", None)
+        # LightningCLI would build the checkpoint's class in place of the one given
+        if given_class and _import_class(saved_class) is not _import_class(given_class):
+            self.parser.error(
+                f"--ckpt_path: {ckpt_path} is a checkpoint of {saved_class}, but the model given is {given_class}; "
+                "give the checkpoint of this model, or the config of the run that wrote it"
+            )
+        for key, value in getattr(self, "given_run_settings", {}).items():
+            if f"model.init_args.{key}" in config:
+                config[f"model.init_args.{key}"] = value
+        if config.get("model.init_args.init_from") is not None:
+            config["model.init_args.init_from"] = None
+
+
+def _import_class(path: str | None) -> Any:
+    """The class at import path ``path`` (``a.b.C``; a re-export names the same class), else ``path`` itself."""
+    module, _, name = str(path).rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return path
+
+
+RUN_SETTINGS = ("export_path", "overwrite_export")
+"""Model arguments that say where a run writes, not what it trains (``ClipModule``'s): on resume they are taken as
+given, not from the checkpoint's hyper-parameters, so that ``--model.init_args.overwrite_export true``, which the
+refusal of an existing ``export_path`` asks for, takes effect."""
 
 
 INPUT_ERRORS: tuple[type[BaseException], ...] = (

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+import torch
+
 
 def test_a_vqgan_fit_resumes_through_the_cli(tmp_path: Path) -> None:
     """README "Resuming": `cm3leon fit ... --ckpt_path` continues a VQGAN run (ImageDataModule). The checkpoint's
@@ -21,3 +24,91 @@ def test_a_vqgan_fit_resumes_through_the_cli(tmp_path: Path) -> None:
     first = tmp_path / "ckpt" / "epoch=0-step=1.ckpt"
     main([*args, "--trainer.max_steps", "2", "--ckpt_path", str(first)])
     assert (tmp_path / "ckpt" / "epoch=0-step=2.ckpt").is_file()
+
+
+def test_a_clip_fit_resumes_with_overwrite_export(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A finished CLIP run has exported its weights, so resuming it with `--ckpt_path` met the refusal of an existing
+    `export_path`, which asks for `--model.init_args.overwrite_export true`: that was ignored, as LightningCLI puts the
+    checkpoint's hyper-parameters (`overwrite_export: false`) over the command line, so no resume could run."""
+    from cm3leon_lightning.cli import main
+
+    export = tmp_path / "clip.safetensors"
+    args = ["fit", "--model", "cm3leon_lightning.modules.clip.ClipModule", "--model.init_args.model_name",
+            "cm3leon-clip-tiny", "--model.init_args.export_path", str(export), "--data",
+            "cm3leon_lightning.data.pairs.ImageCaptionDataModule", "--data.init_args.synthetic", "32",
+            "--data.init_args.synthetic_source", "shapes", "--data.init_args.image_size", "32",
+            "--data.init_args.batch_size", "8", "--data.init_args.num_workers", "0", "--trainer.accelerator", "cpu",
+            "--trainer.logger", "false", "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
+            "--trainer.enable_model_summary", "false", "--trainer.default_root_dir", str(tmp_path),
+            "--trainer.callbacks+", "ModelCheckpoint", "--trainer.callbacks.dirpath", str(tmp_path / "ckpt"),
+            "--trainer.callbacks.save_last", "true"]  # fmt: skip
+    assert main([*args, "--trainer.max_steps", "1"]) == 0
+    first = export.read_bytes()
+    resume = [*args, "--trainer.max_steps", "2", "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt")]
+    assert main(resume) == 2  # still refused unless asked for
+    assert "export_path" in capsys.readouterr().err and export.read_bytes() == first
+    assert main([*resume, "--model.init_args.overwrite_export", "true"]) == 0
+    assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 2
+    assert export.read_bytes() != first
+
+
+def test_a_checkpoint_of_another_module_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`cm3leon fit <CM3Leon configs> --ckpt_path <a VQGAN checkpoint>`: LightningCLI took the checkpoint's class
+    path over the config's and built a VQGANModule, which then failed on the trainer's gradient clipping."""
+    from support.token_data import write_fit_config
+
+    from cm3leon_lightning.cli import main
+
+    vqgan_args = ["fit", "--model", "cm3leon_lightning.modules.vqgan.VQGANModule", "--model.init_args.preset", "tiny",
+                  "--model.init_args.disc_weight", "0.0", "--data", "cm3leon_lightning.data.images.ImageDataModule",
+                  "--data.init_args.synthetic", "4", "--data.init_args.image_size", "32",
+                  "--data.init_args.batch_size", "4", "--trainer.accelerator", "cpu", "--trainer.logger", "false",
+                  "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
+                  "--trainer.default_root_dir", str(tmp_path), "--trainer.max_steps", "1"]  # fmt: skip
+    assert main(vqgan_args) == 0
+    vqgan_ckpt = next((tmp_path / "checkpoints").glob("*.ckpt"))
+    cfg = write_fit_config(tmp_path, max_steps=1, n_train=4)
+    tiny = Path(__file__).resolve().parents[2] / "configs" / "model" / "tiny.yaml"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(tiny), "--config", str(cfg), "--ckpt_path", str(vqgan_ckpt)])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: --ckpt_path: {vqgan_ckpt} is a checkpoint of cm3leon_lightning.modules.vqgan.VQGANModule, but the "
+        "model given is cm3leon_lightning.modules.cm3leon.CM3LeonModule; give the checkpoint of this model, or the "
+        "config of the run that wrote it"
+    )
+    assert not (tmp_path / "ckpt").exists()  # nothing trained
+
+
+@pytest.mark.parametrize("signal_name, status", [("SIGTERM", 143), ("Ctrl-C", 130)])
+def test_a_run_stopped_by_a_signal_exits_with_its_status(
+    signal_name: str, status: int, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Lightning ends a fit stopped by SIGTERM with `SIGTERMException`, a SystemExit without a code: `cm3leon fit`
+    exited with status 0, as if training had finished (`cm3leon fit ... && cm3leon export ...` went on); Ctrl-C
+    exited with 1, as a failure does."""
+    import sys
+
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    import cm3leon_lightning.trainer_cli as trainer_cli
+    from cm3leon_lightning.cli import main
+
+    def stopped(args: object) -> None:  # what Lightning's _call_and_handle_interrupt raises
+        if signal_name == "SIGTERM":
+            raise SIGTERMException
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            sys.exit(1)
+
+    monkeypatch.setattr(trainer_cli, "CM3LeonCLI", stopped)
+    assert main(["fit", "--config", "run.yaml"]) == status
+    assert capsys.readouterr().err == (
+        f"cm3leon fit: stopped by {signal_name} (exit status {status}); the checkpoints written so far are kept: "
+        "resume with --ckpt_path <last.ckpt>\n"
+    )
+    monkeypatch.setattr(trainer_cli, "CM3LeonCLI", lambda args: sys.exit(1))  # another exit is left as it is
+    with pytest.raises(SystemExit) as exit_info:
+        main(["validate", "--config", "run.yaml"])
+    assert exit_info.value.code == 1
