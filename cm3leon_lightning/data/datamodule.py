@@ -276,7 +276,7 @@ class CM3LeonDataModule(L.LightningDataModule):
         """A :attr:`stream_class` over ``split``'s shards for this rank: shuffled, resampled (per ``mode``) and with
         the resume metadata when ``training``; exact, in order and without it otherwise. Override to adjust it."""
         if split not in self.sources:
-            raise ValueError(f"no {split}_data was given to CM3LeonDataModule")
+            raise ValueError(f"no {split}_data was given to CM3LeonDataModule (--data.init_args.{split}_data DIR)")
         _, urls, infos = self.sources[split]
         hp = self.hparams
         rank, world = self._rank()
@@ -300,7 +300,14 @@ class CM3LeonDataModule(L.LightningDataModule):
 
     def setup(self, stage: str) -> None:
         """Check that the training shards can be split over ranks x workers (a clear error, never a hang); a new
-        trainer's fit gets a new training loader (its counters start at 0, the old loader's position is another's)."""
+        trainer's fit gets a new training loader (its counters start at 0, the old loader's position is another's).
+        ``validate`` and ``test`` without their split are refused here, before a checkpoint is loaded."""
+        split = {"validate": "val", "test": "test"}.get(str(getattr(stage, "value", stage)))
+        if split is not None and split not in self.sources:
+            raise ValueError(
+                f"{stage} needs {split}_data, but none was given to CM3LeonDataModule "
+                f"(--data.init_args.{split}_data DIR)"
+            )
         if stage == "fit" and "train" in self.sources:
             if self._train_loader is not None and self._loader_trainer is not self.trainer:
                 self._train_loader = None

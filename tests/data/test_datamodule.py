@@ -537,3 +537,16 @@ def test_make_example_filters_samples_counted_apart_from_skips(tiny_dataset: Pat
     resumed.load_state_dict(state)
     tail = list(resumed.train_dataloader())
     assert [k for b in head + tail for row in b["keys"] for k in row] == keys_of(batches)
+
+
+def test_validate_and_test_without_their_split_are_refused_at_setup(tiny_dataset: Path) -> None:
+    """``cm3leon test`` without test data failed only when the loader was built, after the checkpoint had loaded, and
+    without naming the flag."""
+    dm = CM3LeonDataModule(train_data=str(tiny_dataset), seq_len=64)
+    for stage, split in (("test", "test"), ("validate", "val")):
+        with pytest.raises(ValueError) as e:
+            dm.setup(stage)
+        assert str(e.value) == (
+            f"{stage} needs {split}_data, but none was given to CM3LeonDataModule (--data.init_args.{split}_data DIR)"
+        )
+    dm.setup("fit")  # training alone needs no validation data
