@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from cm3leon_lightning.demo_stages import DEPENDS, PREPARE_SETTINGS, STAGE_FIELDS, STAGE_FILES, STAGE_FUNCS, STAGES
-from cm3leon_lightning.files import write_text_whole
+from cm3leon_lightning.files import make_output_dir, write_text_whole
 
 MARKER = "stage.json"
 RUN_FILE = "demo.json"
@@ -357,10 +357,7 @@ def prepare_out(out: Path, fresh: bool, size: str, seed: int = 0) -> None:
                              "refusing to write into or delete it: give a new or empty directory")  # fmt: skip
         if fresh:
             shutil.rmtree(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:  # a file on its path, no permission: named, not a traceback
-        raise ValueError(f"--out: cannot create {out}: {e.strerror or e}") from e
+    make_output_dir(out)  # a file on its path, no permission: named, not a traceback
     write_atomic(out / RUN_FILE, json.dumps({"size": size, "seed": seed, "argv": sys.argv[1:]}, indent=1))
 
 

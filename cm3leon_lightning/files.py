@@ -89,6 +89,19 @@ ARGS_FILE = "args.json"
 """Where a script records the settings of its output directory (:func:`check_output_dir`)."""
 
 
+def make_output_dir(out: Path, flag: str = "--out") -> None:
+    """Create the output directory ``out`` (and its parents) if missing.
+
+    Raises:
+        ValueError: naming ``flag`` and ``out`` when it cannot be made (a file on its path, no permission), in place
+            of an ``OSError`` traceback.
+    """
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"{flag}: cannot create {out}: {e.strerror or e}") from e
+
+
 def check_output_dir(
     out: Path, section: str, settings: dict[str, Any], labels: dict[str, str], fresh: bool, owner: str,
     what: str = "settings", replaces: str = "its outputs",

@@ -46,7 +46,7 @@ from cm3leon_lightning.data import shapes
 from cm3leon_lightning.demo_cli import positive_int
 from cm3leon_lightning.demo_eval import attribute_scores
 from cm3leon_lightning.demo_report import stage_results
-from cm3leon_lightning.files import ARGS_FILE, check_output_dir, write_text_whole
+from cm3leon_lightning.files import ARGS_FILE, check_output_dir, make_output_dir, write_text_whole
 
 
 def demo_paths(run: Path) -> dict[str, str]:
@@ -191,12 +191,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     settings = {"run": str(args.run.resolve()), **{k: getattr(args, k) for k in SETTINGS if k != "run"}}
     try:
         prepare_out(out, settings, paths["ckpt"], args.fresh)
+        make_output_dir(out)  # a file on its path, no permission: named, not a traceback
     except ValueError as e:
         p.error(str(e))
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:  # a file on its path, no permission: named, not a traceback
-        p.error(f"--out: cannot create {out}: {e.strerror or e}")
     write_text_whole(out / ARGS_FILE, json.dumps({"serve": settings}, indent=1))
     # One directory to hand to the server: weights (safetensors, no optimizer state) + both tokenizers. Exported
     # again on a rerun (the demo may have trained a new checkpoint since): replacing only this example's own export.

@@ -49,7 +49,7 @@ from cm3leon_lightning.demo_cli import positive_int
 from cm3leon_lightning.demo_eval import attribute_scores, caption_scores, to_uint8
 from cm3leon_lightning.demo_report import stage_results
 from cm3leon_lightning.demo_stages import fit_with_cli
-from cm3leon_lightning.files import ARGS_FILE, check_output_dir, write_text_whole
+from cm3leon_lightning.files import ARGS_FILE, check_output_dir, make_output_dir, write_text_whole
 from cm3leon_lightning.generation.generate import TEXT_LAYOUTS as LAYOUTS
 
 
@@ -188,12 +188,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     data = {"run": str(args.run.resolve()), "pairs": args.pairs, "seed": args.seed, "image_size": size}
     try:
         prepare_out(out, data, args.fresh)
+        make_output_dir(out)  # a file on its path, no permission: named, not a traceback
     except ValueError as e:
         p.error(str(e))
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:  # a file on its path, no permission: named, not a traceback
-        p.error(f"--out: cannot create {out}: {e.strerror or e}")
     fit = {k: getattr(args, k) for k in ("steps", "lr", "warmup", "eval", "image_first", "fit_arg")}
     write_text_whole(out / ARGS_FILE, json.dumps({"data": data, "fit": fit}, indent=1))
     lines = write_sft_data(out / "data", args.pairs, size, args.seed)

@@ -4,6 +4,7 @@ line numbers, split at newlines only."""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -80,3 +81,16 @@ def test_an_output_dir_is_reused_only_by_the_same_settings_of_its_own_script(tmp
         check(mine, pairs=5, seed=1)
     check(mine, True, pairs=5)  # --fresh deletes its own earlier output
     assert not mine.exists()
+
+
+def test_make_output_dir_names_the_flag_when_a_file_blocks_it(tmp_path: Path) -> None:
+    """The examples and the demo printed a NotADirectoryError traceback for an --out below a file."""
+    from cm3leon_lightning.files import make_output_dir
+
+    (tmp_path / "afile").write_text("x")
+    want = rf"^--dir: cannot create {re.escape(str(tmp_path))}/afile/sub: Not a directory$"
+    with pytest.raises(ValueError, match=want):
+        make_output_dir(tmp_path / "afile" / "sub", "--dir")
+    make_output_dir(tmp_path / "a" / "b")
+    make_output_dir(tmp_path / "a" / "b")  # exists: fine
+    assert (tmp_path / "a" / "b").is_dir() and (tmp_path / "afile").read_text() == "x"
