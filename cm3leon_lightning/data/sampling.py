@@ -9,6 +9,7 @@ does; :class:`ResumableSampler` records the epoch and the batches consumed (coun
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -94,6 +95,9 @@ class ResumableSampler(DistributedSampler):
             (:func:`trainer_progress`) or None (outside ``fit``); asked by every pass and by :meth:`state_dict`, as the
             sampler runs ahead of the training.
         with_epoch: yield ``(epoch, index)`` pairs rather than indices, for datasets whose items depend on the epoch.
+
+    Raises:
+        ValueError: a ``seed`` that is not an integer >= 0, or ``batch_size`` < 1.
     """
 
     def __init__(
@@ -108,6 +112,9 @@ class ResumableSampler(DistributedSampler):
         progress: Callable[[], tuple[int, int, int | float] | None] | None = None,
         with_epoch: bool = False,
     ) -> None:
+        # numpy refuses a negative seed only at the first pass ("expected non-negative integer"), naming nothing
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+            raise ValueError(f"seed must be an integer >= 0 (it seeds each epoch's order), got {seed!r}")
         super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")

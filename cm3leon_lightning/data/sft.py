@@ -17,7 +17,8 @@ template is eligible when the example has every field it names (ScienceQA's step
 ``explanation``); a field that is null, an empty or blank string or an empty list counts as absent. Each document
 draws one eligible template, seeded by its key. Text fields (strings or numbers) are used as given, except that
 ``choices`` (a list) becomes ``(A) x (B) y`` and ``objects`` (a list of ``[name, location]``) becomes
-``name at location, ...``; any other list, object or boolean is refused. Newlines in templates become spaces when
+``name at location, ...`` (at most 26 choices; each choice, name and location a string or a number); any other
+list, object or boolean, a null item and a NaN / Infinity are refused. Newlines in templates become spaces when
 ``cm3leon prepare`` cleans captions. The file is UTF-8 (a leading BOM is dropped).
 
 Tasks with several images (``edit``: InstructPix2Pix editing with ``image``, ``instruction`` and ``target``;
@@ -30,6 +31,7 @@ retrieval and evaluation.
 from __future__ import annotations
 
 import json
+import math
 import string
 import zlib
 from collections.abc import Iterator, Mapping
@@ -92,19 +94,30 @@ def format_value(name: str, value: Any) -> str:
     """One field as text: ``choices`` lists become ``(A) x (B) y``, ``objects`` ``name at location, ...``.
 
     Raises:
-        ValueError: naming the field, for a list, object or boolean elsewhere (its Python repr would be trained on).
+        ValueError: naming the field (and the item, ``choices[1]``), for a list, object, boolean, null or non-finite
+            number anywhere but as ``choices`` / ``objects`` themselves (its Python repr would be trained on), and
+            for more than 26 ``choices``.
     """
     if name == "choices" and isinstance(value, (list, tuple)):
-        return " ".join(f"({chr(ord('A') + i)}) {c}" for i, c in enumerate(value))
+        if len(value) > 26:
+            raise ValueError(f"field 'choices' has {len(value)} options; at most 26 can be lettered (A)..(Z)")
+        return " ".join(f"({chr(ord('A') + i)}) {_scalar(f'choices[{i}]', c)}" for i, c in enumerate(value))
     if name == "objects" and isinstance(value, (list, tuple)):
         parts = []
-        for obj in value:
+        for i, obj in enumerate(value):
             if not (isinstance(obj, (list, tuple)) and len(obj) == 2):
                 raise ValueError(f"'objects' holds [name, location] pairs, got {obj!r}")
-            parts.append(f"{obj[0]} at {obj[1]}")
+            parts.append(f"{_scalar(f'objects[{i}][0]', obj[0])} at {_scalar(f'objects[{i}][1]', obj[1])}")
         return ", ".join(parts)
-    if isinstance(value, (list, tuple, dict, bool)):
+    return _scalar(name, value)
+
+
+def _scalar(name: str, value: Any) -> str:
+    """A string or a finite number as text; anything else (its repr: ``None``, ``True``, ``[1, 2]``, ``nan``) raises."""
+    if value is None or isinstance(value, (list, tuple, dict, bool)):
         raise ValueError(f"field {name!r} must be a string or a number, got {type(value).__name__} {value!r:.60}")
+    if isinstance(value, float) and not math.isfinite(value):  # JSON's non-standard NaN / Infinity
+        raise ValueError(f"field {name!r} must be a string or a finite number, got {value!r}")
     return str(value)
 
 
@@ -290,6 +303,10 @@ class SFTSource(PairSource):
         self.path, self.up, self.down, self.seed = Path(path), float(up), float(down), int(seed)
         if self.seed < 0:
             raise ValueError(f"the SFT seed (--sft-seed) must be >= 0, got {seed}")
+        if not (0.0 < self.down <= 1.0 <= self.up):  # checked before the files are read (balanced_counts would, after)
+            raise ValueError(
+                f"the SFT thresholds need 0 < down (--sft-down) <= 1 <= up (--sft-up), got up={up}, down={down}"
+            )
         if self.path.is_dir():
             files = sorted(self.path.glob("*.jsonl"))
             if not files:

@@ -169,6 +169,24 @@ def test_null_dataset_defaults_to_the_task_and_the_seed_is_checked(tmp_path: Pat
         SFTSource(path, seed=-1)
 
 
+def test_bad_thresholds_name_the_flags_before_any_file_is_read(tmp_path: Path) -> None:
+    """``--sft-up 0.5`` failed in balanced_counts after every file was read, naming neither flag."""
+    missing = tmp_path / "missing.jsonl"  # not read: the thresholds are refused first
+    for up, down in ((0.5, 0.3), (3.0, 0.0), (3.0, 1.5), (float("nan"), 0.3)):
+        with pytest.raises(ValueError, match=r"0 < down \(--sft-down\) <= 1 <= up \(--sft-up\), got up="):
+            SFTSource(missing, up=up, down=down)
+
+
+def test_choices_and_objects_items_render_as_given() -> None:
+    fields = {"question": "q", "context": "c", "answer": "a", "choices": ["cat", 2, 0.5]}
+    options = "Question: q\nContext: c\nOptions: (A) cat (B) 2 (C) 0.5\nAnswer: a."
+    assert every_rendering("scienceqa", fields) == [options]
+    objects = {"caption": "c", "objects": [["circle", "<1,2,3,4>"], [7, 3]]}
+    assert every_rendering("detection", objects) == [
+        "Generate high quality image of c with segmentations circle at <1,2,3,4>, 7 at 3"
+    ]
+
+
 def _empty(tmp_path: Path) -> Path:
     d = tmp_path / "empty"
     d.mkdir()
@@ -206,6 +224,31 @@ def _empty(tmp_path: Path) -> Path:
             r"bad.jsonl:2: field 'answer' must be a string or a number, got list \['red', 'red'\]",
         ),
         ('{"task": "vqa", "image": "i.png", "question": "q", "answer": true}', r"bad.jsonl:2: field 'answer' .* bool"),
+        # items of choices / objects were rendered with Python's repr: "Options: (A) cat (B) None", "(A) True",
+        # "circle at [10, 20, 30, 40]"; JSON's NaN trained "Answer: nan."; a 27th choice was lettered "([)"
+        (
+            '{"task": "scienceqa", "image": "i.png", "question": "q", "context": "c", "answer": "a", '
+            '"choices": ["cat", null]}',
+            r"bad.jsonl:2: field 'choices\[1\]' must be a string or a number, got NoneType None",
+        ),
+        (
+            '{"task": "scienceqa", "image": "i.png", "question": "q", "context": "c", "answer": "a", '
+            '"choices": [true, false]}',
+            r"bad.jsonl:2: field 'choices\[0\]' must be a string or a number, got bool True",
+        ),
+        (
+            '{"task": "scienceqa", "image": "i.png", "question": "q", "context": "c", "answer": "a", '
+            f'"choices": {json.dumps(["x"] * 27)}}}',
+            r"bad.jsonl:2: field 'choices' has 27 options; at most 26 can be lettered \(A\)..\(Z\)",
+        ),
+        (
+            '{"task": "detection", "image": "i.png", "caption": "c", "objects": [["circle", [10, 20, 30, 40]]]}',
+            r"bad.jsonl:2: field 'objects\[0\]\[1\]' must be a string or a number, got list \[10, 20, 30, 40\]",
+        ),
+        (
+            '{"task": "vqa", "image": "i.png", "question": "q", "answer": NaN}',
+            r"bad.jsonl:2: field 'answer' must be a string or a finite number, got nan",
+        ),
         # rendering errors came from cm3leon prepare's encode stage, without the file and line
         (
             '{"task": "detection", "image": "i.png", "caption": "c", "objects": ["circle"]}',
