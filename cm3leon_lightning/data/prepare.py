@@ -32,13 +32,11 @@ loaded, before anything is written.
 
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 import os
 import re
 import sys
 import time
-import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -47,14 +45,11 @@ from pathlib import Path
 from typing import Any
 
 from cm3leon_lightning.data import prepare_stages as st
+from cm3leon_lightning.data.prepare_plan import check_plan
 from cm3leon_lightning.data.sources import REPAIR_REASONS, SKIP_REASONS, PairSource
 
 STAGES = ("tokenizer", "encode", "bank", "write", "manifest")
-PLAN_VERSION = 1
 _RUNTIME_FIELDS = ("workers", "device", "shard_range", "stages", "progress")
-_BANK_SETTINGS = ("bank_factory", "bank_train_size")  # read by the bank stage only
-_TOKENIZER_SETTINGS = tuple(f"settings.{k}" for k in ("tokenizer", "train_tokenizer_vocab", "tokenizer_min_frequency",
-                                                     "val_fraction", "seed", "max_caption_chars"))  # fmt: skip
 
 
 @dataclass
@@ -78,6 +73,8 @@ class PrepareConfig:
         k_per_modality: neighbours taken from the text search and from the image search (paper: 2).
         max_relevance: candidates scoring above this are skipped as near copies (paper: 0.9).
         duplicate_threshold: cosine above which a candidate duplicates an already chosen neighbour.
+        image_duplicate_threshold: image-embedding cosine above which a candidate holds the query's picture or a
+            chosen neighbour's (a re-post under another caption); above 1 turns the rule off.
         query_dropout: share of caption words dropped from the text query (paper: 0.2).
         prefer_multimodal: consider image+caption documents first (paper section 2.1).
         search_k: candidates fetched per search before the rules apply (a margin over ``k_per_modality``).
@@ -109,6 +106,7 @@ class PrepareConfig:
     k_per_modality: int = 2
     max_relevance: float = 0.9
     duplicate_threshold: float = 0.95
+    image_duplicate_threshold: float = 0.95
     query_dropout: float = 0.2
     prefer_multimodal: bool = True
     search_k: int = 16
@@ -179,6 +177,7 @@ class PrepareConfig:
             self.duplicate_threshold,
             self.prefer_multimodal,
             self.query_dropout,
+            self.image_duplicate_threshold,
         )
 
     def identity(self) -> dict[str, Any]:
@@ -251,16 +250,6 @@ def run_parts(run: st.Run, fn: Callable[..., dict], tasks: Sequence[tuple], tota
     return results
 
 
-def _identity(source: PairSource) -> dict[str, Any]:
-    """``source.describe()`` with the fingerprint of its input files (for sources whose describe() has none)."""
-    ident = source.describe()
-    if "fingerprint" not in ident:
-        fingerprint = source.fingerprint()
-        if fingerprint is not None:
-            ident["fingerprint"] = fingerprint
-    return ident
-
-
 def check_inputs(cfg: PrepareConfig, device: str = "cpu") -> None:
     """Fail before anything is written (plan.json records these) on model files that do not exist or do not load
     (the VQGAN as ``vqgan_preset`` / ``vqgan_config`` or its own config describe it, the CLIP weights as
@@ -305,76 +294,6 @@ def check_inputs(cfg: PrepareConfig, device: str = "cpu") -> None:
         ) from e
 
 
-def _replaceable(run: st.Run, old: dict[str, Any], plan: dict[str, Any]) -> bool:
-    """Whether ``plan`` may replace ``old`` in ``plan.json`` because nothing written depends on what changed.
-
-    Bank settings (:data:`_BANK_SETTINGS`) may change while no memory bank is built and no part written: the encoded
-    parts do not depend on them, so a bank stage that failed on them (an IVF bank with more lists than documents) is
-    resumed with new ones. Anything else may change while no part is encoded, provided the tokenizer already made (if
-    any) does not depend on it: a run that failed on its first encoded part (a model file that did not load) is
-    rerun with corrected settings in the same ``--out``.
-    """
-    ours, theirs = plan["settings"], old.get("settings") or {}
-    changed = {k for k in set(old) | set(plan) if k != "settings" and old.get(k) != plan.get(k)}
-    changed |= {f"settings.{k}" for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k)}
-    if (run.work / "bank" / st.DONE_FILE).exists() or any((run.out / "stats").glob("part-*.json")):
-        return False
-    if changed <= {f"settings.{k}" for k in _BANK_SETTINGS}:
-        return True
-    if any(not d.parent.name.startswith(".") for d in (run.work / "parts").glob(f"*/{st.DONE_FILE}")):
-        return False  # .<part>.tmp: a part a killed run left unfinished, rebuilt anyway
-    made = (run.work / "tokenizer.json").exists() or (run.work / "tokenizer.done.json").exists()
-    return not made or not changed & {"plan_version", "source", "tokenizer_sha256", *_TOKENIZER_SETTINGS}
-
-
-def _check_plan(run: st.Run, bank_source: PairSource | None) -> None:
-    cfg = run.cfg
-    plan = {
-        "plan_version": PLAN_VERSION,
-        "source": _identity(run.sources["main"]),
-        "bank_source": _identity(bank_source) if bank_source is not None else None,
-        "settings": cfg.identity(),
-        "vqgan_sha256": st.path_sha256(cfg.vqgan),
-        "clip_weights_sha256": st.path_sha256(cfg.clip_weights) if os.path.isfile(cfg.clip_weights) else None,
-        "tokenizer_sha256": st.path_sha256(cfg.tokenizer) if cfg.tokenizer else None,
-    }
-    plan = json.loads(json.dumps(plan))
-    path = run.work / "plan.json"
-    if path.is_file():
-        old = json.loads(path.read_text(encoding="utf-8"))
-        for part in ("source", "bank_source"):  # begun by a version that kept no fingerprint: cannot check the files
-            ours = plan[part] if isinstance(plan[part], dict) else {}
-            if isinstance(old.get(part), dict) and "fingerprint" not in old[part] and "fingerprint" in ours:
-                plan[part].pop("fingerprint", None)
-                warnings.warn(
-                    f"{path} records no fingerprint of the {part.replace('_', ' ')}'s files (begun by an earlier "
-                    "version): resuming without checking that they are unchanged",
-                    stacklevel=2,
-                )
-        if old != plan and _replaceable(run, old, plan):  # nothing was built with what changed: take the new
-            st.write_json(path, plan)
-            return
-        if old != plan:
-            diff = sorted(k for k in set(old) | set(plan) if old.get(k) != plan.get(k))
-            for part in ("source", "bank_source", "settings"):
-                p_old, p_new = old.get(part), plan.get(part)
-                if part in diff and isinstance(p_old, dict) and isinstance(p_new, dict):
-                    diff += [f"{part}.{k}" for k in sorted(set(p_old) | set(p_new)) if p_old.get(k) != p_new.get(k)]
-            restart = f"write to a new --out (or delete {run.work}) to start over"
-            advice = f"resume with the same ones, or write to a new --out (or delete {run.work})"
-            changed = [d.split(".")[0] for d in diff if d.endswith(".fingerprint")]
-            if changed:
-                advice = (f"the input files changed since it began (added, removed, replaced or edited), and parts "
-                          f"encoded from the old files cannot be mixed with the new ones: restore the input as it "
-                          f"was to resume, or {restart}")  # fmt: skip
-            raise ValueError(
-                f"{run.out} holds a preparation with other inputs or settings ({', '.join(diff)}); {advice}"
-            )
-        return
-    run.work.mkdir(parents=True, exist_ok=True)
-    st.write_json(path, plan)
-
-
 def prepare(
     source: PairSource,
     out: str | Path,
@@ -410,7 +329,7 @@ def prepare(
     if run.out.exists() and not run.out.is_dir():
         raise ValueError(f"--out {run.out} exists and is not a directory")
     check_inputs(cfg, st.models_device(run))
-    _check_plan(run, bank_source)
+    check_plan(run, bank_source)
     st.reset_part_counts()
     summary: dict[str, Any] = {"seconds": {}}
     stages = [s for s in STAGES if s in cfg.stages]
@@ -472,6 +391,8 @@ def print_summary(summary: dict[str, Any], out: Path, file: Any = None) -> None:
         lines.append(f"  {split}: {s['samples']} samples in {s['shards']} shards -> {out / split}")
     if "neighbors_per_sample" in summary:
         lines.append(f"  neighbours per sample: {summary['neighbors_per_sample']}")
+    if summary.get("rejected_candidates"):
+        lines.append(f"  retrieval candidates skipped, by rule: {summary['rejected_candidates']}")
     lines.append("  seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in summary.get("seconds", {}).items()))
     print("\n".join(lines), file=file or sys.stdout)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -82,6 +83,7 @@ def manifest_sections(run: Run) -> dict[str, dict[str, Any]]:
                  else f"open_clip:{cfg.clip_weights}"},
         "retrieval": {"k_per_modality": cfg.k_per_modality, "max_relevance": cfg.max_relevance,
                       "duplicate_threshold": cfg.duplicate_threshold, "query_dropout": cfg.query_dropout,
+                      "image_duplicate_threshold": cfg.image_duplicate_threshold,
                       "prefer_multimodal": cfg.prefer_multimodal, "search_k": cfg.search_k,
                       "bank_factory": cfg.bank_factory, "bank": bank, "seed": cfg.seed},
     }  # fmt: skip
@@ -121,8 +123,9 @@ def stage_bank(run: Run) -> dict[str, Any]:
     """Drop duplicate keys (first in source order wins), gather the bank documents and build the faiss index.
 
     The bank holds the training split of the main source, or every document of a separate bank source. Its
-    arrays (``emb.npy`` float16 document embeddings, ``codes.npy``, ``text.npy`` + ``text_offsets.npy``) are
-    written as memory maps, part by part; ``dups.json`` lists the duplicates the write stage skips.
+    arrays (``emb.npy`` float16 document embeddings, ``img.npy`` their image embeddings, ``codes.npy``, ``text.npy``
+    + ``text_offsets.npy``) are written as memory maps, part by part; ``dups.json`` lists the duplicates the write
+    stage skips.
     """
     from numpy.lib.format import open_memmap
 
@@ -165,6 +168,7 @@ def stage_bank(run: Run) -> dict[str, Any]:
     first = load_part(run.part_dir(bank_collection, next(iter(rows))))
     dim, n_tok = first["emb"].shape[2], first["codes"].shape[1]
     emb = open_memmap(tmp / "emb.npy", "w+", np.float16, (n, dim))
+    img = open_memmap(tmp / "img.npy", "w+", np.float16, (n, dim))  # for the query's picture under other captions
     codes = open_memmap(tmp / "codes.npy", "w+", np.int32, (n, n_tok))
     text = open_memmap(tmp / "text.npy", "w+", np.int32, (n_text,))
     text_offsets = np.zeros(n + 1, np.int64)
@@ -174,6 +178,7 @@ def stage_bank(run: Run) -> dict[str, Any]:
     for p, idx in rows.items():
         part = load_part(run.part_dir(bank_collection, p))
         emb[r : r + len(idx)] = part["emb"][idx, 0]  # the document embeddings
+        img[r : r + len(idx)] = part["emb"][idx, 2]  # the image embeddings (the image queries)
         codes[r : r + len(idx)] = part["codes"][idx]
         off = part["text_offsets"]
         for i in idx:
@@ -183,9 +188,9 @@ def stage_bank(run: Run) -> dict[str, Any]:
             keys_out.append(part["keys"][i])
             groups_out.append(part["groups"][i])
             r += 1
-    for arr in (emb, codes, text):
+    for arr in (emb, img, codes, text):
         arr.flush()
-    del emb, codes, text
+    del emb, img, codes, text
     np.save(tmp / "text_offsets.npy", text_offsets)
     emb = np.load(tmp / "emb.npy", mmap_mode="r")
     step = max(1, n // cfg.bank_train_size)
@@ -256,6 +261,8 @@ def load_bank(run: Run) -> dict[str, Any]:
         )
         groups = d / "groups.json"  # absent in banks built before groups were kept
         bank["groups"] = json.loads(groups.read_text(encoding="utf-8")) if groups.is_file() else list(index.keys)
+        img = d / "img.npy"  # absent in banks built before image embeddings were kept: the group rule only
+        bank["img"] = np.load(img, mmap_mode="r") if img.is_file() else None
         _CACHE[key] = (stamp, bank)
     return _CACHE[key][1]
 
@@ -306,13 +313,15 @@ def write_part(run: Run, index: int, progress: Callable[[int], Any] | None = Non
     counts: Counter = Counter(part["stats"])
     counts["duplicate_key"] += len(dup)
     n_neighbors: Counter = Counter()
+    rejected: Counter = Counter()  # candidates skipped, by rule
     writers: dict[str, Any] = {}
     for j, i in enumerate(rows):
         key = part["keys"][i]
         chosen = select_neighbors(
             key, by_text.ids[j], by_text.scores[j], by_image.ids[j], by_image.scores[j],
             bank["index"].keys, None, bank["emb"], selection, query_embedding=emb[j, 0],
-            query_group=part["groups"][i], groups=bank["groups"],
+            query_group=part["groups"][i], groups=bank["groups"], image_embeddings=bank["img"],
+            query_image_embedding=emb[j, 2], rejected=rejected,
         )  # fmt: skip
         neighbors = []
         for c in chosen:
@@ -347,12 +356,27 @@ def write_part(run: Run, index: int, progress: Callable[[int], Any] | None = Non
         shards[split] = {"name": name, "count": info.count, "sha256": info.sha256}
     start, stop = run.part_range("main", index)
     stats = {"part": index, "range": [start, stop], "counts": dict(sorted(counts.items())),
-             "neighbors_per_sample": dict(sorted(n_neighbors.items())), "shards": shards,
+             "neighbors_per_sample": dict(sorted(n_neighbors.items())),
+             "rejected_candidates": dict(sorted(rejected.items())), "shards": shards,
              "inputs": write_inputs(run, index), "skipped": skipped}  # fmt: skip
     stats_path(run, index).parent.mkdir(parents=True, exist_ok=True)
     write_json(stats_path(run, index), stats)
     part_done("write")
     return stats
+
+
+def warn_image_duplicates(run: Run, skipped: int, chosen: int) -> None:
+    """Warn when the picture rule skipped more candidates than all the neighbours chosen: a CLIP that is not
+    trained (enough) maps every picture to nearly one direction, and the rule then empties the retrieved context."""
+    if skipped > chosen:
+        warnings.warn(
+            f"cm3leon prepare: the picture rule (--image-duplicate-threshold {run.cfg.image_duplicate_threshold}) "
+            f"skipped {skipped} retrieval candidates as the query's or a chosen neighbour's picture, more than the "
+            f"{chosen} neighbours chosen: the CLIP ({run.cfg.clip_model}) gives different pictures nearly one "
+            f"embedding (not trained?). Use a trained CLIP, or a threshold above 1 to turn the rule off "
+            f"(in a new --out); counts per rule: 'rejected_candidates' of {run.out / 'summary.json'}",
+            stacklevel=2,
+        )
 
 
 def part_segments(part: dict[str, Any], i: int) -> list[tuple[str, np.ndarray]] | None:
@@ -382,11 +406,15 @@ def stage_manifest(run: Run) -> dict[str, Any]:
         shutil.rmtree(leftover, ignore_errors=True)
     totals: Counter = Counter()
     hist: Counter = Counter()
+    rejected: Counter = Counter()
     for s in stats:
         totals.update(s["counts"])
         hist.update(s["neighbors_per_sample"])
+        rejected.update(s.get("rejected_candidates", {}))  # absent in parts written by earlier versions
     summary: dict[str, Any] = {"counts": dict(sorted(totals.items())), "splits": {}}
     summary["neighbors_per_sample"] = dict(sorted(hist.items(), key=lambda kv: int(kv[0])))
+    summary["rejected_candidates"] = dict(sorted(rejected.items()))
+    warn_image_duplicates(run, rejected["image_duplicate"], totals["neighbors_by_text"] + totals["neighbors_by_image"])
     for split in ("train", "val"):
         shards = [ShardInfo(**s["shards"][split]) for s in stats if split in s["shards"]]
         if not shards:  # none in this preparation: a manifest left by an earlier one (work/ deleted) is not its data

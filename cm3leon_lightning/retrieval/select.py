@@ -7,11 +7,12 @@ query dropout) and one with the image, and hands the ranked candidates to :func:
 1. skip the query document itself, the documents of its group (its image under another caption), and (given its
    embedding) any copy of it: a candidate whose document embedding has cosine above the duplicate threshold with
    the query's (the relevance score compares a one-modality query with an averaged document, so an exact copy
-   scores only ~0.7-0.8 and passes the 0.9 cap);
+   scores only ~0.7-0.8 and passes the 0.9 cap), and (given image embeddings) its picture under another caption
+   in another group (a web re-post: the new caption pulls the document cosine under the threshold);
 2. relevance cap: keep only candidates with relevance score <= 0.9 (higher means a near copy of the query);
 3. diversity: skip candidates already chosen, documents of a chosen one's group (its picture under another caption,
-   which the embedding cosine does not always catch), and near-duplicates of a chosen one (embedding cosine above a
-   threshold);
+   which the embedding cosine does not always catch), and near-duplicates of a chosen one (document or, given them,
+   image embedding cosine above a threshold);
 4. modality: prefer documents that have both an image and a caption;
 5. take ``k_per_modality`` from each search ("we retrieve two documents each, based on image and text").
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import numbers
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, TypedDict, TypeVar
@@ -51,6 +53,9 @@ class SelectionConfig:
             near-duplicate and skipped (the paper gives no value; 0.95 keeps paraphrases out).
         prefer_multimodal: take documents with both an image and a caption before single-modality ones.
         query_dropout: fraction of the caption's tokens dropped before the text query is embedded (paper: 20%).
+        image_duplicate_threshold: a candidate whose image embedding has cosine above this with the query's picture
+            or a chosen document's is the same picture (a re-post under another caption) and skipped; above 1 turns
+            the rule off (a CLIP that is not trained maps every picture to nearly one direction).
     """
 
     k_per_modality: int = 2
@@ -58,12 +63,13 @@ class SelectionConfig:
     duplicate_threshold: float = 0.95
     prefer_multimodal: bool = True
     query_dropout: float = 0.2
+    image_duplicate_threshold: float = 0.95
 
     def __post_init__(self) -> None:
         # a float k (1.5) would never equal the count taken, so every candidate would be kept
         if isinstance(self.k_per_modality, bool) or not isinstance(self.k_per_modality, numbers.Integral):
             raise ValueError(f"k_per_modality must be an integer, got {self.k_per_modality!r}")
-        for name in ("max_relevance", "duplicate_threshold", "query_dropout"):
+        for name in ("max_relevance", "duplicate_threshold", "query_dropout", "image_duplicate_threshold"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise ValueError(f"{name} must be a number, got {value!r}")
@@ -73,6 +79,10 @@ class SelectionConfig:
             raise ValueError(f"max_relevance must be in [-1, 1], got {self.max_relevance}")
         if not -1.0 <= self.duplicate_threshold <= 1.0 + 1e-6:
             raise ValueError(f"duplicate_threshold must be in [-1, 1], got {self.duplicate_threshold}")
+        if not -1.0 <= self.image_duplicate_threshold < float("inf"):  # NaN fails too
+            raise ValueError(
+                f"image_duplicate_threshold must be >= -1 (above 1: off), got {self.image_duplicate_threshold}"
+            )
         if not 0.0 <= self.query_dropout < 1.0:
             raise ValueError(f"query_dropout must be in [0, 1), got {self.query_dropout}")
 
@@ -162,6 +172,19 @@ def multimodal_first(ids: Sequence[int], multimodal: np.ndarray) -> list[int]:
     return both + [i for i in ids if not multimodal[i]]
 
 
+RULES = ("query", "chosen", "group", "relevance", "duplicate", "image_duplicate")
+"""The rules that skip a candidate, in the order :func:`select_neighbors` applies them: the query itself, a document
+already chosen, the query's or a chosen document's group, the relevance cap, a near-duplicate document embedding and a
+near-duplicate picture."""
+
+
+def _copies(rows: np.ndarray | None, row: int, avoid: list[np.ndarray], threshold: float) -> bool:
+    """Whether bank row ``row`` of ``rows`` (document or image embeddings) nearly duplicates one of ``avoid``."""
+    if rows is None or not avoid:
+        return False
+    return is_near_duplicate(np.asarray(rows[row], np.float32), np.stack(avoid), threshold)
+
+
 def select_neighbors(
     query_key: str,
     text_ids: Sequence[int] | np.ndarray,
@@ -175,6 +198,9 @@ def select_neighbors(
     query_embedding: np.ndarray | None = None,
     query_group: str | None = None,
     groups: Sequence[str] | None = None,
+    image_embeddings: np.ndarray | None = None,
+    query_image_embedding: np.ndarray | None = None,
+    rejected: Counter[str] | None = None,
 ) -> list[Neighbor]:
     """Choose the retrieved documents of one query document (paper section 2.1).
 
@@ -205,6 +231,12 @@ def select_neighbors(
             captions of a chosen picture: two captions of one picture embed at cosine ~0.9, under the duplicate
             threshold, and would fill both slots of a search), and with ``query_group`` so are rows of the query's
             group (the query's own image under another caption).
+        image_embeddings: ``(N, D)`` image embeddings per bank row: a candidate whose picture has cosine above
+            ``image_duplicate_threshold`` with the query's picture (``query_image_embedding``) or a chosen document's is
+            skipped, whatever its caption and group (the same photo re-posted under another caption embeds as a
+            document at cosine ~0.85-0.9 with the query's, under the threshold, and would leak the target image).
+        query_image_embedding: ``(D,)`` the query's image embedding (with ``image_embeddings``).
+        rejected: a counter to add the skipped candidates to, by the first rule that skipped each (:data:`RULES`).
 
     Returns:
         The chosen neighbours as ``{key, score, by}`` in selection order: the text search's picks, then the image
@@ -212,9 +244,15 @@ def select_neighbors(
 
     Raises:
         ValueError: ids and scores of a search differ in shape, an id is beyond ``keys``, or ``multimodal``,
-            ``embeddings`` or ``groups`` has another length than ``keys`` (each named).
+            ``embeddings``, ``groups`` or ``image_embeddings`` has another length than ``keys`` (each named).
     """
-    for name, rows in (("multimodal", multimodal), ("embeddings", embeddings), ("groups", groups)):
+    per_row = {
+        "multimodal": multimodal,
+        "embeddings": embeddings,
+        "groups": groups,
+        "image_embeddings": image_embeddings,
+    }
+    for name, rows in per_row.items():
         if rows is not None and len(rows) != len(keys):  # a shorter one failed with an IndexError, a longer one not
             raise ValueError(f"{name} has {len(rows)} rows but keys has {len(keys)}: both describe every bank row")
     chosen: list[Neighbor] = []
@@ -223,6 +261,8 @@ def select_neighbors(
     chosen_rows: list[int] = []
     # what a candidate must not duplicate: the query (when its embedding is known), then each chosen document
     avoid = [] if query_embedding is None or embeddings is None else [np.asarray(query_embedding, np.float32)]
+    # the same for pictures: the query's (when known), then each chosen document's
+    avoid_images = [] if query_image_embedding is None else [np.asarray(query_image_embedding, np.float32)]
     for by, ids, scores in (("text", text_ids, text_scores), ("image", image_ids, image_scores)):
         ids, scores = np.asarray(ids, dtype=np.int64), np.asarray(scores, dtype=np.float64)
         if ids.shape != scores.shape or ids.ndim != 1:
@@ -239,21 +279,18 @@ def select_neighbors(
             if taken == config.k_per_modality:
                 break
             key, score = keys[row], score_of[row]
-            if key == query_key or key in chosen_keys:
-                continue
-            if groups is not None and (groups[row] in chosen_groups or groups[row] == query_group):
-                continue
-            if not within_relevance_cap(score, config.max_relevance):
-                continue
-            if (
-                embeddings is not None
-                and avoid
-                and is_near_duplicate(
-                    np.asarray(embeddings[row], np.float32),
-                    np.stack(avoid),
-                    config.duplicate_threshold,  # (M, D)
-                )
-            ):
+            rule = (  # the first rule that skips the candidate, if any (evaluated lazily, in this order)
+                "query" if key == query_key
+                else "chosen" if key in chosen_keys
+                else "group" if groups is not None and (groups[row] in chosen_groups or groups[row] == query_group)
+                else "relevance" if not within_relevance_cap(score, config.max_relevance)
+                else "duplicate" if _copies(embeddings, row, avoid, config.duplicate_threshold)
+                else "image_duplicate" if _copies(image_embeddings, row, avoid_images, config.image_duplicate_threshold)
+                else None
+            )  # fmt: skip
+            if rule is not None:
+                if rejected is not None:
+                    rejected[rule] += 1
                 continue
             chosen.append(Neighbor(key=key, score=score, by=by))  # type: ignore[typeddict-item]
             chosen_keys.add(key)
@@ -262,5 +299,7 @@ def select_neighbors(
             chosen_rows.append(row)
             if embeddings is not None:
                 avoid.append(np.asarray(embeddings[row], np.float32))
+            if image_embeddings is not None:
+                avoid_images.append(np.asarray(image_embeddings[row], np.float32))
             taken += 1
     return chosen

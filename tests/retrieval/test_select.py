@@ -117,6 +117,47 @@ def test_one_picture_under_another_caption_is_not_retrieved_twice():
     assert [n["key"] for n in out] == ["doc3", "doc1", "doc2"]
 
 
+def test_the_query_picture_under_another_caption_and_group_is_skipped_by_its_image_embedding():
+    """A web re-post of the query's photo under a new caption is another group, and its document embedding (a new
+    caption averaged in) has cosine ~0.85 with the query's, under the 0.95 threshold: only the image embedding
+    catches it (found in review: the target image leaked into its own retrieved context). A picture already chosen
+    under one caption is not chosen again under another either."""
+    docs, imgs = _orthogonal(), _orthogonal()
+    query_img = imgs[7].copy()
+    imgs[1] = query_img  # doc1: the query's photo under another caption and group
+    docs[1] = 0.85 * docs[7] + np.sqrt(1 - 0.85**2) * docs[1]  # document cosine 0.85 with the query's
+    imgs[5] = imgs[2]  # doc5: doc2's photo under another caption
+    args = ("q", [1, 2, 3], [0.72, 0.64, 0.6], [5, 4, 6], [0.71, 0.6, 0.5], KEYS)
+    kwargs = {"embeddings": docs, "query_embedding": docs[7], "groups": KEYS, "query_group": "q"}
+    assert [n["key"] for n in select_neighbors(*args, **kwargs)] == ["doc1", "doc2", "doc5", "doc4"]
+    out = select_neighbors(*args, **kwargs, image_embeddings=imgs, query_image_embedding=query_img)
+    assert [n["key"] for n in out] == ["doc2", "doc3", "doc4", "doc6"]
+    # without the query's picture, chosen pictures still count
+    out = select_neighbors(*args, **kwargs, image_embeddings=imgs)
+    assert [n["key"] for n in out] == ["doc1", "doc2", "doc4", "doc6"]
+    with pytest.raises(ValueError, match="image_embeddings has 3 rows but keys has 8"):
+        select_neighbors(*args, image_embeddings=imgs[:3])
+
+
+def test_rejected_counts_each_skipped_candidate_by_its_first_rule():
+    from collections import Counter
+
+    from cm3leon_lightning.retrieval.select import RULES
+
+    docs, imgs = _orthogonal(), _orthogonal()
+    docs[3] = docs[1]  # doc3 duplicates doc1's document, doc4 its picture
+    imgs[4] = imgs[1]
+    groups = ["g0", "g1", "q", "g3", "g4", "g5", "g1", "g7"]  # doc2: the query's group; doc6: doc1's
+    rejected: Counter = Counter()
+    out = select_neighbors(
+        "doc0", [0, 1, 2, 6, 7, 3], [0.8, 0.8, 0.8, 0.8, 0.95, 0.8], [1, 3, 4, 5, 7], [0.8, 0.8, 0.8, 0.5, 0.5], KEYS,
+        embeddings=docs, groups=groups, query_group="q", image_embeddings=imgs, rejected=rejected,
+    )  # fmt: skip
+    assert [(n["key"], n["by"]) for n in out] == [("doc1", "text"), ("doc5", "image"), ("doc7", "image")]
+    assert rejected == {"query": 1, "chosen": 1, "group": 2, "relevance": 1, "duplicate": 2, "image_duplicate": 1}
+    assert set(rejected) <= set(RULES)
+
+
 def test_is_near_duplicate_threshold():
     c = np.array([1.0, 0.0])
     assert not is_near_duplicate(c, np.zeros((0, 2)), 0.95)
