@@ -31,6 +31,9 @@ from typing import Any, Literal
 
 Activation = Literal["gelu", "relu", "swiglu"]
 ACTIVATIONS: tuple[str, ...] = ("gelu", "relu", "swiglu")
+INIT_ONLY_FIELDS: tuple[str, ...] = ("init_std", "pos_init_std")
+"""Fields that only set the random initialisation: weights loaded from a file make them moot, so a checkpoint that
+differs from a module only in these has the same architecture (``check_same_architecture``)."""
 
 
 @dataclass

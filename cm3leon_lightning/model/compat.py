@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from cm3leon_lightning.config import INIT_ONLY_FIELDS
+
 _MISSING = "<absent>"
 
 TOKENIZER_HINT = (
@@ -55,13 +57,17 @@ def check_same_vocab(
 
 
 def check_same_architecture(saved: dict[str, Any] | None, ours: dict[str, Any], source: str) -> None:
-    """Raise ValueError listing each differing field as ``field: (checkpoint's, module's)`` (None: unknown)."""
+    """Raise ValueError listing each differing field as ``field: (checkpoint's, module's)`` (None: unknown).
+
+    Fields that only set the random initialisation (:data:`~cm3leon_lightning.config.INIT_ONLY_FIELDS`) are not
+    compared: the checkpoint's weights replace whatever they would have initialised.
+    """
     if saved is None:
         return
     diff = {
         k: (saved.get(k, _MISSING), ours.get(k, _MISSING))
         for k in [*saved, *(k for k in ours if k not in saved)]
-        if saved.get(k, _MISSING) != ours.get(k, _MISSING)
+        if k not in INIT_ONLY_FIELDS and saved.get(k, _MISSING) != ours.get(k, _MISSING)
     }
     if diff:
         raise ValueError(f"architecture mismatch between {source} and module (checkpoint, module): {diff}")

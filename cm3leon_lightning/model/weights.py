@@ -100,8 +100,22 @@ def read_weights(path: str | os.PathLike[str], what: str = "init_from", lazy: bo
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: a directory of another kind, an unreadable file, or one that holds no state dict.
+        ValueError: a directory of another kind, an unreadable file, one that holds no state dict, or one whose
+            recorded architecture is not a valid ``CM3LeonConfig`` (hand-edited, or from a version with more fields).
     """
+    weights = _read_weights(path, what, lazy)
+    if weights.config is not None:
+        from cm3leon_lightning.config import CM3LeonConfig
+
+        try:
+            CM3LeonConfig.from_dict(weights.config)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{what}: {path} has an unusable architecture ('config'): {e}") from e
+    return weights
+
+
+def _read_weights(path: str | os.PathLike[str], what: str, lazy: bool) -> PretrainedWeights:
+    """:func:`read_weights` without the check of the recorded architecture."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{what}: {str(path)!r} does not exist")

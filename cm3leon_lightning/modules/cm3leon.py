@@ -76,11 +76,12 @@ class CM3LeonModule(L.LightningModule):
             line when ``--ckpt_path`` is given, which would silence ``--model.init_args.generation.*``.
         init_from: weights to start from, as supervised fine-tuning starts from the pretrained model (paper
             section 4) with a fresh optimizer, step 0 and a new schedule (``--ckpt_path`` resumes all three): a
-            ``.ckpt`` of this module, or a ``.safetensors`` file or ``torch.save``'d state dict of the bare
-            :class:`CM3Leon`. Loaded once, when :meth:`configure_model` builds the network, so a ``--ckpt_path``
-            restore still replaces them. A checkpoint's architecture and vocabulary must equal this module's and
-            the data's; a module without a vocabulary adopts the checkpoint's. Not read by
-            :meth:`load_from_checkpoint`, whose checkpoint holds the weights.
+            ``.ckpt`` of this module (or FSDP's sharded directory), a model directory of ``cm3leon export``, or a
+            ``.safetensors`` file or ``torch.save``'d state dict of the bare :class:`CM3Leon`. Loaded once, when
+            :meth:`configure_model` builds the network, so a ``--ckpt_path`` restore still replaces them. A
+            checkpoint's architecture and vocabulary must equal this module's and the data's (``init_std`` and
+            ``pos_init_std``, which only set the random initialisation, may differ); a module without a vocabulary
+            adopts the checkpoint's. Not read by :meth:`load_from_checkpoint`, whose checkpoint holds the weights.
         allow_tokenizer_change: train on data prepared with another text tokenizer or VQGAN than the checkpoint's
             (``init_from``, ``from_pretrained``, ``--ckpt_path``) was trained with. The vocabulary records the
             tokenizers' hashes, and by default data whose manifest records other ones is refused, naming both: the

@@ -112,6 +112,24 @@ def test_prefill_then_decode_equals_full_forward(activation):
     assert b.shape == (3, 1, V) and torch.allclose(b, full[:, 11:12], atol=1e-5)
 
 
+def test_decode_to_the_last_slot_of_the_papers_4096_context_equals_full_forward():
+    """At the paper's context (4096 slots), decoding the last slots (position embedding rows up to 4095) gives the
+    full forward's logits at every position; one more step is refused, naming input_pos and the cache's size."""
+    model = random_model(seed=8, n_layer=1, max_seq_len=4096)
+    torch.manual_seed(8)
+    idx = torch.randint(0, V, (1, 4096))
+    model.setup_kv_cache(batch_size=1)
+    with torch.no_grad():
+        full = model(idx)
+        prefill = model(idx[:, :4088], input_pos=torch.arange(4088))
+        steps = [model(idx[:, t : t + 1], input_pos=torch.tensor([t])) for t in range(4088, 4096)]
+    cached = torch.cat([prefill, *steps], dim=1)
+    assert cached.shape == full.shape == (1, 4096, V)
+    assert torch.allclose(cached, full, atol=1e-5)
+    with pytest.raises(ValueError, match=r"input_pos slots 4096\.\.4096 must lie in \[0, 4096\)"):
+        model(idx[:, :1], input_pos=torch.tensor([4096]))
+
+
 def test_logits_range_computes_only_those_ids():
     """``logits_range=(lo, hi)`` returns exactly columns lo..hi-1 of the full logits, cached or not; a bad range
     names the argument."""

@@ -222,6 +222,35 @@ def test_model_directory_reads_back_with_its_source(tmp_path: Path) -> None:
     assert all(torch.equal(full[k], v) for k, v in model.state_dict().items())
 
 
+@pytest.mark.parametrize("layout", ["cm3leon", "hf", "ckpt"])
+def test_an_unusable_recorded_architecture_is_refused_naming_the_argument_and_file(tmp_path: Path, layout) -> None:
+    """A hand-edited or newer ``config`` failed later in ``CM3LeonConfig.from_dict`` (``from_pretrained``,
+    ``cm3leon generate --ckpt``) with a message naming neither the argument nor the file."""
+    import json
+
+    config = CM3LeonConfig.from_preset("tiny")
+    model = CM3Leon(config)
+    vocab = {"n_text": 64, "n_codes": 32, "grid_h": 2, "grid_w": 3, "num_sentinels": 8, "pad_to_multiple": 128}
+    bad = {**config.to_dict(), "n_head": 7}
+    if layout == "ckpt":
+        path = tmp_path / "m.ckpt"
+        state = {f"model.{k}": v for k, v in model.state_dict().items()}
+        torch.save({"state_dict": state, "hyper_parameters": {"config": bad, "vocab": vocab}}, path)
+    else:
+        path = tmp_path / "m"
+        save_pretrained(model.state_dict(), path, config.to_dict(), vocab, layout=layout)
+        doc = json.loads((path / "config.json").read_text())
+        (doc["cm3leon"] if layout == "hf" else doc)["config"] = bad
+        (path / "config.json").write_text(json.dumps(doc))
+    for lazy in (False, True):
+        with pytest.raises(ValueError) as err:
+            read_weights(path, "--ckpt", lazy=lazy)
+        assert str(err.value) == (
+            f"--ckpt: {path} has an unusable architecture ('config'): CM3LeonConfig.d_model (64) must be divisible "
+            "by CM3LeonConfig.n_head (7)"
+        )
+
+
 def test_fit_state_checks_shapes_on_a_meta_skeleton() -> None:
     config = CM3LeonConfig.from_preset("tiny")
     with torch.device("meta"):

@@ -153,6 +153,34 @@ def test_architecture_mismatch_lists_each_field(pretrained) -> None:
         module.configure_model()
 
 
+def test_init_only_fields_are_not_an_architecture_mismatch(pretrained, tmp_path: Path) -> None:
+    """An exported model directory trained with another ``init_std`` / ``pos_init_std`` (or a checkpoint of a version
+    that did not record them) loads: its weights replace the initialisation those fields set. A real difference
+    (``layer_norm_eps`` changes every LayerNorm) is still refused, naming only that field."""
+    from cm3leon_lightning.model.pretrained import save_pretrained
+
+    _, want = pretrained
+    config = CM3LeonConfig.from_preset("tiny", vocab_size=128)
+    for name, saved in (
+        ("other_init", {**config.to_dict(), "init_std": 0.02, "pos_init_std": 0.01}),
+        ("no_init", {k: v for k, v in config.to_dict().items() if k not in ("init_std", "pos_init_std")}),
+        ("other_eps", {**config.to_dict(), "init_std": 0.02, "layer_norm_eps": 1e-6}),
+    ):
+        save_pretrained(want, tmp_path / name, saved, DATA_VOCAB.to_dict())
+        module = CM3LeonModule(config=config, vocab=DATA_VOCAB.to_dict(), init_from=str(tmp_path / name))
+        if name == "other_eps":
+            with pytest.raises(ValueError) as err:
+                module.configure_model()
+            assert str(err.value) == (
+                f"architecture mismatch between init_from checkpoint '{tmp_path / name}' and module "
+                "(checkpoint, module): {'layer_norm_eps': (1e-06, 1e-05)}"
+            )
+            continue
+        module.configure_model()
+        assert_weights_equal(module, want)
+        assert module.config.init_std == 0.006  # the module's own settings stay
+
+
 def test_vocabulary_mismatch_prints_both(pretrained) -> None:
     path = pretrained[0]
     module = CM3LeonModule(preset="tiny", vocab=OTHER_VOCAB.to_dict(), init_from=str(path))
