@@ -35,9 +35,10 @@ class QuantizerOutput:
     Attributes:
         z_q: quantized latents ``(B, D, h, w)``; gradients flow to the encoder (straight-through or Gumbel-softmax).
         codes: code indices ``(B, h, w)``, long.
-        codebook_loss: moves codes towards encoder outputs (0 with EMA updates or Gumbel).
-        commitment_loss: beta-weighted pull of encoder outputs towards their codes (Gumbel: the KL to the uniform
-            prior, weighted by ``kl_weight``).
+        codebook_loss: moves codes towards encoder outputs (weighted by beta with ``legacy_beta``; 0 with EMA
+            updates or Gumbel).
+        commitment_loss: beta-weighted pull of encoder outputs towards their codes (weight 1 with ``legacy_beta``;
+            Gumbel: the KL to the uniform prior, weighted by ``kl_weight``).
     """
 
     z_q: torch.Tensor
@@ -214,10 +215,12 @@ class VectorQuantizer(nn.Module):
             return
         dead, picks = self._pending_restart
         self._pending_restart = None
-        self.embedding.weight[dead] = picks.to(self.embedding.weight.dtype)
+        w = self.embedding.weight  # the module may have moved since (trained on a GPU, then .cpu() and saved)
+        dead = dead.to(w.device)
+        w[dead] = picks.to(device=w.device, dtype=w.dtype)
         if self.ema_decay is not None:
             self.ema_cluster_size[dead] = 1.0
-            self.ema_embed_sum[dead] = picks.to(self.ema_embed_sum.dtype)
+            self.ema_embed_sum[dead] = picks.to(device=w.device, dtype=self.ema_embed_sum.dtype)
 
 
 def _write_pending_restart(module: VectorQuantizer, prefix: str, keep_vars: bool) -> None:

@@ -5,10 +5,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
+import numbers
 import operator
-from collections.abc import Callable, Mapping
+import warnings
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -30,7 +34,8 @@ class VQGANConfig:
     num_res_blocks: int = 2
     """Residual blocks per level in the encoder (the decoder has one more)."""
     attn_resolutions: tuple[int, ...] = (32,)
-    """Feature-map side lengths at which attention blocks follow the residual blocks (the middle always has one)."""
+    """Feature-map side lengths at which attention blocks follow the residual blocks (the middle always has one); each
+    must be the side of a level, ``resolution // 2 ** i`` for ``i < len(ch_mult)`` (see :attr:`level_resolutions`)."""
     z_channels: int = 256
     """Channels of the encoder output / decoder input (any count: no GroupNorm sees them)."""
     embed_dim: int = 256
@@ -57,6 +62,12 @@ class VQGANConfig:
     """Gumbel-softmax temperature while training (gumbel)."""
 
     def __post_init__(self) -> None:
+        # resolution 16.0 failed only in decode, numpy numbers in save_pretrained's JSON: plain ints and floats here
+        for name in (*_INT_FIELDS, "dead_code_after"):
+            setattr(self, name, _int_value(getattr(self, name), name))
+        for name in _FLOAT_FIELDS:
+            if name != "ema_decay" or self.ema_decay is not None:
+                setattr(self, name, _float_value(getattr(self, name), name))
         self.ch_mult = _int_tuple(self.ch_mult, "ch_mult")  # int(1.5) would build another network silently
         self.attn_resolutions = _int_tuple(self.attn_resolutions, "attn_resolutions")
         if self.quantizer not in ("vq", "gumbel"):
@@ -90,6 +101,30 @@ class VQGANConfig:
                 f"resolution {self.resolution} must be divisible by the downsampling factor {self.downsample_factor} "
                 f"(2 ** (len(ch_mult) - 1))"
             )
+        self._check_attn_resolutions()
+
+    def _check_attn_resolutions(self) -> None:
+        """Refuse ``attn_resolutions`` that match no level (they would build no attention block); inside
+        :func:`warn_unused_attn_resolutions` drop them with a warning instead."""
+        levels = self.level_resolutions
+        unused = [r for r in self.attn_resolutions if r not in levels]
+        if not unused:
+            return
+        msg = (
+            f"attn_resolutions {unused} match no level of this VQGAN: with resolution {self.resolution} and ch_mult "
+            f"{list(self.ch_mult)} the levels have side lengths {list(levels)} (the middle blocks, at {levels[-1]}, "
+            f"always have attention)"
+        )
+        source = _LOADED_FROM.get()
+        if source is None:
+            raise ValueError(f"{msg}; give values from that list, or [] for attention in the middle blocks only")
+        warnings.warn(f"{source}: {msg}; they build no attention block and are dropped", UserWarning, stacklevel=3)
+        self.attn_resolutions = tuple(r for r in self.attn_resolutions if r in levels)
+
+    @property
+    def level_resolutions(self) -> tuple[int, ...]:
+        """Feature-map side of each level, from the image side down: ``resolution // 2 ** i``."""
+        return tuple(self.resolution // 2**i for i in range(len(self.ch_mult)))
 
     @property
     def downsample_factor(self) -> int:
@@ -144,6 +179,24 @@ class VQGANConfig:
         return dataclasses.replace(PRESETS[name], **overrides)
 
 
+_LOADED_FROM: contextvars.ContextVar[str | None] = contextvars.ContextVar("_LOADED_FROM", default=None)
+
+
+@contextlib.contextmanager
+def warn_unused_attn_resolutions(source: str) -> Iterator[None]:
+    """Within this context a :class:`VQGANConfig` whose ``attn_resolutions`` match no level warns, naming
+    ``source``, and drops them (the network is the same: they built nothing) instead of raising.
+
+    For configs read from files written elsewhere or earlier (taming / Chameleon yamls, saved configs, checkpoint
+    hyper-parameters), which may list such values and must still load.
+    """
+    token = _LOADED_FROM.set(source)
+    try:
+        yield
+    finally:
+        _LOADED_FROM.reset(token)
+
+
 def _int_tuple(values: Any, name: str) -> tuple[int, ...]:
     """``values`` as a tuple of ints; a float (``1.5``, even ``2.0``), a string or a bool raises naming ``name``."""
     try:
@@ -154,6 +207,21 @@ def _int_tuple(values: Any, name: str) -> tuple[int, ...]:
     if any(isinstance(v, bool) for v in items):
         raise ValueError(f"{name} must be a list of ints, got {values!r}")
     return out
+
+
+def _int_value(value: Any, name: str) -> int:
+    """``value`` as an int; a float (even ``16.0``), a string or a bool raises naming ``name``."""
+    if not isinstance(value, bool):
+        with contextlib.suppress(TypeError):
+            return operator.index(value)
+    raise ValueError(f"{name} must be an int, got {value!r}")
+
+
+def _float_value(value: Any, name: str) -> float:
+    """``value`` (an int or float, numpy's included) as a float; a string or a bool raises naming ``name``."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    raise ValueError(f"{name} must be a number, got {value!r}")
 
 
 def _is_int(v: Any) -> bool:
@@ -169,10 +237,11 @@ def _is_ints(v: Any) -> bool:
 
 
 _INT_FIELDS = ("resolution", "in_channels", "out_ch", "ch", "num_res_blocks", "z_channels", "embed_dim", "n_embed")
+_FLOAT_FIELDS = ("dropout", "beta", "ema_decay", "gumbel_kl_weight", "gumbel_temperature")
 # What VQGANConfig.from_dict accepts per field (JSON has no tuples: lists stand for them).
 _FIELD_CHECKS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     **dict.fromkeys((*_INT_FIELDS, "dead_code_after"), ("an int", _is_int)),
-    **dict.fromkeys(("dropout", "beta", "gumbel_kl_weight", "gumbel_temperature"), ("a number", _is_float)),
+    **dict.fromkeys(tuple(f for f in _FLOAT_FIELDS if f != "ema_decay"), ("a number", _is_float)),
     "ema_decay": ("a number or null", lambda v: v is None or _is_float(v)),
     **dict.fromkeys(("l2_normalize", "legacy_beta"), ("true or false", lambda v: isinstance(v, bool))),
     **dict.fromkeys(("ch_mult", "attn_resolutions"), ("a list of ints", _is_ints)),

@@ -35,6 +35,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from cm3leon_lightning.tokenization.vqgan import VQGAN, VQGANConfig, config_from_overrides
+from cm3leon_lightning.tokenization.vqgan_config import warn_unused_attn_resolutions
 
 FORMAT_NAME = "cm3leon_lightning.vqgan"
 FORMAT_VERSION = 1
@@ -77,21 +78,22 @@ def config_from_taming_yaml(path: str | Path) -> VQGANConfig:
             allowed = " or ".join(map(repr, built))
             raise ValueError(f"{path}: ddconfig.{key} is {dd[key]!r}; this VQGAN builds only {key}: {allowed}")
     try:
-        cfg = VQGANConfig(
-            resolution=int(dd["resolution"]),
-            in_channels=int(dd.get("in_channels", 3)),
-            out_ch=int(dd.get("out_ch", 3)),
-            ch=int(dd["ch"]),
-            ch_mult=tuple(dd["ch_mult"]),
-            num_res_blocks=int(dd["num_res_blocks"]),
-            attn_resolutions=tuple(dd.get("attn_resolutions") or ()),
-            z_channels=int(dd["z_channels"]),
-            embed_dim=int(params["embed_dim"]),
-            n_embed=int(params["n_embed"]),
-            dropout=float(dd.get("dropout", 0.0)),
-            quantizer="gumbel" if "Gumbel" in str(model.get("target", "")) else "vq",
-            gumbel_kl_weight=float(params.get("kl_weight", 1e-8)),
-        )
+        with warn_unused_attn_resolutions(str(path)):  # published yamls may list sides no level has
+            cfg = VQGANConfig(
+                resolution=int(dd["resolution"]),
+                in_channels=int(dd.get("in_channels", 3)),
+                out_ch=int(dd.get("out_ch", 3)),
+                ch=int(dd["ch"]),
+                ch_mult=tuple(dd["ch_mult"]),
+                num_res_blocks=int(dd["num_res_blocks"]),
+                attn_resolutions=tuple(dd.get("attn_resolutions") or ()),
+                z_channels=int(dd["z_channels"]),
+                embed_dim=int(params["embed_dim"]),
+                n_embed=int(params["n_embed"]),
+                dropout=float(dd.get("dropout", 0.0)),
+                quantizer="gumbel" if "Gumbel" in str(model.get("target", "")) else "vq",
+                gumbel_kl_weight=float(params.get("kl_weight", 1e-8)),
+            )
     except KeyError as e:
         raise ValueError(f"{path}: missing field {e.args[0]!r} in model.params / ddconfig") from e
     except (TypeError, ValueError) as e:
@@ -118,7 +120,8 @@ def read_config(path: str | Path) -> VQGANConfig:
         )
     if "config" not in doc:
         raise ValueError(f"{path}: lacks the field 'config' (the VQGAN architecture)")
-    return VQGANConfig.from_dict(doc["config"], source=f"{path} field 'config'")
+    with warn_unused_attn_resolutions(str(path)):  # saved before unused attn_resolutions were refused
+        return VQGANConfig.from_dict(doc["config"], source=f"{path} field 'config'")
 
 
 def read_state_dict(
@@ -185,7 +188,8 @@ def read_checkpoint(
     if not isinstance(hparams, dict) or not isinstance(hparams.get("preset"), str):
         return state, None
     try:
-        config = config_from_overrides(hparams["preset"], hparams)
+        with warn_unused_attn_resolutions(str(path)):  # trained before unused attn_resolutions were refused
+            config = config_from_overrides(hparams["preset"], hparams)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path}: hyper_parameters do not describe a VQGAN ({e})") from e
     return state, config
@@ -285,7 +289,8 @@ def load_vqgan(
     """Load a VQGAN (returned in eval mode, in float32, on ``map_location``).
 
     Weights stored in half precision are widened exactly; a model saved in bf16 / fp16 encodes as it did once cast
-    back with ``.to(dtype)``.
+    back with ``.to(dtype)``. A config file or checkpoint whose ``attn_resolutions`` list sides no level has (which
+    built no attention block) loads with a warning naming the file, those values dropped from the config.
 
     Args:
         path: a directory (ours, Chameleon's, a taming log directory) or a weights file (``.ckpt``, ``.pt``,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from cm3leon_lightning.tokenization.quantize import VectorQuantizer
@@ -34,3 +35,16 @@ def test_loading_other_weights_of_a_parent_keeps_the_pending_restart() -> None:
     parent.load_state_dict({"lin.weight": torch.zeros(2, 2), "lin.bias": torch.zeros(2)}, strict=False)
     parent["q"].lookup(torch.zeros(1, 1, 1, dtype=torch.long))
     assert dead.numel() == 6 and torch.equal(parent["q"].embedding.weight[dead], picks)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU to move the quantizer across devices")
+def test_restart_chosen_on_one_device_is_written_after_moving_to_another() -> None:
+    """Restarts picked by the last training forward on a GPU stayed on it; after ``.cpu()`` the write in
+    ``state_dict`` / ``decode`` indexed the CPU codebook with CUDA tensors and failed."""
+    torch.manual_seed(0)
+    q = VectorQuantizer(8, 2, dead_code_after=1, ema_decay=0.9).cuda().train()
+    q(torch.randn(1, 2, 1, 2, device="cuda"))
+    dead, picks = q._pending_restart
+    state = q.cpu().state_dict()
+    assert torch.equal(state["embedding.weight"][dead.cpu()], picks.cpu())
+    assert torch.equal(state["ema_embed_sum"][dead.cpu()], picks.cpu())

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from cm3leon_lightning.tokenization import vqgan_io
-from cm3leon_lightning.tokenization.vqgan import VQGAN, VQGANConfig
+from cm3leon_lightning.tokenization.vqgan import PRESETS, VQGAN, VQGANConfig
 from cm3leon_lightning.tokenization.vqgan_io import config_from_taming_yaml, load_vqgan
 
 
@@ -301,3 +301,93 @@ def test_invalid_shapes_and_weights_are_refused_naming_the_file_and_field(tmp_pa
         vqgan_io.read_config(tmp_path / "config.json")
     assert str(e.value) == f"{tmp_path / 'config.json'} field 'config': ema_decay must be in (0, 1) or None, got 1.5"
     assert VQGANConfig.from_name("micro", ch_mult=[1, 2], attn_resolutions=[8]).ch_mult == (1, 2)  # lists as before
+
+
+# Published taming-format configs (resolution, ch_mult, attn_resolutions): taming's vqgan_imagenet_f16_1024 /
+# f16_16384 and vqgan_gumbel_f8, latent-diffusion's vq-f4 / vq-f8 / vq-f16, Chameleon's vqgan.yaml.
+PUBLISHED = [
+    (256, (1, 1, 2, 2, 4), (16,)),
+    (256, (1, 1, 2, 4), (32,)),
+    (256, (1, 2, 4), ()),
+    (256, (1, 2, 2, 4), (32,)),
+    (512, (1, 1, 2, 2, 4), ()),
+]
+
+
+def test_attn_resolutions_matching_no_level_are_refused_naming_the_levels() -> None:
+    """``attn_resolutions`` that are the side of no level built no attention block, without a word: the ``tiny``
+    preset moved to 64 px (levels 64, 32, 16) kept its attention at 8 and so had none outside the middle."""
+    cases = [
+        ({"resolution": 64}, "[8]", 64, "[1, 2, 2]", "[64, 32, 16]", 16),
+        ({"attn_resolutions": (16, 4, 3)}, "[4, 3]", 32, "[1, 2, 2]", "[32, 16, 8]", 8),
+        ({"ch_mult": (1, 2)}, "[8]", 32, "[1, 2]", "[32, 16]", 16),
+    ]
+    for override, unused, resolution, ch_mult, levels, middle in cases:
+        with pytest.raises(ValueError) as e:
+            VQGANConfig.from_name("tiny", **override)
+        assert str(e.value) == (
+            f"attn_resolutions {unused} match no level of this VQGAN: with resolution {resolution} and ch_mult "
+            f"{ch_mult} the levels have side lengths {levels} (the middle blocks, at {middle}, always have attention); "
+            "give values from that list, or [] for attention in the middle blocks only"
+        )
+    assert VQGANConfig.from_name("tiny", resolution=64, attn_resolutions=[16]).level_resolutions == (64, 32, 16)
+    for config in PRESETS.values():
+        assert set(config.attn_resolutions) <= set(config.level_resolutions)
+    for resolution, ch_mult, attn in PUBLISHED:
+        assert VQGANConfig(resolution=resolution, ch_mult=ch_mult, attn_resolutions=attn).attn_resolutions == attn
+
+
+def test_loaded_configs_with_unused_attn_resolutions_warn_and_load(tmp_path: Path) -> None:
+    """Configs written elsewhere or earlier (a taming yaml trained at another size, a saved config.json, a
+    VQGANModule checkpoint's hyper-parameters) may list sides no level has: they load, with a warning naming the
+    file, and the values that built nothing are dropped, so the model encodes as the one that wrote the weights."""
+    model = _model(0)  # micro: levels 16 and 8
+    x = _images(2, 16)
+    message = (
+        "attn_resolutions [32, 4] match no level of this VQGAN: with resolution 16 and ch_mult [1, 1] the levels have "
+        "side lengths [16, 8] (the middle blocks, at 8, always have attention); they build no attention block and "
+        "are dropped"
+    )
+    ckpt = tmp_path / "taming" / "last.ckpt"
+    ckpt.parent.mkdir()
+    torch.save({"state_dict": model.state_dict()}, ckpt)
+    yaml_path = ckpt.with_suffix(".yaml")
+    yaml_path.write_text(_taming_yaml(model.config).replace("attn_resolutions: []", "attn_resolutions: [32, 4]"))
+    model.save_pretrained(tmp_path / "ours")
+    config_json = tmp_path / "ours" / "config.json"
+    doc = json.loads(config_json.read_text())
+    doc["config"]["attn_resolutions"] = [32, 4]
+    config_json.write_text(json.dumps(doc))
+    module_ckpt = tmp_path / "module.ckpt"
+    state = {f"vqgan.{k}": v for k, v in model.state_dict().items()}
+    torch.save({"state_dict": state, "hyper_parameters": {"preset": "micro", "attn_resolutions": [32, 4]}}, module_ckpt)
+    for path, source in ((ckpt, yaml_path), (tmp_path / "ours", config_json), (module_ckpt, module_ckpt)):
+        with pytest.warns(UserWarning) as record:
+            loaded = load_vqgan(path)
+        assert [str(w.message) for w in record] == [f"{source}: {message}"]
+        assert loaded.config.attn_resolutions == ()
+        assert torch.equal(loaded.encode(x), model.encode(x))
+
+
+def test_scalar_fields_must_be_numbers_and_become_plain_ones(tmp_path: Path) -> None:
+    """``resolution=16.0`` built a VQGAN that encoded and then failed in ``decode`` with torch's "view(): argument
+    'size' ... must be tuple of ints"; ``ch=32.0`` failed inside torch; a numpy int (``n_embed=np.int64(16)``, e.g.
+    read from an array) trained and then failed in ``save_pretrained`` with "Object of type int64 is not JSON
+    serializable"; ``beta="0.25"`` with a TypeError naming no field."""
+    import numpy as np
+
+    for override, message in (
+        ({"resolution": 16.0}, "resolution must be an int, got 16.0"),
+        ({"ch": 32.0}, "ch must be an int, got 32.0"),
+        ({"dead_code_after": True}, "dead_code_after must be an int, got True"),
+        ({"n_embed": "32"}, "n_embed must be an int, got '32'"),
+        ({"beta": "0.25"}, "beta must be a number, got '0.25'"),
+        ({"ema_decay": False}, "ema_decay must be a number, got False"),
+    ):
+        with pytest.raises(ValueError) as e:
+            VQGANConfig.from_name("micro", **override)
+        assert str(e.value) == message
+    config = VQGANConfig.from_name("micro", n_embed=np.int64(16), beta=np.float32(0.5), ema_decay=np.float64(0.9))
+    assert [type(v) for v in (config.n_embed, config.beta, config.ema_decay)] == [int, float, float]
+    VQGAN(config).save_pretrained(tmp_path / "vq")
+    assert VQGAN.from_pretrained(tmp_path / "vq").config == config
