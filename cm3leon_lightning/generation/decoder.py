@@ -233,6 +233,8 @@ class Decoder:
         allowed: Tensor | None = None,
         compile: bool | str | None = None,
     ) -> None:
+        if max_new_tokens < 1:  # was an IndexError in run(), or a prefill whose token had no slot
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if len(rows) % spec.streams:
             raise ValueError(f"{len(rows)} prompt rows do not split into {spec.streams} guidance streams")
         self.model, self.spec = model, spec
@@ -351,6 +353,8 @@ class Decoder:
         Raises:
             RuntimeError: a persistent step's wait failed (its results are wrong).
         """
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1 (the first token is the prefill's), got {steps}")
         picked, feed = first
         out = torch.empty((self.rows, steps), dtype=torch.long, device=self.device)
         out[:, 0] = picked

@@ -180,12 +180,15 @@ def check_vocab(model: CM3Leon, vocab: MultimodalVocab) -> None:
         )
 
 
-def image_codes(vocab: MultimodalVocab, image: Tensor | Sequence[int]) -> list[int]:
-    """One image's codes as a list, checked against the grid size and the code range."""
+def image_codes(vocab: MultimodalVocab, image: Tensor | Sequence[int], what: str = "an image") -> list[int]:
+    """One image's codes as a list, checked against the grid size and the code range (errors name ``what``)."""
     codes = [int(c) for c in torch.as_tensor(image).reshape(-1).tolist()]
     if len(codes) != vocab.image_tokens:
-        raise ValueError(f"an image has {len(codes)} codes; expected grid_h*grid_w = {vocab.image_tokens}")
-    vocab.codes_to_ids(codes)  # raises on a code outside [0, n_codes)
+        raise ValueError(f"{what} has {len(codes)} codes; expected grid_h*grid_w = {vocab.image_tokens}")
+    try:
+        vocab.codes_to_ids(codes)  # raises on a code outside [0, n_codes)
+    except ValueError as err:
+        raise ValueError(f"{what}: {err}") from None
     return codes
 
 
@@ -283,7 +286,13 @@ def generate_image(
     if retrieved is not None and len(retrieved) != len(prompts):
         raise ValueError(f"retrieved has {len(retrieved)} entries; expected one per prompt ({len(prompts)})")
     docs = retrieved if retrieved is not None else [()] * len(prompts)
-    cond = [image_prompt(vocab, p, d) for p, d in zip(prompts, docs)]
+    cond = []
+    for i, (p, d) in enumerate(zip(prompts, docs)):  # errors name the prompt: which of a batch was not said
+        check_text_ids(vocab, list(p), f"prompts[{i}]")
+        try:
+            cond.append(image_prompt(vocab, p, d))
+        except ValueError as err:
+            raise ValueError(f"prompts[{i}]{'' if retrieved is None else f' / retrieved[{i}]'}: {err}") from None
     guided = method == "cd_k" or cfg != 1.0
     uncond = list(unconditional) if unconditional is not None else unconditional_image_prompt(vocab)
     if not uncond:
@@ -320,7 +329,9 @@ def edit_image(
     Prompt (the InstructPix2Pix template): ``<eos> prefix <break> source image <break> instruction <break>``. Three
     streams: full; image only (the instruction masked as ``<mask:0>``); none (image and instruction masked as
     ``<mask:0>`` and ``<mask:1>``, the task prefix kept; the sentinels CM3 masking gives whole segments), combined by
-    :func:`~cm3leon_lightning.generation.sampling.dual_cfg_logits` (paper: image 1.5, text 7.5).
+    :func:`~cm3leon_lightning.generation.sampling.dual_cfg_logits` (paper: image 1.5, text 7.5). With both scales
+    1 only the full stream runs, as :func:`generate_image` skips its unconditional stream at ``cfg == 1``: the
+    guidance then equals conditional sampling.
 
     Args:
         source: P source images' codes, ``(P, grid_h * grid_w)``.
@@ -342,16 +353,19 @@ def edit_image(
     check_text_ids(vocab, list(task_prefix), "task_prefix")
     head = [vocab.eos_id, *task_prefix, vocab.break_id]
     full, image_only = [], []
-    for img, instr in zip(source, instructions):
+    for k, (img, instr) in enumerate(zip(source, instructions)):
         check_text_ids(vocab, list(instr), "instruction")
-        ids = vocab.codes_to_ids(image_codes(vocab, img)).tolist()
+        ids = vocab.codes_to_ids(image_codes(vocab, img, f"source[{k}]")).tolist()
         full.append(head + ids + [vocab.break_id, *instr, vocab.break_id])
         image_only.append(head + ids + [vocab.break_id, vocab.sentinel_id(0), vocab.break_id])
     none = [head + [vocab.sentinel_id(0), vocab.break_id, vocab.sentinel_id(1), vocab.break_id]] * len(full)
+    # Both scales 1: dual guidance is the full stream (up to rounding), at three times the rows.
+    streams = [full, image_only, none] if (text_cfg, image_cfg) != (1.0, 1.0) else [full]
     spec = _image_spec(
-        vocab, method=method, streams=3, cfg=text_cfg, image_cfg=image_cfg, temperature=temperature, top_p=top_p
-    )
-    codes = _run_image(model, vocab, spec, [full, image_only, none], num_samples, seed, compile)
+        vocab, method=method, streams=len(streams), cfg=text_cfg, image_cfg=image_cfg, temperature=temperature,
+        top_p=top_p,
+    )  # fmt: skip
+    codes = _run_image(model, vocab, spec, streams, num_samples, seed, compile)
     return ImageGeneration(codes, _decode_codes(vqgan, codes))
 
 
@@ -406,7 +420,7 @@ def generate_text(
     check_vocab(model, vocab)
     if max_new_tokens < 1 or check_every < 1:
         raise ValueError(f"max_new_tokens and check_every must be >= 1, got {max_new_tokens} and {check_every}")
-    codes = [image_codes(vocab, img) for img in images]
+    codes = [image_codes(vocab, img, f"images[{k}]") for k, img in enumerate(images)]
     if not codes:
         raise ValueError("generate_text needs at least one image")
     if instruction is None or len(instruction) == 0:

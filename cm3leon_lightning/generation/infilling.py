@@ -89,6 +89,11 @@ def plan_spans(vocab: MultimodalVocab, body: list[int], span_kinds: Sequence[str
     return plan
 
 
+def _span_seeds(seed: int, n: int) -> list[int]:
+    """``n`` seeds derived from ``seed``, one per span (the first is unused: span 0 draws from ``seed`` itself)."""
+    return torch.randint(0, 2**62, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
 def infill_new_tokens(plan: Sequence[tuple[str, int]], max_span_tokens: int) -> int:
     """The tokens :func:`infill_batch` reserves after the prompt for spans ``plan`` (:func:`plan_spans`): each span
     at its longest (an image span its missing codes) and the sentinels between."""
@@ -157,7 +162,9 @@ def infill_batch(
     The documents may differ in length, text and in how many codes their image spans miss, but their spans must
     have the same modalities in the same order (the batch samples text or image codes at each span); ``[ids] * n``
     draws ``n`` fillings of one document. A document gets, greedily, the filling :func:`infill` gives it alone;
-    sampled fillings depend on the seed and on the batch.
+    sampled fillings depend on the seed and on the batch. Each span after the first draws its noise from a generator
+    seeded from ``seed`` and its number, so how many steps an earlier span ran (``check_every``, when every row
+    stopped) never changes a later span.
 
     Args:
         documents: masked documents, as :func:`infill`'s ``ids``.
@@ -183,7 +190,10 @@ def infill_batch(
         if body and body[-1] == vocab.eos_id:
             body = body[:-1]
         bodies.append(body)
-        plans.append(plan_spans(vocab, body, kinds_of[r]))
+        try:
+            plans.append(plan_spans(vocab, body, kinds_of[r]))
+        except ValueError as err:  # which document of a batch was not said
+            raise ValueError(f"{err} (infill document {r})") from None
     kinds = [k for k, _ in plans[0]]
     for r, plan in enumerate(plans[1:], 1):
         if [k for k, _ in plan] != kinds:
@@ -202,10 +212,14 @@ def infill_batch(
     with torch.no_grad():
         new = infill_new_tokens(list(zip(kinds, steps)), max_span_tokens)
         dec = Decoder(model, spec, prompts, new, seed=seed, allowed=allowed[kinds[0]], compile=compile)
+        # Span i > 0 reseeds: a text span that every row ended early (checked every ``check_every`` steps) drew
+        # fewer noise tensors, which shifted every later span's samples with ``check_every``.
+        span_seeds = _span_seeds(dec.generator.initial_seed(), len(kinds))
         first, start = dec.prefill(), dec.prompt_len  # start: the slot where span i's first token is fed
         for i, kind in enumerate(kinds):
             dec.allowed = allowed[kind]
             if i:
+                dec.generator.manual_seed(span_seeds[i])
                 # Each row feeds its previous span's last token (its own slot held it, or a later token: invalidated
                 # below) and <mask:i>; a row whose span was empty feeds padding in place of the last token.
                 last = [s[-1][-1] if s[-1] else vocab.pad_id for s in spans]

@@ -64,6 +64,8 @@ def clip_scores(scorer: Scorer, texts: Sequence[str], images: Tensor) -> Tensor:
     if images.ndim != 5:
         raise ValueError(f"images must be (P, N, C, H, W), got shape {tuple(images.shape)}")
     P, N = images.shape[:2]
+    if isinstance(texts, str):  # its characters were taken for P prompts when the lengths happened to match
+        raise ValueError(f"texts must be a list of P={P} prompts, got one string {texts[:40]!r}")
     if len(texts) != P:
         raise ValueError(f"{len(texts)} texts for {P} prompts' images; give one text per prompt")
     text = _unit(scorer.embed_texts(list(texts)))  # (P, D)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from cm3leon_lightning.config import CM3LeonConfig
-from cm3leon_lightning.generation import edit_image, generate_image, generate_text, infill
+from cm3leon_lightning.generation import Decoder, SamplingSpec, edit_image, generate_image, generate_text, infill
 from cm3leon_lightning.generation.decoder import left_pad
 from cm3leon_lightning.generation.generate import caption_prompt, image_prompt, unconditional_image_prompt
 from cm3leon_lightning.model import ATTENTION_IMPLS, CM3Leon
@@ -155,7 +155,7 @@ def test_image_segments_hold_only_image_codes_of_the_right_count(method):
     assert all(0 <= t < VOCAB.n_text and t not in banned for a in answers for t in a)
 
 
-def test_retrieved_documents_change_the_prompt_and_editing_runs_three_streams():
+def test_retrieved_documents_change_the_prompt_and_editing_at_scales_1_samples_the_full_stream():
     model = random_model(seed=4)
     doc = [Segment.text([27, 28]), Segment.image(range(6))]
     assert image_prompt(VOCAB, [30], [doc]) == VOCAB.document_to_ids(doc) + [1, 30, 2]
@@ -163,6 +163,7 @@ def test_retrieved_documents_change_the_prompt_and_editing_runs_three_streams():
     with_doc = generate_image(model, VOCAB, [[30]], retrieved=[[doc]], method="greedy", cfg=1.0, compile=False).codes
     assert not torch.equal(plain, with_doc)
     edited = edit_image(model, VOCAB, [list(range(6))], [[31, 32]], [20], text_cfg=1.0, image_cfg=1.0, method="greedy")
+    assert model.kv_cache.batch_size == 1  # both scales 1: the full stream alone (it ran all three streams)
     full = [1, 20, 2, *range(40, 46), 2, 31, 32, 2]
     with torch.no_grad():  # both scales 1: the full stream alone, greedily, with no cache
         seq, want = list(full), []
@@ -170,6 +171,10 @@ def test_retrieved_documents_change_the_prompt_and_editing_runs_three_streams():
             want.append(int(model(torch.tensor([seq]))[0, -1, 40:64].argmax()))
             seq.append(want[-1] + 40)
     assert edited.codes[0, 0].tolist() == want
+    sampled = edit_image(model, VOCAB, [list(range(6))], [[31, 32]], [20], text_cfg=1.0, image_cfg=1.0, num_samples=2,
+                         seed=5, compile=False)  # fmt: skip
+    dec = Decoder(model, SamplingSpec(streams=1, lo=40, hi=64), [full] * 2, 6, seed=5, compile=False)
+    assert torch.equal(sampled.codes[0], dec.run(dec.prefill(), 6) - 40)  # conditional sampling, draw for draw
 
 
 def test_unconditional_streams_mask_the_condition_with_cm3_sentinels():
@@ -258,6 +263,31 @@ def test_clear_errors():
         edit_image(model, VOCAB, [[1] * 6], [[20]], [40])
     with pytest.raises(ValueError, match="edit_image: method must be"):  # named streams=2, which no caller passes
         edit_image(model, VOCAB, [[1] * 6], [[20]], [21], method="cd_k")
+
+
+def test_errors_name_the_prompt_or_image_of_a_batch_and_the_decoder_argument():
+    """A bad caption or image among many was reported without saying which ("text id 50 outside the allowed range
+    [0, 40)", "an image has 5 codes"); a decoder for 0 new tokens failed with an IndexError."""
+    model = random_model()
+    with pytest.raises(ValueError, match=r"^prompts\[1\]: id 50 is not a text id"):
+        generate_image(model, VOCAB, [[20], [21, 50]], compile=False)
+    with pytest.raises(ValueError, match=r"^prompts\[1\]: a text segment may not contain <eos> or <break>"):
+        generate_image(model, VOCAB, [[20], [21, VOCAB.break_id]], compile=False)
+    bad_doc = [Segment.text([27]), Segment.image(range(5))]
+    with pytest.raises(ValueError, match=r"^prompts\[1\] / retrieved\[1\]: image segment"):
+        generate_image(model, VOCAB, [[20], [21]], retrieved=[[], [bad_doc]], compile=False)
+    with pytest.raises(ValueError, match=r"^images\[1\] has 5 codes; expected grid_h\*grid_w = 6"):
+        generate_text(model, VOCAB, [[1] * 6, [1] * 5], compile=False)
+    with pytest.raises(ValueError, match=r"^images\[0\]: image code 24 outside the allowed range \[0, 24\)"):
+        generate_text(model, VOCAB, [[1] * 5 + [24]], compile=False)
+    with pytest.raises(ValueError, match=r"^source\[1\] has 7 codes"):
+        edit_image(model, VOCAB, [[1] * 6, [1] * 7], [[20], [21]], [22], compile=False)
+    spec = SamplingSpec(method="greedy", streams=1, hi=VOCAB.size)
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1, got 0"):
+        Decoder(model, spec, [[1, 20]], 0, compile=False)
+    dec = Decoder(model, spec, [[1, 20]], 4, compile=False)
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        dec.run(dec.prefill(), 0)
 
 
 def test_an_instruction_given_as_an_array_is_one_instruction():

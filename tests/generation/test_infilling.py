@@ -92,6 +92,8 @@ def test_batches_that_cannot_share_a_decode_are_refused() -> None:
         infill_batch(model, V, [text_only, text_only], span_kinds=[None], compile=False)
     with pytest.raises(ValueError, match="infill document 1"):
         infill_batch(model, V, [text_only, [V.eos_id, 999, S(0)]], compile=False)
+    with pytest.raises(ValueError, match=r"^infill: the ids hold no <mask:i> sentinel \(infill document 1\)$"):
+        infill_batch(model, V, [text_only, [V.eos_id, 20, 21]], compile=False)
     for kwargs in ({"max_span_tokens": 0}, {"check_every": 0}, {"max_span_tokens": -3}):
         with pytest.raises(ValueError, match="max_span_tokens and check_every must be >= 1"):
             infill(model, V, text_only, compile=False, **kwargs)
@@ -119,3 +121,19 @@ def test_ids_with_infill_or_padding_are_refused_naming_the_token() -> None:
         infill(random_model(), V, [V.eos_id, 20, V.pad_id, S(0), V.break_id, *img], compile=False)
     result = infill(random_model(), V, whole[:-2], max_span_tokens=2, compile=False)  # the body alone is filled
     assert len(result.spans) == 1 and result.ids[1 + len(result.spans[0]) :] == [V.break_id, *img]
+
+
+def test_sampled_spans_do_not_depend_on_check_every() -> None:
+    """A text span that every row ended early stops at the next check, ``check_every`` steps apart: it drew fewer
+    noise tensors, and every later span's samples changed with ``check_every`` (seed 2: span 1 ``[35]`` at 8 and
+    ``[17, 25, 37, ...]`` at 1)."""
+    img = V.codes_to_ids(torch.tensor([1, 2, 3, 4])).tolist()
+    doc = [V.eos_id, 20, S(0), 21, S(1), 22, V.break_id, *img[:2], S(2), *img[2:]]  # text, text, image (2 codes)
+    draw = dict(max_span_tokens=12, method="temperature", seed=3, compile=False)
+    for model_seed in (2, 9):
+        model = random_model(seed=model_seed)
+        every_step = [r.spans for r in infill_batch(model, V, [doc] * 2, check_every=1, **draw)]
+        every_8 = [r.spans for r in infill_batch(model, V, [doc] * 2, check_every=8, **draw)]
+        assert every_step == every_8
+        assert all(len(s[2]) == 2 and all(V.is_image_id(t) for t in s[2]) for s in every_step)
+    assert any(len(span) < 12 for spans in every_step for span in spans[:2])  # a text span did end early

@@ -69,6 +69,9 @@ def test_rerank_errors():
         clip_scores(ColorScorer(), ["a red"], candidates())
     with pytest.raises(ValueError, match="codes shape"):
         rerank(ColorScorer(), ["a red", "a blue"], candidates(), torch.zeros(2, 3, 6))
+    # one string for P=2 prompts of 2 characters: its characters were taken for the prompts
+    with pytest.raises(ValueError, match="texts must be a list of P=2 prompts, got one string 'rb'"):
+        rerank(ColorScorer(), "rb", candidates())
 
 
 def test_a_nan_score_ranks_last_and_a_4d_batch_is_named():
