@@ -189,6 +189,14 @@ def check_unsharded(trainer: L.Trainer | None, owner: str) -> None:
         )
 
 
+def refuse_arguments(owner: str, kwargs: dict[str, Any], names: Sequence[str], why: str) -> None:
+    """Raise ValueError naming the arguments of ``names`` found in ``kwargs``: parent-class arguments that ``owner``
+    does not use (they were accepted and silently ignored); ``why`` says what ``owner`` does instead."""
+    given = [name for name in names if name in kwargs]
+    if given:
+        raise ValueError(f"{owner}: {', '.join(given)} {'is' if len(given) == 1 else 'are'} not used ({why})")
+
+
 PLACEHOLDER_VQGAN = "artifacts/vqgan"
 """The ``vqgan`` of ``configs/callbacks/*.yaml``, to be replaced by the user's VQGAN."""
 PLACEHOLDER_HINT = (
@@ -347,6 +355,23 @@ class GenerationCallback(L.Callback):
         rank_zero_warn(
             f"{type(self).__name__} evaluates at the end of validation epochs: `cm3leon test` / Trainer.test does not "
             "run it; use `cm3leon validate` (Trainer.validate) with the data it should score"
+        )
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Warn, before training, when this fit will not validate (no validation data, ``limit_val_batches=0``):
+        the callback runs at validation ends, so it would log nothing without a word."""
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        hparams = getattr(getattr(trainer, "datamodule", None), "hparams", {})
+        val_data = hparams.get("val_data", "given") if isinstance(hparams, dict) else "given"
+        no_val_data = val_data is None or (isinstance(val_data, (str, list, tuple)) and not val_data)
+        if trainer.enable_validation and not no_val_data:  # e.g. CM3LeonDataModule's val_data
+            return
+        why = "limit_val_batches is 0" if trainer.limit_val_batches == 0 else "it has no validation data"
+        rank_zero_warn(
+            f"{type(self).__name__} evaluates at the end of validation epochs, but this fit does not validate ({why}): "
+            "it will log nothing. Give the data module a val_data (--data.init_args.val_data, any small prepared "
+            "set) or validation dataloaders"
         )
 
     def should_run(self, trainer: L.Trainer) -> bool:

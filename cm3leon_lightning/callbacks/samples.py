@@ -27,6 +27,7 @@ from cm3leon_lightning.callbacks.base import (
     EvalSample,
     module_vocab,
     read_shard_samples,
+    refuse_arguments,
 )
 from cm3leon_lightning.callbacks.cider import CIDErCallback
 from cm3leon_lightning.data.cleaning import model_text
@@ -41,7 +42,8 @@ DEFAULT_PROMPTS = (
 
 
 def render_grid(images: Tensor, texts: Sequence[str], columns: int = 4, cell: int = 256) -> Image.Image:
-    """Lay out uint8 images ``(N, 3, H, W)`` in a grid, each scaled to ``cell`` px with its text above it.
+    """Lay out uint8 images ``(N, 3, H, W)`` in a grid, each scaled to ``cell`` px with its text above it (in PIL's
+    default font; where that is its Latin-1 bitmap font, other characters show as ``?``).
 
     Raises:
         ValueError: a different number of images and texts, or no images.
@@ -49,6 +51,8 @@ def render_grid(images: Tensor, texts: Sequence[str], columns: int = 4, cell: in
     if len(images) != len(texts) or len(images) == 0:
         raise ValueError(f"render_grid needs as many texts as images (>= 1), got {len(images)} and {len(texts)}")
     font = ImageFont.load_default()
+    if not isinstance(font, ImageFont.FreeTypeFont):  # Pillow 10.0 or no FreeType: a Latin-1 bitmap font
+        texts = [t.encode("latin-1", "replace").decode("latin-1") for t in texts]  # else UnicodeEncodeError
     line_h = 12
     chars = max(8, cell // 6)
     wrapped = [textwrap.wrap(t, chars)[:4] or ["(empty)"] for t in texts]
@@ -123,7 +127,9 @@ class SampleLoggerCallback(CIDErCallback):
         tag: logger key prefix (``<tag>/text_to_image``, ``<tag>/image_to_text``).
         **kwargs: :class:`GenerationCallback` arguments (``text_tokenizer``, ``vqgan``, ``every_n_val_epochs``...).
             ``vqgan`` is required to draw ``prompts`` and to show or encode images that lack pixels or codes
-            (``setup`` says so, before training).
+            (``setup`` says so, before training). :class:`CIDErCallback`'s ``instruction`` and ``max_new_tokens``
+            set the captioning; its ``group_by_image``, ``log_name`` and ``tokenizer`` are refused (ValueError naming
+            them) rather than ignored.
 
     Raises:
         ValueError: ``prompts`` a string or holding one that cleans to nothing, ``seeds`` not one per prompt,
@@ -146,7 +152,14 @@ class SampleLoggerCallback(CIDErCallback):
         tag: str = "samples",
         **kwargs,
     ) -> None:
-        super().__init__(caption_data, caption_samples, max(1, num_caption_images), tokenizer="simple", **kwargs)
+        refuse_arguments(
+            "SampleLoggerCallback",
+            kwargs,
+            ("group_by_image", "log_name", "tokenizer"),
+            "the first num_caption_images images are captioned, and the grids logged under tag",
+        )
+        super().__init__(caption_data, caption_samples, max(1, num_caption_images), group_by_image=False,
+                         tokenizer="simple", log_name=f"{tag}/image_to_text", **kwargs)  # fmt: skip
         if isinstance(prompts, str):  # else each letter would be a prompt
             raise ValueError(
                 f"SampleLoggerCallback: prompts must be a list of captions, got the string {prompts!r:.60}"

@@ -23,7 +23,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from cm3leon_lightning.callbacks.base import EvalSample
+from cm3leon_lightning.callbacks.base import EvalSample, refuse_arguments
 from cm3leon_lightning.callbacks.cider import CIDErCallback
 from cm3leon_lightning.data.cleaning import model_text
 from cm3leon_lightning.files import jsonl_values
@@ -112,9 +112,13 @@ class VQACallback(CIDErCallback):
         method: ``greedy``, ``temperature`` or ``top_p``.
         official: official leave-one-out averaging (else ``min(matches / 3, 1)``); questions with too few human
             answers for it count by exact match (see the module docstring).
+        official_references: normalise the human answers exactly as the official script does (punctuation only,
+            and only when they disagree) instead of as the answers; with ``official`` it reproduces ``vqaEval.py``.
         log_name: the logged key.
         layout: the prompt layout, ``infill`` or ``image_first`` (see :class:`CIDErCallback`).
-        **kwargs: :class:`GenerationCallback` arguments (``text_tokenizer``, ``vqgan``, ``batch_size``, ``seed``...).
+        **kwargs: ``temperature``, ``top_p`` and the :class:`GenerationCallback` arguments (``text_tokenizer``,
+            ``vqgan``, ``batch_size``, ``seed``...). :class:`CIDErCallback`'s ``instruction``, ``group_by_image`` and
+            ``tokenizer`` are refused (ValueError naming them) rather than ignored.
     """
 
     def __init__(
@@ -126,16 +130,23 @@ class VQACallback(CIDErCallback):
         max_new_tokens: int = 8,
         method: str = "greedy",
         official: bool = True,
+        official_references: bool = False,
         log_name: str = "val/vqa_acc",
         layout: str = "infill",
         **kwargs,
     ) -> None:
+        refuse_arguments(
+            "VQACallback",
+            kwargs,
+            ("instruction", "group_by_image", "tokenizer"),
+            "the prompt is prompt_template; questions are not grouped and answers not CIDEr-tokenized",
+        )
         super().__init__(
-            data, samples, num_samples, max_new_tokens=max_new_tokens, method=method, log_name=log_name,
-            tokenizer="simple", layout=layout, **kwargs,
+            data, samples, num_samples, group_by_image=False, instruction="", max_new_tokens=max_new_tokens,
+            method=method, tokenizer="simple", log_name=log_name, layout=layout, **kwargs,
         )  # fmt: skip
         self.prompt_template = check_prompt_template(prompt_template)
-        self.metric = VQAAccuracy(official=official)
+        self.metric = VQAAccuracy(official=official, official_references=official_references)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Read the questions once and check each has a question, answers, and codes or an image with ``vqgan``

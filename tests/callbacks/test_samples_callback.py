@@ -349,3 +349,21 @@ def test_grids_share_the_step_of_the_validation_metrics(parts, tmp_path: Path) -
         assert [e.step for e in acc.Images(tag)] == [1, 3], tag
     pngs = sorted(p.name for p in (Path(loggers[1].log_dir) / "samples").glob("*.png"))
     assert pngs == [f"samples_{kind}-step000000{s}.png" for kind in ("image_to_text", "text_to_image") for s in (2, 4)]
+
+
+def test_render_grid_draws_any_text_with_the_bitmap_font(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found in review: where PIL's default font is its Latin-1 bitmap font (Pillow 10.0, the oldest allowed, or a
+    build without FreeType), a caption with another character (the U+FFFD of a token cut mid-character) raised
+    UnicodeEncodeError at the validation end; such characters now show as '?'."""
+    from PIL import ImageDraw, ImageFont
+
+    if not hasattr(ImageFont, "load_default_imagefont"):
+        pytest.skip("this Pillow has no separate bitmap default font")
+    monkeypatch.setattr(ImageFont, "load_default", ImageFont.load_default_imagefont)
+    drawn: list[str] = []
+    text = ImageDraw.ImageDraw.text
+    monkeypatch.setattr(
+        ImageDraw.ImageDraw, "text", lambda self, xy, t, *a, **k: drawn.append(t) or text(self, xy, t, *a, **k)
+    )
+    grid = render_grid(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), ["a caf\u00e9 \ufffd", "\u65e5\u672c"], cell=64)
+    assert grid.size == (2 * 64, 12 + 4 + 64) and drawn == ["a caf\u00e9 ?", "??"]

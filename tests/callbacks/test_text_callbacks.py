@@ -517,3 +517,77 @@ def test_vqa_images_without_codes_need_a_vqgan_at_setup_and_may_differ_in_size(p
     cider = CIDErCallback(samples=caps, text_tokenizer=tok, tokenizer="simple", vqgan=vqgan, max_new_tokens=2)
     out = trainer(tmp_path, [cider]).validate(module, val_loader(module.vocab), verbose=False)[0]
     assert [tuple(s.image.shape) for s in cider.samples] == [(3, 16, 16), (3, 16, 16)] and out["val/cider"] >= 0
+
+
+def test_a_fit_that_does_not_validate_is_warned_about_before_training(parts, tmp_path: Path) -> None:
+    """Found in review: a fit without validation data (``cm3leon fit`` with no ``val_data``) or with
+    ``limit_val_batches=0`` never reaches a validation end, so the callbacks logged nothing, without a word."""
+    import warnings
+
+    import lightning as L
+    from support.eval_setup import write_eval_data
+
+    from cm3leon_lightning.data.datamodule import CM3LeonDataModule
+
+    tok, _, module = parts
+    train = write_eval_data(tmp_path / "data", n_train=4, n_val=2)["train"]
+
+    def fit_warnings(limit_val_batches: int | None = None, **data) -> list[str]:
+        run = L.Trainer(accelerator="cpu", max_steps=1, logger=False, limit_val_batches=limit_val_batches,
+                        callbacks=[AnswersRight(samples=vqa_samples(), text_tokenizer=tok)], num_sanity_val_steps=0,
+                        enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+                        default_root_dir=str(tmp_path))  # fmt: skip
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            run.fit(module, **data)
+        return [str(w.message) for w in seen if "evaluates at the end of validation epochs" in str(w.message)]
+
+    start = "AnswersRight evaluates at the end of validation epochs, but this fit does not validate"
+    no_data = f"{start} (it has no validation data): it will log nothing. Give the data module a val_data"
+    train_only = CM3LeonDataModule(train_data=train, seq_len=128, num_workers=0)
+    assert [m[: len(no_data)] for m in fit_warnings(datamodule=train_only)] == [no_data]
+    assert [m[: len(no_data)] for m in fit_warnings(train_dataloaders=val_loader(module.vocab))] == [no_data]
+    loaders = {"train_dataloaders": val_loader(module.vocab), "val_dataloaders": val_loader(module.vocab)}
+    assert [m.split(":")[0] for m in fit_warnings(0, **loaders)] == [f"{start} (limit_val_batches is 0)"]
+    assert fit_warnings(**loaders) == []  # it validates: no warning
+
+
+def test_caption_arguments_the_vqa_and_sample_callbacks_ignore_are_refused(parts) -> None:
+    """Found in review: ``VQACallback(instruction=...)`` (listed by ``cm3leon fit --help`` through ``**kwargs``) and
+    ``SampleLoggerCallback(log_name=..., group_by_image=...)`` were accepted and ignored; ``tokenizer`` failed with
+    "CIDErCallback.__init__() got multiple values". They are refused naming them, and gone from the CLI."""
+    from jsonargparse import ArgumentParser
+
+    tok, _, _ = parts
+    with pytest.raises(ValueError, match=r"^VQACallback: instruction is not used \(the prompt is prompt_template;"):
+        VQACallback(samples=vqa_samples(), text_tokenizer=tok, instruction="Answer in one word.")
+    with pytest.raises(ValueError, match=r"^VQACallback: group_by_image, tokenizer are not used \("):
+        VQACallback(samples=vqa_samples(), text_tokenizer=tok, group_by_image=True, tokenizer="ptb")
+    with pytest.raises(ValueError, match=r"^SampleLoggerCallback: log_name is not used \(.* logged under tag\)"):
+        SampleLoggerCallback(prompts=["x"], text_tokenizer=tok, log_name="val/samples")
+    cb = SampleLoggerCallback(prompts=["x"], text_tokenizer=tok, instruction="Describe it.", max_new_tokens=3)
+    assert (cb.instruction, cb.decoding["max_new_tokens"]) == ("Describe it.", 3)  # used for the captions
+    for cls, gone in ((VQACallback, {"instruction", "group_by_image", "tokenizer"}),
+                      (SampleLoggerCallback, {"group_by_image", "log_name", "tokenizer"})):  # fmt: skip
+        parser = ArgumentParser()
+        parser.add_class_arguments(cls, "cb")
+        options = {a.dest.removeprefix("cb.") for a in parser._actions if a.dest.startswith("cb.")}
+        assert not gone & options and {"temperature", "top_p", "max_new_tokens"} <= options, cls
+
+
+def test_vqa_callback_official_references_reproduce_the_script(parts, tmp_path: Path) -> None:
+    """The callback could not score as ``vqaEval.py`` does (human answers only punctuation-normalised): its metric
+    always normalised them fully."""
+    tok, _, module = parts
+
+    class SaysTwo(VQACallback):
+        def generate(self, pl_module, codes, instruction, seed):
+            return ["Two"] * len(codes)
+
+    humans = ["2"] * 3 + ["two"] * 3 + ["blue", "green", "white", "black"]
+    samples = [EvalSample("q", [], codes=torch.zeros(64, dtype=torch.long), question="how many?", answers=humans)]
+    got = []
+    for official_references in (False, True):
+        cb = SaysTwo(samples=samples, text_tokenizer=tok, official_references=official_references)
+        got.append(trainer(tmp_path, [cb]).validate(module, val_loader(module.vocab), verbose=False)[0]["val/vqa_acc"])
+    assert got == [pytest.approx(1.0), pytest.approx(0.9)]  # official: "two" is not "2" -> 3 matches of 10
