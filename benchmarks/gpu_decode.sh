@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The decoding checks on one GPU at 350m, in two halves that each fit one 10-minute device command, the more
-# decisive first (a session's device time may not stretch to the second):
+# The decoding checks on one GPU at 350m, in two halves that each fit one 10-minute device command (each half's part
+# limits add up to at most 570 s, tested), the more decisive first (a session's device time may not stretch to the
+# second):
 #   HALF=1 (~9 min): the fused Triton kernels' tests and the persistent step's (every tile configuration in a
 #          replayed CUDA graph; whole steps with every launch option on; persistent steps against the forward, and
 #          decoding through them, eager and in a CUDA graph);
@@ -12,7 +13,7 @@
 #          CLIP re-ranking" row when open_clip_torch is installed, all in one process;
 #          benchmarks/fused_linear.py (each linear launch under every tile configuration, against cuBLAS and the
 #          bandwidth bound);
-#   HALF=2 (~10 min): benchmarks/fused_attention.py (the attention kernel over a filling cache, split or not); the
+#   HALF=2 (~9 min): benchmarks/fused_attention.py (the attention kernel over a filling cache, split or not); the
 #          other CUDA decode modes' tests against eager, the max-autotune test (minutes of compilation), the
 #          per-kernel profile of a decode step in the middle of an image (fused, reduce-overhead); generation.py with
 #          max-autotune; the floor under a decode step (benchmarks/decode_floor.py: matmuls alone, + pointwise, +
@@ -52,13 +53,13 @@ if second; then
   TAIL=40 part tests "${TESTS_LIMIT:-120}" $PY -m pytest tests/generation/test_generate.py \
     tests/generation/test_graphs.py tests/model/test_flex_attention.py -q -p no:cacheprovider -x \
     -k "(compiled or graph or cache or autotuned or flex or fused or bf16 or refused or default) and not max"
-  TAIL=20 part tune_tests "${TUNE_TESTS_LIMIT:-120}" $PY -m pytest tests/generation/test_generate.py -q \
+  TAIL=20 part tune_tests "${TUNE_TESTS_LIMIT:-100}" $PY -m pytest tests/generation/test_generate.py -q \
     -p no:cacheprovider -k "autotuned and max"
   TAIL=120 part profile "${PROFILE_LIMIT:-100}" $PY benchmarks/decode_profile.py --preset 350m \
     --modes fused,reduce-overhead --attention sdpa --warmup 480 --steps 32 --rows 30 --out "$OUT/profile"
   part max_autotune "${TUNE_LIMIT:-120}" $PY benchmarks/generation.py --presets 350m --modes max-autotune \
     --repeats 2 --reference-tokens 0 --no-rerank --json "$OUT/generation_max_autotune.json"
-  TAIL=40 part floor "${FLOOR_LIMIT:-100}" $PY benchmarks/decode_floor.py --preset 350m --attention sdpa,flex \
+  TAIL=40 part floor "${FLOOR_LIMIT:-80}" $PY benchmarks/decode_floor.py --preset 350m --attention sdpa,flex \
     --json "$OUT/decode_floor.json"
 fi
 finish

@@ -565,11 +565,29 @@ def test_gpu_scripts_call_the_benchmarks_with_arguments_they_take(tmp_path, name
     assert out.returncode == 0 and "=== every part passed" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
 
 
-def test_gpu_decode_script_refuses_an_unknown_half(tmp_path):
+@pytest.mark.parametrize("name", ["gpu_suite.sh", "gpu_decode.sh"])
+def test_gpu_scripts_refuse_an_unknown_half(tmp_path, name):
     """HALF other than 1, 2 or all ran no part and reported "every part passed" (exit 0)."""
-    out = gpu_script("gpu_decode.sh", tmp_path, HALF="3")
-    assert out.returncode == 2 and "gpu_decode.sh: HALF=3: use 1, 2 or all" in out.stderr, out.stderr
+    out = gpu_script(name, tmp_path, HALF="3")
+    assert out.returncode == 2 and f"{name}: HALF=3: use 1, 2 or all" in out.stderr, out.stderr
     assert out.stdout == "" and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["gpu_suite.sh", "gpu_decode.sh"])
+def test_each_half_of_a_gpu_script_fits_one_device_command(tmp_path, name):
+    """A device command may run 600 s: each half's part limits add up to at most 570 s (start-up and the wheel install
+    take the rest). gpu_suite.sh's limits added up to 1170 s in one run, gpu_decode.sh's second half to 600 s."""
+    text = (ROOT / "benchmarks" / name).read_text()
+    halves = re.split(r"^(?:if first; then|if second; then|if \[ \"\$HALF\" != [12] \]; then)$", text, flags=re.M)
+    assert len(halves) == 3, f"{name}: expected two HALF blocks"
+    for half, block in zip((1, 2), halves[1:]):
+        block = block.split("\nfi\n")[0]
+        limits = [int(m) for m in re.findall(r'^\s*(?:TAIL=\d+ )?part \w+ "\$\{\w+:-(\d+)\}"', block, flags=re.M)]
+        parts = re.findall(r"^\s*(?:TAIL=\d+ )?part ", block, flags=re.M)
+        assert len(limits) == len(parts) >= 3, (name, half, block)  # every part's limit can be overridden
+        assert sum(limits) <= 570, f"{name} HALF={half}: part limits add up to {sum(limits)} s"
+    for half in ("1", "2"):  # the dry run of each half alone runs only its parts
+        assert gpu_script(name, tmp_path / half, HALF=half, CUDA_VISIBLE_DEVICES="").returncode == 2
 
 
 def test_gpu_script_parts_log_and_the_run_fails_when_one_did(tmp_path):
