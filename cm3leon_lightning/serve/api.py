@@ -66,6 +66,7 @@ from cm3leon_lightning.serve.requests import (
     chunk_by_rows,
     decode_base64_image,
     error_line,
+    explain_unknown_fields,
     json_safe,
 )
 from cm3leon_lightning.serve.runs import JobRunner
@@ -226,8 +227,9 @@ class CM3LeonAPI(JobRunner, StopWhenIdle, ls.LitAPI):
         n = settings.num_samples
         if n > self.max_num_samples:
             raise ValueError(f"num_samples: {n} exceeds this server's limit of {self.max_num_samples}")
-        if r.rerank and (self.clip is None or self.vqgan is None):
-            raise ValueError("rerank: this server was started without --clip and --vqgan, so it cannot re-rank")
+        missing = [flag for flag, part in (("--clip", self.clip), ("--vqgan", self.vqgan)) if part is None]
+        if r.rerank and missing:  # a server with --clip for --retrieve may lack the VQGAN that draws the candidates
+            raise ValueError(f"rerank: this server was started without {' and '.join(missing)}, so it cannot re-rank")
         if r.keep is not None and (not r.rerank or r.keep > n):
             raise ValueError(f"keep: needs rerank and at most num_samples={n} (got keep={r.keep})")
         k = self.retrieve_k if r.retrieve is None else r.retrieve
@@ -420,9 +422,12 @@ def body_errors(errors: list[dict[str, Any]], content_type: str | None) -> list[
 async def validation_error_response(request: Request, exc: RequestValidationError) -> JSONResponse:
     """FastAPI's 422 answer naming the fields, with the echoed input made strict JSON (:func:`json_safe`): FastAPI's
     own handler failed with a 500 and a traceback on ``NaN``, ``Infinity``, ``1e400`` or a lone surrogate. A body that
-    is not a JSON object is named as such (:func:`body_errors`). The messages are ours and pydantic's, never the
-    request's text, so they are kept whole (only the echo of the request is cut short)."""
-    errors = body_errors(jsonable_encoder(exc.errors()), request.headers.get("content-type"))
+    is not a JSON object is named as such (:func:`body_errors`), and an unknown field with the fields its kind takes
+    (:func:`~cm3leon_lightning.serve.requests.explain_unknown_fields`). The messages are ours and pydantic's, never the
+    request's text (an unknown field's name is cut to 40 characters), so they are kept whole (only the echo of the
+    request is cut short)."""
+    errors = explain_unknown_fields(jsonable_encoder(exc.errors()))
+    errors = body_errors(errors, request.headers.get("content-type"))
     detail = [
         {**json_safe(e), "msg": json_safe(e["msg"], max_chars=2000)} if "msg" in e else json_safe(e) for e in errors
     ]

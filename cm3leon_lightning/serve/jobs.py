@@ -3,6 +3,7 @@ once checked against the model (``CM3LeonAPI.decode_request``), with the rules t
 This module imports no LitServe.
 """
 
+import math
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -20,6 +21,16 @@ TEXT_SETTINGS = ("layout", "max_new_tokens", "method", "temperature", "top_p")
 
 EDIT_SETTINGS = ("num_samples", "method", "text_cfg", "image_cfg", "temperature", "top_p")
 """The fields of an :class:`EditRequest` that override the server's :class:`EditSettings`."""
+
+
+def check_sampling(temperature: float, top_p: float) -> None:
+    """Raise ValueError naming ``temperature`` or ``top_p`` unless the decoder takes it: a server's bad default was
+    accepted and then refused with every request (also the greedy ones, whose decoder checks it too) as if the request
+    had sent it."""
+    if not 0 <= temperature < math.inf:
+        raise ValueError(f"temperature must be finite and >= 0 (0 = greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
 
 
 @dataclass(frozen=True)
@@ -47,6 +58,7 @@ class TextSettings:
             raise ValueError(f"text method must be greedy, temperature or top_p, got {self.method!r}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        check_sampling(self.temperature, self.top_p)
 
 
 @dataclass(frozen=True)
@@ -77,6 +89,10 @@ class EditSettings:
             raise ValueError(f"edit method must be greedy, temperature or top_p, got {self.method!r}")
         if self.num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
+        check_sampling(self.temperature, self.top_p)
+        for name, scale in (("text_cfg", self.text_cfg), ("image_cfg", self.image_cfg)):
+            if not abs(scale) < math.inf:  # NaN fails the comparison too
+                raise ValueError(f"{name} must be finite, got {scale}")
 
 
 @dataclass

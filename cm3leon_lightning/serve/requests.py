@@ -19,9 +19,11 @@ Fields left out take the server's defaults (``cm3leon serve --num-samples/--meth
 unknown fields and check every bound, so FastAPI answers a malformed request with 422 naming the field before it
 reaches the model (and before it can share a batch with other requests): a body whose fields mix two kinds
 (``prompt`` with ``image``) or name none is refused in one sentence naming those fields and the four kinds
-(:func:`check_kind`), and a number field given ``NaN`` or an infinity (which Python's JSON reader takes) in one
-naming the field and its range (``cfg must be a number in [0, 100], not NaN``). This module imports pydantic, not
-LitServe.
+(:func:`check_kind`), and a number field given ``NaN`` or an infinity (which Python's JSON reader takes), a string
+or ``true``/``false``, or a flag given anything but ``true``/``false``, in one naming the field and what it takes
+(``cfg must be a number in [0, 100], not NaN``; ``num_samples must be an integer in [1, 64], not the string "4"``);
+an unknown field is named with the fields its kind takes (:func:`explain_unknown_fields`). This module imports
+pydantic, not LitServe.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import json
 import math
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union, get_args
@@ -119,7 +122,8 @@ def allowed_numbers(request: type[BaseModel], name: str) -> str | None:
 
 
 class _Request(BaseModel):
-    """The checks every request shares: unknown fields are refused, and so are non-finite numbers, by name."""
+    """The checks every request shares: unknown fields are refused, and so are non-finite numbers and values of
+    the wrong JSON type (a string or a boolean for a number, anything but a boolean for a flag), by name."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -135,6 +139,30 @@ class _Request(BaseModel):
                 got = "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
                 raise PydanticCustomError("finite_number", f"{info.field_name} must be {allowed}, not {got}")
         return value
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _json_type(cls, value: Any, info: ValidationInfo) -> Any:
+        """Refuse a string or ``true``/``false`` in a number field, and anything but ``true``/``false`` in a flag, in
+        one sentence naming the field and what it takes (``num_samples must be an integer in [1, 64], not true``):
+        pydantic's lax mode read ``"num_samples": true`` as 1 sample, ``"seed": "7"`` as seed 7 and ``"rerank":
+        "no"`` or ``0`` as false."""
+        name = info.field_name
+        if name is None or value is None:
+            return value
+        flag = cls.model_fields[name].annotation is bool
+        if (flag and isinstance(value, bool)) or (not flag and not isinstance(value, (bool, str))):
+            return value
+        allowed = "true or false" if flag else allowed_numbers(cls, name)
+        if allowed is None:  # a text field
+            return value
+        if isinstance(value, bool):
+            got = "true" if value else "false"
+        elif isinstance(value, str):
+            got = f"the string {json.dumps(value[:40] + ('...' if len(value) > 40 else ''))}"
+        else:
+            got = json.dumps(json_safe(value, 40, 4))
+        raise PydanticCustomError("bool_type" if flag else "number_type", f"{name} must be {allowed}, not {got}")
 
 
 class ImageRequest(_Request):
@@ -269,15 +297,48 @@ GenerationRequest = Annotated[
 :class:`InfillRequest`, checked first by :func:`check_kind`."""
 
 
+KIND_MODELS: dict[str, tuple[str, type[BaseModel]]] = {
+    "prompt": ("a text-to-image request", ImageRequest),
+    "image": ("an image-to-text request", TextRequest),
+    "edit": ("an image-editing request", EditRequest),
+    "infill": ("an infilling request", InfillRequest),
+}
+"""Each tag of :data:`GenerationRequest`'s union (the field that tells the kind apart): the kind's name and model."""
+
+
+def unknown_field_message(tag: str, field: str) -> str:
+    """The 422 message for a ``field`` that the request kind ``tag`` does not take, naming the fields it takes and the
+    kinds that do take ``field`` (pydantic said only "Extra inputs are not permitted"); a long field name is cut."""
+    what, model = KIND_MODELS[tag]
+    name = json_safe(field, max_chars=40)  # the request's own text: cut short, lone surrogates escaped
+    message = f"{name} is not a field of {what}, which takes {', '.join(model.model_fields)}"
+    others = [f"{kind} (with {key})" for key, (kind, m) in KIND_MODELS.items() if field in m.model_fields]
+    return message + (f"; {name} belongs to {' or '.join(others)}" if others else "")
+
+
+def explain_unknown_fields(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``errors`` (pydantic's or FastAPI's, whose locations start with ``body``) with the message of each unknown
+    field replaced by :func:`unknown_field_message`; the other errors unchanged."""
+    out = []
+    for e in errors:
+        loc = tuple(e.get("loc", ()))
+        if e.get("type") == "extra_forbidden" and len(loc) >= 2 and loc[-2] in KIND_MODELS:
+            e = {**e, "msg": unknown_field_message(str(loc[-2]), str(loc[-1]))}
+        out.append(e)
+    return out
+
+
 def error_line(error: ValidationError) -> str:
     """A request's validation errors in one line, each naming its field as the HTTP endpoint's 422 does
-    (``num_samples: Input should be greater than or equal to 1; colour: Extra inputs are not permitted``): pydantic's
-    own text spans lines, names the union's model types and a documentation URL."""
+    (``num_samples: Input should be greater than or equal to 1; colour is not a field of a text-to-image request,
+    which takes prompt, ...``): pydantic's own text spans lines, names the union's model types and a documentation
+    URL."""
     parts = []
-    for e in error.errors(include_url=False):
+    for e in explain_unknown_fields(error.errors(include_url=False)):
         field = ".".join(str(x) for x in e["loc"][1:])  # loc[0] is the kind's tag
         msg = str(e["ctx"]["error"]) if e["type"] == "value_error" else e["msg"]  # without "Value error, "
-        parts.append(msg if not field or msg.startswith(field) else f"{field}: {msg}")
+        named = not field or msg.startswith((field, json_safe(field, max_chars=40)))  # a long unknown name is cut
+        parts.append(msg if named else f"{field}: {msg}")
     return "; ".join(parts)
 
 

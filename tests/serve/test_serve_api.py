@@ -1,6 +1,8 @@
 """``CM3LeonAPI`` without a server: a batch of requests decodes in as few calls as its settings allow, every answer
 equals the same request decoded on its own, and a request the server cannot honour is answered alone."""
 
+import re
+
 import pytest
 from fastapi.responses import JSONResponse
 from support.images import png_base64
@@ -290,8 +292,10 @@ def test_requests_are_tokenized_as_the_training_captions(api, direct):
 @pytest.mark.parametrize(
     "request_, detail",
     [
-        ({"prompt": "x", "num_samples": 0, "colour": 1},
-         "num_samples: Input should be greater than or equal to 1; colour: Extra inputs are not permitted"),
+        ({"prompt": "x", "num_samples": 0, "colour": 1},  # was "colour: Extra inputs are not permitted"
+         "num_samples: Input should be greater than or equal to 1; colour is not a field of a text-to-image request, "
+         "which takes prompt, num_samples, method, cfg, temperature, top_p, top_k, cdk_k, cdk_alpha, seed, retrieve, "
+         "rerank, keep, return_codes"),
         ({"prompt": "x", "cfg": float("nan")}, "cfg must be a number in [0, 100], not NaN"),
         ({"prompt": "\n"}, "prompt: the prompt holds no text (only whitespace or control characters)"),
         ({"prompt": "x", "image": "aGk="}, "prompt and image cannot be sent together: a request has either prompt "
@@ -333,8 +337,9 @@ def test_a_server_without_vqgan_or_clip_answers_codes_and_refuses_what_it_cannot
     out = api.predict(api.decode_request({"prompt": "a red circle", "method": "greedy", "num_samples": 2}))
     want = solo_image(direct, "a red circle", method="greedy", num_samples=2)
     assert set(out) == {"seed", "codes"} and out["codes"] == want.codes[0].tolist()
-    for request, detail in (({"prompt": "x", "rerank": True}, "rerank: this server was started without --clip"),
-                            ({"image": png_base64(0)}, "image: this server was started without --vqgan")):  # fmt: skip
+    refusals = (({"prompt": "x", "rerank": True}, "rerank: this server was started without --clip and --vqgan"),
+                ({"image": png_base64(0)}, "image: this server was started without --vqgan"))  # fmt: skip
+    for request, detail in refusals:
         job = api.decode_request(request)
         assert isinstance(job, Rejected) and job.status == 400 and detail in job.detail
 
@@ -350,6 +355,22 @@ def test_server_defaults_apply_to_fields_a_request_leaves_out(serve_assets):
         TextSettings(layout="sideways")
     with pytest.raises(ValueError, match="max_num_samples"):
         CM3LeonAPI("m.ckpt", "tok", max_num_samples=0)
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: TextSettings(temperature=float("nan")), "temperature must be finite and >= 0 (0 = greedy), got nan"),
+        (lambda: TextSettings(method="top_p", top_p=0.0), "top_p must lie in (0, 1], got 0.0"),
+        (lambda: EditSettings(temperature=-1.0), "temperature must be finite and >= 0 (0 = greedy), got -1.0"),
+        (lambda: EditSettings(text_cfg=float("inf")), "text_cfg must be finite, got inf"),
+        (lambda: EditSettings(image_cfg=float("nan")), "image_cfg must be finite, got nan"),
+    ],
+)
+def test_bad_server_defaults_are_refused_naming_the_setting(make, message):
+    """Accepted before, then every request (greedy ones too) of that kind was answered 400 as if it had sent it."""
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        make()
 
 
 def test_a_greedy_batch_is_equal_to_one_decode_per_request(api, direct):

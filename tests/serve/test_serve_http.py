@@ -69,6 +69,11 @@ def test_a_malformed_body_gets_422_naming_the_field(client):
     r = client.post("/predict", json={"prompt": "a red circle", "num_samples": 0, "colour": "red"})
     assert r.status_code == 422
     assert {tuple(e["loc"][-1:]) for e in r.json()["detail"]} == {("num_samples",), ("colour",)}
+    r = client.post("/predict", json={"image": "aGk=", "rows": "1:2"})  # forgot infill: was "Extra inputs are ..."
+    assert r.status_code == 422 and [(e["loc"], e["msg"]) for e in r.json()["detail"]] == [
+        (["body", "image", "rows"], "rows is not a field of an image-to-text request, which takes image, instruction, "
+         "layout, max_new_tokens, method, temperature, top_p, seed; rows belongs to an infilling request (with infill)")
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -101,6 +106,9 @@ def test_non_standard_json_gets_a_json_422_naming_the_field(client, body, field)
         ('{"prompt": "a red circle", "top_k": 1e400}',  # was "Input should be a finite number"
          {"type": "finite_number", "loc": ["body", "prompt", "top_k"], "msg": "top_k must be an integer >= 1, not "
           "Infinity", "input": "inf"}),
+        ('{"prompt": "a red circle", "num_samples": true}',  # was read as 1 sample
+         {"type": "number_type", "loc": ["body", "prompt", "num_samples"],
+          "msg": "num_samples must be an integer in [1, 64], not true", "input": True}),
         # was "image.prompt: Extra inputs are not permitted"; the whole sentence comes back, not 200 characters of it
         ('{"prompt": "a red circle", "image": "aGk="}',
          {"type": "request_kind", "loc": ["body"], "msg": f"prompt and image cannot be sent together: a request has "

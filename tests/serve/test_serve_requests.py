@@ -18,6 +18,8 @@ from cm3leon_lightning.serve.requests import (
     chunk_by_rows,
     decode_base64_image,
     encode_png_base64,
+    error_line,
+    explain_unknown_fields,
     group_key,
     json_safe,
     request_kind,
@@ -118,6 +120,61 @@ def test_a_non_finite_number_is_refused_naming_the_field_and_its_range(body, mes
         ADAPTER.validate_python(body)
     field = next(k for k, v in body.items() if isinstance(v, float))
     assert [(x["type"], x["loc"][-1], x["msg"]) for x in e.value.errors()] == [("finite_number", field, message)]
+
+
+@pytest.mark.parametrize(
+    "body, field, message",
+    [
+        # pydantic's lax mode took these: true as 1 sample, "7" as seed 7, "no" and 0 as false
+        ({"prompt": "x", "num_samples": True}, "num_samples", "num_samples must be an integer in [1, 64], not true"),
+        ({"prompt": "x", "seed": "7"}, "seed",
+         'seed must be an integer in [0, 9223372036854775808), not the string "7"'),
+        ({"prompt": "x", "cfg": False}, "cfg", "cfg must be a number in [0, 100], not false"),
+        ({"image": "aGk=", "max_new_tokens": "8"}, "max_new_tokens",
+         'max_new_tokens must be an integer in [1, 1024], not the string "8"'),
+        ({"prompt": "x", "rerank": "no"}, "rerank", 'rerank must be true or false, not the string "no"'),
+        ({"prompt": "x", "return_codes": 0}, "return_codes", "return_codes must be true or false, not 0"),
+        ({"infill": "a <mask>", "return_codes": "t" * 50}, "return_codes",
+         f'return_codes must be true or false, not the string "{"t" * 40}..."'),
+    ],
+)  # fmt: skip
+def test_a_value_of_the_wrong_json_type_is_refused_naming_the_field(body, field, message):
+    with pytest.raises(ValidationError) as e:
+        ADAPTER.validate_python(body)
+    assert [(x["loc"][-1], x["msg"]) for x in e.value.errors()] == [(field, message)]
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        # pydantic said "Extra inputs are not permitted", which names neither the fields allowed nor the right kind
+        ({"prompt": "x", "sampels": 2}, "sampels is not a field of a text-to-image request, which takes prompt, "
+         "num_samples, method, cfg, temperature, top_p, top_k, cdk_k, cdk_alpha, seed, retrieve, rerank, keep, "
+         "return_codes"),
+        ({"image": "aGk=", "task": "depth_to_image"}, "task is not a field of an image-to-text request, which takes "
+         "image, instruction, layout, max_new_tokens, method, temperature, top_p, seed; task belongs to an "
+         "image-editing request (with edit)"),
+        ({"image": "aGk=", "num_samples": 2}, "num_samples is not a field of an image-to-text request, which takes "
+         "image, instruction, layout, max_new_tokens, method, temperature, top_p, seed; num_samples belongs to a "
+         "text-to-image request (with prompt) or an image-editing request (with edit) or an infilling request (with "
+         "infill)"),
+        ({"infill": "a <mask>", "x" * 50: 1}, f"{'x' * 40}... (50 characters) is not a field of an infilling request, "
+         "which takes infill, image, rows, num_samples, method, temperature, top_p, max_span_tokens, seed, "
+         "return_codes"),
+    ],
+)  # fmt: skip
+def test_an_unknown_field_is_named_with_the_fields_its_kind_takes(body, message):
+    with pytest.raises(ValidationError) as e:
+        ADAPTER.validate_python(body)
+    errors = explain_unknown_fields(e.value.errors())
+    field = next(k for k in body if k not in ("prompt", "image", "infill"))
+    assert [(x["type"], x["loc"][-1], x["msg"]) for x in errors] == [("extra_forbidden", field, message)]
+    assert error_line(e.value) == message
+
+
+def test_numbers_and_flags_of_the_right_json_type_are_read():
+    r = ADAPTER.validate_python({"prompt": "x", "num_samples": 2.0, "cfg": 3, "rerank": True, "return_codes": False})
+    assert (r.num_samples, r.cfg, r.rerank, r.return_codes) == (2, 3.0, True, False)
 
 
 def test_text_fields_are_read_as_the_training_captions_were_cleaned():

@@ -70,6 +70,8 @@ def test_retrieval_is_refused_where_it_cannot_work(api, assets, tmp_path):
     job = api.decode_request({"prompt": "a blue circle", "retrieve": 16})
     assert isinstance(job, Rejected) and job.status == 400  # 12 documents found, far more than the context holds
     assert job.detail.startswith("retrieve: ") and "max_seq_len=" in job.detail
+    job = api.decode_request({"prompt": "a blue circle", "rerank": True})  # it has --clip: was "without --clip and"
+    assert job == Rejected(400, "rerank: this server was started without --vqgan, so it cannot re-rank")
     root = assets["root"]
     plain = CM3LeonAPI(str(root / "model.ckpt"), str(root / "tok"), compile=False)
     plain.setup("cpu")
