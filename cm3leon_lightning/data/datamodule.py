@@ -134,8 +134,8 @@ class CM3LeonDataModule(L.LightningDataModule):
         test_data: test source.
         manifest: the manifest of ``train_data`` when it is a list of shards whose directory lacks one.
         seq_len: tokens per row (paper: 4096). An example that does not fit drops retrieved documents, then
-            cuts its caption from the end (the first cut warns); a slot without room for the query's image and
-            one caption token is refused.
+            cuts its caption from the end (the first cut warns; see ``cut_captions``); a slot without room for the
+            query's image and one caption token is refused.
         batch_size: rows per batch and rank.
         pack: examples packed per row (each fitted to ``seq_len // pack`` tokens), for small-image settings.
         num_workers: DataLoader workers per rank.
@@ -153,6 +153,9 @@ class CM3LeonDataModule(L.LightningDataModule):
         max_skip_share: stop when a rank skips more than this share of an epoch's samples (bad data).
         pad_to_multiple: the model's vocabulary is padded to a multiple of this.
         pin_memory: DataLoader ``pin_memory``.
+        cut_captions: whether a query caption that does not fit is cut from its end (``true``) or its sample skipped
+            and counted as ``too_long`` (``false``). Default (null): cut, except the texts of instruction-tuning
+            documents (keys ``sft-...`` from ``cm3leon prepare --source sft``), which end with the answer.
 
     To change the per-sample pipeline, subclass :class:`~cm3leon_lightning.data.stream.ShardStream` (e.g. its
     ``iter_worker``, which knows the ``epoch``) and name it in :attr:`stream_class`, or override
@@ -191,6 +194,7 @@ class CM3LeonDataModule(L.LightningDataModule):
         max_skip_share: float = 0.01,
         pad_to_multiple: int = 128,
         pin_memory: bool = False,
+        cut_captions: bool | None = None,
     ) -> None:
         super().__init__()
         checks = {
@@ -233,6 +237,7 @@ class CM3LeonDataModule(L.LightningDataModule):
             infill=infill,
             infill_kwargs=dict(infill_kwargs or {}),
             slot_len=seq_len // pack,
+            cut_captions=cut_captions,
         )
         need = document_length(0, first.image_tokens) + 1
         if self.cfg.budget < need:

@@ -124,9 +124,11 @@ class Manifest:
     location: str | None = field(default=None, compare=False, repr=False)  # where it was read from (not saved)
 
     def __post_init__(self) -> None:
-        if self.format_version not in (FORMAT_VERSION, SEGMENTS_FORMAT_VERSION):
+        version = self.format_version  # "1" was refused as "format_version 1 is not supported", and true taken as 1
+        integer = isinstance(version, numbers.Integral) and not isinstance(version, bool)
+        if not integer or version not in (FORMAT_VERSION, SEGMENTS_FORMAT_VERSION):
             raise ValueError(
-                f"manifest format_version {self.format_version} is not supported (expected {FORMAT_VERSION} or "
+                f"manifest format_version {version!r} is not supported (expected the integer {FORMAT_VERSION} or "
                 f"{SEGMENTS_FORMAT_VERSION})"
             )
         for section, keys in (
@@ -201,6 +203,8 @@ class Manifest:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Manifest:
         """Parse and validate a manifest dictionary."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a manifest is a JSON object, got {type(d).__name__}")
         if "format_version" not in d:
             raise ValueError("manifest lacks format_version")
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d and k != "location"})

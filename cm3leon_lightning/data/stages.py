@@ -26,6 +26,7 @@ from cm3leon_lightning.data.shards import Neighbor, ShardFormatError, ShardSampl
 from cm3leon_lightning.tokenization.vocab import MultimodalVocab
 
 CHOICE_STREAM, ORDER_STREAM, MASK_STREAM = 0, 1, 2
+SFT_KEY_PREFIX = "sft-"  # keys of ``cm3leon prepare --source sft`` documents (data/sft.py: sft-<file>-<line>-<copy>)
 INFILL_ARGS = ("rate", "whole_segment_prob")  # the keyword arguments of cm3_infill that infill_kwargs may set
 
 
@@ -42,9 +43,13 @@ class PipelineConfig:
         infill: apply CM3 masking (:func:`cm3_infill`).
         infill_kwargs: extra keyword arguments of :func:`cm3_infill` (``rate``, ``whole_segment_prob``).
         slot_len: tokens available to one example (``seq_len // pack``).
+        cut_captions: whether a query caption that does not fit is cut from its end (:func:`may_cut_caption`);
+            a sample whose caption may not be cut is skipped instead, as ``too_long``. None: every caption but those
+            of instruction-tuning documents (keys ``sft-...``), whose text ends with the answer.
 
     Raises:
-        ValueError: a negative or non-integer ``seed``, or ``infill_kwargs`` that :func:`cm3_infill` would refuse.
+        ValueError: a negative or non-integer ``seed``, ``infill_kwargs`` that :func:`cm3_infill` would refuse, or a
+            ``cut_captions`` that is not a bool or None.
     """
 
     vocab: MultimodalVocab
@@ -55,11 +60,14 @@ class PipelineConfig:
     infill: bool = True
     infill_kwargs: dict[str, Any] = field(default_factory=dict)
     slot_len: int = 4096
+    cut_captions: bool | None = None
 
     def __post_init__(self) -> None:
         # Checked here, when the data module is built: a bad value used to fail at the first batch, in a worker.
         if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral) or self.seed < 0:
             raise ValueError(f"seed must be an integer >= 0 (it seeds numpy's generators), got {self.seed!r}")
+        if self.cut_captions is not None and not isinstance(self.cut_captions, bool):
+            raise ValueError(f"cut_captions must be true, false or null (automatic), got {self.cut_captions!r}")
         from cm3leon_lightning.objective.cm3 import check_infill_args
 
         unknown = sorted(set(self.infill_kwargs) - set(INFILL_ARGS))
@@ -139,7 +147,8 @@ def fit_to_context(retrieved_lengths: Sequence[int], caption_len: int, image_len
     """Stage 3: how many retrieved documents (a prefix) and caption tokens fit in ``budget`` tokens.
 
     Rules: drop retrieved documents first (the last of ``retrieved_lengths`` first), then truncate the query's caption
-    from the end (dropping the caption segment when nothing is left); an image segment is never cut.
+    from the end (dropping the caption segment when nothing is left); an image segment is never cut. (A caption that
+    :func:`may_cut_caption` forbids cutting makes :func:`build_example` skip the sample instead.)
 
     Args:
         retrieved_lengths: serialized lengths of the retrieved documents, most relevant first
@@ -165,6 +174,18 @@ def fit_to_context(retrieved_lengths: Sequence[int], caption_len: int, image_len
     if total > budget:
         caption = max(0, caption_len - (total - budget))  # at 0 the <break> goes too, so it still fits
     return kept, caption
+
+
+def may_cut_caption(key: str, cut_captions: bool | None = None) -> bool:
+    """Whether the query caption of sample ``key`` may be cut from its end to fit (:func:`fit_to_context`).
+
+    ``cut_captions`` when it is a bool; else (None) True except for instruction-tuning documents (keys starting with
+    :data:`SFT_KEY_PREFIX`, as ``cm3leon prepare --source sft`` writes them): their text is an instruction followed
+    by its answer, so a cut removes the training target first and keeps the question, and ``cm3leon prepare``
+    already refuses to cut such a text (``text_too_long``). A sample that may not be cut and does not fit is skipped
+    and counted as ``too_long``, like a document with segments.
+    """
+    return cut_captions if cut_captions is not None else not key.startswith(SFT_KEY_PREFIX)
 
 
 def keep_order(retrieved: Sequence[Neighbor]) -> list[int]:
@@ -222,6 +243,10 @@ def build_example(sample: ShardSample, cfg: PipelineConfig, epoch: int) -> Examp
 
     The sequence is the one :meth:`MultimodalVocab.example_to_ids` builds: retrieved documents first, the query
     last, then a final ``<eos>``. A query with segments (:func:`segments_ids`) keeps its own order and is never cut.
+
+    Raises:
+        ShardFormatError: ``too_long``, for a query that does not fit and may not be cut: a document with segments,
+            or a caption :func:`may_cut_caption` forbids cutting (an instruction-tuning document's, by default).
     """
     vocab = cfg.vocab
     retrieved = choose_retrieved(
@@ -239,6 +264,15 @@ def build_example(sample: ShardSample, cfg: PipelineConfig, epoch: int) -> Examp
         caption_len = sample.text.size
     else:
         kept, caption_len = fit_to_context(lengths, sample.text.size, sample.image.size, cfg.budget)
+        if caption_len < sample.text.size and not may_cut_caption(sample.key, cfg.cut_captions):
+            need = document_length(sample.text.size, sample.image.size) + 1  # the final <eos> too
+            why = "cut_captions=False" if cfg.cut_captions is False else "an SFT document's text ends with its answer"
+            raise ShardFormatError(
+                "too_long",
+                f"sample {sample.key!r}: its {sample.text.size} text and {sample.image.size} image tokens need {need} "
+                f"tokens, more than the {cfg.budget} that seq_len // pack leaves after the masking reserve, and its "
+                f"text is never cut ({why}); raise seq_len or lower pack",
+            )
         query = document_ids(sample.text[:caption_len], sample.image, vocab, image_first)
     # the kept documents go into the sequence in retrieval order
     docs = [document_ids(retrieved[i].text, retrieved[i].image, vocab, image_first) for i in sorted(order[:kept])]

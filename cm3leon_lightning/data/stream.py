@@ -382,7 +382,7 @@ class ResumableLoader:
                 raise RuntimeError(
                     f"rank {stream.rank} skipped {sum(skipped.values())} of its {stream.num_samples} samples in "
                     f"epoch {self.epoch} ({skipped}), more than max_skip_share={self.max_skip_share}; fix or "
-                    "re-prepare the shards, or raise max_skip_share"
+                    "re-prepare the shards (skipped_too_long: raise seq_len or lower pack), or raise max_skip_share"
                 )
             yield batch
             if self._handed_out >= stop:  # the epoch's last counted batch

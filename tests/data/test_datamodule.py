@@ -340,6 +340,34 @@ def test_a_slot_that_cuts_captions_says_so_once_and_one_without_room_for_any_is_
     make_dm(tiny_dataset, seq_len=25, max_retrieved=0)  # 8 left: one caption token fits
 
 
+def test_sft_documents_that_do_not_fit_are_skipped_not_cut(tmp_path: Path) -> None:
+    """The same 27-token slot over documents of ``cm3leon prepare --source sft`` (keys ``sft-...``): their texts end
+    with the answer, so the 16 whose 4-6 tokens do not fit are skipped as too_long instead of losing their end;
+    ``cut_captions=True`` cuts them like captions."""
+    from conftest import CLIP, IMAGE_TOKENIZER, RETRIEVAL, TEXT_TOKENIZER, make_sample
+
+    from cm3leon_lightning.data.shards import ShardWriter
+
+    root = tmp_path / "sft"
+    writer = ShardWriter(root, TEXT_TOKENIZER, IMAGE_TOKENIZER, CLIP, RETRIEVAL, samples_per_shard=4)
+    writer.write_all([dataclasses.replace(make_sample(i), key=f"sft-tasks-{i}-0") for i in range(22)])
+    dm = make_dm(root, seq_len=27, max_retrieved=0, batch_size=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no caption-cut warning
+        keys = keys_of(list(dm.train_dataloader()))
+    assert sorted(keys) == sorted(f"sft-tasks-{i}-0" for i in range(0, 22, 4))  # 3 text tokens: they fit whole
+    assert dm.skip_counts == {"too_long": 16} and dm.data_counts["truncated_tokens"] == 0
+    strict = make_dm(root, seq_len=27, max_retrieved=0, batch_size=4, max_skip_share=0.01)
+    with pytest.raises(RuntimeError, match=r"\{'skipped_too_long': \d+\}.*\(skipped_too_long: raise seq_len or lower "
+                       r"pack\)"):  # fmt: skip
+        list(strict.train_dataloader())
+    cut = make_dm(root, seq_len=27, max_retrieved=0, batch_size=4, cut_captions=True)
+    with pytest.warns(UserWarning, match="caption was cut"):
+        assert len(keys_of(list(cut.train_dataloader()))) == 22
+    with pytest.raises(ValueError, match="cut_captions must be true, false or null"):
+        make_dm(root, cut_captions=1)
+
+
 def test_the_packed_config_leaves_room_for_retrieval_at_16x16() -> None:
     """configs/data/shards_packed.yaml is for 16x16 grids: each slot must hold the query and two retrieved documents
     (20-token captions, the masking reserve of 8 sentinels), as its comment says."""

@@ -244,6 +244,22 @@ def test_manifest_validation(tmp_path: Path) -> None:
         Manifest.load(tmp_path / "bad.json")
 
 
+def test_a_format_version_of_another_type_or_a_manifest_not_an_object_is_named(tmp_path: Path) -> None:
+    """A hand-edited ``"format_version": "1"`` was refused as "format_version 1 is not supported (expected 1 or 2)",
+    ``true`` was read as version 1, and a manifest holding a JSON number raised "argument of type 'int' is not
+    iterable"."""
+    write_dataset(tmp_path, 2, 2)
+    d = json.loads((tmp_path / "manifest.json").read_text())
+    for value in ("1", True, 1.0):
+        with pytest.raises(ValueError, match=rf"format_version {value!r} is not supported \(expected the integer 1 "
+                           r"or 2\)"):  # fmt: skip
+            Manifest.from_dict({**d, "format_version": value})
+    assert Manifest.from_dict({**d, "format_version": 2}).format_version == 2
+    (tmp_path / "number.json").write_text("5")
+    with pytest.raises(ValueError, match=r"cannot read manifest .*number.json: a manifest is a JSON object, got int"):
+        Manifest.load(tmp_path / "number.json")
+
+
 def test_tar_members_have_fixed_headers(tmp_path: Path) -> None:
     write_dataset(tmp_path, 1, 1)
     with tarfile.open(tmp_path / "shard-000000.tar") as tf:

@@ -10,12 +10,14 @@ from conftest import make_sample
 from cm3leon_lightning.data.shards import Neighbor, ShardFormatError, ShardSample
 from cm3leon_lightning.data.stages import (
     CHOICE_STREAM,
+    SFT_KEY_PREFIX,
     Example,
     PipelineConfig,
     build_example,
     choose_retrieved,
     collate,
     fit_to_context,
+    may_cut_caption,
     sample_rng,
 )
 from cm3leon_lightning.objective.cm3 import cm3_restore
@@ -88,6 +90,52 @@ def test_fit_to_context_drops_retrieved_then_truncates_caption(slot, want, dropp
     assert ex.ids.tolist() == want
     assert (ex.dropped_retrieved, ex.truncated_tokens) == (dropped, truncated)
     assert len(want) <= slot
+
+
+def test_an_sft_text_that_does_not_fit_is_skipped_not_cut_from_its_answer() -> None:
+    """An SFT document's caption is its instruction then its answer (``Question: ... Answer: red.``, text before the
+    image). It was cut from its end like any caption: the answer, the training target, went first and the question
+    stayed, with only the generic caption-cut warning. Such a sample is now skipped as ``too_long`` (like a
+    document with segments); ``cut_captions`` says otherwise for every sample."""
+    sample = hand_sample()
+    sample.key, sample.text = "sft-vqa-3-0", np.array([20, 21, 22])  # 10 tokens alone (with the final <eos>)
+    whole = build_example(sample, cfg(slot_len=10), epoch=0)  # both neighbours dropped, the text whole
+    assert whole.ids.tolist() == [1, 20, 21, 22, 2, 64, 65, 66, 67, 1]
+    assert (whole.n_retrieved, whole.dropped_retrieved, whole.truncated_tokens) == (0, 2, 0)
+    with pytest.raises(ShardFormatError, match=(
+        r"sample 'sft-vqa-3-0': its 3 text and 4 image tokens need 10 tokens, more than the 9 that seq_len // pack "
+        r"leaves after the masking reserve, and its text is never cut \(an SFT document's text ends with its "
+        r"answer\); raise seq_len or lower pack")) as err:  # fmt: skip
+        build_example(sample, cfg(slot_len=9), epoch=0)
+    assert err.value.reason == "too_long"
+    for image_first in (0.0, 1.0):  # image first, the answer is still the end
+        with pytest.raises(ShardFormatError, match="never cut"):
+            build_example(sample, cfg(slot_len=9, image_first_prob=image_first), epoch=0)
+    cut = build_example(sample, cfg(slot_len=9, cut_captions=True), epoch=0)
+    assert (cut.ids.tolist(), cut.truncated_tokens) == ([1, 20, 21, 2, 64, 65, 66, 67, 1], 1)
+    sample.key = "doc-7"  # a pretraining caption is cut, unless cut_captions=False
+    assert build_example(sample, cfg(slot_len=9), epoch=0).ids.tolist() == cut.ids.tolist()
+    with pytest.raises(ShardFormatError, match=r"never cut \(cut_captions=False\)"):
+        build_example(sample, cfg(slot_len=9, cut_captions=False), epoch=0)
+    assert [may_cut_caption(k, c) for k in ("sft-a-1-0", "doc-1") for c in (None, True, False)] == [
+        False, True, False, True, True, False
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="cut_captions must be true, false or null .*got 'no'"):
+        cfg(cut_captions="no")
+
+
+def test_sft_source_keys_carry_the_prefix_the_pipeline_reads(tmp_path) -> None:
+    """The automatic rule recognises instruction-tuning documents by the key ``cm3leon prepare --source sft`` gives
+    them: a change of those keys would silently cut answers again."""
+    from cm3leon_lightning.data.sft import SFTSource
+
+    lines = ['{"task": "vqa", "image": "a.jpg", "question": "Colour?", "answer": "red"}',
+             '{"task": "caption", "image": "b.jpg", "caption": "a red circle"}']  # fmt: skip
+    (tmp_path / "tasks.jsonl").write_text("\n".join(lines) + "\n")
+    source = SFTSource(tmp_path / "tasks.jsonl", up=1.0, down=1.0)
+    keys = sorted(pair.key for pair in source.iter_range(0, len(source)))
+    assert keys == ["sft-tasks-1-0", "sft-tasks-2-0"]
+    assert all(key.startswith(SFT_KEY_PREFIX) and not may_cut_caption(key) for key in keys)
 
 
 def test_fit_drops_the_least_relevant_retrieved_document_not_the_last_stored() -> None:
