@@ -1,6 +1,8 @@
-"""Evaluation and logging callbacks (paper sections 3.2 and 4.2): FID, CIDEr-D, VQA accuracy, sample grids."""
+"""Evaluation and logging callbacks (paper sections 3.2 and 4.2): FID, CIDEr-D, VQA accuracy, sample grids; and a
+``ModelCheckpoint`` that saves the steps a fit ends with (``LastStepCheckpoint``)."""
 
 from cm3leon_lightning.callbacks.base import EvalSample, GenerationCallback, read_shard_samples
+from cm3leon_lightning.callbacks.checkpoint import LastStepCheckpoint
 from cm3leon_lightning.callbacks.cider import CIDErCallback
 from cm3leon_lightning.callbacks.fid import FIDCallback
 from cm3leon_lightning.callbacks.samples import SampleLoggerCallback, render_grid
@@ -12,6 +14,7 @@ __all__ = [
     "EvalSample",
     "FIDCallback",
     "GenerationCallback",
+    "LastStepCheckpoint",
     "SampleLoggerCallback",
     "ThreadsWhenFree",
     "VQACallback",

@@ -158,7 +158,7 @@ def test_fsdp_config_composes_after_the_gpu_config(capsys: pytest.CaptureFixture
     assert trainer["strategy"]["class_path"] == "lightning.pytorch.strategies.FSDPStrategy"
     assert trainer["strategy"]["init_args"]["state_dict_type"] == "sharded"
     assert [c["class_path"].rsplit(".", 1)[1] for c in trainer["callbacks"]] == [
-        "ModelCheckpoint", "LearningRateMonitor", "ThroughputMonitor",
+        "LastStepCheckpoint", "LearningRateMonitor", "ThroughputMonitor",
     ]  # fmt: skip
 
 

@@ -132,3 +132,32 @@ def test_resume_from_any_checkpoint_sees_the_same_batches(
         assert [keys for keys, _ in tail] == [keys for keys, _ in full[step:]], ckpt
         assert [loss for _, loss in tail] == [loss for _, loss in full[step:]], ckpt
         assert dm.data_counts == full_dm.data_counts, ckpt
+
+
+def test_a_fit_ending_between_saves_resumes_exactly_from_its_last_step(tmp_path: Path) -> None:
+    """``LastStepCheckpoint`` saves the step ``max_steps`` ends on (7: mid-epoch 1, no save due) after its batch, as
+    Lightning's step checkpoints are, not at the end of fit, when Lightning has counted the epoch as finished (a
+    resume from there skipped the epoch's remaining batches): resuming it trains exactly the uninterrupted run's
+    remaining batches."""
+    from cm3leon_lightning.callbacks import LastStepCheckpoint
+
+    root = tmp_path / "ds"
+    write_dataset(root, 20, 4)
+
+    def run(max_steps: int, ckpt_path: str | None = None) -> list:
+        L.seed_everything(0, verbose=False)
+        dm = CM3LeonDataModule(train_data=str(root), seq_len=64, batch_size=4)
+        rec = Recorder()
+        ckpt = LastStepCheckpoint(tmp_path / f"ckpt-{max_steps}-{ckpt_path is None}", save_last=True, save_top_k=0)
+        trainer = L.Trainer(
+            accelerator="cpu", max_steps=max_steps, callbacks=[rec, ckpt], logger=False, enable_progress_bar=False,
+            enable_model_summary=False, limit_val_batches=0,
+        )  # fmt: skip
+        trainer.fit(Tiny(), datamodule=dm, ckpt_path=ckpt_path)
+        return rec.steps
+
+    full = run(12)
+    head = run(7)
+    last = tmp_path / "ckpt-7-True" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 7 and head == full[:7]
+    assert run(12, str(last)) == full[7:]
