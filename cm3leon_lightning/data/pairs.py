@@ -9,6 +9,7 @@ happen in the module.
 
 from __future__ import annotations
 
+import numbers
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,6 +35,12 @@ SHAPE_COLORS: dict[str, tuple[int, int, int]] = {
 SHAPE_KINDS = ("square", "circle", "triangle")
 
 
+def _check_seed(seed: int) -> None:
+    """Refuse a ``seed`` that is not an integer >= 0 (numpy's error for it names no argument)."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0 (it seeds the split and the generators), got {seed!r}")
+
+
 def make_shape_pairs(n: int, image_size: int = 32, seed: int = 0) -> tuple[np.ndarray, list[str]]:
     """Generate ``n`` images of one coloured shape at a random place and size, captioned ``"a {color} {shape}"``.
 
@@ -42,13 +49,14 @@ def make_shape_pairs(n: int, image_size: int = 32, seed: int = 0) -> tuple[np.nd
     Args:
         n: number of pairs.
         image_size: square image side in pixels (>= 16).
-        seed: generator seed; the same seed gives the same pairs.
+        seed: generator seed (an integer >= 0); the same seed gives the same pairs.
 
     Returns:
         ``(n, image_size, image_size, 3)`` uint8 images and ``n`` captions.
     """
     if image_size < 16:
         raise ValueError(f"image_size must be >= 16, got {image_size}")
+    _check_seed(seed)
     rng = np.random.default_rng(seed)
     colors = list(SHAPE_COLORS)
     yy, xx = np.mgrid[0:image_size, 0:image_size]
@@ -112,7 +120,8 @@ def to_square_uint8(image: Any, size: int) -> torch.Tensor:
     """An image (PIL, path, ``(H, W[, 3|4])`` array or ``(3, H, W)`` tensor) -> ``(3, size, size)`` uint8.
 
     Resized on the shortest side (bicubic, antialiased) and center-cropped. A uint8 image holds values in
-    ``[0, 255]``; any other dtype is read as ``[0, 1]`` and scaled by 255, whether or not it needs resizing. Files and
+    ``[0, 255]``; any other dtype is read as ``[0, 1]`` and scaled by 255, whether or not it needs resizing (values
+    outside ``[0, 1]``, e.g. an int64 or float array of ``[0, 255]`` values, raise ValueError). Files and
     PIL images convert to RGB as ``cm3leon prepare`` converts them (:func:`cm3leon_lightning.data.cleaning.to_rgb`:
     transparent pixels white, 16-bit grey scaled to 8 bits), so the retriever trains on the pixels it later embeds.
     A file that does not decode (truncated, not an image) raises ValueError naming it.
@@ -136,6 +145,13 @@ def to_square_uint8(image: Any, size: int) -> torch.Tensor:
     h, w = image.shape[-2:]
     if (h, w) == (size, size) and image.dtype == torch.uint8:
         return image
+    if image.dtype != torch.uint8 and image.numel():  # [0, 255] values would be scaled to a white picture, silently
+        lo, hi = float(image.min()), float(image.max())
+        if lo < -1e-3 or hi > 1 + 1e-3:
+            raise ValueError(
+                f"a {image.dtype} image has values in [{lo:.4g}, {hi:.4g}]; images other than uint8 must be in [0, 1] "
+                "(divide [0, 255] values by 255, or pass uint8)"
+            )
     x = image.float()[None] if image.dtype == torch.uint8 else image.float()[None] * 255.0
     if (h, w) == (size, size):
         return x[0].round().clamp(0, 255).to(torch.uint8)
@@ -193,7 +209,7 @@ class ImageCaptionDataModule(ResumableTrainData, L.LightningDataModule):
         batch_size: pairs per batch. CLIP's contrastive loss wants large batches; the last partial one is dropped.
         val_fraction: fraction of pairs held out for validation, in ``[0, 1)``.
         num_workers: DataLoader workers.
-        seed: seed of the train/validation split, the synthetic generator and the training order.
+        seed: seed of the train/validation split, the synthetic generator and the training order (an integer >= 0).
 
     The training order is :func:`~cm3leon_lightning.data.sampling.epoch_order`: a permutation per epoch seeded by
     ``(seed, epoch)``, whatever the global RNG or the number of workers; with several ranks each trains on its
@@ -224,10 +240,19 @@ class ImageCaptionDataModule(ResumableTrainData, L.LightningDataModule):
             raise ValueError(f"synthetic_source must be 'simple' or 'shapes', got {synthetic_source!r}")
         if (images is None) != (captions is None):
             raise ValueError("images and captions must be given together")
+        if isinstance(captions, str):  # its characters would be the captions
+            raise ValueError(f"captions must be a sequence of str, got a single str {captions[:40]!r}")
+        if images is not None and len(images) != len(captions):  # setup would pair the first ones, or fail unnamed
+            raise ValueError(f"got {len(images)} images but {len(captions)} captions")
+        bad = next((i for i, c in enumerate(captions or ()) if not isinstance(c, str)), None)
+        if bad is not None:  # the CLIP tokenizer failed at the first step: "object of type 'float' has no len()"
+            c = captions[bad]
+            raise ValueError(f"captions[{bad}] has type {type(c).__name__} ({c!r:.40}), not str")
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        _check_seed(seed)
         self.data_dir, self.images, self.captions, self.synthetic = data_dir, images, captions, synthetic
         self.synthetic_source = synthetic_source
         self.image_size, self.batch_size, self.val_fraction = image_size, batch_size, val_fraction

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from cm3leon_lightning.modules import optim
 from cm3leon_lightning.retrieval.clip_files import save_clip_weights, set_quick_gelu, uses_quick_gelu
-from cm3leon_lightning.retrieval.encoder import create_clip, preprocess_images
+from cm3leon_lightning.retrieval.encoder import _check_unit_range, create_clip, preprocess_images
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps the learned temperature at 100
 
@@ -201,10 +201,17 @@ class ClipModule(L.LightningModule):
         Returns:
             ``(image_features (B, D), text_features (B, D), logit_scale ())``, float32 (also under autocast: the
             towers run in its precision, the normalisation and everything after in float32), features L2-normalised.
+
+        Raises:
+            ValueError: ``captions`` is a single ``str`` or does not hold one caption per image, or a floating point
+                image has values outside ``[0, 1]`` (as ``ClipEncoder`` refuses it; its index named).
         """
+        if isinstance(captions, str) or len(captions) != len(images):  # the loss: "Target 3 is out of bounds"
+            got = "a single str" if isinstance(captions, str) else f"{len(captions)} captions"
+            raise ValueError(f"a batch of {len(images)} images needs as many captions, got {got}")
         pp = self.model.visual.preprocess_cfg  # open_clip's eval transform, as ClipEncoder applies it
         x = preprocess_images(
-            images,
+            _check_unit_range(images, 0),  # [0, 255] floats trained on a white or rescaled picture, silently
             pp["size"],
             pp["mean"],
             pp["std"],

@@ -22,7 +22,13 @@ import torch
 from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
 from safetensors import SafetensorError
 
-from cm3leon_lightning.retrieval.clip_files import recorded_preprocess, size_hw, wants_quick_gelu
+from cm3leon_lightning.retrieval.clip_files import (
+    file_metadata,
+    recorded_preprocess,
+    set_quick_gelu,
+    size_hw,
+    uses_quick_gelu,
+)
 
 # Tiny architectures for tests and the demo. The text tower keeps open_clip's bundled BPE (vocab 49408), which loads
 # offline; only widths, depths and context length shrink. "tiny" is a small ModifiedResNet (CLIP's RN layout): on
@@ -196,13 +202,13 @@ def create_clip(
             f"model_name={model_name!r} is not an open_clip architecture; known: {sorted(open_clip.list_models())}"
         )
     kwargs: dict[str, Any] = {}
-    recorded_pp = None
+    recorded_pp, recorded_quick = None, None
     if pretrained is not None and os.path.isfile(pretrained):
         try:
-            quick_gelu = wants_quick_gelu(pretrained)  # reads a safetensors header: the first sign of a broken file
+            recorded_quick = file_metadata(pretrained).get("quick_gelu")  # a header read: a broken file fails here
         except SafetensorError as e:
             raise _unreadable_error(pretrained, e) from e
-        if quick_gelu:
+        if recorded_quick == "true":
             kwargs["force_quick_gelu"] = True
         # A file exported after fine-tuning from a tag records the tag's preprocessing (e.g. mean/std 0.5 or
         # "squash"); open_clip would give a file the architecture's defaults. The size is checked, not forced.
@@ -245,6 +251,8 @@ def create_clip(
                 "architecture they were trained as (--clip-model of cm3leon prepare, --clip of generate and serve, "
                 "model_name in Python)"
             )
+    if recorded_quick == "false" and uses_quick_gelu(model):  # e.g. "ViT-B-32-quickgelu" given GELU-trained weights
+        set_quick_gelu(model, False)  # open_clip can only force QuickGELU on; the file says the weights ran without it
     if pretrained is None and not model_name.startswith("local-dir:"):
         warnings.warn(f"CLIP {model_name!r} is randomly initialised (pretrained=None)", stacklevel=2)
     return model

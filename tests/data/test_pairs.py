@@ -107,7 +107,7 @@ def test_to_square_uint8_resizes_and_crops():
 
 def test_float_images_scale_to_uint8_whether_or_not_they_are_resized():
     """A float image in [0, 1] already at the target size was cast without the x255 the resize applies (black)."""
-    x = torch.tensor([0.0, 0.25, 0.5, 1.0, 1.5, -0.5]).repeat(3, 6, 1)  # (3, 6, 6), values out of range clamp
+    x = torch.tensor([0.0, 0.25, 0.5, 1.0, 1.0005, -0.0005]).repeat(3, 6, 1)  # (3, 6, 6), rounding slack clamps
     out = to_square_uint8(x, 6)
     assert out.dtype == torch.uint8 and out[0, 0].tolist() == [0, 64, 128, 255, 255, 0]
     assert to_square_uint8(np.full((6, 6, 3), 0.5, np.float32), 6).unique().tolist() == [128]
@@ -116,6 +116,36 @@ def test_float_images_scale_to_uint8_whether_or_not_they_are_resized():
     assert ds[1]["image"].unique().tolist() == [128]
     same = torch.full((3, 6, 6), 7, dtype=torch.uint8)
     assert to_square_uint8(same, 6) is same  # uint8 at the size: unchanged
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        torch.full((3, 8, 8), 200.0),  # float [0, 255] at the size: scaled by 255 and clamped to white
+        np.full((12, 12, 3), 200, np.int64),  # np.random.integers' dtype: read as [0, 1], white after the resize
+        torch.full((3, 8, 8), -0.75),  # [-1, 1] values: clamped to black
+    ],
+)
+def test_non_uint8_images_outside_the_unit_range_are_refused_not_whitened(image):
+    """Such images became a white (or black) picture without a word, where ``ClipEncoder`` refuses them."""
+    with pytest.raises(ValueError, match=r"image has values in \[.*\]; images other than uint8 must be in \[0, 1\]"):
+        to_square_uint8(image, 8)
+    with pytest.raises(ValueError, match="images other than uint8 must be in"):
+        ImageCaptionPairs([image], ["a"], 8)[0]
+
+
+def test_in_memory_captions_that_do_not_fit_the_images_are_refused_at_construction():
+    """Extra images were dropped silently at setup (the split numbers the captions); too few failed with IndexError;
+    a caption that is not a str failed in the CLIP tokenizer at the first step ("object of type 'float' has no len()").
+    """
+    images = [np.zeros((8, 8, 3), np.uint8)] * 10
+    for n_captions in (8, 12):
+        with pytest.raises(ValueError, match=f"got 10 images but {n_captions} captions"):
+            ImageCaptionDataModule(images=images, captions=["c"] * n_captions, image_size=8)
+    with pytest.raises(ValueError, match="captions must be a sequence of str, got a single str 'abcdefghij'"):
+        ImageCaptionDataModule(images=images, captions="abcdefghij", image_size=8)
+    with pytest.raises(ValueError, match=r"^captions\[2\] has type float \(nan\), not str$"):  # a pandas NaN
+        ImageCaptionDataModule(images=images[:3], captions=["a", "b", float("nan")], image_size=8)
 
 
 def test_images_convert_to_rgb_as_prepare_converts_them(tmp_path):
@@ -163,3 +193,11 @@ def test_an_image_file_that_does_not_decode_is_named(tmp_path):
     pairs = ImageCaptionPairs(*read_image_folder(tmp_path), image_size=8)
     with pytest.raises(ValueError, match=r"cannot decode image .*cut\.jpg: OSError: image file is truncated"):
         pairs[0]
+
+
+@pytest.mark.parametrize("seed", [-1, 1.5, True])
+def test_a_seed_that_is_not_a_non_negative_integer_is_refused_naming_it(seed):
+    with pytest.raises(ValueError, match=rf"seed must be an integer >= 0 .*got {seed!r}"):
+        make_shape_pairs(2, 32, seed=seed)
+    with pytest.raises(ValueError, match=rf"seed must be an integer >= 0 .*got {seed!r}"):
+        ImageCaptionDataModule(synthetic=4, seed=seed)  # at construction, before setup reaches numpy

@@ -146,6 +146,23 @@ def test_forward_uses_the_models_open_clip_resize_mode():
     torch.testing.assert_close(img, want, rtol=0, atol=1e-6)
 
 
+def test_forward_refuses_what_the_encoder_refuses_and_captions_that_do_not_fit_the_batch():
+    """Float [0, 255] images trained on rescaled or clamped pixels, silently (ClipEncoder refuses them); a caption
+    count other than the batch's failed inside the loss with "Target 3 is out of bounds"."""
+    module = ClipModule(model_name="cm3leon-clip-tiny")
+    module.configure_model()
+    x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"images\[0\] is floating point with values in \[0, 255\]"):
+        module(x.float(), ["a"] * 4)
+    with pytest.raises(ValueError, match="a batch of 4 images needs as many captions, got 3 captions"):
+        module(x, ["a", "b", "c"])
+    with pytest.raises(ValueError, match="a batch of 4 images needs as many captions, got a single str"):
+        module(x, "abcd")
+    img, txt, _ = module(x.float() / 255, ["a"] * 4)  # [0, 1] floats are the uint8 images
+    torch.testing.assert_close(img, module(x, ["a"] * 4)[0], rtol=0, atol=1e-6)
+    assert img.shape == txt.shape == (4, 64)
+
+
 def test_export_of_a_quick_gelu_model_is_rebuilt_with_quick_gelu(tmp_path):
     """Fine-tuning from the "openai" tag runs QuickGELU (create_clip forces it); ClipEncoder(model_name, file) must
     rebuild that, not the plain GELU architecture, or its embeddings are not the trained model's."""

@@ -218,6 +218,22 @@ def test_recorded_preprocessing_is_applied_and_files_without_it_get_the_defaults
     np.testing.assert_allclose(half.embed_images(x), want.numpy(), rtol=0, atol=1e-5)
 
 
+def test_weights_recorded_without_quick_gelu_run_gelu_under_a_quickgelu_architecture(weights, enc, monkeypatch):
+    """open_clip can only force QuickGELU on: GELU-trained weights (metadata ``quick_gelu`` "false") given a
+    "-quickgelu" architecture ran QuickGELU, other embeddings without a word; "true" still forces it on."""
+    from cm3leon_lightning.retrieval.clip_files import save_clip_weights, uses_quick_gelu
+
+    quick_cfg = {**open_clip.get_model_config("cm3leon-clip-tiny"), "quick_gelu": True}
+    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, "cm3leon-clip-tiny-quickgelu", quick_cfg)
+    path = weights[0].parent / "recorded.safetensors"
+    save_clip_weights(weights[2], "cm3leon-clip-tiny", path)  # records quick_gelu "false"
+    gelu = ClipEncoder("cm3leon-clip-tiny-quickgelu", pretrained=str(path))
+    assert not uses_quick_gelu(gelu.model)
+    texts = ["a red square", "a blue circle"]
+    np.testing.assert_allclose(gelu.embed_texts(texts), enc.embed_texts(texts), rtol=0, atol=1e-6)
+    assert uses_quick_gelu(ClipEncoder("cm3leon-clip-tiny-quickgelu", pretrained=str(weights[0])).model)  # no record
+
+
 @pytest.mark.parametrize("resize_mode", ["shortest", "squash", "longest"])
 @pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
 @pytest.mark.parametrize("hw", [(32, 39), (30, 37), (300, 400), (24, 24), (31, 20)])
