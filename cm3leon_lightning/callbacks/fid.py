@@ -49,6 +49,7 @@ from cm3leon_lightning.callbacks.base import (
 )
 from cm3leon_lightning.data.cleaning import model_text
 from cm3leon_lightning.metrics.fid import (
+    fid_device,
     fid_resize,
     load_cached_real_stats,
     make_fid,
@@ -277,8 +278,10 @@ class FIDCallback(GenerationCallback):
         return reason is None
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> float:
-        """Generate for this rank's captions, update the metric, and return the synchronised FID."""
-        device = pl_module.device
+        """Generate for this rank's captions, update the metric, and return the synchronised FID. The metric runs on
+        the module's device, except on Apple MPS, which cannot hold its float64 sums: there on the CPU
+        (:func:`~cm3leon_lightning.metrics.fid.fid_device`)."""
+        device = fid_device(pl_module.device)
         self.metric = self.metric.to(device)
         if not self._real_ready:
             self._prepare_real(trainer, device)

@@ -2,7 +2,9 @@
 
 The paper cites pytorch-fid (Seitzer 2020) for FID. torchmetrics' default extractor is torch-fidelity's
 ``inception-v3-compat``: the same TF-Inception weights (``pt_inception-2015-12-05``), fed uint8 images that it
-resizes to 299x299 itself with TF1-compatible bilinear interpolation, 2048-d pool features.
+resizes to 299x299 itself with TF1-compatible bilinear interpolation, 2048-d pool features. torchmetrics >= 1.8
+resizes with antialiased PyTorch bilinear by default instead (other features, another FID); :func:`make_fid` asks
+for the TF1-compatible resize (``antialias=False``), so the features are torch-fidelity's own.
 
 Resize rule (FID figures depend on it): every image, real or generated, is first brought to ``image_size`` x
 ``image_size`` (256 for MS-COCO 30K) by :func:`fid_resize`: shorter side resized to ``image_size`` with PIL bicubic,
@@ -15,11 +17,15 @@ uint8 ``(N, 3, H, W)`` to ``(N, d)`` features replaces Inception (tests use a ti
 
 Reference statistics (the real images' feature sums) are cached on disk per reference set and extractor
 (:func:`reference_cache_path`), so a 30K reference set is embedded once.
+
+Devices: the metric keeps float64 sums (torchmetrics casts the features to float64), which Apple's MPS cannot hold,
+so on MPS the metric stays on the CPU (:func:`fid_device`); on CPU and CUDA it runs where the model does.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import io
 from pathlib import Path
 
@@ -98,7 +104,10 @@ def make_fid(
     Raises:
         FileNotFoundError: ``feature_weights_path`` does not exist.
         ValueError: ``feature_dim`` is not an Inception layer.
-        RuntimeError: the Inception weights could neither be loaded nor downloaded (the message says what to pass).
+        RuntimeError: the Inception weights could neither be loaded nor downloaded (the message says what to pass),
+            or ``feature_weights_path`` does not hold them (the message names it).
+
+    On Apple MPS keep the metric on the CPU (:func:`fid_device`): its float64 sums cannot move there.
     """
     if feature_extractor is not None:
         return FrechetInceptionDistance(
@@ -108,11 +117,15 @@ def make_fid(
         raise ValueError(f"feature_dim must be one of {INCEPTION_DIMS}, got {feature_dim}")
     if feature_weights_path is not None and not Path(feature_weights_path).is_file():
         raise FileNotFoundError(f"feature_weights_path: no Inception weights file at {feature_weights_path}")
+    # torchmetrics >= 1.8 resizes to 299 with antialiased PyTorch bilinear unless told not to: ask for torch-fidelity's
+    # TF1-compatible resize (older versions know no other and take no such argument)
+    resize = {"antialias": False} if "antialias" in inspect.signature(FrechetInceptionDistance).parameters else {}
     try:
         return FrechetInceptionDistance(
             feature=feature_dim,
             reset_real_features=False,
             feature_extractor_weights_path=None if feature_weights_path is None else str(feature_weights_path),
+            **resize,
         )
     except ModuleNotFoundError as err:  # torchmetrics' Inception needs torch-fidelity: not a weights problem
         raise RuntimeError(
@@ -120,6 +133,11 @@ def make_fid(
             "(pip install torch-fidelity) or pass feature_extractor=<nn.Module returning (N, d) features>"
         ) from err
     except Exception as err:  # download errors come as URLError, OSError, HTTPError, RuntimeError...
+        if feature_weights_path is not None:  # the file was given: it is the problem, not the network
+            raise RuntimeError(
+                f"feature_weights_path: {feature_weights_path} is not torch-fidelity's Inception weights file "
+                f"(weights-inception-2015-12-05-6726825d.pth): {type(err).__name__}: {' '.join(str(err).split())[:300]}"
+            ) from err
         raise RuntimeError(
             "FID: could not load the Inception weights "
             f"({type(err).__name__}: {err}). Without network access, download torch-fidelity's "
@@ -128,10 +146,20 @@ def make_fid(
         ) from err
 
 
+def fid_device(device: torch.device | str) -> torch.device:
+    """Where an FID metric for a model on ``device`` runs: the CPU for Apple MPS, which has no float64 for the
+    metric's feature sums (``metric.to("mps")`` fails), else ``device`` itself (CPU and CUDA numerics unchanged)."""
+    device = torch.device(device)
+    return torch.device("cpu") if device.type == "mps" else device
+
+
 def extractor_fingerprint(metric: FrechetInceptionDistance) -> str:
-    """sha256 of the feature extractor's class, weights and feature size (Inception gives 64 to 2048 features from
-    one set of weights): reference statistics are only valid for them."""
+    """sha256 of the feature extractor's class, weights, feature size (Inception gives 64 to 2048 features from one
+    set of weights) and, for torchmetrics' Inception, its resize (antialiased or TF1-compatible): reference
+    statistics are only valid for them."""
     h = hashlib.sha256(f"{type(metric.inception).__qualname__}|{metric.real_features_sum.shape[0]}".encode())
+    if hasattr(metric.inception, "use_antialias"):  # statistics of the other resize are other statistics
+        h.update(f"|antialias={bool(metric.inception.use_antialias)}".encode())
     for name, tensor in sorted(metric.inception.state_dict().items()):
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())

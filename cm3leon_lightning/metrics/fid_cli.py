@@ -194,7 +194,8 @@ def load_extractor(spec: str) -> nn.Module:
 
 
 def build_metric(args: argparse.Namespace) -> Any:
-    """The callback's ``make_fid`` from the flags; its errors name the flags to use."""
+    """The callback's ``make_fid`` from the flags; its errors name the flags to use (``--feature-weights`` with the file
+    when that file is missing or holds no Inception weights)."""
     from cm3leon_lightning.metrics.fid import make_fid
 
     if args.feature_extractor is not None:
@@ -203,7 +204,9 @@ def build_metric(args: argparse.Namespace) -> Any:
         return make_fid(load_extractor(args.feature_extractor))
     try:
         return make_fid(None, args.feature_weights, 2048 if args.feature_dim is None else args.feature_dim)
-    except RuntimeError as e:  # weights neither on disk nor downloadable, or no torch-fidelity
+    except (FileNotFoundError, RuntimeError) as e:  # weights neither on disk nor downloadable, or no torch-fidelity
+        if str(e).startswith("feature_weights_path:"):  # the file given is missing or holds no Inception weights
+            raise ValueError("--feature-weights" + str(e).removeprefix("feature_weights_path")) from e
         raise ValueError(f"{e} (here: --feature-weights FILE or --feature-extractor module:Class)") from e
 
 

@@ -23,7 +23,8 @@ the script exactly.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -132,9 +133,19 @@ def vqa_accuracy(
     return sum(scores) / len(scores)
 
 
+# Device types without float64 tensors (Apple's MPS): float sums are kept in float32 there.
+NO_FLOAT64_DEVICES = frozenset({"mps"})
+
+
+def float_state_dtype(device: torch.device | str) -> torch.dtype:
+    """The dtype of a float sum state on ``device``: float32 on Apple MPS, which has no float64, else float64."""
+    return torch.float32 if torch.device(device).type in NO_FLOAT64_DEVICES else torch.float64
+
+
 class VQAAccuracy(Metric):
     """torchmetrics Metric: mean VQA accuracy over questions (see :func:`vqa_accuracy`; questions with few human
-    answers count by exact match); sums sync across ranks.
+    answers count by exact match); sums sync across ranks. The sum of scores is float64, float32 while the metric is
+    on Apple MPS (:func:`float_state_dtype`), so ``metric.to("mps")`` works.
 
     Args:
         official: leave-one-out averaging of the official script (default) or the simple ``min(k / 3, 1)``.
@@ -152,6 +163,23 @@ class VQAAccuracy(Metric):
         self.official_references = official_references
         self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], *args: Any, **kwargs: Any) -> VQAAccuracy:
+        """Move as torchmetrics does, with ``total`` in :func:`float_state_dtype` of the new device: float32 before a
+        move to MPS, float64 again after a move from it (other moves and ``set_dtype`` are torchmetrics' own)."""
+        target = float_state_dtype(fn(torch.zeros(1, device=self.device)).device)
+        leaving_mps = float_state_dtype(self.total.device) != target
+        if self.total.dtype == torch.float64 and target != torch.float64:
+            self._cast_total(target)
+        out = super()._apply(fn, *args, **kwargs)
+        if leaving_mps and target == torch.float64:
+            self._cast_total(target)
+        return out
+
+    def _cast_total(self, dtype: torch.dtype) -> None:
+        """``total`` and its reset default in ``dtype``, on their device."""
+        self.total = self.total.to(dtype)
+        self._defaults["total"] = self._defaults["total"].to(dtype)
 
     def update(self, predictions: Sequence[str], answers: Sequence[Sequence[str]]) -> None:
         """Add predicted answers and, per question, the list of human answers (checked before anything is added)."""

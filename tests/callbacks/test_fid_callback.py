@@ -401,3 +401,21 @@ def test_a_cache_that_cannot_be_written_warns_and_logs_the_fid(parts, tmp_path: 
     (tmp_path / "file").write_text("not a directory")
     with pytest.raises(ValueError, match=f"^FIDCallback cache_dir: {tmp_path / 'file'} is not a directory$"):
         make(parts, cache_dir=str(tmp_path / "file")).setup(None, module, "validate")
+
+
+def test_a_model_on_apple_mps_scores_on_the_cpu(parts) -> None:
+    """The metric followed the module to its device, but its float64 sums cannot live on MPS: a Mac run failed at
+    the first evaluation. On MPS it now stays on the CPU, with the FID of a CPU run."""
+    from types import SimpleNamespace
+
+    _, _, module = parts
+    one_device = SimpleNamespace(global_rank=0, world_size=1)
+    want = Copying(**{**_args(parts), "samples": shape_samples(8), "num_samples": 8})
+    want.setup(None, module, "validate")
+    want.invert = True
+    cb = Copying(**{**_args(parts), "samples": shape_samples(8), "num_samples": 8})
+    cb.setup(None, module, "validate")
+    cb.invert = True
+    value = cb.evaluate(one_device, SimpleNamespace(device=torch.device("mps")))  # only the device is read
+    assert cb.metric.device == torch.device("cpu")
+    assert value == float(want.evaluate(one_device, module)) and value > 0

@@ -341,7 +341,12 @@ def test_score_errors_on_extractor_and_weights(data: dict, tmp_path: Path, capsy
     no_extractor = score_args(data)[:-4] + ["--device", "cpu"]  # Inception
     weights = tmp_path / "inception.pth"
     assert error_of([*no_extractor, "--feature-weights", str(weights)], capsys) == (
-        f"feature_weights_path: no Inception weights file at {weights}"
+        f"--feature-weights: no Inception weights file at {weights}"
+    )
+    torch.save({"a": torch.zeros(1)}, weights)  # a file, not of Inception weights: was blamed on the network
+    assert error_of([*no_extractor, "--feature-weights", str(weights)], capsys).startswith(
+        f"--feature-weights: {weights} is not torch-fidelity's Inception weights file "
+        "(weights-inception-2015-12-05-6726825d.pth): RuntimeError: Error(s) in loading state_dict"
     )
 
     def offline(*args, **kwargs):

@@ -140,3 +140,58 @@ def test_fid_resize_converts_as_training_images_are() -> None:
     assert image.mode == "I;16"
     out = fid_resize(image, 8)
     assert out[:, 0, 0].tolist() == [255] * 3 and out[:, 1, 1].tolist() == [128] * 3  # 1000 * 255 / 2000 = 127.5
+
+
+@pytest.fixture(scope="module")
+def random_inception(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """torch-fidelity's Inception architecture with seeded random weights, saved as a weights file (no download)."""
+    import torch_fidelity.feature_extractor_inceptionv3 as fidelity
+
+    with pytest.MonkeyPatch.context() as patch:  # no download, no weights: the seeded random init stays
+        patch.setattr(fidelity, "load_state_dict_from_url", lambda *args, **kwargs: {})
+        patch.setattr(fidelity.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *args, **kwargs: None)
+        torch.manual_seed(0)
+        net = fidelity.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    path = tmp_path_factory.mktemp("inception") / "random-inception.pth"
+    torch.save(net.state_dict(), path)
+    return path
+
+
+def test_inception_features_are_torch_fidelitys(random_inception: Path) -> None:
+    """torchmetrics >= 1.8 resizes to 299 with antialiased PyTorch bilinear by default, not torch-fidelity's
+    TF1-compatible bilinear: 256 px images got other features (a pixel differs by up to 30 of 255 after the resize),
+    so the FID was not comparable with torch-fidelity's / pytorch-fid's."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    metric = make_fid(feature_weights_path=random_inception)
+    batch = torch.randint(0, 256, (2, 3, 256, 256), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    ours = metric.inception(batch).reshape(2, -1)
+    (fidelity,) = FeatureExtractorInceptionV3.forward(metric.inception, batch)  # torch-fidelity's own forward
+    assert ours.shape == (2, 2048) and float(ours.abs().sum()) > 0
+    assert torch.equal(ours, fidelity.reshape(2, -1))
+
+
+def test_cache_key_depends_on_the_inception_resize(random_inception: Path, tmp_path: Path) -> None:
+    """Statistics cached with the antialiased resize (before the fix) must not be reused with the TF1 resize."""
+    metric = make_fid(feature_weights_path=random_inception)
+    key = reference_cache_path(tmp_path, "x", metric)
+    metric.inception.use_antialias = True
+    assert reference_cache_path(tmp_path, "x", metric) != key
+
+
+def test_weights_file_that_is_not_inception_is_named(tmp_path: Path) -> None:
+    """A given weights file that does not load was reported as a download problem ("Without network access ...
+    pass feature_weights_path"), not naming the file that was passed."""
+    bad = tmp_path / "not-inception.pth"
+    torch.save({"a": torch.zeros(1)}, bad)
+    with pytest.raises(RuntimeError, match=rf"feature_weights_path: {re.escape(str(bad))} is not torch-fidelity's"):
+        make_fid(feature_weights_path=bad)
+
+
+@pytest.mark.parametrize("device, want", [("mps", "cpu"), ("cpu", "cpu"), ("cuda:1", "cuda:1")])
+def test_fid_runs_on_the_cpu_for_apple_mps(device: str, want: str) -> None:
+    """The metric's float64 sums cannot move to MPS: ``metric.to("mps")`` failed at the first evaluation."""
+    from cm3leon_lightning.metrics.fid import fid_device
+
+    assert fid_device(torch.device(device)) == torch.device(want)
+    assert fid_device(device) == torch.device(want)

@@ -4,6 +4,7 @@ questions with few answers, and normalisation."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from cm3leon_lightning.metrics.vqa import VQAAccuracy, normalize_answer, vqa_accuracy
 
@@ -137,3 +138,25 @@ def test_official_references_reproduce_vqa_eval(pred: str, humans: list[str]) ->
     assert vqa_accuracy(pred, humans, official=True, official_references=True) == pytest.approx(
         _vqa_eval(pred, humans), abs=1e-12
     )
+
+
+def test_the_score_sum_is_float32_only_on_apple_mps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``total`` was float64 on every device, and the callback moves the metric to the module's: ``.to("mps")``
+    failed on a Mac ("MPS framework doesn't support float64"). "meta" stands in for MPS (no MPS here)."""
+    from cm3leon_lightning.metrics import vqa
+
+    assert vqa.float_state_dtype("mps") == torch.float32
+    assert vqa.float_state_dtype(torch.device("cpu")) == vqa.float_state_dtype("cuda:0") == torch.float64
+    metric = VQAAccuracy().to("cpu")
+    metric.update(["2"], [["two"] * 3 + ["one"] * 7])
+    assert metric.total.dtype == torch.float64 and float(metric.total) == pytest.approx(0.9, abs=1e-15)
+    monkeypatch.setattr(vqa, "NO_FLOAT64_DEVICES", frozenset({"mps", "meta"}))
+    moved = metric.to("meta")
+    assert moved.total.device.type == "meta" and moved.total.dtype == torch.float32
+    moved.reset()  # back to the default, in the dtype of the device
+    assert moved.total.dtype == torch.float32 and moved.count.dtype == torch.long
+    monkeypatch.setattr(vqa, "NO_FLOAT64_DEVICES", frozenset({"cpu"}))  # now the CPU stands in for MPS
+    metric = VQAAccuracy().to("cpu")
+    metric.update(["2"], [["two"] * 3 + ["one"] * 7])
+    assert metric.total.dtype == torch.float32 and float(metric.total) == pytest.approx(0.9, abs=1e-6)
+    assert metric.to("meta").total.dtype == torch.float64  # float64 again once off it
