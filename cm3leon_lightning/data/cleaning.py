@@ -15,7 +15,8 @@ instruction-tuning document is never cut, as its end holds the answer: it is ski
 Image rules: missing file ``image_missing``; unreadable, truncated or decompression-bomb ``image_unreadable``;
 shorter side below ``min_size`` pixels ``image_too_small`` (all skipped). An EXIF orientation other than upright is
 applied (a phone photo stored sideways is turned as a viewer shows it) and counted ``repaired_image_orientation``. Any
-mode other than RGB is converted (transparent pixels composited on white) and counted ``repaired_image_mode``.
+mode other than RGB, and RGB with a transparent colour (a PNG ``tRNS`` chunk), is converted (transparent pixels
+composited on white) and counted ``repaired_image_mode``.
 """
 
 from __future__ import annotations
@@ -180,16 +181,22 @@ def to_rgb(image: Image.Image) -> Image.Image:
     data modules, inference and evaluation all convert through here, so they see the same pixels."""
     if exif_orientation(image) != 1:
         image = ImageOps.exif_transpose(image)
-    if image.mode == "RGB":
+    # A PNG tRNS chunk makes one colour transparent in P, L, RGB and 16-bit grey images alike (optipng writes RGBA
+    # with binary alpha that way); convert("RGBA") turns it into alpha.
+    transparent = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
+    if image.mode == "RGB" and not transparent:
         return image
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grey: scale to 8 bits before converting
+        alpha = image.convert("RGBA").getchannel("A") if transparent else None  # (convert clips the grey itself)
         arr = np.asarray(image, dtype=np.float64)
         hi = arr.max() if arr.size and arr.max() > 255 else 255.0
         image = Image.fromarray((arr * (255.0 / hi)).round().astype(np.uint8), "L")
+        if alpha is not None:
+            image.putalpha(alpha)  # "LA"
+    if transparent:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
     return image.convert("RGB")
 
 
@@ -233,7 +240,7 @@ def load_image(image: Path | bytes | np.ndarray | Image.Image | None, min_size: 
         raise BadInput(
             "image_too_small", f"image is {img.size[0]}x{img.size[1]}; the shorter side must be >= {min_size}"
         )
-    repairs = [] if img.mode == "RGB" else ["repaired_image_mode"]
+    repairs = [] if img.mode == "RGB" and "transparency" not in img.info else ["repaired_image_mode"]
     if exif_orientation(img) != 1:
         repairs.append("repaired_image_orientation")
     try:

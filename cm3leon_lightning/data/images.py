@@ -1,4 +1,4 @@
-"""Images for training the VQGAN tokenizer: an image folder, jpg/png WebDataset shards, or generated blocks.
+"""Images for training the VQGAN tokenizer: an image folder, jpg/png/webp WebDataset shards, or generated blocks.
 
 Every image is resized so its shorter side is ``image_size`` (bicubic) and centre-cropped to a square, then given to
 the model as a uint8 tensor ``(3, image_size, image_size)``; batches are ``(B, 3, S, S)`` uint8 (the VQGAN maps them
@@ -30,6 +30,7 @@ from cm3leon_lightning.data.image_shards import (  # noqa: F401 (re-exported: th
 )
 from cm3leon_lightning.data.positioned import FitPosition, PositionedLoader
 from cm3leon_lightning.data.sampling import ResumableTrainData, trainer_position
+from cm3leon_lightning.data.sources import WDS_IMAGE_MEMBERS
 
 if TYPE_CHECKING:
     from cm3leon_lightning.data.resampled_images import ResampledLoader
@@ -48,13 +49,13 @@ def synthetic_images(n: int, size: int, seed: int = 0) -> np.ndarray:
     Args:
         n: number of images.
         size: side length in pixels (>= 4).
-        seed: random seed; the same arguments give the same images.
+        seed: random seed (>= 0); the same arguments give the same images.
 
     Returns:
         uint8 array ``(n, size, size, 3)``.
     """
-    if n < 0 or size < 4:
-        raise ValueError(f"synthetic_images needs n >= 0 and size >= 4, got n={n}, size={size}")
+    if n < 0 or size < 4 or seed < 0:
+        raise ValueError(f"synthetic_images needs n >= 0, size >= 4 and seed >= 0, got n={n}, size={size}, seed={seed}")
     rng = np.random.default_rng(seed)
     out = np.empty((n, size, size, 3), dtype=np.uint8)
     for i in range(n):
@@ -111,6 +112,8 @@ class ImageFolderDataset(Dataset):
     """
 
     def __init__(self, source: str | Path | np.ndarray, image_size: int, hflip: bool = False, seed: int = 0) -> None:
+        if seed < 0:
+            raise ValueError(f"ImageFolderDataset: seed must be >= 0, got {seed}")
         self.items = source if isinstance(source, np.ndarray) else list_images(source)
         self.image_size, self.hflip, self.seed = image_size, hflip, seed
 
@@ -138,10 +141,10 @@ class ImageFolderDataset(Dataset):
 
 
 def decode_image(key: str, data: bytes) -> Image.Image | None:
-    """WebDataset decoder: a ``jpg``/``jpeg``/``png`` member as an RGB PIL image converted as ``cm3leon prepare``
-    converts images (webdataset's ``"pil"`` makes transparent pixels their hidden colour and clips 16-bit grey);
-    None for other members."""
-    if key.rsplit(".", 1)[-1].lower() not in ("jpg", "jpeg", "png"):
+    """WebDataset decoder: a ``jpg``/``jpeg``/``png``/``webp`` member (those ``cm3leon prepare`` reads) as an RGB PIL
+    image converted as ``cm3leon prepare`` converts images (webdataset's ``"pil"`` makes transparent pixels their
+    hidden colour and clips 16-bit grey); None for other members."""
+    if key.rsplit(".", 1)[-1].lower() not in WDS_IMAGE_MEMBERS:
         return None
     with Image.open(io.BytesIO(data)) as image:
         image.load()
@@ -149,14 +152,14 @@ def decode_image(key: str, data: bytes) -> Image.Image | None:
 
 
 def pick_image(sample: dict) -> Image.Image:
-    """WebDataset stage: the ``jpg``/``jpeg``/``png`` member of a sample, decoded by :func:`decode_image` (unless
-    decoded already).
+    """WebDataset stage: the first ``jpg``/``jpeg``/``png``/``webp`` member of a sample (in that order, as
+    ``cm3leon prepare`` picks it), decoded by :func:`decode_image` (unless decoded already).
 
     Raises:
         ValueError: the sample has no such member, or it does not decode (naming the sample's key, the member and
             the shard).
     """
-    for key in ("jpg", "jpeg", "png"):
+    for key in WDS_IMAGE_MEMBERS:
         if key in sample:
             data = sample[key]
             if not isinstance(data, bytes):
@@ -168,13 +171,15 @@ def pick_image(sample: dict) -> Image.Image:
                     f"cannot decode image {sample.get('__key__')!r} ({key}) in shard {sample.get('__url__')}: "
                     f"{type(e).__name__}: {e}"
                 ) from e
-    raise ValueError(f"sample {sample.get('__key__')!r} from {sample.get('__url__')!r} has no jpg/jpeg/png member")
+    raise ValueError(
+        f"sample {sample.get('__key__')!r} from {sample.get('__url__')!r} has no {'/'.join(WDS_IMAGE_MEMBERS)} member"
+    )
 
 
 def image_shards(
     urls: str | list[str], image_size: int, shuffle: int = 0, hflip: bool = False, seed: int = 0, epoch: int = 0
 ) -> IterableDataset:
-    """A WebDataset pipeline of ``(3, S, S)`` uint8 tensors from jpg/png shards, split over nodes and workers.
+    """A WebDataset pipeline of ``(3, S, S)`` uint8 tensors from jpg/png/webp shards, split over nodes and workers.
 
     With ``shuffle`` (a sample buffer size), the shard order and the samples are shuffled by :class:`EpochShuffle`
     seeded by ``(seed, epoch)`` from ``epoch`` on; flips draw from the worker's torch RNG.
@@ -268,6 +273,11 @@ class ImageDataModule(ResumableTrainData, L.LightningDataModule):
                 f"need image_size >= 4, batch_size >= 1, num_workers >= 0; got {image_size}, {batch_size}, "
                 f"{num_workers}"
             )
+        counts = {"seed": seed, "shuffle_buffer": shuffle_buffer, "synthetic": synthetic,
+                  "synthetic_val": synthetic_val}  # fmt: skip
+        for name, value in counts.items():  # a negative seed failed in numpy naming nothing; the others did nothing
+            if value < 0:
+                raise ValueError(f"ImageDataModule: {name} must be >= 0, got {value}")
         self.save_hyperparameters()
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None

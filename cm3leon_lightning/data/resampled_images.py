@@ -99,6 +99,8 @@ class ResampledImageShards(IterableDataset):
             raise ValueError("ResampledImageShards needs at least one shard URL")
         if batches < 1 or batch_size < 1:
             raise ValueError(f"batches and batch_size must be >= 1, got {batches} and {batch_size}")
+        if seed < 0 or rank < 0:
+            raise ValueError(f"ResampledImageShards: seed and rank must be >= 0, got seed={seed}, rank={rank}")
         self.urls, self.image_size, self.batch_size, self.batches = list(urls), image_size, batch_size, batches
         self.shuffle, self.hflip, self.seed, self.rank = shuffle, hflip, seed, rank
         self.epoch, self.start = 0, 0

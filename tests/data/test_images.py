@@ -41,6 +41,22 @@ def test_synthetic_images_are_seeded() -> None:
         synthetic_images(1, 2)
 
 
+def test_a_negative_seed_is_refused_naming_the_argument(tmp_path: Path) -> None:
+    """numpy refused a negative seed deep in setup() or a worker with its bare "expected non-negative integer"."""
+    with pytest.raises(ValueError, match=r"ImageDataModule: seed must be >= 0, got -1"):
+        ImageDataModule(synthetic=4, image_size=8, seed=-1)
+    with pytest.raises(ValueError, match=r"ImageDataModule: shuffle_buffer must be >= 0, got -1"):
+        ImageDataModule(synthetic=4, image_size=8, shuffle_buffer=-1)  # silently read the shards unshuffled
+    with pytest.raises(ValueError, match=r"ImageDataModule: synthetic_val must be >= 0, got -2"):
+        ImageDataModule(synthetic=4, image_size=8, synthetic_val=-2)  # silently validated on nothing
+    with pytest.raises(ValueError, match=r"synthetic_images needs .* seed >= 0, got n=2, size=8, seed=-3"):
+        synthetic_images(2, 8, seed=-3)
+    Image.fromarray(_striped(8, 8)).save(tmp_path / "a.png")
+    with pytest.raises(ValueError, match=r"ImageFolderDataset: seed must be >= 0, got -2"):
+        ImageFolderDataset(tmp_path, 8, hflip=True, seed=-2)
+    assert ImageDataModule(synthetic=4, image_size=8, seed=0).hparams.seed == 0
+
+
 def test_center_crop_is_exact_and_resize_keeps_aspect() -> None:
     wide = Image.fromarray(_striped(20, 10))
     out = np.asarray(resize_center_crop(wide, 10))
@@ -141,6 +157,31 @@ def test_images_convert_to_rgb_as_prepare_converts_them(tmp_path: Path) -> None:
     assert torch.equal(batches[0][0], transparent) and torch.equal(batches[0][1], deep)
 
 
+def test_a_png_transparent_colour_is_white_in_rgb_grey_and_16_bit_grey(tmp_path: Path) -> None:
+    """A PNG ``tRNS`` chunk (one transparent colour; optipng turns binary-alpha RGBA into RGB + tRNS) was ignored
+    outside palette images: the transparent background kept its hidden colour (black here) in training, preparation
+    and evaluation alike, and ``cm3leon prepare`` did not count the repair."""
+    from cm3leon_lightning.data.cleaning import load_image
+
+    rgb = np.zeros((8, 8, 3), np.uint8)
+    rgb[2:6, 2:6] = (200, 0, 0)  # an opaque red square on a transparent black background
+    grey = np.where(rgb[..., 0] > 0, 100, 0).astype(np.uint8)
+    deep = np.where(rgb[..., 0] > 0, 1000, 0).astype(np.uint16)
+    deep[2, 2] = 2000
+    for name, arr in (("a", rgb), ("b", grey), ("c", deep)):
+        Image.fromarray(arr).save(tmp_path / f"{name}.png", transparency=(0, 0, 0) if arr.ndim == 3 else 0)
+    assert [Image.open(tmp_path / f"{n}.png").mode for n in "abc"] == ["RGB", "L", "I;16"]
+    a, b, c = ImageFolderDataset(tmp_path, 8)
+    inside = torch.zeros(8, 8, dtype=torch.bool)
+    inside[2:6, 2:6] = True
+    assert (a[:, ~inside] == 255).all() and a[:, inside].T.unique(dim=0).tolist() == [[200, 0, 0]]
+    assert (b[:, ~inside] == 255).all() and (b[:, inside] == 100).all()
+    assert (c[:, ~inside] == 255).all() and c[0, 2, 2] == 255 and c[0, 3, 3] == 128  # 1000 * 255 / 2000, scaled
+    image, repairs = load_image(tmp_path / "a.png", min_size=8)
+    assert repairs == ["repaired_image_mode"] and np.array_equal(np.asarray(image), a.permute(1, 2, 0).numpy())
+    assert load_image(Image.fromarray(rgb), min_size=8)[1] == []  # plain RGB: nothing to repair
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_shuffled_shards_are_read_once_per_epoch_by_several_workers(tmp_path: Path, workers: int) -> None:
     """Each worker shuffled the shard list with its own unseeded RNG before taking its share: with 2 workers some
@@ -224,6 +265,32 @@ def test_an_image_that_does_not_decode_is_named_with_its_file_or_shard(tmp_path:
     dm = ImageDataModule(train=str(tmp_path / "shards"), image_size=8, batch_size=1, shuffle_buffer=0)
     with pytest.raises(ValueError, match=r"cannot decode image 'cut' \(jpg\) in shard .*shards/s-0\.tar: OSError"):
         list(dm.train_dataloader())
+
+
+def test_webp_shards_that_prepare_reads_train_the_vqgan_too(tmp_path: Path) -> None:
+    """``cm3leon prepare`` reads ``webp`` members (img2dataset's ``--encode_format webp``), but the VQGAN's data module
+    refused the same shards: "sample 'k0' ... has no jpg/jpeg/png member"."""
+    from cm3leon_lightning.data.resampled_images import ResampledImageShards
+    from cm3leon_lightning.data.sources import WDS_IMAGE_MEMBERS
+
+    imgs = synthetic_images(4, 8, seed=6)
+    (tmp_path / "shards").mkdir()
+    with wds.TarWriter(str(tmp_path / "shards" / "s-0.tar")) as sink:
+        for i, img in enumerate(imgs):
+            buf = io.BytesIO()
+            Image.fromarray(img).save(buf, format="WEBP", lossless=True)
+            sink.write({"__key__": f"k{i}", "webp": buf.getvalue(), "txt": "caption"})
+    dm = ImageDataModule(train=str(tmp_path / "shards"), image_size=8, batch_size=2, shuffle_buffer=0)
+    got = torch.cat(list(dm.train_dataloader()))
+    assert torch.equal(got, torch.from_numpy(imgs).permute(0, 3, 1, 2))  # lossless: the exact pixels, in order
+    resampled = ResampledImageShards([str(tmp_path / "shards" / "s-0.tar")], 8, 2, 1)
+    assert next(iter(resampled)).shape == (2, 3, 8, 8)
+    assert WDS_IMAGE_MEMBERS == ("jpg", "jpeg", "png", "webp")  # what both read, in the order they pick a member
+    with wds.TarWriter(str(tmp_path / "shards" / "s-1.tar")) as sink:
+        sink.write({"__key__": "gif", "gif": b"GIF89a", "txt": "caption"})
+    bare = ImageDataModule(train=str(tmp_path / "shards" / "s-1.tar"), image_size=8, batch_size=1, shuffle_buffer=0)
+    with pytest.raises(ValueError, match=r"sample 'gif' from .*s-1\.tar' has no jpg/jpeg/png/webp member"):
+        list(bare.train_dataloader())
 
 
 class TwoRankTrainer:

@@ -207,6 +207,8 @@ def test_bad_settings_are_refused_naming_the_argument(tmp_path: Path) -> None:
         list(data(tmp_path / "hollow", epoch_batches=1).train_dataloader())
     with pytest.raises(ValueError, match="needs at least one shard URL"):
         ResampledImageShards([], 8, 2, 1)
+    with pytest.raises(ValueError, match=r"ResampledImageShards: seed and rank must be >= 0, got seed=-1, rank=0"):
+        ResampledImageShards([str(tmp_path / "sh" / "s-0.tar")], 8, 2, 1, seed=-1)
     assert next(drawn_samples([str(tmp_path / "sh" / "s-0.tar")], np.random.default_rng(0)))["__key__"] == "i0000"
 
 
