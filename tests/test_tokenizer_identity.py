@@ -139,7 +139,7 @@ def test_export_refuses_another_tokenizer_and_records_the_vqgans_weights(assets,
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert generate_main(["--ckpt", str(out), "--prompt", "a red circle", "--out", str(tmp_path / "o"),
-                              "--num-samples", "1", "--max-new-tokens", "1"]) == 0  # fmt: skip
+                              "--num-samples", "1"]) == 0  # fmt: skip
     with pytest.raises(ValueError, match=rf"^VQGAN mismatch: --ckpt {out} records the VQGAN of sha256 .*, weights"):
         export_model(out, tmp_path / "m2", vqgan=assets["vqgan_b"])
 

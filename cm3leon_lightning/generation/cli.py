@@ -32,7 +32,8 @@ left the first run's ``sample-{i}.png`` beside its own) is refused before anythi
 is given: then exactly those files are deleted, just before this run writes its first file (a run that fails
 earlier leaves them).
 Errors (missing files, a checkpoint whose vocabulary does not match the tokenizer or the VQGAN, a prompt longer
-than the context, ``--device cuda`` on a machine without one) are reported in one line and exit with status 2.
+than the context, ``--device cuda`` on a machine without one, a flag the task would ignore such as ``--instruction``
+with ``--prompt`` or ``--text-cfg`` without ``--edit``) are reported in one line and exit with status 2.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ import torch
 
 from cm3leon_lightning.config import CM3LeonConfig
 from cm3leon_lightning.generation.cli_args import add_model_arguments as add_model_arguments  # re-exported
-from cm3leon_lightning.generation.cli_args import build_parser, check_numbers, clean_texts
+from cm3leon_lightning.generation.cli_args import build_parser, check_numbers, check_used, clean_texts
 from cm3leon_lightning.generation.cli_files import (  # noqa: F401  (re-exported: the names' old home)
     OUTPUT_NAME,
     check_out,
@@ -280,6 +281,7 @@ def run(args: argparse.Namespace) -> None:
             "--rerank orders the images of --prompt (text-to-image); it cannot be used with --image or --infill"
         )
     check_out(Path(args.out), args.overwrite)
+    check_used(args)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     check_device(device)
     compile = False if args.no_compile else (None if args.compile == "auto" else args.compile)

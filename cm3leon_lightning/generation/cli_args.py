@@ -1,6 +1,7 @@
 """The arguments of ``cm3leon generate``: its parser (:func:`build_parser`, with the ``--ckpt``/``--tokenizer``/
 ``--vqgan`` trio ``cm3leon serve`` shares) and the checks and cleaning applied to them before anything is loaded
-(:func:`check_numbers`, :func:`clean_texts`). The command itself is :mod:`cm3leon_lightning.generation.cli`.
+(:func:`check_numbers`, :func:`check_used`, :func:`clean_texts`). The command itself is
+:mod:`cm3leon_lightning.generation.cli`.
 """
 
 from __future__ import annotations
@@ -130,6 +131,41 @@ def check_numbers(args: argparse.Namespace) -> None:
     for flag, value in (("--cfg", args.cfg), ("--text-cfg", args.text_cfg), ("--image-cfg", args.image_cfg)):
         if value is not None and not abs(value) < float("inf"):  # NaN fails the comparison too
             raise ValueError(f"{flag} must be finite, got {value}")
+
+
+def check_used(args: argparse.Namespace) -> None:
+    """Raise ValueError naming a flag given a value other than its default that the requested task would ignore
+    (``--instruction`` with ``--prompt``, ``--text-cfg`` without ``--edit``, ``--shards`` without ``--retrieve``...):
+    such a run decoded as if the flag had not been given, silently.
+
+    The tasks: text-to-image (``--prompt``), image answers (``--image`` alone), ``--edit`` and ``--infill``.
+    """
+    answer = bool(args.image) and args.edit is None and args.infill is None
+    text_to_image = bool(args.prompt) and args.infill is None
+    uses = {
+        "instruction": (answer, "--image answers (image-to-text)"),
+        "layout": (answer, "--image answers (image-to-text)"),
+        "text_cfg": (args.edit is not None, "--edit"),
+        "image_cfg": (args.edit is not None, "--edit"),
+        "task": (args.edit is not None, "--edit"),
+        "cfg": (text_to_image and args.method != "cd_k", "--prompt with greedy, temperature or top_p"),
+        "cdk_k": (text_to_image and args.method == "cd_k", "--method cd_k with --prompt"),
+        "cdk_alpha": (text_to_image and args.method == "cd_k", "--method cd_k with --prompt"),
+        "num_samples": (not answer, "--prompt, --edit and --infill (an --image answer is one text)"),
+        "max_new_tokens": (answer or args.infill is not None, "--image answers and --infill"),
+        "shards": (bool(args.retrieve), "--retrieve"),
+        "k": (bool(args.retrieve), "--retrieve"),
+        "clip": (bool(args.rerank or args.retrieve), "--rerank and --retrieve"),
+        "clip_pretrained": (bool(args.rerank or args.retrieve), "--rerank and --retrieve"),
+    }
+    defaults = build_parser().parse_args(["--ckpt", "-", "--out", "-"])
+    for dest, (used, where) in uses.items():
+        value = getattr(args, dest)
+        if not used and value != getattr(defaults, dest):
+            flag = "--" + dest.replace("_", "-")
+            shown = repr(value) if isinstance(value, str) else value
+            hint = " (--method cd_k guides by --cdk-k/--cdk-alpha, --edit by --text-cfg/--image-cfg)" * (dest == "cfg")
+            raise ValueError(f"{flag} {shown} applies to {where} only; this run would ignore it{hint}")
 
 
 def clean_texts(args: argparse.Namespace) -> None:

@@ -31,7 +31,10 @@ def previous_outputs(out: Path) -> list[Path]:
 
 def check_out(out: Path, overwrite: bool) -> None:
     """Raise ValueError naming ``--out`` and a few of its files when it holds an earlier run's outputs and
-    ``overwrite`` is not set: a run with fewer samples would leave stale ``sample-{i}.png`` beside its own."""
+    ``overwrite`` is not set: a run with fewer samples would leave stale ``sample-{i}.png`` beside its own; or when
+    ``out`` is a file (it failed with a traceback once the model had been loaded)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out: {out} is a file, not a directory")
     earlier = previous_outputs(out)
     if earlier and not overwrite:
         names = ", ".join(p.name for p in earlier[:4]) + (" ..." if len(earlier) > 4 else "")
@@ -59,9 +62,14 @@ def to_pil(image: torch.Tensor) -> Image.Image:
 
 
 def save_grid(images: torch.Tensor, caption: str, path: Path, pad: int = 4) -> Image.Image:
-    """Write candidates ``(N, C, H, W)`` side by side under a strip holding ``caption``; returns the PIL image."""
-    from PIL import Image, ImageDraw
+    """Write candidates ``(N, C, H, W)`` side by side under a strip holding ``caption`` on one line (its line breaks
+    drawn as spaces; in PIL's default font, where that is its Latin-1 bitmap font other characters show as ``?``);
+    returns the PIL image."""
+    from PIL import Image, ImageDraw, ImageFont
 
+    caption = " ".join(caption.split())  # a prompt's newline drew a second line over the tiles
+    if not isinstance(ImageFont.load_default(), ImageFont.FreeTypeFont):  # Pillow 10.0 or no FreeType
+        caption = caption.encode("latin-1", "replace").decode("latin-1")  # else UnicodeEncodeError, after decoding
     tiles = [to_pil(im).convert("RGB") for im in images]
     w, h = tiles[0].size
     strip = 14

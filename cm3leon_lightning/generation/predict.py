@@ -166,23 +166,33 @@ def load_vocab(source: str | os.PathLike[str]) -> MultimodalVocab:
 
 class PromptDataset(Dataset):
     """Map-style prompts (so Lightning's distributed sampler can split them): item ``i`` is prompt ``indices[i]`` of
-    the file (all of them, in order, unless some were excluded by :meth:`PromptDataModule.exclude`)."""
+    the file (all of them, in order, unless some were excluded by :meth:`PromptDataModule.exclude`), with ``repeat``
+    False; then ``padding`` more items repeat those prompts with ``repeat`` True (fillers, which
+    :class:`ImageWriter` does not write: every device must get a prompt, see
+    :meth:`PromptDataModule.predict_dataloader`)."""
 
     def __init__(self, prompts: list[tuple[str, int | None]], ids: list[list[int]]) -> None:
         self.prompts, self.ids = prompts, ids
         self.indices = list(range(len(prompts)))
+        self.padding = 0
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return len(self.indices) + (self.padding if self.indices else 0)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        j = self.indices[i]
-        return {"index": j, "prompt": self.prompts[j][0], "ids": self.ids[j], "seed": self.prompts[j][1]}
+        if not 0 <= i < len(self):
+            raise IndexError(f"prompt item {i} out of range (0 to {len(self) - 1})")
+        j = self.indices[i % len(self.indices)]
+        return {"index": j, "prompt": self.prompts[j][0], "ids": self.ids[j], "seed": self.prompts[j][1],
+                "repeat": i >= len(self.indices)}  # fmt: skip
 
 
 def collate_prompts(items: list[dict[str, Any]]) -> dict[str, list]:
-    """Items -> lists by field (prompts differ in length; ``generate_image`` takes id lists)."""
-    return {key: [item[key] for item in items] for key in ("index", "prompt", "ids", "seed")}
+    """Items -> lists by field (prompts differ in length; ``generate_image`` takes id lists); ``repeat`` is False for
+    items that lack it."""
+    batch = {key: [item[key] for item in items] for key in ("index", "prompt", "ids", "seed")}
+    batch["repeat"] = [bool(item.get("repeat", False)) for item in items]
+    return batch
 
 
 class PromptDataModule(L.LightningDataModule):
@@ -289,13 +299,21 @@ class PromptDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         """Prompts in file order; Lightning adds the distributed sampler on several devices. With a trainer whose
-        module's network is built (``model.config.max_seq_len``), every prompt is first checked to fit it."""
+        module's network is built (``model.config.max_seq_len``), every prompt is first checked to fit it.
+
+        Fewer prompts to decode than devices (a short file, or a resumed run with a few left) are padded with
+        repeats flagged ``repeat`` up to one per device: Lightning's sampler gave the others none, and a rank without
+        a batch stopped with "``DataLoader`` within local rank has zero length" while the others waited for it.
+        """
         if self.dataset is None:
             self.setup("predict")
+        assert self.dataset is not None
         module = self.trainer.lightning_module if self.trainer is not None else None
         max_seq_len = getattr(getattr(getattr(module, "model", None), "config", None), "max_seq_len", None)
         if isinstance(max_seq_len, int):
             self.check_lengths(max_seq_len)
+        world = self.trainer.world_size if self.trainer is not None else 1
+        self.dataset.padding = max(0, world - len(self.dataset.indices))
         return DataLoader(
             self.dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
             collate_fn=collate_prompts,

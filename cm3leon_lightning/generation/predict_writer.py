@@ -25,6 +25,8 @@ from cm3leon_lightning.files import write_text_whole
 PREDICTIONS_FILE = "predictions.jsonl"
 SETTINGS_FILE = "predict_settings.json"
 """What decided the images (:meth:`ImageWriter.run_settings`); a resumed run must have the same."""
+LATER_SETTINGS = ("precision",)
+"""Settings recorded since a later version: a file without them (an older run's) is not compared on them."""
 
 
 # ------------------------------------------------------------------------------------------------ writing
@@ -183,8 +185,9 @@ class ImageWriter(BasePredictionWriter):
     def run_settings(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         """What decides a prompt's files, recorded in ``predict_settings.json``: the model's weights
         (:func:`weights_fingerprint`, with the checkpoint or ``init_from`` they came from as ``model_source``, which
-        is not compared), the module's ``generation`` settings, and this writer's re-ranking and grid. Call it once
-        the checkpoint is loaded (``on_predict_start``)."""
+        is not compared), the trainer's ``precision`` (``bf16-mixed`` keeps float32 weights but draws other
+        samples), the module's ``generation`` settings, and this writer's re-ranking and grid. Call it once the
+        checkpoint is loaded (``on_predict_start``)."""
         generation = getattr(pl_module, "generation", None)
         if dataclasses.is_dataclass(generation) and not isinstance(generation, type):
             generation = dataclasses.asdict(generation)
@@ -192,6 +195,7 @@ class ImageWriter(BasePredictionWriter):
         settings = {
             "model": weights_fingerprint(pl_module),
             "model_source": None if source is None else str(source),
+            "precision": str(getattr(trainer, "precision", None)),
             "generation": generation,
             "vqgan": self.vqgan_path,
             "clip": self.clip_name,
@@ -225,7 +229,9 @@ class ImageWriter(BasePredictionWriter):
             return {k: v for key, value in d.items() for k, v in flat(value, f"{prefix}{key}.").items()}
 
         have, want = flat(settings), flat(recorded)
-        differ = [k for k in sorted(set(have) | set(want)) if have.get(k) != want.get(k) and k != "model_source"]
+        later = [k for k in LATER_SETTINGS if k not in want]  # an earlier version's file: not recorded then
+        skip = {"model_source", *later}
+        differ = [k for k in sorted(set(have) | set(want)) if have.get(k) != want.get(k) and k not in skip]
         if differ:
             changes = ", ".join(f"{k}: {want.get(k)!r} -> {have.get(k)!r}" for k in differ[:4])
             raise ValueError(
@@ -305,7 +311,9 @@ class ImageWriter(BasePredictionWriter):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        """Decode and write the batch's candidates; append one JSON line per prompt to this rank's part file."""
+        """Decode and write the batch's candidates; append one JSON line per prompt to this rank's part file. A
+        prompt the batch flags ``repeat`` (a filler of a device that had none, see
+        :class:`~cm3leon_lightning.generation.predict.PromptDataset`) is not written: another rank writes it."""
         from cm3leon_lightning.generation.cli import save_grid, to_pil
 
         codes = prediction["codes"]  # (B, N, h*w)
@@ -326,8 +334,11 @@ class ImageWriter(BasePredictionWriter):
                 keep=self.keep or codes.shape[1],
             )
             images, codes = ranked.images, ranked.codes  # best first, (B, keep, ...)
+        repeats = batch.get("repeat") if isinstance(batch, dict) else None
         lines = []
         for b, (index, prompt, seed) in enumerate(zip(prediction["index"], prediction["prompt"], prediction["seed"])):
+            if repeats is not None and repeats[b]:
+                continue
             stem = f"{int(index):06d}"
             np.save(self.output_dir / f"{stem}-codes.npy", codes[b].cpu().numpy().astype(np.int32))
             row: dict[str, Any] = {"index": int(index), "prompt": prompt, "seed": seed, "files": [], "grid": None}

@@ -31,8 +31,9 @@ class DocumentRetriever:
 
     Raises:
         ValueError: a bank that does not match ``clip`` (its model, or weights other than those the manifest's
-            ``clip`` section records), shards for another vocabulary or tokenizer, or (with ``preload``) bank keys
-            missing from the shards.
+            ``clip`` section records), shards for another vocabulary, text tokenizer or VQGAN (the manifest's
+            ``image_tokenizer.checkpoint_sha256`` against the one ``vocab`` records, where both record one), or
+            (with ``preload``) bank keys missing from the shards.
     """
 
     CANDIDATES_PER_DOCUMENT = 4
@@ -57,6 +58,12 @@ class DocumentRetriever:
                 f"--shards: {shards_dir} was tokenized for {self.manifest.vocab(vocab.pad_to_multiple).to_dict()}, "
                 f"but the checkpoint's vocabulary is {vocab.to_dict()}"
             )
+        if vocab is not None:  # the same grid and codebook size from another VQGAN: the codes are other pictures
+            from cm3leon_lightning.tokenization.vocab import check_same_tokenizer
+
+            recorded_vqgan = self.manifest.vocab().identity
+            shards = f"--shards {shards_dir} ({MANIFEST_NAME})"
+            check_same_tokenizer("vqgan", vocab.identity, "the checkpoint", recorded_vqgan, shards, "", False)
         recorded = self.manifest.text_tokenizer.get("sha256")
         if tokenizer_sha256 is not None and recorded and recorded != tokenizer_sha256:
             raise ValueError(

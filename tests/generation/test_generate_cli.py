@@ -400,3 +400,87 @@ def test_method_help_says_what_image_answers_and_infill_do(assets, tmp_path, mon
             with pytest.raises(Stop):
                 main([*base(assets, tmp_path), *image, *mode, *extra])
     assert seen == ["top_p", "top_p", "greedy", "greedy"]
+
+
+CFG_IGNORED = (
+    "--cfg 5.0 applies to --prompt with greedy, temperature or top_p only; this run would ignore it (--method cd_k "
+    "guides by --cdk-k/--cdk-alpha, --edit by --text-cfg/--image-cfg)"
+)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--prompt", "x", "--instruction", "Describe it."], "--instruction 'Describe it.' applies to --image answers"),
+        (["--prompt", "x", "--text-cfg", "5"], "--text-cfg 5.0 applies to --edit only"),
+        (["--image", "x.png", "--image-cfg", "2"], "--image-cfg 2.0 applies to --edit only"),
+        (["--prompt", "x", "--task", "edge_to_image"], "--task 'edge_to_image' applies to --edit only"),
+        (["--prompt", "x", "--layout", "image_first"], "--layout 'image_first' applies to --image answers"),
+        (["--image", "x.png", "--edit", "blue", "--cfg", "5"], CFG_IGNORED),
+        (["--image", "x.png", "--cfg", "5"], CFG_IGNORED),
+        (["--prompt", "x", "--method", "cd_k", "--cfg", "5"], CFG_IGNORED),
+        (["--prompt", "x", "--cdk-k", "4"], "--cdk-k 4 applies to --method cd_k with --prompt only"),
+        (["--image", "x.png", "--num-samples", "3"], "--num-samples 3 applies to --prompt, --edit and --infill"),
+        (["--prompt", "x", "--max-new-tokens", "9"], "--max-new-tokens 9 applies to --image answers and --infill"),
+        (["--prompt", "x", "--shards", "data/"], "--shards 'data/' applies to --retrieve only"),
+        (["--prompt", "x", "--k", "4"], "--k 4 applies to --retrieve only"),
+        (["--prompt", "x", "--clip-pretrained", "c.pt"], "--clip-pretrained 'c.pt' applies to --rerank and --retrieve"),
+    ],
+)
+def test_a_flag_the_task_ignores_is_refused(assets, tmp_path, capsys, extra, message):
+    """Found in review: ``--prompt ... --instruction``, ``--text-cfg`` without ``--edit``, ``--shards`` without
+    ``--retrieve`` and the like decoded as if the flag had not been given, exit 0. Refused now, naming it, before
+    the checkpoint is read."""
+    argv = [*base(assets, tmp_path / "new"), *extra]
+    argv[argv.index("--ckpt") + 1] = str(assets / "x.png")  # reading it would fail with another message
+    argv = [str(assets / "x.png") if a == "x.png" else a for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"cm3leon generate: error: {message}") and "; this run would ignore it" in err
+    assert err.count("\n") == 1
+    assert not (tmp_path / "new").exists()
+
+
+def test_the_flags_each_task_uses_are_accepted(assets, tmp_path):
+    """The flags of each task are still taken (their defaults too, given explicitly)."""
+    image = ["--image", str(assets / "x.png")]
+    for i, extra in enumerate((
+        ["--prompt", "x", "--cfg", "3", "--method", "cd_k", "--cdk-k", "2", "--cdk-alpha", "0.3", "--k", "2",
+         "--num-samples", "1", "--max-new-tokens", "32", "--layout", "infill", "--task", "edit", "--instruction", ""],
+        [*image, "--instruction", "Describe it.", "--layout", "image_first", "--max-new-tokens", "2"],
+        ["--prompt", "x", "--cfg", "2", "--num-samples", "1", "--method", "greedy"],
+    )):  # fmt: skip
+        assert main([*base(assets, tmp_path / str(i)), *extra]) == 0, extra
+
+
+def test_an_out_that_is_a_file_is_one_line(assets, tmp_path, capsys):
+    """Found in review: ``--out`` naming a file failed with a ``FileExistsError`` traceback once the model had been
+    loaded; it is refused before, naming the flag, and the file is kept."""
+    (tmp_path / "out").write_text("notes")
+    argv = [*base(assets, tmp_path / "out"), "--prompt", "a red circle"]
+    argv[argv.index("--ckpt") + 1] = str(assets / "x.png")  # reading it would fail with another message
+    assert main(argv) == 2
+    assert capsys.readouterr().err == f"cm3leon generate: error: --out: {tmp_path / 'out'} is a file, not a directory\n"
+    assert (tmp_path / "out").read_text() == "notes"
+
+
+def test_the_grid_caption_is_one_line_in_any_default_font(tmp_path, monkeypatch):
+    """Found in review: where PIL's default font is its Latin-1 bitmap font (Pillow 10.0, the oldest allowed, or a
+    build without FreeType), a prompt with another character raised UnicodeEncodeError after every sample had been
+    decoded (predict: mid-run); such characters show as '?' now. A prompt's newline (a .jsonl prompt of predict)
+    drew a second line over the tiles; it is drawn as a space."""
+    from PIL import ImageDraw, ImageFont
+
+    from cm3leon_lightning.generation.cli_files import save_grid
+
+    drawn: list[str] = []
+    text = ImageDraw.ImageDraw.text
+    monkeypatch.setattr(
+        ImageDraw.ImageDraw, "text", lambda self, xy, t, *a, **k: drawn.append(t) or text(self, xy, t, *a, **k)
+    )
+    save_grid(torch.zeros(2, 3, 8, 8), "a red\ncircle", tmp_path / "a.png")
+    if not hasattr(ImageFont, "load_default_imagefont"):
+        pytest.skip("this Pillow has no separate bitmap default font")
+    monkeypatch.setattr(ImageFont, "load_default", ImageFont.load_default_imagefont)
+    grid = save_grid(torch.zeros(2, 3, 8, 8), "a caf\u00e9 \u732b", tmp_path / "b.png")
+    assert drawn == ["a red circle", "a caf\u00e9 ?"] and grid.size == (2 * (8 + 4) + 4, 8 + 2 * 4 + 14)

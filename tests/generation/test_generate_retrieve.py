@@ -225,3 +225,29 @@ def test_the_query_is_embedded_as_the_bank_s_cleaned_captions(assets, tmp_path, 
     keys = retriever.retrieve(["a blue circle"], 2)[0][0]
     assert json.loads((tmp_path / "retrieved.json").read_text()) == {"prompt": "a blue circle", "keys": keys}
     capsys.readouterr()
+
+
+def test_shards_tokenized_with_another_vqgan_are_refused(assets, tmp_path, capsys):
+    """Found in review: only the shards' grid and codebook size were compared with the checkpoint's: shards that
+    another VQGAN of the same size tokenized (their manifest records its sha256) were retrieved silently, image codes
+    that mean other pictures to the model. The hash is compared where both record one."""
+    from cm3leon_lightning.generation.retrieve import DocumentRetriever
+    from cm3leon_lightning.tokenization.vocab import MultimodalVocab
+
+    root, vocab = assets["root"], assets["vocab"]
+    other = MultimodalVocab.from_dict({**vocab.to_dict(), "vqgan_sha256": "1" * 64})
+    with pytest.raises(ValueError, match=r"^VQGAN mismatch: the checkpoint records the VQGAN of sha256 111111111111"):
+        DocumentRetriever(root / "bank", root / "shards", assets["clip"], other)
+    same = MultimodalVocab.from_dict({**vocab.to_dict(), "vqgan_sha256": "0" * 64})  # the manifest's
+    assert DocumentRetriever(root / "bank", root / "shards", assets["clip"], same).retrieve(["a blue circle"], 1)
+
+    ckpt = torch.load(root / "model.ckpt", weights_only=True)
+    ckpt["hyper_parameters"]["vocab"] = other.to_dict()
+    torch.save(ckpt, tmp_path / "other.ckpt")
+    args = argv(root, tmp_path / "out", "--method", "greedy", "--cfg", "1", "--num-samples", "1")
+    args[args.index("--ckpt") + 1] = str(tmp_path / "other.ckpt")
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cm3leon generate: error: VQGAN mismatch: the checkpoint records") and err.count("\n") == 1
+    assert f"--shards {root / 'shards'} (manifest.json) has sha256 000000000000" in err
+    assert not (tmp_path / "out").exists()

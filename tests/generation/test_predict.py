@@ -21,7 +21,13 @@ from support.eval_setup import micro_vqgan, tiny_module, tiny_tokenizer, write_e
 from cm3leon_lightning.cli import main as cm3leon_main
 from cm3leon_lightning.generation.cli import load_checkpoint
 from cm3leon_lightning.generation.generate import GenerationSettings, generate_image
-from cm3leon_lightning.generation.predict import ImageWriter, PromptDataModule, load_vocab, read_prompts
+from cm3leon_lightning.generation.predict import (
+    ImageWriter,
+    PromptDataModule,
+    collate_prompts,
+    load_vocab,
+    read_prompts,
+)
 from cm3leon_lightning.modules.cm3leon import CM3LeonModule
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -648,3 +654,65 @@ def test_cm3leon_predict_on_two_processes_after_cm3leon_fit(tmp_path):
         np.testing.assert_array_equal(np.load(out / r["codes"]), want[i])
         assert [Image.open(out / f).size for f in r["files"]] == [(16, 16)] * 2
     assert not list(out.glob("predictions.rank*.jsonl"))
+
+
+def test_fewer_prompts_than_devices_give_every_device_one(assets, tmp_path, monkeypatch):
+    """Found in review: a prompts file (or a resumed run's remainder) with fewer prompts than devices stopped the run
+    on two processes: Lightning's sampler gave a rank no prompt, which failed with "DataLoader within local rank has
+    zero length" (or its sampler's assertion) while the others waited for it. The dataset is padded with repeats up to
+    one per device, flagged so that the writer leaves them to the rank that owns the prompt."""
+    from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+
+    one = tmp_path / "one.txt"
+    one.write_text("a red square\n")
+    dm = PromptDataModule(str(one), str(assets / "tok"), str(assets / "model.ckpt"), 2)
+    dm.trainer = type("ThreeDevices", (), {"world_size": 3, "lightning_module": None})()
+    dataset = dm.predict_dataloader().dataset
+    per_rank = [list(UnrepeatedDistributedSampler(dataset, num_replicas=3, rank=r, shuffle=False)) for r in range(3)]
+    assert per_rank == [[0], [1], [2]]  # every rank gets an item (it got none: [[0], [], []] and an assertion)
+    assert [(dataset[i]["index"], dataset[i]["repeat"]) for i in range(3)] == [(0, False), (0, True), (0, True)]
+    assert collate_prompts([dataset[0], dataset[1]])["repeat"] == [False, True]
+
+    # The writer skips the fillers: in one process (world size faked), predictions.jsonl holds the prompt once.
+    monkeypatch.setattr(L.Trainer, "world_size", property(lambda self: 2))
+    dm = PromptDataModule(str(one), str(assets / "tok"), str(assets / "model.ckpt"), 2)
+    module = CM3LeonModule(preset="tiny", vocab=dm.vocab.to_dict(), generation=GenerationSettings(**SETTINGS))
+    out = tmp_path / "out"
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, logger=False, callbacks=[ImageWriter(str(out), None)],
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+    )  # fmt: skip
+    batches = trainer.predict(module, datamodule=dm, ckpt_path=str(assets / "model.ckpt"))
+    assert [b["index"] for b in batches] == [[0, 0]]  # the prompt and its filler were decoded
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [(r["index"], r["prompt"]) for r in rows] == [(0, "a red square")]
+    assert sorted(p.name for p in out.iterdir()) == ["000000-codes.npy", "predict_settings.json", "predictions.jsonl"]
+
+
+def test_resume_with_another_precision_is_refused(assets, tmp_path):
+    """Found in review: ``predict_settings.json`` did not record the trainer's precision; ``bf16-mixed`` keeps the
+    float32 weights (same fingerprint) but draws other samples, so a resume with it mixed two runs' images in one
+    directory. It is recorded and compared now; a file of an earlier version, without it, still resumes."""
+    out = tmp_path / "out"
+    predict(assets, out, batch_size=1, vqgan=False)
+    assert json.loads((out / "predict_settings.json").read_text())["precision"] == "32-true"
+    lines = (out / "predictions.jsonl").read_text().splitlines(keepends=True)
+    (out / "predictions.jsonl").write_text("".join(lines[:2]))  # prompt 2 left to decode
+
+    dm = PromptDataModule(str(assets / "prompts.jsonl"), str(assets / "tok"), str(assets / "model.ckpt"), 1)
+    module = CM3LeonModule(preset="tiny", vocab=dm.vocab.to_dict(), generation=GenerationSettings(**SETTINGS))
+    trainer = L.Trainer(
+        accelerator="cpu", precision="bf16-mixed", logger=False, callbacks=[ImageWriter(str(out), resume=True)],
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+    )  # fmt: skip
+    want = r"settings differ from the earlier run's \(.*predict_settings.json\): precision: '32-true' -> 'bf16-mixed'"
+    with pytest.raises(ValueError, match=want):
+        trainer.predict(module, datamodule=dm, ckpt_path=str(assets / "model.ckpt"))
+    assert (out / "predictions.jsonl").read_text() == "".join(lines[:2])  # nothing lost
+
+    recorded = json.loads((out / "predict_settings.json").read_text())
+    del recorded["precision"]  # as an earlier version wrote it
+    (out / "predict_settings.json").write_text(json.dumps(recorded))
+    batches = predict(assets, out, batch_size=1, vqgan=False, resume=True)
+    assert [i for b in batches for i in b["index"]] == [2]
+    assert (out / "predictions.jsonl").read_text() == "".join(lines)
