@@ -114,7 +114,7 @@ class CM3LeonModule(L.LightningModule):
         if isinstance(generation, dict):
             generation = GenerationSettings.from_dict(generation)
         config, vocab = resolve_architecture(preset, config, vocab, max_seq_len)  # vocab: complete, or None
-        optim.check_optimizer_args(lr, warmup_steps, lr_decay, min_lr_ratio, decay_steps)
+        optim.check_optimizer_args(lr, warmup_steps, lr_decay, min_lr_ratio, decay_steps, betas, eps, weight_decay)
         self.config = config
         # Primitives only, so checkpoints load with torch.load(weights_only=True); `config` is stored resolved.
         self.save_hyperparameters(ignore=["config", "generation"])
@@ -158,13 +158,15 @@ class CM3LeonModule(L.LightningModule):
         if data_desc is None:
             return
         if self.hparams.vocab is None:
-            if self.model is not None:
+            if self.model is not None:  # built before fit (a forward, configure_model): its size must fit
                 check_vocab_size(self.config.vocab_size, MultimodalVocab(**data_desc).padded_size, "the model")
-                return
-            self.config = CM3LeonConfig.from_dict(
-                {**self.config.to_dict(), "vocab_size": MultimodalVocab(**data_desc).padded_size}
-            )
-            self.hparams["config"] = self.config.to_dict()
+            else:
+                self.config = CM3LeonConfig.from_dict(
+                    {**self.config.to_dict(), "vocab_size": MultimodalVocab(**data_desc).padded_size}
+                )
+                self.hparams["config"] = self.config.to_dict()
+            # Adopted in both cases: without it the text/image split went unlogged and the checkpoints recorded no
+            # vocabulary (from_pretrained, export and generate refused them).
             self.hparams["vocab"] = data_desc
         else:
             allow = bool(self.hparams.get("allow_tokenizer_change", False))
@@ -285,6 +287,12 @@ class CM3LeonModule(L.LightningModule):
         )
         logits = self(inputs)  # (B, T-1, V)
         losses = self.compute_loss(logits, targets, batch)
+        if not isinstance(losses, dict) or "loss" not in losses:
+            got = f"a dict with keys {sorted(losses)}" if isinstance(losses, dict) else type(losses).__name__
+            raise TypeError(
+                f"{type(self).__name__}.compute_loss must return a dict with 'loss' (and optionally 'tokens', "
+                f"'loss_text', ...), got {got}"
+            )
         if "tokens" not in losses:  # an override that gives only `loss`: every non-pad target counts
             losses["tokens"] = (targets != PAD_ID).sum()
         if stage != "train":  # epoch figures per scored token, logged at the epoch's end (_log_eval_epoch)

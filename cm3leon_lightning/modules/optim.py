@@ -29,14 +29,32 @@ SETTINGS_KEYS = ("initial_lr", "betas", "eps", "weight_decay")
 
 
 def check_optimizer_args(
-    lr: float, warmup_steps: int, lr_decay: str, min_lr_ratio: float, decay_steps: int | None
+    lr: float,
+    warmup_steps: int,
+    lr_decay: str,
+    min_lr_ratio: float,
+    decay_steps: int | None,
+    betas: Iterable[float] = (0.9, 0.95),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
 ) -> None:
-    """Raise ValueError naming the argument when the learning rate or schedule arguments are out of range."""
+    """Raise ValueError naming the argument when the learning rate, schedule or AdamW arguments are out of range.
+
+    Checked when the module is built: AdamW's own checks ran only when training started (after the data and the
+    network were set up), naming none of these arguments (``tuple index out of range`` for one beta).
+    """
     WarmupDecay(warmup_steps, 1, lr_decay, min_lr_ratio)  # validates the schedule arguments early
     if decay_steps is not None and decay_steps < 1:
         raise ValueError(f"decay_steps must be >= 1 (or None: the trainer's total steps), got {decay_steps}")
-    if not lr >= 0:  # 0 trains nothing, which tests and frozen runs use
-        raise ValueError(f"lr must be >= 0, got {lr}")
+    if not 0 <= lr < math.inf:  # 0 trains nothing, which tests and frozen runs use
+        raise ValueError(f"lr must be >= 0 and finite, got {lr}")
+    pair = tuple(betas)
+    if len(pair) != 2 or not all(0 <= b < 1 for b in pair):
+        raise ValueError(f"betas must be two values in [0, 1) (AdamW's beta1, beta2), got {list(pair)}")
+    if not 0 <= eps < math.inf:
+        raise ValueError(f"eps must be >= 0 and finite, got {eps}")
+    if not 0 <= weight_decay < math.inf:
+        raise ValueError(f"weight_decay must be >= 0 and finite, got {weight_decay}")
 
 
 def adamw(

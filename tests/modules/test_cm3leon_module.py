@@ -42,6 +42,24 @@ def test_warmup_decay_schedule_values() -> None:
             CM3LeonModule(**kwargs)
 
 
+def test_adamw_arguments_are_refused_when_the_module_is_built_naming_them() -> None:
+    """Out-of-range betas, eps and weight_decay (and an infinite lr) passed __init__ and failed only when training
+    started, after the data and network were set up, in AdamW's words (`tuple index out of range` for one beta; a
+    third beta or an infinite lr trained silently)."""
+    for kwargs, match in (({"betas": (0.9,)}, r"betas must be two values in \[0, 1\).*got \[0.9\]"),
+                          ({"betas": (0.9, 0.95, 0.99)}, r"betas must be two values.*got \[0.9, 0.95, 0.99\]"),
+                          ({"betas": [1.5, 0.95]}, r"betas must be two values.*got \[1.5, 0.95\]"),
+                          ({"eps": -1e-8}, "eps must be >= 0 and finite, got -1e-08"),
+                          ({"eps": float("nan")}, "eps must be >= 0 and finite, got nan"),
+                          ({"weight_decay": -0.1}, "weight_decay must be >= 0 and finite, got -0.1"),
+                          ({"lr": float("inf")}, "lr must be >= 0 and finite, got inf")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            CM3LeonModule(preset="tiny", **kwargs)
+    module = CM3LeonModule(preset="tiny", betas=[0.0, 0.5], eps=0.0, weight_decay=0.0, lr=0.0)  # the bounds pass
+    module.configure_model()
+    assert module.configure_optimizers()["optimizer"].defaults["betas"] == (0.0, 0.5)
+
+
 def test_a_decaying_schedule_needs_the_length_of_training(tmp_path) -> None:
     """With data of unknown length and no max_steps the decay length was warmup + 1: the LR fell to min_lr_ratio
     the step after warm-up. Now it is an error, unless the decay is constant or decay_steps is given."""
@@ -166,6 +184,25 @@ def test_vocab_sets_model_vocab_size_and_hparams_are_primitive() -> None:
     allowed = (int, float, str, bool, type(None), list, tuple, dict)
     assert all(isinstance(v, allowed) for v in module.hparams.values())
     assert module.hparams["config"] == module.config.to_dict()
+
+
+def test_a_network_built_before_fit_adopts_the_datas_vocabulary(tmp_path) -> None:
+    """A module without `vocab` whose network was built before fit (a forward, configure_model) had its size checked
+    against the data but kept no vocabulary: no text/image losses were logged and its checkpoints recorded none, so
+    from_pretrained (and export, generate) refused them."""
+    data = TokenDataModule(n_train=8, batch_size=4)
+    module = CM3LeonModule(config=CM3LeonConfig.from_preset("tiny", vocab_size=data.vocab.padded_size), warmup_steps=1)
+    module.configure_model()
+    trainer = _trainer(tmp_path, max_steps=1, limit_val_batches=0, enable_checkpointing=False)
+    trainer.fit(module, datamodule=data)
+    assert module.hparams.vocab == data.vocab.to_dict()
+    assert {"train/loss_text", "train/loss_image"} <= set(trainer.logged_metrics)
+    trainer.save_checkpoint(tmp_path / "a.ckpt")
+    assert CM3LeonModule.from_pretrained(str(tmp_path / "a.ckpt")).vocab == data.vocab
+    other = CM3LeonModule(preset="tiny")  # built for another size: still refused
+    other.configure_model()
+    with pytest.raises(ValueError, match="vocabulary mismatch: the model has vocab_size 512, the data needs 128"):
+        _trainer(tmp_path, max_steps=1).fit(other, datamodule=data)
 
 
 def test_a_partial_vocab_is_refused_naming_the_missing_field() -> None:

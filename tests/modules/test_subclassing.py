@@ -107,6 +107,27 @@ def test_a_compute_loss_override_that_returns_only_the_loss(tmp_path) -> None:
     assert got["val/ppl"] == pytest.approx(math.exp(expected), rel=1e-5)
 
 
+def test_a_compute_loss_that_returns_no_loss_entry_is_named(tmp_path) -> None:
+    """Returning the loss tensor itself (as a plain LightningModule does) failed with `Tensor.__contains__ only
+    supports Tensor or scalar`, and a dict without `loss` with KeyError 'loss'."""
+
+    class BareTensor(CM3LeonModule):
+        def compute_loss(self, logits, targets, batch):
+            return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=PAD_ID)
+
+    class OtherKey(CM3LeonModule):
+        def compute_loss(self, logits, targets, batch):
+            return {"nll": super().compute_loss(logits, targets, batch)["loss"]}
+
+    data = TokenDataModule(n_train=4, n_val=4, batch_size=4)
+    for cls, got in ((BareTensor, "got Tensor"), (OtherKey, r"got a dict with keys \['nll'\]")):
+        match = rf"{cls.__name__}.compute_loss must return a dict with 'loss'.*{got}"
+        with pytest.raises(TypeError, match=match):
+            cpu_trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(cls(preset="tiny", warmup_steps=1), data)
+        with pytest.raises(TypeError, match=match):
+            cpu_trainer(tmp_path).validate(cls(preset="tiny"), data, verbose=False)
+
+
 def test_a_subclass_that_saves_its_own_hyperparameters_keeps_the_checkpoint_readable(tmp_path) -> None:
     """A second save_hyperparameters stored `config` as given (None under the CLI, so from_pretrained, export and
     info found no architecture) and `generation` as an object (no weights_only load)."""
