@@ -3,15 +3,19 @@ img2dataset's Parquet output with embedded images (``cm3leon prepare --source pa
 
 An image column may hold encoded bytes (``binary``), a path (``string``, relative to the Parquet file's directory) or
 ``datasets``' ``Image`` feature (a struct of ``bytes`` and ``path``; bytes win). A caption column holds a string or a
-list of strings (the first non-empty one is taken, as ``coco --coco-mode first`` does). Files are read in sorted order
+list of strings (the first one with text is taken, as ``coco --coco-mode first`` does). Files are read in sorted order
 and rows in file order; a range is read one row group at a time, only the needed columns, so memory stays at one row
-group. Keys come from ``key_column`` (a null value: the default key) or are ``{file stem}-{row:07d}``, made
-WebDataset-safe by :func:`~cm3leon_lightning.data.sources.document_key`. Needs ``pyarrow`` (the ``parquet`` extra).
+group. Keys come from ``key_column`` (a null value: the default key) or are ``{file}-{row:07d}``, made
+WebDataset-safe by :func:`~cm3leon_lightning.data.sources.document_key`, where ``{file}`` is the file's path without
+``.parquet`` relative to the folder holding all the files: the stem when they are in one folder, ``en/train-0`` and
+``de/train-0`` (``en_train-0-0000000``...) for the configurations of a Hub dataset, whose file names repeat. Needs
+``pyarrow`` (the ``parquet`` extra).
 """
 
 from __future__ import annotations
 
 import glob
+import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -53,6 +57,15 @@ def list_parquet(spec: str | Path | Sequence[str | Path]) -> list[Path]:
     return files
 
 
+def file_names(files: Sequence[Path]) -> list[str]:
+    """Each file's path relative to the deepest folder holding them all, in POSIX form (``a.parquet`` when they are
+    in one folder; ``en/train.parquet``, ``de/train.parquet`` when they are not): distinct for distinct files, where
+    file names alone repeat across the folders of a Hub dataset's configurations."""
+    folders = [os.path.abspath(f.parent) for f in files]
+    base = os.path.commonpath(folders) if folders else ""
+    return [Path(os.path.relpath(os.path.abspath(f), base)).as_posix() for f in files]
+
+
 class ParquetSource(PairSource):
     """Parquet files with an image column and a caption column (see the module docstring).
 
@@ -60,7 +73,8 @@ class ParquetSource(PairSource):
         files: a directory, a glob pattern or a list of ``.parquet`` files.
         image_column: the column holding the image (bytes, path, or ``{bytes, path}``).
         caption_column: the column holding the caption (string or list of strings).
-        key_column: a column of stable ids (None: ``{file stem}-{row}``).
+        key_column: a column of stable ids (None: ``{file}-{row}``, the file's path relative to the folder of all
+            the files, without ``.parquet``).
 
     Raises:
         FileNotFoundError: no files.
@@ -79,6 +93,7 @@ class ParquetSource(PairSource):
     ) -> None:
         pq = _pyarrow()
         self.files = list_parquet(files)
+        self.names = file_names(self.files)  # in keys and skip records: file names repeat across folders
         self.image_column, self.caption_column, self.key_column = image_column, caption_column, key_column
         self.row_groups: list[list[int]] = []  # rows per row group, per file
         for f in self.files:
@@ -153,25 +168,38 @@ class ParquetSource(PairSource):
                         yield f, base - int(self.offsets[f]) + lo + j, row
                 base += n
 
+    def _key(self, f: int, row: int, values: dict[str, Any]) -> str:
+        """The key of row ``row`` of file ``f`` (``values`` holds the key column, if any)."""
+        key = values[self.key_column] if self.key_column is not None else None
+        if key is None:  # no key column, or a null id: the file's row
+            key = f"{self.names[f].removesuffix(self.files[f].suffix)}-{row:07d}"
+        return document_key(key)
+
     def iter_range(self, start: int, stop: int) -> Iterator[RawPair]:
         columns = [self.image_column, self.caption_column] + ([self.key_column] if self.key_column else [])
         for f, row, values in self._rows(start, stop, columns):
-            path = self.files[f]
-            key = values[self.key_column] if self.key_column is not None else None
-            key = f"{path.stem}-{row:07d}" if key is None else key  # a null id: the file's row, as without a column
-            meta = {"file": path.name, "row": row}
-            yield RawPair(document_key(key), _caption(values[self.caption_column]),
-                          _image(values[self.image_column], path.parent), meta)  # fmt: skip
+            meta = {"file": self.names[f], "row": row}
+            yield RawPair(self._key(f, row, values), _caption(values[self.caption_column]),
+                          _image(values[self.image_column], self.files[f].parent), meta)  # fmt: skip
 
     def captions(self) -> Iterator[str | bytes | None]:
         """Every caption in order, reading only the caption column."""
         for _, _, values in self._rows(0, len(self), [self.caption_column]):
             yield _caption(values[self.caption_column])
 
+    def split_captions(self) -> Iterator[tuple[str, str | bytes | None]]:
+        """Every key and caption in order, reading only the caption and key columns (not the images)."""
+        columns = [self.caption_column] + ([self.key_column] if self.key_column else [])
+        for f, row, values in self._rows(0, len(self), columns):
+            yield self._key(f, row, values), _caption(values[self.caption_column])
+
 
 def _caption(value: Any) -> str | None:
+    """A caption cell's caption: a string, or a list's first caption with text (all blank: the first, counted as
+    ``caption_empty`` as ``coco`` mode ``first`` counts it; none: None, ``caption_missing``)."""
     if isinstance(value, list):
-        return next((v for v in value if isinstance(v, str) and _has_text(v)), None)
+        texts = [v for v in value if isinstance(v, str)]
+        return next((v for v in texts if _has_text(v)), texts[0] if texts else None)
     return value
 
 

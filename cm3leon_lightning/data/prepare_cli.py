@@ -30,6 +30,11 @@ _SOURCE_FLAGS = ("source", "input", "captions", "coco_mode", "num_pairs", "shape
 _SOURCE_FLAGS += ("shapes_seed", "sft_up", "sft_down", "sft_seed", "bank_source", "bank_input", "bank_captions", "out")
 _SOURCE_FLAGS += ("image_column", "caption_column", "key_column")
 SOURCES = ("shapes", "folder", "coco", "wds", "parquet", "sft")
+# source settings -> (the kind that reads them, whether a --bank-source of that kind reads them too)
+_SOURCE_SETTINGS = {"coco_mode": ("coco", True), "image_column": ("parquet", True), "caption_column": ("parquet", True),
+                    "key_column": ("parquet", True), "num_pairs": ("shapes", True), "shapes_split": ("shapes", False),
+                    "shapes_image_size": ("shapes", True), "shapes_seed": ("shapes", True), "sft_up": ("sft", True),
+                    "sft_down": ("sft", True), "sft_seed": ("sft", True)}  # fmt: skip
 
 
 def _field_docs() -> dict[str, str]:
@@ -116,7 +121,9 @@ def sources_from_args(args: argparse.Namespace) -> tuple[PairSource, PairSource 
 
     Raises:
         ValueError: an input flag that the chosen sources do not read (``--bank-input`` without ``--bank-source``,
-            ``--captions`` without ``--source coco``...): it would be ignored, and the data not be what was meant.
+            ``--captions`` without ``--source coco``, ``--num-pairs`` without a shapes source, ``--key-column``
+            without a Parquet one...): it would be ignored, and the data not be what was meant. A source setting
+            given its default value changes nothing and passes.
     """
     unread = {
         "--input": args.input is not None and args.source == "shapes",
@@ -130,6 +137,15 @@ def sources_from_args(args: argparse.Namespace) -> tuple[PairSource, PairSource 
         if ignored:
             given = f"--bank-source {args.bank_source}" if flag.startswith("--bank") else f"--source {args.source}"
             raise ValueError(f"{flag} is not read with {given}; it would be ignored")
+    parser = build_parser()
+    for name, (kind, bank) in _SOURCE_SETTINGS.items():
+        read = args.source == kind or (bank and args.bank_source == kind)
+        if not read and getattr(args, name) != parser.get_default(name):
+            sources = f"--source {args.source}" + (f" and --bank-source {args.bank_source}" if args.bank_source else "")
+            only = "--source or --bank-source" if bank else "--source"
+            raise ValueError(
+                f"--{name.replace('_', '-')} is read only with {only} {kind}, not with {sources}; it would be ignored"
+            )
     balance = (args.sft_up, args.sft_down)
     seed = args.sft_seed if args.source == "sft" else args.shapes_seed
     columns = (args.image_column, args.caption_column, args.key_column)

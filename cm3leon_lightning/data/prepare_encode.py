@@ -107,11 +107,11 @@ def stage_tokenizer(run: Run) -> dict[str, Any]:
     else:
 
         def texts() -> Any:
-            for pair in run.sources["main"]:
-                if is_val(pair.split_key, cfg.val_fraction, cfg.seed):
+            for split_key, caption in run.sources["main"].split_captions():  # no image read
+                if is_val(split_key, cfg.val_fraction, cfg.seed):
                     continue
                 try:
-                    yield clean_caption(pair.caption, cfg.max_caption_chars)[0]
+                    yield clean_caption(caption, cfg.max_caption_chars)[0]
                 except BadInput:
                     continue
 

@@ -157,9 +157,16 @@ class PairSource:
         return self.iter_range(0, len(self))
 
     def captions(self) -> Iterator[str | bytes | None]:
-        """Every caption in order (for training the text tokenizer); sources override it to skip image reads."""
+        """Every caption in order; sources override it to skip image reads."""
         for pair in self:
             yield pair.caption
+
+    def split_captions(self) -> Iterator[tuple[str, str | bytes | None]]:
+        """Every document's split key (:attr:`RawPair.split_key`) and caption, in order: what training the text
+        tokenizer reads (the training split's captions). Sources whose documents hold the image bytes override it to
+        skip reading them (:class:`~cm3leon_lightning.data.parquet.ParquetSource` reads two columns)."""
+        for pair in self:
+            yield pair.split_key, pair.caption
 
     @staticmethod
     def _check_range(start: int, stop: int, n: int) -> tuple[int, int]:

@@ -17,7 +17,7 @@ from cm3leon_lightning.cli import main as cm3leon_main
 from cm3leon_lightning.data.parquet import ParquetSource
 from cm3leon_lightning.data.shapes import generate_pairs
 from cm3leon_lightning.data.shards import Manifest, read_shard
-from cm3leon_lightning.data.sources import make_source
+from cm3leon_lightning.data.sources import BadInput, clean_caption, make_source
 from cm3leon_lightning.tokenization.text import TextTokenizer
 
 
@@ -90,9 +90,14 @@ def test_null_ids_and_large_types(dataset: dict, tmp_path: Path) -> None:
 def test_a_caption_list_skips_captions_cleaning_empties(dataset: dict, tmp_path: Path) -> None:
     """The first caption of a list that was not blank by ``str.strip`` was taken, so one of control characters
     (empty once cleaned) cost the row although a later caption had text (``coco`` mode ``first`` skips it)."""
-    table = pa.table({"image": [dataset["images"][0]] * 2, "caption": [["\x00\x07", " a red cat "], ["\x1f"]]})
+    captions = [["\x00\x07", " a red cat "], ["\x1f", " "], [None], []]
+    table = pa.table({"image": [dataset["images"][0]] * 4, "caption": captions})
     pq.write_table(table, tmp_path / "p.parquet")
-    assert [p.caption for p in ParquetSource(tmp_path / "p.parquet")] == [" a red cat ", None]
+    assert [p.caption for p in ParquetSource(tmp_path / "p.parquet")] == [" a red cat ", "\x1f", None, None]
+    # a list of blank captions is skipped as empty (it was "caption_missing"), as coco's first mode counts it
+    with pytest.raises(BadInput) as e:
+        clean_caption("\x1f")
+    assert e.value.reason == "caption_empty"
 
 
 def test_bad_files_and_columns_are_named(dataset: dict, tmp_path: Path) -> None:
@@ -149,3 +154,60 @@ def test_prepare_turns_parquet_rows_into_shards(dataset: dict, tmp_path: Path) -
     tok = TextTokenizer.load(out / "train" / "tokenizer.json")
     assert all(s.text.tolist() == tok.encode(s.caption) for s in samples.values())
     assert json.loads((out / "summary.json").read_text())["counts"]["read"] == 11
+
+
+def test_files_of_one_name_in_several_folders_keep_distinct_keys(dataset: dict, tmp_path: Path) -> None:
+    """The configurations of a Hub dataset repeat file names (``en/train-00000-of-00001.parquet``,
+    ``de/train-...``): keys were ``{file stem}-{row}``, so every row of the second folder was dropped as a
+    duplicate key, and its skip records named a file that two folders hold. Files of one folder keep their keys."""
+    image = dataset["images"][0]
+    for lang in ("de", "en"):
+        (tmp_path / "hub" / lang).mkdir(parents=True)
+        table = pa.table({"image": [image] * 2, "caption": [f"{lang} 0", f"{lang} 1"]})
+        pq.write_table(table, tmp_path / "hub" / lang / "train-00000-of-00001.parquet")
+    src = ParquetSource(tmp_path / "hub")
+    assert [(p.key, p.caption, p.meta) for p in src] == [
+        ("de_train-00000-of-00001-0000000", "de 0", {"file": "de/train-00000-of-00001.parquet", "row": 0}),
+        ("de_train-00000-of-00001-0000001", "de 1", {"file": "de/train-00000-of-00001.parquet", "row": 1}),
+        ("en_train-00000-of-00001-0000000", "en 0", {"file": "en/train-00000-of-00001.parquet", "row": 0}),
+        ("en_train-00000-of-00001-0000001", "en 1", {"file": "en/train-00000-of-00001.parquet", "row": 1}),
+    ]  # fmt: skip
+    assert [p.key for p in ParquetSource(str(tmp_path / "hub" / "*" / "*.parquet")).iter_range(1, 3)] == [
+        "de_train-00000-of-00001-0000001", "en_train-00000-of-00001-0000000",
+    ]  # fmt: skip
+    one = ParquetSource(tmp_path / "hub" / "en" / "train-00000-of-00001.parquet")  # a single file: its stem
+    assert [p.key for p in one] == ["train-00000-of-00001-0000000", "train-00000-of-00001-0000001"]
+    nested = ParquetSource(tmp_path / "hub" / "en")  # all in one folder below the one given: stems, as before
+    assert [p.meta["file"] for p in nested] == ["train-00000-of-00001.parquet"] * 2
+
+
+def test_training_the_tokenizer_reads_no_image(dataset: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tokenizer stage read every document whole, so a dataset with its images in the Parquet files was read once
+    more just for its captions (``captions()`` skipped the images, but the stage did not call it); it now reads the
+    caption and key columns only, and trains on the same training-split captions."""
+    from cm3leon_lightning.data.prepare import PrepareConfig
+    from cm3leon_lightning.data.prepare_encode import stage_tokenizer
+    from cm3leon_lightning.data.prepare_run import Run, is_val
+    from cm3leon_lightning.data.sources import clean_caption
+
+    src = ParquetSource(dataset["root"], key_column="id")
+    pairs = [(p.split_key, p.caption) for p in src]
+    read: list[tuple[str, ...]] = []
+    real = pq.ParquetFile.read_row_group
+
+    def spy(self: pq.ParquetFile, i: int, columns: list[str] | None = None, **kwargs: object) -> pa.Table:
+        read.append(tuple(columns or ()))
+        return real(self, i, columns=columns, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", spy)
+    assert list(src.split_captions()) == pairs and set(read) == {("caption", "id")}
+    read.clear()
+    cfg = PrepareConfig(vqgan="v", clip_weights="c", train_tokenizer_vocab=300, val_fraction=0.3, progress=False)
+    run = Run(cfg, tmp_path / "out", {"main": src})
+    run.work.mkdir(parents=True)
+    assert stage_tokenizer(run) == {"skipped": False, "vocab_size": 300}
+    assert set(read) == {("caption", "id")}
+    train = [clean_caption(c)[0] for k, c in pairs if not is_val(k, 0.3, 0)]
+    assert 0 < len(train) < len(pairs)
+    expected = TextTokenizer.train(train, 300).save(tmp_path / "expected.json")
+    assert (run.work / "tokenizer.json").read_bytes() == Path(expected).read_bytes()

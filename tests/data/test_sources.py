@@ -477,3 +477,41 @@ def test_model_text_cleans_as_captions_and_keeps_an_allowed_empty_text() -> None
         model_text("")
     with pytest.raises(ValueError, match=r"must be a string, got NoneType"):
         model_text(None, allow_empty=True)  # type: ignore[arg-type]
+
+
+def test_cli_refuses_source_settings_no_source_reads(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--num-pairs 50 --source folder`` (meant as a subset) prepared the whole folder; ``--key-column``,
+    ``--coco-mode``, ``--sft-*`` and ``--shapes-*`` were as silently ignored by sources that do not read them
+    (``--shapes-split`` is read by a main shapes source only: the bank's is always ``train``)."""
+    from cm3leon_lightning.cli import main as cm3leon_main
+    from cm3leon_lightning.data.prepare_cli import build_parser, sources_from_args
+
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "a.png").write_bytes(_png((1, 2, 3)))
+    base = ["prepare", "--out", str(tmp_path / "o"), "--vqgan", "v", "--clip-weights", "c",
+            "--train-tokenizer-vocab", "300"]  # fmt: skip
+    folder = ["--source", "folder", "--input", str(tmp_path / "img")]
+    for extra, message in [
+        (folder + ["--num-pairs", "50"], "--num-pairs is read only with --source or --bank-source shapes, not with "
+         "--source folder; it would be ignored"),
+        (folder + ["--key-column", "id"], "--key-column is read only with --source or --bank-source parquet, not "
+         "with --source folder; it would be ignored"),
+        (folder + ["--coco-mode", "all", "--bank-source", "shapes"], "--coco-mode is read only with --source or "
+         "--bank-source coco, not with --source folder and --bank-source shapes; it would be ignored"),
+        (folder + ["--bank-source", "shapes", "--shapes-split", "heldout"], "--shapes-split is read only with "
+         "--source shapes, not with --source folder and --bank-source shapes; it would be ignored"),
+        (["--source", "shapes", "--sft-seed", "3"], "--sft-seed is read only with --source or --bank-source sft, not "
+         "with --source shapes; it would be ignored"),
+    ]:  # fmt: skip
+        assert cm3leon_main(base + extra) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [f"cm3leon prepare: error: {message}"]
+    assert not (tmp_path / "o").exists()
+    read = [  # read by the main or the bank source, or given their defaults: accepted
+        folder + ["--bank-source", "shapes", "--num-pairs", "4", "--shapes-seed", "2", "--shapes-image-size", "40"],
+        folder + ["--num-pairs", "100", "--coco-mode", "first", "--image-column", "image", "--sft-up", "3"],
+        ["--source", "shapes", "--num-pairs", "5", "--shapes-split", "heldout"],
+    ]
+    got = [sources_from_args(build_parser().parse_args(base[1:] + args)) for args in read]
+    assert [(len(main), None if bank is None else (len(bank), bank.seed, bank.image_size)) for main, bank in got] == [
+        (1, (4, 3, 40)), (1, None), (5, None)
+    ]  # fmt: skip
