@@ -177,8 +177,9 @@ def exif_orientation(image: Image.Image) -> int:
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """An image of any mode as upright RGB: its EXIF orientation applied (as viewers show it), transparent pixels
-    white, 16/32-bit grey scaled to 8 bits (a plain ``convert("RGB")`` clips it to near-white). Preparation, training
-    data modules, inference and evaluation all convert through here, so they see the same pixels."""
+    white, 16-bit grey scaled to 8 bits as viewers show it, ``v / 257`` (a plain ``convert("RGB")`` clips it to
+    near-white). Preparation, training data modules, inference and evaluation all convert through here, so they see
+    the same pixels."""
     if exif_orientation(image) != 1:
         image = ImageOps.exif_transpose(image)
     # A PNG tRNS chunk makes one colour transparent in P, L, RGB and 16-bit grey images alike (optipng writes RGBA
@@ -189,8 +190,10 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grey: scale to 8 bits before converting
         alpha = image.convert("RGBA").getchannel("A") if transparent else None  # (convert clips the grey itself)
         arr = np.asarray(image, dtype=np.float64)
-        hi = arr.max() if arr.size and arr.max() > 255 else 255.0
-        image = Image.fromarray((arr * (255.0 / hi)).round().astype(np.uint8), "L")
+        # As viewers show it: 16-bit grey over its full range (v / 257), not stretched to the image's own maximum (a
+        # uniform 40000 became white, a dark scan full-range); 32-bit "I" holding 8-bit values stays as it is.
+        deep = image.mode != "I" or (arr.size and arr.max() > 255)
+        image = Image.fromarray(np.clip((arr / 257.0 if deep else arr).round(), 0, 255).astype(np.uint8), "L")
         if alpha is not None:
             image.putalpha(alpha)  # "LA"
     if transparent:

@@ -145,7 +145,7 @@ def test_images_convert_to_rgb_as_prepare_converts_them(tmp_path: Path) -> None:
     folder = ImageFolderDataset(tmp_path, 8)
     transparent, deep = folder[0], folder[1]
     assert transparent[:, :4].unique().tolist() == [0, 10] and transparent[:, 4:].unique().tolist() == [255]
-    expected_grey = np.round(grey.astype(np.float64) * 255 / 63000).astype(np.uint8)
+    expected_grey = np.round(grey.astype(np.float64) / 257).astype(np.uint8)  # as viewers show it
     assert torch.equal(deep[0], torch.from_numpy(expected_grey)) and torch.equal(deep[0], deep[2])
     shard = tmp_path / "shards"
     shard.mkdir()
@@ -157,6 +157,19 @@ def test_images_convert_to_rgb_as_prepare_converts_them(tmp_path: Path) -> None:
     assert torch.equal(batches[0][0], transparent) and torch.equal(batches[0][1], deep)
 
 
+def test_16_bit_grey_is_scaled_as_viewers_show_it_not_stretched_to_its_maximum() -> None:
+    """16-bit grey was divided by each image's own maximum: a uniform 40000 (a mid grey, 156 in a viewer) became
+    white and a dark scan full-range; now v / 257 everywhere, and 32-bit "I" images holding 8-bit values keep them."""
+    from cm3leon_lightning.data.cleaning import to_rgb
+
+    flat = Image.fromarray(np.full((4, 4), 40000, np.uint16))
+    assert flat.mode == "I;16" and np.unique(np.asarray(to_rgb(flat))).tolist() == [156]
+    dark = Image.fromarray(np.array([[0, 514], [1028, 2570]], np.uint16))
+    assert np.asarray(to_rgb(dark))[..., 0].tolist() == [[0, 2], [4, 10]]
+    assert np.asarray(to_rgb(Image.fromarray(np.array([[7, 200]], np.int32), "I")))[..., 1].tolist() == [[7, 200]]
+    assert np.asarray(to_rgb(Image.fromarray(np.array([[257, 65535]], np.int32), "I")))[..., 2].tolist() == [[1, 255]]
+
+
 def test_a_png_transparent_colour_is_white_in_rgb_grey_and_16_bit_grey(tmp_path: Path) -> None:
     """A PNG ``tRNS`` chunk (one transparent colour; optipng turns binary-alpha RGBA into RGB + tRNS) was ignored
     outside palette images: the transparent background kept its hidden colour (black here) in training, preparation
@@ -166,8 +179,8 @@ def test_a_png_transparent_colour_is_white_in_rgb_grey_and_16_bit_grey(tmp_path:
     rgb = np.zeros((8, 8, 3), np.uint8)
     rgb[2:6, 2:6] = (200, 0, 0)  # an opaque red square on a transparent black background
     grey = np.where(rgb[..., 0] > 0, 100, 0).astype(np.uint8)
-    deep = np.where(rgb[..., 0] > 0, 1000, 0).astype(np.uint16)
-    deep[2, 2] = 2000
+    deep = np.where(rgb[..., 0] > 0, 25700, 0).astype(np.uint16)  # 100 as viewers show it (v / 257)
+    deep[2, 2] = 65535
     for name, arr in (("a", rgb), ("b", grey), ("c", deep)):
         Image.fromarray(arr).save(tmp_path / f"{name}.png", transparency=(0, 0, 0) if arr.ndim == 3 else 0)
     assert [Image.open(tmp_path / f"{n}.png").mode for n in "abc"] == ["RGB", "L", "I;16"]
@@ -176,7 +189,7 @@ def test_a_png_transparent_colour_is_white_in_rgb_grey_and_16_bit_grey(tmp_path:
     inside[2:6, 2:6] = True
     assert (a[:, ~inside] == 255).all() and a[:, inside].T.unique(dim=0).tolist() == [[200, 0, 0]]
     assert (b[:, ~inside] == 255).all() and (b[:, inside] == 100).all()
-    assert (c[:, ~inside] == 255).all() and c[0, 2, 2] == 255 and c[0, 3, 3] == 128  # 1000 * 255 / 2000, scaled
+    assert (c[:, ~inside] == 255).all() and c[0, 2, 2] == 255 and c[0, 3, 3] == 100  # v / 257
     image, repairs = load_image(tmp_path / "a.png", min_size=8)
     assert repairs == ["repaired_image_mode"] and np.array_equal(np.asarray(image), a.permute(1, 2, 0).numpy())
     assert load_image(Image.fromarray(rgb), min_size=8)[1] == []  # plain RGB: nothing to repair

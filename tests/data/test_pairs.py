@@ -159,7 +159,7 @@ def test_images_convert_to_rgb_as_prepare_converts_them(tmp_path):
     assert torch.equal(to_square_uint8(Image.fromarray(rgba, "RGBA"), 4), out)
     grey = np.arange(16, dtype=np.uint16).reshape(4, 4) * 4000  # 0 .. 60000
     Image.fromarray(grey).save(tmp_path / "g16.png")
-    assert to_square_uint8(tmp_path / "g16.png", 4)[0, 0].tolist() == [0, 17, 34, 51]  # round(v * 255 / 60000)
+    assert to_square_uint8(tmp_path / "g16.png", 4)[0, 0].tolist() == [0, 16, 31, 47]  # round(v / 257)
 
 
 def test_channels_first_arrays_are_refused_not_garbled():

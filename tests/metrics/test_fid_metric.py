@@ -139,7 +139,7 @@ def test_fid_resize_converts_as_training_images_are() -> None:
     image = Image.fromarray(grey)
     assert image.mode == "I;16"
     out = fid_resize(image, 8)
-    assert out[:, 0, 0].tolist() == [255] * 3 and out[:, 1, 1].tolist() == [128] * 3  # 1000 * 255 / 2000 = 127.5
+    assert out[:, 0, 0].tolist() == [8] * 3 and out[:, 1, 1].tolist() == [4] * 3  # v / 257, as viewers show it
 
 
 @pytest.fixture(scope="module")
