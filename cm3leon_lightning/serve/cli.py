@@ -28,23 +28,24 @@ in :mod:`cm3leon_lightning.serve.requests`; a malformed request is answered 422 
 are reported in one line (exit status 2) before any worker starts, as are a ``--tokenizer`` or a ``--vqgan`` (its
 config) that does not fit the checkpoint, CLIP weights that cannot be had, a ``--retrieve`` that is no memory bank
 and ``--shards`` without a manifest, with fewer documents than the bank has keys or without the bank's documents (read
-from the first tar header of each shard; all of them when a shard begins with a document the bank lacks). Ctrl+C or
-SIGTERM (to the main process or its whole process group) stops the server and its worker processes once the requests
-in flight are answered.
+from the first tar header of each shard; all of them when a shard begins with a document the bank lacks), a port in
+use, a ``--devices`` above 1 on the CPU, a flag that would go unused (``--shards`` without ``--retrieve``,
+``--clip-pretrained`` without ``--clip``) and a ``--max-new-tokens`` that never fits the context
+(:mod:`cm3leon_lightning.serve.checks`). Ctrl+C or SIGTERM (to the main process or its whole process group) stops the
+server and its worker processes once the requests in flight are answered, and at once while the workers still load.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import os
+import re
 import signal
 import sys
 import threading
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -53,10 +54,20 @@ from cm3leon_lightning.generation.cli_args import add_model_arguments
 from cm3leon_lightning.generation.generate import TEXT_LAYOUTS, GenerationSettings
 from cm3leon_lightning.generation.graphs import MODES, resolve_mode
 from cm3leon_lightning.model import ATTENTION_IMPLS
+from cm3leon_lightning.serve.checks import (  # noqa: F401 - re-exported: they were defined here
+    _named,
+    check_accelerator,
+    check_bank_keys,
+    check_clip,
+    check_max_new_tokens,
+    check_model_files,
+    check_port,
+    check_retrieve_k,
+    check_vqgan_config,
+    tar_keys,
+)
+from cm3leon_lightning.serve.lifecycle import stop_processes
 from cm3leon_lightning.serve.requests import IMAGE_METHODS, TEXT_METHODS
-
-if TYPE_CHECKING:
-    from cm3leon_lightning.tokenization.vocab import MultimodalVocab
 
 CLIP_WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 """Endings of a ``--clip-pretrained`` that names a weights file rather than an open_clip tag."""
@@ -85,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_model_arguments(p, "VQGAN directory: PNG answers, image-to-text and re-ranking need it")
     p.add_argument("--clip", help="open_clip model for 'rerank' requests and --retrieve (e.g. ViT-B-32)")
-    p.add_argument("--clip-pretrained", default="openai", help="open_clip weights tag or local weights file")
+    p.add_argument("--clip-pretrained", help="open_clip weights tag or local weights file (default: openai)")
     p.add_argument("--retrieve", metavar="BANK", help="memory bank: requests may place retrieved documents first")
     p.add_argument("--shards", help="prepared shard directory holding the bank's documents (with --retrieve)")
     p.add_argument("--k", type=int, default=None, help="documents retrieved per request by default (2 with --retrieve)")
@@ -134,27 +145,33 @@ def build_api(args: argparse.Namespace) -> object:
         path = getattr(args, flag)
         if path is not None and not Path(path).exists():
             raise FileNotFoundError(f"--{flag}: not found: {path}")
+    if args.retrieve and not (args.clip and args.shards):
+        raise ValueError(
+            "--retrieve needs --clip (the CLIP model the bank was built with) and --shards (its documents)"
+        )
+    for flag, needs in (("shards", "retrieve"), ("clip_pretrained", "clip")):  # else silently unused
+        if getattr(args, flag) is not None and getattr(args, needs) is None:
+            raise ValueError(f"--{flag.replace('_', '-')} is used only with --{needs}, which is not given")
+    if args.clip_pretrained is None:
+        args.clip_pretrained = "openai"
     weights = args.clip_pretrained  # an open_clip tag ("openai") or a local file
     if args.clip and weights and ("/" in weights or weights.endswith(CLIP_WEIGHT_FILES)) and not Path(weights).exists():
         raise FileNotFoundError(f"--clip-pretrained: not found: {weights}")  # else the worker fails while loading
     args.tokenizer, args.vqgan = bundled_tokenizers(args.ckpt, args.tokenizer, args.vqgan)
     if args.clip and not (args.vqgan or args.retrieve):
         raise ValueError("--clip re-ranks decoded images (needs --vqgan) or retrieves (needs --retrieve)")
-    if args.retrieve and not (args.clip and args.shards):
-        raise ValueError(
-            "--retrieve needs --clip (the CLIP model the bank was built with) and --shards (its documents)"
-        )
     if args.k is not None and (args.k < 0 or (args.k and not args.retrieve)):
         raise ValueError(f"--k must be >= 0, and 0 without --retrieve; got {args.k}")
     k = args.k if args.k is not None else (2 if args.retrieve else 0)
     check_model_files(args)
     if k:
         check_retrieve_k(args.ckpt, k)
+    if args.vqgan and args.max_new_tokens >= 1:  # image-to-text needs the VQGAN
+        check_max_new_tokens(args.ckpt, args.max_new_tokens, args.layout)
     limits = (
         ("--max-batch-size", args.max_batch_size, 1),
         ("--max-rows", args.max_rows, 1),
         ("--workers-per-device", args.workers_per_device, 1),
-        ("--batch-timeout", args.batch_timeout, 0),
         ("--num-samples", args.num_samples, 1),
         ("--max-num-samples", args.max_num_samples, 1),
         ("--max-new-tokens", args.max_new_tokens, 1),
@@ -164,6 +181,8 @@ def build_api(args: argparse.Namespace) -> object:
             raise ValueError(f"{flag} must be >= {low}, got {value}")
     if not args.timeout > 0:
         raise ValueError(f"--timeout must be > 0 seconds, got {args.timeout}")
+    if not 0 <= args.batch_timeout <= args.timeout:  # NaN fails too; LitServe's own error named neither flag
+        raise ValueError(f"--batch-timeout must lie in [0, --timeout {args.timeout:g}], got {args.batch_timeout}")
     if not 0 < args.max_payload_mb < float("inf") or int(args.max_payload_mb * 2**20) < 1024:
         raise ValueError(f"--max-payload-mb must be a number of at least 1 KiB (0.001), got {args.max_payload_mb}")
     for flag, value in (("--cfg", args.cfg), ("--text-cfg", args.text_cfg), ("--image-cfg", args.image_cfg)):
@@ -172,22 +191,26 @@ def build_api(args: argparse.Namespace) -> object:
     compile = None if args.compile == "auto" else args.compile
     cuda = args.accelerator in ("auto", "cuda") and torch.cuda.is_available()
     resolve_mode(compile, torch.device("cuda" if cuda else "cpu"))  # a CUDA-only mode on CPU fails now, not per request
-    image = GenerationSettings(
-        num_samples=args.num_samples, method=args.method, cfg=args.cfg, temperature=args.temperature,
-        top_p=args.top_p, top_k=args.top_k, cdk_k=args.cdk_k, cdk_alpha=args.cdk_alpha,
-    )  # fmt: skip
     if args.num_samples > args.max_num_samples:
         raise ValueError(f"--num-samples {args.num_samples} exceeds --max-num-samples {args.max_num_samples}")
     from cm3leon_lightning.serve.api import CM3LeonAPI, EditSettings, TextSettings
 
-    text = TextSettings(
-        layout=args.layout, max_new_tokens=args.max_new_tokens, method=args.text_method,
-        temperature=args.temperature, top_p=args.top_p,
-    )  # fmt: skip
-    edit = EditSettings(
-        num_samples=args.num_samples, method=args.method if args.method != "cd_k" else "top_p",
-        text_cfg=args.text_cfg, image_cfg=args.image_cfg, temperature=args.temperature, top_p=args.top_p,
-    )  # fmt: skip
+    try:
+        image = GenerationSettings(
+            num_samples=args.num_samples, method=args.method, cfg=args.cfg, temperature=args.temperature,
+            top_p=args.top_p, top_k=args.top_k, cdk_k=args.cdk_k, cdk_alpha=args.cdk_alpha,
+        )  # fmt: skip
+        text = TextSettings(
+            layout=args.layout, max_new_tokens=args.max_new_tokens, method=args.text_method,
+            temperature=args.temperature, top_p=args.top_p,
+        )  # fmt: skip
+        edit = EditSettings(
+            num_samples=args.num_samples, method=args.method if args.method != "cd_k" else "top_p",
+            text_cfg=args.text_cfg, image_cfg=args.image_cfg, temperature=args.temperature, top_p=args.top_p,
+        )  # fmt: skip
+    except ValueError as e:  # the settings' messages name their fields ("top_p must lie in (0, 1]"): name the flags
+        flags = dict.fromkeys("--" + name.replace("_", "-") for name in SETTING_FIELDS.findall(str(e)))
+        raise ValueError(f"{'/'.join(flags)}: {e}" if flags else str(e)) from e
     return CM3LeonAPI(
         args.ckpt, args.tokenizer, vqgan=args.vqgan, clip=args.clip, clip_pretrained=args.clip_pretrained,
         retrieve=args.retrieve, shards=args.shards, retrieve_k=k,
@@ -197,188 +220,8 @@ def build_api(args: argparse.Namespace) -> object:
     )  # fmt: skip
 
 
-def check_retrieve_k(ckpt: str, k: int) -> None:
-    """Raise ValueError naming ``--k`` when ``k`` retrieved documents can never fit the context of the model at
-    ``ckpt`` (read without its weights): each document holds at least its image's codes, ``<eos>`` and ``<break>``,
-    the prompt ``<eos>``, one text token and ``<break>``, and then come the image tokens to draw. Every request that
-    left ``retrieve`` out was answered 400 by a server that had started healthy."""
-    from cm3leon_lightning.config import CM3LeonConfig
-    from cm3leon_lightning.model.weights import read_weights
-    from cm3leon_lightning.tokenization.vocab import MultimodalVocab
-
-    weights = read_weights(ckpt, "--ckpt", lazy=True)  # names and shapes: no tensor is read
-    if not weights.config or not weights.vocab:
-        return  # the worker's load_checkpoint names what is missing
-    limit = CM3LeonConfig.from_dict(weights.config).max_seq_len
-    image = MultimodalVocab.from_dict(weights.vocab, f"--ckpt {ckpt}: vocab").image_tokens
-    per_document, rest = image + 2, 3 + image  # <eos> text <break> image; <eos> text <break>, the image to draw
-    need = k * per_document + rest
-    if need > limit:
-        largest = max(0, (limit - rest) // per_document)
-        raise ValueError(
-            f"--k {k}: {k} retrieved documents of at least {per_document} positions each ({image} image tokens, "
-            f"<eos> and <break>), a one-token prompt and the {image} image tokens to draw need at least {need} "
-            f"positions, more than the model's context max_seq_len={limit}; the largest --k that fits is {largest}"
-        )
-
-
-def _named(flag: str, e: Exception) -> ValueError:
-    """``e`` as a ValueError whose message names ``flag`` (prefixed unless it does already)."""
-    return ValueError(str(e) if flag in str(e) else f"{flag}: {e}")
-
-
-def check_model_files(args: argparse.Namespace) -> None:
-    """Raise ValueError naming the flag for what a worker's :meth:`~cm3leon_lightning.serve.api.CM3LeonAPI.setup`
-    would fail on, read cheaply in this process (no network weights, no shard's samples, no bank index read): a
-    ``--tokenizer`` or a ``--vqgan`` config that is none or does not fit the checkpoint's vocabulary, a
-    ``--clip``/``--clip-pretrained`` whose weights cannot be had, a ``--retrieve`` that is no memory bank, a
-    ``--shards`` without a manifest, with fewer documents than the bank has keys or without the bank's documents
-    (:func:`check_bank_keys`). Each printed "Uvicorn running", then the worker's traceback and "RuntimeError: One or
-    more workers failed to start" (exit status 1)."""
-    from cm3leon_lightning.generation.cli import check_tokenizers
-    from cm3leon_lightning.model.weights import read_weights
-    from cm3leon_lightning.tokenization.text import TextTokenizer
-    from cm3leon_lightning.tokenization.vocab import MultimodalVocab
-
-    weights = read_weights(args.ckpt, "--ckpt", lazy=True)  # names and shapes: no tensor is read
-    vocab = MultimodalVocab.from_dict(weights.vocab, f"--ckpt {args.ckpt}: vocab") if weights.vocab else None
-    try:
-        tokenizer = TextTokenizer.load(args.tokenizer)
-    except (FileNotFoundError, ValueError) as e:
-        raise _named("--tokenizer", e) from e
-    if vocab is not None:
-        with warnings.catch_warnings():  # "cannot be checked" (no recorded hash): each worker warns once
-            warnings.simplefilter("ignore")
-            check_tokenizers(vocab, tokenizer, None, f"--ckpt {args.ckpt}")
-    if args.vqgan and vocab is not None:
-        check_vqgan_config(args.vqgan, vocab)
-    if args.clip:
-        check_clip(args.clip, args.clip_pretrained)
-    if args.retrieve:
-        from cm3leon_lightning.data.shards import MANIFEST_NAME, Manifest
-        from cm3leon_lightning.generation.retrieve import check_clip_weights
-        from cm3leon_lightning.retrieval.index import MemoryBank
-
-        try:
-            bank = MemoryBank.load(args.retrieve, model_name=args.clip, mmap=True)  # an IVF index's lists stay on disk
-        except (FileNotFoundError, ValueError) as e:
-            raise _named("--retrieve", e) from e
-        try:
-            manifest = Manifest.load(Path(args.shards) / MANIFEST_NAME)
-        except (FileNotFoundError, ValueError) as e:
-            raise _named("--shards", e) from e
-        held = sum(shard.count for shard in manifest.shards)
-        if held < len(bank):  # the worker reads every shard and finds keys missing
-            raise ValueError(
-                f"--shards: {args.shards} holds {held} documents, fewer than the {len(bank)} keys of the memory bank "
-                f"{args.retrieve} (--retrieve): it is not the dataset the bank was built from"
-            )
-        check_bank_keys(bank.keys, args.retrieve, [Path(args.shards) / s.name for s in manifest.shards if s.count])
-        check_clip_weights(manifest.clip, args.clip_pretrained, args.shards)
-
-
-def tar_keys(path: Path, first_only: bool = False) -> list[str]:
-    """The sample keys of the tar shard at ``path`` as WebDataset groups its members, in order, from the member
-    headers alone (the samples' data is skipped, not read); with ``first_only`` just the first (one header).
-
-    Raises:
-        ValueError: ``path`` is missing or not a readable tar, naming it and ``--shards``.
-    """
-    from cm3leon_lightning.data.shards import tar_sample_keys
-
-    try:
-        return list(itertools.islice(tar_sample_keys(path), 1 if first_only else None))
-    except FileNotFoundError as e:
-        raise ValueError(f"--shards: {path}: not found (listed in the dataset's manifest.json)") from e
-    except ValueError as e:  # not a readable tar, named
-        raise ValueError(f"--shards: {e}") from e
-    except OSError as e:
-        raise ValueError(f"--shards: {path}: not a readable tar ({e})") from e
-
-
-def check_bank_keys(keys: Sequence[str], bank_dir: str, shards: Sequence[Path]) -> None:
-    """Raise ValueError naming the bank's ``keys.json`` and a shard when ``shards`` (the non-empty shards of
-    ``--shards``) do not hold the bank's ``keys``, read cheaply: the first key of each shard (one tar header) is
-    looked up among the bank's keys. When each is there (a ``cm3leon prepare`` dataset holds its bank's documents,
-    shard by shard) the check passes; the worker finds any other key missing as it reads the documents. A shard that
-    begins with another key (a dataset of other documents, or one holding more than its bank) makes it list every
-    shard's keys from the tar headers and refuse only when bank keys are missing from all of them: the worker's
-    traceback, after "Uvicorn running", then "RuntimeError: One or more workers failed to start"."""
-    from cm3leon_lightning.retrieval.index import KEYS_FILE
-
-    known = set(keys)
-    for path in shards:
-        first = tar_keys(path, first_only=True)
-        if first and first[0] not in known:
-            break
-    else:
-        return
-    held = {key for shard in shards for key in tar_keys(shard)}
-    missing = [key for key in keys if key not in held]
-    if missing:
-        raise ValueError(
-            f"--shards: {path} begins with the document {first[0]!r}, which is not a key of the memory bank "
-            f"{Path(bank_dir) / KEYS_FILE} (--retrieve), and {len(missing)} of the bank's {len(keys)} keys (first "
-            f"{missing[0]!r}) are in no shard of {path.parent}: it is not the dataset the bank was built from"
-        )
-
-
-def check_vqgan_config(path: str, vocab: MultimodalVocab) -> None:
-    """Raise ValueError naming ``--vqgan`` when the VQGAN at ``path`` has no weights file, or its ``config.json``
-    (read without the weights) gives another codebook size or grid than ``vocab``. A weights file whose architecture
-    comes from the file itself (a ``VQGANModule`` checkpoint) is left to the worker."""
-    from cm3leon_lightning.tokenization.vqgan_io import _resolve, read_config
-
-    try:
-        weights, config_file = _resolve(Path(path))
-        if weights.suffix != ".safetensors" or config_file is None:  # the architecture may be recorded inside
-            return
-        config = read_config(config_file)
-    except (FileNotFoundError, ValueError) as e:
-        raise _named("--vqgan", e) from e
-    grid = tuple(config.grid_size)
-    if (config.n_embed, grid) != (vocab.n_codes, (vocab.grid_h, vocab.grid_w)):
-        raise ValueError(  # check_tokenizers' message
-            f"vocabulary mismatch: the checkpoint has n_codes={vocab.n_codes}, grid {vocab.grid_h}x{vocab.grid_w} "
-            f"but --vqgan has n_embed={config.n_embed}, grid {grid[0]}x{grid[1]}"
-        )
-
-
-def check_clip(model_name: str, pretrained: str | None) -> None:
-    """Raise ValueError naming ``--clip``/``--clip-pretrained`` when ``model_name`` is no open_clip architecture, or
-    ``pretrained`` is neither a file nor a tag of it, or a tag whose weights are not cached and cannot be downloaded:
-    the checks of :func:`~cm3leon_lightning.retrieval.encoder.create_clip` before it builds the model."""
-    import open_clip
-
-    from cm3leon_lightning.retrieval import encoder
-
-    encoder.register_clip_configs()
-    if not model_name.startswith(("local-dir:", "hf-hub:")) and open_clip.get_model_config(model_name) is None:
-        raise ValueError(f"--clip: {model_name!r} is not an open_clip architecture")
-    if pretrained is None or os.path.isfile(pretrained) or model_name.startswith(("local-dir:", "hf-hub:")):
-        return
-    try:
-        encoder.clip_tag(model_name, pretrained)
-    except encoder.ClipWeightsUnavailableError as e:
-        raise ValueError(f"--clip/--clip-pretrained: {e}") from e
-    except ValueError as e:
-        raise ValueError(f"--clip-pretrained: {e}") from e
-
-
-def check_accelerator(accelerator: str, devices: str) -> None:
-    """Raise ValueError naming ``--accelerator`` or ``--devices`` when this machine lacks them: LitServe printed
-    "Uvicorn running" and then failed with "num_api_servers must be greater than 0" (no GPU), or its workers failed
-    while loading (an index beyond the GPUs)."""
-    if accelerator == "cuda" and not torch.cuda.is_available():
-        raise ValueError(
-            "--accelerator cuda: CUDA is not available on this machine (no GPU or driver); use cpu or auto"
-        )
-    if accelerator == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("--accelerator mps: MPS is not available on this machine; use cpu or auto")
-    cuda = accelerator == "cuda" or (accelerator == "auto" and torch.cuda.is_available())
-    if cuda and devices != "auto" and int(devices) > torch.cuda.device_count():
-        n = torch.cuda.device_count()
-        raise ValueError(f"--devices {devices}: this machine has {n} CUDA device(s)")
+SETTING_FIELDS = re.compile(r"\b(temperature|top_p|top_k|cdk_k|cdk_alpha)\b")
+"""The sampling fields whose names the settings' errors give, each a flag (``top_p`` is ``--top-p``)."""
 
 
 def build_server(args: argparse.Namespace) -> object:
@@ -481,9 +324,15 @@ def main(argv: Sequence[str]) -> int:
         return 2
     try:
         server = build_server(args)
+        check_port(args.host, args.port)  # here, not in build_server: a server built in-process binds no port
     except (FileNotFoundError, ValueError) as e:
         print(f"cm3leon serve: error: {e}", file=sys.stderr)
         return 2
     stop_on_sigterm()
-    server.run(host=args.host, port=args.port, generate_client_file=False)  # type: ignore[attr-defined]
+    try:
+        server.run(host=args.host, port=args.port, generate_client_file=False)  # type: ignore[attr-defined]
+    except KeyboardInterrupt:  # Ctrl+C or SIGTERM before LitServe's own shutdown covers it: while workers load
+        print("cm3leon serve: stopped", file=sys.stderr)
+    finally:  # such a stop left them loading for minutes; stopped ones are passed over
+        stop_processes(getattr(server, "inference_workers", []))
     return 0

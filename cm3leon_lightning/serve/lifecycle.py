@@ -8,6 +8,8 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Sequence
+from typing import Any
 
 
 class StopWhenIdle:
@@ -53,3 +55,19 @@ class StopWhenIdle:
         """Record activity and ``change`` the count of requests decoded but not yet answered."""
         self._pending = max(0, self._pending + change)
         self._activity = time.monotonic()
+
+
+def stop_processes(processes: Sequence[Any], timeout: float = 5.0) -> None:
+    """Terminate (SIGTERM) each of ``processes`` (``multiprocessing`` processes) still alive, then wait up to
+    ``timeout`` seconds for them all and kill those left. ``cm3leon serve`` stopped by Ctrl+C or SIGTERM while its
+    inference workers loaded the model (before LitServe's shutdown covers them) waited at exit until they had loaded
+    it, minutes for a large model, and they then failed with a traceback."""
+    alive = [p for p in processes if p.is_alive()]
+    for p in alive:
+        p.terminate()
+    deadline = time.monotonic() + timeout
+    for p in alive:
+        p.join(max(0.0, deadline - time.monotonic()))
+        if p.is_alive():
+            p.kill()
+            p.join(1.0)

@@ -146,12 +146,12 @@ def test_shards_of_other_documents_name_the_shard_and_the_bank_s_keys_file(asset
 def test_the_shards_keys_are_read_from_one_header_each_unless_one_is_not_the_bank_s(assets, tmp_path, monkeypatch):
     """The bank's own shards pass on their first keys; a dataset holding more documents than the bank (three others
     first) passes once the headers of all its shards show every bank key."""
-    from cm3leon_lightning.serve import cli
+    from cm3leon_lightning.serve import checks
 
     root, read = assets["root"], []
-    tar_keys = cli.tar_keys
+    tar_keys = checks.tar_keys
     monkeypatch.setattr(
-        cli, "tar_keys", lambda path, first_only=False: read.append(first_only) or tar_keys(path, first_only)
+        checks, "tar_keys", lambda path, first_only=False: read.append(first_only) or tar_keys(path, first_only)
     )
     build_api(build_parser().parse_args(serve_args(root)))
     assert read == [True, True, True]  # 3 shards: 5, 5 and 2 documents
@@ -181,3 +181,66 @@ def test_a_prompt_too_long_by_itself_is_named_not_retrieve(assets, tmp_path):
     assert job.detail.endswith(f"more than the model's context max_seq_len=192 (the prompt alone needs {n + 2 + 64})")
     short = api.decode_request({"prompt": "a blue circle", "retrieve": 3})  # fits alone: the documents are too many
     assert isinstance(short, Rejected) and short.detail.startswith("retrieve: ")
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--top-p", "0"], "--top-p: top_p must lie in (0, 1], got 0.0"),
+        (["--temperature", "nan"], "--temperature: temperature must be finite and >= 0 (0 = greedy), got nan"),
+        (["--cdk-k", "0"], "--cdk-k/--cdk-alpha: cdk_k must be >= 1 and cdk_alpha in [0, 1], got 0 and 0.5"),
+        (["--batch-timeout", "nan"], "--batch-timeout must lie in [0, --timeout 600], got nan"),
+        (["--batch-timeout", "20", "--timeout", "10"], "--batch-timeout must lie in [0, --timeout 10], got 20.0"),
+        (["--devices", "2"], "--devices 2: the CPU is one device (LitServe starts one worker there); use "
+         "--workers-per-device 2 for 2 model copies"),
+    ],
+)  # fmt: skip
+def test_server_settings_name_their_flags(assets, capsys, extra, message):
+    """A bad sampling default was named as a field only ("top_p must lie in (0, 1]"), not as the flag; a NaN
+    --batch-timeout started the server and one above --timeout got LitServe's "batch_timeout must be less than
+    request_timeout"; --devices 2 on the CPU started one worker, silently (LitServe ignores devices there)."""
+    assert one_line(capsys, [*serve_args(assets["root"], retrieve=False), *extra]) == message
+
+
+def test_flags_that_would_be_unused_are_refused(assets, capsys):
+    """--shards without --retrieve and --clip-pretrained without --clip started a server that never read them."""
+    args = serve_args(assets["root"], retrieve=False)
+    shards, clip = str(assets["root"] / "shards"), str(assets["root"] / "clip.safetensors")
+    assert one_line(capsys, [*args, "--shards", shards]) == "--shards is used only with --retrieve, which is not given"
+    err = one_line(capsys, [*args, "--clip-pretrained", clip])
+    assert err == "--clip-pretrained is used only with --clip, which is not given"
+    assert build_api(build_parser().parse_args(serve_args(assets["root"]))).clip_pretrained == clip
+    args = [a for a in serve_args(assets["root"]) if a not in ("--clip-pretrained", clip)]
+    assert build_parser().parse_args(args).clip_pretrained is None
+    assert one_line(capsys, args).startswith("--clip-pretrained: pretrained='openai' is neither")  # still the default
+
+
+def test_a_max_new_tokens_that_never_fits_the_context_is_refused(assets, capsys):
+    """--max-new-tokens 300 on a 256-position model with 64 image codes started healthy, then answered every
+    image-to-text request that left max_new_tokens out 400; the largest that fits still starts."""
+    args = serve_args(assets["root"], retrieve=False)
+    assert one_line(capsys, [*args, "--max-new-tokens", "188"]) == (
+        "--max-new-tokens 188: an image-to-text prompt of --layout infill (69 positions with its 64 image tokens and "
+        "no instruction) and 188 new tokens need 257 positions, more than the model's context max_seq_len=256; the "
+        "largest --max-new-tokens that fits is 187"
+    )
+    err = one_line(capsys, [*args, "--max-new-tokens", "191", "--layout", "image_first"])
+    assert err.endswith("need 257 positions, more than the model's context max_seq_len=256; the largest "
+                        "--max-new-tokens that fits is 190")  # fmt: skip
+    api = build_api(build_parser().parse_args([*args, "--max-new-tokens", "187"]))
+    assert api.text_defaults.max_new_tokens == 187
+    no_vqgan = [a for a in args if a not in ("--vqgan", str(assets["root"] / "vqgan"))]  # no image-to-text at all
+    assert build_api(build_parser().parse_args([*no_vqgan, "--max-new-tokens", "188"])).vqgan_path is None
+
+
+def test_a_port_in_use_is_one_line_naming_it(assets, capsys):
+    """uvicorn logged "[Errno 98] Address already in use", naming neither the port nor the flag, and exited 3."""
+    import socket
+
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        err = one_line(capsys, serve_args(assets["root"], "--host", "127.0.0.1", "--port", str(port), retrieve=False))
+    assert err == f"--port {port}: cannot listen on 127.0.0.1 port {port}: Address already in use (another server " \
+        "uses it?); choose another --port"  # fmt: skip
