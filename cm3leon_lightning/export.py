@@ -115,6 +115,12 @@ def export_model(
     with torch.device("meta"):  # names and shapes only: a 7B network is never allocated here
         skeleton = CM3Leon(config)
     state = fit_state(skeleton, weights.state_dict, f"--ckpt {str(src)!r}")
+    floats = sorted({str(v.dtype).removeprefix("torch.") for v in state.values() if v.is_floating_point()})
+    if dtype is None and (len(floats) != 1 or floats[0] not in DTYPES):  # a model directory stores one of DTYPES
+        raise ValueError(
+            f"--ckpt: {src} holds weights in {', '.join(floats)}; give --dtype ({', '.join(DTYPES)}) to store "
+            "them in one"
+        )
     fetch = tensor_reader(weights.state_dict, weights.fetch)  # a tied pair read under the name the file has
     text_tok, image_tok = _load_tokenizers(weights.vocab, tokenizer, vqgan, vqgan_config, trust_pickle, src)
     vocab = _bundled_vocab(weights.vocab, image_tok)

@@ -2,12 +2,14 @@
 
 Told apart by content: a training checkpoint (one ``.ckpt`` file or FSDP's sharded directory), a model directory of
 ``cm3leon export`` (either layout), a VQGAN directory, a prepared dataset (``manifest.json``, its directory, one of
-its shards, or the ``cm3leon prepare`` output holding ``train/`` and ``val/``), a memory bank, a text tokenizer, a
-CLIP model (``ClipModule.export_weights``' ``.safetensors``, with the architecture and preprocessing its metadata
-records), or another ``.safetensors`` file. A file that is only a part of such a directory (a bank's ``meta.json``, a
-sharded checkpoint's ``meta.pt``) is named as such, with the command that describes the whole. No tensor is loaded: a
-Lightning checkpoint is memory-mapped and only its small entries are read, a sharded one's ``meta.pt``, a
-safetensors file's header, a shard's tar headers. ``--json`` prints the fields as JSON (sizes in bytes).
+its shards, the ``cm3leon prepare`` output holding ``train/`` and ``val/``, or its ``work/`` directory), a memory
+bank, a text tokenizer, a CLIP model (``ClipModule.export_weights``' ``.safetensors``, with the architecture and
+preprocessing its metadata records), or another ``.safetensors`` file. A file that is only a part of such a directory
+(a bank's ``meta.json``, a sharded checkpoint's ``meta.pt``, ``cm3leon prepare``'s ``summary.json`` or ``work/``
+files) is named as such, with the command that describes the whole; a directory whose weights (or a bank's files) are
+missing or cut short is reported as such. No tensor is loaded: a Lightning checkpoint is memory-mapped and only its
+small entries are read, a sharded one's ``meta.pt``, a safetensors file's header, a shard's tar headers. ``--json``
+prints the fields as JSON (sizes in bytes).
 
 Examples::
 
@@ -225,6 +227,75 @@ def _shard(path: Path) -> dict[str, Any]:
         raise ValueError(f"PATH: {e}") from e
 
 
+PLAN_FILE, SUMMARY_FILE = "plan.json", "summary.json"
+"""What marks ``cm3leon prepare``'s ``work/`` directory and its output directory."""
+
+
+def _work_dir(p: Path) -> dict[str, Any]:
+    """``cm3leon prepare``'s ``work/`` directory: its source, its tokenizer, the parts encoded, the memory bank."""
+    from cm3leon_lightning.data.prepare_run import DONE_FILE
+
+    plan = _read_json(p / PLAN_FILE)
+    source = plan.get("source") if isinstance(plan.get("source"), dict) else {}
+    parts = [d for d in (p / "parts").glob(f"*/{DONE_FILE}") if not d.parent.name.startswith(".")]  # .x.tmp: killed
+    bank = p / "bank" / "index"
+    out = {"kind": "prepare work directory", "source": {k: v for k, v in source.items() if k != "fingerprint"},
+           "tokenizer": str(p / "tokenizer.json") if (p / "tokenizer.json").is_file() else None,
+           "parts_encoded": len(parts), "bank": str(bank) if (p / "bank" / DONE_FILE).is_file() else None}  # fmt: skip
+    return out
+
+
+def _prepare_output(p: Path) -> dict[str, Any]:
+    """``cm3leon prepare``'s ``--out``: the samples of its splits, the vocabulary, the memory bank; while unfinished
+    (no ``train/manifest.json`` yet), what its ``work/`` directory holds so far."""
+    from cm3leon_lightning.data.shards import MANIFEST_NAME
+
+    splits = {s: _dataset(p / s / MANIFEST_NAME) for s in ("train", "val") if (p / s / MANIFEST_NAME).is_file()}
+    work = _work_dir(p / "work") if (p / "work" / PLAN_FILE).is_file() else {}
+    if "train" not in splits:
+        return {"kind": f"prepare output (unfinished: no train/{MANIFEST_NAME} yet)", "parts_encoded":
+                work["parts_encoded"], "bank": work["bank"]}  # fmt: skip
+    out = {"kind": "prepare output", **{f"{s}_samples": d["samples"] for s, d in splits.items()},
+           "vocab": splits["train"]["vocab"], "bank": work.get("bank")}  # fmt: skip
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def _prepare_holder(p: Path) -> tuple[str, Path] | None:
+    """The ``cm3leon prepare`` work directory or output that ``p`` lies in (up to four levels below), by their marker
+    files; None for none."""
+    from cm3leon_lightning.data.shards import MANIFEST_NAME
+
+    for d in list(p.parents)[:4]:
+        if (d / PLAN_FILE).is_file():
+            return "cm3leon prepare work directory", d
+        if (d / "work" / PLAN_FILE).is_file() or (
+            (d / SUMMARY_FILE).is_file() and (d / "train" / MANIFEST_NAME).is_file()
+        ):
+            return "cm3leon prepare output", d
+    return None
+
+
+def _check_weights(p: Path, hf: bool = False) -> None:
+    """The weights of the model or VQGAN directory ``p``: there (for a Hugging Face directory re-saved in shards,
+    every shard its index lists) and not shorter than their headers say; ValueError naming what is missing or cut."""
+    from cm3leon_lightning.model.pretrained import CONFIG_FILE, HF_INDEX_FILE, WEIGHTS_FILE
+
+    files = [p / WEIGHTS_FILE]
+    if hf and not files[0].is_file() and (p / HF_INDEX_FILE).is_file():
+        weight_map = _read_json(p / HF_INDEX_FILE).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"PATH: {p / HF_INDEX_FILE} lacks the field 'weight_map' (tensor name -> shard file)")
+        files = [p / str(name) for name in sorted(set(weight_map.values()))]
+        for f in files:
+            if not f.is_file():
+                raise ValueError(f"PATH: {p / HF_INDEX_FILE} names the shard {f.name!r}, but {f} does not exist")
+    elif not files[0].is_file():
+        also = f" (nor {HF_INDEX_FILE})" if hf else ""
+        raise ValueError(f"PATH: {p} has {CONFIG_FILE} but no {WEIGHTS_FILE}{also}: a copy cut short?")
+    for f in files:
+        _safetensors(f)  # the header, checked against the file's size
+
+
 _PARTS = {
     "memory bank": ("index.faiss", "keys.json", "meta.json"),
     "model directory": ("config.json", "README.md", "tokenizer_config.json", "model.safetensors.index.json"),
@@ -270,7 +341,7 @@ def describe(path: str | Path) -> dict[str, Any]:
     from cm3leon_lightning.data.shards import MANIFEST_NAME
     from cm3leon_lightning.model.pretrained import CONFIG_FILE, FORMAT_NAME, bundled_paths, is_hf_dir, read_hf_block
     from cm3leon_lightning.model.weights import SHARDED_META
-    from cm3leon_lightning.retrieval.index import INDEX_FILE, META_FILE
+    from cm3leon_lightning.retrieval.index import INDEX_FILE, KEYS_FILE, META_FILE
 
     p = Path(path)
     if not p.exists():
@@ -288,9 +359,8 @@ def describe(path: str | Path) -> dict[str, Any]:
         elif doc.get("format") == FORMAT_NAME:
             info = _model("model directory", p / CONFIG_FILE, doc.get("config"), doc.get("vocab"),
                           dtype=doc.get("dtype"), source=doc.get("source"), bundled=bundled)  # fmt: skip
-        if info is not None:  # a model directory: its weights cut short would only fail when loaded
-            for weights in sorted(p.glob("*.safetensors")):
-                _safetensors(weights)  # the header, checked against the file's size
+        if info is not None:  # a model directory: its weights missing or cut short would only fail when loaded
+            _check_weights(p, hf=is_hf_dir(p))
         elif doc.get("format") == "cm3leon_lightning.vqgan":
             c = doc.get("config", {})
             try:
@@ -298,6 +368,7 @@ def describe(path: str | Path) -> dict[str, Any]:
                 grid = c.get("resolution", 0) // factor if factor else None
             except (AttributeError, TypeError) as e:  # not a dict, or fields of the wrong types
                 raise ValueError(f"PATH: {p / CONFIG_FILE} has an unusable VQGAN 'config': {e}") from e
+            _check_weights(p)
             info = {"kind": "VQGAN", "resolution": c.get("resolution"), "codes": c.get("n_embed"), "grid": grid}
         elif (p / SHARDED_META).is_file():
             meta = _torch_load(p / SHARDED_META)
@@ -309,12 +380,14 @@ def describe(path: str | Path) -> dict[str, Any]:
                           optimizer_state=optimizer_state, dtype=dtype)  # fmt: skip
         elif (p / MANIFEST_NAME).is_file():
             info = _dataset(p / MANIFEST_NAME)
-        elif (p / "train" / MANIFEST_NAME).is_file():
-            splits = {s: _dataset(p / s / MANIFEST_NAME) for s in ("train", "val") if (p / s / MANIFEST_NAME).is_file()}
-            info = {"kind": "prepare output", **{f"{s}_samples": d["samples"] for s, d in splits.items()},
-                    "vocab": splits["train"]["vocab"]}  # fmt: skip
+        elif (p / "train" / MANIFEST_NAME).is_file() or (p / "work" / PLAN_FILE).is_file():
+            info = _prepare_output(p)
+        elif (p / PLAN_FILE).is_file():  # before its tokenizer.json: not a tokenizer's directory
+            info = _work_dir(p)
         elif (p / META_FILE).is_file() and (p / INDEX_FILE).is_file():
             meta = _read_json(p / META_FILE)
+            if not (p / KEYS_FILE).is_file():
+                raise ValueError(f"PATH: {p} is a memory bank without its {KEYS_FILE} (a copy cut short?)")
             info = {"kind": "memory bank", **{k: meta.get(k) for k in ("count", "dim", "model_name", "factory")}}
         elif (p / "tokenizer.json").is_file():
             info = describe(p / "tokenizer.json")
@@ -322,9 +395,18 @@ def describe(path: str | Path) -> dict[str, Any]:
         holder = _holder(p)
         if holder is not None and (holder == "sharded checkpoint" or p.name in _PARTS[holder]):
             raise ValueError(f"PATH: {p} is a file of the {holder} {p.parent}: cm3leon info {p.parent}")
-        info = _file(p)
+        try:
+            info = _file(p)
+        except ValueError as e:  # summary.json, stats/part-*.json, work/plan.json, work/parts/*/codes.npy ...
+            prepare = _prepare_holder(p) if holder is None else None
+            if prepare is None:
+                raise
+            raise ValueError(f"PATH: {p} is a file of the {prepare[0]} {prepare[1]}: cm3leon info {prepare[1]}") from e
         if holder is not None and info["kind"] in ("safetensors", "dataset shard"):
             info["part_of"] = f"{holder} {p.parent}"
+    prepare = _prepare_holder(p) if info is None else None
+    if prepare is not None:  # work/bank/, work/parts/<part>/, stats/
+        raise ValueError(f"PATH: {p} is a directory of the {prepare[0]} {prepare[1]}: cm3leon info {prepare[1]}")
     if info is None:
         raise ValueError(
             f"PATH: {path} is a directory this package does not know (no checkpoint, model, VQGAN, dataset, bank or "

@@ -238,6 +238,8 @@ def test_force_replaces_a_link_not_what_it_points_to(assets: Path, tmp_path: Pat
         ("tokenizer_dir", "--tokenizer: text tokenizer file not found: {root}/tok/tokenizer.json"),
         # a checkpoint with an architecture field this version does not know: the message named neither flag nor file
         ("unknown_field", "--ckpt: {root}/new.ckpt has an unusable architecture ('config'): unknown CM3LeonConfig"),
+        # weights in two dtypes: "the weights must share one dtype of [...]", naming neither the file nor --dtype
+        ("mixed", "--ckpt: {root}/new.ckpt holds weights in bfloat16, float32; give --dtype (float32, bfloat16, "),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(
@@ -271,6 +273,11 @@ def test_bad_input_is_one_line_and_exit_2(
     elif setup == "unknown_field":
         ckpt = torch.load(assets / "model.ckpt", weights_only=True)
         ckpt["hyper_parameters"]["config"]["bogus"] = 1
+        torch.save(ckpt, tmp_path / "new.ckpt")
+        argv[1] = str(tmp_path / "new.ckpt")
+    elif setup == "mixed":
+        ckpt = torch.load(assets / "model.ckpt", weights_only=True)
+        ckpt["state_dict"]["model.wpe.weight"] = ckpt["state_dict"]["model.wpe.weight"].to(torch.bfloat16)
         torch.save(ckpt, tmp_path / "new.ckpt")
         argv[1] = str(tmp_path / "new.ckpt")
     elif setup == "cwd_out":

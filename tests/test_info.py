@@ -9,7 +9,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from safetensors.torch import save_model
+from safetensors.torch import save_file, save_model
 from support.checkpoint_setup import save_sharded
 from support.retrieval_setup import write_retrieval_assets
 from support.token_data import TokenDataModule, cpu_trainer
@@ -115,6 +115,7 @@ def test_a_model_directory_with_fields_left_out_shows_their_defaults(tmp_path: P
 
     doc = {"format": "cm3leon_lightning.model", "config": {"n_layer": 2, "vocab_size": 512}, "dtype": "float32"}
     (tmp_path / "config.json").write_text(json.dumps(doc))
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "model.safetensors"))  # only its header is read
     info = describe(tmp_path)
     default = CM3LeonConfig(n_layer=2, vocab_size=512)
     assert info["kind"] == "model directory" and info["parameters"] == default.num_parameters()
@@ -344,3 +345,97 @@ def test_sizes_read_in_bytes_kib_mib_and_gib_and_none_as_none(assets: dict, caps
     assert main([str(manifest)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[-1] == f"size:             {manifest.stat().st_size} B" and "clip:             none" in lines
+
+
+def test_missing_weights_or_bank_files_are_reported_not_described(assets: dict, tmp_path: Path, capsys) -> None:
+    """A model directory without its model.safetensors, a Hugging Face one missing a shard its index lists, a VQGAN
+    directory whose weights are missing or cut short, and a bank without keys.json were described with exit status 0:
+    only loading them failed."""
+    root = assets["root"]
+    for name in ("exported", "hf", "vqgan"):
+        shutil.copytree(root / name, tmp_path / name)
+        (tmp_path / name / "model.safetensors").unlink()
+    assert _error(tmp_path / "exported", capsys) == (
+        f"PATH: {tmp_path / 'exported'} has config.json but no model.safetensors: a copy cut short?"
+    )
+    assert _error(tmp_path / "vqgan", capsys) == (
+        f"PATH: {tmp_path / 'vqgan'} has config.json but no model.safetensors: a copy cut short?"
+    )
+    assert _error(tmp_path / "hf", capsys) == (
+        f"PATH: {tmp_path / 'hf'} has config.json but no model.safetensors (nor model.safetensors.index.json): a copy "
+        "cut short?"
+    )
+    shard = tmp_path / "hf" / "model-00001-of-00002.safetensors"
+    shutil.copy(root / "hf" / "model.safetensors", shard)
+    index = tmp_path / "hf" / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"a": shard.name, "b": "model-00002-of-00002.safetensors"}}))
+    assert _error(tmp_path / "hf", capsys) == (
+        f"PATH: {index} names the shard 'model-00002-of-00002.safetensors', but "
+        f"{tmp_path / 'hf' / 'model-00002-of-00002.safetensors'} does not exist"
+    )
+    shutil.copy(root / "vqgan" / "model.safetensors", tmp_path / "vqgan" / "model.safetensors")
+    assert describe(tmp_path / "vqgan")["kind"] == "VQGAN"
+    _cut(tmp_path / "vqgan" / "model.safetensors", 1000)
+    assert _error(tmp_path / "vqgan", capsys).startswith(
+        f"PATH: {tmp_path / 'vqgan' / 'model.safetensors'} is not a readable safetensors file"
+    )
+    shutil.copytree(root / "bank", tmp_path / "bank")
+    (tmp_path / "bank" / "keys.json").unlink()
+    assert (
+        _error(tmp_path / "bank", capsys) == f"PATH: {tmp_path / 'bank'} is a memory bank without its keys.json (a "
+        "copy cut short?)"
+    )
+
+
+def _prepare_output(assets: dict, out: Path) -> Path:
+    """The layout ``cm3leon prepare --out out`` leaves (train/, stats/, summary.json and work/ with its plan,
+    tokenizer, parts and bank), from the fixture's files."""
+    root = assets["root"]
+    shutil.copytree(root / "shards", out / "train")
+    (out / "stats").mkdir()
+    (out / "stats" / "part-000000.json").write_text('{"counts": {}}')
+    (out / "summary.json").write_text('{"counts": {}}')
+    work = out / "work"
+    (work / "parts" / "main-000000").mkdir(parents=True)
+    (work / "parts" / "main-000000" / "codes.npy").write_bytes(b"\x93NUMPY")
+    (work / "parts" / "main-000000" / "done.json").write_text("{}")
+    (work / "parts" / ".main-000001.tmp").mkdir()  # a part a killed run left unfinished
+    (work / "parts" / ".main-000001.tmp" / "done.json").write_text("{}")
+    shutil.copytree(root / "bank", work / "bank" / "index")
+    (work / "bank" / "done.json").write_text("{}")
+    shutil.copy(root / "tok" / "tokenizer.json", work / "tokenizer.json")
+    source = {"kind": "shapes", "count": 12, "fingerprint": "ab" * 32}
+    (work / "plan.json").write_text(json.dumps({"plan_version": 1, "source": source, "settings": {}}))
+    return out
+
+
+def test_the_prepare_work_directory_and_its_files_are_named(assets: dict, tmp_path: Path, capsys) -> None:
+    """`cm3leon info data/prepared/work` said "text tokenizer" (its tokenizer.json) with the size of the whole
+    directory; its files, summary.json and stats/ were "not a text tokenizer" or "not a checkpoint", naming no
+    directory; an unfinished output (no train/manifest.json yet) was "a directory this package does not know"."""
+    out = _prepare_output(assets, tmp_path / "out")
+    work = out / "work"
+    info = describe(work)
+    assert info == {"kind": "prepare work directory", "source": {"kind": "shapes", "count": 12},
+                    "tokenizer": str(work / "tokenizer.json"), "parts_encoded": 1,
+                    "bank": str(work / "bank" / "index"), "bytes": info["bytes"]}  # fmt: skip
+    whole = describe(out)
+    assert (whole["kind"], whole["train_samples"], whole["bank"]) == ("prepare output", 12, str(work / "bank/index"))
+    for file in (out / "summary.json", out / "stats" / "part-000000.json"):
+        assert _error(file, capsys) == f"PATH: {file} is a file of the cm3leon prepare output {out}: cm3leon info {out}"
+    assert _error(out / "stats", capsys) == (
+        f"PATH: {out / 'stats'} is a directory of the cm3leon prepare output {out}: cm3leon info {out}"
+    )
+    for file in (work / "plan.json", work / "bank" / "done.json", work / "parts" / "main-000000" / "codes.npy"):
+        assert _error(file, capsys) == (
+            f"PATH: {file} is a file of the cm3leon prepare work directory {work}: cm3leon info {work}"
+        )
+    assert _error(work / "bank", capsys) == (
+        f"PATH: {work / 'bank'} is a directory of the cm3leon prepare work directory {work}: cm3leon info {work}"
+    )
+    assert describe(work / "tokenizer.json")["kind"] == "text tokenizer"
+    assert describe(work / "bank" / "index")["kind"] == "memory bank"
+    shutil.rmtree(out / "train")
+    info = describe(out)
+    assert info == {"kind": "prepare output (unfinished: no train/manifest.json yet)", "parts_encoded": 1,
+                    "bank": str(work / "bank" / "index"), "bytes": info["bytes"]}  # fmt: skip
