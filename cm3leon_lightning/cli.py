@@ -68,7 +68,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"cm3leon: error: no command given (choose from {choices}; cm3leon --help)", file=sys.stderr)
         return 2
     if args[0] in EXTRA_COMMANDS:
-        return int(_extra_command(args[0])(args[1:]) or 0)
+        try:
+            return int(_extra_command(args[0])(args[1:]) or 0)
+        except BrokenPipeError:  # `cm3leon info X | head -1`: the reader left; no traceback, as other tools
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (the exit's flush would fail again)
+            return 141  # 128 + SIGPIPE, what a shell reports for a tool the pipe stopped
     if not args[0].startswith("-") and args[0] not in LIGHTNING_COMMANDS:
         # LightningCLI's own message would offer only its four subcommands, as if `export` and the rest did not exist
         print(f"cm3leon: error: unknown command {args[0]!r} (choose from {choices}; cm3leon --help)", file=sys.stderr)

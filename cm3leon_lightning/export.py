@@ -128,7 +128,11 @@ def export_model(
     partial = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
     try:
-        source = {"checkpoint": str(src), "kind": weights.kind, **weights.source}  # the path as given: no home dir
+        # the path as given (no home dir); a model directory's own provenance is kept beside it, not over it
+        earlier = {k: v for k, v in weights.source.items() if k not in ("checkpoint", "kind")}
+        if "checkpoint" in weights.source:
+            earlier["exported_from"] = {k: weights.source[k] for k in ("checkpoint", "kind") if k in weights.source}
+        source = {"checkpoint": str(src), "kind": weights.kind, **earlier}
         save_pretrained(state, partial, config.to_dict(), vocab, dtype, source, layout=format, fetch=fetch)
         if text_tok is not None and format == "hf":
             text_tok.save(partial)  # tokenizer.json at the top, as transformers looks for it

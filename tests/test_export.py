@@ -309,6 +309,12 @@ def test_the_source_checkpoint_is_recorded_as_given_not_made_absolute(
     export_model(assets / "model.ckpt", tmp_path / "abs")
     source = json.loads((tmp_path / "abs" / "config.json").read_text())["source"]["checkpoint"]
     assert source == str(assets / "model.ckpt")  # what serve_shapes.prepare_out compares with
+    # re-exported, the model directory is the source recorded, its own provenance kept beside it (it replaced it)
+    assert main(["--ckpt", str(tmp_path / "m"), "--out", str(tmp_path / "m2")]) == 0
+    assert json.loads((tmp_path / "m2" / "config.json").read_text())["source"] == {
+        "checkpoint": str(tmp_path / "m"), "kind": "hugging face directory",
+        "exported_from": {"checkpoint": "model.ckpt", "kind": "lightning checkpoint"},
+    }  # fmt: skip
     assert cm3leon_main(["info", str(tmp_path / "m")]) == 0
     assert "source:           checkpoint model.ckpt, kind lightning checkpoint" in capsys.readouterr().out.splitlines()
     ckpt = re.escape(str(assets / "model.ckpt"))

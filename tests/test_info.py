@@ -439,3 +439,22 @@ def test_the_prepare_work_directory_and_its_files_are_named(assets: dict, tmp_pa
     info = describe(out)
     assert info == {"kind": "prepare output (unfinished: no train/manifest.json yet)", "parts_encoded": 1,
                     "bank": str(work / "bank" / "index"), "bytes": info["bytes"]}  # fmt: skip
+
+
+def test_a_reader_that_leaves_early_ends_info_without_a_traceback(assets: dict) -> None:
+    """`cm3leon info X | head -1`: the write to the closed pipe ended in a BrokenPipeError traceback; now the command
+    stops quietly with 141 (128 + SIGPIPE), as a shell reports for other tools a pipe stopped."""
+    import os
+    import subprocess
+    import sys
+
+    r, w = os.pipe()
+    os.close(r)  # the reader has left before the first line
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "cm3leon_lightning", "info", str(assets["root"] / "exported")],
+            stdout=w, stderr=subprocess.PIPE, text=True, timeout=120,
+        )  # fmt: skip
+    finally:
+        os.close(w)
+    assert proc.returncode == 141 and proc.stderr == "", proc.stderr[-2000:]
