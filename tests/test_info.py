@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -435,6 +436,10 @@ def test_the_prepare_work_directory_and_its_files_are_named(assets: dict, tmp_pa
     )
     assert describe(work / "tokenizer.json")["kind"] == "text tokenizer"
     assert describe(work / "bank" / "index")["kind"] == "memory bank"
+    from cm3leon_lightning.tokenization.vqgan import VQGAN
+
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(work))} is a prepare work directory, not a VQGAN: give"):
+        VQGAN.from_pretrained(work)  # (its tokenizer.json made it "a text tokenizer")
     shutil.rmtree(out / "train")
     info = describe(out)
     assert info == {"kind": "prepare output (unfinished: no train/manifest.json yet)", "parts_encoded": 1,

@@ -389,7 +389,7 @@ def _not_a_vqgan(path: str | Path) -> str | None:
         name = info.get("model_name") or info.get("clip_model")
         what = f"a CLIP model ({name})" if name else "a CLIP model"
         use = "it is the retriever's weights (--clip-pretrained, ClipEncoder(model_name, pretrained=PATH))"
-    elif kind in ("memory bank", "prepared dataset", "prepare output", "dataset shard", "text tokenizer"):
+    elif kind in ("memory bank", "prepared dataset", "dataset shard", "text tokenizer") or kind.startswith("prepare "):
         what, use = f"a {kind}", vqgan
     else:
         return None
