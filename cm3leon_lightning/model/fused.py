@@ -153,6 +153,7 @@ def decode_linear(
             N % 3
             or k_buf.shape != v_buf.shape
             or k_buf.shape[0] != R
+            or k_buf.shape[1] * D != C  # heads x head_dim: else keys of the last heads land in other rows' slots
             or k_buf.stride(3) != 1
             or v_buf.stride() != k_buf.stride()
         ):
@@ -368,11 +369,15 @@ def fused_decode_forward(model: CM3Leon, idx: Tensor, input_pos: Tensor, logits_
     Args:
         model: a GELU or ReLU model with a KV cache (:meth:`CM3Leon.setup_kv_cache`), in eval mode.
         idx: ``(B, 1)`` one token per cache row.
-        input_pos: ``(1,)`` the cache slot of the tokens.
+        input_pos: ``(1,)`` long, the cache slot of the tokens.
         logits_range: ``(lo, hi)`` ids whose logits to compute.
 
     Returns:
         ``(B, 1, hi - lo)`` logits in the model's dtype; the cache is updated as the model's forward updates it.
+
+    Raises:
+        ValueError: a SwiGLU model, inputs the model's forward refuses (:func:`check_step_inputs`) or a range outside
+            the vocabulary, before anything is written.
     """
     c, cache = model.config, model.kv_cache
     if cache is None:
@@ -380,10 +385,9 @@ def fused_decode_forward(model: CM3Leon, idx: Tensor, input_pos: Tensor, logits_
     reason = _activation_unsupported(model)
     if reason is not None:
         raise ValueError(reason)
-    B, T = idx.shape
-    if T != 1 or input_pos.shape != (1,) or B != cache.batch_size:
-        raise ValueError(f"fused_decode_forward takes one token per cache row: idx (B={cache.batch_size}, 1)")
+    check_step_inputs(model, idx, input_pos, "fused_decode_forward")
     check_logits_range(model, logits_range)
+    B = idx.shape[0]
     if fused_options().persistent:
         from cm3leon_lightning.model import persistent
 
@@ -404,6 +408,31 @@ def fused_decode_forward(model: CM3Leon, idx: Tensor, input_pos: Tensor, logits_
         h = decode_linear(x, block.mlp.fc_in.weight, norm_eps=eps, act=act, prefetch=next(nxt))  # (B, F)
         x = decode_linear(h, block.mlp.fc_out.weight, residual=x, prefetch=next(nxt))
     return decode_linear(x, weights[-1], norm_eps=eps, prefetch=next(nxt)).view(B, 1, hi - lo)
+
+
+def check_step_inputs(model: CM3Leon, idx: Tensor, input_pos: Tensor, name: str) -> None:
+    """Refuse the step inputs the model's forward refuses: ``idx`` not ``(B, 1)`` for the cache's ``B`` rows,
+    ``input_pos`` not a ``(1,)`` long tensor, or (where it costs no device sync: on the CPU, i.e. under the
+    interpreter) a slot outside the cache. The kernels read the slot on the device: a slot past the cache wrote
+    keys, values and validity into other rows' memory (under the interpreter it corrupted the process's heap), a
+    float one failed deep in Triton.
+
+    Raises:
+        ValueError: naming ``name`` (the function called), the argument and what it got.
+    """
+    B, S = model.kv_cache.batch_size, model.kv_cache.max_seq_len
+    if idx.shape != (B, 1) or input_pos.shape != (1,):
+        raise ValueError(
+            f"{name} takes one token per cache row: idx {tuple(idx.shape)} must be ({B}, 1) and input_pos "
+            f"{tuple(input_pos.shape)} must be (1,)"
+        )
+    if input_pos.dtype != torch.long:
+        raise ValueError(f"{name}: input_pos must be a long tensor, got {input_pos.dtype}")
+    if input_pos.device.type == "cpu" and not 0 <= int(input_pos) < S:
+        raise ValueError(
+            f"{name}: input_pos slot {int(input_pos)} must lie in [0, {S}) (the KV cache's max_seq_len; "
+            "setup_kv_cache(batch_size, max_seq_len) allocates more)"
+        )
 
 
 def check_logits_range(model: CM3Leon, logits_range: tuple[int, int]) -> None:

@@ -374,25 +374,24 @@ def persistent_decode_forward(model: CM3Leon, idx: Tensor, input_pos: Tensor, lo
         model: a GELU or ReLU model with a KV cache (:meth:`CM3Leon.setup_kv_cache`), in eval mode, weights and cache
             of one dtype, at most :data:`MAX_ROWS` rows.
         idx: ``(B, 1)`` one token per cache row (any strides).
-        input_pos: ``(1,)`` the cache slot of the tokens.
+        input_pos: ``(1,)`` long, the cache slot of the tokens.
         logits_range: ``(lo, hi)`` ids whose logits to compute.
 
     Returns:
         ``(B, 1, hi - lo)`` logits in the model's dtype.
 
     Raises:
-        ValueError: a model or batch the step cannot run (the reason named), or a range outside the vocabulary.
+        ValueError: a model or batch the step cannot run (the reason named), inputs the model's forward refuses
+            (:func:`~cm3leon_lightning.model.fused.check_step_inputs`) or a range outside the vocabulary.
     """
     cache = model.kv_cache
     if cache is None:
         raise RuntimeError("persistent_decode_forward needs a KV cache; call setup_kv_cache() first")
-    from cm3leon_lightning.model.fused import check_logits_range
+    from cm3leon_lightning.model.fused import check_logits_range, check_step_inputs
 
-    B = cache.batch_size
-    if idx.shape != (B, 1) or input_pos.shape != (1,):
-        raise ValueError(f"persistent_decode_forward takes one token per cache row: idx (B={B}, 1)")
+    check_step_inputs(model, idx, input_pos, "persistent_decode_forward")
     check_logits_range(model, logits_range)
-    reason = persistent_unsupported(model, B)
+    reason = persistent_unsupported(model, cache.batch_size)
     if reason is not None:
         raise ValueError(reason)
     return persistent_step(model, logits_range)(idx, input_pos)

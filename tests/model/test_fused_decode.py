@@ -185,6 +185,10 @@ def test_decode_linear_writes_keys_and_values_into_the_cache_slot():
         decode_linear(x, w[:-1], cache=(k_cache, v_cache, torch.tensor([slot], device=DEVICE)))  # 3C - 1 rows
     with pytest.raises(ValueError, match="do not fit a QKV weight"):
         decode_linear(x, w, cache=(k_cache[:2], v_cache[:2], torch.tensor([slot], device=DEVICE)))  # 2 of 3 rows
+    # 2 of the 4 heads (strides of 4): the keys of heads 2 and 3 used to be written, silently, into the other heads
+    with pytest.raises(ValueError, match="do not fit a QKV weight"):
+        decode_linear(x, w, cache=(k_cache[:, :2], v_cache[:, :2], torch.tensor([slot], device=DEVICE)))
+    assert not k_cache[:, :, others].any() and not v_cache[:, :, others].any()
 
 
 @pytest.mark.parametrize("slot", [0, 63, 127, 128, 149])
@@ -407,6 +411,32 @@ def test_a_sampled_range_outside_the_vocabulary_is_refused_as_the_forward_refuse
     with pytest.raises(ValueError, match=r"logits_range .* must satisfy 0 <= lo < hi <= vocab_size 512"):
         model(one, input_pos=pos, logits_range=logits_range)
     assert not model.kv_cache.valid.any()  # refused before anything was written
+
+
+@pytest.mark.parametrize("persistent", [False, True], ids=["fused", "persistent"])
+def test_step_inputs_the_forward_refuses_are_refused_before_anything_is_written(persistent):
+    """An int32 or float ``input_pos`` (refused by the model's forward; a float one failed deep in Triton), a slot
+    past the cache (on the CPU, where it costs no sync: the kernels wrote keys, values and validity into other rows'
+    memory and corrupted the interpreter's heap), a wrong ``input_pos`` shape (the message blamed ``idx``)."""
+    from cm3leon_lightning.model.persistent import persistent_decode_forward
+
+    step = persistent_decode_forward if persistent else fused_decode_forward
+    name = step.__name__
+    model = random_model()
+    model.setup_kv_cache(batch_size=2, max_seq_len=8)
+    one = torch.ones(2, 1, dtype=torch.long, device=DEVICE)
+    cases = [
+        (torch.tensor([3], dtype=torch.int32), "input_pos must be a long tensor, got torch.int32"),
+        (torch.tensor([3.0]), "input_pos must be a long tensor, got torch.float32"),
+        (torch.tensor([3, 4]), r"idx \(2, 1\) must be \(2, 1\) and input_pos \(2,\) must be \(1,\)"),
+    ]
+    if not CUDA:  # read on the device without a sync on a GPU
+        cases += [(torch.tensor([8]), r"input_pos slot 8 must lie in \[0, 8\)"), (torch.tensor([-1]), "slot -1")]
+    for pos, message in cases:
+        with pytest.raises(ValueError, match=f"{name}.*{message}"):
+            step(model, one, pos.to(DEVICE), (0, 10))
+    assert not model.kv_cache.valid.any() and not any(b.any() for b in model.kv_cache.buffers())
+    assert step(model, one, torch.tensor([7], device=DEVICE), (0, 10)).shape == (2, 1, 10)  # the last slot
 
 
 def test_swiglu_models_and_wrong_shapes_are_refused():
