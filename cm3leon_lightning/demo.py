@@ -38,6 +38,7 @@ MARKER = "stage.json"
 RUN_FILE = "demo.json"
 REPORT_FILES = ("samples.png", "metrics.json", "report.md")  # the report stage's outputs, at the top of the run
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+MAX_SEED = 2**32 - 1  # the largest seed Lightning's seed_everything (the fit stages' --seed_everything) takes
 
 
 class StageInterrupted(Exception):
@@ -54,12 +55,21 @@ class StageInterrupted(Exception):
         self.stage, self.status = stage, status
 
 
+class Terminated(SystemExit):
+    """SIGTERM, raised by the handler ``cm3leon demo`` installs (:func:`cm3leon_lightning.demo_cli.sigterm_raises`):
+    Python's default ends the process at once, with no word of the stage it stopped."""
+
+    def __init__(self) -> None:
+        super().__init__(143)
+
+
 def _stop_signal(error: BaseException) -> tuple[str, int] | None:
     """How a stage was stopped, if it was: Ctrl-C (KeyboardInterrupt, or Lightning's ``sys.exit(1)`` after it) or
-    SIGTERM (Lightning's ``SIGTERMException``, a ``SystemExit`` with no code: the run would otherwise exit with 0)."""
+    SIGTERM (:class:`Terminated`, or Lightning's ``SIGTERMException``, a ``SystemExit`` with no code: the run would
+    otherwise exit with 0)."""
     if isinstance(error, KeyboardInterrupt) or isinstance(error.__context__, KeyboardInterrupt):
         return "Ctrl-C", 130
-    if type(error).__name__ == "SIGTERMException":  # lightning.pytorch.utilities.exceptions (imported by the fit)
+    if isinstance(error, Terminated) or type(error).__name__ == "SIGTERMException":  # lightning.pytorch.utilities
         return "SIGTERM", 143
     return None
 
@@ -392,8 +402,11 @@ def run(
     threads: int | None = None,
     configs: str | os.PathLike = CONFIG_DIR,
     verbose: bool = True,
+    train_steps: int | None = None,
 ) -> dict[str, Any]:
-    """Run (or resume) the demo; returns the report stage's result (paths of the written files and the metrics)."""
+    """Run (or resume) the demo; returns the report stage's result (paths of the written files and the metrics).
+    ``train_steps`` (``--train-steps``) replaces the size's CM3Leon training steps; ``demo.json`` still names the
+    size."""
     import torch
 
     if isinstance(size, str):
@@ -402,6 +415,10 @@ def run(
         size_name, size = size, SIZES[size]
     else:
         size_name = "custom"
+    if train_steps is not None:
+        if not _is_count(train_steps):
+            raise ValueError(f"--train-steps must be an integer >= 1, got {train_steps!r}")
+        size = replace(size, train_steps=train_steps)
     configs = Path(configs)
     for f in ("demo/vqgan.yaml", "demo/clip.yaml", "experiments/demo_shapes.yaml"):
         if not (configs / f).is_file():
@@ -409,6 +426,8 @@ def run(
                 f"--configs: {configs / f} not found (pass --configs <repository>/configs: a pip-installed package "
                 "has no configs/)"
             )
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"--seed must be an integer in [0, {MAX_SEED}], got {seed!r}")
     if threads is not None and not _is_count(threads):
         raise ValueError(f"--threads must be an integer >= 1, got {threads!r}")
     threads = threads or available_cpus()

@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
-from collections.abc import Sequence
-from dataclasses import replace
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
-from cm3leon_lightning.demo import CONFIG_DIR, SIZES, StageInterrupted, run
+from cm3leon_lightning.demo import CONFIG_DIR, MAX_SEED, SIZES, StageInterrupted, Terminated, run
 
 
 def positive_int(text: str) -> int:
@@ -33,6 +35,35 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def seed_int(text: str) -> int:
+    """argparse type: a seed, an integer in ``[0, MAX_SEED]`` (the fits' ``seed_everything`` refuses a larger one,
+    after the data stage)."""
+    value = non_negative_int(text)
+    if value > MAX_SEED:
+        raise argparse.ArgumentTypeError(f"expected an integer <= {MAX_SEED} (what Lightning's seed_everything "
+                                         f"takes), got {text!r}")  # fmt: skip
+    return value
+
+
+@contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """In the block, SIGTERM (``kill PID``) raises :class:`~cm3leon_lightning.demo.Terminated`, so a stage outside a
+    fit stops with a line naming it too (Python's default ends the process at once, silently; Lightning's handler,
+    installed during a fit, calls this one after its own). The previous handler is restored after the block."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``cm3leon demo`` flags."""
     p = argparse.ArgumentParser(
@@ -43,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
     p.add_argument("--size", choices=sorted(SIZES), default="default", help="'mini' runs in under a minute (tests)")
     p.add_argument("--fresh", action="store_true", help="delete the run directory first and redo every stage")
-    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the data and of every training run")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the data and of every training run")
     p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: the CPUs it may use)")
     p.add_argument("--configs", default=str(CONFIG_DIR), help="the configs/ directory (default: the repository's)")
     p.add_argument("--train-steps", type=positive_int, default=None, help="override the CM3Leon training steps")
@@ -56,21 +87,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     not a demo run or a ``--configs`` without the demo's YAML files; 130 or 143, in one line, for a run stopped by
     Ctrl-C or SIGTERM)."""
     args = build_parser().parse_args(argv)
-    size = SIZES[args.size]
-    if args.train_steps is not None:
-        size = replace(size, train_steps=args.train_steps)
     try:
-        run(args.out, size if args.train_steps is not None else args.size, args.fresh, args.seed, args.threads,
-            args.configs, not args.quiet)  # fmt: skip
+        with sigterm_raises():
+            run(args.out, args.size, args.fresh, args.seed, args.threads, args.configs, not args.quiet,
+                args.train_steps)  # fmt: skip
     except StageInterrupted as e:
         print(f"cm3leon demo: {e}", file=sys.stderr)
         return e.status
-    except KeyboardInterrupt:  # between stages
-        print("cm3leon demo: stopped by Ctrl-C; the finished stages are kept: rerun the same command to resume",
+    except (KeyboardInterrupt, Terminated) as e:  # between stages
+        how, status = ("SIGTERM", 143) if isinstance(e, Terminated) else ("Ctrl-C", 130)
+        print(f"cm3leon demo: stopped by {how}; the finished stages are kept: rerun the same command to resume",
               file=sys.stderr)  # fmt: skip
-        return 130
+        return status
     except (ValueError, FileNotFoundError) as e:
-        if not str(e).startswith(("--out", "--fresh", "--configs", "--threads")):
+        if not str(e).startswith(("--out", "--fresh", "--configs", "--threads", "--train-steps", "--seed")):
             raise  # a failing stage: its traceback is what the user needs
         print(f"cm3leon demo: error: {e}", file=sys.stderr)
         return 2

@@ -26,7 +26,8 @@ Writes ``<out>/report.json`` and prints a table. Usage::
 ``<out>/args.json`` records the arguments. A rerun into the same ``--out`` reuses its data (and resumes its
 ``cm3leon prepare``) and fits and evaluates again, with the fit's and evaluation's arguments it is given; one asking
 for other data (the demo run, ``--pairs``, ``--seed``) is refused before it writes anything: give another ``--out``,
-or ``--fresh`` to delete the old output first.
+or ``--fresh`` to delete the old output first. A fit stopped by Ctrl-C or ``kill`` says so in one line and exits
+with status 130 / 143.
 """
 
 from __future__ import annotations
@@ -43,8 +44,9 @@ import torch
 from PIL import Image
 
 from cm3leon_lightning import VQGAN, SFTSource, TextTokenizer, edit_image, generate_text, load_checkpoint, prepare
+from cm3leon_lightning.cli import stopped_status
 from cm3leon_lightning.data import shapes
-from cm3leon_lightning.demo import CONFIG_DIR
+from cm3leon_lightning.demo import CONFIG_DIR, MAX_SEED
 from cm3leon_lightning.demo_cli import positive_int
 from cm3leon_lightning.demo_eval import attribute_scores, caption_scores, to_uint8
 from cm3leon_lightning.demo_report import stage_results
@@ -174,6 +176,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ("--warmup", args.warmup >= 0, "an integer >= 0"),
         ("--lr", 0 < args.lr < math.inf, "a finite number > 0"),
         ("--seed", args.seed >= 0, "an integer >= 0"),
+        ("--seed", args.seed <= MAX_SEED, f"an integer <= {MAX_SEED} (the fit's seed_everything takes no more)"),
         ("--image-first", 0 <= args.image_first <= 1, "a number in [0, 1]"),
     ):  # checked before any file is written (NaN fails too)
         if not ok:
@@ -208,7 +211,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"--data.init_args.val_data={out / 'prepared' / 'val'}",
         f"--data.init_args.image_first_prob={args.image_first}", *args.fit_arg,
     ]  # fmt: skip
-    cli = fit_with_cli(CONFIG_DIR / "experiments" / "demo_shapes.yaml", fit_args)
+    try:
+        cli = fit_with_cli(CONFIG_DIR / "experiments" / "demo_shapes.yaml", fit_args)
+    except SystemExit as e:  # Lightning ends a fit stopped by SIGTERM with SystemExit(None): status 0, no word
+        status = stopped_status(e)
+        if status is None:
+            raise
+        how = "SIGTERM" if status == 143 else "Ctrl-C"
+        print(f"sft_shapes.py: stopped by {how} during the fit; the SFT data and its prepared shards in {out} are "
+              "kept: rerun the same command to reuse them", file=sys.stderr)  # fmt: skip
+        raise SystemExit(status) from e
     ckpt = out / "train" / "sft.ckpt"
     cli.trainer.save_checkpoint(ckpt, weights_only=True)
     scenes = {

@@ -158,6 +158,18 @@ def test_bad_flags_are_named(argv: list[str], flag: str, tmp_path: Path, capsys:
         run(tmp_path / "run", "mini", threads=0, verbose=False)
 
 
+def test_a_seed_the_fits_refuse_is_named_before_any_stage(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """--seed 4294967296 ran the data and tokenizer stages, then failed in the vqgan stage with a traceback from
+    Lightning's seed_everything ("4294967296 is not in bounds") that named no flag."""
+    with pytest.raises(SystemExit) as e:
+        main(["--out", str(tmp_path / "run"), "--size", "mini", "--seed", "4294967296"])
+    message = "argument --seed: expected an integer <= 4294967295 (what Lightning's seed_everything takes), got "
+    assert e.value.code == 2 and f"{message}'4294967296'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=re.escape("--seed must be an integer in [0, 4294967295], got 4294967296")):
+        run(tmp_path / "run", "mini", seed=2**32, threads=1, verbose=False)
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize(
     ("field", "value"), [("eval_prompts", 0), ("n_train", -5), ("train_steps", 0), ("val_fraction", 1.0)]
 )
@@ -615,3 +627,53 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+# `cm3leon demo` whose tokenizer stage (no fit: Lightning's handler is not installed) receives SIGTERM.
+SIGTERM_OUTSIDE_A_FIT = """import os, signal, sys, time
+import cm3leon_lightning.demo as demo
+from cm3leon_lightning.demo_cli import main
+def data(ctx, directory):
+    return {"path": str(directory)}
+def tokenizer(ctx, directory):
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(60)
+demo.STAGE_FUNCS.update(data=data, tokenizer=tokenizer)
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_outside_a_fit_says_where_it_stopped(tmp_path: Path) -> None:
+    """`kill PID` in a stage that runs no fit (data, tokenizer, prepare, evaluate) ended the process at once, with no
+    word (the README promises one line naming the stage, as Ctrl-C gives)."""
+    import subprocess
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-c", SIGTERM_OUTSIDE_A_FIT, "--out", str(out), "--size", "mini", "--threads", "1"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    message = ("cm3leon demo: stopped by SIGTERM in the tokenizer stage; the finished stages are kept: rerun the same "
+               "command to resume\n")  # fmt: skip
+    assert (done.returncode, done.stderr) == (143, message)
+    assert (out / "data" / MARKER).is_file() and not (out / "tokenizer" / MARKER).exists()
+
+
+def test_train_steps_keep_the_size_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """--train-steps recorded the run as size 'custom' in demo.json, and the refusal of another size then said the
+    directory held a 'custom' run (the user never asked for one) instead of naming its size."""
+    import signal
+
+    calls: list[str] = []
+    _fake_stages(monkeypatch, calls)
+    out = tmp_path / "run"
+    handler = signal.getsignal(signal.SIGTERM)
+    assert main(["--out", str(out), "--size", "mini", "--threads", "1", "--train-steps", "3", "--quiet"]) == 0
+    assert signal.getsignal(signal.SIGTERM) == handler  # main()'s own SIGTERM handler is gone after it
+    assert json.loads((out / "demo.json").read_text())["size"] == "mini" and calls == list(STAGES)
+    assert main(["--out", str(out), "--threads", "1", "--train-steps", "3", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"cm3leon demo: error: --out: {out} holds a demo run of other data (size 'mini', seed 0; "
+                          "asked for: size 'default', seed 0;")  # fmt: skip
+    with pytest.raises(ValueError, match="--train-steps must be an integer >= 1, got 0"):
+        run(out, "mini", threads=1, verbose=False, train_steps=0)

@@ -110,6 +110,11 @@ BAD_ARGUMENTS = [
     ("sft_shapes.py", ["--warmup", "-1"], "argument --warmup: expected an integer >= 0, got -1"),
     ("sft_shapes.py", ["--lr", "nan"], "argument --lr: expected a finite number > 0, got nan"),
     ("sft_shapes.py", ["--seed", "-1"], "argument --seed: expected an integer >= 0, got -1"),
+    (
+        "sft_shapes.py",
+        ["--seed", str(2**32)],
+        "argument --seed: expected an integer <= 4294967295 (the fit's seed_everything takes no more), got 4294967296",
+    ),
     ("sft_shapes.py", ["--image-first", "1.5"], "argument --image-first: expected a number in [0, 1], got 1.5"),
 ]
 
@@ -251,6 +256,39 @@ def test_sft_example_writes_into_no_other_directory(
         main([str(run), "--out", str(tmp_path / "file" / "sft"), "--pairs", "2"])
     message = f": error: --out: cannot create {tmp_path / 'file' / 'sft'}: Not a directory"
     assert e.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith(message)
+
+
+def _sigterm_fit(*args: object, **kwargs: object) -> None:
+    """A fit stopped by SIGTERM as Lightning stops one: its SIGTERMException, a SystemExit with no code."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    raise SIGTERMException
+
+
+def _ctrl_c_fit(*args: object, **kwargs: object) -> None:
+    """A fit stopped by Ctrl-C as Lightning stops one: ``sys.exit(1)`` while handling the KeyboardInterrupt."""
+    try:
+        raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        sys.exit(1)
+
+
+@pytest.mark.parametrize(("fit", "how", "status"), [(_sigterm_fit, "SIGTERM", 143), (_ctrl_c_fit, "Ctrl-C", 130)])
+def test_sft_example_stopped_in_its_fit_says_so_and_fails(
+    fit: object, how: str, status: int, sft_main: tuple[Path, object], tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """`kill PID` during the fine-tuning exited with status 0 and no word (`... && cat runs/sft/report.json` read the
+    report of an earlier run); Ctrl-C exited 1. Both now say so in one line and exit 143 / 130."""
+    run, main = sft_main
+    monkeypatch.setitem(main.__globals__, "prepare", lambda *args, **kwargs: None)
+    monkeypatch.setitem(main.__globals__, "fit_with_cli", fit)
+    out = tmp_path / "sft"
+    with pytest.raises(SystemExit) as e:
+        main([str(run), "--out", str(out), "--pairs", "2"])
+    message = (f"sft_shapes.py: stopped by {how} during the fit; the SFT data and its prepared shards in {out} are "
+               "kept: rerun the same command to reuse them\n")  # fmt: skip
+    assert e.value.code == status and capsys.readouterr().err == message
+    assert not (out / "report.json").exists()
 
 
 class StopBeforeServe(Exception):
