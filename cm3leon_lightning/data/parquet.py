@@ -132,10 +132,15 @@ class ParquetSource(PairSource):
         return int(self.offsets[-1])
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, "files": [str(f) for f in self.files], "image_column": self.image_column,
-                "caption_column": self.caption_column, "key_column": self.key_column,
-                "counts": [sum(g) for g in self.row_groups], "count": len(self),
-                "fingerprint": self.fingerprint()}  # fmt: skip
+        out = {"kind": self.kind, "files": [str(f) for f in self.files], "image_column": self.image_column,
+               "caption_column": self.caption_column, "key_column": self.key_column,
+               "counts": [sum(g) for g in self.row_groups], "count": len(self),
+               "fingerprint": self.fingerprint()}  # fmt: skip
+        if self.key_column is None and any("/" in n for n in self.names):
+            # files in several folders are keyed by their relative path since the fix of colliding keys: a
+            # preparation begun by an earlier version (keyed by file stem, recording no scheme) is refused on resume
+            out["keys"] = "relative path"
+        return out
 
     def fingerprint(self) -> str:
         """The Parquet files' names, sizes and modification times (see :meth:`PairSource.fingerprint`)."""

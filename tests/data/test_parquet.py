@@ -179,6 +179,10 @@ def test_files_of_one_name_in_several_folders_keep_distinct_keys(dataset: dict, 
     assert [p.key for p in one] == ["train-00000-of-00001-0000000", "train-00000-of-00001-0000001"]
     nested = ParquetSource(tmp_path / "hub" / "en")  # all in one folder below the one given: stems, as before
     assert [p.meta["file"] for p in nested] == ["train-00000-of-00001.parquet"] * 2
+    # the plan records the new scheme where keys changed, so a preparation begun with the colliding stems is refused
+    # on resume rather than mixing both; one folder's description (and its old plans) is unchanged
+    assert src.describe()["keys"] == "relative path" and "keys" not in nested.describe()
+    assert "keys" not in ParquetSource(tmp_path / "hub", key_column="caption").describe()
 
 
 def test_training_the_tokenizer_reads_no_image(dataset: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
