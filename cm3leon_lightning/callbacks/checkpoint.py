@@ -17,15 +17,20 @@ from lightning.pytorch.callbacks import ModelCheckpoint as _LightningModelCheckp
 
 
 class LastStepCheckpoint(_LightningModelCheckpoint):
-    """``lightning.pytorch.callbacks.ModelCheckpoint`` (same arguments) whose ``save_last`` also saves the batch that
-    reaches ``max_steps``; the configs under ``configs/`` use it (another name than Lightning's, so
-    ``--trainer.callbacks ModelCheckpoint`` still names one class)."""
+    """``lightning.pytorch.callbacks.ModelCheckpoint`` (same arguments) that also saves the batch reaching
+    ``max_steps``, as a step save (top-k, and ``last.ckpt`` with ``save_last``); the configs under ``configs/`` use
+    it (another name than Lightning's, so ``--trainer.callbacks ModelCheckpoint`` still names one class)."""
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        """Lightning's saves, then ``last.ckpt`` (with ``save_last``) when this batch's step is the last of the fit."""
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        """Lightning's step saves, with the step that reaches ``max_steps`` due as if ``every_n_train_steps`` were
+        (top-k and ``last.ckpt``, or both deferred to validation's end when the monitored metric is not logged yet)."""
         final = 0 < trainer.max_steps <= trainer.global_step
-        if self.save_last and final and not self._should_skip_saving_checkpoint(trainer):
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        every = self._every_n_train_steps
+        if final:
+            self._every_n_train_steps = 1  # (read by Lightning's hook only)
+        try:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        finally:
+            self._every_n_train_steps = every

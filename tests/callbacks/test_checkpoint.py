@@ -35,7 +35,7 @@ def test_last_ckpt_holds_the_final_step_of_a_fit_ending_between_saves(tmp_path, 
     were lost to export and resume)."""
     _fit(tmp_path, cls(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=2), 5, limit_val_batches=0)
     assert _step(tmp_path / "ckpt" / "last.ckpt") == saved
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["epoch=0-step=4.ckpt", "last.ckpt"]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [f"epoch=0-step={saved}.ckpt", "last.ckpt"]
 
 
 def test_a_fit_whose_final_step_was_saved_saves_it_once(tmp_path):
@@ -50,10 +50,17 @@ def test_a_fit_whose_final_step_was_saved_saves_it_once(tmp_path):
     assert Counting.saves == [2, 4] and _step(tmp_path / "ckpt" / "last.ckpt") == 4
 
 
-def test_without_save_last_nothing_is_added(tmp_path):
-    _fit(tmp_path, LastStepCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1), 5,
+def test_the_final_step_is_a_step_save_top_k_too(tmp_path):
+    """Without save_last the final step is kept as a top-k checkpoint; and a save_last run keeps its top-k files (the
+    first version saved only last.ckpt at the final step, which then counted as saved and skipped Lightning's)."""
+    _fit(tmp_path / "a", LastStepCheckpoint(dirpath=tmp_path / "a" / "ckpt", every_n_train_steps=2, save_top_k=-1), 5,
          limit_val_batches=0)  # fmt: skip
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["epoch=0-step=2.ckpt", "epoch=0-step=4.ckpt"]
+    assert sorted(p.name for p in (tmp_path / "a" / "ckpt").iterdir()) == [
+        "epoch=0-step=2.ckpt", "epoch=0-step=4.ckpt", "epoch=0-step=5.ckpt",
+    ]  # fmt: skip
+    _fit(tmp_path / "b", LastStepCheckpoint(dirpath=tmp_path / "b" / "ckpt", save_last=True), 3, limit_val_batches=0)
+    assert sorted(p.name for p in (tmp_path / "b" / "ckpt").iterdir()) == ["epoch=0-step=3.ckpt", "last.ckpt"]
+    assert _step(tmp_path / "b" / "ckpt" / "last.ckpt") == 3
 
 
 def test_the_configs_use_it():

@@ -12,7 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_dataset  # tests/data/conftest.py (imported at collection, as the other data tests do)
+from conftest import (
+    CLIP,
+    IMAGE_TOKENIZER,
+    RETRIEVAL,
+    TEXT_TOKENIZER,
+    make_sample,
+    write_dataset,
+)  # tests/data/conftest.py (imported at collection, as the other data tests do)
 
 from cm3leon_lightning.data import CM3LeonDataModule
 from cm3leon_lightning.data.plan import exact_plan
@@ -344,8 +351,6 @@ def test_sft_documents_that_do_not_fit_are_skipped_not_cut(tmp_path: Path) -> No
     """The same 27-token slot over documents of ``cm3leon prepare --source sft`` (keys ``sft-...``): their texts end
     with the answer, so the 16 whose 4-6 tokens do not fit are skipped as too_long instead of losing their end;
     ``cut_captions=True`` cuts them like captions."""
-    from conftest import CLIP, IMAGE_TOKENIZER, RETRIEVAL, TEXT_TOKENIZER, make_sample
-
     from cm3leon_lightning.data.shards import ShardWriter
 
     root = tmp_path / "sft"
