@@ -10,9 +10,20 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Tiny models: one intra-op thread is faster than two fighting over 2 cores (and pytest-xdist runs 2 processes).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_once_per_process_warnings() -> None:
+    """The "tokenizer cannot be checked" warning is given once per process and source: each test starts afresh, so one
+    that expects it does not depend on which tests its pytest-xdist worker ran before (a CI run failed that way)."""
+    from cm3leon_lightning.tokenization import vocab
+
+    vocab._WARNED.clear()
+
 
 # The longest test files (minutes of one core between them), collected first: pytest-xdist hands out whole files in
 # collection order (`make test` passes --no-loadscope-reorder: xdist's own reordering, by number of tests, put the

@@ -202,6 +202,14 @@ def test_trainer_predict_writes_pngs_grids_codes_and_jsonl(assets, tmp_path):
     assert sorted(p.suffix for p in out1.iterdir()) == [".json", ".jsonl", ".npy", ".npy", ".npy"]
 
 
+def writer_trainer(out: Path, root: Path) -> L.Trainer:
+    """A quiet one-device CPU trainer whose ``ImageWriter`` writes codes only (no VQGAN) to ``out``."""
+    return L.Trainer(
+        accelerator="cpu", devices=1, logger=False, callbacks=[ImageWriter(str(out), None)],
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(root),
+    )  # fmt: skip
+
+
 def test_the_writer_keeps_prompts_with_line_separators_on_one_line(assets, tmp_path):
     """The part files were written with the raw U+2028 of a prompt and split on it when merged: the run ended
     without predictions.jsonl."""
@@ -210,10 +218,7 @@ def test_the_writer_keeps_prompts_with_line_separators_on_one_line(assets, tmp_p
     dm = PromptDataModule(str(prompts), str(assets / "tok"), str(assets / "model.ckpt"), 2)
     module = CM3LeonModule(preset="tiny", vocab=dm.vocab.to_dict(), generation=GenerationSettings(**SETTINGS))
     out = tmp_path / "out"
-    trainer = L.Trainer(
-        accelerator="cpu", devices=1, logger=False, callbacks=[ImageWriter(str(out), None)],
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
-    )  # fmt: skip
+    trainer = writer_trainer(out, tmp_path)
     trainer.predict(module, datamodule=dm, ckpt_path=str(assets / "model.ckpt"))
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text(encoding="utf-8").split("\n") if line]
     assert [r["prompt"] for r in rows] == ["left\u2028right", "a\x0cb"]
@@ -678,10 +683,7 @@ def test_fewer_prompts_than_devices_give_every_device_one(assets, tmp_path, monk
     dm = PromptDataModule(str(one), str(assets / "tok"), str(assets / "model.ckpt"), 2)
     module = CM3LeonModule(preset="tiny", vocab=dm.vocab.to_dict(), generation=GenerationSettings(**SETTINGS))
     out = tmp_path / "out"
-    trainer = L.Trainer(
-        accelerator="cpu", devices=1, logger=False, callbacks=[ImageWriter(str(out), None)],
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
-    )  # fmt: skip
+    trainer = writer_trainer(out, tmp_path)
     batches = trainer.predict(module, datamodule=dm, ckpt_path=str(assets / "model.ckpt"))
     assert [b["index"] for b in batches] == [[0, 0]]  # the prompt and its filler were decoded
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]

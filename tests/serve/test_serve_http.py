@@ -11,6 +11,7 @@ import torch
 from fastapi.testclient import TestClient
 from litserve.utils import wrap_litserve_start
 from support.images import png_base64
+from support.processes import free_port, group_alive
 
 from cm3leon_lightning.cli import main as cm3leon_main
 from cm3leon_lightning.export import export_model
@@ -281,14 +282,11 @@ def test_the_command_serves_over_a_real_socket(serve_assets, tmp_path):
     import json
     import os
     import signal
-    import socket
     import subprocess
     import sys
     import urllib.request
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cmd = [sys.executable, "-m", "cm3leon_lightning", "serve", *argv(serve_assets, "--host", "127.0.0.1", "--port",
                                                                      str(port))]  # fmt: skip
     log = open(tmp_path / "server.log", "w")  # noqa: SIM115 - closed below, after the process
@@ -325,30 +323,16 @@ def test_the_command_serves_over_a_real_socket(serve_assets, tmp_path):
         log.close()
 
 
-def group_alive(pgid: int) -> bool:
-    """Whether any process of the process group ``pgid`` is still running."""
-    import os
-
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 def start_command(serve_assets, tmp_path, ignore_sigint=False, *extra):
     """``cm3leon serve`` on a free port in its own process group (optionally with SIGINT ignored, as ``cmd &`` in a
     script starts it); returns the process, its port and its log, once /health says ok."""
     import os
     import signal
-    import socket
     import subprocess
     import sys
     import urllib.request
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cmd = [sys.executable, "-m", "cm3leon_lightning", "serve", *argv(serve_assets, "--host", "127.0.0.1", "--port",
                                                                      str(port), *extra)]  # fmt: skip
     log = tmp_path / "server.log"

@@ -5,10 +5,11 @@ which then failed with a traceback of its own. Now the worker is stopped at once
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
+
+from support.processes import free_port, group_alive
 
 SLOW_API = '''
 import time
@@ -44,20 +45,6 @@ def slow(args):
 cli.build_api = slow
 sys.exit(cli.main(sys.argv[2:]))
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def test_sigterm_while_the_worker_loads_stops_it_at_once(serve_assets, tmp_path):
