@@ -349,6 +349,8 @@ def prepare(
         elif stage == "write":
             tasks = [(i,) for i in run.selected("main") if not st.part_written(run, i)]
             st.require_inputs(run, stage, [i for (i,) in tasks])
+            if tasks:
+                st.warn_bank_without_pictures(run)
             run.sections = st.manifest_sections(run)
             total = sum(st.load_part(run.part_dir("main", i))["stats"].get("kept", 0) for (i,) in tasks)
             run_parts(run, st.write_part, tasks, total, "write")

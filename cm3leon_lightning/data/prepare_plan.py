@@ -15,6 +15,8 @@ from cm3leon_lightning.data.sources import PairSource
 
 PLAN_VERSION = 1
 _BANK_SETTINGS = ("bank_factory", "bank_train_size")  # read by the bank stage only
+# settings added after PLAN_VERSION 1 whose default is safe to assume where an earlier version began a preparation
+_ADDED_SETTINGS = ("image_duplicate_threshold",)  # a bank built without img.npy applies no picture rule
 _TOKENIZER_SETTINGS = tuple(f"settings.{k}" for k in ("tokenizer", "train_tokenizer_vocab", "tokenizer_min_frequency",
                                                      "val_fraction", "seed", "max_caption_chars"))  # fmt: skip
 
@@ -52,15 +54,15 @@ def _replaceable(run: st.Run, old: dict[str, Any], plan: dict[str, Any]) -> bool
 
 
 def _add_new_defaults(old: dict[str, Any], plan: dict[str, Any], cfg: Any) -> None:
-    """Fill in ``old``'s settings added since it was written (``image_duplicate_threshold``) where ``plan`` keeps
-    their default, so a preparation begun by an earlier version resumes (a bank it built before image embeddings
-    were kept applies the group and document rules only)."""
+    """Fill in ``old``'s settings added since it was written (:data:`_ADDED_SETTINGS`) where ``plan`` keeps their
+    default, so a preparation begun by an earlier version resumes (a bank it built before image embeddings were kept
+    applies the group and document rules only). Any other setting missing from ``old`` still counts as changed."""
     theirs = old.get("settings")
     if not isinstance(theirs, dict):
         return
     defaults = json.loads(json.dumps({f.name: f.default for f in fields(cfg) if f.default is not MISSING}))
     for k, v in plan["settings"].items():
-        if k not in theirs and k in defaults and v == defaults[k]:
+        if k in _ADDED_SETTINGS and k not in theirs and k in defaults and v == defaults[k]:
             theirs[k] = v
 
 

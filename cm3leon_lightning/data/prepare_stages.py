@@ -365,16 +365,33 @@ def write_part(run: Run, index: int, progress: Callable[[int], Any] | None = Non
     return stats
 
 
-def warn_image_duplicates(run: Run, skipped: int, chosen: int) -> None:
-    """Warn when the picture rule skipped more candidates than all the neighbours chosen: a CLIP that is not
-    trained (enough) maps every picture to nearly one direction, and the rule then empties the retrieved context."""
-    if skipped > chosen:
+def warn_image_duplicates(run: Run, skipped: int, chosen: int, samples: int) -> None:
+    """Warn when the picture rule skipped more candidates than all the neighbours chosen and the contexts are less
+    than half full: a CLIP that is not trained (enough) maps every picture to nearly one direction, and the rule then
+    empties the retrieved contexts. Full contexts are not warned of: a picture shared by several documents (the
+    questions of one image in SFT data) legitimately skips more candidates than are chosen."""
+    if skipped > chosen and chosen < samples * run.cfg.k_per_modality:  # under k of the 2k slots per sample
         warnings.warn(
             f"cm3leon prepare: the picture rule (--image-duplicate-threshold {run.cfg.image_duplicate_threshold}) "
             f"skipped {skipped} retrieval candidates as the query's or a chosen neighbour's picture, more than the "
             f"{chosen} neighbours chosen: the CLIP ({run.cfg.clip_model}) gives different pictures nearly one "
             f"embedding (not trained?). Use a trained CLIP, or a threshold above 1 to turn the rule off "
             f"(in a new --out); counts per rule: 'rejected_candidates' of {run.out / 'summary.json'}",
+            stacklevel=2,
+        )
+
+
+def warn_bank_without_pictures(run: Run) -> None:
+    """Warn when the picture rule is on but the memory bank was built before image embeddings were kept (no
+    ``img.npy``, a preparation begun by an earlier version): the parts written now skip no candidate by it."""
+    bank = run.work / "bank"
+    if run.cfg.image_duplicate_threshold <= 1 and not (bank / "img.npy").is_file():
+        warnings.warn(
+            f"cm3leon prepare: the memory bank {bank} was built by an earlier version without image embeddings (no "
+            f"img.npy): the parts written now do not apply the picture rule (--image-duplicate-threshold "
+            f"{run.cfg.image_duplicate_threshold}), so a query's photo re-posted under another caption can be "
+            f"retrieved into its own context. To apply it, delete {bank} and rerun the bank, write and manifest "
+            f"stages (the encoded parts are kept; the parts already written are rewritten)",
             stacklevel=2,
         )
 
@@ -414,7 +431,8 @@ def stage_manifest(run: Run) -> dict[str, Any]:
     summary: dict[str, Any] = {"counts": dict(sorted(totals.items())), "splits": {}}
     summary["neighbors_per_sample"] = dict(sorted(hist.items(), key=lambda kv: int(kv[0])))
     summary["rejected_candidates"] = dict(sorted(rejected.items()))
-    warn_image_duplicates(run, rejected["image_duplicate"], totals["neighbors_by_text"] + totals["neighbors_by_image"])
+    chosen = totals["neighbors_by_text"] + totals["neighbors_by_image"]
+    warn_image_duplicates(run, rejected["image_duplicate"], chosen, totals["written_train"] + totals["written_val"])
     for split in ("train", "val"):
         shards = [ShardInfo(**s["shards"][split]) for s in stats if split in s["shards"]]
         if not shards:  # none in this preparation: a manifest left by an earlier one (work/ deleted) is not its data

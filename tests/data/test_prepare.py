@@ -561,6 +561,13 @@ def test_a_preparation_begun_before_image_duplicate_threshold_resumes(models: di
     (out / "work" / "plan.json").write_text(json.dumps(plan))
     with pytest.raises(ValueError, match=r"other inputs or settings \(settings, settings\.image_duplicate_threshold\)"):
         prepare(ShapesSource(20), out, **{**s, "image_duplicate_threshold": 0.5})
+    # only the setting added since is filled in: another one missing is a change (the tokenizer was made with it)
+    (out / "work" / "plan.json").write_text(
+        json.dumps({**plan, "settings": {k: v for k, v in plan["settings"].items() if k != "max_caption_chars"}})
+    )
+    with pytest.raises(ValueError, match=r"other inputs or settings \(settings, settings\.max_caption_chars\)"):
+        prepare(ShapesSource(20), out, **s)
+    (out / "work" / "plan.json").write_text(json.dumps(plan))
     # the random CLIP gives every picture one direction: the picture rule (on at 0.95) empties every context, warned
     with pytest.warns(UserWarning, match=r"picture rule \(--image-duplicate-threshold 0.95\) skipped \d+ retrieval "
                       r"candidates .* more than the 0 neighbours chosen: the CLIP \(cm3leon-clip-tiny\)"):  # fmt: skip
@@ -573,6 +580,55 @@ def test_a_preparation_begun_before_image_duplicate_threshold_resumes(models: di
     printed = io.StringIO()
     print_summary(summary, out, file=printed)
     assert f"retrieval candidates skipped, by rule: {rejected}" in printed.getvalue()
+
+
+def test_a_bank_built_before_image_embeddings_is_warned_of_until_rebuilt(
+    models: dict[str, str], tmp_path: Path
+) -> None:
+    """A preparation begun by an earlier version built its memory bank without img.npy: the write stage then applies
+    no picture rule, which the manifest (recording the threshold) does not tell; it is warned, naming the remedy, and
+    the parts are rewritten once the bank is rebuilt (found in review: the rule was silently not applied)."""
+    from cm3leon_lightning.data.prepare_stages import seal
+
+    out = tmp_path / "out"
+    s = settings(models, samples_per_shard=10, val_fraction=0.0, image_duplicate_threshold=0.95)
+    prepare(ShapesSource(20), out, **{**s, "stages": ("tokenizer", "encode", "bank")})
+    bank = out / "work" / "bank"
+    (bank / "img.npy").unlink()  # as an earlier version built it
+    (bank / "done.json").unlink()
+    seal(bank)
+    with pytest.warns(UserWarning, match=r"memory bank .*bank was built by an earlier version without image "
+                      r"embeddings \(no img.npy\): the parts written now do not apply the picture rule "
+                      r"\(--image-duplicate-threshold 0.95\).* delete .*bank and rerun the bank, write and "
+                      r"manifest stages"):  # fmt: skip
+        summary = prepare(ShapesSource(20), out, **s)
+    assert summary["written_parts"] == 2 and "image_duplicate" not in summary["rejected_candidates"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing left to write: nothing to warn of
+        assert prepare(ShapesSource(20), out, **{**s, "stages": ("write",)})["written_parts"] == 0
+    shutil.rmtree(bank)  # the remedy: the parts are rewritten from the new bank, with the rule (the random CLIP's
+    with pytest.warns(UserWarning, match="picture rule"):  # one picture direction empties every context)
+        summary = prepare(ShapesSource(20), out, **s)
+    assert summary["written_parts"] == 2 and summary["neighbors_per_sample"] == {"0": 20}
+    assert summary["rejected_candidates"]["image_duplicate"] >= 20 * 2
+
+
+def test_the_picture_rule_is_warned_of_only_when_it_empties_the_contexts(tmp_path: Path) -> None:
+    """More pictures skipped than neighbours chosen is healthy while the contexts fill: SFT data with six questions
+    per image skips five candidates per search that legitimately hold the query's picture (found in review: a trained
+    CLIP was called untrained there)."""
+    from cm3leon_lightning.data.prepare_stages import Run, warn_image_duplicates
+
+    run = Run(PrepareConfig(vqgan="v", clip_weights="c", train_tokenizer_vocab=300), tmp_path, {})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_image_duplicates(run, 1000, 400, 100)  # 4 neighbours per sample of 4: full contexts
+        warn_image_duplicates(run, 1000, 200, 100)  # half full
+        warn_image_duplicates(run, 5, 10, 100)  # short contexts (a small bank), fewer pictures skipped
+        warn_image_duplicates(Run(PrepareConfig(vqgan="v", clip_weights="c", train_tokenizer_vocab=300,
+                                                k_per_modality=0), tmp_path, {}), 1, 0, 100)  # fmt: skip
+    with pytest.warns(UserWarning, match=r"skipped 1000 retrieval candidates .* more than the 199 neighbours chosen"):
+        warn_image_duplicates(run, 1000, 199, 100)
 
 
 def test_a_copy_of_a_document_is_never_its_neighbour(models: dict[str, str], tmp_path: Path) -> None:
