@@ -72,3 +72,64 @@ def test_the_configs_use_it():
                 assert cb["class_path"] == "cm3leon_lightning.callbacks.LastStepCheckpoint", path
                 found += 1
     assert found >= 6
+
+
+def test_a_resume_restores_the_state_of_a_callback_that_saved_the_final_step(tmp_path):
+    """The final save made the step due by setting every_n_train_steps to 1, and the checkpoint filed this callback's
+    state under that key: a resume did not restore it (best_k_models, last_model_path) and warned of a missing
+    callback (found in review)."""
+    checkpoint = LastStepCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=2)
+    _fit(tmp_path, checkpoint, 5, limit_val_batches=0)
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)["callbacks"]
+    assert list(saved) == [checkpoint.state_key] and "'every_n_train_steps': 2" in checkpoint.state_key
+
+
+class _Scored(BoringModel):
+    """val_loss from the step validated (7 * step % 11: 6 at step 4, 1 at step 8)."""
+
+    def validation_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
+        self.log("val_loss", float(self.global_step * 7 % 11))
+
+
+@pytest.mark.parametrize("val", [dict(val_check_interval=4, limit_train_batches=20), dict(limit_train_batches=4)])
+def test_a_final_step_followed_by_validation_is_ranked_by_that_validation(tmp_path, val):
+    """max_steps 8 with validation after step 8 (every 4 steps, or at each 4-batch epoch's end): the final step was
+    saved before that validation, ranked by step 4's val_loss, and the validation's own save was skipped (found in
+    review: top-k kept step 8 as 6.0, not 1.0, as Lightning's ModelCheckpoint does)."""
+    checkpoint = LastStepCheckpoint(dirpath=tmp_path / "ckpt", monitor="val_loss", save_top_k=2, save_last=True,
+                                    filename="{step}-{val_loss:.0f}")  # fmt: skip
+    L.seed_everything(0)
+    t = L.Trainer(
+        default_root_dir=tmp_path, max_steps=8, callbacks=[checkpoint], logger=False, enable_progress_bar=False,
+        enable_model_summary=False, accelerator="cpu", num_sanity_val_steps=0, limit_val_batches=1, **val,
+    )  # fmt: skip
+    t.fit(_Scored())
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
+        "last.ckpt", "step=4-val_loss=6.ckpt", "step=8-val_loss=1.ckpt",
+    ]  # fmt: skip
+    assert Path(checkpoint.best_model_path).name == "step=8-val_loss=1.ckpt" and _step(tmp_path / "ckpt/last.ckpt") == 8
+
+
+def test_a_manual_optimization_fit_gets_no_every_n_train_steps_advice(tmp_path, recwarn):
+    """The final step is made due as if every_n_train_steps were 1: with manual optimization (the VQGAN module)
+    Lightning then advised about an every_n_train_steps the user never set (found in review)."""
+
+    class Manual(BoringModel):
+        def __init__(self) -> None:
+            super().__init__()
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
+            opt = self.optimizers()
+            opt.zero_grad()
+            self.manual_backward(self.layer(batch).sum())
+            opt.step()
+
+    L.seed_everything(0)
+    t = L.Trainer(
+        default_root_dir=tmp_path, max_steps=3, callbacks=[LastStepCheckpoint(dirpath=tmp_path / "c", save_last=True)],
+        logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", limit_val_batches=0,
+    )  # fmt: skip
+    t.fit(Manual())
+    assert _step(tmp_path / "c" / "last.ckpt") == 3
+    assert not [w for w in recwarn if "manual optimization" in str(w.message)]

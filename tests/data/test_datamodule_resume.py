@@ -134,11 +134,13 @@ def test_resume_from_any_checkpoint_sees_the_same_batches(
         assert dm.data_counts == full_dm.data_counts, ckpt
 
 
-def test_a_fit_ending_between_saves_resumes_exactly_from_its_last_step(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("stop", "val"), [(7, False), (10, True)], ids=["mid-epoch", "epoch-end-val"])
+def test_a_fit_ending_between_saves_resumes_exactly_from_its_last_step(tmp_path: Path, stop: int, val: bool) -> None:
     """``LastStepCheckpoint`` saves the step ``max_steps`` ends on (7: mid-epoch 1, no save due) after its batch, as
     Lightning's step checkpoints are, not at the end of fit, when Lightning has counted the epoch as finished (a
     resume from there skipped the epoch's remaining batches): resuming it trains exactly the uninterrupted run's
-    remaining batches."""
+    remaining batches. With validation after the final step (10: epoch 1's end) it is saved after that validation,
+    at the epoch's end."""
     from cm3leon_lightning.callbacks import LastStepCheckpoint
 
     root = tmp_path / "ds"
@@ -146,18 +148,18 @@ def test_a_fit_ending_between_saves_resumes_exactly_from_its_last_step(tmp_path:
 
     def run(max_steps: int, ckpt_path: str | None = None) -> list:
         L.seed_everything(0, verbose=False)
-        dm = CM3LeonDataModule(train_data=str(root), seq_len=64, batch_size=4)
+        dm = CM3LeonDataModule(train_data=str(root), val_data=str(root) if val else None, seq_len=64, batch_size=4)
         rec = Recorder()
         ckpt = LastStepCheckpoint(tmp_path / f"ckpt-{max_steps}-{ckpt_path is None}", save_last=True, save_top_k=0)
         trainer = L.Trainer(
             accelerator="cpu", max_steps=max_steps, callbacks=[rec, ckpt], logger=False, enable_progress_bar=False,
-            enable_model_summary=False, limit_val_batches=0,
+            enable_model_summary=False, limit_val_batches=2 if val else 0, num_sanity_val_steps=0,
         )  # fmt: skip
         trainer.fit(Tiny(), datamodule=dm, ckpt_path=ckpt_path)
         return rec.steps
 
-    full = run(12)
-    head = run(7)
-    last = tmp_path / "ckpt-7-True" / "last.ckpt"
-    assert torch.load(last, weights_only=True)["global_step"] == 7 and head == full[:7]
-    assert run(12, str(last)) == full[7:]
+    full = run(14)
+    head = run(stop)
+    last = tmp_path / f"ckpt-{stop}-True" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == stop and head == full[:stop]
+    assert run(14, str(last)) == full[stop:] and len(full) == 14
