@@ -142,7 +142,11 @@ def check_used(args: argparse.Namespace) -> None:
     """
     answer = bool(args.image) and args.edit is None and args.infill is None
     text_to_image = bool(args.prompt) and args.infill is None
+    # greedy takes an argmax; cd_k samples only images from --prompt (the other tasks decode it greedily)
+    sampled = args.method in ("temperature", "top_p") or (args.method == "cd_k" and text_to_image)
     uses = {
+        "temperature": (sampled, "sampling (--method temperature or top_p; cd_k with --prompt)"),
+        "top_p": (args.method == "top_p", "--method top_p"),
         "instruction": (answer, "--image answers (image-to-text)"),
         "layout": (answer, "--image answers (image-to-text)"),
         "text_cfg": (args.edit is not None, "--edit"),

@@ -425,6 +425,10 @@ CFG_IGNORED = (
         (["--prompt", "x", "--shards", "data/"], "--shards 'data/' applies to --retrieve only"),
         (["--prompt", "x", "--k", "4"], "--k 4 applies to --retrieve only"),
         (["--prompt", "x", "--clip-pretrained", "c.pt"], "--clip-pretrained 'c.pt' applies to --rerank and --retrieve"),
+        (["--prompt", "x", "--method", "greedy", "--temperature", "0.7"], "--temperature 0.7 applies to sampling"),
+        (["--image", "x.png", "--method", "cd_k", "--temperature", "0.7"], "--temperature 0.7 applies to sampling"),
+        (["--prompt", "x", "--method", "temperature", "--top-p", "0.5"], "--top-p 0.5 applies to --method top_p"),
+        (["--prompt", "x", "--method", "greedy", "--top-p", "0.5"], "--top-p 0.5 applies to --method top_p"),
     ],
 )
 def test_a_flag_the_task_ignores_is_refused(assets, tmp_path, capsys, extra, message):
@@ -449,6 +453,9 @@ def test_the_flags_each_task_uses_are_accepted(assets, tmp_path):
          "--num-samples", "1", "--max-new-tokens", "32", "--layout", "infill", "--task", "edit", "--instruction", ""],
         [*image, "--instruction", "Describe it.", "--layout", "image_first", "--max-new-tokens", "2"],
         ["--prompt", "x", "--cfg", "2", "--num-samples", "1", "--method", "greedy"],
+        ["--prompt", "x", "--num-samples", "1", "--method", "cd_k", "--temperature", "0.7"],
+        ["--prompt", "x", "--num-samples", "1", "--method", "temperature", "--temperature", "0.7"],
+        [*image, "--max-new-tokens", "2", "--temperature", "0.7", "--top-p", "0.5"],
     )):  # fmt: skip
         assert main([*base(assets, tmp_path / str(i)), *extra]) == 0, extra
 
