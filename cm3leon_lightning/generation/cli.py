@@ -235,18 +235,21 @@ def retrieve_documents(
         tokenizer_sha256: when given, the text tokenizer's sha256; the manifest must record the same one.
 
     Returns:
-        The bank keys and their documents ``[caption text, image]``, nearest first (fewer than ``k`` when the bank
-        holds fewer).
+        The bank keys and their documents ``[caption text, image]``, nearest first (fewer than ``k`` when
+        near-duplicate pictures run the candidates out).
 
     Raises:
-        ValueError: ``k < 1``, a bank that does not match ``clip``, shards for another vocabulary or tokenizer, or
-            a bank key missing from the shards.
+        ValueError: ``k < 1`` or above the bank's documents, a bank that does not match ``clip``, shards for
+            another vocabulary or tokenizer, or a bank key missing from the shards.
     """
     from cm3leon_lightning.generation.retrieve import DocumentRetriever
 
     if k < 1:
         raise ValueError(f"--k must be >= 1, got {k}")
     retriever = DocumentRetriever(bank_dir, shards_dir, clip, vocab, tokenizer_sha256)
+    if k > len(retriever.bank):  # the whole bank came back, silently (as cm3leon serve refuses it)
+        n = len(retriever.bank)
+        raise ValueError(f"--k {k}: the memory bank {bank_dir} (--retrieve) holds {n} documents; retrieve at most {n}")
     return retriever.retrieve([prompt], k)[0]
 
 

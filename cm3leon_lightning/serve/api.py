@@ -52,6 +52,7 @@ from cm3leon_lightning.serve.jobs import (
     Job,
     TextJob,
     TextSettings,
+    ignored_setting,
     job_key,
     job_rows,
 )
@@ -207,6 +208,12 @@ class CM3LeonAPI(JobRunner, StopWhenIdle, ls.LitAPI):
                 request = self._adapter.validate_python(request)
             except ValidationError as e:
                 return Rejected(422, error_line(e))
+        defaults, flag = {
+            ImageRequest: (self.image_defaults, "--method"), EditRequest: (self.edit_defaults, "default for edits"),
+        }.get(type(request), (self.text_defaults, "--text-method"))  # fmt: skip
+        ignored = ignored_setting(request, defaults, flag)
+        if ignored is not None:  # as cm3leon generate refuses a flag its method ignores
+            return Rejected(422, ignored)
         try:
             if isinstance(request, ImageRequest):
                 return self._image_job(request)
@@ -235,6 +242,8 @@ class CM3LeonAPI(JobRunner, StopWhenIdle, ls.LitAPI):
         k = self.retrieve_k if r.retrieve is None else r.retrieve
         if k and self.retriever is None:
             raise ValueError("retrieve: this server was started without --retrieve, so it has no memory bank")
+        if k and k > len(self.retriever.bank):  # the retriever returned the whole bank, silently
+            raise ValueError(f"retrieve: {k} documents asked for; the memory bank holds {len(self.retriever.bank)}")
         keys, docs = self.retriever.retrieve([r.prompt], k)[0] if k else ([], [])
         ids = self.tokenizer.encode(r.prompt)
         need = len(image_prompt(self.vocab, ids, docs)) + self.vocab.image_tokens

@@ -76,6 +76,30 @@ def check_retrieve_k(ckpt: str, k: int) -> None:
         )
 
 
+REQUEST_FIELDS = ("cfg", "temperature", "top_p", "top_k", "cdk_k", "cdk_alpha", "text_cfg", "image_cfg")
+"""The server defaults (``--cfg``, ``--temperature``...) that a request may also send, each as the field it
+overrides."""
+
+
+def check_request_ranges(args: argparse.Namespace) -> None:
+    """Raise ValueError naming the flag of a default that a request could not send itself (``--temperature 50``,
+    ``--top-k 0``): the range of each :data:`REQUEST_FIELDS` flag is that of its request field
+    (:mod:`cm3leon_lightning.serve.requests`), so the server's defaults and the requests mean the same things."""
+    from pydantic import ValidationError
+
+    from cm3leon_lightning.serve.requests import EditRequest, ImageRequest, allowed_numbers
+
+    for name in REQUEST_FIELDS:
+        value = getattr(args, name)
+        model = ImageRequest if name in ImageRequest.model_fields else EditRequest
+        try:
+            model.__pydantic_validator__.validate_assignment(model.model_construct(), name, value)
+        except ValidationError:
+            allowed = str(allowed_numbers(model, name))
+            rule = f"lie in {allowed[len('a number in ') :]}" if allowed.startswith("a number in ") else f"be {allowed}"
+            raise ValueError(f"--{name.replace('_', '-')} must {rule}, got {value}") from None
+
+
 def _named(flag: str, e: Exception) -> ValueError:
     """``e`` as a ValueError whose message names ``flag`` (prefixed unless it does already)."""
     return ValueError(str(e) if flag in str(e) else f"{flag}: {e}")
@@ -87,8 +111,9 @@ def check_model_files(args: argparse.Namespace) -> None:
     ``--tokenizer`` or a ``--vqgan`` config that is none or does not fit the checkpoint's vocabulary, a
     ``--clip``/``--clip-pretrained`` whose weights cannot be had, a ``--retrieve`` that is no memory bank, a
     ``--shards`` without a manifest, with fewer documents than the bank has keys or without the bank's documents
-    (:func:`check_bank_keys`). Each printed "Uvicorn running", then the worker's traceback and "RuntimeError: One or
-    more workers failed to start" (exit status 1)."""
+    (:func:`check_bank_keys`), a ``--k`` above the bank's documents (which retrieved the whole bank, silently). Each
+    printed "Uvicorn running", then the worker's traceback and "RuntimeError: One or more workers failed to start"
+    (exit status 1)."""
     from cm3leon_lightning.generation.cli import check_tokenizers
     from cm3leon_lightning.model.weights import read_weights
     from cm3leon_lightning.tokenization.text import TextTokenizer
@@ -117,6 +142,11 @@ def check_model_files(args: argparse.Namespace) -> None:
             bank = MemoryBank.load(args.retrieve, model_name=args.clip, mmap=True)  # an IVF index's lists stay on disk
         except (FileNotFoundError, ValueError) as e:
             raise _named("--retrieve", e) from e
+        if args.k is not None and args.k > len(bank):  # the retriever returned the whole bank, silently
+            raise ValueError(
+                f"--k {args.k}: the memory bank {args.retrieve} (--retrieve) holds {len(bank)} documents; "
+                f"retrieve at most {len(bank)}"
+            )
         try:
             manifest = Manifest.load(Path(args.shards) / MANIFEST_NAME)
         except (FileNotFoundError, ValueError) as e:

@@ -62,6 +62,7 @@ from cm3leon_lightning.serve.checks import (  # noqa: F401 - re-exported: they w
     check_max_new_tokens,
     check_model_files,
     check_port,
+    check_request_ranges,
     check_retrieve_k,
     check_vqgan_config,
     tar_keys,
@@ -185,9 +186,7 @@ def build_api(args: argparse.Namespace) -> object:
         raise ValueError(f"--batch-timeout must lie in [0, --timeout {args.timeout:g}], got {args.batch_timeout}")
     if not 0 < args.max_payload_mb < float("inf") or int(args.max_payload_mb * 2**20) < 1024:
         raise ValueError(f"--max-payload-mb must be a number of at least 1 KiB (0.001), got {args.max_payload_mb}")
-    for flag, value in (("--cfg", args.cfg), ("--text-cfg", args.text_cfg), ("--image-cfg", args.image_cfg)):
-        if not 0 <= value <= 100:  # what a request may ask for; NaN fails too (it drew code 0 at every step)
-            raise ValueError(f"{flag} must lie in [0, 100], got {value}")
+    check_request_ranges(args)  # what a request may ask for; NaN fails too (a NaN --cfg drew code 0 at every step)
     compile = None if args.compile == "auto" else args.compile
     cuda = args.accelerator in ("auto", "cuda") and torch.cuda.is_available()
     resolve_mode(compile, torch.device("cuda" if cuda else "cpu"))  # a CUDA-only mode on CPU fails now, not per request

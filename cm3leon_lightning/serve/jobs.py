@@ -5,8 +5,10 @@ This module imports no LitServe.
 
 import math
 from dataclasses import asdict, dataclass, field
+from typing import Any, get_args
 
 import torch
+from pydantic import BaseModel
 
 from cm3leon_lightning.generation.generate import TEXT_LAYOUTS, GenerationSettings
 from cm3leon_lightning.generation.tasks import task_prefix
@@ -21,6 +23,38 @@ TEXT_SETTINGS = ("layout", "max_new_tokens", "method", "temperature", "top_p")
 
 EDIT_SETTINGS = ("num_samples", "method", "text_cfg", "image_cfg", "temperature", "top_p")
 """The fields of an :class:`EditRequest` that override the server's :class:`EditSettings`."""
+
+
+SETTING_METHODS = {
+    "temperature": ("temperature", "top_p", "cd_k"),
+    "top_k": ("temperature", "top_p", "cd_k"),
+    "top_p": ("top_p",),
+    "cfg": ("greedy", "temperature", "top_p"),
+    "cdk_k": ("cd_k",),
+    "cdk_alpha": ("cd_k",),
+}
+"""The decoding methods that read each sampling field (greedy takes an argmax; CD-K guides by ``cdk_k``/``cdk_alpha``,
+not ``cfg``), as ``cm3leon generate``'s ``check_used`` has them."""
+
+
+def ignored_setting(request: BaseModel, defaults: Any, default_flag: str) -> str | None:
+    """The message refusing a sampling field of ``request`` that its decoding method would ignore (``temperature``
+    with greedy, ``top_p`` without ``top_p``, ``cfg`` with ``cd_k``, ``cdk_k`` without it...), None when there is
+    none: such a request was decoded as if the field had been left out, silently. As ``cm3leon generate`` refuses
+    its flags, a value equal to the server's default (``defaults``, whose ``method`` a request without one takes,
+    given by ``default_flag``) is no error."""
+    method = getattr(request, "method", None)
+    given = f"method {method}" if method else f"method {defaults.method} (this server's {default_flag})"
+    method = method or defaults.method
+    kind_methods = get_args(get_args(type(request).model_fields["method"].annotation)[0])
+    for name, readers in SETTING_METHODS.items():
+        value = getattr(request, name, None)
+        if value is None or method in readers or value == getattr(defaults, name, None):
+            continue
+        used = [m for m in kind_methods if m in readers]
+        where = f"{', '.join(used[:-1])} or {used[-1]}" if len(used) > 1 else used[0]
+        return f"{name} {value} applies to method {where} only; this request decodes with {given}, which ignores it"
+    return None
 
 
 def check_sampling(temperature: float, top_p: float) -> None:

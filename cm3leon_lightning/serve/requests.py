@@ -15,7 +15,10 @@ One endpoint, ``POST /predict``, takes four kinds of request, told apart by thei
 The text fields (``prompt``, ``instruction``, ``edit``, ``infill``) are read as ``cm3leon prepare`` cleaned the
 training captions: control characters become spaces, whitespace runs one space, the ends are stripped (a trailing
 newline added tokens the model never saw after a caption); text left empty so is refused (422) naming its field.
-Fields left out take the server's defaults (``cm3leon serve --num-samples/--method/--cfg ...``). The models forbid
+Fields left out take the server's defaults (``cm3leon serve --num-samples/--method/--cfg ...``); a sampling field
+the request's method (its own or the server's) would ignore, ``temperature`` with greedy, ``top_p`` without
+``top_p``, ``cfg`` with ``cd_k``, ``cdk_k`` without it, is refused (422) naming it, as ``cm3leon generate`` refuses
+its flag (:func:`~cm3leon_lightning.serve.jobs.ignored_setting`). The models forbid
 unknown fields and check every bound, so FastAPI answers a malformed request with 422 naming the field before it
 reaches the model (and before it can share a batch with other requests): a body whose fields mix two kinds
 (``prompt`` with ``image``) or name none is refused in one sentence naming those fields and the four kinds
@@ -180,7 +183,7 @@ class ImageRequest(_Request):
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=1)
     cdk_k: int | None = Field(None, ge=1)
-    cdk_alpha: float | None = Field(None, gt=0.0, le=1.0)
+    cdk_alpha: float | None = Field(None, ge=0.0, le=1.0)  # 0: every id plausible, as generate takes it
     seed: int | None = Field(None, ge=0, lt=2**63)
     retrieve: int | None = Field(
         None, ge=0, le=16, description="documents retrieved and placed before the prompt (server needs --retrieve)"

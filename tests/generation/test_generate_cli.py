@@ -491,3 +491,20 @@ def test_the_grid_caption_is_one_line_in_any_default_font(tmp_path, monkeypatch)
     monkeypatch.setattr(ImageFont, "load_default", ImageFont.load_default_imagefont)
     grid = save_grid(torch.zeros(2, 3, 8, 8), "a caf\u00e9 \u732b", tmp_path / "b.png")
     assert drawn == ["a red circle", "a caf\u00e9 ?"] and grid.size == (2 * (8 + 4) + 4, 8 + 2 * 4 + 14)
+
+
+def test_a_k_above_the_bank_s_documents_is_refused_naming_its_size(tmp_path, capsys):
+    """The bank's 12 documents came back for --k 13, silently (``cm3leon serve`` refuses it at start too)."""
+    from support.retrieval_setup import write_retrieval_assets
+
+    root = write_retrieval_assets(tmp_path / "assets")["root"]
+    argv = ["--ckpt", str(root / "model.ckpt"), "--tokenizer", str(root / "tok"), "--out", str(tmp_path / "out"),
+            "--no-compile", "--prompt", "a blue circle", "--retrieve", str(root / "bank"), "--shards",
+            str(root / "shards"), "--clip", "cm3leon-clip-tiny", "--clip-pretrained", str(root / "clip.safetensors"),
+            "--k", "13"]  # fmt: skip
+    assert main(argv) == 2
+    assert capsys.readouterr().err == (
+        f"cm3leon generate: error: --k 13: the memory bank {root / 'bank'} (--retrieve) holds 12 documents; "
+        "retrieve at most 12\n"
+    )
+    assert not (tmp_path / "out").exists()  # the folder the run made is removed again

@@ -265,6 +265,53 @@ def test_a_request_the_server_cannot_honour_is_rejected_naming_the_field(api, re
     assert isinstance(response, JSONResponse) and response.status_code == status and detail.encode() in response.body
 
 
+@pytest.mark.parametrize(
+    "request_, detail",
+    [
+        ({"prompt": "x", "method": "greedy", "temperature": 0.7},
+         "temperature 0.7 applies to method temperature, top_p or cd_k only; this request decodes with method greedy, "
+         "which ignores it"),
+        ({"prompt": "x", "method": "temperature", "top_p": 0.5},
+         "top_p 0.5 applies to method top_p only; this request decodes with method temperature, which ignores it"),
+        ({"prompt": "x", "method": "cd_k", "cfg": 2.0},
+         "cfg 2.0 applies to method greedy, temperature or top_p only; this request decodes with method cd_k, which "
+         "ignores it"),
+        ({"prompt": "x", "cdk_k": 4},
+         "cdk_k 4 applies to method cd_k only; this request decodes with method top_p (this server's --method), which "
+         "ignores it"),
+        ({"prompt": "x", "method": "top_p", "cdk_alpha": 0.2}, "cdk_alpha 0.2 applies to method cd_k only"),
+        ({"prompt": "x", "method": "greedy", "top_k": 3}, "top_k 3 applies to method temperature, top_p or cd_k only"),
+        ({"image": png_base64(0), "temperature": 0.7},
+         "temperature 0.7 applies to method temperature or top_p only; this request decodes with method greedy (this "
+         "server's --text-method), which ignores it"),
+        ({"image": png_base64(0), "edit": "x", "method": "greedy", "top_p": 0.5},
+         "top_p 0.5 applies to method top_p only; this request decodes with method greedy, which ignores it"),
+        ({"infill": "a <mask>", "method": "temperature", "top_p": 0.5},
+         "top_p 0.5 applies to method top_p only; this request decodes with method temperature, which ignores it"),
+        ({"infill": "a <mask>", "temperature": 0.5},
+         "temperature 0.5 applies to method temperature or top_p only; this request decodes with method greedy (this "
+         "server's --text-method), which ignores it"),
+    ],
+)  # fmt: skip
+def test_a_setting_the_method_ignores_is_refused_as_generate_refuses_it(api, request_, detail):
+    """Decoded as if the field had been left out (``cm3leon generate`` refuses the same flags): 422 naming it."""
+    job = api.decode_request(request_)
+    assert isinstance(job, Rejected) and job.status == 422 and job.detail.startswith(detail), job
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        {"prompt": "x", "method": "greedy", "temperature": 1.0, "top_p": 0.9, "cdk_k": 8},  # the server's defaults
+        {"prompt": "x", "method": "cd_k", "temperature": 0.7, "cdk_k": 4, "cdk_alpha": 0.0, "top_k": 5},
+        {"prompt": "x", "temperature": 0.7, "top_p": 0.5, "cfg": 2.0},  # the server's method: top_p
+        {"image": png_base64(0), "method": "top_p", "temperature": 0.7, "top_p": 0.5},
+    ],
+)
+def test_the_settings_a_method_reads_are_accepted(api, request_):
+    assert not isinstance(api.decode_request(request_), Rejected)
+
+
 def test_requests_are_tokenized_as_the_training_captions(api, direct):
     """A prompt, instruction, edit or infill caption with a trailing newline, a tab or a doubled space was tokenized
     as sent (tokens the model never saw after a training caption); each is now the cleaned text's ids, and one that

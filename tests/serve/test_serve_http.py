@@ -179,7 +179,7 @@ def test_concurrent_requests_share_a_batch_and_a_bad_one_is_answered_alone(clien
         (["--port", "80"], "--port must lie in [1024, 65535]"),  # LitServe's refusal was a traceback
         (["--host", "localhost"], "--host must be one of 0.0.0.0, 127.0.0.1, ::"),
         (["--num-samples", "20"], "--num-samples 20 exceeds --max-num-samples 16"),
-        (["--top-p", "1.5"], "top_p"),
+        (["--top-p", "1.5"], "--top-p must lie in (0, 1], got 1.5"),
         (["--max-batch-size", "0"], "--max-batch-size must be >= 1"),
         (["--cfg", "nan"], "--cfg must lie in [0, 100], got nan"),  # a NaN default drew code 0 at every step
         (["--image-cfg", "-1"], "--image-cfg must lie in [0, 100]"),

@@ -67,7 +67,9 @@ def test_requests_get_their_nearest_documents_before_the_prompt(api, assets):
 
 
 def test_retrieval_is_refused_where_it_cannot_work(api, assets, tmp_path):
-    job = api.decode_request({"prompt": "a blue circle", "retrieve": 16})
+    job = api.decode_request({"prompt": "a blue circle", "retrieve": 13})  # was the whole bank's 12, silently
+    assert job == Rejected(400, "retrieve: 13 documents asked for; the memory bank holds 12")
+    job = api.decode_request({"prompt": "a blue circle", "retrieve": 12})
     assert isinstance(job, Rejected) and job.status == 400  # 12 documents found, far more than the context holds
     assert job.detail.startswith("retrieve: ") and "max_seq_len=" in job.detail
     job = api.decode_request({"prompt": "a blue circle", "rerank": True})  # it has --clip: was "without --clip and"

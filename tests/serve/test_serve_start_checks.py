@@ -186,9 +186,13 @@ def test_a_prompt_too_long_by_itself_is_named_not_retrieve(assets, tmp_path):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--top-p", "0"], "--top-p: top_p must lie in (0, 1], got 0.0"),
-        (["--temperature", "nan"], "--temperature: temperature must be finite and >= 0 (0 = greedy), got nan"),
-        (["--cdk-k", "0"], "--cdk-k/--cdk-alpha: cdk_k must be >= 1 and cdk_alpha in [0, 1], got 0 and 0.5"),
+        (["--top-p", "0"], "--top-p must lie in (0, 1], got 0.0"),
+        (["--temperature", "nan"], "--temperature must lie in [0, 10], got nan"),
+        (["--cdk-k", "0"], "--cdk-k must be an integer >= 1, got 0"),
+        # a request could not ask for these defaults itself (temperature: [0, 10]); the server took them
+        (["--temperature", "50"], "--temperature must lie in [0, 10], got 50.0"),
+        (["--top-k", "0"], "--top-k must be an integer >= 1, got 0"),
+        (["--cdk-alpha", "1.5"], "--cdk-alpha must lie in [0, 1], got 1.5"),
         (["--batch-timeout", "nan"], "--batch-timeout must lie in [0, --timeout 600], got nan"),
         (["--batch-timeout", "20", "--timeout", "10"], "--batch-timeout must lie in [0, --timeout 10], got 20.0"),
         (["--devices", "2"], "--devices 2: the CPU is one device (LitServe starts one worker there); use "
@@ -200,6 +204,22 @@ def test_server_settings_name_their_flags(assets, capsys, extra, message):
     --batch-timeout started the server and one above --timeout got LitServe's "batch_timeout must be less than
     request_timeout"; --devices 2 on the CPU started one worker, silently (LitServe ignores devices there)."""
     assert one_line(capsys, [*serve_args(assets["root"], retrieve=False), *extra]) == message
+
+
+def test_a_k_above_the_bank_s_documents_is_refused_naming_its_size(assets, capsys, monkeypatch):
+    """The retriever returned the whole bank (12 documents) for --k 13, silently."""
+    from cm3leon_lightning.serve import cli
+
+    monkeypatch.setattr(cli, "check_retrieve_k", lambda ckpt, k: None)  # the tiny context refuses 13 documents first
+    bank = assets["root"] / "bank"
+    err = one_line(capsys, serve_args(assets["root"], "--k", "13"))
+    assert err == f"--k 13: the memory bank {bank} (--retrieve) holds 12 documents; retrieve at most 12"
+    assert build_api(build_parser().parse_args(serve_args(assets["root"], "--k", "12"))).retrieve_k == 12
+
+
+def test_a_cdk_alpha_of_zero_is_a_default_a_request_may_send_too(assets):
+    api = build_api(build_parser().parse_args(serve_args(assets["root"], "--cdk-alpha", "0", retrieve=False)))
+    assert api.image_defaults.cdk_alpha == 0.0
 
 
 def test_flags_that_would_be_unused_are_refused(assets, capsys):
