@@ -251,3 +251,44 @@ def test_a_java_that_does_not_run_is_found_at_construction(tmp_path: Path, monke
     assert float(metric.compute()) == pytest.approx(cider_d(["a cat", "a dog"], [["a cat"], ["a dog"]], "simple")[0])
     with pytest.raises(RuntimeError, match="tokenizer='ptb' needs a `java` .* that runs .*Unable to locate"):
         CIDErD(tokenizer="ptb")
+
+
+# Corner cases a review found (or the generated comparison corpus did), with the tokens Stanford's PTBTokenizer
+# 3.4.1 gives (pycocoevalcap's jar, -preserveLines -lowerCase, punctuation dropped); the fallback differed on each.
+PTB_CORNER_CASES = {
+    "No. 5 on the list, not the no. and Fig. 3": "no. 5 on the list not the no and fig. 3",
+    "music from the '90s and the 80's, the '10s and '99": "music from the '90s and the 80 's the 10s and '99",
+    "rock'n'roll band, fish 'n' chips, rock&roll at AT&T": "rock 'n' roll band fish 'n' chips rock & roll at at&t",
+    "y'all come back": "y' all come back",
+    "'Tis the season, 'twas 'til 'em 'cause": "'t is the season 't was 'til 'em 'cause",
+    "he is 5'10\" tall and she's 5'10 and 6' tall": "he is 5 10 tall and she 's 5 '10 and 6 tall",
+    "I <3 NY": "i < 3 ny",
+    "smile =) ok :-) and :) and ;-( and :D and :P but not :o or :/": (
+        "smile =-rrb- ok :--rrb- and :-rrb- and ;--lrb- and :d and :p but not o or /"
+    ),
+    "costs $5.99 or €10 or £3 or 20¢ or ¥500 or 50%-off": (
+        "costs $ 5.99 or $ 10 or # 3 or 20 cents or ¥ 500 or 50 % off"
+    ),
+    "visit http://www.example.com/page?a=b, HTTPS://X.ORG. or www.google.com today": (
+        "visit http://www.example.com/page?a=b https://x.org or www.google.com today"
+    ),
+    "Jr. Gen. Capt. Lt. Ave. Blvd. Rd. vs. Inc. Co. Mt. Ft. x. A. vitamin C": (
+        "jr. gen. capt. lt. ave. blvd. rd. vs. inc. co. mt. ft. x. a. vitamin c"
+    ),
+    "at 3:30pm, a 10.5ft pole and 1.5m, +5 and one+one": "at 3:30 pm a 10.5 ft pole and 1.5 m +5 and one + one",
+    "the U.K.... and Main St.. and plan B..": "the u.k. and main st. and plan b.",
+    "#hashtag @user „quote“ ‹a›": "#hashtag @user „ quote a",
+}
+
+
+@pytest.mark.parametrize("caption", list(PTB_CORNER_CASES))
+def test_simple_tokenizer_matches_ptb_on_corner_cases(caption: str) -> None:
+    # Abbreviations (no. 5, st.), apostrophe words ('90s, rock 'n' roll, y' all, 't is), 5'10", <3, emoticons,
+    # currency, URLs, numbers glued to units: the fallback dropped periods and quotes PTB keeps, split URLs apart...
+    assert simple_ptb_tokenize(caption) == PTB_CORNER_CASES[caption]
+
+
+@needs_java
+def test_corner_case_expectations_are_ptb_output() -> None:
+    captions = list(PTB_CORNER_CASES)
+    assert ptb_tokenize(captions) == [PTB_CORNER_CASES[c] for c in captions]
