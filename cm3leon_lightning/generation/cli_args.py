@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from cm3leon_lightning.generation.generate import TEXT_LAYOUTS
+from cm3leon_lightning.generation.generate import SETTING_METHODS, TEXT_LAYOUTS
 from cm3leon_lightning.generation.graphs import MODES
 from cm3leon_lightning.generation.tasks import IMAGE_TASKS
 from cm3leon_lightning.model import ATTENTION_IMPLS
@@ -142,19 +142,19 @@ def check_used(args: argparse.Namespace) -> None:
     """
     answer = bool(args.image) and args.edit is None and args.infill is None
     text_to_image = bool(args.prompt) and args.infill is None
-    # greedy takes an argmax; cd_k samples only images from --prompt (the other tasks decode it greedily)
-    sampled = args.method in ("temperature", "top_p") or (args.method == "cd_k" and text_to_image)
+    method = args.method if text_to_image or args.method != "cd_k" else "greedy"  # the other tasks: cd_k is greedy
+    reads = {name: method in readers for name, readers in SETTING_METHODS.items()}
     uses = {
-        "temperature": (sampled, "sampling (--method temperature or top_p; cd_k with --prompt)"),
-        "top_p": (args.method == "top_p", "--method top_p"),
+        "temperature": (reads["temperature"], "sampling (--method temperature or top_p; cd_k with --prompt)"),
+        "top_p": (reads["top_p"], "--method top_p"),
         "instruction": (answer, "--image answers (image-to-text)"),
         "layout": (answer, "--image answers (image-to-text)"),
         "text_cfg": (args.edit is not None, "--edit"),
         "image_cfg": (args.edit is not None, "--edit"),
         "task": (args.edit is not None, "--edit"),
-        "cfg": (text_to_image and args.method != "cd_k", "--prompt with greedy, temperature or top_p"),
-        "cdk_k": (text_to_image and args.method == "cd_k", "--method cd_k with --prompt"),
-        "cdk_alpha": (text_to_image and args.method == "cd_k", "--method cd_k with --prompt"),
+        "cfg": (text_to_image and reads["cfg"], "--prompt with greedy, temperature or top_p"),
+        "cdk_k": (text_to_image and reads["cdk_k"], "--method cd_k with --prompt"),
+        "cdk_alpha": (text_to_image and reads["cdk_alpha"], "--method cd_k with --prompt"),
         "num_samples": (not answer, "--prompt, --edit and --infill (an --image answer is one text)"),
         "max_new_tokens": (answer or args.infill is not None, "--image answers and --infill"),
         "shards": (bool(args.retrieve), "--retrieve"),

@@ -120,6 +120,17 @@ def unconditional_image_prompt(vocab: MultimodalVocab) -> list[int]:
     return [vocab.eos_id, vocab.sentinel_id(0), vocab.break_id]
 
 
+SETTING_METHODS: dict[str, tuple[str, ...]] = {
+    "temperature": ("temperature", "top_p", "cd_k"),
+    "top_k": ("temperature", "top_p", "cd_k"),
+    "top_p": ("top_p",),
+    "cfg": ("greedy", "temperature", "top_p"),
+    "cdk_k": ("cd_k",),
+    "cdk_alpha": ("cd_k",),
+}
+"""The decoding methods that read each sampling setting (greedy takes an argmax; CD-K guides by ``cdk_k`` /
+``cdk_alpha``, not ``cfg``): ``cm3leon generate`` and ``cm3leon serve`` refuse a setting its method would ignore."""
+
 TEXT_LAYOUTS = ("infill", "image_first")
 
 

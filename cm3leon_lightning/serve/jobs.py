@@ -10,7 +10,7 @@ from typing import Any, get_args
 import torch
 from pydantic import BaseModel
 
-from cm3leon_lightning.generation.generate import TEXT_LAYOUTS, GenerationSettings
+from cm3leon_lightning.generation.generate import SETTING_METHODS, TEXT_LAYOUTS, GenerationSettings
 from cm3leon_lightning.generation.tasks import task_prefix
 from cm3leon_lightning.serve.requests import group_key
 from cm3leon_lightning.tokenization.vocab import Document
@@ -23,18 +23,6 @@ TEXT_SETTINGS = ("layout", "max_new_tokens", "method", "temperature", "top_p")
 
 EDIT_SETTINGS = ("num_samples", "method", "text_cfg", "image_cfg", "temperature", "top_p")
 """The fields of an :class:`EditRequest` that override the server's :class:`EditSettings`."""
-
-
-SETTING_METHODS = {
-    "temperature": ("temperature", "top_p", "cd_k"),
-    "top_k": ("temperature", "top_p", "cd_k"),
-    "top_p": ("top_p",),
-    "cfg": ("greedy", "temperature", "top_p"),
-    "cdk_k": ("cd_k",),
-    "cdk_alpha": ("cd_k",),
-}
-"""The decoding methods that read each sampling field (greedy takes an argmax; CD-K guides by ``cdk_k``/``cdk_alpha``,
-not ``cfg``), as ``cm3leon generate``'s ``check_used`` has them."""
 
 
 def ignored_setting(request: BaseModel, defaults: Any, default_flag: str) -> str | None:
