@@ -9,7 +9,6 @@ happen in the module.
 
 from __future__ import annotations
 
-import numbers
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from cm3leon_lightning.data.cleaning import BadInput, clean_caption, to_rgb
 from cm3leon_lightning.data.sampling import ResumableTrainData
+from cm3leon_lightning.data.stages import check_seed
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 SHAPE_COLORS: dict[str, tuple[int, int, int]] = {
@@ -33,12 +33,6 @@ SHAPE_COLORS: dict[str, tuple[int, int, int]] = {
     "yellow": (230, 210, 20),
 }
 SHAPE_KINDS = ("square", "circle", "triangle")
-
-
-def _check_seed(seed: int) -> None:
-    """Refuse a ``seed`` that is not an integer >= 0 (numpy's error for it names no argument)."""
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-        raise ValueError(f"seed must be an integer >= 0 (it seeds the split and the generators), got {seed!r}")
 
 
 def make_shape_pairs(n: int, image_size: int = 32, seed: int = 0) -> tuple[np.ndarray, list[str]]:
@@ -56,7 +50,7 @@ def make_shape_pairs(n: int, image_size: int = 32, seed: int = 0) -> tuple[np.nd
     """
     if image_size < 16:
         raise ValueError(f"image_size must be >= 16, got {image_size}")
-    _check_seed(seed)
+    check_seed(seed, "the split and the generators")
     rng = np.random.default_rng(seed)
     colors = list(SHAPE_COLORS)
     yy, xx = np.mgrid[0:image_size, 0:image_size]
@@ -252,7 +246,7 @@ class ImageCaptionDataModule(ResumableTrainData, L.LightningDataModule):
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        _check_seed(seed)
+        check_seed(seed, "the split and the generators")
         self.data_dir, self.images, self.captions, self.synthetic = data_dir, images, captions, synthetic
         self.synthetic_source = synthetic_source
         self.image_size, self.batch_size, self.val_fraction = image_size, batch_size, val_fraction

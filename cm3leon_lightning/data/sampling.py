@@ -9,7 +9,6 @@ does; :class:`ResumableSampler` records the epoch and the batches consumed (coun
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -19,6 +18,7 @@ import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from cm3leon_lightning.data.stages import check_seed
 from cm3leon_lightning.data.stream import fingerprint_changes
 
 
@@ -112,9 +112,7 @@ class ResumableSampler(DistributedSampler):
         progress: Callable[[], tuple[int, int, int | float] | None] | None = None,
         with_epoch: bool = False,
     ) -> None:
-        # numpy refuses a negative seed only at the first pass ("expected non-negative integer"), naming nothing
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-            raise ValueError(f"seed must be an integer >= 0 (it seeds each epoch's order), got {seed!r}")
+        check_seed(seed, "each epoch's order")
         super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")

@@ -30,6 +30,13 @@ SFT_KEY_PREFIX = "sft-"  # keys of ``cm3leon prepare --source sft`` documents (d
 INFILL_ARGS = ("rate", "whole_segment_prob")  # the keyword arguments of cm3_infill that infill_kwargs may set
 
 
+def check_seed(seed: object, seeds: str) -> None:
+    """Refuse a ``seed`` that is not an integer >= 0, saying what it ``seeds``: numpy refuses a negative one only
+    when first used ("expected non-negative integer", naming nothing), often in a worker, and takes a float or bool."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0 (it seeds {seeds}), got {seed!r}")
+
+
 @dataclass
 class PipelineConfig:
     """Everything the per-sample stages need (small and picklable).
@@ -64,8 +71,7 @@ class PipelineConfig:
 
     def __post_init__(self) -> None:
         # Checked here, when the data module is built: a bad value used to fail at the first batch, in a worker.
-        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral) or self.seed < 0:
-            raise ValueError(f"seed must be an integer >= 0 (it seeds numpy's generators), got {self.seed!r}")
+        check_seed(self.seed, "numpy's generators")
         if self.cut_captions is not None and not isinstance(self.cut_captions, bool):
             raise ValueError(f"cut_captions must be true, false or null (automatic), got {self.cut_captions!r}")
         from cm3leon_lightning.objective.cm3 import check_infill_args
