@@ -31,6 +31,7 @@ from cm3leon_lightning.callbacks.base import (
 )
 from cm3leon_lightning.callbacks.cider import CIDErCallback
 from cm3leon_lightning.data.cleaning import model_text
+from cm3leon_lightning.generation.cli_files import drawable_text
 from cm3leon_lightning.metrics.fid import fid_resize, to_uint8_images
 
 DEFAULT_PROMPTS = (
@@ -51,8 +52,7 @@ def render_grid(images: Tensor, texts: Sequence[str], columns: int = 4, cell: in
     if len(images) != len(texts) or len(images) == 0:
         raise ValueError(f"render_grid needs as many texts as images (>= 1), got {len(images)} and {len(texts)}")
     font = ImageFont.load_default()
-    if not isinstance(font, ImageFont.FreeTypeFont):  # Pillow 10.0 or no FreeType: a Latin-1 bitmap font
-        texts = [t.encode("latin-1", "replace").decode("latin-1") for t in texts]  # else UnicodeEncodeError
+    texts = [drawable_text(t) for t in texts]
     line_h = 12
     chars = max(8, cell // 6)
     wrapped = [textwrap.wrap(t, chars)[:4] or ["(empty)"] for t in texts]

@@ -61,15 +61,24 @@ def to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
 
 
+def drawable_text(text: str) -> str:
+    """``text`` as PIL's default font can draw it: unchanged where that is a FreeType font; where it is the Latin-1
+    bitmap font (Pillow 10.0, or a build without FreeType), other characters as ``?`` (drawing them raised
+    ``UnicodeEncodeError``, after the images were decoded)."""
+    from PIL import ImageFont
+
+    if isinstance(ImageFont.load_default(), ImageFont.FreeTypeFont):
+        return text
+    return text.encode("latin-1", "replace").decode("latin-1")
+
+
 def save_grid(images: torch.Tensor, caption: str, path: Path, pad: int = 4) -> Image.Image:
     """Write candidates ``(N, C, H, W)`` side by side under a strip holding ``caption`` on one line (its line breaks
     drawn as spaces; in PIL's default font, where that is its Latin-1 bitmap font other characters show as ``?``);
     returns the PIL image."""
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import Image, ImageDraw
 
-    caption = " ".join(caption.split())  # a prompt's newline drew a second line over the tiles
-    if not isinstance(ImageFont.load_default(), ImageFont.FreeTypeFont):  # Pillow 10.0 or no FreeType
-        caption = caption.encode("latin-1", "replace").decode("latin-1")  # else UnicodeEncodeError, after decoding
+    caption = drawable_text(" ".join(caption.split()))  # a prompt's newline drew a second line over the tiles
     tiles = [to_pil(im).convert("RGB") for im in images]
     w, h = tiles[0].size
     strip = 14
