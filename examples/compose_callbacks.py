@@ -6,7 +6,8 @@ initialised micro VQGAN, and a fixed random feature extractor in place of Incept
 therefore meaningless; the point is the wiring. Run: ``python examples/compose_callbacks.py`` (``--help``).
 
 It works in a fresh temporary directory (tokenizer, VQGAN, shards, logs, sample grids), deleted when Python exits;
-``--workdir DIR`` writes them to ``DIR`` and keeps them.
+``--workdir DIR`` writes them to ``DIR`` and keeps them. Stopped by SIGTERM (``kill PID``) it exits with status 143,
+as the project's commands do, its temporary directory deleted.
 """
 
 # %% Imports
@@ -19,6 +20,7 @@ import json
 import shutil
 import sys
 import tempfile
+from contextlib import ExitStack
 from pathlib import Path
 
 import lightning as L
@@ -41,6 +43,7 @@ from cm3leon_lightning import (
 )
 from cm3leon_lightning.data.pairs import make_shape_pairs
 from cm3leon_lightning.data.shards import ShardSample
+from cm3leon_lightning.demo_cli import sigterm_raises
 
 # %% Arguments (in a notebook's kernel, whose command line is the kernel's, the defaults)
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -50,6 +53,12 @@ args = parser.parse_args([] if "ipykernel" in sys.modules else None)
 if args.workdir is not None and args.workdir.exists():  # never written over: the VQGAN export refuses, logs mix
     if not args.workdir.is_dir() or any(args.workdir.iterdir()):
         parser.error(f"argument --workdir: {args.workdir} is not an empty directory: give a new or empty one")
+
+# SIGTERM raises SystemExit(143) from here on, as in `cm3leon demo`: Python's default ended the run at once, without
+# the clean-up below, and Lightning's, during the fit, with status 0 (a notebook's kernel keeps its own handler).
+sigterm = ExitStack()
+if "ipykernel" not in sys.modules:
+    sigterm.enter_context(sigterm_raises())
 
 torch.manual_seed(0)
 if args.workdir is None:

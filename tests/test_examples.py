@@ -20,14 +20,18 @@ import cm3leon_lightning
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-def compose_callbacks(tmp_path: Path, *args: str, code: str | None = None) -> subprocess.CompletedProcess:
-    """Run examples/compose_callbacks.py (or ``python -c code`` on it) with its temporary directory in
-    ``tmp_path / "tmp"`` (torch's compile cache elsewhere: it is not the example's)."""
+def compose_callbacks_env(tmp_path: Path) -> dict[str, str]:
+    """The environment of examples/compose_callbacks.py's runs: its temporary directory in ``tmp_path / "tmp"``
+    (torch's compile cache elsewhere: it is not the example's)."""
     (tmp_path / "tmp").mkdir(exist_ok=True)
-    env = {**os.environ, "TMPDIR": str(tmp_path / "tmp"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    return {**os.environ, "TMPDIR": str(tmp_path / "tmp"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+
+
+def compose_callbacks(tmp_path: Path, *args: str, code: str | None = None) -> subprocess.CompletedProcess:
+    """Run examples/compose_callbacks.py (or ``python -c code`` on it) in :func:`compose_callbacks_env`."""
     script = str(EXAMPLES / "compose_callbacks.py")
     cmd = [sys.executable, script, *args] if code is None else [sys.executable, "-c", code, script, *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.run(cmd, capture_output=True, text=True, env=compose_callbacks_env(tmp_path), timeout=600)
 
 
 def test_compose_callbacks_example(tmp_path: Path) -> None:
@@ -85,6 +89,42 @@ def test_compose_callbacks_help_and_a_used_workdir(tmp_path: Path) -> None:
     assert done.returncode == 2 and done.stderr.splitlines()[-1] == f"compose_callbacks.py: error: {message}"
     assert [p.name for p in (tmp_path / "work").iterdir()] == ["notes.txt"]
     assert sorted((tmp_path / "tmp").iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "running", ["tokenizer", "hparams.yaml"], ids=["before-the-fit", "in-the-fit"]
+)  # the path whose creation shows how far the run got: its tokenizer saved, or the fit's logger started
+def test_compose_callbacks_stopped_by_sigterm_exits_143(tmp_path: Path, running: str) -> None:
+    """`kill PID` while the example ran: in the fit it exited with status 0 (Lightning ends a fit stopped by SIGTERM
+    with a SystemExit of no code), before it Python's default ended it at once and left its temporary directory
+    behind. Both now exit 143, the directory deleted, no process of the run left."""
+    import signal
+    import time
+
+    from support.processes import group_alive
+
+    script = str(EXAMPLES / "compose_callbacks.py")
+    proc = subprocess.Popen(
+        [sys.executable, script], env=compose_callbacks_env(tmp_path), stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while not list((tmp_path / "tmp").glob(f"cm3leon-callbacks-*/**/{running}")):
+            assert proc.poll() is None and time.monotonic() < deadline, f"the example never wrote {running}"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 143, err[-3000:]
+        assert "Traceback" not in err and sorted((tmp_path / "tmp").iterdir()) == []
+        deadline = time.monotonic() + 10
+        while group_alive(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not group_alive(proc.pid), "the example left processes running after SIGTERM"
+    finally:
+        if proc.poll() is None or group_alive(proc.pid):
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def test_examples_import_the_public_names_from_the_package() -> None:
