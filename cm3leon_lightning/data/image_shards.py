@@ -6,6 +6,7 @@ Split from :mod:`cm3leon_lightning.data.images` (which re-exports these names) s
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,28 @@ class EpochShuffle(wds.PipelineStage):
         state = np.random.SeedSequence((self.seed, epoch)).generate_state(2)
         rng = random.Random(int(state[0]) << 32 | int(state[1]))
         return wds.shuffle(self.bufsize, 100, rng=rng)(src)
+
+
+def tar_samples(src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """WebDataset stage, ``wds.tarfile_to_samples()`` with damage named: shard items ``{"url"}`` -> samples
+    ``{"__key__", "__url__", <extension>: bytes}`` (members grouped as WebDataset groups them; compressed tars read).
+
+    Raises:
+        ValueError: naming the shard, when it is truncated or garbled, after its complete samples (a plain ValueError,
+            which a DataLoader worker passes on as one). WebDataset read a tar cut exactly between two members as a
+            whole, shorter one, without a word (:func:`~cm3leon_lightning.data.tars.iter_tar_samples`).
+    """
+    from cm3leon_lightning.data.samples import ShardFormatError
+    from cm3leon_lightning.data.tars import decompressed, iter_tar_samples
+
+    for item in src:
+        url = item["url"]
+        with wds.gopen(url) as raw:
+            try:
+                for key, members in iter_tar_samples(decompressed(raw), url):
+                    yield {"__key__": key, "__url__": url, **members}
+            except ShardFormatError as e:
+                raise ValueError(str(e)) from e
 
 
 def _is_shards(spec: str) -> bool:

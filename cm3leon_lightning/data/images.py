@@ -27,6 +27,7 @@ from cm3leon_lightning.data.image_shards import (  # noqa: F401 (re-exported: th
     check_even_split,
     expand_shard_urls,
     shard_urls,
+    tar_samples,
 )
 from cm3leon_lightning.data.positioned import FitPosition, PositionedLoader
 from cm3leon_lightning.data.sampling import ResumableTrainData, trainer_position
@@ -187,7 +188,7 @@ def image_shards(
     stages = [wds.SimpleShardList(urls)]
     if shuffle:
         stages.append(EpochShuffle(100, seed, epoch))  # shard order: the same in every worker and rank
-    stages += [wds.split_by_node, wds.split_by_worker, wds.tarfile_to_samples()]
+    stages += [wds.split_by_node, wds.split_by_worker, tar_samples]  # a truncated shard fails, named
     if shuffle:
         stages.append(EpochShuffle(shuffle, seed, epoch))
     to_sample = functools.partial(_random_flip_tensor, size=image_size, hflip=hflip)

@@ -18,6 +18,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
+from cm3leon_lightning.data.image_shards import tar_samples
 from cm3leon_lightning.data.images import pick_image, to_tensor
 from cm3leon_lightning.data.positioned import PositionedLoader
 from cm3leon_lightning.data.shards import count_tar_samples, is_remote
@@ -29,7 +30,8 @@ def drawn_samples(urls: list[str], rng: np.random.Generator) -> Iterator[dict[st
     """Raw WebDataset samples of shards drawn from ``urls`` with replacement by ``rng``, forever.
 
     Raises:
-        ValueError: when every shard of ``urls`` was drawn, and held no sample, since the last sample (naming the
+        ValueError: a truncated or garbled shard (:func:`~cm3leon_lightning.data.image_shards.tar_samples`, named);
+            when every shard of ``urls`` was drawn, and held no sample, since the last sample (naming the
             last one): the stream would never fill a batch. Some empty shards among others are read past, however
             many (a run of empty draws is no sign that all are empty).
     """
@@ -38,7 +40,7 @@ def drawn_samples(urls: list[str], rng: np.random.Generator) -> Iterator[dict[st
     while True:
         url = urls[int(rng.integers(len(urls)))]
         found = False
-        for sample in wds.tarfile_to_samples()([{"url": url}]):
+        for sample in tar_samples([{"url": url}]):  # a truncated shard fails, named
             found = True
             yield sample
         if found:

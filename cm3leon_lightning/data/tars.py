@@ -6,7 +6,10 @@ Split from :mod:`cm3leon_lightning.data.shards`, which re-exports these names.
 
 from __future__ import annotations
 
+import bz2
 import collections
+import gzip
+import lzma
 import os
 import re
 import tarfile
@@ -16,6 +19,12 @@ from typing import BinaryIO
 from cm3leon_lightning.data.samples import ShardFormatError
 
 _MEMBER_NAME = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # (key, extension): webdataset's base_plus_ext
+# magic bytes of the compressions tarfile's "r|*" (and so WebDataset) reads, and their readers
+_COMPRESSIONS = (
+    (b"\x1f\x8b", lambda f: gzip.GzipFile(fileobj=f)),
+    (b"BZh", bz2.BZ2File),
+    (b"\xfd7zXZ\x00", lzma.LZMAFile),
+)
 
 
 class _RecentBytes:
@@ -45,6 +54,32 @@ class _RecentBytes:
         if start < 0:
             return None
         return b"".join(self.chunks)[start : start + tarfile.BLOCKSIZE]
+
+
+class _Prefixed:
+    """A read-only stream: the bytes ``head`` (already read from ``raw``), then the rest of ``raw``."""
+
+    def __init__(self, head: bytes, raw: BinaryIO) -> None:
+        self.head, self.raw = head, raw
+
+    def read(self, n: int = -1) -> bytes:
+        """Up to ``n`` bytes (all with ``n < 0``)."""
+        if n is None or n < 0:
+            data, self.head = self.head + self.raw.read(), b""
+            return data
+        data, self.head = self.head[:n], self.head[n:]
+        return data + self.raw.read(n - len(data)) if len(data) < n else data
+
+
+def decompressed(raw: BinaryIO) -> BinaryIO:
+    """``raw`` decompressed when it starts as a gzip, bzip2 or xz stream (the tars WebDataset reads), else as is;
+    for :func:`iter_tar_samples`, which reads plain tars. Reads from ``raw`` as a stream (no seeking)."""
+    head = raw.read(6)
+    stream = _Prefixed(head, raw)
+    for magic, reader in _COMPRESSIONS:
+        if head.startswith(magic):
+            return reader(stream)  # type: ignore[return-value]
+    return stream  # type: ignore[return-value]
 
 
 def iter_tar_samples(stream: BinaryIO, name: str = "<stream>") -> Iterator[tuple[str, dict[str, bytes]]]:
@@ -98,7 +133,9 @@ def tar_sample_keys(path: str | os.PathLike[str]) -> Iterator[str]:
     reads, is decompressed). Stop early to read fewer headers.
 
     Raises:
-        ValueError: ``path`` is not a readable tar (named). FileNotFoundError: it is missing.
+        ValueError: ``path`` is not a readable tar (named): also one truncated exactly between two members or with a
+            garbled member header, where tarfile stops without a word (after yielding the keys before).
+        FileNotFoundError: ``path`` is missing.
     """
     key = None
     try:
@@ -108,6 +145,11 @@ def tar_sample_keys(path: str | os.PathLike[str]) -> Iterator[str]:
                 if split is not None and split.group(1) != key:
                     key = split.group(1)
                     yield key
+            tf.fileobj.seek(tf.offset)  # a whole tar has its end-of-archive marker where the next header would be
+            end = tf.fileobj.read(tarfile.BLOCKSIZE)
+            if end != bytes(tarfile.BLOCKSIZE):
+                what = "cut off" if len(end) < tarfile.BLOCKSIZE else "a garbled member header"
+                raise tarfile.ReadError(f"no end-of-archive marker at byte {tf.offset}: {what}")
     except (tarfile.TarError, EOFError) as e:
         raise ValueError(f"{path}: not a readable tar ({e})") from e
 

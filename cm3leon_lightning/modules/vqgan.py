@@ -138,8 +138,16 @@ class VQGANModule(L.LightningModule):
             raise ValueError(f"lr_decay must be 'constant' or 'cosine', got {lr_decay!r}")
         if not 0 <= min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio must lie in [0, 1], got {min_lr_ratio}")
-        if disc_weight < 0 or disc_start < 0 or codebook_weight < 0:
-            raise ValueError("disc_weight, disc_start and codebook_weight must be >= 0")
+        weights = {"disc_weight": disc_weight, "disc_start": disc_start, "codebook_weight": codebook_weight,
+                   "perceptual_weight": perceptual_weight, "gradient_clip_val": gradient_clip_val or 0}  # fmt: skip
+        for name, value in weights.items():  # a negative perceptual weight or clip value was ignored without a word
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        disc_set = {"disc_start": (disc_start, 0), "disc_lr": (disc_lr, None), "disc_ndf": (disc_ndf, 64),
+                    "disc_layers": (disc_layers, 3)}  # fmt: skip
+        unused = [f"{k}={v}" for k, (v, default) in disc_set.items() if v != default]
+        if disc_weight == 0 and unused:
+            warnings.warn(f"{', '.join(unused)} set but disc_weight is 0: no discriminator is built", stacklevel=2)
         self.config = config_from_overrides(preset, self.hparams)  # validates early, before the network is built
         side = self.config.resolution
         if disc_weight > 0 and side < NLayerDiscriminator.min_input_size(disc_layers):
@@ -160,6 +168,11 @@ class VQGANModule(L.LightningModule):
                 "has no codebook lookup, EMA updates or dead-code restarts and would ignore them: drop them, or use "
                 "quantizer: vq"
             )
+        other = {"vq": ("gumbel_kl_weight", "gumbel_temperature"), "gumbel": ("beta",)}[self.config.quantizer]
+        unused = [f"{k}={self.hparams[k]}" for k in other if self.hparams[k] is not None]
+        if unused:  # harmless, but the run differs from what the config reads as
+            msg = f"{', '.join(unused)} set but quantizer is {self.config.quantizer!r}, which does not use it"
+            warnings.warn(msg, stacklevel=2)
         if gumbel_temperature_end is not None:
             if self.config.quantizer != "gumbel":
                 raise ValueError(
@@ -231,18 +244,21 @@ class VQGANModule(L.LightningModule):
         return self.hparams.lr if self.hparams.disc_lr is None else self.hparams.disc_lr
 
     def run_batches(self) -> int | None:
-        """Batches the run trains: from ``trainer.max_steps`` (optimizer steps, :meth:`total_batches`), else the
-        trainer's estimate for ``max_epochs`` over data of known length; None when neither is known."""
+        """Batches the run trains: the fewer of those of ``trainer.max_steps`` (optimizer steps,
+        :meth:`total_batches`) and of ``max_epochs`` over data of known length (the trainer's estimate, which is
+        never below the batches of ``max_steps``); None when neither is known. (``max_steps`` alone set the length
+        when both were given, so a run that ``max_epochs`` ended first stopped high on its cosine decay.)"""
         if self._trainer is None:
             return None
         max_steps = self.trainer.max_steps
-        if max_steps is not None and max_steps > 0:
-            return self.total_batches(max_steps)
+        bounds = [self.total_batches(max_steps)] if max_steps is not None and max_steps > 0 else []
         try:
-            estimated = float(self.trainer.estimated_stepping_batches)
+            estimated = float(self.trainer.estimated_stepping_batches)  # min(epochs x batches, max_steps)
         except (RuntimeError, AttributeError):
-            return None
-        return int(estimated) if math.isfinite(estimated) and estimated > 0 else None
+            estimated = math.inf
+        if math.isfinite(estimated) and estimated > 0:
+            bounds.append(int(estimated))
+        return min(bounds) if bounds else None
 
     def on_train_start(self) -> None:
         """Fix the length the cosine decay spans (it fell back to a constant rate when training was bounded by

@@ -390,3 +390,46 @@ def test_the_ddp_shard_check_reads_shards_as_webdataset_does(tmp_path: Path) -> 
     (tmp_path / "bad.tar").write_bytes(b"not a tar" * 100)
     with pytest.raises(ValueError, match=r"bad\.tar: not a readable tar"):
         check_even_split([str(tmp_path / "s-0.tar"), str(tmp_path / "bad.tar")], 2, 0, "train")
+
+
+def _cut_before_member(path: Path, member: int, out: Path) -> None:
+    """Copy ``path`` to ``out`` cut exactly before the header of member ``member`` (a tar block boundary)."""
+    import tarfile
+
+    with tarfile.open(path) as tf:
+        offset = tf.getmembers()[member].offset
+    out.write_bytes(path.read_bytes()[:offset])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_shard_cut_exactly_between_two_members_is_refused_naming_it(tmp_path: Path, workers: int) -> None:
+    """tarfile (and so WebDataset) ends a tar cut at a member boundary without a word: the shard was read as a
+    shorter whole one (2 of its 3 images), and the DDP check counted 2 images."""
+    imgs = synthetic_images(3, 8, seed=6)
+    _write_shard(tmp_path / "whole.tar", imgs)
+    (tmp_path / "sh").mkdir()
+    _cut_before_member(tmp_path / "whole.tar", 4, tmp_path / "sh" / "cut.tar")  # png + txt per image: 2 images kept
+    dm = ImageDataModule(train=str(tmp_path / "sh"), val=str(tmp_path / "sh"), image_size=8, batch_size=1,
+                         num_workers=workers)  # fmt: skip
+    cut = r"shard .*sh/cut\.tar: unreadable tar after sample 'img0001' \(no end-of-archive marker at byte \d+: cut off"
+    with pytest.raises(ValueError, match=cut):
+        list(dm.train_dataloader())
+    with pytest.raises(ValueError, match=cut):
+        list(dm.val_dataloader())
+    with pytest.raises(ValueError, match=r"sh/cut\.tar: not a readable tar \(no end-of-archive marker .*: cut off\)"):
+        count_tar_samples(tmp_path / "sh" / "cut.tar")
+    assert count_tar_samples(tmp_path / "whole.tar") == 3
+
+
+def test_gzipped_shards_are_read_as_webdataset_reads_them(tmp_path: Path) -> None:
+    """The checked tar reader decompresses a gzipped shard as WebDataset's tarfile "r|*" did; cut, it is named."""
+    imgs = synthetic_images(3, 8, seed=7)
+    _write_shard(tmp_path / "s.tar", imgs)
+    data = (tmp_path / "s.tar").read_bytes()
+    (tmp_path / "s.tar.gz").write_bytes(gzip.compress(data))
+    dm = ImageDataModule(train=str(tmp_path / "s.tar"), val=str(tmp_path / "s.tar.gz"), image_size=8, batch_size=3)
+    assert torch.equal(next(iter(dm.val_dataloader())), torch.from_numpy(imgs).permute(0, 3, 1, 2))
+    (tmp_path / "cut.tar.gz").write_bytes(gzip.compress(data)[:-100])
+    dm = ImageDataModule(train=str(tmp_path / "s.tar"), val=str(tmp_path / "cut.tar.gz"), image_size=8, batch_size=3)
+    with pytest.raises(ValueError, match=r"shard .*cut\.tar\.gz: unreadable tar"):
+        list(dm.val_dataloader())

@@ -266,3 +266,23 @@ def test_an_image_that_does_not_decode_is_named_with_its_shard(tmp_path: Path) -
     loader = data(tmp_path / "sh", epoch_batches=4).train_dataloader()
     with pytest.raises(ValueError, match=r"cannot decode image 'broken' \(png\) in shard .*sh/s-1\.tar: Unidentified"):
         list(loader)
+
+
+def test_a_shard_cut_exactly_between_two_members_is_refused_naming_it(tmp_path: Path) -> None:
+    """Drawn, a tar cut at a member boundary was read as a shorter whole one without a word, and counted short for
+    the default epoch length."""
+    import tarfile
+
+    write_shards(tmp_path / "sh", [3])
+    shard = tmp_path / "sh" / "s-0.tar"
+    with tarfile.open(shard) as tf:
+        offset = tf.getmembers()[2].offset  # one png member per image: the first two images kept
+    shard.write_bytes(shard.read_bytes()[:offset])
+    with pytest.raises(ValueError, match=r"sh/s-0\.tar: not a readable tar \(no end-of-archive marker .*: cut off\)"):
+        data(tmp_path / "sh").train_dataloader()
+    stream = drawn_samples([str(shard)], np.random.default_rng(0))
+    assert next(stream)["__key__"] == "i0000"  # not i0001: the last sample read may have lost members to the cut
+    with pytest.raises(ValueError, match=r"shard .*sh/s-0\.tar: unreadable tar after sample 'i0001' \(.*cut off\)"):
+        next(stream)
+    with pytest.raises(ValueError, match=r"shard .*sh/s-0\.tar: unreadable tar after sample 'i0001' \(.*cut off\)"):
+        list(data(tmp_path / "sh", epoch_batches=2).train_dataloader())

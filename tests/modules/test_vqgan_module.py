@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -189,6 +190,29 @@ def test_module_argument_errors() -> None:
         VQGANModule(preset="micro", lpips_weights="x.pth")
 
 
+def test_settings_the_run_would_ignore_are_refused_or_warned_about_naming_them() -> None:
+    """A negative perceptual weight (no LPIPS) or clip value (Lightning skips clipping at <= 0) trained without them,
+    and discriminator settings with ``disc_weight`` 0, Gumbel settings on the vq quantizer or ``beta`` on the Gumbel
+    one were dropped, all without a word."""
+    with pytest.raises(ValueError, match=r"^perceptual_weight must be >= 0, got -1.0$"):
+        VQGANModule(preset="micro", perceptual_weight=-1.0)
+    with pytest.raises(ValueError, match=r"^gradient_clip_val must be >= 0, got -0.5$"):
+        VQGANModule(preset="micro", gradient_clip_val=-0.5)
+    with pytest.raises(ValueError, match=r"^disc_start must be >= 0, got -1$"):
+        VQGANModule(preset="micro", disc_start=-1)
+    with pytest.warns(UserWarning, match=r"^disc_start=30000, disc_layers=2 set but disc_weight is 0: no discrimin"):
+        VQGANModule(preset="micro", disc_start=30000, disc_layers=2)
+    with pytest.warns(UserWarning, match=r"^gumbel_kl_weight=0.001 set but quantizer is 'vq', which does not use it"):
+        VQGANModule(preset="micro", gumbel_kl_weight=1e-3)
+    with pytest.warns(UserWarning, match=r"^beta=0.5 set but quantizer is 'gumbel', which does not use it"):
+        VQGANModule(preset="micro", quantizer="gumbel", beta=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the settings that are used: no warning
+        VQGANModule(preset="micro", disc_weight=0.5, disc_start=2, disc_layers=1, gradient_clip_val=0.0)
+        VQGANModule(preset="micro", quantizer="gumbel", gumbel_kl_weight=1e-3, gumbel_temperature=0.5)
+        VQGANModule(preset="micro", beta=0.5)
+
+
 def test_hinge_loss_and_adaptive_weight_values() -> None:
     real, fake = torch.tensor([2.0, 0.5]), torch.tensor([-2.0, 0.0])
     assert hinge_d_loss(real, fake).item() == pytest.approx(0.5 * (0.25 + 0.5))
@@ -291,6 +315,24 @@ def test_cosine_decay_spans_max_epochs_and_disc_lr_zero_is_a_rate(tmp_path: Path
     constant = VQGANModule(preset="micro", num_logged_images=0)
     _trainer(tmp_path, max_steps=-1, max_epochs=1, enable_checkpointing=False).fit(constant, stream)
     assert int(constant.train_steps) == 2
+
+
+def test_cosine_decay_spans_max_epochs_when_they_end_the_run_before_max_steps(tmp_path: Path) -> None:
+    """Given both, ``max_steps`` alone set the decay's length: 2 epochs of 4 batches with ``max_steps=100`` ended at
+    lr 0.99e-3 of 1e-3 instead of at the floor."""
+    module = VQGANModule(preset="micro", lr=1e-3, lr_decay="cosine", min_lr_ratio=0.25, num_logged_images=0)
+    data = ImageDataModule(synthetic=16, image_size=16, batch_size=4)  # 4 batches per epoch
+    trainer = _trainer(tmp_path, max_steps=100, max_epochs=2, limit_val_batches=0, enable_checkpointing=False)
+    trainer.fit(module, datamodule=data)
+    assert int(module.train_steps) == 8 and module.run_batches() == 8
+    expected = 1e-3 * (0.25 + 0.75 * 0.5 * (1 + math.cos(7 * math.pi / 8)))  # the 8th (last) batch: progress 7/8
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(expected)
+    assert module.learning_rate() == pytest.approx(0.25e-3)
+    # max_steps ends it first: its batches (3 x 2 optimizer steps from disc_start 0), not the epochs'
+    gan = VQGANModule(preset="micro", disc_weight=0.5, disc_layers=1, disc_ndf=8, num_logged_images=0)
+    trainer = _trainer(tmp_path, max_steps=6, max_epochs=2, limit_val_batches=0, enable_checkpointing=False)
+    trainer.fit(gan, datamodule=data)
+    assert int(gan.train_steps) == 3 and gan.run_batches() == 3
 
 
 def test_training_checkpoint_loads_with_from_pretrained(tmp_path: Path) -> None:
