@@ -77,10 +77,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         # LightningCLI's own message would offer only its four subcommands, as if `export` and the rest did not exist
         print(f"cm3leon: error: unknown command {args[0]!r} (choose from {choices}; cm3leon --help)", file=sys.stderr)
         return 2
+    command = next((a for a in args if a in LIGHTNING_COMMANDS), "")
+    bad_config = config_file_error(args)
+    if bad_config:  # jsonargparse names no file: "while parsing a block mapping in "<unicode string>", line 1"
+        print(f"cm3leon {command}: error: {bad_config}", file=sys.stderr)
+        return 2
     from cm3leon_lightning.trainer_cli import INPUT_ERRORS, CM3LeonCLI, input_error
 
     # args=None lets LightningCLI read sys.argv itself (passing both makes it warn).
-    command = next((a for a in args if a in LIGHTNING_COMMANDS), "")
     try:
         CM3LeonCLI(args=None if argv is None else args)
     except INPUT_ERRORS as err:
@@ -99,6 +103,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return status
     return 0
+
+
+def config_file_error(args: Sequence[str]) -> str | None:
+    """``--config PATH: <the YAML error, with its line>`` for the first ``--config`` / ``-c`` file of ``args`` that
+    is not valid YAML, else None (a value that is no file is left to LightningCLI: it may be YAML text)."""
+    import yaml
+
+    for i, arg in enumerate(args):
+        flag, _, path = arg.partition("=")
+        if flag not in ("--config", "-c"):
+            continue
+        path = path if "=" in arg else (args[i + 1] if i + 1 < len(args) else "")
+        if not os.path.isfile(path):
+            continue
+        try:
+            with open(path, encoding="utf-8") as f:
+                yaml.safe_load(f)
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            return f"--config {path}: {' '.join(str(err).split())}"
+    return None
 
 
 RESUME_HINT = {"fit": "; the checkpoints written so far are kept: resume with --ckpt_path <last.ckpt>"}

@@ -7,6 +7,7 @@ and the one-line reporting of bad input.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import traceback
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 from jsonargparse import set_parsing_settings
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities import rank_zero_warn
 
 from cm3leon_lightning.cli import DESCRIPTION
 
@@ -56,12 +58,14 @@ class CM3LeonCLI(LightningCLI):
         super().__init__(*args, **kwargs)
 
     def parse_arguments(self, parser: Any, args: Any) -> None:
-        """Parse as LightningCLI does, and note the model's class and its :data:`RUN_SETTINGS` as given, before
-        ``--ckpt_path``'s hyper-parameters replace them."""
+        """Parse as LightningCLI does, and note the model's class and arguments (its :data:`RUN_SETTINGS` among
+        them) as given, before ``--ckpt_path``'s hyper-parameters replace them."""
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         config = self.config[subcommand] if subcommand else self.config
         self.given_model_class = config.get("model.class_path")
+        init_args = config.get("model.init_args")
+        self.given_model_args = copy.deepcopy(dict(vars(init_args))) if init_args is not None else {}
         self.given_run_settings = {
             key: config[f"model.init_args.{key}"] for key in RUN_SETTINGS if f"model.init_args.{key}" in config
         }
@@ -82,7 +86,8 @@ class CM3LeonCLI(LightningCLI):
         LightningCLI applies a checkpoint's hyper-parameters over the command line, so an ``init_from`` saved there
         would make every resume or prediction read the pretrained file again (and fail where it is gone). Also with
         ``--ckpt_path``: refuse a checkpoint of another class than the model given (LightningCLI would silently build
-        the checkpoint's class: a VQGAN in a CM3Leon run), and keep the :data:`RUN_SETTINGS` as given."""
+        the checkpoint's class: a VQGAN in a CM3Leon run), keep the :data:`RUN_SETTINGS` as given, and for ``fit`` warn
+        of every other model argument given that the checkpoint's hyper-parameters replaced (``lr`` ...)."""
         from cm3leon_lightning.model.pretrained import is_model_dir
 
         subcommand = self.config.get("subcommand")
@@ -110,6 +115,18 @@ class CM3LeonCLI(LightningCLI):
         for key, value in getattr(self, "given_run_settings", {}).items():
             if f"model.init_args.{key}" in config:
                 config[f"model.init_args.{key}"] = value
+        given = getattr(self, "given_model_args", {})
+        replaced = replaced_model_args(given, config.get("model.init_args"))
+        if replaced and subcommand == "fit":
+            hint = (
+                "; --model.init_args.init_from starts a new run from its weights with them"
+                if "init_from" in given
+                else ""
+            )
+            rank_zero_warn(
+                f"--ckpt_path {ckpt_path}: the run resumes with the checkpoint's model hyper-parameters, not these "
+                f"given: {replaced} (LightningCLI restores them{hint})"
+            )
         if config.get("model.init_args.init_from") is not None:
             config["model.init_args.init_from"] = None
 
@@ -123,10 +140,30 @@ def _import_class(path: str | None) -> Any:
         return path
 
 
-RUN_SETTINGS = ("export_path", "overwrite_export")
-"""Model arguments that say where a run writes, not what it trains (``ClipModule``'s): on resume they are taken as
-given, not from the checkpoint's hyper-parameters, so that ``--model.init_args.overwrite_export true``, which the
-refusal of an existing ``export_path`` asks for, takes effect."""
+RUN_SETTINGS = ("export_path", "overwrite_export", "activation_checkpointing", "compile", "allow_tokenizer_change")
+"""Model arguments that say where a run writes, how it computes or what data it accepts, not what it trains
+(``ClipModule``'s export; ``CM3LeonModule``'s memory and speed switches and its consent to data of other tokenizers): on
+resume they are taken as given, not from the checkpoint's hyper-parameters, so that the flags the refusals ask for
+(``--model.init_args.overwrite_export true`` for an existing ``export_path``, ``--model.init_args.allow_tokenizer_change
+true`` for data of another tokenizer) and ``--model.init_args.activation_checkpointing true`` on a smaller GPU take
+effect."""
+
+NOT_RESTORED = ("config", "vocab", "init_from", *RUN_SETTINGS)
+"""Model arguments :func:`replaced_model_args` leaves out: ``config`` and ``vocab`` are resolved from the preset and
+the data, ``init_from`` is dropped on resume, and the :data:`RUN_SETTINGS` are kept as given."""
+
+
+def replaced_model_args(given: dict[str, Any], restored: Any) -> str:
+    """``key value (the checkpoint's: value)`` for each model argument given that ``--ckpt_path``'s hyper-parameters
+    ``restored`` (the model's ``init_args``) replaced, comma-separated; empty when none was."""
+    if restored is None:
+        return ""
+    changed = [
+        f"{key} {value!r} (the checkpoint's: {restored[key]!r})"
+        for key, value in given.items()
+        if key not in NOT_RESTORED and key in restored and restored[key] != value
+    ]
+    return ", ".join(changed)
 
 
 INPUT_ERRORS: tuple[type[BaseException], ...] = (

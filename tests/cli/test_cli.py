@@ -297,3 +297,57 @@ def test_bad_input_to_a_lightning_subcommand_is_one_line_and_status_2(
     monkeypatch.setenv("CM3LEON_TRACEBACK", "1")  # the traceback when asked for
     with pytest.raises(FileNotFoundError, match="nope.ckpt"):
         main(["fit", "--config", str(TINY_MODEL), "--config", str(cfg), "--ckpt_path", "nope.ckpt"])
+
+
+PLACEHOLDERS = {
+    "<data>.yaml": "configs/data/shards.yaml",
+    "<experiment>.yaml": "configs/experiments/demo_shapes.yaml",
+    "--config ...": "--config configs/model/7b.yaml --config configs/data/shards.yaml",
+}
+"""What the configs' header comments leave to the reader, filled in so their commands can be parsed."""
+
+
+def header_commands(path: Path) -> list[str]:
+    """The ``cm3leon fit|validate|test|predict --...`` commands of a config's header comment, continuation lines
+    joined and placeholders filled."""
+    import re
+
+    header = "".join(line[1:] for line in path.read_text().splitlines(keepends=True) if line.startswith("#"))
+    header = re.sub(r"\\\n\s*", "", header)
+    commands = re.findall(r"cm3leon (?:fit|validate|test|predict) --[^\n`)]*", header)
+    for placeholder, value in PLACEHOLDERS.items():
+        commands = [c.replace(placeholder, value) for c in commands]
+    return [" ".join(c.split()) for c in commands]
+
+
+def test_every_command_of_the_config_headers_parses(capsys: pytest.CaptureFixture[str], monkeypatch) -> None:
+    """The commands the configs' comments give to copy parse with ``--print_config``; the 7b preset's trains sharded
+    (FSDP): its comment composed it with gpu_bf16.yaml alone, DDP's full copy per GPU (about 112 GB with AdamW's
+    states), which the README's command does not."""
+    monkeypatch.chdir(ROOT)
+    commands = {path: header_commands(path) for path in CONFIGS}
+    assert sum(len(c) for c in commands.values()) >= 15
+    for path, lines in commands.items():
+        for command in lines:
+            with pytest.raises(SystemExit) as exit_info:
+                main([*command.split()[1:], "--print_config"])
+            assert exit_info.value.code in (0, None), command
+            printed = yaml.safe_load(capsys.readouterr().out)
+            assert ROOT / command.split()[3] in CONFIGS, command  # the first --config names a file of configs/
+            if printed["model"]["init_args"].get("preset") == "7b" and command.startswith("cm3leon fit"):
+                strategy = printed["trainer"]["strategy"]  # "auto" (DDP on several GPUs) or a class_path
+                strategy = strategy if isinstance(strategy, str) else strategy["class_path"]
+                assert strategy == "lightning.pytorch.strategies.FSDPStrategy", f"{path}: {command}"
+
+
+def test_a_config_file_that_is_not_yaml_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """jsonargparse's message for a YAML syntax error names no file (`in "<unicode string>", line 3`), so with a
+    trainer, a model and a data config composed the user could not tell which to fix."""
+    broken = tmp_path / "data.yaml"
+    broken.write_text("data:\n  class_path: x\n bad: [\n")
+    for flag in (["--config", str(broken)], [f"--config={broken}"], ["-c", str(broken)]):
+        assert main(["fit", "--config", str(TINY_MODEL), *flag]) == 2
+        assert capsys.readouterr().err == (
+            f'cm3leon fit: error: --config {broken}: while parsing a block mapping in "{broken}", line 1, column 1 '
+            f"expected <block end>, but found '<block mapping start>' in \"{broken}\", line 3, column 2\n"
+        )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -112,3 +113,75 @@ def test_a_run_stopped_by_a_signal_exits_with_its_status(
     with pytest.raises(SystemExit) as exit_info:
         main(["validate", "--config", "run.yaml"])
     assert exit_info.value.code == 1
+
+
+def _resumed_module(args: list[str], monkeypatch: pytest.MonkeyPatch) -> object:
+    """The ``CM3LeonCLI`` of ``cm3leon <args>``, built as for a run that is then not started."""
+    from cm3leon_lightning.trainer_cli import CM3LeonCLI
+
+    monkeypatch.setattr(CM3LeonCLI, "_run_subcommand", lambda self, subcommand: None)
+    return CM3LeonCLI(args=args)
+
+
+def test_a_resume_warns_of_the_model_arguments_the_checkpoint_replaced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """LightningCLI puts a checkpoint's hyper-parameters over the command line: `cm3leon fit ... --ckpt_path last.ckpt
+    --model.init_args.lr 1e-4` resumed with the checkpoint's lr without a word, and `activation_checkpointing true`
+    (to resume on a smaller GPU) or `compile true` were dropped the same way. Those two only change memory and speed,
+    so they are now taken as given; the others are named in a warning."""
+    from support.token_data import write_fit_config
+
+    from cm3leon_lightning.cli import main
+
+    tiny = Path(__file__).resolve().parents[2] / "configs" / "model" / "tiny.yaml"
+    cfg = write_fit_config(tmp_path, max_steps=1, n_train=4)
+    base = ["fit", "--config", str(tiny), "--config", str(cfg)]
+    assert main(base) == 0
+    last = tmp_path / "ckpt" / "last.ckpt"
+    given = ["--model.init_args.lr", "1e-4", "--model.init_args.decay_steps", "50",
+             "--model.init_args.activation_checkpointing", "true", "--model.init_args.compile", "true"]  # fmt: skip
+    with pytest.warns(UserWarning) as record:
+        cli = _resumed_module([*base, "--ckpt_path", str(last), *given], monkeypatch)
+    hparams = cli.model.hparams
+    assert (hparams.lr, hparams.decay_steps) == (3e-3, None)  # tiny.yaml's, as the checkpoint holds
+    assert (hparams.activation_checkpointing, hparams.compile) == (True, True)
+    assert [str(w.message) for w in record if str(w.message).startswith("--ckpt_path")] == [
+        f"--ckpt_path {last}: the run resumes with the checkpoint's model hyper-parameters, not these given: lr "
+        "0.0001 (the checkpoint's: 0.003), decay_steps 50 (the checkpoint's: None) (LightningCLI restores them; "
+        "--model.init_args.init_from starts a new run from its weights with them)"
+    ]
+    with warnings.catch_warnings(record=True) as record:  # the same arguments as the checkpoint's: nothing to say
+        warnings.simplefilter("always")
+        cli = _resumed_module([*base, "--ckpt_path", str(last)], monkeypatch)
+    assert [str(w.message) for w in record if str(w.message).startswith("--ckpt_path")] == []
+    assert (cli.model.hparams.activation_checkpointing, cli.model.hparams.compile) == (False, False)
+
+
+def test_a_resume_on_data_of_another_vqgan_takes_allow_tokenizer_change(tmp_path: Path) -> None:
+    """The refusal of data prepared with another VQGAN than a checkpoint's asks for `--model.init_args.
+    allow_tokenizer_change true`; on `--ckpt_path` LightningCLI replaced it with the checkpoint's `false`, so the
+    refusal came again and no resume could run."""
+    from support.eval_setup import write_eval_data
+
+    from cm3leon_lightning.cli import main
+
+    configs = Path(__file__).resolve().parents[2] / "configs"
+    first, other = write_eval_data(tmp_path / "a", n_train=4, n_val=2), write_eval_data(tmp_path / "b", 4, 2, seed=1)
+    args = ["fit", "--config", str(configs / "trainer" / "cpu.yaml"), "--config", str(configs / "model" / "tiny.yaml"),
+            "--config", str(configs / "data" / "shards.yaml"), "--data.init_args.seq_len", "256",
+            "--data.init_args.batch_size", "4", "--data.init_args.num_workers", "0", "--trainer.logger", "false",
+            "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false"]  # fmt: skip
+    data = ["--data.init_args.train_data", first["train"], "--data.init_args.val_data", first["val"]]
+    assert main([*args, *data, "--trainer.max_steps", "1", "--trainer.default_root_dir", str(tmp_path / "r1")]) == 0
+    last = tmp_path / "r1" / "checkpoints" / "last.ckpt"
+    data = ["--data.init_args.train_data", other["train"], "--data.init_args.val_data", other["val"]]
+    resume = [*args, *data, "--trainer.max_steps", "2", "--trainer.default_root_dir", str(tmp_path / "r2")]
+    assert main([*resume, "--ckpt_path", str(last)]) == 2  # refused unless asked for
+    assert main([*resume, "--ckpt_path", str(last), "--model.init_args.allow_tokenizer_change", "true"]) == 0
+    ckpt = torch.load(tmp_path / "r2" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 2
+    assert (
+        ckpt["hyper_parameters"]["vocab"]["vqgan_sha256"]
+        != torch.load(last, weights_only=True)["hyper_parameters"]["vocab"]["vqgan_sha256"]
+    )  # the data's VQGAN, recorded
