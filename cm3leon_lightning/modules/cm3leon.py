@@ -53,8 +53,10 @@ class CM3LeonModule(L.LightningModule):
     """Pretraining / SFT LightningModule around :class:`CM3Leon`.
 
     Args:
-        preset: architecture preset (``tiny``, ``350m``, ``760m``, ``7b``), used when ``config`` is not given.
-        config: a full architecture; overrides ``preset``.
+        preset: architecture preset (``tiny``, ``350m``, ``760m``, ``7b``; ``tiny`` when neither it nor ``config`` is
+            given). Checkpoints record it only when no ``config`` was given (their ``config`` is the resolved one).
+        config: a full architecture, used instead of ``preset`` (a preset given beside a config of another
+            architecture is warned about: the config's missing fields are CM3LeonConfig's defaults, not the preset's).
         vocab: the data's vocabulary (``MultimodalVocab.to_dict()``), normally linked from the data module's
             manifest by the CLI, or taken from ``trainer.datamodule.vocab`` in :meth:`setup`. It sets the model's
             vocabulary size (the padded size) and splits the logged loss into text and image targets. A checkpoint
@@ -90,7 +92,7 @@ class CM3LeonModule(L.LightningModule):
 
     def __init__(
         self,
-        preset: str = "tiny",
+        preset: str | None = None,
         config: CM3LeonConfig | None = None,
         vocab: dict[str, str | int] | None = None,
         max_seq_len: int | None = None,
@@ -109,6 +111,7 @@ class CM3LeonModule(L.LightningModule):
         allow_tokenizer_change: bool = False,
     ) -> None:
         super().__init__()
+        given_config = config is not None
         if isinstance(config, dict):  # as restored from a checkpoint's hyper-parameters
             config = CM3LeonConfig.from_dict(config)
         if isinstance(generation, dict):
@@ -119,6 +122,8 @@ class CM3LeonModule(L.LightningModule):
         # Primitives only, so checkpoints load with torch.load(weights_only=True); `config` is stored resolved.
         self.save_hyperparameters(ignore=["config", "generation"])
         self.hparams["config"] = config.to_dict()
+        if given_config:  # the resolved config describes the network; a preset beside it would only disagree
+            self.hparams["preset"] = None
         self.hparams["vocab"] = vocab
         self.generation = generation if generation is not None else GenerationSettings()
         self.model: CM3Leon | None = None

@@ -6,9 +6,10 @@ against that architecture and vocabulary before they are loaded.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
-from cm3leon_lightning.config import CM3LeonConfig
+from cm3leon_lightning.config import INIT_ONLY_FIELDS, CM3LeonConfig
 from cm3leon_lightning.model import CM3Leon
 from cm3leon_lightning.model.weights import (
     PretrainedWeights,
@@ -26,6 +27,7 @@ __all__ = [
     "data_source",
     "data_vocab",
     "load_init_from",
+    "preset_disagreement",
     "read_described_weights",
     "resolve_architecture",
 ]
@@ -100,14 +102,19 @@ def check_data_vocab(
 
 
 def resolve_architecture(
-    preset: str, config: CM3LeonConfig | None, vocab: dict[str, Any] | None, max_seq_len: int | None
+    preset: str | None, config: CM3LeonConfig | None, vocab: dict[str, Any] | None, max_seq_len: int | None
 ) -> tuple[CM3LeonConfig, dict[str, Any] | None]:
     """The architecture and vocabulary description of ``CM3LeonModule(preset, config, vocab, max_seq_len)``.
 
-    ``config`` (or, when None, ``preset``) with the vocabulary's padded size and ``max_seq_len`` when given.
-    ``vocab`` comes back complete (every field required: a partial description would be saved and refused by every
-    reader of checkpoints).
+    ``config`` (or, when None, ``preset``, ``tiny`` when that is None too) with the vocabulary's padded size and
+    ``max_seq_len`` when given. ``vocab`` comes back complete (every field required: a partial description would be
+    saved and refused by every reader of checkpoints). A ``preset`` given beside a ``config`` of another architecture
+    is warned about (:func:`preset_disagreement`).
     """
+    if preset is not None and config is not None:
+        disagreement = preset_disagreement(preset, config)
+        if disagreement:
+            warnings.warn(disagreement, stacklevel=3)
     overrides: dict[str, Any] = {}
     if vocab is not None:
         vocab = MultimodalVocab.from_dict(vocab, "CM3LeonModule vocab").to_dict()
@@ -115,10 +122,30 @@ def resolve_architecture(
     if max_seq_len is not None:
         overrides["max_seq_len"] = max_seq_len
     if config is None:
-        config = CM3LeonConfig.from_preset(preset, **overrides)
+        config = CM3LeonConfig.from_preset(preset or "tiny", **overrides)
     elif overrides:
         config = CM3LeonConfig.from_dict({**config.to_dict(), **overrides})
     return config, vocab
+
+
+def preset_disagreement(preset: str, config: CM3LeonConfig) -> str | None:
+    """A sentence naming the architecture fields in which ``config`` differs from the preset ``preset`` (the
+    vocabulary size, context length and initialisation aside), or None when it agrees.
+
+    The config is used, whole: from the command line (``--config configs/model/tiny.yaml
+    --model.init_args.config.n_layer 4``) the fields it leaves out take :class:`CM3LeonConfig`'s defaults (the 350m
+    architecture), not the preset's, which silently built a 350m-sized model.
+    """
+    ours, theirs = config.to_dict(), CM3LeonConfig.from_preset(preset).to_dict()
+    skip = {"vocab_size", "max_seq_len", *INIT_ONLY_FIELDS}
+    differ = [f"{k} {ours.get(k)!r} (preset: {v!r})" for k, v in theirs.items() if k not in skip and ours.get(k) != v]
+    if not differ:
+        return None
+    return (
+        f"CM3LeonModule: config differs from preset={preset!r} in {', '.join(differ)}; the config is used, whole: "
+        "fields it does not give take CM3LeonConfig's defaults (the 350m architecture), not the preset's. Give either "
+        "preset alone (with max_seq_len) or every architecture field under config (and no preset)"
+    )
 
 
 def read_described_weights(path: str) -> PretrainedWeights:

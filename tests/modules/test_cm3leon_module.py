@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import warnings
 
 import lightning as L
 import pytest
@@ -455,10 +456,31 @@ def test_config_argument_and_bad_values() -> None:
 def test_architecture_mismatch_is_refused_naming_the_field() -> None:
     saved = CM3LeonModule(preset="tiny")
     checkpoint = {"hyper_parameters": dict(saved.hparams)}
-    other = CM3LeonModule(preset="tiny", config=CM3LeonConfig.from_preset("tiny", n_layer=3))
+    other = CM3LeonModule(config=CM3LeonConfig.from_preset("tiny", n_layer=3))
     with pytest.raises(ValueError, match=r"architecture mismatch.*'n_layer': \(2, 3\)"):
         other.on_load_checkpoint(checkpoint)
     CM3LeonModule(preset="tiny").on_load_checkpoint(checkpoint)  # the same architecture loads
+
+
+def test_a_preset_beside_a_config_of_another_architecture_is_warned_about_naming_the_fields() -> None:
+    """--config tiny.yaml --model.init_args.config.n_layer 4 built CM3LeonConfig's defaults (350m) with 4 layers,
+    ignoring preset: tiny without a word. The warning names each field; checkpoints record no preset beside config."""
+    partial = CM3LeonConfig(n_layer=4)  # what jsonargparse builds from one config field: the other fields' defaults
+    with pytest.warns(UserWarning) as record:
+        module = CM3LeonModule(preset="tiny", config=partial)
+    (warning,) = [w for w in record if "preset='tiny'" in str(w.message)]
+    message = str(warning.message)
+    assert "n_layer 4 (preset: 2)" in message and "d_model 1024 (preset: 64)" in message
+    assert "vocab_size" not in message.split(";")[0] and "max_seq_len 4096" not in message  # data, max_seq_len
+    assert module.config.n_layer == 4 and module.config.d_model == 1024  # the config is used, whole
+    assert module.hparams.preset is None  # a reload from its hyper-parameters does not warn again
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        CM3LeonModule(**{k: module.hparams[k] for k in ("preset", "config")})
+        same = CM3LeonModule(preset="tiny", config=CM3LeonConfig.from_preset("tiny", vocab_size=512, init_std=0.05))
+        assert same.hparams.preset is None and same.config.vocab_size == 512
+        assert CM3LeonModule(preset="350m").hparams.preset == "350m"
+        assert CM3LeonModule().config == CM3LeonConfig.from_preset("tiny")
 
 
 def test_flops_per_batch_drives_lightnings_throughput_monitor(tmp_path) -> None:
