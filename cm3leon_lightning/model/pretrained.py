@@ -225,7 +225,8 @@ def is_hf_dir(path: str | os.PathLike[str]) -> bool:
 
 def read_hf(path: str | os.PathLike[str], what: str = "path") -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Our state dict and the ``"cm3leon"`` block (``config``, ``vocab``, ``source``) of a directory
-    ``save_pretrained(..., layout="hf")`` wrote.
+    ``save_pretrained(..., layout="hf")`` wrote, read whole (:func:`~.hf_lazy.read_hf_lazy` reads it a chunk at a
+    time).
 
     The weights are ``model.safetensors`` or, in a directory ``transformers`` re-saved in shards, the files its
     ``model.safetensors.index.json`` lists (:func:`read_hf_shards`).
@@ -235,21 +236,41 @@ def read_hf(path: str | os.PathLike[str], what: str = "path") -> tuple[dict[str,
             or missing weights.
     """
     from cm3leon_lightning.model.hf_opt import from_opt
-    from cm3leon_lightning.model.weights import read_safetensors
 
     block = read_hf_block(path, what)
+    state, _, where = read_opt_weights(path, what)
+    return from_opt(state, block["config"], where), block
+
+
+def read_opt_weights(
+    path: str | os.PathLike[str], what: str = "path", lazy: bool = False
+) -> tuple[dict[str, Tensor], Callable[[Sequence[str]], dict[str, Tensor]] | None, str]:
+    """The tensors of a Hugging Face directory under OPT's names, from ``model.safetensors`` or the shards of its
+    ``model.safetensors.index.json``; with ``lazy``, meta tensors and a function reading named ones. Also ``what``
+    with the file read, as :func:`~.hf_opt.from_opt` names it in errors.
+
+    Raises:
+        FileNotFoundError: neither file is there.
+        ValueError: as :func:`read_hf_shards`, or an unreadable weights file.
+    """
+    from cm3leon_lightning.model.weights import read_safetensors
+
     weights = Path(path) / WEIGHTS_FILE
     if weights.is_file():
-        return from_opt(read_safetensors(weights, what)[0], block["config"], f"{what} {str(weights)!r}"), block
+        return (*read_safetensors(weights, what, lazy), f"{what} {str(weights)!r}")
     index = Path(path) / HF_INDEX_FILE
     if not index.is_file():
         raise FileNotFoundError(f"{what}: {str(path)!r} has {CONFIG_FILE} but no {WEIGHTS_FILE} (nor {HF_INDEX_FILE})")
-    return from_opt(read_hf_shards(index, what), block["config"], f"{what} {str(index)!r}"), block
+    return (*read_hf_shards(index, what, lazy), f"{what} {str(index)!r}")
 
 
-def read_hf_shards(index: Path, what: str = "path") -> dict[str, Tensor]:
+def read_hf_shards(
+    index: Path, what: str = "path", lazy: bool = False
+) -> tuple[dict[str, Tensor], Callable[[Sequence[str]], dict[str, Tensor]] | None]:
     """The tensors of the shards a ``transformers`` ``model.safetensors.index.json`` lists (``save_pretrained``
-    splits a model larger than its ``max_shard_size``), each checked to hold exactly the tensors the index maps to it.
+    splits a model larger than its ``max_shard_size``), each checked to hold exactly the tensors the index maps to it;
+    with ``lazy``, meta tensors (only the shards' headers are read) and a function reading named ones from their
+    shards.
 
     Raises:
         FileNotFoundError: a shard the index names is missing.
@@ -266,13 +287,14 @@ def read_hf_shards(index: Path, what: str = "path") -> dict[str, Tensor]:
         raise ValueError(f"{what}: {index} lacks the field 'weight_map' (tensor name -> shard file name)")
     state: dict[str, Tensor] = {}
     where: dict[str, str] = {}
+    fetchers: dict[str, Callable[[Sequence[str]], dict[str, Tensor]]] = {}  # shard file -> its lazy reader
     for shard in sorted(set(weight_map.values())):
         file = index.parent / shard
         if Path(shard).name != shard:
             raise ValueError(f"{what}: {index} names the shard {shard!r}, not a file name of its directory")
         if not file.is_file():
             raise FileNotFoundError(f"{what}: {index} names the shard {shard!r}, but {str(file)!r} does not exist")
-        part = read_safetensors(file, what)[0]
+        part, reader = read_safetensors(file, what, lazy)
         twice = sorted(k for k in part if k in state)
         if twice:
             raise ValueError(f"{what}: {twice[:5]} are in both {where[twice[0]]!r} and {str(file)!r}")
@@ -285,7 +307,18 @@ def read_hf_shards(index: Path, what: str = "path") -> dict[str, Tensor]:
             )
         state.update(part)
         where.update(dict.fromkeys(part, str(file)))
-    return state
+        if reader is not None:
+            fetchers[str(file)] = reader
+    if not lazy:
+        return state, None
+
+    def fetch(names: Sequence[str]) -> dict[str, Tensor]:
+        got: dict[str, Tensor] = {}
+        for file in dict.fromkeys(where[k] for k in names):  # each shard opened once, in the order first named
+            got.update(fetchers[file]([k for k in names if where[k] == file]))
+        return {k: got[k] for k in names}
+
+    return state, fetch
 
 
 def read_hf_block(path: str | os.PathLike[str], what: str = "path") -> dict[str, Any]:

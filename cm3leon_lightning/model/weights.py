@@ -59,8 +59,9 @@ class PretrainedWeights:
         source: provenance when the file says: ``global_step`` and ``epoch`` of a checkpoint, a model directory's
             ``source``.
         fetch: set when read with ``lazy=True`` from a file whose tensors can be read a few at a time (a sharded
-            checkpoint, safetensors): ``state_dict`` then holds meta tensors (names, shapes, dtypes) and
-            ``fetch(names)`` reads the real ones (:func:`tensor_reader` works either way).
+            checkpoint, safetensors, a model directory in either layout): ``state_dict`` then holds meta tensors
+            (names, shapes, dtypes) and ``fetch(names)`` reads the real ones (:func:`tensor_reader` works either
+            way).
     """
 
     state_dict: dict[str, Tensor]
@@ -94,9 +95,9 @@ def read_weights(path: str | os.PathLike[str], what: str = "init_from", lazy: bo
         path: the file or directory.
         what: the argument the path came from, named in errors.
         lazy: read only names, shapes and dtypes now where the file allows reading tensors a few at a time later (a
-            sharded checkpoint, a ``.safetensors`` file, our model directory; see ``PretrainedWeights.fetch``), so
-            a caller that handles one tensor at a time (``cm3leon export``, :func:`load_weights`) never holds them
-            all. A Lightning checkpoint is memory-mapped either way.
+            sharded checkpoint, a ``.safetensors`` file, a model directory in our layout or Hugging Face's; see
+            ``PretrainedWeights.fetch``), so a caller that handles one tensor at a time (``cm3leon export``,
+            :func:`load_weights`) never holds them all. A Lightning checkpoint is memory-mapped either way.
 
     Raises:
         FileNotFoundError: no such file.
@@ -189,7 +190,9 @@ def read_safetensors(
             return load_file(str(path), device="cpu"), None
         by_name = {v: k for k, v in DTYPE_NAMES.items()}
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            specs = {k: (f.get_slice(k).get_shape(), f.get_slice(k).get_dtype()) for k in f.keys()}  # noqa: SIM118
+            # load_file's order: the file's where safetensors has offset_keys (load_file uses it), else keys()'s
+            names = f.offset_keys() if hasattr(f, "offset_keys") else f.keys()
+            specs = {k: (f.get_slice(k).get_shape(), f.get_slice(k).get_dtype()) for k in names}
         unknown = {k: d for k, (_, d) in specs.items() if d not in by_name}
         if unknown:
             raise ValueError(f"dtypes torch cannot hold here: {unknown}")
@@ -208,10 +211,14 @@ def _read_directory(p: Path, what: str, lazy: bool = False) -> PretrainedWeights
     from cm3leon_lightning.model.pretrained import WEIGHTS_FILE, is_hf_dir, is_model_dir, read_hf, read_model_config
 
     if is_hf_dir(p):
-        state, block = read_hf(p, what)
-        return PretrainedWeights(
-            state, block["config"], block["vocab"], "hugging face directory", block.get("source", {})
-        )
+        from cm3leon_lightning.model.hf_lazy import read_hf_lazy
+
+        if lazy:
+            state, fetch, block = read_hf_lazy(p, what)
+        else:
+            (state, block), fetch = read_hf(p, what), None
+        source = block.get("source", {})
+        return PretrainedWeights(state, block["config"], block["vocab"], "hugging face directory", source, fetch)
     if is_model_dir(p):
         doc = read_model_config(p, what)
         state, fetch = read_safetensors(p / WEIGHTS_FILE, what, lazy)
