@@ -13,6 +13,7 @@ import argparse
 import time
 
 import numpy as np
+from generation import at_least  # benchmarks/generation.py, beside this script
 
 from cm3leon_lightning.objective.cm3 import cm3_infill, cm3_restore
 from cm3leon_lightning.tokenization.vocab import MultimodalVocab
@@ -36,9 +37,9 @@ def make_examples(vocab: MultimodalVocab, count: int, docs: int, caption_len: in
 def main() -> None:
     """Time masking and restoring, print examples/s and microseconds per example."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--examples", type=int, default=2000)
-    parser.add_argument("--docs", type=int, default=4)
-    parser.add_argument("--caption-len", type=int, default=30)
+    parser.add_argument("--examples", type=at_least(1), default=2000)
+    parser.add_argument("--docs", type=at_least(1), default=4, help="caption-image documents per example")
+    parser.add_argument("--caption-len", type=at_least(1), default=30, help="mean caption tokens")
     parser.add_argument("--rate", type=float, default=1.0)
     args = parser.parse_args()
 

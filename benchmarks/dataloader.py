@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from generation import at_least  # benchmarks/generation.py, beside this script
 
 from cm3leon_lightning.data.datamodule import CM3LeonDataModule
 from cm3leon_lightning.data.shards import Neighbor, ShardSample, ShardWriter
@@ -51,10 +52,10 @@ def synthetic(i: int, rng: np.random.Generator, neighbours: int = 4) -> ShardSam
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", type=int, default=1024)
-    parser.add_argument("--per-shard", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=4096)
+    parser.add_argument("--samples", type=at_least(1), default=1024)
+    parser.add_argument("--per-shard", type=at_least(1), default=256)
+    parser.add_argument("--batch-size", type=at_least(1), default=8)
+    parser.add_argument("--seq-len", type=at_least(1), default=4096)
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:

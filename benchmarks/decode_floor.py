@@ -38,8 +38,9 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from generation import PROMPT_LEN, at_least, build, comma_list, sync  # benchmarks/generation.py, beside this script
+from generation import PROMPT_LEN, at_least, build, chosen_device, comma_list, sync  # benchmarks/generation.py
 
+from cm3leon_lightning.config import PRESETS
 from cm3leon_lightning.generation.decoder import Decoder, SamplingSpec
 from cm3leon_lightning.generation.generate import image_prompt, unconditional_image_prompt
 from cm3leon_lightning.generation.graphs import MODES
@@ -209,7 +210,7 @@ def step_bytes(model: CM3Leon, rows: int, slots: int, filled: int, width: int) -
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda when available)")
-    p.add_argument("--preset", default="350m")
+    p.add_argument("--preset", default="350m", choices=tuple(PRESETS))
     p.add_argument("--image-tokens", type=at_least(4), help="codes per image, 4 or more (default: 1024 GPU, 64 CPU)")
     p.add_argument(
         "--candidates", type=at_least(1), default=8, help="candidates of the many-image case (x2 rows with CFG)"
@@ -231,7 +232,7 @@ def main() -> None:
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="auto: bf16 on CUDA")
     p.add_argument("--json", default="decode_floor.json", help="where to write the results")
     args = p.parse_args()
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = chosen_device(p, args.device)
     gpu = device.startswith("cuda")
     tokens = args.image_tokens or (1024 if gpu else 64)
     steps = args.steps or (200 if gpu else 5)
@@ -257,7 +258,7 @@ def main() -> None:
 
     width = vocab.size - vocab.n_text
     with torch.no_grad():
-        for rows in (2, 2 * args.candidates):
+        for rows in dict.fromkeys((2, 2 * args.candidates)):  # --candidates 1: one row per piece
             mean_filled = prompt_len + tokens // 2
             report("bound", rows, 1e3 * step_bytes(model, rows, slots, mean_filled, width) / bandwidth)
             for stage in stages:

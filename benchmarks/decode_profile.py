@@ -24,9 +24,10 @@ import time
 from pathlib import Path
 
 import torch
-from generation import PROMPT_LEN, at_least, build, comma_list, sync  # benchmarks/generation.py, beside this script
+from generation import PROMPT_LEN, at_least, build, chosen_device, comma_list, sync  # benchmarks/generation.py
 from torch.profiler import ProfilerActivity, profile
 
+from cm3leon_lightning.config import PRESETS
 from cm3leon_lightning.generation.decoder import Decoder, SamplingSpec
 from cm3leon_lightning.generation.generate import image_prompt, unconditional_image_prompt
 from cm3leon_lightning.generation.graphs import MODES
@@ -72,7 +73,7 @@ def profile_mode(model, vocab, args, mode: str, attention: str, device: str) -> 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda when available)")
-    p.add_argument("--preset", default="350m")
+    p.add_argument("--preset", default="350m", choices=tuple(PRESETS))
     p.add_argument("--image-tokens", type=at_least(1), help="codes per image (default: 1024 GPU, 64 CPU)")
     p.add_argument("--candidates", type=at_least(1), default=1, help="candidates (x2 streams with CFG)")
     p.add_argument("--modes", default=None, help=f"comma-separated modes of {MODES} (default: eager,inductor)")
@@ -86,7 +87,7 @@ def main() -> None:
     p.add_argument("--threads", type=at_least(1), help="torch CPU threads")
     p.add_argument("--out", default="decode_profile", help="directory for the tables")
     args = p.parse_args()
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = chosen_device(p, args.device)
     gpu = device.startswith("cuda")
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -28,6 +28,9 @@ from pathlib import Path
 
 import torch
 
+from cm3leon_lightning.config import PRESETS
+from cm3leon_lightning.demo_cli import positive_int  # --whole 0 kept the default chunk: "whole" rows chunked
+
 CHILD = r"""
 import gc, json, sys, threading, time
 from pathlib import Path
@@ -107,8 +110,10 @@ def measure(action: str, src: Path, out: Path, chunk: int) -> dict[str, float]:
 def main() -> None:
     """Parse the arguments, write the checkpoints, export each way, print one line per run."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--preset", default="350m")
-    p.add_argument("--whole", type=int, default=1 << 50, help="chunk size of the read-everything-at-once runs")
+    p.add_argument("--preset", default="350m", choices=tuple(PRESETS))
+    p.add_argument(
+        "--whole", type=positive_int, default=1 << 50, help="chunk size in bytes of the read-everything-at-once runs"
+    )
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
     results = []

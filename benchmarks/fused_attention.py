@@ -35,7 +35,7 @@ from decode_floor import (  # benchmarks/decode_floor.py, beside this script
     finish_checked,
     kernel_parser,
 )
-from generation import sync  # benchmarks/generation.py
+from generation import chosen_device, sync  # benchmarks/generation.py
 
 from cm3leon_lightning.config import CM3LeonConfig
 from cm3leon_lightning.model.fused import decode_attention
@@ -63,6 +63,7 @@ def main() -> None:
     p.add_argument("--splits", default="1,2,4,8", help="comma-separated programs per (row, head)")
     p.add_argument("--prefetch", action="store_true", help="each call prefetches the next one's cache into L2")
     args = p.parse_args()
+    args.device = chosen_device(p, args.device)
     with use_fused_options(FusedOptions(prefetch_next=args.prefetch)):
         bench(p, args)
 
@@ -73,7 +74,7 @@ def bench(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if not gpu and os.environ.get("TRITON_INTERPRET") != "1":
         p.error("--device cpu runs the kernel under Triton's interpreter: start it with TRITON_INTERPRET=1")
     try:
-        rows_list = args.rows or [2, 2 * args.candidates]
+        rows_list = args.rows or list(dict.fromkeys((2, 2 * args.candidates)))  # --candidates 1: 2 once
         slots_list = [int(s) for s in args.slots.split(",")]
         splits_list = [int(s) for s in args.splits.split(",")]
     except ValueError as err:

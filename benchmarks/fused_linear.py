@@ -39,7 +39,7 @@ from decode_floor import (  # benchmarks/decode_floor.py, beside this script
     finish_checked,
     kernel_parser,
 )
-from generation import sync  # benchmarks/generation.py
+from generation import chosen_device, sync  # benchmarks/generation.py
 
 from cm3leon_lightning.config import CM3LeonConfig
 from cm3leon_lightning.model import fused
@@ -110,6 +110,7 @@ def main() -> None:
     p.add_argument("--pdl", action="store_true", help="with programmatic dependent launch")
     p.add_argument("--prefetch", action="store_true", help="each launch prefetches the next one's weights into L2")
     args = p.parse_args()
+    args.device = chosen_device(p, args.device)
     gpu = args.device.startswith("cuda")
     if not gpu and os.environ.get("TRITON_INTERPRET") != "1":
         p.error("--device cpu runs the kernels under Triton's interpreter: start it with TRITON_INTERPRET=1")
@@ -123,7 +124,7 @@ def bench(p: argparse.ArgumentParser, args: argparse.Namespace, gpu: bool) -> No
 
     dtype = torch.bfloat16 if gpu else torch.float32  # the interpreter computes in float32 only
     config = CM3LeonConfig.from_preset(args.preset)
-    rows_list = args.rows or [2, 2 * args.candidates]
+    rows_list = args.rows or list(dict.fromkeys((2, 2 * args.candidates)))  # --candidates 1: 2 once
     configs = fk.PDL_CONFIGS if args.pdl else fk.CONFIGS
     if args.configs:
         try:

@@ -50,10 +50,11 @@ from cm3leon_lightning.generation import generate_image
 from cm3leon_lightning.generation.generate import image_prompt, unconditional_image_prompt
 from cm3leon_lightning.generation.graphs import FUSED_MODES, MODES
 from cm3leon_lightning.model import ATTENTION_IMPLS, CM3Leon
-from cm3leon_lightning.model.fused_launch import FusedOptions, use_fused_options
+from cm3leon_lightning.model.fused_launch import OPTION_ENV, FusedOptions, use_fused_options
 from cm3leon_lightning.tokenization.vocab import MultimodalVocab
 
 PROMPT_LEN = 24  # text tokens of the caption
+ALL_OPTIONS = FusedOptions(**dict.fromkeys(OPTION_ENV, True))  # every launch option on: their labels
 
 
 def grid_for(tokens: int) -> tuple[int, int]:
@@ -100,6 +101,16 @@ def at_least(low: int) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+def chosen_device(p: argparse.ArgumentParser, text: str) -> str:
+    """The device of ``--device``: ``auto`` is ``cuda`` when torch sees a CUDA device, else ``cpu``; a CUDA device
+    torch does not see is an argparse error naming the flag (else a traceback from deep in torch)."""
+    if text == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if text.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {text}: torch sees no CUDA device here")
+    return text
 
 
 def fused_option_list(p: argparse.ArgumentParser, text: str | None) -> list[str | None]:
@@ -311,9 +322,9 @@ def main() -> None:
     p.add_argument(
         "--fused-options",
         default=None,
-        help="comma-separated launch options of the fused modes, each run in turn: 'base' (none) or of pdl, splits, "
-        "prefetch joined by + (e.g. base,prefetch,pdl+splits+prefetch; default: what CM3LEON_PDL, "
-        "CM3LEON_FUSED_SPLITS and CM3LEON_PREFETCH_NEXT say)",
+        help="comma-separated launch options of the fused modes, each run in turn: 'base' (none) or of "
+        f"{', '.join(ALL_OPTIONS.label.split('+'))} joined by + (e.g. base,persistent,pdl+splits+prefetch; default: "
+        f"what {', '.join(OPTION_ENV.values())} say)",
     )
     p.add_argument(
         "--attention",
@@ -336,7 +347,7 @@ def main() -> None:
     p.add_argument("--threads", type=at_least(1), help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", default="generation_benchmark.json", help="where to write the results")
     args = p.parse_args()
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = chosen_device(p, args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     gpu = device.startswith("cuda")

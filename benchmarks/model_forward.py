@@ -14,9 +14,10 @@ import time
 from collections.abc import Callable
 
 import torch
+from generation import at_least, chosen_device  # benchmarks/generation.py, beside this script
 from torch._dynamo.utils import counters
 
-from cm3leon_lightning.config import CM3LeonConfig
+from cm3leon_lightning.config import PRESETS, CM3LeonConfig
 from cm3leon_lightning.model import CM3Leon
 
 
@@ -38,20 +39,22 @@ def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> float
 def main() -> None:
     """Parse arguments, build the model and print tokens per second for each use of the forward."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="tiny")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--preset", default="tiny", choices=tuple(PRESETS))
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (auto: cuda when available)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=256, help="training/prefill length")
-    parser.add_argument("--decode-steps", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch", type=at_least(1), default=4)
+    parser.add_argument("--seq", type=at_least(1), default=256, help="training/prefill length")
+    parser.add_argument("--decode-steps", type=at_least(1), default=32)
+    parser.add_argument("--repeats", type=at_least(1), default=5, help="timed runs, the median taken")
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     parser.add_argument("--cuda-graph", action="store_true", help="compile with mode='reduce-overhead' (CUDA graphs)")
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in the training step")
     args = parser.parse_args()
 
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    device, dtype = torch.device(chosen_device(parser, args.device)), getattr(torch, args.dtype)
     cfg = CM3LeonConfig.from_preset(args.preset)
+    if args.decode_steps >= cfg.max_seq_len:
+        parser.error(f"--decode-steps must be below the {args.preset} context of {cfg.max_seq_len} tokens")
     seq = min(args.seq, cfg.max_seq_len - args.decode_steps)
     torch.manual_seed(0)
     model = CM3Leon(cfg, gradient_checkpointing=args.checkpointing).to(device=device, dtype=dtype)

@@ -31,7 +31,7 @@ from collections.abc import Callable
 
 import torch
 from decode_floor import copy_bandwidth, finish_checked, kernel_parser, replay_ms, step_bytes
-from generation import build  # benchmarks/generation.py, beside this script
+from generation import build, chosen_device  # benchmarks/generation.py, beside this script
 
 from cm3leon_lightning.model import persistent
 from cm3leon_lightning.model.fused import fused_decode_forward
@@ -114,11 +114,12 @@ def main() -> None:
     p.add_argument("--slot", type=int, default=535, help="cache slot of the step (default: mid-image, 24 + 512 - 1)")
     p.add_argument("--tiles", default=DEFAULT_TILES, help="comma-separated block_n/down_split/per_sm/sleep_ns")
     args = p.parse_args()
+    args.device = chosen_device(p, args.device)
     gpu = args.device.startswith("cuda")
     if not gpu and os.environ.get("TRITON_INTERPRET") != "1":
         p.error("--device cpu runs the kernel under Triton's interpreter: start it with TRITON_INTERPRET=1")
     try:
-        rows_list = args.rows or [2, 2 * args.candidates]
+        rows_list = args.rows or list(dict.fromkeys((2, 2 * args.candidates)))  # --candidates 1: 2 once
     except ValueError as err:
         p.error(f"--rows takes comma-separated integers ({err})")
     tiles = parse_tiles(p, args.tiles)

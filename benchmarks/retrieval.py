@@ -1,11 +1,11 @@
-"""Memory bank benchmark: build time, queries per second and recall@10 against exact search.
+"""Memory bank benchmark: build time, index size, queries per second and recall@k against exact search.
 
 Clustered 512-d unit vectors stand in for CLIP document embeddings (real ones are far from uniform on the sphere:
 captions and images of one topic crowd together, which is what makes approximate indexes lose recall). For each bank
 size and faiss factory string the script builds a :class:`~cm3leon_lightning.retrieval.index.MemoryBank`, searches
 with held-out queries from the same distribution, and compares with exact numpy search.
 
-    python benchmarks/retrieval.py                       # 100k vectors: Flat, IVF-PQ, HNSW
+    python benchmarks/retrieval.py                       # 100k vectors: Flat, IVF-PQ, IVF-SQ8, HNSW
     python benchmarks/retrieval.py --sizes 100000 1000000  # and 1M (about 5 GB of RAM, minutes on 2 cores)
 
 Prints one row per (size, index, search setting); ``--json`` writes them to a file as well.
@@ -99,18 +99,31 @@ def run(size: int, factories: list[str], args: argparse.Namespace) -> list[dict[
                 "index": factory,
                 "search": label,
                 "build_s": round(build_s, 1),
-                "index_MB": round(nbytes / 2**20, 1),
+                "index_MiB": round(nbytes / 2**20, 1),
                 "qps": round(len(q) / search_s, 1),
                 f"recall@{args.k}": round(recall_at_k(res.ids, truth), 4),
             }
             rows.append(row)
             print(
-                f"{size:>9,} {factory:<16} {label:<13} build {row['build_s']:>7.1f}s  {row['index_MB']:>8.1f} MB  "
+                f"{size:>9,} {factory:<16} {label:<13} build {row['build_s']:>7.1f}s  {row['index_MiB']:>8.1f} MiB  "
                 f"{row['qps']:>9.1f} q/s  recall@{args.k} {row[f'recall@{args.k}']:.4f}",
                 flush=True,
             )
         del bank
     return rows
+
+
+def check_counts(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """An argparse error naming the first count out of range (``--queries 0`` printed recall ``nan`` at 0 q/s and
+    exited 0; a bank smaller than ``--k`` failed in numpy)."""
+    lows = {"--sizes": 1, "--dim": 1, "--queries": 1, "--k": 1, "--clusters": 1, "--nlist": 0, "--nprobe": 1,
+            "--ef-search": 1, "--train-size": 1, "--threads": 0}  # fmt: skip
+    for flag, low in lows.items():
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if min(value if isinstance(value, list) else [value]) < low:
+            p.error(f"argument {flag}: must be >= {low}, got {value}")
+    if min(args.sizes) < args.k:
+        p.error(f"argument --sizes: every bank needs at least --k {args.k} vectors, got {args.sizes}")
 
 
 def main() -> None:
@@ -136,6 +149,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default="", help="also write the rows to this JSON file")
     args = p.parse_args()
+    check_counts(p, args)
     if args.threads:
         faiss.omp_set_num_threads(args.threads)
     print(f"# faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads, dim {args.dim}, k {args.k}")
@@ -145,6 +159,7 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
+        print(f"# wrote {args.json}")
 
 
 if __name__ == "__main__":

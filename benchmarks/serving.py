@@ -32,11 +32,12 @@ import time
 from pathlib import Path
 
 import torch
-from generation import at_least  # benchmarks/generation.py, beside this script
+from generation import at_least, chosen_device  # benchmarks/generation.py, beside this script
 
-from cm3leon_lightning.config import CM3LeonConfig
+from cm3leon_lightning.config import PRESETS, CM3LeonConfig
+from cm3leon_lightning.generation.graphs import MODES
 from cm3leon_lightning.modules.cm3leon import CM3LeonModule
-from cm3leon_lightning.serve import CM3LeonAPI
+from cm3leon_lightning.serve import CM3LeonAPI, Rejected
 from cm3leon_lightning.tokenization.text import TextTokenizer
 from cm3leon_lightning.tokenization.vocab import MultimodalVocab
 
@@ -85,6 +86,17 @@ def timed(fn, device: str, repeats: int) -> tuple[float, object]:
     return best, out
 
 
+def answered(outs: list, what: str) -> list:
+    """``outs``, the answers of :meth:`CM3LeonAPI.predict`, when none is a :class:`Rejected` (a decode the API
+    refused or that failed returns one fast, which would be timed as a decode); else exit naming ``what`` and the
+    first rejection."""
+    rejected = [o for o in outs if isinstance(o, Rejected)]
+    if rejected:
+        raise SystemExit(f"{what}: {len(rejected)} of {len(outs)} requests rejected, nothing measured: "
+                         f"{rejected[0].status} {rejected[0].detail}")  # fmt: skip
+    return outs
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda when available)")
@@ -92,19 +104,23 @@ def main() -> None:
     p.add_argument(
         "--span-tokens", type=at_least(1), default=16, help="--kind infill: the most tokens of a filled span"
     )
-    p.add_argument("--preset", default=None, help="model preset (default: 350m on CUDA, tiny on CPU)")
+    p.add_argument(
+        "--preset", default=None, choices=tuple(PRESETS), help="model preset (default: 350m on CUDA, tiny on CPU)"
+    )
     p.add_argument("--requests", type=at_least(1), default=8, help="concurrent requests R")
     p.add_argument("--num-samples", type=at_least(1), default=1, help="candidates per request")
     p.add_argument("--image-tokens", type=at_least(1), default=None, help="codes per image (default: 1024 GPU, 16 CPU)")
     p.add_argument("--method", default="top_p", choices=["greedy", "top_p"], help="greedy also checks equal codes")
     p.add_argument("--cfg", type=float, default=3.0)
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
-    p.add_argument("--compile", default="auto", help="decode-step mode (auto: the fastest available)")
+    p.add_argument(
+        "--compile", default="auto", choices=("auto", *MODES), help="decode-step mode (auto: the fastest available)"
+    )
     p.add_argument("--repeats", type=at_least(1), default=None, help="timed repeats, best taken (default 3 GPU, 1 CPU)")
     p.add_argument("--threads", type=at_least(1), default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", default="serving_benchmark.json", help="where to write the results")
     args = p.parse_args()
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = chosen_device(p, args.device)
     cuda = device.startswith("cuda")
     preset = args.preset or ("350m" if cuda else "tiny")
     tokens = args.image_tokens or (1024 if cuda else 16)
@@ -131,8 +147,8 @@ def main() -> None:
         raise SystemExit(f"a request was rejected: {bad[0]}")
 
     rows = []
-    alone_s, alone = timed(lambda: [api.predict(j) for j in jobs], device, repeats)
-    batch_s, batched = timed(lambda: api.predict(jobs), device, repeats)
+    alone_s, alone = timed(lambda: answered([api.predict(j) for j in jobs], "one at a time"), device, repeats)
+    batch_s, batched = timed(lambda: answered(api.predict(jobs), "batched"), device, repeats)
     same, key = None, "texts" if args.kind == "infill" else "codes"
     if args.method == "greedy":
         same = sum(a[key] == b[key] for a, b in zip(alone, batched)) / len(jobs)

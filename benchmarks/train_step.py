@@ -16,8 +16,10 @@ import time
 
 import lightning as L
 import torch
+from generation import at_least  # benchmarks/generation.py, beside this script
 from torch.utils.data import DataLoader, Dataset
 
+from cm3leon_lightning.config import PRESETS
 from cm3leon_lightning.modules.cm3leon import CM3LeonModule
 
 
@@ -101,9 +103,9 @@ def run(preset: str, batch_size: int, seq_len: int, steps: int, compile: bool, c
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--presets", nargs="+", default=["tiny"])
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--presets", nargs="+", default=["tiny"], choices=tuple(PRESETS))
+    parser.add_argument("--batch-size", type=at_least(1), default=8)
+    parser.add_argument("--seq-len", type=at_least(2), default=256, help="tokens per row (one less trained)")
     parser.add_argument("--steps", type=int, default=10, help="optimisation steps, the first two not timed")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--activation-checkpointing", action="store_true")

@@ -12,7 +12,7 @@ import argparse
 import time
 
 import torch
-from generation import at_least  # benchmarks/generation.py, beside this script
+from generation import at_least, chosen_device  # benchmarks/generation.py, beside this script
 
 from cm3leon_lightning.tokenization.vqgan import VQGAN
 
@@ -44,9 +44,7 @@ def main() -> None:
     p.add_argument("--iters", type=at_least(1), default=None, help="default: 20 on cuda, 2 on cpu")
     p.add_argument("--warmup", type=at_least(0), default=1)
     args = p.parse_args()
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        p.error(f"--device {args.device}: torch sees no CUDA device here")
+    device = torch.device(chosen_device(p, args.device))
     on_cpu = device.type == "cpu"
     batch = args.batch_size or (2 if on_cpu else 32)
     iters = args.iters or (2 if on_cpu else 20)

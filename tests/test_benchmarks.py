@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import importlib
 import json
 import math
 import os
@@ -633,3 +634,89 @@ def test_serving_vqgan_and_kernel_benchmarks_refuse_bad_counts(tmp_path, script,
 def test_vqgan_benchmark_on_a_missing_cuda_device_is_a_one_line_error(tmp_path):
     out = run_bad("vqgan.py", "--device", "cuda", cwd=tmp_path)
     assert out.returncode == 2 and "--device cuda: torch sees no CUDA device here" in out.stderr, out.stderr[-2000:]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the graph mode decodes")
+def test_serving_benchmark_does_not_time_rejected_decodes(tmp_path):
+    """A decode the API answers with a rejection (here a CUDA-only mode on a CPU) ends the run naming it, with no
+    figures and no JSON (it timed the fast rejections and printed "batching speed-up: 10.39x")."""
+    args = ["--device", "cpu", "--preset", "tiny", "--image-tokens", "4", "--requests", "2", "--compile", "graph",
+            "--json", "s.json"]  # fmt: skip
+    out = run_bad("serving.py", *args, cwd=tmp_path)
+    message = "one at a time: 2 of 2 requests rejected, nothing measured: 400 compile='graph' needs a CUDA device"
+    assert out.returncode == 1 and message in out.stderr, out.stderr[-2000:]
+    assert "speed-up" not in out.stdout and not (tmp_path / "s.json").exists()
+
+
+CUDA_FLAG = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a CUDA device")
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "message"),
+    [
+        ("model_forward", ["--repeats", "0"], "argument --repeats: must be an integer >= 1, got '0'"),  # IndexError
+        ("model_forward", ["--decode-steps", "0"], "argument --decode-steps: must be an integer >= 1, got '0'"),
+        ("model_forward", ["--decode-steps", "256"], "--decode-steps must be below the tiny context of 256 tokens"),
+        ("model_forward", ["--preset", "tiyn"], "argument --preset: invalid choice: 'tiyn'"),
+        pytest.param("model_forward", ["--device", "cuda"], "--device cuda: torch sees no CUDA device here",
+                     marks=CUDA_FLAG),  # a traceback from torch's CUDA initialisation
+        pytest.param("generation", ["--device", "cuda:1"], "--device cuda:1: torch sees no CUDA device here",
+                     marks=CUDA_FLAG),
+        pytest.param("fused_attention", ["--device", "cuda"], "--device cuda: torch sees no CUDA device here",
+                     marks=CUDA_FLAG),
+        ("decode_floor", ["--device", "cpu", "--preset", "tiyn"], "argument --preset: invalid choice: 'tiyn'"),
+        ("train_step", ["--presets", "tiny", "tiyn"], "argument --presets: invalid choice: 'tiyn'"),
+        ("cm3_infill", ["--examples", "0"], "argument --examples: must be an integer >= 1, got '0'"),  # 1/0
+        ("dataloader", ["--samples", "0"], "argument --samples: must be an integer >= 1, got '0'"),  # 1/0
+        ("export_memory", ["--preset", "tiny", "--whole", "0"], "argument --whole: expected an integer >= 1, got '0'"),
+        ("serving", ["--device", "cpu", "--image-tokens", "4", "--requests", "1", "--compile", "warp"],
+         "argument --compile: invalid choice: 'warp'"),  # accepted: every decode was rejected, and timed
+        ("retrieval", ["--sizes", "50", "--dim", "8", "--clusters", "2", "--factories", "Flat", "--queries", "0"],
+         "argument --queries: must be >= 1, got 0"),  # recall nan at 0 q/s, exit 0
+        ("retrieval", ["--sizes", "5", "--dim", "8", "--clusters", "2", "--factories", "Flat"],
+         "argument --sizes: every bank needs at least --k 10 vectors, got [5]"),  # a numpy traceback
+    ],
+)  # fmt: skip
+def test_benchmarks_refuse_bad_arguments_naming_the_flag(tmp_path, monkeypatch, capsys, script, args, message):
+    """Counts that crashed later (a traceback, a division by zero), ran on as nonsense (``--whole 0``: the "whole"
+    rows measured the chunked export), or a preset, mode or device that failed deep inside are argparse errors
+    naming the flag, before anything runs."""
+    if script == "retrieval":
+        pytest.importorskip("faiss")
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    monkeypatch.chdir(tmp_path)  # nothing may be written, but if it were: not into the repository
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", *args])
+    module = importlib.import_module(script)
+    with pytest.raises(SystemExit) as exit:
+        module.main()
+    assert exit.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_decode_floor_with_one_candidate_times_each_piece_once(tmp_path, monkeypatch):
+    """--candidates 1: the 2-row pieces once (they were all timed twice, as 2 and as 2 x 1 rows)."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import decode_floor
+
+    out = tmp_path / "floor.json"
+    argv = ["decode_floor.py", "--device", "cpu", "--preset", "tiny", "--image-tokens", "4", "--steps", "1",
+            "--candidates", "1", "--stages", "gemms", "--json", str(out)]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    decode_floor.main()
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["piece"], r["rows"]) for r in rows] == [("bound", 2), ("gemms", 2), ("step eager / sdpa", 2)]
+
+
+def test_generation_benchmark_help_names_every_launch_option(monkeypatch, capsys):
+    """--fused-options' help lists every option FusedOptions.parse takes and its environment variable (it left out
+    persistent, which gpu_decode.sh times)."""
+    from cm3leon_lightning.model.fused_launch import OPTION_ENV
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import generation
+
+    monkeypatch.setattr(sys, "argv", ["generation.py", "--help"])
+    with pytest.raises(SystemExit):
+        generation.main()
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "of pdl, splits, prefetch, persistent joined by +" in help_text
+    assert all(env in help_text for env in OPTION_ENV.values())
