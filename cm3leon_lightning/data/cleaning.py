@@ -183,13 +183,16 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if exif_orientation(image) != 1:
         image = ImageOps.exif_transpose(image)
     # A PNG tRNS chunk makes one colour transparent in P, L, RGB and 16-bit grey images alike (optipng writes RGBA
-    # with binary alpha that way); convert("RGBA") turns it into alpha.
+    # with binary alpha that way); convert("RGBA") turns it into alpha, but for 16-bit grey below.
     transparent = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
     if image.mode == "RGB" and not transparent:
         return image
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grey: scale to 8 bits before converting
-        alpha = image.convert("RGBA").getchannel("A") if transparent else None  # (convert clips the grey itself)
         arr = np.asarray(image, dtype=np.float64)
+        # The transparent grey is matched at full depth: convert("RGBA") clips the grey to 8 bits before matching,
+        # so a tRNS of 65535 made every pixel >= 255 transparent (white) and one of 1000 none.
+        key = image.info.get("transparency") if transparent else None
+        alpha = None if key is None else Image.fromarray(np.where(arr == key, 0, 255).astype(np.uint8), "L")
         # As viewers show it: 16-bit grey over its full range (v / 257), not stretched to the image's own maximum (a
         # uniform 40000 became white, a dark scan full-range); 32-bit "I" holding 8-bit values stays as it is.
         deep = image.mode != "I" or (arr.size and arr.max() > 255)

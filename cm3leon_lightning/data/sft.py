@@ -43,6 +43,7 @@ import numpy as np
 
 from cm3leon_lightning.data.shards import sanitize_key
 from cm3leon_lightning.data.sources import PairSource, RawPair, content_fingerprint
+from cm3leon_lightning.data.stages import check_seed
 from cm3leon_lightning.generation.tasks import EDIT_PREFIX, GROUNDED_FEATURES, TASK_PREFIXES
 
 # Paper table 5 (text-focused datasets, and the single-image generation tasks), text part before ``<break> {image}``.
@@ -300,9 +301,8 @@ class SFTSource(PairSource):
     kind = "sft"
 
     def __init__(self, path: str | Path, up: float = 3.0, down: float = 0.3, seed: int = 0) -> None:
+        check_seed(seed, "the SFT mixture's subsets, order and templates: --sft-seed")  # int() took 1.5 as 1
         self.path, self.up, self.down, self.seed = Path(path), float(up), float(down), int(seed)
-        if self.seed < 0:
-            raise ValueError(f"the SFT seed (--sft-seed) must be >= 0, got {seed}")
         if not (0.0 < self.down <= 1.0 <= self.up):  # checked before the files are read (balanced_counts would, after)
             raise ValueError(
                 f"the SFT thresholds need 0 < down (--sft-down) <= 1 <= up (--sft-up), got up={up}, down={down}"

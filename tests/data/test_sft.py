@@ -165,8 +165,10 @@ def test_null_dataset_defaults_to_the_task_and_the_seed_is_checked(tmp_path: Pat
         [{"task": "vqa", "dataset": None, "image": "x.png", **VQA}, {"task": "ocr", "image": "y.png", "ocr": "GO"}],
     )
     assert SFTSource(path, up=1, down=1).counts == {"vqa": 1, "ocr": 1}
-    with pytest.raises(ValueError, match=r"the SFT seed \(--sft-seed\) must be >= 0, got -1"):
-        SFTSource(path, seed=-1)
+    for seed in (-1, 1.5, True):  # 1.5 and True were taken as seed 1
+        with pytest.raises(ValueError, match=rf"seed must be an integer >= 0 \(it seeds the SFT mixture's .*: "
+                           rf"--sft-seed\), got {seed!r}"):  # fmt: skip
+            SFTSource(path, seed=seed)
 
 
 def test_bad_thresholds_name_the_flags_before_any_file_is_read(tmp_path: Path) -> None:
