@@ -352,8 +352,6 @@ def run(args: argparse.Namespace) -> None:
                 f"{vocab.image_tokens} image tokens need {need + vocab.image_tokens} positions, more than the model's "
                 f"context max_seq_len={model.config.max_seq_len}: retrieve fewer documents (a smaller --k)"
             )
-        start_writing(args, out)
-        (out / "retrieved.json").write_text(json.dumps({"prompt": args.prompt, "keys": keys}, indent=1) + "\n")
         retrieved = [docs]
     result = generate_image(
         model, vocab, [tokenizer.encode(args.prompt)], retrieved=retrieved, num_samples=args.num_samples,
@@ -366,7 +364,9 @@ def run(args: argparse.Namespace) -> None:
 
         best = rerank(clip, [args.prompt], images[None], codes[None], keep=len(codes))
         codes, images = best.codes[0], best.images[0]
-    start_writing(args, out)
+    start_writing(args, out)  # after decoding: --overwrite keeps the earlier run's files until this one has its own
+    if args.retrieve:
+        (out / "retrieved.json").write_text(json.dumps({"prompt": args.prompt, "keys": keys}, indent=1) + "\n")
     write_images(out, codes, images, args.prompt)
 
 
@@ -416,7 +416,7 @@ def main(argv: Sequence[str]) -> int:
     try:
         run(args)
     except (FileNotFoundError, ValueError) as e:
-        if new_out:  # the folder this run made holds nothing finished (at most a retrieved.json)
+        if new_out:  # the folder this run made holds nothing finished
             shutil.rmtree(args.out, ignore_errors=True)
         print(f"cm3leon generate: error: {e}", file=sys.stderr)
         return 2

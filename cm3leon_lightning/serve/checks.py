@@ -76,28 +76,35 @@ def check_retrieve_k(ckpt: str, k: int) -> None:
         )
 
 
-REQUEST_FIELDS = ("cfg", "temperature", "top_p", "top_k", "cdk_k", "cdk_alpha", "text_cfg", "image_cfg")
-"""The server defaults (``--cfg``, ``--temperature``...) that a request may also send, each as the field it
-overrides."""
+REQUEST_FIELDS: dict[str, str] = {
+    **{name: name for name in ("cfg", "temperature", "top_p", "top_k", "cdk_k", "cdk_alpha", "text_cfg", "image_cfg")},
+    "num_samples": "num_samples",
+    "max_num_samples": "num_samples",
+    "max_new_tokens": "max_new_tokens",
+}
+"""The server settings (``--cfg``, ``--temperature``...) whose values a request may also send, each with the request
+field of that range: ``--max-num-samples`` is the most a request's ``num_samples`` may ask for."""
 
 
 def check_request_ranges(args: argparse.Namespace) -> None:
     """Raise ValueError naming the flag of a default that a request could not send itself (``--temperature 50``,
-    ``--top-k 0``): the range of each :data:`REQUEST_FIELDS` flag is that of its request field
+    ``--top-k 0``, ``--max-new-tokens 2000``, a ``--max-num-samples`` above what a request's ``num_samples`` takes):
+    the range of each :data:`REQUEST_FIELDS` flag is that of its request field
     (:mod:`cm3leon_lightning.serve.requests`), so the server's defaults and the requests mean the same things."""
     from pydantic import ValidationError
 
-    from cm3leon_lightning.serve.requests import EditRequest, ImageRequest, allowed_numbers
+    from cm3leon_lightning.serve.requests import EditRequest, ImageRequest, TextRequest, allowed_numbers
 
-    for name in REQUEST_FIELDS:
+    for name, field in REQUEST_FIELDS.items():
         value = getattr(args, name)
-        model = ImageRequest if name in ImageRequest.model_fields else EditRequest
+        model = next(m for m in (ImageRequest, TextRequest, EditRequest) if field in m.model_fields)
         try:
-            model.__pydantic_validator__.validate_assignment(model.model_construct(), name, value)
+            model.__pydantic_validator__.validate_assignment(model.model_construct(), field, value)
         except ValidationError:
-            allowed = str(allowed_numbers(model, name))
+            allowed = str(allowed_numbers(model, field))
             rule = f"lie in {allowed[len('a number in ') :]}" if allowed.startswith("a number in ") else f"be {allowed}"
-            raise ValueError(f"--{name.replace('_', '-')} must {rule}, got {value}") from None
+            whose = "" if field == name else f" (what a request's {field} takes)"
+            raise ValueError(f"--{name.replace('_', '-')} must {rule}{whose}, got {value}") from None
 
 
 def _named(flag: str, e: Exception) -> ValueError:

@@ -70,6 +70,9 @@ from cm3leon_lightning.serve.checks import (  # noqa: F401 - re-exported: they w
 from cm3leon_lightning.serve.lifecycle import stop_processes
 from cm3leon_lightning.serve.requests import IMAGE_METHODS, TEXT_METHODS
 
+CLIP_PRETRAINED = "openai"
+"""The ``--clip-pretrained`` a server with ``--clip`` and without that flag uses (``cm3leon generate``'s default)."""
+
 CLIP_WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 """Endings of a ``--clip-pretrained`` that names a weights file rather than an open_clip tag."""
 
@@ -116,7 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--text-cfg", type=float, default=7.5, help="edit requests: text guidance scale (the paper's)")
     d.add_argument("--image-cfg", type=float, default=1.5, help="edit requests: image guidance scale (the paper's)")
     s = p.add_argument_group("server")
-    s.add_argument("--max-num-samples", type=int, default=16, help="the most candidates one request may ask for")
+    s.add_argument(
+        "--max-num-samples", type=int, default=16, help="the most candidates one request may ask for (at most 64)"
+    )
     s.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together")
     s.add_argument(
         "--max-rows", type=int, default=128, help="the most sequences (streams x candidates) in one decode; a larger "
@@ -150,11 +155,12 @@ def build_api(args: argparse.Namespace) -> object:
         raise ValueError(
             "--retrieve needs --clip (the CLIP model the bank was built with) and --shards (its documents)"
         )
-    for flag, needs in (("shards", "retrieve"), ("clip_pretrained", "clip")):  # else silently unused
-        if getattr(args, flag) is not None and getattr(args, needs) is None:
+    # else silently unused; a value equal to the default (--clip-pretrained openai) is no error, as in cm3leon generate
+    for flag, needs, default in (("shards", "retrieve", None), ("clip_pretrained", "clip", CLIP_PRETRAINED)):
+        if getattr(args, flag) not in (None, default) and getattr(args, needs) is None:
             raise ValueError(f"--{flag.replace('_', '-')} is used only with --{needs}, which is not given")
     if args.clip_pretrained is None:
-        args.clip_pretrained = "openai"
+        args.clip_pretrained = CLIP_PRETRAINED
     weights = args.clip_pretrained  # an open_clip tag ("openai") or a local file
     if args.clip and weights and ("/" in weights or weights.endswith(CLIP_WEIGHT_FILES)) and not Path(weights).exists():
         raise FileNotFoundError(f"--clip-pretrained: not found: {weights}")  # else the worker fails while loading

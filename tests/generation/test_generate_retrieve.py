@@ -251,3 +251,28 @@ def test_shards_tokenized_with_another_vqgan_are_refused(assets, tmp_path, capsy
     assert err.startswith("cm3leon generate: error: VQGAN mismatch: the checkpoint records") and err.count("\n") == 1
     assert f"--shards {root / 'shards'} (manifest.json) has sha256 000000000000" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_overwrite_keeps_the_earlier_run_until_the_retrieved_prompt_is_decoded(assets, tmp_path, monkeypatch):
+    """Found in review: with --retrieve, --overwrite deleted the earlier run's outputs and wrote retrieved.json before
+    decoding, so a decode that failed or was stopped (Ctrl+C, out of memory) lost them for nothing finished; now
+    they go only once this run's images are decoded, as without --retrieve."""
+    root, out = assets["root"], tmp_path / "out"
+    out.mkdir()
+    (out / "sample-0.png").write_bytes(b"earlier")
+    (out / "retrieved.json").write_text('{"prompt": "earlier", "keys": []}\n')
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "generate_image", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(argv(root, out, "--overwrite", "--method", "greedy", "--num-samples", "1"))
+    assert sorted(p.name for p in out.iterdir()) == ["retrieved.json", "sample-0.png"]
+    assert (out / "sample-0.png").read_bytes() == b"earlier"
+    assert json.loads((out / "retrieved.json").read_text())["prompt"] == "earlier"
+
+    monkeypatch.undo()
+    assert cli.main(argv(root, out, "--overwrite", "--method", "greedy", "--num-samples", "1")) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["codes.npy", "retrieved.json"]  # no --vqgan: no PNGs
+    assert json.loads((out / "retrieved.json").read_text())["prompt"] == "a blue circle"

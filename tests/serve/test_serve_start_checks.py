@@ -235,6 +235,36 @@ def test_flags_that_would_be_unused_are_refused(assets, capsys):
     assert one_line(capsys, args).startswith("--clip-pretrained: pretrained='openai' is neither")  # still the default
 
 
+def test_the_default_clip_pretrained_given_without_clip_is_no_error(assets):
+    """Found in review: ``--clip-pretrained openai``, the default its help names, was refused without ``--clip`` as an
+    unused flag; ``cm3leon generate`` takes a flag given its default value (its check_used), and so does serve now."""
+    args = serve_args(assets["root"], "--clip-pretrained", "openai", retrieve=False)
+    api = build_api(build_parser().parse_args(args))
+    assert api.clip_name is None and api.clip_pretrained == "openai"
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--max-num-samples", "100"],
+         "--max-num-samples must be an integer in [1, 64] (what a request's num_samples takes), got 100"),
+        (["--max-num-samples", "80", "--num-samples", "80"], "--num-samples must be an integer in [1, 64], got 80"),
+        (["--max-new-tokens", "2000"], "--max-new-tokens must be an integer in [1, 1024], got 2000"),
+    ],
+)  # fmt: skip
+def test_sample_and_token_limits_a_request_could_not_ask_for_are_refused(assets, capsys, extra, message):
+    """Found in review: ``--max-num-samples 100`` started, but a request's ``num_samples`` above 64 was answered 422
+    (the request schema's bound), so the flag's limit was 64 whatever it said; ``--num-samples 80`` and
+    ``--max-new-tokens 2000`` (a model of long context; here without a VQGAN, so no context check) were defaults no
+    request could send itself. The largest values still start."""
+    vqgan = ("--vqgan", str(assets["root"] / "vqgan"))
+    args = [a for a in serve_args(assets["root"], retrieve=False) if a not in vqgan]
+    assert one_line(capsys, [*args, *extra]) == message
+    api = build_api(build_parser().parse_args([*args, "--max-num-samples", "64", "--num-samples", "64",
+                                               "--max-new-tokens", "1024"]))  # fmt: skip
+    assert (api.max_num_samples, api.image_defaults.num_samples, api.text_defaults.max_new_tokens) == (64, 64, 1024)
+
+
 def test_a_max_new_tokens_that_never_fits_the_context_is_refused(assets, capsys):
     """--max-new-tokens 300 on a 256-position model with 64 image codes started healthy, then answered every
     image-to-text request that left max_new_tokens out 400; the largest that fits still starts."""
