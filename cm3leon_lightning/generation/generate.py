@@ -131,6 +131,19 @@ SETTING_METHODS: dict[str, tuple[str, ...]] = {
 """The decoding methods that read each sampling setting (greedy takes an argmax; CD-K guides by ``cdk_k`` /
 ``cdk_alpha``, not ``cfg``): ``cm3leon generate`` and ``cm3leon serve`` refuse a setting its method would ignore."""
 
+
+def unread_settings(settings: GenerationSettings) -> list[str]:
+    """``generation.<field>=<value> (read by <methods>)`` for each sampling setting of ``settings`` that differs from
+    its default and that ``settings.method`` ignores (:data:`SETTING_METHODS`): ``cm3leon predict`` with
+    ``generation.method cd_k`` and ``generation.cfg 5`` decoded without the guidance it was asked for."""
+    defaults = GenerationSettings()
+    return [
+        f"generation.{name}={getattr(settings, name)!r} (read by {', '.join(methods)})"
+        for name, methods in SETTING_METHODS.items()
+        if settings.method not in methods and getattr(settings, name) != getattr(defaults, name)
+    ]
+
+
 TEXT_LAYOUTS = ("infill", "image_first")
 
 

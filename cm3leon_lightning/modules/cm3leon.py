@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from cm3leon_lightning.config import CM3LeonConfig
-from cm3leon_lightning.generation.generate import GenerationSettings, generate_image
+from cm3leon_lightning.generation.generate import GenerationSettings, generate_image, unread_settings
 from cm3leon_lightning.model import CM3Leon
 from cm3leon_lightning.model.weights import check_same_architecture, check_same_vocab, load_weights
 from cm3leon_lightning.modules import optim
@@ -116,6 +116,12 @@ class CM3LeonModule(L.LightningModule):
             config = CM3LeonConfig.from_dict(config)
         if isinstance(generation, dict):
             generation = GenerationSettings.from_dict(generation)
+        unread = unread_settings(generation) if generation is not None else []
+        if unread:
+            raise ValueError(
+                f"generation.method={generation.method!r} does not read {'; '.join(unread)}: drop them or choose a "
+                "method that reads them"
+            )
         config, vocab = resolve_architecture(preset, config, vocab, max_seq_len)  # vocab: complete, or None
         optim.check_optimizer_args(lr, warmup_steps, lr_decay, min_lr_ratio, decay_steps, betas, eps, weight_decay)
         self.config = config

@@ -66,6 +66,18 @@ def reference_codes(ckpt: Path, tok_dir: Path, prompts: list[str], seeds: list[i
 
 
 # ------------------------------------------------------------------------------------------------ reading
+def test_generation_settings_the_method_ignores_are_refused_naming_them() -> None:
+    """`cm3leon predict` with generation.method cd_k and generation.cfg 5 decoded without guidance, silently."""
+    with pytest.raises(
+        ValueError, match=r"method='cd_k' does not read generation\.cfg=5\.0 \(read by greedy, temperature"
+    ):
+        CM3LeonModule(generation=GenerationSettings(method="cd_k", cfg=5.0))
+    with pytest.raises(ValueError, match=r"generation\.temperature=0\.7 .*; generation\.top_p=0\.5 \(read by top_p\)"):
+        CM3LeonModule(generation={"method": "greedy", "temperature": 0.7, "top_p": 0.5})
+    CM3LeonModule(generation=GenerationSettings(method="cd_k", cdk_k=4))  # defaults of the others: accepted
+    CM3LeonModule(generation=GenerationSettings(method="greedy", cfg=2.0))  # greedy reads cfg
+
+
 def test_read_prompts_txt_jsonl_and_errors(tmp_path):
     txt = tmp_path / "p.txt"
     txt.write_text("a red square\n\n  a blue circle  \n")
