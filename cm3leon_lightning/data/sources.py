@@ -89,14 +89,20 @@ def document_key(raw: object) -> str:
     An ASCII id is :func:`~cm3leon_lightning.data.shards.sanitize_key`'s (``sub/cat`` -> ``sub_cat``). An id with
     other characters (``猫``, ``café``), or none that sanitising keeps (``...``), gets ``-`` and 8 hex digits of its
     hash, so ids that differ only in the characters sanitising replaces stay distinct (``夏`` and ``冬`` are not
-    duplicates) and no id stops a run.
+    duplicates) and no id stops a run. A key that would start with ``sft-``, the prefix of instruction-tuning
+    documents, gets ``data-`` before it (``sft-photos/cat`` -> ``data-sft-photos_cat``): training skips a too-long
+    ``sft-`` document instead of cutting its caption (:data:`~cm3leon_lightning.data.stages.SFT_KEY_PREFIX`).
     """
+    from cm3leon_lightning.data.stages import SFT_KEY_PREFIX
+
     text = str(raw)
     if text.isascii() and re.search(r"[A-Za-z0-9-]", text):
-        return sanitize_key(text)
-    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=4).hexdigest()
-    base = re.sub(r"[^A-Za-z0-9_-]", "_", text)
-    return f"{base if base.strip('_') else 'id'}-{digest}"
+        key = sanitize_key(text)
+    else:
+        digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=4).hexdigest()
+        base = re.sub(r"[^A-Za-z0-9_-]", "_", text)
+        key = f"{base if base.strip('_') else 'id'}-{digest}"
+    return f"data-{key}" if key.startswith(SFT_KEY_PREFIX) else key
 
 
 # --------------------------------------------------------------------------------------------- fingerprints

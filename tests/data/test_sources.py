@@ -183,6 +183,17 @@ def test_folder_source(tmp_path: Path) -> None:
         FolderSource(tmp_path / "empty" if (tmp_path / "empty").mkdir() is None else None)
 
 
+def test_no_source_but_instruction_tuning_makes_sft_keys(tmp_path: Path) -> None:
+    """Training skips a too-long ``sft-`` document rather than cutting its caption: a folder named ``sft-photos``
+    had its pretraining captions skipped."""
+    assert [document_key(k) for k in ("sft-photos/cat", "sft-1", "sftx", "a/sft-b", "SFT-c")] == [
+        "data-sft-photos_cat", "data-sft-1", "sftx", "a_sft-b", "SFT-c",
+    ]  # fmt: skip
+    (tmp_path / "img" / "sft-photos").mkdir(parents=True)
+    (tmp_path / "img" / "sft-photos" / "cat.png").write_bytes(_png((1, 2, 3)))
+    assert [p.key for p in FolderSource(tmp_path / "img")] == ["data-sft-photos_cat"]
+
+
 def test_non_ascii_ids_become_distinct_keys(tmp_path: Path) -> None:
     """A file named ``猫.png`` stopped the run (its key had no usable character), and ``sub/夏`` / ``sub/冬`` both
     became ``sub__``, the second dropped as a duplicate; ASCII ids keep the keys they had."""
