@@ -74,7 +74,7 @@ class PrepareConfig:
         max_relevance: candidates scoring above this are skipped as near copies (paper: 0.9).
         duplicate_threshold: cosine above which a candidate duplicates an already chosen neighbour.
         image_duplicate_threshold: image-embedding cosine above which a candidate holds the query's picture or a
-            chosen neighbour's (a re-post under another caption); above 1 turns the rule off.
+            chosen neighbour's (a re-post under another caption); 1 or above turns the rule off.
         query_dropout: share of caption words dropped from the text query (paper: 0.2).
         prefer_multimodal: consider image+caption documents first (paper section 2.1).
         search_k: candidates fetched per search before the rules apply (a margin over ``k_per_modality``).
@@ -165,7 +165,11 @@ class PrepareConfig:
             if not 0 <= a < b:
                 raise ValueError(f"shard_range must be (start, stop) with 0 <= start < stop, got {self.shard_range}")
             self.shard_range = (a, b)
-        self.selection()  # validates the selection settings
+        try:
+            self.selection()  # validates the selection settings
+        except ValueError as e:  # its messages begin with the field: name the flag too (the command line's errors)
+            name = str(e).split(" ", 1)[0]
+            raise ValueError(f"--{name.replace('_', '-')}: {e}" if hasattr(self, name) else str(e)) from e
 
     def selection(self) -> Any:
         """The :class:`~cm3leon_lightning.retrieval.select.SelectionConfig` of these settings."""

@@ -53,17 +53,27 @@ def _replaceable(run: st.Run, old: dict[str, Any], plan: dict[str, Any]) -> bool
     return not made or not changed & {"plan_version", "source", "tokenizer_sha256", *_TOKENIZER_SETTINGS}
 
 
-def _add_new_defaults(old: dict[str, Any], plan: dict[str, Any], cfg: Any) -> None:
+def _add_new_defaults(old: dict[str, Any], plan: dict[str, Any], cfg: Any) -> dict[str, Any]:
     """Fill in ``old``'s settings added since it was written (:data:`_ADDED_SETTINGS`) where ``plan`` keeps their
     default, so a preparation begun by an earlier version resumes (a bank it built before image embeddings were kept
-    applies the group and document rules only). Any other setting missing from ``old`` still counts as changed."""
+    applies the group and document rules only). Any other setting missing from ``old`` still counts as changed.
+
+    Returns:
+        The added settings ``old`` lacks that ``plan`` gives another value, with their defaults (the values that
+        resume it, for the refusal to name).
+    """
     theirs = old.get("settings")
     if not isinstance(theirs, dict):
-        return
+        return {}
     defaults = json.loads(json.dumps({f.name: f.default for f in fields(cfg) if f.default is not MISSING}))
+    other: dict[str, Any] = {}
     for k, v in plan["settings"].items():
-        if k in _ADDED_SETTINGS and k not in theirs and k in defaults and v == defaults[k]:
-            theirs[k] = v
+        if k in _ADDED_SETTINGS and k not in theirs and k in defaults:
+            if v == defaults[k]:
+                theirs[k] = v
+            else:
+                other[k] = defaults[k]
+    return other
 
 
 def check_plan(run: st.Run, bank_source: PairSource | None) -> None:
@@ -81,7 +91,7 @@ def check_plan(run: st.Run, bank_source: PairSource | None) -> None:
     path = run.work / "plan.json"
     if path.is_file():
         old = json.loads(path.read_text(encoding="utf-8"))
-        _add_new_defaults(old, plan, cfg)
+        unrecorded = _add_new_defaults(old, plan, cfg)
         for part in ("source", "bank_source"):  # begun by a version that kept no fingerprint: cannot check the files
             ours = plan[part] if isinstance(plan[part], dict) else {}
             if isinstance(old.get(part), dict) and "fingerprint" not in old[part] and "fingerprint" in ours:
@@ -101,7 +111,11 @@ def check_plan(run: st.Run, bank_source: PairSource | None) -> None:
                 if part in diff and isinstance(p_old, dict) and isinstance(p_new, dict):
                     diff += [f"{part}.{k}" for k in sorted(set(p_old) | set(p_new)) if p_old.get(k) != p_new.get(k)]
             restart = f"write to a new --out (or delete {run.work}) to start over"
-            advice = f"resume with the same ones, or write to a new --out (or delete {run.work})"
+            same = "the same ones"
+            if unrecorded:  # never given to the earlier version that began it: say which values "the same ones" are
+                given = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in unrecorded.items())
+                same += f" (an earlier version began it, before {', '.join(unrecorded)} existed: the default, {given})"
+            advice = f"resume with {same}, or write to a new --out (or delete {run.work})"
             changed = [d.split(".")[0] for d in diff if d.endswith(".fingerprint")]
             if changed:
                 advice = (f"the input files changed since it began (added, removed, replaced or edited), and parts "

@@ -357,8 +357,8 @@ def write_part(run: Run, index: int, progress: Callable[[int], Any] | None = Non
     start, stop = run.part_range("main", index)
     stats = {"part": index, "range": [start, stop], "counts": dict(sorted(counts.items())),
              "neighbors_per_sample": dict(sorted(n_neighbors.items())),
-             "rejected_candidates": dict(sorted(rejected.items())), "shards": shards,
-             "inputs": write_inputs(run, index), "skipped": skipped}  # fmt: skip
+             "rejected_candidates": dict(sorted(rejected.items())), "picture_rule": bank["img"] is not None,
+             "shards": shards, "inputs": write_inputs(run, index), "skipped": skipped}  # fmt: skip
     stats_path(run, index).parent.mkdir(parents=True, exist_ok=True)
     write_json(stats_path(run, index), stats)
     part_done("write")
@@ -385,7 +385,7 @@ def warn_bank_without_pictures(run: Run) -> None:
     """Warn when the picture rule is on but the memory bank was built before image embeddings were kept (no
     ``img.npy``, a preparation begun by an earlier version): the parts written now skip no candidate by it."""
     bank = run.work / "bank"
-    if run.cfg.image_duplicate_threshold <= 1 and not (bank / "img.npy").is_file():
+    if run.cfg.image_duplicate_threshold < 1 and not (bank / "img.npy").is_file():
         warnings.warn(
             f"cm3leon prepare: the memory bank {bank} was built by an earlier version without image embeddings (no "
             f"img.npy): the parts written now do not apply the picture rule (--image-duplicate-threshold "
@@ -394,6 +394,30 @@ def warn_bank_without_pictures(run: Run) -> None:
             f"stages (the encoded parts are kept; the parts already written are rewritten)",
             stacklevel=2,
         )
+
+
+def parts_without_pictures(run: Run, stats: list[dict[str, Any]]) -> list[int]:
+    """The parts whose stats say they were written without the picture rule while it is on (``picture_rule``: the
+    bank had no ``img.npy``). Stats of earlier versions lack the key: the bank here tells (the parts were written
+    from it, :func:`part_written` checks), and without a bank here (a merge machine) they count as without."""
+    if run.cfg.image_duplicate_threshold >= 1:  # off: no cosine is above 1
+        return []
+    here = (run.work / "bank" / "img.npy").is_file()
+    return [s["part"] for s in stats if not s.get("picture_rule", here)]
+
+
+def warn_parts_without_pictures(run: Run, parts: list[int], total: int) -> None:
+    """Warn that the manifest is written for ``parts`` written without the picture rule (it records
+    ``image_duplicate_threshold`` null): a rerun of a preparation an earlier version finished writes nothing, so the
+    write stage's warning is not given."""
+    warnings.warn(
+        f"cm3leon prepare: {len(parts)} of {total} parts (e.g. {parts[:3]}) were written without the picture rule "
+        f"(--image-duplicate-threshold {run.cfg.image_duplicate_threshold}): their memory bank was built by an "
+        f"earlier version without image embeddings (no img.npy), so a query's photo re-posted under another caption "
+        f"can be in its own context; the manifests record image_duplicate_threshold null. To apply the rule, delete "
+        f"{run.work / 'bank'} and rerun the bank, write and manifest stages (the encoded parts are kept)",
+        stacklevel=2,
+    )
 
 
 def part_segments(part: dict[str, Any], i: int) -> list[tuple[str, np.ndarray]] | None:
@@ -433,13 +457,17 @@ def stage_manifest(run: Run) -> dict[str, Any]:
     summary["rejected_candidates"] = dict(sorted(rejected.items()))
     chosen = totals["neighbors_by_text"] + totals["neighbors_by_image"]
     warn_image_duplicates(run, rejected["image_duplicate"], chosen, totals["written_train"] + totals["written_val"])
+    sections, without = run.sections, parts_without_pictures(run, stats)
+    if without:  # the manifest records the settings used: this rule was not
+        warn_parts_without_pictures(run, without, len(stats))
+        sections = {**sections, "retrieval": {**sections["retrieval"], "image_duplicate_threshold": None}}
     for split in ("train", "val"):
         shards = [ShardInfo(**s["shards"][split]) for s in stats if split in s["shards"]]
         if not shards:  # none in this preparation: a manifest left by an earlier one (work/ deleted) is not its data
             (run.out / split / MANIFEST_NAME).unlink(missing_ok=True)
             continue
         version = SEGMENTS_FORMAT_VERSION if totals[f"segment_documents_{split}"] else FORMAT_VERSION
-        manifest = Manifest(**run.sections, shards=shards, format_version=version)
+        manifest = Manifest(**sections, shards=shards, format_version=version)
         shutil.copyfile(run.work / "tokenizer.json", run.out / split / "tokenizer.json")
         manifest.save(run.out / split / MANIFEST_NAME)
         summary["splits"][split] = {"shards": len(shards), "samples": manifest.num_samples}

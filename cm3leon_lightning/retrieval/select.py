@@ -54,8 +54,9 @@ class SelectionConfig:
         prefer_multimodal: take documents with both an image and a caption before single-modality ones.
         query_dropout: fraction of the caption's tokens dropped before the text query is embedded (paper: 20%).
         image_duplicate_threshold: a candidate whose image embedding has cosine above this with the query's picture
-            or a chosen document's is the same picture (a re-post under another caption) and skipped; above 1 turns
-            the rule off (a CLIP that is not trained maps every picture to nearly one direction).
+            or a chosen document's is the same picture (a re-post under another caption) and skipped; 1 or above
+            turns the rule off (no cosine is above 1; a CLIP that is not trained maps every picture to nearly one
+            direction).
     """
 
     k_per_modality: int = 2
@@ -146,6 +147,10 @@ def is_near_duplicate(candidate: np.ndarray, chosen: np.ndarray, threshold: floa
     "Simply taking the top K documents based on relevance score can result in duplicates or highly similar
     documents, hurting downstream pretraining." Similarity is the cosine between document embeddings.
 
+    Cosines are clipped to ``[-1, 1]``: rounding puts an identical vector's cosine just above 1 as often as not, so
+    a threshold of 1 would skip exact copies at random instead of never. A row with NaN (or all zeros) duplicates
+    nothing and hides no other row's match.
+
     Args:
         candidate: ``(D,)`` candidate embedding.
         chosen: ``(M, D)`` embeddings of the documents chosen so far (``M`` may be 0).
@@ -155,7 +160,7 @@ def is_near_duplicate(candidate: np.ndarray, chosen: np.ndarray, threshold: floa
         return False
     c = candidate / max(float(np.linalg.norm(candidate)), 1e-12)
     m = chosen / np.maximum(np.linalg.norm(chosen, axis=1, keepdims=True), 1e-12)
-    return bool((m @ c).max() > threshold)
+    return bool((np.clip(m @ c, -1.0, 1.0) > threshold).any())  # any(): a NaN row's max would hide the others
 
 
 def multimodal_first(ids: Sequence[int], multimodal: np.ndarray) -> list[int]:
@@ -236,7 +241,8 @@ def select_neighbors(
             skipped, whatever its caption and group (the same photo re-posted under another caption embeds as a
             document at cosine ~0.85-0.9 with the query's, under the threshold, and would leak the target image).
         query_image_embedding: ``(D,)`` the query's image embedding (with ``image_embeddings``).
-        rejected: a counter to add the skipped candidates to, by the first rule that skipped each (:data:`RULES`).
+        rejected: a counter to add the skipped candidates to, by the first rule that skipped each (:data:`RULES`);
+            each search's candidates count apart, so a document both searches skip counts twice (the query, always).
 
     Returns:
         The chosen neighbours as ``{key, score, by}`` in selection order: the text search's picks, then the image
@@ -244,7 +250,8 @@ def select_neighbors(
 
     Raises:
         ValueError: ids and scores of a search differ in shape, an id is beyond ``keys``, or ``multimodal``,
-            ``embeddings``, ``groups`` or ``image_embeddings`` has another length than ``keys`` (each named).
+            ``embeddings``, ``groups`` or ``image_embeddings`` has another length than ``keys`` (each named), or
+            ``query_embedding`` / ``query_image_embedding`` has NaN or infinite values (named).
     """
     per_row = {
         "multimodal": multimodal,
@@ -255,6 +262,9 @@ def select_neighbors(
     for name, rows in per_row.items():
         if rows is not None and len(rows) != len(keys):  # a shorter one failed with an IndexError, a longer one not
             raise ValueError(f"{name} has {len(rows)} rows but keys has {len(keys)}: both describe every bank row")
+    for name, vec in (("query_embedding", query_embedding), ("query_image_embedding", query_image_embedding)):
+        if vec is not None and not np.isfinite(np.asarray(vec, np.float64)).all():  # NaN matches nothing: rule off
+            raise ValueError(f"{name} has NaN or infinite values: no copy of the query could be recognised")
     chosen: list[Neighbor] = []
     chosen_keys: set[str] = set()
     chosen_groups: set[str] = set()  # with ``groups``: a chosen document's picture under another caption is no news

@@ -307,6 +307,25 @@ def test_config_errors() -> None:
         PrepareConfig(vqgan="v", clip_weights="c", train_tokenizer_vocab=300, device="gpu")
 
 
+def test_bad_selection_settings_name_their_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The retrieval rules' settings were refused by their field name only (``image_duplicate_threshold must be ...``)
+    where the command line's other errors name the flag (found in review)."""
+    for flag, value, message in (
+        ("--image-duplicate-threshold", "nan", "image_duplicate_threshold must be >= -1 (above 1: off), got nan"),
+        ("--image-duplicate-threshold", "-2", "image_duplicate_threshold must be >= -1 (above 1: off), got -2.0"),
+        ("--max-relevance", "1.5", "max_relevance must be in [-1, 1], got 1.5"),
+        ("--duplicate-threshold", "2", "duplicate_threshold must be in [-1, 1], got 2.0"),
+        ("--query-dropout", "1", "query_dropout must be in [0, 1), got 1.0"),
+    ):
+        args = ["prepare", "--source", "shapes", "--out", str(tmp_path / "o"), "--vqgan", "v", "--clip-weights", "c",
+                "--train-tokenizer-vocab", "300", flag, value]  # fmt: skip
+        assert cm3leon_main(args) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [f"cm3leon prepare: error: {flag}: {message}"]
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(ValueError, match=r"^--k-per-modality: k_per_modality must be an integer, got 1.5$"):
+        PrepareConfig(vqgan="v", clip_weights="c", train_tokenizer_vocab=300, k_per_modality=1.5)
+
+
 def test_missing_models_and_a_bad_bank_factory_fail_before_anything_is_written(
     models: dict[str, str], tmp_path: Path
 ) -> None:
@@ -559,7 +578,11 @@ def test_a_preparation_begun_before_image_duplicate_threshold_resumes(models: di
     plan = json.loads((out / "work" / "plan.json").read_text())
     del plan["settings"]["image_duplicate_threshold"]
     (out / "work" / "plan.json").write_text(json.dumps(plan))
-    with pytest.raises(ValueError, match=r"other inputs or settings \(settings, settings\.image_duplicate_threshold\)"):
+    # the refusal says which value resumes: the user never gave one (found in review: "resume with the same ones")
+    unrecorded = (r"other inputs or settings \(settings, settings\.image_duplicate_threshold\); resume with the same "
+                  r"ones \(an earlier version began it, before image_duplicate_threshold existed: the default, "
+                  r"--image-duplicate-threshold 0.95\), or write to a new --out")  # fmt: skip
+    with pytest.raises(ValueError, match=unrecorded):
         prepare(ShapesSource(20), out, **{**s, "image_duplicate_threshold": 0.5})
     # only the setting added since is filled in: another one missing is a change (the tokenizer was made with it)
     (out / "work" / "plan.json").write_text(
@@ -601,16 +624,36 @@ def test_a_bank_built_before_image_embeddings_is_warned_of_until_rebuilt(
                       r"embeddings \(no img.npy\): the parts written now do not apply the picture rule "
                       r"\(--image-duplicate-threshold 0.95\).* delete .*bank and rerun the bank, write and "
                       r"manifest stages"):  # fmt: skip
-        summary = prepare(ShapesSource(20), out, **s)
+        with pytest.warns(UserWarning, match="2 of 2 parts .* were written without the picture rule"):
+            summary = prepare(ShapesSource(20), out, **s)
     assert summary["written_parts"] == 2 and "image_duplicate" not in summary["rejected_candidates"]
+    manifest = out / "train" / "manifest.json"
+    assert Manifest.load(manifest).retrieval["image_duplicate_threshold"] is None  # not applied: not recorded
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing left to write: nothing to warn of
         assert prepare(ShapesSource(20), out, **{**s, "stages": ("write",)})["written_parts"] == 0
+    # a rerun of a preparation an earlier version finished writes nothing, so the write stage warns of nothing: the
+    # manifest stage does (found in review: it recorded image_duplicate_threshold 0.95 for parts written without it)
+    for f in (out / "stats").glob("part-*.json"):  # as an earlier version wrote them
+        f.write_text(json.dumps({k: v for k, v in json.loads(f.read_text()).items() if k != "picture_rule"}))
+    manifest.unlink()
+    without = r"2 of 2 parts \(e.g. \[0, 1\]\) were written without the picture rule \(--image-duplicate-threshold 0.95"
+    with pytest.warns(UserWarning, match=without + r".*manifests record image_duplicate_threshold null"):
+        assert prepare(ShapesSource(20), out, **s)["written_parts"] == 0
+    assert Manifest.load(manifest).retrieval["image_duplicate_threshold"] is None
+    from cm3leon_lightning.data.prepare_stages import Run, parts_without_pictures
+
+    stats = [{"part": 0, "picture_rule": False}, {"part": 1}, {"part": 2, "picture_rule": True}]
+    for threshold, without in ((0.95, [0, 1]), (1.0, []), (2.0, [])):  # 1 or above: the rule is off
+        cfg = PrepareConfig(**{**s, "image_duplicate_threshold": threshold})  # type: ignore[arg-type]
+        assert parts_without_pictures(Run(cfg, out, {}), stats) == without, threshold
     shutil.rmtree(bank)  # the remedy: the parts are rewritten from the new bank, with the rule (the random CLIP's
-    with pytest.warns(UserWarning, match="picture rule"):  # one picture direction empties every context)
+    with pytest.warns(UserWarning, match="picture rule") as caught:  # one picture direction empties every context)
         summary = prepare(ShapesSource(20), out, **s)
+    assert not [w for w in caught if "without the picture rule" in str(w.message)]
     assert summary["written_parts"] == 2 and summary["neighbors_per_sample"] == {"0": 20}
     assert summary["rejected_candidates"]["image_duplicate"] >= 20 * 2
+    assert Manifest.load(manifest).retrieval["image_duplicate_threshold"] == 0.95
 
 
 def test_the_picture_rule_is_warned_of_only_when_it_empties_the_contexts(tmp_path: Path) -> None:

@@ -165,6 +165,40 @@ def test_is_near_duplicate_threshold():
     assert not is_near_duplicate(c, np.array([[0.0, 1.0], [1.0, 1.0]]), 0.95)
 
 
+def test_an_identical_picture_is_decided_alike_at_threshold_one():
+    """Rounding put an identical float16 vector's cosine above 1 for about a third of vectors: a threshold of 1 (the
+    picture rule at its edge) skipped exact copies at random, and decided other copies otherwise (found in review)."""
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(200, 512)).astype(np.float32)
+    vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float16).astype(np.float32)
+    assert [is_near_duplicate(v, v[None], 1.0) for v in vectors] == [False] * 200  # nothing is above 1
+    assert [is_near_duplicate(v, v[None], 0.9999) for v in vectors] == [True] * 200
+    imgs = np.zeros((8, 512), np.float32)
+    imgs[1:] = vectors[:7]
+    args = ("q", [1, 2], [0.6, 0.5], [3, 4], [0.6, 0.5], KEYS)
+    for threshold, keys in ((1.0, ["doc1", "doc2", "doc3", "doc4"]), (0.9999, ["doc2", "doc3", "doc4"])):
+        out = select_neighbors(*args, config=SelectionConfig(image_duplicate_threshold=threshold),
+                               image_embeddings=imgs, query_image_embedding=imgs[1].copy())  # fmt: skip
+        assert [n["key"] for n in out] == keys, threshold
+
+
+def test_a_nan_row_hides_no_other_duplicate_and_a_nan_query_is_refused():
+    """One NaN row among the vectors to avoid made the cosines' max NaN, so no candidate was a duplicate of any of
+    them; a NaN query embedding turned the query-copy rules off without a word (found in review)."""
+    c = np.array([1.0, 0.0], np.float32)
+    assert is_near_duplicate(c, np.array([[np.nan, 0.0], [1.0, 0.0]], np.float32), 0.95)
+    assert not is_near_duplicate(c, np.array([[np.nan, 0.0], [0.0, 1.0]], np.float32), 0.95)
+    assert not is_near_duplicate(c, np.zeros((1, 2), np.float32), 0.95)  # no direction: duplicates nothing
+    docs = _orthogonal()
+    nan = np.full(8, np.nan, np.float32)
+    for name, kwargs in (
+        ("query_embedding", {"embeddings": docs, "query_embedding": nan}),
+        ("query_image_embedding", {"image_embeddings": docs, "query_image_embedding": nan}),
+    ):
+        with pytest.raises(ValueError, match=f"^{name} has NaN or infinite values"):
+            select_neighbors("q", [1], [0.5], [2], [0.5], KEYS, **kwargs)
+
+
 def test_multimodal_documents_are_preferred_then_single_modality_fills():
     mm = np.array([True, False, True, False, True, True, False, True])
     assert multimodal_first([1, 2, 3, 4], mm) == [2, 4, 1, 3]
