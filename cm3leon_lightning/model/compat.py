@@ -5,6 +5,7 @@ mismatch in the same words. Split from :mod:`~cm3leon_lightning.model.weights`, 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from cm3leon_lightning.config import INIT_ONLY_FIELDS
@@ -56,6 +57,19 @@ def check_same_vocab(
     }
 
 
+def architecture_diff(
+    a: dict[str, Any], b: dict[str, Any], ignore: Sequence[str] = INIT_ONLY_FIELDS
+) -> dict[str, tuple[Any, Any]]:
+    """``{field: (a's, b's)}`` for each field of two architecture dicts (``CM3LeonConfig.to_dict()``) that differs,
+    ``_MISSING`` for one a dict lacks; the fields ``ignore`` names (by default those that only set the random
+    initialisation) are not compared."""
+    return {
+        k: (a.get(k, _MISSING), b.get(k, _MISSING))
+        for k in [*a, *(k for k in b if k not in a)]
+        if k not in ignore and a.get(k, _MISSING) != b.get(k, _MISSING)
+    }
+
+
 def check_same_architecture(saved: dict[str, Any] | None, ours: dict[str, Any], source: str) -> None:
     """Raise ValueError listing each differing field as ``field: (checkpoint's, module's)`` (None: unknown).
 
@@ -64,10 +78,6 @@ def check_same_architecture(saved: dict[str, Any] | None, ours: dict[str, Any], 
     """
     if saved is None:
         return
-    diff = {
-        k: (saved.get(k, _MISSING), ours.get(k, _MISSING))
-        for k in [*saved, *(k for k in ours if k not in saved)]
-        if k not in INIT_ONLY_FIELDS and saved.get(k, _MISSING) != ours.get(k, _MISSING)
-    }
+    diff = architecture_diff(saved, ours)
     if diff:
         raise ValueError(f"architecture mismatch between {source} and module (checkpoint, module): {diff}")

@@ -11,6 +11,7 @@ from typing import Any
 
 from cm3leon_lightning.config import INIT_ONLY_FIELDS, CM3LeonConfig
 from cm3leon_lightning.model import CM3Leon
+from cm3leon_lightning.model.compat import architecture_diff
 from cm3leon_lightning.model.weights import (
     PretrainedWeights,
     check_same_architecture,
@@ -136,9 +137,9 @@ def preset_disagreement(preset: str, config: CM3LeonConfig) -> str | None:
     --model.init_args.config.n_layer 4``) the fields it leaves out take :class:`CM3LeonConfig`'s defaults (the 350m
     architecture), not the preset's, which silently built a 350m-sized model.
     """
-    ours, theirs = config.to_dict(), CM3LeonConfig.from_preset(preset).to_dict()
-    skip = {"vocab_size", "max_seq_len", *INIT_ONLY_FIELDS}
-    differ = [f"{k} {ours.get(k)!r} (preset: {v!r})" for k, v in theirs.items() if k not in skip and ours.get(k) != v]
+    skip = ("vocab_size", "max_seq_len", *INIT_ONLY_FIELDS)
+    diff = architecture_diff(config.to_dict(), CM3LeonConfig.from_preset(preset).to_dict(), skip)
+    differ = [f"{k} {ours!r} (preset: {theirs!r})" for k, (ours, theirs) in diff.items()]
     if not differ:
         return None
     return (
