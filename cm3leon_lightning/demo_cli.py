@@ -9,8 +9,10 @@ import sys
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from types import FrameType
 
 from cm3leon_lightning.demo import CONFIG_DIR, MAX_SEED, SIZES, StageInterrupted, Terminated, run
+from cm3leon_lightning.signals import deferred_from_finalizer
 
 
 def positive_int(text: str) -> int:
@@ -49,13 +51,15 @@ def seed_int(text: str) -> int:
 def sigterm_raises() -> Iterator[None]:
     """In the block, SIGTERM (``kill PID``) raises :class:`~cm3leon_lightning.demo.Terminated`, so a stage outside a
     fit stops with a line naming it too (Python's default ends the process at once, silently; Lightning's handler,
-    installed during a fit, calls this one after its own). The previous handler is restored after the block."""
+    installed during a fit, calls this one after its own). A SIGTERM that interrupts a ``__del__`` raises once the
+    finalizer returned (:mod:`cm3leon_lightning.signals`). The previous handler is restored after the block."""
     if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
         yield
         return
 
-    def stop(signum: int, frame: object) -> None:
-        raise Terminated
+    def stop(signum: int, frame: FrameType | None) -> None:
+        if not deferred_from_finalizer(signum, frame):  # raised in a __del__, it was dropped and the run went on
+            raise Terminated
 
     previous = signal.signal(signal.SIGTERM, stop)
     try:

@@ -36,6 +36,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import numpy as np
@@ -47,6 +48,7 @@ from cm3leon_lightning.demo_cli import positive_int
 from cm3leon_lightning.demo_eval import attribute_scores
 from cm3leon_lightning.demo_report import stage_results
 from cm3leon_lightning.files import ARGS_FILE, check_output_dir, make_output_dir, write_text_whole
+from cm3leon_lightning.signals import deferred_from_finalizer
 
 
 def demo_paths(run: Path) -> dict[str, str]:
@@ -103,7 +105,9 @@ def exit_on_signals(signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGHUP)) 
     """Turn ``signals`` into ``SystemExit(128 + signal)`` in the block, so that its ``finally`` clauses run (Python's
     default for SIGTERM and SIGHUP ends the process at once); the previous handlers are restored after it."""
 
-    def stop(signum: int, frame: object) -> None:
+    def stop(signum: int, frame: FrameType | None) -> None:
+        if deferred_from_finalizer(signum, frame):  # raised in a __del__, SystemExit would be dropped: again soon
+            return
         for s in signals:  # once: a second signal would cut the clean-up short
             signal.signal(s, signal.SIG_IGN)
         raise SystemExit(128 + signum)

@@ -45,6 +45,7 @@ import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import torch
@@ -69,6 +70,7 @@ from cm3leon_lightning.serve.checks import (  # noqa: F401 - re-exported: they w
 )
 from cm3leon_lightning.serve.lifecycle import stop_processes
 from cm3leon_lightning.serve.requests import IMAGE_METHODS, TEXT_METHODS
+from cm3leon_lightning.signals import deferred_from_finalizer
 
 CLIP_PRETRAINED = "openai"
 """The ``--clip-pretrained`` a server with ``--clip`` and without that flag uses (``cm3leon generate``'s default)."""
@@ -267,8 +269,8 @@ def stop_on_sigterm() -> None:
     their own handlers and re-raise the signal once stopped (a KeyboardInterrupt there printed a traceback)."""
     main_pid = os.getpid()
 
-    def interrupt(signum: int, frame: object) -> None:
-        if os.getpid() == main_pid:  # else a forked process: the main one stops it
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        if os.getpid() == main_pid and not deferred_from_finalizer(signum, frame):  # forked: the main one stops it
             raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupt)
