@@ -50,6 +50,20 @@ def write_text_whole(path: str | os.PathLike[str], text: str) -> None:
     write_bytes_whole(path, text.encode("utf-8"))
 
 
+def save_safetensors(
+    tensors: dict[str, Any], path: str | os.PathLike[str], metadata: dict[str, str] | None = None
+) -> None:
+    """``safetensors.torch.save_file`` with the file mode ``open`` gives, ``0o666`` less the umask: safetensors writes
+    through a private temporary file (mode ``0o600``), so saved weights were unreadable by other users (a serving
+    account, a shared group)."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, os.fspath(path), metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def text_lines(path: str | os.PathLike[str], where: str = "") -> Iterator[tuple[int, str]]:
     """``(line number, line)`` of each non-blank line of a UTF-8 text file, counted from 1.
 

@@ -13,6 +13,7 @@ from cm3leon_lightning.files import (
     check_output_dir,
     jsonl_values,
     replaced_whole,
+    save_safetensors,
     text_lines,
     write_bytes_whole,
     write_text_whole,
@@ -94,3 +95,21 @@ def test_make_output_dir_names_the_flag_when_a_file_blocks_it(tmp_path: Path) ->
     make_output_dir(tmp_path / "a" / "b")
     make_output_dir(tmp_path / "a" / "b")  # exists: fine
     assert (tmp_path / "a" / "b").is_dir() and (tmp_path / "afile").read_text() == "x"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_saved_safetensors_have_the_mode_open_gives(tmp_path: Path, umask: int) -> None:
+    """safetensors wrote mode 0o600 whatever the umask: a VQGAN or CLIP saved by one account could not be read by
+    the serving one. The mode is now 0o666 less the umask, as any file ``open`` creates; the tensors are intact."""
+    import torch
+    from safetensors.torch import load_file
+
+    previous = os.umask(umask)
+    try:
+        save_safetensors({"w": torch.arange(6.0)}, tmp_path / "w.safetensors", metadata={"format": "pt"})
+        (tmp_path / "plain").write_bytes(b"")
+    finally:
+        os.umask(previous)
+    mode = (tmp_path / "w.safetensors").stat().st_mode & 0o777
+    assert mode == 0o666 & ~umask == (tmp_path / "plain").stat().st_mode & 0o777
+    assert load_file(tmp_path / "w.safetensors")["w"].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]

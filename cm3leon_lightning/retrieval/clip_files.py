@@ -15,9 +15,8 @@ from typing import Any
 
 import torch
 from open_clip.transformer import CustomResidualAttentionBlock, QuickGELU, ResidualAttentionBlock
-from safetensors.torch import save_file
 
-from cm3leon_lightning.files import replaced_whole
+from cm3leon_lightning.files import replaced_whole, save_safetensors
 
 
 def save_clip_weights(model: torch.nn.Module, model_name: str, path: Path) -> None:
@@ -43,7 +42,7 @@ def save_clip_weights(model: torch.nn.Module, model_name: str, path: Path) -> No
         "preprocess_cfg": json.dumps(preprocess),
     }
     with replaced_whole(path) as tmp:
-        save_file(state, str(tmp), metadata=meta)
+        save_safetensors(state, tmp, metadata=meta)
         _sort_metadata(tmp)
 
 

@@ -32,8 +32,9 @@ from typing import Any
 
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from cm3leon_lightning.files import save_safetensors
 from cm3leon_lightning.tokenization.vqgan import VQGAN, VQGANConfig, config_from_overrides
 from cm3leon_lightning.tokenization.vqgan_config import warn_unused_attn_resolutions
 
@@ -350,7 +351,7 @@ def save_vqgan(model: VQGAN, directory: str | Path, overwrite: bool = False) -> 
     directory.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".save-", dir=directory))
     try:
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        save_safetensors(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(doc, indent=2) + "\n")
         for name in (WEIGHTS_FILE, CONFIG_FILE):
             os.replace(tmp / name, directory / name)

@@ -301,7 +301,7 @@ def test_export_refuses_an_existing_file_and_replaces_it_whole(tmp_path, monkeyp
         raise OSError("No space left on device")
 
     with monkeypatch.context() as m:
-        m.setattr(clip_files, "save_file", failing_save_file)
+        m.setattr(clip_files, "save_safetensors", failing_save_file)
         with pytest.raises(OSError, match="No space left"):
             module.export_weights(path, overwrite=True)
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["clip.safetensors"]

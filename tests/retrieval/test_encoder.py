@@ -1,5 +1,6 @@
 """ClipEncoder: document embedding rule, input forms, local weights, and clear errors when weights are missing."""
 
+import os
 import time
 
 import numpy as np
@@ -227,6 +228,9 @@ def test_weights_recorded_without_quick_gelu_run_gelu_under_a_quickgelu_architec
     monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, "cm3leon-clip-tiny-quickgelu", quick_cfg)
     path = weights[0].parent / "recorded.safetensors"
     save_clip_weights(weights[2], "cm3leon-clip-tiny", path)  # records quick_gelu "false"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # not safetensors' private 0o600
     gelu = ClipEncoder("cm3leon-clip-tiny-quickgelu", pretrained=str(path))
     assert not uses_quick_gelu(gelu.model)
     texts = ["a red square", "a blue circle"]

@@ -49,7 +49,7 @@ def test_save_refuses_to_replace_a_saved_vqgan(tmp_path: Path, monkeypatch: pyte
     def fail(*args: object, **kwargs: object) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(vqgan_io, "save_file", fail)
+    monkeypatch.setattr(vqgan_io, "save_safetensors", fail)
     with pytest.raises(OSError, match="disk full"):
         second.save_pretrained(tmp_path / "vq", overwrite=True)  # a failed write leaves the saved VQGAN whole
     monkeypatch.undo()
@@ -391,3 +391,17 @@ def test_scalar_fields_must_be_numbers_and_become_plain_ones(tmp_path: Path) -> 
     assert [type(v) for v in (config.n_embed, config.beta, config.ema_decay)] == [int, float, float]
     VQGAN(config).save_pretrained(tmp_path / "vq")
     assert VQGAN.from_pretrained(tmp_path / "vq").config == config
+
+
+def test_saved_vqgan_files_are_readable_by_group_and_others(tmp_path: Path) -> None:
+    """Under umask 022 both files of a saved VQGAN are 0o644 (the weights were 0o600, safetensors' private mode)."""
+    import os
+
+    previous = os.umask(0o022)
+    try:
+        _model(0).save_pretrained(tmp_path / "vq")
+    finally:
+        os.umask(previous)
+    assert {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "vq").iterdir()} == {
+        "config.json": 0o644, "model.safetensors": 0o644,
+    }  # fmt: skip
