@@ -69,6 +69,11 @@ def test_the_record_round_trips_and_leaves_equality_to_the_sizes(tmp_path: Path)
     image = {"checkpoint_sha256": "d" * 64, "n_codes": 32, "grid_h": 8, "grid_w": 8, "image_size": 16}
     manifest = Manifest(format_version=1, created_by="t", text_tokenizer=text, image_tokenizer=image)
     assert manifest.vocab().identity == {"text_tokenizer_sha256": "c" * 64, "vqgan_sha256": "d" * 64}
+    image["weights_sha256"] = "e" * 64  # prepare records the VQGAN's weights too
+    assert Manifest(format_version=1, created_by="t", text_tokenizer=text, image_tokenizer=image).vocab().identity == {
+        "text_tokenizer_sha256": "c" * 64, "vqgan_sha256": "d" * 64, "vqgan_weights_sha256": "e" * 64,
+    }  # fmt: skip
+    del image["weights_sha256"]
     text["sha256"] = ""  # a hand-written manifest: no hash, nothing to check
     assert Manifest(format_version=1, created_by="t", text_tokenizer=text, image_tokenizer=image).vocab().identity == {
         "vqgan_sha256": "d" * 64
@@ -110,6 +115,21 @@ def test_check_tokenizers_compares_the_vqgan_file_or_its_weights(assets) -> None
         f"VQGAN mismatch: --ckpt k.ckpt records the VQGAN of sha256 {sha(vqgan_a)}, weights sha256 {a}, but --vqgan "
         f"{vqgan_b} has sha256 {sha(vqgan_b)}, weights sha256 {b} {SAME_SIZE} image codes)"
     )
+
+
+def test_a_model_of_prepared_data_accepts_its_vqgan_saved_anew(assets, tmp_path: Path) -> None:
+    """Data prepared with one VQGAN file records its weights hash too: the model trained on it accepts the same VQGAN
+    re-saved elsewhere (other files, other file hash), and still refuses another VQGAN."""
+    resaved = micro_vqgan(0).save_pretrained(tmp_path / "resaved")
+    (resaved / "NOTE").write_text("a copy")  # the directory's hash differs from vqgan_a's
+    assert path_sha256(resaved) != path_sha256(assets["vqgan_a"])
+    manifest_vocab = {**assets["vocab"].to_dict(), "vqgan_weights_sha256": vqgan_weights_sha256(micro_vqgan(0))}
+    vocab = MultimodalVocab.from_dict(check_data_vocab(assets["vocab"].to_dict(), manifest_vocab, "the data"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_tokenizers(vocab, None, micro_vqgan(0), "--ckpt k.ckpt", resaved)
+    with pytest.raises(ValueError, match=r"^VQGAN mismatch: --ckpt k.ckpt records the VQGAN of sha256 .*, weights"):
+        check_tokenizers(vocab, None, micro_vqgan(1), "--ckpt k.ckpt", assets["vqgan_b"])
 
 
 def test_an_old_checkpoint_is_accepted_with_one_warning(assets, recwarn) -> None:

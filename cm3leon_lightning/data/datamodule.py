@@ -121,8 +121,15 @@ def _check_same_tokenizers(manifests: dict[str, Manifest]) -> None:
     for section, key in (("text_tokenizer", "sha256"), ("image_tokenizer", "checkpoint_sha256")):
         seen = {split: getattr(m, section).get(key) for split, m in manifests.items()}
         known = {v for v in seen.values() if v}
-        if len(known) > 1:
+        if len(known) > 1 and not (section == "image_tokenizer" and _same_vqgan_weights(manifests)):
             raise ValueError(f"the splits were tokenized with different tokenizers ({section}.{key}): {seen}")
+
+
+def _same_vqgan_weights(manifests: dict[str, Manifest]) -> bool:
+    """Whether every split records the same VQGAN weights hash (``image_tokenizer.weights_sha256``): one VQGAN saved
+    as two files (a taming checkpoint and its ``save_pretrained`` copy) gives the same codes."""
+    seen = [m.image_tokenizer.get("weights_sha256") for m in manifests.values()]
+    return all(seen) and len(set(seen)) == 1
 
 
 class CM3LeonDataModule(L.LightningDataModule):

@@ -67,6 +67,7 @@ from cm3leon_lightning.data.shards import (
 def manifest_sections(run: Run) -> dict[str, dict[str, Any]]:
     """The manifest's tokenizer, image tokenizer, CLIP and retrieval sections (DESIGN section 4)."""
     from cm3leon_lightning.tokenization.text import TextTokenizer
+    from cm3leon_lightning.tokenization.vocab import vqgan_weights_sha256
 
     cfg = run.cfg
     tok = TextTokenizer.load(run.work / "tokenizer.json")
@@ -76,8 +77,9 @@ def manifest_sections(run: Run) -> dict[str, dict[str, Any]]:
     return {
         "text_tokenizer": {"path": "tokenizer.json", "sha256": tok.sha256, "n_text": tok.vocab_size,
                            "num_sentinels": tok.num_sentinels},
-        "image_tokenizer": {"checkpoint_sha256": path_sha256(cfg.vqgan), "n_codes": vqgan.n_embed, "grid_h": gh,
-                            "grid_w": gw, "image_size": vqgan.config.resolution},
+        "image_tokenizer": {"checkpoint_sha256": path_sha256(cfg.vqgan), "weights_sha256": vqgan_weights_sha256(vqgan),
+                            "n_codes": vqgan.n_embed, "grid_h": gh, "grid_w": gw,
+                            "image_size": vqgan.config.resolution},
         "clip": {"model": cfg.clip_model, "dim": clip.dim,
                  "weights_sha256": path_sha256(cfg.clip_weights) if os.path.isfile(cfg.clip_weights)
                  else f"open_clip:{cfg.clip_weights}"},

@@ -105,7 +105,8 @@ class Manifest:
 
     Attributes:
         text_tokenizer: ``path``, ``sha256``, ``n_text`` and ``num_sentinels`` of the BPE tokenizer.
-        image_tokenizer: ``checkpoint_sha256``, ``n_codes``, ``grid_h``, ``grid_w``, ``image_size``.
+        image_tokenizer: ``checkpoint_sha256`` (the VQGAN file or directory), ``weights_sha256`` (its architecture and
+            weights, however saved; manifests before it lack it), ``n_codes``, ``grid_h``, ``grid_w``, ``image_size``.
         clip: ``model`` name and embedding ``dim`` of the retriever.
         retrieval: the retrieval settings used (free-form primitives).
         shards: the shard files, in order.
@@ -167,7 +168,8 @@ class Manifest:
 
     def vocab(self, pad_to_multiple: int = 128) -> MultimodalVocab:
         """The vocabulary these shards were tokenized for, with the tokenizers' hashes the manifest records
-        (``text_tokenizer.sha256``, ``image_tokenizer.checkpoint_sha256``; one that is not a hex sha256 is left out)."""
+        (``text_tokenizer.sha256``, ``image_tokenizer.checkpoint_sha256`` and ``weights_sha256``; one that is not a
+        hex sha256 is left out)."""
         t, i = self.text_tokenizer, self.image_tokenizer
         return MultimodalVocab(
             n_text=int(t["n_text"]),
@@ -178,6 +180,7 @@ class Manifest:
             pad_to_multiple=pad_to_multiple,
             text_tokenizer_sha256=_sha256_or_none(t.get("sha256")),
             vqgan_sha256=_sha256_or_none(i.get("checkpoint_sha256")),
+            vqgan_weights_sha256=_sha256_or_none(i.get("weights_sha256")),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -295,7 +298,8 @@ class ShardWriter:
     Args:
         out_dir: the dataset directory (created).
         text_tokenizer: ``path``, ``sha256``, ``n_text`` (and ``num_sentinels``) of the BPE tokenizer.
-        image_tokenizer: ``checkpoint_sha256``, ``n_codes``, ``grid_h``, ``grid_w``, ``image_size``.
+        image_tokenizer: ``checkpoint_sha256`` (the VQGAN file or directory), ``weights_sha256`` (its architecture and
+            weights, however saved; manifests before it lack it), ``n_codes``, ``grid_h``, ``grid_w``, ``image_size``.
         clip: retriever ``model`` name and embedding ``dim``.
         retrieval: the retrieval settings used.
         samples_per_shard: start a new shard after this many samples.

@@ -72,6 +72,19 @@ def test_splits_tokenized_by_other_tokenizers_of_equal_sizes_are_refused(tiny_da
             CM3LeonDataModule(train_data=str(tiny_dataset), val_data=str(val), seq_len=64)
     (val / "manifest.json").write_text(json.dumps(doc))
     assert CM3LeonDataModule(train_data=str(tiny_dataset), val_data=str(val), seq_len=64).vocab.n_text == 64
+    # one VQGAN saved as two files (its checkpoint, its save_pretrained copy): the weights hashes say it is the same
+    train = tmp_path / "train"
+    shutil.copytree(tiny_dataset, train)
+    for folder, file_hash, weights in ((train, "e" * 64, "a" * 64), (val, "f" * 64, "a" * 64)):
+        other = json.loads(json.dumps(doc))
+        other["image_tokenizer"].update(checkpoint_sha256=file_hash, weights_sha256=weights)
+        (folder / "manifest.json").write_text(json.dumps(other))
+    dm = CM3LeonDataModule(train_data=str(train), val_data=str(val), seq_len=64)
+    assert dm.vocab.vqgan_weights_sha256 == "a" * 64
+    other["image_tokenizer"]["weights_sha256"] = "b" * 64  # other weights too
+    (val / "manifest.json").write_text(json.dumps(other))
+    with pytest.raises(ValueError, match=r"different tokenizers \(image_tokenizer.checkpoint_sha256\)"):
+        CM3LeonDataModule(train_data=str(train), val_data=str(val), seq_len=64)
     with pytest.raises(ValueError, match="every_n_steps must be >= 1, got 0"):
         DataCountsLogger(every_n_steps=0)  # failed at the first batch with ZeroDivisionError
 

@@ -29,6 +29,7 @@ from cm3leon_lightning.data.sources import FolderSource, ShapesSource
 from cm3leon_lightning.modules.cm3leon import CM3LeonModule
 from cm3leon_lightning.retrieval.encoder import create_clip
 from cm3leon_lightning.tokenization.text import TextTokenizer
+from cm3leon_lightning.tokenization.vocab import vqgan_weights_sha256
 from cm3leon_lightning.tokenization.vqgan import VQGAN
 
 N_PAIRS = 100
@@ -101,8 +102,10 @@ def test_prepared_shards_hold_exact_tokens_and_neighbours(reference: Path, model
     tok = TextTokenizer.load(reference / "train" / "tokenizer.json")
     assert train_m.text_tokenizer == {"path": "tokenizer.json", "sha256": tok.sha256, "n_text": tok.vocab_size,
                                       "num_sentinels": 8}  # fmt: skip
-    assert train_m.image_tokenizer == {"checkpoint_sha256": path_sha256(models["vqgan"]), "n_codes": 32,
-                                       "grid_h": 8, "grid_w": 8, "image_size": 16}  # fmt: skip
+    weights = vqgan_weights_sha256(VQGAN.from_pretrained(models["vqgan"]))  # the same however the VQGAN is saved
+    assert train_m.image_tokenizer == {"checkpoint_sha256": path_sha256(models["vqgan"]), "weights_sha256": weights,
+                                       "n_codes": 32, "grid_h": 8, "grid_w": 8, "image_size": 16}  # fmt: skip
+    assert train_m.vocab().vqgan_weights_sha256 == weights
     assert train_m.clip == {"model": "cm3leon-clip-tiny", "dim": 64,
                             "weights_sha256": path_sha256(models["clip_weights"])}  # fmt: skip
     train = {s.key: s for shard in train_m.shards for s in read_shard(reference / "train" / shard.name, train_m)}
