@@ -49,7 +49,7 @@ import torch
 
 from cm3leon_lightning.config import CM3LeonConfig
 from cm3leon_lightning.generation.cli_args import add_model_arguments as add_model_arguments  # re-exported
-from cm3leon_lightning.generation.cli_args import build_parser, check_numbers, check_used, clean_texts
+from cm3leon_lightning.generation.cli_args import build_parser, check_numbers, check_used, clean_texts, resolve_clip
 from cm3leon_lightning.generation.cli_files import (  # noqa: F401  (re-exported: the names' old home)
     OUTPUT_NAME,
     check_out,
@@ -285,6 +285,7 @@ def run(args: argparse.Namespace) -> None:
         )
     check_out(Path(args.out), args.overwrite)
     check_used(args)
+    resolve_clip(args)  # before the checkpoint loads: a --retrieve that is no bank fails at once
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     check_device(device)
     compile = False if args.no_compile else (None if args.compile == "auto" else args.compile)

@@ -14,6 +14,9 @@ from cm3leon_lightning.generation.tasks import IMAGE_TASKS
 from cm3leon_lightning.model import ATTENTION_IMPLS
 from cm3leon_lightning.model.pretrained import DTYPES  # the --dtype choices besides auto
 
+DEFAULT_CLIP, DEFAULT_CLIP_PRETRAINED = "ViT-B-32", "openai"
+"""``--clip`` / ``--clip-pretrained`` for ``--rerank`` without ``--retrieve`` (with it, the bank's CLIP)."""
+
 
 def add_model_arguments(parser: argparse.ArgumentParser, vqgan_help: str) -> None:
     """``--ckpt``, ``--tokenizer`` and ``--vqgan``, as ``cm3leon generate`` and ``cm3leon serve`` take them
@@ -81,8 +84,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=32, help="longest answer for --image")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rerank", action="store_true", help="order candidates by CLIP score (needs --clip)")
-    p.add_argument("--clip", default="ViT-B-32", help="open_clip model for --rerank/--retrieve")
-    p.add_argument("--clip-pretrained", default="openai", help="open_clip weights tag or local path")
+    p.add_argument(
+        "--clip",
+        default=None,
+        help="open_clip model for --rerank/--retrieve (default: with --retrieve "
+        f"the model the bank records, else {DEFAULT_CLIP})",
+    )
+    p.add_argument(
+        "--clip-pretrained",
+        default=None,
+        help="open_clip weights tag or local path (default: with "
+        f"--retrieve the tag the --shards manifest records, else {DEFAULT_CLIP_PRETRAINED})",
+    )
     p.add_argument("--retrieve", metavar="BANK", help="memory bank directory: prepend retrieved documents")
     p.add_argument("--shards", help="prepared shard directory holding the bank's documents (with --retrieve)")
     p.add_argument("--k", type=int, default=2, help="documents to retrieve")
@@ -189,3 +202,43 @@ def clean_texts(args: argparse.Namespace) -> None:
         value = getattr(args, flag)
         if value is not None:
             setattr(args, flag, model_text(value, f"--{flag}", what, allow_empty=flag == "instruction"))
+
+
+def resolve_clip(args: argparse.Namespace) -> None:
+    """Fill ``--clip`` and ``--clip-pretrained`` where they were not given and a CLIP is used: with ``--retrieve``,
+    the model the bank's ``meta.json`` records and the open_clip tag the ``--shards`` manifest records (queries must
+    be embedded by the CLIP the bank was built with); else :data:`DEFAULT_CLIP` / :data:`DEFAULT_CLIP_PRETRAINED`.
+
+    Raises:
+        FileNotFoundError: ``--retrieve`` is no memory bank.
+        ValueError: ``--clip-pretrained`` is not given and the manifest records a CLIP weights file (only its sha256
+            is known: the message says to pass it).
+    """
+    import json
+    from pathlib import Path
+
+    if not (args.rerank or args.retrieve):
+        return
+    if args.retrieve:
+        from cm3leon_lightning.retrieval.index import bank_model_name
+
+        try:
+            name = bank_model_name(args.retrieve)
+        except (FileNotFoundError, ValueError) as e:
+            raise type(e)(f"--retrieve: {e}") from e
+        args.clip = args.clip or name
+        manifest = Path(args.shards) / "manifest.json" if args.shards else None
+        if args.clip_pretrained is None and manifest is not None and manifest.is_file():
+            try:
+                weights = json.loads(manifest.read_text(encoding="utf-8")).get("clip", {}).get("weights_sha256")
+            except (ValueError, AttributeError):
+                weights = None  # the retriever names what is wrong with the manifest
+            if isinstance(weights, str) and weights.startswith("open_clip:"):
+                args.clip_pretrained = weights.removeprefix("open_clip:")
+            elif isinstance(weights, str) and weights:
+                raise ValueError(
+                    f"--clip-pretrained: the memory bank {args.retrieve} was built with a CLIP weights file of sha256 "
+                    f"{weights[:12]}... (the manifest of {args.shards}); pass that file"
+                )
+    args.clip = args.clip or DEFAULT_CLIP
+    args.clip_pretrained = args.clip_pretrained or DEFAULT_CLIP_PRETRAINED

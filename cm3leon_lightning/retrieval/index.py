@@ -76,6 +76,35 @@ _META_TYPES: dict[str, type] = {
 }
 
 
+def bank_model_name(path: str | os.PathLike[str]) -> str:
+    """The CLIP model name a saved bank records (``meta.json``'s ``model_name``), without reading its index: what
+    its queries must be embedded with.
+
+    Raises:
+        FileNotFoundError: ``path`` holds no ``meta.json`` (the message points at a ``cm3leon prepare`` output's bank,
+            ``work/bank/index``, when ``path`` is that output or one of its splits).
+        ValueError: ``meta.json`` is not a JSON object with a string ``model_name``.
+    """
+    src = Path(path)
+    if not (src / META_FILE).is_file():
+        raise FileNotFoundError(f"memory bank {src} has no {META_FILE}{_bank_hint(src)}")
+    meta = _read_json(src / META_FILE, "a JSON object")
+    name = meta.get("model_name") if isinstance(meta, dict) else None
+    if not isinstance(name, str):
+        raise ValueError(f"{src / META_FILE}: field 'model_name' must be a str, got {name!r}")
+    return name
+
+
+def _bank_hint(src: Path) -> str:
+    """Where the bank is when ``src`` is a ``cm3leon prepare`` output directory or one of its splits (its bank is
+    ``work/bank/index``); else nothing."""
+    for root in (src, src.parent):
+        bank = root / "work" / "bank" / "index"
+        if (bank / META_FILE).is_file():
+            return f" (the memory bank of a cm3leon prepare output is {bank})"
+    return ""
+
+
 def _l2_normalize(x: np.ndarray) -> np.ndarray:
     """Row-wise L2 normalisation in float32 (zero rows stay zero)."""
     x = np.asarray(x, dtype=np.float32)
@@ -404,7 +433,7 @@ class MemoryBank:
         src = Path(path)
         for name in (INDEX_FILE, KEYS_FILE, META_FILE):
             if not (src / name).is_file():
-                raise FileNotFoundError(f"memory bank {src} has no {name}")
+                raise FileNotFoundError(f"memory bank {src} has no {name}{_bank_hint(src)}")
         meta_path = src / META_FILE
         meta = _read_json(meta_path, "a JSON object")
         if not isinstance(meta, dict):

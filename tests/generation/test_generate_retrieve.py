@@ -276,3 +276,65 @@ def test_overwrite_keeps_the_earlier_run_until_the_retrieved_prompt_is_decoded(a
     assert cli.main(argv(root, out, "--overwrite", "--method", "greedy", "--num-samples", "1")) == 0
     assert sorted(p.name for p in out.iterdir()) == ["codes.npy", "retrieved.json"]  # no --vqgan: no PNGs
     assert json.loads((out / "retrieved.json").read_text())["prompt"] == "a blue circle"
+
+
+def test_retrieve_embeds_with_the_banks_clip_when_no_clip_is_given(assets, tmp_path, capsys):
+    """``--clip`` defaulted to ViT-B-32 with openai weights, whatever the bank was built with (a download, then a
+    model-name mismatch). With ``--retrieve`` the bank's model is now the default, the manifest's open_clip tag the
+    default weights, and a manifest recording a weights file asks for that file."""
+    root = assets["root"]
+
+    def without(args: list[str], *flags: str) -> list[str]:
+        for flag in flags:
+            i = args.index(flag)
+            args = args[:i] + args[i + 2 :]
+        return args
+
+    shards = tmp_path / "shards"
+    shutil.copytree(root / "shards", shards)
+    manifest = json.loads((shards / "manifest.json").read_text())
+    weights = file_sha256(root / "clip.safetensors")
+    manifest["clip"] = {"model": "cm3leon-clip-tiny", "dim": 64, "weights_sha256": weights}
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    settings = ("--method", "greedy", "--cfg", "1", "--num-samples", "1")
+
+    def args(out: str, *drop: str) -> list[str]:
+        full = argv(root, tmp_path / out, *settings)
+        full[full.index("--shards") + 1] = str(shards)
+        return without(full, *drop)
+
+    assert cli.main(args("none", "--clip", "--clip-pretrained")) == 2
+    assert capsys.readouterr().err == (
+        f"cm3leon generate: error: --clip-pretrained: the memory bank {root / 'bank'} was built with a CLIP weights "
+        f"file of sha256 {file_sha256(root / 'clip.safetensors')[:12]}... (the manifest of {shards}); pass that file\n"
+    )
+    assert not (tmp_path / "none").exists()
+    assert cli.main(args("bank-model", "--clip")) == 0 and cli.main(args("both")) == 0
+    for name in ("codes.npy", "retrieved.json"):
+        assert (tmp_path / "bank-model" / name).read_bytes() == (tmp_path / "both" / name).read_bytes()
+
+    manifest["clip"]["weights_sha256"] = "open_clip:laion2b_s34b_b79k"  # a tag: it becomes the default weights
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    resolved = cli.build_parser().parse_args(args("tag", "--clip", "--clip-pretrained"))
+    cli.resolve_clip(resolved)
+    assert (resolved.clip, resolved.clip_pretrained) == ("cm3leon-clip-tiny", "laion2b_s34b_b79k")
+    rerank = cli.build_parser().parse_args(["--ckpt", "m", "--out", "o", "--prompt", "p", "--rerank"])
+    cli.resolve_clip(rerank)  # no bank: open_clip's ViT-B-32 / openai, as before
+    assert (rerank.clip, rerank.clip_pretrained) == ("ViT-B-32", "openai")
+
+
+def test_retrieve_given_a_prepare_output_names_its_bank(assets, tmp_path, capsys):
+    """``--retrieve`` given ``cm3leon prepare``'s output directory (or a split of it) said only that it has no
+    meta.json; the message now names the bank inside it, ``work/bank/index``."""
+    root = assets["root"]
+    out = tmp_path / "prepared"
+    shutil.copytree(root / "bank", out / "work" / "bank" / "index")
+    shutil.copytree(root / "shards", out / "train")
+    for given in (out, out / "train"):
+        args = argv(root, tmp_path / "o")
+        args[args.index("--retrieve") + 1] = str(given)
+        assert cli.main(args) == 2
+        assert capsys.readouterr().err == (
+            f"cm3leon generate: error: --retrieve: memory bank {given} has no meta.json (the memory bank of a "
+            f"cm3leon prepare output is {out / 'work' / 'bank' / 'index'})\n"
+        )

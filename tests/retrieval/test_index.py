@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from cm3leon_lightning.retrieval.index import MemoryBank
+from cm3leon_lightning.retrieval.index import MemoryBank, bank_model_name
 
 
 def _data(n: int = 500, d: int = 16, seed: int = 0) -> tuple[np.ndarray, list[str]]:
@@ -152,6 +152,28 @@ def test_load_checks_model_name_dimension_and_files(tmp_path):
     (tmp_path / "bank" / "keys.json").unlink()
     with pytest.raises(FileNotFoundError, match="keys.json"):
         MemoryBank.load(tmp_path / "bank")
+
+
+def test_a_prepare_output_given_as_bank_names_the_bank_inside_it(tmp_path):
+    """``cm3leon prepare`` writes its bank to ``OUT/work/bank/index``: OUT, or a split of it, given as the bank gets
+    a message naming that path; the recorded model name is read without the index."""
+    x, keys = _data(4, 16)
+    bank = tmp_path / "out" / "work" / "bank" / "index"
+    MemoryBank.build((x, keys), dim=16, model_name="ViT-B-32").save(bank)
+    (tmp_path / "out" / "train").mkdir()
+    for given in (tmp_path / "out", tmp_path / "out" / "train"):
+        with pytest.raises(FileNotFoundError) as err:
+            MemoryBank.load(given)
+        assert (
+            str(err.value)
+            == f"memory bank {given} has no index.faiss (the memory bank of a cm3leon prepare output is {bank})"
+        )
+    with pytest.raises(FileNotFoundError, match=r"has no meta.json$"):
+        bank_model_name(tmp_path)
+    assert bank_model_name(bank) == "ViT-B-32"
+    (bank / "meta.json").write_text("[]")
+    with pytest.raises(ValueError, match=r"meta.json: field 'model_name' must be a str, got None$"):
+        bank_model_name(bank)
 
 
 def test_save_refuses_to_replace_a_bank_without_overwrite(tmp_path):
