@@ -329,8 +329,14 @@ class CM3LeonDataModule(L.LightningDataModule):
             if shards < slots:
                 raise ValueError(
                     f"train_data has {shards} shards for {world} ranks x {max(1, self.hparams.num_workers)} workers "
-                    f"= {slots} readers; re-prepare with smaller shards (at least {slots}) or lower num_workers"
+                    f"= {slots} readers (each reads whole shards); lower num_workers (--data.init_args.num_workers) "
+                    f"or re-prepare into at least {slots} shards (cm3leon prepare --samples-per-shard, now "
+                    f"{self._samples_per_shard()})"
                 )
+
+    def _samples_per_shard(self) -> int:
+        """The largest training shard's sample count (what ``--samples-per-shard`` was when it was prepared)."""
+        return max((info.count for info in self.sources["train"][2]), default=0)
 
     def _progress(self) -> tuple[int, int, int | float] | None:
         """The trainer's epoch, training batches consumed since the run began and batches per epoch (the loader has

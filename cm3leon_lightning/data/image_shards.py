@@ -136,7 +136,8 @@ def check_even_split(
         raise ValueError(
             f"{what}: {len(urls)} shards cannot be dealt evenly to {world_size} ranks x {max(1, num_workers)} "
             f"workers = {readers} readers, so ranks would read different numbers of batches and DDP would hang at the "
-            f"epoch's end; use a multiple of {readers} shards holding equal numbers of images, change num_workers, "
+            f"epoch's end; use a multiple of {readers} shards holding equal numbers of images, change num_workers "
+            "(--data.init_args.num_workers), "
             f"{fix}"
         )
     if remote:

@@ -23,7 +23,7 @@ from conftest import (
 
 from cm3leon_lightning.data import CM3LeonDataModule
 from cm3leon_lightning.data.plan import exact_plan
-from cm3leon_lightning.data.shards import file_sha256, iter_tar_samples
+from cm3leon_lightning.data.shards import Manifest, file_sha256, iter_tar_samples
 from cm3leon_lightning.data.stream import ShardStream
 from cm3leon_lightning.tokenization.vocab import MultimodalVocab
 
@@ -408,8 +408,14 @@ def test_bad_seed_and_infill_settings_fail_at_construction(tiny_dataset: Path) -
 
 
 def test_too_few_shards_is_a_clear_error_at_setup(tiny_dataset: Path) -> None:
-    with pytest.raises(ValueError, match="6 shards for 1 ranks x 8 workers = 8 readers"):
+    biggest = max(s.count for s in Manifest.load(tiny_dataset / "manifest.json").shards)
+    with pytest.raises(ValueError) as err:
         make_dm(tiny_dataset, num_workers=8).setup("fit")
+    assert str(err.value) == (
+        "train_data has 6 shards for 1 ranks x 8 workers = 8 readers (each reads whole shards); lower num_workers "
+        "(--data.init_args.num_workers) or re-prepare into at least 8 shards (cm3leon prepare --samples-per-shard, "
+        f"now {biggest})"
+    )
 
 
 # --------------------------------------------------------------------------------------------------- bad data
