@@ -89,6 +89,7 @@ class CM3LeonCLI(LightningCLI):
         the checkpoint's class: a VQGAN in a CM3Leon run), keep the :data:`RUN_SETTINGS` as given, and for ``fit`` warn
         of every other model argument given that the checkpoint's hyper-parameters replaced (``lr`` ...)."""
         from cm3leon_lightning.model.pretrained import is_model_dir
+        from cm3leon_lightning.model.weights import SHARDED_META
 
         subcommand = self.config.get("subcommand")
         config = self.config[subcommand] if subcommand else self.config
@@ -103,6 +104,8 @@ class CM3LeonCLI(LightningCLI):
                 f"--ckpt_path: {ckpt_path} is a model directory of 'cm3leon export' (no trainer state); give it as "
                 f"--model.init_args.init_from {ckpt_path} instead"
             )
+        if ckpt_path and Path(ckpt_path).is_dir() and not (Path(ckpt_path) / SHARDED_META).is_file():
+            self.parser.error(not_a_checkpoint(Path(ckpt_path)))  # Lightning's loader: IsADirectoryError, at the end
         if not ckpt_path:
             return
         saved_class, given_class = config.get("model.class_path"), getattr(self, "given_model_class", None)
@@ -151,6 +154,15 @@ effect."""
 NOT_RESTORED = ("config", "vocab", "init_from", *RUN_SETTINGS)
 """Model arguments :func:`replaced_model_args` leaves out: ``config`` and ``vocab`` are resolved from the preset and
 the data, ``init_from`` is dropped on resume, and the :data:`RUN_SETTINGS` are kept as given."""
+
+
+def not_a_checkpoint(directory: Path, shown: int = 3) -> str:
+    """The error for a ``--ckpt_path`` that is a directory holding no sharded (FSDP) checkpoint: names up to
+    ``shown`` checkpoint files below it, newest first, to give instead."""
+    found = sorted(directory.rglob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
+    names = ", ".join(str(p) for p in found[:shown]) + ", ..." * (len(found) > shown)
+    hint = f" from it: {names}" if found else " (it holds none)"
+    return f"--ckpt_path: {directory} is a directory, not a checkpoint; give a .ckpt file{hint}"
 
 
 def replaced_model_args(given: dict[str, Any], restored: Any) -> str:

@@ -250,6 +250,32 @@ def test_no_command_names_every_command(capsys: pytest.CaptureFixture[str]) -> N
     assert capsys.readouterr().err == f"cm3leon: error: no command given (choose from {choices}; cm3leon --help)\n"
 
 
+def test_a_directory_as_ckpt_path_is_refused_naming_the_checkpoints_in_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`cm3leon fit --ckpt_path runs/x/checkpoints` built everything, then failed in Lightning's loader with
+    IsADirectoryError; it is refused at once, naming the newest .ckpt files below it."""
+    import os
+
+    cfg = write_fit_config(tmp_path, max_steps=1, n_train=4)
+    ckpts = tmp_path / "runs" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    for age, name in enumerate(["last.ckpt", "step=2.ckpt", "step=1.ckpt", "step=0.ckpt"]):
+        (ckpts / name).write_bytes(b"")
+        os.utime(ckpts / name, (1_000_000 - age, 1_000_000 - age))
+    for given, hint in (
+        (tmp_path / "runs", f" from it: {ckpts / 'last.ckpt'}, {ckpts / 'step=2.ckpt'}, {ckpts / 'step=1.ckpt'}, ..."),
+        (tmp_path / "data", " (it holds none)"),
+    ):
+        given.mkdir(exist_ok=True)
+        with pytest.raises(SystemExit) as exit_info:
+            main(["fit", "--config", str(TINY_MODEL), "--config", str(cfg), "--ckpt_path", str(given)])
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err.splitlines()[-1] == (
+            f"error: --ckpt_path: {given} is a directory, not a checkpoint; give a .ckpt file{hint}"
+        )
+
+
 @pytest.mark.parametrize("subcommand", ["validate", "predict"])
 def test_a_model_directory_as_ckpt_path_is_refused_naming_init_from(
     subcommand: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
