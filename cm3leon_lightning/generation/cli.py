@@ -18,7 +18,8 @@ directory of ``cm3leon export``, whose ``tokenizer/`` and ``vqgan/`` are then th
 ``--vqgan``.
 
 Text-to-image writes ``sample-{i}.png`` (best CLIP score first when ``--rerank`` is given), ``grid.png`` with the
-prompt written above the candidates, ``codes.npy``, and with ``--retrieve`` ``retrieved.json`` (the bank keys of the
+prompt written above the candidates, ``codes.npy``, with ``--rerank`` ``scores.json`` (each sample's CLIP score, in
+the order written, and the index it was decoded as), and with ``--retrieve`` ``retrieved.json`` (the bank keys of the
 documents placed before the prompt, nearest first). Image-to-text writes ``answer.txt`` and prints it. ``--edit``
 (a model instruction-tuned on ``edit`` documents, paper table 5) writes the edited candidates as text-to-image does;
 with ``--task edge_to_image`` (or another grounded task) it draws the image whose edges (etc.) ``--image`` shows.
@@ -368,6 +369,11 @@ def run(args: argparse.Namespace) -> None:
     start_writing(args, out)  # after decoding: --overwrite keeps the earlier run's files until this one has its own
     if args.retrieve:
         (out / "retrieved.json").write_text(json.dumps({"prompt": args.prompt, "keys": keys}, indent=1) + "\n")
+    if args.rerank and images is not None:
+        scores = {"prompt": args.prompt, "clip": args.clip, "clip_pretrained": args.clip_pretrained,
+                  "scores": [None if s != s else s for s in best.scores[0].tolist()],  # NaN: not JSON
+                  "decoded_as": best.order[0].tolist()}  # fmt: skip
+        (out / "scores.json").write_text(json.dumps(scores, indent=1) + "\n")
     write_images(out, codes, images, args.prompt)
 
 

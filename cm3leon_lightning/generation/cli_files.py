@@ -18,7 +18,7 @@ if TYPE_CHECKING:  # PIL is imported lazily, where images are written
     from PIL import Image
 
 
-OUTPUT_NAME = re.compile(r"sample-\d+\.png|grid\.png|codes\.npy|retrieved\.json|answer\.txt|answers\.json")
+OUTPUT_NAME = re.compile(r"sample-\d+\.png|grid\.png|codes\.npy|retrieved\.json|scores\.json|answer\.txt|answers\.json")
 """The names ``cm3leon generate`` writes into ``--out`` (any other file there is not its own)."""
 
 

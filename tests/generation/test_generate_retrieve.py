@@ -338,3 +338,35 @@ def test_retrieve_given_a_prepare_output_names_its_bank(assets, tmp_path, capsys
             f"cm3leon generate: error: --retrieve: memory bank {given} has no meta.json (the memory bank of a "
             f"cm3leon prepare output is {out / 'work' / 'bank' / 'index'})\n"
         )
+
+
+def test_rerank_writes_the_samples_best_first_and_their_scores(assets, tmp_path):
+    """``--rerank`` reordered the samples and wrote no score: ``scores.json`` now gives each written sample's CLIP
+    score (descending) and the index it was decoded as, which the unreranked run of the same seed confirms."""
+    from cm3leon_lightning.generation.rerank import clip_scores
+    from cm3leon_lightning.retrieval.encoder import ClipEncoder
+    from cm3leon_lightning.tokenization.vqgan import VQGAN
+
+    root = assets["root"]
+    common = [
+        "--ckpt", str(root / "model.ckpt"), "--tokenizer", str(root / "tok"), "--vqgan", str(root / "vqgan"),
+        "--prompt", "a blue circle", "--no-compile", "--num-samples", "4", "--seed", "3", "--method", "temperature",
+    ]  # fmt: skip
+    clip_args = ["--clip", "cm3leon-clip-tiny", "--clip-pretrained", str(root / "clip.safetensors")]
+    assert cli.main([*common, "--out", str(tmp_path / "plain")]) == 0
+    assert cli.main([*common, "--out", str(tmp_path / "ranked"), "--rerank", *clip_args]) == 0
+    written = json.loads((tmp_path / "ranked" / "scores.json").read_text())
+    assert written["prompt"] == "a blue circle" and written["clip"] == "cm3leon-clip-tiny"
+    assert sorted(written["decoded_as"]) == [0, 1, 2, 3] and not (tmp_path / "plain" / "scores.json").exists()
+    for rank, decoded in enumerate(written["decoded_as"]):
+        ranked, plain = tmp_path / "ranked" / f"sample-{rank}.png", tmp_path / "plain" / f"sample-{decoded}.png"
+        assert ranked.read_bytes() == plain.read_bytes()
+    assert written["scores"] == sorted(written["scores"], reverse=True)
+
+    vqgan = VQGAN.from_pretrained(root / "vqgan").eval()
+    codes = torch.from_numpy(np.load(tmp_path / "plain" / "codes.npy")).long()
+    with torch.no_grad():
+        images = vqgan.decode(codes)
+    clip = ClipEncoder("cm3leon-clip-tiny", pretrained=str(root / "clip.safetensors"))
+    want = clip_scores(clip, ["a blue circle"], images[None])[0]
+    np.testing.assert_allclose(written["scores"], want[written["decoded_as"]].numpy(), rtol=0, atol=1e-6)
