@@ -35,7 +35,14 @@ from typing import Any
 
 import torch
 
-from cm3leon_lightning.model.pretrained import DTYPES, TOKENIZER_DIR, VQGAN_DIR, bundled_paths, save_pretrained
+from cm3leon_lightning.model.pretrained import (
+    DTYPES,
+    TOKENIZER_DIR,
+    VQGAN_DIR,
+    bundled_paths,
+    other_network,
+    save_pretrained,
+)
 
 FORMATS = ("cm3leon", "hf")
 """``--format``: our model directory, or Hugging Face ``transformers``' OPT layout."""
@@ -104,8 +111,8 @@ def export_model(
     weights = read_weights(src, "--ckpt", lazy=True)  # tensors read a chunk at a time while writing
     if not weights.config or not weights.vocab:
         raise ValueError(
-            f"--ckpt: {src} ({weights.kind}) lacks the architecture and vocabulary ('config' and 'vocab'); export "
-            "reads CM3LeonModule checkpoints and model directories"
+            f"--ckpt: {src} ({weights.kind}) lacks the architecture and vocabulary ('config' and 'vocab')"
+            f"{other_network(weights.state_dict)}; export reads CM3LeonModule checkpoints and model directories"
         )
     try:
         config = CM3LeonConfig.from_dict(weights.config)

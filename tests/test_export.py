@@ -320,3 +320,39 @@ def test_the_source_checkpoint_is_recorded_as_given_not_made_absolute(
     ckpt = re.escape(str(assets / "model.ckpt"))
     with pytest.raises(ValueError, match=rf"^--vqgan: {ckpt} is a CM3Leon model checkpoint, not a VQGAN: it is what"):
         export_model(assets / "model.ckpt", tmp_path / "v", vqgan=assets / "model.ckpt")
+
+
+def test_a_vqgan_or_clip_checkpoint_given_as_ckpt_is_named(tmp_path: Path) -> None:
+    """A VQGANModule or ClipModule checkpoint given to export / generate was only said to lack CM3Leon's
+    architecture; the message now says what it is and which flag takes it."""
+    import warnings
+
+    from cm3leon_lightning.retrieval.encoder import create_clip
+
+    vqgan = VQGAN.from_name("micro")
+    torch.save({"state_dict": {f"vqgan.{k}": v for k, v in vqgan.state_dict().items()},
+                "hyper_parameters": {"preset": "micro"}}, tmp_path / "vqgan.ckpt")  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*randomly initialised.*")
+        clip = create_clip("cm3leon-clip-tiny", None)
+    torch.save({"state_dict": {f"model.{k}": v for k, v in clip.state_dict().items()},
+                "hyper_parameters": {"model_name": "cm3leon-clip-tiny"}}, tmp_path / "clip.ckpt")  # fmt: skip
+    lacks = "(lightning checkpoint) lacks the architecture and vocabulary ('config' and 'vocab'): it is a"
+    clip_hint = (
+        "CLIP (the retriever); ClipModule.export_weights (or its export_path) writes the .safetensors that "
+        "--clip-pretrained and cm3leon prepare --clip-weights take"
+    )
+    for name, what in (("vqgan", "VQGAN (the image tokenizer), which --vqgan takes"), ("clip", clip_hint)):
+        ckpt = tmp_path / f"{name}.ckpt"
+        with pytest.raises(ValueError) as err:
+            export_model(ckpt, tmp_path / f"{name}-out")
+        assert (
+            str(err.value)
+            == f"--ckpt: {ckpt} {lacks} {what}; export reads CM3LeonModule checkpoints and model directories"
+        )
+        with pytest.raises(ValueError) as err:
+            load_checkpoint(ckpt)
+        assert str(err.value) == (
+            f"--ckpt: {ckpt} {lacks} {what}; give a CM3LeonModule checkpoint or a model directory of 'cm3leon export'"
+        )
+        assert not (tmp_path / f"{name}-out").exists()

@@ -124,9 +124,12 @@ def load_checkpoint(
         raise FileNotFoundError(f"--ckpt: checkpoint file not found: {p}")
     weights = read_weights(p, "--ckpt", lazy=True)  # read a chunk at a time: the file's copy is never whole
     if not weights.config or not weights.vocab:
+        from cm3leon_lightning.model.pretrained import other_network
+
         raise ValueError(
-            f"--ckpt: {p} ({weights.kind}) lacks the architecture and vocabulary ('config' and 'vocab'); give a "
-            "CM3LeonModule checkpoint or a model directory of 'cm3leon export'"
+            f"--ckpt: {p} ({weights.kind}) lacks the architecture and vocabulary ('config' and 'vocab')"
+            f"{other_network(weights.state_dict)}; give a CM3LeonModule checkpoint or a model directory of "
+            "'cm3leon export'"
         )
     vocab = MultimodalVocab.from_dict(weights.vocab, f"--ckpt {p}: vocab")
     if dtype is None:  # as saved: a model directory exported in bfloat16 stays bfloat16

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -352,3 +352,18 @@ def bundled_paths(path: str | os.PathLike[str]) -> tuple[Path | None, Path | Non
     else:
         return None, None
     return (tokenizer if tokenizer.exists() else None), (p / VQGAN_DIR if (p / VQGAN_DIR).is_dir() else None)
+
+
+def other_network(names: Iterable[str]) -> str:
+    """What a checkpoint without CM3Leon's architecture holds instead, told by its tensor ``names`` (``model.``
+    stripped, as :func:`~cm3leon_lightning.model.weights.read_weights` gives them), as a clause for the error; empty
+    when they are neither a VQGAN's nor a CLIP's."""
+    names = set(names)
+    if "vqgan.encoder.conv_in.weight" in names or "encoder.conv_in.weight" in names:
+        return ": it is a VQGAN (the image tokenizer), which --vqgan takes"
+    if "logit_scale" in names and any(n.startswith("visual.") for n in names):
+        return (
+            ": it is a CLIP (the retriever); ClipModule.export_weights (or its export_path) writes the .safetensors "
+            "that --clip-pretrained and cm3leon prepare --clip-weights take"
+        )
+    return ""
