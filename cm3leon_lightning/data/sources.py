@@ -10,7 +10,7 @@ Six sources, each a :class:`PairSource` with a fixed, deterministic document ord
   (key ``coco-{image_id}``); ``mode="all"``: one document per caption (key ``coco-{image_id}-{annotation_id}``), the
   captions of one image always in the same split.
 - :class:`~cm3leon_lightning.data.wds_source.WebDatasetSource` (``data/wds_source.py``): local WebDataset tars
-  (gzipped too) with ``jpg``/``jpeg``/``png``/``webp`` and ``txt`` members, in shard order then member order;
+  (gzip, bzip2 or xz too) with ``jpg``/``jpeg``/``png``/``webp`` and ``txt`` members, in shard order then member order;
   key = the sample's ``__key__`` (the member path up to the first dot of its file name, folders included, as
   WebDataset groups members; extensions compared in lower case).
 - :class:`~cm3leon_lightning.data.parquet.ParquetSource` (``data/parquet.py``): Parquet files with an image and a

@@ -5,9 +5,9 @@ Split from :mod:`cm3leon_lightning.data.sources` (which re-exports these names a
 
 from __future__ import annotations
 
-import gzip
 import warnings
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -22,17 +22,21 @@ from cm3leon_lightning.data.sources import (
     document_key,
     stat_fingerprint,
 )
+from cm3leon_lightning.data.tars import decompressed
+
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
+"""The names a directory's WebDataset tars end in: plain, gzip, bzip2 or xz (told apart by content when read)."""
 
 
 def list_tars(spec: str | Path | Sequence[str | Path]) -> list[Path]:
-    """Local tar paths from a directory (its ``*.tar``, ``*.tar.gz`` and ``*.tgz``, sorted), a brace pattern, or a
-    list of paths."""
+    """Local tar paths from a directory (its files ending in one of :data:`TAR_SUFFIXES`, sorted), a brace pattern,
+    or a list of paths."""
     if isinstance(spec, (str, Path)):
         path = Path(spec)
         if path.is_dir():
-            tars = sorted(p for p in path.iterdir() if p.name.endswith((".tar", ".tar.gz", ".tgz")) and p.is_file())
+            tars = sorted(p for p in path.iterdir() if p.name.endswith(TAR_SUFFIXES) and p.is_file())
             if not tars:
-                raise ValueError(f"no .tar (.tar.gz, .tgz) shards in {path}")
+                raise ValueError(f"no {' / '.join(TAR_SUFFIXES)} shards in {path}")
             return tars
         from braceexpand import braceexpand
 
@@ -44,16 +48,17 @@ def list_tars(spec: str | Path | Sequence[str | Path]) -> list[Path]:
     return tars
 
 
-def open_tar(path: Path) -> BinaryIO:
-    """A local tar for reading, decompressed when it is gzipped (``.tar.gz`` / ``.tgz``, as WebDataset reads them)."""
-    with open(path, "rb") as f:
-        gzipped = f.read(2) == b"\x1f\x8b"
-    return gzip.open(path, "rb") if gzipped else open(path, "rb")  # noqa: SIM115 - the caller closes it
+@contextmanager
+def open_tar(path: Path) -> Iterator[BinaryIO]:
+    """A local tar for reading (a context), decompressed when it is a gzip, bzip2 or xz stream, as WebDataset reads
+    them (:func:`~cm3leon_lightning.data.tars.decompressed`, which the VQGAN's image shards use too)."""
+    with open(path, "rb") as raw:
+        yield decompressed(raw)
 
 
 class WebDatasetSource(PairSource):
-    """Local WebDataset tars (plain or gzipped) with an image member (``jpg``/``jpeg``/``png``/``webp``) and a ``txt``
-    caption.
+    """Local WebDataset tars (plain, gzip, bzip2 or xz) with an image member (``jpg``/``jpeg``/``png``/``webp``) and
+    a ``txt`` caption.
 
     The number of samples per tar is counted once (a pass that reads the tars without decoding images) unless
     ``counts`` gives it. A tar that is truncated or garbled contributes the samples before the damage, is listed in

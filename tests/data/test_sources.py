@@ -317,6 +317,28 @@ def test_webdataset_source(tmp_path: Path) -> None:
     assert cut.damaged == [str(tmp_path / "s-1.tar")] and cut.counts == [2, 1]
 
 
+def test_bzip2_and_xz_tars_are_read_as_webdataset_reads_them(tmp_path: Path) -> None:
+    """Only gzip was recognised (a .tar.xz was read as a plain tar: "truncated or damaged", 0 samples), while
+    WebDataset and the VQGAN's image shards read bzip2 and xz too; a directory now lists .tar.bz2 and .tar.xz."""
+    import bz2
+    import lzma
+
+    samples = [(f"k{i}", {"jpg": _jpeg((i, i, i)), "txt": f"cap {i}".encode()}) for i in range(3)]
+    _tar(tmp_path / "plain.tar", samples)
+    raw = (tmp_path / "plain.tar").read_bytes()
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "a.tar.bz2").write_bytes(bz2.compress(raw))
+    (tmp_path / "c" / "b.tar.xz").write_bytes(lzma.compress(raw))
+    (tmp_path / "c" / "notes.txt").write_text("not a shard")
+    src = WebDatasetSource(tmp_path / "c")
+    assert src.tars == [tmp_path / "c" / "a.tar.bz2", tmp_path / "c" / "b.tar.xz"] and src.counts == [3, 3]
+    plain = [(p.key, p.caption, p.image) for p in WebDatasetSource(tmp_path / "plain.tar")]
+    assert [(p.key, p.caption, p.image) for p in src] == plain * 2 and not src.damaged
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"^no .tar / .tar.gz / .tgz / .tar.bz2 / .tar.xz shards in "):
+        WebDatasetSource(tmp_path / "empty")
+
+
 def test_gzipped_tars_are_read_and_scattered_members_named(tmp_path: Path) -> None:
     """Gzipped tars (which WebDataset reads) were reported as truncated with 0 samples read, then "the source has no
     documents"; a tar written as ``tar cf x.tar *.jpg *.txt`` (each sample's members apart) lost every document to
