@@ -20,6 +20,10 @@ if TYPE_CHECKING:
     from cm3leon_lightning.tokenization.vocab import MultimodalVocab
 
 
+DEFAULT_K = 2
+"""Documents retrieved per request with ``--retrieve`` and no ``--k`` (fewer when the bank holds fewer)."""
+
+
 def model_context(ckpt: str) -> tuple[int, MultimodalVocab] | None:
     """The context length (``max_seq_len``) and vocabulary of the model at ``ckpt``, read without its weights (names
     and shapes: no tensor is read); None when the checkpoint records neither (the worker's load names what is
@@ -154,6 +158,8 @@ def check_model_files(args: argparse.Namespace) -> None:
                 f"--k {args.k}: the memory bank {args.retrieve} (--retrieve) holds {len(bank)} documents; "
                 f"retrieve at most {len(bank)}"
             )
+        if args.k is None and len(bank) < DEFAULT_K:  # every request would have been refused for the implied k
+            args.k = len(bank)
         try:
             manifest = Manifest.load(Path(args.shards) / MANIFEST_NAME)
         except (FileNotFoundError, ValueError) as e:

@@ -56,6 +56,7 @@ from cm3leon_lightning.generation.generate import TEXT_LAYOUTS, GenerationSettin
 from cm3leon_lightning.generation.graphs import MODES, resolve_mode
 from cm3leon_lightning.model import ATTENTION_IMPLS
 from cm3leon_lightning.serve.checks import (  # noqa: F401 - re-exported: they were defined here
+    DEFAULT_K,
     _named,
     check_accelerator,
     check_bank_keys,
@@ -105,7 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-pretrained", help="open_clip weights tag or local weights file (default: openai)")
     p.add_argument("--retrieve", metavar="BANK", help="memory bank: requests may place retrieved documents first")
     p.add_argument("--shards", help="prepared shard directory holding the bank's documents (with --retrieve)")
-    p.add_argument("--k", type=int, default=None, help="documents retrieved per request by default (2 with --retrieve)")
+    p.add_argument(
+        "--k",
+        type=int,
+        default=None,
+        help=f"documents retrieved per request by default (with --retrieve: {DEFAULT_K}, or all of a bank of fewer)",
+    )
     d = p.add_argument_group("defaults for fields a request leaves out")
     d.add_argument("--num-samples", type=int, default=4, help="candidates per text-to-image request")
     d.add_argument("--method", default="top_p", choices=IMAGE_METHODS, help="image sampling method")
@@ -171,8 +177,8 @@ def build_api(args: argparse.Namespace) -> object:
         raise ValueError("--clip re-ranks decoded images (needs --vqgan) or retrieves (needs --retrieve)")
     if args.k is not None and (args.k < 0 or (args.k and not args.retrieve)):
         raise ValueError(f"--k must be >= 0, and 0 without --retrieve; got {args.k}")
-    k = args.k if args.k is not None else (2 if args.retrieve else 0)
-    check_model_files(args)
+    check_model_files(args)  # sets an unset --k below DEFAULT_K when the bank holds fewer documents
+    k = args.k if args.k is not None else (DEFAULT_K if args.retrieve else 0)
     if k:
         check_retrieve_k(args.ckpt, k)
     if args.vqgan and args.max_new_tokens >= 1:  # image-to-text needs the VQGAN

@@ -217,6 +217,17 @@ def test_a_k_above_the_bank_s_documents_is_refused_naming_its_size(assets, capsy
     assert build_api(build_parser().parse_args(serve_args(assets["root"], "--k", "12"))).retrieve_k == 12
 
 
+def test_the_implied_k_takes_all_of_a_bank_of_one_document(assets, tmp_path):
+    """Without --k a server retrieves 2 documents per request: over a 1-document bank it started and then refused
+    every request that did not send "retrieve" ("2 documents asked for; the memory bank holds 1")."""
+    from cm3leon_lightning.retrieval.index import MemoryBank
+
+    MemoryBank.build((assets["emb"][:1], ["doc-00"]), 64, "cm3leon-clip-tiny").save(tmp_path / "bank1")
+    one = set_flag(serve_args(assets["root"]), "--retrieve", tmp_path / "bank1")
+    assert build_api(build_parser().parse_args(one)).retrieve_k == 1
+    assert build_api(build_parser().parse_args(serve_args(assets["root"]))).retrieve_k == 2  # 12 documents
+
+
 def test_a_cdk_alpha_of_zero_is_a_default_a_request_may_send_too(assets):
     api = build_api(build_parser().parse_args(serve_args(assets["root"], "--cdk-alpha", "0", retrieve=False)))
     assert api.image_defaults.cdk_alpha == 0.0
