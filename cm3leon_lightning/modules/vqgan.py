@@ -17,6 +17,7 @@ import math
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import lightning as L
@@ -25,6 +26,9 @@ import torch
 from cm3leon_lightning.modules.vqgan_losses import LPIPS, NLayerDiscriminator, adaptive_weight, hinge_d_loss
 from cm3leon_lightning.tokenization.quantize import code_statistics
 from cm3leon_lightning.tokenization.vqgan import VQGAN, config_from_overrides
+
+_FROM_CHECKPOINT: ContextVar[bool] = ContextVar("vqgan_module_from_checkpoint", default=False)
+"""True inside :meth:`VQGANModule.load_from_checkpoint`: LPIPS is built without reading its weights file."""
 
 
 def batch_images(batch: Any) -> torch.Tensor:
@@ -193,10 +197,15 @@ class VQGANModule(L.LightningModule):
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> VQGANModule:
         """Lightning's ``load_from_checkpoint``, without reading the ``init_from`` saved in the checkpoint's
-        hyper-parameters (its weights are replaced at once, and the file may be gone), unless ``init_from`` is passed.
+        hyper-parameters (its weights are replaced at once, and the file may be gone), unless ``init_from`` is passed,
+        nor the ``lpips_weights`` file (the checkpoint holds the LPIPS weights too).
         """
         kwargs.setdefault("init_from", None)
-        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+        loading = _FROM_CHECKPOINT.set(True)  # LPIPS: its weights come from the checkpoint, not lpips_weights' file
+        try:
+            return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+        finally:
+            _FROM_CHECKPOINT.reset(loading)
 
     def configure_model(self) -> None:
         """Build the VQGAN (from ``init_from`` if given), the discriminator and LPIPS; idempotent."""
@@ -209,8 +218,8 @@ class VQGANModule(L.LightningModule):
             self.vqgan = VQGAN(self.config)
         if hp.disc_weight > 0:
             self.discriminator = NLayerDiscriminator(self.config.out_ch, hp.disc_ndf, hp.disc_layers)
-        if hp.perceptual_weight > 0:
-            self.lpips = LPIPS(hp.lpips_weights)
+        if hp.perceptual_weight > 0:  # in load_from_checkpoint the file may be gone: the checkpoint holds the weights
+            self.lpips = LPIPS(None if _FROM_CHECKPOINT.get() else hp.lpips_weights)
 
     def configure_optimizers(self) -> Any:
         """Adam for the autoencoder, and a second Adam for the discriminator when it exists."""

@@ -41,7 +41,8 @@ class LPIPS(nn.Module):
     so a taming VQGAN checkpoint works as a source.
 
     Args:
-        weights: path of a ``.safetensors`` or torch (``weights_only``-loadable) file with those tensors.
+        weights: path of a ``.safetensors`` or torch (``weights_only``-loadable) file with those tensors; None builds
+            the layers only, for weights loaded after (a ``VQGANModule`` checkpoint holds them).
 
     Raises:
         FileNotFoundError: ``weights`` does not exist.
@@ -49,7 +50,7 @@ class LPIPS(nn.Module):
             Lightning 1.x checkpoint).
     """
 
-    def __init__(self, weights: str | Path) -> None:
+    def __init__(self, weights: str | Path | None) -> None:
         super().__init__()
         self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1), persistent=False)
@@ -63,7 +64,8 @@ class LPIPS(nn.Module):
         for n, c in enumerate(_LPIPS_CHANNELS):
             setattr(self, f"lin{n}", nn.Module())
             getattr(self, f"lin{n}").model = nn.Sequential(nn.Dropout(), nn.Conv2d(c, 1, 1, bias=False))
-        self.load_weights(weights)
+        if weights is not None:
+            self.load_weights(weights)
         self.eval().requires_grad_(False)
 
     def train(self, mode: bool = True) -> LPIPS:

@@ -141,6 +141,24 @@ def test_gan_and_perceptual_path_trains_both_optimizers(tmp_path: Path) -> None:
     assert {"train/p_loss", "train/g_loss", "train/d_loss", "train/d_weight"} <= set(trainer.callback_metrics)
 
 
+def test_a_checkpoint_with_perceptual_loss_loads_without_the_lpips_file(tmp_path: Path) -> None:
+    """load_from_checkpoint read lpips_weights' file again (FileNotFoundError once it was moved), though the
+    checkpoint holds the LPIPS weights: they now come from the checkpoint, equal to the file's."""
+    torch.manual_seed(0)
+    weights = _random_lpips_weights(tmp_path / "lpips.safetensors")
+    module = VQGANModule(preset="micro", perceptual_weight=1.0, lpips_weights=str(weights))
+    trainer = _trainer(tmp_path, 1, limit_val_batches=0, enable_checkpointing=False)
+    trainer.fit(module, ImageDataModule(synthetic=4, image_size=16, batch_size=4))
+    trainer.save_checkpoint(tmp_path / "model.ckpt")
+    want = {k: v.clone() for k, v in module.lpips.state_dict().items()}
+    weights.unlink()
+    loaded = VQGANModule.load_from_checkpoint(tmp_path / "model.ckpt")
+    got = loaded.lpips.state_dict()
+    assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
+    with pytest.raises(FileNotFoundError, match="LPIPS weights not found"):  # a new module still needs the file
+        VQGANModule(preset="micro", perceptual_weight=1.0, lpips_weights=str(weights)).configure_model()
+
+
 def test_checkpoint_loads_weights_only_and_restores_codes(tmp_path: Path) -> None:
     torch.manual_seed(0)
     module = VQGANModule(preset="micro", n_embed=16)
