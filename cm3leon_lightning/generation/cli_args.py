@@ -10,6 +10,7 @@ import argparse
 
 from cm3leon_lightning.generation.generate import SETTING_METHODS, TEXT_LAYOUTS
 from cm3leon_lightning.generation.graphs import MODES
+from cm3leon_lightning.generation.sampling import SEED_LIMIT
 from cm3leon_lightning.generation.tasks import IMAGE_TASKS
 from cm3leon_lightning.model import ATTENTION_IMPLS
 from cm3leon_lightning.model.pretrained import DTYPES  # the --dtype choices besides auto
@@ -135,6 +136,8 @@ def check_numbers(args: argparse.Namespace) -> None:
     ):
         if value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
+    if not 0 <= args.seed < SEED_LIMIT:  # torch's generator failed later with "Overflow when unpacking long long"
+        raise ValueError(f"--seed must lie in [0, 2**63), got {args.seed}")
     if not 0 <= args.temperature < float("inf"):
         raise ValueError(f"--temperature must be finite and >= 0 (0 = greedy), got {args.temperature}")
     if not 0 < args.top_p <= 1:

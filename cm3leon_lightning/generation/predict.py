@@ -60,6 +60,7 @@ from cm3leon_lightning.generation.predict_writer import (
     previous_outputs,
     written_rows,
 )
+from cm3leon_lightning.generation.sampling import SEED_LIMIT  # a prompts file's seeds lie below it
 from cm3leon_lightning.tokenization.vocab import MultimodalVocab
 
 __all__ = [
@@ -78,8 +79,6 @@ __all__ = [
 
 
 # ------------------------------------------------------------------------------------------------ reading
-SEED_LIMIT = 2**63
-"""Seeds must be below this (``cm3leon serve`` takes the same range); a larger one failed when its prompt came up."""
 
 
 def read_prompts(path: str | os.PathLike[str]) -> list[tuple[str, int | None]]:

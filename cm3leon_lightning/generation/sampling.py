@@ -18,6 +18,9 @@ from torch import Tensor
 from cm3leon_lightning.tokenization.vocab import MultimodalVocab
 
 NEG_INF = float("-inf")
+SEED_LIMIT = 2**63
+"""Seeds lie in ``[0, SEED_LIMIT)`` wherever a user gives one (``generate --seed``, a prompts file, a served request):
+derived seeds (``seed + i``) then stay within what ``torch.Generator.manual_seed`` takes (below ``2**64``)."""
 
 
 # ------------------------------------------------------------------------------------------------ filters

@@ -55,6 +55,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from cm3leon_lightning.generation.sampling import SEED_LIMIT
 from cm3leon_lightning.generation.tasks import IMAGE_TASKS
 
 IMAGE_METHODS = ("greedy", "temperature", "top_p", "cd_k")
@@ -184,7 +185,7 @@ class ImageRequest(_Request):
     top_k: int | None = Field(None, ge=1)
     cdk_k: int | None = Field(None, ge=1)
     cdk_alpha: float | None = Field(None, ge=0.0, le=1.0)  # 0: every id plausible, as generate takes it
-    seed: int | None = Field(None, ge=0, lt=2**63)
+    seed: int | None = Field(None, ge=0, lt=SEED_LIMIT)
     retrieve: int | None = Field(
         None, ge=0, le=16, description="documents retrieved and placed before the prompt (server needs --retrieve)"
     )
@@ -203,7 +204,7 @@ class TextRequest(_Request):
     method: Literal["greedy", "temperature", "top_p"] | None = None
     temperature: float | None = Field(None, ge=0.0, le=10.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    seed: int | None = Field(None, ge=0, lt=2**63)
+    seed: int | None = Field(None, ge=0, lt=SEED_LIMIT)
 
 
 class EditRequest(_Request):
@@ -221,7 +222,7 @@ class EditRequest(_Request):
     image_cfg: float | None = Field(None, ge=0.0, le=100.0, description="image guidance scale")
     temperature: float | None = Field(None, ge=0.0, le=10.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    seed: int | None = Field(None, ge=0, lt=2**63)
+    seed: int | None = Field(None, ge=0, lt=SEED_LIMIT)
     return_codes: bool = Field(False, description="also return the image codes")
 
 
@@ -238,7 +239,7 @@ class InfillRequest(_Request):
     temperature: float | None = Field(None, ge=0.0, le=10.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     max_span_tokens: int | None = Field(None, ge=1, le=1024, description="the longest text span")
-    seed: int | None = Field(None, ge=0, lt=2**62)
+    seed: int | None = Field(None, ge=0, lt=SEED_LIMIT)
     return_codes: bool = Field(False, description="also return the image codes")
 
 

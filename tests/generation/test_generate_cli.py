@@ -207,6 +207,9 @@ def test_infill_misuse_is_one_line(assets, tmp_path, capsys, extra, message):
         (["--prompt", "x", "--cfg", "nan"], "--cfg must be finite, got nan"),
         (["--image", "x.png", "--edit", "x", "--text-cfg", "inf"], "--text-cfg must be finite, got inf"),  # was: cfg
         (["--prompt", "x", "--retrieve", "bank", "--shards", "s", "--k", "0"], "--k must be >= 1, got 0"),
+        # torch's generator failed after the checkpoint was read: "Overflow when unpacking long long"
+        (["--prompt", "x", "--seed", str(2**64)], f"--seed must lie in [0, 2**63), got {2**64}"),
+        (["--prompt", "x", "--seed", "-1"], "--seed must lie in [0, 2**63), got -1"),
     ],
 )
 def test_numeric_arguments_are_checked_by_flag_before_loading(assets, tmp_path, capsys, extra, message):

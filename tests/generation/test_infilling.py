@@ -76,6 +76,8 @@ def test_samples_of_one_document_share_a_decode_and_its_seed() -> None:
     assert [r.ids for r in first] == [r.ids for r in again]
     assert [r.ids for r in first] != [r.ids for r in other]
     assert len({tuple(r.ids) for r in first}) > 1  # the rows sample independently
+    largest = [infill_batch(model, V, [DOCS[0]] * 2, seed=2**63 - 1, **draw) for _ in range(2)]  # the top of the range
+    assert [r.ids for r in largest[0]] == [r.ids for r in largest[1]]
     for r in first:
         assert len(r.spans[1]) == 3 and all(V.is_image_id(t) for t in r.spans[1])
         assert all(0 <= t < V.n_text for t in r.spans[0])
