@@ -8,7 +8,10 @@ and of the heavy optional stacks (open_clip, faiss, webdataset)::
 
 from __future__ import annotations
 
+from cm3leon_lightning import distributed as _distributed
 from cm3leon_lightning._lazy import lazy_exports
+
+_distributed.register()  # a gloo process group left up at exit aborted spawned DDP workers (see the module)
 
 __version__ = "0.1.0.dev0"
 

@@ -443,8 +443,9 @@ def test_two_process_ddp_step_equals_one_process_fed_both_batches(tmp_path):
         for got in ranks:
             grads, metrics = got[(gather, local)]
             assert grads.keys() == rec.grads.keys()
-            for name, g in grads.items():
-                torch.testing.assert_close(g, rec.grads[name], rtol=1e-4, atol=1e-7, msg=f"{gather} {local} {name}")
+            for name, g in grads.items():  # summed in another order: float32 noise of the tensor's largest entries
+                atol = 4e-6 * float(rec.grads[name].abs().max())  # (5e-7 of 0.6 on an AMD EPYC; a halved grad: 50%)
+                torch.testing.assert_close(g, rec.grads[name], rtol=1e-4, atol=atol, msg=f"{gather} {local} {name}")
             for key in ("train/loss", "val/loss", "val/i2t_r1", "val/t2i_r1"):
                 assert metrics[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), (gather, local, key)
         assert want["val/t2i_r1"] not in (0.0, 1.0)  # a recall that tells the 16 candidates from per-rank 8 apart

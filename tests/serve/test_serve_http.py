@@ -210,7 +210,7 @@ def test_help_shows_each_default_once(monkeypatch):
     assert lines[lines.index("  --tokenizer TOKENIZER") + 1].strip() == (
         "text tokenizer: tokenizer.json or its directory (default: the model directory's)"
     )
-    assert helps["--k"] == "documents retrieved per request by default (2 with --retrieve)"
+    assert helps["--k"] == "documents retrieved per request by default (with --retrieve: 2, or all of a bank of fewer)"
     assert helps["--top-k"] == "keep the k most likely ids (default: all)"
     assert helps["--text-cfg"] == "edit requests: text guidance scale (the paper's) (default: 7.5)"
     assert helps["--cfg"] == "classifier-free guidance scale (default: 3.0)"
