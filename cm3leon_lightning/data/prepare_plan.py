@@ -8,9 +8,11 @@ import json
 import os
 import warnings
 from dataclasses import MISSING, fields
+from pathlib import Path
 from typing import Any
 
 from cm3leon_lightning.data import prepare_stages as st
+from cm3leon_lightning.data.prepare_run import WRITE_SETTINGS
 from cm3leon_lightning.data.sources import PairSource
 
 PLAN_VERSION = 1
@@ -34,16 +36,20 @@ def _identity(source: PairSource) -> dict[str, Any]:
 def _replaceable(run: st.Run, old: dict[str, Any], plan: dict[str, Any]) -> bool:
     """Whether ``plan`` may replace ``old`` in ``plan.json`` because nothing written depends on what changed.
 
-    Bank settings (:data:`_BANK_SETTINGS`) may change while no memory bank is built and no part written: the encoded
-    parts do not depend on them, so a bank stage that failed on them (an IVF bank with more lists than documents) is
-    resumed with new ones. Anything else may change while no part is encoded, provided the tokenizer already made (if
-    any) does not depend on it: a run that failed on its first encoded part (a model file that did not load) is
-    rerun with corrected settings in the same ``--out``.
+    The retrieval rules (:data:`~cm3leon_lightning.data.prepare_run.WRITE_SETTINGS`) may always change, provided every
+    part written so far records the rules it was written with: nothing but the written parts depends on them, and
+    those are then written again. Bank settings (:data:`_BANK_SETTINGS`) may change while no memory bank is built and
+    no part written: the encoded parts do not depend on them, so a bank stage that failed on them (an IVF bank with
+    more lists than documents) is resumed with new ones. Anything else may change while no part is encoded, provided
+    the tokenizer already made (if any) does not depend on it: a run that failed on its first encoded part (a model
+    file that did not load) is rerun with corrected settings in the same ``--out``.
     """
     ours, theirs = plan["settings"], old.get("settings") or {}
     changed = {k for k in set(old) | set(plan) if k != "settings" and old.get(k) != plan.get(k)}
     changed |= {f"settings.{k}" for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k)}
-    if (run.work / "bank" / st.DONE_FILE).exists() or any((run.out / "stats").glob("part-*.json")):
+    if changed <= {f"settings.{k}" for k in WRITE_SETTINGS} and all(_records_selection(p) for p in _written(run)):
+        return True  # the retrieval rules: the parts written with the old ones are written again (part_written)
+    if (run.work / "bank" / st.DONE_FILE).exists() or any(_written(run)):
         return False
     if changed <= {f"settings.{k}" for k in _BANK_SETTINGS}:
         return True
@@ -51,6 +57,20 @@ def _replaceable(run: st.Run, old: dict[str, Any], plan: dict[str, Any]) -> bool
         return False  # .<part>.tmp: a part a killed run left unfinished, rebuilt anyway
     made = (run.work / "tokenizer.json").exists() or (run.work / "tokenizer.done.json").exists()
     return not made or not changed & {"plan_version", "source", "tokenizer_sha256", *_TOKENIZER_SETTINGS}
+
+
+def _written(run: st.Run) -> list[Path]:
+    """The stats files of the parts written so far."""
+    return sorted((run.out / "stats").glob("part-*.json"))
+
+
+def _records_selection(stats: Path) -> bool:
+    """Whether a written part records the retrieval rules it was written with (parts of an earlier version do not:
+    they could not be told stale, so those rules may not change under them)."""
+    try:
+        return "selection" in json.loads(stats.read_text(encoding="utf-8")).get("inputs", {})
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _add_new_defaults(old: dict[str, Any], plan: dict[str, Any], cfg: Any) -> dict[str, Any]:
@@ -102,6 +122,17 @@ def check_plan(run: st.Run, bank_source: PairSource | None) -> None:
                     stacklevel=2,
                 )
         if old != plan and _replaceable(run, old, plan):  # nothing was built with what changed: take the new
+            rules = sorted(k for k in WRITE_SETTINGS if plan["settings"].get(k) != (old.get("settings") or {}).get(k))
+            written = _written(run)
+            if rules and written:
+                changes = ", ".join(f"--{k.replace('_', '-')} {old['settings'].get(k)} -> {plan['settings'][k]}"
+                                    for k in rules)  # fmt: skip
+                warnings.warn(
+                    f"cm3leon prepare: {run.out} was written with other retrieval rules ({changes}): its "
+                    f"{len(written)} written part(s) are written again with the new ones (the encoded parts and the "
+                    "memory bank are kept)",
+                    stacklevel=2,
+                )
             st.write_json(path, plan)
             return
         if old != plan:

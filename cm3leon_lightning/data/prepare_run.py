@@ -154,6 +154,22 @@ class Run:
         return dev
 
 
+WRITE_SETTINGS = (
+    "k_per_modality", "max_relevance", "duplicate_threshold", "image_duplicate_threshold", "prefer_multimodal",
+    "search_k",
+)  # fmt: skip
+"""The settings only the write stage reads (the retrieval rules): neither the encoded parts nor the memory bank depend
+on them, so they may change once those are built; the parts written with other values are then written again."""
+
+
+def write_settings_digest(cfg: Any) -> str:
+    """A short digest of ``cfg``'s :data:`WRITE_SETTINGS`, recorded with each written part."""
+    doc = json.dumps({k: getattr(cfg, k) for k in WRITE_SETTINGS}, sort_keys=True)
+    return hashlib.sha256(doc.encode()).hexdigest()[:16]
+
+
 def write_inputs(run: Run, index: int) -> dict[str, str | None]:
-    """What part ``index``'s shards are written from: the digests of its encoded part and of the memory bank."""
-    return {"part": seal_digest(run.part_dir("main", index)), "bank": seal_digest(run.work / "bank")}
+    """What part ``index``'s shards are written from: the digests of its encoded part, of the memory bank and of the
+    retrieval rules (:data:`WRITE_SETTINGS`)."""
+    return {"part": seal_digest(run.part_dir("main", index)), "bank": seal_digest(run.work / "bank"),
+            "selection": write_settings_digest(run.cfg)}  # fmt: skip

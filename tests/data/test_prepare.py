@@ -216,8 +216,8 @@ def test_shard_range_runs_merge_to_the_same_dataset(reference: Path, models: dic
         prepare(source, out, **settings(models, stages=("manifest",)))
     prepare(source, out, **settings(models, stages=("write", "manifest"), shard_range=(3, 4)))
     assert tree(out) == tree(reference)
-    with pytest.raises(ValueError, match="settings.k_per_modality"):
-        prepare(source, out, **settings(models, k_per_modality=1))
+    with pytest.raises(ValueError, match="settings.max_caption_tokens"):  # the encoded parts depend on it
+        prepare(source, out, **settings(models, max_caption_tokens=100))
 
 
 def _jpeg(arr: np.ndarray) -> bytes:
@@ -406,8 +406,36 @@ def test_settings_nothing_depends_on_yet_may_change(models: dict[str, str], tmp_
     assert {k: v for k, v in tree(out).items() if not k.startswith("work/bank/")} == {
         k: v for k, v in tree(fresh).items() if not k.startswith("work/bank/")
     }
+    with pytest.raises(ValueError, match=r"other inputs or settings \(settings, settings\.max_caption_tokens\)"):
+        prepare(source, out, **{**s, "max_caption_tokens": 100})  # its parts are encoded with it
+
+
+def test_retrieval_rules_may_change_once_written_and_only_the_writing_is_redone(
+    models: dict[str, str], tmp_path: Path
+) -> None:
+    """A preparation refused new retrieval rules (--k-per-modality, thresholds...) once its parts were encoded, though
+    only the write stage reads them: trying other rules meant encoding everything again in a new --out. Now the
+    written parts are written again, with a warning, and the output equals a fresh preparation with those rules."""
+    out, fresh, source = tmp_path / "out", tmp_path / "fresh", ShapesSource(20)
+    s = settings(models, samples_per_shard=10)
+    prepare(source, out, **s)
+    encoded = {k: v for k, v in tree(out / "work").items() if k.startswith(("parts/", "bank/"))}
+    new_rules = {"k_per_modality": 1, "max_relevance": 0.8, "duplicate_threshold": 0.9}
+    message = (
+        rf"{out} was written with other retrieval rules \(--duplicate-threshold 0.95 -> 0.9, --k-per-modality 2 -> 1, "
+        r"--max-relevance 0.9 -> 0.8\): its 2 written part\(s\) are written again with the new ones"
+    )
+    with pytest.warns(UserWarning, match=message):
+        summary = prepare(source, out, **{**s, **new_rules})
+    assert summary["encoded_parts"] == 0 and summary["written_parts"] == 2
+    assert {k: v for k, v in tree(out / "work").items() if k.startswith(("parts/", "bank/"))} == encoded
+    prepare(source, fresh, **{**s, **new_rules})
+    assert tree(out) == tree(fresh)
+    stats = json.loads((out / "stats" / "part-000000.json").read_text())
+    del stats["inputs"]["selection"]  # a part written by an earlier version: it cannot be told stale
+    (out / "stats" / "part-000000.json").write_text(json.dumps(stats))
     with pytest.raises(ValueError, match=r"other inputs or settings \(settings, settings\.k_per_modality\)"):
-        prepare(source, out, **{**s, "k_per_modality": 1})  # its parts are encoded
+        prepare(source, out, **{**s, **new_rules, "k_per_modality": 2})
 
 
 def test_an_empty_bank_states_its_counts(models: dict[str, str], tmp_path: Path) -> None:
@@ -582,11 +610,13 @@ def test_a_preparation_begun_before_image_duplicate_threshold_resumes(models: di
     del plan["settings"]["image_duplicate_threshold"]
     (out / "work" / "plan.json").write_text(json.dumps(plan))
     # the refusal says which value resumes: the user never gave one (found in review: "resume with the same ones")
-    unrecorded = (r"other inputs or settings \(settings, settings\.image_duplicate_threshold\); resume with the same "
-                  r"ones \(an earlier version began it, before image_duplicate_threshold existed: the default, "
-                  r"--image-duplicate-threshold 0.95\), or write to a new --out")  # fmt: skip
+    # (a retrieval rule alone may change, test_retrieval_rules_may_change_...: here with a setting the parts read)
+    unrecorded = (r"other inputs or settings \(settings, settings\.image_duplicate_threshold, "
+                  r"settings\.max_caption_tokens\); resume with the same ones \(an earlier version began it, before "
+                  r"image_duplicate_threshold existed: the default, --image-duplicate-threshold 0.95\), or write to "
+                  r"a new --out")  # fmt: skip
     with pytest.raises(ValueError, match=unrecorded):
-        prepare(ShapesSource(20), out, **{**s, "image_duplicate_threshold": 0.5})
+        prepare(ShapesSource(20), out, **{**s, "image_duplicate_threshold": 0.5, "max_caption_tokens": 100})
     # only the setting added since is filled in: another one missing is a change (the tokenizer was made with it)
     (out / "work" / "plan.json").write_text(
         json.dumps({**plan, "settings": {k: v for k, v in plan["settings"].items() if k != "max_caption_chars"}})
