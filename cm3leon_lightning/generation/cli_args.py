@@ -217,8 +217,9 @@ def resolve_clip(args: argparse.Namespace) -> None:
         ValueError: ``--clip-pretrained`` is not given and the manifest records a CLIP weights file (only its sha256
             is known: the message says to pass it).
     """
-    import json
     from pathlib import Path
+
+    from cm3leon_lightning.data.shards import MANIFEST_NAME, Manifest
 
     if not (args.rerank or args.retrieve):
         return
@@ -230,12 +231,12 @@ def resolve_clip(args: argparse.Namespace) -> None:
         except (FileNotFoundError, ValueError) as e:
             raise type(e)(f"--retrieve: {e}") from e
         args.clip = args.clip or name
-        manifest = Path(args.shards) / "manifest.json" if args.shards else None
+        manifest = Path(args.shards) / MANIFEST_NAME if args.shards else None
         if args.clip_pretrained is None and manifest is not None and manifest.is_file():
             try:
-                weights = json.loads(manifest.read_text(encoding="utf-8")).get("clip", {}).get("weights_sha256")
-            except (ValueError, AttributeError):
-                weights = None  # the retriever names what is wrong with the manifest
+                weights = (Manifest.load(manifest).clip or {}).get("weights_sha256")
+            except ValueError as e:
+                raise ValueError(f"--shards: {e}") from e
             if isinstance(weights, str) and weights.startswith("open_clip:"):
                 args.clip_pretrained = weights.removeprefix("open_clip:")
             elif isinstance(weights, str) and weights:

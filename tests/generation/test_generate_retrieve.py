@@ -318,6 +318,10 @@ def test_retrieve_embeds_with_the_banks_clip_when_no_clip_is_given(assets, tmp_p
     resolved = cli.build_parser().parse_args(args("tag", "--clip", "--clip-pretrained"))
     cli.resolve_clip(resolved)
     assert (resolved.clip, resolved.clip_pretrained) == ("cm3leon-clip-tiny", "laion2b_s34b_b79k")
+    (shards / "manifest.json").write_text("{not json")  # read for its CLIP weights: named by the flag
+    broken = cli.build_parser().parse_args(args("broken", "--clip", "--clip-pretrained"))
+    with pytest.raises(ValueError, match=rf"^--shards: cannot read manifest {shards / 'manifest.json'}: "):
+        cli.resolve_clip(broken)
     rerank = cli.build_parser().parse_args(["--ckpt", "m", "--out", "o", "--prompt", "p", "--rerank"])
     cli.resolve_clip(rerank)  # no bank: open_clip's ViT-B-32 / openai, as before
     assert (rerank.clip, rerank.clip_pretrained) == ("ViT-B-32", "openai")
