@@ -59,9 +59,22 @@ def save_safetensors(
     from safetensors.torch import save_file
 
     save_file(tensors, os.fspath(path), metadata=metadata)
-    umask = os.umask(0)
+    os.chmod(path, 0o666 & ~current_umask())
+
+
+def current_umask() -> int:
+    """The process's umask, read from ``/proc/self/status`` on Linux; elsewhere by setting it briefly to ``0o077``
+    (never a looser mask: a file another thread creates meanwhile is private, not world-writable)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    umask = os.umask(0o077)
     os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+    return umask
 
 
 def text_lines(path: str | os.PathLike[str], where: str = "") -> Iterator[tuple[int, str]]:

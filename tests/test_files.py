@@ -11,6 +11,7 @@ import pytest
 
 from cm3leon_lightning.files import (
     check_output_dir,
+    current_umask,
     jsonl_values,
     replaced_whole,
     save_safetensors,
@@ -108,6 +109,7 @@ def test_saved_safetensors_have_the_mode_open_gives(tmp_path: Path, umask: int) 
     try:
         save_safetensors({"w": torch.arange(6.0)}, tmp_path / "w.safetensors", metadata={"format": "pt"})
         (tmp_path / "plain").write_bytes(b"")
+        assert current_umask() == umask  # read, not changed
     finally:
         os.umask(previous)
     mode = (tmp_path / "w.safetensors").stat().st_mode & 0o777
