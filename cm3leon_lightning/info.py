@@ -112,7 +112,9 @@ def _checkpoint(path: Path) -> dict[str, Any]:
 
 def _other_module(state: dict[str, Any], hp: dict[str, Any]) -> dict[str, Any] | None:
     """What a ``VQGANModule`` or ``ClipModule`` checkpoint holds (told apart by its weight names), else None."""
-    if "vqgan.encoder.conv_in.weight" in state and isinstance(hp.get("preset"), str):
+    from cm3leon_lightning.model.pretrained import holds_vqgan
+
+    if holds_vqgan(state) and isinstance(hp.get("preset"), str):
         from cm3leon_lightning.tokenization.vqgan import config_from_overrides
 
         try:
@@ -132,7 +134,9 @@ def _other_module(state: dict[str, Any], hp: dict[str, Any]) -> dict[str, Any] |
 def _clip(shapes: dict[str, list[int]]) -> dict[str, Any] | None:
     """The architecture an open_clip CLIP state dict's names and shapes show (its image tower, embedding dim, image
     size and text context length), None when they are not CLIP's (no ``logit_scale`` and ``visual.*``)."""
-    if "logit_scale" not in shapes or not any(k.startswith("visual.") for k in shapes):
+    from cm3leon_lightning.model.pretrained import holds_clip
+
+    if not holds_clip(shapes):
         return None
     proj = shapes.get("text_projection") or []  # (width, embed_dim); a Linear's weight (embed_dim, width)
     embed = proj[1] if len(proj) == 2 else (shapes.get("text_projection.weight") or [None])[0]

@@ -359,11 +359,24 @@ def other_network(names: Iterable[str]) -> str:
     stripped, as :func:`~cm3leon_lightning.model.weights.read_weights` gives them), as a clause for the error; empty
     when they are neither a VQGAN's nor a CLIP's."""
     names = set(names)
-    if "vqgan.encoder.conv_in.weight" in names or "encoder.conv_in.weight" in names:
+    if holds_vqgan(names):
         return ": it is a VQGAN (the image tokenizer), which --vqgan takes"
-    if "logit_scale" in names and any(n.startswith("visual.") for n in names):
+    if holds_clip(names):
         return (
             ": it is a CLIP (the retriever); ClipModule.export_weights (or its export_path) writes the .safetensors "
             "that --clip-pretrained and cm3leon prepare --clip-weights take"
         )
     return ""
+
+
+def holds_vqgan(names: Iterable[str]) -> bool:
+    """Whether tensor ``names`` are a VQGAN's: its own state dict, or a ``VQGANModule``'s (``vqgan.`` prefix)."""
+    names = set(names)
+    return "encoder.conv_in.weight" in names or "vqgan.encoder.conv_in.weight" in names
+
+
+def holds_clip(names: Iterable[str]) -> bool:
+    """Whether tensor ``names`` (a ``ClipModule``'s ``model.`` prefix stripped) are an open_clip CLIP's: a
+    ``logit_scale`` and an image tower (``visual.*``)."""
+    names = set(names)
+    return "logit_scale" in names and any(n.startswith("visual.") for n in names)
